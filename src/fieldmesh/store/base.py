@@ -1,0 +1,101 @@
+"""The hot-store contract.
+
+A hot store keeps raw readings (de-duplicated by identity), 1-minute and 1-hour rollups, the dead
+letters, counters, and the bus positions each processor applied. :meth:`HotStore.apply` writes all
+of that for one batch in **one transaction**: a crash before its commit leaves nothing of the
+batch, a crash after it leaves all of it, and the stored positions say which bus records are in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, Protocol
+
+from fieldmesh.core.model import DeadLetter, Reading
+
+__all__ = ["INTERVALS", "ApplyResult", "HotStore", "Position", "QueryResult", "StoreStats"]
+
+#: Rollup intervals and their lengths in ms.
+INTERVALS: Final = {"1m": 60_000, "1h": 3_600_000}
+
+Position = tuple[str, int]
+"""(topic, partition)"""
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyResult:
+    """What one :meth:`HotStore.apply` did."""
+
+    stored: int
+    duplicates: int
+    late: int
+    dead_lettered: int
+
+
+@dataclass(frozen=True, slots=True)
+class QueryResult:
+    """Rows of a read-only SQL query."""
+
+    columns: list[str]
+    rows: list[tuple[Any, ...]]
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    """Durable counters: ``received == stored + duplicates + sum(dead_lettered)``."""
+
+    stored: int = 0
+    duplicates: int = 0
+    late: int = 0
+    dead_lettered: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def received(self) -> int:
+        """Every reading or payload that reached the pipeline."""
+        return self.stored + self.duplicates + sum(self.dead_lettered.values())
+
+
+class HotStore(Protocol):
+    """Raw readings, rollups, dead letters and positions, written one transaction per batch."""
+
+    url: str
+
+    def apply(
+        self,
+        *,
+        readings: Sequence[Reading],
+        late: Sequence[bool],
+        dead_letters: Sequence[DeadLetter],
+        positions: Mapping[Position, int],
+        watermarks: Mapping[Position, int],
+    ) -> ApplyResult: ...
+
+    def positions(self) -> dict[Position, int]: ...
+
+    def watermarks(self) -> dict[Position, int]: ...
+
+    def stats(self) -> StoreStats: ...
+
+    def devices(self, device_id: str | None = None) -> list[dict[str, Any]]: ...
+
+    def raw(
+        self, *, device_id: str | None, metric: str | None, start_ms: int | None, end_ms: int | None, limit: int
+    ) -> list[dict[str, Any]]: ...
+
+    def rollups(
+        self,
+        *,
+        interval: str,
+        device_id: str | None,
+        metric: str | None,
+        start_ms: int | None,
+        end_ms: int | None,
+        limit: int,
+    ) -> list[dict[str, Any]]: ...
+
+    def dlq(self, *, reason: str | None, limit: int) -> list[dict[str, Any]]: ...
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> QueryResult: ...
+
+    def close(self) -> None: ...

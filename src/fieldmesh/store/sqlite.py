@@ -1,0 +1,494 @@
+"""The embedded hot store: SQLite in WAL mode.
+
+Why SQLite: one writer (the processor) and any number of readers in other processes (the API,
+``fieldmesh query``) work at once without lock errors, because WAL readers see the last committed
+snapshot and never block the writer. DuckDB is faster at scans but allows a single process per
+database file. Durability: ``synchronous=NORMAL`` in WAL mode, so a commit survives a crash of
+any process; a power loss can lose the last commits (they come back from the bus, which keeps
+everything past the positions stored here).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+import msgspec
+
+from fieldmesh.core.errors import ConfigError, FieldmeshError, StoreSchemaError
+from fieldmesh.core.exact import exact_avg, exact_value, format_exact, parse_exact
+from fieldmesh.core.model import DeadLetter, Reading
+from fieldmesh.store.base import INTERVALS, ApplyResult, Position, QueryResult, StoreStats
+from fieldmesh.store.rollup import Acc, RollupKey, merge_acc, rollup_deltas
+
+__all__ = ["SCHEMA_VERSION", "SqliteStore"]
+
+SCHEMA_VERSION: Final = 1
+_KEY_SPACE: Final = 1 << 63
+_enc = msgspec.json.Encoder()
+_dec = msgspec.json.Decoder()
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS readings (
+    id INTEGER PRIMARY KEY,          -- 63-bit identity key
+    chk INTEGER NOT NULL,            -- identity check value (tells duplicates from collisions)
+    device_id TEXT NOT NULL,
+    ts_ms INTEGER NOT NULL,
+    seq INTEGER,
+    boot_id TEXT,
+    event_id TEXT,
+    measurements TEXT NOT NULL,      -- JSON object metric -> value
+    meta TEXT,
+    received_ms INTEGER NOT NULL,
+    stored_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS readings_device_ts ON readings (device_id, ts_ms);
+CREATE TABLE IF NOT EXISTS rollup_1m (
+    device_id TEXT NOT NULL, metric TEXT NOT NULL, window_start_ms INTEGER NOT NULL,
+    count INTEGER NOT NULL, sum REAL NOT NULL, min REAL NOT NULL, max REAL NOT NULL, avg REAL NOT NULL,
+    sum_exact TEXT NOT NULL,
+    PRIMARY KEY (device_id, metric, window_start_ms)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS rollup_1h (
+    device_id TEXT NOT NULL, metric TEXT NOT NULL, window_start_ms INTEGER NOT NULL,
+    count INTEGER NOT NULL, sum REAL NOT NULL, min REAL NOT NULL, max REAL NOT NULL, avg REAL NOT NULL,
+    sum_exact TEXT NOT NULL,
+    PRIMARY KEY (device_id, metric, window_start_ms)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS devices (
+    device_id TEXT PRIMARY KEY, first_seen_ms INTEGER NOT NULL, last_seen_ms INTEGER NOT NULL,
+    first_ts_ms INTEGER NOT NULL, last_ts_ms INTEGER NOT NULL, readings INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS device_metrics (
+    device_id TEXT NOT NULL, metric TEXT NOT NULL, PRIMARY KEY (device_id, metric)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dlq (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, reason TEXT NOT NULL, detail TEXT NOT NULL, topic TEXT NOT NULL,
+    device_id TEXT, received_ms INTEGER NOT NULL, payload BLOB NOT NULL, truncated INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dlq_reason ON dlq (reason, id);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS positions (
+    topic TEXT NOT NULL, partition INTEGER NOT NULL, "offset" INTEGER NOT NULL, updated_ms INTEGER NOT NULL,
+    PRIMARY KEY (topic, partition)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS watermarks (
+    topic TEXT NOT NULL, partition INTEGER NOT NULL, ts_ms INTEGER NOT NULL, PRIMARY KEY (topic, partition)
+) WITHOUT ROWID;
+"""
+
+
+def _path_of(url: str) -> Path:
+    if not url.startswith("sqlite:///"):
+        raise ConfigError(f"bad SQLite URL {url!r}: use sqlite:///path/to/store.db", key="store_url")
+    return Path(url[len("sqlite:///") :])
+
+
+def _iso(ms: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
+
+
+class SqliteStore:
+    """SQLite hot store. A writer (``readonly=False``) creates the schema; readers open per thread."""
+
+    def __init__(self, url: str, *, readonly: bool = False) -> None:
+        self.url = url
+        self.path = _path_of(url)
+        self.readonly = readonly
+        self._local = threading.local()
+        if not readonly:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._w = self._connect(write=True)
+            self._init_schema()
+        elif not self.path.exists():
+            raise ConfigError(
+                f"no fieldmesh store at {self.path}: run 'fieldmesh up' first or pass --data-dir/--store-url",
+                key="data_dir",
+            )
+        else:
+            self._check_version(self._reader())
+
+    # -- connections -------------------------------------------------------------------------
+    def _connect(self, *, write: bool) -> sqlite3.Connection:
+        if write:
+            con = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute("PRAGMA synchronous=NORMAL")
+            con.execute("PRAGMA cache_size=-131072")
+        else:
+            con = sqlite3.connect(
+                f"file:{self.path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False, timeout=30
+            )
+            con.execute("PRAGMA query_only=ON")
+        con.execute("PRAGMA busy_timeout=30000")
+        return con
+
+    def _reader(self) -> sqlite3.Connection:
+        con: sqlite3.Connection | None = getattr(self._local, "con", None)
+        if con is None:
+            con = self._connect(write=False) if self.readonly else self._connect(write=True)
+            self._local.con = con
+        return con
+
+    def _init_schema(self) -> None:
+        w = self._w
+        w.executescript(_SCHEMA)
+        row = w.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        if row is None:
+            w.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        self._check_version(w)
+
+    def _check_version(self, con: sqlite3.Connection) -> None:
+        try:
+            row = con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise StoreSchemaError(f"{self.path} is not a fieldmesh store: {exc}") from exc
+        if row is None or int(row[0]) != SCHEMA_VERSION:
+            found = row[0] if row else "none"
+            raise StoreSchemaError(
+                f"{self.path} has store schema version {found}; this fieldmesh uses {SCHEMA_VERSION}. "
+                "Use a fieldmesh of that version or a new --data-dir."
+            )
+
+    def close(self) -> None:
+        """Close connections."""
+        if not self.readonly:
+            self._w.close()
+        con = getattr(self._local, "con", None)
+        if con is not None:
+            con.close()
+            self._local.con = None
+
+    # -- the write path ----------------------------------------------------------------------
+    def apply(
+        self,
+        *,
+        readings: Sequence[Reading],
+        late: Sequence[bool],
+        dead_letters: Sequence[DeadLetter],
+        positions: Mapping[Position, int],
+        watermarks: Mapping[Position, int],
+    ) -> ApplyResult:
+        """Write one batch in one transaction (see :mod:`fieldmesh.store.base`)."""
+        if self.readonly:
+            raise FieldmeshError("this store was opened read-only")
+        w = self._w
+        now = int(time.time() * 1000)
+        w.execute("BEGIN IMMEDIATE")
+        try:
+            new_idx, dups = self._dedupe(w, readings)
+            new = [readings[i] for i in new_idx]
+            n_late = sum(1 for i in new_idx if late[i])
+            if new:
+                w.executemany(
+                    "INSERT INTO readings VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    [
+                        (
+                            k, r.chk, r.device_id, r.ts_ms, r.seq, r.boot_id, r.event_id,
+                            _enc.encode(r.measurements).decode(),
+                            _enc.encode(r.meta).decode() if r.meta is not None else None,
+                            r.received_ms, now,
+                        )
+                        for k, r in zip(new_idx.values(), new, strict=True)
+                    ],
+                )
+                for interval, deltas in rollup_deltas(new).items():
+                    self._merge_rollups(w, interval, deltas)
+                self._update_devices(w, new)
+            if dead_letters:
+                w.executemany(
+                    "INSERT INTO dlq (reason, detail, topic, device_id, received_ms, payload, truncated)"
+                    " VALUES (?,?,?,?,?,?,?)",
+                    [
+                        (d.reason, d.detail, d.topic, d.device_id, d.received_ms, d.payload, int(d.truncated))
+                        for d in dead_letters
+                    ],
+                )
+            counts: dict[str, int] = {"stored": len(new), "duplicates": dups, "late": n_late}
+            for d in dead_letters:
+                counts[f"dlq.{d.reason}"] = counts.get(f"dlq.{d.reason}", 0) + 1
+            w.executemany(
+                "INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+                [(k, v) for k, v in counts.items() if v],
+            )
+            w.executemany(
+                'INSERT INTO positions VALUES (?,?,?,?) ON CONFLICT(topic, partition) DO UPDATE SET'
+                ' "offset" = max("offset", excluded."offset"), updated_ms = excluded.updated_ms',
+                [(t, p, o, now) for (t, p), o in positions.items()],
+            )
+            w.executemany(
+                "INSERT INTO watermarks VALUES (?,?,?) ON CONFLICT(topic, partition) DO UPDATE SET"
+                " ts_ms = max(ts_ms, excluded.ts_ms)",
+                [(t, p, ts) for (t, p), ts in watermarks.items()],
+            )
+            w.execute("COMMIT")
+        except BaseException:
+            w.execute("ROLLBACK")
+            raise
+        return ApplyResult(stored=len(new), duplicates=dups, late=n_late, dead_lettered=len(dead_letters))
+
+    def _dedupe(self, w: sqlite3.Connection, readings: Sequence[Reading]) -> tuple[dict[int, int], int]:
+        """Map index -> store key of each reading not stored yet; count the duplicates."""
+        first: dict[int, int] = {}  # key -> index of its first reading in this batch
+        dups = 0
+        collided: list[int] = []
+        for i, r in enumerate(readings):
+            j = first.get(r.key)
+            if j is None:
+                first[r.key] = i
+            elif readings[j].chk == r.chk:
+                dups += 1
+            else:
+                collided.append(i)
+        existing: dict[int, int] = {}
+        keys = list(first)
+        for s in range(0, len(keys), 20000):
+            chunk = keys[s : s + 20000]
+            existing.update(
+                w.execute(
+                    "SELECT id, chk FROM readings WHERE id IN (SELECT value FROM json_each(?))",
+                    (_enc.encode(chunk).decode(),),
+                ).fetchall()
+            )
+        new_idx: dict[int, int] = {}
+        taken: set[int] = set()
+        for k, i in first.items():
+            c = existing.get(k)
+            if c is None:
+                new_idx[i] = k
+                taken.add(k)
+            elif c == readings[i].chk:
+                dups += 1
+            else:
+                collided.append(i)
+        for i in collided:  # 63-bit key collision (or a duplicate of a collided reading): probe on
+            r = readings[i]
+            k = r.key
+            while True:
+                k = (k + 1) % _KEY_SPACE
+                if k in taken:
+                    if readings[next(j for j, kk in new_idx.items() if kk == k)].chk == r.chk:
+                        dups += 1
+                        break
+                    continue
+                row = w.execute("SELECT chk FROM readings WHERE id = ?", (k,)).fetchone()
+                if row is None:
+                    new_idx[i] = k
+                    taken.add(k)
+                    break
+                if row[0] == r.chk:
+                    dups += 1
+                    break
+        return dict(sorted(new_idx.items())), dups
+
+    def _merge_rollups(self, w: sqlite3.Connection, interval: str, deltas: dict[RollupKey, Acc]) -> None:
+        table = f"rollup_{interval}"
+        keys = list(deltas)
+        old: dict[RollupKey, Acc] = {}
+        for s in range(0, len(keys), 5000):
+            chunk = keys[s : s + 5000]
+            for dev, metric, ws, count, mn, mx, sx in w.execute(
+                f"SELECT r.device_id, r.metric, r.window_start_ms, r.count, r.min, r.max, r.sum_exact "
+                f"FROM json_each(?) j JOIN {table} r ON r.device_id = j.value->>0 AND r.metric = j.value->>1"
+                f" AND r.window_start_ms = j.value->>2",
+                (_enc.encode(chunk).decode(),),
+            ):
+                m, e = parse_exact(sx)
+                old[(dev, metric, ws)] = [count, m, e, mn, mx]
+        rows = []
+        for k, d in deltas.items():
+            o = old.get(k)
+            a = d if o is None else merge_acc(o, d)
+            count, m, e = int(a[0]), int(a[1]), int(a[2])
+            rows.append(
+                (k[0], k[1], k[2], count, exact_value(m, e), a[3], a[4], exact_avg(m, e, count), format_exact(m, e))
+            )
+        w.executemany(f"INSERT OR REPLACE INTO {table} VALUES (?,?,?,?,?,?,?,?,?)", rows)
+
+    def _update_devices(self, w: sqlite3.Connection, new: Sequence[Reading]) -> None:
+        agg: dict[str, list[int]] = {}
+        metrics: set[tuple[str, str]] = set()
+        for r in new:
+            a = agg.get(r.device_id)
+            if a is None:
+                agg[r.device_id] = [r.received_ms, r.received_ms, r.ts_ms, r.ts_ms, 1]
+            else:
+                a[0] = min(a[0], r.received_ms)
+                a[1] = max(a[1], r.received_ms)
+                a[2] = min(a[2], r.ts_ms)
+                a[3] = max(a[3], r.ts_ms)
+                a[4] += 1
+            for name in r.measurements:
+                metrics.add((r.device_id, name))
+        w.executemany(
+            "INSERT INTO devices VALUES (?,?,?,?,?,?) ON CONFLICT(device_id) DO UPDATE SET"
+            " first_seen_ms = min(first_seen_ms, excluded.first_seen_ms),"
+            " last_seen_ms = max(last_seen_ms, excluded.last_seen_ms),"
+            " first_ts_ms = min(first_ts_ms, excluded.first_ts_ms),"
+            " last_ts_ms = max(last_ts_ms, excluded.last_ts_ms), readings = readings + excluded.readings",
+            [(d, *a) for d, a in agg.items()],
+        )
+        w.executemany("INSERT OR IGNORE INTO device_metrics VALUES (?, ?)", sorted(metrics))
+
+    # -- the read path -----------------------------------------------------------------------
+    def positions(self) -> dict[Position, int]:
+        """Applied bus positions: (topic, partition) -> last offset applied."""
+        rows = self._reader().execute('SELECT topic, partition, "offset" FROM positions').fetchall()
+        return {(t, p): o for t, p, o in rows}
+
+    def watermarks(self) -> dict[Position, int]:
+        """Event-time watermarks: (topic, partition) -> max event time seen."""
+        rows = self._reader().execute("SELECT topic, partition, ts_ms FROM watermarks").fetchall()
+        return {(t, p): ts for t, p, ts in rows}
+
+    def stats(self) -> StoreStats:
+        """Durable counters."""
+        c = dict(self._reader().execute("SELECT name, value FROM counters").fetchall())
+        dl = {k[4:]: v for k, v in c.items() if k.startswith("dlq.")}
+        return StoreStats(
+            stored=c.get("stored", 0), duplicates=c.get("duplicates", 0), late=c.get("late", 0), dead_lettered=dl
+        )
+
+    def devices(self, device_id: str | None = None) -> list[dict[str, Any]]:
+        """Known devices with their counts, times and metrics."""
+        con = self._reader()
+        sql = "SELECT device_id, first_seen_ms, last_seen_ms, first_ts_ms, last_ts_ms, readings FROM devices"
+        rows = (
+            con.execute(sql + " WHERE device_id = ?", (device_id,)).fetchall()
+            if device_id is not None
+            else con.execute(sql + " ORDER BY device_id").fetchall()
+        )
+        mets: dict[str, list[str]] = {}
+        q = "SELECT device_id, metric FROM device_metrics" + (" WHERE device_id = ?" if device_id else "")
+        for d, m in con.execute(q + " ORDER BY device_id, metric", (device_id,) if device_id else ()):
+            mets.setdefault(d, []).append(m)
+        return [
+            {
+                "device_id": d,
+                "first_seen": _iso(fs),
+                "last_seen": _iso(ls),
+                "first_ts": _iso(ft),
+                "last_ts": _iso(lt),
+                "readings": n,
+                "metrics": mets.get(d, []),
+            }
+            for d, fs, ls, ft, lt, n in rows
+        ]
+
+    def raw(
+        self, *, device_id: str | None, metric: str | None, start_ms: int | None, end_ms: int | None, limit: int
+    ) -> list[dict[str, Any]]:
+        """Stored readings, newest first."""
+        where, params = _where(device_id, start_ms, end_ms, col="ts_ms")
+        if metric is not None:
+            where.append("json_type(measurements, ?) IS NOT NULL")
+            params.append(f'$."{metric}"')
+        sql = (
+            "SELECT device_id, ts_ms, seq, boot_id, event_id, measurements, meta, received_ms FROM readings"
+            + (" WHERE " + " AND ".join(where) if where else "")
+            + " ORDER BY ts_ms DESC, id LIMIT ?"
+        )
+        out = []
+        for dev, ts, seq, boot, ev, ms, meta, rx in self._reader().execute(sql, (*params, limit)):
+            m = _dec.decode(ms)
+            if metric is not None:
+                m = {metric: m[metric]}
+            row: dict[str, Any] = {"device_id": dev, "ts": _iso(ts), "ts_ms": ts, "measurements": m}
+            if seq is not None:
+                row["seq"] = seq
+            if boot is not None:
+                row["boot_id"] = boot
+            if ev is not None:
+                row["event_id"] = ev
+            if meta is not None:
+                row["meta"] = _dec.decode(meta)
+            row["received_ms"] = rx
+            out.append(row)
+        return out
+
+    def rollups(
+        self,
+        *,
+        interval: str,
+        device_id: str | None,
+        metric: str | None,
+        start_ms: int | None,
+        end_ms: int | None,
+        limit: int,
+    ) -> list[dict[str, Any]]:
+        """Rollup rows ordered by device, metric, window."""
+        if interval not in INTERVALS:
+            raise ConfigError(f"interval must be one of {sorted(INTERVALS)}", key="interval")
+        where, params = _where(device_id, start_ms, end_ms, col="window_start_ms")
+        if metric is not None:
+            where.append("metric = ?")
+            params.append(metric)
+        sql = (
+            f"SELECT device_id, metric, window_start_ms, count, sum, min, max, avg FROM rollup_{interval}"
+            + (" WHERE " + " AND ".join(where) if where else "")
+            + " ORDER BY device_id, metric, window_start_ms LIMIT ?"
+        )
+        return [
+            {
+                "device_id": d, "metric": m, "window_start": _iso(ws), "window_start_ms": ws,
+                "count": c, "sum": s, "min": mn, "max": mx, "avg": a,
+            }
+            for d, m, ws, c, s, mn, mx, a in self._reader().execute(sql, (*params, limit))
+        ]
+
+    def dlq(self, *, reason: str | None, limit: int) -> list[dict[str, Any]]:
+        """Dead letters, newest first; payloads as text where they are UTF-8."""
+        sql = "SELECT id, reason, detail, topic, device_id, received_ms, payload, truncated FROM dlq"
+        params: list[Any] = []
+        if reason is not None:
+            sql += " WHERE reason = ?"
+            params.append(reason)
+        sql += " ORDER BY id DESC LIMIT ?"
+        out = []
+        for i, rs, det, topic, dev, rx, payload, trunc in self._reader().execute(sql, (*params, limit)):
+            try:
+                text, enc = bytes(payload).decode(), "utf-8"
+            except UnicodeDecodeError:
+                text, enc = bytes(payload).hex(), "hex"
+            out.append(
+                {
+                    "id": i, "reason": rs, "detail": det, "topic": topic, "device_id": dev,
+                    "received_at": _iso(rx), "payload": text, "payload_encoding": enc, "truncated": bool(trunc),
+                }
+            )
+        return out
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> QueryResult:
+        """Run one read-only SQL statement."""
+        con = self._reader() if self.readonly else self._connect(write=False)
+        try:
+            cur = con.execute(sql, tuple(params))
+            cols = [d[0] for d in cur.description] if cur.description else []
+            return QueryResult(columns=cols, rows=[tuple(r) for r in cur.fetchall()])
+        except sqlite3.Error as exc:
+            raise ConfigError(f"query failed: {exc}", key="sql") from None
+        finally:
+            if not self.readonly:
+                con.close()
+
+
+def _where(
+    device_id: str | None, start_ms: int | None, end_ms: int | None, *, col: str
+) -> tuple[list[str], list[Any]]:
+    where: list[str] = []
+    params: list[Any] = []
+    if device_id is not None:
+        where.append("device_id = ?")
+        params.append(device_id)
+    if start_ms is not None:
+        where.append(f"{col} >= ?")
+        params.append(start_ms)
+    if end_ms is not None:
+        where.append(f"{col} < ?")
+        params.append(end_ms)
+    return where, params
