@@ -32,6 +32,7 @@ __all__ = [
     "encode_bus_batch",
     "encode_dead_letter",
     "encode_reading_json",
+    "encoding_for",
     "register_encoding",
 ]
 
@@ -74,6 +75,43 @@ def register_encoding(name: str, decode: Callable[[bytes], Any]) -> None:
 
 
 register_encoding("msgpack", msgspec.msgpack.decode)
+
+
+def _zstd_json(payload: bytes) -> Any:
+    import zstandard  # lazy: only gateways that receive compressed uplinks need it
+
+    raw = zstandard.ZstdDecompressor().decompress(payload, max_output_size=64 * 1024 * 1024)
+    try:
+        return _json_decoder.decode(raw)
+    except msgspec.DecodeError:
+        return json.loads(raw)
+
+
+register_encoding("json+zstd", _zstd_json)
+
+#: MQTT 5 content types and topic suffixes (``devices/{id}/telemetry/<suffix>``) -> encoding name.
+CONTENT_TYPES: Final = {
+    "application/json": "json",
+    "application/msgpack": "msgpack",
+    "application/x-msgpack": "msgpack",
+    "application/json+zstd": "json+zstd",
+    "application/zstd+json": "json+zstd",
+}
+TOPIC_SUFFIXES: Final = {"json": "json", "msgpack": "msgpack", "zstd": "json+zstd", "json+zstd": "json+zstd"}
+
+
+def encoding_for(content_type: str | None, topic_suffix: str | None = None) -> str:
+    """The payload encoding announced by a content type or topic suffix (JSON when neither says).
+
+    An unknown announcement yields its own name, which :func:`decode_telemetry` rejects as
+    ``unsupported_encoding``.
+    """
+    if content_type:
+        ct = content_type.split(";", 1)[0].strip().lower()
+        return CONTENT_TYPES.get(ct, ct)
+    if topic_suffix:
+        return TOPIC_SUFFIXES.get(topic_suffix.lower(), topic_suffix)
+    return "json"
 
 
 class DecodeResult(msgspec.Struct):
