@@ -27,6 +27,8 @@ class Reading(msgspec.Struct, frozen=True, array_like=True, gc=False):
     event_id: str | None = None
     meta: dict[str, Any] | None = None
     received_ms: int = 0
+    #: Fields joined from enterprise state (CDC) as of the reading's event time.
+    enrichment: dict[str, Any] | None = None
 
 
 class BusBatch(msgspec.Struct, frozen=True, array_like=True, gc=False):
