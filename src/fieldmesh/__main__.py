@@ -1,0 +1,5 @@
+"""``python -m fieldmesh`` is the ``fieldmesh`` command."""
+
+from fieldmesh.cli.main import main
+
+main()

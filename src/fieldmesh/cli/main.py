@@ -1,0 +1,230 @@
+"""The ``fieldmesh`` command: one command, a sub-command per role."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from fieldmesh import __version__
+from fieldmesh.core.errors import FieldmeshError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="fieldmesh",
+    help="fieldmesh: IoT telemetry from the sensor to the lakehouse, exact and durable.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+err = Console(stderr=True)
+
+DataDir = Annotated[
+    Path,
+    typer.Option("--data-dir", envvar="FIELDMESH_DATA_DIR", help="where the embedded bus and store keep data"),
+]
+DEFAULT_DATA_DIR = Path(".fieldmesh")
+
+
+def _fail(exc: Exception) -> None:
+    err.print(f"[bold red]error:[/] {exc}")
+    raise typer.Exit(2)
+
+
+def _settings(**kw: Any) -> Any:
+    from fieldmesh.core.settings import load_settings
+
+    return load_settings(**kw)
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    typer.echo(__version__)
+
+
+@app.command()
+def up(
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    mqtt_port: Annotated[int, typer.Option(min=1, max=65535, help="embedded MQTT listener port")] = 1883,
+    http_port: Annotated[int, typer.Option(min=1, max=65535, help="REST API port")] = 8000,
+    mqtt_url: Annotated[str | None, typer.Option(help="use an external MQTT broker, e.g. mqtt://host:1883")] = None,
+    bus_url: Annotated[str | None, typer.Option(help="use an external bus (nats://...)")] = None,
+    store_url: Annotated[str | None, typer.Option(help="use an external hot store")] = None,
+    simulate: Annotated[int, typer.Option(min=0, help="run N simulated devices")] = 0,
+    sim_rate: Annotated[float, typer.Option(min=0.001, help="readings/s per simulated device")] = 1.0,
+    sim_per_message: Annotated[int, typer.Option(min=1, help="readings per simulated MQTT message")] = 1,
+    partitions: Annotated[int, typer.Option(min=1, max=4096, help="bus partitions")] = 8,
+    fsync: Annotated[str, typer.Option(help="JetStream sync_interval: 'always' or a duration like 2m")] = "2m",
+    for_: Annotated[float | None, typer.Option("--for", min=0.1, help="stop after SECONDS")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the final summary as JSON on stdout")] = False,
+) -> None:
+    """Run the whole pipeline on embedded defaults (MQTT -> gateway -> bus -> processor -> store -> API)."""
+    from fieldmesh.runtime.up import UpOptions, run_up
+
+    try:
+        settings = _settings(bus={"partitions": partitions, "fsync": fsync}, data_dir=data_dir)
+        opts = UpOptions(
+            data_dir=data_dir, mqtt_port=mqtt_port, http_port=http_port, mqtt_url=mqtt_url, bus_url=bus_url,
+            store_url=store_url, simulate=simulate, sim_rate=sim_rate, sim_per_message=sim_per_message,
+            duration_s=for_, settings=settings,
+        )
+        summary = asyncio.run(run_up(opts))
+    except FieldmeshError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    if as_json:
+        typer.echo(json.dumps(summary))
+
+
+def _store_url(data_dir: Path, store_url: str | None) -> str:
+    from fieldmesh.store import default_store_url
+
+    return store_url or default_store_url(data_dir)
+
+
+@app.command()
+def query(
+    sql: Annotated[str, typer.Argument(help="one read-only SQL statement")],
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    store_url: Annotated[str | None, typer.Option(help="query this store instead of the data dir's")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print rows as JSON objects")] = False,
+) -> None:
+    """Query the hot store (read-only): tables readings, rollup_1m, rollup_1h, devices, dlq, counters."""
+    from fieldmesh.store import load_store
+
+    try:
+        store = load_store(_store_url(data_dir, store_url), readonly=True)
+        res = store.query(sql)
+    except FieldmeshError as exc:
+        _fail(exc)
+        return
+    if as_json:
+        typer.echo(json.dumps([dict(zip(res.columns, r, strict=True)) for r in res.rows], default=str))
+        return
+    from rich.table import Table
+
+    t = Table(*res.columns)
+    for row in res.rows:
+        t.add_row(*("" if v is None else str(v) for v in row))
+    Console().print(t)
+    err.print(f"{len(res.rows)} row(s)")
+
+
+@app.command()
+def simulate(
+    mqtt_url: Annotated[str, typer.Option(help="broker to publish to")] = "mqtt://127.0.0.1:1883",
+    devices: Annotated[int, typer.Option(min=1)] = 10,
+    rate: Annotated[float, typer.Option(min=0.001, help="readings/s per device")] = 1.0,
+    per_message: Annotated[int, typer.Option(min=1)] = 1,
+    for_: Annotated[float | None, typer.Option("--for", min=0.1, help="stop after SECONDS")] = None,
+    qos: Annotated[int, typer.Option(min=0, max=1)] = 1,
+) -> None:
+    """Run simulated devices that publish telemetry over MQTT."""
+    from fieldmesh.runtime.devices import run_fleet
+
+    try:
+        n = run_fleet(mqtt_url=mqtt_url, devices=devices, rate_hz=rate, per_message=per_message,
+                      duration_s=for_, qos=qos)
+    except ConnectionError as exc:
+        _fail(exc)
+        return
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    err.print(f"sent {n:,} readings")
+
+
+@app.command()
+def gateway(
+    bus_url: Annotated[str, typer.Option(help="the bus, e.g. nats://host:4222 or kafka://host:9092")],
+    mqtt_url: Annotated[str, typer.Option(help="the MQTT broker devices publish to")],
+    partitions: Annotated[int, typer.Option(min=1, max=4096)] = 8,
+    client_id: Annotated[str | None, typer.Option(help="stable MQTT client id (persistent session)")] = None,
+) -> None:
+    """Run a gateway alone (run N of them: they share the devices through an MQTT 5 shared subscription)."""
+    from fieldmesh.runtime.worker import run_gateway
+
+    try:
+        asyncio.run(run_gateway(bus_url=bus_url, mqtt_url=mqtt_url, client_id=client_id,
+                                settings=_settings(bus={"partitions": partitions})))
+    except FieldmeshError as exc:
+        _fail(exc)
+
+
+@app.command()
+def process(
+    bus_url: Annotated[str, typer.Option(help="the bus, e.g. nats://host:4222 or kafka://host:9092")],
+    store_url: Annotated[str, typer.Option(help="the hot store, e.g. postgresql://... or sqlite:///path")],
+    partitions: Annotated[str | None, typer.Option(help="partitions this replica owns, e.g. 0-3 or 0,2,4")] = None,
+    total_partitions: Annotated[int, typer.Option(min=1, max=4096)] = 8,
+    group: Annotated[str, typer.Option(help="consumer group / durable name")] = "fm-processor",
+) -> None:
+    """Run a processor alone."""
+    from fieldmesh.runtime.worker import run_processor
+
+    owned = _parse_partitions(partitions, total_partitions) if partitions else None
+    try:
+        asyncio.run(run_processor(bus_url=bus_url, store_url=store_url, partitions=owned, group=group,
+                                  settings=_settings(bus={"partitions": total_partitions})))
+    except FieldmeshError as exc:
+        _fail(exc)
+
+
+def _parse_partitions(spec: str, total: int) -> list[int]:
+    out: set[int] = set()
+    try:
+        for part in spec.split(","):
+            a, _, b = part.partition("-")
+            out.update(range(int(a), int(b or a) + 1))
+    except ValueError:
+        raise typer.BadParameter(f"--partitions {spec!r}: use a list like 0,1,2 or a range like 0-3") from None
+    bad = sorted(p for p in out if not 0 <= p < total)
+    if bad:
+        raise typer.BadParameter(f"--partitions {bad} outside 0..{total - 1}")
+    return sorted(out)
+
+
+@app.command()
+def api(
+    store_url: Annotated[str | None, typer.Option(help="the hot store")] = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    http_port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    host: str = "127.0.0.1",
+) -> None:
+    """Serve the REST API alone over a hot store."""
+    import uvicorn
+
+    from fieldmesh.api.app import create_app
+    from fieldmesh.runtime.natsserver import port_in_use
+
+    if port_in_use(http_port, host):
+        _fail(FieldmeshError(f"HTTP port {http_port} is already in use: pass --http-port with a free port"))
+    uvicorn.run(create_app(_store_url(data_dir, store_url)), host=host, port=http_port, log_level="warning")
+
+
+# Sub-command groups contributed by other stages, registered when their modules are present.
+for _name, _module in (("cdc", "fieldmesh.cli.cdc"), ("edge", "fieldmesh.edge.cli")):
+    try:
+        _sub = importlib.import_module(_module)
+    except ImportError:
+        continue
+    app.add_typer(_sub.app, name=_name)
+
+
+def main() -> None:
+    """Console entry point."""
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    try:
+        app()
+    except FieldmeshError as exc:
+        err.print(f"[bold red]error:[/] {exc}")
+        sys.exit(2)

@@ -1,0 +1,42 @@
+"""The gateway's input contract: a source of raw device messages with explicit acknowledgement.
+
+A source acknowledges a message to its sender (MQTT PUBACK / JetStream ack) only when the gateway
+calls :meth:`IngestSource.ack`, which it does after the bus acknowledged everything derived from
+that message (readings and dead letters). A crash in between redelivers the message; the
+processor's identity de-duplication absorbs the repeat.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+__all__ = ["IngestMessage", "IngestSource"]
+
+
+@dataclass(frozen=True, slots=True)
+class IngestMessage:
+    """A raw message as it arrived from a device."""
+
+    topic: str
+    payload: bytes
+    received_ms: int
+    content_type: str | None = None
+    #: A stable id of this message at its source (e.g. a stream sequence), for idempotent re-sends.
+    source_id: str | None = None
+    handle: Any = None
+
+
+class IngestSource(Protocol):
+    """Where the gateway reads device messages from."""
+
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def fetch(self, max_messages: int, timeout_s: float) -> list[IngestMessage]: ...
+
+    async def ack(self, messages: Sequence[IngestMessage]) -> None: ...
+
+    async def close(self) -> None: ...

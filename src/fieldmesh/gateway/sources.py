@@ -1,0 +1,237 @@
+"""Ingest sources: the embedded NATS MQTT listener's stream, and an external MQTT broker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import urlparse
+
+from fieldmesh.core.errors import BackendUnavailable, ConfigError
+from fieldmesh.core.topics import TELEMETRY_FILTER, TELEMETRY_SUBJECTS
+from fieldmesh.gateway.base import IngestMessage
+
+__all__ = ["INGEST_STREAM", "MqttSource", "NatsIngestSource"]
+
+log = logging.getLogger(__name__)
+
+#: The JetStream stream that captures device telemetry published to the embedded MQTT listener.
+INGEST_STREAM = "FM_INGEST"
+INGEST_SUBJECTS = [TELEMETRY_SUBJECTS, TELEMETRY_SUBJECTS + ".*"]
+
+
+class NatsIngestSource:
+    """Device messages captured by the ``FM_INGEST`` stream (embedded mode).
+
+    Devices publish over MQTT to nats-server's MQTT listener; their messages land on the subjects
+    ``devices.<id>.telemetry`` which the stream captures durably. Several gateways may fetch from
+    the one durable consumer; JetStream hands each message to one of them.
+    """
+
+    name = "nats-ingest"
+
+    def __init__(self, bus: Any, *, durable: str = "fm-gateway", retention_s: int = 7 * 86400) -> None:
+        self._bus = bus
+        self._durable = durable
+        self._retention_s = retention_s
+        self._consumer: Any = None
+
+    async def start(self) -> None:
+        """Create the stream (work queue: acknowledged messages are removed) and the consumer."""
+        await self._bus.ensure_stream(INGEST_STREAM, INGEST_SUBJECTS, retention_s=self._retention_s,
+                                      work_queue=True)
+        self._consumer = await self._bus.raw_consumer(INGEST_STREAM, self._durable, INGEST_SUBJECTS,
+                                                      ack_wait_s=30.0)
+
+    async def fetch(self, max_messages: int, timeout_s: float) -> list[IngestMessage]:
+        """Fetch raw device messages."""
+        recs = await self._consumer.fetch(max_messages, timeout_s)
+        now = int(time.time() * 1000)
+        out = []
+        for r in recs:
+            m = r.handle
+            hdrs = m.headers or {}
+            out.append(
+                IngestMessage(
+                    topic=m.subject.replace(".", "/"),
+                    payload=r.value,
+                    received_ms=r.timestamp_ms or now,
+                    content_type=hdrs.get("Content-Type"),
+                    source_id=f"i{r.offset}",
+                    handle=r,
+                )
+            )
+        return out
+
+    async def ack(self, messages: Sequence[IngestMessage]) -> None:
+        """Acknowledge (and so remove) the messages from the ingest stream."""
+        await self._consumer.ack([m.handle for m in messages])
+
+    async def close(self) -> None:
+        """Stop fetching."""
+        if self._consumer is not None:
+            await self._consumer.close()
+
+    async def pending(self) -> int:
+        """Messages not yet taken through the gateway."""
+        return int(await self._bus.raw_pending(INGEST_STREAM, self._durable))
+
+
+class MqttSource:
+    """An external MQTT broker (Mosquitto, EMQX, HiveMQ...), MQTT 5 with a shared subscription.
+
+    The session is persistent (clean start off, session expiry), subscriptions are QoS 1 and the
+    PUBACK is sent only after :meth:`ack`, i.e. after the bus acknowledged the derived records. With
+    ``$share/<group>/...`` several gateways split the devices' messages. A broker that refuses
+    MQTT 5 gets MQTT 3.1.1 with a plain subscription (then run a single gateway per broker).
+    """
+
+    name = "mqtt"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        client_id: str | None = None,
+        share_group: str | None = "fieldmesh",
+        session_expiry_s: int = 86400,
+        max_inflight: int = 1000,
+    ) -> None:
+        u = urlparse(url)
+        if u.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+            raise ConfigError(f"bad MQTT URL {url!r}: use mqtt://host:1883 or mqtts://host:8883", key="mqtt_url")
+        self.url = url
+        self._host = u.hostname or "127.0.0.1"
+        self._port = u.port or (8883 if u.scheme in ("mqtts", "ssl") else 1883)
+        self._tls = u.scheme in ("mqtts", "ssl")
+        self._user = u.username
+        self._password = u.password
+        self._client_id = client_id or f"fieldmesh-gw-{uuid.uuid4().hex[:8]}"
+        self._share = share_group
+        self._expiry = session_expiry_s
+        self._max_inflight = max_inflight
+        self._queue: asyncio.Queue[IngestMessage] = asyncio.Queue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client: Any = None
+        self._connected = threading.Event()
+        self._connect_error: str | None = None
+        self.protocol = "5"
+
+    def _filters(self) -> list[str]:
+        base = [TELEMETRY_FILTER, TELEMETRY_FILTER + "/+"]
+        if self._share and self.protocol == "5":
+            return [f"$share/{self._share}/{f}" for f in base]
+        return base
+
+    async def start(self) -> None:
+        """Connect (MQTT 5, falling back to 3.1.1) and subscribe."""
+        import paho.mqtt.client as mqtt
+
+        self._loop = asyncio.get_running_loop()
+        for proto in (mqtt.MQTTv5, mqtt.MQTTv311):
+            self.protocol = "5" if proto == mqtt.MQTTv5 else "3.1.1"
+            self._connected.clear()
+            self._connect_error = None
+            ok = await asyncio.to_thread(self._connect, mqtt, proto)
+            if ok:
+                return
+            if self._connect_error and "protocol" not in self._connect_error.lower():
+                break
+        raise BackendUnavailable(f"cannot connect to MQTT broker {self._host}:{self._port}: {self._connect_error}")
+
+    def _connect(self, mqtt: Any, proto: int) -> bool:
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        kw: dict[str, Any] = {"protocol": proto, "client_id": self._client_id}
+        if proto != mqtt.MQTTv5:
+            kw["clean_session"] = False
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, **kw)
+        c.manual_ack_set(True)
+        c.max_inflight_messages_set(self._max_inflight)
+        c.max_queued_messages_set(0)
+        if self._user:
+            c.username_pw_set(self._user, self._password)
+        if self._tls:
+            c.tls_set()
+        c.on_connect = self._on_connect
+        c.on_message = self._on_message
+        c.on_disconnect = self._on_disconnect
+        props = None
+        if proto == mqtt.MQTTv5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = self._expiry
+        try:
+            if proto == mqtt.MQTTv5:
+                c.connect(self._host, self._port, keepalive=30, clean_start=False, properties=props)
+            else:
+                c.connect(self._host, self._port, keepalive=30)
+        except OSError as exc:
+            self._connect_error = repr(exc)
+            return False
+        c.loop_start()
+        if not self._connected.wait(10) or self._connect_error:
+            self._connect_error = self._connect_error or "no CONNACK within 10 s"
+            c.loop_stop()
+            with contextlib.suppress(Exception):
+                c.disconnect()
+            return False
+        self._client = c
+        return True
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any = None) -> None:
+        if rc.is_failure:
+            self._connect_error = str(rc)
+        else:
+            client.subscribe([(f, 1) for f in self._filters()])
+            log.info("gateway connected to MQTT %s:%s (MQTT %s)", self._host, self._port, self.protocol)
+        self._connected.set()
+
+    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any = None) -> None:
+        log.warning("MQTT connection lost (%s); paho reconnects", rc)
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        ct = getattr(msg.properties, "ContentType", None) if msg.properties else None
+        im = IngestMessage(
+            topic=msg.topic,
+            payload=msg.payload,
+            received_ms=int(time.time() * 1000),
+            content_type=ct,
+            handle=(msg.mid, msg.qos),
+        )
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, im)
+
+    async def fetch(self, max_messages: int, timeout_s: float) -> list[IngestMessage]:
+        """Wait up to ``timeout_s`` for a first message, then take what is queued."""
+        try:
+            first = await asyncio.wait_for(self._queue.get(), timeout_s)
+        except TimeoutError:
+            return []
+        out = [first]
+        while len(out) < max_messages and not self._queue.empty():
+            out.append(self._queue.get_nowait())
+        return out
+
+    async def ack(self, messages: Sequence[IngestMessage]) -> None:
+        """Send the PUBACKs."""
+        for m in messages:
+            mid, qos = m.handle
+            if qos > 0:
+                self._client.ack(mid, qos)
+
+    async def close(self) -> None:
+        """Disconnect (the persistent session keeps un-acked messages at the broker)."""
+        if self._client is not None:
+            self._client.disconnect()
+            self._client.loop_stop()
+            self._client = None
+
+    async def pending(self) -> int:
+        """Messages received but not yet processed."""
+        return self._queue.qsize()

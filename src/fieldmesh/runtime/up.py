@@ -1,0 +1,264 @@
+"""``fieldmesh up``: the whole pipeline on one machine, supervised.
+
+Processes: nats-server (JetStream + MQTT listener), a gateway worker, a processor worker, the
+optional device simulator, and this supervisor, which also serves the API. Every child dies with
+the supervisor (even on kill -9 of the supervisor), so a restart on the same data dir is clean.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from fieldmesh.bus import load_bus
+from fieldmesh.core.errors import ConfigError
+from fieldmesh.core.settings import Settings
+from fieldmesh.core.topics import DLQ_TOPIC, READINGS_TOPIC
+from fieldmesh.runtime.natsserver import EmbeddedNats, port_in_use
+from fieldmesh.runtime.procs import child_preexec
+from fieldmesh.runtime.worker import ensure_topics
+from fieldmesh.store import default_store_url, load_store
+
+__all__ = ["UpOptions", "run_up"]
+
+log = logging.getLogger("fieldmesh.up")
+
+
+@dataclass
+class UpOptions:
+    """What ``fieldmesh up`` was asked to run."""
+
+    data_dir: Path
+    mqtt_port: int = 1883
+    http_port: int = 8000
+    mqtt_url: str | None = None
+    bus_url: str | None = None
+    store_url: str | None = None
+    simulate: int = 0
+    sim_rate: float = 1.0
+    sim_per_message: int = 1
+    duration_s: float | None = None
+    settings: Settings = field(default_factory=Settings)
+    quiet: bool = False
+
+
+class _Child:
+    def __init__(self, name: str, argv: list[str], log_path: Path) -> None:
+        self.name = name
+        self.argv = argv
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+        self._log: IO[bytes] | None = None
+
+    def start(self) -> None:
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - kept open for the child
+        self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT,
+                                     preexec_fn=child_preexec)  # noqa: PLW1509
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+def _lock(data_dir: Path) -> IO[str]:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    f = open(data_dir / ".lock", "w")  # noqa: SIM115 - held for the process lifetime
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ConfigError(
+            f"another 'fieldmesh up' is running on {data_dir}: stop it or pass another --data-dir",
+            key="data_dir",
+        ) from None
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
+def check_ports(opts: UpOptions) -> None:
+    """Fail early, naming the flag to change, when a port the user chose is taken."""
+    if opts.mqtt_url is None and port_in_use(opts.mqtt_port):
+        raise ConfigError(
+            f"MQTT port {opts.mqtt_port} is already in use (another broker?). Pass --mqtt-port with a free "
+            f"port (e.g. --mqtt-port {opts.mqtt_port + 1}), or use that broker with "
+            f"--mqtt-url mqtt://127.0.0.1:{opts.mqtt_port}",
+            key="mqtt_port",
+        )
+    if port_in_use(opts.http_port):
+        raise ConfigError(
+            f"HTTP port {opts.http_port} is already in use: pass --http-port with a free port "
+            f"(e.g. --http-port {opts.http_port + 1})",
+            key="http_port",
+        )
+
+
+async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict[str, Any]:
+    """Run the pipeline until Ctrl-C, SIGTERM or ``duration_s``; return the final summary."""
+    from rich.console import Console
+
+    console = Console(stderr=True, quiet=opts.quiet)
+    data_dir = opts.data_dir.resolve()
+    lock = _lock(data_dir)
+    check_ports(opts)
+    logs = data_dir / "logs"
+    logs.mkdir(exist_ok=True)
+    settings = opts.settings
+    nats: EmbeddedNats | None = None
+    children: list[_Child] = []
+    sim: _Child | None = None
+    server: Any = None
+    t_start = time.monotonic()
+    try:
+        if opts.bus_url is None:
+            nats = EmbeddedNats(store_dir=data_dir / "nats", mqtt_port=None if opts.mqtt_url else opts.mqtt_port,
+                                fsync=settings.bus.fsync)
+            await asyncio.to_thread(nats.start)
+            bus_url = nats.url
+        else:
+            bus_url = opts.bus_url
+        store_url = opts.store_url or default_store_url(data_dir)
+        load_store(store_url).close()  # creates or checks the schema before anything writes
+        (data_dir / "runtime.json").write_text(json.dumps({"bus_url": bus_url, "store_url": store_url,
+                                                           "pid": os.getpid()}))
+        cfg_settings = json.loads(settings.model_dump_json(exclude={"data_dir"}))
+        async with load_bus(bus_url) as bus:
+            await ensure_topics(bus, settings)
+            gw_cfg = {"bus_url": bus_url, "mqtt_url": opts.mqtt_url, "settings": cfg_settings,
+                      "client_id": "fieldmesh-gw-0"}
+            pr_cfg = {"bus_url": bus_url, "store_url": store_url, "settings": cfg_settings}
+            py = [sys.executable, "-m", "fieldmesh.runtime.worker"]
+            children = [
+                _Child("gateway", [*py, "gateway", json.dumps(gw_cfg)], logs / "gateway.log"),
+                _Child("processor", [*py, "processor", json.dumps(pr_cfg)], logs / "processor.log"),
+            ]
+            for c in children:
+                c.start()
+
+            async def lag() -> dict[str, int]:
+                out: dict[str, int] = {}
+                with contextlib.suppress(Exception):
+                    if opts.mqtt_url is None and hasattr(bus, "raw_pending"):
+                        out["gateway"] = await bus.raw_pending("FM_INGEST", "fm-gateway")
+                    out["processor"] = await bus.pending(READINGS_TOPIC, group="fm-processor")
+                    out["dlq"] = await bus.pending(DLQ_TOPIC, group="fm-processor-dlq")
+                return out
+
+            async def health() -> dict[str, Any]:
+                h: dict[str, Any] = {c.name: "ok" if c.alive() else "down" for c in children}
+                h["bus"] = "ok" if nats is None or (nats.proc and nats.proc.poll() is None) else "down"
+                return h
+
+            import uvicorn
+
+            from fieldmesh.api.app import create_app
+
+            app = create_app(store_url, health=health, lag=lag)
+            server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=opts.http_port,
+                                                   log_level="warning", lifespan="off"))
+            api_task = asyncio.create_task(server.serve(), name="api")
+            mqtt_url = opts.mqtt_url or f"mqtt://127.0.0.1:{opts.mqtt_port}"
+            if opts.simulate:
+                sim = _Child("simulator", [sys.executable, "-m", "fieldmesh.runtime.devices", "--mqtt-url",
+                                           mqtt_url, "--devices", str(opts.simulate), "--rate", str(opts.sim_rate),
+                                           "--per-message", str(opts.sim_per_message)], logs / "simulator.log")
+                sim.start()
+            console.print(
+                f"[bold green]fieldmesh up[/]: devices publish to [bold]{mqtt_url}[/] "
+                f"(topic devices/<id>/telemetry); API [bold]http://127.0.0.1:{opts.http_port}/api/v1[/]; "
+                f"bus {bus_url}; store {store_url}"
+                + (f"; simulating {opts.simulate} devices" if opts.simulate else "")
+            )
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            if ready is not None:
+                ready.set()
+            deadline = time.monotonic() + opts.duration_s if opts.duration_s else None
+            while not stop.is_set():
+                if deadline and time.monotonic() >= deadline:
+                    break
+                for c in children:
+                    if not c.alive():
+                        c.restarts += 1
+                        console.print(f"[yellow]{c.name} exited ({c.proc and c.proc.returncode}); "
+                                      f"restarting (see {c.log_path})[/]")
+                        await asyncio.sleep(min(0.5 * c.restarts, 5))
+                        c.start()
+                if api_task.done():
+                    raise ConfigError(f"the API server stopped: {api_task.exception()!r}", key="http_port")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 0.5)
+            console.print("stopping: draining the pipeline ...")
+            if sim is not None:
+                sim.stop()
+            drain_until = time.monotonic() + 30
+            while time.monotonic() < drain_until and all(c.alive() for c in children):
+                if sum((await lag()).values()) == 0:
+                    break
+                await asyncio.sleep(0.2)
+    finally:
+        for c in [*([sim] if sim else []), *children]:
+            c.stop()
+        if server is not None:
+            server.should_exit = True
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(api_task, 5)
+        if nats is not None:
+            nats.stop()
+        lock.close()
+    summary = _summary(load_store(store_url, readonly=True), time.monotonic() - t_start)
+    _print_summary(console, summary)
+    return summary
+
+
+def _summary(store: Any, elapsed_s: float) -> dict[str, Any]:
+    st = store.stats()
+    n_dev = store.query("SELECT count(*) FROM devices").rows[0][0]
+    store.close()
+    return {
+        "elapsed_s": round(elapsed_s, 1),
+        "received": st.received,
+        "stored": st.stored,
+        "duplicates": st.duplicates,
+        "late": st.late,
+        "dead_lettered": dict(st.dead_lettered),
+        "devices": n_dev,
+    }
+
+
+def _print_summary(console: Any, s: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    t = Table(title="fieldmesh summary (all time, this data dir)")
+    t.add_column("what")
+    t.add_column("count", justify="right")
+    for k in ("received", "stored", "duplicates", "late", "devices"):
+        t.add_row(k, f"{s[k]:,}")
+    for reason, n in sorted(s["dead_lettered"].items()):
+        t.add_row(f"dead-lettered: {reason}", f"{n:,}")
+    t.add_row("ran for", f"{s['elapsed_s']} s")
+    console.print(t)

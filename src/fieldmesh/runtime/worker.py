@@ -1,0 +1,105 @@
+"""Stage workers: each stage runs as its own process (``python -m fieldmesh.runtime.worker``).
+
+``fieldmesh up`` starts one gateway and one processor worker next to the embedded nats-server so
+that they use both cores; the stand-alone roles (``fieldmesh gateway``/``process``) run the same
+code. SIGTERM/SIGINT stop a worker after the batch in hand is committed and acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from typing import Any
+
+from fieldmesh.bus import TopicSpec, load_bus
+from fieldmesh.core.settings import Settings, load_settings
+from fieldmesh.core.topics import DLQ_TOPIC, READINGS_TOPIC
+
+__all__ = ["ensure_topics", "run_gateway", "run_processor"]
+
+log = logging.getLogger("fieldmesh.worker")
+
+
+async def ensure_topics(bus: Any, settings: Settings) -> None:
+    """Create the readings and DLQ topics with the configured partitions and retention."""
+    b = settings.bus
+    await bus.ensure_topic(TopicSpec(READINGS_TOPIC, b.partitions, b.retention_s, b.dedupe_window_s))
+    await bus.ensure_topic(TopicSpec(DLQ_TOPIC, 1, b.retention_s, b.dedupe_window_s))
+
+
+def _stop_event() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def run_gateway(
+    *, bus_url: str, mqtt_url: str | None, settings: Settings, stop: asyncio.Event | None = None,
+    client_id: str | None = None,
+) -> None:
+    """Run a gateway: from the embedded ingest stream (``mqtt_url`` None) or an MQTT broker."""
+    from fieldmesh.gateway.gateway import Gateway
+    from fieldmesh.gateway.sources import MqttSource, NatsIngestSource
+
+    stop = stop or _stop_event()
+    async with load_bus(bus_url) as bus:
+        await ensure_topics(bus, settings)
+        source: Any
+        if mqtt_url:
+            source = MqttSource(mqtt_url, share_group=settings.gateway.share_group, client_id=client_id)
+        else:
+            source = NatsIngestSource(bus, retention_s=settings.bus.retention_s)
+        await source.start()
+        gw = Gateway(source=source, producer=bus.producer(), settings=settings.gateway,
+                     partitions=settings.bus.partitions)
+        log.info("gateway running: %s -> %s", getattr(source, "url", source.name), bus_url)
+        try:
+            await gw.run(stop)
+        finally:
+            await source.close()
+
+
+async def run_processor(
+    *, bus_url: str, store_url: str, settings: Settings, partitions: list[int] | None = None,
+    group: str = "fm-processor", stop: asyncio.Event | None = None,
+) -> None:
+    """Run a processor over ``partitions`` (all when None)."""
+    from fieldmesh.store import load_store
+    from fieldmesh.stream.processor import Processor
+
+    stop = stop or _stop_event()
+    store = load_store(store_url)
+    try:
+        async with load_bus(bus_url) as bus:
+            await ensure_topics(bus, settings)
+            proc = Processor(bus=bus, store=store, settings=settings.processor, group=group,
+                             partitions=partitions)
+            log.info("processor running: %s -> %s (partitions %s)", bus_url, store_url, partitions or "all")
+            await proc.run(stop)
+    finally:
+        store.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: ``python -m fieldmesh.runtime.worker ROLE JSON``."""
+    args = argv if argv is not None else sys.argv[1:]
+    role, cfg = args[0], json.loads(args[1])
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {role} %(levelname)s %(message)s")
+    settings = load_settings(**cfg.pop("settings", {}))
+    with contextlib.suppress(KeyboardInterrupt):
+        if role == "gateway":
+            asyncio.run(run_gateway(settings=settings, **cfg))
+        elif role == "processor":
+            asyncio.run(run_processor(settings=settings, **cfg))
+        else:
+            raise SystemExit(f"unknown role {role!r}")
+
+
+if __name__ == "__main__":
+    main()

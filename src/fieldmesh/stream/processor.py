@@ -1,0 +1,178 @@
+"""The processor: bus -> de-duplicate -> raw readings + rollups in the hot store.
+
+Per batch of bus records, one store transaction writes the new readings, their rollup
+corrections, the dead letters, the counters, the event-time watermarks **and the bus positions**
+of the records. Only then are the records acknowledged to the bus. So:
+
+* a crash before the commit: nothing of the batch is stored; the bus redelivers it;
+* a crash after the commit, before the ack: the bus redelivers records whose positions are
+  stored; they are skipped (not even counted as duplicates);
+* a reading that arrives twice for any other reason (device retry, gateway redelivery, edge
+  replay) is found by its identity in the store and counted as a duplicate.
+
+Lateness: a reading is *late* when its 1-minute window had already been emitted, i.e. the
+partition's watermark (max event time seen) minus ``grace_ms`` had passed the window's end. Late
+readings are stored and correct their rollups like any other; they are counted in ``late``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from typing import Protocol
+
+import msgspec
+
+from fieldmesh.bus.base import Bus, BusRecord, Consumer
+from fieldmesh.core.codec import decode_bus_batch, decode_dead_letter
+from fieldmesh.core.model import DeadLetter, Reading
+from fieldmesh.core.settings import ProcessorSettings
+from fieldmesh.core.topics import DLQ_TOPIC, READINGS_TOPIC
+from fieldmesh.store.base import INTERVALS, ApplyResult, HotStore, Position
+
+__all__ = ["Enricher", "Processor", "ProcessorStats"]
+
+log = logging.getLogger(__name__)
+_WINDOW_MS = INTERVALS["1m"]
+
+
+class Enricher(Protocol):
+    """Adds fields to readings (e.g. as-of joins with CDC state) before they are stored."""
+
+    def enrich(self, readings: list[Reading]) -> list[Reading]: ...
+
+
+class ProcessorStats:
+    """In-process counters of one processor."""
+
+    def __init__(self) -> None:
+        self.batches = 0
+        self.stored = 0
+        self.duplicates = 0
+        self.late = 0
+        self.dead_lettered = 0
+        self.skipped = 0
+        self.corrupt = 0
+
+
+class Processor:
+    """Consumes readings and dead letters from the bus and applies them to a hot store."""
+
+    def __init__(
+        self,
+        *,
+        bus: Bus,
+        store: HotStore,
+        settings: ProcessorSettings,
+        group: str = "fm-processor",
+        partitions: Sequence[int] | None = None,
+        enricher: Enricher | None = None,
+    ) -> None:
+        self.bus = bus
+        self.store = store
+        self.settings = settings
+        self.group = group
+        self.partitions = list(partitions) if partitions is not None else None
+        self.enricher = enricher
+        self.stats = ProcessorStats()
+        self._positions: dict[Position, int] = {}
+        self._watermarks: dict[Position, int] = {}
+        self._lock = asyncio.Lock()
+
+    async def _consumer(self, topic: str, partitions: Sequence[int] | None, group: str) -> Consumer:
+        owned = [k for k in self._positions if k[0] == topic and (partitions is None or k[1] in partitions)]
+        start = min(self._positions[k] for k in owned) + 1 if owned else None
+        return await self.bus.consumer(topic, group=group, partitions=partitions, start_offset=start)
+
+    def apply_records(self, records: Sequence[BusRecord]) -> ApplyResult:
+        """Decode bus records and apply them in one store transaction (synchronous core)."""
+        readings: list[Reading] = []
+        late: list[bool] = []
+        dead: list[DeadLetter] = []
+        positions: dict[Position, int] = {}
+        wms: dict[Position, int] = {}
+        grace = self.settings.grace_ms
+        for rec in records:
+            pos = (rec.topic, rec.partition)
+            if rec.offset <= self._positions.get(pos, -1):
+                self.stats.skipped += 1
+                continue
+            positions[pos] = max(positions.get(pos, -1), rec.offset)
+            if rec.topic == DLQ_TOPIC:
+                try:
+                    dead.append(decode_dead_letter(rec.value))
+                except msgspec.DecodeError as exc:
+                    dead.append(_corrupt(rec, exc))
+                continue
+            try:
+                batch = decode_bus_batch(rec.value)
+            except msgspec.DecodeError as exc:
+                self.stats.corrupt += 1
+                dead.append(_corrupt(rec, exc))
+                continue
+            wm = wms.get(pos) or self._watermarks.get(pos, 0)
+            closed_before = wm - grace  # windows ending at or before this were emitted
+            for r in batch.readings:
+                readings.append(r)
+                late.append(r.ts_ms - r.ts_ms % _WINDOW_MS + _WINDOW_MS <= closed_before)
+                if r.ts_ms > wm:
+                    wm = r.ts_ms
+            wms[pos] = wm
+        if self.enricher is not None and readings:
+            readings = self.enricher.enrich(readings)
+        if not positions:
+            return ApplyResult(0, 0, 0, 0)
+        res = self.store.apply(
+            readings=readings,
+            late=late,
+            dead_letters=dead,
+            positions=positions,
+            watermarks=wms,
+        )
+        self._positions.update(positions)
+        self._watermarks.update(wms)
+        st = self.stats
+        st.batches += 1
+        st.stored += res.stored
+        st.duplicates += res.duplicates
+        st.late += res.late
+        st.dead_lettered += res.dead_lettered
+        return res
+
+    async def _loop(self, consumer: Consumer, stop: asyncio.Event) -> None:
+        s = self.settings
+        while not stop.is_set():
+            recs = await consumer.fetch(s.fetch_max, s.fetch_timeout_s)
+            if not recs:
+                continue
+            async with self._lock:
+                await asyncio.to_thread(self.apply_records, recs)
+            await consumer.ack(recs)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume until ``stop`` is set; finishes the batch in hand before returning."""
+        self._positions = self.store.positions()
+        self._watermarks = self.store.watermarks()
+        consumers = [await self._consumer(READINGS_TOPIC, self.partitions, self.group)]
+        # The DLQ topic has one partition; the replica that owns partition 0 applies it.
+        if self.partitions is None or 0 in self.partitions:
+            consumers.append(await self._consumer(DLQ_TOPIC, None, f"{self.group}-dlq"))
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for c in consumers:
+                    tg.create_task(self._loop(c, stop), name=f"processor-{c!r}")
+        finally:
+            for c in consumers:
+                await c.close()
+
+
+def _corrupt(rec: BusRecord, exc: Exception) -> DeadLetter:
+    return DeadLetter(
+        reason="schema_violation",
+        detail=f"corrupt bus record {rec.topic}[{rec.partition}]@{rec.offset}: {exc}"[:300],
+        topic=f"{rec.topic}.{rec.partition}",
+        received_ms=int(time.time() * 1000),
+        payload=rec.value[:65536],
+    )
