@@ -9,6 +9,8 @@ never change a sum in its last bits.
 
 from __future__ import annotations
 
+import math
+
 __all__ = ["ExactSum", "add_float", "exact_avg", "exact_value", "parse_exact", "format_exact"]
 
 
@@ -30,15 +32,21 @@ def merge(m1: int, e1: int, m2: int, e2: int) -> tuple[int, int]:
 
 
 def exact_value(m: int, e: int) -> float:
-    """The correctly rounded float of ``m * 2**e``."""
-    return float(m << e) if e >= 0 else m / (1 << -e)
+    """The correctly rounded float of ``m * 2**e`` (±inf beyond the float range)."""
+    try:
+        return float(m << e) if e >= 0 else m / (1 << -e)
+    except OverflowError:
+        return math.copysign(math.inf, m)
 
 
 def exact_avg(m: int, e: int, count: int) -> float:
     """The correctly rounded float of ``m * 2**e / count``."""
     if count <= 0:
-        return float("nan")
-    return (m << e) / count if e >= 0 else m / (count << -e)
+        return math.nan
+    try:
+        return (m << e) / count if e >= 0 else m / (count << -e)
+    except OverflowError:
+        return math.copysign(math.inf, m)
 
 
 def format_exact(m: int, e: int) -> str:

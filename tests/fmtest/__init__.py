@@ -1,0 +1,1 @@
+"""Test helpers: oracles computed independently of fieldmesh, and process fixtures."""
