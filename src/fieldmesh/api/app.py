@@ -25,6 +25,7 @@ from fieldmesh.store import HotStore, load_store
 
 __all__ = ["create_app", "parse_time"]
 
+Limit = Annotated[int, Query(ge=1, le=100_000)]
 HealthFn = Callable[[], Awaitable[dict[str, Any]]]
 LagFn = Callable[[], Awaitable[dict[str, int]]]
 
@@ -119,7 +120,6 @@ def create_app(
         return JSONResponse(status_code=400, content={"detail": str(exc)})
 
     r = APIRouter(prefix="/api/v1")
-    Limit = Annotated[int, Query(ge=1, le=100_000)]
 
     def _device(device_id: str | None) -> str | None:
         if device_id is not None and not DEVICE_ID_RE.fullmatch(device_id):

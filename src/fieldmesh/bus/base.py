@@ -83,7 +83,14 @@ class Bus(Protocol):
     def producer(self) -> Producer: ...
 
     async def consumer(
-        self, topic: str, *, group: str, partitions: Sequence[int] | None = None
-    ) -> Consumer: ...
+        self,
+        topic: str,
+        *,
+        group: str,
+        partitions: Sequence[int] | None = None,
+        start_offset: int | None = None,
+    ) -> Consumer:
+        """A consumer of ``partitions`` (all when None); ``start_offset`` where a new one starts."""
+        ...
 
     async def pending(self, topic: str, *, group: str) -> int: ...

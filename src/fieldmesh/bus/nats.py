@@ -216,6 +216,7 @@ class NatsBus:
         group: str,
         partitions: Sequence[int] | None = None,
         start_offset: int | None = None,
+        reset_pending: bool = True,
     ) -> NatsConsumer:
         """A durable pull consumer ``group`` over ``partitions`` (all when None) of ``topic``.
 
@@ -223,7 +224,8 @@ class NatsBus:
         created, e.g. after the partitions a replica owns changed.
         """
         subjects = [f"{topic}.*"] if partitions is None else [f"{topic}.{p}" for p in sorted(partitions)]
-        return await self.raw_consumer(stream_name(topic), group, subjects, topic=topic, start_seq=start_offset)
+        return await self.raw_consumer(stream_name(topic), group, subjects, topic=topic, start_seq=start_offset,
+                                       reset_pending=reset_pending)
 
     async def raw_consumer(
         self,
@@ -235,8 +237,13 @@ class NatsBus:
         ack_wait_s: float = 60.0,
         max_ack_pending: int = 50_000,
         start_seq: int | None = None,
+        reset_pending: bool = False,
     ) -> NatsConsumer:
-        """A durable pull consumer on any stream and subject filters."""
+        """A durable pull consumer on any stream and subject filters.
+
+        ``reset_pending`` (for a single owner, such as a processor replica) redelivers at once what a
+        crashed predecessor had fetched but not acknowledged, instead of after ``ack_wait``.
+        """
         durable = _SAFE.sub("_", durable)
         cfg = api.ConsumerConfig(
             durable_name=durable,
@@ -252,7 +259,15 @@ class NatsBus:
         try:
             try:
                 info = await self.js.consumer_info(stream, durable)
-                if sorted(info.config.filter_subjects or [info.config.filter_subject or ""]) != sorted(subjects):
+                same = sorted(info.config.filter_subjects or [info.config.filter_subject or ""]) == sorted(subjects)
+                if not same or (reset_pending and info.num_ack_pending):
+                    # Delivered-but-unacknowledged messages would only come back after ack_wait: start a
+                    # fresh consumer right after the acknowledged floor instead (or where the caller says
+                    # when the filter changed). Acknowledged means applied, so nothing is skipped.
+                    floor = info.ack_floor.stream_seq if info.ack_floor else 0
+                    start = (start_seq or 1) if not same else floor + 1
+                    cfg.deliver_policy = api.DeliverPolicy.BY_START_SEQUENCE
+                    cfg.opt_start_seq = max(start, 1)
                     await self.js.delete_consumer(stream, durable)
                     raise nats.js.errors.NotFoundError
             except nats.js.errors.NotFoundError:

@@ -35,8 +35,11 @@ class NatsIngestSource:
 
     name = "nats-ingest"
 
-    def __init__(self, bus: Any, *, durable: str = "fm-gateway", retention_s: int = 7 * 86400) -> None:
+    def __init__(
+        self, bus: Any, *, durable: str = "fm-gateway", retention_s: int = 7 * 86400, sole: bool = False
+    ) -> None:
         self._bus = bus
+        self._sole = sole
         self._durable = durable
         self._retention_s = retention_s
         self._consumer: Any = None
@@ -46,7 +49,7 @@ class NatsIngestSource:
         await self._bus.ensure_stream(INGEST_STREAM, INGEST_SUBJECTS, retention_s=self._retention_s,
                                       work_queue=True)
         self._consumer = await self._bus.raw_consumer(INGEST_STREAM, self._durable, INGEST_SUBJECTS,
-                                                      ack_wait_s=30.0)
+                                                      ack_wait_s=30.0, reset_pending=self._sole)
 
     async def fetch(self, max_messages: int, timeout_s: float) -> list[IngestMessage]:
         """Fetch raw device messages."""

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -146,8 +147,9 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
         cfg_settings = json.loads(settings.model_dump_json(exclude={"data_dir"}))
         async with load_bus(bus_url) as bus:
             await ensure_topics(bus, settings)
-            gw_cfg = {"bus_url": bus_url, "mqtt_url": opts.mqtt_url, "settings": cfg_settings,
-                      "client_id": "fieldmesh-gw-0"}
+            gw_cfg = {"bus_url": bus_url, "mqtt_url": opts.mqtt_url, "settings": cfg_settings, "sole": True,
+                      # stable across restarts of this data dir, so the broker keeps its persistent session
+                      "client_id": f"fm-gw-{settings.gateway.share_group}-{zlib.crc32(str(data_dir).encode()):08x}"}
             pr_cfg = {"bus_url": bus_url, "store_url": store_url, "settings": cfg_settings}
             py = [sys.executable, "-m", "fieldmesh.runtime.worker"]
             children = [

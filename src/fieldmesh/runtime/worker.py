@@ -41,7 +41,7 @@ def _stop_event() -> asyncio.Event:
 
 async def run_gateway(
     *, bus_url: str, mqtt_url: str | None, settings: Settings, stop: asyncio.Event | None = None,
-    client_id: str | None = None,
+    client_id: str | None = None, sole: bool = False,
 ) -> None:
     """Run a gateway: from the embedded ingest stream (``mqtt_url`` None) or an MQTT broker."""
     from fieldmesh.gateway.gateway import Gateway
@@ -54,7 +54,7 @@ async def run_gateway(
         if mqtt_url:
             source = MqttSource(mqtt_url, share_group=settings.gateway.share_group, client_id=client_id)
         else:
-            source = NatsIngestSource(bus, retention_s=settings.bus.retention_s)
+            source = NatsIngestSource(bus, retention_s=settings.bus.retention_s, sole=sole)
         await source.start()
         gw = Gateway(source=source, producer=bus.producer(), settings=settings.gateway,
                      partitions=settings.bus.partitions)
