@@ -125,6 +125,7 @@ class PostgresCdc:
         batch_size: int = 5000,
         snapshot_fetch: int = 10_000,
         topic_prefix: str = "fm.cdc",
+        slot_wait_s: float = 15.0,
     ) -> None:
         for what, name in (("slot", slot), ("publication", publication)):
             if not _IDENT.match(name):
@@ -144,6 +145,7 @@ class PostgresCdc:
         self.batch_size = batch_size
         self.snapshot_fetch = snapshot_fetch
         self.topic_prefix = topic_prefix
+        self.slot_wait_s = slot_wait_s
         self.offsets = OffsetFile(Path(state_dir) / f"pg-{self.slot}.json")
         self.tables: list[PgTable] = []
         self.db = ""
@@ -305,6 +307,11 @@ class PostgresCdc:
             await sink.ensure_topic(cdc_topic(self.db, t.schema, t.table, prefix=self.topic_prefix))
         state = self.offsets.load()
         slot = await asyncio.to_thread(self._slot_info)
+        # After a crash the old walsender may hold the slot until it notices its client is gone.
+        deadline = time.monotonic() + self.slot_wait_s
+        while slot is not None and slot["active_pid"] is not None and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            slot = await asyncio.to_thread(self._slot_info)
         if slot is not None and slot["database"] != self.db:
             raise CdcError(
                 f"replication slot {self.slot} belongs to database {slot['database']}, not {self.db}"
