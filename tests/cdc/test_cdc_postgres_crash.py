@@ -45,7 +45,7 @@ def _start(db: str, bus_url: str, state: Path, log: Path) -> subprocess.Popen[by
         "--batch-size",
         "200",
     ]  # small batches: the kill lands between a publish and its LSN confirm
-    return subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
+    return subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
 
 
 def _writer(db: str, stop: threading.Event, done: threading.Event, counter: list[int]) -> None:
