@@ -1,0 +1,317 @@
+"""The edge agent: sources -> clean -> score -> reduce -> buffer -> uplink, plus the twin.
+
+Acknowledgements, in order: a source batch is acknowledged to its source (the simulator's saved
+position, the local broker's PUBACK, ...) only after its readings are appended to the buffer and,
+with ``buffer.fsync: always``, fsynced. A buffer record is advanced (and its segment deleted once
+all of it is) only after every MQTT message carrying its readings has its PUBACK.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from fieldmesh.core.errors import ConfigError
+from fieldmesh.edge.buffer import BufferFull, DiskBuffer
+from fieldmesh.edge.config import EdgeConfig, SourceConfig
+from fieldmesh.edge.frame import DeviceIndex, Frame, WireReading, occurrence_groups
+from fieldmesh.edge.infer import make_scorer
+from fieldmesh.edge.preprocess import Aggregate, Preprocessor
+from fieldmesh.edge.sources.base import Source, SourceBatch
+from fieldmesh.edge.twin import Twin
+from fieldmesh.edge.uplink import Uplink, encode_record
+
+__all__ = ["EdgeAgent", "Pipeline", "make_source"]
+
+log = logging.getLogger("fieldmesh.edge")
+_json = msgspec.json.Encoder()
+
+Groups = list[tuple[str, list[WireReading]]]
+
+
+def make_source(sc: SourceConfig, index: int, state_dir: Path) -> Source:
+    """Build the source plugin a config entry names (heavy protocol libraries load lazily)."""
+    kind = sc.kind
+    if kind == "simulator":
+        from fieldmesh.edge.sources.simulator import SimulatorSource
+
+        assert sc.simulator is not None
+        return SimulatorSource(sc.simulator, state_path=state_dir / f"source{index}-simulator.json",
+                               name=f"sources[{index}].simulator")
+    if kind == "modbus":
+        from fieldmesh.edge.sources.modbus import ModbusSource
+
+        assert sc.modbus is not None
+        return ModbusSource(sc.modbus, name=f"sources[{index}].modbus")
+    if kind == "opcua":
+        from fieldmesh.edge.sources.opcua import OpcuaSource
+
+        assert sc.opcua is not None
+        return OpcuaSource(sc.opcua, name=f"sources[{index}].opcua")
+    from fieldmesh.edge.sources.mqtt import MqttSource
+
+    assert sc.mqtt is not None
+    return MqttSource(sc.mqtt, name=f"sources[{index}].mqtt")
+
+
+class Pipeline:
+    """The synchronous core of the agent: a source batch in, a buffer record out (no I/O).
+
+    Args:
+        cfg: the agent config (preprocess and infer sections are used).
+        boot_id: stamped on readings whose source has no identity of its own.
+    """
+
+    def __init__(self, cfg: EdgeConfig, *, boot_id: str) -> None:
+        self.devices = DeviceIndex()
+        self.pre = Preprocessor(cfg.preprocess, self.devices)
+        self.pre.boot_id = boot_id
+        self.scorer = make_scorer(cfg.infer)
+        self.default_threshold = (
+            cfg.infer.threshold if cfg.infer.threshold is not None else self.scorer.default_threshold
+        )
+        self.boot_id = boot_id
+        self._next_seq = np.zeros(64, dtype=np.int64)
+        self.anomalies = 0
+
+    def _assign_seq(self, dev: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        need = int(dev.max()) + 1
+        if need > self._next_seq.shape[0]:
+            grown = np.zeros(max(need, 2 * self._next_seq.shape[0]), dtype=np.int64)
+            grown[: self._next_seq.shape[0]] = self._next_seq
+            self._next_seq = grown
+        seq = np.empty(dev.shape[0], dtype=np.int64)
+        for g in occurrence_groups(dev):
+            d = dev[g]
+            seq[g] = self._next_seq[d]
+            self._next_seq[d] += 1
+        return seq
+
+    def process(self, batch: SourceBatch) -> tuple[Groups, int, list[tuple[str, WireReading]]]:
+        """Run one batch through the chain: ``(record groups, readings, anomalies)``."""
+        if len(batch) == 0:
+            return [], 0, []
+        dev = self.devices.indices(batch.device_ids)
+        seq = batch.seq if batch.seq is not None else self._assign_seq(dev)
+        frame = Frame(dev=dev, ts_ms=np.asarray(batch.ts_ms, dtype=np.int64), seq=seq,
+                      cols={k: np.array(v, dtype=np.float64) for k, v in batch.cols.items()},
+                      boot_id=batch.boot_id or self.boot_id)
+        frame = self.pre.clean(frame)
+        if len(frame):
+            score = self.scorer.score(frame)
+            thr = self.pre.threshold[frame.dev]
+            thr = np.where(np.isnan(thr), self.default_threshold, thr)
+            frame.score = score
+            frame.anomaly = score >= thr
+        out, aggs = self.pre.reduce(frame)
+        return self.to_wire(out, aggs)
+
+    def to_wire(self, frame: Frame, aggs: list[Aggregate]) -> tuple[Groups, int, list[tuple[str, WireReading]]]:
+        """Readings grouped per device (per-device order kept) and the anomalies among them."""
+        ids = self.devices.ids
+        per: dict[int, list[WireReading]] = {}
+        anomalies: list[tuple[str, WireReading]] = []
+        n = len(frame)
+        if n:
+            names = list(frame.cols)
+            cols = [frame.cols[k].tolist() for k in names]
+            devs = frame.dev.tolist()
+            tss = frame.ts_ms.tolist()
+            seqs = frame.seq.tolist()
+            scores = frame.score.round(3).tolist() if frame.score is not None else None
+            flags = frame.anomaly.tolist() if frame.anomaly is not None else None
+            boot = frame.boot_id
+            for i, row in enumerate(zip(*cols, strict=True)):
+                meas = {k: v for k, v in zip(names, row, strict=True) if v == v}
+                meta = None
+                if scores is not None:
+                    is_an = flags is not None and flags[i]
+                    meta = {"anomaly_score": scores[i], "decision": "anomaly" if is_an else "normal"}
+                r = WireReading(ts=tss[i], measurements=meas, seq=seqs[i], boot_id=boot, meta=meta)
+                d = devs[i]
+                lst = per.get(d)
+                if lst is None:
+                    per[d] = [r]
+                else:
+                    lst.append(r)
+                if meta is not None and meta["decision"] == "anomaly":
+                    anomalies.append((ids[d], r))
+        for d, r in aggs:
+            per.setdefault(d, []).append(r)
+        self.anomalies += len(anomalies)
+        return [(ids[d], lst) for d, lst in per.items()], n + len(aggs), anomalies
+
+
+class EdgeAgent:
+    """The edge agent process.
+
+    Args:
+        cfg: the validated config.
+        sources: source plugins to use instead of building them from ``cfg.sources`` (tests, bench).
+    """
+
+    def __init__(self, cfg: EdgeConfig, *, sources: list[Source] | None = None) -> None:
+        self.cfg = cfg
+        self.boot_id = cfg.agent.boot_id or f"b{int(time.time())}{secrets.token_hex(2)}"
+        b = cfg.buffer
+        try:
+            self.buffer = DiskBuffer(path=b.path, max_bytes=b.max_bytes, segment_bytes=b.segment_bytes,
+                                     full_policy=b.full_policy, fsync=b.fsync, fsync_interval_ms=b.fsync_interval_ms)
+        except OSError as exc:
+            raise ConfigError(f"buffer.path: cannot use {b.path}: {exc}", key="buffer.path") from exc
+        self.state_dir = Path(b.path) / "state"
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.pipeline = Pipeline(cfg, boot_id=self.boot_id)
+        self.sources: list[Source] = sources if sources is not None else [
+            make_source(sc, i, self.state_dir) for i, sc in enumerate(cfg.sources)
+        ]
+        self.uplink = Uplink(cfg.uplink, self.buffer)
+        self.twin: Twin | None = None
+        if cfg.twin.enabled:
+            self.twin = Twin(
+                self.pipeline.pre, self.pipeline.devices,
+                publish=lambda t, p, r: self.uplink.publish_now(t, p, retain=r),
+                subscribe=self.uplink.subscribe,
+                on_aggregates=self._buffer_aggregates,
+            )
+            self.uplink.on_message = self.twin.handle
+            self.uplink.on_connect = self.twin.on_connect
+        self.source_errors = 0
+        self.full_waits = 0
+        self.started = time.monotonic()
+        self._stop = asyncio.Event()
+
+    # -- buffering ---------------------------------------------------------------------------
+    def _buffer_aggregates(self, aggs: list[Aggregate]) -> None:
+        groups, n, _ = self.pipeline.to_wire(Frame(
+            dev=np.zeros(0, dtype=np.int32), ts_ms=np.zeros(0, dtype=np.int64), seq=np.zeros(0, dtype=np.int64),
+            cols={}, boot_id=self.boot_id), aggs)
+        if n:
+            with contextlib.suppress(BufferFull):
+                self.buffer.append(encode_record(groups), n)
+            self.uplink.wake()
+
+    async def _append(self, payload: bytes, count: int, stop: asyncio.Event) -> bool:
+        while True:
+            try:
+                self.buffer.append(payload, count)
+                return True
+            except BufferFull:
+                if stop.is_set() and self.buffer.full_policy == "block":
+                    return False
+                self.full_waits += 1
+                await asyncio.sleep(0.05)
+
+    async def feed(self, source: Source, batch: SourceBatch, stop: asyncio.Event) -> None:
+        """One batch: process, make durable, acknowledge the source, publish anomalies at once."""
+        groups, n, anomalies = self.pipeline.process(batch)
+        if n:
+            if not await self._append(encode_record(groups), n, stop):
+                return
+            self.uplink.wake()
+        await source.ack(batch)
+        if anomalies and self.cfg.uplink.anomalies:
+            for dev, r in anomalies:
+                body = _json.encode({"device_id": dev, "ts": r.ts, "seq": r.seq, "boot_id": r.boot_id,
+                                     "measurements": r.measurements, "meta": r.meta})
+                self.uplink.publish_now(f"devices/{dev}/anomalies", body)
+
+    async def _run_source(self, source: Source, stop: asyncio.Event) -> None:
+        try:
+            async for batch in source.batches():
+                await self.feed(source, batch, stop)
+                if stop.is_set():
+                    break
+        finally:
+            await source.close()
+
+    async def _housekeeping(self, stop: asyncio.Event) -> None:
+        last_stats = 0.0
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=0.5)
+            self.buffer.sync(force=False)
+            aggs = self.pipeline.pre.flush_windows(int(time.time() * 1000) - 2000, boot_id=self.boot_id)
+            if aggs:
+                self._buffer_aggregates(aggs)
+            now = time.monotonic()
+            if now - last_stats >= min(self.cfg.agent.stats_interval_s, 2.0):
+                last_stats = now
+                self.write_stats()
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """Counters of every stage."""
+        return {
+            "boot_id": self.boot_id,
+            "uptime_s": round(time.monotonic() - self.started, 3),
+            "devices": len(self.pipeline.devices),
+            "preprocess": dict(self.pipeline.pre.counters),
+            "anomalies": self.pipeline.anomalies,
+            "buffer": asdict(self.buffer.stats) | {
+                "pending_readings": self.buffer.pending_readings, "size_bytes": self.buffer.size_bytes,
+                "acked_seq": self.buffer.acked_seq,
+            },
+            "uplink": asdict(self.uplink.stats),
+            "twin": {"applied": dict(self.twin.applied), "rejected": self.twin.rejected} if self.twin else None,
+            "source_errors": self.source_errors,
+            "full_waits": self.full_waits,
+        }
+
+    def write_stats(self) -> None:
+        """Write ``stats.json`` beside the buffer (atomic)."""
+        p = self.state_dir / "stats.json"
+        tmp = p.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.stats()))
+        os.replace(tmp, p)
+
+    def stop(self) -> None:
+        """Ask a running agent to stop."""
+        self._stop.set()
+
+    async def run(self, *, duration_s: float | None = None, drain_s: float = 5.0,
+                  on_started: Callable[[], None] | None = None) -> dict[str, Any]:
+        """Run until stopped (or ``duration_s``), then drain the buffer for up to ``drain_s``."""
+        stop = self._stop
+        uplink_stop = asyncio.Event()
+        log.info("edge agent %s: %d source(s), buffer %s (%d readings pending)", self.boot_id,
+                 len(self.sources), self.buffer.path, self.buffer.pending_readings)
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.uplink.run(uplink_stop), name="uplink")
+            tg.create_task(self._housekeeping(stop), name="housekeeping")
+            src_tasks = [tg.create_task(self._run_source(s, stop), name=s.name) for s in self.sources]
+            if on_started is not None:
+                on_started()
+            if duration_s is not None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=duration_s)
+            else:
+                await stop.wait()
+            stop.set()
+            for s in self.sources:
+                await s.close()
+            await asyncio.gather(*src_tasks, return_exceptions=True)
+            aggs = self.pipeline.pre.flush_windows(None, boot_id=self.boot_id)
+            if aggs:
+                self._buffer_aggregates(aggs)
+            self.buffer.sync()
+            deadline = time.monotonic() + drain_s
+            while self.buffer.pending_records and time.monotonic() < deadline and self.uplink.connected:
+                self.uplink.wake()
+                await asyncio.sleep(0.05)
+            uplink_stop.set()
+        self.buffer.close()
+        self.write_stats()
+        return self.stats()
