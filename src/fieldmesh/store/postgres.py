@@ -1,0 +1,772 @@
+"""The PostgreSQL hot store (psycopg 3): for deployments beyond one machine.
+
+URL: ``postgresql://user:password@host:port/db?schema=fieldmesh&...``; ``schema`` (default
+``public``) is a fieldmesh parameter, every other query parameter is a libpq setting
+(``sslmode``, ``sslrootcert``, ``connect_timeout``, ``application_name`` ...).
+
+Layout: ``readings`` is range-partitioned by event time (``ts_ms``), one partition per UTC day,
+created on demand; ``reading_keys`` (not partitioned) holds every stored identity key, so a
+duplicate is found whatever day it claims. With the TimescaleDB extension available,
+``readings`` is a hypertable instead (1-day chunks). ``rollup_1m``/``rollup_1h`` hold the exact
+rollups (``sum_exact`` is the exact sum, see :mod:`fieldmesh.core.exact`), maintained on write by
+the same arithmetic as the SQLite store; ``positions``/``watermarks`` the applied bus positions.
+
+One :meth:`PostgresStore.apply` is one transaction: the readings (COPY into a temporary table,
+then ``INSERT ... ON CONFLICT DO NOTHING RETURNING`` to learn which are new), rollups, devices,
+dead letters, counters and positions commit together or not at all. Rows that two writers may
+touch at once (rollups, devices) are created first and locked in key order, so processor
+replicas handing a partition over never lose an update nor deadlock.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Final, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import msgspec
+
+from fieldmesh.core.errors import (
+    BackendError,
+    BackendUnavailable,
+    ConfigError,
+    FieldmeshError,
+    MissingDependency,
+    StoreSchemaError,
+)
+from fieldmesh.core.exact import exact_avg, exact_value, format_exact, parse_exact
+from fieldmesh.core.model import DeadLetter, Reading
+from fieldmesh.store.base import INTERVALS, ApplyResult, Position, QueryResult, StoreStats
+from fieldmesh.store.rollup import Acc, RollupKey, merge_acc, rollup_deltas
+from fieldmesh.store.sqlite import _iso
+
+__all__ = ["SCHEMA_VERSION", "PostgresStore"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+SCHEMA_VERSION: Final = 1
+_KEY_SPACE: Final = 1 << 63
+_DAY_MS: Final = 86_400_000
+_SAFE_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+_enc = msgspec.json.Encoder()
+#: SQLSTATEs worth retrying the whole transaction for.
+_RETRY_STATES: Final = {"40001", "40P01", "55P03"}
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS reading_keys (id BIGINT PRIMARY KEY, chk BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS rollup_1m (
+    device_id TEXT NOT NULL, metric TEXT NOT NULL, window_start_ms BIGINT NOT NULL,
+    count BIGINT NOT NULL, sum DOUBLE PRECISION NOT NULL, min DOUBLE PRECISION NOT NULL,
+    max DOUBLE PRECISION NOT NULL, avg DOUBLE PRECISION NOT NULL, sum_exact TEXT NOT NULL,
+    PRIMARY KEY (device_id, metric, window_start_ms)
+);
+CREATE TABLE IF NOT EXISTS rollup_1h (LIKE rollup_1m INCLUDING ALL);
+CREATE TABLE IF NOT EXISTS devices (
+    device_id TEXT PRIMARY KEY, first_seen_ms BIGINT NOT NULL, last_seen_ms BIGINT NOT NULL,
+    first_ts_ms BIGINT NOT NULL, last_ts_ms BIGINT NOT NULL, readings BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS device_metrics (
+    device_id TEXT NOT NULL, metric TEXT NOT NULL, PRIMARY KEY (device_id, metric)
+);
+CREATE TABLE IF NOT EXISTS dlq (
+    id BIGSERIAL PRIMARY KEY, reason TEXT NOT NULL, detail TEXT NOT NULL, topic TEXT NOT NULL,
+    device_id TEXT, received_ms BIGINT NOT NULL, payload BYTEA NOT NULL, truncated BOOLEAN NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dlq_reason ON dlq (reason, id);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS positions (
+    topic TEXT NOT NULL, partition INTEGER NOT NULL, "offset" BIGINT NOT NULL, updated_ms BIGINT NOT NULL,
+    PRIMARY KEY (topic, partition)
+);
+CREATE TABLE IF NOT EXISTS watermarks (
+    topic TEXT NOT NULL, partition INTEGER NOT NULL, ts_ms BIGINT NOT NULL, PRIMARY KEY (topic, partition)
+);
+"""
+_READINGS_COLS = """
+    id BIGINT NOT NULL, chk BIGINT NOT NULL, device_id TEXT NOT NULL, ts_ms BIGINT NOT NULL,
+    seq BIGINT, boot_id TEXT, event_id TEXT, measurements JSONB NOT NULL, meta JSONB,
+    received_ms BIGINT NOT NULL, stored_ms BIGINT NOT NULL
+"""
+_TEMP = """
+CREATE TEMP TABLE IF NOT EXISTS _fm_keys (id BIGINT, chk BIGINT) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS _fm_roll (
+    device_id TEXT, metric TEXT, window_start_ms BIGINT, count BIGINT, sum DOUBLE PRECISION,
+    min DOUBLE PRECISION, max DOUBLE PRECISION, avg DOUBLE PRECISION, sum_exact TEXT
+) ON COMMIT DELETE ROWS;
+"""
+
+
+def _psycopg() -> Any:
+    try:
+        import psycopg
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise MissingDependency("psycopg", "postgres") from exc
+    return psycopg
+
+
+def _split_url(url: str) -> tuple[str, str]:
+    """``(libpq conninfo URL, schema)``: the ``schema`` parameter is ours, the rest is libpq's."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("postgresql", "postgres"):
+        raise ConfigError(f"bad PostgreSQL URL {url!r}: use postgresql://user@host:port/db", key="store_url")
+    params = parse_qsl(parts.query, keep_blank_values=True)
+    schema = "public"
+    rest = []
+    for k, v in params:
+        if k == "schema":
+            schema = v
+        else:
+            rest.append((k, v))
+    if not _SAFE_IDENT.match(schema):
+        raise ConfigError(
+            f"bad schema name {schema!r} in the store URL: use [A-Za-z_][A-Za-z0-9_]*", key="store_url"
+        )
+    return urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(rest), "")), schema
+
+
+def _redact(url: str) -> str:
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+
+
+def _where(
+    device_id: str | None, start_ms: int | None, end_ms: int | None, *, col: str
+) -> tuple[list[str], list[Any]]:
+    where: list[str] = []
+    params: list[Any] = []
+    if device_id is not None:
+        where.append("device_id = %s")
+        params.append(device_id)
+    if start_ms is not None:
+        where.append(f"{col} >= %s")
+        params.append(start_ms)
+    if end_ms is not None:
+        where.append(f"{col} < %s")
+        params.append(end_ms)
+    return where, params
+
+
+def _num(v: Any) -> float | bool:
+    return v if isinstance(v, bool) else float(v)
+
+
+class PostgresStore:
+    """PostgreSQL hot store. A writer (``readonly=False``) creates or checks the schema."""
+
+    def __init__(self, url: str, *, readonly: bool = False, connect_timeout_s: float = 10.0) -> None:
+        self.url = url
+        self.readonly = readonly
+        self._conninfo, self.schema = _split_url(url)
+        self._timeout = connect_timeout_s
+        self._local = threading.local()
+        self._readers: list[Any] = []
+        self._readers_lock = threading.Lock()
+        self._parts: set[int] = set()  # days with a readings partition
+        self.timescale = False
+        self._w: Any = None
+        if not readonly:
+            self._w = self._connect(readonly=False)
+            self._init_schema()
+        else:
+            self._check_version(self._reader())
+
+    # -- connections -------------------------------------------------------------------------
+    def _connect(self, *, readonly: bool) -> Any:
+        """Connect, retrying transient faults with capped jittered backoff until the timeout."""
+        pg = _psycopg()
+        opts = f"-c search_path={self.schema},public"
+        if readonly:
+            opts += " -c default_transaction_read_only=on"
+        deadline = time.monotonic() + self._timeout
+        attempt = 0
+        while True:
+            try:
+                con = pg.connect(
+                    self._conninfo,
+                    autocommit=True,
+                    connect_timeout=max(1, int(min(5.0, self._timeout))),
+                    options=opts,
+                    application_name="fieldmesh-reader" if readonly else "fieldmesh-writer",
+                )
+                return con
+            except pg.OperationalError as exc:
+                msg = str(exc).strip()
+                low = msg.lower()
+                if any(
+                    s in low
+                    for s in (
+                        "authentication failed",
+                        "does not exist",
+                        "no password supplied",
+                        "not permitted",
+                    )
+                ):
+                    raise ConfigError(
+                        f"PostgreSQL at {_redact(self._conninfo)} refused the login: {msg} "
+                        "(fix the user, password or database in --store-url)",
+                        key="store_url",
+                    ) from exc
+                if time.monotonic() >= deadline:
+                    raise BackendUnavailable(
+                        f"cannot reach PostgreSQL at {_redact(self._conninfo)}"
+                        f" within {self._timeout:.0f}s: {msg}"
+                    ) from exc
+                delay = min(
+                    random.uniform(0, min(5.0, 0.2 * 2**attempt)), max(0.05, deadline - time.monotonic())
+                )
+                log.warning("PostgreSQL unreachable (try %d): %s; retrying in %.2fs", attempt + 1, msg, delay)
+                time.sleep(delay)
+                attempt += 1
+
+    def _reader(self) -> Any:
+        con: Any = getattr(self._local, "con", None)
+        if con is None or con.closed:
+            con = self._connect(readonly=True)
+            self._local.con = con
+            with self._readers_lock:
+                self._readers.append(con)
+        return con
+
+    def _init_schema(self) -> None:
+        pg = _psycopg()
+        w = self._w
+        try:
+            with w.transaction():
+                # one initialiser at a time: replicas may start together
+                w.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"fieldmesh-schema-{self.schema}",))
+                w.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+                exists = w.execute(
+                    "SELECT 1 FROM information_schema.tables"
+                    " WHERE table_schema = %s AND table_name = 'readings'",
+                    (self.schema,),
+                ).fetchone()
+                foreign = (
+                    exists
+                    and not w.execute(
+                        "SELECT 1 FROM information_schema.tables"
+                        " WHERE table_schema = %s AND table_name = 'meta'",
+                        (self.schema,),
+                    ).fetchone()
+                )
+                if foreign:
+                    raise StoreSchemaError(
+                        f"schema {self.schema!r} at {_redact(self._conninfo)} has a 'readings' table"
+                        " that fieldmesh"
+                        " did not create: use another ?schema= or database"
+                    )
+                w.execute(_SCHEMA)
+                row = w.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+                if row is None:
+                    self._create_readings(w)
+                    w.execute("INSERT INTO meta VALUES ('schema_version', %s)", (str(SCHEMA_VERSION),))
+                    w.execute(
+                        "INSERT INTO meta VALUES ('layout', %s)",
+                        ("timescaledb" if self.timescale else "partitioned",),
+                    )
+        except pg.Error as exc:
+            raise BackendError(f"cannot create the fieldmesh schema in {self.schema!r}: {exc}") from exc
+        self._check_version(w)
+        row = w.execute("SELECT value FROM meta WHERE key = 'layout'").fetchone()
+        self.timescale = bool(row and row[0] == "timescaledb")
+        w.execute(_TEMP)
+        self._parts = {
+            int(r[0])
+            for r in w.execute(
+                "SELECT substring(c.relname from 'readings_d(\\d+)') FROM pg_inherits i"
+                " JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_class p ON p.oid = i.inhparent"
+                " JOIN pg_namespace n ON n.oid = p.relnamespace"
+                " WHERE p.relname = 'readings' AND n.nspname = %s AND c.relname ~ '^readings_d\\d+$'",
+                (self.schema,),
+            )
+        }
+
+    def _create_readings(self, w: Any) -> None:
+        """``readings``: a TimescaleDB hypertable when the extension exists, else day partitions."""
+        has_ts = w.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'").fetchone()
+        if has_ts:
+            try:
+                with w.transaction():
+                    w.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+                    w.execute(f"CREATE TABLE readings ({_READINGS_COLS})")
+                    w.execute(
+                        "SELECT create_hypertable('readings', 'ts_ms', chunk_time_interval => %s)", (_DAY_MS,)
+                    )
+                self.timescale = True
+            except _psycopg().Error as exc:  # e.g. not in shared_preload_libraries
+                log.warning("TimescaleDB is available but unusable (%s): using plain partitions", exc)
+        if not self.timescale:
+            w.execute(f"CREATE TABLE readings ({_READINGS_COLS}) PARTITION BY RANGE (ts_ms)")
+        w.execute("CREATE INDEX IF NOT EXISTS readings_device_ts ON readings (device_id, ts_ms)")
+        w.execute("CREATE INDEX IF NOT EXISTS readings_ts ON readings (ts_ms)")
+
+    def _check_version(self, con: Any) -> None:
+        pg = _psycopg()
+        try:
+            row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        except pg.Error as exc:
+            raise StoreSchemaError(
+                f"no fieldmesh store in schema {self.schema!r} at {_redact(self._conninfo)}: {exc}".strip()
+                + " (start a writer first, e.g. 'fieldmesh up --store-url ...')"
+            ) from exc
+        if row is None or int(row[0]) != SCHEMA_VERSION:
+            found = row[0] if row else "none"
+            raise StoreSchemaError(
+                f"schema {self.schema!r} at {_redact(self._conninfo)} has store schema version {found}; "
+                f"this fieldmesh uses {SCHEMA_VERSION}. Use a fieldmesh of that version or another ?schema=."
+            )
+
+    def close(self) -> None:
+        """Close connections."""
+        if self._w is not None:
+            self._w.close()
+            self._w = None
+        with self._readers_lock:
+            for con in self._readers:
+                con.close()
+            self._readers.clear()
+        self._local = threading.local()
+
+    # -- the write path ----------------------------------------------------------------------
+    def apply(
+        self,
+        *,
+        readings: Sequence[Reading],
+        late: Sequence[bool],
+        dead_letters: Sequence[DeadLetter],
+        positions: Mapping[Position, int],
+        watermarks: Mapping[Position, int],
+    ) -> ApplyResult:
+        """Write one batch in one transaction (see :mod:`fieldmesh.store.base`).
+
+        Deadlocks and serialization failures (possible while replicas hand partitions over)
+        roll back and retry the whole batch.
+        """
+        if self.readonly or self._w is None:
+            raise FieldmeshError("this store was opened read-only")
+        pg = _psycopg()
+        self._ensure_partitions(readings)
+        for attempt in range(8):
+            try:
+                with self._w.transaction():
+                    return self._apply_tx(readings, late, dead_letters, positions, watermarks)
+            except pg.Error as exc:
+                state = getattr(exc, "sqlstate", None)
+                if state in _RETRY_STATES and attempt < 7:
+                    time.sleep(random.uniform(0, 0.05 * 2**attempt))
+                    continue
+                if isinstance(exc, pg.OperationalError) and self._w.closed:
+                    self._w = self._connect(readonly=False)
+                    self._w.execute(_TEMP)
+                    raise BackendUnavailable(f"lost the PostgreSQL connection during a batch: {exc}") from exc
+                raise BackendError(f"PostgreSQL batch failed (rolled back): {exc}") from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _ensure_partitions(self, readings: Sequence[Reading]) -> None:
+        """Create the day partitions a batch needs (own short transaction; DDL is idempotent)."""
+        if self.timescale:
+            return
+        days = {r.ts_ms // _DAY_MS for r in readings} - self._parts
+        if not days:
+            return
+        w = self._w
+        with w.transaction():
+            w.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"fieldmesh-parts-{self.schema}",))
+            for d in sorted(days):
+                name = f"readings_d{d}" if d >= 0 else f"readings_dm{-d}"
+                lo, hi = d * _DAY_MS, (d + 1) * _DAY_MS
+                w.execute(
+                    f'CREATE TABLE IF NOT EXISTS "{name}" PARTITION OF readings'
+                    f" FOR VALUES FROM ({lo}) TO ({hi})"
+                )
+        self._parts |= days
+
+    def _apply_tx(
+        self,
+        readings: Sequence[Reading],
+        late: Sequence[bool],
+        dead_letters: Sequence[DeadLetter],
+        positions: Mapping[Position, int],
+        watermarks: Mapping[Position, int],
+    ) -> ApplyResult:
+        w = self._w
+        now = int(time.time() * 1000)
+        new_idx, dups = self._dedupe(w, readings)
+        new = [readings[i] for i in new_idx]
+        n_late = sum(1 for i in new_idx if late[i])
+        with w.cursor() as cur:
+            if new:
+                with cur.copy(
+                    "COPY readings (id, chk, device_id, ts_ms, seq, boot_id, event_id, measurements, meta,"
+                    " received_ms, stored_ms) FROM STDIN"
+                ) as cp:
+                    for k, r in zip(new_idx.values(), new, strict=True):
+                        cp.write_row(
+                            (
+                                k, r.chk, r.device_id, r.ts_ms, r.seq, r.boot_id, r.event_id,
+                                _enc.encode(r.measurements).decode(),
+                                _enc.encode(r.meta).decode() if r.meta is not None else None,
+                                r.received_ms, now,
+                            )
+                        )  # fmt: skip
+                for interval, deltas in rollup_deltas(new).items():
+                    self._merge_rollups(cur, interval, deltas)
+                self._update_devices(cur, new)
+            if dead_letters:
+                with cur.copy(
+                    "COPY dlq (reason, detail, topic, device_id, received_ms, payload, truncated) FROM STDIN"
+                ) as cp:
+                    for d in dead_letters:
+                        cp.write_row(
+                            (d.reason, d.detail, d.topic, d.device_id, d.received_ms, d.payload, d.truncated)
+                        )
+            counts: dict[str, int] = {"stored": len(new), "duplicates": dups, "late": n_late}
+            for d in dead_letters:
+                counts[f"dlq.{d.reason}"] = counts.get(f"dlq.{d.reason}", 0) + 1
+            rows = sorted((k, v) for k, v in counts.items() if v)
+            if rows:
+                cur.executemany(
+                    "INSERT INTO counters VALUES (%s, %s) ON CONFLICT (name) DO UPDATE"
+                    " SET value = counters.value + excluded.value",
+                    rows,
+                )
+            if positions:
+                cur.executemany(
+                    "INSERT INTO positions VALUES (%s, %s, %s, %s) ON CONFLICT (topic, partition) DO UPDATE"
+                    ' SET "offset" = GREATEST(positions."offset", excluded."offset"),'
+                    " updated_ms = excluded.updated_ms",
+                    sorted((t, p, o, now) for (t, p), o in positions.items()),
+                )
+            if watermarks:
+                cur.executemany(
+                    "INSERT INTO watermarks VALUES (%s, %s, %s) ON CONFLICT (topic, partition) DO UPDATE SET"
+                    " ts_ms = GREATEST(watermarks.ts_ms, excluded.ts_ms)",
+                    sorted((t, p, ts) for (t, p), ts in watermarks.items()),
+                )
+        return ApplyResult(stored=len(new), duplicates=dups, late=n_late, dead_lettered=len(dead_letters))
+
+    def _dedupe(self, w: Any, readings: Sequence[Reading]) -> tuple[dict[int, int], int]:
+        """Claim the identity keys of a batch; map index -> store key of each new reading."""
+        first: dict[int, int] = {}
+        dups = 0
+        collided: list[int] = []
+        for i, r in enumerate(readings):
+            j = first.get(r.key)
+            if j is None:
+                first[r.key] = i
+            elif readings[j].chk == r.chk:
+                dups += 1
+            else:
+                collided.append(i)
+        new_idx: dict[int, int] = {}
+        taken: dict[int, int] = {}  # key -> index, claimed in this batch
+        if first:
+            with w.cursor() as cur:
+                with cur.copy("COPY _fm_keys (id, chk) FROM STDIN") as cp:
+                    for k, i in first.items():
+                        cp.write_row((k, readings[i].chk))
+                # key order: two writers claiming overlapping keys lock them in the same order
+                claimed = {
+                    r[0]
+                    for r in cur.execute(
+                        "INSERT INTO reading_keys (id, chk) SELECT id, chk FROM _fm_keys ORDER BY id"
+                        " ON CONFLICT (id) DO NOTHING RETURNING id"
+                    )
+                }
+                others = [k for k in first if k not in claimed]
+                existing: dict[int, int] = {}
+                if others:
+                    existing = dict(
+                        cur.execute(
+                            "SELECT id, chk FROM reading_keys WHERE id = ANY(%s)", (others,)
+                        ).fetchall()
+                    )
+                cur.execute("TRUNCATE _fm_keys")
+            for k, i in first.items():
+                if k in claimed:
+                    new_idx[i] = k
+                    taken[k] = i
+                elif existing.get(k) == readings[i].chk:
+                    dups += 1
+                else:
+                    collided.append(i)
+        for i in collided:  # 63-bit key collision (or a duplicate of a collided reading): probe on
+            r = readings[i]
+            k = r.key
+            while True:
+                k = (k + 1) % _KEY_SPACE
+                if k in taken:
+                    if readings[taken[k]].chk == r.chk:
+                        dups += 1
+                        break
+                    continue
+                row = w.execute(
+                    "INSERT INTO reading_keys VALUES (%s, %s) ON CONFLICT (id) DO NOTHING RETURNING id",
+                    (k, r.chk),
+                ).fetchone()
+                if row is not None:
+                    new_idx[i] = k
+                    taken[k] = i
+                    break
+                chk = w.execute("SELECT chk FROM reading_keys WHERE id = %s", (k,)).fetchone()
+                if chk is not None and chk[0] == r.chk:
+                    dups += 1
+                    break
+        return dict(sorted(new_idx.items())), dups
+
+    def _merge_rollups(self, cur: Any, interval: str, deltas: dict[RollupKey, Acc]) -> None:
+        table = f"rollup_{interval}"
+        keys = sorted(deltas)
+        with cur.copy("COPY _fm_roll (device_id, metric, window_start_ms) FROM STDIN") as cp:
+            for k in keys:
+                cp.write_row(k)
+        # create missing rows empty, then lock all in key order: concurrent writers serialise per row
+        cur.execute(
+            f"INSERT INTO {table} SELECT device_id, metric, window_start_ms,"
+            " 0, 0, 'Infinity', '-Infinity', 'NaN', '0:0'"
+            " FROM _fm_roll ORDER BY 1, 2, 3 ON CONFLICT DO NOTHING"
+        )
+        old: dict[RollupKey, Acc] = {}
+        for dev, metric, ws, count, mn, mx, sx in cur.execute(
+            "SELECT r.device_id, r.metric, r.window_start_ms, r.count, r.min, r.max, r.sum_exact"
+            f" FROM {table} r"
+            " JOIN _fm_roll j USING (device_id, metric, window_start_ms)"
+            " ORDER BY 1, 2, 3 FOR UPDATE OF r"
+        ):
+            if count:
+                m, e = parse_exact(sx)
+                old[(dev, metric, ws)] = [count, m, e, mn, mx]
+        cur.execute("TRUNCATE _fm_roll")
+        with cur.copy("COPY _fm_roll FROM STDIN") as cp:
+            for k in keys:
+                d = deltas[k]
+                o = old.get(k)
+                a = d if o is None else merge_acc(o, d)
+                count, m, e = int(a[0]), int(a[1]), int(a[2])
+                cp.write_row(
+                    (
+                        k[0],
+                        k[1],
+                        k[2],
+                        count,
+                        exact_value(m, e),
+                        a[3],
+                        a[4],
+                        exact_avg(m, e, count),
+                        format_exact(m, e),
+                    )
+                )
+        cur.execute(
+            f"UPDATE {table} r SET count = j.count, sum = j.sum, min = j.min, max = j.max, avg = j.avg,"
+            " sum_exact = j.sum_exact FROM _fm_roll j WHERE r.device_id = j.device_id AND r.metric = j.metric"
+            " AND r.window_start_ms = j.window_start_ms"
+        )
+        cur.execute("TRUNCATE _fm_roll")
+
+    def _update_devices(self, cur: Any, new: Sequence[Reading]) -> None:
+        agg: dict[str, list[int]] = {}
+        metrics: set[tuple[str, str]] = set()
+        for r in new:
+            a = agg.get(r.device_id)
+            if a is None:
+                agg[r.device_id] = [r.received_ms, r.received_ms, r.ts_ms, r.ts_ms, 1]
+            else:
+                a[0] = min(a[0], r.received_ms)
+                a[1] = max(a[1], r.received_ms)
+                a[2] = min(a[2], r.ts_ms)
+                a[3] = max(a[3], r.ts_ms)
+                a[4] += 1
+            for name in r.measurements:
+                metrics.add((r.device_id, name))
+        cur.executemany(
+            "INSERT INTO devices AS d VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (device_id) DO UPDATE SET"
+            " first_seen_ms = LEAST(d.first_seen_ms, excluded.first_seen_ms),"
+            " last_seen_ms = GREATEST(d.last_seen_ms, excluded.last_seen_ms),"
+            " first_ts_ms = LEAST(d.first_ts_ms, excluded.first_ts_ms),"
+            " last_ts_ms = GREATEST(d.last_ts_ms, excluded.last_ts_ms),"
+            " readings = d.readings + excluded.readings",
+            [(d, *a) for d, a in sorted(agg.items())],
+        )
+        cur.executemany(
+            "INSERT INTO device_metrics VALUES (%s, %s) ON CONFLICT DO NOTHING",
+            sorted(metrics),
+        )
+
+    # -- the read path -----------------------------------------------------------------------
+    def _read(self, fn: Callable[[Any], T]) -> T:
+        """Run a read on this thread's read-only connection, reconnecting once if it dropped."""
+        pg = _psycopg()
+        try:
+            return fn(self._reader())
+        except pg.OperationalError:
+            self._local.con = None
+            return fn(self._reader())
+
+    def positions(self) -> dict[Position, int]:
+        """Applied bus positions: (topic, partition) -> last offset applied."""
+        rows = self._read(lambda c: c.execute('SELECT topic, partition, "offset" FROM positions').fetchall())
+        return {(t, p): o for t, p, o in rows}
+
+    def watermarks(self) -> dict[Position, int]:
+        """Event-time watermarks: (topic, partition) -> max event time seen."""
+        rows = self._read(lambda c: c.execute("SELECT topic, partition, ts_ms FROM watermarks").fetchall())
+        return {(t, p): ts for t, p, ts in rows}
+
+    def stats(self) -> StoreStats:
+        """Durable counters."""
+        c = dict(self._read(lambda con: con.execute("SELECT name, value FROM counters").fetchall()))
+        dl = {k[4:]: v for k, v in c.items() if k.startswith("dlq.")}
+        return StoreStats(
+            stored=c.get("stored", 0),
+            duplicates=c.get("duplicates", 0),
+            late=c.get("late", 0),
+            dead_lettered=dl,
+        )
+
+    def devices(self, device_id: str | None = None) -> list[dict[str, Any]]:
+        """Known devices with their counts, times and metrics."""
+        sql = "SELECT device_id, first_seen_ms, last_seen_ms, first_ts_ms, last_ts_ms, readings FROM devices"
+        q = "SELECT device_id, metric FROM device_metrics"
+
+        def read(con: Any) -> tuple[list[Any], list[Any]]:
+            with con.transaction():  # one snapshot for both
+                if device_id is not None:
+                    rows = con.execute(sql + " WHERE device_id = %s", (device_id,)).fetchall()
+                    ms = con.execute(q + " WHERE device_id = %s ORDER BY metric", (device_id,)).fetchall()
+                else:
+                    rows = con.execute(sql + " ORDER BY device_id").fetchall()
+                    ms = con.execute(q + " ORDER BY device_id, metric").fetchall()
+            return rows, ms
+
+        rows, ms = self._read(read)
+        mets: dict[str, list[str]] = {}
+        for d, m in ms:
+            mets.setdefault(d, []).append(m)
+        return [
+            {
+                "device_id": d,
+                "first_seen": _iso(fs),
+                "last_seen": _iso(ls),
+                "first_ts": _iso(ft),
+                "last_ts": _iso(lt),
+                "readings": n,
+                "metrics": mets.get(d, []),
+            }
+            for d, fs, ls, ft, lt, n in rows
+        ]
+
+    def raw(
+        self,
+        *,
+        device_id: str | None,
+        metric: str | None,
+        start_ms: int | None,
+        end_ms: int | None,
+        limit: int,
+    ) -> list[dict[str, Any]]:
+        """Stored readings, newest first."""
+        where, params = _where(device_id, start_ms, end_ms, col="ts_ms")
+        if metric is not None:
+            where.append("measurements ? %s")
+            params.append(metric)
+        sql = (
+            "SELECT device_id, ts_ms, seq, boot_id, event_id, measurements, meta, received_ms FROM readings"
+            + (" WHERE " + " AND ".join(where) if where else "")
+            + " ORDER BY ts_ms DESC, id LIMIT %s"
+        )
+        out = []
+        for dev, ts, seq, boot, ev, ms, meta, rx in self._read(
+            lambda c: c.execute(sql, (*params, limit)).fetchall()
+        ):
+            m = {k: _num(v) for k, v in ms.items()}
+            if metric is not None:
+                m = {metric: m[metric]}
+            row: dict[str, Any] = {"device_id": dev, "ts": _iso(ts), "ts_ms": ts, "measurements": m}
+            if seq is not None:
+                row["seq"] = seq
+            if boot is not None:
+                row["boot_id"] = boot
+            if ev is not None:
+                row["event_id"] = ev
+            if meta is not None:
+                row["meta"] = meta
+            row["received_ms"] = rx
+            out.append(row)
+        return out
+
+    def rollups(
+        self,
+        *,
+        interval: str,
+        device_id: str | None,
+        metric: str | None,
+        start_ms: int | None,
+        end_ms: int | None,
+        limit: int,
+    ) -> list[dict[str, Any]]:
+        """Rollup rows ordered by device, metric, window."""
+        if interval not in INTERVALS:
+            raise ConfigError(f"interval must be one of {sorted(INTERVALS)}", key="interval")
+        where, params = _where(device_id, start_ms, end_ms, col="window_start_ms")
+        if metric is not None:
+            where.append("metric = %s")
+            params.append(metric)
+        sql = (
+            f"SELECT device_id, metric, window_start_ms, count, sum, min, max, avg FROM rollup_{interval}"
+            + (" WHERE " + " AND ".join(where) if where else "")
+            + " ORDER BY device_id, metric, window_start_ms LIMIT %s"
+        )
+        rows = self._read(lambda con: con.execute(sql, (*params, limit)).fetchall())
+        return [
+            {
+                "device_id": d, "metric": m, "window_start": _iso(ws), "window_start_ms": ws,
+                "count": c, "sum": s, "min": mn, "max": mx, "avg": a,
+            }
+            for d, m, ws, c, s, mn, mx, a in rows
+        ]  # fmt: skip
+
+    def dlq(self, *, reason: str | None, limit: int) -> list[dict[str, Any]]:
+        """Dead letters, newest first; payloads as text where they are UTF-8."""
+        sql = "SELECT id, reason, detail, topic, device_id, received_ms, payload, truncated FROM dlq"
+        params: list[Any] = []
+        if reason is not None:
+            sql += " WHERE reason = %s"
+            params.append(reason)
+        sql += " ORDER BY id DESC LIMIT %s"
+        out = []
+        for i, rs, det, topic, dev, rx, payload, trunc in self._read(
+            lambda c: c.execute(sql, (*params, limit)).fetchall()
+        ):
+            try:
+                text, enc = bytes(payload).decode(), "utf-8"
+            except UnicodeDecodeError:
+                text, enc = bytes(payload).hex(), "hex"
+            out.append(
+                {
+                    "id": i, "reason": rs, "detail": det, "topic": topic, "device_id": dev,
+                    "received_at": _iso(rx), "payload": text, "payload_encoding": enc,
+                    "truncated": bool(trunc),
+                }
+            )  # fmt: skip
+        return out
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> QueryResult:
+        """Run one SQL statement in a READ ONLY transaction (``%s`` placeholders)."""
+        pg = _psycopg()
+
+        def run(con: Any) -> QueryResult:
+            with con.transaction():
+                cur = con.execute("SET TRANSACTION READ ONLY")
+                cur = con.execute(sql, tuple(params) if params else None)
+                cols = [d.name for d in cur.description] if cur.description else []
+                return QueryResult(columns=cols, rows=[tuple(r) for r in cur.fetchall()] if cols else [])
+
+        try:
+            return self._read(run)
+        except pg.Error as exc:
+            raise ConfigError(f"query failed: {exc}", key="sql") from None
