@@ -241,13 +241,13 @@ class EdgeAgent:
         last_stats = 0.0
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=0.5)
+                await asyncio.wait_for(stop.wait(), timeout=min(0.5, self.cfg.agent.stats_interval_s))
             self.buffer.sync(force=False)
             aggs = self.pipeline.pre.flush_windows(int(time.time() * 1000) - 2000, boot_id=self.boot_id)
             if aggs:
                 self._buffer_aggregates(aggs)
             now = time.monotonic()
-            if now - last_stats >= min(self.cfg.agent.stats_interval_s, 2.0):
+            if now - last_stats >= self.cfg.agent.stats_interval_s:
                 last_stats = now
                 self.write_stats()
 

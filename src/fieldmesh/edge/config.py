@@ -128,6 +128,8 @@ class UplinkConfig(_Model):
     backoff_max_ms: int = Field(default=10_000, ge=1)
     traceparent: bool = True
     anomalies: bool = True
+    #: Cap on readings sent per second (a bandwidth budget for metered links); None: no cap.
+    max_readings_per_s: float | None = Field(default=None, gt=0)
 
 
 class TwinConfig(_Model):
@@ -227,7 +229,8 @@ class AgentConfig(_Model):
 
     #: Boot id stamped on readings (identity with ``seq``); default: a fresh one per start.
     boot_id: str | None = None
-    stats_interval_s: float = Field(default=10.0, gt=0)
+    #: How often ``state/stats.json`` is rewritten beside the buffer.
+    stats_interval_s: float = Field(default=2.0, gt=0)
 
 
 class EdgeConfig(_Model):

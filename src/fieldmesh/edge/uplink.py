@@ -152,6 +152,7 @@ class Uplink:
         self._mids: dict[int, _Group] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._session_lost: asyncio.Event = asyncio.Event()
+        self._budget_until = 0.0
         self.client_id = cfg.client_id or f"fm-edge-{secrets.token_hex(4)}"
 
     # -- public ----------------------------------------------------------------------------
@@ -384,6 +385,13 @@ class Uplink:
                 acc_n += sum(r.count for r in recs)
             now = time.monotonic()
             if acc and (acc_n >= max_batch or now - t_first >= linger or stop.is_set()):
+                if self.cfg.max_readings_per_s is not None:
+                    # token bucket: a group may go once the budget of the previous ones is spent
+                    wait = self._budget_until - now
+                    if wait > 0:
+                        await _wait_any([self._session_lost, stop], wait)
+                        continue
+                    self._budget_until = max(self._budget_until, now) + acc_n / self.cfg.max_readings_per_s
                 if not self._publish_group(client, acc, acc_n):
                     break
                 acc, acc_n = [], 0
