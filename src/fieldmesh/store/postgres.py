@@ -497,7 +497,7 @@ class PostgresStore:
                     collided.append(i)
         for i in collided:  # 63-bit key collision (or a duplicate of a collided reading): probe on
             r = readings[i]
-            k = r.key
+            k = r.key - 1  # the key itself first: a reading that collided in its batch may own it
             while True:
                 k = (k + 1) % _KEY_SPACE
                 if k in taken:
