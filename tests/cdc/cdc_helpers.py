@@ -126,3 +126,44 @@ async def read_topic(bus_url: str, topic: str, *, expect: int, timeout_s: float 
         await cons.close()
     events.sort(key=lambda e: e[1])  # stream sequence = publish order
     return [e for _, _, e in events]
+
+
+MY_URL = os.environ.get("FIELDMESH_TEST_MYSQL", "mysql://root@127.0.0.1:3306")
+
+
+def my_conn(db: str | None = None) -> Any:
+    """An autocommit pymysql connection to the test MariaDB; fails (never skips) when it is down."""
+    import pymysql
+
+    return pymysql.connect(host="127.0.0.1", port=3306, user="root", database=db, autocommit=True)
+
+
+def my_exec(db: str, *sql: str) -> None:
+    """Run statements on MariaDB database ``db``, each committed on its own."""
+    conn = my_conn(db)
+    try:
+        with conn.cursor() as cur:
+            for s in sql:
+                cur.execute(s)
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def my_db() -> Iterator[str]:
+    """A fresh MariaDB database ``fm_cdc_<random>`` (the binlog must be on: scripts/ci-services)."""
+    name = f"fm_cdc_{uuid.uuid4().hex[:10]}"
+    conn = my_conn()
+    with conn.cursor() as cur:
+        cur.execute("SELECT @@log_bin, @@binlog_format")
+        log_bin, fmt = cur.fetchone()
+        assert log_bin == 1 and fmt == "ROW", (
+            "MariaDB binlog is off or not ROW: run scripts/ci-services first"
+        )
+        cur.execute(f"CREATE DATABASE `{name}`")
+    try:
+        yield name
+    finally:
+        with conn.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+        conn.close()

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from cdc_helpers import nats_server, pg_db
+from cdc_helpers import my_db, nats_server, pg_db
 
-__all__ = ["nats_server", "pg_db"]
+__all__ = ["my_db", "nats_server", "pg_db"]
