@@ -295,7 +295,7 @@ class Preprocessor:
                 rows, dd, w = rows[on], dd[on], w[on]
                 closing = (self.wstart[dd] != w) & (self.wstart[dd] != _NEVER)
                 if closing.any():
-                    aggs.extend(self._close(dd[closing], self.win[dd[closing]], frame.boot_id))
+                    aggs.extend(self._close(dd[closing], self.win[dd[closing]], self.boot_id))
                 self.wstart[dd] = w
                 for name, col in frame.cols.items():
                     m = self.metrics[name]
