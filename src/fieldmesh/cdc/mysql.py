@@ -397,7 +397,7 @@ class MySqlCdc:
         return file, pos
 
     async def _stream(self, sink: CdcSink, stop: asyncio.Event, file: str, pos: int) -> None:
-        q: queue.Queue[Any] = queue.Queue(maxsize=64)
+        q: queue.Queue[Any] = queue.Queue(maxsize=2048)
         halt = threading.Event()
         reader = threading.Thread(
             target=self._read_binlog, args=(file, pos, q, halt), name="fm-cdc-binlog", daemon=True
@@ -407,16 +407,22 @@ class MySqlCdc:
         try:
             while not stop.is_set():
                 items = await asyncio.to_thread(_drain, q, 0.5)
-                for item in items:
-                    if isinstance(item, BaseException):
-                        raise item
-                    changes, end_file, end_pos, gtid = item
+                if not items:
+                    continue
+                failure = next((i for i in items if isinstance(i, BaseException)), None)
+                done = [i for i in items if not isinstance(i, BaseException)]
+                if done:
+                    # many committed transactions in one send; then one durable offset for them all
+                    changes = [c for item in done for c in item[0]]
                     for i in range(0, len(changes), self.batch_size):
                         await sink.send(changes[i : i + self.batch_size])
                     self.events += len(changes)
-                    # acknowledged by the bus: the transaction need never be read again
+                    _, end_file, end_pos, gtid = done[-1]
+                    # acknowledged by the bus: these transactions need never be read again
                     await asyncio.to_thread(self._save, end_file, end_pos, gtid)
                     self.position = (end_file, end_pos)
+                if failure is not None:
+                    raise failure
         finally:
             halt.set()
             await asyncio.to_thread(reader.join, 5)
@@ -451,6 +457,7 @@ class MySqlCdc:
                 # resumes by GTID only and would start from the first binlog without one.
                 is_mariadb=False,
                 slave_heartbeat=1.0,
+                enable_logging=False,
                 ctl_connection_settings=dict(self.conn_args),
             )
             cur_file = file
@@ -582,6 +589,6 @@ def _drain(q: queue.Queue[Any], timeout_s: float) -> list[Any]:
     except queue.Empty:
         return []
     with contextlib.suppress(queue.Empty):
-        while len(items) < 64:
+        while len(items) < 1024:
             items.append(q.get_nowait())
     return items
