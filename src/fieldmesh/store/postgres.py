@@ -66,12 +66,12 @@ CREATE TABLE IF NOT EXISTS rollup_1m (
     count BIGINT NOT NULL, sum DOUBLE PRECISION NOT NULL, min DOUBLE PRECISION NOT NULL,
     max DOUBLE PRECISION NOT NULL, avg DOUBLE PRECISION NOT NULL, sum_exact TEXT NOT NULL,
     PRIMARY KEY (device_id, metric, window_start_ms)
-);
-CREATE TABLE IF NOT EXISTS rollup_1h (LIKE rollup_1m INCLUDING ALL);
+) WITH (fillfactor = 70);
+CREATE TABLE IF NOT EXISTS rollup_1h (LIKE rollup_1m INCLUDING ALL) WITH (fillfactor = 70);
 CREATE TABLE IF NOT EXISTS devices (
     device_id TEXT PRIMARY KEY, first_seen_ms BIGINT NOT NULL, last_seen_ms BIGINT NOT NULL,
     first_ts_ms BIGINT NOT NULL, last_ts_ms BIGINT NOT NULL, readings BIGINT NOT NULL
-);
+) WITH (fillfactor = 70);
 CREATE TABLE IF NOT EXISTS device_metrics (
     device_id TEXT NOT NULL, metric TEXT NOT NULL, PRIMARY KEY (device_id, metric)
 );
@@ -96,10 +96,6 @@ _READINGS_COLS = """
 """
 _TEMP = """
 CREATE TEMP TABLE IF NOT EXISTS _fm_keys (id BIGINT, chk BIGINT) ON COMMIT DELETE ROWS;
-CREATE TEMP TABLE IF NOT EXISTS _fm_roll (
-    device_id TEXT, metric TEXT, window_start_ms BIGINT, count BIGINT, sum DOUBLE PRECISION,
-    min DOUBLE PRECISION, max DOUBLE PRECISION, avg DOUBLE PRECISION, sum_exact TEXT
-) ON COMMIT DELETE ROWS;
 """
 
 
@@ -168,6 +164,8 @@ class PostgresStore:
         self._readers: list[Any] = []
         self._readers_lock = threading.Lock()
         self._parts: set[int] = set()  # days with a readings partition
+        self._known_metrics: set[tuple[str, str]] = set()  # (device, metric) pairs committed
+        self._pending_metrics: list[tuple[str, str]] = []
         self.timescale = False
         self._w: Any = None
         if not readonly:
@@ -353,8 +351,13 @@ class PostgresStore:
         self._ensure_partitions(readings)
         for attempt in range(8):
             try:
+                self._pending_metrics = []
                 with self._w.transaction():
-                    return self._apply_tx(readings, late, dead_letters, positions, watermarks)
+                    res = self._apply_tx(readings, late, dead_letters, positions, watermarks)
+                if len(self._known_metrics) > 1_000_000:  # a cache, not a registry: keep it bounded
+                    self._known_metrics.clear()
+                self._known_metrics.update(self._pending_metrics)
+                return res
             except pg.Error as exc:
                 state = getattr(exc, "sqlstate", None)
                 if state in _RETRY_STATES and attempt < 7:
@@ -520,53 +523,72 @@ class PostgresStore:
         return dict(sorted(new_idx.items())), dups
 
     def _merge_rollups(self, cur: Any, interval: str, deltas: dict[RollupKey, Acc]) -> None:
+        """Merge accumulators into a rollup table.
+
+        Existing rows are locked (key order) before they are read, and new rows are inserted with
+        ``ON CONFLICT DO NOTHING``: a row another writer created meanwhile (replicas handing a
+        partition over) is then locked and merged, so no update is ever lost.
+        """
         table = f"rollup_{interval}"
         keys = sorted(deltas)
-        with cur.copy("COPY _fm_roll (device_id, metric, window_start_ms) FROM STDIN") as cp:
-            for k in keys:
-                cp.write_row(k)
-        # create missing rows empty, then lock all in key order: concurrent writers serialise per row
-        cur.execute(
-            f"INSERT INTO {table} SELECT device_id, metric, window_start_ms,"
-            " 0, 0, 'Infinity', '-Infinity', 'NaN', '0:0'"
-            " FROM _fm_roll ORDER BY 1, 2, 3 ON CONFLICT DO NOTHING"
-        )
+        old = self._lock_rollups(cur, table, keys)
+        update = [k for k in keys if k in old]
+        missing = [k for k in keys if k not in old]
+        if missing:
+            cols = self._rollup_columns(missing, deltas, {})
+            inserted = {
+                (d, m, w)
+                for d, m, w in cur.execute(
+                    f"INSERT INTO {table} SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[],"
+                    " %s::bigint[], %s::float8[], %s::float8[], %s::float8[], %s::float8[], %s::text[])"
+                    " ON CONFLICT DO NOTHING RETURNING device_id, metric, window_start_ms",
+                    cols,
+                )
+            }
+            lost = [k for k in missing if k not in inserted]
+            if lost:
+                old.update(self._lock_rollups(cur, table, lost))
+                update += lost
+        if update:
+            cur.execute(
+                f"UPDATE {table} r SET count = j.c, sum = j.s, min = j.mn, max = j.mx, avg = j.a,"
+                " sum_exact = j.x FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::bigint[],"
+                " %s::float8[], %s::float8[], %s::float8[], %s::float8[], %s::text[])"
+                " AS j(d, m, w, c, s, mn, mx, a, x)"
+                " WHERE r.device_id = j.d AND r.metric = j.m AND r.window_start_ms = j.w",
+                self._rollup_columns(update, deltas, old),
+            )
+
+    @staticmethod
+    def _lock_rollups(cur: Any, table: str, keys: list[RollupKey]) -> dict[RollupKey, Acc]:
+        """Lock the existing rows of ``keys`` (in key order) and return their accumulators."""
         old: dict[RollupKey, Acc] = {}
         for dev, metric, ws, count, mn, mx, sx in cur.execute(
             "SELECT r.device_id, r.metric, r.window_start_ms, r.count, r.min, r.max, r.sum_exact"
-            f" FROM {table} r"
-            " JOIN _fm_roll j USING (device_id, metric, window_start_ms)"
-            " ORDER BY 1, 2, 3 FOR UPDATE OF r"
+            f" FROM {table} r JOIN unnest(%s::text[], %s::text[], %s::bigint[]) AS j(d, m, w)"
+            " ON r.device_id = j.d AND r.metric = j.m AND r.window_start_ms = j.w"
+            " ORDER BY 1, 2, 3 FOR UPDATE OF r",
+            ([k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys]),
         ):
-            if count:
-                m, e = parse_exact(sx)
-                old[(dev, metric, ws)] = [count, m, e, mn, mx]
-        cur.execute("TRUNCATE _fm_roll")
-        with cur.copy("COPY _fm_roll FROM STDIN") as cp:
-            for k in keys:
-                d = deltas[k]
-                o = old.get(k)
-                a = d if o is None else merge_acc(o, d)
-                count, m, e = int(a[0]), int(a[1]), int(a[2])
-                cp.write_row(
-                    (
-                        k[0],
-                        k[1],
-                        k[2],
-                        count,
-                        exact_value(m, e),
-                        a[3],
-                        a[4],
-                        exact_avg(m, e, count),
-                        format_exact(m, e),
-                    )
-                )
-        cur.execute(
-            f"UPDATE {table} r SET count = j.count, sum = j.sum, min = j.min, max = j.max, avg = j.avg,"
-            " sum_exact = j.sum_exact FROM _fm_roll j WHERE r.device_id = j.device_id AND r.metric = j.metric"
-            " AND r.window_start_ms = j.window_start_ms"
-        )
-        cur.execute("TRUNCATE _fm_roll")
+            m, e = parse_exact(sx)
+            old[(dev, metric, ws)] = [count, m, e, mn, mx]
+        return old
+
+    @staticmethod
+    def _rollup_columns(
+        keys: list[RollupKey], deltas: dict[RollupKey, Acc], old: dict[RollupKey, Acc]
+    ) -> list[list[Any]]:
+        """Column arrays (device, metric, window, count, sum, min, max, avg, sum_exact) after merging."""
+        cols: list[list[Any]] = [[], [], [], [], [], [], [], [], []]
+        for k in keys:
+            d = deltas[k]
+            o = old.get(k)
+            a = d if o is None else merge_acc(o, d)
+            count, m, e = int(a[0]), int(a[1]), int(a[2])
+            row = (*k, count, exact_value(m, e), a[3], a[4], exact_avg(m, e, count), format_exact(m, e))
+            for col, v in zip(cols, row, strict=True):
+                col.append(v)
+        return cols
 
     def _update_devices(self, cur: Any, new: Sequence[Reading]) -> None:
         agg: dict[str, list[int]] = {}
@@ -583,19 +605,25 @@ class PostgresStore:
                 a[4] += 1
             for name in r.measurements:
                 metrics.add((r.device_id, name))
-        cur.executemany(
-            "INSERT INTO devices AS d VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (device_id) DO UPDATE SET"
+        items = sorted(agg.items())
+        cur.execute(
+            "INSERT INTO devices AS d SELECT * FROM unnest(%s::text[], %s::bigint[], %s::bigint[],"
+            " %s::bigint[], %s::bigint[], %s::bigint[]) ON CONFLICT (device_id) DO UPDATE SET"
             " first_seen_ms = LEAST(d.first_seen_ms, excluded.first_seen_ms),"
             " last_seen_ms = GREATEST(d.last_seen_ms, excluded.last_seen_ms),"
             " first_ts_ms = LEAST(d.first_ts_ms, excluded.first_ts_ms),"
             " last_ts_ms = GREATEST(d.last_ts_ms, excluded.last_ts_ms),"
             " readings = d.readings + excluded.readings",
-            [(d, *a) for d, a in sorted(agg.items())],
+            ([d for d, _ in items], *([a[i] for _, a in items] for i in range(5))),
         )
-        cur.executemany(
-            "INSERT INTO device_metrics VALUES (%s, %s) ON CONFLICT DO NOTHING",
-            sorted(metrics),
-        )
+        pairs = sorted(metrics - self._known_metrics)
+        if pairs:
+            cur.execute(
+                "INSERT INTO device_metrics SELECT * FROM unnest(%s::text[], %s::text[])"
+                " ON CONFLICT DO NOTHING",
+                ([d for d, _ in pairs], [m for _, m in pairs]),
+            )
+            self._pending_metrics = pairs
 
     # -- the read path -----------------------------------------------------------------------
     def _read(self, fn: Callable[[Any], T]) -> T:
