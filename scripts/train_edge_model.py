@@ -20,7 +20,14 @@ from pathlib import Path
 import numpy as np
 
 from fieldmesh.edge.frame import DeviceIndex, Frame
-from fieldmesh.edge.infer import DEFAULT_MODEL, FEATURE_METRICS, EwmaScorer, Features, OnnxScorer, feature_matrix
+from fieldmesh.edge.infer import (
+    DEFAULT_MODEL,
+    FEATURE_METRICS,
+    EwmaScorer,
+    Features,
+    OnnxScorer,
+    feature_matrix,
+)
 from fieldmesh.edge.simulator import FleetSimulator
 
 
@@ -34,8 +41,13 @@ def simulate(seed: int, devices: int, ticks: int) -> tuple[np.ndarray, np.ndarra
     t0 = 1_763_800_000_000
     for k in range(ticks):
         tick = sim.tick(t0 + k * 1000)
-        f = Frame(dev=dev, ts_ms=np.full(devices, tick.ts_ms, dtype=np.int64), seq=np.full(devices, k),
-                  cols={m: tick.values[m].astype(np.float64) for m in FEATURE_METRICS}, boot_id="t")
+        f = Frame(
+            dev=dev,
+            ts_ms=np.full(devices, tick.ts_ms, dtype=np.int64),
+            seq=np.full(devices, k),
+            cols={m: tick.values[m].astype(np.float64) for m in FEATURE_METRICS},
+            boot_id="t",
+        )
         frames.append(f)
         z, run = feats.update(f, FEATURE_METRICS)
         xs.append(feature_matrix(z, run))
@@ -74,12 +86,25 @@ def main() -> None:
     pe = np.concatenate([ew.score(f) for f in frames]) >= EwmaScorer.default_threshold
     eprec, erec = pr(pe, yh)
     report = {
-        "model": args.out.name, "trained_on": {"seed": 11, "devices": args.devices, "ticks": args.ticks},
-        "held_out": {"seed": 99, "devices": args.devices // 2, "ticks": args.ticks, "readings": int(yh.shape[0]),
-                     "faulty": int(yh.sum())},
-        "onnx": {"threshold": OnnxScorer.default_threshold, "precision": round(prec, 4), "recall": round(rec, 4)},
-        "ewma_baseline": {"threshold": EwmaScorer.default_threshold, "precision": round(eprec, 4),
-                          "recall": round(erec, 4)},
+        "model": args.out.name,
+        "trained_on": {"seed": 11, "devices": args.devices, "ticks": args.ticks},
+        "held_out": {
+            "seed": 99,
+            "devices": args.devices // 2,
+            "ticks": args.ticks,
+            "readings": int(yh.shape[0]),
+            "faulty": int(yh.sum()),
+        },
+        "onnx": {
+            "threshold": OnnxScorer.default_threshold,
+            "precision": round(prec, 4),
+            "recall": round(rec, 4),
+        },
+        "ewma_baseline": {
+            "threshold": EwmaScorer.default_threshold,
+            "precision": round(eprec, 4),
+            "recall": round(erec, 4),
+        },
         "bytes": args.out.stat().st_size,
     }
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")

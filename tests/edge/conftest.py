@@ -45,8 +45,14 @@ def wait_for(cond: Callable[[], Any], timeout_s: float, what: str, interval_s: f
 class Mosquitto:
     """A private mosquitto on a free port; ``stop()`` / ``start()`` make outages."""
 
-    def __init__(self, workdir: Path, *, port: int | None = None, extra: list[str] | None = None,
-                 persistence: bool = False) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        port: int | None = None,
+        extra: list[str] | None = None,
+        persistence: bool = False,
+    ) -> None:
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         if not os.path.exists(binary):
             pytest.fail("mosquitto is not installed (apt-get install mosquitto)")
@@ -54,15 +60,27 @@ class Mosquitto:
         self.port = port or free_port()
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
-        lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true",
-                 f"persistence {'true' if persistence else 'false'}", f"persistence_location {self.dir}/",
-                 "autosave_interval 1", "max_queued_messages 1000000", "log_dest stderr",
-                 "log_type error", "log_type warning", "log_type notice"]
+        lines = [
+            f"listener {self.port} 127.0.0.1",
+            "allow_anonymous true",
+            f"persistence {'true' if persistence else 'false'}",
+            f"persistence_location {self.dir}/",
+            "autosave_interval 1",
+            "max_queued_messages 1000000",
+            "log_dest stderr",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+        ]
         if os.geteuid() == 0:
             lines.append("user root")
         if extra:
             # extra lines may override the listener (TLS)
-            lines = [ln for ln in lines if not (ln.startswith("listener") and any(e.startswith("listener") for e in extra))]
+            lines = [
+                ln
+                for ln in lines
+                if not (ln.startswith("listener") and any(e.startswith("listener") for e in extra))
+            ]
             lines += extra
         self.conf = self.dir / "mosquitto.conf"
         self.conf.write_text("\n".join(lines) + "\n")
@@ -70,7 +88,9 @@ class Mosquitto:
 
     def start(self) -> None:
         log = open(self.dir / "mosquitto.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)], stdout=log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [self.binary, "-c", str(self.conf)], stdout=log, stderr=subprocess.STDOUT
+        )
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -115,8 +135,15 @@ class Collector:
     what was published while it was reconnecting.
     """
 
-    def __init__(self, port: int, prefix: str, *, v5: bool = True, tls: dict[str, Any] | None = None,
-                 topics: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        port: int,
+        prefix: str,
+        *,
+        v5: bool = True,
+        tls: dict[str, Any] | None = None,
+        topics: list[str] | None = None,
+    ) -> None:
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
         from paho.mqtt.packettypes import PacketTypes
@@ -130,12 +157,20 @@ class Collector:
         self.subscribed = threading.Event()
         self.v5 = v5
         kw: dict[str, Any] = {} if v5 else {"clean_session": False}
-        self.client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
-                                  client_id=f"coll-{prefix}", protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311, **kw)
+        self.client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=f"coll-{prefix}",
+            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+            **kw,
+        )
         if tls:
             self.client.tls_set(**tls)
-        self.topics = topics or ["devices/+/telemetry", "devices/+/telemetry/+", "devices/+/anomalies",
-                                 "devices/+/state"]
+        self.topics = topics or [
+            "devices/+/telemetry",
+            "devices/+/telemetry/+",
+            "devices/+/anomalies",
+            "devices/+/state",
+        ]
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.reconnect_delay_set(0.05, 0.2)
@@ -165,14 +200,30 @@ class Collector:
         ct = getattr(props, "ContentType", None) if props is not None else None
         enc = encoding_for(ct, parts[3] if len(parts) > 3 else None)
         now = int(time.time() * 1000)
-        res = decode_telemetry(bytes(msg.payload), device_id=parts[1], topic=msg.topic, received_ms=now,
-                               encoding=enc, max_bytes=16 * 1024 * 1024)
+        res = decode_telemetry(
+            bytes(msg.payload),
+            device_id=parts[1],
+            topic=msg.topic,
+            received_ms=now,
+            encoding=enc,
+            max_bytes=16 * 1024 * 1024,
+        )
         with self.lock:
             self.rejects.extend(res.rejects)
             for r in res.readings:
-                self.readings.append((r.device_id, {"ts": r.ts_ms, "seq": r.seq, "boot_id": r.boot_id,
-                                                    "event_id": r.event_id, "measurements": r.measurements,
-                                                    "meta": r.meta}))
+                self.readings.append(
+                    (
+                        r.device_id,
+                        {
+                            "ts": r.ts_ms,
+                            "seq": r.seq,
+                            "boot_id": r.boot_id,
+                            "event_id": r.event_id,
+                            "measurements": r.measurements,
+                            "meta": r.meta,
+                        },
+                    )
+                )
 
     def count(self) -> int:
         with self.lock:
@@ -217,7 +268,8 @@ class AgentProc:
         self.log = open(self.workdir / f"agent{self.runs}.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fieldmesh.edge", "run", "--config", str(self.cfg_path), *extra],
-            stdout=self.log, stderr=subprocess.STDOUT,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
         )
 
     def stats(self) -> dict[str, Any]:

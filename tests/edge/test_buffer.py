@@ -100,7 +100,7 @@ def test_drop_oldest_counts_exactly(tmp_path: Path) -> None:
     assert buf.stats.dropped_records + len(kept) == n
     assert buf.stats.dropped_readings == 3 * buf.stats.dropped_records
     # what is missing is exactly the oldest, counted ones
-    assert [r.payload for r in kept] == payloads[buf.stats.dropped_records:]
+    assert [r.payload for r in kept] == payloads[buf.stats.dropped_records :]
 
 
 def test_block_policy_raises_until_acked(tmp_path: Path) -> None:
@@ -115,8 +115,12 @@ def test_block_policy_raises_until_acked(tmp_path: Path) -> None:
 
 
 @settings(max_examples=40, deadline=None)
-@given(ops=st.lists(st.tuples(st.sampled_from(["append", "read", "ack", "rewind", "reopen"]),
-                              st.integers(1, 5)), max_size=60))
+@given(
+    ops=st.lists(
+        st.tuples(st.sampled_from(["append", "read", "ack", "rewind", "reopen"]), st.integers(1, 5)),
+        max_size=60,
+    )
+)
 def test_model_based(tmp_path_factory: pytest.TempPathFactory, ops: list[tuple[str, int]]) -> None:
     """Whatever the interleaving, reads return appended-but-unacked records in seq order."""
     d = tmp_path_factory.mktemp("b")

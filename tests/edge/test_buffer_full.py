@@ -13,23 +13,42 @@ from conftest import free_port, wait_for
 pytestmark = pytest.mark.integration
 
 
-def test_drop_oldest_dropped_equals_missing(tmp_path: Path, mosquitto_factory: Any, collector_factory: Any,
-                                            agent_factory: Any, prefix: str) -> None:
+def test_drop_oldest_dropped_equals_missing(
+    tmp_path: Path, mosquitto_factory: Any, collector_factory: Any, agent_factory: Any, prefix: str
+) -> None:
     devices, ticks = 10, 300
     cfg: dict[str, Any] = {
         "agent": {"boot_id": "a", "stats_interval_s": 0.2},
-        "sources": [{"simulator": {"devices": devices, "prefix": prefix, "seed": 1, "realtime": False,
-                                   "max_ticks": ticks, "interval_ms": 100}}],
+        "sources": [
+            {
+                "simulator": {
+                    "devices": devices,
+                    "prefix": prefix,
+                    "seed": 1,
+                    "realtime": False,
+                    "max_ticks": ticks,
+                    "interval_ms": 100,
+                }
+            }
+        ],
         "infer": {"scorer": "none"},
-        "buffer": {"path": str(tmp_path / "buf"), "max_bytes": 40_000, "segment_bytes": 4096,
-                   "full_policy": "drop_oldest", "fsync": "never"},
+        "buffer": {
+            "path": str(tmp_path / "buf"),
+            "max_bytes": 40_000,
+            "segment_bytes": 4096,
+            "full_policy": "drop_oldest",
+            "fsync": "never",
+        },
         "uplink": {"port": free_port(), "backoff_max_ms": 300},  # nobody listens: an outage
         "twin": {"enabled": False},
     }
     agent = agent_factory(cfg)
     agent.start()
-    wait_for(lambda: agent.stats().get("buffer", {}).get("appended_readings") == devices * ticks, 30,
-             "all readings buffered")
+    wait_for(
+        lambda: agent.stats().get("buffer", {}).get("appended_readings") == devices * ticks,
+        30,
+        "all readings buffered",
+    )
     assert agent.stop() == 0
     s1 = agent.stats()["buffer"]
     dropped = s1["dropped_readings"]

@@ -17,7 +17,10 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.parametrize(
     ("doc", "key"),
     [
-        ({"sources": [{"modbus": {"device_id": "m", "port": "x", "registers": {}}}]}, "sources[0].modbus.port"),
+        (
+            {"sources": [{"modbus": {"device_id": "m", "port": "x", "registers": {}}}]},
+            "sources[0].modbus.port",
+        ),
         ({"sources": [{"simulator": {}}], "buffer": {"full_policy": "keep"}}, "buffer.full_policy"),
         ({"sources": [{"simulator": {}, "mqtt": {}}]}, "sources[0]"),
         ({"sources": []}, "sources"),
@@ -44,13 +47,21 @@ def test_unknown_unit_names_the_key(tmp_path: Path) -> None:
 def test_malformed_file_cli_exit_code(tmp_path: Path) -> None:
     p = tmp_path / "edge.yaml"
     p.write_text("sources:\n  - modbus: {device_id: m, port: 99999, registers: {}}\n")
-    out = subprocess.run([sys.executable, "-m", "fieldmesh.edge", "run", "--config", str(p)],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "fieldmesh.edge", "run", "--config", str(p)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2
     assert "sources[0].modbus.port" in out.stderr
     p.write_text("sources: [ {simulator: ")
-    out = subprocess.run([sys.executable, "-m", "fieldmesh.edge", "--config", str(p)],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "fieldmesh.edge", "--config", str(p)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2 and "not valid YAML" in out.stderr
 
 

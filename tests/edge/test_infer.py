@@ -9,8 +9,9 @@ from fieldmesh.edge.infer import DEFAULT_MODEL, EwmaScorer, OnnxScorer
 from fieldmesh.edge.simulator import FAULT_SPIKE, METRICS, FleetSimulator
 
 
-def _run(scorer: EwmaScorer | OnnxScorer, seed: int, devices: int = 40, ticks: int = 600,
-         batch_ticks: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def _run(
+    scorer: EwmaScorer | OnnxScorer, seed: int, devices: int = 40, ticks: int = 600, batch_ticks: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
     sim = FleetSimulator(devices=devices, seed=seed, spike_prob=0.004, stuck_prob=0.0008)
     idx = DeviceIndex()
     dev = idx.indices(sim.device_ids)
@@ -24,9 +25,13 @@ def _run(scorer: EwmaScorer | OnnxScorer, seed: int, devices: int = 40, ticks: i
                 cols[m].append(tick.values[m])
             ts.append(np.full(devices, tick.ts_ms))
             labels.append(tick.fault)
-        f = Frame(dev=np.tile(dev, batch_ticks), ts_ms=np.concatenate(ts).astype(np.int64),
-                  seq=np.zeros(devices * batch_ticks, dtype=np.int64),
-                  cols={m: np.concatenate(v) for m, v in cols.items()}, boot_id="t")
+        f = Frame(
+            dev=np.tile(dev, batch_ticks),
+            ts_ms=np.concatenate(ts).astype(np.int64),
+            seq=np.zeros(devices * batch_ticks, dtype=np.int64),
+            cols={m: np.concatenate(v) for m, v in cols.items()},
+            boot_id="t",
+        )
         scores.append(scorer.score(f))
     return np.concatenate(scores), np.concatenate(labels)
 

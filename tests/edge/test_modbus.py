@@ -47,11 +47,19 @@ def test_modbus_scaling_outage_and_recovery() -> None:
         # pymodbus data blocks are 1-based: block address 1 is protocol address 0
         regs = [struct.unpack(">H", struct.pack(">h", -215))[0], 7, f_hi, f_lo, 0, 0]
         server, task = await _server(port, regs)
-        cfg = ModbusSourceConfig.model_validate({
-            "port": port, "device_id": "boiler-1", "interval_ms": 50, "timeout_s": 0.3,
-            "registers": {"temperature": {"address": 0, "type": "int16", "scale": 0.1},
-                          "level": {"address": 1, "type": "uint16", "scale": 2, "offset": 1},
-                          "pressure": {"address": 2, "type": "float32"}}})
+        cfg = ModbusSourceConfig.model_validate(
+            {
+                "port": port,
+                "device_id": "boiler-1",
+                "interval_ms": 50,
+                "timeout_s": 0.3,
+                "registers": {
+                    "temperature": {"address": 0, "type": "int16", "scale": 0.1},
+                    "level": {"address": 1, "type": "uint16", "scale": 2, "offset": 1},
+                    "pressure": {"address": 2, "type": "float32"},
+                },
+            }
+        )
         src = ModbusSource(cfg)
         it = src.batches().__aiter__()
         got = await _take(it, 3)

@@ -16,20 +16,23 @@ from conftest import wait_for
 pytestmark = pytest.mark.integration
 
 
-def test_local_mqtt_devices_through_the_agent(tmp_path: Path, mosquitto_factory: Any, collector_factory: Any,
-                                              agent_factory: Any, prefix: str) -> None:
+def test_local_mqtt_devices_through_the_agent(
+    tmp_path: Path, mosquitto_factory: Any, collector_factory: Any, agent_factory: Any, prefix: str
+) -> None:
     local = mosquitto_factory()
     cloud = mosquitto_factory()
     coll = collector_factory(cloud.port, prefix)
-    agent = agent_factory({
-        "agent": {"stats_interval_s": 0.2},
-        "sources": [{"mqtt": {"port": local.port, "topic": "local/+/telemetry"}}],
-        "preprocess": {"metrics": {"temperature": {"unit": "F->C"}}},
-        "infer": {"scorer": "none"},
-        "buffer": {"path": str(tmp_path / "buf")},
-        "uplink": {"port": cloud.port, "linger_ms": 50},
-        "twin": {"enabled": False},
-    })
+    agent = agent_factory(
+        {
+            "agent": {"stats_interval_s": 0.2},
+            "sources": [{"mqtt": {"port": local.port, "topic": "local/+/telemetry"}}],
+            "preprocess": {"metrics": {"temperature": {"unit": "F->C"}}},
+            "infer": {"scorer": "none"},
+            "buffer": {"path": str(tmp_path / "buf")},
+            "uplink": {"port": cloud.port, "linger_ms": 50},
+            "twin": {"enabled": False},
+        }
+    )
     agent.start()
     wait_for(lambda: agent.stats().get("uplink", {}).get("connects") == 1, 20, "agent up")
     pub = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)

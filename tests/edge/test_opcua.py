@@ -35,9 +35,13 @@ def test_opcua_subscription_and_server_restart() -> None:
         port = free_port()
         server, nodes = await _server(port)
         ns = nodes["ns"]
-        cfg = OpcuaSourceConfig(endpoint=f"opc.tcp://127.0.0.1:{port}/fm/", device_id="press-4",
-                                nodes={"temperature": f"ns={ns};s=Pump.Temp", "speed": f"ns={ns};s=Pump.Speed"},
-                                publishing_interval_ms=50, reconnect_max_ms=500)
+        cfg = OpcuaSourceConfig(
+            endpoint=f"opc.tcp://127.0.0.1:{port}/fm/",
+            device_id="press-4",
+            nodes={"temperature": f"ns={ns};s=Pump.Temp", "speed": f"ns={ns};s=Pump.Speed"},
+            publishing_interval_ms=50,
+            reconnect_max_ms=500,
+        )
         src = OpcuaSource(cfg)
         it = src.batches().__aiter__()
         seen: list[dict[str, float]] = []
@@ -54,7 +58,9 @@ def test_opcua_subscription_and_server_restart() -> None:
         await collect_until(lambda: any(s.get("temperature") == 42.5 for s in seen), 10)
         # the server restarts: the source reconnects and keeps delivering changes
         await server.stop()
-        consumer = asyncio.ensure_future(collect_until(lambda: any(s.get("speed") == 900.0 for s in seen), 30))
+        consumer = asyncio.ensure_future(
+            collect_until(lambda: any(s.get("speed") == 900.0 for s in seen), 30)
+        )
         await asyncio.sleep(1.0)
         server, nodes = await _server(port)
         for _ in range(60):

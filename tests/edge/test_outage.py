@@ -22,13 +22,30 @@ OUTAGE_S = float(os.environ.get("FM_EDGE_OUTAGE_S", "8"))
 def _cfg(tmp_path: Path, port: int, prefix: str, devices: int = 8, interval_ms: int = 50) -> dict[str, Any]:
     return {
         "agent": {"boot_id": "agent1", "stats_interval_s": 0.2},
-        "sources": [{"simulator": {"devices": devices, "interval_ms": interval_ms, "prefix": prefix, "seed": 7,
-                                   "spike_prob": 0.01, "start_ts_ms": int(time.time() * 1000) - 1000}}],
+        "sources": [
+            {
+                "simulator": {
+                    "devices": devices,
+                    "interval_ms": interval_ms,
+                    "prefix": prefix,
+                    "seed": 7,
+                    "spike_prob": 0.01,
+                    "start_ts_ms": int(time.time() * 1000) - 1000,
+                }
+            }
+        ],
         "infer": {"scorer": "ewma"},
         "buffer": {"path": str(tmp_path / "buf"), "fsync": "always", "segment_bytes": 65536},
         # a bandwidth cap makes the replay last long enough to kill the agent in the middle of it
-        "uplink": {"port": port, "linger_ms": 100, "backoff_initial_ms": 100, "backoff_max_ms": 500,
-                   "max_batch_readings": 200, "max_inflight_groups": 2, "max_readings_per_s": 1500},
+        "uplink": {
+            "port": port,
+            "linger_ms": 100,
+            "backoff_initial_ms": 100,
+            "backoff_max_ms": 500,
+            "max_batch_readings": 200,
+            "max_inflight_groups": 2,
+            "max_readings_per_s": 1500,
+        },
         "twin": {"enabled": False},
     }
 
@@ -50,8 +67,9 @@ def _check_exactly_once(readings: list[tuple[str, dict[str, Any]]], devices: lis
         assert seqs == sorted(seqs), f"per-device order broken for {dev}"
 
 
-def test_outage_kill9_exactly_once(tmp_path: Path, mosquitto_factory: Any, collector_factory: Any,
-                                   agent_factory: Any, prefix: str) -> None:
+def test_outage_kill9_exactly_once(
+    tmp_path: Path, mosquitto_factory: Any, collector_factory: Any, agent_factory: Any, prefix: str
+) -> None:
     broker = mosquitto_factory(persistence=True)
     coll = collector_factory(broker.port, prefix)
     agent = agent_factory(_cfg(tmp_path, broker.port, prefix))
@@ -65,8 +83,11 @@ def test_outage_kill9_exactly_once(tmp_path: Path, mosquitto_factory: Any, colle
     assert before > 0, "readings must pile up in the buffer during the outage"
     agent.kill9()  # kill -9 during the outage
     agent.start()
-    wait_for(lambda: agent.stats().get("boot_id") and agent.stats()["buffer"]["recovered_readings"] > 0,
-             20, "restarted agent recovering the buffer")
+    wait_for(
+        lambda: agent.stats().get("boot_id") and agent.stats()["buffer"]["recovered_readings"] > 0,
+        20,
+        "restarted agent recovering the buffer",
+    )
     time.sleep(OUTAGE_S / 2)
     pending = agent.stats()["buffer"]["pending_readings"]
     assert pending >= before
@@ -82,8 +103,14 @@ def test_outage_kill9_exactly_once(tmp_path: Path, mosquitto_factory: Any, colle
     assert left > 0, "the kill must land during the replay"
     agent.kill9()
     agent.start()
-    wait_for(lambda: agent.stats().get("uplink", {}).get("connects", 0) >= 1
-             and agent.stats()["buffer"]["pending_readings"] < 200, 60, "replay to finish")
+    wait_for(
+        lambda: (
+            agent.stats().get("uplink", {}).get("connects", 0) >= 1
+            and agent.stats()["buffer"]["pending_readings"] < 200
+        ),
+        60,
+        "replay to finish",
+    )
     assert agent.stop() == 0
     ticks = json.loads((tmp_path / "buf" / "state" / "source0-simulator.json").read_text())["next_tick"]
     devices = [f"{prefix}-{i:05d}" for i in range(8)]

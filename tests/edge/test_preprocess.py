@@ -16,10 +16,16 @@ from fieldmesh.edge.preprocess import Preprocessor
 DEVS = ["a", "b", "c"]
 
 
-def _frame(devices: DeviceIndex, rows: list[tuple[str, int, float]], anomaly: list[bool] | None = None) -> Frame:
-    f = Frame(dev=devices.indices([r[0] for r in rows]), ts_ms=np.array([r[1] for r in rows], dtype=np.int64),
-              seq=np.arange(len(rows), dtype=np.int64), cols={"x": np.array([r[2] for r in rows], dtype=float)},
-              boot_id="b")
+def _frame(
+    devices: DeviceIndex, rows: list[tuple[str, int, float]], anomaly: list[bool] | None = None
+) -> Frame:
+    f = Frame(
+        dev=devices.indices([r[0] for r in rows]),
+        ts_ms=np.array([r[1] for r in rows], dtype=np.int64),
+        seq=np.arange(len(rows), dtype=np.int64),
+        cols={"x": np.array([r[2] for r in rows], dtype=float)},
+        boot_id="b",
+    )
     if anomaly is not None:
         f.anomaly = np.array(anomaly, dtype=bool)
         f.score = f.anomaly.astype(float)
@@ -27,8 +33,10 @@ def _frame(devices: DeviceIndex, rows: list[tuple[str, int, float]], anomaly: li
 
 
 def _out(devices: DeviceIndex, f: Frame) -> list[tuple[str, int, float]]:
-    return [(devices.ids[d], t, x) for d, t, x in zip(f.dev.tolist(), f.ts_ms.tolist(), f.cols["x"].tolist(),
-                                                       strict=True)]
+    return [
+        (devices.ids[d], t, x)
+        for d, t, x in zip(f.dev.tolist(), f.ts_ms.tolist(), f.cols["x"].tolist(), strict=True)
+    ]
 
 
 def _split(rows: list[Any], cuts: list[int]) -> list[list[Any]]:
@@ -43,11 +51,19 @@ def _split(rows: list[Any], cuts: list[int]) -> list[list[Any]]:
 finite = st.floats(-1e6, 1e6, allow_nan=False)
 
 
-@given(st.lists(finite, min_size=1, max_size=30), st.floats(0.1, 10), st.floats(-100, 100),
-       st.sampled_from(["F->C", "psi->kPa", "K->C", None]))
+@given(
+    st.lists(finite, min_size=1, max_size=30),
+    st.floats(0.1, 10),
+    st.floats(-100, 100),
+    st.sampled_from(["F->C", "psi->kPa", "K->C", None]),
+)
 def test_calibration_then_unit(xs: list[float], gain: float, offset: float, unit: str | None) -> None:
-    oracle = {"F->C": lambda v: (v - 32) * 5 / 9, "psi->kPa": lambda v: v * 6.894757293168361,
-              "K->C": lambda v: v - 273.15, None: lambda v: v}[unit]
+    oracle = {
+        "F->C": lambda v: (v - 32) * 5 / 9,
+        "psi->kPa": lambda v: v * 6.894757293168361,
+        "K->C": lambda v: v - 273.15,
+        None: lambda v: v,
+    }[unit]
     cfg = PreprocessConfig(dedupe=False, metrics={"x": {"gain": gain, "offset": offset, "unit": unit}})
     devices = DeviceIndex()
     pre = Preprocessor(cfg, devices)
@@ -118,7 +134,9 @@ def test_deadband_with_heartbeat(data: Any, db: float, hb: int) -> None:
             if full:
                 last_full[d] = t
     devices = DeviceIndex()
-    pre = Preprocessor(PreprocessConfig(mode="deadband", heartbeat_ms=hb, metrics={"x": {"deadband": db}}), devices)
+    pre = Preprocessor(
+        PreprocessConfig(mode="deadband", heartbeat_ms=hb, metrics={"x": {"deadband": db}}), devices
+    )
     got = []
     idx = list(range(len(rows)))
     for chunk in _split(idx, cuts):

@@ -47,32 +47,63 @@ def _certs(d: Path) -> dict[str, Path]:
         return ec.generate_private_key(ec.SECP256R1())
 
     def write_key(k: Any, p: Path) -> None:
-        p.write_bytes(k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                      serialization.NoEncryption()))
+        p.write_bytes(
+            k.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
 
     ca_key = key()
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fieldmesh test CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(days=1))
-          .not_valid_after(now + dt.timedelta(days=2))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                       content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                       key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
-          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-          .sign(ca_key, hashes.SHA256()))
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
     out = {"ca": d / "ca.pem"}
     out["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     for name, server in (("server", True), ("client", False)):
         k = key()
-        b = (x509.CertificateBuilder()
-             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"fm-{name}")]))
-             .issuer_name(ca_name).public_key(k.public_key()).serial_number(x509.random_serial_number())
-             .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=2))
-             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False))
+        b = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"fm-{name}")]))
+            .issuer_name(ca_name)
+            .public_key(k.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=2))
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+            )
+        )
         if server:
-            b = b.add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                                                             x509.DNSName("localhost")]), critical=False)
+            b = b.add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+                ),
+                critical=False,
+            )
         cert = b.sign(ca_key, hashes.SHA256())
         out[name] = d / f"{name}.pem"
         out[name].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
@@ -81,26 +112,50 @@ def _certs(d: Path) -> dict[str, Path]:
     return out
 
 
-def test_mutual_tls(tmp_path: Path, mosquitto_factory: Any, collector_factory: Any, agent_factory: Any,
-                    prefix: str) -> None:
+def test_mutual_tls(
+    tmp_path: Path, mosquitto_factory: Any, collector_factory: Any, agent_factory: Any, prefix: str
+) -> None:
     c = _certs(tmp_path)
     plain, tls_port = free_port(), free_port()
-    broker = mosquitto_factory(port=tls_port, extra=[
-        f"listener {plain} 127.0.0.1",
-        f"listener {tls_port} 127.0.0.1", f"cafile {c['ca']}", f"certfile {c['server']}",
-        f"keyfile {c['server_key']}", "require_certificate true", "use_identity_as_username true"])
+    broker = mosquitto_factory(
+        port=tls_port,
+        extra=[
+            f"listener {plain} 127.0.0.1",
+            f"listener {tls_port} 127.0.0.1",
+            f"cafile {c['ca']}",
+            f"certfile {c['server']}",
+            f"keyfile {c['server_key']}",
+            "require_certificate true",
+            "use_identity_as_username true",
+        ],
+    )
     coll = collector_factory(plain, prefix)
-    ok = agent_factory(_sim_cfg(tmp_path / "ok", broker.port, prefix, uplink={
-        "port": tls_port, "linger_ms": 100,
-        "tls": {"ca": str(c["ca"]), "cert": str(c["client"]), "key": str(c["client_key"])}}))
+    ok = agent_factory(
+        _sim_cfg(
+            tmp_path / "ok",
+            broker.port,
+            prefix,
+            uplink={
+                "port": tls_port,
+                "linger_ms": 100,
+                "tls": {"ca": str(c["ca"]), "cert": str(c["client"]), "key": str(c["client_key"])},
+            },
+        )
+    )
     ok.start()
     wait_for(lambda: coll.count() >= 30, 20, "readings over mutual TLS")
     assert ok.stats()["uplink"]["state"] == "connected"
     assert ok.stop() == 0
     # without a client certificate the broker refuses the handshake: the agent says so and keeps buffering
     (tmp_path / "nocert").mkdir()
-    bad = agent_factory(_sim_cfg(tmp_path / "nocert", broker.port, prefix + "x", uplink={
-        "port": tls_port, "tls": {"ca": str(c["ca"])}}))
+    bad = agent_factory(
+        _sim_cfg(
+            tmp_path / "nocert",
+            broker.port,
+            prefix + "x",
+            uplink={"port": tls_port, "tls": {"ca": str(c["ca"])}},
+        )
+    )
     bad.workdir = tmp_path / "nocert"
     bad.start()
     wait_for(lambda: bad.stats().get("uplink", {}).get("connect_failures", 0) >= 2, 20, "refused handshakes")
@@ -131,15 +186,24 @@ def test_falls_back_to_mqtt311(tmp_path: Path, agent_factory: Any, prefix: str) 
         nats.stop()
 
 
-def test_refused_credentials_clear_error_keeps_buffering(tmp_path: Path, mosquitto_factory: Any,
-                                                         agent_factory: Any, prefix: str) -> None:
+def test_refused_credentials_clear_error_keeps_buffering(
+    tmp_path: Path, mosquitto_factory: Any, agent_factory: Any, prefix: str
+) -> None:
     pw = tmp_path / "passwd"
-    subprocess.run(["mosquitto_passwd", "-b", "-c", str(pw), "edge", "right"], check=True, capture_output=True)
+    subprocess.run(
+        ["mosquitto_passwd", "-b", "-c", str(pw), "edge", "right"], check=True, capture_output=True
+    )
     broker_port = free_port()
-    mosquitto_factory(port=broker_port, extra=[f"listener {broker_port} 127.0.0.1", f"password_file {pw}",
-                                               "allow_anonymous false"])
-    cfg = _sim_cfg(tmp_path, broker_port, prefix, uplink={"port": broker_port, "username": "edge",
-                                                          "password": "wrong", "backoff_max_ms": 300})
+    mosquitto_factory(
+        port=broker_port,
+        extra=[f"listener {broker_port} 127.0.0.1", f"password_file {pw}", "allow_anonymous false"],
+    )
+    cfg = _sim_cfg(
+        tmp_path,
+        broker_port,
+        prefix,
+        uplink={"port": broker_port, "username": "edge", "password": "wrong", "backoff_max_ms": 300},
+    )
     agent = agent_factory(cfg)
     agent.start()
     wait_for(lambda: agent.stats().get("uplink", {}).get("state") == "auth_failed", 20, "auth failure state")
@@ -152,15 +216,22 @@ def test_refused_credentials_clear_error_keeps_buffering(tmp_path: Path, mosquit
     assert "refused the credentials" in agent.output()
 
 
-def test_twin_config_and_anomalies_topic(tmp_path: Path, mosquitto_factory: Any, collector_factory: Any,
-                                         agent_factory: Any, prefix: str) -> None:
+def test_twin_config_and_anomalies_topic(
+    tmp_path: Path, mosquitto_factory: Any, collector_factory: Any, agent_factory: Any, prefix: str
+) -> None:
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
     broker = mosquitto_factory()
     coll = collector_factory(broker.port, prefix)
-    cfg = _sim_cfg(tmp_path, broker.port, prefix, infer={"scorer": "ewma", "warmup": 5},
-                   twin={"enabled": True}, uplink={"port": broker.port, "linger_ms": 400})
+    cfg = _sim_cfg(
+        tmp_path,
+        broker.port,
+        prefix,
+        infer={"scorer": "ewma", "warmup": 5},
+        twin={"enabled": True},
+        uplink={"port": broker.port, "linger_ms": 400},
+    )
     cfg["sources"][0]["simulator"]["spike_prob"] = 0.05
     agent = agent_factory(cfg)
     agent.start()
@@ -169,17 +240,27 @@ def test_twin_config_and_anomalies_topic(tmp_path: Path, mosquitto_factory: Any,
     pub = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     pub.connect("127.0.0.1", broker.port)
     pub.loop_start()
-    pub.publish(f"devices/{dev}/config", json.dumps({"version": 2, "mode": "window", "window_ms": 1000}),
-                qos=1, retain=True).wait_for_publish(5)
+    pub.publish(
+        f"devices/{dev}/config",
+        json.dumps({"version": 2, "mode": "window", "window_ms": 1000}),
+        qos=1,
+        retain=True,
+    ).wait_for_publish(5)
 
     def states() -> list[dict[str, Any]]:
         return [json.loads(p) for t, p, _ in coll.topic_messages("state") if t == f"devices/{dev}/state"]
 
-    wait_for(lambda: any(s["version"] == 2 and s["status"] == "applied" for s in states()), 20, "applied state")
-    wait_for(lambda: any(d == dev and (r["meta"] or {}).get("agg") == "window" for d, r in coll.readings), 20,
-             "window aggregates after the live config change")
-    pub.publish(f"devices/{dev}/config", json.dumps({"version": 3, "mode": "bogus"}), qos=1,
-                retain=True).wait_for_publish(5)
+    wait_for(
+        lambda: any(s["version"] == 2 and s["status"] == "applied" for s in states()), 20, "applied state"
+    )
+    wait_for(
+        lambda: any(d == dev and (r["meta"] or {}).get("agg") == "window" for d, r in coll.readings),
+        20,
+        "window aggregates after the live config change",
+    )
+    pub.publish(
+        f"devices/{dev}/config", json.dumps({"version": 3, "mode": "bogus"}), qos=1, retain=True
+    ).wait_for_publish(5)
     wait_for(lambda: any(s.get("status") == "rejected" for s in states()), 20, "rejected state")
     rej = next(s for s in states() if s.get("status") == "rejected")
     assert rej["version"] == 3 and "mode" in rej["error"]

@@ -48,8 +48,11 @@ def make_source(sc: SourceConfig, index: int, state_dir: Path) -> Source:
         from fieldmesh.edge.sources.simulator import SimulatorSource
 
         assert sc.simulator is not None
-        return SimulatorSource(sc.simulator, state_path=state_dir / f"source{index}-simulator.json",
-                               name=f"sources[{index}].simulator")
+        return SimulatorSource(
+            sc.simulator,
+            state_path=state_dir / f"source{index}-simulator.json",
+            name=f"sources[{index}].simulator",
+        )
     if kind == "modbus":
         from fieldmesh.edge.sources.modbus import ModbusSource
 
@@ -105,9 +108,13 @@ class Pipeline:
             return [], 0, []
         dev = self.devices.indices(batch.device_ids)
         seq = batch.seq if batch.seq is not None else self._assign_seq(dev)
-        frame = Frame(dev=dev, ts_ms=np.asarray(batch.ts_ms, dtype=np.int64), seq=seq,
-                      cols={k: np.array(v, dtype=np.float64) for k, v in batch.cols.items()},
-                      boot_id=batch.boot_id or self.boot_id)
+        frame = Frame(
+            dev=dev,
+            ts_ms=np.asarray(batch.ts_ms, dtype=np.int64),
+            seq=seq,
+            cols={k: np.array(v, dtype=np.float64) for k, v in batch.cols.items()},
+            boot_id=batch.boot_id or self.boot_id,
+        )
         frame = self.pre.clean(frame)
         if len(frame):
             score = self.scorer.score(frame)
@@ -118,7 +125,9 @@ class Pipeline:
         out, aggs = self.pre.reduce(frame)
         return self.to_wire(out, aggs)
 
-    def to_wire(self, frame: Frame, aggs: list[Aggregate]) -> tuple[Groups, int, list[tuple[str, WireReading]]]:
+    def to_wire(
+        self, frame: Frame, aggs: list[Aggregate]
+    ) -> tuple[Groups, int, list[tuple[str, WireReading]]]:
         """Readings grouped per device (per-device order kept) and the anomalies among them."""
         ids = self.devices.ids
         per: dict[int, list[WireReading]] = {}
@@ -167,21 +176,30 @@ class EdgeAgent:
         self.boot_id = cfg.agent.boot_id or f"b{int(time.time())}{secrets.token_hex(2)}"
         b = cfg.buffer
         try:
-            self.buffer = DiskBuffer(path=b.path, max_bytes=b.max_bytes, segment_bytes=b.segment_bytes,
-                                     full_policy=b.full_policy, fsync=b.fsync, fsync_interval_ms=b.fsync_interval_ms)
+            self.buffer = DiskBuffer(
+                path=b.path,
+                max_bytes=b.max_bytes,
+                segment_bytes=b.segment_bytes,
+                full_policy=b.full_policy,
+                fsync=b.fsync,
+                fsync_interval_ms=b.fsync_interval_ms,
+            )
         except OSError as exc:
             raise ConfigError(f"buffer.path: cannot use {b.path}: {exc}", key="buffer.path") from exc
         self.state_dir = Path(b.path) / "state"
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.pipeline = Pipeline(cfg, boot_id=self.boot_id)
-        self.sources: list[Source] = sources if sources is not None else [
-            make_source(sc, i, self.state_dir) for i, sc in enumerate(cfg.sources)
-        ]
+        self.sources: list[Source] = (
+            sources
+            if sources is not None
+            else [make_source(sc, i, self.state_dir) for i, sc in enumerate(cfg.sources)]
+        )
         self.uplink = Uplink(cfg.uplink, self.buffer)
         self.twin: Twin | None = None
         if cfg.twin.enabled:
             self.twin = Twin(
-                self.pipeline.pre, self.pipeline.devices,
+                self.pipeline.pre,
+                self.pipeline.devices,
                 publish=lambda t, p, r: self.uplink.publish_now(t, p, retain=r),
                 subscribe=self.uplink.subscribe,
                 on_aggregates=self._buffer_aggregates,
@@ -195,9 +213,16 @@ class EdgeAgent:
 
     # -- buffering ---------------------------------------------------------------------------
     def _buffer_aggregates(self, aggs: list[Aggregate]) -> None:
-        groups, n, _ = self.pipeline.to_wire(Frame(
-            dev=np.zeros(0, dtype=np.int32), ts_ms=np.zeros(0, dtype=np.int64), seq=np.zeros(0, dtype=np.int64),
-            cols={}, boot_id=self.boot_id), aggs)
+        groups, n, _ = self.pipeline.to_wire(
+            Frame(
+                dev=np.zeros(0, dtype=np.int32),
+                ts_ms=np.zeros(0, dtype=np.int64),
+                seq=np.zeros(0, dtype=np.int64),
+                cols={},
+                boot_id=self.boot_id,
+            ),
+            aggs,
+        )
         if n:
             with contextlib.suppress(BufferFull):
                 self.buffer.append(encode_record(groups), n)
@@ -224,8 +249,16 @@ class EdgeAgent:
         await source.ack(batch)
         if anomalies and self.cfg.uplink.anomalies:
             for dev, r in anomalies:
-                body = _json.encode({"device_id": dev, "ts": r.ts, "seq": r.seq, "boot_id": r.boot_id,
-                                     "measurements": r.measurements, "meta": r.meta})
+                body = _json.encode(
+                    {
+                        "device_id": dev,
+                        "ts": r.ts,
+                        "seq": r.seq,
+                        "boot_id": r.boot_id,
+                        "measurements": r.measurements,
+                        "meta": r.meta,
+                    }
+                )
                 self.uplink.publish_now(f"devices/{dev}/anomalies", body)
 
     async def _run_source(self, source: Source, stop: asyncio.Event) -> None:
@@ -260,12 +293,16 @@ class EdgeAgent:
             "devices": len(self.pipeline.devices),
             "preprocess": dict(self.pipeline.pre.counters),
             "anomalies": self.pipeline.anomalies,
-            "buffer": asdict(self.buffer.stats) | {
-                "pending_readings": self.buffer.pending_readings, "size_bytes": self.buffer.size_bytes,
+            "buffer": asdict(self.buffer.stats)
+            | {
+                "pending_readings": self.buffer.pending_readings,
+                "size_bytes": self.buffer.size_bytes,
                 "acked_seq": self.buffer.acked_seq,
             },
             "uplink": asdict(self.uplink.stats),
-            "twin": {"applied": dict(self.twin.applied), "rejected": self.twin.rejected} if self.twin else None,
+            "twin": {"applied": dict(self.twin.applied), "rejected": self.twin.rejected}
+            if self.twin
+            else None,
             "source_errors": self.source_errors,
             "full_waits": self.full_waits,
         }
@@ -281,13 +318,23 @@ class EdgeAgent:
         """Ask a running agent to stop."""
         self._stop.set()
 
-    async def run(self, *, duration_s: float | None = None, drain_s: float = 5.0,
-                  on_started: Callable[[], None] | None = None) -> dict[str, Any]:
+    async def run(
+        self,
+        *,
+        duration_s: float | None = None,
+        drain_s: float = 5.0,
+        on_started: Callable[[], None] | None = None,
+    ) -> dict[str, Any]:
         """Run until stopped (or ``duration_s``), then drain the buffer for up to ``drain_s``."""
         stop = self._stop
         uplink_stop = asyncio.Event()
-        log.info("edge agent %s: %d source(s), buffer %s (%d readings pending)", self.boot_id,
-                 len(self.sources), self.buffer.path, self.buffer.pending_readings)
+        log.info(
+            "edge agent %s: %d source(s), buffer %s (%d readings pending)",
+            self.boot_id,
+            len(self.sources),
+            self.buffer.path,
+            self.buffer.pending_readings,
+        )
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self.uplink.run(uplink_stop), name="uplink")
             tg.create_task(self._housekeeping(stop), name="housekeeping")

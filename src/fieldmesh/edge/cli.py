@@ -15,7 +15,9 @@ from fieldmesh.core.errors import FieldmeshError
 
 __all__ = ["app", "run_agent"]
 
-app = typer.Typer(help="The edge agent: read, clean, infer and buffer next to the devices.", no_args_is_help=True)
+app = typer.Typer(
+    help="The edge agent: read, clean, infer and buffer next to the devices.", no_args_is_help=True
+)
 
 
 async def run_agent(config: Path, duration_s: float | None, drain_s: float) -> dict[str, object]:
@@ -39,8 +41,10 @@ def run(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run the agent (Ctrl-C stops it cleanly; the buffer keeps what was not delivered)."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
         stats = asyncio.run(run_agent(config, duration, drain))
     except FieldmeshError as exc:

@@ -212,7 +212,9 @@ class SourceConfig(_Model):
     def _exactly_one(self) -> SourceConfig:
         set_ = [k for k in ("simulator", "modbus", "opcua", "mqtt") if getattr(self, k) is not None]
         if len(set_) != 1:
-            raise ValueError(f"each source needs exactly one of simulator, modbus, opcua, mqtt (got {set_ or 'none'})")
+            raise ValueError(
+                f"each source needs exactly one of simulator, modbus, opcua, mqtt (got {set_ or 'none'})"
+            )
         return self
 
     @property

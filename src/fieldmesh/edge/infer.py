@@ -78,7 +78,9 @@ class Features:
             st = self._m[name] = _MState(self._cap)
         return st
 
-    def update(self, frame: Frame, metrics: tuple[str, ...] | None = None) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    def update(
+        self, frame: Frame, metrics: tuple[str, ...] | None = None
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
         """Score and then learn a frame: per row and metric, ``|z|`` (capped) and the run length.
 
         Returns two ``(rows, metrics)`` arrays; an absent metric has z = 0 and run = 0.
@@ -189,10 +191,13 @@ class OnnxScorer:
         opts.intra_op_num_threads = 1
         opts.inter_op_num_threads = 1
         try:
-            self._sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+            self._sess = ort.InferenceSession(
+                str(path), sess_options=opts, providers=["CPUExecutionProvider"]
+            )
         except Exception as exc:
-            raise ConfigError(f"infer.model_path: {path} is not a usable ONNX model: {exc}",
-                              key="infer.model_path") from exc
+            raise ConfigError(
+                f"infer.model_path: {path} is not a usable ONNX model: {exc}", key="infer.model_path"
+            ) from exc
         self._input = self._sess.get_inputs()[0].name
         outs = [o.name for o in self._sess.get_outputs()]
         self._prob = "probabilities" if "probabilities" in outs else outs[-1]

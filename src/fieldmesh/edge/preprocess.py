@@ -90,8 +90,18 @@ class _Metric:
         self.wcnt = np.zeros(cap, dtype=np.int64)
 
     def grow(self, cap: int) -> None:
-        for name, fill in (("a", 1.0), ("b", 0.0), ("lo", -np.inf), ("hi", np.inf), ("db", 0.0),
-                           ("last", np.nan), ("wmin", np.inf), ("wmax", -np.inf), ("wsum", 0.0), ("wcnt", 0)):
+        for name, fill in (
+            ("a", 1.0),
+            ("b", 0.0),
+            ("lo", -np.inf),
+            ("hi", np.inf),
+            ("db", 0.0),
+            ("last", np.nan),
+            ("wmin", np.inf),
+            ("wmax", -np.inf),
+            ("wsum", 0.0),
+            ("wcnt", 0),
+        ):
             old = getattr(self, name)
             new = np.full(cap, fill, dtype=old.dtype)
             new[: old.shape[0]] = old
@@ -339,11 +349,18 @@ class Preprocessor:
                     meas[f"{name}.count"] = float(cnt[j])
             if meas:
                 bid = boot_id or self.boot_id
-                out.append((i, WireReading(
-                    ts=int(starts[j]), measurements=meas, boot_id=bid,
-                    event_id=f"{bid}:w{wins[j]}:{starts[j]}",
-                    meta={"agg": "window", "window_ms": int(wins[j])},
-                )))
+                out.append(
+                    (
+                        i,
+                        WireReading(
+                            ts=int(starts[j]),
+                            measurements=meas,
+                            boot_id=bid,
+                            event_id=f"{bid}:w{wins[j]}:{starts[j]}",
+                            meta={"agg": "window", "window_ms": int(wins[j])},
+                        ),
+                    )
+                )
         self.wstart[dd] = _NEVER
         self.counters["windows"] += len(out)
         return out

@@ -96,8 +96,13 @@ class Twin:
         except ConfigError as exc:
             self.rejected += 1
             log.warning("twin: rejected config for %s: %s", dev, exc)
-            report = {"device_id": dev, "version": getattr(exc, "version", None), "status": "rejected",
-                      "error": str(exc), "ts": now}
+            report = {
+                "device_id": dev,
+                "version": getattr(exc, "version", None),
+                "status": "rejected",
+                "error": str(exc),
+                "ts": now,
+            }
         if not self._report(dev, report):
             self.pending_reports[dev] = report
 
@@ -113,7 +118,12 @@ class Twin:
         version = obj.pop("version")
         now = int(time.time() * 1000)
         if version <= self.applied.get(device_id, -1):
-            return {"device_id": device_id, "version": self.applied[device_id], "status": "applied", "ts": now}
+            return {
+                "device_id": device_id,
+                "version": self.applied[device_id],
+                "status": "applied",
+                "ts": now,
+            }
         try:
             rule = DeviceRule.model_validate(obj)
             aggs = self.pre.set_device_rule(device_id, rule)

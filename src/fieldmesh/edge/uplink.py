@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import secrets
@@ -50,7 +51,7 @@ _json = msgspec.json.Encoder()
 
 # CONNACK reason codes (MQTT 5 and the 3.1.1 return codes as paho maps them)
 _UNSUPPORTED_PROTOCOL: Final = {0x84, 1}
-_BAD_CREDENTIALS: Final = {0x86, 0x87, 0x8C, 4, 5, 134, 135}
+_BAD_CREDENTIALS: Final = {0x86, 0x87, 0x8C, 4, 5}
 
 
 def encode_record(groups: list[tuple[str, list[WireReading]]]) -> bytes:
@@ -201,8 +202,12 @@ class Uplink:
                 if exc.code in _BAD_CREDENTIALS:
                     self.stats.state = "auth_failed"
                     self.stats.auth_failures += 1
-                    log.error("uplink: the broker %s:%s refused the credentials (%s); still buffering, "
-                              "retrying", self.cfg.host, self.cfg.port, exc)
+                    log.error(
+                        "uplink: the broker %s:%s refused the credentials (%s); still buffering, retrying",
+                        self.cfg.host,
+                        self.cfg.port,
+                        exc,
+                    )
                     delay = self.cfg.backoff_max_ms / 1000
                 else:
                     self.stats.state = "refused"
@@ -215,8 +220,13 @@ class Uplink:
                 self.stats.state = "disconnected"
                 self.stats.last_error = f"{type(exc).__name__}: {exc}"
                 delay = next(delays)
-                log.info("uplink: cannot reach %s:%s (%s); retry in %.2fs", self.cfg.host, self.cfg.port,
-                         self.stats.last_error, delay)
+                log.info(
+                    "uplink: cannot reach %s:%s (%s); retry in %.2fs",
+                    self.cfg.host,
+                    self.cfg.port,
+                    self.stats.last_error,
+                    delay,
+                )
                 await _sleep_or(stop, delay)
                 continue
             delays = backoff_delays(self.cfg.backoff_initial_ms / 1000, self.cfg.backoff_max_ms / 1000)
@@ -232,7 +242,7 @@ class Uplink:
         from paho.mqtt.packettypes import PacketTypes
         from paho.mqtt.properties import Properties
 
-        p = Properties(PacketTypes.PUBLISH)
+        p = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         p.ContentType = content_type
         if self.cfg.traceparent:
             p.UserProperty = [("traceparent", f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01")]
@@ -255,7 +265,9 @@ class Uplink:
         c.max_inflight_messages_set(1000)
         c.max_queued_messages_set(0)
         if self.cfg.username is not None:
-            c.username_pw_set(self.cfg.username, self.cfg.password.get_secret_value() if self.cfg.password else None)
+            c.username_pw_set(
+                self.cfg.username, self.cfg.password.get_secret_value() if self.cfg.password else None
+            )
         tls = self.cfg.tls
         if tls is not None:
             c.tls_set(
@@ -276,7 +288,9 @@ class Uplink:
 
         def on_disconnect(client: Any, userdata: Any, flags: Any, rc: Any, props: Any = None) -> None:
             loop.call_soon_threadsafe(self._lost, client, str(rc))
-            loop.call_soon_threadsafe(_set_exception, connack, ConnectionError(f"closed before CONNACK: {rc}"))
+            loop.call_soon_threadsafe(
+                _set_exception, connack, ConnectionError(f"closed before CONNACK: {rc}")
+            )
 
         def on_publish(client: Any, userdata: Any, mid: int, rc: Any, props: Any = None) -> None:
             code = int(getattr(rc, "value", rc) or 0)
@@ -290,7 +304,7 @@ class Uplink:
         c.on_disconnect = on_disconnect
         c.on_publish = on_publish
         c.on_message = on_message
-        c._fm_connack = connack
+        c._fm_connack = connack  # type: ignore[attr-defined]
         return c
 
     async def _connect(self) -> Any:
@@ -305,7 +319,8 @@ class Uplink:
             kw: dict[str, Any] = {"keepalive": self.cfg.keepalive_s}
             if v5:
                 kw["clean_start"] = True
-            await loop.run_in_executor(None, lambda: client.connect(self.cfg.host, self.cfg.port, **kw))
+            connect = functools.partial(client.connect, self.cfg.host, self.cfg.port, **kw)
+            await loop.run_in_executor(None, connect)
             client.loop_start()
             try:
                 code, text = await asyncio.wait_for(client._fm_connack, timeout=10)
@@ -377,7 +392,11 @@ class Uplink:
                 self._acked.clear()
                 await _wait_any([self._acked, self._session_lost, stop], 1.0)
                 continue
-            recs = self.buffer.read(max_records=100_000, max_readings=max_batch - acc_n) if acc_n < max_batch else []
+            recs = (
+                self.buffer.read(max_records=100_000, max_readings=max_batch - acc_n)
+                if acc_n < max_batch
+                else []
+            )
             if recs:
                 if not acc:
                     t_first = time.monotonic()
@@ -437,7 +456,9 @@ class Uplink:
             self.stats.messages += 1
             self.stats.bytes_payload += len(body)
             # fixed header (<=5) + topic length prefix + packet id + properties (approx.)
-            self.stats.bytes_wire += len(body) + len(topic) + 2 + 2 + 5 + (len(ct) + 3 + 70 if self._v5 else 0)
+            self.stats.bytes_wire += (
+                len(body) + len(topic) + 2 + 2 + 5 + (len(ct) + 3 + 70 if self._v5 else 0)
+            )
         self.stats.readings_sent += n
         g.sealed = True
         self._advance()
@@ -493,5 +514,3 @@ async def _wait_any(events: list[asyncio.Event], timeout: float) -> None:
     finally:
         for t in tasks:
             t.cancel()
-
-

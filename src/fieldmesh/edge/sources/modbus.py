@@ -50,8 +50,9 @@ class ModbusSource:
             raise MissingDependency("pymodbus", "edge-modbus") from exc
         self.name = name
         self.cfg = cfg
-        self._client: Any = AsyncModbusTcpClient(cfg.host, port=cfg.port, timeout=cfg.timeout_s, retries=0,
-                                                 reconnect_delay=0)
+        self._client: Any = AsyncModbusTcpClient(
+            cfg.host, port=cfg.port, timeout=cfg.timeout_s, retries=0, reconnect_delay=0
+        )
         self.errors = 0
         self.polls = 0
         self.healthy = True
@@ -105,8 +106,13 @@ class ModbusSource:
             except (ConnectionError, TimeoutError, OSError, ModbusException) as exc:
                 self.errors += 1
                 if self.healthy:
-                    log.warning("modbus %s (%s:%s) stopped answering: %s", self.cfg.device_id, self.cfg.host,
-                                self.cfg.port, exc)
+                    log.warning(
+                        "modbus %s (%s:%s) stopped answering: %s",
+                        self.cfg.device_id,
+                        self.cfg.host,
+                        self.cfg.port,
+                        exc,
+                    )
                 self.healthy = False
                 self._client.close()
                 await asyncio.sleep(backoff)
@@ -120,7 +126,8 @@ class ModbusSource:
             self.polls += 1
             ts = int(time.time() * 1000)
             yield SourceBatch(
-                device_ids=[self.cfg.device_id], ts_ms=np.array([ts], dtype=np.int64),
+                device_ids=[self.cfg.device_id],
+                ts_ms=np.array([ts], dtype=np.int64),
                 cols={k: np.array([values[k]]) for k in self._names},
             )
             next_t += interval

@@ -47,20 +47,25 @@ class MqttSource:
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
 
-        c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
-                        client_id=self.cfg.client_id or f"fm-edge-src-{secrets.token_hex(4)}",
-                        protocol=mqtt.MQTTv5, manual_ack=True)
+        c = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=self.cfg.client_id or f"fm-edge-src-{secrets.token_hex(4)}",
+            protocol=mqtt.MQTTv5,
+            manual_ack=True,
+        )
 
         def on_connect(client: Any, userdata: Any, flags: Any, rc: Any, props: Any = None) -> None:
             client.subscribe(self.cfg.topic, qos=self.cfg.qos)
 
         def on_message(client: Any, userdata: Any, msg: Any) -> None:
             ct = getattr(getattr(msg, "properties", None), "ContentType", None)
-            loop.call_soon_threadsafe(self._queue.put_nowait, (msg.mid, msg.qos, msg.topic, bytes(msg.payload), ct))
+            loop.call_soon_threadsafe(
+                self._queue.put_nowait, (msg.mid, msg.qos, msg.topic, bytes(msg.payload), ct)
+            )
 
         c.on_connect = on_connect
         c.on_message = on_message
-        c.reconnect_delay_set(0.2, 5)
+        c.reconnect_delay_set(1, 5)
         c.connect_async(self.cfg.host, self.cfg.port)
         c.loop_start()
         self._client = c
@@ -84,8 +89,13 @@ class MqttSource:
                 self.received += 1
                 parts = topic.split("/")
                 dev = parts[1] if len(parts) > 1 else ""
-                res = decode_telemetry(payload, device_id=dev, topic=topic, received_ms=now,
-                                       encoding=encoding_for(ct, parts[3] if len(parts) > 3 else None))
+                res = decode_telemetry(
+                    payload,
+                    device_id=dev,
+                    topic=topic,
+                    received_ms=now,
+                    encoding=encoding_for(ct, parts[3] if len(parts) > 3 else None),
+                )
                 self.rejected += len(res.rejects)
                 for r in res.readings:
                     devs.append(dev)
@@ -93,8 +103,12 @@ class MqttSource:
                     rows.append(r.measurements)
             names = sorted({k for r in rows for k in r})
             cols = {n: np.array([float(r.get(n, np.nan)) for r in rows]) for n in names}
-            yield SourceBatch(device_ids=devs, ts_ms=np.array(ts, dtype=np.int64), cols=cols,
-                              token=[(m[0], m[1]) for m in msgs])
+            yield SourceBatch(
+                device_ids=devs,
+                ts_ms=np.array(ts, dtype=np.int64),
+                cols=cols,
+                token=[(m[0], m[1]) for m in msgs],
+            )
 
     async def ack(self, batch: SourceBatch) -> None:
         """PUBACK the batch's messages to the local broker."""

@@ -65,12 +65,14 @@ class OpcuaSource:
             rows.setdefault(ts, {})[name] = v
         tss = sorted(rows)
         cols = {n: np.array([rows[t].get(n, np.nan) for t in tss]) for n in self._names}
-        return SourceBatch(device_ids=[self.cfg.device_id] * len(tss), ts_ms=np.array(tss, dtype=np.int64),
-                           cols=cols)
+        return SourceBatch(
+            device_ids=[self.cfg.device_id] * len(tss), ts_ms=np.array(tss, dtype=np.int64), cols=cols
+        )
 
     async def batches(self) -> AsyncIterator[SourceBatch]:
         """Yield readings as notifications arrive; reconnect on failure."""
-        from asyncua import Client, ua
+        from asyncua import Client  # type: ignore[attr-defined]
+        from asyncua.ua.uaerrors import UaError
 
         backoff = 0.2
         cap = self.cfg.reconnect_max_ms / 1000
@@ -82,13 +84,19 @@ class OpcuaSource:
                 try:
                     nodes = [client.get_node(nid) for nid in self.cfg.nodes.values()]
                     names = {n.nodeid: m for n, m in zip(nodes, self.cfg.nodes, strict=True)}
-                    sub = await client.create_subscription(self.cfg.publishing_interval_ms, _Handler(queue, names))
+                    sub = await client.create_subscription(
+                        self.cfg.publishing_interval_ms, _Handler(queue, names)
+                    )
                     await sub.subscribe_data_change(nodes)
                     self.connects += 1
                     self.connected = True
                     backoff = 0.2
-                    log.info("opcua %s: subscribed to %d node(s) on %s", self.cfg.device_id, len(nodes),
-                             self.cfg.endpoint)
+                    log.info(
+                        "opcua %s: subscribed to %d node(s) on %s",
+                        self.cfg.device_id,
+                        len(nodes),
+                        self.cfg.endpoint,
+                    )
                     last_check = time.monotonic()
                     while not self._closed:
                         try:
@@ -107,14 +115,19 @@ class OpcuaSource:
                     self.connected = False
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(client.disconnect(), 2)
-            except (OSError, TimeoutError, ConnectionError, ua.UaError, asyncio.CancelledError) as exc:
+            except (OSError, TimeoutError, ConnectionError, UaError, asyncio.CancelledError) as exc:
                 if isinstance(exc, asyncio.CancelledError) and self._closed:
                     return
                 if isinstance(exc, asyncio.CancelledError):
                     raise
                 self.errors += 1
-                log.warning("opcua %s: %s (%s); reconnecting in %.1fs", self.cfg.device_id, self.cfg.endpoint,
-                            exc or type(exc).__name__, backoff)
+                log.warning(
+                    "opcua %s: %s (%s); reconnecting in %.1fs",
+                    self.cfg.device_id,
+                    self.cfg.endpoint,
+                    exc or type(exc).__name__,
+                    backoff,
+                )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, cap)
 

@@ -26,13 +26,18 @@ class SimulatorSource:
     has the same identity).
     """
 
-    def __init__(self, cfg: SimulatorSourceConfig, *, state_path: Path | None = None, name: str = "simulator") -> None:
+    def __init__(
+        self, cfg: SimulatorSourceConfig, *, state_path: Path | None = None, name: str = "simulator"
+    ) -> None:
         self.name = name
         self.cfg = cfg
         self.state_path = state_path
         self.boot_id = cfg.boot_id or f"sim{cfg.seed}"
         self._sim = FleetSimulator(
-            devices=cfg.devices, seed=cfg.seed, prefix=cfg.prefix, spike_prob=cfg.spike_prob,
+            devices=cfg.devices,
+            seed=cfg.seed,
+            prefix=cfg.prefix,
+            spike_prob=cfg.spike_prob,
             stuck_prob=cfg.stuck_prob,
         )
         self.device_ids = list(self._sim.device_ids)
@@ -93,8 +98,13 @@ class SimulatorSource:
                 seq[sl] = k
             self._generated = k0 + t
             yield SourceBatch(
-                device_ids=self.device_ids * t, ts_ms=ts, cols=cols, seq=seq, boot_id=self.boot_id,
-                token=k0 + t, labels=labels,
+                device_ids=self.device_ids * t,
+                ts_ms=ts,
+                cols=cols,
+                seq=seq,
+                boot_id=self.boot_id,
+                token=k0 + t,
+                labels=labels,
             )
             if not cfg.realtime:
                 await asyncio.sleep(0)
