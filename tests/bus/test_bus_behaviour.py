@@ -288,3 +288,28 @@ async def test_unreachable_broker_is_backend_unavailable_quickly(backend: Backen
     with pytest.raises(BackendUnavailable, match=f"127.0.0.1:{port}"):
         await asyncio.wait_for(connect(), timeout=15)
     assert time.monotonic() - t0 < 10
+
+
+async def test_kafka_rebalance_resumes_from_store_positions_not_commits(tansu_url: str) -> None:
+    """A member leaves without committing: its partitions move and resume after the *applied* offsets."""
+    async with load_bus(tansu_url) as bus:
+        topic = await _topic(bus, partitions=4)
+        group = _name("g")
+        applied: dict[int, int] = {}  # stands in for the store's positions table
+
+        def positions(parts: list[int]) -> dict[int, int]:
+            return {p: applied[p] for p in parts if p in applied}
+
+        await bus.producer().send([OutRecord(topic, i % 4, f"a{i}".encode()) for i in range(40)])
+        a = await bus.consumer(topic, group=group, positions=positions)  # type: ignore[call-arg]
+        first = await _fetch_n(a, 40)
+        assert len(first) == 40
+        for r in first:  # "apply" them, without ever acking (no Kafka commit)
+            applied[r.partition] = max(applied.get(r.partition, -1), r.offset)
+        await bus.producer().send([OutRecord(topic, i % 4, f"b{i}".encode()) for i in range(40)])
+        b = await bus.consumer(topic, group=group, positions=positions)  # type: ignore[call-arg]
+        await a.close()  # leaves the group: every partition moves to b
+        second = await _fetch_n(b, 40, timeout_s=40)
+        assert sorted(r.value for r in second) == sorted(f"b{i}".encode() for i in range(40))
+        assert await b.fetch(100, 1.0) == []
+        await b.close()
