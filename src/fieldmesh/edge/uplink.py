@@ -38,7 +38,16 @@ from fieldmesh.edge.buffer import DiskBuffer, Record
 from fieldmesh.edge.config import UplinkConfig
 from fieldmesh.edge.frame import WireBatch, WireReading
 
-__all__ = ["CONTENT_TYPE_ZSTD", "Uplink", "UplinkStats", "backoff_delays", "decode_record", "encode_record"]
+__all__ = [
+    "CONTENT_TYPE_ZSTD",
+    "Uplink",
+    "UplinkStats",
+    "backoff_delays",
+    "decode_record",
+    "encode_record",
+    "encode_uplink_message",
+    "publish_wire_bytes",
+]
 
 log = logging.getLogger("fieldmesh.edge.uplink")
 
@@ -62,6 +71,27 @@ def encode_record(groups: list[tuple[str, list[WireReading]]]) -> bytes:
 def decode_record(payload: bytes) -> list[tuple[str, list[WireReading]]]:
     """Inverse of :func:`encode_record`."""
     return _rec_decoder.decode(payload)
+
+
+def encode_uplink_message(
+    device_id: str, readings: list[WireReading], compressor: Any, *, v5: bool = True
+) -> tuple[str, bytes, str]:
+    """``(topic, payload, content type)`` of one device's batch as the uplink publishes it."""
+    body = _json.encode(WireBatch(device_id=device_id, readings=readings))
+    if compressor is None:
+        return f"devices/{device_id}/telemetry", body, CONTENT_TYPE_JSON
+    topic = f"devices/{device_id}/telemetry" if v5 else f"devices/{device_id}/telemetry/zstd"
+    return topic, compressor.compress(body), CONTENT_TYPE_ZSTD
+
+
+def publish_wire_bytes(topic: str, payload: bytes, content_type: str | None, traceparent: bool) -> int:
+    """Bytes of a QoS 1 PUBLISH on the wire (MQTT 5 properties when ``content_type`` is given)."""
+    props = 0
+    if content_type is not None:
+        props = 1 + (3 + len(content_type)) + ((1 + 2 + 11 + 2 + 55) if traceparent else 0)
+    rem = 2 + len(topic) + 2 + props + len(payload)
+    header = 1 + (1 if rem < 128 else 2 if rem < 16384 else 3 if rem < 2097152 else 4)
+    return header + rem
 
 
 def backoff_delays(initial_s: float, cap_s: float, rng: random.Random | None = None) -> Any:
@@ -435,16 +465,8 @@ class Uplink:
                     lst.extend(readings)
         g = _Group(last_seq=recs[-1].seq, readings=n)
         self._groups.append(g)
-        zc = self._zc
         for dev, readings in per_dev.items():
-            body = _json.encode(WireBatch(device_id=dev, readings=readings))
-            if zc is not None:
-                body = zc.compress(body)
-                ct = CONTENT_TYPE_ZSTD
-                topic = f"devices/{dev}/telemetry" if self._v5 else f"devices/{dev}/telemetry/zstd"
-            else:
-                ct = CONTENT_TYPE_JSON
-                topic = f"devices/{dev}/telemetry"
+            topic, body, ct = encode_uplink_message(dev, readings, self._zc, v5=self._v5)
             props = self._props(ct)
             info = client.publish(topic, body, qos=1, properties=props)
             if info.rc != 0:
