@@ -259,7 +259,8 @@ class EdgeAgent:
                         "meta": r.meta,
                     }
                 )
-                self.uplink.publish_now(f"devices/{dev}/anomalies", body)
+                if self.uplink.publish_now(f"devices/{dev}/anomalies", body):
+                    self.uplink.stats.anomalies += 1
 
     async def _run_source(self, source: Source, stop: asyncio.Event) -> None:
         try:

@@ -465,9 +465,13 @@ class Uplink:
                     lst.extend(readings)
         g = _Group(last_seq=recs[-1].seq, readings=n)
         self._groups.append(g)
+        # one set of properties (and one traceparent: one trace span) per group of messages
+        props_by_ct: dict[str, Any] = {}
         for dev, readings in per_dev.items():
             topic, body, ct = encode_uplink_message(dev, readings, self._zc, v5=self._v5)
-            props = self._props(ct)
+            props = props_by_ct.get(ct)
+            if props is None:
+                props = props_by_ct[ct] = self._props(ct)
             info = client.publish(topic, body, qos=1, properties=props)
             if info.rc != 0:
                 self.stats.last_error = f"publish failed rc={info.rc}"
