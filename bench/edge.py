@@ -275,7 +275,8 @@ def _wire(cfg_doc: dict[str, Any], devices: int, seconds: int, linger_s: int) ->
 
 def bench_bytes(devices: int = 100, seconds: int = 600, linger_s: int = 10) -> dict[str, float]:
     print(
-        f"\n== 3. bytes on the wire per reading ({devices} devices at 1 Hz for {seconds} s, linger {linger_s} s)"
+        f"\n== 3. bytes on the wire per reading ({devices} devices at 1 Hz for {seconds} s, "
+        f"linger {linger_s} s)"
     )
     base: dict[str, Any] = {
         "sources": [
@@ -298,12 +299,12 @@ def bench_bytes(devices: int = 100, seconds: int = 600, linger_s: int = 10) -> d
     raw_b, ours_b, agg_b = per / n, ours / n, agg / n2
     print(f"  per-reading JSON (QoS 1 publish each):  {raw_b:7.1f} B/reading (baseline)")
     print(
-        f"  agent batched + zstd (MQTT 5):          {ours_b:7.1f} B/reading = {100 * (1 - ours_b / raw_b):.1f}% fewer "
-        f"(target >= 60%)"
+        f"  agent batched + zstd (MQTT 5):          {ours_b:7.1f} B/reading = "
+        f"{100 * (1 - ours_b / raw_b):.1f}% fewer (target >= 60%)"
     )
     print(
-        f"  1-minute aggregation (+raw anomalies):  {agg_b:7.1f} B/reading = {100 * (1 - agg_b / raw_b):.1f}% fewer "
-        f"(target >= 95%)"
+        f"  1-minute aggregation (+raw anomalies):  {agg_b:7.1f} B/reading = "
+        f"{100 * (1 - agg_b / raw_b):.1f}% fewer (target >= 95%)"
     )
     return {"raw": raw_b, "batched": ours_b, "agg": agg_b}
 
