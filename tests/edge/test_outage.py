@@ -67,8 +67,16 @@ def _check_exactly_once(readings: list[tuple[str, dict[str, Any]]], devices: lis
         assert seqs == sorted(seqs), f"per-device order broken for {dev}"
 
 
+@pytest.mark.parametrize(
+    "outage_s", [OUTAGE_S, pytest.param(30.0, marks=pytest.mark.slow)], ids=["short", "30s"]
+)
 def test_outage_kill9_exactly_once(
-    tmp_path: Path, mosquitto_factory: Any, collector_factory: Any, agent_factory: Any, prefix: str
+    outage_s: float,
+    tmp_path: Path,
+    mosquitto_factory: Any,
+    collector_factory: Any,
+    agent_factory: Any,
+    prefix: str,
 ) -> None:
     broker = mosquitto_factory(persistence=True)
     coll = collector_factory(broker.port, prefix)
@@ -78,7 +86,7 @@ def test_outage_kill9_exactly_once(
 
     # outage: the broker goes away while the simulator keeps ticking
     broker.stop()
-    time.sleep(OUTAGE_S / 2)
+    time.sleep(outage_s / 2)
     before = agent.stats()["buffer"]["pending_readings"]
     assert before > 0, "readings must pile up in the buffer during the outage"
     agent.kill9()  # kill -9 during the outage
@@ -88,7 +96,7 @@ def test_outage_kill9_exactly_once(
         20,
         "restarted agent recovering the buffer",
     )
-    time.sleep(OUTAGE_S / 2)
+    time.sleep(outage_s / 2)
     pending = agent.stats()["buffer"]["pending_readings"]
     assert pending >= before
     broker.start()
