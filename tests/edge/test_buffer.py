@@ -150,3 +150,49 @@ def test_model_based(tmp_path_factory: pytest.TempPathFactory, ops: list[tuple[s
             buf = DiskBuffer(path=d, segment_bytes=300)
             cursor = acked
     assert buf.pending_records == len([m for m in model if m[0] > acked])
+
+
+_FULL_DISK = r"""
+import json, resource, signal, sys
+from fieldmesh.edge.buffer import BufferFull, DiskBuffer
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG, like ENOSPC
+resource.setrlimit(resource.RLIMIT_FSIZE, (3000, 3000))
+buf = DiskBuffer(path=sys.argv[1], segment_bytes=1 << 20, full_policy=sys.argv[2])
+ok = full = 0
+for i in range(100):
+    try:
+        buf.append(bytes([i % 256]) * 170, 2)
+        ok += 1
+    except BufferFull:
+        full += 1
+buf.close()
+print(json.dumps({"ok": ok, "full": full, "dropped": buf.stats.dropped_readings,
+                  "disk_full": buf.stats.disk_full}))
+"""
+
+
+@pytest.mark.parametrize("policy", ["drop_oldest", "block"])
+def test_full_disk_applies_the_policy_without_corruption(tmp_path: Path, policy: str) -> None:
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK, str(tmp_path), policy],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    r = json.loads(out.stdout)
+    assert r["disk_full"] >= 1
+    buf = DiskBuffer(path=tmp_path)
+    assert buf.stats.corrupt_records == 0, "a failed write leaves no torn record behind"
+    recs = buf.read(max_records=1000)
+    if policy == "drop_oldest":
+        assert r["full"] == 0 and r["ok"] == 100
+        assert sum(x.count for x in recs) == 2 * 100 - r["dropped"]
+        assert recs[-1].payload == bytes([99]) * 170
+    else:
+        assert r["full"] > 0 and r["dropped"] == 0
+        assert len(recs) == r["ok"]

@@ -25,6 +25,9 @@ fsyncs at most every ``fsync_interval_ms`` (kill -9 is still safe: the data is i
 power loss may lose the last interval); ``never`` leaves it to the OS. The ``ack`` file is not
 fsynced: losing it re-sends acknowledged records, which downstream de-duplication absorbs.
 
+A full disk (``ENOSPC``) is handled like a full buffer: the partial write is truncated away (the
+segment still ends on a record boundary, so nothing is corrupted) and the policy applies.
+
 Full policy: ``drop_oldest`` deletes the oldest segments (counting the unacknowledged readings in
 them in ``dropped_readings``); ``block`` raises :class:`BufferFull` and the agent stops reading its
 sources until the uplink frees space.
@@ -33,6 +36,8 @@ sources until the uplink frees space.
 from __future__ import annotations
 
 import bisect
+import contextlib
+import errno
 import os
 import struct
 import time
@@ -50,6 +55,8 @@ _HDR: Final = struct.Struct("<2sIIQI")
 HEADER_SIZE: Final = _HDR.size
 _SEQCOUNT: Final = struct.Struct("<QI")
 _MAX_RECORD: Final = 64 * 1024 * 1024
+#: errnos of a full disk (and of a file size limit, which behaves the same for the buffer)
+_DISK_FULL: Final = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 class BufferFull(FieldmeshError):
@@ -80,6 +87,8 @@ class BufferStats:
     recovered_records: int = 0
     recovered_readings: int = 0
     blocked: int = 0
+    #: appends that hit a full disk (the full policy then applies)
+    disk_full: int = 0
 
 
 @dataclass(slots=True)
@@ -312,13 +321,31 @@ class DiskBuffer:
                 self.stats.blocked += 1
                 raise BufferFull(f"buffer full ({self.size_bytes} of {self.max_bytes} bytes)")
             self._drop_oldest()
-        active = self._segs[-1] if self._segs and self._fd is not None else None
-        if active is None or (active.size and active.size + n > self.segment_bytes):
-            active = self._open_segment(self._next_seq)
-        assert self._fd is not None
-        written = os.write(self._fd, frame)
-        while written < n:  # short writes happen on a full disk: surface them as OSError
-            written += os.write(self._fd, frame[written:])
+        for attempt in range(len(self._segs) + 2):
+            active = self._segs[-1] if self._segs and self._fd is not None else None
+            if active is None or (active.size and active.size + n > self.segment_bytes):
+                active = self._open_segment(self._next_seq)
+            assert self._fd is not None
+            try:
+                self._write(frame)
+                break
+            except OSError as exc:
+                # roll a partial write back so the segment still ends on a record boundary
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, active.size)
+                if exc.errno not in _DISK_FULL:
+                    raise
+                self.stats.disk_full += 1
+                if self.full_policy == "block" or not self._segs or attempt > len(self._segs):
+                    raise BufferFull(f"disk full while appending to {active.path.name}: {exc}") from exc
+                if not active.seqs:
+                    self._segs.pop()
+                    self._close_active()
+                    active.path.unlink(missing_ok=True)
+                if self._segs:
+                    self._drop_oldest()
+        else:
+            raise BufferFull("disk full: nothing left to drop")
         seq = self._next_seq
         active.seqs.append(seq)
         active.offsets.append(active.size)
@@ -326,15 +353,21 @@ class DiskBuffer:
         active.counts.append(count)
         active.size += n
         self._next_seq += 1
-        self._dirty = True
         self.stats.appended_records += 1
         self.stats.appended_readings += count
+        return seq
+
+    def _write(self, frame: bytes) -> None:
+        assert self._fd is not None
+        written = os.write(self._fd, frame)
+        while written < len(frame):  # a short write means a full disk: the next write raises ENOSPC
+            written += os.write(self._fd, frame[written:])
+        self._dirty = True
         if self.fsync == "always":
             os.fsync(self._fd)
             self._dirty = False
         elif self.fsync == "interval":
             self.sync(force=False)
-        return seq
 
     def sync(self, *, force: bool = True) -> None:
         """fsync pending appends (when ``force`` or the interval has passed)."""
