@@ -10,6 +10,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -313,3 +314,31 @@ async def test_kafka_rebalance_resumes_from_store_positions_not_commits(tansu_ur
         assert sorted(r.value for r in second) == sorted(f"b{i}".encode() for i in range(40))
         assert await b.fetch(100, 1.0) == []
         await b.close()
+
+
+async def test_kafka_send_to_a_missing_partition_is_a_backend_error(tansu_url: str) -> None:
+    from fieldmesh.core.errors import BackendError
+
+    async with load_bus(tansu_url) as bus:
+        topic = await _topic(bus, partitions=2)
+        with pytest.raises(BackendError, match=topic):
+            await bus.producer().send([OutRecord(topic, 7, b"x")])
+
+
+async def test_kafka_send_when_the_broker_died_is_backend_unavailable(tmp_path: Path) -> None:
+    from conftest import KAFKA_TEST_PARAMS, start_tansu
+
+    bootstrap, proc = start_tansu(tmp_path)
+    try:
+        url = f"kafka://{bootstrap}?{KAFKA_TEST_PARAMS}&producer.message.timeout.ms=2000"
+        async with load_bus(url) as bus:
+            topic = await _topic(bus, partitions=1)
+            await bus.producer().send([OutRecord(topic, 0, b"before")])
+            proc.kill()
+            proc.wait(10)
+            t0 = time.monotonic()
+            with pytest.raises(BackendUnavailable, match=bootstrap):
+                await bus.producer().send([OutRecord(topic, 0, b"after")])
+            assert time.monotonic() - t0 < 15
+    finally:
+        proc.kill()

@@ -42,6 +42,8 @@ PRODUCER_DEFAULTS: Final[dict[str, Any]] = {
     "acks": "all",
     "compression.type": "lz4",
     "linger.ms": 5,
+    # a record the cluster does not take within 30 s fails (default 5 min), so send() answers in time
+    "message.timeout.ms": 30_000,
     "batch.size": 1_000_000,
     "queue.buffering.max.messages": 500_000,
     "queue.buffering.max.kbytes": 1_048_576,
@@ -112,9 +114,10 @@ def _backoff(attempt: int, *, base_s: float = 0.2, cap_s: float = 5.0) -> float:
 class KafkaProducer:
     """Idempotent producer; :meth:`send` returns when every record was acknowledged."""
 
-    def __init__(self, producer: Any, *, timeout_s: float = 30.0) -> None:
+    def __init__(self, producer: Any, *, timeout_s: float = 40.0, brokers: str = "") -> None:
         self._p = producer
         self._timeout = timeout_s
+        self._brokers = brokers
         self._lock = asyncio.Lock()
 
     async def send(self, records: Sequence[OutRecord]) -> None:
@@ -129,24 +132,24 @@ class KafkaProducer:
             errors: list[Any] = []
             delivered = [0]
 
-            def on_delivery(err: Any, _msg: Any) -> None:
+            def on_delivery(err: Any, msg: Any) -> None:
                 if err is not None:
-                    errors.append(err)
+                    errors.append((err, f"{msg.topic()}[{msg.partition()}]"))
                 else:
                     delivered[0] += 1
 
             await asyncio.to_thread(self._produce_all, records, on_delivery)
             left = await asyncio.to_thread(self._p.flush, self._timeout)
             if errors or left:
-                first = errors[0] if errors else None
-                raise BackendError(
-                    f"Kafka delivery failed for {len(errors) + left} of {len(records)} records"
-                    + (
-                        f": {first}"
-                        if first is not None
-                        else f" ({left} still queued after {self._timeout}s)"
-                    )
+                first, where = errors[0] if errors else (None, "")
+                msg = f"Kafka delivery failed for {len(errors) + left} of {len(records)} records" + (
+                    f" (first: {where}: {first})"
+                    if first is not None
+                    else f" ({left} still queued after {self._timeout}s)"
                 )
+                if first is None or first.name() in _TRANSIENT_CODES:
+                    raise BackendUnavailable(f"{msg} (brokers {self._brokers})")
+                raise BackendError(msg)
 
     def _produce_all(self, records: Sequence[OutRecord], on_delivery: Callable[[Any, Any], None]) -> None:
         produce = self._p.produce
@@ -337,7 +340,7 @@ class KafkaConsumer:
 class KafkaBus:
     """A connection to a Kafka cluster (Apache Kafka, Redpanda, MSK, Confluent, tansu ...)."""
 
-    def __init__(self, url: str, *, connect_timeout_s: float = 5.0, send_timeout_s: float = 30.0) -> None:
+    def __init__(self, url: str, *, connect_timeout_s: float = 5.0) -> None:
         self.url = url
         self.brokers, self._common, self._prod, self._cons, fm = parse_kafka_url(url)
         try:
@@ -345,14 +348,17 @@ class KafkaBus:
         except ValueError as exc:
             raise ConfigError(f"replication_factor must be an integer in {url!r}", key="bus_url") from exc
         self._timeout = connect_timeout_s
-        self._send_timeout = send_timeout_s
         self._admin: Any = None
         self._producer: KafkaProducer | None = None
         self._consumers: list[KafkaConsumer] = []
         self._lock = threading.Lock()
 
     def _base(self) -> dict[str, Any]:
-        return {"bootstrap.servers": self.brokers, **self._common}
+        return {"bootstrap.servers": self.brokers, "error_cb": self._on_error, **self._common}
+
+    def _on_error(self, err: Any) -> None:
+        """librdkafka client errors (mostly transient: it reconnects by itself)."""
+        log.warning("kafka %s: %s", self.brokers, err)
 
     def producer_config(self) -> dict[str, Any]:
         """The librdkafka producer settings: defaults, then the URL's."""
@@ -469,7 +475,9 @@ class KafkaBus:
                     raise ConfigError(
                         f"invalid Kafka producer settings in {self.url!r}: {exc}", key="bus_url"
                     ) from exc
-                self._producer = KafkaProducer(p, timeout_s=self._send_timeout)
+                conf = self.producer_config()
+                timeout = float(conf.get("message.timeout.ms", 300_000)) / 1000 + 10
+                self._producer = KafkaProducer(p, timeout_s=timeout, brokers=self.brokers)
             return self._producer
 
     async def consumer(
