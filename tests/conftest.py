@@ -11,7 +11,7 @@ import secrets
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -89,6 +89,22 @@ def tansu_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture
+def tansu_factory(tmp_path: Path) -> Iterator[Callable[[], tuple[str, subprocess.Popen[bytes]]]]:
+    """Start private tansu brokers (tests that kill theirs); returns ``(kafka URL, process)``."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start() -> tuple[str, subprocess.Popen[bytes]]:
+        bootstrap, proc = start_tansu(tmp_path)
+        procs.append(proc)
+        return f"kafka://{bootstrap}?{KAFKA_TEST_PARAMS}", proc
+
+    yield start
+    for p in procs:
+        p.kill()
+        p.wait(10)
 
 
 # ---- NATS JetStream: the embedded nats-server ---------------------------------------------------

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -325,20 +325,17 @@ async def test_kafka_send_to_a_missing_partition_is_a_backend_error(tansu_url: s
             await bus.producer().send([OutRecord(topic, 7, b"x")])
 
 
-async def test_kafka_send_when_the_broker_died_is_backend_unavailable(tmp_path: Path) -> None:
-    from conftest import KAFKA_TEST_PARAMS, start_tansu
-
-    bootstrap, proc = start_tansu(tmp_path)
-    try:
-        url = f"kafka://{bootstrap}?{KAFKA_TEST_PARAMS}&producer.message.timeout.ms=2000"
-        async with load_bus(url) as bus:
-            topic = await _topic(bus, partitions=1)
-            await bus.producer().send([OutRecord(topic, 0, b"before")])
-            proc.kill()
-            proc.wait(10)
-            t0 = time.monotonic()
-            with pytest.raises(BackendUnavailable, match=bootstrap):
-                await bus.producer().send([OutRecord(topic, 0, b"after")])
-            assert time.monotonic() - t0 < 15
-    finally:
+async def test_kafka_send_when_the_broker_died_is_backend_unavailable(
+    tansu_factory: Callable[[], tuple[str, subprocess.Popen[bytes]]],
+) -> None:
+    base_url, proc = tansu_factory()
+    bootstrap = base_url.split("://", 1)[1].split("?", 1)[0]
+    async with load_bus(base_url + "&producer.message.timeout.ms=2000") as bus:
+        topic = await _topic(bus, partitions=1)
+        await bus.producer().send([OutRecord(topic, 0, b"before")])
         proc.kill()
+        proc.wait(10)
+        t0 = time.monotonic()
+        with pytest.raises(BackendUnavailable, match=bootstrap):
+            await bus.producer().send([OutRecord(topic, 0, b"after")])
+        assert time.monotonic() - t0 < 15
