@@ -403,3 +403,52 @@ def test_two_writers_on_the_same_windows_lose_no_update(store: HotStore, store_u
     assert (s.stored, s.duplicates) == (600, 200)
     assert stored_rollups(store, "1m") == oracle(rs, MIN)
     assert stored_rollups(store, "1h") == oracle(rs, HOUR)
+
+
+def test_postgres_lost_connection_rolls_back_and_recovers(pg_url: str) -> None:
+    """The server drops the writer mid-run: that batch is not applied, the next call works."""
+    import psycopg
+
+    from fieldmesh.core.errors import BackendUnavailable
+
+    url = f"{pg_url}?schema=t_{secrets.token_hex(5)}"
+    store = load_store(url)
+    try:
+        apply(store, [reading("d1", BASE_MS, 1, {"t": 1.0})], positions={("fm.readings", 0): 1})
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name = 'fieldmesh-writer' AND datname = current_database()"
+            )
+        batch = [reading("d1", BASE_MS + 1000, 2, {"t": 2.0})]
+        with pytest.raises(BackendUnavailable):
+            apply(store, batch, positions={("fm.readings", 0): 2})
+        assert store.stats().stored == 1 and store.positions() == {("fm.readings", 0): 1}
+        res = apply(store, batch, positions={("fm.readings", 0): 2})  # the caller's retry
+        assert res.stored == 1
+        assert store.positions() == {("fm.readings", 0): 2}
+        assert stored_rollups(store, "1m")[("d1", "t", BASE_MS)]["sum"] == 3.0
+    finally:
+        store.close()
+
+
+def test_postgres_lost_connection_before_a_new_day_partition(pg_url: str) -> None:
+    import psycopg
+
+    from fieldmesh.core.errors import BackendUnavailable
+
+    store = load_store(f"{pg_url}?schema=t_{secrets.token_hex(5)}")
+    try:
+        apply(store, [reading("d1", BASE_MS, 1, {"t": 1.0})])
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name = 'fieldmesh-writer' AND datname = current_database()"
+            )
+        next_day = [reading("d1", BASE_MS + 86_400_000, 2, {"t": 2.0})]
+        with pytest.raises(BackendUnavailable):
+            apply(store, next_day)
+        assert apply(store, next_day).stored == 1
+        assert store.stats().stored == 2
+    finally:
+        store.close()

@@ -348,9 +348,9 @@ class PostgresStore:
         if self.readonly or self._w is None:
             raise FieldmeshError("this store was opened read-only")
         pg = _psycopg()
-        self._ensure_partitions(readings)
         for attempt in range(8):
             try:
+                self._ensure_partitions(readings)
                 self._pending_metrics = []
                 with self._w.transaction():
                     res = self._apply_tx(readings, late, dead_letters, positions, watermarks)
