@@ -107,13 +107,27 @@ class Pipeline:
         if len(batch) == 0:
             return [], 0, []
         dev = self.devices.indices(batch.device_ids)
-        seq = batch.seq if batch.seq is not None else self._assign_seq(dev)
+        boot_ids = None
+        if batch.seq is None:
+            seq = self._assign_seq(dev)
+        else:
+            seq = np.array(batch.seq, dtype=np.int64)
+            missing = seq < 0
+            if batch.boot_ids is not None:
+                default = batch.boot_id or self.boot_id
+                boot_ids = np.array(
+                    [default if m else b for b, m in zip(batch.boot_ids, missing.tolist(), strict=True)],
+                    dtype=object,
+                )
+            if missing.any():
+                seq[missing] = self._assign_seq(dev[missing])
         frame = Frame(
             dev=dev,
             ts_ms=np.asarray(batch.ts_ms, dtype=np.int64),
             seq=seq,
             cols={k: np.array(v, dtype=np.float64) for k, v in batch.cols.items()},
             boot_id=batch.boot_id or self.boot_id,
+            boot_ids=boot_ids,
         )
         frame = self.pre.clean(frame)
         if len(frame):
@@ -142,13 +156,20 @@ class Pipeline:
             scores = frame.score.round(3).tolist() if frame.score is not None else None
             flags = frame.anomaly.tolist() if frame.anomaly is not None else None
             boot = frame.boot_id
+            boots = frame.boot_ids.tolist() if frame.boot_ids is not None else None
             for i, row in enumerate(zip(*cols, strict=True)):
                 meas = {k: v for k, v in zip(names, row, strict=True) if v == v}
                 meta = None
                 if scores is not None:
                     is_an = flags is not None and flags[i]
                     meta = {"anomaly_score": scores[i], "decision": "anomaly" if is_an else "normal"}
-                r = WireReading(ts=tss[i], measurements=meas, seq=seqs[i], boot_id=boot, meta=meta)
+                r = WireReading(
+                    ts=tss[i],
+                    measurements=meas,
+                    seq=seqs[i],
+                    boot_id=boot if boots is None else boots[i],
+                    meta=meta,
+                )
                 d = devs[i]
                 lst = per.get(d)
                 if lst is None:

@@ -82,6 +82,8 @@ class Frame:
     seq: I64
     cols: dict[str, F64]
     boot_id: str
+    #: per-row boot ids (None entries: no boot id) when rows differ; else ``boot_id`` for all
+    boot_ids: npt.NDArray[np.object_] | None = None
     score: F64 | None = None
     anomaly: npt.NDArray[np.bool_] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
@@ -97,6 +99,7 @@ class Frame:
             seq=self.seq[rows],
             cols={k: v[rows] for k, v in self.cols.items()},
             boot_id=self.boot_id,
+            boot_ids=None if self.boot_ids is None else self.boot_ids[rows],
             score=None if self.score is None else self.score[rows],
             anomaly=None if self.anomaly is None else self.anomaly[rows],
             meta=self.meta,

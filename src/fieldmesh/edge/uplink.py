@@ -338,6 +338,14 @@ class Uplink:
         return c
 
     async def _connect(self) -> Any:
+        try:
+            return await self._connect_attempts()
+        except BaseException:
+            if self.cfg.protocol == "auto":
+                self._v5 = True  # a failed fallback must not pin 3.1.1: try 5 first next time
+            raise
+
+    async def _connect_attempts(self) -> Any:
         loop = self._loop
         assert loop is not None
         attempts = [self._v5] if self.cfg.protocol != "auto" else ([True, False] if self._v5 else [False])

@@ -17,7 +17,8 @@ class SourceBatch:
     """Readings from a source: one row per reading, one float column per metric (NaN = absent).
 
     ``seq`` and ``boot_id`` are the source's own identity when it has one (the simulator's tick
-    numbers, a device's MQTT ``seq``); else the agent numbers readings per device.
+    numbers, a device's MQTT ``seq``); else the agent numbers readings per device. A ``seq`` of -1
+    marks a row without one; ``boot_ids`` gives per-row boot ids (None: the reading has none).
     """
 
     device_ids: list[str]
@@ -25,6 +26,7 @@ class SourceBatch:
     cols: dict[str, npt.NDArray[np.float64]]
     seq: npt.NDArray[np.int64] | None = None
     boot_id: str | None = None
+    boot_ids: list[str | None] | None = None
     token: Any = None
     labels: npt.NDArray[np.int8] | None = field(default=None)
 

@@ -27,7 +27,9 @@ class MqttSource:
     """Subscribes to ``topic`` (the device id is its second level, as in ``local/{id}/telemetry``).
 
     Payloads are decoded and validated with the gateway's codec; rejected ones are counted in
-    ``rejected`` (and acknowledged: re-delivering them would not make them valid).
+    ``rejected`` (and acknowledged: re-delivering them would not make them valid). A device's own
+    ``seq``/``boot_id`` are kept, so a message re-delivered after an agent crash keeps its identity;
+    readings without ``seq`` are numbered by the agent.
     """
 
     def __init__(self, cfg: MqttSourceConfig, *, name: str = "mqtt") -> None:
@@ -84,6 +86,8 @@ class MqttSource:
             devs: list[str] = []
             ts: list[int] = []
             rows: list[dict[str, float | bool]] = []
+            seqs: list[int] = []
+            boots: list[str | None] = []
             now = int(time.time() * 1000)
             for _mid, _qos, topic, payload, ct in msgs:
                 self.received += 1
@@ -101,12 +105,16 @@ class MqttSource:
                     devs.append(dev)
                     ts.append(r.ts_ms)
                     rows.append(r.measurements)
+                    seqs.append(-1 if r.seq is None else r.seq)
+                    boots.append(r.boot_id)
             names = sorted({k for r in rows for k in r})
             cols = {n: np.array([float(r.get(n, np.nan)) for r in rows]) for n in names}
             yield SourceBatch(
                 device_ids=devs,
                 ts_ms=np.array(ts, dtype=np.int64),
                 cols=cols,
+                seq=np.array(seqs, dtype=np.int64),
+                boot_ids=boots,
                 token=[(m[0], m[1]) for m in msgs],
             )
 
