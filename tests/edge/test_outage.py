@@ -44,7 +44,7 @@ def _cfg(tmp_path: Path, port: int, prefix: str, devices: int = 8, interval_ms: 
             "backoff_max_ms": 500,
             "max_batch_readings": 200,
             "max_inflight_groups": 2,
-            "max_readings_per_s": 1500,
+            "max_readings_per_s": 600,
         },
         "twin": {"enabled": False},
     }
