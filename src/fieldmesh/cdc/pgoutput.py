@@ -177,6 +177,8 @@ class Relation:
     key_columns: list[str]
     topic: str
     names: list[str] = field(default_factory=list)
+    #: (name, converter or None for text) per column: the decoding loop's plan.
+    plan: list[tuple[str, Converter | None]] = field(default_factory=list)
 
 
 _U8 = struct.Struct(">B")
@@ -296,29 +298,33 @@ class PgOutputDecoder:
             key_columns=keys,
             topic=cdc_topic(self.db, schema, table, prefix=self.topic_prefix),
             names=names,
+            plan=[(c.name, None if c.convert is _text else c.convert) for c in cols],
         )
 
     def _tuple(self, rel: Relation, buf: bytes, pos: int) -> tuple[dict[str, Any], int]:
         (n,) = _I16.unpack_from(buf, pos)
         pos += 2
-        cols = rel.columns
-        if n != len(cols):
+        plan = rel.plan
+        if n != len(plan):
             raise ValueError(
-                f"pgoutput tuple of {rel.schema}.{rel.table} has {n} columns, relation has {len(cols)}"
+                f"pgoutput tuple of {rel.schema}.{rel.table} has {n} columns, relation has {len(plan)}"
             )
         row: dict[str, Any] = {}
-        for col in cols:
+        i32 = _I32.unpack_from
+        for name, convert in plan:
             kind = buf[pos]
-            pos += 1
             if kind == 0x74:  # t: text
-                (ln,) = _I32.unpack_from(buf, pos)
-                pos += 4
-                row[col.name] = col.convert(buf[pos : pos + ln].decode())
+                (ln,) = i32(buf, pos + 1)
+                pos += 5
+                text = buf[pos : pos + ln].decode()
+                row[name] = text if convert is None else convert(text)
                 pos += ln
             elif kind == 0x6E:  # n: null
-                row[col.name] = None
+                row[name] = None
+                pos += 1
             elif kind == 0x75:  # u: unchanged TOAST value, not sent
-                row[col.name] = UNAVAILABLE
+                row[name] = UNAVAILABLE
+                pos += 1
             else:
                 raise ValueError(f"unsupported pgoutput tuple kind {chr(kind)!r} (binary mode is not used)")
         return row, pos

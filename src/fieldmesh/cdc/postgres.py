@@ -122,7 +122,7 @@ class PostgresCdc:
         snapshot: str = "initial",
         resnapshot: bool = False,
         decimal_mode: str = "string",
-        batch_size: int = 5000,
+        batch_size: int = 2000,
         snapshot_fetch: int = 10_000,
         topic_prefix: str = "fm.cdc",
         slot_wait_s: float = 15.0,
@@ -451,8 +451,14 @@ class PostgresCdc:
         loop = asyncio.get_running_loop()
         fd = repl.fileno()
         pending: list[Change] = []
-        complete_lsn = self.confirmed_lsn  # end of the last transaction whose changes are all in hand
-        confirmable = self.confirmed_lsn  # ... and also published
+        # One send is in flight while the next batch is decoded; a batch is published only after
+        # the previous one was acknowledged, so per-key order holds. LSNs are confirmed only when
+        # nothing is in flight: ``free_lsn`` is the end of the last transaction whose changes were
+        # all handed to a send (confirmable once that send is acknowledged).
+        complete_lsn = self.confirmed_lsn  # end of the last transaction fully decoded
+        free_lsn = self.confirmed_lsn
+        inflight: asyncio.Task[None] | None = None
+        inflight_n = 0
         try:
             while not stop.is_set():
                 msg = None
@@ -464,24 +470,39 @@ class PostgresCdc:
                     if end:
                         complete_lsn = end
                         if not pending:
-                            confirmable = end
+                            free_lsn = end
                     if len(pending) >= self.batch_size:
                         break
                 if pending and (msg is None or len(pending) >= self.batch_size):
-                    await sink.send(pending)
-                    self.events += len(pending)
-                    pending.clear()
-                    confirmable = complete_lsn
-                if msg is None and not pending and not dec.in_txn:
-                    # Everything the server sent is in hand and published: confirm its sent position.
-                    confirmable = max(confirmable, int(cur.wal_end or 0))
-                if confirmable > self.confirmed_lsn:
-                    self._confirm(cur, confirmable)
+                    if inflight is not None:
+                        await inflight
+                        self.events += inflight_n
+                    inflight, inflight_n = asyncio.create_task(sink.send(pending)), len(pending)
+                    pending = []
+                    free_lsn = complete_lsn
+                if inflight is not None and (inflight.done() or msg is None):
+                    await inflight
+                    self.events += inflight_n
+                    inflight, inflight_n = None, 0
+                if inflight is None:
+                    if msg is None and not pending and not dec.in_txn:
+                        # Everything the server sent is in hand and acknowledged: confirm its sent position.
+                        free_lsn = max(free_lsn, int(cur.wal_end or 0))
+                    if free_lsn > self.confirmed_lsn:
+                        self._confirm(cur, free_lsn)
                 if msg is None:
                     await _readable(loop, fd, 1.0)
+            if inflight is not None:
+                await inflight
+                self.events += inflight_n
+                inflight = None
+                if free_lsn > self.confirmed_lsn:
+                    self._confirm(cur, free_lsn)
         finally:
-            if pending and not stop.is_set():
-                pass  # an error is propagating: unpublished changes are replayed after the restart
+            if inflight is not None:  # an error is propagating: unacknowledged changes are replayed later
+                inflight.cancel()
+                with contextlib.suppress(BaseException):
+                    await inflight
             with contextlib.suppress(Exception):
                 cur.send_feedback(write_lsn=self.confirmed_lsn, flush_lsn=self.confirmed_lsn, force=True)
 
