@@ -95,8 +95,8 @@ class Change:
     event: ChangeEvent
 
 
-class SourceInfo(msgspec.Struct, frozen=True, omit_defaults=True, gc=False):
-    """Where a change comes from (Debezium ``source`` block; absent fields are omitted)."""
+class SourceInfo(msgspec.Struct, frozen=True, gc=False):
+    """Where a change comes from (Debezium ``source`` block; fields a connector lacks are null)."""
 
     connector: str
     db: str

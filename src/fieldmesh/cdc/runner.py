@@ -90,6 +90,7 @@ async def run_cdc(
     state_dir: Path,
     name: str = "fieldmesh",
     partitions: int = 4,
+    retention_s: int = 0,
     snapshot: str = "initial",
     resnapshot: bool = False,
     decimal_mode: str = "string",
@@ -119,7 +120,7 @@ async def run_cdc(
         try:
             await asyncio.to_thread(source.prepare)
             async with load_bus(bus_url) as bus:
-                sink = CdcSink(bus, partitions=partitions)
+                sink = CdcSink(bus, partitions=partitions, retention_s=retention_s)
                 attempt = 0
                 await source.run(sink, stop)
             return

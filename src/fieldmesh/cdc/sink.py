@@ -123,14 +123,18 @@ class PipelinedNatsProducer:
 
 
 class CdcSink:
-    """Sends :class:`~fieldmesh.cdc.base.Change` s to their table topics and waits for the acks."""
+    """Sends :class:`~fieldmesh.cdc.base.Change` s to their table topics and waits for the acks.
+
+    ``retention_s=0`` (the default) keeps change events forever: as-of state is rebuilt from these
+    topics, so a row that has not changed for longer than a retention would otherwise vanish.
+    """
 
     def __init__(
         self,
         bus: Bus,
         *,
         partitions: int = 4,
-        retention_s: int = 7 * 86400,
+        retention_s: int = 0,
         dedupe_window_s: int = 600,
     ) -> None:
         if partitions < 1:

@@ -31,6 +31,9 @@ def cdc(
     ),
     state_dir: Path = typer.Option(Path(".fieldmesh/cdc"), "--state-dir", help="where offsets are kept"),  # noqa: B008
     partitions: int = typer.Option(4, "--partitions", help="partitions of each table topic"),
+    retention_days: float = typer.Option(
+        0, "--retention-days", help="keep change events this long (0: forever; as-of state is rebuilt from them)"
+    ),
     snapshot: str = typer.Option(
         "initial", "--snapshot", help="initial: snapshot then stream; never: stream only"
     ),
@@ -61,6 +64,7 @@ def cdc(
             state_dir=state_dir,
             name=name,
             partitions=partitions,
+            retention_s=int(retention_days * 86400),
             snapshot=snapshot,
             resnapshot=resnapshot,
             decimal_mode=decimal_mode,
