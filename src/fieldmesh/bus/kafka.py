@@ -130,13 +130,10 @@ class KafkaProducer:
             return
         async with self._lock:  # one flush at a time: delivery reports are counted per call
             errors: list[Any] = []
-            delivered = [0]
 
             def on_delivery(err: Any, msg: Any) -> None:
                 if err is not None:
                     errors.append((err, f"{msg.topic()}[{msg.partition()}]"))
-                else:
-                    delivered[0] += 1
 
             await asyncio.to_thread(self._produce_all, records, on_delivery)
             left = await asyncio.to_thread(self._p.flush, self._timeout)
@@ -153,7 +150,7 @@ class KafkaProducer:
 
     def _produce_all(self, records: Sequence[OutRecord], on_delivery: Callable[[Any, Any], None]) -> None:
         produce = self._p.produce
-        for r in records:
+        for n, r in enumerate(records, 1):
             headers = dict(r.headers) if r.headers else {}
             if r.msg_id:
                 headers["Fm-Msg-Id"] = r.msg_id
@@ -170,7 +167,8 @@ class KafkaProducer:
                     self._p.poll(0.05)
                 except Exception as exc:
                     raise BackendError(f"cannot produce to Kafka topic {r.topic!r}: {exc}") from exc
-            self._p.poll(0)
+            if n % 1000 == 0:  # serve delivery reports as we go
+                self._p.poll(0)
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Deliver what is queued."""
