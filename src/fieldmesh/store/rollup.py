@@ -24,12 +24,34 @@ _MIN_MS = INTERVALS["1m"]
 _HOUR_MS = INTERVALS["1h"]
 
 
-def rollup_deltas(readings: Iterable[Reading]) -> dict[str, dict[RollupKey, Acc]]:
-    """Aggregate readings into per-interval accumulators (1m from readings, 1h from 1m)."""
+def rollup_deltas(
+    readings: Iterable[Reading], devices: dict[str, list[int]] | None = None
+) -> dict[str, dict[RollupKey, Acc]]:
+    """Aggregate readings into per-interval accumulators (1m from readings, 1h from 1m).
+
+    When ``devices`` is given, it also gathers per device, in the same pass,
+    ``[first_received_ms, last_received_ms, first_ts_ms, last_ts_ms, readings]``.
+    """
     mins: dict[RollupKey, Acc] = {}
     for r in readings:
-        ws = r.ts_ms - r.ts_ms % _MIN_MS
+        ts = r.ts_ms
+        ws = ts - ts % _MIN_MS
         dev = r.device_id
+        if devices is not None:
+            da = devices.get(dev)
+            rx = r.received_ms
+            if da is None:
+                devices[dev] = [rx, rx, ts, ts, 1]
+            else:
+                if rx < da[0]:
+                    da[0] = rx
+                if rx > da[1]:
+                    da[1] = rx
+                if ts < da[2]:
+                    da[2] = ts
+                if ts > da[3]:
+                    da[3] = ts
+                da[4] += 1
         for name, v in r.measurements.items():
             fv = float(v)
             k = (dev, name, ws)

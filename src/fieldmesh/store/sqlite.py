@@ -29,14 +29,22 @@ __all__ = ["SCHEMA_VERSION", "SqliteStore"]
 
 SCHEMA_VERSION: Final = 1
 _KEY_SPACE: Final = 1 << 63
+#: Rollup accumulators kept in memory (per interval) so that hot windows need no read-back.
+_CACHE_MAX: Final = 500_000
 _enc = msgspec.json.Encoder()
 _dec = msgspec.json.Decoder()
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS readings (
+-- Identities of stored readings: de-duplication looks them up here. A table of its own (rather than
+-- the readings' primary key) keeps random-key inserts on small rows; readings append in rowid order.
+CREATE TABLE IF NOT EXISTS idents (
     id INTEGER PRIMARY KEY,          -- 63-bit identity key
-    chk INTEGER NOT NULL,            -- identity check value (tells duplicates from collisions)
+    chk INTEGER NOT NULL             -- identity check value (tells duplicates from key collisions)
+);
+CREATE TABLE IF NOT EXISTS readings (
+    rid INTEGER PRIMARY KEY,
+    id INTEGER NOT NULL,             -- identity key (idents.id)
     device_id TEXT NOT NULL,
     ts_ms INTEGER NOT NULL,
     seq INTEGER,
@@ -45,7 +53,8 @@ CREATE TABLE IF NOT EXISTS readings (
     measurements TEXT NOT NULL,      -- JSON object metric -> value
     meta TEXT,
     received_ms INTEGER NOT NULL,
-    stored_ms INTEGER NOT NULL
+    stored_ms INTEGER NOT NULL,
+    enrichment TEXT                  -- JSON object of fields joined as of the event time (CDC)
 );
 CREATE INDEX IF NOT EXISTS readings_device_ts ON readings (device_id, ts_ms);
 CREATE TABLE IF NOT EXISTS rollup_1m (
@@ -101,6 +110,12 @@ class SqliteStore:
         self.path = _path_of(url)
         self.readonly = readonly
         self._local = threading.local()
+        # Write-side caches, valid while no other connection writes (checked with PRAGMA data_version).
+        self._cache: dict[str, dict[RollupKey, Acc]] = {i: {} for i in INTERVALS}
+        self._staged: dict[str, dict[RollupKey, Acc]] = {i: {} for i in INTERVALS}
+        self._known_metrics: set[tuple[str, str]] = set()
+        self._pending_metrics: set[tuple[str, str]] = set()
+        self._data_version = -1
         if not readonly:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._w = self._connect(write=True)
@@ -119,7 +134,9 @@ class SqliteStore:
             con = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
             con.execute("PRAGMA journal_mode=WAL")
             con.execute("PRAGMA synchronous=NORMAL")
-            con.execute("PRAGMA cache_size=-131072")
+            con.execute("PRAGMA cache_size=-262144")
+            con.execute("PRAGMA mmap_size=1073741824")
+            con.execute("PRAGMA wal_autocheckpoint=20000")
         else:
             con = sqlite3.connect(
                 f"file:{self.path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False, timeout=30
@@ -180,26 +197,40 @@ class SqliteStore:
         w = self._w
         now = int(time.time() * 1000)
         w.execute("BEGIN IMMEDIATE")
+        dv = w.execute("PRAGMA data_version").fetchone()[0]
+        if dv != self._data_version:  # another connection committed: our caches may be stale
+            for c in self._cache.values():
+                c.clear()
+            self._known_metrics.clear()
+        for st in self._staged.values():
+            st.clear()
+        self._pending_metrics = set()
         try:
             new_idx, dups = self._dedupe(w, readings)
             new = [readings[i] for i in new_idx]
             n_late = sum(1 for i in new_idx if late[i])
             if new:
+                keys = list(new_idx.values())
+                w.executemany("INSERT INTO idents VALUES (?, ?)", [(k, r.chk) for k, r in zip(keys, new, strict=True)])
                 w.executemany(
-                    "INSERT INTO readings VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    "INSERT INTO readings (id, device_id, ts_ms, seq, boot_id, event_id, measurements, meta,"
+                    " received_ms, stored_ms, enrichment) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                     [
                         (
-                            k, r.chk, r.device_id, r.ts_ms, r.seq, r.boot_id, r.event_id,
+                            k, r.device_id, r.ts_ms, r.seq, r.boot_id, r.event_id,
                             _enc.encode(r.measurements).decode(),
-                            _enc.encode(r.meta).decode() if r.meta is not None else None,
+                            None if r.meta is None else _enc.encode(r.meta).decode(),
                             r.received_ms, now,
+                            None if r.enrichment is None else _enc.encode(r.enrichment).decode(),
                         )
-                        for k, r in zip(new_idx.values(), new, strict=True)
+                        for k, r in zip(keys, new, strict=True)
                     ],
                 )
-                for interval, deltas in rollup_deltas(new).items():
+                devs: dict[str, list[int]] = {}
+                deltas_by = rollup_deltas(new, devs)
+                for interval, deltas in deltas_by.items():
                     self._merge_rollups(w, interval, deltas)
-                self._update_devices(w, new)
+                self._update_devices(w, devs, deltas_by["1h"])
             if dead_letters:
                 w.executemany(
                     "INSERT INTO dlq (reason, detail, topic, device_id, received_ms, payload, truncated)"
@@ -230,6 +261,10 @@ class SqliteStore:
         except BaseException:
             w.execute("ROLLBACK")
             raise
+        self._data_version = w.execute("PRAGMA data_version").fetchone()[0]
+        for interval, staged in self._staged.items():
+            self._cache[interval].update(staged)
+        self._known_metrics |= self._pending_metrics
         return ApplyResult(stored=len(new), duplicates=dups, late=n_late, dead_lettered=len(dead_letters))
 
     def _dedupe(self, w: sqlite3.Connection, readings: Sequence[Reading]) -> tuple[dict[int, int], int]:
@@ -251,7 +286,7 @@ class SqliteStore:
             chunk = keys[s : s + 20000]
             existing.update(
                 w.execute(
-                    "SELECT id, chk FROM readings WHERE id IN (SELECT value FROM json_each(?))",
+                    "SELECT id, chk FROM idents WHERE id IN (SELECT value FROM json_each(?))",
                     (_enc.encode(chunk).decode(),),
                 ).fetchall()
             )
@@ -276,7 +311,7 @@ class SqliteStore:
                         dups += 1
                         break
                     continue
-                row = w.execute("SELECT chk FROM readings WHERE id = ?", (k,)).fetchone()
+                row = w.execute("SELECT chk FROM idents WHERE id = ?", (k,)).fetchone()
                 if row is None:
                     new_idx[i] = k
                     taken.add(k)
@@ -288,8 +323,9 @@ class SqliteStore:
 
     def _merge_rollups(self, w: sqlite3.Connection, interval: str, deltas: dict[RollupKey, Acc]) -> None:
         table = f"rollup_{interval}"
-        keys = list(deltas)
-        old: dict[RollupKey, Acc] = {}
+        cache = self._cache[interval]
+        old: dict[RollupKey, Acc] = {k: cache[k] for k in deltas if k in cache}
+        keys = [k for k in deltas if k not in old]
         for s in range(0, len(keys), 5000):
             chunk = keys[s : s + 5000]
             for dev, metric, ws, count, mn, mx, sx in w.execute(
@@ -301,30 +337,21 @@ class SqliteStore:
                 m, e = parse_exact(sx)
                 old[(dev, metric, ws)] = [count, m, e, mn, mx]
         rows = []
+        if len(cache) + len(deltas) > _CACHE_MAX:
+            cache.clear()
         for k, d in deltas.items():
             o = old.get(k)
             a = d if o is None else merge_acc(o, d)
+            self._staged[interval][k] = a
             count, m, e = int(a[0]), int(a[1]), int(a[2])
             rows.append(
                 (k[0], k[1], k[2], count, exact_value(m, e), a[3], a[4], exact_avg(m, e, count), format_exact(m, e))
             )
         w.executemany(f"INSERT OR REPLACE INTO {table} VALUES (?,?,?,?,?,?,?,?,?)", rows)
 
-    def _update_devices(self, w: sqlite3.Connection, new: Sequence[Reading]) -> None:
-        agg: dict[str, list[int]] = {}
-        metrics: set[tuple[str, str]] = set()
-        for r in new:
-            a = agg.get(r.device_id)
-            if a is None:
-                agg[r.device_id] = [r.received_ms, r.received_ms, r.ts_ms, r.ts_ms, 1]
-            else:
-                a[0] = min(a[0], r.received_ms)
-                a[1] = max(a[1], r.received_ms)
-                a[2] = min(a[2], r.ts_ms)
-                a[3] = max(a[3], r.ts_ms)
-                a[4] += 1
-            for name in r.measurements:
-                metrics.add((r.device_id, name))
+    def _update_devices(
+        self, w: sqlite3.Connection, agg: dict[str, list[int]], hours: dict[RollupKey, Acc]
+    ) -> None:
         w.executemany(
             "INSERT INTO devices VALUES (?,?,?,?,?,?) ON CONFLICT(device_id) DO UPDATE SET"
             " first_seen_ms = min(first_seen_ms, excluded.first_seen_ms),"
@@ -333,7 +360,11 @@ class SqliteStore:
             " last_ts_ms = max(last_ts_ms, excluded.last_ts_ms), readings = readings + excluded.readings",
             [(d, *a) for d, a in agg.items()],
         )
-        w.executemany("INSERT OR IGNORE INTO device_metrics VALUES (?, ?)", sorted(metrics))
+        metrics = {(dev, m) for dev, m, _ in hours}
+        new = metrics - self._known_metrics
+        if new:
+            w.executemany("INSERT OR IGNORE INTO device_metrics VALUES (?, ?)", sorted(new))
+            self._pending_metrics = new
 
     # -- the read path -----------------------------------------------------------------------
     def positions(self) -> dict[Position, int]:
@@ -389,12 +420,13 @@ class SqliteStore:
             where.append("json_type(measurements, ?) IS NOT NULL")
             params.append(f'$."{metric}"')
         sql = (
-            "SELECT device_id, ts_ms, seq, boot_id, event_id, measurements, meta, received_ms FROM readings"
+            "SELECT device_id, ts_ms, seq, boot_id, event_id, measurements, meta, received_ms, enrichment"
+            " FROM readings"
             + (" WHERE " + " AND ".join(where) if where else "")
-            + " ORDER BY ts_ms DESC, id LIMIT ?"
+            + " ORDER BY ts_ms DESC, rid LIMIT ?"
         )
         out = []
-        for dev, ts, seq, boot, ev, ms, meta, rx in self._reader().execute(sql, (*params, limit)):
+        for dev, ts, seq, boot, ev, ms, meta, rx, enr in self._reader().execute(sql, (*params, limit)):
             m = _dec.decode(ms)
             if metric is not None:
                 m = {metric: m[metric]}
@@ -407,6 +439,8 @@ class SqliteStore:
                 row["event_id"] = ev
             if meta is not None:
                 row["meta"] = _dec.decode(meta)
+            if enr is not None:
+                row["enrichment"] = _dec.decode(enr)
             row["received_ms"] = rx
             out.append(row)
         return out
