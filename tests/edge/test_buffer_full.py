@@ -69,3 +69,51 @@ def test_drop_oldest_dropped_equals_missing(
     assert got <= expected
     # drop_oldest: what is missing is the oldest ticks
     assert max(k for _, k in missing) < min(k for _, k in got)
+
+
+def test_block_policy_loses_nothing(
+    tmp_path: Path, mosquitto_factory: Any, collector_factory: Any, agent_factory: Any, prefix: str
+) -> None:
+    """``block``: when full, the agent stops reading its source (nothing acknowledged, nothing dropped)."""
+    devices, ticks = 10, 300
+    cfg: dict[str, Any] = {
+        "agent": {"boot_id": "a", "stats_interval_s": 0.2},
+        "sources": [
+            {
+                "simulator": {
+                    "devices": devices,
+                    "prefix": prefix,
+                    "seed": 1,
+                    "realtime": False,
+                    "max_ticks": ticks,
+                    "interval_ms": 100,
+                }
+            }
+        ],
+        "infer": {"scorer": "none"},
+        "buffer": {
+            "path": str(tmp_path / "buf"),
+            "max_bytes": 40_000,
+            "segment_bytes": 4096,
+            "full_policy": "block",
+            "fsync": "never",
+        },
+        "uplink": {"port": free_port(), "backoff_max_ms": 300},
+        "twin": {"enabled": False},
+    }
+    agent = agent_factory(cfg)
+    agent.start()
+    wait_for(lambda: agent.stats().get("full_waits", 0) > 0, 30, "the buffer to fill up and block")
+    s = agent.stats()
+    assert s["buffer"]["dropped_readings"] == 0
+    assert s["buffer"]["appended_readings"] < devices * ticks  # the source is held back
+    broker = mosquitto_factory()
+    coll = collector_factory(broker.port, prefix)
+    assert agent.stop() == 0
+    cfg["uplink"]["port"] = broker.port
+    agent.cfg_path.write_text(yaml.safe_dump(cfg))
+    agent.start()
+    wait_for(lambda: coll.count() >= devices * ticks, 60, "every reading downstream")
+    assert agent.stop() == 0
+    got = {(d, r["seq"]) for d, r in coll.readings}
+    assert got == {(f"{prefix}-{i:05d}", k) for i in range(devices) for k in range(ticks)}

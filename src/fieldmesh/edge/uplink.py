@@ -441,7 +441,9 @@ class Uplink:
                 acc.extend(recs)
                 acc_n += sum(r.count for r in recs)
             now = time.monotonic()
-            if acc and (acc_n >= max_batch or now - t_first >= linger or stop.is_set()):
+            # no lingering while the buffer is half full: space matters more than batch size then
+            pressed = self.buffer.size_bytes * 2 >= self.buffer.max_bytes
+            if acc and (acc_n >= max_batch or now - t_first >= linger or stop.is_set() or pressed):
                 if self.cfg.max_readings_per_s is not None:
                     # token bucket: a group may go once the budget of the previous ones is spent
                     wait = self._budget_until - now
