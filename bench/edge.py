@@ -267,7 +267,7 @@ def _wire(cfg_doc: dict[str, Any], devices: int, seconds: int, linger_s: int) ->
                 per_reading += publish_wire_bytes(f"devices/{dev}/telemetry", body, None, False)
         if (i + 1) % linger_s == 0:
             ours += flush()
-    for dev, r in pipe.pre.flush_windows(None, boot_id="bench"):
+    for dev, r in pipe.pre.flush_windows(None):
         pending.setdefault(pipe.devices.ids[dev], []).append(r)
     ours += flush()
     return n_in, ours, per_reading

@@ -177,7 +177,7 @@ def test_window_aggregates_against_oracle(data: Any, win: int) -> None:
         assert m["x.count"] == len(xs)
         assert m["x.min"] == min(xs) and m["x.max"] == max(xs)
         assert math.isclose(m["x.avg"], math.fsum(xs) / len(xs), rel_tol=1e-9, abs_tol=1e-9)
-        assert got[key].event_id == f"edge:w{win}:{key[1]}"
+        assert got[key].event_id == f"w{win}:{key[1]}"
 
 
 @given(st.lists(st.sampled_from([0, 1, 2, 3]), max_size=50))

@@ -80,7 +80,6 @@ class Pipeline:
     def __init__(self, cfg: EdgeConfig, *, boot_id: str) -> None:
         self.devices = DeviceIndex()
         self.pre = Preprocessor(cfg.preprocess, self.devices)
-        self.pre.boot_id = boot_id
         self.scorer = make_scorer(cfg.infer)
         self.default_threshold = (
             cfg.infer.threshold if cfg.infer.threshold is not None else self.scorer.default_threshold
@@ -210,6 +209,13 @@ class EdgeAgent:
         self.state_dir = Path(b.path) / "state"
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.pipeline = Pipeline(cfg, boot_id=self.boot_id)
+        self._windows_path = self.state_dir / "windows.msgpack"
+        if self._windows_path.exists():
+            try:
+                restored = self.pipeline.pre.load_window_state(self._windows_path.read_bytes())
+                log.info("restored the open windows of %d device(s)", restored)
+            except (ValueError, KeyError, TypeError) as exc:
+                log.warning("ignoring unreadable window state %s: %s", self._windows_path, exc)
         self.sources: list[Source] = (
             sources
             if sources is not None
@@ -228,6 +234,7 @@ class EdgeAgent:
             self.uplink.on_message = self.twin.handle
             self.uplink.on_connect = self.twin.on_connect
         self.source_errors = 0
+        self.lost_aggregates = 0
         self.full_waits = 0
         self.started = time.monotonic()
         self._stop = asyncio.Event()
@@ -245,9 +252,24 @@ class EdgeAgent:
             aggs,
         )
         if n:
-            with contextlib.suppress(BufferFull):
+            try:
                 self.buffer.append(encode_record(groups), n)
+            except BufferFull:
+                # a timer or twin closed these windows: there is no source to hold back; count them
+                self.lost_aggregates += n
+                log.error("buffer full: %d window aggregate(s) could not be buffered", n)
             self.uplink.wake()
+        self._save_windows()
+
+    def _save_windows(self) -> None:
+        """Write the open windows atomically (fsynced when the buffer fsyncs every append)."""
+        tmp = self._windows_path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            f.write(self.pipeline.pre.window_state())
+            if self.buffer.fsync == "always":
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, self._windows_path)
 
     async def _append(self, payload: bytes, count: int, stop: asyncio.Event) -> bool:
         while True:
@@ -267,6 +289,9 @@ class EdgeAgent:
             if not await self._append(encode_record(groups), n, stop):
                 return
             self.uplink.wake()
+        if self.pipeline.pre.has_windows():
+            # open windows hold readings the source is about to forget: save them first
+            self._save_windows()
         await source.ack(batch)
         if anomalies and self.cfg.uplink.anomalies:
             for dev, r in anomalies:
@@ -298,7 +323,7 @@ class EdgeAgent:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=min(0.5, self.cfg.agent.stats_interval_s))
             self.buffer.sync(force=False)
-            aggs = self.pipeline.pre.flush_windows(int(time.time() * 1000) - 2000, boot_id=self.boot_id)
+            aggs = self.pipeline.pre.flush_windows(int(time.time() * 1000) - 2000, idle_ms=2000)
             if aggs:
                 self._buffer_aggregates(aggs)
             now = time.monotonic()
@@ -327,6 +352,7 @@ class EdgeAgent:
             else None,
             "source_errors": self.source_errors,
             "full_waits": self.full_waits,
+            "lost_aggregates": self.lost_aggregates,
         }
 
     def write_stats(self) -> None:
@@ -372,9 +398,8 @@ class EdgeAgent:
             for s in self.sources:
                 await s.close()
             await asyncio.gather(*src_tasks, return_exceptions=True)
-            aggs = self.pipeline.pre.flush_windows(None, boot_id=self.boot_id)
-            if aggs:
-                self._buffer_aggregates(aggs)
+            if self.pipeline.pre.has_windows():
+                self._save_windows()  # open windows continue at the next start
             self.buffer.sync()
             deadline = time.monotonic() + drain_s
             while self.buffer.pending_records and time.monotonic() < deadline and self.uplink.connected:

@@ -10,15 +10,18 @@ simulator tick of N devices is one numpy step. Order of the chain::
     reduce()  raw | deadband (+heartbeat) | window (min/max/avg/count), anomalies always raw
 
 Aggregates are readings at the window start with measurements ``{metric}.min``, ``.max``,
-``.avg``, ``.count``, an ``event_id`` ``{boot_id}:w{window_ms}:{window_start}`` and
+``.avg``, ``.count``, an ``event_id`` ``w{window_ms}:{window_start}`` (stable across restarts: the
+open windows are saved with the source position) and
 ``meta = {"agg": "window", "window_ms": ...}``.
 """
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from typing import Any, Final
 
+import msgspec
 import numpy as np
 import numpy.typing as npt
 
@@ -120,8 +123,6 @@ class Preprocessor:
         self.cfg = cfg
         self.devices = devices
         self.counters: Counter[str] = Counter()
-        #: Boot id stamped on window aggregates closed outside a frame (twin change, flush).
-        self.boot_id = "edge"
         self._rules: dict[str, DeviceRule] = dict(cfg.devices)
         for m, rule in cfg.metrics.items():
             unit_affine(rule.unit, key=f"preprocess.metrics.{m}.unit")
@@ -136,6 +137,10 @@ class Preprocessor:
         self.last_ts = np.zeros(0, dtype=np.int64)
         self.last_full = np.zeros(0, dtype=np.int64)
         self.wstart = np.zeros(0, dtype=np.int64)
+        #: start of each device's last closed window (a reading for it or before is late)
+        self.wlast = np.zeros(0, dtype=np.int64)
+        #: wall clock (ms) of each device's last windowed reading
+        self.seen_ms = np.zeros(0, dtype=np.int64)
         self.metrics: dict[str, _Metric] = {}
         self._grow(max(16, len(devices)))
         for i, d in enumerate(devices.ids):
@@ -160,6 +165,8 @@ class Preprocessor:
         self.last_ts = g(self.last_ts, _NEVER)
         self.last_full = g(self.last_full, _NEVER)
         self.wstart = g(self.wstart, _NEVER)
+        self.wlast = g(self.wlast, _NEVER)
+        self.seen_ms = g(self.seen_ms, 0)
         for m in self.metrics.values():
             m.grow(cap)
         self._cap = cap
@@ -212,7 +219,7 @@ class Preprocessor:
         old_mode, old_win = int(self.mode[i]), int(self.win[i])
         self._apply_device(i, device_id)
         if old_mode == MODES["window"] and (self.mode[i] != old_mode or self.win[i] != old_win):
-            out = self._close(np.asarray([i], dtype=np.int32), np.asarray([old_win]), "")
+            out = self._close(np.asarray([i], dtype=np.int32), np.asarray([old_win]))
         return out
 
     # -- stage 1 ---------------------------------------------------------------------------
@@ -253,8 +260,11 @@ class Preprocessor:
         return frame
 
     # -- stage 2 ---------------------------------------------------------------------------
-    def reduce(self, frame: Frame) -> tuple[Frame, list[Aggregate]]:
-        """Deadband or window the scored readings; anomalies always pass through raw."""
+    def reduce(self, frame: Frame, *, now_ms: int | None = None) -> tuple[Frame, list[Aggregate]]:
+        """Deadband or window the scored readings; anomalies always pass through raw.
+
+        A reading for a window already closed (or older than the open one) passes through raw.
+        """
         n = len(frame)
         aggs: list[Aggregate] = []
         if n == 0:
@@ -300,12 +310,13 @@ class Preprocessor:
                 dd = d[wm]
                 t = ts[rows]
                 w = t - t % self.win[dd]
-                late = w < self.wstart[dd]
+                late = (w < self.wstart[dd]) | (w <= self.wlast[dd])
                 on = ~late
+                self.seen_ms[dd] = int(time.time() * 1000) if now_ms is None else now_ms
                 rows, dd, w = rows[on], dd[on], w[on]
                 closing = (self.wstart[dd] != w) & (self.wstart[dd] != _NEVER)
                 if closing.any():
-                    aggs.extend(self._close(dd[closing], self.win[dd[closing]], self.boot_id))
+                    aggs.extend(self._close(dd[closing], self.win[dd[closing]]))
                 self.wstart[dd] = w
                 for name, col in frame.cols.items():
                     m = self.metrics[name]
@@ -324,7 +335,7 @@ class Preprocessor:
         self.counters["out"] += int(keep.sum())
         return (frame if keep.all() else frame.take(keep)), aggs
 
-    def _close(self, dd: npt.NDArray[np.int32], win: npt.NDArray[np.int64], boot_id: str) -> list[Aggregate]:
+    def _close(self, dd: npt.NDArray[np.int32], win: npt.NDArray[np.int64]) -> list[Aggregate]:
         out: list[Aggregate] = []
         starts = self.wstart[dd].tolist()
         wins = np.asarray(win).tolist()
@@ -348,31 +359,77 @@ class Preprocessor:
                     meas[f"{name}.avg"] = avg[j]
                     meas[f"{name}.count"] = float(cnt[j])
             if meas:
-                bid = boot_id or self.boot_id
                 out.append(
                     (
                         i,
                         WireReading(
                             ts=int(starts[j]),
                             measurements=meas,
-                            boot_id=bid,
-                            event_id=f"{bid}:w{wins[j]}:{starts[j]}",
+                            event_id=f"w{wins[j]}:{starts[j]}",
                             meta={"agg": "window", "window_ms": int(wins[j])},
                         ),
                     )
                 )
+        self.wlast[dd] = self.wstart[dd]
         self.wstart[dd] = _NEVER
         self.counters["windows"] += len(out)
         return out
 
-    def flush_windows(self, now_ms: int | None = None, *, boot_id: str = "") -> list[Aggregate]:
-        """Close windows that ended before ``now_ms`` (all open windows when None)."""
+    def flush_windows(self, now_ms: int | None = None, *, idle_ms: int = 0) -> list[Aggregate]:
+        """Close windows that ended by ``now_ms`` (wall clock) for devices idle for ``idle_ms``.
+
+        With ``now_ms`` None, close every open window (on stop). A device still sending (say,
+        catching up after an outage) has its windows closed by event time instead.
+        """
         n = len(self.devices)
         open_ = np.flatnonzero(self.wstart[:n] != _NEVER).astype(np.int32)
         if open_.shape[0] == 0:
             return []
         if now_ms is not None:
-            open_ = open_[self.wstart[open_] + self.win[open_] <= now_ms]
+            due = (self.wstart[open_] + self.win[open_] <= now_ms) & (self.seen_ms[open_] <= now_ms - idle_ms)
+            open_ = open_[due]
             if open_.shape[0] == 0:
                 return []
-        return self._close(open_, self.win[open_], boot_id)
+        return self._close(open_, self.win[open_])
+
+    # -- persistence -------------------------------------------------------------------------
+    def has_windows(self) -> bool:
+        """Whether any device has window state worth saving."""
+        n = len(self.devices)
+        return bool((self.wstart[:n] != _NEVER).any() or (self.wlast[:n] != _NEVER).any())
+
+    def window_state(self) -> bytes:
+        """The open windows (and last closed window starts), to survive a restart (msgpack)."""
+        n = len(self.devices)
+        sel = np.flatnonzero((self.wstart[:n] != _NEVER) | (self.wlast[:n] != _NEVER))
+        state: dict[str, Any] = {
+            "ids": [self.devices.ids[i] for i in sel.tolist()],
+            "wstart": self.wstart[sel].tolist(),
+            "wlast": self.wlast[sel].tolist(),
+            "metrics": {
+                name: {
+                    "cnt": m.wcnt[sel].tolist(),
+                    "sum": m.wsum[sel].tolist(),
+                    "min": m.wmin[sel].tolist(),
+                    "max": m.wmax[sel].tolist(),
+                }
+                for name, m in self.metrics.items()
+            },
+        }
+        return msgspec.msgpack.encode(state)
+
+    def load_window_state(self, data: bytes) -> int:
+        """Restore what :meth:`window_state` saved; returns the number of devices restored."""
+        state = msgspec.msgpack.decode(data)
+        idx = np.asarray([self.devices.index(d) for d in state["ids"]], dtype=np.int64)
+        if idx.shape[0] == 0:
+            return 0
+        self.wstart[idx] = state["wstart"]
+        self.wlast[idx] = state["wlast"]
+        for name, arrs in state["metrics"].items():
+            m = self._metric(name)
+            m.wcnt[idx] = arrs["cnt"]
+            m.wsum[idx] = arrs["sum"]
+            m.wmin[idx] = arrs["min"]
+            m.wmax[idx] = arrs["max"]
+        return int(idx.shape[0])
