@@ -234,3 +234,35 @@ def test_pipelined_producer_acks_dedupes_and_reports_missing_stream(tmp_path: Pa
         asyncio.run(scenario())
     finally:
         srv.stop()
+
+
+@pytest.mark.integration
+def test_cli_reports_a_missing_database_and_exits(tmp_path: Path) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from fieldmesh.cli.cdc import app as cdc_app
+
+    main = typer.Typer()
+
+    @main.command()
+    def other() -> None:  # a second command, as in the real CLI
+        pass
+
+    main.add_typer(cdc_app, name="cdc")
+    r = CliRunner().invoke(
+        main,
+        [
+            "cdc",
+            "--source",
+            "postgresql://postgres@127.0.0.1:5432/fm_cdc_no_such_db",
+            "--tables",
+            "public.t",
+            "--bus-url",
+            "nats://127.0.0.1:1",
+            "--state-dir",
+            str(tmp_path),
+        ],
+    )
+    assert r.exit_code == 2
+    assert "fm_cdc_no_such_db" in r.output and "does not exist" in r.output

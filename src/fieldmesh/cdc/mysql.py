@@ -196,6 +196,8 @@ class MySqlCdc:
             code = exc.args[0] if exc.args else 0
             if code in (1044, 1045):
                 raise SourcePrivilegeError(f"MySQL refused the login: {exc.args[-1]}") from exc
+            if code == 1049:
+                raise CdcError(f"MySQL database does not exist: {exc.args[-1]}") from exc
             raise BackendUnavailable(f"cannot connect to MySQL at {self.conn_args['host']}: {exc}") from exc
 
     def prepare(self) -> list[MyTable]:

@@ -176,6 +176,8 @@ class PostgresCdc:
                     f"PostgreSQL refused a replication connection: {msg}. The user needs the REPLICATION "
                     "attribute (ALTER ROLE <user> REPLICATION) and pg_hba.conf must allow it"
                 ) from exc
+            if "does not exist" in msg or "authentication failed" in msg or "no password" in msg:
+                raise CdcError(f"cannot connect to PostgreSQL: {msg}") from exc
             raise BackendUnavailable(f"cannot connect to PostgreSQL: {msg}") from exc
 
     # -- set-up ----------------------------------------------------------------------------------
