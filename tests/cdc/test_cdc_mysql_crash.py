@@ -47,6 +47,13 @@ def _start(db: str, bus_url: str, state: Path, log: Path) -> subprocess.Popen[by
     return subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
 
 
+def _wait_streaming(log: Path, times: int, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while log.read_text().count("streaming binlog from") < times:
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)
+
+
 def _writer(db: str, stop: threading.Event, counter: list[int]) -> None:
     rnd = random.Random(11)
     conn = my_conn(db)
@@ -81,12 +88,14 @@ def test_kill_9_mid_stream_then_restart(my_db: str, nats_server: EmbeddedNats, t
         stop_writer, counter = threading.Event(), [0]
         w = threading.Thread(target=_writer, args=(my_db, stop_writer, counter))
         w.start()
-        for _ in range(2):
+        for i in range(2):
+            _wait_streaming(log, i + 1)  # the kill must land while this process streams
             time.sleep(0.8)
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
             time.sleep(0.3)
             proc = _start(my_db, nats_server.url, state, log)
+        _wait_streaming(log, 3)
         time.sleep(0.8)
         stop_writer.set()
         w.join(60)

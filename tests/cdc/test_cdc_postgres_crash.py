@@ -48,6 +48,13 @@ def _start(db: str, bus_url: str, state: Path, log: Path) -> subprocess.Popen[by
     return subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
 
 
+def _wait_streaming(log: Path, times: int, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while log.read_text().count("streaming slot fmk") < times:
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)
+
+
 def _writer(db: str, stop: threading.Event, done: threading.Event, counter: list[int]) -> None:
     """Transactions of 1-6 changes: each bumps v of a row by one, or inserts a new row with v=1."""
     rnd = random.Random(7)
@@ -86,13 +93,15 @@ def test_kill_9_mid_stream_then_restart(pg_db: str, nats_server: EmbeddedNats, t
         w = threading.Thread(target=_writer, args=(pg_db, stop_writer, done, counter))
         w.start()
         # kill -9 twice while transactions are streaming, restarting after each
-        for _ in range(2):
+        for i in range(2):
+            _wait_streaming(log, i + 1)  # the kill must land while this process streams
             time.sleep(0.8)
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
             kills += 1
             time.sleep(0.3)
             proc = _start(pg_db, nats_server.url, state, log)
+        _wait_streaming(log, 3)
         time.sleep(0.8)
         stop_writer.set()
         w.join(60)
