@@ -32,7 +32,7 @@ def cdc(
     state_dir: Path = typer.Option(Path(".fieldmesh/cdc"), "--state-dir", help="where offsets are kept"),  # noqa: B008
     partitions: int = typer.Option(4, "--partitions", help="partitions of each table topic"),
     retention_days: float = typer.Option(
-        0, "--retention-days", help="keep change events this long (0: forever; as-of state is rebuilt from them)"
+        0, "--retention-days", help="keep change events this long (0: forever; as-of state needs them)"
     ),
     snapshot: str = typer.Option(
         "initial", "--snapshot", help="initial: snapshot then stream; never: stream only"
