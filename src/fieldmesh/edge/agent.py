@@ -309,11 +309,23 @@ class EdgeAgent:
                     self.uplink.stats.anomalies += 1
 
     async def _run_source(self, source: Source, stop: asyncio.Event) -> None:
+        backoff = 0.5
         try:
-            async for batch in source.batches():
-                await self.feed(source, batch, stop)
-                if stop.is_set():
-                    break
+            while not stop.is_set():
+                try:
+                    async for batch in source.batches():
+                        await self.feed(source, batch, stop)
+                        backoff = 0.5
+                        if stop.is_set():
+                            break
+                    return  # the source ended
+                except Exception:
+                    # one failing source must not take the agent (and the other sources) down
+                    self.source_errors += 1
+                    log.exception("source %s failed; restarting it in %.1fs", source.name, backoff)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), timeout=backoff)
+                    backoff = min(backoff * 2, 30.0)
         finally:
             await source.close()
 

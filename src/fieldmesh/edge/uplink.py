@@ -259,6 +259,13 @@ class Uplink:
                 )
                 await _sleep_or(stop, delay)
                 continue
+            except Exception as exc:  # a bug or an odd library error: log it, keep buffering, retry
+                self.stats.connect_failures += 1
+                self.stats.state = "disconnected"
+                self.stats.last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("uplink: connection attempt failed unexpectedly")
+                await _sleep_or(stop, self.cfg.backoff_max_ms / 1000)
+                continue
             delays = backoff_delays(self.cfg.backoff_initial_ms / 1000, self.cfg.backoff_max_ms / 1000)
             try:
                 await self._session(client, stop)

@@ -74,7 +74,8 @@ class MqttSource:
 
     async def batches(self) -> AsyncIterator[SourceBatch]:
         """Everything that arrived since the last batch, as one batch."""
-        self._start(asyncio.get_running_loop())
+        if self._client is None:  # the agent may restart this generator after an error
+            self._start(asyncio.get_running_loop())
         while not self._closed:
             try:
                 first = await asyncio.wait_for(self._queue.get(), timeout=0.5)
