@@ -134,20 +134,21 @@ async def test_unacked_records_are_redelivered_after_restart(bus: Bus) -> None:
     await c2.close()
 
 
-async def test_start_offset_seeks(bus: Bus) -> None:
+async def test_positions_hook_resumes_after_stored_positions(bus: Bus) -> None:
     topic = await _topic(bus, partitions=1)
     await bus.producer().send([OutRecord(topic, 0, f"r{i}".encode()) for i in range(10)])
     c = await bus.consumer(topic, group=_name("g"))
     offsets = [r.offset for r in await _fetch_n(c, 10)]
     await c.close()
-    c2 = await bus.consumer(topic, group=_name("g"), partitions=[0], start_offset=offsets[5])
+    # A new consumer whose caller already applied up to r4 starts at r5.
+    c2 = await bus.consumer(topic, group=_name("g"), partitions=[0], positions=lambda parts: {0: offsets[4]})
     got = await _fetch_n(c2, 5)
     assert [r.value for r in got] == [f"r{i}".encode() for i in range(5, 10)]
     await c2.close()
 
 
 async def test_kafka_positions_hook_seeks_each_assigned_partition(tansu_url: str) -> None:
-    """Kafka only: the rebalance API; NATS replicas pass ``start_offset`` (tested above)."""
+    """Kafka only: the hook runs again on every rebalance."""
     async with load_bus(tansu_url) as bus:
         await _positions_hook(bus)
 
@@ -251,8 +252,6 @@ async def test_two_consumers_split_the_partitions(bus: Bus, backend: Backend) ->
 
 
 async def test_wrong_partition_count_is_a_clear_error(bus: Bus, backend: Backend) -> None:
-    if backend.kind == "nats":
-        pytest.xfail("NatsBus streams have no partition count (partitions are subject tokens)")
     topic = await _topic(bus, partitions=4)
     with pytest.raises(ConfigError, match="has 4 partitions") as ei:
         await bus.ensure_topic(TopicSpec(name=topic, partitions=3, retention_s=3600))
@@ -262,8 +261,6 @@ async def test_wrong_partition_count_is_a_clear_error(bus: Bus, backend: Backend
 async def test_unreachable_broker_is_backend_unavailable_quickly(backend: Backend) -> None:
     import socket
 
-    if backend.kind == "nats":
-        pytest.xfail("NatsBus retries its first connect forever (max_reconnect_attempts=-1): not bounded yet")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -137,10 +137,6 @@ def test_same_identity_is_one_reading_whatever_its_time(store: HotStore) -> None
 
 def test_key_collision_with_another_identity_is_stored(store: HotStore, store_url: str) -> None:
     """Two identities with the same 63-bit key but different check values are both kept."""
-    if store_url.startswith("sqlite"):
-        # SqliteStore._dedupe probes from key + 1 for a reading that collided inside its batch, so
-        # the replayed first identity (stored at the key itself) is stored a second time.
-        pytest.xfail("known SqliteStore bug: replay of [collider, original] stores the original twice")
     a = reading("d1", BASE_MS, 1, {"t": 1.0})
     b = Reading("d1", BASE_MS + 1000, {"t": 2.0}, a.key, a.chk ^ 1, seq=2, received_ms=BASE_MS)
     res = apply(store, [a, b, b])

@@ -9,11 +9,14 @@ bus's own acknowledgement is only a hint for where to resume.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Self
 
-__all__ = ["Bus", "BusRecord", "Consumer", "OutRecord", "Producer", "TopicSpec"]
+__all__ = ["Bus", "BusRecord", "Consumer", "OutRecord", "PositionsFn", "Producer", "TopicSpec"]
+
+PositionsFn = Callable[[list[int]], dict[int, int]]
+"""partitions -> {partition: last applied offset}; partitions never applied are absent."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,9 +91,14 @@ class Bus(Protocol):
         *,
         group: str,
         partitions: Sequence[int] | None = None,
-        start_offset: int | None = None,
+        positions: PositionsFn | None = None,
     ) -> Consumer:
-        """A consumer of ``partitions`` (all when None); ``start_offset`` where a new one starts."""
+        """A consumer of ``partitions`` (all, balanced by the bus, when None).
+
+        ``positions(partitions)`` returns the last offset the caller applied per partition (from its
+        own store); the consumer resumes right after them wherever the bus's own position is behind
+        or unknown (a new consumer, a partition newly assigned, a changed assignment).
+        """
         ...
 
     async def pending(self, topic: str, *, group: str) -> int: ...

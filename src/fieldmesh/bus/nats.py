@@ -18,6 +18,7 @@ import logging
 import re
 from collections.abc import Sequence
 from typing import Any, Self
+from urllib.parse import urlparse
 
 import nats
 import nats.errors
@@ -26,8 +27,8 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
-from fieldmesh.bus.base import BusRecord, OutRecord, TopicSpec
-from fieldmesh.core.errors import BackendError, BackendUnavailable
+from fieldmesh.bus.base import BusRecord, OutRecord, PositionsFn, TopicSpec
+from fieldmesh.core.errors import BackendError, BackendUnavailable, ConfigError
 
 __all__ = ["NatsBus", "NatsConsumer", "NatsProducer", "stream_name"]
 
@@ -75,12 +76,24 @@ class NatsProducer:
             raise BackendError(f"JetStream publish failed: {exc!r}") from exc
 
 
+def _ack_tokens(reply: str) -> tuple[int, int]:
+    """(stream sequence, timestamp ms) from a JetStream ack subject, without building metadata objects.
+
+    ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts_ns>.<pending>``, or the v2 form with
+    domain and account hash after ``ACK`` (and a trailing token).
+    """
+    t = reply.split(".")
+    i = 5 if len(t) == 9 else 7
+    return int(t[i]), int(t[i + 2]) // 1_000_000
+
+
 class NatsConsumer:
     """A durable pull consumer over some (or all) partitions of a topic."""
 
-    def __init__(self, sub: JetStreamContext.PullSubscription, topic: str) -> None:
+    def __init__(self, sub: JetStreamContext.PullSubscription, topic: str, *, ack_all: bool = False) -> None:
         self._sub = sub
         self._topic = topic
+        self._ack_all = ack_all
 
     async def fetch(self, max_records: int, timeout_s: float) -> list[BusRecord]:
         """Fetch up to ``max_records``; an empty list when none arrived within ``timeout_s``."""
@@ -93,25 +106,32 @@ class NatsConsumer:
         return [self._record(m) for m in msgs]
 
     def _record(self, m: Msg) -> BusRecord:
-        md = m.metadata
+        seq, ts_ms = _ack_tokens(m.reply)
         hdrs = m.headers or {}
         key = hdrs.get("Fm-Key")
         return BusRecord(
             topic=self._topic,
             partition=_partition_of(m.subject),
-            offset=md.sequence.stream,
+            offset=seq,
             value=m.data,
             key=key.encode() if key is not None else None,
             headers=hdrs,
-            timestamp_ms=int(md.timestamp.timestamp() * 1000) if md.timestamp else 0,
+            timestamp_ms=ts_ms,
             handle=m,
         )
 
     async def ack(self, records: Sequence[BusRecord]) -> None:
-        """Acknowledge records (after their effects are committed)."""
-        for r in records:
-            m: Msg = r.handle
-            await m.ack()
+        """Acknowledge records (after their effects are committed).
+
+        With an ack-all consumer (one fetcher, in order) acknowledging the last record covers the rest.
+        """
+        if self._ack_all:
+            if records:
+                await max(records, key=lambda r: r.offset).handle.ack()
+        else:
+            for r in records:
+                m: Msg = r.handle
+                await m.ack()
         with contextlib.suppress(nats.errors.Error):
             await self._sub._nc.flush(timeout=5)  # noqa: SLF001 - make acks reach the server now
 
@@ -131,6 +151,7 @@ class NatsBus:
         self._js: JetStreamContext | None = None
 
     async def __aenter__(self) -> Self:
+        await self._probe()
         try:
             self._nc = await nats.connect(
                 self.url,
@@ -144,6 +165,20 @@ class NatsBus:
             raise BackendUnavailable(f"cannot connect to NATS at {self.url}: {exc!r}") from exc
         self._js = self._nc.jetstream(timeout=10, publish_async_max_pending=8000)
         return self
+
+    async def _probe(self) -> None:
+        """Fail fast when no server listens (nats-py would otherwise retry the first connect forever)."""
+        errors = []
+        for server in self.url.split(","):
+            u = urlparse(server if "://" in server else f"nats://{server}")
+            try:
+                _, w = await asyncio.wait_for(asyncio.open_connection(u.hostname or "127.0.0.1", u.port or 4222),
+                                              self._timeout)
+                w.close()
+                return
+            except (OSError, TimeoutError) as exc:
+                errors.append(f"{u.hostname}:{u.port or 4222}: {exc}")
+        raise BackendUnavailable(f"cannot connect to NATS at {self.url}: {'; '.join(errors)}")
 
     async def __aexit__(self, *exc: object) -> None:
         if self._nc is not None:
@@ -166,13 +201,28 @@ class NatsBus:
         return self._nc
 
     async def ensure_topic(self, spec: TopicSpec) -> None:
-        """Create (or update) the stream of a topic with one subject token per partition."""
+        """Create (or update) the stream of a topic with one subject token per partition.
+
+        The partition count is kept in the stream's metadata; asking for another count is an error
+        (devices would move between partitions and lose their per-partition order).
+        """
+        name = stream_name(spec.name)
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            info = await self.js.stream_info(name)
+            have = (info.config.metadata or {}).get("fm_partitions")
+            if have is not None and int(have) != spec.partitions:
+                raise ConfigError(
+                    f"topic {spec.name} has {have} partitions, not {spec.partitions}: keep --partitions {have} "
+                    "or use a new topic/data dir",
+                    key="partitions",
+                )
         await self.ensure_stream(
-            stream_name(spec.name),
+            name,
             [f"{spec.name}.*"],
             retention_s=spec.retention_s,
             dedupe_window_s=spec.dedupe_window_s,
             max_bytes=spec.max_bytes,
+            metadata={"fm_partitions": str(spec.partitions)},
         )
 
     async def ensure_stream(
@@ -184,6 +234,7 @@ class NatsBus:
         dedupe_window_s: int = 120,
         max_bytes: int = -1,
         work_queue: bool = False,
+        metadata: dict[str, str] | None = None,
     ) -> None:
         """Create or update a file-backed stream."""
         cfg = api.StreamConfig(
@@ -195,6 +246,7 @@ class NatsBus:
             max_bytes=max_bytes,
             duplicate_window=float(dedupe_window_s),
             discard=api.DiscardPolicy.OLD,
+            metadata=metadata,
         )
         try:
             try:
@@ -215,16 +267,21 @@ class NatsBus:
         *,
         group: str,
         partitions: Sequence[int] | None = None,
-        start_offset: int | None = None,
+        positions: PositionsFn | None = None,
         reset_pending: bool = True,
     ) -> NatsConsumer:
         """A durable pull consumer ``group`` over ``partitions`` (all when None) of ``topic``.
 
-        ``start_offset`` (the lowest stream sequence still needed) applies when the consumer is
-        created, e.g. after the partitions a replica owns changed.
+        Stream sequences are global, so a new consumer (or one whose partitions changed) starts at
+        the lowest stored position + 1 of its partitions, or at the stream's start when one of them
+        was never applied. Records at or below a stored position are the caller's to skip.
         """
         subjects = [f"{topic}.*"] if partitions is None else [f"{topic}.{p}" for p in sorted(partitions)]
-        return await self.raw_consumer(stream_name(topic), group, subjects, topic=topic, start_seq=start_offset,
+        start: int | None = None
+        if positions is not None and partitions is not None:
+            pos = positions(sorted(partitions))
+            start = 1 if not pos or len(pos) < len(set(partitions)) else min(pos.values()) + 1
+        return await self.raw_consumer(stream_name(topic), group, subjects, topic=topic, start_seq=start,
                                        reset_pending=reset_pending)
 
     async def raw_consumer(
@@ -238,6 +295,7 @@ class NatsBus:
         max_ack_pending: int = 50_000,
         start_seq: int | None = None,
         reset_pending: bool = False,
+        ack_all: bool = False,
     ) -> NatsConsumer:
         """A durable pull consumer on any stream and subject filters.
 
@@ -247,7 +305,7 @@ class NatsBus:
         durable = _SAFE.sub("_", durable)
         cfg = api.ConsumerConfig(
             durable_name=durable,
-            ack_policy=api.AckPolicy.EXPLICIT,
+            ack_policy=api.AckPolicy.ALL if ack_all else api.AckPolicy.EXPLICIT,
             deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE if start_seq else api.DeliverPolicy.ALL,
             opt_start_seq=start_seq if start_seq else None,
             ack_wait=ack_wait_s,
@@ -259,7 +317,8 @@ class NatsBus:
         try:
             try:
                 info = await self.js.consumer_info(stream, durable)
-                same = sorted(info.config.filter_subjects or [info.config.filter_subject or ""]) == sorted(subjects)
+                same = sorted(info.config.filter_subjects or [info.config.filter_subject or ""]) == sorted(
+                    subjects) and info.config.ack_policy == cfg.ack_policy
                 if not same or (reset_pending and info.num_ack_pending):
                     # Delivered-but-unacknowledged messages would only come back after ack_wait: start a
                     # fresh consumer right after the acknowledged floor instead (or where the caller says
@@ -275,7 +334,7 @@ class NatsBus:
             sub = await self.js.pull_subscribe_bind(durable=durable, stream=stream)
         except nats.js.errors.Error as exc:
             raise BackendError(f"cannot create consumer {durable} on {stream}: {exc}") from exc
-        return NatsConsumer(sub, topic or stream)
+        return NatsConsumer(sub, topic or stream, ack_all=ack_all)
 
     async def pending(self, topic: str, *, group: str) -> int:
         """Messages not yet acknowledged by consumer ``group`` (its lag)."""

@@ -30,7 +30,9 @@ class NatsIngestSource:
 
     Devices publish over MQTT to nats-server's MQTT listener; their messages land on the subjects
     ``devices.<id>.telemetry`` which the stream captures durably. Several gateways may fetch from
-    the one durable consumer; JetStream hands each message to one of them.
+    the one durable consumer (explicit acks); JetStream hands each message to one of them. A
+    ``sole`` gateway (``fieldmesh up``) uses ack-all, one ack per batch, and purges what it has
+    acknowledged about once a second; otherwise the stream's age limit removes old messages.
     """
 
     name = "nats-ingest"
@@ -43,37 +45,40 @@ class NatsIngestSource:
         self._durable = durable
         self._retention_s = retention_s
         self._consumer: Any = None
+        self._acked = 0
+        self._purged_at = 0.0
 
     async def start(self) -> None:
-        """Create the stream (work queue: acknowledged messages are removed) and the consumer."""
-        await self._bus.ensure_stream(INGEST_STREAM, INGEST_SUBJECTS, retention_s=self._retention_s,
-                                      work_queue=True)
+        """Create the stream and the durable consumer."""
+        await self._bus.ensure_stream(INGEST_STREAM, INGEST_SUBJECTS, retention_s=self._retention_s)
         self._consumer = await self._bus.raw_consumer(INGEST_STREAM, self._durable, INGEST_SUBJECTS,
-                                                      ack_wait_s=30.0, reset_pending=self._sole)
+                                                      ack_wait_s=30.0, reset_pending=self._sole,
+                                                      ack_all=self._sole)
 
     async def fetch(self, max_messages: int, timeout_s: float) -> list[IngestMessage]:
         """Fetch raw device messages."""
         recs = await self._consumer.fetch(max_messages, timeout_s)
-        now = int(time.time() * 1000)
-        out = []
-        for r in recs:
-            m = r.handle
-            hdrs = m.headers or {}
-            out.append(
-                IngestMessage(
-                    topic=m.subject.replace(".", "/"),
-                    payload=r.value,
-                    received_ms=r.timestamp_ms or now,
-                    content_type=hdrs.get("Content-Type"),
-                    source_id=f"i{r.offset}",
-                    handle=r,
-                )
+        return [
+            IngestMessage(
+                topic=r.handle.subject.replace(".", "/"),
+                payload=r.value,
+                received_ms=r.timestamp_ms,
+                content_type=r.headers.get("Content-Type") if r.headers else None,
+                source_id=f"i{r.offset}",
+                handle=r,
             )
-        return out
+            for r in recs
+        ]
 
     async def ack(self, messages: Sequence[IngestMessage]) -> None:
-        """Acknowledge (and so remove) the messages from the ingest stream."""
+        """Acknowledge the messages (a sole gateway also purges what it acknowledged, once a second)."""
         await self._consumer.ack([m.handle for m in messages])
+        if self._sole and messages:
+            self._acked = max(self._acked, *(m.handle.offset for m in messages))
+            now = time.monotonic()
+            if now - self._purged_at > 1.0:
+                self._purged_at = now
+                await self._bus.js.purge_stream(INGEST_STREAM, seq=self._acked + 1)
 
     async def close(self) -> None:
         """Stop fetching."""

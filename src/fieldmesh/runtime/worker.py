@@ -79,7 +79,7 @@ async def run_processor(
         async with load_bus(bus_url) as bus:
             await ensure_topics(bus, settings)
             proc = Processor(bus=bus, store=store, settings=settings.processor, group=group,
-                             partitions=partitions)
+                             partitions=partitions, total_partitions=settings.bus.partitions)
             log.info("processor running: %s -> %s (partitions %s)", bus_url, store_url, partitions or "all")
             await proc.run(stop)
     finally:

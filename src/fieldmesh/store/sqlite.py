@@ -301,9 +301,9 @@ class SqliteStore:
                 dups += 1
             else:
                 collided.append(i)
-        for i in collided:  # 63-bit key collision (or a duplicate of a collided reading): probe on
+        for i in collided:  # 63-bit key collision (or a duplicate of a collided reading): probe from the key
             r = readings[i]
-            k = r.key
+            k = (r.key - 1) % _KEY_SPACE
             while True:
                 k = (k + 1) % _KEY_SPACE
                 if k in taken:

@@ -69,12 +69,17 @@ class Processor:
         group: str = "fm-processor",
         partitions: Sequence[int] | None = None,
         enricher: Enricher | None = None,
+        total_partitions: int | None = None,
     ) -> None:
         self.bus = bus
         self.store = store
         self.settings = settings
         self.group = group
-        self.partitions = list(partitions) if partitions is not None else None
+        # NATS needs the explicit list to resume per partition; Kafka balances when given None.
+        self.partitions = (
+            list(partitions) if partitions is not None
+            else list(range(total_partitions)) if total_partitions and _wants_explicit(bus) else None
+        )
         self.enricher = enricher
         self.stats = ProcessorStats()
         self._positions: dict[Position, int] = {}
@@ -82,9 +87,13 @@ class Processor:
         self._lock = asyncio.Lock()
 
     async def _consumer(self, topic: str, partitions: Sequence[int] | None, group: str) -> Consumer:
-        owned = [k for k in self._positions if k[0] == topic and (partitions is None or k[1] in partitions)]
-        start = min(self._positions[k] for k in owned) + 1 if owned else None
-        return await self.bus.consumer(topic, group=group, partitions=partitions, start_offset=start)
+        def positions(parts: list[int]) -> dict[int, int]:
+            # Read from the store: it is the truth, also for partitions another replica applied.
+            stored = self.store.positions()
+            self._positions.update(stored)
+            return {p: o for (t, p), o in stored.items() if t == topic and p in parts}
+
+        return await self.bus.consumer(topic, group=group, partitions=partitions, positions=positions)
 
     def apply_records(self, records: Sequence[BusRecord]) -> ApplyResult:
         """Decode bus records and apply them in one store transaction (synchronous core)."""
@@ -158,7 +167,7 @@ class Processor:
         consumers = [await self._consumer(READINGS_TOPIC, self.partitions, self.group)]
         # The DLQ topic has one partition; the replica that owns partition 0 applies it.
         if self.partitions is None or 0 in self.partitions:
-            consumers.append(await self._consumer(DLQ_TOPIC, None, f"{self.group}-dlq"))
+            consumers.append(await self._consumer(DLQ_TOPIC, [0], f"{self.group}-dlq"))
         try:
             async with asyncio.TaskGroup() as tg:
                 for c in consumers:
@@ -166,6 +175,10 @@ class Processor:
         finally:
             for c in consumers:
                 await c.close()
+
+
+def _wants_explicit(bus: Bus) -> bool:
+    return str(getattr(bus, "url", "")).startswith(("nats://", "tls://"))
 
 
 def _corrupt(rec: BusRecord, exc: Exception) -> DeadLetter:
