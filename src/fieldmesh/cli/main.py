@@ -54,8 +54,8 @@ def version() -> None:
 @app.command()
 def up(
     data_dir: DataDir = DEFAULT_DATA_DIR,
-    mqtt_port: Annotated[int, typer.Option(min=1, max=65535, help="embedded MQTT listener port")] = 1883,
-    http_port: Annotated[int, typer.Option(min=1, max=65535, help="REST API port")] = 8000,
+    mqtt_port: Annotated[int, typer.Option(min=0, max=65535, help="embedded MQTT listener port (0: a free one)")] = 1883,
+    http_port: Annotated[int, typer.Option(min=0, max=65535, help="REST API port (0: a free one)")] = 8000,
     mqtt_url: Annotated[str | None, typer.Option(help="use an external MQTT broker, e.g. mqtt://host:1883")] = None,
     bus_url: Annotated[str | None, typer.Option(help="use an external bus (nats://...)")] = None,
     store_url: Annotated[str | None, typer.Option(help="use an external hot store")] = None,

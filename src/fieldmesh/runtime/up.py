@@ -26,7 +26,7 @@ from fieldmesh.bus import load_bus
 from fieldmesh.core.errors import ConfigError
 from fieldmesh.core.settings import Settings
 from fieldmesh.core.topics import DLQ_TOPIC, READINGS_TOPIC
-from fieldmesh.runtime.natsserver import EmbeddedNats, port_in_use
+from fieldmesh.runtime.natsserver import EmbeddedNats, free_port, port_in_use
 from fieldmesh.runtime.procs import child_preexec
 from fieldmesh.runtime.worker import ensure_topics
 from fieldmesh.store import default_store_url, load_store
@@ -123,6 +123,10 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
     console = Console(stderr=True, quiet=opts.quiet)
     data_dir = opts.data_dir.resolve()
     lock = _lock(data_dir)
+    if opts.mqtt_port == 0 and opts.mqtt_url is None:
+        opts.mqtt_port = free_port()
+    if opts.http_port == 0:
+        opts.http_port = free_port()
     check_ports(opts)
     logs = data_dir / "logs"
     logs.mkdir(exist_ok=True)
