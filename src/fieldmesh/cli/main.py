@@ -146,15 +146,20 @@ def simulate(
 @app.command()
 def gateway(
     bus_url: Annotated[str, typer.Option(help="the bus, e.g. nats://host:4222 or kafka://host:9092")],
-    mqtt_url: Annotated[str, typer.Option(help="the MQTT broker devices publish to")],
+    mqtt_url: Annotated[str | None, typer.Option(help="the MQTT broker devices publish to")] = None,
+    ingest_url: Annotated[list[str] | None, typer.Option(
+        help="a topic of raw readings: kafka://host:9092/TOPIC or nats://host:4222/SUBJECT (repeatable)")] = None,
     partitions: Annotated[int, typer.Option(min=1, max=4096)] = 8,
     client_id: Annotated[str | None, typer.Option(help="stable MQTT client id (persistent session)")] = None,
 ) -> None:
-    """Run a gateway alone (run N of them: they share the devices through an MQTT 5 shared subscription)."""
+    """Run a gateway alone (run N of them: they share the devices through an MQTT 5 shared subscription
+    or an ingest topic's consumer group)."""
     from fieldmesh.runtime.worker import run_gateway
 
+    if not mqtt_url and not ingest_url:
+        raise typer.BadParameter("give --mqtt-url and/or --ingest-url")
     try:
-        asyncio.run(run_gateway(bus_url=bus_url, mqtt_url=mqtt_url, client_id=client_id,
+        asyncio.run(run_gateway(bus_url=bus_url, mqtt_url=mqtt_url, client_id=client_id, ingest_urls=ingest_url,
                                 settings=_settings(bus={"partitions": partitions})))
     except FieldmeshError as exc:
         _fail(exc)

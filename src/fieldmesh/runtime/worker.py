@@ -41,47 +41,62 @@ def _stop_event() -> asyncio.Event:
 
 async def run_gateway(
     *, bus_url: str, mqtt_url: str | None, settings: Settings, stop: asyncio.Event | None = None,
-    client_id: str | None = None, sole: bool = False,
+    client_id: str | None = None, sole: bool = False, ingest_urls: list[str] | None = None,
 ) -> None:
-    """Run a gateway: from the embedded ingest stream (``mqtt_url`` None) or an MQTT broker."""
+    """Run a gateway: from an MQTT broker and/or ingest topics (``ingest_urls``: Kafka topics, NATS
+    subjects), else from the embedded ingest stream. Each source runs its own gateway loop."""
     from fieldmesh.gateway.gateway import Gateway
+    from fieldmesh.gateway.ingress import load_ingest
     from fieldmesh.gateway.sources import MqttSource, NatsIngestSource
 
     stop = stop or _stop_event()
     async with load_bus(bus_url) as bus:
         await ensure_topics(bus, settings)
-        source: Any
+        sources: list[Any] = [load_ingest(u, retention_s=settings.bus.retention_s) for u in ingest_urls or []]
         if mqtt_url:
-            source = MqttSource(mqtt_url, share_group=settings.gateway.share_group, client_id=client_id)
-        else:
-            source = NatsIngestSource(bus, retention_s=settings.bus.retention_s, sole=sole)
-        await source.start()
-        gw = Gateway(source=source, producer=bus.producer(), settings=settings.gateway,
-                     partitions=settings.bus.partitions)
-        log.info("gateway running: %s -> %s", getattr(source, "url", source.name), bus_url)
+            sources.append(MqttSource(mqtt_url, share_group=settings.gateway.share_group, client_id=client_id))
+        elif not sources:
+            sources.append(NatsIngestSource(bus, retention_s=settings.bus.retention_s, sole=sole))
+        started: list[Any] = []
         try:
-            await gw.run(stop)
+            for source in sources:
+                await source.start()
+                started.append(source)
+            async with asyncio.TaskGroup() as tg:
+                for source in sources:
+                    gw = Gateway(source=source, producer=bus.producer(), settings=settings.gateway,
+                                 partitions=settings.bus.partitions)
+                    log.info("gateway running: %s -> %s", getattr(source, "url", source.name), bus_url)
+                    tg.create_task(gw.run(stop), name=f"gateway-{source.name}")
         finally:
-            await source.close()
+            for source in started:
+                await source.close()
 
 
 async def run_processor(
     *, bus_url: str, store_url: str, settings: Settings, partitions: list[int] | None = None,
     group: str = "fm-processor", stop: asyncio.Event | None = None,
 ) -> None:
-    """Run a processor over ``partitions`` (all when None)."""
+    """Run a processor over ``partitions`` (all when None), enriching readings when
+    ``settings.enrich`` has joins (the CDC topics are caught up with before the first reading)."""
+    from fieldmesh.runtime.enrichment import build_enrichment
     from fieldmesh.store import load_store
     from fieldmesh.stream.processor import Processor
 
     stop = stop or _stop_event()
+    enrichment = build_enrichment(settings)
     store = load_store(store_url)
     try:
         async with load_bus(bus_url) as bus:
             await ensure_topics(bus, settings)
             proc = Processor(bus=bus, store=store, settings=settings.processor, group=group,
-                             partitions=partitions, total_partitions=settings.bus.partitions)
+                             partitions=partitions, total_partitions=settings.bus.partitions,
+                             enricher=enrichment.enricher if enrichment else None)
             log.info("processor running: %s -> %s (partitions %s)", bus_url, store_url, partitions or "all")
-            await proc.run(stop)
+            if enrichment is None:
+                await proc.run(stop)
+            else:
+                await enrichment.run(bus, proc.run, stop)
     finally:
         store.close()
 
