@@ -5,14 +5,26 @@ Precedence: keyword arguments > environment (``FIELDMESH__SECTION__KEY``) > defa
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from fieldmesh.core.errors import ConfigError
 
-__all__ = ["BusSettings", "GatewaySettings", "ProcessorSettings", "Settings", "load_settings"]
+__all__ = [
+    "BusSettings",
+    "CdcSettings",
+    "EnrichJoinSpec",
+    "EnrichSettings",
+    "GatewaySettings",
+    "ProcessorSettings",
+    "Settings",
+    "load_settings",
+    "parse_enrich_spec",
+]
 
 
 class GatewaySettings(BaseModel, frozen=True):
@@ -42,6 +54,115 @@ class ProcessorSettings(BaseModel, frozen=True):
     grace_ms: int = Field(5_000, ge=0, description="lateness allowed before a window counts as emitted")
 
 
+class EnrichJoinSpec(BaseModel, frozen=True):
+    """One as-of join of readings with a table captured by CDC (see :func:`parse_enrich_spec`)."""
+
+    table: str = Field(description="schema.table (PostgreSQL) or db.table (MySQL), as in the change events")
+    reading_field: str = Field("device_id", description="a Reading field or meta.<name>")
+    column: str = Field("device_id", description="the table column matched against the reading field")
+    fields: tuple[str, ...] | None = Field(None, description="columns copied into the enrichment (all if None)")
+    prefix: str | None = Field(None, description="prepended to copied names; default '<table>.'")
+    pk: tuple[str, ...] | None = Field(None, description="the table's primary key columns")
+    db: str | None = Field(None, description="PostgreSQL database of the table (names the CDC topic)")
+    topic: str | None = Field(None, description="explicit CDC topic (e.g. one written by Debezium)")
+
+    @property
+    def effective_prefix(self) -> str:
+        """The prefix in use: the given one, else the table name and a dot."""
+        return self.prefix if self.prefix is not None else self.table.rsplit(".", 1)[-1] + "."
+
+
+_SPEC_KEYS = ("fields", "prefix", "pk", "db", "topic")
+_SPEC_HELP = (
+    "use TABLE[:READING_FIELD=COLUMN][:fields=a,b][:prefix=P][:pk=id][:db=NAME][:topic=T], "
+    "e.g. 'public.assets:device_id=device_id:fields=threshold,site'"
+)
+
+
+def parse_enrich_spec(spec: str) -> EnrichJoinSpec:
+    """Parse one enrichment spec such as ``public.assets:device_id=device_id:fields=threshold,site``.
+
+    ``TABLE`` is ``schema.table`` (PostgreSQL; the database comes from ``db=``, the CDC source or
+    ``FIELDMESH__ENRICH__DATABASE``), ``db.schema.table``, or ``db.table`` (MySQL). The join defaults to
+    ``device_id=device_id``, the prefix to ``<table>.``, the fields to every column.
+
+    Raises:
+        ValueError: the spec is malformed (the message quotes it and shows the grammar).
+    """
+    parts = [p.strip() for p in spec.strip().split(":")]
+    table = parts[0] if parts else ""
+    names = table.split(".")
+    if not 2 <= len(names) <= 3 or not all(names):
+        raise ValueError(f"{spec!r}: the table must be schema.table, db.schema.table or db.table; {_SPEC_HELP}")
+    out: dict[str, Any] = {}
+    if len(names) == 3:
+        out["db"] = names[0]
+        table = f"{names[1]}.{names[2]}"
+    out["table"] = table
+    for part in parts[1:]:
+        key, eq, value = part.partition("=")
+        key, value = key.strip(), value.strip()
+        if not eq or not key:
+            raise ValueError(f"{spec!r}: {part!r} is not key=value; {_SPEC_HELP}")
+        if key in _SPEC_KEYS:
+            if key in out:
+                raise ValueError(f"{spec!r}: {key}= given twice")
+            if key in ("fields", "pk"):
+                items = tuple(v.strip() for v in value.split(",") if v.strip())
+                if not items:
+                    raise ValueError(f"{spec!r}: {key}= needs at least one column")
+                out[key] = items
+            elif key == "prefix":
+                out[key] = value
+            elif not value:
+                raise ValueError(f"{spec!r}: {key}= needs a value")
+            else:
+                out[key] = value
+        else:
+            if "column" in out:
+                raise ValueError(f"{spec!r}: two join conditions ({part!r}); one READING_FIELD=COLUMN per spec")
+            if not value:
+                raise ValueError(f"{spec!r}: {part!r} needs a column name after '='")
+            out["reading_field"], out["column"] = key, value
+    attr, _, meta_key = out.get("reading_field", "device_id").partition(".")
+    if attr != "meta" and meta_key or attr == "meta" and not meta_key:
+        raise ValueError(f"{spec!r}: the reading field must be a Reading field (device_id) or meta.<name>")
+    return EnrichJoinSpec(**out)
+
+
+class EnrichSettings(BaseModel, frozen=True):
+    """As-of enrichment of readings in the processor from tables captured by CDC."""
+
+    joins: Annotated[tuple[EnrichJoinSpec, ...], NoDecode] = Field(
+        (), description="enrichment specs separated by ';' (or a JSON list), see parse_enrich_spec"
+    )
+    database: str | None = Field(None, description="default PostgreSQL database of the joined tables")
+    catch_up_timeout_s: float = Field(300.0, gt=0, description="time to read the CDC topics before starting")
+
+    @field_validator("joins", mode="before")
+    @classmethod
+    def _parse_joins(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                value = json.loads(text)
+            else:
+                value = [p for p in text.replace("\n", ";").split(";") if p.strip()]
+        if isinstance(value, list | tuple):
+            return tuple(parse_enrich_spec(v) if isinstance(v, str) else v for v in value)
+        return value
+
+
+class CdcSettings(BaseModel, frozen=True):
+    """Change data capture run by ``fieldmesh up`` (``fieldmesh cdc`` has its own flags)."""
+
+    source: SecretStr | None = Field(None, description="postgresql://... or mysql://... (None: no CDC)")
+    tables: str = Field("", description="comma-separated schema.table (db.table for MySQL)")
+    name: str = Field("fieldmesh", pattern=r"^[a-z0-9_]{1,63}$", description="slot/publication/offsets name")
+    partitions: int = Field(4, ge=1, le=4096, description="partitions of each table's CDC topic")
+    snapshot_timeout_s: float = Field(300.0, gt=0, description="wait this long for the initial snapshot")
+
+
 class Settings(BaseSettings):
     """All of fieldmesh's settings."""
 
@@ -53,6 +174,8 @@ class Settings(BaseSettings):
     gateway: GatewaySettings = GatewaySettings()
     bus: BusSettings = BusSettings()
     processor: ProcessorSettings = ProcessorSettings()
+    enrich: EnrichSettings = EnrichSettings()
+    cdc: CdcSettings = CdcSettings()
 
 
 def load_settings(**overrides: object) -> Settings:

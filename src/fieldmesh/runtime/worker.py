@@ -77,19 +77,26 @@ async def run_processor(
     *, bus_url: str, store_url: str, settings: Settings, partitions: list[int] | None = None,
     group: str = "fm-processor", stop: asyncio.Event | None = None,
 ) -> None:
-    """Run a processor over ``partitions`` (all when None)."""
+    """Run a processor over ``partitions`` (all when None), enriching readings when
+    ``settings.enrich`` has joins (the CDC topics are caught up with before the first reading)."""
+    from fieldmesh.runtime.enrichment import build_enrichment
     from fieldmesh.store import load_store
     from fieldmesh.stream.processor import Processor
 
     stop = stop or _stop_event()
+    enrichment = build_enrichment(settings)
     store = load_store(store_url)
     try:
         async with load_bus(bus_url) as bus:
             await ensure_topics(bus, settings)
             proc = Processor(bus=bus, store=store, settings=settings.processor, group=group,
-                             partitions=partitions, total_partitions=settings.bus.partitions)
+                             partitions=partitions, total_partitions=settings.bus.partitions,
+                             enricher=enrichment.enricher if enrichment else None)
             log.info("processor running: %s -> %s (partitions %s)", bus_url, store_url, partitions or "all")
-            await proc.run(stop)
+            if enrichment is None:
+                await proc.run(stop)
+            else:
+                await enrichment.run(bus, proc.run, stop)
     finally:
         store.close()
 

@@ -92,7 +92,7 @@ CREATE TABLE IF NOT EXISTS watermarks (
 _READINGS_COLS = """
     id BIGINT NOT NULL, chk BIGINT NOT NULL, device_id TEXT NOT NULL, ts_ms BIGINT NOT NULL,
     seq BIGINT, boot_id TEXT, event_id TEXT, measurements JSONB NOT NULL, meta JSONB,
-    received_ms BIGINT NOT NULL, stored_ms BIGINT NOT NULL
+    received_ms BIGINT NOT NULL, stored_ms BIGINT NOT NULL, enrichment JSONB
 """
 _TEMP = """
 CREATE TEMP TABLE IF NOT EXISTS _fm_keys (id BIGINT, chk BIGINT) ON COMMIT DELETE ROWS;
@@ -267,6 +267,13 @@ class PostgresStore:
                         "INSERT INTO meta VALUES ('layout', %s)",
                         ("timescaledb" if self.timescale else "partitioned",),
                     )
+                elif not w.execute(
+                    "SELECT 1 FROM information_schema.columns"
+                    " WHERE table_schema = %s AND table_name = 'readings' AND column_name = 'enrichment'",
+                    (self.schema,),
+                ).fetchone():
+                    # stores made before as-of enrichment: add the column (no rewrite, nullable)
+                    w.execute("ALTER TABLE readings ADD COLUMN enrichment JSONB")
         except pg.Error as exc:
             raise BackendError(f"cannot create the fieldmesh schema in {self.schema!r}: {exc}") from exc
         self._check_version(w)
@@ -406,7 +413,7 @@ class PostgresStore:
             if new:
                 with cur.copy(
                     "COPY readings (id, chk, device_id, ts_ms, seq, boot_id, event_id, measurements, meta,"
-                    " received_ms, stored_ms) FROM STDIN"
+                    " received_ms, stored_ms, enrichment) FROM STDIN"
                 ) as cp:
                     for k, r in zip(new_idx.values(), new, strict=True):
                         cp.write_row(
@@ -415,6 +422,7 @@ class PostgresStore:
                                 _enc.encode(r.measurements).decode(),
                                 _enc.encode(r.meta).decode() if r.meta is not None else None,
                                 r.received_ms, now,
+                                _enc.encode(r.enrichment).decode() if r.enrichment is not None else None,
                             )
                         )  # fmt: skip
                 for interval, deltas in rollup_deltas(new).items():
@@ -703,12 +711,13 @@ class PostgresStore:
             where.append("measurements ? %s")
             params.append(metric)
         sql = (
-            "SELECT device_id, ts_ms, seq, boot_id, event_id, measurements, meta, received_ms FROM readings"
+            "SELECT device_id, ts_ms, seq, boot_id, event_id, measurements, meta, received_ms, enrichment"
+            " FROM readings"
             + (" WHERE " + " AND ".join(where) if where else "")
             + " ORDER BY ts_ms DESC, id LIMIT %s"
         )
         out = []
-        for dev, ts, seq, boot, ev, ms, meta, rx in self._read(
+        for dev, ts, seq, boot, ev, ms, meta, rx, enr in self._read(
             lambda c: c.execute(sql, (*params, limit)).fetchall()
         ):
             m = {k: _num(v) for k, v in ms.items()}
@@ -724,6 +733,8 @@ class PostgresStore:
             if meta is not None:
                 row["meta"] = meta
             row["received_ms"] = rx
+            if enr is not None:
+                row["enrichment"] = enr
             out.append(row)
         return out
 
