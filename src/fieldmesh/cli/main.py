@@ -39,6 +39,13 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(2)
 
 
+def _role_logging(role: str) -> None:
+    """Log lines of a stand-alone role (assignments, retries, failures) on stderr."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {role} %(name)s %(levelname)s %(message)s")
+
+
 def _settings(**kw: Any) -> Any:
     from fieldmesh.core.settings import load_settings
 
@@ -158,6 +165,7 @@ def gateway(
 
     if not mqtt_url and not ingest_url:
         raise typer.BadParameter("give --mqtt-url and/or --ingest-url")
+    _role_logging("gateway")
     try:
         asyncio.run(run_gateway(bus_url=bus_url, mqtt_url=mqtt_url, client_id=client_id, ingest_urls=ingest_url,
                                 settings=_settings(bus={"partitions": partitions})))
@@ -177,6 +185,7 @@ def process(
     from fieldmesh.runtime.worker import run_processor
 
     owned = _parse_partitions(partitions, total_partitions) if partitions else None
+    _role_logging("process")
     try:
         asyncio.run(run_processor(bus_url=bus_url, store_url=store_url, partitions=owned, group=group,
                                   settings=_settings(bus={"partitions": total_partitions})))

@@ -165,8 +165,11 @@ class Processor:
         self._positions = self.store.positions()
         self._watermarks = self.store.watermarks()
         consumers = [await self._consumer(READINGS_TOPIC, self.partitions, self.group)]
-        # The DLQ topic has one partition; the replica that owns partition 0 applies it.
-        if self.partitions is None or 0 in self.partitions:
+        # The DLQ topic has one partition: with static partitions the replica that owns partition 0
+        # applies it; in a balanced group (Kafka) it joins its own group, so one member owns it.
+        if self.partitions is None:
+            consumers.append(await self._consumer(DLQ_TOPIC, None, f"{self.group}-dlq"))
+        elif 0 in self.partitions:
             consumers.append(await self._consumer(DLQ_TOPIC, [0], f"{self.group}-dlq"))
         try:
             async with asyncio.TaskGroup() as tg:
