@@ -100,18 +100,29 @@ class Gateway:
         self.partitions = partitions
         self.stats = GatewayStats()
 
-    async def step(self, stop: asyncio.Event | None = None) -> int:
-        """Take one batch through; return how many source messages it handled.
-
-        A failed bus send is retried with capped, jittered backoff (the source messages stay
-        unacknowledged meanwhile); if ``stop`` is set while it still fails, the messages are left
-        unacknowledged for the source to redeliver.
-        """
+    async def _fetch_routed(
+        self,
+    ) -> tuple[list[IngestMessage], list[OutRecord], int, list[DeadLetter]] | None:
         msgs = await self.source.fetch(self.settings.batch_max_messages, self.settings.linger_ms / 1000 or 0.001)
         if not msgs:
-            return 0
+            return None
         records, n, dead = route(msgs, settings=self.settings, partitions=self.partitions,
                                  now_ms=int(time.time() * 1000))
+        return msgs, records, n, dead
+
+    async def _deliver(
+        self,
+        msgs: list[IngestMessage],
+        records: list[OutRecord],
+        n: int,
+        dead: list[DeadLetter],
+        stop: asyncio.Event | None,
+    ) -> None:
+        """Send to the bus (retrying with capped, jittered backoff), then acknowledge the source.
+
+        If ``stop`` is set while sends still fail, the messages stay unacknowledged for the source
+        to redeliver.
+        """
         delay = 0.1
         while True:
             try:
@@ -128,13 +139,38 @@ class Gateway:
         self.stats.readings += n
         for d in dead:
             self.stats.rejected[d.reason] = self.stats.rejected.get(d.reason, 0) + 1
-        return len(msgs)
+
+    async def step(self, stop: asyncio.Event | None = None) -> int:
+        """Take one batch through; return how many source messages it handled."""
+        got = await self._fetch_routed()
+        if got is None:
+            return 0
+        await self._deliver(*got, stop)
+        return len(got[0])
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Run until ``stop`` is set."""
-        while not stop.is_set():
+        """Run until ``stop`` is set: decoding the next batch overlaps with sending the last one."""
+        queue: asyncio.Queue[tuple[list[IngestMessage], list[OutRecord], int, list[DeadLetter]] | None]
+        queue = asyncio.Queue(maxsize=2)
+
+        async def reader() -> None:
             try:
-                await self.step(stop)
-            except FieldmeshError as exc:
-                log.warning("gateway step failed: %s", exc)
-                await asyncio.sleep(0.5)
+                while not stop.is_set():
+                    try:
+                        got = await self._fetch_routed()
+                    except FieldmeshError as exc:
+                        log.warning("gateway fetch failed: %s", exc)
+                        await asyncio.sleep(0.5)
+                        continue
+                    if got is not None:
+                        await queue.put(got)
+            finally:
+                await queue.put(None)
+
+        async def writer() -> None:
+            while (item := await queue.get()) is not None:
+                await self._deliver(*item, stop)
+
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(reader(), name="gateway-read")
+            tg.create_task(writer(), name="gateway-write")

@@ -136,7 +136,6 @@ class SqliteStore:
             con.execute("PRAGMA synchronous=NORMAL")
             con.execute("PRAGMA cache_size=-262144")
             con.execute("PRAGMA mmap_size=1073741824")
-            con.execute("PRAGMA wal_autocheckpoint=20000")
         else:
             con = sqlite3.connect(
                 f"file:{self.path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False, timeout=30

@@ -151,14 +151,44 @@ class Processor:
         return res
 
     async def _loop(self, consumer: Consumer, stop: asyncio.Event) -> None:
+        """Fetch and apply in a two-stage pipeline: the next batch is fetched while one is applied.
+
+        Batches waiting when the applier is free are applied together (one bigger transaction).
+        Records are applied and acknowledged in fetch order.
+        """
         s = self.settings
-        while not stop.is_set():
-            recs = await consumer.fetch(s.fetch_max, s.fetch_timeout_s)
-            if not recs:
-                continue
-            async with self._lock:
-                await asyncio.to_thread(self.apply_records, recs)
-            await consumer.ack(recs)
+        queue: asyncio.Queue[list[BusRecord] | None] = asyncio.Queue(maxsize=4)
+
+        async def fetcher() -> None:
+            try:
+                while not stop.is_set():
+                    recs = await consumer.fetch(s.fetch_max, s.fetch_timeout_s)
+                    if recs:
+                        await queue.put(recs)
+            finally:
+                await queue.put(None)
+
+        async def applier() -> None:
+            while True:
+                recs = await queue.get()
+                if recs is None:
+                    return
+                done = False
+                while not queue.empty() and len(recs) < 4 * s.fetch_max:
+                    more = queue.get_nowait()
+                    if more is None:
+                        done = True
+                        break
+                    recs.extend(more)
+                async with self._lock:
+                    await asyncio.to_thread(self.apply_records, recs)
+                await consumer.ack(recs)
+                if done:
+                    return
+
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(fetcher(), name="processor-fetch")
+            tg.create_task(applier(), name="processor-apply")
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set; finishes the batch in hand before returning."""

@@ -1,0 +1,148 @@
+"""Shared benchmark helpers: processes, payloads, percentiles."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+_enc = msgspec.json.Encoder()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def percentile(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(q / 100 * len(s)))]
+
+
+def payloads(
+    *, devices: int, readings: int, per_message: int, prefix: str, ts_ms: int | None = None
+) -> list[tuple[str, bytes]]:
+    """Pre-encoded device messages (``ts`` is replaced at send time when ts_ms is None)."""
+    out = []
+    seq = 0
+    per_dev = readings // devices
+    for i in range(0, per_dev, per_message):
+        for d in range(devices):
+            dev = f"{prefix}-{d:05d}"
+            rs = [
+                {
+                    "ts": ts_ms or 0,
+                    "seq": seq + k,
+                    "boot_id": "b",
+                    "measurements": {
+                        "temperature": 20.0 + (seq + k) % 97 / 10,
+                        "humidity": 45.5,
+                        "vibration": 0.031,
+                    },
+                }
+                for k in range(min(per_message, per_dev - i))
+            ]
+            body = {"device_id": dev, **rs[0]} if per_message == 1 else {"device_id": dev, "readings": rs}
+            out.append((f"devices/{dev}/telemetry", _enc.encode(body)))
+        seq += per_message
+    return out
+
+
+def publish_proc(args: dict[str, Any]) -> None:
+    """Publisher process body: publish messages at ``rate`` msg/s (0 = as fast as possible), QoS 1.
+
+    ``ts`` placeholders are stamped with the send time so latency is event-to-stored.
+    """
+    import paho.mqtt.client as mqtt
+
+    c = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311, client_id=f"bench-{os.getpid()}"
+    )
+    c.max_inflight_messages_set(args.get("inflight", 1000))
+    c.max_queued_messages_set(0)
+    c.connect("127.0.0.1", args["port"])
+    c.loop_start()
+    msgs: list[tuple[str, bytes]] = args["msgs"]
+    rate = args.get("rate", 0)
+    t0 = time.monotonic()
+    last = None
+    for i, (topic, body) in enumerate(msgs):
+        if rate:
+            due = t0 + i / rate
+            d = due - time.monotonic()
+            if d > 0:
+                time.sleep(d)
+        if args.get("stamp"):
+            body = body.replace(b'"ts":0', b'"ts":%d' % int(time.time() * 1000))
+        while True:
+            last = c.publish(topic, body, qos=1)
+            if last.rc == 0:
+                break
+            time.sleep(0.0005)
+    if last is not None:
+        last.wait_for_publish(120)
+    c.disconnect()
+    c.loop_stop()
+
+
+class UpProc:
+    """``fieldmesh up`` under benchmark."""
+
+    def __init__(self, data_dir: Path, *extra: str) -> None:
+        self.mqtt_port = free_port()
+        self.http_port = free_port()
+        self.data_dir = data_dir
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "fieldmesh",
+                "up",
+                "--data-dir",
+                str(data_dir),
+                "--mqtt-port",
+                str(self.mqtt_port),
+                "--http-port",
+                str(self.http_port),
+                *extra,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=open(data_dir.parent / "up.log", "ab"),  # noqa: SIM115
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if self.get("/health")["status"] == "ok":
+                    return
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError("fieldmesh up did not become healthy")
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/api/v1{path}", timeout=10) as r:
+            return json.loads(r.read())
+
+    def wait_stored(self, n: int, timeout_s: float = 600) -> float:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            s = self.get("/stats")
+            if s["stored"] + s["duplicates"] >= n:
+                return time.monotonic()
+            time.sleep(0.05)
+        raise TimeoutError(f"only {self.get('/stats')} of {n}")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(120)

@@ -1,0 +1,206 @@
+"""End-to-end benchmark: MQTT -> gateway -> JetStream -> processor -> SQLite, on this machine.
+
+For (a) 100 readings per message and (b) 1 reading per message it measures
+
+* sustained throughput: publishers send as fast as they can; readings/s from the first publish
+  until the last reading is stored;
+* event-to-stored latency p50/p99 at half that rate (``stored_ms - ts`` of every reading);
+* a naive baseline on the same input, in the same run: one paho subscriber doing ``json.loads``
+  and one SQLite INSERT (one transaction) per message, behind a Mosquitto started for the run
+  with an unbounded queue, so that the broker drops nothing while the subscriber falls behind.
+
+Run: ``.venv/bin/python bench/e2e.py`` (``--quick`` for a smaller run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import socket
+import sqlite3
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from _common import UpProc, free_port, payloads, percentile, publish_proc
+
+
+def run_pipeline(
+    msgs_parts: list[list[tuple[str, bytes]]], total: int, *, rate: float = 0, stamp: bool = False
+) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as d:
+        up = UpProc(Path(d) / "data")
+        try:
+            t0 = time.monotonic()
+            procs = [
+                mp.Process(
+                    target=publish_proc,
+                    args=(
+                        {"port": up.mqtt_port, "msgs": part, "rate": rate / len(msgs_parts), "stamp": stamp},
+                    ),
+                )
+                for part in msgs_parts
+            ]
+            for p in procs:
+                p.start()
+            t_end = up.wait_stored(total)
+            for p in procs:
+                p.join()
+            elapsed = t_end - t0
+            lat: list[float] = []
+            if stamp:
+                import sqlite3 as sq
+
+                con = sq.connect(f"file:{Path(d) / 'data' / 'store.db'}?mode=ro", uri=True)
+                lat = [float(x) for (x,) in con.execute("SELECT stored_ms - ts_ms FROM readings")]
+                con.close()
+            return {
+                "elapsed_s": elapsed,
+                "readings_per_s": total / elapsed,
+                "p50_ms": percentile(lat, 50),
+                "p99_ms": percentile(lat, 99),
+            }
+        finally:
+            up.stop()
+
+
+def _mosquitto(d: str) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    conf = Path(d) / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                    "max_queued_messages 0\nmax_inflight_messages 1000\nuser root\n")
+    p = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return p, port
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("mosquitto did not start")
+
+
+def run_naive(msgs: list[tuple[str, bytes]], total: int) -> dict[str, Any]:
+    """One paho subscriber: json.loads and one SQLite INSERT (one transaction) per message."""
+    import paho.mqtt.client as mqtt
+
+    prefix_topics = {t for t, _ in msgs}
+    with tempfile.TemporaryDirectory() as d:
+        broker, port = _mosquitto(d)
+        con = sqlite3.connect(Path(d) / "naive.db", isolation_level=None, check_same_thread=False)
+        con.execute("PRAGMA journal_mode=WAL")
+        con.execute("CREATE TABLE readings (device_id TEXT, ts INTEGER, seq INTEGER, measurements TEXT)")
+        got = 0
+        done = threading.Event()
+
+        def on_message(c: Any, u: Any, m: Any) -> None:
+            nonlocal got
+            if m.topic not in prefix_topics:
+                return
+            body = json.loads(m.payload)
+            rs = body.get("readings", [body])
+            con.execute(  # one INSERT statement, one transaction, per message
+                "INSERT INTO readings VALUES " + ",".join(["(?,?,?,?)"] * len(rs)),
+                [x for r in rs for x in (body["device_id"], r["ts"], r.get("seq"), json.dumps(r["measurements"]))],
+            )
+            got += len(rs)
+            if got >= total:
+                done.set()
+
+        sub = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5, client_id=f"naive-{uuid.uuid4()}"
+        )
+        sub.on_message = on_message
+        sub.connect("127.0.0.1", port)
+        sub.subscribe("devices/+/telemetry", qos=1)
+        sub.loop_start()
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        p = mp.Process(target=publish_proc, args=({"port": port, "msgs": msgs, "rate": 0},))
+        p.start()
+        ok = done.wait(900)
+        elapsed = time.monotonic() - t0
+        p.join()
+        sub.loop_stop()
+        sub.disconnect()
+        con.close()
+        broker.terminate()
+        if not ok:
+            return {"readings_per_s": got / elapsed, "incomplete": f"{got} of {total}"}
+        return {"elapsed_s": elapsed, "readings_per_s": total / elapsed}
+
+
+def case(name: str, *, readings: int, per_message: int, devices: int, publishers: int) -> dict[str, Any]:
+    prefix = f"b{uuid.uuid4().hex[:6]}"
+    msgs = payloads(
+        devices=devices,
+        readings=readings,
+        per_message=per_message,
+        prefix=prefix,
+        ts_ms=int(time.time() * 1000),
+    )
+    total = sum(1 if b'"readings"' not in b else b.count(b'"seq"') for _, b in msgs)
+    parts = [msgs[i::publishers] for i in range(publishers)]
+    print(
+        f"\n== ({name}) {per_message} reading(s) per message: {total:,} readings, {len(msgs):,} messages, "
+        f"{devices} devices, {publishers} publisher process(es)"
+    )
+    fm = run_pipeline(parts, total)
+    print(
+        f"fieldmesh max:   {fm['readings_per_s']:>10,.0f} readings/s  ({len(msgs) / fm['elapsed_s']:,.0f} msg/s)"
+    )
+    # latency at half the maximum rate, stamped at send time
+    msgs_l = payloads(devices=devices, readings=readings // 2, per_message=per_message, prefix=prefix + "l")
+    total_l = sum(1 if b'"readings"' not in b else b.count(b'"seq"') for _, b in msgs_l)
+    half_msg_rate = 0.5 * len(msgs) / fm["elapsed_s"]
+    lat = run_pipeline(
+        [msgs_l[i::publishers] for i in range(publishers)], total_l, rate=half_msg_rate, stamp=True
+    )
+    print(
+        f"latency at half rate ({half_msg_rate * (total / len(msgs)):,.0f} readings/s): "
+        f"p50 {lat['p50_ms']:.0f} ms, p99 {lat['p99_ms']:.0f} ms"
+    )
+    naive = run_naive(msgs, total)
+    ratio = fm["readings_per_s"] / naive["readings_per_s"]
+    print(f"naive baseline:  {naive['readings_per_s']:>10,.0f} readings/s {naive.get('incomplete', '')}")
+    print(f"ratio fieldmesh / naive: {ratio:.2f}x")
+    return {
+        "case": name,
+        "per_message": per_message,
+        "readings": total,
+        "messages": len(msgs),
+        "fieldmesh_readings_per_s": round(fm["readings_per_s"]),
+        "fieldmesh_messages_per_s": round(len(msgs) / fm["elapsed_s"]),
+        "p50_ms_at_half_rate": lat["p50_ms"],
+        "p99_ms_at_half_rate": lat["p99_ms"],
+        "naive_readings_per_s": round(naive["readings_per_s"]),
+        "ratio": round(ratio, 2),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="a smaller run")
+    ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--case", choices=["a", "b"], action="append", help="run only this case (repeatable)")
+    a = ap.parse_args()
+    k = 4 if a.quick else 1
+    cases = {
+        "a": lambda: case("a", readings=1_000_000 // k, per_message=100, devices=500, publishers=1),
+        "b": lambda: case("b", readings=120_000 // k, per_message=1, devices=500, publishers=2),
+    }
+    results = [cases[c]() for c in (a.case or ["a", "b"])]
+    print("\nsummary:")
+    for r in results:
+        print(json.dumps(r))
+    if a.json:
+        a.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    mp.set_start_method("fork")
+    main()
