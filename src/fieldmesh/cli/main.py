@@ -32,6 +32,11 @@ DataDir = Annotated[
     typer.Option("--data-dir", envvar="FIELDMESH_DATA_DIR", help="where the embedded bus and store keep data"),
 ]
 DEFAULT_DATA_DIR = Path(".fieldmesh")
+EnrichOpt = Annotated[
+    list[str] | None,
+    typer.Option(help="as-of join of readings with a CDC table (repeatable), e.g. "
+                 "'public.assets:device_id=device_id:fields=threshold,site' (see docs/cdc.md)"),
+]
 
 
 def _fail(exc: Exception) -> None:
@@ -73,12 +78,19 @@ def up(
     fsync: Annotated[str, typer.Option(help="JetStream sync_interval: 'always' or a duration like 2m")] = "2m",
     for_: Annotated[float | None, typer.Option("--for", min=0.1, help="stop after SECONDS")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the final summary as JSON on stdout")] = False,
+    cdc_source: Annotated[str | None, typer.Option(
+        help="capture this database's changes (postgresql://... or mysql://...)")] = None,
+    cdc_tables: Annotated[str | None, typer.Option(help="tables to capture, e.g. public.assets,public.maint")] = None,
+    cdc_name: Annotated[str | None, typer.Option(help="CDC slot/publication/offsets name")] = None,
+    enrich: EnrichOpt = None,
 ) -> None:
     """Run the whole pipeline on embedded defaults (MQTT -> gateway -> bus -> processor -> store -> API)."""
     from fieldmesh.runtime.up import UpOptions, run_up
 
+    cdc = {k: v for k, v in (("source", cdc_source), ("tables", cdc_tables), ("name", cdc_name)) if v is not None}
     try:
-        settings = _settings(bus={"partitions": partitions, "fsync": fsync}, data_dir=data_dir)
+        settings = _settings(bus={"partitions": partitions, "fsync": fsync}, data_dir=data_dir,
+                             **_enrich_kw(enrich, None), **({"cdc": cdc} if cdc else {}))
         opts = UpOptions(
             data_dir=data_dir, mqtt_port=mqtt_port, http_port=http_port, mqtt_url=mqtt_url, bus_url=bus_url,
             store_url=store_url, simulate=simulate, sim_rate=sim_rate, sim_per_message=sim_per_message,
@@ -180,6 +192,9 @@ def process(
     partitions: Annotated[str | None, typer.Option(help="partitions this replica owns, e.g. 0-3 or 0,2,4")] = None,
     total_partitions: Annotated[int, typer.Option(min=1, max=4096)] = 8,
     group: Annotated[str, typer.Option(help="consumer group / durable name")] = "fm-processor",
+    enrich: EnrichOpt = None,
+    enrich_db: Annotated[str | None, typer.Option(
+        help="PostgreSQL database of the --enrich tables (names their CDC topics)")] = None,
 ) -> None:
     """Run a processor alone."""
     from fieldmesh.runtime.worker import run_processor
@@ -188,9 +203,25 @@ def process(
     _role_logging("process")
     try:
         asyncio.run(run_processor(bus_url=bus_url, store_url=store_url, partitions=owned, group=group,
-                                  settings=_settings(bus={"partitions": total_partitions})))
+                                  settings=_settings(bus={"partitions": total_partitions},
+                                                     **_enrich_kw(enrich, enrich_db))))
     except FieldmeshError as exc:
         _fail(exc)
+
+
+def _enrich_kw(specs: list[str] | None, database: str | None) -> dict[str, Any]:
+    """Settings keywords of ``--enrich`` options (checked here, so the error names the flag)."""
+    from fieldmesh.core.settings import parse_enrich_spec
+
+    out: dict[str, Any] = {}
+    if specs:
+        try:
+            out["joins"] = [parse_enrich_spec(s) for s in specs]
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--enrich") from None
+    if database:
+        out["database"] = database
+    return {"enrich": out} if out else {}
 
 
 def _parse_partitions(spec: str, total: int) -> list[int]:

@@ -125,7 +125,7 @@ def parse_enrich_spec(spec: str) -> EnrichJoinSpec:
                 raise ValueError(f"{spec!r}: {part!r} needs a column name after '='")
             out["reading_field"], out["column"] = key, value
     attr, _, meta_key = out.get("reading_field", "device_id").partition(".")
-    if attr != "meta" and meta_key or attr == "meta" and not meta_key:
+    if (attr != "meta" and meta_key) or (attr == "meta" and not meta_key):
         raise ValueError(f"{spec!r}: the reading field must be a Reading field (device_id) or meta.<name>")
     return EnrichJoinSpec(**out)
 

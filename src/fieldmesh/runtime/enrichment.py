@@ -14,7 +14,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -95,7 +95,7 @@ class Enrichment:
                 try:
                     await stream_info(stream_name(topic))
                     break
-                except Exception:  # noqa: BLE001 - not found (or not yet reachable): keep waiting
+                except Exception:  # not found (or not yet reachable): keep waiting
                     now = time.monotonic()
                     if now >= deadline:
                         raise ConfigError(
@@ -110,7 +110,9 @@ class Enrichment:
                         next_log = now + 10
                     await asyncio.sleep(0.5)
 
-    async def run(self, bus: Bus, main: Callable[[asyncio.Event], Awaitable[None]], stop: asyncio.Event) -> None:
+    async def run(
+        self, bus: Bus, main: Callable[[asyncio.Event], Coroutine[Any, Any, None]], stop: asyncio.Event
+    ) -> None:
         """Catch up with the CDC topics, then run ``main(stop)`` (the processor) beside the follower."""
         from fieldmesh.cdc.follow import CdcFollower
 

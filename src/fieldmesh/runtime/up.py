@@ -1,7 +1,9 @@
 """``fieldmesh up``: the whole pipeline on one machine, supervised.
 
 Processes: nats-server (JetStream + MQTT listener), a gateway worker, a processor worker, the
-optional device simulator, and this supervisor, which also serves the API. Every child dies with
+optional device simulator, the optional CDC capture (``settings.cdc.source``; the processor then
+enriches readings as of their event time per ``settings.enrich``), and this supervisor, which also
+serves the API. Every child dies with
 the supervisor (even on kill -9 of the supervisor), so a restart on the same data dir is clean.
 """
 
@@ -22,10 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from fieldmesh.bus import load_bus
+from fieldmesh.bus import TopicSpec, load_bus
 from fieldmesh.core.errors import ConfigError
 from fieldmesh.core.settings import Settings
 from fieldmesh.core.topics import DLQ_TOPIC, READINGS_TOPIC
+from fieldmesh.runtime.enrichment import join_topic, source_database
 from fieldmesh.runtime.natsserver import EmbeddedNats, free_port, port_in_use
 from fieldmesh.runtime.procs import child_preexec
 from fieldmesh.runtime.worker import ensure_topics
@@ -55,18 +58,19 @@ class UpOptions:
 
 
 class _Child:
-    def __init__(self, name: str, argv: list[str], log_path: Path) -> None:
+    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
         self.name = name
         self.argv = argv
         self.log_path = log_path
+        self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
         self.restarts = 0
         self._log: IO[bytes] | None = None
 
     def start(self) -> None:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - kept open for the child
-        self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT,
-                                     preexec_fn=child_preexec)  # noqa: PLW1509
+        self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
+                                     preexec_fn=child_preexec)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -130,7 +134,7 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
     check_ports(opts)
     logs = data_dir / "logs"
     logs.mkdir(exist_ok=True)
-    settings = opts.settings
+    settings = _with_cdc_database(opts.settings)
     nats: EmbeddedNats | None = None
     children: list[_Child] = []
     sim: _Child | None = None
@@ -148,20 +152,27 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
         load_store(store_url).close()  # creates or checks the schema before anything writes
         (data_dir / "runtime.json").write_text(json.dumps({"bus_url": bus_url, "store_url": store_url,
                                                            "pid": os.getpid()}))
-        cfg_settings = json.loads(settings.model_dump_json(exclude={"data_dir"}))
+        # the CDC source URL (it may hold a password) goes to the capture alone, through its environment
+        cfg_settings = json.loads(settings.model_dump_json(exclude={"data_dir", "cdc"}))
         async with load_bus(bus_url) as bus:
             await ensure_topics(bus, settings)
+            if settings.cdc.source is not None:
+                cdc = await _start_cdc(bus, bus_url, settings, data_dir, logs)
+                children.append(cdc)
+                console.print(f"CDC: tables {settings.cdc.tables} captured into the bus "
+                              f"(snapshot done; log {cdc.log_path})")
             gw_cfg = {"bus_url": bus_url, "mqtt_url": opts.mqtt_url, "settings": cfg_settings, "sole": True,
                       # stable across restarts of this data dir, so the broker keeps its persistent session
                       "client_id": f"fm-gw-{settings.gateway.share_group}-{zlib.crc32(str(data_dir).encode()):08x}"}
             pr_cfg = {"bus_url": bus_url, "store_url": store_url, "settings": cfg_settings}
             py = [sys.executable, "-m", "fieldmesh.runtime.worker"]
-            children = [
+            stages = [
                 _Child("gateway", [*py, "gateway", json.dumps(gw_cfg)], logs / "gateway.log"),
                 _Child("processor", [*py, "processor", json.dumps(pr_cfg)], logs / "processor.log"),
             ]
-            for c in children:
+            for c in stages:
                 c.start()
+            children.extend(stages)
 
             async def lag() -> dict[str, int]:
                 out: dict[str, int] = {}
@@ -239,6 +250,93 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
     summary = _summary(load_store(store_url, readonly=True), time.monotonic() - t_start)
     _print_summary(console, summary)
     return summary
+
+
+def _with_cdc_database(settings: Settings) -> Settings:
+    """Settings whose enrichment knows the CDC source's database (it names the PostgreSQL topics)."""
+    src = settings.cdc.source
+    if src is None or settings.enrich.database is not None:
+        return settings
+    db = source_database(src.get_secret_value())
+    if db is None:
+        return settings
+    return settings.model_copy(update={"enrich": settings.enrich.model_copy(update={"database": db})})
+
+
+def _captured(settings: Settings) -> dict[str, str]:
+    """``schema.table`` (or ``db.table``) -> CDC topic of every table the capture is asked for."""
+    from fieldmesh.cdc.base import cdc_topic
+
+    db = settings.enrich.database
+    out: dict[str, str] = {}
+    for raw in settings.cdc.tables.split(","):
+        name = raw.strip()
+        if not name:
+            continue
+        parts = name.split(".")
+        if len(parts) == 1 and db is not None:
+            parts = ["public", parts[0]]
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError(
+                f"--cdc-tables: {name!r} is not schema.table (PostgreSQL) or db.table (MySQL)", key="cdc.tables"
+            )
+        out[".".join(parts)] = cdc_topic(db, parts[0], parts[1]) if db else cdc_topic(parts[0], None, parts[1])
+    if not out:
+        raise ConfigError("--cdc-source needs --cdc-tables (FIELDMESH__CDC__TABLES), e.g. public.assets",
+                          key="cdc.tables")
+    return out
+
+
+async def _start_cdc(bus: Any, bus_url: str, settings: Settings, data_dir: Path, logs: Path) -> _Child:
+    """Start the CDC capture and wait for its initial snapshot to be on the bus.
+
+    The processor starts after this, so it never enriches from a partial snapshot. The topics of the
+    joined tables are created first (the capture creates a table's topic on its first event only).
+    """
+    cdc = settings.cdc
+    assert cdc.source is not None
+    captured = _captured(settings)
+    for spec in settings.enrich.joins:
+        topic = join_topic(spec, settings.enrich.database)
+        if spec.topic is None and topic not in captured.values():
+            raise ConfigError(
+                f"--enrich {spec.table}: the table is not captured; add it to --cdc-tables "
+                f"(now {cdc.tables!r}) or give the topic that holds its changes with topic=",
+                key="enrich.joins",
+            )
+        if topic in captured.values():
+            await bus.ensure_topic(TopicSpec(topic, cdc.partitions, retention_s=0, dedupe_window_s=600))
+    state_dir = data_dir / "cdc"
+    state_dir.mkdir(exist_ok=True)
+    child = _Child(
+        "cdc",
+        [sys.executable, "-m", "fieldmesh.cdc", "--tables", ",".join(captured), "--bus-url", bus_url,
+         "--name", cdc.name, "--state-dir", str(state_dir), "--partitions", str(cdc.partitions)],
+        logs / "cdc.log",
+        env={**os.environ, "FIELDMESH_CDC_SOURCE": cdc.source.get_secret_value()},
+    )
+    child.start()
+    deadline = time.monotonic() + cdc.snapshot_timeout_s
+    while not _snapshot_done(state_dir, cdc.name):
+        if not child.alive():
+            child.stop()
+            tail = child.log_path.read_text(errors="replace").strip().splitlines()[-5:]
+            raise ConfigError("the CDC capture stopped before its snapshot was done:\n  " + "\n  ".join(tail),
+                              key="cdc.source")
+        if time.monotonic() > deadline:
+            child.stop()
+            raise ConfigError(f"the CDC snapshot took longer than {cdc.snapshot_timeout_s:.0f}s "
+                              f"(FIELDMESH__CDC__SNAPSHOT_TIMEOUT_S); see {child.log_path}", key="cdc.source")
+        await asyncio.sleep(0.2)
+    return child
+
+
+def _snapshot_done(state_dir: Path, name: str) -> bool:
+    for path in state_dir.glob(f"*-{name}.json"):
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(path.read_text()).get("snapshot_done") is True:
+                return True
+    return False
 
 
 def _summary(store: Any, elapsed_s: float) -> dict[str, Any]:

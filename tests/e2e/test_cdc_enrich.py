@@ -1,0 +1,193 @@
+"""End to end: ``fieldmesh up --cdc-source ... --enrich ...`` enriches readings as of their event time.
+
+A PostgreSQL table of assets is captured by the CDC child of ``fieldmesh up``; readings published over
+MQTT are joined in the processor with the asset row valid at their event time, whatever the arrival
+order; a kill -9 of the whole pipeline rebuilds the state from the CDC topics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fmtest.procs import Up, publish_all, publisher
+
+pytestmark = pytest.mark.integration
+
+PG_ADMIN = os.environ.get("FIELDMESH_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def _pg(url: str) -> Any:
+    import psycopg2
+
+    conn = psycopg2.connect(url)
+    conn.autocommit = True
+    return conn
+
+
+@pytest.fixture
+def assets_db() -> Iterator[tuple[str, str]]:
+    """A database of its own with an ``assets`` table; (url, slot name). Slot and database dropped after."""
+    name = f"fm_e2e_{uuid.uuid4().hex[:10]}"
+    admin = _pg(PG_ADMIN)
+    with admin.cursor() as cur:
+        cur.execute("SHOW wal_level")
+        assert cur.fetchone()[0] == "logical", "wal_level is not logical: run scripts/ci-services first"
+        cur.execute(f'CREATE DATABASE "{name}"')
+    url = PG_ADMIN.rsplit("/", 1)[0] + "/" + name
+    try:
+        yield url, name
+    finally:
+        with admin.cursor() as cur:
+            cur.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots"
+                        " WHERE slot_name = %s AND active_pid IS NOT NULL", (name,))
+            for _ in range(50):
+                cur.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
+                            " WHERE slot_name = %s AND active_pid IS NULL", (name,))
+                cur.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s", (name,))
+                if cur.fetchone()[0] == 0:
+                    break
+                time.sleep(0.1)
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+def _exec(url: str, *sql: str) -> None:
+    conn = _pg(url)
+    try:
+        with conn.cursor() as cur:
+            for s in sql:
+                cur.execute(s)
+    finally:
+        conn.close()
+
+
+def _commit_times(up: Up, db: str, expect: int) -> list[int]:
+    """Commit times (ms) of the update events on the assets topic, oldest first."""
+    from fieldmesh.bus import load_bus
+    from fieldmesh.cdc.base import cdc_topic, decode_change_event
+
+    bus_url = json.loads((up.data_dir / "runtime.json").read_text())["bus_url"]
+
+    async def read() -> list[int]:
+        async with load_bus(bus_url) as bus:
+            cons = await bus.consumer(cdc_topic(db, "public", "assets"), group=f"t_{uuid.uuid4().hex[:8]}")
+            out: list[int] = []
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                for rec in await cons.fetch(500, 0.5):
+                    ev = decode_change_event(rec.value)
+                    if ev is not None and ev.op == "u":
+                        out.append(ev.source.ts_ms)
+                if len(out) >= expect:
+                    break
+            await cons.close()
+            return sorted(out)
+
+    return asyncio.run(read())
+
+
+class Devices:
+    """Publishes readings over MQTT and reads their enrichment back through the REST API."""
+
+    def __init__(self, up: Up, first_seq: int = 0) -> None:
+        self.up = up
+        self.client = publisher(up.mqtt_port)
+        self.seq = first_seq  # seq is the reading's identity: never reuse one
+
+    def send(self, readings: list[tuple[str, int]]) -> list[int]:
+        seqs = []
+        msgs = []
+        for dev, ts in readings:
+            self.seq += 1
+            seqs.append(self.seq)
+            body = {"device_id": dev, "ts": ts, "seq": self.seq, "measurements": {"vib": 1.0}}
+            msgs.append((f"devices/{dev}/telemetry", json.dumps(body).encode()))
+        publish_all(self.client, msgs)
+        return seqs
+
+    def enrichment(self, dev: str, seqs: list[int], timeout_s: float = 20) -> list[dict[str, Any] | None]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            rows = {r["seq"]: r for r in self.up.get(f"/telemetry/raw?device_id={dev}&limit=10000")}
+            if all(s in rows for s in seqs) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        missing = [s for s in seqs if s not in rows]
+        assert not missing, f"readings {missing} of {dev} never stored\n{self.up.tail()}"
+        return [rows[s].get("enrichment") for s in seqs]
+
+    def wait_state(self, dev: str, field: str, value: Any, timeout_s: float = 20) -> None:
+        """Probe with current readings until the processor's as-of state shows ``value``."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            [got] = self.enrichment(dev, self.send([(dev, int(time.time() * 1000))]))
+            if got and got.get(field) == value:
+                return
+            time.sleep(0.3)
+        raise AssertionError(f"the processor never saw {field}={value!r} for {dev}\n{self.up.tail()}")
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def test_enrichment_as_of_event_time_and_after_kill9(tmp_path: Path, assets_db: tuple[str, str]) -> None:
+    url, db = assets_db
+    p = f"e{uuid.uuid4().hex[:5]}"
+    a, b, c = f"{p}-pump-a", f"{p}-pump-b", f"{p}-nobody"
+    _exec(url,
+          "CREATE TABLE assets (id int PRIMARY KEY, device_id text UNIQUE, threshold float8, site text,"
+          " model text)",
+          f"INSERT INTO assets VALUES (1, '{a}', 4.0, 'north', 'P100'), (2, '{b}', 6.0, 'south', 'P200')")
+    args = ("--cdc-source", url, "--cdc-tables", "public.assets", "--cdc-name", db,
+            "--enrich", "public.assets:device_id=device_id:fields=threshold,site:pk=id")
+    data = tmp_path / "data"
+    up = Up(data, *args).start(timeout_s=90)
+    dev = Devices(up)
+    try:
+        # the snapshot is there before the first reading: enriched at once, only the chosen fields
+        [e] = dev.enrichment(b, dev.send([(b, int(time.time() * 1000))]))
+        assert e == {"assets.threshold": 6.0, "assets.site": "south"}
+
+        _exec(url, "UPDATE assets SET threshold = 5.5 WHERE id = 1")  # committed at T
+        [t1] = _commit_times(up, db, 1)
+        dev.wait_state(a, "assets.threshold", 5.5)
+        # these readings arrive after the change; their event times straddle T
+        seqs = dev.send([(a, t1 - 60_000), (a, t1 - 1), (a, t1), (a, t1 + 1), (b, t1 - 1), (c, t1)])
+        got = [dev.enrichment(d, [s])[0] for d, s in zip([a, a, a, a, b, c], seqs, strict=True)]
+        assert [g and g["assets.threshold"] for g in got] == [4.0, 4.0, 5.5, 5.5, 6.0, None]
+        assert got[0] == {"assets.threshold": 4.0, "assets.site": "north"}
+    finally:
+        dev.close()
+    up.kill9()
+
+    # while everything is down, the asset changes again at T2
+    _exec(url, "UPDATE assets SET threshold = 7.0, site = 'east' WHERE id = 1")
+    up2 = Up(data, *args)
+    up2.mqtt_port, up2.http_port = up.mqtt_port, up.http_port
+    up2.start(timeout_s=90)
+    dev = Devices(up2, first_seq=10_000)
+    try:
+        t1b, t2 = _commit_times(up2, db, 2)
+        assert t1b == t1
+        dev.wait_state(a, "assets.threshold", 7.0)
+        seqs = dev.send([(a, t1 - 1), (a, t1 + 1), (a, t2 - 1), (a, t2), (b, t2 + 5)])
+        got = [dev.enrichment(d, [s])[0] for d, s in zip([a, a, a, a, b], seqs, strict=True)]
+        assert [(g["assets.threshold"], g["assets.site"]) for g in got if g] == [
+            (4.0, "north"), (5.5, "north"), (5.5, "north"), (7.0, "east"), (6.0, "south")]
+        # earlier readings keep the enrichment they were stored with
+        assert dev.enrichment(a, [seqs[0]])[0] == got[0]
+        health = up2.get("/health")
+        assert health.get("cdc") == "ok", health
+    finally:
+        dev.close()
+        assert up2.stop() == 0, up2.tail()
