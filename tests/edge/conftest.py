@@ -264,6 +264,7 @@ class AgentProc:
         self.runs = 0
 
     def start(self, *extra: str) -> None:
+        self.started = time.time()
         self.runs += 1
         self.log = open(self.workdir / f"agent{self.runs}.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
@@ -283,8 +284,15 @@ class AgentProc:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
 
+    def running(self) -> bool:
+        """The agent's loop is up (it rewrote stats.json since this start)."""
+        p = self.buffer / "state" / "stats.json"
+        return p.exists() and p.stat().st_mtime > self.started
+
     def stop(self, timeout_s: float = 30) -> int:
         assert self.proc is not None
+        # a SIGINT during interpreter start-up is a KeyboardInterrupt, not a clean stop: wait for the loop
+        wait_for(lambda: self.running() or self.proc.poll() is not None, 30, "the agent to start")
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
         try:

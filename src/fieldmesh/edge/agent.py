@@ -209,18 +209,27 @@ class EdgeAgent:
         self.state_dir = Path(b.path) / "state"
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.pipeline = Pipeline(cfg, boot_id=self.boot_id)
-        self._windows_path = self.state_dir / "windows.msgpack"
-        if self._windows_path.exists():
-            try:
-                restored = self.pipeline.pre.load_window_state(self._windows_path.read_bytes())
-                log.info("restored the open windows of %d device(s)", restored)
-            except (ValueError, KeyError, TypeError) as exc:
-                log.warning("ignoring unreadable window state %s: %s", self._windows_path, exc)
         self.sources: list[Source] = (
             sources
             if sources is not None
             else [make_source(sc, i, self.state_dir) for i, sc in enumerate(cfg.sources)]
         )
+        # The window checkpoint holds the open windows and, in the same atomic file, the position
+        # of every replayable source: a restart resumes both from one consistent point.
+        self._windows_path = self.state_dir / "windows.msgpack"
+        self._positions: dict[str, Any] = {}
+        if self._windows_path.exists():
+            try:
+                ck = msgspec.msgpack.decode(self._windows_path.read_bytes())
+                restored = self.pipeline.pre.load_window_state(ck["windows"])
+                self._positions = dict(ck.get("sources", {}))
+                for src in self.sources:
+                    restore = getattr(src, "restore", None)
+                    if restore is not None and src.name in self._positions:
+                        restore(self._positions[src.name])
+                log.info("restored the open windows of %d device(s)", restored)
+            except (ValueError, KeyError, TypeError) as exc:
+                log.warning("ignoring unreadable window state %s: %s", self._windows_path, exc)
         self.uplink = Uplink(cfg.uplink, self.buffer)
         self.twin: Twin | None = None
         if cfg.twin.enabled:
@@ -262,10 +271,11 @@ class EdgeAgent:
         self._save_windows()
 
     def _save_windows(self) -> None:
-        """Write the open windows atomically (fsynced when the buffer fsyncs every append)."""
+        """Write the window checkpoint atomically (fsynced when the buffer fsyncs every append)."""
         tmp = self._windows_path.with_suffix(".tmp")
+        ck = {"windows": self.pipeline.pre.window_state(), "sources": self._positions}
         with open(tmp, "wb") as f:
-            f.write(self.pipeline.pre.window_state())
+            f.write(msgspec.msgpack.encode(ck))
             if self.buffer.fsync == "always":
                 f.flush()
                 os.fsync(f.fileno())
@@ -290,7 +300,11 @@ class EdgeAgent:
                 return
             self.uplink.wake()
         if self.pipeline.pre.has_windows():
-            # open windows hold readings the source is about to forget: save them first
+            # open windows hold readings the source is about to forget: checkpoint them, with the
+            # source's new position, before acknowledging
+            position = getattr(source, "position_after", None)
+            if position is not None:
+                self._positions[source.name] = position(batch)
             self._save_windows()
         await source.ack(batch)
         if anomalies and self.cfg.uplink.anomalies:

@@ -426,6 +426,8 @@ class Preprocessor:
             return 0
         self.wstart[idx] = state["wstart"]
         self.wlast[idx] = state["wlast"]
+        # restored windows count as just seen: they close by event time, not on a restart's delay
+        self.seen_ms[idx] = int(time.time() * 1000)
         for name, arrs in state["metrics"].items():
             m = self._metric(name)
             m.wcnt[idx] = arrs["cnt"]

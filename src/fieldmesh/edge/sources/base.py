@@ -40,6 +40,10 @@ class Source(Protocol):
 
     ``batches()`` yields batches; the agent calls ``ack(batch)`` only once the batch is durable in
     the buffer (the source may then advance its own position, acknowledge its broker, etc.).
+
+    A replayable source may also offer ``position_after(batch)`` and ``restore(position)``: the
+    agent then keeps that position in its window checkpoint, atomically with the open windows, and
+    restores it at start (so a window never counts a replayed reading twice).
     """
 
     name: str

@@ -109,6 +109,28 @@ class SimulatorSource:
             if not cfg.realtime:
                 await asyncio.sleep(0)
 
+    def position_after(self, batch: SourceBatch) -> int:
+        """The position to resume from once ``batch`` is durable (for the agent's checkpoint)."""
+        return int(batch.token)
+
+    def restore(self, position: int) -> None:
+        """Resume from ``position`` (a checkpoint of the agent) instead of the saved state."""
+        if position == self.next_tick:
+            return
+        cfg = self.cfg
+        if position < self._generated:  # regenerate from the start: same seed, same signals
+            self._sim = FleetSimulator(
+                devices=cfg.devices,
+                seed=cfg.seed,
+                prefix=cfg.prefix,
+                spike_prob=cfg.spike_prob,
+                stuck_prob=cfg.stuck_prob,
+            )
+            self._generated = 0
+        for k in range(self._generated, position):
+            self._sim.tick(self.start_ts_ms + k * cfg.interval_ms)
+        self._generated = self.next_tick = position
+
     async def ack(self, batch: SourceBatch) -> None:
         """Remember that ticks before ``batch.token`` are durable."""
         self.next_tick = max(self.next_tick, int(batch.token))
