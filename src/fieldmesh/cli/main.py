@@ -191,7 +191,9 @@ def process(
     store_url: Annotated[str, typer.Option(help="the hot store, e.g. postgresql://... or sqlite:///path")],
     partitions: Annotated[str | None, typer.Option(help="partitions this replica owns, e.g. 0-3 or 0,2,4")] = None,
     total_partitions: Annotated[int, typer.Option(min=1, max=4096)] = 8,
-    group: Annotated[str, typer.Option(help="consumer group / durable name")] = "fm-processor",
+    group: Annotated[str | None, typer.Option(
+        help="consumer group / durable name [default: fm-processor; with --partitions: fm-processor-p<partitions>, "
+             "one NATS durable per static replica]")] = None,
     enrich: EnrichOpt = None,
     enrich_db: Annotated[str | None, typer.Option(
         help="PostgreSQL database of the --enrich tables (names their CDC topics)")] = None,
@@ -200,6 +202,8 @@ def process(
     from fieldmesh.runtime.worker import run_processor
 
     owned = _parse_partitions(partitions, total_partitions) if partitions else None
+    if group is None:  # a NATS durable has one subject filter: replicas on other partitions need their own
+        group = "fm-processor" if partitions is None else f"fm-processor-p{partitions.replace(',', '_')}"
     _role_logging("process")
     try:
         asyncio.run(run_processor(bus_url=bus_url, store_url=store_url, partitions=owned, group=group,
