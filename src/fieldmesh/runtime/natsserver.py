@@ -117,6 +117,7 @@ class EmbeddedNats:
             stdout=log,
             stderr=subprocess.STDOUT,
             preexec_fn=child_preexec,  # noqa: PLW1509 - dies with its parent
+            start_new_session=True,  # Ctrl-C reaches the supervisor only; it stops children in order
         )
         deadline = time.monotonic() + timeout_s
         ports = [self.port] + ([self.mqtt_port] if self.mqtt_port else [])

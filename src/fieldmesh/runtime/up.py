@@ -69,8 +69,9 @@ class _Child:
 
     def start(self) -> None:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - kept open for the child
+        # Own session: Ctrl-C reaches the supervisor only, which stops the children in order (drain first).
         self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
-                                     preexec_fn=child_preexec)
+                                     preexec_fn=child_preexec, start_new_session=True)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
