@@ -92,7 +92,7 @@ def test_bad_reading_does_not_cost_its_batch():
 
 
 def test_clock_skew_bound_is_configurable():
-    p = '{"ts": %d, "measurements": {"a": 1}}' % (NOW + 60_000)
+    p = json.dumps({"ts": NOW + 60_000, "measurements": {"a": 1}})
     assert dec(p).readings
     assert dec(p, max_skew_ms=10_000).rejects[0].reason == "clock_skew"
 

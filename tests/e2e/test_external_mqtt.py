@@ -7,10 +7,10 @@ import uuid
 from pathlib import Path
 
 import pytest
-from fmtest.procs import Up, publish_all, publisher
 
 from e2e.dataset import MALFORMED_REASONS, make_stream, malformed
 from e2e.test_up import check_exact
+from fmtest.procs import Up, publish_all, publisher
 
 pytestmark = pytest.mark.integration
 BROKER = ("127.0.0.1", 1883)

@@ -7,10 +7,10 @@ import uuid
 from pathlib import Path
 
 import pytest
-from fmtest import oracle
-from fmtest.procs import Up, publish_all, publisher
 
 from e2e.dataset import MALFORMED_REASONS, make_stream, malformed
+from fmtest import oracle
+from fmtest.procs import Up, publish_all, publisher
 
 pytestmark = pytest.mark.integration
 

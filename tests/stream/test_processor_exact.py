@@ -12,7 +12,6 @@ import random
 import tempfile
 from pathlib import Path
 
-from fmtest import oracle
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -23,6 +22,7 @@ from fieldmesh.core.settings import ProcessorSettings
 from fieldmesh.core.topics import READINGS_TOPIC
 from fieldmesh.store.sqlite import SqliteStore
 from fieldmesh.stream.processor import Processor
+from fmtest import oracle
 
 NOW = 1_763_812_345_123
 BASE = NOW - 3 * 3_600_000

@@ -40,7 +40,9 @@ def parse_time(value: str | None, name: str) -> int | None:
     try:
         dt = datetime.fromisoformat(v.replace("Z", "+00:00") if v.endswith("Z") else v)
     except ValueError:
-        raise HTTPException(400, f"'{name}' must be RFC 3339 (2025-01-31T12:00:00Z) or epoch ms, got {value!r}")
+        raise HTTPException(
+            400, f"'{name}' must be RFC 3339 (2025-01-31T12:00:00Z) or epoch ms, got {value!r}"
+        ) from None
     if dt.tzinfo is None:
         raise HTTPException(400, f"'{name}' needs a UTC offset (e.g. a trailing Z)")
     return int(dt.timestamp() * 1000)

@@ -133,7 +133,7 @@ class NatsConsumer:
                 m: Msg = r.handle
                 await m.ack()
         with contextlib.suppress(nats.errors.Error):
-            await self._sub._nc.flush(timeout=5)  # noqa: SLF001 - make acks reach the server now
+            await self._sub._nc.flush(timeout=5)
 
     async def close(self) -> None:
         """Stop fetching (the durable consumer and its position stay on the server)."""

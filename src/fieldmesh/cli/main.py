@@ -66,7 +66,9 @@ def version() -> None:
 @app.command()
 def up(
     data_dir: DataDir = DEFAULT_DATA_DIR,
-    mqtt_port: Annotated[int, typer.Option(min=0, max=65535, help="embedded MQTT listener port (0: a free one)")] = 1883,
+    mqtt_port: Annotated[
+        int, typer.Option(min=0, max=65535, help="embedded MQTT listener port (0: a free one)")
+    ] = 1883,
     http_port: Annotated[int, typer.Option(min=0, max=65535, help="REST API port (0: a free one)")] = 8000,
     mqtt_url: Annotated[str | None, typer.Option(help="use an external MQTT broker, e.g. mqtt://host:1883")] = None,
     bus_url: Annotated[str | None, typer.Option(help="use an external bus (nats://...)")] = None,
@@ -257,7 +259,15 @@ def api(
 
     if port_in_use(http_port, host):
         _fail(FieldmeshError(f"HTTP port {http_port} is already in use: pass --http-port with a free port"))
-    uvicorn.run(create_app(_store_url(data_dir, store_url)), host=host, port=http_port, log_level="warning")
+    url = _store_url(data_dir, store_url)
+    if store_url:  # an external store: fail now, naming what to fix, rather than on the first request
+        from fieldmesh.store import load_store
+
+        try:
+            load_store(url, readonly=True).close()
+        except FieldmeshError as exc:
+            _fail(exc)
+    uvicorn.run(create_app(url), host=host, port=http_port, log_level="warning")
 
 
 # Sub-command groups contributed by other stages, registered when their modules are present.

@@ -20,7 +20,7 @@ import msgspec
 
 from fieldmesh.core.identity import identity_digest, identity_string
 from fieldmesh.core.model import BusBatch, DeadLetter, Reading
-from fieldmesh.core.topics import DEVICE_ID_RE, METRIC_RE
+from fieldmesh.core.topics import METRIC_RE
 
 __all__ = [
     "DLQ_PAYLOAD_LIMIT",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["ExactSum", "add_float", "exact_avg", "exact_value", "parse_exact", "format_exact"]
+__all__ = ["ExactSum", "add_float", "exact_avg", "exact_value", "format_exact", "parse_exact"]
 
 
 def add_float(m: int, e: int, v: float) -> tuple[int, int]:

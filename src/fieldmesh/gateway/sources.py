@@ -153,13 +153,14 @@ class MqttSource:
         raise BackendUnavailable(f"cannot connect to MQTT broker {self._host}:{self._port}: {self._connect_error}")
 
     def _connect(self, mqtt: Any, proto: int) -> bool:
+        from paho.mqtt.enums import CallbackAPIVersion
         from paho.mqtt.packettypes import PacketTypes
         from paho.mqtt.properties import Properties
 
         kw: dict[str, Any] = {"protocol": proto, "client_id": self._client_id}
         if proto != mqtt.MQTTv5:
             kw["clean_session"] = False
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, **kw)
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, **kw)
         c.manual_ack_set(True)
         c.max_inflight_messages_set(self._max_inflight)
         c.max_queued_messages_set(0)
@@ -172,7 +173,7 @@ class MqttSource:
         c.on_disconnect = self._on_disconnect
         props = None
         if proto == mqtt.MQTTv5:
-            props = Properties(PacketTypes.CONNECT)
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = self._expiry
         try:
             if proto == mqtt.MQTTv5:

@@ -29,13 +29,14 @@ class MqttPublisher:
 
     def __init__(self, url: str, *, client_id: str | None = None, max_inflight: int = 1000) -> None:
         import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
 
         u = urlparse(url)
         self.host = u.hostname or "127.0.0.1"
         self.port = u.port or 1883
         last: Exception | None = None
         for proto in (mqtt.MQTTv5, mqtt.MQTTv311):
-            c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=proto,
+            c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=proto,
                             client_id=client_id or f"fm-sim-{uuid.uuid4().hex[:8]}")
             c.max_inflight_messages_set(max_inflight)
             ok = threading.Event()

@@ -116,7 +116,7 @@ class EmbeddedNats:
             [binary, "-c", str(conf)],
             stdout=log,
             stderr=subprocess.STDOUT,
-            preexec_fn=child_preexec,  # noqa: PLW1509 - dies with its parent
+            preexec_fn=child_preexec,
             start_new_session=True,  # Ctrl-C reaches the supervisor only; it stops children in order
         )
         deadline = time.monotonic() + timeout_s
