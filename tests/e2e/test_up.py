@@ -99,3 +99,31 @@ def _readings_of(msg: tuple[str, bytes]):
     if isinstance(body, dict):
         body = [body]
     return [(dev, {k: v for k, v in r.items() if k != "device_id"}) for r in body]
+
+
+def test_a_crashed_stage_is_restarted_and_nothing_is_lost(tmp_path: Path):
+    import os
+    import signal
+
+    import psutil
+
+    prefix = f"cr{uuid.uuid4().hex[:6]}"
+    stream = make_stream(prefix, devices=10, per_device=100, seed=5)
+    msgs = stream["messages"]
+    up = Up(tmp_path / "data").start()
+    try:
+        c = publisher(up.mqtt_port)
+        publish_all(c, msgs[: len(msgs) // 2])
+        for child in psutil.Process(up.proc.pid).children():
+            if "worker" in " ".join(child.cmdline()) and "processor" in child.cmdline():
+                os.kill(child.pid, signal.SIGKILL)
+                break
+        else:
+            raise AssertionError("no processor worker found")
+        publish_all(c, msgs[len(msgs) // 2 :])
+        check_exact(up, stream["sent"], {})
+        assert up.get("/health")["processor"] == "ok"
+        c.disconnect()
+    finally:
+        assert up.stop() == 0, up.tail()
+    assert "processor exited" in up.tail()
