@@ -95,6 +95,22 @@ def _commit_times(up: Up, db: str, expect: int) -> list[int]:
     return asyncio.run(read())
 
 
+def _follower_consumers(up: Up, db: str) -> list[str]:
+    """Names of the processors' as-of follower consumers on the assets topic."""
+    from fieldmesh.bus import load_bus
+    from fieldmesh.bus.nats import stream_name
+    from fieldmesh.cdc.base import cdc_topic
+
+    bus_url = json.loads((up.data_dir / "runtime.json").read_text())["bus_url"]
+
+    async def names() -> list[str]:
+        async with load_bus(bus_url) as bus:
+            infos = await bus.js.consumers_info(stream_name(cdc_topic(db, "public", "assets")))  # type: ignore[attr-defined]
+            return sorted(i.name for i in infos if "-asof-" in i.name)
+
+    return asyncio.run(names())
+
+
 class Devices:
     """Publishes readings over MQTT and reads their enrichment back through the REST API."""
 
@@ -188,6 +204,8 @@ def test_enrichment_as_of_event_time_and_after_kill9(tmp_path: Path, assets_db: 
         assert dev.enrichment(a, [seqs[0]])[0] == got[0]
         health = up2.get("/health")
         assert health.get("cdc") == "ok", health
+        # the killed processor's follower consumer was replaced, not left behind
+        assert _follower_consumers(up2, db) == ["fm-processor-asof-all"]
     finally:
         dev.close()
         assert up2.stop() == 0, up2.tail()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 
 from fieldmesh.bus.base import BusRecord
@@ -80,9 +81,10 @@ def test_follower_and_processor_threads_never_see_a_half_applied_version() -> No
     assert enrichment is not None
     guarded = enrichment.enricher
     n_keys, n_versions = 50, 40
-    # version k of every key is valid from T + k*1000 and carries v == k
+    # version k of every key is valid from T + k*1000 and carries v == k; the newest arrive first (as after
+    # a redelivery), so each later event inserts at the front of the versions
     events = [change("u", T + k * 1000, k * 100 + i, {"id": i, "device_id": f"d{i}", "v": k}, k * 100 + i)
-              for k in range(n_versions) for i in range(n_keys)]
+              for k in reversed(range(n_versions)) for i in range(n_keys)]
     errors: list[BaseException] = []
     done = threading.Event()
 
@@ -91,17 +93,22 @@ def test_follower_and_processor_threads_never_see_a_half_applied_version() -> No
             while not done.is_set():
                 rs = [reading(f"d{i}", T + k * 1000 + 500) for i in range(n_keys) for k in range(n_versions)]
                 for r in guarded.enrich(rs):
-                    if r.enrichment is not None:  # that version may not be applied yet, else exactly it
+                    if r.enrichment is not None:  # not applied yet (None), else exactly that version
                         assert r.enrichment["assets.v"] == (r.ts_ms - T) // 1000
         except BaseException as exc:
             errors.append(exc)
 
-    t = threading.Thread(target=enrich_all_the_time)
-    t.start()
-    for j in range(0, len(events), 7):
-        guarded.apply_change_events(events[j : j + 7])
-    done.set()
-    t.join()
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: races show at once
+    try:
+        t = threading.Thread(target=enrich_all_the_time)
+        t.start()
+        for j in range(0, len(events), 7):
+            guarded.apply_change_events(events[j : j + 7])
+        done.set()
+        t.join()
+    finally:
+        sys.setswitchinterval(interval)
     assert not errors, errors[0]
-    out = guarded.enrich([reading(f"d{i}", T + 10**9) for i in range(n_keys)])
-    assert all(r.enrichment == {"assets.v": n_versions - 1} for r in out)
+    out = guarded.enrich([reading(f"d{i}", T + k * 1000) for i in range(n_keys) for k in range(n_versions)])
+    assert [r.enrichment for r in out] == [{"assets.v": k} for _ in range(n_keys) for k in range(n_versions)]

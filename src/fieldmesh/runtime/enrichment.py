@@ -24,7 +24,7 @@ from fieldmesh.core.errors import ConfigError
 from fieldmesh.core.model import Reading
 from fieldmesh.core.settings import EnrichJoinSpec, Settings
 
-__all__ = ["Enrichment", "GuardedEnricher", "build_enrichment", "join_topic", "source_database"]
+__all__ = ["Enrichment", "GuardedEnricher", "build_enrichment", "follower_group", "join_topic", "source_database"]
 
 log = logging.getLogger("fieldmesh.enrich")
 
@@ -111,13 +111,25 @@ class Enrichment:
                     await asyncio.sleep(0.5)
 
     async def run(
-        self, bus: Bus, main: Callable[[asyncio.Event], Coroutine[Any, Any, None]], stop: asyncio.Event
+        self,
+        bus: Bus,
+        main: Callable[[asyncio.Event], Coroutine[Any, Any, None]],
+        stop: asyncio.Event,
+        *,
+        follower_group: str | None = None,
     ) -> None:
-        """Catch up with the CDC topics, then run ``main(stop)`` (the processor) beside the follower."""
+        """Catch up with the CDC topics, then run ``main(stop)`` (the processor) beside the follower.
+
+        ``follower_group`` names the follower's consumer, one per processor replica: a consumer of that
+        name left by a killed predecessor is deleted first (the state is rebuilt from the start anyway),
+        so restarts do not accumulate consumers on the bus.
+        """
         from fieldmesh.cdc.follow import CdcFollower
 
         await self.wait_topics(bus, self.catch_up_timeout_s)
-        follower = CdcFollower(bus, self.enricher, self.topics)
+        if follower_group is not None:
+            await _drop_consumers(bus, self.topics, follower_group)
+        follower = CdcFollower(bus, self.enricher, self.topics, group=follower_group)
         try:
             t0 = time.monotonic()
             n = await follower.catch_up(timeout_s=self.catch_up_timeout_s)
@@ -129,6 +141,25 @@ class Enrichment:
         finally:
             with contextlib.suppress(Exception):
                 await follower.close()
+
+
+async def _drop_consumers(bus: Bus, topics: Sequence[str], group: str) -> None:
+    js: Any = getattr(bus, "js", None)
+    if js is None:  # Kafka: a fresh group id per start is the bus's own business
+        return
+    from fieldmesh.bus.nats import stream_name
+
+    for topic in topics:
+        with contextlib.suppress(Exception):  # not found: nothing to drop
+            await js.delete_consumer(stream_name(topic), group)
+
+
+def follower_group(group: str, partitions: Sequence[int] | None) -> str:
+    """The follower consumer name of a processor replica (``group`` and its partitions)."""
+    import zlib
+
+    tag = "all" if partitions is None else f"{zlib.crc32(','.join(map(str, sorted(partitions))).encode()):08x}"
+    return f"{group}-asof-{tag}".replace(".", "_")
 
 
 def build_enrichment(settings: Settings, joins: Sequence[EnrichJoinSpec] | None = None) -> Enrichment | None:

@@ -79,7 +79,7 @@ async def run_processor(
 ) -> None:
     """Run a processor over ``partitions`` (all when None), enriching readings when
     ``settings.enrich`` has joins (the CDC topics are caught up with before the first reading)."""
-    from fieldmesh.runtime.enrichment import build_enrichment
+    from fieldmesh.runtime.enrichment import build_enrichment, follower_group
     from fieldmesh.store import load_store
     from fieldmesh.stream.processor import Processor
 
@@ -96,7 +96,7 @@ async def run_processor(
             if enrichment is None:
                 await proc.run(stop)
             else:
-                await enrichment.run(bus, proc.run, stop)
+                await enrichment.run(bus, proc.run, stop, follower_group=follower_group(group, partitions))
     finally:
         store.close()
 
