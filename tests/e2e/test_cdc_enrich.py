@@ -209,3 +209,49 @@ def test_enrichment_as_of_event_time_and_after_kill9(tmp_path: Path, assets_db: 
     finally:
         dev.close()
         assert up2.stop() == 0, up2.tail()
+
+
+def _up_fails(tmp_path: Path, *args: str) -> str:
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "fieldmesh", "up", "--data-dir", str(tmp_path / "bad"),
+                          "--mqtt-port", "0", "--http-port", "0", "--for", "20", *args],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2, res
+    return " ".join(res.stderr.split())
+
+
+def test_up_refuses_a_capture_that_cannot_start_and_a_join_on_an_uncaptured_table(
+    tmp_path: Path, assets_db: tuple[str, str]
+) -> None:
+    url, db = assets_db
+    _exec(url, "CREATE TABLE nokey (device_id text, threshold float8)",
+          "CREATE TABLE assets (id int PRIMARY KEY, device_id text, threshold float8)")
+    # a table without primary key: the capture's own error, before any reading is processed
+    err = _up_fails(tmp_path, "--cdc-source", url, "--cdc-tables", "public.nokey", "--cdc-name", db,
+                    "--enrich", "public.nokey")
+    assert "snapshot" in err and "primary key" in err.lower(), err
+    err = _up_fails(tmp_path, "--cdc-source", url, "--cdc-tables", "public.assets", "--cdc-name", db,
+                    "--enrich", "public.maintenance")
+    assert "--enrich public.maintenance: the table is not captured" in err, err
+    err = _up_fails(tmp_path, "--cdc-source", url.rsplit("/", 1)[0] + "/no_such_db", "--cdc-tables",
+                    "public.assets", "--cdc-name", db)
+    assert "no_such_db" in err and "does not exist" in err, err
+
+
+def test_a_processor_waiting_for_a_cdc_topic_that_never_comes_fails_naming_it(tmp_path: Path) -> None:
+    from fieldmesh.core.errors import ConfigError
+    from fieldmesh.core.settings import load_settings
+    from fieldmesh.runtime.natsserver import EmbeddedNats
+    from fieldmesh.runtime.worker import run_processor
+
+    srv = EmbeddedNats(store_dir=tmp_path / "nats")
+    srv.start()
+    try:
+        settings = load_settings(enrich={"joins": "public.assets", "database": "nodb", "catch_up_timeout_s": 1.5})
+        with pytest.raises(ConfigError, match=r"CDC topic fm\.cdc\.nodb\.public\.assets does not exist"):
+            asyncio.run(run_processor(bus_url=srv.url, store_url=f"sqlite:///{tmp_path / 's.db'}",
+                                      settings=settings, stop=asyncio.Event()))
+    finally:
+        srv.stop()
