@@ -255,3 +255,34 @@ def test_a_processor_waiting_for_a_cdc_topic_that_never_comes_fails_naming_it(tm
                                       settings=settings, stop=asyncio.Event()))
     finally:
         srv.stop()
+
+
+def test_up_with_a_mariadb_source_enriches_from_the_binlog(tmp_path: Path) -> None:
+    import pymysql
+
+    db = f"fm_e2e_{uuid.uuid4().hex[:10]}"
+    conn = pymysql.connect(host="127.0.0.1", port=3306, user="root", autocommit=True)
+    with conn.cursor() as cur:
+        cur.execute("SELECT @@log_bin, @@binlog_format")
+        assert cur.fetchone() == (1, "ROW"), "MariaDB binlog is off or not ROW: run scripts/ci-services first"
+        cur.execute(f"CREATE DATABASE `{db}`")
+        cur.execute(f"CREATE TABLE `{db}`.assets (id int PRIMARY KEY, device_id varchar(64), threshold double)")
+        cur.execute(f"INSERT INTO `{db}`.assets VALUES (1, 'my-pump', 3.0)")
+    up = Up(tmp_path / "data", "--cdc-source", "mysql://root@127.0.0.1:3306/", "--cdc-tables", f"{db}.assets",
+            "--cdc-name", db, "--enrich", f"{db}.assets:fields=threshold:prefix=asset.").start(timeout_s=90)
+    dev = Devices(up)
+    try:
+        [e] = dev.enrichment("my-pump", dev.send([("my-pump", int(time.time() * 1000))]))
+        assert e == {"asset.threshold": 3.0}
+        with conn.cursor() as cur:
+            cur.execute(f"UPDATE `{db}`.assets SET threshold = 3.5 WHERE id = 1")
+        dev.wait_state("my-pump", "asset.threshold", 3.5)
+        # a reading taken well before the change, arriving after it, keeps the old threshold
+        [old] = dev.enrichment("my-pump", dev.send([("my-pump", int(time.time() * 1000) - 120_000)]))
+        assert old == {"asset.threshold": 3.0}
+    finally:
+        dev.close()
+        assert up.stop() == 0, up.tail()
+        with conn.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS `{db}`")
+        conn.close()
