@@ -37,3 +37,11 @@ def test_sum_is_fsum_in_any_order_and_grouping(vs: list[float], rnd: random.Rand
     assert parse_exact(format_exact(a.m, a.e)) and exact_avg(a.m, a.e, len(vs)) == float(
         sum(map(Fraction, vs)) / len(vs)
     )
+
+
+@given(st.lists(st.floats(allow_nan=False, allow_infinity=False), max_size=80))
+def test_exact_sum_of_a_list_is_exact(vs: list[float]):
+    from fieldmesh.core.exact import exact_sum
+
+    m, e = exact_sum(vs)
+    assert Fraction(m) * Fraction(2) ** e == sum(map(Fraction, vs), Fraction(0))

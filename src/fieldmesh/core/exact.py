@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["ExactSum", "add_float", "exact_avg", "exact_value", "format_exact", "parse_exact"]
+__all__ = ["ExactSum", "add_float", "exact_avg", "exact_sum", "exact_value", "format_exact", "merge", "parse_exact"]
 
 
 def add_float(m: int, e: int, v: float) -> tuple[int, int]:
@@ -22,6 +22,33 @@ def add_float(m: int, e: int, v: float) -> tuple[int, int]:
         m <<= e - ev
         e = ev
     return m + (n << (ev - e)), e
+
+
+def exact_sum(values: list[float]) -> tuple[int, int]:
+    """The exact sum of ``values`` as ``(m, e)``, fast for long lists.
+
+    ``math.fsum`` (C, exact internally) returns the correctly rounded sum; subtracting it and
+    summing again yields the rounding residual, and so on until the residual is exactly zero (every
+    float is a multiple of 2**-1074, so a non-zero residual never rounds to zero). The terms form an
+    exact expansion of the sum, usually one to three floats, which are then added exactly.
+    """
+    m, e = 0, 0
+    terms: list[float] = []
+    work = list(values)
+    try:
+        while True:
+            t = math.fsum(work)
+            if t == 0.0:
+                break
+            terms.append(t)
+            work.append(-t)
+            if len(terms) > 60:  # cannot happen for finite inputs; keep the loop bounded anyway
+                raise OverflowError
+    except OverflowError:  # an intermediate sum beyond the float range: add one by one
+        terms = [float(v) for v in values]
+    for t in terms:
+        m, e = add_float(m, e, t)
+    return m, e
 
 
 def merge(m1: int, e1: int, m2: int, e2: int) -> tuple[int, int]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from fieldmesh.core.exact import add_float, merge
+from fieldmesh.core.exact import exact_sum, merge
 from fieldmesh.core.model import Reading
 from fieldmesh.store.base import INTERVALS
 
@@ -32,7 +32,9 @@ def rollup_deltas(
     When ``devices`` is given, it also gathers per device, in the same pass,
     ``[first_received_ms, last_received_ms, first_ts_ms, last_ts_ms, readings]``.
     """
-    mins: dict[RollupKey, Acc] = {}
+    # First gather each window's values (cheap appends), then reduce each group in C:
+    # len/min/max, and the exact sum through math.fsum's exact expansion.
+    groups: dict[tuple[str, int], list[dict[str, float | bool]]] = {}
     for r in readings:
         ts = r.ts_ms
         ws = ts - ts % _MIN_MS
@@ -52,20 +54,19 @@ def rollup_deltas(
                 if ts > da[3]:
                     da[3] = ts
                 da[4] += 1
-        for name, v in r.measurements.items():
-            fv = float(v)
-            k = (dev, name, ws)
-            a = mins.get(k)
-            if a is None:
-                n, d = fv.as_integer_ratio()
-                mins[k] = [1, n, 1 - d.bit_length(), fv, fv]
-            else:
-                a[0] += 1
-                a[1], a[2] = add_float(a[1], a[2], fv)  # type: ignore[arg-type]
-                if fv < a[3]:
-                    a[3] = fv
-                if fv > a[4]:
-                    a[4] = fv
+        k = (dev, ws)
+        g = groups.get(k)
+        if g is None:
+            groups[k] = [r.measurements]
+        else:
+            g.append(r.measurements)
+    mins: dict[RollupKey, Acc] = {}
+    for (dev, ws), mss in groups.items():
+        names = mss[0].keys() if len(mss) == 1 else {n for ms in mss for n in ms}
+        for name in names:
+            vs = [ms[name] for ms in mss if name in ms]
+            m, e = exact_sum(vs)  # type: ignore[arg-type]
+            mins[(dev, name, ws)] = [len(vs), m, e, float(min(vs)), float(max(vs))]
     hours: dict[RollupKey, Acc] = {}
     for (dev, name, ws), a in mins.items():
         k = (dev, name, ws - ws % _HOUR_MS)
