@@ -69,9 +69,9 @@ def rollup_deltas(
             mins[(dev, name, ws)] = [len(vs), m, e, float(min(vs)), float(max(vs))]
     hours: dict[RollupKey, Acc] = {}
     for (dev, name, ws), a in mins.items():
-        k = (dev, name, ws - ws % _HOUR_MS)
-        h = hours.get(k)
-        hours[k] = list(a) if h is None else merge_acc(h, a)
+        hk = (dev, name, ws - ws % _HOUR_MS)
+        h = hours.get(hk)
+        hours[hk] = list(a) if h is None else merge_acc(h, a)
     return {"1m": mins, "1h": hours}
 
 
