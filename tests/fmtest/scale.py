@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -37,10 +38,18 @@ def as_kafka(msgs: Sequence[tuple[str, bytes]], *, unkeyed_every: int = 3) -> li
         dev = parts[1]
         headers = {"content-type": f"application/{parts[3]}"} if len(parts) > 3 else {}
         key: bytes | None = dev.encode()
-        if unkeyed_every and i % unkeyed_every == 0 and payload.startswith(b"{") and b'"device_id"' in payload:
+        if unkeyed_every and i % unkeyed_every == 0 and _payload_device(payload) == dev:
             key = None
         out.append((key, payload, headers))
     return out
+
+
+def _payload_device(payload: bytes) -> str | None:
+    try:
+        body = json.loads(payload)
+    except ValueError:
+        return None
+    return body.get("device_id") if isinstance(body, dict) else None
 
 
 def produce(bootstrap_url: str, topic: str, records: Sequence[tuple[bytes | None, bytes, dict[str, str]]],

@@ -203,6 +203,9 @@ class KafkaConsumer:
         self._manual = None if partitions is None else sorted(partitions)
         self._c: Any = None
         self._fatal: BaseException | None = None
+        # held while records are applied, and by a revocation: a partition's new owner reads the
+        # positions only after the old owner's batch of it is committed (eager rebalancing)
+        self._fence = threading.Lock()
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -244,12 +247,25 @@ class KafkaConsumer:
             self._fatal = exc
             offsets = tps
         consumer.assign(offsets)
-        self._assigned = set(parts)
+        with self._fence:
+            self._assigned = set(parts)
         log.info("kafka %s: assigned partitions %s", self._topic, parts)
 
     def _on_revoke(self, consumer: Any, tps: list[Any]) -> None:
-        self._assigned -= {tp.partition for tp in tps}
+        with self._fence:  # waits for a batch being applied
+            self._assigned -= {tp.partition for tp in tps}
         log.info("kafka %s: revoked partitions %s", self._topic, sorted(tp.partition for tp in tps))
+
+    def apply_owned(self, records: Sequence[BusRecord], fn: Callable[[Sequence[BusRecord]], T]) -> T:
+        """Call ``fn`` on the records of partitions this consumer still owns, holding off revocation.
+
+        Records fetched before a rebalance took their partition away are dropped: the new owner
+        applies them from the positions in the store.
+        """
+        with self._fence:
+            if self._manual is None:
+                records = [r for r in records if r.partition in self._assigned]
+            return fn(records)
 
     @property
     def assignment(self) -> list[int]:

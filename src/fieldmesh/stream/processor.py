@@ -181,7 +181,11 @@ class Processor:
                         break
                     recs.extend(more)
                 async with self._lock:
-                    await asyncio.to_thread(self.apply_records, recs)
+                    owned = getattr(consumer, "apply_owned", None)  # Kafka: fenced against rebalances
+                    if owned is not None:
+                        await asyncio.to_thread(owned, recs, self.apply_records)
+                    else:
+                        await asyncio.to_thread(self.apply_records, recs)
                 await consumer.ack(recs)
                 if done:
                     return
