@@ -286,3 +286,50 @@ def test_up_with_a_mariadb_source_enriches_from_the_binlog(tmp_path: Path) -> No
         with conn.cursor() as cur:
             cur.execute(f"DROP DATABASE IF EXISTS `{db}`")
         conn.close()
+
+
+def _health(up: Up) -> dict[str, Any]:
+    import urllib.error
+
+    try:
+        return up.get("/health")  # type: ignore[no-any-return]
+    except urllib.error.HTTPError as exc:  # 503 when degraded, with the same body
+        return json.loads(exc.read())  # type: ignore[no-any-return]
+
+
+def test_a_dropped_slot_is_reported_not_restarted_in_a_loop(tmp_path: Path, assets_db: tuple[str, str]) -> None:
+    url, db = assets_db
+    _exec(url, "CREATE TABLE assets (id int PRIMARY KEY, device_id text, threshold float8)",
+          "INSERT INTO assets VALUES (1, 'slot-pump', 2.0)")
+    up = Up(tmp_path / "data", "--cdc-source", url, "--cdc-tables", "public.assets", "--cdc-name", db,
+            "--enrich", "public.assets:fields=threshold").start(timeout_s=90)
+    dev = Devices(up)
+    try:
+        admin = _pg(PG_ADMIN)
+        with admin.cursor() as cur:  # an operator drops the slot under the running capture
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                cur.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots"
+                            " WHERE slot_name = %s AND active_pid IS NOT NULL", (db,))
+                cur.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
+                            " WHERE slot_name = %s AND active_pid IS NULL", (db,))
+                cur.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s", (db,))
+                if cur.fetchone()[0] == 0:
+                    break
+                time.sleep(0.05)
+        admin.close()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            h = _health(up)
+            if str(h.get("cdc", "")).startswith("failed"):
+                break
+            time.sleep(0.3)
+        assert h["status"] == "degraded" and "resnapshot" in h["cdc"], h
+        time.sleep(2)
+        assert str(_health(up)["cdc"]).startswith("failed")  # left stopped, not restarted
+        # the rest of the pipeline goes on, enriching from the state it has
+        [e] = dev.enrichment("slot-pump", dev.send([("slot-pump", int(time.time() * 1000))]))
+        assert e == {"assets.threshold": 2.0}
+    finally:
+        dev.close()
+        assert up.stop() == 0, up.tail()

@@ -65,6 +65,7 @@ class _Child:
         self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
         self.restarts = 0
+        self.failed: str | None = None  # why it is left stopped (an error a restart cannot fix)
         self._log: IO[bytes] | None = None
 
     def start(self) -> None:
@@ -185,7 +186,8 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
                 return out
 
             async def health() -> dict[str, Any]:
-                h: dict[str, Any] = {c.name: "ok" if c.alive() else "down" for c in children}
+                h: dict[str, Any] = {c.name: "ok" if c.alive() else f"failed: {c.failed}" if c.failed else "down"
+                                     for c in children}
                 h["bus"] = "ok" if nats is None or (nats.proc and nats.proc.poll() is None) else "down"
                 return h
 
@@ -220,7 +222,12 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
                 if deadline and time.monotonic() >= deadline:
                     break
                 for c in children:
-                    if not c.alive():
+                    if not c.alive() and c.failed is None and _cdc_gave_up(c):
+                        c.failed = _last_line(c.log_path)
+                        console.print(f"[bold red]the CDC capture stopped on an error a restart cannot fix:[/] "
+                                      f"{c.failed}\nReadings are still stored, enriched from the state so far; "
+                                      f"fix the source and restart fieldmesh up (see {c.log_path})")
+                    if not c.alive() and c.failed is None:
                         c.restarts += 1
                         console.print(f"[yellow]{c.name} exited ({c.proc and c.proc.returncode}); "
                                       f"restarting (see {c.log_path})[/]")
@@ -234,7 +241,7 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
             if sim is not None:
                 sim.stop()
             drain_until = time.monotonic() + 30
-            while time.monotonic() < drain_until and all(c.alive() for c in children):
+            while time.monotonic() < drain_until and all(c.alive() for c in children if c.failed is None):
                 if sum((await lag()).values()) == 0:
                     break
                 await asyncio.sleep(0.2)
@@ -330,6 +337,16 @@ async def _start_cdc(bus: Any, bus_url: str, settings: Settings, data_dir: Path,
                               f"(FIELDMESH__CDC__SNAPSHOT_TIMEOUT_S); see {child.log_path}", key="cdc.source")
         await asyncio.sleep(0.2)
     return child
+
+
+def _cdc_gave_up(c: _Child) -> bool:
+    """The capture exits with 2 on errors a retry cannot fix (privileges, lost slot, schema): no restart loop."""
+    return c.name == "cdc" and c.proc is not None and c.proc.returncode == 2
+
+
+def _last_line(path: Path) -> str:
+    lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else "no output"
 
 
 def _snapshot_done(state_dir: Path, name: str) -> bool:
