@@ -3,8 +3,8 @@
 Processes: nats-server (JetStream + MQTT listener), a gateway worker, a processor worker, the
 optional device simulator, the optional CDC capture (``settings.cdc.source``; the processor then
 enriches readings as of their event time per ``settings.enrich``), and this supervisor, which also
-serves the API. Every child dies with
-the supervisor (even on kill -9 of the supervisor), so a restart on the same data dir is clean.
+serves the API. Every child dies with the supervisor (even on kill -9 of the supervisor), so a
+restart on the same data dir is clean.
 """
 
 from __future__ import annotations
@@ -275,7 +275,8 @@ def _captured(settings: Settings) -> dict[str, str]:
     """``schema.table`` (or ``db.table``) -> CDC topic of every table the capture is asked for."""
     from fieldmesh.cdc.base import cdc_topic
 
-    db = settings.enrich.database
+    assert settings.cdc.source is not None
+    db = source_database(settings.cdc.source.get_secret_value())  # as the capture names its topics
     out: dict[str, str] = {}
     for raw in settings.cdc.tables.split(","):
         name = raw.strip()
