@@ -43,7 +43,7 @@ from fieldmesh.core.exact import exact_avg, exact_value, format_exact, parse_exa
 from fieldmesh.core.model import DeadLetter, Reading
 from fieldmesh.store.base import INTERVALS, ApplyResult, Position, QueryResult, StoreStats
 from fieldmesh.store.rollup import Acc, RollupKey, merge_acc, rollup_deltas
-from fieldmesh.store.sqlite import _iso
+from fieldmesh.store.rows import device_row, dlq_row, raw_row, rollup_row, where_clause
 
 __all__ = ["SCHEMA_VERSION", "PostgresStore"]
 
@@ -129,23 +129,6 @@ def _split_url(url: str) -> tuple[str, str]:
 
 def _redact(url: str) -> str:
     return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
-
-
-def _where(
-    device_id: str | None, start_ms: int | None, end_ms: int | None, *, col: str
-) -> tuple[list[str], list[Any]]:
-    where: list[str] = []
-    params: list[Any] = []
-    if device_id is not None:
-        where.append("device_id = %s")
-        params.append(device_id)
-    if start_ms is not None:
-        where.append(f"{col} >= %s")
-        params.append(start_ms)
-    if end_ms is not None:
-        where.append(f"{col} < %s")
-        params.append(end_ms)
-    return where, params
 
 
 def _num(v: Any) -> float | bool:
@@ -683,18 +666,7 @@ class PostgresStore:
         mets: dict[str, list[str]] = {}
         for d, m in ms:
             mets.setdefault(d, []).append(m)
-        return [
-            {
-                "device_id": d,
-                "first_seen": _iso(fs),
-                "last_seen": _iso(ls),
-                "first_ts": _iso(ft),
-                "last_ts": _iso(lt),
-                "readings": n,
-                "metrics": mets.get(d, []),
-            }
-            for d, fs, ls, ft, lt, n in rows
-        ]
+        return [device_row(d, fs, ls, ft, lt, n, mets.get(d, [])) for d, fs, ls, ft, lt, n in rows]
 
     def raw(
         self,
@@ -706,7 +678,7 @@ class PostgresStore:
         limit: int,
     ) -> list[dict[str, Any]]:
         """Stored readings, newest first."""
-        where, params = _where(device_id, start_ms, end_ms, col="ts_ms")
+        where, params = where_clause(device_id, start_ms, end_ms, col="ts_ms", ph="%s")
         if metric is not None:
             where.append("measurements ? %s")
             params.append(metric)
@@ -716,27 +688,11 @@ class PostgresStore:
             + (" WHERE " + " AND ".join(where) if where else "")
             + " ORDER BY ts_ms DESC, id LIMIT %s"
         )
-        out = []
-        for dev, ts, seq, boot, ev, ms, meta, rx, enr in self._read(
-            lambda c: c.execute(sql, (*params, limit)).fetchall()
-        ):
-            m = {k: _num(v) for k, v in ms.items()}
-            if metric is not None:
-                m = {metric: m[metric]}
-            row: dict[str, Any] = {"device_id": dev, "ts": _iso(ts), "ts_ms": ts, "measurements": m}
-            if seq is not None:
-                row["seq"] = seq
-            if boot is not None:
-                row["boot_id"] = boot
-            if ev is not None:
-                row["event_id"] = ev
-            if meta is not None:
-                row["meta"] = meta
-            row["received_ms"] = rx
-            if enr is not None:
-                row["enrichment"] = enr
-            out.append(row)
-        return out
+        rows = self._read(lambda c: c.execute(sql, (*params, limit)).fetchall())
+        return [
+            raw_row(dev, ts, seq, boot, ev, {k: _num(v) for k, v in ms.items()}, meta, rx, enr, metric)
+            for dev, ts, seq, boot, ev, ms, meta, rx, enr in rows
+        ]
 
     def rollups(
         self,
@@ -751,7 +707,7 @@ class PostgresStore:
         """Rollup rows ordered by device, metric, window."""
         if interval not in INTERVALS:
             raise ConfigError(f"interval must be one of {sorted(INTERVALS)}", key="interval")
-        where, params = _where(device_id, start_ms, end_ms, col="window_start_ms")
+        where, params = where_clause(device_id, start_ms, end_ms, col="window_start_ms", ph="%s")
         if metric is not None:
             where.append("metric = %s")
             params.append(metric)
@@ -761,13 +717,7 @@ class PostgresStore:
             + " ORDER BY device_id, metric, window_start_ms LIMIT %s"
         )
         rows = self._read(lambda con: con.execute(sql, (*params, limit)).fetchall())
-        return [
-            {
-                "device_id": d, "metric": m, "window_start": _iso(ws), "window_start_ms": ws,
-                "count": c, "sum": s, "min": mn, "max": mx, "avg": a,
-            }
-            for d, m, ws, c, s, mn, mx, a in rows
-        ]  # fmt: skip
+        return [rollup_row(*r) for r in rows]
 
     def dlq(self, *, reason: str | None, limit: int) -> list[dict[str, Any]]:
         """Dead letters, newest first; payloads as text where they are UTF-8."""
@@ -777,22 +727,7 @@ class PostgresStore:
             sql += " WHERE reason = %s"
             params.append(reason)
         sql += " ORDER BY id DESC LIMIT %s"
-        out = []
-        for i, rs, det, topic, dev, rx, payload, trunc in self._read(
-            lambda c: c.execute(sql, (*params, limit)).fetchall()
-        ):
-            try:
-                text, enc = bytes(payload).decode(), "utf-8"
-            except UnicodeDecodeError:
-                text, enc = bytes(payload).hex(), "hex"
-            out.append(
-                {
-                    "id": i, "reason": rs, "detail": det, "topic": topic, "device_id": dev,
-                    "received_at": _iso(rx), "payload": text, "payload_encoding": enc,
-                    "truncated": bool(trunc),
-                }
-            )  # fmt: skip
-        return out
+        return [dlq_row(*r) for r in self._read(lambda c: c.execute(sql, (*params, limit)).fetchall())]
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> QueryResult:
         """Run one SQL statement in a READ ONLY transaction (``%s`` placeholders)."""

@@ -24,6 +24,7 @@ from fieldmesh.core.exact import exact_avg, exact_value, format_exact, parse_exa
 from fieldmesh.core.model import DeadLetter, Reading
 from fieldmesh.store.base import INTERVALS, ApplyResult, Position, QueryResult, StoreStats
 from fieldmesh.store.rollup import Acc, RollupKey, merge_acc, rollup_deltas
+from fieldmesh.store.rows import device_row, dlq_row, raw_row, rollup_row, where_clause
 
 __all__ = ["SCHEMA_VERSION", "SqliteStore"]
 
@@ -96,10 +97,6 @@ def _path_of(url: str) -> Path:
     if not url.startswith("sqlite:///"):
         raise ConfigError(f"bad SQLite URL {url!r}: use sqlite:///path/to/store.db", key="store_url")
     return Path(url[len("sqlite:///") :])
-
-
-def _iso(ms: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
 
 
 class SqliteStore:
@@ -397,24 +394,13 @@ class SqliteStore:
         q = "SELECT device_id, metric FROM device_metrics" + (" WHERE device_id = ?" if device_id else "")
         for d, m in con.execute(q + " ORDER BY device_id, metric", (device_id,) if device_id else ()):
             mets.setdefault(d, []).append(m)
-        return [
-            {
-                "device_id": d,
-                "first_seen": _iso(fs),
-                "last_seen": _iso(ls),
-                "first_ts": _iso(ft),
-                "last_ts": _iso(lt),
-                "readings": n,
-                "metrics": mets.get(d, []),
-            }
-            for d, fs, ls, ft, lt, n in rows
-        ]
+        return [device_row(d, fs, ls, ft, lt, n, mets.get(d, [])) for d, fs, ls, ft, lt, n in rows]
 
     def raw(
         self, *, device_id: str | None, metric: str | None, start_ms: int | None, end_ms: int | None, limit: int
     ) -> list[dict[str, Any]]:
         """Stored readings, newest first."""
-        where, params = _where(device_id, start_ms, end_ms, col="ts_ms")
+        where, params = where_clause(device_id, start_ms, end_ms, col="ts_ms", ph="?")
         if metric is not None:
             where.append("json_type(measurements, ?) IS NOT NULL")
             params.append(f'$."{metric}"')
@@ -424,25 +410,11 @@ class SqliteStore:
             + (" WHERE " + " AND ".join(where) if where else "")
             + " ORDER BY ts_ms DESC, rid LIMIT ?"
         )
-        out = []
-        for dev, ts, seq, boot, ev, ms, meta, rx, enr in self._reader().execute(sql, (*params, limit)):
-            m = _dec.decode(ms)
-            if metric is not None:
-                m = {metric: m[metric]}
-            row: dict[str, Any] = {"device_id": dev, "ts": _iso(ts), "ts_ms": ts, "measurements": m}
-            if seq is not None:
-                row["seq"] = seq
-            if boot is not None:
-                row["boot_id"] = boot
-            if ev is not None:
-                row["event_id"] = ev
-            if meta is not None:
-                row["meta"] = _dec.decode(meta)
-            if enr is not None:
-                row["enrichment"] = _dec.decode(enr)
-            row["received_ms"] = rx
-            out.append(row)
-        return out
+        return [
+            raw_row(dev, ts, seq, boot, ev, _dec.decode(ms), None if meta is None else _dec.decode(meta), rx,
+                    None if enr is None else _dec.decode(enr), metric)
+            for dev, ts, seq, boot, ev, ms, meta, rx, enr in self._reader().execute(sql, (*params, limit))
+        ]
 
     def rollups(
         self,
@@ -457,7 +429,7 @@ class SqliteStore:
         """Rollup rows ordered by device, metric, window."""
         if interval not in INTERVALS:
             raise ConfigError(f"interval must be one of {sorted(INTERVALS)}", key="interval")
-        where, params = _where(device_id, start_ms, end_ms, col="window_start_ms")
+        where, params = where_clause(device_id, start_ms, end_ms, col="window_start_ms", ph="?")
         if metric is not None:
             where.append("metric = ?")
             params.append(metric)
@@ -466,13 +438,7 @@ class SqliteStore:
             + (" WHERE " + " AND ".join(where) if where else "")
             + " ORDER BY device_id, metric, window_start_ms LIMIT ?"
         )
-        return [
-            {
-                "device_id": d, "metric": m, "window_start": _iso(ws), "window_start_ms": ws,
-                "count": c, "sum": s, "min": mn, "max": mx, "avg": a,
-            }
-            for d, m, ws, c, s, mn, mx, a in self._reader().execute(sql, (*params, limit))
-        ]
+        return [rollup_row(*r) for r in self._reader().execute(sql, (*params, limit))]
 
     def dlq(self, *, reason: str | None, limit: int) -> list[dict[str, Any]]:
         """Dead letters, newest first; payloads as text where they are UTF-8."""
@@ -482,19 +448,7 @@ class SqliteStore:
             sql += " WHERE reason = ?"
             params.append(reason)
         sql += " ORDER BY id DESC LIMIT ?"
-        out = []
-        for i, rs, det, topic, dev, rx, payload, trunc in self._reader().execute(sql, (*params, limit)):
-            try:
-                text, enc = bytes(payload).decode(), "utf-8"
-            except UnicodeDecodeError:
-                text, enc = bytes(payload).hex(), "hex"
-            out.append(
-                {
-                    "id": i, "reason": rs, "detail": det, "topic": topic, "device_id": dev,
-                    "received_at": _iso(rx), "payload": text, "payload_encoding": enc, "truncated": bool(trunc),
-                }
-            )
-        return out
+        return [dlq_row(*r) for r in self._reader().execute(sql, (*params, limit))]
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> QueryResult:
         """Run one read-only SQL statement."""
@@ -508,20 +462,3 @@ class SqliteStore:
         finally:
             if not self.readonly:
                 con.close()
-
-
-def _where(
-    device_id: str | None, start_ms: int | None, end_ms: int | None, *, col: str
-) -> tuple[list[str], list[Any]]:
-    where: list[str] = []
-    params: list[Any] = []
-    if device_id is not None:
-        where.append("device_id = ?")
-        params.append(device_id)
-    if start_ms is not None:
-        where.append(f"{col} >= ?")
-        params.append(start_ms)
-    if end_ms is not None:
-        where.append(f"{col} < ?")
-        params.append(end_ms)
-    return where, params
