@@ -256,16 +256,18 @@ class KafkaConsumer:
             self._assigned -= {tp.partition for tp in tps}
         log.info("kafka %s: revoked partitions %s", self._topic, sorted(tp.partition for tp in tps))
 
-    def apply_owned(self, records: Sequence[BusRecord], fn: Callable[[Sequence[BusRecord]], T]) -> T:
+    def apply_owned(self, records: Sequence[BusRecord], fn: Callable[[Sequence[BusRecord]], object]) -> list[BusRecord]:
         """Call ``fn`` on the records of partitions this consumer still owns, holding off revocation.
 
         Records fetched before a rebalance took their partition away are dropped: the new owner
-        applies them from the positions in the store.
+        applies them from the positions in the store. Returns the records given to ``fn``: only
+        those may be acknowledged (a commit past a dropped record would skip it on reassignment).
         """
         with self._fence:
-            if self._manual is None:
-                records = [r for r in records if r.partition in self._assigned]
-            return fn(records)
+            kept = list(records) if self._manual is not None else [r for r in records if r.partition in self._assigned]
+            if kept:
+                fn(kept)
+            return kept
 
     @property
     def assignment(self) -> list[int]:

@@ -188,7 +188,7 @@ class Processor:
                 async with self._lock:
                     owned = getattr(consumer, "apply_owned", None)  # Kafka: fenced against rebalances
                     if owned is not None:
-                        await asyncio.to_thread(owned, recs, self.apply_records)
+                        recs = list(await asyncio.to_thread(owned, recs, self.apply_records))
                     else:
                         await asyncio.to_thread(self.apply_records, recs)
                 await consumer.ack(recs)
