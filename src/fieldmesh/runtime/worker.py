@@ -58,6 +58,7 @@ async def run_gateway(
         elif not sources:
             sources.append(NatsIngestSource(bus, retention_s=settings.bus.retention_s, sole=sole))
         started: list[Any] = []
+        gateways: list[Gateway] = []
         try:
             for source in sources:
                 await source.start()
@@ -66,11 +67,16 @@ async def run_gateway(
                 for source in sources:
                     gw = Gateway(source=source, producer=bus.producer(), settings=settings.gateway,
                                  partitions=settings.bus.partitions)
+                    gateways.append(gw)
                     log.info("gateway running: %s -> %s", getattr(source, "url", source.name), bus_url)
                     tg.create_task(gw.run(stop), name=f"gateway-{source.name}")
         finally:
             for source in started:
                 await source.close()
+            for gw in gateways:
+                st = gw.stats
+                log.info("gateway %s stopped: %d messages, %d readings, rejected %s", gw.source.name,
+                         st.messages, st.readings, st.rejected)
 
 
 async def run_processor(
