@@ -24,7 +24,6 @@ TELEMETRY_SUBJECTS: Final = "devices.*.telemetry"
 #: Bus topics (NATS subjects are ``{topic}.{partition}``; Kafka topics carry partitions natively).
 READINGS_TOPIC: Final = "fm.readings"
 DLQ_TOPIC: Final = "fm.dlq"
-ALERTS_TOPIC: Final = "fm.alerts"
 
 
 def telemetry_topic(device_id: str) -> str:

@@ -140,14 +140,6 @@ class Gateway:
         for d in dead:
             self.stats.rejected[d.reason] = self.stats.rejected.get(d.reason, 0) + 1
 
-    async def step(self, stop: asyncio.Event | None = None) -> int:
-        """Take one batch through; return how many source messages it handled."""
-        got = await self._fetch_routed()
-        if got is None:
-            return 0
-        await self._deliver(*got, stop)
-        return len(got[0])
-
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set: decoding the next batch overlaps with sending the last one."""
         queue: asyncio.Queue[tuple[list[IngestMessage], list[OutRecord], int, list[DeadLetter]] | None]
