@@ -306,10 +306,7 @@ class AsOfEnricher:
         for r in readings:
             extra: dict[str, Any] | None = None
             for attr, meta_key, table in plan:
-                if attr == "meta":
-                    k = (r.meta or {}).get(meta_key) if meta_key else None
-                else:
-                    k = getattr(r, attr)
+                k = _key_of(r, attr, meta_key)
                 if k is None:
                     continue
                 row = table.lookup(k, r.ts_ms)
@@ -320,3 +317,10 @@ class AsOfEnricher:
             else:
                 append(replace(r, enrichment={**r.enrichment, **extra} if r.enrichment else extra))
         return out
+
+
+def _key_of(r: Reading, attr: str, meta_key: str | None) -> Any:
+    """The join key of a reading: an attribute, or a key of its ``meta``."""
+    if attr == "meta":
+        return (r.meta or {}).get(meta_key) if meta_key else None
+    return getattr(r, attr)
