@@ -199,6 +199,8 @@ def process(
     enrich: EnrichOpt = None,
     enrich_db: Annotated[str | None, typer.Option(
         help="PostgreSQL database of the --enrich tables (names their CDC topics)")] = None,
+    retry_for: Annotated[float, typer.Option(
+        min=0, help="keep retrying an unreachable bus or store (with backoff) for this many seconds")] = 120.0,
 ) -> None:
     """Run a processor alone."""
     from fieldmesh.runtime.worker import run_processor
@@ -207,12 +209,42 @@ def process(
     if group is None:  # a NATS durable has one subject filter: replicas on other partitions need their own
         group = "fm-processor" if partitions is None else f"fm-processor-p{partitions.replace(',', '_')}"
     _role_logging("process")
-    try:
-        asyncio.run(run_processor(bus_url=bus_url, store_url=store_url, partitions=owned, group=group,
-                                  settings=_settings(bus={"partitions": total_partitions},
-                                                     **_enrich_kw(enrich, enrich_db))))
-    except FieldmeshError as exc:
-        _fail(exc)
+    settings = _settings(bus={"partitions": total_partitions}, **_enrich_kw(enrich, enrich_db))
+    _with_retries(lambda: asyncio.run(run_processor(bus_url=bus_url, store_url=store_url, partitions=owned,
+                                                    group=group, settings=settings)), retry_for)
+
+
+def _with_retries(run: Any, retry_for: float) -> None:
+    """Run a role; restart it after a transient outage (bus or store unreachable) with capped, jittered
+    backoff until an outage has lasted ``retry_for`` seconds. Other errors stop it at once."""
+    import logging
+    import random
+    import time
+
+    from fieldmesh.core.errors import BackendUnavailable
+
+    log = logging.getLogger("fieldmesh.cli")
+    outage_since: float | None = None
+    attempt = 0
+    while True:
+        started = time.monotonic()
+        try:
+            run()
+            return
+        except BackendUnavailable as exc:
+            now = time.monotonic()
+            if now - started > 30:  # it ran for a while: a new outage
+                outage_since, attempt = None, 0
+            outage_since = outage_since or started
+            if now - outage_since >= retry_for:
+                _fail(exc)
+            delay = random.uniform(0.5, 1.0) * min(30.0, 0.5 * 2**attempt)
+            attempt += 1
+            log.warning("%s; restarting in %.1fs (try %d, giving up after %.0fs of outage)", exc, delay,
+                        attempt, retry_for)
+            time.sleep(delay)
+        except FieldmeshError as exc:
+            _fail(exc)
 
 
 def _enrich_kw(specs: list[str] | None, database: str | None) -> dict[str, Any]:
