@@ -23,7 +23,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final, Self, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -274,24 +274,32 @@ class KafkaConsumer:
         """Partitions this consumer currently owns."""
         return sorted(self._assigned)
 
-    async def fetch(self, max_records: int, timeout_s: float) -> list[BusRecord]:
-        """Fetch up to ``max_records``; an empty list when none arrived within ``timeout_s``."""
+    async def fetch_raw(self, max_records: int, timeout_s: float) -> list[Any]:
+        """Like :meth:`fetch`, but confluent-kafka ``Message`` objects as they come (hot paths that need
+        only key, value and position); acknowledge them with :meth:`commit_async`."""
         msgs = await self._call(self._c.consume, max_records, timeout_s)
         if self._fatal is not None:
             exc, self._fatal = self._fatal, None
             raise BackendError(f"partition assignment on {self._topic!r} failed: {exc}") from exc
-        out: list[BusRecord] = []
+        out: list[Any] = []
         for m in msgs:
             err = m.error()
-            if err is not None:
-                if err.code() == _kafka().KafkaError._PARTITION_EOF:
-                    continue
-                if err.fatal():
-                    raise BackendError(f"Kafka consumer on {self._topic!r} failed: {err}")
-                if err.name() in _TRANSIENT_CODES:
-                    raise BackendUnavailable(f"Kafka brokers {self._brokers} unreachable: {err}")
-                log.warning("kafka %s: %s", self._topic, err)
+            if err is None:
+                out.append(m)
                 continue
+            if err.code() == _kafka().KafkaError._PARTITION_EOF:
+                continue
+            if err.fatal():
+                raise BackendError(f"Kafka consumer on {self._topic!r} failed: {err}")
+            if err.name() in _TRANSIENT_CODES:
+                raise BackendUnavailable(f"Kafka brokers {self._brokers} unreachable: {err}")
+            log.warning("kafka %s: %s", self._topic, err)
+        return out
+
+    async def fetch(self, max_records: int, timeout_s: float) -> list[BusRecord]:
+        """Fetch up to ``max_records``; an empty list when none arrived within ``timeout_s``."""
+        out: list[BusRecord] = []
+        for m in await self.fetch_raw(max_records, timeout_s):
             ts_type, ts = m.timestamp()
             hdrs = m.headers()
             out.append(
@@ -314,12 +322,16 @@ class KafkaConsumer:
         """Commit the offsets after ``records`` asynchronously (a hint: the store's positions rule)."""
         if not records:
             return
-        ck = _kafka()
         last: dict[tuple[str, int], int] = {}
         for r in records:
             k = (r.topic, r.partition)
             if r.offset >= last.get(k, -1):
                 last[k] = r.offset
+        await self.commit_async(last)
+
+    async def commit_async(self, last: Mapping[tuple[str, int], int]) -> None:
+        """Commit ``{(topic, partition): last processed offset}`` asynchronously (offset + 1)."""
+        ck = _kafka()
         tps = [ck.TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
 
         def commit() -> None:

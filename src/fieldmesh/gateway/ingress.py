@@ -111,6 +111,13 @@ def _device_topic(device: str | None, source_topic: str) -> str:
     return f"devices/{device}/telemetry"
 
 
+def _content_type(headers: list[tuple[str, bytes | None]]) -> str | None:
+    for k, v in headers:
+        if k.lower() == "content-type" and v is not None:
+            return v.decode("utf-8", errors="replace")
+    return None
+
+
 def _split(url: str, own: set[str]) -> tuple[str, str, dict[str, str]]:
     """``(url without path and our own params, path, our params)``."""
     parts = urlsplit(url)
@@ -142,6 +149,7 @@ class KafkaIngestSource:
         self.group = mine.get("group", group)
         self._bus: Any = load_bus(base)
         self._resolver = DeviceResolver(mine.get("device_template", device_template))
+        self._topic_of_key: dict[bytes, str] = {}
         self._consumer: Any = None
 
     async def start(self) -> None:
@@ -159,28 +167,44 @@ class KafkaIngestSource:
 
     async def fetch(self, max_messages: int, timeout_s: float) -> list[IngestMessage]:
         """Fetch raw messages and give each the telemetry topic of its device."""
-        recs = await self._consumer.fetch(max_messages, timeout_s)
+        msgs = await self._consumer.fetch_raw(max_messages, timeout_s)
         now = int(time.time() * 1000)
         resolve = self._resolver.resolve
         topic = self.topic
+        by_key = self._topic_of_key
         out = []
-        for r in recs:
-            ct = r.headers.get("content-type") or r.headers.get("Content-Type") if r.headers else None
+        for m in msgs:
+            key = m.key()
+            value = m.value() or b""
+            # hot path: a keyed message's telemetry topic is cached per key
+            t = by_key.get(key) if key else None
+            if t is None:
+                t = _device_topic(resolve(key, value, topic), topic)
+                if key and len(by_key) < 1_000_000:
+                    by_key[key] = t
+            hdrs = m.headers()
+            part, off = m.partition(), m.offset()
             out.append(
                 IngestMessage(
-                    topic=_device_topic(resolve(r.key, r.value, topic), topic),
-                    payload=r.value,
+                    topic=t,
+                    payload=value,
                     received_ms=now,
-                    content_type=ct,
-                    source_id=f"k{topic}-{r.partition}-{r.offset}",
-                    handle=r,
+                    content_type=_content_type(hdrs) if hdrs else None,
+                    source_id=f"k{topic}-{part}-{off}",
+                    handle=(part, off),
                 )
             )
         return out
 
     async def ack(self, messages: Sequence[IngestMessage]) -> None:
         """Commit the offsets after ``messages`` (they are on the bus now)."""
-        await self._consumer.ack([m.handle for m in messages])
+        last: dict[tuple[str, int], int] = {}
+        for m in messages:
+            part, off = m.handle
+            if off > last.get((self.topic, part), -1):
+                last[(self.topic, part)] = off
+        if last:
+            await self._consumer.commit_async(last)
 
     async def close(self) -> None:
         """Leave the group (its partitions move to the other gateways)."""
