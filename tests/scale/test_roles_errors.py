@@ -36,7 +36,7 @@ def one_line(text: str) -> str:
 def test_unreachable_kafka_names_the_brokers(tmp_path: Path):
     port = closed_port()
     r = fieldmesh("process", "--bus-url", f"kafka://127.0.0.1:{port}", "--store-url", f"sqlite:///{tmp_path}/s.db",
-                  "--retry-for", "8")
+                  "--retry-for", "4")
     out = one_line(r.stderr)
     assert r.returncode == 2, out
     assert f"cannot reach Kafka brokers 127.0.0.1:{port}" in out

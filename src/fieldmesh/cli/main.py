@@ -233,9 +233,8 @@ def _with_retries(run: Any, retry_for: float) -> None:
             return
         except BackendUnavailable as exc:
             now = time.monotonic()
-            if now - started > 30:  # it ran for a while: a new outage
-                outage_since, attempt = None, 0
-            outage_since = outage_since or started
+            if outage_since is None or now - started > 30:  # the first failure, or it ran for a while
+                outage_since, attempt = now, 0
             if now - outage_since >= retry_for:
                 _fail(exc)
             delay = random.uniform(0.5, 1.0) * min(30.0, 0.5 * 2**attempt)
