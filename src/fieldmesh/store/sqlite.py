@@ -23,6 +23,7 @@ from fieldmesh.core.errors import ConfigError, FieldmeshError, StoreSchemaError
 from fieldmesh.core.exact import exact_avg, exact_value, format_exact, parse_exact
 from fieldmesh.core.model import DeadLetter, Reading
 from fieldmesh.store.base import INTERVALS, ApplyResult, Position, QueryResult, StoreStats
+from fieldmesh.store.keyfilter import KeyFilter
 from fieldmesh.store.rollup import Acc, RollupKey, merge_acc, rollup_deltas
 from fieldmesh.store.rows import device_row, dlq_row, raw_row, rollup_row, where_clause
 
@@ -113,6 +114,7 @@ class SqliteStore:
         self._known_metrics: set[tuple[str, str]] = set()
         self._pending_metrics: set[tuple[str, str]] = set()
         self._data_version = -1
+        self._keys: KeyFilter | None = None  # identity keys stored, for de-dup without a read per key
         if not readonly:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._w = self._connect(write=True)
@@ -198,6 +200,9 @@ class SqliteStore:
             for c in self._cache.values():
                 c.clear()
             self._known_metrics.clear()
+            self._keys = None
+        if self._keys is None or self._keys.full:
+            self._keys = self._load_keys(w)
         for st in self._staged.values():
             st.clear()
         self._pending_metrics = set()
@@ -258,6 +263,8 @@ class SqliteStore:
             w.execute("ROLLBACK")
             raise
         self._data_version = w.execute("PRAGMA data_version").fetchone()[0]
+        if new:
+            self._keys.add(new_idx.values())
         for interval, staged in self._staged.items():
             self._cache[interval].update(staged)
         self._known_metrics |= self._pending_metrics
@@ -278,6 +285,8 @@ class SqliteStore:
                 collided.append(i)
         existing: dict[int, int] = {}
         keys = list(first)
+        if self._keys is not None:  # ask the store only about keys it may hold
+            keys = [k for k, maybe in zip(keys, self._keys.may_contain(keys).tolist(), strict=True) if maybe]
         for s in range(0, len(keys), 20000):
             chunk = keys[s : s + 20000]
             existing.update(
@@ -316,6 +325,15 @@ class SqliteStore:
                     dups += 1
                     break
         return dict(sorted(new_idx.items())), dups
+
+    @staticmethod
+    def _load_keys(w: sqlite3.Connection) -> KeyFilter:
+        n = w.execute("SELECT count(*) FROM idents").fetchone()[0]
+        f = KeyFilter(2 * n)
+        cur = w.execute("SELECT id FROM idents")
+        while rows := cur.fetchmany(100_000):
+            f.add(r[0] for r in rows)
+        return f
 
     def _merge_rollups(self, w: sqlite3.Connection, interval: str, deltas: dict[RollupKey, Acc]) -> None:
         table = f"rollup_{interval}"
