@@ -194,10 +194,10 @@ def _check_reading(
         elif tv is bool:
             clean[name] = v
         elif tv is int:
-            f = float(v) if -(2**53) <= v <= 2**53 else math.inf
-            if not math.isfinite(f):
-                raise _Reject("schema_violation", f"measurement {name!r} is out of range")
-            clean[name] = f
+            try:
+                clean[name] = float(v)
+            except OverflowError:
+                raise _Reject("schema_violation", f"measurement {name!r} is out of range") from None
         else:
             raise _Reject("schema_violation", f"measurement {name!r} must be a number or bool")
     seq = obj.get("seq")
@@ -247,6 +247,55 @@ def _decode_body(payload: bytes, encoding: str) -> Any:
         raise _Reject("malformed_json", f"{encoding} payload does not decode: {exc}"[:200]) from None
 
 
+class _WireReading(msgspec.Struct, forbid_unknown_fields=True):
+    """One reading as devices send it, for the typed fast path (types checked in C)."""
+
+    ts: int | str
+    measurements: dict[str, float | bool]
+    device_id: str | None = None
+    seq: int | None = None
+    boot_id: str | None = None
+    event_id: str | None = None
+    meta: dict[str, Any] | None = None
+
+
+_fast_decoder = msgspec.json.Decoder(_WireReading)
+
+
+def _fast_single(payload: bytes, device_id: str, now: int, max_skew_ms: int, received_ms: int) -> Reading | None:
+    """The common case, one valid JSON reading, decoded by msgspec into a typed struct.
+
+    Returns None for anything unusual (a problem to report, an RFC 3339 ``ts``): the general path
+    then decodes the payload again and says precisely what is wrong.
+    """
+    try:
+        w = _fast_decoder.decode(payload)
+    except msgspec.DecodeError:
+        return None
+    ts = w.ts
+    ms = w.measurements
+    seq = w.seq
+    if (
+        type(ts) is not int
+        or ts < MIN_TS_MS
+        or ts - now > max_skew_ms
+        or (w.device_id is not None and w.device_id != device_id)
+        or not ms
+        or (seq is not None and not 0 <= seq < 2**63)
+        or (w.boot_id is not None and len(w.boot_id) > 128)
+        or (w.event_id is not None and not 0 < len(w.event_id) <= 256)
+    ):
+        return None
+    for name, v in ms.items():
+        if not METRIC_RE.fullmatch(name) or (type(v) is float and not math.isfinite(v)):
+            return None
+    key, chk = identity_digest(identity_string(device_id, ts, ms, seq, w.boot_id, w.event_id))
+    return Reading(
+        device_id=device_id, ts_ms=ts, measurements=ms, key=key, chk=chk, seq=seq, boot_id=w.boot_id,
+        event_id=w.event_id, meta=w.meta, received_ms=received_ms,
+    )
+
+
 def _item_bytes(obj: Any) -> bytes:
     try:
         return json.dumps(obj, separators=(",", ":"), default=repr).encode()
@@ -282,6 +331,10 @@ def decode_telemetry(
         return DecodeResult(
             [], [_dead("too_large", f"{len(payload)} bytes > {max_bytes}", topic, received_ms, payload, device_id)]
         )
+    if encoding == "json" and payload[:1] == b"{" and b'"readings"' not in payload:
+        fast = _fast_single(payload, device_id, now, max_skew_ms, received_ms)
+        if fast is not None:
+            return DecodeResult([fast], [])
     try:
         body = _decode_body(payload, encoding)
     except _Reject as r:
