@@ -9,15 +9,15 @@ processor's identity de-duplication absorbs the repeat.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
+
+import msgspec
 
 __all__ = ["IngestMessage", "IngestSource"]
 
 
-@dataclass(frozen=True, slots=True)
-class IngestMessage:
-    """A raw message as it arrived from a device."""
+class IngestMessage(msgspec.Struct, frozen=True, gc=False):
+    """A raw message as it arrived from a device (a msgspec struct: one is made per message)."""
 
     topic: str
     payload: bytes

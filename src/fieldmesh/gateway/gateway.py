@@ -32,6 +32,21 @@ class GatewayStats:
         self.rejected: dict[str, int] = {}
 
 
+_ROUTES: dict[tuple[str, int], tuple[str | None, str | None, int]] = {}
+_ROUTES_MAX = 200_000
+
+
+def _route_of(topic: str, partitions: int) -> tuple[str | None, str | None, int]:
+    """(device id, topic suffix, partition) of a topic, cached: topics repeat, one per device."""
+    device = device_of_topic(topic)
+    parts = topic.split("/")
+    r = (device, parts[3] if len(parts) > 3 else None, partition_for(device, partitions) if device else 0)
+    if len(_ROUTES) >= _ROUTES_MAX:
+        _ROUTES.clear()
+    _ROUTES[(topic, partitions)] = r
+    return r
+
+
 def route(
     messages: Sequence[IngestMessage], *, settings: GatewaySettings, partitions: int, now_ms: int
 ) -> tuple[list[OutRecord], int, list[DeadLetter]]:
@@ -44,21 +59,23 @@ def route(
     dead_ids: list[str | None] = []
     n = 0
     for m in messages:
-        parts = m.topic.split("/")
-        device = device_of_topic(m.topic)
+        route_of = _ROUTES.get((m.topic, partitions))
+        if route_of is None:
+            route_of = _route_of(m.topic, partitions)
+        device, suffix, part = route_of
         if device is None:
             d = DeadLetter(reason="schema_violation", detail=f"not a telemetry topic: {m.topic[:200]!r}",
                            topic=m.topic, received_ms=m.received_ms, payload=m.payload[:65536])
             dead.append(d)
             dead_ids.append(f"{m.source_id}-0" if m.source_id else None)
             continue
-        enc = encoding_for(m.content_type, parts[3] if len(parts) > 3 else None)
+        enc = encoding_for(m.content_type, suffix)
         res = decode_telemetry(
             m.payload, device_id=device, topic=m.topic, received_ms=m.received_ms, now_ms=now_ms,
             max_skew_ms=settings.max_skew_ms, max_bytes=settings.max_payload_bytes, encoding=enc,
         )
         if res.readings:
-            by_part.setdefault(partition_for(device, partitions), []).extend(res.readings)
+            by_part.setdefault(part, []).extend(res.readings)
             n += len(res.readings)
         for i, d in enumerate(res.rejects):
             dead.append(d)
