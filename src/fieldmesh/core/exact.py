@@ -33,6 +33,10 @@ def exact_sum(values: list[float]) -> tuple[int, int]:
     exact expansion of the sum, usually one to three floats, which are then added exactly.
     """
     m, e = 0, 0
+    if len(values) <= 4:  # few values: adding them one by one is cheaper than the fsum passes
+        for v in values:
+            m, e = add_float(m, e, float(v))
+        return m, e
     terms: list[float] = []
     work = list(values)
     try:
