@@ -244,7 +244,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="20k-row transaction, 2k single-row transactions")
     ap.add_argument("--partitions", type=int, default=4)
-    ap.add_argument("--batch-size", type=int, default=2000, help="changes per bus send")
+    ap.add_argument("--batch-size", type=int, default=8000, help="changes per bus send")
     a = ap.parse_args()
     big, small = (20_000, 2_000) if a.quick else (200_000, 20_000)
     bench_capture(big, small, a.partitions, a.batch_size)

@@ -139,7 +139,7 @@ class MySqlCdc:
         snapshot: str = "initial",
         resnapshot: bool = False,
         decimal_mode: str = "string",
-        batch_size: int = 2000,
+        batch_size: int = 8000,
         server_id: int | None = None,
         topic_prefix: str = "fm.cdc",
     ) -> None:

@@ -122,7 +122,7 @@ class PostgresCdc:
         snapshot: str = "initial",
         resnapshot: bool = False,
         decimal_mode: str = "string",
-        batch_size: int = 2000,
+        batch_size: int = 8000,
         snapshot_fetch: int = 10_000,
         topic_prefix: str = "fm.cdc",
         slot_wait_s: float = 15.0,

@@ -44,7 +44,7 @@ def make_source(
     snapshot: str = "initial",
     resnapshot: bool = False,
     decimal_mode: str = "string",
-    batch_size: int = 2000,
+    batch_size: int = 8000,
 ) -> CdcSource:
     """The CDC source of a database URL (``postgresql://``, ``mysql://`` or ``mariadb://``)."""
     scheme = source_url.split("://", 1)[0].lower()
@@ -94,7 +94,7 @@ async def run_cdc(
     snapshot: str = "initial",
     resnapshot: bool = False,
     decimal_mode: str = "string",
-    batch_size: int = 2000,
+    batch_size: int = 8000,
     stop: asyncio.Event | None = None,
     max_backoff_s: float = 30.0,
 ) -> None:

@@ -43,7 +43,7 @@ def cdc(
     decimal_mode: str = typer.Option(
         "string", "--decimal", help="numeric/decimal as 'string' (exact) or 'float'"
     ),
-    batch_size: int = typer.Option(2000, "--batch-size", help="changes per bus send"),
+    batch_size: int = typer.Option(8000, "--batch-size", help="changes per bus send"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Snapshot the tables, then stream every committed change to ``fm.cdc.<db>.<schema>.<table>``."""
