@@ -259,41 +259,64 @@ class _WireReading(msgspec.Struct, forbid_unknown_fields=True):
     meta: dict[str, Any] | None = None
 
 
+class _WireBatch(msgspec.Struct, forbid_unknown_fields=True):
+    readings: list[_WireReading]
+    device_id: str | None = None
+
+
 _fast_decoder = msgspec.json.Decoder(_WireReading)
+_fast_list_decoder = msgspec.json.Decoder(list[_WireReading])
+_fast_batch_decoder = msgspec.json.Decoder(_WireBatch)
 
 
-def _fast_single(payload: bytes, device_id: str, now: int, max_skew_ms: int, received_ms: int) -> Reading | None:
-    """The common case, one valid JSON reading, decoded by msgspec into a typed struct.
+def _fast_path(payload: bytes, device_id: str, now: int, max_skew_ms: int, received_ms: int) -> list[Reading] | None:
+    """The common case, valid JSON readings, decoded by msgspec into typed structs (types checked in C).
 
     Returns None for anything unusual (a problem to report, an RFC 3339 ``ts``): the general path
-    then decodes the payload again and says precisely what is wrong.
+    then decodes the payload again and says precisely what is wrong with which reading.
     """
+    first = payload[:1]
     try:
-        w = _fast_decoder.decode(payload)
+        if first == b"[":
+            ws = _fast_list_decoder.decode(payload)
+        elif b'"readings"' in payload:
+            batch = _fast_batch_decoder.decode(payload)
+            if batch.device_id is not None and batch.device_id != device_id:
+                return None
+            ws = batch.readings
+        else:
+            ws = [_fast_decoder.decode(payload)]
     except msgspec.DecodeError:
         return None
-    ts = w.ts
-    ms = w.measurements
-    seq = w.seq
-    if (
-        type(ts) is not int
-        or ts < MIN_TS_MS
-        or ts - now > max_skew_ms
-        or (w.device_id is not None and w.device_id != device_id)
-        or not ms
-        or (seq is not None and not 0 <= seq < 2**63)
-        or (w.boot_id is not None and len(w.boot_id) > 128)
-        or (w.event_id is not None and not 0 < len(w.event_id) <= 256)
-    ):
+    if not ws:
         return None
-    for name, v in ms.items():
-        if not METRIC_RE.fullmatch(name) or (type(v) is float and not math.isfinite(v)):
+    out = []
+    for w in ws:
+        ts = w.ts
+        ms = w.measurements
+        seq = w.seq
+        if (
+            type(ts) is not int
+            or ts < MIN_TS_MS
+            or ts - now > max_skew_ms
+            or (w.device_id is not None and w.device_id != device_id)
+            or not ms
+            or (seq is not None and not 0 <= seq < 2**63)
+            or (w.boot_id is not None and len(w.boot_id) > 128)
+            or (w.event_id is not None and not 0 < len(w.event_id) <= 256)
+        ):
             return None
-    key, chk = identity_digest(identity_string(device_id, ts, ms, seq, w.boot_id, w.event_id))
-    return Reading(
-        device_id=device_id, ts_ms=ts, measurements=ms, key=key, chk=chk, seq=seq, boot_id=w.boot_id,
-        event_id=w.event_id, meta=w.meta, received_ms=received_ms,
-    )
+        for name, v in ms.items():
+            if not METRIC_RE.fullmatch(name) or (type(v) is float and not math.isfinite(v)):
+                return None
+        key, chk = identity_digest(identity_string(device_id, ts, ms, seq, w.boot_id, w.event_id))
+        out.append(
+            Reading(
+                device_id=device_id, ts_ms=ts, measurements=ms, key=key, chk=chk, seq=seq, boot_id=w.boot_id,
+                event_id=w.event_id, meta=w.meta, received_ms=received_ms,
+            )
+        )
+    return out
 
 
 def _item_bytes(obj: Any) -> bytes:
@@ -331,10 +354,10 @@ def decode_telemetry(
         return DecodeResult(
             [], [_dead("too_large", f"{len(payload)} bytes > {max_bytes}", topic, received_ms, payload, device_id)]
         )
-    if encoding == "json" and payload[:1] == b"{" and b'"readings"' not in payload:
-        fast = _fast_single(payload, device_id, now, max_skew_ms, received_ms)
+    if encoding == "json":
+        fast = _fast_path(payload, device_id, now, max_skew_ms, received_ms)
         if fast is not None:
-            return DecodeResult([fast], [])
+            return DecodeResult(fast, [])
     try:
         body = _decode_body(payload, encoding)
     except _Reject as r:
