@@ -41,9 +41,9 @@ from fieldmesh.core.errors import (
 )
 from fieldmesh.core.exact import exact_avg, exact_value, format_exact, parse_exact
 from fieldmesh.core.model import DeadLetter, Reading
-from fieldmesh.store.base import INTERVALS, ApplyResult, Position, QueryResult, StoreStats
+from fieldmesh.store.base import ApplyResult, Position, QueryResult, StoreStats
 from fieldmesh.store.rollup import Acc, RollupKey, merge_acc, rollup_deltas
-from fieldmesh.store.rows import device_row, dlq_row, raw_row, rollup_row, where_clause
+from fieldmesh.store.rows import device_row, dlq_row, raw_row, rollup_query, rollup_row, where_clause
 
 __all__ = ["SCHEMA_VERSION", "PostgresStore"]
 
@@ -705,18 +705,8 @@ class PostgresStore:
         limit: int,
     ) -> list[dict[str, Any]]:
         """Rollup rows ordered by device, metric, window."""
-        if interval not in INTERVALS:
-            raise ConfigError(f"interval must be one of {sorted(INTERVALS)}", key="interval")
-        where, params = where_clause(device_id, start_ms, end_ms, col="window_start_ms", ph="%s")
-        if metric is not None:
-            where.append("metric = %s")
-            params.append(metric)
-        sql = (
-            f"SELECT device_id, metric, window_start_ms, count, sum, min, max, avg FROM rollup_{interval}"
-            + (" WHERE " + " AND ".join(where) if where else "")
-            + " ORDER BY device_id, metric, window_start_ms LIMIT %s"
-        )
-        rows = self._read(lambda con: con.execute(sql, (*params, limit)).fetchall())
+        sql, params = rollup_query(interval, device_id, metric, start_ms, end_ms, limit, ph="%s")
+        rows = self._read(lambda con: con.execute(sql, params).fetchall())
         return [rollup_row(*r) for r in rows]
 
     def dlq(self, *, reason: str | None, limit: int) -> list[dict[str, Any]]:

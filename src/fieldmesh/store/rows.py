@@ -10,7 +10,10 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["device_row", "dlq_row", "iso", "raw_row", "rollup_row", "where_clause"]
+from fieldmesh.core.errors import ConfigError
+from fieldmesh.store.base import INTERVALS
+
+__all__ = ["device_row", "dlq_row", "iso", "raw_row", "rollup_query", "rollup_row", "where_clause"]
 
 
 def iso(ms: int) -> str:
@@ -34,6 +37,25 @@ def where_clause(
         where.append(f"{col} < {ph}")
         params.append(end_ms)
     return where, params
+
+
+def rollup_query(
+    interval: str, device_id: str | None, metric: str | None, start_ms: int | None, end_ms: int | None,
+    limit: int, *, ph: str,
+) -> tuple[str, list[Any]]:
+    """SQL and parameters of a rollup read (tables ``rollup_1m``/``rollup_1h``); ``ph`` is the placeholder."""
+    if interval not in INTERVALS:
+        raise ConfigError(f"interval must be one of {sorted(INTERVALS)}", key="interval")
+    where, params = where_clause(device_id, start_ms, end_ms, col="window_start_ms", ph=ph)
+    if metric is not None:
+        where.append(f"metric = {ph}")
+        params.append(metric)
+    sql = (
+        f"SELECT device_id, metric, window_start_ms, count, sum, min, max, avg FROM rollup_{interval}"
+        + (" WHERE " + " AND ".join(where) if where else "")
+        + f" ORDER BY device_id, metric, window_start_ms LIMIT {ph}"
+    )
+    return sql, [*params, limit]
 
 
 def device_row(d: str, fs: int, ls: int, ft: int, lt: int, n: int, metrics: list[str]) -> dict[str, Any]:

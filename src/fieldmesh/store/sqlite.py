@@ -25,7 +25,7 @@ from fieldmesh.core.model import DeadLetter, Reading
 from fieldmesh.store.base import INTERVALS, ApplyResult, Position, QueryResult, StoreStats
 from fieldmesh.store.keyfilter import KeyFilter
 from fieldmesh.store.rollup import Acc, RollupKey, merge_acc, rollup_deltas
-from fieldmesh.store.rows import device_row, dlq_row, raw_row, rollup_row, where_clause
+from fieldmesh.store.rows import device_row, dlq_row, raw_row, rollup_query, rollup_row, where_clause
 
 __all__ = ["SCHEMA_VERSION", "SqliteStore"]
 
@@ -445,18 +445,8 @@ class SqliteStore:
         limit: int,
     ) -> list[dict[str, Any]]:
         """Rollup rows ordered by device, metric, window."""
-        if interval not in INTERVALS:
-            raise ConfigError(f"interval must be one of {sorted(INTERVALS)}", key="interval")
-        where, params = where_clause(device_id, start_ms, end_ms, col="window_start_ms", ph="?")
-        if metric is not None:
-            where.append("metric = ?")
-            params.append(metric)
-        sql = (
-            f"SELECT device_id, metric, window_start_ms, count, sum, min, max, avg FROM rollup_{interval}"
-            + (" WHERE " + " AND ".join(where) if where else "")
-            + " ORDER BY device_id, metric, window_start_ms LIMIT ?"
-        )
-        return [rollup_row(*r) for r in self._reader().execute(sql, (*params, limit))]
+        sql, params = rollup_query(interval, device_id, metric, start_ms, end_ms, limit, ph="?")
+        return [rollup_row(*r) for r in self._reader().execute(sql, params)]
 
     def dlq(self, *, reason: str | None, limit: int) -> list[dict[str, Any]]:
         """Dead letters, newest first; payloads as text where they are UTF-8."""
