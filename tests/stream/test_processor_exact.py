@@ -140,3 +140,17 @@ def test_late_readings_are_counted_and_correct_rollups(tmp_path: Path):
     ws = (BASE + 10_000) // 60_000 * 60_000
     in_window = sum(1 for _, r in on_time if ws <= r["ts"] < ws + 60_000)
     assert w["window_start_ms"] == ws and w["count"] == in_window + 3 and w["max"] == 5.0
+
+
+def test_lateness_is_per_device(tmp_path: Path):
+    """A device behind another on the same partition is not late; its own replay is."""
+    s = SqliteStore(f"sqlite:///{tmp_path}/s.db")
+    p = Processor(bus=None, store=s, settings=ProcessorSettings(grace_ms=5000))  # type: ignore[arg-type]
+    ahead = [("d1", {"ts": BASE + 3_600_000, "seq": 0, "measurements": {"t": 1.0}})]
+    behind = [("d2", {"ts": BASE + i * 1000, "seq": i, "measurements": {"t": 1.0}}) for i in range(120)]
+    p.apply_records(_records(ahead + behind, [200]))
+    assert s.stats().late == 0  # d2 an hour behind d1 is not late: its own windows were never emitted
+    replay = [("d2", {"ts": BASE + 1000, "seq": 1000, "measurements": {"t": 2.0}})]
+    p2 = Processor(bus=None, store=s, settings=ProcessorSettings(grace_ms=5000))  # type: ignore[arg-type]
+    p2.apply_records(_records(replay, [1], start=50))  # a restarted processor knows d2's watermark
+    assert s.stats().late == 1

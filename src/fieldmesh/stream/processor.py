@@ -10,9 +10,11 @@ of the records. Only then are the records acknowledged to the bus. So:
 * a reading that arrives twice for any other reason (device retry, gateway redelivery, edge
   replay) is found by its identity in the store and counted as a duplicate.
 
-Lateness: a reading is *late* when its 1-minute window had already been emitted, i.e. the
-partition's watermark (max event time seen) minus ``grace_ms`` had passed the window's end. Late
-readings are stored and correct their rollups like any other; they are counted in ``late``.
+Lateness: a reading is *late* when its 1-minute window had already been emitted for its device, i.e.
+the device's watermark (the latest event time seen from it) minus ``grace_ms`` had passed the
+window's end: a replay from an edge buffer is late, a device whose messages merely interleave with
+others' is not. Late readings are stored and correct their rollups like any other; they are counted
+in ``late``. (Per-partition watermarks are kept too, for monitoring.)
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ class Processor:
         self.stats = ProcessorStats()
         self._positions: dict[Position, int] = {}
         self._watermarks: dict[Position, int] = {}
+        self._device_wm: dict[str, int] | None = None  # per-device event-time watermarks (lateness)
         self._lock = asyncio.Lock()
 
     async def _consumer(self, topic: str, partitions: Sequence[int] | None, group: str) -> Consumer:
@@ -105,6 +108,10 @@ class Processor:
         dead: list[DeadLetter] = []
         positions: dict[Position, int] = {}
         wms: dict[Position, int] = {}
+        dev_wm: dict[str, int] = {}
+        if self._device_wm is None:  # the devices table holds each device's latest event time
+            self._device_wm = dict(self.store.query("SELECT device_id, last_ts_ms FROM devices").rows)
+        known = self._device_wm
         grace = self.settings.grace_ms
         for rec in records:
             pos = (rec.topic, rec.partition)
@@ -125,12 +132,17 @@ class Processor:
                 dead.append(_corrupt(rec, exc))
                 continue
             wm = wms.get(pos) or self._watermarks.get(pos, 0)
-            closed_before = wm - grace  # windows ending at or before this were emitted
             for r in batch.readings:
                 readings.append(r)
-                late.append(r.ts_ms - r.ts_ms % _WINDOW_MS + _WINDOW_MS <= closed_before)
-                if r.ts_ms > wm:
-                    wm = r.ts_ms
+                ts = r.ts_ms
+                dev = r.device_id
+                dwm = dev_wm.get(dev) or known.get(dev, 0)
+                # late: its device had already passed the window's end by more than the grace
+                late.append(ts - ts % _WINDOW_MS + _WINDOW_MS <= dwm - grace)
+                if ts > dwm:
+                    dev_wm[dev] = ts
+                if ts > wm:
+                    wm = ts
             wms[pos] = wm
         if self.enricher is not None and readings:
             readings = self.enricher.enrich(readings)
@@ -145,6 +157,7 @@ class Processor:
         )
         self._positions.update(positions)
         self._watermarks.update(wms)
+        known.update(dev_wm)
         st = self.stats
         st.batches += 1
         st.stored += res.stored
