@@ -1,0 +1,71 @@
+"""The REST API over a real SQLite store: shapes, and clear 4xx answers to bad parameters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from fieldmesh.api.app import create_app
+from fieldmesh.core.codec import decode_telemetry
+from fieldmesh.core.model import DeadLetter
+from fieldmesh.store.sqlite import SqliteStore
+
+NOW = 1_763_812_345_123
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> TestClient:
+    url = f"sqlite:///{tmp_path}/s.db"
+    w = SqliteStore(url)
+    body = b"[" + b",".join(b'{"ts":%d,"seq":%d,"measurements":{"t":%d,"h":1.5}}' % (NOW - 120_000 + i * 1000, i, i)
+                            for i in range(100)) + b"]"
+    rs = decode_telemetry(body, device_id="pump-7", topic="devices/pump-7/telemetry", received_ms=NOW).readings
+    dl = DeadLetter(reason="clock_skew", detail="ahead", topic="devices/pump-7/telemetry", received_ms=NOW,
+                    payload=b'{"ts": 1}', device_id="pump-7")
+    w.apply(readings=rs, late=[False] * len(rs), dead_letters=[dl], positions={}, watermarks={})
+    w.close()
+    return TestClient(create_app(url))
+
+
+def test_shapes(client: TestClient):
+    assert client.get("/api/v1/health").json()["status"] == "ok"
+    st = client.get("/api/v1/stats").json()
+    assert (st["received"], st["stored"], st["duplicates"], st["dead_lettered"]) == (
+        101, 100, 0, {"total": 1, "clock_skew": 1})
+    dev = client.get("/api/v1/devices/pump-7").json()
+    assert dev["readings"] == 100 and dev["metrics"] == ["h", "t"]
+    rows = client.get("/api/v1/telemetry/rollups", params={"device_id": "pump-7", "metric": "t"}).json()
+    assert sum(r["count"] for r in rows) == 100 and sum(r["sum"] for r in rows) == sum(range(100))
+    assert all(r["window_start"].endswith("Z") for r in rows)
+    hour = client.get("/api/v1/telemetry/rollups", params={"interval": "1h", "metric": "h"}).json()
+    assert sum(r["count"] for r in hour) == 100
+    raw = client.get("/api/v1/telemetry/raw", params={"device_id": "pump-7", "metric": "h", "limit": 3}).json()
+    assert len(raw) == 3 and raw[0]["measurements"] == {"h": 1.5} and raw[0]["seq"] == 99
+    start = client.get("/api/v1/telemetry/raw", params={"start": str(NOW - 30_000), "limit": 1000}).json()
+    iso = client.get("/api/v1/telemetry/raw", params={"start": "2025-11-22T11:51:55.123Z", "limit": 1000}).json()
+    assert len(start) == len(iso) == 10  # readings at NOW-30s .. NOW-21s
+    assert client.get("/api/v1/dlq", params={"reason": "clock_skew"}).json()[0]["payload"] == '{"ts": 1}'
+    metrics = client.get("/metrics").text
+    assert "fieldmesh_readings_stored_total 100.0" in metrics
+    assert 'fieldmesh_dead_letters_total{reason="clock_skew"} 1.0' in metrics
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "status", "names"),
+    [
+        ("/api/v1/telemetry/rollups", {"interval": "5m"}, 422, "interval"),
+        ("/api/v1/telemetry/rollups", {"start": "yesterday"}, 400, "start"),
+        ("/api/v1/telemetry/raw", {"end": "2025-01-01T00:00:00"}, 400, "end"),
+        ("/api/v1/telemetry/raw", {"limit": 0}, 422, "limit"),
+        ("/api/v1/telemetry/raw", {"device_id": "no/slashes"}, 400, "device_id"),
+        ("/api/v1/dlq", {"limit": "many"}, 422, "limit"),
+        ("/api/v1/devices/nobody", {}, 404, "nobody"),
+        ("/api/v1/alerts", {}, 501, "alert"),
+    ],
+)
+def test_bad_parameters_get_a_json_error_naming_them(client: TestClient, path, params, status, names):
+    r = client.get(path, params=params)
+    assert r.status_code == status
+    assert names in r.json()["detail"]
