@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -166,4 +168,26 @@ def my_db() -> Iterator[str]:
     finally:
         with conn.cursor() as cur:
             cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+        conn.close()
+
+
+def write_load(conn: Any, stop: threading.Event, counter: list[int], *, keys: int, seed: int) -> None:
+    """Transactions of 1-6 changes until ``stop``: each bumps ``v`` of a row, or inserts a row with v=1.
+
+    ``counter[0]`` counts the changes committed or about to be; the connection is closed at the end.
+    """
+    rnd = random.Random(seed)
+    next_id = keys
+    try:
+        with conn.cursor() as cur:
+            while not stop.is_set():
+                for _ in range(rnd.randint(1, 6)):
+                    if rnd.random() < 0.1:
+                        cur.execute("INSERT INTO assets (id, v) VALUES (%s, 1)", (next_id,))
+                        next_id += 1
+                    else:
+                        cur.execute("UPDATE assets SET v = v + 1 WHERE id = %s", (rnd.randrange(keys),))
+                    counter[0] += 1
+                conn.commit()
+    finally:
         conn.close()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from cdc_helpers import MY_URL, my_conn, my_exec, read_topic
+from cdc_helpers import MY_URL, my_conn, my_exec, read_topic, write_load
 
 from fieldmesh.cdc.base import cdc_topic
 from fieldmesh.runtime.natsserver import EmbeddedNats
@@ -55,23 +54,9 @@ def _wait_streaming(log: Path, times: int, timeout_s: float = 30.0) -> None:
 
 
 def _writer(db: str, stop: threading.Event, counter: list[int]) -> None:
-    rnd = random.Random(11)
     conn = my_conn(db)
     conn.autocommit(False)
-    next_id = KEYS
-    try:
-        with conn.cursor() as cur:
-            while not stop.is_set():
-                for _ in range(rnd.randint(1, 6)):
-                    if rnd.random() < 0.1:
-                        cur.execute("INSERT INTO assets (id, v) VALUES (%s, 1)", (next_id,))
-                        next_id += 1
-                    else:
-                        cur.execute("UPDATE assets SET v = v + 1 WHERE id = %s", (rnd.randrange(KEYS),))
-                    counter[0] += 1
-                conn.commit()
-    finally:
-        conn.close()
+    write_load(conn, stop, counter, keys=KEYS, seed=11)
 
 
 def test_kill_9_mid_stream_then_restart(my_db: str, nats_server: EmbeddedNats, tmp_path: Path) -> None:

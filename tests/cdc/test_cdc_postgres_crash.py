@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import psycopg2
 import pytest
-from cdc_helpers import pg_db_url, pg_exec, read_topic
+from cdc_helpers import pg_db_url, pg_exec, read_topic, write_load
 
 from fieldmesh.cdc.base import cdc_topic
 from fieldmesh.runtime.natsserver import EmbeddedNats
@@ -57,22 +56,9 @@ def _wait_streaming(log: Path, times: int, timeout_s: float = 30.0) -> None:
 
 def _writer(db: str, stop: threading.Event, done: threading.Event, counter: list[int]) -> None:
     """Transactions of 1-6 changes: each bumps v of a row by one, or inserts a new row with v=1."""
-    rnd = random.Random(7)
-    conn = psycopg2.connect(pg_db_url(db))
-    next_id = KEYS
     try:
-        with conn.cursor() as cur:
-            while not stop.is_set():
-                for _ in range(rnd.randint(1, 6)):
-                    if rnd.random() < 0.1:
-                        cur.execute("INSERT INTO assets (id, v) VALUES (%s, 1)", (next_id,))
-                        next_id += 1
-                    else:
-                        cur.execute("UPDATE assets SET v = v + 1 WHERE id = %s", (rnd.randrange(KEYS),))
-                    counter[0] += 1
-                conn.commit()
+        write_load(psycopg2.connect(pg_db_url(db)), stop, counter, keys=KEYS, seed=7)
     finally:
-        conn.close()
         done.set()
 
 
