@@ -66,10 +66,12 @@ def version() -> None:
 @app.command()
 def up(
     data_dir: DataDir = DEFAULT_DATA_DIR,
-    mqtt_port: Annotated[
-        int, typer.Option(min=0, max=65535, help="embedded MQTT listener port (0: a free one)")
-    ] = 1883,
-    http_port: Annotated[int, typer.Option(min=0, max=65535, help="REST API port (0: a free one)")] = 8000,
+    mqtt_port: Annotated[int | None, typer.Option(
+        min=0, max=65535, show_default=False,
+        help="embedded MQTT listener port (0: a free one) [default: 1883, or a free one when 1883 is taken]")] = None,
+    http_port: Annotated[int | None, typer.Option(
+        min=0, max=65535, show_default=False,
+        help="REST API port (0: a free one) [default: 8000, or a free one when 8000 is taken]")] = None,
     mqtt_url: Annotated[str | None, typer.Option(help="use an external MQTT broker, e.g. mqtt://host:1883")] = None,
     bus_url: Annotated[str | None, typer.Option(help="use an external bus (nats://...)")] = None,
     store_url: Annotated[str | None, typer.Option(help="use an external hot store")] = None,
@@ -79,7 +81,8 @@ def up(
     partitions: Annotated[int, typer.Option(min=1, max=4096, help="bus partitions")] = 8,
     fsync: Annotated[str, typer.Option(help="JetStream sync_interval: 'always' or a duration like 2m")] = "2m",
     for_: Annotated[float | None, typer.Option("--for", min=0.1, help="stop after SECONDS")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print the final summary as JSON on stdout")] = False,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="print the final summary as JSON on stdout (and no summary table)")] = False,
     cdc_source: Annotated[str | None, typer.Option(
         help="capture this database's changes (postgresql://... or mysql://...)")] = None,
     cdc_tables: Annotated[str | None, typer.Option(help="tables to capture, e.g. public.assets,public.maint")] = None,
@@ -87,16 +90,19 @@ def up(
     enrich: EnrichOpt = None,
 ) -> None:
     """Run the whole pipeline on embedded defaults (MQTT -> gateway -> bus -> processor -> store -> API)."""
-    from fieldmesh.runtime.up import UpOptions, run_up
+    from fieldmesh.runtime.up import DEFAULT_HTTP_PORT, DEFAULT_MQTT_PORT, UpOptions, run_up
 
     cdc = {k: v for k, v in (("source", cdc_source), ("tables", cdc_tables), ("name", cdc_name)) if v is not None}
     try:
         settings = _settings(bus={"partitions": partitions, "fsync": fsync}, data_dir=data_dir,
                              **_enrich_kw(enrich, None), **({"cdc": cdc} if cdc else {}))
         opts = UpOptions(
-            data_dir=data_dir, mqtt_port=mqtt_port, http_port=http_port, mqtt_url=mqtt_url, bus_url=bus_url,
+            data_dir=data_dir, mqtt_url=mqtt_url, bus_url=bus_url,
+            # a port left to its default gives way to a free one when taken; a chosen one is an error then
+            mqtt_port=DEFAULT_MQTT_PORT if mqtt_port is None else mqtt_port, mqtt_port_chosen=mqtt_port is not None,
+            http_port=DEFAULT_HTTP_PORT if http_port is None else http_port, http_port_chosen=http_port is not None,
             store_url=store_url, simulate=simulate, sim_rate=sim_rate, sim_per_message=sim_per_message,
-            duration_s=for_, settings=settings,
+            duration_s=for_, settings=settings, summary_table=not as_json,
         )
         summary = asyncio.run(run_up(opts))
     except FieldmeshError as exc:

@@ -22,7 +22,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Final
 
 from fieldmesh.bus import TopicSpec, load_bus
 from fieldmesh.core.errors import ConfigError
@@ -32,11 +32,14 @@ from fieldmesh.runtime.enrichment import join_topic, source_database
 from fieldmesh.runtime.natsserver import EmbeddedNats, free_port, port_in_use
 from fieldmesh.runtime.procs import child_preexec
 from fieldmesh.runtime.worker import ensure_topics
-from fieldmesh.store import default_store_url, load_store
+from fieldmesh.store import StoreStats, default_store_url, load_store
 
-__all__ = ["UpOptions", "run_up"]
+__all__ = ["DEFAULT_HTTP_PORT", "DEFAULT_MQTT_PORT", "UpOptions", "check_ports", "run_up"]
 
 log = logging.getLogger("fieldmesh.up")
+
+DEFAULT_MQTT_PORT: Final = 1883
+DEFAULT_HTTP_PORT: Final = 8000
 
 
 @dataclass
@@ -44,8 +47,11 @@ class UpOptions:
     """What ``fieldmesh up`` was asked to run."""
 
     data_dir: Path
-    mqtt_port: int = 1883
-    http_port: int = 8000
+    mqtt_port: int = DEFAULT_MQTT_PORT  # 0: a free one
+    http_port: int = DEFAULT_HTTP_PORT  # 0: a free one
+    # False when the port is only the default: if it is taken, a free one is used and said in the start line
+    mqtt_port_chosen: bool = True
+    http_port_chosen: bool = True
     mqtt_url: str | None = None
     bus_url: str | None = None
     store_url: str | None = None
@@ -55,6 +61,7 @@ class UpOptions:
     duration_s: float | None = None
     settings: Settings = field(default_factory=Settings)
     quiet: bool = False
+    summary_table: bool = True  # False with --json: the summary goes to stdout as JSON only
 
 
 class _Child:
@@ -105,21 +112,41 @@ def _lock(data_dir: Path) -> IO[str]:
     return f
 
 
-def check_ports(opts: UpOptions) -> None:
-    """Fail early, naming the flag to change, when a port the user chose is taken."""
-    if opts.mqtt_url is None and port_in_use(opts.mqtt_port):
-        raise ConfigError(
-            f"MQTT port {opts.mqtt_port} is already in use (another broker?). Pass --mqtt-port with a free "
-            f"port (e.g. --mqtt-port {opts.mqtt_port + 1}), or use that broker with "
-            f"--mqtt-url mqtt://127.0.0.1:{opts.mqtt_port}",
-            key="mqtt_port",
-        )
-    if port_in_use(opts.http_port):
+def check_ports(opts: UpOptions) -> list[str]:
+    """Settle the MQTT and HTTP ports; return the notes the start line must carry.
+
+    A port 0 becomes a free one. A taken port the user chose is an error naming the flag to change; a
+    taken default port (1883 is often another broker's) is replaced by a free one, and a note says so.
+    """
+    notes: list[str] = []
+    if opts.mqtt_url is None:
+        if opts.mqtt_port == 0:
+            opts.mqtt_port = free_port()
+        elif port_in_use(opts.mqtt_port):
+            if opts.mqtt_port_chosen:
+                raise ConfigError(
+                    f"MQTT port {opts.mqtt_port} is already in use (another broker?). Pass --mqtt-port with a "
+                    f"free port (e.g. --mqtt-port {opts.mqtt_port + 1}, or 0 for any), or use that broker with "
+                    f"--mqtt-url mqtt://127.0.0.1:{opts.mqtt_port}",
+                    key="mqtt_port",
+                )
+            taken, opts.mqtt_port = opts.mqtt_port, free_port()
+            notes.append(f"MQTT port {taken} is taken, so MQTT is on {opts.mqtt_port} (choose with --mqtt-port)")
+    http_taken = opts.http_port != 0 and port_in_use(opts.http_port)
+    if http_taken and opts.http_port_chosen:
         raise ConfigError(
             f"HTTP port {opts.http_port} is already in use: pass --http-port with a free port "
-            f"(e.g. --http-port {opts.http_port + 1})",
+            f"(e.g. --http-port {opts.http_port + 1}, or 0 for any)",
             key="http_port",
         )
+    if opts.http_port == 0 or http_taken:
+        taken = opts.http_port
+        opts.http_port = free_port()
+        while opts.mqtt_url is None and opts.http_port == opts.mqtt_port:  # neither is bound yet
+            opts.http_port = free_port()
+        if taken:
+            notes.append(f"HTTP port {taken} is taken, so the API is on {opts.http_port} (choose with --http-port)")
+    return notes
 
 
 async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict[str, Any]:
@@ -129,11 +156,7 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
     console = Console(stderr=True, quiet=opts.quiet)
     data_dir = opts.data_dir.resolve()
     lock = _lock(data_dir)
-    if opts.mqtt_port == 0 and opts.mqtt_url is None:
-        opts.mqtt_port = free_port()
-    if opts.http_port == 0:
-        opts.http_port = free_port()
-    check_ports(opts)
+    port_notes = check_ports(opts)
     logs = data_dir / "logs"
     logs.mkdir(exist_ok=True)
     settings = _with_cdc_database(opts.settings)
@@ -151,7 +174,9 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
         else:
             bus_url = opts.bus_url
         store_url = opts.store_url or default_store_url(data_dir)
-        load_store(store_url).close()  # creates or checks the schema before anything writes
+        store = load_store(store_url)  # creates or checks the schema before anything writes
+        at_start = store.stats()  # before any worker runs: the summary's "this run" is the difference
+        store.close()
         (data_dir / "runtime.json").write_text(json.dumps({"bus_url": bus_url, "store_url": store_url,
                                                            "pid": os.getpid()}))
         # the CDC source URL (it may hold a password) goes to the capture alone, through its environment
@@ -210,6 +235,7 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
                 f"(topic devices/<id>/telemetry); API [bold]http://127.0.0.1:{opts.http_port}/api/v1[/]; "
                 f"bus {bus_url}; store {store_url}"
                 + (f"; simulating {opts.simulate} devices" if opts.simulate else "")
+                + "".join(f"; {note}" for note in port_notes)
             )
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
@@ -255,8 +281,9 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
         if nats is not None:
             nats.stop()
         lock.close()
-    summary = _summary(load_store(store_url, readonly=True), time.monotonic() - t_start)
-    _print_summary(console, summary)
+    summary = _summary(load_store(store_url, readonly=True), time.monotonic() - t_start, at_start)
+    if opts.summary_table:
+        _print_summary(console, summary)
     return summary
 
 
@@ -358,30 +385,34 @@ def _snapshot_done(state_dir: Path, name: str) -> bool:
     return False
 
 
-def _summary(store: Any, elapsed_s: float) -> dict[str, Any]:
+def _counts(st: StoreStats) -> dict[str, Any]:
+    return {"received": st.received, "stored": st.stored, "duplicates": st.duplicates, "late": st.late,
+            "dead_lettered": dict(st.dead_lettered)}
+
+
+def _summary(store: Any, elapsed_s: float, at_start: StoreStats) -> dict[str, Any]:
+    """Totals of the data dir (top level, as before) and ``this_run``: totals at exit minus totals at start."""
     st = store.stats()
     n_dev = store.query("SELECT count(*) FROM devices").rows[0][0]
     store.close()
-    return {
-        "elapsed_s": round(elapsed_s, 1),
-        "received": st.received,
-        "stored": st.stored,
-        "duplicates": st.duplicates,
-        "late": st.late,
-        "dead_lettered": dict(st.dead_lettered),
-        "devices": n_dev,
-    }
+    total, start = _counts(st), _counts(at_start)
+    this_run: dict[str, Any] = {k: total[k] - start[k] for k in ("received", "stored", "duplicates", "late")}
+    this_run["dead_lettered"] = {r: n - start["dead_lettered"].get(r, 0) for r, n in total["dead_lettered"].items()}
+    return {"elapsed_s": round(elapsed_s, 1), **total, "devices": n_dev, "this_run": this_run}
 
 
 def _print_summary(console: Any, s: dict[str, Any]) -> None:
     from rich.table import Table
 
-    t = Table(title="fieldmesh summary (all time, this data dir)")
+    run = s["this_run"]
+    t = Table(title="fieldmesh summary")
     t.add_column("what")
-    t.add_column("count", justify="right")
-    for k in ("received", "stored", "duplicates", "late", "devices"):
-        t.add_row(k, f"{s[k]:,}")
+    t.add_column("this run", justify="right")
+    t.add_column("total (this data dir)", justify="right")
+    for k in ("received", "stored", "duplicates", "late"):
+        t.add_row(k, f"{run[k]:,}", f"{s[k]:,}")
     for reason, n in sorted(s["dead_lettered"].items()):
-        t.add_row(f"dead-lettered: {reason}", f"{n:,}")
-    t.add_row("ran for", f"{s['elapsed_s']} s")
+        t.add_row(f"dead-lettered: {reason}", f"{run['dead_lettered'][reason]:,}", f"{n:,}")
+    t.add_row("devices", "", f"{s['devices']:,}")
+    t.add_row("ran for", f"{s['elapsed_s']} s", "")
     console.print(t)
