@@ -1,4 +1,4 @@
-"""An oracle for stored readings and rollups, written from CONTRACT.md alone.
+"""An oracle for stored readings and rollups, written from docs/contract.md alone.
 
 It shares no code with fieldmesh: identity, windows and sums are computed here from first
 principles (``math.fsum`` for sums, ``fractions.Fraction`` for averages).
@@ -16,7 +16,7 @@ WINDOWS = {"1m": 60_000, "1h": 3_600_000}
 
 
 def identity(device_id: str, r: dict[str, Any]) -> tuple[Any, ...]:
-    """CONTRACT.md: event_id, else (device_id, boot_id, seq), else (device_id, ts, measurements)."""
+    """docs/contract.md: event_id, else (device_id, boot_id, seq), else (device_id, ts, measurements)."""
     if r.get("event_id") is not None:
         return ("e", device_id, r["event_id"])
     if r.get("seq") is not None:

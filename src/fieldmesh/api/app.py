@@ -1,4 +1,4 @@
-"""The REST API (CONTRACT.md, under ``/api/v1``) and Prometheus ``/metrics``.
+"""The REST API (docs/contract.md, under ``/api/v1``) and Prometheus ``/metrics``.
 
 It reads the hot store through a read-only connection, so it serves while the processor writes.
 """

@@ -1,4 +1,4 @@
-"""Codecs for every payload shape of CONTRACT.md, and validation with its reason codes.
+"""Codecs for every payload shape of docs/contract.md, and validation with its reason codes.
 
 All functions here are pure (bytes in, values out): no I/O, so they are fuzzable and fast to test.
 
@@ -36,7 +36,7 @@ __all__ = [
     "register_encoding",
 ]
 
-#: Reason codes of dead letters (CONTRACT.md, plus ``unsupported_encoding``).
+#: Reason codes of dead letters (docs/contract.md).
 REASONS: Final = (
     "malformed_json",
     "schema_violation",

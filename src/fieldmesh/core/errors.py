@@ -37,7 +37,7 @@ class ConfigError(FieldmeshError):
 
 
 class RejectedInput(FieldmeshError):
-    """Input that fails validation; ``reason`` is a CONTRACT.md reason code."""
+    """Input that fails validation; ``reason`` is a docs/contract.md reason code."""
 
     def __init__(self, reason: str, detail: str, *, device_id: str | None = None) -> None:
         super().__init__(f"{reason}: {detail}")

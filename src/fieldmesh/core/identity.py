@@ -1,4 +1,4 @@
-"""Identity of a reading, for de-duplication (CONTRACT.md).
+"""Identity of a reading, for de-duplication (docs/contract.md).
 
 Identity is ``event_id`` if given, else ``(device_id, boot_id, seq)`` if ``seq`` is given,
 else ``(device_id, ts, measurements)``. Identities are scoped to the device. The canonical

@@ -191,7 +191,7 @@ class OpcuaSourceConfig(_Model):
 
 
 class MqttSourceConfig(_Model):
-    """A local MQTT subscription for devices that already speak MQTT (CONTRACT.md JSON)."""
+    """A local MQTT subscription for devices that already speak MQTT (docs/contract.md JSON)."""
 
     host: str = "127.0.0.1"
     port: int = Field(default=1883, gt=0, lt=65536)

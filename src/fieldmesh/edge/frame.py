@@ -17,7 +17,7 @@ I32 = npt.NDArray[np.int32]
 
 
 class WireReading(msgspec.Struct, omit_defaults=True, gc=False):
-    """One reading inside a batch, in the CONTRACT.md JSON shape (device id is the batch's)."""
+    """One reading inside a batch, in the docs/contract.md JSON shape (device id is the batch's)."""
 
     ts: int
     measurements: dict[str, float]

@@ -10,7 +10,7 @@ URLs::
     kafka://host:9092[,host:9092]/TOPIC?group=fm-ingest&device_template=...&<librdkafka settings>
     nats://host:4222/SUBJECT.FILTER?stream=NAME&durable=fm-ingest&device_template=...
 
-Payloads are the CONTRACT.md shapes (one reading, an array of readings, or a batch object), JSON
+Payloads are the docs/contract.md shapes (one reading, an array of readings, or a batch object), JSON
 unless a ``content-type`` header names another registered encoding. **Device id rule**, first match
 wins:
 

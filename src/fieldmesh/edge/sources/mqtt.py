@@ -1,4 +1,4 @@
-"""Local MQTT source: devices that already speak MQTT publish CONTRACT.md JSON to a broker beside
+"""Local MQTT source: devices that already speak MQTT publish docs/contract.md JSON to a broker beside
 the agent; the agent subscribes and acknowledges each message (manual PUBACK) only once its
 readings are durable in the buffer."""
 
