@@ -68,10 +68,10 @@ def up(
     data_dir: DataDir = DEFAULT_DATA_DIR,
     mqtt_port: Annotated[int | None, typer.Option(
         min=0, max=65535, show_default=False,
-        help="embedded MQTT listener port (0: a free one) [default: 1883, or a free one when 1883 is taken]")] = None,
+        help="MQTT listener port: default 1883, or a free one (said) when 1883 is taken; 0: a free one")] = None,
     http_port: Annotated[int | None, typer.Option(
         min=0, max=65535, show_default=False,
-        help="REST API port (0: a free one) [default: 8000, or a free one when 8000 is taken]")] = None,
+        help="REST API port: default 8000, or a free one (said) when 8000 is taken; 0: a free one")] = None,
     mqtt_url: Annotated[str | None, typer.Option(help="use an external MQTT broker, e.g. mqtt://host:1883")] = None,
     bus_url: Annotated[str | None, typer.Option(help="use an external bus (nats://...)")] = None,
     store_url: Annotated[str | None, typer.Option(help="use an external hot store")] = None,
