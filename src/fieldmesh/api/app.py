@@ -212,7 +212,7 @@ def create_app(
 
     @app.get("/metrics", response_class=PlainTextResponse, responses={
         200: {"description": "Prometheus text exposition format",
-              "content": {"text/plain": {"schema": {"type": "string"}}}}})
+              "content": {"text/plain": {"schema": {"type": "string"}}}}, **STORE_UNAVAILABLE})
     async def metrics() -> Response:
         nonlocal collector
         if collector is None:
