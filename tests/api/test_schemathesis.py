@@ -36,17 +36,24 @@ SEED = 20261202
 
 
 def _seed_store(url: str) -> None:
+    """Two devices, 150 readings each (some with boot id, event id, meta, a boolean), two dead letters."""
     w = load_store(url)
     try:
         for dev in ("pump-7", "valve_2"):
             body = b"[" + b",".join(
-                b'{"ts":%d,"seq":%d,"measurements":{"t":%d,"h.rel":1.5}}' % (NOW - 7_200_000 + i * 60_000, i, i)
+                b'{"ts":%d,"seq":%d,"boot_id":"b1","event_id":"e%d","meta":{"fw":"1.2"},'
+                b'"measurements":{"t":%d,"h.rel":1.5,"on":%s}}'
+                % (NOW - 7_200_000 + i * 60_000, i, i, i, b"true" if i % 2 else b"false")
                 for i in range(150)
             ) + b"]"
             rs = decode_telemetry(body, device_id=dev, topic=f"devices/{dev}/telemetry", received_ms=NOW).readings
-            dl = DeadLetter(reason="clock_skew", detail="ahead", topic=f"devices/{dev}/telemetry", received_ms=NOW,
-                            payload=b'{"ts": 1}', device_id=dev)
-            w.apply(readings=rs, late=[False] * len(rs), dead_letters=[dl], positions={}, watermarks={})
+            dls = [
+                DeadLetter(reason="clock_skew", detail="ahead", topic=f"devices/{dev}/telemetry", received_ms=NOW,
+                           payload=b'{"ts": 1}', device_id=dev),
+                DeadLetter(reason="malformed_json", detail="not JSON", topic=f"devices/{dev}/telemetry",
+                           received_ms=NOW, payload=b"\xff\x00binary", device_id=None),
+            ]
+            w.apply(readings=rs, late=[False] * len(rs), dead_letters=dls, positions={}, watermarks={})
     finally:
         w.close()
 

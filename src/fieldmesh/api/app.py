@@ -34,6 +34,7 @@ from fieldmesh.api.params import (
     reason_query,
     time_query,
 )
+from fieldmesh.api.schemas import DeadLetterRow, DeviceRow, Health, RawRow, RollupRow, Stats
 from fieldmesh.core.codec import REASONS
 from fieldmesh.core.errors import ConfigError, FieldmeshError
 from fieldmesh.core.topics import DEVICE_ID_RE
@@ -128,7 +129,8 @@ def create_app(
     r = APIRouter(prefix="/api/v1", responses=STORE_UNAVAILABLE)
     _device = check_device
 
-    @r.get("/health", responses={503: {"description": "degraded: `status` and the failing components say why"}})
+    @r.get("/health", response_model=None, responses={
+        200: {"model": Health}, 503: {"model": Health, "description": "degraded: the failing components say why"}})
     async def get_health() -> JSONResponse:
         comps: dict[str, Any] = {}
         ok = True
@@ -145,7 +147,7 @@ def create_app(
         body = {"status": "ok" if ok else "degraded", "version": __version__, **comps}
         return JSONResponse(status_code=200 if ok else 503, content=body)
 
-    @r.get("/stats")
+    @r.get("/stats", response_model=None, responses={200: {"model": Stats}})
     async def get_stats() -> dict[str, Any]:
         st = get_store().stats()
         body: dict[str, Any] = {
@@ -160,19 +162,19 @@ def create_app(
             body["lag"] = dict(lag_cache)
         return body
 
-    @r.get("/devices")
+    @r.get("/devices", response_model=None, responses={200: {"model": list[DeviceRow]}})
     def get_devices() -> list[dict[str, Any]]:
         return get_store().devices()
 
-    @r.get("/devices/{device_id}", responses={
-        **BAD_PARAMETER, 404: {"model": ErrorBody, "description": "no such device"}})
+    @r.get("/devices/{device_id}", response_model=None, responses={
+        200: {"model": DeviceRow}, **BAD_PARAMETER, 404: {"model": ErrorBody, "description": "no such device"}})
     def get_device(device_id: Annotated[str, Path(pattern=f"^{DEVICE_ID_RE.pattern}$")]) -> dict[str, Any]:
         rows = get_store().devices(_device(device_id))
         if not rows:
             raise HTTPException(404, f"no device {device_id!r}")
         return rows[0]
 
-    @r.get("/telemetry/raw", responses=BAD_PARAMETER)
+    @r.get("/telemetry/raw", response_model=None, responses={200: {"model": list[RawRow]}, **BAD_PARAMETER})
     def get_raw(
         device_id: Device = None, metric: Metric = None,
         start: Annotated[str | None, time_query("readings at or after")] = None,
@@ -181,7 +183,7 @@ def create_app(
         return get_store().raw(device_id=_device(device_id), metric=check_metric(metric),
                                start_ms=parse_time(start, "start"), end_ms=parse_time(end, "end"), limit=limit)
 
-    @r.get("/telemetry/rollups", responses=BAD_PARAMETER)
+    @r.get("/telemetry/rollups", response_model=None, responses={200: {"model": list[RollupRow]}, **BAD_PARAMETER})
     def get_rollups(
         device_id: Device = None, metric: Metric = None,
         interval: Literal["1m", "1h"] = "1m",
@@ -192,7 +194,7 @@ def create_app(
         return get_store().rollups(interval=interval, device_id=_device(device_id), metric=check_metric(metric),
                                    start_ms=parse_time(start, "start"), end_ms=parse_time(end, "end"), limit=limit)
 
-    @r.get("/dlq", responses=BAD_PARAMETER)
+    @r.get("/dlq", response_model=None, responses={200: {"model": list[DeadLetterRow]}, **BAD_PARAMETER})
     def get_dlq(reason: Annotated[str | None, reason_query()] = None, limit: Limit = 100) -> list[dict[str, Any]]:
         return get_store().dlq(reason=check_reason(reason), limit=limit)
 
