@@ -1,7 +1,8 @@
-"""The REST API over a real SQLite store: shapes, and clear 4xx answers to bad parameters."""
+"""The REST API over a real store (SQLite, PostgreSQL): shapes, and clear 4xx answers to bad parameters."""
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 
 import pytest
@@ -10,15 +11,18 @@ from fastapi.testclient import TestClient
 from fieldmesh.api.app import create_app, parse_time
 from fieldmesh.core.codec import decode_telemetry
 from fieldmesh.core.model import DeadLetter
-from fieldmesh.store.sqlite import SqliteStore
+from fieldmesh.store import load_store
 
 NOW = 1_763_812_345_123
 
 
-@pytest.fixture
-def client(tmp_path: Path) -> TestClient:
-    url = f"sqlite:///{tmp_path}/s.db"
-    w = SqliteStore(url)
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.integration)])
+def client(request: pytest.FixtureRequest, tmp_path: Path) -> TestClient:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path}/s.db"
+    else:
+        url = f"{request.getfixturevalue('pg_url')}?schema=t_{secrets.token_hex(5)}"
+    w = load_store(url)
     body = b"[" + b",".join(b'{"ts":%d,"seq":%d,"measurements":{"t":%d,"h":1.5}}' % (NOW - 120_000 + i * 1000, i, i)
                             for i in range(100)) + b"]"
     rs = decode_telemetry(body, device_id="pump-7", topic="devices/pump-7/telemetry", received_ms=NOW).readings
