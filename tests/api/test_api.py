@@ -1,24 +1,28 @@
-"""The REST API over a real SQLite store: shapes, and clear 4xx answers to bad parameters."""
+"""The REST API over a real store (SQLite, PostgreSQL): shapes, and clear 4xx answers to bad parameters."""
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
-from fieldmesh.api.app import create_app
+from fieldmesh.api.app import create_app, parse_time
 from fieldmesh.core.codec import decode_telemetry
 from fieldmesh.core.model import DeadLetter
-from fieldmesh.store.sqlite import SqliteStore
+from fieldmesh.store import load_store
 
 NOW = 1_763_812_345_123
 
 
-@pytest.fixture
-def client(tmp_path: Path) -> TestClient:
-    url = f"sqlite:///{tmp_path}/s.db"
-    w = SqliteStore(url)
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.integration)])
+def client(request: pytest.FixtureRequest, tmp_path: Path) -> TestClient:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path}/s.db"
+    else:
+        url = f"{request.getfixturevalue('pg_url')}?schema=t_{secrets.token_hex(5)}"
+    w = load_store(url)
     body = b"[" + b",".join(b'{"ts":%d,"seq":%d,"measurements":{"t":%d,"h":1.5}}' % (NOW - 120_000 + i * 1000, i, i)
                             for i in range(100)) + b"]"
     rs = decode_telemetry(body, device_id="pump-7", topic="devices/pump-7/telemetry", received_ms=NOW).readings
@@ -55,17 +59,74 @@ def test_shapes(client: TestClient):
 @pytest.mark.parametrize(
     ("path", "params", "status", "names"),
     [
-        ("/api/v1/telemetry/rollups", {"interval": "5m"}, 422, "interval"),
+        ("/api/v1/telemetry/rollups", {"interval": "5m"}, 400, "interval"),
         ("/api/v1/telemetry/rollups", {"start": "yesterday"}, 400, "start"),
         ("/api/v1/telemetry/raw", {"end": "2025-01-01T00:00:00"}, 400, "end"),
-        ("/api/v1/telemetry/raw", {"limit": 0}, 422, "limit"),
+        ("/api/v1/telemetry/raw", {"limit": 0}, 400, "limit"),
         ("/api/v1/telemetry/raw", {"device_id": "no/slashes"}, 400, "device_id"),
-        ("/api/v1/dlq", {"limit": "many"}, 422, "limit"),
+        ("/api/v1/dlq", {"limit": "many"}, 400, "limit"),
         ("/api/v1/devices/nobody", {}, 404, "nobody"),
         ("/api/v1/alerts", {}, 501, "alert"),
+        # out of range or malformed numbers (issue 8, defect 6: these were HTTP 500)
+        ("/api/v1/telemetry/rollups", {"start": "99999999999999999999"}, 400, "start"),
+        ("/api/v1/telemetry/rollups", {"start": "-99999999999999999999"}, 400, "start"),
+        ("/api/v1/telemetry/rollups", {"end": "9223372036854775808"}, 400, "end"),
+        ("/api/v1/telemetry/raw", {"end": "9223372036854775808"}, 400, "end"),
+        ("/api/v1/telemetry/raw", {"start": "-9223372036854775809"}, 400, "start"),
+        ("/api/v1/telemetry/raw", {"start": "9" * 5000}, 400, "start"),
+        ("/api/v1/telemetry/raw", {"start": "--5"}, 400, "start"),
+        ("/api/v1/telemetry/raw", {"start": "\u00b2"}, 400, "start"),
+        ("/api/v1/telemetry/raw", {"end": "2025-13-01T00:00:00Z"}, 400, "end"),
+        ("/api/v1/telemetry/raw", {"limit": "99999999999999999999"}, 400, "limit"),
+        ("/api/v1/telemetry/raw", {"limit": "-99999999999999999999"}, 400, "limit"),
+        ("/api/v1/telemetry/rollups", {"limit": "100001"}, 400, "limit"),
+        ("/api/v1/dlq", {"limit": "1e3"}, 400, "limit"),
+        ("/api/v1/alerts", {"since": "99999999999999999999"}, 400, "since"),
+        ("/api/v1/alerts", {"device_id": "a b"}, 400, "device_id"),
+        # strings the stores cannot take (a quote in a JSON path, NUL bytes): also 400, not 500
+        ("/api/v1/telemetry/raw", {"metric": 'a"b'}, 400, "metric"),
+        ("/api/v1/telemetry/rollups", {"metric": "t\x00"}, 400, "metric"),
+        ("/api/v1/dlq", {"reason": "x\x00"}, 400, "reason"),
+        ("/api/v1/devices/a%20b", {}, 400, "device_id"),
     ],
 )
 def test_bad_parameters_get_a_json_error_naming_them(client: TestClient, path, params, status, names):
     r = client.get(path, params=params)
-    assert r.status_code == status
+    assert r.status_code == status, r.text
     assert names in r.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("value", "ms"),
+    [
+        ("9223372036854775807", 2**63 - 1),
+        ("-9223372036854775808", -(2**63)),
+        ("0", 0),
+        ("2025-11-22T11:51:55.123Z", 1_763_812_315_123),
+        ("2025-11-22t12:51:55.123456789+01:00", 1_763_812_315_123),
+        ("2016-12-31T23:59:60Z", 1_483_228_800_000),  # a leap second is the next second's start
+        ("0001-01-01T00:00:00Z", -62_135_596_800_000),
+        ("", None),
+    ],
+)
+def test_time_parameters_take_the_whole_documented_range(client: TestClient, value: str, ms: int | None):
+    assert parse_time(value, "start") == ms
+    for path in ("/api/v1/telemetry/raw", "/api/v1/telemetry/rollups"):
+        assert client.get(path, params={"start": value, "end": value}).status_code == 200
+
+
+def test_openapi_describes_the_real_answers(client: TestClient):
+    doc = client.get("/api/v1/openapi.json").json()
+    ops = {(p, m): op for p, ms in doc["paths"].items() for m, op in ms.items()}
+    raw = ops[("/api/v1/telemetry/raw", "get")]
+    assert set(raw["responses"]) == {"200", "400", "503"}
+    assert raw["responses"]["400"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ErrorBody"}
+    assert doc["components"]["schemas"]["ErrorBody"]["required"] == ["detail"]
+    assert not any("422" in op["responses"] for op in ops.values())
+    assert "HTTPValidationError" not in doc["components"]["schemas"]
+    assert set(ops[("/api/v1/alerts", "get")]["responses"]) >= {"400", "501"}
+    assert set(ops[("/api/v1/devices/{device_id}", "get")]["responses"]) >= {"400", "404"}
+    assert list(ops[("/metrics", "get")]["responses"]["200"]["content"]) == ["text/plain"]
+    start = {p["name"]: p for p in raw["parameters"]}["start"]["schema"]
+    assert {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1} in start["anyOf"]

@@ -38,7 +38,7 @@ def test_query_without_a_store_and_a_write_are_refused(tmp_path: Path):
 
     SqliteStore(f"sqlite:///{tmp_path}/store.db").close()
     r = runner.invoke(app, ["query", "DELETE FROM readings", "--data-dir", str(tmp_path)])
-    assert r.exit_code == 2 and "readonly" in r.output
+    assert r.exit_code == 2 and "read-only" in r.output
     r = runner.invoke(app, ["query", "SELECT count(*) AS n FROM readings", "--data-dir", str(tmp_path), "--json"])
     assert r.exit_code == 0 and '[{"n": 0}]' in r.output
 

@@ -1,23 +1,40 @@
 """The REST API (docs/contract.md, under ``/api/v1``) and Prometheus ``/metrics``.
 
 It reads the hot store through a read-only connection, so it serves while the processor writes.
+A bad parameter is a 400 naming it (:mod:`fieldmesh.api.params`); the OpenAPI document describes
+every answer; the docs page (Swagger UI) is served from assets in the installed package, offline.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, FastAPI, HTTPException, Query, Request
+from fastapi import APIRouter, FastAPI, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from fieldmesh import __version__
+from fieldmesh.api.params import (
+    BAD_PARAMETER,
+    STORE_UNAVAILABLE,
+    ErrorBody,
+    check_device,
+    check_metric,
+    check_reason,
+    device_query,
+    metric_query,
+    parse_time,
+    reason_query,
+    time_query,
+)
+from fieldmesh.api.schemas import DeadLetterRow, DeviceRow, Health, RawRow, RollupRow, Stats
 from fieldmesh.core.codec import REASONS
 from fieldmesh.core.errors import ConfigError, FieldmeshError
 from fieldmesh.core.topics import DEVICE_ID_RE
@@ -25,27 +42,11 @@ from fieldmesh.store import HotStore, load_store
 
 __all__ = ["create_app", "parse_time"]
 
-Limit = Annotated[int, Query(ge=1, le=100_000)]
+Limit = Annotated[int, Query(ge=1, le=100_000, description="at most this many rows")]
+Device = Annotated[str | None, device_query()]
+Metric = Annotated[str | None, metric_query()]
 HealthFn = Callable[[], Awaitable[dict[str, Any]]]
 LagFn = Callable[[], Awaitable[dict[str, int]]]
-
-
-def parse_time(value: str | None, name: str) -> int | None:
-    """Parse an RFC 3339 string or epoch milliseconds; a clear 400 otherwise."""
-    if value is None or value == "":
-        return None
-    v = value.strip()
-    if v.lstrip("-").isdigit():
-        return int(v)
-    try:
-        dt = datetime.fromisoformat(v.replace("Z", "+00:00") if v.endswith("Z") else v)
-    except ValueError:
-        raise HTTPException(
-            400, f"'{name}' must be RFC 3339 (2025-01-31T12:00:00Z) or epoch ms, got {value!r}"
-        ) from None
-    if dt.tzinfo is None:
-        raise HTTPException(400, f"'{name}' needs a UTC offset (e.g. a trailing Z)")
-    return int(dt.timestamp() * 1000)
 
 
 class _StoreCollector(Collector):
@@ -91,12 +92,16 @@ def create_app(
     store: HotStore | None = None,
 ) -> FastAPI:
     """Build the API app over the hot store at ``store_url``."""
-    app = FastAPI(
+    # FastAPIOffline: a FastAPI whose Swagger UI page loads its JS/CSS from the package, not a CDN
+    app = FastAPIOffline(
         title="fieldmesh",
         version=__version__,
         openapi_url="/api/v1/openapi.json",
         docs_url="/api/v1/docs",
         redoc_url=None,
+        static_url="/api/v1/docs/static",
+        swagger_ui_oauth2_redirect_url="/api/v1/docs/oauth2-redirect",
+        swagger_ui_parameters={"validatorUrl": None},  # the default validator badge calls swagger.io
     )
     state: dict[str, Any] = {"store": store}
     lag_cache: dict[str, int] = {}
@@ -115,20 +120,17 @@ def create_app(
         problems = [
             f"{'.'.join(str(p) for p in e['loc'] if p != 'query')}: {e['msg']}" for e in exc.errors()
         ]
-        return JSONResponse(status_code=422, content={"detail": "; ".join(problems), "errors": problems})
+        return JSONResponse(status_code=400, content={"detail": "; ".join(problems), "errors": problems})
 
     @app.exception_handler(ConfigError)
     async def _config_error(request: Request, exc: ConfigError) -> JSONResponse:
         return JSONResponse(status_code=400, content={"detail": str(exc)})
 
-    r = APIRouter(prefix="/api/v1")
+    r = APIRouter(prefix="/api/v1", responses=STORE_UNAVAILABLE)
+    _device = check_device
 
-    def _device(device_id: str | None) -> str | None:
-        if device_id is not None and not DEVICE_ID_RE.fullmatch(device_id):
-            raise HTTPException(400, f"device_id {device_id[:140]!r} is not 1-128 chars of [A-Za-z0-9_-]")
-        return device_id
-
-    @r.get("/health")
+    @r.get("/health", response_model=None, responses={
+        200: {"model": Health}, 503: {"model": Health, "description": "degraded: the failing components say why"}})
     async def get_health() -> JSONResponse:
         comps: dict[str, Any] = {}
         ok = True
@@ -145,7 +147,7 @@ def create_app(
         body = {"status": "ok" if ok else "degraded", "version": __version__, **comps}
         return JSONResponse(status_code=200 if ok else 503, content=body)
 
-    @r.get("/stats")
+    @r.get("/stats", response_model=None, responses={200: {"model": Stats}})
     async def get_stats() -> dict[str, Any]:
         st = get_store().stats()
         body: dict[str, Any] = {
@@ -160,40 +162,49 @@ def create_app(
             body["lag"] = dict(lag_cache)
         return body
 
-    @r.get("/devices")
+    @r.get("/devices", response_model=None, responses={200: {"model": list[DeviceRow]}})
     def get_devices() -> list[dict[str, Any]]:
         return get_store().devices()
 
-    @r.get("/devices/{device_id}")
-    def get_device(device_id: str) -> dict[str, Any]:
+    @r.get("/devices/{device_id}", response_model=None, responses={
+        200: {"model": DeviceRow}, **BAD_PARAMETER, 404: {"model": ErrorBody, "description": "no such device"}})
+    def get_device(device_id: Annotated[str, Path(pattern=f"^{DEVICE_ID_RE.pattern}$")]) -> dict[str, Any]:
         rows = get_store().devices(_device(device_id))
         if not rows:
             raise HTTPException(404, f"no device {device_id!r}")
         return rows[0]
 
-    @r.get("/telemetry/raw")
+    @r.get("/telemetry/raw", response_model=None, responses={200: {"model": list[RawRow]}, **BAD_PARAMETER})
     def get_raw(
-        device_id: str | None = None, metric: str | None = None, start: str | None = None,
-        end: str | None = None, limit: Limit = 1000,
+        device_id: Device = None, metric: Metric = None,
+        start: Annotated[str | None, time_query("readings at or after")] = None,
+        end: Annotated[str | None, time_query("readings before")] = None, limit: Limit = 1000,
     ) -> list[dict[str, Any]]:
-        return get_store().raw(device_id=_device(device_id), metric=metric, start_ms=parse_time(start, "start"),
-                               end_ms=parse_time(end, "end"), limit=limit)
+        return get_store().raw(device_id=_device(device_id), metric=check_metric(metric),
+                               start_ms=parse_time(start, "start"), end_ms=parse_time(end, "end"), limit=limit)
 
-    @r.get("/telemetry/rollups")
+    @r.get("/telemetry/rollups", response_model=None, responses={200: {"model": list[RollupRow]}, **BAD_PARAMETER})
     def get_rollups(
-        device_id: str | None = None, metric: str | None = None,
-        interval: Literal["1m", "1h"] = "1m", start: str | None = None, end: str | None = None,
+        device_id: Device = None, metric: Metric = None,
+        interval: Literal["1m", "1h"] = "1m",
+        start: Annotated[str | None, time_query("windows starting at or after")] = None,
+        end: Annotated[str | None, time_query("windows starting before")] = None,
         limit: Limit = 10_000,
     ) -> list[dict[str, Any]]:
-        return get_store().rollups(interval=interval, device_id=_device(device_id), metric=metric,
+        return get_store().rollups(interval=interval, device_id=_device(device_id), metric=check_metric(metric),
                                    start_ms=parse_time(start, "start"), end_ms=parse_time(end, "end"), limit=limit)
 
-    @r.get("/dlq")
-    def get_dlq(reason: str | None = None, limit: Limit = 100) -> list[dict[str, Any]]:
-        return get_store().dlq(reason=reason, limit=limit)
+    @r.get("/dlq", response_model=None, responses={200: {"model": list[DeadLetterRow]}, **BAD_PARAMETER})
+    def get_dlq(reason: Annotated[str | None, reason_query()] = None, limit: Limit = 100) -> list[dict[str, Any]]:
+        return get_store().dlq(reason=check_reason(reason), limit=limit)
 
-    @r.get("/alerts")
-    def get_alerts(device_id: str | None = None, since: str | None = None) -> JSONResponse:
+    @r.get("/alerts", responses={
+        **BAD_PARAMETER, 501: {"model": ErrorBody, "description": "alert rules are not part of this release"}})
+    def get_alerts(
+        device_id: Device = None, since: Annotated[str | None, time_query("alerts since")] = None
+    ) -> JSONResponse:
+        _device(device_id)
+        parse_time(since, "since")
         return JSONResponse(status_code=501, content={"detail": "alert rules are not part of this release yet"})
 
     app.include_router(r)
@@ -201,7 +212,9 @@ def create_app(
     registry = CollectorRegistry()
     collector: _StoreCollector | None = None
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses={
+        200: {"description": "Prometheus text exposition format",
+              "content": {"text/plain": {"schema": {"type": "string"}}}}, **STORE_UNAVAILABLE})
     async def metrics() -> Response:
         nonlocal collector
         if collector is None:
@@ -211,4 +224,17 @@ def create_app(
             lag_cache.update(await lag())
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    def openapi() -> dict[str, Any]:
+        """The OpenAPI document without FastAPI's 422 answers: a bad parameter is a 400 here."""
+        if app.openapi_schema is None:
+            doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            for ops in doc.get("paths", {}).values():
+                for op in ops.values():
+                    op.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                doc.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app

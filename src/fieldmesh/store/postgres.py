@@ -45,7 +45,7 @@ from fieldmesh.store.base import ApplyResult, Position, QueryResult, StoreStats
 from fieldmesh.store.rollup import Acc, RollupKey, merge_acc, rollup_deltas
 from fieldmesh.store.rows import device_row, dlq_row, raw_row, rollup_query, rollup_row, where_clause
 
-__all__ = ["SCHEMA_VERSION", "PostgresStore"]
+__all__ = ["SCHEMA_VERSION", "PostgresStore", "check_read_only_sql"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -99,6 +99,50 @@ CREATE TEMP TABLE IF NOT EXISTS _fm_keys (id BIGINT, chk BIGINT) ON COMMIT DELET
 """
 
 
+# -- read-only queries ----------------------------------------------------------------------------
+# ``fieldmesh query`` runs user SQL. A READ ONLY transaction stops writes to tables, but not what a
+# privileged login may do to the server's files: ``COPY ... TO 'file'`` and ``TO PROGRAM``,
+# ``lo_export``, ``pg_read_file`` all run in a read-only transaction. Three layers, each enough for
+# the common case, together for a superuser login (the usual single-host setup):
+#   1. the text: one statement, starting with SELECT, WITH, VALUES, TABLE, EXPLAIN or SHOW, calling
+#      none of the functions that touch files or change the role (``set_config('role', ...)``), and
+#      no U&"..." escapes (which could spell those names);
+#   2. it is sent as a prepared statement, which the server refuses to hold more than one command;
+#   3. when the login may touch server files (superuser or a pg_*_server_* role) the transaction runs
+#      ``SET LOCAL ROLE pg_read_all_data``: reads everything, and the server itself refuses COPY to or
+#      from files and programs, lo_import/lo_export and pg_read_file.
+_QUERY_VERBS: Final = frozenset({"select", "with", "values", "table", "explain", "show"})
+_DENIED_CALLS: Final = re.compile(
+    r"\b(set_config|query_to_xml\w*|cursor_to_xml\w*|lo_\w+|pg_read_file|pg_read_binary_file|pg_ls_\w+"
+    r"|pg_stat_file|pg_file_\w+|pg_logdir_ls|dblink\w*|pg_reload_conf|pg_rotate_logfile|pg_switch_wal"
+    r"|pg_terminate_backend|pg_cancel_backend|pg_promote)\b|\bu&['\"]",
+    re.IGNORECASE,
+)
+_LEADING: Final = re.compile(r"(\s+|--[^\n]*(\n|$)|/\*.*?\*/|\()", re.DOTALL)
+
+
+def check_read_only_sql(sql: str) -> None:
+    """Refuse (:class:`ConfigError`) SQL that is not one plain read (layer 1 above)."""
+    pos = 0
+    while m := _LEADING.match(sql, pos):
+        pos = m.end()
+    verb = re.match(r"[A-Za-z]+", sql[pos:])
+    if verb is None or verb[0].lower() not in _QUERY_VERBS:
+        word = verb[0] if verb else sql[pos : pos + 20]
+        raise ConfigError(
+            f"query refused: {word!r} is not a read; queries are one SELECT, WITH, VALUES, TABLE, EXPLAIN"
+            " or SHOW statement, run in a read-only transaction that touches no file",
+            key="sql",
+        )
+    bad = _DENIED_CALLS.search(sql)
+    if bad is not None:
+        raise ConfigError(
+            f"query refused: {bad[0]!r} can read or write server files, run code or change the role;"
+            " queries are plain reads in a read-only transaction",
+            key="sql",
+        )
+
+
 def _psycopg() -> Any:
     try:
         import psycopg
@@ -150,6 +194,7 @@ class PostgresStore:
         self._known_metrics: set[tuple[str, str]] = set()  # (device, metric) pairs committed
         self._pending_metrics: list[tuple[str, str]] = []
         self.timescale = False
+        self._privileged: bool | None = None  # may the login touch server files? (see query)
         self._w: Any = None
         if not readonly:
             self._w = self._connect(readonly=False)
@@ -720,17 +765,46 @@ class PostgresStore:
         return [dlq_row(*r) for r in self._read(lambda c: c.execute(sql, (*params, limit)).fetchall())]
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> QueryResult:
-        """Run one SQL statement in a READ ONLY transaction (``%s`` placeholders)."""
+        """Run one read-only SQL statement (``%s`` placeholders); nothing that touches a file runs.
+
+        See the three layers at the top of this module.
+        """
         pg = _psycopg()
+        check_read_only_sql(sql)
 
         def run(con: Any) -> QueryResult:
             with con.transaction():
-                cur = con.execute("SET TRANSACTION READ ONLY")
-                cur = con.execute(sql, tuple(params) if params else None)
+                con.execute("SET TRANSACTION READ ONLY")
+                if self._needs_role_drop(con):
+                    try:
+                        con.execute("SET LOCAL ROLE pg_read_all_data")
+                    except pg.Error as exc:
+                        raise ConfigError(
+                            "query refused: the store's login may read or write server files, and it cannot"
+                            f" drop to the role pg_read_all_data ({exc}); grant it that role (PostgreSQL 14+)"
+                            " or query with a login without superuser and pg_*_server_* roles",
+                            key="store_url",
+                        ) from None
+                # prepare=True: a prepared statement holds exactly one command
+                cur = con.execute(sql, tuple(params) if params else None, prepare=True)
                 cols = [d.name for d in cur.description] if cur.description else []
                 return QueryResult(columns=cols, rows=[tuple(r) for r in cur.fetchall()] if cols else [])
 
         try:
             return self._read(run)
+        except pg.errors.InsufficientPrivilege as exc:
+            raise ConfigError(f"query refused: {exc}".strip(), key="sql") from None
         except pg.Error as exc:
             raise ConfigError(f"query failed: {exc}", key="sql") from None
+
+    def _needs_role_drop(self, con: Any) -> bool:
+        """Whether this login is a superuser or holds a role that touches server files (cached)."""
+        if self._privileged is None:
+            row = con.execute(
+                "SELECT rolsuper OR pg_has_role(current_user, 'pg_write_server_files', 'USAGE')"
+                " OR pg_has_role(current_user, 'pg_read_server_files', 'USAGE')"
+                " OR pg_has_role(current_user, 'pg_execute_server_program', 'USAGE')"
+                " FROM pg_roles WHERE rolname = current_user"
+            ).fetchone()
+            self._privileged = bool(row and row[0])
+        return self._privileged

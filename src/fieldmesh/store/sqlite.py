@@ -94,6 +94,85 @@ CREATE TABLE IF NOT EXISTS watermarks (
 """
 
 
+# -- the read-only guard -------------------------------------------------------------------------
+# A reader opens the file with mode=ro and PRAGMA query_only, which stops writes to the store; they do
+# not stop statements that open or create OTHER files (ATTACH and VACUUM [INTO] attach a file, some
+# PRAGMAs move, checkpoint or switch journal files, load_extension loads a shared library). The
+# authorizer below lets through only what reads: everything else is refused when it is prepared,
+# before SQLite touches anything.
+
+#: PRAGMAs that only report (their argument, if any, names a table or an index).
+_REPORT_PRAGMAS: Final = frozenset({
+    "table_info", "table_xinfo", "table_list", "index_list", "index_info", "index_xinfo", "foreign_key_list",
+    "database_list", "collation_list", "function_list", "module_list", "pragma_list", "compile_options",
+    "data_version", "page_count", "freelist_count", "integrity_check", "quick_check", "foreign_key_check",
+})
+#: PRAGMAs that report their value when given no argument (and change something when given one).
+_VALUE_PRAGMAS: Final = frozenset({
+    "user_version", "schema_version", "application_id", "page_size", "encoding", "journal_mode",
+    "query_only", "busy_timeout", "foreign_keys", "auto_vacuum", "cache_size", "synchronous", "temp_store",
+    "mmap_size", "max_page_count", "locking_mode", "journal_size_limit", "wal_autocheckpoint",
+})
+#: SQL functions that read or write files or load code (some exist only in SQLite's shell builds).
+_FILE_FUNCTIONS: Final = frozenset({"load_extension", "readfile", "writefile", "edit", "fts3_tokenizer"})
+_READ_ACTIONS: Final = frozenset({sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_RECURSIVE})
+_ACTION_NAMES: Final = {
+    getattr(sqlite3, n): n[len("SQLITE_"):]
+    for n in (
+        "SQLITE_CREATE_INDEX", "SQLITE_CREATE_TABLE", "SQLITE_CREATE_TEMP_INDEX", "SQLITE_CREATE_TEMP_TABLE",
+        "SQLITE_CREATE_TEMP_TRIGGER", "SQLITE_CREATE_TEMP_VIEW", "SQLITE_CREATE_TRIGGER", "SQLITE_CREATE_VIEW",
+        "SQLITE_DELETE", "SQLITE_DROP_INDEX", "SQLITE_DROP_TABLE", "SQLITE_DROP_TEMP_INDEX",
+        "SQLITE_DROP_TEMP_TABLE", "SQLITE_DROP_TEMP_TRIGGER", "SQLITE_DROP_TEMP_VIEW", "SQLITE_DROP_TRIGGER",
+        "SQLITE_DROP_VIEW", "SQLITE_INSERT", "SQLITE_UPDATE", "SQLITE_ALTER_TABLE",
+        "SQLITE_REINDEX", "SQLITE_ANALYZE", "SQLITE_CREATE_VTABLE", "SQLITE_DROP_VTABLE",
+    )
+}
+
+
+class _ReadOnlyGuard:
+    """SQLite authorizer of reader connections; remembers why it refused, for the error message."""
+
+    def __init__(self) -> None:
+        self.refused: str | None = None
+
+    def __call__(self, action: int, arg1: str | None, arg2: str | None, db: str | None, trigger: str | None) -> int:
+        why = self._why(action, arg1, arg2)
+        if why is None:
+            return sqlite3.SQLITE_OK
+        self.refused = why
+        return sqlite3.SQLITE_DENY
+
+    @staticmethod
+    def _why(action: int, arg1: str | None, arg2: str | None) -> str | None:
+        if action in _READ_ACTIONS:
+            return None
+        if action == sqlite3.SQLITE_FUNCTION:
+            return f"the function {arg2}() touches files" if (arg2 or "").lower() in _FILE_FUNCTIONS else None
+        if action == sqlite3.SQLITE_PRAGMA:
+            name = (arg1 or "").lower()
+            if name in _REPORT_PRAGMAS or (name in _VALUE_PRAGMAS and arg2 is None):
+                return None
+            return f"PRAGMA {arg1}{'' if arg2 is None else '=' + arg2} can change or create files"
+        if action == sqlite3.SQLITE_UPDATE and arg1 == "sqlite_master":
+            # table-valued functions (json_each, pragma_table_info) declare their columns through the
+            # schema parser, which asks for this; a real write to sqlite_master is impossible (query_only)
+            return None
+        if action == sqlite3.SQLITE_ATTACH:
+            return f"ATTACH/VACUUM of {arg1!r} opens or creates a database file" if arg1 else (
+                "VACUUM rewrites the database file")
+        if action == sqlite3.SQLITE_DETACH:
+            return f"DETACH of {arg1!r} changes the attached database files"
+        if action in (sqlite3.SQLITE_TRANSACTION, sqlite3.SQLITE_SAVEPOINT):
+            return "transaction control is not a query (each query is its own read)"
+        return f"{_ACTION_NAMES.get(action, f'action {action}')} {arg1 or ''} writes".replace("  ", " ")
+
+
+class _ReaderConnection(sqlite3.Connection):
+    """A read-only connection with its guard."""
+
+    guard: _ReadOnlyGuard
+
+
 def _path_of(url: str) -> Path:
     if not url.startswith("sqlite:///"):
         raise ConfigError(f"bad SQLite URL {url!r}: use sqlite:///path/to/store.db", key="store_url")
@@ -137,10 +216,14 @@ class SqliteStore:
             con.execute("PRAGMA mmap_size=1073741824")
         else:
             con = sqlite3.connect(
-                f"file:{self.path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False, timeout=30
+                f"file:{self.path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False, timeout=30,
+                factory=_ReaderConnection,
             )
             con.execute("PRAGMA query_only=ON")
         con.execute("PRAGMA busy_timeout=30000")
+        if isinstance(con, _ReaderConnection):
+            con.guard = _ReadOnlyGuard()
+            con.set_authorizer(con.guard)  # last: the PRAGMAs above are ours
         return con
 
     def _reader(self) -> sqlite3.Connection:
@@ -459,13 +542,22 @@ class SqliteStore:
         return [dlq_row(*r) for r in self._reader().execute(sql, (*params, limit))]
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> QueryResult:
-        """Run one read-only SQL statement."""
+        """Run one read-only SQL statement; one that could touch a file is refused before it runs."""
         con = self._reader() if self.readonly else self._connect(write=False)
+        guard: _ReadOnlyGuard | None = getattr(con, "guard", None)
+        if guard is not None:
+            guard.refused = None
         try:
             cur = con.execute(sql, tuple(params))
             cols = [d[0] for d in cur.description] if cur.description else []
             return QueryResult(columns=cols, rows=[tuple(r) for r in cur.fetchall()])
         except sqlite3.Error as exc:
+            if guard is not None and guard.refused is not None:
+                raise ConfigError(
+                    f"query refused: {guard.refused}. Queries are read-only: SELECT, WITH, EXPLAIN and"
+                    " PRAGMAs that only report; nothing may attach, create or change a file",
+                    key="sql",
+                ) from None
             raise ConfigError(f"query failed: {exc}", key="sql") from None
         finally:
             if not self.readonly:
