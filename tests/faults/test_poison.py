@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import urllib.request
@@ -123,3 +124,42 @@ def test_unserved_topics_are_dead_lettered_and_counted(tmp_path: Path):
         c.disconnect()
     finally:
         assert up.stop() == 0, up.tail()
+
+
+def test_above_nats_servers_hard_limit_nothing_is_acknowledged(tmp_path: Path):
+    """Over 64 MiB (nats-server's ceiling) the door cannot see a message: it must not acknowledge it.
+
+    nats-server refuses the PUBLISH, logs ``maximum payload exceeded`` and closes the connection; the
+    device gets no PUBACK (its client retries, refused each time). Nothing is acknowledged, so nothing
+    acknowledged is lost; the door keeps serving everyone else.
+    """
+    import paho.mqtt.client as mqtt
+
+    from fieldmesh.runtime.natsserver import MAX_PAYLOAD_BYTES, EmbeddedNats
+    from fmtest.procs import free_port
+
+    port = free_port()
+    srv = EmbeddedNats(store_dir=tmp_path / "nats", mqtt_port=port)
+    srv.start()
+    try:
+        disconnects: list[object] = []
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311,
+                        client_id=f"fmhuge{uuid.uuid4().hex[:6]}", clean_session=True)
+        c.on_disconnect = lambda *a: disconnects.append(a)
+        c.connect("127.0.0.1", port)
+        c.loop_start()
+        info = c.publish("devices/huge/telemetry", b"x" * (MAX_PAYLOAD_BYTES + 1024 * 1024), qos=1)
+        with contextlib.suppress(RuntimeError):  # paho may raise once the connection is gone
+            info.wait_for_publish(8)
+        c.loop_stop()
+        c.disconnect()
+        assert not info.is_published()
+        assert disconnects, "nats-server should have closed the connection"
+        log = (tmp_path / "nats" / "nats-server.log").read_text(errors="replace")
+        assert "maximum payload exceeded" in log
+        ok = publisher(port)  # the door still serves others
+        publish_all(ok, _readings("after", 1))
+        ok.disconnect()
+        FaultReport("above nats-server's 64 MiB limit", sent=1, acknowledged=0).show()
+    finally:
+        srv.stop()
