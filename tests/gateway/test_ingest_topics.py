@@ -93,3 +93,39 @@ def test_topics_come_back_as_published(tmp_path: Path):
     finally:
         srv.stop()
     assert sorted(got, key=lambda x: int(x[1])) == [(t, str(i).encode()) for i, t in enumerate(ODD)]
+
+
+@pytest.mark.integration
+def test_a_consumer_on_the_old_filters_resumes_after_its_floor(tmp_path: Path):
+    """A data dir from before ``devices.>``: the stream widens, nothing acknowledged is redelivered."""
+    from fieldmesh.gateway.sources import _OLD_INGEST_SUBJECTS, INGEST_STREAM
+
+    srv = EmbeddedNats(store_dir=tmp_path / "nats")
+    srv.start()
+    try:
+        async def run() -> list[bytes]:
+            async with NatsBus(srv.url) as bus:
+                await bus.ensure_stream(INGEST_STREAM, _OLD_INGEST_SUBJECTS, retention_s=3600)
+                old = await bus.raw_consumer(INGEST_STREAM, "fm-gateway", _OLD_INGEST_SUBJECTS, ack_all=True)
+                for i in range(5):
+                    await bus.js.publish("devices.x.telemetry", str(i).encode())
+                first = await old.fetch(3, 2)
+                assert [r.value for r in first] == [b"0", b"1", b"2"]
+                await old.ack(first)
+                await old.close()
+                src = NatsIngestSource(bus, sole=True)
+                await src.start()
+                await bus.js.publish("devices.x.other", b"5")
+                got: list[bytes] = []
+                for _ in range(10):
+                    msgs = await src.fetch(100, 0.5)
+                    got += [m.payload for m in msgs]
+                    await src.ack(msgs)
+                    if len(got) >= 3:
+                        break
+                await src.close()
+                return got
+
+        assert asyncio.run(run()) == [b"3", b"4", b"5"]
+    finally:
+        srv.stop()
