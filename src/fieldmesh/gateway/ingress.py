@@ -94,8 +94,8 @@ class DeviceResolver:
             return key.decode("utf-8", errors="replace")
         try:
             peek = _peek_decoder.decode(payload)
-        except (msgspec.DecodeError, UnicodeDecodeError):
-            peek = None
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+            peek = None  # the gateway dead-letters the payload with its reason (too_deep for a RecursionError)
         if isinstance(peek, list):
             peek = peek[0] if peek else None
         if peek is not None and peek.device_id:
