@@ -2,7 +2,7 @@
 
 * a 20 KB payload nested 10,000 levels, then 20 valid readings: the 20 are stored, the poison is
   dead-lettered as ``too_deep``, the gateway is never restarted (it crash-looped before);
-* payloads over the gateway's limit (256 KiB) and over nats-server's former 8 MB limit: counted as
+* payloads over the gateway's limit (256 KiB) and over nats-server's former 8 MB limit (up to 31 MiB): counted as
   ``too_large``, dead-lettered with the first 64 KiB, and the publisher's connection stays up (it was
   closed and nothing counted before);
 * messages on unserved topics (``devices/x/other``, ``devices/x/telemetry.zst``, ``devices/../telemetry``):
@@ -73,7 +73,7 @@ def test_oversized_messages_are_counted_and_truncated(tmp_path: Path):
     dev = f"big{uuid.uuid4().hex[:6]}"
     topic = f"devices/{dev}/telemetry"
     big = [(topic, b"[" + b" " * (300 * 1024) + b"]"), (topic, b"[" + b" " * (9 * 1024 * 1024) + b"]"),
-           (topic, b"x" * (20 * 1024 * 1024))]
+           (topic, b"x" * (31 * 1024 * 1024))]
     valid = _readings(dev, 5)
     up = Up(tmp_path / "data").start()
     try:
@@ -81,7 +81,7 @@ def test_oversized_messages_are_counted_and_truncated(tmp_path: Path):
         publish_all(c, [*big, *valid])  # each one acknowledged (PUBACK): nats-server took them
         assert c.is_connected()
         stats = up.wait_for(lambda s: s["received"] >= 8 and sum(s["lag"].values()) == 0, timeout_s=45)
-        report = FaultReport("oversized: 300 KiB, 9 MiB, 20 MiB, then 5 readings", sent=8, acknowledged=8,
+        report = FaultReport("oversized: 300 KiB, 9 MiB, 31 MiB, then 5 readings", sent=8, acknowledged=8,
                              stored=stats["stored"], duplicates=stats["duplicates"],
                              counted_losses={k: v for k, v in stats["dead_lettered"].items() if k != "total"})
         report.show()
@@ -126,8 +126,8 @@ def test_unserved_topics_are_dead_lettered_and_counted(tmp_path: Path):
         assert up.stop() == 0, up.tail()
 
 
-def test_above_nats_servers_hard_limit_nothing_is_acknowledged(tmp_path: Path):
-    """Over 64 MiB (nats-server's ceiling) the door cannot see a message: it must not acknowledge it.
+def test_above_the_doors_max_payload_nothing_is_acknowledged(tmp_path: Path):
+    """Over the embedded door's max_payload (just under JetStream's 32 MiB record limit) nothing is acknowledged.
 
     nats-server refuses the PUBLISH, logs ``maximum payload exceeded`` and closes the connection; the
     device gets no PUBACK (its client retries, refused each time). Nothing is acknowledged, so nothing
@@ -160,6 +160,6 @@ def test_above_nats_servers_hard_limit_nothing_is_acknowledged(tmp_path: Path):
         ok = publisher(port)  # the door still serves others
         publish_all(ok, _readings("after", 1))
         ok.disconnect()
-        FaultReport("above nats-server's 64 MiB limit", sent=1, acknowledged=0).show()
+        FaultReport("above the embedded door's max_payload (32 MiB - 128 KiB)", sent=1, acknowledged=0).show()
     finally:
         srv.stop()
