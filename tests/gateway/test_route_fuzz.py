@@ -173,3 +173,27 @@ def test_unserved_topics_are_dead_lettered_and_side_topics_ignored():
         ("unknown_topic", t) for t in ["devices/x/other", "devices/x/telemetry.zst", "devices/../telemetry",
                                        "devices/x/telemetry/a/b"])
     assert len(records) == 4
+
+
+def test_an_unforeseen_exception_costs_one_message(caplog):
+    """The per-message guard: a message the codec is not even reached for (a bridge's bad content type)."""
+    good = IngestMessage(topic="devices/dev-1/telemetry", received_ms=NOW, source_id="i1",
+                         payload=json.dumps({"ts": NOW - 1000, "measurements": {"t": 1}}).encode())
+    odd = IngestMessage(topic="devices/dev-1/telemetry", received_ms=NOW, source_id="i2", payload=b"{}",
+                        content_type=5)  # type: ignore[arg-type]  # not a str: encoding_for fails on it
+    _, n, dead = route([odd, good], settings=GW, partitions=2, now_ms=NOW)
+    assert n == 1
+    assert [(d.reason, d.topic) for d in dead] == [("malformed_json", "devices/dev-1/telemetry")]
+    assert "AttributeError" in dead[0].detail
+    assert "routing a message" in caplog.text
+
+
+def test_a_reading_the_bus_cannot_encode_is_dead_lettered_alone():
+    from fieldmesh.core.model import Reading
+    from fieldmesh.gateway.gateway import _encodable
+
+    ok = Reading(device_id="d", ts_ms=NOW, measurements={"t": 1.0}, key=1, chk=2)
+    bad = Reading(device_id="d", ts_ms=NOW, measurements={"t": 1.0}, key=3, chk=4, meta={"x": 10**30})
+    kept, dead = _encodable([ok, bad, ok])
+    assert kept == [ok, ok]
+    assert [(d.reason, d.device_id) for d in dead] == [("schema_violation", "d")]
