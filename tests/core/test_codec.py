@@ -165,3 +165,23 @@ def test_fast_path_equals_general_path(r: dict):
         fast = dec(json.dumps(body))
         general = dec(msgspec.msgpack.encode(body), encoding="msgpack")
         assert fast.readings == general.readings and fast.readings and not fast.rejects
+
+
+@pytest.mark.parametrize("depth", [1000, 10_000])
+@pytest.mark.parametrize("encoding", ["json", "msgpack"])
+def test_nesting_past_the_decoders_limit_is_too_deep_never_raised(depth: int, encoding: str):
+    payload = b"[" * depth + b"]" * depth if encoding == "json" else b"\x91" * depth + b"\xc0"
+    r = dec(payload, encoding=encoding, max_bytes=10**6)
+    assert not r.readings
+    assert [d.reason for d in r.rejects] == ["too_deep"]
+
+
+def test_meta_too_deep_or_not_carriable_is_rejected_at_the_door():
+    deep = {"ts": NOW - 1, "measurements": {"a": 1}, "meta": json.loads('{"x":' * 40 + "1" + "}" * 40)}
+    huge = {"ts": NOW - 1, "measurements": {"a": 1}, "meta": {"x": 10**30}}
+    surrogate = b'{"ts": %d, "measurements": {"a": NaN}, "meta": {"x": "\\udc00"}}' % (NOW - 1)
+    ok = {"ts": NOW - 1, "measurements": {"a": 1}, "meta": {"x": [1, {"y": 2}]}}
+    assert [d.reason for d in dec(json.dumps(deep)).rejects] == ["too_deep"]
+    assert [d.reason for d in dec(json.dumps(huge)).rejects] == ["schema_violation"]
+    assert [d.reason for d in dec(surrogate).rejects] == ["schema_violation"]
+    assert len(dec(json.dumps(ok)).readings) == 1

@@ -28,6 +28,8 @@ def test_device_id_from_key_then_payload_then_template():
     assert r.resolve(b"", b'{"ts": 1}', "plant.north.valve_3.tm") == "valve_3"
     assert r.resolve(None, b"{not json", "plant.north.tm") is None
     assert DeviceResolver().resolve(None, b"[]", "devices.pump-9.telemetry") == "pump-9"
+    deep = b'{"a":' + b"[" * 10_000 + b"]" * 10_000 + b"}"  # RecursionError in the peek: the topic decides
+    assert DeviceResolver().resolve(None, deep, "devices.pump-9.telemetry") == "pump-9"
     with pytest.raises(ConfigError, match="device_template"):
         DeviceResolver("plant.*.tm")
     with pytest.raises(ConfigError, match="must name one topic"):

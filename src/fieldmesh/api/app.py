@@ -61,6 +61,7 @@ class _StoreCollector(Collector):
             ("fieldmesh_readings_stored", st.stored, "Readings stored (first arrival of each identity)"),
             ("fieldmesh_readings_duplicates", st.duplicates, "Readings dropped as duplicates of a stored one"),
             ("fieldmesh_readings_late", st.late, "Stored readings whose window had already been emitted"),
+            ("fieldmesh_messages_unrouted", st.unrouted, "Messages on topics nothing serves (DLQ unknown_topic)"),
         ):
             c = CounterMetricFamily(name, help_)
             c.add_metric([], value)
@@ -155,6 +156,7 @@ def create_app(
             "stored": st.stored,
             "duplicates": st.duplicates,
             "late": st.late,
+            "unrouted": st.unrouted,
             "dead_lettered": {"total": sum(st.dead_lettered.values()), **st.dead_lettered},
         }
         if lag is not None:

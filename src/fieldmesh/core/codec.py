@@ -6,6 +6,10 @@ Device payloads (topic ``devices/{id}/telemetry``) are one reading, an array of 
 batch ``{"device_id", "readings": [...]}``. Validation rejects each bad reading on its own, so one
 bad reading never costs the rest of its batch; a payload that cannot be decoded at all is rejected
 whole.
+
+:func:`decode_telemetry` never raises: whatever one payload holds (any bytes, nesting deep enough to
+exhaust the decoder's recursion limit, integers no wire format carries, lone surrogates), the worst it
+can cost is that payload, as a dead letter with a reason.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from fieldmesh.core.topics import METRIC_RE
 
 __all__ = [
     "DLQ_PAYLOAD_LIMIT",
+    "MAX_META_DEPTH",
     "REASONS",
     "DecodeResult",
     "decode_bus_batch",
@@ -39,6 +44,7 @@ __all__ = [
 #: Reason codes of dead letters (docs/contract.md).
 REASONS: Final = (
     "malformed_json",
+    "too_deep",
     "schema_violation",
     "device_mismatch",
     "clock_skew",
@@ -46,11 +52,15 @@ REASONS: Final = (
     "unknown_device",
     "unauthorized",
     "unsupported_encoding",
+    "unknown_topic",
 )
 #: How much of a rejected payload the DLQ keeps.
 DLQ_PAYLOAD_LIMIT: Final = 64 * 1024
 #: Event times before 2000-01-01 are taken as a unit mistake (seconds instead of ms) and rejected.
 MIN_TS_MS: Final = 946_684_800_000
+#: Nesting levels a reading's ``meta`` may have: deeper is rejected (``too_deep``) at the door, before
+#: any later stage (bus encoding, the processor, the store, the API) could trip over it.
+MAX_META_DEPTH: Final = 32
 
 _READING_KEYS: Final = frozenset(
     {"device_id", "ts", "seq", "boot_id", "event_id", "measurements", "meta"}
@@ -210,8 +220,10 @@ def _check_reading(
     if event_id is not None and (type(event_id) is not str or not 0 < len(event_id) <= 256):
         raise _Reject("schema_violation", "event_id must be a string of 1-256 chars")
     meta = obj.get("meta")
-    if meta is not None and type(meta) is not dict:
-        raise _Reject("schema_violation", "meta must be an object")
+    if meta is not None:
+        if type(meta) is not dict:
+            raise _Reject("schema_violation", "meta must be an object")
+        _check_meta(meta)
     key, chk = identity_digest(identity_string(device_id, ts_ms, clean, seq, boot_id, event_id))
     return Reading(
         device_id=device_id,
@@ -227,22 +239,50 @@ def _check_reading(
     )
 
 
+def _too_deep(what: str) -> _Reject:
+    return _Reject("too_deep", f"{what} is nested deeper than the decoder allows (about 1,000 levels)")
+
+
+def _check_meta(meta: dict[str, Any]) -> None:
+    """Reject a ``meta`` nested deeper than :data:`MAX_META_DEPTH` or that the bus cannot carry.
+
+    Both would otherwise pass validation and fail later, at encoding, for a whole batch.
+    """
+    stack: list[tuple[Any, int]] = [(meta, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_META_DEPTH:
+            raise _Reject("too_deep", f"meta is nested deeper than {MAX_META_DEPTH} levels")
+        children = node.values() if type(node) is dict else node
+        stack.extend((c, depth + 1) for c in children if type(c) is dict or type(c) is list)
+    try:
+        _bus_encoder.encode(meta)
+    except (OverflowError, TypeError, ValueError) as exc:  # huge ints, lone surrogates (UnicodeEncodeError)
+        raise _Reject("schema_violation", f"meta cannot be carried: {exc}"[:200]) from None
+
+
 def _decode_body(payload: bytes, encoding: str) -> Any:
     if encoding == "json":
         try:
             return _json_decoder.decode(payload)
+        except RecursionError:
+            raise _too_deep("the JSON payload") from None
         except msgspec.DecodeError:
             # JSON with NaN/Infinity literals: decode leniently so the bad readings are rejected one
             # by one (as non-finite) and the rest of the batch survives.
             try:
                 return json.loads(payload)
-            except (ValueError, RecursionError) as exc:
+            except RecursionError:
+                raise _too_deep("the JSON payload") from None
+            except ValueError as exc:
                 raise _Reject("malformed_json", str(exc)[:200]) from None
     dec = _ENCODINGS.get(encoding)
     if dec is None:
         raise _Reject("unsupported_encoding", f"unknown payload encoding {encoding!r}")
     try:
         return dec(payload)
+    except RecursionError:
+        raise _too_deep(f"the {encoding} payload") from None
     except Exception as exc:
         raise _Reject("malformed_json", f"{encoding} payload does not decode: {exc}"[:200]) from None
 
@@ -286,8 +326,8 @@ def _fast_path(payload: bytes, device_id: str, now: int, max_skew_ms: int, recei
             ws = batch.readings
         else:
             ws = [_fast_decoder.decode(payload)]
-    except msgspec.DecodeError:
-        return None
+    except (msgspec.DecodeError, RecursionError):
+        return None  # the general path says what is wrong (``too_deep`` for the recursion)
     if not ws:
         return None
     out = []
@@ -306,6 +346,11 @@ def _fast_path(payload: bytes, device_id: str, now: int, max_skew_ms: int, recei
             or (w.event_id is not None and not 0 < len(w.event_id) <= 256)
         ):
             return None
+        if w.meta is not None:
+            try:
+                _check_meta(w.meta)
+            except _Reject:
+                return None
         for name, v in ms.items():
             if not METRIC_RE.fullmatch(name) or (type(v) is float and not math.isfinite(v)):
                 return None
@@ -323,7 +368,10 @@ def _item_bytes(obj: Any) -> bytes:
     try:
         return json.dumps(obj, separators=(",", ":"), default=repr).encode()
     except (TypeError, ValueError, RecursionError):
-        return repr(obj).encode()
+        try:
+            return repr(obj).encode("utf-8", errors="backslashreplace")
+        except RecursionError:
+            return b"<nested too deep to show>"
 
 
 def decode_telemetry(
@@ -337,7 +385,7 @@ def decode_telemetry(
     max_bytes: int = 256 * 1024,
     encoding: str = "json",
 ) -> DecodeResult:
-    """Decode and validate one device payload.
+    """Decode and validate one device payload; never raises (a payload that breaks it is dead-lettered).
 
     Args:
         payload: the raw MQTT payload.
@@ -349,6 +397,26 @@ def decode_telemetry(
         max_bytes: payloads larger than this are rejected as ``too_large``.
         encoding: ``json`` or a registered encoding.
     """
+    try:
+        return _decode_telemetry(payload, device_id, topic, received_ms, now_ms, max_skew_ms, max_bytes, encoding)
+    except RecursionError:
+        r = _too_deep("the payload")
+        return DecodeResult([], [_dead(r.reason, r.detail, topic, received_ms, payload, device_id)])
+    except Exception as exc:  # a case validation does not foresee costs this payload, never the caller
+        detail = f"payload does not decode: {type(exc).__name__}: {exc}"[:200]
+        return DecodeResult([], [_dead("malformed_json", detail, topic, received_ms, payload, device_id)])
+
+
+def _decode_telemetry(
+    payload: bytes,
+    device_id: str,
+    topic: str,
+    received_ms: int,
+    now_ms: int | None,
+    max_skew_ms: int,
+    max_bytes: int,
+    encoding: str,
+) -> DecodeResult:
     now = received_ms if now_ms is None else now_ms
     if len(payload) > max_bytes:
         return DecodeResult(
@@ -390,9 +458,12 @@ def decode_telemetry(
     for i, obj in enumerate(items):
         try:
             readings.append(_check_reading(obj, device_id, now, max_skew_ms, received_ms))
-        except (_Reject, TypeError, ValueError, OverflowError) as exc:
-            reason, detail = (exc.reason, exc.detail) if isinstance(exc, _Reject) else (
-                "schema_violation", str(exc)[:200])
+        except (_Reject, TypeError, ValueError, OverflowError, RecursionError) as exc:
+            reason, detail = (
+                (exc.reason, exc.detail) if isinstance(exc, _Reject)
+                else ("too_deep", "the reading is nested too deep") if isinstance(exc, RecursionError)
+                else ("schema_violation", str(exc)[:200])
+            )
             # In a batch, the dead letter keeps the one bad reading (stdlib json writes NaN back as NaN).
             raw = _item_bytes(obj) if many else payload
             rejects.append(_dead(reason, f"reading[{i}]: {detail}" if many else detail, topic, received_ms,

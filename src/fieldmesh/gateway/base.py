@@ -13,7 +13,11 @@ from typing import Any, Protocol
 
 import msgspec
 
-__all__ = ["IngestMessage", "IngestSource"]
+__all__ = ["NO_DEVICE_TOPIC_PREFIX", "IngestMessage", "IngestSource"]
+
+#: The topic prefix a Kafka/NATS ingress gives a message whose device id none of its rules finds: the
+#: gateway dead-letters it as ``schema_violation`` (not ``unknown_topic``: the topic is not the fault).
+NO_DEVICE_TOPIC_PREFIX = "ingress/"
 
 
 class IngestMessage(msgspec.Struct, frozen=True, gc=False):

@@ -1,4 +1,10 @@
-"""The gateway: raw device messages -> decode -> validate -> bus (keyed by device) or DLQ."""
+"""The gateway: raw device messages -> decode -> validate -> bus (keyed by device) or DLQ.
+
+Every message taken from the source ends as readings on the bus, as a dead letter with a reason, or
+(for the known non-telemetry device topics, ``devices/{id}/state|config|anomalies``) acknowledged and
+ignored. One message can cost only itself: an exception while routing it, whatever its cause,
+becomes its dead letter; the worker goes on with the next.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +14,22 @@ import random
 import time
 from collections.abc import Sequence
 
+import msgspec
+
 from fieldmesh.bus.base import OutRecord, Producer
-from fieldmesh.core.codec import decode_telemetry, encode_bus_batch, encode_dead_letter, encoding_for
+from fieldmesh.core.codec import (
+    DLQ_PAYLOAD_LIMIT,
+    DecodeResult,
+    decode_telemetry,
+    encode_bus_batch,
+    encode_dead_letter,
+    encoding_for,
+)
 from fieldmesh.core.errors import FieldmeshError
 from fieldmesh.core.model import BusBatch, DeadLetter, Reading
 from fieldmesh.core.settings import GatewaySettings
-from fieldmesh.core.topics import DLQ_TOPIC, READINGS_TOPIC, device_of_topic, partition_for
-from fieldmesh.gateway.base import IngestMessage, IngestSource
+from fieldmesh.core.topics import DLQ_TOPIC, READINGS_TOPIC, partition_for, route_of_topic
+from fieldmesh.gateway.base import NO_DEVICE_TOPIC_PREFIX, IngestMessage, IngestSource
 
 __all__ = ["Gateway", "GatewayStats", "route"]
 
@@ -32,25 +47,57 @@ class GatewayStats:
         self.rejected: dict[str, int] = {}
 
 
-_ROUTES: dict[tuple[str, int], tuple[str | None, str | None, int]] = {}
+_ROUTES: dict[tuple[str, int], tuple[str, str | None, str | None, int]] = {}
 _ROUTES_MAX = 200_000
 
 
-def _route_of(topic: str, partitions: int) -> tuple[str | None, str | None, int]:
-    """(device id, topic suffix, partition) of a topic, cached: topics repeat, one per device."""
-    device = device_of_topic(topic)
-    parts = topic.split("/")
-    r = (device, parts[3] if len(parts) > 3 else None, partition_for(device, partitions) if device else 0)
+def _route_of(topic: str, partitions: int) -> tuple[str, str | None, str | None, int]:
+    """(kind, device id, topic suffix, partition) of a topic, cached: topics repeat, one per device."""
+    kind, device, suffix = route_of_topic(topic)
+    r = (kind, device, suffix, partition_for(device, partitions) if device else 0)
     if len(_ROUTES) >= _ROUTES_MAX:
         _ROUTES.clear()
     _ROUTES[(topic, partitions)] = r
     return r
 
 
+def _dead_letter(reason: str, detail: str, m: IngestMessage, device_id: str | None = None) -> DeadLetter:
+    truncated = len(m.payload) > DLQ_PAYLOAD_LIMIT
+    return DeadLetter(reason=reason, detail=detail, topic=m.topic, received_ms=m.received_ms,
+                      payload=m.payload[:DLQ_PAYLOAD_LIMIT], device_id=device_id, truncated=truncated)
+
+
+def _route_one(
+    m: IngestMessage, settings: GatewaySettings, partitions: int, now_ms: int
+) -> tuple[int, DecodeResult] | None:
+    """(partition, readings and dead letters) of one message; None for a side topic to ignore."""
+    route_of = _ROUTES.get((m.topic, partitions))
+    if route_of is None:
+        route_of = _route_of(m.topic, partitions)
+    kind, device, suffix, part = route_of
+    if kind == "side":
+        return None
+    if kind == "unknown" or device is None:
+        if m.topic.startswith(NO_DEVICE_TOPIC_PREFIX):  # the ingress found no device id in the message
+            d = _dead_letter("schema_violation", f"not a telemetry topic: {m.topic[:200]!r}", m)
+        else:
+            d = _dead_letter("unknown_topic", f"no telemetry is served on {m.topic[:200]!r}: publish on "
+                             "devices/{id}/telemetry with id in [A-Za-z0-9_-]{1,128}", m, device)
+        return part, DecodeResult([], [d])
+    enc = encoding_for(m.content_type, suffix)
+    return part, decode_telemetry(
+        m.payload, device_id=device, topic=m.topic, received_ms=m.received_ms, now_ms=now_ms,
+        max_skew_ms=settings.max_skew_ms, max_bytes=settings.max_payload_bytes, encoding=enc,
+    )
+
+
 def route(
     messages: Sequence[IngestMessage], *, settings: GatewaySettings, partitions: int, now_ms: int
 ) -> tuple[list[OutRecord], int, list[DeadLetter]]:
     """Turn raw messages into bus records: readings batched per partition, dead letters one each.
+
+    Never raises for what a message holds: each message yields readings, dead letters (an unserved
+    topic: ``unknown_topic``), or nothing (a known side topic, ignored).
 
     Returns the records, the number of valid readings, and the dead letters.
     """
@@ -59,21 +106,15 @@ def route(
     dead_ids: list[str | None] = []
     n = 0
     for m in messages:
-        route_of = _ROUTES.get((m.topic, partitions))
-        if route_of is None:
-            route_of = _route_of(m.topic, partitions)
-        device, suffix, part = route_of
-        if device is None:
-            d = DeadLetter(reason="schema_violation", detail=f"not a telemetry topic: {m.topic[:200]!r}",
-                           topic=m.topic, received_ms=m.received_ms, payload=m.payload[:65536])
-            dead.append(d)
-            dead_ids.append(f"{m.source_id}-0" if m.source_id else None)
+        try:
+            routed = _route_one(m, settings, partitions, now_ms)
+        except Exception as exc:  # a bug or a case nobody foresaw: it costs this message, not the worker
+            log.exception("routing a message on %r failed; dead-lettered", m.topic[:200])
+            reason = "too_deep" if isinstance(exc, RecursionError) else "malformed_json"
+            routed = 0, DecodeResult([], [_dead_letter(reason, f"cannot route: {type(exc).__name__}: {exc}"[:300], m)])
+        if routed is None:
             continue
-        enc = encoding_for(m.content_type, suffix)
-        res = decode_telemetry(
-            m.payload, device_id=device, topic=m.topic, received_ms=m.received_ms, now_ms=now_ms,
-            max_skew_ms=settings.max_skew_ms, max_bytes=settings.max_payload_bytes, encoding=enc,
-        )
+        part, res = routed
         if res.readings:
             by_part.setdefault(part, []).extend(res.readings)
             n += len(res.readings)
@@ -87,18 +128,54 @@ def route(
     for p, rs in by_part.items():
         for k, s in enumerate(range(0, len(rs), MAX_READINGS_PER_RECORD)):
             chunk = rs[s : s + MAX_READINGS_PER_RECORD]
-            records.append(
-                OutRecord(
-                    topic=READINGS_TOPIC,
-                    partition=p,
-                    value=encode_bus_batch(BusBatch(readings=chunk, produced_ms=produced)),
-                    msg_id=f"r{span}-{p}-{k}" if span else None,
-                )
-            )
+            try:
+                value = encode_bus_batch(BusBatch(readings=chunk, produced_ms=produced))
+            except Exception:  # validation should make this impossible; if not, find the culprit(s)
+                log.exception("a bus batch did not encode; encoding its readings one by one")
+                chunk, bad = _encodable(chunk)
+                n -= len(bad)
+                for j, d in enumerate(bad):
+                    dead.append(d)
+                    dead_ids.append(f"{span}-{p}-{k}-{j}" if span else None)
+                if not chunk:
+                    continue
+                value = encode_bus_batch(BusBatch(readings=chunk, produced_ms=produced))
+            records.append(OutRecord(topic=READINGS_TOPIC, partition=p, value=value,
+                                     msg_id=f"r{span}-{p}-{k}" if span else None))
     for d, did in zip(dead, dead_ids, strict=True):
-        records.append(OutRecord(topic=DLQ_TOPIC, partition=0, value=encode_dead_letter(d),
+        records.append(OutRecord(topic=DLQ_TOPIC, partition=0, value=_encode_dead(d),
                                  msg_id=f"d{did}" if did else None))
     return records, n, dead
+
+
+def _encode_dead(d: DeadLetter) -> bytes:
+    try:
+        return encode_dead_letter(d)
+    except UnicodeEncodeError:  # a lone surrogate in a topic (no MQTT client sends one; a bridge might)
+        def clean(x: str) -> str:
+            return x.encode("utf-8", "backslashreplace").decode()
+
+        return encode_dead_letter(msgspec.structs.replace(
+            d, topic=clean(d.topic), detail=clean(d.detail),
+            device_id=None if d.device_id is None else clean(d.device_id)))
+
+
+def _encodable(readings: list[Reading]) -> tuple[list[Reading], list[DeadLetter]]:
+    """The readings the bus encoder takes, and dead letters of those it refuses."""
+    ok: list[Reading] = []
+    bad: list[DeadLetter] = []
+    for r in readings:
+        try:
+            encode_bus_batch(BusBatch(readings=[r]))
+        except Exception as exc:
+            reason = "too_deep" if isinstance(exc, RecursionError) else "schema_violation"
+            bad.append(DeadLetter(reason=reason, detail=f"reading does not encode: {type(exc).__name__}"[:300],
+                                  topic=f"devices/{r.device_id}/telemetry", received_ms=r.received_ms,
+                                  payload=f"ts_ms={r.ts_ms} seq={r.seq}".encode(),
+                                  device_id=r.device_id))
+        else:
+            ok.append(r)
+    return ok, bad
 
 
 class Gateway:

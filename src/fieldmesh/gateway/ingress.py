@@ -42,7 +42,7 @@ import msgspec
 from fieldmesh.bus import load_bus
 from fieldmesh.core.errors import ConfigError
 from fieldmesh.core.topics import DEVICE_ID_RE, device_of_topic
-from fieldmesh.gateway.base import IngestMessage, IngestSource
+from fieldmesh.gateway.base import NO_DEVICE_TOPIC_PREFIX, IngestMessage, IngestSource
 
 __all__ = ["DeviceResolver", "KafkaIngestSource", "NatsSubjectSource", "load_ingest"]
 
@@ -94,8 +94,8 @@ class DeviceResolver:
             return key.decode("utf-8", errors="replace")
         try:
             peek = _peek_decoder.decode(payload)
-        except (msgspec.DecodeError, UnicodeDecodeError):
-            peek = None
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+            peek = None  # the gateway dead-letters the payload with its reason (too_deep for a RecursionError)
         if isinstance(peek, list):
             peek = peek[0] if peek else None
         if peek is not None and peek.device_id:
@@ -107,7 +107,7 @@ def _device_topic(device: str | None, source_topic: str) -> str:
     """The MQTT-shaped topic the gateway routes by (a non-telemetry topic when no device is known)."""
     if device is None or not DEVICE_ID_RE.fullmatch(device):
         shown = "" if device is None else f" {device[:130]!r}"
-        return f"ingress/{source_topic}/no valid device id{shown}"
+        return f"{NO_DEVICE_TOPIC_PREFIX}{source_topic}/no valid device id{shown}"
     return f"devices/{device}/telemetry"
 
 

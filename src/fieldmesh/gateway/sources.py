@@ -13,23 +13,29 @@ from typing import Any
 from urllib.parse import urlparse
 
 from fieldmesh.core.errors import BackendUnavailable, ConfigError
-from fieldmesh.core.topics import TELEMETRY_FILTER, TELEMETRY_SUBJECTS
+from fieldmesh.core.topics import DEVICE_SUBJECTS, DEVICE_TOPICS_FILTER, TELEMETRY_SUBJECTS, mqtt_topic_of_subject
 from fieldmesh.gateway.base import IngestMessage
 
 __all__ = ["INGEST_STREAM", "MqttSource", "NatsIngestSource"]
 
 log = logging.getLogger(__name__)
 
-#: The JetStream stream that captures device telemetry published to the embedded MQTT listener.
+#: The JetStream stream that captures what devices publish to the embedded MQTT listener: all of
+#: ``devices/#``, so that a message on an unserved topic is dead-lettered (``unknown_topic``) instead of
+#: vanishing unseen; the gateway ignores the known side topics (state, config, anomalies).
 INGEST_STREAM = "FM_INGEST"
-INGEST_SUBJECTS = [TELEMETRY_SUBJECTS, TELEMETRY_SUBJECTS + ".*"]
+INGEST_SUBJECTS = [DEVICE_SUBJECTS]
+#: What the stream captured before it took all of ``devices.>`` (a consumer on it resumes at its floor).
+_OLD_INGEST_SUBJECTS = [TELEMETRY_SUBJECTS, TELEMETRY_SUBJECTS + ".*"]
 
 
 class NatsIngestSource:
     """Device messages captured by the ``FM_INGEST`` stream (embedded mode).
 
     Devices publish over MQTT to nats-server's MQTT listener; their messages land on the subjects
-    ``devices.<id>.telemetry`` which the stream captures durably. Several gateways may fetch from
+    ``devices.<id>.telemetry`` (and ``devices.>``) which the stream captures durably. Each message's
+    topic is given back as published (nats-server's subject mapping undone, ``.`` and empty levels
+    included). Several gateways may fetch from
     the one durable consumer (explicit acks); JetStream hands each message to one of them. A
     ``sole`` gateway (``fieldmesh up``) uses ack-all, one ack per batch, and purges what it has
     acknowledged about once a second; otherwise the stream's age limit removes old messages.
@@ -53,14 +59,31 @@ class NatsIngestSource:
         await self._bus.ensure_stream(INGEST_STREAM, INGEST_SUBJECTS, retention_s=self._retention_s)
         self._consumer = await self._bus.raw_consumer(INGEST_STREAM, self._durable, INGEST_SUBJECTS,
                                                       ack_wait_s=30.0, reset_pending=self._sole,
-                                                      ack_all=self._sole)
+                                                      ack_all=self._sole, start_seq=await self._resume_seq())
+
+    async def _resume_seq(self) -> int | None:
+        """Where a consumer made before the stream took all of ``devices.>`` resumes: after its floor.
+
+        The new filter is a superset of the old one and the stream held nothing else before, so every
+        message up to the floor was acknowledged; starting from 1 would only redeliver them.
+        """
+        import nats.js.errors
+
+        try:
+            info = await self._bus.js.consumer_info(INGEST_STREAM, self._durable)
+        except nats.js.errors.NotFoundError:
+            return None
+        old = sorted(info.config.filter_subjects or [info.config.filter_subject or ""])
+        if old != sorted(_OLD_INGEST_SUBJECTS):
+            return None
+        return (info.ack_floor.stream_seq if info.ack_floor else 0) + 1
 
     async def fetch(self, max_messages: int, timeout_s: float) -> list[IngestMessage]:
-        """Fetch raw device messages."""
+        """Fetch raw device messages, with their topics as published."""
         recs = await self._consumer.fetch(max_messages, timeout_s)
         return [
             IngestMessage(
-                topic=r.handle.subject.replace(".", "/"),
+                topic=mqtt_topic_of_subject(r.handle.subject),
                 payload=r.value,
                 received_ms=r.timestamp_ms,
                 content_type=r.headers.get("Content-Type") if r.headers else None,
@@ -131,7 +154,8 @@ class MqttSource:
         self.protocol = "5"
 
     def _filters(self) -> list[str]:
-        base = [TELEMETRY_FILTER, TELEMETRY_FILTER + "/+"]
+        # All of devices/#: an unserved topic is dead-lettered (unknown_topic), never dropped unseen.
+        base = [DEVICE_TOPICS_FILTER]
         if self._share and self.protocol == "5":
             return [f"$share/{self._share}/{f}" for f in base]
         return base

@@ -19,9 +19,14 @@ from pathlib import Path
 from fieldmesh.core.errors import BackendUnavailable, ConfigError
 from fieldmesh.runtime.procs import child_preexec
 
-__all__ = ["EmbeddedNats", "find_nats_server", "free_port", "port_in_use"]
+__all__ = ["MAX_PAYLOAD_BYTES", "EmbeddedNats", "find_nats_server", "free_port", "port_in_use"]
 
 MIN_VERSION = (2, 10, 0)
+#: The largest message the embedded nats-server takes. nats-server's ceiling is 64 MiB, but JetStream's
+#: file store refuses records over 32 MiB (subject and headers included; filestore.go ``rlBadThresh``): a
+#: QoS 1 MQTT message between the two is refused at store time instead ("message too large"). Staying
+#: 128 KiB under 32 MiB makes every refusal the same one, ``maximum payload exceeded``, before JetStream.
+MAX_PAYLOAD_BYTES = 32 * 1024 * 1024 - 128 * 1024
 
 
 def _version(binary: str) -> tuple[int, ...]:
@@ -95,7 +100,12 @@ class EmbeddedNats:
         lines = [
             f'server_name: "fieldmesh_{self.port}"',
             f'listen: "{self.host}:{self.port}"',
-            "max_payload: 8MB",
+            # Far above the 8 MB default (nats-server warns about it): a device message up to this size
+            # reaches the gateway, which dead-letters what exceeds gateway.max_payload_bytes as too_large.
+            # Larger MQTT packets are refused by nats-server itself, which closes the connection without
+            # a PUBACK (docs/pipeline.md). max_pending lets such messages through to a consumer.
+            f"max_payload: {MAX_PAYLOAD_BYTES}",
+            f"max_pending: {4 * MAX_PAYLOAD_BYTES}",
             "jetstream {",
             f'  store_dir: "{self.store_dir}"',
             f"  sync_interval: {self.fsync}" if self.fsync == "always" else f'  sync_interval: "{self.fsync}"',

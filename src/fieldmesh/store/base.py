@@ -55,6 +55,11 @@ class StoreStats:
         """Every reading or payload that reached the pipeline."""
         return self.stored + self.duplicates + sum(self.dead_lettered.values())
 
+    @property
+    def unrouted(self) -> int:
+        """Messages on topics no stage serves (dead-lettered as ``unknown_topic``)."""
+        return self.dead_lettered.get("unknown_topic", 0)
+
 
 class HotStore(Protocol):
     """Raw readings, rollups, dead letters and positions, written one transaction per batch."""

@@ -25,8 +25,6 @@ import time
 from collections.abc import Sequence
 from typing import Protocol
 
-import msgspec
-
 from fieldmesh.bus.base import Bus, BusRecord, Consumer
 from fieldmesh.core.codec import decode_bus_batch, decode_dead_letter
 from fieldmesh.core.model import DeadLetter, Reading
@@ -119,15 +117,18 @@ class Processor:
                 self.stats.skipped += 1
                 continue
             positions[pos] = max(positions.get(pos, -1), rec.offset)
+            # A record that does not decode (corrupt, or nested past the decoder's recursion limit) is
+            # dead-lettered and its position committed: redelivering it would fail the same way forever.
             if rec.topic == DLQ_TOPIC:
                 try:
                     dead.append(decode_dead_letter(rec.value))
-                except msgspec.DecodeError as exc:
+                except Exception as exc:
+                    self.stats.corrupt += 1
                     dead.append(_corrupt(rec, exc))
                 continue
             try:
                 batch = decode_bus_batch(rec.value)
-            except msgspec.DecodeError as exc:
+            except Exception as exc:
                 self.stats.corrupt += 1
                 dead.append(_corrupt(rec, exc))
                 continue
@@ -238,8 +239,8 @@ def _wants_explicit(bus: Bus) -> bool:
 
 def _corrupt(rec: BusRecord, exc: Exception) -> DeadLetter:
     return DeadLetter(
-        reason="schema_violation",
-        detail=f"corrupt bus record {rec.topic}[{rec.partition}]@{rec.offset}: {exc}"[:300],
+        reason="too_deep" if isinstance(exc, RecursionError) else "schema_violation",
+        detail=f"corrupt bus record {rec.topic}[{rec.partition}]@{rec.offset}: {type(exc).__name__}: {exc}"[:300],
         topic=f"{rec.topic}.{rec.partition}",
         received_ms=int(time.time() * 1000),
         payload=rec.value[:65536],
