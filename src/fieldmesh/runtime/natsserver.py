@@ -82,6 +82,7 @@ class EmbeddedNats:
         self.store_dir = store_dir
         self.port = port or free_port()
         self.mqtt_port = mqtt_port
+        self.mqtt_port_closed: int | None = None  # the MQTT port while the door is closed (disk low)
         self.fsync = fsync
         self.host = host
         self.proc: subprocess.Popen[bytes] | None = None
@@ -90,6 +91,15 @@ class EmbeddedNats:
     def url(self) -> str:
         """Client URL of the server."""
         return f"nats://{self.host}:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        """The server's log file (appended to across restarts)."""
+        return self.store_dir / "nats-server.log"
+
+    def alive(self) -> bool:
+        """The server process is running."""
+        return self.proc is not None and self.proc.poll() is None
 
     def _config(self) -> str:
         lines = [
@@ -106,24 +116,28 @@ class EmbeddedNats:
         return "\n".join(lines) + "\n"
 
     def start(self, *, timeout_s: float = 20.0) -> None:
-        """Start the server and wait until it accepts connections."""
+        """Start the server and wait until it accepts connections.
+
+        A restart uses the same ports and store dir, so clients reconnect to the same address and
+        JetStream recovers every stream and consumer position it had.
+        """
         binary = find_nats_server()
         self.store_dir.mkdir(parents=True, exist_ok=True)
         conf = self.store_dir / "nats-server.conf"
         conf.write_text(self._config())
-        log = open(self.store_dir / "nats-server.log", "ab")  # noqa: SIM115 - owned by the child
-        self.proc = subprocess.Popen(
-            [binary, "-c", str(conf)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=child_preexec,
-            start_new_session=True,  # Ctrl-C reaches the supervisor only; it stops children in order
-        )
+        with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(
+                [binary, "-c", str(conf)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=child_preexec,
+                start_new_session=True,  # Ctrl-C reaches the supervisor only; it stops children in order
+            )
         deadline = time.monotonic() + timeout_s
         ports = [self.port] + ([self.mqtt_port] if self.mqtt_port else [])
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                tail = (self.store_dir / "nats-server.log").read_text(errors="replace")[-1500:]
+                tail = self.log_path.read_text(errors="replace")[-1500:]
                 raise BackendUnavailable(f"nats-server exited with {self.proc.returncode}:\n{tail}")
             if all(_accepts(self.host, p) for p in ports):
                 return
