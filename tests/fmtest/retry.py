@@ -67,7 +67,7 @@ class RetryingPublisher:
                 n = sum(1 for m in mids if m in self.acked_mids)
                 if n == len(mids):
                     break
-                if n != last:
+                if n != last or not self.c.is_connected():  # paho sends its queue once reconnected
                     last, since = n, time.monotonic()
                 elif time.monotonic() - since > self.settle_s:
                     break  # acknowledgements stopped: what is missing gets published again

@@ -1,0 +1,125 @@
+"""A full disk under ``fieldmesh up`` (data dir on a 64 MiB tmpfs): nothing acknowledged is lost.
+
+nats-server's MQTT listener acknowledges a QoS 1 publish once its own ``$MQTT_msgs`` store took it,
+whatever happens to the stream that captures it (FM_INGEST): on a full disk it PUBACKs and loses.
+So the supervisor closes the MQTT door while free space is below the reserve; the device keeps its
+readings and retries. The processor meets the full disk in SQLite: it retries the batch, acks
+nothing, and /health says why.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from e2e.dataset import make_stream
+from faults.test_kill9 import check_exact, child_of, health
+from fmtest.faults import FaultReport
+from fmtest.procs import Up
+from fmtest.retry import RetryingPublisher
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 64 MiB tmpfs (root may mount one: the fault suite runs as root in CI)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.fail(f"cannot mount a 64 MiB tmpfs (run the fault suite as root): {r.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def fill(disk: Path, leave_bytes: int) -> Path:
+    """Write a filler file until only about ``leave_bytes`` are free (0: until ENOSPC)."""
+    path = disk / "filler"
+    chunk = b"\0" * (256 * 1024)
+    with open(path, "ab") as f:
+        try:
+            while True:
+                st = os.statvfs(disk)
+                if st.f_bavail * st.f_frsize <= leave_bytes + len(chunk):
+                    break
+                f.write(chunk)
+                f.flush()
+        except OSError:
+            pass  # the disk is full
+    return path
+
+
+def door_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def wait(pred: object, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pred():  # type: ignore[operator]
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_disk_full_loses_nothing_acknowledged(small_disk: Path) -> None:
+    prefix = f"df{uuid.uuid4().hex[:6]}"
+    stream = make_stream(prefix, devices=20, per_device=150, seed=21)
+    msgs = stream["messages"]
+    up = Up(small_disk / "data", env={"FIELDMESH__RUNTIME__DISK_RESERVE_MB": "16",
+                                      "FIELDMESH__RUNTIME__STALL_AFTER_S": "3"}).start()
+    try:
+        dev = RetryingPublisher(up.mqtt_port, settle_s=2.0).connect()
+        third = len(msgs) // 3
+        assert dev.send(msgs[:third]) == third
+        up.wait_for(lambda s: sum(s["lag"].values()) == 0 and s["received"] > 0)
+        proc = child_of(up, "processor")
+        assert proc is not None
+        os.kill(proc.pid, signal.SIGSTOP)  # readings pile up in the bus, to meet the full disk in SQLite
+        assert dev.send(msgs[third : 2 * third]) == third
+        up.wait_for(lambda s: s["lag"].get("gateway", 1) == 0, timeout_s=30)
+        filler = fill(small_disk, 0)  # the disk is full: below the reserve, and SQLite cannot write
+        wait(lambda: health(up).get("disk", "ok").startswith("low"), 10, "/health disk: low")
+        wait(lambda: not door_open(up.mqtt_port), 10, "the MQTT door to close")
+        h = health(up)
+        assert h["status"] == "degraded", h
+        rest: list[int] = []
+        t = threading.Thread(target=lambda: rest.append(dev.send(msgs[2 * third :], timeout_s=120)), daemon=True)
+        t.start()  # the device keeps trying while the door is closed
+        os.kill(proc.pid, signal.SIGCONT)
+        wait(lambda: "store write failed" in str(health(up).get("processor")), 20,
+             "/health processor: stalled, naming the store write failure")
+        h_full = health(up)
+        time.sleep(2)
+        assert child_of(up, "processor").pid == proc.pid  # retrying in place: no crash, no restart loop
+        filler.unlink()  # space comes back
+        wait(lambda: door_open(up.mqtt_port), 15, "the MQTT door to open again")
+        t.join(120)
+        assert rest == [len(msgs) - 2 * third]
+        stats = check_exact(up, stream["sent"])
+        wait(lambda: health(up)["status"] == "ok", 20, "/health ok again")
+        FaultReport("disk full (64 MiB tmpfs): door closed, SQLite full, then space back", sent=len(msgs),
+                    acknowledged=2 * third + rest[0], stored=stats["stored"], duplicates=stats["duplicates"],
+                    counted_losses={k: v for k, v in stats["dead_lettered"].items() if k != "total"}).show()
+        print(f"[fault] /health while full: disk={h_full.get('disk')!r} processor={h_full.get('processor')!r}")
+        dev.close()
+    finally:
+        assert up.stop() == 0, up.tail()
+    log = " ".join((small_disk / "data-up.log").read_text(errors="replace").split())  # the console wraps lines
+    assert "the MQTT door is closed" in log and "the MQTT door is open again" in log
