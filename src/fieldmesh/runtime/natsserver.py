@@ -78,6 +78,7 @@ class EmbeddedNats:
         mqtt_port: int | None = None,
         fsync: str = "2m",
         host: str = "127.0.0.1",
+        disk_reserve: int = 0,
     ) -> None:
         self.store_dir = store_dir
         self.port = port or free_port()
@@ -85,6 +86,8 @@ class EmbeddedNats:
         self.mqtt_port_closed: int | None = None  # the MQTT port while the door is closed (disk low)
         self.fsync = fsync
         self.host = host
+        self.disk_reserve = disk_reserve
+        self.max_file_store: int | None = None  # JetStream's file budget, set at each start
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -108,6 +111,7 @@ class EmbeddedNats:
             "max_payload: 8MB",
             "jetstream {",
             f'  store_dir: "{self.store_dir}"',
+            *([f"  max_file_store: {self.max_file_store}"] if self.max_file_store is not None else []),
             f"  sync_interval: {self.fsync}" if self.fsync == "always" else f'  sync_interval: "{self.fsync}"',
             "}",
         ]
@@ -123,6 +127,8 @@ class EmbeddedNats:
         """
         binary = find_nats_server()
         self.store_dir.mkdir(parents=True, exist_ok=True)
+        if self.disk_reserve:
+            self.max_file_store = self.file_budget()
         conf = self.store_dir / "nats-server.conf"
         conf.write_text(self._config())
         with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
@@ -144,6 +150,20 @@ class EmbeddedNats:
             time.sleep(0.05)
         self.stop()
         raise BackendUnavailable(f"nats-server did not start within {timeout_s}s")
+
+    def file_store_used(self) -> int:
+        """Bytes JetStream's files take on disk now."""
+        return sum(f.stat().st_size for f in (self.store_dir / "jetstream").rglob("*") if f.is_file())
+
+    def file_budget(self) -> int:
+        """What JetStream may store on disk: what it holds now plus the free space above the reserve.
+
+        Past this budget JetStream refuses writes *synchronously*: its MQTT listener then withholds
+        the PUBACK (and closes the connection), so the device keeps the message and retries. A disk
+        that runs full under JetStream instead fails its writes after they were acknowledged.
+        """
+        st = os.statvfs(self.store_dir)
+        return max(self.file_store_used() + (st.f_bavail * st.f_frsize) - self.disk_reserve, 1 << 20)
 
     def stop(self, *, timeout_s: float = 10.0) -> None:
         """Stop the server (SIGTERM, then SIGKILL)."""

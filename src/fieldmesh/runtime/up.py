@@ -154,7 +154,7 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
             # The embedded nats-server is the bus, or (with --bus-url) only the MQTT door and the
             # FM_INGEST stream that captures what devices publish, before the gateway forwards it.
             nats = EmbeddedNats(store_dir=data_dir / "nats", mqtt_port=None if opts.mqtt_url else opts.mqtt_port,
-                                fsync=settings.bus.fsync)
+                                fsync=settings.bus.fsync, disk_reserve=policy.disk_reserve_mb * 2**20)
             await asyncio.to_thread(nats.start)
         bus_url = opts.bus_url or (nats.url if nats else "")
         door_url = nats.url if nats is not None and opts.mqtt_url is None else None  # where FM_INGEST lives
@@ -373,36 +373,53 @@ def _gave_up_nats(nats: EmbeddedNats, console: Any) -> str:
 
 async def _watch_disk(nats: EmbeddedNats, data_dir: Path, reserve: int, closed: str | None,
                       console: Any) -> str | None:
-    """Close the MQTT door while the data dir's disk is below its reserve, open it when space is back.
+    """Guard the disk of the data dir; return what /health should say about it (None: ok).
 
-    nats-server's MQTT listener acknowledges a QoS 1 publish once its own ``$MQTT_msgs`` store
-    accepted it, not once the streams capturing the subject (FM_INGEST) stored it: a full disk
-    there would lose acknowledged readings. Closing the door (restarting nats-server without its
-    MQTT listener) makes devices keep their readings and retry; everything already captured drains.
+    nats-server's MQTT listener acknowledges a QoS 1 publish once its own ``$MQTT_msgs`` store took
+    it, not once the stream capturing the subject (FM_INGEST) stored it; on a full disk the write
+    fails after the acknowledgement, and the reading is lost. Two guards keep that from happening:
 
-    Returns:
-        Why the door is closed, or None when it is open.
+    - JetStream's file budget (``max_file_store``, set at each start to what it holds plus the free
+      space above the reserve): past it, JetStream refuses at once, so the device gets no PUBACK and
+      retries. When space comes back while JetStream is at its budget, nats-server is restarted with
+      a larger one.
+    - Below the reserve (other files grew, such as the SQLite store), the MQTT door is closed
+      (nats-server restarted without its MQTT listener) until free space is 1.5 x the reserve.
     """
     free = free_bytes(data_dir)
     mib = 2**20
-    if closed is None and free < reserve and nats.mqtt_port:
+    budget = nats.max_file_store or 0
+    used = nats.file_store_used() if budget else 0
+    restart = False
+    if nats.mqtt_port and free < reserve:
         closed = (f"low: {free // mib} MiB free on {data_dir}, below the reserve of {reserve // mib} MiB "
                   f"(FIELDMESH__RUNTIME__DISK_RESERVE_MB): the MQTT door is closed until space is freed")
         console.print(f"[bold red]disk {closed}[/]")
         log.error("disk %s", closed)
-        door_port, nats.mqtt_port = nats.mqtt_port, None
-        nats.stop()
-        nats.mqtt_port_closed = door_port
-        with contextlib.suppress(FieldmeshError):
-            await asyncio.to_thread(nats.start)
-    elif closed is not None and free >= reserve * 3 // 2 and nats.mqtt_port_closed:
+        nats.mqtt_port, nats.mqtt_port_closed = None, nats.mqtt_port
+        restart = True
+    elif nats.mqtt_port_closed and free >= reserve * 3 // 2:
         console.print(f"disk: {free // mib} MiB free again on {data_dir}: the MQTT door is open again")
-        log.warning("disk space is back (%d MiB free): MQTT door open", free // mib)
+        log.warning("disk space is back (%d MiB free): the MQTT door is open again", free // mib)
         nats.mqtt_port, nats.mqtt_port_closed = nats.mqtt_port_closed, None
+        closed, restart = None, True
+    elif nats.mqtt_port and budget and used >= budget - mib:
+        if nats.file_budget() >= budget + max(reserve // 2, mib):
+            console.print(f"disk: space is back on {data_dir}: raising JetStream's budget (restarting nats-server)")
+            log.warning("disk space is back: raising JetStream's file budget")
+            closed, restart = None, True
+        elif closed is None:
+            closed = (f"full: JetStream holds {used // mib} MiB, its budget on {data_dir} (free space minus the "
+                      f"reserve of {reserve // mib} MiB): devices get no PUBACK and retry until space is freed")
+            console.print(f"[bold red]disk {closed}[/]")
+            log.error("disk %s", closed)
+    elif nats.mqtt_port and closed is not None:
+        log.warning("disk: JetStream is below its budget again")
+        closed = None
+    if restart:
         nats.stop()
         with contextlib.suppress(FieldmeshError):
             await asyncio.to_thread(nats.start)
-        closed = None
     return closed
 
 
