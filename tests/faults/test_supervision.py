@@ -31,7 +31,7 @@ def wait_health(up: Up, pred: Any, timeout_s: float) -> dict[str, Any]:
         if pred(h):
             return h
         time.sleep(0.2)
-    raise AssertionError(f"/health never matched: {h}")
+    raise AssertionError(f"/health never matched: {h}; stats {up.get('/stats')}")
 
 
 def http_status(up: Up) -> int:
@@ -105,3 +105,31 @@ def test_a_worker_that_cannot_start_is_stopped_and_reported_not_restarted_foreve
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
+
+
+def test_readings_published_as_soon_as_the_door_opens_are_stored(tmp_path: Path) -> None:
+    # The MQTT listener PUBACKs whether or not a stream captures the subject: FM_INGEST must exist
+    # before the door opens, not once the gateway gets round to creating it.
+    from fmtest.retry import RetryingPublisher
+
+    prefix = f"ea{uuid.uuid4().hex[:6]}"
+    stream = make_stream(prefix, devices=5, per_device=20, seed=2)
+    up = Up(tmp_path / "data")
+    args = [sys.executable, "-m", "fieldmesh", "up", "--data-dir", str(up.data_dir), "--mqtt-port",
+            str(up.mqtt_port), "--http-port", str(up.http_port)]
+    up.data_dir.mkdir()
+    with open(tmp_path / "data-up.log", "wb") as out:
+        up.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        dev = RetryingPublisher(up.mqtt_port).connect(timeout_s=60)  # the moment the port accepts
+        acked = dev.send(stream["messages"])
+        assert acked == len(stream["messages"])
+        uniq = oracle.unique_readings(stream["sent"])
+        wait_health(up, lambda h: h["status"] == "ok", 60)
+        stats = up.wait_for(lambda s: s["stored"] >= len(uniq), timeout_s=30)
+        assert stats["stored"] == len(uniq), stats
+        FaultReport("publishing as soon as the MQTT door opens", sent=len(stream["messages"]), acknowledged=acked,
+                    stored=stats["stored"], duplicates=stats["duplicates"]).show()
+        dev.close()
+    finally:
+        assert up.stop() == 0, up.tail()

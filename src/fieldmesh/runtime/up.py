@@ -28,7 +28,7 @@ from fieldmesh.bus import TopicSpec, load_bus
 from fieldmesh.core.errors import ConfigError, FieldmeshError
 from fieldmesh.core.settings import RuntimeSettings, Settings
 from fieldmesh.core.topics import DLQ_TOPIC, READINGS_TOPIC
-from fieldmesh.gateway.sources import INGEST_STREAM
+from fieldmesh.gateway.sources import INGEST_STREAM, INGEST_SUBJECTS
 from fieldmesh.runtime.enrichment import join_topic, source_database
 from fieldmesh.runtime.natsserver import EmbeddedNats, free_port, port_in_use
 from fieldmesh.runtime.procs import child_preexec
@@ -155,7 +155,7 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
             # FM_INGEST stream that captures what devices publish, before the gateway forwards it.
             nats = EmbeddedNats(store_dir=data_dir / "nats", mqtt_port=None if opts.mqtt_url else opts.mqtt_port,
                                 fsync=settings.bus.fsync, disk_reserve=policy.disk_reserve_mb * 2**20)
-            await asyncio.to_thread(nats.start)
+            await _start_door(nats, settings)
         bus_url = opts.bus_url or (nats.url if nats else "")
         door_url = nats.url if nats is not None and opts.mqtt_url is None else None  # where FM_INGEST lives
         bus_name = "bus" if door_url is None or door_url == bus_url else "door"  # the nats-server's health key
@@ -333,6 +333,24 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
     summary = _summary(load_store(store_url, readonly=True), time.monotonic() - t_start)
     _print_summary(console, summary)
     return summary
+
+
+async def _start_door(nats: EmbeddedNats, settings: Settings) -> None:
+    """Start nats-server with FM_INGEST in place before its MQTT listener opens.
+
+    The listener PUBACKs a QoS 1 publish whether or not a stream captures the subject: a device
+    publishing before FM_INGEST exists would be acknowledged and lost. So the server starts without
+    the listener, the stream is created (or checked), then the server restarts with it.
+    """
+    mqtt_port, nats.mqtt_port = nats.mqtt_port, None
+    await asyncio.to_thread(nats.start)
+    if mqtt_port is None:
+        return
+    async with load_bus(nats.url) as b:
+        await b.ensure_stream(INGEST_STREAM, INGEST_SUBJECTS, retention_s=settings.bus.retention_s)  # type: ignore[attr-defined]
+    nats.stop()
+    nats.mqtt_port = mqtt_port
+    await asyncio.to_thread(nats.start)
 
 
 async def _restart_nats(nats: EmbeddedNats, restarts: Restarts, console: Any) -> str | None:
