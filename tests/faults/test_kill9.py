@@ -109,7 +109,8 @@ def test_kill9_mid_stream_is_exact(tmp_path: Path, victim: str) -> None:
         assert not t.is_alive()
         assert acked[0] == len(msgs)
         stats = check_exact(up, stream["sent"])
-        FaultReport(f"kill -9 {victim} mid-stream", sent=len(msgs), acknowledged=acked[0],
+        FaultReport(f"kill -9 {victim} mid-stream", sent=len(stream["sent"]),
+                    acknowledged=len(stream["sent"]),
                     stored=stats["stored"], duplicates=stats["duplicates"],
                     counted_losses={k: v for k, v in stats["dead_lettered"].items() if k != "total"}).show()
         print(f"[fault] health states seen for {victim}: {sorted(seen)}; publishes {dev.publishes}")

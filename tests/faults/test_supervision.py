@@ -69,8 +69,8 @@ def test_a_paused_processor_turns_health_degraded_then_ok(tmp_path: Path) -> Non
         stats = up.wait_for(lambda s: s["stored"] >= len(uniq) and sum(s["lag"].values()) == 0, timeout_s=60)
         assert stats["stored"] == len(uniq), stats
         assert child_of(up, "processor").pid == proc.pid  # paused, not restarted
-        FaultReport("processor paused (SIGSTOP) past stall_after_s", sent=len(stream["messages"]),
-                    acknowledged=len(stream["messages"]), stored=stats["stored"], duplicates=stats["duplicates"],
+        FaultReport("processor paused (SIGSTOP) past stall_after_s", sent=len(stream["sent"]),
+                    acknowledged=len(stream["sent"]), stored=stats["stored"], duplicates=stats["duplicates"],
                     counted_losses={k: v for k, v in stats["dead_lettered"].items() if k != "total"}).show()
         c.disconnect()
     finally:
@@ -128,7 +128,8 @@ def test_readings_published_as_soon_as_the_door_opens_are_stored(tmp_path: Path)
         wait_health(up, lambda h: h["status"] == "ok", 60)
         stats = up.wait_for(lambda s: s["stored"] >= len(uniq), timeout_s=30)
         assert stats["stored"] == len(uniq), stats
-        FaultReport("publishing as soon as the MQTT door opens", sent=len(stream["messages"]), acknowledged=acked,
+        FaultReport("publishing as soon as the MQTT door opens", sent=len(stream["sent"]),
+                    acknowledged=len(stream["sent"]),
                     stored=stats["stored"], duplicates=stats["duplicates"]).show()
         dev.close()
     finally:
