@@ -341,11 +341,18 @@ class NatsBus:
         return await self.raw_pending(stream_name(topic), group)
 
     async def raw_pending(self, stream: str, durable: str) -> int:
-        """Lag of a durable consumer: pending plus delivered-but-unacknowledged."""
+        """Lag of a durable consumer: pending plus delivered-but-unacknowledged.
+
+        A consumer not created yet has acknowledged nothing: its lag is every message in the stream
+        (0 when the stream does not exist either), as Kafka counts a group without commits.
+        """
         try:
             info = await self.js.consumer_info(stream, _SAFE.sub("_", durable))
         except nats.js.errors.NotFoundError:
-            return 0
+            try:
+                return int((await self.js.stream_info(stream)).state.messages or 0)
+            except nats.js.errors.NotFoundError:
+                return 0
         return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
 
     async def stream_info(self, stream: str) -> Any:

@@ -21,6 +21,7 @@ __all__ = [
     "EnrichSettings",
     "GatewaySettings",
     "ProcessorSettings",
+    "RuntimeSettings",
     "Settings",
     "load_settings",
     "parse_enrich_spec",
@@ -52,6 +53,18 @@ class ProcessorSettings(BaseModel, frozen=True):
     fetch_max: int = Field(256, gt=0, description="bus messages per transaction")
     fetch_timeout_s: float = Field(0.05, gt=0)
     grace_ms: int = Field(5_000, ge=0, description="lateness allowed before a window counts as emitted")
+
+
+class RuntimeSettings(BaseModel, frozen=True):
+    """How ``fieldmesh up`` supervises its processes and judges their health."""
+
+    restart_max_s: float = Field(5.0, gt=0, description="cap of the backoff between restarts of a process")
+    start_failures: int = Field(5, ge=1, description="exits in a row within start_grace_s before giving up")
+    start_grace_s: float = Field(10.0, gt=0, description="an exit this soon after a start is a start failure")
+    stall_after_s: float = Field(15.0, gt=0, description="lag with no progress this long turns /health degraded")
+    disk_reserve_mb: int = Field(
+        64, ge=0, description="free space kept on the data dir's disk: below it the MQTT door closes"
+    )
 
 
 class EnrichJoinSpec(BaseModel, frozen=True):
@@ -176,6 +189,7 @@ class Settings(BaseSettings):
     processor: ProcessorSettings = ProcessorSettings()
     enrich: EnrichSettings = EnrichSettings()
     cdc: CdcSettings = CdcSettings()
+    runtime: RuntimeSettings = RuntimeSettings()
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -83,18 +83,31 @@ class EmbeddedNats:
         mqtt_port: int | None = None,
         fsync: str = "2m",
         host: str = "127.0.0.1",
+        disk_reserve: int = 0,
     ) -> None:
         self.store_dir = store_dir
         self.port = port or free_port()
         self.mqtt_port = mqtt_port
+        self.mqtt_port_closed: int | None = None  # the MQTT port while the door is closed (disk low)
         self.fsync = fsync
         self.host = host
+        self.disk_reserve = disk_reserve
+        self.max_file_store: int | None = None  # JetStream's file budget, set at each start
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         """Client URL of the server."""
         return f"nats://{self.host}:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        """The server's log file (appended to across restarts)."""
+        return self.store_dir / "nats-server.log"
+
+    def alive(self) -> bool:
+        """The server process is running."""
+        return self.proc is not None and self.proc.poll() is None
 
     def _config(self) -> str:
         lines = [
@@ -108,6 +121,7 @@ class EmbeddedNats:
             f"max_pending: {4 * MAX_PAYLOAD_BYTES}",
             "jetstream {",
             f'  store_dir: "{self.store_dir}"',
+            *([f"  max_file_store: {self.max_file_store}"] if self.max_file_store is not None else []),
             f"  sync_interval: {self.fsync}" if self.fsync == "always" else f'  sync_interval: "{self.fsync}"',
             "}",
         ]
@@ -116,30 +130,50 @@ class EmbeddedNats:
         return "\n".join(lines) + "\n"
 
     def start(self, *, timeout_s: float = 20.0) -> None:
-        """Start the server and wait until it accepts connections."""
+        """Start the server and wait until it accepts connections.
+
+        A restart uses the same ports and store dir, so clients reconnect to the same address and
+        JetStream recovers every stream and consumer position it had.
+        """
         binary = find_nats_server()
         self.store_dir.mkdir(parents=True, exist_ok=True)
+        if self.disk_reserve:
+            self.max_file_store = self.file_budget()
         conf = self.store_dir / "nats-server.conf"
         conf.write_text(self._config())
-        log = open(self.store_dir / "nats-server.log", "ab")  # noqa: SIM115 - owned by the child
-        self.proc = subprocess.Popen(
-            [binary, "-c", str(conf)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=child_preexec,
-            start_new_session=True,  # Ctrl-C reaches the supervisor only; it stops children in order
-        )
+        with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(
+                [binary, "-c", str(conf)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=child_preexec,
+                start_new_session=True,  # Ctrl-C reaches the supervisor only; it stops children in order
+            )
         deadline = time.monotonic() + timeout_s
         ports = [self.port] + ([self.mqtt_port] if self.mqtt_port else [])
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                tail = (self.store_dir / "nats-server.log").read_text(errors="replace")[-1500:]
+                tail = self.log_path.read_text(errors="replace")[-1500:]
                 raise BackendUnavailable(f"nats-server exited with {self.proc.returncode}:\n{tail}")
             if all(_accepts(self.host, p) for p in ports):
                 return
             time.sleep(0.05)
         self.stop()
         raise BackendUnavailable(f"nats-server did not start within {timeout_s}s")
+
+    def file_store_used(self) -> int:
+        """Bytes JetStream's files take on disk now."""
+        return sum(f.stat().st_size for f in (self.store_dir / "jetstream").rglob("*") if f.is_file())
+
+    def file_budget(self) -> int:
+        """What JetStream may store on disk: what it holds now plus the free space above the reserve.
+
+        Past this budget JetStream refuses writes *synchronously*: its MQTT listener then withholds
+        the PUBACK (and closes the connection), so the device keeps the message and retries. A disk
+        that runs full under JetStream instead fails its writes after they were acknowledged.
+        """
+        st = os.statvfs(self.store_dir)
+        return max(self.file_store_used() + (st.f_bavail * st.f_frsize) - self.disk_reserve, 1 << 20)
 
     def stop(self, *, timeout_s: float = 10.0) -> None:
         """Stop the server (SIGTERM, then SIGKILL)."""

@@ -25,12 +25,14 @@ from pathlib import Path
 from typing import IO, Any, Final
 
 from fieldmesh.bus import TopicSpec, load_bus
-from fieldmesh.core.errors import ConfigError
-from fieldmesh.core.settings import Settings
+from fieldmesh.core.errors import ConfigError, FieldmeshError
+from fieldmesh.core.settings import RuntimeSettings, Settings
 from fieldmesh.core.topics import DLQ_TOPIC, READINGS_TOPIC
+from fieldmesh.gateway.sources import INGEST_STREAM, INGEST_SUBJECTS
 from fieldmesh.runtime.enrichment import join_topic, source_database
 from fieldmesh.runtime.natsserver import EmbeddedNats, free_port, port_in_use
 from fieldmesh.runtime.procs import child_preexec
+from fieldmesh.runtime.supervise import Restarts, StallWatch, free_bytes
 from fieldmesh.runtime.worker import ensure_topics
 from fieldmesh.store import StoreStats, default_store_url, load_store
 
@@ -65,17 +67,21 @@ class UpOptions:
 
 
 class _Child:
-    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None,
+                 policy: RuntimeSettings | None = None) -> None:
         self.name = name
         self.argv = argv
         self.log_path = log_path
         self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
-        self.restarts = 0
+        self.restarts = Restarts(policy or RuntimeSettings())
         self.failed: str | None = None  # why it is left stopped (an error a restart cannot fix)
         self._log: IO[bytes] | None = None
 
     def start(self) -> None:
+        if self._log is not None:
+            self._log.close()
+        self.restarts.started()
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - kept open for the child
         # Own session: Ctrl-C reaches the supervisor only, which stops the children in order (drain first).
         self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
@@ -160,19 +166,22 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
     logs = data_dir / "logs"
     logs.mkdir(exist_ok=True)
     settings = _with_cdc_database(opts.settings)
+    policy = settings.runtime
     nats: EmbeddedNats | None = None
     children: list[_Child] = []
     sim: _Child | None = None
     server: Any = None
     t_start = time.monotonic()
     try:
-        if opts.bus_url is None:
+        if opts.bus_url is None or opts.mqtt_url is None:
+            # The embedded nats-server is the bus, or (with --bus-url) only the MQTT door and the
+            # FM_INGEST stream that captures what devices publish, before the gateway forwards it.
             nats = EmbeddedNats(store_dir=data_dir / "nats", mqtt_port=None if opts.mqtt_url else opts.mqtt_port,
-                                fsync=settings.bus.fsync)
-            await asyncio.to_thread(nats.start)
-            bus_url = nats.url
-        else:
-            bus_url = opts.bus_url
+                                fsync=settings.bus.fsync, disk_reserve=policy.disk_reserve_mb * 2**20)
+            await _start_door(nats, settings)
+        bus_url = opts.bus_url or (nats.url if nats else "")
+        door_url = nats.url if nats is not None and opts.mqtt_url is None else None  # where FM_INGEST lives
+        bus_name = "bus" if door_url is None or door_url == bus_url else "door"  # the nats-server's health key
         store_url = opts.store_url or default_store_url(data_dir)
         store = load_store(store_url)  # creates or checks the schema before anything writes
         at_start = store.stats()  # before any worker runs: the summary's "this run" is the difference
@@ -181,7 +190,10 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
                                                            "pid": os.getpid()}))
         # the CDC source URL (it may hold a password) goes to the capture alone, through its environment
         cfg_settings = json.loads(settings.model_dump_json(exclude={"data_dir", "cdc"}))
-        async with load_bus(bus_url) as bus:
+        async with contextlib.AsyncExitStack() as stack:
+            bus = await stack.enter_async_context(load_bus(bus_url))
+            door: Any = (bus if door_url in (None, bus_url)
+                         else await stack.enter_async_context(load_bus(door_url or "")))
             await ensure_topics(bus, settings)
             if settings.cdc.source is not None:
                 cdc = await _start_cdc(bus, bus_url, settings, data_dir, logs)
@@ -189,13 +201,14 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
                 console.print(f"CDC: tables {settings.cdc.tables} captured into the bus "
                               f"(snapshot done; log {cdc.log_path})")
             gw_cfg = {"bus_url": bus_url, "mqtt_url": opts.mqtt_url, "settings": cfg_settings, "sole": True,
+                      "ingest_bus_url": door_url if door_url != bus_url else None,
                       # stable across restarts of this data dir, so the broker keeps its persistent session
                       "client_id": f"fm-gw-{settings.gateway.share_group}-{zlib.crc32(str(data_dir).encode()):08x}"}
             pr_cfg = {"bus_url": bus_url, "store_url": store_url, "settings": cfg_settings}
             py = [sys.executable, "-m", "fieldmesh.runtime.worker"]
             stages = [
-                _Child("gateway", [*py, "gateway", json.dumps(gw_cfg)], logs / "gateway.log"),
-                _Child("processor", [*py, "processor", json.dumps(pr_cfg)], logs / "processor.log"),
+                _Child("gateway", [*py, "gateway", json.dumps(gw_cfg)], logs / "gateway.log", policy=policy),
+                _Child("processor", [*py, "processor", json.dumps(pr_cfg)], logs / "processor.log", policy=policy),
             ]
             for c in stages:
                 c.start()
@@ -204,16 +217,58 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
             async def lag() -> dict[str, int]:
                 out: dict[str, int] = {}
                 with contextlib.suppress(Exception):
-                    if opts.mqtt_url is None and hasattr(bus, "raw_pending"):
-                        out["gateway"] = await bus.raw_pending("FM_INGEST", "fm-gateway")
+                    if door_url is not None:
+                        out["gateway"] = await door.raw_pending(INGEST_STREAM, "fm-gateway")
                     out["processor"] = await bus.pending(READINGS_TOPIC, group="fm-processor")
                     out["dlq"] = await bus.pending(DLQ_TOPIC, group="fm-processor-dlq")
                 return out
 
+            watch = StallWatch(policy.stall_after_s)
+            progress_store = load_store(store_url, readonly=True)
+            stack.callback(progress_store.close)
+
+            async def sample() -> None:
+                """Feed the stall watch: each stage's lag and what it has acknowledged or committed."""
+                lags = await asyncio.wait_for(lag(), 5)
+                if door_url is not None and "gateway" in lags:
+                    with contextlib.suppress(Exception):
+                        info = await asyncio.wait_for(door.js.consumer_info(INGEST_STREAM, "fm-gateway"), 2)
+                        watch.observe("gateway", lag=lags["gateway"], marker=info.ack_floor.stream_seq)
+                if "processor" in lags:
+                    st = progress_store.stats()  # the processor commits its counters with the readings
+                    watch.observe("processor", lag=lags["processor"] + lags.get("dlq", 0),
+                                  marker=(st.received, st.stored, st.duplicates, sum(st.dead_lettered.values())))
+
+            async def sampler() -> None:
+                while True:
+                    with contextlib.suppress(Exception):
+                        await sample()
+                    await asyncio.sleep(0.5)
+
+            sampler_task = asyncio.create_task(sampler(), name="progress")
+            stack.callback(sampler_task.cancel)
+            nats_restarts = Restarts(policy)
+            nats_failed: str | None = None
+            door_closed: str | None = None  # why the MQTT door is closed (the disk is nearly full)
+            reserve = policy.disk_reserve_mb * 2**20
+
+            def stage_health(c: _Child) -> str:
+                if c.failed:
+                    return f"failed: {c.failed}"
+                if not c.alive():
+                    return "restarting" if c.restarts.next_start_at is not None else "down"
+                stalled = watch.stalled(c.name)
+                if stalled is None:
+                    return "ok"
+                return (f"stalled: {stalled[0]} waiting, no progress for {stalled[1]:.0f}s "
+                        f"(last log line: {_last_line(c.log_path)[:300]})")
+
             async def health() -> dict[str, Any]:
-                h: dict[str, Any] = {c.name: "ok" if c.alive() else f"failed: {c.failed}" if c.failed else "down"
-                                     for c in children}
-                h["bus"] = "ok" if nats is None or (nats.proc and nats.proc.poll() is None) else "down"
+                h: dict[str, Any] = {c.name: stage_health(c) for c in children}
+                if nats is not None:
+                    h[bus_name] = ("ok" if nats.alive() else f"failed: {nats_failed}" if nats_failed
+                                   else f"restarting (restart {nats_restarts.restarts})")
+                    h["disk"] = "ok" if door_closed is None else door_closed
                 return h
 
             import uvicorn
@@ -247,17 +302,37 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
             while not stop.is_set():
                 if deadline and time.monotonic() >= deadline:
                     break
+                if nats is not None and nats_failed is None:
+                    if door_url is not None and reserve:
+                        door_closed = await _watch_disk(nats, data_dir, reserve, door_closed, console)
+                    if not nats.alive():
+                        nats_failed = await _restart_nats(nats, nats_restarts, console)
+                bus_ok = nats is None or nats.alive()
                 for c in children:
-                    if not c.alive() and c.failed is None and _cdc_gave_up(c):
-                        c.failed = _last_line(c.log_path)
-                        console.print(f"[bold red]the CDC capture stopped on an error a restart cannot fix:[/] "
-                                      f"{c.failed}\nReadings are still stored, enriched from the state so far; "
-                                      f"fix the source and restart fieldmesh up (see {c.log_path})")
-                    if not c.alive() and c.failed is None:
-                        c.restarts += 1
-                        console.print(f"[yellow]{c.name} exited ({c.proc and c.proc.returncode}); "
-                                      f"restarting (see {c.log_path})[/]")
-                        await asyncio.sleep(min(0.5 * c.restarts, 5))
+                    if c.alive() or c.failed is not None:
+                        continue
+                    if c.restarts.next_start_at is None:  # it has just exited
+                        if _cdc_gave_up(c):
+                            c.failed = _last_line(c.log_path)
+                            console.print(f"[bold red]the CDC capture stopped on an error a restart cannot fix:[/] "
+                                          f"{c.failed}\nReadings are still stored, enriched from the state so "
+                                          f"far; fix the source and restart fieldmesh up (see {c.log_path})")
+                            continue
+                        # an exit while the bus was down is not the worker's fault: it never adds to a give-up
+                        if c.restarts.exited(count=bus_ok):
+                            c.failed = _last_line(c.log_path)
+                            console.print(
+                                f"[bold red]{c.name} exited {policy.start_failures} times in a row within "
+                                f"{policy.start_grace_s:.0f}s of starting; it is left stopped (a restart cannot "
+                                f"fix this):[/] {c.failed}\nFix what it names (see {c.log_path}) and restart "
+                                f"fieldmesh up")
+                            log.error("%s left stopped after %d failed starts: %s", c.name,
+                                      policy.start_failures, c.failed)
+                            continue
+                        console.print(f"[yellow]{c.name} exited ({c.proc and c.proc.returncode}); restarting in "
+                                      f"{c.restarts.wait_s():.1f}s (see {c.log_path})[/]")
+                    if c.restarts.due():
+                        watch.forget(c.name)
                         c.start()
                 if api_task.done():
                     raise ConfigError(f"the API server stopped: {api_task.exception()!r}", key="http_port")
@@ -285,6 +360,112 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
     if opts.summary_table:
         _print_summary(console, summary)
     return summary
+
+
+async def _start_door(nats: EmbeddedNats, settings: Settings) -> None:
+    """Start nats-server with FM_INGEST in place before its MQTT listener opens.
+
+    The listener PUBACKs a QoS 1 publish whether or not a stream captures the subject: a device
+    publishing before FM_INGEST exists would be acknowledged and lost. So the server starts without
+    the listener, the stream is created (or checked), then the server restarts with it.
+    """
+    mqtt_port, nats.mqtt_port = nats.mqtt_port, None
+    await asyncio.to_thread(nats.start)
+    if mqtt_port is None:
+        return
+    async with load_bus(nats.url) as b:
+        await b.ensure_stream(INGEST_STREAM, INGEST_SUBJECTS, retention_s=settings.bus.retention_s)  # type: ignore[attr-defined]
+    nats.stop()
+    nats.mqtt_port = mqtt_port
+    await asyncio.to_thread(nats.start)
+
+
+async def _restart_nats(nats: EmbeddedNats, restarts: Restarts, console: Any) -> str | None:
+    """Restart a dead nats-server on its ports and store dir, with the workers' backoff policy.
+
+    Returns:
+        The error it gave up on (it failed at start ``start_failures`` times in a row), else None.
+    """
+    if restarts.next_start_at is None:  # it has just died
+        rc = nats.proc.returncode if nats.proc else None
+        if restarts.exited():
+            return _gave_up_nats(nats, console)
+        console.print(f"[yellow]nats-server exited ({rc}); restarting it on the same ports and store dir "
+                      f"in {restarts.wait_s():.1f}s (see {nats.log_path})[/]")
+        log.warning("nats-server exited (%s); restarting", rc)
+    if not restarts.due():
+        return None
+    restarts.started()
+    try:
+        await asyncio.to_thread(nats.start)
+    except FieldmeshError as exc:
+        log.warning("nats-server restart failed: %s", exc)
+        if restarts.exited():
+            return _gave_up_nats(nats, console)
+        return None
+    console.print(f"nats-server is back (restart {restarts.restarts}): streams and consumer positions recovered "
+                  f"from {nats.store_dir}")
+    return None
+
+
+def _gave_up_nats(nats: EmbeddedNats, console: Any) -> str:
+    err = _last_line(nats.log_path) if nats.log_path.exists() else "no output"
+    console.print(f"[bold red]nats-server failed at every start; it is left stopped:[/] {err}\n"
+                  f"Fix what it names (see {nats.log_path}) and restart fieldmesh up")
+    log.error("nats-server left stopped: %s", err)
+    return err
+
+
+async def _watch_disk(nats: EmbeddedNats, data_dir: Path, reserve: int, closed: str | None,
+                      console: Any) -> str | None:
+    """Guard the disk of the data dir; return what /health should say about it (None: ok).
+
+    nats-server's MQTT listener acknowledges a QoS 1 publish once its own ``$MQTT_msgs`` store took
+    it, not once the stream capturing the subject (FM_INGEST) stored it; on a full disk the write
+    fails after the acknowledgement, and the reading is lost. Two guards keep that from happening:
+
+    - JetStream's file budget (``max_file_store``, set at each start to what it holds plus the free
+      space above the reserve): past it, JetStream refuses at once, so the device gets no PUBACK and
+      retries. When space comes back while JetStream is at its budget, nats-server is restarted with
+      a larger one.
+    - Below the reserve (other files grew, such as the SQLite store), the MQTT door is closed
+      (nats-server restarted without its MQTT listener) until free space is 1.5 x the reserve.
+    """
+    free = free_bytes(data_dir)
+    mib = 2**20
+    budget = nats.max_file_store or 0
+    used = nats.file_store_used() if budget else 0
+    restart = False
+    if nats.mqtt_port and free < reserve:
+        closed = (f"low: {free // mib} MiB free on {data_dir}, below the reserve of {reserve // mib} MiB "
+                  f"(FIELDMESH__RUNTIME__DISK_RESERVE_MB): the MQTT door is closed until space is freed")
+        console.print(f"[bold red]disk {closed}[/]")
+        log.error("disk %s", closed)
+        nats.mqtt_port, nats.mqtt_port_closed = None, nats.mqtt_port
+        restart = True
+    elif nats.mqtt_port_closed and free >= reserve * 3 // 2:
+        console.print(f"disk: {free // mib} MiB free again on {data_dir}: the MQTT door is open again")
+        log.warning("disk space is back (%d MiB free): the MQTT door is open again", free // mib)
+        nats.mqtt_port, nats.mqtt_port_closed = nats.mqtt_port_closed, None
+        closed, restart = None, True
+    elif nats.mqtt_port and budget and used >= budget - mib:
+        if nats.file_budget() >= budget + max(reserve // 2, mib):
+            console.print(f"disk: space is back on {data_dir}: raising JetStream's budget (restarting nats-server)")
+            log.warning("disk space is back: raising JetStream's file budget")
+            closed, restart = None, True
+        elif closed is None:
+            closed = (f"full: JetStream holds {used // mib} MiB, its budget on {data_dir} (free space minus the "
+                      f"reserve of {reserve // mib} MiB): devices get no PUBACK and retry until space is freed")
+            console.print(f"[bold red]disk {closed}[/]")
+            log.error("disk %s", closed)
+    elif nats.mqtt_port and closed is not None:
+        log.warning("disk: JetStream is below its budget again")
+        closed = None
+    if restart:
+        nats.stop()
+        with contextlib.suppress(FieldmeshError):
+            await asyncio.to_thread(nats.start)
+    return closed
 
 
 def _with_cdc_database(settings: Settings) -> Settings:

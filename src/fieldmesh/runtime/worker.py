@@ -42,21 +42,26 @@ def _stop_event() -> asyncio.Event:
 async def run_gateway(
     *, bus_url: str, mqtt_url: str | None, settings: Settings, stop: asyncio.Event | None = None,
     client_id: str | None = None, sole: bool = False, ingest_urls: list[str] | None = None,
+    ingest_bus_url: str | None = None,
 ) -> None:
     """Run a gateway: from an MQTT broker and/or ingest topics (``ingest_urls``: Kafka topics, NATS
-    subjects), else from the embedded ingest stream. Each source runs its own gateway loop."""
+    subjects), else from the embedded ingest stream (on ``ingest_bus_url``, the embedded
+    nats-server, when the bus is another one such as Kafka). Each source runs its own gateway loop."""
     from fieldmesh.gateway.gateway import Gateway
     from fieldmesh.gateway.ingress import load_ingest
     from fieldmesh.gateway.sources import MqttSource, NatsIngestSource
 
     stop = stop or _stop_event()
-    async with load_bus(bus_url) as bus:
+    async with contextlib.AsyncExitStack() as stack:
+        bus = await stack.enter_async_context(load_bus(bus_url))
         await ensure_topics(bus, settings)
         sources: list[Any] = [load_ingest(u, retention_s=settings.bus.retention_s) for u in ingest_urls or []]
         if mqtt_url:
             sources.append(MqttSource(mqtt_url, share_group=settings.gateway.share_group, client_id=client_id))
         elif not sources:
-            sources.append(NatsIngestSource(bus, retention_s=settings.bus.retention_s, sole=sole))
+            door = bus if ingest_bus_url in (None, bus_url) else await stack.enter_async_context(
+                load_bus(ingest_bus_url or ""))
+            sources.append(NatsIngestSource(door, retention_s=settings.bus.retention_s, sole=sole))
         started: list[Any] = []
         gateways: list[Gateway] = []
         try:

@@ -343,7 +343,8 @@ class SqliteStore:
             )
             w.execute("COMMIT")
         except BaseException:
-            w.execute("ROLLBACK")
+            if w.in_transaction:  # SQLite may have rolled back already (SQLITE_FULL)
+                w.execute("ROLLBACK")
             raise
         self._data_version = w.execute("PRAGMA data_version").fetchone()[0]
         if new:

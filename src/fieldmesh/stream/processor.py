@@ -27,6 +27,7 @@ from typing import Protocol
 
 from fieldmesh.bus.base import Bus, BusRecord, Consumer
 from fieldmesh.core.codec import decode_bus_batch, decode_dead_letter
+from fieldmesh.core.errors import BackendUnavailable
 from fieldmesh.core.model import DeadLetter, Reading
 from fieldmesh.core.settings import ProcessorSettings
 from fieldmesh.core.topics import DLQ_TOPIC, READINGS_TOPIC
@@ -35,6 +36,8 @@ from fieldmesh.store.base import INTERVALS, ApplyResult, HotStore, Position
 __all__ = ["Enricher", "Processor", "ProcessorStats"]
 
 log = logging.getLogger(__name__)
+
+_RETRY_MAX_S = 5.0  # cap of the backoff between tries of a batch the store refused
 _WINDOW_MS = INTERVALS["1m"]
 #: Queued fetches are applied together up to about this many bytes of bus records (~80k readings):
 #: bigger transactions cost latency and memory for little more throughput.
@@ -58,6 +61,7 @@ class ProcessorStats:
         self.dead_lettered = 0
         self.skipped = 0
         self.corrupt = 0
+        self.store_retries = 0  # batches the store refused (full disk, lost connection) and that were retried
 
 
 class Processor:
@@ -199,12 +203,29 @@ class Processor:
                         break
                     recs.extend(more)
                     size += sum(len(r.value) for r in more)
-                async with self._lock:
-                    owned = getattr(consumer, "apply_owned", None)  # Kafka: fenced against rebalances
-                    if owned is not None:
-                        recs = list(await asyncio.to_thread(owned, recs, self.apply_records))
-                    else:
-                        await asyncio.to_thread(self.apply_records, recs)
+                attempt = 0
+                while True:
+                    try:
+                        async with self._lock:
+                            owned = getattr(consumer, "apply_owned", None)  # Kafka: fenced against rebalances
+                            if owned is not None:
+                                recs = list(await asyncio.to_thread(owned, recs, self.apply_records))
+                            else:
+                                await asyncio.to_thread(self.apply_records, recs)
+                        break
+                    except Exception as exc:
+                        # A full disk or a lost database connection: nothing is acknowledged, the same
+                        # batch is applied again once the store takes writes (no crash, no restart loop).
+                        if not _retryable(exc) or stop.is_set():
+                            raise
+                        attempt += 1
+                        self.stats.store_retries += 1
+                        delay = min(_RETRY_MAX_S, 0.25 * 2**attempt)
+                        log.warning("store write failed: %s; nothing acknowledged, retrying the batch in %.1fs "
+                                    "(try %d)", exc, delay, attempt)
+                        await asyncio.sleep(delay)
+                if attempt:
+                    log.warning("store write succeeded again after %d tries", attempt + 1)
                 await consumer.ack(recs)
                 if done:
                     return
@@ -231,6 +252,15 @@ class Processor:
         finally:
             for c in consumers:
                 await c.close()
+
+
+def _retryable(exc: BaseException) -> bool:
+    """Store errors a retry can cure: I/O (ENOSPC), SQLite ``database or disk is full``/locked, a
+    PostgreSQL ``OperationalError`` (disk full, connection lost). Matched by name so this stage does
+    not import the drivers."""
+    if isinstance(exc, (OSError, BackendUnavailable)):
+        return True
+    return any(c.__name__ == "OperationalError" for c in type(exc).__mro__)
 
 
 def _wants_explicit(bus: Bus) -> bool:

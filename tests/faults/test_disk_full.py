@@ -1,0 +1,207 @@
+"""A full disk under ``fieldmesh up`` (data dir on a 64 MiB tmpfs): nothing acknowledged is lost.
+
+nats-server's MQTT listener acknowledges a QoS 1 publish once its own ``$MQTT_msgs`` store took it,
+whatever happens to the stream that captures it (FM_INGEST): on a full disk it PUBACKs and loses.
+So the supervisor closes the MQTT door while free space is below the reserve; the device keeps its
+readings and retries. The processor meets the full disk in SQLite: it retries the batch, acks
+nothing, and /health says why.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from e2e.dataset import make_stream
+from faults.test_kill9 import check_exact, child_of, health
+from fmtest.faults import FaultReport
+from fmtest.procs import Up
+from fmtest.retry import RetryingPublisher
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 64 MiB tmpfs (root may mount one: the fault suite runs as root in CI)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.fail(f"cannot mount a 64 MiB tmpfs (run the fault suite as root): {r.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        # keep the logs for a post-mortem: the tmpfs goes away
+        subprocess.run(["sh", "-c", f"mkdir -p {tmp_path}/kept && cp -r {disk}/*.log {disk}/data/logs "
+                        f"{disk}/data/nats/nats-server.log {tmp_path}/kept/"], check=False, capture_output=True)
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def fill(disk: Path, leave_bytes: int) -> Path:
+    """Write a filler file until only about ``leave_bytes`` are free (0: until ENOSPC)."""
+    path = disk / "filler"
+    chunk = b"\0" * (256 * 1024)
+    with open(path, "ab") as f:
+        try:
+            while True:
+                st = os.statvfs(disk)
+                if st.f_bavail * st.f_frsize <= leave_bytes + len(chunk):
+                    break
+                f.write(chunk)
+                f.flush()
+        except OSError:
+            pass  # the disk is full
+    return path
+
+
+def door_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def wait(pred: object, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pred():  # type: ignore[operator]
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_disk_full_loses_nothing_acknowledged(small_disk: Path) -> None:
+    prefix = f"df{uuid.uuid4().hex[:6]}"
+    stream = make_stream(prefix, devices=20, per_device=150, seed=21)
+    msgs = stream["messages"]
+    up = Up(small_disk / "data", env={"FIELDMESH__RUNTIME__DISK_RESERVE_MB": "16",
+                                      "FIELDMESH__RUNTIME__STALL_AFTER_S": "3"}).start()
+    try:
+        dev = RetryingPublisher(up.mqtt_port, settle_s=2.0).connect()
+        third = len(msgs) // 3
+        assert dev.send(msgs[:third]) == third
+        up.wait_for(lambda s: sum(s["lag"].values()) == 0 and s["received"] > 0)
+        proc = child_of(up, "processor")
+        assert proc is not None
+        os.kill(proc.pid, signal.SIGSTOP)  # readings pile up in the bus, to meet the full disk in SQLite
+        assert dev.send(msgs[third : 2 * third]) == third
+        up.wait_for(lambda s: s["lag"].get("gateway", 1) == 0, timeout_s=30)
+        filler = fill(small_disk, 8 << 20)  # below the reserve: the door closes
+        wait(lambda: health(up).get("disk", "ok").startswith("low"), 10, "/health disk: low")
+        wait(lambda: not door_open(up.mqtt_port), 10, "the MQTT door to close")
+        wait(lambda: health(up).get("bus") == "ok", 10, "nats-server back without its MQTT listener")
+        fill(small_disk, 0)  # then something else takes the rest: SQLite cannot write
+        h = health(up)
+        assert h["status"] == "degraded", h
+        rest: list[int] = []
+        t = threading.Thread(target=lambda: rest.append(dev.send(msgs[2 * third :], timeout_s=120)), daemon=True)
+        t.start()  # the device keeps trying while the door is closed
+        os.kill(proc.pid, signal.SIGCONT)
+        wait(lambda: "store write failed" in str(health(up).get("processor")), 20,
+             "/health processor: stalled, naming the store write failure")
+        h_full = health(up)
+        time.sleep(2)
+        assert child_of(up, "processor").pid == proc.pid  # retrying in place: no crash, no restart loop
+        filler.unlink()  # space comes back
+        wait(lambda: door_open(up.mqtt_port), 15, "the MQTT door to open again")
+        t.join(120)
+        assert rest == [len(msgs) - 2 * third]
+        stats = check_exact(up, stream["sent"])
+        wait(lambda: health(up)["status"] == "ok", 20, "/health ok again")
+        FaultReport("disk full (64 MiB tmpfs): door closed, SQLite full, then space back", sent=len(stream["sent"]),
+                    acknowledged=len(stream["sent"]), stored=stats["stored"], duplicates=stats["duplicates"],
+                    counted_losses={k: v for k, v in stats["dead_lettered"].items() if k != "total"}).show()
+        print(f"[fault] /health while full: disk={h_full.get('disk')!r} processor={h_full.get('processor')!r}")
+        dev.close()
+    finally:
+        assert up.stop() == 0, up.tail()
+    log = " ".join((small_disk / "data-up.log").read_text(errors="replace").split())  # the console wraps lines
+    assert "the MQTT door is closed" in log and "the MQTT door is open again" in log
+
+
+def test_jetstream_budget_withholds_the_puback(small_disk: Path, tmp_path: Path) -> None:
+    """JetStream may use the free space above the reserve, no more: past it the MQTT listener gives no
+    PUBACK (the device retries), so the disk never fills under JetStream; space back, all is stored."""
+    prefix = f"jb{uuid.uuid4().hex[:6]}"
+    stream = make_stream(prefix, devices=20, per_device=150, seed=22)
+    msgs = stream["messages"]
+    filler = fill(small_disk, (16 << 20) + (1 << 20))  # 1 MiB above the reserve before up starts
+    # the hot store on another disk: only JetStream grows here, up to its budget
+    up = Up(small_disk / "data", "--store-url", f"sqlite:///{tmp_path / 'store.db'}",
+            env={"FIELDMESH__RUNTIME__DISK_RESERVE_MB": "16"})
+    up.start()
+    try:
+        dev = RetryingPublisher(up.mqtt_port, settle_s=2.0).connect()
+        acked: list[int] = []
+        t = threading.Thread(target=lambda: acked.append(dev.send(msgs, timeout_s=120)), daemon=True)
+        t.start()
+        seen: set[str] = set()
+
+        def refused() -> bool:
+            seen.add(str(health(up).get("disk", "?"))[:4])
+            return bool(seen & {"full", "low:"})
+
+        wait(refused, 60, "/health disk: full (JetStream at its budget)")
+        assert "full" in seen, seen
+        assert t.is_alive(), "every message was acknowledged though the disk had no room for them"
+        time.sleep(2)
+        assert os.statvfs(small_disk).f_bavail > 0, "the disk ran full under JetStream"
+        filler.unlink()  # space comes back
+        t.join(150)
+        assert acked == [len(msgs)]
+        stats = check_exact(up, stream["sent"])
+        wait(lambda: health(up)["status"] == "ok", 30, "/health ok again")
+        FaultReport("JetStream budget (disk reserve) on a 64 MiB tmpfs", sent=len(stream["sent"]),
+                    acknowledged=len(stream["sent"]),
+                    stored=stats["stored"], duplicates=stats["duplicates"],
+                    counted_losses={k: v for k, v in stats["dead_lettered"].items() if k != "total"}).show()
+        print(f"[fault] /health disk states seen: {sorted(seen)}; publishes {dev.publishes}")
+        dev.close()
+    finally:
+        assert up.stop() == 0, up.tail()
+
+
+@pytest.mark.parametrize("policy", ["block", "drop_oldest"])
+def test_edge_buffer_on_a_full_disk(small_disk: Path, policy: str) -> None:
+    """ENOSPC in the edge buffer: ``block`` refuses (the agent holds its source back), ``drop_oldest``
+    drops the oldest records and counts them; no torn record either way; space back, it appends again."""
+    from fieldmesh.edge.buffer import BufferFull, DiskBuffer
+
+    buf = DiskBuffer(path=small_disk / "buf", max_bytes=1 << 30, segment_bytes=1 << 20, full_policy=policy,
+                     fsync="always")
+    payload = b"r" * 4000
+    filler = fill(small_disk, 3 << 20)  # ~3 MiB left for the buffer
+    appended = refused = 0
+    for _ in range(2000):  # ~8 MB: more than the disk has
+        try:
+            buf.append(payload, 10)
+            appended += 1
+        except BufferFull:
+            refused += 1
+    assert buf.stats.disk_full >= 1
+    if policy == "block":
+        assert refused > 0 and buf.stats.dropped_readings == 0
+    else:
+        assert refused == 0 and buf.stats.dropped_readings > 0
+    kept = buf.pending_readings
+    assert kept + buf.stats.dropped_readings == 10 * appended  # every loss is counted
+    filler.unlink()
+    buf.append(payload, 10)  # space is back
+    buf.close()
+    again = DiskBuffer(path=small_disk / "buf")
+    assert again.stats.corrupt_records == 0
+    assert sum(r.count for r in again.read(max_records=100_000)) == kept + 10
+    FaultReport(f"edge buffer on a full disk ({policy})", sent=10 * (appended + refused + 1),
+                acknowledged=10 * (appended + 1), stored=kept + 10, duplicates=0,
+                counted_losses={"dropped_readings": buf.stats.dropped_readings, "refused": 10 * refused}).show()
