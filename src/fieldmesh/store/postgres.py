@@ -44,13 +44,15 @@ from fieldmesh.core.model import DeadLetter, Reading
 from fieldmesh.store.base import ApplyResult, Position, QueryResult, StoreStats
 from fieldmesh.store.rollup import Acc, RollupKey, merge_acc, rollup_deltas
 from fieldmesh.store.rows import device_row, dlq_row, raw_row, rollup_query, rollup_row, where_clause
+from fieldmesh.store.seqgaps import SeqKey, SeqRange, merge_ranges, seq_triples
 
 __all__ = ["SCHEMA_VERSION", "PostgresStore"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-SCHEMA_VERSION: Final = 1
+#: 2 added ``seqs`` and ``seq_ranges`` (sequence gaps); a version-1 store is migrated on open.
+SCHEMA_VERSION: Final = 2
 _KEY_SPACE: Final = 1 << 63
 _DAY_MS: Final = 86_400_000
 _SAFE_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
@@ -88,6 +90,23 @@ CREATE TABLE IF NOT EXISTS positions (
 CREATE TABLE IF NOT EXISTS watermarks (
     topic TEXT NOT NULL, partition INTEGER NOT NULL, ts_ms BIGINT NOT NULL, PRIMARY KEY (topic, partition)
 );
+CREATE TABLE IF NOT EXISTS seqs (
+    device_id TEXT NOT NULL, boot_id TEXT NOT NULL, seq BIGINT NOT NULL, PRIMARY KEY (device_id, boot_id, seq)
+);
+CREATE TABLE IF NOT EXISTS seq_ranges (
+    device_id TEXT NOT NULL, boot_id TEXT NOT NULL, min_seq BIGINT NOT NULL, max_seq BIGINT NOT NULL,
+    n BIGINT NOT NULL, PRIMARY KEY (device_id, boot_id)
+) WITH (fillfactor = 70);
+"""
+#: Version 1 -> 2: the seq set, ranges and gap count of the readings already stored.
+_MIGRATE_1_2 = """
+INSERT INTO seqs SELECT DISTINCT device_id, coalesce(boot_id, ''), seq FROM readings WHERE seq IS NOT NULL
+    ON CONFLICT DO NOTHING;
+INSERT INTO seq_ranges SELECT device_id, boot_id, min(seq), max(seq), count(*) FROM seqs GROUP BY 1, 2
+    ON CONFLICT DO NOTHING;
+INSERT INTO counters VALUES ('gaps', (SELECT coalesce(sum(max_seq - min_seq + 1 - n), 0) FROM seq_ranges))
+    ON CONFLICT (name) DO UPDATE SET value = excluded.value;
+UPDATE meta SET value = '2' WHERE key = 'schema_version';
 """
 _READINGS_COLS = """
     id BIGINT NOT NULL, chk BIGINT NOT NULL, device_id TEXT NOT NULL, ts_ms BIGINT NOT NULL,
@@ -250,13 +269,16 @@ class PostgresStore:
                         "INSERT INTO meta VALUES ('layout', %s)",
                         ("timescaledb" if self.timescale else "partitioned",),
                     )
-                elif not w.execute(
-                    "SELECT 1 FROM information_schema.columns"
-                    " WHERE table_schema = %s AND table_name = 'readings' AND column_name = 'enrichment'",
-                    (self.schema,),
-                ).fetchone():
-                    # stores made before as-of enrichment: add the column (no rewrite, nullable)
-                    w.execute("ALTER TABLE readings ADD COLUMN enrichment JSONB")
+                else:
+                    if not w.execute(
+                        "SELECT 1 FROM information_schema.columns"
+                        " WHERE table_schema = %s AND table_name = 'readings' AND column_name = 'enrichment'",
+                        (self.schema,),
+                    ).fetchone():
+                        # stores made before as-of enrichment: add the column (no rewrite, nullable)
+                        w.execute("ALTER TABLE readings ADD COLUMN enrichment JSONB")
+                    if row[0] == "1":
+                        w.execute(_MIGRATE_1_2)
         except pg.Error as exc:
             raise BackendError(f"cannot create the fieldmesh schema in {self.schema!r}: {exc}") from exc
         self._check_version(w)
@@ -392,6 +414,7 @@ class PostgresStore:
         new_idx, dups = self._dedupe(w, readings)
         new = [readings[i] for i in new_idx]
         n_late = sum(1 for i in new_idx if late[i])
+        gaps = 0
         with w.cursor() as cur:
             if new:
                 with cur.copy(
@@ -411,6 +434,7 @@ class PostgresStore:
                 for interval, deltas in rollup_deltas(new).items():
                     self._merge_rollups(cur, interval, deltas)
                 self._update_devices(cur, new)
+                gaps = self._update_gaps(cur, new)
             if dead_letters:
                 with cur.copy(
                     "COPY dlq (reason, detail, topic, device_id, received_ms, payload, truncated) FROM STDIN"
@@ -419,7 +443,7 @@ class PostgresStore:
                         cp.write_row(
                             (d.reason, d.detail, d.topic, d.device_id, d.received_ms, d.payload, d.truncated)
                         )
-            counts: dict[str, int] = {"stored": len(new), "duplicates": dups, "late": n_late}
+            counts: dict[str, int] = {"stored": len(new), "duplicates": dups, "late": n_late, "gaps": gaps}
             for d in dead_letters:
                 counts[f"dlq.{d.reason}"] = counts.get(f"dlq.{d.reason}", 0) + 1
             rows = sorted((k, v) for k, v in counts.items() if v)
@@ -616,6 +640,65 @@ class PostgresStore:
             )
             self._pending_metrics = pairs
 
+    def _update_gaps(self, cur: Any, new: Sequence[Reading]) -> int:
+        """Add the new readings' seqs to the seq set and their ranges; return the change in gaps.
+
+        The set's insert returns only triples no transaction had stored (a concurrent writer's
+        uncommitted triple makes it wait), and range rows are locked in key order before they
+        are read, like the rollups: replicas handing a partition over never count a seq twice.
+        """
+        triples = seq_triples(new)
+        if not triples:
+            return 0
+        added = cur.execute(
+            "INSERT INTO seqs SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[])"
+            " ON CONFLICT DO NOTHING RETURNING device_id, boot_id, seq",
+            ([t[0] for t in triples], [t[1] for t in triples], [t[2] for t in triples]),
+        ).fetchall()
+        if not added:
+            return 0
+        keys = sorted({(d, b) for d, b, _ in added})
+        old = self._lock_ranges(cur, keys)
+        inserted: set[SeqKey] = set()
+        missing = {k for k in keys if k not in old}
+        if missing:
+            first, _ = merge_ranges([t for t in added if (t[0], t[1]) in missing], {})
+            items = sorted(first.items())
+            inserted = {
+                (d, b)
+                for d, b in cur.execute(
+                    "INSERT INTO seq_ranges SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[],"
+                    " %s::bigint[], %s::bigint[]) ON CONFLICT DO NOTHING RETURNING device_id, boot_id",
+                    ([k[0] for k, _ in items], [k[1] for k, _ in items], *([v[i] for _, v in items] for i in range(3))),
+                )
+            }
+            lost = sorted(missing - inserted)  # created meanwhile by another writer: lock and merge
+            if lost:
+                old.update(self._lock_ranges(cur, lost))
+        ranges, delta = merge_ranges(added, old)
+        update = sorted((k, v) for k, v in ranges.items() if k not in inserted)
+        if update:
+            cur.execute(
+                "UPDATE seq_ranges r SET min_seq = j.lo, max_seq = j.hi, n = j.n FROM unnest(%s::text[],"
+                " %s::text[], %s::bigint[], %s::bigint[], %s::bigint[]) AS j(d, b, lo, hi, n)"
+                " WHERE r.device_id = j.d AND r.boot_id = j.b",
+                ([k[0] for k, _ in update], [k[1] for k, _ in update], *([v[i] for _, v in update] for i in range(3))),
+            )
+        return delta
+
+    @staticmethod
+    def _lock_ranges(cur: Any, keys: list[SeqKey]) -> dict[SeqKey, SeqRange]:
+        """Lock the existing range rows of ``keys`` (in key order) and return them."""
+        return {
+            (d, b): (lo, hi, n)
+            for d, b, lo, hi, n in cur.execute(
+                "SELECT r.device_id, r.boot_id, r.min_seq, r.max_seq, r.n FROM seq_ranges r"
+                " JOIN unnest(%s::text[], %s::text[]) AS j(d, b) ON r.device_id = j.d AND r.boot_id = j.b"
+                " ORDER BY 1, 2 FOR UPDATE OF r",
+                ([k[0] for k in keys], [k[1] for k in keys]),
+            )
+        }
+
     # -- the read path -----------------------------------------------------------------------
     def _read(self, fn: Callable[[Any], T]) -> T:
         """Run a read on this thread's read-only connection, reconnecting once if it dropped."""
@@ -645,28 +728,36 @@ class PostgresStore:
             duplicates=c.get("duplicates", 0),
             late=c.get("late", 0),
             dead_lettered=dl,
+            gaps=c.get("gaps", 0),
         )
 
     def devices(self, device_id: str | None = None) -> list[dict[str, Any]]:
         """Known devices with their counts, times and metrics."""
         sql = "SELECT device_id, first_seen_ms, last_seen_ms, first_ts_ms, last_ts_ms, readings FROM devices"
         q = "SELECT device_id, metric FROM device_metrics"
+        g = "SELECT device_id, sum(max_seq - min_seq + 1 - n)::bigint FROM seq_ranges"
 
-        def read(con: Any) -> tuple[list[Any], list[Any]]:
-            with con.transaction():  # one snapshot for both
+        def read(con: Any) -> tuple[list[Any], list[Any], list[Any]]:
+            with con.transaction(), con.cursor() as cur:  # one snapshot for all three
+                cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
                 if device_id is not None:
-                    rows = con.execute(sql + " WHERE device_id = %s", (device_id,)).fetchall()
-                    ms = con.execute(q + " WHERE device_id = %s ORDER BY metric", (device_id,)).fetchall()
+                    rows = cur.execute(sql + " WHERE device_id = %s", (device_id,)).fetchall()
+                    ms = cur.execute(q + " WHERE device_id = %s ORDER BY metric", (device_id,)).fetchall()
+                    gs = cur.execute(g + " WHERE device_id = %s GROUP BY device_id", (device_id,)).fetchall()
                 else:
-                    rows = con.execute(sql + " ORDER BY device_id").fetchall()
-                    ms = con.execute(q + " ORDER BY device_id, metric").fetchall()
-            return rows, ms
+                    rows = cur.execute(sql + " ORDER BY device_id").fetchall()
+                    ms = cur.execute(q + " ORDER BY device_id, metric").fetchall()
+                    gs = cur.execute(g + " GROUP BY device_id").fetchall()
+            return rows, ms, gs
 
-        rows, ms = self._read(read)
+        rows, ms, gs = self._read(read)
         mets: dict[str, list[str]] = {}
         for d, m in ms:
             mets.setdefault(d, []).append(m)
-        return [device_row(d, fs, ls, ft, lt, n, mets.get(d, [])) for d, fs, ls, ft, lt, n in rows]
+        gaps = dict(gs)
+        return [
+            device_row(d, fs, ls, ft, lt, n, mets.get(d, []), gaps=gaps.get(d, 0)) for d, fs, ls, ft, lt, n in rows
+        ]
 
     def raw(
         self,

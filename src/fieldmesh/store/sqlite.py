@@ -26,10 +26,12 @@ from fieldmesh.store.base import INTERVALS, ApplyResult, Position, QueryResult, 
 from fieldmesh.store.keyfilter import KeyFilter
 from fieldmesh.store.rollup import Acc, RollupKey, merge_acc, rollup_deltas
 from fieldmesh.store.rows import device_row, dlq_row, raw_row, rollup_query, rollup_row, where_clause
+from fieldmesh.store.seqgaps import SeqKey, SeqRange, merge_ranges, seq_triples
 
 __all__ = ["SCHEMA_VERSION", "SqliteStore"]
 
-SCHEMA_VERSION: Final = 1
+#: 2 added ``seqs`` and ``seq_ranges`` (sequence gaps); a version-1 store is migrated on open.
+SCHEMA_VERSION: Final = 2
 _KEY_SPACE: Final = 1 << 63
 #: Rollup accumulators kept in memory (per interval) so that hot windows need no read-back.
 _CACHE_MAX: Final = 500_000
@@ -91,6 +93,23 @@ CREATE TABLE IF NOT EXISTS positions (
 CREATE TABLE IF NOT EXISTS watermarks (
     topic TEXT NOT NULL, partition INTEGER NOT NULL, ts_ms INTEGER NOT NULL, PRIMARY KEY (topic, partition)
 ) WITHOUT ROWID;
+-- Sequence gaps (fieldmesh.store.seqgaps): the distinct seqs stored per device and boot, and their ranges.
+CREATE TABLE IF NOT EXISTS seqs (
+    device_id TEXT NOT NULL, boot_id TEXT NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (device_id, boot_id, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS seq_ranges (
+    device_id TEXT NOT NULL, boot_id TEXT NOT NULL, min_seq INTEGER NOT NULL, max_seq INTEGER NOT NULL,
+    n INTEGER NOT NULL, PRIMARY KEY (device_id, boot_id)
+) WITHOUT ROWID;
+"""
+#: Version 1 -> 2: the seq set, ranges and gap count of the readings already stored.
+_MIGRATE_1_2 = """
+INSERT OR IGNORE INTO seqs SELECT device_id, coalesce(boot_id, ''), seq FROM readings WHERE seq IS NOT NULL;
+INSERT OR REPLACE INTO seq_ranges
+    SELECT device_id, boot_id, min(seq), max(seq), count(*) FROM seqs GROUP BY device_id, boot_id;
+INSERT INTO counters VALUES ('gaps', (SELECT coalesce(sum(max_seq - min_seq + 1 - n), 0) FROM seq_ranges))
+    ON CONFLICT(name) DO UPDATE SET value = excluded.value;
+UPDATE meta SET value = '2' WHERE key = 'schema_version';
 """
 
 
@@ -156,6 +175,17 @@ class SqliteStore:
         row = w.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
         if row is None:
             w.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        elif row[0] == "1":
+            # one transaction: a crash leaves version 1 and empty gap tables, migrated again next time
+            w.execute("BEGIN IMMEDIATE")
+            try:
+                for stmt in _MIGRATE_1_2.split(";"):
+                    if stmt.strip():
+                        w.execute(stmt)
+                w.execute("COMMIT")
+            except BaseException:
+                w.execute("ROLLBACK")
+                raise
         self._check_version(w)
 
     def _check_version(self, con: sqlite3.Connection) -> None:
@@ -206,6 +236,7 @@ class SqliteStore:
         for st in self._staged.values():
             st.clear()
         self._pending_metrics = set()
+        gaps = 0
         try:
             new_idx, dups = self._dedupe(w, readings)
             new = [readings[i] for i in new_idx]
@@ -232,6 +263,7 @@ class SqliteStore:
                 for interval, deltas in deltas_by.items():
                     self._merge_rollups(w, interval, deltas)
                 self._update_devices(w, devs, deltas_by["1h"])
+                gaps = self._update_gaps(w, new)
             if dead_letters:
                 w.executemany(
                     "INSERT INTO dlq (reason, detail, topic, device_id, received_ms, payload, truncated)"
@@ -241,7 +273,7 @@ class SqliteStore:
                         for d in dead_letters
                     ],
                 )
-            counts: dict[str, int] = {"stored": len(new), "duplicates": dups, "late": n_late}
+            counts: dict[str, int] = {"stored": len(new), "duplicates": dups, "late": n_late, "gaps": gaps}
             for d in dead_letters:
                 counts[f"dlq.{d.reason}"] = counts.get(f"dlq.{d.reason}", 0) + 1
             w.executemany(
@@ -380,6 +412,35 @@ class SqliteStore:
             w.executemany("INSERT OR IGNORE INTO device_metrics VALUES (?, ?)", sorted(new))
             self._pending_metrics = new
 
+    @staticmethod
+    def _update_gaps(w: sqlite3.Connection, new: Sequence[Reading]) -> int:
+        """Add the new readings' seqs to the seq set and their ranges; return the change in gaps."""
+        triples = seq_triples(new)
+        if not triples:
+            return 0
+        # RETURNING yields only the triples the set did not hold: a seq counts once, whatever carried it
+        added = w.execute(
+            "INSERT INTO seqs SELECT value->>0, value->>1, value->>2 FROM json_each(?) WHERE true"
+            " ON CONFLICT DO NOTHING RETURNING device_id, boot_id, seq",
+            (_enc.encode(triples).decode(),),
+        ).fetchall()
+        if not added:
+            return 0
+        keys = sorted({(d, b) for d, b, _ in added})
+        old: dict[SeqKey, SeqRange] = {
+            (d, b): (lo, hi, n)
+            for d, b, lo, hi, n in w.execute(
+                "SELECT r.device_id, r.boot_id, r.min_seq, r.max_seq, r.n FROM json_each(?) j"
+                " JOIN seq_ranges r ON r.device_id = j.value->>0 AND r.boot_id = j.value->>1",
+                (_enc.encode(keys).decode(),),
+            )
+        }
+        ranges, delta = merge_ranges(added, old)
+        w.executemany(
+            "INSERT OR REPLACE INTO seq_ranges VALUES (?,?,?,?,?)", [(*k, *v) for k, v in ranges.items()]
+        )
+        return delta
+
     # -- the read path -----------------------------------------------------------------------
     def positions(self) -> dict[Position, int]:
         """Applied bus positions: (topic, partition) -> last offset applied."""
@@ -396,8 +457,9 @@ class SqliteStore:
         c = dict(self._reader().execute("SELECT name, value FROM counters").fetchall())
         dl = {k[4:]: v for k, v in c.items() if k.startswith("dlq.")}
         return StoreStats(
-            stored=c.get("stored", 0), duplicates=c.get("duplicates", 0), late=c.get("late", 0), dead_lettered=dl
-        )
+            stored=c.get("stored", 0), duplicates=c.get("duplicates", 0), late=c.get("late", 0), dead_lettered=dl,
+            gaps=c.get("gaps", 0),
+        )  # fmt: skip
 
     def devices(self, device_id: str | None = None) -> list[dict[str, Any]]:
         """Known devices with their counts, times and metrics."""
@@ -412,7 +474,14 @@ class SqliteStore:
         q = "SELECT device_id, metric FROM device_metrics" + (" WHERE device_id = ?" if device_id else "")
         for d, m in con.execute(q + " ORDER BY device_id, metric", (device_id,) if device_id else ()):
             mets.setdefault(d, []).append(m)
-        return [device_row(d, fs, ls, ft, lt, n, mets.get(d, [])) for d, fs, ls, ft, lt, n in rows]
+        g = "SELECT device_id, sum(max_seq - min_seq + 1 - n) FROM seq_ranges" + (
+            " WHERE device_id = ?" if device_id else ""
+        )
+        gaps = dict(con.execute(g + " GROUP BY device_id", (device_id,) if device_id else ()).fetchall())
+        return [
+            device_row(d, fs, ls, ft, lt, n, mets.get(d, []), gaps=gaps.get(d, 0))
+            for d, fs, ls, ft, lt, n in rows
+        ]
 
     def raw(
         self, *, device_id: str | None, metric: str | None, start_ms: int | None, end_ms: int | None, limit: int

@@ -1,0 +1,69 @@
+"""Sequence-gap arithmetic shared by the hot stores (pure functions).
+
+A device numbers its readings with ``seq`` within one ``boot_id``. Loss upstream of fieldmesh (a
+broker dropping queued messages, an edge buffer overflowing) shows as holes in that numbering.
+For each ``(device_id, boot_id)`` a store keeps a range ``[min_seq, max_seq, n]``, where ``n`` is
+the number of distinct seqs stored; its gaps are ``(max_seq - min_seq + 1) - n``.
+
+The stores keep the set of stored ``(device_id, boot_id, seq)`` triples and add to ``n`` only the
+triples the set did not hold yet: a seq counts once whatever identity carried it (two readings
+with different ``event_id`` and the same seq are two readings but one seq), so ``n`` never
+exceeds the span and gaps are never negative. A late reading that fills a hole adds to ``n``
+without widening the span: the gap is uncounted again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+from fieldmesh.core.model import Reading
+
+__all__ = ["SeqKey", "SeqRange", "merge_ranges", "range_gaps", "seq_triples"]
+
+SeqKey = tuple[str, str]
+"""(device_id, boot_id); a reading without ``boot_id`` has boot ``""``, as in its identity."""
+SeqRange = tuple[int, int, int]
+"""(min_seq, max_seq, n distinct seqs)"""
+
+
+def seq_triples(readings: Iterable[Reading]) -> list[tuple[str, str, int]]:
+    """Distinct ``(device_id, boot_id, seq)`` of the readings that carry a seq, sorted (lock order)."""
+    return sorted({(r.device_id, r.boot_id or "", r.seq) for r in readings if r.seq is not None})
+
+
+def range_gaps(rng: SeqRange | None) -> int:
+    """Missing seqs inside a range."""
+    return 0 if rng is None else rng[1] - rng[0] + 1 - rng[2]
+
+
+def merge_ranges(
+    added: Sequence[tuple[str, str, int]], old: Mapping[SeqKey, SeqRange]
+) -> tuple[dict[SeqKey, SeqRange], int]:
+    """Fold newly stored triples into the ranges they touch.
+
+    Args:
+        added: triples the store's seq set did not hold before this batch (each once).
+        old: the stored ranges of (at least) the keys in ``added``.
+
+    Returns:
+        The new range of every key in ``added`` and the change in total gaps.
+    """
+    fresh: dict[SeqKey, list[int]] = {}
+    for d, b, s in added:
+        a = fresh.get((d, b))
+        if a is None:
+            fresh[(d, b)] = [s, s, 1]
+        else:
+            if s < a[0]:
+                a[0] = s
+            if s > a[1]:
+                a[1] = s
+            a[2] += 1
+    out: dict[SeqKey, SeqRange] = {}
+    delta = 0
+    for k, (lo, hi, n) in fresh.items():
+        o = old.get(k)
+        new = (lo, hi, n) if o is None else (min(o[0], lo), max(o[1], hi), o[2] + n)
+        out[k] = new
+        delta += range_gaps(new) - range_gaps(o)
+    return out, delta
