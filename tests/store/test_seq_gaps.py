@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import secrets
 import sqlite3
+import threading
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -150,6 +151,57 @@ def test_gaps_are_per_boot_and_summed_per_device(store: HotStore) -> None:
     assert device_gaps(store, "q") == 3
     assert {d["device_id"]: d["gaps"] for d in store.devices()} == {"p": 4, "q": 3}
     assert store.stats().gaps == 7
+
+
+def test_two_writers_taking_turns_count_each_seq_once(store_url: str) -> None:
+    """Replicas handing a partition over write the same devices: no writer may trust stale ranges."""
+    a, b = load_store(store_url), load_store(store_url)
+    try:
+        apply(a, [reading("w", 0), reading("w", 10)])  # a caches the range 0..10
+        apply(b, [reading("w", 5), reading("w", 20), reading("w", 10, event_id="z")])
+        apply(a, [reading("w", 6), reading("w", 30)])
+        apply(b, [reading("w", 30, event_id="y"), reading("w", 1)])
+        want = 31 - len({0, 10, 5, 20, 6, 30, 1})
+        assert (device_gaps(a, "w"), a.stats().gaps, b.stats().gaps) == (want, want, want)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_concurrent_writers_creating_the_same_ranges_count_exactly(store_url: str) -> None:
+    """Two writers start the same (device, boot) at the same moment, round after round."""
+    rounds = 25
+    barrier = threading.Barrier(2, timeout=30)
+    errors: list[BaseException] = []
+
+    def writer(seqs: list[tuple[int, str | None]]) -> None:
+        s = load_store(store_url)
+        try:
+            for i in range(rounds):
+                barrier.wait()
+                apply(s, [reading(f"c{i}", q, "b", ev) for q, ev in seqs])
+        except BaseException as exc:
+            errors.append(exc)
+            barrier.abort()
+        finally:
+            s.close()
+
+    threads = [
+        threading.Thread(target=writer, args=([(0, None), (2, None), (4, None)],)),
+        threading.Thread(target=writer, args=([(1, None), (4, "ev"), (8, None)],)),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    s = load_store(store_url, readonly=True)
+    try:
+        per_device = 8 + 1 - len({0, 1, 2, 4, 8})
+        assert {d["device_id"]: d["gaps"] for d in s.devices()} == {f"c{i}": per_device for i in range(rounds)}
+        assert s.stats().gaps == rounds * per_device
+    finally:
+        s.close()
 
 
 def _downgrade_to_v1(url: str) -> None:

@@ -647,7 +647,7 @@ class PostgresStore:
         uncommitted triple makes it wait), and range rows are locked in key order before they
         are read, like the rollups: replicas handing a partition over never count a seq twice.
         """
-        triples = seq_triples(new)
+        triples = sorted(set(seq_triples(new)))  # key order: concurrent writers lock alike
         if not triples:
             return 0
         added = cur.execute(
@@ -672,7 +672,9 @@ class PostgresStore:
                     ([k[0] for k, _ in items], [k[1] for k, _ in items], *([v[i] for _, v in items] for i in range(3))),
                 )
             }
-            lost = sorted(missing - inserted)  # created meanwhile by another writer: lock and merge
+            # created meanwhile by another writer (the device row's lock ordinarily serialises them
+            # first; this keeps the ranges right without relying on it): lock and merge
+            lost = sorted(missing - inserted)
             if lost:
                 old.update(self._lock_ranges(cur, lost))
         ranges, delta = merge_ranges(added, old)

@@ -27,8 +27,8 @@ SeqRange = tuple[int, int, int]
 
 
 def seq_triples(readings: Iterable[Reading]) -> list[tuple[str, str, int]]:
-    """Distinct ``(device_id, boot_id, seq)`` of the readings that carry a seq, sorted (lock order)."""
-    return sorted({(r.device_id, r.boot_id or "", r.seq) for r in readings if r.seq is not None})
+    """``(device_id, boot_id, seq)`` of the readings that carry a seq, in their order."""
+    return [(r.device_id, r.boot_id or "", r.seq) for r in readings if r.seq is not None]
 
 
 def range_gaps(rng: SeqRange | None) -> int:

@@ -132,6 +132,8 @@ class SqliteStore:
         self._staged: dict[str, dict[RollupKey, Acc]] = {i: {} for i in INTERVALS}
         self._known_metrics: set[tuple[str, str]] = set()
         self._pending_metrics: set[tuple[str, str]] = set()
+        self._ranges: dict[SeqKey, SeqRange] = {}  # seq ranges committed, as the rollups' cache
+        self._staged_ranges: dict[SeqKey, SeqRange] = {}
         self._data_version = -1
         self._keys: KeyFilter | None = None  # identity keys stored, for de-dup without a read per key
         if not readonly:
@@ -230,12 +232,14 @@ class SqliteStore:
             for c in self._cache.values():
                 c.clear()
             self._known_metrics.clear()
+            self._ranges.clear()
             self._keys = None
         if self._keys is None or self._keys.full:
             self._keys = self._load_keys(w)
         for st in self._staged.values():
             st.clear()
         self._pending_metrics = set()
+        self._staged_ranges = {}
         gaps = 0
         try:
             new_idx, dups = self._dedupe(w, readings)
@@ -300,6 +304,9 @@ class SqliteStore:
         for interval, staged in self._staged.items():
             self._cache[interval].update(staged)
         self._known_metrics |= self._pending_metrics
+        if len(self._ranges) + len(self._staged_ranges) > _CACHE_MAX:
+            self._ranges.clear()
+        self._ranges.update(self._staged_ranges)
         return ApplyResult(stored=len(new), duplicates=dups, late=n_late, dead_lettered=len(dead_letters))
 
     def _dedupe(self, w: sqlite3.Connection, readings: Sequence[Reading]) -> tuple[dict[int, int], int]:
@@ -412,30 +419,42 @@ class SqliteStore:
             w.executemany("INSERT OR IGNORE INTO device_metrics VALUES (?, ?)", sorted(new))
             self._pending_metrics = new
 
-    @staticmethod
-    def _update_gaps(w: sqlite3.Connection, new: Sequence[Reading]) -> int:
+    def _update_gaps(self, w: sqlite3.Connection, new: Sequence[Reading]) -> int:
         """Add the new readings' seqs to the seq set and their ranges; return the change in gaps."""
         triples = seq_triples(new)
         if not triples:
             return 0
-        # RETURNING yields only the triples the set did not hold: a seq counts once, whatever carried it
-        added = w.execute(
-            "INSERT INTO seqs SELECT value->>0, value->>1, value->>2 FROM json_each(?) WHERE true"
-            " ON CONFLICT DO NOTHING RETURNING device_id, boot_id, seq",
-            (_enc.encode(triples).decode(),),
-        ).fetchall()
+        # Fast path: every triple is new (a reading new by identity and without event_id always brings
+        # a new seq). Only when one was there already or twice in the batch (a seq carried by several
+        # identities) is the insert redone with RETURNING, which yields just the new ones, each once.
+        before = w.total_changes
+        w.execute("SAVEPOINT seqs")
+        w.executemany("INSERT OR IGNORE INTO seqs VALUES (?, ?, ?)", triples)
+        added: list[tuple[str, str, int]] = triples
+        if w.total_changes - before != len(triples):
+            w.execute("ROLLBACK TO seqs")
+            added = w.execute(
+                "INSERT INTO seqs SELECT value->>0, value->>1, value->>2 FROM json_each(?) WHERE true"
+                " ON CONFLICT DO NOTHING RETURNING device_id, boot_id, seq",
+                (_enc.encode(triples).decode(),),
+            ).fetchall()
+        w.execute("RELEASE seqs")
         if not added:
             return 0
-        keys = sorted({(d, b) for d, b, _ in added})
-        old: dict[SeqKey, SeqRange] = {
-            (d, b): (lo, hi, n)
-            for d, b, lo, hi, n in w.execute(
-                "SELECT r.device_id, r.boot_id, r.min_seq, r.max_seq, r.n FROM json_each(?) j"
-                " JOIN seq_ranges r ON r.device_id = j.value->>0 AND r.boot_id = j.value->>1",
-                (_enc.encode(keys).decode(),),
+        cache = self._ranges
+        keys = {(d, b) for d, b, _ in added}
+        old = {k: cache[k] for k in keys if k in cache}
+        if len(old) < len(keys):
+            old.update(
+                ((d, b), (lo, hi, n))
+                for d, b, lo, hi, n in w.execute(
+                    "SELECT r.device_id, r.boot_id, r.min_seq, r.max_seq, r.n FROM json_each(?) j"
+                    " JOIN seq_ranges r ON r.device_id = j.value->>0 AND r.boot_id = j.value->>1",
+                    (_enc.encode([k for k in keys if k not in old]).decode(),),
+                )
             )
-        }
         ranges, delta = merge_ranges(added, old)
+        self._staged_ranges = ranges
         w.executemany(
             "INSERT OR REPLACE INTO seq_ranges VALUES (?,?,?,?,?)", [(*k, *v) for k, v in ranges.items()]
         )
