@@ -37,8 +37,9 @@ def metric(up: Up, name: str) -> float:
     raise AssertionError(f"{name} missing from /metrics")
 
 
-def settle(up: Up, stored: int) -> dict[str, Any]:
-    return up.wait_for(lambda s: s["stored"] >= stored and sum(s.get("lag", {}).values()) == 0, timeout_s=60)
+def settle(up: Up, received: int) -> dict[str, Any]:
+    """Stats once every reading sent has been applied (stored or counted a duplicate) and nothing is pending."""
+    return up.wait_for(lambda s: s["received"] >= received and sum(s.get("lag", {}).values()) == 0, timeout_s=90)
 
 
 def test_skipped_seqs_are_counted_and_late_fillers_uncount_them(tmp_path: Path) -> None:
@@ -58,7 +59,7 @@ def test_skipped_seqs_are_counted_and_late_fillers_uncount_them(tmp_path: Path) 
     try:
         c = publisher(up.mqtt_port)
         publish_all(c, first + resent)
-        st = settle(up, len(first))
+        st = settle(up, len(first) + len(resent))
         report = FaultReport("seq gaps: device skips seqs", sent=len(first) + len(resent),
                              acknowledged=len(first) + len(resent), stored=st["stored"],
                              duplicates=st["duplicates"], counted_losses={"gaps": st["gaps"]})  # fmt: skip
@@ -70,7 +71,7 @@ def test_skipped_seqs_are_counted_and_late_fillers_uncount_them(tmp_path: Path) 
         assert metric(up, "fieldmesh_seq_gaps") == missing
 
         publish_all(c, late + resent)
-        st = settle(up, len(first) + len(late))
+        st = settle(up, len(first) + 2 * len(resent) + len(late))
         FaultReport("seq gaps: late readings fill them", sent=len(late) + len(resent),
                     acknowledged=len(late) + len(resent), stored=st["stored"], duplicates=st["duplicates"],
                     counted_losses={"gaps": st["gaps"]}).show()  # fmt: skip

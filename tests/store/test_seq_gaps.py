@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from fieldmesh.core.identity import identity_digest, identity_string
 from fieldmesh.core.model import Reading
 from fieldmesh.store import HotStore, load_store
-from fieldmesh.store.seqgaps import merge_ranges
+from fieldmesh.store.seqgaps import merge_ranges, seq_spans
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -247,7 +247,9 @@ def test_merge_ranges_in_any_split_matches_the_oracle(triples: list[tuple[str, s
     ranges: dict[tuple[str, str], tuple[int, int, int]] = {}
     total = 0
     for i in range(0, len(triples), 3):
-        new, delta = merge_ranges(triples[i : i + 3], ranges)
+        chunk = triples[i : i + 3]
+        spans = seq_spans(chunk)
+        new, delta = merge_ranges(spans, {k: v[2] for k, v in spans.items()}, ranges)
         ranges.update(new)
         total += delta
     sets: dict[tuple[str, str], set[int]] = defaultdict(set)

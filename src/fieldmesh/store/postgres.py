@@ -44,7 +44,7 @@ from fieldmesh.core.model import DeadLetter, Reading
 from fieldmesh.store.base import ApplyResult, Position, QueryResult, StoreStats
 from fieldmesh.store.rollup import Acc, RollupKey, merge_acc, rollup_deltas
 from fieldmesh.store.rows import device_row, dlq_row, raw_row, rollup_query, rollup_row, where_clause
-from fieldmesh.store.seqgaps import SeqKey, SeqRange, merge_ranges, seq_triples
+from fieldmesh.store.seqgaps import SeqKey, SeqRange, merge_ranges, seq_spans, seq_triples
 
 __all__ = ["SCHEMA_VERSION", "PostgresStore"]
 
@@ -643,26 +643,31 @@ class PostgresStore:
     def _update_gaps(self, cur: Any, new: Sequence[Reading]) -> int:
         """Add the new readings' seqs to the seq set and their ranges; return the change in gaps.
 
-        The set's insert returns only triples no transaction had stored (a concurrent writer's
-        uncommitted triple makes it wait), and range rows are locked in key order before they
-        are read, like the rollups: replicas handing a partition over never count a seq twice.
+        The set's insert counts, per key, only triples no transaction had stored (a concurrent
+        writer's uncommitted triple makes it wait), and range rows are locked in key order before
+        they are read, like the rollups: replicas handing a partition over never count a seq twice.
         """
         triples = sorted(set(seq_triples(new)))  # key order: concurrent writers lock alike
         if not triples:
             return 0
-        added = cur.execute(
-            "INSERT INTO seqs SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[])"
-            " ON CONFLICT DO NOTHING RETURNING device_id, boot_id, seq",
-            ([t[0] for t in triples], [t[1] for t in triples], [t[2] for t in triples]),
-        ).fetchall()
+        added: dict[SeqKey, int] = {
+            (d, b): n
+            for d, b, n in cur.execute(
+                "WITH ins AS (INSERT INTO seqs SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[])"
+                " ON CONFLICT DO NOTHING RETURNING device_id, boot_id)"
+                " SELECT device_id, boot_id, count(*) FROM ins GROUP BY 1, 2",
+                ([t[0] for t in triples], [t[1] for t in triples], [t[2] for t in triples]),
+            )
+        }
         if not added:
             return 0
-        keys = sorted({(d, b) for d, b, _ in added})
+        spans = seq_spans(triples)
+        keys = sorted(added)
         old = self._lock_ranges(cur, keys)
         inserted: set[SeqKey] = set()
         missing = {k for k in keys if k not in old}
         if missing:
-            first, _ = merge_ranges([t for t in added if (t[0], t[1]) in missing], {})
+            first, _ = merge_ranges(spans, {k: added[k] for k in missing}, {})
             items = sorted(first.items())
             inserted = {
                 (d, b)
@@ -677,7 +682,7 @@ class PostgresStore:
             lost = sorted(missing - inserted)
             if lost:
                 old.update(self._lock_ranges(cur, lost))
-        ranges, delta = merge_ranges(added, old)
+        ranges, delta = merge_ranges(spans, added, old)
         update = sorted((k, v) for k, v in ranges.items() if k not in inserted)
         if update:
             cur.execute(

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from fieldmesh.core.model import Reading
 
-__all__ = ["SeqKey", "SeqRange", "merge_ranges", "range_gaps", "seq_triples"]
+__all__ = ["SeqKey", "SeqRange", "merge_ranges", "range_gaps", "seq_spans", "seq_triples"]
 
 SeqKey = tuple[str, str]
 """(device_id, boot_id); a reading without ``boot_id`` has boot ``""``, as in its identity."""
@@ -31,37 +31,49 @@ def seq_triples(readings: Iterable[Reading]) -> list[tuple[str, str, int]]:
     return [(r.device_id, r.boot_id or "", r.seq) for r in readings if r.seq is not None]
 
 
+def seq_spans(triples: Iterable[tuple[str, str, int]]) -> dict[SeqKey, list[int]]:
+    """Per key, ``[lowest seq, highest seq, number of triples]`` of a batch."""
+    spans: dict[SeqKey, list[int]] = {}
+    for d, b, s in triples:
+        a = spans.get((d, b))
+        if a is None:
+            spans[(d, b)] = [s, s, 1]
+        else:
+            if s < a[0]:
+                a[0] = s
+            elif s > a[1]:
+                a[1] = s
+            a[2] += 1
+    return spans
+
+
 def range_gaps(rng: SeqRange | None) -> int:
     """Missing seqs inside a range."""
     return 0 if rng is None else rng[1] - rng[0] + 1 - rng[2]
 
 
 def merge_ranges(
-    added: Sequence[tuple[str, str, int]], old: Mapping[SeqKey, SeqRange]
+    spans: Mapping[SeqKey, Sequence[int]], added: Mapping[SeqKey, int], old: Mapping[SeqKey, SeqRange]
 ) -> tuple[dict[SeqKey, SeqRange], int]:
-    """Fold newly stored triples into the ranges they touch.
+    """Fold a batch's seqs into the ranges they touch.
+
+    A seq the store held already lies inside its stored range, so widening a range by the whole
+    batch's span and adding only the new seqs to ``n`` is exact.
 
     Args:
-        added: triples the store's seq set did not hold before this batch (each once).
+        spans: per key, the lowest and highest seq of the batch (:func:`seq_spans`).
+        added: per key, how many of the batch's seqs the store's seq set did not hold yet.
         old: the stored ranges of (at least) the keys in ``added``.
 
     Returns:
-        The new range of every key in ``added`` and the change in total gaps.
+        The new range of every key with seqs added, and the change in total gaps.
     """
-    fresh: dict[SeqKey, list[int]] = {}
-    for d, b, s in added:
-        a = fresh.get((d, b))
-        if a is None:
-            fresh[(d, b)] = [s, s, 1]
-        else:
-            if s < a[0]:
-                a[0] = s
-            if s > a[1]:
-                a[1] = s
-            a[2] += 1
     out: dict[SeqKey, SeqRange] = {}
     delta = 0
-    for k, (lo, hi, n) in fresh.items():
+    for k, n in added.items():
+        if n <= 0:
+            continue
+        lo, hi = spans[k][0], spans[k][1]
         o = old.get(k)
         new = (lo, hi, n) if o is None else (min(o[0], lo), max(o[1], hi), o[2] + n)
         out[k] = new

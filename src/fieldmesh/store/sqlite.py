@@ -13,6 +13,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -26,7 +27,7 @@ from fieldmesh.store.base import INTERVALS, ApplyResult, Position, QueryResult, 
 from fieldmesh.store.keyfilter import KeyFilter
 from fieldmesh.store.rollup import Acc, RollupKey, merge_acc, rollup_deltas
 from fieldmesh.store.rows import device_row, dlq_row, raw_row, rollup_query, rollup_row, where_clause
-from fieldmesh.store.seqgaps import SeqKey, SeqRange, merge_ranges, seq_triples
+from fieldmesh.store.seqgaps import SeqKey, SeqRange, merge_ranges, seq_spans, seq_triples
 
 __all__ = ["SCHEMA_VERSION", "SqliteStore"]
 
@@ -424,36 +425,38 @@ class SqliteStore:
         triples = seq_triples(new)
         if not triples:
             return 0
+        spans = seq_spans(triples)
         # Fast path: every triple is new (a reading new by identity and without event_id always brings
         # a new seq). Only when one was there already or twice in the batch (a seq carried by several
         # identities) is the insert redone with RETURNING, which yields just the new ones, each once.
         before = w.total_changes
         w.execute("SAVEPOINT seqs")
         w.executemany("INSERT OR IGNORE INTO seqs VALUES (?, ?, ?)", triples)
-        added: list[tuple[str, str, int]] = triples
-        if w.total_changes - before != len(triples):
+        if w.total_changes - before == len(triples):
+            added = {k: v[2] for k, v in spans.items()}
+        else:
             w.execute("ROLLBACK TO seqs")
-            added = w.execute(
-                "INSERT INTO seqs SELECT value->>0, value->>1, value->>2 FROM json_each(?) WHERE true"
-                " ON CONFLICT DO NOTHING RETURNING device_id, boot_id, seq",
-                (_enc.encode(triples).decode(),),
-            ).fetchall()
+            added = Counter(
+                (d, b)
+                for d, b in w.execute(
+                    "INSERT INTO seqs SELECT value->>0, value->>1, value->>2 FROM json_each(?) WHERE true"
+                    " ON CONFLICT DO NOTHING RETURNING device_id, boot_id",
+                    (_enc.encode(triples).decode(),),
+                )
+            )
         w.execute("RELEASE seqs")
-        if not added:
-            return 0
         cache = self._ranges
-        keys = {(d, b) for d, b, _ in added}
-        old = {k: cache[k] for k in keys if k in cache}
-        if len(old) < len(keys):
+        old = {k: cache[k] for k in added if k in cache}
+        if len(old) < len(added):
             old.update(
                 ((d, b), (lo, hi, n))
                 for d, b, lo, hi, n in w.execute(
                     "SELECT r.device_id, r.boot_id, r.min_seq, r.max_seq, r.n FROM json_each(?) j"
                     " JOIN seq_ranges r ON r.device_id = j.value->>0 AND r.boot_id = j.value->>1",
-                    (_enc.encode([k for k in keys if k not in old]).decode(),),
+                    (_enc.encode([k for k in added if k not in old]).decode(),),
                 )
             )
-        ranges, delta = merge_ranges(added, old)
+        ranges, delta = merge_ranges(spans, added, old)
         self._staged_ranges = ranges
         w.executemany(
             "INSERT OR REPLACE INTO seq_ranges VALUES (?,?,?,?,?)", [(*k, *v) for k, v in ranges.items()]
