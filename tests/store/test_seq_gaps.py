@@ -105,7 +105,7 @@ def send(store: HotStore, data: st.DataObject, rs: list[Reading]) -> list[Readin
     return sent
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data(), streams=boot_streams)
 def test_gaps_match_the_oracle_and_fillers_uncount_them(
     store: HotStore, data: st.DataObject, streams: dict[str | None, tuple[int, set[int], list[tuple[bool, int]]]]
@@ -142,6 +142,25 @@ def test_a_seq_carried_by_two_event_ids_counts_once(store: HotStore) -> None:
     assert (device_gaps(store, "e"), store.stats().gaps) == (0, 0)
     apply(store, [reading("e", 2, event_id="g")])
     assert store.stats().gaps == 0  # never negative
+
+
+def listed_seqs(store: HotStore, store_url: str, dev: str) -> int:
+    ph = "?" if store_url.startswith("sqlite") else "%s"
+    n: int = store.query(f"SELECT count(*) FROM seqs WHERE device_id = {ph}", [dev]).rows[0][0]
+    return n
+
+
+def test_a_plain_device_meeting_its_first_event_id_is_listed(store: HotStore, store_url: str) -> None:
+    apply(store, [reading("t", 0), reading("t", 1), reading("t", 3)])
+    apply(store, [reading("t", 7)])
+    assert (device_gaps(store, "t"), listed_seqs(store, store_url, "t")) == (4, 0)  # plain: no seq set
+    # the first event_id: its seq 3 is one the device has, seq 5 a new one, seq 6 plain in the same batch
+    apply(store, [reading("t", 3, event_id="x"), reading("t", 5, event_id="y"), reading("t", 6)])
+    assert (device_gaps(store, "t"), listed_seqs(store, store_url, "t")) == (2, 6)
+    apply(store, [reading("t", 5), reading("t", 2, event_id="z")])  # a plain seq 5 too: no new seq
+    assert device_gaps(store, "t") == 1
+    apply(store, [reading("t", 4)])
+    assert (device_gaps(store, "t"), store.stats().gaps) == (0, 0)
 
 
 def test_gaps_are_per_boot_and_summed_per_device(store: HotStore) -> None:

@@ -44,7 +44,7 @@ from fieldmesh.core.model import DeadLetter, Reading
 from fieldmesh.store.base import ApplyResult, Position, QueryResult, StoreStats
 from fieldmesh.store.rollup import Acc, RollupKey, merge_acc, rollup_deltas
 from fieldmesh.store.rows import device_row, dlq_row, raw_row, rollup_query, rollup_row, where_clause
-from fieldmesh.store.seqgaps import SeqKey, SeqRange, merge_ranges, seq_spans, seq_triples
+from fieldmesh.store.seqgaps import SeqKey, SeqRange, listing, merge_ranges, range_gaps, seq_spans, seq_triples
 
 __all__ = ["SCHEMA_VERSION", "PostgresStore"]
 
@@ -95,14 +95,15 @@ CREATE TABLE IF NOT EXISTS seqs (
 );
 CREATE TABLE IF NOT EXISTS seq_ranges (
     device_id TEXT NOT NULL, boot_id TEXT NOT NULL, min_seq BIGINT NOT NULL, max_seq BIGINT NOT NULL,
-    n BIGINT NOT NULL, PRIMARY KEY (device_id, boot_id)
+    n BIGINT NOT NULL, listed BOOLEAN NOT NULL, PRIMARY KEY (device_id, boot_id)
 ) WITH (fillfactor = 70);
 """
 #: Version 1 -> 2: the seq set, ranges and gap count of the readings already stored.
 _MIGRATE_1_2 = """
-INSERT INTO seqs SELECT DISTINCT device_id, coalesce(boot_id, ''), seq FROM readings WHERE seq IS NOT NULL
-    ON CONFLICT DO NOTHING;
-INSERT INTO seq_ranges SELECT device_id, boot_id, min(seq), max(seq), count(*) FROM seqs GROUP BY 1, 2
+INSERT INTO seq_ranges SELECT device_id, coalesce(boot_id, ''), min(seq), max(seq), count(DISTINCT seq),
+    bool_or(event_id IS NOT NULL) FROM readings WHERE seq IS NOT NULL GROUP BY 1, 2 ON CONFLICT DO NOTHING;
+INSERT INTO seqs SELECT DISTINCT r.device_id, g.boot_id, r.seq FROM readings r JOIN seq_ranges g
+    ON g.device_id = r.device_id AND g.boot_id = coalesce(r.boot_id, '') WHERE g.listed AND r.seq IS NOT NULL
     ON CONFLICT DO NOTHING;
 INSERT INTO counters VALUES ('gaps', (SELECT coalesce(sum(max_seq - min_seq + 1 - n), 0) FROM seq_ranges))
     ON CONFLICT (name) DO UPDATE SET value = excluded.value;
@@ -641,70 +642,77 @@ class PostgresStore:
             self._pending_metrics = pairs
 
     def _update_gaps(self, cur: Any, new: Sequence[Reading]) -> int:
-        """Add the new readings' seqs to the seq set and their ranges; return the change in gaps.
+        """Fold the new readings' seqs into their ranges (:mod:`fieldmesh.store.seqgaps`); return the change in gaps.
 
-        The set's insert counts, per key, only triples no transaction had stored (a concurrent
-        writer's uncommitted triple makes it wait), and range rows are locked in key order before
-        they are read, like the rollups: replicas handing a partition over never count a seq twice.
+        Each key's range row is created if missing and locked (key order) before anything is
+        decided, so writers of one key (replicas handing a partition over) take turns; the set's
+        insert counts only triples no transaction had stored.
         """
-        triples = sorted(set(seq_triples(new)))  # key order: concurrent writers lock alike
+        triples = seq_triples(new)
         if not triples:
             return 0
-        added: dict[SeqKey, int] = {
-            (d, b): n
-            for d, b, n in cur.execute(
-                "WITH ins AS (INSERT INTO seqs SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[])"
-                " ON CONFLICT DO NOTHING RETURNING device_id, boot_id)"
-                " SELECT device_id, boot_id, count(*) FROM ins GROUP BY 1, 2",
-                ([t[0] for t in triples], [t[1] for t in triples], [t[2] for t in triples]),
-            )
-        }
-        if not added:
-            return 0
         spans = seq_spans(triples)
-        keys = sorted(added)
-        old = self._lock_ranges(cur, keys)
-        inserted: set[SeqKey] = set()
-        missing = {k for k in keys if k not in old}
-        if missing:
-            first, _ = merge_ranges(spans, {k: added[k] for k in missing}, {})
-            items = sorted(first.items())
-            inserted = {
-                (d, b)
-                for d, b in cur.execute(
-                    "INSERT INTO seq_ranges SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[],"
-                    " %s::bigint[], %s::bigint[]) ON CONFLICT DO NOTHING RETURNING device_id, boot_id",
-                    ([k[0] for k, _ in items], [k[1] for k, _ in items], *([v[i] for _, v in items] for i in range(3))),
-                )
-            }
-            # created meanwhile by another writer (the device row's lock ordinarily serialises them
-            # first; this keeps the ranges right without relying on it): lock and merge
-            lost = sorted(missing - inserted)
-            if lost:
-                old.update(self._lock_ranges(cur, lost))
-        ranges, delta = merge_ranges(spans, added, old)
-        update = sorted((k, v) for k, v in ranges.items() if k not in inserted)
-        if update:
+        keys = sorted(spans)
+        kd, kb = [k[0] for k in keys], [k[1] for k in keys]
+        # a placeholder (no seqs, no gaps) for new keys: it is ours and locked until we set it below
+        created = set(
             cur.execute(
-                "UPDATE seq_ranges r SET min_seq = j.lo, max_seq = j.hi, n = j.n FROM unnest(%s::text[],"
-                " %s::text[], %s::bigint[], %s::bigint[], %s::bigint[]) AS j(d, b, lo, hi, n)"
-                " WHERE r.device_id = j.d AND r.boot_id = j.b",
-                ([k[0] for k, _ in update], [k[1] for k, _ in update], *([v[i] for _, v in update] for i in range(3))),
-            )
-        return delta
-
-    @staticmethod
-    def _lock_ranges(cur: Any, keys: list[SeqKey]) -> dict[SeqKey, SeqRange]:
-        """Lock the existing range rows of ``keys`` (in key order) and return them."""
-        return {
-            (d, b): (lo, hi, n)
-            for d, b, lo, hi, n in cur.execute(
-                "SELECT r.device_id, r.boot_id, r.min_seq, r.max_seq, r.n FROM seq_ranges r"
+                "INSERT INTO seq_ranges SELECT d, b, 0, -1, 0, false FROM unnest(%s::text[], %s::text[]) AS j(d, b)"
+                " ON CONFLICT DO NOTHING RETURNING device_id, boot_id",
+                (kd, kb),
+            ).fetchall()
+        )
+        stored = {
+            (d, b): ((lo, hi, n), ls)
+            for d, b, lo, hi, n, ls in cur.execute(
+                "SELECT r.device_id, r.boot_id, r.min_seq, r.max_seq, r.n, r.listed FROM seq_ranges r"
                 " JOIN unnest(%s::text[], %s::text[]) AS j(d, b) ON r.device_id = j.d AND r.boot_id = j.b"
                 " ORDER BY 1, 2 FOR UPDATE OF r",
-                ([k[0] for k in keys], [k[1] for k in keys]),
+                (kd, kb),
             )
+            if (d, b) not in created
         }
+        old = {k: v[0] for k, v in stored.items()}
+        listed = {k: v[1] for k, v in stored.items()}
+        to_list, added, start, backfill = listing(new, listed)
+        explicit: dict[SeqKey, SeqRange] = {}
+        for k in sorted(backfill):  # a plain key meets its first event_id: list the seqs it has (batch included)
+            cur.execute(
+                "INSERT INTO seqs SELECT DISTINCT device_id, %s, seq FROM readings"
+                " WHERE device_id = %s AND coalesce(boot_id, '') = %s AND seq IS NOT NULL ON CONFLICT DO NOTHING",
+                (k[1], k[0], k[1]),
+            )
+            row = cur.execute(
+                "SELECT min(seq), max(seq), count(*) FROM seqs WHERE device_id = %s AND boot_id = %s", k
+            ).fetchone()
+            explicit[k] = (row[0], row[1], row[2])
+        rest = sorted({t for t in to_list if (t[0], t[1]) not in backfill})  # key order: writers lock alike
+        if rest:
+            added.update(
+                ((d, b), n)
+                for d, b, n in cur.execute(
+                    "WITH ins AS (INSERT INTO seqs SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[])"
+                    " ON CONFLICT DO NOTHING RETURNING device_id, boot_id)"
+                    " SELECT device_id, boot_id, count(*) FROM ins GROUP BY 1, 2",
+                    ([t[0] for t in rest], [t[1] for t in rest], [t[2] for t in rest]),
+                )
+            )
+        ranges, delta = merge_ranges(spans, added, old)
+        ranges.update(explicit)
+        for k, rng in explicit.items():
+            delta += range_gaps(rng) - range_gaps(old.get(k))
+        rows = sorted((k, v) for k, v in ranges.items())
+        if rows:
+            cur.execute(
+                "UPDATE seq_ranges r SET min_seq = j.lo, max_seq = j.hi, n = j.n, listed = j.ls FROM unnest("
+                "%s::text[], %s::text[], %s::bigint[], %s::bigint[], %s::bigint[], %s::boolean[])"
+                " AS j(d, b, lo, hi, n, ls) WHERE r.device_id = j.d AND r.boot_id = j.b",
+                (
+                    [k[0] for k, _ in rows], [k[1] for k, _ in rows], *([v[i] for _, v in rows] for i in range(3)),
+                    [listed.get(k, False) or k in start for k, _ in rows],
+                ),
+            )  # fmt: skip
+        return delta
 
     # -- the read path -----------------------------------------------------------------------
     def _read(self, fn: Callable[[Any], T]) -> T:

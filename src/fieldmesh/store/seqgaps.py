@@ -5,11 +5,15 @@ broker dropping queued messages, an edge buffer overflowing) shows as holes in t
 For each ``(device_id, boot_id)`` a store keeps a range ``[min_seq, max_seq, n]``, where ``n`` is
 the number of distinct seqs stored; its gaps are ``(max_seq - min_seq + 1) - n``.
 
-The stores keep the set of stored ``(device_id, boot_id, seq)`` triples and add to ``n`` only the
-triples the set did not hold yet: a seq counts once whatever identity carried it (two readings
-with different ``event_id`` and the same seq are two readings but one seq), so ``n`` never
-exceeds the span and gaps are never negative. A late reading that fills a hole adds to ``n``
-without widening the span: the gap is uncounted again.
+``n`` grows by the seqs a batch adds. A reading without ``event_id`` has ``(device_id, boot_id,
+seq)`` as its identity, so one that de-duplication found new brings a seq no such reading brought
+before: while a key has only such readings, the count of its new readings is its count of new
+seqs, with no per-reading bookkeeping. Readings with ``event_id`` break that: two identities may
+carry one seq. From the first of them on, a key is *listed*: every seq it stores is kept in the
+store's seq set (a plain key's seqs are copied in from its readings at that moment) and only the
+triples the set did not hold add to ``n``. Either way a seq counts once, ``n`` never exceeds the
+span and gaps are never negative; a late reading that fills a hole adds to ``n`` without widening
+the span, so the gap is uncounted again.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from fieldmesh.core.model import Reading
 
-__all__ = ["SeqKey", "SeqRange", "merge_ranges", "range_gaps", "seq_spans", "seq_triples"]
+__all__ = ["SeqKey", "SeqRange", "listing", "merge_ranges", "range_gaps", "seq_spans", "seq_triples"]
 
 SeqKey = tuple[str, str]
 """(device_id, boot_id); a reading without ``boot_id`` has boot ``""``, as in its identity."""
@@ -29,6 +33,43 @@ SeqRange = tuple[int, int, int]
 def seq_triples(readings: Iterable[Reading]) -> list[tuple[str, str, int]]:
     """``(device_id, boot_id, seq)`` of the readings that carry a seq, in their order."""
     return [(r.device_id, r.boot_id or "", r.seq) for r in readings if r.seq is not None]
+
+
+def listing(
+    new: Iterable[Reading], listed: Mapping[SeqKey, bool]
+) -> tuple[list[tuple[str, str, int]], dict[SeqKey, int], set[SeqKey], set[SeqKey]]:
+    """Sort a batch's seqs by how a store must count them.
+
+    Args:
+        new: the readings de-duplication found new.
+        listed: per key with a stored range, whether its seqs are in the seq set.
+
+    Returns:
+        ``(to_list, plain, start, backfill)``: the triples to add to the seq set (each new one
+        counts); per plain key, its number of new seqs; the keys listed from now on; and among
+        them the keys with a range already, whose stored seqs must be copied into the set first.
+    """
+    triples: dict[SeqKey, list[int]] = {}
+    with_event: set[SeqKey] = set()
+    for r in new:
+        if r.seq is None:
+            continue
+        k = (r.device_id, r.boot_id or "")
+        triples.setdefault(k, []).append(r.seq)
+        if r.event_id is not None:
+            with_event.add(k)
+    to_list: list[tuple[str, str, int]] = []
+    plain: dict[SeqKey, int] = {}
+    start: set[SeqKey] = set()
+    for k, seqs in triples.items():
+        was = listed.get(k)
+        if was or k in with_event:
+            to_list += [(k[0], k[1], s) for s in seqs]
+            if not was:
+                start.add(k)
+        else:
+            plain[k] = len(seqs)
+    return to_list, plain, start, {k for k in start if k in listed}
 
 
 def seq_spans(triples: Iterable[tuple[str, str, int]]) -> dict[SeqKey, list[int]]:

@@ -27,7 +27,7 @@ from fieldmesh.store.base import INTERVALS, ApplyResult, Position, QueryResult, 
 from fieldmesh.store.keyfilter import KeyFilter
 from fieldmesh.store.rollup import Acc, RollupKey, merge_acc, rollup_deltas
 from fieldmesh.store.rows import device_row, dlq_row, raw_row, rollup_query, rollup_row, where_clause
-from fieldmesh.store.seqgaps import SeqKey, SeqRange, merge_ranges, seq_spans, seq_triples
+from fieldmesh.store.seqgaps import SeqKey, SeqRange, listing, merge_ranges, range_gaps, seq_spans, seq_triples
 
 __all__ = ["SCHEMA_VERSION", "SqliteStore"]
 
@@ -100,14 +100,18 @@ CREATE TABLE IF NOT EXISTS seqs (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS seq_ranges (
     device_id TEXT NOT NULL, boot_id TEXT NOT NULL, min_seq INTEGER NOT NULL, max_seq INTEGER NOT NULL,
-    n INTEGER NOT NULL, PRIMARY KEY (device_id, boot_id)
+    n INTEGER NOT NULL,
+    listed INTEGER NOT NULL,         -- 1: every seq of the key is in seqs (it has readings with event_id)
+    PRIMARY KEY (device_id, boot_id)
 ) WITHOUT ROWID;
 """
 #: Version 1 -> 2: the seq set, ranges and gap count of the readings already stored.
 _MIGRATE_1_2 = """
-INSERT OR IGNORE INTO seqs SELECT device_id, coalesce(boot_id, ''), seq FROM readings WHERE seq IS NOT NULL;
 INSERT OR REPLACE INTO seq_ranges
-    SELECT device_id, boot_id, min(seq), max(seq), count(*) FROM seqs GROUP BY device_id, boot_id;
+    SELECT device_id, coalesce(boot_id, ''), min(seq), max(seq), count(DISTINCT seq), max(event_id IS NOT NULL)
+    FROM readings WHERE seq IS NOT NULL GROUP BY 1, 2;
+INSERT OR IGNORE INTO seqs SELECT r.device_id, g.boot_id, r.seq FROM readings r JOIN seq_ranges g
+    ON g.device_id = r.device_id AND g.boot_id = coalesce(r.boot_id, '') WHERE g.listed AND r.seq IS NOT NULL;
 INSERT INTO counters VALUES ('gaps', (SELECT coalesce(sum(max_seq - min_seq + 1 - n), 0) FROM seq_ranges))
     ON CONFLICT(name) DO UPDATE SET value = excluded.value;
 UPDATE meta SET value = '2' WHERE key = 'schema_version';
@@ -133,8 +137,9 @@ class SqliteStore:
         self._staged: dict[str, dict[RollupKey, Acc]] = {i: {} for i in INTERVALS}
         self._known_metrics: set[tuple[str, str]] = set()
         self._pending_metrics: set[tuple[str, str]] = set()
-        self._ranges: dict[SeqKey, SeqRange] = {}  # seq ranges committed, as the rollups' cache
-        self._staged_ranges: dict[SeqKey, SeqRange] = {}
+        # seq ranges committed (with their listed flag), cached like the rollups
+        self._ranges: dict[SeqKey, tuple[SeqRange, bool]] = {}
+        self._staged_ranges: dict[SeqKey, tuple[SeqRange, bool]] = {}
         self._data_version = -1
         self._keys: KeyFilter | None = None  # identity keys stored, for de-dup without a read per key
         if not readonly:
@@ -421,45 +426,68 @@ class SqliteStore:
             self._pending_metrics = new
 
     def _update_gaps(self, w: sqlite3.Connection, new: Sequence[Reading]) -> int:
-        """Add the new readings' seqs to the seq set and their ranges; return the change in gaps."""
+        """Fold the new readings' seqs into their ranges (:mod:`fieldmesh.store.seqgaps`); return the change in gaps."""
         triples = seq_triples(new)
         if not triples:
             return 0
         spans = seq_spans(triples)
-        # Fast path: every triple is new (a reading new by identity and without event_id always brings
-        # a new seq). Only when one was there already or twice in the batch (a seq carried by several
-        # identities) is the insert redone with RETURNING, which yields just the new ones, each once.
-        before = w.total_changes
-        w.execute("SAVEPOINT seqs")
-        w.executemany("INSERT OR IGNORE INTO seqs VALUES (?, ?, ?)", triples)
-        if w.total_changes - before == len(triples):
-            added = {k: v[2] for k, v in spans.items()}
-        else:
-            w.execute("ROLLBACK TO seqs")
-            added = Counter(
-                (d, b)
-                for d, b in w.execute(
-                    "INSERT INTO seqs SELECT value->>0, value->>1, value->>2 FROM json_each(?) WHERE true"
-                    " ON CONFLICT DO NOTHING RETURNING device_id, boot_id",
-                    (_enc.encode(triples).decode(),),
-                )
-            )
-        w.execute("RELEASE seqs")
         cache = self._ranges
-        old = {k: cache[k] for k in added if k in cache}
-        if len(old) < len(added):
-            old.update(
-                ((d, b), (lo, hi, n))
-                for d, b, lo, hi, n in w.execute(
-                    "SELECT r.device_id, r.boot_id, r.min_seq, r.max_seq, r.n FROM json_each(?) j"
+        stored = {k: cache[k] for k in spans if k in cache}
+        if len(stored) < len(spans):
+            stored.update(
+                ((d, b), ((lo, hi, n), bool(ls)))
+                for d, b, lo, hi, n, ls in w.execute(
+                    "SELECT r.device_id, r.boot_id, r.min_seq, r.max_seq, r.n, r.listed FROM json_each(?) j"
                     " JOIN seq_ranges r ON r.device_id = j.value->>0 AND r.boot_id = j.value->>1",
-                    (_enc.encode([k for k in added if k not in old]).decode(),),
+                    (_enc.encode([k for k in spans if k not in stored]).decode(),),
                 )
             )
+        old = {k: v[0] for k, v in stored.items()}
+        listed = {k: v[1] for k, v in stored.items()}
+        to_list, added, start, backfill = listing(new, listed)
+        explicit: dict[SeqKey, SeqRange] = {}
+        for k in sorted(backfill):  # a plain key meets its first event_id: list the seqs it has (batch included)
+            w.execute(
+                "INSERT OR IGNORE INTO seqs SELECT device_id, ?, seq FROM readings"
+                " WHERE device_id = ? AND coalesce(boot_id, '') = ? AND seq IS NOT NULL",
+                (k[1], k[0], k[1]),
+            )
+            lo, hi, n = w.execute(
+                "SELECT min(seq), max(seq), count(*) FROM seqs WHERE device_id = ? AND boot_id = ?", k
+            ).fetchone()
+            explicit[k] = (lo, hi, n)
+        rest = [t for t in to_list if (t[0], t[1]) not in backfill]
+        if rest:
+            # Fast path: every triple is new. Only when one was there already or twice in the batch (a
+            # seq carried by several identities) is the insert redone with RETURNING, which yields just
+            # the new ones, each once.
+            before = w.total_changes
+            w.execute("SAVEPOINT seqs")
+            w.executemany("INSERT OR IGNORE INTO seqs VALUES (?, ?, ?)", rest)
+            if w.total_changes - before == len(rest):
+                added.update(Counter((d, b) for d, b, _ in rest))
+            else:
+                w.execute("ROLLBACK TO seqs")
+                added.update(
+                    Counter(
+                        (d, b)
+                        for d, b in w.execute(
+                            "INSERT INTO seqs SELECT value->>0, value->>1, value->>2 FROM json_each(?) WHERE true"
+                            " ON CONFLICT DO NOTHING RETURNING device_id, boot_id",
+                            (_enc.encode(rest).decode(),),
+                        )
+                    )
+                )
+            w.execute("RELEASE seqs")
         ranges, delta = merge_ranges(spans, added, old)
-        self._staged_ranges = ranges
+        for k, rng in explicit.items():
+            ranges[k] = rng
+            delta += range_gaps(rng) - range_gaps(old.get(k))
+        staged = {k: (v, listed.get(k, False) or k in start) for k, v in ranges.items()}
+        self._staged_ranges = staged
         w.executemany(
-            "INSERT OR REPLACE INTO seq_ranges VALUES (?,?,?,?,?)", [(*k, *v) for k, v in ranges.items()]
+            "INSERT OR REPLACE INTO seq_ranges VALUES (?,?,?,?,?,?)",
+            [(*k, *v, int(ls)) for k, (v, ls) in staged.items()],
         )
         return delta
 
