@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fieldmesh.core.errors import StoreSchemaError
 from fieldmesh.core.identity import identity_digest, identity_string
 from fieldmesh.core.model import Reading
 from fieldmesh.store import HotStore, load_store
@@ -249,6 +250,8 @@ def test_a_version_1_store_opens_and_counts_the_gaps_it_holds(store_url: str) ->
     apply(s, [reading("m", 0), reading("m", 3), reading("m", 5, "b"), reading("m", 3, event_id="x")])
     s.close()
     _downgrade_to_v1(store_url)
+    with pytest.raises(StoreSchemaError, match="migrates"):  # a reader cannot migrate: it says who can
+        load_store(store_url, readonly=True)
     s = load_store(store_url)  # the writer migrates
     try:
         assert (device_gaps(s, "m"), s.stats().gaps) == (2, 2)

@@ -329,7 +329,12 @@ class PostgresStore:
             found = row[0] if row else "none"
             raise StoreSchemaError(
                 f"schema {self.schema!r} at {_redact(self._conninfo)} has store schema version {found}; "
-                f"this fieldmesh uses {SCHEMA_VERSION}. Use a fieldmesh of that version or another ?schema=."
+                f"this fieldmesh uses {SCHEMA_VERSION}. "
+                + (
+                    "Start the processor ('fieldmesh up' or 'fieldmesh process') once: it migrates the store."
+                    if row is not None and int(row[0]) < SCHEMA_VERSION
+                    else "Use a fieldmesh of that version or another ?schema=."
+                )
             )
 
     def close(self) -> None:

@@ -205,7 +205,11 @@ class SqliteStore:
             found = row[0] if row else "none"
             raise StoreSchemaError(
                 f"{self.path} has store schema version {found}; this fieldmesh uses {SCHEMA_VERSION}. "
-                "Use a fieldmesh of that version or a new --data-dir."
+                + (
+                    "Start the processor ('fieldmesh up' or 'fieldmesh process') once: it migrates the store."
+                    if row is not None and int(row[0]) < SCHEMA_VERSION
+                    else "Use a fieldmesh of that version or a new --data-dir."
+                )
             )
 
     def close(self) -> None:
