@@ -6,9 +6,10 @@ For each ``(device_id, boot_id)`` a store keeps a range ``[min_seq, max_seq, n]`
 the number of distinct seqs stored; its gaps are ``(max_seq - min_seq + 1) - n``.
 
 ``n`` grows by the seqs a batch adds. A reading without ``event_id`` has ``(device_id, boot_id,
-seq)`` as its identity, so one that de-duplication found new brings a seq no such reading brought
-before: while a key has only such readings, the count of its new readings is its count of new
-seqs, with no per-reading bookkeeping. Readings with ``event_id`` break that: two identities may
+seq)`` as its identity (:mod:`fieldmesh.core.identity`, which every ``Reading.key`` comes from), so
+one that de-duplication found new brings a seq no such reading brought before: while a key has
+only such readings, the count of its new readings is its count of new seqs, with no per-reading
+bookkeeping. Readings with ``event_id`` break that: two identities may
 carry one seq. From the first of them on, a key is *listed*: every seq it stores is kept in the
 store's seq set (a plain key's seqs are copied in from its readings at that moment) and only the
 triples the set did not hold add to ``n``. Either way a seq counts once, ``n`` never exceeds the
