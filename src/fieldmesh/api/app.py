@@ -70,6 +70,10 @@ class _StoreCollector(Collector):
         for reason in sorted(set(REASONS) | set(st.dead_lettered)):
             dl.add_metric([reason], st.dead_lettered.get(reason, 0))
         yield dl
+        # a gauge: it falls when late readings fill a gap
+        gaps = GaugeMetricFamily("fieldmesh_seq_gaps", "Seqs missing between readings stored, per device and boot")
+        gaps.add_metric([], st.gaps)
+        yield gaps
         lag = GaugeMetricFamily("fieldmesh_bus_lag_messages", "Messages not yet consumed", labels=["stage"])
         for stage, n in self.lag_cache.items():
             lag.add_metric([stage], n)
@@ -158,6 +162,7 @@ def create_app(
             "late": st.late,
             "unrouted": st.unrouted,
             "dead_lettered": {"total": sum(st.dead_lettered.values()), **st.dead_lettered},
+            "gaps": st.gaps,
         }
         if lag is not None:
             lag_cache.update(await lag())

@@ -43,12 +43,17 @@ class QueryResult:
 
 @dataclass(frozen=True, slots=True)
 class StoreStats:
-    """Durable counters: ``received == stored + duplicates + sum(dead_lettered)``."""
+    """Durable counters: ``received == stored + duplicates + sum(dead_lettered)``.
+
+    ``gaps`` is not part of that sum: it counts seqs missing upstream of fieldmesh, summed over
+    devices and boots (:mod:`fieldmesh.store.seqgaps`), and falls again when late readings fill them.
+    """
 
     stored: int = 0
     duplicates: int = 0
     late: int = 0
     dead_lettered: Mapping[str, int] = field(default_factory=dict)
+    gaps: int = 0
 
     @property
     def received(self) -> int:
@@ -82,7 +87,9 @@ class HotStore(Protocol):
 
     def stats(self) -> StoreStats: ...
 
-    def devices(self, device_id: str | None = None) -> list[dict[str, Any]]: ...
+    def devices(self, device_id: str | None = None) -> list[dict[str, Any]]:
+        """Known devices (rows of ``GET /devices``), each with its ``gaps`` summed over its boots."""
+        ...
 
     def raw(
         self, *, device_id: str | None, metric: str | None, start_ms: int | None, end_ms: int | None, limit: int

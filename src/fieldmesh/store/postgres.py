@@ -44,13 +44,15 @@ from fieldmesh.core.model import DeadLetter, Reading
 from fieldmesh.store.base import ApplyResult, Position, QueryResult, StoreStats
 from fieldmesh.store.rollup import Acc, RollupKey, merge_acc, rollup_deltas
 from fieldmesh.store.rows import device_row, dlq_row, raw_row, rollup_query, rollup_row, where_clause
+from fieldmesh.store.seqgaps import SeqKey, SeqRange, listing, merge_ranges, range_gaps, seq_spans, seq_triples
 
 __all__ = ["SCHEMA_VERSION", "PostgresStore", "check_read_only_sql"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-SCHEMA_VERSION: Final = 1
+#: 2 added ``seqs`` and ``seq_ranges`` (sequence gaps); a version-1 store is migrated on open.
+SCHEMA_VERSION: Final = 2
 _KEY_SPACE: Final = 1 << 63
 _DAY_MS: Final = 86_400_000
 _SAFE_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
@@ -88,6 +90,24 @@ CREATE TABLE IF NOT EXISTS positions (
 CREATE TABLE IF NOT EXISTS watermarks (
     topic TEXT NOT NULL, partition INTEGER NOT NULL, ts_ms BIGINT NOT NULL, PRIMARY KEY (topic, partition)
 );
+CREATE TABLE IF NOT EXISTS seqs (
+    device_id TEXT NOT NULL, boot_id TEXT NOT NULL, seq BIGINT NOT NULL, PRIMARY KEY (device_id, boot_id, seq)
+);
+CREATE TABLE IF NOT EXISTS seq_ranges (
+    device_id TEXT NOT NULL, boot_id TEXT NOT NULL, min_seq BIGINT NOT NULL, max_seq BIGINT NOT NULL,
+    n BIGINT NOT NULL, listed BOOLEAN NOT NULL, PRIMARY KEY (device_id, boot_id)
+) WITH (fillfactor = 70);
+"""
+#: Version 1 -> 2: the seq set, ranges and gap count of the readings already stored.
+_MIGRATE_1_2 = """
+INSERT INTO seq_ranges SELECT device_id, coalesce(boot_id, ''), min(seq), max(seq), count(DISTINCT seq),
+    bool_or(event_id IS NOT NULL) FROM readings WHERE seq IS NOT NULL GROUP BY 1, 2 ON CONFLICT DO NOTHING;
+INSERT INTO seqs SELECT DISTINCT r.device_id, g.boot_id, r.seq FROM readings r JOIN seq_ranges g
+    ON g.device_id = r.device_id AND g.boot_id = coalesce(r.boot_id, '') WHERE g.listed AND r.seq IS NOT NULL
+    ON CONFLICT DO NOTHING;
+INSERT INTO counters VALUES ('gaps', (SELECT coalesce(sum(max_seq - min_seq + 1 - n), 0) FROM seq_ranges))
+    ON CONFLICT (name) DO UPDATE SET value = excluded.value;
+UPDATE meta SET value = '2' WHERE key = 'schema_version';
 """
 _READINGS_COLS = """
     id BIGINT NOT NULL, chk BIGINT NOT NULL, device_id TEXT NOT NULL, ts_ms BIGINT NOT NULL,
@@ -295,13 +315,16 @@ class PostgresStore:
                         "INSERT INTO meta VALUES ('layout', %s)",
                         ("timescaledb" if self.timescale else "partitioned",),
                     )
-                elif not w.execute(
-                    "SELECT 1 FROM information_schema.columns"
-                    " WHERE table_schema = %s AND table_name = 'readings' AND column_name = 'enrichment'",
-                    (self.schema,),
-                ).fetchone():
-                    # stores made before as-of enrichment: add the column (no rewrite, nullable)
-                    w.execute("ALTER TABLE readings ADD COLUMN enrichment JSONB")
+                else:
+                    if not w.execute(
+                        "SELECT 1 FROM information_schema.columns"
+                        " WHERE table_schema = %s AND table_name = 'readings' AND column_name = 'enrichment'",
+                        (self.schema,),
+                    ).fetchone():
+                        # stores made before as-of enrichment: add the column (no rewrite, nullable)
+                        w.execute("ALTER TABLE readings ADD COLUMN enrichment JSONB")
+                    if row[0] == "1":
+                        w.execute(_MIGRATE_1_2)
         except pg.Error as exc:
             raise BackendError(f"cannot create the fieldmesh schema in {self.schema!r}: {exc}") from exc
         self._check_version(w)
@@ -351,7 +374,12 @@ class PostgresStore:
             found = row[0] if row else "none"
             raise StoreSchemaError(
                 f"schema {self.schema!r} at {_redact(self._conninfo)} has store schema version {found}; "
-                f"this fieldmesh uses {SCHEMA_VERSION}. Use a fieldmesh of that version or another ?schema=."
+                f"this fieldmesh uses {SCHEMA_VERSION}. "
+                + (
+                    "Start the processor ('fieldmesh up' or 'fieldmesh process') once: it migrates the store."
+                    if row is not None and int(row[0]) < SCHEMA_VERSION
+                    else "Use a fieldmesh of that version or another ?schema=."
+                )
             )
 
     def close(self) -> None:
@@ -437,6 +465,7 @@ class PostgresStore:
         new_idx, dups = self._dedupe(w, readings)
         new = [readings[i] for i in new_idx]
         n_late = sum(1 for i in new_idx if late[i])
+        gaps = 0
         with w.cursor() as cur:
             if new:
                 with cur.copy(
@@ -456,6 +485,7 @@ class PostgresStore:
                 for interval, deltas in rollup_deltas(new).items():
                     self._merge_rollups(cur, interval, deltas)
                 self._update_devices(cur, new)
+                gaps = self._update_gaps(cur, new)
             if dead_letters:
                 with cur.copy(
                     "COPY dlq (reason, detail, topic, device_id, received_ms, payload, truncated) FROM STDIN"
@@ -464,7 +494,7 @@ class PostgresStore:
                         cp.write_row(
                             (d.reason, d.detail, d.topic, d.device_id, d.received_ms, d.payload, d.truncated)
                         )
-            counts: dict[str, int] = {"stored": len(new), "duplicates": dups, "late": n_late}
+            counts: dict[str, int] = {"stored": len(new), "duplicates": dups, "late": n_late, "gaps": gaps}
             for d in dead_letters:
                 counts[f"dlq.{d.reason}"] = counts.get(f"dlq.{d.reason}", 0) + 1
             rows = sorted((k, v) for k, v in counts.items() if v)
@@ -661,6 +691,79 @@ class PostgresStore:
             )
             self._pending_metrics = pairs
 
+    def _update_gaps(self, cur: Any, new: Sequence[Reading]) -> int:
+        """Fold the new readings' seqs into their ranges (:mod:`fieldmesh.store.seqgaps`); return the change in gaps.
+
+        Each key's range row is created if missing and locked (key order) before anything is
+        decided, so writers of one key (replicas handing a partition over) take turns; the set's
+        insert counts only triples no transaction had stored.
+        """
+        triples = seq_triples(new)
+        if not triples:
+            return 0
+        spans = seq_spans(triples)
+        keys = sorted(spans)
+        kd, kb = [k[0] for k in keys], [k[1] for k in keys]
+        # a placeholder (no seqs, no gaps) for new keys: it is ours and locked until we set it below
+        created = set(
+            cur.execute(
+                "INSERT INTO seq_ranges SELECT d, b, 0, -1, 0, false FROM unnest(%s::text[], %s::text[]) AS j(d, b)"
+                " ON CONFLICT DO NOTHING RETURNING device_id, boot_id",
+                (kd, kb),
+            ).fetchall()
+        )
+        stored = {
+            (d, b): ((lo, hi, n), ls)
+            for d, b, lo, hi, n, ls in cur.execute(
+                "SELECT r.device_id, r.boot_id, r.min_seq, r.max_seq, r.n, r.listed FROM seq_ranges r"
+                " JOIN unnest(%s::text[], %s::text[]) AS j(d, b) ON r.device_id = j.d AND r.boot_id = j.b"
+                " ORDER BY 1, 2 FOR UPDATE OF r",
+                (kd, kb),
+            )
+            if (d, b) not in created
+        }
+        old = {k: v[0] for k, v in stored.items()}
+        listed = {k: v[1] for k, v in stored.items()}
+        to_list, added, start, backfill = listing(new, listed)
+        explicit: dict[SeqKey, SeqRange] = {}
+        for k in sorted(backfill):  # a plain key meets its first event_id: list the seqs it has (batch included)
+            cur.execute(
+                "INSERT INTO seqs SELECT DISTINCT device_id, %s, seq FROM readings"
+                " WHERE device_id = %s AND coalesce(boot_id, '') = %s AND seq IS NOT NULL ON CONFLICT DO NOTHING",
+                (k[1], k[0], k[1]),
+            )
+            row = cur.execute(
+                "SELECT min(seq), max(seq), count(*) FROM seqs WHERE device_id = %s AND boot_id = %s", k
+            ).fetchone()
+            explicit[k] = (row[0], row[1], row[2])
+        rest = sorted({t for t in to_list if (t[0], t[1]) not in backfill})  # key order: writers lock alike
+        if rest:
+            added.update(
+                ((d, b), n)
+                for d, b, n in cur.execute(
+                    "WITH ins AS (INSERT INTO seqs SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[])"
+                    " ON CONFLICT DO NOTHING RETURNING device_id, boot_id)"
+                    " SELECT device_id, boot_id, count(*) FROM ins GROUP BY 1, 2",
+                    ([t[0] for t in rest], [t[1] for t in rest], [t[2] for t in rest]),
+                )
+            )
+        ranges, delta = merge_ranges(spans, added, old)
+        ranges.update(explicit)
+        for k, rng in explicit.items():
+            delta += range_gaps(rng) - range_gaps(old.get(k))
+        rows = sorted((k, v) for k, v in ranges.items())
+        if rows:
+            cur.execute(
+                "UPDATE seq_ranges r SET min_seq = j.lo, max_seq = j.hi, n = j.n, listed = j.ls FROM unnest("
+                "%s::text[], %s::text[], %s::bigint[], %s::bigint[], %s::bigint[], %s::boolean[])"
+                " AS j(d, b, lo, hi, n, ls) WHERE r.device_id = j.d AND r.boot_id = j.b",
+                (
+                    [k[0] for k, _ in rows], [k[1] for k, _ in rows], *([v[i] for _, v in rows] for i in range(3)),
+                    [listed.get(k, False) or k in start for k, _ in rows],
+                ),
+            )  # fmt: skip
+        return delta
+
     # -- the read path -----------------------------------------------------------------------
     def _read(self, fn: Callable[[Any], T]) -> T:
         """Run a read on this thread's read-only connection, reconnecting once if it dropped."""
@@ -690,28 +793,36 @@ class PostgresStore:
             duplicates=c.get("duplicates", 0),
             late=c.get("late", 0),
             dead_lettered=dl,
+            gaps=c.get("gaps", 0),
         )
 
     def devices(self, device_id: str | None = None) -> list[dict[str, Any]]:
         """Known devices with their counts, times and metrics."""
         sql = "SELECT device_id, first_seen_ms, last_seen_ms, first_ts_ms, last_ts_ms, readings FROM devices"
         q = "SELECT device_id, metric FROM device_metrics"
+        g = "SELECT device_id, sum(max_seq - min_seq + 1 - n)::bigint FROM seq_ranges"
 
-        def read(con: Any) -> tuple[list[Any], list[Any]]:
-            with con.transaction():  # one snapshot for both
+        def read(con: Any) -> tuple[list[Any], list[Any], list[Any]]:
+            with con.transaction(), con.cursor() as cur:  # one snapshot for all three
+                cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
                 if device_id is not None:
-                    rows = con.execute(sql + " WHERE device_id = %s", (device_id,)).fetchall()
-                    ms = con.execute(q + " WHERE device_id = %s ORDER BY metric", (device_id,)).fetchall()
+                    rows = cur.execute(sql + " WHERE device_id = %s", (device_id,)).fetchall()
+                    ms = cur.execute(q + " WHERE device_id = %s ORDER BY metric", (device_id,)).fetchall()
+                    gs = cur.execute(g + " WHERE device_id = %s GROUP BY device_id", (device_id,)).fetchall()
                 else:
-                    rows = con.execute(sql + " ORDER BY device_id").fetchall()
-                    ms = con.execute(q + " ORDER BY device_id, metric").fetchall()
-            return rows, ms
+                    rows = cur.execute(sql + " ORDER BY device_id").fetchall()
+                    ms = cur.execute(q + " ORDER BY device_id, metric").fetchall()
+                    gs = cur.execute(g + " GROUP BY device_id").fetchall()
+            return rows, ms, gs
 
-        rows, ms = self._read(read)
+        rows, ms, gs = self._read(read)
         mets: dict[str, list[str]] = {}
         for d, m in ms:
             mets.setdefault(d, []).append(m)
-        return [device_row(d, fs, ls, ft, lt, n, mets.get(d, [])) for d, fs, ls, ft, lt, n in rows]
+        gaps = dict(gs)
+        return [
+            device_row(d, fs, ls, ft, lt, n, mets.get(d, []), gaps=gaps.get(d, 0)) for d, fs, ls, ft, lt, n in rows
+        ]
 
     def raw(
         self,

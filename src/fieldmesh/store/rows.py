@@ -58,11 +58,13 @@ def rollup_query(
     return sql, [*params, limit]
 
 
-def device_row(d: str, fs: int, ls: int, ft: int, lt: int, n: int, metrics: list[str]) -> dict[str, Any]:
-    """A row of ``GET /devices``."""
+def device_row(
+    d: str, fs: int, ls: int, ft: int, lt: int, n: int, metrics: list[str], *, gaps: int = 0
+) -> dict[str, Any]:
+    """A row of ``GET /devices`` (``gaps``: seqs missing, summed over the device's boots)."""
     return {
         "device_id": d, "first_seen": iso(fs), "last_seen": iso(ls), "first_ts": iso(ft), "last_ts": iso(lt),
-        "readings": n, "metrics": metrics,
+        "readings": n, "metrics": metrics, "gaps": gaps,
     }  # fmt: skip
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -26,10 +27,12 @@ from fieldmesh.store.base import INTERVALS, ApplyResult, Position, QueryResult, 
 from fieldmesh.store.keyfilter import KeyFilter
 from fieldmesh.store.rollup import Acc, RollupKey, merge_acc, rollup_deltas
 from fieldmesh.store.rows import device_row, dlq_row, raw_row, rollup_query, rollup_row, where_clause
+from fieldmesh.store.seqgaps import SeqKey, SeqRange, listing, merge_ranges, range_gaps, seq_spans, seq_triples
 
 __all__ = ["SCHEMA_VERSION", "SqliteStore"]
 
-SCHEMA_VERSION: Final = 1
+#: 2 added ``seqs`` and ``seq_ranges`` (sequence gaps); a version-1 store is migrated on open.
+SCHEMA_VERSION: Final = 2
 _KEY_SPACE: Final = 1 << 63
 #: Rollup accumulators kept in memory (per interval) so that hot windows need no read-back.
 _CACHE_MAX: Final = 500_000
@@ -91,6 +94,27 @@ CREATE TABLE IF NOT EXISTS positions (
 CREATE TABLE IF NOT EXISTS watermarks (
     topic TEXT NOT NULL, partition INTEGER NOT NULL, ts_ms INTEGER NOT NULL, PRIMARY KEY (topic, partition)
 ) WITHOUT ROWID;
+-- Sequence gaps (fieldmesh.store.seqgaps): the distinct seqs stored per device and boot, and their ranges.
+CREATE TABLE IF NOT EXISTS seqs (
+    device_id TEXT NOT NULL, boot_id TEXT NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (device_id, boot_id, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS seq_ranges (
+    device_id TEXT NOT NULL, boot_id TEXT NOT NULL, min_seq INTEGER NOT NULL, max_seq INTEGER NOT NULL,
+    n INTEGER NOT NULL,
+    listed INTEGER NOT NULL,         -- 1: every seq of the key is in seqs (it has readings with event_id)
+    PRIMARY KEY (device_id, boot_id)
+) WITHOUT ROWID;
+"""
+#: Version 1 -> 2: the seq set, ranges and gap count of the readings already stored.
+_MIGRATE_1_2 = """
+INSERT OR REPLACE INTO seq_ranges
+    SELECT device_id, coalesce(boot_id, ''), min(seq), max(seq), count(DISTINCT seq), max(event_id IS NOT NULL)
+    FROM readings WHERE seq IS NOT NULL GROUP BY 1, 2;
+INSERT OR IGNORE INTO seqs SELECT r.device_id, g.boot_id, r.seq FROM readings r JOIN seq_ranges g
+    ON g.device_id = r.device_id AND g.boot_id = coalesce(r.boot_id, '') WHERE g.listed AND r.seq IS NOT NULL;
+INSERT INTO counters VALUES ('gaps', (SELECT coalesce(sum(max_seq - min_seq + 1 - n), 0) FROM seq_ranges))
+    ON CONFLICT(name) DO UPDATE SET value = excluded.value;
+UPDATE meta SET value = '2' WHERE key = 'schema_version';
 """
 
 
@@ -192,6 +216,9 @@ class SqliteStore:
         self._staged: dict[str, dict[RollupKey, Acc]] = {i: {} for i in INTERVALS}
         self._known_metrics: set[tuple[str, str]] = set()
         self._pending_metrics: set[tuple[str, str]] = set()
+        # seq ranges committed (with their listed flag), cached like the rollups
+        self._ranges: dict[SeqKey, tuple[SeqRange, bool]] = {}
+        self._staged_ranges: dict[SeqKey, tuple[SeqRange, bool]] = {}
         self._data_version = -1
         self._keys: KeyFilter | None = None  # identity keys stored, for de-dup without a read per key
         if not readonly:
@@ -239,6 +266,17 @@ class SqliteStore:
         row = w.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
         if row is None:
             w.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        elif row[0] == "1":
+            # one transaction: a crash leaves version 1 and empty gap tables, migrated again next time
+            w.execute("BEGIN IMMEDIATE")
+            try:
+                for stmt in _MIGRATE_1_2.split(";"):
+                    if stmt.strip():
+                        w.execute(stmt)
+                w.execute("COMMIT")
+            except BaseException:
+                w.execute("ROLLBACK")
+                raise
         self._check_version(w)
 
     def _check_version(self, con: sqlite3.Connection) -> None:
@@ -250,7 +288,11 @@ class SqliteStore:
             found = row[0] if row else "none"
             raise StoreSchemaError(
                 f"{self.path} has store schema version {found}; this fieldmesh uses {SCHEMA_VERSION}. "
-                "Use a fieldmesh of that version or a new --data-dir."
+                + (
+                    "Start the processor ('fieldmesh up' or 'fieldmesh process') once: it migrates the store."
+                    if row is not None and int(row[0]) < SCHEMA_VERSION
+                    else "Use a fieldmesh of that version or a new --data-dir."
+                )
             )
 
     def close(self) -> None:
@@ -283,12 +325,15 @@ class SqliteStore:
             for c in self._cache.values():
                 c.clear()
             self._known_metrics.clear()
+            self._ranges.clear()
             self._keys = None
         if self._keys is None or self._keys.full:
             self._keys = self._load_keys(w)
         for st in self._staged.values():
             st.clear()
         self._pending_metrics = set()
+        self._staged_ranges = {}
+        gaps = 0
         try:
             new_idx, dups = self._dedupe(w, readings)
             new = [readings[i] for i in new_idx]
@@ -315,6 +360,7 @@ class SqliteStore:
                 for interval, deltas in deltas_by.items():
                     self._merge_rollups(w, interval, deltas)
                 self._update_devices(w, devs, deltas_by["1h"])
+                gaps = self._update_gaps(w, new)
             if dead_letters:
                 w.executemany(
                     "INSERT INTO dlq (reason, detail, topic, device_id, received_ms, payload, truncated)"
@@ -324,7 +370,7 @@ class SqliteStore:
                         for d in dead_letters
                     ],
                 )
-            counts: dict[str, int] = {"stored": len(new), "duplicates": dups, "late": n_late}
+            counts: dict[str, int] = {"stored": len(new), "duplicates": dups, "late": n_late, "gaps": gaps}
             for d in dead_letters:
                 counts[f"dlq.{d.reason}"] = counts.get(f"dlq.{d.reason}", 0) + 1
             w.executemany(
@@ -352,6 +398,9 @@ class SqliteStore:
         for interval, staged in self._staged.items():
             self._cache[interval].update(staged)
         self._known_metrics |= self._pending_metrics
+        if len(self._ranges) + len(self._staged_ranges) > _CACHE_MAX:
+            self._ranges.clear()
+        self._ranges.update(self._staged_ranges)
         return ApplyResult(stored=len(new), duplicates=dups, late=n_late, dead_lettered=len(dead_letters))
 
     def _dedupe(self, w: sqlite3.Connection, readings: Sequence[Reading]) -> tuple[dict[int, int], int]:
@@ -464,6 +513,72 @@ class SqliteStore:
             w.executemany("INSERT OR IGNORE INTO device_metrics VALUES (?, ?)", sorted(new))
             self._pending_metrics = new
 
+    def _update_gaps(self, w: sqlite3.Connection, new: Sequence[Reading]) -> int:
+        """Fold the new readings' seqs into their ranges (:mod:`fieldmesh.store.seqgaps`); return the change in gaps."""
+        triples = seq_triples(new)
+        if not triples:
+            return 0
+        spans = seq_spans(triples)
+        cache = self._ranges
+        stored = {k: cache[k] for k in spans if k in cache}
+        if len(stored) < len(spans):
+            stored.update(
+                ((d, b), ((lo, hi, n), bool(ls)))
+                for d, b, lo, hi, n, ls in w.execute(
+                    "SELECT r.device_id, r.boot_id, r.min_seq, r.max_seq, r.n, r.listed FROM json_each(?) j"
+                    " JOIN seq_ranges r ON r.device_id = j.value->>0 AND r.boot_id = j.value->>1",
+                    (_enc.encode([k for k in spans if k not in stored]).decode(),),
+                )
+            )
+        old = {k: v[0] for k, v in stored.items()}
+        listed = {k: v[1] for k, v in stored.items()}
+        to_list, added, start, backfill = listing(new, listed)
+        explicit: dict[SeqKey, SeqRange] = {}
+        for k in sorted(backfill):  # a plain key meets its first event_id: list the seqs it has (batch included)
+            w.execute(
+                "INSERT OR IGNORE INTO seqs SELECT device_id, ?, seq FROM readings"
+                " WHERE device_id = ? AND coalesce(boot_id, '') = ? AND seq IS NOT NULL",
+                (k[1], k[0], k[1]),
+            )
+            lo, hi, n = w.execute(
+                "SELECT min(seq), max(seq), count(*) FROM seqs WHERE device_id = ? AND boot_id = ?", k
+            ).fetchone()
+            explicit[k] = (lo, hi, n)
+        rest = [t for t in to_list if (t[0], t[1]) not in backfill]
+        if rest:
+            # Fast path: every triple is new. Only when one was there already or twice in the batch (a
+            # seq carried by several identities) is the insert redone with RETURNING, which yields just
+            # the new ones, each once.
+            before = w.total_changes
+            w.execute("SAVEPOINT seqs")
+            w.executemany("INSERT OR IGNORE INTO seqs VALUES (?, ?, ?)", rest)
+            if w.total_changes - before == len(rest):
+                added.update(Counter((d, b) for d, b, _ in rest))
+            else:
+                w.execute("ROLLBACK TO seqs")
+                added.update(
+                    Counter(
+                        (d, b)
+                        for d, b in w.execute(
+                            "INSERT INTO seqs SELECT value->>0, value->>1, value->>2 FROM json_each(?) WHERE true"
+                            " ON CONFLICT DO NOTHING RETURNING device_id, boot_id",
+                            (_enc.encode(rest).decode(),),
+                        )
+                    )
+                )
+            w.execute("RELEASE seqs")
+        ranges, delta = merge_ranges(spans, added, old)
+        for k, rng in explicit.items():
+            ranges[k] = rng
+            delta += range_gaps(rng) - range_gaps(old.get(k))
+        staged = {k: (v, listed.get(k, False) or k in start) for k, v in ranges.items()}
+        self._staged_ranges = staged
+        w.executemany(
+            "INSERT OR REPLACE INTO seq_ranges VALUES (?,?,?,?,?,?)",
+            [(*k, *v, int(ls)) for k, (v, ls) in staged.items()],
+        )
+        return delta
+
     # -- the read path -----------------------------------------------------------------------
     def positions(self) -> dict[Position, int]:
         """Applied bus positions: (topic, partition) -> last offset applied."""
@@ -480,8 +595,9 @@ class SqliteStore:
         c = dict(self._reader().execute("SELECT name, value FROM counters").fetchall())
         dl = {k[4:]: v for k, v in c.items() if k.startswith("dlq.")}
         return StoreStats(
-            stored=c.get("stored", 0), duplicates=c.get("duplicates", 0), late=c.get("late", 0), dead_lettered=dl
-        )
+            stored=c.get("stored", 0), duplicates=c.get("duplicates", 0), late=c.get("late", 0), dead_lettered=dl,
+            gaps=c.get("gaps", 0),
+        )  # fmt: skip
 
     def devices(self, device_id: str | None = None) -> list[dict[str, Any]]:
         """Known devices with their counts, times and metrics."""
@@ -496,7 +612,14 @@ class SqliteStore:
         q = "SELECT device_id, metric FROM device_metrics" + (" WHERE device_id = ?" if device_id else "")
         for d, m in con.execute(q + " ORDER BY device_id, metric", (device_id,) if device_id else ()):
             mets.setdefault(d, []).append(m)
-        return [device_row(d, fs, ls, ft, lt, n, mets.get(d, [])) for d, fs, ls, ft, lt, n in rows]
+        g = "SELECT device_id, sum(max_seq - min_seq + 1 - n) FROM seq_ranges" + (
+            " WHERE device_id = ?" if device_id else ""
+        )
+        gaps = dict(con.execute(g + " GROUP BY device_id", (device_id,) if device_id else ()).fetchall())
+        return [
+            device_row(d, fs, ls, ft, lt, n, mets.get(d, []), gaps=gaps.get(d, 0))
+            for d, fs, ls, ft, lt, n in rows
+        ]
 
     def raw(
         self, *, device_id: str | None, metric: str | None, start_ms: int | None, end_ms: int | None, limit: int
