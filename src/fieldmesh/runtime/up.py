@@ -566,9 +566,13 @@ def _snapshot_done(state_dir: Path, name: str) -> bool:
     return False
 
 
+#: Counts shown for this run beside the data dir's totals (``gaps`` may fall: late readings fill them).
+_RUN_KEYS: Final = ("received", "stored", "duplicates", "late", "unrouted", "gaps")
+
+
 def _counts(st: StoreStats) -> dict[str, Any]:
     return {"received": st.received, "stored": st.stored, "duplicates": st.duplicates, "late": st.late,
-            "dead_lettered": dict(st.dead_lettered)}
+            "unrouted": st.unrouted, "gaps": st.gaps, "dead_lettered": dict(st.dead_lettered)}
 
 
 def _summary(store: Any, elapsed_s: float, at_start: StoreStats) -> dict[str, Any]:
@@ -577,7 +581,7 @@ def _summary(store: Any, elapsed_s: float, at_start: StoreStats) -> dict[str, An
     n_dev = store.query("SELECT count(*) FROM devices").rows[0][0]
     store.close()
     total, start = _counts(st), _counts(at_start)
-    this_run: dict[str, Any] = {k: total[k] - start[k] for k in ("received", "stored", "duplicates", "late")}
+    this_run: dict[str, Any] = {k: total[k] - start[k] for k in _RUN_KEYS}
     this_run["dead_lettered"] = {r: n - start["dead_lettered"].get(r, 0) for r, n in total["dead_lettered"].items()}
     return {"elapsed_s": round(elapsed_s, 1), **total, "devices": n_dev, "this_run": this_run}
 
@@ -590,8 +594,9 @@ def _print_summary(console: Any, s: dict[str, Any]) -> None:
     t.add_column("what")
     t.add_column("this run", justify="right")
     t.add_column("total (this data dir)", justify="right")
-    for k in ("received", "stored", "duplicates", "late"):
-        t.add_row(k, f"{run[k]:,}", f"{s[k]:,}")
+    for k in _RUN_KEYS:
+        t.add_row(k if k != "gaps" else "gaps (seq missing upstream)", f"{run[k]:+,}" if k == "gaps" else f"{run[k]:,}",
+                  f"{s[k]:,}")
     for reason, n in sorted(s["dead_lettered"].items()):
         t.add_row(f"dead-lettered: {reason}", f"{run['dead_lettered'][reason]:,}", f"{n:,}")
     t.add_row("devices", "", f"{s['devices']:,}")
