@@ -73,5 +73,5 @@ def test_a_second_run_shows_its_own_counts_beside_the_totals_and_json_is_all_on_
     assert 0 < run["stored"] < summary["stored"]
     assert summary["stored"] - run["stored"] == stored_before
     assert summary["received"] - run["received"] == stored_before  # nothing else in the first run's stats
-    assert set(run) == {"received", "stored", "duplicates", "late", "dead_lettered"}
+    assert set(run) == {"received", "stored", "duplicates", "late", "unrouted", "gaps", "dead_lettered"}
     assert run["received"] == run["stored"] + run["duplicates"] + sum(run["dead_lettered"].values())
