@@ -35,6 +35,12 @@ class GatewaySettings(BaseModel, frozen=True):
     batch_max_messages: int = Field(512, gt=0, description="ingest messages per bus publish round")
     linger_ms: int = Field(20, ge=0, description="wait this long to fill a batch")
     share_group: str = Field("fieldmesh", description="MQTT 5 shared-subscription group")
+    receive_maximum: int = Field(65535, ge=1, le=65535, description=(
+        "MQTT 5 Receive Maximum the gateway asks an external broker for: its window of unacknowledged "
+        "messages to the gateway (a burst beyond window + broker queue is dropped by the broker)"))
+    session_expiry_s: int = Field(86400, ge=0, description=(
+        "MQTT session expiry at an external broker: how long it keeps queueing for a gateway that is "
+        "down (0: a clean session, nothing kept)"))
 
 
 class BusSettings(BaseModel, frozen=True):
