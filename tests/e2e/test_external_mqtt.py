@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import uuid
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 
 from e2e.dataset import MALFORMED_REASONS, make_stream, malformed
 from e2e.test_up import check_exact
+from fmtest.mqtt import assert_sessions_gone, end_session
 from fmtest.procs import Up, publish_all, publisher
 
 pytestmark = pytest.mark.integration
@@ -47,3 +49,10 @@ def test_external_mqtt5_broker_with_shared_subscription_and_kill9(tmp_path: Path
     finally:
         c.disconnect()
         assert up2.stop() == 0, up2.tail()
+        # The gateway's session is persistent by design (it queued the messages above while the
+        # gateway was down): remove it, or the shared broker queues devices/+/telemetry for it forever.
+        log = (tmp_path / "data" / "logs" / "gateway.log").read_text()
+        ids = sorted(set(re.findall(r"gateway connected to MQTT \S+ as (\S+) ", log)))
+        assert ids, log[-2000:]
+        assert all(end_session(i, *mosquitto) for i in ids)  # it was there, and now it is gone
+        assert_sessions_gone([*ids, c._client_id.decode()], *mosquitto)

@@ -263,8 +263,8 @@ class MqttSource:
                         self.broker[key] = getattr(props, attr)
             self.broker["session_present"] = bool(getattr(flags, "session_present", False))
             client.subscribe([(f, 1) for f in self._filters()])
-            log.info("gateway connected to MQTT %s:%s (MQTT %s, receive maximum %s, session present %s)",
-                     self._host, self._port, self.protocol,
+            log.info("gateway connected to MQTT %s:%s as %s (MQTT %s, receive maximum %s, session present %s)",
+                     self._host, self._port, self._client_id, self.protocol,
                      self._receive_maximum if self.protocol == "5" else "n/a", self.broker["session_present"])
         self._connected.set()
 
