@@ -29,6 +29,7 @@ from fieldmesh.core.errors import ConfigError
 from fieldmesh.core.settings import Settings
 from fieldmesh.core.topics import DLQ_TOPIC, READINGS_TOPIC
 from fieldmesh.runtime.enrichment import join_topic, source_database
+from fieldmesh.runtime.mosquitto import accepts, find_mosquitto, mosquitto_version, resolve_door, write_config
 from fieldmesh.runtime.natsserver import EmbeddedNats, free_port, port_in_use
 from fieldmesh.runtime.procs import child_preexec
 from fieldmesh.runtime.worker import ensure_topics
@@ -137,6 +138,7 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
     logs = data_dir / "logs"
     logs.mkdir(exist_ok=True)
     settings = _with_cdc_database(opts.settings)
+    door = resolve_door(settings.gateway.door, external_mqtt=opts.mqtt_url is not None)
     nats: EmbeddedNats | None = None
     children: list[_Child] = []
     sim: _Child | None = None
@@ -144,7 +146,7 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
     t_start = time.monotonic()
     try:
         if opts.bus_url is None:
-            nats = EmbeddedNats(store_dir=data_dir / "nats", mqtt_port=None if opts.mqtt_url else opts.mqtt_port,
+            nats = EmbeddedNats(store_dir=data_dir / "nats", mqtt_port=opts.mqtt_port if door == "nats" else None,
                                 fsync=settings.bus.fsync)
             await asyncio.to_thread(nats.start)
             bus_url = nats.url
@@ -163,7 +165,9 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
                 children.append(cdc)
                 console.print(f"CDC: tables {settings.cdc.tables} captured into the bus "
                               f"(snapshot done; log {cdc.log_path})")
-            gw_cfg = {"bus_url": bus_url, "mqtt_url": opts.mqtt_url, "settings": cfg_settings, "sole": True,
+            door_child = _start_mosquitto(data_dir, opts.mqtt_port, logs) if door == "mosquitto" else None
+            gw_mqtt = f"mqtt://127.0.0.1:{opts.mqtt_port}" if door_child else opts.mqtt_url
+            gw_cfg = {"bus_url": bus_url, "mqtt_url": gw_mqtt, "settings": cfg_settings, "sole": True,
                       # stable across restarts of this data dir, so the broker keeps its persistent session
                       "client_id": f"fm-gw-{settings.gateway.share_group}-{zlib.crc32(str(data_dir).encode()):08x}"}
             pr_cfg = {"bus_url": bus_url, "store_url": store_url, "settings": cfg_settings}
@@ -175,11 +179,13 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
             for c in stages:
                 c.start()
             children.extend(stages)
+            if door_child is not None:
+                children.append(door_child)  # after the workers: stopped last, once the gateway has drained it
 
             async def lag() -> dict[str, int]:
                 out: dict[str, int] = {}
                 with contextlib.suppress(Exception):
-                    if opts.mqtt_url is None and hasattr(bus, "raw_pending"):
+                    if door == "nats" and hasattr(bus, "raw_pending"):
                         out["gateway"] = await bus.raw_pending("FM_INGEST", "fm-gateway")
                     out["processor"] = await bus.pending(READINGS_TOPIC, group="fm-processor")
                     out["dlq"] = await bus.pending(DLQ_TOPIC, group="fm-processor-dlq")
@@ -208,7 +214,7 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
             console.print(
                 f"[bold green]fieldmesh up[/]: devices publish to [bold]{mqtt_url}[/] "
                 f"(topic devices/<id>/telemetry); API [bold]http://127.0.0.1:{opts.http_port}/api/v1[/]; "
-                f"bus {bus_url}; store {store_url}"
+                f"{_door_line(door)}; bus {bus_url}; store {store_url}"
                 + (f"; simulating {opts.simulate} devices" if opts.simulate else "")
             )
             stop = asyncio.Event()
@@ -258,6 +264,35 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
     summary = _summary(load_store(store_url, readonly=True), time.monotonic() - t_start)
     _print_summary(console, summary)
     return summary
+
+
+def _door_line(door: str) -> str:
+    """Which MQTT versions are served, by what, and what a PUBACK means (docs/pipeline.md, "Doors")."""
+    if door == "nats":
+        return ("MQTT 3.1.1 by nats-server (PUBACK once JetStream stored the message; "
+                "--door mosquitto for MQTT 5)")
+    if door == "mosquitto":
+        binary = find_mosquitto() or "mosquitto"
+        return (f"MQTT 3.1.1 and 5 by Mosquitto {mosquitto_version(binary)} "
+                "(PUBACK once Mosquitto has the message in memory)")
+    return "an external MQTT broker"
+
+
+def _start_mosquitto(data_dir: Path, port: int, logs: Path) -> _Child:
+    """Start the Mosquitto door and wait until it accepts connections (the gateway connects next)."""
+    binary = find_mosquitto()
+    assert binary is not None  # resolve_door checked
+    conf = write_config(port=port, state_dir=data_dir / "mosquitto")
+    child = _Child("mosquitto", [binary, "-c", str(conf)], logs / "mosquitto.log")
+    child.start()
+    deadline = time.monotonic() + 20
+    while not accepts(port):
+        if not child.alive() or time.monotonic() > deadline:
+            child.stop()
+            raise ConfigError(f"the Mosquitto door did not start on port {port}: {_last_line(child.log_path)}",
+                              key="gateway.door")
+        time.sleep(0.05)
+    return child
 
 
 def _with_cdc_database(settings: Settings) -> Settings:
