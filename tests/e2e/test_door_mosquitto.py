@@ -53,8 +53,8 @@ def _publish_v5(c: mqtt.Client, msgs: list[tuple[str, bytes]], *, during: Any = 
     return sum(i.is_published() for i in infos)
 
 
-def _worker_pid(up: Up, role: str) -> int:
-    """The pid of ``up``'s ``role`` worker (a child of the up process)."""
+def _worker_pid(up: Up, role: str, program: bytes = b"fieldmesh.runtime.worker") -> int:
+    """The pid of ``up``'s child whose command line has ``program`` and the argument ``role``."""
     assert up.proc is not None
     seen = []
     for d in Path("/proc").iterdir():
@@ -68,7 +68,7 @@ def _worker_pid(up: Up, role: str) -> int:
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
         if ppid == up.proc.pid:
             seen.append((d.name, stat.rsplit(")", 1)[1].split()[0], b" ".join(cmd)[:120]))
-        if ppid == up.proc.pid and b"fieldmesh.runtime.worker" in cmd and role.encode() in cmd:
+        if ppid == up.proc.pid and any(program in a for a in cmd) and role.encode() in cmd:
             return int(d.name)
     raise AssertionError(f"no {role} worker under {up.proc.pid}: {seen}")
 
@@ -152,6 +152,37 @@ def test_kill9_of_the_gateway_under_the_mosquitto_door_is_exact(tmp_path: Path) 
         FaultReport("kill -9 of the gateway, Mosquitto door (readings)", sent=len(stream["sent"]),
                     acknowledged=len(stream["sent"]),
                     stored=st["stored"], duplicates=st["duplicates"]).show()
+    finally:
+        assert up.stop() == 0, up.tail()
+
+
+def test_kill9_of_the_mosquitto_door_restarts_it(tmp_path: Path) -> None:
+    prefix = f"dr{uuid.uuid4().hex[:6]}"
+    up = Up(tmp_path / "data", "--door", "mosquitto").start()
+    try:
+        stream = make_stream(prefix, devices=6, per_device=40, seed=13)
+        msgs = stream["messages"]
+        c = _v5_publisher(up.mqtt_port)
+        assert _publish_v5(c, msgs[: len(msgs) // 2]) == len(msgs) // 2
+        c.disconnect()
+        up.wait_for(lambda s: s["received"] > 0 and sum(s["lag"].values()) == 0)
+        time.sleep(1.5)  # the gateway's PUBACKs reached Mosquitto and its next autosave
+        pid = _worker_pid(up, str(up.data_dir / "mosquitto" / "mosquitto.conf"), program=b"mosquitto")
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while True:  # the supervisor restarts the door on the same port; the gateway reconnects
+            with contextlib.suppress(OSError):
+                c = _v5_publisher(up.mqtt_port)
+                break
+            assert time.monotonic() < deadline, up.tail()
+            time.sleep(0.2)
+        assert _publish_v5(c, msgs[len(msgs) // 2 :]) == len(msgs) - len(msgs) // 2
+        c.disconnect()
+        st = _stored_exactly(up, stream["sent"])
+        assert up.get("/health")["status"] == "ok"
+        assert "mosquitto exited" in up.tail()
+        FaultReport("kill -9 of the Mosquitto door, quiet (readings)", sent=len(stream["sent"]),
+                    acknowledged=len(stream["sent"]), stored=st["stored"], duplicates=st["duplicates"]).show()
     finally:
         assert up.stop() == 0, up.tail()
 

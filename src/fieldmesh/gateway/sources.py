@@ -217,6 +217,7 @@ class MqttSource:
         c.manual_ack_set(True)
         c.max_inflight_messages_set(self._max_inflight)
         c.max_queued_messages_set(0)
+        c.reconnect_delay_set(1, 10)  # a restarted broker (e.g. up's supervised door) is back within seconds
         if self._user:
             c.username_pw_set(self._user, self._password)
         if self._tls:
