@@ -187,6 +187,18 @@ def test_kill9_of_the_mosquitto_door_restarts_it(tmp_path: Path) -> None:
         assert up.stop() == 0, up.tail()
 
 
+def test_the_default_door_says_it_serves_mqtt_311_only(tmp_path: Path) -> None:
+    up = Up(tmp_path / "data").start()
+    try:
+        line = " ".join(up.tail().split())
+        assert "MQTT 3.1.1 by nats-server (PUBACK once JetStream stored the message; --door mosquitto" in line
+        r = subprocess.run(["mosquitto_pub", "-V", "mqttv5", "-p", str(up.mqtt_port), "-q", "1",
+                            "-t", "devices/x/telemetry", "-m", "{}"], capture_output=True, text=True, timeout=30)
+        assert r.returncode != 0  # what the start line warns about
+    finally:
+        assert up.stop() == 0, up.tail()
+
+
 def test_door_choice_and_config() -> None:
     assert resolve_door("auto", external_mqtt=False) == "nats"  # PUBACK only after JetStream stored it
     assert resolve_door("mosquitto", external_mqtt=False) == "mosquitto"
