@@ -165,7 +165,9 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
                 children.append(cdc)
                 console.print(f"CDC: tables {settings.cdc.tables} captured into the bus "
                               f"(snapshot done; log {cdc.log_path})")
-            door_child = _start_mosquitto(data_dir, opts.mqtt_port, logs) if door == "mosquitto" else None
+            door_child = None
+            if door == "mosquitto":
+                door_child = await asyncio.to_thread(_start_mosquitto, data_dir, opts.mqtt_port, logs)
             gw_mqtt = f"mqtt://127.0.0.1:{opts.mqtt_port}" if door_child else opts.mqtt_url
             gw_cfg = {"bus_url": bus_url, "mqtt_url": gw_mqtt, "settings": cfg_settings, "sole": True,
                       # stable across restarts of this data dir, so the broker keeps its persistent session
