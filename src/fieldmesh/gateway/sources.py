@@ -139,6 +139,7 @@ class MqttSource:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: Any = None
         self._connected = threading.Event()
+        self._subscribed = threading.Event()
         self._connect_error: str | None = None
         self.protocol = "5"
         #: What the broker told us at connect and subscribe time that limits bursts (see :meth:`warnings`).
@@ -150,11 +151,16 @@ class MqttSource:
         """The MQTT client id (its session lives at the broker under this id)."""
         return self._client_id
 
-    def _filters(self) -> list[str]:
+    @staticmethod
+    def filters(share_group: str | None, protocol: str = "5") -> list[str]:
+        """The topic filters the gateway subscribes to (shared when MQTT 5 and a group is given)."""
         base = [TELEMETRY_FILTER, TELEMETRY_FILTER + "/+"]
-        if self._share and self.protocol == "5":
-            return [f"$share/{self._share}/{f}" for f in base]
+        if share_group and protocol == "5":
+            return [f"$share/{share_group}/{f}" for f in base]
         return base
+
+    def _filters(self) -> list[str]:
+        return self.filters(self._share, self.protocol)
 
     async def start(self) -> None:
         """Connect (MQTT 5, falling back to 3.1.1) and subscribe; log what limits bursts."""
@@ -164,9 +170,13 @@ class MqttSource:
         for proto in (mqtt.MQTTv5, mqtt.MQTTv311):
             self.protocol = "5" if proto == mqtt.MQTTv5 else "3.1.1"
             self._connected.clear()
+            self._subscribed.clear()
             self._connect_error = None
             ok = await asyncio.to_thread(self._connect, mqtt, proto)
             if ok:
+                # "running" means subscribed: the SUBACK also says whether a filter was refused
+                if not await asyncio.to_thread(self._subscribed.wait, 10):
+                    log.warning("MQTT broker %s:%s sent no SUBACK within 10 s", self._host, self._port)
                 self._warn_once()
                 return
             if self._connect_error and "protocol" not in self._connect_error.lower():
@@ -273,8 +283,9 @@ class MqttSource:
         filters = self._filters()
         refused = [f"{f} ({c})" for f, c in zip(filters, codes, strict=False) if getattr(c, "is_failure", False)]
         self.broker["refused_subscriptions"] = refused
-        if refused:
+        if refused and self._subscribed.is_set():  # at start, warnings() names them
             log.warning("MQTT broker %s:%s refused the subscriptions %s", self._host, self._port, refused)
+        self._subscribed.set()
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any = None) -> None:
         log.warning("MQTT connection lost (%s); paho reconnects", rc)

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from fieldmesh.core.errors import ConfigError
 
-__all__ = ["DOORS", "accepts", "find_mosquitto", "mosquitto_config", "mosquitto_version", "resolve_door",
-           "write_config"]
+__all__ = ["DOORS", "accepts", "ensure_session", "find_mosquitto", "mosquitto_config", "mosquitto_version",
+           "resolve_door", "write_config"]
 
 #: The values of ``--door`` / ``FIELDMESH__GATEWAY__DOOR``.
 DOORS = ("auto", "nats", "mosquitto")
@@ -108,3 +108,34 @@ def accepts(port: int, host: str = "127.0.0.1") -> bool:
             return True
     except OSError:
         return False
+
+
+def ensure_session(port: int, *, client_id: str, filters: list[str], expiry_s: int, timeout_s: float = 10.0) -> None:
+    """Create the gateway's persistent session with its subscriptions at the door, then leave.
+
+    From then on Mosquitto queues device messages for the gateway even before the gateway process
+    has connected: without it, what devices publish in between has no subscriber and is dropped
+    after its PUBACK.
+    """
+    import threading
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    done = threading.Event()
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5, client_id=client_id)
+    c.on_connect = lambda cl, u, f, rc, p=None: cl.subscribe([(t, 1) for t in filters])
+    c.on_subscribe = lambda cl, u, mid, codes, p=None: done.set()
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    props.SessionExpiryInterval = expiry_s
+    c.connect("127.0.0.1", port, clean_start=False, properties=props)
+    c.loop_start()
+    try:
+        if not done.wait(timeout_s):
+            raise ConfigError(f"the Mosquitto door on port {port} did not take the gateway's subscription",
+                              key="gateway.door")
+    finally:
+        c.disconnect()
+        c.loop_stop()

@@ -28,8 +28,16 @@ from fieldmesh.bus import TopicSpec, load_bus
 from fieldmesh.core.errors import ConfigError
 from fieldmesh.core.settings import Settings
 from fieldmesh.core.topics import DLQ_TOPIC, READINGS_TOPIC
+from fieldmesh.gateway.sources import MqttSource
 from fieldmesh.runtime.enrichment import join_topic, source_database
-from fieldmesh.runtime.mosquitto import accepts, find_mosquitto, mosquitto_version, resolve_door, write_config
+from fieldmesh.runtime.mosquitto import (
+    accepts,
+    ensure_session,
+    find_mosquitto,
+    mosquitto_version,
+    resolve_door,
+    write_config,
+)
 from fieldmesh.runtime.natsserver import EmbeddedNats, free_port, port_in_use
 from fieldmesh.runtime.procs import child_preexec
 from fieldmesh.runtime.worker import ensure_topics
@@ -169,9 +177,19 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
             if door == "mosquitto":
                 door_child = await asyncio.to_thread(_start_mosquitto, data_dir, opts.mqtt_port, logs)
             gw_mqtt = f"mqtt://127.0.0.1:{opts.mqtt_port}" if door_child else opts.mqtt_url
-            gw_cfg = {"bus_url": bus_url, "mqtt_url": gw_mqtt, "settings": cfg_settings, "sole": True,
+            gw_settings = cfg_settings
+            if door_child is not None:
+                # The door has one gateway: a plain subscription, which Mosquitto 2.0 restores with the
+                # session after a crash (it did not restore the shared one: messages published before
+                # the gateway re-subscribed were lost).
+                gw_settings = {**cfg_settings, "gateway": {**cfg_settings["gateway"], "share_group": ""}}
+            gw_cfg = {"bus_url": bus_url, "mqtt_url": gw_mqtt, "settings": gw_settings, "sole": True,
                       # stable across restarts of this data dir, so the broker keeps its persistent session
                       "client_id": f"fm-gw-{settings.gateway.share_group}-{zlib.crc32(str(data_dir).encode()):08x}"}
+            if door_child is not None:
+                await asyncio.to_thread(ensure_session, opts.mqtt_port, client_id=str(gw_cfg["client_id"]),
+                                        filters=MqttSource.filters(None),
+                                        expiry_s=settings.gateway.session_expiry_s)
             pr_cfg = {"bus_url": bus_url, "store_url": store_url, "settings": cfg_settings}
             py = [sys.executable, "-m", "fieldmesh.runtime.worker"]
             stages = [
