@@ -9,7 +9,8 @@ For (a) 100 readings per message and (b) 1 reading per message it measures
   and one SQLite INSERT (one transaction) per message, behind a Mosquitto started for the run
   with an unbounded queue, so that the broker drops nothing while the subscriber falls behind.
 
-Run: ``.venv/bin/python bench/e2e.py`` (``--quick`` for a smaller run).
+Run: ``.venv/bin/python bench/e2e.py`` (``--quick`` for a smaller run; ``--door mosquitto`` for
+``fieldmesh up --door mosquitto``; ``--max-only`` for the throughput alone).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def run_pipeline(
     msgs_parts: list[list[tuple[str, bytes]]], total: int, *, rate: float = 0, stamp: bool = False
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as d:
-        up = UpProc(Path(d) / "data")
+        up = UpProc(Path(d) / "data", "--door", DOOR)
         try:
             t0 = time.monotonic()
             procs = [
@@ -134,6 +135,11 @@ def run_naive(msgs: list[tuple[str, bytes]], total: int) -> dict[str, Any]:
         return {"elapsed_s": elapsed, "readings_per_s": total / elapsed}
 
 
+#: ``fieldmesh up --door`` of the runs (set by ``--door``).
+DOOR = "auto"
+MAX_ONLY = False
+
+
 def case(name: str, *, readings: int, per_message: int, devices: int, publishers: int) -> dict[str, Any]:
     prefix = f"b{uuid.uuid4().hex[:6]}"
     msgs = payloads(
@@ -152,7 +158,12 @@ def case(name: str, *, readings: int, per_message: int, devices: int, publishers
     fm = run_pipeline(parts, total)
     print(
         f"fieldmesh max:   {fm['readings_per_s']:>10,.0f} readings/s  ({len(msgs) / fm['elapsed_s']:,.0f} msg/s)"
+        f"  [door {DOOR}]"
     )
+    if MAX_ONLY:
+        return {"case": name, "door": DOOR, "per_message": per_message, "readings": total, "messages": len(msgs),
+                "fieldmesh_readings_per_s": round(fm["readings_per_s"]),
+                "fieldmesh_messages_per_s": round(len(msgs) / fm["elapsed_s"])}
     # latency at half the maximum rate, stamped at send time
     msgs_l = payloads(devices=devices, readings=readings // 2, per_message=per_message, prefix=prefix + "l")
     total_l = sum(1 if b'"readings"' not in b else b.count(b'"seq"') for _, b in msgs_l)
@@ -187,7 +198,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a smaller run")
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--case", choices=["a", "b"], action="append", help="run only this case (repeatable)")
+    ap.add_argument("--door", choices=["auto", "nats", "mosquitto"], default="auto", help="fieldmesh up --door")
+    ap.add_argument("--max-only", action="store_true", help="measure the maximum throughput only")
     a = ap.parse_args()
+    global DOOR, MAX_ONLY
+    DOOR, MAX_ONLY = a.door, a.max_only
     k = 4 if a.quick else 1
     cases = {
         "a": lambda: case("a", readings=1_000_000 // k, per_message=100, devices=500, publishers=1),

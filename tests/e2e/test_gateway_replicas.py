@@ -17,6 +17,7 @@ from e2e.test_external_mqtt import mosquitto  # noqa: F401 - fixture
 from fieldmesh.runtime.natsserver import EmbeddedNats
 from fieldmesh.store import load_store
 from fmtest import oracle
+from fmtest.mqtt import assert_sessions_gone
 from fmtest.procs import publish_all, publisher
 
 pytestmark = pytest.mark.integration
@@ -24,7 +25,8 @@ pytestmark = pytest.mark.integration
 
 def test_two_gateways_share_the_devices_and_the_totals_are_exact(tmp_path: Path, mosquitto):  # noqa: F811
     prefix = f"gr{uuid.uuid4().hex[:6]}"
-    env = {**os.environ, "FIELDMESH__GATEWAY__SHARE_GROUP": f"g{prefix}"}
+    # Clean sessions (expiry 0): nothing is left queueing at the shared broker after the test.
+    env = {**os.environ, "FIELDMESH__GATEWAY__SHARE_GROUP": f"g{prefix}", "FIELDMESH__GATEWAY__SESSION_EXPIRY_S": "0"}
     nats = EmbeddedNats(store_dir=tmp_path / "nats")
     nats.start()
     store_url = f"sqlite:///{tmp_path}/store.db"
@@ -71,6 +73,7 @@ def test_two_gateways_share_the_devices_and_the_totals_are_exact(tmp_path: Path,
             handled.append(int(line.split("stopped:")[1].split("messages")[0]))
         assert all(n > 0 for n in handled), handled  # both replicas took part
         assert sum(handled) == len(stream["messages"])  # and each message went to exactly one
+        assert_sessions_gone([f"{prefix}-gw0", f"{prefix}-gw1", c._client_id.decode()], *mosquitto)
     finally:
         for p in procs:
             if p.poll() is None:

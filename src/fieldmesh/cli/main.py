@@ -88,6 +88,9 @@ def up(
     cdc_tables: Annotated[str | None, typer.Option(help="tables to capture, e.g. public.assets,public.maint")] = None,
     cdc_name: Annotated[str | None, typer.Option(help="CDC slot/publication/offsets name")] = None,
     enrich: EnrichOpt = None,
+    door: Annotated[str | None, typer.Option(
+        help="MQTT door: nats (MQTT 3.1.1, PUBACK after JetStream stored it; the default, auto) or mosquitto "
+             "(MQTT 3.1.1 and 5, PUBACK from Mosquitto's memory) [env FIELDMESH__GATEWAY__DOOR]")] = None,
 ) -> None:
     """Run the whole pipeline on embedded defaults (MQTT -> gateway -> bus -> processor -> store -> API)."""
     from fieldmesh.runtime.up import DEFAULT_HTTP_PORT, DEFAULT_MQTT_PORT, UpOptions, run_up
@@ -95,6 +98,7 @@ def up(
     cdc = {k: v for k, v in (("source", cdc_source), ("tables", cdc_tables), ("name", cdc_name)) if v is not None}
     try:
         settings = _settings(bus={"partitions": partitions, "fsync": fsync}, data_dir=data_dir,
+                             **({"gateway": {"door": door}} if door is not None else {}),
                              **_enrich_kw(enrich, None), **({"cdc": cdc} if cdc else {}))
         opts = UpOptions(
             data_dir=data_dir, mqtt_url=mqtt_url, bus_url=bus_url,

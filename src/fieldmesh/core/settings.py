@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -36,6 +36,15 @@ class GatewaySettings(BaseModel, frozen=True):
     batch_max_messages: int = Field(512, gt=0, description="ingest messages per bus publish round")
     linger_ms: int = Field(20, ge=0, description="wait this long to fill a batch")
     share_group: str = Field("fieldmesh", description="MQTT 5 shared-subscription group")
+    receive_maximum: int = Field(65535, ge=1, le=65535, description=(
+        "MQTT 5 Receive Maximum the gateway asks an external broker for: its window of unacknowledged "
+        "messages to the gateway (a burst beyond window + broker queue is dropped by the broker)"))
+    door: Literal["auto", "nats", "mosquitto"] = Field("auto", description=(
+        "the MQTT door of 'fieldmesh up': nats (nats-server's MQTT 3.1.1 listener, PUBACK after JetStream "
+        "stored the message; what auto runs) or mosquitto (MQTT 3.1.1 and 5, PUBACK from Mosquitto's memory)"))
+    session_expiry_s: int = Field(86400, ge=0, description=(
+        "MQTT session expiry at an external broker: how long it keeps queueing for a gateway that is "
+        "down (0: a clean session, nothing kept)"))
 
 
 class BusSettings(BaseModel, frozen=True):

@@ -120,6 +120,13 @@ class MqttSource:
     PUBACK is sent only after :meth:`ack`, i.e. after the bus acknowledged the derived records. With
     ``$share/<group>/...`` several gateways split the devices' messages. A broker that refuses
     MQTT 5 gets MQTT 3.1.1 with a plain subscription (then run a single gateway per broker).
+
+    Bursts: a broker sends a subscriber at most its in-flight window of unacknowledged QoS 1
+    messages and queues the rest up to a limit, beyond which it drops (Mosquitto:
+    ``max_queued_messages``, 1000 as shipped). The CONNECT property Receive Maximum sets that
+    window for an MQTT 5 client (Mosquitto uses it instead of its ``max_inflight_messages``, 20
+    as shipped), so a large ``receive_maximum`` moves a burst out of the broker's bounded queue
+    into this gateway, which holds it in memory until the bus has it, then PUBACKs each message.
     """
 
     name = "mqtt"
@@ -131,11 +138,15 @@ class MqttSource:
         client_id: str | None = None,
         share_group: str | None = "fieldmesh",
         session_expiry_s: int = 86400,
+        receive_maximum: int = 65535,
         max_inflight: int = 1000,
     ) -> None:
         u = urlparse(url)
         if u.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
             raise ConfigError(f"bad MQTT URL {url!r}: use mqtt://host:1883 or mqtts://host:8883", key="mqtt_url")
+        if not 1 <= receive_maximum <= 65535:
+            raise ConfigError(f"MQTT receive maximum {receive_maximum} is outside 1..65535",
+                              key="gateway.receive_maximum")
         self.url = url
         self._host = u.hostname or "127.0.0.1"
         self._port = u.port or (8883 if u.scheme in ("mqtts", "ssl") else 1883)
@@ -145,36 +156,90 @@ class MqttSource:
         self._client_id = client_id or f"fieldmesh-gw-{uuid.uuid4().hex[:8]}"
         self._share = share_group
         self._expiry = session_expiry_s
+        self._receive_maximum = receive_maximum
         self._max_inflight = max_inflight
         self._queue: asyncio.Queue[IngestMessage] = asyncio.Queue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: Any = None
         self._connected = threading.Event()
+        self._subscribed = threading.Event()
         self._connect_error: str | None = None
         self.protocol = "5"
+        #: What the broker told us at connect and subscribe time that limits bursts (see :meth:`warnings`).
+        self.broker: dict[str, Any] = {}
+        self._warned: set[str] = set()
 
-    def _filters(self) -> list[str]:
-        # All of devices/#: an unserved topic is dead-lettered (unknown_topic), never dropped unseen.
+    @property
+    def client_id(self) -> str:
+        """The MQTT client id (its session lives at the broker under this id)."""
+        return self._client_id
+
+    @staticmethod
+    def filters(share_group: str | None, protocol: str = "5") -> list[str]:
+        """The topic filters the gateway subscribes to (shared when MQTT 5 and a group is given).
+
+        All of ``devices/#``: an unserved topic is dead-lettered (``unknown_topic``), never dropped unseen.
+        """
         base = [DEVICE_TOPICS_FILTER]
-        if self._share and self.protocol == "5":
-            return [f"$share/{self._share}/{f}" for f in base]
+        if share_group and protocol == "5":
+            return [f"$share/{share_group}/{f}" for f in base]
         return base
 
+    def _filters(self) -> list[str]:
+        return self.filters(self._share, self.protocol)
+
     async def start(self) -> None:
-        """Connect (MQTT 5, falling back to 3.1.1) and subscribe."""
+        """Connect (MQTT 5, falling back to 3.1.1) and subscribe; log what limits bursts."""
         import paho.mqtt.client as mqtt
 
         self._loop = asyncio.get_running_loop()
         for proto in (mqtt.MQTTv5, mqtt.MQTTv311):
             self.protocol = "5" if proto == mqtt.MQTTv5 else "3.1.1"
             self._connected.clear()
+            self._subscribed.clear()
             self._connect_error = None
             ok = await asyncio.to_thread(self._connect, mqtt, proto)
             if ok:
+                # "running" means subscribed: the SUBACK also says whether a filter was refused
+                if not await asyncio.to_thread(self._subscribed.wait, 10):
+                    log.warning("MQTT broker %s:%s sent no SUBACK within 10 s", self._host, self._port)
+                self._warn_once()
                 return
             if self._connect_error and "protocol" not in self._connect_error.lower():
                 break
         raise BackendUnavailable(f"cannot connect to MQTT broker {self._host}:{self._port}: {self._connect_error}")
+
+    def warnings(self) -> list[str]:
+        """What this broker connection says about lost bursts, one sentence each (empty when fine)."""
+        out = []
+        where = f"MQTT broker {self._host}:{self._port}"
+        if self.protocol != "5":
+            out.append(f"{where} refused MQTT 5: the gateway uses MQTT 3.1.1, so no shared subscription (run "
+                       "one gateway per broker) and no Receive Maximum: the broker's own in-flight and queue "
+                       "limits (Mosquitto max_inflight_messages/max_queued_messages) bound a burst; raise them "
+                       "(docs/operations.md)")
+        if self.broker.get("shared_subscription_available") == 0 and self._share:
+            out.append(f"{where} has no shared subscriptions: run one gateway per broker")
+        rm = self.broker.get("broker_receive_maximum")
+        if rm is not None and rm <= 20:
+            out.append(f"{where} announces Receive Maximum {rm}: it looks like stock settings "
+                       f"(Mosquitto max_inflight_messages {rm}); while this gateway is disconnected the broker "
+                       "keeps at most its max_queued_messages (Mosquitto: 1000 as shipped) for it and drops "
+                       "the rest: raise them (docs/operations.md)")
+        exp = self.broker.get("session_expiry_s")
+        if self.protocol == "5" and exp is not None and exp < self._expiry:
+            out.append(f"{where} shortened the session expiry to {exp} s (asked {self._expiry} s): messages "
+                       "sent while the gateway is down longer than that are dropped by the broker")
+        refused = self.broker.get("refused_subscriptions")
+        if refused:
+            out.append(f"{where} refused the subscriptions {refused}: nothing arrives on them")
+        return out
+
+    def _warn_once(self) -> None:
+        for w in self.warnings():
+            if w not in self._warned:
+                self._warned.add(w)
+                log.warning("%s", w)
 
     def _connect(self, mqtt: Any, proto: int) -> bool:
         from paho.mqtt.enums import CallbackAPIVersion
@@ -183,25 +248,30 @@ class MqttSource:
 
         kw: dict[str, Any] = {"protocol": proto, "client_id": self._client_id}
         if proto != mqtt.MQTTv5:
-            kw["clean_session"] = False
+            kw["clean_session"] = self._expiry == 0
         c = mqtt.Client(CallbackAPIVersion.VERSION2, **kw)
         c.manual_ack_set(True)
         c.max_inflight_messages_set(self._max_inflight)
         c.max_queued_messages_set(0)
+        c.reconnect_delay_set(1, 10)  # a restarted broker (e.g. up's supervised door) is back within seconds
         if self._user:
             c.username_pw_set(self._user, self._password)
         if self._tls:
             c.tls_set()
         c.on_connect = self._on_connect
+        c.on_subscribe = self._on_subscribe
         c.on_message = self._on_message
         c.on_disconnect = self._on_disconnect
         props = None
         if proto == mqtt.MQTTv5:
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = self._expiry
+            # The broker's window of unacknowledged messages to us: without it Mosquitto uses its
+            # max_inflight_messages (20) and a burst waits in its bounded queue (see the class doc).
+            props.ReceiveMaximum = self._receive_maximum
         try:
             if proto == mqtt.MQTTv5:
-                c.connect(self._host, self._port, keepalive=30, clean_start=False, properties=props)
+                c.connect(self._host, self._port, keepalive=30, clean_start=self._expiry == 0, properties=props)
             else:
                 c.connect(self._host, self._port, keepalive=30)
         except OSError as exc:
@@ -221,9 +291,27 @@ class MqttSource:
         if rc.is_failure:
             self._connect_error = str(rc)
         else:
+            if props is not None:
+                for attr, key in (("ReceiveMaximum", "broker_receive_maximum"),
+                                  ("SessionExpiryInterval", "session_expiry_s"),
+                                  ("SharedSubscriptionAvailable", "shared_subscription_available"),
+                                  ("MaximumQoS", "maximum_qos")):
+                    if hasattr(props, attr):
+                        self.broker[key] = getattr(props, attr)
+            self.broker["session_present"] = bool(getattr(flags, "session_present", False))
             client.subscribe([(f, 1) for f in self._filters()])
-            log.info("gateway connected to MQTT %s:%s (MQTT %s)", self._host, self._port, self.protocol)
+            log.info("gateway connected to MQTT %s:%s as %s (MQTT %s, receive maximum %s, session present %s)",
+                     self._host, self._port, self._client_id, self.protocol,
+                     self._receive_maximum if self.protocol == "5" else "n/a", self.broker["session_present"])
         self._connected.set()
+
+    def _on_subscribe(self, client: Any, userdata: Any, mid: int, codes: Any, props: Any = None) -> None:
+        filters = self._filters()
+        refused = [f"{f} ({c})" for f, c in zip(filters, codes, strict=False) if getattr(c, "is_failure", False)]
+        self.broker["refused_subscriptions"] = refused
+        if refused and self._subscribed.is_set():  # at start, warnings() names them
+            log.warning("MQTT broker %s:%s refused the subscriptions %s", self._host, self._port, refused)
+        self._subscribed.set()
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any = None) -> None:
         log.warning("MQTT connection lost (%s); paho reconnects", rc)
@@ -252,11 +340,13 @@ class MqttSource:
         return out
 
     async def ack(self, messages: Sequence[IngestMessage]) -> None:
-        """Send the PUBACKs."""
+        """Send the PUBACKs of a batch the bus has acknowledged, in the order received (MQTT has
+        no cumulative ack: they go out back to back, one wake-up of paho's network thread)."""
+        client = self._client
         for m in messages:
             mid, qos = m.handle
             if qos > 0:
-                self._client.ack(mid, qos)
+                client.ack(mid, qos)
 
     async def close(self) -> None:
         """Disconnect (the persistent session keeps un-acked messages at the broker)."""

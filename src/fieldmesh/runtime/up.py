@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final
@@ -28,8 +29,16 @@ from fieldmesh.bus import TopicSpec, load_bus
 from fieldmesh.core.errors import ConfigError, FieldmeshError
 from fieldmesh.core.settings import RuntimeSettings, Settings
 from fieldmesh.core.topics import DLQ_TOPIC, READINGS_TOPIC
-from fieldmesh.gateway.sources import INGEST_STREAM, INGEST_SUBJECTS
+from fieldmesh.gateway.sources import INGEST_STREAM, INGEST_SUBJECTS, MqttSource
 from fieldmesh.runtime.enrichment import join_topic, source_database
+from fieldmesh.runtime.mosquitto import (
+    accepts,
+    ensure_session,
+    find_mosquitto,
+    mosquitto_version,
+    resolve_door,
+    write_config,
+)
 from fieldmesh.runtime.natsserver import EmbeddedNats, free_port, port_in_use
 from fieldmesh.runtime.procs import child_preexec
 from fieldmesh.runtime.supervise import Restarts, StallWatch, free_bytes
@@ -167,20 +176,22 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
     logs.mkdir(exist_ok=True)
     settings = _with_cdc_database(opts.settings)
     policy = settings.runtime
+    door_kind = resolve_door(settings.gateway.door, external_mqtt=opts.mqtt_url is not None)
     nats: EmbeddedNats | None = None
     children: list[_Child] = []
     sim: _Child | None = None
     server: Any = None
     t_start = time.monotonic()
     try:
-        if opts.bus_url is None or opts.mqtt_url is None:
+        nats_door = door_kind == "nats"  # the nats-server MQTT listener is the door (not Mosquitto, not external)
+        if opts.bus_url is None or nats_door:
             # The embedded nats-server is the bus, or (with --bus-url) only the MQTT door and the
             # FM_INGEST stream that captures what devices publish, before the gateway forwards it.
-            nats = EmbeddedNats(store_dir=data_dir / "nats", mqtt_port=None if opts.mqtt_url else opts.mqtt_port,
+            nats = EmbeddedNats(store_dir=data_dir / "nats", mqtt_port=opts.mqtt_port if nats_door else None,
                                 fsync=settings.bus.fsync, disk_reserve=policy.disk_reserve_mb * 2**20)
             await _start_door(nats, settings)
         bus_url = opts.bus_url or (nats.url if nats else "")
-        door_url = nats.url if nats is not None and opts.mqtt_url is None else None  # where FM_INGEST lives
+        door_url = nats.url if nats is not None and nats_door else None  # where FM_INGEST lives
         bus_name = "bus" if door_url is None or door_url == bus_url else "door"  # the nats-server's health key
         store_url = opts.store_url or default_store_url(data_dir)
         store = load_store(store_url)  # creates or checks the schema before anything writes
@@ -200,10 +211,24 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
                 children.append(cdc)
                 console.print(f"CDC: tables {settings.cdc.tables} captured into the bus "
                               f"(snapshot done; log {cdc.log_path})")
-            gw_cfg = {"bus_url": bus_url, "mqtt_url": opts.mqtt_url, "settings": cfg_settings, "sole": True,
+            door_child = None
+            if door_kind == "mosquitto":
+                door_child = await asyncio.to_thread(_start_mosquitto, data_dir, opts.mqtt_port, logs)
+            gw_mqtt = f"mqtt://127.0.0.1:{opts.mqtt_port}" if door_child else opts.mqtt_url
+            gw_settings = cfg_settings
+            if door_child is not None:
+                # The door has one gateway: a plain subscription, which Mosquitto 2.0 restores with the
+                # session after a crash (it did not restore the shared one: messages published before
+                # the gateway re-subscribed were lost).
+                gw_settings = {**cfg_settings, "gateway": {**cfg_settings["gateway"], "share_group": ""}}
+            gw_cfg = {"bus_url": bus_url, "mqtt_url": gw_mqtt, "settings": gw_settings, "sole": True,
                       "ingest_bus_url": door_url if door_url != bus_url else None,
                       # stable across restarts of this data dir, so the broker keeps its persistent session
                       "client_id": f"fm-gw-{settings.gateway.share_group}-{zlib.crc32(str(data_dir).encode()):08x}"}
+            if door_child is not None:
+                await asyncio.to_thread(ensure_session, opts.mqtt_port, client_id=str(gw_cfg["client_id"]),
+                                        filters=MqttSource.filters(None),
+                                        expiry_s=settings.gateway.session_expiry_s)
             pr_cfg = {"bus_url": bus_url, "store_url": store_url, "settings": cfg_settings}
             py = [sys.executable, "-m", "fieldmesh.runtime.worker"]
             stages = [
@@ -213,6 +238,8 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
             for c in stages:
                 c.start()
             children.extend(stages)
+            if door_child is not None:
+                children.append(door_child)  # after the workers: stopped last, once the gateway has drained it
 
             async def lag() -> dict[str, int]:
                 out: dict[str, int] = {}
@@ -276,8 +303,8 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
             from fieldmesh.api.app import create_app
 
             app = create_app(store_url, health=health, lag=lag)
-            server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=opts.http_port,
-                                                   log_level="warning", lifespan="off"))
+            server = _api_server(uvicorn.Config(app, host="127.0.0.1", port=opts.http_port,
+                                                log_level="warning", lifespan="off"))
             api_task = asyncio.create_task(server.serve(), name="api")
             mqtt_url = opts.mqtt_url or f"mqtt://127.0.0.1:{opts.mqtt_port}"
             if opts.simulate:
@@ -288,7 +315,7 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
             console.print(
                 f"[bold green]fieldmesh up[/]: devices publish to [bold]{mqtt_url}[/] "
                 f"(topic devices/<id>/telemetry); API [bold]http://127.0.0.1:{opts.http_port}/api/v1[/]; "
-                f"bus {bus_url}; store {store_url}"
+                f"{_door_line(door_kind)}; bus {bus_url}; store {store_url}"
                 + (f"; simulating {opts.simulate} devices" if opts.simulate else "")
                 + "".join(f"; {note}" for note in port_notes)
             )
@@ -466,6 +493,52 @@ async def _watch_disk(nats: EmbeddedNats, data_dir: Path, reserve: int, closed: 
         with contextlib.suppress(FieldmeshError):
             await asyncio.to_thread(nats.start)
     return closed
+
+
+def _api_server(config: Any) -> Any:
+    """A uvicorn server that leaves SIGINT and SIGTERM to ``up``.
+
+    uvicorn (0.29+) takes both signals while it serves and stops on them: on Ctrl-C or SIGTERM it
+    then raced ``up``'s own handler, and ``up`` sometimes reported "the API server stopped" (exit 2)
+    instead of draining the pipeline. ``up`` stops the server itself, after the drain.
+    """
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
+
+    return _Server(config)
+
+
+def _door_line(door: str) -> str:
+    """Which MQTT versions are served, by what, and what a PUBACK means (docs/pipeline.md, "Doors")."""
+    if door == "nats":
+        return ("MQTT 3.1.1 by nats-server (PUBACK once JetStream stored the message; "
+                "--door mosquitto for MQTT 5)")
+    if door == "mosquitto":
+        binary = find_mosquitto() or "mosquitto"
+        return (f"MQTT 3.1.1 and 5 by Mosquitto {mosquitto_version(binary)} "
+                "(PUBACK once Mosquitto has the message in memory)")
+    return "an external MQTT broker"
+
+
+def _start_mosquitto(data_dir: Path, port: int, logs: Path) -> _Child:
+    """Start the Mosquitto door and wait until it accepts connections (the gateway connects next)."""
+    binary = find_mosquitto()
+    assert binary is not None  # resolve_door checked
+    conf = write_config(port=port, state_dir=data_dir / "mosquitto")
+    child = _Child("mosquitto", [binary, "-c", str(conf)], logs / "mosquitto.log")
+    child.start()
+    deadline = time.monotonic() + 20
+    while not accepts(port):
+        if not child.alive() or time.monotonic() > deadline:
+            child.stop()
+            raise ConfigError(f"the Mosquitto door did not start on port {port}: {_last_line(child.log_path)}",
+                              key="gateway.door")
+        time.sleep(0.05)
+    return child
 
 
 def _with_cdc_database(settings: Settings) -> Settings:

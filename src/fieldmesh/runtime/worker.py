@@ -57,7 +57,9 @@ async def run_gateway(
         await ensure_topics(bus, settings)
         sources: list[Any] = [load_ingest(u, retention_s=settings.bus.retention_s) for u in ingest_urls or []]
         if mqtt_url:
-            sources.append(MqttSource(mqtt_url, share_group=settings.gateway.share_group, client_id=client_id))
+            g = settings.gateway
+            sources.append(MqttSource(mqtt_url, share_group=g.share_group, client_id=client_id,
+                                      session_expiry_s=g.session_expiry_s, receive_maximum=g.receive_maximum))
         elif not sources:
             door = bus if ingest_bus_url in (None, bus_url) else await stack.enter_async_context(
                 load_bus(ingest_bus_url or ""))

@@ -1,0 +1,141 @@
+"""The Mosquitto door of ``fieldmesh up --door mosquitto``: a private broker for MQTT 3.1.1 and 5.
+
+Its config is generated in the data dir: a loopback listener on the MQTT port, persistence in the
+data dir, and queue and in-flight limits raised for the one subscriber it has, the gateway (which
+consumes it with a shared subscription, a stable client id and a persistent session). The binary is
+``mosquitto`` on PATH, else ``/usr/sbin/mosquitto`` (Debian's package).
+
+What a PUBACK means here: Mosquitto acknowledges a device once the message is in its memory, before
+the gateway has put it into JetStream (see docs/pipeline.md, "Doors").
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+from fieldmesh.core.errors import ConfigError
+
+__all__ = ["DOORS", "accepts", "ensure_session", "find_mosquitto", "mosquitto_config", "mosquitto_version",
+           "resolve_door", "write_config"]
+
+#: The values of ``--door`` / ``FIELDMESH__GATEWAY__DOOR``.
+DOORS = ("auto", "nats", "mosquitto")
+#: What the broker keeps for the gateway beyond its in-flight window (stock: 1,000, then it drops).
+MAX_QUEUED = 1_000_000
+#: Unacknowledged QoS 1 messages per connection, both ways (stock: 20). A device's window towards
+#: the broker is what the broker announces as its Receive Maximum; the gateway asks for its own.
+MAX_INFLIGHT = 1_000
+
+
+def find_mosquitto() -> str | None:
+    """Path of a ``mosquitto`` binary, or None."""
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    return "/usr/sbin/mosquitto" if os.access("/usr/sbin/mosquitto", os.X_OK) else None
+
+
+def mosquitto_version(binary: str) -> str:
+    """``2.0.11`` or ``unknown``."""
+    try:
+        out = subprocess.run([binary, "-h"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    m = re.search(r"mosquitto version (\S+)", out.stdout + out.stderr)
+    return m.group(1) if m else "unknown"
+
+
+def resolve_door(door: str, *, external_mqtt: bool) -> str:
+    """The door ``up`` runs: ``external`` (``--mqtt-url``), ``nats`` or ``mosquitto``.
+
+    ``auto`` is the nats-server listener: it PUBACKs a device only after JetStream stored the
+    message, which Mosquitto cannot promise. ``mosquitto`` is the opt-in for MQTT 5.
+    """
+    if door not in DOORS:
+        raise ConfigError(f"--door {door!r}: use one of {', '.join(DOORS)}", key="gateway.door")
+    if external_mqtt:
+        return "external"
+    if door == "mosquitto":
+        if find_mosquitto() is None:
+            raise ConfigError("--door mosquitto needs the mosquitto binary (apt-get install mosquitto, or put it "
+                              "on PATH); --door nats serves MQTT 3.1.1 without it", key="gateway.door")
+        return "mosquitto"
+    return "nats"
+
+
+def mosquitto_config(*, port: int, state_dir: Path, host: str = "127.0.0.1") -> str:
+    """The door's config: loopback listener, persistence in ``state_dir``, raised limits."""
+    lines = [
+        f"listener {port} {host}",
+        "allow_anonymous true",
+        "persistence true",
+        f"persistence_location {state_dir}/",
+        # Mosquitto saves its in-memory state (sessions, queued messages) to disk only every
+        # autosave_interval seconds and at shutdown: a short interval narrows what kill -9 loses.
+        "autosave_interval 1",
+        f"max_queued_messages {MAX_QUEUED}",
+        f"max_inflight_messages {MAX_INFLIGHT}",
+        "log_dest stdout",
+        # notices carry connections and "Outgoing messages are being dropped"; the once-a-second
+        # "Saving in-memory database" line is information and left out
+        "log_type error",
+        "log_type warning",
+        "log_type notice",
+        "log_timestamp_format %Y-%m-%dT%H:%M:%S",
+    ]
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        lines.append("user root")  # as root without it, Mosquitto drops to user 'mosquitto' and cannot write here
+    return "\n".join(lines) + "\n"
+
+
+def write_config(*, port: int, state_dir: Path) -> Path:
+    """Write the door's config into ``state_dir`` and return its path."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    conf = state_dir / "mosquitto.conf"
+    conf.write_text(mosquitto_config(port=port, state_dir=state_dir))
+    return conf
+
+
+def accepts(port: int, host: str = "127.0.0.1") -> bool:
+    """True when something accepts TCP connections on ``host:port``."""
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def ensure_session(port: int, *, client_id: str, filters: list[str], expiry_s: int, timeout_s: float = 10.0) -> None:
+    """Create the gateway's persistent session with its subscriptions at the door, then leave.
+
+    From then on Mosquitto queues device messages for the gateway even before the gateway process
+    has connected: without it, what devices publish in between has no subscriber and is dropped
+    after its PUBACK.
+    """
+    import threading
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    done = threading.Event()
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5, client_id=client_id)
+    c.on_connect = lambda cl, u, f, rc, p=None: cl.subscribe([(t, 1) for t in filters])
+    c.on_subscribe = lambda cl, u, mid, codes, p=None: done.set()
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    props.SessionExpiryInterval = expiry_s
+    c.connect("127.0.0.1", port, clean_start=False, properties=props)
+    c.loop_start()
+    try:
+        if not done.wait(timeout_s):
+            raise ConfigError(f"the Mosquitto door on port {port} did not take the gateway's subscription",
+                              key="gateway.door")
+    finally:
+        c.disconnect()
+        c.loop_stop()
