@@ -134,7 +134,8 @@ def test_jetstream_budget_withholds_the_puback(small_disk: Path, tmp_path: Path)
     """JetStream may use the free space above the reserve, no more: past it the MQTT listener gives no
     PUBACK (the device retries), so the disk never fills under JetStream; space back, all is stored."""
     prefix = f"jb{uuid.uuid4().hex[:6]}"
-    stream = make_stream(prefix, devices=20, per_device=150, seed=22)
+    # about 2.5 MB through JetStream, well past its budget of ~1 MiB (a smaller stream could fit in it)
+    stream = make_stream(prefix, devices=50, per_device=150, seed=22)
     msgs = stream["messages"]
     filler = fill(small_disk, (16 << 20) + (1 << 20))  # 1 MiB above the reserve before up starts
     # the hot store on another disk: only JetStream grows here, up to its budget
