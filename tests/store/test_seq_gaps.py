@@ -10,8 +10,6 @@ import secrets
 import sqlite3
 import threading
 from collections import defaultdict
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,19 +27,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 BASE_MS = 1_763_812_800_000  # 2025-11-22T12:00:00Z
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'store.db'}"
-    base: str = request.getfixturevalue("pg_url")
-    return f"{base}?schema=t_{secrets.token_hex(5)}"
-
-
-@pytest.fixture
-def store(store_url: str) -> Iterator[HotStore]:
-    s = load_store(store_url)
-    yield s
-    s.close()
 
 
 def reading(dev: str, seq: int | None, boot: str | None = None, event_id: str | None = None, t: int = 0) -> Reading:

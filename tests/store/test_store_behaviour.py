@@ -12,9 +12,7 @@ import sqlite3
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
 from fractions import Fraction
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -36,19 +34,6 @@ HOUR = 3_600_000
 # ---- fixtures --------------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'store.db'}"
-    base: str = request.getfixturevalue("pg_url")
-    return f"{base}?schema=t_{secrets.token_hex(5)}"
-
-
-@pytest.fixture
-def store(store_url: str) -> Iterator[HotStore]:
-    s = load_store(store_url)
-    yield s
-    s.close()
 
 
 def reading(
