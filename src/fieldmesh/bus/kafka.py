@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Final, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Self, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from fieldmesh.bus.base import BusRecord, IngestSpec, OutRecord, TopicSpec, split_by_bytes
@@ -646,3 +646,10 @@ class KafkaBus:
         fut = self.admin.delete_topics([topic], request_timeout=self._timeout)[topic]
         with contextlib.suppress(Exception):
             await asyncio.wrap_future(fut)
+
+
+if TYPE_CHECKING:  # the adapter implements the whole contract (checked by mypy, not at run time)
+    from fieldmesh.bus.base import Bus, Consumer
+
+    def _implements(b: KafkaBus, c: KafkaConsumer) -> tuple[Bus, Consumer]:
+        return b, c

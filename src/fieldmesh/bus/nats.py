@@ -22,7 +22,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 from urllib.parse import urlparse
 
 import nats
@@ -653,3 +653,10 @@ def _partitions(info: api.StreamInfo) -> int:
     """The partition count kept in a topic stream's metadata (0: not a partitioned topic)."""
     have = (info.config.metadata or {}).get("fm_partitions")
     return int(have) if have is not None else 0
+
+
+if TYPE_CHECKING:  # the adapter implements the whole contract (checked by mypy, not at run time)
+    from fieldmesh.bus.base import Bus, Consumer, Producer
+
+    def _implements(b: NatsBus, c: NatsConsumer, p: PipelinedNatsProducer) -> tuple[Bus, Consumer, Producer]:
+        return b, c, p
