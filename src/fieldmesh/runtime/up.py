@@ -275,8 +275,12 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
 
             from fieldmesh.api.app import create_app
 
+            plag: list[Any] = [-1.0, {}]  # (when, value): counting per partition costs a request per partition
+
             async def partition_lag() -> dict[str, dict[int, int]]:
-                """Lag per partition: the processor's from the store's positions (what it has applied)."""
+                """Lag per partition, at most a second old: the processor's from the store's positions."""
+                if time.monotonic() - plag[0] < 1.0:
+                    return dict(plag[1])
                 out: dict[str, dict[int, int]] = {}
                 with contextlib.suppress(Exception):
                     if door_url is not None:
@@ -286,6 +290,7 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
                                                 ("dlq", DLQ_TOPIC, "fm-processor-dlq")):
                         out[stage] = await bus.lag(topic, group=group,
                                                    positions={p: o for (t, p), o in pos.items() if t == topic})
+                plag[:] = [time.monotonic(), out]
                 return out
 
             app = create_app(store_url, health=health, lag=lag, partition_lag=partition_lag)
