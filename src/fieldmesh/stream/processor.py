@@ -85,7 +85,7 @@ class Processor:
         # NATS needs the explicit list to resume per partition; Kafka balances when given None.
         self.partitions = (
             list(partitions) if partitions is not None
-            else list(range(total_partitions)) if total_partitions and _wants_explicit(bus) else None
+            else list(range(total_partitions)) if total_partitions and not bus.balances_groups else None
         )
         self.enricher = enricher
         self.stats = ProcessorStats()
@@ -204,14 +204,12 @@ class Processor:
                     recs.extend(more)
                     size += sum(len(r.value) for r in more)
                 attempt = 0
+                applied: list[BusRecord] = []
                 while True:
                     try:
                         async with self._lock:
-                            owned = getattr(consumer, "apply_owned", None)  # Kafka: fenced against rebalances
-                            if owned is not None:
-                                recs = list(await asyncio.to_thread(owned, recs, self.apply_records))
-                            else:
-                                await asyncio.to_thread(self.apply_records, recs)
+                            # fenced: records of a partition a rebalance took away are dropped, not acked
+                            applied, _ = await asyncio.to_thread(consumer.apply_fenced, recs, self.apply_records)
                         break
                     except Exception as exc:
                         # A full disk or a lost database connection: nothing is acknowledged, the same
@@ -226,7 +224,7 @@ class Processor:
                         await asyncio.sleep(delay)
                 if attempt:
                     log.warning("store write succeeded again after %d tries", attempt + 1)
-                await consumer.ack(recs)
+                await consumer.ack(applied)
                 if done:
                     return
 
@@ -261,10 +259,6 @@ def _retryable(exc: BaseException) -> bool:
     if isinstance(exc, (OSError, BackendUnavailable)):
         return True
     return any(c.__name__ == "OperationalError" for c in type(exc).__mro__)
-
-
-def _wants_explicit(bus: Bus) -> bool:
-    return str(getattr(bus, "url", "")).startswith(("nats://", "tls://"))
 
 
 def _corrupt(rec: BusRecord, exc: Exception) -> DeadLetter:
