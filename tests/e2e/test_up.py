@@ -55,7 +55,8 @@ def test_exact_through_the_whole_pipeline(tmp_path: Path):
             f"http://127.0.0.1:{up.http_port}/metrics").read().decode()
         assert 'fieldmesh_dead_letters_total{reason="clock_skew"} 1.0' in metrics
         # lag per partition: every partition of the readings topic, the processor's from the store's positions
-        parts = up.wait_for(lambda s: sum(s["lag_partitions"]["processor"].values()) == 0)["lag_partitions"]
+        parts = up.wait_for(lambda s: all(sum(lag.values()) == 0 for lag in s["lag_partitions"].values())
+                            and {"gateway", "processor", "dlq"} <= set(s["lag_partitions"]))["lag_partitions"]
         from fieldmesh.core.settings import Settings
 
         assert set(parts["processor"]) == {str(p) for p in range(Settings().bus.partitions)}, parts
