@@ -21,20 +21,26 @@ from datetime import datetime
 from typing import Any, Final
 
 import msgspec
+import numpy as np
 
+from fieldmesh.core.batch import ReadingColumns
 from fieldmesh.core.identity import identity_digest, identity_string
 from fieldmesh.core.model import BusBatch, DeadLetter, Reading
 from fieldmesh.core.topics import METRIC_RE
 
 __all__ = [
+    "BUS_V2_MAGIC",
     "DLQ_PAYLOAD_LIMIT",
     "MAX_META_DEPTH",
     "REASONS",
     "DecodeResult",
     "decode_bus_batch",
+    "decode_bus_columns",
+    "decode_bus_readings",
     "decode_dead_letter",
     "decode_telemetry",
     "encode_bus_batch",
+    "encode_bus_columns",
     "encode_dead_letter",
     "encode_reading_json",
     "encoding_for",
@@ -497,6 +503,168 @@ def encode_bus_batch(batch: BusBatch) -> bytes:
 def decode_bus_batch(data: bytes) -> BusBatch:
     """Decode a bus batch; raises ``msgspec.DecodeError`` on a corrupt message."""
     return _bus_decoder.decode(data)
+
+
+# ---- the version-2 (columnar) bus encoding ---------------------------------------------------------
+#
+# Version 1 is a msgpack ``BusBatch``: an array of array-like readings. Version 2 is ``BUS_V2_MAGIC``
+# followed by one msgpack array of columns (``_BusV2``): fixed-width columns as little-endian bytes (read
+# with ``np.frombuffer``, no object per value), repeated strings as dictionaries plus codes, each
+# reading's measurements as the JSON the stores write. 0xc1 is the one byte msgpack never uses, so no
+# version-1 record starts with it: a reader tells the versions apart by the first byte, and a record
+# of a later version (0xc1 then another byte) is refused with a message naming it, never misread.
+
+#: The first two bytes of a version-2 bus record.
+BUS_V2_MAGIC: Final = b"\xc1\x02"
+_V2_PREFIX: Final = 0xC1
+_I4: Final = np.dtype("<i4")
+_I8: Final = np.dtype("<i8")
+_F8: Final = np.dtype("<f8")
+
+
+class _BusV2(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
+    produced_ms: int
+    devices: list[str]
+    device: bytes  # <i4 codes into devices
+    ts_ms: bytes  # <i8
+    received_ms: bytes  # <i8
+    key: bytes  # <i8
+    chk: bytes  # <i8
+    seq: bytes  # <i8, -1: none
+    boots: list[str]
+    boot: bytes  # <i4 codes into boots, -1: none
+    event_id: list[str | None] | None
+    meta: list[dict[str, Any] | None] | None
+    enrichment: list[dict[str, Any] | None] | None
+    measurements_json: list[str]
+    metrics: list[str]
+    m_row: bytes  # <i4
+    m_metric: bytes  # <i4 codes into metrics
+    m_value: bytes  # <f8
+
+
+_v2_decoder = msgspec.msgpack.Decoder(_BusV2)
+
+
+def _bytes(a: np.ndarray[Any, Any], dtype: np.dtype[Any]) -> bytes:
+    return a.astype(dtype, copy=False).tobytes()
+
+
+def encode_bus_columns(cols: ReadingColumns, *, produced_ms: int = 0) -> bytes:
+    """Encode a batch of readings in the version-2 (columnar) bus encoding."""
+
+    def objects(a: np.ndarray[Any, Any] | None) -> list[Any] | None:
+        return None if a is None else a.tolist()
+
+    body = _BusV2(
+        produced_ms=produced_ms,
+        devices=list(cols.devices),
+        device=_bytes(cols.device, _I4),
+        ts_ms=_bytes(cols.ts_ms, _I8),
+        received_ms=_bytes(cols.received_ms, _I8),
+        key=_bytes(cols.key, _I8),
+        chk=_bytes(cols.chk, _I8),
+        seq=_bytes(cols.seq, _I8),
+        boots=list(cols.boots),
+        boot=_bytes(cols.boot, _I4),
+        event_id=objects(cols.event_id),
+        meta=objects(cols.meta),
+        enrichment=objects(cols.enrichment),
+        measurements_json=cols.measurements_json.tolist(),
+        metrics=list(cols.metrics),
+        m_row=_bytes(cols.m_row, _I4),
+        m_metric=_bytes(cols.m_metric, _I4),
+        m_value=_bytes(cols.m_value, _F8),
+    )
+    return BUS_V2_MAGIC + _bus_encoder.encode(body)
+
+
+def _column(raw: bytes, dtype: np.dtype[Any], n: int, name: str) -> np.ndarray[Any, Any]:
+    if len(raw) != n * dtype.itemsize:
+        raise msgspec.DecodeError(f"bus record v2: column {name} has {len(raw)} bytes, expected {n * dtype.itemsize}")
+    return np.frombuffer(raw, dtype=dtype)
+
+
+def _codes(codes: np.ndarray[Any, Any], size: int, name: str, *, none: bool = False) -> None:
+    if len(codes) and (codes.min() < (-1 if none else 0) or codes.max() >= size):
+        raise msgspec.DecodeError(f"bus record v2: column {name} has codes outside its dictionary of {size}")
+
+
+def _decode_v2(data: bytes) -> ReadingColumns:
+    b = _v2_decoder.decode(memoryview(data)[len(BUS_V2_MAGIC):])
+    n = len(b.measurements_json)
+    for name in ("event_id", "meta", "enrichment"):
+        col = getattr(b, name)
+        if col is not None and len(col) != n:
+            raise msgspec.DecodeError(f"bus record v2: column {name} has {len(col)} rows, expected {n}")
+    device = _column(b.device, _I4, n, "device")
+    boot = _column(b.boot, _I4, n, "boot")
+    seq = _column(b.seq, _I8, n, "seq")
+    key = _column(b.key, _I8, n, "key")
+    m_row = _column(b.m_row, _I4, len(b.m_row) // 4, "m_row")
+    m = len(m_row)
+    m_metric = _column(b.m_metric, _I4, m, "m_metric")
+    m_value = _column(b.m_value, _F8, m, "m_value")
+    _codes(device, len(b.devices), "device")
+    _codes(boot, len(b.boots), "boot", none=True)
+    _codes(m_row, n, "m_row")
+    _codes(m_metric, len(b.metrics), "m_metric")
+    if n and (seq.min() < -1 or key.min() < 0):
+        raise msgspec.DecodeError("bus record v2: a seq below -1 or a negative key")
+    if not np.isfinite(m_value).all():
+        raise msgspec.DecodeError("bus record v2: a measurement is not finite")
+
+    def objects(values: list[Any] | None) -> np.ndarray[Any, Any] | None:
+        if values is None:
+            return None
+        out = np.empty(len(values), dtype=object)
+        out[:] = values
+        return out
+
+    measurements_json = objects(b.measurements_json)
+    assert measurements_json is not None
+    return ReadingColumns(
+        devices=tuple(b.devices), device=device, ts_ms=_column(b.ts_ms, _I8, n, "ts_ms"),
+        received_ms=_column(b.received_ms, _I8, n, "received_ms"), key=key, chk=_column(b.chk, _I8, n, "chk"),
+        seq=seq, boots=tuple(b.boots), boot=boot, event_id=objects(b.event_id), meta=objects(b.meta),
+        enrichment=objects(b.enrichment), measurements_json=measurements_json, metrics=tuple(b.metrics),
+        m_row=m_row, m_metric=m_metric, m_value=m_value,
+    )
+
+
+def _version(data: bytes) -> int:
+    """The bus encoding version of a record: 1 unless it starts with 0xc1 (then its second byte)."""
+    if data[:1] != b"\xc1":
+        return 1
+    version = data[1] if len(data) > 1 else -1
+    if version != 2:
+        raise msgspec.DecodeError(
+            f"bus record encoding version {version} is not known to this fieldmesh (it reads versions 1 and 2):"
+            " upgrade the processors before the gateways"
+        )
+    return 2
+
+
+def decode_bus_columns(data: bytes) -> ReadingColumns:
+    """Decode a bus record of either version into columns.
+
+    Raises:
+        msgspec.DecodeError: a corrupt record, or an encoding version this fieldmesh does not know.
+    """
+    if _version(data) == 2:
+        return _decode_v2(data)
+    return ReadingColumns.from_readings(_bus_decoder.decode(data).readings)
+
+
+def decode_bus_readings(data: bytes) -> list[Reading]:
+    """Decode a bus record of either version into readings.
+
+    Raises:
+        msgspec.DecodeError: a corrupt record, or an encoding version this fieldmesh does not know.
+    """
+    if _version(data) == 2:
+        return _decode_v2(data).to_readings()
+    return _bus_decoder.decode(data).readings
 
 
 def encode_dead_letter(dl: DeadLetter) -> bytes:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -36,8 +36,9 @@ class GatewaySettings(BaseModel, frozen=True):
     batch_max_messages: int = Field(512, gt=0, description="ingest messages per bus publish round")
     linger_ms: int = Field(20, ge=0, description="wait this long to fill a batch")
     share_group: str = Field("fieldmesh", description="MQTT 5 shared-subscription group")
-    bus_encoding: Literal[1, 2] = Field(
-        1, description="bus batch encoding the gateway writes: 2 (columnar) only once every processor reads it"
+    bus_encoding: int = Field(
+        1, ge=1, le=2, description="bus batch encoding the gateway writes: 2 (columnar) only once every processor"
+        " reads it (docs/pipeline.md)"
     )
 
 
