@@ -11,6 +11,7 @@ version-1 wire and for code that still works per reading.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import chain
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -38,7 +39,14 @@ def _objects(values: Sequence[Any]) -> NDArray[np.object_]:
 
 
 def _optional(values: Sequence[Any]) -> NDArray[np.object_] | None:
-    return None if all(v is None for v in values) else _objects(values)
+    return None if values.count(None) == len(values) else _objects(values)  # type: ignore[attr-defined]
+
+
+def _codes(values: Sequence[str | None], dictionary: tuple[str, ...]) -> NDArray[np.int32]:
+    """Codes of ``values`` in ``dictionary`` (None: -1)."""
+    index: dict[str | None, int] = {s: i for i, s in enumerate(dictionary)}
+    index[None] = _NONE
+    return np.fromiter(map(index.__getitem__, values), np.int32, len(values))
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -75,41 +83,34 @@ class ReadingColumns:
 
     @classmethod
     def from_readings(cls, readings: Sequence[Reading]) -> ReadingColumns:
-        """Columns of ``readings`` (a per-reading loop: for the version-1 wire and tests)."""
+        """Columns of ``readings`` (for the version-1 wire, the gateway and tests).
+
+        The per-reading work is done by C iterators (``astuple``, ``zip``, ``map``), not a Python loop.
+        """
         n = len(readings)
-        devs: dict[str, int] = {}
-        boots: dict[str, int] = {}
-        metrics: dict[str, int] = {}
-        m_row: list[int] = []
-        m_metric: list[int] = []
-        m_value: list[float] = []
-        for i, r in enumerate(readings):
-            for name, v in r.measurements.items():
-                m_row.append(i)
-                m_metric.append(metrics.setdefault(name, len(metrics)))
-                m_value.append(float(v))
-        device = np.fromiter((devs.setdefault(r.device_id, len(devs)) for r in readings), np.int32, n)
-        boot = np.fromiter(
-            (_NONE if r.boot_id is None else boots.setdefault(r.boot_id, len(boots)) for r in readings), np.int32, n
-        )
+        if not n:
+            return _EMPTY
+        (devices, ts_ms, measurements, key, chk, seq, boot_ids, event_ids, metas, received_ms,
+         enrichments) = zip(*map(msgspec.structs.astuple, readings), strict=True)
+        names = list(chain.from_iterable(measurements))
         return cls(
-            devices=tuple(devs),
-            device=device,
-            ts_ms=np.fromiter((r.ts_ms for r in readings), np.int64, n),
-            received_ms=np.fromiter((r.received_ms for r in readings), np.int64, n),
-            key=np.fromiter((r.key for r in readings), np.int64, n),
-            chk=np.fromiter((r.chk for r in readings), np.int64, n),
-            seq=np.fromiter((_NONE if r.seq is None else r.seq for r in readings), np.int64, n),
-            boots=tuple(boots),
-            boot=boot,
-            event_id=_optional([r.event_id for r in readings]),
-            meta=_optional([r.meta for r in readings]),
-            enrichment=_optional([r.enrichment for r in readings]),
-            measurements_json=_objects([_json.encode(r.measurements).decode() for r in readings]),
-            metrics=tuple(metrics),
-            m_row=np.array(m_row, dtype=np.int32),
-            m_metric=np.array(m_metric, dtype=np.int32),
-            m_value=np.array(m_value, dtype=np.float64),
+            devices=(dev_dict := tuple(dict.fromkeys(devices))),
+            device=_codes(devices, dev_dict),
+            ts_ms=np.array(ts_ms, dtype=np.int64),
+            received_ms=np.array(received_ms, dtype=np.int64),
+            key=np.array(key, dtype=np.int64),
+            chk=np.array(chk, dtype=np.int64),
+            seq=np.array([_NONE if s is None else s for s in seq] if None in seq else seq, dtype=np.int64),
+            boots=(boot_dict := tuple(b for b in dict.fromkeys(boot_ids) if b is not None)),
+            boot=_codes(boot_ids, boot_dict),
+            event_id=_optional(event_ids),
+            meta=_optional(metas),
+            enrichment=_optional(enrichments),
+            measurements_json=_objects(list(map(bytes.decode, map(_json.encode, measurements)))),
+            metrics=(metric_dict := tuple(dict.fromkeys(names))),
+            m_row=np.repeat(np.arange(n, dtype=np.int32), np.fromiter(map(len, measurements), np.intp, n)),
+            m_metric=_codes(names, metric_dict),
+            m_value=np.fromiter(chain.from_iterable(m.values() for m in measurements), np.float64, len(names)),
         )
 
     def to_readings(self) -> list[Reading]:
@@ -188,3 +189,10 @@ class ReadingColumns:
             np.concatenate([(p.m_row + o).astype(np.int32) for p, o in zip(parts, offsets, strict=True)]),
             np.concatenate(m_metric), np.concatenate([p.m_value for p in parts]),
         )
+
+
+_EMPTY: Final = ReadingColumns(
+    (), np.empty(0, np.int32), np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.int64),
+    np.empty(0, np.int64), np.empty(0, np.int64), (), np.empty(0, np.int32), None, None, None, _objects([]), (),
+    np.empty(0, np.int32), np.empty(0, np.int32), np.empty(0, np.float64),
+)
