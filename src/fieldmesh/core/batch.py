@@ -11,8 +11,8 @@ version-1 wire and for code that still works per reading.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from itertools import chain
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any, Final
 
 import msgspec
