@@ -122,18 +122,18 @@ class ReadingColumns:
         devices = _objects(self.devices)[self.device].tolist()
         boot_of = _objects((*self.boots, None))  # code -1 picks the trailing None
         boot_ids = boot_of[self.boot].tolist()
-        seqs = [None if s < 0 else s for s in self.seq.tolist()]
+        seqs = self.seq.tolist()
+        if self.seq.min() < 0:
+            seqs = [None if s < 0 else s for s in seqs]
         nones = [None] * n
         event_ids = nones if self.event_id is None else self.event_id.tolist()
         metas = nones if self.meta is None else self.meta.tolist()
         enrichments = nones if self.enrichment is None else self.enrichment.tolist()
-        return [
-            Reading(d, ts, m, k, c, s, b, e, mt, rx, en)
-            for d, ts, m, k, c, s, b, e, mt, rx, en in zip(
-                devices, self.ts_ms.tolist(), measurements, self.key.tolist(), self.chk.tolist(), seqs, boot_ids,
-                event_ids, metas, self.received_ms.tolist(), enrichments, strict=True,
-            )
-        ]
+        # map() calls the struct's constructor from C: no Python frame per reading
+        return list(map(
+            Reading, devices, self.ts_ms.tolist(), measurements, self.key.tolist(), self.chk.tolist(), seqs,
+            boot_ids, event_ids, metas, self.received_ms.tolist(), enrichments,
+        ))
 
     def take(self, rows: NDArray[np.intp]) -> ReadingColumns:
         """The readings at ``rows`` (distinct row numbers), in that order; dictionaries are kept."""
