@@ -9,7 +9,7 @@ For (a) 100 readings per message and (b) 1 reading per message it measures
   and one SQLite INSERT (one transaction) per message, behind a Mosquitto started for the run
   with an unbounded queue, so that the broker drops nothing while the subscriber falls behind.
 
-Run: ``.venv/bin/python bench/e2e.py`` (``--quick`` for a smaller run).
+Run: ``.venv/bin/python bench/e2e.py`` (``--quick`` for a smaller run, ``--bus-encoding 2`` for the columnar bus records).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import socket
 import sqlite3
 import subprocess
@@ -187,7 +188,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a smaller run")
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--case", choices=["a", "b"], action="append", help="run only this case (repeatable)")
+    ap.add_argument("--bus-encoding", type=int, choices=(1, 2), default=1,
+                    help="bus encoding fieldmesh's gateway writes (docs/pipeline.md)")
     a = ap.parse_args()
+    os.environ["FIELDMESH__GATEWAY__BUS_ENCODING"] = str(a.bus_encoding)  # the fieldmesh processes inherit it
+    print(f"fieldmesh bus encoding: v{a.bus_encoding}")
     k = 4 if a.quick else 1
     cases = {
         "a": lambda: case("a", readings=1_000_000 // k, per_message=100, devices=500, publishers=1),
