@@ -310,6 +310,21 @@ class _WireBatch(msgspec.Struct, forbid_unknown_fields=True):
     device_id: str | None = None
 
 
+#: Metric names already validated: a device sends the same few names in every reading, and a set lookup
+#: costs a tenth of the regular expression. Bounded: names are device input.
+_valid_metrics: set[str] = set()
+_VALID_METRICS_MAX: Final = 10_000
+
+
+def _valid_metric(name: str) -> bool:
+    if not METRIC_RE.fullmatch(name):
+        return False
+    if len(_valid_metrics) >= _VALID_METRICS_MAX:
+        _valid_metrics.clear()
+    _valid_metrics.add(name)
+    return True
+
+
 _fast_decoder = msgspec.json.Decoder(_WireReading)
 _fast_list_decoder = msgspec.json.Decoder(list[_WireReading])
 _fast_batch_decoder = msgspec.json.Decoder(_WireBatch)
@@ -358,7 +373,9 @@ def _fast_path(payload: bytes, device_id: str, now: int, max_skew_ms: int, recei
             except _Reject:
                 return None
         for name, v in ms.items():
-            if not METRIC_RE.fullmatch(name) or (type(v) is float and not math.isfinite(v)):
+            if (name not in _valid_metrics and not _valid_metric(name)) or (
+                type(v) is float and not math.isfinite(v)
+            ):
                 return None
         key, chk = identity_digest(identity_string(device_id, ts, ms, seq, w.boot_id, w.event_id))
         out.append(
