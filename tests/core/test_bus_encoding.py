@@ -113,6 +113,14 @@ def test_v1_records_still_decode():
     _same(decode_bus_batch(v1).readings, readings)
 
 
+def test_an_older_processor_refuses_v2_instead_of_misreading_it():
+    """Processors before v2 decode with ``decode_bus_batch`` only: 0xc1 is never valid msgpack, so they fail
+    loudly (and dead-letter the record) rather than store wrong readings: hence processors upgrade first."""
+    (r,) = _readings([("d1", {"ts": NOW - 5, "measurements": {"t": 0.5}})])
+    with pytest.raises(msgspec.DecodeError, match="invalid opcode"):
+        decode_bus_batch(encode_bus_columns(ReadingColumns.from_readings([r])))
+
+
 def test_v2_wire_format_is_stable():
     """A v2 record written by this version, byte for byte: processors of later versions must read it."""
     (r,) = _readings([("d1", {"ts": NOW - 5, "seq": 7, "boot_id": "b", "measurements": {"t": 0.5, "on": False}})])
