@@ -113,6 +113,20 @@ def test_v1_records_still_decode():
     _same(decode_bus_batch(v1).readings, readings)
 
 
+def test_v1_records_of_older_gateways_decode():
+    """v1 as older gateways wrote it, built without today's structs: readings as arrays (also without the later
+    ``enrichment`` field), then ``produced_ms``."""
+    fields = ["d1", NOW - 5, {"t": 0.5, "on": True}, 12345, -678, 7, "b", None, {"k": [1]}, NOW]
+    for row, batch_tail in ((fields, [NOW]), ([*fields, {"site": "n"}], [NOW]), (fields, [])):
+        data = msgspec.msgpack.encode([[row], *batch_tail])
+        (r,) = decode_bus_readings(data)
+        assert (r.device_id, r.ts_ms, r.measurements, r.key, r.chk, r.seq, r.boot_id, r.event_id, r.meta,
+                r.received_ms) == tuple(fields)
+        assert r.enrichment == (row[10] if len(row) > 10 else None)
+        assert type(r.measurements["on"]) is bool
+        _same(decode_bus_columns(data).to_readings(), [r])
+
+
 def test_an_older_processor_refuses_v2_instead_of_misreading_it():
     """Processors before v2 decode with ``decode_bus_batch`` only: 0xc1 is never valid msgpack, so they fail
     loudly (and dead-letter the record) rather than store wrong readings: hence processors upgrade first."""
