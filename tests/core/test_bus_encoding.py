@@ -181,6 +181,20 @@ def test_a_corrupt_v2_record_is_a_decode_error(field, value, match):
         decode_bus_readings(BUS_V2_MAGIC + msgspec.msgpack.encode(body))
 
 
+def _two_rows(m_row: list[int]) -> bytes:
+    rs = _readings([("d1", {"ts": NOW - 5, "measurements": {"t": 0.5}}), ("d1", {"ts": NOW, "measurements": {"t": 1}})])
+    body = msgspec.msgpack.decode(encode_bus_columns(ReadingColumns.from_readings(rs))[2:])
+    body[15] = np.array(m_row, "<i4").tobytes()
+    return BUS_V2_MAGIC + msgspec.msgpack.encode(body)
+
+
+def test_v2_measurement_rows_must_be_grouped_in_order():
+    assert len(decode_bus_readings(_two_rows([0, 1]))) == 2
+    for bad in ([1, 0], [0, 0], [1, 1]):
+        with pytest.raises(msgspec.DecodeError, match="not each reading's, in order"):
+            decode_bus_columns(_two_rows(bad))
+
+
 def test_a_truncated_v2_record_is_a_decode_error():
     data = encode_bus_columns(ReadingColumns.from_readings(_readings([("d1", {"ts": NOW, "measurements": {"t": 1}})])))
     for cut in (2, 3, len(data) // 2, len(data) - 1):

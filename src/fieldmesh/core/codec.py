@@ -630,6 +630,10 @@ def _decode_v2(data: bytes) -> ReadingColumns:
         raise msgspec.DecodeError("bus record v2: a seq below -1 or a negative key")
     if not np.isfinite(m_value).all():
         raise msgspec.DecodeError("bus record v2: a measurement is not finite")
+    # the long format is grouped by row in row order, every reading with at least one measurement (the
+    # windows rely on both)
+    if n and (np.any(np.diff(m_row) < 0) or np.count_nonzero(np.diff(m_row)) + 1 != n or m_row[0] != 0):
+        raise msgspec.DecodeError("bus record v2: the measurement rows are not each reading's, in order")
 
     def objects(values: list[Any] | None) -> np.ndarray[Any, Any] | None:
         if values is None:
