@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, Final
 
@@ -36,6 +36,7 @@ __all__ = [
     "DecodeResult",
     "decode_bus_batch",
     "decode_bus_columns",
+    "decode_bus_columns_many",
     "decode_bus_readings",
     "decode_dead_letter",
     "decode_telemetry",
@@ -596,61 +597,105 @@ def encode_bus_columns(cols: ReadingColumns, *, produced_ms: int = 0) -> bytes:
     return BUS_V2_MAGIC + _bus_encoder.encode(body)
 
 
-def _column(raw: bytes, dtype: np.dtype[Any], n: int, name: str) -> np.ndarray[Any, Any]:
-    if len(raw) != n * dtype.itemsize:
-        raise msgspec.DecodeError(f"bus record v2: column {name} has {len(raw)} bytes, expected {n * dtype.itemsize}")
-    return np.frombuffer(raw, dtype=dtype)
+def _fail(detail: str) -> msgspec.DecodeError:
+    return msgspec.DecodeError(f"bus record v2: {detail}")
 
 
-def _codes(codes: np.ndarray[Any, Any], size: int, name: str, *, none: bool = False) -> None:
-    if len(codes) and (codes.min() < (-1 if none else 0) or codes.max() >= size):
-        raise msgspec.DecodeError(f"bus record v2: column {name} has codes outside its dictionary of {size}")
-
-
-def _decode_v2(data: bytes) -> ReadingColumns:
+def _body_v2(data: bytes) -> tuple[_BusV2, int, int]:
+    """The decoded body of a v2 record with its rows and measurement entries; every column's length checked."""
     b = _v2_decoder.decode(memoryview(data)[len(BUS_V2_MAGIC):])
     n = len(b.measurements_json)
     for name in ("event_id", "meta", "enrichment"):
         col = getattr(b, name)
         if col is not None and len(col) != n:
-            raise msgspec.DecodeError(f"bus record v2: column {name} has {len(col)} rows, expected {n}")
-    device = _column(b.device, _I4, n, "device")
-    boot = _column(b.boot, _I4, n, "boot")
-    seq = _column(b.seq, _I8, n, "seq")
-    key = _column(b.key, _I8, n, "key")
-    m_row = _column(b.m_row, _I4, len(b.m_row) // 4, "m_row")
-    m = len(m_row)
-    m_metric = _column(b.m_metric, _I4, m, "m_metric")
-    m_value = _column(b.m_value, _F8, m, "m_value")
-    _codes(device, len(b.devices), "device")
-    _codes(boot, len(b.boots), "boot", none=True)
-    _codes(m_row, n, "m_row")
-    _codes(m_metric, len(b.metrics), "m_metric")
+            raise _fail(f"column {name} has {len(col)} rows, expected {n}")
+    m = len(b.m_row) // 4
+    for name, size, rows in (("device", 4, n), ("ts_ms", 8, n), ("received_ms", 8, n), ("key", 8, n), ("chk", 8, n),
+                             ("seq", 8, n), ("boot", 4, n), ("m_row", 4, m), ("m_metric", 4, m), ("m_value", 8, m)):
+        got = len(getattr(b, name))
+        if got != rows * size:
+            raise _fail(f"column {name} has {got} bytes, expected {rows * size}")
+    return b, n, m
+
+
+def _dictionary(
+    bodies: Sequence[_BusV2], field: str, codes: np.ndarray[Any, Any], counts: Sequence[int], *, none: bool = False
+) -> tuple[tuple[str, ...], np.ndarray[Any, Any]]:
+    """Merge the bodies' dictionaries ``field`` and map their local ``codes`` (``counts[i]`` of body i) to it."""
+    if len(bodies) == 1:  # one record (the common call): its dictionary as it is
+        names = getattr(bodies[0], field)
+        if len(codes) and (codes.min() < (-1 if none else 0) or codes.max() >= len(names)):
+            raise _fail(f"column {_CODE_COLUMN[field]} has codes outside its dictionary of {len(names)}")
+        return tuple(names), codes
+    index: dict[str, int] = {}
+    tables: list[int] = []
+    sizes = []
+    for b in bodies:
+        names = getattr(b, field)
+        tables.extend(index.setdefault(s, len(index)) for s in names)
+        sizes.append(len(names))
+    if not len(codes):
+        return tuple(index), codes.astype(np.int32)
+    size = np.repeat(np.array(sizes, dtype=np.int64), counts)
+    if codes.min() < (-1 if none else 0) or np.any(codes >= size):
+        of = sizes[0] if len(sizes) == 1 else "its record"
+        raise _fail(f"column {_CODE_COLUMN[field]} has codes outside its dictionary of {of}")
+    offset = np.repeat(np.cumsum([0, *sizes[:-1]]), counts)
+    table = np.array([*tables, _NONE_CODE], dtype=np.int32)
+    return tuple(index), table[np.where(codes < 0, len(tables), codes + offset)]
+
+
+_CODE_COLUMN: Final = {"devices": "device", "boots": "boot", "metrics": "m_metric"}
+_NONE_CODE: Final = -1
+
+
+def _join_v2(bodies: Sequence[_BusV2], ns: Sequence[int], ms: Sequence[int]) -> ReadingColumns:
+    """One batch of the rows of ``bodies`` in order: numpy over the whole batch, not per record."""
+    n = sum(ns)
+
+    def column(name: str, dtype: np.dtype[Any]) -> np.ndarray[Any, Any]:
+        raw = getattr(bodies[0], name) if len(bodies) == 1 else b"".join(getattr(b, name) for b in bodies)
+        return np.frombuffer(raw, dtype=dtype)
+
+    devices, device = _dictionary(bodies, "devices", column("device", _I4), ns)
+    boots, boot = _dictionary(bodies, "boots", column("boot", _I4), ns, none=True)
+    metrics, m_metric = _dictionary(bodies, "metrics", column("m_metric", _I4), ms)
+    seq, key, m_value = column("seq", _I8), column("key", _I8), column("m_value", _F8)
+    local_row = column("m_row", _I4)
     if n and (seq.min() < -1 or key.min() < 0):
-        raise msgspec.DecodeError("bus record v2: a seq below -1 or a negative key")
+        raise _fail("a seq below -1 or a negative key")
     if not np.isfinite(m_value).all():
-        raise msgspec.DecodeError("bus record v2: a measurement is not finite")
+        raise _fail("a measurement is not finite")
+    if len(local_row) and (local_row.min() < 0 or np.any(local_row >= np.repeat(np.array(ns), ms))):
+        raise _fail(f"column m_row has codes outside its record's {ns[0] if len(ns) == 1 else ''} rows")
+    m_row = local_row if len(bodies) == 1 else local_row + np.repeat(np.cumsum([0, *ns[:-1]]), ms).astype(np.int32)
     # the long format is grouped by row in row order, every reading with at least one measurement (the
     # windows rely on both)
-    if n and (np.any(np.diff(m_row) < 0) or np.count_nonzero(np.diff(m_row)) + 1 != n or m_row[0] != 0):
-        raise msgspec.DecodeError("bus record v2: the measurement rows are not each reading's, in order")
+    if n and (len(m_row) == 0 or m_row[0] != 0 or np.any(np.diff(m_row) < 0)
+              or np.count_nonzero(np.diff(m_row)) + 1 != n):
+        raise _fail("the measurement rows are not each reading's, in order")
 
-    def objects(values: list[Any] | None) -> np.ndarray[Any, Any] | None:
-        if values is None:
+    def objects(name: str) -> np.ndarray[Any, Any] | None:
+        cols = [getattr(b, name) for b in bodies]
+        if all(c is None for c in cols):
             return None
-        out = np.empty(len(values), dtype=object)
-        out[:] = values
+        out = np.empty(n, dtype=object)
+        out[:] = [v for c, k in zip(cols, ns, strict=True) for v in (c if c is not None else [None] * k)]
         return out
 
-    measurements_json = objects(b.measurements_json)
-    assert measurements_json is not None
+    measurements_json = np.empty(n, dtype=object)
+    measurements_json[:] = [s for b in bodies for s in b.measurements_json]
     return ReadingColumns(
-        devices=tuple(b.devices), device=device, ts_ms=_column(b.ts_ms, _I8, n, "ts_ms"),
-        received_ms=_column(b.received_ms, _I8, n, "received_ms"), key=key, chk=_column(b.chk, _I8, n, "chk"),
-        seq=seq, boots=tuple(b.boots), boot=boot, event_id=objects(b.event_id), meta=objects(b.meta),
-        enrichment=objects(b.enrichment), measurements_json=measurements_json, metrics=tuple(b.metrics),
-        m_row=m_row, m_metric=m_metric, m_value=m_value,
+        devices=devices, device=device, ts_ms=column("ts_ms", _I8), received_ms=column("received_ms", _I8),
+        key=key, chk=column("chk", _I8), seq=seq, boots=boots, boot=boot, event_id=objects("event_id"),
+        meta=objects("meta"), enrichment=objects("enrichment"), measurements_json=measurements_json,
+        metrics=metrics, m_row=m_row.astype(np.int32, copy=False), m_metric=m_metric, m_value=m_value,
     )
+
+
+def _decode_v2(data: bytes) -> ReadingColumns:
+    b, n, m = _body_v2(data)
+    return _join_v2([b], [n], [m])
 
 
 def _version(data: bytes) -> int:
@@ -686,6 +731,56 @@ def decode_bus_readings(data: bytes) -> list[Reading]:
     if _version(data) == 2:
         return _decode_v2(data).to_readings()
     return _bus_decoder.decode(data).readings
+
+
+def decode_bus_columns_many(
+    values: Sequence[bytes],
+) -> tuple[ReadingColumns, list[int], dict[int, Exception]]:
+    """Decode many bus records (either version, mixed) into one batch of columns, rows in record order.
+
+    Consecutive version-2 records are checked and joined with numpy over all of them at once, so the cost
+    per record is one msgpack decode. A record that does not decode costs only itself.
+
+    Returns:
+        The columns; the number of rows of each record (0 for one that failed); the error of each record
+        that failed, by its index in ``values`` (``msgspec.DecodeError``, or ``RecursionError`` for nesting
+        past the decoder's limit).
+    """
+    rows = [0] * len(values)
+    errors: dict[int, Exception] = {}
+    parts: list[ReadingColumns] = []
+    run: list[tuple[int, _BusV2, int, int]] = []
+
+    def flush() -> None:
+        if not run:
+            return
+        try:
+            parts.append(_join_v2([b for _, b, _, _ in run], [n for *_, n, _ in run], [m for *_, m in run]))
+        except Exception:  # a check failed over the run: find the culprit(s) record by record
+            for i, b, n, m in run:
+                try:
+                    parts.append(_join_v2([b], [n], [m]))
+                except Exception as exc:
+                    errors[i] = exc
+                    rows[i] = 0
+        run.clear()
+
+    for i, data in enumerate(values):
+        try:
+            if _version(data) == 2:
+                b, n, m = _body_v2(data)
+                run.append((i, b, n, m))
+                rows[i] = n
+                continue
+            cols = ReadingColumns.from_readings(_bus_decoder.decode(data).readings)
+        except Exception as exc:  # corrupt, an unknown version, nested past the decoder's limit (RecursionError)
+            errors[i] = exc
+            continue
+        flush()
+        parts.append(cols)
+        rows[i] = len(cols)
+    flush()
+    return ReadingColumns.concat(parts), rows, errors
 
 
 def encode_dead_letter(dl: DeadLetter) -> bytes:
