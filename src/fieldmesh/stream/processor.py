@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from fieldmesh.bus.base import Bus, BusRecord, Consumer
-from fieldmesh.core.codec import decode_bus_batch, decode_dead_letter
+from fieldmesh.core.codec import decode_bus_readings, decode_dead_letter
 from fieldmesh.core.errors import BackendUnavailable
 from fieldmesh.core.model import DeadLetter, Reading
 from fieldmesh.core.settings import ProcessorSettings
@@ -131,13 +131,14 @@ class Processor:
                     dead.append(_corrupt(rec, exc))
                 continue
             try:
-                batch = decode_bus_batch(rec.value)
-            except Exception as exc:
+                # either bus encoding (v1 readings, v2 columns): gateways may be upgraded before or after us
+                batch = decode_bus_readings(rec.value)
+            except Exception as exc:  # an encoding version this processor does not know is dead-lettered too
                 self.stats.corrupt += 1
                 dead.append(_corrupt(rec, exc))
                 continue
             wm = wms.get(pos) or self._watermarks.get(pos, 0)
-            for r in batch.readings:
+            for r in batch:
                 readings.append(r)
                 ts = r.ts_ms
                 dev = r.device_id
