@@ -93,8 +93,11 @@ def _bus_reaches(rel: str, tree: ast.Module) -> list[str]:
 def _sql_reaches(rel: str, tree: ast.Module) -> dict[str, list[str]]:
     """{table: [where]} for string constants that run SQL on a store table."""
     found: dict[str, list[str]] = {}
+    docstrings = {id(n.body[0].value) for n in ast.walk(tree)  # prose ("decode ... into readings"), not SQL
+                  if isinstance(n, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+                  and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
     for node in ast.walk(tree):
-        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
             for m in SQL_ON_TABLE.finditer(node.value):
                 found.setdefault(m.group(2).lower(), []).append(f"{rel}:{node.lineno}: {m.group(0)!r}")
     return found
