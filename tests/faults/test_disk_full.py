@@ -134,10 +134,11 @@ def test_jetstream_budget_withholds_the_puback(small_disk: Path, tmp_path: Path)
     """JetStream may use the free space above the reserve, no more: past it the MQTT listener gives no
     PUBACK (the device retries), so the disk never fills under JetStream; space back, all is stored."""
     prefix = f"jb{uuid.uuid4().hex[:6]}"
-    # about 2.5 MB through JetStream, well past its budget of ~1 MiB (a smaller stream could fit in it)
-    stream = make_stream(prefix, devices=50, per_device=150, seed=22)
+    # about 5 MB through JetStream, well past its budget of ~2 MiB (a smaller stream could fit in it)
+    stream = make_stream(prefix, devices=100, per_device=150, seed=22)
     msgs = stream["messages"]
-    filler = fill(small_disk, (16 << 20) + (1 << 20))  # 1 MiB above the reserve before up starts
+    # 2 MiB above the reserve and its quarter of headroom before up starts: JetStream's budget
+    filler = fill(small_disk, (16 << 20) + (4 << 20) + (2 << 20))
     # the hot store on another disk: only JetStream grows here, up to its budget
     up = Up(small_disk / "data", "--store-url", f"sqlite:///{tmp_path / 'store.db'}",
             env={"FIELDMESH__RUNTIME__DISK_RESERVE_MB": "16"})

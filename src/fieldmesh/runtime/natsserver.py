@@ -166,14 +166,19 @@ class EmbeddedNats:
         return sum(f.stat().st_size for f in (self.store_dir / "jetstream").rglob("*") if f.is_file())
 
     def file_budget(self) -> int:
-        """What JetStream may store on disk: what it holds now plus the free space above the reserve.
+        """What JetStream may store on disk: what it holds now plus the free space above the reserve
+        and a quarter of the reserve more.
 
         Past this budget JetStream refuses writes *synchronously*: its MQTT listener then withholds
         the PUBACK (and closes the connection), so the device keeps the message and retries. A disk
         that runs full under JetStream instead fails its writes after they were acknowledged.
         """
         st = os.statvfs(self.store_dir)
-        return max(self.file_store_used() + (st.f_bavail * st.f_frsize) - self.disk_reserve, 1 << 20)
+        # A quarter of the reserve on top: JetStream stops there, before the other files (logs, an SQLite
+        # store on the same disk) take the disk below the reserve, which closes the MQTT door. Both
+        # guards hold the PUBACK; reaching the budget first keeps the door open for what is retried.
+        headroom = self.disk_reserve // 4
+        return max(self.file_store_used() + (st.f_bavail * st.f_frsize) - self.disk_reserve - headroom, 1 << 20)
 
     def stop(self, *, timeout_s: float = 10.0) -> None:
         """Stop the server (SIGTERM, then SIGKILL)."""
