@@ -9,8 +9,13 @@ For (a) 100 readings per message and (b) 1 reading per message it measures
   and one SQLite INSERT (one transaction) per message, behind a Mosquitto started for the run
   with an unbounded queue, so that the broker drops nothing while the subscriber falls behind.
 
+``--overload SECONDS`` instead overloads the MQTT door for that long (100 readings per message, new readings
+all the time, as fast as one publisher goes), then measures how long the backlog takes to drain after the
+publisher stopped, and the peak RSS of each process of ``fieldmesh up`` (sampled every 0.5 s with psutil).
+
 Run: ``.venv/bin/python bench/e2e.py`` (``--quick`` for a smaller run; ``--door mosquitto`` for
-``fieldmesh up --door mosquitto``; ``--max-only`` for the throughput alone).
+``fieldmesh up --door mosquitto``; ``--max-only`` for the throughput alone; ``--bus-encoding 2`` for the
+columnar bus records; ``--overload 60`` for the overload run).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import socket
 import sqlite3
 import subprocess
@@ -193,6 +199,101 @@ def case(name: str, *, readings: int, per_message: int, devices: int, publishers
     }
 
 
+def overload_proc(args: dict[str, Any]) -> None:
+    """Publisher process body: publish the pool over and over, QoS 1, for ``seconds``; each pass renames the
+    boot id, so every pass is new readings (not duplicates). Puts the readings published on ``out``."""
+    import paho.mqtt.client as mqtt
+
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311, client_id=f"overload-{os.getpid()}")
+    c.max_inflight_messages_set(1000)
+    c.max_queued_messages_set(2000)  # bounded: the run ends when the door has taken what was sent
+    c.connect("127.0.0.1", args["port"])
+    c.loop_start()
+    pool: list[tuple[str, bytes, int]] = args["pool"]
+    deadline = time.monotonic() + args["seconds"]
+    sent = 0
+    last = None
+    k = 0
+    while time.monotonic() < deadline:
+        k += 1
+        tag = b'"boot_id":"o%d"' % k
+        for topic, body, n in pool:
+            while True:
+                last = c.publish(topic, body.replace(b'"boot_id":"b"', tag), qos=1)
+                if last.rc == 0:
+                    break
+                time.sleep(0.0005)
+            sent += n
+            if time.monotonic() >= deadline:
+                break
+    if last is not None:
+        last.wait_for_publish(120)
+    c.disconnect()
+    c.loop_stop()
+    args["out"].put(sent)
+
+
+def overload(seconds: float) -> dict[str, Any]:
+    """Overload the door for ``seconds``; drain time and peak RSS per process of ``fieldmesh up``."""
+    import psutil
+
+    pool = [(t, b, b.count(b'"seq"')) for t, b in
+            payloads(devices=500, readings=50_000, per_message=100, prefix=f"o{uuid.uuid4().hex[:6]}",
+                     ts_ms=int(time.time() * 1000))]
+    print(f"\n== overload: one publisher as fast as it goes for {seconds:.0f} s, 100 readings per message")
+    peak: dict[str, float] = {}
+    stop = threading.Event()
+
+    def role(p: psutil.Process) -> str:
+        cmd = p.cmdline()
+        if "fieldmesh.runtime.worker" in cmd:
+            return cmd[cmd.index("fieldmesh.runtime.worker") + 1]
+        return p.name()
+
+    def sample(up: UpProc) -> None:
+        root = psutil.Process(up.proc.pid)
+        while not stop.wait(0.5):
+            for p in [root, *root.children(recursive=True)]:
+                try:
+                    name = "up" if p.pid == root.pid else role(p)
+                    peak[name] = max(peak.get(name, 0.0), p.memory_info().rss / 2**20)
+                except psutil.Error:
+                    pass
+
+    with tempfile.TemporaryDirectory() as d:
+        up = UpProc(Path(d) / "data")
+        sampler = threading.Thread(target=sample, args=(up,), daemon=True)
+        sampler.start()
+        try:
+            out: mp.Queue[int] = mp.Queue()
+            t0 = time.monotonic()
+            pub = mp.Process(target=overload_proc, args=({"port": up.mqtt_port, "pool": pool, "seconds": seconds,
+                                                           "out": out},))
+            pub.start()
+            sent = out.get(timeout=seconds + 300)
+            t_pub = time.monotonic()
+            pub.join()
+            s = up.get("/stats")
+            at_stop = s["stored"] + s["duplicates"]
+            t_done = up.wait_stored(sent, timeout_s=1800)
+            s = up.get("/stats")
+        finally:
+            stop.set()
+            sampler.join()
+            up.stop()
+    res = {
+        "seconds": round(t_pub - t0, 1), "published": sent, "door_readings_per_s": round(sent / (t_pub - t0)),
+        "stored_at_stop": at_stop, "drain_s": round(t_done - t_pub, 1),
+        "stored_readings_per_s": round((s["stored"] + s["duplicates"]) / (t_done - t0)),
+        "duplicates": s["duplicates"], "peak_rss_mb": {k: round(v) for k, v in sorted(peak.items())},
+    }
+    print(f"published {sent:,} readings in {res['seconds']} s ({res['door_readings_per_s']:,}/s taken by the door);"
+          f" stored by then {at_stop:,}; backlog drained {res['drain_s']} s after the publisher stopped"
+          f" (stored {res['stored_readings_per_s']:,}/s overall, duplicates {s['duplicates']:,})")
+    print("peak RSS (MB): " + ", ".join(f"{k} {v:,}" for k, v in res["peak_rss_mb"].items()))
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="a smaller run")
@@ -200,9 +301,20 @@ def main() -> None:
     ap.add_argument("--case", choices=["a", "b"], action="append", help="run only this case (repeatable)")
     ap.add_argument("--door", choices=["auto", "nats", "mosquitto"], default="auto", help="fieldmesh up --door")
     ap.add_argument("--max-only", action="store_true", help="measure the maximum throughput only")
+    ap.add_argument("--bus-encoding", type=int, choices=(1, 2), default=1,
+                    help="bus encoding fieldmesh's gateway writes (docs/pipeline.md)")
+    ap.add_argument("--overload", type=float, metavar="SECONDS", help="the overload run instead of the cases")
     a = ap.parse_args()
     global DOOR, MAX_ONLY
     DOOR, MAX_ONLY = a.door, a.max_only
+    os.environ["FIELDMESH__GATEWAY__BUS_ENCODING"] = str(a.bus_encoding)  # the fieldmesh processes inherit it
+    print(f"fieldmesh bus encoding: v{a.bus_encoding}")
+    if a.overload:
+        res = overload(a.overload)
+        print("\nsummary:\n" + json.dumps(res))
+        if a.json:
+            a.json.write_text(json.dumps(res, indent=2))
+        return
     k = 4 if a.quick else 1
     cases = {
         "a": lambda: case("a", readings=1_000_000 // k, per_message=100, devices=500, publishers=1),

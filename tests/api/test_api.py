@@ -130,3 +130,24 @@ def test_openapi_describes_the_real_answers(client: TestClient):
     assert list(ops[("/metrics", "get")]["responses"]["200"]["content"]) == ["text/plain"]
     start = {p["name"]: p for p in raw["parameters"]}["start"]["schema"]
     assert {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1} in start["anyOf"]
+
+
+def test_lag_per_partition_in_stats_and_metrics(tmp_path: Path) -> None:
+    """The old ``lag`` shape stays; ``lag_partitions`` and a per-partition gauge come beside it."""
+    url = f"sqlite:///{tmp_path}/s.db"
+    load_store(url).close()
+
+    async def lag() -> dict[str, int]:
+        return {"gateway": 2, "processor": 7}
+
+    async def partition_lag() -> dict[str, dict[int, int]]:
+        return {"gateway": {0: 2}, "processor": {0: 3, 1: 4}}
+
+    client = TestClient(create_app(url, lag=lag, partition_lag=partition_lag))
+    st = client.get("/api/v1/stats").json()
+    assert st["lag"] == {"gateway": 2, "processor": 7}
+    assert st["lag_partitions"] == {"gateway": {"0": 2}, "processor": {"0": 3, "1": 4}}
+    metrics = client.get("/metrics").text
+    assert 'fieldmesh_bus_lag_messages{stage="processor"} 7.0' in metrics
+    assert 'fieldmesh_bus_partition_lag_messages{partition="1",stage="processor"} 4.0' in metrics
+    assert 'fieldmesh_bus_partition_lag_messages{partition="0",stage="gateway"} 2.0' in metrics

@@ -9,12 +9,12 @@ import asyncio
 import secrets
 import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import pytest
 
-from fieldmesh.bus import Bus, BusRecord, Consumer, OutRecord, TopicSpec, load_bus
+from fieldmesh.bus import Bus, BusRecord, Consumer, IngestSpec, OutRecord, TopicSpec, load_bus
 from fieldmesh.core.errors import BackendUnavailable, ConfigError
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio, pytest.mark.timeout(120)]
@@ -324,3 +324,212 @@ async def test_kafka_send_when_the_broker_died_is_backend_unavailable(
         with pytest.raises(BackendUnavailable, match=bootstrap):
             await bus.producer().send([OutRecord(topic, 0, b"after")])
         assert time.monotonic() - t0 < 15
+
+
+# ---- the rest of the contract: ingest, lag per partition, committed, fencing, sizing, topics --------
+
+
+def _ingest(backend: Backend, **kw: object) -> tuple[IngestSpec, str, str]:
+    """``(spec, topic to send on, subject the records carry)`` of a fresh ingest stream or topic."""
+    tag = secrets.token_hex(4)
+    if backend.kind == "nats":  # a stream of the user's, named as it is, over raw subjects
+        return IngestSpec(f"ING_{tag}", (f"ing{tag}.>",), **kw), f"ing{tag}.dev", f"ing{tag}.dev.0"  # type: ignore[arg-type]
+    return IngestSpec(f"ing{tag}", **kw), f"ing{tag}", f"ing{tag}"  # type: ignore[arg-type]
+
+
+async def test_ingest_is_idempotent_resumes_the_group_and_records_carry_subject(bus: Bus, backend: Backend) -> None:
+    spec, topic, subject = _ingest(backend)
+    group = _name("gw")
+    c = await bus.ingest(spec, group=group)
+    await bus.producer().send([OutRecord(topic, 0, f"m{i}".encode()) for i in range(3)])
+    got = await _fetch_n(c, 3)
+    assert [r.value for r in got] == [b"m0", b"m1", b"m2"]
+    assert {r.subject for r in got} == {subject}
+    assert {r.partition for r in got} == {0}
+    await c.ack(got[:2])
+
+    async def acked() -> bool:
+        return (await bus.committed(spec.name, group=group)).get(0, -1) >= got[1].offset
+
+    assert await _eventually(acked)
+    await c.close()
+    again = await bus.ingest(spec, group=group)  # the same set-up again: no error, same position
+    rest = await _fetch_n(again, 1)
+    assert [r.value for r in rest] == [b"m2"]
+    assert await again.fetch(10, 0.5) == []
+    assert await bus.topic_exists(spec.name)
+    await again.close()
+
+
+async def test_ingest_of_a_missing_existing_stream_is_a_config_error(bus: Bus, backend: Backend) -> None:
+    spec, _, _ = _ingest(backend, mode="existing")
+    with pytest.raises(ConfigError, match="does not exist") as ei:
+        await bus.ingest(spec, group=_name("gw"))
+    assert ei.value.key == "ingest_url"
+    assert not await bus.topic_exists(spec.name)
+
+
+async def test_ingest_adopt_uses_a_stream_that_exists(bus: Bus, backend: Backend) -> None:
+    spec, topic, _ = _ingest(backend)
+    first = await bus.ingest(spec, group=_name("a"))  # creates it
+    await bus.producer().send([OutRecord(topic, 0, b"kept")])
+    await first.close()
+    adopted = await bus.ingest(IngestSpec(spec.name, spec.subjects, mode="adopt"), group=_name("b"))
+    assert [r.value for r in await _fetch_n(adopted, 1)] == [b"kept"]
+    await adopted.close()
+
+
+async def test_nats_sole_ingest_consumer_trims_what_it_acknowledged(embedded_nats_url: str) -> None:
+    """NATS only: a sole gateway's stream keeps only what is not acknowledged yet (Kafka: retention)."""
+    async with load_bus(embedded_nats_url) as bus:
+        spec, topic, _ = _ingest(Backend("nats", embedded_nats_url))
+        group = _name("gw")
+        c = await bus.ingest(spec, group=group, sole=True)
+        await bus.producer().send([OutRecord(topic, 0, f"m{i}".encode()) for i in range(5)])
+        got = await _fetch_n(c, 5)
+        await c.ack(got[:3])
+        await c.close()
+        # another reader from the start of the stream sees only what was not acknowledged
+        other = await bus.ingest(spec, group=_name("other"))
+        assert [r.value for r in await _fetch_n(other, 2)] == [b"m3", b"m4"]
+        assert await other.fetch(10, 0.5) == []
+        await other.close()
+        assert await bus.pending(spec.name, group=group) == 2
+
+
+async def test_lag_per_partition_counts_after_positions_else_acks(bus: Bus) -> None:
+    topic = await _topic(bus, partitions=2)
+    group = _name("g")
+    # one send per record: tansu reports a high watermark per record batch (docs: INFRA quirk)
+    for r in [OutRecord(topic, 0, f"0:{i}".encode()) for i in range(5)] + [
+            OutRecord(topic, 1, f"1:{i}".encode()) for i in range(3)]:
+        await bus.producer().send([r])
+    assert await bus.lag(topic, group=group) == {0: 5, 1: 3}  # a group never seen: every record
+    c = await bus.consumer(topic, group=group)
+    got = await _fetch_n(c, 8)
+    p0 = [r for r in got if r.partition == 0]
+    # the caller applied p0 up to its 2nd record: 3 left there; p1 has no position: the group's acks (none)
+    assert await bus.lag(topic, group=group, positions={0: p0[1].offset}) == {0: 3, 1: 3}
+    assert await bus.lag(topic, group=group, positions={0: p0[-1].offset, 1: got[-1].offset}) == {0: 0, 1: 0}
+    await c.ack(got)
+
+    async def drained() -> bool:
+        return await bus.lag(topic, group=group) == {0: 0, 1: 0}
+
+    assert await _eventually(drained)
+    assert sum((await bus.lag(topic, group=group)).values()) == await bus.pending(topic, group=group)
+    assert await bus.lag(_name("missing"), group=group) == {}
+    await c.close()
+
+
+async def test_committed_is_what_the_group_acknowledged_per_partition(bus: Bus) -> None:
+    topic = await _topic(bus, partitions=2)
+    group = _name("g")
+    await bus.producer().send([OutRecord(topic, i % 2, f"{i}".encode()) for i in range(6)])
+    c = await bus.consumer(topic, group=group)
+    got = await _fetch_n(c, 6)
+    assert await bus.committed(topic, group=group) == {}
+    await c.ack(got)
+    last = {p: max(r.offset for r in got if r.partition == p) for p in (0, 1)}
+
+    async def acked() -> bool:
+        done = await bus.committed(topic, group=group)
+        return set(done) == {0, 1} and all(done[p] >= last[p] for p in (0, 1))
+
+    assert await _eventually(acked)
+    # every record at or below the committed offset was acknowledged: nothing past the last one is claimed
+    done = await bus.committed(topic, group=group)
+    assert all(done[p] < last[p] + 10 for p in (0, 1))
+    await c.close()
+
+
+async def test_apply_fenced_applies_owned_records_and_returns_the_result(bus: Bus) -> None:
+    topic = await _topic(bus, partitions=2)
+    await bus.producer().send([OutRecord(topic, i % 2, f"{i}".encode()) for i in range(4)])
+    c = await bus.consumer(topic, group=_name("g"))
+    got = await _fetch_n(c, 4)
+    seen: list[int] = []
+
+    def fn(recs: Sequence[BusRecord]) -> int:
+        seen.extend(int(r.value) for r in recs)
+        return len(recs)
+
+    kept, n = await asyncio.to_thread(c.apply_fenced, got, fn)
+    assert sorted(seen) == [0, 1, 2, 3] and n == 4 and kept == got
+    assert await asyncio.to_thread(c.apply_fenced, [], fn) == ([], None)
+    await c.close()
+
+
+async def test_kafka_apply_fenced_drops_the_records_of_a_revoked_partition(tansu_url: str) -> None:
+    """Kafka only: records fetched before a rebalance took their partition are not applied nor acked."""
+    async with load_bus(tansu_url) as bus:
+        topic = await _topic(bus, partitions=2)
+        group = _name("g")
+        a = await bus.consumer(topic, group=group)
+        await bus.producer().send([OutRecord(topic, i % 2, f"{i}".encode()) for i in range(10)])
+        old = await _fetch_n(a, 10)
+        assert {r.partition for r in old} == {0, 1}
+        b = await bus.consumer(topic, group=group)
+
+        async def split() -> bool:
+            await a.fetch(10, 0.2)
+            await b.fetch(10, 0.2)
+            return len(a.assignment) == 1 and len(b.assignment) == 1  # type: ignore[attr-defined]
+
+        assert await _eventually(split, timeout_s=40)
+        owned = set(a.assignment)  # type: ignore[attr-defined]
+        applied: list[BusRecord] = []
+        kept, _ = await asyncio.to_thread(a.apply_fenced, old, applied.extend)
+        assert kept == applied == [r for r in old if r.partition in owned]
+        assert len(kept) == 5
+        await a.close()
+        await b.close()
+
+
+async def test_fetch_max_bytes_bounds_a_batch_and_keeps_the_rest(bus: Bus) -> None:
+    topic = await _topic(bus, partitions=1)
+    sent = [f"{i:03d}".encode() * 25 for i in range(20)]  # 75 bytes each
+    big = b"B" * 1000
+    await bus.producer().send([OutRecord(topic, 0, v) for v in [*sent, big]])
+    c = await bus.consumer(topic, group=_name("g"))
+    got: list[BusRecord] = []
+    deadline = time.monotonic() + 30
+    while len(got) < 21 and time.monotonic() < deadline:
+        batch = await c.fetch(100, 0.5, max_bytes=200)
+        if batch:
+            assert len(batch) == 1 or sum(len(r.value) for r in batch) <= 200, [len(r.value) for r in batch]
+        got += batch
+    assert [r.value for r in got] == [*sent, big]  # in order, nothing lost or repeated
+    assert await c.fetch(10, 0.5, max_bytes=200) == []
+    await c.close()
+
+
+async def test_topic_exists_partition_count_and_balancing(bus: Bus, backend: Backend) -> None:
+    topic = await _topic(bus, partitions=3)
+    assert await bus.topic_exists(topic)
+    assert await bus.partition_count(topic) == 3
+    missing = _name("missing")
+    assert not await bus.topic_exists(missing)
+    assert await bus.partition_count(missing) is None
+    assert bus.balances_groups is (backend.kind == "kafka")
+
+
+async def test_drop_consumer_forgets_the_group(bus: Bus) -> None:
+    topic = await _topic(bus, partitions=1)
+    group = _name("g")
+    await bus.drop_consumer(topic, group=group)  # none yet: nothing to do
+    await bus.producer().send([OutRecord(topic, 0, f"r{i}".encode()) for i in range(3)])
+    c = await bus.consumer(topic, group=group)
+    got = await _fetch_n(c, 3)
+    await c.ack(got)
+
+    async def acked() -> bool:
+        return bool(await bus.committed(topic, group=group))
+
+    assert await _eventually(acked)
+    await c.close()
+    await bus.drop_consumer(topic, group=group)
+    assert await bus.committed(topic, group=group) == {}
+    again = await bus.consumer(topic, group=group)  # a fresh group: from the start
+    assert [r.value for r in await _fetch_n(again, 3)] == [b"r0", b"r1", b"r2"]
+    await again.close()

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from fieldmesh.bus import load_bus
 from fieldmesh.bus.base import TopicSpec
+from fieldmesh.bus.nats import PipelinedNatsProducer
 from fieldmesh.cdc.base import (
     UNAVAILABLE,
     Change,
@@ -28,7 +29,7 @@ from fieldmesh.cdc.base import (
 from fieldmesh.cdc.mysql import json_value
 from fieldmesh.cdc.pgoutput import PG_EPOCH_US, PgOutputDecoder, converter_for, lsn_from_str, lsn_to_str
 from fieldmesh.cdc.postgres import parse_tables
-from fieldmesh.cdc.sink import OffsetFile, PipelinedNatsProducer
+from fieldmesh.cdc.sink import OffsetFile
 from fieldmesh.core.errors import BackendError
 from fieldmesh.runtime.natsserver import EmbeddedNats
 

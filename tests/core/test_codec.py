@@ -185,3 +185,19 @@ def test_meta_too_deep_or_not_carriable_is_rejected_at_the_door():
     assert [d.reason for d in dec(json.dumps(huge)).rejects] == ["schema_violation"]
     assert [d.reason for d in dec(surrogate).rejects] == ["schema_violation"]
     assert len(dec(json.dumps(ok)).readings) == 1
+
+
+def test_metric_names_are_checked_whatever_the_cache_holds():
+    """Valid names are remembered (a set lookup instead of the regex), boundedly; a bad name is always refused."""
+    from fieldmesh.core import codec
+
+    for i in range(codec._VALID_METRICS_MAX + 5):
+        assert codec._valid_metric(f"m{i}")
+    assert len(codec._valid_metrics) <= codec._VALID_METRICS_MAX
+    for bad in ("bad name!", "x" * 65, ""):
+        r = dec(json.dumps({"ts": 1763812345000, "measurements": {"t": 1.0, bad: 2.0}}))
+        assert [d.reason for d in r.rejects] == ["schema_violation"], bad
+        assert bad not in codec._valid_metrics
+    ok = dec(json.dumps([{"ts": 1763812345000 + i, "measurements": {"t": 1.0, "h.2": i}} for i in range(3)]))
+    assert not ok.rejects and len(ok.readings) == 3
+    assert {"t", "h.2"} <= codec._valid_metrics

@@ -54,6 +54,17 @@ def test_exact_through_the_whole_pipeline(tmp_path: Path):
         metrics = __import__("urllib.request").request.urlopen(
             f"http://127.0.0.1:{up.http_port}/metrics").read().decode()
         assert 'fieldmesh_dead_letters_total{reason="clock_skew"} 1.0' in metrics
+        # lag per partition: every partition of the readings topic, the processor's from the store's positions
+        parts = up.wait_for(lambda s: all(sum(lag.values()) == 0 for lag in s["lag_partitions"].values())
+                            and {"gateway", "processor", "dlq"} <= set(s["lag_partitions"]))["lag_partitions"]
+        from fieldmesh.core.settings import Settings
+
+        assert set(parts["processor"]) == {str(p) for p in range(Settings().bus.partitions)}, parts
+        assert parts["gateway"] == {"0": 0} and parts["dlq"] == {"0": 0}, parts
+        assert sum(parts["processor"].values()) == 0, parts
+        metrics = __import__("urllib.request").request.urlopen(
+            f"http://127.0.0.1:{up.http_port}/metrics").read().decode()
+        assert 'fieldmesh_bus_partition_lag_messages{partition="0",stage="processor"} 0.0' in metrics
         c.disconnect()
     finally:
         assert up.stop() == 0, up.tail()

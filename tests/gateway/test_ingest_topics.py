@@ -98,7 +98,11 @@ def test_topics_come_back_as_published(tmp_path: Path):
 @pytest.mark.integration
 def test_a_consumer_on_the_old_filters_resumes_after_its_floor(tmp_path: Path):
     """A data dir from before ``devices.>``: the stream widens, nothing acknowledged is redelivered."""
-    from fieldmesh.gateway.sources import _OLD_INGEST_SUBJECTS, INGEST_STREAM
+    from fieldmesh.bus.nats import stream_name
+    from fieldmesh.core.topics import INGEST_TOPIC, OLD_INGEST_SUBJECTS
+
+    INGEST_STREAM = stream_name(INGEST_TOPIC)
+    _OLD_INGEST_SUBJECTS = list(OLD_INGEST_SUBJECTS)
 
     srv = EmbeddedNats(store_dir=tmp_path / "nats")
     srv.start()

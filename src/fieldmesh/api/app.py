@@ -47,12 +47,15 @@ Device = Annotated[str | None, device_query()]
 Metric = Annotated[str | None, metric_query()]
 HealthFn = Callable[[], Awaitable[dict[str, Any]]]
 LagFn = Callable[[], Awaitable[dict[str, int]]]
+PartitionLagFn = Callable[[], Awaitable[dict[str, dict[int, int]]]]
 
 
 class _StoreCollector(Collector):
-    def __init__(self, store: HotStore, lag: LagFn | None, lag_cache: dict[str, int]) -> None:
+    def __init__(self, store: HotStore, lag_cache: dict[str, int],
+                 partition_cache: dict[str, dict[int, int]]) -> None:
         self.store = store
         self.lag_cache = lag_cache
+        self.partition_cache = partition_cache
 
     def collect(self) -> Iterator[Any]:
         st = self.store.stats()
@@ -78,6 +81,12 @@ class _StoreCollector(Collector):
         for stage, n in self.lag_cache.items():
             lag.add_metric([stage], n)
         yield lag
+        plag = GaugeMetricFamily("fieldmesh_bus_partition_lag_messages", "Messages not yet consumed per partition",
+                                 labels=["stage", "partition"])
+        for stage, parts in self.partition_cache.items():
+            for p, n in sorted(parts.items()):
+                plag.add_metric([stage, str(p)], n)
+        yield plag
         rows = self.store.query("SELECT max(last_seen_ms), count(*) FROM devices").rows
         last, n_dev = rows[0] if rows else (None, 0)
         g = GaugeMetricFamily("fieldmesh_devices", "Devices seen")
@@ -94,9 +103,13 @@ def create_app(
     *,
     health: HealthFn | None = None,
     lag: LagFn | None = None,
+    partition_lag: PartitionLagFn | None = None,
     store: HotStore | None = None,
 ) -> FastAPI:
-    """Build the API app over the hot store at ``store_url``."""
+    """Build the API app over the hot store at ``store_url``.
+
+    ``lag`` gives each stage's total lag, ``partition_lag`` the lag per stage and partition.
+    """
     # FastAPIOffline: a FastAPI whose Swagger UI page loads its JS/CSS from the package, not a CDN
     app = FastAPIOffline(
         title="fieldmesh",
@@ -110,6 +123,7 @@ def create_app(
     )
     state: dict[str, Any] = {"store": store}
     lag_cache: dict[str, int] = {}
+    partition_cache: dict[str, dict[int, int]] = {}
 
     def get_store() -> HotStore:
         if state["store"] is None:
@@ -167,6 +181,10 @@ def create_app(
         if lag is not None:
             lag_cache.update(await lag())
             body["lag"] = dict(lag_cache)
+        if partition_lag is not None:
+            partition_cache.update(await partition_lag())
+            body["lag_partitions"] = {stage: {str(p): n for p, n in sorted(parts.items())}
+                                      for stage, parts in partition_cache.items()}
         return body
 
     @r.get("/devices", response_model=None, responses={200: {"model": list[DeviceRow]}})
@@ -225,10 +243,12 @@ def create_app(
     async def metrics() -> Response:
         nonlocal collector
         if collector is None:
-            collector = _StoreCollector(get_store(), lag, lag_cache)
+            collector = _StoreCollector(get_store(), lag_cache, partition_cache)
             registry.register(collector)
         if lag is not None:
             lag_cache.update(await lag())
+        if partition_lag is not None:
+            partition_cache.update(await partition_lag())
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     def openapi() -> dict[str, Any]:

@@ -34,6 +34,9 @@ class Stats(_Open):
     late: int
     dead_lettered: dict[str, int] = Field(description='{"total": N, "<reason>": n, ...}')
     lag: dict[str, int] | None = Field(None, description="messages not yet consumed per stage")
+    lag_partitions: dict[str, dict[str, int]] | None = Field(
+        None, description="messages not yet consumed per stage and bus partition (the processor's counted "
+        "from the positions its store has applied)")
 
 
 class DeviceRow(_Open):

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from fieldmesh.bus.base import Bus, BusRecord, Consumer, OutRecord, Producer, TopicSpec
+from fieldmesh.bus.base import Bus, BusRecord, Consumer, IngestSpec, OutRecord, Producer, TopicSpec
 from fieldmesh.core.errors import ConfigError, MissingDependency
 
-__all__ = ["Bus", "BusRecord", "Consumer", "OutRecord", "Producer", "TopicSpec", "load_bus"]
+__all__ = ["Bus", "BusRecord", "Consumer", "IngestSpec", "OutRecord", "Producer", "TopicSpec", "load_bus"]
 
 
 def load_bus(url: str) -> Bus:

@@ -5,15 +5,20 @@ bus has acknowledged every one of them. Consumers fetch records with their posit
 ``(topic, partition, offset)``; offsets grow within a partition. Processors store the positions they
 applied in their own store transaction and skip records at or below them on redelivery, so the
 bus's own acknowledgement is only a hint for where to resume.
+
+Stages use only what this module declares: a stage that needs something else from a bus gets a
+method here, implemented by every adapter (``tests/test_layering.py`` checks it).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Self
+from typing import Any, Literal, Protocol, Self, TypeVar
 
-__all__ = ["Bus", "BusRecord", "Consumer", "OutRecord", "PositionsFn", "Producer", "TopicSpec"]
+__all__ = ["Bus", "BusRecord", "Consumer", "IngestSpec", "OutRecord", "PositionsFn", "Producer", "TopicSpec"]
+
+T = TypeVar("T")
 
 PositionsFn = Callable[[list[int]], dict[int, int]]
 """partitions -> {partition: last applied offset}; partitions never applied are absent."""
@@ -43,6 +48,8 @@ class BusRecord:
     headers: Mapping[str, str] = field(default_factory=dict)
     timestamp_ms: int = 0
     handle: Any = None
+    #: the subject or topic it was published on (NATS subject, Kafka topic)
+    subject: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +63,28 @@ class TopicSpec:
     max_bytes: int = -1
 
 
+@dataclass(frozen=True, slots=True)
+class IngestSpec:
+    """Raw device messages a gateway consumes: fieldmesh's own ingest stream, or a user's stream/topic.
+
+    ``name`` is a fieldmesh topic (``fm.ingest``: the NATS stream ``FM_INGEST``), or, without a dot, a
+    NATS stream or Kafka topic named as it is. ``mode``: ``own`` creates or updates it, ``adopt``
+    creates it only when missing (one you already have is used as it is), ``existing`` must exist
+    (else a :class:`~fieldmesh.core.errors.ConfigError` naming ``ingest_url``).
+    """
+
+    name: str
+    subjects: tuple[str, ...] = ()
+    mode: Literal["own", "adopt", "existing"] = "own"
+    retention_s: int = 7 * 86400
+    max_bytes: int = -1
+    #: partitions of a topic the bus creates (Kafka; a NATS ingest stream is not partitioned)
+    partitions: int = 1
+    #: subject filters an earlier version of this consumer used: a consumer found with exactly these
+    #: resumes after what it acknowledged (the new filter must cover the old one)
+    resume_from: tuple[str, ...] = ()
+
+
 class Producer(Protocol):
     """Sends records; ``send`` returns when the bus acknowledged all of them."""
 
@@ -65,9 +94,28 @@ class Producer(Protocol):
 class Consumer(Protocol):
     """Fetches records of the partitions it was given, in offset order per partition."""
 
-    async def fetch(self, max_records: int, timeout_s: float) -> list[BusRecord]: ...
+    async def fetch(self, max_records: int, timeout_s: float, *, max_bytes: int | None = None) -> list[BusRecord]:
+        """Up to ``max_records`` records (an empty list after ``timeout_s``).
 
-    async def ack(self, records: Sequence[BusRecord]) -> None: ...
+        With ``max_bytes`` the values of a batch add up to about that many bytes at most (always at
+        least one record); what was fetched beyond it comes first next time.
+        """
+        ...
+
+    async def ack(self, records: Sequence[BusRecord]) -> None:
+        """Acknowledge records whose effects are durable (a sole ingest consumer also trims them)."""
+        ...
+
+    def apply_fenced(
+        self, records: Sequence[BusRecord], fn: Callable[[Sequence[BusRecord]], T]
+    ) -> tuple[list[BusRecord], T | None]:
+        """Call ``fn`` on the records of partitions this consumer still owns, holding off revocation.
+
+        Records of a partition a rebalance took away are dropped (the new owner applies them from the
+        stored positions). Returns the records given to ``fn`` (only those may be acknowledged) and
+        its result (None when no record was left). Synchronous: run it in a thread.
+        """
+        ...
 
     async def close(self) -> None: ...
 
@@ -76,6 +124,9 @@ class Bus(Protocol):
     """A connection to a bus: creates topics, producers and consumers."""
 
     url: str
+    #: True when the bus balances a group's partitions among its members (Kafka); False when each
+    #: consumer must be given its partitions to resume per partition (NATS)
+    balances_groups: bool
 
     async def __aenter__(self) -> Self: ...
 
@@ -101,4 +152,52 @@ class Bus(Protocol):
         """
         ...
 
-    async def pending(self, topic: str, *, group: str) -> int: ...
+    async def pending(self, topic: str, *, group: str) -> int:
+        """Records ``group`` has not acknowledged yet, summed (a group never seen: every record)."""
+        ...
+
+    async def topic_exists(self, topic: str) -> bool: ...
+
+    async def partition_count(self, topic: str) -> int | None:
+        """Partitions of an existing topic, None when it does not exist."""
+        ...
+
+    async def ingest(self, spec: IngestSpec, *, group: str, sole: bool = False) -> Consumer:
+        """Set up an ingest stream or topic per ``spec`` and a consumer ``group`` over it.
+
+        ``sole``: this consumer is the stream's only reader (``fieldmesh up``): it takes over what a
+        crashed predecessor had fetched at once, and acknowledged records are trimmed from the stream.
+        Its records carry ``subject``; acknowledge them through the consumer.
+        """
+        ...
+
+    async def lag(
+        self, topic: str, *, group: str, positions: Mapping[int, int] | None = None
+    ) -> dict[int, int]:
+        """Records per partition after ``positions`` (the store's, the truth) where given, else after
+        the group's acknowledgements (a group never seen: every record)."""
+        ...
+
+    async def committed(self, topic: str, *, group: str) -> dict[int, int]:
+        """Per partition, the offset through which ``group`` acknowledged every record (absent: none)."""
+        ...
+
+    async def drop_consumer(self, topic: str, *, group: str) -> None:
+        """Delete the consumer state of ``group`` on ``topic`` (nothing when there is none)."""
+        ...
+
+
+def split_by_bytes(
+    records: Sequence[BusRecord], max_records: int, max_bytes: int | None
+) -> tuple[list[BusRecord], list[BusRecord]]:
+    """``(head, rest)``: at most ``max_records`` records whose values add up to ``max_bytes`` at most
+    (at least one record), in order; adapters keep ``rest`` for the next fetch."""
+    n = min(len(records), max(1, max_records))
+    if max_bytes is not None:
+        total = 0
+        for i in range(n):
+            total += len(records[i].value)
+            if total > max_bytes and i > 0:
+                n = i
+                break
+    return list(records[:n]), list(records[n:])

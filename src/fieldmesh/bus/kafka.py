@@ -25,10 +25,10 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Final, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Self, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from fieldmesh.bus.base import BusRecord, OutRecord, TopicSpec
+from fieldmesh.bus.base import BusRecord, IngestSpec, OutRecord, TopicSpec, split_by_bytes
 from fieldmesh.core.errors import BackendError, BackendUnavailable, ConfigError, MissingDependency
 
 __all__ = ["PRODUCER_DEFAULTS", "KafkaBus", "KafkaConsumer", "KafkaProducer", "parse_kafka_url"]
@@ -58,6 +58,8 @@ _CONSUMER_DEFAULTS: Final[dict[str, Any]] = {
     "heartbeat.interval.ms": 1_000,
     "max.poll.interval.ms": 300_000,
     "allow.auto.create.topics": False,
+    # librdkafka prefetches up to this much per consumer: the backlog stays in the broker, not in memory
+    "queued.max.messages.kbytes": 32 * 1024,
 }
 _FM_PARAMS: Final = {"replication_factor"}
 _TRANSIENT_CODES: Final = {"_TRANSPORT", "_ALL_BROKERS_DOWN", "_TIMED_OUT", "_RESOLVE", "_MSG_TIMED_OUT"}
@@ -206,6 +208,7 @@ class KafkaConsumer:
         # held while records are applied, and by a revocation: a partition's new owner reads the
         # positions only after the old owner's batch of it is committed (eager rebalancing)
         self._fence = threading.Lock()
+        self._held: list[BusRecord] = []  # fetched beyond a fetch's max_bytes: served first next time
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -256,55 +259,55 @@ class KafkaConsumer:
             self._assigned -= {tp.partition for tp in tps}
         log.info("kafka %s: revoked partitions %s", self._topic, sorted(tp.partition for tp in tps))
 
-    def apply_owned(self, records: Sequence[BusRecord], fn: Callable[[Sequence[BusRecord]], object]) -> list[BusRecord]:
+    def apply_fenced(
+        self, records: Sequence[BusRecord], fn: Callable[[Sequence[BusRecord]], T]
+    ) -> tuple[list[BusRecord], T | None]:
         """Call ``fn`` on the records of partitions this consumer still owns, holding off revocation.
 
         Records fetched before a rebalance took their partition away are dropped: the new owner
-        applies them from the positions in the store. Returns the records given to ``fn``: only
-        those may be acknowledged (a commit past a dropped record would skip it on reassignment).
+        applies them from the positions in the store. Returns the records given to ``fn`` (only those
+        may be acknowledged: a commit past a dropped record would skip it on reassignment) and its result.
         """
         with self._fence:
             kept = list(records) if self._manual is not None else [r for r in records if r.partition in self._assigned]
-            if kept:
-                fn(kept)
-            return kept
+            return (kept, fn(kept)) if kept else ([], None)
 
     @property
     def assignment(self) -> list[int]:
         """Partitions this consumer currently owns."""
         return sorted(self._assigned)
 
-    async def fetch_raw(self, max_records: int, timeout_s: float) -> list[Any]:
-        """Like :meth:`fetch`, but confluent-kafka ``Message`` objects as they come (hot paths that need
-        only key, value and position); acknowledge them with :meth:`commit_async`."""
+    async def fetch(self, max_records: int, timeout_s: float, *, max_bytes: int | None = None) -> list[BusRecord]:
+        """Fetch up to ``max_records`` (about ``max_bytes`` at most); an empty list when none arrived
+        within ``timeout_s``. Records beyond ``max_bytes`` are kept for the next fetch."""
+        if self._held:
+            held, self._held = self._held, []
+            recs = [r for r in held if r.partition in self._assigned or self._manual is not None]
+            if recs:
+                out, self._held = split_by_bytes(recs, max_records, max_bytes)
+                return out
         msgs = await self._call(self._c.consume, max_records, timeout_s)
         if self._fatal is not None:
             exc, self._fatal = self._fatal, None
             raise BackendError(f"partition assignment on {self._topic!r} failed: {exc}") from exc
-        out: list[Any] = []
+        out = []
         for m in msgs:
             err = m.error()
-            if err is None:
-                out.append(m)
+            if err is not None:
+                if err.code() == _kafka().KafkaError._PARTITION_EOF:
+                    continue
+                if err.fatal():
+                    raise BackendError(f"Kafka consumer on {self._topic!r} failed: {err}")
+                if err.name() in _TRANSIENT_CODES:
+                    raise BackendUnavailable(f"Kafka brokers {self._brokers} unreachable: {err}")
+                log.warning("kafka %s: %s", self._topic, err)
                 continue
-            if err.code() == _kafka().KafkaError._PARTITION_EOF:
-                continue
-            if err.fatal():
-                raise BackendError(f"Kafka consumer on {self._topic!r} failed: {err}")
-            if err.name() in _TRANSIENT_CODES:
-                raise BackendUnavailable(f"Kafka brokers {self._brokers} unreachable: {err}")
-            log.warning("kafka %s: %s", self._topic, err)
-        return out
-
-    async def fetch(self, max_records: int, timeout_s: float) -> list[BusRecord]:
-        """Fetch up to ``max_records``; an empty list when none arrived within ``timeout_s``."""
-        out: list[BusRecord] = []
-        for m in await self.fetch_raw(max_records, timeout_s):
             ts_type, ts = m.timestamp()
             hdrs = m.headers()
+            topic = m.topic()
             out.append(
                 BusRecord(
-                    topic=m.topic(),
+                    topic=topic,
                     partition=m.partition(),
                     offset=m.offset(),
                     value=m.value() or b"",
@@ -314,8 +317,12 @@ class KafkaConsumer:
                     else {},
                     timestamp_ms=ts if ts_type else 0,
                     handle=None,
+                    subject=topic,
                 )
             )
+        if max_bytes is None:
+            return out
+        out, self._held = split_by_bytes(out, max_records, max_bytes)
         return out
 
     async def ack(self, records: Sequence[BusRecord]) -> None:
@@ -327,9 +334,9 @@ class KafkaConsumer:
             k = (r.topic, r.partition)
             if r.offset >= last.get(k, -1):
                 last[k] = r.offset
-        await self.commit_async(last)
+        await self._commit_async(last)
 
-    async def commit_async(self, last: Mapping[tuple[str, int], int]) -> None:
+    async def _commit_async(self, last: Mapping[tuple[str, int], int]) -> None:
         """Commit ``{(topic, partition): last processed offset}`` asynchronously (offset + 1)."""
         ck = _kafka()
         tps = [ck.TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
@@ -367,6 +374,9 @@ class KafkaConsumer:
 
 class KafkaBus:
     """A connection to a Kafka cluster (Apache Kafka, Redpanda, MSK, Confluent, tansu ...)."""
+
+    #: a consumer group's partitions are balanced among its members by the brokers
+    balances_groups = True
 
     def __init__(self, url: str, *, connect_timeout_s: float = 5.0) -> None:
         self.url = url
@@ -549,38 +559,97 @@ class KafkaBus:
         """The group's lag: records after its committed offsets, summed over partitions."""
         return sum((await self.lag(topic, group=group)).values())
 
-    async def lag(self, topic: str, *, group: str) -> dict[int, int]:
-        """Per-partition lag of ``group`` (high watermark minus committed offset)."""
+    async def topic_exists(self, topic: str) -> bool:
+        """Whether ``topic`` exists."""
+        return await self.partition_count(topic) is not None
+
+    async def ingest(self, spec: IngestSpec, *, group: str, sole: bool = False) -> KafkaConsumer:
+        """A consumer of group ``group`` on the topic ``spec.name`` (balanced among the group's members).
+
+        ``own`` and ``adopt`` create the topic when it is missing (``spec.partitions``); ``existing``
+        requires it. ``sole`` changes nothing here: the topic's retention removes old records.
+        """
+        if await self.partition_count(spec.name) is None:
+            if spec.mode == "existing":
+                raise ConfigError(
+                    f"Kafka ingest topic {spec.name!r} does not exist on {self.brokers}: create it, or fix "
+                    "the topic in --ingest-url",
+                    key="ingest_url",
+                )
+            await self.ensure_topic(TopicSpec(spec.name, spec.partitions, spec.retention_s, max_bytes=spec.max_bytes))
+        return await self.consumer(spec.name, group=group)
+
+    async def _offsets(self, topic: str, group: str) -> tuple[dict[int, int], dict[int, tuple[int, int]]]:
+        """``({partition: committed next offset}, {partition: (low, high) watermarks})``."""
         ck = _kafka()
         n = await self.partition_count(topic)
         if not n:
-            return {}
+            return {}, {}
 
-        def compute() -> dict[int, int]:
+        def read() -> tuple[dict[int, int], dict[int, tuple[int, int]]]:
             c = ck.Consumer({**self.consumer_config(group), "enable.auto.commit": False})
             try:
                 tps = [ck.TopicPartition(topic, p) for p in range(n)]
-                committed = c.committed(tps, timeout=self._timeout)
-                out = {}
-                for tp in committed:
-                    low, high = c.get_watermark_offsets(
-                        ck.TopicPartition(topic, tp.partition), timeout=self._timeout
-                    )
-                    start = tp.offset if tp.offset >= 0 else low
-                    out[tp.partition] = max(0, high - start)
-                return out
+                committed = {tp.partition: tp.offset for tp in c.committed(tps, timeout=self._timeout)}
+                marks = {p: c.get_watermark_offsets(ck.TopicPartition(topic, p), timeout=self._timeout)
+                         for p in committed}
+                return committed, marks
             finally:
                 c.close()
 
         try:
-            return await asyncio.to_thread(compute)
+            return await asyncio.to_thread(read)
         except ck.KafkaException as exc:
             raise BackendUnavailable(
-                f"cannot read the lag of {group!r} on {topic!r} from {self.brokers}: {exc}"
+                f"cannot read the offsets of {group!r} on {topic!r} from {self.brokers}: {exc}"
             ) from exc
+
+    async def lag(
+        self, topic: str, *, group: str, positions: Mapping[int, int] | None = None
+    ) -> dict[int, int]:
+        """Per-partition lag: high watermark minus ``positions[p] + 1`` where given, else minus the
+        group's committed offset (the low watermark when it has none)."""
+        committed, marks = await self._offsets(topic, group)
+        out = {}
+        for p, (low, high) in marks.items():
+            if positions is not None and p in positions:
+                start = max(int(positions[p]) + 1, low)
+            else:
+                start = committed[p] if committed[p] >= 0 else low
+            out[p] = max(0, high - start)
+        return out
+
+    async def committed(self, topic: str, *, group: str) -> dict[int, int]:
+        """Per partition, the last offset the group committed as processed (committed offset - 1)."""
+        committed, _ = await self._offsets(topic, group)
+        return {p: o - 1 for p, o in committed.items() if o > 0}
+
+    async def drop_consumer(self, topic: str, *, group: str) -> None:
+        """Delete consumer group ``group`` (nothing when it does not exist).
+
+        Raises:
+            BackendError: the brokers refused (the group still has live members, or the broker does not
+                implement DeleteGroups).
+        """
+        ck = _kafka()
+        fut = self.admin.delete_consumer_groups([group], request_timeout=self._timeout)[group]
+        try:
+            await asyncio.wrap_future(fut)
+        except ck.KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            if err is not None and hasattr(err, "code") and err.code() == ck.KafkaError.GROUP_ID_NOT_FOUND:
+                return
+            raise BackendError(f"cannot delete Kafka consumer group {group!r}: {err}") from exc
 
     async def delete_topic(self, topic: str) -> None:
         """Delete a topic (tests and tools)."""
         fut = self.admin.delete_topics([topic], request_timeout=self._timeout)[topic]
         with contextlib.suppress(Exception):
             await asyncio.wrap_future(fut)
+
+
+if TYPE_CHECKING:  # the adapter implements the whole contract (checked by mypy, not at run time)
+    from fieldmesh.bus.base import Bus, Consumer
+
+    def _implements(b: KafkaBus, c: KafkaConsumer) -> tuple[Bus, Consumer]:
+        return b, c

@@ -8,16 +8,21 @@ which JetStream de-duplicates within the stream's duplicate window.
 What a ``PubAck`` means: the stream's leader has the message in its store; with the default
 ``sync_interval`` (2 minutes) it is in the OS page cache, surviving a crash of nats-server but not
 of the machine. ``fsync=always`` on the embedded server makes it survive power loss too.
+
+Offsets are stream sequences, global to the stream: a partition's offsets grow but are not dense.
+Ingest streams (:meth:`NatsBus.ingest`) are not partitioned: their records are partition 0.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import re
-from collections.abc import Sequence
-from typing import Any, Self
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 from urllib.parse import urlparse
 
 import nats
@@ -27,13 +32,16 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
-from fieldmesh.bus.base import BusRecord, OutRecord, PositionsFn, TopicSpec
+from fieldmesh.bus.base import BusRecord, IngestSpec, OutRecord, PositionsFn, TopicSpec, split_by_bytes
 from fieldmesh.core.errors import BackendError, BackendUnavailable, ConfigError
 
-__all__ = ["NatsBus", "NatsConsumer", "NatsProducer", "stream_name"]
+__all__ = ["NatsBus", "NatsConsumer", "NatsProducer", "PipelinedNatsProducer", "stream_name"]
 
 log = logging.getLogger(__name__)
 _SAFE = re.compile(r"[^A-Za-z0-9_-]")
+T = TypeVar("T")
+#: how often a sole ingest consumer trims what it acknowledged from its stream
+_TRIM_EVERY_S = 1.0
 
 
 def stream_name(topic: str) -> str:
@@ -76,6 +84,100 @@ class NatsProducer:
             raise BackendError(f"JetStream publish failed: {exc!r}") from exc
 
 
+class _Pending:
+    __slots__ = ("acked", "done", "error", "expected")
+
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.acked = 0
+        self.error: str | None = None
+        self.done = asyncio.Event()
+
+
+class PipelinedNatsProducer:
+    """A JetStream producer that pipelines publishes and collects the PubAcks on one inbox.
+
+    Same contract as :class:`NatsProducer` (``send`` returns once JetStream acknowledged every
+    record; ``msg_id`` -> ``Nats-Msg-Id``; ``key`` -> ``Fm-Key``), about three times faster than one
+    ``publish_async`` future per record here (measured ~100k vs ~36k msg/s with one record per
+    message, as change events travel). :meth:`NatsBus.producer` returns one.
+    """
+
+    def __init__(self, nc: Client, *, max_in_flight: int = 20_000, timeout_s: float = 30.0) -> None:
+        self._nc = nc
+        self._max = max_in_flight
+        self._timeout = timeout_s
+        self._inbox = nc.new_inbox()
+        self._sub: Any = None
+        self._batches: dict[str, _Pending] = {}
+        self._ids = itertools.count()
+        self._room = asyncio.Event()
+
+    async def _on_ack(self, msg: Msg) -> None:
+        _, batch, _ = msg.subject.rsplit(".", 2)
+        p = self._batches.get(batch)
+        if p is None:
+            return
+        data = msg.data
+        hdrs = msg.headers or {}
+        if hdrs.get("Status") == "503" or not data:
+            p.error = (
+                p.error
+                or f"no JetStream stream for subject of this batch ({hdrs.get('Status', 'empty ack')})"
+            )
+        elif data.startswith(b'{"error"'):
+            p.error = p.error or data.decode(errors="replace")
+        p.acked += 1
+        if p.acked >= p.expected:
+            p.done.set()
+        self._room.set()
+
+    async def send(self, records: Sequence[OutRecord]) -> None:
+        """Publish all records; return once JetStream acknowledged each one."""
+        items = []
+        for r in records:
+            headers: dict[str, str] = dict(r.headers) if r.headers else {}
+            if r.msg_id:
+                headers["Nats-Msg-Id"] = r.msg_id
+            if r.key is not None:
+                headers["Fm-Key"] = r.key.decode(errors="replace")
+            items.append((f"{r.topic}.{r.partition}", r.value, headers or None))
+        await self.publish(items)
+
+    async def publish(self, items: Sequence[tuple[str, bytes, dict[str, str] | None]]) -> None:
+        """Publish ``(subject, payload, headers)`` items; return once JetStream acknowledged each one."""
+        if not items:
+            return
+        if self._sub is None:
+            self._sub = await self._nc.subscribe(self._inbox + ".>", cb=self._on_ack, pending_msgs_limit=-1)
+        batch = str(next(self._ids))
+        p = self._batches[batch] = _Pending(len(items))
+        prefix = f"{self._inbox}.{batch}."
+        publish = self._nc.publish
+        try:
+            for i, (subject, payload, headers) in enumerate(items):
+                await publish(subject, payload, reply=f"{prefix}{i}", headers=headers)
+                while i + 1 - p.acked > self._max and p.error is None:
+                    self._room.clear()
+                    await asyncio.wait_for(self._room.wait(), self._timeout)
+            await asyncio.wait_for(p.done.wait(), self._timeout)
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise BackendError(
+                f"JetStream publish failed: {p.acked} of {len(items)} acknowledged ({exc!r})"
+            ) from exc
+        finally:
+            self._batches.pop(batch, None)
+        if p.error is not None:
+            raise BackendError(f"JetStream refused a record: {p.error}")
+
+    async def close(self) -> None:
+        """Stop listening for acks."""
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+            self._sub = None
+
+
 def _ack_tokens(reply: str) -> tuple[int, int]:
     """(stream sequence, timestamp ms) from a JetStream ack subject, without building metadata objects.
 
@@ -88,22 +190,50 @@ def _ack_tokens(reply: str) -> tuple[int, int]:
 
 
 class NatsConsumer:
-    """A durable pull consumer over some (or all) partitions of a topic."""
+    """A durable pull consumer over some (or all) partitions of a topic, or over an ingest stream."""
 
-    def __init__(self, sub: JetStreamContext.PullSubscription, topic: str, *, ack_all: bool = False) -> None:
+    def __init__(
+        self,
+        sub: JetStreamContext.PullSubscription,
+        topic: str,
+        *,
+        ack_all: bool = False,
+        partitioned: bool = True,
+        trim: tuple[JetStreamContext, str] | None = None,
+    ) -> None:
         self._sub = sub
         self._topic = topic
         self._ack_all = ack_all
+        self._partitioned = partitioned
+        self._trim = trim  # (js, stream): a sole ingest consumer purges what it acknowledged
+        self._acked = 0
+        self._trimmed_at = 0.0
+        self._held: list[BusRecord] = []  # fetched beyond a fetch's max_bytes: served first next time
+        self._avg_bytes = 0.0  # moving average of record sizes, to size fetches by bytes
 
-    async def fetch(self, max_records: int, timeout_s: float) -> list[BusRecord]:
-        """Fetch up to ``max_records``; an empty list when none arrived within ``timeout_s``."""
+    async def fetch(self, max_records: int, timeout_s: float, *, max_bytes: int | None = None) -> list[BusRecord]:
+        """Fetch up to ``max_records`` (about ``max_bytes`` at most); an empty list when none arrived
+        within ``timeout_s``."""
+        if self._held:
+            out, self._held = split_by_bytes(self._held, max_records, max_bytes)
+            return out
+        n = max_records
+        if max_bytes is not None and self._avg_bytes > 0:
+            n = max(1, min(max_records, int(max_bytes / self._avg_bytes)))
         try:
-            msgs = await self._sub.fetch(max_records, timeout=timeout_s)
+            msgs = await self._sub.fetch(n, timeout=timeout_s)
         except (TimeoutError, nats.errors.TimeoutError):
             return []
         except nats.errors.ConnectionClosedError as exc:
             raise BackendUnavailable("NATS connection closed") from exc
-        return [self._record(m) for m in msgs]
+        recs = [self._record(m) for m in msgs]
+        if max_bytes is None:
+            return recs
+        if recs:
+            size = sum(len(r.value) for r in recs) / len(recs)
+            self._avg_bytes = size if not self._avg_bytes else 0.8 * self._avg_bytes + 0.2 * size
+        out, self._held = split_by_bytes(recs, max_records, max_bytes)
+        return out
 
     def _record(self, m: Msg) -> BusRecord:
         seq, ts_ms = _ack_tokens(m.reply)
@@ -111,29 +241,46 @@ class NatsConsumer:
         key = hdrs.get("Fm-Key")
         return BusRecord(
             topic=self._topic,
-            partition=_partition_of(m.subject),
+            partition=_partition_of(m.subject) if self._partitioned else 0,
             offset=seq,
             value=m.data,
             key=key.encode() if key is not None else None,
             headers=hdrs,
             timestamp_ms=ts_ms,
             handle=m,
+            subject=m.subject,
         )
 
     async def ack(self, records: Sequence[BusRecord]) -> None:
         """Acknowledge records (after their effects are committed).
 
         With an ack-all consumer (one fetcher, in order) acknowledging the last record covers the rest.
+        A sole ingest consumer also purges what it acknowledged from the stream, about once a second.
         """
+        if not records:
+            return
         if self._ack_all:
-            if records:
-                await max(records, key=lambda r: r.offset).handle.ack()
+            await max(records, key=lambda r: r.offset).handle.ack()
         else:
             for r in records:
                 m: Msg = r.handle
                 await m.ack()
         with contextlib.suppress(nats.errors.Error):
             await self._sub._nc.flush(timeout=5)
+        if self._trim is not None:
+            self._acked = max(self._acked, *(r.offset for r in records))
+            now = time.monotonic()
+            if now - self._trimmed_at > _TRIM_EVERY_S:
+                self._trimmed_at = now
+                js, stream = self._trim
+                await js.purge_stream(stream, seq=self._acked + 1)
+
+    def apply_fenced(
+        self, records: Sequence[BusRecord], fn: Callable[[Sequence[BusRecord]], T]
+    ) -> tuple[list[BusRecord], T | None]:
+        """``fn(records)``: a NATS consumer is given its partitions, no rebalance takes them away."""
+        recs = list(records)
+        return (recs, fn(recs)) if recs else ([], None)
 
     async def close(self) -> None:
         """Stop fetching (the durable consumer and its position stay on the server)."""
@@ -144,11 +291,18 @@ class NatsConsumer:
 class NatsBus:
     """A connection to NATS JetStream."""
 
+    #: consumers are given their partitions (JetStream does not balance a group's subjects)
+    balances_groups = False
+
     def __init__(self, url: str, *, connect_timeout_s: float = 5.0) -> None:
         self.url = url
         self._timeout = connect_timeout_s
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
+        self._ingest_streams: dict[str, str] = {}  # ingest names given as stream names -> stream
+
+    def _stream_of(self, topic: str) -> str:
+        return self._ingest_streams.get(topic) or stream_name(topic)
 
     async def __aenter__(self) -> Self:
         await self._probe()
@@ -257,9 +411,9 @@ class NatsBus:
         except nats.js.errors.Error as exc:
             raise BackendError(f"cannot create stream {name}: {exc}") from exc
 
-    def producer(self) -> NatsProducer:
-        """A producer on this connection."""
-        return NatsProducer(self.js)
+    def producer(self) -> PipelinedNatsProducer:
+        """A (pipelined) producer on this connection."""
+        return PipelinedNatsProducer(self.nc)
 
     async def consumer(
         self,
@@ -296,6 +450,8 @@ class NatsBus:
         start_seq: int | None = None,
         reset_pending: bool = False,
         ack_all: bool = False,
+        partitioned: bool = True,
+        trim: bool = False,
     ) -> NatsConsumer:
         """A durable pull consumer on any stream and subject filters.
 
@@ -334,11 +490,12 @@ class NatsBus:
             sub = await self.js.pull_subscribe_bind(durable=durable, stream=stream)
         except nats.js.errors.Error as exc:
             raise BackendError(f"cannot create consumer {durable} on {stream}: {exc}") from exc
-        return NatsConsumer(sub, topic or stream, ack_all=ack_all)
+        return NatsConsumer(sub, topic or stream, ack_all=ack_all, partitioned=partitioned,
+                            trim=(self.js, stream) if trim else None)
 
     async def pending(self, topic: str, *, group: str) -> int:
         """Messages not yet acknowledged by consumer ``group`` (its lag)."""
-        return await self.raw_pending(stream_name(topic), group)
+        return await self.raw_pending(self._stream_of(topic), group)
 
     async def raw_pending(self, stream: str, durable: str) -> int:
         """Lag of a durable consumer: pending plus delivered-but-unacknowledged.
@@ -358,3 +515,148 @@ class NatsBus:
     async def stream_info(self, stream: str) -> Any:
         """JetStream stream info (for stats and health)."""
         return await self.js.stream_info(stream)
+
+    async def topic_exists(self, topic: str) -> bool:
+        """Whether the stream of ``topic`` exists."""
+        try:
+            await self.js.stream_info(self._stream_of(topic))
+        except nats.js.errors.NotFoundError:
+            return False
+        return True
+
+    async def partition_count(self, topic: str) -> int | None:
+        """Partitions of a topic (an ingest stream has one), None when its stream does not exist."""
+        try:
+            info = await self.js.stream_info(self._stream_of(topic))
+        except nats.js.errors.NotFoundError:
+            return None
+        return _partitions(info) or 1
+
+    async def ingest(self, spec: IngestSpec, *, group: str, sole: bool = False) -> NatsConsumer:
+        """The stream of ``spec`` (``fm.ingest`` -> ``FM_INGEST``; a name without a dot as it is) and the
+        durable consumer ``group`` over ``spec.subjects``.
+
+        A sole consumer acknowledges all up to a record at once and purges what it acknowledged about
+        once a second; otherwise the stream's age limit removes old messages.
+        """
+        stream = stream_name(spec.name) if "." in spec.name else spec.name
+        self._ingest_streams[spec.name] = stream
+        subjects = list(spec.subjects)
+        if spec.mode == "own":
+            await self.ensure_stream(stream, subjects, retention_s=spec.retention_s, max_bytes=spec.max_bytes)
+        else:
+            try:
+                await self.js.stream_info(stream)
+            except nats.js.errors.NotFoundError:
+                if spec.mode == "existing":
+                    raise ConfigError(f"NATS stream {stream!r} does not exist on {self.url}: create it, or fix "
+                                      "the stream in --ingest-url", key="ingest_url") from None
+                await self.ensure_stream(stream, subjects, retention_s=spec.retention_s, max_bytes=spec.max_bytes)
+        start = await self._resume_seq(stream, group, spec.resume_from) if spec.resume_from else None
+        return await self.raw_consumer(stream, group, subjects, topic=spec.name, ack_wait_s=30.0,
+                                       reset_pending=sole, ack_all=sole, start_seq=start, partitioned=False,
+                                       trim=sole)
+
+    async def _resume_seq(self, stream: str, durable: str, old_filters: Sequence[str]) -> int | None:
+        """Where a consumer found with the filters of an earlier version resumes: after its floor.
+
+        The new filter covers the old one, so every message up to the floor was acknowledged; starting
+        from 1 would only redeliver them.
+        """
+        try:
+            info = await self.js.consumer_info(stream, _SAFE.sub("_", durable))
+        except nats.js.errors.NotFoundError:
+            return None
+        if sorted(info.config.filter_subjects or [info.config.filter_subject or ""]) != sorted(old_filters):
+            return None
+        return (info.ack_floor.stream_seq if info.ack_floor else 0) + 1
+
+    async def _consumer_info(self, stream: str, group: str) -> api.ConsumerInfo | None:
+        try:
+            info: api.ConsumerInfo = await self.js.consumer_info(stream, _SAFE.sub("_", group))
+            return info
+        except nats.js.errors.NotFoundError:
+            return None
+
+    async def lag(
+        self, topic: str, *, group: str, positions: Mapping[int, int] | None = None
+    ) -> dict[int, int]:
+        """Messages per partition after ``positions``, else after the group's acknowledged floor.
+
+        Counted by short-lived filtered consumers (one per partition) that only read ``num_pending``.
+        """
+        stream = self._stream_of(topic)
+        try:
+            sinfo = await self.js.stream_info(stream)
+        except nats.js.errors.NotFoundError:
+            return {}
+        positions = positions or {}
+        info = await self._consumer_info(stream, group)
+        floor = info.ack_floor.stream_seq if info is not None and info.ack_floor else 0
+        n = _partitions(sinfo)
+        if not n:  # an ingest stream: one partition
+            if 0 not in positions and info is not None:
+                return {0: int(info.num_pending or 0) + int(info.num_ack_pending or 0)}
+            flt = (info.config.filter_subjects or [info.config.filter_subject or ""]) if info is not None else []
+            return {0: await self._count_after(stream, [f for f in flt if f], positions.get(0, floor))}
+        parts = _filter_partitions(info, topic, n) if info is not None else list(range(n))
+        return {p: await self._count_after(stream, [f"{topic}.{p}"], positions.get(p, floor)) for p in parts}
+
+    async def _count_after(self, stream: str, subjects: list[str], seq: int) -> int:
+        """Messages on ``subjects`` (all when empty) with a sequence above ``seq``."""
+        cfg = api.ConsumerConfig(
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=max(1, seq + 1),
+            ack_policy=api.AckPolicy.NONE,
+            filter_subject=subjects[0] if len(subjects) == 1 else None,
+            filter_subjects=subjects if len(subjects) > 1 else None,
+            inactive_threshold=10.0,
+            mem_storage=True,
+        )
+        info = await self.js.add_consumer(stream, cfg)
+        with contextlib.suppress(nats.js.errors.Error):
+            await self.js.delete_consumer(stream, info.name)
+        return int(info.num_pending or 0)
+
+    async def committed(self, topic: str, *, group: str) -> dict[int, int]:
+        """Per partition of the group's filter, the stream sequence through which it acknowledged all.
+
+        JetStream keeps one acknowledged floor per consumer; it holds for each of its partitions.
+        """
+        stream = self._stream_of(topic)
+        info = await self._consumer_info(stream, group)
+        if info is None or not info.ack_floor or not info.ack_floor.stream_seq:
+            return {}
+        floor = int(info.ack_floor.stream_seq)
+        n = _partitions(await self.js.stream_info(stream))
+        return dict.fromkeys(_filter_partitions(info, topic, n) if n else [0], floor)
+
+    async def drop_consumer(self, topic: str, *, group: str) -> None:
+        """Delete the durable consumer ``group`` of the topic's stream (nothing when there is none)."""
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await self.js.delete_consumer(self._stream_of(topic), _SAFE.sub("_", group))
+
+
+def _filter_partitions(info: api.ConsumerInfo, topic: str, n: int) -> list[int]:
+    """The partitions a consumer's subject filter selects out of ``n``."""
+    parts: set[int] = set()
+    for f in info.config.filter_subjects or [info.config.filter_subject or ""]:
+        tail = f[len(topic) + 1:] if f.startswith(f"{topic}.") else ""
+        if tail.isdigit():
+            parts.add(int(tail))
+        else:  # a wildcard (or no filter): all of them
+            parts.update(range(n))
+    return sorted(p for p in parts if p < n)
+
+
+def _partitions(info: api.StreamInfo) -> int:
+    """The partition count kept in a topic stream's metadata (0: not a partitioned topic)."""
+    have = (info.config.metadata or {}).get("fm_partitions")
+    return int(have) if have is not None else 0
+
+
+if TYPE_CHECKING:  # the adapter implements the whole contract (checked by mypy, not at run time)
+    from fieldmesh.bus.base import Bus, Consumer, Producer
+
+    def _implements(b: NatsBus, c: NatsConsumer, p: PipelinedNatsProducer) -> tuple[Bus, Consumer, Producer]:
+        return b, c, p

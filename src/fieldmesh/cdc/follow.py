@@ -15,7 +15,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Iterable, Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 from fieldmesh.bus.base import Bus, BusRecord, Consumer
 
@@ -95,14 +95,10 @@ class CdcFollower:
                     await asyncio.wait_for(stop.wait(), 0.05)
 
     async def close(self) -> None:
-        """Close the consumers and, on NATS, delete this follower's consumer state on the server."""
-        js: Any = getattr(self.bus, "js", None)
+        """Close the consumers and delete this follower's consumer state on the bus."""
         for topic, c in self._consumers.items():
             with contextlib.suppress(Exception):
                 await c.close()
-            if js is not None:
-                from fieldmesh.bus.nats import stream_name
-
-                with contextlib.suppress(Exception):
-                    await js.delete_consumer(stream_name(topic), self.group.replace(".", "_"))
+            with contextlib.suppress(Exception):
+                await self.bus.drop_consumer(topic, group=self.group)
         self._consumers.clear()

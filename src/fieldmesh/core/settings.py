@@ -45,6 +45,10 @@ class GatewaySettings(BaseModel, frozen=True):
     session_expiry_s: int = Field(86400, ge=0, description=(
         "MQTT session expiry at an external broker: how long it keeps queueing for a gateway that is "
         "down (0: a clean session, nothing kept)"))
+    bus_encoding: int = Field(
+        1, ge=1, le=2, description="bus batch encoding the gateway writes: 2 (columnar) only once every processor"
+        " reads it (docs/pipeline.md)"
+    )
 
 
 class BusSettings(BaseModel, frozen=True):

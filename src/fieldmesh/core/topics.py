@@ -11,7 +11,13 @@ __all__ = [
     "DEVICE_SIDE_LEAVES",
     "DEVICE_SUBJECTS",
     "DEVICE_TOPICS_FILTER",
+    "DLQ_TOPIC",
+    "GATEWAY_GROUP",
+    "INGEST_SUBJECTS",
+    "INGEST_TOPIC",
     "METRIC_RE",
+    "OLD_INGEST_SUBJECTS",
+    "READINGS_TOPIC",
     "TopicRoute",
     "device_of_topic",
     "mqtt_topic_of_subject",
@@ -39,6 +45,15 @@ DEVICE_SIDE_LEAVES: Final = frozenset({"state", "config", "anomalies"})
 #: Bus topics (NATS subjects are ``{topic}.{partition}``; Kafka topics carry partitions natively).
 READINGS_TOPIC: Final = "fm.readings"
 DLQ_TOPIC: Final = "fm.dlq"
+#: What devices publish to the embedded MQTT door, captured before the gateway forwards it (on NATS
+#: the stream ``FM_INGEST``): all of ``devices.>``, so that a message on an unserved topic is
+#: dead-lettered (``unknown_topic``) instead of vanishing unseen.
+INGEST_TOPIC: Final = "fm.ingest"
+INGEST_SUBJECTS: Final = (DEVICE_SUBJECTS,)
+#: What the ingest stream captured before it took all of ``devices.>``.
+OLD_INGEST_SUBJECTS: Final = (TELEMETRY_SUBJECTS, TELEMETRY_SUBJECTS + ".*")
+#: The consumer group of the gateways that forward the ingest stream.
+GATEWAY_GROUP: Final = "fm-gateway"
 
 
 def telemetry_topic(device_id: str) -> str:

@@ -17,11 +17,13 @@ from collections.abc import Sequence
 import msgspec
 
 from fieldmesh.bus.base import OutRecord, Producer
+from fieldmesh.core.batch import ReadingColumns
 from fieldmesh.core.codec import (
     DLQ_PAYLOAD_LIMIT,
     DecodeResult,
     decode_telemetry,
     encode_bus_batch,
+    encode_bus_columns,
     encode_dead_letter,
     encoding_for,
 )
@@ -129,23 +131,30 @@ def route(
         for k, s in enumerate(range(0, len(rs), MAX_READINGS_PER_RECORD)):
             chunk = rs[s : s + MAX_READINGS_PER_RECORD]
             try:
-                value = encode_bus_batch(BusBatch(readings=chunk, produced_ms=produced))
+                value = _encode_readings(chunk, produced, settings.bus_encoding)
             except Exception:  # validation should make this impossible; if not, find the culprit(s)
                 log.exception("a bus batch did not encode; encoding its readings one by one")
-                chunk, bad = _encodable(chunk)
+                chunk, bad = _encodable(chunk, settings.bus_encoding)
                 n -= len(bad)
                 for j, d in enumerate(bad):
                     dead.append(d)
                     dead_ids.append(f"{span}-{p}-{k}-{j}" if span else None)
                 if not chunk:
                     continue
-                value = encode_bus_batch(BusBatch(readings=chunk, produced_ms=produced))
+                value = _encode_readings(chunk, produced, settings.bus_encoding)
             records.append(OutRecord(topic=READINGS_TOPIC, partition=p, value=value,
                                      msg_id=f"r{span}-{p}-{k}" if span else None))
     for d, did in zip(dead, dead_ids, strict=True):
         records.append(OutRecord(topic=DLQ_TOPIC, partition=0, value=_encode_dead(d),
                                  msg_id=f"d{did}" if did else None))
     return records, n, dead
+
+
+def _encode_readings(readings: list[Reading], produced_ms: int, encoding: int) -> bytes:
+    """A bus record of readings in the configured encoding (docs/pipeline.md: 2 only once every processor reads it)."""
+    if encoding == 2:
+        return encode_bus_columns(ReadingColumns.from_readings(readings), produced_ms=produced_ms)
+    return encode_bus_batch(BusBatch(readings=readings, produced_ms=produced_ms))
 
 
 def _encode_dead(d: DeadLetter) -> bytes:
@@ -160,13 +169,13 @@ def _encode_dead(d: DeadLetter) -> bytes:
             device_id=None if d.device_id is None else clean(d.device_id)))
 
 
-def _encodable(readings: list[Reading]) -> tuple[list[Reading], list[DeadLetter]]:
+def _encodable(readings: list[Reading], encoding: int = 1) -> tuple[list[Reading], list[DeadLetter]]:
     """The readings the bus encoder takes, and dead letters of those it refuses."""
     ok: list[Reading] = []
     bad: list[DeadLetter] = []
     for r in readings:
         try:
-            encode_bus_batch(BusBatch(readings=[r]))
+            _encode_readings([r], 0, encoding)
         except Exception as exc:
             reason = "too_deep" if isinstance(exc, RecursionError) else "schema_violation"
             bad.append(DeadLetter(reason=reason, detail=f"reading does not encode: {type(exc).__name__}"[:300],

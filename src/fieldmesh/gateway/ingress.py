@@ -33,13 +33,13 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import msgspec
 
 from fieldmesh.bus import load_bus
+from fieldmesh.bus.base import Bus, Consumer, IngestSpec
 from fieldmesh.core.errors import ConfigError
 from fieldmesh.core.topics import DEVICE_ID_RE, device_of_topic
 from fieldmesh.gateway.base import NO_DEVICE_TOPIC_PREFIX, IngestMessage, IngestSource
@@ -111,11 +111,12 @@ def _device_topic(device: str | None, source_topic: str) -> str:
     return f"devices/{device}/telemetry"
 
 
-def _content_type(headers: list[tuple[str, bytes | None]]) -> str | None:
-    for k, v in headers:
-        if k.lower() == "content-type" and v is not None:
-            return v.decode("utf-8", errors="replace")
-    return None
+def _content_type(headers: Mapping[str, str]) -> str | None:
+    """The content type header, whatever its case (Kafka headers are free-form)."""
+    ct = headers.get("Content-Type")
+    if ct is None:
+        ct = next((v for k, v in headers.items() if k.lower() == "content-type"), None)
+    return ct or None
 
 
 def _split(url: str, own: set[str]) -> tuple[str, str, dict[str, str]]:
@@ -147,64 +148,56 @@ class KafkaIngestSource:
         self.url = url
         self.topic = topic
         self.group = mine.get("group", group)
-        self._bus: Any = load_bus(base)
+        self._bus: Bus = load_bus(base)
         self._resolver = DeviceResolver(mine.get("device_template", device_template))
         self._topic_of_key: dict[bytes, str] = {}
-        self._consumer: Any = None
+        self._consumer: Consumer | None = None
 
     async def start(self) -> None:
-        """Connect and join the consumer group."""
+        """Connect and join the consumer group (the topic must exist)."""
         await self._bus.__aenter__()
-        n = await self._bus.partition_count(self.topic)
-        if n is None:
+        try:
+            self._consumer = await self._bus.ingest(IngestSpec(self.topic, mode="existing"), group=self.group)
+        except BaseException:
             await self._bus.__aexit__(None, None, None)
-            raise ConfigError(
-                f"Kafka ingest topic {self.topic!r} does not exist on {self._bus.brokers}: create it, or fix "
-                "the topic in --ingest-url",
-                key="ingest_url",
-            )
-        self._consumer = await self._bus.consumer(self.topic, group=self.group)
+            raise
 
     async def fetch(self, max_messages: int, timeout_s: float) -> list[IngestMessage]:
         """Fetch raw messages and give each the telemetry topic of its device."""
-        msgs = await self._consumer.fetch_raw(max_messages, timeout_s)
+        assert self._consumer is not None, "start() first"
+        msgs = await self._consumer.fetch(max_messages, timeout_s)
         now = int(time.time() * 1000)
         resolve = self._resolver.resolve
         topic = self.topic
         by_key = self._topic_of_key
         out = []
         for m in msgs:
-            key = m.key()
-            value = m.value() or b""
+            key = m.key
+            value = m.value
             # hot path: a keyed message's telemetry topic is cached per key
             t = by_key.get(key) if key else None
             if t is None:
                 t = _device_topic(resolve(key, value, topic), topic)
                 if key and len(by_key) < 1_000_000:
                     by_key[key] = t
-            hdrs = m.headers()
-            part, off = m.partition(), m.offset()
+            hdrs = m.headers
             out.append(
                 IngestMessage(
                     topic=t,
                     payload=value,
                     received_ms=now,
                     content_type=_content_type(hdrs) if hdrs else None,
-                    source_id=f"k{topic}-{part}-{off}",
-                    handle=(part, off),
+                    source_id=f"k{topic}-{m.partition}-{m.offset}",
+                    handle=m,
                 )
             )
         return out
 
     async def ack(self, messages: Sequence[IngestMessage]) -> None:
         """Commit the offsets after ``messages`` (they are on the bus now)."""
-        last: dict[tuple[str, int], int] = {}
-        for m in messages:
-            part, off = m.handle
-            if off > last.get((self.topic, part), -1):
-                last[(self.topic, part)] = off
-        if last:
-            await self._consumer.commit_async(last)
+        if messages:
+            assert self._consumer is not None, "start() first"
+            await self._consumer.ack([m.handle for m in messages])
 
     async def close(self) -> None:
         """Leave the group (its partitions move to the other gateways)."""
@@ -239,28 +232,24 @@ class NatsSubjectSource:
         self.stream = mine.get("stream", stream)
         self.durable = mine.get("durable", durable)
         self._retention_s = retention_s
-        self._bus: Any = load_bus(base)
+        self._bus: Bus = load_bus(base)
         self._resolver = DeviceResolver(mine.get("device_template", device_template))
-        self._consumer: Any = None
+        self._consumer: Consumer | None = None
 
     async def start(self) -> None:
         """Connect, create the stream if needed, and bind the durable consumer."""
-        import nats.js.errors
-
         await self._bus.__aenter__()
-        try:
-            await self._bus.js.stream_info(self.stream)
-        except nats.js.errors.NotFoundError:
-            await self._bus.ensure_stream(self.stream, [self.subject], retention_s=self._retention_s)
-        self._consumer = await self._bus.raw_consumer(self.stream, self.durable, [self.subject], ack_wait_s=30.0)
+        spec = IngestSpec(self.stream, (self.subject,), mode="adopt", retention_s=self._retention_s)
+        self._consumer = await self._bus.ingest(spec, group=self.durable)
 
     async def fetch(self, max_messages: int, timeout_s: float) -> list[IngestMessage]:
         """Fetch raw messages and give each the telemetry topic of its device."""
+        assert self._consumer is not None, "start() first"
         recs = await self._consumer.fetch(max_messages, timeout_s)
         now = int(time.time() * 1000)
         out = []
         for r in recs:
-            subject = r.handle.subject
+            subject = r.subject
             ct = r.headers.get("Content-Type") if r.headers else None
             out.append(
                 IngestMessage(
@@ -276,6 +265,7 @@ class NatsSubjectSource:
 
     async def ack(self, messages: Sequence[IngestMessage]) -> None:
         """Acknowledge the messages (they are on the bus now)."""
+        assert self._consumer is not None, "start() first"
         await self._consumer.ack([m.handle for m in messages])
 
     async def close(self) -> None:
@@ -286,7 +276,7 @@ class NatsSubjectSource:
 
     async def pending(self) -> int:
         """Messages not yet taken through the gateway."""
-        return int(await self._bus.raw_pending(self.stream, self.durable))
+        return int(await self._bus.pending(self.stream, group=self.durable))
 
 
 def load_ingest(url: str, *, retention_s: int = 7 * 86400) -> IngestSource:

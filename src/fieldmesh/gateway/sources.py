@@ -12,78 +12,64 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlparse
 
+from fieldmesh.bus.base import Bus, Consumer, IngestSpec
 from fieldmesh.core.errors import BackendUnavailable, ConfigError
-from fieldmesh.core.topics import DEVICE_SUBJECTS, DEVICE_TOPICS_FILTER, TELEMETRY_SUBJECTS, mqtt_topic_of_subject
+from fieldmesh.core.topics import (
+    DEVICE_TOPICS_FILTER,
+    GATEWAY_GROUP,
+    INGEST_SUBJECTS,
+    INGEST_TOPIC,
+    OLD_INGEST_SUBJECTS,
+    mqtt_topic_of_subject,
+)
 from fieldmesh.gateway.base import IngestMessage
 
-__all__ = ["INGEST_STREAM", "MqttSource", "NatsIngestSource"]
+__all__ = ["MqttSource", "NatsIngestSource", "ingest_spec"]
 
 log = logging.getLogger(__name__)
 
-#: The JetStream stream that captures what devices publish to the embedded MQTT listener: all of
-#: ``devices/#``, so that a message on an unserved topic is dead-lettered (``unknown_topic``) instead of
-#: vanishing unseen; the gateway ignores the known side topics (state, config, anomalies).
-INGEST_STREAM = "FM_INGEST"
-INGEST_SUBJECTS = [DEVICE_SUBJECTS]
-#: What the stream captured before it took all of ``devices.>`` (a consumer on it resumes at its floor).
-_OLD_INGEST_SUBJECTS = [TELEMETRY_SUBJECTS, TELEMETRY_SUBJECTS + ".*"]
+
+def ingest_spec(retention_s: int = 7 * 86400) -> IngestSpec:
+    """The embedded ingest stream: ``devices.>``; a consumer made before it took all of ``devices.>``
+    resumes after what it acknowledged."""
+    return IngestSpec(INGEST_TOPIC, INGEST_SUBJECTS, retention_s=retention_s, resume_from=OLD_INGEST_SUBJECTS)
 
 
 class NatsIngestSource:
-    """Device messages captured by the ``FM_INGEST`` stream (embedded mode).
+    """Device messages captured by the ingest stream (``fm.ingest``, on NATS ``FM_INGEST``; embedded mode).
 
     Devices publish over MQTT to nats-server's MQTT listener; their messages land on the subjects
     ``devices.<id>.telemetry`` (and ``devices.>``) which the stream captures durably. Each message's
     topic is given back as published (nats-server's subject mapping undone, ``.`` and empty levels
     included). Several gateways may fetch from
     the one durable consumer (explicit acks); JetStream hands each message to one of them. A
-    ``sole`` gateway (``fieldmesh up``) uses ack-all, one ack per batch, and purges what it has
-    acknowledged about once a second; otherwise the stream's age limit removes old messages.
+    ``sole`` gateway (``fieldmesh up``) uses ack-all, one ack per batch, and the bus trims what it
+    has acknowledged about once a second; otherwise the stream's age limit removes old messages.
     """
 
     name = "nats-ingest"
 
     def __init__(
-        self, bus: Any, *, durable: str = "fm-gateway", retention_s: int = 7 * 86400, sole: bool = False
+        self, bus: Bus, *, durable: str = GATEWAY_GROUP, retention_s: int = 7 * 86400, sole: bool = False
     ) -> None:
         self._bus = bus
         self._sole = sole
         self._durable = durable
         self._retention_s = retention_s
-        self._consumer: Any = None
-        self._acked = 0
-        self._purged_at = 0.0
+        self._consumer: Consumer | None = None
 
     async def start(self) -> None:
-        """Create the stream and the durable consumer."""
-        await self._bus.ensure_stream(INGEST_STREAM, INGEST_SUBJECTS, retention_s=self._retention_s)
-        self._consumer = await self._bus.raw_consumer(INGEST_STREAM, self._durable, INGEST_SUBJECTS,
-                                                      ack_wait_s=30.0, reset_pending=self._sole,
-                                                      ack_all=self._sole, start_seq=await self._resume_seq())
-
-    async def _resume_seq(self) -> int | None:
-        """Where a consumer made before the stream took all of ``devices.>`` resumes: after its floor.
-
-        The new filter is a superset of the old one and the stream held nothing else before, so every
-        message up to the floor was acknowledged; starting from 1 would only redeliver them.
-        """
-        import nats.js.errors
-
-        try:
-            info = await self._bus.js.consumer_info(INGEST_STREAM, self._durable)
-        except nats.js.errors.NotFoundError:
-            return None
-        old = sorted(info.config.filter_subjects or [info.config.filter_subject or ""])
-        if old != sorted(_OLD_INGEST_SUBJECTS):
-            return None
-        return (info.ack_floor.stream_seq if info.ack_floor else 0) + 1
+        """Create the stream and the durable consumer (one made before the stream took all of
+        ``devices.>`` resumes after what it acknowledged)."""
+        self._consumer = await self._bus.ingest(ingest_spec(self._retention_s), group=self._durable, sole=self._sole)
 
     async def fetch(self, max_messages: int, timeout_s: float) -> list[IngestMessage]:
         """Fetch raw device messages, with their topics as published."""
+        assert self._consumer is not None, "start() first"
         recs = await self._consumer.fetch(max_messages, timeout_s)
         return [
             IngestMessage(
-                topic=mqtt_topic_of_subject(r.handle.subject),
+                topic=mqtt_topic_of_subject(r.subject),
                 payload=r.value,
                 received_ms=r.timestamp_ms,
                 content_type=r.headers.get("Content-Type") if r.headers else None,
@@ -94,14 +80,9 @@ class NatsIngestSource:
         ]
 
     async def ack(self, messages: Sequence[IngestMessage]) -> None:
-        """Acknowledge the messages (a sole gateway also purges what it acknowledged, once a second)."""
+        """Acknowledge the messages (a sole gateway's bus also trims what it acknowledged)."""
+        assert self._consumer is not None, "start() first"
         await self._consumer.ack([m.handle for m in messages])
-        if self._sole and messages:
-            self._acked = max(self._acked, *(m.handle.offset for m in messages))
-            now = time.monotonic()
-            if now - self._purged_at > 1.0:
-                self._purged_at = now
-                await self._bus.js.purge_stream(INGEST_STREAM, seq=self._acked + 1)
 
     async def close(self) -> None:
         """Stop fetching."""
@@ -110,7 +91,7 @@ class NatsIngestSource:
 
     async def pending(self) -> int:
         """Messages not yet taken through the gateway."""
-        return int(await self._bus.raw_pending(INGEST_STREAM, self._durable))
+        return int(await self._bus.pending(INGEST_TOPIC, group=self._durable))
 
 
 class MqttSource:

@@ -83,32 +83,23 @@ class Enrichment:
         Raises:
             ConfigError: a topic is still missing after ``timeout_s`` (wrong table/db, or no capture).
         """
-        stream_info = getattr(bus, "stream_info", None)
-        if stream_info is None:  # not NATS: consumers wait for topics themselves
-            return
-        from fieldmesh.bus.nats import stream_name
-
         deadline = time.monotonic() + timeout_s
         next_log = 0.0
         for topic in self.topics:
-            while True:
-                try:
-                    await stream_info(stream_name(topic))
-                    break
-                except Exception:  # not found (or not yet reachable): keep waiting
-                    now = time.monotonic()
-                    if now >= deadline:
-                        raise ConfigError(
-                            f"CDC topic {topic} does not exist after {timeout_s:.0f}s: is the table captured "
-                            "('fieldmesh cdc --tables ...' or 'fieldmesh up --cdc-tables ...')? For PostgreSQL "
-                            "tables the topic names the database: give db= in the --enrich spec or "
-                            "FIELDMESH__ENRICH__DATABASE",
-                            key="enrich.joins",
-                        ) from None
-                    if now >= next_log:
-                        log.info("waiting for CDC topic %s", topic)
-                        next_log = now + 10
-                    await asyncio.sleep(0.5)
+            while not await _exists(bus, topic):
+                now = time.monotonic()
+                if now >= deadline:
+                    raise ConfigError(
+                        f"CDC topic {topic} does not exist after {timeout_s:.0f}s: is the table captured "
+                        "('fieldmesh cdc --tables ...' or 'fieldmesh up --cdc-tables ...')? For PostgreSQL "
+                        "tables the topic names the database: give db= in the --enrich spec or "
+                        "FIELDMESH__ENRICH__DATABASE",
+                        key="enrich.joins",
+                    )
+                if now >= next_log:
+                    log.info("waiting for CDC topic %s", topic)
+                    next_log = now + 10
+                await asyncio.sleep(0.5)
 
     async def run(
         self,
@@ -143,15 +134,19 @@ class Enrichment:
                 await follower.close()
 
 
-async def _drop_consumers(bus: Bus, topics: Sequence[str], group: str) -> None:
-    js: Any = getattr(bus, "js", None)
-    if js is None:  # Kafka: a fresh group id per start is the bus's own business
-        return
-    from fieldmesh.bus.nats import stream_name
+async def _exists(bus: Bus, topic: str) -> bool:
+    try:
+        return await bus.topic_exists(topic)
+    except Exception:  # not reachable yet: keep waiting
+        return False
 
+
+async def _drop_consumers(bus: Bus, topics: Sequence[str], group: str) -> None:
     for topic in topics:
-        with contextlib.suppress(Exception):  # not found: nothing to drop
-            await js.delete_consumer(stream_name(topic), group)
+        try:
+            await bus.drop_consumer(topic, group=group)
+        except Exception as exc:  # e.g. a Kafka group whose killed member has not timed out yet
+            log.info("could not drop the consumer %s of %s: %s", group, topic, exc)
 
 
 def follower_group(group: str, partitions: Sequence[int] | None) -> str:

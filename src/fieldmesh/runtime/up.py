@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final
 
-from fieldmesh.bus import TopicSpec, load_bus
+from fieldmesh.bus import Bus, TopicSpec, load_bus
 from fieldmesh.core.errors import ConfigError, FieldmeshError
 from fieldmesh.core.settings import RuntimeSettings, Settings
-from fieldmesh.core.topics import DLQ_TOPIC, READINGS_TOPIC
-from fieldmesh.gateway.sources import INGEST_STREAM, INGEST_SUBJECTS, MqttSource
+from fieldmesh.core.topics import DLQ_TOPIC, GATEWAY_GROUP, INGEST_TOPIC, READINGS_TOPIC
+from fieldmesh.gateway.sources import MqttSource, ingest_spec
 from fieldmesh.runtime.enrichment import join_topic, source_database
 from fieldmesh.runtime.mosquitto import (
     accepts,
@@ -203,7 +203,7 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
         cfg_settings = json.loads(settings.model_dump_json(exclude={"data_dir", "cdc"}))
         async with contextlib.AsyncExitStack() as stack:
             bus = await stack.enter_async_context(load_bus(bus_url))
-            door: Any = (bus if door_url in (None, bus_url)
+            door: Bus = (bus if door_url in (None, bus_url)
                          else await stack.enter_async_context(load_bus(door_url or "")))
             await ensure_topics(bus, settings)
             if settings.cdc.source is not None:
@@ -245,7 +245,7 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
                 out: dict[str, int] = {}
                 with contextlib.suppress(Exception):
                     if door_url is not None:
-                        out["gateway"] = await door.raw_pending(INGEST_STREAM, "fm-gateway")
+                        out["gateway"] = await door.pending(INGEST_TOPIC, group=GATEWAY_GROUP)
                     out["processor"] = await bus.pending(READINGS_TOPIC, group="fm-processor")
                     out["dlq"] = await bus.pending(DLQ_TOPIC, group="fm-processor-dlq")
                 return out
@@ -259,8 +259,8 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
                 lags = await asyncio.wait_for(lag(), 5)
                 if door_url is not None and "gateway" in lags:
                     with contextlib.suppress(Exception):
-                        info = await asyncio.wait_for(door.js.consumer_info(INGEST_STREAM, "fm-gateway"), 2)
-                        watch.observe("gateway", lag=lags["gateway"], marker=info.ack_floor.stream_seq)
+                        acked = await asyncio.wait_for(door.committed(INGEST_TOPIC, group=GATEWAY_GROUP), 2)
+                        watch.observe("gateway", lag=lags["gateway"], marker=tuple(sorted(acked.items())))
                 if "processor" in lags:
                     st = progress_store.stats()  # the processor commits its counters with the readings
                     watch.observe("processor", lag=lags["processor"] + lags.get("dlq", 0),
@@ -302,7 +302,25 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
 
             from fieldmesh.api.app import create_app
 
-            app = create_app(store_url, health=health, lag=lag)
+            plag: list[Any] = [-1.0, {}]  # (when, value): counting per partition costs a request per partition
+
+            async def partition_lag() -> dict[str, dict[int, int]]:
+                """Lag per partition, at most a second old: the processor's from the store's positions."""
+                if time.monotonic() - plag[0] < 1.0:
+                    return dict(plag[1])
+                out: dict[str, dict[int, int]] = {}
+                with contextlib.suppress(Exception):
+                    if door_url is not None:
+                        out["gateway"] = await door.lag(INGEST_TOPIC, group=GATEWAY_GROUP)
+                    pos = progress_store.positions()
+                    for stage, topic, group in (("processor", READINGS_TOPIC, "fm-processor"),
+                                                ("dlq", DLQ_TOPIC, "fm-processor-dlq")):
+                        out[stage] = await bus.lag(topic, group=group,
+                                                   positions={p: o for (t, p), o in pos.items() if t == topic})
+                plag[:] = [time.monotonic(), out]
+                return out
+
+            app = create_app(store_url, health=health, lag=lag, partition_lag=partition_lag)
             server = _api_server(uvicorn.Config(app, host="127.0.0.1", port=opts.http_port,
                                                 log_level="warning", lifespan="off"))
             api_task = asyncio.create_task(server.serve(), name="api")
@@ -401,7 +419,9 @@ async def _start_door(nats: EmbeddedNats, settings: Settings) -> None:
     if mqtt_port is None:
         return
     async with load_bus(nats.url) as b:
-        await b.ensure_stream(INGEST_STREAM, INGEST_SUBJECTS, retention_s=settings.bus.retention_s)  # type: ignore[attr-defined]
+        # the gateway's own consumer, as it will make it (so a consumer of an older data dir keeps its place)
+        consumer = await b.ingest(ingest_spec(settings.bus.retention_s), group=GATEWAY_GROUP, sole=True)
+        await consumer.close()
     nats.stop()
     nats.mqtt_port = mqtt_port
     await asyncio.to_thread(nats.start)
@@ -577,7 +597,7 @@ def _captured(settings: Settings) -> dict[str, str]:
     return out
 
 
-async def _start_cdc(bus: Any, bus_url: str, settings: Settings, data_dir: Path, logs: Path) -> _Child:
+async def _start_cdc(bus: Bus, bus_url: str, settings: Settings, data_dir: Path, logs: Path) -> _Child:
     """Start the CDC capture and wait for its initial snapshot to be on the bus.
 
     The processor starts after this, so it never enriches from a partial snapshot. The topics of the

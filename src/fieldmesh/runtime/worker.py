@@ -15,7 +15,7 @@ import signal
 import sys
 from typing import Any
 
-from fieldmesh.bus import TopicSpec, load_bus
+from fieldmesh.bus import Bus, TopicSpec, load_bus
 from fieldmesh.core.settings import Settings, load_settings
 from fieldmesh.core.topics import DLQ_TOPIC, READINGS_TOPIC
 
@@ -24,7 +24,7 @@ __all__ = ["ensure_topics", "run_gateway", "run_processor"]
 log = logging.getLogger("fieldmesh.worker")
 
 
-async def ensure_topics(bus: Any, settings: Settings) -> None:
+async def ensure_topics(bus: Bus, settings: Settings) -> None:
     """Create the readings and DLQ topics with the configured partitions and retention."""
     b = settings.bus
     await bus.ensure_topic(TopicSpec(READINGS_TOPIC, b.partitions, b.retention_s, b.dedupe_window_s))

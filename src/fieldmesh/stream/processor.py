@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from fieldmesh.bus.base import Bus, BusRecord, Consumer
-from fieldmesh.core.codec import decode_bus_batch, decode_dead_letter
+from fieldmesh.core.codec import decode_bus_readings, decode_dead_letter
 from fieldmesh.core.errors import BackendUnavailable
 from fieldmesh.core.model import DeadLetter, Reading
 from fieldmesh.core.settings import ProcessorSettings
@@ -85,7 +85,7 @@ class Processor:
         # NATS needs the explicit list to resume per partition; Kafka balances when given None.
         self.partitions = (
             list(partitions) if partitions is not None
-            else list(range(total_partitions)) if total_partitions and _wants_explicit(bus) else None
+            else list(range(total_partitions)) if total_partitions and not bus.balances_groups else None
         )
         self.enricher = enricher
         self.stats = ProcessorStats()
@@ -131,13 +131,14 @@ class Processor:
                     dead.append(_corrupt(rec, exc))
                 continue
             try:
-                batch = decode_bus_batch(rec.value)
-            except Exception as exc:
+                # either bus encoding (v1 readings, v2 columns): gateways may be upgraded before or after us
+                batch = decode_bus_readings(rec.value)
+            except Exception as exc:  # an encoding version this processor does not know is dead-lettered too
                 self.stats.corrupt += 1
                 dead.append(_corrupt(rec, exc))
                 continue
             wm = wms.get(pos) or self._watermarks.get(pos, 0)
-            for r in batch.readings:
+            for r in batch:
                 readings.append(r)
                 ts = r.ts_ms
                 dev = r.device_id
@@ -204,14 +205,12 @@ class Processor:
                     recs.extend(more)
                     size += sum(len(r.value) for r in more)
                 attempt = 0
+                applied: list[BusRecord] = []
                 while True:
                     try:
                         async with self._lock:
-                            owned = getattr(consumer, "apply_owned", None)  # Kafka: fenced against rebalances
-                            if owned is not None:
-                                recs = list(await asyncio.to_thread(owned, recs, self.apply_records))
-                            else:
-                                await asyncio.to_thread(self.apply_records, recs)
+                            # fenced: records of a partition a rebalance took away are dropped, not acked
+                            applied, _ = await asyncio.to_thread(consumer.apply_fenced, recs, self.apply_records)
                         break
                     except Exception as exc:
                         # A full disk or a lost database connection: nothing is acknowledged, the same
@@ -226,7 +225,7 @@ class Processor:
                         await asyncio.sleep(delay)
                 if attempt:
                     log.warning("store write succeeded again after %d tries", attempt + 1)
-                await consumer.ack(recs)
+                await consumer.ack(applied)
                 if done:
                     return
 
@@ -261,10 +260,6 @@ def _retryable(exc: BaseException) -> bool:
     if isinstance(exc, (OSError, BackendUnavailable)):
         return True
     return any(c.__name__ == "OperationalError" for c in type(exc).__mro__)
-
-
-def _wants_explicit(bus: Bus) -> bool:
-    return str(getattr(bus, "url", "")).startswith(("nats://", "tls://"))
 
 
 def _corrupt(rec: BusRecord, exc: Exception) -> DeadLetter:

@@ -1,0 +1,260 @@
+"""Processor benchmark: bus records in, hot store committed; readings per CPU-second against the target.
+
+The input is the realistic device stream of the issue: 2,000 devices sending 100 readings per message
+(3 metrics each), 5% duplicates (a reading re-sent in a later message of its device), 3% arriving an
+hour late (event time an hour behind the device's other readings), and disorder (10% of neighbours
+swapped). Each device message goes through the real gateway code (``gateway.route``: validation,
+identity, the bus encoding chosen by ``--encoding``), giving one bus record of 100 readings on the
+device's partition (8 partitions). The records are built before the clock starts.
+
+Timed: ``Processor.apply_records`` over chunks of ``fetch_max`` records (as the processor's fetch
+loop hands them over): decoding, de-duplication, lateness, 1m + 1h rollups, positions, one store
+transaction per chunk. Reported: readings per CPU-second of this process (``time.process_time``,
+so other load on a shared machine counts less) and per wall second, against the issue's target of
+300,000 readings per CPU-second (SQLite). Checked exact against the test suite's oracle
+(``tests/fmtest/oracle.py``: stored readings, every 1m and 1h rollup row) and an independent count
+of duplicates and late readings.
+
+Run: ``PYTHONPATH=$PWD/src .venv/bin/python bench/processor.py [--quick] [--encoding 1|2]
+[--pg postgresql://postgres@127.0.0.1:5432/postgres] [--profile]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import random
+import resource
+import secrets
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # the oracle of the test suite
+
+from fieldmesh.bus.base import BusRecord  # noqa: E402
+from fieldmesh.core.codec import decode_bus_columns_many, decode_bus_readings  # noqa: E402
+from fieldmesh.core.settings import GatewaySettings, ProcessorSettings  # noqa: E402
+from fieldmesh.gateway.base import IngestMessage  # noqa: E402
+from fieldmesh.gateway.gateway import route  # noqa: E402
+from fieldmesh.store import HotStore, load_store  # noqa: E402
+from fieldmesh.stream.processor import Processor  # noqa: E402
+from fmtest import oracle  # noqa: E402
+
+#: The issue's target for the processor alone, with de-duplication, lateness and 1m + 1h rollups (SQLite).
+TARGET_PER_CPU_S = 300_000
+PARTITIONS = 8
+PER_MESSAGE = 100
+CADENCE_MS = 10_000
+HOUR_MS = 3_600_000
+_enc = msgspec.json.Encoder()
+
+
+def make_stream(
+    *, devices: int, per_device: int, seed: int = 42
+) -> tuple[list[tuple[str, bytes]], list[tuple[str, dict[str, Any]]], int]:
+    """Device messages ``(topic, payload)`` in arrival order, the readings sent (for the oracle), and ``now_ms``.
+
+    Arrival order interleaves devices message by message; within a device, readings are in event time
+    except the swapped neighbours, the late ones (an hour behind) and the re-sent copies.
+    """
+    rnd = random.Random(seed)
+    now = int(time.time() * 1000)
+    base = (now - 4 * HOUR_MS - per_device * CADENCE_MS) // 60_000 * 60_000
+    per_dev: list[list[dict[str, Any]]] = []
+    for _ in range(devices):
+        slots: list[tuple[float, dict[str, Any]]] = []
+        for i in range(per_device):
+            ts = base + HOUR_MS + i * CADENCE_MS + rnd.randrange(CADENCE_MS // 2)
+            if rnd.random() < 0.03:
+                ts -= HOUR_MS + rnd.randrange(60_000)  # an hour late: its windows were emitted long ago
+            r = {"ts": ts, "seq": i, "boot_id": "b1",
+                 "measurements": {"temperature": rnd.randint(-400, 1600) / 4,
+                                  "humidity": round(30 + rnd.random() * 50, 2), "vibration": rnd.random() / 10}}
+            slot = float(i) + (1.5 if rnd.random() < 0.10 else 0.0)  # arrives after its successor
+            slots.append((slot, r))
+            if rnd.random() < 0.05:
+                slots.append((slot + 1 + rnd.random() * 150, r))  # re-sent in a later message
+        slots.sort(key=lambda x: x[0])
+        per_dev.append([r for _, r in slots])
+    msgs: list[tuple[str, bytes]] = []
+    sent: list[tuple[str, dict[str, Any]]] = []
+    most = max(len(rs) for rs in per_dev)
+    for k in range(0, most, PER_MESSAGE):
+        for d, rs in enumerate(per_dev):
+            chunk = rs[k : k + PER_MESSAGE]
+            if not chunk:
+                continue
+            dev = f"dev-{d:05d}"
+            msgs.append((f"devices/{dev}/telemetry", _enc.encode({"device_id": dev, "readings": chunk})))
+            sent.extend((dev, r) for r in chunk)
+    return msgs, sent, now
+
+
+def expected_late(sent: list[tuple[str, dict[str, Any]]], grace_ms: int) -> int:
+    """Late first occurrences, computed from the contract (the device's watermark passed the 1m window's end)."""
+    wm: dict[str, int] = {}
+    seen: set[tuple[Any, ...]] = set()
+    late = 0
+    for dev, r in sent:
+        ts = r["ts"]
+        w = wm.get(dev, 0)
+        ident = oracle.identity(dev, r)
+        if ident not in seen:
+            seen.add(ident)
+            late += ts // 60_000 * 60_000 + 60_000 <= w - grace_ms
+        wm[dev] = max(w, ts)
+    return late
+
+
+def make_records(msgs: list[tuple[str, bytes]], now_ms: int, encoding: int) -> list[BusRecord]:
+    """One bus record per device message, through the gateway's own routing and bus encoding."""
+    gs = GatewaySettings(bus_encoding=encoding)
+    offsets = [0] * PARTITIONS
+    out: list[BusRecord] = []
+    for topic, payload in msgs:
+        recs, _, dead = route([IngestMessage(topic, payload, now_ms)], settings=gs, partitions=PARTITIONS,
+                              now_ms=now_ms)
+        assert not dead, dead[:1]
+        for r in recs:
+            offsets[r.partition] += 1
+            out.append(BusRecord(topic=r.topic, partition=r.partition, offset=offsets[r.partition], value=r.value,
+                                 timestamp_ms=now_ms))
+    return out
+
+
+def stage_rates(msgs: list[tuple[str, bytes]], records: list[BusRecord], now_ms: int, encoding: int,
+                n: int) -> str:
+    """Readings per CPU-second of the two stages the encoding touches: the gateway's ``route`` (validation
+    + bus encoding) and the processor's decoding (into readings, as it decodes today; into columns)."""
+    c0 = time.process_time()
+    make_records(msgs, now_ms, encoding)
+    gw = time.process_time() - c0
+    c0 = time.process_time()
+    for r in records:
+        decode_bus_readings(r.value)
+    dec = time.process_time() - c0
+    fetch = ProcessorSettings().fetch_max
+    c0 = time.process_time()
+    for i in range(0, len(records), fetch):
+        decode_bus_columns_many([r.value for r in records[i : i + fetch]])
+    dec_cols = time.process_time() - c0
+    return (f"stages (v{encoding}, readings/CPU-s): gateway route {n / gw:,.0f}; processor decode to readings"
+            f" {n / dec:,.0f}, to one batch of columns per {fetch} records {n / dec_cols:,.0f}")
+
+
+def run(store: HotStore, records: list[BusRecord], *, profile: bool) -> dict[str, Any]:
+    """Apply the records in fetch-sized chunks; CPU and wall seconds of the applies only."""
+    ps = ProcessorSettings()
+    p = Processor(bus=None, store=store, settings=ps)  # type: ignore[arg-type]
+    chunks = [records[i : i + ps.fetch_max] for i in range(0, len(records), ps.fetch_max)]
+    prof = cProfile.Profile() if profile else None
+    c0, w0 = time.process_time(), time.perf_counter()
+    if prof is not None:
+        prof.enable()
+    for c in chunks:
+        p.apply_records(c)
+    if prof is not None:
+        prof.disable()
+    cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+    out: dict[str, Any] = {"cpu_s": cpu, "wall_s": wall, "stats": p.stats, "profile": None}
+    if prof is not None:
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(15)
+        out["profile"] = buf.getvalue()
+    return out
+
+
+def check(store: HotStore, sent: list[tuple[str, dict[str, Any]]], late: int) -> list[str]:
+    """Differences from the oracle (empty: exact)."""
+    errors = []
+    uniq = oracle.unique_readings(sent)
+    st = store.stats()
+    if (st.stored, st.duplicates, st.late) != (len(uniq), len(sent) - len(uniq), late):
+        errors.append(f"stored/duplicates/late {st.stored}/{st.duplicates}/{st.late}, "
+                      f"expected {len(uniq)}/{len(sent) - len(uniq)}/{late}")
+    for interval in ("1m", "1h"):
+        expected = oracle.rollups(sent, interval)
+        got = {(r["device_id"], r["metric"], r["window_start_ms"]): r
+               for r in store.rollups(interval=interval, device_id=None, metric=None, start_ms=None, end_ms=None,
+                                      limit=10**7)}
+        if set(got) != set(expected):
+            errors.append(f"{interval}: {len(got)} windows, expected {len(expected)}")
+            continue
+        bad = [k for k, e in expected.items()
+               if (got[k]["count"], got[k]["sum"], got[k]["min"], got[k]["max"], got[k]["avg"])
+               != (e["count"], e["sum"], e["min"], e["max"], e["avg"])]
+        if bad:
+            errors.append(f"{interval}: {len(bad)} of {len(expected)} windows differ, e.g. {bad[0]}")
+    return errors
+
+
+def report(name: str, n: int, res: dict[str, Any], errors: list[str]) -> None:
+    per_cpu = n / res["cpu_s"]
+    print(f"{name:9s} {per_cpu:>10,.0f} readings/CPU-s ({per_cpu / TARGET_PER_CPU_S:.2f}x the 300,000 target)"
+          f"  {n / res['wall_s']:>10,.0f} readings/s wall  ({res['cpu_s']:.2f} CPU-s, {res['wall_s']:.2f} s)"
+          f"  {'exact' if not errors else 'NOT EXACT'}")
+    for e in errors:
+        print(f"          {e}")
+    if res["profile"]:
+        print(res["profile"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="200 devices x 500 readings instead of 2,000 x 500")
+    ap.add_argument("--devices", type=int, default=None)
+    ap.add_argument("--per-device", type=int, default=500)
+    ap.add_argument("--encoding", type=int, choices=(1, 2), default=1, help="bus encoding the gateway writes")
+    ap.add_argument("--pg", default=None, help="also run PostgreSQL (an admin URL; a fresh database is made)")
+    ap.add_argument("--profile", action="store_true", help="cProfile the applies: top 15 by own time")
+    args = ap.parse_args()
+    devices = args.devices or (200 if args.quick else 2000)
+
+    t0 = time.perf_counter()
+    msgs, sent, now = make_stream(devices=devices, per_device=args.per_device)
+    records = make_records(msgs, now, args.encoding)
+    late = expected_late(sent, ProcessorSettings().grace_ms)
+    uniq = len(oracle.unique_readings(sent))
+    n = len(sent)
+    print(f"input: {devices:,} devices x {args.per_device} readings (3 metrics), {PER_MESSAGE} per message,"
+          f" {n - uniq:,} duplicates ({(n - uniq) / n:.1%}), {late:,} late ({late / n:.1%}), disorder ="
+          f" {n:,} readings in {len(records):,} bus records (encoding v{args.encoding},"
+          f" {sum(len(r.value) for r in records) / n:.0f} bytes/reading); built in {time.perf_counter() - t0:.1f} s")
+
+    print(stage_rates(msgs, records, now, args.encoding, n))
+    with tempfile.TemporaryDirectory() as tmp:
+        s = load_store(f"sqlite:///{Path(tmp) / 'store.db'}")
+        try:
+            res = run(s, records, profile=args.profile)
+            report("sqlite", n, res, check(s, sent, late))
+        finally:
+            s.close()
+    if args.pg:
+        import psycopg
+
+        db = f"fm_bench_{secrets.token_hex(4)}"
+        with psycopg.connect(args.pg, autocommit=True) as con:
+            con.execute(f'CREATE DATABASE "{db}"')
+        try:
+            s = load_store(args.pg.rsplit("/", 1)[0] + f"/{db}")
+            try:
+                res = run(s, records, profile=args.profile)
+                report("postgres", n, res, check(s, sent, late))
+            finally:
+                s.close()
+        finally:
+            with psycopg.connect(args.pg, autocommit=True) as con:
+                con.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+    print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
