@@ -11,6 +11,7 @@ import pytest
 from e2e.dataset import MALFORMED_REASONS, make_stream, malformed
 from fmtest import oracle
 from fmtest.procs import Up, publish_all, publisher
+from fmtest.retry import readings_of
 
 pytestmark = pytest.mark.integration
 
@@ -93,23 +94,12 @@ def test_kill9_mid_stream_then_restart_is_still_exact(tmp_path: Path):
         # A device re-sends what it is unsure of: here everything of the first half, then the rest.
         bad, good_in_bad = malformed(prefix)
         publish_all(c2, msgs[:half] + msgs[half:] + bad)
-        resent = [x for m in msgs[:half] for x in _readings_of(m)]
+        resent = [x for m in msgs[:half] for x in readings_of(m)]
         sent = stream["sent"] + resent + good_in_bad
         check_exact(up2, sent, MALFORMED_REASONS)
     finally:
         assert up2.stop() == 0, up2.tail()
 
-
-def _readings_of(msg: tuple[str, bytes]):
-    import json
-
-    dev = msg[0].split("/")[1]
-    body = json.loads(msg[1])
-    if isinstance(body, dict) and "readings" in body:
-        body = body["readings"]
-    if isinstance(body, dict):
-        body = [body]
-    return [(dev, {k: v for k, v in r.items() if k != "device_id"}) for r in body]
 
 
 def test_a_crashed_stage_is_restarted_and_nothing_is_lost(tmp_path: Path):
