@@ -10,7 +10,7 @@ version-1 wire and for code that still works per reading.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any, Final
@@ -19,12 +19,30 @@ import msgspec
 import numpy as np
 from numpy.typing import NDArray
 
-from fieldmesh.core.model import Reading
+from fieldmesh.core.model import DeadLetter, Reading
 
-__all__ = ["Position", "ReadingColumns"]
+__all__ = [
+    "CLAIMED", "COLLISION", "DUPLICATE", "BatchResult", "DeviceDeltas", "Position", "ReadingColumns", "WindowDeltas",
+    "origin_of",
+]
 
 Position = tuple[str, int]
 """(topic, partition)"""
+
+#: Answers of a key claim (:class:`fieldmesh.store.base.HotTxn`): stored now, stored before with the
+#: same check value, or held by another reading (a 63-bit key collision: probe the next key).
+CLAIMED: Final = 0
+DUPLICATE: Final = 1
+COLLISION: Final = 2
+
+
+def origin_of(offset: int, partition: int) -> int:
+    """The origin of a reading: the bus record it came in (``(offset << 12) | partition``).
+
+    A key whose stored origin equals the claimant's answers CLAIMED again, so re-deciding records that
+    were committed (a lagging sink catching up, a replay) decides exactly as the first time.
+    """
+    return (offset << 12) | partition
 
 _json = msgspec.json.Encoder()
 _measurements_list = msgspec.json.Decoder(list[dict[str, float | bool]])
@@ -189,6 +207,71 @@ class ReadingColumns:
             np.concatenate([(p.m_row + o).astype(np.int32) for p, o in zip(parts, offsets, strict=True)]),
             np.concatenate(m_metric), np.concatenate([p.m_value for p in parts]),
         )
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class WindowDeltas:
+    """Exact deltas of one interval: one entry per (device, metric, window_start_ms) touched by a batch.
+
+    ``sum_m[i] * 2**sum_e[i]`` is the exact sum (:mod:`fieldmesh.core.exact`; ``sum_m`` holds Python
+    ints, which may exceed 64 bits). Entries are sorted by (device, metric, window_start_ms).
+    """
+
+    interval: str
+    width_ms: int
+    device: NDArray[np.object_]  # str
+    metric: NDArray[np.object_]  # str
+    window_start_ms: NDArray[np.int64]
+    count: NDArray[np.int64]
+    sum_m: NDArray[np.object_]  # int
+    sum_e: NDArray[np.int64]
+    min: NDArray[np.float64]
+    max: NDArray[np.float64]
+
+    def __len__(self) -> int:
+        return len(self.window_start_ms)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class DeviceDeltas:
+    """Per device of a batch's new readings: received and event-time ranges, count; the metrics seen."""
+
+    device: NDArray[np.object_]  # str, sorted
+    first_received_ms: NDArray[np.int64]
+    last_received_ms: NDArray[np.int64]
+    first_ts_ms: NDArray[np.int64]
+    last_ts_ms: NDArray[np.int64]
+    count: NDArray[np.int64]
+    metric_pairs: tuple[tuple[str, str], ...]  # (device, metric), sorted
+
+    def __len__(self) -> int:
+        return len(self.device)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class BatchResult:
+    """What one committed batch decided. Every sink receives it and records ``positions`` with its data.
+
+    ``counts`` are the durable counters the batch adds: ``stored``, ``duplicates``, ``late`` and
+    ``dlq.<reason>`` (the hot store adds ``gaps``); ``corrupt`` is for in-process stats only.
+    """
+
+    positions: Mapping[Position, int]  # last offset per (topic, partition) covered (readings, DLQ, corrupt)
+    watermarks: Mapping[Position, int]  # partition event-time watermarks after the batch
+    device_watermarks: Mapping[str, int]  # devices whose watermark this batch advanced, and to what
+    new: ReadingColumns  # readings stored for the first time, in arrival order
+    store_key: NDArray[np.int64]  # the key each was claimed under (differs from new.key only after a collision)
+    late: NDArray[np.bool_]  # per new reading: its 1m window had already been emitted for its device
+    windows: Mapping[str, WindowDeltas]  # by interval name ("1m", "1h", ...)
+    devices: DeviceDeltas
+    dead_letters: tuple[DeadLetter, ...]
+    counts: Mapping[str, int]
+    corrupt: int = 0
+
+    @property
+    def batch_id(self) -> str:
+        """``topic:partition:offset`` of every position, sorted: the same for every replay of the batch."""
+        return ",".join(f"{t}:{p}:{o}" for (t, p), o in sorted(self.positions.items()))
 
 
 _EMPTY: Final = ReadingColumns(

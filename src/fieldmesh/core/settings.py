@@ -66,6 +66,12 @@ class ProcessorSettings(BaseModel, frozen=True):
     fetch_max: int = Field(256, gt=0, description="bus messages per transaction")
     fetch_timeout_s: float = Field(0.05, gt=0)
     grace_ms: int = Field(5_000, ge=0, description="lateness allowed before a window counts as emitted")
+    engine: Literal["columnar", "reference"] = Field(
+        "columnar", description="the stream core: numpy over columns, or the plain per-reading reference"
+    )
+    fetch_max_bytes: int = Field(
+        4 * 2**20, gt=0, description="bytes of bus records per fetch (the backlog stays in the bus)"
+    )
 
 
 class RuntimeSettings(BaseModel, frozen=True):

@@ -12,15 +12,19 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
+import numpy as np
+from numpy.typing import NDArray
+
+from fieldmesh.core.batch import BatchResult, Position
 from fieldmesh.core.model import DeadLetter, Reading
 
-__all__ = ["INTERVALS", "ApplyResult", "HotStore", "Position", "QueryResult", "StoreStats"]
+__all__ = [
+    "INTERVALS", "ApplyResult", "DeviceSummary", "HotStore", "HotTxn", "Position", "QueryResult", "Sink", "StoreStats",
+]
 
 #: Rollup intervals and their lengths in ms.
 INTERVALS: Final = {"1m": 60_000, "1h": 3_600_000}
 
-Position = tuple[str, int]
-"""(topic, partition)"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +68,47 @@ class StoreStats:
     def unrouted(self) -> int:
         """Messages on topics no stage serves (dead-lettered as ``unknown_topic``)."""
         return self.dead_lettered.get("unknown_topic", 0)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSummary:
+    """How many devices the store knows and when it last heard from any (``/stats``, ``up``'s summary)."""
+
+    devices: int
+    last_seen_ms: int | None
+
+
+class Sink(Protocol):
+    """Makes each committed :class:`~fieldmesh.core.batch.BatchResult` durable somewhere.
+
+    A sink records the result's ``positions`` in the same commit as its data, so a result whose every
+    position is at or below :meth:`applied` is skipped: redelivery after a crash between a commit and
+    the bus acknowledgement changes nothing.
+    """
+
+    name: str
+
+    def applied(self) -> dict[Position, int]: ...
+
+    def write(self, result: BatchResult) -> bool:
+        """Make ``result`` durable; False when skipped (every position <= :meth:`applied`)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class HotTxn(Protocol):
+    """The hot store's side of one transaction, as the stream core sees it."""
+
+    def claim_keys(
+        self, keys: NDArray[np.int64], chks: NDArray[np.int64], origins: NDArray[np.int64]
+    ) -> NDArray[np.int8]:
+        """Insert absent keys; per key CLAIMED | DUPLICATE | COLLISION (:mod:`fieldmesh.core.batch`).
+
+        A key stored by the same origin answers CLAIMED again, so a replay decides exactly as before;
+        origin -1 never matches. Keys are distinct within a call.
+        """
+        ...
 
 
 class HotStore(Protocol):
