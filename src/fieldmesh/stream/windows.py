@@ -1,0 +1,560 @@
+"""Event-time windows over :class:`~fieldmesh.core.batch.ReadingColumns`: hopping, tumbling and session.
+
+What alerts and the feature store build on. A :class:`WindowOperator` takes batches of readings in arrival
+order and returns the windows that became final, per device and metric, with any of :data:`AGGREGATES`.
+Pure code (no I/O); its state is bounded (a window is dropped once emitted) and can be snapshotted to
+bytes, so a consumer makes it durable with its bus positions.
+
+**Watermarks.** Each device has an event-time watermark: the latest ``ts_ms`` seen from it (over all its
+metrics) minus ``allowed_lateness_ms``. Per device, not per partition, because devices interleave on a
+partition and an edge buffer replaying an outage is late only for its own device. A window is emitted,
+final, when its device's watermark reaches its end. Readings are judged one by one in arrival order
+against the watermark as it stood when they arrived (the readings before them in the same batch
+included), so how the stream is cut into batches never changes a result.
+
+**Lateness.** A reading that arrives after a window it falls in was emitted misses that window: it is
+counted (:attr:`WindowResults.late`, :attr:`WindowOperator.late_total`), never silently lost. A reading at
+most ``allowed_lateness_ms`` older than the newest one of its device never misses a window, so any arrival
+order within that bound gives the same windows. Hopping: a reading misses only the windows already
+emitted and still counts in its later ones. Sessions: a reading older than its device's watermark is
+dropped whole (it might bridge into a session already emitted).
+
+**Windows.** :class:`Hopping` windows ``[start, start + size_ms)`` start at every multiple of ``hop_ms``
+(from the Unix epoch), so a reading belongs to ``size_ms / hop_ms`` windows; ``hop_ms`` must divide
+``size_ms``. :func:`tumbling` is ``Hopping(size, size)``. :class:`Session` windows are per device and
+metric: readings less than ``gap_ms`` apart are one session; a reading that bridges two open sessions
+merges them. A session spans ``[first ts, last ts + gap_ms)``.
+
+**Aggregates** are exact, then rounded once, so they do not depend on arrival order or batching: ``sum``
+and ``avg`` come from exact sums (:mod:`fieldmesh.core.exact`), ``stddev`` (population) and
+``stddev_samp`` (sample, NaN below two readings) from exact sums and exact sums of squares, correctly
+rounded square roots of the exact variances. ``first`` and ``last`` are the values of the smallest and
+largest ``(ts_ms, value)``: ties in event time go to the smaller value for ``first`` and the larger for
+``last``. ``rate`` is ``(last - first) / (last ts - first ts)`` per second (NaN when they are equal).
+
+How: readings are grouped with one ``np.lexsort`` and reduced with ``ufunc.reduceat``; exact sums use
+int64 limbs when a group's exponents are close (the common case) and :func:`~fieldmesh.core.exact.exact_sum`
+otherwise. Hopping windows keep one partial aggregate per pane (``hop_ms`` slice) and merge ``size/hop``
+panes at emission.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, Final
+
+import msgspec
+import numpy as np
+from numpy.typing import NDArray
+
+from fieldmesh.core.batch import ReadingColumns
+from fieldmesh.core.exact import exact_avg, exact_sum, exact_value
+
+__all__ = ["AGGREGATES", "Hopping", "Session", "WindowOperator", "WindowResults", "tumbling"]
+
+AGGREGATES: Final = ("count", "sum", "min", "max", "avg", "stddev", "stddev_samp", "first", "last", "rate")
+_NO_TS: Final = -(2**62)  # a device's newest ts before any reading
+_END_TS: Final = 2**62  # the newest ts flush() assumes: every window ends before it
+_LIMB: Final = 21
+_LIMB_MASK: Final = (1 << _LIMB) - 1
+_FAST_SHIFT: Final = 10  # |mantissa| << shift stays below 2**63
+_FAST_COUNT: Final = 1 << 19  # sums of 3 * 2**44-sized limb products stay below 2**63
+
+
+@dataclass(frozen=True, slots=True)
+class Hopping:
+    """Windows of ``size_ms`` starting every ``hop_ms`` (a multiple of it), aligned to the epoch."""
+
+    size_ms: int
+    hop_ms: int
+
+    def __post_init__(self) -> None:
+        if self.hop_ms <= 0 or self.size_ms <= 0:
+            raise ValueError("size_ms and hop_ms must be positive")
+        if self.size_ms % self.hop_ms:
+            raise ValueError(f"hop_ms ({self.hop_ms}) must divide size_ms ({self.size_ms})")
+
+
+def tumbling(size_ms: int) -> Hopping:
+    """Back-to-back windows of ``size_ms``."""
+    return Hopping(size_ms, size_ms)
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """Per device and metric: readings less than ``gap_ms`` apart in event time form one session."""
+
+    gap_ms: int
+
+    def __post_init__(self) -> None:
+        if self.gap_ms <= 0:
+            raise ValueError("gap_ms must be positive")
+
+
+WindowSpec = Hopping | Session
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class WindowResults:
+    """Windows emitted by one call, sorted by (end, device, metric, start); ``late``: readings x metrics
+    that arrived after at least one of their windows had been emitted (each counted once per call)."""
+
+    device: NDArray[np.object_]  # str
+    metric: NDArray[np.object_]  # str
+    start_ms: NDArray[np.int64]
+    end_ms: NDArray[np.int64]
+    values: Mapping[str, NDArray[Any]]  # per aggregate asked for: count int64, the others float64
+    late: int
+
+    def __len__(self) -> int:
+        return len(self.start_ms)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One dict per window (for tests, examples and small outputs)."""
+        cols: dict[str, list[Any]] = {"device": self.device.tolist(), "metric": self.metric.tolist(),
+                                      "start_ms": self.start_ms.tolist(), "end_ms": self.end_ms.tolist()}
+        cols.update((k, v.tolist()) for k, v in self.values.items())
+        return [dict(zip(cols, r, strict=True)) for r in zip(*cols.values(), strict=True)]
+
+
+@dataclass(slots=True)
+class _Parts:
+    """Partial aggregates, one row each: per (device, metric, a, b), where (a, b) is (pane, first window
+    index that may count it) for hopping windows and (first ts, last ts) for sessions. The sum is
+    ``sm * 2**se`` and the sum of squares ``qm * 2**qe``, exact (Python ints in object arrays)."""
+
+    dev: NDArray[np.int64]
+    met: NDArray[np.int64]
+    a: NDArray[np.int64]
+    b: NDArray[np.int64]
+    count: NDArray[np.int64]
+    sm: NDArray[np.object_]
+    se: NDArray[np.int64]
+    qm: NDArray[np.object_]
+    qe: NDArray[np.int64]
+    mn: NDArray[np.float64]
+    mx: NDArray[np.float64]
+    fts: NDArray[np.int64]
+    fv: NDArray[np.float64]
+    lts: NDArray[np.int64]
+    lv: NDArray[np.float64]
+
+    def __len__(self) -> int:
+        return len(self.count)
+
+    def take(self, idx: NDArray[np.intp]) -> _Parts:
+        return _Parts(*(getattr(self, f.name)[idx] for f in fields(_Parts)))
+
+    @staticmethod
+    def concat(parts: Sequence[_Parts]) -> _Parts:
+        return _Parts(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(_Parts)))
+
+    @staticmethod
+    def empty() -> _Parts:
+        i, f, o = np.empty(0, np.int64), np.empty(0, np.float64), np.empty(0, object)
+        return _Parts(i, i, i, i, i, o, i, o, i, f, f, i, f, i, f)
+
+
+def _objects(values: Sequence[Any]) -> NDArray[np.object_]:
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
+def _segment_starts(*keys: NDArray[np.int64]) -> NDArray[np.intp]:
+    """Indices where any of ``keys`` (sorted together) changes, 0 first."""
+    n = len(keys[0])
+    change = np.zeros(n, dtype=bool)
+    change[:1] = True
+    for k in keys:
+        change[1:] |= k[1:] != k[:-1]
+    return np.flatnonzero(change)
+
+
+def _group_ids(starts: NDArray[np.intp], n: int) -> NDArray[np.intp]:
+    g = np.zeros(n, dtype=np.intp)
+    g[starts[1:]] = 1
+    return np.cumsum(g)
+
+
+def _running_max(vals: NDArray[np.int64], starts: NDArray[np.intp], seeds: NDArray[np.int64]) -> NDArray[np.int64]:
+    """Per segment (rows ``starts[i]:starts[i+1]``): the max of ``seeds[i]`` and the values before each row.
+
+    Seeds below every value are raised to ``min(vals) - 1``: callers only compare the result with values,
+    and a narrow range keeps the one-accumulate path.
+    """
+    n = len(vals)
+    out = np.empty(n, dtype=np.int64)
+    if not n:
+        return out
+    g = _group_ids(starts, n)
+    prev = np.empty(n, dtype=np.int64)  # exclusive: a row sees its segment's earlier rows only
+    prev[1:] = vals[:-1]
+    prev[starts] = np.maximum(seeds, vals.min() - 1)
+    lo = int(prev.min())
+    span = int(prev.max()) - lo + 1
+    if span * len(starts) < 2**62:  # segment number in the high part: one accumulate over all segments
+        shifted = g.astype(np.int64) * span + (prev - lo)
+        return np.maximum.accumulate(shifted) - g.astype(np.int64) * span + lo
+    ends = [*starts[1:].tolist(), n]
+    for s, e in zip(starts.tolist(), ends, strict=True):
+        out[s:e] = np.maximum.accumulate(prev[s:e])
+    return out
+
+
+def _exact_sums(v: NDArray[np.float64], starts: NDArray[np.intp],
+                squares: bool) -> tuple[NDArray[np.object_], NDArray[np.int64], NDArray[np.object_], NDArray[np.int64]]:
+    """Exact sums (and sums of squares) of the groups of ``v`` beginning at ``starts``, as ``(m, e)`` columns.
+
+    Each value is ``M * 2**E`` with ``|M| < 2**53`` (``np.frexp``). In a group whose exponents differ by at
+    most 10, every ``|M| << (E - min E)`` fits in 63 bits; split into three 21-bit limbs, the limbs and their
+    pairwise products sum in int64 without overflow for up to 2**19 values. Other groups go through
+    :func:`~fieldmesh.core.exact.exact_sum` (the squares split exactly into three floats by Veltkamp's
+    method, or as Python ints for magnitudes where that could overflow or underflow).
+    """
+    n, k = len(v), len(starts)
+    mant, ex = np.frexp(v)
+    m = (mant * 2.0**53).astype(np.int64)
+    e = ex.astype(np.int64) - 53
+    zero = m == 0
+    g = _group_ids(starts, n)
+    emin = np.minimum.reduceat(np.where(zero, 2**40, e), starts)
+    emin = np.where(emin == 2**40, 0, emin)
+    shift = np.where(zero, 0, e - emin[g])
+    counts = np.diff(np.append(starts, n))
+    fast = (np.maximum.reduceat(shift, starts) <= _FAST_SHIFT) & (counts < _FAST_COUNT)
+    a = np.abs(m) << np.minimum(shift, _FAST_SHIFT)
+    sign = np.where(m < 0, -1, 1)
+    limbs = [a & _LIMB_MASK, (a >> _LIMB) & _LIMB_MASK, a >> (2 * _LIMB)]
+
+    def combine(terms: list[NDArray[np.int64]]) -> NDArray[np.object_]:
+        total = np.zeros(k, dtype=object)
+        for i, t in enumerate(terms):
+            total = total + (np.add.reduceat(t, starts).astype(object) << (i * _LIMB))
+        return total
+
+    sm = combine([sign * x for x in limbs])
+    se = emin.copy()
+    qm, qe = np.zeros(k, dtype=object), 2 * emin
+    if squares:
+        l0, l1, l2 = limbs
+        qm = combine([l0 * l0, 2 * l0 * l1, l1 * l1 + 2 * l0 * l2, 2 * l1 * l2, l2 * l2])
+    for i in np.flatnonzero(~fast).tolist():
+        vals = v[starts[i]:starts[i] + counts[i]]
+        sm[i], se[i] = exact_sum(vals.tolist())
+        if squares:
+            qm[i], qe[i] = _exact_sum_squares(vals)
+    return sm, se, qm, qe
+
+
+def _exact_sum_squares(v: NDArray[np.float64]) -> tuple[int, int]:
+    big = np.abs(v)
+    if ((big > 2.0**500) | ((big < 2.0**-400) & (big > 0))).any():
+        m, e = 0, 0
+        for x in v.tolist():  # rare magnitudes: exact integer squares
+            num, den = x.as_integer_ratio()
+            sq_e = -2 * (den.bit_length() - 1)
+            if sq_e < e:
+                m, e = m << (e - sq_e), sq_e
+            m += (num * num) << (sq_e - e)
+        return m, e
+    t = v * 134217729.0  # Veltkamp: v = hi + lo, each with at most 26 significant bits
+    hi = t - (t - v)
+    lo = v - hi
+    return exact_sum(np.concatenate([hi * hi, 2.0 * hi * lo, lo * lo]).tolist())
+
+
+def _merge_sums(m: NDArray[np.object_], e: NDArray[np.int64], starts: NDArray[np.intp],
+                g: NDArray[np.intp]) -> tuple[NDArray[np.object_], NDArray[np.int64]]:
+    emin = np.minimum.reduceat(e, starts)
+    return np.add.reduceat(np.left_shift(m, (e - emin[g]).astype(object)), starts), emin
+
+
+class WindowOperator:
+    """Windows of one :data:`WindowSpec` with the chosen aggregates, per device and metric.
+
+    Args:
+        spec: :class:`Hopping` (or :func:`tumbling`) or :class:`Session`.
+        aggregates: names from :data:`AGGREGATES`.
+        allowed_lateness_ms: how far behind its device's newest event time a reading may arrive and still
+            count in all its windows; windows are emitted that much later.
+    """
+
+    def __init__(self, spec: WindowSpec, aggregates: Iterable[str] = AGGREGATES, *, allowed_lateness_ms: int) -> None:
+        self.spec: Final = spec
+        self.aggregates: Final = tuple(aggregates)
+        unknown = set(self.aggregates) - set(AGGREGATES)
+        if unknown or not self.aggregates:
+            raise ValueError(f"unknown aggregates {sorted(unknown)}; choose from {AGGREGATES}")
+        if allowed_lateness_ms < 0:
+            raise ValueError("allowed_lateness_ms must be >= 0")
+        self.allowed_lateness_ms: Final = allowed_lateness_ms
+        self._squares = bool({"stddev", "stddev_samp"} & set(self.aggregates))
+        self._devices: list[str] = []
+        self._device_id: dict[str, int] = {}
+        self._metrics: list[str] = []
+        self._metric_id: dict[str, int] = {}
+        self._newest = np.empty(0, dtype=np.int64)  # per device id: newest ts seen
+        self._parts = _Parts.empty()
+        self.late_total = 0
+
+    # -- identifiers ---------------------------------------------------------------------------------
+    def _ids(self, names: tuple[str, ...], table: list[str], index: dict[str, int]) -> NDArray[np.int64]:
+        for s in names:
+            if s not in index:
+                index[s] = len(table)
+                table.append(s)
+        return np.array([index[s] for s in names], dtype=np.int64)
+
+    def watermark(self, device: str) -> int | None:
+        """The device's event-time watermark (newest ts - allowed lateness), None before its first reading."""
+        i = self._device_id.get(device)
+        return None if i is None else int(self._newest[i]) - self.allowed_lateness_ms
+
+    # -- processing ----------------------------------------------------------------------------------
+    def process(self, cols: ReadingColumns) -> WindowResults:
+        """Take a batch (rows in arrival order); return the windows it made final."""
+        dev_of = self._ids(cols.devices, self._devices, self._device_id)
+        met_of = self._ids(cols.metrics, self._metrics, self._metric_id)
+        if len(self._newest) < len(self._devices):
+            self._newest = np.concatenate(
+                [self._newest, np.full(len(self._devices) - len(self._newest), _NO_TS, dtype=np.int64)])
+        dev = dev_of[cols.device]
+        before = self._newest.copy()
+        # every row's watermark as it arrived: the newest ts of its device among the rows before it
+        order = np.argsort(dev, kind="stable")
+        sdev = dev[order]
+        starts = _segment_starts(sdev)
+        prior = np.empty(len(dev), dtype=np.int64)
+        prior[order] = _running_max(cols.ts_ms[order], starts, before[sdev[starts]])
+        if len(dev):
+            np.maximum.at(self._newest, dev, cols.ts_ms)
+        rows = cols.m_row
+        wm = prior[rows] - self.allowed_lateness_ms
+        ts = cols.ts_ms[rows]
+        edev, emet, v = dev[rows], met_of[cols.m_metric], cols.m_value
+        if isinstance(self.spec, Hopping):
+            hop, k = self.spec.hop_ms, self.spec.size_ms // self.spec.hop_ms
+            pane = ts // hop
+            first_q = np.maximum(1, wm // hop + 1 - pane)  # windows q*hop > wm may still count it
+            late = int(np.count_nonzero(first_q > 1))
+            keep = np.flatnonzero(first_q <= k)
+            new = self._entry_parts(edev[keep], emet[keep], pane[keep], first_q[keep], ts[keep], v[keep])
+        else:
+            ok = ts >= wm
+            late = len(ts) - int(np.count_nonzero(ok))
+            keep = np.flatnonzero(ok)
+            new = self._entry_parts(edev[keep], emet[keep], ts[keep], ts[keep], ts[keep], v[keep])
+        self.late_total += late
+        return self._advance(new, before, late)
+
+    def flush(self) -> WindowResults:
+        """End of stream: emit every open window (later readings count as late)."""
+        before = self._newest.copy()
+        self._newest[:] = _END_TS
+        return self._advance(_Parts.empty(), before, 0)
+
+    def _entry_parts(self, dev: NDArray[np.int64], met: NDArray[np.int64], a: NDArray[np.int64],
+                     b: NDArray[np.int64], ts: NDArray[np.int64], v: NDArray[np.float64]) -> _Parts:
+        """Readings x metrics grouped into partial aggregates per (dev, met, a, b)."""
+        if not len(v):
+            return _Parts.empty()
+        order = np.lexsort((v, ts, b, a, met, dev))  # in a group: by (ts, value), so first/last are the ends
+        dev, met, a, b, ts, v = dev[order], met[order], a[order], b[order], ts[order], v[order]
+        starts = _segment_starts(dev, met, a, b)
+        ends = np.append(starts[1:], len(v)) - 1
+        sm, se, qm, qe = _exact_sums(v, starts, self._squares)
+        return _Parts(dev[starts], met[starts], a[starts], b[starts], np.diff(np.append(starts, len(v))),
+                      sm, se, qm, qe, np.minimum.reduceat(v, starts), np.maximum.reduceat(v, starts),
+                      ts[starts], v[starts], ts[ends], v[ends])
+
+    def _reduce(self, p: _Parts, order: NDArray[np.intp], starts: NDArray[np.intp]) -> _Parts:
+        """Merge the rows of ``p`` taken in ``order`` into one per group beginning at ``starts``;
+        (a, b) become the group's (min a, max b)."""
+        p = p.take(order)
+        n = len(p)
+        if not n:
+            return p
+        g = _group_ids(starts, n)
+        ends = np.append(starts[1:], n) - 1
+        sm, se = _merge_sums(p.sm, p.se, starts, g)
+        qm, qe = _merge_sums(p.qm, p.qe, starts, g) if self._squares else (p.qm[starts], p.qe[starts])
+        first = np.lexsort((p.fv, p.fts, g))[starts]
+        last = np.lexsort((p.lv, p.lts, g))[ends]
+        return _Parts(p.dev[starts], p.met[starts], np.minimum.reduceat(p.a, starts), np.maximum.reduceat(p.b, starts),
+                      np.add.reduceat(p.count, starts), sm, se, qm, qe,
+                      np.minimum.reduceat(p.mn, starts), np.maximum.reduceat(p.mx, starts),
+                      p.fts[first], p.fv[first], p.lts[last], p.lv[last])
+
+    def _advance(self, new: _Parts, before: NDArray[np.int64], late: int) -> WindowResults:
+        """Fold ``new`` into the state; emit and evict what the watermarks (moved from ``before``) closed."""
+        p = _Parts.concat([self._parts, new]) if len(new) else self._parts
+        lateness = self.allowed_lateness_ms
+        if not len(p):
+            return self._results(p, np.empty(0, np.int64), np.empty(0, np.int64), late)
+        if isinstance(self.spec, Hopping):
+            hop, k = self.spec.hop_ms, self.spec.size_ms // self.spec.hop_ms
+            if len(new):
+                order = np.lexsort((p.b, p.a, p.met, p.dev))
+                p = self._reduce(p, order, _segment_starts(p.dev[order], p.met[order], p.a[order], p.b[order]))
+            q_done = (self._newest[p.dev] - lateness) // hop  # windows ending at q*hop <= watermark are final
+            q_lo = np.maximum(p.a + p.b, (before[p.dev] - lateness) // hop + 1)
+            q_hi = np.minimum(p.a + k, q_done)
+            nq = np.maximum(q_hi - q_lo + 1, 0)
+            src = np.repeat(np.arange(len(p)), nq)
+            q = q_lo[src] + np.arange(len(src)) - np.repeat(np.cumsum(nq) - nq, nq)
+            win = p.take(src)
+            order = np.lexsort((q, win.met, win.dev))
+            starts = _segment_starts(win.dev[order], win.met[order], q[order])
+            out = self._reduce(win, order, starts)
+            end = q[order][starts] * hop
+            start = end - self.spec.size_ms
+            self._parts = p.take(np.flatnonzero(p.a + k > q_done))
+        else:
+            gap = self.spec.gap_ms
+            order = np.lexsort((p.a, p.met, p.dev))
+            sp = p.take(order)
+            seg = _segment_starts(sp.dev, sp.met)
+            reach = _running_max(sp.b, seg, np.full(len(seg), _NO_TS, dtype=np.int64))  # latest ts before
+            opens = np.zeros(len(sp), dtype=bool)
+            opens[seg] = True
+            opens |= sp.a >= reach + gap
+            p = self._reduce(sp, np.arange(len(sp)), np.flatnonzero(opens))
+            closed = p.b + gap <= self._newest[p.dev] - lateness
+            out = p.take(np.flatnonzero(closed))
+            start, end = out.a, out.b + gap
+            self._parts = p.take(np.flatnonzero(~closed))
+        return self._results(out, start, end, late)
+
+    # -- results -------------------------------------------------------------------------------------
+    def _results(self, p: _Parts, start: NDArray[np.int64], end: NDArray[np.int64], late: int) -> WindowResults:
+        dev_names = _objects(self._devices)
+        met_names = _objects(self._metrics)
+        dev_rank = np.argsort(np.argsort(dev_names.astype(str))) if self._devices else np.empty(0, np.int64)
+        met_rank = np.argsort(np.argsort(met_names.astype(str))) if self._metrics else np.empty(0, np.int64)
+        order = np.lexsort((start, met_rank[p.met], dev_rank[p.dev], end))
+        p, start, end = p.take(order), start[order], end[order]
+        values: dict[str, NDArray[Any]] = {}
+        n = p.count.tolist()
+        for name in self.aggregates:
+            if name == "count":
+                values[name] = p.count.copy()
+            elif name == "sum":
+                values[name] = np.array([exact_value(m, e) for m, e in zip(p.sm.tolist(), p.se.tolist(), strict=True)],
+                                        dtype=np.float64)
+            elif name == "avg":
+                values[name] = np.array([exact_avg(m, e, c) for m, e, c in
+                                         zip(p.sm.tolist(), p.se.tolist(), n, strict=True)], dtype=np.float64)
+            elif name in ("stddev", "stddev_samp"):
+                sample = name == "stddev_samp"
+                values[name] = np.array([_stddev(c, sm, se, qm, qe, sample) for c, sm, se, qm, qe in zip(
+                    n, p.sm.tolist(), p.se.tolist(), p.qm.tolist(), p.qe.tolist(), strict=True)],
+                    dtype=np.float64)
+            elif name == "min":
+                values[name] = p.mn
+            elif name == "max":
+                values[name] = p.mx
+            elif name == "first":
+                values[name] = p.fv
+            elif name == "last":
+                values[name] = p.lv
+            else:  # rate
+                values[name] = np.array([_rate(fv, fts, lv, lts) for fv, fts, lv, lts in zip(
+                    p.fv.tolist(), p.fts.tolist(), p.lv.tolist(), p.lts.tolist(), strict=True)],
+                    dtype=np.float64)
+        return WindowResults(dev_names[p.dev], met_names[p.met], start.astype(np.int64), end.astype(np.int64),
+                             values, late)
+
+    # -- durability ----------------------------------------------------------------------------------
+    def snapshot(self) -> bytes:
+        """The state as bytes (msgpack), to store with the consumer's positions; see :meth:`restore`."""
+        p = self._parts
+        spec = (["hopping", self.spec.size_ms, self.spec.hop_ms] if isinstance(self.spec, Hopping)
+                else ["session", self.spec.gap_ms])
+        return _enc.encode(_Snapshot(
+            spec=spec, aggregates=list(self.aggregates), allowed_lateness_ms=self.allowed_lateness_ms,
+            late_total=self.late_total, devices=self._devices, newest=self._newest.tolist(), metrics=self._metrics,
+            ints={n: getattr(p, n).tolist() for n in ("dev", "met", "a", "b", "count", "se", "qe", "fts", "lts")},
+            floats={n: getattr(p, n).tolist() for n in ("mn", "mx", "fv", "lv")},
+            big={n: [format(x, "x") for x in getattr(p, n).tolist()] for n in ("sm", "qm")},
+        ))
+
+    @classmethod
+    def restore(cls, data: bytes) -> WindowOperator:
+        """An operator in the state :meth:`snapshot` saved (same spec, aggregates and lateness)."""
+        s = _dec.decode(data)
+        spec: WindowSpec = Hopping(s.spec[1], s.spec[2]) if s.spec[0] == "hopping" else Session(s.spec[1])
+        op = cls(spec, s.aggregates, allowed_lateness_ms=s.allowed_lateness_ms)
+        op.late_total = s.late_total
+        op._devices, op._metrics = list(s.devices), list(s.metrics)
+        op._device_id = {d: i for i, d in enumerate(op._devices)}
+        op._metric_id = {m: i for i, m in enumerate(op._metrics)}
+        op._newest = np.array(s.newest, dtype=np.int64)
+        cols: dict[str, Any] = {n: np.array(x, dtype=np.int64) for n, x in s.ints.items()}
+        cols.update((n, np.array(x, dtype=np.float64)) for n, x in s.floats.items())
+        cols.update((n, _objects([int(h, 16) for h in x])) for n, x in s.big.items())
+        op._parts = _Parts(**cols)
+        return op
+
+
+class _Snapshot(msgspec.Struct, frozen=True):
+    spec: list[Any]
+    aggregates: list[str]
+    allowed_lateness_ms: int
+    late_total: int
+    devices: list[str]
+    newest: list[int]
+    metrics: list[str]
+    ints: dict[str, list[int]]
+    floats: dict[str, list[float]]
+    big: dict[str, list[str]]  # exact sums as hex (Python ints beyond 64 bits)
+
+
+_enc = msgspec.msgpack.Encoder()
+_dec = msgspec.msgpack.Decoder(_Snapshot)
+
+
+def _sqrt_ratio(num: int, den: int) -> float:
+    """The correctly rounded float of sqrt(num / den) (num >= 0, den > 0)."""
+    if num == 0:
+        return 0.0
+    k = max(0, (116 - num.bit_length() + den.bit_length()) // 2 + 1)  # >= 56 bits of root
+    x, rem = divmod(num << (2 * k), den)
+    r = math.isqrt(x)
+    if rem or r * r != x:
+        r |= 1  # sticky bit: below the rounding position, so round-to-nearest sees "above the half-way"
+    try:
+        return r / (1 << k)
+    except OverflowError:  # a sample stddev of values near the float limit
+        return math.inf
+
+
+def _stddev(n: int, sm: int, se: int, qm: int, qe: int, sample: bool) -> float:
+    """sqrt((n*Q - S**2) / (n * n)) (population) or / (n * (n - 1)) (sample), from the exact S and Q."""
+    if n < (2 if sample else 1):
+        return math.nan
+    e0 = min(qe, 2 * se)
+    num = (n * qm << (qe - e0)) - (sm * sm << (2 * se - e0))
+    if e0 % 2:
+        num, e0 = num << 1, e0 - 1
+    den = n * (n - 1 if sample else n)
+    half = e0 // 2
+    if half >= 0:
+        num <<= 2 * half
+    else:
+        den <<= -2 * half
+    return _sqrt_ratio(num, den)
+
+
+def _rate(fv: float, fts: int, lv: float, lts: int) -> float:
+    """(lv - fv) per second over (fts, lts], exact then rounded."""
+    if lts == fts:
+        return math.nan
+    n1, d1 = lv.as_integer_ratio()
+    n2, d2 = fv.as_integer_ratio()
+    try:
+        return (n1 * d2 - n2 * d1) * 1000 / (d1 * d2 * (lts - fts))
+    except OverflowError:
+        return math.copysign(math.inf, n1 * d2 - n2 * d1)
