@@ -1,0 +1,328 @@
+"""Windows against a brute-force reference written here from the definitions (docs/windows.md).
+
+The reference walks the readings one by one in arrival order, keeps every accepted value in lists and
+computes each aggregate with ``fractions.Fraction`` (square roots with ``decimal`` at 100 digits), so it
+shares nothing with the operator's columns, limbs and reductions but the definitions.
+"""
+
+from __future__ import annotations
+
+import decimal
+import itertools
+import math
+import random
+from collections import defaultdict
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fieldmesh.core.batch import ReadingColumns
+from fieldmesh.core.model import Reading
+from fieldmesh.stream.windows import AGGREGATES, Hopping, Session, WindowOperator, WindowResults, tumbling
+
+T0 = 1_700_000_040_000  # a whole minute
+
+Spec = Hopping | Session
+
+
+# -- the reference ---------------------------------------------------------------------------------------
+def _float(x: Fraction) -> float:
+    try:
+        return float(x)
+    except OverflowError:
+        return math.copysign(math.inf, x)
+
+
+def _sqrt(x: Fraction) -> float:
+    """The float nearest to sqrt(x), ties to even: a decimal estimate, then the float whose rounding
+    interval (between the midpoints to its neighbours, compared squared and exactly) holds sqrt(x)."""
+    with decimal.localcontext() as ctx:
+        ctx.prec = 100
+        ctx.Emax = 10**6
+        ctx.Emin = -(10**6)
+        guess = float(decimal.Decimal(x.numerator * x.denominator).sqrt() / decimal.Decimal(x.denominator))
+    for f in (math.nextafter(guess, -1.0), guess, math.nextafter(guess, math.inf)):
+        if f < 0 or math.isinf(f):
+            continue
+        lo = (Fraction(math.nextafter(f, -1.0)) + Fraction(f)) / 2 if f > 0 else Fraction(0)
+        hi = (Fraction(f) + Fraction(math.nextafter(f, math.inf))) / 2
+        even = f.hex().split("p")[0][-1] in "02468ace" or f == 0
+        if lo * lo < x < hi * hi or (x == lo * lo and even) or (x == hi * hi and even):
+            return f
+    raise AssertionError(f"no float rounds sqrt({x})")
+
+
+def ref_aggregates(points: list[tuple[int, float]]) -> dict[str, Any]:
+    vals = [Fraction(v) for _, v in points]
+    n = len(vals)
+    mean = sum(vals, Fraction(0)) / n
+    sq = sum(((x - mean) ** 2 for x in vals), Fraction(0))
+    first, last = min(points), max(points)  # by (ts, value)
+    return {
+        "count": n, "sum": _float(sum(vals, Fraction(0))), "min": min(v for _, v in points),
+        "max": max(v for _, v in points), "avg": _float(mean), "stddev": _sqrt(sq / n),
+        "stddev_samp": _sqrt(sq / (n - 1)) if n > 1 else math.nan, "first": first[1], "last": last[1],
+        "rate": math.nan if first[0] == last[0]
+        else _float((Fraction(last[1]) - Fraction(first[1])) * 1000 / (last[0] - first[0])),
+    }
+
+
+class Reference:
+    """Per reading, in arrival order; windows as lists of (ts, value)."""
+
+    def __init__(self, spec: Spec, lateness: int) -> None:
+        self.spec, self.lateness = spec, lateness
+        self.newest: dict[str, int] = {}
+        self.content: dict[tuple[str, str, int, int], list[tuple[int, float]]] = defaultdict(list)
+        self.points: dict[tuple[str, str], list[tuple[int, float]]] = defaultdict(list)
+        self.emitted: dict[tuple[str, str, int, int], dict[str, Any]] = {}
+
+    def watermark(self, device: str) -> float:
+        return self.newest[device] - self.lateness if device in self.newest else -math.inf
+
+    def feed(self, readings: list[Reading]) -> tuple[list[dict[str, Any]], int]:
+        late = 0
+        for r in readings:
+            w = self.watermark(r.device_id)
+            for metric, value in r.measurements.items():
+                v = float(value)
+                if isinstance(self.spec, Hopping):
+                    size, hop = self.spec.size_ms, self.spec.hop_ms
+                    missed = False
+                    for start in range(r.ts_ms - r.ts_ms % hop, r.ts_ms - size, -hop):
+                        assert start <= r.ts_ms < start + size
+                        if w >= start + size:  # already emitted (or would have been, with any content)
+                            missed = True
+                        else:
+                            self.content[(r.device_id, metric, start, start + size)].append((r.ts_ms, v))
+                    late += missed
+                elif r.ts_ms < w:
+                    late += 1
+                else:
+                    self.points[(r.device_id, metric)].append((r.ts_ms, v))
+            self.newest[r.device_id] = max(self.newest.get(r.device_id, r.ts_ms), r.ts_ms)
+        return self.emit(), late
+
+    def windows(self) -> dict[tuple[str, str, int, int], list[tuple[int, float]]]:
+        if isinstance(self.spec, Hopping):
+            return self.content
+        gap = self.spec.gap_ms
+        out = {}
+        for (d, m), pts in self.points.items():
+            pts = sorted(pts)
+            run = [pts[0]]
+            for p in pts[1:]:
+                if p[0] - run[-1][0] >= gap:
+                    out[(d, m, run[0][0], run[-1][0] + gap)] = run
+                    run = []
+                run.append(p)
+            out[(d, m, run[0][0], run[-1][0] + gap)] = run
+        return out
+
+    def emit(self, final: bool = False) -> list[dict[str, Any]]:
+        rows = []
+        windows = self.windows()
+        for key, pts in windows.items():
+            if key not in self.emitted and (final or self.watermark(key[0]) >= key[3]):
+                self.emitted[key] = agg = ref_aggregates(pts)
+                rows.append(dict(zip(("device", "metric", "start_ms", "end_ms"), key, strict=True)) | agg)
+        for key, agg in self.emitted.items():  # an emitted window never changes afterwards
+            assert ref_aggregates(windows[key]) == agg or _canon([agg]) == _canon([ref_aggregates(windows[key])])
+        return rows
+
+
+# -- helpers ---------------------------------------------------------------------------------------------
+def _canon(rows: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    """Rows as sorted tuples; NaN as None so that equal results compare equal."""
+    out = []
+    for r in rows:
+        out.append(tuple((k, None if isinstance(v, float) and math.isnan(v) else v) for k, v in sorted(r.items())))
+    return sorted(out)
+
+
+def _cols(readings: list[Reading]) -> ReadingColumns:
+    return ReadingColumns.from_readings(readings)
+
+
+def run(op: WindowOperator, batches: list[list[Reading]], restore_at: int = -1) -> tuple[list[dict[str, Any]], int]:
+    rows: list[dict[str, Any]] = []
+    late = 0
+    for i, b in enumerate(batches):
+        if i == restore_at:
+            op = WindowOperator.restore(op.snapshot())
+        out = op.process(_cols(b))
+        rows += out.rows()
+        late += out.late
+    rows += op.flush().rows()
+    assert op.late_total == late
+    return rows, late
+
+
+def split(items: list[Reading], cuts: list[int]) -> list[list[Reading]]:
+    bounds = sorted({0, len(items), *(c % (len(items) + 1) for c in cuts)})
+    return [items[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+values = st.one_of(
+    st.floats(allow_nan=False, allow_infinity=False, min_value=-1e12, max_value=1e12),
+    st.floats(allow_nan=False, allow_infinity=False, min_value=-1e-6, max_value=1e-6),
+    st.integers(-1000, 1000).map(float),
+    st.sampled_from([0.0, -0.0, 1e300, -1e300, 5e-324, 2.5e-310, 2.0**60, 21.5]),
+    st.booleans(),
+)
+readings_st = st.lists(
+    st.tuples(st.sampled_from(["d1", "d2", "d-3"]), st.integers(0, 900_000),
+              st.dictionaries(st.sampled_from(["t", "h", "v"]), values, min_size=1, max_size=3)),
+    min_size=1, max_size=80,
+)
+specs = st.one_of(
+    st.builds(lambda hop, k: Hopping(hop * k, hop), st.sampled_from([1_000, 30_000, 60_000]), st.integers(1, 5)),
+    st.builds(Session, st.sampled_from([1_000, 20_000, 90_000])),
+)
+lateness_st = st.sampled_from([0, 5_000, 60_000, 400_000])
+
+
+def make(items: list[tuple[str, int, dict[str, float | bool]]]) -> list[Reading]:
+    return [Reading(d, T0 + t, m, key=i, chk=0) for i, (d, t, m) in enumerate(items)]
+
+
+# -- properties ------------------------------------------------------------------------------------------
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(items=readings_st, spec=specs, lateness=lateness_st, cuts=st.lists(st.integers(0, 100), max_size=6),
+       restore_at=st.integers(-1, 6))
+def test_matches_reference_call_by_call(items: list[Any], spec: Spec, lateness: int, cuts: list[int],
+                                        restore_at: int) -> None:
+    """Any arrival order (late readings included), any batching, a snapshot/restore anywhere: every call
+    emits exactly the windows the reference finalises then, with equal aggregates, and the same late count."""
+    readings = make(items)
+    op = WindowOperator(spec, allowed_lateness_ms=lateness)
+    ref = Reference(spec, lateness)
+    for i, b in enumerate(split(readings, cuts)):
+        if i == restore_at:
+            op = WindowOperator.restore(op.snapshot())
+        out = op.process(_cols(b))
+        want, late = ref.feed(b)
+        assert _canon(out.rows()) == _canon(want)
+        assert out.late == late
+    assert _canon(op.flush().rows()) == _canon(ref.emit(final=True))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(items=readings_st, spec=specs, lateness=st.sampled_from([1_000, 60_000, 400_000]),
+       jitter=st.lists(st.floats(0, 1), min_size=80, max_size=80), cuts=st.lists(st.integers(0, 100), max_size=6))
+def test_disorder_within_lateness_changes_nothing(items: list[Any], spec: Spec, lateness: int, jitter: list[float],
+                                                  cuts: list[int]) -> None:
+    """Readings arriving in order of ts + a delay of at most the allowed lateness: no reading is late and the
+    windows equal those of the readings in event-time order, in one batch."""
+    readings = make(items)
+    arrival = sorted(readings, key=lambda r: (r.ts_ms + int(jitter[r.key] * lateness), r.key))
+    in_order = sorted(readings, key=lambda r: (r.ts_ms, r.key))
+    got, late = run(WindowOperator(spec, allowed_lateness_ms=lateness), split(arrival, cuts))
+    want, want_late = run(WindowOperator(spec, allowed_lateness_ms=lateness), [in_order])
+    assert late == want_late == 0
+    assert _canon(got) == _canon(want)
+
+
+@settings(max_examples=100, deadline=None)
+@given(items=readings_st, spec=specs, lateness=lateness_st, cuts=st.lists(st.integers(0, 100), max_size=6),
+       restore_at=st.integers(0, 6))
+def test_batching_and_restore_change_nothing(items: list[Any], spec: Spec, lateness: int, cuts: list[int],
+                                             restore_at: int) -> None:
+    readings = make(items)
+    rows, late = run(WindowOperator(spec, allowed_lateness_ms=lateness), [readings])
+    got, got_late = run(WindowOperator(spec, allowed_lateness_ms=lateness), split(readings, cuts), restore_at)
+    assert (_canon(got), got_late) == (_canon(rows), late)
+
+
+# -- examples --------------------------------------------------------------------------------------------
+def test_late_reading_is_counted_not_lost() -> None:
+    op = WindowOperator(tumbling(60_000), ["count", "sum"], allowed_lateness_ms=5_000)
+    op.process(_cols(make([("d", 0, {"t": 1.0}), ("d", 70_000, {"t": 2.0})])))  # watermark 65 s: [0, 60 s) final
+    out = op.process(_cols(make([("d", 10_000, {"t": 3.0, "h": 1.0})])))
+    assert (len(out), out.late, op.late_total) == (0, 2, 2)
+    out = op.process(_cols(make([("d", 62_000, {"t": 4.0})])))  # 3 s behind the newest: within lateness
+    assert out.late == 0
+    assert [(r["start_ms"], r["count"], r["sum"]) for r in op.flush().rows()] == [(T0 + 60_000, 2, 6.0)]
+
+
+def test_hopping_reading_misses_only_emitted_windows() -> None:
+    op = WindowOperator(Hopping(180_000, 60_000), ["count"], allowed_lateness_ms=0)
+    first = op.process(_cols(make([("d", 100_000, {"t": 1.0}), ("d", 150_000, {"t": 1.0})])))
+    assert [r["end_ms"] - T0 for r in first.rows()] == [120_000]  # watermark 100 s then 150 s
+    out = op.process(_cols(make([("d", 110_000, {"t": 5.0})])))  # in [-60,120) (emitted), [0,180), [60,240)
+    assert out.late == 1
+    assert [(r["end_ms"] - T0, r["count"]) for r in op.flush().rows()] == [(180_000, 3), (240_000, 3), (300_000, 1)]
+
+
+def test_late_reading_bridges_two_sessions() -> None:
+    op = WindowOperator(Session(gap_ms=15_000), ["count", "first", "last", "rate"], allowed_lateness_ms=60_000)
+    assert not op.process(_cols(make([("d", 0, {"t": 1.0}), ("d", 20_000, {"t": 5.0})])))
+    assert not op.process(_cols(make([("d", 10_000, {"t": 3.0})])))  # 0 -- 10 -- 20: one session
+    out = op.process(_cols(make([("d", 200_000, {"t": 0.0})])))
+    assert out.rows() == [{"device": "d", "metric": "t", "start_ms": T0, "end_ms": T0 + 35_000, "count": 3,
+                           "first": 1.0, "last": 5.0, "rate": 0.2}]
+    assert op.watermark("d") == T0 + 140_000 and op.watermark("other") is None
+
+
+def test_exact_on_large_groups_of_any_magnitude() -> None:
+    """Thousands of readings in one window, exponents close (the int64 limb path) and spread (the fallback)."""
+    rng = np.random.default_rng(7)
+    close = (20 + rng.standard_normal(3000)).tolist()
+    spread = (rng.standard_normal(3000) * 10.0 ** rng.integers(-30, 30, 3000)).tolist()
+    readings = [Reading("d", T0 + i, {"close": c, "spread": s}, key=i, chk=0)
+                for i, (c, s) in enumerate(zip(close, spread, strict=True))]
+    ref = Reference(tumbling(3_600_000), 0)
+    ref.feed(readings)
+    got, _ = run(WindowOperator(tumbling(3_600_000), allowed_lateness_ms=0), [readings])
+    assert _canon(got) == _canon(ref.emit(final=True))
+    assert got[0]["sum"] == math.fsum(close)
+
+
+def test_snapshot_keeps_only_open_windows() -> None:
+    op = WindowOperator(tumbling(60_000), allowed_lateness_ms=0)
+    op.process(_cols(make([("d", i * 1000, {"t": float(i)}) for i in range(600)])))
+    small = len(op.snapshot())
+    op.process(_cols(make([("d", 600_000 + i * 1000, {"t": float(i)}) for i in range(6000)])))
+    assert len(op.snapshot()) < 2 * small  # one open window either way
+
+
+def test_invalid_specs() -> None:
+    with pytest.raises(ValueError, match="must divide"):
+        Hopping(300_000, 70_000)
+    with pytest.raises(ValueError, match="unknown aggregates"):
+        WindowOperator(tumbling(1000), ["median"], allowed_lateness_ms=0)
+    with pytest.raises(ValueError):
+        Session(0)
+    assert set(AGGREGATES) >= {"count", "sum", "min", "max", "avg", "stddev", "last", "rate"}
+
+
+def test_docs_example() -> None:
+    """The example of docs/windows.md, as written there."""
+    from fieldmesh.core.batch import ReadingColumns
+    from fieldmesh.core.model import Reading
+    from fieldmesh.stream.windows import Hopping, WindowOperator
+
+    op = WindowOperator(Hopping(size_ms=300_000, hop_ms=60_000), ["count", "avg", "max", "last"],
+                        allowed_lateness_ms=10_000)
+    t0 = 1_700_000_040_000  # a whole minute
+    readings = [Reading("pump-1", t0 + i * 15_000, {"temp": 20.0 + i}, key=i, chk=0) for i in range(40)]
+    out = op.process(ReadingColumns.from_readings(readings))
+    assert out.rows()[0] == {"device": "pump-1", "metric": "temp", "start_ms": t0 - 240_000, "end_ms": t0 + 60_000,
+                             "count": 4, "avg": 21.5, "max": 23.0, "last": 23.0}
+    state = op.snapshot()  # store it with the consumer's bus positions
+    op = WindowOperator.restore(state)
+    out = op.process(ReadingColumns.from_readings([Reading("pump-1", t0, {"temp": 99.0}, key=99, chk=0)]))
+    assert (len(out), out.late, op.late_total) == (0, 1, 1)  # its windows were final: counted, not lost
+    assert isinstance(out, WindowResults)
+
+
+def test_rows_order_is_by_end_then_names() -> None:
+    items = [(d, t, {"b": 1.0, "a": 2.0}) for t in range(0, 200_000, 7_000) for d in ("z", "y")]
+    random.Random(3).shuffle(items)
+    rows, _ = run(WindowOperator(tumbling(60_000), ["count"], allowed_lateness_ms=300_000), [make(items)])
+    keys = [(r["end_ms"], r["device"], r["metric"]) for r in rows]
+    assert keys == sorted(keys) and len(keys) == len(set(keys)) == 4 * 4
