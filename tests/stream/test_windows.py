@@ -175,7 +175,8 @@ values = st.one_of(
     st.booleans(),
 )
 readings_st = st.lists(
-    st.tuples(st.sampled_from(["d1", "d2", "d-3"]), st.integers(0, 900_000),
+    st.tuples(st.sampled_from(["d1", "d2", "d-3"]),
+              st.one_of(st.integers(0, 900_000), st.integers(0, 90).map(lambda s: s * 10_000)),  # on boundaries
               st.dictionaries(st.sampled_from(["t", "h", "v"]), values, min_size=1, max_size=3)),
     min_size=1, max_size=80,
 )
@@ -266,6 +267,9 @@ def test_late_reading_bridges_two_sessions() -> None:
     assert out.rows() == [{"device": "d", "metric": "t", "start_ms": T0, "end_ms": T0 + 35_000, "count": 3,
                            "first": 1.0, "last": 5.0, "rate": 0.2}]
     assert op.watermark("d") == T0 + 140_000 and op.watermark("other") is None
+    rows = op.process(_cols(make([("d", 215_000, {"t": 0.0}), ("d", 500_000, {"t": 0.0})]))).rows()
+    rows += op.flush().rows()  # 200 s and 215 s are gap_ms apart: two sessions
+    assert [(r["start_ms"] - T0, r["count"]) for r in rows] == [(200_000, 1), (215_000, 1), (500_000, 1)]
 
 
 def test_exact_on_large_groups_of_any_magnitude() -> None:
