@@ -438,6 +438,7 @@ class WindowOperator:
         p, start, end = p.take(order), start[order], end[order]
         values: dict[str, NDArray[Any]] = {}
         n = p.count.tolist()
+        spread: list[tuple[int, int]] | None = None
         for name in self.aggregates:
             if name == "count":
                 values[name] = p.count.copy()
@@ -448,10 +449,12 @@ class WindowOperator:
                 values[name] = np.array([exact_avg(m, e, c) for m, e, c in
                                          zip(p.sm.tolist(), p.se.tolist(), n, strict=True)], dtype=np.float64)
             elif name in ("stddev", "stddev_samp"):
-                sample = name == "stddev_samp"
-                values[name] = np.array([_stddev(c, sm, se, qm, qe, sample) for c, sm, se, qm, qe in zip(
-                    n, p.sm.tolist(), p.se.tolist(), p.qm.tolist(), p.qe.tolist(), strict=True)],
-                    dtype=np.float64)
+                if spread is None:  # n*Q - S**2, shared by both
+                    spread = [_spread(c, sm, se, qm, qe) for c, sm, se, qm, qe in zip(
+                        n, p.sm.tolist(), p.se.tolist(), p.qm.tolist(), p.qe.tolist(), strict=True)]
+                sample = int(name == "stddev_samp")
+                values[name] = np.array([math.nan if c <= sample else _sqrt_scaled(num, e0, c * (c - sample))
+                                         for c, (num, e0) in zip(n, spread, strict=True)], dtype=np.float64)
             elif name == "min":
                 values[name] = p.mn
             elif name == "max":
@@ -531,21 +534,16 @@ def _sqrt_ratio(num: int, den: int) -> float:
         return math.inf
 
 
-def _stddev(n: int, sm: int, se: int, qm: int, qe: int, sample: bool) -> float:
-    """sqrt((n*Q - S**2) / (n * n)) (population) or / (n * (n - 1)) (sample), from the exact S and Q."""
-    if n < (2 if sample else 1):
-        return math.nan
+def _spread(n: int, sm: int, se: int, qm: int, qe: int) -> tuple[int, int]:
+    """``n*Q - S**2`` as ``(num, e)`` (``num * 2**e``, e even), from the exact sum S and sum of squares Q."""
     e0 = min(qe, 2 * se)
     num = (n * qm << (qe - e0)) - (sm * sm << (2 * se - e0))
-    if e0 % 2:
-        num, e0 = num << 1, e0 - 1
-    den = n * (n - 1 if sample else n)
-    half = e0 // 2
-    if half >= 0:
-        num <<= 2 * half
-    else:
-        den <<= -2 * half
-    return _sqrt_ratio(num, den)
+    return (num << 1, e0 - 1) if e0 % 2 else (num, e0)
+
+
+def _sqrt_scaled(num: int, e: int, den: int) -> float:
+    """The correctly rounded sqrt(num * 2**e / den): the stddev with den = n*n (population) or n*(n-1)."""
+    return _sqrt_ratio(num << e, den) if e >= 0 else _sqrt_ratio(num, den << -e)
 
 
 def _rate(fv: float, fts: int, lv: float, lts: int) -> float:
