@@ -330,3 +330,13 @@ def test_rows_order_is_by_end_then_names() -> None:
     rows, _ = run(WindowOperator(tumbling(60_000), ["count"], allowed_lateness_ms=300_000), [make(items)])
     keys = [(r["end_ms"], r["device"], r["metric"]) for r in rows]
     assert keys == sorted(keys) and len(keys) == len(set(keys)) == 4 * 4
+
+
+def test_empty_batches_and_after_flush() -> None:
+    op = WindowOperator(Hopping(120_000, 60_000), ["count"], allowed_lateness_ms=0)
+    assert (len(op.process(_cols([]))), op.process(_cols([])).late) == (0, 0)
+    op.process(_cols(make([("d", 0, {"t": 1.0})])))
+    assert [r["count"] for r in op.flush().rows()] == [1, 1]
+    out = op.process(_cols(make([("d", 5_000, {"t": 1.0}), ("e", 5_000, {"t": 1.0})])))  # d: after its flush
+    assert (len(out), out.late, op.late_total) == (0, 1, 1)
+    assert [r["device"] for r in op.flush().rows()] == ["e", "e"]
