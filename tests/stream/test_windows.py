@@ -74,8 +74,9 @@ def ref_aggregates(points: list[tuple[int, float]]) -> dict[str, Any]:
 class Reference:
     """Per reading, in arrival order; windows as lists of (ts, value)."""
 
-    def __init__(self, spec: Spec, lateness: int) -> None:
-        self.spec, self.lateness = spec, lateness
+    def __init__(self, spec: Spec, lateness: int, update_ms: int = 0) -> None:
+        self.spec, self.lateness, self.update_ms = spec, lateness, update_ms
+        self.touched: set[tuple[str, str, int, int]] = set()
         self.newest: dict[str, int] = {}
         self.content: dict[tuple[str, str, int, int], list[tuple[int, float]]] = defaultdict(list)
         self.points: dict[tuple[str, str], list[tuple[int, float]]] = defaultdict(list)
@@ -85,6 +86,7 @@ class Reference:
         return self.newest[device] - self.lateness if device in self.newest else -math.inf
 
     def feed(self, readings: list[Reading]) -> tuple[list[dict[str, Any]], int]:
+        self.before = dict(self.newest)
         late = 0
         for r in readings:
             w = self.watermark(r.device_id)
@@ -95,10 +97,12 @@ class Reference:
                     missed = False
                     for start in range(r.ts_ms - r.ts_ms % hop, r.ts_ms - size, -hop):
                         assert start <= r.ts_ms < start + size
-                        if w >= start + size:  # already emitted (or would have been, with any content)
+                        key = (r.device_id, metric, start, start + size)
+                        if w >= start + size + self.update_ms:  # emitted (or would have been) and closed
                             missed = True
                         else:
-                            self.content[(r.device_id, metric, start, start + size)].append((r.ts_ms, v))
+                            self.content[key].append((r.ts_ms, v))
+                            self.touched.add(key)
                     late += missed
                 elif r.ts_ms < w:
                     late += 1
@@ -126,12 +130,19 @@ class Reference:
     def emit(self, final: bool = False) -> list[dict[str, Any]]:
         rows = []
         windows = self.windows()
+        if final:
+            self.before = dict(self.newest)
         for key, pts in windows.items():
-            if key not in self.emitted and (final or self.watermark(key[0]) >= key[3]):
+            # emitted again: readings of this call for a window whose end the watermark had passed before it
+            was = self.before[key[0]] - self.lateness if key[0] in self.before else -math.inf
+            again = key in self.touched and was >= key[3]
+            if again or (key not in self.emitted and (final or self.watermark(key[0]) >= key[3])):
                 self.emitted[key] = agg = ref_aggregates(pts)
-                rows.append(dict(zip(("device", "metric", "start_ms", "end_ms"), key, strict=True)) | agg)
-        for key, agg in self.emitted.items():  # an emitted window never changes afterwards
-            assert ref_aggregates(windows[key]) == agg or _canon([agg]) == _canon([ref_aggregates(windows[key])])
+                row = dict(zip(("device", "metric", "start_ms", "end_ms"), key, strict=True)) | agg
+                rows.append(row | {"update": again} if self.update_ms else row)
+        self.touched.clear()
+        for key, agg in self.emitted.items():  # an emitted window never changes afterwards (or is emitted again)
+            assert _canon([agg]) == _canon([ref_aggregates(windows[key])])
         return rows
 
 
@@ -194,14 +205,17 @@ def make(items: list[tuple[str, int, dict[str, float | bool]]]) -> list[Reading]
 # -- properties ------------------------------------------------------------------------------------------
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(items=readings_st, spec=specs, lateness=lateness_st, cuts=st.lists(st.integers(0, 100), max_size=6),
-       restore_at=st.integers(-1, 6))
+       restore_at=st.integers(-1, 6), update_ms=st.sampled_from([0, 0, 30_000, 200_000]))
 def test_matches_reference_call_by_call(items: list[Any], spec: Spec, lateness: int, cuts: list[int],
-                                        restore_at: int) -> None:
+                                        restore_at: int, update_ms: int) -> None:
     """Any arrival order (late readings included), any batching, a snapshot/restore anywhere: every call
-    emits exactly the windows the reference finalises then, with equal aggregates, and the same late count."""
+    emits exactly the windows the reference finalises (or updates) then, with equal aggregates, and the
+    same late count."""
     readings = make(items)
-    op = WindowOperator(spec, allowed_lateness_ms=lateness)
-    ref = Reference(spec, lateness)
+    update_ms = update_ms if isinstance(spec, Hopping) else 0
+    op = WindowOperator(spec, allowed_lateness_ms=lateness, on_late="update" if update_ms else "drop",
+                        update_ms=update_ms)
+    ref = Reference(spec, lateness, update_ms)
     for i, b in enumerate(split(readings, cuts)):
         if i == restore_at:
             op = WindowOperator.restore(op.snapshot())
@@ -340,3 +354,42 @@ def test_empty_batches_and_after_flush() -> None:
     out = op.process(_cols(make([("d", 5_000, {"t": 1.0}), ("e", 5_000, {"t": 1.0})])))  # d: after its flush
     assert (len(out), out.late, op.late_total) == (0, 1, 1)
     assert [r["device"] for r in op.flush().rows()] == ["e", "e"]
+
+
+@settings(max_examples=100, deadline=None)
+@given(items=readings_st, spec=specs.filter(lambda s: isinstance(s, Hopping)), lateness=lateness_st,
+       cuts=st.lists(st.integers(0, 100), max_size=6), update_ms=st.sampled_from([1_000, 60_000, 10**9]))
+def test_updates_end_where_one_batch_does(items: list[Any], spec: Hopping, lateness: int, cuts: list[int],
+                                          update_ms: int) -> None:
+    """on_late="update": the last version of each window is what one batch gives; with an update horizon
+    beyond every delay nothing is late and the windows equal those of the readings in event-time order."""
+    readings = make(items)
+
+    def last_versions(batches: list[list[Reading]]) -> tuple[list[Any], int]:
+        rows, late = run(WindowOperator(spec, allowed_lateness_ms=lateness, on_late="update",
+                                        update_ms=update_ms), batches)
+        final = {(r["device"], r["metric"], r["start_ms"]): {k: v for k, v in r.items() if k != "update"}
+                 for r in rows}
+        return _canon(list(final.values())), late
+
+    got = last_versions(split(readings, cuts))
+    assert got == last_versions([readings])
+    if update_ms == 10**9:
+        in_order = sorted(readings, key=lambda r: (r.ts_ms, r.key))
+        assert got == (_canon(run(WindowOperator(spec, allowed_lateness_ms=lateness), [in_order])[0]), 0)
+
+
+def test_update_example() -> None:
+    op = WindowOperator(tumbling(60_000), ["count", "sum"], allowed_lateness_ms=0, on_late="update",
+                        update_ms=120_000)
+    out = op.process(_cols(make([("d", 10_000, {"t": 1.0}), ("d", 61_000, {"t": 2.0})])))
+    assert [(r["count"], r["update"]) for r in out.rows()] == [(1, False)]
+    out = op.process(_cols(make([("d", 20_000, {"t": 3.0}), ("d", 200_000, {"t": 0.0})])))
+    assert [(r["end_ms"] - T0, r["count"], r["sum"], r["update"]) for r in out.rows()] == [
+        (60_000, 2, 4.0, True), (120_000, 1, 2.0, False)]
+    out = op.process(_cols(make([("d", 30_000, {"t": 5.0})])))  # watermark 200 s >= 60 s + 120 s: closed
+    assert (len(out), out.late) == (0, 1)
+    with pytest.raises(ValueError, match="sessions"):
+        WindowOperator(Session(1000), allowed_lateness_ms=0, on_late="update", update_ms=1)
+    with pytest.raises(ValueError, match="update_ms"):
+        WindowOperator(tumbling(1000), allowed_lateness_ms=0, on_late="update")

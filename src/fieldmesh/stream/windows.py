@@ -43,7 +43,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import msgspec
 import numpy as np
@@ -99,7 +99,7 @@ WindowSpec = Hopping | Session
 @dataclass(frozen=True, slots=True, eq=False)
 class WindowResults:
     """Windows emitted by one call, sorted by (end, device, metric, start); ``late``: readings x metrics
-    that arrived after at least one of their windows had been emitted (each counted once per call)."""
+    that arrived too late for at least one of their windows (each counted once)."""
 
     device: NDArray[np.object_]  # str
     metric: NDArray[np.object_]  # str
@@ -107,6 +107,9 @@ class WindowResults:
     end_ms: NDArray[np.int64]
     values: Mapping[str, NDArray[Any]]  # per aggregate asked for: count int64, the others float64
     late: int
+    # on_late="update": True for a window whose end the watermark had passed before this call (emitted
+    # before, or empty then), emitted again with late readings; False for a first emission
+    update: NDArray[np.bool_] | None = None
 
     def __len__(self) -> int:
         return len(self.start_ms)
@@ -116,6 +119,8 @@ class WindowResults:
         cols: dict[str, list[Any]] = {"device": self.device.tolist(), "metric": self.metric.tolist(),
                                       "start_ms": self.start_ms.tolist(), "end_ms": self.end_ms.tolist()}
         cols.update((k, v.tolist()) for k, v in self.values.items())
+        if self.update is not None:
+            cols["update"] = self.update.tolist()
         return [dict(zip(cols, r, strict=True)) for r in zip(*cols.values(), strict=True)]
 
 
@@ -266,6 +271,28 @@ def _exact_sum_squares(v: NDArray[np.float64]) -> tuple[int, int]:
     return exact_sum(np.concatenate([hi * hi, 2.0 * hi * lo, lo * lo]).tolist())
 
 
+def _expand(lo: NDArray[np.int64], hi: NDArray[np.int64],
+            floor: NDArray[np.int64] | None = None) -> tuple[NDArray[np.intp], NDArray[np.int64]]:
+    """Row ``i`` repeated for each ``q`` in ``[max(lo[i], floor[i]), hi[i]]``: (row numbers, q)."""
+    if floor is not None:
+        lo = np.maximum(lo, floor)
+    nq = np.maximum(hi - lo + 1, 0)
+    src = np.repeat(np.arange(len(lo)), nq)
+    return src, lo[src] + np.arange(len(src)) - np.repeat(np.cumsum(nq) - nq, nq)
+
+
+def _rows_in(rows: tuple[NDArray[np.int64], ...], among: tuple[NDArray[np.int64], ...]) -> NDArray[np.bool_]:
+    """Per row of the columns ``rows``: whether the same values occur as a row of ``among``."""
+    n = len(rows[0])
+    cols = [np.concatenate([r, a]) for r, a in zip(rows, among, strict=True)]
+    order = np.lexsort(cols[::-1])
+    starts = _segment_starts(*(c[order] for c in cols))
+    found = np.maximum.reduceat((order >= n).astype(np.int8), starts) if len(order) else np.empty(0, np.int8)
+    out = np.empty(len(order), dtype=bool)
+    out[order] = found[_group_ids(starts, len(order))] > 0
+    return out[:n]
+
+
 def _merge_sums(m: NDArray[np.object_], e: NDArray[np.int64], starts: NDArray[np.intp],
                 g: NDArray[np.intp]) -> tuple[NDArray[np.object_], NDArray[np.int64]]:
     emin = np.minimum.reduceat(e, starts)
@@ -280,9 +307,20 @@ class WindowOperator:
         aggregates: names from :data:`AGGREGATES`.
         allowed_lateness_ms: how far behind its device's newest event time a reading may arrive and still
             count in all its windows; windows are emitted that much later.
+        on_late: "drop" (default): a reading for an emitted window misses it and is counted. "update": for
+            ``update_ms`` of watermark time after its emission, a window still takes late readings and is
+            emitted again, whole, flagged in :attr:`WindowResults.update` (hopping windows only).
+        update_ms: with ``on_late="update"``, how long an emitted window stays open to updates.
     """
 
-    def __init__(self, spec: WindowSpec, aggregates: Iterable[str] = AGGREGATES, *, allowed_lateness_ms: int) -> None:
+    def __init__(self, spec: WindowSpec, aggregates: Iterable[str] = AGGREGATES, *, allowed_lateness_ms: int,
+                 on_late: Literal["drop", "update"] = "drop", update_ms: int = 0) -> None:
+        if (on_late == "update") != (update_ms > 0) or update_ms < 0:
+            raise ValueError('on_late="update" takes update_ms > 0; on_late="drop" takes none')
+        if on_late == "update" and not isinstance(spec, Hopping):
+            raise ValueError('on_late="update" is for hopping and tumbling windows; sessions drop late readings')
+        self.on_late: Final = on_late
+        self.update_ms: Final = update_ms
         self.spec: Final = spec
         self.aggregates: Final = tuple(aggregates)
         unknown = set(self.aggregates) - set(AGGREGATES)
@@ -338,7 +376,7 @@ class WindowOperator:
         if isinstance(self.spec, Hopping):
             hop, k = self.spec.hop_ms, self.spec.size_ms // self.spec.hop_ms
             pane = ts // hop
-            first_q = np.maximum(1, wm // hop + 1 - pane)  # windows q*hop > wm may still count it
+            first_q = np.maximum(1, (wm - self.update_ms) // hop + 1 - pane)  # q*hop + update_ms > wm count it
             late = int(np.count_nonzero(first_q > 1))
             keep = np.flatnonzero(first_q <= k)
             new = self._entry_parts(edev[keep], emet[keep], pane[keep], first_q[keep], ts[keep], v[keep])
@@ -393,25 +431,36 @@ class WindowOperator:
         p = _Parts.concat([self._parts, new]) if len(new) else self._parts
         lateness = self.allowed_lateness_ms
         if not len(p):
-            return self._results(p, np.empty(0, np.int64), np.empty(0, np.int64), late)
+            none = np.empty(0, np.int64)
+            return self._results(p, none, none, late, np.empty(0, bool) if self.update_ms else None)
         if isinstance(self.spec, Hopping):
             hop, k = self.spec.hop_ms, self.spec.size_ms // self.spec.hop_ms
             if len(new):
                 order = np.lexsort((p.b, p.a, p.met, p.dev))
                 p = self._reduce(p, order, _segment_starts(p.dev[order], p.met[order], p.a[order], p.b[order]))
-            q_done = (self._newest[p.dev] - lateness) // hop  # windows ending at q*hop <= watermark are final
-            q_lo = np.maximum(p.a + p.b, (before[p.dev] - lateness) // hop + 1)
-            q_hi = np.minimum(p.a + k, q_done)
-            nq = np.maximum(q_hi - q_lo + 1, 0)
-            src = np.repeat(np.arange(len(p)), nq)
-            q = q_lo[src] + np.arange(len(src)) - np.repeat(np.cumsum(nq) - nq, nq)
+            # windows ending at q*hop <= watermark are final; those before this call were emitted already
+            q_done = (self._newest[p.dev] - lateness) // hop
+            q_was = (before[p.dev] - lateness) // hop
+            h = self.update_ms
+            src, q = _expand(p.a + p.b, np.minimum(p.a + k, q_done),
+                             np.maximum(p.a + p.b, (before[p.dev] - lateness - h) // hop + 1))
+            again = q <= q_was[src]
+            if h and again.any():  # emitted before: again only if this call's readings changed it
+                t_src, t_q = _expand(new.a + new.b, np.minimum(new.a + k, (before[new.dev] - lateness) // hop))
+                hit = _rows_in((p.dev[src], p.met[src], q), (new.dev[t_src], new.met[t_src], t_q))
+                keep = np.flatnonzero(~again | hit)
+                src, q, again = src[keep], q[keep], again[keep]
+            else:
+                keep = np.flatnonzero(~again)
+                src, q, again = src[keep], q[keep], again[keep]
             win = p.take(src)
             order = np.lexsort((q, win.met, win.dev))
             starts = _segment_starts(win.dev[order], win.met[order], q[order])
             out = self._reduce(win, order, starts)
             end = q[order][starts] * hop
             start = end - self.spec.size_ms
-            self._parts = p.take(np.flatnonzero(p.a + k > q_done))
+            update = again[order][starts] if h else None
+            self._parts = p.take(np.flatnonzero(p.a + k > (self._newest[p.dev] - lateness - h) // hop))
         else:
             gap = self.spec.gap_ms
             order = np.lexsort((p.a, p.met, p.dev))
@@ -426,16 +475,19 @@ class WindowOperator:
             out = p.take(np.flatnonzero(closed))
             start, end = out.a, out.b + gap
             self._parts = p.take(np.flatnonzero(~closed))
-        return self._results(out, start, end, late)
+            update = None
+        return self._results(out, start, end, late, update)
 
     # -- results -------------------------------------------------------------------------------------
-    def _results(self, p: _Parts, start: NDArray[np.int64], end: NDArray[np.int64], late: int) -> WindowResults:
+    def _results(self, p: _Parts, start: NDArray[np.int64], end: NDArray[np.int64], late: int,
+                 update: NDArray[np.bool_] | None) -> WindowResults:
         dev_names = _objects(self._devices)
         met_names = _objects(self._metrics)
         dev_rank = np.argsort(np.argsort(dev_names.astype(str))) if self._devices else np.empty(0, np.int64)
         met_rank = np.argsort(np.argsort(met_names.astype(str))) if self._metrics else np.empty(0, np.int64)
         order = np.lexsort((start, met_rank[p.met], dev_rank[p.dev], end))
         p, start, end = p.take(order), start[order], end[order]
+        update = None if update is None else update[order]
         values: dict[str, NDArray[Any]] = {}
         n = p.count.tolist()
         spread: list[tuple[int, int]] | None = None
@@ -468,7 +520,7 @@ class WindowOperator:
                     p.fv.tolist(), p.fts.tolist(), p.lv.tolist(), p.lts.tolist(), strict=True)],
                     dtype=np.float64)
         return WindowResults(dev_names[p.dev], met_names[p.met], start.astype(np.int64), end.astype(np.int64),
-                             values, late)
+                             values, late, update)
 
     # -- durability ----------------------------------------------------------------------------------
     def snapshot(self) -> bytes:
@@ -478,7 +530,8 @@ class WindowOperator:
                 else ["session", self.spec.gap_ms])
         return _enc.encode(_Snapshot(
             spec=spec, aggregates=list(self.aggregates), allowed_lateness_ms=self.allowed_lateness_ms,
-            late_total=self.late_total, devices=self._devices, newest=self._newest.tolist(), metrics=self._metrics,
+            update_ms=self.update_ms, late_total=self.late_total, devices=self._devices,
+            newest=self._newest.tolist(), metrics=self._metrics,
             ints={n: getattr(p, n).tolist() for n in ("dev", "met", "a", "b", "count", "se", "qe", "fts", "lts")},
             floats={n: getattr(p, n).tolist() for n in ("mn", "mx", "fv", "lv")},
             big={n: [format(x, "x") for x in getattr(p, n).tolist()] for n in ("sm", "qm")},
@@ -486,10 +539,11 @@ class WindowOperator:
 
     @classmethod
     def restore(cls, data: bytes) -> WindowOperator:
-        """An operator in the state :meth:`snapshot` saved (same spec, aggregates and lateness)."""
+        """An operator in the state :meth:`snapshot` saved (same spec, aggregates, lateness and updates)."""
         s = _dec.decode(data)
         spec: WindowSpec = Hopping(s.spec[1], s.spec[2]) if s.spec[0] == "hopping" else Session(s.spec[1])
-        op = cls(spec, s.aggregates, allowed_lateness_ms=s.allowed_lateness_ms)
+        op = cls(spec, s.aggregates, allowed_lateness_ms=s.allowed_lateness_ms,
+                 on_late="update" if s.update_ms else "drop", update_ms=s.update_ms)
         op.late_total = s.late_total
         op._devices, op._metrics = list(s.devices), list(s.metrics)
         op._device_id = {d: i for i, d in enumerate(op._devices)}
@@ -506,6 +560,7 @@ class _Snapshot(msgspec.Struct, frozen=True):
     spec: list[Any]
     aggregates: list[str]
     allowed_lateness_ms: int
+    update_ms: int
     late_total: int
     devices: list[str]
     newest: list[int]
