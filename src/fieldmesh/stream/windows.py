@@ -17,7 +17,8 @@ counted (:attr:`WindowResults.late`, :attr:`WindowOperator.late_total`), never s
 most ``allowed_lateness_ms`` older than the newest one of its device never misses a window, so any arrival
 order within that bound gives the same windows. Hopping: a reading misses only the windows already
 emitted and still counts in its later ones. Sessions: a reading older than its device's watermark is
-dropped whole (it might bridge into a session already emitted).
+dropped whole (it might bridge into a session already emitted). With ``on_late="update"`` (hopping
+windows), an emitted window keeps taking late readings for ``update_ms`` and is emitted again, flagged.
 
 **Windows.** :class:`Hopping` windows ``[start, start + size_ms)`` start at every multiple of ``hop_ms``
 (from the Unix epoch), so a reading belongs to ``size_ms / hop_ms`` windows; ``hop_ms`` must divide
