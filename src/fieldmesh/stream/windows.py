@@ -272,6 +272,18 @@ def _exact_sum_squares(v: NDArray[np.float64]) -> tuple[int, int]:
     return exact_sum(np.concatenate([hi * hi, 2.0 * hi * lo, lo * lo]).tolist())
 
 
+def _first_last(fts: NDArray[np.int64], fv: NDArray[np.float64], lts: NDArray[np.int64], lv: NDArray[np.float64],
+                starts: NDArray[np.intp]) -> tuple[NDArray[np.int64], NDArray[np.float64], NDArray[np.int64],
+                                                   NDArray[np.float64]]:
+    """Per group: the smallest (fts, fv) and the largest (lts, lv), without sorting (values are finite)."""
+    g = _group_ids(starts, len(fts))
+    first_ts = np.minimum.reduceat(fts, starts)
+    first_v = np.minimum.reduceat(np.where(fts == first_ts[g], fv, np.inf), starts)
+    last_ts = np.maximum.reduceat(lts, starts)
+    last_v = np.maximum.reduceat(np.where(lts == last_ts[g], lv, -np.inf), starts)
+    return first_ts, first_v, last_ts, last_v
+
+
 def _expand(lo: NDArray[np.int64], hi: NDArray[np.int64],
             floor: NDArray[np.int64] | None = None) -> tuple[NDArray[np.intp], NDArray[np.int64]]:
     """Row ``i`` repeated for each ``q`` in ``[max(lo[i], floor[i]), hi[i]]``: (row numbers, q)."""
@@ -296,8 +308,19 @@ def _rows_in(rows: tuple[NDArray[np.int64], ...], among: tuple[NDArray[np.int64]
 
 def _merge_sums(m: NDArray[np.object_], e: NDArray[np.int64], starts: NDArray[np.intp],
                 g: NDArray[np.intp]) -> tuple[NDArray[np.object_], NDArray[np.int64]]:
-    emin = np.minimum.reduceat(e, starts)
-    return np.add.reduceat(np.left_shift(m, (e - emin[g]).astype(object)), starts), emin
+    """Exact sums ``m * 2**e`` merged per group; Python-int work only for groups of two rows or more
+    (most of the state is single rows when a batch's panes are folded in)."""
+    sizes = np.diff(np.append(starts, len(m)))
+    out_m, out_e = m[starts], e[starts]
+    multi = sizes > 1
+    if multi.any():
+        rows = np.flatnonzero(multi[g])  # whole groups, still contiguous
+        sub = np.searchsorted(rows, starts[multi])
+        em, ee = m[rows], e[rows]
+        emin = np.minimum.reduceat(ee, sub)
+        out_m[multi] = np.add.reduceat(np.left_shift(em, (ee - emin[_group_ids(sub, len(rows))]).astype(object)), sub)
+        out_e[multi] = emin
+    return out_m, out_e
 
 
 class WindowOperator:
@@ -340,7 +363,9 @@ class WindowOperator:
         self.late_total = 0
 
     # -- identifiers ---------------------------------------------------------------------------------
-    def _ids(self, names: tuple[str, ...], table: list[str], index: dict[str, int]) -> NDArray[np.int64]:
+    @staticmethod
+    def _ids(names: tuple[str, ...], table: list[str], index: dict[str, int]) -> NDArray[np.int64]:
+        """Operator-wide ids of a batch's dictionary ``names`` (new names are appended to ``table``)."""
         for s in names:
             if s not in index:
                 index[s] = len(table)
@@ -354,7 +379,8 @@ class WindowOperator:
 
     # -- processing ----------------------------------------------------------------------------------
     def process(self, cols: ReadingColumns) -> WindowResults:
-        """Take a batch (rows in arrival order); return the windows it made final."""
+        """Take a batch (rows in arrival order); return the windows it made final (and, with
+        ``on_late="update"``, the emitted windows its late readings changed)."""
         dev_of = self._ids(cols.devices, self._devices, self._device_id)
         met_of = self._ids(cols.metrics, self._metrics, self._metric_id)
         if len(self._newest) < len(self._devices):
@@ -400,14 +426,14 @@ class WindowOperator:
         """Readings x metrics grouped into partial aggregates per (dev, met, a, b)."""
         if not len(v):
             return _Parts.empty()
-        order = np.lexsort((v, ts, b, a, met, dev))  # in a group: by (ts, value), so first/last are the ends
+        order = np.lexsort((b, a, met, dev))
         dev, met, a, b, ts, v = dev[order], met[order], a[order], b[order], ts[order], v[order]
         starts = _segment_starts(dev, met, a, b)
-        ends = np.append(starts[1:], len(v)) - 1
         sm, se, qm, qe = _exact_sums(v, starts, self._squares)
+        fts, fv, lts, lv = _first_last(ts, v, ts, v, starts)
         return _Parts(dev[starts], met[starts], a[starts], b[starts], np.diff(np.append(starts, len(v))),
                       sm, se, qm, qe, np.minimum.reduceat(v, starts), np.maximum.reduceat(v, starts),
-                      ts[starts], v[starts], ts[ends], v[ends])
+                      fts, fv, lts, lv)
 
     def _reduce(self, p: _Parts, order: NDArray[np.intp], starts: NDArray[np.intp]) -> _Parts:
         """Merge the rows of ``p`` taken in ``order`` into one per group beginning at ``starts``;
@@ -417,15 +443,12 @@ class WindowOperator:
         if not n:
             return p
         g = _group_ids(starts, n)
-        ends = np.append(starts[1:], n) - 1
         sm, se = _merge_sums(p.sm, p.se, starts, g)
         qm, qe = _merge_sums(p.qm, p.qe, starts, g) if self._squares else (p.qm[starts], p.qe[starts])
-        first = np.lexsort((p.fv, p.fts, g))[starts]
-        last = np.lexsort((p.lv, p.lts, g))[ends]
         return _Parts(p.dev[starts], p.met[starts], np.minimum.reduceat(p.a, starts), np.maximum.reduceat(p.b, starts),
                       np.add.reduceat(p.count, starts), sm, se, qm, qe,
                       np.minimum.reduceat(p.mn, starts), np.maximum.reduceat(p.mx, starts),
-                      p.fts[first], p.fv[first], p.lts[last], p.lv[last])
+                      *_first_last(p.fts, p.fv, p.lts, p.lv, starts))
 
     def _advance(self, new: _Parts, before: NDArray[np.int64], late: int) -> WindowResults:
         """Fold ``new`` into the state; emit and evict what the watermarks (moved from ``before``) closed."""
@@ -443,16 +466,13 @@ class WindowOperator:
             q_done = (self._newest[p.dev] - lateness) // hop
             q_was = (before[p.dev] - lateness) // hop
             h = self.update_ms
-            src, q = _expand(p.a + p.b, np.minimum(p.a + k, q_done),
-                             np.maximum(p.a + p.b, (before[p.dev] - lateness - h) // hop + 1))
+            # each part's windows not emitted yet, and (on_late="update") those still open to updates
+            src, q = _expand(p.a + p.b, np.minimum(p.a + k, q_done), (before[p.dev] - lateness - h) // hop + 1)
             again = q <= q_was[src]
-            if h and again.any():  # emitted before: again only if this call's readings changed it
+            if again.any():  # emitted before: again only if this call's readings changed it
                 t_src, t_q = _expand(new.a + new.b, np.minimum(new.a + k, (before[new.dev] - lateness) // hop))
                 hit = _rows_in((p.dev[src], p.met[src], q), (new.dev[t_src], new.met[t_src], t_q))
                 keep = np.flatnonzero(~again | hit)
-                src, q, again = src[keep], q[keep], again[keep]
-            else:
-                keep = np.flatnonzero(~again)
                 src, q, again = src[keep], q[keep], again[keep]
             win = p.take(src)
             order = np.lexsort((q, win.met, win.dev))
