@@ -393,3 +393,15 @@ def test_update_example() -> None:
         WindowOperator(Session(1000), allowed_lateness_ms=0, on_late="update", update_ms=1)
     with pytest.raises(ValueError, match="update_ms"):
         WindowOperator(tumbling(1000), allowed_lateness_ms=0, on_late="update")
+
+
+@settings(max_examples=500, deadline=None)
+@given(a=st.integers(1, 2**300), b=st.integers(1, 2**300), root=st.integers(1, 2**54), k=st.integers(-300, 300))
+def test_stddev_square_root_is_correctly_rounded(a: int, b: int, root: int, k: int) -> None:
+    """The square root behind the stddevs, on any ratio and on exact squares (midpoints between floats
+    included, where a float estimate alone would round the wrong way)."""
+    from fieldmesh.stream.windows import _sqrt_ratio
+
+    assert _sqrt_ratio(a, b) == _sqrt(Fraction(a, b))
+    num, den = (root * root << 2 * k, 1) if k >= 0 else (root * root, 1 << -2 * k)
+    assert _sqrt_ratio(num, den) == _sqrt(Fraction(num, den))

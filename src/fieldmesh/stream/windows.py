@@ -596,9 +596,26 @@ _dec = msgspec.msgpack.Decoder(_Snapshot)
 
 
 def _sqrt_ratio(num: int, den: int) -> float:
-    """The correctly rounded float of sqrt(num / den) (num >= 0, den > 0)."""
+    """The correctly rounded float of sqrt(num / den) (num >= 0, den > 0).
+
+    Usually the float square root of the correctly rounded quotient, accepted when sqrt(num / den) lies
+    strictly between the midpoints to its neighbours (checked exactly, squared); else (ties, rare
+    near-ties, extreme magnitudes) an integer square root with a sticky bit.
+    """
     if num == 0:
         return 0.0
+    f = math.sqrt(num / den) if num.bit_length() - den.bit_length() < 1000 else math.inf
+    if 2.0**-900 < f < 2.0**900:
+        m, e = math.frexp(f)
+        mant = int(m * 2.0**53)  # f = mant * 2**(e - 53)
+        if mant != 1 << 52:  # a power of two has a nearer neighbour below
+            shift = 2 * (e - 54)  # the midpoints are (2 * mant -+ 1) * 2**(e - 54)
+            lo, hi = (2 * mant - 1) ** 2 * den, (2 * mant + 1) ** 2 * den
+            scaled = num << -shift if shift < 0 else num
+            if shift > 0:
+                lo, hi = lo << shift, hi << shift
+            if lo < scaled < hi:
+                return f
     k = max(0, (116 - num.bit_length() + den.bit_length()) // 2 + 1)  # >= 56 bits of root
     x, rem = divmod(num << (2 * k), den)
     r = math.isqrt(x)
