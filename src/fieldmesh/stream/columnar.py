@@ -9,9 +9,9 @@ with array operations instead of a Python step per reading:
   carry the device's segment number in their high bits, then the state's watermark is folded in;
 * first occurrences: ``np.unique(key, return_index=True)``; collisions (astronomically rare) run the
   reference's probe in Python;
-* windows: the new readings' measurement entries are sorted once by (device name, metric name, event
-  time), which orders them by window for every interval; each interval's groups are then reduced with
-  ``reduceat``: count, min, max, and the exact sum from integer mantissas (see :func:`_exact_sums`).
+* windows: the new readings' measurement entries get dense ids of their (device, metric, window) group,
+  numbered in output order without a sort, and are reduced with ``ufunc.at``: count, min, max, and the
+  exact sum from integer mantissas (see :func:`_exact_sums`).
 
 Python loops that remain run per record, per device, per bus position or per colliding reading, never
 per reading.
@@ -140,7 +140,8 @@ def decide(
     late = np.zeros(n, dtype=np.bool_)
     if n:
         ts = cols.ts_ms
-        order = np.argsort(cols.device, kind="stable")
+        # stable, and a radix sort for codes that fit 16 bits
+        order = np.argsort(cols.device.astype(np.uint16) if len(cols.devices) <= 2**16 else cols.device, kind="stable")
         dev_sorted = cols.device[order]
         ts_sorted = ts[order]
         starts = np.flatnonzero(np.r_[True, dev_sorted[1:] != dev_sorted[:-1]])
@@ -282,127 +283,161 @@ def _name_rank(names: tuple[str, ...]) -> NDArray[np.int64]:
     return rank
 
 
+def _group_ids(pair: _I64, npairs: int, ws: _I64, width: int) -> tuple[NDArray[np.intp], int]:
+    """Dense ids of the (pair, window) groups of the entries, numbered in (pair, window) order; and how many.
+
+    Without a sort when the id space is small (the common case: a batch spans hours, so few windows per
+    pair): mark the ids present in a table and number them by a running count. Else ``np.unique``.
+    """
+    lo = int(ws.min())
+    nws = (int(ws.max()) - lo) // width + 1
+    if npairs * nws <= 8 * len(ws) + 4096:
+        g = pair * nws + (ws - lo) // width
+        present = np.zeros(npairs * nws, dtype=np.bool_)
+        present[g] = True
+        dense = np.cumsum(present, dtype=np.intp) - 1
+        return dense[g], int(dense[-1]) + 1
+    if (npairs * nws).bit_length() <= 62:
+        _, ids = np.unique(pair * nws + (ws - lo) // width, return_inverse=True)
+    else:
+        _, ids = np.unique(np.stack([pair, ws], axis=1), axis=0, return_inverse=True)
+    ids = ids.reshape(-1)
+    return ids, int(ids.max()) + 1
+
+
 def _windows(new: ReadingColumns, intervals: Mapping[str, int]) -> dict[str, WindowDeltas]:
-    """Exact window deltas of every interval from the new readings' measurement entries."""
-    row = new.m_row
-    dev = _name_rank(new.devices)[new.device[row]]
-    met = _name_rank(new.metrics)[new.m_metric]
-    ts = new.ts_ms[row]
-    # one sort by (device name, metric name, event time) orders the entries by window for every interval
-    if len(ts):
-        lo = int(ts.min())
-        bits = (int(ts.max()) - lo).bit_length()
-        pair = dev * len(new.metrics) + met
-        if (len(new.devices) * len(new.metrics)).bit_length() + bits <= 62:
-            order = np.argsort((pair << bits) | (ts - lo))
-        else:
-            order = np.lexsort((ts, met, dev))
-        dev, met, ts, pair = dev[order], met[order], ts[order], pair[order]
-        value = new.m_value[order]
-        # exact integer form of every value: value = mant * 2**exp with mant odd (or 0), |value| < 2**top
-        frac, top_ = np.frexp(value)
-        mant = (frac * 2.0**53).astype(np.int64)
-        top = top_.astype(np.int64)
-        exp = top - 53
-        zero = mant == 0
-        low = mant & -mant  # the lowest set bit (a power of two, exact as a float)
-        tz = np.frexp(np.where(zero, 1, low).astype(np.float64))[1].astype(np.int64) - 1
-        mant >>= tz
-        exp = np.where(zero, _NO_EXP, exp + tz)
-        top = np.where(zero, -_NO_EXP, top)
-        pair_change = np.r_[True, pair[1:] != pair[:-1]]
-    dev_names = _objects(new.devices)[np.argsort(_name_rank(new.devices))]  # by rank
-    met_names = _objects(new.metrics)[np.argsort(_name_rank(new.metrics))]
+    """Exact window deltas of every interval from the new readings' measurement entries.
+
+    No sort: entries get dense group ids in output order (device name, metric name, window start) and
+    are reduced with unbuffered ``ufunc.at`` (``np.add.at``, ``np.minimum.at``: a few ns per entry).
+    """
     out: dict[str, WindowDeltas] = {}
-    for name, width in intervals.items():
-        if not len(ts):
-            out[name] = WindowDeltas(name, width, _objects([]), _objects([]), np.empty(0, np.int64),
-                                     np.empty(0, np.int64), _objects([]), np.empty(0, np.int64),
+    if not len(new.m_row):
+        for name, width in intervals.items():
+            e = np.empty(0, np.int64)
+            out[name] = WindowDeltas(name, width, _objects([]), _objects([]), e, e, _objects([]), e,
                                      np.empty(0, np.float64), np.empty(0, np.float64))
-            continue
+        return out
+    drank, mrank = _name_rank(new.devices), _name_rank(new.metrics)
+    nmet = len(new.metrics)
+    pair = drank[new.device[new.m_row]] * nmet + mrank[new.m_metric]
+    ts = new.ts_ms[new.m_row]
+    value = new.m_value
+    # exact integer form of every value: value = mant * 2**exp with mant odd (or 0), |value| < 2**top
+    frac, top_ = np.frexp(value)
+    mant = (frac * 2.0**53).astype(np.int64)
+    top = top_.astype(np.int64)
+    zero = mant == 0
+    low = mant & -mant  # the lowest set bit (a power of two, exact as a float)
+    tz = np.frexp(np.where(zero, 1, low).astype(np.float64))[1].astype(np.int64) - 1
+    mant >>= tz
+    exp = np.where(zero, _NO_EXP, top - 53 + tz)
+    top = np.where(zero, -_NO_EXP, top)
+    dev_names = _objects(new.devices)[np.argsort(drank)]  # by rank
+    met_names = _objects(new.metrics)[np.argsort(mrank)]
+    for name, width in intervals.items():
         ws = ts - ts % width
-        starts = np.flatnonzero(pair_change | np.r_[True, ws[1:] != ws[:-1]])
-        count = np.diff(np.r_[starts, len(ts)])
-        sum_m, sum_e = _exact_sums(mant, exp, top, starts, count)
+        ids, groups = _group_ids(pair, len(new.devices) * nmet, ws, width)
+        rep = np.empty(groups, dtype=np.intp)
+        rep[ids] = np.arange(len(ids))  # an entry of each group
+        lo = np.full(groups, np.inf)
+        np.minimum.at(lo, ids, value)
+        hi = np.full(groups, -np.inf)
+        np.maximum.at(hi, ids, value)
+        sum_m, sum_e = _exact_sums(mant, exp, top, ids, groups)
+        p = pair[rep]
         out[name] = WindowDeltas(
-            interval=name, width_ms=width,
-            device=dev_names[dev[starts]], metric=met_names[met[starts]],
-            window_start_ms=ws[starts], count=count.astype(np.int64), sum_m=sum_m, sum_e=sum_e,
-            min=np.minimum.reduceat(value, starts), max=np.maximum.reduceat(value, starts),
+            interval=name, width_ms=width, device=dev_names[p // nmet], metric=met_names[p % nmet],
+            window_start_ms=ws[rep], count=np.bincount(ids, minlength=groups).astype(np.int64),
+            sum_m=sum_m, sum_e=sum_e, min=lo, max=hi,
         )
     return out
 
 
 def _exact_sums(
-    mant: _I64, exp: _I64, top: _I64, starts: NDArray[np.intp], count: NDArray[np.intp]
+    mant: _I64, exp: _I64, top: _I64, ids: NDArray[np.intp], groups: int
 ) -> tuple[NDArray[np.object_], _I64]:
-    """Exact sum of each group (entries ``starts[g]`` up to the next start) as ``sum_m * 2**sum_e``.
+    """Exact sum of each group (entries with ``ids == g``) as ``sum_m * 2**sum_e``.
 
     Each value is ``mant * 2**exp`` with ``|value| < 2**top``. Shifted to the group's lowest exponent
     ``emin``, value i is the integer ``x_i = mant_i << s_i`` (``s_i = exp_i - emin``) with
-    ``|x_i| < 2**w`` where ``w = max(top) - emin`` over the group. Split
-    ``x_i = h_i * 2**31 + l_i`` with ``0 <= l_i < 2**31`` (``h_i = floor(x_i / 2**31)``, computed by
-    shifting ``mant_i`` so nothing is formed wider than 64 bits), so ``|h_i| <= 2**max(w - 31, 0)``.
+    ``|x_i| < 2**w`` where ``w = max(top) - emin`` over the group; a group of ``c`` values has
+    ``c < 2**bitlen(c)``.
 
-    Bound: a group of ``c`` values has ``c < 2**bitlen(c)``, so ``|sum h| <= c * 2**max(w - 31, 0) <
-    2**(bitlen(c) + max(w - 31, 0))``, which is at most 2**63 when ``w + bitlen(c) <= 94`` (and
-    ``bitlen(c) <= 63``); ``sum l < c * 2**31 < 2**63`` for ``c < 2**32``. Every partial sum of
-    ``np.add.reduceat`` is bounded the same way, so int64 never overflows, and
-    ``sum = (sum h * 2**31 + sum l) * 2**emin`` exactly. A group past the bound (values more than ~2**40
-    apart in magnitude with full mantissas) is summed with Python ints, still without a loop: numpy
-    applies ``<<`` and ``+`` to object arrays.
+    * ``w + bitlen(c) <= 63`` (most groups: values of similar magnitude): ``|sum x| < c * 2**w <
+      2**(bitlen(c) + w) <= 2**63``, and so is every partial sum, in any order: int64 never overflows.
+    * ``w + bitlen(c) <= 94``: two limbs, ``x_i = h_i * 2**31 + l_i`` with ``0 <= l_i < 2**31``
+      (``h_i = floor(x_i / 2**31)``, computed by shifting ``mant_i``, so nothing is formed wider than
+      64 bits), so ``|h_i| <= 2**max(w - 31, 0)`` and ``|sum h| < 2**(bitlen(c) + max(w - 31, 0)) <= 2**63``;
+      ``sum l < c * 2**31 < 2**63`` for ``c < 2**32``. Then ``sum x = sum h * 2**31 + sum l`` exactly.
+    * beyond (values more than ~2**40 apart in magnitude, with full mantissas): Python ints, still
+      without a Python loop (numpy applies ``<<`` and ``+`` to object arrays).
     """
-    emin = np.minimum.reduceat(exp, starts)
-    width = np.maximum.reduceat(top, starts) - emin
-    emin = np.where(emin == _NO_EXP, 0, emin)  # a group of zeros
-    group = np.repeat(np.arange(len(starts)), count)
-    shift = exp - emin[group]
-    shift = np.where(mant == 0, 0, shift)
-    bitlen = np.frexp(count.astype(np.float64))[1].astype(np.int64)  # bit length of each count
-    fast = width + bitlen <= 94
-    up = shift - _LIMB  # >= 0: x_i = mant_i << up is the high limb, the low one 0
-    hi = np.where(up >= 0, mant << np.clip(up, 0, 63), mant >> np.clip(-up, 0, 63))
-    down = np.clip(_LIMB - shift, 0, _LIMB)
-    lo = np.where(up >= 0, 0, (mant & ((np.int64(1) << down) - 1)) << np.clip(shift, 0, _LIMB))
-    sum_m = np.empty(len(starts), dtype=object)
-    if fast.all():
-        hs, ls = np.add.reduceat(hi, starts), np.add.reduceat(lo, starts)
-        sum_m[:] = hs.astype(object) * (1 << _LIMB) + ls.astype(object)
-        return sum_m, emin
-    fast_entries = fast[group]
-    f_starts = np.cumsum(np.r_[0, count[fast][:-1]])
-    if fast.any():
-        hs = np.add.reduceat(hi[fast_entries], f_starts)
-        ls = np.add.reduceat(lo[fast_entries], f_starts)
-        sum_m[fast] = hs.astype(object) * (1 << _LIMB) + ls.astype(object)
-    slow = ~fast
-    s_starts = np.cumsum(np.r_[0, count[slow][:-1]])
-    x = mant[~fast_entries].astype(object) << shift[~fast_entries].astype(object)
-    sum_m[slow] = np.add.reduceat(x, s_starts)
-    return sum_m, emin
+    emin = np.full(groups, _NO_EXP, dtype=np.int64)
+    np.minimum.at(emin, ids, exp)
+    width = np.full(groups, -_NO_EXP, dtype=np.int64)
+    np.maximum.at(width, ids, top)
+    width -= emin
+    emin[emin == _NO_EXP] = 0  # a group of zeros
+    count = np.bincount(ids, minlength=groups)
+    shift = np.where(mant == 0, 0, exp - emin[ids])
+    need = width + np.frexp(count.astype(np.float64))[1].astype(np.int64)  # w + bitlen(c)
+    one = need <= 63
+    x = mant << np.minimum(shift, 63)  # right for the entries of one-limb groups
+    if not one.all():
+        x[~one[ids]] = 0
+    sums = np.zeros(groups, dtype=np.int64)
+    np.add.at(sums, ids, x)
+    sum_m = sums.astype(object)
+    two = ~one & (need <= 94)
+    if two.any():
+        sel = two[ids]
+        m, sh, g = mant[sel], shift[sel], ids[sel]
+        up = sh - _LIMB  # >= 0: the high limb is m << up, the low one 0
+        hi = np.where(up >= 0, m << np.clip(up, 0, 63), m >> np.clip(-up, 0, 63))
+        lo = np.where(up >= 0, 0, (m & ((np.int64(1) << np.clip(-up, 0, _LIMB)) - 1)) << np.clip(sh, 0, _LIMB))
+        hs = np.zeros(groups, dtype=np.int64)
+        np.add.at(hs, g, hi)
+        ls = np.zeros(groups, dtype=np.int64)
+        np.add.at(ls, g, lo)
+        sum_m[two] = hs[two].astype(object) * (1 << _LIMB) + ls[two].astype(object)
+    big = need > 94
+    if big.any():
+        sel = big[ids]
+        acc = np.zeros(groups, dtype=object)
+        np.add.at(acc, ids[sel], mant[sel].astype(object) << shift[sel].astype(object))
+        sum_m[big] = acc[big]
+    return np.asarray(sum_m, dtype=object), emin
 
 
 def _devices(new: ReadingColumns) -> DeviceDeltas:
     """Per device of the new readings (sorted by name): received and event-time ranges, count; the
-    (device, metric) pairs seen."""
+    (device, metric) pairs seen. Device ranks are dense ids already: reduced with ``ufunc.at``."""
     if not len(new):
         e = np.empty(0, np.int64)
         return DeviceDeltas(_objects([]), e, e, e, e, e, ())
     rank = _name_rank(new.devices)
     dev = rank[new.device]
-    order = np.argsort(dev, kind="stable")
-    d = dev[order]
-    starts = np.flatnonzero(np.r_[True, d[1:] != d[:-1]])
-    rx, ts = new.received_ms[order], new.ts_ms[order]
+    ndev = len(new.devices)
+    count = np.bincount(dev, minlength=ndev)
+    seen = np.flatnonzero(count)
+
+    def reduce(ufunc: np.ufunc, values: _I64, init: int) -> _I64:
+        acc = np.full(ndev, init, dtype=np.int64)
+        ufunc.at(acc, dev, values)
+        return acc[seen]
+
+    big, small = np.iinfo(np.int64).max, np.iinfo(np.int64).min
     names = _objects(new.devices)[np.argsort(rank)]  # rank -> name
+    mrank = _name_rank(new.metrics)
     nmet = len(new.metrics)
-    pairs = np.unique(rank[new.device[new.m_row]] * nmet + _name_rank(new.metrics)[new.m_metric])
-    met_names = [new.metrics[i] for i in np.argsort(_name_rank(new.metrics)).tolist()]
+    pairs = np.flatnonzero(np.bincount(dev[new.m_row] * nmet + mrank[new.m_metric], minlength=ndev * nmet))
+    met_names = _objects(new.metrics)[np.argsort(mrank)]
     return DeviceDeltas(
-        device=names[d[starts]],
-        first_received_ms=np.minimum.reduceat(rx, starts), last_received_ms=np.maximum.reduceat(rx, starts),
-        first_ts_ms=np.minimum.reduceat(ts, starts), last_ts_ms=np.maximum.reduceat(ts, starts),
-        count=np.diff(np.r_[starts, len(d)]).astype(np.int64),
-        metric_pairs=tuple(zip(names[pairs // nmet].tolist(), [met_names[m] for m in (pairs % nmet).tolist()],
-                               strict=True)),
+        device=names[seen],
+        first_received_ms=reduce(np.minimum, new.received_ms, big),
+        last_received_ms=reduce(np.maximum, new.received_ms, small),
+        first_ts_ms=reduce(np.minimum, new.ts_ms, big), last_ts_ms=reduce(np.maximum, new.ts_ms, small),
+        count=count[seen].astype(np.int64),
+        metric_pairs=tuple(zip(names[pairs // nmet].tolist(), met_names[pairs % nmet].tolist(), strict=True)),
     )
