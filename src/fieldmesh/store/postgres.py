@@ -44,7 +44,7 @@ from fieldmesh.core.model import DeadLetter, Reading
 from fieldmesh.store.base import ApplyResult, Position, QueryResult, StoreStats
 from fieldmesh.store.rollup import Acc, RollupKey, merge_acc, rollup_deltas
 from fieldmesh.store.rows import device_row, dlq_row, raw_row, rollup_query, rollup_row, where_clause
-from fieldmesh.store.seqgaps import SeqKey, SeqRange, listing, merge_ranges, range_gaps, seq_spans, seq_triples
+from fieldmesh.store.seqgaps import SeqBatch, SeqKey, SeqRange, listing, merge_ranges, range_gaps, seq_batch, seq_spans
 
 __all__ = ["SCHEMA_VERSION", "PostgresStore", "check_read_only_sql"]
 
@@ -485,7 +485,7 @@ class PostgresStore:
                 for interval, deltas in rollup_deltas(new).items():
                     self._merge_rollups(cur, interval, deltas)
                 self._update_devices(cur, new)
-                gaps = self._update_gaps(cur, new)
+                gaps = self._update_gaps(cur, seq_batch(new))
             if dead_letters:
                 with cur.copy(
                     "COPY dlq (reason, detail, topic, device_id, received_ms, payload, truncated) FROM STDIN"
@@ -691,14 +691,14 @@ class PostgresStore:
             )
             self._pending_metrics = pairs
 
-    def _update_gaps(self, cur: Any, new: Sequence[Reading]) -> int:
+    def _update_gaps(self, cur: Any, new: SeqBatch) -> int:
         """Fold the new readings' seqs into their ranges (:mod:`fieldmesh.store.seqgaps`); return the change in gaps.
 
         Each key's range row is created if missing and locked (key order) before anything is
         decided, so writers of one key (replicas handing a partition over) take turns; the set's
         insert counts only triples no transaction had stored.
         """
-        triples = seq_triples(new)
+        triples = new.triples
         if not triples:
             return 0
         spans = seq_spans(triples)
