@@ -275,6 +275,9 @@ class _Txn:
 class SqliteStore:
     """SQLite hot store. A writer (``readonly=False``) creates the schema; readers open per thread."""
 
+    #: the sink's name (logs, stats): the hot store
+    name: str = "hot"
+
     def __init__(self, url: str, *, readonly: bool = False) -> None:
         self.url = url
         self.path = _path_of(url)
@@ -374,11 +377,6 @@ class SqliteStore:
             self._local.con = None
 
     # -- the write path ----------------------------------------------------------------------
-    @property
-    def name(self) -> str:
-        """The sink's name (in logs and stats)."""
-        return "hot"
-
     def applied(self) -> dict[Position, int]:
         """The positions committed with the data (:class:`~fieldmesh.store.base.Sink`)."""
         return self.positions()
