@@ -210,10 +210,11 @@ def test_concurrent_writers_creating_the_same_ranges_count_exactly(store_url: st
 
 
 def _downgrade_to_v1(url: str) -> None:
-    """Make the store what schema version 1 was: no seq tables, no gaps counter."""
+    """Make the store what schema version 1 was: no seq tables, no gaps counter, no key origins."""
+    keys = "idents" if url.startswith("sqlite:///") else "reading_keys"
     stmts = [
         "DROP TABLE seqs", "DROP TABLE seq_ranges", "DELETE FROM counters WHERE name = 'gaps'",
-        "UPDATE meta SET value = '1' WHERE key = 'schema_version'",
+        f"ALTER TABLE {keys} DROP COLUMN origin", "UPDATE meta SET value = '1' WHERE key = 'schema_version'",
     ]  # fmt: skip
     if url.startswith("sqlite:///"):
         con = sqlite3.connect(url[len("sqlite:///") :])

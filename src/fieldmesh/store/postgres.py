@@ -45,8 +45,8 @@ from fieldmesh.core.errors import (
 from fieldmesh.core.exact import exact_avg, exact_value, format_exact, parse_exact
 from fieldmesh.core.model import DeadLetter, Reading
 from fieldmesh.store.base import INTERVALS, ApplyResult, DeviceSummary, HotTxn, Position, QueryResult, StoreStats
-from fieldmesh.store.batchrows import answers, device_aggs, raw_columns, window_accs, write_via_commit
-from fieldmesh.store.rollup import Acc, RollupKey, merge_acc, rollup_deltas
+from fieldmesh.store.batchrows import answers, apply_readings, device_aggs, raw_columns, window_accs, write_via_commit
+from fieldmesh.store.rollup import Acc, RollupKey, merge_acc
 from fieldmesh.store.rows import device_row, dlq_row, raw_row, rollup_query, rollup_row, where_clause
 from fieldmesh.store.seqgaps import SeqBatch, SeqKey, SeqRange, listing, merge_ranges, range_gaps, seq_batch, seq_spans
 
@@ -58,7 +58,6 @@ T = TypeVar("T")
 #: 2 added ``seqs`` and ``seq_ranges`` (sequence gaps); 3 added ``reading_keys.origin`` (the bus record
 #: that claimed the key, so a replay decides as before). Older stores are migrated on open.
 SCHEMA_VERSION: Final = 3
-_KEY_SPACE: Final = 1 << 63
 _DAY_MS: Final = 86_400_000
 _SAFE_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _enc = msgspec.json.Encoder()
@@ -123,9 +122,6 @@ _READINGS_COLS = """
     id BIGINT NOT NULL, chk BIGINT NOT NULL, device_id TEXT NOT NULL, ts_ms BIGINT NOT NULL,
     seq BIGINT, boot_id TEXT, event_id TEXT, measurements JSONB NOT NULL, meta JSONB,
     received_ms BIGINT NOT NULL, stored_ms BIGINT NOT NULL, enrichment JSONB
-"""
-_TEMP = """
-CREATE TEMP TABLE IF NOT EXISTS _fm_keys (id BIGINT, chk BIGINT) ON COMMIT DELETE ROWS;
 """
 
 
@@ -397,7 +393,6 @@ class PostgresStore:
         self._check_version(w)
         row = w.execute("SELECT value FROM meta WHERE key = 'layout'").fetchone()
         self.timescale = bool(row and row[0] == "timescaledb")
-        w.execute(_TEMP)
         self._parts = {
             int(r[0])
             for r in w.execute(
@@ -518,7 +513,6 @@ class PostgresStore:
                     continue
                 if isinstance(exc, pg.OperationalError) and self._w.closed:
                     self._w = self._connect(readonly=False)
-                    self._w.execute(_TEMP)
                     raise BackendUnavailable(f"lost the PostgreSQL connection during a batch: {exc}") from exc
                 raise BackendError(f"PostgreSQL batch failed (rolled back): {exc}") from exc
 
@@ -606,38 +600,10 @@ class PostgresStore:
         positions: Mapping[Position, int],
         watermarks: Mapping[Position, int],
     ) -> ApplyResult:
-        """Write one batch in one transaction (see :mod:`fieldmesh.store.base`).
-
-        Deadlocks and serialization failures (possible while replicas hand partitions over)
-        roll back and retry the whole batch.
-        """
-        if self.readonly or self._w is None:
-            raise FieldmeshError("this store was opened read-only")
-        pg = _psycopg()
-        for attempt in range(8):
-            try:
-                self._ensure_partitions(readings)
-                self._pending_metrics = []
-                with self._w.transaction():
-                    res = self._apply_tx(readings, late, dead_letters, positions, watermarks)
-                if len(self._known_metrics) > 1_000_000:  # a cache, not a registry: keep it bounded
-                    self._known_metrics.clear()
-                self._known_metrics.update(self._pending_metrics)
-                return res
-            except pg.Error as exc:
-                state = getattr(exc, "sqlstate", None)
-                if state in _RETRY_STATES and attempt < 7:
-                    time.sleep(random.uniform(0, 0.05 * 2**attempt))
-                    continue
-                if isinstance(exc, pg.OperationalError) and self._w.closed:
-                    self._w = self._connect(readonly=False)
-                    self._w.execute(_TEMP)
-                    raise BackendUnavailable(f"lost the PostgreSQL connection during a batch: {exc}") from exc
-                raise BackendError(f"PostgreSQL batch failed (rolled back): {exc}") from exc
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def _ensure_partitions(self, readings: Sequence[Reading]) -> None:
-        self._ensure_days(np.fromiter((r.ts_ms for r in readings), np.int64, len(readings)))
+        """Transitional: :func:`~fieldmesh.store.batchrows.apply_readings` (reference engine + :meth:`commit`)."""
+        return apply_readings(
+            self, readings=readings, late=late, dead_letters=dead_letters, positions=positions, watermarks=watermarks
+        )
 
     def _ensure_days(self, ts_ms: NDArray[np.int64] | set[int]) -> None:
         """Create the day partitions of these event times (or days) (own short transaction; DDL is idempotent)."""
@@ -655,142 +621,6 @@ class PostgresStore:
                     f" FOR VALUES FROM ({lo}) TO ({hi})"
                 )
         self._parts |= days
-
-    def _apply_tx(
-        self,
-        readings: Sequence[Reading],
-        late: Sequence[bool],
-        dead_letters: Sequence[DeadLetter],
-        positions: Mapping[Position, int],
-        watermarks: Mapping[Position, int],
-    ) -> ApplyResult:
-        w = self._w
-        now = int(time.time() * 1000)
-        new_idx, dups = self._dedupe(w, readings)
-        new = [readings[i] for i in new_idx]
-        n_late = sum(1 for i in new_idx if late[i])
-        gaps = 0
-        with w.cursor() as cur:
-            if new:
-                with cur.copy(
-                    "COPY readings (id, chk, device_id, ts_ms, seq, boot_id, event_id, measurements, meta,"
-                    " received_ms, stored_ms, enrichment) FROM STDIN"
-                ) as cp:
-                    for k, r in zip(new_idx.values(), new, strict=True):
-                        cp.write_row(
-                            (
-                                k, r.chk, r.device_id, r.ts_ms, r.seq, r.boot_id, r.event_id,
-                                _enc.encode(r.measurements).decode(),
-                                _enc.encode(r.meta).decode() if r.meta is not None else None,
-                                r.received_ms, now,
-                                _enc.encode(r.enrichment).decode() if r.enrichment is not None else None,
-                            )
-                        )  # fmt: skip
-                for interval, deltas in rollup_deltas(new).items():
-                    self._merge_rollups(cur, interval, deltas)
-                self._update_devices(cur, new)
-                gaps = self._update_gaps(cur, seq_batch(new))
-            if dead_letters:
-                with cur.copy(
-                    "COPY dlq (reason, detail, topic, device_id, received_ms, payload, truncated) FROM STDIN"
-                ) as cp:
-                    for d in dead_letters:
-                        cp.write_row(
-                            (d.reason, d.detail, d.topic, d.device_id, d.received_ms, d.payload, d.truncated)
-                        )
-            counts: dict[str, int] = {"stored": len(new), "duplicates": dups, "late": n_late, "gaps": gaps}
-            for d in dead_letters:
-                counts[f"dlq.{d.reason}"] = counts.get(f"dlq.{d.reason}", 0) + 1
-            rows = sorted((k, v) for k, v in counts.items() if v)
-            if rows:
-                cur.executemany(
-                    "INSERT INTO counters VALUES (%s, %s) ON CONFLICT (name) DO UPDATE"
-                    " SET value = counters.value + excluded.value",
-                    rows,
-                )
-            if positions:
-                cur.executemany(
-                    "INSERT INTO positions VALUES (%s, %s, %s, %s) ON CONFLICT (topic, partition) DO UPDATE"
-                    ' SET "offset" = GREATEST(positions."offset", excluded."offset"),'
-                    " updated_ms = excluded.updated_ms",
-                    sorted((t, p, o, now) for (t, p), o in positions.items()),
-                )
-            if watermarks:
-                cur.executemany(
-                    "INSERT INTO watermarks VALUES (%s, %s, %s) ON CONFLICT (topic, partition) DO UPDATE SET"
-                    " ts_ms = GREATEST(watermarks.ts_ms, excluded.ts_ms)",
-                    sorted((t, p, ts) for (t, p), ts in watermarks.items()),
-                )
-        return ApplyResult(stored=len(new), duplicates=dups, late=n_late, dead_lettered=len(dead_letters))
-
-    def _dedupe(self, w: Any, readings: Sequence[Reading]) -> tuple[dict[int, int], int]:
-        """Claim the identity keys of a batch; map index -> store key of each new reading."""
-        first: dict[int, int] = {}
-        dups = 0
-        collided: list[int] = []
-        for i, r in enumerate(readings):
-            j = first.get(r.key)
-            if j is None:
-                first[r.key] = i
-            elif readings[j].chk == r.chk:
-                dups += 1
-            else:
-                collided.append(i)
-        new_idx: dict[int, int] = {}
-        taken: dict[int, int] = {}  # key -> index, claimed in this batch
-        if first:
-            with w.cursor() as cur:
-                with cur.copy("COPY _fm_keys (id, chk) FROM STDIN") as cp:
-                    for k, i in first.items():
-                        cp.write_row((k, readings[i].chk))
-                # key order: two writers claiming overlapping keys lock them in the same order
-                claimed = {
-                    r[0]
-                    for r in cur.execute(
-                        "INSERT INTO reading_keys (id, chk) SELECT id, chk FROM _fm_keys ORDER BY id"
-                        " ON CONFLICT (id) DO NOTHING RETURNING id"
-                    )
-                }
-                others = [k for k in first if k not in claimed]
-                existing: dict[int, int] = {}
-                if others:
-                    existing = dict(
-                        cur.execute(
-                            "SELECT id, chk FROM reading_keys WHERE id = ANY(%s)", (others,)
-                        ).fetchall()
-                    )
-                cur.execute("TRUNCATE _fm_keys")
-            for k, i in first.items():
-                if k in claimed:
-                    new_idx[i] = k
-                    taken[k] = i
-                elif existing.get(k) == readings[i].chk:
-                    dups += 1
-                else:
-                    collided.append(i)
-        for i in collided:  # 63-bit key collision (or a duplicate of a collided reading): probe on
-            r = readings[i]
-            k = r.key - 1  # the key itself first: a reading that collided in its batch may own it
-            while True:
-                k = (k + 1) % _KEY_SPACE
-                if k in taken:
-                    if readings[taken[k]].chk == r.chk:
-                        dups += 1
-                        break
-                    continue
-                row = w.execute(
-                    "INSERT INTO reading_keys VALUES (%s, %s) ON CONFLICT (id) DO NOTHING RETURNING id",
-                    (k, r.chk),
-                ).fetchone()
-                if row is not None:
-                    new_idx[i] = k
-                    taken[k] = i
-                    break
-                chk = w.execute("SELECT chk FROM reading_keys WHERE id = %s", (k,)).fetchone()
-                if chk is not None and chk[0] == r.chk:
-                    dups += 1
-                    break
-        return dict(sorted(new_idx.items())), dups
 
     def _merge_rollups(self, cur: Any, interval: str, deltas: dict[RollupKey, Acc]) -> None:
         """Merge accumulators into a rollup table.
@@ -859,23 +689,6 @@ class PostgresStore:
             for col, v in zip(cols, row, strict=True):
                 col.append(v)
         return cols
-
-    def _update_devices(self, cur: Any, new: Sequence[Reading]) -> None:
-        agg: dict[str, list[int]] = {}
-        metrics: set[tuple[str, str]] = set()
-        for r in new:
-            a = agg.get(r.device_id)
-            if a is None:
-                agg[r.device_id] = [r.received_ms, r.received_ms, r.ts_ms, r.ts_ms, 1]
-            else:
-                a[0] = min(a[0], r.received_ms)
-                a[1] = max(a[1], r.received_ms)
-                a[2] = min(a[2], r.ts_ms)
-                a[3] = max(a[3], r.ts_ms)
-                a[4] += 1
-            for name in r.measurements:
-                metrics.add((r.device_id, name))
-        self._upsert_devices(cur, agg, metrics)
 
     def _upsert_devices(self, cur: Any, agg: Mapping[str, list[int]], metrics: Iterable[tuple[str, str]]) -> None:
         items = sorted(agg.items())

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from fieldmesh.core.batch import ReadingColumns
-from fieldmesh.core.model import Reading
 
 __all__ = ["SeqBatch", "SeqKey", "SeqRange", "listing", "merge_ranges", "range_gaps", "seq_batch", "seq_spans"]
 
@@ -44,13 +43,8 @@ class SeqBatch:
     with_event: set[SeqKey]
 
 
-def seq_batch(new: ReadingColumns | Sequence[Reading]) -> SeqBatch:
-    """The :class:`SeqBatch` of new readings (columns: numpy selects the rows with a seq)."""
-    if not isinstance(new, ReadingColumns):
-        return SeqBatch(
-            [(r.device_id, r.boot_id or "", r.seq) for r in new if r.seq is not None],
-            {(r.device_id, r.boot_id or "") for r in new if r.seq is not None and r.event_id is not None},
-        )
+def seq_batch(new: ReadingColumns) -> SeqBatch:
+    """The :class:`SeqBatch` of new readings (numpy selects the rows with a seq)."""
     rows = np.flatnonzero(new.seq >= 0)
     if not len(rows):
         return SeqBatch([], set())

@@ -27,9 +27,9 @@ from fieldmesh.core.errors import ConfigError, FieldmeshError, StoreSchemaError
 from fieldmesh.core.exact import exact_avg, exact_value, format_exact, parse_exact
 from fieldmesh.core.model import DeadLetter, Reading
 from fieldmesh.store.base import INTERVALS, ApplyResult, DeviceSummary, HotTxn, Position, QueryResult, StoreStats
-from fieldmesh.store.batchrows import answers, device_aggs, raw_columns, window_accs, write_via_commit
+from fieldmesh.store.batchrows import answers, apply_readings, device_aggs, raw_columns, window_accs, write_via_commit
 from fieldmesh.store.keyfilter import KeyFilter
-from fieldmesh.store.rollup import Acc, RollupKey, merge_acc, rollup_deltas
+from fieldmesh.store.rollup import Acc, RollupKey, merge_acc
 from fieldmesh.store.rows import device_row, dlq_row, raw_row, rollup_query, rollup_row, where_clause
 from fieldmesh.store.seqgaps import SeqBatch, SeqKey, SeqRange, listing, merge_ranges, range_gaps, seq_batch, seq_spans
 
@@ -38,7 +38,6 @@ __all__ = ["SCHEMA_VERSION", "SqliteStore"]
 #: 2 added ``seqs`` and ``seq_ranges`` (sequence gaps); 3 added ``idents.origin`` (the bus record that
 #: claimed the key, so a replay decides as before). Older stores are migrated on open.
 SCHEMA_VERSION: Final = 3
-_KEY_SPACE: Final = 1 << 63
 #: Rollup accumulators kept in memory (per interval) so that hot windows need no read-back.
 _CACHE_MAX: Final = 500_000
 _enc = msgspec.json.Encoder()
@@ -342,7 +341,10 @@ class SqliteStore:
             # one transaction: a crash leaves the old version (and empty gap tables), migrated again next time
             w.execute("BEGIN IMMEDIATE")
             try:
-                for stmt in ((_MIGRATE_1_2 if row[0] == "1" else "") + _MIGRATE_2_3).split(";"):
+                script = (_MIGRATE_1_2 if row[0] == "1" else "") + _MIGRATE_2_3
+                if any(c[1] == "origin" for c in w.execute("PRAGMA table_info(idents)")):
+                    script = script.replace("ALTER TABLE idents ADD COLUMN origin INTEGER;", "")
+                for stmt in script.split(";"):
                     if stmt.strip():
                         w.execute(stmt)
                 w.execute("COMMIT")
@@ -499,131 +501,10 @@ class SqliteStore:
         positions: Mapping[Position, int],
         watermarks: Mapping[Position, int],
     ) -> ApplyResult:
-        """Write one batch in one transaction (see :mod:`fieldmesh.store.base`)."""
-        if self.readonly:
-            raise FieldmeshError("this store was opened read-only")
-        w = self._w
-        now = int(time.time() * 1000)
-        self._begin(w)
-        gaps = 0
-        try:
-            new_idx, dups = self._dedupe(w, readings)
-            new = [readings[i] for i in new_idx]
-            n_late = sum(1 for i in new_idx if late[i])
-            if new:
-                keys = list(new_idx.values())
-                w.executemany(
-                    "INSERT INTO idents (id, chk) VALUES (?, ?)", [(k, r.chk) for k, r in zip(keys, new, strict=True)]
-                )
-                w.executemany(
-                    "INSERT INTO readings (id, device_id, ts_ms, seq, boot_id, event_id, measurements, meta,"
-                    " received_ms, stored_ms, enrichment) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                    [
-                        (
-                            k, r.device_id, r.ts_ms, r.seq, r.boot_id, r.event_id,
-                            _enc.encode(r.measurements).decode(),
-                            None if r.meta is None else _enc.encode(r.meta).decode(),
-                            r.received_ms, now,
-                            None if r.enrichment is None else _enc.encode(r.enrichment).decode(),
-                        )
-                        for k, r in zip(keys, new, strict=True)
-                    ],
-                )
-                devs: dict[str, list[int]] = {}
-                deltas_by = rollup_deltas(new, devs)
-                for interval, deltas in deltas_by.items():
-                    self._merge_rollups(w, interval, deltas)
-                self._update_devices(w, devs, {(dev, m) for dev, m, _ in deltas_by["1h"]})
-                gaps = self._update_gaps(w, seq_batch(new))
-            if dead_letters:
-                w.executemany(
-                    "INSERT INTO dlq (reason, detail, topic, device_id, received_ms, payload, truncated)"
-                    " VALUES (?,?,?,?,?,?,?)",
-                    [
-                        (d.reason, d.detail, d.topic, d.device_id, d.received_ms, d.payload, int(d.truncated))
-                        for d in dead_letters
-                    ],
-                )
-            counts: dict[str, int] = {"stored": len(new), "duplicates": dups, "late": n_late, "gaps": gaps}
-            for d in dead_letters:
-                counts[f"dlq.{d.reason}"] = counts.get(f"dlq.{d.reason}", 0) + 1
-            w.executemany(
-                "INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
-                [(k, v) for k, v in counts.items() if v],
-            )
-            w.executemany(
-                'INSERT INTO positions VALUES (?,?,?,?) ON CONFLICT(topic, partition) DO UPDATE SET'
-                ' "offset" = max("offset", excluded."offset"), updated_ms = excluded.updated_ms',
-                [(t, p, o, now) for (t, p), o in positions.items()],
-            )
-            w.executemany(
-                "INSERT INTO watermarks VALUES (?,?,?) ON CONFLICT(topic, partition) DO UPDATE SET"
-                " ts_ms = max(ts_ms, excluded.ts_ms)",
-                [(t, p, ts) for (t, p), ts in watermarks.items()],
-            )
-            w.execute("COMMIT")
-        except BaseException:
-            if w.in_transaction:  # SQLite may have rolled back already (SQLITE_FULL)
-                w.execute("ROLLBACK")
-            raise
-        self._finish(w, np.fromiter(new_idx.values(), np.int64, len(new_idx)))
-        return ApplyResult(stored=len(new), duplicates=dups, late=n_late, dead_lettered=len(dead_letters))
-
-    def _dedupe(self, w: sqlite3.Connection, readings: Sequence[Reading]) -> tuple[dict[int, int], int]:
-        """Map index -> store key of each reading not stored yet; count the duplicates."""
-        first: dict[int, int] = {}  # key -> index of its first reading in this batch
-        dups = 0
-        collided: list[int] = []
-        for i, r in enumerate(readings):
-            j = first.get(r.key)
-            if j is None:
-                first[r.key] = i
-            elif readings[j].chk == r.chk:
-                dups += 1
-            else:
-                collided.append(i)
-        existing: dict[int, int] = {}
-        keys = list(first)
-        if self._keys is not None:  # ask the store only about keys it may hold
-            keys = [k for k, maybe in zip(keys, self._keys.may_contain(keys).tolist(), strict=True) if maybe]
-        for s in range(0, len(keys), 20000):
-            chunk = keys[s : s + 20000]
-            existing.update(
-                w.execute(
-                    "SELECT id, chk FROM idents WHERE id IN (SELECT value FROM json_each(?))",
-                    (_enc.encode(chunk).decode(),),
-                ).fetchall()
-            )
-        new_idx: dict[int, int] = {}
-        taken: set[int] = set()
-        for k, i in first.items():
-            c = existing.get(k)
-            if c is None:
-                new_idx[i] = k
-                taken.add(k)
-            elif c == readings[i].chk:
-                dups += 1
-            else:
-                collided.append(i)
-        for i in collided:  # 63-bit key collision (or a duplicate of a collided reading): probe from the key
-            r = readings[i]
-            k = (r.key - 1) % _KEY_SPACE
-            while True:
-                k = (k + 1) % _KEY_SPACE
-                if k in taken:
-                    if readings[next(j for j, kk in new_idx.items() if kk == k)].chk == r.chk:
-                        dups += 1
-                        break
-                    continue
-                row = w.execute("SELECT chk FROM idents WHERE id = ?", (k,)).fetchone()
-                if row is None:
-                    new_idx[i] = k
-                    taken.add(k)
-                    break
-                if row[0] == r.chk:
-                    dups += 1
-                    break
-        return dict(sorted(new_idx.items())), dups
+        """Transitional: :func:`~fieldmesh.store.batchrows.apply_readings` (reference engine + :meth:`commit`)."""
+        return apply_readings(
+            self, readings=readings, late=late, dead_letters=dead_letters, positions=positions, watermarks=watermarks
+        )
 
     @staticmethod
     def _load_keys(w: sqlite3.Connection) -> KeyFilter:
