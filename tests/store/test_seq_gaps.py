@@ -21,6 +21,7 @@ from fieldmesh.core.identity import identity_digest, identity_string
 from fieldmesh.core.model import Reading
 from fieldmesh.store import HotStore, load_store
 from fieldmesh.store.seqgaps import merge_ranges, seq_spans
+from fmtest.drive import commit_readings
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -37,7 +38,7 @@ def reading(dev: str, seq: int | None, boot: str | None = None, event_id: str | 
 
 
 def apply(store: HotStore, rs: list[Reading]) -> Any:
-    return store.apply(readings=rs, late=[False] * len(rs), dead_letters=[], positions={}, watermarks={})
+    return commit_readings(store, rs)
 
 
 def oracle(stored: list[Reading]) -> int:
