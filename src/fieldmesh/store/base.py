@@ -1,9 +1,11 @@
 """The hot-store contract.
 
 A hot store keeps raw readings (de-duplicated by identity), 1-minute and 1-hour rollups, the dead
-letters, counters, and the bus positions each processor applied. :meth:`HotStore.apply` writes all
-of that for one batch in **one transaction**: a crash before its commit leaves nothing of the
-batch, a crash after it leaves all of it, and the stored positions say which bus records are in.
+letters, counters, and the bus positions each processor applied. :meth:`HotStore.commit` writes all
+of that for one batch in **one transaction**, the stream core's decision (which claims identity keys
+through :class:`HotTxn`) included: a crash before its commit leaves nothing of the batch, claims
+included, a crash after it leaves all of it, and the stored positions say which bus records are in.
+Every hot store is also a :class:`Sink`.
 """
 
 from __future__ import annotations
