@@ -55,7 +55,7 @@ def append_rows(con: sqlite3.Connection, cols, key, now: int) -> None:  # type: 
         " stored_ms, enrichment) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
         zip(key.tolist(), np.array(cols.devices, dtype=object)[cols.device].tolist(), cols.ts_ms.tolist(), seqs,
             boot_of[cols.boot].tolist(), none, cols.measurements_json.tolist(), none, cols.received_ms.tolist(),
-            [now] * n, none),
+            [now] * n, none, strict=True),
     )
 
 
