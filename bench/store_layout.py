@@ -1,131 +1,112 @@
-"""What a raw layout costs SQLite per reading: a row per reading (today) against columnar segments.
+"""Raw-reading layouts in SQLite, side by side: a row per reading vs segments (:mod:`fieldmesh.store.segments`).
 
-The store's share of the processor's budget (300,000 readings per CPU-second in all) is about 2 µs per
-reading. This measures the raw part alone, on the store's own pragmas, with batches as the processor
-commits them (22,000 readings of 2,000 devices, random 63-bit identity keys), CPU µs per reading of
-this process (``time.process_time``, commits included), for:
+Both sides write the same readings (the realistic stream of ``bench/processor.py``: 2,000 devices, 100
+readings per message, batches of ``--batch`` readings as the processor commits them) in WAL mode with
+``synchronous=NORMAL``, one transaction per batch, and time only the raw append (not identity or rollups).
+Reported: readings per CPU-second of each layout and the ratio; then the cost of reading one device's hour
+back through the API's query of each layout.
 
-* ``rows``: today's layout, ``readings`` (a row per reading, its ``(device_id, ts_ms)`` index) and ``idents``
-  (a row per key: the de-duplication lookup);
-* ``rows, no index``: the same without the ``(device_id, ts_ms)`` index;
-* ``idents only`` / ``readings only``: each half of ``rows``;
-* ``segments``: one row per batch holding each column as a blob (numpy bytes; measurements JSON joined),
-  plus the batch's keys sorted as one blob for the de-duplication lookup (a Bloom filter in memory says
-  which segments to search);
-* ``segments + idents``: segments for the data, ``idents`` rows kept for the lookup.
-
-Run: ``PYTHONPATH=$PWD/src .venv/bin/python bench/store_layout.py [--readings 1000000]``.
+Run: ``PYTHONPATH=$PWD/src .venv/bin/python bench/store_layout.py [--devices 2000] [--per-device 500]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import sqlite3
+import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-READINGS = """CREATE TABLE readings (rid INTEGER PRIMARY KEY, id INTEGER NOT NULL, device_id TEXT NOT NULL,
-    ts_ms INTEGER NOT NULL, seq INTEGER, boot_id TEXT, event_id TEXT, measurements TEXT NOT NULL, meta TEXT,
-    received_ms INTEGER NOT NULL, stored_ms INTEGER NOT NULL, enrichment TEXT)"""
-INDEX = "CREATE INDEX readings_device_ts ON readings (device_id, ts_ms)"
-IDENTS = "CREATE TABLE idents (id INTEGER PRIMARY KEY, chk INTEGER NOT NULL, origin INTEGER)"
-SEGMENTS = """CREATE TABLE segments (id INTEGER PRIMARY KEY, n INTEGER NOT NULL, min_ts INTEGER, max_ts INTEGER,
-    devices TEXT, device BLOB, ts BLOB, received BLOB, seq BLOB, key BLOB, chk BLOB, measurements BLOB,
-    sorted_keys BLOB)"""
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+from processor import make_records, make_stream  # noqa: E402
+
+from fieldmesh.core.codec import decode_bus_columns_many  # noqa: E402
+from fieldmesh.store import segments  # noqa: E402
+
+_ROWS_DDL = """
+CREATE TABLE readings (
+    rid INTEGER PRIMARY KEY, id INTEGER NOT NULL, device_id TEXT NOT NULL, ts_ms INTEGER NOT NULL, seq INTEGER,
+    boot_id TEXT, event_id TEXT, measurements TEXT NOT NULL, meta TEXT, received_ms INTEGER NOT NULL,
+    stored_ms INTEGER NOT NULL, enrichment TEXT);
+CREATE INDEX readings_device_ts ON readings (device_id, ts_ms);
+"""
 
 
-def connect(path: Path) -> sqlite3.Connection:
+def _connect(path: Path) -> sqlite3.Connection:
     con = sqlite3.connect(path, isolation_level=None)
-    for p in ("journal_mode=WAL", "synchronous=NORMAL", "cache_size=-262144", "mmap_size=1073741824"):
-        con.execute(f"PRAGMA {p}")
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("PRAGMA synchronous=NORMAL")
     return con
 
 
-def batches(n: int, size: int, seed: int = 7) -> list[dict[str, object]]:
-    rnd = np.random.default_rng(seed)
-    out = []
-    for s in range(0, n, size):
-        m = min(size, n - s)
-        dev = rnd.integers(0, 2000, m).astype(np.int32)
-        vals = rnd.random((m, 3))
-        out.append({
-            "key": rnd.integers(0, 2**63 - 1, m, dtype=np.int64), "chk": rnd.integers(-2**63, 2**63 - 1, m),
-            "device": dev, "devices": [f"dev-{d:05d}" for d in range(2000)],
-            "ts": 1_763_812_800_000 + np.arange(s, s + m, dtype=np.int64) * 100,
-            "seq": np.arange(s, s + m, dtype=np.int64),
-            "mj": [f'{{"temperature":{20 + 10 * a:.3f},"humidity":{40 + 20 * b:.2f},"vibration":{c / 10!r}}}'
-                   for a, b, c in vals.tolist()],
-        })  # fmt: skip
-    return out
-
-
-def rows(con: sqlite3.Connection, b: dict[str, object], *, readings: bool = True, idents: bool = True) -> None:
-    key, chk, dev, ts, seq, mj = (b[k] for k in ("key", "chk", "device", "ts", "seq", "mj"))
-    assert isinstance(key, np.ndarray) and isinstance(chk, np.ndarray) and isinstance(dev, np.ndarray)
-    assert isinstance(ts, np.ndarray) and isinstance(seq, np.ndarray) and isinstance(mj, list)
-    names = np.array(b["devices"], dtype=object)
-    n = len(key)
-    if idents:
-        con.executemany("INSERT INTO idents VALUES (?,?,?)", zip(key.tolist(), chk.tolist(), [1] * n, strict=True))
-    if readings:
-        con.executemany(
-            "INSERT INTO readings (id, device_id, ts_ms, seq, boot_id, event_id, measurements, meta, received_ms,"
-            " stored_ms, enrichment) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-            zip(key.tolist(), names[dev].tolist(), ts.tolist(), seq.tolist(), [None] * n, [None] * n, mj,
-                [None] * n, ts.tolist(), [0] * n, [None] * n, strict=True),
-        )  # fmt: skip
-
-
-def segment(con: sqlite3.Connection, b: dict[str, object]) -> None:
-    key, chk, dev, ts, seq, mj = (b[k] for k in ("key", "chk", "device", "ts", "seq", "mj"))
-    assert isinstance(key, np.ndarray) and isinstance(chk, np.ndarray) and isinstance(dev, np.ndarray)
-    assert isinstance(ts, np.ndarray) and isinstance(seq, np.ndarray) and isinstance(mj, list)
-    con.execute(
-        "INSERT INTO segments (n, min_ts, max_ts, devices, device, ts, received, seq, key, chk, measurements,"
-        " sorted_keys) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-        (len(key), int(ts.min()), int(ts.max()), "\n".join(b["devices"]), dev.tobytes(), ts.tobytes(),  # type: ignore[arg-type]
-         ts.tobytes(), seq.tobytes(), key.tobytes(), chk.tobytes(), "\n".join(mj).encode(),
-         np.sort(key).tobytes()),
-    )  # fmt: skip
-
-
-def measure(name: str, schema: list[str], write: Callable[[sqlite3.Connection, dict[str, object]], None],
-            data: list[dict[str, object]], n: int) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        con = connect(Path(tmp) / "s.db")
-        for q in schema:
-            con.execute(q)
-        c0, w0 = time.process_time(), time.perf_counter()
-        for b in data:
-            con.execute("BEGIN IMMEDIATE")
-            write(con, b)
-            con.execute("COMMIT")
-        cpu, wall = time.process_time() - c0, time.perf_counter() - w0
-        size = (Path(tmp) / "s.db").stat().st_size + (Path(tmp) / "s.db-wal").stat().st_size
-        con.close()
-    print(f"{name:22s} {cpu / n * 1e6:6.2f} CPU-us/reading  {wall / n * 1e6:6.2f} wall-us/reading"
-          f"  {size / n:6.0f} bytes/reading (file + WAL)")
+def append_rows(con: sqlite3.Connection, cols, key, now: int) -> None:  # type: ignore[no-untyped-def]
+    """Today's row-per-reading append, at its best: columns zipped in C, measurements pre-encoded."""
+    n = len(cols)
+    seqs = [None if s < 0 else s for s in cols.seq.tolist()]
+    boot_of = np.array((*cols.boots, None), dtype=object)
+    none = [None] * n
+    con.executemany(
+        "INSERT INTO readings (id, device_id, ts_ms, seq, boot_id, event_id, measurements, meta, received_ms,"
+        " stored_ms, enrichment) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+        zip(key.tolist(), np.array(cols.devices, dtype=object)[cols.device].tolist(), cols.ts_ms.tolist(), seqs,
+            boot_of[cols.boot].tolist(), none, cols.measurements_json.tolist(), none, cols.received_ms.tolist(),
+            [now] * n, none, strict=True),
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--readings", type=int, default=1_000_000)
-    ap.add_argument("--batch", type=int, default=22_000)
-    args = ap.parse_args()
-    data = batches(args.readings, args.batch)
-    n = args.readings
-    print(f"{n:,} readings in batches of {args.batch:,} (random keys, 2,000 devices, 3 metrics)")
-    measure("rows", [READINGS, INDEX, IDENTS], rows, data, n)
-    measure("rows, no index", [READINGS, IDENTS], rows, data, n)
-    measure("idents only", [IDENTS], lambda c, b: rows(c, b, readings=False), data, n)
-    measure("readings only", [READINGS, INDEX], lambda c, b: rows(c, b, idents=False), data, n)
-    measure("segments", [SEGMENTS], segment, data, n)
-    measure("segments + idents", [SEGMENTS, IDENTS], lambda c, b: (segment(c, b), rows(c, b, readings=False))[0],
-            data, n)
+    ap.add_argument("--devices", type=int, default=2000)
+    ap.add_argument("--per-device", type=int, default=500)
+    ap.add_argument("--batch", type=int, default=25_600, help="readings per transaction")
+    a = ap.parse_args()
+    msgs, _, now = make_stream(devices=a.devices, per_device=a.per_device)
+    records = make_records(msgs, now, 2)
+    cols, _, bad = decode_bus_columns_many([r.value for r in records])
+    assert not bad
+    n = len(cols)
+    batches = [np.arange(s, min(s + a.batch, n)) for s in range(0, n, a.batch)]
+    parts = [cols.take(b) for b in batches]
+    keys = [p.key for p in parts]
+    print(f"{n:,} readings, {len(parts)} transactions of up to {a.batch:,}")
+    results = {}
+    with tempfile.TemporaryDirectory() as d:
+        for name in ("rows", "segments", "rows ", "segments "):  # twice each, alternating: a noisy machine
+            con = _connect(Path(d) / f"{name.strip()}-{len(results)}.db")
+            con.executescript(_ROWS_DDL if name.strip() == "rows" else segments.SCHEMA)
+            t = time.process_time()
+            for p, k in zip(parts, keys, strict=True):
+                con.execute("BEGIN")
+                (append_rows if name.strip() == "rows" else segments.append)(con, p, k, now)
+                con.execute("COMMIT")
+            dt = time.process_time() - t
+            results.setdefault(name.strip(), []).append(dt)
+            if name.endswith(" "):
+                if name.strip() == "segments":
+                    con.execute(segments.view_sql(legacy=False))
+                dev = cols.devices[0]
+                hi = int(cols.ts_ms.max())
+                t = time.perf_counter()
+                for _ in range(20):
+                    if name.strip() == "rows":
+                        got = con.execute(
+                            "SELECT * FROM readings WHERE device_id = ? AND ts_ms >= ? AND ts_ms < ?"
+                            " ORDER BY ts_ms DESC, rid LIMIT 1000", (dev, hi - 3_600_000, hi + 1)).fetchall()
+                    else:
+                        got = segments.raw_query(con, device_id=dev, metric=None, start_ms=hi - 3_600_000,
+                                                 end_ms=hi + 1, limit=1000)
+                ms = (time.perf_counter() - t) / 20 * 1000
+                print(f"  {name.strip():9s} one device's last hour: {len(got)} rows in {ms:.2f} ms")
+            con.close()
+    best = {k: min(v) for k, v in results.items()}
+    for k, v in best.items():
+        print(f"{k:9s} {n / v:12,.0f} readings/CPU-s  ({v / n * 1e6:.2f} µs per reading)")
+    print(f"segments / rows: {best['rows'] / best['segments']:.2f}x")
 
 
 if __name__ == "__main__":
