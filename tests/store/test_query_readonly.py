@@ -50,7 +50,7 @@ SQLITE_REFUSED = {
     "load_extension": "SELECT load_extension('{out}/evil')",
     "temp_table": "CREATE TEMP TABLE t AS SELECT 1",
     "create_table": "CREATE TABLE t (a)",
-    "delete": "DELETE FROM readings",
+    "delete": "DELETE FROM segments",
     "reindex": "REINDEX",
     "analyze": "ANALYZE",
     "begin": "BEGIN IMMEDIATE",

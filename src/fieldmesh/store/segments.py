@@ -51,6 +51,7 @@ _COLUMNS: Final = (
     "rid, id, device_id, ts_ms, seq, boot_id, event_id, measurements, meta, received_ms, stored_ms, enrichment"
 )
 _enc = msgspec.json.Encoder()
+_dec = msgspec.json.Decoder(str | None).decode
 
 
 def view_sql(*, legacy: bool) -> str:
@@ -138,7 +139,12 @@ def raw_query(
     limit: int,
 ) -> list[tuple[Any, ...]]:
     """``(device_id, ts_ms, seq, boot_id, event_id, measurements, meta, received_ms, enrichment)`` rows,
-    newest first (ties in arrival order), JSON columns as text; segments chosen by the index first."""
+    newest first (ties in arrival order), ``measurements``, ``meta`` and ``enrichment`` as JSON text;
+    segments chosen by the index first.
+
+    (The ``readings`` view gives text columns with SQLite's ``->>``, which ends a string at an escaped
+    NUL character; this query does not.)
+    """
     seg_where: list[str] = []
     params: list[Any] = []
     if device_id is not None:
@@ -163,7 +169,7 @@ def raw_query(
     legacy = con.execute("SELECT 1 FROM sqlite_master WHERE name = 'readings_rows'").fetchone() is not None
     inner = (
         f"SELECT {_RID} AS rid, s.device_id, j.value->>1 AS ts_ms, j.value->>2 AS seq,"
-        " j.value->>3 AS boot_id, j.value->>4 AS event_id, j.value->>5 AS measurements, j.value->>6 AS meta,"
+        " j.value->3 AS boot_id, j.value->4 AS event_id, j.value->>5 AS measurements, j.value->>6 AS meta,"
         " j.value->>7 AS received_ms, j.value->>8 AS enrichment FROM segments s, json_each(s.rows) j"
         + (" WHERE " + " AND ".join(seg_where) if seg_where else "")
     )
@@ -172,8 +178,9 @@ def raw_query(
                      for w in seg_where]
         old_params = params[: len(seg_where)]
         inner = (
-            "SELECT rid, device_id, ts_ms, seq, boot_id, event_id, measurements, meta, received_ms,"
-            " enrichment FROM readings_rows" + (" WHERE " + " AND ".join(old_where) if old_where else "")
+            "SELECT rid, device_id, ts_ms, seq, json_quote(boot_id) AS boot_id, json_quote(event_id) AS event_id,"
+            " measurements, meta, received_ms, enrichment FROM readings_rows"
+            + (" WHERE " + " AND ".join(old_where) if old_where else "")
             + " UNION ALL " + inner
         )
         params = old_params + params
@@ -182,4 +189,7 @@ def raw_query(
         f" FROM ({inner})" + (" WHERE " + " AND ".join(row_where) if row_where else "")
         + " ORDER BY ts_ms DESC, rid LIMIT ?"
     )
-    return con.execute(sql, (*params, limit)).fetchall()
+    # boot_id and event_id travel as JSON text: SQLite's ->> would cut a string at an escaped NUL
+    return [
+        (d, t, sq, _dec(b), _dec(e), *rest) for d, t, sq, b, e, *rest in con.execute(sql, (*params, limit))
+    ]

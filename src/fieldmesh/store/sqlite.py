@@ -26,11 +26,12 @@ from fieldmesh.core.batch import BatchResult
 from fieldmesh.core.errors import ConfigError, FieldmeshError, StoreSchemaError
 from fieldmesh.core.exact import exact_avg, exact_value, format_exact, parse_exact
 from fieldmesh.core.model import DeadLetter, Reading
+from fieldmesh.store import segments
 from fieldmesh.store.base import INTERVALS, ApplyResult, DeviceSummary, HotTxn, Position, QueryResult, StoreStats
-from fieldmesh.store.batchrows import answers, apply_readings, device_aggs, raw_columns, window_accs, write_via_commit
+from fieldmesh.store.batchrows import answers, apply_readings, device_aggs, window_accs, write_via_commit
 from fieldmesh.store.keyfilter import KeyFilter
 from fieldmesh.store.rollup import Acc, RollupKey, merge_acc
-from fieldmesh.store.rows import device_row, dlq_row, raw_row, rollup_query, rollup_row, where_clause
+from fieldmesh.store.rows import device_row, dlq_row, raw_row, rollup_query, rollup_row
 from fieldmesh.store.seqgaps import SeqBatch, SeqKey, SeqRange, listing, merge_ranges, range_gaps, seq_batch, seq_spans
 
 __all__ = ["SCHEMA_VERSION", "SqliteStore"]
@@ -52,21 +53,7 @@ CREATE TABLE IF NOT EXISTS idents (
     chk INTEGER NOT NULL,            -- identity check value (tells duplicates from key collisions)
     origin INTEGER                   -- (offset << 12) | partition of the record that claimed it; NULL: unknown
 );
-CREATE TABLE IF NOT EXISTS readings (
-    rid INTEGER PRIMARY KEY,
-    id INTEGER NOT NULL,             -- identity key (idents.id)
-    device_id TEXT NOT NULL,
-    ts_ms INTEGER NOT NULL,
-    seq INTEGER,
-    boot_id TEXT,
-    event_id TEXT,
-    measurements TEXT NOT NULL,      -- JSON object metric -> value
-    meta TEXT,
-    received_ms INTEGER NOT NULL,
-    stored_ms INTEGER NOT NULL,
-    enrichment TEXT                  -- JSON object of fields joined as of the event time (CDC)
-);
-CREATE INDEX IF NOT EXISTS readings_device_ts ON readings (device_id, ts_ms);
+-- Raw readings: segments (fieldmesh.store.segments), read through the `readings` view.
 CREATE TABLE IF NOT EXISTS rollup_1m (
     device_id TEXT NOT NULL, metric TEXT NOT NULL, window_start_ms INTEGER NOT NULL,
     count INTEGER NOT NULL, sum REAL NOT NULL, min REAL NOT NULL, max REAL NOT NULL, avg REAL NOT NULL,
@@ -122,6 +109,8 @@ INSERT INTO counters VALUES ('gaps', (SELECT coalesce(sum(max_seq - min_seq + 1 
 UPDATE meta SET value = '2' WHERE key = 'schema_version';
 """
 #: Version 2 -> 3: a nullable column, no table rewrite; a NULL origin answers DUPLICATE, as before.
+#: Raw readings move to segments behind a ``readings`` view; the rows already stored stay in place as
+#: ``readings_rows`` (:func:`fieldmesh.store.segments.migrate_rows_table`, run before this script).
 _MIGRATE_2_3 = """
 ALTER TABLE idents ADD COLUMN origin INTEGER;
 UPDATE meta SET value = '3' WHERE key = 'schema_version';
@@ -333,24 +322,25 @@ class SqliteStore:
 
     def _init_schema(self) -> None:
         w = self._w
-        w.executescript(_SCHEMA)
+        w.executescript(_SCHEMA + segments.SCHEMA)
         row = w.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        if row is None:
-            w.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-        elif row[0] in ("1", "2"):
-            # one transaction: a crash leaves the old version (and empty gap tables), migrated again next time
-            w.execute("BEGIN IMMEDIATE")
-            try:
+        # one transaction: a crash leaves the old version (and empty new tables), migrated again next time
+        w.execute("BEGIN IMMEDIATE")
+        try:
+            segments.migrate_rows_table(w)  # the readings view (over a pre-segment table, if there is one)
+            if row is None:
+                w.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            elif row[0] in ("1", "2"):
                 script = (_MIGRATE_1_2 if row[0] == "1" else "") + _MIGRATE_2_3
                 if any(c[1] == "origin" for c in w.execute("PRAGMA table_info(idents)")):
                     script = script.replace("ALTER TABLE idents ADD COLUMN origin INTEGER;", "")
                 for stmt in script.split(";"):
                     if stmt.strip():
                         w.execute(stmt)
-                w.execute("COMMIT")
-            except BaseException:
-                w.execute("ROLLBACK")
-                raise
+            w.execute("COMMIT")
+        except BaseException:
+            w.execute("ROLLBACK")
+            raise
         self._check_version(w)
 
     def _check_version(self, con: sqlite3.Connection) -> None:
@@ -458,11 +448,7 @@ class SqliteStore:
         new = r.new
         gaps = 0
         if len(new):
-            w.executemany(
-                "INSERT INTO readings (id, device_id, ts_ms, seq, boot_id, event_id, measurements, meta,"
-                " received_ms, stored_ms, enrichment) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                zip(*raw_columns(new, r.store_key, now), strict=True),
-            )
+            segments.append(w, new, r.store_key, now)
             gaps = self._update_gaps(w, seq_batch(new))
         for interval, wd in r.windows.items():
             if len(wd):
@@ -687,20 +673,13 @@ class SqliteStore:
         self, *, device_id: str | None, metric: str | None, start_ms: int | None, end_ms: int | None, limit: int
     ) -> list[dict[str, Any]]:
         """Stored readings, newest first."""
-        where, params = where_clause(device_id, start_ms, end_ms, col="ts_ms", ph="?")
-        if metric is not None:
-            where.append("json_type(measurements, ?) IS NOT NULL")
-            params.append(f'$."{metric}"')
-        sql = (
-            "SELECT device_id, ts_ms, seq, boot_id, event_id, measurements, meta, received_ms, enrichment"
-            " FROM readings"
-            + (" WHERE " + " AND ".join(where) if where else "")
-            + " ORDER BY ts_ms DESC, rid LIMIT ?"
+        rows = segments.raw_query(
+            self._reader(), device_id=device_id, metric=metric, start_ms=start_ms, end_ms=end_ms, limit=limit
         )
         return [
             raw_row(dev, ts, seq, boot, ev, _dec.decode(ms), None if meta is None else _dec.decode(meta), rx,
                     None if enr is None else _dec.decode(enr), metric)
-            for dev, ts, seq, boot, ev, ms, meta, rx, enr in self._reader().execute(sql, (*params, limit))
+            for dev, ts, seq, boot, ev, ms, meta, rx, enr in rows
         ]
 
     def rollups(
@@ -744,6 +723,8 @@ class SqliteStore:
                     " PRAGMAs that only report; nothing may attach, create or change a file",
                     key="sql",
                 ) from None
+            if "cannot modify" in str(exc):  # a write to a view (readings) fails before the authorizer sees it
+                raise ConfigError(f"query refused: {exc}. Queries are read-only", key="sql") from None
             raise ConfigError(f"query failed: {exc}", key="sql") from None
         finally:
             if not self.readonly:
