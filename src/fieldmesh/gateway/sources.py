@@ -148,14 +148,15 @@ def _client_class() -> type[Any]:
     UTF-8) takes paho's path and ``on_message``.
     """
     import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import MQTTErrorCode
 
-    success = mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+    success = MQTTErrorCode.MQTT_ERR_SUCCESS
     v5 = mqtt.MQTTv5
 
     class Client(mqtt.Client):
         on_plain_publish: Callable[[str, bytes, int], None] | None = None
 
-        def _handle_publish(self) -> mqtt.MQTTErrorCode:
+        def _handle_publish(self) -> MQTTErrorCode:
             handler = self.on_plain_publish
             packet = self._in_packet["packet"]
             if handler is None or self._in_packet["command"] & 0x06 != 0x02:  # not QoS 1
@@ -179,11 +180,11 @@ def _client_class() -> type[Any]:
         def _create_socket(self) -> Any:
             return _BufferedSocket(super()._create_socket())
 
-        def loop_read(self, max_packets: int = 1) -> mqtt.MQTTErrorCode:
+        def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
             rc = super().loop_read(max_packets)
             for _ in range(_READ_BURST):
                 sock: Any = self._sock
-                if rc != mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS or sock is None or not sock.pending():
+                if rc != success or sock is None or not sock.pending():
                     break
                 rc = super().loop_read(max_packets)
             return rc
