@@ -62,7 +62,8 @@ def _publish(msgs: list[tuple[str, bytes]], port: int) -> int:
     props.UserProperty = ("firmware", "1.2.3")
     clients = []
     for proto in (mqtt.MQTTv311, mqtt.MQTTv5):
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=proto, client_id=f"k9-{proto}-{uuid.uuid4().hex[:6]}")
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=proto,
+                        client_id=f"k9-{proto}-{uuid.uuid4().hex[:6]}")
         c.max_inflight_messages_set(1000)
         c.connect("127.0.0.1", port)
         c.loop_start()
