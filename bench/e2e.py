@@ -55,6 +55,7 @@ def run_pipeline(
     with tempfile.TemporaryDirectory() as d:
         up = UpProc(Path(d) / "data", "--door", door)
         try:
+            cpu0 = cpu_by_role(up)
             t0 = time.monotonic()
             procs = [
                 mp.Process(
@@ -68,6 +69,7 @@ def run_pipeline(
             for p in procs:
                 p.start()
             t_end = up.wait_stored(total)
+            cpu = {k: v - cpu0.get(k, 0.0) for k, v in cpu_by_role(up).items()}
             for p in procs:
                 p.join()
             elapsed = t_end - t0
@@ -83,9 +85,29 @@ def run_pipeline(
                 "readings_per_s": total / elapsed,
                 "p50_ms": percentile(lat, 50),
                 "p99_ms": percentile(lat, 99),
+                # CPU seconds per 10,000 readings, by process of `fieldmesh up`: what each stage costs
+                "cpu_s_per_10k": {k: round(v * 10_000 / total, 3) for k, v in sorted(cpu.items())},
             }
         finally:
             up.stop()
+
+
+def cpu_by_role(up: UpProc) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each process of ``fieldmesh up``, by role."""
+    import psutil
+
+    out: dict[str, float] = {}
+    root = psutil.Process(up.proc.pid)
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            cmd = p.cmdline()
+            t = p.cpu_times()
+        except psutil.Error:
+            continue
+        name = ("supervisor" if p.pid == root.pid else
+                cmd[cmd.index("fieldmesh.runtime.worker") + 1] if "fieldmesh.runtime.worker" in cmd else p.name())
+        out[name] = out.get(name, 0.0) + t.user + t.system
+    return out
 
 
 def _mosquitto(d: str) -> tuple[subprocess.Popen[bytes], int]:
@@ -323,6 +345,8 @@ def case(name: str, *, readings: int, per_message: int, devices: int, publishers
         key = "fieldmesh" if len(DOORS) == 1 else f"fieldmesh_{door}"
         print(f"fieldmesh max:   {fm['readings_per_s']:>10,.0f} readings/s  ({len(msgs) / fm['elapsed_s']:,.0f} msg/s)"
               f"  [door {door}]")
+        print("  CPU s per 10k readings: " + ", ".join(f"{k} {v}" for k, v in fm["cpu_s_per_10k"].items()))
+        out[f"{key}_cpu_s_per_10k"] = fm["cpu_s_per_10k"]
         out[f"{key}_door"] = door
         out[f"{key}_readings_per_s"] = round(fm["readings_per_s"])
         out[f"{key}_messages_per_s"] = round(len(msgs) / fm["elapsed_s"])
@@ -357,6 +381,81 @@ def case(name: str, *, readings: int, per_message: int, devices: int, publishers
             out["quix_p99_ms_at_half_rate"] = ql.get("p99_ms")
         print(f"ratio fieldmesh (best door) / Quix: {out['ratio_vs_quix']:.2f}x")
     return out
+
+
+def gateway_only(door: str, parts: list[list[tuple[str, bytes]]], total_msgs: int) -> dict[str, Any]:
+    """The door and the gateway alone (no processor, no store): how fast the door takes QoS 1 publishes
+    from the publishers (gateway not running), then how fast one gateway drains that backlog into JetStream.
+
+    ``mosquitto``: the door's config (``fieldmesh.runtime.mosquitto``) and the gateway's persistent
+    session made first, as ``up`` does, then ``MqttSource`` with Receive Maximum 65,535. ``nats``:
+    nats-server's MQTT listener into ``FM_INGEST``, then ``NatsIngestSource`` (ack-all, as ``up``'s sole
+    gateway). Both gateways write to the same JetStream, in this process's event loop.
+    """
+    import asyncio
+
+    from fieldmesh.bus import load_bus
+    from fieldmesh.core.settings import load_settings
+    from fieldmesh.gateway.gateway import Gateway
+    from fieldmesh.gateway.sources import MqttSource, NatsIngestSource
+    from fieldmesh.runtime.mosquitto import accepts, ensure_session, find_mosquitto, write_config
+    from fieldmesh.runtime.natsserver import EmbeddedNats
+    from fieldmesh.runtime.worker import ensure_topics
+
+    settings = load_settings()
+    with tempfile.TemporaryDirectory() as d:
+        port = free_port()
+        nats = EmbeddedNats(store_dir=Path(d) / "nats", mqtt_port=port if door == "nats" else None)
+        nats.start()
+        broker: subprocess.Popen[bytes] | None = None
+        try:
+            if door == "mosquitto":
+                conf = write_config(port=port, state_dir=Path(d) / "mosquitto")
+                broker = subprocess.Popen([find_mosquitto() or "mosquitto", "-c", str(conf)],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                while not accepts(port):
+                    time.sleep(0.05)
+                ensure_session(port, client_id="bench-gw", filters=MqttSource.filters(None), expiry_s=3600)
+
+            async def run() -> dict[str, Any]:
+                async with load_bus(nats.url) as bus:
+                    await ensure_topics(bus, settings)
+                    source: Any = (MqttSource(f"mqtt://127.0.0.1:{port}", client_id="bench-gw", share_group=None)
+                                   if door == "mosquitto" else NatsIngestSource(bus, sole=True))
+                    if door == "nats":
+                        await source.start()  # FM_INGEST and its consumer exist before the first publish
+                    t0 = time.monotonic()
+                    pubs = [mp.Process(target=publish_proc, args=({"port": port, "msgs": part, "rate": 0},))
+                            for part in parts]
+                    for p in pubs:
+                        p.start()
+                    for p in pubs:
+                        await asyncio.to_thread(p.join)
+                    door_s = time.monotonic() - t0
+                    t1 = time.monotonic()
+                    if door == "mosquitto":
+                        await source.start()
+                    gw = Gateway(source=source, producer=bus.producer(), settings=settings.gateway,
+                                 partitions=settings.bus.partitions)
+                    stop = asyncio.Event()
+                    task = asyncio.create_task(gw.run(stop))
+                    c0 = time.process_time()
+                    while gw.stats.messages < total_msgs and not task.done():
+                        await asyncio.sleep(0.01)
+                    drain_s, cpu_s = time.monotonic() - t1, time.process_time() - c0
+                    stop.set()
+                    await task
+                    await source.close()
+                    return {"door_msgs_per_s": round(total_msgs / door_s),
+                            "gateway_msgs_per_s": round(total_msgs / drain_s),
+                            "gateway_msgs_per_cpu_s": round(total_msgs / cpu_s)}
+
+            return asyncio.run(run())
+        finally:
+            if broker is not None:
+                broker.terminate()
+                broker.wait()
+            nats.stop()
 
 
 def overload_proc(args: dict[str, Any]) -> None:
@@ -466,6 +565,8 @@ def main() -> None:
     ap.add_argument("--bus-encoding", type=int, choices=(1, 2), default=1,
                     help="bus encoding fieldmesh's gateway writes (docs/pipeline.md)")
     ap.add_argument("--overload", type=float, metavar="SECONDS", help="the overload run instead of the cases")
+    ap.add_argument("--gateway-only", action="store_true",
+                    help="case (b) through the door and the gateway alone, per door (no processor, no store)")
     a = ap.parse_args()
     global DOORS, MAX_ONLY, QUIX
     DOORS, MAX_ONLY, QUIX = a.door.split(","), a.max_only, not a.no_quix
@@ -474,6 +575,20 @@ def main() -> None:
             ap.error(f"--door {d!r}: use auto, nats or mosquitto")
     os.environ["FIELDMESH__GATEWAY__BUS_ENCODING"] = str(a.bus_encoding)  # the fieldmesh processes inherit it
     print(f"fieldmesh bus encoding: v{a.bus_encoding}")
+    if a.gateway_only:
+        k = 4 if a.quick else 1
+        msgs = payloads(devices=500, readings=120_000 // k, per_message=1, prefix=f"g{uuid.uuid4().hex[:6]}",
+                        ts_ms=int(time.time() * 1000))
+        rows = []
+        for door in DOORS:
+            r = {"door": door, **gateway_only(door, [msgs[0::2], msgs[1::2]], len(msgs))}
+            print(f"door {door}: takes {r['door_msgs_per_s']:,} msg/s from 2 publishers; one gateway drains its "
+                  f"backlog into JetStream at {r['gateway_msgs_per_s']:,} msg/s "
+                  f"({r['gateway_msgs_per_cpu_s']:,} msg per CPU-second of the gateway process)")
+            rows.append(r)
+        if a.json:
+            a.json.write_text(json.dumps(rows, indent=2))
+        return
     if a.overload:
         res = overload(a.overload)
         print("\nsummary:\n" + json.dumps(res))
