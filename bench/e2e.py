@@ -24,8 +24,9 @@ publisher stopped, and the peak RSS of each process of ``fieldmesh up`` (sampled
 
 Run: ``.venv/bin/python bench/e2e.py`` (``--quick`` for a smaller run; ``--door mosquitto`` for
 ``fieldmesh up --door mosquitto``, ``--door nats,mosquitto`` for both in one run; ``--max-only`` for the
-throughput alone; ``--no-quix`` without the Quix baseline; ``--bus-encoding 2`` for the columnar bus
-records; ``--overload 60`` for the overload run).
+throughput alone; ``--no-quix`` without the Quix baseline; ``--publisher raw`` for publishers on plain
+sockets, which leave the cores to what is measured; ``--gateway-only`` for the door and the gateway alone;
+``--bus-encoding 2`` for the columnar bus records; ``--overload 60`` for the overload run).
 """
 
 from __future__ import annotations
