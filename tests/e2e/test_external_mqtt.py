@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import socket
+import time
 import uuid
 from pathlib import Path
 
@@ -33,6 +34,17 @@ def _gateway_client_ids(data_dir: Path) -> list[str]:
     return sorted(set(re.findall(r"gateway connected to MQTT \S+ as (\S+) ", text)))
 
 
+def _wait_gateway_subscribed(data_dir: Path, starts: int, timeout_s: float = 60) -> None:
+    """Wait until the gateway of the ``starts``-th ``up`` on ``data_dir`` has its subscription (its log says
+    "gateway running" after the SUBACK). ``/health`` is ok before that: a message published earlier has
+    no subscriber at the broker yet (no session on a first start) and the broker drops it."""
+    log = data_dir / "logs" / "gateway.log"
+    deadline = time.monotonic() + timeout_s
+    while (log.read_text() if log.exists() else "").count("gateway running") < starts:
+        assert time.monotonic() < deadline, f"no gateway subscribed within {timeout_s}s"
+        time.sleep(0.1)
+
+
 def test_external_mqtt5_broker_with_shared_subscription_and_kill9(tmp_path: Path, mosquitto):
     prefix = f"ext{uuid.uuid4().hex[:6]}"
     env = {"FIELDMESH__GATEWAY__SHARE_GROUP": f"g{prefix}"}
@@ -43,6 +55,7 @@ def test_external_mqtt5_broker_with_shared_subscription_and_kill9(tmp_path: Path
     up2: Up | None = None
     try:
         up = Up(tmp_path / "data", "--mqtt-url", f"mqtt://{mosquitto[0]}:{mosquitto[1]}", env=env).start()
+        _wait_gateway_subscribed(tmp_path / "data", 1)
         publish_all(c, msgs[:half])
         up.kill9()
         # While the gateway is down, its persistent session at the broker queues what devices send.
@@ -50,6 +63,7 @@ def test_external_mqtt5_broker_with_shared_subscription_and_kill9(tmp_path: Path
         up2 = Up(tmp_path / "data", "--mqtt-url", f"mqtt://{mosquitto[0]}:{mosquitto[1]}", env=env)
         up2.http_port = up.http_port
         up2.start()
+        _wait_gateway_subscribed(tmp_path / "data", 2)
         bad, good_in_bad = malformed(prefix)
         publish_all(c, bad)
         # kill -9 with up to Receive Maximum messages in the gateway: those come again, as duplicates

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import struct
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlparse
 
@@ -94,6 +96,102 @@ class NatsIngestSource:
         return int(await self._bus.pending(INGEST_TOPIC, group=self._durable))
 
 
+#: A PUBACK without reason code or properties (MQTT 3.1.1 and 5: success): fixed header, length 2, packet id.
+_PUBACK = struct.Struct("!BBH")
+#: Packets paho handles per read of the socket before it looks at its timers and writes again.
+_READ_BURST = 1000
+
+
+class _BufferedSocket:
+    """The gateway's MQTT socket as paho reads it, 64 KiB per system call instead of three per packet.
+
+    paho reads a packet with ``recv(1)`` for its type, ``recv(1)`` per byte of its length, then
+    ``recv(n)`` for the rest, and calls ``select`` between packets: about five system calls per
+    one-reading message. This serves those reads from one large ``recv`` and reports what it holds
+    through ``pending()``, which paho already asks of a TLS socket, so that it parses on without
+    waiting in ``select``. Everything else (``send``, ``fileno``, ``close``...) is the socket's.
+    """
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+        self._buf = b""
+        self._pos = 0
+
+    def recv(self, n: int) -> bytes:
+        """Up to ``n`` bytes; raises BlockingIOError (nothing to read) and returns b"" (closed) as the socket does."""
+        if self._pos >= len(self._buf):
+            data: bytes = self._sock.recv(max(n, 65536))
+            if len(data) <= n:
+                return data
+            self._buf, self._pos = data, 0
+        out = self._buf[self._pos : self._pos + n]
+        self._pos += len(out)
+        return out
+
+    def pending(self) -> int:
+        """Bytes read from the socket (or held by TLS) that paho has not taken yet."""
+        inner = getattr(self._sock, "pending", None)
+        return len(self._buf) - self._pos + (inner() if inner is not None else 0)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+def _client_class() -> type[Any]:
+    """paho's Client with buffered reads (:class:`_BufferedSocket`), a read loop that parses every
+    packet already read before it goes back to ``select``, and a short path for the common PUBLISH.
+
+    The short path: a QoS 1 PUBLISH without MQTT 5 properties (what the broker forwards from a
+    device that set none) goes straight to ``on_plain_publish(topic, payload, packet id)``. paho's
+    own path builds a ``Properties`` object and an ``MQTTMessage`` per message, over half of its
+    time per one-reading message; every other packet (properties, QoS 0 or 2, a topic that is not
+    UTF-8) takes paho's path and ``on_message``.
+    """
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import MQTTErrorCode
+
+    success = MQTTErrorCode.MQTT_ERR_SUCCESS
+    v5 = mqtt.MQTTv5
+
+    class Client(mqtt.Client):
+        on_plain_publish: Callable[[str, bytes, int], None] | None = None
+
+        def _handle_publish(self) -> MQTTErrorCode:
+            handler = self.on_plain_publish
+            packet = self._in_packet["packet"]
+            if handler is None or self._in_packet["command"] & 0x06 != 0x02:  # not QoS 1
+                return super()._handle_publish()
+            end = 2 + int.from_bytes(packet[:2], "big")  # after the topic
+            if self._protocol == v5:
+                if len(packet) < end + 3 or packet[end + 2] != 0:  # properties: paho's path
+                    return super()._handle_publish()
+                start = end + 3
+            else:
+                start = end + 2
+                if len(packet) < start:
+                    return super()._handle_publish()
+            try:
+                topic = packet[2:end].decode()
+            except UnicodeDecodeError:
+                return super()._handle_publish()
+            handler(topic, bytes(packet[start:]), int.from_bytes(packet[end : end + 2], "big"))
+            return success
+
+        def _create_socket(self) -> Any:
+            return _BufferedSocket(super()._create_socket())
+
+        def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
+            rc = super().loop_read(max_packets)
+            for _ in range(_READ_BURST):
+                sock: Any = self._sock
+                if rc != success or sock is None or not sock.pending():
+                    break
+                rc = super().loop_read(max_packets)
+            return rc
+
+    return Client
+
+
 class MqttSource:
     """An external MQTT broker (Mosquitto, EMQX, HiveMQ...), MQTT 5 with a shared subscription.
 
@@ -108,6 +206,13 @@ class MqttSource:
     window for an MQTT 5 client (Mosquitto uses it instead of its ``max_inflight_messages``, 20
     as shipped), so a large ``receive_maximum`` moves a burst out of the broker's bounded queue
     into this gateway, which holds it in memory until the bus has it, then PUBACKs each message.
+
+    Per message, paho's network thread parses the packet and calls :meth:`_on_message`, which only
+    appends to a deque; the event loop is woken once per burst (when :meth:`fetch` waits), not once per
+    message. The PUBACKs of a batch go out as one write (:meth:`ack`). Each message carries the
+    connection it came on: after a reconnect the broker sends again what was not acknowledged, and
+    the acknowledgements meant for the old connection are dropped rather than sent on the new one,
+    where the same packet id may name another message.
     """
 
     name = "mqtt"
@@ -139,7 +244,10 @@ class MqttSource:
         self._expiry = session_expiry_s
         self._receive_maximum = receive_maximum
         self._max_inflight = max_inflight
-        self._queue: asyncio.Queue[IngestMessage] = asyncio.Queue()
+        self._inbox: deque[IngestMessage] = deque()
+        self._ready = asyncio.Event()
+        self._waiting = False  # fetch() waits on _ready: the next message wakes the event loop
+        self._generation = 0  # the connection messages arrive on (bumped at every CONNACK)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: Any = None
         self._connected = threading.Event()
@@ -230,7 +338,8 @@ class MqttSource:
         kw: dict[str, Any] = {"protocol": proto, "client_id": self._client_id}
         if proto != mqtt.MQTTv5:
             kw["clean_session"] = self._expiry == 0
-        c = mqtt.Client(CallbackAPIVersion.VERSION2, **kw)
+        c = _client_class()(CallbackAPIVersion.VERSION2, **kw)
+        c.on_plain_publish = self._on_plain_publish
         c.manual_ack_set(True)
         c.max_inflight_messages_set(self._max_inflight)
         c.max_queued_messages_set(0)
@@ -280,6 +389,7 @@ class MqttSource:
                     if hasattr(props, attr):
                         self.broker[key] = getattr(props, attr)
             self.broker["session_present"] = bool(getattr(flags, "session_present", False))
+            self._generation += 1
             client.subscribe([(f, 1) for f in self._filters()])
             log.info("gateway connected to MQTT %s:%s as %s (MQTT %s, receive maximum %s, session present %s)",
                      self._host, self._port, self._client_id, self.protocol,
@@ -299,35 +409,62 @@ class MqttSource:
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         ct = getattr(msg.properties, "ContentType", None) if msg.properties else None
-        im = IngestMessage(
+        self._inbox.append(IngestMessage(
             topic=msg.topic,
             payload=msg.payload,
             received_ms=int(time.time() * 1000),
             content_type=ct,
-            handle=(msg.mid, msg.qos),
-        )
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, im)
+            handle=(msg.mid, msg.qos, self._generation),
+        ))
+        self._wake()
+
+    def _on_plain_publish(self, topic: str, payload: bytes, mid: int) -> None:
+        """A QoS 1 message without properties (paho's network thread, its short path)."""
+        self._inbox.append(IngestMessage(topic=topic, payload=payload, received_ms=int(time.time() * 1000),
+                                         handle=(mid, 1, self._generation)))
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiting:  # read after the append: fetch() sets it before it looks at the deque
+            self._waiting = False
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self._ready.set)
 
     async def fetch(self, max_messages: int, timeout_s: float) -> list[IngestMessage]:
         """Wait up to ``timeout_s`` for a first message, then take what is queued."""
-        try:
-            first = await asyncio.wait_for(self._queue.get(), timeout_s)
-        except TimeoutError:
-            return []
-        out = [first]
-        while len(out) < max_messages and not self._queue.empty():
-            out.append(self._queue.get_nowait())
-        return out
+        inbox = self._inbox
+        if not inbox:
+            self._ready.clear()
+            self._waiting = True
+            if not inbox:  # a message appended before the flag was set found no one waiting
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._ready.wait(), timeout_s)
+            self._waiting = False
+        n = min(max_messages, len(inbox))
+        return [inbox.popleft() for _ in range(n)]
 
     async def ack(self, messages: Sequence[IngestMessage]) -> None:
-        """Send the PUBACKs of a batch the bus has acknowledged, in the order received (MQTT has
-        no cumulative ack: they go out back to back, one wake-up of paho's network thread)."""
+        """Send the PUBACKs of a batch the bus has acknowledged, in the order received, as one write.
+
+        MQTT has no cumulative ack, so every message gets its own PUBACK; they are queued to paho's
+        network thread as one buffer (one wake-up, one ``send``) rather than one each. Messages of an
+        earlier connection are not acknowledged: the broker has sent them again on this one.
+        """
         client = self._client
-        for m in messages:
-            mid, qos = m.handle
-            if qos > 0:
-                client.ack(mid, qos)
+        if client is None:
+            return
+        gen = self._generation
+        mids = [m.handle[0] for m in messages if m.handle[1] > 0 and m.handle[2] == gen]
+        if not mids:
+            return
+        queue = getattr(client, "_packet_queue", None)
+        if queue is None:  # a paho without it: one ack() per message, as its API offers
+            for mid in mids:
+                client.ack(mid, 1)
+            return
+        from paho.mqtt.client import PUBACK
+
+        queue(PUBACK, b"".join([_PUBACK.pack(PUBACK, 2, mid) for mid in mids]), 0, 0)
 
     async def close(self) -> None:
         """Disconnect (the persistent session keeps un-acked messages at the broker)."""
@@ -338,4 +475,4 @@ class MqttSource:
 
     async def pending(self) -> int:
         """Messages received but not yet processed."""
-        return self._queue.qsize()
+        return len(self._inbox)

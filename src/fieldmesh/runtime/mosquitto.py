@@ -2,11 +2,14 @@
 
 Its config is generated in the data dir: a loopback listener on the MQTT port, persistence in the
 data dir, and queue and in-flight limits raised for the one subscriber it has, the gateway (which
-consumes it with a shared subscription, a stable client id and a persistent session). The binary is
-``mosquitto`` on PATH, else ``/usr/sbin/mosquitto`` (Debian's package).
+consumes it with a plain subscription, a stable client id and a persistent session: Mosquitto 2.0
+restores a plain subscription after a crash, not a shared one). The binary is ``mosquitto`` on PATH,
+else ``/usr/sbin/mosquitto`` (Debian's package).
 
 What a PUBACK means here: Mosquitto acknowledges a device once the message is in its memory, before
-the gateway has put it into JetStream (see docs/pipeline.md, "Doors").
+the gateway has put it into JetStream; it writes its memory to disk every ``autosave_interval`` (1 s),
+so a crash of Mosquitto itself loses what it acknowledged since its last save and the gateway had not
+yet put into JetStream (see docs/operations.md, "The embedded MQTT door").
 """
 
 from __future__ import annotations
