@@ -25,7 +25,7 @@ from fieldmesh.core.exact import exact_avg, exact_value, format_exact, parse_exa
 from fieldmesh.core.model import DeadLetter, Reading
 from fieldmesh.store.base import INTERVALS, ApplyResult, Position, QueryResult, StoreStats
 from fieldmesh.store.keyfilter import KeyFilter
-from fieldmesh.store.rollup import Acc, RollupKey, merge_acc, rollup_deltas
+from fieldmesh.store.rollup import Acc, RollupKey, evict_oldest, merge_acc, rollup_deltas
 from fieldmesh.store.rows import device_row, dlq_row, raw_row, rollup_query, rollup_row, where_clause
 from fieldmesh.store.seqgaps import SeqKey, SeqRange, listing, merge_ranges, range_gaps, seq_spans, seq_triples
 
@@ -34,8 +34,9 @@ __all__ = ["SCHEMA_VERSION", "SqliteStore"]
 #: 2 added ``seqs`` and ``seq_ranges`` (sequence gaps); a version-1 store is migrated on open.
 SCHEMA_VERSION: Final = 2
 _KEY_SPACE: Final = 1 << 63
-#: Rollup accumulators kept in memory (per interval) so that hot windows need no read-back.
-_CACHE_MAX: Final = 500_000
+#: Rollup accumulators kept in memory (per interval) so that hot windows need no read-back: about
+#: 64 MiB per interval at ~500 bytes an entry; past it the oldest windows are dropped (down to 3/4).
+_CACHE_MAX: Final = 131_072
 _enc = msgspec.json.Encoder()
 _dec = msgspec.json.Decoder()
 
@@ -239,7 +240,7 @@ class SqliteStore:
             con = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
             con.execute("PRAGMA journal_mode=WAL")
             con.execute("PRAGMA synchronous=NORMAL")
-            con.execute("PRAGMA cache_size=-262144")
+            con.execute("PRAGMA cache_size=-65536")  # 64 MiB: the page cache is most of a processor's memory
             con.execute("PRAGMA mmap_size=1073741824")
         else:
             con = sqlite3.connect(
@@ -485,7 +486,7 @@ class SqliteStore:
                 old[(dev, metric, ws)] = [count, m, e, mn, mx]
         rows = []
         if len(cache) + len(deltas) > _CACHE_MAX:
-            cache.clear()
+            evict_oldest(cache, _CACHE_MAX * 3 // 4 - len(deltas))
         for k, d in deltas.items():
             o = old.get(k)
             a = d if o is None else merge_acc(o, d)

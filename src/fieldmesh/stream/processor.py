@@ -22,7 +22,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 from fieldmesh.bus.base import Bus, BusRecord, Consumer
@@ -39,9 +41,9 @@ log = logging.getLogger(__name__)
 
 _RETRY_MAX_S = 5.0  # cap of the backoff between tries of a batch the store refused
 _WINDOW_MS = INTERVALS["1m"]
-#: Queued fetches are applied together up to about this many bytes of bus records (~80k readings):
-#: bigger transactions cost latency and memory for little more throughput.
-_MERGE_MAX_BYTES = 8 * 1024 * 1024
+#: Fetched-but-unapplied bus records are held up to this many ``fetch_max_bytes`` per consumer; beyond
+#: it the fetcher waits, so that under overload the backlog stays in the bus, not in this process.
+_QUEUED_FETCHES = 2
 
 
 class Enricher(Protocol):
@@ -92,7 +94,9 @@ class Processor:
         self._positions: dict[Position, int] = {}
         self._watermarks: dict[Position, int] = {}
         self._device_wm: dict[str, int] | None = None  # per-device event-time watermarks (lateness)
-        self._lock = asyncio.Lock()
+        # One thread applies every batch, of every consumer, in turn: the store has one writer, and a
+        # single thread keeps the batches' garbage in one malloc arena (pool threads each grow their own).
+        self._executor: ThreadPoolExecutor | None = None
 
     async def _consumer(self, topic: str, partitions: Sequence[int] | None, group: str) -> Consumer:
         def positions(parts: list[int]) -> dict[int, int]:
@@ -175,42 +179,35 @@ class Processor:
     async def _loop(self, consumer: Consumer, stop: asyncio.Event) -> None:
         """Fetch and apply in a two-stage pipeline: the next batch is fetched while one is applied.
 
-        Batches waiting when the applier is free are applied together (one bigger transaction).
-        Records are applied and acknowledged in fetch order.
+        Fetches are sized in bytes (``fetch_max_bytes``); the fetcher waits while the queue holds more
+        than ``_QUEUED_FETCHES`` such fetches, so memory stays bounded under overload and the backlog
+        stays in the bus. Batches waiting when the applier is free are applied together, up to
+        ``fetch_max_bytes`` (one bigger transaction). Records are applied and acknowledged in fetch order.
         """
         s = self.settings
-        queue: asyncio.Queue[list[BusRecord] | None] = asyncio.Queue(maxsize=4)
+        queue = _ByteQueue(_QUEUED_FETCHES * s.fetch_max_bytes)
+        loop = asyncio.get_running_loop()
+        assert self._executor is not None, "run() owns the apply thread"
+        executor = self._executor
 
         async def fetcher() -> None:
             try:
                 while not stop.is_set():
-                    recs = await consumer.fetch(s.fetch_max, s.fetch_timeout_s)
+                    recs = await consumer.fetch(s.fetch_max, s.fetch_timeout_s, max_bytes=s.fetch_max_bytes)
                     if recs:
                         await queue.put(recs)
             finally:
-                await queue.put(None)
+                await queue.close()
 
         async def applier() -> None:
-            while True:
-                recs = await queue.get()
-                if recs is None:
-                    return
-                done = False
-                size = sum(len(r.value) for r in recs)
-                while not queue.empty() and size < _MERGE_MAX_BYTES:
-                    more = queue.get_nowait()
-                    if more is None:
-                        done = True
-                        break
-                    recs.extend(more)
-                    size += sum(len(r.value) for r in more)
+            while (recs := await queue.get(s.fetch_max_bytes)) is not None:
                 attempt = 0
                 applied: list[BusRecord] = []
                 while True:
                     try:
-                        async with self._lock:
-                            # fenced: records of a partition a rebalance took away are dropped, not acked
-                            applied, _ = await asyncio.to_thread(consumer.apply_fenced, recs, self.apply_records)
+                        # fenced: records of a partition a rebalance took away are dropped, not acked
+                        applied, _ = await loop.run_in_executor(executor, consumer.apply_fenced, recs,
+                                                                self.apply_records)
                         break
                     except Exception as exc:
                         # A full disk or a lost database connection: nothing is acknowledged, the same
@@ -226,8 +223,7 @@ class Processor:
                 if attempt:
                     log.warning("store write succeeded again after %d tries", attempt + 1)
                 await consumer.ack(applied)
-                if done:
-                    return
+                await queue.release(recs)
 
         async with asyncio.TaskGroup() as tg:
             tg.create_task(fetcher(), name="processor-fetch")
@@ -244,13 +240,67 @@ class Processor:
             consumers.append(await self._consumer(DLQ_TOPIC, None, f"{self.group}-dlq"))
         elif 0 in self.partitions:
             consumers.append(await self._consumer(DLQ_TOPIC, [0], f"{self.group}-dlq"))
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fm-apply")
         try:
             async with asyncio.TaskGroup() as tg:
                 for c in consumers:
                     tg.create_task(self._loop(c, stop), name=f"processor-{c!r}")
         finally:
+            self._executor.shutdown(wait=True)
+            self._executor = None
             for c in consumers:
                 await c.close()
+
+
+class _ByteQueue:
+    """Fetched batches waiting for the applier, bounded in bytes of record values.
+
+    ``put`` waits while the batches queued *or being applied* hold ``limit`` bytes or more (one batch
+    is always let in, however big, so a record larger than the limit still passes); the applier takes
+    batches merged up to a byte budget and releases them once acknowledged.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._items: deque[tuple[list[BusRecord], int]] = deque()
+        self._held = 0  # bytes queued or being applied
+        self._sizes: dict[int, int] = {}  # id(merged batch) -> its bytes, until released
+        self._closed = False
+        self._cond = asyncio.Condition()
+
+    async def put(self, recs: list[BusRecord]) -> None:
+        size = sum(len(r.value) for r in recs)
+        async with self._cond:
+            await self._cond.wait_for(lambda: self._held == 0 or self._held + size <= self._limit)
+            self._items.append((recs, size))
+            self._held += size
+            self._cond.notify_all()
+
+    async def close(self) -> None:
+        """No more batches: ``get`` returns None once the queue is empty."""
+        async with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    async def get(self, max_bytes: int) -> list[BusRecord] | None:
+        """The next batch, with the batches queued behind it merged up to ``max_bytes``; None when closed."""
+        async with self._cond:
+            await self._cond.wait_for(lambda: bool(self._items) or self._closed)
+            if not self._items:
+                return None
+            recs, size = self._items.popleft()
+            while self._items and size + self._items[0][1] <= max_bytes:
+                more, n = self._items.popleft()
+                recs = recs + more
+                size += n
+            self._sizes[id(recs)] = size
+            return recs
+
+    async def release(self, recs: list[BusRecord]) -> None:
+        """The batch ``get`` returned is done (acknowledged): its bytes no longer count."""
+        async with self._cond:
+            self._held -= self._sizes.pop(id(recs))
+            self._cond.notify_all()
 
 
 def _retryable(exc: BaseException) -> bool:
