@@ -38,14 +38,6 @@ SQL_ALLOWED = {
     # ``fieldmesh query``: the user's SQL over the store, a documented contract; its help names tables
     "cli/main.py": {"*"},
 }
-#: Today's SQL outside ``store/`` that is being moved behind store methods (``device_watermarks()``,
-#: ``device_summary()``) by the Sink/store work package of issue 9. Delete each entry when its file
-#: is fixed: this test then keeps it fixed.
-SQL_TO_MOVE = {
-    "stream/processor.py": {"devices"},
-    "api/app.py": {"devices"},
-    "runtime/up.py": {"devices"},
-}
 
 
 def _modules() -> list[tuple[str, ast.Module]]:
@@ -111,16 +103,13 @@ def test_no_stage_reaches_past_the_bus_contract() -> None:
 
 def test_only_the_store_runs_sql_on_its_tables() -> None:
     reaches: list[str] = []
-    moved: list[str] = []
     for rel, tree in _modules():
         if rel.startswith("store/"):
             continue
         found = _sql_reaches(rel, tree)
-        allowed = SQL_ALLOWED.get(rel, set()) | SQL_TO_MOVE.get(rel, set())
+        allowed = SQL_ALLOWED.get(rel, set())
         reaches += [w for table, where in found.items() if table not in allowed and "*" not in allowed for w in where]
-        moved += [f"{rel}: {t}" for t in SQL_TO_MOVE.get(rel, set()) if t not in found]
     assert not reaches, "SQL on store tables outside store/ (add a store method):\n" + "\n".join(reaches)
-    assert not moved, "fixed, so drop these from SQL_TO_MOVE: " + ", ".join(moved)
 
 
 def test_the_checks_see_what_they_forbid() -> None:

@@ -12,6 +12,7 @@ from fieldmesh.api.app import create_app, parse_time
 from fieldmesh.core.codec import decode_telemetry
 from fieldmesh.core.model import DeadLetter
 from fieldmesh.store import load_store
+from fmtest.drive import commit_readings
 
 NOW = 1_763_812_345_123
 
@@ -28,7 +29,7 @@ def client(request: pytest.FixtureRequest, tmp_path: Path) -> TestClient:
     rs = decode_telemetry(body, device_id="pump-7", topic="devices/pump-7/telemetry", received_ms=NOW).readings
     dl = DeadLetter(reason="clock_skew", detail="ahead", topic="devices/pump-7/telemetry", received_ms=NOW,
                     payload=b'{"ts": 1}', device_id="pump-7")
-    w.apply(readings=rs, late=[False] * len(rs), dead_letters=[dl], positions={}, watermarks={})
+    commit_readings(w, rs, dead_letters=[dl])
     w.close()
     return TestClient(create_app(url))
 

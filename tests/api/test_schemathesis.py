@@ -25,6 +25,7 @@ from fieldmesh.api.app import create_app
 from fieldmesh.core.codec import decode_telemetry
 from fieldmesh.core.model import DeadLetter
 from fieldmesh.store import load_store
+from fmtest.drive import commit_readings
 from fmtest.procs import free_port
 
 NOW = 1_763_812_345_123
@@ -53,7 +54,7 @@ def _seed_store(url: str) -> None:
                 DeadLetter(reason="malformed_json", detail="not JSON", topic=f"devices/{dev}/telemetry",
                            received_ms=NOW, payload=b"\xff\x00binary", device_id=None),
             ]
-            w.apply(readings=rs, late=[False] * len(rs), dead_letters=dls, positions={}, watermarks={})
+            commit_readings(w, rs, dead_letters=dls)
     finally:
         w.close()
 

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from fieldmesh.core.codec import decode_telemetry
 from fieldmesh.store.keyfilter import KeyFilter
 from fieldmesh.store.sqlite import SqliteStore
+from fmtest.drive import commit_readings
 
 NOW = 1_763_812_345_123
 
@@ -43,7 +44,7 @@ def _readings(dev: str, seqs: range):
 
 
 def _apply(store: SqliteStore, rs):
-    return store.apply(readings=rs, late=[False] * len(rs), dead_letters=[], positions={}, watermarks={})
+    return commit_readings(store, rs)
 
 
 def test_two_writers_on_one_file_still_deduplicate(tmp_path: Path):

@@ -21,6 +21,7 @@ from fieldmesh.core.identity import identity_digest, identity_string
 from fieldmesh.core.model import Reading
 from fieldmesh.store import HotStore, load_store
 from fieldmesh.store.seqgaps import merge_ranges, seq_spans
+from fmtest.drive import commit_readings
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -37,7 +38,7 @@ def reading(dev: str, seq: int | None, boot: str | None = None, event_id: str | 
 
 
 def apply(store: HotStore, rs: list[Reading]) -> Any:
-    return store.apply(readings=rs, late=[False] * len(rs), dead_letters=[], positions={}, watermarks={})
+    return commit_readings(store, rs)
 
 
 def oracle(stored: list[Reading]) -> int:
@@ -210,10 +211,11 @@ def test_concurrent_writers_creating_the_same_ranges_count_exactly(store_url: st
 
 
 def _downgrade_to_v1(url: str) -> None:
-    """Make the store what schema version 1 was: no seq tables, no gaps counter."""
+    """Make the store what schema version 1 was: no seq tables, no gaps counter, no key origins."""
+    keys = "idents" if url.startswith("sqlite:///") else "reading_keys"
     stmts = [
         "DROP TABLE seqs", "DROP TABLE seq_ranges", "DELETE FROM counters WHERE name = 'gaps'",
-        "UPDATE meta SET value = '1' WHERE key = 'schema_version'",
+        f"ALTER TABLE {keys} DROP COLUMN origin", "UPDATE meta SET value = '1' WHERE key = 'schema_version'",
     ]  # fmt: skip
     if url.startswith("sqlite:///"):
         con = sqlite3.connect(url[len("sqlite:///") :])

@@ -23,6 +23,7 @@ from fieldmesh.core.errors import ConfigError, StoreSchemaError
 from fieldmesh.core.identity import identity_digest, identity_string
 from fieldmesh.core.model import DeadLetter, Reading
 from fieldmesh.store import HotStore, load_store
+from fmtest.drive import Committed, commit_readings
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -48,9 +49,10 @@ def reading(
     return Reading(dev, ts_ms, measurements, key, chk, seq=seq, received_ms=received_ms or ts_ms + 50)
 
 
-def apply(store: HotStore, rs: list[Reading], *, late: bool = False, **kw: Any) -> Any:
-    return store.apply(
-        readings=rs,
+def apply(store: HotStore, rs: list[Reading], *, late: bool = False, **kw: Any) -> Committed:
+    return commit_readings(
+        store,
+        rs,
         late=[late] * len(rs),
         dead_letters=kw.get("dead_letters", []),
         positions=kw.get("positions", {}),

@@ -10,6 +10,7 @@ import pytest
 from fieldmesh.core.identity import identity_digest, identity_string
 from fieldmesh.core.model import Reading
 from fieldmesh.store import load_store
+from fmtest.drive import commit_readings
 
 
 def _reading(dev: str, ts_ms: int, enrichment: dict[str, object] | None) -> Reading:
@@ -33,7 +34,7 @@ def test_enrichment_is_stored_and_returned(store_url: str) -> None:
             _reading("pump-1", 1_000, {"assets.threshold": 4.0, "assets.site": "north", "assets.id": 7}),
             _reading("pump-1", 2_000, None),
         ]
-        res = store.apply(readings=rs, late=[False, False], dead_letters=[], positions={}, watermarks={})
+        res = commit_readings(store, rs)
         assert res.stored == 2
         rows = {r["ts_ms"]: r for r in store.raw(device_id="pump-1", metric=None, start_ms=None, end_ms=None,
                                                   limit=10)}
@@ -54,8 +55,7 @@ def test_postgres_store_made_before_enrichment_gets_the_column(pg_url: str) -> N
         con.execute(f'ALTER TABLE "{schema}".readings DROP COLUMN enrichment')
     store = load_store(url)
     try:
-        store.apply(readings=[_reading("d", 5, {"x.a": 1})], late=[False], dead_letters=[], positions={},
-                    watermarks={})
+        commit_readings(store, [_reading("d", 5, {"x.a": 1})])
         [row] = store.raw(device_id="d", metric=None, start_ms=None, end_ms=None, limit=1)
         assert row["enrichment"] == {"x.a": 1}
     finally:

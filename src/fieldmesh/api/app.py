@@ -87,10 +87,10 @@ class _StoreCollector(Collector):
             for p, n in sorted(parts.items()):
                 plag.add_metric([stage, str(p)], n)
         yield plag
-        rows = self.store.query("SELECT max(last_seen_ms), count(*) FROM devices").rows
-        last, n_dev = rows[0] if rows else (None, 0)
+        summary = self.store.device_summary()
+        last = summary.last_seen_ms
         g = GaugeMetricFamily("fieldmesh_devices", "Devices seen")
-        g.add_metric([], n_dev or 0)
+        g.add_metric([], summary.devices)
         yield g
         if last:
             f = GaugeMetricFamily("fieldmesh_freshness_seconds", "Seconds since the newest stored reading arrived")

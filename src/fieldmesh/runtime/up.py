@@ -671,7 +671,7 @@ def _counts(st: StoreStats) -> dict[str, Any]:
 def _summary(store: Any, elapsed_s: float, at_start: StoreStats) -> dict[str, Any]:
     """Totals of the data dir (top level, as before) and ``this_run``: totals at exit minus totals at start."""
     st = store.stats()
-    n_dev = store.query("SELECT count(*) FROM devices").rows[0][0]
+    n_dev = store.device_summary().devices
     store.close()
     total, start = _counts(st), _counts(at_start)
     this_run: dict[str, Any] = {k: total[k] - start[k] for k in _RUN_KEYS}

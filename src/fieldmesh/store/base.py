@@ -1,14 +1,16 @@
 """The hot-store contract.
 
 A hot store keeps raw readings (de-duplicated by identity), 1-minute and 1-hour rollups, the dead
-letters, counters, and the bus positions each processor applied. :meth:`HotStore.apply` writes all
-of that for one batch in **one transaction**: a crash before its commit leaves nothing of the
-batch, a crash after it leaves all of it, and the stored positions say which bus records are in.
+letters, counters, and the bus positions each processor applied. :meth:`HotStore.commit` writes all
+of that for one batch in **one transaction**, the stream core's decision (which claims identity keys
+through :class:`HotTxn`) included: a crash before its commit leaves nothing of the batch, claims
+included, a crash after it leaves all of it, and the stored positions say which bus records are in.
+Every hot store is also a :class:`Sink`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
@@ -111,10 +113,33 @@ class HotTxn(Protocol):
         ...
 
 
-class HotStore(Protocol):
-    """Raw readings, rollups, dead letters and positions, written one transaction per batch."""
+class HotStore(Sink, Protocol):
+    """Raw readings, rollups, dead letters and positions, written one transaction per batch.
+
+    The hot store is the sink that claims identity keys: :meth:`commit` runs the stream core's
+    decision (``build``) inside its transaction, so claims and data commit together. Its
+    :meth:`~Sink.write` takes a result decided elsewhere only when every key it stores is new here.
+    """
 
     url: str
+
+    def commit(
+        self, build: Callable[[HotTxn], BatchResult], *, ts_ms: NDArray[np.int64] | None = None
+    ) -> BatchResult:
+        """One transaction: ``build(txn)`` claims keys and returns the result; the store appends the raw rows
+        of ``result.new`` under ``result.store_key``, merges the window deltas, devices, dead letters, counters
+        (plus seq gaps), positions and watermarks, then commits. An exception inside ``build`` or later leaves
+        nothing, claims included. ``ts_ms`` (the batch's event times) lets a store prepare partitions first;
+        PostgreSQL reruns ``build`` after a deadlock or serialization failure, so ``build`` must not keep
+        state between calls.
+        """
+        ...
+
+    def device_watermarks(self) -> dict[str, int]:
+        """Per device, the latest event time stored: where lateness resumes after a restart."""
+        ...
+
+    def device_summary(self) -> DeviceSummary: ...
 
     def apply(
         self,

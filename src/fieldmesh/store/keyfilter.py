@@ -41,10 +41,12 @@ class KeyFilter:
         return prod >> np.uint64(64 - self.log2)  # type: ignore[no-any-return]
 
     @staticmethod
-    def _array(keys: Sequence[int] | Iterable[int]) -> npt.NDArray[np.uint64]:
+    def _array(keys: Sequence[int] | Iterable[int] | npt.NDArray[np.int64]) -> npt.NDArray[np.uint64]:
+        if isinstance(keys, np.ndarray):  # keys are < 2**63: the cast keeps every value
+            return keys.astype(np.uint64, copy=False)
         return np.fromiter(keys, dtype=np.uint64)
 
-    def add(self, keys: Sequence[int] | Iterable[int]) -> None:
+    def add(self, keys: Sequence[int] | Iterable[int] | npt.NDArray[np.int64]) -> None:
         """Add keys."""
         arr = self._array(keys)
         if not len(arr):
@@ -53,7 +55,7 @@ class KeyFilter:
         np.bitwise_or.at(self.bits, pos >> np.uint64(3), (1 << (pos & np.uint64(7))).astype(np.uint8))
         self.count += len(arr)
 
-    def may_contain(self, keys: Sequence[int]) -> npt.NDArray[np.bool_]:
+    def may_contain(self, keys: Sequence[int] | npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
         """For each key: False when it was certainly never added."""
         arr = self._array(keys)
         if not len(arr):

@@ -25,12 +25,15 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import msgspec
+import numpy as np
+from numpy.typing import NDArray
 
+from fieldmesh.core.batch import BatchResult
 from fieldmesh.core.errors import (
     BackendError,
     BackendUnavailable,
@@ -41,19 +44,20 @@ from fieldmesh.core.errors import (
 )
 from fieldmesh.core.exact import exact_avg, exact_value, format_exact, parse_exact
 from fieldmesh.core.model import DeadLetter, Reading
-from fieldmesh.store.base import ApplyResult, Position, QueryResult, StoreStats
-from fieldmesh.store.rollup import Acc, RollupKey, merge_acc, rollup_deltas
+from fieldmesh.store.base import INTERVALS, ApplyResult, DeviceSummary, HotTxn, Position, QueryResult, StoreStats
+from fieldmesh.store.batchrows import answers, apply_readings, device_aggs, raw_columns, window_accs, write_via_commit
+from fieldmesh.store.rollup import Acc, RollupKey, merge_acc
 from fieldmesh.store.rows import device_row, dlq_row, raw_row, rollup_query, rollup_row, where_clause
-from fieldmesh.store.seqgaps import SeqKey, SeqRange, listing, merge_ranges, range_gaps, seq_spans, seq_triples
+from fieldmesh.store.seqgaps import SeqBatch, SeqKey, SeqRange, listing, merge_ranges, range_gaps, seq_batch, seq_spans
 
 __all__ = ["SCHEMA_VERSION", "PostgresStore", "check_read_only_sql"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-#: 2 added ``seqs`` and ``seq_ranges`` (sequence gaps); a version-1 store is migrated on open.
-SCHEMA_VERSION: Final = 2
-_KEY_SPACE: Final = 1 << 63
+#: 2 added ``seqs`` and ``seq_ranges`` (sequence gaps); 3 added ``reading_keys.origin`` (the bus record
+#: that claimed the key, so a replay decides as before). Older stores are migrated on open.
+SCHEMA_VERSION: Final = 3
 _DAY_MS: Final = 86_400_000
 _SAFE_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _enc = msgspec.json.Encoder()
@@ -62,7 +66,7 @@ _RETRY_STATES: Final = {"40001", "40P01", "55P03"}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS reading_keys (id BIGINT PRIMARY KEY, chk BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS reading_keys (id BIGINT PRIMARY KEY, chk BIGINT NOT NULL, origin BIGINT);
 CREATE TABLE IF NOT EXISTS rollup_1m (
     device_id TEXT NOT NULL, metric TEXT NOT NULL, window_start_ms BIGINT NOT NULL,
     count BIGINT NOT NULL, sum DOUBLE PRECISION NOT NULL, min DOUBLE PRECISION NOT NULL,
@@ -109,13 +113,15 @@ INSERT INTO counters VALUES ('gaps', (SELECT coalesce(sum(max_seq - min_seq + 1 
     ON CONFLICT (name) DO UPDATE SET value = excluded.value;
 UPDATE meta SET value = '2' WHERE key = 'schema_version';
 """
+#: Version 2 -> 3: a nullable column (no table rewrite); a NULL origin answers DUPLICATE, as before.
+_MIGRATE_2_3 = """
+ALTER TABLE reading_keys ADD COLUMN IF NOT EXISTS origin BIGINT;
+UPDATE meta SET value = '3' WHERE key = 'schema_version';
+"""
 _READINGS_COLS = """
     id BIGINT NOT NULL, chk BIGINT NOT NULL, device_id TEXT NOT NULL, ts_ms BIGINT NOT NULL,
     seq BIGINT, boot_id TEXT, event_id TEXT, measurements JSONB NOT NULL, meta JSONB,
     received_ms BIGINT NOT NULL, stored_ms BIGINT NOT NULL, enrichment JSONB
-"""
-_TEMP = """
-CREATE TEMP TABLE IF NOT EXISTS _fm_keys (id BIGINT, chk BIGINT) ON COMMIT DELETE ROWS;
 """
 
 
@@ -199,8 +205,63 @@ def _num(v: Any) -> float | bool:
     return v if isinstance(v, bool) else float(v)
 
 
+class _NeedDays(Exception):
+    """Rolls a commit back whose result needs day partitions that do not exist yet."""
+
+    def __init__(self, days: set[int]) -> None:
+        super().__init__(f"day partitions {sorted(days)} missing")
+        self.days = days
+
+
+class _Txn:
+    """:class:`~fieldmesh.store.base.HotTxn` of :meth:`PostgresStore.commit`: claims in its open transaction."""
+
+    def __init__(self, w: Any) -> None:
+        self._w = w
+
+    def claim_keys(
+        self, keys: NDArray[np.int64], chks: NDArray[np.int64], origins: NDArray[np.int64]
+    ) -> NDArray[np.int8]:
+        """Insert absent keys in key order (two writers claiming overlapping keys lock them alike), then
+        read the rest; answer per key (see :class:`~fieldmesh.store.base.HotTxn`)."""
+        keys = np.asarray(keys, dtype=np.int64)
+        out = np.zeros(len(keys), dtype=np.int8)  # CLAIMED
+        if not len(keys):
+            return out
+        org: NDArray[Any] = origins
+        if origins.min() < 0:  # -1: no origin, stored as NULL
+            org = origins.astype(object)
+            org[origins < 0] = None
+        with self._w.cursor() as cur:
+            claimed = [
+                r[0]
+                for r in cur.execute(
+                    "INSERT INTO reading_keys (id, chk, origin) SELECT * FROM unnest(%s::bigint[], %s::bigint[],"
+                    " %s::bigint[]) ORDER BY 1 ON CONFLICT (id) DO NOTHING RETURNING id",
+                    (keys.tolist(), chks.tolist(), org.tolist()),
+                )
+            ]
+            held = np.flatnonzero(~np.isin(keys, np.array(claimed, dtype=np.int64)))
+            if len(held):
+                found = {
+                    k: (c, -1 if o is None else o)
+                    for k, c, o in cur.execute(
+                        "SELECT id, chk, origin FROM reading_keys WHERE id = ANY(%s)", (keys[held].tolist(),)
+                    )
+                }
+                stored = [found[k] for k in keys[held].tolist()]
+                out[held] = answers(
+                    chks[held], origins[held], np.array([c for c, _ in stored], np.int64),
+                    np.array([o for _, o in stored], np.int64),
+                )  # fmt: skip
+        return out
+
+
 class PostgresStore:
     """PostgreSQL hot store. A writer (``readonly=False``) creates or checks the schema."""
+
+    #: the sink's name (logs, stats): the hot store
+    name: str = "hot"
 
     def __init__(self, url: str, *, readonly: bool = False, connect_timeout_s: float = 10.0) -> None:
         self.url = url
@@ -325,12 +386,13 @@ class PostgresStore:
                         w.execute("ALTER TABLE readings ADD COLUMN enrichment JSONB")
                     if row[0] == "1":
                         w.execute(_MIGRATE_1_2)
+                    if row[0] in ("1", "2"):
+                        w.execute(_MIGRATE_2_3)
         except pg.Error as exc:
             raise BackendError(f"cannot create the fieldmesh schema in {self.schema!r}: {exc}") from exc
         self._check_version(w)
         row = w.execute("SELECT value FROM meta WHERE key = 'layout'").fetchone()
         self.timescale = bool(row and row[0] == "timescaledb")
-        w.execute(_TEMP)
         self._parts = {
             int(r[0])
             for r in w.execute(
@@ -394,6 +456,141 @@ class PostgresStore:
         self._local = threading.local()
 
     # -- the write path ----------------------------------------------------------------------
+    def applied(self) -> dict[Position, int]:
+        """The positions committed with the data (:class:`~fieldmesh.store.base.Sink`)."""
+        return self.positions()
+
+    def write(self, result: BatchResult) -> bool:
+        """Make a result decided elsewhere durable here; False when every position is at or below :meth:`applied`.
+
+        As for SQLite: the keys of ``result.new`` are claimed here without origin, and a key held already
+        raises :class:`~fieldmesh.store.batchrows.StaleResult` (nothing written; decide again through
+        :meth:`commit`).
+        """
+
+        def positions_in_txn() -> dict[Position, int]:
+            rows = self._w.execute('SELECT topic, partition, "offset" FROM positions').fetchall()
+            return {(t, p): o for t, p, o in rows}
+
+        return write_via_commit(self, result, positions_in_txn)
+
+    def commit(self, build: Callable[[HotTxn], BatchResult], *, ts_ms: NDArray[np.int64] | None = None) -> BatchResult:
+        """One transaction: ``build`` claims keys and returns the result, which is then written and committed.
+
+        The day partitions of ``ts_ms`` are created first (own short transaction). Should the result
+        need a day they miss (``ts_ms`` not given, or other), the transaction is rolled back, the
+        partitions created and ``build`` run again; likewise after a deadlock or serialization failure
+        (replicas handing partitions over). An exception inside ``build`` or later leaves nothing.
+        """
+        if self.readonly or self._w is None:
+            raise FieldmeshError("this store was opened read-only")
+        pg = _psycopg()
+        days: NDArray[np.int64] | set[int] | None = ts_ms
+        attempt = 0
+        while True:
+            try:
+                if days is not None:
+                    self._ensure_days(days)
+                    days = None
+                self._pending_metrics = []
+                with self._w.transaction():
+                    result = build(_Txn(self._w))
+                    missing = self._missing_days(result.new.ts_ms)
+                    if missing:
+                        raise _NeedDays(missing)
+                    self._write_result(result)
+                if len(self._known_metrics) > 1_000_000:  # a cache, not a registry: keep it bounded
+                    self._known_metrics.clear()
+                self._known_metrics.update(self._pending_metrics)
+                return result
+            except _NeedDays as need:
+                days = need.days
+            except pg.Error as exc:
+                state = getattr(exc, "sqlstate", None)
+                if state in _RETRY_STATES and attempt < 7:
+                    time.sleep(random.uniform(0, 0.05 * 2**attempt))
+                    attempt += 1
+                    continue
+                if isinstance(exc, pg.OperationalError) and self._w.closed:
+                    self._w = self._connect(readonly=False)
+                    raise BackendUnavailable(f"lost the PostgreSQL connection during a batch: {exc}") from exc
+                raise BackendError(f"PostgreSQL batch failed (rolled back): {exc}") from exc
+
+    def _missing_days(self, ts_ms: NDArray[np.int64]) -> set[int]:
+        if self.timescale or not len(ts_ms):
+            return set()
+        return set(np.unique(ts_ms // _DAY_MS).tolist()) - self._parts
+
+    def _write_result(self, r: BatchResult) -> None:
+        """Everything of a decided batch but the claims, in the open transaction; rows that two writers may
+        touch are written in key order (rollups, devices, seq ranges, counters, positions)."""
+        for interval in r.windows:
+            if interval not in INTERVALS:
+                raise ConfigError(
+                    f"the hot store keeps rollups of {sorted(INTERVALS)} only, not {interval!r}", key="intervals"
+                )
+        w = self._w
+        now = int(time.time() * 1000)
+        new = r.new
+        gaps = 0
+        with w.cursor() as cur:
+            if len(new):
+                cols = raw_columns(new, r.store_key, now)
+                cols.insert(1, new.chk.tolist())
+                cur.execute(
+                    "INSERT INTO readings (id, chk, device_id, ts_ms, seq, boot_id, event_id, measurements, meta,"
+                    " received_ms, stored_ms, enrichment) SELECT i, c, d, t, s, b, e, m::jsonb, mt::jsonb, rx, st,"
+                    " en::jsonb FROM unnest(%s::bigint[], %s::bigint[], %s::text[], %s::bigint[], %s::bigint[],"
+                    " %s::text[], %s::text[], %s::text[], %s::text[], %s::bigint[], %s::bigint[], %s::text[])"
+                    " AS j(i, c, d, t, s, b, e, m, mt, rx, st, en)",
+                    cols,
+                )
+            for interval in INTERVALS:  # fixed order: writers lock 1m rows before 1h rows
+                wd = r.windows.get(interval)
+                if wd is not None and len(wd):
+                    self._merge_rollups(cur, interval, window_accs(wd))
+            if len(r.devices):
+                self._upsert_devices(cur, device_aggs(r.devices), r.devices.metric_pairs)
+            if len(new):
+                gaps = self._update_gaps(cur, seq_batch(new))
+            if r.dead_letters:
+                with cur.copy(
+                    "COPY dlq (reason, detail, topic, device_id, received_ms, payload, truncated) FROM STDIN"
+                ) as cp:
+                    for d in r.dead_letters:
+                        cp.write_row(
+                            (d.reason, d.detail, d.topic, d.device_id, d.received_ms, d.payload, d.truncated)
+                        )
+            counts = dict(r.counts)
+            counts["gaps"] = counts.get("gaps", 0) + gaps
+            self._write_marks(cur, counts, r.positions, r.watermarks, now)
+
+    def _write_marks(
+        self, cur: Any, counts: Mapping[str, int], positions: Mapping[Position, int],
+        watermarks: Mapping[Position, int], now: int,
+    ) -> None:
+        """Counters, positions and watermarks (key order)."""
+        rows = sorted((k, v) for k, v in counts.items() if v)
+        if rows:
+            cur.executemany(
+                "INSERT INTO counters VALUES (%s, %s) ON CONFLICT (name) DO UPDATE"
+                " SET value = counters.value + excluded.value",
+                rows,
+            )
+        if positions:
+            cur.executemany(
+                "INSERT INTO positions VALUES (%s, %s, %s, %s) ON CONFLICT (topic, partition) DO UPDATE"
+                ' SET "offset" = GREATEST(positions."offset", excluded."offset"),'
+                " updated_ms = excluded.updated_ms",
+                sorted((t, p, o, now) for (t, p), o in positions.items()),
+            )
+        if watermarks:
+            cur.executemany(
+                "INSERT INTO watermarks VALUES (%s, %s, %s) ON CONFLICT (topic, partition) DO UPDATE SET"
+                " ts_ms = GREATEST(watermarks.ts_ms, excluded.ts_ms)",
+                sorted((t, p, ts) for (t, p), ts in watermarks.items()),
+            )
+
     def apply(
         self,
         *,
@@ -403,42 +600,15 @@ class PostgresStore:
         positions: Mapping[Position, int],
         watermarks: Mapping[Position, int],
     ) -> ApplyResult:
-        """Write one batch in one transaction (see :mod:`fieldmesh.store.base`).
+        """Transitional: :func:`~fieldmesh.store.batchrows.apply_readings` (reference engine + :meth:`commit`)."""
+        return apply_readings(
+            self, readings=readings, late=late, dead_letters=dead_letters, positions=positions, watermarks=watermarks
+        )
 
-        Deadlocks and serialization failures (possible while replicas hand partitions over)
-        roll back and retry the whole batch.
-        """
-        if self.readonly or self._w is None:
-            raise FieldmeshError("this store was opened read-only")
-        pg = _psycopg()
-        for attempt in range(8):
-            try:
-                self._ensure_partitions(readings)
-                self._pending_metrics = []
-                with self._w.transaction():
-                    res = self._apply_tx(readings, late, dead_letters, positions, watermarks)
-                if len(self._known_metrics) > 1_000_000:  # a cache, not a registry: keep it bounded
-                    self._known_metrics.clear()
-                self._known_metrics.update(self._pending_metrics)
-                return res
-            except pg.Error as exc:
-                state = getattr(exc, "sqlstate", None)
-                if state in _RETRY_STATES and attempt < 7:
-                    time.sleep(random.uniform(0, 0.05 * 2**attempt))
-                    continue
-                if isinstance(exc, pg.OperationalError) and self._w.closed:
-                    self._w = self._connect(readonly=False)
-                    self._w.execute(_TEMP)
-                    raise BackendUnavailable(f"lost the PostgreSQL connection during a batch: {exc}") from exc
-                raise BackendError(f"PostgreSQL batch failed (rolled back): {exc}") from exc
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def _ensure_partitions(self, readings: Sequence[Reading]) -> None:
-        """Create the day partitions a batch needs (own short transaction; DDL is idempotent)."""
-        if self.timescale:
-            return
-        days = {r.ts_ms // _DAY_MS for r in readings} - self._parts
-        if not days:
+    def _ensure_days(self, ts_ms: NDArray[np.int64] | set[int]) -> None:
+        """Create the day partitions of these event times (or days) (own short transaction; DDL is idempotent)."""
+        days = ts_ms if isinstance(ts_ms, set) else self._missing_days(ts_ms)
+        if self.timescale or not days:
             return
         w = self._w
         with w.transaction():
@@ -451,142 +621,6 @@ class PostgresStore:
                     f" FOR VALUES FROM ({lo}) TO ({hi})"
                 )
         self._parts |= days
-
-    def _apply_tx(
-        self,
-        readings: Sequence[Reading],
-        late: Sequence[bool],
-        dead_letters: Sequence[DeadLetter],
-        positions: Mapping[Position, int],
-        watermarks: Mapping[Position, int],
-    ) -> ApplyResult:
-        w = self._w
-        now = int(time.time() * 1000)
-        new_idx, dups = self._dedupe(w, readings)
-        new = [readings[i] for i in new_idx]
-        n_late = sum(1 for i in new_idx if late[i])
-        gaps = 0
-        with w.cursor() as cur:
-            if new:
-                with cur.copy(
-                    "COPY readings (id, chk, device_id, ts_ms, seq, boot_id, event_id, measurements, meta,"
-                    " received_ms, stored_ms, enrichment) FROM STDIN"
-                ) as cp:
-                    for k, r in zip(new_idx.values(), new, strict=True):
-                        cp.write_row(
-                            (
-                                k, r.chk, r.device_id, r.ts_ms, r.seq, r.boot_id, r.event_id,
-                                _enc.encode(r.measurements).decode(),
-                                _enc.encode(r.meta).decode() if r.meta is not None else None,
-                                r.received_ms, now,
-                                _enc.encode(r.enrichment).decode() if r.enrichment is not None else None,
-                            )
-                        )  # fmt: skip
-                for interval, deltas in rollup_deltas(new).items():
-                    self._merge_rollups(cur, interval, deltas)
-                self._update_devices(cur, new)
-                gaps = self._update_gaps(cur, new)
-            if dead_letters:
-                with cur.copy(
-                    "COPY dlq (reason, detail, topic, device_id, received_ms, payload, truncated) FROM STDIN"
-                ) as cp:
-                    for d in dead_letters:
-                        cp.write_row(
-                            (d.reason, d.detail, d.topic, d.device_id, d.received_ms, d.payload, d.truncated)
-                        )
-            counts: dict[str, int] = {"stored": len(new), "duplicates": dups, "late": n_late, "gaps": gaps}
-            for d in dead_letters:
-                counts[f"dlq.{d.reason}"] = counts.get(f"dlq.{d.reason}", 0) + 1
-            rows = sorted((k, v) for k, v in counts.items() if v)
-            if rows:
-                cur.executemany(
-                    "INSERT INTO counters VALUES (%s, %s) ON CONFLICT (name) DO UPDATE"
-                    " SET value = counters.value + excluded.value",
-                    rows,
-                )
-            if positions:
-                cur.executemany(
-                    "INSERT INTO positions VALUES (%s, %s, %s, %s) ON CONFLICT (topic, partition) DO UPDATE"
-                    ' SET "offset" = GREATEST(positions."offset", excluded."offset"),'
-                    " updated_ms = excluded.updated_ms",
-                    sorted((t, p, o, now) for (t, p), o in positions.items()),
-                )
-            if watermarks:
-                cur.executemany(
-                    "INSERT INTO watermarks VALUES (%s, %s, %s) ON CONFLICT (topic, partition) DO UPDATE SET"
-                    " ts_ms = GREATEST(watermarks.ts_ms, excluded.ts_ms)",
-                    sorted((t, p, ts) for (t, p), ts in watermarks.items()),
-                )
-        return ApplyResult(stored=len(new), duplicates=dups, late=n_late, dead_lettered=len(dead_letters))
-
-    def _dedupe(self, w: Any, readings: Sequence[Reading]) -> tuple[dict[int, int], int]:
-        """Claim the identity keys of a batch; map index -> store key of each new reading."""
-        first: dict[int, int] = {}
-        dups = 0
-        collided: list[int] = []
-        for i, r in enumerate(readings):
-            j = first.get(r.key)
-            if j is None:
-                first[r.key] = i
-            elif readings[j].chk == r.chk:
-                dups += 1
-            else:
-                collided.append(i)
-        new_idx: dict[int, int] = {}
-        taken: dict[int, int] = {}  # key -> index, claimed in this batch
-        if first:
-            with w.cursor() as cur:
-                with cur.copy("COPY _fm_keys (id, chk) FROM STDIN") as cp:
-                    for k, i in first.items():
-                        cp.write_row((k, readings[i].chk))
-                # key order: two writers claiming overlapping keys lock them in the same order
-                claimed = {
-                    r[0]
-                    for r in cur.execute(
-                        "INSERT INTO reading_keys (id, chk) SELECT id, chk FROM _fm_keys ORDER BY id"
-                        " ON CONFLICT (id) DO NOTHING RETURNING id"
-                    )
-                }
-                others = [k for k in first if k not in claimed]
-                existing: dict[int, int] = {}
-                if others:
-                    existing = dict(
-                        cur.execute(
-                            "SELECT id, chk FROM reading_keys WHERE id = ANY(%s)", (others,)
-                        ).fetchall()
-                    )
-                cur.execute("TRUNCATE _fm_keys")
-            for k, i in first.items():
-                if k in claimed:
-                    new_idx[i] = k
-                    taken[k] = i
-                elif existing.get(k) == readings[i].chk:
-                    dups += 1
-                else:
-                    collided.append(i)
-        for i in collided:  # 63-bit key collision (or a duplicate of a collided reading): probe on
-            r = readings[i]
-            k = r.key - 1  # the key itself first: a reading that collided in its batch may own it
-            while True:
-                k = (k + 1) % _KEY_SPACE
-                if k in taken:
-                    if readings[taken[k]].chk == r.chk:
-                        dups += 1
-                        break
-                    continue
-                row = w.execute(
-                    "INSERT INTO reading_keys VALUES (%s, %s) ON CONFLICT (id) DO NOTHING RETURNING id",
-                    (k, r.chk),
-                ).fetchone()
-                if row is not None:
-                    new_idx[i] = k
-                    taken[k] = i
-                    break
-                chk = w.execute("SELECT chk FROM reading_keys WHERE id = %s", (k,)).fetchone()
-                if chk is not None and chk[0] == r.chk:
-                    dups += 1
-                    break
-        return dict(sorted(new_idx.items())), dups
 
     def _merge_rollups(self, cur: Any, interval: str, deltas: dict[RollupKey, Acc]) -> None:
         """Merge accumulators into a rollup table.
@@ -656,21 +690,7 @@ class PostgresStore:
                 col.append(v)
         return cols
 
-    def _update_devices(self, cur: Any, new: Sequence[Reading]) -> None:
-        agg: dict[str, list[int]] = {}
-        metrics: set[tuple[str, str]] = set()
-        for r in new:
-            a = agg.get(r.device_id)
-            if a is None:
-                agg[r.device_id] = [r.received_ms, r.received_ms, r.ts_ms, r.ts_ms, 1]
-            else:
-                a[0] = min(a[0], r.received_ms)
-                a[1] = max(a[1], r.received_ms)
-                a[2] = min(a[2], r.ts_ms)
-                a[3] = max(a[3], r.ts_ms)
-                a[4] += 1
-            for name in r.measurements:
-                metrics.add((r.device_id, name))
+    def _upsert_devices(self, cur: Any, agg: Mapping[str, list[int]], metrics: Iterable[tuple[str, str]]) -> None:
         items = sorted(agg.items())
         cur.execute(
             "INSERT INTO devices AS d SELECT * FROM unnest(%s::text[], %s::bigint[], %s::bigint[],"
@@ -682,7 +702,7 @@ class PostgresStore:
             " readings = d.readings + excluded.readings",
             ([d for d, _ in items], *([a[i] for _, a in items] for i in range(5))),
         )
-        pairs = sorted(metrics - self._known_metrics)
+        pairs = sorted(set(metrics) - self._known_metrics)
         if pairs:
             cur.execute(
                 "INSERT INTO device_metrics SELECT * FROM unnest(%s::text[], %s::text[])"
@@ -691,14 +711,14 @@ class PostgresStore:
             )
             self._pending_metrics = pairs
 
-    def _update_gaps(self, cur: Any, new: Sequence[Reading]) -> int:
+    def _update_gaps(self, cur: Any, new: SeqBatch) -> int:
         """Fold the new readings' seqs into their ranges (:mod:`fieldmesh.store.seqgaps`); return the change in gaps.
 
         Each key's range row is created if missing and locked (key order) before anything is
         decided, so writers of one key (replicas handing a partition over) take turns; the set's
         insert counts only triples no transaction had stored.
         """
-        triples = seq_triples(new)
+        triples = new.triples
         if not triples:
             return 0
         spans = seq_spans(triples)
@@ -783,6 +803,15 @@ class PostgresStore:
         """Event-time watermarks: (topic, partition) -> max event time seen."""
         rows = self._read(lambda c: c.execute("SELECT topic, partition, ts_ms FROM watermarks").fetchall())
         return {(t, p): ts for t, p, ts in rows}
+
+    def device_watermarks(self) -> dict[str, int]:
+        """Per device, the latest event time stored (where the processor's lateness resumes)."""
+        return dict(self._read(lambda c: c.execute("SELECT device_id, last_ts_ms FROM devices").fetchall()))
+
+    def device_summary(self) -> DeviceSummary:
+        """How many devices the store knows and when it last heard from any."""
+        n, last = self._read(lambda c: c.execute("SELECT count(*), max(last_seen_ms) FROM devices").fetchone())
+        return DeviceSummary(devices=n, last_seen_ms=last)
 
     def stats(self) -> StoreStats:
         """Durable counters."""

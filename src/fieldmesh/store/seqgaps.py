@@ -20,10 +20,13 @@ the span, so the gap is uncounted again.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
-from fieldmesh.core.model import Reading
+import numpy as np
 
-__all__ = ["SeqKey", "SeqRange", "listing", "merge_ranges", "range_gaps", "seq_spans", "seq_triples"]
+from fieldmesh.core.batch import ReadingColumns
+
+__all__ = ["SeqBatch", "SeqKey", "SeqRange", "listing", "merge_ranges", "range_gaps", "seq_batch", "seq_spans"]
 
 SeqKey = tuple[str, str]
 """(device_id, boot_id); a reading without ``boot_id`` has boot ``""``, as in its identity."""
@@ -31,18 +34,37 @@ SeqRange = tuple[int, int, int]
 """(min_seq, max_seq, n distinct seqs)"""
 
 
-def seq_triples(readings: Iterable[Reading]) -> list[tuple[str, str, int]]:
-    """``(device_id, boot_id, seq)`` of the readings that carry a seq, in their order."""
-    return [(r.device_id, r.boot_id or "", r.seq) for r in readings if r.seq is not None]
+@dataclass(frozen=True, slots=True)
+class SeqBatch:
+    """The seqs of a batch's new readings: ``(device_id, boot_id, seq)`` in order, and the keys of
+    those among them that carry an ``event_id``."""
+
+    triples: list[tuple[str, str, int]]
+    with_event: set[SeqKey]
+
+
+def seq_batch(new: ReadingColumns) -> SeqBatch:
+    """The :class:`SeqBatch` of new readings (numpy selects the rows with a seq)."""
+    rows = np.flatnonzero(new.seq >= 0)
+    if not len(rows):
+        return SeqBatch([], set())
+    devs = np.array(new.devices, dtype=object)[new.device[rows]]
+    boots = np.array((*new.boots, ""), dtype=object)[new.boot[rows]]  # code -1 (none) picks the trailing ""
+    triples = list(zip(devs.tolist(), boots.tolist(), new.seq[rows].tolist(), strict=True))
+    with_event: set[SeqKey] = set()
+    if new.event_id is not None:
+        ev = np.flatnonzero(new.event_id[rows] != None)  # noqa: E711 (element-wise)
+        with_event = set(zip(devs[ev].tolist(), boots[ev].tolist(), strict=True))
+    return SeqBatch(triples, with_event)
 
 
 def listing(
-    new: Iterable[Reading], listed: Mapping[SeqKey, bool]
+    new: SeqBatch, listed: Mapping[SeqKey, bool]
 ) -> tuple[list[tuple[str, str, int]], dict[SeqKey, int], set[SeqKey], set[SeqKey]]:
     """Sort a batch's seqs by how a store must count them.
 
     Args:
-        new: the readings de-duplication found new.
+        new: the seqs of the readings de-duplication found new.
         listed: per key with a stored range, whether its seqs are in the seq set.
 
     Returns:
@@ -51,14 +73,9 @@ def listing(
         them the keys with a range already, whose stored seqs must be copied into the set first.
     """
     triples: dict[SeqKey, list[int]] = {}
-    with_event: set[SeqKey] = set()
-    for r in new:
-        if r.seq is None:
-            continue
-        k = (r.device_id, r.boot_id or "")
-        triples.setdefault(k, []).append(r.seq)
-        if r.event_id is not None:
-            with_event.add(k)
+    with_event = new.with_event
+    for d, b, s in new.triples:
+        triples.setdefault((d, b), []).append(s)
     to_list: list[tuple[str, str, int]] = []
     plain: dict[SeqKey, int] = {}
     start: set[SeqKey] = set()

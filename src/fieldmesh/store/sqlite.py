@@ -14,26 +14,30 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
 import msgspec
+import numpy as np
+from numpy.typing import NDArray
 
+from fieldmesh.core.batch import BatchResult
 from fieldmesh.core.errors import ConfigError, FieldmeshError, StoreSchemaError
 from fieldmesh.core.exact import exact_avg, exact_value, format_exact, parse_exact
 from fieldmesh.core.model import DeadLetter, Reading
-from fieldmesh.store.base import INTERVALS, ApplyResult, Position, QueryResult, StoreStats
+from fieldmesh.store.base import INTERVALS, ApplyResult, DeviceSummary, HotTxn, Position, QueryResult, StoreStats
+from fieldmesh.store.batchrows import answers, apply_readings, device_aggs, raw_columns, window_accs, write_via_commit
 from fieldmesh.store.keyfilter import KeyFilter
-from fieldmesh.store.rollup import Acc, RollupKey, evict_oldest, merge_acc, rollup_deltas
+from fieldmesh.store.rollup import Acc, RollupKey, evict_oldest, merge_acc
 from fieldmesh.store.rows import device_row, dlq_row, raw_row, rollup_query, rollup_row, where_clause
-from fieldmesh.store.seqgaps import SeqKey, SeqRange, listing, merge_ranges, range_gaps, seq_spans, seq_triples
+from fieldmesh.store.seqgaps import SeqBatch, SeqKey, SeqRange, listing, merge_ranges, range_gaps, seq_batch, seq_spans
 
 __all__ = ["SCHEMA_VERSION", "SqliteStore"]
 
-#: 2 added ``seqs`` and ``seq_ranges`` (sequence gaps); a version-1 store is migrated on open.
-SCHEMA_VERSION: Final = 2
-_KEY_SPACE: Final = 1 << 63
+#: 2 added ``seqs`` and ``seq_ranges`` (sequence gaps); 3 added ``idents.origin`` (the bus record that
+#: claimed the key, so a replay decides as before). Older stores are migrated on open.
+SCHEMA_VERSION: Final = 3
 #: Rollup accumulators kept in memory (per interval) so that hot windows need no read-back: about
 #: 64 MiB per interval at ~500 bytes an entry; past it the oldest windows are dropped (down to 3/4).
 _CACHE_MAX: Final = 131_072
@@ -46,7 +50,8 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 -- the readings' primary key) keeps random-key inserts on small rows; readings append in rowid order.
 CREATE TABLE IF NOT EXISTS idents (
     id INTEGER PRIMARY KEY,          -- 63-bit identity key
-    chk INTEGER NOT NULL             -- identity check value (tells duplicates from key collisions)
+    chk INTEGER NOT NULL,            -- identity check value (tells duplicates from key collisions)
+    origin INTEGER                   -- (offset << 12) | partition of the record that claimed it; NULL: unknown
 );
 CREATE TABLE IF NOT EXISTS readings (
     rid INTEGER PRIMARY KEY,
@@ -116,6 +121,11 @@ INSERT OR IGNORE INTO seqs SELECT r.device_id, g.boot_id, r.seq FROM readings r 
 INSERT INTO counters VALUES ('gaps', (SELECT coalesce(sum(max_seq - min_seq + 1 - n), 0) FROM seq_ranges))
     ON CONFLICT(name) DO UPDATE SET value = excluded.value;
 UPDATE meta SET value = '2' WHERE key = 'schema_version';
+"""
+#: Version 2 -> 3: a nullable column, no table rewrite; a NULL origin answers DUPLICATE, as before.
+_MIGRATE_2_3 = """
+ALTER TABLE idents ADD COLUMN origin INTEGER;
+UPDATE meta SET value = '3' WHERE key = 'schema_version';
 """
 
 
@@ -204,8 +214,69 @@ def _path_of(url: str) -> Path:
     return Path(url[len("sqlite:///") :])
 
 
+class _Txn:
+    """:class:`~fieldmesh.store.base.HotTxn` of :meth:`SqliteStore.commit`: claims in its open transaction."""
+
+    def __init__(self, w: sqlite3.Connection, keys: KeyFilter) -> None:
+        self._w = w
+        self._filter = keys
+        self.claimed: list[NDArray[np.int64]] = []  # inserted in this transaction (not in the filter yet)
+
+    def claim_keys(
+        self, keys: NDArray[np.int64], chks: NDArray[np.int64], origins: NDArray[np.int64]
+    ) -> NDArray[np.int8]:
+        """Insert absent keys; answer per key (see :class:`~fieldmesh.store.base.HotTxn`).
+
+        Only keys the Bloom filter (or this transaction) may hold are looked up: on a stream of new
+        readings that is the filter's ~0.2% false positives plus the duplicates.
+        """
+        keys = np.asarray(keys, dtype=np.int64)
+        out = np.zeros(len(keys), dtype=np.int8)  # CLAIMED
+        if not len(keys):
+            return out
+        maybe = self._filter.may_contain(keys)
+        if self.claimed:
+            maybe |= np.isin(keys, np.concatenate(self.claimed))
+        ask = np.flatnonzero(maybe)
+        absent = np.ones(len(keys), dtype=bool)
+        if len(ask):
+            found: dict[int, tuple[int, int | None]] = {}
+            look = keys[ask].tolist()
+            for s in range(0, len(look), 20000):
+                found.update(
+                    (k, (c, o))
+                    for k, c, o in self._w.execute(
+                        "SELECT id, chk, origin FROM idents WHERE id IN (SELECT value FROM json_each(?))",
+                        (_enc.encode(look[s : s + 20000]).decode(),),
+                    )
+                )
+            if found:
+                hits = np.fromiter((k in found for k in look), dtype=bool, count=len(look))
+                rows = ask[hits]
+                stored = [found[k] for k in keys[rows].tolist()]
+                stored_chk = np.array([c for c, _ in stored], dtype=np.int64)
+                stored_origin = np.array([-1 if o is None else o for _, o in stored], dtype=np.int64)
+                out[rows] = answers(chks[rows], origins[rows], stored_chk, stored_origin)
+                absent[rows] = False
+        new = np.flatnonzero(absent)
+        if len(new):
+            org: NDArray[Any] = origins[new]
+            if len(org) and org.min() < 0:  # -1: no origin, stored as NULL
+                org = org.astype(object)
+                org[origins[new] < 0] = None
+            self._w.executemany(
+                "INSERT INTO idents (id, chk, origin) VALUES (?, ?, ?)",
+                zip(keys[new].tolist(), chks[new].tolist(), org.tolist(), strict=True),
+            )
+            self.claimed.append(keys[new])
+        return out
+
+
 class SqliteStore:
     """SQLite hot store. A writer (``readonly=False``) creates the schema; readers open per thread."""
+
+    #: the sink's name (logs, stats): the hot store
+    name: str = "hot"
 
     def __init__(self, url: str, *, readonly: bool = False) -> None:
         self.url = url
@@ -267,11 +338,14 @@ class SqliteStore:
         row = w.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
         if row is None:
             w.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-        elif row[0] == "1":
-            # one transaction: a crash leaves version 1 and empty gap tables, migrated again next time
+        elif row[0] in ("1", "2"):
+            # one transaction: a crash leaves the old version (and empty gap tables), migrated again next time
             w.execute("BEGIN IMMEDIATE")
             try:
-                for stmt in _MIGRATE_1_2.split(";"):
+                script = (_MIGRATE_1_2 if row[0] == "1" else "") + _MIGRATE_2_3
+                if any(c[1] == "origin" for c in w.execute("PRAGMA table_info(idents)")):
+                    script = script.replace("ALTER TABLE idents ADD COLUMN origin INTEGER;", "")
+                for stmt in script.split(";"):
                     if stmt.strip():
                         w.execute(stmt)
                 w.execute("COMMIT")
@@ -306,20 +380,45 @@ class SqliteStore:
             self._local.con = None
 
     # -- the write path ----------------------------------------------------------------------
-    def apply(
-        self,
-        *,
-        readings: Sequence[Reading],
-        late: Sequence[bool],
-        dead_letters: Sequence[DeadLetter],
-        positions: Mapping[Position, int],
-        watermarks: Mapping[Position, int],
-    ) -> ApplyResult:
-        """Write one batch in one transaction (see :mod:`fieldmesh.store.base`)."""
+    def applied(self) -> dict[Position, int]:
+        """The positions committed with the data (:class:`~fieldmesh.store.base.Sink`)."""
+        return self.positions()
+
+    def commit(self, build: Callable[[HotTxn], BatchResult], *, ts_ms: NDArray[np.int64] | None = None) -> BatchResult:
+        """One transaction: ``build`` claims keys and returns the result, which is then written and committed.
+
+        An exception inside ``build`` or while writing rolls everything back, claims included.
+        ``ts_ms`` is for stores that prepare partitions; SQLite needs none.
+        """
         if self.readonly:
             raise FieldmeshError("this store was opened read-only")
         w = self._w
         now = int(time.time() * 1000)
+        self._begin(w)
+        txn = _Txn(w, self._keys)  # type: ignore[arg-type]  # _begin loaded it
+        try:
+            result = build(txn)
+            self._write_result(w, result, now)
+            w.execute("COMMIT")
+        except BaseException:
+            if w.in_transaction:  # SQLite may have rolled back already (SQLITE_FULL)
+                w.execute("ROLLBACK")
+            raise
+        self._finish(w, np.concatenate(txn.claimed) if txn.claimed else None)
+        return result
+
+    def write(self, result: BatchResult) -> bool:
+        """Make a result decided elsewhere durable here; False when every position is at or below :meth:`applied`.
+
+        The hot store is where keys are claimed, so it does not take another store's word: it claims
+        ``result.store_key`` itself (no origin), and a key it holds already means the result was decided
+        against another state; that raises :class:`~fieldmesh.core.errors.FieldmeshError` and writes
+        nothing (decide again through :meth:`commit`). Used to rebuild a hot store from another sink.
+        """
+        return write_via_commit(self, result, lambda: self._positions_of(self._w))
+
+    def _begin(self, w: sqlite3.Connection) -> None:
+        """Start the write transaction; drop caches another connection's commits may have made stale."""
         w.execute("BEGIN IMMEDIATE")
         dv = w.execute("PRAGMA data_version").fetchone()[0]
         if dv != self._data_version:  # another connection committed: our caches may be stale
@@ -334,131 +433,79 @@ class SqliteStore:
             st.clear()
         self._pending_metrics = set()
         self._staged_ranges = {}
-        gaps = 0
-        try:
-            new_idx, dups = self._dedupe(w, readings)
-            new = [readings[i] for i in new_idx]
-            n_late = sum(1 for i in new_idx if late[i])
-            if new:
-                keys = list(new_idx.values())
-                w.executemany("INSERT INTO idents VALUES (?, ?)", [(k, r.chk) for k, r in zip(keys, new, strict=True)])
-                w.executemany(
-                    "INSERT INTO readings (id, device_id, ts_ms, seq, boot_id, event_id, measurements, meta,"
-                    " received_ms, stored_ms, enrichment) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                    [
-                        (
-                            k, r.device_id, r.ts_ms, r.seq, r.boot_id, r.event_id,
-                            _enc.encode(r.measurements).decode(),
-                            None if r.meta is None else _enc.encode(r.meta).decode(),
-                            r.received_ms, now,
-                            None if r.enrichment is None else _enc.encode(r.enrichment).decode(),
-                        )
-                        for k, r in zip(keys, new, strict=True)
-                    ],
-                )
-                devs: dict[str, list[int]] = {}
-                deltas_by = rollup_deltas(new, devs)
-                for interval, deltas in deltas_by.items():
-                    self._merge_rollups(w, interval, deltas)
-                self._update_devices(w, devs, deltas_by["1h"])
-                gaps = self._update_gaps(w, new)
-            if dead_letters:
-                w.executemany(
-                    "INSERT INTO dlq (reason, detail, topic, device_id, received_ms, payload, truncated)"
-                    " VALUES (?,?,?,?,?,?,?)",
-                    [
-                        (d.reason, d.detail, d.topic, d.device_id, d.received_ms, d.payload, int(d.truncated))
-                        for d in dead_letters
-                    ],
-                )
-            counts: dict[str, int] = {"stored": len(new), "duplicates": dups, "late": n_late, "gaps": gaps}
-            for d in dead_letters:
-                counts[f"dlq.{d.reason}"] = counts.get(f"dlq.{d.reason}", 0) + 1
-            w.executemany(
-                "INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
-                [(k, v) for k, v in counts.items() if v],
-            )
-            w.executemany(
-                'INSERT INTO positions VALUES (?,?,?,?) ON CONFLICT(topic, partition) DO UPDATE SET'
-                ' "offset" = max("offset", excluded."offset"), updated_ms = excluded.updated_ms',
-                [(t, p, o, now) for (t, p), o in positions.items()],
-            )
-            w.executemany(
-                "INSERT INTO watermarks VALUES (?,?,?) ON CONFLICT(topic, partition) DO UPDATE SET"
-                " ts_ms = max(ts_ms, excluded.ts_ms)",
-                [(t, p, ts) for (t, p), ts in watermarks.items()],
-            )
-            w.execute("COMMIT")
-        except BaseException:
-            if w.in_transaction:  # SQLite may have rolled back already (SQLITE_FULL)
-                w.execute("ROLLBACK")
-            raise
+
+    def _finish(self, w: sqlite3.Connection, claimed: NDArray[np.int64] | None) -> None:
+        """After a commit: what was staged joins the caches."""
         self._data_version = w.execute("PRAGMA data_version").fetchone()[0]
-        if new:
-            self._keys.add(new_idx.values())
+        if claimed is not None and self._keys is not None:
+            self._keys.add(claimed)
         for interval, staged in self._staged.items():
             self._cache[interval].update(staged)
         self._known_metrics |= self._pending_metrics
         if len(self._ranges) + len(self._staged_ranges) > _CACHE_MAX:
             self._ranges.clear()
         self._ranges.update(self._staged_ranges)
-        return ApplyResult(stored=len(new), duplicates=dups, late=n_late, dead_lettered=len(dead_letters))
 
-    def _dedupe(self, w: sqlite3.Connection, readings: Sequence[Reading]) -> tuple[dict[int, int], int]:
-        """Map index -> store key of each reading not stored yet; count the duplicates."""
-        first: dict[int, int] = {}  # key -> index of its first reading in this batch
-        dups = 0
-        collided: list[int] = []
-        for i, r in enumerate(readings):
-            j = first.get(r.key)
-            if j is None:
-                first[r.key] = i
-            elif readings[j].chk == r.chk:
-                dups += 1
-            else:
-                collided.append(i)
-        existing: dict[int, int] = {}
-        keys = list(first)
-        if self._keys is not None:  # ask the store only about keys it may hold
-            keys = [k for k, maybe in zip(keys, self._keys.may_contain(keys).tolist(), strict=True) if maybe]
-        for s in range(0, len(keys), 20000):
-            chunk = keys[s : s + 20000]
-            existing.update(
-                w.execute(
-                    "SELECT id, chk FROM idents WHERE id IN (SELECT value FROM json_each(?))",
-                    (_enc.encode(chunk).decode(),),
-                ).fetchall()
+    def _write_result(self, w: sqlite3.Connection, r: BatchResult, now: int) -> None:
+        """Everything of a decided batch but the claims (made by ``build``), in the open transaction."""
+        for interval in r.windows:
+            if interval not in INTERVALS:
+                raise ConfigError(
+                    f"the hot store keeps rollups of {sorted(INTERVALS)} only, not {interval!r}", key="intervals"
+                )
+        new = r.new
+        gaps = 0
+        if len(new):
+            w.executemany(
+                "INSERT INTO readings (id, device_id, ts_ms, seq, boot_id, event_id, measurements, meta,"
+                " received_ms, stored_ms, enrichment) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                zip(*raw_columns(new, r.store_key, now), strict=True),
             )
-        new_idx: dict[int, int] = {}
-        taken: set[int] = set()
-        for k, i in first.items():
-            c = existing.get(k)
-            if c is None:
-                new_idx[i] = k
-                taken.add(k)
-            elif c == readings[i].chk:
-                dups += 1
-            else:
-                collided.append(i)
-        for i in collided:  # 63-bit key collision (or a duplicate of a collided reading): probe from the key
-            r = readings[i]
-            k = (r.key - 1) % _KEY_SPACE
-            while True:
-                k = (k + 1) % _KEY_SPACE
-                if k in taken:
-                    if readings[next(j for j, kk in new_idx.items() if kk == k)].chk == r.chk:
-                        dups += 1
-                        break
-                    continue
-                row = w.execute("SELECT chk FROM idents WHERE id = ?", (k,)).fetchone()
-                if row is None:
-                    new_idx[i] = k
-                    taken.add(k)
-                    break
-                if row[0] == r.chk:
-                    dups += 1
-                    break
-        return dict(sorted(new_idx.items())), dups
+            gaps = self._update_gaps(w, seq_batch(new))
+        for interval, wd in r.windows.items():
+            if len(wd):
+                self._merge_rollups(w, interval, window_accs(wd))
+        if len(r.devices):
+            self._update_devices(w, device_aggs(r.devices), r.devices.metric_pairs)
+        if r.dead_letters:
+            w.executemany(
+                "INSERT INTO dlq (reason, detail, topic, device_id, received_ms, payload, truncated)"
+                " VALUES (?,?,?,?,?,?,?)",
+                [
+                    (d.reason, d.detail, d.topic, d.device_id, d.received_ms, d.payload, int(d.truncated))
+                    for d in r.dead_letters
+                ],
+            )
+        counts = dict(r.counts)
+        counts["gaps"] = counts.get("gaps", 0) + gaps
+        w.executemany(
+            "INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+            [(k, v) for k, v in counts.items() if v],
+        )
+        w.executemany(
+            'INSERT INTO positions VALUES (?,?,?,?) ON CONFLICT(topic, partition) DO UPDATE SET'
+            ' "offset" = max("offset", excluded."offset"), updated_ms = excluded.updated_ms',
+            [(t, p, o, now) for (t, p), o in r.positions.items()],
+        )
+        w.executemany(
+            "INSERT INTO watermarks VALUES (?,?,?) ON CONFLICT(topic, partition) DO UPDATE SET"
+            " ts_ms = max(ts_ms, excluded.ts_ms)",
+            [(t, p, ts) for (t, p), ts in r.watermarks.items()],
+        )
+
+    def apply(
+        self,
+        *,
+        readings: Sequence[Reading],
+        late: Sequence[bool],
+        dead_letters: Sequence[DeadLetter],
+        positions: Mapping[Position, int],
+        watermarks: Mapping[Position, int],
+    ) -> ApplyResult:
+        """Transitional: :func:`~fieldmesh.store.batchrows.apply_readings` (reference engine + :meth:`commit`)."""
+        return apply_readings(
+            self, readings=readings, late=late, dead_letters=dead_letters, positions=positions, watermarks=watermarks
+        )
 
     @staticmethod
     def _load_keys(w: sqlite3.Connection) -> KeyFilter:
@@ -498,7 +545,7 @@ class SqliteStore:
         w.executemany(f"INSERT OR REPLACE INTO {table} VALUES (?,?,?,?,?,?,?,?,?)", rows)
 
     def _update_devices(
-        self, w: sqlite3.Connection, agg: dict[str, list[int]], hours: dict[RollupKey, Acc]
+        self, w: sqlite3.Connection, agg: dict[str, list[int]], pairs: Iterable[tuple[str, str]]
     ) -> None:
         w.executemany(
             "INSERT INTO devices VALUES (?,?,?,?,?,?) ON CONFLICT(device_id) DO UPDATE SET"
@@ -508,15 +555,14 @@ class SqliteStore:
             " last_ts_ms = max(last_ts_ms, excluded.last_ts_ms), readings = readings + excluded.readings",
             [(d, *a) for d, a in agg.items()],
         )
-        metrics = {(dev, m) for dev, m, _ in hours}
-        new = metrics - self._known_metrics
+        new = set(pairs) - self._known_metrics
         if new:
             w.executemany("INSERT OR IGNORE INTO device_metrics VALUES (?, ?)", sorted(new))
             self._pending_metrics = new
 
-    def _update_gaps(self, w: sqlite3.Connection, new: Sequence[Reading]) -> int:
+    def _update_gaps(self, w: sqlite3.Connection, new: SeqBatch) -> int:
         """Fold the new readings' seqs into their ranges (:mod:`fieldmesh.store.seqgaps`); return the change in gaps."""
-        triples = seq_triples(new)
+        triples = new.triples
         if not triples:
             return 0
         spans = seq_spans(triples)
@@ -583,8 +629,21 @@ class SqliteStore:
     # -- the read path -----------------------------------------------------------------------
     def positions(self) -> dict[Position, int]:
         """Applied bus positions: (topic, partition) -> last offset applied."""
-        rows = self._reader().execute('SELECT topic, partition, "offset" FROM positions').fetchall()
+        return self._positions_of(self._reader())
+
+    @staticmethod
+    def _positions_of(con: sqlite3.Connection) -> dict[Position, int]:
+        rows = con.execute('SELECT topic, partition, "offset" FROM positions').fetchall()
         return {(t, p): o for t, p, o in rows}
+
+    def device_watermarks(self) -> dict[str, int]:
+        """Per device, the latest event time stored (where the processor's lateness resumes)."""
+        return dict(self._reader().execute("SELECT device_id, last_ts_ms FROM devices").fetchall())
+
+    def device_summary(self) -> DeviceSummary:
+        """How many devices the store knows and when it last heard from any."""
+        n, last = self._reader().execute("SELECT count(*), max(last_seen_ms) FROM devices").fetchone()
+        return DeviceSummary(devices=n, last_seen_ms=last)
 
     def watermarks(self) -> dict[Position, int]:
         """Event-time watermarks: (topic, partition) -> max event time seen."""

@@ -116,7 +116,7 @@ class Processor:
         wms: dict[Position, int] = {}
         dev_wm: dict[str, int] = {}
         if self._device_wm is None:  # the devices table holds each device's latest event time
-            self._device_wm = dict(self.store.query("SELECT device_id, last_ts_ms FROM devices").rows)
+            self._device_wm = self.store.device_watermarks()
         known = self._device_wm
         grace = self.settings.grace_ms
         for rec in records:

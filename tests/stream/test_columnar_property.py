@@ -1,0 +1,302 @@
+"""The stream engines: the reference equals the oracle, and the columnar engine equals the reference.
+
+Readings come from real device JSON through the gateway's decoder (real identities), then travel as bus
+records of either encoding. Keys can be forced into a handful of values near 2**63 (collisions that wrap
+around the key space; every identity keeps its own check value, so the oracle, which knows nothing of
+keys, still holds). Claims go to an in-memory store (``fmtest.claims``) that answers as a hot store does.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fieldmesh.bus.base import BusRecord
+from fieldmesh.core.batch import BatchResult, ReadingColumns, WindowDeltas
+from fieldmesh.core.codec import decode_telemetry, encode_bus_batch, encode_bus_columns, encode_reading_json
+from fieldmesh.core.exact import exact_avg, exact_value, format_exact, merge
+from fieldmesh.core.model import BusBatch, DeadLetter, Reading
+from fieldmesh.core.topics import DLQ_TOPIC, READINGS_TOPIC
+from fieldmesh.stream import reference
+from fieldmesh.stream.base import StreamState
+from fmtest import oracle
+from fmtest.claims import ClaimStore
+
+NOW = 1_763_812_345_123
+BASE = NOW - 3 * 3_600_000
+HOUR = 3_600_000
+INTERVALS = {"1m": 60_000, "1h": 3_600_000}
+GRACE = 5_000
+PARTS = 3
+
+values = st.one_of(
+    st.floats(allow_nan=False, allow_infinity=False),  # any magnitude: subnormals, ±1e308
+    st.floats(allow_nan=False, allow_infinity=False, min_value=-1e-300, max_value=1e-300),
+    st.floats(allow_nan=False, allow_infinity=False, min_value=-1e3, max_value=1e3),
+    st.sampled_from([1e308, -1e308, 5e-324, -5e-324, 2.2250738585072014e-308, 0.0, -0.0, 0.1, 0.7]),
+    st.booleans(),
+    st.integers(-1000, 1000),
+)
+#: for the oracle, whose ``math.fsum`` overflows past the float range: sums of 60 of these cannot
+bounded = st.one_of(
+    st.floats(allow_nan=False, allow_infinity=False, min_value=-1e300, max_value=1e300),
+    st.floats(allow_nan=False, allow_infinity=False, min_value=-1e-300, max_value=1e-300),
+    st.sampled_from([1e300, 5e-324, -5e-324, 2.2250738585072014e-308, 0.0, -0.0, 0.1]),
+    st.booleans(),
+    st.integers(-1000, 1000),
+)
+
+
+def _items(vals: st.SearchStrategy[Any]) -> st.SearchStrategy[list[tuple[str, dict[str, Any]]]]:
+    reading = st.fixed_dictionaries(
+        {"ts": st.integers(BASE, NOW - 1), "late": st.booleans(), "measurements": st.dictionaries(
+            st.sampled_from(["t", "h", "v"]), vals, min_size=1, max_size=3)},
+        optional={"seq": st.integers(0, 40), "event_id": st.sampled_from(["a", "b", "c"]),
+                  "boot_id": st.sampled_from(["b1", "b2"]), "meta": st.just({"site": "n"})},
+    )
+    return st.lists(st.tuples(st.sampled_from(["d1", "d2", "d-3", "d4"]), reading), min_size=1, max_size=60)
+
+
+def _readings(items: list[tuple[str, dict[str, Any]]]) -> list[Reading]:
+    """Each item through the gateway's decoder (validation, identity); ``late`` ones an hour back."""
+    out = []
+    for dev, r in items:
+        extra = {k: r[k] for k in ("event_id", "boot_id", "meta") if k in r}
+        p = encode_reading_json(dev, r["ts"], r["measurements"], r.get("seq"), **extra)
+        res = decode_telemetry(p, device_id=dev, topic=f"devices/{dev}/telemetry", received_ms=NOW)
+        assert not res.rejects, res.rejects
+        out.extend(res.readings)
+    return out
+
+
+def _sent(items: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
+    """Items with ``late`` applied (an hour back), as the oracle reads them."""
+    return [(dev, {**r, "ts": r["ts"] - HOUR if r["late"] else r["ts"]}) for dev, r in items]
+
+
+def _force_collisions(readings: list[Reading]) -> list[Reading]:
+    """Keys squeezed into 8 values around 2**63 (wrapping), each identity keeping its check value."""
+    return [msgspec.structs.replace(r, key=(2**63 - 4 + r.key % 8) % 2**63) for r in readings]
+
+
+def _records(readings: list[Reading], rnd: random.Random, *, encoding: int | None = None,
+             start: int = 1, corrupt: bool = False) -> list[BusRecord]:
+    """Readings split at random into records (some empty) on PARTS partitions, v1 or v2 (random per record
+    unless ``encoding``); with ``corrupt``, a corrupt record, a DLQ record and a corrupt DLQ record too."""
+    out: list[BusRecord] = []
+    offsets = [start - 1] * PARTS
+    i = 0
+    while i < len(readings) or not out:
+        n = rnd.choice([0, 1, 2, 3, 5, 8])
+        chunk = readings[i : i + n]
+        i += n
+        p = rnd.randrange(PARTS)
+        offsets[p] += 1
+        enc = encoding or rnd.choice([1, 2])
+        value = (encode_bus_batch(BusBatch(chunk)) if enc == 1
+                 else encode_bus_columns(ReadingColumns.from_readings(chunk)))
+        out.append(BusRecord(topic=READINGS_TOPIC, partition=p, offset=offsets[p], value=value))
+        if corrupt and rnd.random() < 0.1:
+            offsets[p] += 1
+            out.append(BusRecord(topic=READINGS_TOPIC, partition=p, offset=offsets[p], value=b"\xc1\x07junk"))
+    if corrupt:
+        dl = DeadLetter(reason="malformed_json", detail="x", topic="devices/d1/telemetry", received_ms=NOW,
+                        payload=b"{")
+        out.append(BusRecord(topic=DLQ_TOPIC, partition=0, offset=start, value=msgspec.json.encode(dl)))
+        out.append(BusRecord(topic=DLQ_TOPIC, partition=0, offset=start + 1, value=b"not json"))
+    return out
+
+
+def _splits(n: int, rnd: random.Random) -> list[tuple[int, int]]:
+    cuts = sorted({0, n, *(rnd.randint(0, n) for _ in range(rnd.randint(0, 3)))})
+    return list(itertools.pairwise(cuts)) or [(0, 0)]
+
+
+def _advance(state: StreamState, res: BatchResult) -> StreamState:
+    """The processor's state after committing ``res``."""
+    return StreamState({**state.positions, **res.positions}, {**state.watermarks, **res.watermarks},
+                       {**state.device_watermarks, **res.device_watermarks})
+
+
+# ---- field-by-field comparison of two results -----------------------------------------------------------
+
+
+def _rows(cols: ReadingColumns) -> list[tuple[Reading, str]]:
+    return list(zip(cols.to_readings(), cols.measurements_json.tolist(), strict=True))
+
+
+def _windows(w: WindowDeltas) -> list[tuple[Any, ...]]:
+    return list(zip(w.device.tolist(), w.metric.tolist(), w.window_start_ms.tolist(), w.count.tolist(),
+                    [format_exact(int(m), int(e)) for m, e in zip(w.sum_m.tolist(), w.sum_e.tolist(), strict=True)],
+                    w.min.tolist(), w.max.tolist(), strict=True))
+
+
+def _dead(ds: Sequence[DeadLetter]) -> list[DeadLetter]:
+    # a corrupt record's dead letter is stamped with the time it was decoded
+    return [msgspec.structs.replace(d, received_ms=0) if d.detail.startswith("corrupt bus record") else d for d in ds]
+
+
+def assert_same(a: BatchResult, b: BatchResult) -> None:
+    """Equal field by field: readings by value (dictionaries may differ), sums exactly."""
+    assert dict(a.positions) == dict(b.positions)
+    assert dict(a.watermarks) == dict(b.watermarks)
+    assert dict(a.device_watermarks) == dict(b.device_watermarks)
+    assert _rows(a.new) == _rows(b.new)
+    assert a.store_key.tolist() == b.store_key.tolist()
+    assert a.late.tolist() == b.late.tolist()
+    assert list(a.windows) == list(b.windows)
+    for name in a.windows:
+        assert (a.windows[name].interval, a.windows[name].width_ms) == (b.windows[name].interval,
+                                                                        b.windows[name].width_ms)
+        assert _windows(a.windows[name]) == _windows(b.windows[name]), name
+    da, db = a.devices, b.devices
+    for f in ("device", "first_received_ms", "last_received_ms", "first_ts_ms", "last_ts_ms", "count"):
+        assert getattr(da, f).tolist() == getattr(db, f).tolist(), f
+    assert da.metric_pairs == db.metric_pairs
+    assert _dead(a.dead_letters) == _dead(b.dead_letters)
+    assert dict(a.counts) == dict(b.counts)
+    assert a.corrupt == b.corrupt
+
+
+# ---- the reference against the oracle -----------------------------------------------------------------
+
+
+def _run(engine: Any, records: list[BusRecord], splits: list[tuple[int, int]], claims: ClaimStore,
+         state: StreamState) -> tuple[list[BatchResult], StreamState]:
+    out = []
+    for lo, hi in splits:
+        batch = engine.decode(records[lo:hi], state)
+        res = engine.decide(batch, state, claims, grace_ms=GRACE, intervals=INTERVALS)
+        out.append(res)
+        state = _advance(state, res)
+    return out, state
+
+
+def _expected_late(sent: list[tuple[str, dict[str, Any]]]) -> int:
+    """Late first occurrences, from the contract (the device's watermark passed the 1m window's end)."""
+    wm: dict[str, int] = {}
+    seen: set[tuple[Any, ...]] = set()
+    late = 0
+    for dev, r in sent:
+        w = wm.get(dev, 0)
+        ident = oracle.identity(dev, r)
+        if ident not in seen:
+            seen.add(ident)
+            late += r["ts"] // 60_000 * 60_000 + 60_000 <= w - GRACE
+        wm[dev] = max(w, r["ts"])
+    return late
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(items=_items(bounded), seed=st.integers(0, 2**32 - 1), collide=st.booleans())
+def test_reference_equals_the_oracle_and_re_deciding_is_identical(
+    items: list[tuple[str, dict[str, Any]]], seed: int, collide: bool
+) -> None:
+    rnd = random.Random(seed)
+    # one identity, one reading (the contract's premise), then exact copies re-sent later, and disorder
+    sent = list(oracle.unique_readings(_sent(items)).values())
+    sent += [rnd.choice(sent) for _ in range(rnd.randint(0, len(sent)))]
+    rnd.shuffle(sent)
+    readings = _readings([(d, {**r, "late": False}) for d, r in sent])
+    if collide:
+        readings = _force_collisions(readings)
+    records = _records(readings, rnd)
+    claims = ClaimStore()
+    start = StreamState({}, {}, {})
+    splits = _splits(len(records), rnd)
+    results, _ = _run(reference, records, splits, claims, start)
+
+    acc: dict[tuple[str, str, int], list[Any]] = {}
+    for interval in INTERVALS:
+        acc.clear()
+        for res in results:
+            w = res.windows[interval]
+            for dev, metric, ws, n, m, e, lo, hi in zip(
+                w.device.tolist(), w.metric.tolist(), w.window_start_ms.tolist(), w.count.tolist(),
+                w.sum_m.tolist(), w.sum_e.tolist(), w.min.tolist(), w.max.tolist(), strict=True,
+            ):
+                a = acc.get((dev, metric, ws))
+                acc[(dev, metric, ws)] = ([n, m, e, lo, hi] if a is None
+                                          else [a[0] + n, *merge(a[1], a[2], m, e), min(a[3], lo), max(a[4], hi)])
+        expected = oracle.rollups(sent, interval)
+        assert set(acc) == set(expected)
+        for k, x in expected.items():
+            n, m, e, lo, hi = acc[k]
+            assert (n, exact_value(m, e), lo, hi, exact_avg(m, e, n)) == (
+                x["count"], x["sum"], x["min"], x["max"], x["avg"]), (interval, k)
+    stored = [(r.device_id, r.ts_ms, {k: float(v) for k, v in r.measurements.items()})
+              for res in results for r in res.new.to_readings()]
+    uniq = [(d, r["ts"], {k: float(v) for k, v in r["measurements"].items()})
+            for d, r in oracle.unique_readings(sent).values()]
+    assert sorted(stored, key=repr) == sorted(uniq, key=repr)
+    keys = [k for res in results for k in res.store_key.tolist()]
+    assert len(set(keys)) == len(keys) == len(uniq)
+    assert sum(res.counts["duplicates"] for res in results) == len(sent) - len(uniq)
+    assert sum(res.counts["late"] for res in results) == _expected_late(sent)
+
+    # re-deciding committed records with their origins decides exactly as the first time
+    again, _ = _run(reference, records, splits, claims, start)
+    assert len(again) == len(results)
+    for a, b in zip(again, results, strict=True):
+        assert_same(a, b)
+    # ... while a store that holds them under other origins sees duplicates only
+    other = ClaimStore()
+    for k, (c, _o) in claims.held.items():
+        other.held[k] = (c, -1)
+    dup, _ = _run(reference, records, splits, other, start)
+    assert sum(r.counts["stored"] for r in dup) == 0
+    assert sum(r.counts["duplicates"] for r in dup) == len(sent)
+
+
+def test_reference_decodes_dead_letters_and_skips_applied_records() -> None:
+    rnd = random.Random(7)
+    items = [("d1", {"ts": BASE + i * 7000, "seq": i, "late": False, "measurements": {"t": i * 0.5}})
+             for i in range(30)]
+    records = _records(_readings(items), rnd, corrupt=True)
+    state = StreamState({(READINGS_TOPIC, 0): 2}, {}, {})
+    batch = reference.decode(records, state)
+    assert batch.skipped == sum(1 for r in records if r.topic == READINGS_TOPIC and r.partition == 0 and r.offset <= 2)
+    reasons = sorted(d.reason for d in batch.dead_letters)
+    assert "malformed_json" in reasons and reasons.count("schema_violation") == batch.corrupt >= 1
+    res = reference.decide(batch, state, ClaimStore(), grace_ms=GRACE, intervals=INTERVALS)
+    assert res.counts["dlq.schema_violation"] == batch.corrupt
+    assert res.positions[(DLQ_TOPIC, 0)] == 2
+    # a reading record, even an empty one, writes its partition's watermark; a corrupt one does not
+    assert set(res.watermarks) == set(batch.reading_positions)
+
+
+@pytest.mark.parametrize("answer", ["in-batch", "store"])
+def test_reference_collision_probes_the_next_keys(answer: str) -> None:
+    rs = _readings([("d1", {"ts": BASE + i, "seq": i, "late": False, "measurements": {"t": 1.0}}) for i in range(3)])
+    k = 2**63 - 1  # probing wraps to 0
+    a, b, c = (msgspec.structs.replace(r, key=k) for r in rs)
+    claims = ClaimStore()
+    if answer == "store":
+        claims.held[k] = (a.chk, -1)
+        claims.held[0] = (12345, -1)
+    cols = ReadingColumns.from_readings([a, b, c, b])
+    res = reference.settle(cols, np.zeros(4, np.bool_), np.arange(4, dtype=np.int64), claims, intervals=INTERVALS)
+    if answer == "in-batch":
+        assert res.store_key.tolist() == [k, 0, 1]
+        assert res.counts == {"stored": 3, "duplicates": 1, "late": 0}
+    else:  # a is stored already; key 0 is another reading's: b and c go to 1 and 2
+        assert res.store_key.tolist() == [1, 2]
+        assert res.counts == {"stored": 2, "duplicates": 2, "late": 0}
+
+
+def _state(rnd: random.Random) -> StreamState:
+    """A random prior state: positions below the records', watermarks around the readings' times."""
+    return StreamState(
+        {(READINGS_TOPIC, p): rnd.choice([-1, 0]) for p in range(PARTS) if rnd.random() < 0.5},
+        {(READINGS_TOPIC, p): rnd.randint(BASE - HOUR, NOW) for p in range(PARTS) if rnd.random() < 0.5},
+        {d: rnd.randint(BASE - 2 * HOUR, NOW) for d in ("d1", "d2", "d-3", "d4") if rnd.random() < 0.5},
+    )
+
