@@ -22,11 +22,11 @@ from hypothesis import strategies as st
 from fieldmesh.bus.base import BusRecord
 from fieldmesh.core.batch import BatchResult, ReadingColumns, WindowDeltas
 from fieldmesh.core.codec import decode_telemetry, encode_bus_batch, encode_bus_columns, encode_reading_json
-from fieldmesh.core.exact import exact_avg, exact_value, format_exact, merge
+from fieldmesh.core.exact import exact_avg, exact_sum, exact_value, format_exact, merge
 from fieldmesh.core.model import BusBatch, DeadLetter, Reading
 from fieldmesh.core.topics import DLQ_TOPIC, READINGS_TOPIC
-from fieldmesh.stream import reference
-from fieldmesh.stream.base import StreamState
+from fieldmesh.stream import columnar, reference
+from fieldmesh.stream.base import DecodedBatch, StreamState
 from fmtest import oracle
 from fmtest.claims import ClaimStore
 
@@ -55,9 +55,13 @@ bounded = st.one_of(
 )
 
 
+#: event times, often on a 5 s grid from a minute's start (lateness's boundary: end == watermark - grace)
+times = st.one_of(st.integers(BASE, NOW - 1), st.integers(0, 400).map(lambda k: BASE - BASE % 60_000 + k * 5_000))
+
+
 def _items(vals: st.SearchStrategy[Any]) -> st.SearchStrategy[list[tuple[str, dict[str, Any]]]]:
     reading = st.fixed_dictionaries(
-        {"ts": st.integers(BASE, NOW - 1), "late": st.booleans(), "measurements": st.dictionaries(
+        {"ts": times, "late": st.booleans(), "measurements": st.dictionaries(
             st.sampled_from(["t", "h", "v"]), vals, min_size=1, max_size=3)},
         optional={"seq": st.integers(0, 40), "event_id": st.sampled_from(["a", "b", "c"]),
                   "boot_id": st.sampled_from(["b1", "b2"]), "meta": st.just({"site": "n"})},
@@ -300,3 +304,167 @@ def _state(rnd: random.Random) -> StreamState:
         {d: rnd.randint(BASE - 2 * HOUR, NOW) for d in ("d1", "d2", "d-3", "d4") if rnd.random() < 0.5},
     )
 
+
+
+# ---- the columnar engine against the reference ----------------------------------------------------------
+
+
+def _same_decoded(a: DecodedBatch, b: DecodedBatch) -> None:
+    assert _rows(a.cols) == _rows(b.cols)
+    assert a.origin.tolist() == b.origin.tolist()
+    assert a.row_position.tolist() == b.row_position.tolist()
+    assert a.reading_positions == b.reading_positions
+    assert dict(a.positions) == dict(b.positions)
+    assert _dead(a.dead_letters) == _dead(b.dead_letters)
+    assert (a.corrupt, a.skipped) == (b.corrupt, b.skipped)
+
+
+def _prior_claims(readings: list[Reading], rnd: random.Random) -> ClaimStore:
+    """A store that holds some of the readings already (stored by other records), and some foreign keys."""
+    claims = ClaimStore()
+    for r in readings:
+        if rnd.random() < 0.15:
+            claims.held.setdefault(r.key, (r.chk, -1))
+        elif rnd.random() < 0.05:
+            claims.held.setdefault(r.key, (r.chk ^ 1, -1))  # another reading under this key: a collision
+    return claims
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(items=_items(values), seed=st.integers(0, 2**32 - 1), collide=st.booleans(), corrupt=st.booleans())
+def test_columnar_decides_as_the_reference(
+    items: list[tuple[str, dict[str, Any]]], seed: int, collide: bool, corrupt: bool
+) -> None:
+    rnd = random.Random(seed)
+    sent = _sent(items)
+    sent += [rnd.choice(sent) for _ in range(rnd.randint(0, len(sent)))]  # duplicates
+    rnd.shuffle(sent)
+    readings = _readings([(d, {**r, "late": False}) for d, r in sent])
+    if collide:
+        readings = _force_collisions(readings)
+    records = _records(readings, rnd, corrupt=corrupt)
+    splits = _splits(len(records), rnd)
+    state = _state(rnd)
+    ref_claims = _prior_claims(readings, rnd)
+    col_claims = ref_claims.copy()
+    for lo, hi in splits:
+        rb = reference.decode(records[lo:hi], state)
+        cb = columnar.decode(records[lo:hi], state)
+        _same_decoded(cb, rb)
+        ref = reference.decide(rb, state, ref_claims, grace_ms=GRACE, intervals=INTERVALS)
+        col = columnar.decide(cb, state, col_claims, grace_ms=GRACE, intervals=INTERVALS)
+        assert_same(col, ref)
+        assert col_claims.held == ref_claims.held
+        state = _advance(state, ref)
+    # settle alone, with any lateness and origins
+    cols = ReadingColumns.from_readings(readings)
+    late = np.array([rnd.random() < 0.3 for _ in readings], dtype=np.bool_)
+    origin = np.array([rnd.randrange(-1, 50) for _ in readings], dtype=np.int64)
+    ref_claims = _prior_claims(readings, rnd)
+    col_claims = ref_claims.copy()
+    others = {"1m": 60_000, "5m": 300_000, "1d": 86_400_000}
+    ref = reference.settle(cols, late, origin, ref_claims, intervals=others)
+    col = columnar.settle(cols, late, origin, col_claims, intervals=others)
+    assert_same(col, ref)
+    assert col_claims.held == ref_claims.held
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(items=_items(values), seed=st.integers(0, 2**32 - 1))
+def test_v1_and_v2_records_decide_alike(items: list[tuple[str, dict[str, Any]]], seed: int) -> None:
+    readings = _readings(_sent(items))
+    out = []
+    for engine in (reference, columnar):
+        for enc in (1, 2):
+            rnd = random.Random(seed)
+            records = _records(readings, rnd, encoding=enc)
+            res, _ = _run(engine, records, [(0, len(records))], ClaimStore(), StreamState({}, {}, {}))
+            out.append(res[0])
+    for r in out[1:]:
+        assert_same(r, out[0])
+
+
+@pytest.mark.parametrize("group", [
+    [1e308, 1e308, 5e-324, -1e308, 0.1],  # past the int64 fast path: Python ints
+    [0.1, 0.2, 0.3, 1e-3, 7.0],
+    [0.0, -0.0],
+    [5e-324, -5e-324, 2.2250738585072014e-308],
+    [2.0**52 + 1, -(2.0**52 + 1), 1.0] * 30,
+])
+def test_exact_sums_of_a_window(group: list[float]) -> None:
+    ms = [{"t": v} for v in group]
+    rs = [msgspec.structs.replace(r, measurements=m, key=i)
+          for i, (r, m) in enumerate(zip(_readings([("d1", {"ts": BASE + i, "late": False, "measurements": {"t": 1}})
+                                                   for i in range(len(group))]), ms, strict=True))]
+    cols = ReadingColumns.from_readings(rs)
+    res = columnar.settle(cols, np.zeros(len(rs), np.bool_), np.zeros(len(rs), np.int64), ClaimStore(),
+                          intervals={"1h": HOUR})
+    w = res.windows["1h"]
+    m, e = exact_sum(group)
+    assert len(w) == 1 and format_exact(int(w.sum_m[0]), int(w.sum_e[0])) == format_exact(m, e)
+
+
+@pytest.mark.parametrize("engine", [reference, columnar])
+def test_lateness_boundary(engine: Any) -> None:
+    """Late exactly when the window's end is at or before the device's watermark minus the grace."""
+    ws = BASE - BASE % 60_000
+    items = [("d1", {"ts": ws + 65_000, "late": False, "measurements": {"t": 1}}),
+             ("d1", {"ts": ws, "late": False, "measurements": {"t": 2}}),  # end == watermark - grace: late
+             ("d1", {"ts": ws + 65_001, "late": False, "measurements": {"t": 3}}),
+             ("d1", {"ts": ws + 60_000, "late": False, "measurements": {"t": 4}}),  # end > watermark - grace
+             ("d2", {"ts": ws, "late": False, "measurements": {"t": 5}})]  # d2's state: ws + 65_000
+    records = _records(_readings(items), random.Random(1), encoding=2)
+    state = StreamState({}, {}, {"d2": ws + 65_000})
+    res = engine.decide(engine.decode(records, state), state, ClaimStore(), grace_ms=GRACE, intervals=INTERVALS)
+    assert res.late.tolist() == [False, True, False, False, True]
+    assert res.device_watermarks == {"d1": ws + 65_001}
+
+
+@pytest.mark.parametrize("prior", [False, True])
+def test_enrichment_of_the_new_readings(prior: bool) -> None:
+    items = [(d, {"ts": BASE + i * 1000, "seq": i, "late": False, "measurements": {"t": i}})
+             for i in range(20) for d in ("d1", "d2")]
+    readings = _readings(items)
+    if prior:  # enriched at the gateway already: the enricher's fields are joined into it
+        readings = [msgspec.structs.replace(r, enrichment={"gw": 1}) if i % 3 else r for i, r in enumerate(readings)]
+    readings += readings[:7]  # duplicates: not enriched, not stored
+
+    def enrich(cols: ReadingColumns) -> Any:
+        names = np.array(cols.devices, dtype=object)[cols.device]
+        out = np.empty(len(cols), dtype=object)
+        out[:] = [{"site": "north"} if n == "d1" else None for n in names.tolist()]
+        return out
+
+    got = []
+    for engine in (reference, columnar):
+        records = _records(readings, random.Random(3))
+        state = StreamState({}, {}, {})
+        got.append(engine.decide(engine.decode(records, state), state, ClaimStore(), grace_ms=GRACE,
+                                 intervals=INTERVALS, enrich=enrich))
+    assert_same(got[1], got[0])
+    new = got[0].new.to_readings()
+    assert len(new) == 40
+    for r in new:
+        gw = {"gw": 1} if r.enrichment and "gw" in r.enrichment else {}
+        assert r.enrichment == ({**gw, "site": "north"} if r.device_id == "d1" else (gw or None))
+    assert prior == any(r.enrichment and "gw" in r.enrichment for r in new)
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.lists(st.tuples(st.sampled_from(["a", "b", "c"]), st.one_of(st.integers(0, 2**62), st.integers(0, 10)),
+                               st.sampled_from(["x", "y"]), bounded, st.integers(0, 5)), min_size=1, max_size=30),
+       seed=st.integers(0, 2**32 - 1))
+def test_event_times_far_apart(rows: list[tuple[str, int, str, Any, int]], seed: int) -> None:
+    """Event times spread over 2**62 ms (bus records are not re-validated): the engines' wide-range paths
+    (ranks instead of offsets for the running maximum, np.unique for window ids) decide as the reference."""
+    rnd = random.Random(seed)
+    readings = [Reading(dev, ts, {m: v if isinstance(v, bool) else float(v)}, key=rnd.randrange(2**63) if k else 7,
+                        chk=rnd.randrange(2**63), received_ms=ts // 3) for dev, ts, m, v, k in rows]
+    records = _records(readings, rnd)
+    state = StreamState({}, {}, {"a": 2**61} if rnd.random() < 0.5 else {})
+    intervals = {"1ms": 1, "1m": 60_000}
+    ref_claims = ClaimStore()
+    col_claims = ref_claims.copy()
+    ref = reference.decide(reference.decode(records, state), state, ref_claims, grace_ms=0, intervals=intervals)
+    col = columnar.decide(columnar.decode(records, state), state, col_claims, grace_ms=0, intervals=intervals)
+    assert_same(col, ref)
