@@ -15,32 +15,45 @@ the device's watermark (the latest event time seen from it) minus ``grace_ms`` h
 window's end: a replay from an edge buffer is late, a device whose messages merely interleave with
 others' is not. Late readings are stored and correct their rollups like any other; they are counted
 in ``late``. (Per-partition watermarks are kept too, for monitoring.)
+
+The stream engine (``settings.engine``: :mod:`fieldmesh.stream.columnar` or the per-reading
+:mod:`fieldmesh.stream.reference`) decodes a batch outside the transaction and decides it inside the hot
+store's (:meth:`~fieldmesh.store.base.HotStore.commit`), claiming identity keys there. The committed
+:class:`~fieldmesh.core.batch.BatchResult` then goes to each extra sink (``sinks``), and the records are
+acknowledged only once every sink has it. A sink that fell behind (a failed write, a restart) first
+catches up: the records it lacks, up to the hot store's positions, are decided again against the hot
+store's claims in a transaction rolled back at once; a key answers as it did for the same record
+(its origin), so the sink receives the readings, windows and devices the hot store stored. Only
+``late`` may differ there: lateness is judged from the device watermarks of now, not of then.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
-import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol
+from typing import Protocol, cast
+
+import numpy as np
+from numpy.typing import NDArray
 
 from fieldmesh.bus.base import Bus, BusRecord, Consumer
-from fieldmesh.core.codec import decode_bus_readings, decode_dead_letter
+from fieldmesh.core.batch import BatchResult, ReadingColumns
 from fieldmesh.core.errors import BackendUnavailable
-from fieldmesh.core.model import DeadLetter, Reading
+from fieldmesh.core.model import Reading
 from fieldmesh.core.settings import ProcessorSettings
 from fieldmesh.core.topics import DLQ_TOPIC, READINGS_TOPIC
-from fieldmesh.store.base import INTERVALS, ApplyResult, HotStore, Position
+from fieldmesh.store.base import INTERVALS, ApplyResult, HotStore, HotTxn, Position, Sink
+from fieldmesh.stream.base import DecodedBatch, EnrichFn, StreamEngine, StreamState
 
 __all__ = ["Enricher", "Processor", "ProcessorStats"]
 
 log = logging.getLogger(__name__)
 
 _RETRY_MAX_S = 5.0  # cap of the backoff between tries of a batch the store refused
-_WINDOW_MS = INTERVALS["1m"]
 #: Fetched-but-unapplied bus records are held up to this many ``fetch_max_bytes`` per consumer; beyond
 #: it the fetcher waits, so that under overload the backlog stays in the bus, not in this process.
 _QUEUED_FETCHES = 2
@@ -79,6 +92,7 @@ class Processor:
         partitions: Sequence[int] | None = None,
         enricher: Enricher | None = None,
         total_partitions: int | None = None,
+        sinks: Sequence[Sink] = (),
     ) -> None:
         self.bus = bus
         self.store = store
@@ -90,6 +104,10 @@ class Processor:
             else list(range(total_partitions)) if total_partitions and not bus.balances_groups else None
         )
         self.enricher = enricher
+        self.sinks = list(sinks)
+        self.engine = cast(StreamEngine, importlib.import_module(f"fieldmesh.stream.{settings.engine}"))
+        self._enrich: EnrichFn | None = _enrich_fn(enricher) if enricher is not None else None
+        self._sink_applied: list[dict[Position, int] | None] = [None] * len(self.sinks)  # loaded on first use
         self.stats = ProcessorStats()
         self._positions: dict[Position, int] = {}
         self._watermarks: dict[Position, int] = {}
@@ -100,81 +118,87 @@ class Processor:
 
     async def _consumer(self, topic: str, partitions: Sequence[int] | None, group: str) -> Consumer:
         def positions(parts: list[int]) -> dict[int, int]:
-            # Read from the store: it is the truth, also for partitions another replica applied.
+            # Read from the store: it is the truth, also for partitions another replica applied. A sink
+            # behind it resumes the bus earlier (a partition it never applied: from the start).
             stored = self.store.positions()
             self._positions.update(stored)
-            return {p: o for (t, p), o in stored.items() if t == topic and p in parts}
+            out = {p: o for (t, p), o in stored.items() if t == topic and p in parts}
+            for sink in self.sinks:
+                mine = sink.applied()
+                out = {p: min(o, mine[(topic, p)]) for p, o in out.items() if (topic, p) in mine}
+            return out
 
         return await self.bus.consumer(topic, group=group, partitions=partitions, positions=positions)
 
     def apply_records(self, records: Sequence[BusRecord]) -> ApplyResult:
-        """Decode bus records and apply them in one store transaction (synchronous core)."""
-        readings: list[Reading] = []
-        late: list[bool] = []
-        dead: list[DeadLetter] = []
-        positions: dict[Position, int] = {}
-        wms: dict[Position, int] = {}
-        dev_wm: dict[str, int] = {}
-        if self._device_wm is None:  # the devices table holds each device's latest event time
+        """Decode bus records, decide and commit them in one hot-store transaction, then write the
+        result to each extra sink (synchronous core; see the module docstring)."""
+        if self._device_wm is None:  # each device's latest event time stored: lateness resumes there
             self._device_wm = self.store.device_watermarks()
-        known = self._device_wm
-        grace = self.settings.grace_ms
-        for rec in records:
-            pos = (rec.topic, rec.partition)
-            if rec.offset <= self._positions.get(pos, -1):
-                self.stats.skipped += 1
-                continue
-            positions[pos] = max(positions.get(pos, -1), rec.offset)
-            # A record that does not decode (corrupt, or nested past the decoder's recursion limit) is
-            # dead-lettered and its position committed: redelivering it would fail the same way forever.
-            if rec.topic == DLQ_TOPIC:
-                try:
-                    dead.append(decode_dead_letter(rec.value))
-                except Exception as exc:
-                    self.stats.corrupt += 1
-                    dead.append(_corrupt(rec, exc))
-                continue
-            try:
-                # either bus encoding (v1 readings, v2 columns): gateways may be upgraded before or after us
-                batch = decode_bus_readings(rec.value)
-            except Exception as exc:  # an encoding version this processor does not know is dead-lettered too
-                self.stats.corrupt += 1
-                dead.append(_corrupt(rec, exc))
-                continue
-            wm = wms.get(pos) or self._watermarks.get(pos, 0)
-            for r in batch:
-                readings.append(r)
-                ts = r.ts_ms
-                dev = r.device_id
-                dwm = dev_wm.get(dev) or known.get(dev, 0)
-                # late: its device had already passed the window's end by more than the grace
-                late.append(ts - ts % _WINDOW_MS + _WINDOW_MS <= dwm - grace)
-                if ts > dwm:
-                    dev_wm[dev] = ts
-                if ts > wm:
-                    wm = ts
-            wms[pos] = wm
-        if self.enricher is not None and readings:
-            readings = self.enricher.enrich(readings)
-        if not positions:
+        state = StreamState(positions=self._positions, watermarks=self._watermarks,
+                            device_watermarks=self._device_wm)
+        batch = self.engine.decode(records, state)
+        self.stats.skipped += batch.skipped
+        result: BatchResult | None = None
+        before = dict(self._positions)
+        if batch.positions:
+            result = self.store.commit(lambda txn: self._decide(batch, state, txn),
+                                       ts_ms=batch.cols.ts_ms)
+            self._positions.update(result.positions)
+            self._watermarks.update(result.watermarks)
+            self._device_wm.update(result.device_watermarks)
+            st = self.stats
+            st.batches += 1
+            st.stored += len(result.new)
+            st.duplicates += result.counts.get("duplicates", 0)
+            st.late += result.counts.get("late", 0)
+            st.dead_lettered += len(result.dead_letters)
+            st.corrupt += result.corrupt
+        for i, sink in enumerate(self.sinks):
+            self._fan_out(i, sink, records, before, result)
+        if result is None:
             return ApplyResult(0, 0, 0, 0)
-        res = self.store.apply(
-            readings=readings,
-            late=late,
-            dead_letters=dead,
-            positions=positions,
-            watermarks=wms,
-        )
-        self._positions.update(positions)
-        self._watermarks.update(wms)
-        known.update(dev_wm)
-        st = self.stats
-        st.batches += 1
-        st.stored += res.stored
-        st.duplicates += res.duplicates
-        st.late += res.late
-        st.dead_lettered += res.dead_lettered
-        return res
+        return ApplyResult(stored=len(result.new), duplicates=result.counts.get("duplicates", 0),
+                           late=result.counts.get("late", 0), dead_lettered=len(result.dead_letters))
+
+    def _decide(self, batch: DecodedBatch, state: StreamState, txn: HotTxn) -> BatchResult:
+        return self.engine.decide(batch, state, txn.claim_keys, grace_ms=self.settings.grace_ms,
+                                  intervals=INTERVALS, enrich=self._enrich)
+
+    def _fan_out(self, i: int, sink: Sink, records: Sequence[BusRecord], before: dict[Position, int],
+                 result: BatchResult | None) -> None:
+        """Bring sink ``i`` up to the hot store: the records it lacks up to ``before`` (the hot store's
+        positions before this batch) decided again, then this batch's ``result``."""
+        applied = self._sink_applied[i]
+        if applied is None:
+            applied = self._sink_applied[i] = sink.applied()
+        lacking = [r for r in records
+                   if applied.get((r.topic, r.partition), -1) < r.offset <= before.get((r.topic, r.partition), -1)]
+        if lacking:
+            redone = self._redecide(lacking, applied)
+            if redone is not None:
+                sink.write(redone)
+                applied.update(redone.positions)
+                log.info("sink %s caught up %d records (to %s)", sink.name, len(lacking), dict(redone.positions))
+        if result is not None and any(o > applied.get(p, -1) for p, o in result.positions.items()):
+            sink.write(result)
+            applied.update(result.positions)
+
+    def _redecide(self, records: Sequence[BusRecord], applied: dict[Position, int]) -> BatchResult | None:
+        """Decide committed records again, against the hot store's claims, committing nothing."""
+        state = StreamState(positions=applied, watermarks=self._watermarks, device_watermarks=self._device_wm or {})
+        batch = self.engine.decode(records, state)
+        if not batch.positions:
+            return None
+
+        def build(txn: HotTxn) -> BatchResult:
+            raise _Decided(self._decide(batch, state, txn))
+
+        try:
+            self.store.commit(build, ts_ms=batch.cols.ts_ms)
+        except _Decided as d:
+            return d.result
+        raise AssertionError("unreachable: build always raises")
 
     async def _loop(self, consumer: Consumer, stop: asyncio.Event) -> None:
         """Fetch and apply in a two-stage pipeline: the next batch is fetched while one is applied.
@@ -303,6 +327,25 @@ class _ByteQueue:
             self._cond.notify_all()
 
 
+class _Decided(Exception):
+    """Ends a hot-store transaction whose decision is wanted but whose writes are not."""
+
+    def __init__(self, result: BatchResult) -> None:
+        super().__init__("decided")
+        self.result = result
+
+
+def _enrich_fn(enricher: Enricher) -> EnrichFn:
+    """The stream contract's enrichment (per row: the fields joined, or None) from an :class:`Enricher`."""
+
+    def enrich(cols: ReadingColumns) -> NDArray[np.object_]:
+        out = np.empty(len(cols), dtype=object)
+        out[:] = [r.enrichment for r in enricher.enrich(cols.to_readings())]
+        return out
+
+    return enrich
+
+
 def _retryable(exc: BaseException) -> bool:
     """Store errors a retry can cure: I/O (ENOSPC), SQLite ``database or disk is full``/locked, a
     PostgreSQL ``OperationalError`` (disk full, connection lost). Matched by name so this stage does
@@ -310,13 +353,3 @@ def _retryable(exc: BaseException) -> bool:
     if isinstance(exc, (OSError, BackendUnavailable)):
         return True
     return any(c.__name__ == "OperationalError" for c in type(exc).__mro__)
-
-
-def _corrupt(rec: BusRecord, exc: Exception) -> DeadLetter:
-    return DeadLetter(
-        reason="too_deep" if isinstance(exc, RecursionError) else "schema_violation",
-        detail=f"corrupt bus record {rec.topic}[{rec.partition}]@{rec.offset}: {type(exc).__name__}: {exc}"[:300],
-        topic=f"{rec.topic}.{rec.partition}",
-        received_ms=int(time.time() * 1000),
-        payload=rec.value[:65536],
-    )
