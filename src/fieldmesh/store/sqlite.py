@@ -312,7 +312,8 @@ class SqliteStore:
             con.execute("PRAGMA journal_mode=WAL")
             con.execute("PRAGMA synchronous=NORMAL")
             con.execute("PRAGMA cache_size=-65536")  # 64 MiB: the page cache is most of a processor's memory
-            con.execute("PRAGMA mmap_size=1073741824")
+            # no mmap: pages read are then the kernel's page cache, not resident in this process; its own
+            # memory stays bounded by cache_size
         else:
             con = sqlite3.connect(
                 f"file:{self.path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False, timeout=30,
