@@ -19,6 +19,7 @@ import pytest
 
 from fieldmesh.bus.base import BusRecord
 from fieldmesh.core.codec import decode_telemetry, encode_bus_batch, encode_reading_json
+from fieldmesh.core.errors import FieldmeshError
 from fieldmesh.core.model import BusBatch, Reading
 from fieldmesh.core.settings import ProcessorSettings
 from fieldmesh.core.topics import READINGS_TOPIC
@@ -126,3 +127,22 @@ def test_a_sink_whose_write_failed_catches_up_after_a_retry_and_a_restart(tmp_pa
     assert cold.watermarks() == hot.watermarks()
     hot.close()
     cold.close()
+
+
+def test_a_sink_missing_records_the_bus_will_not_deliver_again_is_refused_not_written_with_a_hole(
+    tmp_path: Path,
+) -> None:
+    _, rs = _sent(3)
+    recs = _records(rs, [10])
+    hot = SqliteStore(f"sqlite:///{tmp_path / 'hot.db'}")
+    cold = SqliteStore(f"sqlite:///{tmp_path / 'cold.db'}")
+    try:
+        Processor(bus=None, store=hot, settings=ProcessorSettings()).apply_records(recs[:6])  # type: ignore[arg-type]
+        p = Processor(bus=None, store=hot, settings=ProcessorSettings(), sinks=[cold])  # type: ignore[arg-type]
+        p._positions = hot.positions()
+        with pytest.raises(FieldmeshError, match="lacks records"):
+            p.apply_records(recs[6:])  # acknowledged records 1..6 never reach the new sink
+        assert cold.applied() == {} and cold.stats().stored == 0
+    finally:
+        hot.close()
+        cold.close()

@@ -42,7 +42,7 @@ from numpy.typing import NDArray
 
 from fieldmesh.bus.base import Bus, BusRecord, Consumer
 from fieldmesh.core.batch import BatchResult, ReadingColumns
-from fieldmesh.core.errors import BackendUnavailable
+from fieldmesh.core.errors import BackendUnavailable, FieldmeshError
 from fieldmesh.core.model import Reading
 from fieldmesh.core.settings import ProcessorSettings
 from fieldmesh.core.topics import DLQ_TOPIC, READINGS_TOPIC
@@ -180,7 +180,15 @@ class Processor:
                 sink.write(redone)
                 applied.update(redone.positions)
                 log.info("sink %s caught up %d records (to %s)", sink.name, len(lacking), dict(redone.positions))
-        if result is not None and any(o > applied.get(p, -1) for p, o in result.positions.items()):
+        if result is None:
+            return
+        behind = {p: (applied.get(p, -1), before[p])
+                  for p in result.positions if applied.get(p, -1) < before.get(p, -1)}
+        if behind:  # records the sink lacks were acknowledged without it: writing on would hide the hole
+            raise FieldmeshError(
+                f"sink {sink.name} lacks records the hot store has and the bus did not deliver again "
+                f"(position: (sink, hot) {behind}); rebuild the sink or replay the bus from its positions")
+        if any(o > applied.get(p, -1) for p, o in result.positions.items()):
             sink.write(result)
             applied.update(result.positions)
 
