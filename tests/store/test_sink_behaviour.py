@@ -412,3 +412,23 @@ def test_kill_9_while_committing_then_resume_from_applied(store_url: str, tmp_pa
         assert st.stored + st.duplicates == len(rs)  # each reading counted once, across the kills
     finally:
         store.close()
+
+
+def test_a_result_needing_a_new_day_is_committed_without_ts_ms(store: HotStore, store_url: str) -> None:
+    """Without ``ts_ms``, PostgreSQL learns the days from the result: it rolls back, makes the partition and
+    runs ``build`` again (SQLite needs no partitions: one run)."""
+    items = [("d1", {"ts": BASE - k * 86_400_000, "seq": k, "measurements": {"t": float(k)}}) for k in range(3)]
+    rs = readings_of(items)
+    runs = 0
+
+    def build(txn: HotTxn) -> BatchResult:
+        nonlocal runs
+        runs += 1
+        cols = ReadingColumns.from_readings(rs)
+        return reference.settle(cols, np.zeros(len(rs), np.bool_), np.full(len(rs), -1, np.int64), txn.claim_keys,
+                                intervals=INTERVALS)
+
+    res = store.commit(build)
+    assert res.counts["stored"] == 3 and store.stats().stored == 3
+    assert runs == (1 if store_url.startswith("sqlite:///") else 2)
+    assert_oracle(store, items)

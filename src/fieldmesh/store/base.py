@@ -149,7 +149,10 @@ class HotStore(Sink, Protocol):
         dead_letters: Sequence[DeadLetter],
         positions: Mapping[Position, int],
         watermarks: Mapping[Position, int],
-    ) -> ApplyResult: ...
+    ) -> ApplyResult:
+        """Transitional, for per-reading callers: ``stream.reference.settle`` (lateness as given, no origins)
+        inside one :meth:`commit`. Goes, with :class:`ApplyResult`, once the processor commits through an engine."""
+        ...
 
     def positions(self) -> dict[Position, int]: ...
 

@@ -395,8 +395,8 @@ class SqliteStore:
             raise FieldmeshError("this store was opened read-only")
         w = self._w
         now = int(time.time() * 1000)
-        self._begin(w)
-        txn = _Txn(w, self._keys)  # type: ignore[arg-type]  # _begin loaded it
+        keys = self._begin(w)
+        txn = _Txn(w, keys)
         try:
             result = build(txn)
             self._write_result(w, result, now)
@@ -418,8 +418,10 @@ class SqliteStore:
         """
         return write_via_commit(self, result, lambda: self._positions_of(self._w))
 
-    def _begin(self, w: sqlite3.Connection) -> None:
-        """Start the write transaction; drop caches another connection's commits may have made stale."""
+    def _begin(self, w: sqlite3.Connection) -> KeyFilter:
+        """Start the write transaction; drop caches another connection's commits may have made stale.
+
+        Returns the key filter, loaded if it had to be."""
         w.execute("BEGIN IMMEDIATE")
         dv = w.execute("PRAGMA data_version").fetchone()[0]
         if dv != self._data_version:  # another connection committed: our caches may be stale
@@ -434,6 +436,7 @@ class SqliteStore:
             st.clear()
         self._pending_metrics = set()
         self._staged_ranges = {}
+        return self._keys
 
     def _finish(self, w: sqlite3.Connection, claimed: NDArray[np.int64] | None) -> None:
         """After a commit: what was staged joins the caches."""
