@@ -160,7 +160,9 @@ class ReadingColumns:
         new_of[rows] = np.arange(len(rows))
         m_new = new_of[self.m_row]
         keep = np.flatnonzero(m_new >= 0)
-        order = keep[np.argsort(m_new[keep], kind="stable")]  # long entries grouped by their new row
+        # long entries grouped by their new row: already so when ``rows`` ascend (de-duplication's case)
+        ascending = len(rows) < 2 or bool((rows[1:] > rows[:-1]).all())
+        order = keep if ascending else keep[np.argsort(m_new[keep], kind="stable")]
 
         def pick(a: NDArray[np.object_] | None) -> NDArray[np.object_] | None:
             return None if a is None else a[rows]

@@ -252,6 +252,7 @@ def settle(
         new_rows = np.empty(0, dtype=np.intp)
     new = cols.take(new_rows)
     new_late = late[new_rows]
+    ranks = (_name_rank(new.devices), _name_rank(new.metrics))
     counts: dict[str, int] = {"stored": len(new_rows), "duplicates": dups, "late": int(np.count_nonzero(new_late))}
     for d in dead_letters:
         counts[f"dlq.{d.reason}"] = counts.get(f"dlq.{d.reason}", 0) + 1
@@ -262,8 +263,8 @@ def settle(
         new=new,
         store_key=store_key[new_rows],
         late=new_late,
-        windows=_windows(new, intervals),
-        devices=_devices(new),
+        windows=_windows(new, intervals, ranks),
+        devices=_devices(new, ranks),
         dead_letters=tuple(dead_letters),
         counts=counts,
         corrupt=corrupt,
@@ -305,7 +306,9 @@ def _group_ids(pair: _I64, npairs: int, ws: _I64, width: int) -> tuple[NDArray[n
     return ids, int(ids.max()) + 1
 
 
-def _windows(new: ReadingColumns, intervals: Mapping[str, int]) -> dict[str, WindowDeltas]:
+def _windows(
+    new: ReadingColumns, intervals: Mapping[str, int], ranks: tuple[_I64, _I64]
+) -> dict[str, WindowDeltas]:
     """Exact window deltas of every interval from the new readings' measurement entries.
 
     No sort: entries get dense group ids in output order (device name, metric name, window start) and
@@ -318,7 +321,7 @@ def _windows(new: ReadingColumns, intervals: Mapping[str, int]) -> dict[str, Win
             out[name] = WindowDeltas(name, width, _objects([]), _objects([]), e, e, _objects([]), e,
                                      np.empty(0, np.float64), np.empty(0, np.float64))
         return out
-    drank, mrank = _name_rank(new.devices), _name_rank(new.metrics)
+    drank, mrank = ranks
     nmet = len(new.metrics)
     pair = drank[new.device[new.m_row]] * nmet + mrank[new.m_metric]
     ts = new.ts_ms[new.m_row]
@@ -410,13 +413,13 @@ def _exact_sums(
     return np.asarray(sum_m, dtype=object), emin
 
 
-def _devices(new: ReadingColumns) -> DeviceDeltas:
+def _devices(new: ReadingColumns, ranks: tuple[_I64, _I64]) -> DeviceDeltas:
     """Per device of the new readings (sorted by name): received and event-time ranges, count; the
     (device, metric) pairs seen. Device ranks are dense ids already: reduced with ``ufunc.at``."""
     if not len(new):
         e = np.empty(0, np.int64)
         return DeviceDeltas(_objects([]), e, e, e, e, e, ())
-    rank = _name_rank(new.devices)
+    rank, mrank = ranks
     dev = rank[new.device]
     ndev = len(new.devices)
     count = np.bincount(dev, minlength=ndev)
@@ -429,7 +432,6 @@ def _devices(new: ReadingColumns) -> DeviceDeltas:
 
     big, small = np.iinfo(np.int64).max, np.iinfo(np.int64).min
     names = _objects(new.devices)[np.argsort(rank)]  # rank -> name
-    mrank = _name_rank(new.metrics)
     nmet = len(new.metrics)
     pairs = np.flatnonzero(np.bincount(dev[new.m_row] * nmet + mrank[new.m_metric], minlength=ndev * nmet))
     met_names = _objects(new.metrics)[np.argsort(mrank)]
