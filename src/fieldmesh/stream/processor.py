@@ -30,12 +30,11 @@ store's claims in a transaction rolled back at once; a key answers as it did for
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol, cast
+from typing import Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -48,6 +47,7 @@ from fieldmesh.core.settings import ProcessorSettings
 from fieldmesh.core.topics import DLQ_TOPIC, READINGS_TOPIC
 from fieldmesh.store.base import INTERVALS, ApplyResult, HotStore, HotTxn, Position, Sink
 from fieldmesh.stream.base import DecodedBatch, EnrichFn, StreamEngine, StreamState
+from fieldmesh.stream.engines import ENGINES
 
 __all__ = ["Enricher", "Processor", "ProcessorStats"]
 
@@ -105,7 +105,7 @@ class Processor:
         )
         self.enricher = enricher
         self.sinks = list(sinks)
-        self.engine = cast(StreamEngine, importlib.import_module(f"fieldmesh.stream.{settings.engine}"))
+        self.engine: StreamEngine = ENGINES[settings.engine]
         self._enrich: EnrichFn | None = _enrich_fn(enricher) if enricher is not None else None
         self._sink_applied: list[dict[Position, int] | None] = [None] * len(self.sinks)  # loaded on first use
         self.stats = ProcessorStats()
