@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -66,3 +67,14 @@ def test_a_restarted_store_loads_its_keys(tmp_path: Path):
     b = SqliteStore(url)
     r = _apply(b, _readings("d1", range(0, 120)))
     assert (r.stored, r.duplicates) == (20, 100)
+
+
+def test_the_filter_stops_growing_at_its_cap_and_still_misses_no_key():
+    from fieldmesh.store import keyfilter
+
+    f = KeyFilter(10**9)  # asks for far more room than the cap
+    assert f.bits.nbytes == keyfilter._MAX_BITS // 8 and not f.full
+    keys = np.random.default_rng(3).integers(0, 2**63, 100_000, dtype=np.int64)
+    f.add(keys)
+    f.count = 10**12  # however many keys it has seen: no rebuild, no growth
+    assert not f.full and f.may_contain(keys).all()

@@ -19,6 +19,9 @@ __all__ = ["KeyFilter"]
 # Odd 64-bit multipliers (from splitmix64 and the golden ratio), one per probe.
 _MULTIPLIERS = np.array([0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB], dtype=np.uint64)
 _BITS_PER_KEY = 16  # ~0.2% false positives with three probes
+#: The filter stops growing at 64 MiB (full room for ~33M keys): past that its false positives climb
+#: slowly (more keys are looked up in the store, none is missed) rather than a processor's memory.
+_MAX_BITS = 1 << 29
 
 
 class KeyFilter:
@@ -29,10 +32,10 @@ class KeyFilter:
         self._resize(expected)
 
     def _resize(self, expected: int) -> None:
-        bits = max(1 << 24, 1 << int(max(expected, 1) * _BITS_PER_KEY * 2 - 1).bit_length())
+        bits = min(_MAX_BITS, max(1 << 24, 1 << int(max(expected, 1) * _BITS_PER_KEY * 2 - 1).bit_length()))
         self.log2 = bits.bit_length() - 1
         self.bits = np.zeros(bits >> 3, dtype=np.uint8)
-        self.capacity = bits // _BITS_PER_KEY
+        self.capacity = bits // _BITS_PER_KEY if bits < _MAX_BITS else 1 << 62  # at the cap: never rebuilt
         self.count = 0
 
     def _positions(self, keys: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:

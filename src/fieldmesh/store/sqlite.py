@@ -30,7 +30,7 @@ from fieldmesh.store import segments
 from fieldmesh.store.base import INTERVALS, ApplyResult, DeviceSummary, HotTxn, Position, QueryResult, StoreStats
 from fieldmesh.store.batchrows import answers, apply_readings, device_aggs, window_accs, write_via_commit
 from fieldmesh.store.keyfilter import KeyFilter
-from fieldmesh.store.rollup import Acc, RollupKey, merge_acc
+from fieldmesh.store.rollup import Acc, RollupKey, evict_oldest, merge_acc
 from fieldmesh.store.rows import device_row, dlq_row, raw_row, rollup_query, rollup_row
 from fieldmesh.store.seqgaps import SeqBatch, SeqKey, SeqRange, listing, merge_ranges, range_gaps, seq_batch, seq_spans
 
@@ -39,8 +39,9 @@ __all__ = ["SCHEMA_VERSION", "SqliteStore"]
 #: 2 added ``seqs`` and ``seq_ranges`` (sequence gaps); 3 added ``idents.origin`` (the bus record that
 #: claimed the key, so a replay decides as before). Older stores are migrated on open.
 SCHEMA_VERSION: Final = 3
-#: Rollup accumulators kept in memory (per interval) so that hot windows need no read-back.
-_CACHE_MAX: Final = 500_000
+#: Rollup accumulators kept in memory (per interval) so that hot windows need no read-back: about
+#: 64 MiB per interval at ~500 bytes an entry; past it the oldest windows are dropped (down to 3/4).
+_CACHE_MAX: Final = 131_072
 _enc = msgspec.json.Encoder()
 _dec = msgspec.json.Decoder()
 
@@ -299,8 +300,9 @@ class SqliteStore:
             con = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
             con.execute("PRAGMA journal_mode=WAL")
             con.execute("PRAGMA synchronous=NORMAL")
-            con.execute("PRAGMA cache_size=-262144")
-            con.execute("PRAGMA mmap_size=1073741824")
+            con.execute("PRAGMA cache_size=-65536")  # 64 MiB: the page cache is most of a processor's memory
+            # no mmap: pages read are then the kernel's page cache, not resident in this process; its own
+            # memory stays bounded by cache_size
         else:
             con = sqlite3.connect(
                 f"file:{self.path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False, timeout=30,
@@ -521,7 +523,7 @@ class SqliteStore:
                 old[(dev, metric, ws)] = [count, m, e, mn, mx]
         rows = []
         if len(cache) + len(deltas) > _CACHE_MAX:
-            cache.clear()
+            evict_oldest(cache, _CACHE_MAX * 3 // 4 - len(deltas))
         for k, d in deltas.items():
             o = old.get(k)
             a = d if o is None else merge_acc(o, d)

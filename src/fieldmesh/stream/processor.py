@@ -15,33 +15,48 @@ the device's watermark (the latest event time seen from it) minus ``grace_ms`` h
 window's end: a replay from an edge buffer is late, a device whose messages merely interleave with
 others' is not. Late readings are stored and correct their rollups like any other; they are counted
 in ``late``. (Per-partition watermarks are kept too, for monitoring.)
+
+The stream engine (``settings.engine``: :mod:`fieldmesh.stream.columnar` or the per-reading
+:mod:`fieldmesh.stream.reference`) decodes a batch outside the transaction and decides it inside the hot
+store's (:meth:`~fieldmesh.store.base.HotStore.commit`), claiming identity keys there. The committed
+:class:`~fieldmesh.core.batch.BatchResult` then goes to each extra sink (``sinks``), and the records are
+acknowledged only once every sink has it. A sink that fell behind (a failed write, a restart) first
+catches up: the records it lacks, up to the hot store's positions, are decided again against the hot
+store's claims in a transaction rolled back at once; a key answers as it did for the same record
+(its origin), so the sink receives the readings, windows and devices the hot store stored. Only
+``late`` may differ there: lateness is judged from the device watermarks of now, not of then.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
+from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
+import numpy as np
+from numpy.typing import NDArray
+
 from fieldmesh.bus.base import Bus, BusRecord, Consumer
-from fieldmesh.core.codec import decode_bus_readings, decode_dead_letter
-from fieldmesh.core.errors import BackendUnavailable
-from fieldmesh.core.model import DeadLetter, Reading
+from fieldmesh.core.batch import BatchResult, ReadingColumns
+from fieldmesh.core.errors import BackendUnavailable, FieldmeshError
+from fieldmesh.core.model import Reading
 from fieldmesh.core.settings import ProcessorSettings
 from fieldmesh.core.topics import DLQ_TOPIC, READINGS_TOPIC
-from fieldmesh.store.base import INTERVALS, ApplyResult, HotStore, Position
+from fieldmesh.store.base import INTERVALS, ApplyResult, HotStore, HotTxn, Position, Sink
+from fieldmesh.stream.base import DecodedBatch, EnrichFn, StreamEngine, StreamState
+from fieldmesh.stream.engines import ENGINES
 
 __all__ = ["Enricher", "Processor", "ProcessorStats"]
 
 log = logging.getLogger(__name__)
 
 _RETRY_MAX_S = 5.0  # cap of the backoff between tries of a batch the store refused
-_WINDOW_MS = INTERVALS["1m"]
-#: Queued fetches are applied together up to about this many bytes of bus records (~80k readings):
-#: bigger transactions cost latency and memory for little more throughput.
-_MERGE_MAX_BYTES = 8 * 1024 * 1024
+#: Fetched-but-unapplied bus records are held up to this many ``fetch_max_bytes`` per consumer; beyond
+#: it the fetcher waits, so that under overload the backlog stays in the bus, not in this process.
+_QUEUED_FETCHES = 2
 
 
 class Enricher(Protocol):
@@ -77,6 +92,7 @@ class Processor:
         partitions: Sequence[int] | None = None,
         enricher: Enricher | None = None,
         total_partitions: int | None = None,
+        sinks: Sequence[Sink] = (),
     ) -> None:
         self.bus = bus
         self.store = store
@@ -88,129 +104,142 @@ class Processor:
             else list(range(total_partitions)) if total_partitions and not bus.balances_groups else None
         )
         self.enricher = enricher
+        self.sinks = list(sinks)
+        self.engine: StreamEngine = ENGINES[settings.engine]
+        self._enrich: EnrichFn | None = _enrich_fn(enricher) if enricher is not None else None
+        self._sink_applied: list[dict[Position, int] | None] = [None] * len(self.sinks)  # loaded on first use
         self.stats = ProcessorStats()
         self._positions: dict[Position, int] = {}
         self._watermarks: dict[Position, int] = {}
         self._device_wm: dict[str, int] | None = None  # per-device event-time watermarks (lateness)
-        self._lock = asyncio.Lock()
+        # One thread applies every batch, of every consumer, in turn: the store has one writer, and a
+        # single thread keeps the batches' garbage in one malloc arena (pool threads each grow their own).
+        self._executor: ThreadPoolExecutor | None = None
 
     async def _consumer(self, topic: str, partitions: Sequence[int] | None, group: str) -> Consumer:
         def positions(parts: list[int]) -> dict[int, int]:
-            # Read from the store: it is the truth, also for partitions another replica applied.
+            # Read from the store: it is the truth, also for partitions another replica applied. A sink
+            # behind it resumes the bus earlier (a partition it never applied: from the start).
             stored = self.store.positions()
             self._positions.update(stored)
-            return {p: o for (t, p), o in stored.items() if t == topic and p in parts}
+            out = {p: o for (t, p), o in stored.items() if t == topic and p in parts}
+            for sink in self.sinks:
+                mine = sink.applied()
+                out = {p: min(o, mine[(topic, p)]) for p, o in out.items() if (topic, p) in mine}
+            return out
 
         return await self.bus.consumer(topic, group=group, partitions=partitions, positions=positions)
 
     def apply_records(self, records: Sequence[BusRecord]) -> ApplyResult:
-        """Decode bus records and apply them in one store transaction (synchronous core)."""
-        readings: list[Reading] = []
-        late: list[bool] = []
-        dead: list[DeadLetter] = []
-        positions: dict[Position, int] = {}
-        wms: dict[Position, int] = {}
-        dev_wm: dict[str, int] = {}
-        if self._device_wm is None:  # the devices table holds each device's latest event time
+        """Decode bus records, decide and commit them in one hot-store transaction, then write the
+        result to each extra sink (synchronous core; see the module docstring)."""
+        if self._device_wm is None:  # each device's latest event time stored: lateness resumes there
             self._device_wm = self.store.device_watermarks()
-        known = self._device_wm
-        grace = self.settings.grace_ms
-        for rec in records:
-            pos = (rec.topic, rec.partition)
-            if rec.offset <= self._positions.get(pos, -1):
-                self.stats.skipped += 1
-                continue
-            positions[pos] = max(positions.get(pos, -1), rec.offset)
-            # A record that does not decode (corrupt, or nested past the decoder's recursion limit) is
-            # dead-lettered and its position committed: redelivering it would fail the same way forever.
-            if rec.topic == DLQ_TOPIC:
-                try:
-                    dead.append(decode_dead_letter(rec.value))
-                except Exception as exc:
-                    self.stats.corrupt += 1
-                    dead.append(_corrupt(rec, exc))
-                continue
-            try:
-                # either bus encoding (v1 readings, v2 columns): gateways may be upgraded before or after us
-                batch = decode_bus_readings(rec.value)
-            except Exception as exc:  # an encoding version this processor does not know is dead-lettered too
-                self.stats.corrupt += 1
-                dead.append(_corrupt(rec, exc))
-                continue
-            wm = wms.get(pos) or self._watermarks.get(pos, 0)
-            for r in batch:
-                readings.append(r)
-                ts = r.ts_ms
-                dev = r.device_id
-                dwm = dev_wm.get(dev) or known.get(dev, 0)
-                # late: its device had already passed the window's end by more than the grace
-                late.append(ts - ts % _WINDOW_MS + _WINDOW_MS <= dwm - grace)
-                if ts > dwm:
-                    dev_wm[dev] = ts
-                if ts > wm:
-                    wm = ts
-            wms[pos] = wm
-        if self.enricher is not None and readings:
-            readings = self.enricher.enrich(readings)
-        if not positions:
+        state = StreamState(positions=self._positions, watermarks=self._watermarks,
+                            device_watermarks=self._device_wm)
+        batch = self.engine.decode(records, state)
+        self.stats.skipped += batch.skipped
+        result: BatchResult | None = None
+        before = dict(self._positions)
+        if batch.positions:
+            result = self.store.commit(lambda txn: self._decide(batch, state, txn),
+                                       ts_ms=batch.cols.ts_ms)
+            self._positions.update(result.positions)
+            self._watermarks.update(result.watermarks)
+            self._device_wm.update(result.device_watermarks)
+            st = self.stats
+            st.batches += 1
+            st.stored += len(result.new)
+            st.duplicates += result.counts.get("duplicates", 0)
+            st.late += result.counts.get("late", 0)
+            st.dead_lettered += len(result.dead_letters)
+            st.corrupt += result.corrupt
+        for i, sink in enumerate(self.sinks):
+            self._fan_out(i, sink, records, before, result)
+        if result is None:
             return ApplyResult(0, 0, 0, 0)
-        res = self.store.apply(
-            readings=readings,
-            late=late,
-            dead_letters=dead,
-            positions=positions,
-            watermarks=wms,
-        )
-        self._positions.update(positions)
-        self._watermarks.update(wms)
-        known.update(dev_wm)
-        st = self.stats
-        st.batches += 1
-        st.stored += res.stored
-        st.duplicates += res.duplicates
-        st.late += res.late
-        st.dead_lettered += res.dead_lettered
-        return res
+        return ApplyResult(stored=len(result.new), duplicates=result.counts.get("duplicates", 0),
+                           late=result.counts.get("late", 0), dead_lettered=len(result.dead_letters))
+
+    def _decide(self, batch: DecodedBatch, state: StreamState, txn: HotTxn) -> BatchResult:
+        return self.engine.decide(batch, state, txn.claim_keys, grace_ms=self.settings.grace_ms,
+                                  intervals=INTERVALS, enrich=self._enrich)
+
+    def _fan_out(self, i: int, sink: Sink, records: Sequence[BusRecord], before: dict[Position, int],
+                 result: BatchResult | None) -> None:
+        """Bring sink ``i`` up to the hot store: the records it lacks up to ``before`` (the hot store's
+        positions before this batch) decided again, then this batch's ``result``."""
+        applied = self._sink_applied[i]
+        if applied is None:
+            applied = self._sink_applied[i] = sink.applied()
+        lacking = [r for r in records
+                   if applied.get((r.topic, r.partition), -1) < r.offset <= before.get((r.topic, r.partition), -1)]
+        if lacking:
+            redone = self._redecide(lacking, applied)
+            if redone is not None:
+                sink.write(redone)
+                applied.update(redone.positions)
+                log.info("sink %s caught up %d records (to %s)", sink.name, len(lacking), dict(redone.positions))
+        if result is None:
+            return
+        behind = {p: (applied.get(p, -1), before[p])
+                  for p in result.positions if applied.get(p, -1) < before.get(p, -1)}
+        if behind:  # records the sink lacks were acknowledged without it: writing on would hide the hole
+            raise FieldmeshError(
+                f"sink {sink.name} lacks records the hot store has and the bus did not deliver again "
+                f"(position: (sink, hot) {behind}); rebuild the sink or replay the bus from its positions")
+        if any(o > applied.get(p, -1) for p, o in result.positions.items()):
+            sink.write(result)
+            applied.update(result.positions)
+
+    def _redecide(self, records: Sequence[BusRecord], applied: dict[Position, int]) -> BatchResult | None:
+        """Decide committed records again, against the hot store's claims, committing nothing."""
+        state = StreamState(positions=applied, watermarks=self._watermarks, device_watermarks=self._device_wm or {})
+        batch = self.engine.decode(records, state)
+        if not batch.positions:
+            return None
+
+        def build(txn: HotTxn) -> BatchResult:
+            raise _Decided(self._decide(batch, state, txn))
+
+        try:
+            self.store.commit(build, ts_ms=batch.cols.ts_ms)
+        except _Decided as d:
+            return d.result
+        raise AssertionError("unreachable: build always raises")
 
     async def _loop(self, consumer: Consumer, stop: asyncio.Event) -> None:
         """Fetch and apply in a two-stage pipeline: the next batch is fetched while one is applied.
 
-        Batches waiting when the applier is free are applied together (one bigger transaction).
-        Records are applied and acknowledged in fetch order.
+        Fetches are sized in bytes (``fetch_max_bytes``); the fetcher waits while the queue holds more
+        than ``_QUEUED_FETCHES`` such fetches, so memory stays bounded under overload and the backlog
+        stays in the bus. Batches waiting when the applier is free are applied together, up to
+        ``fetch_max_bytes`` (one bigger transaction). Records are applied and acknowledged in fetch order.
         """
         s = self.settings
-        queue: asyncio.Queue[list[BusRecord] | None] = asyncio.Queue(maxsize=4)
+        queue = _ByteQueue(_QUEUED_FETCHES * s.fetch_max_bytes)
+        loop = asyncio.get_running_loop()
+        assert self._executor is not None, "run() owns the apply thread"
+        executor = self._executor
 
         async def fetcher() -> None:
             try:
                 while not stop.is_set():
-                    recs = await consumer.fetch(s.fetch_max, s.fetch_timeout_s)
+                    recs = await consumer.fetch(s.fetch_max, s.fetch_timeout_s, max_bytes=s.fetch_max_bytes)
                     if recs:
                         await queue.put(recs)
             finally:
-                await queue.put(None)
+                await queue.close()
 
         async def applier() -> None:
-            while True:
-                recs = await queue.get()
-                if recs is None:
-                    return
-                done = False
-                size = sum(len(r.value) for r in recs)
-                while not queue.empty() and size < _MERGE_MAX_BYTES:
-                    more = queue.get_nowait()
-                    if more is None:
-                        done = True
-                        break
-                    recs.extend(more)
-                    size += sum(len(r.value) for r in more)
+            while (recs := await queue.get(s.fetch_max_bytes)) is not None:
                 attempt = 0
                 applied: list[BusRecord] = []
                 while True:
                     try:
-                        async with self._lock:
-                            # fenced: records of a partition a rebalance took away are dropped, not acked
-                            applied, _ = await asyncio.to_thread(consumer.apply_fenced, recs, self.apply_records)
+                        # fenced: records of a partition a rebalance took away are dropped, not acked
+                        applied, _ = await loop.run_in_executor(executor, consumer.apply_fenced, recs,
+                                                                self.apply_records)
                         break
                     except Exception as exc:
                         # A full disk or a lost database connection: nothing is acknowledged, the same
@@ -226,8 +255,7 @@ class Processor:
                 if attempt:
                     log.warning("store write succeeded again after %d tries", attempt + 1)
                 await consumer.ack(applied)
-                if done:
-                    return
+                await queue.release(recs)
 
         async with asyncio.TaskGroup() as tg:
             tg.create_task(fetcher(), name="processor-fetch")
@@ -244,13 +272,86 @@ class Processor:
             consumers.append(await self._consumer(DLQ_TOPIC, None, f"{self.group}-dlq"))
         elif 0 in self.partitions:
             consumers.append(await self._consumer(DLQ_TOPIC, [0], f"{self.group}-dlq"))
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fm-apply")
         try:
             async with asyncio.TaskGroup() as tg:
                 for c in consumers:
                     tg.create_task(self._loop(c, stop), name=f"processor-{c!r}")
         finally:
+            self._executor.shutdown(wait=True)
+            self._executor = None
             for c in consumers:
                 await c.close()
+
+
+class _ByteQueue:
+    """Fetched batches waiting for the applier, bounded in bytes of record values.
+
+    ``put`` waits while the batches queued *or being applied* hold ``limit`` bytes or more (one batch
+    is always let in, however big, so a record larger than the limit still passes); the applier takes
+    batches merged up to a byte budget and releases them once acknowledged.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._items: deque[tuple[list[BusRecord], int]] = deque()
+        self._held = 0  # bytes queued or being applied
+        self._sizes: dict[int, int] = {}  # id(merged batch) -> its bytes, until released
+        self._closed = False
+        self._cond = asyncio.Condition()
+
+    async def put(self, recs: list[BusRecord]) -> None:
+        size = sum(len(r.value) for r in recs)
+        async with self._cond:
+            await self._cond.wait_for(lambda: self._held == 0 or self._held + size <= self._limit)
+            self._items.append((recs, size))
+            self._held += size
+            self._cond.notify_all()
+
+    async def close(self) -> None:
+        """No more batches: ``get`` returns None once the queue is empty."""
+        async with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    async def get(self, max_bytes: int) -> list[BusRecord] | None:
+        """The next batch, with the batches queued behind it merged up to ``max_bytes``; None when closed."""
+        async with self._cond:
+            await self._cond.wait_for(lambda: bool(self._items) or self._closed)
+            if not self._items:
+                return None
+            recs, size = self._items.popleft()
+            while self._items and size + self._items[0][1] <= max_bytes:
+                more, n = self._items.popleft()
+                recs = recs + more
+                size += n
+            self._sizes[id(recs)] = size
+            return recs
+
+    async def release(self, recs: list[BusRecord]) -> None:
+        """The batch ``get`` returned is done (acknowledged): its bytes no longer count."""
+        async with self._cond:
+            self._held -= self._sizes.pop(id(recs))
+            self._cond.notify_all()
+
+
+class _Decided(Exception):
+    """Ends a hot-store transaction whose decision is wanted but whose writes are not."""
+
+    def __init__(self, result: BatchResult) -> None:
+        super().__init__("decided")
+        self.result = result
+
+
+def _enrich_fn(enricher: Enricher) -> EnrichFn:
+    """The stream contract's enrichment (per row: the fields joined, or None) from an :class:`Enricher`."""
+
+    def enrich(cols: ReadingColumns) -> NDArray[np.object_]:
+        out = np.empty(len(cols), dtype=object)
+        out[:] = [r.enrichment for r in enricher.enrich(cols.to_readings())]
+        return out
+
+    return enrich
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -260,13 +361,3 @@ def _retryable(exc: BaseException) -> bool:
     if isinstance(exc, (OSError, BackendUnavailable)):
         return True
     return any(c.__name__ == "OperationalError" for c in type(exc).__mro__)
-
-
-def _corrupt(rec: BusRecord, exc: Exception) -> DeadLetter:
-    return DeadLetter(
-        reason="too_deep" if isinstance(exc, RecursionError) else "schema_violation",
-        detail=f"corrupt bus record {rec.topic}[{rec.partition}]@{rec.offset}: {type(exc).__name__}: {exc}"[:300],
-        topic=f"{rec.topic}.{rec.partition}",
-        received_ms=int(time.time() * 1000),
-        payload=rec.value[:65536],
-    )
