@@ -18,7 +18,6 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fieldmesh.core.batch import BatchResult, Position
-from fieldmesh.core.model import DeadLetter, Reading
 
 __all__ = [
     "INTERVALS", "ApplyResult", "DeviceSummary", "HotStore", "HotTxn", "Position", "QueryResult", "Sink", "StoreStats",
@@ -31,7 +30,7 @@ INTERVALS: Final = {"1m": 60_000, "1h": 3_600_000}
 
 @dataclass(frozen=True, slots=True)
 class ApplyResult:
-    """What one :meth:`HotStore.apply` did."""
+    """What one batch did, in counts (``Processor.apply_records``)."""
 
     stored: int
     duplicates: int
@@ -140,19 +139,6 @@ class HotStore(Sink, Protocol):
         ...
 
     def device_summary(self) -> DeviceSummary: ...
-
-    def apply(
-        self,
-        *,
-        readings: Sequence[Reading],
-        late: Sequence[bool],
-        dead_letters: Sequence[DeadLetter],
-        positions: Mapping[Position, int],
-        watermarks: Mapping[Position, int],
-    ) -> ApplyResult:
-        """Transitional, for per-reading callers: ``stream.reference.settle`` (lateness as given, no origins)
-        inside one :meth:`commit`. Goes, with :class:`ApplyResult`, once the processor commits through an engine."""
-        ...
 
     def positions(self) -> dict[Position, int]: ...
 

@@ -7,7 +7,7 @@ per column (C loops), so no Python code runs per reading on the write path.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any, Final, Protocol
 
 import msgspec
@@ -25,11 +25,10 @@ from fieldmesh.core.batch import (
     WindowDeltas,
 )
 from fieldmesh.core.errors import FieldmeshError
-from fieldmesh.core.model import DeadLetter, Reading
-from fieldmesh.store.base import INTERVALS, ApplyResult, HotTxn
+from fieldmesh.store.base import HotTxn
 from fieldmesh.store.rollup import Acc, RollupKey
 
-__all__ = ["StaleResult", "answers", "apply_readings", "device_aggs", "raw_columns", "window_accs", "write_via_commit"]
+__all__ = ["StaleResult", "answers", "device_aggs", "raw_columns", "window_accs", "write_via_commit"]
 
 _enc = msgspec.json.Encoder()
 _NO_ORIGIN: Final = -1
@@ -95,31 +94,6 @@ def answers(
     out[(stored_origin == origins) & (origins != _NO_ORIGIN)] = CLAIMED
     out[stored_chk != chks] = COLLISION
     return out
-
-
-def apply_readings(
-    store: _Committer,
-    *,
-    readings: Sequence[Reading],
-    late: Sequence[bool],
-    dead_letters: Sequence[DeadLetter],
-    positions: Mapping[Position, int],
-    watermarks: Mapping[Position, int],
-) -> ApplyResult:
-    """The hot stores' ``apply``, kept as a thin wrapper until the processor commits through a stream engine:
-    :func:`fieldmesh.stream.reference.settle` decides (lateness as given, no origins) inside one ``commit``."""
-    from fieldmesh.stream import reference  # the stream core is above the store: imported only by this bridge
-
-    cols = ReadingColumns.from_readings(readings)
-    res = store.commit(
-        lambda txn: reference.settle(
-            cols, np.array(late, dtype=np.bool_), np.full(len(cols), _NO_ORIGIN, dtype=np.int64), txn.claim_keys,
-            intervals=INTERVALS, dead_letters=dead_letters, positions=positions, watermarks=watermarks,
-        ),
-        ts_ms=cols.ts_ms,
-    )  # fmt: skip
-    c = res.counts
-    return ApplyResult(c.get("stored", 0), c.get("duplicates", 0), c.get("late", 0), len(res.dead_letters))
 
 
 class _Committer(Protocol):

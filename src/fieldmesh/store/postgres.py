@@ -43,9 +43,8 @@ from fieldmesh.core.errors import (
     StoreSchemaError,
 )
 from fieldmesh.core.exact import exact_avg, exact_value, format_exact, parse_exact
-from fieldmesh.core.model import DeadLetter, Reading
-from fieldmesh.store.base import INTERVALS, ApplyResult, DeviceSummary, HotTxn, Position, QueryResult, StoreStats
-from fieldmesh.store.batchrows import answers, apply_readings, device_aggs, raw_columns, window_accs, write_via_commit
+from fieldmesh.store.base import INTERVALS, DeviceSummary, HotTxn, Position, QueryResult, StoreStats
+from fieldmesh.store.batchrows import answers, device_aggs, raw_columns, window_accs, write_via_commit
 from fieldmesh.store.rollup import Acc, RollupKey, merge_acc
 from fieldmesh.store.rows import device_row, dlq_row, raw_row, rollup_query, rollup_row, where_clause
 from fieldmesh.store.seqgaps import SeqBatch, SeqKey, SeqRange, listing, merge_ranges, range_gaps, seq_batch, seq_spans
@@ -590,20 +589,6 @@ class PostgresStore:
                 " ts_ms = GREATEST(watermarks.ts_ms, excluded.ts_ms)",
                 sorted((t, p, ts) for (t, p), ts in watermarks.items()),
             )
-
-    def apply(
-        self,
-        *,
-        readings: Sequence[Reading],
-        late: Sequence[bool],
-        dead_letters: Sequence[DeadLetter],
-        positions: Mapping[Position, int],
-        watermarks: Mapping[Position, int],
-    ) -> ApplyResult:
-        """Transitional: :func:`~fieldmesh.store.batchrows.apply_readings` (reference engine + :meth:`commit`)."""
-        return apply_readings(
-            self, readings=readings, late=late, dead_letters=dead_letters, positions=positions, watermarks=watermarks
-        )
 
     def _ensure_days(self, ts_ms: NDArray[np.int64] | set[int]) -> None:
         """Create the day partitions of these event times (or days) (own short transaction; DDL is idempotent)."""

@@ -14,7 +14,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -25,10 +25,9 @@ from numpy.typing import NDArray
 from fieldmesh.core.batch import BatchResult
 from fieldmesh.core.errors import ConfigError, FieldmeshError, StoreSchemaError
 from fieldmesh.core.exact import exact_avg, exact_value, format_exact, parse_exact
-from fieldmesh.core.model import DeadLetter, Reading
 from fieldmesh.store import segments
-from fieldmesh.store.base import INTERVALS, ApplyResult, DeviceSummary, HotTxn, Position, QueryResult, StoreStats
-from fieldmesh.store.batchrows import answers, apply_readings, device_aggs, window_accs, write_via_commit
+from fieldmesh.store.base import INTERVALS, DeviceSummary, HotTxn, Position, QueryResult, StoreStats
+from fieldmesh.store.batchrows import answers, device_aggs, window_accs, write_via_commit
 from fieldmesh.store.keyfilter import KeyFilter
 from fieldmesh.store.rollup import Acc, RollupKey, evict_oldest, merge_acc
 from fieldmesh.store.rows import device_row, dlq_row, raw_row, rollup_query, rollup_row
@@ -481,20 +480,6 @@ class SqliteStore:
             "INSERT INTO watermarks VALUES (?,?,?) ON CONFLICT(topic, partition) DO UPDATE SET"
             " ts_ms = max(ts_ms, excluded.ts_ms)",
             [(t, p, ts) for (t, p), ts in r.watermarks.items()],
-        )
-
-    def apply(
-        self,
-        *,
-        readings: Sequence[Reading],
-        late: Sequence[bool],
-        dead_letters: Sequence[DeadLetter],
-        positions: Mapping[Position, int],
-        watermarks: Mapping[Position, int],
-    ) -> ApplyResult:
-        """Transitional: :func:`~fieldmesh.store.batchrows.apply_readings` (reference engine + :meth:`commit`)."""
-        return apply_readings(
-            self, readings=readings, late=late, dead_letters=dead_letters, positions=positions, watermarks=watermarks
         )
 
     @staticmethod
