@@ -119,7 +119,7 @@ def test_openapi_describes_the_real_answers(client: TestClient):
     doc = client.get("/api/v1/openapi.json").json()
     ops = {(p, m): op for p, ms in doc["paths"].items() for m, op in ms.items()}
     raw = ops[("/api/v1/telemetry/raw", "get")]
-    assert set(raw["responses"]) == {"200", "400", "503"}
+    assert set(raw["responses"]) == {"200", "400", "401", "403", "503"}
     assert raw["responses"]["400"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/ErrorBody"}
     assert doc["components"]["schemas"]["ErrorBody"]["required"] == ["detail"]
