@@ -16,6 +16,7 @@ from typing import Annotated, Any, Final, Literal
 
 from fastapi import APIRouter, Body, FastAPI, HTTPException, Path, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.routing import APIRoute
@@ -176,6 +177,17 @@ def create_app(
     async def _config_error(request: Request, exc: ConfigError) -> JSONResponse:
         return JSONResponse(status_code=400, content={"detail": str(exc)})
 
+    routes: list[APIRoute] = []  # every operation, for the Allow header of a 405
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # name every method of the path, not only those of the first route matched
+            path = request.url.path
+            allowed = sorted({m for rt in routes if rt.path_regex.match(path) for m in (rt.methods or ())})
+            headers["Allow"] = ", ".join(allowed)
+        return JSONResponse(status_code=exc.status_code, content={"detail": exc.detail}, headers=headers)
+
     guards: set[Any] = set()
 
     def need(role: str, *, every_device: bool = False) -> Any:
@@ -228,7 +240,9 @@ def create_app(
     r = APIRouter(prefix="/api/v1", responses=STORE_UNAVAILABLE)
     _device = check_device
 
-    @r.get("/health", response_model=None, responses={
+    @r.get("/health", response_model=None, description=(
+        "Open without credentials (liveness probes): `status` and `version`. With a viewer credential (or in "
+        "local-only mode) also one entry per component."), responses={
         200: {"model": Health}, 503: {"model": Health, "description": "degraded: the failing components say why"}})
     async def get_health(
         bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)],
@@ -379,9 +393,11 @@ def create_app(
         """The OpenAPI document without FastAPI's 422 answers: a bad parameter is a 400 here."""
         if app.openapi_schema is None:
             doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
-            for ops in doc.get("paths", {}).values():
+            for path, ops in doc.get("paths", {}).items():
                 for op in ops.values():
                     op.get("responses", {}).pop("422", None)
+                    if path in OPEN_ROUTES:
+                        op.pop("security", None)  # open: a credential only adds details
                     if op.get("security"):
                         if acc.oidc is not None:
                             op["security"].append({"oidc": []})
@@ -395,7 +411,8 @@ def create_app(
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-    _check_guarded([*r.routes, *app.routes], guards)
+    routes.extend(rt for rt in [*r.routes, *app.routes] if isinstance(rt, APIRoute))
+    _check_guarded(routes, guards)
     return app
 
 
