@@ -62,7 +62,7 @@ class Issuer:
         issuer = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - the http.server API
+            def do_GET(self) -> None:
                 path = self.path.removeprefix("/realms/plant")  # the issuer's path, as Keycloak's realms
                 if path == "/.well-known/openid-configuration":
                     body = {"issuer": issuer.url, "jwks_uri": f"{issuer.url}/jwks"}
@@ -137,6 +137,22 @@ def _request(c: TestClient, method: str, path: str, token: str | None = None, *,
 
 
 @pytest.fixture
+def app() -> Iterator[Any]:
+    """``app(url, access)``: a test client of the API; its key table is closed at the end (PostgreSQL
+    connections are a shared budget)."""
+    made: list[Access] = []
+
+    def make(url: str, access: Access | None = None) -> TestClient:
+        access = access or Access(url)
+        made.append(access)
+        return TestClient(create_app(url, access=access))
+
+    yield make
+    for a in made:
+        a.close()
+
+
+@pytest.fixture
 def keys(store_url: str) -> Iterator[tuple[AccessStore, dict[str, str]]]:
     store = AccessStore(store_url)
     made = {role: store.create_key(role=role, actor="test")[1] for role in ("viewer", "operator", "admin")}
@@ -145,10 +161,10 @@ def keys(store_url: str) -> Iterator[tuple[AccessStore, dict[str, str]]]:
     store.close()
 
 
-def test_every_operation_needs_a_credential_and_its_role(store_url: str, keys: Any, issuer: Issuer) -> None:
+def test_every_operation_needs_a_credential_and_its_role(app: Any, store_url: str, keys: Any, issuer: Issuer) -> None:
     kid = issuer.add_key()
     _, made = keys
-    c = TestClient(create_app(store_url, access=Access(store_url, _settings(issuer))))
+    c = app(store_url, Access(store_url, _settings(issuer)))
     doc = c.get("/api/v1/openapi.json").json()
     ops = {(m, p) for p, ms in doc["paths"].items() for m in ms if p not in OPEN_ROUTES}
     assert ops == set(ROLE_OF), "a new endpoint: add it to ROLE_OF with the role it needs"
@@ -178,14 +194,15 @@ def test_every_operation_needs_a_credential_and_its_role(store_url: str, keys: A
         assert jwt_ok.status_code == ok.status_code, (method, path, jwt_ok.text)
 
 
-def test_a_key_limited_to_groups_sees_only_their_devices(store_url: str, keys: Any, issuer: Issuer) -> None:
+def test_a_key_limited_to_groups_sees_only_their_devices(app: Any, store_url: str, keys: Any, issuer: Issuer) -> None:
     _, made = keys
-    c = TestClient(create_app(store_url, access=Access(store_url, _settings(issuer))))
+    c = app(store_url, Access(store_url, _settings(issuer)))
     h = {"Authorization": f"Bearer {made['plant1']}"}
     assert [d["device_id"] for d in c.get("/api/v1/devices", headers=h).json()] == ["p1-a"]
     assert c.get("/api/v1/devices/p1-a", headers=h).json()["readings"] == 10
     for path, params in (("/api/v1/devices/p2-b", {}), ("/api/v1/telemetry/raw", {"device_id": "p2-b"}),
-                         ("/api/v1/telemetry/rollups", {"device_id": "lab-7"}), ("/api/v1/alerts", {"device_id": "p2-b"})):
+                         ("/api/v1/telemetry/rollups", {"device_id": "lab-7"}),
+                         ("/api/v1/alerts", {"device_id": "p2-b"})):
         r = c.get(path, params=params, headers=h)
         assert r.status_code == 404 and "no device" in r.json()["detail"], (path, r.text)
     assert len(c.get("/api/v1/telemetry/raw", params={"device_id": "p1-a"}, headers=h).json()) == 10
@@ -202,9 +219,9 @@ def test_a_key_limited_to_groups_sees_only_their_devices(store_url: str, keys: A
     assert len(c.get("/api/v1/devices", headers={"X-API-Key": made["viewer"]}).json()) == 3
 
 
-def test_keys_revoked_through_the_api_are_refused_at_once_and_audited(store_url: str, keys: Any) -> None:
+def test_keys_revoked_through_the_api_are_refused_at_once_and_audited(app: Any, store_url: str, keys: Any) -> None:
     store, made = keys
-    c = TestClient(create_app(store_url, access=Access(store_url, AccessSettings())))
+    c = app(store_url, Access(store_url, AccessSettings()))
     admin = {"Authorization": f"Bearer {made['admin']}"}
     admin_id = made["admin"].split("_")[1]
     new = c.post("/api/v1/keys", headers=admin, json={"role": "operator", "groups": ["lab"], "name": "ci"})
@@ -241,11 +258,11 @@ def test_keys_revoked_through_the_api_are_refused_at_once_and_audited(store_url:
 
 
 @pytest.mark.parametrize("case", ["expired", "audience", "issuer", "unknown_kid", "hs256", "not_yet", "no_kid"])
-def test_bad_jwts_are_refused(case: str, tmp_path: Path, issuer: Issuer) -> None:
+def test_bad_jwts_are_refused(app: Any, case: str, tmp_path: Path, issuer: Issuer) -> None:
     url = f"sqlite:///{tmp_path}/s.db"
     load_store(url).close()
     kid = issuer.add_key()
-    c = TestClient(create_app(url, access=Access(url, _settings(issuer, jwks_refresh_min_s=3600))))
+    c = app(url, Access(url, _settings(issuer, jwks_refresh_min_s=3600)))
     good = issuer.token(kid, fieldmesh_role="admin")
     assert c.get("/api/v1/whoami", headers={"Authorization": f"Bearer {good}"}).json()["subject"] == "jwt:alice"
     now = int(time.time())
@@ -267,11 +284,11 @@ def test_bad_jwts_are_refused(case: str, tmp_path: Path, issuer: Issuer) -> None
     assert 'error="invalid_token"' in r.headers["WWW-Authenticate"]
 
 
-def test_the_jwks_is_cached_and_refetched_for_a_new_key(tmp_path: Path, issuer: Issuer) -> None:
+def test_the_jwks_is_cached_and_refetched_for_a_new_key(app: Any, tmp_path: Path, issuer: Issuer) -> None:
     url = f"sqlite:///{tmp_path}/s.db"
     load_store(url).close()
     kid = issuer.add_key()
-    c = TestClient(create_app(url, access=Access(url, _settings(issuer, jwks_refresh_min_s=0))))
+    c = app(url, Access(url, _settings(issuer, jwks_refresh_min_s=0)))
     hits = issuer.jwks_hits
     for _ in range(3):
         tok = issuer.token(kid, fieldmesh_role="viewer")
@@ -283,20 +300,20 @@ def test_the_jwks_is_cached_and_refetched_for_a_new_key(tmp_path: Path, issuer: 
     assert issuer.jwks_hits == hits + 2
 
 
-def test_keycloak_style_roles_claim(tmp_path: Path, issuer: Issuer) -> None:
+def test_keycloak_style_roles_claim(app: Any, tmp_path: Path, issuer: Issuer) -> None:
     url = f"sqlite:///{tmp_path}/s.db"
     load_store(url).close()
     kid = issuer.add_key()
     access = Access(url, _settings(issuer, oidc_role_claim="realm_access.roles"))
-    c = TestClient(create_app(url, access=access))
+    c = app(url, access)
     tok = issuer.token(kid, realm_access={"roles": ["offline_access", "operator", "viewer"]})
     assert c.get("/api/v1/whoami", headers={"Authorization": f"Bearer {tok}"}).json()["role"] == "operator"
 
 
-def test_local_only_mode_until_a_key_exists(tmp_path: Path) -> None:
+def test_local_only_mode_until_a_key_exists(app: Any, tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/s.db"
     load_store(url).close()
-    c = TestClient(create_app(url))  # the default: local-only, keys of the same store
+    c = app(url)  # Access(url), as create_app defaults to: local-only, keys of the same store
     assert c.get("/api/v1/whoami").json() == {"subject": "local", "role": "admin", "groups": None,
                                               "local_only": True}
     assert "store" in c.get("/api/v1/health").json()
@@ -309,6 +326,5 @@ def test_local_only_mode_until_a_key_exists(tmp_path: Path) -> None:
     assert "store" in c.get("/api/v1/health", headers={"X-API-Key": secret}).json()
     store.close()
     # beyond loopback there is no local-only mode, keys or not
-    beyond = TestClient(create_app(f"sqlite:///{tmp_path}/other.db", access=Access(
-        f"sqlite:///{tmp_path}/other.db", local_only=False)))
+    beyond = app(f"sqlite:///{tmp_path}/other.db", Access(f"sqlite:///{tmp_path}/other.db", local_only=False))
     assert beyond.get("/api/v1/stats").status_code == 401

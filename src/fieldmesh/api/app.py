@@ -16,18 +16,19 @@ from typing import Annotated, Any, Final, Literal
 
 from fastapi import APIRouter, Body, FastAPI, HTTPException, Path, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi_offline import FastAPIOffline
-from starlette.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fieldmesh import __version__
+from fieldmesh.api.auth import Access, AuthError, Principal
 from fieldmesh.api.params import (
     BAD_PARAMETER,
     STORE_UNAVAILABLE,
@@ -41,7 +42,6 @@ from fieldmesh.api.params import (
     reason_query,
     time_query,
 )
-from fieldmesh.api.auth import Access, AuthError, Principal
 from fieldmesh.api.schemas import (
     AuditRow,
     DeadLetterRow,
@@ -323,11 +323,13 @@ def create_app(
         limit: Limit = 10_000,
         p: Principal = viewer,
     ) -> list[dict[str, Any]]:
-        return get_store().rollups(interval=interval, device_id=visible(p, _device(device_id)), metric=check_metric(metric),
-                                   start_ms=parse_time(start, "start"), end_ms=parse_time(end, "end"), limit=limit)
+        return get_store().rollups(interval=interval, device_id=visible(p, _device(device_id)),
+                                   metric=check_metric(metric), start_ms=parse_time(start, "start"),
+                                   end_ms=parse_time(end, "end"), limit=limit)
 
     @r.get("/dlq", response_model=None, responses={200: {"model": list[DeadLetterRow]}, **BAD_PARAMETER})
-    def get_dlq(_: Principal = all_devices, reason: Annotated[str | None, reason_query()] = None, limit: Limit = 100) -> list[dict[str, Any]]:
+    def get_dlq(reason: Annotated[str | None, reason_query()] = None, limit: Limit = 100,
+                _: Principal = all_devices) -> list[dict[str, Any]]:
         return get_store().dlq(reason=check_reason(reason), limit=limit)
 
     @r.get("/alerts", responses={
@@ -345,30 +347,30 @@ def create_app(
         return {"subject": p.subject, "role": p.role, "groups": None if p.groups is None else list(p.groups),
                 "local_only": p.subject == "local"}
 
-    not_found = {404: {"model": ErrorBody, "description": "no such key"}}
+    not_found: dict[int | str, dict[str, Any]] = {404: {"model": ErrorBody, "description": "no such key"}}
 
     @r.get("/keys", response_model=None, responses={200: {"model": list[KeyRow]}})
     def get_keys(_: Principal = admin) -> list[dict[str, Any]]:
-        return [k.as_dict() for k in acc.keys.keys()]
+        return [k.as_dict() for k in acc.store.list_keys()]
 
     @r.post("/keys", status_code=201, response_model=None,
             responses={201: {"model": NewKeyRow, "description": "the key, shown this once"}, **BAD_PARAMETER})
     def post_key(body: Annotated[NewKey, Body()], p: Principal = admin) -> dict[str, Any]:
-        key, secret = acc.keys.create_key(role=body.role, groups=body.groups, name=body.name, actor=p.subject)
+        key, secret = acc.store.create_key(role=body.role, groups=body.groups, name=body.name, actor=p.subject)
         return {**key.as_dict(), "key": secret}
 
     @r.delete("/keys/{key_id}", response_model=None,
               responses={200: {"model": KeyRow}, **BAD_PARAMETER, **not_found})
     def delete_key(key_id: Annotated[str, Path(pattern="^[0-9a-f]{12}$")], p: Principal = admin) -> dict[str, Any]:
         try:
-            return acc.keys.revoke_key(key_id, actor=p.subject).as_dict()
+            return acc.store.revoke_key(key_id, actor=p.subject).as_dict()
         except ConfigError:
             raise HTTPException(404, f"no API key {key_id!r}") from None
 
     @r.get("/audit", response_model=None, responses={200: {"model": list[AuditRow]}, **BAD_PARAMETER})
     def get_audit(since: Annotated[str | None, time_query("actions at or after")] = None,
                   limit: Limit = 100, _: Principal = admin) -> list[dict[str, Any]]:
-        return [e.as_dict() for e in acc.keys.audit_log(since_ms=parse_time(since, "since"), limit=limit)]
+        return [e.as_dict() for e in acc.store.audit_log(since_ms=parse_time(since, "since"), limit=limit)]
 
     app.include_router(r)
 
@@ -424,7 +426,7 @@ _AUTH_RESPONSES: Final = {
 }
 
 
-def _check_guarded(routes: list[Any], guards: set[Any]) -> None:
+def _check_guarded(routes: list[APIRoute], guards: set[Any]) -> None:
     """Refuse an app with a route that checks no credential (other than :data:`OPEN_ROUTES`)."""
 
     def calls(dep: Any) -> Iterator[Any]:
@@ -433,6 +435,7 @@ def _check_guarded(routes: list[Any], guards: set[Any]) -> None:
             yield from calls(d)
 
     for route in routes:
-        if isinstance(route, APIRoute) and route.include_in_schema and route.path not in OPEN_ROUTES:
-            if not any(c in guards for c in calls(route.dependant)):
-                raise RuntimeError(f"API route {route.path} has no authorization guard (need(...))")
+        if not route.include_in_schema or route.path in OPEN_ROUTES:
+            continue
+        if not any(c in guards for c in calls(route.dependant)):
+            raise RuntimeError(f"API route {route.path} has no authorization guard (need(...))")

@@ -116,7 +116,7 @@ class OidcVerifier:
 
     @staticmethod
     def _get_json(url: str) -> dict[str, Any]:
-        with urllib.request.urlopen(url, timeout=5) as r:  # noqa: S310 - an operator-configured https/http URL
+        with urllib.request.urlopen(url, timeout=5) as r:
             doc = json.loads(r.read())
         if not isinstance(doc, dict):
             raise ValueError(f"{url} did not answer a JSON object")
@@ -188,7 +188,7 @@ class Access:
         self._lock = threading.Lock()
 
     @property
-    def keys(self) -> AccessStore:
+    def store(self) -> AccessStore:
         """The key table (opened on first use)."""
         with self._lock:
             if self._keys is None:
@@ -202,7 +202,7 @@ class Access:
 
     def open_mode(self) -> bool:
         """Whether requests need no credential now (local-only mode)."""
-        return self.local_only and self.oidc is None and not self.keys.has_keys()
+        return self.local_only and self.oidc is None and not self.store.has_keys()
 
     def authenticate(self, token: str | None) -> Principal:
         """The caller of a request carrying ``token`` (None: no credential).
@@ -217,7 +217,7 @@ class Access:
                 raise AuthError("authentication required: send an API key (Authorization: Bearer fmk_... or "
                                 "X-API-Key) or an OpenID Connect bearer token")
             if token.startswith(KEY_PREFIX):
-                key = self.keys.verify(token)
+                key = self.store.verify(token)
                 if key is None:
                     raise AuthError("unknown or revoked API key", invalid_token=True)
                 return Principal(subject=f"key:{key.id}", role=key.role, groups=key.groups or None)
@@ -237,4 +237,4 @@ class Access:
 
     def configured(self) -> bool:
         """Whether authentication can be required: an active admin key exists or an issuer is set."""
-        return self.oidc is not None or self.keys.has_keys(role="admin")
+        return self.oidc is not None or self.store.has_keys(role="admin")

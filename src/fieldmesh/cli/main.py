@@ -332,9 +332,9 @@ def api(
     except FieldmeshError as exc:
         _fail(exc)
         return
-    tls = {"ssl_certfile": str(tls_cert), "ssl_keyfile": str(tls_key)} if tls_cert is not None else {}
-    err.print(f"API on {'https' if tls else 'http'}://{host}:{http_port}/api/v1 ({access.describe()})")
-    uvicorn.run(create_app(url, access=access), host=host, port=http_port, log_level="warning", **tls)
+    err.print(f"API on {'https' if tls_cert else 'http'}://{host}:{http_port}/api/v1 ({access.describe()})")
+    uvicorn.run(create_app(url, access=access), host=host, port=http_port, log_level="warning",
+                ssl_certfile=tls_cert, ssl_keyfile=tls_key)
 
 
 keys_app = typer.Typer(name="keys", no_args_is_help=True,
@@ -406,7 +406,7 @@ def keys_list(
 
     store = _access_store(data_dir, store_url)
     try:
-        keys = store.keys()
+        keys = store.list_keys()
     except FieldmeshError as exc:
         _fail(exc)
         return

@@ -189,7 +189,8 @@ def check_access(store_url: str, settings: Settings, *, http_host: str, tls_cert
     only once an admin key exists or an OpenID Connect issuer is set (like Mosquitto 2).
     """
     if (tls_cert is None) != (tls_key is None):
-        raise ConfigError("HTTPS needs both --tls-cert and --tls-key", key="tls_cert" if tls_cert is None else "tls_key")
+        raise ConfigError("HTTPS needs both --tls-cert and --tls-key",
+                          key="tls_cert" if tls_cert is None else "tls_key")
     for flag, path in (("--tls-cert", tls_cert), ("--tls-key", tls_key)):
         if path is not None and not path.is_file():
             raise ConfigError(f"{flag} {path}: no such file", key=flag.strip("-").replace("-", "_"))
@@ -368,10 +369,9 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
                 return out
 
             app = create_app(store_url, health=health, lag=lag, partition_lag=partition_lag, access=access)
-            tls = ({"ssl_certfile": str(opts.tls_cert), "ssl_keyfile": str(opts.tls_key)}
-                   if opts.tls_cert is not None else {})
-            server = _api_server(uvicorn.Config(app, host=opts.http_host, port=opts.http_port,
-                                                log_level="warning", lifespan="off", **tls))
+            server = _api_server(uvicorn.Config(
+                app, host=opts.http_host, port=opts.http_port, log_level="warning", lifespan="off",
+                ssl_certfile=opts.tls_cert, ssl_keyfile=opts.tls_key))
             api_task = asyncio.create_task(server.serve(), name="api")
             mqtt_url = opts.mqtt_url or f"mqtt://127.0.0.1:{opts.mqtt_port}"
             api_host = f"[{opts.http_host}]" if ":" in opts.http_host else opts.http_host

@@ -248,7 +248,7 @@ class AccessStore:
                 key = ApiKey(**{**key.__dict__, "revoked_ms": now, "revoked_by": actor})
         return key
 
-    def keys(self, *, include_revoked: bool = True) -> list[ApiKey]:
+    def list_keys(self, *, include_revoked: bool = True) -> list[ApiKey]:
         """Every key, oldest first."""
         where = "" if include_revoked else " WHERE revoked_ms IS NULL"
         return [_row_key(r) for r in self._fetch(f"SELECT {_KEY_COLS} FROM api_keys{where} ORDER BY created_ms, id")]
