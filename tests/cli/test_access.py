@@ -96,6 +96,8 @@ def test_up_refuses_beyond_loopback_without_authentication(tmp_path: Path) -> No
     # a viewer key is not enough: someone must be able to manage keys
     assert fm("keys", "create", "--role", "viewer", "--data-dir", str(data)).returncode == 0
     assert fm(*args, "--http-host", "0.0.0.0").returncode == 2
+    api = fm("api", "--data-dir", str(data), "--host", "0.0.0.0", "--http-port", str(free_port()))
+    assert api.returncode == 2 and "serves the API beyond loopback" in flat(api.stderr)
     half = fm(*args, "--tls-cert", str(tmp_path / "none.pem"))
     assert half.returncode == 2 and "both --tls-cert and --tls-key" in flat(half.stderr)
 
