@@ -328,3 +328,19 @@ def test_local_only_mode_until_a_key_exists(app: Any, tmp_path: Path) -> None:
     # beyond loopback there is no local-only mode, keys or not
     beyond = app(f"sqlite:///{tmp_path}/other.db", Access(f"sqlite:///{tmp_path}/other.db", local_only=False))
     assert beyond.get("/api/v1/stats").status_code == 401
+
+
+@pytest.mark.integration
+def test_keys_survive_a_lost_postgresql_connection(app: Any, pg_url: str) -> None:
+    url = f"{pg_url}?schema=t_{secrets.token_hex(5)}"
+    load_store(url).close()
+    access = Access(url)
+    c = app(url, access)
+    _, secret = access.store.create_key(role="viewer", actor="test")
+    assert c.get("/api/v1/stats", headers={"X-API-Key": secret}).status_code == 200
+    import psycopg
+
+    with psycopg.connect(pg_url, autocommit=True) as admin:  # what a server restart does to the connection
+        admin.execute("SELECT pg_terminate_backend(%s)", (access.store.backend_pid,))
+    assert c.get("/api/v1/stats", headers={"X-API-Key": secret}).status_code == 200
+    assert c.get("/api/v1/stats").status_code == 401

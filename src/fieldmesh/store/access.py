@@ -129,6 +129,7 @@ class AccessStore:
         elif scheme in ("postgresql", "postgres"):
             self._pg = True
             self._con = self._postgres(url)
+            self.backend_pid = int(self._con.info.backend_pid)
         else:
             raise ConfigError(f"unsupported store URL {url!r}: use sqlite:///path or postgresql://...",
                               key="store_url")
@@ -180,17 +181,29 @@ class AccessStore:
     def _sql(self, sql: str) -> str:
         return sql.replace("?", "%s") if self._pg else sql
 
+    def _reconnect_if_lost(self) -> None:
+        """Reopen a PostgreSQL connection the server closed (a restart, a failover, an idle timeout)."""
+        if self._pg and (self._con.closed or self._con.broken):
+            self._con = self._postgres(self.url)
+            self.backend_pid = int(self._con.info.backend_pid)
+
     def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         with self._lock:
-            try:
-                return list(self._con.execute(self._sql(sql), params).fetchall())
-            except Exception as exc:
-                raise BackendError(f"API keys unavailable: {exc}") from exc
+            for attempt in (1, 2):
+                self._reconnect_if_lost()
+                try:
+                    return list(self._con.execute(self._sql(sql), params).fetchall())
+                except Exception as exc:
+                    if attempt == 1 and self._pg and (self._con.closed or self._con.broken):
+                        continue  # the connection was lost under us: once more on a new one
+                    raise BackendError(f"API keys unavailable: {exc}") from exc
+            raise AssertionError("unreachable")
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[Any]:
         """A write transaction (under the lock)."""
         with self._lock:
+            self._reconnect_if_lost()
             if self._pg:
                 with self._con.transaction():
                     yield self._con
