@@ -138,14 +138,15 @@ def _request(c: TestClient, method: str, path: str, token: str | None = None, *,
 
 @pytest.fixture
 def app() -> Iterator[Any]:
-    """``app(url, access)``: a test client of the API; its key table is closed at the end (PostgreSQL
-    connections are a shared budget)."""
-    made: list[Access] = []
+    """``app(url, access)``: a test client of the API; its key table and store are closed at the end
+    (PostgreSQL connections are a shared budget)."""
+    made: list[Any] = []
 
     def make(url: str, access: Access | None = None) -> TestClient:
         access = access or Access(url)
-        made.append(access)
-        return TestClient(create_app(url, access=access))
+        store = load_store(url, readonly=True)  # a reader connection per request thread: closed below
+        made.extend((access, store))
+        return TestClient(create_app(url, access=access, store=store))
 
     yield make
     for a in made:
@@ -326,7 +327,9 @@ def test_local_only_mode_until_a_key_exists(app: Any, tmp_path: Path) -> None:
     assert "store" in c.get("/api/v1/health", headers={"X-API-Key": secret}).json()
     store.close()
     # beyond loopback there is no local-only mode, keys or not
-    beyond = app(f"sqlite:///{tmp_path}/other.db", Access(f"sqlite:///{tmp_path}/other.db", local_only=False))
+    other = f"sqlite:///{tmp_path}/other.db"
+    load_store(other).close()
+    beyond = app(other, Access(other, local_only=False))
     assert beyond.get("/api/v1/stats").status_code == 401
 
 

@@ -24,6 +24,7 @@ import pytest
 import uvicorn
 
 from fieldmesh.api.app import create_app
+from fieldmesh.api.auth import Access
 from fieldmesh.core.codec import decode_telemetry
 from fieldmesh.core.model import DeadLetter
 from fieldmesh.store import load_store
@@ -73,7 +74,9 @@ def api_base(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[s
     _, admin = keys.create_key(role="admin", actor="test")
     keys.close()
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(url), host="127.0.0.1", port=port, log_level="warning"))
+    access = Access(url)
+    server = uvicorn.Server(uvicorn.Config(create_app(url, access=access), host="127.0.0.1", port=port,
+                                           log_level="warning"))
     t = threading.Thread(target=server.run, name="api", daemon=True)
     t.start()
     deadline = time.monotonic() + 20
@@ -85,6 +88,7 @@ def api_base(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[s
     finally:
         server.should_exit = True
         t.join(10)
+        access.close()
 
 
 @pytest.mark.slow
