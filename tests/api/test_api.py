@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
 from fieldmesh.api.app import create_app, parse_time
+from fieldmesh.api.auth import Access
 from fieldmesh.core.codec import decode_telemetry
 from fieldmesh.core.model import DeadLetter
 from fieldmesh.store import load_store
@@ -18,7 +20,7 @@ NOW = 1_763_812_345_123
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.integration)])
-def client(request: pytest.FixtureRequest, tmp_path: Path) -> TestClient:
+def client(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[TestClient]:
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path}/s.db"
     else:
@@ -31,7 +33,9 @@ def client(request: pytest.FixtureRequest, tmp_path: Path) -> TestClient:
                     payload=b'{"ts": 1}', device_id="pump-7")
     commit_readings(w, rs, dead_letters=[dl])
     w.close()
-    return TestClient(create_app(url))
+    access = Access(url)  # the default, closed at the end: PostgreSQL connections are a shared budget
+    yield TestClient(create_app(url, access=access))
+    access.close()
 
 
 def test_shapes(client: TestClient):
@@ -120,7 +124,7 @@ def test_openapi_describes_the_real_answers(client: TestClient):
     doc = client.get("/api/v1/openapi.json").json()
     ops = {(p, m): op for p, ms in doc["paths"].items() for m, op in ms.items()}
     raw = ops[("/api/v1/telemetry/raw", "get")]
-    assert set(raw["responses"]) == {"200", "400", "503"}
+    assert set(raw["responses"]) == {"200", "400", "401", "403", "503"}
     assert raw["responses"]["400"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/ErrorBody"}
     assert doc["components"]["schemas"]["ErrorBody"]["required"] == ["detail"]

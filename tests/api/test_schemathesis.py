@@ -4,7 +4,9 @@ The API is served by uvicorn on a free port; schemathesis reads its OpenAPI docu
 valid and invalid requests for every operation. It fails on any server error, any answer the
 document does not describe (status, content type, body schema), any valid request refused and any
 invalid request accepted. ``tests/api/schemathesis.toml`` holds its settings (the one deliberate
-5xx: ``/alerts`` answers 501 until alert rules exist).
+5xx: ``/alerts`` answers 501 until alert rules exist). Requests carry an admin API key, so every
+operation is reachable, and schemathesis's ``ignored_auth`` check sends them without it too: each
+must then be refused.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ import pytest
 import uvicorn
 
 from fieldmesh.api.app import create_app
+from fieldmesh.api.auth import Access
 from fieldmesh.core.codec import decode_telemetry
 from fieldmesh.core.model import DeadLetter
 from fieldmesh.store import load_store
+from fieldmesh.store.access import AccessStore
 from fmtest.drive import commit_readings
 from fmtest.procs import free_port
 
@@ -60,15 +64,20 @@ def _seed_store(url: str) -> None:
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.integration)])
-def api_base(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """Base URL of the API served by uvicorn over a seeded store."""
+def api_base(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """Base URL of the API served by uvicorn over a seeded store, and an admin key."""
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path}/store.db"
     else:
         url = f"{request.getfixturevalue('pg_url')}?schema=t_{secrets.token_hex(5)}"
     _seed_store(url)
+    keys = AccessStore(url)
+    _, admin = keys.create_key(role="admin", actor="test")
+    keys.close()
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(url), host="127.0.0.1", port=port, log_level="warning"))
+    access = Access(url)
+    server = uvicorn.Server(uvicorn.Config(create_app(url, access=access), host="127.0.0.1", port=port,
+                                           log_level="warning"))
     t = threading.Thread(target=server.run, name="api", daemon=True)
     t.start()
     deadline = time.monotonic() + 20
@@ -76,17 +85,19 @@ def api_base(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         assert t.is_alive() and time.monotonic() < deadline, "the API server did not start"
         time.sleep(0.05)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", admin
     finally:
         server.should_exit = True
         t.join(10)
+        access.close()
 
 
 @pytest.mark.slow
-def test_schemathesis_all_checks_pass(api_base: str, tmp_path: Path) -> None:
+def test_schemathesis_all_checks_pass(api_base: tuple[str, str], tmp_path: Path) -> None:
+    base, admin = api_base
     args = [
         sys.executable, "-m", "schemathesis.cli", "--config-file", str(CONFIG),
-        "run", f"{api_base}/api/v1/openapi.json",
+        "run", f"{base}/api/v1/openapi.json", "--header", f"Authorization: Bearer {admin}",
         "--checks", "all", "--max-examples", str(MAX_EXAMPLES), "--seed", str(SEED),
         "--workers", "1", "--no-color", "--generation-database", "none",
     ]

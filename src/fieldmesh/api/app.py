@@ -1,6 +1,9 @@
 """The REST API (docs/contract.md, under ``/api/v1``) and Prometheus ``/metrics``.
 
 It reads the hot store through a read-only connection, so it serves while the processor writes.
+Every route but ``/health`` depends on a guard (:func:`create_app`'s ``need``) that authenticates the
+caller and checks its role and device groups (:mod:`fieldmesh.api.auth`, docs/security.md);
+``create_app`` refuses to build an app with an unguarded route.
 A bad parameter is a 400 naming it (:mod:`fieldmesh.api.params`); the OpenAPI document describes
 every answer; the docs page (Swagger UI) is served from assets in the installed package, offline.
 """
@@ -9,18 +12,23 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
-from fastapi import APIRouter, FastAPI, HTTPException, Path, Query, Request
+from fastapi import APIRouter, Body, FastAPI, HTTPException, Path, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.routing import APIRoute
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fieldmesh import __version__
+from fieldmesh.api.auth import Access, AuthError, Principal
 from fieldmesh.api.params import (
     BAD_PARAMETER,
     STORE_UNAVAILABLE,
@@ -34,13 +42,33 @@ from fieldmesh.api.params import (
     reason_query,
     time_query,
 )
-from fieldmesh.api.schemas import DeadLetterRow, DeviceRow, Health, RawRow, RollupRow, Stats
+from fieldmesh.api.schemas import (
+    AuditRow,
+    DeadLetterRow,
+    DeviceRow,
+    Health,
+    KeyRow,
+    NewKey,
+    NewKeyRow,
+    RawRow,
+    RollupRow,
+    Stats,
+    WhoAmI,
+)
 from fieldmesh.core.codec import REASONS
 from fieldmesh.core.errors import ConfigError, FieldmeshError
 from fieldmesh.core.topics import DEVICE_ID_RE
 from fieldmesh.store import HotStore, load_store
 
-__all__ = ["create_app", "parse_time"]
+__all__ = ["OPEN_ROUTES", "create_app", "parse_time"]
+
+#: Routes served without credentials: liveness probes cannot carry a token. An unauthenticated
+#: caller gets only ``status`` and ``version``; the components (which may quote log lines) need a viewer.
+OPEN_ROUTES: Final = frozenset({"/api/v1/health"})
+_BEARER = HTTPBearer(auto_error=False, scheme_name="bearer", bearerFormat="API key (fmk_...) or JWT",
+                     description="Authorization: Bearer <an API key fmk_... or a JWT of the OpenID Connect issuer>")
+_API_KEY = APIKeyHeader(name="X-API-Key", auto_error=False, scheme_name="apiKey",
+                        description="X-API-Key: <an API key fmk_...>")
 
 Limit = Annotated[int, Query(ge=1, le=100_000, description="at most this many rows")]
 Device = Annotated[str | None, device_query()]
@@ -105,11 +133,15 @@ def create_app(
     lag: LagFn | None = None,
     partition_lag: PartitionLagFn | None = None,
     store: HotStore | None = None,
+    access: Access | None = None,
 ) -> FastAPI:
     """Build the API app over the hot store at ``store_url``.
 
     ``lag`` gives each stage's total lag, ``partition_lag`` the lag per stage and partition.
+    ``access`` authenticates callers; by default API keys in the same store, in local-only mode
+    (the caller binds the API to loopback; beyond it, pass ``Access(..., local_only=False)``).
     """
+    acc = access if access is not None else Access(store_url)
     # FastAPIOffline: a FastAPI whose Swagger UI page loads its JS/CSS from the package, not a CDN
     app = FastAPIOffline(
         title="fieldmesh",
@@ -145,12 +177,77 @@ def create_app(
     async def _config_error(request: Request, exc: ConfigError) -> JSONResponse:
         return JSONResponse(status_code=400, content={"detail": str(exc)})
 
+    routes: list[APIRoute] = []  # every operation, for the Allow header of a 405
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # name every method of the path, not only those of the first route matched
+            path = request.url.path
+            allowed = sorted({m for rt in routes if rt.path_regex.match(path) for m in (rt.methods or ())})
+            headers["Allow"] = ", ".join(allowed)
+        return JSONResponse(status_code=exc.status_code, content={"detail": exc.detail}, headers=headers)
+
+    guards: set[Any] = set()
+
+    def need(role: str, *, every_device: bool = False) -> Any:
+        """A dependency: the caller, authenticated, holding ``role`` (401 or 403 otherwise).
+
+        ``every_device``: the answer spans all devices (counts, dead letters), so a caller limited
+        to device groups is refused (403) rather than shown other groups' data.
+        """
+
+        def guard(
+            bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)],
+            api_key: Annotated[str | None, Security(_API_KEY)],
+        ) -> Principal:
+            p = _authenticate(api_key or (bearer.credentials if bearer is not None else None))
+            if not p.may(role):
+                raise HTTPException(403, f"this needs the {role} role; {p.subject} has "
+                                         f"{p.role or 'no fieldmesh role'}")
+            if every_device and p.groups is not None:
+                raise HTTPException(403, "this answer spans every device: it needs a credential not limited "
+                                         f"to device groups ({p.subject} is limited to {', '.join(p.groups)})")
+            return p
+
+        guards.add(guard)
+        return Security(guard)
+
+    def _authenticate(token: str | None) -> Principal:
+        try:
+            return acc.authenticate(token)
+        except AuthError as exc:
+            if exc.status != 401:
+                raise HTTPException(exc.status, exc.detail) from None
+            challenge = 'Bearer realm="fieldmesh"' + (', error="invalid_token"' if exc.invalid_token else "")
+            raise HTTPException(401, exc.detail, headers={"WWW-Authenticate": challenge}) from None
+
+    def visible(p: Principal, device_id: str | None) -> str | None:
+        """``device_id`` if the caller may see it (else 404, as for a device that does not exist);
+        no device_id is all devices, which a caller limited to groups may not ask for (403)."""
+        if device_id is None:
+            if p.groups is not None:
+                raise HTTPException(403, f"{p.subject} is limited to device groups ({', '.join(p.groups)}): "
+                                         "name a device_id")
+            return None
+        if not acc.groups.sees(p, device_id):
+            raise HTTPException(404, f"no device {device_id!r}")
+        return device_id
+
+    # defaults, not Annotated aliases: FastAPI cannot resolve a local alias under postponed annotations
+    viewer, all_devices, admin = need("viewer"), need("viewer", every_device=True), need("admin")
+
     r = APIRouter(prefix="/api/v1", responses=STORE_UNAVAILABLE)
     _device = check_device
 
-    @r.get("/health", response_model=None, responses={
+    @r.get("/health", response_model=None, description=(
+        "Open without credentials (liveness probes): `status` and `version`. With a viewer credential (or in "
+        "local-only mode) also one entry per component."), responses={
         200: {"model": Health}, 503: {"model": Health, "description": "degraded: the failing components say why"}})
-    async def get_health() -> JSONResponse:
+    async def get_health(
+        bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)],
+        api_key: Annotated[str | None, Security(_API_KEY)],
+    ) -> JSONResponse:
         comps: dict[str, Any] = {}
         ok = True
         try:
@@ -163,11 +260,17 @@ def create_app(
             extra = await health()
             comps.update(extra)
             ok = ok and all(v == "ok" for v in extra.values() if isinstance(v, str))
-        body = {"status": "ok" if ok else "degraded", "version": __version__, **comps}
+        body: dict[str, Any] = {"status": "ok" if ok else "degraded", "version": __version__}
+        token = api_key or (bearer.credentials if bearer is not None else None)
+        try:
+            if (await run_in_threadpool(acc.authenticate, token)).may("viewer"):
+                body.update(comps)
+        except AuthError:
+            pass  # open to probes: the status alone
         return JSONResponse(status_code=200 if ok else 503, content=body)
 
     @r.get("/stats", response_model=None, responses={200: {"model": Stats}})
-    async def get_stats() -> dict[str, Any]:
+    async def get_stats(_: Principal = all_devices) -> dict[str, Any]:
         st = get_store().stats()
         body: dict[str, Any] = {
             "received": st.received,
@@ -188,13 +291,15 @@ def create_app(
         return body
 
     @r.get("/devices", response_model=None, responses={200: {"model": list[DeviceRow]}})
-    def get_devices() -> list[dict[str, Any]]:
-        return get_store().devices()
+    def get_devices(p: Principal = viewer) -> list[dict[str, Any]]:
+        rows = get_store().devices()
+        return rows if p.groups is None else [d for d in rows if acc.groups.sees(p, d["device_id"])]
 
     @r.get("/devices/{device_id}", response_model=None, responses={
         200: {"model": DeviceRow}, **BAD_PARAMETER, 404: {"model": ErrorBody, "description": "no such device"}})
-    def get_device(device_id: Annotated[str, Path(pattern=f"^{DEVICE_ID_RE.pattern}$")]) -> dict[str, Any]:
-        rows = get_store().devices(_device(device_id))
+    def get_device(device_id: Annotated[str, Path(pattern=f"^{DEVICE_ID_RE.pattern}$")],
+                   p: Principal = viewer) -> dict[str, Any]:
+        rows = get_store().devices(visible(p, _device(device_id)))
         if not rows:
             raise HTTPException(404, f"no device {device_id!r}")
         return rows[0]
@@ -204,8 +309,9 @@ def create_app(
         device_id: Device = None, metric: Metric = None,
         start: Annotated[str | None, time_query("readings at or after")] = None,
         end: Annotated[str | None, time_query("readings before")] = None, limit: Limit = 1000,
+        p: Principal = viewer,
     ) -> list[dict[str, Any]]:
-        return get_store().raw(device_id=_device(device_id), metric=check_metric(metric),
+        return get_store().raw(device_id=visible(p, _device(device_id)), metric=check_metric(metric),
                                start_ms=parse_time(start, "start"), end_ms=parse_time(end, "end"), limit=limit)
 
     @r.get("/telemetry/rollups", response_model=None, responses={200: {"model": list[RollupRow]}, **BAD_PARAMETER})
@@ -215,22 +321,56 @@ def create_app(
         start: Annotated[str | None, time_query("windows starting at or after")] = None,
         end: Annotated[str | None, time_query("windows starting before")] = None,
         limit: Limit = 10_000,
+        p: Principal = viewer,
     ) -> list[dict[str, Any]]:
-        return get_store().rollups(interval=interval, device_id=_device(device_id), metric=check_metric(metric),
-                                   start_ms=parse_time(start, "start"), end_ms=parse_time(end, "end"), limit=limit)
+        return get_store().rollups(interval=interval, device_id=visible(p, _device(device_id)),
+                                   metric=check_metric(metric), start_ms=parse_time(start, "start"),
+                                   end_ms=parse_time(end, "end"), limit=limit)
 
     @r.get("/dlq", response_model=None, responses={200: {"model": list[DeadLetterRow]}, **BAD_PARAMETER})
-    def get_dlq(reason: Annotated[str | None, reason_query()] = None, limit: Limit = 100) -> list[dict[str, Any]]:
+    def get_dlq(reason: Annotated[str | None, reason_query()] = None, limit: Limit = 100,
+                _: Principal = all_devices) -> list[dict[str, Any]]:
         return get_store().dlq(reason=check_reason(reason), limit=limit)
 
     @r.get("/alerts", responses={
         **BAD_PARAMETER, 501: {"model": ErrorBody, "description": "alert rules are not part of this release"}})
     def get_alerts(
-        device_id: Device = None, since: Annotated[str | None, time_query("alerts since")] = None
+        device_id: Device = None, since: Annotated[str | None, time_query("alerts since")] = None,
+        p: Principal = viewer,
     ) -> JSONResponse:
-        _device(device_id)
+        visible(p, _device(device_id))
         parse_time(since, "since")
         return JSONResponse(status_code=501, content={"detail": "alert rules are not part of this release yet"})
+
+    @r.get("/whoami", response_model=None, responses={200: {"model": WhoAmI}})
+    def get_whoami(p: Principal = viewer) -> dict[str, Any]:
+        return {"subject": p.subject, "role": p.role, "groups": None if p.groups is None else list(p.groups),
+                "local_only": p.subject == "local"}
+
+    not_found: dict[int | str, dict[str, Any]] = {404: {"model": ErrorBody, "description": "no such key"}}
+
+    @r.get("/keys", response_model=None, responses={200: {"model": list[KeyRow]}})
+    def get_keys(_: Principal = admin) -> list[dict[str, Any]]:
+        return [k.as_dict() for k in acc.store.list_keys()]
+
+    @r.post("/keys", status_code=201, response_model=None,
+            responses={201: {"model": NewKeyRow, "description": "the key, shown this once"}, **BAD_PARAMETER})
+    def post_key(body: Annotated[NewKey, Body()], p: Principal = admin) -> dict[str, Any]:
+        key, secret = acc.store.create_key(role=body.role, groups=body.groups, name=body.name, actor=p.subject)
+        return {**key.as_dict(), "key": secret}
+
+    @r.delete("/keys/{key_id}", response_model=None,
+              responses={200: {"model": KeyRow}, **BAD_PARAMETER, **not_found})
+    def delete_key(key_id: Annotated[str, Path(pattern="^[0-9a-f]{12}$")], p: Principal = admin) -> dict[str, Any]:
+        try:
+            return acc.store.revoke_key(key_id, actor=p.subject).as_dict()
+        except ConfigError:
+            raise HTTPException(404, f"no API key {key_id!r}") from None
+
+    @r.get("/audit", response_model=None, responses={200: {"model": list[AuditRow]}, **BAD_PARAMETER})
+    def get_audit(since: Annotated[str | None, time_query("actions at or after")] = None,
+                  limit: Limit = 100, _: Principal = admin) -> list[dict[str, Any]]:
+        return [e.as_dict() for e in acc.store.audit_log(since_ms=parse_time(since, "since"), limit=limit)]
 
     app.include_router(r)
 
@@ -240,7 +380,7 @@ def create_app(
     @app.get("/metrics", response_class=PlainTextResponse, responses={
         200: {"description": "Prometheus text exposition format",
               "content": {"text/plain": {"schema": {"type": "string"}}}}, **STORE_UNAVAILABLE})
-    async def metrics() -> Response:
+    async def metrics(_: Principal = all_devices) -> Response:
         nonlocal collector
         if collector is None:
             collector = _StoreCollector(get_store(), lag_cache, partition_cache)
@@ -255,13 +395,47 @@ def create_app(
         """The OpenAPI document without FastAPI's 422 answers: a bad parameter is a 400 here."""
         if app.openapi_schema is None:
             doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
-            for ops in doc.get("paths", {}).values():
+            for path, ops in doc.get("paths", {}).items():
                 for op in ops.values():
                     op.get("responses", {}).pop("422", None)
+                    if path in OPEN_ROUTES:
+                        op.pop("security", None)  # open: a credential only adds details
+                    if op.get("security"):
+                        if acc.oidc is not None:
+                            op["security"].append({"oidc": []})
+                        op["responses"].update(_AUTH_RESPONSES)
+            if acc.oidc is not None:
+                doc["components"]["securitySchemes"]["oidc"] = {
+                    "type": "openIdConnect", "openIdConnectUrl": acc.oidc.discovery_url}
             for name in ("HTTPValidationError", "ValidationError"):
                 doc.get("components", {}).get("schemas", {}).pop(name, None)
             app.openapi_schema = doc
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+    routes.extend(rt for rt in [*r.routes, *app.routes] if isinstance(rt, APIRoute))
+    _check_guarded(routes, guards)
     return app
+
+
+_AUTH_RESPONSES: Final = {
+    "401": {"description": "no credential, or an invalid, expired or revoked one (WWW-Authenticate: Bearer)",
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}},
+    "403": {"description": "the caller's role or device groups do not allow this",
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}},
+}
+
+
+def _check_guarded(routes: list[APIRoute], guards: set[Any]) -> None:
+    """Refuse an app with a route that checks no credential (other than :data:`OPEN_ROUTES`)."""
+
+    def calls(dep: Any) -> Iterator[Any]:
+        for d in dep.dependencies:
+            yield d.call
+            yield from calls(d)
+
+    for route in routes:
+        if not route.include_in_schema or route.path in OPEN_ROUTES:
+            continue
+        if not any(c in guards for c in calls(route.dependant)):
+            raise RuntimeError(f"API route {route.path} has no authorization guard (need(...))")

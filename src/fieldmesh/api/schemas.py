@@ -7,11 +7,14 @@ against these schemas. Extra fields are allowed: new fields may be added, none r
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["DeadLetterRow", "DeviceRow", "Health", "RawRow", "RollupRow", "Stats"]
+__all__ = [
+    "AuditRow", "DeadLetterRow", "DeviceRow", "Health", "KeyRow", "NewKey", "NewKeyRow", "RawRow", "RollupRow",
+    "Stats", "WhoAmI",
+]
 
 
 class _Open(BaseModel):
@@ -92,3 +95,53 @@ class DeadLetterRow(_Open):
     payload: str = Field(description="the payload as text, or hex (see payload_encoding)")
     payload_encoding: str = Field(description='"utf-8" or "hex"')
     truncated: bool
+
+
+class KeyRow(_Open):
+    """A row of ``GET /keys``: an API key as stored (never its secret)."""
+
+    id: str
+    name: str
+    role: str = Field(description="viewer, operator or admin")
+    groups: list[str] = Field(description="device groups the key is limited to; empty: every device")
+    created_ms: int
+    created_by: str = Field(description="who created it (key:<id>, jwt:<subject>, cli:<user>, local)")
+    revoked_ms: int | None
+    revoked_by: str | None
+
+
+class NewKeyRow(KeyRow):
+    """``POST /keys``: the new key, with its secret form shown this once."""
+
+    key: str = Field(description="fmk_<id>_<secret>: shown once, stored only as a hash")
+
+
+class NewKey(BaseModel):
+    """The body of ``POST /keys``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["viewer", "operator", "admin"]
+    groups: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]] = Field(
+        default_factory=list, max_length=100, description="device groups the key is limited to; empty: every device")
+    name: str = Field("", max_length=128, description="a label (default: the key id)")
+
+
+class AuditRow(_Open):
+    """A row of ``GET /audit``: one administrative action."""
+
+    id: int
+    at_ms: int
+    actor: str = Field(description="who: key:<id>, jwt:<subject>, cli:<user> or local")
+    action: str = Field(description="what: key.create, key.revoke, ...")
+    target: str = Field(description="on what (a key id, ...)")
+    detail: dict[str, Any]
+
+
+class WhoAmI(_Open):
+    """``GET /whoami``: the caller as the API sees it."""
+
+    subject: str
+    role: str | None
+    groups: list[str] | None = Field(description="device groups the caller is limited to; null: every device")
+    local_only: bool = Field(description="true: local-only mode, no credential needed")

@@ -32,6 +32,14 @@ DataDir = Annotated[
     typer.Option("--data-dir", envvar="FIELDMESH_DATA_DIR", help="where the embedded bus and store keep data"),
 ]
 DEFAULT_DATA_DIR = Path(".fieldmesh")
+HttpHost = Annotated[str, typer.Option(
+    "--http-host", envvar="FIELDMESH_HTTP_HOST",
+    help="address the REST API listens on; beyond loopback (e.g. 0.0.0.0) it needs authentication configured: "
+         "an admin key (fieldmesh keys create) or an OpenID Connect issuer (docs/security.md)")]
+TlsCert = Annotated[Path | None, typer.Option(
+    "--tls-cert", envvar="FIELDMESH_TLS_CERT", help="serve the API over HTTPS with this certificate chain (PEM)")]
+TlsKey = Annotated[Path | None, typer.Option(
+    "--tls-key", envvar="FIELDMESH_TLS_KEY", help="the private key (PEM) of --tls-cert")]
 EnrichOpt = Annotated[
     list[str] | None,
     typer.Option(help="as-of join of readings with a CDC table (repeatable), e.g. "
@@ -91,6 +99,9 @@ def up(
     door: Annotated[str | None, typer.Option(
         help="MQTT door: nats (MQTT 3.1.1, PUBACK after JetStream stored it; the default, auto) or mosquitto "
              "(MQTT 3.1.1 and 5, PUBACK from Mosquitto's memory) [env FIELDMESH__GATEWAY__DOOR]")] = None,
+    http_host: HttpHost = "127.0.0.1",
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
 ) -> None:
     """Run the whole pipeline on embedded defaults (MQTT -> gateway -> bus -> processor -> store -> API)."""
     from fieldmesh.runtime.up import DEFAULT_HTTP_PORT, DEFAULT_MQTT_PORT, UpOptions, run_up
@@ -107,6 +118,7 @@ def up(
             http_port=DEFAULT_HTTP_PORT if http_port is None else http_port, http_port_chosen=http_port is not None,
             store_url=store_url, simulate=simulate, sim_rate=sim_rate, sim_per_message=sim_per_message,
             duration_s=for_, settings=settings, summary_table=not as_json,
+            http_host=http_host, tls_cert=tls_cert, tls_key=tls_key,
         )
         summary = asyncio.run(run_up(opts))
     except FieldmeshError as exc:
@@ -290,13 +302,19 @@ def api(
     store_url: Annotated[str | None, typer.Option(help="the hot store")] = None,
     data_dir: DataDir = DEFAULT_DATA_DIR,
     http_port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
-    host: str = "127.0.0.1",
+    host: Annotated[str, typer.Option(
+        "--host", "--http-host", envvar="FIELDMESH_HTTP_HOST",
+        help="address to listen on; beyond loopback it needs authentication configured (docs/security.md)")
+    ] = "127.0.0.1",
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
 ) -> None:
     """Serve the REST API alone over a hot store."""
     import uvicorn
 
     from fieldmesh.api.app import create_app
     from fieldmesh.runtime.natsserver import port_in_use
+    from fieldmesh.runtime.up import check_access
 
     if port_in_use(http_port, host):
         _fail(FieldmeshError(f"HTTP port {http_port} is already in use: pass --http-port with a free port"))
@@ -308,7 +326,123 @@ def api(
             load_store(url, readonly=True).close()
         except FieldmeshError as exc:
             _fail(exc)
-    uvicorn.run(create_app(url), host=host, port=http_port, log_level="warning")
+    try:
+        access = check_access(url, _settings(data_dir=data_dir),
+                              http_host=host, tls_cert=tls_cert, tls_key=tls_key)
+    except FieldmeshError as exc:
+        _fail(exc)
+        return
+    err.print(f"API on {'https' if tls_cert else 'http'}://{host}:{http_port}/api/v1 ({access.describe()})")
+    uvicorn.run(create_app(url, access=access), host=host, port=http_port, log_level="warning",
+                ssl_certfile=tls_cert, ssl_keyfile=tls_key)
+
+
+keys_app = typer.Typer(name="keys", no_args_is_help=True,
+                       help="API keys: create (shown once), list, revoke (docs/security.md).")
+app.add_typer(keys_app, name="keys")
+StoreUrl = Annotated[str | None, typer.Option(help="the hot store (default: the data dir's)")]
+
+
+def _access_store(data_dir: Path, store_url: str | None) -> Any:
+    from fieldmesh.store.access import AccessStore
+
+    try:
+        return AccessStore(_store_url(data_dir, store_url))
+    except FieldmeshError as exc:
+        _fail(exc)
+
+
+def _cli_actor() -> str:
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except Exception:
+        return f"cli:uid{os.getuid()}"
+
+
+@keys_app.command("create")
+def keys_create(
+    role: Annotated[str, typer.Option(help="viewer (reads), operator (also acts), admin (also manages keys)")],
+    groups: Annotated[str | None, typer.Option(
+        help="limit the key to these device groups, e.g. plant-1,lab (FIELDMESH__ACCESS__GROUPS says which "
+             "devices a group holds)")] = None,
+    name: Annotated[str | None, typer.Option(help="a label (default: the key id)")] = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    store_url: StoreUrl = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the key and its record as JSON")] = False,
+) -> None:
+    """Create an API key and print it, this once (only its hash is stored)."""
+    store = _access_store(data_dir, store_url)
+    group_list = [g.strip() for g in (groups or "").split(",") if g.strip()]
+    try:
+        key, secret = store.create_key(role=role, groups=group_list, name=name or "", actor=_cli_actor())
+    except FieldmeshError as exc:
+        _fail(exc)
+        return
+    finally:
+        store.close()
+    if as_json:
+        typer.echo(json.dumps({**key.as_dict(), "key": secret}))
+        return
+    typer.echo(secret)
+    err.print(f"key {key.id} ({key.role}{', groups ' + ','.join(key.groups) if key.groups else ''}) created; "
+              "it is shown this once: send it as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
+    defined = _settings().access.groups
+    missing = [g for g in key.groups if g not in defined]
+    if missing:
+        err.print(f"[yellow]note:[/] no devices are in group(s) {', '.join(missing)} until FIELDMESH__ACCESS__GROUPS "
+                  "defines them for the API (docs/security.md)")
+
+
+@keys_app.command("list")
+def keys_list(
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    store_url: StoreUrl = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the keys as JSON")] = False,
+) -> None:
+    """List API keys (never their secrets), revoked ones too."""
+    from datetime import UTC, datetime
+
+    store = _access_store(data_dir, store_url)
+    try:
+        keys = store.list_keys()
+    except FieldmeshError as exc:
+        _fail(exc)
+        return
+    finally:
+        store.close()
+    if as_json:
+        typer.echo(json.dumps([k.as_dict() for k in keys]))
+        return
+    from rich.table import Table
+
+    def when(ms: int | None) -> str:
+        return "" if ms is None else datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    t = Table("id", "name", "role", "groups", "created", "by", "revoked")
+    for k in keys:
+        t.add_row(k.id, k.name, k.role, ",".join(k.groups) or "(all)", when(k.created_ms), k.created_by,
+                  when(k.revoked_ms))
+    Console().print(t)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: Annotated[str, typer.Argument(metavar="ID", help="the key's id (fieldmesh keys list)")],
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    store_url: StoreUrl = None,
+) -> None:
+    """Revoke an API key: refused from the next request on."""
+    store = _access_store(data_dir, store_url)
+    try:
+        key = store.revoke_key(key_id, actor=_cli_actor())
+    except FieldmeshError as exc:
+        _fail(exc)
+        return
+    finally:
+        store.close()
+    err.print(f"key {key.id} ({key.name}) revoked")
 
 
 # Sub-command groups contributed by other stages, registered when their modules are present.

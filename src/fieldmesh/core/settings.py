@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from fieldmesh.core.errors import ConfigError
 
 __all__ = [
+    "AccessSettings",
     "BusSettings",
     "CdcSettings",
     "EnrichJoinSpec",
@@ -195,6 +196,37 @@ class CdcSettings(BaseModel, frozen=True):
     snapshot_timeout_s: float = Field(300.0, gt=0, description="wait this long for the initial snapshot")
 
 
+class AccessSettings(BaseModel, frozen=True):
+    """Who may use the API (docs/security.md): OpenID Connect issuers and the interim device groups.
+
+    API keys live in the hot store (``fieldmesh keys``); these settings add bearer tokens (JWT) of an
+    OpenID Connect issuer, and say which devices a group holds until the device registry does.
+    """
+
+    oidc_issuer: str | None = Field(None, description=(
+        "issuer URL of the JWT bearer tokens accepted (the iss claim), e.g. https://sso.example/realms/plant; "
+        "None: no JWT accepted"))
+    oidc_audience: str | None = Field(None, description="the aud claim required (default: fieldmesh)")
+    oidc_jwks_url: str | None = Field(None, description=(
+        "the issuer's JWKS URL; default: jwks_uri of <issuer>/.well-known/openid-configuration"))
+    oidc_role_claim: str = Field("fieldmesh_role", description=(
+        "claim holding the role (a string or a list; the strongest of viewer/operator/admin wins); a dotted "
+        "path reaches into objects, e.g. realm_access.roles (Keycloak)"))
+    oidc_groups_claim: str = Field("fieldmesh_groups", description=(
+        "claim holding the device groups the token is limited to (absent: every device)"))
+    jwks_cache_s: float = Field(300.0, gt=0, description="how long the issuer's keys are used before a refetch")
+    jwks_refresh_min_s: float = Field(5.0, ge=0, description=(
+        "at most one refetch per this many seconds when a token names an unknown key id"))
+    groups: dict[str, tuple[str, ...]] = Field(default_factory=dict, description=(
+        "interim device groups until the device registry: group name -> device-id glob patterns, "
+        'e.g. {"plant-1": ["p1-*"], "lab": ["lab-*", "test-7"]} (JSON in FIELDMESH__ACCESS__GROUPS)'))
+
+    @property
+    def audience(self) -> str:
+        """The audience required of JWTs."""
+        return self.oidc_audience or "fieldmesh"
+
+
 class Settings(BaseSettings):
     """All of fieldmesh's settings."""
 
@@ -209,6 +241,7 @@ class Settings(BaseSettings):
     enrich: EnrichSettings = EnrichSettings()
     cdc: CdcSettings = CdcSettings()
     runtime: RuntimeSettings = RuntimeSettings()
+    access: AccessSettings = AccessSettings()
 
 
 def load_settings(**overrides: object) -> Settings:

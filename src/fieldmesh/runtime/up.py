@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import ipaddress
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final
 
+from fieldmesh.api.auth import Access
 from fieldmesh.bus import Bus, TopicSpec, load_bus
 from fieldmesh.core.errors import ConfigError, FieldmeshError
 from fieldmesh.core.settings import RuntimeSettings, Settings
@@ -45,7 +47,8 @@ from fieldmesh.runtime.supervise import Restarts, StallWatch, free_bytes
 from fieldmesh.runtime.worker import ensure_topics
 from fieldmesh.store import StoreStats, default_store_url, load_store
 
-__all__ = ["DEFAULT_HTTP_PORT", "DEFAULT_MQTT_PORT", "UpOptions", "check_ports", "run_up"]
+__all__ = ["DEFAULT_HTTP_PORT", "DEFAULT_MQTT_PORT", "UpOptions", "check_access", "check_ports", "is_loopback",
+           "run_up"]
 
 log = logging.getLogger("fieldmesh.up")
 
@@ -63,6 +66,9 @@ class UpOptions:
     # False when the port is only the default: if it is taken, a free one is used and said in the start line
     mqtt_port_chosen: bool = True
     http_port_chosen: bool = True
+    http_host: str = "127.0.0.1"  # beyond loopback, authentication must be configured (docs/security.md)
+    tls_cert: Path | None = None  # HTTPS for the API: certificate chain (PEM) and its key
+    tls_key: Path | None = None
     mqtt_url: str | None = None
     bus_url: str | None = None
     store_url: str | None = None
@@ -147,7 +153,7 @@ def check_ports(opts: UpOptions) -> list[str]:
                 )
             taken, opts.mqtt_port = opts.mqtt_port, free_port()
             notes.append(f"MQTT port {taken} is taken, so MQTT is on {opts.mqtt_port} (choose with --mqtt-port)")
-    http_taken = opts.http_port != 0 and port_in_use(opts.http_port)
+    http_taken = opts.http_port != 0 and port_in_use(opts.http_port, opts.http_host)
     if http_taken and opts.http_port_chosen:
         raise ConfigError(
             f"HTTP port {opts.http_port} is already in use: pass --http-port with a free port "
@@ -164,6 +170,42 @@ def check_ports(opts: UpOptions) -> list[str]:
     return notes
 
 
+def is_loopback(host: str) -> bool:
+    """Whether a listener on ``host`` is reachable from this machine only."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve beyond loopback
+
+
+def check_access(store_url: str, settings: Settings, *, http_host: str, tls_cert: Path | None,
+                 tls_key: Path | None) -> Access:
+    """The API's authentication, or a ConfigError naming what to configure.
+
+    Local-only mode (no credentials) needs every listener on loopback: the MQTT doors of ``up``
+    always are; the API is unless ``--http-host`` says otherwise. Beyond loopback, ``up`` starts
+    only once an admin key exists or an OpenID Connect issuer is set (like Mosquitto 2).
+    """
+    if (tls_cert is None) != (tls_key is None):
+        raise ConfigError("HTTPS needs both --tls-cert and --tls-key",
+                          key="tls_cert" if tls_cert is None else "tls_key")
+    for flag, path in (("--tls-cert", tls_cert), ("--tls-key", tls_key)):
+        if path is not None and not path.is_file():
+            raise ConfigError(f"{flag} {path}: no such file", key=flag.strip("-").replace("-", "_"))
+    access = Access(store_url, settings.access, local_only=is_loopback(http_host))
+    if not access.local_only and not access.configured():
+        access.close()
+        raise ConfigError(
+            f"--http-host {http_host} serves the API beyond loopback, and no authentication is configured: "
+            "create an admin key first ('fieldmesh keys create --role admin', same --data-dir/--store-url) or "
+            "set an OpenID Connect issuer (FIELDMESH__ACCESS__OIDC_ISSUER); see docs/security.md",
+            key="http_host",
+        )
+    return access
+
+
 async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict[str, Any]:
     """Run the pipeline until Ctrl-C, SIGTERM or ``duration_s``; return the final summary."""
     from rich.console import Console
@@ -171,6 +213,12 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
     console = Console(stderr=True, quiet=opts.quiet)
     data_dir = opts.data_dir.resolve()
     lock = _lock(data_dir)
+    try:
+        access = check_access(opts.store_url or default_store_url(data_dir), opts.settings, http_host=opts.http_host,
+                              tls_cert=opts.tls_cert, tls_key=opts.tls_key)
+    except BaseException:
+        lock.close()
+        raise
     port_notes = check_ports(opts)
     logs = data_dir / "logs"
     logs.mkdir(exist_ok=True)
@@ -320,11 +368,14 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
                 plag[:] = [time.monotonic(), out]
                 return out
 
-            app = create_app(store_url, health=health, lag=lag, partition_lag=partition_lag)
-            server = _api_server(uvicorn.Config(app, host="127.0.0.1", port=opts.http_port,
-                                                log_level="warning", lifespan="off"))
+            app = create_app(store_url, health=health, lag=lag, partition_lag=partition_lag, access=access)
+            server = _api_server(uvicorn.Config(
+                app, host=opts.http_host, port=opts.http_port, log_level="warning", lifespan="off",
+                ssl_certfile=opts.tls_cert, ssl_keyfile=opts.tls_key))
             api_task = asyncio.create_task(server.serve(), name="api")
             mqtt_url = opts.mqtt_url or f"mqtt://127.0.0.1:{opts.mqtt_port}"
+            api_host = f"[{opts.http_host}]" if ":" in opts.http_host else opts.http_host
+            api_url = f"{'https' if opts.tls_cert else 'http'}://{api_host}:{opts.http_port}/api/v1"
             if opts.simulate:
                 sim = _Child("simulator", [sys.executable, "-m", "fieldmesh.runtime.devices", "--mqtt-url",
                                            mqtt_url, "--devices", str(opts.simulate), "--rate", str(opts.sim_rate),
@@ -332,7 +383,7 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
                 sim.start()
             console.print(
                 f"[bold green]fieldmesh up[/]: devices publish to [bold]{mqtt_url}[/] "
-                f"(topic devices/<id>/telemetry); API [bold]http://127.0.0.1:{opts.http_port}/api/v1[/]; "
+                f"(topic devices/<id>/telemetry); API [bold]{api_url}[/] ({access.describe()}); "
                 f"{_door_line(door_kind)}; bus {bus_url}; store {store_url}"
                 + (f"; simulating {opts.simulate} devices" if opts.simulate else "")
                 + "".join(f"; {note}" for note in port_notes)
@@ -400,6 +451,7 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
                 await asyncio.wait_for(api_task, 5)
         if nats is not None:
             nats.stop()
+        access.close()
         lock.close()
     summary = _summary(load_store(store_url, readonly=True), time.monotonic() - t_start, at_start)
     if opts.summary_table:

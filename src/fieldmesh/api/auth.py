@@ -1,0 +1,240 @@
+"""Who is calling the API, and what they may do (docs/security.md).
+
+A request carries an API key (``Authorization: Bearer fmk_...`` or ``X-API-Key: fmk_...``, checked
+against the hot store on every request, so a revocation counts from the next one) or a JWT bearer
+token of the configured OpenID Connect issuer (signature by the issuer's JWKS, ``iss``, ``aud``,
+``exp``). Either gives a :class:`Principal`: a subject, a role, and the device groups it is limited
+to (None: every device).
+
+**Local-only mode**: while every listener is on loopback and no credential is configured (no active
+key, no issuer), requests need none; the caller is ``local`` with the admin role. The first key
+created ends that mode at the next request; a listener beyond loopback never has it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import threading
+import time
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from fieldmesh.core.errors import BackendError, ConfigError
+from fieldmesh.core.settings import AccessSettings
+from fieldmesh.store.access import KEY_PREFIX, ROLES, AccessStore, role_rank
+
+__all__ = ["LOCAL", "Access", "AuthError", "DeviceGroups", "OidcVerifier", "Principal"]
+
+#: Asymmetric algorithms only: a JWKS holds public keys; HS* and "none" are never accepted.
+JWT_ALGORITHMS: Final = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The caller: ``subject`` names it in the audit log (``key:<id>``, ``jwt:<sub>``, ``local``)."""
+
+    subject: str
+    role: str | None  # None: authenticated, but no fieldmesh role
+    groups: tuple[str, ...] | None  # None: every device
+
+    def may(self, role: str) -> bool:
+        """Whether the caller's role includes ``role``."""
+        return role_rank(self.role) >= role_rank(role)
+
+
+#: The caller in local-only mode.
+LOCAL: Final = Principal(subject="local", role="admin", groups=None)
+
+
+class AuthError(Exception):
+    """No valid credential: a 401 (``status`` 401) or 503 when the credentials cannot be checked."""
+
+    def __init__(self, detail: str, *, status: int = 401, invalid_token: bool = False) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.status = status
+        self.invalid_token = invalid_token
+
+
+class DeviceGroups:
+    """Which devices a group holds: interim, by device-id glob patterns (``AccessSettings.groups``).
+
+    The device registry (issue 12, item 1) will hold groups per device; keys and tokens name groups
+    by the same names, so they keep their meaning when it replaces these patterns.
+    """
+
+    def __init__(self, patterns: Mapping[str, Sequence[str]]) -> None:
+        self.patterns = {g: tuple(p) for g, p in patterns.items()}
+
+    def sees(self, principal: Principal, device_id: str) -> bool:
+        """Whether ``principal`` may see ``device_id``."""
+        if principal.groups is None:
+            return True
+        return any(fnmatch.fnmatchcase(device_id, pat)
+                   for g in principal.groups for pat in self.patterns.get(g, ()))
+
+
+def _claim(claims: Mapping[str, Any], path: str) -> Any:
+    value: Any = claims
+    for part in path.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [v for v in value.replace(",", " ").split() if v]
+    if isinstance(value, list | tuple):
+        return [v for v in value if isinstance(v, str)]
+    return []
+
+
+class OidcVerifier:
+    """Verifies JWT bearer tokens of one issuer against its JWKS (fetched, cached, refreshed on an unknown kid)."""
+
+    def __init__(self, settings: AccessSettings) -> None:
+        import jwt  # the server extra (pyjwt[crypto])
+
+        assert settings.oidc_issuer is not None
+        self._jwt = jwt
+        self.s = settings
+        self.issuer = settings.oidc_issuer
+        self._lock = threading.Lock()
+        self._keys: dict[str, Any] = {}
+        self._fetched_at = -1e18
+        self._jwks_url = settings.oidc_jwks_url
+
+    @property
+    def discovery_url(self) -> str:
+        """The issuer's OpenID Connect discovery document."""
+        return self.issuer.rstrip("/") + "/.well-known/openid-configuration"
+
+    @staticmethod
+    def _get_json(url: str) -> dict[str, Any]:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            doc = json.loads(r.read())
+        if not isinstance(doc, dict):
+            raise ValueError(f"{url} did not answer a JSON object")
+        return doc
+
+    def _refresh(self) -> None:
+        if self._jwks_url is None:
+            self._jwks_url = str(self._get_json(self.discovery_url)["jwks_uri"])
+        jwks = self._jwt.PyJWKSet.from_dict(self._get_json(self._jwks_url))
+        self._keys = {k.key_id: k for k in jwks.keys if k.key_id}
+        self._fetched_at = time.monotonic()
+
+    def _key(self, kid: str) -> Any:
+        with self._lock:
+            now = time.monotonic()
+            stale = now - self._fetched_at > self.s.jwks_cache_s
+            unknown = kid not in self._keys and now - self._fetched_at >= self.s.jwks_refresh_min_s
+            if stale or unknown:
+                try:
+                    self._refresh()
+                except Exception as exc:
+                    if not self._keys:
+                        raise AuthError(f"cannot fetch the issuer's keys: {exc}", status=503) from exc
+            return self._keys.get(kid)
+
+    def verify(self, token: str) -> Principal:
+        """The principal of a valid token.
+
+        Raises:
+            AuthError: bad signature, unknown key, expired, not yet valid, wrong issuer or audience.
+        """
+        jwt = self._jwt
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError as exc:
+            raise AuthError(f"not a JWT: {exc}", invalid_token=True) from None
+        kid = header.get("kid")
+        if not isinstance(kid, str):
+            raise AuthError("the token names no key (kid)", invalid_token=True)
+        key = self._key(kid)
+        if key is None:
+            raise AuthError(f"the token's key {kid!r} is not among the issuer's keys", invalid_token=True)
+        try:
+            claims = jwt.decode(token, key.key, algorithms=list(JWT_ALGORITHMS), audience=self.s.audience,
+                                issuer=self.issuer, leeway=30, options={"require": ["exp", "iss", "aud", "sub"]})
+        except jwt.PyJWTError as exc:
+            raise AuthError(f"token refused: {exc}", invalid_token=True) from None
+        roles = [r for r in _strings(_claim(claims, self.s.oidc_role_claim)) if r in ROLES]
+        role = max(roles, key=role_rank) if roles else None
+        groups_claim = _claim(claims, self.s.oidc_groups_claim)
+        groups = None if groups_claim is None else tuple(sorted(_strings(groups_claim)))
+        return Principal(subject=f"jwt:{claims['sub']}", role=role, groups=groups)
+
+
+class Access:
+    """The API's authentication: keys in the hot store, optionally an OIDC issuer, maybe local-only mode.
+
+    ``local_only``: every listener is on loopback, so no credential configured means no authentication.
+    The key table is opened on first use (the API may start before the store exists).
+    """
+
+    def __init__(self, store_url: str, settings: AccessSettings | None = None, *, local_only: bool = True) -> None:
+        self.store_url = store_url
+        self.settings = settings or AccessSettings()
+        self.local_only = local_only
+        self.groups = DeviceGroups(self.settings.groups)
+        self.oidc = OidcVerifier(self.settings) if self.settings.oidc_issuer else None
+        self._keys: AccessStore | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def store(self) -> AccessStore:
+        """The key table (opened on first use)."""
+        with self._lock:
+            if self._keys is None:
+                self._keys = AccessStore(self.store_url)
+            return self._keys
+
+    def close(self) -> None:
+        """Close the key table."""
+        if self._keys is not None:
+            self._keys.close()
+
+    def open_mode(self) -> bool:
+        """Whether requests need no credential now (local-only mode)."""
+        return self.local_only and self.oidc is None and not self.store.has_keys()
+
+    def authenticate(self, token: str | None) -> Principal:
+        """The caller of a request carrying ``token`` (None: no credential).
+
+        Raises:
+            AuthError: no credential where one is needed, or an invalid one.
+        """
+        try:
+            if token is None:
+                if self.open_mode():
+                    return LOCAL
+                raise AuthError("authentication required: send an API key (Authorization: Bearer fmk_... or "
+                                "X-API-Key) or an OpenID Connect bearer token")
+            if token.startswith(KEY_PREFIX):
+                key = self.store.verify(token)
+                if key is None:
+                    raise AuthError("unknown or revoked API key", invalid_token=True)
+                return Principal(subject=f"key:{key.id}", role=key.role, groups=key.groups or None)
+        except (BackendError, ConfigError) as exc:
+            raise AuthError(f"cannot check credentials: {exc}", status=503) from None
+        if self.oidc is None:
+            raise AuthError("not an API key, and no OpenID Connect issuer is configured", invalid_token=True)
+        return self.oidc.verify(token)
+
+    def describe(self) -> str:
+        """What the start line says about authentication."""
+        if self.open_mode():
+            return ("local-only mode: no authentication, every listener is on loopback "
+                    "(create a key with 'fieldmesh keys create' or see docs/security.md)")
+        ways = ["API keys"] + ([f"OpenID Connect tokens of {self.settings.oidc_issuer}"] if self.oidc else [])
+        return "authentication: " + " and ".join(ways)
+
+    def configured(self) -> bool:
+        """Whether authentication can be required: an active admin key exists or an issuer is set."""
+        return self.oidc is not None or self.store.has_keys(role="admin")
