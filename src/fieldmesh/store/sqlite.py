@@ -250,8 +250,9 @@ class _Txn:
                 absent[rows] = False
         new = np.flatnonzero(absent)
         if len(new):
+            new = new[np.argsort(keys[new], kind="stable")]  # in key order: B-tree inserts touch pages in turn
             org: NDArray[Any] = origins[new]
-            if len(org) and org.min() < 0:  # -1: no origin, stored as NULL
+            if org.min() < 0:  # -1: no origin, stored as NULL
                 org = org.astype(object)
                 org[origins[new] < 0] = None
             self._w.executemany(
