@@ -721,7 +721,7 @@ class PostgresStore:
         triples = new.triples
         if not triples:
             return 0
-        spans = seq_spans(triples)
+        spans = new.spans or seq_spans(triples)
         keys = sorted(spans)
         kd, kb = [k[0] for k in keys], [k[1] for k in keys]
         # a placeholder (no seqs, no gaps) for new keys: it is ours and locked until we set it below

@@ -569,7 +569,7 @@ class SqliteStore:
         triples = new.triples
         if not triples:
             return 0
-        spans = seq_spans(triples)
+        spans = new.spans or seq_spans(triples)
         cache = self._ranges
         stored = {k: cache[k] for k in spans if k in cache}
         if len(stored) < len(spans):
