@@ -165,13 +165,14 @@ def stages(prof: cProfile.Profile) -> dict[str, float]:
         "rollup merges (1m + 1h)": "sqlite.py:_merge_rollups",
         "devices + device_metrics": "sqlite.py:_update_devices",
         "seq gaps": "sqlite.py:_update_gaps",
-        "raw columns (tolist)": "batchrows.py:raw_columns",
-        "window/device deltas to Python (tolist)": "batchrows.py:window_accs",
+        "raw segments": "segments.py:append",
     }
     out = {label: cum.get(fn, 0.0) for label, fn in names.items()}
     out["devices + device_metrics"] += cum.get("batchrows.py:device_aggs", 0.0)
+    out["seq gaps"] += cum.get("seqgaps.py:seq_batch", 0.0)
     write = cum.get("sqlite.py:_write_result", 0.0)
-    out["readings insert (executemany)"] = write - sum(v for k, v in out.items() if not k.startswith("claims"))
+    out["counters, positions, watermarks, DLQ"] = write - sum(
+        v for k, v in out.items() if not k.startswith("claims"))
     claims = out["claims (claim_keys: Bloom filter, lookups, idents insert)"]
     out["commit + begin + caches"] = cum.get("sqlite.py:commit", 0.0) - write - claims
     return out

@@ -16,11 +16,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fieldmesh.core.batch import ReadingColumns
 from fieldmesh.core.errors import StoreSchemaError
 from fieldmesh.core.identity import identity_digest, identity_string
 from fieldmesh.core.model import Reading
 from fieldmesh.store import HotStore, load_store
-from fieldmesh.store.seqgaps import merge_ranges, seq_spans
+from fieldmesh.store.seqgaps import merge_ranges, seq_batch, seq_spans
 from fmtest.drive import commit_readings
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -265,3 +266,12 @@ def test_merge_ranges_in_any_split_matches_the_oracle(triples: list[tuple[str, s
     for d, b, s in triples:
         sets[(d, b)].add(s)
     assert total == sum(max(v) - min(v) + 1 - len(v) for v in sets.values())
+
+
+@given(st.lists(st.tuples(st.sampled_from("abc"), st.sampled_from([None, "x", "y"]), st.integers(-1, 40)), max_size=40))
+def test_seq_batch_spans_match_seq_spans(rows: list[tuple[str, str | None, int]]) -> None:
+    # seq -1 stands for a reading without seq (skipped); the numpy reduction must give what seq_spans gives
+    cols = ReadingColumns.from_readings([reading(d, None if s < 0 else s, b, t=i) for i, (d, b, s) in enumerate(rows)])
+    got = seq_batch(cols)
+    assert got.triples == [(d, b or "", s) for d, b, s in rows if s >= 0]
+    assert got.spans == seq_spans(got.triples)

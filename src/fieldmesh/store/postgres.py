@@ -42,10 +42,10 @@ from fieldmesh.core.errors import (
     MissingDependency,
     StoreSchemaError,
 )
-from fieldmesh.core.exact import exact_avg, exact_value, format_exact, parse_exact
+from fieldmesh.core.exact import parse_exact
 from fieldmesh.store.base import INTERVALS, DeviceSummary, HotTxn, Position, QueryResult, StoreStats
 from fieldmesh.store.batchrows import answers, device_aggs, raw_columns, window_accs, write_via_commit
-from fieldmesh.store.rollup import Acc, RollupKey, merge_acc
+from fieldmesh.store.rollup import Acc, RollupKey, exact_columns, merge_acc
 from fieldmesh.store.rows import device_row, dlq_row, raw_row, rollup_query, rollup_row, where_clause
 from fieldmesh.store.seqgaps import SeqBatch, SeqKey, SeqRange, listing, merge_ranges, range_gaps, seq_batch, seq_spans
 
@@ -664,16 +664,15 @@ class PostgresStore:
         keys: list[RollupKey], deltas: dict[RollupKey, Acc], old: dict[RollupKey, Acc]
     ) -> list[list[Any]]:
         """Column arrays (device, metric, window, count, sum, min, max, avg, sum_exact) after merging."""
-        cols: list[list[Any]] = [[], [], [], [], [], [], [], [], []]
-        for k in keys:
-            d = deltas[k]
-            o = old.get(k)
-            a = d if o is None else merge_acc(o, d)
-            count, m, e = int(a[0]), int(a[1]), int(a[2])
-            row = (*k, count, exact_value(m, e), a[3], a[4], exact_avg(m, e, count), format_exact(m, e))
-            for col, v in zip(cols, row, strict=True):
-                col.append(v)
-        return cols
+        accs = list(map(deltas.__getitem__, keys))
+        if old:
+            accs = [a if (o := old.get(k)) is None else merge_acc(o, a) for k, a in zip(keys, accs, strict=True)]
+        if not accs:
+            return [[], [], [], [], [], [], [], [], []]
+        count, m, e, mn, mx = (list(c) for c in zip(*accs, strict=True))
+        values, avgs, texts = exact_columns(count, m, e)
+        dev, met, ws = (list(c) for c in zip(*keys, strict=True))
+        return [dev, met, ws, count, values, mn, mx, avgs, texts]
 
     def _upsert_devices(self, cur: Any, agg: Mapping[str, list[int]], metrics: Iterable[tuple[str, str]]) -> None:
         items = sorted(agg.items())
@@ -706,7 +705,7 @@ class PostgresStore:
         triples = new.triples
         if not triples:
             return 0
-        spans = seq_spans(triples)
+        spans = new.spans or seq_spans(triples)
         keys = sorted(spans)
         kd, kb = [k[0] for k in keys], [k[1] for k in keys]
         # a placeholder (no seqs, no gaps) for new keys: it is ours and locked until we set it below

@@ -7,9 +7,14 @@ Bools count as 0 and 1.
 
 from __future__ import annotations
 
+from itertools import repeat
+from operator import and_, lshift, mul, neg, rshift, truediv
+
 import numpy as np
 
-__all__ = ["Acc", "RollupKey", "evict_oldest", "merge_acc"]
+from fieldmesh.core.exact import exact_avg, exact_value
+
+__all__ = ["Acc", "RollupKey", "evict_oldest", "exact_columns", "merge_acc"]
 
 RollupKey = tuple[str, str, int]
 """(device_id, metric, window_start_ms)"""
@@ -39,3 +44,32 @@ def evict_oldest(cache: dict[RollupKey, Acc], keep: int) -> None:
     cut = int(np.partition(starts, len(starts) - keep)[len(starts) - keep]) if keep > 0 else np.iinfo(np.int64).max
     for k in [k for k in cache if k[2] < cut]:
         del cache[k]
+
+
+def exact_columns(count: list[int], m: list[int], e: list[int]) -> tuple[list[float], list[float], list[str]]:
+    """Per accumulator: :func:`~fieldmesh.core.exact.exact_value`, :func:`~fieldmesh.core.exact.exact_avg`
+    and :func:`~fieldmesh.core.exact.format_exact` of ``m * 2**e`` (and ``count``), the same values.
+
+    Why: these run per rollup row written. Here they are the same integer operations (a correctly rounded
+    int / int division; trailing zeros from the lowest set bit), mapped over whole columns in C instead of
+    three Python calls per row. Sums beyond the float range take the per-row functions.
+    """
+    if not m:
+        return [], [], []
+    m = list(map(int, m))  # numpy integers in an object column would not take int's methods
+    ea = np.asarray(e, dtype=np.int64)
+    try:
+        if min(count) <= 0:
+            raise ZeroDivisionError
+        num = list(map(lshift, m, np.maximum(ea, 0).tolist()))  # m * 2**e = num / den, both ints
+        den = list(map(lshift, repeat(1), np.maximum(-ea, 0).tolist()))
+        values = list(map(truediv, num, den))
+        avgs = list(map(truediv, num, map(mul, count, den)))
+    except (OverflowError, ZeroDivisionError):  # ±inf or a count of 0 (nan): the exact module's answers
+        values = list(map(exact_value, m, e))
+        avgs = list(map(exact_avg, m, e, count))
+    bits = np.array(list(map(int.bit_length, map(and_, m, map(neg, m)))), dtype=np.int64)  # lowest set bit
+    tz = np.maximum(bits - 1, 0)  # trailing zeros (0 for m == 0)
+    ex = ea + tz
+    ex[bits == 0] = 0
+    return values, avgs, list(map("{:x}:{}".format, map(rshift, m, tz.tolist()), ex.tolist()))

@@ -20,7 +20,7 @@ the span, so the gap is uncounted again.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -36,26 +36,42 @@ SeqRange = tuple[int, int, int]
 
 @dataclass(frozen=True, slots=True)
 class SeqBatch:
-    """The seqs of a batch's new readings: ``(device_id, boot_id, seq)`` in order, and the keys of
-    those among them that carry an ``event_id``."""
+    """The seqs of a batch's new readings: ``(device_id, boot_id, seq)`` in order, the keys of those
+    among them that carry an ``event_id``, and per key ``[lowest seq, highest seq, number of triples]``
+    (what :func:`seq_spans` gives)."""
 
     triples: list[tuple[str, str, int]]
     with_event: set[SeqKey]
+    spans: dict[SeqKey, list[int]] = field(default_factory=dict)
 
 
 def seq_batch(new: ReadingColumns) -> SeqBatch:
-    """The :class:`SeqBatch` of new readings (numpy selects the rows with a seq)."""
+    """The :class:`SeqBatch` of new readings (numpy selects the rows with a seq and reduces them per key)."""
     rows = np.flatnonzero(new.seq >= 0)
     if not len(rows):
         return SeqBatch([], set())
-    devs = np.array(new.devices, dtype=object)[new.device[rows]]
-    boots = np.array((*new.boots, ""), dtype=object)[new.boot[rows]]  # code -1 (none) picks the trailing ""
-    triples = list(zip(devs.tolist(), boots.tolist(), new.seq[rows].tolist(), strict=True))
+    dev_of = np.array(new.devices, dtype=object)
+    boot_of = np.array((*new.boots, ""), dtype=object)  # code -1 (none) picks the trailing ""
+    dcode, bcode, seq = new.device[rows], new.boot[rows], new.seq[rows]
+    devs, boots = dev_of[dcode], boot_of[bcode]
+    triples = list(zip(devs.tolist(), boots.tolist(), seq.tolist(), strict=True))
     with_event: set[SeqKey] = set()
     if new.event_id is not None:
         ev = np.flatnonzero(new.event_id[rows] != None)  # noqa: E711 (element-wise)
         with_event = set(zip(devs[ev].tolist(), boots[ev].tolist(), strict=True))
-    return SeqBatch(triples, with_event)
+    code = dcode.astype(np.int64) * (len(new.boots) + 1) + (bcode.astype(np.int64) + 1)
+    order = np.argsort(code, kind="stable")
+    sc = code[order]
+    starts = np.flatnonzero(np.r_[True, sc[1:] != sc[:-1]])
+    ss = seq[order]
+    first = order[starts]  # a row of each key, for its names
+    spans = dict(zip(
+        zip(devs[first].tolist(), boots[first].tolist(), strict=True),
+        map(list, zip(np.minimum.reduceat(ss, starts).tolist(), np.maximum.reduceat(ss, starts).tolist(),
+                      np.diff(np.r_[starts, len(sc)]).tolist(), strict=True)),
+        strict=True,
+    ))  # fmt: skip
+    return SeqBatch(triples, with_event, spans)
 
 
 def listing(
@@ -72,8 +88,10 @@ def listing(
         counts); per plain key, its number of new seqs; the keys listed from now on; and among
         them the keys with a range already, whose stored seqs must be copied into the set first.
     """
-    triples: dict[SeqKey, list[int]] = {}
     with_event = new.with_event
+    if new.spans and not with_event and not any(map(listed.get, new.spans)):  # no key listed: counts suffice
+        return [], {k: v[2] for k, v in new.spans.items()}, set(), set()
+    triples: dict[SeqKey, list[int]] = {}
     for d, b, s in new.triples:
         triples.setdefault((d, b), []).append(s)
     to_list: list[tuple[str, str, int]] = []

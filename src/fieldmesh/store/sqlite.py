@@ -15,6 +15,8 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
+from itertools import compress, repeat
+from operator import is_
 from pathlib import Path
 from typing import Any, Final
 
@@ -22,14 +24,14 @@ import msgspec
 import numpy as np
 from numpy.typing import NDArray
 
-from fieldmesh.core.batch import BatchResult
+from fieldmesh.core.batch import BatchResult, WindowDeltas
 from fieldmesh.core.errors import ConfigError, FieldmeshError, StoreSchemaError
-from fieldmesh.core.exact import exact_avg, exact_value, format_exact, parse_exact
+from fieldmesh.core.exact import parse_exact
 from fieldmesh.store import segments
 from fieldmesh.store.base import INTERVALS, DeviceSummary, HotTxn, Position, QueryResult, StoreStats
-from fieldmesh.store.batchrows import answers, device_aggs, window_accs, write_via_commit
+from fieldmesh.store.batchrows import answers, device_aggs, write_via_commit
 from fieldmesh.store.keyfilter import KeyFilter
-from fieldmesh.store.rollup import Acc, RollupKey, evict_oldest, merge_acc
+from fieldmesh.store.rollup import Acc, RollupKey, evict_oldest, exact_columns, merge_acc
 from fieldmesh.store.rows import device_row, dlq_row, raw_row, rollup_query, rollup_row
 from fieldmesh.store.seqgaps import SeqBatch, SeqKey, SeqRange, listing, merge_ranges, range_gaps, seq_batch, seq_spans
 
@@ -248,8 +250,9 @@ class _Txn:
                 absent[rows] = False
         new = np.flatnonzero(absent)
         if len(new):
+            new = new[np.argsort(keys[new], kind="stable")]  # in key order: B-tree inserts touch pages in turn
             org: NDArray[Any] = origins[new]
-            if len(org) and org.min() < 0:  # -1: no origin, stored as NULL
+            if org.min() < 0:  # -1: no origin, stored as NULL
                 org = org.astype(object)
                 org[origins[new] < 0] = None
             self._w.executemany(
@@ -453,7 +456,7 @@ class SqliteStore:
             gaps = self._update_gaps(w, seq_batch(new))
         for interval, wd in r.windows.items():
             if len(wd):
-                self._merge_rollups(w, interval, window_accs(wd))
+                self._merge_rollups(w, interval, wd)
         if len(r.devices):
             self._update_devices(w, device_aggs(r.devices), r.devices.metric_pairs)
         if r.dead_letters:
@@ -491,33 +494,46 @@ class SqliteStore:
             f.add(r[0] for r in rows)
         return f
 
-    def _merge_rollups(self, w: sqlite3.Connection, interval: str, deltas: dict[RollupKey, Acc]) -> None:
+    def _merge_rollups(self, w: sqlite3.Connection, interval: str, wd: WindowDeltas) -> None:
+        """Merge one interval's deltas into its rollup rows; the new accumulators are staged for the cache.
+
+        Column-wise: only windows held already (cache or table) are merged one by one (their exact sums
+        need Python ints); sums, averages and ``sum_exact`` of every row come from :func:`exact_columns`.
+        """
         table = f"rollup_{interval}"
         cache = self._cache[interval]
-        old: dict[RollupKey, Acc] = {k: cache[k] for k in deltas if k in cache}
-        keys = [k for k in deltas if k not in old]
-        for s in range(0, len(keys), 5000):
-            chunk = keys[s : s + 5000]
-            for dev, metric, ws, count, mn, mx, sx in w.execute(
+        dev, met, ws = wd.device.tolist(), wd.metric.tolist(), wd.window_start_ms.tolist()
+        keys = list(zip(dev, met, ws, strict=True))
+        count, m, e = wd.count.tolist(), wd.sum_m.tolist(), wd.sum_e.tolist()
+        mn, mx = wd.min.tolist(), wd.max.tolist()
+        cached = list(map(cache.get, keys))
+        old: dict[RollupKey, Acc] = {}
+        misses = list(compress(keys, map(is_, cached, repeat(None))))
+        for s in range(0, len(misses), 5000):
+            chunk = misses[s : s + 5000]
+            for d, mt, st, n, lo, hi, sx in w.execute(
                 f"SELECT r.device_id, r.metric, r.window_start_ms, r.count, r.min, r.max, r.sum_exact "
                 f"FROM json_each(?) j JOIN {table} r ON r.device_id = j.value->>0 AND r.metric = j.value->>1"
                 f" AND r.window_start_ms = j.value->>2",
                 (_enc.encode(chunk).decode(),),
             ):
-                m, e = parse_exact(sx)
-                old[(dev, metric, ws)] = [count, m, e, mn, mx]
-        rows = []
-        if len(cache) + len(deltas) > _CACHE_MAX:
-            evict_oldest(cache, _CACHE_MAX * 3 // 4 - len(deltas))
-        for k, d in deltas.items():
-            o = old.get(k)
-            a = d if o is None else merge_acc(o, d)
-            self._staged[interval][k] = a
-            count, m, e = int(a[0]), int(a[1]), int(a[2])
-            rows.append(
-                (k[0], k[1], k[2], count, exact_value(m, e), a[3], a[4], exact_avg(m, e, count), format_exact(m, e))
-            )
-        w.executemany(f"INSERT OR REPLACE INTO {table} VALUES (?,?,?,?,?,?,?,?,?)", rows)
+                om, oe = parse_exact(sx)
+                old[(d, mt, st)] = [n, om, oe, lo, hi]
+        if len(misses) < len(keys):
+            old.update((k, a) for k, a in zip(keys, cached, strict=True) if a is not None)
+        if len(cache) + len(keys) > _CACHE_MAX:
+            evict_oldest(cache, _CACHE_MAX * 3 // 4 - len(keys))
+        if old:
+            at = dict(zip(keys, range(len(keys)), strict=True))
+            for k, o in old.items():
+                i = at[k]
+                count[i], m[i], e[i], mn[i], mx[i] = merge_acc(o, [count[i], m[i], e[i], mn[i], mx[i]])
+        self._staged[interval].update(zip(keys, map(list, zip(count, m, e, mn, mx, strict=True)), strict=True))
+        values, avgs, texts = exact_columns(count, m, e)
+        w.executemany(
+            f"INSERT OR REPLACE INTO {table} VALUES (?,?,?,?,?,?,?,?,?)",
+            zip(dev, met, ws, count, values, mn, mx, avgs, texts, strict=True),
+        )
 
     def _update_devices(
         self, w: sqlite3.Connection, agg: dict[str, list[int]], pairs: Iterable[tuple[str, str]]
@@ -540,7 +556,7 @@ class SqliteStore:
         triples = new.triples
         if not triples:
             return 0
-        spans = seq_spans(triples)
+        spans = new.spans or seq_spans(triples)
         cache = self._ranges
         stored = {k: cache[k] for k in spans if k in cache}
         if len(stored) < len(spans):
