@@ -16,7 +16,7 @@ so other load on a shared machine counts less) and per wall second, against the 
 of duplicates and late readings.
 
 Run: ``PYTHONPATH=$PWD/src .venv/bin/python bench/processor.py [--quick] [--encoding 1|2]
-[--pg postgresql://postgres@127.0.0.1:5432/postgres] [--profile]``.
+[--engines columnar,reference] [--pg postgresql://postgres@127.0.0.1:5432/postgres] [--profile]``.
 """
 
 from __future__ import annotations
@@ -150,9 +150,9 @@ def stage_rates(msgs: list[tuple[str, bytes]], records: list[BusRecord], now_ms:
             f" {n / dec:,.0f}, to one batch of columns per {fetch} records {n / dec_cols:,.0f}")
 
 
-def run(store: HotStore, records: list[BusRecord], *, profile: bool) -> dict[str, Any]:
+def run(store: HotStore, records: list[BusRecord], *, profile: bool, engine: str = "columnar") -> dict[str, Any]:
     """Apply the records in fetch-sized chunks; CPU and wall seconds of the applies only."""
-    ps = ProcessorSettings()
+    ps = ProcessorSettings(engine=engine)  # type: ignore[arg-type]
     p = Processor(bus=None, store=store, settings=ps)  # type: ignore[arg-type]
     chunks = [records[i : i + ps.fetch_max] for i in range(0, len(records), ps.fetch_max)]
     prof = cProfile.Profile() if profile else None
@@ -215,6 +215,8 @@ def main() -> None:
     ap.add_argument("--encoding", type=int, choices=(1, 2), default=1, help="bus encoding the gateway writes")
     ap.add_argument("--pg", default=None, help="also run PostgreSQL (an admin URL; a fresh database is made)")
     ap.add_argument("--profile", action="store_true", help="cProfile the applies: top 15 by own time")
+    ap.add_argument("--engines", default="columnar",
+                    help="stream engines to run on SQLite, comma-separated (columnar,reference: both, one sitting)")
     args = ap.parse_args()
     devices = args.devices or (200 if args.quick else 2000)
 
@@ -230,13 +232,19 @@ def main() -> None:
           f" {sum(len(r.value) for r in records) / n:.0f} bytes/reading); built in {time.perf_counter() - t0:.1f} s")
 
     print(stage_rates(msgs, records, now, args.encoding, n))
-    with tempfile.TemporaryDirectory() as tmp:
-        s = load_store(f"sqlite:///{Path(tmp) / 'store.db'}")
-        try:
-            res = run(s, records, profile=args.profile)
-            report("sqlite", n, res, check(s, sent, late))
-        finally:
-            s.close()
+    rates: dict[str, float] = {}
+    for engine in args.engines.split(","):
+        with tempfile.TemporaryDirectory() as tmp:
+            s = load_store(f"sqlite:///{Path(tmp) / 'store.db'}")
+            try:
+                res = run(s, records, profile=args.profile, engine=engine)
+                report("sqlite" if engine == "columnar" else f"sqlite/{engine}", n, res, check(s, sent, late))
+                rates[engine] = n / res["cpu_s"]
+            finally:
+                s.close()
+    if len(rates) > 1 and "reference" in rates:
+        print("per CPU-second vs the reference engine: "
+              + ", ".join(f"{e} {r / rates['reference']:.2f}x" for e, r in rates.items() if e != "reference"))
     if args.pg:
         import psycopg
 
