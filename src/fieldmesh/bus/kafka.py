@@ -291,6 +291,7 @@ class KafkaConsumer:
             exc, self._fatal = self._fatal, None
             raise BackendError(f"partition assignment on {self._topic!r} failed: {exc}") from exc
         out = []
+        topic = self._topic  # the one topic this consumer reads
         for m in msgs:
             err = m.error()
             if err is not None:
@@ -304,7 +305,6 @@ class KafkaConsumer:
                 continue
             ts_type, ts = m.timestamp()
             hdrs = m.headers()
-            topic = m.topic()
             out.append(
                 BusRecord(
                     topic=topic,
