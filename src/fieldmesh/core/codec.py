@@ -299,8 +299,12 @@ def _decode_body(payload: bytes, encoding: str) -> Any:
         raise _Reject("malformed_json", f"{encoding} payload does not decode: {exc}"[:200]) from None
 
 
-class _WireReading(msgspec.Struct, forbid_unknown_fields=True):
-    """One reading as devices send it, for the typed fast path (types checked in C)."""
+class _WireReading(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    """One reading as devices send it, for the typed fast path (types checked in C).
+
+    Not tracked by the garbage collector (``gc=False``): a decoded reading is a tree, never in a cycle,
+    and a gateway decodes a million a minute.
+    """
 
     ts: int | str
     measurements: dict[str, float | bool]
