@@ -331,11 +331,12 @@ def main() -> None:
                     help="bus encoding fieldmesh's gateway writes (docs/pipeline.md)")
     ap.add_argument("--fm-worker", nargs=4, help=argparse.SUPPRESS)
     a = ap.parse_args()
-    os.environ["FIELDMESH__GATEWAY__BUS_ENCODING"] = str(a.bus_encoding)  # the fieldmesh processes inherit it
-    print(f"fieldmesh bus encoding: v{a.bus_encoding}")
-    if a.fm_worker:
+    if a.fm_worker:  # the encoding is the one its parent set in the environment
+        print(f"fieldmesh bus encoding: v{os.environ.get('FIELDMESH__GATEWAY__BUS_ENCODING', '1')}")
         asyncio.run(_fm_worker(*a.fm_worker))
         return
+    os.environ["FIELDMESH__GATEWAY__BUS_ENCODING"] = str(a.bus_encoding)  # the fieldmesh processes inherit it
+    print(f"fieldmesh bus encoding: v{a.bus_encoding}")
     devices = a.devices or (200 if a.quick else 2000)
     per_device = a.per_device or (100 if a.quick else 500)
     work = Path(tempfile.mkdtemp(prefix="fm-vs-quix-"))

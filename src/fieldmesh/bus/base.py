@@ -13,8 +13,10 @@ method here, implemented by every adapter (``tests/test_layering.py`` checks it)
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol, Self, TypeVar
+
+import msgspec
 
 __all__ = ["Bus", "BusRecord", "Consumer", "IngestSpec", "OutRecord", "PositionsFn", "Producer", "TopicSpec"]
 
@@ -36,16 +38,21 @@ class OutRecord:
     headers: Mapping[str, str] | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class BusRecord:
-    """A record fetched from the bus, with its position and the adapter's ack handle."""
+class BusRecord(msgspec.Struct, frozen=True, gc=False):
+    """A record fetched from the bus, with its position and the adapter's ack handle.
+
+    A msgspec struct: adapters make one per record fetched, and it is built in a tenth of the time of a
+    frozen dataclass (whose ``__init__`` sets each field through ``object.__setattr__``). Not tracked by the
+    garbage collector: nothing a record holds (bytes, strings, headers, the adapter's message) refers back
+    to it, so it is never in a reference cycle.
+    """
 
     topic: str
     partition: int
     offset: int
     value: bytes
     key: bytes | None = None
-    headers: Mapping[str, str] = field(default_factory=dict)
+    headers: Mapping[str, str] = msgspec.field(default_factory=dict)
     timestamp_ms: int = 0
     handle: Any = None
     #: the subject or topic it was published on (NATS subject, Kafka topic)

@@ -34,6 +34,8 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Mapping, Sequence
+from itertools import repeat
+from operator import attrgetter
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import msgspec
@@ -45,6 +47,10 @@ from fieldmesh.core.topics import DEVICE_ID_RE, device_of_topic
 from fieldmesh.gateway.base import NO_DEVICE_TOPIC_PREFIX, IngestMessage, IngestSource
 
 __all__ = ["DeviceResolver", "KafkaIngestSource", "NatsSubjectSource", "load_ingest"]
+
+
+_key_of, _value_of, _headers_of, _partition_of, _offset_of = map(
+    attrgetter, ("key", "value", "headers", "partition", "offset"))
 
 
 class _Peek(msgspec.Struct):
@@ -150,8 +156,10 @@ class KafkaIngestSource:
         self.group = mine.get("group", group)
         self._bus: Bus = load_bus(base)
         self._resolver = DeviceResolver(mine.get("device_template", device_template))
-        self._topic_of_key: dict[bytes, str] = {}
+        self._topic_of_key: dict[bytes | None, str] = {}
         self._consumer: Consumer | None = None
+        #: ``k{topic}-{partition}-{offset}``: the message's stable id, for idempotent re-sends
+        self._source_id = ("k" + topic.replace("{", "{{").replace("}", "}}") + "-{}-{}").format
 
     async def start(self) -> None:
         """Connect and join the consumer group (the topic must exist)."""
@@ -167,31 +175,25 @@ class KafkaIngestSource:
         assert self._consumer is not None, "start() first"
         msgs = await self._consumer.fetch(max_messages, timeout_s)
         now = int(time.time() * 1000)
-        resolve = self._resolver.resolve
-        topic = self.topic
+        n = len(msgs)
+        keys = list(map(_key_of, msgs))
+        values = list(map(_value_of, msgs))
+        # hot path: a keyed message's telemetry topic is cached per key (never an empty key: it says nothing)
         by_key = self._topic_of_key
-        out = []
-        for m in msgs:
-            key = m.key
-            value = m.value
-            # hot path: a keyed message's telemetry topic is cached per key
-            t = by_key.get(key) if key else None
-            if t is None:
-                t = _device_topic(resolve(key, value, topic), topic)
-                if key and len(by_key) < 1_000_000:
-                    by_key[key] = t
-            hdrs = m.headers
-            out.append(
-                IngestMessage(
-                    topic=t,
-                    payload=value,
-                    received_ms=now,
-                    content_type=_content_type(hdrs) if hdrs else None,
-                    source_id=f"k{topic}-{m.partition}-{m.offset}",
-                    handle=m,
-                )
-            )
-        return out
+        topics = list(map(by_key.get, keys))
+        if None in topics:
+            resolve = self._resolver.resolve
+            for i, t in enumerate(topics):
+                if t is None:
+                    key = keys[i]
+                    topics[i] = t = _device_topic(resolve(key, values[i], self.topic), self.topic)
+                    if key and len(by_key) < 1_000_000:
+                        by_key[key] = t
+        headers = list(map(_headers_of, msgs))
+        cts = [_content_type(h) if h else None for h in headers] if any(headers) else repeat(None, n)
+        source_ids = map(self._source_id, map(_partition_of, msgs), map(_offset_of, msgs))
+        # map() calls the struct's constructor from C: no Python frame per message
+        return list(map(IngestMessage, topics, values, repeat(now, n), cts, source_ids, msgs))
 
     async def ack(self, messages: Sequence[IngestMessage]) -> None:
         """Commit the offsets after ``messages`` (they are on the bus now)."""

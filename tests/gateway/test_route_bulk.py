@@ -1,0 +1,105 @@
+"""The bulk path of ``route``: a batch of plain one-reading JSON messages decoded at once.
+
+It must give exactly what the message-by-message path gives (the same readings, identities and bus
+records), and step aside (None) for any batch holding anything else, so that path reports it.
+"""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fieldmesh.core.codec import decode_single_readings, decode_telemetry
+from fieldmesh.core.settings import GatewaySettings
+from fieldmesh.gateway.base import IngestMessage
+from fieldmesh.gateway.gateway import _route_bulk, _route_one, route
+
+NOW = 1_763_812_345_123
+V1 = GatewaySettings()
+V2 = GatewaySettings(bus_encoding=2)
+
+good = st.fixed_dictionaries(
+    {"ts": st.integers(NOW - 10**9, NOW + 300_000),
+     "measurements": st.dictionaries(st.sampled_from(["t", "h", "rpm", "on"]),
+                                     st.one_of(st.floats(allow_nan=False, allow_infinity=False), st.booleans(),
+                                               st.integers(-(10**6), 10**6)), min_size=1, max_size=3)},
+    optional={"seq": st.integers(0, 2**63 - 1), "boot_id": st.sampled_from(["b1", "", "x" * 128]),
+              "event_id": st.sampled_from(["e1", "x" * 256])},
+)
+# one value each that the one-by-one path rejects, or that the bulk path leaves to it
+odd = st.sampled_from([
+    {"ts": "2025-11-22T11:52:26Z", "measurements": {"t": 1.0}}, {"ts": NOW, "measurements": {}},
+    {"ts": NOW + 400_000, "measurements": {"t": 1.0}}, {"ts": 1_000, "measurements": {"t": 1.0}},
+    {"ts": NOW, "measurements": {"bad name": 1.0}}, {"ts": NOW, "seq": 2**63, "measurements": {"t": 1.0}},
+    {"ts": NOW, "seq": -1, "measurements": {"t": 1.0}}, {"ts": NOW, "boot_id": "x" * 129, "measurements": {"t": 1.0}},
+    {"ts": NOW, "event_id": "", "measurements": {"t": 1.0}}, {"ts": NOW, "meta": {"k": 1}, "measurements": {"t": 1.0}},
+    {"ts": NOW, "device_id": "other", "measurements": {"t": 1.0}}, {"ts": 2**64, "measurements": {"t": 1.0}},
+    [{"ts": NOW, "measurements": {"t": 1.0}}], {"readings": [{"ts": NOW, "measurements": {"t": 1.0}}]},
+])
+
+
+def _messages(objs: list[object], devices: list[str]) -> list[IngestMessage]:
+    return [IngestMessage(topic=f"devices/{d}/telemetry", payload=json.dumps(o).encode(), received_ms=NOW - i,
+                          source_id=f"i{i}") for i, (o, d) in enumerate(zip(objs, devices, strict=True))]
+
+
+devices = st.sampled_from(["d1", "d-2", "pump_3", "x9"])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(good, devices), min_size=1, max_size=30), st.integers(1, 5))
+def test_bulk_gives_what_one_by_one_gives(items: list[tuple[dict[str, object], str]], partitions: int):
+    for o, d in items:
+        if "device_id" not in o and len(o) % 2:
+            o["device_id"] = d  # sometimes the payload names its (own) device
+    msgs = _messages([o for o, _ in items], [d for _, d in items])
+    bulk = _route_bulk(msgs, V2, partitions, NOW)
+    assert bulk is not None
+    by_part: dict[int, list[object]] = {}
+    for m in msgs:
+        routed = _route_one(m, V2, partitions, NOW)
+        assert routed is not None and not routed[1].rejects
+        by_part.setdefault(routed[0], []).extend(routed[1].readings)
+    assert list(bulk[0].items()) == list(by_part.items())  # same partitions, in the same order
+    assert bulk[1] == len(msgs)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(good, min_size=0, max_size=10), odd, st.lists(good, max_size=10))
+def test_bulk_steps_aside_for_anything_else(before: list[object], bad: object, after: list[object]):
+    objs = [*before, bad, *after]
+    payloads = [json.dumps(o).encode() for o in objs]
+    assert decode_single_readings(payloads, ["d1"] * len(objs), [NOW] * len(objs), now_ms=NOW) is None
+    one = decode_telemetry(payloads[len(before)], device_id="d1", topic="devices/d1/telemetry", received_ms=NOW,
+                           now_ms=NOW)
+    # what it stepped aside for is rejected, or is another shape or a meta the one-by-one path accepts
+    assert one.rejects or isinstance(bad, list) or "readings" in bad or "meta" in bad or isinstance(bad["ts"], str)
+
+
+def test_a_batch_with_other_topics_or_encodings_goes_one_by_one():
+    ok = _messages([{"ts": NOW, "seq": 1, "boot_id": "b", "measurements": {"t": 1.5}}] * 3, ["d1", "d2", "d3"])
+    assert _route_bulk(ok, V1, 4, NOW) is not None
+    for other in (IngestMessage(topic="devices/d1/telemetry/msgpack", payload=b"\x80", received_ms=NOW),
+                  IngestMessage(topic="devices/d1/state", payload=b"{}", received_ms=NOW),
+                  IngestMessage(topic="weather/x", payload=b"{}", received_ms=NOW),
+                  IngestMessage(topic="devices/d1/telemetry", payload=ok[0].payload, received_ms=NOW,
+                                content_type="application/msgpack")):
+        batch = [*ok, other]
+        assert _route_bulk(batch, V1, 4, NOW) is None
+        _, n, _ = route(batch, settings=V1, partitions=4, now_ms=NOW)
+        assert n == 3  # the one-by-one path took the batch: the plain ones pass, the other is not a reading
+
+
+def test_route_records_are_the_same_either_way():
+    """The bus records of a bulk-routed batch equal those of the same batch routed one by one."""
+    objs: list[object] = [{"ts": NOW - i, "seq": i, "boot_id": "b1", "measurements": {"t": i / 4}} for i in range(4500)]
+    msgs = _messages(objs, [f"dev{i % 37}" for i in range(len(objs))])
+    for s in (V1, V2):
+        fast = route(msgs, settings=s, partitions=8, now_ms=NOW)
+        # a trailing side-topic message sends the batch one by one and adds nothing
+        slow = route([*msgs, IngestMessage(topic="devices/d1/state", payload=b"{}", received_ms=NOW)],
+                     settings=s, partitions=8, now_ms=NOW)
+        assert fast[1] == slow[1] == len(msgs) and not fast[2] and not slow[2]
+        assert [(r.topic, r.partition, r.value) for r in fast[0]] == [(r.topic, r.partition, r.value) for r in slow[0]]
