@@ -14,8 +14,6 @@ from pathlib import Path
 import pytest
 
 from fieldmesh.bus import OutRecord, load_bus
-from fieldmesh.core.codec import decode_telemetry, encode_bus_batch, encode_reading_json
-from fieldmesh.core.model import BusBatch
 from fieldmesh.core.settings import Settings
 from fieldmesh.core.topics import READINGS_TOPIC
 from fieldmesh.runtime.natsserver import EmbeddedNats
@@ -23,6 +21,7 @@ from fieldmesh.runtime.worker import ensure_topics
 from fieldmesh.store.base import INTERVALS
 from fieldmesh.store.sqlite import SqliteStore
 from fieldmesh.stream.processor import Processor
+from fmtest.faults import bus_batches
 
 pytestmark = pytest.mark.integration
 
@@ -30,16 +29,7 @@ NOW = 1_763_812_345_123
 
 
 def _batches(n_batches: int, per_batch: int) -> list[bytes]:
-    out = []
-    for b in range(n_batches):
-        readings = []
-        for i in range(per_batch):
-            seq = b * per_batch + i
-            p = encode_reading_json(f"sk-{seq % 3}", NOW - 3_600_000 + seq * 1000, {"t": float(seq)}, seq)
-            readings.extend(decode_telemetry(p, device_id=f"sk-{seq % 3}", topic=f"devices/sk-{seq % 3}/telemetry",
-                                             received_ms=NOW).readings)
-        out.append(encode_bus_batch(BusBatch(readings)))
-    return out
+    return bus_batches(n_batches, per_batch, 3, "sk", NOW)
 
 
 def _rollups(store: SqliteStore) -> dict[str, list[dict[str, object]]]:

@@ -13,15 +13,13 @@ from pathlib import Path
 import pytest
 
 from fieldmesh.bus import OutRecord, load_bus
-from fieldmesh.core.codec import decode_telemetry, encode_bus_batch, encode_reading_json
-from fieldmesh.core.model import BusBatch
 from fieldmesh.core.settings import Settings
 from fieldmesh.core.topics import READINGS_TOPIC
 from fieldmesh.runtime.natsserver import EmbeddedNats
 from fieldmesh.runtime.worker import ensure_topics
 from fieldmesh.store.sqlite import SqliteStore
 from fieldmesh.stream.processor import Processor
-from fmtest.faults import FaultReport
+from fmtest.faults import FaultReport, bus_batches
 
 pytestmark = pytest.mark.integration
 
@@ -29,16 +27,7 @@ NOW = 1_763_812_345_123
 
 
 def _batches(n_batches: int, per_batch: int) -> list[bytes]:
-    out = []
-    for b in range(n_batches):
-        readings = []
-        for i in range(per_batch):
-            seq = b * per_batch + i
-            p = encode_reading_json("sf-1", NOW - 3_600_000 + seq * 1000, {"t": float(seq)}, seq)
-            readings.extend(decode_telemetry(p, device_id="sf-1", topic="devices/sf-1/telemetry",
-                                             received_ms=NOW).readings)
-        out.append(encode_bus_batch(BusBatch(readings)))
-    return out
+    return bus_batches(n_batches, per_batch, 1, "sf", NOW)
 
 
 def test_a_full_store_is_retried_not_acked_not_crashed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

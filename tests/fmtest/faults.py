@@ -22,3 +22,22 @@ class FaultReport:
                 f"duplicates={self.duplicates} counted losses: {losses}")
         print(line)
         return line
+
+
+def bus_batches(n_batches: int, per_batch: int, devices: int, prefix: str, now_ms: int) -> list[bytes]:
+    """Version-1 bus records of ``per_batch`` one-metric readings each, spread over ``devices`` devices
+    (``<prefix>-0``...), an hour before ``now_ms``, one a second, ``seq`` counting up."""
+    from fieldmesh.core.codec import decode_telemetry, encode_bus_batch, encode_reading_json
+    from fieldmesh.core.model import BusBatch
+
+    out = []
+    for b in range(n_batches):
+        readings = []
+        for i in range(per_batch):
+            seq = b * per_batch + i
+            dev = f"{prefix}-{seq % devices}"
+            p = encode_reading_json(dev, now_ms - 3_600_000 + seq * 1000, {"t": float(seq)}, seq)
+            readings.extend(decode_telemetry(p, device_id=dev, topic=f"devices/{dev}/telemetry",
+                                             received_ms=now_ms).readings)
+        out.append(encode_bus_batch(BusBatch(readings)))
+    return out
