@@ -315,6 +315,9 @@ def run_quix(
     from fieldmesh.bus.kafka import KafkaBus
 
     py = ensure_quix_venv()
+    if subprocess.run([str(py), "-c", "import paho.mqtt"], capture_output=True).returncode:
+        # Quix's MQTT source needs paho; a .venv-quix made by bench/vs_quix.py (Kafka only) lacks it
+        subprocess.run([str(py), "-m", "pip", "install", "-q", "paho-mqtt>=2,<3"], check=True)
     with tempfile.TemporaryDirectory() as d:
         broker, port = _mosquitto(d)
         brokers, tansu = start_tansu(Path(d))
