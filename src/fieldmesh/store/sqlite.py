@@ -204,6 +204,23 @@ def _path_of(url: str) -> Path:
     return Path(url[len("sqlite:///") :])
 
 
+def _wal(con: sqlite3.Connection, wait_s: float = 30.0) -> None:
+    """Switch ``con`` to WAL. Another writer creating the same file holds a lock while it converts it, and
+    SQLite answers a journal-mode change with "database is locked" without waiting on the busy handler:
+    so wait here (bounded), as the busy timeout would."""
+    deadline = time.monotonic() + wait_s
+    delay = 0.005
+    while True:
+        try:
+            con.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
+
+
 class _Txn:
     """:class:`~fieldmesh.store.base.HotTxn` of :meth:`SqliteStore.commit`: claims in its open transaction."""
 
@@ -300,7 +317,7 @@ class SqliteStore:
     def _connect(self, *, write: bool) -> sqlite3.Connection:
         if write:
             con = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
-            con.execute("PRAGMA journal_mode=WAL")
+            _wal(con)
             con.execute("PRAGMA synchronous=NORMAL")
             con.execute("PRAGMA cache_size=-65536")  # 64 MiB: the page cache is most of a processor's memory
             # no mmap: pages read are then the kernel's page cache, not resident in this process; its own
@@ -327,10 +344,11 @@ class SqliteStore:
     def _init_schema(self) -> None:
         w = self._w
         w.executescript(_SCHEMA + segments.SCHEMA)
-        row = w.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        # one transaction: a crash leaves the old version (and empty new tables), migrated again next time
+        # one transaction: a crash leaves the old version (and empty new tables), migrated again next time;
+        # the version is read inside it, so two writers opening a new file do not both initialise it
         w.execute("BEGIN IMMEDIATE")
         try:
+            row = w.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
             segments.migrate_rows_table(w)  # the readings view (over a pre-segment table, if there is one)
             if row is None:
                 w.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
