@@ -101,12 +101,14 @@ def append(
     dev_sorted = cols.device[order]
     starts = np.flatnonzero(np.r_[True, dev_sorted[1:] != dev_sorted[:-1]])
     ends = np.r_[starts[1:], n]
-    seqs = cols.seq[order].tolist()
-    if cols.seq.min() < 0:
-        seqs = [None if s < 0 else s for s in seqs]
+    seq: NDArray[Any] = cols.seq[order]
+    if seq.min() < 0:  # no seq: None, set over the column (no Python step per reading)
+        none = seq < 0
+        seq = seq.astype(object)
+        seq[none] = None
     boot_of = np.array((*cols.boots, None), dtype=object)  # code -1 picks the trailing None
     rows = list(zip(
-        store_key[order].tolist(), cols.ts_ms[order].tolist(), seqs, boot_of[cols.boot[order]].tolist(),
+        store_key[order].tolist(), cols.ts_ms[order].tolist(), seq.tolist(), boot_of[cols.boot[order]].tolist(),
         _objects_or_none(cols.event_id, order),
         map(msgspec.Raw, cols.measurements_json[order].tolist()),
         _objects_or_none(cols.meta, order), cols.received_ms[order].tolist(),
