@@ -21,6 +21,7 @@ __all__ = [
     "EnrichJoinSpec",
     "EnrichSettings",
     "GatewaySettings",
+    "LakeSettings",
     "ProcessorSettings",
     "RuntimeSettings",
     "Settings",
@@ -227,6 +228,30 @@ class AccessSettings(BaseModel, frozen=True):
         return self.oidc_audience or "fieldmesh"
 
 
+class LakeSettings(BaseModel, frozen=True):
+    """The lake: committed readings, rollups and dead letters in Apache Iceberg tables (docs/lake.md)."""
+
+    enabled: bool = Field(True, description="'fieldmesh up' writes the lake (--no-lake turns it off)")
+    url: str | None = Field(None, description=(
+        "Iceberg catalog: http(s)://... (REST: Nessie, Polaris, Gravitino, Glue), sqlite:///path or "
+        "postgresql://... (SQL catalog); None: an SQLite catalog under <data dir>/lake"))
+    warehouse: str | None = Field(None, description=(
+        "where data files go (file://, s3://, gs://, abfs://); None: <data dir>/lake/warehouse for the "
+        "embedded catalog, the REST catalog's default otherwise"))
+    properties: dict[str, str] = Field(default_factory=dict, description=(
+        'extra catalog properties passed to pyiceberg, e.g. {"s3.endpoint": "http://127.0.0.1:9000"} '
+        "(JSON in FIELDMESH__LAKE__PROPERTIES)"))
+    namespace: str = Field("fieldmesh", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$", description="Iceberg namespace")
+    commit_interval_s: float = Field(60.0, gt=0, description=(
+        "a table commits at most about once per this many seconds; data is visible in the lake within it"))
+    commit_rows: int = Field(1_000_000, gt=0, description="commit sooner once this many rows are buffered")
+    commit_bytes: int = Field(256 * 2**20, gt=0, description=(
+        "commit sooner once this many bytes are buffered (the buffer holds at most twice this)"))
+    readings_buckets: int = Field(8, ge=1, le=1024, description="buckets of device_id in the readings partitioning")
+    target_file_mb: int = Field(128, ge=1, description="compaction rewrites a partition's small files into files of about this size")
+    snapshot_max_age_s: float = Field(7 * 86400.0, gt=0, description="'fieldmesh lake expire' drops snapshots older than this")
+
+
 class Settings(BaseSettings):
     """All of fieldmesh's settings."""
 
@@ -242,6 +267,7 @@ class Settings(BaseSettings):
     cdc: CdcSettings = CdcSettings()
     runtime: RuntimeSettings = RuntimeSettings()
     access: AccessSettings = AccessSettings()
+    lake: LakeSettings = LakeSettings()
 
 
 def load_settings(**overrides: object) -> Settings:

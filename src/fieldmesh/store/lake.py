@@ -1,0 +1,804 @@
+"""The lake: committed batches in Apache Iceberg tables, exactly once (docs/lake.md).
+
+:class:`LakeSink` is a :class:`~fieldmesh.store.base.Sink`. It buffers the results the processor hands
+it (bounded) and commits them to four tables, ``<ns>.readings``, ``<ns>.rollup_1m``, ``<ns>.rollup_1h``
+and ``<ns>.dead_letters``, when the oldest buffered result is about ``commit_interval_s`` old or the
+buffer reaches ``commit_rows``/``commit_bytes``, whichever comes first. A flush commits **every** table
+(an empty append when a table has nothing new) and each of those snapshots records in its summary the
+flush number (``fieldmesh.flush``) and the bus positions it covers (``fieldmesh.positions``).
+
+Exactly once, with the least machinery:
+
+* :meth:`LakeSink.applied` answers the positions of the last flush committed in every table, never
+  what is only buffered. The processor resumes the bus at the lowest of the hot store's and each
+  sink's positions and re-decides, against the hot store's claims, what a sink lacks
+  (:mod:`fieldmesh.stream.processor`); so after a crash the lost buffer comes back from the bus.
+* Iceberg has no multi-table commit: a crash can leave flush *F* in some tables only. On open, the
+  tables holding *F* are rolled back to their latest snapshot of an earlier flush, so every table
+  stands at the same flush again, and the replay rewrites *F* whole.
+* Rollups are rows per (device, metric, window) with an exact sum (``sum_exact``, as in the hot store).
+  A flush merges its window deltas (late readings included) into the rows of the windows they touch:
+  it reads those windows' rows, merges exactly, and overwrites them (one delete + append commit). A
+  reader sees finished values, never deltas to sum, and a replayed delta cannot count twice because
+  it is only merged by a flush that the positions say is not in the table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import msgspec
+import numpy as np
+
+from fieldmesh.core.batch import BatchResult, Position, WindowDeltas
+from fieldmesh.core.errors import ConfigError, FieldmeshError, MissingDependency
+from fieldmesh.core.exact import parse_exact
+from fieldmesh.core.model import DeadLetter
+from fieldmesh.core.settings import LakeSettings
+from fieldmesh.store.rollup import Acc, RollupKey, exact_columns, merge_acc
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    from pyiceberg.catalog import Catalog
+    from pyiceberg.table import Table
+
+__all__ = [
+    "PROP_FLUSH", "PROP_POSITIONS", "TABLES", "LakeError", "LakeSink", "catalog_properties", "compact",
+    "expire", "lake_info", "open_catalog",
+]
+
+log = logging.getLogger(__name__)
+
+TABLES: Final = ("readings", "rollup_1m", "rollup_1h", "dead_letters")
+PROP_FLUSH: Final = "fieldmesh.flush"
+PROP_POSITIONS: Final = "fieldmesh.positions"
+_ROLLUP_WIDTH: Final = {"rollup_1m": 60_000, "rollup_1h": 3_600_000}
+_RETRY_MAX_S: Final = 30.0
+_SECRET_WORDS: Final = ("secret", "token", "credential", "password", "key")
+_json = msgspec.json.Encoder()
+
+
+class LakeError(FieldmeshError):
+    """The lake cannot be used as configured (a table changed outside fieldmesh, a catalog refusing)."""
+
+
+# ---- catalog -----------------------------------------------------------------------------------
+
+
+def catalog_properties(settings: LakeSettings, data_dir: Path) -> dict[str, str]:
+    """The properties a pyiceberg client passes to ``load_catalog`` to open this lake.
+
+    Raises:
+        ConfigError: an unsupported catalog URL.
+    """
+    props = dict(settings.properties)
+    url = settings.url
+    if url is None:
+        lake = (data_dir / "lake").resolve()
+        props.update(type="sql", uri=f"sqlite:///{lake / 'catalog.db'}",
+                     warehouse=settings.warehouse or (lake / "warehouse").as_uri())
+        return props
+    scheme = url.split("://", 1)[0].lower()
+    if scheme in ("http", "https"):
+        props.update(type="rest", uri=url)
+    elif scheme in ("sqlite", "postgresql", "postgres", "postgresql+psycopg"):
+        if scheme in ("postgresql", "postgres"):
+            url = "postgresql+psycopg://" + url.split("://", 1)[1]
+        props.update(type="sql", uri=url)
+        if settings.warehouse is None:
+            raise ConfigError("an SQL catalog URL needs FIELDMESH__LAKE__WAREHOUSE (file://, s3://, ...)",
+                              key="LAKE__WAREHOUSE")
+    else:
+        raise ConfigError(f"unsupported lake URL {url!r} (--lake-url, FIELDMESH__LAKE__URL): use http(s)://... (REST catalog), sqlite:///path "
+                          "or postgresql://... (SQL catalog)", key="LAKE__URL")
+    if settings.warehouse is not None:
+        props["warehouse"] = settings.warehouse
+    return props
+
+
+def open_catalog(settings: LakeSettings, data_dir: Path) -> Catalog:
+    """Open the lake's catalog (the embedded SQLite one is created under ``data_dir/lake``)."""
+    try:
+        from pyiceberg.catalog import load_catalog
+    except ImportError as exc:
+        raise MissingDependency("pyiceberg", "lake") from exc
+    props = catalog_properties(settings, data_dir)
+    if settings.url is None:
+        (data_dir / "lake" / "warehouse").mkdir(parents=True, exist_ok=True)
+    return load_catalog("fieldmesh", **props)
+
+
+def _masked(props: Mapping[str, str]) -> dict[str, str]:
+    return {k: ("***" if any(w in k.lower() for w in _SECRET_WORDS) and k not in ("type",) else v)
+            for k, v in props.items()}
+
+
+def lake_info(settings: LakeSettings, data_dir: Path, *, show_secrets: bool = False) -> dict[str, Any]:
+    """What a standard Iceberg client needs: catalog properties, table names, their snapshots and positions."""
+    props = catalog_properties(settings, data_dir)
+    catalog = open_catalog(settings, data_dir)
+    tables: dict[str, Any] = {}
+    for name in TABLES:
+        ident = f"{settings.namespace}.{name}"
+        if not catalog.table_exists(ident):
+            continue
+        t = catalog.load_table(ident)
+        snap = t.current_snapshot()
+        flush, positions = _state_of(t)
+        tables[ident] = {
+            "location": t.location(),
+            "snapshot_id": snap.snapshot_id if snap else None,
+            "committed_ms": snap.timestamp_ms if snap else None,
+            "snapshots": len(t.metadata.snapshots),
+            "flush": flush,
+            "positions": {f"{tp}:{p}": o for (tp, p), o in sorted(positions.items())},
+        }
+    return {"catalog": {"name": "fieldmesh", **(props if show_secrets else _masked(props))},
+            "namespace": settings.namespace, "tables": tables}
+
+
+# ---- table schemas -------------------------------------------------------------------------------
+
+
+def _schemas(buckets: int) -> dict[str, tuple[Any, Any]]:
+    from pyiceberg.partitioning import PartitionField, PartitionSpec
+    from pyiceberg.schema import Schema
+    from pyiceberg.transforms import BucketTransform, DayTransform, MonthTransform
+    from pyiceberg.types import (
+        BinaryType,
+        BooleanType,
+        DoubleType,
+        LongType,
+        MapType,
+        NestedField,
+        StringType,
+        TimestamptzType,
+    )
+
+    def rollup(transform: Any) -> tuple[Any, Any]:
+        schema = Schema(
+            NestedField(1, "device_id", StringType(), required=True),
+            NestedField(2, "metric", StringType(), required=True),
+            NestedField(3, "window_start", TimestamptzType(), required=True),
+            NestedField(4, "count", LongType(), required=True),
+            NestedField(5, "sum", DoubleType(), required=True),
+            NestedField(6, "min", DoubleType(), required=True),
+            NestedField(7, "max", DoubleType(), required=True),
+            NestedField(8, "avg", DoubleType(), required=True),
+            NestedField(9, "sum_exact", StringType(), required=True, doc="exact sum: '<hex m>:<e>' = m * 2**e"),
+            identifier_field_ids=[1, 2, 3],
+        )
+        return schema, PartitionSpec(PartitionField(3, 1000, transform, "window_start_part"))
+
+    readings = Schema(
+        NestedField(1, "device_id", StringType(), required=True),
+        NestedField(2, "ts", TimestamptzType(), required=True, doc="event time"),
+        NestedField(3, "received", TimestamptzType(), required=True),
+        NestedField(4, "key", LongType(), required=True, doc="identity key (63 bits)"),
+        NestedField(5, "seq", LongType(), required=False),
+        NestedField(6, "boot_id", StringType(), required=False),
+        NestedField(7, "event_id", StringType(), required=False),
+        NestedField(8, "measurements", MapType(13, StringType(), 14, DoubleType(), value_required=True),
+                    required=True, doc="metric -> value (bools as 0/1)"),
+        NestedField(9, "measurements_json", StringType(), required=True, doc="measurements as sent"),
+        NestedField(10, "meta", StringType(), required=False, doc="JSON"),
+        NestedField(11, "enrichment", StringType(), required=False, doc="JSON"),
+        NestedField(12, "late", BooleanType(), required=True),
+    )
+    dead_letters = Schema(
+        NestedField(1, "reason", StringType(), required=True),
+        NestedField(2, "detail", StringType(), required=True),
+        NestedField(3, "topic", StringType(), required=True),
+        NestedField(4, "received", TimestamptzType(), required=True),
+        NestedField(5, "device_id", StringType(), required=False),
+        NestedField(6, "payload", BinaryType(), required=True),
+        NestedField(7, "truncated", BooleanType(), required=True),
+    )
+    return {
+        "readings": (readings, PartitionSpec(PartitionField(2, 1000, DayTransform(), "ts_day"),
+                                             PartitionField(1, 1001, BucketTransform(buckets), "device_bucket"))),
+        "rollup_1m": rollup(DayTransform()),
+        "rollup_1h": rollup(MonthTransform()),
+        "dead_letters": (dead_letters, PartitionSpec(PartitionField(4, 1000, DayTransform(), "received_day"))),
+    }
+
+
+# ---- snapshot state --------------------------------------------------------------------------------
+
+
+def _encode_positions(positions: Mapping[Position, int]) -> str:
+    return json.dumps([[t, p, o] for (t, p), o in sorted(positions.items())], separators=(",", ":"))
+
+
+def _decode_positions(text: str) -> dict[Position, int]:
+    return {(str(t), int(p)): int(o) for t, p, o in json.loads(text)}
+
+
+def _props_of(snapshot: Any) -> dict[str, str] | None:
+    summary = snapshot.summary
+    if summary is None:
+        return None
+    props = summary.additional_properties
+    return props if PROP_FLUSH in props else None
+
+
+def _tagged_ancestors(table: Table) -> Iterable[tuple[Any, dict[str, str]]]:
+    """(snapshot, fieldmesh properties) from the current snapshot back, skipping snapshots without them."""
+    from pyiceberg.table.snapshots import ancestors_of
+
+    for snap in ancestors_of(table.current_snapshot(), table.metadata):
+        props = _props_of(snap)
+        if props is not None:
+            yield snap, props
+
+
+def _state_of(table: Table) -> tuple[int | None, dict[Position, int]]:
+    """The flush number and positions of the table's latest tagged snapshot (None: never committed)."""
+    for _, props in _tagged_ancestors(table):
+        return int(props[PROP_FLUSH]), _decode_positions(props[PROP_POSITIONS])
+    return None, {}
+
+
+def _props(flush: int, positions: Mapping[Position, int]) -> dict[str, str]:
+    return {PROP_FLUSH: str(flush), PROP_POSITIONS: _encode_positions(positions)}
+
+
+# ---- results as arrow -------------------------------------------------------------------------------
+
+
+def _ts(ms: Any) -> pa.Array:
+    import pyarrow as pa
+
+    return pa.array(np.asarray(ms, dtype=np.int64) * 1000, pa.timestamp("us", tz="UTC"))
+
+
+def _json_or_none(values: Any) -> list[str | None]:
+    return [None if v is None else _json.encode(v).decode() for v in values]
+
+
+def readings_table(result: BatchResult, schema: pa.Schema) -> pa.Table:
+    """The new readings of ``result`` as rows of ``readings`` (columns at once, no Python step per row
+    except for meta and enrichment, when present)."""
+    import pyarrow as pa
+
+    c = result.new
+    n = len(c)
+    counts = np.bincount(c.m_row, minlength=n) if n else np.zeros(0, np.int64)
+    offsets = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(counts, out=offsets[1:])
+    keys = pa.array(c.metrics, pa.large_string()).take(pa.array(c.m_metric))
+    measurements = pa.MapArray.from_arrays(pa.array(offsets), keys, pa.array(c.m_value, pa.float64()))
+    boots = pa.array(c.boots, pa.large_string()).take(pa.array(c.boot, mask=c.boot < 0))
+    nulls = pa.nulls(n, pa.large_string())
+    cols = [
+        pa.array(c.devices, pa.large_string()).take(pa.array(c.device)),
+        _ts(c.ts_ms),
+        _ts(c.received_ms),
+        pa.array(result.store_key, pa.int64()),
+        pa.array(c.seq, pa.int64(), mask=c.seq < 0),
+        boots,
+        nulls if c.event_id is None else pa.array(c.event_id.tolist(), pa.large_string()),
+        measurements,
+        pa.array(c.measurements_json, pa.large_string()),
+        nulls if c.meta is None else pa.array(_json_or_none(c.meta.tolist()), pa.large_string()),
+        nulls if c.enrichment is None else pa.array(_json_or_none(c.enrichment.tolist()), pa.large_string()),
+        pa.array(np.asarray(result.late, dtype=bool), pa.bool_()),
+    ]
+    return pa.Table.from_arrays([col.cast(f.type) for col, f in zip(cols, schema, strict=True)], schema=schema)
+
+
+def dead_letters_table(letters: Iterable[DeadLetter], schema: pa.Schema) -> pa.Table:
+    """Dead letters as rows of ``dead_letters``."""
+    import pyarrow as pa
+
+    ls = list(letters)
+    cols = [
+        pa.array([d.reason for d in ls], pa.large_string()),
+        pa.array([d.detail for d in ls], pa.large_string()),
+        pa.array([d.topic for d in ls], pa.large_string()),
+        _ts([d.received_ms for d in ls]),
+        pa.array([d.device_id for d in ls], pa.large_string()),
+        pa.array([d.payload for d in ls], pa.large_binary()),
+        pa.array([d.truncated for d in ls], pa.bool_()),
+    ]
+    return pa.Table.from_arrays([col.cast(f.type) for col, f in zip(cols, schema, strict=True)], schema=schema)
+
+
+def _add_deltas(into: dict[RollupKey, Acc], wd: WindowDeltas) -> None:
+    for k, acc in zip(zip(wd.device.tolist(), wd.metric.tolist(), wd.window_start_ms.tolist(), strict=True),
+                      zip(wd.count.tolist(), wd.sum_m.tolist(), wd.sum_e.tolist(), wd.min.tolist(),
+                          wd.max.tolist(), strict=True), strict=True):
+        old = into.get(k)
+        into[k] = list(acc) if old is None else merge_acc(old, list(acc))
+
+
+def _rollup_table(accs: Mapping[RollupKey, Acc], schema: pa.Schema) -> pa.Table:
+    import pyarrow as pa
+
+    keys = list(accs)
+    vals = list(accs.values())
+    count = [int(a[0]) for a in vals]
+    sums, avgs, exact = exact_columns(count, [int(a[1]) for a in vals], [int(a[2]) for a in vals])
+    cols = [
+        pa.array([k[0] for k in keys], pa.large_string()),
+        pa.array([k[1] for k in keys], pa.large_string()),
+        _ts([k[2] for k in keys]),
+        pa.array(count, pa.int64()),
+        pa.array(sums, pa.float64()),
+        pa.array([float(a[3]) for a in vals], pa.float64()),
+        pa.array([float(a[4]) for a in vals], pa.float64()),
+        pa.array(avgs, pa.float64()),
+        pa.array(exact, pa.large_string()),
+    ]
+    return pa.Table.from_arrays([col.cast(f.type) for col, f in zip(cols, schema, strict=True)], schema=schema)
+
+
+# ---- the sink -------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Buffer:
+    readings: list[pa.Table]
+    dead_letters: list[pa.Table]
+    rollups: dict[str, dict[RollupKey, Acc]]
+    positions: dict[Position, int]
+    rows: int = 0
+    nbytes: int = 0
+    since: float | None = None  # monotonic time of the oldest result in it
+
+    @classmethod
+    def empty(cls, positions: Mapping[Position, int]) -> _Buffer:
+        return cls([], [], {"rollup_1m": {}, "rollup_1h": {}}, dict(positions))
+
+
+class LakeSink:
+    """Commits each committed batch to the lake's Iceberg tables, exactly once (module docstring).
+
+    ``write`` only buffers (a background thread commits); it waits when the buffer holds twice
+    ``commit_rows``/``commit_bytes`` and a commit is still under way (back-pressure: the backlog stays
+    in the bus).
+    """
+
+    name = "lake"
+
+    def __init__(self, *, settings: LakeSettings, data_dir: Path, catalog: Catalog | None = None) -> None:
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError as exc:
+            raise MissingDependency("pyarrow", "lake") from exc
+        self.settings = settings
+        self.catalog = catalog if catalog is not None else open_catalog(settings, data_dir)
+        self._tables: dict[str, Table] = {}
+        self._arrow: dict[str, pa.Schema] = {}
+        self._flush, committed = self._recover()
+        self._committed: dict[Position, int] = committed
+        self._buf = _Buffer.empty(committed)
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._flushing = False
+        self._closing = False
+        self._error: BaseException | None = None
+        self._last_commit_s = 0.0
+        self.commits = 0  # flushes committed by this instance
+        self.rows_committed = 0
+        self.last_commit_ms: int | None = None
+        self._thread = threading.Thread(target=self._run, name="fm-lake-commit", daemon=True)
+        self._thread.start()
+
+    # -- opening ---------------------------------------------------------------------------------
+
+    def _recover(self) -> tuple[int, dict[Position, int]]:
+        """Load or create the tables and bring them to one flush; return it and its positions."""
+        from pyiceberg.exceptions import NamespaceAlreadyExistsError
+
+        ns = self.settings.namespace
+        with contextlib.suppress(NamespaceAlreadyExistsError):
+            self.catalog.create_namespace(ns)
+        schemas = _schemas(self.settings.readings_buckets)
+        states: dict[str, tuple[int | None, dict[Position, int]]] = {}
+        for name, (schema, spec) in schemas.items():
+            ident = f"{ns}.{name}"
+            table = self.catalog.create_table_if_not_exists(ident, schema=schema, partition_spec=spec)
+            _check_schema(ident, table, schema)
+            self._tables[name] = table
+            self._arrow[name] = schema.as_arrow()
+            states[name] = _state_of(table)
+        flushes = [f for f, _ in states.values() if f is not None]
+        top = max(flushes, default=0)
+        complete = all(f == top for f in flushes)
+        if not complete:
+            for name, (f, _) in states.items():
+                if f == top:
+                    self._rollback_below(name, top)
+            top -= 1
+        positions: dict[Position, int] = {}
+        for f, pos in states.values():
+            if f == top:
+                positions = pos
+                break
+        for name, (f, _) in states.items():
+            if f is None:  # new (or created and never committed): it starts at the lake's flush
+                self._tables[name].append(self._arrow[name].empty_table(), snapshot_properties=_props(top, positions))
+        if not complete:
+            log.warning("lake: flush %d was committed to some tables only (a crash); rolled back, it is "
+                        "replayed from the bus", top + 1)
+        return top, positions
+
+    def _rollback_below(self, name: str, flush: int) -> None:
+        table = self._tables[name]
+        for snap, props in _tagged_ancestors(table):
+            if int(props[PROP_FLUSH]) < flush:
+                table.manage_snapshots().rollback_to_snapshot(snap.snapshot_id).commit()
+                self._tables[name] = self.catalog.load_table(f"{self.settings.namespace}.{name}")
+                return
+        raise LakeError(f"lake table {self.settings.namespace}.{name}: no snapshot before flush {flush} to roll "
+                        "back to (were its snapshots expired by another tool?)")
+
+    # -- the Sink contract -------------------------------------------------------------------------
+
+    def applied(self) -> dict[Position, int]:
+        """Positions of the last flush committed to every table (never what is only buffered)."""
+        with self._lock:
+            return dict(self._committed)
+
+    def write(self, result: BatchResult) -> bool:
+        """Buffer ``result`` for the next commit; False when every position is already buffered or committed."""
+        with self._cond:
+            self._raise_error()
+            seen = self._buf.positions
+            if all(o <= seen.get(p, -1) for p, o in result.positions.items()):
+                return False
+        readings = readings_table(result, self._arrow["readings"]) if len(result.new) else None
+        letters = (dead_letters_table(result.dead_letters, self._arrow["dead_letters"])
+                   if result.dead_letters else None)
+        s = self.settings
+        with self._cond:
+            # bounded: twice the commit thresholds while a commit is under way
+            self._cond.wait_for(lambda: self._error is not None or not (
+                self._buf.rows >= 2 * s.commit_rows or self._buf.nbytes >= 2 * s.commit_bytes))
+            self._raise_error()
+            b = self._buf
+            if readings is not None:
+                b.readings.append(readings)
+                b.rows += readings.num_rows
+                b.nbytes += readings.nbytes
+            if letters is not None:
+                b.dead_letters.append(letters)
+                b.rows += letters.num_rows
+                b.nbytes += letters.nbytes
+            for interval, wd in result.windows.items():
+                name = f"rollup_{interval}"
+                if name in b.rollups and len(wd):
+                    _add_deltas(b.rollups[name], wd)
+                    b.nbytes += 120 * len(wd)
+            for p, o in result.positions.items():
+                if o > b.positions.get(p, -1):
+                    b.positions[p] = o
+            if b.since is None:  # the commit thread now has a deadline
+                b.since = time.monotonic()
+                self._cond.notify_all()
+            elif b.rows >= s.commit_rows or b.nbytes >= s.commit_bytes:
+                self._cond.notify_all()
+        return True
+
+    def flush(self) -> None:
+        """Commit what is buffered now (and wait for it)."""
+        with self._cond:
+            self._cond.wait_for(lambda: not self._flushing)
+            self._raise_error()
+            if self._buf.since is None:
+                return
+            buf = self._take()
+        self._commit(buf)
+
+    def close(self) -> None:
+        """Commit what is buffered and stop the commit thread."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join()
+        if self._error is None:
+            self.flush()
+
+    def lag_ms(self) -> int:
+        """Age of the oldest buffered (not yet committed) result, in ms (0: nothing waiting)."""
+        with self._lock:
+            since = self._buf.since
+        return 0 if since is None else int((time.monotonic() - since) * 1000)
+
+    # -- committing --------------------------------------------------------------------------------
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise LakeError(f"lake sink stopped: {self._error}") from self._error
+
+    def _take(self) -> _Buffer:
+        """Swap the buffer out for a commit (the lock is held)."""
+        buf = self._buf
+        self._buf = _Buffer.empty(buf.positions)
+        self._flushing = True
+        self._cond.notify_all()
+        return buf
+
+    def _due(self) -> float | None:
+        """Seconds until the buffer is due (0: now; None: empty). The lock is held."""
+        b = self._buf
+        if b.since is None:
+            return None
+        s = self.settings
+        if b.rows >= s.commit_rows or b.nbytes >= s.commit_bytes:
+            return 0.0
+        # start early by the last commit's duration, so data is visible within the interval
+        lead = min(self._last_commit_s, s.commit_interval_s / 2)
+        return max(0.0, b.since + s.commit_interval_s - lead - time.monotonic())
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closing:
+                    due = None if self._flushing else self._due()  # flush() may be committing
+                    if due == 0.0:
+                        break
+                    self._cond.wait(timeout=due)
+                if self._closing:
+                    return
+                buf = self._take()
+            try:
+                self._commit(buf)
+            except BaseException as exc:  # a schema conflict or a bug: the next write raises it
+                log.exception("lake commit failed for good")
+                with self._cond:
+                    self._error = exc
+                    self._flushing = False
+                    self._cond.notify_all()
+                return
+
+    def _commit(self, buf: _Buffer) -> None:
+        """Commit ``buf`` as the next flush to every table, retrying each with backoff until it is in."""
+        t0 = time.monotonic()
+        flush = self._flush + 1
+        props = _props(flush, buf.positions)
+        rows = 0
+        try:
+            for name in TABLES:
+                attempt = 0
+                while True:
+                    try:
+                        rows += self._commit_table(name, buf, props)
+                        break
+                    except LakeError:
+                        raise
+                    except Exception as exc:
+                        # catalog unreachable, a conflict with a concurrent compaction: reload and retry
+                        attempt += 1
+                        delay = min(_RETRY_MAX_S, 0.2 * 2**attempt)
+                        log.warning("lake commit of %s failed (%s: %s); retrying in %.1fs (try %d)", name,
+                                    type(exc).__name__, exc, delay, attempt)
+                        time.sleep(delay)
+                        self._reload(name)
+        finally:
+            with self._cond:
+                self._flushing = False
+                self._cond.notify_all()
+        with self._cond:
+            self._flush = flush
+            self._committed = dict(buf.positions)
+            self._last_commit_s = time.monotonic() - t0
+            self.commits += 1
+            self.rows_committed += rows
+            self.last_commit_ms = int(time.time() * 1000)
+        log.debug("lake flush %d: %d rows in %.2fs", flush, rows, self._last_commit_s)
+
+    def _reload(self, name: str) -> None:
+        try:
+            self._tables[name] = self.catalog.load_table(f"{self.settings.namespace}.{name}")
+        except Exception as exc:  # still unreachable: the next try reloads again
+            log.debug("reload of %s failed: %s", name, exc)
+
+    def _commit_table(self, name: str, buf: _Buffer, props: dict[str, str]) -> int:
+        import pyarrow as pa
+
+        table = self._tables[name]
+        flush = int(props[PROP_FLUSH])
+        state, _ = _state_of(table)
+        if state is not None and state >= flush:  # committed before a retry saw the answer
+            return 0
+        schema = self._arrow[name]
+        if name in _ROLLUP_WIDTH:
+            return self._commit_rollups(name, buf.rollups[name], props)
+        parts = buf.readings if name == "readings" else buf.dead_letters
+        data = pa.concat_tables(parts) if parts else schema.empty_table()
+        table.append(data, snapshot_properties=props)
+        self._tables[name] = table
+        return int(data.num_rows)
+
+    def _commit_rollups(self, name: str, deltas: dict[RollupKey, Acc], props: dict[str, str]) -> int:
+        """Merge ``deltas`` into the rows of the windows they touch: read, merge exactly, overwrite."""
+        from pyiceberg.expressions import In
+
+        table = self._tables[name]
+        schema = self._arrow[name]
+        if not deltas:
+            table.append(schema.empty_table(), snapshot_properties=props)
+            return 0
+        starts = sorted({k[2] for k in deltas})
+        where = In(term="window_start", literals=[s * 1000 for s in starts])
+        old = table.scan(row_filter=where).to_arrow()
+        merged: dict[RollupKey, Acc] = {}
+        if old.num_rows:
+            o = old.select(["device_id", "metric", "count", "min", "max", "sum_exact"]).to_pydict()
+            ws = (np.asarray(old.column("window_start").cast("int64").to_numpy()) // 1000).tolist()
+            for dev, metric, w, count, mn, mx, ex in zip(o["device_id"], o["metric"], ws, o["count"], o["min"],
+                                                         o["max"], o["sum_exact"], strict=True):
+                m, e = parse_exact(ex)
+                merged[(dev, metric, w)] = [count, m, e, mn, mx]
+        for k, acc in deltas.items():
+            prev = merged.get(k)
+            merged[k] = acc if prev is None else merge_acc(prev, acc)
+        data = _rollup_table(merged, schema)
+        with table.transaction() as tx:
+            tx.overwrite(data, overwrite_filter=where, snapshot_properties=props)
+        return len(deltas)
+
+
+def _check_schema(ident: str, table: Table, expected: Any) -> None:
+    """A table changed outside fieldmesh: name it and the difference (extra columns are allowed)."""
+    have = {f.name: f for f in table.schema().fields}
+    problems = []
+    for f in expected.fields:
+        got = have.get(f.name)
+        if got is None:
+            problems.append(f"column {f.name} ({f.field_type}) is missing")
+        elif got.field_type != f.field_type:
+            problems.append(f"column {f.name} is {got.field_type}, fieldmesh writes {f.field_type}")
+    if problems:
+        raise LakeError(f"lake table {ident} was changed outside fieldmesh: {'; '.join(problems)}")
+
+
+# ---- maintenance ------------------------------------------------------------------------------------
+
+
+def _carry(table: Table) -> dict[str, str]:
+    """The fieldmesh properties of the table's latest tagged snapshot, for a maintenance commit."""
+    for _, props in _tagged_ancestors(table):
+        return {PROP_FLUSH: props[PROP_FLUSH], PROP_POSITIONS: props[PROP_POSITIONS]}
+    return {}
+
+
+def compact(catalog: Catalog, namespace: str, *, target_file_mb: int = 128, tables: Iterable[str] = TABLES,
+            min_files: int = 2, retries: int = 10) -> dict[str, dict[str, int]]:
+    """Rewrite each partition's small files into files of about ``target_file_mb``.
+
+    Per partition with at least ``min_files`` files below the target: read them and overwrite the
+    partition with the same rows in one commit, which carries the sink's flush properties forward. A
+    concurrent sink commit makes this commit fail; the partition is then read again and retried.
+
+    Returns:
+        Per table: partitions rewritten, files before and after.
+    """
+    from pyiceberg.exceptions import CommitFailedException
+    from pyiceberg.expressions import AlwaysTrue
+
+    target = target_file_mb * 2**20
+    out: dict[str, dict[str, int]] = {}
+    for name in tables:
+        ident = f"{namespace}.{name}"
+        stats = {"partitions": 0, "files_before": 0, "files_after": 0}
+        table = catalog.load_table(ident)
+        table.manage_snapshots()  # loaded: fail early if the table is gone
+        groups = _small_files(table, target)
+        for part, paths in groups.items():
+            if len(paths) < min_files:
+                continue
+            for attempt in range(retries):
+                table = catalog.load_table(ident)
+                current = _small_files(table, target).get(part, [])
+                if len(current) < min_files:
+                    break
+                where = _partition_filter(table, part)
+                data = table.scan(row_filter=where if where is not None else AlwaysTrue()).to_arrow()
+                try:
+                    table = table.refresh()
+                    with table.transaction() as tx:
+                        tx.set_properties({"write.target-file-size-bytes": str(target)})
+                        tx.overwrite(data, overwrite_filter=where if where is not None else AlwaysTrue(),
+                                     snapshot_properties=_carry(table))
+                except CommitFailedException:
+                    time.sleep(min(5.0, 0.2 * 2**attempt))
+                    continue
+                stats["partitions"] += 1
+                stats["files_before"] += len(current)
+                stats["files_after"] += len(_small_files(catalog.load_table(ident), math.inf).get(part, []))
+                break
+        out[ident] = stats
+    return out
+
+
+def _small_files(table: Table, target: float) -> dict[tuple[Any, ...], list[str]]:
+    """Data files below ``target`` bytes, by partition."""
+    groups: dict[tuple[Any, ...], list[str]] = {}
+    if table.current_snapshot() is None:
+        return groups
+    for task in table.scan().plan_files():
+        f = task.file
+        if f.file_size_in_bytes < target:
+            groups.setdefault(tuple(f.partition), []).append(f.file_path)  # type: ignore[arg-type]
+    return groups
+
+
+def _partition_filter(table: Table, part: tuple[Any, ...]) -> Any:
+    """Rows of one partition (day/month/bucket transforms) as a row filter on source columns."""
+    import datetime as dt
+
+    from pyiceberg.expressions import And, EqualTo, GreaterThanOrEqual, In, LessThan
+    from pyiceberg.transforms import BucketTransform, DayTransform, MonthTransform
+
+    spec = table.spec()
+    schema = table.schema()
+    clauses: list[Any] = []
+    epoch = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+    for field, value in zip(spec.fields, part, strict=True):
+        col = schema.find_field(field.source_id).name
+        if isinstance(field.transform, DayTransform):
+            lo = epoch + dt.timedelta(days=int(value))
+            hi = lo + dt.timedelta(days=1)
+        elif isinstance(field.transform, MonthTransform):
+            y, m = divmod(int(value), 12)
+            lo = dt.datetime(1970 + y, m + 1, 1, tzinfo=dt.UTC)
+            hi = dt.datetime(1970 + y + (m + 1) // 12, (m + 1) % 12 + 1, 1, tzinfo=dt.UTC)
+        elif isinstance(field.transform, BucketTransform):
+            # no row filter on a bucket: pick the partition's devices by their bucket
+            devices = table.scan(selected_fields=(col,)).to_arrow().column(col).unique().to_pylist()
+            mine = [d for d in devices if field.transform.transform(schema.find_field(field.source_id).field_type)(d)
+                    == value]
+            clauses.append(In(term=col, literals=mine) if mine else EqualTo(term=col, literal="\x00"))  # type: ignore[call-arg]
+            continue
+        else:
+            raise LakeError(f"compaction does not know the partition transform {field.transform}")
+        us = (int((lo - epoch).total_seconds()) * 1_000_000, int((hi - epoch).total_seconds()) * 1_000_000)
+        clauses += [GreaterThanOrEqual(term=col, literal=us[0]), LessThan(term=col, literal=us[1])]  # type: ignore[call-arg]
+    if not clauses:
+        return None
+    expr = clauses[0]
+    for c in clauses[1:]:
+        expr = And(expr, c)
+    return expr
+
+
+def expire(catalog: Catalog, namespace: str, *, older_than_s: float, keep_last: int = 10,
+           tables: Iterable[str] = TABLES) -> dict[str, int]:
+    """Drop snapshots older than ``older_than_s`` (keeping the last ``keep_last`` and every snapshot the
+    sink may roll back to: the latest of each of the last two flushes). Returns snapshots expired per table."""
+    out: dict[str, int] = {}
+    cutoff_ms = int((time.time() - older_than_s) * 1000)
+    for name in tables:
+        ident = f"{namespace}.{name}"
+        table = catalog.load_table(ident)
+        current = table.current_snapshot()
+        if current is None:
+            out[ident] = 0
+            continue
+        from pyiceberg.table.snapshots import ancestors_of
+
+        keep = {s.snapshot_id for s in list(ancestors_of(current, table.metadata))[:keep_last]}
+        flushes: dict[int, int] = {}
+        for snap, props in _tagged_ancestors(table):
+            flushes.setdefault(int(props[PROP_FLUSH]), snap.snapshot_id)
+            if len(flushes) >= 2:
+                break
+        keep.update(flushes.values())
+        ids = [s.snapshot_id for s in table.metadata.snapshots
+               if s.timestamp_ms < cutoff_ms and s.snapshot_id not in keep]
+        if ids:
+            table.maintenance.expire_snapshots().by_ids(ids).commit()
+        out[ident] = len(ids)
+    return out

@@ -1,0 +1,315 @@
+"""The lake sink (:mod:`fieldmesh.store.lake`) behind ``Processor(sinks=[...])``, read back through pyiceberg.
+
+A hot SQLite store claims the keys; the lake sink receives every committed result. What the lake holds
+must equal :mod:`fmtest.oracle` after a stream with duplicates, disorder, forced key collisions and late
+readings, across restarts that lose the sink's buffer (the bus redelivers from the lowest position of
+the hot store and the sink) and a crash between the commits of one flush's tables.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fieldmesh.bus.base import BusRecord
+from fieldmesh.core.batch import Position
+from fieldmesh.core.codec import decode_telemetry, encode_reading_json
+from fieldmesh.core.errors import ConfigError
+from fieldmesh.core.model import DeadLetter
+from fieldmesh.core.settings import LakeSettings, ProcessorSettings
+from fieldmesh.core.topics import DLQ_TOPIC, READINGS_TOPIC
+from fieldmesh.store.lake import (
+    PROP_FLUSH,
+    PROP_POSITIONS,
+    LakeError,
+    LakeSink,
+    _props,
+    catalog_properties,
+    compact,
+    expire,
+    lake_info,
+    open_catalog,
+)
+from fieldmesh.store.sqlite import SqliteStore
+from fieldmesh.stream.processor import Processor
+from fmtest import oracle
+from tests.store.test_sink_behaviour import collide, make_items, readings_of, records
+
+NOW = 1_763_812_345_123
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def settings(**kw: Any) -> LakeSettings:
+    return LakeSettings(commit_interval_s=kw.pop("commit_interval_s", 3600.0), **kw)
+
+
+def sent(seed: int, n: int = 200) -> tuple[list[tuple[str, dict[str, Any]]], list[Any]]:
+    """Distinct items and what was sent: collided keys, a third more duplicates, shuffled, and a tail of
+    readings from hours before the rest (late: they correct closed windows)."""
+    rnd = random.Random(seed)
+    items = make_items(seed, n)
+    rs = collide(readings_of(items), rnd)
+    rs = rs + [rnd.choice(rs) for _ in range(len(rs) // 3)]
+    rnd.shuffle(rs)
+    old = [("d1", {"ts": min(r["ts"] for _, r in items) - 7_200_000 + k * 1000, "seq": 10_000 + k,
+                   "measurements": {"t": k * 0.1}}) for k in range(20)]
+    rs += readings_of(old)  # after the rest: late
+    return items + old, rs
+
+
+def redeliver(recs: list[BusRecord], hot: SqliteStore, sink: LakeSink) -> list[BusRecord]:
+    """What the bus delivers to a restarted processor: records after min(hot, sink) per partition."""
+    hot_pos, mine = hot.applied(), sink.applied()
+    start: dict[Position, int] = {p: min(o, mine[p]) for p, o in hot_pos.items() if p in mine}
+    return [r for r in recs if r.offset > start.get((r.topic, r.partition), -1)]
+
+
+def lake_rows(catalog: Any, table: str) -> list[dict[str, Any]]:
+    return catalog.load_table(f"fieldmesh.{table}").scan().to_arrow().to_pylist()  # type: ignore[no-any-return]
+
+
+def assert_lake_oracle(catalog: Any, items: list[tuple[str, dict[str, Any]]]) -> None:
+    rows = lake_rows(catalog, "readings")
+    got = sorted((r["device_id"], int(r["ts"].timestamp() * 1000), r["seq"]) for r in rows)
+    assert len(got) == len(set(got)), "duplicate rows in the lake"
+    assert got == sorted((d, r["ts"], r.get("seq")) for d, r in oracle.unique_readings(items).values())
+    for r in rows:
+        assert dict(r["measurements"]) == {k: float(v) for k, v in json.loads(r["measurements_json"]).items()}
+    for interval in ("1m", "1h"):
+        expected = oracle.rollups(items, interval)
+        lake = lake_rows(catalog, f"rollup_{interval}")
+        got_r = {(r["device_id"], r["metric"], int(r["window_start"].timestamp() * 1000)): r for r in lake}
+        assert len(got_r) == len(lake), "two rows for one window"
+        assert set(got_r) == set(expected)
+        for k, e in expected.items():
+            g = got_r[k]
+            assert (g["count"], g["sum"], g["min"], g["max"], g["avg"]) == (
+                e["count"], e["sum"], e["min"], e["max"], e["avg"]), k
+
+
+def test_a_stream_with_restarts_that_lose_the_buffer_equals_the_oracle(tmp_path: Path) -> None:
+    items, rs = sent(5)
+    recs = records(rs, [7, 3, 11, 1])
+    hot = SqliteStore(f"sqlite:///{tmp_path / 'hot.db'}")
+    catalog = open_catalog(settings(), tmp_path)
+    try:
+        sink = LakeSink(settings=settings(), data_dir=tmp_path)
+        p = Processor(bus=None, store=hot, settings=ProcessorSettings(), sinks=[sink])  # type: ignore[arg-type]
+        third = len(recs) // 3
+        p.apply_records(recs[:third])
+        sink.flush()
+        committed = sink.applied()
+        assert committed == hot.applied()
+        p.apply_records(recs[third : 2 * third])  # buffered, never committed: the process dies
+        assert sink.applied() == committed
+        sink._closing = True  # the crash: the buffer is gone, the commit thread stops
+
+        upto = 2 * third
+        for _ in range(2):  # restart, and die again after a commit and some more buffered
+            sink = LakeSink(settings=settings(), data_dir=tmp_path)
+            assert sink.applied() == committed
+            p = Processor(bus=None, store=hot, settings=ProcessorSettings(), sinks=[sink])  # type: ignore[arg-type]
+            p._positions = hot.positions()
+            again = redeliver(recs[:upto], hot, sink)
+            assert again, "the bus redelivers what the sink lacks"
+            p.apply_records(again)
+            sink.flush()
+            committed = sink.applied()
+            assert committed == hot.applied()
+            p.apply_records(recs[upto : upto + 3])
+            upto += 3
+            sink._closing = True
+
+        sink = LakeSink(settings=settings(), data_dir=tmp_path)
+        p = Processor(bus=None, store=hot, settings=ProcessorSettings(), sinks=[sink])  # type: ignore[arg-type]
+        p._positions = hot.positions()
+        p.apply_records(redeliver(recs, hot, sink))
+        p.apply_records(recs[-5:])  # a redelivery both have: skipped
+        sink.close()
+        assert sink.applied() == hot.applied()
+        assert_lake_oracle(catalog, items)
+        late = [r for r in lake_rows(catalog, "readings") if r["late"]]
+        assert len(late) >= 19  # the old tail was late (its first reading may open the window again)
+    finally:
+        hot.close()
+
+
+def test_a_flush_committed_to_some_tables_only_is_rolled_back_and_replayed(tmp_path: Path) -> None:
+    items, rs = sent(9, n=120)
+    recs = records(rs, [5])
+    hot = SqliteStore(f"sqlite:///{tmp_path / 'hot.db'}")
+    catalog = open_catalog(settings(), tmp_path)
+    try:
+        sink = LakeSink(settings=settings(), data_dir=tmp_path)
+        p = Processor(bus=None, store=hot, settings=ProcessorSettings(), sinks=[sink])  # type: ignore[arg-type]
+        half = len(recs) // 2
+        p.apply_records(recs[:half])
+        sink.flush()
+        committed = sink.applied()
+        p.apply_records(recs[half:])
+        with sink._cond:  # the crash comes after readings and rollup_1m took flush 2, before rollup_1h
+            buf = sink._take()
+        props = _props(sink._flush + 1, buf.positions)
+        sink._commit_table("readings", buf, props)
+        sink._commit_table("rollup_1m", buf, props)
+        sink._closing = True
+        assert len(lake_rows(catalog, "readings")) > 0
+
+        sink = LakeSink(settings=settings(), data_dir=tmp_path)  # rolls readings and rollup_1m back
+        assert sink.applied() == committed
+        for name in ("readings", "rollup_1m", "rollup_1h", "dead_letters"):
+            snap = catalog.load_table(f"fieldmesh.{name}").current_snapshot()
+            assert snap.summary[PROP_FLUSH] == "1", name
+        p = Processor(bus=None, store=hot, settings=ProcessorSettings(), sinks=[sink])  # type: ignore[arg-type]
+        p._positions = hot.positions()
+        p.apply_records(redeliver(recs, hot, sink))
+        sink.close()
+        assert_lake_oracle(catalog, items)
+    finally:
+        hot.close()
+
+
+def test_write_skips_results_already_applied(tmp_path: Path) -> None:
+    _, rs = sent(2, n=60)
+    recs = records(rs, [4])
+    hot = SqliteStore(f"sqlite:///{tmp_path / 'hot.db'}")
+    try:
+        sink = LakeSink(settings=settings(), data_dir=tmp_path)
+        p = Processor(bus=None, store=hot, settings=ProcessorSettings(), sinks=[sink])  # type: ignore[arg-type]
+        p.apply_records(recs)
+        results: list[Any] = []
+        hot2 = SqliteStore(f"sqlite:///{tmp_path / 'hot2.db'}")
+
+        class Capture:
+            name = "capture"
+
+            def applied(self) -> dict[Position, int]:
+                return {}
+
+            def write(self, result: Any) -> bool:
+                results.append(result)
+                return True
+
+            def close(self) -> None:
+                pass
+
+        Processor(bus=None, store=hot2, settings=ProcessorSettings(), sinks=[Capture()]).apply_records(  # type: ignore[arg-type]
+            recs)
+        hot2.close()
+        assert results and all(sink.write(r) is False for r in results)  # buffered: skipped
+        sink.flush()
+        assert all(sink.write(r) is False for r in results)  # committed: skipped
+        sink.close()
+        sink = LakeSink(settings=settings(), data_dir=tmp_path)
+        assert all(sink.write(r) is False for r in results)  # after a restart: skipped
+        assert sink.applied() == hot.applied()
+        sink.close()
+    finally:
+        hot.close()
+
+
+def test_dead_letters_reach_the_lake(tmp_path: Path) -> None:
+    hot = SqliteStore(f"sqlite:///{tmp_path / 'hot.db'}")
+    try:
+        sink = LakeSink(settings=settings(), data_dir=tmp_path)
+        p = Processor(bus=None, store=hot, settings=ProcessorSettings(), sinks=[sink])  # type: ignore[arg-type]
+        from fieldmesh.core.codec import encode_dead_letter
+
+        dl = DeadLetter(reason="bad_json", detail="not JSON", topic="devices/d9/telemetry", received_ms=NOW,
+                        payload=b"\xff{", device_id="d9")
+        p.apply_records([BusRecord(topic=DLQ_TOPIC, partition=0, offset=1, value=encode_dead_letter(dl))])
+        sink.close()
+        rows = lake_rows(open_catalog(settings(), tmp_path), "dead_letters")
+        assert [(r["reason"], r["device_id"], r["payload"]) for r in rows] == [("bad_json", "d9", b"\xff{")]
+        assert sink.applied() == {(DLQ_TOPIC, 0): 1}
+    finally:
+        hot.close()
+
+
+def test_commits_by_time_without_a_flush_call(tmp_path: Path) -> None:
+    res = decode_telemetry(encode_reading_json("d1", NOW, {"t": 1.5}, 1), device_id="d1",
+                           topic="devices/d1/telemetry", received_ms=NOW)
+    recs = records(res.readings, [1])
+    hot = SqliteStore(f"sqlite:///{tmp_path / 'hot.db'}")
+    try:
+        s = settings(commit_interval_s=0.5)
+        sink = LakeSink(settings=s, data_dir=tmp_path)
+        Processor(bus=None, store=hot, settings=ProcessorSettings(), sinks=[sink]).apply_records(recs)  # type: ignore[arg-type]
+        catalog = open_catalog(s, tmp_path)
+        import time
+
+        deadline = time.monotonic() + 60
+        while sink.applied() != hot.applied() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert sink.applied() == hot.applied()
+        assert len(lake_rows(catalog, "readings")) == 1
+        assert sink.lag_ms() == 0
+        sink.close()
+    finally:
+        hot.close()
+
+
+def test_info_compact_and_expire(tmp_path: Path) -> None:
+    items, rs = sent(4, n=150)
+    recs = records(rs, [3])
+    hot = SqliteStore(f"sqlite:///{tmp_path / 'hot.db'}")
+    s = settings()
+    try:
+        sink = LakeSink(settings=s, data_dir=tmp_path)
+        p = Processor(bus=None, store=hot, settings=ProcessorSettings(), sinks=[sink])  # type: ignore[arg-type]
+        for i in range(0, len(recs), 10):  # one flush per 10 records: small files
+            p.apply_records(recs[i : i + 10])
+            sink.flush()
+        catalog = open_catalog(s, tmp_path)
+        before = len(catalog.load_table("fieldmesh.readings").inspect.files())
+        out = compact(catalog, "fieldmesh")
+        after = len(catalog.load_table("fieldmesh.readings").inspect.files())
+        assert out["fieldmesh.readings"]["partitions"] > 0 and after < before
+        assert_lake_oracle(catalog, items)
+        # the sink goes on after a compaction; its state is carried in the compaction's snapshot
+        t = catalog.load_table("fieldmesh.readings").current_snapshot()
+        assert PROP_POSITIONS in t.summary.additional_properties
+        sink.close()
+        sink = LakeSink(settings=s, data_dir=tmp_path)
+        assert sink.applied() == hot.applied()
+        sink.close()
+        n = len(catalog.load_table("fieldmesh.readings").snapshots())
+        expired = expire(catalog, "fieldmesh", older_than_s=0, keep_last=2)
+        assert 0 < expired["fieldmesh.readings"] < n
+        assert_lake_oracle(catalog, items)
+        info = lake_info(s, tmp_path)
+        assert info["catalog"]["type"] == "sql" and info["catalog"]["uri"].startswith("sqlite:///")
+        assert set(info["tables"]) == {f"fieldmesh.{t}" for t in ("readings", "rollup_1m", "rollup_1h",
+                                                                   "dead_letters")}
+    finally:
+        hot.close()
+
+
+def test_a_table_changed_outside_fieldmesh_is_named(tmp_path: Path) -> None:
+    from pyiceberg.types import StringType
+
+    s = settings()
+    LakeSink(settings=s, data_dir=tmp_path).close()
+    t = open_catalog(s, tmp_path).load_table("fieldmesh.rollup_1m")
+    with t.update_schema() as u:
+        u.delete_column("sum_exact")
+        u.add_column("note", StringType())
+    with pytest.raises(LakeError, match=r"fieldmesh.rollup_1m .*sum_exact"):
+        LakeSink(settings=s, data_dir=tmp_path)
+
+
+def test_catalog_urls() -> None:
+    assert catalog_properties(LakeSettings(url="http://127.0.0.1:8181", warehouse="s3://w/"), Path("/x")) == {
+        "type": "rest", "uri": "http://127.0.0.1:8181", "warehouse": "s3://w/"}
+    with pytest.raises(ConfigError, match="LAKE__WAREHOUSE"):
+        catalog_properties(LakeSettings(url="postgresql://h/db"), Path("/x"))
+    with pytest.raises(ConfigError, match="LAKE__URL"):
+        catalog_properties(LakeSettings(url="ftp://x"), Path("/x"))
+    assert catalog_properties(LakeSettings(url="postgresql://h/db", warehouse="file:///w"), Path("/x"))["uri"] == (
+        "postgresql+psycopg://h/db")
+    assert READINGS_TOPIC
