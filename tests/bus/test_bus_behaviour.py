@@ -147,6 +147,27 @@ async def test_positions_hook_resumes_after_stored_positions(bus: Bus) -> None:
     await c2.close()
 
 
+async def test_positions_behind_what_the_group_acknowledged_are_delivered_again(bus: Bus) -> None:
+    """A caller that acknowledged records one of its sinks had only buffered (then lost) gets them again
+    from its positions; a partition idle since its position does not pull the start back."""
+    topic = await _topic(bus, partitions=2)
+    group = _name("g")
+    await bus.producer().send([OutRecord(topic, 1, b"idle")])
+    await bus.producer().send([OutRecord(topic, 0, f"r{i}".encode()) for i in range(10)])
+    c = await bus.consumer(topic, group=group, partitions=[0, 1])
+    got = await _fetch_n(c, 11)
+    await c.ack(got)
+    await asyncio.sleep(0.5)  # Kafka commits asynchronously: let it land before leaving
+    await c.close()
+    by_value = {r.value: r for r in got}
+    needed = {0: by_value[b"r5"].offset, 1: by_value[b"idle"].offset}  # r6.. must come again
+    c2 = await bus.consumer(topic, group=group, partitions=[0, 1], positions=lambda parts: needed)
+    again = await _fetch_n(c2, 4)
+    assert [r.value for r in again] == [f"r{i}".encode() for i in range(6, 10)]
+    assert await c2.fetch(10, 0.5) == []
+    await c2.close()
+
+
 async def test_kafka_positions_hook_seeks_each_assigned_partition(tansu_url: str) -> None:
     """Kafka only: the hook runs again on every rebalance."""
     async with load_bus(tansu_url) as bus:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.store.test_sink_behaviour import collide, make_items, readings_of, records
 
 from fieldmesh.bus.base import BusRecord
 from fieldmesh.core.batch import Position
@@ -37,7 +38,6 @@ from fieldmesh.store.lake import (
 from fieldmesh.store.sqlite import SqliteStore
 from fieldmesh.stream.processor import Processor
 from fmtest import oracle
-from tests.store.test_sink_behaviour import collide, make_items, readings_of, records
 
 NOW = 1_763_812_345_123
 

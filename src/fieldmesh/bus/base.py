@@ -155,7 +155,10 @@ class Bus(Protocol):
 
         ``positions(partitions)`` returns the last offset the caller applied per partition (from its
         own store); the consumer resumes right after them wherever the bus's own position is behind
-        or unknown (a new consumer, a partition newly assigned, a changed assignment).
+        or unknown (a new consumer, a partition newly assigned, a changed assignment), and also where
+        the group acknowledged records after them (a sink that buffers had not made them durable:
+        they are delivered again). A partition with no record after its position never moves the
+        start back.
         """
         ...
 

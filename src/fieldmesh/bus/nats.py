@@ -432,11 +432,32 @@ class NatsBus:
         """
         subjects = [f"{topic}.*"] if partitions is None else [f"{topic}.{p}" for p in sorted(partitions)]
         start: int | None = None
+        rewind: int | None = None
         if positions is not None and partitions is not None:
             pos = positions(sorted(partitions))
             start = 1 if not pos or len(pos) < len(set(partitions)) else min(pos.values()) + 1
+            rewind = await self._rewind_to(stream_name(topic), group, topic, pos)
         return await self.raw_consumer(stream_name(topic), group, subjects, topic=topic, start_seq=start,
-                                       reset_pending=reset_pending)
+                                       reset_pending=reset_pending, rewind_to=rewind)
+
+    async def _rewind_to(self, stream: str, group: str, topic: str, pos: Mapping[int, int]) -> int | None:
+        """Where an existing consumer must restart so that no record after ``pos`` is skipped: the lowest
+        ``pos[p] + 1`` over partitions with records between their position and the acknowledged floor
+        (a caller that acknowledged records another of its sinks has not made durable); None: its floor is fine.
+
+        A partition with nothing after its position (an idle one) does not pull the start back.
+        """
+        info = await self._consumer_info(stream, group)
+        if info is None or not info.ack_floor or not info.ack_floor.stream_seq:
+            return None
+        floor = int(info.ack_floor.stream_seq)
+        behind = [(p, o) for p, o in pos.items() if o < floor]
+        if not behind:
+            return None
+        beyond_floor = {p: await self._count_after(stream, [f"{topic}.{p}"], floor) for p, _ in behind}
+        starts = [o + 1 for p, o in behind
+                  if await self._count_after(stream, [f"{topic}.{p}"], o) > beyond_floor[p]]
+        return min(starts) if starts else None
 
     async def raw_consumer(
         self,
@@ -452,11 +473,14 @@ class NatsBus:
         ack_all: bool = False,
         partitioned: bool = True,
         trim: bool = False,
+        rewind_to: int | None = None,
     ) -> NatsConsumer:
         """A durable pull consumer on any stream and subject filters.
 
         ``reset_pending`` (for a single owner, such as a processor replica) redelivers at once what a
         crashed predecessor had fetched but not acknowledged, instead of after ``ack_wait``.
+        ``rewind_to``: an existing consumer whose acknowledged floor is at or beyond this sequence
+        restarts there (records the caller acknowledged but needs again).
         """
         durable = _SAFE.sub("_", durable)
         cfg = api.ConsumerConfig(
@@ -475,12 +499,15 @@ class NatsBus:
                 info = await self.js.consumer_info(stream, durable)
                 same = sorted(info.config.filter_subjects or [info.config.filter_subject or ""]) == sorted(
                     subjects) and info.config.ack_policy == cfg.ack_policy
-                if not same or (reset_pending and info.num_ack_pending):
+                floor = info.ack_floor.stream_seq if info.ack_floor else 0
+                rewind = rewind_to is not None and rewind_to <= floor
+                if not same or (reset_pending and info.num_ack_pending) or rewind:
                     # Delivered-but-unacknowledged messages would only come back after ack_wait: start a
                     # fresh consumer right after the acknowledged floor instead (or where the caller says
-                    # when the filter changed). Acknowledged means applied, so nothing is skipped.
-                    floor = info.ack_floor.stream_seq if info.ack_floor else 0
+                    # when the filter changed, or when it needs acknowledged records again).
                     start = (start_seq or 1) if not same else floor + 1
+                    if rewind and rewind_to is not None:
+                        start = min(start, rewind_to)
                     cfg.deliver_policy = api.DeliverPolicy.BY_START_SEQUENCE
                     cfg.opt_start_seq = max(start, 1)
                     await self.js.delete_consumer(stream, durable)

@@ -102,14 +102,30 @@ def up(
     http_host: HttpHost = "127.0.0.1",
     tls_cert: TlsCert = None,
     tls_key: TlsKey = None,
+    lake: Annotated[bool | None, typer.Option(
+        "--lake/--no-lake", show_default=False,
+        help="write readings, rollups and dead letters to Iceberg tables (on by default; docs/lake.md) "
+             "[env FIELDMESH__LAKE__ENABLED]")] = None,
+    lake_url: Annotated[str | None, typer.Option(
+        help="Iceberg catalog: http(s)://... (REST) or sqlite:///... / postgresql://... (SQL); default: an "
+             "SQLite catalog under the data dir [env FIELDMESH__LAKE__URL]")] = None,
+    lake_warehouse: Annotated[str | None, typer.Option(
+        help="where the lake's data files go (file://, s3://, gs://, abfs://) [env FIELDMESH__LAKE__WAREHOUSE]"),
+    ] = None,
+    lake_commit_interval: Annotated[float | None, typer.Option(
+        min=0.01, help="seconds between lake commits at most (default 60) [env FIELDMESH__LAKE__COMMIT_INTERVAL_S]")
+    ] = None,
 ) -> None:
     """Run the whole pipeline on embedded defaults (MQTT -> gateway -> bus -> processor -> store -> API)."""
     from fieldmesh.runtime.up import DEFAULT_HTTP_PORT, DEFAULT_MQTT_PORT, UpOptions, run_up
 
     cdc = {k: v for k, v in (("source", cdc_source), ("tables", cdc_tables), ("name", cdc_name)) if v is not None}
+    lake_kw = {k: v for k, v in (("enabled", lake), ("url", lake_url), ("warehouse", lake_warehouse),
+                                 ("commit_interval_s", lake_commit_interval)) if v is not None}
     try:
         settings = _settings(bus={"partitions": partitions, "fsync": fsync}, data_dir=data_dir,
                              **({"gateway": {"door": door}} if door is not None else {}),
+                             **({"lake": lake_kw} if lake_kw else {}),
                              **_enrich_kw(enrich, None), **({"cdc": cdc} if cdc else {}))
         opts = UpOptions(
             data_dir=data_dir, mqtt_url=mqtt_url, bus_url=bus_url,
@@ -446,7 +462,7 @@ def keys_revoke(
 
 
 # Sub-command groups contributed by other stages, registered when their modules are present.
-for _name, _module in (("cdc", "fieldmesh.cli.cdc"), ("edge", "fieldmesh.edge.cli")):
+for _name, _module in (("cdc", "fieldmesh.cli.cdc"), ("edge", "fieldmesh.edge.cli"), ("lake", "fieldmesh.cli.lake")):
     try:
         _sub = importlib.import_module(_module)
     except ImportError:

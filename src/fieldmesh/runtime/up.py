@@ -277,7 +277,12 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
                 await asyncio.to_thread(ensure_session, opts.mqtt_port, client_id=str(gw_cfg["client_id"]),
                                         filters=MqttSource.filters(None),
                                         expiry_s=settings.gateway.session_expiry_s)
-            pr_cfg = {"bus_url": bus_url, "store_url": store_url, "settings": cfg_settings}
+            pr_cfg: dict[str, Any] = {"bus_url": bus_url, "store_url": store_url, "settings": cfg_settings}
+            if settings.lake.enabled:
+                pr_cfg["lake_dir"] = str(data_dir)
+                console.print(f"lake: Iceberg tables {settings.lake.namespace}.* in "
+                              f"{settings.lake.url or data_dir / 'lake'}, committed every "
+                              f"{settings.lake.commit_interval_s:g}s at most ('fieldmesh lake info')")
             py = [sys.executable, "-m", "fieldmesh.runtime.worker"]
             stages = [
                 _Child("gateway", [*py, "gateway", json.dumps(gw_cfg)], logs / "gateway.log", policy=policy),

@@ -88,29 +88,45 @@ async def run_gateway(
 
 async def run_processor(
     *, bus_url: str, store_url: str, settings: Settings, partitions: list[int] | None = None,
-    group: str = "fm-processor", stop: asyncio.Event | None = None,
+    group: str = "fm-processor", stop: asyncio.Event | None = None, lake_dir: str | None = None,
 ) -> None:
     """Run a processor over ``partitions`` (all when None), enriching readings when
-    ``settings.enrich`` has joins (the CDC topics are caught up with before the first reading)."""
+    ``settings.enrich`` has joins (the CDC topics are caught up with before the first reading).
+
+    With ``lake_dir`` (the data dir; ``fieldmesh up`` passes it when ``settings.lake.enabled``), committed
+    batches also go to the lake (:class:`fieldmesh.store.lake.LakeSink`), which commits what it buffered
+    when the processor stops.
+    """
     from fieldmesh.runtime.enrichment import build_enrichment, follower_group
     from fieldmesh.store import load_store
     from fieldmesh.stream.processor import Processor
 
     stop = stop or _stop_event()
     enrichment = build_enrichment(settings)
+    sinks: list[Any] = []
+    if lake_dir is not None:
+        from pathlib import Path
+
+        from fieldmesh.store.lake import LakeSink
+
+        sinks.append(LakeSink(settings=settings.lake, data_dir=Path(lake_dir)))
+        log.info("lake: committing to %s every %.0fs at most", settings.lake.url or f"{lake_dir}/lake",
+                 settings.lake.commit_interval_s)
     store = load_store(store_url)
     try:
         async with load_bus(bus_url) as bus:
             await ensure_topics(bus, settings)
             proc = Processor(bus=bus, store=store, settings=settings.processor, group=group,
                              partitions=partitions, total_partitions=settings.bus.partitions,
-                             enricher=enrichment.enricher if enrichment else None)
+                             enricher=enrichment.enricher if enrichment else None, sinks=sinks)
             log.info("processor running: %s -> %s (partitions %s)", bus_url, store_url, partitions or "all")
             if enrichment is None:
                 await proc.run(stop)
             else:
                 await enrichment.run(bus, proc.run, stop, follower_group=follower_group(group, partitions))
     finally:
+        for sink in sinks:
+            sink.close()
         store.close()
 
 

@@ -98,8 +98,8 @@ def catalog_properties(settings: LakeSettings, data_dir: Path) -> dict[str, str]
             raise ConfigError("an SQL catalog URL needs FIELDMESH__LAKE__WAREHOUSE (file://, s3://, ...)",
                               key="LAKE__WAREHOUSE")
     else:
-        raise ConfigError(f"unsupported lake URL {url!r} (--lake-url, FIELDMESH__LAKE__URL): use http(s)://... (REST catalog), sqlite:///path "
-                          "or postgresql://... (SQL catalog)", key="LAKE__URL")
+        raise ConfigError(f"unsupported lake URL {url!r} (--lake-url, FIELDMESH__LAKE__URL): use http(s)://... "
+                          "(REST catalog), sqlite:///path or postgresql://... (SQL catalog)", key="LAKE__URL")
     if settings.warehouse is not None:
         props["warehouse"] = settings.warehouse
     return props

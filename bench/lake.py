@@ -1,0 +1,176 @@
+"""Lake benchmark: the Iceberg sink's append rate, event -> visible latency, and its cost to the processor.
+
+Input: the processor benchmark's device stream (bench/processor.py: devices sending 100 readings per
+message, 3 metrics, duplicates, late and disordered readings) through the gateway's routing into bus
+records, built before any clock starts.
+
+1. **Append rate**: the committed results of a processor run (captured once) are written to a fresh
+   :class:`~fieldmesh.store.lake.LakeSink` and committed (``write`` for every result, then ``flush``):
+   readings rows per wall second from the first ``write`` until the commit is in the catalog. Target:
+   500,000 rows/s.
+2. **Event -> visible**: with the default policy (``commit_interval_s`` 60, or ``--interval``), a
+   writer hands the sink one small result every 100 ms for ``--latency-s`` seconds, each stamped when
+   written; a reader polls the catalog every 200 ms the way any Iceberg client does (reload the table,
+   read the new snapshot's ``fieldmesh.positions``) and marks each result visible when a snapshot
+   covers it. Reported: p50/p99/max of write -> visible.
+3. **Cost to the processor**: ``Processor.apply_records`` over the same records on a fresh SQLite hot
+   store, without and with the lake sink (default policy; the timed span ends after the sink's final
+   commit, so nothing is left uncounted), in one run; wall and CPU time, printed as a ratio.
+
+Run: ``PYTHONPATH=$PWD/src .venv/bin/python bench/lake.py [--devices 2000] [--per-device 500]
+[--latency-s 130] [--interval 60] [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+from processor import make_records, make_stream  # noqa: E402
+
+from fieldmesh.core.batch import BatchResult, Position  # noqa: E402
+from fieldmesh.core.settings import LakeSettings, ProcessorSettings  # noqa: E402
+from fieldmesh.store.lake import PROP_POSITIONS, LakeSink, _decode_positions, open_catalog  # noqa: E402
+from fieldmesh.store.sqlite import SqliteStore  # noqa: E402
+from fieldmesh.stream.processor import Processor  # noqa: E402
+
+TARGET_ROWS_S = 500_000
+
+
+class _Capture:
+    """A sink that keeps every result (to replay them into the lake sink alone)."""
+
+    name = "capture"
+
+    def __init__(self) -> None:
+        self.results: list[BatchResult] = []
+
+    def applied(self) -> dict[Position, int]:
+        return {}
+
+    def write(self, result: BatchResult) -> bool:
+        self.results.append(result)
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+def _apply(records: list[Any], store: SqliteStore, sinks: list[Any]) -> tuple[float, float]:
+    ps = ProcessorSettings()
+    p = Processor(bus=None, store=store, settings=ps, sinks=sinks)  # type: ignore[arg-type]
+    c0, w0 = time.process_time(), time.perf_counter()
+    for i in range(0, len(records), ps.fetch_max):
+        p.apply_records(records[i : i + ps.fetch_max])
+    for s in sinks:
+        s.close()
+    return time.perf_counter() - w0, time.process_time() - c0
+
+
+def append_rate(results: list[BatchResult], tmp: Path) -> dict[str, float]:
+    sink = LakeSink(settings=LakeSettings(commit_interval_s=3600), data_dir=tmp)
+    rows = sum(len(r.new) for r in results)
+    w0 = time.perf_counter()
+    for r in results:
+        sink.write(r)
+    w1 = time.perf_counter()
+    sink.flush()
+    w2 = time.perf_counter()
+    sink.close()
+    return {"rows": rows, "rows_s": rows / (w2 - w0), "write_s": w1 - w0, "commit_s": w2 - w1}
+
+
+def latency(results: list[BatchResult], tmp: Path, *, seconds: float, interval_s: float) -> dict[str, float]:
+    s = LakeSettings(commit_interval_s=interval_s)
+    sink = LakeSink(settings=s, data_dir=tmp)
+    catalog = open_catalog(s, tmp)
+    written: list[tuple[dict[Position, int], float]] = []
+    visible: list[float] = []
+    stop = threading.Event()
+
+    def reader() -> None:
+        seen = 0
+        while not stop.is_set() or seen < len(written):
+            table = catalog.load_table(f"{s.namespace}.readings")
+            snap = table.current_snapshot()
+            now = time.perf_counter()
+            if snap is not None and snap.summary is not None and PROP_POSITIONS in snap.summary.additional_properties:
+                pos = _decode_positions(snap.summary.additional_properties[PROP_POSITIONS])
+                while seen < len(written) and all(o <= pos.get(p, -1) for p, o in written[seen][0].items()):
+                    visible.append(now - written[seen][1])
+                    seen += 1
+            time.sleep(0.2)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    end = time.perf_counter() + seconds
+    i = 0
+    while time.perf_counter() < end and i < len(results):
+        r = results[i]
+        sink.write(r)
+        written.append((dict(r.positions), time.perf_counter()))
+        i += 1
+        time.sleep(0.1)
+    stop.set()
+    sink.close()  # commits the tail (counted: its rows become visible then)
+    t.join()
+    v = sorted(visible)
+    return {"results": len(v), "p50_s": v[len(v) // 2], "p99_s": v[min(len(v) - 1, int(0.99 * len(v)))],
+            "max_s": v[-1]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--devices", type=int, default=2000)
+    ap.add_argument("--per-device", type=int, default=500)
+    ap.add_argument("--latency-s", type=float, default=130.0)
+    ap.add_argument("--interval", type=float, default=60.0, help="commit interval of parts 2 and 3")
+    ap.add_argument("--quick", action="store_true", help="small stream, 5 s interval, 20 s latency run")
+    a = ap.parse_args()
+    if a.quick:
+        a.devices, a.per_device, a.latency_s, a.interval = 200, 300, 20.0, 5.0
+    msgs, _, now_ms = make_stream(devices=a.devices, per_device=a.per_device)
+    records = make_records(msgs, now_ms, 2)
+    n = a.devices * a.per_device
+    print(f"stream: {a.devices} devices x {a.per_device} readings, {len(records)} bus records")
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        cap = _Capture()
+        hot = SqliteStore(f"sqlite:///{tmp / 'cap.db'}")
+        _apply(records, hot, [cap])
+        hot.close()
+
+        ar = append_rate(cap.results, tmp / "append")
+        ok = "meets" if ar["rows_s"] >= TARGET_ROWS_S else "BELOW"
+        print(f"1. append: {ar['rows']:,} rows in {ar['write_s'] + ar['commit_s']:.2f}s (buffer {ar['write_s']:.2f}s"
+              f" + commit {ar['commit_s']:.2f}s): {ar['rows_s']:,.0f} rows/s ({ok} the target of "
+              f"{TARGET_ROWS_S:,})")
+
+        small = [r for r in cap.results if len(r.new)][: int(a.latency_s * 10) + 10]
+        la = latency(small, tmp / "latency", seconds=a.latency_s, interval_s=a.interval)
+        print(f"2. write -> visible (commit interval {a.interval:g}s, {la['results']} results over "
+              f"{a.latency_s:g}s): p50 {la['p50_s']:.1f}s, p99 {la['p99_s']:.1f}s, max {la['max_s']:.1f}s")
+
+        hot = SqliteStore(f"sqlite:///{tmp / 'without.db'}")
+        w_off, c_off = _apply(records, hot, [])
+        hot.close()
+        hot = SqliteStore(f"sqlite:///{tmp / 'with.db'}")
+        lake = LakeSink(settings=LakeSettings(commit_interval_s=a.interval), data_dir=tmp / "cost")
+        w_on, c_on = _apply(records, hot, [lake])
+        hot.close()
+        print(f"3. processor without the lake: {n / w_off:,.0f} readings/s wall ({w_off:.2f}s, CPU {c_off:.2f}s); "
+              f"with it: {n / w_on:,.0f} readings/s ({w_on:.2f}s, CPU {c_on:.2f}s); "
+              f"with/without throughput {w_off / w_on:.2f} (cost {100 * (1 - w_off / w_on):.0f}%), "
+              f"CPU {c_on / c_off:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
