@@ -80,9 +80,12 @@ def test_kill_9_of_the_processor_during_lake_commits_loses_and_doubles_nothing(t
         while len(_rows(catalog, "readings")) < len(uniq) and time.monotonic() < deadline:
             time.sleep(0.5)
         assert len(_rows(catalog, "readings")) == len(uniq)
+        assert up.get("/health")["lake"] == "ok"
     finally:
         assert up.stop() == 0, up.tail()
     assert kills >= 5
+    log = (data / "logs" / "processor.log").read_text()
+    assert "sink lake caught up" in log, "no kill left the lake behind the hot store: the replay was not exercised"
 
     catalog = _lake(data)
     rows = _rows(catalog, "readings")

@@ -248,8 +248,10 @@ class LakeSettings(BaseModel, frozen=True):
     commit_bytes: int = Field(256 * 2**20, gt=0, description=(
         "commit sooner once this many bytes are buffered (the buffer holds at most twice this)"))
     readings_buckets: int = Field(8, ge=1, le=1024, description="buckets of device_id in the readings partitioning")
-    target_file_mb: int = Field(128, ge=1, description="compaction rewrites a partition's small files into files of about this size")
-    snapshot_max_age_s: float = Field(7 * 86400.0, gt=0, description="'fieldmesh lake expire' drops snapshots older than this")
+    target_file_mb: int = Field(128, ge=1, description=(
+        "compaction rewrites a partition's small files into files of about this size"))
+    snapshot_max_age_s: float = Field(7 * 86400.0, gt=0, description=(
+        "'fieldmesh lake expire' drops snapshots older than this"))
 
 
 class Settings(BaseSettings):

@@ -28,7 +28,7 @@ from typing import IO, Any, Final
 
 from fieldmesh.api.auth import Access
 from fieldmesh.bus import Bus, TopicSpec, load_bus
-from fieldmesh.core.errors import ConfigError, FieldmeshError
+from fieldmesh.core.errors import ConfigError, FieldmeshError, MissingDependency
 from fieldmesh.core.settings import RuntimeSettings, Settings
 from fieldmesh.core.topics import DLQ_TOPIC, GATEWAY_GROUP, INGEST_TOPIC, READINGS_TOPIC
 from fieldmesh.gateway.sources import MqttSource, ingest_spec
@@ -278,6 +278,12 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
                                         filters=MqttSource.filters(None),
                                         expiry_s=settings.gateway.session_expiry_s)
             pr_cfg: dict[str, Any] = {"bus_url": bus_url, "store_url": store_url, "settings": cfg_settings}
+            if settings.lake.enabled and not _lake_installed():
+                if settings.lake.url is not None:
+                    raise MissingDependency("pyiceberg", "lake")
+                console.print("lake: off (pyiceberg is not installed: pip install 'fieldmesh[lake]'; "
+                              "--no-lake silences this)")
+                settings = settings.model_copy(update={"lake": settings.lake.model_copy(update={"enabled": False})})
             if settings.lake.enabled:
                 pr_cfg["lake_dir"] = str(data_dir)
                 console.print(f"lake: Iceberg tables {settings.lake.namespace}.* in "
@@ -343,8 +349,33 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
                 return (f"stalled: {stalled[0]} waiting, no progress for {stalled[1]:.0f}s "
                         f"(last log line: {_last_line(c.log_path)[:300]})")
 
+            lake_cache: list[Any] = [-1.0, "ok", None]  # (when, value, catalog)
+
+            def lake_health() -> str:
+                """"ok" unless the lake is behind the hot store with no commit for 3 intervals (+30 s)."""
+                if time.monotonic() - lake_cache[0] < 2.0:
+                    return str(lake_cache[1])
+                from fieldmesh.store.lake import lake_lag
+
+                try:
+                    if lake_cache[2] is None:
+                        from fieldmesh.store.lake import open_catalog
+
+                        lake_cache[2] = open_catalog(settings.lake, data_dir)
+                    behind, age_s = lake_lag(lake_cache[2], settings.lake.namespace, progress_store.positions())
+                    value = "ok"
+                    if behind and age_s is not None and age_s > 3 * settings.lake.commit_interval_s + 30:
+                        value = (f"stalled: last commit {age_s:.0f}s ago, behind the hot store on {behind} "
+                                 f"partitions (see {logs / 'processor.log'})")
+                except Exception as exc:  # the catalog unreachable: the hot store keeps everything meanwhile
+                    value = f"unreachable: {type(exc).__name__}: {exc}"[:300]
+                lake_cache[:2] = [time.monotonic(), value]
+                return value
+
             async def health() -> dict[str, Any]:
                 h: dict[str, Any] = {c.name: stage_health(c) for c in children}
+                if settings.lake.enabled:
+                    h["lake"] = await asyncio.to_thread(lake_health)
                 if nats is not None:
                     h[bus_name] = ("ok" if nats.alive() else f"failed: {nats_failed}" if nats_failed
                                    else f"restarting (restart {nats_restarts.restarts})")
@@ -718,6 +749,12 @@ def _snapshot_done(state_dir: Path, name: str) -> bool:
 
 #: Counts shown for this run beside the data dir's totals (``gaps`` may fall: late readings fill them).
 _RUN_KEYS: Final = ("received", "stored", "duplicates", "late", "unrouted", "gaps")
+
+
+def _lake_installed() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("pyiceberg", "pyarrow"))
 
 
 def _counts(st: StoreStats) -> dict[str, Any]:

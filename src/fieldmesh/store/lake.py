@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PROP_FLUSH", "PROP_POSITIONS", "TABLES", "LakeError", "LakeSink", "catalog_properties", "compact",
-    "expire", "lake_info", "open_catalog",
+    "expire", "lake_info", "lake_lag", "open_catalog",
 ]
 
 log = logging.getLogger(__name__)
@@ -144,6 +144,19 @@ def lake_info(settings: LakeSettings, data_dir: Path, *, show_secrets: bool = Fa
         }
     return {"catalog": {"name": "fieldmesh", **(props if show_secrets else _masked(props))},
             "namespace": settings.namespace, "tables": tables}
+
+
+def lake_lag(catalog: Catalog, namespace: str, hot: Mapping[Position, int]) -> tuple[int, float | None]:
+    """Partitions where the lake's committed positions are behind ``hot`` (the hot store's), and the age in
+    seconds of the readings table's last commit (None: no table or no commit yet)."""
+    ident = f"{namespace}.readings"
+    if not catalog.table_exists(ident):
+        return 0, None
+    table = catalog.load_table(ident)
+    _, lake = _state_of(table)
+    snap = table.current_snapshot()
+    behind = sum(1 for p, o in hot.items() if o > lake.get(p, -1))
+    return behind, None if snap is None else time.time() - snap.timestamp_ms / 1000
 
 
 # ---- table schemas -------------------------------------------------------------------------------
