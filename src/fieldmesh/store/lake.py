@@ -362,7 +362,7 @@ def _rollup_table(accs: Mapping[RollupKey, Acc], schema: pa.Schema) -> pa.Table:
 class _Buffer:
     readings: list[pa.Table]
     dead_letters: list[pa.Table]
-    rollups: dict[str, dict[RollupKey, Acc]]
+    rollups: dict[str, list[WindowDeltas]]  # merged by the commit, off the processor's thread
     positions: dict[Position, int]
     rows: int = 0
     nbytes: int = 0
@@ -370,7 +370,7 @@ class _Buffer:
 
     @classmethod
     def empty(cls, positions: Mapping[Position, int]) -> _Buffer:
-        return cls([], [], {"rollup_1m": {}, "rollup_1h": {}}, dict(positions))
+        return cls([], [], {"rollup_1m": [], "rollup_1h": []}, dict(positions))
 
 
 class LakeSink:
@@ -420,7 +420,10 @@ class LakeSink:
         states: dict[str, tuple[int | None, dict[Position, int]]] = {}
         for name, (schema, spec) in schemas.items():
             ident = f"{ns}.{name}"
-            table = self.catalog.create_table_if_not_exists(ident, schema=schema, partition_spec=spec)
+            table = self.catalog.create_table_if_not_exists(
+                ident, schema=schema, partition_spec=spec,
+                # zstd at level 1: about the size of the default level, a quarter faster to write
+                properties={"write.parquet.compression-codec": "zstd", "write.parquet.compression-level": "1"})
             _check_schema(ident, table, schema)
             self._tables[name] = table
             self._arrow[name] = schema.as_arrow()
@@ -491,7 +494,7 @@ class LakeSink:
             for interval, wd in result.windows.items():
                 name = f"rollup_{interval}"
                 if name in b.rollups and len(wd):
-                    _add_deltas(b.rollups[name], wd)
+                    b.rollups[name].append(wd)
                     b.nbytes += 120 * len(wd)
             for p, o in result.positions.items():
                 if o > b.positions.get(p, -1):
@@ -627,10 +630,13 @@ class LakeSink:
             return 0
         schema = self._arrow[name]
         if name in _ROLLUP_WIDTH:
-            return self._commit_rollups(name, buf.rollups[name], props)
+            deltas: dict[RollupKey, Acc] = {}
+            for wd in buf.rollups[name]:
+                _add_deltas(deltas, wd)
+            return self._commit_rollups(name, deltas, props)
         parts = buf.readings if name == "readings" else buf.dead_letters
         data = pa.concat_tables(parts) if parts else schema.empty_table()
-        table.append(data, snapshot_properties=props)
+        _append(table, data, props)
         self._tables[name] = table
         return int(data.num_rows)
 
@@ -661,6 +667,65 @@ class LakeSink:
         with table.transaction() as tx:
             tx.overwrite(data, overwrite_filter=where, snapshot_properties=props)
         return len(deltas)
+
+
+def _append(table: Table, data: pa.Table, props: dict[str, str]) -> None:
+    """Append ``data`` (exactly the table's arrow schema) as one snapshot with ``props``.
+
+    Why not ``Table.append``: for a partitioned table pyiceberg 0.12 filters the whole batch once per
+    partition (``_determine_partitions``), i.e. partitions x rows; here the rows are sorted by their
+    partition values once and each partition is a slice. The files are written and committed with
+    pyiceberg's own ``write_file`` and fast append.
+    """
+    import uuid
+
+    import pyarrow.compute as pc
+    from pyiceberg.io.pyarrow import bin_pack_arrow_table, pyarrow_to_schema, write_file
+    from pyiceberg.partitioning import PartitionFieldValue, PartitionKey
+    from pyiceberg.table import TableProperties, WriteTask
+    from pyiceberg.utils.properties import property_as_int
+
+    spec, schema, meta = table.spec(), table.schema(), table.metadata
+    if spec.is_unpartitioned() or data.num_rows == 0:
+        table.append(data, snapshot_properties=props)
+        return
+    target = property_as_int(meta.properties, TableProperties.WRITE_TARGET_FILE_SIZE_BYTES,
+                             TableProperties.WRITE_TARGET_FILE_SIZE_BYTES_DEFAULT) or 512 * 2**20
+    keys = {}
+    for i, f in enumerate(spec.fields):
+        source = schema.find_field(f.source_id)
+        keys[f"p{i}"] = f.transform.pyarrow_transform(source.field_type)(data.column(source.name))
+    part = pa_table(keys)
+    order = pc.sort_indices(part, sort_keys=[(k, "ascending") for k in keys])
+    data, part = data.take(order), part.take(order)
+    cols = [np.asarray(part.column(k).to_numpy(zero_copy_only=False)) for k in keys]
+    n = data.num_rows
+    change = np.zeros(n, dtype=bool)
+    change[0] = True
+    for c in cols:
+        change[1:] |= c[1:] != c[:-1]
+    starts = np.flatnonzero(change).tolist()
+    task_schema = pyarrow_to_schema(data.schema, name_mapping=schema.name_mapping,
+                                    format_version=meta.format_version)
+    write_uuid = uuid.uuid4()
+    tasks: list[WriteTask] = []
+    for s, e in zip(starts, [*starts[1:], n], strict=True):
+        key = PartitionKey(field_values=[PartitionFieldValue(field=f, value=c[s].item())
+                                         for f, c in zip(spec.fields, cols, strict=True)],
+                           partition_spec=spec, schema=schema)
+        for batches in bin_pack_arrow_table(data.slice(s, e - s), target):
+            tasks.append(WriteTask(write_uuid=write_uuid, task_id=len(tasks), record_batches=batches,
+                                   partition_key=key, schema=task_schema))
+    files = list(write_file(io=table.io, table_metadata=meta, tasks=iter(tasks)))
+    with table.transaction() as tx, tx.update_snapshot(snapshot_properties=props).fast_append() as append:
+        for data_file in files:
+            append.append_data_file(data_file)
+
+
+def pa_table(columns: Mapping[str, Any]) -> pa.Table:
+    import pyarrow as pa
+
+    return pa.table(dict(columns))
 
 
 def _check_schema(ident: str, table: Table, expected: Any) -> None:
