@@ -38,13 +38,14 @@ from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 import numpy as np
+from numpy.typing import NDArray
 
 from fieldmesh.core.batch import BatchResult, Position, WindowDeltas
 from fieldmesh.core.errors import ConfigError, FieldmeshError, MissingDependency
 from fieldmesh.core.exact import parse_exact
 from fieldmesh.core.model import DeadLetter
 from fieldmesh.core.settings import LakeSettings
-from fieldmesh.store.rollup import Acc, RollupKey, exact_columns, merge_acc
+from fieldmesh.store.rollup import exact_columns
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -326,29 +327,83 @@ def dead_letters_table(letters: Iterable[DeadLetter], schema: pa.Schema) -> pa.T
     return pa.Table.from_arrays([col.cast(f.type) for col, f in zip(cols, schema, strict=True)], schema=schema)
 
 
-def _add_deltas(into: dict[RollupKey, Acc], wd: WindowDeltas) -> None:
-    for k, acc in zip(zip(wd.device.tolist(), wd.metric.tolist(), wd.window_start_ms.tolist(), strict=True),
-                      zip(wd.count.tolist(), wd.sum_m.tolist(), wd.sum_e.tolist(), wd.min.tolist(),
-                          wd.max.tolist(), strict=True), strict=True):
-        old = into.get(k)
-        into[k] = list(acc) if old is None else merge_acc(old, list(acc))
+@dataclass(frozen=True, slots=True)
+class _Accs:
+    """Rollup accumulators as columns: per (device, metric, window_start_ms), the exact sum ``m * 2**e``."""
+
+    device: NDArray[np.object_]
+    metric: NDArray[np.object_]
+    window_start_ms: NDArray[np.int64]
+    count: NDArray[np.int64]
+    m: NDArray[np.object_]  # Python ints
+    e: NDArray[np.int64]
+    min: NDArray[np.float64]
+    max: NDArray[np.float64]
+
+    def __len__(self) -> int:
+        return len(self.window_start_ms)
+
+    @classmethod
+    def of(cls, wd: WindowDeltas) -> _Accs:
+        return cls(wd.device, wd.metric, wd.window_start_ms, wd.count, wd.sum_m, wd.sum_e, wd.min, wd.max)
 
 
-def _rollup_table(accs: Mapping[RollupKey, Acc], schema: pa.Schema) -> pa.Table:
+def _codes(values: NDArray[np.object_]) -> tuple[NDArray[np.object_], NDArray[np.int32]]:
+    """Distinct strings and each value's index among them (arrow's hash-based dictionary encoding: no sort)."""
     import pyarrow as pa
 
-    keys = list(accs)
-    vals = list(accs.values())
-    count = [int(a[0]) for a in vals]
-    sums, avgs, exact = exact_columns(count, [int(a[1]) for a in vals], [int(a[2]) for a in vals])
+    enc = pa.array(values, pa.large_string()).dictionary_encode()
+    distinct = np.empty(len(enc.dictionary), dtype=object)
+    distinct[:] = enc.dictionary.to_pylist()
+    return distinct, np.asarray(enc.indices.to_numpy(), dtype=np.int32)
+
+
+def _merge(parts: list[_Accs]) -> _Accs | None:
+    """One accumulator per key of ``parts``, merged exactly (columns at once: the exact sums are shifted to
+    their group's lowest exponent and added by numpy's object loops, not a Python step per entry)."""
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        return None
+
+    def cat(name: str) -> Any:
+        return np.concatenate([getattr(p, name) for p in parts])
+
+    device, metric, ws = cat("device"), cat("metric"), cat("window_start_ms")
+    dev_u, dev_i = _codes(device)
+    met_u, met_i = _codes(metric)
+    order = np.lexsort((ws, met_i, dev_i))
+    d, mt, w = dev_i[order], met_i[order], ws[order]
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = (d[1:] != d[:-1]) | (mt[1:] != mt[:-1]) | (w[1:] != w[:-1])
+    idx = np.flatnonzero(first)
+    group = np.cumsum(first) - 1
+    e = cat("e")[order].astype(np.int64)
+    e_min = np.minimum.reduceat(e, idx)
+    m = cat("m")[order]
+    shift = e - e_min[group]
+    if shift.any():
+        m = np.left_shift(m, shift.astype(object))
+    return _Accs(
+        dev_u[d[idx]].astype(object), met_u[mt[idx]].astype(object), w[idx],
+        np.add.reduceat(cat("count")[order].astype(np.int64), idx), np.add.reduceat(m, idx), e_min,
+        np.minimum.reduceat(cat("min")[order].astype(np.float64), idx),
+        np.maximum.reduceat(cat("max")[order].astype(np.float64), idx),
+    )
+
+
+def _rollup_table(accs: _Accs, schema: pa.Schema) -> pa.Table:
+    import pyarrow as pa
+
+    count = accs.count.tolist()
+    sums, avgs, exact = exact_columns(count, accs.m.tolist(), accs.e.tolist())
     cols = [
-        pa.array([k[0] for k in keys], pa.large_string()),
-        pa.array([k[1] for k in keys], pa.large_string()),
-        _ts([k[2] for k in keys]),
-        pa.array(count, pa.int64()),
+        pa.array(accs.device, pa.large_string()),
+        pa.array(accs.metric, pa.large_string()),
+        _ts(accs.window_start_ms),
+        pa.array(accs.count, pa.int64()),
         pa.array(sums, pa.float64()),
-        pa.array([float(a[3]) for a in vals], pa.float64()),
-        pa.array([float(a[4]) for a in vals], pa.float64()),
+        pa.array(accs.min, pa.float64()),
+        pa.array(accs.max, pa.float64()),
         pa.array(avgs, pa.float64()),
         pa.array(exact, pa.large_string()),
     ]
@@ -630,43 +685,41 @@ class LakeSink:
             return 0
         schema = self._arrow[name]
         if name in _ROLLUP_WIDTH:
-            deltas: dict[RollupKey, Acc] = {}
-            for wd in buf.rollups[name]:
-                _add_deltas(deltas, wd)
-            return self._commit_rollups(name, deltas, props)
+            return self._commit_rollups(name, [_Accs.of(wd) for wd in buf.rollups[name]], props)
         parts = buf.readings if name == "readings" else buf.dead_letters
         data = pa.concat_tables(parts) if parts else schema.empty_table()
         _append(table, data, props)
         self._tables[name] = table
         return int(data.num_rows)
 
-    def _commit_rollups(self, name: str, deltas: dict[RollupKey, Acc], props: dict[str, str]) -> int:
+    def _commit_rollups(self, name: str, deltas: list[_Accs], props: dict[str, str]) -> int:
         """Merge ``deltas`` into the rows of the windows they touch: read, merge exactly, overwrite."""
         from pyiceberg.expressions import In
 
         table = self._tables[name]
         schema = self._arrow[name]
-        if not deltas:
+        merged = _merge(deltas)
+        if merged is None:
             table.append(schema.empty_table(), snapshot_properties=props)
             return 0
-        starts = sorted({k[2] for k in deltas})
-        where = In(term="window_start", literals=[s * 1000 for s in starts])
+        where = In(term="window_start", literals=(np.unique(merged.window_start_ms) * 1000).tolist())
         old = table.scan(row_filter=where).to_arrow()
-        merged: dict[RollupKey, Acc] = {}
         if old.num_rows:
-            o = old.select(["device_id", "metric", "count", "min", "max", "sum_exact"]).to_pydict()
-            ws = (np.asarray(old.column("window_start").cast("int64").to_numpy()) // 1000).tolist()
-            for dev, metric, w, count, mn, mx, ex in zip(o["device_id"], o["metric"], ws, o["count"], o["min"],
-                                                         o["max"], o["sum_exact"], strict=True):
-                m, e = parse_exact(ex)
-                merged[(dev, metric, w)] = [count, m, e, mn, mx]
-        for k, acc in deltas.items():
-            prev = merged.get(k)
-            merged[k] = acc if prev is None else merge_acc(prev, acc)
+            m_e = [parse_exact(x) for x in old.column("sum_exact").to_pylist()]
+            m = np.empty(len(m_e), dtype=object)
+            m[:] = [x[0] for x in m_e]
+            merged = _merge([_Accs(
+                np.asarray(old.column("device_id").to_pylist(), dtype=object),
+                np.asarray(old.column("metric").to_pylist(), dtype=object),
+                np.asarray(old.column("window_start").cast("int64").to_numpy()) // 1000,
+                old.column("count").to_numpy(), m, np.array([x[1] for x in m_e], dtype=np.int64),
+                old.column("min").to_numpy(), old.column("max").to_numpy(),
+            ), merged])
+            assert merged is not None
         data = _rollup_table(merged, schema)
         with table.transaction() as tx:
             tx.overwrite(data, overwrite_filter=where, snapshot_properties=props)
-        return len(deltas)
+        return sum(len(d) for d in deltas)
 
 
 def _append(table: Table, data: pa.Table, props: dict[str, str]) -> None:
