@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -51,7 +52,7 @@ def _rows(catalog: Any, table: str) -> list[dict[str, Any]]:
 
 def test_kill_9_of_the_processor_during_lake_commits_loses_and_doubles_nothing(tmp_path: Path) -> None:
     prefix = f"lk{uuid.uuid4().hex[:6]}"
-    stream = make_stream(prefix, devices=12, per_device=120, seed=23)
+    stream = make_stream(prefix, devices=20, per_device=200, seed=23)
     msgs = stream["messages"]
     uniq = oracle.unique_readings(stream["sent"])
     data = tmp_path / "data"
@@ -61,11 +62,16 @@ def test_kill_9_of_the_processor_during_lake_commits_loses_and_doubles_nothing(t
     kills = 0
     try:
         c = publisher(up.mqtt_port)
-        chunks = 6
-        step = len(msgs) // chunks + 1
-        for i in range(chunks):
-            publish_all(c, msgs[i * step : (i + 1) * step])
-            time.sleep(rnd.uniform(1.1, 2.0))  # the processor is applying and the lake committing
+
+        def publish() -> None:  # a steady flow while the processor is killed: kills land mid-commit
+            for i in range(0, len(msgs), 40):
+                publish_all(c, msgs[i : i + 40])
+                time.sleep(0.05)
+
+        flow = threading.Thread(target=publish, name="devices")
+        flow.start()
+        for _ in range(6):
+            time.sleep(rnd.uniform(1.1, 2.0))  # > the 1 s start grace: a restart, not a failed start
             proc = _processor(up)
             if proc is not None:
                 os.kill(proc.pid, signal.SIGKILL)
@@ -73,6 +79,7 @@ def test_kill_9_of_the_processor_during_lake_commits_loses_and_doubles_nothing(t
             deadline = time.monotonic() + 60  # the supervisor restarts it
             while _processor(up) is None and time.monotonic() < deadline:
                 time.sleep(0.2)
+        flow.join()
         c.disconnect()
         up.wait_for(lambda s: s["stored"] >= len(uniq) and sum(s["lag"].values()) == 0, timeout_s=180)
         catalog = _lake(data)

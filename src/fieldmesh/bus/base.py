@@ -158,7 +158,7 @@ class Bus(Protocol):
         or unknown (a new consumer, a partition newly assigned, a changed assignment), and also where
         the group acknowledged records after them (a sink that buffers had not made them durable:
         they are delivered again). A partition with no record after its position never moves the
-        start back.
+        start back; position -1 means nothing applied (from the partition's first record).
         """
         ...
 

@@ -436,7 +436,9 @@ class NatsBus:
         if positions is not None and partitions is not None:
             pos = positions(sorted(partitions))
             start = 1 if not pos or len(pos) < len(set(partitions)) else min(pos.values()) + 1
-            rewind = await self._rewind_to(stream_name(topic), group, topic, pos)
+            # a partition never applied (absent) needs everything: as if applied through 0
+            rewind = await self._rewind_to(stream_name(topic), group, topic,
+                                           {p: pos.get(p, 0) for p in partitions})
         return await self.raw_consumer(stream_name(topic), group, subjects, topic=topic, start_seq=start,
                                        reset_pending=reset_pending, rewind_to=rewind)
 

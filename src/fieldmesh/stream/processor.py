@@ -119,13 +119,13 @@ class Processor:
     async def _consumer(self, topic: str, partitions: Sequence[int] | None, group: str) -> Consumer:
         def positions(parts: list[int]) -> dict[int, int]:
             # Read from the store: it is the truth, also for partitions another replica applied. A sink
-            # behind it resumes the bus earlier (a partition it never applied: from the start).
+            # behind it resumes the bus earlier (a partition it never applied: -1, from the start).
             stored = self.store.positions()
             self._positions.update(stored)
             out = {p: o for (t, p), o in stored.items() if t == topic and p in parts}
             for sink in self.sinks:
                 mine = sink.applied()
-                out = {p: min(o, mine[(topic, p)]) for p, o in out.items() if (topic, p) in mine}
+                out = {p: min(o, mine.get((topic, p), -1)) for p, o in out.items()}
             return out
 
         return await self.bus.consumer(topic, group=group, partitions=partitions, positions=positions)
