@@ -313,3 +313,42 @@ def test_catalog_urls() -> None:
     assert catalog_properties(LakeSettings(url="postgresql://h/db", warehouse="file:///w"), Path("/x"))["uri"] == (
         "postgresql+psycopg://h/db")
     assert READINGS_TOPIC
+
+
+def test_maintenance_inside_the_sink_compacts_closed_partitions_while_it_commits(tmp_path: Path) -> None:
+    import time
+
+    items, rs = sent(6, n=150)
+    recs = records(rs, [3])
+    hot = SqliteStore(f"sqlite:///{tmp_path / 'hot.db'}")
+    s = settings(commit_interval_s=0.1, maintenance_interval_s=1.0)
+    try:
+        sink = LakeSink(settings=s, data_dir=tmp_path)
+        p = Processor(bus=None, store=hot, settings=ProcessorSettings(), sinks=[sink])  # type: ignore[arg-type]
+        catalog = open_catalog(s, tmp_path)
+
+        def files() -> list[Any]:
+            return catalog.load_table("fieldmesh.readings").inspect.files().to_pylist()  # type: ignore[no-any-return]
+
+        step = len(recs) // 6 + 1
+        for i in range(0, len(recs), step):  # one commit per chunk: small files
+            p.apply_records(recs[i : i + step])
+            deadline = time.monotonic() + 30
+            while sink.applied() != hot.applied() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert sink.applied() == hot.applied()
+        before = files()
+        partitions = {tuple(f["partition"].values()) for f in before}
+        assert len(before) > len(partitions)  # several small files per partition
+        deadline = time.monotonic() + 60
+        while len(files()) > len(partitions) and time.monotonic() < deadline:
+            time.sleep(0.3)  # the next commit after the interval runs the maintenance
+            p.apply_records(recs[-1:])  # a redelivery: skipped, but nothing to commit either
+            if sink.lag_ms() == 0 and len(files()) > len(partitions):
+                p2 = records(rs[:1], [1], start=10_000)  # something new for a commit
+                p.apply_records(p2)
+        assert len(files()) == len(partitions)  # every day of these readings is closed: one file each
+        sink.close()
+        assert_lake_oracle(catalog, items)
+    finally:
+        hot.close()

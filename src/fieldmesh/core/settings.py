@@ -251,7 +251,9 @@ class LakeSettings(BaseModel, frozen=True):
     target_file_mb: int = Field(128, ge=1, description=(
         "compaction rewrites a partition's small files into files of about this size"))
     snapshot_max_age_s: float = Field(7 * 86400.0, gt=0, description=(
-        "'fieldmesh lake expire' drops snapshots older than this"))
+        "'fieldmesh lake expire' and the maintenance inside 'up' drop snapshots older than this"))
+    maintenance_interval_s: float = Field(3600.0, ge=0, description=(
+        "inside 'up', the lake sink expires old snapshots and compacts closed partitions this often (0: never)"))
 
 
 class Settings(BaseSettings):

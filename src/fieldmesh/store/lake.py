@@ -456,6 +456,7 @@ class LakeSink:
         self._closing = False
         self._error: BaseException | None = None
         self._last_commit_s = 0.0
+        self._maintained = time.monotonic()  # the first maintenance runs one interval after the start
         self.commits = 0  # flushes committed by this instance
         self.rows_committed = 0
         self.last_commit_ms: int | None = None
@@ -625,6 +626,7 @@ class LakeSink:
                 buf = self._take()
             try:
                 self._commit(buf)
+                self._maintain()
             except BaseException as exc:  # a schema conflict or a bug: the next write raises it
                 log.exception("lake commit failed for good")
                 with self._cond:
@@ -668,6 +670,28 @@ class LakeSink:
             self.rows_committed += rows
             self.last_commit_ms = int(time.time() * 1000)
         log.debug("lake flush %d: %d rows in %.2fs", flush, rows, self._last_commit_s)
+
+    def _maintain(self) -> None:
+        """Every ``maintenance_interval_s``, between commits: expire old snapshots and compact the small
+        files of closed partitions (days before today; the month before this one for ``rollup_1h``).
+        Failures are logged and retried at the next interval: they never stop the sink."""
+        s = self.settings
+        now = time.monotonic()
+        if s.maintenance_interval_s <= 0 or now - self._maintained < s.maintenance_interval_s:
+            return
+        self._maintained = now
+        try:
+            expired = expire(self.catalog, s.namespace, older_than_s=s.snapshot_max_age_s)
+            today_ms = int(time.time() // 86_400) * 86_400_000
+            compacted = compact(self.catalog, s.namespace, target_file_mb=s.target_file_mb,
+                                closed_before_ms=today_ms)
+            for name in TABLES:
+                self._reload(name)
+            log.info("lake maintenance: expired %s snapshots, compacted %s", sum(expired.values()),
+                     {k: v["partitions"] for k, v in compacted.items() if v["partitions"]})
+        except Exception as exc:
+            log.warning("lake maintenance failed (%s: %s); trying again in %.0fs", type(exc).__name__, exc,
+                        s.maintenance_interval_s)
 
     def _reload(self, name: str) -> None:
         try:
@@ -806,12 +830,15 @@ def _carry(table: Table) -> dict[str, str]:
 
 
 def compact(catalog: Catalog, namespace: str, *, target_file_mb: int = 128, tables: Iterable[str] = TABLES,
-            min_files: int = 2, retries: int = 10) -> dict[str, dict[str, int]]:
+            min_files: int = 2, retries: int = 10, closed_before_ms: int | None = None,
+            ) -> dict[str, dict[str, int]]:
     """Rewrite each partition's small files into files of about ``target_file_mb``.
 
     Per partition with at least ``min_files`` files below the target: read them and overwrite the
     partition with the same rows in one commit, which carries the sink's flush properties forward. A
     concurrent sink commit makes this commit fail; the partition is then read again and retried.
+    ``closed_before_ms``: only partitions whose time range ends by then (the schedule inside ``up``
+    leaves the day being written alone).
 
     Returns:
         Per table: partitions rewritten, files before and after.
@@ -829,6 +856,8 @@ def compact(catalog: Catalog, namespace: str, *, target_file_mb: int = 128, tabl
         groups = _small_files(table, target)
         for part, paths in groups.items():
             if len(paths) < min_files:
+                continue
+            if closed_before_ms is not None and _partition_end_ms(table, part) > closed_before_ms:
                 continue
             for attempt in range(retries):
                 table = catalog.load_table(ident)
@@ -864,6 +893,22 @@ def _small_files(table: Table, target: float) -> dict[tuple[Any, ...], list[str]
         if f.file_size_in_bytes < target:
             groups.setdefault(tuple(f.partition), []).append(f.file_path)  # type: ignore[arg-type]
     return groups
+
+
+def _partition_end_ms(table: Table, part: tuple[Any, ...]) -> int:
+    """When the time range of a partition ends (ms; a partition without a time transform never ends)."""
+    import datetime as dt
+
+    from pyiceberg.transforms import DayTransform, MonthTransform
+
+    end = 2**62
+    for field, value in zip(table.spec().fields, part, strict=True):
+        if isinstance(field.transform, DayTransform):
+            end = min(end, (int(value) + 1) * 86_400_000)
+        elif isinstance(field.transform, MonthTransform):
+            y, m = divmod(int(value) + 1, 12)
+            end = min(end, int(dt.datetime(1970 + y, m + 1, 1, tzinfo=dt.UTC).timestamp() * 1000))
+    return end
 
 
 def _partition_filter(table: Table, part: tuple[Any, ...]) -> Any:
