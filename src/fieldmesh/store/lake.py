@@ -609,8 +609,9 @@ class LakeSink:
         s = self.settings
         if b.rows >= s.commit_rows or b.nbytes >= s.commit_bytes:
             return 0.0
-        # start early by the last commit's duration, so data is visible within the interval
-        lead = min(self._last_commit_s, s.commit_interval_s / 2)
+        # start early by the last commit's duration (at least 1 s, at most half the interval), so that data
+        # is visible within the interval of being stored: commits are then that much less than an interval apart
+        lead = min(max(self._last_commit_s, 1.0), s.commit_interval_s / 2)
         return max(0.0, b.since + s.commit_interval_s - lead - time.monotonic())
 
     def _run(self) -> None:
