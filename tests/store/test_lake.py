@@ -352,3 +352,31 @@ def test_maintenance_inside_the_sink_compacts_closed_partitions_while_it_commits
         assert_lake_oracle(catalog, items)
     finally:
         hot.close()
+
+
+def test_lake_info_json_is_what_a_pyiceberg_client_needs(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from pyiceberg.catalog import load_catalog
+
+    items, rs = sent(8, n=40)
+    hot = SqliteStore(f"sqlite:///{tmp_path / 'hot.db'}")
+    try:
+        sink = LakeSink(settings=settings(), data_dir=tmp_path)
+        Processor(bus=None, store=hot, settings=ProcessorSettings(), sinks=[sink]).apply_records(  # type: ignore[arg-type]
+            records(rs, [5]))
+        sink.close()
+        positions = {f"{t}:{p}": o for (t, p), o in hot.applied().items()}
+    finally:
+        hot.close()
+    src = Path(__file__).resolve().parents[2] / "src"
+    out = subprocess.run([sys.executable, "-m", "fieldmesh", "lake", "info", "--json", "--data-dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120, check=True,
+                         env={**os.environ, "PYTHONPATH": str(src)})
+    info = json.loads(out.stdout)
+    assert info["tables"]["fieldmesh.readings"]["positions"] == positions
+    # a plain pyiceberg client, nothing of fieldmesh (an SQL catalog keeps tables per catalog name)
+    cat = load_catalog(info["catalog_name"], **info["catalog"])
+    assert cat.load_table("fieldmesh.readings").scan().to_arrow().num_rows == len(oracle.unique_readings(items))

@@ -33,6 +33,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from dataclasses import field as dc_field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -64,6 +65,7 @@ PROP_FLUSH: Final = "fieldmesh.flush"
 PROP_POSITIONS: Final = "fieldmesh.positions"
 _ROLLUP_WIDTH: Final = {"rollup_1m": 60_000, "rollup_1h": 3_600_000}
 _RETRY_MAX_S: Final = 30.0
+_ROW_BYTES: Final = 160  # a reading's arrow bytes besides its measurements (the buffer's estimate)
 _SECRET_WORDS: Final = ("secret", "token", "credential", "password", "key")
 _json = msgspec.json.Encoder()
 
@@ -143,7 +145,7 @@ def lake_info(settings: LakeSettings, data_dir: Path, *, show_secrets: bool = Fa
             "flush": flush,
             "positions": {f"{tp}:{p}": o for (tp, p), o in sorted(positions.items())},
         }
-    return {"catalog": {"name": "fieldmesh", **(props if show_secrets else _masked(props))},
+    return {"catalog_name": "fieldmesh", "catalog": props if show_secrets else _masked(props),
             "namespace": settings.namespace, "tables": tables}
 
 
@@ -415,13 +417,14 @@ def _rollup_table(accs: _Accs, schema: pa.Schema) -> pa.Table:
 
 @dataclass
 class _Buffer:
-    readings: list[pa.Table]
-    dead_letters: list[pa.Table]
+    readings: list[BatchResult]  # converted to arrow by the commit, off the processor's thread
+    dead_letters: list[DeadLetter]
     rollups: dict[str, list[WindowDeltas]]  # merged by the commit, off the processor's thread
     positions: dict[Position, int]
     rows: int = 0
     nbytes: int = 0
     since: float | None = None  # monotonic time of the oldest result in it
+    arrow: dict[str, pa.Table] = dc_field(default_factory=dict)  # converted by the commit
 
     @classmethod
     def empty(cls, positions: Mapping[Position, int]) -> _Buffer:
@@ -529,9 +532,6 @@ class LakeSink:
             seen = self._buf.positions
             if all(o <= seen.get(p, -1) for p, o in result.positions.items()):
                 return False
-        readings = readings_table(result, self._arrow["readings"]) if len(result.new) else None
-        letters = (dead_letters_table(result.dead_letters, self._arrow["dead_letters"])
-                   if result.dead_letters else None)
         s = self.settings
         with self._cond:
             # bounded: twice the commit thresholds while a commit is under way
@@ -539,14 +539,14 @@ class LakeSink:
                 self._buf.rows >= 2 * s.commit_rows or self._buf.nbytes >= 2 * s.commit_bytes))
             self._raise_error()
             b = self._buf
-            if readings is not None:
-                b.readings.append(readings)
-                b.rows += readings.num_rows
-                b.nbytes += readings.nbytes
-            if letters is not None:
-                b.dead_letters.append(letters)
-                b.rows += letters.num_rows
-                b.nbytes += letters.nbytes
+            if n := len(result.new):
+                b.readings.append(result)
+                b.rows += n
+                b.nbytes += n * _ROW_BYTES + len(result.new.m_value) * 24  # about its arrow size
+            if result.dead_letters:
+                b.dead_letters.extend(result.dead_letters)
+                b.rows += len(result.dead_letters)
+                b.nbytes += sum(len(d.payload) + len(d.detail) + 64 for d in result.dead_letters)
             for interval, wd in result.windows.items():
                 name = f"rollup_{interval}"
                 if name in b.rollups and len(wd):
@@ -711,8 +711,14 @@ class LakeSink:
         schema = self._arrow[name]
         if name in _ROLLUP_WIDTH:
             return self._commit_rollups(name, [_Accs.of(wd) for wd in buf.rollups[name]], props)
-        parts = buf.readings if name == "readings" else buf.dead_letters
-        data = pa.concat_tables(parts) if parts else schema.empty_table()
+        data = buf.arrow.get(name)
+        if data is None:  # kept for a retry
+            if name == "readings":
+                parts = [readings_table(r, schema) for r in buf.readings]
+                data = pa.concat_tables(parts) if parts else schema.empty_table()
+            else:
+                data = dead_letters_table(buf.dead_letters, schema)
+            buf.arrow[name] = data
         _append(table, data, props)
         self._tables[name] = table
         return int(data.num_rows)
