@@ -380,3 +380,32 @@ def test_lake_info_json_is_what_a_pyiceberg_client_needs(tmp_path: Path) -> None
     # a plain pyiceberg client, nothing of fieldmesh (an SQL catalog keeps tables per catalog name)
     cat = load_catalog(info["catalog_name"], **info["catalog"])
     assert cat.load_table("fieldmesh.readings").scan().to_arrow().num_rows == len(oracle.unique_readings(items))
+
+
+def test_commits_failing_meanwhile_are_retried_until_the_lake_takes_them(tmp_path: Path) -> None:
+    import shutil
+    import time
+
+    items, rs = sent(10, n=80)
+    recs = records(rs, [4])
+    hot = SqliteStore(f"sqlite:///{tmp_path / 'hot.db'}")
+    s = settings(commit_interval_s=0.1)
+    try:
+        sink = LakeSink(settings=s, data_dir=tmp_path)
+        p = Processor(bus=None, store=hot, settings=ProcessorSettings(), sinks=[sink])  # type: ignore[arg-type]
+        warehouse = tmp_path / "lake" / "warehouse"
+        shutil.move(warehouse, tmp_path / "aside")
+        warehouse.write_text("not a directory")  # every data file write fails now
+        p.apply_records(recs)  # the hot store commits; the processor is not held up
+        time.sleep(2.0)
+        assert sink.applied() == {} and sink.lag_ms() > 1000  # not committed, the lag shows
+        warehouse.unlink()
+        shutil.move(tmp_path / "aside", warehouse)
+        deadline = time.monotonic() + 90  # the backoff is capped at 30 s
+        while sink.applied() != hot.applied() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert sink.applied() == hot.applied()
+        sink.close()
+        assert_lake_oracle(open_catalog(s, tmp_path), items)
+    finally:
+        hot.close()

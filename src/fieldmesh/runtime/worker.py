@@ -126,7 +126,11 @@ async def run_processor(
                 await enrichment.run(bus, proc.run, stop, follower_group=follower_group(group, partitions))
     finally:
         for sink in sinks:
-            sink.close()
+            try:
+                sink.close()
+            except Exception:
+                log.exception("sink %s did not close cleanly: what it had not committed comes again from the bus "
+                              "at the next start", sink.name)
         store.close()
 
 

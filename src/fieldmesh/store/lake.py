@@ -456,6 +456,7 @@ class LakeSink:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._flushing = False
+        self._inflight_since: float | None = None  # the oldest result of the commit under way
         self._closing = False
         self._error: BaseException | None = None
         self._last_commit_s = 0.0
@@ -584,8 +585,8 @@ class LakeSink:
     def lag_ms(self) -> int:
         """Age of the oldest buffered (not yet committed) result, in ms (0: nothing waiting)."""
         with self._lock:
-            since = self._buf.since
-        return 0 if since is None else int((time.monotonic() - since) * 1000)
+            since = [t for t in (self._inflight_since, self._buf.since) if t is not None]
+        return int((time.monotonic() - min(since)) * 1000) if since else 0
 
     # -- committing --------------------------------------------------------------------------------
 
@@ -597,6 +598,7 @@ class LakeSink:
         """Swap the buffer out for a commit (the lock is held)."""
         buf = self._buf
         self._buf = _Buffer.empty(buf.positions)
+        self._inflight_since = buf.since
         self._flushing = True
         self._cond.notify_all()
         return buf
@@ -654,6 +656,8 @@ class LakeSink:
                     except Exception as exc:
                         # catalog unreachable, a conflict with a concurrent compaction: reload and retry
                         attempt += 1
+                        if self._closing and attempt > 3:  # stopping: the bus replays this flush at the next start
+                            raise LakeError(f"lake commit of {name} still failing at shutdown: {exc}") from exc
                         delay = min(_RETRY_MAX_S, 0.2 * 2**attempt)
                         log.warning("lake commit of %s failed (%s: %s); retrying in %.1fs (try %d)", name,
                                     type(exc).__name__, exc, delay, attempt)
@@ -663,6 +667,8 @@ class LakeSink:
             with self._cond:
                 self._flushing = False
                 self._cond.notify_all()
+        with self._cond:
+            self._inflight_since = None
         with self._cond:
             self._flush = flush
             self._committed = dict(buf.positions)
