@@ -754,6 +754,9 @@ class LakeSink:
             ), merged])
             assert merged is not None
         data = _rollup_table(merged, schema)
+        if not old.num_rows:  # windows new to the table: nothing to replace
+            _append(table, data, props)
+            return sum(len(d) for d in deltas)
         with table.transaction() as tx:
             tx.overwrite(data, overwrite_filter=where, snapshot_properties=props)
         return sum(len(d) for d in deltas)
