@@ -108,3 +108,18 @@ def test_kill_9_of_the_processor_during_lake_commits_loses_and_doubles_nothing(t
             g = have[k]
             assert (g["count"], g["sum"], g["min"], g["max"], g["avg"]) == (
                 e["count"], e["sum"], e["min"], e["max"], e["avg"]), k
+
+
+def test_up_with_no_lake_writes_none(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    up = Up(data, "--no-lake").start()
+    try:
+        c = publisher(up.mqtt_port)
+        stream = make_stream(f"nl{uuid.uuid4().hex[:6]}", devices=2, per_device=10, seed=3)
+        publish_all(c, stream["messages"])
+        c.disconnect()
+        up.wait_for(lambda s: s["stored"] >= len(oracle.unique_readings(stream["sent"])))
+        assert "lake" not in up.get("/health")
+    finally:
+        assert up.stop() == 0, up.tail()
+    assert not (data / "lake").exists()

@@ -379,6 +379,11 @@ def test_lake_info_json_is_what_a_pyiceberg_client_needs(tmp_path: Path) -> None
     assert info["tables"]["fieldmesh.readings"]["positions"] == positions
     # a plain pyiceberg client, nothing of fieldmesh (an SQL catalog keeps tables per catalog name)
     cat = load_catalog(info["catalog_name"], **info["catalog"])
+    for cmd in (["compact"], ["expire", "--older-than-s", "0", "--keep-last", "1"]):
+        done = subprocess.run([sys.executable, "-m", "fieldmesh", "lake", *cmd, "--json", "--data-dir", str(tmp_path)],
+                              capture_output=True, text=True, timeout=120, check=True,
+                              env={**os.environ, "PYTHONPATH": str(src)})
+        assert set(json.loads(done.stdout)) == set(info["tables"]), done.stdout
     assert cat.load_table("fieldmesh.readings").scan().to_arrow().num_rows == len(oracle.unique_readings(items))
 
 
