@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import threading
 import time
 from dataclasses import dataclass
@@ -126,20 +127,18 @@ class Provisioner:
                                                           "'certificate' (with 'signature') beside 'csr'", status=401)
             parsed, device_id = self.ca.load_csr(csr)
             der = parsed.public_bytes(serialization.Encoding.DER)
+            groups: tuple[str, ...] = ()
             if token:
-                method, via, groups = "token", self._check_token(token, device_id), ()
+                method, via = "token", self._check_token(token, device_id)
             elif claim_certificate:
                 rec = self._check_claim(claim_certificate, _signature(signature), der, device_id)
                 method, via, groups = "claim", f"claim:{rec.name}", rec.groups
             else:
                 assert certificate is not None
-                method, via, groups = "rotation", self._check_current(certificate, _signature(signature), der,
-                                                                      device_id), ()
+                method, via = "rotation", self._check_current(certificate, _signature(signature), der, device_id)
             if self.registry.get(device_id) is None:
-                try:
+                with contextlib.suppress(ConflictError):  # registered meanwhile by a concurrent request
                     self.registry.add(device_id, groups=groups, actor=via)
-                except ConflictError:
-                    pass  # registered meanwhile by a concurrent request: it is active, as made
             issued = self.ca.issue_device(parsed, device_id)
             self.registry.add_certificate(Certificate(
                 serial=issued.serial, device_id=device_id, subject=issued.subject, fingerprint=issued.fingerprint,

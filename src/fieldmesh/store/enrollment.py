@@ -143,12 +143,14 @@ class EnrollmentStore(HotTables):
         tok = EnrollmentToken(id=secrets.token_hex(6), device_id=device_id, created_ms=now, created_by=actor,
                               expires_ms=now + ttl_ms)
         with self._tx() as con:
-            con.execute(self._sql(f"INSERT INTO enrollment_tokens (sha256, {_TOKEN_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?)"),
+            con.execute(self._sql(f"INSERT INTO enrollment_tokens (sha256, {_TOKEN_COLS})"
+                                  " VALUES (?, ?, ?, ?, ?, ?, ?)"),
                         (_sha256(secret), tok.id, device_id, now, actor, tok.expires_ms, None))
             self._audit(con, actor, "token.create", device_id, {"token": tok.id, "expires_ms": tok.expires_ms})
         return tok, secret
 
-    def spend_token(self, secret: str, *, device_id: str, now_ms: int | None = None) -> tuple[str, EnrollmentToken | None]:
+    def spend_token(self, secret: str, *, device_id: str,
+                    now_ms: int | None = None) -> tuple[str, EnrollmentToken | None]:
         """Spend ``secret`` for ``device_id``: ``("ok", token)`` once, then ``("used", token)``; else
         ``("unknown", None)``, ``("expired", token)`` or ``("device_mismatch", token)`` (not spent).
 
@@ -229,8 +231,8 @@ class EnrollmentStore(HotTables):
             for r in rows:
                 rec = _row_claim(r)
                 if rec.revoked_ms is None:
-                    con.execute(self._sql("UPDATE claim_certificates SET revoked_ms = ?, revoked_by = ? WHERE serial = ?"),
-                                (now, actor, rec.serial))
+                    con.execute(self._sql("UPDATE claim_certificates SET revoked_ms = ?, revoked_by = ?"
+                                          " WHERE serial = ?"), (now, actor, rec.serial))
                     self._audit(con, actor, "claim.revoke", rec.name, {"serial": rec.serial})
                     rec = ClaimRecord(**{**rec.__dict__, "revoked_ms": now, "revoked_by": actor})
                 out.append(rec)
