@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from fieldmesh.control.ca import CertificateAuthority, CertificateRefused, IssuedCertificate, verify_signature
@@ -33,7 +34,7 @@ from fieldmesh.core.errors import ConflictError, NotFoundError
 from fieldmesh.store.enrollment import TOKEN_OK, ClaimRecord, EnrollmentStore, EnrollmentToken
 from fieldmesh.store.registry import Certificate, Device, DeviceRegistry
 
-__all__ = ["REFUSAL_REASONS", "ProvisionResult", "Provisioner"]
+__all__ = ["REFUSAL_REASONS", "Grant", "ProvisionResult", "Provisioner"]
 
 #: Why a provisioning request is refused (``refused:<reason>`` counts, the ``reason`` of a 4xx answer).
 REFUSAL_REASONS: Final = (
@@ -42,6 +43,18 @@ REFUSAL_REASONS: Final = (
 )
 _TOKEN_STATUS: Final = {"unknown": ("token_unknown", 401), "used": ("token_used", 401),
                         "expired": ("token_expired", 401), "device_mismatch": ("device_mismatch", 403)}
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A checked request: the CSR, its device, how it proved itself (``via``: the audit actor)."""
+
+    csr: x509.CertificateSigningRequest
+    device_id: str
+    method: str  # "token" | "claim" | "rotation"
+    via: str  # token:<id> | claim:<name> | device:<id>
+    groups: tuple[str, ...] = ()  # a device registered by a claim joins these
+    peer: str = ""
 
 
 @dataclass(frozen=True)
@@ -114,7 +127,18 @@ class Provisioner:
     # -- provisioning ----------------------------------------------------------------------------
     def provision(self, *, csr: str, token: str | None = None, claim_certificate: str | None = None,
                   certificate: str | None = None, signature: str | None = None, peer: str = "") -> ProvisionResult:
-        """Issue a certificate for ``csr`` against one proof (module docstring); count and audit the outcome.
+        """Issue a certificate for ``csr`` against one proof (module docstring): :meth:`authorize`, then :meth:`issue`.
+
+        Raises:
+            CertificateRefused: the request is refused (``reason``, ``status``); counted as ``refused:<reason>``.
+        """
+        grant = self.authorize(csr=csr, token=token, claim_certificate=claim_certificate, certificate=certificate,
+                               signature=signature, peer=peer)
+        return self.issue(grant)
+
+    def authorize(self, *, csr: str, token: str | None = None, claim_certificate: str | None = None,
+                  certificate: str | None = None, signature: str | None = None, peer: str = "") -> Grant:
+        """Check the CSR and its proof (a token is spent here); a refusal is counted and audited.
 
         Raises:
             CertificateRefused: the request is refused (``reason``, ``status``); counted as ``refused:<reason>``.
@@ -136,23 +160,28 @@ class Provisioner:
             else:
                 assert certificate is not None
                 method, via = "rotation", self._check_current(certificate, _signature(signature), der, device_id)
-            if self.registry.get(device_id) is None:
-                with contextlib.suppress(ConflictError):  # registered meanwhile by a concurrent request
-                    self.registry.add(device_id, groups=groups, actor=via)
-            issued = self.ca.issue_device(parsed, device_id)
-            self.registry.add_certificate(Certificate(
-                serial=issued.serial, device_id=device_id, subject=issued.subject, fingerprint=issued.fingerprint,
-                not_before_ms=issued.not_before_ms, not_after_ms=issued.not_after_ms, revoked_ms=None,
-                pem=issued.pem), actor=via)
         except CertificateRefused as exc:
             self.enrollment.count(f"refused:{exc.reason}", actor=f"device:{device_id or '?'}",
                                   target=device_id or "?", detail={"reason": exc.reason, "detail": exc.detail,
                                                                    "peer": peer})
             raise
+        return Grant(csr=parsed, device_id=device_id, method=method, via=via, groups=groups, peer=peer)
+
+    def issue(self, grant: Grant) -> ProvisionResult:
+        """Issue the certificate :meth:`authorize` granted; register the device if it is not; count and audit."""
+        device_id, via = grant.device_id, grant.via
+        if self.registry.get(device_id) is None:
+            with contextlib.suppress(ConflictError):  # registered meanwhile by a concurrent request
+                self.registry.add(device_id, groups=grant.groups, actor=via)
+        issued = self.ca.issue_device(grant.csr, device_id)
+        self.registry.add_certificate(Certificate(
+            serial=issued.serial, device_id=device_id, subject=issued.subject, fingerprint=issued.fingerprint,
+            not_before_ms=issued.not_before_ms, not_after_ms=issued.not_after_ms, revoked_ms=None,
+            pem=issued.pem), actor=via)
         self.enrollment.count("issued", actor=via, target=device_id, detail={
-            "method": method, "serial": issued.serial, "not_after_ms": issued.not_after_ms, "peer": peer})
+            "method": grant.method, "serial": issued.serial, "not_after_ms": issued.not_after_ms, "peer": grant.peer})
         self.refresh_crl()
-        return ProvisionResult(certificate=issued, chain=self.ca.chain_pem(), method=method)
+        return ProvisionResult(certificate=issued, chain=self.ca.chain_pem(), method=grant.method)
 
     def _active(self, device_id: str) -> Device | None:
         dev = self.registry.get(device_id)
