@@ -333,7 +333,7 @@ def api(
         _fail(exc)
         return
     err.print(f"API on {'https' if tls_cert else 'http'}://{host}:{http_port}/api/v1 ({access.describe()})")
-    uvicorn.run(create_app(url, access=access), host=host, port=http_port, log_level="warning",
+    uvicorn.run(create_app(url, access=access, ca_dir=data_dir / "ca"), host=host, port=http_port, log_level="warning",
                 ssl_certfile=tls_cert, ssl_keyfile=tls_key)
 
 
@@ -446,7 +446,7 @@ def keys_revoke(
 
 
 # Sub-command groups contributed by other stages, registered when their modules are present.
-for _name, _module in (("cdc", "fieldmesh.cli.cdc"), ("edge", "fieldmesh.edge.cli")):
+for _name, _module in (("cdc", "fieldmesh.cli.cdc"), ("edge", "fieldmesh.edge.cli"), ("ca", "fieldmesh.cli.ca")):
     try:
         _sub = importlib.import_module(_module)
     except ImportError:

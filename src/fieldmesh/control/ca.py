@@ -53,6 +53,7 @@ __all__ = [
     "generate_key",
     "serial_hex",
     "verify_signature",
+    "write_file",
 ]
 
 KEY_TYPES: Final = ("ec-p256", "ec-p384", "rsa-3072", "ed25519")
@@ -183,7 +184,7 @@ def _cert_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def _write(path: Path, data: bytes, *, private: bool = False) -> None:
+def write_file(path: Path, data: bytes, *, private: bool = False) -> None:
     """Write atomically (a reader never sees half a file); private files are 0600 from their creation."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o644)
@@ -388,21 +389,21 @@ class CertificateAuthority:
         csubject = x509.Name([org, x509.NameAttribute(NameOID.COMMON_NAME, f"{name} claim CA")])
         claim = _ca_cert(csubject, ckey, issuer=None, issuer_key=ckey, days=policy.root_days, path_length=0)
 
-        _write(ca_dir / "root.pem", _cert_pem(root))
+        write_file(ca_dir / "root.pem", _cert_pem(root))
         if root_key_obj is not None:
-            _write(ca_dir / "root.key", _key_pem(root_key_obj), private=True)
+            write_file(ca_dir / "root.key", _key_pem(root_key_obj), private=True)
         else:
             with contextlib.suppress(FileNotFoundError):
                 (ca_dir / "root.key").unlink()  # a --force over a CA fieldmesh made: that root is gone
-        _write(ca_dir / "issuing.key", _key_pem(ikey), private=True)
-        _write(ca_dir / "issuing.pem", _cert_pem(issuing))
-        _write(ca_dir / "claim-ca.key", _key_pem(ckey), private=True)
-        _write(ca_dir / "claim-ca.pem", _cert_pem(claim))
+        write_file(ca_dir / "issuing.key", _key_pem(ikey), private=True)
+        write_file(ca_dir / "issuing.pem", _cert_pem(issuing))
+        write_file(ca_dir / "claim-ca.key", _key_pem(ckey), private=True)
+        write_file(ca_dir / "claim-ca.pem", _cert_pem(claim))
         ca = cls(ca_dir, policy=policy, issuing_cert=issuing, issuing_key=ikey,
                  chain=[c for c in chain if c != issuing], claim_cert=claim, claim_key=ckey)
-        _write(ca.bundle_path, ca.chain_pem().encode())
+        write_file(ca.bundle_path, ca.chain_pem().encode())
         ca.write_crl([])
-        _write(ca_dir / "ca.json", json.dumps({"version": 1, "name": name, **asdict(policy)}, indent=2).encode())
+        write_file(ca_dir / "ca.json", json.dumps({"version": 1, "name": name, **asdict(policy)}, indent=2).encode())
         return ca
 
     @classmethod
@@ -619,7 +620,7 @@ class CertificateAuthority:
                 x509.RevokedCertificateBuilder().serial_number(int(serial, 16))
                 .revocation_date(dt.datetime.fromtimestamp(revoked_ms / 1000, dt.UTC)).build())
         crl = b.sign(self.issuing_key, _hash_for(self.issuing_key))  # type: ignore[arg-type]
-        _write(self.crl_path, crl.public_bytes(serialization.Encoding.PEM))
+        write_file(self.crl_path, crl.public_bytes(serialization.Encoding.PEM))
         return self.crl_path
 
     def crl_due(self, *, now_ms: int | None = None) -> bool:
