@@ -26,6 +26,7 @@ from cryptography.x509.verification import PolicyBuilder, Store
 
 from fieldmesh.api.app import create_app
 from fieldmesh.api.auth import Access
+from fieldmesh.api.provision import ProvisionService
 from fieldmesh.control.ca import CertificateAuthority
 from fieldmesh.control.provision import Provisioner
 from fieldmesh.edge.provision import ProvisionError, build_csr, new_key, provision, sign
@@ -332,3 +333,21 @@ def test_no_ca_is_a_503_naming_the_command(store_url: str, tmp_path: Path) -> No
     finally:
         for close in closers:
             close()
+
+
+def test_the_api_rewrites_a_crl_past_half_its_life(store_url: str, tmp_path: Path) -> None:
+    ca = CertificateAuthority.init(tmp_path / "ca")  # crl_days 7
+    week_ago = int(time.time() * 1000) - 5 * 86_400_000
+    ca.write_crl([], now_ms=week_ago)  # 5 of its 7 days gone: due
+    assert ca.crl_due()
+    service = ProvisionService(store_url, tmp_path / "ca")
+    service.start_crl_refresher(interval_s=0.1)
+    try:
+        deadline = time.monotonic() + 60
+        while ca.crl_due():
+            assert time.monotonic() < deadline, "the CRL was not rewritten"
+            time.sleep(0.1)
+        crl = x509.load_pem_x509_crl(ca.crl_path.read_bytes())
+        assert abs(crl.last_update_utc.timestamp() - time.time()) < 120
+    finally:
+        service.close()

@@ -10,6 +10,7 @@ the ordinary role guard.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,6 +30,8 @@ from fieldmesh.core.errors import FieldmeshError, NotFoundError
 from fieldmesh.core.topics import DEVICE_ID_RE
 
 __all__ = ["DEVICE_ROUTES", "ProvisionService", "add_provision_routes"]
+
+log = logging.getLogger(__name__)
 
 #: Routes whose caller is a device proving itself with the request body (no API key, no role).
 DEVICE_ROUTES: Final = frozenset({"/api/v1/provision"})
@@ -129,6 +132,8 @@ class ProvisionService:
         self.ca_dir = ca_dir
         self._prov = provisioner
         self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._refresher: threading.Thread | None = None
 
     def available(self) -> bool:
         """Whether a CA exists (or a provisioner was given)."""
@@ -147,8 +152,27 @@ class ProvisionService:
                     raise HTTPException(503, f"provisioning unavailable: {exc}") from None
             return self._prov
 
+    def start_crl_refresher(self, interval_s: float = 600.0) -> None:
+        """Look every ``interval_s`` whether ``crl.pem`` is past half its validity, and rewrite it then, so
+        doors reading it never see it expire while the API runs (a thread, stopped by :meth:`close`)."""
+
+        def loop() -> None:
+            while not self._stop.wait(interval_s):
+                if self.available():
+                    try:
+                        self.get().refresh_crl()
+                    except Exception as exc:  # the store or disk is down: say so, try again later
+                        log.warning("cannot rewrite the CRL: %s", exc)
+
+        if self._refresher is None:
+            self._refresher = threading.Thread(target=loop, name="crl-refresher", daemon=True)
+            self._refresher.start()
+
     def close(self) -> None:
-        """Close the provisioner this service opened."""
+        """Stop the CRL refresher; close the provisioner this service opened."""
+        self._stop.set()
+        if self._refresher is not None:
+            self._refresher.join(10)
         if self._prov is not None:
             self._prov.close()
 

@@ -333,8 +333,13 @@ def api(
         _fail(exc)
         return
     err.print(f"API on {'https' if tls_cert else 'http'}://{host}:{http_port}/api/v1 ({access.describe()})")
-    uvicorn.run(create_app(url, access=access, ca_dir=data_dir / "ca"), host=host, port=http_port, log_level="warning",
-                ssl_certfile=tls_cert, ssl_keyfile=tls_key)
+    api_app = create_app(url, access=access, ca_dir=data_dir / "ca")
+    api_app.state.provision.start_crl_refresher()
+    try:
+        uvicorn.run(api_app, host=host, port=http_port, log_level="warning", ssl_certfile=tls_cert,
+                    ssl_keyfile=tls_key)
+    finally:
+        api_app.state.provision.close()
 
 
 keys_app = typer.Typer(name="keys", no_args_is_help=True,

@@ -370,6 +370,7 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
 
             app = create_app(store_url, health=health, lag=lag, partition_lag=partition_lag, access=access,
                              ca_dir=data_dir / "ca")
+            app.state.provision.start_crl_refresher()
             server = _api_server(uvicorn.Config(
                 app, host=opts.http_host, port=opts.http_port, log_level="warning", lifespan="off",
                 ssl_certfile=opts.tls_cert, ssl_keyfile=opts.tls_key))
