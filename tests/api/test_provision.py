@@ -266,7 +266,8 @@ def test_rotation_and_revocation(api: Api, tmp_path: Path) -> None:
     assert {c.serial for c in api.prov.registry.certificates("pump-7", valid_at_ms=now)} == {first.serial,
                                                                                           second.serial}
     # revoke the old one through the admin API: gone from the valid set, listed in the CRL
-    r = httpx.post(f"{api.url}/api/v1/ca/revoke", json={"serial": first.serial, "reason": "rotated"},
+    as_openssl = ":".join(f"{int(first.serial, 16):X}"[i:i + 2] for i in range(0, 32, 2))  # AB:CD:...
+    r = httpx.post(f"{api.url}/api/v1/ca/revoke", json={"serial": as_openssl, "reason": "rotated"},
                    headers=api.admin, timeout=30)
     assert r.status_code == 200 and [c["serial"] for c in r.json()] == [first.serial], r.text
     now = int(time.time() * 1000)

@@ -29,7 +29,13 @@ from typing import Any, Final
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from fieldmesh.control.ca import CertificateAuthority, CertificateRefused, IssuedCertificate, verify_signature
+from fieldmesh.control.ca import (
+    CertificateAuthority,
+    CertificateRefused,
+    IssuedCertificate,
+    serial_hex,
+    verify_signature,
+)
 from fieldmesh.core.errors import ConflictError, NotFoundError
 from fieldmesh.store.enrollment import TOKEN_OK, ClaimRecord, EnrollmentStore, EnrollmentToken
 from fieldmesh.store.registry import Certificate, Device, DeviceRegistry
@@ -259,7 +265,11 @@ class Provisioner:
         if (serial is None) == (device_id is None):
             raise ValueError("give serial or device_id")
         if serial is not None:
-            serials = [serial.lower().replace(":", "")]
+            try:  # as openssl prints it (upper case, colons, no leading zeros) or as the registry keeps it
+                serials = [serial_hex(int(serial.replace(":", ""), 16))]
+            except ValueError:
+                raise NotFoundError(f"no certificate {serial!r} (a serial is hex)", kind="certificate",
+                                    key=serial) from None
         else:
             serials = [c.serial for c in self.registry.certificates(device_id) if c.revoked_ms is None]
             if not serials and not self.registry.certificates(device_id):
