@@ -431,7 +431,7 @@ def create_app(
         return devreg().delete(device_id, actor=p.subject, authorize=check_change(p)).as_dict()
 
     @r.post("/devices/import", response_model=None, description=(
-        "Register or update devices from a CSV file (operator; docs/registry.md): header "
+        "Register devices, or change registered ones, from a CSV file (operator; docs/registry.md): header "
         "`device_id,groups,tags,status,attr.<name>...`, groups and tags separated by `;`. All or nothing: "
         "a bad row refuses the whole file (422, every bad line named)."),
         openapi_extra={"requestBody": {"required": True, "content": {"text/csv": {"schema": {
