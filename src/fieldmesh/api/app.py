@@ -227,7 +227,10 @@ def create_app(
         headers = dict(exc.headers or {})
         if exc.status_code == 405:  # name every method of the path, not only those of the first route matched
             path = request.url.path
-            allowed = sorted({m for rt in routes if rt.path_regex.match(path) for m in (rt.methods or ())})
+            matched = [rt for rt in routes if rt.path_regex.match(path)]
+            # the path's own routes: /devices/import is not /devices/{device_id}, though both match it
+            fewest = min((rt.path.count("{") for rt in matched), default=0)
+            allowed = sorted({m for rt in matched if rt.path.count("{") == fewest for m in (rt.methods or ())})
             headers["Allow"] = ", ".join(allowed)
         return JSONResponse(status_code=exc.status_code, content={"detail": exc.detail}, headers=headers)
 
@@ -545,12 +548,15 @@ def create_app(
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     def openapi() -> dict[str, Any]:
-        """The OpenAPI document without FastAPI's 422 answers: a bad parameter is a 400 here."""
+        """The OpenAPI document without FastAPI's 422 answers: a bad parameter is a 400 here (422 is only
+        a CSV import whose rows are refused)."""
         if app.openapi_schema is None:
             doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
             for path, ops in doc.get("paths", {}).items():
                 for op in ops.values():
-                    op.get("responses", {}).pop("422", None)
+                    answers = op.get("responses", {})
+                    if "HTTPValidationError" in str(answers.get("422", "")):  # FastAPI's, not one we answer
+                        answers.pop("422")
                     if path in OPEN_ROUTES:
                         op.pop("security", None)  # open: a credential only adds details
                     if op.get("security"):
