@@ -41,6 +41,10 @@ ROLE_OF = {
     ("get", "/api/v1/stats"): "viewer",
     ("get", "/api/v1/devices"): "viewer",
     ("get", "/api/v1/devices/{device_id}"): "viewer",
+    ("post", "/api/v1/devices"): "operator",
+    ("patch", "/api/v1/devices/{device_id}"): "operator",
+    ("delete", "/api/v1/devices/{device_id}"): "admin",
+    ("post", "/api/v1/devices/import"): "operator",
     ("get", "/api/v1/telemetry/raw"): "viewer",
     ("get", "/api/v1/telemetry/rollups"): "viewer",
     ("get", "/api/v1/dlq"): "viewer",
@@ -137,8 +141,15 @@ def _request(c: TestClient, method: str, path: str, token: str | None = None, *,
     headers = {}
     if token is not None:
         headers = {"Authorization": f"Bearer {token}"} if header == "bearer" else {"X-API-Key": token}
-    body = {"/api/v1/keys": {"role": "viewer"}, "/api/v1/provision/tokens": {"device_id": "p1-a"},
-            "/api/v1/ca/revoke": {"serial": "0123456789abcdef"}}.get(path) if method == "post" else None
+    if path == "/api/v1/devices/import":
+        return c.post(url, headers={**headers, "Content-Type": "text/csv"}, content=b"device_id,groups\nimp-1,g\n")
+    body: Any = {
+        ("post", "/api/v1/keys"): {"role": "viewer"},
+        ("post", "/api/v1/devices"): {"device_id": f"new-{secrets.token_hex(4)}"},  # a new one each time: 201
+        ("patch", "/api/v1/devices/{device_id}"): {"tags": ["t"]},  # p1-a is seen, not registered: 404
+        ("post", "/api/v1/provision/tokens"): {"device_id": "p1-a"},
+        ("post", "/api/v1/ca/revoke"): {"serial": "0123456789abcdef"},  # no such certificate: 404
+    }.get((method, path))
     return c.request(method.upper(), url, headers=headers, json=body)
 
 
