@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Final
 
-from fastapi import APIRouter, Body, FastAPI, HTTPException, Request
+from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException, Request
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 from pydantic import BaseModel, ConfigDict, Field
@@ -216,8 +216,6 @@ def add_provision_routes(app: FastAPI, r: APIRouter, *, admin: Any, guards: set[
                          service: ProvisionService, metrics: Any) -> None:
     """Add ``/provision``, ``/provision/tokens`` and ``/ca/revoke`` to ``r``; the refusal answer to ``app``;
     the provisioning counters to the Prometheus registry ``metrics``."""
-    from fastapi import Depends
-
     metrics.register(_ProvisionCollector(service))
 
     @app.exception_handler(CertificateRefused)

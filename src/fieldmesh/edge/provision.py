@@ -29,7 +29,9 @@ from cryptography.x509.oid import NameOID
 
 from fieldmesh.core.errors import ConfigError, FieldmeshError
 
-__all__ = ["ProvisionError", "Provisioned", "build_csr", "due_for_rotation", "new_key", "provision", "sign"]
+__all__ = [
+    "ProvisionError", "Provisioned", "build_csr", "due_for_rotation", "finish_pending", "new_key", "provision", "sign",
+]
 
 KEY_FILE: Final = "device.key"
 CERT_FILE: Final = "device.pem"
@@ -168,6 +170,8 @@ def provision(url: str, *, device_id: str, out_dir: Path, token: str | None = No
         raise ConfigError("give one proof: --token, --claim-cert (with --claim-key) or --rotate", key="token")
     if (claim_cert is None) != (claim_key is None):
         raise ConfigError("--claim-cert needs --claim-key", key="claim_key")
+    if out_dir.is_dir():
+        finish_pending(out_dir)
     key = new_key(key_type)
     csr = build_csr(key, device_id)
     body: dict[str, Any] = {"csr": csr}
@@ -183,14 +187,40 @@ def provision(url: str, *, device_id: str, out_dir: Path, token: str | None = No
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = Provisioned(key=out_dir / KEY_FILE, certificate=out_dir / CERT_FILE, chain=out_dir / CHAIN_FILE,
                         serial=str(answer.get("serial", "")), not_after_ms=int(answer.get("not_after", 0)))
-    # the key last: a device that stops half-way keeps a matching (old) pair until the key lands
-    _write_private(paths.chain, str(answer.get("chain", "")).encode())
-    _write_private(paths.certificate.with_name(CERT_FILE + ".new"), str(answer["certificate"]).encode())
-    _write_private(paths.key.with_name(KEY_FILE + ".new"), key.private_bytes(
+    # both new files first, then the two renames; a stop between them is completed by finish_pending
+    _write_private(out_dir / (KEY_FILE + ".new"), key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    os.replace(paths.key.with_name(KEY_FILE + ".new"), paths.key)
-    os.replace(paths.certificate.with_name(CERT_FILE + ".new"), paths.certificate)
+    _write_private(out_dir / (CERT_FILE + ".new"), str(answer["certificate"]).encode())
+    _write_private(paths.chain, str(answer.get("chain", "")).encode())
+    finish_pending(out_dir)
     return paths
+
+
+def finish_pending(out_dir: Path) -> bool:
+    """Complete a key and certificate swap a stop interrupted. ``device.key.new`` and ``device.pem.new`` are
+    written before either is renamed; whichever is still pending replaces its file when the key then matches
+    the certificate, else it is stale and removed (the old pair stands). Returns whether it moved anything;
+    :func:`provision` calls it first, so a rotation never signs with a key its certificate does not hold."""
+    key_new, cert_new = out_dir / (KEY_FILE + ".new"), out_dir / (CERT_FILE + ".new")
+    pending = [p for p in (key_new, cert_new) if p.exists()]
+    if not pending:
+        return False
+    fmt = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    try:
+        key = _load_key(key_new if key_new.exists() else out_dir / KEY_FILE)
+        cert = x509.load_pem_x509_certificate((cert_new if cert_new.exists() else out_dir / CERT_FILE).read_bytes())
+        matched = cert.public_key().public_bytes(*fmt) == key.public_key().public_bytes(*fmt)
+    except (OSError, ValueError, ConfigError):
+        matched = False
+    if not matched:
+        for p in pending:
+            p.unlink()
+        return False
+    if key_new.exists():
+        os.replace(key_new, out_dir / KEY_FILE)
+    if cert_new.exists():
+        os.replace(cert_new, out_dir / CERT_FILE)
+    return True
 
 
 def due_for_rotation(cert_pem: str | bytes, *, fraction: float = 2 / 3, now_ms: int | None = None) -> bool:
