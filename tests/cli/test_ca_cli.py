@@ -94,6 +94,10 @@ def test_operator_and_device_commands_over_https(tmp_path: Path) -> None:
         r = fm("edge", "provision", "--url", url, "--ca-file", str(ca / "ca.pem"), "--device-id", "pump-7",
                "--out", str(out), "--rotate")
         assert r.returncode == 2 and "certificate_invalid" in r.stderr, r.stderr
+        status = urllib.request.urlopen(f"{url}/api/v1/audit?limit=1000", context=ctx, timeout=10)
+        actions = {e["action"] for e in json.loads(status.read())}
+        assert {"ca.init", "cert.server", "token.create", "claim.create", "provision.issued", "provision.refused",
+                "cert.revoke"} <= actions, actions
         r = fm("ca", "revoke-claim", *dd, "batch-7")
         assert r.returncode == 0 and "1 claim certificate(s) revoked" in r.stderr, r.stderr
         assert fm("ca", "crl", *dd).returncode == 0

@@ -58,6 +58,21 @@ def _when(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _audit(data_dir: Path, store_url: str | None, action: str, target: str, detail: dict[str, Any]) -> None:
+    """Record a CA action done on files (init, a server certificate) in the store's audit log."""
+    from fieldmesh.store import default_store_url
+    from fieldmesh.store.access import AccessStore
+
+    try:
+        store = AccessStore(store_url or default_store_url(data_dir))
+        try:
+            store.record(actor=_actor(), action=action, target=target, detail=detail)
+        finally:
+            store.close()
+    except FieldmeshError as exc:
+        err.print(f"[yellow]warning:[/] not recorded in the audit log: {exc}")
+
+
 def _provisioner(data_dir: Path, store_url: str | None) -> Any:
     from fieldmesh.control.provision import Provisioner
     from fieldmesh.store import default_store_url
@@ -82,6 +97,7 @@ def init(
         help="the operator's own issuing CA (PEM, its chain up to the root may follow)...")] = None,
     issuing_key: Annotated[Path | None, typer.Option(help="...and its key (copied 0600 into the CA dir)")] = None,
     force: Annotated[bool, typer.Option(help="replace an existing CA (its certificates stop verifying)")] = False,
+    store_url: StoreUrl = None,
 ) -> None:
     """Create the root and issuing CA (or adopt the operator's) in <data-dir>/ca."""
     from fieldmesh.control.ca import CaPolicy, CertificateAuthority
@@ -95,6 +111,10 @@ def init(
     except FieldmeshError as exc:
         _fail(exc)
         return
+    _audit(data_dir, store_url, "ca.init", str(ca.dir), {
+        "issuing": ca.issuing_cert.subject.rfc4514_string(), "issuing_serial": f"{ca.issuing_cert.serial_number:x}",
+        "root": ca.chain[-1].subject.rfc4514_string() if ca.chain else None, "own_root": root_cert is not None,
+        "own_issuing": issuing_cert is not None, "force": force})
     err.print(f"CA in {ca.dir}: issuing CA '{ca.issuing_cert.subject.rfc4514_string()}' valid until "
               f"{ca.issuing_cert.not_valid_after_utc:%Y-%m-%d}; servers verify devices with {ca.bundle_path}, "
               f"revocations in {ca.crl_path}")
@@ -109,8 +129,11 @@ def server_cert(
     valid_days: Annotated[int | None, typer.Option(min=1, help="default: the CA's server_days")] = None,
     out_cert: Annotated[Path | None, typer.Option(help="default: <data-dir>/ca/server.pem (with the chain)")] = None,
     out_key: Annotated[Path | None, typer.Option(help="default: <data-dir>/ca/server.key (0600)")] = None,
+    store_url: StoreUrl = None,
 ) -> None:
     """Issue a TLS server certificate (MQTT door, API) for the given hosts."""
+    from cryptography import x509
+
     from fieldmesh.control.ca import CertificateAuthority, write_file
 
     try:
@@ -122,6 +145,9 @@ def server_cert(
     except (FieldmeshError, OSError) as exc:
         _fail(exc)
         return
+    leaf = x509.load_pem_x509_certificate(chain.encode())
+    _audit(data_dir, store_url, "cert.server", f"{leaf.serial_number:032x}",
+           {"hosts": list(host), "not_after_ms": int(leaf.not_valid_after_utc.timestamp() * 1000)})
     err.print(f"server certificate for {', '.join(host)}: {cert_path} (key {key_path}); "
               f"e.g. fieldmesh up --tls-cert {cert_path} --tls-key {key_path}")
 
