@@ -144,8 +144,7 @@ class ProvisionService:
         with self._lock:
             if self._prov is None:
                 if self.ca_dir is None or not CertificateAuthority.exists(self.ca_dir):
-                    raise HTTPException(503, "no certificate authority: run 'fieldmesh ca init' "
-                                             "(same --data-dir) and restart the API")
+                    raise HTTPException(503, "no certificate authority: run 'fieldmesh ca init' (same --data-dir)")
                 try:
                     self._prov = Provisioner.open(self.ca_dir, self.store_url)
                 except FieldmeshError as exc:
