@@ -336,7 +336,7 @@ def test_no_ca_is_a_503_naming_the_command(store_url: str, tmp_path: Path) -> No
             close()
 
 
-def test_the_api_rewrites_a_crl_past_half_its_life(store_url: str, tmp_path: Path) -> None:
+def test_the_api_rewrites_a_crl_past_half_its_life_or_out_of_date(store_url: str, tmp_path: Path) -> None:
     ca = CertificateAuthority.init(tmp_path / "ca")  # crl_days 7
     week_ago = int(time.time() * 1000) - 5 * 86_400_000
     ca.write_crl([], now_ms=week_ago)  # 5 of its 7 days gone: due
@@ -349,6 +349,17 @@ def test_the_api_rewrites_a_crl_past_half_its_life(store_url: str, tmp_path: Pat
             assert time.monotonic() < deadline, "the CRL was not rewritten"
             time.sleep(0.1)
         crl = x509.load_pem_x509_crl(ca.crl_path.read_bytes())
-        assert abs(crl.last_update_utc.timestamp() - time.time()) < 120
+        assert abs(crl.last_update_utc.timestamp() - time.time()) < 120 and list(crl) == []
+        # a revocation made elsewhere (a device deleted from the registry revokes its certificates)
+        prov = Provisioner.open(tmp_path / "ca", store_url)
+        try:
+            token = prov.create_token("pump-3", ttl_ms=60_000, actor="test")[1]
+            serial = prov.provision(csr=build_csr(new_key(), "pump-3"), token=token).certificate.serial
+            prov.registry.delete("pump-3", actor="test")
+        finally:
+            prov.close()
+        while [f"{c.serial_number:032x}" for c in x509.load_pem_x509_crl(ca.crl_path.read_bytes())] != [serial]:
+            assert time.monotonic() < deadline, "the CRL does not list the deleted device's certificate"
+            time.sleep(0.1)
     finally:
         service.close()

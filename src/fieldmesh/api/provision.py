@@ -151,9 +151,10 @@ class ProvisionService:
                     raise HTTPException(503, f"provisioning unavailable: {exc}") from None
             return self._prov
 
-    def start_crl_refresher(self, interval_s: float = 600.0) -> None:
-        """Look every ``interval_s`` whether ``crl.pem`` is past half its validity, and rewrite it then, so
-        doors reading it never see it expire while the API runs (a thread, stopped by :meth:`close`)."""
+    def start_crl_refresher(self, interval_s: float = 5.0) -> None:
+        """Look every ``interval_s`` whether ``crl.pem`` is out of date (revocations made elsewhere: a device
+        deleted, the CLI, another replica) or past half its validity, and rewrite it then, so doors reading it
+        never see it stale or expired while the API runs (a thread, stopped by :meth:`close`)."""
 
         def loop() -> None:
             while not self._stop.wait(interval_s):

@@ -106,6 +106,8 @@ class Provisioner:
         self._owns = owns_stores
         self._crl_lock = threading.Lock()
         self._crl_checked = -1e18  # monotonic time of the last look at crl.pem's next update
+        self._crl_version: int | None = None  # the registry's version when crl.pem was last written (or checked)
+        self._crl_revoked: list[tuple[str, int]] | None = None  # what it lists
 
     @classmethod
     def open(cls, ca_dir: Path, store_url: str, *, device_days: int | None = None) -> Provisioner:
@@ -186,7 +188,6 @@ class Provisioner:
             pem=issued.pem), actor=via)
         self.enrollment.count("issued", actor=via, target=device_id, detail={
             "method": grant.method, "serial": issued.serial, "not_after_ms": issued.not_after_ms, "peer": grant.peer})
-        self.refresh_crl()
         return ProvisionResult(certificate=issued, chain=self.ca.chain_pem(), method=grant.method)
 
     def _active(self, device_id: str) -> Device | None:
@@ -279,18 +280,25 @@ class Provisioner:
         return out
 
     def refresh_crl(self, *, force: bool = False) -> bool:
-        """Rewrite ``crl.pem`` from the registry's revoked certificates when ``force`` or due; whether it did."""
+        """Rewrite ``crl.pem`` when ``force``, when it is past half its validity, or when the registry's revoked
+        certificates changed since it was written (a revocation or a device deleted elsewhere: the CLI, another
+        API replica); whether it did. Cheap when nothing changed: one read of ``registry.version()``, and a
+        look at the file at most once a minute."""
         with self._crl_lock:
-            if not force:
-                if time.monotonic() - self._crl_checked < 60:  # a look a minute: CRLs live for days
+            version = self.registry.version()
+            changed = version != self._crl_version
+            if not force and not changed:
+                if time.monotonic() - self._crl_checked < 60:  # CRLs live for days: a look a minute
                     return False
                 self._crl_checked = time.monotonic()
                 if not self.ca.crl_due():
                     return False
-            now = int(time.time() * 1000)
-            revoked = [(c.serial, c.revoked_ms) for c in self.registry.certificates()
-                       if c.revoked_ms is not None and c.not_after_ms > now]
+            revoked = self.registry.revoked()
+            if not force and revoked == self._crl_revoked and not self.ca.crl_due():
+                self._crl_version = version  # a change that revoked nothing (a device added, a certificate issued)
+                return False
             self.ca.write_crl(revoked)
+            self._crl_version, self._crl_revoked = version, revoked
             return True
 
     def counts(self) -> dict[str, int]:
