@@ -36,6 +36,10 @@ def test_operator_and_device_commands_over_https(tmp_path: Path) -> None:
     dd = ["--data-dir", str(data)]
     r = fm("ca", "init", *dd, "--device-days", "30")
     assert r.returncode == 0 and "keep it offline" in flat(r.stderr), r.stderr
+    r = fm("ca", "policy", *dd)
+    assert r.returncode == 0 and json.loads(r.stdout)["device_days"] == 30, r.stderr
+    r = fm("ca", "policy", *dd, "--crl-days", "3")
+    assert json.loads(r.stdout)["crl_days"] == 3 and json.loads(r.stdout)["device_days"] == 30, r.stderr
     again = fm("ca", "init", *dd)
     assert again.returncode == 2 and "exists" in again.stderr
     r = fm("ca", "server-cert", *dd, "--host", "127.0.0.1", "--host", "localhost")

@@ -238,3 +238,17 @@ def test_the_operators_issuing_ca_issues_devices(tmp_path: Path) -> None:
     assert opened.policy.device_days == 5
     with pytest.raises(ConfigError, match="no certificate authority"):
         CertificateAuthority.open(tmp_path / "nothing")
+
+
+def test_the_policy_changes_what_is_issued_from_now_on(tmp_path: Path) -> None:
+    ca = CertificateAuthority.init(tmp_path / "ca")
+    assert ca.set_policy(device_days=7, crl_days=2) == CaPolicy(device_days=7, crl_days=2)
+    reopened = CertificateAuthority.open(tmp_path / "ca")
+    assert reopened.policy.device_days == 7 and reopened.policy.crl_days == 2
+    csr, dev = reopened.load_csr(_csr("pump-7")[0])
+    issued = reopened.issue_device(csr, dev)
+    assert 6.9 < (issued.not_after_ms - issued.not_before_ms) / 86_400_000 < 7.1
+    with pytest.raises(ConfigError, match="key_type"):
+        ca.set_policy(key_type=1)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="device_days"):
+        ca.set_policy(device_days=0)

@@ -122,6 +122,30 @@ def init(
         err.print(f"[yellow]note:[/] {ca.dir / 'root.key'} is needed only to make a new issuing CA: keep it offline")
 
 
+@app.command("policy")
+def policy(
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    device_days: Annotated[int | None, typer.Option(min=1, help="validity of device certificates")] = None,
+    server_days: Annotated[int | None, typer.Option(min=1, help="validity of server certificates")] = None,
+    claim_days: Annotated[int | None, typer.Option(min=1, help="validity of claim certificates")] = None,
+    crl_days: Annotated[int | None, typer.Option(min=1, help="a CRL's next update, in days")] = None,
+) -> None:
+    """Show the CA's policy, or change the validity of what it issues from now on (restart the API after)."""
+    from dataclasses import asdict
+
+    from fieldmesh.control.ca import CertificateAuthority
+
+    changes = {k: v for k, v in (("device_days", device_days), ("server_days", server_days),
+                                 ("claim_days", claim_days), ("crl_days", crl_days)) if v is not None}
+    try:
+        ca = CertificateAuthority.open(data_dir / "ca")
+        current = ca.set_policy(**changes) if changes else ca.policy
+    except FieldmeshError as exc:
+        _fail(exc)
+        return
+    typer.echo(json.dumps(asdict(current)))
+
+
 @app.command("server-cert")
 def server_cert(
     host: Annotated[list[str], typer.Option("--host", help="a DNS name or IP address (repeatable; first = CN)")],

@@ -429,6 +429,23 @@ class CertificateAuthority:
                    "issuing_key"), chain=bundle[1:], claim_cert=_load_certs(ca_dir / "claim-ca.pem", "claim_ca")[0],
                    claim_key=_load_key(ca_dir / "claim-ca.key", "claim_ca_key"))
 
+    def set_policy(self, **changes: int) -> CaPolicy:
+        """Change the validity of what the CA issues from now on (``device_days``, ``server_days``,
+        ``claim_days``, ``crl_days``) and keep it in ``ca.json``; returns the new policy.
+
+        Raises:
+            ConfigError: another field, or a value out of range.
+        """
+        allowed = {"device_days", "server_days", "claim_days", "crl_days"}
+        bad = sorted(set(changes) - allowed)
+        if bad:
+            raise ConfigError(f"cannot change {', '.join(bad)} of an existing CA", key=bad[0])
+        policy = CaPolicy(**{**asdict(self.policy), **changes})
+        meta = json.loads((self.dir / "ca.json").read_text())
+        write_file(self.dir / "ca.json", json.dumps({**meta, **asdict(policy)}, indent=2).encode())
+        self.policy = policy
+        return policy
+
     # -- device certificates -------------------------------------------------------------------
     @staticmethod
     def load_csr(csr_pem: str | bytes) -> tuple[x509.CertificateSigningRequest, str]:
