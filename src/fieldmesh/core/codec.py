@@ -65,6 +65,7 @@ REASONS: Final = (
     "unauthorized",
     "unsupported_encoding",
     "unknown_topic",
+    "rate_limited",
 )
 #: How much of a rejected payload the DLQ keeps.
 DLQ_PAYLOAD_LIMIT: Final = 64 * 1024

@@ -1,0 +1,408 @@
+"""Who may publish, and how much: the gateway's device checks before it decodes a message.
+
+Two checks, in this order, each on the device the topic names (``devices/{id}/telemetry``: the MQTT
+door's credentials and ACLs make the topic the sender's identity):
+
+1. **Registration** (``gateway.require_registration``): the device must be registered as ``active`` in
+   the device registry. Not registered at all: dead letter ``unknown_device``; registered but
+   ``suspended`` or ``retired``: ``unauthorized`` (the device is known, and may not publish).
+   :class:`RegisteredDevices` keeps the registry's devices in memory and reads them again whenever the
+   registry's ``version()`` changes (polled off the hot path, every ``gateway.registry_poll_s``).
+2. **Rate limits** (``gateway.rate_limit_messages_per_s``, ``rate_limit_bytes_per_s``,
+   ``rate_limit_burst_s``): a token bucket per device for messages and one for payload bytes, taken in
+   the order the messages arrived; a message the buckets cannot pay for is dead-lettered
+   ``rate_limited`` and costs no tokens. :class:`RateLimiter`.
+
+A message refused here is not decoded. The checks run over a whole fetched batch at once (set
+operations and numpy over the batch's devices); a Python step per message runs only for the messages
+of a device that is over its limit.
+
+If the registry cannot be read, the gateway neither accepts unknown devices nor drops known ones: before
+its first successful read it takes no message from its source (they wait there, unacknowledged); after
+it, it keeps the last set it read, logs the failure and counts it (``registry_errors``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Final, Protocol
+
+import numpy as np
+
+from fieldmesh.core.errors import ConfigError
+from fieldmesh.core.settings import GatewaySettings
+
+__all__ = ["Admission", "DeviceLister", "RateLimiter", "RegisteredDevices", "build_admission"]
+
+log = logging.getLogger(__name__)
+
+#: Devices read from the registry per page.
+_PAGE: Final = 5_000
+
+
+class DeviceLister(Protocol):
+    """What the gateway needs of the device registry (``fieldmesh.store.registry.DeviceRegistry``)."""
+
+    def version(self) -> int: ...
+
+    def list(self, *, status: str | None = None, group: str | None = None, after: str | None = None,
+             limit: int = 1000) -> list[Any]: ...
+
+    def close(self) -> None: ...
+
+
+class RegisteredDevices:
+    """The registry's devices in memory: the active ids, and the status of the others.
+
+    ``open_registry`` is called (and the registry used) in one worker thread of its own, off the event
+    loop: a registry read is a blocking SQL query.
+    """
+
+    def __init__(self, open_registry: Callable[[], DeviceLister], *, poll_s: float = 1.0) -> None:
+        self._open = open_registry
+        self.poll_s = poll_s
+        self._registry: DeviceLister | None = None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fm-registry")
+        #: Devices that may publish.
+        self.active: frozenset[str] = frozenset()
+        #: The status of registered devices that may not (``suspended``, ``retired``).
+        self.inactive: dict[str, str] = {}
+        #: The registry version last read; None until the first successful read.
+        self.version: int | None = None
+        #: Failed reads of the registry (each poll that failed counts once).
+        self.errors = 0
+        self.last_error: str | None = None
+        self._ready = asyncio.Event()
+        self._failing_since: float | None = None
+
+    @property
+    def ready(self) -> bool:
+        """Whether the registry was read at least once."""
+        return self.version is not None
+
+    def refresh(self) -> bool:
+        """Read the registry again if its version changed (blocking); True when it did.
+
+        The version is read before the devices: a change in between makes the next poll read them again.
+        """
+        if self._registry is None:
+            self._registry = self._open()
+        v = self._registry.version()
+        if v == self.version:
+            return False
+        active: set[str] = set()
+        inactive: dict[str, str] = {}
+        after: str | None = None
+        while True:
+            page = self._registry.list(after=after, limit=_PAGE)
+            for d in page:
+                if d.status == "active":
+                    active.add(d.id)
+                else:
+                    inactive[d.id] = d.status
+            if len(page) < _PAGE:
+                break
+            after = page[-1].id
+        self.active, self.inactive, self.version = frozenset(active), inactive, v
+        return True
+
+    async def poll_once(self) -> bool:
+        """:meth:`refresh` in the registry's thread; a failure is logged and counted, never raised."""
+        try:
+            changed = await asyncio.get_running_loop().run_in_executor(self._pool, self.refresh)
+        except Exception as exc:
+            self.errors += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+            now = time.monotonic()
+            if self._failing_since is None or now - self._failing_since >= 60:
+                kept = (f"keeping the last known devices ({len(self.active)} active, version {self.version})"
+                        if self.ready else "taking no message until it can be read")
+                log.warning("the device registry cannot be read (%s); %s", self.last_error, kept)
+                self._failing_since = now
+            await asyncio.get_running_loop().run_in_executor(self._pool, self._drop_connection)
+            return False
+        if self._failing_since is not None:
+            log.info("the device registry can be read again (version %s)", self.version)
+            self._failing_since = None
+        if changed:
+            log.info("device registry version %s: %d active devices, %d suspended or retired",
+                     self.version, len(self.active), len(self.inactive))
+        self._ready.set()
+        return changed
+
+    def _drop_connection(self) -> None:
+        """Close the registry after a failure: the next poll opens it again (a restarted database)."""
+        reg, self._registry = self._registry, None
+        if reg is not None:
+            try:
+                reg.close()
+            except Exception:
+                log.debug("closing the device registry failed", exc_info=True)
+
+    async def wait_ready(self, stop: asyncio.Event) -> bool:
+        """Wait for the first successful read (or ``stop``); True when read."""
+        if self.ready:
+            return True
+        ready = asyncio.ensure_future(self._ready.wait())
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ready.cancel()
+            stopped.cancel()
+        return self.ready
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Poll the registry every ``poll_s`` until ``stop``."""
+        try:
+            while not stop.is_set():
+                await self.poll_once()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.poll_s)
+        finally:
+            await asyncio.get_running_loop().run_in_executor(self._pool, self._drop_connection)
+            self._pool.shutdown(wait=False)
+
+    def refusal(self, device: str) -> tuple[str, str]:
+        """The reason and detail of refusing ``device`` (one that is not active)."""
+        status = self.inactive.get(device)
+        if status is None:
+            return "unknown_device", (f"device {device!r} is not registered, and registration is enforced: "
+                                      "register it in the device registry (docs/security.md)")
+        return "unauthorized", f"device {device!r} is {status} in the device registry: it may not publish"
+
+
+class RateLimiter:
+    """Token buckets per device for messages and payload bytes, kept in numpy arrays.
+
+    A bucket holds ``burst_s`` seconds of its rate (the bytes bucket at least ``min_burst_bytes``, so that
+    any payload the gateway accepts can pass) and starts full. Memory is bounded: a bucket that has
+    refilled completely is the same as a new one and is dropped by the periodic sweep; beyond
+    ``max_devices`` buckets in use, the longest idle half is dropped too (those devices start again with
+    a full bucket).
+    """
+
+    def __init__(
+        self, *, messages_per_s: float = 0.0, bytes_per_s: float = 0.0, burst_s: float = 10.0,
+        min_burst_bytes: int = 0, max_devices: int = 1_000_000, sweep_s: float = 10.0,
+    ) -> None:
+        if messages_per_s < 0 or bytes_per_s < 0 or burst_s <= 0 or max_devices < 2:
+            raise ValueError("rates must be >= 0, burst_s > 0 and max_devices >= 2")
+        inf = float("inf")
+        self.messages_per_s = messages_per_s or inf  # 0: no limit, a bucket that never empties
+        self.bytes_per_s = bytes_per_s or inf
+        self.burst_messages = max(1.0, messages_per_s * burst_s) if messages_per_s else inf
+        self.burst_bytes = max(float(min_burst_bytes), bytes_per_s * burst_s) if bytes_per_s else inf
+        self.max_devices = max_devices
+        self.sweep_s = sweep_s
+        self._slot: dict[str | None, int] = {None: -1, "": -1}  # no device: not limited
+        self._names: list[str | None] = []
+        self._free: list[int] = []
+        size = 1024
+        self._msgs = np.zeros(size)
+        self._bytes = np.zeros(size)
+        self._last = np.zeros(size, dtype=np.int64)
+        self._swept_ms = 0
+        #: Buckets dropped: refilled (``idle``), or to stay within ``max_devices`` (``evicted``).
+        self.dropped_idle = 0
+        self.evicted = 0
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any limit is set."""
+        return self.messages_per_s != float("inf") or self.bytes_per_s != float("inf")
+
+    @property
+    def devices(self) -> int:
+        """Buckets in use."""
+        return len(self._slot) - 2
+
+    def _new_slot(self, device: str, now_ms: int) -> int:
+        if self._free:
+            s = self._free.pop()
+            self._names[s] = device
+        else:
+            s = len(self._names)
+            if s == len(self._msgs):
+                grow = len(self._msgs)
+                self._msgs = np.concatenate([self._msgs, np.zeros(grow)])
+                self._bytes = np.concatenate([self._bytes, np.zeros(grow)])
+                self._last = np.concatenate([self._last, np.zeros(grow, dtype=np.int64)])
+            self._names.append(device)
+        self._msgs[s] = self.burst_messages
+        self._bytes[s] = self.burst_bytes
+        self._last[s] = now_ms
+        self._slot[device] = s
+        return s
+
+    def _sweep(self, now_ms: int, *, force: bool = False) -> None:
+        """Drop the buckets that have refilled; over ``max_devices``, the longest idle half too."""
+        self._swept_ms = now_ms
+        top = len(self._names)
+        if not top:
+            return
+        names = np.array([n is not None for n in self._names])
+        el = np.maximum(0, now_ms - self._last[:top]) / 1000
+        full = names & (self._msgs[:top] + self.messages_per_s * el >= self.burst_messages) & (
+            self._bytes[:top] + self.bytes_per_s * el >= self.burst_bytes)
+        drop = np.flatnonzero(full)
+        self.dropped_idle += len(drop)
+        if force and self.devices - len(drop) >= self.max_devices:
+            live = np.flatnonzero(names & ~full)
+            oldest = live[np.argsort(self._last[live], kind="stable")[: len(live) // 2]]
+            self.evicted += len(oldest)
+            drop = np.concatenate([drop, oldest])
+        for s in drop.tolist():
+            del self._slot[self._names[s]]
+            self._names[s] = None
+            self._free.append(s)
+
+    def refuse(self, devices: Sequence[str | None], sizes: Sequence[int], now_ms: int) -> list[int]:
+        """Take one message and its bytes from each device's buckets, in order; the indices refused.
+
+        ``devices[i]`` None or empty: message ``i`` is not limited here (no device, or already refused).
+        """
+        n = len(devices)
+        if not n or not self.enabled:
+            return []
+        if now_ms - self._swept_ms >= self.sweep_s * 1000 or self.devices >= self.max_devices:
+            self._sweep(now_ms, force=self.devices >= self.max_devices)
+        slots = list(map(self._slot.get, devices))
+        if None in slots:  # devices without a bucket yet
+            for i, s in enumerate(slots):
+                if s is None:
+                    d = devices[i]
+                    slots[i] = self._slot.get(d) if d in self._slot else self._new_slot(d, now_ms)  # type: ignore[arg-type]
+        s_a = np.fromiter(slots, np.int64, n)  # type: ignore[arg-type]
+        limited = np.flatnonzero(s_a >= 0)
+        if not len(limited):
+            return []
+        size_a = np.fromiter(sizes, np.float64, n)[limited]
+        uniq, inv, counts = np.unique(s_a[limited], return_inverse=True, return_counts=True)
+        nbytes = np.bincount(inv, weights=size_a, minlength=len(uniq))
+        el = np.maximum(0, now_ms - self._last[uniq]) / 1000
+        msgs = np.minimum(self.burst_messages, self._msgs[uniq] + self.messages_per_s * el)
+        byts = np.minimum(self.burst_bytes, self._bytes[uniq] + self.bytes_per_s * el)
+        self._last[uniq] = now_ms
+        ok = (counts <= msgs) & (nbytes <= byts)
+        self._msgs[uniq] = np.where(ok, msgs - counts, msgs)
+        self._bytes[uniq] = np.where(ok, byts - nbytes, byts)
+        if ok.all():
+            return []
+        refused: list[int] = []
+        over = np.flatnonzero(~ok)
+        # the devices over their limit: message by message, in arrival order (a refused message costs nothing)
+        for j, s in zip(over.tolist(), uniq[over].tolist(), strict=True):
+            m, b = float(self._msgs[s]), float(self._bytes[s])
+            for pos in np.flatnonzero(inv == j).tolist():
+                size = float(size_a[pos])
+                if m >= 1 and b >= size:
+                    m -= 1
+                    b -= size
+                else:
+                    refused.append(int(limited[pos]))
+            self._msgs[s], self._bytes[s] = m, b
+        refused.sort()
+        return refused
+
+    def detail(self, device: str, size: int) -> str:
+        """Why a message of ``device`` was refused."""
+        if size > self.burst_bytes:
+            return (f"device {device!r}: a payload of {size} bytes is larger than the rate limit's burst of "
+                    f"{self.burst_bytes:.0f} bytes (gateway.rate_limit_bytes_per_s x rate_limit_burst_s)")
+        limits = []
+        if self.messages_per_s != float("inf"):
+            limits.append(f"{self.messages_per_s:g} messages/s")
+        if self.bytes_per_s != float("inf"):
+            limits.append(f"{self.bytes_per_s:g} bytes/s")
+        return f"device {device!r} is over its rate limit ({' and '.join(limits)}, burst of {self.burst_text})"
+
+    @property
+    def burst_text(self) -> str:
+        """The burst in the words of the settings."""
+        parts = []
+        if self.burst_messages != float("inf"):
+            parts.append(f"{self.burst_messages:.0f} messages")
+        if self.burst_bytes != float("inf"):
+            parts.append(f"{self.burst_bytes:.0f} bytes")
+        return " and ".join(parts)
+
+
+class Admission:
+    """The checks a gateway makes before decoding: registration, then rate limits (either may be off).
+
+    ``authenticated_topics``: the topic names the sender (the door authenticates devices and its ACLs
+    confine each to its own topics), so a payload naming another device is ``unauthorized`` rather than
+    ``device_mismatch``. Enforced registration implies it.
+    """
+
+    def __init__(
+        self, *, registered: RegisteredDevices | None = None, limiter: RateLimiter | None = None,
+        authenticated_topics: bool = False,
+    ) -> None:
+        self.registered = registered
+        self.limiter = limiter if limiter is not None and limiter.enabled else None
+        self.authenticated_topics = authenticated_topics or registered is not None
+
+    @property
+    def checks(self) -> bool:
+        """Whether anything is checked before decoding."""
+        return self.registered is not None or self.limiter is not None
+
+    def refuse(self, devices: list[str | None], sizes: Sequence[int], now_ms: int) -> dict[int, tuple[str, str]]:
+        """The messages refused, by index: ``(reason, detail)``. ``devices[i]`` None or empty: not checked.
+
+        ``devices`` is changed in place: a device refused by its registration is not rate limited.
+        """
+        refused: dict[int, tuple[str, str]] = {}
+        reg = self.registered
+        if reg is not None:
+            present = set(devices)
+            present.discard(None)
+            present.discard("")
+            bad = present - reg.active
+            if bad:
+                why = {d: reg.refusal(d) for d in bad}  # type: ignore[arg-type]
+                for i, d in enumerate(devices):
+                    if d in bad:
+                        refused[i] = why[d]
+                        devices[i] = None
+        lim = self.limiter
+        if lim is not None:
+            details: dict[tuple[str, bool], tuple[str, str]] = {}
+            for i in lim.refuse(devices, sizes, now_ms):
+                d = devices[i]
+                assert d is not None
+                key = (d, sizes[i] > lim.burst_bytes)  # one detail per device and kind: a flood has many
+                got = details.get(key)
+                if got is None:
+                    got = details[key] = ("rate_limited", lim.detail(d, sizes[i]))
+                refused[i] = got
+        return refused
+
+
+def build_admission(
+    settings: GatewaySettings, open_registry: Callable[[], DeviceLister] | None = None
+) -> Admission | None:
+    """The admission ``settings`` ask for (None: nothing to check before decoding).
+
+    Raises:
+        ConfigError: registration is enforced and no registry was given.
+    """
+    registered = None
+    if settings.require_registration:
+        if open_registry is None:
+            raise ConfigError(
+                "FIELDMESH__GATEWAY__REQUIRE_REGISTRATION needs the device registry: give the gateway the hot "
+                "store's URL (--store-url), where the registry lives", key="gateway.require_registration")
+        registered = RegisteredDevices(open_registry, poll_s=settings.registry_poll_s)
+    limiter = RateLimiter(
+        messages_per_s=settings.rate_limit_messages_per_s, bytes_per_s=settings.rate_limit_bytes_per_s,
+        burst_s=settings.rate_limit_burst_s, min_burst_bytes=settings.max_payload_bytes)
+    admission = Admission(registered=registered, limiter=limiter, authenticated_topics=settings.authenticated_topics)
+    return admission if admission.checks or admission.authenticated_topics else None
