@@ -30,6 +30,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from itertools import repeat
 from typing import Any, Final, Protocol
 
 import numpy as np
@@ -41,6 +42,8 @@ __all__ = ["Admission", "DeviceLister", "RateLimiter", "RegisteredDevices", "bui
 
 log = logging.getLogger(__name__)
 
+#: The slot of a device without a bucket yet.
+_NEW: Final = -2
 #: Devices read from the registry per page.
 _PAGE: Final = 5_000
 
@@ -262,8 +265,8 @@ class RateLimiter:
             self._names[s] = None
             self._free.append(s)
 
-    def refuse(self, devices: Sequence[str | None], sizes: Sequence[int], now_ms: int) -> list[int]:
-        """Take one message and its bytes from each device's buckets, in order; the indices refused.
+    def refuse(self, devices: Sequence[str | None], payloads: Sequence[bytes], now_ms: int) -> list[int]:
+        """Take one message and its payload's bytes from each device's buckets, in order; the indices refused.
 
         ``devices[i]`` None or empty: message ``i`` is not limited here (no device, or already refused).
         """
@@ -272,40 +275,49 @@ class RateLimiter:
             return []
         if now_ms - self._swept_ms >= self.sweep_s * 1000 or self.devices >= self.max_devices:
             self._sweep(now_ms, force=self.devices >= self.max_devices)
-        slots = list(map(self._slot.get, devices))
-        if None in slots:  # devices without a bucket yet
-            for i, s in enumerate(slots):
-                if s is None:
-                    d = devices[i]
-                    slots[i] = self._slot.get(d) if d in self._slot else self._new_slot(d, now_ms)  # type: ignore[arg-type]
-        s_a = np.fromiter(slots, np.int64, n)  # type: ignore[arg-type]
-        limited = np.flatnonzero(s_a >= 0)
-        if not len(limited):
-            return []
-        size_a = np.fromiter(sizes, np.float64, n)[limited]
-        uniq, inv, counts = np.unique(s_a[limited], return_inverse=True, return_counts=True)
-        nbytes = np.bincount(inv, weights=size_a, minlength=len(uniq))
+        s_a = np.fromiter(map(self._slot.get, devices, repeat(_NEW)), np.int64, n)
+        if s_a.min() == _NEW:  # devices without a bucket yet
+            for i in np.flatnonzero(s_a == _NEW).tolist():
+                d = devices[i]
+                got = self._slot.get(d)  # a device new in this batch, seen earlier in it
+                s_a[i] = self._new_slot(d, now_ms) if got is None else got  # type: ignore[arg-type]
+        limited: np.ndarray[Any, Any] | None = None  # positions limited here; None: all of them
+        if s_a.min() < 0:
+            limited = np.flatnonzero(s_a >= 0)
+            if not len(limited):
+                return []
+            s_a = s_a[limited]
+        top = len(self._names)
+        counts = np.bincount(s_a, minlength=top)  # slots are small integers: no sort needed
+        uniq = np.flatnonzero(counts)
+        counts = counts[uniq]
         el = np.maximum(0, now_ms - self._last[uniq]) / 1000
         msgs = np.minimum(self.burst_messages, self._msgs[uniq] + self.messages_per_s * el)
-        byts = np.minimum(self.burst_bytes, self._bytes[uniq] + self.bytes_per_s * el)
-        self._last[uniq] = now_ms
-        ok = (counts <= msgs) & (nbytes <= byts)
+        ok = counts <= msgs
+        size_a: np.ndarray[Any, Any] | None = None
+        if self.bytes_per_s != float("inf"):
+            size_a = np.fromiter(map(len, payloads), np.float64, n)
+            if limited is not None:
+                size_a = size_a[limited]
+            nbytes = np.bincount(s_a, weights=size_a, minlength=top)[uniq]
+            byts = np.minimum(self.burst_bytes, self._bytes[uniq] + self.bytes_per_s * el)
+            ok &= nbytes <= byts
+            self._bytes[uniq] = np.where(ok, byts - nbytes, byts)
         self._msgs[uniq] = np.where(ok, msgs - counts, msgs)
-        self._bytes[uniq] = np.where(ok, byts - nbytes, byts)
+        self._last[uniq] = now_ms
         if ok.all():
             return []
         refused: list[int] = []
-        over = np.flatnonzero(~ok)
         # the devices over their limit: message by message, in arrival order (a refused message costs nothing)
-        for j, s in zip(over.tolist(), uniq[over].tolist(), strict=True):
+        for s in uniq[~ok].tolist():
             m, b = float(self._msgs[s]), float(self._bytes[s])
-            for pos in np.flatnonzero(inv == j).tolist():
-                size = float(size_a[pos])
+            for pos in np.flatnonzero(s_a == s).tolist():
+                size = 0.0 if size_a is None else float(size_a[pos])
                 if m >= 1 and b >= size:
                     m -= 1
                     b -= size
                 else:
-                    refused.append(int(limited[pos]))
+                    refused.append(pos if limited is None else int(limited[pos]))
             self._msgs[s], self._bytes[s] = m, b
         refused.sort()
         return refused
@@ -354,7 +366,7 @@ class Admission:
         """Whether anything is checked before decoding."""
         return self.registered is not None or self.limiter is not None
 
-    def refuse(self, devices: list[str | None], sizes: Sequence[int], now_ms: int) -> dict[int, tuple[str, str]]:
+    def refuse(self, devices: list[str | None], payloads: Sequence[bytes], now_ms: int) -> dict[int, tuple[str, str]]:
         """The messages refused, by index: ``(reason, detail)``. ``devices[i]`` None or empty: not checked.
 
         ``devices`` is changed in place: a device refused by its registration is not rate limited.
@@ -375,13 +387,14 @@ class Admission:
         lim = self.limiter
         if lim is not None:
             details: dict[tuple[str, bool], tuple[str, str]] = {}
-            for i in lim.refuse(devices, sizes, now_ms):
+            for i in lim.refuse(devices, payloads, now_ms):
                 d = devices[i]
                 assert d is not None
-                key = (d, sizes[i] > lim.burst_bytes)  # one detail per device and kind: a flood has many
+                size = len(payloads[i])
+                key = (d, size > lim.burst_bytes)  # one detail per device and kind: a flood has many
                 got = details.get(key)
                 if got is None:
-                    got = details[key] = ("rate_limited", lim.detail(d, sizes[i]))
+                    got = details[key] = ("rate_limited", lim.detail(d, size))
                 refused[i] = got
         return refused
 

@@ -72,15 +72,14 @@ def _checked_device(topic: str) -> str:
 
 
 def _admit(
-    messages: Sequence[IngestMessage], admission: Admission, now_ms: int
+    messages: Sequence[IngestMessage], topics: list[str], admission: Admission, now_ms: int
 ) -> tuple[Sequence[IngestMessage], list[DeadLetter], list[str | None]]:
     """The messages ``admission`` lets through, and the dead letters (with their ids) of those it refuses."""
-    topics = list(map(_topic_of, messages))
     devices: list[str | None] = list(map(_CHECKED.get, topics))
     if None in devices:
         devices = [_checked_device(t) if d is None else d for t, d in zip(topics, devices, strict=True)]
     shown = list(devices)
-    refused = admission.refuse(devices, list(map(len, map(_payload_of, messages))), now_ms)
+    refused = admission.refuse(devices, list(map(_payload_of, messages)), now_ms)
     if not refused:
         return messages, [], []
     dead = []
@@ -169,7 +168,8 @@ def _plain_routes(topics: Sequence[str], partitions: int) -> list[tuple[str, int
 
 
 def _route_bulk(
-    messages: Sequence[IngestMessage], settings: GatewaySettings, partitions: int, now_ms: int
+    messages: Sequence[IngestMessage], settings: GatewaySettings, partitions: int, now_ms: int,
+    topics: list[str] | None = None,
 ) -> tuple[dict[int, list[Reading]], int] | None:
     """Readings by partition of a batch of plain one-reading JSON messages (the commonest), decoded at once.
 
@@ -179,7 +179,7 @@ def _route_bulk(
     if not messages or list(map(_ctype_of, messages)).count(None) != len(messages):
         return None
     try:
-        routes = _plain_routes(list(map(_topic_of, messages)), partitions)
+        routes = _plain_routes(list(map(_topic_of, messages)) if topics is None else topics, partitions)
         if routes is None:
             return None
         readings = decode_single_readings(
@@ -222,10 +222,14 @@ def route(
     dead_ids: list[str | None] = []
     n = 0
     todo = messages
+    topics: list[str] | None = None
     if admission is not None and admission.checks and messages:
-        todo, dead, dead_ids = _admit(messages, admission, now_ms)
+        topics = list(map(_topic_of, messages))
+        todo, dead, dead_ids = _admit(messages, topics, admission, now_ms)
+        if dead:
+            topics = None
     relabel = admission is not None and admission.authenticated_topics
-    bulk = _route_bulk(todo, settings, partitions, now_ms) if todo else None
+    bulk = _route_bulk(todo, settings, partitions, now_ms, topics) if todo else None
     if bulk is not None:
         by_part, n = bulk
     for m in todo if bulk is None else ():
