@@ -197,10 +197,11 @@ class RateLimiter:
         if messages_per_s < 0 or bytes_per_s < 0 or burst_s <= 0 or max_devices < 2:
             raise ValueError("rates must be >= 0, burst_s > 0 and max_devices >= 2")
         inf = float("inf")
-        self.messages_per_s = messages_per_s or inf  # 0: no limit, a bucket that never empties
-        self.bytes_per_s = bytes_per_s or inf
-        self.burst_messages = max(1.0, messages_per_s * burst_s) if messages_per_s else inf
-        self.burst_bytes = max(float(min_burst_bytes), bytes_per_s * burst_s) if bytes_per_s else inf
+        self.messages_per_s = float(messages_per_s)  # 0: no limit (a bucket of inf that is never touched)
+        self.bytes_per_s = float(bytes_per_s)
+        self._on_m, self._on_b = messages_per_s > 0, bytes_per_s > 0
+        self.burst_messages = max(1.0, messages_per_s * burst_s) if self._on_m else inf
+        self.burst_bytes = max(float(min_burst_bytes), bytes_per_s * burst_s) if self._on_b else inf
         self.max_devices = max_devices
         self.sweep_s = sweep_s
         self._slot: dict[str | None, int] = {None: -1, "": -1}  # no device: not limited
@@ -218,7 +219,7 @@ class RateLimiter:
     @property
     def enabled(self) -> bool:
         """Whether any limit is set."""
-        return self.messages_per_s != float("inf") or self.bytes_per_s != float("inf")
+        return self._on_m or self._on_b
 
     @property
     def devices(self) -> int:
@@ -251,8 +252,11 @@ class RateLimiter:
             return
         names = np.array([n is not None for n in self._names])
         el = np.maximum(0, now_ms - self._last[:top]) / 1000
-        full = names & (self._msgs[:top] + self.messages_per_s * el >= self.burst_messages) & (
-            self._bytes[:top] + self.bytes_per_s * el >= self.burst_bytes)
+        full = names
+        if self._on_m:
+            full = full & (self._msgs[:top] + self.messages_per_s * el >= self.burst_messages)
+        if self._on_b:
+            full = full & (self._bytes[:top] + self.bytes_per_s * el >= self.burst_bytes)
         drop = np.flatnonzero(full)
         self.dropped_idle += len(drop)
         if force and self.devices - len(drop) >= self.max_devices:
@@ -292,10 +296,12 @@ class RateLimiter:
         uniq = np.flatnonzero(counts)
         counts = counts[uniq]
         el = np.maximum(0, now_ms - self._last[uniq]) / 1000
-        msgs = np.minimum(self.burst_messages, self._msgs[uniq] + self.messages_per_s * el)
-        ok = counts <= msgs
+        ok = np.ones(len(uniq), dtype=bool)
+        if self._on_m:
+            msgs = np.minimum(self.burst_messages, self._msgs[uniq] + self.messages_per_s * el)
+            ok &= counts <= msgs
         size_a: np.ndarray[Any, Any] | None = None
-        if self.bytes_per_s != float("inf"):
+        if self._on_b:
             size_a = np.fromiter(map(len, payloads), np.float64, n)
             if limited is not None:
                 size_a = size_a[limited]
@@ -303,7 +309,8 @@ class RateLimiter:
             byts = np.minimum(self.burst_bytes, self._bytes[uniq] + self.bytes_per_s * el)
             ok &= nbytes <= byts
             self._bytes[uniq] = np.where(ok, byts - nbytes, byts)
-        self._msgs[uniq] = np.where(ok, msgs - counts, msgs)
+        if self._on_m:
+            self._msgs[uniq] = np.where(ok, msgs - counts, msgs)
         self._last[uniq] = now_ms
         if ok.all():
             return []
@@ -313,7 +320,7 @@ class RateLimiter:
             m, b = float(self._msgs[s]), float(self._bytes[s])
             for pos in np.flatnonzero(s_a == s).tolist():
                 size = 0.0 if size_a is None else float(size_a[pos])
-                if m >= 1 and b >= size:
+                if m >= 1 and b >= size:  # an unlimited bucket holds inf
                     m -= 1
                     b -= size
                 else:
@@ -328,9 +335,9 @@ class RateLimiter:
             return (f"device {device!r}: a payload of {size} bytes is larger than the rate limit's burst of "
                     f"{self.burst_bytes:.0f} bytes (gateway.rate_limit_bytes_per_s x rate_limit_burst_s)")
         limits = []
-        if self.messages_per_s != float("inf"):
+        if self._on_m:
             limits.append(f"{self.messages_per_s:g} messages/s")
-        if self.bytes_per_s != float("inf"):
+        if self._on_b:
             limits.append(f"{self.bytes_per_s:g} bytes/s")
         return f"device {device!r} is over its rate limit ({' and '.join(limits)}, burst of {self.burst_text})"
 
@@ -338,9 +345,9 @@ class RateLimiter:
     def burst_text(self) -> str:
         """The burst in the words of the settings."""
         parts = []
-        if self.burst_messages != float("inf"):
+        if self._on_m:
             parts.append(f"{self.burst_messages:.0f} messages")
-        if self.burst_bytes != float("inf"):
+        if self._on_b:
             parts.append(f"{self.burst_bytes:.0f} bytes")
         return " and ".join(parts)
 
