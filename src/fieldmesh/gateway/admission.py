@@ -19,7 +19,7 @@ of a device that is over its limit.
 
 If the registry cannot be read, the gateway neither accepts unknown devices nor drops known ones: before
 its first successful read it takes no message from its source (they wait there, unacknowledged); after
-it, it keeps the last set it read, logs the failure and counts it (``registry_errors``).
+it, it keeps the last set it read, logs the failure and counts it (:attr:`RegisteredDevices.errors`).
 """
 
 from __future__ import annotations
