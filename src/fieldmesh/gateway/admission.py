@@ -38,7 +38,7 @@ import numpy as np
 from fieldmesh.core.errors import ConfigError
 from fieldmesh.core.settings import GatewaySettings
 
-__all__ = ["Admission", "DeviceLister", "RateLimiter", "RegisteredDevices", "build_admission"]
+__all__ = ["Admission", "DeviceLister", "RateLimiter", "RegisteredDevices", "build_admission", "describe_checks"]
 
 log = logging.getLogger(__name__)
 
@@ -426,3 +426,17 @@ def build_admission(
         burst_s=settings.rate_limit_burst_s, min_burst_bytes=settings.max_payload_bytes)
     admission = Admission(registered=registered, limiter=limiter, authenticated_topics=settings.authenticated_topics)
     return admission if admission.checks or admission.authenticated_topics else None
+
+
+def describe_checks(settings: GatewaySettings) -> str | None:
+    """What the start line says of the device checks (None: none is on)."""
+    parts = []
+    if settings.require_registration:
+        parts.append("registration enforced")
+    elif settings.authenticated_topics:
+        parts.append("topics are identities")
+    limits = [f"{v:g} {unit}/s" for v, unit in ((settings.rate_limit_messages_per_s, "messages"),
+                                               (settings.rate_limit_bytes_per_s, "bytes")) if v]
+    if limits:
+        parts.append(f"rate limit {' and '.join(limits)} per device (burst {settings.rate_limit_burst_s:g} s)")
+    return "devices: " + ", ".join(parts) if parts else None

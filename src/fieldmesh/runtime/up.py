@@ -31,6 +31,7 @@ from fieldmesh.bus import Bus, TopicSpec, load_bus
 from fieldmesh.core.errors import ConfigError, FieldmeshError
 from fieldmesh.core.settings import RuntimeSettings, Settings
 from fieldmesh.core.topics import DLQ_TOPIC, GATEWAY_GROUP, INGEST_TOPIC, READINGS_TOPIC
+from fieldmesh.gateway.admission import describe_checks
 from fieldmesh.gateway.sources import MqttSource, ingest_spec
 from fieldmesh.runtime.enrichment import join_topic, source_database
 from fieldmesh.runtime.mosquitto import (
@@ -388,6 +389,7 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
                 f"(topic devices/<id>/telemetry); API [bold]{api_url}[/] ({access.describe()}); "
                 f"{_door_line(door_kind)}; bus {bus_url}; store {store_url}"
                 + (f"; simulating {opts.simulate} devices" if opts.simulate else "")
+                + (f"; {checks}" if (checks := describe_checks(settings.gateway)) else "")
                 + "".join(f"; {note}" for note in port_notes)
             )
             stop = asyncio.Event()
