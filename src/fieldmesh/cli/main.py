@@ -376,8 +376,8 @@ def _cli_actor() -> str:
 def keys_create(
     role: Annotated[str, typer.Option(help="viewer (reads), operator (also acts), admin (also manages keys)")],
     groups: Annotated[str | None, typer.Option(
-        help="limit the key to these device groups, e.g. plant-1,lab (FIELDMESH__ACCESS__GROUPS says which "
-             "devices a group holds)")] = None,
+        help="limit the key to these device groups, e.g. plant-1,lab (the device registry says which "
+             "devices a group holds; FIELDMESH__ACCESS__GROUPS places the devices it does not hold)")] = None,
     name: Annotated[str | None, typer.Option(help="a label (default: the key id)")] = None,
     data_dir: DataDir = DEFAULT_DATA_DIR,
     store_url: StoreUrl = None,
@@ -400,10 +400,24 @@ def keys_create(
     err.print(f"key {key.id} ({key.role}{', groups ' + ','.join(key.groups) if key.groups else ''}) created; "
               "it is shown this once: send it as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
     defined = _settings().access.groups
-    missing = [g for g in key.groups if g not in defined]
+    missing = [g for g in key.groups if g not in defined and not _registry_has_group(data_dir, store_url, g)]
     if missing:
-        err.print(f"[yellow]note:[/] no devices are in group(s) {', '.join(missing)} until FIELDMESH__ACCESS__GROUPS "
-                  "defines them for the API (docs/security.md)")
+        err.print(f"[yellow]note:[/] no devices are in group(s) {', '.join(missing)} yet: register devices in them "
+                  "(fieldmesh devices add ID --groups ...) or define them in FIELDMESH__ACCESS__GROUPS "
+                  "(docs/registry.md)")
+
+
+def _registry_has_group(data_dir: Path, store_url: str | None, group: str) -> bool:
+    from fieldmesh.store.registry import DeviceRegistry
+
+    try:
+        reg = DeviceRegistry(_store_url(data_dir, store_url))
+    except FieldmeshError:
+        return False
+    try:
+        return bool(reg.list(group=group, limit=1))
+    finally:
+        reg.close()
 
 
 @keys_app.command("list")
@@ -457,7 +471,8 @@ def keys_revoke(
 
 
 # Sub-command groups contributed by other stages, registered when their modules are present.
-for _name, _module in (("cdc", "fieldmesh.cli.cdc"), ("edge", "fieldmesh.edge.cli")):
+for _name, _module in (("cdc", "fieldmesh.cli.cdc"), ("devices", "fieldmesh.cli.devices"),
+                       ("edge", "fieldmesh.edge.cli")):
     try:
         _sub = importlib.import_module(_module)
     except ImportError:

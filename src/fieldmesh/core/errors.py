@@ -8,6 +8,7 @@ Hierarchy::
     ├── MissingDependency      an optional extra is not installed (carries the install hint)
     ├── ConflictError          a change collides with what exists (an id taken; carries ``kind``, ``key``)
     ├── NotFoundError          a change names something that does not exist (carries ``kind``, ``key``)
+    ├── PermissionDenied       the caller may not make this change (beyond its device groups)
     ├── RowsRejected           an import whose rows fail validation (carries ``errors``: line, message)
     ├── BackendError           a bus, broker or store failed (wraps the third-party error)
     │   └── BackendUnavailable the backend could not be reached (transient, retried)
@@ -24,6 +25,7 @@ __all__ = [
     "FieldmeshError",
     "MissingDependency",
     "NotFoundError",
+    "PermissionDenied",
     "RejectedInput",
     "RowsRejected",
     "StoreSchemaError",
@@ -77,6 +79,10 @@ class NotFoundError(FieldmeshError):
         super().__init__(message)
         self.kind = kind
         self.key = key
+
+
+class PermissionDenied(FieldmeshError):
+    """The caller may not make this change, e.g. a device beyond the device groups it is limited to."""
 
 
 class RowsRejected(FieldmeshError):

@@ -26,11 +26,11 @@ import io
 import json
 import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from fieldmesh.core.errors import ConfigError, ConflictError, NotFoundError, RowsRejected
+from fieldmesh.core.errors import ConfigError, ConflictError, NotFoundError, PermissionDenied, RowsRejected
 from fieldmesh.core.topics import DEVICE_ID_RE
 from fieldmesh.store.access import GROUP_RE, HotTables
 
@@ -39,6 +39,7 @@ __all__ = [
     "CSV_COLUMNS",
     "STATUSES",
     "TAG_RE",
+    "Authorize",
     "Certificate",
     "Device",
     "DeviceRegistry",
@@ -56,6 +57,10 @@ MAX_TAGS: Final = 100
 MAX_ATTRIBUTES_BYTES: Final = 16_384
 #: The fixed columns of an import file; ``attr.<name>`` columns add attributes.
 CSV_COLUMNS: Final = ("device_id", "groups", "tags", "status")
+
+#: A check run in a change's transaction with the device before and after it (None: not registered
+#: before / removed); it raises (:class:`PermissionDenied`, :class:`NotFoundError`) to refuse the change.
+Authorize = Callable[["Device | None", "Device | None"], None]
 
 _DEVICE_COLS: Final = "id, status, groups, tags, attributes, created_ms, updated_ms"
 _CERT_COLS: Final = "serial, device_id, subject, fingerprint, not_before_ms, not_after_ms, revoked_ms, pem"
@@ -330,8 +335,9 @@ class DeviceRegistry(HotTables):
 
     # -- devices -----------------------------------------------------------------------------
     def add(self, device_id: str, *, groups: Iterable[str] = (), tags: Iterable[str] = (),
-            attributes: Mapping[str, Any] | None = None, status: str = "active", actor: str) -> Device:
-        """Register a device.
+            attributes: Mapping[str, Any] | None = None, status: str = "active", actor: str,
+            authorize: Authorize | None = None) -> Device:
+        """Register a device (``authorize``: a check of the caller's right to, in the transaction).
 
         Raises:
             ConflictError: the id is registered already.
@@ -346,6 +352,8 @@ class DeviceRegistry(HotTables):
             self._serialize(con)
             if self._get(con, device_id) is not None:
                 raise ConflictError(f"device {device_id!r} is registered already", kind="device", key=device_id)
+            if authorize is not None:
+                authorize(None, dev)
             self._write(con, dev, actor, new=True)
             self._bump(con)
             self._audit(con, actor, "device.add", device_id, {k: v for k, v in dev.as_dict().items()
@@ -359,7 +367,8 @@ class DeviceRegistry(HotTables):
 
     def update(self, device_id: str, *, groups: Iterable[str] | None = None, tags: Iterable[str] | None = None,
                attributes: Mapping[str, Any] | None = None, status: str | None = None,
-               attributes_patch: Mapping[str, Any] | None = None, actor: str) -> Device:
+               attributes_patch: Mapping[str, Any] | None = None, actor: str,
+               authorize: Authorize | None = None) -> Device:
         """Change a device: ``groups``, ``tags`` and ``attributes`` replace what it had; ``None`` keeps it.
 
         ``attributes_patch`` merges into the attributes (after ``attributes``, if both): a ``None``
@@ -392,6 +401,8 @@ class DeviceRegistry(HotTables):
                          groups=old.groups if new_groups is None else new_groups,
                          tags=old.tags if new_tags is None else new_tags,
                          attributes=_check_attributes(attrs), created_ms=old.created_ms, updated_ms=_now_ms())
+            if authorize is not None:
+                authorize(old, dev)
             changes = self._changes(old, dev)
             if not changes:
                 return old
@@ -400,8 +411,9 @@ class DeviceRegistry(HotTables):
             self._audit(con, actor, "device.update", device_id, changes)
         return dev
 
-    def delete(self, device_id: str, *, actor: str) -> None:
-        """Remove a device from the registry and revoke its certificates (kept, revoked, for the record).
+    def delete(self, device_id: str, *, actor: str, authorize: Authorize | None = None) -> Device:
+        """Remove a device from the registry and revoke its certificates (kept, revoked, for the record);
+        return the device as it was.
 
         The audit log keeps what it was. To keep the device listed but out of service, set its
         status to ``retired`` instead.
@@ -414,6 +426,8 @@ class DeviceRegistry(HotTables):
             old = self._get(con, device_id)
             if old is None:
                 raise NotFoundError(f"no registered device {device_id!r}", kind="device", key=device_id)
+            if authorize is not None:
+                authorize(old, None)
             now = _now_ms()
             revoked = [r[0] for r in con.execute(self._sql(
                 "SELECT serial FROM device_certificates WHERE device_id = ? AND revoked_ms IS NULL ORDER BY serial"),
@@ -427,6 +441,7 @@ class DeviceRegistry(HotTables):
             self._audit(con, actor, "device.delete", device_id,
                         {"was": {k: v for k, v in old.as_dict().items() if k != "device_id"},
                          "certificates_revoked": revoked})
+        return old
 
     def list(self, *, status: str | None = None, group: str | None = None, after: str | None = None,
              limit: int = 1000) -> builtins.list[Device]:
@@ -454,7 +469,7 @@ class DeviceRegistry(HotTables):
                            " LEFT JOIN device_registry d ON 1 = 1 WHERE v.id = 1")
         return int(rows[0][0]), {r[1]: tuple(json.loads(r[2])) for r in rows if r[1] is not None}
 
-    def import_csv(self, text: str, *, actor: str) -> dict[str, int]:
+    def import_csv(self, text: str, *, actor: str, authorize: Authorize | None = None) -> dict[str, int]:
         """Register or update the devices of an import file, all or nothing (docs/registry.md).
 
         A new device gets the row's groups, tags, status (default ``active``) and attributes; a
@@ -466,6 +481,7 @@ class DeviceRegistry(HotTables):
 
         Raises:
             RowsRejected: a bad header or any bad row: nothing is imported, every problem is named.
+            PermissionDenied: ``authorize`` refused rows (each named by its line): nothing is imported.
         """
         rows = parse_csv(text)
         counts = {"added": 0, "updated": 0, "unchanged": 0}
@@ -474,39 +490,51 @@ class DeviceRegistry(HotTables):
             self._serialize(con)
             changed: builtins.list[str] = []
             problems: builtins.list[tuple[int, str]] = []
+            denied: builtins.list[tuple[int, str]] = []
             for row in rows:
                 old = self._get(con, row.device_id)
                 if old is None:
                     attrs = {k: v for k, v in row.attributes.items() if v is not None}
                     dev = Device(id=row.device_id, status=row.status or "active", groups=row.groups or (),
                                  tags=row.tags or (), attributes=attrs, created_ms=now, updated_ms=now)
+                else:
+                    merged = dict(old.attributes)
+                    for k, v in row.attributes.items():
+                        if v is None:
+                            merged.pop(k, None)
+                        else:
+                            merged[k] = v
+                    try:
+                        merged = _check_attributes(merged)
+                    except ConfigError as exc:
+                        problems.append((row.line, str(exc)))
+                        continue
+                    dev = Device(id=old.id, status=row.status or old.status,
+                                 groups=old.groups if row.groups is None else row.groups,
+                                 tags=old.tags if row.tags is None else row.tags,
+                                 attributes=merged, created_ms=old.created_ms, updated_ms=now)
+                if authorize is not None:
+                    try:
+                        authorize(old, dev)
+                    except (PermissionDenied, NotFoundError) as exc:
+                        denied.append((row.line, str(exc)))
+                        continue
+                if old is None:
                     self._write(con, dev, actor, new=True)
                     counts["added"] += 1
-                    changed.append(row.device_id)
-                    continue
-                attrs = dict(old.attributes)
-                for k, v in row.attributes.items():
-                    if v is None:
-                        attrs.pop(k, None)
-                    else:
-                        attrs[k] = v
-                try:
-                    attrs = _check_attributes(attrs)
-                except ConfigError as exc:
-                    problems.append((row.line, str(exc)))
-                    continue
-                dev = Device(id=old.id, status=row.status or old.status,
-                             groups=old.groups if row.groups is None else row.groups,
-                             tags=old.tags if row.tags is None else row.tags,
-                             attributes=attrs, created_ms=old.created_ms, updated_ms=now)
-                if not self._changes(old, dev):
+                elif self._changes(old, dev):
+                    self._write(con, dev, actor, new=False)
+                    counts["updated"] += 1
+                else:
                     counts["unchanged"] += 1
                     continue
-                self._write(con, dev, actor, new=False)
-                counts["updated"] += 1
                 changed.append(row.device_id)
             if problems:
                 raise RowsRejected(problems)  # rolls the transaction back: nothing imported
+            if denied:
+                raise PermissionDenied("not imported, rows beyond your rights: " + "; ".join(
+                    f"line {n}: {m}" for n, m in denied[:20]) + (f" (and {len(denied) - 20} more)"
+                                                                if len(denied) > 20 else ""))
             if changed:
                 self._bump(con)
                 self._audit(con, actor, "device.import", f"{len(changed)} devices",
