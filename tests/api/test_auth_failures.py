@@ -23,6 +23,7 @@ def client(tmp_path: Path) -> Iterator[tuple[TestClient, dict[str, str]]]:
     keys = AccessStore(url)
     made = {role: keys.create_key(role=role, actor="test")[1] for role in ("viewer", "admin")}
     made["plant1"] = keys.create_key(role="viewer", groups=["plant1"], actor="test")[1]
+    made["plant1-op"] = keys.create_key(role="operator", groups=["plant1"], actor="test")[1]
     access = Access(url, AccessSettings(groups={"plant1": ["p1-*"]}))
     store = load_store(url, readonly=True)
     try:
@@ -34,6 +35,10 @@ def client(tmp_path: Path) -> Iterator[tuple[TestClient, dict[str, str]]]:
 
 
 def _get(c: TestClient, path: str, token: str | None = None) -> Any:
+    if path.startswith("POST "):  # register a device
+        body = dict(item.split("=") for item in path.split()[2:])
+        return c.post(f"/api/v1{path.split()[1]}", headers={"Authorization": f"Bearer {token}"},
+                      json={"device_id": body["device_id"], "groups": [body["group"]]})
     return c.get(f"/api/v1{path}" if path != "/metrics" else path,
                  headers={"Authorization": f"Bearer {token}"} if token else {})
 
@@ -52,6 +57,7 @@ def test_each_refusal_is_counted_by_its_reason(client: tuple[TestClient, dict[st
         ("/audit", made["viewer"], 403, "wrong_role"),
         ("/stats", made["plant1"], 403, "wrong_group"),  # spans every device
         ("/telemetry/raw", made["plant1"], 403, "wrong_group"),  # names no device of its groups
+        ("POST /devices device_id=p2-x group=plant2", made["plant1-op"], 403, "wrong_group"),  # beyond its groups
     ]
     for path, token, status, _ in refusals:
         assert _get(c, path, token).status_code == status, (path, token)

@@ -227,6 +227,7 @@ def create_app(
 
     @app.exception_handler(PermissionDenied)
     async def _denied(request: Request, exc: PermissionDenied) -> JSONResponse:
+        acc.count_failure("wrong_group")  # a change reaching beyond the caller's device groups
         return JSONResponse(status_code=403, content={"detail": str(exc)})
 
     @app.exception_handler(RowsRejected)
