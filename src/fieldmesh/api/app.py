@@ -89,6 +89,8 @@ _API_KEY = APIKeyHeader(name="X-API-Key", auto_error=False, scheme_name="apiKey"
 Limit = Annotated[int, Query(ge=1, le=100_000, description="at most this many rows")]
 #: The largest import file ``POST /devices/import`` takes.
 MAX_IMPORT_BYTES: Final = 8 * 1024 * 1024
+_IMPORT_EXAMPLE: Final = ("device_id,groups,tags,status,attr.site\n"
+                           "pump-7,plant-1;west,fw:1.2,active,north\nvalve-2,plant-1,,suspended,\n")
 #: The store's part of the row of a registered device that has not sent yet.
 _UNSEEN: Final[dict[str, Any]] = {"first_seen": None, "last_seen": None, "first_ts": None, "last_ts": None,
                                   "readings": 0, "metrics": [], "gaps": 0}
@@ -461,8 +463,9 @@ def create_app(
         "Register devices, or change registered ones, from a CSV file (operator; docs/registry.md): header "
         "`device_id,groups,tags,status,attr.<name>...`, groups and tags separated by `;`. All or nothing: "
         "a bad row refuses the whole file (422, every bad line named)."),
-        openapi_extra={"requestBody": {"required": True, "content": {"text/csv": {"schema": {
-            "type": "string", "maxLength": MAX_IMPORT_BYTES}}}}},
+        openapi_extra={"requestBody": {"required": True, "content": {"text/csv": {
+            "schema": {"type": "string", "maxLength": MAX_IMPORT_BYTES, "examples": [_IMPORT_EXAMPLE]},
+            "example": _IMPORT_EXAMPLE}}}},
         responses={200: {"model": DeviceImported}, **BAD_PARAMETER,
                    413: {"model": ErrorBody, "description": f"larger than {MAX_IMPORT_BYTES} bytes"},
                    415: {"model": ErrorBody, "description": "not text/csv"},
