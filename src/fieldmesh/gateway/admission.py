@@ -176,7 +176,7 @@ class RegisteredDevices:
         status = self.inactive.get(device)
         if status is None:
             return "unknown_device", (f"device {device!r} is not registered, and registration is enforced: "
-                                      "register it in the device registry (docs/security.md)")
+                                      f"register it (fieldmesh devices add {device}; docs/registry.md)")
         return "unauthorized", f"device {device!r} is {status} in the device registry: it may not publish"
 
 
