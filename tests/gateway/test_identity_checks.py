@@ -25,7 +25,7 @@ from fieldmesh.core.settings import GatewaySettings, load_settings
 from fieldmesh.core.topics import READINGS_TOPIC
 from fieldmesh.gateway.admission import Admission, RegisteredDevices, build_admission
 from fieldmesh.gateway.base import IngestMessage
-from fieldmesh.gateway.gateway import route
+from fieldmesh.gateway.gateway import _route_bulk, route
 from fieldmesh.runtime.worker import run_gateway, run_processor
 from fieldmesh.store.registry import DeviceRegistry
 from fieldmesh.store.sqlite import SqliteStore
@@ -74,6 +74,23 @@ def test_a_payload_naming_another_device_is_unauthorized_where_the_topic_is_the_
     good = [_msg(f"d{i % 3}", _reading(i, **({"device_id": f"d{i % 3}"} if i % 2 else {})), i) for i in range(30)]
     assert route(good, settings=S, partitions=2, now_ms=NOW, admission=authenticated)[0] == route(
         good, settings=S, partitions=2, now_ms=NOW)[0]
+
+
+def test_a_payload_for_another_device_costs_only_itself_in_the_bulk_path():
+    good = [_msg(f"d{i % 3}", _reading(i), i) for i in range(40)]
+    bad = _msg("d1", _reading(99, device_id="d2"), 99)
+    msgs = [*good[:17], bad, *good[17:]]
+    bulk = _route_bulk(msgs, S, 2, NOW)
+    assert bulk is not None and bulk[2] == [17]  # the batch stays on the bulk path; that one is set aside
+    clean = route(good, settings=S, partitions=2, now_ms=NOW)
+    for admission, reason in ((None, "device_mismatch"), (Admission(authenticated_topics=True), "unauthorized")):
+        records, n, dead = route(msgs, settings=S, partitions=2, now_ms=NOW, admission=admission)
+        assert n == 40 and [d.reason for d in dead] == [reason] and dead[0].device_id == "d1"
+        readings = [rec for rec in records if rec.topic == READINGS_TOPIC]
+        assert [decode_bus_readings(r.value) for r in readings] == [
+            decode_bus_readings(r.value) for r in clean[0] if r.topic == READINGS_TOPIC]
+    # every payload for another device: the message-by-message path, as before
+    assert _route_bulk([bad], S, 2, NOW) is None
 
 
 # ---- registration ----------------------------------------------------------------------------------

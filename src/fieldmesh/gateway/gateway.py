@@ -170,11 +170,13 @@ def _plain_routes(topics: Sequence[str], partitions: int) -> list[tuple[str, int
 def _route_bulk(
     messages: Sequence[IngestMessage], settings: GatewaySettings, partitions: int, now_ms: int,
     topics: list[str] | None = None,
-) -> tuple[dict[int, list[Reading]], int] | None:
+) -> tuple[dict[int, list[Reading]], int, list[int]] | None:
     """Readings by partition of a batch of plain one-reading JSON messages (the commonest), decoded at once.
 
     None when any message is something else (another shape, encoding or topic, anything to reject): the
     caller then routes the batch message by message. Both ways give the same readings in the same order.
+    The exception, a payload naming another device (rejected, no reading): its index is in the list
+    returned last, for the caller to route it alone, and the rest of the batch stays on this path.
     """
     if not messages or list(map(_ctype_of, messages)).count(None) != len(messages):
         return None
@@ -182,15 +184,19 @@ def _route_bulk(
         routes = _plain_routes(list(map(_topic_of, messages)) if topics is None else topics, partitions)
         if routes is None:
             return None
+        aside: list[int] = []
         readings = decode_single_readings(
             list(map(_payload_of, messages)), list(map(_device_of, routes)), list(map(_received_of, messages)),
-            now_ms=now_ms, max_skew_ms=settings.max_skew_ms, max_bytes=settings.max_payload_bytes,
+            now_ms=now_ms, max_skew_ms=settings.max_skew_ms, max_bytes=settings.max_payload_bytes, aside=aside,
         )
     except Exception:  # nothing foreseen raises here; if something does, the message-by-message path says what
         log.debug("bulk decoding failed; routing message by message", exc_info=True)
         return None
     if readings is None:
         return None
+    if aside:
+        skip = set(aside)
+        routes = [r for i, r in enumerate(routes) if i not in skip]
     parts = np.fromiter(map(_part_of, routes), np.int64, len(routes))
     order = np.argsort(parts, kind="stable")  # by partition, arrival order within each
     sorted_parts = parts[order]
@@ -202,7 +208,7 @@ def _route_bulk(
     for g in np.argsort(firsts, kind="stable").tolist():
         rows = order[starts[g] : ends[g]].tolist()
         by_part[int(sorted_parts[starts[g]])] = list(map(readings.__getitem__, rows))
-    return by_part, len(readings)
+    return by_part, len(readings), aside
 
 
 def route(
@@ -231,8 +237,8 @@ def route(
     relabel = admission is not None and admission.authenticated_topics
     bulk = _route_bulk(todo, settings, partitions, now_ms, topics) if todo else None
     if bulk is not None:
-        by_part, n = bulk
-    for m in todo if bulk is None else ():
+        by_part, n, aside = bulk
+    for m in todo if bulk is None else [todo[i] for i in aside]:
         try:
             routed = _route_one(m, settings, partitions, now_ms)
         except Exception as exc:  # a bug or a case nobody foresaw: it costs this message, not the worker
