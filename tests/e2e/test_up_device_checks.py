@@ -45,6 +45,7 @@ def test_registration_and_rate_limits_through_up(tmp_path: Path):
     try:
         assert "devices: registration enforced, rate limit 0.001 messages/s per device (burst 3000 s)" in " ".join(
             up.tail().split())  # the start line says what is checked
+        assert up.get("/health")["registry"] == "ok"  # the registry the gateway reads, in /health
         c = publisher(up.mqtt_port)
         msgs = [(f"devices/{ok}/telemetry", _reading(i)) for i in range(10)]  # 3 stored, 7 over the limit
         msgs += [(f"devices/{ok2}/telemetry", _reading(0)),

@@ -341,12 +341,30 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
                 return (f"stalled: {stalled[0]} waiting, no progress for {stalled[1]:.0f}s "
                         f"(last log line: {_last_line(c.log_path)[:300]})")
 
+            registry: list[Any] = []  # the device registry, opened on first use when registration is enforced
+
+            def registry_health() -> str:
+                """Whether the registry the gateway reads can be read (it keeps the last devices it read)."""
+                from fieldmesh.store.registry import DeviceRegistry
+
+                try:
+                    if not registry:
+                        registry.append(DeviceRegistry(store_url))
+                        stack.callback(registry[0].close)
+                    registry[0].version()
+                    return "ok"
+                except Exception as exc:
+                    return (f"error: the device registry cannot be read ({type(exc).__name__}: {exc}"[:300]
+                            + "); the gateway keeps the devices it read last")
+
             async def health() -> dict[str, Any]:
                 h: dict[str, Any] = {c.name: stage_health(c) for c in children}
                 if nats is not None:
                     h[bus_name] = ("ok" if nats.alive() else f"failed: {nats_failed}" if nats_failed
                                    else f"restarting (restart {nats_restarts.restarts})")
                     h["disk"] = "ok" if door_closed is None else door_closed
+                if settings.gateway.require_registration:
+                    h["registry"] = await asyncio.to_thread(registry_health)
                 return h
 
             import uvicorn
