@@ -366,14 +366,14 @@ def create_app(
     def devreg() -> DeviceRegistry:
         return acc.registry
 
-    def device_row(device_id: str, seen: dict[str, Any] | None, dev: RegisteredDevice | None,
-                   registered: dict[str, tuple[str, ...]] | None = None) -> dict[str, Any]:
-        """A device's row: what the store has seen of it, merged with its registry entry."""
+    def device_row(device_id: str, seen: dict[str, Any] | None, dev: RegisteredDevice | None) -> dict[str, Any]:
+        """A device's row: what the store has seen of it, merged with its registry entry (``dev``; None:
+        not registered, so in the groups the patterns give it)."""
         row: dict[str, Any] = {"device_id": device_id, **(seen or _UNSEEN)}
         if dev is not None:
             row.update({**dev.as_dict(), "registered": True})
         else:
-            groups = acc.groups.groups_of(device_id, registered if registered is not None else {})
+            groups = acc.groups.pattern_groups(device_id)
             row.update({"registered": False, "status": None, "groups": list(groups), "tags": [],
                         "attributes": {}, "created_ms": None, "updated_ms": None})
         return row
@@ -400,7 +400,6 @@ def create_app(
         while page := reg.list(after=after, limit=10_000):
             devs.update((d.id, d) for d in page)
             after = page[-1].id
-        known = {d.id: d.groups for d in devs.values()}
         rows = []
         for device_id in sorted(set(devs) | set(seen)):
             dev = devs.get(device_id)
@@ -408,7 +407,7 @@ def create_app(
                 continue
             if status is not None and (dev is None or dev.status != status):
                 continue
-            row = device_row(device_id, seen.get(device_id), dev, known)
+            row = device_row(device_id, seen.get(device_id), dev)
             if p.groups is not None and set(p.groups).isdisjoint(row["groups"]):
                 continue
             if group is not None and group not in row["groups"]:
@@ -426,7 +425,7 @@ def create_app(
         dev = devreg().get(device_id)
         if not rows and dev is None:
             raise HTTPException(404, f"no device {device_id!r}")
-        return device_row(device_id, rows[0] if rows else None, dev, acc.groups.registered())
+        return device_row(device_id, rows[0] if rows else None, dev)
 
     @r.post("/devices", status_code=201, response_model=None, description=(
         "Register a device (operator). A caller limited to device groups registers devices in its groups only."),

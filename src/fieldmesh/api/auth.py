@@ -85,6 +85,8 @@ class DeviceGroups:
         self._registry = registry
         self._lock = threading.Lock()
         self._cached: tuple[int, dict[str, tuple[str, ...]]] = (-1, {})
+        #: How many times the registry's groups were read whole (each time its version had moved).
+        self.reloads = 0
 
     def pattern_groups(self, device_id: str) -> tuple[str, ...]:
         """The groups whose patterns match ``device_id`` (for devices the registry does not hold)."""
@@ -103,6 +105,7 @@ class DeviceGroups:
         with self._lock:
             if reg.version() != self._cached[0]:
                 self._cached = reg.snapshot()
+                self.reloads += 1
             return self._cached[1]
 
     def groups_of(self, device_id: str, registered: Mapping[str, tuple[str, ...]] | None = None) -> tuple[str, ...]:

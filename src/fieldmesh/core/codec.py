@@ -667,6 +667,8 @@ class _BusV2(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
 
 
 _v2_decoder = msgspec.msgpack.Decoder(_BusV2)
+#: One reading's measurements, as v2 carries them in ``measurements_json`` (and the stores write them).
+_measurements_decoder = msgspec.json.Decoder(dict[str, float | bool])
 
 
 def _bytes(a: np.ndarray[Any, Any], dtype: np.dtype[Any]) -> bytes:
@@ -790,6 +792,14 @@ def _join_v2(bodies: Sequence[_BusV2], ns: Sequence[int], ms: Sequence[int]) -> 
 
     measurements_json = np.empty(n, dtype=object)
     measurements_json[:] = [s for b in bodies for s in b.measurements_json]
+    # The stores write this column as it is: each row must be one JSON object of numbers (one decode per
+    # row; joining rows into one document could be fooled by a row that closes another's brackets).
+    decode_measurements = _measurements_decoder.decode
+    try:
+        for s in measurements_json:
+            decode_measurements(s)
+    except (msgspec.DecodeError, TypeError) as exc:
+        raise _fail(f"column measurements_json holds a row that is not an object of numbers: {exc}") from exc
     return ReadingColumns(
         devices=devices, device=device, ts_ms=column("ts_ms", _I8), received_ms=column("received_ms", _I8),
         key=key, chk=column("chk", _I8), seq=seq, boots=boots, boot=boot, event_id=objects("event_id"),
