@@ -154,6 +154,24 @@ class _StoreCollector(Collector):
             yield f
 
 
+class _AuthCollector(Collector):
+    def __init__(self, access: Access) -> None:
+        self.access = access
+
+    def collect(self) -> Iterator[Any]:
+        c = CounterMetricFamily("fieldmesh_auth_failures", "API requests refused (401, 403) by reason",
+                                labels=["reason"])
+        for reason, n in sorted(self.access.failures.items()):
+            c.add_metric([reason], n)
+        yield c
+
+
+def _auth_failures(access: Access) -> dict[str, int]:
+    """``auth_failures`` of ``/stats``: the total and each reason."""
+    counts = dict(access.failures)
+    return {"total": sum(counts.values()), **counts}
+
+
 def create_app(
     store_url: str,
     *,
@@ -219,6 +237,7 @@ def create_app(
 
     @app.exception_handler(PermissionDenied)
     async def _denied(request: Request, exc: PermissionDenied) -> JSONResponse:
+        acc.count_failure("wrong_group")  # a change reaching beyond the caller's device groups
         return JSONResponse(status_code=403, content={"detail": str(exc)})
 
     @app.exception_handler(RowsRejected)
@@ -259,9 +278,11 @@ def create_app(
         ) -> Principal:
             p = _authenticate(api_key or (bearer.credentials if bearer is not None else None))
             if not p.may(role):
+                acc.count_failure("wrong_role")
                 raise HTTPException(403, f"this needs the {role} role; {p.subject} has "
                                          f"{p.role or 'no fieldmesh role'}")
             if every_device and p.groups is not None:
+                acc.count_failure("wrong_group")
                 raise HTTPException(403, "this answer spans every device: it needs a credential not limited "
                                          f"to device groups ({p.subject} is limited to {', '.join(p.groups)})")
             return p
@@ -275,6 +296,7 @@ def create_app(
         except AuthError as exc:
             if exc.status != 401:
                 raise HTTPException(exc.status, exc.detail) from None
+            acc.count_failure(exc.reason)
             challenge = 'Bearer realm="fieldmesh"' + (', error="invalid_token"' if exc.invalid_token else "")
             raise HTTPException(401, exc.detail, headers={"WWW-Authenticate": challenge}) from None
 
@@ -283,6 +305,7 @@ def create_app(
         no device_id is all devices, which a caller limited to groups may not ask for (403)."""
         if device_id is None:
             if p.groups is not None:
+                acc.count_failure("wrong_group")
                 raise HTTPException(403, f"{p.subject} is limited to device groups ({', '.join(p.groups)}): "
                                          "name a device_id")
             return None
@@ -337,6 +360,7 @@ def create_app(
             "unrouted": st.unrouted,
             "dead_lettered": {"total": sum(st.dead_lettered.values()), **st.dead_lettered},
             "gaps": st.gaps,
+            "auth_failures": _auth_failures(acc),
         }
         if lag is not None:
             lag_cache.update(await lag())
@@ -544,6 +568,7 @@ def create_app(
 
     app.include_router(r)
 
+    registry.register(_AuthCollector(acc))
     collector: _StoreCollector | None = None
 
     @app.get("/metrics", response_class=PlainTextResponse, responses={

@@ -40,6 +40,9 @@ TlsCert = Annotated[Path | None, typer.Option(
     "--tls-cert", envvar="FIELDMESH_TLS_CERT", help="serve the API over HTTPS with this certificate chain (PEM)")]
 TlsKey = Annotated[Path | None, typer.Option(
     "--tls-key", envvar="FIELDMESH_TLS_KEY", help="the private key (PEM) of --tls-cert")]
+RequireRegistration = Annotated[bool, typer.Option(
+    "--require-registration", help="refuse devices not registered as active in the device registry (DLQ "
+    "unknown_device; suspended or retired: unauthorized) [env FIELDMESH__GATEWAY__REQUIRE_REGISTRATION]")]
 EnrichOpt = Annotated[
     list[str] | None,
     typer.Option(help="as-of join of readings with a CDC table (repeatable), e.g. "
@@ -102,14 +105,17 @@ def up(
     http_host: HttpHost = "127.0.0.1",
     tls_cert: TlsCert = None,
     tls_key: TlsKey = None,
+    require_registration: RequireRegistration = False,
 ) -> None:
     """Run the whole pipeline on embedded defaults (MQTT -> gateway -> bus -> processor -> store -> API)."""
     from fieldmesh.runtime.up import DEFAULT_HTTP_PORT, DEFAULT_MQTT_PORT, UpOptions, run_up
 
     cdc = {k: v for k, v in (("source", cdc_source), ("tables", cdc_tables), ("name", cdc_name)) if v is not None}
+    gw = {**({"door": door} if door is not None else {}),
+          **({"require_registration": True} if require_registration else {})}
     try:
         settings = _settings(bus={"partitions": partitions, "fsync": fsync}, data_dir=data_dir,
-                             **({"gateway": {"door": door}} if door is not None else {}),
+                             **({"gateway": gw} if gw else {}),
                              **_enrich_kw(enrich, None), **({"cdc": cdc} if cdc else {}))
         opts = UpOptions(
             data_dir=data_dir, mqtt_url=mqtt_url, bus_url=bus_url,
@@ -194,6 +200,9 @@ def gateway(
         help="a topic of raw readings: kafka://host:9092/TOPIC or nats://host:4222/SUBJECT (repeatable)")] = None,
     partitions: Annotated[int, typer.Option(min=1, max=4096)] = 8,
     client_id: Annotated[str | None, typer.Option(help="stable MQTT client id (persistent session)")] = None,
+    store_url: Annotated[str | None, typer.Option(
+        help="the hot store holding the device registry (needed with --require-registration)")] = None,
+    require_registration: RequireRegistration = False,
 ) -> None:
     """Run a gateway alone (run N of them: they share the devices through an MQTT 5 shared subscription
     or an ingest topic's consumer group)."""
@@ -203,8 +212,10 @@ def gateway(
         raise typer.BadParameter("give --mqtt-url and/or --ingest-url")
     _role_logging("gateway")
     try:
+        settings = _settings(bus={"partitions": partitions},
+                             **({"gateway": {"require_registration": True}} if require_registration else {}))
         asyncio.run(run_gateway(bus_url=bus_url, mqtt_url=mqtt_url, client_id=client_id, ingest_urls=ingest_url,
-                                settings=_settings(bus={"partitions": partitions})))
+                                settings=settings, registry_url=store_url))
     except FieldmeshError as exc:
         _fail(exc)
 
