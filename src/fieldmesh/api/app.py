@@ -19,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.routing import APIRoute
-from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBasic, HTTPBasicCredentials, HTTPBearer
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -28,7 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fieldmesh import __version__
-from fieldmesh.api.auth import Access, AuthError, Principal
+from fieldmesh.api.auth import Access, AuthError, Principal, basic_token
 from fieldmesh.api.params import (
     BAD_PARAMETER,
     STORE_UNAVAILABLE,
@@ -42,6 +42,8 @@ from fieldmesh.api.params import (
     reason_query,
     time_query,
 )
+from fieldmesh.api.registry import PREFIX as REGISTRY_PREFIX
+from fieldmesh.api.registry import RegistryResponse, error_body, registry_router
 from fieldmesh.api.schemas import (
     AuditRow,
     DeadLetterRow,
@@ -56,8 +58,10 @@ from fieldmesh.api.schemas import (
     WhoAmI,
 )
 from fieldmesh.core.codec import REASONS
-from fieldmesh.core.errors import ConfigError, FieldmeshError
+from fieldmesh.core.errors import BackendError, ConfigError, FieldmeshError
 from fieldmesh.core.topics import DEVICE_ID_RE
+from fieldmesh.schema.base import RegistryError
+from fieldmesh.schema.registry import SchemaRegistry
 from fieldmesh.store import HotStore, load_store
 
 __all__ = ["OPEN_ROUTES", "create_app", "parse_time"]
@@ -69,6 +73,10 @@ _BEARER = HTTPBearer(auto_error=False, scheme_name="bearer", bearerFormat="API k
                      description="Authorization: Bearer <an API key fmk_... or a JWT of the OpenID Connect issuer>")
 _API_KEY = APIKeyHeader(name="X-API-Key", auto_error=False, scheme_name="apiKey",
                         description="X-API-Key: <an API key fmk_...>")
+# what Confluent's schema registry clients send (basic.auth.user.info): docs/schemas.md
+_BASIC = HTTPBasic(auto_error=False, scheme_name="basic",
+                   description="HTTP Basic: user <key id> and password <the key's secret>, or any user and the "
+                               "whole key fmk_... as the password")
 
 Limit = Annotated[int, Query(ge=1, le=100_000, description="at most this many rows")]
 Device = Annotated[str | None, device_query()]
@@ -134,12 +142,14 @@ def create_app(
     partition_lag: PartitionLagFn | None = None,
     store: HotStore | None = None,
     access: Access | None = None,
+    schema_registry: SchemaRegistry | None = None,
 ) -> FastAPI:
     """Build the API app over the hot store at ``store_url``.
 
     ``lag`` gives each stage's total lag, ``partition_lag`` the lag per stage and partition.
     ``access`` authenticates callers; by default API keys in the same store, in local-only mode
     (the caller binds the API to loopback; beyond it, pass ``Access(..., local_only=False)``).
+    ``schema_registry``: the schema registry (by default opened on first use over the same store).
     """
     acc = access if access is not None else Access(store_url)
     # FastAPIOffline: a FastAPI whose Swagger UI page loads its JS/CSS from the package, not a CDN
@@ -153,7 +163,7 @@ def create_app(
         swagger_ui_oauth2_redirect_url="/api/v1/docs/oauth2-redirect",
         swagger_ui_parameters={"validatorUrl": None},  # the default validator badge calls swagger.io
     )
-    state: dict[str, Any] = {"store": store}
+    state: dict[str, Any] = {"store": store, "registry": schema_registry}
     lag_cache: dict[str, int] = {}
     partition_cache: dict[str, dict[int, int]] = {}
 
@@ -166,12 +176,37 @@ def create_app(
         s: HotStore = state["store"]
         return s
 
+    def get_registry() -> SchemaRegistry:
+        if state["registry"] is None:
+            from fieldmesh.store.schemas import SchemaStore
+
+            state["registry"] = SchemaRegistry(SchemaStore(store_url))
+        reg: SchemaRegistry = state["registry"]
+        return reg
+
+    def _registry_path(request: Request) -> bool:
+        return request.url.path.startswith(REGISTRY_PREFIX + "/")
+
     @app.exception_handler(RequestValidationError)
     async def _bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = [
             f"{'.'.join(str(p) for p in e['loc'] if p != 'query')}: {e['msg']}" for e in exc.errors()
         ]
+        if _registry_path(request):  # Confluent's clients read error_code and message
+            code = 42201 if any(e["loc"][:1] == ("body",) for e in exc.errors()) else 42202 if any(
+                e["loc"][-1:] == ("version",) for e in exc.errors()) else 400
+            status = 422 if code != 400 else 400
+            return RegistryResponse(status_code=status, content={**error_body(status, code, "; ".join(problems)),
+                                                                 "errors": problems})
         return JSONResponse(status_code=400, content={"detail": "; ".join(problems), "errors": problems})
+
+    @app.exception_handler(RegistryError)
+    async def _registry_error(request: Request, exc: RegistryError) -> JSONResponse:
+        return RegistryResponse(status_code=exc.status, content=error_body(exc.status, exc.error_code, exc.message))
+
+    @app.exception_handler(BackendError)
+    async def _backend_error(request: Request, exc: BackendError) -> JSONResponse:
+        return JSONResponse(status_code=503, content={**error_body(503, 50001, str(exc)), "detail": str(exc)})
 
     @app.exception_handler(ConfigError)
     async def _config_error(request: Request, exc: ConfigError) -> JSONResponse:
@@ -186,6 +221,10 @@ def create_app(
             path = request.url.path
             allowed = sorted({m for rt in routes if rt.path_regex.match(path) for m in (rt.methods or ())})
             headers["Allow"] = ", ".join(allowed)
+        if _registry_path(request):
+            code = exc.status_code * 100 + 1 if exc.status_code in (401, 403, 404) else exc.status_code
+            return RegistryResponse(status_code=exc.status_code, headers=headers,
+                                    content=error_body(exc.status_code, code, str(exc.detail)))
         return JSONResponse(status_code=exc.status_code, content={"detail": exc.detail}, headers=headers)
 
     guards: set[Any] = set()
@@ -200,8 +239,12 @@ def create_app(
         def guard(
             bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)],
             api_key: Annotated[str | None, Security(_API_KEY)],
+            basic: Annotated[HTTPBasicCredentials | None, Security(_BASIC)],
         ) -> Principal:
-            p = _authenticate(api_key or (bearer.credentials if bearer is not None else None))
+            token = api_key or (bearer.credentials if bearer is not None else None)
+            if token is None and basic is not None:
+                token = basic_token(basic.username, basic.password)
+            p = _authenticate(token)
             if not p.may(role):
                 raise HTTPException(403, f"this needs the {role} role; {p.subject} has "
                                          f"{p.role or 'no fieldmesh role'}")
@@ -236,6 +279,7 @@ def create_app(
 
     # defaults, not Annotated aliases: FastAPI cannot resolve a local alias under postponed annotations
     viewer, all_devices, admin = need("viewer"), need("viewer", every_device=True), need("admin")
+    operator = need("operator")
 
     r = APIRouter(prefix="/api/v1", responses=STORE_UNAVAILABLE)
     _device = check_device
@@ -373,6 +417,7 @@ def create_app(
         return [e.as_dict() for e in acc.store.audit_log(since_ms=parse_time(since, "since"), limit=limit)]
 
     app.include_router(r)
+    app.include_router(registry_router(get_registry, viewer=viewer, operator=operator, admin=admin))
 
     registry = CollectorRegistry()
     collector: _StoreCollector | None = None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import re
 import threading
 import time
 import urllib.request
@@ -26,7 +27,7 @@ from fieldmesh.core.errors import BackendError, ConfigError
 from fieldmesh.core.settings import AccessSettings
 from fieldmesh.store.access import KEY_PREFIX, ROLES, AccessStore, role_rank
 
-__all__ = ["LOCAL", "Access", "AuthError", "DeviceGroups", "OidcVerifier", "Principal"]
+__all__ = ["LOCAL", "Access", "AuthError", "DeviceGroups", "OidcVerifier", "Principal", "basic_token"]
 
 #: Asymmetric algorithms only: a JWKS holds public keys; HS* and "none" are never accepted.
 JWT_ALGORITHMS: Final = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
@@ -238,3 +239,14 @@ class Access:
     def configured(self) -> bool:
         """Whether authentication can be required: an active admin key exists or an issuer is set."""
         return self.oidc is not None or self.store.has_keys(role="admin")
+
+
+def basic_token(username: str, password: str) -> str:
+    """The credential in HTTP Basic ``username:password`` (how Confluent's clients send
+    ``basic.auth.user.info``): the password when it is a whole API key ``fmk_...`` (any user), or the
+    key ``fmk_<username>_<password>`` when the user is a key id; else the password (a JWT)."""
+    if password.startswith(KEY_PREFIX):
+        return password
+    if re.fullmatch(r"[0-9a-f]{12}", username):
+        return f"{KEY_PREFIX}{username}_{password}"
+    return password

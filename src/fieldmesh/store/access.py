@@ -33,7 +33,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from fieldmesh.core.errors import BackendError, ConfigError, MissingDependency
 
-__all__ = ["GROUP_RE", "KEY_PREFIX", "ROLES", "AccessStore", "ApiKey", "AuditEntry", "role_rank"]
+__all__ = ["AUDIT_DDL", "GROUP_RE", "KEY_PREFIX", "ROLES", "AccessStore", "ApiKey", "AuditEntry", "role_rank"]
 
 #: Roles, weakest first: each may do what the ones before it may.
 ROLES: Final = ("viewer", "operator", "admin")
@@ -58,6 +58,8 @@ _PG_DDL: Final = (
     " at_ms BIGINT NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL, target TEXT NOT NULL,"
     " detail TEXT NOT NULL)",
 )
+#: The audit log's table, for other tables of the hot store that record their changes in it (store/schemas.py).
+AUDIT_DDL: Final = {"sqlite": _SQLITE_DDL[1], "postgresql": _PG_DDL[1]}
 _KEY_COLS: Final = "id, name, role, groups, created_ms, created_by, revoked_ms, revoked_by"
 
 
