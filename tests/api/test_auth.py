@@ -50,6 +50,37 @@ ROLE_OF = {
     ("delete", "/api/v1/keys/{key_id}"): "admin",
     ("get", "/api/v1/audit"): "admin",
     ("get", "/metrics"): "viewer",
+    # the schema registry (docs/schemas.md): reads viewer, changes operator, global settings admin
+    ("get", "/api/v1/registry/schemas/types"): "viewer",
+    ("get", "/api/v1/registry/schemas/ids/{schema_id}"): "viewer",
+    ("get", "/api/v1/registry/schemas/ids/{schema_id}/schema"): "viewer",
+    ("get", "/api/v1/registry/schemas/ids/{schema_id}/subjects"): "viewer",
+    ("get", "/api/v1/registry/schemas/ids/{schema_id}/versions"): "viewer",
+    ("get", "/api/v1/registry/subjects"): "viewer",
+    ("post", "/api/v1/registry/subjects/{subject}"): "viewer",
+    ("delete", "/api/v1/registry/subjects/{subject}"): "operator",
+    ("get", "/api/v1/registry/subjects/{subject}/versions"): "viewer",
+    ("post", "/api/v1/registry/subjects/{subject}/versions"): "operator",
+    ("get", "/api/v1/registry/subjects/{subject}/versions/{version}"): "viewer",
+    ("get", "/api/v1/registry/subjects/{subject}/versions/{version}/schema"): "viewer",
+    ("get", "/api/v1/registry/subjects/{subject}/versions/{version}/referencedby"): "viewer",
+    ("delete", "/api/v1/registry/subjects/{subject}/versions/{version}"): "operator",
+    ("get", "/api/v1/registry/subjects/{subject}/metadata"): "viewer",
+    ("post", "/api/v1/registry/compatibility/subjects/{subject}/versions/{version}"): "viewer",
+    ("post", "/api/v1/registry/compatibility/subjects/{subject}/versions"): "viewer",
+    ("get", "/api/v1/registry/config"): "viewer",
+    ("put", "/api/v1/registry/config"): "admin",
+    ("delete", "/api/v1/registry/config"): "admin",
+    ("get", "/api/v1/registry/config/{subject}"): "viewer",
+    ("put", "/api/v1/registry/config/{subject}"): "operator",
+    ("delete", "/api/v1/registry/config/{subject}"): "operator",
+    ("get", "/api/v1/registry/mode"): "viewer",
+    ("put", "/api/v1/registry/mode"): "admin",
+    ("delete", "/api/v1/registry/mode"): "admin",
+    ("get", "/api/v1/registry/mode/{subject}"): "viewer",
+    ("put", "/api/v1/registry/mode/{subject}"): "operator",
+    ("delete", "/api/v1/registry/mode/{subject}"): "operator",
+    ("get", "/api/v1/registry/contexts"): "viewer",
 }
 BELOW = {"operator": "viewer", "admin": "operator"}
 
@@ -129,11 +160,18 @@ def _settings(issuer: Issuer, **kw: Any) -> AccessSettings:
 
 
 def _request(c: TestClient, method: str, path: str, token: str | None = None, *, header: str = "bearer") -> Any:
-    url = path.replace("{device_id}", "p1-a").replace("{key_id}", "0123456789ab")
+    # deletes name a subject nothing creates, so a repeated delete answers as the first did
+    subject = "s-absent" if method == "delete" else "s-auth"
+    url = (path.replace("{device_id}", "p1-a").replace("{key_id}", "0123456789ab").replace("{subject}", subject)
+           .replace("{version}", "1").replace("{schema_id}", "1"))
     headers = {}
     if token is not None:
         headers = {"Authorization": f"Bearer {token}"} if header == "bearer" else {"X-API-Key": token}
-    body = {"role": "viewer"} if method == "post" else None
+    body: dict[str, Any] | None = {"role": "viewer"} if method == "post" else None
+    if path.startswith("/api/v1/registry/"):
+        body = {"/config": {"compatibility": "BACKWARD"}, "/mode": {"mode": "READWRITE"}}.get(
+            path.removeprefix("/api/v1/registry").split("/{")[0], {"schema": '"string"'})
+        body = body if method in ("post", "put") else None
     return c.request(method.upper(), url, headers=headers, json=body)
 
 

@@ -72,9 +72,31 @@ def _load(text: str) -> Any:
         raise InvalidSchema(f"Invalid schema: not JSON: {text[:200]!r}") from None
 
 
+def _check_records(raw: Any) -> None:
+    """What fastavro lets pass and the specification requires: a record has a list of fields."""
+    if isinstance(raw, list):
+        for b in raw:
+            _check_records(b)
+    elif isinstance(raw, dict):
+        if raw.get("type") in ("record", "error"):
+            if not isinstance(raw.get("fields"), list):
+                raise InvalidSchema(f"Invalid schema: record {raw.get('name')!r} has no list of fields")
+            for fld in raw["fields"]:
+                if not isinstance(fld, dict) or "type" not in fld or not isinstance(fld.get("name"), str):
+                    raise InvalidSchema(f"Invalid schema: a field of record {raw.get('name')!r} needs a name, a type")
+                _check_records(fld["type"])
+        elif raw.get("type") == "array":
+            _check_records(raw.get("items"))
+        elif raw.get("type") == "map":
+            _check_records(raw.get("values"))
+        elif isinstance(raw.get("type"), dict | list):
+            _check_records(raw["type"])
+
+
 def _parse(raw: Any, named: dict[str, Any]) -> Any:
     import fastavro
 
+    _check_records(raw)
     try:
         return fastavro.parse_schema(raw, named_schemas=named, _write_hint=False)
     except Exception as exc:  # fastavro raises SchemaParseException, ValueError, TypeError, KeyError

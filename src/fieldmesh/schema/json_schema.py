@@ -142,6 +142,7 @@ class _Check:
         self.reader, self.writer = reader, writer
         self.reasons: list[str] = []
         self._seen: set[tuple[int, int]] = set()
+        self._alive: list[Any] = []  # the pairs in _seen, kept alive so that no id is reused by a new dict
 
     def fail(self, path: str, kind: str, text: str) -> None:
         self.reasons.append(f"{kind} at {path}: {text}")
@@ -184,6 +185,7 @@ class _Check:
         if key in self._seen:
             return
         self._seen.add(key)
+        self._alive.append((r, w))
         if self._combined(r, w, path, rroot, wroot):
             return
         rtypes, wtypes = _types(r), _types(w)
@@ -253,6 +255,7 @@ class _Check:
     def _reads(self, r: Any, w: Any, rroot: Any, wroot: Any) -> bool:
         probe = _Check(self.reader, self.writer)
         probe._seen = set(self._seen)
+        probe._alive = self._alive
         probe.compare(r, w, "#", rroot, wroot)
         return not probe.reasons
 

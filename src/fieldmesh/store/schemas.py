@@ -283,7 +283,8 @@ class SchemaStore:
     def subjects(self, *, deleted: bool = False, deleted_only: bool = False, prefix: str = "") -> list[str]:
         """Subjects with a live version (``deleted``: or a soft-deleted one; ``deleted_only``: only those
         whose every version is soft-deleted), sorted."""
-        rows = self._fetch("SELECT subject, MIN(deleted) FROM registry_versions GROUP BY subject ORDER BY subject")
+        rows = self._fetch("SELECT subject, MIN(CASE WHEN deleted THEN 1 ELSE 0 END) FROM registry_versions"
+                           " GROUP BY subject ORDER BY subject")
         out = []
         for subject, min_deleted in rows:
             all_deleted = bool(min_deleted)
