@@ -446,7 +446,8 @@ def keys_revoke(
 
 
 # Sub-command groups contributed by other stages, registered when their modules are present.
-for _name, _module in (("cdc", "fieldmesh.cli.cdc"), ("edge", "fieldmesh.edge.cli")):
+for _name, _module in (("cdc", "fieldmesh.cli.cdc"), ("edge", "fieldmesh.edge.cli"),
+                       ("schemas", "fieldmesh.cli.schemas")):
     try:
         _sub = importlib.import_module(_module)
     except ImportError:
