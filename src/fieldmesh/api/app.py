@@ -42,6 +42,7 @@ from fieldmesh.api.params import (
     reason_query,
     time_query,
 )
+from fieldmesh.api.registry import CONTENT_TYPE as REGISTRY_CONTENT_TYPE
 from fieldmesh.api.registry import PREFIX as REGISTRY_PREFIX
 from fieldmesh.api.registry import RegistryResponse, error_body, registry_router
 from fieldmesh.api.schemas import (
@@ -442,13 +443,16 @@ def create_app(
             doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
             for path, ops in doc.get("paths", {}).items():
                 for op in ops.values():
-                    op.get("responses", {}).pop("422", None)
+                    if not path.startswith(REGISTRY_PREFIX + "/"):  # the registry's 422s are Confluent's
+                        op.get("responses", {}).pop("422", None)
                     if path in OPEN_ROUTES:
                         op.pop("security", None)  # open: a credential only adds details
                     if op.get("security"):
                         if acc.oidc is not None:
                             op["security"].append({"oidc": []})
                         op["responses"].update(_AUTH_RESPONSES)
+                    if path.startswith(REGISTRY_PREFIX + "/"):
+                        _both_content_types(op)
             if acc.oidc is not None:
                 doc["components"]["securitySchemes"]["oidc"] = {
                     "type": "openIdConnect", "openIdConnectUrl": acc.oidc.discovery_url}
@@ -469,6 +473,19 @@ _AUTH_RESPONSES: Final = {
     "403": {"description": "the caller's role or device groups do not allow this",
             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}},
 }
+
+
+def _both_content_types(op: dict[str, Any]) -> None:
+    """Registry answers: Confluent's content type, or JSON (errors raised before the route runs); each
+    documented under both."""
+    for resp in op.get("responses", {}).values():
+        content = resp.get("content")
+        if not content:
+            continue
+        schema = next((c["schema"] for c in content.values() if c.get("schema")), None)
+        if schema is None:
+            continue
+        resp["content"] = {t: {"schema": schema} for t in ("application/json", REGISTRY_CONTENT_TYPE)}
 
 
 def _check_guarded(routes: list[APIRoute], guards: set[Any]) -> None:

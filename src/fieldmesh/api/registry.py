@@ -136,6 +136,7 @@ def _err(status: int, what: str) -> dict[int | str, dict[str, Any]]:
 _NOT_FOUND: Final = _err(404, "40401 subject, 40402 version or 40403 schema not found")
 _INVALID: Final = _err(422, "42201 invalid schema, 42202 invalid version, 42203 invalid level, 42204 invalid mode")
 _UNAVAILABLE: Final = _err(503, "the hot store cannot be reached")
+_BAD_PARAMETER: Final = _err(400, "a malformed query parameter (message names it)")
 
 Subject = Annotated[str, Path(min_length=1, max_length=255, description="the subject (e.g. <topic>-value)")]
 Version = Annotated[str, Path(pattern=_VERSION_PATTERN, description="a version number, latest or -1")]
@@ -176,7 +177,7 @@ def registry_router(get: Callable[[], SchemaRegistry], *, viewer: Any, operator:
     API's role guards (``create_app``'s ``need``)."""
     ok: dict[int | str, dict[str, Any]] = {200: {"content": {CONTENT_TYPE: {}}}}
     r = APIRouter(prefix=PREFIX, tags=["schema registry"], default_response_class=RegistryResponse,
-                  responses={**_UNAVAILABLE})
+                  responses={**_BAD_PARAMETER, **_INVALID, **_UNAVAILABLE})
 
     @r.get("/schemas/types", response_model=list[str], responses={**ok})
     def get_types(_: Principal = viewer) -> list[str]:
