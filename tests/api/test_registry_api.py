@@ -349,6 +349,9 @@ def test_credentials_and_roles(srv: Server) -> None:
     assert code(e) == (401, 40101)
     viewer = srv.client("viewer")
     assert viewer.get_subjects() == []
+    bearer = SchemaRegistryClient({"url": srv.url, "bearer.auth.credentials.source": "STATIC_TOKEN",
+                                   "bearer.auth.token": srv.keys["viewer"], "bearer.auth.logical.cluster": "any"})
+    assert bearer.get_subjects() == []
     with pytest.raises(SchemaRegistryError) as e:
         viewer.register_schema("x-value", Schema(V1, "AVRO"))
     assert code(e) == (403, 40301)
