@@ -195,7 +195,7 @@ class SchemaRegistry:
         if not self.store.versions(subject, deleted=deleted):
             raise SubjectNotFound(subject)
         parsed, refs = self.parse(schema_type, schema, _references(references))
-        for norm in (normalize, True) if normalize else (False,):
+        for norm in (True, False) if normalize else (False,):  # normalized, or registered as given
             text = parsed.canonical(normalize=norm)
             found = self.store.lookup(subject, self.fingerprint(parsed, text, refs, metadata, rule_set),
                                       deleted=deleted)
