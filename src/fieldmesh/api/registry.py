@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from fieldmesh.api.auth import Principal
-from fieldmesh.schema.base import SCHEMA_TYPES, InvalidSchema, OperationNotPermitted, RegisteredSchema, RegistryError
+from fieldmesh.schema.base import SCHEMA_TYPES, InvalidSchema, OperationNotPermitted
 from fieldmesh.schema.registry import SchemaRegistry
 
 __all__ = ["CONTENT_TYPE", "PREFIX", "RegistryResponse", "error_body", "registry_router"]
@@ -164,10 +164,6 @@ def _schema_doc(schema_type: str, schema: str, refs: Any, metadata: Any, rule_se
     return out
 
 
-def _version_doc(v: RegisteredSchema) -> dict[str, Any]:
-    return v.as_dict()
-
-
 def _refs(body: SchemaRequest) -> Any:
     return None if body.references is None else [r.model_dump() for r in body.references]
 
@@ -216,7 +212,7 @@ def registry_router(get: Callable[[], SchemaRegistry], *, viewer: Any, operator:
                format: str | None = None, _: Principal = viewer) -> Any:
         found = get().lookup(subject, body.schema_, schema_type=body.schemaType, references=_refs(body),
                              metadata=body.metadata, rule_set=body.ruleSet, normalize=normalize, deleted=deleted)
-        return RegistryResponse(_version_doc(found))
+        return RegistryResponse(found.as_dict())
 
     @r.delete("/subjects/{subject}", response_model=list[int], responses={**ok, **_NOT_FOUND, **_INVALID})
     def delete_subject(subject: Subject, permanent: Flag = False, p: Principal = operator) -> Any:
@@ -231,16 +227,16 @@ def registry_router(get: Callable[[], SchemaRegistry], *, viewer: Any, operator:
         **ok, **_INVALID, **_err(409, "incompatible with the subject's compatibility level (error_code 409)")})
     def register(subject: Subject, body: SchemaBody, normalize: Flag = False, p: Principal = operator) -> Any:
         if body.model_extra and "id" in body.model_extra:
-            raise _not_permitted("registering a schema with a given id (IMPORT mode) is not supported")
+            raise OperationNotPermitted("registering a schema with a given id (IMPORT mode) is not supported")
         v = get().register(subject, body.schema_, schema_type=body.schemaType, references=_refs(body),
                            metadata=body.metadata, rule_set=body.ruleSet, normalize=normalize, actor=p.subject)
-        return RegistryResponse(_version_doc(v))
+        return RegistryResponse(v.as_dict())
 
     @r.get("/subjects/{subject}/versions/{version}", response_model=SchemaVersionBody,
            responses={**ok, **_NOT_FOUND, **_INVALID})
     def get_version(subject: Subject, version: Version, deleted: Flag = False,
                     format: str | None = None, _: Principal = viewer) -> Any:
-        return RegistryResponse(_version_doc(get().version(subject, version, deleted=deleted)))
+        return RegistryResponse(get().version(subject, version, deleted=deleted).as_dict())
 
     @r.get("/subjects/{subject}/versions/{version}/schema", response_model=str,
            responses={**ok, **_NOT_FOUND, **_INVALID})
@@ -264,9 +260,9 @@ def registry_router(get: Callable[[], SchemaRegistry], *, viewer: Any, operator:
                                  format: str | None = None, _: Principal = viewer) -> Any:
         keys, values = key or [], value or []
         if len(keys) != len(values):
-            raise _invalid_request("key and value must come in pairs")
+            raise InvalidSchema("key and value must come in pairs")
         found = get().latest_with_metadata(subject, dict(zip(keys, values, strict=True)), deleted=deleted)
-        return RegistryResponse(_version_doc(found))
+        return RegistryResponse(found.as_dict())
 
     @r.post("/compatibility/subjects/{subject}/versions/{version}", response_model=CompatibilityAnswer,
             response_model_exclude_none=True, responses={**ok, **_NOT_FOUND, **_INVALID})
@@ -353,10 +349,3 @@ def _compat(reasons: list[str], verbose: bool) -> dict[str, Any]:
         out["messages"] = reasons
     return out
 
-
-def _not_permitted(message: str) -> RegistryError:
-    return OperationNotPermitted(message)
-
-
-def _invalid_request(message: str) -> RegistryError:
-    return InvalidSchema(message)

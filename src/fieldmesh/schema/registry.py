@@ -104,10 +104,11 @@ class SchemaRegistry:
             raise InvalidSchema("Invalid schema: references nest too deep (a cycle?)")
         pinned = []
         for ref in refs:
-            found = self._version(ref.subject, None if ref.version == -1 else ref.version, deleted=False,
-                                  missing=lambda r=ref: InvalidSchema(  # type: ignore[misc]
-                                      f"Invalid schema: reference {r.name!r} to subject '{r.subject}' version "
-                                      f"{r.version} not found"))
+            try:
+                found = self._version(ref.subject, None if ref.version == -1 else ref.version, deleted=False)
+            except (SubjectNotFound, VersionNotFound):
+                raise InvalidSchema(f"Invalid schema: reference {ref.name!r} to subject '{ref.subject}' version "
+                                    f"{ref.version} not found") from None
             self._resolve(found.references, out, depth + 1)
             out.setdefault(ref.name, found.schema)
             pinned.append(Reference(name=ref.name, subject=ref.subject, version=found.version))
@@ -278,7 +279,7 @@ class SchemaRegistry:
             raise SubjectNotFound(subject)
         return out
 
-    def _version(self, subject: str, version: int | None, *, deleted: bool, missing: Any = None) -> RegisteredSchema:
+    def _version(self, subject: str, version: int | None, *, deleted: bool) -> RegisteredSchema:
         rows = self.store.versions(subject, deleted=True)
         if version is None:
             rows = [r for r in rows if not r.deleted] or ([r for r in rows] if deleted else [])
@@ -288,8 +289,6 @@ class SchemaRegistry:
             for r in rows:
                 if r.version == version and (deleted or not r.deleted):
                     return r
-        if missing is not None:
-            raise missing()
         if not any(deleted or not r.deleted for r in self.store.versions(subject, deleted=True)):
             raise SubjectNotFound(subject)
         raise VersionNotFound(subject, "latest" if version is None else version)
