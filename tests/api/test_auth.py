@@ -40,6 +40,10 @@ ROLE_OF = {
     ("get", "/api/v1/stats"): "viewer",
     ("get", "/api/v1/devices"): "viewer",
     ("get", "/api/v1/devices/{device_id}"): "viewer",
+    ("post", "/api/v1/devices"): "operator",
+    ("patch", "/api/v1/devices/{device_id}"): "operator",
+    ("delete", "/api/v1/devices/{device_id}"): "admin",
+    ("post", "/api/v1/devices/import"): "operator",
     ("get", "/api/v1/telemetry/raw"): "viewer",
     ("get", "/api/v1/telemetry/rollups"): "viewer",
     ("get", "/api/v1/dlq"): "viewer",
@@ -167,11 +171,16 @@ def _request(c: TestClient, method: str, path: str, token: str | None = None, *,
     headers = {}
     if token is not None:
         headers = {"Authorization": f"Bearer {token}"} if header == "bearer" else {"X-API-Key": token}
-    body: dict[str, Any] | None = {"role": "viewer"} if method == "post" else None
-    if path.startswith("/api/v1/registry/"):
+    if path == "/api/v1/devices/import":
+        return c.post(url, headers={**headers, "Content-Type": "text/csv"}, content=b"device_id,groups\nimp-1,g\n")
+    body: Any = {
+        ("post", "/api/v1/keys"): {"role": "viewer"},
+        ("post", "/api/v1/devices"): {"device_id": f"new-{secrets.token_hex(4)}"},  # a new one each time: 201
+        ("patch", "/api/v1/devices/{device_id}"): {"tags": ["t"]},  # p1-a is seen, not registered: 404
+    }.get((method, path))
+    if path.startswith("/api/v1/registry/") and method in ("post", "put"):
         body = {"/config": {"compatibility": "BACKWARD"}, "/mode": {"mode": "READWRITE"}}.get(
             path.removeprefix("/api/v1/registry").split("/{")[0], {"schema": '"string"'})
-        body = body if method in ("post", "put") else None
     return c.request(method.upper(), url, headers=headers, json=body)
 
 

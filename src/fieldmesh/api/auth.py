@@ -19,15 +19,20 @@ import re
 import threading
 import time
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from fieldmesh.core.errors import BackendError, ConfigError
+from fieldmesh.core.errors import BackendError, ConfigError, NotFoundError, PermissionDenied
 from fieldmesh.core.settings import AccessSettings
 from fieldmesh.store.access import KEY_PREFIX, ROLES, AccessStore, role_rank
+from fieldmesh.store.registry import Device, DeviceRegistry
 
-__all__ = ["LOCAL", "Access", "AuthError", "DeviceGroups", "OidcVerifier", "Principal", "basic_token"]
+__all__ = ["AUTH_FAILURES", "LOCAL", "Access", "AuthError", "DeviceGroups", "OidcVerifier", "Principal", "basic_token"]
+
+#: Why a request was refused (401: the first three; 403: the last two), as counted in ``/stats`` and
+#: ``fieldmesh_auth_failures_total{reason=...}``.
+AUTH_FAILURES: Final = ("missing_credentials", "bad_key", "bad_token", "wrong_role", "wrong_group")
 
 #: Asymmetric algorithms only: a JWKS holds public keys; HS* and "none" are never accepted.
 JWT_ALGORITHMS: Final = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
@@ -51,31 +56,98 @@ LOCAL: Final = Principal(subject="local", role="admin", groups=None)
 
 
 class AuthError(Exception):
-    """No valid credential: a 401 (``status`` 401) or 503 when the credentials cannot be checked."""
+    """No valid credential: a 401 (``status`` 401) or 503 when the credentials cannot be checked.
 
-    def __init__(self, detail: str, *, status: int = 401, invalid_token: bool = False) -> None:
+    ``reason`` (of a 401): ``missing_credentials``, ``bad_key`` (an API key unknown or revoked) or
+    ``bad_token`` (anything else: a JWT refused, or a token when no issuer is configured).
+    """
+
+    def __init__(self, detail: str, *, status: int = 401, invalid_token: bool = False,
+                 reason: str = "bad_token") -> None:
         super().__init__(detail)
         self.detail = detail
         self.status = status
         self.invalid_token = invalid_token
+        self.reason = reason
 
 
 class DeviceGroups:
-    """Which devices a group holds: interim, by device-id glob patterns (``AccessSettings.groups``).
+    """Which groups a device is in: a registered device's come from the device registry; the glob
+    patterns of ``AccessSettings.groups`` (group name -> device-id patterns) still place the devices
+    the registry does not hold (docs/registry.md).
 
-    The device registry (issue 12, item 1) will hold groups per device; keys and tokens name groups
-    by the same names, so they keep their meaning when it replaces these patterns.
+    The registry's groups are cached and reloaded when its :meth:`~DeviceRegistry.version` moves:
+    one primary-key read per question, and a change counts from the next request on.
     """
 
-    def __init__(self, patterns: Mapping[str, Sequence[str]]) -> None:
+    def __init__(self, patterns: Mapping[str, Sequence[str]],
+                 registry: Callable[[], DeviceRegistry] | None = None) -> None:
         self.patterns = {g: tuple(p) for g, p in patterns.items()}
+        self._registry = registry
+        self._lock = threading.Lock()
+        self._cached: tuple[int, dict[str, tuple[str, ...]]] = (-1, {})
+        #: How many times the registry's groups were read whole (each time its version had moved).
+        self.reloads = 0
 
-    def sees(self, principal: Principal, device_id: str) -> bool:
-        """Whether ``principal`` may see ``device_id``."""
+    def pattern_groups(self, device_id: str) -> tuple[str, ...]:
+        """The groups whose patterns match ``device_id`` (for devices the registry does not hold)."""
+        return tuple(sorted(g for g, pats in self.patterns.items()
+                            if any(fnmatch.fnmatchcase(device_id, pat) for pat in pats)))
+
+    def registered(self) -> dict[str, tuple[str, ...]]:
+        """Every registered device's groups, as of the registry's current version (cached).
+
+        Raises:
+            BackendError: the registry cannot be read.
+        """
+        if self._registry is None:
+            return {}
+        reg = self._registry()
+        with self._lock:
+            if reg.version() != self._cached[0]:
+                self._cached = reg.snapshot()
+                self.reloads += 1
+            return self._cached[1]
+
+    def groups_of(self, device_id: str, registered: Mapping[str, tuple[str, ...]] | None = None) -> tuple[str, ...]:
+        """The groups of ``device_id``: the registry's if it holds it, else the patterns'."""
+        reg = self.registered() if registered is None else registered
+        found = reg.get(device_id)
+        return found if found is not None else self.pattern_groups(device_id)
+
+    def sees(self, principal: Principal, device_id: str,
+             registered: Mapping[str, tuple[str, ...]] | None = None) -> bool:
+        """Whether ``principal`` may see ``device_id`` (``registered``: a :meth:`registered` already read)."""
         if principal.groups is None:
             return True
-        return any(fnmatch.fnmatchcase(device_id, pat)
-                   for g in principal.groups for pat in self.patterns.get(g, ()))
+        return not set(principal.groups).isdisjoint(self.groups_of(device_id, registered))
+
+    def check_change(self, principal: Principal, old: Device | None, new: Device | None) -> None:
+        """Whether ``principal`` may change a registered device from ``old`` to ``new`` (None: not
+        registered before / removed); called in the registry's transaction.
+
+        A caller limited to groups may touch only devices wholly within its groups, and leave them so;
+        it may register an id only if the patterns give it to no other group.
+
+        Raises:
+            NotFoundError: ``old`` is not visible to the caller (as if it did not exist).
+            PermissionDenied: the change would reach beyond the caller's groups.
+        """
+        if principal.groups is None:
+            return
+        mine = set(principal.groups)
+        limited = f"{principal.subject} is limited to device groups {', '.join(principal.groups)}"
+        if old is not None:
+            if mine.isdisjoint(old.groups):
+                raise NotFoundError(f"no device {old.id!r}", kind="device", key=old.id)
+            if not mine.issuperset(old.groups):
+                raise PermissionDenied(f"device {old.id!r} is also in groups outside yours "
+                                       f"({', '.join(sorted(set(old.groups) - mine))}): {limited}")
+        elif new is not None and not mine.issuperset(self.pattern_groups(new.id)):
+            raise PermissionDenied(f"device id {new.id!r} falls under another group's patterns: {limited}")
+        if new is not None and (not new.groups or not mine.issuperset(new.groups)):
+            raise PermissionDenied(f"device {new.id!r} must be in one or more of your groups, and only those: "
+                                   f"{limited}")
 
 
 def _claim(claims: Mapping[str, Any], path: str) -> Any:
@@ -183,10 +255,19 @@ class Access:
         self.store_url = store_url
         self.settings = settings or AccessSettings()
         self.local_only = local_only
-        self.groups = DeviceGroups(self.settings.groups)
+        self.groups = DeviceGroups(self.settings.groups, lambda: self.registry)
         self.oidc = OidcVerifier(self.settings) if self.settings.oidc_issuer else None
         self._keys: AccessStore | None = None
+        self._registry: DeviceRegistry | None = None
         self._lock = threading.Lock()
+        #: Requests refused by reason (:data:`AUTH_FAILURES`), since this process started.
+        self.failures: dict[str, int] = dict.fromkeys(AUTH_FAILURES, 0)
+        self._failures_lock = threading.Lock()
+
+    def count_failure(self, reason: str) -> None:
+        """Count a refused request (a 401 or 403) by its reason."""
+        with self._failures_lock:
+            self.failures[reason] = self.failures.get(reason, 0) + 1
 
     @property
     def store(self) -> AccessStore:
@@ -196,10 +277,20 @@ class Access:
                 self._keys = AccessStore(self.store_url)
             return self._keys
 
+    @property
+    def registry(self) -> DeviceRegistry:
+        """The device registry (opened on first use)."""
+        with self._lock:
+            if self._registry is None:
+                self._registry = DeviceRegistry(self.store_url)
+            return self._registry
+
     def close(self) -> None:
-        """Close the key table."""
+        """Close the key table and the device registry."""
         if self._keys is not None:
             self._keys.close()
+        if self._registry is not None:
+            self._registry.close()
 
     def open_mode(self) -> bool:
         """Whether requests need no credential now (local-only mode)."""
@@ -216,11 +307,11 @@ class Access:
                 if self.open_mode():
                     return LOCAL
                 raise AuthError("authentication required: send an API key (Authorization: Bearer fmk_... or "
-                                "X-API-Key) or an OpenID Connect bearer token")
+                                "X-API-Key) or an OpenID Connect bearer token", reason="missing_credentials")
             if token.startswith(KEY_PREFIX):
                 key = self.store.verify(token)
                 if key is None:
-                    raise AuthError("unknown or revoked API key", invalid_token=True)
+                    raise AuthError("unknown or revoked API key", invalid_token=True, reason="bad_key")
                 return Principal(subject=f"key:{key.id}", role=key.role, groups=key.groups or None)
         except (BackendError, ConfigError) as exc:
             raise AuthError(f"cannot check credentials: {exc}", status=503) from None

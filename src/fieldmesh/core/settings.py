@@ -50,6 +50,22 @@ class GatewaySettings(BaseModel, frozen=True):
         1, ge=1, le=2, description="bus batch encoding the gateway writes: 2 (columnar) only once every processor"
         " reads it (docs/pipeline.md)"
     )
+    require_registration: bool = Field(False, description=(
+        "refuse devices that are not registered as active in the device registry (DLQ unknown_device; "
+        "suspended or retired: unauthorized); implies authenticated_topics (docs/security.md)"))
+    authenticated_topics: bool = Field(False, description=(
+        "the MQTT door authenticates devices and lets each publish only on its own topics, so the topic names "
+        "the sender: a payload naming another device is dead-lettered as unauthorized (else device_mismatch)"))
+    registry_poll_s: float = Field(1.0, gt=0, description=(
+        "how often the gateway asks the device registry whether it changed (one cheap read)"))
+    rate_limit_messages_per_s: float = Field(0.0, ge=0, description=(
+        "messages per second each device may publish (token bucket; 0: no limit); the excess is dead-lettered "
+        "as rate_limited"))
+    rate_limit_bytes_per_s: float = Field(0.0, ge=0, description=(
+        "payload bytes per second each device may publish (token bucket; 0: no limit)"))
+    rate_limit_burst_s: float = Field(10.0, gt=0, description=(
+        "the buckets hold this many seconds of the rates: a device may burst that much above its rate after a "
+        "quiet spell (the bytes bucket holds at least max_payload_bytes)"))
 
 
 class BusSettings(BaseModel, frozen=True):
@@ -197,10 +213,10 @@ class CdcSettings(BaseModel, frozen=True):
 
 
 class AccessSettings(BaseModel, frozen=True):
-    """Who may use the API (docs/security.md): OpenID Connect issuers and the interim device groups.
+    """Who may use the API (docs/security.md): OpenID Connect issuers and device groups by pattern.
 
     API keys live in the hot store (``fieldmesh keys``); these settings add bearer tokens (JWT) of an
-    OpenID Connect issuer, and say which devices a group holds until the device registry does.
+    OpenID Connect issuer, and say which groups hold the devices the device registry does not.
     """
 
     oidc_issuer: str | None = Field(None, description=(
@@ -218,7 +234,8 @@ class AccessSettings(BaseModel, frozen=True):
     jwks_refresh_min_s: float = Field(5.0, ge=0, description=(
         "at most one refetch per this many seconds when a token names an unknown key id"))
     groups: dict[str, tuple[str, ...]] = Field(default_factory=dict, description=(
-        "interim device groups until the device registry: group name -> device-id glob patterns, "
+        "device groups of devices the registry does not hold (a registered device's groups are the "
+        "registry's): group name -> device-id glob patterns, "
         'e.g. {"plant-1": ["p1-*"], "lab": ["lab-*", "test-7"]} (JSON in FIELDMESH__ACCESS__GROUPS)'))
 
     @property
