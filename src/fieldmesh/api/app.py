@@ -42,9 +42,9 @@ from fieldmesh.api.params import (
     reason_query,
     time_query,
 )
-from fieldmesh.api.registry import CONTENT_TYPE as REGISTRY_CONTENT_TYPE
-from fieldmesh.api.registry import PREFIX as REGISTRY_PREFIX
-from fieldmesh.api.registry import RegistryResponse, error_body, registry_router
+from fieldmesh.api.schema_registry import CONTENT_TYPE as REGISTRY_CONTENT_TYPE
+from fieldmesh.api.schema_registry import PREFIX as REGISTRY_PREFIX
+from fieldmesh.api.schema_registry import RegistryResponse, error_body, registry_router
 from fieldmesh.api.schemas import (
     AuditRow,
     DeadLetterRow,
