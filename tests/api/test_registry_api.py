@@ -9,6 +9,7 @@ required (not local-only mode).
 
 from __future__ import annotations
 
+import base64
 import json
 import secrets
 import threading
@@ -181,6 +182,60 @@ def test_protobuf_serializer_end_to_end(srv: Server) -> None:
     with pytest.raises(SchemaRegistryError) as e:
         ProtobufSerializer(changed, c, conf)(changed(device="d", value="x"), ctx)
     assert code(e) == (409, 409) and "FIELD_KIND_CHANGED" in e.value.error_message
+
+
+def test_protobuf_registered_as_text_serves_python_deserializers(srv: Server) -> None:
+    """A .proto text (as Java producers register it) is served as a descriptor to confluent-kafka's Python
+    deserializer (format=serialized), with a reference to another subject and a well-known import."""
+    from confluent_kafka.schema_registry import SchemaReference
+    from confluent_kafka.schema_registry.protobuf import ProtobufDeserializer, ProtobufSerializer
+
+    c = srv.client()
+    unit = 'syntax = "proto3"; package fm.units; enum Unit { UNIT_UNSPECIFIED = 0; CELSIUS = 1; }'
+    c.register_schema("fm-units", Schema(unit, "PROTOBUF"))
+    text = """syntax = "proto3";
+package fm.text;
+import "fm/units.proto";
+import "google/protobuf/timestamp.proto";
+message Reading {
+  string device = 1;
+  optional double value = 2;
+  fm.units.Unit unit = 3;
+  google.protobuf.Timestamp at = 4;
+  map<string, string> tags = 5;
+}
+"""
+    ref = SchemaReference("fm/units.proto", "fm-units", 1)
+    sid = c.register_schema("readings-value", Schema(text, "PROTOBUF", [ref]))
+    assert c.get_schema(sid).schema_str.startswith("syntax")  # as registered
+    r = httpx.get(f"{srv.url}/schemas/ids/{sid}", params={"format": "serialized"},
+                  headers={"X-API-Key": srv.keys["viewer"]})
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, timestamp_pb2
+
+    fdp = descriptor_pb2.FileDescriptorProto.FromString(base64.b64decode(r.json()["schema"]))
+    assert [f.name for f in fdp.message_type[0].field] == ["device", "value", "unit", "at", "tags"]
+    # a producer with the same messages (compiled here from the served descriptors), using the latest version
+    pool = descriptor_pool.DescriptorPool()
+    pool.AddSerializedFile(timestamp_pb2.DESCRIPTOR.serialized_pb)
+    units = descriptor_pb2.FileDescriptorProto.FromString(base64.b64decode(httpx.get(
+        f"{srv.url}/subjects/fm-units/versions/1", params={"format": "serialized"},
+        headers={"X-API-Key": srv.keys["viewer"]}).json()["schema"]))
+    units.name = "fm/units.proto"
+    pool.Add(units)
+    fdp.name = "fm/reading.proto"
+    pool.Add(fdp)
+    reading = message_factory.GetMessageClass(pool.FindMessageTypeByName("fm.text.Reading"))
+    ctx = SerializationContext("readings", MessageField.VALUE)
+    conf = {"use.deprecated.format": False, "auto.register.schemas": False, "use.latest.version": True}
+    msg = reading(device="d-9", value=0.0, unit=1)
+    msg.at.seconds = 7
+    msg.tags["site"] = "p1"
+    data = ProtobufSerializer(reading, c, conf)(msg, ctx)
+    assert int.from_bytes(data[1:5], "big") == sid
+    got = ProtobufDeserializer(reading, {"use.deprecated.format": False},
+                               schema_registry_client=srv.client("viewer"))(data, ctx)
+    assert got.device == "d-9" and got.HasField("value") and got.unit == 1 and got.at.seconds == 7
+    assert dict(got.tags) == {"site": "p1"}
 
 
 # (level, a compatible next schema, an incompatible one): v1 = device, value

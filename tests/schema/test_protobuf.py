@@ -101,4 +101,72 @@ def test_invalid_proto_is_refused() -> None:
                 "", "garbage here"):
         with pytest.raises(InvalidSchema):
             FMT.parse(bad, {})
-    assert FMT.parse('import "other.proto"; message M { other.T t = 1; }', {"other.proto": "message T {}"})
+    assert FMT.parse('import "other.proto"; message M { other.T t = 1; }',
+                     {"other.proto": "package other; message T {}"})
+    with pytest.raises(InvalidSchema):  # T is not in package other
+        FMT.parse('import "other.proto"; message M { other.T t = 1; }', {"other.proto": "message T {}"})
+    with pytest.raises(InvalidSchema):
+        FMT.parse("message M { Missing m = 1; }", {})
+
+
+STRUCT = """
+syntax = "proto3";
+package google.protobuf;
+option java_package = "com.google.protobuf";
+message Struct {
+  // Unordered map of dynamically typed values.
+  map<string, Value> fields = 1;
+}
+message Value {
+  oneof kind {
+    NullValue null_value = 1;
+    double number_value = 2;
+    string string_value = 3;
+    bool bool_value = 4;
+    Struct struct_value = 5;
+    ListValue list_value = 6;
+  }
+}
+enum NullValue { NULL_VALUE = 0; }
+message ListValue { repeated Value values = 1; }
+"""
+
+
+def test_text_compiles_to_the_descriptor_protoc_made() -> None:
+    """struct.proto written as text gives the descriptor protoc compiled into the protobuf runtime
+    (maps, oneofs, enums, nested entries), field by field."""
+    from google.protobuf import descriptor_pb2, struct_pb2
+
+    ours = descriptor_pb2.FileDescriptorProto.FromString(FMT.parse(STRUCT, {}).descriptor)
+    theirs = descriptor_pb2.FileDescriptorProto()
+    struct_pb2.DESCRIPTOR.CopyToProto(theirs)
+
+    def shape(fdp: descriptor_pb2.FileDescriptorProto) -> object:
+        def msg(m: descriptor_pb2.DescriptorProto) -> object:
+            return (m.name, [(f.name, f.number, f.label, f.type, f.type_name,
+                              f.oneof_index if f.HasField("oneof_index") else None) for f in m.field],
+                    [o.name for o in m.oneof_decl], [msg(n) for n in m.nested_type], m.options.map_entry)
+        return (fdp.package, fdp.syntax, [msg(m) for m in fdp.message_type],
+                [(e.name, [(v.name, v.number) for v in e.value]) for e in fdp.enum_type])
+
+    assert shape(ours) == shape(theirs)
+
+
+def test_proto3_optional_and_imports_build_in_the_runtime() -> None:
+    """A descriptor we compile is accepted by the protobuf runtime's pool (what deserializers do)."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, timestamp_pb2
+
+    text = ('syntax = "proto3"; package fm; import "google/protobuf/timestamp.proto";'
+            " message Tick { optional int32 seq = 1; google.protobuf.Timestamp at = 2; map<string, Tick> kids = 3;"
+            " enum Kind { A = 0; B = 1; } Kind kind = 4; }")
+    fdp = descriptor_pb2.FileDescriptorProto.FromString(FMT.parse(text, {}).descriptor)
+    fdp.name = "fm/tick.proto"
+    pool = descriptor_pool.DescriptorPool()
+    pool.AddSerializedFile(timestamp_pb2.DESCRIPTOR.serialized_pb)
+    pool.Add(fdp)
+    tick = message_factory.GetMessageClass(pool.FindMessageTypeByName("fm.Tick"))
+    m = tick(seq=0, kind=1)
+    m.at.seconds = 5
+    m.kids["x"].seq = 2
+    back = tick.FromString(m.SerializeToString())
+    assert back.HasField("seq") and back.at.seconds == 5 and back.kids["x"].seq == 2 and back.kind == 1

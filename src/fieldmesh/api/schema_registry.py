@@ -183,8 +183,10 @@ def registry_router(get: Callable[[], SchemaRegistry], *, viewer: Any, operator:
            responses={**ok, **_NOT_FOUND})
     def get_schema(schema_id: SchemaId, subject: str | None = None, format: str | None = None,
                    _: Principal = viewer) -> Any:
-        s = get().schema(schema_id, subject=subject)
-        return RegistryResponse(_schema_doc(s.schema_type, s.schema, s.references, s.metadata, s.rule_set))
+        reg = get()
+        s = reg.schema(schema_id, subject=subject)
+        text = reg.formatted(s.schema_type, s.schema, s.references, format)
+        return RegistryResponse(_schema_doc(s.schema_type, text, s.references, s.metadata, s.rule_set))
 
     @r.get("/schemas/ids/{schema_id}/schema", response_model=str, responses={**ok, **_NOT_FOUND})
     def get_schema_text(schema_id: SchemaId, subject: str | None = None, _: Principal = viewer) -> Any:
@@ -236,7 +238,10 @@ def registry_router(get: Callable[[], SchemaRegistry], *, viewer: Any, operator:
            responses={**ok, **_NOT_FOUND, **_INVALID})
     def get_version(subject: Subject, version: Version, deleted: Flag = False,
                     format: str | None = None, _: Principal = viewer) -> Any:
-        return RegistryResponse(get().version(subject, version, deleted=deleted).as_dict())
+        reg = get()
+        v = reg.version(subject, version, deleted=deleted)
+        return RegistryResponse({**v.as_dict(), "schema": reg.formatted(v.schema_type, v.schema, v.references,
+                                                                        format)})
 
     @r.get("/subjects/{subject}/versions/{version}/schema", response_model=str,
            responses={**ok, **_NOT_FOUND, **_INVALID})
@@ -261,8 +266,10 @@ def registry_router(get: Callable[[], SchemaRegistry], *, viewer: Any, operator:
         keys, values = key or [], value or []
         if len(keys) != len(values):
             raise InvalidSchema("key and value must come in pairs")
-        found = get().latest_with_metadata(subject, dict(zip(keys, values, strict=True)), deleted=deleted)
-        return RegistryResponse(found.as_dict())
+        reg = get()
+        found = reg.latest_with_metadata(subject, dict(zip(keys, values, strict=True)), deleted=deleted)
+        return RegistryResponse({**found.as_dict(), "schema": reg.formatted(found.schema_type, found.schema,
+                                                                            found.references, format)})
 
     @r.post("/compatibility/subjects/{subject}/versions/{version}", response_model=CompatibilityAnswer,
             response_model_exclude_none=True, responses={**ok, **_NOT_FOUND, **_INVALID})

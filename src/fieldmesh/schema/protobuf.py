@@ -1,12 +1,16 @@
 """Protobuf schemas: ``.proto`` text (proto2/proto3) or a base64 ``FileDescriptorProto`` (what
-confluent-kafka's Python ``ProtobufSerializer`` registers), read into a small model of messages and
-fields; compatibility by the wire-format rules Confluent applies.
+confluent-kafka's Python ``ProtobufSerializer`` registers), both read as a ``FileDescriptorProto``;
+compatibility by the wire-format rules Confluent applies.
 
-Parsing is our own: a tokenizer and a recursive descent over the ``.proto`` grammar's declarations
-(syntax, package, import, option, message with fields, map fields, oneofs, nested messages and enums,
-reserved, extensions; service and extend bodies are skipped). It checks structure and field numbers,
-not everything ``protoc`` does (option names and values, type existence in imported files, json-name
-clashes are not checked). Imports must be references (or well-known ``google/protobuf/*`` files).
+The text is compiled by our own parser (a tokenizer and a recursive descent over the ``.proto``
+grammar's declarations: syntax, package, imports, messages with fields, map fields (as protoc's
+``...Entry`` types), oneofs, proto3 ``optional`` (as protoc's synthetic oneofs), nested messages and
+enums with their values; options, reserved, extensions, services and extend bodies are skipped), with
+type names resolved as protoc resolves them, against the file itself, its imports (the schema's
+references) and the well-known ``google/protobuf/*`` files. ``struct.proto`` compiles to the descriptor
+protoc made (tests/schema/test_protobuf.py), so text schemas are served as descriptors too
+(``format=serialized``, what Python deserializers ask for). Not kept: field options (proto2 defaults,
+``packed``, ``json_name``), services, extensions; editions are refused.
 
 ``incompatibilities(reader, writer)`` checks, per message of the writer (names as Confluent's):
 MESSAGE_REMOVED, PACKAGE_CHANGED, FIELD_KIND_CHANGED (a field number whose type leaves its wire-compatible
@@ -20,7 +24,6 @@ repeated and singular, ``reserved`` reuse, and imported types' own evolution (ch
 from __future__ import annotations
 
 import base64
-import binascii
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -62,7 +65,12 @@ class ProtobufSchema:
     package: str
     messages: dict[str, dict[int, ProtoField]] = field(compare=False)
     enums: frozenset[str] = field(compare=False)
+    descriptor: bytes = field(default=b"", compare=False, repr=False)
     schema_type: str = "PROTOBUF"
+
+    def serialized(self) -> str:
+        """The schema as a base64 ``FileDescriptorProto`` (Confluent's ``format=serialized``)."""
+        return self.text.strip() if _is_base64(self.text) else base64.b64encode(self.descriptor).decode()
 
     def canonical(self, *, normalize: bool = False) -> str:
         """The text as registered, trimmed (``normalize``: comments dropped and whitespace collapsed)."""
@@ -86,15 +94,27 @@ def _tokens(text: str) -> Iterator[re.Match[str]]:
             yield m
 
 
+_SCALAR_TYPES: Final = {name: num for num, name in _DESC_TYPES.items() if name not in ("group", "message", "enum")}
+_LABELS: Final = {"": 1, "optional": 1, "required": 2, "repeated": 3}
+
+
+def _camel(name: str) -> str:
+    """protoc's name of a map field's entry type: ``my_tags`` -> ``MyTagsEntry``."""
+    return "".join(p[:1].upper() + p[1:] for p in name.split("_")) + "Entry"
+
+
 class _Parser:
-    def __init__(self, text: str) -> None:
+    """Parses .proto text into a ``FileDescriptorProto`` (type names resolved in a later pass)."""
+
+    def __init__(self, text: str, name: str) -> None:
+        from google.protobuf import descriptor_pb2
+
         self.toks = [m.group(m.lastindex or 0) for m in _tokens(text)]
         self.i = 0
-        self.package = ""
-        self.imports: list[str] = []
-        self.messages: dict[str, dict[int, ProtoField]] = {}
-        self.enums: set[str] = set()
+        self.fdp = descriptor_pb2.FileDescriptorProto(name=name)
         self.syntax = "proto2"
+        # (field, scope, type as written): resolved once every name of the file and its imports is known
+        self.pending: list[tuple[Any, str, str]] = []
 
     def peek(self) -> str:
         return self.toks[self.i] if self.i < len(self.toks) else ""
@@ -122,25 +142,33 @@ class _Parser:
                 return
 
     def file(self) -> None:
+        fdp = self.fdp
         while self.i < len(self.toks):
             t = self.take()
             if t in ("syntax", "edition"):
                 self.take("=")
                 self.syntax = self.take().strip("\"'")
                 self.take(";")
+                if t == "edition" or self.syntax not in ("proto2", "proto3"):
+                    raise InvalidSchema(f"Invalid schema: {t} {self.syntax!r} is not supported (proto2 or proto3)")
+                if self.syntax == "proto3":
+                    fdp.syntax = "proto3"
             elif t == "package":
-                self.package = self.take()
+                fdp.package = self.take()
                 self.take(";")
             elif t == "import":
                 name = self.take()
+                public = name == "public"
                 if name in ("public", "weak"):
                     name = self.take()
-                self.imports.append(name.strip("\"'"))
+                if public:
+                    fdp.public_dependency.append(len(fdp.dependency))
+                fdp.dependency.append(name.strip("\"'"))
                 self.take(";")
             elif t == "message":
-                self.message(self.package)
+                self.message(fdp.message_type.add(), fdp.package)
             elif t == "enum":
-                self.enum(self.package)
+                self.enum(fdp.enum_type.add())
             elif t in ("option", "service", "extend"):
                 self.skip_statement()
             elif t == ";":
@@ -148,23 +176,52 @@ class _Parser:
             else:
                 raise InvalidSchema(f"Invalid schema: unexpected {t!r} at the top level of the .proto text")
 
-    def enum(self, scope: str) -> None:
-        name = self.take()
-        self.enums.add(f"{scope}.{name}".lstrip("."))
+    def enum(self, e: Any) -> None:
+        e.name = self.take()
         self.take("{")
         while self.peek() != "}":
-            self.skip_statement()
+            t = self.take()
+            if t == "option":
+                opt = self.take()
+                self.take("=")
+                val = self.take()
+                self.take(";")
+                if opt == "allow_alias":
+                    e.options.allow_alias = val == "true"
+            elif t == "reserved":
+                self.i -= 1
+                self.skip_statement()
+            elif t != ";":
+                self.take("=")
+                num = self.take()
+                try:
+                    number = int(num, 0)
+                except ValueError:
+                    raise InvalidSchema(f"Invalid schema: enum value {t} has the number {num!r}") from None
+                e.value.add(name=t, number=number)
+                if self.peek() == "[":
+                    while self.take() != "]":
+                        pass
+                self.take(";")
         self.take("}")
+        if not e.value:
+            raise InvalidSchema(f"Invalid schema: enum {e.name} has no value")
 
-    def message(self, scope: str) -> None:
-        name = self.take()
-        full = f"{scope}.{name}".lstrip(".")
-        fields: dict[int, ProtoField] = {}
-        self.messages[full] = fields
+    def message(self, m: Any, scope: str) -> None:
+        m.name = self.take()
+        full = f"{scope}.{m.name}".lstrip(".")
         self.take("{")
-        self.body(full, fields, None)
+        synthetic: list[Any] = []
+        self.body(m, full, None, synthetic)
+        for f in synthetic:  # proto3 optional: a oneof of its own, after the real ones (as protoc orders them)
+            f.oneof_index = len(m.oneof_decl)
+            m.oneof_decl.add(name=f"_{f.name}")
+        numbers = [f.number for f in m.field]
+        if len(set(numbers)) != len(numbers):
+            dup = next(n for n in numbers if numbers.count(n) > 1)
+            raise InvalidSchema(f"Invalid schema: field number {dup} is used twice in {full}")
 
-    def body(self, full: str, fields: dict[int, ProtoField], oneof: str | None) -> None:
+    def body(self, m: Any, full: str, oneof: int | None, synthetic: list[Any]) -> None:
         while True:
             t = self.peek()
             if t == "}":
@@ -172,32 +229,35 @@ class _Parser:
                 return
             if t == "message" and oneof is None:
                 self.take()
-                self.message(full)
+                self.message(m.nested_type.add(), full)
             elif t == "enum" and oneof is None:
                 self.take()
-                self.enum(full)
+                self.enum(m.enum_type.add())
             elif t == "oneof" and oneof is None:
                 self.take()
-                name = self.take()
+                index = len(m.oneof_decl)
+                m.oneof_decl.add(name=self.take())
                 self.take("{")
-                self.body(full, fields, name)
-            elif t in ("option", "reserved", "extensions", "extend", ";"):
-                self.skip_statement() if t != ";" else self.take()
+                self.body(m, full, index, synthetic)
+            elif t in ("option", "reserved", "extensions", "extend"):
+                self.skip_statement()
+            elif t == ";":
+                self.take()
             else:
-                self.field(full, fields, oneof)
+                self.field(m, full, oneof, synthetic)
 
-    def field(self, full: str, fields: dict[int, ProtoField], oneof: str | None) -> None:
+    def field(self, m: Any, full: str, oneof: int | None, synthetic: list[Any]) -> None:
         label = ""
         if self.peek() in ("optional", "required", "repeated"):
             label = self.take()
         ftype = self.take()
+        key = value = None
         if ftype == "map":
             self.take("<")
-            k = self.take()
+            key = self.take()
             self.take(",")
-            v = self.take()
+            value = self.take()
             self.take(">")
-            ftype = f"map<{k},{v}>"
         elif ftype == "group":
             raise InvalidSchema("Invalid schema: proto2 groups are not supported")
         name = self.take()
@@ -209,68 +269,140 @@ class _Parser:
             raise InvalidSchema(f"Invalid schema: field {name} of {full} has the number {num!r}") from None
         if not 1 <= number <= 536_870_911 or 19000 <= number <= 19999:
             raise InvalidSchema(f"Invalid schema: field {name} of {full} has the reserved or invalid number {number}")
-        if number in fields:
-            raise InvalidSchema(f"Invalid schema: field number {number} is used twice in {full}")
         if self.peek() == "[":
             while self.take() != "]":
                 pass
         self.take(";")
-        fields[number] = ProtoField(name=name, type=ftype, label=label, oneof=oneof)
+        f = m.field.add(name=name, number=number, label=_LABELS[label])
+        if oneof is not None:
+            f.oneof_index = oneof
+        if key is not None and value is not None:
+            entry = m.nested_type.add(name=_camel(name))
+            entry.options.map_entry = True
+            k = entry.field.add(name="key", number=1, label=1)
+            v = entry.field.add(name="value", number=2, label=1)
+            self._type(k, key, full)
+            self._type(v, value, full)
+            f.label = 3
+            f.type = 11
+            f.type_name = f".{full}.{entry.name}"
+            return
+        self._type(f, ftype, full)
+        if label == "optional" and self.syntax == "proto3":
+            f.proto3_optional = True
+            synthetic.append(f)
+
+    def _type(self, f: Any, written: str, scope: str) -> None:
+        if written in _SCALAR_TYPES:
+            f.type = _SCALAR_TYPES[written]
+        else:
+            self.pending.append((f, scope, written))
 
 
-def _resolve_types(messages: dict[str, dict[int, ProtoField]], enums: set[str], package: str) -> None:
-    """Replace relative type names by full ones (scope search as protoc does); scalars stay."""
-    known = set(messages) | enums
-    for full, fields in messages.items():
-        for num, f in list(fields.items()):
-            t = f.type
-            if t in _SCALARS or t.startswith("map<"):
-                continue
-            if t.startswith("."):
-                resolved = t[1:]
-            else:
-                scope = full
-                resolved = t
-                while True:
-                    cand = f"{scope}.{t}" if scope else t
-                    if cand in known:
-                        resolved = cand
-                        break
-                    if not scope:
-                        break
-                    scope = scope.rsplit(".", 1)[0] if "." in scope else ""
-            kind = "enum" if resolved in enums else resolved
-            fields[num] = ProtoField(name=f.name, type=kind, label=f.label, oneof=f.oneof)
+def _names(fdp: Any) -> dict[str, int]:
+    """Full name (no leading dot) -> 11 (message) or 14 (enum), of every type ``fdp`` declares."""
+    out: dict[str, int] = {}
+
+    def walk(msgs: Any, enums: Any, scope: str) -> None:
+        for e in enums:
+            out[f"{scope}.{e.name}".lstrip(".")] = 14
+        for m in msgs:
+            full = f"{scope}.{m.name}".lstrip(".")
+            out[full] = 11
+            walk(m.nested_type, m.enum_type, full)
+
+    walk(fdp.message_type, fdp.enum_type, fdp.package)
+    return out
 
 
-def _from_descriptor(text: str) -> ProtobufSchema:
+def _well_known(path: str) -> Any:
+    """The descriptor of a well-known import (``google/protobuf/timestamp.proto``), or None."""
+    import importlib
+
+    from google.protobuf import descriptor_pb2, descriptor_pool
+
+    module = path.removesuffix(".proto").replace("/", ".") + "_pb2"
+    try:
+        importlib.import_module(module)
+        fd = descriptor_pool.Default().FindFileByName(path)
+    except (ImportError, KeyError):
+        return None
+    fdp = descriptor_pb2.FileDescriptorProto()
+    fd.CopyToProto(fdp)
+    return fdp
+
+
+def _compile(text: str, name: str, references: Mapping[str, str], seen: tuple[str, ...] = ()) -> Any:
+    """``text`` as a ``FileDescriptorProto`` named ``name``, its type names resolved against itself and
+    its imports (references, parsed the same way, or well-known files)."""
+    if name in seen:
+        raise InvalidSchema(f"Invalid schema: {name} imports itself")
+    if _is_base64(text) and text.strip():
+        return _decode(text)
+    p = _Parser(text, name)
+    p.file()
+    known = _names(p.fdp)
+    for dep in p.fdp.dependency:
+        if dep in references:
+            known.update(_names(_compile(references[dep], dep, references, (*seen, name))))
+        elif dep.startswith(_WELL_KNOWN):
+            wk = _well_known(dep)
+            if wk is not None:
+                known.update(_names(wk))
+        else:
+            raise InvalidSchema(f"Invalid schema: import {dep!r} is not among the schema's references")
+    for f, scope, written in p.pending:
+        if written.startswith("."):
+            candidates = [written[1:]]
+        else:
+            parts = scope.split(".") if scope else []
+            candidates = [".".join([*parts[:i], written]) for i in range(len(parts), -1, -1)]
+        full = next((c for c in candidates if c in known), None)
+        if full is None:
+            raise InvalidSchema(f"Invalid schema: unknown type {written!r} in {scope or 'the file'}")
+        f.type = known[full]
+        f.type_name = f".{full}"
+    return p.fdp
+
+
+def _decode(text: str) -> Any:
     try:
         from google.protobuf import descriptor_pb2
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise InvalidSchema("Invalid schema: a serialized descriptor needs the protobuf package") from exc
+        raise InvalidSchema("Invalid schema: a Protobuf schema needs the protobuf package") from exc
     try:
-        fdp = descriptor_pb2.FileDescriptorProto.FromString(base64.b64decode(text, validate=False))
-    except (binascii.Error, ValueError, Exception) as exc:
+        return descriptor_pb2.FileDescriptorProto.FromString(base64.b64decode(text, validate=False))
+    except Exception as exc:  # DecodeError, binascii.Error
         raise InvalidSchema(f"Invalid schema: neither .proto text nor a base64 FileDescriptorProto: {exc}") from None
+
+
+def _from_descriptor(text: str, fdp: Any) -> ProtobufSchema:
+    """The flat model of a descriptor (what compatibility compares)."""
     messages: dict[str, dict[int, ProtoField]] = {}
     enums: set[str] = set()
     labels = {1: "optional", 2: "required", 3: "repeated"}
 
+    def kind(f: Any) -> str:
+        t = _DESC_TYPES.get(f.type, "?")
+        return "enum" if t == "enum" else f.type_name.lstrip(".") if t == "message" else t
+
     def walk(msgs: Any, scope: str) -> None:
         for m in msgs:
             full = f"{scope}.{m.name}".lstrip(".")
-            entries = {f"{full}.{n.name}" for n in m.nested_type if n.options.map_entry}
+            entries = {f"{full}.{n.name}": n for n in m.nested_type if n.options.map_entry}
             fields: dict[int, ProtoField] = {}
             for f in m.field:
-                t = _DESC_TYPES.get(f.type, "?")
-                if t in ("message", "enum"):
-                    t = "enum" if t == "enum" else f.type_name.lstrip(".")
-                if t in entries:
-                    t = f"map<{t}>"
+                t = kind(f)
+                if t in entries:  # a map: its key and value types, as written
+                    k, v = sorted(entries[t].field, key=lambda x: x.number)[:2]
+                    t = f"map<{kind(k)},{kind(v)}>"
                 label = labels.get(f.label, "")
                 if fdp.syntax == "proto3" and label == "optional" and not f.proto3_optional:
                     label = ""
-                oneof = m.oneof_decl[f.oneof_index].name if f.HasField("oneof_index") else None
+                if t.startswith("map<"):
+                    label = ""
+                real_oneof = f.HasField("oneof_index") and not f.proto3_optional
+                oneof = m.oneof_decl[f.oneof_index].name if real_oneof else None
                 fields[f.number] = ProtoField(name=f.name, type=t, label=label, oneof=oneof)
             messages[full] = fields
             enums.update(f"{full}.{e.name}" for e in m.enum_type)
@@ -280,7 +412,8 @@ def _from_descriptor(text: str) -> ProtobufSchema:
     enums.update(f"{fdp.package}.{e.name}".lstrip(".") for e in fdp.enum_type)
     if not messages and not enums:
         raise InvalidSchema("Invalid schema: the descriptor declares no message")
-    return ProtobufSchema(text=text.strip(), package=fdp.package, messages=messages, enums=frozenset(enums))
+    return ProtobufSchema(text=text, package=fdp.package, messages=messages, enums=frozenset(enums),
+                          descriptor=fdp.SerializeToString())
 
 
 class ProtobufFormat:
@@ -294,17 +427,10 @@ class ProtobufFormat:
         Raises:
             InvalidSchema: the text does not parse, or imports a file that no reference provides.
         """
-        if _is_base64(text) and text.strip():
-            return _from_descriptor(text)
-        p = _Parser(text)
-        p.file()
-        if not p.messages and not p.enums:
-            raise InvalidSchema("Invalid schema: the .proto text declares no message")
-        missing = [i for i in p.imports if i not in references and not i.startswith(_WELL_KNOWN)]
-        if missing:
-            raise InvalidSchema(f"Invalid schema: imports {missing} are not among the schema's references")
-        _resolve_types(p.messages, p.enums, p.package)
-        return ProtobufSchema(text=text, package=p.package, messages=p.messages, enums=frozenset(p.enums))
+        fdp = _compile(text, "default", references)
+        if not fdp.message_type and not fdp.enum_type:
+            raise InvalidSchema("Invalid schema: the schema declares no message")
+        return _from_descriptor(text, fdp)
 
     def incompatibilities(self, reader: Any, writer: Any) -> list[str]:
         """Why bytes written with ``writer``'s messages cannot be read with ``reader``'s."""

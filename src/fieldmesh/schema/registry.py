@@ -44,7 +44,7 @@ from fieldmesh.schema.base import (
 )
 from fieldmesh.schema.compat import incompatibilities
 from fieldmesh.schema.json_schema import JsonSchemaFormat
-from fieldmesh.schema.protobuf import ProtobufFormat
+from fieldmesh.schema.protobuf import ProtobufFormat, ProtobufSchema
 from fieldmesh.store.schemas import SchemaStore
 
 __all__ = ["FORMATS", "SchemaRegistry", "parse_version"]
@@ -238,6 +238,15 @@ class SchemaRegistry:
         return incompatibilities(level, fmt, parsed, [(t.version, self._parse_stored(t)) for t in targets])
 
     # -- reads -------------------------------------------------------------------------------
+    def formatted(self, schema_type: str, schema: str, references: Sequence[Reference], fmt: str | None) -> str:
+        """The schema text in ``fmt``: Protobuf's ``serialized`` is a base64 ``FileDescriptorProto``
+        (compiled from .proto text when registered as text); other formats answer the text as stored."""
+        if fmt == "serialized" and schema_type == "PROTOBUF":
+            parsed = self.parse(schema_type, schema, references)[0]
+            assert isinstance(parsed, ProtobufSchema)
+            return parsed.serialized()
+        return schema
+
     def schema(self, schema_id: int, *, subject: str | None = None) -> StoredSchema:
         """The schema ``schema_id`` (``subject``: only if that subject holds it).
 
