@@ -413,3 +413,38 @@ def test_credentials_and_roles(srv: Server) -> None:
     with pytest.raises(SchemaRegistryError) as e:
         srv.client("operator").set_compatibility(level="NONE")  # the global level needs an admin
     assert code(e) == (403, 40301)
+
+
+@pytest.mark.integration
+def test_two_api_replicas_share_one_registry(pg_url: str) -> None:
+    """Two API processes' worth of servers over one PostgreSQL store: clients of both race to register the
+    same schema (one id, one version) and read each other's registrations at once."""
+    url = f"{pg_url}?schema=sr_{secrets.token_hex(5)}"
+    a, b = Server(url), Server(url)
+    try:
+        clients = [s.client() for s in (a, b) for _ in range(3)]
+        barrier = threading.Barrier(len(clients))
+        ids: list[int] = []
+        errors: list[BaseException] = []
+
+        def run(c: SchemaRegistryClient) -> None:
+            try:
+                barrier.wait(30)
+                ids.append(c.register_schema("shared-value", Schema(V1, "AVRO")))
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(c,)) for c in clients]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors and len(ids) == 6 and len(set(ids)) == 1, (ids, errors)
+        assert b.client("viewer").get_versions("shared-value") == [1]
+        sid = a.client().register_schema("shared-value", Schema(V2, "AVRO"))
+        assert b.client("viewer").get_latest_version("shared-value").schema_id == sid
+        b.client().set_compatibility("shared-value", "NONE")
+        assert a.client("viewer").get_compatibility("shared-value") == "NONE"
+    finally:
+        a.close()
+        b.close()
