@@ -48,8 +48,8 @@ def files(tmp_path: Path) -> dict[str, Path]:
 def test_check_over_the_store(tmp_path: Path, files: dict[str, Path]) -> None:
     files["invalid"].write_text('{"type": "record", "name": "R", "fields": [{"name": "a", "type": "nope"}]}')
     store = ["--store-url", f"sqlite:///{tmp_path}/store.db"]
-    # nothing registered yet: anything is compatible
-    assert fm("check", str(files["bad"]), "--subject", "r-value", *store).returncode == 0
+    # no store there yet: a usage error, not an empty registry that finds everything compatible
+    assert fm("check", str(files["bad"]), "--subject", "r-value", *store).returncode == 2
     reg = fm("register", str(files["v1"]), "--subject", "r-value", *store)
     assert reg.returncode == 0, reg.stderr
     assert json.loads(reg.stdout) == {"id": 1, "version": 1, "subject": "r-value"}
@@ -62,6 +62,7 @@ def test_check_over_the_store(tmp_path: Path, files: dict[str, Path]) -> None:
     inv = fm("check", str(files["invalid"]), "--subject", "r-value", *store)
     assert inv.returncode == 1 and "invalid schema" in inv.stderr
     # usage and configuration errors: 2
+    assert fm("check", str(files["bad"]), "--subject", "other-value", *store).returncode == 0  # no version yet
     assert fm("check", str(tmp_path / "missing.avsc"), "--subject", "r-value", *store).returncode == 2
     assert fm("check", str(files["ok"]), "--subject", "r-value", "--type", "XML", *store).returncode == 2
     assert fm("check", str(files["ok"]), "--subject", "r-value", "--url", "http://x", *store).returncode == 2

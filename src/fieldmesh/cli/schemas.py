@@ -27,7 +27,7 @@ _SUFFIX_TYPES = {".avsc": "AVRO", ".avro": "AVRO", ".json": "JSON", ".proto": "P
 
 Url = Annotated[str | None, typer.Option(
     envvar="FIELDMESH_REGISTRY_URL",
-    help="a registry over HTTP, e.g. http://127.0.0.1:8080/api/v1/registry (or a Confluent-compatible one)")]
+    help="a registry over HTTP, e.g. http://127.0.0.1:8000/api/v1/registry (or a Confluent-compatible one)")]
 StoreUrl = Annotated[str | None, typer.Option(
     help="open the hot store's registry directly (default, without --url: the data dir's store)")]
 DataDir = Annotated[Path, typer.Option("--data-dir", envvar="FIELDMESH_DATA_DIR", help="the data dir (for its store)")]
@@ -98,13 +98,17 @@ class _Http:
         return r.status_code, doc
 
 
-def _local(store_url: str | None, data_dir: Path) -> Any:
+def _local(store_url: str | None, data_dir: Path, *, create: bool = False) -> Any:
     from fieldmesh.schema.registry import SchemaRegistry
     from fieldmesh.store import default_store_url
     from fieldmesh.store.schemas import SchemaStore
 
+    url = store_url or default_store_url(data_dir)
+    if not create and url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
+        # a mistyped path must not become an empty registry that finds everything compatible
+        _usage(f"no store at {url} (give --store-url or --data-dir of an existing store, or --url)")
     try:
-        return SchemaRegistry(SchemaStore(store_url or default_store_url(data_dir)))
+        return SchemaRegistry(SchemaStore(url))
     except FieldmeshError as exc:
         _usage(str(exc))
 
@@ -195,7 +199,7 @@ def register(
         return
     from fieldmesh.schema.base import IncompatibleSchema, InvalidSchema, RegistryError
 
-    reg = _local(store_url, data_dir)
+    reg = _local(store_url, data_dir, create=True)
     try:
         v = reg.register(subject, text, schema_type=kind, references=refs or None, actor=_actor())
     except (IncompatibleSchema, InvalidSchema) as exc:
