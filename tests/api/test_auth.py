@@ -395,3 +395,21 @@ def test_keys_survive_a_lost_postgresql_connection(app: Any, pg_url: str) -> Non
         admin.execute("SELECT pg_terminate_backend(%s)", (access.store.backend_pid,))
     assert c.get("/api/v1/stats", headers={"X-API-Key": secret}).status_code == 200
     assert c.get("/api/v1/stats").status_code == 401
+
+
+def test_http_basic_carries_a_key_or_a_token(app: Any, tmp_path: Path, issuer: Issuer) -> None:
+    """How Confluent's schema registry clients send ``basic.auth.user.info`` (docs/schemas.md)."""
+    url = f"sqlite:///{tmp_path}/s.db"
+    load_store(url).close()
+    access = Access(url, _settings(issuer))
+    c = app(url, access)
+    _, key = access.store.create_key(role="operator", actor="test")
+    key_id, secret = key.split("_", 2)[1:]
+    kid = issuer.add_key()
+    for user, password, subject in ((key_id, secret, f"key:{key_id}"), ("key", key, f"key:{key_id}"),
+                                    ("anyone", issuer.token(kid, fieldmesh_role="viewer"), "jwt:alice")):
+        r = c.get("/api/v1/whoami", auth=(user, password))
+        assert r.status_code == 200 and r.json()["subject"] == subject, (user, r.text)
+    for user, password in ((key_id, "x" * 43), ("key", "fmk_0123456789ab_" + "x" * 43), ("0123456789ab", secret)):
+        r = c.get("/api/v1/whoami", auth=(user, password))
+        assert r.status_code == 401, (user, r.text)
