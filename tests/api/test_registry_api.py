@@ -385,6 +385,12 @@ def test_errors_content_type_and_references(srv: Server) -> None:
     shape = json.dumps({"type": "record", "name": "Shape", "fields": [{"name": "at", "type": "geo.Point"}]})
     sid = c.register_schema("shape-value", Schema(shape, "AVRO", [SchemaReference("geo.Point", "point", 1)]))
     assert c.get_referenced_by("point", 1) == [sid]
+    # the serializers resolve the reference through the registry too (named schemas)
+    ctx = SerializationContext("shape", MessageField.VALUE)
+    data = AvroSerializer(c, None, conf={"auto.register.schemas": False, "use.latest.version": True,
+                                         "subject.name.strategy": lambda *_: "shape-value"})({"at": {"x": 1.5}}, ctx)
+    assert int.from_bytes(data[1:5], "big") == sid
+    assert AvroDeserializer(srv.client("viewer"))(data, ctx) == {"at": {"x": 1.5}}
     assert [r.name for r in c.get_schema(sid).references] == ["geo.Point"]
     with pytest.raises(SchemaRegistryError) as e:
         c.delete_version("point", 1)
