@@ -2,7 +2,8 @@
 
 It reads the hot store through a read-only connection, so it serves while the processor writes.
 Every route but ``/health`` depends on a guard (:func:`create_app`'s ``need``) that authenticates the
-caller and checks its role and device groups (:mod:`fieldmesh.api.auth`, docs/security.md);
+caller and checks its role and device groups (:mod:`fieldmesh.api.auth`, docs/security.md), or, for
+:data:`DEVICE_ROUTES` (provisioning), on one that checks the device's proof in the request body;
 ``create_app`` refuses to build an app with an unguarded route.
 A bad parameter is a 400 naming it (:mod:`fieldmesh.api.params`); the OpenAPI document describes
 every answer; the docs page (Swagger UI) is served from assets in the installed package, offline.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path as FsPath
 from typing import Annotated, Any, Final, Literal
 
 from fastapi import APIRouter, Body, FastAPI, HTTPException, Path, Query, Request, Security
@@ -42,6 +44,7 @@ from fieldmesh.api.params import (
     reason_query,
     time_query,
 )
+from fieldmesh.api.provision import DEVICE_ROUTES, ProvisionService, add_provision_routes
 from fieldmesh.api.schema_registry import CONTENT_TYPE as REGISTRY_CONTENT_TYPE
 from fieldmesh.api.schema_registry import PREFIX as REGISTRY_PREFIX
 from fieldmesh.api.schema_registry import RegistryResponse, error_body, registry_router
@@ -63,6 +66,7 @@ from fieldmesh.api.schemas import (
     Stats,
     WhoAmI,
 )
+from fieldmesh.control.provision import Provisioner
 from fieldmesh.core.codec import REASONS
 from fieldmesh.core.errors import (
     BackendError,
@@ -81,7 +85,7 @@ from fieldmesh.store.access import GROUP_RE
 from fieldmesh.store.registry import Device as RegisteredDevice
 from fieldmesh.store.registry import DeviceRegistry
 
-__all__ = ["OPEN_ROUTES", "create_app", "parse_time"]
+__all__ = ["DEVICE_ROUTES", "OPEN_ROUTES", "create_app", "parse_time"]
 
 #: Routes served without credentials: liveness probes cannot carry a token. An unauthenticated
 #: caller gets only ``status`` and ``version``; the components (which may quote log lines) need a viewer.
@@ -185,6 +189,8 @@ def create_app(
     partition_lag: PartitionLagFn | None = None,
     store: HotStore | None = None,
     access: Access | None = None,
+    ca_dir: FsPath | None = None,
+    provisioner: Provisioner | None = None,
     schema_registry: SchemaRegistry | None = None,
 ) -> FastAPI:
     """Build the API app over the hot store at ``store_url``.
@@ -192,6 +198,8 @@ def create_app(
     ``lag`` gives each stage's total lag, ``partition_lag`` the lag per stage and partition.
     ``access`` authenticates callers; by default API keys in the same store, in local-only mode
     (the caller binds the API to loopback; beyond it, pass ``Access(..., local_only=False)``).
+    ``ca_dir`` (or ``provisioner``) serves provisioning (:mod:`fieldmesh.api.provision`); the app's
+    ``state.provision`` holds it, for the caller to close.
     ``schema_registry``: the schema registry (by default opened on first use over the same store).
     """
     acc = access if access is not None else Access(store_url)
@@ -598,10 +606,13 @@ def create_app(
                   limit: Limit = 100, _: Principal = admin) -> list[dict[str, Any]]:
         return [e.as_dict() for e in acc.store.audit_log(since_ms=parse_time(since, "since"), limit=limit)]
 
+    registry = CollectorRegistry()
+    app.state.provision = ProvisionService(store_url, ca_dir, provisioner)
+    add_provision_routes(app, r, admin=admin, guards=guards, service=app.state.provision, metrics=registry)
+
     app.include_router(r)
     app.include_router(registry_router(get_schema_registry, viewer=viewer, operator=operator, admin=admin))
 
-    registry = CollectorRegistry()
     registry.register(_AuthCollector(acc))
     collector: _StoreCollector | None = None
 
@@ -629,8 +640,8 @@ def create_app(
                     answers = op.get("responses", {})
                     if "HTTPValidationError" in str(answers.get("422", "")):  # FastAPI's, not one we answer
                         answers.pop("422")
-                    if path in OPEN_ROUTES:
-                        op.pop("security", None)  # open: a credential only adds details
+                    if path in OPEN_ROUTES or path in DEVICE_ROUTES:
+                        op.pop("security", None)  # open, or the device's proof is in the body
                     if op.get("security"):
                         if acc.oidc is not None:
                             op["security"].append({"oidc": []})

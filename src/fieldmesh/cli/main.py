@@ -344,8 +344,13 @@ def api(
         _fail(exc)
         return
     err.print(f"API on {'https' if tls_cert else 'http'}://{host}:{http_port}/api/v1 ({access.describe()})")
-    uvicorn.run(create_app(url, access=access), host=host, port=http_port, log_level="warning",
-                ssl_certfile=tls_cert, ssl_keyfile=tls_key)
+    api_app = create_app(url, access=access, ca_dir=data_dir / "ca")
+    api_app.state.provision.start_crl_refresher()
+    try:
+        uvicorn.run(api_app, host=host, port=http_port, log_level="warning", ssl_certfile=tls_cert,
+                    ssl_keyfile=tls_key)
+    finally:
+        api_app.state.provision.close()
 
 
 keys_app = typer.Typer(name="keys", no_args_is_help=True,
@@ -471,7 +476,7 @@ def keys_revoke(
 
 
 # Sub-command groups contributed by other stages, registered when their modules are present.
-for _name, _module in (("cdc", "fieldmesh.cli.cdc"), ("devices", "fieldmesh.cli.devices"),
+for _name, _module in (("ca", "fieldmesh.cli.ca"), ("cdc", "fieldmesh.cli.cdc"), ("devices", "fieldmesh.cli.devices"),
                        ("edge", "fieldmesh.edge.cli"), ("schemas", "fieldmesh.cli.schemas")):
     try:
         _sub = importlib.import_module(_module)

@@ -389,7 +389,9 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
                 plag[:] = [time.monotonic(), out]
                 return out
 
-            app = create_app(store_url, health=health, lag=lag, partition_lag=partition_lag, access=access)
+            app = create_app(store_url, health=health, lag=lag, partition_lag=partition_lag, access=access,
+                             ca_dir=data_dir / "ca")
+            app.state.provision.start_crl_refresher()
             server = _api_server(uvicorn.Config(
                 app, host=opts.http_host, port=opts.http_port, log_level="warning", lifespan="off",
                 ssl_certfile=opts.tls_cert, ssl_keyfile=opts.tls_key))
@@ -471,6 +473,7 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
             server.should_exit = True
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(api_task, 5)
+            server.config.app.state.provision.close()
         if nats is not None:
             nats.stop()
         access.close()
