@@ -27,7 +27,7 @@ Hierarchy::
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -51,6 +51,7 @@ __all__ = [
     "RegistryError",
     "SchemaFormat",
     "SchemaNotFound",
+    "SchemaStorage",
     "StoredSchema",
     "SubjectConfigNotFound",
     "SubjectModeNotFound",
@@ -301,3 +302,48 @@ class StoredSchema:
     references: tuple[Reference, ...] = ()
     metadata: dict[str, Any] | None = None
     rule_set: dict[str, Any] | None = None
+
+
+class SchemaStorage(Protocol):
+    """Where the registry keeps schemas, versions and settings (``fieldmesh.store.schemas.SchemaStore``
+    on the hot store). ``register`` runs ``check`` and its writes in one transaction that no other
+    registration interleaves with."""
+
+    def close(self) -> None:
+        """Release the connection."""
+
+    def register(self, subject: str, *, schema_type: str, schema: str, fingerprint: str,
+                 references: Sequence[Reference], metadata: dict[str, Any] | None, rule_set: dict[str, Any] | None,
+                 check: Callable[[list[RegisteredSchema]], None], actor: str) -> RegisteredSchema:
+        """The subject's live version with ``fingerprint``, else a new version once ``check`` (given the live
+        versions, oldest first) has not raised."""
+
+    def lookup(self, subject: str, fingerprint: str, *, deleted: bool = False) -> RegisteredSchema | None:
+        """The newest version of ``subject`` holding ``fingerprint``."""
+
+    def schema(self, schema_id: int) -> StoredSchema | None:
+        """The schema ``schema_id`` while some version holds it."""
+
+    def usages(self, schema_id: int, *, deleted: bool = False) -> list[tuple[str, int]]:
+        """(subject, version) pairs holding ``schema_id``."""
+
+    def subjects(self, *, deleted: bool = False, deleted_only: bool = False, prefix: str = "") -> list[str]:
+        """Subject names, sorted."""
+
+    def versions(self, subject: str, *, deleted: bool = True) -> list[RegisteredSchema]:
+        """The subject's versions, oldest first."""
+
+    def referenced_by(self, subject: str, version: int) -> list[int]:
+        """Ids of live schemas referring to ``subject`` at ``version``."""
+
+    def soft_delete(self, subject: str, versions: Sequence[int], *, actor: str) -> None:
+        """Mark versions deleted."""
+
+    def hard_delete(self, subject: str, versions: Sequence[int], *, actor: str, drop_config: bool = False) -> None:
+        """Remove versions."""
+
+    def setting(self, subject: str | None, key: str) -> str | None:
+        """A subject's (None: the global) ``compatibility`` or ``mode``."""
+
+    def set_setting(self, subject: str | None, key: str, value: str | None, *, actor: str) -> str | None:
+        """Set or clear (None) a setting; the old value."""

@@ -1,4 +1,5 @@
-"""The schema registry: Confluent Schema Registry's semantics over :class:`~fieldmesh.store.schemas.SchemaStore`.
+"""The schema registry: Confluent Schema Registry's semantics over a :class:`~fieldmesh.schema.base.SchemaStorage`
+(``fieldmesh.store.schemas.SchemaStore`` on the hot store, wired by the API and the CLI).
 
 Registration parses and validates the schema in its format (with its references resolved
 transitively), gives the same schema (same canonical text, references, metadata and rule set) the
@@ -32,6 +33,7 @@ from fieldmesh.schema.base import (
     RegisteredSchema,
     SchemaFormat,
     SchemaNotFound,
+    SchemaStorage,
     StoredSchema,
     SubjectConfigNotFound,
     SubjectModeNotFound,
@@ -45,7 +47,6 @@ from fieldmesh.schema.base import (
 from fieldmesh.schema.compat import incompatibilities
 from fieldmesh.schema.json_schema import JsonSchemaFormat
 from fieldmesh.schema.protobuf import ProtobufFormat, ProtobufSchema
-from fieldmesh.store.schemas import SchemaStore
 
 __all__ = ["FORMATS", "SchemaRegistry", "parse_version"]
 
@@ -89,7 +90,7 @@ def _references(raw: Any) -> tuple[Reference, ...]:
 class SchemaRegistry:
     """Register, look up, check and delete schemas; ``store`` holds them (closed by :meth:`close`)."""
 
-    def __init__(self, store: SchemaStore) -> None:
+    def __init__(self, store: SchemaStorage) -> None:
         self.store = store
 
     def close(self) -> None:
