@@ -21,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.routing import APIRoute
-from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBasic, HTTPBasicCredentials, HTTPBearer
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -30,7 +30,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fieldmesh import __version__
-from fieldmesh.api.auth import Access, AuthError, Principal
+from fieldmesh.api.auth import Access, AuthError, Principal, basic_token
 from fieldmesh.api.params import (
     BAD_PARAMETER,
     STORE_UNAVAILABLE,
@@ -45,6 +45,9 @@ from fieldmesh.api.params import (
     time_query,
 )
 from fieldmesh.api.provision import DEVICE_ROUTES, ProvisionService, add_provision_routes
+from fieldmesh.api.schema_registry import CONTENT_TYPE as REGISTRY_CONTENT_TYPE
+from fieldmesh.api.schema_registry import PREFIX as REGISTRY_PREFIX
+from fieldmesh.api.schema_registry import RegistryResponse, error_body, registry_router
 from fieldmesh.api.schemas import (
     AuditRow,
     DeadLetterRow,
@@ -75,6 +78,8 @@ from fieldmesh.core.errors import (
     RowsRejected,
 )
 from fieldmesh.core.topics import DEVICE_ID_RE
+from fieldmesh.schema.base import RegistryError
+from fieldmesh.schema.registry import SchemaRegistry
 from fieldmesh.store import HotStore, load_store
 from fieldmesh.store.access import GROUP_RE
 from fieldmesh.store.registry import Device as RegisteredDevice
@@ -89,6 +94,10 @@ _BEARER = HTTPBearer(auto_error=False, scheme_name="bearer", bearerFormat="API k
                      description="Authorization: Bearer <an API key fmk_... or a JWT of the OpenID Connect issuer>")
 _API_KEY = APIKeyHeader(name="X-API-Key", auto_error=False, scheme_name="apiKey",
                         description="X-API-Key: <an API key fmk_...>")
+# what Confluent's schema registry clients send (basic.auth.user.info): docs/schemas.md
+_BASIC = HTTPBasic(auto_error=False, scheme_name="basic",
+                   description="HTTP Basic: user <key id> and password <the key's secret>, or any user and the "
+                               "whole key fmk_... as the password")
 
 Limit = Annotated[int, Query(ge=1, le=100_000, description="at most this many rows")]
 #: The largest import file ``POST /devices/import`` takes.
@@ -182,6 +191,7 @@ def create_app(
     access: Access | None = None,
     ca_dir: FsPath | None = None,
     provisioner: Provisioner | None = None,
+    schema_registry: SchemaRegistry | None = None,
 ) -> FastAPI:
     """Build the API app over the hot store at ``store_url``.
 
@@ -190,6 +200,7 @@ def create_app(
     (the caller binds the API to loopback; beyond it, pass ``Access(..., local_only=False)``).
     ``ca_dir`` (or ``provisioner``) serves provisioning (:mod:`fieldmesh.api.provision`); the app's
     ``state.provision`` holds it, for the caller to close.
+    ``schema_registry``: the schema registry (by default opened on first use over the same store).
     """
     acc = access if access is not None else Access(store_url)
     # FastAPIOffline: a FastAPI whose Swagger UI page loads its JS/CSS from the package, not a CDN
@@ -203,7 +214,7 @@ def create_app(
         swagger_ui_oauth2_redirect_url="/api/v1/docs/oauth2-redirect",
         swagger_ui_parameters={"validatorUrl": None},  # the default validator badge calls swagger.io
     )
-    state: dict[str, Any] = {"store": store}
+    state: dict[str, Any] = {"store": store, "schema_registry": schema_registry}
     lag_cache: dict[str, int] = {}
     partition_cache: dict[str, dict[int, int]] = {}
 
@@ -216,12 +227,37 @@ def create_app(
         s: HotStore = state["store"]
         return s
 
+    def get_schema_registry() -> SchemaRegistry:
+        if state["schema_registry"] is None:
+            from fieldmesh.store.schemas import SchemaStore
+
+            state["schema_registry"] = SchemaRegistry(SchemaStore(store_url))
+        reg: SchemaRegistry = state["schema_registry"]
+        return reg
+
+    def _schema_registry_path(request: Request) -> bool:
+        return request.url.path.startswith(REGISTRY_PREFIX + "/")
+
     @app.exception_handler(RequestValidationError)
     async def _bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = [
             f"{'.'.join(str(p) for p in e['loc'] if p != 'query')}: {e['msg']}" for e in exc.errors()
         ]
+        if _schema_registry_path(request):  # Confluent's clients read error_code and message
+            code = 42201 if any(e["loc"][:1] == ("body",) for e in exc.errors()) else 42202 if any(
+                e["loc"][-1:] == ("version",) for e in exc.errors()) else 400
+            status = 422 if code != 400 else 400
+            return RegistryResponse(status_code=status, content={**error_body(status, code, "; ".join(problems)),
+                                                                 "errors": problems})
         return JSONResponse(status_code=400, content={"detail": "; ".join(problems), "errors": problems})
+
+    @app.exception_handler(RegistryError)
+    async def _schema_registry_error(request: Request, exc: RegistryError) -> JSONResponse:
+        return RegistryResponse(status_code=exc.status, content=error_body(exc.status, exc.error_code, exc.message))
+
+    @app.exception_handler(BackendError)
+    async def _backend_error(request: Request, exc: BackendError) -> JSONResponse:
+        return JSONResponse(status_code=503, content={**error_body(503, 50001, str(exc)), "detail": str(exc)})
 
     @app.exception_handler(ConfigError)
     async def _config_error(request: Request, exc: ConfigError) -> JSONResponse:
@@ -261,6 +297,10 @@ def create_app(
             fewest = min((rt.path.count("{") for rt in matched), default=0)
             allowed = sorted({m for rt in matched if rt.path.count("{") == fewest for m in (rt.methods or ())})
             headers["Allow"] = ", ".join(allowed)
+        if _schema_registry_path(request):
+            code = exc.status_code * 100 + 1 if exc.status_code in (401, 403, 404) else exc.status_code
+            return RegistryResponse(status_code=exc.status_code, headers=headers,
+                                    content=error_body(exc.status_code, code, str(exc.detail)))
         return JSONResponse(status_code=exc.status_code, content={"detail": exc.detail}, headers=headers)
 
     guards: set[Any] = set()
@@ -275,8 +315,12 @@ def create_app(
         def guard(
             bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)],
             api_key: Annotated[str | None, Security(_API_KEY)],
+            basic: Annotated[HTTPBasicCredentials | None, Security(_BASIC)],
         ) -> Principal:
-            p = _authenticate(api_key or (bearer.credentials if bearer is not None else None))
+            token = api_key or (bearer.credentials if bearer is not None else None)
+            if token is None and basic is not None:
+                token = basic_token(basic.username, basic.password)
+            p = _authenticate(token)
             if not p.may(role):
                 acc.count_failure("wrong_role")
                 raise HTTPException(403, f"this needs the {role} role; {p.subject} has "
@@ -567,6 +611,7 @@ def create_app(
     add_provision_routes(app, r, admin=admin, guards=guards, service=app.state.provision, metrics=registry)
 
     app.include_router(r)
+    app.include_router(registry_router(get_schema_registry, viewer=viewer, operator=operator, admin=admin))
 
     registry.register(_AuthCollector(acc))
     collector: _StoreCollector | None = None
@@ -601,6 +646,8 @@ def create_app(
                         if acc.oidc is not None:
                             op["security"].append({"oidc": []})
                         op["responses"].update(_AUTH_RESPONSES)
+                    if path.startswith(REGISTRY_PREFIX + "/"):
+                        _both_content_types(op)
             if acc.oidc is not None:
                 doc["components"]["securitySchemes"]["oidc"] = {
                     "type": "openIdConnect", "openIdConnectUrl": acc.oidc.discovery_url}
@@ -621,6 +668,19 @@ _AUTH_RESPONSES: Final = {
     "403": {"description": "the caller's role or device groups do not allow this",
             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}},
 }
+
+
+def _both_content_types(op: dict[str, Any]) -> None:
+    """Registry answers: Confluent's content type, or JSON (errors raised before the route runs); each
+    documented under both."""
+    for resp in op.get("responses", {}).values():
+        content = resp.get("content")
+        if not content:
+            continue
+        schema = next((c["schema"] for c in content.values() if c.get("schema")), None)
+        if schema is None:
+            continue
+        resp["content"] = {t: {"schema": schema} for t in ("application/json", REGISTRY_CONTENT_TYPE)}
 
 
 def _check_guarded(routes: list[APIRoute], guards: set[Any]) -> None:

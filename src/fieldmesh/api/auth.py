@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import re
 import threading
 import time
 import urllib.request
@@ -27,7 +28,7 @@ from fieldmesh.core.settings import AccessSettings
 from fieldmesh.store.access import KEY_PREFIX, ROLES, AccessStore, role_rank
 from fieldmesh.store.registry import Device, DeviceRegistry
 
-__all__ = ["AUTH_FAILURES", "LOCAL", "Access", "AuthError", "DeviceGroups", "OidcVerifier", "Principal"]
+__all__ = ["AUTH_FAILURES", "LOCAL", "Access", "AuthError", "DeviceGroups", "OidcVerifier", "Principal", "basic_token"]
 
 #: Why a request was refused (401: the first three; 403: the last two), as counted in ``/stats`` and
 #: ``fieldmesh_auth_failures_total{reason=...}``.
@@ -329,3 +330,14 @@ class Access:
     def configured(self) -> bool:
         """Whether authentication can be required: an active admin key exists or an issuer is set."""
         return self.oidc is not None or self.store.has_keys(role="admin")
+
+
+def basic_token(username: str, password: str) -> str:
+    """The credential in HTTP Basic ``username:password`` (how Confluent's clients send
+    ``basic.auth.user.info``): the password when it is a whole API key ``fmk_...`` (any user), or the
+    key ``fmk_<username>_<password>`` when the user is a key id; else the password (a JWT)."""
+    if password.startswith(KEY_PREFIX):
+        return password
+    if re.fullmatch(r"[0-9a-f]{12}", username):
+        return f"{KEY_PREFIX}{username}_{password}"
+    return password
