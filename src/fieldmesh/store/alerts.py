@@ -273,12 +273,18 @@ class Notification:
         return f"fm-{self.id}"
 
 
-def next_notifications(tx: SqlTxn, *, now_ms: int, limit: int = 100) -> list[Notification]:
-    """Pending notifications due at ``now_ms``, oldest first."""
-    rows = tx.execute("SELECT id, alert_id, event, target, payload, created_ms, attempts FROM alert_outbox"
-                      " WHERE status = 'pending' AND next_ms <= ? ORDER BY id LIMIT ?", (now_ms, limit))
-    return [Notification(int(r[0]), int(r[1]), r[2], json.loads(r[3]), json.loads(r[4]), int(r[5]), int(r[6]))
-            for r in rows]
+def next_notifications(tx: SqlTxn, *, now_ms: int, limit: int = 100, lease_ms: int = 15_000) -> list[Notification]:
+    """Claim pending notifications due at ``now_ms`` (oldest first) for ``lease_ms``: another notifier (a
+    replica) skips them meanwhile; if this one dies before marking them, they are due again after it."""
+    rows = tx.execute("UPDATE alert_outbox SET next_ms = ? WHERE id IN (SELECT id FROM alert_outbox"
+                      " WHERE status = 'pending' AND next_ms <= ? ORDER BY id LIMIT ?)"
+                      " AND status = 'pending' AND next_ms <= ?"
+                      " RETURNING id, alert_id, event, target, payload, created_ms, attempts",
+                      (now_ms + lease_ms, now_ms, limit, now_ms))
+    out = [Notification(int(r[0]), int(r[1]), r[2], json.loads(r[3]), json.loads(r[4]), int(r[5]), int(r[6]))
+           for r in rows]
+    out.sort(key=lambda n: n.id)
+    return out
 
 
 def mark_delivered(tx: SqlTxn, ids: Sequence[int], *, now_ms: int) -> None:
@@ -495,8 +501,19 @@ class AlertTables(HotTables):
         active = {s: int(n) for s, n in self._q("SELECT severity, COUNT(*) FROM alerts WHERE state <> 'cleared'"
                                                 " GROUP BY severity")}
         outbox = {s: int(n) for s, n in self._q("SELECT status, COUNT(*) FROM alert_outbox GROUP BY status")}
+        retries = self._q("SELECT COALESCE(SUM(CASE WHEN status = 'delivered' THEN attempts - 1 ELSE attempts END),"
+                          " 0) FROM alert_outbox")
+        lat = sorted(int(r[0]) for r in self._q(
+            "SELECT delivered_ms - created_ms FROM alert_outbox WHERE status = 'delivered'"
+            " ORDER BY id DESC LIMIT 1000"))
+
+        def q(p: float) -> int | None:
+            return lat[min(len(lat) - 1, int(p * len(lat)))] if lat else None
+
         return {"active_by_severity": active, "active": sum(active.values()),
                 "notifications": {k: outbox.get(k, 0) for k in ("pending", "delivered", "failed")},
+                "failed_tries": int(retries[0][0]),
+                "latency_ms": {"p50": q(0.5), "p99": q(0.99), "of_last": len(lat)},
                 "rules": int(self._q("SELECT COUNT(*) FROM alert_rules")[0][0]), "rules_version": self.version()}
 
 

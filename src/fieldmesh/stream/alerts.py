@@ -53,7 +53,7 @@ from fieldmesh.core.errors import FieldmeshError
 
 __all__ = [
     "KINDS", "OPS", "SEVERITIES", "AbsenceCandidate", "Evaluation", "Rule", "RuleError", "RuleState", "Transition",
-    "evaluate", "evaluate_absence", "parse_rule", "parse_rules",
+    "evaluate", "evaluate_absence", "parse_rule", "parse_rules", "rules_from_yaml",
 ]
 
 KINDS: Final = ("threshold", "rate", "anomaly", "absence")
@@ -273,6 +273,19 @@ def parse_rules(items: Any) -> list[Rule]:
     if len(set(names)) != len(names):
         raise RuleError(f"rule names repeat: {sorted({n for n in names if names.count(n) > 1})}", field="name")
     return out
+
+
+def rules_from_yaml(text: str) -> list[Rule]:
+    """Rules from a YAML rules file's text (a list of rules, or ``{"rules": [...]}``)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RuleError(f"not YAML: {exc}") from exc
+    if isinstance(data, dict) and set(data) == {"rules"}:
+        data = data["rules"]
+    return parse_rules([] if data is None else data)
 
 
 @dataclass(frozen=True, slots=True)
