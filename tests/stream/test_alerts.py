@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from fieldmesh.bus.base import BusRecord
 from fieldmesh.core.batch import ReadingColumns
-from fieldmesh.core.codec import decode_bus_batch, decode_telemetry, encode_bus_batch, encode_reading_json
+from fieldmesh.core.codec import encode_bus_batch
 from fieldmesh.core.model import BusBatch, Reading
 from fieldmesh.core.settings import ProcessorSettings
 from fieldmesh.core.topics import READINGS_TOPIC
@@ -31,7 +31,6 @@ from fieldmesh.store.alerts import AlertTables
 from fieldmesh.store.sqlite import SqliteStore
 from fieldmesh.stream.alerting import AlertEngine
 from fieldmesh.stream.alerts import (
-    OPS,
     AbsenceCandidate,
     Rule,
     RuleError,
@@ -42,6 +41,8 @@ from fieldmesh.stream.alerts import (
     parse_rules,
 )
 from fieldmesh.stream.processor import Processor
+from fmtest.alerts import Item, bus_order, oracle, reading, stream
+from fmtest.alerts import records as bus_records
 
 NOW = 1_763_812_345_123
 HOT = {"name": "hot", "kind": "threshold", "metric": "temperature", "op": ">", "value": 30, "clear_value": 28,
@@ -85,64 +86,6 @@ def test_a_rules_file_refuses_repeated_names() -> None:
     assert [r.name for r in parse_rules([HOT, {**HOT, "name": "hot2"}])] == ["hot", "hot2"]
 
 
-# -- the oracle ----------------------------------------------------------------------------------
-Item = tuple[str, int, float, int]  # device, ts_ms, value, identity (distinct per distinct reading)
-
-
-def oracle(items: Sequence[Item], rule: Rule) -> list[tuple[str, str, int]]:
-    """Transitions (kind, device, ts) of a threshold rule over items in bus order (independent of the code)."""
-    seen: set[int] = set()
-    wm: dict[str, int] = {}
-    state: dict[str, tuple[bool, int | None]] = {}
-    out = []
-    assert rule.value is not None
-    clear = rule.value if rule.clear_value is None else rule.clear_value
-    op = OPS[rule.op]
-    for dev, ts, v, ident in items:
-        if ident in seen:
-            continue
-        seen.add(ident)
-        if dev in wm and ts < wm[dev]:
-            continue
-        wm[dev] = ts
-        if not rule.matches_device(dev):
-            continue
-        firing, since = state.get(dev, (False, None))
-        if firing:
-            if not op(v, clear):
-                out.append(("clear", dev, ts))
-                firing = False
-        elif op(v, rule.value):
-            since = ts if since is None else since
-            if ts - since >= rule.for_s * 1000:
-                out.append(("open", dev, ts))
-                firing, since = True, None
-        else:
-            since = None
-        state[dev] = (firing, since)
-    return out
-
-
-def _stream(seed: int, n: int = 400, devices: int = 4) -> list[Item]:
-    """Readings per device a second apart around the threshold, 5% duplicates, shuffled within 5-reading
-    windows, and hour-late replays of earlier readings under new identities."""
-    rnd = random.Random(seed)
-    items: list[Item] = []
-    for i in range(n):
-        dev = f"pump-{rnd.randrange(devices)}"
-        items.append((dev, NOW + i * 1000, round(rnd.uniform(24, 34), 1), i))
-    for s in range(0, len(items), 5):
-        part = items[s:s + 5]
-        rnd.shuffle(part)
-        items[s:s + 5] = part
-    late = [(d, ts - 3_600_000, v + 10, 10_000 + j) for j, (d, ts, v, _) in enumerate(rnd.sample(items, n // 20))]
-    for it in late:
-        items.insert(rnd.randrange(len(items)), it)
-    for it in rnd.sample(items, n // 20):
-        items.insert(rnd.randrange(items.index(it), len(items) + 1), it)  # a duplicate after its original
-    return items
-
-
 def _run_pure(items: Sequence[Item], rule: Rule, cuts: Sequence[int]) -> list[tuple[str, str, int]]:
     """evaluate() over the stream cut in batches, with de-duplication and watermarks done as the processor does."""
     seen: set[int] = set()
@@ -168,13 +111,14 @@ def _run_pure(items: Sequence[Item], rule: Rule, cuts: Sequence[int]) -> list[tu
     return out
 
 
+# -- the oracle (fmtest.alerts) against evaluate() over any batches ----------------------------
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 10_000), cuts=st.lists(st.integers(0, 440), max_size=30),
        for_s=st.sampled_from([0, 2, 5]), clear=st.sampled_from([None, 28.0, 25.0]))
 def test_threshold_matches_the_oracle_whatever_the_batches(seed: int, cuts: list[int], for_s: int,
                                                            clear: float | None) -> None:
     rule = parse_rule({**HOT, "for_s": for_s, "clear_value": clear})
-    items = _stream(seed)
+    items = stream(seed, NOW)
     expected = oracle(items, rule)
     assert _run_pure(items, rule, cuts) == expected
     opens = [t for t in expected if t[0] == "open"]
@@ -234,48 +178,6 @@ def test_absence_opens_for_silent_and_never_seen_devices_and_a_reading_clears() 
 
 
 # -- the processor: state and notifications in the batch's transaction ------------------------
-def _reading(it: Item) -> Reading:
-    dev, ts, v, ident = it
-    payload = encode_reading_json(dev, ts, {"temperature": v}, ident)
-    return decode_telemetry(payload, device_id=dev, topic=f"devices/{dev}/telemetry", received_ms=NOW,
-                            max_skew_ms=10**10).readings[0]
-
-
-def _records(items: Sequence[Item], per_record: int, partitions: int = 3) -> list[BusRecord]:
-    """Bus records, each device on one partition (as the gateway routes), offsets in order per partition."""
-    by_part: dict[int, list[list[Reading]]] = {}
-    offsets: dict[int, int] = {}
-    out: list[BusRecord] = []
-    pending: dict[int, list[Reading]] = {}
-    for it in items:
-        p = int(it[0].rsplit("-", 1)[1]) % partitions
-        r = _reading(it)
-        pending.setdefault(p, []).append(r)
-        if len(pending[p]) == per_record:
-            by_part.setdefault(p, []).append(pending.pop(p))
-    for p, rest in pending.items():
-        by_part.setdefault(p, []).append(rest)
-    # interleave partitions record by record, offsets counting per partition
-    while any(by_part.values()):
-        for p in sorted(by_part):
-            if by_part[p]:
-                offsets[p] = offsets.get(p, 0) + 1
-                out.append(BusRecord(topic=READINGS_TOPIC, partition=p, offset=offsets[p],
-                                     value=encode_bus_batch(BusBatch(by_part[p].pop(0)))))
-    return out
-
-
-def _bus_order(records: Sequence[BusRecord], items: Sequence[Item]) -> list[Item]:
-    """The items in the order the processor meets each device's readings (per partition order)."""
-    by_seq = {ident: it for it in items for ident in [it[3]]}
-    out = []
-    for rec in records:
-        for r in decode_bus_batch(rec.value).readings:
-            assert r.seq is not None
-            out.append(by_seq[r.seq])
-    return out
-
-
 def _processor(store: SqliteStore) -> Processor:
     # bus is unused by apply_records
     return Processor(bus=None, store=store, settings=ProcessorSettings(), alerts=AlertEngine(store))  # type: ignore[arg-type]
@@ -296,10 +198,10 @@ def test_processor_commits_alerts_with_the_batch_and_a_replay_repeats_nothing(tm
     url = f"sqlite:///{path}"
     tables = AlertTables(url)
     tables.put_rule(parse_rule(HOT), actor="test")
-    items = _stream(seed)
-    records = _records(items, per_record=7)
+    items = stream(seed, NOW)
+    records = bus_records(items, 7, NOW)
     rule = parse_rule(HOT)
-    expected = oracle(_bus_order(records, items), rule)
+    expected = oracle(bus_order(records, items), rule)
     rnd = random.Random(seed)
     i = 0
     while i < len(records):
@@ -346,7 +248,7 @@ def test_ack_clear_by_hand_and_the_one_active_index(tmp_path: Path) -> None:
         off = next(offsets)
         items = [("pump-1", NOW + off * 1000 + k, v, off * 100 + k) for k, v in enumerate(vals)]
         proc.apply_records([BusRecord(topic=READINGS_TOPIC, partition=0, offset=off,
-                                      value=encode_bus_batch(BusBatch([_reading(it) for it in items])))])
+                                      value=encode_bus_batch(BusBatch([reading(it, NOW) for it in items])))])
 
     send(31)
     [a] = tables.alerts()
@@ -382,7 +284,7 @@ def test_a_rule_change_applies_from_the_next_batch(tmp_path: Path) -> None:
     store = SqliteStore(url)
     proc = _processor(store)
     items = [("pump-1", NOW + i * 1000, 35.0, i) for i in range(4)]
-    recs = _records(items, per_record=1, partitions=1)
+    recs = bus_records(items, 1, NOW, partitions=1)
     proc.apply_records(recs[:2])
     assert tables.alerts() == []  # no rule yet
     tables.put_rule(parse_rule(HOT), actor="test")
