@@ -120,3 +120,35 @@ def bus_order(recs: Sequence[BusRecord], items: Sequence[Item]) -> list[Item]:
             assert r.seq is not None
             out.append(by_ident[r.seq])
     return out
+
+
+def rate_oracle(items: Sequence[Item], rule: Rule) -> list[tuple[str, str, int]]:
+    """Transitions of a rate ``rule`` over ``items`` in bus order: the change from the device's previous
+    in-order reading, per second or minute, with the rule's hysteresis."""
+    seen: set[int] = set()
+    wm: dict[str, int] = {}
+    prev: dict[str, tuple[int, float]] = {}
+    firing: dict[str, bool] = {}
+    out = []
+    assert rule.value is not None and rule.kind == "rate"
+    clear = rule.value if rule.clear_value is None else rule.clear_value
+    op = _OPS[rule.op]
+    for dev, ts, v, ident in items:
+        if ident in seen:
+            continue
+        seen.add(ident)
+        if dev in wm and ts < wm[dev]:
+            continue
+        wm[dev] = ts
+        if not rule.matches_device(dev):
+            continue
+        if dev in prev and ts > prev[dev][0]:
+            rate = (v - prev[dev][1]) / ((ts - prev[dev][0]) / 1000) * (60 if rule.per == "min" else 1)
+            if firing.get(dev) and not op(rate, clear):
+                out.append(("clear", dev, ts))
+                firing[dev] = False
+            elif not firing.get(dev) and op(rate, rule.value):
+                out.append(("open", dev, ts))
+                firing[dev] = True
+        prev[dev] = (ts, v)
+    return out

@@ -41,7 +41,7 @@ from fieldmesh.stream.alerts import (
     parse_rules,
 )
 from fieldmesh.stream.processor import Processor
-from fmtest.alerts import Item, bus_order, oracle, reading, stream
+from fmtest.alerts import Item, bus_order, oracle, rate_oracle, reading, stream
 from fmtest.alerts import records as bus_records
 
 NOW = 1_763_812_345_123
@@ -126,6 +126,19 @@ def test_threshold_matches_the_oracle_whatever_the_batches(seed: int, cuts: list
     for dev in {d for _, d, _ in expected}:  # alternating: never two opens without a clear between
         kinds = [k for k, d, _ in expected if d == dev]
         assert all(a != b for a, b in itertools.pairwise(kinds)) and kinds[0] == "open"
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), cuts=st.lists(st.integers(0, 440), max_size=30),
+       per=st.sampled_from(["s", "min"]))
+def test_rate_matches_its_oracle_whatever_the_batches(seed: int, cuts: list[int], per: str) -> None:
+    value = 2.0 if per == "s" else 120.0
+    rule = parse_rule({"name": "jump", "kind": "rate", "metric": "temperature", "op": ">", "value": value,
+                       "clear_value": value / 2, "per": per, "devices": "pump-*"})
+    items = stream(seed, NOW)
+    expected = rate_oracle(items, rule)
+    assert expected, "the stream should jump"
+    assert _run_pure(items, rule, cuts) == expected
 
 
 def test_hysteresis_and_for() -> None:

@@ -416,13 +416,15 @@ def evaluate(
         if rule.kind == "threshold":
             _threshold(rule, cols, rows, vals, states, out, changed)
             continue
-        step = _rate_step if rule.kind == "rate" else _anomaly_step
+        if rule.kind == "rate":
+            _rate(rule, cols, rows, vals, states, out, changed)
+            continue
         devs = cols.device[rows]
         ts = cols.ts_ms[rows]
         for d, t, v in zip(devs.tolist(), ts.tolist(), vals.tolist(), strict=True):
             key = (rule.name, names[d])
             st = changed.get(key) or states.get(key, IDLE)
-            changed[key] = step(rule, key, st, t, v, out)
+            changed[key] = _anomaly_step(rule, key, st, t, v, out)
     return Evaluation(out, {k: s for k, s in changed.items() if s != states.get(k, IDLE)})
 
 
@@ -439,11 +441,23 @@ def _threshold(rule: Rule, cols: ReadingColumns, rows: NDArray[np.intp], vals: N
         assert rule.value is not None
         thr = np.full(len(rows), rule.value)
         clr = np.full(len(rows), rule.value if rule.clear_value is None else rule.clear_value)
-    ufunc = {">": np.greater, ">=": np.greater_equal, "<": np.less, "<=": np.less_equal, "==": np.equal,
-             "!=": np.not_equal}[rule.op]
-    known = ~np.isnan(thr)  # no threshold joined for the reading: it says nothing
-    fire = ufunc(vals, thr) & known
-    holds_clear = ufunc(vals, clr) | ~known  # false: clears
+    _walk(rule, cols, rows, vals, vals, thr, clr, states, out, changed, int(rule.for_s * 1000))
+
+
+_UFUNCS: Final = {">": np.greater, ">=": np.greater_equal, "<": np.less, "<=": np.less_equal, "==": np.equal,
+                  "!=": np.not_equal}
+
+
+def _walk(rule: Rule, cols: ReadingColumns, rows: NDArray[np.intp], x: NDArray[np.float64],
+          vals: NDArray[np.float64], thr: NDArray[np.float64], clr: NDArray[np.float64],
+          states: Mapping[tuple[str, str], RuleState], out: list[Transition],
+          changed: dict[tuple[str, str], RuleState], for_ms: int) -> None:
+    """The hysteresis state machine over ``x`` (the compared quantity; ``vals`` are reported), per device in
+    row order. NaN in ``x`` or the thresholds says nothing (neither fires, clears nor resets a wait)."""
+    ufunc = _UFUNCS[rule.op]
+    known = ~(np.isnan(thr) | np.isnan(x))
+    fire = ufunc(x, thr) & known
+    holds_clear = ufunc(x, clr) | ~known | np.isnan(clr)  # false: clears
     devs = cols.device[rows]
     names = cols.devices
     # Only devices where something may change are walked: a reading that fires while idle or waiting, or
@@ -456,7 +470,6 @@ def _threshold(rule: Rule, cols: ReadingColumns, rows: NDArray[np.intp], vals: N
         return
     walk = np.isin(devs, np.unique(devs[relevant]))
     ts = cols.ts_ms[rows]
-    for_ms = int(rule.for_s * 1000)
     for i in np.flatnonzero(walk).tolist():
         key = (rule.name, names[int(devs[i])])
         st = changed.get(key) or states.get(key, IDLE)
@@ -472,9 +485,43 @@ def _threshold(rule: Rule, cols: ReadingColumns, rows: NDArray[np.intp], vals: N
                 st = replace(st, firing=True, since_ms=None, alert_id=None)  # the store assigns the new id
             else:
                 st = replace(st, since_ms=since)
-        elif st.since_ms is not None:
+        elif st.since_ms is not None and known[i]:
             st = replace(st, since_ms=None)
         changed[key] = st
+
+
+def _rate(rule: Rule, cols: ReadingColumns, rows: NDArray[np.intp], vals: NDArray[np.float64],
+          states: Mapping[tuple[str, str], RuleState], out: list[Transition],
+          changed: dict[tuple[str, str], RuleState]) -> None:
+    """Rates between each device's consecutive rows (the first from its stored previous reading), over columns;
+    then the hysteresis walk; the last reading of each device becomes its stored previous one."""
+    assert rule.value is not None
+    n = len(rows)
+    names = cols.devices
+    devs = cols.device[rows]
+    order = np.argsort(devs, kind="stable")
+    d_s, t_s, v_s = devs[order], cols.ts_ms[rows][order].astype(np.float64), vals[order]
+    first = np.ones(n, dtype=bool)
+    first[1:] = d_s[1:] != d_s[:-1]
+    last = np.ones(n, dtype=bool)
+    last[:-1] = first[1:]
+    pt, pv = np.empty(n), np.empty(n)
+    pt[1:], pv[1:] = t_s[:-1], v_s[:-1]
+    for i in np.flatnonzero(first).tolist():
+        aux = states.get((rule.name, names[int(d_s[i])]), IDLE).aux
+        pt[i], pv[i] = (aux[0], aux[1]) if len(aux) == 2 else (np.nan, np.nan)
+    dt_s = (t_s - pt) / 1000.0
+    ok = dt_s > 0  # no previous reading, or the same event time: no rate
+    rate_s = np.full(n, np.nan)
+    rate_s[ok] = (v_s[ok] - pv[ok]) / dt_s[ok] * (60.0 if rule.per == "min" else 1.0)
+    rate = np.empty(n)
+    rate[order] = rate_s
+    clear = rule.value if rule.clear_value is None else rule.clear_value
+    _walk(rule, cols, rows, rate, vals, np.full(n, rule.value), np.full(n, clear), states, out, changed, 0)
+    for i in np.flatnonzero(last).tolist():
+        key = (rule.name, names[int(d_s[i])])
+        st = changed.get(key) or states.get(key, IDLE)
+        changed[key] = replace(st, aux=(float(t_s[i]), float(v_s[i])))
 
 
 def _compare(rule: Rule, x: float, st: RuleState, key: tuple[str, str], t: int, v: float,
@@ -489,15 +536,6 @@ def _compare(rule: Rule, x: float, st: RuleState, key: tuple[str, str], t: int, 
         out.append(Transition(rule.name, key[1], "open", t, v))
         return replace(st, firing=True, alert_id=None)
     return st
-
-
-def _rate_step(rule: Rule, key: tuple[str, str], st: RuleState, t: int, v: float, out: list[Transition]) -> RuleState:
-    if len(st.aux) == 2 and t > st.aux[0]:
-        rate = (v - st.aux[1]) / ((t - st.aux[0]) / 1000.0) * (60.0 if rule.per == "min" else 1.0)
-        st = _compare(rule, rate, st, key, t, v, out)
-    elif len(st.aux) == 2 and t <= st.aux[0]:
-        return st  # same event time as the previous reading: no rate to take
-    return replace(st, aux=(float(t), v))
 
 
 def _anomaly_step(rule: Rule, key: tuple[str, str], st: RuleState, t: int, v: float,
