@@ -9,8 +9,8 @@ is killed and restarted. Then, against :func:`fmtest.alerts.oracle` over the bus
 * the alerts are exactly the oracle's transitions: no duplicate open alert, no missed clear;
 * every transition has its notification, delivered and marked, and the receiver saw each notification
   id (de-duplicated on that id, as the docs tell receivers to) exactly once per transition; resends of
-  an id happen only for a crash between the receiver's answer and the mark, so there are at most as
-  many as kills;
+  an id happen only for a crash between the receiver's answer and the mark, at most one round of the
+  notifier (32) per kill;
 * a registered device that never reports raises its absence alert, once.
 """
 
@@ -199,9 +199,11 @@ def test_kill9_of_the_processor_neither_repeats_nor_loses_an_alert(tmp_path: Pat
         assert by_id.setdefault(g["notification_id"], pair) == pair  # an id always names the same step
     assert set(by_id.values()) == set(want)
     resent = len(seen) - len(by_id)
-    assert resent <= kills, (resent, kills)
+    assert resent <= kills * 32, (resent, kills)  # at most a round of acknowledged ones per crash
     retried = sum(1 for n in outbox if n["attempts"] > 1)
-    assert retried >= len(outbox) // 7 - 1  # the receiver's 500s were retried, not dropped
+    with receiver.lock:
+        refused = {g["refused"] for g in receiver.got if "refused" in g}
+    assert len(refused) >= len(outbox) // 7 - 1 and refused <= set(by_id)  # 500s were retried, not dropped
     silent = tables.alerts(rule="silent")
     assert [(a["device_id"], a["state"]) for a in silent] == [("ghost-1", "open")]
     tables.close()

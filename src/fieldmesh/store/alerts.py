@@ -65,6 +65,7 @@ _COMMON_DDL: Final = (
     " target TEXT NOT NULL, payload TEXT NOT NULL, created_ms {int} NOT NULL, status TEXT NOT NULL,"
     " attempts INTEGER NOT NULL, next_ms {int} NOT NULL, delivered_ms {int}, last_error TEXT)",
     "CREATE INDEX IF NOT EXISTS alert_outbox_due ON alert_outbox (status, next_ms)",
+    "CREATE INDEX IF NOT EXISTS alert_outbox_alert ON alert_outbox (alert_id, id)",
 )
 SQLITE_DDL: Final = tuple(s.format(int="INTEGER", pk="INTEGER PRIMARY KEY AUTOINCREMENT") for s in _COMMON_DDL)
 PG_DDL: Final = tuple(s.format(int="BIGINT", pk="BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY")
@@ -172,6 +173,7 @@ class Applied:
     cleared: int = 0
     notifications: int = 0
     refused: int = 0
+    claimed: tuple[Notification, ...] = ()  # notifications claimed (leased) in the same transaction
 
 
 def apply_evaluation(tx: SqlTxn, ev: Evaluation, rules: Mapping[str, Rule], *, now_ms: int | None = None,
@@ -276,8 +278,12 @@ class Notification:
 def next_notifications(tx: SqlTxn, *, now_ms: int, limit: int = 100, lease_ms: int = 15_000) -> list[Notification]:
     """Claim pending notifications due at ``now_ms`` (oldest first) for ``lease_ms``: another notifier (a
     replica) skips them meanwhile; if this one dies before marking them, they are due again after it."""
-    rows = tx.execute("UPDATE alert_outbox SET next_ms = ? WHERE id IN (SELECT id FROM alert_outbox"
-                      " WHERE status = 'pending' AND next_ms <= ? ORDER BY id LIMIT ?)"
+    # A notification waits while an earlier one of its alert to the same target is pending: receivers see
+    # an alert's steps in order.
+    rows = tx.execute("UPDATE alert_outbox SET next_ms = ? WHERE id IN (SELECT o.id FROM alert_outbox o"
+                      " WHERE o.status = 'pending' AND o.next_ms <= ? AND NOT EXISTS (SELECT 1 FROM alert_outbox e"
+                      " WHERE e.alert_id = o.alert_id AND e.target = o.target AND e.status = 'pending'"
+                      " AND e.id < o.id) ORDER BY o.id LIMIT ?)"
                       " AND status = 'pending' AND next_ms <= ?"
                       " RETURNING id, alert_id, event, target, payload, created_ms, attempts",
                       (now_ms + lease_ms, now_ms, limit, now_ms))
@@ -293,15 +299,14 @@ def mark_delivered(tx: SqlTxn, ids: Sequence[int], *, now_ms: int) -> None:
                    " WHERE id = ? AND status = 'pending'", [(now_ms, i) for i in ids])
 
 
-def mark_failed(tx: SqlTxn, notification: Notification, error: str, *, now_ms: int, retry_in_ms: int) -> bool:
-    """A try failed: retried after ``retry_in_ms``, or kept as ``failed`` after :data:`MAX_ATTEMPTS`.
-
-    Returns True when it failed for good."""
-    attempts = notification.attempts + 1
-    final = attempts >= MAX_ATTEMPTS
-    tx.execute("UPDATE alert_outbox SET attempts = ?, next_ms = ?, last_error = ?, status = ? WHERE id = ?",
-               (attempts, now_ms + retry_in_ms, error[:500], "failed" if final else "pending", notification.id))
-    return final
+def mark_failed(tx: SqlTxn, failures: Sequence[tuple[Notification, str, int]], *, now_ms: int) -> list[bool]:
+    """Tries that failed, as (notification, error, retry_in_ms): each is due again after its delay, or kept as
+    ``failed`` after :data:`MAX_ATTEMPTS` tries. Per failure: True when it failed for good."""
+    finals = [n.attempts + 1 >= MAX_ATTEMPTS for n, _, _ in failures]
+    tx.executemany("UPDATE alert_outbox SET attempts = ?, next_ms = ?, last_error = ?, status = ? WHERE id = ?",
+                   [(n.attempts + 1, now_ms + delay, err[:500], "failed" if final else "pending", n.id)
+                    for (n, err, delay), final in zip(failures, finals, strict=True)])
+    return finals
 
 
 # -- the API's side ------------------------------------------------------------------------------

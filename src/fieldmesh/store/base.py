@@ -21,7 +21,7 @@ from fieldmesh.core.batch import BatchResult, Position
 
 __all__ = [
     "INTERVALS", "ApplyResult", "DeviceSummary", "HotStore", "HotTxn", "Position", "QueryResult", "Sink", "SqlTxn",
-    "StoreStats",
+    "StoreStats", "T",
 ]
 
 T = TypeVar("T")

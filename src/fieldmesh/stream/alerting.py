@@ -14,17 +14,19 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 
 from fieldmesh.core.batch import BatchResult
 from fieldmesh.store.alerts import (
     Applied,
+    Notification,
     absence_candidates,
     apply_evaluation,
     ensure_tables,
     load_rules,
     load_states,
+    next_notifications,
     rules_version,
 )
 from fieldmesh.store.base import HotStore, SqlTxn
@@ -58,6 +60,9 @@ class AlertEngine:
         self._by_name: dict[str, Rule] = {}
         self.stats = AlertStats()
         self.notify = threading.Event()  # set when a commit queued notifications (wakes the notifier)
+        #: Takes the notifications a batch claimed in its own transaction, after the commit (the notifier's
+        #: :meth:`~fieldmesh.stream.notifier.Notifier.hand`): sent at once, without a claim of their own.
+        self.hand: Callable[[Sequence[Notification]], None] | None = None
         self._lock = threading.Lock()
 
     @property
@@ -88,7 +93,11 @@ class AlertEngine:
         ev = evaluate(self._rules, new, device_wm, states)
         if not ev.transitions and not ev.states:
             return Applied()
-        return apply_evaluation(tx, ev, self._by_name)
+        applied = apply_evaluation(tx, ev, self._by_name)
+        if applied.notifications and self.hand is not None:  # claimed with the batch: sent right after it
+            now = int(time.time() * 1000)
+            applied = replace(applied, claimed=tuple(next_notifications(tx, now_ms=now, limit=1000)))
+        return applied
 
     def committed(self, applied: Applied) -> None:
         """The transaction of ``applied`` committed: count it, wake the notifier."""
@@ -97,7 +106,9 @@ class AlertEngine:
         st.cleared += applied.cleared
         st.refused += applied.refused
         st.queued += applied.notifications
-        if applied.notifications:
+        if applied.claimed and self.hand is not None:
+            self.hand(applied.claimed)
+        elif applied.notifications:
             self.notify.set()
 
     def tick(self, now_ms: int | None = None) -> Applied:

@@ -6,7 +6,9 @@ notifier takes due rows oldest first, sends each, and marks it ``delivered`` in 
 the receiver acknowledged it (HTTP 2xx; MQTT PUBACK at QoS 1). What that guarantees:
 
 * **at least once**: a row is sent until a receiver acknowledges it; a crash after the
-  acknowledgement and before the mark (a window of one local transaction) sends it once more;
+  acknowledgement and before the mark sends it once more: the rows of one round (at most 32, sent at
+  once) are marked in one local transaction right after their sends, so a crash resends at most the
+  acknowledged rows of the round in hand;
 * **a stable id**: every try of a notification carries the same ``notification_id`` (``fm-<n>``, also
   the ``X-Fieldmesh-Notification-Id`` header), so a receiver that remembers ids it has seen gets each
   transition exactly once;
@@ -23,6 +25,8 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -87,7 +91,15 @@ class Notifier:
         self.retry_max_s = retry_max_s
         self.poll_s = poll_s
         self.stats = NotifierStats()
-        self._http = httpx.Client(timeout=timeout_s, follow_redirects=False)
+        #: Runs a store transaction. The processor sets it to queue the transaction on its apply thread, so
+        #: the notifier takes its turn between batches rather than contend for the writer's lock.
+        self.run_store: Callable[[Callable[[SqlTxn], Any]], Any] = store.transact
+        self._handed: list[Notification] = []
+        self._handed_lock = threading.Lock()
+        self._http = httpx.Client(timeout=timeout_s, follow_redirects=False,
+                                  limits=httpx.Limits(max_connections=32, max_keepalive_connections=16))
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fm-notify")
+        self._mqtt_lock = threading.Lock()
         self._mqtt: Any = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -108,6 +120,10 @@ class Notifier:
             raise ValueError(f"unknown notification target {target}")
 
     def _publish(self, n: Notification) -> None:
+        with self._mqtt_lock:  # one client, connected once
+            self._publish_locked(n)
+
+    def _publish_locked(self, n: Notification) -> None:
         if not self.mqtt_url:
             raise OSError("no MQTT broker for alerts: set FIELDMESH__ALERTS__MQTT_URL")
         if self._mqtt is None:
@@ -130,41 +146,61 @@ class Notifier:
             self._mqtt = None
             raise OSError(f"MQTT publish to {topic} not acknowledged")
 
-    def run_once(self, *, limit: int = 100) -> int:
-        """Send the due rows (up to ``limit``); the number tried."""
-        now = int(time.time() * 1000)
-        due = self.store.transact(lambda tx: next_notifications(tx, now_ms=now, limit=limit))
-        for n in due:
-            try:
-                self._send(n)
-            except Exception as exc:
-                delay = min(self.retry_max_s, self.retry_base_s * 2**n.attempts) * random.uniform(0.8, 1.2)
-                err = f"{type(exc).__name__}: {exc}"
+    def run_once(self, *, limit: int = 32) -> int:
+        """Send the due rows (up to ``limit``, concurrently), then mark them in one transaction; the number tried.
 
-                def failed(tx: SqlTxn, n: Notification = n, err: str = err, delay: float = delay) -> bool:
-                    return mark_failed(tx, n, err, now_ms=int(time.time() * 1000), retry_in_ms=int(delay * 1000))
+        Rows claimed together are of distinct (alert, target) pairs (the store holds back a later step of
+        an alert until the earlier one is done), so sending them at once keeps each receiver's order.
+        """
+        with self._handed_lock:
+            due, self._handed = self._handed[:limit], self._handed[limit:]
+        if not due:
+            now = int(time.time() * 1000)
+            due = self.run_store(lambda tx: next_notifications(tx, now_ms=now, limit=limit))
+        if not due:
+            return 0
+        results = list(self._pool.map(self._try, due))
+        done = int(time.time() * 1000)
+        ok = [n for n, err in zip(due, results, strict=True) if err is None]
+        failures = [(n, err, int(min(self.retry_max_s, self.retry_base_s * 2**n.attempts)
+                                 * random.uniform(0.8, 1.2) * 1000))
+                    for n, err in zip(due, results, strict=True) if err is not None]
 
-                final = self.store.transact(failed)
-                self.stats.failed_tries += 1
-                if final:
-                    self.stats.failed += 1
-                    log.error("notification %s to %s failed for good after %d tries: %s (kept as failed)",
-                              n.notification_id, n.target, n.attempts + 1, err)
-                else:
-                    log.warning("notification %s to %s failed (try %d): %s; again in %.1fs",
-                                n.notification_id, n.target, n.attempts + 1, err, delay)
-                continue
-            done = int(time.time() * 1000)
-            def delivered(tx: SqlTxn, n: Notification = n, done: int = done) -> None:
-                mark_delivered(tx, [n.id], now_ms=done)
+        def mark(tx: SqlTxn) -> list[bool]:
+            if ok:
+                mark_delivered(tx, [n.id for n in ok], now_ms=done)
+            return mark_failed(tx, failures, now_ms=done) if failures else []
 
-            self.store.transact(delivered)
-            st = self.stats
-            st.delivered += 1
-            st.latency_ms.append(done - n.created_ms)
-            if len(st.latency_ms) > 10_000:
-                del st.latency_ms[:5_000]
+        finals = self.run_store(mark)
+        st = self.stats
+        st.delivered += len(ok)
+        st.latency_ms.extend(done - n.created_ms for n in ok)
+        if len(st.latency_ms) > 10_000:
+            del st.latency_ms[:5_000]
+        for (n, err, delay), final in zip(failures, finals, strict=True):
+            st.failed_tries += 1
+            if final:
+                st.failed += 1
+                log.error("notification %s to %s failed for good after %d tries: %s (kept as failed)",
+                          n.notification_id, n.target, n.attempts + 1, err)
+            else:
+                log.warning("notification %s to %s failed (try %d): %s; again in %.1fs",
+                            n.notification_id, n.target, n.attempts + 1, err, delay / 1000)
         return len(due)
+
+    def _try(self, n: Notification) -> str | None:
+        """Send ``n`` once: None when the receiver acknowledged it, else what went wrong."""
+        try:
+            self._send(n)
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    def hand(self, notifications: Sequence[Notification]) -> None:
+        """Notifications claimed elsewhere (in a batch's transaction): sent next, before any claim."""
+        with self._handed_lock:
+            self._handed.extend(notifications)
+        self.wake.set()
 
     # -- the thread ------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -189,6 +225,7 @@ class Notifier:
         self.wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        self._pool.shutdown(wait=True)
         self._http.close()
         if self._mqtt is not None:
             self._mqtt.loop_stop()

@@ -33,7 +33,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
@@ -46,7 +46,7 @@ from fieldmesh.core.errors import BackendUnavailable, FieldmeshError
 from fieldmesh.core.model import Reading
 from fieldmesh.core.settings import ProcessorSettings
 from fieldmesh.core.topics import DLQ_TOPIC, READINGS_TOPIC
-from fieldmesh.store.base import INTERVALS, ApplyResult, HotStore, HotTxn, Position, Sink
+from fieldmesh.store.base import INTERVALS, ApplyResult, HotStore, HotTxn, Position, Sink, SqlTxn, T
 from fieldmesh.stream.alerting import AlertEngine
 from fieldmesh.stream.base import DecodedBatch, EnrichFn, StreamEngine, StreamState
 from fieldmesh.stream.engines import ENGINES
@@ -122,6 +122,14 @@ class Processor:
         # One thread applies every batch, of every consumer, in turn: the store has one writer, and a
         # single thread keeps the batches' garbage in one malloc arena (pool threads each grow their own).
         self._executor: ThreadPoolExecutor | None = None
+
+    def in_apply_thread(self, fn: Callable[[SqlTxn], T]) -> T:
+        """``store.transact(fn)`` queued on the apply thread while the processor runs (in turn with the
+        batches: no contention for the writer), directly otherwise. For the notifier."""
+        executor = self._executor
+        if executor is None:
+            return self.store.transact(fn)
+        return executor.submit(self.store.transact, fn).result()
 
     async def _consumer(self, topic: str, partitions: Sequence[int] | None, group: str) -> Consumer:
         def positions(parts: list[int]) -> dict[int, int]:
