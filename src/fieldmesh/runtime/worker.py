@@ -111,6 +111,7 @@ async def run_processor(
                              alerts=alerts, alert_tick_s=settings.alerts.tick_s)
             if notifier is not None:  # the notifier's transactions take turns with the batches
                 notifier.run_store = proc.in_apply_thread
+                notifier.submit_store = proc.submit_in_apply_thread
             log.info("processor running: %s -> %s (partitions %s)", bus_url, store_url, partitions or "all")
             if enrichment is None:
                 await proc.run(stop)
@@ -152,6 +153,7 @@ def _alerting(store: Any, store_url: str, settings: Settings) -> tuple[Any, Any]
         notifier = Notifier(store, wake=engine.notify, mqtt_url=a.mqtt_url, timeout_s=a.webhook_timeout_s,
                             retry_max_s=a.retry_max_s)
         engine.hand = notifier.hand
+        notifier.defer_acked = engine.acked
         notifier.start()
     return engine, notifier
 

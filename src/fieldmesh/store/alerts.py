@@ -275,7 +275,7 @@ class Notification:
         return f"fm-{self.id}"
 
 
-def next_notifications(tx: SqlTxn, *, now_ms: int, limit: int = 100, lease_ms: int = 15_000) -> list[Notification]:
+def next_notifications(tx: SqlTxn, *, now_ms: int, limit: int = 100, lease_ms: int = 60_000) -> list[Notification]:
     """Claim pending notifications due at ``now_ms`` (oldest first) for ``lease_ms``: another notifier (a
     replica) skips them meanwhile; if this one dies before marking them, they are due again after it."""
     # A notification waits while an earlier one of its alert to the same target is pending: receivers see

@@ -26,6 +26,7 @@ from fieldmesh.store.alerts import (
     ensure_tables,
     load_rules,
     load_states,
+    mark_delivered,
     next_notifications,
     rules_version,
 )
@@ -64,6 +65,29 @@ class AlertEngine:
         #: :meth:`~fieldmesh.stream.notifier.Notifier.hand`): sent at once, without a claim of their own.
         self.hand: Callable[[Sequence[Notification]], None] | None = None
         self._lock = threading.Lock()
+        # Notifications the notifier's receivers acknowledged, marked delivered in the next transaction
+        # here (a batch or a tick): (outbox id, when), and how many of them that transaction took.
+        self._acked: list[tuple[int, int]] = []
+        self._acked_lock = threading.Lock()
+        self._taking = 0
+
+    def acked(self, ids: Sequence[int], at_ms: int) -> None:
+        """The notifier's receivers acknowledged ``ids``: marked delivered with the next batch (or tick)."""
+        with self._acked_lock:
+            self._acked.extend((i, at_ms) for i in ids)
+
+    def _flush_acked(self, tx: SqlTxn) -> int:
+        with self._acked_lock:
+            todo = list(self._acked)
+        for at in sorted({at for _, at in todo}):
+            mark_delivered(tx, [i for i, a in todo if a == at], now_ms=at)
+        self._taking = len(todo)
+        return len(todo)
+
+    def _drop_flushed(self) -> None:
+        with self._acked_lock:
+            del self._acked[:self._taking]
+        self._taking = 0
 
     @property
     def rules(self) -> list[Rule]:
@@ -86,15 +110,16 @@ class AlertEngine:
         (the transaction may be rerun or rolled back): pass the return value to :meth:`committed`.
         """
         self._refresh(tx)
+        marked = self._flush_acked(tx)
         new = result.new
-        if not self._rules or not len(new):
-            return Applied()
-        states = load_states(tx, new.devices)
-        ev = evaluate(self._rules, new, device_wm, states)
-        if not ev.transitions and not ev.states:
-            return Applied()
-        applied = apply_evaluation(tx, ev, self._by_name)
-        if applied.notifications and self.hand is not None:  # claimed with the batch: sent right after it
+        applied = Applied()
+        if self._rules and len(new):
+            states = load_states(tx, new.devices)
+            ev = evaluate(self._rules, new, device_wm, states)
+            if ev.transitions or ev.states:
+                applied = apply_evaluation(tx, ev, self._by_name)
+        # claimed with the batch, sent right after it: what it queued, and steps the marks just freed
+        if (applied.notifications or marked) and self.hand is not None:
             now = int(time.time() * 1000)
             applied = replace(applied, claimed=tuple(next_notifications(tx, now_ms=now, limit=1000)))
         return applied
@@ -106,6 +131,7 @@ class AlertEngine:
         st.cleared += applied.cleared
         st.refused += applied.refused
         st.queued += applied.notifications
+        self._drop_flushed()
         if applied.claimed and self.hand is not None:
             self.hand(applied.claimed)
         elif applied.notifications:
@@ -117,6 +143,7 @@ class AlertEngine:
 
         def run(tx: SqlTxn) -> Applied:
             self._refresh(tx)
+            self._flush_acked(tx)
             absent = [r for r in self._rules if r.kind == "absence" and r.enabled]
             if not absent:
                 return Applied()

@@ -7,8 +7,9 @@ the receiver acknowledged it (HTTP 2xx; MQTT PUBACK at QoS 1). What that guarant
 
 * **at least once**: a row is sent until a receiver acknowledges it; a crash after the
   acknowledgement and before the mark sends it once more: the rows of one round (at most 32, sent at
-  once) are marked in one local transaction right after their sends, so a crash resends at most the
-  acknowledged rows of the round in hand;
+  once) are marked in one local transaction queued right after their sends (in the processor, on its
+  apply thread, between two batches), so a crash resends at most what was acknowledged since the last
+  batch committed;
 * **a stable id**: every try of a notification carries the same ``notification_id`` (``fm-<n>``, also
   the ``X-Fieldmesh-Notification-Id`` header), so a receiver that remembers ids it has seen gets each
   transition exactly once;
@@ -26,7 +27,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -94,6 +95,11 @@ class Notifier:
         #: Runs a store transaction. The processor sets it to queue the transaction on its apply thread, so
         #: the notifier takes its turn between batches rather than contend for the writer's lock.
         self.run_store: Callable[[Callable[[SqlTxn], Any]], Any] = store.transact
+        #: When set (by the processor), marks are queued there without waiting for them.
+        self.submit_store: Callable[[Callable[[SqlTxn], Any]], Future[Any]] | None = None
+        #: When set (the processor's alert stage), acknowledged ids go there, marked delivered in the next
+        #: batch's (or tick's) transaction, which then claims the steps that waited for them.
+        self.defer_acked: Callable[[Sequence[int], int], None] | None = None
         self._handed: list[Notification] = []
         self._handed_lock = threading.Lock()
         self._http = httpx.Client(timeout=timeout_s, follow_redirects=False,
@@ -166,17 +172,33 @@ class Notifier:
                                  * random.uniform(0.8, 1.2) * 1000))
                     for n, err in zip(due, results, strict=True) if err is not None]
 
+        defer = self.defer_acked
+        if defer is not None and ok:
+            defer([n.id for n in ok], done)
+
         def mark(tx: SqlTxn) -> list[bool]:
-            if ok:
+            if ok and defer is None:
                 mark_delivered(tx, [n.id for n in ok], now_ms=done)
             return mark_failed(tx, failures, now_ms=done) if failures else []
 
-        finals = self.run_store(mark)
         st = self.stats
         st.delivered += len(ok)
         st.latency_ms.extend(done - n.created_ms for n in ok)
         if len(st.latency_ms) > 10_000:
             del st.latency_ms[:5_000]
+        if defer is not None and not failures:
+            pass
+        elif self.submit_store is None:
+            self._marked(failures, self.run_store(mark))
+        else:  # queued behind the batch in hand; the next round is sent meanwhile
+            fut = self.submit_store(mark)
+            fut.add_done_callback(lambda f: self._marked(failures, f.result()) if f.exception() is None
+                                  else log.warning("notifier: marking failed: %s (sent again later, same ids)",
+                                                   f.exception()))
+        return len(due)
+
+    def _marked(self, failures: list[tuple[Notification, str, int]], finals: list[bool]) -> None:
+        st = self.stats
         for (n, err, delay), final in zip(failures, finals, strict=True):
             st.failed_tries += 1
             if final:
@@ -186,7 +208,6 @@ class Notifier:
             else:
                 log.warning("notification %s to %s failed (try %d): %s; again in %.1fs",
                             n.notification_id, n.target, n.attempts + 1, err, delay / 1000)
-        return len(due)
 
     def _try(self, n: Notification) -> str | None:
         """Send ``n`` once: None when the receiver acknowledged it, else what went wrong."""

@@ -34,7 +34,7 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
 import numpy as np
@@ -130,6 +130,18 @@ class Processor:
         if executor is None:
             return self.store.transact(fn)
         return executor.submit(self.store.transact, fn).result()
+
+    def submit_in_apply_thread(self, fn: Callable[[SqlTxn], T]) -> Future[T]:
+        """:meth:`in_apply_thread` without waiting: the transaction's future."""
+        executor = self._executor
+        if executor is None:
+            done: Future[T] = Future()
+            try:
+                done.set_result(self.store.transact(fn))
+            except Exception as exc:
+                done.set_exception(exc)
+            return done
+        return executor.submit(self.store.transact, fn)
 
     async def _consumer(self, topic: str, partitions: Sequence[int] | None, group: str) -> Consumer:
         def positions(parts: list[int]) -> dict[int, int]:
