@@ -5,6 +5,7 @@ the outbox), filters, device-group isolation, stats and metrics."""
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, get_args
@@ -21,6 +22,7 @@ from fieldmesh.core.settings import AccessSettings
 from fieldmesh.store import load_store
 from fieldmesh.store.access import AccessStore
 from fieldmesh.store.base import INTERVALS, HotStore
+from fieldmesh.store.registry import DeviceRegistry
 from fieldmesh.stream import reference
 from fieldmesh.stream.alerting import AlertEngine
 from fieldmesh.stream.alerts import SEVERITIES
@@ -65,7 +67,8 @@ def _send(env: dict[str, Any], readings: Sequence[tuple[str, int, float]]) -> No
     """Commit readings as the processor does: decided, and the alert stage in the same transaction."""
     store: HotStore = env["writer"]
     engine: AlertEngine = env["engine"]
-    rs = [Reading(d, NOW + t, {"temperature": v}, key=secrets.randbits(62), chk=1, received_ms=NOW)
+    wall = int(time.time() * 1000)  # received now: absence reads the wall clock
+    rs = [Reading(d, NOW + t, {"temperature": v}, key=secrets.randbits(62), chk=1, received_ms=wall)
           for d, t, v in readings]
     cols = ReadingColumns.from_readings(rs)
     wm = store.device_watermarks()
@@ -171,3 +174,25 @@ def test_lifecycle_filters_and_group_isolation(env: dict[str, Any]) -> None:
     assert 'fieldmesh_alerts_active{severity="major"} 1.0' in metrics
     assert 'fieldmesh_alert_notifications{status="pending"} 12.0' in metrics
     assert len(c.get("/api/v1/alerts/notifications", params={"status": "pending"}, headers=viewer).json()) == 12
+
+
+def test_absence_of_a_registered_device_that_never_reports(env: dict[str, Any], store_url: str) -> None:
+    c, op, viewer = env["c"], _h(env, "operator"), _h(env, "viewer")
+    reg = DeviceRegistry(store_url)
+    reg.add("p1-ghost", actor="test")
+    reg.add("p1-off", status="suspended", actor="test")
+    reg.close()
+    body = {"name": "silent", "kind": "absence", "after_s": 2, "devices": "p1-*", "severity": "critical"}
+    assert c.post("/api/v1/rules", json=body, headers=op).status_code == 201
+    _send(env, [("p1-a", 0, 20.0)])
+    engine: AlertEngine = env["engine"]
+    engine.tick()
+    assert c.get("/api/v1/alerts", headers=viewer).json() == []  # not silent long enough yet
+    engine.tick(int(time.time() * 1000) + 3000)
+    got = {a["device_id"]: a for a in c.get("/api/v1/alerts", headers=viewer).json()}
+    # seen and silent, registered and never seen; not the suspended one, nor devices the rule does not select
+    assert set(got) == {"p1-a", "p1-ghost"}
+    assert engine.tick(int(time.time() * 1000) + 4000).opened == 0  # once
+    assert len(c.get("/api/v1/alerts", headers=viewer).json()) == 2
+    _send(env, [("p1-ghost", 5000, 1.0)])  # the ghost reports: cleared
+    assert c.get(f"/api/v1/alerts/{got['p1-ghost']['id']}", headers=viewer).json()["state"] == "cleared"
