@@ -6,10 +6,9 @@ notifier takes due rows oldest first, sends each, and marks it ``delivered`` in 
 the receiver acknowledged it (HTTP 2xx; MQTT PUBACK at QoS 1). What that guarantees:
 
 * **at least once**: a row is sent until a receiver acknowledges it; a crash after the
-  acknowledgement and before the mark sends it once more: the rows of one round (at most 32, sent at
-  once) are marked in one local transaction queued right after their sends (in the processor, on its
-  apply thread, between two batches), so a crash resends at most what was acknowledged since the last
-  batch committed;
+  acknowledgement and before the mark sends it once more: in the processor the acknowledged rows are
+  marked in its next transaction (a batch's, or the alert tick's), so a crash resends at most what was
+  acknowledged since the last commit (alone, rounds of at most 32 are marked right after their sends);
 * **a stable id**: every try of a notification carries the same ``notification_id`` (``fm-<n>``, also
   the ``X-Fieldmesh-Notification-Id`` header), so a receiver that remembers ids it has seen gets each
   transition exactly once;
