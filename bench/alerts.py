@@ -137,7 +137,8 @@ class Receiver:
         self.proc.wait(timeout=10)
 
 
-def latency(seconds: float, devices: int, burst: int, fixed_rate: float | None = None) -> dict[str, Any]:
+def latency(seconds: float, devices: int, burst: int, fixed_rate: float | None = None,
+            processor: dict[str, Any] | None = None) -> dict[str, Any]:
     """The pipeline's maximum rate first (a backlog of ``burst`` readings, none crossing, published at once
     and timed until stored), then half that rate for ``seconds``; latencies of the notifications received."""
     with tempfile.TemporaryDirectory() as d:
@@ -149,7 +150,8 @@ def latency(seconds: float, devices: int, burst: int, fixed_rate: float | None =
         nats = EmbeddedNats(store_dir=Path(d) / "nats")
         nats.start()
         cfg = {"bus_url": nats.url, "store_url": url,
-               "settings": {"bus": {"partitions": PARTITIONS}, "processor": {"fetch_timeout_s": 0.005}}}
+               "settings": {"bus": {"partitions": PARTITIONS},
+                            "processor": {"fetch_timeout_s": 0.005, **(processor or {})}}}
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
         log = open(Path(d) / "processor.log", "ab")  # noqa: SIM115 - closed below
         proc = subprocess.Popen([sys.executable, "-m", "fieldmesh.runtime.worker", "processor", json.dumps(cfg)],
@@ -245,14 +247,17 @@ def main() -> None:
     ap.add_argument("--devices", type=int, default=10_000)
     ap.add_argument("--rate", type=float, help="part 2 at this many readings/s instead of half the maximum")
     ap.add_argument("--latency-only", action="store_true", help="part 2 only")
+    ap.add_argument("--fetch-max", type=int, help="part 2: the processor's fetch_max (records per fetch)")
+    ap.add_argument("--fetch-max-bytes", type=int, help="part 2: the processor's fetch_max_bytes")
     ap.add_argument("--receiver", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.receiver:
         receiver_main(args.receiver)
         return
     seconds = 5.0 if args.quick else 15.0
+    proc = {k: v for k, v in (("fetch_max", args.fetch_max), ("fetch_max_bytes", args.fetch_max_bytes)) if v}
     if args.latency_only:
-        report_latency(latency(seconds, 1000, 50_000 if args.quick else 200_000, args.rate))
+        report_latency(latency(seconds, 1000, 50_000 if args.quick else 200_000, args.rate, proc))
         return
     per_device = 20 if args.quick else 60
     msgs, sent, now = make_stream(devices=args.devices, per_device=per_device)
@@ -271,7 +276,7 @@ def main() -> None:
           f"{'met' if 1 - ratio <= 0.20 else 'NOT met'})")
     print("part 2: event -> webhook at half the maximum rate, 1,000 devices, processor process + nats-server + "
           "receiver", flush=True)
-    report_latency(latency(seconds, 1000, 50_000 if args.quick else 200_000, args.rate))
+    report_latency(latency(seconds, 1000, 50_000 if args.quick else 200_000, args.rate, proc))
 
 
 def report_latency(lat: dict[str, Any]) -> None:
