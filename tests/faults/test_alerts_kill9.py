@@ -9,8 +9,9 @@ is killed and restarted. Then, against :func:`fmtest.alerts.oracle` over the bus
 * the alerts are exactly the oracle's transitions: no duplicate open alert, no missed clear;
 * every transition has its notification, delivered and marked, and the receiver saw each notification
   id (de-duplicated on that id, as the docs tell receivers to) exactly once per transition; resends of
-  an id happen only for a crash between the receiver's answer and the mark, at most one round of the
-  notifier (32) per kill;
+  an id happen only for a crash between the receiver's answer and the mark (the processor's next
+  transaction), so at most what was acknowledged within a moment before each kill; each alert's steps
+  reach the receiver in order;
 * a registered device that never reports raises its absence alert, once.
 """
 
@@ -201,8 +202,16 @@ def test_kill9_of_the_processor_neither_repeats_nor_loses_an_alert(tmp_path: Pat
         pair = (g["alert"]["id"], g["event"])
         assert by_id.setdefault(g["notification_id"], pair) == pair  # an id always names the same step
     assert set(by_id.values()) == set(want)
+    first_seen: dict[tuple[int, str], int] = {}
+    for i, g in enumerate(seen):
+        first_seen.setdefault((g["alert"]["id"], g["event"]), i)
+    for (aid, event), i in first_seen.items():  # each alert's steps reach the receiver in order
+        if event == "cleared":
+            assert first_seen[(aid, "open")] < i, aid
     resent = len(seen) - len(by_id)
-    assert resent <= kills * 32, (resent, kills)  # at most a round of acknowledged ones per crash
+    # a crash resends what was acknowledged since the processor's last commit: here under a second's worth
+    # (~45 notifications a second, a tick every 0.5 s when no batch commits)
+    assert resent <= kills * 100, (resent, kills)
     retried = sum(1 for n in outbox if n["attempts"] > 1)
     with receiver.lock:
         refused = {g["refused"] for g in receiver.got if "refused" in g}
