@@ -84,6 +84,8 @@ class Notifier:
                  poll_s: float = 0.5) -> None:
         import httpx
 
+        # httpx logs every request at INFO: one line per notification is noise in the processor's log
+        logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger("httpx").level))
         self.store = store
         self.wake = wake or threading.Event()
         self.mqtt_url = mqtt_url
