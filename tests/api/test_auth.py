@@ -24,6 +24,7 @@ from fastapi.testclient import TestClient
 
 from fieldmesh.api.app import OPEN_ROUTES, create_app
 from fieldmesh.api.auth import Access
+from fieldmesh.control.ca import CertificateAuthority
 from fieldmesh.core.codec import decode_telemetry
 from fieldmesh.core.settings import AccessSettings
 from fieldmesh.store import load_store
@@ -63,6 +64,40 @@ ROLE_OF = {
     ("delete", "/api/v1/keys/{key_id}"): "admin",
     ("get", "/api/v1/audit"): "admin",
     ("get", "/metrics"): "viewer",
+    ("post", "/api/v1/provision"): "device",  # the proof is in the body: tests/api/test_provision.py
+    ("post", "/api/v1/provision/tokens"): "admin",
+    ("post", "/api/v1/ca/revoke"): "admin",
+    # the schema registry (docs/schemas.md): reads viewer, changes operator, global settings admin
+    ("get", "/api/v1/registry/schemas/types"): "viewer",
+    ("get", "/api/v1/registry/schemas/ids/{schema_id}"): "viewer",
+    ("get", "/api/v1/registry/schemas/ids/{schema_id}/schema"): "viewer",
+    ("get", "/api/v1/registry/schemas/ids/{schema_id}/subjects"): "viewer",
+    ("get", "/api/v1/registry/schemas/ids/{schema_id}/versions"): "viewer",
+    ("get", "/api/v1/registry/subjects"): "viewer",
+    ("post", "/api/v1/registry/subjects/{subject}"): "viewer",
+    ("delete", "/api/v1/registry/subjects/{subject}"): "operator",
+    ("get", "/api/v1/registry/subjects/{subject}/versions"): "viewer",
+    ("post", "/api/v1/registry/subjects/{subject}/versions"): "operator",
+    ("get", "/api/v1/registry/subjects/{subject}/versions/{version}"): "viewer",
+    ("get", "/api/v1/registry/subjects/{subject}/versions/{version}/schema"): "viewer",
+    ("get", "/api/v1/registry/subjects/{subject}/versions/{version}/referencedby"): "viewer",
+    ("delete", "/api/v1/registry/subjects/{subject}/versions/{version}"): "operator",
+    ("get", "/api/v1/registry/subjects/{subject}/metadata"): "viewer",
+    ("post", "/api/v1/registry/compatibility/subjects/{subject}/versions/{version}"): "viewer",
+    ("post", "/api/v1/registry/compatibility/subjects/{subject}/versions"): "viewer",
+    ("get", "/api/v1/registry/config"): "viewer",
+    ("put", "/api/v1/registry/config"): "admin",
+    ("delete", "/api/v1/registry/config"): "admin",
+    ("get", "/api/v1/registry/config/{subject}"): "viewer",
+    ("put", "/api/v1/registry/config/{subject}"): "operator",
+    ("delete", "/api/v1/registry/config/{subject}"): "operator",
+    ("get", "/api/v1/registry/mode"): "viewer",
+    ("put", "/api/v1/registry/mode"): "admin",
+    ("delete", "/api/v1/registry/mode"): "admin",
+    ("get", "/api/v1/registry/mode/{subject}"): "viewer",
+    ("put", "/api/v1/registry/mode/{subject}"): "operator",
+    ("delete", "/api/v1/registry/mode/{subject}"): "operator",
+    ("get", "/api/v1/registry/contexts"): "viewer",
 }
 BELOW = {"operator": "viewer", "admin": "operator"}
 
@@ -142,7 +177,10 @@ def _settings(issuer: Issuer, **kw: Any) -> AccessSettings:
 
 
 def _request(c: TestClient, method: str, path: str, token: str | None = None, *, header: str = "bearer") -> Any:
-    url = (path.replace("{device_id}", "p1-a").replace("{key_id}", "0123456789ab").replace("{alert_id}", "4242")
+    # deletes name a subject nothing creates, so a repeated delete answers as the first did
+    subject = "s-absent" if method == "delete" else "s-auth"
+    url = (path.replace("{device_id}", "p1-a").replace("{key_id}", "0123456789ab").replace("{subject}", subject)
+           .replace("{version}", "1").replace("{schema_id}", "1").replace("{alert_id}", "4242")
            .replace("{name}", "hot"))
     headers = {}
     if token is not None:
@@ -155,21 +193,30 @@ def _request(c: TestClient, method: str, path: str, token: str | None = None, *,
         ("patch", "/api/v1/devices/{device_id}"): {"tags": ["t"]},  # p1-a is seen, not registered: 404
         ("post", "/api/v1/rules"): {"name": f"r-{secrets.token_hex(4)}", "kind": "absence", "after_s": 60},
         ("put", "/api/v1/rules/{name}"): {"kind": "absence", "after_s": 60},
+        ("post", "/api/v1/provision/tokens"): {"device_id": "p1-a"},
+        ("post", "/api/v1/ca/revoke"): {"serial": "0123456789abcdef"},  # no such certificate: 404
     }.get((method, path))
+    if path.startswith("/api/v1/registry/") and method in ("post", "put"):
+        body = {"/config": {"compatibility": "BACKWARD"}, "/mode": {"mode": "READWRITE"}}.get(
+            path.removeprefix("/api/v1/registry").split("/{")[0], {"schema": '"string"'})
     return c.request(method.upper(), url, headers=headers, json=body)
 
 
 @pytest.fixture
-def app() -> Iterator[Any]:
+def app(tmp_path: Path) -> Iterator[Any]:
     """``app(url, access)``: a test client of the API; its key table and store are closed at the end
     (PostgreSQL connections are a shared budget)."""
     made: list[Any] = []
 
+    ca_dir = tmp_path / "ca"
+    CertificateAuthority.init(ca_dir)
+
     def make(url: str, access: Access | None = None) -> TestClient:
         access = access or Access(url)
         store = load_store(url, readonly=True)  # a reader connection per request thread: closed below
-        made.extend((access, store))
-        return TestClient(create_app(url, access=access, store=store))
+        api = create_app(url, access=access, store=store, ca_dir=ca_dir)
+        made.extend((access, store, api.state.provision))
+        return TestClient(api)
 
     yield make
     for a in made:
@@ -201,6 +248,13 @@ def test_every_operation_needs_a_credential_and_its_role(app: Any, store_url: st
     no_role = issuer.token(kid)  # valid signature, issuer, audience: but no fieldmesh role
     for (method, path), role in ROLE_OF.items():
         op = doc["paths"][path][method]
+        if role == "device":  # no API key, no role: the body's proof, and nothing else, lets it in
+            assert "security" not in op and op["x-fieldmesh-auth"] == "device", path
+            assert {"400", "401", "403"} <= set(op["responses"]), path
+            for token in (None, made["admin"], issuer.token(kid, fieldmesh_role="admin")):
+                r = c.post(path, json={"csr": "x"}, headers={"Authorization": f"Bearer {token}"} if token else {})
+                assert r.status_code == 401 and r.json()["reason"] == "no_credential", (path, r.text)
+            continue
         assert {"bearer": []} in op["security"] and {"oidc": []} in op["security"], path
         assert {"401", "403"} <= set(op["responses"]), path
         r = _request(c, method, path)
@@ -370,3 +424,21 @@ def test_keys_survive_a_lost_postgresql_connection(app: Any, pg_url: str) -> Non
         admin.execute("SELECT pg_terminate_backend(%s)", (access.store.backend_pid,))
     assert c.get("/api/v1/stats", headers={"X-API-Key": secret}).status_code == 200
     assert c.get("/api/v1/stats").status_code == 401
+
+
+def test_http_basic_carries_a_key_or_a_token(app: Any, tmp_path: Path, issuer: Issuer) -> None:
+    """How Confluent's schema registry clients send ``basic.auth.user.info`` (docs/schemas.md)."""
+    url = f"sqlite:///{tmp_path}/s.db"
+    load_store(url).close()
+    access = Access(url, _settings(issuer))
+    c = app(url, access)
+    _, key = access.store.create_key(role="operator", actor="test")
+    key_id, secret = key.split("_", 2)[1:]
+    kid = issuer.add_key()
+    for user, password, subject in ((key_id, secret, f"key:{key_id}"), ("key", key, f"key:{key_id}"),
+                                    ("anyone", issuer.token(kid, fieldmesh_role="viewer"), "jwt:alice")):
+        r = c.get("/api/v1/whoami", auth=(user, password))
+        assert r.status_code == 200 and r.json()["subject"] == subject, (user, r.text)
+    for user, password in ((key_id, "x" * 43), ("key", "fmk_0123456789ab_" + "x" * 43), ("0123456789ab", secret)):
+        r = c.get("/api/v1/whoami", auth=(user, password))
+        assert r.status_code == 401, (user, r.text)

@@ -152,6 +152,10 @@ def test_certificates(reg: DeviceRegistry) -> None:
     assert reg.audit_log()[0].detail["certificates_revoked"] == ["0b"]
     assert [c.serial for c in reg.certificates(valid_at_ms=int(time.time() * 1000) + 1)] == ["1c"]
     assert [a for _, a, _ in actions(reg)].count("cert.revoke") == 1
+    # what a CRL names: the revoked ones not expired yet (T0 + 10 days)
+    assert [r[0] for r in reg.revoked(at_ms=T0)] == ["0a", "0b"]
+    assert dict(reg.revoked(at_ms=T0))["0a"] == revoked.revoked_ms
+    assert reg.revoked(at_ms=T0 + 10 * DAY_MS) == []
 
 
 def test_import_csv(reg: DeviceRegistry) -> None:

@@ -2,7 +2,8 @@
 
 It reads the hot store through a read-only connection, so it serves while the processor writes.
 Every route but ``/health`` depends on a guard (:func:`create_app`'s ``need``) that authenticates the
-caller and checks its role and device groups (:mod:`fieldmesh.api.auth`, docs/security.md);
+caller and checks its role and device groups (:mod:`fieldmesh.api.auth`, docs/security.md), or, for
+:data:`DEVICE_ROUTES` (provisioning), on one that checks the device's proof in the request body;
 ``create_app`` refuses to build an app with an unguarded route.
 A bad parameter is a 400 naming it (:mod:`fieldmesh.api.params`); the OpenAPI document describes
 every answer; the docs page (Swagger UI) is served from assets in the installed package, offline.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path as FsPath
 from typing import Annotated, Any, Final, Literal
 
 from fastapi import APIRouter, Body, FastAPI, HTTPException, Path, Query, Request, Security
@@ -19,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.routing import APIRoute
-from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBasic, HTTPBasicCredentials, HTTPBearer
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -28,7 +30,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fieldmesh import __version__
-from fieldmesh.api.auth import Access, AuthError, Principal
+from fieldmesh.api.auth import Access, AuthError, Principal, basic_token
 from fieldmesh.api.params import (
     BAD_PARAMETER,
     STORE_UNAVAILABLE,
@@ -42,6 +44,10 @@ from fieldmesh.api.params import (
     reason_query,
     time_query,
 )
+from fieldmesh.api.provision import DEVICE_ROUTES, ProvisionService, add_provision_routes
+from fieldmesh.api.schema_registry import CONTENT_TYPE as REGISTRY_CONTENT_TYPE
+from fieldmesh.api.schema_registry import PREFIX as REGISTRY_PREFIX
+from fieldmesh.api.schema_registry import RegistryResponse, error_body, registry_router
 from fieldmesh.api.schemas import (
     AlertDetail,
     AlertRow,
@@ -65,6 +71,7 @@ from fieldmesh.api.schemas import (
     Stats,
     WhoAmI,
 )
+from fieldmesh.control.provision import Provisioner
 from fieldmesh.core.codec import REASONS
 from fieldmesh.core.errors import (
     BackendError,
@@ -76,6 +83,8 @@ from fieldmesh.core.errors import (
     RowsRejected,
 )
 from fieldmesh.core.topics import DEVICE_ID_RE
+from fieldmesh.schema.base import RegistryError
+from fieldmesh.schema.registry import SchemaRegistry
 from fieldmesh.store import HotStore, load_store
 from fieldmesh.store.access import GROUP_RE
 from fieldmesh.store.alerts import AlertTables
@@ -83,7 +92,7 @@ from fieldmesh.store.registry import Device as RegisteredDevice
 from fieldmesh.store.registry import DeviceRegistry
 from fieldmesh.stream.alerts import SEVERITIES, RuleError, parse_rule
 
-__all__ = ["OPEN_ROUTES", "create_app", "parse_time"]
+__all__ = ["DEVICE_ROUTES", "OPEN_ROUTES", "create_app", "parse_time"]
 
 #: Routes served without credentials: liveness probes cannot carry a token. An unauthenticated
 #: caller gets only ``status`` and ``version``; the components (which may quote log lines) need a viewer.
@@ -92,6 +101,10 @@ _BEARER = HTTPBearer(auto_error=False, scheme_name="bearer", bearerFormat="API k
                      description="Authorization: Bearer <an API key fmk_... or a JWT of the OpenID Connect issuer>")
 _API_KEY = APIKeyHeader(name="X-API-Key", auto_error=False, scheme_name="apiKey",
                         description="X-API-Key: <an API key fmk_...>")
+# what Confluent's schema registry clients send (basic.auth.user.info): docs/schemas.md
+_BASIC = HTTPBasic(auto_error=False, scheme_name="basic",
+                   description="HTTP Basic: user <key id> and password <the key's secret>, or any user and the "
+                               "whole key fmk_... as the password")
 
 Limit = Annotated[int, Query(ge=1, le=100_000, description="at most this many rows")]
 #: The largest import file ``POST /devices/import`` takes.
@@ -187,6 +200,22 @@ def _alert_metrics(st: dict[str, Any]) -> Iterator[Any]:
         if st["latency_ms"][name] is not None:
             lat.add_metric([q], st["latency_ms"][name] / 1000)
     yield lat
+class _AuthCollector(Collector):
+    def __init__(self, access: Access) -> None:
+        self.access = access
+
+    def collect(self) -> Iterator[Any]:
+        c = CounterMetricFamily("fieldmesh_auth_failures", "API requests refused (401, 403) by reason",
+                                labels=["reason"])
+        for reason, n in sorted(self.access.failures.items()):
+            c.add_metric([reason], n)
+        yield c
+
+
+def _auth_failures(access: Access) -> dict[str, int]:
+    """``auth_failures`` of ``/stats``: the total and each reason."""
+    counts = dict(access.failures)
+    return {"total": sum(counts.values()), **counts}
 
 
 def create_app(
@@ -197,12 +226,18 @@ def create_app(
     partition_lag: PartitionLagFn | None = None,
     store: HotStore | None = None,
     access: Access | None = None,
+    ca_dir: FsPath | None = None,
+    provisioner: Provisioner | None = None,
+    schema_registry: SchemaRegistry | None = None,
 ) -> FastAPI:
     """Build the API app over the hot store at ``store_url``.
 
     ``lag`` gives each stage's total lag, ``partition_lag`` the lag per stage and partition.
     ``access`` authenticates callers; by default API keys in the same store, in local-only mode
     (the caller binds the API to loopback; beyond it, pass ``Access(..., local_only=False)``).
+    ``ca_dir`` (or ``provisioner``) serves provisioning (:mod:`fieldmesh.api.provision`); the app's
+    ``state.provision`` holds it, for the caller to close.
+    ``schema_registry``: the schema registry (by default opened on first use over the same store).
     """
     acc = access if access is not None else Access(store_url)
     # FastAPIOffline: a FastAPI whose Swagger UI page loads its JS/CSS from the package, not a CDN
@@ -216,7 +251,7 @@ def create_app(
         swagger_ui_oauth2_redirect_url="/api/v1/docs/oauth2-redirect",
         swagger_ui_parameters={"validatorUrl": None},  # the default validator badge calls swagger.io
     )
-    state: dict[str, Any] = {"store": store}
+    state: dict[str, Any] = {"store": store, "schema_registry": schema_registry}
     lag_cache: dict[str, int] = {}
     partition_cache: dict[str, dict[int, int]] = {}
 
@@ -229,12 +264,37 @@ def create_app(
         s: HotStore = state["store"]
         return s
 
+    def get_schema_registry() -> SchemaRegistry:
+        if state["schema_registry"] is None:
+            from fieldmesh.store.schemas import SchemaStore
+
+            state["schema_registry"] = SchemaRegistry(SchemaStore(store_url))
+        reg: SchemaRegistry = state["schema_registry"]
+        return reg
+
+    def _schema_registry_path(request: Request) -> bool:
+        return request.url.path.startswith(REGISTRY_PREFIX + "/")
+
     @app.exception_handler(RequestValidationError)
     async def _bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = [
             f"{'.'.join(str(p) for p in e['loc'] if p != 'query')}: {e['msg']}" for e in exc.errors()
         ]
+        if _schema_registry_path(request):  # Confluent's clients read error_code and message
+            code = 42201 if any(e["loc"][:1] == ("body",) for e in exc.errors()) else 42202 if any(
+                e["loc"][-1:] == ("version",) for e in exc.errors()) else 400
+            status = 422 if code != 400 else 400
+            return RegistryResponse(status_code=status, content={**error_body(status, code, "; ".join(problems)),
+                                                                 "errors": problems})
         return JSONResponse(status_code=400, content={"detail": "; ".join(problems), "errors": problems})
+
+    @app.exception_handler(RegistryError)
+    async def _schema_registry_error(request: Request, exc: RegistryError) -> JSONResponse:
+        return RegistryResponse(status_code=exc.status, content=error_body(exc.status, exc.error_code, exc.message))
+
+    @app.exception_handler(BackendError)
+    async def _backend_error(request: Request, exc: BackendError) -> JSONResponse:
+        return JSONResponse(status_code=503, content={**error_body(503, 50001, str(exc)), "detail": str(exc)})
 
     @app.exception_handler(ConfigError)
     async def _config_error(request: Request, exc: ConfigError) -> JSONResponse:
@@ -250,6 +310,7 @@ def create_app(
 
     @app.exception_handler(PermissionDenied)
     async def _denied(request: Request, exc: PermissionDenied) -> JSONResponse:
+        acc.count_failure("wrong_group")  # a change reaching beyond the caller's device groups
         return JSONResponse(status_code=403, content={"detail": str(exc)})
 
     @app.exception_handler(RowsRejected)
@@ -273,6 +334,10 @@ def create_app(
             fewest = min((rt.path.count("{") for rt in matched), default=0)
             allowed = sorted({m for rt in matched if rt.path.count("{") == fewest for m in (rt.methods or ())})
             headers["Allow"] = ", ".join(allowed)
+        if _schema_registry_path(request):
+            code = exc.status_code * 100 + 1 if exc.status_code in (401, 403, 404) else exc.status_code
+            return RegistryResponse(status_code=exc.status_code, headers=headers,
+                                    content=error_body(exc.status_code, code, str(exc.detail)))
         return JSONResponse(status_code=exc.status_code, content={"detail": exc.detail}, headers=headers)
 
     guards: set[Any] = set()
@@ -287,12 +352,18 @@ def create_app(
         def guard(
             bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)],
             api_key: Annotated[str | None, Security(_API_KEY)],
+            basic: Annotated[HTTPBasicCredentials | None, Security(_BASIC)],
         ) -> Principal:
-            p = _authenticate(api_key or (bearer.credentials if bearer is not None else None))
+            token = api_key or (bearer.credentials if bearer is not None else None)
+            if token is None and basic is not None:
+                token = basic_token(basic.username, basic.password)
+            p = _authenticate(token)
             if not p.may(role):
+                acc.count_failure("wrong_role")
                 raise HTTPException(403, f"this needs the {role} role; {p.subject} has "
                                          f"{p.role or 'no fieldmesh role'}")
             if every_device and p.groups is not None:
+                acc.count_failure("wrong_group")
                 raise HTTPException(403, "this answer spans every device: it needs a credential not limited "
                                          f"to device groups ({p.subject} is limited to {', '.join(p.groups)})")
             return p
@@ -306,6 +377,7 @@ def create_app(
         except AuthError as exc:
             if exc.status != 401:
                 raise HTTPException(exc.status, exc.detail) from None
+            acc.count_failure(exc.reason)
             challenge = 'Bearer realm="fieldmesh"' + (', error="invalid_token"' if exc.invalid_token else "")
             raise HTTPException(401, exc.detail, headers={"WWW-Authenticate": challenge}) from None
 
@@ -314,6 +386,7 @@ def create_app(
         no device_id is all devices, which a caller limited to groups may not ask for (403)."""
         if device_id is None:
             if p.groups is not None:
+                acc.count_failure("wrong_group")
                 raise HTTPException(403, f"{p.subject} is limited to device groups ({', '.join(p.groups)}): "
                                          "name a device_id")
             return None
@@ -369,6 +442,7 @@ def create_app(
             "unrouted": st.unrouted,
             "dead_lettered": {"total": sum(st.dead_lettered.values()), **st.dead_lettered},
             "gaps": st.gaps,
+            "auth_failures": _auth_failures(acc),
         }
         if lag is not None:
             lag_cache.update(await lag())
@@ -670,9 +744,14 @@ def create_app(
                   limit: Limit = 100, _: Principal = admin) -> list[dict[str, Any]]:
         return [e.as_dict() for e in acc.store.audit_log(since_ms=parse_time(since, "since"), limit=limit)]
 
-    app.include_router(r)
-
     registry = CollectorRegistry()
+    app.state.provision = ProvisionService(store_url, ca_dir, provisioner)
+    add_provision_routes(app, r, admin=admin, guards=guards, service=app.state.provision, metrics=registry)
+
+    app.include_router(r)
+    app.include_router(registry_router(get_schema_registry, viewer=viewer, operator=operator, admin=admin))
+
+    registry.register(_AuthCollector(acc))
     collector: _StoreCollector | None = None
 
     @app.get("/metrics", response_class=PlainTextResponse, responses={
@@ -699,12 +778,14 @@ def create_app(
                     answers = op.get("responses", {})
                     if "HTTPValidationError" in str(answers.get("422", "")):  # FastAPI's, not one we answer
                         answers.pop("422")
-                    if path in OPEN_ROUTES:
-                        op.pop("security", None)  # open: a credential only adds details
+                    if path in OPEN_ROUTES or path in DEVICE_ROUTES:
+                        op.pop("security", None)  # open, or the device's proof is in the body
                     if op.get("security"):
                         if acc.oidc is not None:
                             op["security"].append({"oidc": []})
                         op["responses"].update(_AUTH_RESPONSES)
+                    if path.startswith(REGISTRY_PREFIX + "/"):
+                        _both_content_types(op)
             if acc.oidc is not None:
                 doc["components"]["securitySchemes"]["oidc"] = {
                     "type": "openIdConnect", "openIdConnectUrl": acc.oidc.discovery_url}
@@ -725,6 +806,19 @@ _AUTH_RESPONSES: Final = {
     "403": {"description": "the caller's role or device groups do not allow this",
             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}},
 }
+
+
+def _both_content_types(op: dict[str, Any]) -> None:
+    """Registry answers: Confluent's content type, or JSON (errors raised before the route runs); each
+    documented under both."""
+    for resp in op.get("responses", {}).values():
+        content = resp.get("content")
+        if not content:
+            continue
+        schema = next((c["schema"] for c in content.values() if c.get("schema")), None)
+        if schema is None:
+            continue
+        resp["content"] = {t: {"schema": schema} for t in ("application/json", REGISTRY_CONTENT_TYPE)}
 
 
 def _check_guarded(routes: list[APIRoute], guards: set[Any]) -> None:

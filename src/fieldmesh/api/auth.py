@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import re
 import threading
 import time
 import urllib.request
@@ -28,7 +29,11 @@ from fieldmesh.store.access import KEY_PREFIX, ROLES, AccessStore, role_rank
 from fieldmesh.store.alerts import AlertTables
 from fieldmesh.store.registry import Device, DeviceRegistry
 
-__all__ = ["LOCAL", "Access", "AuthError", "DeviceGroups", "OidcVerifier", "Principal"]
+__all__ = ["AUTH_FAILURES", "LOCAL", "Access", "AuthError", "DeviceGroups", "OidcVerifier", "Principal", "basic_token"]
+
+#: Why a request was refused (401: the first three; 403: the last two), as counted in ``/stats`` and
+#: ``fieldmesh_auth_failures_total{reason=...}``.
+AUTH_FAILURES: Final = ("missing_credentials", "bad_key", "bad_token", "wrong_role", "wrong_group")
 
 #: Asymmetric algorithms only: a JWKS holds public keys; HS* and "none" are never accepted.
 JWT_ALGORITHMS: Final = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
@@ -52,13 +57,19 @@ LOCAL: Final = Principal(subject="local", role="admin", groups=None)
 
 
 class AuthError(Exception):
-    """No valid credential: a 401 (``status`` 401) or 503 when the credentials cannot be checked."""
+    """No valid credential: a 401 (``status`` 401) or 503 when the credentials cannot be checked.
 
-    def __init__(self, detail: str, *, status: int = 401, invalid_token: bool = False) -> None:
+    ``reason`` (of a 401): ``missing_credentials``, ``bad_key`` (an API key unknown or revoked) or
+    ``bad_token`` (anything else: a JWT refused, or a token when no issuer is configured).
+    """
+
+    def __init__(self, detail: str, *, status: int = 401, invalid_token: bool = False,
+                 reason: str = "bad_token") -> None:
         super().__init__(detail)
         self.detail = detail
         self.status = status
         self.invalid_token = invalid_token
+        self.reason = reason
 
 
 class DeviceGroups:
@@ -251,6 +262,14 @@ class Access:
         self._registry: DeviceRegistry | None = None
         self._alerts: AlertTables | None = None
         self._lock = threading.Lock()
+        #: Requests refused by reason (:data:`AUTH_FAILURES`), since this process started.
+        self.failures: dict[str, int] = dict.fromkeys(AUTH_FAILURES, 0)
+        self._failures_lock = threading.Lock()
+
+    def count_failure(self, reason: str) -> None:
+        """Count a refused request (a 401 or 403) by its reason."""
+        with self._failures_lock:
+            self.failures[reason] = self.failures.get(reason, 0) + 1
 
     @property
     def store(self) -> AccessStore:
@@ -300,11 +319,11 @@ class Access:
                 if self.open_mode():
                     return LOCAL
                 raise AuthError("authentication required: send an API key (Authorization: Bearer fmk_... or "
-                                "X-API-Key) or an OpenID Connect bearer token")
+                                "X-API-Key) or an OpenID Connect bearer token", reason="missing_credentials")
             if token.startswith(KEY_PREFIX):
                 key = self.store.verify(token)
                 if key is None:
-                    raise AuthError("unknown or revoked API key", invalid_token=True)
+                    raise AuthError("unknown or revoked API key", invalid_token=True, reason="bad_key")
                 return Principal(subject=f"key:{key.id}", role=key.role, groups=key.groups or None)
         except (BackendError, ConfigError) as exc:
             raise AuthError(f"cannot check credentials: {exc}", status=503) from None
@@ -323,3 +342,14 @@ class Access:
     def configured(self) -> bool:
         """Whether authentication can be required: an active admin key exists or an issuer is set."""
         return self.oidc is not None or self.store.has_keys(role="admin")
+
+
+def basic_token(username: str, password: str) -> str:
+    """The credential in HTTP Basic ``username:password`` (how Confluent's clients send
+    ``basic.auth.user.info``): the password when it is a whole API key ``fmk_...`` (any user), or the
+    key ``fmk_<username>_<password>`` when the user is a key id; else the password (a JWT)."""
+    if password.startswith(KEY_PREFIX):
+        return password
+    if re.fullmatch(r"[0-9a-f]{12}", username):
+        return f"{KEY_PREFIX}{username}_{password}"
+    return password

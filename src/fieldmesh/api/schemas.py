@@ -36,6 +36,9 @@ class Stats(_Open):
     duplicates: int
     late: int
     dead_lettered: dict[str, int] = Field(description='{"total": N, "<reason>": n, ...}')
+    auth_failures: dict[str, int] | None = Field(None, description=(
+        'API requests refused since the API started: {"total": N, "<reason>": n, ...}, reasons missing_credentials, '
+        "bad_key, bad_token (401) and wrong_role, wrong_group (403)"))
     lag: dict[str, int] | None = Field(None, description="messages not yet consumed per stage")
     lag_partitions: dict[str, dict[str, int]] | None = Field(
         None, description="messages not yet consumed per stage and bus partition (the processor's counted "

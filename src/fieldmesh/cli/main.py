@@ -44,6 +44,9 @@ RulesOpt = Annotated[
     Path | None,
     typer.Option("--rules", help="alert rules: a YAML list of rules, loaded into the store at start (docs/alerts.md)"),
 ]
+RequireRegistration = Annotated[bool, typer.Option(
+    "--require-registration", help="refuse devices not registered as active in the device registry (DLQ "
+    "unknown_device; suspended or retired: unauthorized) [env FIELDMESH__GATEWAY__REQUIRE_REGISTRATION]")]
 EnrichOpt = Annotated[
     list[str] | None,
     typer.Option(help="as-of join of readings with a CDC table (repeatable), e.g. "
@@ -107,14 +110,17 @@ def up(
     http_host: HttpHost = "127.0.0.1",
     tls_cert: TlsCert = None,
     tls_key: TlsKey = None,
+    require_registration: RequireRegistration = False,
 ) -> None:
     """Run the whole pipeline on embedded defaults (MQTT -> gateway -> bus -> processor -> store -> API)."""
     from fieldmesh.runtime.up import DEFAULT_HTTP_PORT, DEFAULT_MQTT_PORT, UpOptions, run_up
 
     cdc = {k: v for k, v in (("source", cdc_source), ("tables", cdc_tables), ("name", cdc_name)) if v is not None}
+    gw = {**({"door": door} if door is not None else {}),
+          **({"require_registration": True} if require_registration else {})}
     try:
         settings = _settings(bus={"partitions": partitions, "fsync": fsync}, data_dir=data_dir,
-                             **({"gateway": {"door": door}} if door is not None else {}),
+                             **({"gateway": gw} if gw else {}),
                              **_enrich_kw(enrich, None), **({"cdc": cdc} if cdc else {}), **_rules_kw(rules))
         opts = UpOptions(
             data_dir=data_dir, mqtt_url=mqtt_url, bus_url=bus_url,
@@ -199,6 +205,9 @@ def gateway(
         help="a topic of raw readings: kafka://host:9092/TOPIC or nats://host:4222/SUBJECT (repeatable)")] = None,
     partitions: Annotated[int, typer.Option(min=1, max=4096)] = 8,
     client_id: Annotated[str | None, typer.Option(help="stable MQTT client id (persistent session)")] = None,
+    store_url: Annotated[str | None, typer.Option(
+        help="the hot store holding the device registry (needed with --require-registration)")] = None,
+    require_registration: RequireRegistration = False,
 ) -> None:
     """Run a gateway alone (run N of them: they share the devices through an MQTT 5 shared subscription
     or an ingest topic's consumer group)."""
@@ -208,8 +217,10 @@ def gateway(
         raise typer.BadParameter("give --mqtt-url and/or --ingest-url")
     _role_logging("gateway")
     try:
+        settings = _settings(bus={"partitions": partitions},
+                             **({"gateway": {"require_registration": True}} if require_registration else {}))
         asyncio.run(run_gateway(bus_url=bus_url, mqtt_url=mqtt_url, client_id=client_id, ingest_urls=ingest_url,
-                                settings=_settings(bus={"partitions": partitions})))
+                                settings=settings, registry_url=store_url))
     except FieldmeshError as exc:
         _fail(exc)
 
@@ -353,8 +364,13 @@ def api(
         _fail(exc)
         return
     err.print(f"API on {'https' if tls_cert else 'http'}://{host}:{http_port}/api/v1 ({access.describe()})")
-    uvicorn.run(create_app(url, access=access), host=host, port=http_port, log_level="warning",
-                ssl_certfile=tls_cert, ssl_keyfile=tls_key)
+    api_app = create_app(url, access=access, ca_dir=data_dir / "ca")
+    api_app.state.provision.start_crl_refresher()
+    try:
+        uvicorn.run(api_app, host=host, port=http_port, log_level="warning", ssl_certfile=tls_cert,
+                    ssl_keyfile=tls_key)
+    finally:
+        api_app.state.provision.close()
 
 
 keys_app = typer.Typer(name="keys", no_args_is_help=True,
@@ -480,8 +496,8 @@ def keys_revoke(
 
 
 # Sub-command groups contributed by other stages, registered when their modules are present.
-for _name, _module in (("cdc", "fieldmesh.cli.cdc"), ("devices", "fieldmesh.cli.devices"),
-                       ("edge", "fieldmesh.edge.cli")):
+for _name, _module in (("ca", "fieldmesh.cli.ca"), ("cdc", "fieldmesh.cli.cdc"), ("devices", "fieldmesh.cli.devices"),
+                       ("edge", "fieldmesh.edge.cli"), ("schemas", "fieldmesh.cli.schemas")):
     try:
         _sub = importlib.import_module(_module)
     except ImportError:

@@ -31,6 +31,7 @@ from fieldmesh.bus import Bus, TopicSpec, load_bus
 from fieldmesh.core.errors import ConfigError, FieldmeshError
 from fieldmesh.core.settings import RuntimeSettings, Settings
 from fieldmesh.core.topics import DLQ_TOPIC, GATEWAY_GROUP, INGEST_TOPIC, READINGS_TOPIC
+from fieldmesh.gateway.admission import describe_checks
 from fieldmesh.gateway.sources import MqttSource, ingest_spec
 from fieldmesh.runtime.enrichment import join_topic, source_database
 from fieldmesh.runtime.mosquitto import (
@@ -272,7 +273,9 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
             gw_cfg = {"bus_url": bus_url, "mqtt_url": gw_mqtt, "settings": gw_settings, "sole": True,
                       "ingest_bus_url": door_url if door_url != bus_url else None,
                       # stable across restarts of this data dir, so the broker keeps its persistent session
-                      "client_id": f"fm-gw-{settings.gateway.share_group}-{zlib.crc32(str(data_dir).encode()):08x}"}
+                      "client_id": f"fm-gw-{settings.gateway.share_group}-{zlib.crc32(str(data_dir).encode()):08x}",
+                      # the device registry lives in the hot store
+                      **({"registry_url": store_url} if settings.gateway.require_registration else {})}
             if door_child is not None:
                 await asyncio.to_thread(ensure_session, opts.mqtt_port, client_id=str(gw_cfg["client_id"]),
                                         filters=MqttSource.filters(None),
@@ -338,12 +341,30 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
                 return (f"stalled: {stalled[0]} waiting, no progress for {stalled[1]:.0f}s "
                         f"(last log line: {_last_line(c.log_path)[:300]})")
 
+            registry: list[Any] = []  # the device registry, opened on first use when registration is enforced
+
+            def registry_health() -> str:
+                """Whether the registry the gateway reads can be read (it keeps the last devices it read)."""
+                from fieldmesh.store.registry import DeviceRegistry
+
+                try:
+                    if not registry:
+                        registry.append(DeviceRegistry(store_url))
+                        stack.callback(registry[0].close)
+                    registry[0].version()
+                    return "ok"
+                except Exception as exc:
+                    return (f"error: the device registry cannot be read ({type(exc).__name__}: {exc}"[:300]
+                            + "); the gateway keeps the devices it read last")
+
             async def health() -> dict[str, Any]:
                 h: dict[str, Any] = {c.name: stage_health(c) for c in children}
                 if nats is not None:
                     h[bus_name] = ("ok" if nats.alive() else f"failed: {nats_failed}" if nats_failed
                                    else f"restarting (restart {nats_restarts.restarts})")
                     h["disk"] = "ok" if door_closed is None else door_closed
+                if settings.gateway.require_registration:
+                    h["registry"] = await asyncio.to_thread(registry_health)
                 return h
 
             import uvicorn
@@ -368,7 +389,9 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
                 plag[:] = [time.monotonic(), out]
                 return out
 
-            app = create_app(store_url, health=health, lag=lag, partition_lag=partition_lag, access=access)
+            app = create_app(store_url, health=health, lag=lag, partition_lag=partition_lag, access=access,
+                             ca_dir=data_dir / "ca")
+            app.state.provision.start_crl_refresher()
             server = _api_server(uvicorn.Config(
                 app, host=opts.http_host, port=opts.http_port, log_level="warning", lifespan="off",
                 ssl_certfile=opts.tls_cert, ssl_keyfile=opts.tls_key))
@@ -386,6 +409,7 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
                 f"(topic devices/<id>/telemetry); API [bold]{api_url}[/] ({access.describe()}); "
                 f"{_door_line(door_kind)}; bus {bus_url}; store {store_url}"
                 + (f"; simulating {opts.simulate} devices" if opts.simulate else "")
+                + (f"; {checks}" if (checks := describe_checks(settings.gateway)) else "")
                 + "".join(f"; {note}" for note in port_notes)
             )
             stop = asyncio.Event()
@@ -449,6 +473,7 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
             server.should_exit = True
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(api_task, 5)
+            server.config.app.state.provision.close()
         if nats is not None:
             nats.stop()
         access.close()

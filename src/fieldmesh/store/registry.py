@@ -634,6 +634,14 @@ class DeviceRegistry(HotTables):
             sql += " WHERE " + " AND ".join(where)
         return [_row_cert(r) for r in self._fetch(sql + " ORDER BY serial", params)]
 
+    def revoked(self, *, at_ms: int | None = None) -> builtins.list[tuple[str, int]]:
+        """``(serial, revoked_ms)`` of the revoked certificates not yet expired at ``at_ms`` (now by default),
+        by serial: what a certificate revocation list names."""
+        at = at_ms if at_ms is not None else _now_ms()
+        rows = self._fetch("SELECT serial, revoked_ms FROM device_certificates WHERE revoked_ms IS NOT NULL"
+                           " AND not_after_ms > ? ORDER BY serial", (at,))
+        return [(str(r[0]), int(r[1])) for r in rows]
+
     def version(self) -> int:
         """A number that strictly increases with every change of the devices or certificates."""
         return int(self._fetch("SELECT version FROM device_registry_version WHERE id = 1")[0][0])
