@@ -45,3 +45,16 @@ def test_exact_sum_of_a_list_is_exact(vs: list[float]):
 
     m, e = exact_sum(vs)
     assert Fraction(m) * Fraction(2) ** e == sum(map(Fraction, vs), Fraction(0))
+
+
+def test_sums_beyond_the_float_range_are_infinite_not_an_error():
+    """1e308 + 1e308 overflows a float: the sum reads as ±inf (its average too), never OverflowError."""
+    from fieldmesh.core.exact import exact_value
+
+    for sign in (1.0, -1.0):
+        a = ExactSum()
+        a.add(sign * 1e308)
+        a.add(sign * 1e308)
+        assert exact_value(a.m, a.e) == sign * math.inf
+        assert exact_avg(a.m, a.e, 1) == sign * math.inf
+        assert exact_avg(a.m, a.e, 2) == sign * 1e308

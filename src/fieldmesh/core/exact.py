@@ -67,7 +67,7 @@ def exact_value(m: int, e: int) -> float:
     try:
         return float(m << e) if e >= 0 else m / (1 << -e)
     except OverflowError:
-        return math.copysign(math.inf, m)
+        return math.inf if m > 0 else -math.inf  # copysign would convert m to a float: OverflowError
 
 
 def exact_avg(m: int, e: int, count: int) -> float:
@@ -77,7 +77,7 @@ def exact_avg(m: int, e: int, count: int) -> float:
     try:
         return (m << e) / count if e >= 0 else m / (count << -e)
     except OverflowError:
-        return math.copysign(math.inf, m)
+        return math.inf if m > 0 else -math.inf  # copysign would convert m to a float: OverflowError
 
 
 def format_exact(m: int, e: int) -> str:
