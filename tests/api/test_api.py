@@ -71,7 +71,9 @@ def test_shapes(client: TestClient):
         ("/api/v1/telemetry/raw", {"device_id": "no/slashes"}, 400, "device_id"),
         ("/api/v1/dlq", {"limit": "many"}, 400, "limit"),
         ("/api/v1/devices/nobody", {}, 404, "nobody"),
-        ("/api/v1/alerts", {}, 501, "alert"),
+        ("/api/v1/alerts", {"state": "closed"}, 400, "state"),
+        ("/api/v1/alerts/0", {}, 400, "alert_id"),
+        ("/api/v1/rules/no%20spaces", {}, 400, "name"),
         # out of range or malformed numbers (issue 8, defect 6: these were HTTP 500)
         ("/api/v1/telemetry/rollups", {"start": "99999999999999999999"}, 400, "start"),
         ("/api/v1/telemetry/rollups", {"start": "-99999999999999999999"}, 400, "start"),
@@ -136,7 +138,9 @@ def test_openapi_describes_the_real_answers(client: TestClient):
     assert ops[("/api/v1/devices/import", "post")]["responses"]["422"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/ImportRejectedBody"}
     assert "HTTPValidationError" not in doc["components"]["schemas"]
-    assert set(ops[("/api/v1/alerts", "get")]["responses"]) >= {"400", "501"}
+    assert set(ops[("/api/v1/alerts", "get")]["responses"]) >= {"200", "400"}
+    assert set(ops[("/api/v1/alerts/{alert_id}/ack", "post")]["responses"]) >= {"200", "400", "404", "409"}
+    assert not [k for k, op in ops.items() if "501" in op["responses"]]
     assert set(ops[("/api/v1/devices/{device_id}", "get")]["responses"]) >= {"400", "404"}
     assert list(ops[("/metrics", "get")]["responses"]["200"]["content"]) == ["text/plain"]
     start = {p["name"]: p for p in raw["parameters"]}["start"]["schema"]

@@ -49,6 +49,15 @@ ROLE_OF = {
     ("get", "/api/v1/telemetry/rollups"): "viewer",
     ("get", "/api/v1/dlq"): "viewer",
     ("get", "/api/v1/alerts"): "viewer",
+    ("get", "/api/v1/alerts/notifications"): "viewer",
+    ("get", "/api/v1/alerts/{alert_id}"): "viewer",
+    ("post", "/api/v1/alerts/{alert_id}/ack"): "operator",
+    ("post", "/api/v1/alerts/{alert_id}/clear"): "operator",
+    ("get", "/api/v1/rules"): "viewer",
+    ("post", "/api/v1/rules"): "operator",
+    ("get", "/api/v1/rules/{name}"): "viewer",
+    ("delete", "/api/v1/rules/{name}"): "operator",  # before the PUT that makes the rule: 404 then
+    ("put", "/api/v1/rules/{name}"): "operator",
     ("get", "/api/v1/whoami"): "viewer",
     ("get", "/api/v1/keys"): "admin",
     ("post", "/api/v1/keys"): "admin",
@@ -171,7 +180,8 @@ def _request(c: TestClient, method: str, path: str, token: str | None = None, *,
     # deletes name a subject nothing creates, so a repeated delete answers as the first did
     subject = "s-absent" if method == "delete" else "s-auth"
     url = (path.replace("{device_id}", "p1-a").replace("{key_id}", "0123456789ab").replace("{subject}", subject)
-           .replace("{version}", "1").replace("{schema_id}", "1"))
+           .replace("{version}", "1").replace("{schema_id}", "1").replace("{alert_id}", "4242")
+           .replace("{name}", "hot"))
     headers = {}
     if token is not None:
         headers = {"Authorization": f"Bearer {token}"} if header == "bearer" else {"X-API-Key": token}
@@ -181,6 +191,8 @@ def _request(c: TestClient, method: str, path: str, token: str | None = None, *,
         ("post", "/api/v1/keys"): {"role": "viewer"},
         ("post", "/api/v1/devices"): {"device_id": f"new-{secrets.token_hex(4)}"},  # a new one each time: 201
         ("patch", "/api/v1/devices/{device_id}"): {"tags": ["t"]},  # p1-a is seen, not registered: 404
+        ("post", "/api/v1/rules"): {"name": f"r-{secrets.token_hex(4)}", "kind": "absence", "after_s": 60},
+        ("put", "/api/v1/rules/{name}"): {"kind": "absence", "after_s": 60},
         ("post", "/api/v1/provision/tokens"): {"device_id": "p1-a"},
         ("post", "/api/v1/ca/revoke"): {"serial": "0123456789abcdef"},  # no such certificate: 404
     }.get((method, path))

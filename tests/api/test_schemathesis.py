@@ -3,8 +3,8 @@
 The API is served by uvicorn on a free port; schemathesis reads its OpenAPI document and generates
 valid and invalid requests for every operation. It fails on any server error, any answer the
 document does not describe (status, content type, body schema), any valid request refused and any
-invalid request accepted. ``tests/api/schemathesis.toml`` holds its settings (the one deliberate
-5xx: ``/alerts`` answers 501 until alert rules exist). Requests carry an admin API key, so every
+invalid request accepted. ``tests/api/schemathesis.toml`` holds its settings (answers a schema cannot
+foresee: a refused rule, an alert acknowledged already). Requests carry an admin API key, so every
 operation is reachable, and schemathesis's ``ignored_auth`` check sends them without it too: each
 must then be refused.
 """
@@ -30,6 +30,8 @@ from fieldmesh.core.codec import decode_telemetry
 from fieldmesh.core.model import DeadLetter
 from fieldmesh.store import load_store
 from fieldmesh.store.access import AccessStore
+from fieldmesh.store.alerts import AlertTables, apply_evaluation
+from fieldmesh.stream.alerts import Evaluation, RuleState, Transition, parse_rule
 from fmtest.drive import commit_readings
 from fmtest.procs import free_port
 
@@ -60,6 +62,13 @@ def _seed_store(url: str) -> None:
                            received_ms=NOW, payload=b"\xff\x00binary", device_id=None),
             ]
             commit_readings(w, rs, dead_letters=dls)
+        # an alert rule and its alert 1 (schemathesis.toml names it for /alerts/{alert_id})
+        tables = AlertTables(url)
+        rule = parse_rule({"name": "hot", "kind": "threshold", "metric": "t", "op": ">", "value": 100})
+        tables.put_rule(rule, actor="test")
+        tables.close()
+        ev = Evaluation([Transition("hot", "pump-7", "open", NOW, 120.0)], {("hot", "pump-7"): RuleState(firing=True)})
+        w.transact(lambda tx: apply_evaluation(tx, ev, {"hot": rule}))
     finally:
         w.close()
 

@@ -49,6 +49,10 @@ from fieldmesh.api.schema_registry import CONTENT_TYPE as REGISTRY_CONTENT_TYPE
 from fieldmesh.api.schema_registry import PREFIX as REGISTRY_PREFIX
 from fieldmesh.api.schema_registry import RegistryResponse, error_body, registry_router
 from fieldmesh.api.schemas import (
+    AlertDetail,
+    AlertRow,
+    AlertRuleRow,
+    AlertStep,
     AuditRow,
     DeadLetterRow,
     DeviceImported,
@@ -61,6 +65,7 @@ from fieldmesh.api.schemas import (
     NewDevice,
     NewKey,
     NewKeyRow,
+    NotificationRow,
     RawRow,
     RollupRow,
     Stats,
@@ -82,8 +87,10 @@ from fieldmesh.schema.base import RegistryError
 from fieldmesh.schema.registry import SchemaRegistry
 from fieldmesh.store import HotStore, load_store
 from fieldmesh.store.access import GROUP_RE
+from fieldmesh.store.alerts import AlertTables
 from fieldmesh.store.registry import Device as RegisteredDevice
 from fieldmesh.store.registry import DeviceRegistry
+from fieldmesh.stream.alerts import SEVERITIES, RuleError, parse_rule
 
 __all__ = ["DEVICE_ROUTES", "OPEN_ROUTES", "create_app", "parse_time"]
 
@@ -110,6 +117,13 @@ _UNSEEN: Final[dict[str, Any]] = {"first_seen": None, "last_seen": None, "first_
 Device = Annotated[str | None, device_query()]
 DevicePath = Annotated[str, Path(pattern=f"^{DEVICE_ID_RE.pattern}$")]
 Metric = Annotated[str | None, metric_query()]
+RuleName = Annotated[str, Path(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
+AlertId = Annotated[int, Path(ge=1, le=2**62)]
+RuleBody = Annotated[dict[str, Any], Body(openapi_examples={"threshold": {"value": {
+    "name": "hot", "kind": "threshold", "metric": "temperature", "op": ">", "value": 30, "clear_value": 28,
+    "for_s": 0, "severity": "major", "devices": "pump-*", "notify": [{"webhook": "http://127.0.0.1:9000/hook"}]}}})]
+# the values of stream.alerts.SEVERITIES
+Severity = Annotated[Literal["info", "warning", "minor", "major", "critical"] | None, Query()]
 HealthFn = Callable[[], Awaitable[dict[str, Any]]]
 LagFn = Callable[[], Awaitable[dict[str, int]]]
 PartitionLagFn = Callable[[], Awaitable[dict[str, dict[int, int]]]]
@@ -117,8 +131,9 @@ PartitionLagFn = Callable[[], Awaitable[dict[str, dict[int, int]]]]
 
 class _StoreCollector(Collector):
     def __init__(self, store: HotStore, lag_cache: dict[str, int],
-                 partition_cache: dict[str, dict[int, int]]) -> None:
+                 partition_cache: dict[str, dict[int, int]], alerts: Callable[[], AlertTables] | None = None) -> None:
         self.store = store
+        self.alerts = alerts
         self.lag_cache = lag_cache
         self.partition_cache = partition_cache
 
@@ -152,6 +167,8 @@ class _StoreCollector(Collector):
             for p, n in sorted(parts.items()):
                 plag.add_metric([stage, str(p)], n)
         yield plag
+        if self.alerts is not None:
+            yield from _alert_metrics(self.alerts().stats())
         summary = self.store.device_summary()
         last = summary.last_seen_ms
         g = GaugeMetricFamily("fieldmesh_devices", "Devices seen")
@@ -163,6 +180,26 @@ class _StoreCollector(Collector):
             yield f
 
 
+def _alert_metrics(st: dict[str, Any]) -> Iterator[Any]:
+    active = GaugeMetricFamily("fieldmesh_alerts_active", "Alerts open or acknowledged", labels=["severity"])
+    for sev in SEVERITIES:
+        active.add_metric([sev], st["active_by_severity"].get(sev, 0))
+    yield active
+    notes = GaugeMetricFamily("fieldmesh_alert_notifications", "Notifications in the outbox by status",
+                              labels=["status"])
+    for status, n in st["notifications"].items():
+        notes.add_metric([status], n)
+    yield notes
+    tries = CounterMetricFamily("fieldmesh_alert_notification_failed_tries", "Failed tries of notifications")
+    tries.add_metric([], st["failed_tries"])
+    yield tries
+    lat = GaugeMetricFamily("fieldmesh_alert_notification_latency_seconds",
+                            "From an alert step's commit to its receiver's acknowledgement, last 1000 delivered",
+                            labels=["quantile"])
+    for name, q in (("p50", "0.5"), ("p99", "0.99")):
+        if st["latency_ms"][name] is not None:
+            lat.add_metric([q], st["latency_ms"][name] / 1000)
+    yield lat
 class _AuthCollector(Collector):
     def __init__(self, access: Access) -> None:
         self.access = access
@@ -360,6 +397,7 @@ def create_app(
     # defaults, not Annotated aliases: FastAPI cannot resolve a local alias under postponed annotations
     viewer, all_devices, admin = need("viewer"), need("viewer", every_device=True), need("admin")
     operator = need("operator")
+    operator_all = need("operator", every_device=True)  # rules apply to every device
 
     r = APIRouter(prefix="/api/v1", responses=STORE_UNAVAILABLE)
     _device = check_device
@@ -409,6 +447,10 @@ def create_app(
         if lag is not None:
             lag_cache.update(await lag())
             body["lag"] = dict(lag_cache)
+        try:
+            body["alerts"] = await run_in_threadpool(lambda: alert_tables().stats())
+        except BackendError:
+            body["alerts"] = None
         if partition_lag is not None:
             partition_cache.update(await partition_lag())
             body["lag_partitions"] = {stage: {str(p): n for p, n in sorted(parts.items())}
@@ -566,15 +608,111 @@ def create_app(
                 _: Principal = all_devices) -> list[dict[str, Any]]:
         return get_store().dlq(reason=check_reason(reason), limit=limit)
 
-    @r.get("/alerts", responses={
-        **BAD_PARAMETER, 501: {"model": ErrorBody, "description": "alert rules are not part of this release"}})
+    def alert_tables() -> AlertTables:
+        return acc.alerts
+
+    def rule_of(body: Any, name: str | None = None) -> Any:
+        if name is not None and isinstance(body, dict) and body.setdefault("name", name) != name:
+            raise HTTPException(400, f"the body's name {body['name']!r} is not the path's {name!r}")
+        for k in ("source", "updated_ms", "updated_by"):  # what GET answers may be sent back as it is
+            if isinstance(body, dict):
+                body.pop(k, None)
+        try:
+            return parse_rule(body)
+        except RuleError as exc:
+            raise HTTPException(400, f"bad rule: {exc}" + (f" (field {exc.field})" if exc.field else "")) from None
+
+    no_rule: dict[int | str, dict[str, Any]] = {404: {"model": ErrorBody, "description": "no such rule"}}
+    no_alert: dict[int | str, dict[str, Any]] = {404: {"model": ErrorBody, "description": "no such alert"}}
+
+    @r.get("/rules", response_model=None, responses={200: {"model": list[AlertRuleRow]}})
+    def get_rules(_: Principal = viewer) -> list[dict[str, Any]]:
+        return alert_tables().rules()
+
+    @r.get("/rules/{name}", response_model=None, responses={200: {"model": AlertRuleRow}, **BAD_PARAMETER,
+                                                            **no_rule})
+    def get_rule(name: RuleName, _: Principal = viewer) -> dict[str, Any]:
+        return alert_tables().rule(name)
+
+    @r.post("/rules", status_code=201, response_model=None, description=(
+        "Add an alert rule (operator; docs/alerts.md). Processors apply it from their next batch."),
+        responses={201: {"model": AlertRuleRow}, **BAD_PARAMETER,
+                   409: {"model": ErrorBody, "description": "a rule of that name exists (PUT changes it)"}})
+    def post_rule(body: RuleBody, p: Principal = operator_all
+                  ) -> dict[str, Any]:
+        return alert_tables().put_rule(rule_of(body), actor=p.subject, create=True)
+
+    @r.put("/rules/{name}", response_model=None, description=(
+        "Add or replace the rule `name` (operator). Its state per device is kept when the kind is unchanged."),
+        responses={200: {"model": AlertRuleRow}, **BAD_PARAMETER})
+    def put_rule(name: RuleName, body: RuleBody,
+                 p: Principal = operator_all) -> dict[str, Any]:
+        return alert_tables().put_rule(rule_of(body, name), actor=p.subject)
+
+    @r.delete("/rules/{name}", status_code=204, description=(
+        "Remove a rule (operator). Its alerts stay, for operators to clear; its state goes."),
+        responses={**BAD_PARAMETER, **no_rule})
+    def delete_rule(name: RuleName, p: Principal = operator_all) -> Response:
+        alert_tables().delete_rule(name, actor=p.subject)
+        return Response(status_code=204)
+
+    @r.get("/alerts", response_model=None, description=(
+        "Alerts, newest first. A caller limited to device groups names a device_id."),
+        responses={200: {"model": list[AlertRow]}, **BAD_PARAMETER})
     def get_alerts(
-        device_id: Device = None, since: Annotated[str | None, time_query("alerts since")] = None,
+        device_id: Device = None, since: Annotated[str | None, time_query("alerts opened at or after")] = None,
+        state_: Annotated[Literal["open", "acknowledged", "cleared", "active"] | None, Query(
+            alias="state", description="active: open or acknowledged")] = None,
+        rule: Annotated[str | None, Query(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")] = None,
+        severity: Severity = None,
+        limit: Limit = 1000,
         p: Principal = viewer,
-    ) -> JSONResponse:
-        visible(p, _device(device_id))
-        parse_time(since, "since")
-        return JSONResponse(status_code=501, content={"detail": "alert rules are not part of this release yet"})
+    ) -> list[dict[str, Any]]:
+        dev = visible(p, _device(device_id))
+        rows = alert_tables().alerts(state=None if state_ == "active" else state_, device_id=dev, rule=rule,
+                                     severity=severity, since_ms=parse_time(since, "since"), limit=limit)
+        if state_ == "active":
+            rows = [a for a in rows if a["state"] != "cleared"]
+        return rows
+
+    @r.get("/alerts/notifications", response_model=None, description=(
+        "The notification outbox, newest first: `failed` ones were not delivered after every try and are kept."),
+        responses={200: {"model": list[NotificationRow]}, **BAD_PARAMETER})
+    def get_notifications(
+        status: Annotated[Literal["pending", "delivered", "failed"] | None, Query()] = None, limit: Limit = 1000,
+        _: Principal = all_devices,
+    ) -> list[dict[str, Any]]:
+        return alert_tables().notifications(status=status, limit=limit)
+
+    def visible_alert(p: Principal, alert_id: int) -> dict[str, Any]:
+        a = alert_tables().alert(alert_id)
+        if p.groups is not None and not acc.groups.sees(p, a["device_id"]):
+            raise HTTPException(404, f"no alert {alert_id}")
+        return a
+
+    @r.get("/alerts/{alert_id}", response_model=None,
+           responses={200: {"model": AlertDetail}, **BAD_PARAMETER, **no_alert})
+    def get_alert(alert_id: AlertId, p: Principal = viewer) -> dict[str, Any]:
+        return visible_alert(p, alert_id)
+
+    conflict_step: dict[int | str, dict[str, Any]] = {
+        409: {"model": ErrorBody, "description": "the alert is acknowledged or cleared already"}}
+
+    @r.post("/alerts/{alert_id}/ack", response_model=None, description=(
+        "Acknowledge an open alert (operator), with an optional note; notified like every step."),
+        responses={200: {"model": AlertDetail}, **BAD_PARAMETER, **no_alert, **conflict_step})
+    def ack_alert(alert_id: AlertId, body: Annotated[AlertStep | None, Body()] = None,
+                  p: Principal = operator) -> dict[str, Any]:
+        visible_alert(p, alert_id)
+        return alert_tables().ack(alert_id, actor=p.subject, note=body.note if body else None)
+
+    @r.post("/alerts/{alert_id}/clear", response_model=None, description=(
+        "Clear an alert by hand (operator). It opens again only once its condition has cleared and returned."),
+        responses={200: {"model": AlertDetail}, **BAD_PARAMETER, **no_alert, **conflict_step})
+    def clear_alert(alert_id: AlertId, body: Annotated[AlertStep | None, Body()] = None,
+                    p: Principal = operator) -> dict[str, Any]:
+        visible_alert(p, alert_id)
+        return alert_tables().clear(alert_id, actor=p.subject, note=body.note if body else None)
 
     @r.get("/whoami", response_model=None, responses={200: {"model": WhoAmI}})
     def get_whoami(p: Principal = viewer) -> dict[str, Any]:
@@ -622,7 +760,7 @@ def create_app(
     async def metrics(_: Principal = all_devices) -> Response:
         nonlocal collector
         if collector is None:
-            collector = _StoreCollector(get_store(), lag_cache, partition_cache)
+            collector = _StoreCollector(get_store(), lag_cache, partition_cache, alert_tables)
             registry.register(collector)
         if lag is not None:
             lag_cache.update(await lag())

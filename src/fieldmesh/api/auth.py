@@ -26,6 +26,7 @@ from typing import Any, Final
 from fieldmesh.core.errors import BackendError, ConfigError, NotFoundError, PermissionDenied
 from fieldmesh.core.settings import AccessSettings
 from fieldmesh.store.access import KEY_PREFIX, ROLES, AccessStore, role_rank
+from fieldmesh.store.alerts import AlertTables
 from fieldmesh.store.registry import Device, DeviceRegistry
 
 __all__ = ["AUTH_FAILURES", "LOCAL", "Access", "AuthError", "DeviceGroups", "OidcVerifier", "Principal", "basic_token"]
@@ -259,6 +260,7 @@ class Access:
         self.oidc = OidcVerifier(self.settings) if self.settings.oidc_issuer else None
         self._keys: AccessStore | None = None
         self._registry: DeviceRegistry | None = None
+        self._alerts: AlertTables | None = None
         self._lock = threading.Lock()
         #: Requests refused by reason (:data:`AUTH_FAILURES`), since this process started.
         self.failures: dict[str, int] = dict.fromkeys(AUTH_FAILURES, 0)
@@ -285,12 +287,22 @@ class Access:
                 self._registry = DeviceRegistry(self.store_url)
             return self._registry
 
+    @property
+    def alerts(self) -> AlertTables:
+        """Alert rules, alerts and notifications (opened on first use)."""
+        with self._lock:
+            if self._alerts is None:
+                self._alerts = AlertTables(self.store_url)
+            return self._alerts
+
     def close(self) -> None:
-        """Close the key table and the device registry."""
+        """Close the key table, the device registry and the alert tables."""
         if self._keys is not None:
             self._keys.close()
         if self._registry is not None:
             self._registry.close()
+        if self._alerts is not None:
+            self._alerts.close()
 
     def open_mode(self) -> bool:
         """Whether requests need no credential now (local-only mode)."""

@@ -43,6 +43,8 @@ class Stats(_Open):
     lag_partitions: dict[str, dict[str, int]] | None = Field(
         None, description="messages not yet consumed per stage and bus partition (the processor's counted "
         "from the positions its store has applied)")
+    alerts: dict[str, Any] | None = Field(
+        None, description="active alerts by severity, notifications by status, delivery latency (docs/alerts.md)")
 
 
 class DeviceRow(_Open):
@@ -222,3 +224,80 @@ class WhoAmI(_Open):
     role: str | None
     groups: list[str] | None = Field(description="device groups the caller is limited to; null: every device")
     local_only: bool = Field(description="true: local-only mode, no credential needed")
+
+
+class AlertRuleRow(_Open):
+    """An alert rule (docs/alerts.md): the fields of its kind, plus where it came from and when it changed."""
+
+    name: str
+    kind: Literal["threshold", "rate", "anomaly", "absence"]
+    severity: str
+    devices: list[str]
+    labels: dict[str, str]
+    notify: list[dict[str, Any]]
+    enabled: bool
+    source: str = Field(description="api, or file:<path> for rules from a --rules file")
+    updated_ms: int
+    updated_by: str
+
+
+class AlertRow(_Open):
+    """An alert: at most one per (rule, device) is not cleared."""
+
+    id: int
+    rule: str
+    device_id: str
+    severity: str
+    labels: dict[str, str]
+    state: Literal["open", "acknowledged", "cleared"]
+    value: float | None = Field(description="the reading's value that opened it (null for absence)")
+    opened_ts_ms: int = Field(description="event time of the reading that opened it (absence: wall clock)")
+    opened_ms: int
+    acked_ms: int | None
+    acked_by: str | None
+    note: str | None
+    cleared_ts_ms: int | None
+    cleared_ms: int | None
+    cleared_by: str | None = Field(description="rule when its condition cleared, else who cleared it")
+    clear_value: float | None
+
+
+class NotificationRow(_Open):
+    """A notification of one alert step to one target (the outbox)."""
+
+    id: int
+    notification_id: str = Field(description="stable across tries: receivers de-duplicate on it")
+    alert_id: int
+    event: Literal["open", "acknowledged", "cleared"]
+    target: dict[str, Any]
+    created_ms: int
+    status: Literal["pending", "delivered", "failed"]
+    attempts: int
+    next_ms: int
+    delivered_ms: int | None
+    last_error: str | None
+
+
+class AlertHistoryRow(_Open):
+    """One step of an alert."""
+
+    at_ms: int
+    event: Literal["open", "acknowledged", "cleared"]
+    actor: str
+    note: str | None
+    value: float | None
+
+
+class AlertDetail(AlertRow):
+    """An alert with its history and notifications."""
+
+    history: list[AlertHistoryRow]
+    notifications: list[NotificationRow]
+
+
+class AlertStep(BaseModel):
+    """The body of an ack or a clear (optional)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    note: str | None = Field(None, max_length=2000)

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 
 from fieldmesh import __version__
-from fieldmesh.core.errors import FieldmeshError
+from fieldmesh.core.errors import ConfigError, FieldmeshError
 
 __all__ = ["app", "main"]
 
@@ -40,6 +40,10 @@ TlsCert = Annotated[Path | None, typer.Option(
     "--tls-cert", envvar="FIELDMESH_TLS_CERT", help="serve the API over HTTPS with this certificate chain (PEM)")]
 TlsKey = Annotated[Path | None, typer.Option(
     "--tls-key", envvar="FIELDMESH_TLS_KEY", help="the private key (PEM) of --tls-cert")]
+RulesOpt = Annotated[
+    Path | None,
+    typer.Option("--rules", help="alert rules: a YAML list of rules, loaded into the store at start (docs/alerts.md)"),
+]
 RequireRegistration = Annotated[bool, typer.Option(
     "--require-registration", help="refuse devices not registered as active in the device registry (DLQ "
     "unknown_device; suspended or retired: unauthorized) [env FIELDMESH__GATEWAY__REQUIRE_REGISTRATION]")]
@@ -99,6 +103,7 @@ def up(
     cdc_tables: Annotated[str | None, typer.Option(help="tables to capture, e.g. public.assets,public.maint")] = None,
     cdc_name: Annotated[str | None, typer.Option(help="CDC slot/publication/offsets name")] = None,
     enrich: EnrichOpt = None,
+    rules: RulesOpt = None,
     door: Annotated[str | None, typer.Option(
         help="MQTT door: nats (MQTT 3.1.1, PUBACK after JetStream stored it; the default, auto) or mosquitto "
              "(MQTT 3.1.1 and 5, PUBACK from Mosquitto's memory) [env FIELDMESH__GATEWAY__DOOR]")] = None,
@@ -132,7 +137,7 @@ def up(
         settings = _settings(bus={"partitions": partitions, "fsync": fsync}, data_dir=data_dir,
                              **({"gateway": gw} if gw else {}),
                              **({"lake": lake_kw} if lake_kw else {}),
-                             **_enrich_kw(enrich, None), **({"cdc": cdc} if cdc else {}))
+                             **_enrich_kw(enrich, None), **({"cdc": cdc} if cdc else {}), **_rules_kw(rules))
         opts = UpOptions(
             data_dir=data_dir, mqtt_url=mqtt_url, bus_url=bus_url,
             # a port left to its default gives way to a free one when taken; a chosen one is an error then
@@ -248,6 +253,7 @@ def process(
     enrich: EnrichOpt = None,
     enrich_db: Annotated[str | None, typer.Option(
         help="PostgreSQL database of the --enrich tables (names their CDC topics)")] = None,
+    rules: RulesOpt = None,
     retry_for: Annotated[float, typer.Option(
         min=0, help="keep retrying an unreachable bus or store (with backoff) for this many seconds")] = 120.0,
 ) -> None:
@@ -258,7 +264,7 @@ def process(
     if group is None:  # a NATS durable has one subject filter: replicas on other partitions need their own
         group = "fm-processor" if partitions is None else f"fm-processor-p{partitions.replace(',', '_')}"
     _role_logging("process")
-    settings = _settings(bus={"partitions": total_partitions}, **_enrich_kw(enrich, enrich_db))
+    settings = _settings(bus={"partitions": total_partitions}, **_enrich_kw(enrich, enrich_db), **_rules_kw(rules))
     _with_retries(lambda: asyncio.run(run_processor(bus_url=bus_url, store_url=store_url, partitions=owned,
                                                     group=group, settings=settings)), retry_for)
 
@@ -293,6 +299,20 @@ def _with_retries(run: Any, retry_for: float) -> None:
             time.sleep(delay)
         except FieldmeshError as exc:
             _fail(exc)
+
+
+def _rules_kw(rules: Path | None) -> dict[str, Any]:
+    """Settings keywords of ``--rules`` (the file is read and checked here, so a bad rule stops the start)."""
+    if rules is None:
+        return {}
+    from fieldmesh.stream.alerts import RuleError, rules_from_yaml
+
+    path = rules.resolve()
+    try:
+        rules_from_yaml(path.read_text())
+    except (OSError, RuleError) as exc:
+        _fail(ConfigError(f"--rules {rules}: {exc}", key="alerts.rules_file"))
+    return {"alerts": {"rules_file": path}}
 
 
 def _enrich_kw(specs: list[str] | None, database: str | None) -> dict[str, Any]:

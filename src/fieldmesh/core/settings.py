@@ -92,6 +92,18 @@ class ProcessorSettings(BaseModel, frozen=True):
     )
 
 
+class AlertSettings(BaseModel, frozen=True):
+    """Alert rules in the processor, and the notifier that delivers their notifications (docs/alerts.md)."""
+
+    enabled: bool = Field(True, description="evaluate the alert rules stored in the hot store")
+    rules_file: Path | None = Field(None, description="a YAML list of rules, loaded into the store at start")
+    tick_s: float = Field(1.0, gt=0, description="how often absence rules and rule changes are checked")
+    notify: bool = Field(True, description="deliver notifications from the processor (one notifier per store)")
+    mqtt_url: str | None = Field(None, description="broker for mqtt notification targets (fieldmesh/alerts/...)")
+    webhook_timeout_s: float = Field(5.0, gt=0)
+    retry_max_s: float = Field(300.0, gt=0, description="cap of the backoff between tries of a notification")
+
+
 class RuntimeSettings(BaseModel, frozen=True):
     """How ``fieldmesh up`` supervises its processes and judges their health."""
 
@@ -289,6 +301,7 @@ class Settings(BaseSettings):
     runtime: RuntimeSettings = RuntimeSettings()
     access: AccessSettings = AccessSettings()
     lake: LakeSettings = LakeSettings()
+    alerts: AlertSettings = AlertSettings()
 
 
 def load_settings(**overrides: object) -> Settings:

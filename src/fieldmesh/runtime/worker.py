@@ -16,6 +16,7 @@ import sys
 from typing import Any
 
 from fieldmesh.bus import Bus, TopicSpec, load_bus
+from fieldmesh.core.errors import ConfigError
 from fieldmesh.core.settings import Settings, load_settings
 from fieldmesh.core.topics import DLQ_TOPIC, READINGS_TOPIC
 
@@ -129,18 +130,26 @@ async def run_processor(
         log.info("lake: committing to %s every %.0fs at most", settings.lake.url or f"{lake_dir}/lake",
                  settings.lake.commit_interval_s)
     store = load_store(store_url)
+    notifier = None
     try:
+        alerts, notifier = _alerting(store, store_url, settings)
         async with load_bus(bus_url) as bus:
             await ensure_topics(bus, settings)
             proc = Processor(bus=bus, store=store, settings=settings.processor, group=group,
                              partitions=partitions, total_partitions=settings.bus.partitions,
-                             enricher=enrichment.enricher if enrichment else None, sinks=sinks)
+                             enricher=enrichment.enricher if enrichment else None, sinks=sinks,
+                             alerts=alerts, alert_tick_s=settings.alerts.tick_s)
+            if notifier is not None:  # the notifier's transactions take turns with the batches
+                notifier.run_store = proc.in_apply_thread
+                notifier.submit_store = proc.submit_in_apply_thread
             log.info("processor running: %s -> %s (partitions %s)", bus_url, store_url, partitions or "all")
             if enrichment is None:
                 await proc.run(stop)
             else:
                 await enrichment.run(bus, proc.run, stop, follower_group=follower_group(group, partitions))
     finally:
+        if notifier is not None:
+            notifier.stop()
         for sink in sinks:
             try:
                 sink.close()
@@ -148,6 +157,41 @@ async def run_processor(
                 log.exception("sink %s did not close cleanly: what it had not committed comes again from the bus "
                               "at the next start", sink.name)
         store.close()
+
+
+def _alerting(store: Any, store_url: str, settings: Settings) -> tuple[Any, Any]:
+    """The processor's alert stage and notifier (docs/alerts.md); the rules file loaded into the store first."""
+    from fieldmesh.store.alerts import AlertTables
+    from fieldmesh.stream.alerting import AlertEngine
+    from fieldmesh.stream.alerts import RuleError, rules_from_yaml
+    from fieldmesh.stream.notifier import Notifier
+
+    a = settings.alerts
+    if not a.enabled:
+        return None, None
+    if a.rules_file is not None:
+        path = a.rules_file.resolve()
+        try:
+            rules = rules_from_yaml(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read the rules file {path}: {exc}", key="alerts.rules_file") from exc
+        except RuleError as exc:
+            raise ConfigError(f"{path}: {exc}", key="alerts.rules_file") from exc
+        tables = AlertTables(store_url)
+        try:
+            counts = tables.sync_file(rules, source=f"file:{path}", actor="file")
+        finally:
+            tables.close()
+        log.info("alert rules from %s: %d rules (%s)", path, len(rules), counts)
+    engine = AlertEngine(store)
+    notifier = None
+    if a.notify:
+        notifier = Notifier(store, wake=engine.notify, mqtt_url=a.mqtt_url, timeout_s=a.webhook_timeout_s,
+                            retry_max_s=a.retry_max_s)
+        engine.hand = notifier.hand
+        notifier.defer_acked = engine.acked
+        notifier.start()
+    return engine, notifier
 
 
 def main(argv: list[str] | None = None) -> None:

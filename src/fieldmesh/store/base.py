@@ -10,9 +10,9 @@ Every hot store is also a :class:`Sink`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -20,8 +20,11 @@ from numpy.typing import NDArray
 from fieldmesh.core.batch import BatchResult, Position
 
 __all__ = [
-    "INTERVALS", "ApplyResult", "DeviceSummary", "HotStore", "HotTxn", "Position", "QueryResult", "Sink", "StoreStats",
+    "INTERVALS", "ApplyResult", "DeviceSummary", "HotStore", "HotTxn", "Position", "QueryResult", "Sink", "SqlTxn",
+    "StoreStats", "T",
 ]
+
+T = TypeVar("T")
 
 #: Rollup intervals and their lengths in ms.
 INTERVALS: Final = {"1m": 60_000, "1h": 3_600_000}
@@ -98,8 +101,24 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
-class HotTxn(Protocol):
-    """The hot store's side of one transaction, as the stream core sees it."""
+class SqlTxn(Protocol):
+    """Statements in an open hot-store transaction, for the store's own table modules (``store/alerts.py``).
+
+    Statements use ``?`` placeholders on every backend; ``dialect`` is ``sqlite`` or ``postgresql``.
+    """
+
+    dialect: str
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run one statement; its rows (none for a statement without result)."""
+        ...
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None: ...
+
+
+class HotTxn(SqlTxn, Protocol):
+    """The hot store's side of one transaction, as the stream core sees it (plus :class:`SqlTxn` for the
+    store's table modules that commit with the batch, e.g. alert state)."""
 
     def claim_keys(
         self, keys: NDArray[np.int64], chks: NDArray[np.int64], origins: NDArray[np.int64]
@@ -132,6 +151,11 @@ class HotStore(Sink, Protocol):
         PostgreSQL reruns ``build`` after a deadlock or serialization failure, so ``build`` must not keep
         state between calls.
         """
+        ...
+
+    def transact(self, fn: Callable[[SqlTxn], T]) -> T:
+        """``fn`` in a write transaction of its own on the writer's connection (serialised with :meth:`commit`),
+        committed when it returns, rolled back when it raises."""
         ...
 
     def device_watermarks(self) -> dict[str, int]:

@@ -43,7 +43,7 @@ from fieldmesh.core.errors import (
     StoreSchemaError,
 )
 from fieldmesh.core.exact import parse_exact
-from fieldmesh.store.base import INTERVALS, DeviceSummary, HotTxn, Position, QueryResult, StoreStats
+from fieldmesh.store.base import INTERVALS, DeviceSummary, HotTxn, Position, QueryResult, SqlTxn, StoreStats
 from fieldmesh.store.batchrows import answers, device_aggs, raw_columns, window_accs, write_via_commit
 from fieldmesh.store.rollup import Acc, RollupKey, exact_columns, merge_acc
 from fieldmesh.store.rows import device_row, dlq_row, raw_row, rollup_query, rollup_row, where_clause
@@ -212,11 +212,26 @@ class _NeedDays(Exception):
         self.days = days
 
 
-class _Txn:
-    """:class:`~fieldmesh.store.base.HotTxn` of :meth:`PostgresStore.commit`: claims in its open transaction."""
+class _Sql:
+    """:class:`~fieldmesh.store.base.SqlTxn` over the writer's open transaction (``?`` becomes ``%s``)."""
+
+    dialect = "postgresql"
 
     def __init__(self, w: Any) -> None:
         self._w = w
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._w.cursor() as cur:
+            cur.execute(sql.replace("?", "%s"), params)
+            return list(cur.fetchall()) if cur.description is not None else []
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        with self._w.cursor() as cur:
+            cur.executemany(sql.replace("?", "%s"), list(rows))
+
+
+class _Txn(_Sql):
+    """:class:`~fieldmesh.store.base.HotTxn` of :meth:`PostgresStore.commit`: claims in its open transaction."""
 
     def claim_keys(
         self, keys: NDArray[np.int64], chks: NDArray[np.int64], origins: NDArray[np.int64]
@@ -270,6 +285,7 @@ class PostgresStore:
         self._local = threading.local()
         self._readers: list[Any] = []
         self._readers_lock = threading.Lock()
+        self._write_lock = threading.RLock()  # commit() and transact() share the writer's connection
         self._parts: set[int] = set()  # days with a readings partition
         self._known_metrics: set[tuple[str, str]] = set()  # (device, metric) pairs committed
         self._pending_metrics: list[tuple[str, str]] = []
@@ -483,6 +499,32 @@ class PostgresStore:
         """
         if self.readonly or self._w is None:
             raise FieldmeshError("this store was opened read-only")
+        with self._write_lock:
+            return self._commit(build, ts_ms)
+
+    def transact(self, fn: Callable[[SqlTxn], T]) -> T:
+        """``fn`` in a write transaction of its own on the writer's connection (see
+        :meth:`~fieldmesh.store.base.HotStore.transact`); rerun after a deadlock or serialization failure."""
+        if self.readonly or self._w is None:
+            raise FieldmeshError("this store was opened read-only")
+        pg = _psycopg()
+        with self._write_lock:
+            attempt = 0
+            while True:
+                try:
+                    with self._w.transaction():
+                        return fn(_Sql(self._w))
+                except pg.Error as exc:
+                    if getattr(exc, "sqlstate", None) in _RETRY_STATES and attempt < 7:
+                        time.sleep(random.uniform(0, 0.05 * 2**attempt))
+                        attempt += 1
+                        continue
+                    if isinstance(exc, pg.OperationalError) and self._w.closed:
+                        self._w = self._connect(readonly=False)
+                        raise BackendUnavailable(f"lost the PostgreSQL connection: {exc}") from exc
+                    raise BackendError(f"PostgreSQL transaction failed (rolled back): {exc}") from exc
+
+    def _commit(self, build: Callable[[HotTxn], BatchResult], ts_ms: NDArray[np.int64] | None) -> BatchResult:
         pg = _psycopg()
         days: NDArray[np.int64] | set[int] | None = ts_ms
         attempt = 0

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from itertools import compress, repeat
 from operator import is_
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import msgspec
 import numpy as np
@@ -28,7 +28,7 @@ from fieldmesh.core.batch import BatchResult, WindowDeltas
 from fieldmesh.core.errors import ConfigError, FieldmeshError, StoreSchemaError
 from fieldmesh.core.exact import parse_exact
 from fieldmesh.store import segments
-from fieldmesh.store.base import INTERVALS, DeviceSummary, HotTxn, Position, QueryResult, StoreStats
+from fieldmesh.store.base import INTERVALS, DeviceSummary, HotTxn, Position, QueryResult, SqlTxn, StoreStats
 from fieldmesh.store.batchrows import answers, device_aggs, write_via_commit
 from fieldmesh.store.keyfilter import KeyFilter
 from fieldmesh.store.rollup import Acc, RollupKey, evict_oldest, exact_columns, merge_acc
@@ -36,6 +36,8 @@ from fieldmesh.store.rows import device_row, dlq_row, raw_row, rollup_query, rol
 from fieldmesh.store.seqgaps import SeqBatch, SeqKey, SeqRange, listing, merge_ranges, range_gaps, seq_batch, seq_spans
 
 __all__ = ["SCHEMA_VERSION", "SqliteStore"]
+
+T = TypeVar("T")
 
 #: 2 added ``seqs`` and ``seq_ranges`` (sequence gaps); 3 added ``idents.origin`` (the bus record that
 #: claimed the key, so a replay decides as before). Older stores are migrated on open.
@@ -221,11 +223,26 @@ def _wal(con: sqlite3.Connection, wait_s: float = 30.0) -> None:
             delay = min(delay * 2, 0.2)
 
 
-class _Txn:
+class _Sql:
+    """:class:`~fieldmesh.store.base.SqlTxn` over the writer's open transaction."""
+
+    dialect = "sqlite"
+
+    def __init__(self, w: sqlite3.Connection) -> None:
+        self._w = w
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return self._w.execute(sql, params).fetchall()
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        self._w.executemany(sql, rows)
+
+
+class _Txn(_Sql):
     """:class:`~fieldmesh.store.base.HotTxn` of :meth:`SqliteStore.commit`: claims in its open transaction."""
 
     def __init__(self, w: sqlite3.Connection, keys: KeyFilter) -> None:
-        self._w = w
+        super().__init__(w)
         self._filter = keys
         self.claimed: list[NDArray[np.int64]] = []  # inserted in this transaction (not in the filter yet)
 
@@ -291,6 +308,7 @@ class SqliteStore:
         self.path = _path_of(url)
         self.readonly = readonly
         self._local = threading.local()
+        self._write_lock = threading.RLock()  # commit() and transact() share the writer's connection
         # Write-side caches, valid while no other connection writes (checked with PRAGMA data_version).
         self._cache: dict[str, dict[RollupKey, Acc]] = {i: {} for i in INTERVALS}
         self._staged: dict[str, dict[RollupKey, Acc]] = {i: {} for i in INTERVALS}
@@ -403,20 +421,39 @@ class SqliteStore:
         """
         if self.readonly:
             raise FieldmeshError("this store was opened read-only")
-        w = self._w
-        now = int(time.time() * 1000)
-        keys = self._begin(w)
-        txn = _Txn(w, keys)
-        try:
-            result = build(txn)
-            self._write_result(w, result, now)
-            w.execute("COMMIT")
-        except BaseException:
-            if w.in_transaction:  # SQLite may have rolled back already (SQLITE_FULL)
-                w.execute("ROLLBACK")
-            raise
-        self._finish(w, np.concatenate(txn.claimed) if txn.claimed else None)
-        return result
+        with self._write_lock:
+            w = self._w
+            now = int(time.time() * 1000)
+            keys = self._begin(w)
+            txn = _Txn(w, keys)
+            try:
+                result = build(txn)
+                self._write_result(w, result, now)
+                w.execute("COMMIT")
+            except BaseException:
+                if w.in_transaction:  # SQLite may have rolled back already (SQLITE_FULL)
+                    w.execute("ROLLBACK")
+                raise
+            self._finish(w, np.concatenate(txn.claimed) if txn.claimed else None)
+            return result
+
+    def transact(self, fn: Callable[[SqlTxn], T]) -> T:
+        """``fn`` in a write transaction of its own on the writer's connection (see
+        :meth:`~fieldmesh.store.base.HotStore.transact`). Its commits do not count as another connection's
+        (``PRAGMA data_version``), so the write caches stay valid."""
+        if self.readonly:
+            raise FieldmeshError("this store was opened read-only")
+        with self._write_lock:
+            w = self._w
+            w.execute("BEGIN IMMEDIATE")
+            try:
+                out = fn(_Sql(w))
+                w.execute("COMMIT")
+            except BaseException:
+                if w.in_transaction:
+                    w.execute("ROLLBACK")
+                raise
+            return out
 
     def write(self, result: BatchResult) -> bool:
         """Make a result decided elsewhere durable here; False when every position is at or below :meth:`applied`.

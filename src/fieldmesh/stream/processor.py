@@ -30,11 +30,12 @@ store's claims in a transaction rolled back at once; a key answers as it did for
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -45,7 +46,8 @@ from fieldmesh.core.errors import BackendUnavailable, FieldmeshError
 from fieldmesh.core.model import Reading
 from fieldmesh.core.settings import ProcessorSettings
 from fieldmesh.core.topics import DLQ_TOPIC, READINGS_TOPIC
-from fieldmesh.store.base import INTERVALS, ApplyResult, HotStore, HotTxn, Position, Sink
+from fieldmesh.store.base import INTERVALS, ApplyResult, HotStore, HotTxn, Position, Sink, SqlTxn, T
+from fieldmesh.stream.alerting import AlertEngine
 from fieldmesh.stream.base import DecodedBatch, EnrichFn, StreamEngine, StreamState
 from fieldmesh.stream.engines import ENGINES
 
@@ -93,6 +95,8 @@ class Processor:
         enricher: Enricher | None = None,
         total_partitions: int | None = None,
         sinks: Sequence[Sink] = (),
+        alerts: AlertEngine | None = None,
+        alert_tick_s: float = 1.0,
     ) -> None:
         self.bus = bus
         self.store = store
@@ -105,6 +109,9 @@ class Processor:
         )
         self.enricher = enricher
         self.sinks = list(sinks)
+        # alert rules evaluated in each batch's transaction (stream/alerting.py); absence every alert_tick_s
+        self.alerts = alerts
+        self.alert_tick_s = alert_tick_s
         self.engine: StreamEngine = ENGINES[settings.engine]
         self._enrich: EnrichFn | None = _enrich_fn(enricher) if enricher is not None else None
         self._sink_applied: list[dict[Position, int] | None] = [None] * len(self.sinks)  # loaded on first use
@@ -115,6 +122,26 @@ class Processor:
         # One thread applies every batch, of every consumer, in turn: the store has one writer, and a
         # single thread keeps the batches' garbage in one malloc arena (pool threads each grow their own).
         self._executor: ThreadPoolExecutor | None = None
+
+    def in_apply_thread(self, fn: Callable[[SqlTxn], T]) -> T:
+        """``store.transact(fn)`` queued on the apply thread while the processor runs (in turn with the
+        batches: no contention for the writer), directly otherwise. For the notifier."""
+        executor = self._executor
+        if executor is None:
+            return self.store.transact(fn)
+        return executor.submit(self.store.transact, fn).result()
+
+    def submit_in_apply_thread(self, fn: Callable[[SqlTxn], T]) -> Future[T]:
+        """:meth:`in_apply_thread` without waiting: the transaction's future."""
+        executor = self._executor
+        if executor is None:
+            done: Future[T] = Future()
+            try:
+                done.set_result(self.store.transact(fn))
+            except Exception as exc:
+                done.set_exception(exc)
+            return done
+        return executor.submit(self.store.transact, fn)
 
     async def _consumer(self, topic: str, partitions: Sequence[int] | None, group: str) -> Consumer:
         def positions(parts: list[int]) -> dict[int, int]:
@@ -142,8 +169,17 @@ class Processor:
         result: BatchResult | None = None
         before = dict(self._positions)
         if batch.positions:
-            result = self.store.commit(lambda txn: self._decide(batch, state, txn),
-                                       ts_ms=batch.cols.ts_ms)
+            alerted: list[Any] = []
+
+            def build(txn: HotTxn) -> BatchResult:
+                decided = self._decide(batch, state, txn)
+                if self.alerts is not None:  # alert transitions commit with the batch (or not at all)
+                    alerted[:] = [self.alerts.in_txn(txn, decided, state.device_watermarks)]
+                return decided
+
+            result = self.store.commit(build, ts_ms=batch.cols.ts_ms)
+            if self.alerts is not None and alerted:
+                self.alerts.committed(alerted[0])
             self._positions.update(result.positions)
             self._watermarks.update(result.watermarks)
             self._device_wm.update(result.device_watermarks)
@@ -277,11 +313,28 @@ class Processor:
             async with asyncio.TaskGroup() as tg:
                 for c in consumers:
                     tg.create_task(self._loop(c, stop), name=f"processor-{c!r}")
+                if self.alerts is not None:
+                    tg.create_task(self._alert_ticks(stop), name="processor-alert-ticks")
         finally:
             self._executor.shutdown(wait=True)
             self._executor = None
             for c in consumers:
                 await c.close()
+
+
+    async def _alert_ticks(self, stop: asyncio.Event) -> None:
+        """Absence and rule changes on the wall clock, between batches (the apply thread serialises them)."""
+        assert self.alerts is not None and self._executor is not None
+        loop = asyncio.get_running_loop()
+        while not stop.is_set():
+            try:
+                await loop.run_in_executor(self._executor, self.alerts.tick)
+            except Exception as exc:  # a store outage: the next tick tries again
+                if not _retryable(exc):
+                    raise
+                log.warning("alert tick failed: %s; trying again", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.alert_tick_s)
 
 
 class _ByteQueue:

@@ -1,0 +1,290 @@
+"""Alerts benchmark, both sides in one run, printed as ratios against the issue's targets.
+
+1. **Processor cost of the rules**: the processor benchmark's realistic stream (bench/processor.py: 5%
+   duplicates, 3% an hour late, disorder; 3 metrics a reading, 100 readings a message) from 10,000 devices,
+   applied with ``Processor.apply_records`` on a SQLite store, once without alerts and once with 5 rules
+   (3 thresholds, one with ``for_s``; a rate; an absence) evaluated in each batch's transaction. Timed in
+   CPU seconds of this process (and wall). Target: throughput with rules >= 80% of without (cost <= 20%).
+2. **Event -> notification latency**: a real nats-server, the processor as its own process
+   (``fieldmesh.runtime.worker processor``, its notifier thread inside) and a webhook receiver (an HTTP
+   server in this process). Bus records are published at half the maximum rate measured in part 1 (with
+   rules), one device message of 10 readings per record; a reading's event time is its publication time,
+   and some readings cross a threshold. Latency = the receiver's clock at the POST minus the event time of
+   the reading that opened or cleared the alert (both on this host). Target: p99 <= 100 ms.
+
+Run: ``PYTHONPATH=$PWD/src .venv/bin/python bench/alerts.py [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import percentile  # noqa: E402
+from processor import make_records, make_stream  # noqa: E402
+
+from fieldmesh.bus import OutRecord, load_bus  # noqa: E402
+from fieldmesh.bus.base import BusRecord  # noqa: E402
+from fieldmesh.core.codec import decode_telemetry, encode_bus_batch, encode_reading_json  # noqa: E402
+from fieldmesh.core.model import BusBatch  # noqa: E402
+from fieldmesh.core.settings import ProcessorSettings, Settings  # noqa: E402
+from fieldmesh.core.topics import READINGS_TOPIC, partition_for  # noqa: E402
+from fieldmesh.runtime.natsserver import EmbeddedNats  # noqa: E402
+from fieldmesh.runtime.worker import ensure_topics  # noqa: E402
+from fieldmesh.store.alerts import AlertTables  # noqa: E402
+from fieldmesh.store.sqlite import SqliteStore  # noqa: E402
+from fieldmesh.stream.alerting import AlertEngine  # noqa: E402
+from fieldmesh.stream.alerts import parse_rule  # noqa: E402
+from fieldmesh.stream.processor import Processor  # noqa: E402
+
+RULES = [
+    {"name": "hot", "kind": "threshold", "metric": "temperature", "op": ">", "value": 399, "clear_value": 300,
+     "severity": "major"},
+    {"name": "humid", "kind": "threshold", "metric": "humidity", "op": ">", "value": 79.5, "clear_value": 70,
+     "for_s": 60},
+    {"name": "shaky", "kind": "threshold", "metric": "vibration", "op": ">", "value": 0.0999, "clear_value": 0.09,
+     "severity": "minor"},
+    {"name": "humidity-jump", "kind": "rate", "metric": "humidity", "op": ">", "value": 290, "per": "min"},
+    {"name": "silent", "kind": "absence", "after_s": 600},
+]
+PARTITIONS = 8
+
+
+def throughput(records: list[BusRecord], n_readings: int, rules: bool, fetch_max: int) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as d:
+        url = f"sqlite:///{d}/hot.db"
+        if rules:
+            t = AlertTables(url)
+            for body in RULES:
+                t.put_rule(parse_rule(body), actor="bench")
+            t.close()
+        store = SqliteStore(url)
+        engine = AlertEngine(store) if rules else None
+        proc = Processor(bus=None, store=store, settings=ProcessorSettings(fetch_max=fetch_max),  # type: ignore[arg-type]
+                         alerts=engine)
+        c0, w0 = time.process_time(), time.perf_counter()
+        for s in range(0, len(records), fetch_max):
+            proc.apply_records(records[s:s + fetch_max])
+        cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+        opened = engine.stats.opened if engine else 0
+        cleared = engine.stats.cleared if engine else 0
+        store.close()
+    return {"cpu_s": cpu, "wall_s": wall, "per_cpu_s": n_readings / cpu, "per_wall_s": n_readings / wall,
+            "opened": opened, "cleared": cleared}
+
+
+def receiver_main(out: str) -> None:
+    """The webhook receiver, a process of its own (the publisher's work would delay it in this one): prints
+    its port, appends ``latency_ms notification_id`` per first delivery of an id to ``out``."""
+    seen: set[str] = set()
+    f = open(out, "a", buffering=1)  # noqa: SIM115 - for the process's life
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive: no connection per notification
+
+        def do_POST(self) -> None:
+            at = time.time() * 1000
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            a = body["alert"]
+            ts = a["opened_ts_ms"] if body["event"] == "open" else a["cleared_ts_ms"]
+            if body["notification_id"] not in seen:
+                seen.add(body["notification_id"])
+                f.write(f"{at - ts:.3f} {body['notification_id']}\n")
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    class Server(ThreadingHTTPServer):
+        request_queue_size = 128  # the default 5 drops connections under a burst: 1 s SYN retries
+
+    server = Server(("127.0.0.1", 0), Handler)
+    print(server.server_address[1], flush=True)
+    server.serve_forever()
+
+
+class Receiver:
+    """:func:`receiver_main` in a subprocess."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.proc = subprocess.Popen([sys.executable, __file__, "--receiver", str(out)], stdout=subprocess.PIPE)
+        assert self.proc.stdout is not None
+        self.url = f"http://127.0.0.1:{int(self.proc.stdout.readline())}/hook"
+
+    def latencies(self) -> list[float]:
+        if not self.out.exists():
+            return []
+        return [float(line.split()[0]) for line in self.out.read_text().splitlines() if line.strip()]
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+def latency(seconds: float, devices: int, burst: int, fixed_rate: float | None = None,
+            processor: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The pipeline's maximum rate first (a backlog of ``burst`` readings, none crossing, published at once
+    and timed until stored), then half that rate for ``seconds``; latencies of the notifications received."""
+    with tempfile.TemporaryDirectory() as d:
+        receiver = Receiver(Path(d) / "latencies.txt")
+        url = f"sqlite:///{d}/hot.db"
+        t = AlertTables(url)
+        t.put_rule(parse_rule({"name": "hot", "kind": "threshold", "metric": "temperature", "op": ">", "value": 30,
+                               "clear_value": 28, "notify": [{"webhook": receiver.url}]}), actor="bench")
+        nats = EmbeddedNats(store_dir=Path(d) / "nats")
+        nats.start()
+        cfg = {"bus_url": nats.url, "store_url": url,
+               "settings": {"bus": {"partitions": PARTITIONS},
+                            "processor": {"fetch_timeout_s": 0.005, **(processor or {})}}}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+        log = open(Path(d) / "processor.log", "ab")  # noqa: SIM115 - closed below
+        proc = subprocess.Popen([sys.executable, "-m", "fieldmesh.runtime.worker", "processor", json.dumps(cfg)],
+                                stdout=log, stderr=subprocess.STDOUT, env=env)
+        per_record = 10
+        rnd = random.Random(1)
+        sent = 0
+        transitions = 0
+
+        reader: list[SqliteStore] = []
+        measured: dict[str, float] = {}
+
+        def stored() -> int:
+            if not reader:
+                reader.append(SqliteStore(url, readonly=True))
+            return reader[0].stats().stored
+
+        def message(dev_i: int, now: int, hot_now: bool) -> tuple[OutRecord, int]:
+            nonlocal seq
+            dev = f"lat-{dev_i:05d}"
+            rs = []
+            for k in range(per_record):
+                v = rnd.uniform(31, 35) if hot_now else rnd.uniform(20, 27)
+                seq += 1
+                p = encode_reading_json(dev, now - per_record + k + 1, {"temperature": v}, seq)
+                rs.extend(decode_telemetry(p, device_id=dev, topic=f"devices/{dev}/telemetry",
+                                           received_ms=now).readings)
+            return OutRecord(READINGS_TOPIC, partition_for(dev, PARTITIONS), encode_bus_batch(BusBatch(rs)),
+                             msg_id=f"l-{seq}"), len(rs)
+
+        seq = 0
+
+        async def publish() -> None:
+            nonlocal sent, transitions
+            async with load_bus(nats.url) as bus:
+                await ensure_topics(bus, Settings(bus={"partitions": PARTITIONS}))  # type: ignore[arg-type]
+                prod = bus.producer()
+                await asyncio.sleep(3)  # the processor starts
+                backlog = [message(rnd.randrange(devices), int(time.time() * 1000), False)[0]
+                           for _ in range(burst // per_record)]
+                base = stored()
+                t0 = time.perf_counter()
+                for s in range(0, len(backlog), 500):
+                    await prod.send(backlog[s:s + 500])
+                while stored() - base < burst:
+                    await asyncio.sleep(0.05)
+                measured["max_rate"] = burst / (time.perf_counter() - t0)
+                rate_per_s = measured["max_rate"] / 2 if fixed_rate is None else fixed_rate
+                print(f"  maximum rate through the bus: {measured['max_rate']:,.0f} readings/s; now at "
+                      f"{rate_per_s:,.0f}/s for {seconds:.0f} s", flush=True)
+                hot = [False] * devices
+                t0 = time.perf_counter()
+                while (el := time.perf_counter() - t0) < seconds:
+                    due = int(el * rate_per_s / per_record) - sent // per_record
+                    out = []
+                    for _ in range(max(0, due)):
+                        dev_i = rnd.randrange(devices)
+                        if rnd.random() < 0.05:  # a crossing: the whole message on the other side
+                            hot[dev_i] = not hot[dev_i]
+                            transitions += 1
+                        rec, n = message(dev_i, int(time.time() * 1000), hot[dev_i])
+                        out.append(rec)
+                        sent += n
+                    if out:
+                        await prod.send(out)
+                    await asyncio.sleep(0.002)
+
+        try:
+            asyncio.run(publish())
+            end = time.monotonic() + 60
+            while len(receiver.latencies()) < transitions * 0.99 and time.monotonic() < end:
+                time.sleep(0.2)
+            time.sleep(1)
+            st = t.stats()
+        finally:
+            for r in reader:
+                r.close()
+            proc.terminate()
+            proc.wait(timeout=30)
+            log.close()
+            nats.stop()
+            t.close()
+            lat = receiver.latencies()
+            receiver.close()
+    return {"max_rate": measured.get("max_rate", 0.0), "sent": sent, "transitions": transitions,
+            "received": len(lat), "p50": percentile(lat, 50),
+            "p99": percentile(lat, 99), "max": max(lat) if lat else float("nan"), "stats": st}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="fewer readings (a smoke run)")
+    ap.add_argument("--devices", type=int, default=10_000)
+    ap.add_argument("--rate", type=float, help="part 2 at this many readings/s instead of half the maximum")
+    ap.add_argument("--latency-only", action="store_true", help="part 2 only")
+    ap.add_argument("--fetch-max", type=int, help="part 2: the processor's fetch_max (records per fetch)")
+    ap.add_argument("--fetch-max-bytes", type=int, help="part 2: the processor's fetch_max_bytes")
+    ap.add_argument("--receiver", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.receiver:
+        receiver_main(args.receiver)
+        return
+    seconds = 5.0 if args.quick else 15.0
+    proc = {k: v for k, v in (("fetch_max", args.fetch_max), ("fetch_max_bytes", args.fetch_max_bytes)) if v}
+    if args.latency_only:
+        report_latency(latency(seconds, 1000, 50_000 if args.quick else 200_000, args.rate, proc))
+        return
+    per_device = 20 if args.quick else 60
+    msgs, sent, now = make_stream(devices=args.devices, per_device=per_device)
+    records = make_records(msgs, now, 2)
+    n = len(sent)
+    print(f"part 1: {args.devices} devices, {n} readings ({len(records)} bus records), 5 rules, SQLite")
+    fetch_max = 256
+    base = throughput(records, n, rules=False, fetch_max=fetch_max)
+    with_rules = throughput(records, n, rules=True, fetch_max=fetch_max)
+    ratio = with_rules["per_cpu_s"] / base["per_cpu_s"]
+    print(f"  without rules: {base['per_cpu_s']:,.0f} readings/CPU-s ({base['per_wall_s']:,.0f}/wall-s)")
+    print(f"  with 5 rules:  {with_rules['per_cpu_s']:,.0f} readings/CPU-s ({with_rules['per_wall_s']:,.0f}/wall-s),"
+          f" {with_rules['opened']} opened, {with_rules['cleared']} cleared"
+          f" ({(with_rules['opened'] + with_rules['cleared']) / n * 1000:.1f} transitions per 1,000 readings)")
+    print(f"  throughput with/without: {ratio:.2f} (cost {1 - ratio:.0%}; target cost <= 20%: "
+          f"{'met' if 1 - ratio <= 0.20 else 'NOT met'})")
+    print("part 2: event -> webhook at half the maximum rate, 1,000 devices, processor process + nats-server + "
+          "receiver", flush=True)
+    report_latency(latency(seconds, 1000, 50_000 if args.quick else 200_000, args.rate, proc))
+
+
+def report_latency(lat: dict[str, Any]) -> None:
+    print(f"  sent {lat['sent']} readings, {lat['transitions']} threshold crossings, {lat['received']} notifications")
+    print(f"  latency p50 {lat['p50']:.1f} ms, p99 {lat['p99']:.1f} ms, max {lat['max']:.1f} ms "
+          f"(p99 / target 100 ms: {lat['p99'] / 100:.2f}; {'met' if lat['p99'] <= 100 else 'NOT met'})")
+    print(f"  store's view: {json.dumps(lat['stats']['latency_ms'])} commit -> acknowledged")
+
+
+if __name__ == "__main__":
+    main()
