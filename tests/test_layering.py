@@ -29,7 +29,8 @@ BUS_PARAMS = frozenset({"bus", "door", "_bus"})
 #: a device-side client with no fieldmesh bus).
 BUS_EXEMPT = ("bus/", "edge/")
 
-STORE_TABLES = ("counters", "device_metrics", "devices", "dlq", "idents", "meta", "positions", "reading_keys",
+STORE_TABLES = ("counters", "device_certificates", "device_metrics", "device_registry", "device_registry_groups",
+                "device_registry_version", "devices", "dlq", "idents", "meta", "positions", "reading_keys",
                 "readings", "rollup_1h", "rollup_1m", "watermarks")
 SQL_ON_TABLE = re.compile(
     r"\b(FROM|INTO|UPDATE|JOIN|TABLE)\s+\"?(" + "|".join(STORE_TABLES) + r")\b\"?", re.IGNORECASE)

@@ -40,6 +40,10 @@ ROLE_OF = {
     ("get", "/api/v1/stats"): "viewer",
     ("get", "/api/v1/devices"): "viewer",
     ("get", "/api/v1/devices/{device_id}"): "viewer",
+    ("post", "/api/v1/devices"): "operator",
+    ("patch", "/api/v1/devices/{device_id}"): "operator",
+    ("delete", "/api/v1/devices/{device_id}"): "admin",
+    ("post", "/api/v1/devices/import"): "operator",
     ("get", "/api/v1/telemetry/raw"): "viewer",
     ("get", "/api/v1/telemetry/rollups"): "viewer",
     ("get", "/api/v1/dlq"): "viewer",
@@ -133,7 +137,13 @@ def _request(c: TestClient, method: str, path: str, token: str | None = None, *,
     headers = {}
     if token is not None:
         headers = {"Authorization": f"Bearer {token}"} if header == "bearer" else {"X-API-Key": token}
-    body = {"role": "viewer"} if method == "post" else None
+    if path == "/api/v1/devices/import":
+        return c.post(url, headers={**headers, "Content-Type": "text/csv"}, content=b"device_id,groups\nimp-1,g\n")
+    body: Any = {
+        ("post", "/api/v1/keys"): {"role": "viewer"},
+        ("post", "/api/v1/devices"): {"device_id": f"new-{secrets.token_hex(4)}"},  # a new one each time: 201
+        ("patch", "/api/v1/devices/{device_id}"): {"tags": ["t"]},  # p1-a is seen, not registered: 404
+    }.get((method, path))
     return c.request(method.upper(), url, headers=headers, json=body)
 
 

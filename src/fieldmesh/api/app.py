@@ -45,9 +45,14 @@ from fieldmesh.api.params import (
 from fieldmesh.api.schemas import (
     AuditRow,
     DeadLetterRow,
+    DeviceImported,
+    DevicePatch,
+    DeviceRecord,
     DeviceRow,
     Health,
+    ImportRejectedBody,
     KeyRow,
+    NewDevice,
     NewKey,
     NewKeyRow,
     RawRow,
@@ -56,9 +61,20 @@ from fieldmesh.api.schemas import (
     WhoAmI,
 )
 from fieldmesh.core.codec import REASONS
-from fieldmesh.core.errors import ConfigError, FieldmeshError
+from fieldmesh.core.errors import (
+    BackendError,
+    ConfigError,
+    ConflictError,
+    FieldmeshError,
+    NotFoundError,
+    PermissionDenied,
+    RowsRejected,
+)
 from fieldmesh.core.topics import DEVICE_ID_RE
 from fieldmesh.store import HotStore, load_store
+from fieldmesh.store.access import GROUP_RE
+from fieldmesh.store.registry import Device as RegisteredDevice
+from fieldmesh.store.registry import DeviceRegistry
 
 __all__ = ["OPEN_ROUTES", "create_app", "parse_time"]
 
@@ -71,7 +87,13 @@ _API_KEY = APIKeyHeader(name="X-API-Key", auto_error=False, scheme_name="apiKey"
                         description="X-API-Key: <an API key fmk_...>")
 
 Limit = Annotated[int, Query(ge=1, le=100_000, description="at most this many rows")]
+#: The largest import file ``POST /devices/import`` takes.
+MAX_IMPORT_BYTES: Final = 8 * 1024 * 1024
+#: The store's part of the row of a registered device that has not sent yet.
+_UNSEEN: Final[dict[str, Any]] = {"first_seen": None, "last_seen": None, "first_ts": None, "last_ts": None,
+                                  "readings": 0, "metrics": [], "gaps": 0}
 Device = Annotated[str | None, device_query()]
+DevicePath = Annotated[str, Path(pattern=f"^{DEVICE_ID_RE.pattern}$")]
 Metric = Annotated[str | None, metric_query()]
 HealthFn = Callable[[], Awaitable[dict[str, Any]]]
 LagFn = Callable[[], Awaitable[dict[str, int]]]
@@ -177,6 +199,27 @@ def create_app(
     async def _config_error(request: Request, exc: ConfigError) -> JSONResponse:
         return JSONResponse(status_code=400, content={"detail": str(exc)})
 
+    @app.exception_handler(ConflictError)
+    async def _conflict(request: Request, exc: ConflictError) -> JSONResponse:
+        return JSONResponse(status_code=409, content={"detail": str(exc)})
+
+    @app.exception_handler(NotFoundError)
+    async def _not_found(request: Request, exc: NotFoundError) -> JSONResponse:
+        return JSONResponse(status_code=404, content={"detail": str(exc)})
+
+    @app.exception_handler(PermissionDenied)
+    async def _denied(request: Request, exc: PermissionDenied) -> JSONResponse:
+        return JSONResponse(status_code=403, content={"detail": str(exc)})
+
+    @app.exception_handler(RowsRejected)
+    async def _rows(request: Request, exc: RowsRejected) -> JSONResponse:
+        return JSONResponse(status_code=422, content={
+            "detail": str(exc), "errors": [{"line": n, "message": m} for n, m in exc.errors]})
+
+    @app.exception_handler(BackendError)
+    async def _backend(request: Request, exc: BackendError) -> JSONResponse:
+        return JSONResponse(status_code=503, content={"detail": f"store unavailable: {exc}"})
+
     routes: list[APIRoute] = []  # every operation, for the Allow header of a 405
 
     @app.exception_handler(StarletteHTTPException)
@@ -236,6 +279,7 @@ def create_app(
 
     # defaults, not Annotated aliases: FastAPI cannot resolve a local alias under postponed annotations
     viewer, all_devices, admin = need("viewer"), need("viewer", every_device=True), need("admin")
+    operator = need("operator")
 
     r = APIRouter(prefix="/api/v1", responses=STORE_UNAVAILABLE)
     _device = check_device
@@ -290,19 +334,128 @@ def create_app(
                                       for stage, parts in partition_cache.items()}
         return body
 
-    @r.get("/devices", response_model=None, responses={200: {"model": list[DeviceRow]}})
-    def get_devices(p: Principal = viewer) -> list[dict[str, Any]]:
-        rows = get_store().devices()
-        return rows if p.groups is None else [d for d in rows if acc.groups.sees(p, d["device_id"])]
+    def devreg() -> DeviceRegistry:
+        return acc.registry
+
+    def device_row(device_id: str, seen: dict[str, Any] | None, dev: RegisteredDevice | None,
+                   registered: dict[str, tuple[str, ...]] | None = None) -> dict[str, Any]:
+        """A device's row: what the store has seen of it, merged with its registry entry."""
+        row: dict[str, Any] = {"device_id": device_id, **(seen or _UNSEEN)}
+        if dev is not None:
+            row.update({**dev.as_dict(), "registered": True})
+        else:
+            groups = acc.groups.groups_of(device_id, registered if registered is not None else {})
+            row.update({"registered": False, "status": None, "groups": list(groups), "tags": [],
+                        "attributes": {}, "created_ms": None, "updated_ms": None})
+        return row
+
+    def check_change(p: Principal) -> Any:
+        return lambda old, new: acc.groups.check_change(p, old, new)
+
+    @r.get("/devices", response_model=None, responses={200: {"model": list[DeviceRow]}, **BAD_PARAMETER},
+           description=(
+               "Every device seen or registered, by id: the store's counts merged with the registry's status, "
+               "groups, tags and attributes. A caller limited to device groups sees its groups' devices only."))
+    def get_devices(
+        status: Annotated[Literal["active", "suspended", "retired"] | None, Query(
+            description="registered devices of this status only")] = None,
+        group: Annotated[str | None, Query(pattern=f"^{GROUP_RE.pattern}$", description=(
+            "devices of this group only (the registry's groups; the patterns' for devices not registered)"))] = None,
+        registered: Annotated[bool | None, Query(description="registered (true) or unregistered (false) only")] = None,
+        p: Principal = viewer,
+    ) -> list[dict[str, Any]]:
+        seen = {d["device_id"]: d for d in get_store().devices()}
+        reg = devreg()
+        devs: dict[str, RegisteredDevice] = {}
+        after = None
+        while page := reg.list(after=after, limit=10_000):
+            devs.update((d.id, d) for d in page)
+            after = page[-1].id
+        known = {d.id: d.groups for d in devs.values()}
+        rows = []
+        for device_id in sorted(set(devs) | set(seen)):
+            dev = devs.get(device_id)
+            if registered is not None and (dev is not None) != registered:
+                continue
+            if status is not None and (dev is None or dev.status != status):
+                continue
+            row = device_row(device_id, seen.get(device_id), dev, known)
+            if p.groups is not None and set(p.groups).isdisjoint(row["groups"]):
+                continue
+            if group is not None and group not in row["groups"]:
+                continue
+            rows.append(row)
+        return rows
+
+    not_found_device: dict[int | str, dict[str, Any]] = {404: {"model": ErrorBody, "description": "no such device"}}
 
     @r.get("/devices/{device_id}", response_model=None, responses={
-        200: {"model": DeviceRow}, **BAD_PARAMETER, 404: {"model": ErrorBody, "description": "no such device"}})
-    def get_device(device_id: Annotated[str, Path(pattern=f"^{DEVICE_ID_RE.pattern}$")],
-                   p: Principal = viewer) -> dict[str, Any]:
-        rows = get_store().devices(visible(p, _device(device_id)))
-        if not rows:
+        200: {"model": DeviceRow}, **BAD_PARAMETER, **not_found_device})
+    def get_device(device_id: DevicePath, p: Principal = viewer) -> dict[str, Any]:
+        visible(p, _device(device_id))
+        rows = get_store().devices(device_id)
+        dev = devreg().get(device_id)
+        if not rows and dev is None:
             raise HTTPException(404, f"no device {device_id!r}")
-        return rows[0]
+        return device_row(device_id, rows[0] if rows else None, dev, acc.groups.registered())
+
+    @r.post("/devices", status_code=201, response_model=None, description=(
+        "Register a device (operator). A caller limited to device groups registers devices in its groups only."),
+        responses={201: {"model": DeviceRow}, **BAD_PARAMETER,
+                   409: {"model": ErrorBody, "description": "the device id is registered already"}})
+    def post_device(body: Annotated[NewDevice, Body()], p: Principal = operator) -> dict[str, Any]:
+        dev = devreg().add(body.device_id, groups=body.groups, tags=body.tags, attributes=body.attributes,
+                             status=body.status, actor=p.subject, authorize=check_change(p))
+        rows = get_store().devices(dev.id)
+        return device_row(dev.id, rows[0] if rows else None, dev)
+
+    @r.patch("/devices/{device_id}", response_model=None, description=(
+        "Change a registered device (operator): status, groups and tags replaced, attributes merged "
+        "(a null value removes one). Retire a device with `{\"status\": \"retired\"}`."),
+        responses={200: {"model": DeviceRow}, **BAD_PARAMETER, **not_found_device})
+    def patch_device(device_id: DevicePath, body: Annotated[DevicePatch, Body()],
+                     p: Principal = operator) -> dict[str, Any]:
+        visible(p, _device(device_id))
+        dev = devreg().update(device_id, status=body.status, groups=body.groups, tags=body.tags,
+                                attributes_patch=body.attributes, actor=p.subject, authorize=check_change(p))
+        rows = get_store().devices(dev.id)
+        return device_row(dev.id, rows[0] if rows else None, dev)
+
+    @r.delete("/devices/{device_id}", response_model=None, description=(
+        "Remove a device from the registry (admin) and revoke its certificates; the audit log keeps what it "
+        "was, and readings stored stay. Answers the entry removed. To keep a device listed but out of "
+        "service, PATCH its status to retired instead."),
+        responses={200: {"model": DeviceRecord}, **BAD_PARAMETER, **not_found_device})
+    def delete_device(device_id: DevicePath, p: Principal = admin) -> dict[str, Any]:
+        visible(p, _device(device_id))
+        return devreg().delete(device_id, actor=p.subject, authorize=check_change(p)).as_dict()
+
+    @r.post("/devices/import", response_model=None, description=(
+        "Register devices, or change registered ones, from a CSV file (operator; docs/registry.md): header "
+        "`device_id,groups,tags,status,attr.<name>...`, groups and tags separated by `;`. All or nothing: "
+        "a bad row refuses the whole file (422, every bad line named)."),
+        openapi_extra={"requestBody": {"required": True, "content": {"text/csv": {"schema": {
+            "type": "string", "maxLength": MAX_IMPORT_BYTES}}}}},
+        responses={200: {"model": DeviceImported}, **BAD_PARAMETER,
+                   413: {"model": ErrorBody, "description": f"larger than {MAX_IMPORT_BYTES} bytes"},
+                   415: {"model": ErrorBody, "description": "not text/csv"},
+                   422: {"model": ImportRejectedBody, "description": "bad rows: nothing imported"}})
+    async def import_devices(request: Request, p: Principal = operator) -> dict[str, Any]:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype not in ("text/csv", "text/plain"):
+            raise HTTPException(415, f"send the file as text/csv, not {ctype or 'no content type'}")
+        data = b""
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > MAX_IMPORT_BYTES:
+                raise HTTPException(413, f"the file is larger than {MAX_IMPORT_BYTES} bytes: split it")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise HTTPException(400, f"the file is not UTF-8: {exc}") from None
+        counts: dict[str, Any] = await run_in_threadpool(devreg().import_csv, text, actor=p.subject,
+                                                         authorize=check_change(p))
+        return counts
 
     @r.get("/telemetry/raw", response_model=None, responses={200: {"model": list[RawRow]}, **BAD_PARAMETER})
     def get_raw(

@@ -18,13 +18,14 @@ import json
 import threading
 import time
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from fieldmesh.core.errors import BackendError, ConfigError
+from fieldmesh.core.errors import BackendError, ConfigError, NotFoundError, PermissionDenied
 from fieldmesh.core.settings import AccessSettings
 from fieldmesh.store.access import KEY_PREFIX, ROLES, AccessStore, role_rank
+from fieldmesh.store.registry import Device, DeviceRegistry
 
 __all__ = ["LOCAL", "Access", "AuthError", "DeviceGroups", "OidcVerifier", "Principal"]
 
@@ -60,21 +61,79 @@ class AuthError(Exception):
 
 
 class DeviceGroups:
-    """Which devices a group holds: interim, by device-id glob patterns (``AccessSettings.groups``).
+    """Which groups a device is in: a registered device's come from the device registry; the glob
+    patterns of ``AccessSettings.groups`` (group name -> device-id patterns) still place the devices
+    the registry does not hold (docs/registry.md).
 
-    The device registry (issue 12, item 1) will hold groups per device; keys and tokens name groups
-    by the same names, so they keep their meaning when it replaces these patterns.
+    The registry's groups are cached and reloaded when its :meth:`~DeviceRegistry.version` moves:
+    one primary-key read per question, and a change counts from the next request on.
     """
 
-    def __init__(self, patterns: Mapping[str, Sequence[str]]) -> None:
+    def __init__(self, patterns: Mapping[str, Sequence[str]],
+                 registry: Callable[[], DeviceRegistry] | None = None) -> None:
         self.patterns = {g: tuple(p) for g, p in patterns.items()}
+        self._registry = registry
+        self._lock = threading.Lock()
+        self._cached: tuple[int, dict[str, tuple[str, ...]]] = (-1, {})
 
-    def sees(self, principal: Principal, device_id: str) -> bool:
-        """Whether ``principal`` may see ``device_id``."""
+    def pattern_groups(self, device_id: str) -> tuple[str, ...]:
+        """The groups whose patterns match ``device_id`` (for devices the registry does not hold)."""
+        return tuple(sorted(g for g, pats in self.patterns.items()
+                            if any(fnmatch.fnmatchcase(device_id, pat) for pat in pats)))
+
+    def registered(self) -> dict[str, tuple[str, ...]]:
+        """Every registered device's groups, as of the registry's current version (cached).
+
+        Raises:
+            BackendError: the registry cannot be read.
+        """
+        if self._registry is None:
+            return {}
+        reg = self._registry()
+        with self._lock:
+            if reg.version() != self._cached[0]:
+                self._cached = reg.snapshot()
+            return self._cached[1]
+
+    def groups_of(self, device_id: str, registered: Mapping[str, tuple[str, ...]] | None = None) -> tuple[str, ...]:
+        """The groups of ``device_id``: the registry's if it holds it, else the patterns'."""
+        reg = self.registered() if registered is None else registered
+        found = reg.get(device_id)
+        return found if found is not None else self.pattern_groups(device_id)
+
+    def sees(self, principal: Principal, device_id: str,
+             registered: Mapping[str, tuple[str, ...]] | None = None) -> bool:
+        """Whether ``principal`` may see ``device_id`` (``registered``: a :meth:`registered` already read)."""
         if principal.groups is None:
             return True
-        return any(fnmatch.fnmatchcase(device_id, pat)
-                   for g in principal.groups for pat in self.patterns.get(g, ()))
+        return not set(principal.groups).isdisjoint(self.groups_of(device_id, registered))
+
+    def check_change(self, principal: Principal, old: Device | None, new: Device | None) -> None:
+        """Whether ``principal`` may change a registered device from ``old`` to ``new`` (None: not
+        registered before / removed); called in the registry's transaction.
+
+        A caller limited to groups may touch only devices wholly within its groups, and leave them so;
+        it may register an id only if the patterns give it to no other group.
+
+        Raises:
+            NotFoundError: ``old`` is not visible to the caller (as if it did not exist).
+            PermissionDenied: the change would reach beyond the caller's groups.
+        """
+        if principal.groups is None:
+            return
+        mine = set(principal.groups)
+        limited = f"{principal.subject} is limited to device groups {', '.join(principal.groups)}"
+        if old is not None:
+            if mine.isdisjoint(old.groups):
+                raise NotFoundError(f"no device {old.id!r}", kind="device", key=old.id)
+            if not mine.issuperset(old.groups):
+                raise PermissionDenied(f"device {old.id!r} is also in groups outside yours "
+                                       f"({', '.join(sorted(set(old.groups) - mine))}): {limited}")
+        elif new is not None and not mine.issuperset(self.pattern_groups(new.id)):
+            raise PermissionDenied(f"device id {new.id!r} falls under another group's patterns: {limited}")
+        if new is not None and (not new.groups or not mine.issuperset(new.groups)):
+            raise PermissionDenied(f"device {new.id!r} must be in one or more of your groups, and only those: "
+                                   f"{limited}")
 
 
 def _claim(claims: Mapping[str, Any], path: str) -> Any:
@@ -182,9 +241,10 @@ class Access:
         self.store_url = store_url
         self.settings = settings or AccessSettings()
         self.local_only = local_only
-        self.groups = DeviceGroups(self.settings.groups)
+        self.groups = DeviceGroups(self.settings.groups, lambda: self.registry)
         self.oidc = OidcVerifier(self.settings) if self.settings.oidc_issuer else None
         self._keys: AccessStore | None = None
+        self._registry: DeviceRegistry | None = None
         self._lock = threading.Lock()
 
     @property
@@ -195,10 +255,20 @@ class Access:
                 self._keys = AccessStore(self.store_url)
             return self._keys
 
+    @property
+    def registry(self) -> DeviceRegistry:
+        """The device registry (opened on first use)."""
+        with self._lock:
+            if self._registry is None:
+                self._registry = DeviceRegistry(self.store_url)
+            return self._registry
+
     def close(self) -> None:
-        """Close the key table."""
+        """Close the key table and the device registry."""
         if self._keys is not None:
             self._keys.close()
+        if self._registry is not None:
+            self._registry.close()
 
     def open_mode(self) -> bool:
         """Whether requests need no credential now (local-only mode)."""

@@ -12,8 +12,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
-    "AuditRow", "DeadLetterRow", "DeviceRow", "Health", "KeyRow", "NewKey", "NewKeyRow", "RawRow", "RollupRow",
-    "Stats", "WhoAmI",
+    "AuditRow", "DeadLetterRow", "DeviceImported", "DevicePatch", "DeviceRecord", "DeviceRow", "Health",
+    "ImportRejectedBody", "KeyRow", "NewDevice", "NewKey", "NewKeyRow", "RawRow", "RollupRow", "Stats", "WhoAmI",
 ]
 
 
@@ -43,15 +43,86 @@ class Stats(_Open):
 
 
 class DeviceRow(_Open):
-    """A row of ``GET /devices``."""
+    """A row of ``GET /devices``: what the store has seen of a device, merged with its registry entry.
+
+    A registered device that has not sent yet has ``null`` times, ``readings`` 0 and no ``metrics``;
+    a device seen but not registered has ``registered: false``, ``status: null`` and the groups the
+    ``FIELDMESH__ACCESS__GROUPS`` patterns give it.
+    """
 
     device_id: str
-    first_seen: str
-    last_seen: str
-    first_ts: str
-    last_ts: str
+    first_seen: str | None
+    last_seen: str | None
+    first_ts: str | None
+    last_ts: str | None
     readings: int
     metrics: list[str]
+    registered: bool = Field(description="whether the device registry holds the device")
+    status: Literal["active", "suspended", "retired"] | None = Field(
+        description="the registry's status; null: not registered")
+    groups: list[str] = Field(description="the registry's groups, or the patterns' for a device not registered")
+    tags: list[str]
+    attributes: dict[str, Any]
+    created_ms: int | None = Field(None, description="when it was registered")
+    updated_ms: int | None = Field(None, description="when its registry entry last changed")
+
+
+class DeviceRecord(_Open):
+    """A device's registry entry (``DELETE /devices/{device_id}`` answers the one removed)."""
+
+    device_id: str
+    status: Literal["active", "suspended", "retired"]
+    groups: list[str]
+    tags: list[str]
+    attributes: dict[str, Any]
+    created_ms: int
+    updated_ms: int
+
+
+_Group = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+_Tag = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:=/-]{1,64}$")]
+_AttrKey = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+_ATTRS_HELP = "name -> any JSON value; 16 KiB at most as JSON"
+
+
+class NewDevice(BaseModel):
+    """The body of ``POST /devices``: register a device."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    device_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,128}$")
+    status: Literal["active", "suspended", "retired"] = "active"
+    groups: list[_Group] = Field(default_factory=list, max_length=100, description=(
+        "device groups; a caller limited to groups must name one or more of its own, and only those"))
+    tags: list[_Tag] = Field(default_factory=list, max_length=100)
+    attributes: dict[_AttrKey, Any] = Field(default_factory=dict, description=_ATTRS_HELP)
+
+
+class DevicePatch(BaseModel):
+    """The body of ``PATCH /devices/{device_id}``: what is absent (or null) stays as it is."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    status: Literal["active", "suspended", "retired"] | None = None
+    groups: list[_Group] | None = Field(None, max_length=100, description="replaces the device's groups")
+    tags: list[_Tag] | None = Field(None, max_length=100, description="replaces the device's tags")
+    attributes: dict[_AttrKey, Any] | None = Field(None, description=(
+        "merged into the device's attributes (JSON merge patch): a null value removes that attribute"))
+
+
+class DeviceImported(_Open):
+    """``POST /devices/import``: how many rows registered, changed or left a device as it was."""
+
+    added: int
+    updated: int
+    unchanged: int
+
+
+class ImportRejectedBody(_Open):
+    """``POST /devices/import`` refused (422): nothing was imported; every bad line is named."""
+
+    detail: str
+    errors: list[dict[str, Any]] = Field(description='[{"line": n, "message": "..."}], line 1 is the header')
 
 
 class RawRow(_Open):

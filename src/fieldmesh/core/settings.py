@@ -197,10 +197,10 @@ class CdcSettings(BaseModel, frozen=True):
 
 
 class AccessSettings(BaseModel, frozen=True):
-    """Who may use the API (docs/security.md): OpenID Connect issuers and the interim device groups.
+    """Who may use the API (docs/security.md): OpenID Connect issuers and device groups by pattern.
 
     API keys live in the hot store (``fieldmesh keys``); these settings add bearer tokens (JWT) of an
-    OpenID Connect issuer, and say which devices a group holds until the device registry does.
+    OpenID Connect issuer, and say which groups hold the devices the device registry does not.
     """
 
     oidc_issuer: str | None = Field(None, description=(
@@ -218,7 +218,8 @@ class AccessSettings(BaseModel, frozen=True):
     jwks_refresh_min_s: float = Field(5.0, ge=0, description=(
         "at most one refetch per this many seconds when a token names an unknown key id"))
     groups: dict[str, tuple[str, ...]] = Field(default_factory=dict, description=(
-        "interim device groups until the device registry: group name -> device-id glob patterns, "
+        "device groups of devices the registry does not hold (a registered device's groups are the "
+        "registry's): group name -> device-id glob patterns, "
         'e.g. {"plant-1": ["p1-*"], "lab": ["lab-*", "test-7"]} (JSON in FIELDMESH__ACCESS__GROUPS)'))
 
     @property

@@ -6,7 +6,7 @@ Two tables of their own, created on demand by whoever opens them first (``fieldm
 - ``api_keys``: one row per key: its id, name, role, device groups, the SHA-256 of its secret (the
   key itself is shown once, at creation, and never stored), who created and who revoked it, when.
 - ``audit_log``: every administrative action (a key created or revoked; later the device registry's
-  changes): who (``key:<id>``, ``jwt:<subject>``, ``cli:<user>``, ``local``), what, on what, when.
+  changes, store/registry.py): who (``key:<id>``, ``jwt:<subject>``, ``cli:<user>``, ``local``), what, on what, when.
 
 A key reads ``fmk_<id>_<secret>``: the id finds the row, the secret (32 random bytes) is checked by
 a constant-time comparison of its hash. A plain SHA-256 suffices: the secret is random, not a
@@ -33,7 +33,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from fieldmesh.core.errors import BackendError, ConfigError, MissingDependency
 
-__all__ = ["GROUP_RE", "KEY_PREFIX", "ROLES", "AccessStore", "ApiKey", "AuditEntry", "role_rank"]
+__all__ = ["GROUP_RE", "KEY_PREFIX", "ROLES", "AccessStore", "ApiKey", "AuditEntry", "HotTables", "role_rank"]
 
 #: Roles, weakest first: each may do what the ones before it may.
 ROLES: Final = ("viewer", "operator", "admin")
@@ -113,16 +113,25 @@ def _row_key(r: Sequence[Any]) -> ApiKey:
                   revoked_by=r[7])
 
 
-class AccessStore:
-    """The ``api_keys`` and ``audit_log`` tables of the hot store at ``url`` (created when missing).
+class HotTables:
+    """Tables of their own on the hot store at ``url`` (created when missing), beside ``audit_log``.
 
-    One connection, used under a lock: key checks are one indexed read, key changes are rare.
+    One connection, used under a lock; a PostgreSQL connection the server closed is reopened.
+    Subclasses name their DDL (``SQLITE_DDL``, ``PG_DDL``, run after the audit log's) and write every
+    change with :meth:`_audit` in the same transaction (:meth:`_tx`).
     """
+
+    SQLITE_DDL: tuple[str, ...] = ()
+    PG_DDL: tuple[str, ...] = ()
+    #: ``application_name`` of the PostgreSQL connection, and what errors say is unavailable.
+    APP_NAME = "fieldmesh-access"
+    WHAT = "API keys"
 
     def __init__(self, url: str) -> None:
         self.url = url
         self._lock = threading.Lock()
         scheme = url.split("://", 1)[0].lower()
+        self._db_errors: tuple[type[Exception], ...] = (sqlite3.Error,)
         if scheme == "sqlite":
             self._pg = False
             self._con: Any = self._sqlite(url)
@@ -135,8 +144,7 @@ class AccessStore:
                               key="store_url")
 
     # -- connections -------------------------------------------------------------------------
-    @staticmethod
-    def _sqlite(url: str) -> sqlite3.Connection:
+    def _sqlite(self, url: str) -> sqlite3.Connection:
         if not url.startswith("sqlite:///"):
             raise ConfigError(f"bad SQLite URL {url!r}: use sqlite:///path/to/store.db", key="store_url")
         path = Path(url[len("sqlite:///"):])
@@ -144,12 +152,18 @@ class AccessStore:
         con = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
         con.execute("PRAGMA busy_timeout=30000")
         con.execute("PRAGMA journal_mode=WAL")  # the store's own mode: readers never wait for a writer
-        for ddl in _SQLITE_DDL:
-            con.execute(ddl)
+        con.execute("BEGIN IMMEDIATE")  # one set-up at a time: two openers of a new file both succeed
+        try:
+            for ddl in (*_SQLITE_DDL, *self.SQLITE_DDL):
+                con.execute(ddl)
+        except BaseException:
+            con.execute("ROLLBACK")
+            con.close()
+            raise
+        con.execute("COMMIT")
         return con
 
-    @staticmethod
-    def _postgres(url: str) -> Any:
+    def _postgres(self, url: str) -> Any:
         try:
             import psycopg
         except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -161,16 +175,20 @@ class AccessStore:
             raise ConfigError(f"bad schema name {schema!r} in the store URL", key="store_url")
         conninfo = urlunsplit(("postgresql", parts.netloc, parts.path,
                                urlencode([(k, v) for k, v in params if k != "schema"]), ""))
+        self._db_errors = (sqlite3.Error, psycopg.Error)
+        con = None
         try:
             con = psycopg.connect(conninfo, autocommit=True, connect_timeout=10,
-                                  options=f"-c search_path={schema}", application_name="fieldmesh-access")
+                                  options=f"-c search_path={schema}", application_name=self.APP_NAME)
             with con.transaction():
                 con.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"fieldmesh-access-{schema}",))
                 con.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
-                for ddl in _PG_DDL:
+                for ddl in (*_PG_DDL, *self.PG_DDL):
                     con.execute(ddl)
         except psycopg.Error as exc:
-            raise BackendError(f"cannot open the API keys in schema {schema!r}: {exc}".strip()) from exc
+            if con is not None:
+                con.close()
+            raise BackendError(f"cannot open the {self.WHAT} in schema {schema!r}: {exc}".strip()) from exc
         return con
 
     def close(self) -> None:
@@ -196,7 +214,7 @@ class AccessStore:
                 except Exception as exc:
                     if attempt == 1 and self._pg and (self._con.closed or self._con.broken):
                         continue  # the connection was lost under us: once more on a new one
-                    raise BackendError(f"API keys unavailable: {exc}") from exc
+                    raise BackendError(f"{self.WHAT} unavailable: {exc}") from exc
             raise AssertionError("unreachable")
 
     @contextlib.contextmanager
@@ -204,21 +222,44 @@ class AccessStore:
         """A write transaction (under the lock)."""
         with self._lock:
             self._reconnect_if_lost()
-            if self._pg:
-                with self._con.transaction():
-                    yield self._con
-                return
-            self._con.execute("BEGIN IMMEDIATE")
             try:
-                yield self._con
-            except BaseException:
-                self._con.execute("ROLLBACK")
-                raise
-            self._con.execute("COMMIT")
+                if self._pg:
+                    with self._con.transaction():
+                        yield self._con
+                    return
+                self._con.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._con
+                except BaseException:
+                    self._con.execute("ROLLBACK")
+                    raise
+                self._con.execute("COMMIT")
+            except self._db_errors as exc:
+                raise BackendError(f"{self.WHAT} unavailable: {exc}") from exc
 
     def _audit(self, con: Any, actor: str, action: str, target: str, detail: dict[str, Any]) -> None:
         con.execute(self._sql("INSERT INTO audit_log (at_ms, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)"),
                     (int(time.time() * 1000), actor, action, target, json.dumps(detail, sort_keys=True)))
+
+    # -- audit -------------------------------------------------------------------------------
+    def record(self, *, actor: str, action: str, target: str, detail: dict[str, Any] | None = None) -> None:
+        """Record an administrative action done elsewhere."""
+        with self._tx() as con:
+            self._audit(con, actor, action, target, detail or {})
+
+    def audit_log(self, *, since_ms: int | None = None, limit: int = 100) -> list[AuditEntry]:
+        """The newest entries first, at or after ``since_ms`` when given."""
+        rows = self._fetch("SELECT id, at_ms, actor, action, target, detail FROM audit_log WHERE at_ms >= ?"
+                           " ORDER BY id DESC LIMIT ?", (since_ms if since_ms is not None else -(2**63), limit))
+        return [AuditEntry(id=int(r[0]), at_ms=int(r[1]), actor=r[2], action=r[3], target=r[4],
+                           detail=json.loads(r[5])) for r in rows]
+
+
+class AccessStore(HotTables):
+    """The ``api_keys`` and ``audit_log`` tables of the hot store at ``url`` (created when missing).
+
+    Key checks are one indexed read, key changes are rare.
+    """
 
     # -- keys --------------------------------------------------------------------------------
     def create_key(self, *, role: str, groups: Sequence[str] = (), name: str = "", actor: str) -> tuple[ApiKey, str]:
@@ -286,16 +327,3 @@ class AccessStore:
         else:
             rows = self._fetch("SELECT 1 FROM api_keys WHERE revoked_ms IS NULL AND role = ? LIMIT 1", (role,))
         return bool(rows)
-
-    # -- audit -------------------------------------------------------------------------------
-    def record(self, *, actor: str, action: str, target: str, detail: dict[str, Any] | None = None) -> None:
-        """Record an administrative action done elsewhere (the device registry, later)."""
-        with self._tx() as con:
-            self._audit(con, actor, action, target, detail or {})
-
-    def audit_log(self, *, since_ms: int | None = None, limit: int = 100) -> list[AuditEntry]:
-        """The newest entries first, at or after ``since_ms`` when given."""
-        rows = self._fetch("SELECT id, at_ms, actor, action, target, detail FROM audit_log WHERE at_ms >= ?"
-                           " ORDER BY id DESC LIMIT ?", (since_ms if since_ms is not None else -(2**63), limit))
-        return [AuditEntry(id=int(r[0]), at_ms=int(r[1]), actor=r[2], action=r[3], target=r[4],
-                           detail=json.loads(r[5])) for r in rows]
