@@ -140,7 +140,8 @@ def nats_device_permissions(device_id: str | None) -> dict[str, Any]:
     permissions: its JetStream work for QoS 1 runs as the server.
     """
     if device_id is None:
-        return {"publish": {"allow": ["devices.>"]}, "subscribe": {"allow": ["devices.>"]}}
+        # an MQTT "devices/#" is the subjects "devices.>" and "devices" (the parent level)
+        return {"publish": {"allow": ["devices.>"]}, "subscribe": {"allow": ["devices", "devices.>"]}}
     return {"publish": {"allow": [_subject(t) for t in device_publish_topics(device_id)]},
             "subscribe": {"allow": [_subject(t) for t in device_subscribe_topics(device_id)]}}
 
@@ -247,7 +248,7 @@ def policy_from_registry(registry: RegistryLike, *, now_ms: int | None = None) -
     for c in registry.certificates():
         if c.device_id not in active:
             continue
-        if c.revoked_ms is not None or not c.not_before_ms <= now < c.not_after_ms:
+        if not (c.not_before_ms <= now <= c.not_after_ms and (c.revoked_ms is None or c.revoked_ms > now)):
             invalid.append(c)
             continue
         ident = _identity(c.device_id, c.pem, c.serial)
@@ -255,7 +256,7 @@ def policy_from_registry(registry: RegistryLike, *, now_ms: int | None = None) -
             ids.append(ident)
     subjects = {i.subject for i in ids}
     pin = any((ident := _identity(c.device_id, c.pem, c.serial)) is not None and ident.subject in subjects
-              for c in invalid if c.revoked_ms is not None)
+              for c in invalid if c.revoked_ms is not None and c.revoked_ms <= now)
     return DoorPolicy(tuple(sorted(ids)), pin)
 
 
