@@ -152,3 +152,16 @@ def test_publish_on_internal_subjects_does_not_reach_the_bus(up: Up) -> None:
     assert not any(forged.encode() in m for m in got)
     assert _stored(up, forged) == 0
     assert up.get("/stats")["received"] >= 1
+
+
+def test_door_logins_need_the_right_password(up: Up) -> None:
+    """The Mosquitto door's password file (hashed by fieldmesh in Mosquitto's format) takes the internal user
+    with its password only; the nats door takes no password login at all over MQTT."""
+    auth = json.loads((up.data_dir / "secrets" / "internal.json").read_text())
+    wrong = Probe(up.mqtt_port, user=auth["user"], password=auth["password"] + "x")
+    assert not wrong.connect()
+    wrong.close()
+    right = Probe(up.mqtt_port, user=auth["user"], password=auth["password"])
+    is_mosquitto = up.extra[up.extra.index("--door") + 1] == "mosquitto"
+    assert right.connect() is is_mosquitto, right.connack  # the internal user is NATS-only at the nats door
+    right.close()
