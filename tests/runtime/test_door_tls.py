@@ -268,3 +268,27 @@ def test_tls_1_2_is_taken(door: Door) -> None:
     p = door.probe("dev-a", max_version=ssl.TLSVersion.TLSv1_2)
     assert p.connect(), (p.connack, p.error)
     p.close()
+
+
+@pytest.mark.parametrize("kind", ["nats", "mosquitto"])
+def test_tls_without_client_certificates_on_loopback(kind: str, tmp_path: Path) -> None:
+    """Server-authenticated TLS: anonymous devices over TLS, confined to device topics as in local-only mode."""
+    ca = CA(tmp_path / "pki", "root")
+    server = ca.server()
+    tls_port = free_port()
+    up = Up(tmp_path / "data", "--door", kind, "--mqtt-tls-port", str(tls_port), "--mqtt-tls-cert",
+            str(server.cert_path), "--mqtt-tls-key", str(server.key_path)).start()
+    try:
+        assert "door: TLS on 127.0.0.1:" in " ".join(up.tail().split())
+        plain = Probe(tls_port)
+        assert not plain.connect()  # plaintext on the TLS port
+        plain.close()
+        dev = f"tls-{uuid.uuid4().hex[:6]}"
+        p = Probe(tls_port, tls_context(ca.cert_path))
+        assert p.connect(), (p.connack, p.error)
+        assert p.subscribe("#")[0] == (128 if kind == "nats" else 1)
+        assert p.publish(f"devices/{dev}/telemetry", telemetry(dev, 4.0))
+        p.close()
+        up.wait_for(lambda s: s["received"] >= 1)
+    finally:
+        assert up.stop() == 0, up.tail()
