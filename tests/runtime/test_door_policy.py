@@ -99,3 +99,15 @@ def test_nats_pins_when_a_revoked_certificate_shares_its_subject(tmp_path: Path,
         live_new.close()
     finally:
         srv.stop()
+
+
+def test_no_pinning_for_a_revoked_certificate_that_expired(tmp_path: Path, registry: DeviceRegistry) -> None:
+    ca = CA(tmp_path / "pki", "root")
+    current, old = ca.device("c"), ca.device("c", expired=True, name="device-c-old")
+    registry.add("c", actor="t")
+    _record(registry, "c", current)
+    _record(registry, "c", old)
+    registry.revoke_certificate(old.serial, actor="t")
+    p = policy_from_registry(registry)
+    assert not p.pin  # TLS refuses the expired certificate by itself
+    assert [i.serial for i in p.identities] == [current.serial]

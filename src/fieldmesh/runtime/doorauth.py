@@ -161,8 +161,10 @@ class DeviceIdentity:
 class DoorPolicy:
     """What the registry allows at the door: identities, and whether nats-server must pin certificates.
 
-    ``pin`` is set when a revoked certificate has the subject of a still valid one: the subject then
-    no longer identifies one certificate, so the door also pins the valid certificates' keys.
+    ``pin`` is set when a revoked, unexpired certificate has the subject of a still valid one (a renewal
+    with the same subject, as ``fieldmesh ca`` issues: ``CN=<device id>``): the subject then no longer
+    identifies one certificate, so the door also pins the valid certificates' keys, until the revoked
+    one expires.
     """
 
     identities: tuple[DeviceIdentity, ...] = ()
@@ -256,7 +258,8 @@ def policy_from_registry(registry: RegistryLike, *, now_ms: int | None = None) -
             ids.append(ident)
     subjects = {i.subject for i in ids}
     pin = any((ident := _identity(c.device_id, c.pem, c.serial)) is not None and ident.subject in subjects
-              for c in invalid if c.revoked_ms is not None and c.revoked_ms <= now)
+              for c in invalid  # revoked, and not expired yet: TLS alone would still take it
+              if c.revoked_ms is not None and c.revoked_ms <= now and c.not_after_ms >= now)
     return DoorPolicy(tuple(sorted(ids)), pin)
 
 
