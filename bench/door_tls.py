@@ -6,6 +6,8 @@ and measures in each:
 
 * connection set-ups per second: TCP connect, TLS handshake with a client certificate (ECDSA P-256),
   MQTT CONNECT, CONNACK, close; ``--connectors`` processes in a loop for ``--connect-seconds``;
+* the CPU the door's broker process (nats-server, Mosquitto) and the publishers spend per 10,000 readings
+  in the throughput run below: what TLS adds, less sensitive than throughput to other work on the machine;
 * sustained throughput of case (a) of ``bench/e2e.py``: messages of 100 readings, published as fast as
   the door acknowledges them (QoS 1), until every reading is stored. Under mTLS a connection is one
   device (its certificate confines it to its own topics), so the readings come from ``--devices``
@@ -79,8 +81,11 @@ def connector_proc(args: dict[str, Any], out: Any) -> None:
     out.put((n, failures))
 
 
-def publish_proc(args: dict[str, Any]) -> None:
-    """One paho client per device of ``devices`` (its certificate under mTLS), publishing round-robin."""
+def publish_proc(args: dict[str, Any], out: Any) -> None:
+    """One paho client per device of ``devices`` (its certificate under mTLS), publishing round-robin;
+    puts the CPU seconds it used on ``out``."""
+    import resource
+
     import paho.mqtt.client as mqtt
 
     clients = {}
@@ -108,6 +113,23 @@ def publish_proc(args: dict[str, Any]) -> None:
     for c in clients.values():
         c.disconnect()
         c.loop_stop()
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    out.put(ru.ru_utime + ru.ru_stime)
+
+
+def door_cpu(up: UpProc) -> float:
+    """CPU seconds used so far by the door's broker process (nats-server or Mosquitto) of ``up``."""
+    import psutil
+
+    total = 0.0
+    for p in psutil.Process(up.proc.pid).children(recursive=True):
+        try:
+            if p.name() in ("nats-server", "mosquitto"):
+                t = p.cpu_times()
+                total += t.user + t.system
+        except psutil.NoSuchProcess:
+            continue
+    return total
 
 
 def make_pki(d: Path, devices: list[str]) -> tuple[dict[str, str], dict[str, Issued], Issued]:
@@ -166,23 +188,30 @@ def run_mode(door: str, mtls: bool, a: argparse.Namespace, msgs: list[tuple[str,
             base = stored0["stored"] + stored0["duplicates"]
             by_pub = [devices[i :: a.publishers] for i in range(a.publishers)]
             parts = [[m for m in msgs if m[0].split("/")[1] in set(devs)] for devs in by_pub]
+            cpu_q: Any = mp.Queue()
             pubs = [mp.Process(target=publish_proc, args=({"port": port, "pki": pki if mtls else None,
-                                                            "devices": devs, "msgs": part},))
+                                                            "devices": devs, "msgs": part}, cpu_q))
                     for devs, part in zip(by_pub, parts, strict=True)]
+            cpu0 = door_cpu(up)
             t0 = time.monotonic()
             for p in pubs:
                 p.start()
             t_end = up.wait_stored(base + total)
+            pub_cpu = sum(cpu_q.get(timeout=300) for _ in pubs)
             for p in pubs:
                 p.join()
+            broker_cpu = door_cpu(up) - cpu0  # the door's work for these readings (TLS included)
             rps = total / (t_end - t0)
         finally:
             up.stop()
     mode = "mtls" if mtls else "plain"
+    door_10k, pub_10k = broker_cpu * 10_000 / total, pub_cpu * 10_000 / total
     print(f"door {door}, {mode:>5}: {conn_s:8,.0f} connection set-ups/s ({a.connectors} connectors"
-          f"{f', {failures} failed' if failures else ''}); case (a): {rps:10,.0f} readings/s")
+          f"{f', {failures} failed' if failures else ''}); case (a): {rps:10,.0f} readings/s; CPU s per 10k "
+          f"readings: door {door_10k:.4f}, publishers {pub_10k:.4f}")
     return {"door": door, "mode": mode, "connections_per_s": round(conn_s), "connect_failures": failures,
-            "readings_per_s": round(rps)}
+            "readings_per_s": round(rps), "door_cpu_s_per_10k": round(door_10k, 4),
+            "publisher_cpu_s_per_10k": round(pub_10k, 4)}
 
 
 def main() -> None:
@@ -216,13 +245,17 @@ def main() -> None:
                     runs[mtls_on].append(run_mode(door, mtls_on, a, msgs, total, devices, pki, certs, server))
             plain, mtls = ({"door": door, "mode": "mtls" if m else "plain", "runs": len(runs[m]),
                             **{k: statistics.median(x[k] for x in runs[m])
-                               for k in ("connections_per_s", "readings_per_s", "connect_failures")},
+                               for k in ("connections_per_s", "readings_per_s", "connect_failures",
+                                         "door_cpu_s_per_10k", "publisher_cpu_s_per_10k")},
                             "readings_per_s_each": [x["readings_per_s"] for x in runs[m]]}
                            for m in (False, True))  # the median of each figure over the repetitions
             ratio = mtls["readings_per_s"] / plain["readings_per_s"]
             print(f"door {door} (median of {a.repeat}): plaintext {plain['readings_per_s']:,.0f}, mTLS "
                   f"{mtls['readings_per_s']:,.0f} readings/s; connection set-ups/s plaintext "
                   f"{plain['connections_per_s']:,.0f}, mTLS {mtls['connections_per_s']:,.0f}")
+            print(f"door {door}: CPU s per 10k readings, door {plain['door_cpu_s_per_10k']:.4f} -> "
+                  f"{mtls['door_cpu_s_per_10k']:.4f}, publishers {plain['publisher_cpu_s_per_10k']:.4f} -> "
+                  f"{mtls['publisher_cpu_s_per_10k']:.4f} (plaintext -> mTLS)")
             print(f"door {door}: mTLS / plaintext throughput {ratio:.2f} (cost {100 * (1 - ratio):.1f}%); "
                   f"connection set-ups {mtls['connections_per_s'] / max(plain['connections_per_s'], 1):.2f}x")
             rows += [plain, mtls, {"door": door, "throughput_ratio": round(ratio, 3)}]
