@@ -24,6 +24,7 @@ from fastapi.testclient import TestClient
 
 from fieldmesh.api.app import OPEN_ROUTES, create_app
 from fieldmesh.api.auth import Access
+from fieldmesh.control.ca import CertificateAuthority
 from fieldmesh.core.codec import decode_telemetry
 from fieldmesh.core.settings import AccessSettings
 from fieldmesh.store import load_store
@@ -54,6 +55,9 @@ ROLE_OF = {
     ("delete", "/api/v1/keys/{key_id}"): "admin",
     ("get", "/api/v1/audit"): "admin",
     ("get", "/metrics"): "viewer",
+    ("post", "/api/v1/provision"): "device",  # the proof is in the body: tests/api/test_provision.py
+    ("post", "/api/v1/provision/tokens"): "admin",
+    ("post", "/api/v1/ca/revoke"): "admin",
 }
 BELOW = {"operator": "viewer", "admin": "operator"}
 
@@ -143,21 +147,27 @@ def _request(c: TestClient, method: str, path: str, token: str | None = None, *,
         ("post", "/api/v1/keys"): {"role": "viewer"},
         ("post", "/api/v1/devices"): {"device_id": f"new-{secrets.token_hex(4)}"},  # a new one each time: 201
         ("patch", "/api/v1/devices/{device_id}"): {"tags": ["t"]},  # p1-a is seen, not registered: 404
+        ("post", "/api/v1/provision/tokens"): {"device_id": "p1-a"},
+        ("post", "/api/v1/ca/revoke"): {"serial": "0123456789abcdef"},  # no such certificate: 404
     }.get((method, path))
     return c.request(method.upper(), url, headers=headers, json=body)
 
 
 @pytest.fixture
-def app() -> Iterator[Any]:
+def app(tmp_path: Path) -> Iterator[Any]:
     """``app(url, access)``: a test client of the API; its key table and store are closed at the end
     (PostgreSQL connections are a shared budget)."""
     made: list[Any] = []
 
+    ca_dir = tmp_path / "ca"
+    CertificateAuthority.init(ca_dir)
+
     def make(url: str, access: Access | None = None) -> TestClient:
         access = access or Access(url)
         store = load_store(url, readonly=True)  # a reader connection per request thread: closed below
-        made.extend((access, store))
-        return TestClient(create_app(url, access=access, store=store))
+        api = create_app(url, access=access, store=store, ca_dir=ca_dir)
+        made.extend((access, store, api.state.provision))
+        return TestClient(api)
 
     yield make
     for a in made:
@@ -189,6 +199,13 @@ def test_every_operation_needs_a_credential_and_its_role(app: Any, store_url: st
     no_role = issuer.token(kid)  # valid signature, issuer, audience: but no fieldmesh role
     for (method, path), role in ROLE_OF.items():
         op = doc["paths"][path][method]
+        if role == "device":  # no API key, no role: the body's proof, and nothing else, lets it in
+            assert "security" not in op and op["x-fieldmesh-auth"] == "device", path
+            assert {"400", "401", "403"} <= set(op["responses"]), path
+            for token in (None, made["admin"], issuer.token(kid, fieldmesh_role="admin")):
+                r = c.post(path, json={"csr": "x"}, headers={"Authorization": f"Bearer {token}"} if token else {})
+                assert r.status_code == 401 and r.json()["reason"] == "no_credential", (path, r.text)
+            continue
         assert {"bearer": []} in op["security"] and {"oidc": []} in op["security"], path
         assert {"401", "403"} <= set(op["responses"]), path
         r = _request(c, method, path)

@@ -30,8 +30,10 @@ SEEN = ("lab-7", "p1-a", "p2-b")
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.integration)])
-def api(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[TestClient, dict[str, dict[str, str]], str]]:
-    """A client of the API over a store that has seen three devices, a header per key, the store's URL."""
+def api(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[TestClient, dict[str, dict[str, str]], str,
+                                                                         Access]]:
+    """A client of the API over a store that has seen three devices, a header per key, the store's URL,
+    and the API's authentication (its device groups)."""
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path}/s.db"
     else:
@@ -53,7 +55,7 @@ def api(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[TestCl
     store = load_store(url, readonly=True)
     try:
         yield (TestClient(create_app(url, access=access, store=store)),
-               {k: {"X-API-Key": v} for k, v in made.items()}, url)
+               {k: {"X-API-Key": v} for k, v in made.items()}, url, access)
     finally:
         access.close()
         store.close()
@@ -64,7 +66,7 @@ def ids(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def test_register_change_remove_and_the_merged_listing(api: Any) -> None:
-    c, h, _ = api
+    c, h, *_ = api
     before = c.get("/api/v1/devices", headers=h["viewer"]).json()
     assert ids(before) == list(SEEN)
     assert all(r["registered"] is False and r["status"] is None and r["readings"] == 10 for r in before)
@@ -126,7 +128,7 @@ def test_register_change_remove_and_the_merged_listing(api: Any) -> None:
 
 
 def test_clear_errors(api: Any) -> None:
-    c, h, _ = api
+    c, h, *_ = api
     assert c.post("/api/v1/devices", headers=h["operator"], json={"device_id": "d1"}).status_code == 201
     dup = c.post("/api/v1/devices", headers=h["operator"], json={"device_id": "d1"})
     assert dup.status_code == 409 and "registered already" in dup.json()["detail"]
@@ -145,7 +147,7 @@ def test_clear_errors(api: Any) -> None:
 
 
 def test_import(api: Any) -> None:
-    c, h, _ = api
+    c, h, *_ = api
     csv_text = ("device_id,groups,tags,status,attr.site\n"
                 "p1-a,plant1;west,fw:1,,north\n"
                 "p1-new,plant1,,suspended,\n"
@@ -176,7 +178,7 @@ def test_import(api: Any) -> None:
 
 def test_groups_come_from_the_registry(api: Any) -> None:
     """Registering moves a device into the registry's groups at the next request; the patterns place the rest."""
-    c, h, url = api
+    c, h, url, access = api
     assert ids(c.get("/api/v1/devices", headers=h["p1-viewer"]).json()) == ["p1-a"]
     assert c.get("/api/v1/devices/p2-b", headers=h["p1-viewer"]).status_code == 404
     c.post("/api/v1/devices", headers=h["operator"], json={"device_id": "p2-b", "groups": ["plant1"]})
@@ -186,12 +188,19 @@ def test_groups_come_from_the_registry(api: Any) -> None:
     assert c.get("/api/v1/telemetry/raw", headers=h["p1-viewer"], params={"device_id": "p2-b"}).status_code == 200
     for path, params in (("/api/v1/devices/p1-a", {}), ("/api/v1/telemetry/raw", {"device_id": "p1-a"})):
         assert c.get(path, headers=h["p1-viewer"], params=params).status_code == 404, path
+    # the registry's groups are read whole only when its version moved, not at every request
+    reloads = access.groups.reloads
+    for _ in range(5):
+        assert c.get("/api/v1/devices/p2-b", headers=h["p1-viewer"]).status_code == 200
+    assert access.groups.reloads == reloads
     # a change counts from the next request (the cache follows the registry's version), even made elsewhere
     reg = DeviceRegistry(url)
     try:
         reg.update("p1-a", groups=["plant1"], actor="test")
     finally:
         reg.close()
+    assert c.get("/api/v1/devices/p1-a", headers=h["p1-viewer"]).status_code == 200
+    assert access.groups.reloads == reloads + 1
     assert ids(c.get("/api/v1/devices", headers=h["p1-viewer"]).json()) == ["p1-a", "p2-b"]
     # a registered device in no group is seen by unlimited callers only; the patterns no longer apply
     c.patch("/api/v1/devices/p1-a", headers=h["operator"], json={"groups": []})
@@ -200,7 +209,7 @@ def test_groups_come_from_the_registry(api: Any) -> None:
 
 
 def test_a_caller_limited_to_groups_changes_only_its_groups_devices(api: Any) -> None:
-    c, h, _ = api
+    c, h, *_ = api
     op = h["p1-op"]
     c.post("/api/v1/devices", headers=h["operator"], json={"device_id": "other", "groups": ["plant2"]})
     c.post("/api/v1/devices", headers=h["operator"], json={"device_id": "shared", "groups": ["plant1", "lab"]})

@@ -25,6 +25,7 @@ import uvicorn
 
 from fieldmesh.api.app import create_app
 from fieldmesh.api.auth import Access
+from fieldmesh.control.ca import CertificateAuthority
 from fieldmesh.core.codec import decode_telemetry
 from fieldmesh.core.model import DeadLetter
 from fieldmesh.store import load_store
@@ -76,8 +77,9 @@ def api_base(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[s
     keys.close()
     port = free_port()
     access = Access(url)
-    server = uvicorn.Server(uvicorn.Config(create_app(url, access=access), host="127.0.0.1", port=port,
-                                           log_level="warning"))
+    CertificateAuthority.init(tmp_path / "ca")  # provisioning answers (not 503) with a CA
+    api = create_app(url, access=access, ca_dir=tmp_path / "ca")
+    server = uvicorn.Server(uvicorn.Config(api, host="127.0.0.1", port=port, log_level="warning"))
     t = threading.Thread(target=server.run, name="api", daemon=True)
     t.start()
     deadline = time.monotonic() + 20
@@ -90,6 +92,7 @@ def api_base(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[s
         server.should_exit = True
         t.join(10)
         access.close()
+        api.state.provision.close()
 
 
 @pytest.mark.slow

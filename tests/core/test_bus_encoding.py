@@ -203,6 +203,26 @@ def test_a_truncated_v2_record_is_a_decode_error():
             decode_bus_readings(data[:cut])
 
 
+@pytest.mark.parametrize("rows", [
+    ['{"t": 0.5', '{"t": 1}'],  # not JSON
+    ['["t", 0.5]', '{"t": 1}'],  # not an object
+    ['{"t": "hot"}', '{"t": 1}'],  # not a number
+    ['{"a": [1', '2]}'],  # each row broken, though the two joined are one valid object
+    ['{"a": 1} {"b": 2}', '{"c": 3}'],  # two objects in one row
+])
+def test_v2_measurements_json_must_hold_one_object_of_numbers_per_row(rows):
+    """The stores write this column as it is: a malformed row makes the record a decode error (dead-lettered
+    by the processor), in the single and the many-record decoders alike."""
+    body = msgspec.msgpack.decode(_two_rows([0, 1])[2:])
+    body[13] = rows
+    data = BUS_V2_MAGIC + msgspec.msgpack.encode(body)
+    with pytest.raises(msgspec.DecodeError, match="measurements_json"):
+        decode_bus_columns(data)
+    good = _two_rows([0, 1])
+    cols, counts, errors = decode_bus_columns_many([good, data, good])
+    assert counts == [2, 0, 2] and list(errors) == [1] and len(cols) == 4
+
+
 def _bad_code(data: bytes) -> bytes:
     body = msgspec.msgpack.decode(data[2:])
     body[2] = (len(body[1]) + 3).to_bytes(4, "little") * (len(body[2]) // 4)

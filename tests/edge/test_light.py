@@ -28,6 +28,10 @@ try:
                             "buffer": {"path": sys.argv[1]}}))
 except MissingDependency as exc:
     print("hint:", exc)
+from fieldmesh.edge.provision import build_csr, new_key, provision  # the device side of provisioning
+from fieldmesh.edge.cli import app
+assert "fieldmesh.control.ca" not in sys.modules and "fieldmesh.store.registry" not in sys.modules
+print(build_csr(new_key(), "pump-7").splitlines()[0])
 print("ok")
 """
 
@@ -38,4 +42,5 @@ def test_agent_imports_only_light_dependencies(tmp_path: Path) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert "pip install 'fieldmesh[edge-modbus]'" in out.stdout
+    assert "-----BEGIN CERTIFICATE REQUEST-----" in out.stdout
     assert out.stdout.strip().endswith("ok")

@@ -185,8 +185,9 @@ def test_valid_device_publishes_its_own_topics_only(door: Door) -> None:
         time.sleep(0.1)
     time.sleep(1.0)
     assert door.stored("dev-b") == 0
-    # the payload naming dev-b on dev-a's own topic: the gateway's identity check dead-letters it
-    door.up.wait_for(lambda st: st["dead_lettered"].get("device_mismatch", 0) >= 1, timeout_s=30)
+    # the payload naming dev-b on dev-a's own topic: the gateway's identity check dead-letters it, as
+    # unauthorized since the door authenticates topics ('up' sets gateway.authenticated_topics)
+    door.up.wait_for(lambda st: st["dead_lettered"].get("unauthorized", 0) >= 1, timeout_s=30)
     assert b.messages == [("devices/dev-b/config", marker)]  # not dev-a's forged config
     assert a.messages == [("devices/dev-a/config", marker + b"-a")]  # nothing of dev-b's, nothing internal
     if door.kind == "nats":

@@ -152,6 +152,10 @@ def test_certificates(reg: DeviceRegistry) -> None:
     assert reg.audit_log()[0].detail["certificates_revoked"] == ["0b"]
     assert [c.serial for c in reg.certificates(valid_at_ms=int(time.time() * 1000) + 1)] == ["1c"]
     assert [a for _, a, _ in actions(reg)].count("cert.revoke") == 1
+    # what a CRL names: the revoked ones not expired yet (T0 + 10 days)
+    assert [r[0] for r in reg.revoked(at_ms=T0)] == ["0a", "0b"]
+    assert dict(reg.revoked(at_ms=T0))["0a"] == revoked.revoked_ms
+    assert reg.revoked(at_ms=T0 + 10 * DAY_MS) == []
 
 
 def test_import_csv(reg: DeviceRegistry) -> None:
@@ -322,3 +326,20 @@ def test_postgresql_connection_lost_and_bad_urls(pg_url: str) -> None:
         DeviceRegistry(f"{pg_url}?schema=bad-name")
     with pytest.raises(BackendError):
         DeviceRegistry("postgresql://postgres@127.0.0.1:1/none")
+
+
+def test_a_large_import_in_one_transaction(reg: DeviceRegistry) -> None:
+    """More rows than one lookup holds (500): every one found, added, changed or left as it was."""
+    n = 1_234
+    reg.add("dev-0007", groups=["old"], actor="t")
+    first = "device_id,groups,attr.i\n" + "".join(f"dev-{i:04d},g{i % 3},{i}\n" for i in range(n))
+    v = reg.version()
+    assert reg.import_csv(first, actor="t") == {"added": n - 1, "updated": 1, "unchanged": 0}
+    assert reg.version() == v + 1  # one change, one version
+    again = "device_id,groups,attr.i\n" + "".join(
+        f"dev-{i:04d},g{i % 3},{i if i % 100 else 'changed'}\n" for i in range(n))
+    assert reg.import_csv(again, actor="t") == {"added": 0, "updated": 13, "unchanged": n - 13}
+    assert len(reg.list(group="g1", limit=10_000)) == len(range(1, n, 3))
+    dev = reg.get("dev-0100")
+    assert dev is not None and dev.attributes == {"i": "changed"} and dev.groups == ("g1",)
+    assert reg.group_map()["dev-0007"] == ("g1",)

@@ -2,7 +2,8 @@
 
 It reads the hot store through a read-only connection, so it serves while the processor writes.
 Every route but ``/health`` depends on a guard (:func:`create_app`'s ``need``) that authenticates the
-caller and checks its role and device groups (:mod:`fieldmesh.api.auth`, docs/security.md);
+caller and checks its role and device groups (:mod:`fieldmesh.api.auth`, docs/security.md), or, for
+:data:`DEVICE_ROUTES` (provisioning), on one that checks the device's proof in the request body;
 ``create_app`` refuses to build an app with an unguarded route.
 A bad parameter is a 400 naming it (:mod:`fieldmesh.api.params`); the OpenAPI document describes
 every answer; the docs page (Swagger UI) is served from assets in the installed package, offline.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path as FsPath
 from typing import Annotated, Any, Final, Literal
 
 from fastapi import APIRouter, Body, FastAPI, HTTPException, Path, Query, Request, Security
@@ -42,6 +44,7 @@ from fieldmesh.api.params import (
     reason_query,
     time_query,
 )
+from fieldmesh.api.provision import DEVICE_ROUTES, ProvisionService, add_provision_routes
 from fieldmesh.api.schemas import (
     AuditRow,
     DeadLetterRow,
@@ -60,6 +63,7 @@ from fieldmesh.api.schemas import (
     Stats,
     WhoAmI,
 )
+from fieldmesh.control.provision import Provisioner
 from fieldmesh.core.codec import REASONS
 from fieldmesh.core.errors import (
     BackendError,
@@ -76,7 +80,7 @@ from fieldmesh.store.access import GROUP_RE
 from fieldmesh.store.registry import Device as RegisteredDevice
 from fieldmesh.store.registry import DeviceRegistry
 
-__all__ = ["OPEN_ROUTES", "create_app", "parse_time"]
+__all__ = ["DEVICE_ROUTES", "OPEN_ROUTES", "create_app", "parse_time"]
 
 #: Routes served without credentials: liveness probes cannot carry a token. An unauthenticated
 #: caller gets only ``status`` and ``version``; the components (which may quote log lines) need a viewer.
@@ -89,6 +93,8 @@ _API_KEY = APIKeyHeader(name="X-API-Key", auto_error=False, scheme_name="apiKey"
 Limit = Annotated[int, Query(ge=1, le=100_000, description="at most this many rows")]
 #: The largest import file ``POST /devices/import`` takes.
 MAX_IMPORT_BYTES: Final = 8 * 1024 * 1024
+_IMPORT_EXAMPLE: Final = ("device_id,groups,tags,status,attr.site\n"
+                           "pump-7,plant-1;west,fw:1.2,active,north\nvalve-2,plant-1,,suspended,\n")
 #: The store's part of the row of a registered device that has not sent yet.
 _UNSEEN: Final[dict[str, Any]] = {"first_seen": None, "last_seen": None, "first_ts": None, "last_ts": None,
                                   "readings": 0, "metrics": [], "gaps": 0}
@@ -148,6 +154,24 @@ class _StoreCollector(Collector):
             yield f
 
 
+class _AuthCollector(Collector):
+    def __init__(self, access: Access) -> None:
+        self.access = access
+
+    def collect(self) -> Iterator[Any]:
+        c = CounterMetricFamily("fieldmesh_auth_failures", "API requests refused (401, 403) by reason",
+                                labels=["reason"])
+        for reason, n in sorted(self.access.failures.items()):
+            c.add_metric([reason], n)
+        yield c
+
+
+def _auth_failures(access: Access) -> dict[str, int]:
+    """``auth_failures`` of ``/stats``: the total and each reason."""
+    counts = dict(access.failures)
+    return {"total": sum(counts.values()), **counts}
+
+
 def create_app(
     store_url: str,
     *,
@@ -156,12 +180,16 @@ def create_app(
     partition_lag: PartitionLagFn | None = None,
     store: HotStore | None = None,
     access: Access | None = None,
+    ca_dir: FsPath | None = None,
+    provisioner: Provisioner | None = None,
 ) -> FastAPI:
     """Build the API app over the hot store at ``store_url``.
 
     ``lag`` gives each stage's total lag, ``partition_lag`` the lag per stage and partition.
     ``access`` authenticates callers; by default API keys in the same store, in local-only mode
     (the caller binds the API to loopback; beyond it, pass ``Access(..., local_only=False)``).
+    ``ca_dir`` (or ``provisioner``) serves provisioning (:mod:`fieldmesh.api.provision`); the app's
+    ``state.provision`` holds it, for the caller to close.
     """
     acc = access if access is not None else Access(store_url)
     # FastAPIOffline: a FastAPI whose Swagger UI page loads its JS/CSS from the package, not a CDN
@@ -209,6 +237,7 @@ def create_app(
 
     @app.exception_handler(PermissionDenied)
     async def _denied(request: Request, exc: PermissionDenied) -> JSONResponse:
+        acc.count_failure("wrong_group")  # a change reaching beyond the caller's device groups
         return JSONResponse(status_code=403, content={"detail": str(exc)})
 
     @app.exception_handler(RowsRejected)
@@ -227,7 +256,10 @@ def create_app(
         headers = dict(exc.headers or {})
         if exc.status_code == 405:  # name every method of the path, not only those of the first route matched
             path = request.url.path
-            allowed = sorted({m for rt in routes if rt.path_regex.match(path) for m in (rt.methods or ())})
+            matched = [rt for rt in routes if rt.path_regex.match(path)]
+            # the path's own routes: /devices/import is not /devices/{device_id}, though both match it
+            fewest = min((rt.path.count("{") for rt in matched), default=0)
+            allowed = sorted({m for rt in matched if rt.path.count("{") == fewest for m in (rt.methods or ())})
             headers["Allow"] = ", ".join(allowed)
         return JSONResponse(status_code=exc.status_code, content={"detail": exc.detail}, headers=headers)
 
@@ -246,9 +278,11 @@ def create_app(
         ) -> Principal:
             p = _authenticate(api_key or (bearer.credentials if bearer is not None else None))
             if not p.may(role):
+                acc.count_failure("wrong_role")
                 raise HTTPException(403, f"this needs the {role} role; {p.subject} has "
                                          f"{p.role or 'no fieldmesh role'}")
             if every_device and p.groups is not None:
+                acc.count_failure("wrong_group")
                 raise HTTPException(403, "this answer spans every device: it needs a credential not limited "
                                          f"to device groups ({p.subject} is limited to {', '.join(p.groups)})")
             return p
@@ -262,6 +296,7 @@ def create_app(
         except AuthError as exc:
             if exc.status != 401:
                 raise HTTPException(exc.status, exc.detail) from None
+            acc.count_failure(exc.reason)
             challenge = 'Bearer realm="fieldmesh"' + (', error="invalid_token"' if exc.invalid_token else "")
             raise HTTPException(401, exc.detail, headers={"WWW-Authenticate": challenge}) from None
 
@@ -270,6 +305,7 @@ def create_app(
         no device_id is all devices, which a caller limited to groups may not ask for (403)."""
         if device_id is None:
             if p.groups is not None:
+                acc.count_failure("wrong_group")
                 raise HTTPException(403, f"{p.subject} is limited to device groups ({', '.join(p.groups)}): "
                                          "name a device_id")
             return None
@@ -324,6 +360,7 @@ def create_app(
             "unrouted": st.unrouted,
             "dead_lettered": {"total": sum(st.dead_lettered.values()), **st.dead_lettered},
             "gaps": st.gaps,
+            "auth_failures": _auth_failures(acc),
         }
         if lag is not None:
             lag_cache.update(await lag())
@@ -337,14 +374,14 @@ def create_app(
     def devreg() -> DeviceRegistry:
         return acc.registry
 
-    def device_row(device_id: str, seen: dict[str, Any] | None, dev: RegisteredDevice | None,
-                   registered: dict[str, tuple[str, ...]] | None = None) -> dict[str, Any]:
-        """A device's row: what the store has seen of it, merged with its registry entry."""
+    def device_row(device_id: str, seen: dict[str, Any] | None, dev: RegisteredDevice | None) -> dict[str, Any]:
+        """A device's row: what the store has seen of it, merged with its registry entry (``dev``; None:
+        not registered, so in the groups the patterns give it)."""
         row: dict[str, Any] = {"device_id": device_id, **(seen or _UNSEEN)}
         if dev is not None:
             row.update({**dev.as_dict(), "registered": True})
         else:
-            groups = acc.groups.groups_of(device_id, registered if registered is not None else {})
+            groups = acc.groups.pattern_groups(device_id)
             row.update({"registered": False, "status": None, "groups": list(groups), "tags": [],
                         "attributes": {}, "created_ms": None, "updated_ms": None})
         return row
@@ -371,7 +408,6 @@ def create_app(
         while page := reg.list(after=after, limit=10_000):
             devs.update((d.id, d) for d in page)
             after = page[-1].id
-        known = {d.id: d.groups for d in devs.values()}
         rows = []
         for device_id in sorted(set(devs) | set(seen)):
             dev = devs.get(device_id)
@@ -379,7 +415,7 @@ def create_app(
                 continue
             if status is not None and (dev is None or dev.status != status):
                 continue
-            row = device_row(device_id, seen.get(device_id), dev, known)
+            row = device_row(device_id, seen.get(device_id), dev)
             if p.groups is not None and set(p.groups).isdisjoint(row["groups"]):
                 continue
             if group is not None and group not in row["groups"]:
@@ -397,7 +433,7 @@ def create_app(
         dev = devreg().get(device_id)
         if not rows and dev is None:
             raise HTTPException(404, f"no device {device_id!r}")
-        return device_row(device_id, rows[0] if rows else None, dev, acc.groups.registered())
+        return device_row(device_id, rows[0] if rows else None, dev)
 
     @r.post("/devices", status_code=201, response_model=None, description=(
         "Register a device (operator). A caller limited to device groups registers devices in its groups only."),
@@ -434,8 +470,9 @@ def create_app(
         "Register devices, or change registered ones, from a CSV file (operator; docs/registry.md): header "
         "`device_id,groups,tags,status,attr.<name>...`, groups and tags separated by `;`. All or nothing: "
         "a bad row refuses the whole file (422, every bad line named)."),
-        openapi_extra={"requestBody": {"required": True, "content": {"text/csv": {"schema": {
-            "type": "string", "maxLength": MAX_IMPORT_BYTES}}}}},
+        openapi_extra={"requestBody": {"required": True, "content": {"text/csv": {
+            "schema": {"type": "string", "maxLength": MAX_IMPORT_BYTES, "examples": [_IMPORT_EXAMPLE]},
+            "example": _IMPORT_EXAMPLE}}}},
         responses={200: {"model": DeviceImported}, **BAD_PARAMETER,
                    413: {"model": ErrorBody, "description": f"larger than {MAX_IMPORT_BYTES} bytes"},
                    415: {"model": ErrorBody, "description": "not text/csv"},
@@ -525,9 +562,13 @@ def create_app(
                   limit: Limit = 100, _: Principal = admin) -> list[dict[str, Any]]:
         return [e.as_dict() for e in acc.store.audit_log(since_ms=parse_time(since, "since"), limit=limit)]
 
+    registry = CollectorRegistry()
+    app.state.provision = ProvisionService(store_url, ca_dir, provisioner)
+    add_provision_routes(app, r, admin=admin, guards=guards, service=app.state.provision, metrics=registry)
+
     app.include_router(r)
 
-    registry = CollectorRegistry()
+    registry.register(_AuthCollector(acc))
     collector: _StoreCollector | None = None
 
     @app.get("/metrics", response_class=PlainTextResponse, responses={
@@ -545,14 +586,17 @@ def create_app(
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     def openapi() -> dict[str, Any]:
-        """The OpenAPI document without FastAPI's 422 answers: a bad parameter is a 400 here."""
+        """The OpenAPI document without FastAPI's 422 answers: a bad parameter is a 400 here (422 is only
+        a CSV import whose rows are refused)."""
         if app.openapi_schema is None:
             doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
             for path, ops in doc.get("paths", {}).items():
                 for op in ops.values():
-                    op.get("responses", {}).pop("422", None)
-                    if path in OPEN_ROUTES:
-                        op.pop("security", None)  # open: a credential only adds details
+                    answers = op.get("responses", {})
+                    if "HTTPValidationError" in str(answers.get("422", "")):  # FastAPI's, not one we answer
+                        answers.pop("422")
+                    if path in OPEN_ROUTES or path in DEVICE_ROUTES:
+                        op.pop("security", None)  # open, or the device's proof is in the body
                     if op.get("security"):
                         if acc.oidc is not None:
                             op["security"].append({"oidc": []})

@@ -27,7 +27,11 @@ from fieldmesh.core.settings import AccessSettings
 from fieldmesh.store.access import KEY_PREFIX, ROLES, AccessStore, role_rank
 from fieldmesh.store.registry import Device, DeviceRegistry
 
-__all__ = ["LOCAL", "Access", "AuthError", "DeviceGroups", "OidcVerifier", "Principal"]
+__all__ = ["AUTH_FAILURES", "LOCAL", "Access", "AuthError", "DeviceGroups", "OidcVerifier", "Principal"]
+
+#: Why a request was refused (401: the first three; 403: the last two), as counted in ``/stats`` and
+#: ``fieldmesh_auth_failures_total{reason=...}``.
+AUTH_FAILURES: Final = ("missing_credentials", "bad_key", "bad_token", "wrong_role", "wrong_group")
 
 #: Asymmetric algorithms only: a JWKS holds public keys; HS* and "none" are never accepted.
 JWT_ALGORITHMS: Final = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
@@ -51,13 +55,19 @@ LOCAL: Final = Principal(subject="local", role="admin", groups=None)
 
 
 class AuthError(Exception):
-    """No valid credential: a 401 (``status`` 401) or 503 when the credentials cannot be checked."""
+    """No valid credential: a 401 (``status`` 401) or 503 when the credentials cannot be checked.
 
-    def __init__(self, detail: str, *, status: int = 401, invalid_token: bool = False) -> None:
+    ``reason`` (of a 401): ``missing_credentials``, ``bad_key`` (an API key unknown or revoked) or
+    ``bad_token`` (anything else: a JWT refused, or a token when no issuer is configured).
+    """
+
+    def __init__(self, detail: str, *, status: int = 401, invalid_token: bool = False,
+                 reason: str = "bad_token") -> None:
         super().__init__(detail)
         self.detail = detail
         self.status = status
         self.invalid_token = invalid_token
+        self.reason = reason
 
 
 class DeviceGroups:
@@ -75,6 +85,8 @@ class DeviceGroups:
         self._registry = registry
         self._lock = threading.Lock()
         self._cached: tuple[int, dict[str, tuple[str, ...]]] = (-1, {})
+        #: How many times the registry's groups were read whole (each time its version had moved).
+        self.reloads = 0
 
     def pattern_groups(self, device_id: str) -> tuple[str, ...]:
         """The groups whose patterns match ``device_id`` (for devices the registry does not hold)."""
@@ -93,6 +105,7 @@ class DeviceGroups:
         with self._lock:
             if reg.version() != self._cached[0]:
                 self._cached = reg.snapshot()
+                self.reloads += 1
             return self._cached[1]
 
     def groups_of(self, device_id: str, registered: Mapping[str, tuple[str, ...]] | None = None) -> tuple[str, ...]:
@@ -246,6 +259,14 @@ class Access:
         self._keys: AccessStore | None = None
         self._registry: DeviceRegistry | None = None
         self._lock = threading.Lock()
+        #: Requests refused by reason (:data:`AUTH_FAILURES`), since this process started.
+        self.failures: dict[str, int] = dict.fromkeys(AUTH_FAILURES, 0)
+        self._failures_lock = threading.Lock()
+
+    def count_failure(self, reason: str) -> None:
+        """Count a refused request (a 401 or 403) by its reason."""
+        with self._failures_lock:
+            self.failures[reason] = self.failures.get(reason, 0) + 1
 
     @property
     def store(self) -> AccessStore:
@@ -285,11 +306,11 @@ class Access:
                 if self.open_mode():
                     return LOCAL
                 raise AuthError("authentication required: send an API key (Authorization: Bearer fmk_... or "
-                                "X-API-Key) or an OpenID Connect bearer token")
+                                "X-API-Key) or an OpenID Connect bearer token", reason="missing_credentials")
             if token.startswith(KEY_PREFIX):
                 key = self.store.verify(token)
                 if key is None:
-                    raise AuthError("unknown or revoked API key", invalid_token=True)
+                    raise AuthError("unknown or revoked API key", invalid_token=True, reason="bad_key")
                 return Principal(subject=f"key:{key.id}", role=key.role, groups=key.groups or None)
         except (BackendError, ConfigError) as exc:
             raise AuthError(f"cannot check credentials: {exc}", status=503) from None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 __all__ = [
     "AuditRow", "DeadLetterRow", "DeviceImported", "DevicePatch", "DeviceRecord", "DeviceRow", "Health",
@@ -36,6 +36,9 @@ class Stats(_Open):
     duplicates: int
     late: int
     dead_lettered: dict[str, int] = Field(description='{"total": N, "<reason>": n, ...}')
+    auth_failures: dict[str, int] | None = Field(None, description=(
+        'API requests refused since the API started: {"total": N, "<reason>": n, ...}, reasons missing_credentials, '
+        "bad_key, bad_token (401) and wrong_role, wrong_group (403)"))
     lag: dict[str, int] | None = Field(None, description="messages not yet consumed per stage")
     lag_partitions: dict[str, dict[str, int]] | None = Field(
         None, description="messages not yet consumed per stage and bus partition (the processor's counted "
@@ -83,6 +86,9 @@ _Group = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 _Tag = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:=/-]{1,64}$")]
 _AttrKey = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 _ATTRS_HELP = "name -> any JSON value; 16 KiB at most as JSON"
+#: Attribute names are checked: say so in the document (pydantic alone leaves other names allowed there).
+_Attributes = Annotated[dict[_AttrKey, Any], WithJsonSchema({
+    "type": "object", "patternProperties": {r"^[A-Za-z0-9_.-]{1,64}$": {}}, "additionalProperties": False})]
 
 
 class NewDevice(BaseModel):
@@ -95,7 +101,7 @@ class NewDevice(BaseModel):
     groups: list[_Group] = Field(default_factory=list, max_length=100, description=(
         "device groups; a caller limited to groups must name one or more of its own, and only those"))
     tags: list[_Tag] = Field(default_factory=list, max_length=100)
-    attributes: dict[_AttrKey, Any] = Field(default_factory=dict, description=_ATTRS_HELP)
+    attributes: _Attributes = Field(default_factory=dict, description=_ATTRS_HELP)
 
 
 class DevicePatch(BaseModel):
@@ -106,7 +112,7 @@ class DevicePatch(BaseModel):
     status: Literal["active", "suspended", "retired"] | None = None
     groups: list[_Group] | None = Field(None, max_length=100, description="replaces the device's groups")
     tags: list[_Tag] | None = Field(None, max_length=100, description="replaces the device's tags")
-    attributes: dict[_AttrKey, Any] | None = Field(None, description=(
+    attributes: _Attributes | None = Field(None, description=(
         "merged into the device's attributes (JSON merge patch): a null value removes that attribute"))
 
 

@@ -40,6 +40,9 @@ TlsCert = Annotated[Path | None, typer.Option(
     "--tls-cert", envvar="FIELDMESH_TLS_CERT", help="serve the API over HTTPS with this certificate chain (PEM)")]
 TlsKey = Annotated[Path | None, typer.Option(
     "--tls-key", envvar="FIELDMESH_TLS_KEY", help="the private key (PEM) of --tls-cert")]
+RequireRegistration = Annotated[bool, typer.Option(
+    "--require-registration", help="refuse devices not registered as active in the device registry (DLQ "
+    "unknown_device; suspended or retired: unauthorized) [env FIELDMESH__GATEWAY__REQUIRE_REGISTRATION]")]
 EnrichOpt = Annotated[
     list[str] | None,
     typer.Option(help="as-of join of readings with a CDC table (repeatable), e.g. "
@@ -120,15 +123,18 @@ def up(
         "--require-client-cert",
         help="devices must present a certificate of --mqtt-ca that the device registry holds as valid, for an "
              "active device; each is confined to its own topics")] = False,
+    require_registration: RequireRegistration = False,
 ) -> None:
     """Run the whole pipeline on embedded defaults (MQTT -> gateway -> bus -> processor -> store -> API)."""
     from fieldmesh.runtime.up import DEFAULT_HTTP_PORT, DEFAULT_MQTT_PORT, UpOptions, run_up
 
     cdc = {k: v for k, v in (("source", cdc_source), ("tables", cdc_tables), ("name", cdc_name)) if v is not None}
+    gw = {**({"door": door} if door is not None else {}),
+          **({"require_registration": True} if require_registration else {})}
     try:
         door_tls = _door_tls(mqtt_tls_port, mqtt_tls_cert, mqtt_tls_key, mqtt_ca, require_client_cert)
         settings = _settings(bus={"partitions": partitions, "fsync": fsync}, data_dir=data_dir,
-                             **({"gateway": {"door": door}} if door is not None else {}),
+                             **({"gateway": gw} if gw else {}),
                              **_enrich_kw(enrich, None), **({"cdc": cdc} if cdc else {}))
         opts = UpOptions(
             data_dir=data_dir, mqtt_url=mqtt_url, bus_url=bus_url,
@@ -228,6 +234,9 @@ def gateway(
         help="a topic of raw readings: kafka://host:9092/TOPIC or nats://host:4222/SUBJECT (repeatable)")] = None,
     partitions: Annotated[int, typer.Option(min=1, max=4096)] = 8,
     client_id: Annotated[str | None, typer.Option(help="stable MQTT client id (persistent session)")] = None,
+    store_url: Annotated[str | None, typer.Option(
+        help="the hot store holding the device registry (needed with --require-registration)")] = None,
+    require_registration: RequireRegistration = False,
 ) -> None:
     """Run a gateway alone (run N of them: they share the devices through an MQTT 5 shared subscription
     or an ingest topic's consumer group)."""
@@ -237,8 +246,10 @@ def gateway(
         raise typer.BadParameter("give --mqtt-url and/or --ingest-url")
     _role_logging("gateway")
     try:
+        settings = _settings(bus={"partitions": partitions},
+                             **({"gateway": {"require_registration": True}} if require_registration else {}))
         asyncio.run(run_gateway(bus_url=bus_url, mqtt_url=mqtt_url, client_id=client_id, ingest_urls=ingest_url,
-                                settings=_settings(bus={"partitions": partitions})))
+                                settings=settings, registry_url=store_url))
     except FieldmeshError as exc:
         _fail(exc)
 
@@ -367,8 +378,13 @@ def api(
         _fail(exc)
         return
     err.print(f"API on {'https' if tls_cert else 'http'}://{host}:{http_port}/api/v1 ({access.describe()})")
-    uvicorn.run(create_app(url, access=access), host=host, port=http_port, log_level="warning",
-                ssl_certfile=tls_cert, ssl_keyfile=tls_key)
+    api_app = create_app(url, access=access, ca_dir=data_dir / "ca")
+    api_app.state.provision.start_crl_refresher()
+    try:
+        uvicorn.run(api_app, host=host, port=http_port, log_level="warning", ssl_certfile=tls_cert,
+                    ssl_keyfile=tls_key)
+    finally:
+        api_app.state.provision.close()
 
 
 keys_app = typer.Typer(name="keys", no_args_is_help=True,
@@ -399,8 +415,8 @@ def _cli_actor() -> str:
 def keys_create(
     role: Annotated[str, typer.Option(help="viewer (reads), operator (also acts), admin (also manages keys)")],
     groups: Annotated[str | None, typer.Option(
-        help="limit the key to these device groups, e.g. plant-1,lab (FIELDMESH__ACCESS__GROUPS says which "
-             "devices a group holds)")] = None,
+        help="limit the key to these device groups, e.g. plant-1,lab (the device registry says which "
+             "devices a group holds; FIELDMESH__ACCESS__GROUPS places the devices it does not hold)")] = None,
     name: Annotated[str | None, typer.Option(help="a label (default: the key id)")] = None,
     data_dir: DataDir = DEFAULT_DATA_DIR,
     store_url: StoreUrl = None,
@@ -423,10 +439,24 @@ def keys_create(
     err.print(f"key {key.id} ({key.role}{', groups ' + ','.join(key.groups) if key.groups else ''}) created; "
               "it is shown this once: send it as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
     defined = _settings().access.groups
-    missing = [g for g in key.groups if g not in defined]
+    missing = [g for g in key.groups if g not in defined and not _registry_has_group(data_dir, store_url, g)]
     if missing:
-        err.print(f"[yellow]note:[/] no devices are in group(s) {', '.join(missing)} until FIELDMESH__ACCESS__GROUPS "
-                  "defines them for the API (docs/security.md)")
+        err.print(f"[yellow]note:[/] no devices are in group(s) {', '.join(missing)} yet: register devices in them "
+                  "(fieldmesh devices add ID --groups ...) or define them in FIELDMESH__ACCESS__GROUPS "
+                  "(docs/registry.md)")
+
+
+def _registry_has_group(data_dir: Path, store_url: str | None, group: str) -> bool:
+    from fieldmesh.store.registry import DeviceRegistry
+
+    try:
+        reg = DeviceRegistry(_store_url(data_dir, store_url))
+    except FieldmeshError:
+        return False
+    try:
+        return bool(reg.list(group=group, limit=1))
+    finally:
+        reg.close()
 
 
 @keys_app.command("list")
@@ -480,7 +510,8 @@ def keys_revoke(
 
 
 # Sub-command groups contributed by other stages, registered when their modules are present.
-for _name, _module in (("cdc", "fieldmesh.cli.cdc"), ("edge", "fieldmesh.edge.cli")):
+for _name, _module in (("ca", "fieldmesh.cli.ca"), ("cdc", "fieldmesh.cli.cdc"), ("devices", "fieldmesh.cli.devices"),
+                       ("edge", "fieldmesh.edge.cli")):
     try:
         _sub = importlib.import_module(_module)
     except ImportError:

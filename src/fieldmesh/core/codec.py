@@ -65,6 +65,7 @@ REASONS: Final = (
     "unauthorized",
     "unsupported_encoding",
     "unknown_topic",
+    "rate_limited",
 )
 #: How much of a rejected payload the DLQ keeps.
 DLQ_PAYLOAD_LIMIT: Final = 64 * 1024
@@ -412,6 +413,7 @@ def decode_single_readings(
     now_ms: int,
     max_skew_ms: int = 300_000,
     max_bytes: int = 256 * 1024,
+    aside: list[int] | None = None,
 ) -> list[Reading] | None:
     """Many JSON payloads of one valid reading each (the commonest device message), checked all at once.
 
@@ -422,6 +424,11 @@ def decode_single_readings(
     Returns the readings, exactly those :func:`decode_telemetry` gives payload by payload, or None when
     any payload is not one valid plain reading (another shape, a problem to report, an RFC 3339 ``ts``,
     a ``meta``): the caller then takes the payloads one by one, which says what is wrong with which.
+
+    ``aside``: when given, a payload whose ``device_id`` is not its device's does not make the whole call
+    step aside: its index is appended to ``aside`` (for the caller to take it one by one, and reject it),
+    and the readings are those of the other payloads, in order. One such payload in a batch (a device
+    publishing for another) then costs only itself.
     """
     n = len(payloads)
     if not n or max(map(len, payloads)) > max_bytes:
@@ -430,15 +437,25 @@ def decode_single_readings(
         ws = list(map(_fast_decoder.decode, payloads))
     except (msgspec.DecodeError, RecursionError):
         return None
+    dev_in = list(map(_dev_of, ws))
+    if dev_in.count(None) != n:
+        bad = [i for i, (d, dev) in enumerate(zip(dev_in, device_ids, strict=True)) if d is not None and d != dev]
+        if bad:
+            if aside is None or len(bad) == n:
+                return None
+            aside.extend(bad)
+            skip = set(bad)
+            keep = [i for i in range(n) if i not in skip]
+            ws = [ws[i] for i in keep]
+            device_ids = [device_ids[i] for i in keep]
+            received_ms = [received_ms[i] for i in keep]
+            n = len(keep)
     if list(map(_meta_of, ws)).count(None) != n:
         return None  # meta has its own checks (depth, what the bus carries): the one-by-one path runs them
     ts = list(map(_ts_of, ws))
     ts_a = np.array(ts)
     if ts_a.dtype != np.int64 or ts_a.min() < MIN_TS_MS or int(ts_a.max()) > now_ms + max_skew_ms:
         return None  # a str ts (RFC 3339) gives a str array, an int past int64 an object or uint64 array
-    dev_in = list(map(_dev_of, ws))
-    if dev_in.count(None) != n and any(d is not None and d != dev for d, dev in zip(dev_in, device_ids, strict=True)):
-        return None
     ms = list(map(_ms_of, ws))
     if not all(ms):
         return None
@@ -650,6 +667,8 @@ class _BusV2(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
 
 
 _v2_decoder = msgspec.msgpack.Decoder(_BusV2)
+#: One reading's measurements, as v2 carries them in ``measurements_json`` (and the stores write them).
+_measurements_decoder = msgspec.json.Decoder(dict[str, float | bool])
 
 
 def _bytes(a: np.ndarray[Any, Any], dtype: np.dtype[Any]) -> bytes:
@@ -773,6 +792,14 @@ def _join_v2(bodies: Sequence[_BusV2], ns: Sequence[int], ms: Sequence[int]) -> 
 
     measurements_json = np.empty(n, dtype=object)
     measurements_json[:] = [s for b in bodies for s in b.measurements_json]
+    # The stores write this column as it is: each row must be one JSON object of numbers (one decode per
+    # row; joining rows into one document could be fooled by a row that closes another's brackets).
+    decode_measurements = _measurements_decoder.decode
+    try:
+        for s in measurements_json:
+            decode_measurements(s)
+    except (msgspec.DecodeError, TypeError) as exc:
+        raise _fail(f"column measurements_json holds a row that is not an object of numbers: {exc}") from exc
     return ReadingColumns(
         devices=devices, device=device, ts_ms=column("ts_ms", _I8), received_ms=column("received_ms", _I8),
         key=key, chk=column("chk", _I8), seq=seq, boots=boots, boot=boot, event_id=objects("event_id"),

@@ -50,6 +50,22 @@ class GatewaySettings(BaseModel, frozen=True):
         1, ge=1, le=2, description="bus batch encoding the gateway writes: 2 (columnar) only once every processor"
         " reads it (docs/pipeline.md)"
     )
+    require_registration: bool = Field(False, description=(
+        "refuse devices that are not registered as active in the device registry (DLQ unknown_device; "
+        "suspended or retired: unauthorized); implies authenticated_topics (docs/security.md)"))
+    authenticated_topics: bool = Field(False, description=(
+        "the MQTT door authenticates devices and lets each publish only on its own topics, so the topic names "
+        "the sender: a payload naming another device is dead-lettered as unauthorized (else device_mismatch)"))
+    registry_poll_s: float = Field(1.0, gt=0, description=(
+        "how often the gateway asks the device registry whether it changed (one cheap read)"))
+    rate_limit_messages_per_s: float = Field(0.0, ge=0, description=(
+        "messages per second each device may publish (token bucket; 0: no limit); the excess is dead-lettered "
+        "as rate_limited"))
+    rate_limit_bytes_per_s: float = Field(0.0, ge=0, description=(
+        "payload bytes per second each device may publish (token bucket; 0: no limit)"))
+    rate_limit_burst_s: float = Field(10.0, gt=0, description=(
+        "the buckets hold this many seconds of the rates: a device may burst that much above its rate after a "
+        "quiet spell (the bytes bucket holds at least max_payload_bytes)"))
 
 
 class BusSettings(BaseModel, frozen=True):

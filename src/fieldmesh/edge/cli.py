@@ -66,6 +66,38 @@ def check(config: Annotated[Path, typer.Option("--config", "-c")] = Path("edge.y
     typer.echo(f"{config}: ok")
 
 
+@app.command()
+def provision(
+    url: Annotated[str, typer.Option("--url", help="the fieldmesh API, e.g. https://fieldmesh.example:8000")],
+    device_id: Annotated[str, typer.Option("--device-id", help="this device's id (the certificate's CN)")],
+    out: Annotated[Path, typer.Option("--out", help="directory for device.key, device.pem, chain.pem (0600)")],
+    token: Annotated[str | None, typer.Option("--token", envvar="FIELDMESH_ENROLLMENT_TOKEN",
+                                              help="a one-time enrollment token (fieldmesh ca token)")] = None,
+    claim_cert: Annotated[Path | None, typer.Option("--claim-cert", help="a claim certificate (PEM)")] = None,
+    claim_key: Annotated[Path | None, typer.Option("--claim-key", help="the claim certificate's key")] = None,
+    rotate: Annotated[bool, typer.Option("--rotate", help="renew with the current device.pem/device.key in --out")]
+    = False,
+    if_due: Annotated[bool, typer.Option("--if-due", help="with --rotate: only past 2/3 of the validity")] = False,
+    key_type: Annotated[str, typer.Option("--key-type", help="ec-p256, ec-p384, rsa-2048, ed25519")] = "ec-p256",
+    ca_file: Annotated[Path | None, typer.Option("--ca-file", help="CA bundle to verify an https API")] = None,
+) -> None:
+    """Get this device's certificate from the API (token, claim certificate, or rotation)."""
+    from fieldmesh.edge.provision import CERT_FILE, due_for_rotation
+    from fieldmesh.edge.provision import provision as run_provision
+
+    try:
+        if rotate and if_due and not due_for_rotation((out / CERT_FILE).read_bytes()):
+            typer.echo(f"{out / CERT_FILE}: not due for rotation yet")
+            return
+        done = run_provision(url, device_id=device_id, out_dir=out, token=token, claim_cert=claim_cert,
+                             claim_key=claim_key, rotate=rotate, key_type=key_type, ca_file=ca_file)
+    except (FieldmeshError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps({"certificate": str(done.certificate), "key": str(done.key), "chain": str(done.chain),
+                           "serial": done.serial, "not_after": done.not_after_ms}))
+
+
 def main() -> None:
     """Entry point of ``python -m fieldmesh.edge``."""
     app()

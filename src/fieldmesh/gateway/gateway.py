@@ -4,6 +4,10 @@ Every message taken from the source ends as readings on the bus, as a dead lette
 (for the known non-telemetry device topics, ``devices/{id}/state|config|anomalies``) acknowledged and
 ignored. One message can cost only itself: an exception while routing it, whatever its cause,
 becomes its dead letter; the worker goes on with the next.
+
+Before decoding, an :class:`~fieldmesh.gateway.admission.Admission` may refuse messages by their
+device: not registered (``unknown_device``), suspended or retired (``unauthorized``), over its rate
+limit (``rate_limited``). Refused messages are dead-lettered like any other rejection.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from fieldmesh.core.errors import FieldmeshError
 from fieldmesh.core.model import BusBatch, DeadLetter, Reading
 from fieldmesh.core.settings import GatewaySettings
 from fieldmesh.core.topics import DLQ_TOPIC, READINGS_TOPIC, partition_for, route_of_topic
+from fieldmesh.gateway.admission import Admission
 from fieldmesh.gateway.base import NO_DEVICE_TOPIC_PREFIX, IngestMessage, IngestSource
 
 __all__ = ["Gateway", "GatewayStats", "route"]
@@ -45,12 +50,53 @@ MAX_READINGS_PER_RECORD = 2000
 
 
 class GatewayStats:
-    """In-process counters of one gateway."""
+    """In-process counters of one gateway: messages and readings taken, dead letters by reason."""
 
     def __init__(self) -> None:
         self.messages = 0
         self.readings = 0
         self.rejected: dict[str, int] = {}
+
+
+#: topic -> the device whose telemetry it carries, "" for any other topic (checked by an Admission).
+_CHECKED: dict[str, str] = {}
+
+
+def _checked_device(topic: str) -> str:
+    kind, device, _ = route_of_topic(topic)
+    d = device if kind == "telemetry" and device else ""
+    if len(_CHECKED) >= _ROUTES_MAX:
+        _CHECKED.clear()
+    _CHECKED[topic] = d
+    return d
+
+
+def _admit(
+    messages: Sequence[IngestMessage], topics: list[str], admission: Admission, now_ms: int
+) -> tuple[Sequence[IngestMessage], list[DeadLetter], list[str | None]]:
+    """The messages ``admission`` lets through, and the dead letters (with their ids) of those it refuses."""
+    devices: list[str | None] = list(map(_CHECKED.get, topics))
+    if None in devices:
+        devices = [_checked_device(t) if d is None else d for t, d in zip(topics, devices, strict=True)]
+    shown = list(devices)
+    refused = admission.refuse(devices, list(map(_payload_of, messages)), now_ms)
+    if not refused:
+        return messages, [], []
+    dead = []
+    ids: list[str | None] = []
+    for i, (reason, detail) in sorted(refused.items()):
+        m = messages[i]
+        dead.append(_dead_letter(reason, detail, m, shown[i] or None))
+        ids.append(f"{m.source_id}-0" if m.source_id else None)
+    return [m for i, m in enumerate(messages) if i not in refused], dead, ids
+
+
+def _as_unauthorized(d: DeadLetter) -> DeadLetter:
+    """A ``device_mismatch`` where the topic is the sender's authenticated identity: ``unauthorized``."""
+    if d.reason != "device_mismatch":
+        return d
+    return msgspec.structs.replace(d, reason="unauthorized", detail=(
+        f"{d.detail}: the topic names the authenticated sender, which may publish only its own readings")[:300])
 
 
 _ROUTES: dict[tuple[str, int], tuple[str, str | None, str | None, int]] = {}
@@ -122,28 +168,35 @@ def _plain_routes(topics: Sequence[str], partitions: int) -> list[tuple[str, int
 
 
 def _route_bulk(
-    messages: Sequence[IngestMessage], settings: GatewaySettings, partitions: int, now_ms: int
-) -> tuple[dict[int, list[Reading]], int] | None:
+    messages: Sequence[IngestMessage], settings: GatewaySettings, partitions: int, now_ms: int,
+    topics: list[str] | None = None,
+) -> tuple[dict[int, list[Reading]], int, list[int]] | None:
     """Readings by partition of a batch of plain one-reading JSON messages (the commonest), decoded at once.
 
     None when any message is something else (another shape, encoding or topic, anything to reject): the
     caller then routes the batch message by message. Both ways give the same readings in the same order.
+    The exception, a payload naming another device (rejected, no reading): its index is in the list
+    returned last, for the caller to route it alone, and the rest of the batch stays on this path.
     """
     if not messages or list(map(_ctype_of, messages)).count(None) != len(messages):
         return None
     try:
-        routes = _plain_routes(list(map(_topic_of, messages)), partitions)
+        routes = _plain_routes(list(map(_topic_of, messages)) if topics is None else topics, partitions)
         if routes is None:
             return None
+        aside: list[int] = []
         readings = decode_single_readings(
             list(map(_payload_of, messages)), list(map(_device_of, routes)), list(map(_received_of, messages)),
-            now_ms=now_ms, max_skew_ms=settings.max_skew_ms, max_bytes=settings.max_payload_bytes,
+            now_ms=now_ms, max_skew_ms=settings.max_skew_ms, max_bytes=settings.max_payload_bytes, aside=aside,
         )
     except Exception:  # nothing foreseen raises here; if something does, the message-by-message path says what
         log.debug("bulk decoding failed; routing message by message", exc_info=True)
         return None
     if readings is None:
         return None
+    if aside:
+        skip = set(aside)
+        routes = [r for i, r in enumerate(routes) if i not in skip]
     parts = np.fromiter(map(_part_of, routes), np.int64, len(routes))
     order = np.argsort(parts, kind="stable")  # by partition, arrival order within each
     sorted_parts = parts[order]
@@ -155,16 +208,18 @@ def _route_bulk(
     for g in np.argsort(firsts, kind="stable").tolist():
         rows = order[starts[g] : ends[g]].tolist()
         by_part[int(sorted_parts[starts[g]])] = list(map(readings.__getitem__, rows))
-    return by_part, len(readings)
+    return by_part, len(readings), aside
 
 
 def route(
-    messages: Sequence[IngestMessage], *, settings: GatewaySettings, partitions: int, now_ms: int
+    messages: Sequence[IngestMessage], *, settings: GatewaySettings, partitions: int, now_ms: int,
+    admission: Admission | None = None,
 ) -> tuple[list[OutRecord], int, list[DeadLetter]]:
     """Turn raw messages into bus records: readings batched per partition, dead letters one each.
 
     Never raises for what a message holds: each message yields readings, dead letters (an unserved
-    topic: ``unknown_topic``), or nothing (a known side topic, ignored).
+    topic: ``unknown_topic``), or nothing (a known side topic, ignored). ``admission`` first refuses
+    the messages of devices that may not publish them (their dead letters come first).
 
     Returns the records, the number of valid readings, and the dead letters.
     """
@@ -172,10 +227,18 @@ def route(
     dead: list[DeadLetter] = []
     dead_ids: list[str | None] = []
     n = 0
-    bulk = _route_bulk(messages, settings, partitions, now_ms)
+    todo = messages
+    topics: list[str] | None = None
+    if admission is not None and admission.checks and messages:
+        topics = list(map(_topic_of, messages))
+        todo, dead, dead_ids = _admit(messages, topics, admission, now_ms)
+        if dead:
+            topics = None
+    relabel = admission is not None and admission.authenticated_topics
+    bulk = _route_bulk(todo, settings, partitions, now_ms, topics) if todo else None
     if bulk is not None:
-        by_part, n = bulk
-    for m in messages if bulk is None else ():
+        by_part, n, aside = bulk
+    for m in todo if bulk is None else [todo[i] for i in aside]:
         try:
             routed = _route_one(m, settings, partitions, now_ms)
         except Exception as exc:  # a bug or a case nobody foresaw: it costs this message, not the worker
@@ -185,6 +248,8 @@ def route(
         if routed is None:
             continue
         part, res = routed
+        if relabel and res.rejects:
+            res.rejects = list(map(_as_unauthorized, res.rejects))
         if res.readings:
             by_part.setdefault(part, []).extend(res.readings)
             n += len(res.readings)
@@ -263,12 +328,14 @@ class Gateway:
     """
 
     def __init__(
-        self, *, source: IngestSource, producer: Producer, settings: GatewaySettings, partitions: int
+        self, *, source: IngestSource, producer: Producer, settings: GatewaySettings, partitions: int,
+        admission: Admission | None = None,
     ) -> None:
         self.source = source
         self.producer = producer
         self.settings = settings
         self.partitions = partitions
+        self.admission = admission
         self.stats = GatewayStats()
 
     async def _fetch_routed(
@@ -278,7 +345,7 @@ class Gateway:
         if not msgs:
             return None
         records, n, dead = route(msgs, settings=self.settings, partitions=self.partitions,
-                                 now_ms=int(time.time() * 1000))
+                                 now_ms=int(time.time() * 1000), admission=self.admission)
         return msgs, records, n, dead
 
     async def _deliver(
@@ -312,7 +379,16 @@ class Gateway:
             self.stats.rejected[d.reason] = self.stats.rejected.get(d.reason, 0) + 1
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Run until ``stop`` is set: decoding the next batch overlaps with sending the last one."""
+        """Run until ``stop`` is set: decoding the next batch overlaps with sending the last one.
+
+        With registration enforced, no message is taken before the registry was read once (whoever
+        polls it: :meth:`RegisteredDevices.run`); until then they wait at the source.
+        """
+        registered = self.admission.registered if self.admission is not None else None
+        if registered is not None and not registered.ready:
+            log.info("waiting for the device registry before taking messages")
+            if not await registered.wait_ready(stop):
+                return
         queue: asyncio.Queue[tuple[list[IngestMessage], list[OutRecord], int, list[DeadLetter]] | None]
         queue = asyncio.Queue(maxsize=2)
 

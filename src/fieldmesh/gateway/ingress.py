@@ -21,7 +21,9 @@ wins:
    A NATS subject ``devices.<id>.telemetry`` needs no template.
 
 A message whose device id cannot be found goes to the DLQ (``schema_violation``); a key and a
-payload ``device_id`` that differ are rejected as ``device_mismatch``, as on MQTT.
+payload ``device_id`` that differ are rejected as ``device_mismatch``, as on MQTT (``unauthorized`` when
+the gateway takes topics as authenticated identities, ``gateway.authenticated_topics`` or enforced
+registration, whose check applies to the device found here).
 
 Acknowledgement: the gateway calls :meth:`ack` only after the bus acknowledged every record
 derived from the messages; only then are the Kafka offsets committed (or the JetStream messages

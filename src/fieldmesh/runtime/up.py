@@ -31,6 +31,7 @@ from fieldmesh.bus import Bus, TopicSpec, load_bus
 from fieldmesh.core.errors import ConfigError, FieldmeshError
 from fieldmesh.core.settings import RuntimeSettings, Settings
 from fieldmesh.core.topics import DLQ_TOPIC, GATEWAY_GROUP, INGEST_TOPIC, READINGS_TOPIC
+from fieldmesh.gateway.admission import describe_checks
 from fieldmesh.gateway.sources import MqttSource, ingest_spec
 from fieldmesh.runtime.doorauth import DoorPolicy, DoorTls, InternalAuth, internal_auth, policy_from_registry
 from fieldmesh.runtime.enrichment import join_topic, source_database
@@ -233,7 +234,7 @@ def _door_mode(opts: UpOptions, door: str, policy: DoorPolicy | None) -> str:
 def _open_registry(store_url: str) -> Any:
     """The device registry of the hot store (the door's certificates), or a ConfigError."""
     try:
-        from fieldmesh.store.registry import DeviceRegistry  # type: ignore[import-not-found,unused-ignore]
+        from fieldmesh.store.registry import DeviceRegistry
     except ImportError as exc:
         raise ConfigError("--require-client-cert needs the device registry (fieldmesh.store.registry), which this "
                           "installation lacks", key="require_client_cert") from exc
@@ -293,12 +294,17 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
     policy = settings.runtime
     tls = opts.mqtt_tls
     mtls = tls is not None and tls.require_client_cert
+    if mtls and door_kind != "external" and not settings.gateway.authenticated_topics:
+        # the door confines each device to its own topics: a payload naming another device is a device
+        # publishing for another one (unauthorized), not a bridge's mistake (device_mismatch)
+        settings = settings.model_copy(update={"gateway": settings.gateway.model_copy(
+            update={"authenticated_topics": True})})
     auth = internal_auth(data_dir)  # the internal user of the embedded bus and the Mosquitto door
     nats: EmbeddedNats | None = None
     children: list[_Child] = []
     sim: _Child | None = None
     server: Any = None
-    registry: Any = None
+    door_registry: Any = None  # the device registry the door's certificates come from (mutual TLS)
     t_start = time.monotonic()
     try:
         store_url = opts.store_url or default_store_url(data_dir)
@@ -307,8 +313,8 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
         store.close()
         door_policy: DoorPolicy | None = None
         if mtls and door_kind != "external":
-            registry = _open_registry(store_url)
-            door_policy = await asyncio.to_thread(policy_from_registry, registry)
+            door_registry = _open_registry(store_url)
+            door_policy = await asyncio.to_thread(policy_from_registry, door_registry)
         nats_door = door_kind == "nats"  # the nats-server MQTT listener is the door (not Mosquitto, not external)
         if opts.bus_url is None or nats_door:
             # The embedded nats-server is the bus, or (with --bus-url) only the MQTT door and the
@@ -355,7 +361,9 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
                       "ingest_bus_url": door_url if door_url != bus_url else None,
                       "mqtt_auth_file": str(auth.path) if door_child else None,
                       # stable across restarts of this data dir, so the broker keeps its persistent session
-                      "client_id": f"fm-gw-{settings.gateway.share_group}-{zlib.crc32(str(data_dir).encode()):08x}"}
+                      "client_id": f"fm-gw-{settings.gateway.share_group}-{zlib.crc32(str(data_dir).encode()):08x}",
+                      # the device registry lives in the hot store
+                      **({"registry_url": store_url} if settings.gateway.require_registration else {})}
             if door_child is not None:
                 await asyncio.to_thread(ensure_session, opts.mqtt_port, client_id=str(gw_cfg["client_id"]),
                                         filters=MqttSource.filters(None),
@@ -421,12 +429,30 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
                 return (f"stalled: {stalled[0]} waiting, no progress for {stalled[1]:.0f}s "
                         f"(last log line: {_last_line(c.log_path)[:300]})")
 
+            registry: list[Any] = []  # the device registry, opened on first use when registration is enforced
+
+            def registry_health() -> str:
+                """Whether the registry the gateway reads can be read (it keeps the last devices it read)."""
+                from fieldmesh.store.registry import DeviceRegistry
+
+                try:
+                    if not registry:
+                        registry.append(DeviceRegistry(store_url))
+                        stack.callback(registry[0].close)
+                    registry[0].version()
+                    return "ok"
+                except Exception as exc:
+                    return (f"error: the device registry cannot be read ({type(exc).__name__}: {exc}"[:300]
+                            + "); the gateway keeps the devices it read last")
+
             async def health() -> dict[str, Any]:
                 h: dict[str, Any] = {c.name: stage_health(c) for c in children}
                 if nats is not None:
                     h[bus_name] = ("ok" if nats.alive() else f"failed: {nats_failed}" if nats_failed
                                    else f"restarting (restart {nats_restarts.restarts})")
                     h["disk"] = "ok" if door_closed is None else door_closed
+                if settings.gateway.require_registration:
+                    h["registry"] = await asyncio.to_thread(registry_health)
                 return h
 
             import uvicorn
@@ -451,7 +477,9 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
                 plag[:] = [time.monotonic(), out]
                 return out
 
-            app = create_app(store_url, health=health, lag=lag, partition_lag=partition_lag, access=access)
+            app = create_app(store_url, health=health, lag=lag, partition_lag=partition_lag, access=access,
+                             ca_dir=data_dir / "ca")
+            app.state.provision.start_crl_refresher()
             server = _api_server(uvicorn.Config(
                 app, host=opts.http_host, port=opts.http_port, log_level="warning", lifespan="off",
                 ssl_certfile=opts.tls_cert, ssl_keyfile=opts.tls_key))
@@ -473,6 +501,7 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
                 f"(topic devices/<id>/telemetry); API [bold]{api_url}[/] ({access.describe()}); "
                 f"{_door_line(door_kind)}; {_door_mode(opts, door_kind, door_policy)}; bus {bus_url}; store {store_url}"
                 + (f"; simulating {opts.simulate} devices" if opts.simulate else "")
+                + (f"; {checks}" if (checks := describe_checks(settings.gateway)) else "")
                 + "".join(f"; {note}" for note in port_notes)
             )
             stop = asyncio.Event()
@@ -482,8 +511,8 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
             if ready is not None:
                 ready.set()
             deadline = time.monotonic() + opts.duration_s if opts.duration_s else None
-            watch_door = _DoorWatch(registry, door_policy, nats if nats_door else None, door_child, mosq_conf,
-                                    console) if registry is not None else None
+            watch_door = _DoorWatch(door_registry, door_policy, nats if nats_door else None, door_child, mosq_conf,
+                                    console) if door_registry is not None else None
             while not stop.is_set():
                 if deadline and time.monotonic() >= deadline:
                     break
@@ -543,10 +572,11 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
             server.should_exit = True
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(api_task, 5)
+            server.config.app.state.provision.close()
         if nats is not None:
             nats.stop()
-        if registry is not None:
-            registry.close()
+        if door_registry is not None:
+            door_registry.close()
         access.close()
         lock.close()
     summary = _summary(load_store(store_url, readonly=True), time.monotonic() - t_start, at_start)

@@ -44,18 +44,27 @@ def _stop_event() -> asyncio.Event:
 async def run_gateway(
     *, bus_url: str, mqtt_url: str | None, settings: Settings, stop: asyncio.Event | None = None,
     client_id: str | None = None, sole: bool = False, ingest_urls: list[str] | None = None,
-    ingest_bus_url: str | None = None, mqtt_auth_file: str | None = None,
+    ingest_bus_url: str | None = None, registry_url: str | None = None, mqtt_auth_file: str | None = None,
 ) -> None:
     """Run a gateway: from an MQTT broker and/or ingest topics (``ingest_urls``: Kafka topics, NATS
     subjects), else from the embedded ingest stream (on ``ingest_bus_url``, the embedded
     nats-server, when the bus is another one such as Kafka). Each source runs its own gateway loop.
 
-    ``mqtt_auth_file`` (JSON ``{"user", "password"}``) holds the broker credentials, kept off the
-    command line (``fieldmesh up`` passes its internal user this way to the Mosquitto door)."""
+    ``registry_url``: the hot store holding the device registry, read when registration is enforced.
+    The sources share one admission (registry view and rate limits). ``mqtt_auth_file`` (JSON
+    ``{"user", "password"}``) holds the broker credentials, kept off the command line (``fieldmesh up``
+    passes its internal user this way to the Mosquitto door)."""
+    from fieldmesh.gateway.admission import build_admission
     from fieldmesh.gateway.gateway import Gateway
     from fieldmesh.gateway.ingress import load_ingest
     from fieldmesh.gateway.sources import MqttSource, NatsIngestSource
 
+    def open_registry() -> Any:
+        from fieldmesh.store.registry import DeviceRegistry
+
+        return DeviceRegistry(registry_url or "")
+
+    admission = build_admission(settings.gateway, open_registry if registry_url else None)
     stop = stop or _stop_event()
     async with contextlib.AsyncExitStack() as stack:
         bus = await stack.enter_async_context(load_bus(bus_url))
@@ -78,9 +87,11 @@ async def run_gateway(
                 await source.start()
                 started.append(source)
             async with asyncio.TaskGroup() as tg:
+                if admission is not None and admission.registered is not None:
+                    tg.create_task(admission.registered.run(stop), name="gateway-registry")
                 for source in sources:
                     gw = Gateway(source=source, producer=bus.producer(), settings=settings.gateway,
-                                 partitions=settings.bus.partitions)
+                                 partitions=settings.bus.partitions, admission=admission)
                     gateways.append(gw)
                     log.info("gateway running: %s -> %s", _redact(getattr(source, "url", source.name)),
                              _redact(bus_url))
@@ -92,6 +103,10 @@ async def run_gateway(
                 st = gw.stats
                 log.info("gateway %s stopped: %d messages, %d readings, rejected %s", gw.source.name,
                          st.messages, st.readings, st.rejected)
+            if admission is not None and admission.registered is not None:
+                reg = admission.registered
+                log.info("device registry: version %s, %d active devices, %d failed reads", reg.version,
+                         len(reg.active), reg.errors)
 
 
 async def run_processor(

@@ -309,19 +309,39 @@ class DeviceRegistry(HotTables):
         return None if row is None else _row_device(row)
 
     def _write(self, con: Any, dev: Device, actor: str, *, new: bool) -> None:
-        values = (dev.status, json.dumps(list(dev.groups)), json.dumps(list(dev.tags)),
-                  json.dumps(dev.attributes, sort_keys=True), dev.updated_ms, actor)
+        self._write_many(con, [dev] if new else [], [] if new else [dev], actor)
+
+    def _write_many(self, con: Any, new: Sequence[Device], changed: Sequence[Device], actor: str) -> None:
+        """Insert ``new`` devices and rewrite ``changed`` ones, a statement per kind (batched)."""
+        def values(d: Device) -> tuple[Any, ...]:
+            return (d.status, json.dumps(list(d.groups)), json.dumps(list(d.tags)),
+                    json.dumps(d.attributes, sort_keys=True), d.updated_ms, actor)
+
+        cur = con.cursor()
         if new:
-            con.execute(self._sql("INSERT INTO device_registry (id, status, groups, tags, attributes, updated_ms,"
-                                  " updated_by, created_ms, created_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"),
-                        (dev.id, *values, dev.created_ms, actor))
-        else:
-            con.execute(self._sql("UPDATE device_registry SET status = ?, groups = ?, tags = ?, attributes = ?,"
-                                  " updated_ms = ?, updated_by = ? WHERE id = ?"), (*values, dev.id))
-            con.execute(self._sql("DELETE FROM device_registry_groups WHERE device_id = ?"), (dev.id,))
-        for g in dev.groups:
-            con.execute(self._sql("INSERT INTO device_registry_groups (group_name, device_id) VALUES (?, ?)"),
-                        (g, dev.id))
+            cur.executemany(self._sql("INSERT INTO device_registry (id, status, groups, tags, attributes, updated_ms,"
+                                      " updated_by, created_ms, created_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"),
+                            [(d.id, *values(d), d.created_ms, actor) for d in new])
+        if changed:
+            cur.executemany(self._sql("UPDATE device_registry SET status = ?, groups = ?, tags = ?, attributes = ?,"
+                                      " updated_ms = ?, updated_by = ? WHERE id = ?"),
+                            [(*values(d), d.id) for d in changed])
+            cur.executemany(self._sql("DELETE FROM device_registry_groups WHERE device_id = ?"),
+                            [(d.id,) for d in changed])
+        members = [(g, d.id) for d in (*new, *changed) for g in d.groups]
+        if members:
+            cur.executemany(self._sql("INSERT INTO device_registry_groups (group_name, device_id) VALUES (?, ?)"),
+                            members)
+
+    def _get_many(self, con: Any, ids: Sequence[str]) -> dict[str, Device]:
+        out: dict[str, Device] = {}
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            marks = ", ".join("?" * len(chunk))
+            rows = con.execute(self._sql(f"SELECT {_DEVICE_COLS} FROM device_registry WHERE id IN ({marks})"),
+                               chunk).fetchall()
+            out.update((r[0], _row_device(r)) for r in rows)
+        return out
 
     @staticmethod
     def _changes(old: Device, new: Device) -> dict[str, Any]:
@@ -491,8 +511,11 @@ class DeviceRegistry(HotTables):
             changed: builtins.list[str] = []
             problems: builtins.list[tuple[int, str]] = []
             denied: builtins.list[tuple[int, str]] = []
+            existing = self._get_many(con, [r.device_id for r in rows])
+            to_add: builtins.list[Device] = []
+            to_change: builtins.list[Device] = []
             for row in rows:
-                old = self._get(con, row.device_id)
+                old = existing.get(row.device_id)
                 if old is None:
                     attrs = {k: v for k, v in row.attributes.items() if v is not None}
                     dev = Device(id=row.device_id, status=row.status or "active", groups=row.groups or (),
@@ -520,10 +543,10 @@ class DeviceRegistry(HotTables):
                         denied.append((row.line, str(exc)))
                         continue
                 if old is None:
-                    self._write(con, dev, actor, new=True)
+                    to_add.append(dev)
                     counts["added"] += 1
                 elif self._changes(old, dev):
-                    self._write(con, dev, actor, new=False)
+                    to_change.append(dev)
                     counts["updated"] += 1
                 else:
                     counts["unchanged"] += 1
@@ -536,6 +559,7 @@ class DeviceRegistry(HotTables):
                     f"line {n}: {m}" for n, m in denied[:20]) + (f" (and {len(denied) - 20} more)"
                                                                 if len(denied) > 20 else ""))
             if changed:
+                self._write_many(con, to_add, to_change, actor)
                 self._bump(con)
                 self._audit(con, actor, "device.import", f"{len(changed)} devices",
                             {**counts, "devices": changed[:1000], "more": max(0, len(changed) - 1000)})
@@ -609,6 +633,14 @@ class DeviceRegistry(HotTables):
         if where:
             sql += " WHERE " + " AND ".join(where)
         return [_row_cert(r) for r in self._fetch(sql + " ORDER BY serial", params)]
+
+    def revoked(self, *, at_ms: int | None = None) -> builtins.list[tuple[str, int]]:
+        """``(serial, revoked_ms)`` of the revoked certificates not yet expired at ``at_ms`` (now by default),
+        by serial: what a certificate revocation list names."""
+        at = at_ms if at_ms is not None else _now_ms()
+        rows = self._fetch("SELECT serial, revoked_ms FROM device_certificates WHERE revoked_ms IS NOT NULL"
+                           " AND not_after_ms > ? ORDER BY serial", (at,))
+        return [(str(r[0]), int(r[1])) for r in rows]
 
     def version(self) -> int:
         """A number that strictly increases with every change of the devices or certificates."""

@@ -1,0 +1,1 @@
+"""The control plane: the certificate authority and device provisioning (docs/provisioning.md)."""
