@@ -234,9 +234,22 @@ def _identity(device_id: str, pem: str, serial: str) -> DeviceIdentity | None:
     return DeviceIdentity(device_id, subject, cn, spki_sha256(cert), serial)
 
 
-def policy_from_registry(registry: RegistryLike, *, now_ms: int | None = None) -> DoorPolicy:
-    """The door policy of the registry now: valid, unrevoked certificates of active devices."""
+def policy_from_registry(registry: RegistryLike, *, now_ms: int | None = None,
+                         cache: dict[tuple[str, str], DeviceIdentity | None] | None = None) -> DoorPolicy:
+    """The door policy of the registry now: valid, unrevoked certificates of active devices.
+
+    ``cache`` (kept by the caller across calls) holds each certificate's parsed identity by (device,
+    serial), so that a change re-parses only the certificates it added.
+    """
     now = int(time.time() * 1000) if now_ms is None else now_ms
+    seen: dict[tuple[str, str], DeviceIdentity | None] = {} if cache is None else cache
+
+    def identity(c: Any) -> DeviceIdentity | None:
+        key = (c.device_id, c.serial)
+        if key not in seen:
+            seen[key] = _identity(c.device_id, c.pem, c.serial)
+        return seen[key]
+
     active: set[str] = set()
     after: str | None = None
     while True:
@@ -253,11 +266,11 @@ def policy_from_registry(registry: RegistryLike, *, now_ms: int | None = None) -
         if not (c.not_before_ms <= now <= c.not_after_ms and (c.revoked_ms is None or c.revoked_ms > now)):
             invalid.append(c)
             continue
-        ident = _identity(c.device_id, c.pem, c.serial)
+        ident = identity(c)
         if ident is not None:
             ids.append(ident)
     subjects = {i.subject for i in ids}
-    pin = any((ident := _identity(c.device_id, c.pem, c.serial)) is not None and ident.subject in subjects
+    pin = any((ident := identity(c)) is not None and ident.subject in subjects
               for c in invalid  # revoked, and not expired yet: TLS alone would still take it
               if c.revoked_ms is not None and c.revoked_ms <= now and c.not_after_ms >= now)
     return DoorPolicy(tuple(sorted(ids)), pin)

@@ -23,6 +23,7 @@ import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import IO, Any, Final
 
@@ -761,6 +762,7 @@ class _DoorWatch:
         self.rebuild_at = time.monotonic() + 60
         self.crl_mtime = _mtime(mosq_conf["crl"])
         self.warned_at = 0.0
+        self.parsed: dict[tuple[str, str], Any] = {}  # certificates parsed so far, by (device, serial)
 
     async def poll(self) -> None:
         now = time.monotonic()
@@ -773,7 +775,7 @@ class _DoorWatch:
             return
         first = self.version is None
         self.version, self.rebuild_at = version, now + 60
-        new = await asyncio.to_thread(policy_from_registry, self.registry)
+        new = await asyncio.to_thread(partial(policy_from_registry, self.registry, cache=self.parsed))
         crl_changed, self.crl_mtime = crl_mtime != self.crl_mtime, crl_mtime
         if new == self.policy and not (crl_changed and self.mosquitto is not None):
             return
