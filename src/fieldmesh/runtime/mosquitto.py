@@ -156,17 +156,19 @@ def write_config(*, port: int, state_dir: Path, auth: InternalAuth | None = None
     return conf
 
 
-def write_acls(state_dir: Path, *, auth: InternalAuth, anonymous: bool, policy: DoorPolicy) -> None:
+def write_acls(state_dir: Path, *, auth: InternalAuth, anonymous: bool, policy: DoorPolicy | None = None) -> None:
     """The ACL files: ``acl-local`` (internal user; anonymous clients confined to ``devices/#``) and
-    ``acl-tls`` (each device of ``policy`` its own topics; anonymous TLS clients as on loopback)."""
+    ``acl-tls``: each certificate's identity (its CN, the device id) its own topics, as ``pattern`` lines,
+    so a device is confined from its first packet on, without waiting for a reload; anonymous TLS clients
+    as on loopback. Whether the device may publish at all (registered, active) is the gateway's check
+    (``gateway.require_registration``), which dead-letters what it refuses, counted; revocation is the
+    CRL's. (Mosquitto skips a ``%u`` pattern for a user name with ``/``, ``+`` or ``#``.)"""
+    del policy  # the registry's view decides at the gateway and through the CRL, not in the ACL
     anon = ["# anonymous clients: device topics only", "topic readwrite devices/#", ""] if anonymous else []
     _write_private(state_dir / "acl-local", "\n".join([*anon, f"user {auth.user}", "topic readwrite #", ""]))
-    lines = list(anon)
-    for user in sorted(policy.mosquitto_users()):
-        lines.append(f"user {user}")
-        lines += [f"topic write {t}" for t in device_publish_topics(user)]
-        lines += [f"topic read {t}" for t in device_subscribe_topics(user)]
-        lines.append("")
+    lines = [*anon, "# a device (its certificate's CN, the device id): its own topics only"]
+    lines += [f"pattern write {t}" for t in device_publish_topics("%u")]
+    lines += [f"pattern read {t}" for t in device_subscribe_topics("%u")]
     _write_private(state_dir / "acl-tls", "\n".join(lines) + "\n")
 
 

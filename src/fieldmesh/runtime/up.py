@@ -34,7 +34,7 @@ from fieldmesh.core.settings import RuntimeSettings, Settings
 from fieldmesh.core.topics import DLQ_TOPIC, GATEWAY_GROUP, INGEST_TOPIC, READINGS_TOPIC
 from fieldmesh.gateway.admission import describe_checks
 from fieldmesh.gateway.sources import MqttSource, ingest_spec
-from fieldmesh.runtime.doorauth import DoorPolicy, DoorTls, InternalAuth, internal_auth, policy_from_registry
+from fieldmesh.runtime.doorauth import DoorPolicy, DoorTls, internal_auth, policy_from_registry
 from fieldmesh.runtime.enrichment import join_topic, source_database
 from fieldmesh.runtime.mosquitto import (
     accepts,
@@ -42,7 +42,6 @@ from fieldmesh.runtime.mosquitto import (
     find_mosquitto,
     mosquitto_version,
     resolve_door,
-    write_acls,
     write_config,
 )
 from fieldmesh.runtime.natsserver import EmbeddedNats, free_port, port_in_use
@@ -295,11 +294,15 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
     policy = settings.runtime
     tls = opts.mqtt_tls
     mtls = tls is not None and tls.require_client_cert
-    if mtls and door_kind != "external" and not settings.gateway.authenticated_topics:
-        # the door confines each device to its own topics: a payload naming another device is a device
-        # publishing for another one (unauthorized), not a bridge's mistake (device_mismatch)
-        settings = settings.model_copy(update={"gateway": settings.gateway.model_copy(
-            update={"authenticated_topics": True})})
+    if mtls and door_kind != "external":
+        # The door confines each device to its own topics: a payload naming another device is a device
+        # publishing for another one (unauthorized), not a bridge's mistake (device_mismatch). Mosquitto
+        # takes every certificate of the CA that is not on the CRL: the gateway refuses devices that are
+        # not registered as active (dead letters, counted), which nats-server does at CONNECT itself.
+        gw = {"authenticated_topics": True}
+        if door_kind == "mosquitto":
+            gw["require_registration"] = True
+        settings = settings.model_copy(update={"gateway": settings.gateway.model_copy(update=gw)})
     auth = internal_auth(data_dir)  # the internal user of the embedded bus and the Mosquitto door
     nats: EmbeddedNats | None = None
     children: list[_Child] = []
@@ -779,24 +782,17 @@ class _DoorWatch:
         crl_changed, self.crl_mtime = crl_mtime != self.crl_mtime, crl_mtime
         if new == self.policy and not (crl_changed and self.mosquitto is not None):
             return
-        old, self.policy = self.policy, new
+        self.policy = new
         t0 = time.monotonic()
         what: str | None = None
         if self.nats is not None:
             what = await asyncio.to_thread(self.nats.set_policy, new)
-        elif self.mosquitto is not None:
-            auth: InternalAuth = self.mosq_conf["auth"]
-            self.mosq_conf["policy"] = new
-            gone = {i.serial for i in old.identities} - {i.serial for i in new.identities}
-            if gone or crl_changed:
-                self.mosquitto.stop()
-                await asyncio.to_thread(_start_mosquitto, self.mosq_conf, Path(), self.mosquitto)
-                what = "restart"
-            else:
-                write_acls(self.mosq_conf["state_dir"], auth=auth, anonymous=self.mosq_conf["anonymous"], policy=new)
-                if self.mosquitto.proc is not None and self.mosquitto.alive():
-                    self.mosquitto.proc.send_signal(signal.SIGHUP)
-                what = "reload"
+        elif self.mosquitto is not None and crl_changed:
+            # Mosquitto checks the CRL at a handshake only, and reads it at start: a restart closes the
+            # connections of revoked certificates (a clean stop saves its sessions and queues)
+            self.mosquitto.stop()
+            await asyncio.to_thread(_start_mosquitto, self.mosq_conf, Path(), self.mosquitto)
+            what = "restart (new CRL)"
         if what is not None and not first:
             took = (time.monotonic() - t0) * 1000
             self.console.print(f"door: the device registry changed (version {version}): "
