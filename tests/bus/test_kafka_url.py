@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from fieldmesh.bus.kafka import KafkaBus, parse_kafka_url
+from fieldmesh.bus.kafka import KafkaBus, parse_kafka_url, redact_url
 from fieldmesh.core.errors import ConfigError
 
 
@@ -47,3 +49,25 @@ def test_bad_urls_name_the_setting(url: str) -> None:
 def test_bad_replication_factor() -> None:
     with pytest.raises(ConfigError, match="replication_factor"):
         KafkaBus("kafka://b1:9092?replication_factor=three")
+
+
+def test_password_file_keeps_the_secret_off_the_url(tmp_path: Path) -> None:
+    pw = tmp_path / "kafka.pw"
+    pw.write_text("s3cret\n")
+    url = f"kafka://fm@b1:9093?security.protocol=SASL_SSL&sasl.mechanism=SCRAM-SHA-256&password_file={pw}"
+    _, common, _, _, fm = parse_kafka_url(url)
+    assert common["sasl.username"] == "fm" and common["sasl.password"] == "s3cret"
+    assert fm == {} and "password_file" not in common
+    assert KafkaBus(url).producer_config()["sasl.password"] == "s3cret"
+    with pytest.raises(ConfigError, match="password_file") as ei:
+        parse_kafka_url(f"kafka://fm@b1:9093?password_file={tmp_path / 'missing'}")
+    assert ei.value.key == "bus_url"
+
+
+def test_messages_show_urls_without_passwords() -> None:
+    assert redact_url("kafka://fm:p%3Ass@b1:9093?x=1") == "kafka://fm:***@b1:9093?x=1"
+    assert redact_url("kafka://b1:9093?sasl.password=abc&producer.sasl.password=d") == \
+        "kafka://b1:9093?sasl.password=***&producer.sasl.password=***"
+    with pytest.raises(ConfigError) as ei:
+        KafkaBus("kafka://fm:topsecret@b1:9092?replication_factor=three")
+    assert "topsecret" not in str(ei.value)

@@ -4,7 +4,9 @@ URL: ``kafka://host:port[,host:port]?param=value&...``. Every query parameter is
 setting passed through unchanged (``security.protocol``, ``sasl.mechanism``, ``sasl.username``,
 ``sasl.password``, ``ssl.ca.location``, ``linger.ms``, ``session.timeout.ms`` ...). A
 ``producer.`` or ``consumer.`` prefix limits a setting to that client (``consumer.fetch.max.bytes``);
-``replication_factor`` (default 1) and ``partitioner`` are fieldmesh parameters.
+``replication_factor`` (default 1) and ``partitioner`` are fieldmesh parameters. Credentials:
+``kafka://user:password@host:port`` sets ``sasl.username``/``sasl.password``; ``password_file=PATH``
+reads ``sasl.password`` from a file instead, so that no secret is on a command line (docs/security.md).
 
 What an acknowledgement means: :meth:`KafkaProducer.send` returns when librdkafka reported a
 successful delivery for every record with ``acks=all`` and the idempotent producer, i.e. every
@@ -21,12 +23,14 @@ import asyncio
 import contextlib
 import logging
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from itertools import repeat
 from operator import itemgetter
+from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, Self, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -64,7 +68,7 @@ _CONSUMER_DEFAULTS: Final[dict[str, Any]] = {
     # librdkafka prefetches up to this much per consumer: the backlog stays in the broker, not in memory
     "queued.max.messages.kbytes": 32 * 1024,
 }
-_FM_PARAMS: Final = {"replication_factor"}
+_FM_PARAMS: Final = {"replication_factor", "password_file"}
 #: The headers of a record that has none (shared: records are read, never changed).
 _NO_HEADERS: Final[Mapping[str, str]] = MappingProxyType({})
 _first, _second = itemgetter(0), itemgetter(1)
@@ -89,7 +93,7 @@ def parse_kafka_url(url: str) -> tuple[str, dict[str, str], dict[str, str], dict
     parts = urlsplit(url)
     if parts.scheme.lower() != "kafka" or not parts.netloc:
         raise ConfigError(
-            f"bad Kafka URL {url!r}: use kafka://host:port[,host:port]?setting=value", key="bus_url"
+            f"bad Kafka URL {redact_url(url)!r}: use kafka://host:port[,host:port]?setting=value", key="bus_url"
         )
     netloc = parts.netloc
     if "@" in netloc:  # kafka://user:pass@host:port -> SASL credentials
@@ -111,7 +115,19 @@ def parse_kafka_url(url: str) -> tuple[str, dict[str, str], dict[str, str], dict
             cons[k[len("consumer.") :]] = v
         else:
             common[k] = v
+    if "password_file" in fm:  # the SASL password from a file: no secret on a command line
+        path = fm.pop("password_file")
+        try:
+            common["sasl.password"] = Path(path).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"Kafka URL password_file {path}: {exc.strerror}", key="bus_url") from exc
     return netloc, common, prod, cons, fm
+
+
+def redact_url(url: str) -> str:
+    """A bus URL as shown in messages: its password (``user:password@``, ``sasl.password=``) is ``***``."""
+    url = re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
+    return re.sub(r"((?:^|[?&])(?:[a-z]+\.)?sasl\.password=)[^&]*", r"\1***", url)
 
 
 def _backoff(attempt: int, *, base_s: float = 0.2, cap_s: float = 5.0) -> float:
@@ -400,7 +416,7 @@ class KafkaBus:
         try:
             self.replication_factor = int(fm.get("replication_factor", "1"))
         except ValueError as exc:
-            raise ConfigError(f"replication_factor must be an integer in {url!r}", key="bus_url") from exc
+            raise ConfigError(f"replication_factor must be an integer in {redact_url(url)!r}", key="bus_url") from exc
         self._timeout = connect_timeout_s
         self._admin: Any = None
         self._producer: KafkaProducer | None = None
@@ -427,7 +443,7 @@ class KafkaBus:
         try:
             self._admin = ck.admin.AdminClient(self._base())
         except ck.KafkaException as exc:
-            raise ConfigError(f"invalid Kafka settings in {self.url!r}: {exc}", key="bus_url") from exc
+            raise ConfigError(f"invalid Kafka settings in {redact_url(self.url)!r}: {exc}", key="bus_url") from exc
         await self._wait_reachable()
         return self
 
@@ -527,7 +543,7 @@ class KafkaBus:
                     p = ck.Producer(self.producer_config())
                 except ck.KafkaException as exc:
                     raise ConfigError(
-                        f"invalid Kafka producer settings in {self.url!r}: {exc}", key="bus_url"
+                        f"invalid Kafka producer settings in {redact_url(self.url)!r}: {exc}", key="bus_url"
                     ) from exc
                 conf = self.producer_config()
                 timeout = float(conf.get("message.timeout.ms", 300_000)) / 1000 + 10

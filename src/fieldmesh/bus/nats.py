@@ -11,6 +11,11 @@ of the machine. ``fsync=always`` on the embedded server makes it survive power l
 
 Offsets are stream sequences, global to the stream: a partition's offsets grow but are not dense.
 Ingest streams (:meth:`NatsBus.ingest`) are not partitioned: their records are partition 0.
+
+Credentials: ``nats://user:password@host:port`` as nats-py takes them, or in a file named by the URL,
+so that no secret is on a command line: ``?auth_file=PATH`` (JSON ``{"user": ..., "password": ...}``,
+what ``fieldmesh up`` keeps in ``<data-dir>/secrets/internal.json``) or ``?creds=PATH`` (a NATS
+``.creds`` file: JWT and nkey seed). ``tls://`` connects with TLS.
 """
 
 from __future__ import annotations
@@ -18,12 +23,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self, TypeVar
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, urlparse
 
 import nats
 import nats.errors
@@ -288,6 +295,27 @@ class NatsConsumer:
             await self._sub.unsubscribe()
 
 
+def _split_auth(url: str) -> tuple[str, dict[str, Any]]:
+    """The server list of a bus URL and nats-py's credential arguments from its query."""
+    servers, _, query = url.partition("?")
+    kw: dict[str, Any] = {}
+    for key, values in parse_qs(query, keep_blank_values=True).items():
+        path = values[-1]
+        if key == "creds":
+            kw["user_credentials"] = path
+        elif key == "auth_file":
+            try:
+                doc = json.loads(Path(path).read_text())
+                kw["user"], kw["password"] = str(doc["user"]), str(doc["password"])
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise ConfigError(f"bus URL auth_file {path}: cannot read a user and password from it ({exc})",
+                                  key="bus_url") from exc
+        else:
+            raise ConfigError(f"bus URL parameter {key!r} is not known: use auth_file=PATH or creds=PATH",
+                              key="bus_url")
+    return servers, kw
+
+
 class NatsBus:
     """A connection to NATS JetStream."""
 
@@ -296,6 +324,7 @@ class NatsBus:
 
     def __init__(self, url: str, *, connect_timeout_s: float = 5.0) -> None:
         self.url = url
+        self._servers, self._auth = _split_auth(url)
         self._timeout = connect_timeout_s
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
@@ -308,7 +337,8 @@ class NatsBus:
         await self._probe()
         try:
             self._nc = await nats.connect(
-                self.url,
+                self._servers,
+                **self._auth,
                 connect_timeout=self._timeout,
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=0.5,
@@ -323,7 +353,7 @@ class NatsBus:
     async def _probe(self) -> None:
         """Fail fast when no server listens (nats-py would otherwise retry the first connect forever)."""
         errors = []
-        for server in self.url.split(","):
+        for server in self._servers.split(","):
             u = urlparse(server if "://" in server else f"nats://{server}")
             try:
                 _, w = await asyncio.wait_for(asyncio.open_connection(u.hostname or "127.0.0.1", u.port or 4222),

@@ -123,6 +123,24 @@ def up(
     lake_commit_interval: Annotated[float | None, typer.Option(
         min=0.01, help="seconds between lake commits at most (default 60) [env FIELDMESH__LAKE__COMMIT_INTERVAL_S]")
     ] = None,
+    mqtt_host: Annotated[str, typer.Option(
+        envvar="FIELDMESH_MQTT_HOST",
+        help="address the MQTT door's TLS listener binds (the nats door: its only listener); beyond loopback it "
+             "needs --require-client-cert (docs/security.md)")] = "127.0.0.1",
+    mqtt_tls_port: Annotated[int | None, typer.Option(
+        min=1, max=65535, show_default=False,
+        help="MQTT over TLS on this port (default 8883 when --mqtt-tls-cert is given); the nats door then serves "
+             "TLS only, the mosquitto door keeps its plain listener on loopback")] = None,
+    mqtt_tls_cert: Annotated[Path | None, typer.Option(
+        envvar="FIELDMESH_MQTT_TLS_CERT", help="the MQTT door's server certificate chain (PEM)")] = None,
+    mqtt_tls_key: Annotated[Path | None, typer.Option(
+        envvar="FIELDMESH_MQTT_TLS_KEY", help="the private key (PEM) of --mqtt-tls-cert")] = None,
+    mqtt_ca: Annotated[Path | None, typer.Option(
+        envvar="FIELDMESH_MQTT_CA", help="the CA (PEM) that signs device certificates")] = None,
+    require_client_cert: Annotated[bool, typer.Option(
+        "--require-client-cert",
+        help="devices must present a certificate of --mqtt-ca that the device registry holds as valid, for an "
+             "active device; each is confined to its own topics")] = False,
     require_registration: RequireRegistration = False,
 ) -> None:
     """Run the whole pipeline on embedded defaults (MQTT -> gateway -> bus -> processor -> store -> API)."""
@@ -134,6 +152,7 @@ def up(
     gw = {**({"door": door} if door is not None else {}),
           **({"require_registration": True} if require_registration else {})}
     try:
+        door_tls = _door_tls(mqtt_tls_port, mqtt_tls_cert, mqtt_tls_key, mqtt_ca, require_client_cert)
         settings = _settings(bus={"partitions": partitions, "fsync": fsync}, data_dir=data_dir,
                              **({"gateway": gw} if gw else {}),
                              **({"lake": lake_kw} if lake_kw else {}),
@@ -145,7 +164,7 @@ def up(
             http_port=DEFAULT_HTTP_PORT if http_port is None else http_port, http_port_chosen=http_port is not None,
             store_url=store_url, simulate=simulate, sim_rate=sim_rate, sim_per_message=sim_per_message,
             duration_s=for_, settings=settings, summary_table=not as_json,
-            http_host=http_host, tls_cert=tls_cert, tls_key=tls_key,
+            http_host=http_host, tls_cert=tls_cert, tls_key=tls_key, mqtt_host=mqtt_host, mqtt_tls=door_tls,
         )
         summary = asyncio.run(run_up(opts))
     except FieldmeshError as exc:
@@ -154,6 +173,21 @@ def up(
         raise typer.Exit(130) from None
     if as_json:
         typer.echo(json.dumps(summary))
+
+
+def _door_tls(port: int | None, cert: Path | None, key: Path | None, ca: Path | None, require: bool) -> Any:
+    """The door's TLS from the ``up`` flags (None without them), or a ConfigError naming the missing one."""
+    from fieldmesh.core.errors import ConfigError
+    from fieldmesh.runtime.doorauth import DoorTls
+
+    if cert is None and key is None and ca is None and port is None and not require:
+        return None
+    if cert is None or key is None:
+        missing = "--mqtt-tls-cert" if cert is None else "--mqtt-tls-key"
+        raise ConfigError(f"MQTT over TLS needs --mqtt-tls-cert and --mqtt-tls-key: {missing} is missing",
+                          key=missing.strip("-").replace("-", "_"))
+    return DoorTls(port=port or 8883, cert=cert.resolve(), key=key.resolve(), ca=ca.resolve() if ca else None,
+                   require_client_cert=require)
 
 
 def _store_url(data_dir: Path, store_url: str | None) -> str:

@@ -8,8 +8,10 @@ from typing import Final, Literal, NamedTuple
 
 __all__ = [
     "DEVICE_ID_RE",
+    "DEVICE_PUBLISH_LEAVES",
     "DEVICE_SIDE_LEAVES",
     "DEVICE_SUBJECTS",
+    "DEVICE_SUBSCRIBE_LEAVES",
     "DEVICE_TOPICS_FILTER",
     "DLQ_TOPIC",
     "GATEWAY_GROUP",
@@ -41,6 +43,10 @@ DEVICE_SUBJECTS: Final = "devices.>"
 #: and ``anomalies`` (scored readings sent ahead of their batch, which also carries them), and the
 #: desired ``config`` it receives. The gateway acknowledges and ignores them.
 DEVICE_SIDE_LEAVES: Final = frozenset({"state", "config", "anomalies"})
+#: What an authenticated device may publish (``devices/{id}/<leaf>``; telemetry also with its encoding
+#: suffix) and subscribe to (its desired config) at a door with per-device access control.
+DEVICE_PUBLISH_LEAVES: Final = ("telemetry", "state", "anomalies")
+DEVICE_SUBSCRIBE_LEAVES: Final = ("config",)
 
 #: Bus topics (NATS subjects are ``{topic}.{partition}``; Kafka topics carry partitions natively).
 READINGS_TOPIC: Final = "fm.readings"

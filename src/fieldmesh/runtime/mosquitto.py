@@ -22,9 +22,17 @@ import subprocess
 from pathlib import Path
 
 from fieldmesh.core.errors import ConfigError
+from fieldmesh.runtime.doorauth import (
+    DoorPolicy,
+    DoorTls,
+    InternalAuth,
+    device_publish_topics,
+    device_subscribe_topics,
+    mosquitto_password_line,
+)
 
 __all__ = ["DOORS", "accepts", "ensure_session", "find_mosquitto", "mosquitto_config", "mosquitto_version",
-           "resolve_door", "write_config"]
+           "resolve_door", "write_acls", "write_config"]
 
 #: The values of ``--door`` / ``FIELDMESH__GATEWAY__DOOR``.
 DOORS = ("auto", "nats", "mosquitto")
@@ -71,11 +79,49 @@ def resolve_door(door: str, *, external_mqtt: bool) -> str:
     return "nats"
 
 
-def mosquitto_config(*, port: int, state_dir: Path, host: str = "127.0.0.1") -> str:
-    """The door's config: loopback listener, persistence in ``state_dir``, raised limits."""
-    lines = [
-        f"listener {port} {host}",
-        "allow_anonymous true",
+def mosquitto_config(*, port: int, state_dir: Path, host: str = "127.0.0.1", auth: InternalAuth | None = None,
+                     tls: DoorTls | None = None, tls_host: str = "127.0.0.1", anonymous: bool = True,
+                     crl: Path | None = None) -> str:
+    """The door's config: loopback listener, persistence in ``state_dir``, raised limits.
+
+    With ``auth`` each listener has its own settings: the loopback listener takes the internal user
+    (password file) and, when ``anonymous``, anonymous clients confined to ``devices/#`` (ACL file
+    ``acl-local``); the TLS listener on ``tls_host:tls.port`` (TLS 1.2 and up) takes device
+    certificates when ``tls.require_client_cert`` (the CN is the user name and the client id; ACL
+    file ``acl-tls`` names what each device may use; ``crl`` is checked at every handshake).
+    """
+    lines = []
+    if auth is not None:
+        lines += [
+            "per_listener_settings true",
+            f"listener {port} {host}",
+            f"allow_anonymous {'true' if anonymous else 'false'}",
+            f"password_file {state_dir / 'passwd'}",
+            f"acl_file {state_dir / 'acl-local'}",
+        ]
+        if tls is not None:
+            lines += [
+                f"listener {tls.port} {tls_host}",
+                f"certfile {tls.cert}",
+                f"keyfile {tls.key}",
+                *([f"cafile {tls.ca}"] if tls.ca is not None else []),
+                "tls_version tlsv1.2",
+                f"acl_file {state_dir / 'acl-tls'}",
+            ]
+            if tls.require_client_cert:
+                lines += ["require_certificate true", "use_identity_as_username true", "allow_anonymous false",
+                          # a device cannot take another one's client id (and session) over
+                          "use_username_as_clientid true",
+                          *([f"crlfile {crl}"] if crl is not None and crl.is_file() else [])]
+            else:
+                lines.append(f"allow_anonymous {'true' if anonymous else 'false'}")
+    else:
+        lines += [f"listener {port} {host}", "allow_anonymous true"]
+    if tls is not None:
+        # A TLS handshake is several small writes each way: with Nagle's algorithm each waits for the
+        # peer's delayed ACK (~40 ms), which held mutual-TLS connection set-ups to ~44/s (bench/door_tls.py).
+        lines.append("set_tcp_nodelay true")
+    lines += [
         "persistence true",
         f"persistence_location {state_dir}/",
         # Mosquitto saves its in-memory state (sessions, queued messages) to disk only every
@@ -96,12 +142,42 @@ def mosquitto_config(*, port: int, state_dir: Path, host: str = "127.0.0.1") -> 
     return "\n".join(lines) + "\n"
 
 
-def write_config(*, port: int, state_dir: Path) -> Path:
-    """Write the door's config into ``state_dir`` and return its path."""
+def write_config(*, port: int, state_dir: Path, auth: InternalAuth | None = None, tls: DoorTls | None = None,
+                 tls_host: str = "127.0.0.1", anonymous: bool = True, crl: Path | None = None,
+                 policy: DoorPolicy | None = None) -> Path:
+    """Write the door's config (and with ``auth`` its password and ACL files) into ``state_dir``."""
     state_dir.mkdir(parents=True, exist_ok=True)
     conf = state_dir / "mosquitto.conf"
-    conf.write_text(mosquitto_config(port=port, state_dir=state_dir))
+    if auth is not None:
+        _write_private(state_dir / "passwd", mosquitto_password_line(auth.user, auth.password) + "\n")
+        write_acls(state_dir, auth=auth, anonymous=anonymous, policy=policy or DoorPolicy())
+    _write_private(conf, mosquitto_config(port=port, state_dir=state_dir, auth=auth, tls=tls, tls_host=tls_host,
+                                          anonymous=anonymous, crl=crl))
     return conf
+
+
+def write_acls(state_dir: Path, *, auth: InternalAuth, anonymous: bool, policy: DoorPolicy | None = None) -> None:
+    """The ACL files: ``acl-local`` (internal user; anonymous clients confined to ``devices/#``) and
+    ``acl-tls``: each certificate's identity (its CN, the device id) its own topics, as ``pattern`` lines,
+    so a device is confined from its first packet on, without waiting for a reload; anonymous TLS clients
+    as on loopback. Whether the device may publish at all (registered, active) is the gateway's check
+    (``gateway.require_registration``), which dead-letters what it refuses, counted; revocation is the
+    CRL's. (Mosquitto skips a ``%u`` pattern for a user name with ``/``, ``+`` or ``#``.)"""
+    del policy  # the registry's view decides at the gateway and through the CRL, not in the ACL
+    anon = ["# anonymous clients: device topics only", "topic readwrite devices/#", ""] if anonymous else []
+    _write_private(state_dir / "acl-local", "\n".join([*anon, f"user {auth.user}", "topic readwrite #", ""]))
+    lines = [*anon, "# a device (its certificate's CN, the device id): its own topics only"]
+    lines += [f"pattern write {t}" for t in device_publish_topics("%u")]
+    lines += [f"pattern read {t}" for t in device_subscribe_topics("%u")]
+    _write_private(state_dir / "acl-tls", "\n".join(lines) + "\n")
+
+
+def _write_private(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def accepts(port: int, host: str = "127.0.0.1") -> bool:
@@ -113,7 +189,8 @@ def accepts(port: int, host: str = "127.0.0.1") -> bool:
         return False
 
 
-def ensure_session(port: int, *, client_id: str, filters: list[str], expiry_s: int, timeout_s: float = 10.0) -> None:
+def ensure_session(port: int, *, client_id: str, filters: list[str], expiry_s: int, timeout_s: float = 10.0,
+                   auth: InternalAuth | None = None) -> None:
     """Create the gateway's persistent session with its subscriptions at the door, then leave.
 
     From then on Mosquitto queues device messages for the gateway even before the gateway process
@@ -129,6 +206,8 @@ def ensure_session(port: int, *, client_id: str, filters: list[str], expiry_s: i
 
     done = threading.Event()
     c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5, client_id=client_id)
+    if auth is not None:
+        c.username_pw_set(auth.user, auth.password)
     c.on_connect = lambda cl, u, f, rc, p=None: cl.subscribe([(t, 1) for t in filters])
     c.on_subscribe = lambda cl, u, mid, codes, p=None: done.set()
     props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +18,16 @@ import time
 from pathlib import Path
 
 from fieldmesh.core.errors import BackendUnavailable, ConfigError
+from fieldmesh.runtime.doorauth import (
+    ANONYMOUS_DEVICE_USER,
+    DoorPolicy,
+    DoorTls,
+    InternalAuth,
+    nats_device_permissions,
+    nats_list,
+    nats_string,
+    with_auth_file,
+)
 from fieldmesh.runtime.procs import child_preexec
 
 __all__ = ["MAX_PAYLOAD_BYTES", "EmbeddedNats", "find_nats_server", "free_port", "port_in_use"]
@@ -73,7 +84,14 @@ def free_port() -> int:
 
 
 class EmbeddedNats:
-    """A nats-server child process with JetStream (and optionally MQTT) on loopback."""
+    """A nats-server child process with JetStream (and optionally MQTT) on loopback.
+
+    With ``auth`` the server is closed: the internal user may do everything over NATS, MQTT clients
+    only what :class:`~fieldmesh.runtime.doorauth.DoorPolicy` allows them (anonymous ones, when
+    ``mqtt_anonymous``, any ``devices/...`` topic), and an anonymous NATS client is refused. With
+    ``mqtt_tls`` the MQTT listener speaks TLS (1.2 and up) only; with client certificates required,
+    each certificate maps to the user of its subject (``verify_and_map``).
+    """
 
     def __init__(
         self,
@@ -84,6 +102,11 @@ class EmbeddedNats:
         fsync: str = "2m",
         host: str = "127.0.0.1",
         disk_reserve: int = 0,
+        auth: InternalAuth | None = None,
+        mqtt_host: str | None = None,
+        mqtt_tls: DoorTls | None = None,
+        mqtt_anonymous: bool = True,
+        policy: DoorPolicy | None = None,
     ) -> None:
         self.store_dir = store_dir
         self.port = port or free_port()
@@ -94,11 +117,18 @@ class EmbeddedNats:
         self.disk_reserve = disk_reserve
         self.max_file_store: int | None = None  # JetStream's file budget, set at each start
         self.proc: subprocess.Popen[bytes] | None = None
+        self.auth = auth
+        self.mqtt_host = mqtt_host or host
+        self.mqtt_tls = mqtt_tls
+        self.mqtt_anonymous = mqtt_anonymous
+        self.policy = policy or DoorPolicy()
+        self._pinned: list[str] | None = None  # what the running server pins (None: no pinning)
 
     @property
     def url(self) -> str:
-        """Client URL of the server."""
-        return f"nats://{self.host}:{self.port}"
+        """Client URL of the server (with ``auth_file`` when the server is closed: no secret in it)."""
+        url = f"nats://{self.host}:{self.port}"
+        return with_auth_file(url, self.auth.path) if self.auth is not None else url
 
     @property
     def log_path(self) -> Path:
@@ -125,9 +155,84 @@ class EmbeddedNats:
             f"  sync_interval: {self.fsync}" if self.fsync == "always" else f'  sync_interval: "{self.fsync}"',
             "}",
         ]
+        lines += self._auth_config()
         if self.mqtt_port:
-            lines += ["mqtt {", f'  listen: "{self.host}:{self.mqtt_port}"', "  max_ack_pending: 10000", "}"]
+            host = f"[{self.mqtt_host}]" if ":" in self.mqtt_host and not self.mqtt_host.startswith("[") \
+                else self.mqtt_host
+            lines += ["mqtt {", f'  listen: "{host}:{self.mqtt_port}"', "  max_ack_pending: 10000"]
+            if self.auth is not None and self.mqtt_anonymous:
+                lines.append(f"  no_auth_user: {nats_string(ANONYMOUS_DEVICE_USER)}")
+            lines += self._tls_config()
+            lines.append("}")
         return "\n".join(lines) + "\n"
+
+    def _verify_and_map(self) -> bool:
+        return self.mqtt_tls is not None and self.mqtt_tls.require_client_cert
+
+    def _auth_config(self) -> list[str]:
+        if self.auth is None:
+            return []
+        users = [f"    {{user: {nats_string(self.auth.user)}, password: {nats_string(self.auth.password)}, "
+                 'allowed_connection_types: ["STANDARD"]}']
+        if self.mqtt_anonymous:
+            users.append(_device_user(ANONYMOUS_DEVICE_USER, None))
+        if self._verify_and_map():
+            users += [_device_user(subject, dev) for subject, dev in sorted(self.policy.users().items())]
+        return ["authorization {", "  users = [", *users, "  ]", "}"]
+
+    def _tls_config(self) -> list[str]:
+        t = self.mqtt_tls
+        if t is None:
+            return []
+        out = ["  tls {", f"    cert_file: {nats_string(str(t.cert))}", f"    key_file: {nats_string(str(t.key))}",
+               '    min_version: "1.2"', "    timeout: 5"]
+        if t.ca is not None:
+            out.append(f"    ca_file: {nats_string(str(t.ca))}")
+        if self._verify_and_map():
+            out.append("    verify_and_map: true")
+            if self._pinned is not None:
+                # an empty list would pin nothing: a key no certificate has keeps the door shut instead
+                out.append(f"    pinned_certs: {nats_list(self._pinned or ['0' * 64])}")
+        out.append("  }")
+        return out
+
+    def set_policy(self, policy: DoorPolicy) -> str | None:
+        """Apply a new door policy to the running server: ``"reload"``, ``"restart"`` or None (no change).
+
+        Users (device certificates mapped to their permissions) are reloaded in place (SIGHUP): nats-server
+        closes the connections of removed users at once. Pinned certificates sit in the MQTT block,
+        which nats-server cannot reload: a change there restarts the server.
+        """
+        old, self.policy = self.policy, policy
+        if not self._verify_and_map() or self.auth is None:
+            return None
+        pinned = policy.pins() if policy.pin else None
+        if pinned != self._pinned:
+            self._pinned = pinned
+            self.stop()
+            self.start()
+            return "restart"
+        if old.users() == policy.users():
+            return None
+        self.reload()
+        return "reload"
+
+    def reload(self) -> None:
+        """Rewrite the config and make the running server reload it (SIGHUP)."""
+        self._write_config()
+        if self.alive():
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGHUP)
+
+    def _write_config(self) -> Path:
+        conf = self.store_dir / "nats-server.conf"
+        tmp = conf.with_suffix(".tmp")
+        # it may hold the internal password: readable by this user only
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self._config())
+        os.replace(tmp, conf)
+        return conf
 
     def start(self, *, timeout_s: float = 20.0) -> None:
         """Start the server and wait until it accepts connections.
@@ -139,8 +244,9 @@ class EmbeddedNats:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         if self.disk_reserve:
             self.max_file_store = self.file_budget()
-        conf = self.store_dir / "nats-server.conf"
-        conf.write_text(self._config())
+        if self._verify_and_map() and self.policy.pin:
+            self._pinned = self.policy.pins()
+        conf = self._write_config()
         with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
             self.proc = subprocess.Popen(
                 [binary, "-c", str(conf)],
@@ -155,7 +261,7 @@ class EmbeddedNats:
             if self.proc.poll() is not None:
                 tail = self.log_path.read_text(errors="replace")[-1500:]
                 raise BackendUnavailable(f"nats-server exited with {self.proc.returncode}:\n{tail}")
-            if all(_accepts(self.host, p) for p in ports):
+            if all(_accepts(self.host if p == self.port else _reach(self.mqtt_host), p) for p in ports):
                 return
             time.sleep(0.05)
         self.stop()
@@ -190,6 +296,20 @@ class EmbeddedNats:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+def _device_user(name: str, device_id: str | None) -> str:
+    perms = nats_device_permissions(device_id)
+    pub, sub = nats_list(perms["publish"]["allow"]), nats_list(perms["subscribe"]["allow"])
+    return (f"    {{user: {nats_string(name)}, allowed_connection_types: [\"MQTT\"], "
+            f"permissions: {{publish: {{allow: {pub}}}, subscribe: {{allow: {sub}}}}}}}")
+
+
+def _reach(host: str) -> str:
+    """Where this machine reaches a listener bound to ``host`` (a wildcard address: loopback)."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    return "::1" if host == "::" else host.strip("[]")
 
 
 def _accepts(host: str, port: int) -> bool:

@@ -23,6 +23,7 @@ import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import IO, Any, Final
 
@@ -33,6 +34,7 @@ from fieldmesh.core.settings import RuntimeSettings, Settings
 from fieldmesh.core.topics import DLQ_TOPIC, GATEWAY_GROUP, INGEST_TOPIC, READINGS_TOPIC
 from fieldmesh.gateway.admission import describe_checks
 from fieldmesh.gateway.sources import MqttSource, ingest_spec
+from fieldmesh.runtime.doorauth import DoorPolicy, DoorTls, internal_auth, policy_from_registry
 from fieldmesh.runtime.enrichment import join_topic, source_database
 from fieldmesh.runtime.mosquitto import (
     accepts,
@@ -48,8 +50,8 @@ from fieldmesh.runtime.supervise import Restarts, StallWatch, free_bytes
 from fieldmesh.runtime.worker import ensure_topics
 from fieldmesh.store import StoreStats, default_store_url, load_store
 
-__all__ = ["DEFAULT_HTTP_PORT", "DEFAULT_MQTT_PORT", "UpOptions", "check_access", "check_ports", "is_loopback",
-           "run_up"]
+__all__ = ["DEFAULT_HTTP_PORT", "DEFAULT_MQTT_PORT", "UpOptions", "check_access", "check_door", "check_ports",
+           "is_loopback", "run_up"]
 
 log = logging.getLogger("fieldmesh.up")
 
@@ -70,6 +72,8 @@ class UpOptions:
     http_host: str = "127.0.0.1"  # beyond loopback, authentication must be configured (docs/security.md)
     tls_cert: Path | None = None  # HTTPS for the API: certificate chain (PEM) and its key
     tls_key: Path | None = None
+    mqtt_host: str = "127.0.0.1"  # the MQTT door's TLS listener (or its only one); beyond loopback it needs mTLS
+    mqtt_tls: DoorTls | None = None  # TLS (and client certificates) at the MQTT door
     mqtt_url: str | None = None
     bus_url: str | None = None
     store_url: str | None = None
@@ -181,6 +185,62 @@ def is_loopback(host: str) -> bool:
         return False  # a host name: it may resolve beyond loopback
 
 
+def check_door(opts: UpOptions, door: str) -> None:
+    """Refuse a door that would be open beyond loopback without authentication (a ConfigError naming
+    what to configure), and flag combinations that cannot work."""
+    tls = opts.mqtt_tls
+    if door == "external":
+        if tls is not None or not is_loopback(opts.mqtt_host):
+            raise ConfigError("--mqtt-url uses an external broker: configure TLS and access control on that broker "
+                              "(--mqtt-tls-*/--mqtt-host apply to the embedded door only)", key="mqtt_url")
+        return
+    if tls is not None:
+        tls.check()
+    if not is_loopback(opts.mqtt_host) and (tls is None or not tls.require_client_cert):
+        raise ConfigError(
+            f"--mqtt-host {opts.mqtt_host} opens the MQTT door beyond loopback, and devices would not authenticate: "
+            "configure TLS with device certificates (--mqtt-tls-cert, --mqtt-tls-key, --mqtt-ca and "
+            "--require-client-cert; the certificates come from the device registry); see docs/security.md",
+            key="mqtt_host")
+    if opts.simulate and tls is not None and (door == "nats" or tls.require_client_cert):
+        raise ConfigError("--simulate publishes plain MQTT without a certificate, which this door does not take: "
+                          "run it without --mqtt-tls-* (or point 'fieldmesh simulate' at another door)",
+                          key="simulate")
+    if tls is not None and tls.port == opts.mqtt_port and door == "mosquitto":
+        raise ConfigError(f"--mqtt-tls-port {tls.port} is the plain MQTT port too: choose another one",
+                          key="mqtt_tls_port")
+    if tls is not None and port_in_use(tls.port, "127.0.0.1" if opts.mqtt_host in ("0.0.0.0", "::")
+                                        else opts.mqtt_host.strip("[]")):
+        raise ConfigError(f"MQTT TLS port {tls.port} is already in use: pass --mqtt-tls-port with a free port",
+                          key="mqtt_tls_port")
+
+
+def _door_mode(opts: UpOptions, door: str, policy: DoorPolicy | None) -> str:
+    """What the start line says about who may use the door."""
+    tls = opts.mqtt_tls
+    if door == "external":
+        return "door: the external broker's own access control"
+    if tls is None:
+        return ("door: local-only (loopback, anonymous MQTT clients confined to devices/#; internal bus closed "
+                "to them)")
+    where = f"{opts.mqtt_host}:{tls.port}"
+    if tls.require_client_cert:
+        n = len(policy.identities) if policy else 0
+        return (f"door: mutual TLS on {where} (device certificates from the registry: {n} valid; each device "
+                "confined to its own topics)")
+    return f"door: TLS on {where} without client certificates (loopback only; anonymous clients confined to devices/#)"
+
+
+def _open_registry(store_url: str) -> Any:
+    """The device registry of the hot store (the door's certificates), or a ConfigError."""
+    try:
+        from fieldmesh.store.registry import DeviceRegistry
+    except ImportError as exc:
+        raise ConfigError("--require-client-cert needs the device registry (fieldmesh.store.registry), which this "
+                          "installation lacks", key="require_client_cert") from exc
+    return DeviceRegistry(store_url)
+
+
 def check_access(store_url: str, settings: Settings, *, http_host: str, tls_cert: Path | None,
                  tls_key: Path | None) -> Access:
     """The API's authentication, or a ConfigError naming what to configure.
@@ -220,32 +280,59 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
     except BaseException:
         lock.close()
         raise
-    port_notes = check_ports(opts)
+    try:
+        port_notes = check_ports(opts)
+        settings = _with_cdc_database(opts.settings)
+        door_kind = resolve_door(settings.gateway.door, external_mqtt=opts.mqtt_url is not None)
+        check_door(opts, door_kind)
+    except BaseException:
+        access.close()
+        lock.close()
+        raise
     logs = data_dir / "logs"
     logs.mkdir(exist_ok=True)
-    settings = _with_cdc_database(opts.settings)
     policy = settings.runtime
-    door_kind = resolve_door(settings.gateway.door, external_mqtt=opts.mqtt_url is not None)
+    tls = opts.mqtt_tls
+    mtls = tls is not None and tls.require_client_cert
+    if mtls and door_kind != "external":
+        # The door confines each device to its own topics: a payload naming another device is a device
+        # publishing for another one (unauthorized), not a bridge's mistake (device_mismatch). Mosquitto
+        # takes every certificate of the CA that is not on the CRL: the gateway refuses devices that are
+        # not registered as active (dead letters, counted), which nats-server does at CONNECT itself.
+        gw = {"authenticated_topics": True}
+        if door_kind == "mosquitto":
+            gw["require_registration"] = True
+        settings = settings.model_copy(update={"gateway": settings.gateway.model_copy(update=gw)})
+    auth = internal_auth(data_dir)  # the internal user of the embedded bus and the Mosquitto door
     nats: EmbeddedNats | None = None
     children: list[_Child] = []
     sim: _Child | None = None
     server: Any = None
+    door_registry: Any = None  # the device registry the door's certificates come from (mutual TLS)
     t_start = time.monotonic()
     try:
-        nats_door = door_kind == "nats"  # the nats-server MQTT listener is the door (not Mosquitto, not external)
-        if opts.bus_url is None or nats_door:
-            # The embedded nats-server is the bus, or (with --bus-url) only the MQTT door and the
-            # FM_INGEST stream that captures what devices publish, before the gateway forwards it.
-            nats = EmbeddedNats(store_dir=data_dir / "nats", mqtt_port=opts.mqtt_port if nats_door else None,
-                                fsync=settings.bus.fsync, disk_reserve=policy.disk_reserve_mb * 2**20)
-            await _start_door(nats, settings)
-        bus_url = opts.bus_url or (nats.url if nats else "")
-        door_url = nats.url if nats is not None and nats_door else None  # where FM_INGEST lives
-        bus_name = "bus" if door_url is None or door_url == bus_url else "door"  # the nats-server's health key
         store_url = opts.store_url or default_store_url(data_dir)
         store = load_store(store_url)  # creates or checks the schema before anything writes
         at_start = store.stats()  # before any worker runs: the summary's "this run" is the difference
         store.close()
+        door_policy: DoorPolicy | None = None
+        if mtls and door_kind != "external":
+            door_registry = _open_registry(store_url)
+            door_policy = await asyncio.to_thread(policy_from_registry, door_registry)
+        nats_door = door_kind == "nats"  # the nats-server MQTT listener is the door (not Mosquitto, not external)
+        if opts.bus_url is None or nats_door:
+            # The embedded nats-server is the bus, or (with --bus-url) only the MQTT door and the
+            # FM_INGEST stream that captures what devices publish, before the gateway forwards it.
+            # Either way it is closed: the internal user for fieldmesh, device topics for MQTT clients.
+            nats = EmbeddedNats(store_dir=data_dir / "nats",
+                                mqtt_port=(tls.port if tls else opts.mqtt_port) if nats_door else None,
+                                fsync=settings.bus.fsync, disk_reserve=policy.disk_reserve_mb * 2**20,
+                                auth=auth, mqtt_host=opts.mqtt_host, mqtt_tls=tls if nats_door else None,
+                                mqtt_anonymous=not mtls, policy=door_policy)
+            await _start_door(nats, settings)
+        bus_url = opts.bus_url or (nats.url if nats else "")
+        door_url = nats.url if nats is not None and nats_door else None  # where FM_INGEST lives
+        bus_name = "bus" if door_url is None or door_url == bus_url else "door"  # the nats-server's health key
         (data_dir / "runtime.json").write_text(json.dumps({"bus_url": bus_url, "store_url": store_url,
                                                            "pid": os.getpid()}))
         # the CDC source URL (it may hold a password) goes to the capture alone, through its environment
@@ -261,9 +348,13 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
                 console.print(f"CDC: tables {settings.cdc.tables} captured into the bus "
                               f"(snapshot done; log {cdc.log_path})")
             door_child = None
+            mosq_conf: dict[str, Any] = {"port": opts.mqtt_port, "state_dir": data_dir / "mosquitto", "auth": auth,
+                                         "tls": tls, "tls_host": opts.mqtt_host, "anonymous": not mtls,
+                                         "crl": data_dir / "ca" / "crl.pem", "policy": door_policy}
             if door_kind == "mosquitto":
-                door_child = await asyncio.to_thread(_start_mosquitto, data_dir, opts.mqtt_port, logs)
-            gw_mqtt = f"mqtt://127.0.0.1:{opts.mqtt_port}" if door_child else opts.mqtt_url
+                door_child = await asyncio.to_thread(_start_mosquitto, mosq_conf, logs)
+            # the gateway's password reaches it in a file (mqtt_auth_file), not on its command line
+            gw_mqtt = f"mqtt://{auth.user}@127.0.0.1:{opts.mqtt_port}" if door_child else opts.mqtt_url
             gw_settings = cfg_settings
             if door_child is not None:
                 # The door has one gateway: a plain subscription, which Mosquitto 2.0 restores with the
@@ -272,6 +363,7 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
                 gw_settings = {**cfg_settings, "gateway": {**cfg_settings["gateway"], "share_group": ""}}
             gw_cfg = {"bus_url": bus_url, "mqtt_url": gw_mqtt, "settings": gw_settings, "sole": True,
                       "ingest_bus_url": door_url if door_url != bus_url else None,
+                      "mqtt_auth_file": str(auth.path) if door_child else None,
                       # stable across restarts of this data dir, so the broker keeps its persistent session
                       "client_id": f"fm-gw-{settings.gateway.share_group}-{zlib.crc32(str(data_dir).encode()):08x}",
                       # the device registry lives in the hot store
@@ -279,7 +371,7 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
             if door_child is not None:
                 await asyncio.to_thread(ensure_session, opts.mqtt_port, client_id=str(gw_cfg["client_id"]),
                                         filters=MqttSource.filters(None),
-                                        expiry_s=settings.gateway.session_expiry_s)
+                                        expiry_s=settings.gateway.session_expiry_s, auth=auth)
             pr_cfg: dict[str, Any] = {"bus_url": bus_url, "store_url": store_url, "settings": cfg_settings}
             if settings.lake.enabled and not _lake_installed():
                 if settings.lake.url is not None:
@@ -433,6 +525,10 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
                 ssl_certfile=opts.tls_cert, ssl_keyfile=opts.tls_key))
             api_task = asyncio.create_task(server.serve(), name="api")
             mqtt_url = opts.mqtt_url or f"mqtt://127.0.0.1:{opts.mqtt_port}"
+            if tls is not None and door_kind != "external":
+                tls_host = f"[{opts.mqtt_host}]" if ":" in opts.mqtt_host else opts.mqtt_host
+                tls_url = f"mqtts://{tls_host}:{tls.port}"
+                mqtt_url = tls_url if nats_door else f"{tls_url} (and {mqtt_url} on loopback)"
             api_host = f"[{opts.http_host}]" if ":" in opts.http_host else opts.http_host
             api_url = f"{'https' if opts.tls_cert else 'http'}://{api_host}:{opts.http_port}/api/v1"
             if opts.simulate:
@@ -443,7 +539,7 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
             console.print(
                 f"[bold green]fieldmesh up[/]: devices publish to [bold]{mqtt_url}[/] "
                 f"(topic devices/<id>/telemetry); API [bold]{api_url}[/] ({access.describe()}); "
-                f"{_door_line(door_kind)}; bus {bus_url}; store {store_url}"
+                f"{_door_line(door_kind)}; {_door_mode(opts, door_kind, door_policy)}; bus {bus_url}; store {store_url}"
                 + (f"; simulating {opts.simulate} devices" if opts.simulate else "")
                 + (f"; {checks}" if (checks := describe_checks(settings.gateway)) else "")
                 + "".join(f"; {note}" for note in port_notes)
@@ -455,9 +551,16 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
             if ready is not None:
                 ready.set()
             deadline = time.monotonic() + opts.duration_s if opts.duration_s else None
+            watch_door = _DoorWatch(door_registry, door_policy, nats if nats_door else None, door_child, mosq_conf,
+                                    console) if door_registry is not None else None
             while not stop.is_set():
                 if deadline and time.monotonic() >= deadline:
                     break
+                if watch_door is not None:
+                    try:
+                        await watch_door.poll()
+                    except Exception as exc:  # a registry outage keeps the door as it is; said once a minute
+                        watch_door.failed(exc)
                 if nats is not None and nats_failed is None:
                     if door_url is not None and reserve:
                         door_closed = await _watch_disk(nats, data_dir, reserve, door_closed, console)
@@ -512,6 +615,8 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
             server.config.app.state.provision.close()
         if nats is not None:
             nats.stop()
+        if door_registry is not None:
+            door_registry.close()
         access.close()
         lock.close()
     summary = _summary(load_store(store_url, readonly=True), time.monotonic() - t_start, at_start)
@@ -657,12 +762,14 @@ def _door_line(door: str) -> str:
     return "an external MQTT broker"
 
 
-def _start_mosquitto(data_dir: Path, port: int, logs: Path) -> _Child:
-    """Start the Mosquitto door and wait until it accepts connections (the gateway connects next)."""
+def _start_mosquitto(conf_kw: dict[str, Any], logs: Path, child: _Child | None = None) -> _Child:
+    """Start (or restart) the Mosquitto door and wait until it accepts connections (the gateway connects next)."""
     binary = find_mosquitto()
     assert binary is not None  # resolve_door checked
-    conf = write_config(port=port, state_dir=data_dir / "mosquitto")
-    child = _Child("mosquitto", [binary, "-c", str(conf)], logs / "mosquitto.log")
+    port = int(conf_kw["port"])
+    conf = write_config(**conf_kw)
+    if child is None:
+        child = _Child("mosquitto", [binary, "-c", str(conf)], logs / "mosquitto.log")
     child.start()
     deadline = time.monotonic() + 20
     while not accepts(port):
@@ -672,6 +779,74 @@ def _start_mosquitto(data_dir: Path, port: int, logs: Path) -> _Child:
                               key="gateway.door")
         time.sleep(0.05)
     return child
+
+
+class _DoorWatch:
+    """Keep the door in step with the device registry: poll its version about every second (and rebuild
+    the policy once a minute anyway, as certificates expire without a change), then reload or restart
+    the door. nats-server reloads users in place and closes the connections of removed ones; Mosquitto
+    reloads its ACLs on SIGHUP, and is restarted when a certificate left (it checks certificates and
+    its CRL only at a handshake), which closes every connection so that devices reconnect."""
+
+    def __init__(self, registry: Any, policy: DoorPolicy | None, nats: EmbeddedNats | None, mosquitto: _Child | None,
+                 mosq_conf: dict[str, Any], console: Any) -> None:
+        self.registry = registry
+        self.policy = policy or DoorPolicy()
+        self.nats = nats
+        self.mosquitto = mosquitto
+        self.mosq_conf = mosq_conf
+        self.console = console
+        self.version: int | None = None
+        self.next_poll = 0.0
+        self.rebuild_at = time.monotonic() + 60
+        self.crl_mtime = _mtime(mosq_conf["crl"])
+        self.warned_at = 0.0
+        self.parsed: dict[tuple[str, str], Any] = {}  # certificates parsed so far, by (device, serial)
+
+    async def poll(self) -> None:
+        now = time.monotonic()
+        if now < self.next_poll:
+            return
+        self.next_poll = now + 1.0
+        version = await asyncio.to_thread(self.registry.version)
+        crl_mtime = _mtime(self.mosq_conf["crl"])
+        if version == self.version and now < self.rebuild_at and crl_mtime == self.crl_mtime:
+            return
+        first = self.version is None
+        self.version, self.rebuild_at = version, now + 60
+        new = await asyncio.to_thread(partial(policy_from_registry, self.registry, cache=self.parsed))
+        crl_changed, self.crl_mtime = crl_mtime != self.crl_mtime, crl_mtime
+        if new == self.policy and not (crl_changed and self.mosquitto is not None):
+            return
+        self.policy = new
+        t0 = time.monotonic()
+        what: str | None = None
+        if self.nats is not None:
+            what = await asyncio.to_thread(self.nats.set_policy, new)
+        elif self.mosquitto is not None and crl_changed:
+            # Mosquitto checks the CRL at a handshake only, and reads it at start: a restart closes the
+            # connections of revoked certificates (a clean stop saves its sessions and queues)
+            self.mosquitto.stop()
+            await asyncio.to_thread(_start_mosquitto, self.mosq_conf, Path(), self.mosquitto)
+            what = "restart (new CRL)"
+        if what is not None and not first:
+            took = (time.monotonic() - t0) * 1000
+            self.console.print(f"door: the device registry changed (version {version}): "
+                               f"{len(new.identities)} valid device certificates; {what} in {took:.0f} ms")
+            log.info("door %s after registry version %s: %d certificates (%.0f ms)", what, version,
+                     len(new.identities), took)
+
+    def failed(self, exc: Exception) -> None:
+        if time.monotonic() - self.warned_at >= 60:
+            self.warned_at = time.monotonic()
+            log.warning("door: cannot read the device registry (the door keeps its last policy): %r", exc)
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None
 
 
 def _with_cdc_database(settings: Settings) -> Settings:

@@ -11,8 +11,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 from fieldmesh.bus import Bus, TopicSpec, load_bus
@@ -43,14 +45,16 @@ def _stop_event() -> asyncio.Event:
 async def run_gateway(
     *, bus_url: str, mqtt_url: str | None, settings: Settings, stop: asyncio.Event | None = None,
     client_id: str | None = None, sole: bool = False, ingest_urls: list[str] | None = None,
-    ingest_bus_url: str | None = None, registry_url: str | None = None,
+    ingest_bus_url: str | None = None, registry_url: str | None = None, mqtt_auth_file: str | None = None,
 ) -> None:
     """Run a gateway: from an MQTT broker and/or ingest topics (``ingest_urls``: Kafka topics, NATS
     subjects), else from the embedded ingest stream (on ``ingest_bus_url``, the embedded
     nats-server, when the bus is another one such as Kafka). Each source runs its own gateway loop.
 
     ``registry_url``: the hot store holding the device registry, read when registration is enforced.
-    The sources share one admission (registry view and rate limits)."""
+    The sources share one admission (registry view and rate limits). ``mqtt_auth_file`` (JSON
+    ``{"user", "password"}``) holds the broker credentials, kept off the command line (``fieldmesh up``
+    passes its internal user this way to the Mosquitto door)."""
     from fieldmesh.gateway.admission import build_admission
     from fieldmesh.gateway.gateway import Gateway
     from fieldmesh.gateway.ingress import load_ingest
@@ -68,6 +72,8 @@ async def run_gateway(
         await ensure_topics(bus, settings)
         sources: list[Any] = [load_ingest(u, retention_s=settings.bus.retention_s) for u in ingest_urls or []]
         if mqtt_url:
+            if mqtt_auth_file:
+                mqtt_url = _with_credentials(mqtt_url, mqtt_auth_file)
             g = settings.gateway
             sources.append(MqttSource(mqtt_url, share_group=g.share_group, client_id=client_id,
                                       session_expiry_s=g.session_expiry_s, receive_maximum=g.receive_maximum))
@@ -88,7 +94,8 @@ async def run_gateway(
                     gw = Gateway(source=source, producer=bus.producer(), settings=settings.gateway,
                                  partitions=settings.bus.partitions, admission=admission)
                     gateways.append(gw)
-                    log.info("gateway running: %s -> %s", getattr(source, "url", source.name), bus_url)
+                    log.info("gateway running: %s -> %s", _redact(getattr(source, "url", source.name)),
+                             _redact(bus_url))
                     tg.create_task(gw.run(stop), name=f"gateway-{source.name}")
         finally:
             for source in started:
@@ -157,6 +164,20 @@ async def run_processor(
                 log.exception("sink %s did not close cleanly: what it had not committed comes again from the bus "
                               "at the next start", sink.name)
         store.close()
+
+
+def _redact(url: str) -> str:
+    """A URL as logged: a password in it is ``***``."""
+    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
+
+
+def _with_credentials(url: str, auth_file: str) -> str:
+    from urllib.parse import quote, urlsplit, urlunsplit
+
+    doc = json.loads(Path(auth_file).read_text())
+    u = urlsplit(url)
+    netloc = f"{quote(str(doc['user']), safe='')}:{quote(str(doc['password']), safe='')}@{u.hostname}"
+    return urlunsplit(u._replace(netloc=netloc + (f":{u.port}" if u.port else "")))
 
 
 def _alerting(store: Any, store_url: str, settings: Settings) -> tuple[Any, Any]:
