@@ -30,6 +30,10 @@ class IngestMessage(msgspec.Struct, frozen=True, gc=False):
     #: A stable id of this message at its source (e.g. a stream sequence), for idempotent re-sends.
     source_id: str | None = None
     handle: Any = None
+    #: The registered schema the payload (unframed) is written against, announced by the sender (an MQTT 5
+    #: user property ``schema_id``); a source that sets it also sets a content type, which keeps the
+    #: message off the gateway's bulk JSON path.
+    schema_id: int | None = None
 
 
 class IngestSource(Protocol):

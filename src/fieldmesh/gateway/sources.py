@@ -192,6 +192,15 @@ def _client_class() -> type[Any]:
     return Client
 
 
+def _schema_id(user_properties: Any) -> int | None:
+    """The ``schema_id`` MQTT 5 user property (a registered schema's id), if any; -1 when not a number
+    (the gateway then finds no such schema: ``unknown_schema``)."""
+    for k, v in user_properties or ():
+        if k == "schema_id":
+            return int(v) if v.isascii() and v.isdigit() and len(v) < 11 else -1
+    return None
+
+
 class MqttSource:
     """An external MQTT broker (Mosquitto, EMQX, HiveMQ...), MQTT 5 with a shared subscription.
 
@@ -408,13 +417,16 @@ class MqttSource:
         log.warning("MQTT connection lost (%s); paho reconnects", rc)
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
-        ct = getattr(msg.properties, "ContentType", None) if msg.properties else None
+        props = msg.properties
+        ct = getattr(props, "ContentType", None) if props else None
+        sid = _schema_id(getattr(props, "UserProperty", None)) if props else None
         self._inbox.append(IngestMessage(
             topic=msg.topic,
             payload=msg.payload,
             received_ms=int(time.time() * 1000),
-            content_type=ct,
+            content_type=ct or ("application/octet-stream" if sid is not None else None),
             handle=(msg.mid, msg.qos, self._generation),
+            schema_id=sid,
         ))
         self._wake()
 

@@ -39,16 +39,31 @@ def _stop_event() -> asyncio.Event:
     return stop
 
 
+def _wire_schemas(url: str) -> Any:
+    """The gateway's schema decoders, reading the schema registry on ``url`` once one is needed."""
+    from fieldmesh.gateway.schemas import WireSchemas, registry_fetch
+
+    def open_registry() -> Any:
+        from fieldmesh.schema.registry import SchemaRegistry
+        from fieldmesh.store.schemas import SchemaStore
+
+        return SchemaRegistry(SchemaStore(url))
+
+    return WireSchemas(registry_fetch(open_registry))
+
+
 async def run_gateway(
     *, bus_url: str, mqtt_url: str | None, settings: Settings, stop: asyncio.Event | None = None,
     client_id: str | None = None, sole: bool = False, ingest_urls: list[str] | None = None,
-    ingest_bus_url: str | None = None, registry_url: str | None = None,
+    ingest_bus_url: str | None = None, registry_url: str | None = None, schemas_url: str | None = None,
 ) -> None:
     """Run a gateway: from an MQTT broker and/or ingest topics (``ingest_urls``: Kafka topics, NATS
     subjects), else from the embedded ingest stream (on ``ingest_bus_url``, the embedded
     nats-server, when the bus is another one such as Kafka). Each source runs its own gateway loop.
 
     ``registry_url``: the hot store holding the device registry, read when registration is enforced.
+    ``schemas_url``: the hot store holding the schema registry, opened at the first payload written
+    against a registered schema (docs/schemas.md); without it such payloads are ``unknown_schema``.
     The sources share one admission (registry view and rate limits)."""
     from fieldmesh.gateway.admission import build_admission
     from fieldmesh.gateway.gateway import Gateway
@@ -61,6 +76,7 @@ async def run_gateway(
         return DeviceRegistry(registry_url or "")
 
     admission = build_admission(settings.gateway, open_registry if registry_url else None)
+    schemas = _wire_schemas(schemas_url) if schemas_url else None
     stop = stop or _stop_event()
     async with contextlib.AsyncExitStack() as stack:
         bus = await stack.enter_async_context(load_bus(bus_url))
@@ -85,7 +101,7 @@ async def run_gateway(
                     tg.create_task(admission.registered.run(stop), name="gateway-registry")
                 for source in sources:
                     gw = Gateway(source=source, producer=bus.producer(), settings=settings.gateway,
-                                 partitions=settings.bus.partitions, admission=admission)
+                                 partitions=settings.bus.partitions, admission=admission, schemas=schemas)
                     gateways.append(gw)
                     log.info("gateway running: %s -> %s", getattr(source, "url", source.name), bus_url)
                     tg.create_task(gw.run(stop), name=f"gateway-{source.name}")
