@@ -281,7 +281,7 @@ def test_framed_payloads_through_the_bus_land_in_the_store_and_the_dlq(reg: Regi
         assert st.stored == 8 and st.dead_lettered == {"schema_violation": 2, "unknown_schema": 1}, st
         rows = store.dlq(reason=None, limit=100)
         details = sorted(r["detail"] for r in rows)
-        assert any(d.startswith("schema id ") and "(JSON): at $.measurements: 'open' is a required property" in d
+        assert any(d.startswith("schema id ") and "(JSON): at $.measurements: \"open\" is a required property" in d
                    for d in details), details
         assert "schema id 2147483646 is not in the registry" in details
         assert any("(AVRO): at $ (at byte" in d for d in details), details
