@@ -290,3 +290,60 @@ def test_framed_payloads_through_the_bus_land_in_the_store_and_the_dlq(reg: Regi
     finally:
         store.close()
         srv.stop()
+
+
+# ---- end to end: MQTT 5 devices -> fieldmesh up (Mosquitto door) -> store --------------------------
+
+
+@pytest.mark.integration
+def test_mqtt5_devices_send_framed_and_announced_avro_through_fieldmesh_up(tmp_path: Path) -> None:
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    from fmtest.procs import Up
+
+    up = Up(tmp_path / "data", "--door", "mosquitto").start()
+    c: Any = None
+    try:
+        client = SchemaRegistryClient({"url": f"http://127.0.0.1:{up.http_port}/api/v1/registry", "max.retries": 0})
+        ser = AvroSerializer(client, AVRO)
+        ctx = SerializationContext("pumps", MessageField.VALUE)
+        now = int(time.time() * 1000)
+        dev = f"e2e-{uuid.uuid4().hex[:6]}"
+        framed = [ser({"ts": now - 5000 + i, "seq": i, "temp": 20.0 + i, "running": True, "site": "s"}, ctx)
+                  for i in range(3)]
+        sid = int.from_bytes(framed[0][1:5], "big")
+        announced = ser({"ts": now - 4000, "seq": 3, "temp": 30.0, "running": False, "site": "s"}, ctx)[5:]
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5, client_id=f"v5-{dev}")
+        c.connect("127.0.0.1", up.mqtt_port)
+        c.loop_start()
+        topic = f"devices/{dev}/telemetry"
+        props = Properties(PacketTypes.PUBLISH)
+        props.ContentType = "application/vnd.apache.avro+binary"
+        props.UserProperty = ("schema_id", str(sid))
+        bad = Properties(PacketTypes.PUBLISH)
+        bad.UserProperty = ("schema_id", "424242")
+        infos = [c.publish(topic, p, qos=1) for p in framed]
+        infos += [c.publish(topic, announced, qos=1, properties=props),
+                  c.publish(topic, framed[0][:-2], qos=1),  # truncated: a violation
+                  c.publish(topic, announced, qos=1, properties=bad)]  # an id nobody registered
+        for info in infos:
+            info.wait_for_publish(30)
+            assert info.is_published()
+        st = up.wait_for(lambda s: s["stored"] >= 4 and s["dead_lettered"].get("total", 0) >= 2)
+        assert st["stored"] == 4 and st["dead_lettered"] == {"schema_violation": 1, "unknown_schema": 1,
+                                                             "total": 2}, st
+        rows = up.get(f"/telemetry/raw?device_id={dev}&limit=10")
+        assert sorted((r["seq"], r["measurements"]["temp"], r["measurements"]["running"], r["meta"]) for r in rows) == [
+            (0, 20.0, True, {"site": "s"}), (1, 21.0, True, {"site": "s"}), (2, 22.0, True, {"site": "s"}),
+            (3, 30.0, False, {"site": "s"})], rows
+        [unknown] = up.get("/dlq?reason=unknown_schema")
+        assert unknown["detail"] == "schema id 424242 is not in the registry" and unknown["device_id"] == dev
+        [violation] = up.get("/dlq?reason=schema_violation")
+        assert violation["detail"].startswith(f"schema id {sid} (AVRO): at $ (at byte "), violation
+    finally:
+        if c is not None:
+            c.loop_stop()
+            c.disconnect()
+        assert up.stop() == 0, up.tail()
