@@ -34,7 +34,7 @@ from fieldmesh.core.settings import GatewaySettings, load_settings
 from fieldmesh.core.topics import READINGS_TOPIC
 from fieldmesh.gateway.base import IngestMessage
 from fieldmesh.gateway.gateway import route
-from fieldmesh.gateway.schemas import WireSchemas, registry_fetch, telemetry_of
+from fieldmesh.gateway.schemas import WireSchemas, registry_schemas, telemetry_of
 from fieldmesh.runtime.worker import run_gateway, run_processor
 from fieldmesh.schema.registry import SchemaRegistry
 from fieldmesh.store.schemas import SchemaStore
@@ -89,7 +89,7 @@ class Registry:
             self.opened.append(r)
             return r
 
-        return WireSchemas(registry_fetch(open_registry))
+        return registry_schemas(open_registry)
 
     def close(self) -> None:
         self.server.should_exit = True
@@ -131,8 +131,9 @@ def msg(device: str, payload: bytes, i: int = 0, **kw: Any) -> IngestMessage:
                          **kw)
 
 
-def routed(msgs: list[IngestMessage], schemas: WireSchemas | None) -> tuple[list[Reading], list[DeadLetter]]:
-    records, n, dead = route(msgs, settings=S, partitions=2, now_ms=NOW, schemas=schemas)
+def routed(msgs: list[IngestMessage], schemas: WireSchemas | None,
+           settings: GatewaySettings = S) -> tuple[list[Reading], list[DeadLetter]]:
+    records, n, dead = route(msgs, settings=settings, partitions=2, now_ms=NOW, schemas=schemas)
     readings = [r for rec in records if rec.topic == READINGS_TOPIC for r in decode_bus_readings(rec.value)]
     assert n == len(readings)
     return readings, dead
@@ -222,6 +223,34 @@ def test_violations_and_unknown_ids_are_dead_lettered_with_id_and_path(reg: Regi
                             None)
     assert [d.reason for d in dead] == ["unknown_schema"] and len(readings) == 1
     assert "reads no schema registry" in dead[0].detail
+
+
+def test_topics_bound_to_a_subject_are_validated_against_its_latest_schema(reg: Registry) -> None:
+    from confluent_kafka.schema_registry import Schema
+
+    reg.client.register_schema("valves-value", Schema(JSON_SCHEMA, "JSON"))
+    bound = GatewaySettings(schema_subjects={"devices/valve-*/telemetry": "valves-value",
+                                             "devices/ghost-*/telemetry": "ghosts-value"})
+    avro = AvroSerializer(reg.client, AVRO)({"ts": NOW, "seq": 9, "temp": 1.5, "running": True, "site": "s"},
+                                            SerializationContext("pumps", MessageField.VALUE))
+    plain = [msg(f"pump-{i}", json.dumps({"ts": NOW, "seq": i, "measurements": {"open": 7}}).encode(), i)
+             for i in range(20)]  # not bound: the bulk path, as before
+    msgs = [*plain[:10],
+            msg("valve-1", json.dumps({"ts": NOW, "seq": 1, "measurements": {"open": 0.5}}).encode(), 100),
+            msg("valve-1", json.dumps({"ts": NOW, "seq": 2, "measurements": {"open": 7}}).encode(), 101),
+            msg("valve-2", avro, 102),  # names its own schema: that one wins
+            msg("ghost-1", json.dumps({"ts": NOW, "measurements": {"open": 0.5}}).encode(), 103),
+            *plain[10:]]
+    readings, dead = routed(msgs, reg.wire(), bound)
+    assert sorted((r.device_id, r.seq) for r in readings) == sorted(
+        [(f"pump-{i}", i) for i in range(20)] + [("valve-1", 1), ("valve-2", 9)])
+    assert [(d.reason, d.device_id) for d in dead] == [("schema_violation", "valve-1"), ("unknown_schema", "ghost-1")]
+    sid = reg.client.get_latest_version("valves-value").schema_id
+    assert dead[0].detail.startswith(f"schema id {sid} (JSON): at $.measurements.open: 7 is greater than the max")
+    assert dead[1].detail == "subject 'ghosts-value' has no schema in the registry"
+    # without the binding the same payload is a plain reading (the contract has no maximum)
+    readings, dead = routed(msgs[11:12], reg.wire())
+    assert dead == [] and [r.measurements for r in readings] == [{"open": 7.0}]
 
 
 # ---- through a real bus: NATS subjects -> gateway -> JetStream -> processor -> store -----------------

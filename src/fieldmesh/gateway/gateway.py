@@ -17,6 +17,7 @@ decoded by its registered schema (:mod:`fieldmesh.gateway.schemas`): a body its 
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import logging
 import random
 import time
@@ -129,30 +130,54 @@ def _dead_letter(reason: str, detail: str, m: IngestMessage, device_id: str | No
 _BINARY_ENCODINGS = frozenset({"msgpack", "json+zstd"})
 
 
+#: topic -> the schema subject ``gateway.schema_subjects`` binds it to (None: none), for the mapping in _BOUND_FOR.
+_BOUND: dict[str, str | None] = {}
+_BOUND_FOR: list[dict[str, str]] = [{}]
+
+
+def _subject_of(topic: str, subjects: dict[str, str]) -> str | None:
+    """The subject of the first pattern of ``subjects`` that ``topic`` matches (cached per topic)."""
+    if _BOUND_FOR[0] is not subjects:
+        _BOUND.clear()
+        _BOUND_FOR[0] = subjects
+    try:
+        return _BOUND[topic]
+    except KeyError:
+        pass
+    found = next((s for pat, s in subjects.items() if fnmatch.fnmatchcase(topic, pat)), None)
+    if len(_BOUND) >= _ROUTES_MAX:
+        _BOUND.clear()
+    _BOUND[topic] = found
+    return found
+
+
 def _schema_dead(reason: str, detail: str, m: IngestMessage, device: str) -> DecodeResult:
     return DecodeResult([], [_dead_letter(reason, detail[:300], m, device)])
 
 
 def _decode_with_schema(
-    m: IngestMessage, device: str, settings: GatewaySettings, now_ms: int, schemas: WireSchemas | None
+    m: IngestMessage, device: str, settings: GatewaySettings, now_ms: int, schemas: WireSchemas | None,
+    subject: str | None = None,
 ) -> DecodeResult:
-    """Readings of a payload written against a registered schema (framed, or announced by ``schema_id``)."""
+    """Readings of a payload written against a registered schema: framed, announced by ``schema_id``,
+    or else (unframed) the latest schema of ``subject``, the topic's binding."""
     p = m.payload
     if len(p) > settings.max_payload_bytes:
         return _schema_dead("too_large", f"{len(p)} bytes > {settings.max_payload_bytes}", m, device)
-    framed = m.schema_id is None
+    framed = m.schema_id is None and subject is None
+    sid: int | None = m.schema_id
     if framed:
         if len(p) < 5:
             return _schema_dead("schema_violation", f"a framed payload (magic byte 0) of {len(p)} bytes: the "
                                 "header alone is 5 (magic byte, 4-byte schema id)", m, device)
         sid = int.from_bytes(p[1:5], "big")
-    else:
-        sid = m.schema_id  # type: ignore[assignment]
+    named = f"schema id {sid}" if sid is not None else f"subject {subject!r}"
     if schemas is None:
-        return _schema_dead("unknown_schema", f"schema id {sid}: this gateway reads no schema registry", m, device)
-    dec = schemas.get(sid)
+        return _schema_dead("unknown_schema", f"{named}: this gateway reads no schema registry", m, device)
+    dec = schemas.get(sid) if sid is not None else schemas.latest(subject or "")
     if isinstance(dec, str):
         return _schema_dead("unknown_schema", dec, m, device)
+    sid = dec.schema_id
     try:
         record = dec.decode(p, 5 if framed else 0, framed)
     except DecodeError as exc:
@@ -192,6 +217,10 @@ def _route_one(
     enc = encoding_for(m.content_type, suffix)
     if m.schema_id is not None or (m.payload[:1] == b"\x00" and enc not in _BINARY_ENCODINGS):
         return part, _decode_with_schema(m, device, settings, now_ms, schemas)
+    if settings.schema_subjects:
+        subject = _subject_of(m.topic, settings.schema_subjects)
+        if subject is not None:
+            return part, _decode_with_schema(m, device, settings, now_ms, schemas, subject)
     return part, decode_telemetry(
         m.payload, device_id=device, topic=m.topic, received_ms=m.received_ms, now_ms=now_ms,
         max_skew_ms=settings.max_skew_ms, max_bytes=settings.max_payload_bytes, encoding=enc,
@@ -291,10 +320,18 @@ def route(
         if dead:
             topics = None
     relabel = admission is not None and admission.authenticated_topics
+    bound: list[IngestMessage] = []
+    if settings.schema_subjects and todo:  # topics bound to a schema subject: message by message
+        subjects = settings.schema_subjects
+        flags = [_subject_of(t, subjects) is not None for t in (topics or map(_topic_of, todo))]
+        if any(flags):
+            bound = [m for m, f in zip(todo, flags, strict=True) if f]
+            todo = [m for m, f in zip(todo, flags, strict=True) if not f]
+            topics = None
     bulk = _route_bulk(todo, settings, partitions, now_ms, topics) if todo else None
     if bulk is not None:
         by_part, n, aside = bulk
-    for m in todo if bulk is None else [todo[i] for i in aside]:
+    for m in [*bound, *(todo if bulk is None else [todo[i] for i in aside])]:
         try:
             routed = _route_one(m, settings, partitions, now_ms, schemas)
         except Exception as exc:  # a bug or a case nobody foresaw: it costs this message, not the worker

@@ -21,7 +21,8 @@ from typing import Any, Final
 
 import msgspec
 
-__all__ = ["DecodeError", "SchemaDecoder", "WireSchemas", "build_decoder", "registry_fetch", "telemetry_of"]
+__all__ = ["DecodeError", "SchemaDecoder", "WireSchemas", "build_decoder", "registry_fetch", "registry_schemas",
+           "telemetry_of"]
 
 log = logging.getLogger(__name__)
 
@@ -282,8 +283,12 @@ class WireSchemas:
     """
 
     def __init__(self, fetch: Callable[[int], SchemaDecoder | None], *, max_cached: int = 4096,
-                 unknown_ttl_s: float = 10.0) -> None:
+                 unknown_ttl_s: float = 10.0, latest: Callable[[str], int | None] | None = None,
+                 latest_ttl_s: float = 30.0) -> None:
         self._fetch = fetch
+        self._latest = latest
+        self._latest_ids: dict[str, tuple[float, int | None]] = {}
+        self.latest_ttl_s = latest_ttl_s
         self._known: dict[int, SchemaDecoder] = {}
         self._unknown: dict[int, float] = {}
         self.max_cached = max_cached
@@ -319,23 +324,68 @@ class WireSchemas:
         self._unknown.pop(schema_id, None)
         return got
 
+    def latest(self, subject: str) -> SchemaDecoder | str:
+        """The decoder of ``subject``'s latest schema (its id asked again after ``latest_ttl_s``), or why
+        there is none."""
+        now = time.monotonic()
+        cached = self._latest_ids.get(subject)
+        if cached is None or cached[0] <= now:
+            if self._latest is None:
+                return f"subject {subject!r}: no registry to ask"
+            try:
+                sid = self._latest(subject)
+            except Exception as exc:  # the registry unreadable: keep what we had, if anything
+                self.errors += 1
+                log.warning("cannot read the latest schema of subject %r: %s", subject, exc)
+                if cached is None or cached[1] is None:
+                    return f"subject {subject!r}: the registry cannot be read: {type(exc).__name__}: {exc}"[:200]
+                sid = cached[1]
+            if len(self._latest_ids) >= self.max_cached:
+                self._latest_ids.clear()
+            self._latest_ids[subject] = cached = (now + self.latest_ttl_s, sid)
+        sid = cached[1]
+        if sid is None:
+            return f"subject {subject!r} has no schema in the registry"
+        return self.get(sid)
+
+
+def _opener(open_registry: Callable[[], Any]) -> Callable[[], Any]:
+    lock = threading.Lock()
+    opened: list[Any] = []
+
+    def registry() -> Any:
+        with lock:
+            if not opened:
+                opened.append(open_registry())
+        return opened[0]
+
+    return registry
+
 
 def registry_fetch(open_registry: Callable[[], Any]) -> Callable[[int], SchemaDecoder | None]:
     """A ``fetch`` for :class:`WireSchemas` from a :class:`fieldmesh.schema.registry.SchemaRegistry`,
     which ``open_registry`` opens at the first call (a gateway that never sees such a payload never
     opens it)."""
-    lock = threading.Lock()
-    opened: list[Any] = []
+    registry = _opener(open_registry)
 
     def fetch(schema_id: int) -> SchemaDecoder | None:
-        with lock:
-            if not opened:
-                opened.append(open_registry())
-        registry = opened[0]
-        stored = registry.store.schema(schema_id)
+        reg = registry()
+        stored = reg.store.schema(schema_id)
         if stored is None:
             return None
-        parsed = registry.parse(stored.schema_type, stored.schema, stored.references)[0]
+        parsed = reg.parse(stored.schema_type, stored.schema, stored.references)[0]
         return build_decoder(schema_id, stored.schema_type, parsed)
 
     return fetch
+
+
+def registry_schemas(open_registry: Callable[[], Any], *, latest_ttl_s: float = 30.0) -> WireSchemas:
+    """:class:`WireSchemas` over a :class:`fieldmesh.schema.registry.SchemaRegistry` that
+    ``open_registry`` opens at first use: schemas by id, and subjects' latest schemas."""
+    registry = _opener(open_registry)
+
+    def latest(subject: str) -> int | None:
+        live = registry().store.versions(subject, deleted=False)
+        return live[-1].schema_id if live else None
+
+    return WireSchemas(registry_fetch(registry), latest=latest, latest_ttl_s=latest_ttl_s)

@@ -39,9 +39,9 @@ def _stop_event() -> asyncio.Event:
     return stop
 
 
-def _wire_schemas(url: str) -> Any:
+def _wire_schemas(url: str, settings: Settings) -> Any:
     """The gateway's schema decoders, reading the schema registry on ``url`` once one is needed."""
-    from fieldmesh.gateway.schemas import WireSchemas, registry_fetch
+    from fieldmesh.gateway.schemas import registry_schemas
 
     def open_registry() -> Any:
         from fieldmesh.schema.registry import SchemaRegistry
@@ -49,7 +49,7 @@ def _wire_schemas(url: str) -> Any:
 
         return SchemaRegistry(SchemaStore(url))
 
-    return WireSchemas(registry_fetch(open_registry))
+    return registry_schemas(open_registry, latest_ttl_s=settings.gateway.schema_subject_refresh_s)
 
 
 async def run_gateway(
@@ -76,7 +76,7 @@ async def run_gateway(
         return DeviceRegistry(registry_url or "")
 
     admission = build_admission(settings.gateway, open_registry if registry_url else None)
-    schemas = _wire_schemas(schemas_url) if schemas_url else None
+    schemas = _wire_schemas(schemas_url, settings) if schemas_url else None
     stop = stop or _stop_event()
     async with contextlib.AsyncExitStack() as stack:
         bus = await stack.enter_async_context(load_bus(bus_url))
