@@ -253,6 +253,50 @@ def test_topics_bound_to_a_subject_are_validated_against_its_latest_schema(reg: 
     assert dead == [] and [r.measurements for r in readings] == [{"open": 7.0}]
 
 
+def test_any_bytes_after_a_frame_cost_only_their_message(reg: Registry) -> None:
+    """Whatever follows the magic byte and a registered id, each message ends as readings or dead letters
+    with a known reason; nothing raises, nothing is lost."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    Pump = pump_message_class()
+    frames = [
+        AvroSerializer(reg.client, AVRO)({"ts": NOW, "seq": 1, "temp": 1.0, "running": True, "site": "s"},
+                                         SerializationContext("pumps", MessageField.VALUE)),
+        JSONSerializer(JSON_SCHEMA, reg.client)({"ts": NOW, "measurements": {"open": 0.5}},
+                                                SerializationContext("valves", MessageField.VALUE)),
+        ProtobufSerializer(Pump, reg.client, {"use.deprecated.format": False})(
+            Pump(ts=NOW, seq=1, measurements={"a": 1.0}), SerializationContext("pb", MessageField.VALUE)),
+    ]
+    schemas = reg.wire()
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.lists(st.tuples(st.sampled_from(frames), st.integers(0, 40), st.binary(max_size=40),
+                              st.booleans()), min_size=1, max_size=8))
+    def check(items: list[tuple[bytes, int, bytes, bool]]) -> None:
+        msgs = []
+        for i, (frame, cut, tail, keep) in enumerate(items):
+            body = frame if keep else frame[: 5 + cut] + tail
+            msgs.append(msg(f"f-{i}", body, i))
+        records, n, dead = route(msgs, settings=S, partitions=2, now_ms=NOW, schemas=schemas)
+        assert {d.reason for d in dead} <= set(REASONS)
+        assert n == sum(len(decode_bus_readings(r.value)) for r in records if r.topic == READINGS_TOPIC)
+        per_device: dict[str, int] = {}
+        for rec in records:
+            if rec.topic == READINGS_TOPIC:
+                for r in decode_bus_readings(rec.value):
+                    per_device[r.device_id] = per_device.get(r.device_id, 0) + 1
+        for d in dead:
+            assert d.device_id is not None
+            per_device[d.device_id] = per_device.get(d.device_id, 0) + 1
+        assert set(per_device) == {f"f-{i}" for i in range(len(items))}  # every message accounted for
+        for i, (_, _, _, keep) in enumerate(items):
+            if keep:
+                assert per_device[f"f-{i}"] == 1 and not any(d.device_id == f"f-{i}" for d in dead)
+
+    check()
+
+
 # ---- through a real bus: NATS subjects -> gateway -> JetStream -> processor -> store -----------------
 
 
