@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +170,25 @@ def test_framed_avro_json_and_protobuf_become_readings(reg: Registry) -> None:
         ("r-1", 0, NOW - 700, {"rpm": 1200.0, "zero": 0.0}, "b1", None),
         ("v-1", 3, NOW - 800, {"open": 0.25}, None, None),
     ]
+
+
+def test_a_batch_mixing_framed_and_plain_json_gives_what_routing_one_by_one_gives(reg: Registry) -> None:
+    ser = AvroSerializer(reg.client, AVRO)
+    ctx = SerializationContext("pumps", MessageField.VALUE)
+    msgs = [msg(f"m-{i % 7}", json.dumps({"ts": NOW - i, "seq": i, "measurements": {"t": i / 4}}).encode(), i)
+            if i % 10 else msg(f"m-{i % 7}", ser({"ts": NOW - i, "seq": i, "temp": i / 4, "running": True,
+                                                  "site": "s"}, ctx), i)
+            for i in range(60)]
+    schemas = reg.wire()
+    together, dead = routed(msgs, schemas)
+    alone = [r for m in msgs for r in routed([m], schemas)[0]]
+    assert dead == [] and len(together) == 60
+    key = attrgetter("device_id", "seq", "ts_ms", "measurements", "meta")
+    assert sorted(map(key, together)) == sorted(map(key, alone))
+    # within each device, arrival order is kept among the plain and among the framed messages
+    for d in {r.device_id for r in together}:
+        seqs = [r.seq for r in together if r.device_id == d]
+        assert [q for q in seqs if q % 10] == sorted(q for q in seqs if q % 10)
 
 
 def test_schema_id_announced_by_user_property_with_an_unframed_body(reg: Registry) -> None:

@@ -329,6 +329,12 @@ def route(
             todo = [m for m, f in zip(todo, flags, strict=True) if not f]
             topics = None
     bulk = _route_bulk(todo, settings, partitions, now_ms, topics) if todo else None
+    if bulk is None and len(todo) > 1:  # payloads naming a schema among plain JSON: the rest in bulk still
+        framed = [m.payload[:1] == b"\x00" or m.schema_id is not None for m in todo]
+        if 0 < framed.count(True) < len(todo):
+            bound += [m for m, f in zip(todo, framed, strict=True) if f]
+            todo = [m for m, f in zip(todo, framed, strict=True) if not f]
+            bulk = _route_bulk(todo, settings, partitions, now_ms, None)
     if bulk is not None:
         by_part, n, aside = bulk
     for m in [*bound, *(todo if bulk is None else [todo[i] for i in aside])]:
