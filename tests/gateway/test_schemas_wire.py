@@ -172,6 +172,38 @@ def test_framed_avro_json_and_protobuf_become_readings(reg: Registry) -> None:
     ]
 
 
+def test_protobuf_importing_another_registered_file_and_a_well_known_type(reg: Registry) -> None:
+    from google.protobuf import timestamp_pb2
+
+    tag = uuid.uuid4().hex[:6]
+    common = descriptor_pb2.FileDescriptorProto(name=f"site_{tag}.proto", package="fmtest", syntax="proto3")
+    site = common.message_type.add(name="Site")
+    site.field.add(name="plant", number=1, type=9, label=1)
+    main = descriptor_pb2.FileDescriptorProto(name=f"pump_{tag}.proto", package="fmtest", syntax="proto3",
+                                              dependency=[common.name, "google/protobuf/timestamp.proto"])
+    m = main.message_type.add(name="Reading")
+    m.field.add(name="ts", number=1, type=11, label=1, type_name=".google.protobuf.Timestamp")
+    m.field.add(name="site", number=2, type=11, label=1, type_name=".fmtest.Site")
+    m.field.add(name="flow", number=3, type=1, label=1)
+    m.nested_type.add(name="Unused")
+    pool = descriptor_pool.DescriptorPool()
+    ts_fdp = descriptor_pb2.FileDescriptorProto()
+    timestamp_pb2.DESCRIPTOR.CopyToProto(ts_fdp)
+    for f in (ts_fdp, common, main):
+        pool.Add(f)
+    Reading = message_factory.GetMessageClass(pool.FindMessageTypeByName("fmtest.Reading"))
+    Site = message_factory.GetMessageClass(pool.FindMessageTypeByName("fmtest.Site"))
+    r = Reading(site=Site(plant="p7"), flow=2.5)
+    r.ts.FromMilliseconds(NOW - 10)
+    data = ProtobufSerializer(Reading, reg.client, {"use.deprecated.format": False})(
+        r, SerializationContext("flows", MessageField.VALUE))
+    latest = reg.client.get_latest_version("flows-value")
+    assert [r.name for r in latest.schema.references] == [common.name]  # the serializer registered the import
+    readings, dead = routed([msg("fl-1", data)], reg.wire())
+    assert dead == [] and [(r.ts_ms, r.measurements, r.meta) for r in readings] == [
+        (NOW - 10, {"flow": 2.5}, {"site": {"plant": "p7"}})]
+
+
 def test_a_batch_mixing_framed_and_plain_json_gives_what_routing_one_by_one_gives(reg: Registry) -> None:
     ser = AvroSerializer(reg.client, AVRO)
     ctx = SerializationContext("pumps", MessageField.VALUE)

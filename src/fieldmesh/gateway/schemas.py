@@ -15,7 +15,7 @@ import io
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any, Final
 
@@ -213,18 +213,15 @@ def _proto_dict(msg: Any) -> dict[str, Any]:
     return out
 
 
-def _protobuf(descriptor: bytes) -> Callable[[bytes, int, bool], Any]:
-    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+def _protobuf(files: list[Any]) -> Callable[[bytes, int, bool], Any]:
+    """``files``: the schema's ``FileDescriptorProto`` last, the files it imports before it."""
+    from google.protobuf import descriptor_pool, message_factory
     from google.protobuf.message import DecodeError as ProtoDecodeError
 
-    fdp = descriptor_pb2.FileDescriptorProto.FromString(descriptor)
     pool = descriptor_pool.DescriptorPool()
-    for dep in fdp.dependency:  # well-known imports (google/protobuf/timestamp.proto, ...)
-        wk = descriptor_pool.Default().FindFileByName(dep)
-        dep_fdp = descriptor_pb2.FileDescriptorProto()
-        wk.CopyToProto(dep_fdp)
-        pool.Add(dep_fdp)
-    pool.Add(fdp)
+    for f in files:
+        pool.Add(f)
+    fdp = files[-1]
     file_desc = pool.FindFileByName(fdp.name)
     classes: dict[tuple[int, ...], Any] = {}
 
@@ -262,14 +259,18 @@ def _protobuf(descriptor: bytes) -> Callable[[bytes, int, bool], Any]:
     return decode
 
 
-def build_decoder(schema_id: int, schema_type: str, parsed: Any) -> SchemaDecoder:
-    """The decoder of a schema parsed by :class:`fieldmesh.schema.registry.SchemaRegistry`."""
+def build_decoder(schema_id: int, schema_type: str, parsed: Any,
+                  references: Mapping[str, str] | None = None) -> SchemaDecoder:
+    """The decoder of a schema parsed by :class:`fieldmesh.schema.registry.SchemaRegistry`;
+    ``references``: the texts of the schemas it references (name -> text), for Protobuf imports."""
     if schema_type == "AVRO":
         return SchemaDecoder(schema_id, schema_type, _avro(parsed.parsed))
     if schema_type == "JSON":
         return SchemaDecoder(schema_id, schema_type, _json(parsed.raw, parsed.refs))
     if schema_type == "PROTOBUF":
-        return SchemaDecoder(schema_id, schema_type, _protobuf(parsed.descriptor))
+        from fieldmesh.schema.protobuf import file_descriptors
+
+        return SchemaDecoder(schema_id, schema_type, _protobuf(file_descriptors(parsed.text, references or {})))
     raise ValueError(f"unknown schema type {schema_type!r}")
 
 
@@ -374,7 +375,7 @@ def registry_fetch(open_registry: Callable[[], Any]) -> Callable[[int], SchemaDe
         if stored is None:
             return None
         parsed = reg.parse(stored.schema_type, stored.schema, stored.references)[0]
-        return build_decoder(schema_id, stored.schema_type, parsed)
+        return build_decoder(schema_id, stored.schema_type, parsed, reg.reference_texts(stored.references))
 
     return fetch
 
