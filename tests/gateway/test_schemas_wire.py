@@ -147,6 +147,19 @@ def test_telemetry_mapping_of_flat_and_batch_records() -> None:
         "device_id": "d", "readings": [{"ts": 1, "measurements": {"a": 1.0}}]}
 
 
+def test_schema_id_headers_of_ingest_topics() -> None:
+    from fieldmesh.gateway.base import schema_id_of
+    from fieldmesh.gateway.ingress import _content_and_schema
+
+    assert [schema_id_of(h) for h in (None, {}, {"schema_id": "12"}, {"Schema_ID": "7"}, {"schema_id": "x"},
+                                      {"schema_id": "\u00b2"}, {"schema_id": "1" * 12})] == [
+        None, None, 12, 7, -1, -1, -1]
+    # a message naming a schema always has a content type (which keeps it off the bulk JSON path)
+    assert _content_and_schema([{"schema_id": "3"}, {"content-type": "application/avro", "schema_id": "4"},
+                                {"x": "y"}, None]) == (
+        ["application/octet-stream", "application/avro", None, None], [3, 4, None, None])
+
+
 def test_framed_avro_json_and_protobuf_become_readings(reg: Registry) -> None:
     ctx = SerializationContext("pumps", MessageField.VALUE)
     avro = AvroSerializer(reg.client, AVRO)({"ts": NOW - 1000, "seq": 7, "temp": 21.5, "running": True,
@@ -364,6 +377,7 @@ def test_framed_payloads_through_the_bus_land_in_the_store_and_the_dlq(reg: Regi
                 for i in range(5)]
     payloads += [jser({"ts": NOW + 10 + i, "seq": 10 + i, "measurements": {"open": i / 10}},
                       SerializationContext("valves", MessageField.VALUE)) for i in range(3)]
+    announced = ser({"ts": NOW + 20, "seq": 20, "temp": 20.0, "running": True, "site": "a"}, ctx)[5:]
     head = payloads[-1][:5]
     payloads += [head + b'{"ts": 1, "measurements": {}}', b"\x00\x7f\xff\xff\xfe{}", payloads[0][:8]]
     srv = EmbeddedNats(store_dir=tmp_path / "nats")
@@ -380,6 +394,9 @@ def test_framed_payloads_through_the_bus_land_in_the_store_and_the_dlq(reg: Regi
             await js.add_stream(name="SW", subjects=[f"{prefix}.>"])
             for i, p in enumerate(payloads):
                 await js.publish(f"{prefix}.dev-{i % 2}.tm", p)
+            # unframed, the schema named by a header
+            await js.publish(f"{prefix}.dev-0.tm", announced,
+                             headers={"schema_id": str(int.from_bytes(payloads[0][1:5], "big"))})
             await nc.close()
 
         async def run() -> None:
@@ -390,7 +407,7 @@ def test_framed_payloads_through_the_bus_land_in_the_store_and_the_dlq(reg: Regi
                      asyncio.create_task(run_processor(bus_url=srv.url, store_url=store_url, settings=cfg, stop=stop))]
             try:
                 for _ in range(900):
-                    if store.stats().received >= len(payloads):
+                    if store.stats().received >= len(payloads) + 1:
                         break
                     for t in tasks:
                         if t.done():
@@ -403,7 +420,7 @@ def test_framed_payloads_through_the_bus_land_in_the_store_and_the_dlq(reg: Regi
         asyncio.run(publish())
         asyncio.run(run())
         st = store.stats()
-        assert st.stored == 8 and st.dead_lettered == {"schema_violation": 2, "unknown_schema": 1}, st
+        assert st.stored == 9 and st.dead_lettered == {"schema_violation": 2, "unknown_schema": 1}, st
         rows = store.dlq(reason=None, limit=100)
         details = sorted(r["detail"] for r in rows)
         assert any(d.startswith("schema id ") and "(JSON): at $.measurements: \"open\" is a required property" in d
@@ -411,7 +428,7 @@ def test_framed_payloads_through_the_bus_land_in_the_store_and_the_dlq(reg: Regi
         assert "schema id 2147483646 is not in the registry" in details
         assert any("(AVRO): at $ (at byte" in d for d in details), details
         raw = store.raw(device_id="dev-0", metric="temp", start_ms=None, end_ms=None, limit=100)
-        assert sorted(r["seq"] for r in raw) == [0, 2, 4]
+        assert sorted(r["seq"] for r in raw) == [0, 2, 4, 20]
     finally:
         store.close()
         srv.stop()

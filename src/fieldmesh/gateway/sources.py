@@ -24,7 +24,7 @@ from fieldmesh.core.topics import (
     OLD_INGEST_SUBJECTS,
     mqtt_topic_of_subject,
 )
-from fieldmesh.gateway.base import IngestMessage
+from fieldmesh.gateway.base import IngestMessage, schema_id_of
 
 __all__ = ["MqttSource", "NatsIngestSource", "ingest_spec"]
 
@@ -74,11 +74,15 @@ class NatsIngestSource:
                 topic=mqtt_topic_of_subject(r.subject),
                 payload=r.value,
                 received_ms=r.timestamp_ms,
-                content_type=r.headers.get("Content-Type") if r.headers else None,
+                # a message naming a schema (header schema_id) has a content type: off the bulk JSON path
+                content_type=(r.headers.get("Content-Type") or ("application/octet-stream" if sid is not None
+                                                                else None)) if r.headers else None,
                 source_id=f"i{r.offset}",
                 handle=r,
+                schema_id=sid,
             )
             for r in recs
+            for sid in (schema_id_of(r.headers) if r.headers else None,)
         ]
 
     async def ack(self, messages: Sequence[IngestMessage]) -> None:
