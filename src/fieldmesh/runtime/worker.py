@@ -112,6 +112,8 @@ async def run_gateway(
                 st = gw.stats
                 log.info("gateway %s stopped: %d messages, %d readings, rejected %s", gw.source.name,
                          st.messages, st.readings, st.rejected)
+            if schemas is not None and schemas.fetches:
+                log.info("schema registry: %d schema reads, %d failed", schemas.fetches, schemas.errors)
             if admission is not None and admission.registered is not None:
                 reg = admission.registered
                 log.info("device registry: version %s, %d active devices, %d failed reads", reg.version,
