@@ -489,3 +489,30 @@ def test_mqtt5_devices_send_framed_and_announced_avro_through_fieldmesh_up(tmp_p
             c.loop_stop()
             c.disconnect()
         assert up.stop() == 0, up.tail()
+
+
+@pytest.mark.integration
+def test_framed_avro_through_the_default_door_of_fieldmesh_up(tmp_path: Path) -> None:
+    """nats-server's MQTT listener (the default door) speaks MQTT 3.1.1: no user properties, so framing."""
+    from fmtest.procs import Up, publish_all, publisher
+
+    up = Up(tmp_path / "data").start()
+    c: Any = None
+    try:
+        client = SchemaRegistryClient({"url": f"http://127.0.0.1:{up.http_port}/api/v1/registry", "max.retries": 0})
+        ser = AvroSerializer(client, AVRO)
+        ctx = SerializationContext("pumps", MessageField.VALUE)
+        now = int(time.time() * 1000)
+        dev = f"door-{uuid.uuid4().hex[:6]}"
+        c = publisher(up.mqtt_port)
+        publish_all(c, [(f"devices/{dev}/telemetry", ser(
+            {"ts": now - 100 + i, "seq": i, "temp": 1.0 + i, "running": False, "site": "d"}, ctx)) for i in range(5)])
+        st = up.wait_for(lambda s: s["stored"] >= 5)
+        assert st["stored"] == 5 and st["dead_lettered"].get("total", 0) == 0, st
+        rows = up.get(f"/telemetry/raw?device_id={dev}&limit=10")
+        assert sorted((r["seq"], r["measurements"]["temp"]) for r in rows) == [(i, 1.0 + i) for i in range(5)]
+    finally:
+        if c is not None:
+            c.loop_stop()
+            c.disconnect()
+        assert up.stop() == 0, up.tail()
