@@ -31,8 +31,8 @@ class IngestMessage(msgspec.Struct, frozen=True, gc=False):
     source_id: str | None = None
     handle: Any = None
     #: The registered schema the payload (unframed) is written against, announced by the sender (an MQTT 5
-    #: user property ``schema_id``); a source that sets it also sets a content type, which keeps the
-    #: message off the gateway's bulk JSON path.
+    #: user property or a Kafka/NATS header ``schema_id``); a source that sets it must also set a content
+    #: type, which keeps the message off the gateway's bulk JSON path.
     schema_id: int | None = None
 
 
