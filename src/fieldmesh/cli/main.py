@@ -256,7 +256,8 @@ def gateway(
     partitions: Annotated[int, typer.Option(min=1, max=4096)] = 8,
     client_id: Annotated[str | None, typer.Option(help="stable MQTT client id (persistent session)")] = None,
     store_url: Annotated[str | None, typer.Option(
-        help="the hot store holding the device registry (needed with --require-registration)")] = None,
+        help="the hot store holding the device registry (needed with --require-registration) and the schema "
+             "registry (payloads written against a registered schema, docs/schemas.md)")] = None,
     require_registration: RequireRegistration = False,
 ) -> None:
     """Run a gateway alone (run N of them: they share the devices through an MQTT 5 shared subscription
@@ -270,7 +271,8 @@ def gateway(
         settings = _settings(bus={"partitions": partitions},
                              **({"gateway": {"require_registration": True}} if require_registration else {}))
         asyncio.run(run_gateway(bus_url=bus_url, mqtt_url=mqtt_url, client_id=client_id, ingest_urls=ingest_url,
-                                settings=settings, registry_url=store_url))
+                                settings=settings, registry_url=store_url,
+                                schemas_url=store_url))
     except FieldmeshError as exc:
         _fail(exc)
 

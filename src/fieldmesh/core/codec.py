@@ -45,6 +45,7 @@ __all__ = [
     "decode_dead_letter",
     "decode_single_readings",
     "decode_telemetry",
+    "decode_telemetry_body",
     "encode_bus_batch",
     "encode_bus_columns",
     "encode_dead_letter",
@@ -66,6 +67,7 @@ REASONS: Final = (
     "unsupported_encoding",
     "unknown_topic",
     "rate_limited",
+    "unknown_schema",
 )
 #: How much of a rejected payload the DLQ keeps.
 DLQ_PAYLOAD_LIMIT: Final = 64 * 1024
@@ -559,6 +561,36 @@ def _decode_telemetry(
         body = _decode_body(payload, encoding)
     except _Reject as r:
         return DecodeResult([], [_dead(r.reason, r.detail, topic, received_ms, payload, device_id)])
+    return _readings_of_body(body, payload, device_id, topic, received_ms, now, max_skew_ms)
+
+
+def decode_telemetry_body(
+    body: Any,
+    payload: bytes,
+    *,
+    device_id: str,
+    topic: str,
+    received_ms: int,
+    now_ms: int | None = None,
+    max_skew_ms: int = 300_000,
+) -> DecodeResult:
+    """Validate an already decoded payload ``body`` (the objects a JSON payload decodes to: one reading,
+    an array of them, or ``{"device_id", "readings"}``) as :func:`decode_telemetry` does; never raises.
+    ``payload`` is what dead letters keep."""
+    now = received_ms if now_ms is None else now_ms
+    try:
+        return _readings_of_body(body, payload, device_id, topic, received_ms, now, max_skew_ms)
+    except RecursionError:
+        r = _too_deep("the payload")
+        return DecodeResult([], [_dead(r.reason, r.detail, topic, received_ms, payload, device_id)])
+    except Exception as exc:  # a case validation does not foresee costs this payload, never the caller
+        detail = f"payload does not decode: {type(exc).__name__}: {exc}"[:200]
+        return DecodeResult([], [_dead("schema_violation", detail, topic, received_ms, payload, device_id)])
+
+
+def _readings_of_body(
+    body: Any, payload: bytes, device_id: str, topic: str, received_ms: int, now: int, max_skew_ms: int,
+) -> DecodeResult:
     if type(body) is list:
         items = body
     elif type(body) is dict and "readings" in body:

@@ -64,6 +64,12 @@ class GatewaySettings(BaseModel, frozen=True):
         "as rate_limited"))
     rate_limit_bytes_per_s: float = Field(0.0, ge=0, description=(
         "payload bytes per second each device may publish (token bucket; 0: no limit)"))
+    schema_subjects: dict[str, str] = Field(default_factory=dict, description=(
+        "topic pattern (shell-style, e.g. devices/pump-*/telemetry) -> schema subject: payloads on matching topics "
+        "that name no schema themselves are written against the subject's latest schema (JSON validated, Avro or "
+        "Protobuf decoded; docs/schemas.md); the first matching pattern wins"))
+    schema_subject_refresh_s: float = Field(30.0, gt=0, description=(
+        "how long the gateway keeps a subject's latest schema id before asking the registry again"))
     rate_limit_burst_s: float = Field(10.0, gt=0, description=(
         "the buckets hold this many seconds of the rates: a device may burst that much above its rate after a "
         "quiet spell (the bytes bucket holds at least max_payload_bytes)"))

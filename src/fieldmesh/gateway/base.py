@@ -8,12 +8,12 @@ processor's identity de-duplication absorbs the repeat.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import msgspec
 
-__all__ = ["NO_DEVICE_TOPIC_PREFIX", "IngestMessage", "IngestSource"]
+__all__ = ["NO_DEVICE_TOPIC_PREFIX", "IngestMessage", "IngestSource", "schema_id_of"]
 
 #: The topic prefix a Kafka/NATS ingress gives a message whose device id none of its rules finds: the
 #: gateway dead-letters it as ``schema_violation`` (not ``unknown_topic``: the topic is not the fault).
@@ -30,6 +30,23 @@ class IngestMessage(msgspec.Struct, frozen=True, gc=False):
     #: A stable id of this message at its source (e.g. a stream sequence), for idempotent re-sends.
     source_id: str | None = None
     handle: Any = None
+    #: The registered schema the payload (unframed) is written against, announced by the sender (an MQTT 5
+    #: user property or a Kafka/NATS header ``schema_id``); a source that sets it must also set a content
+    #: type, which keeps the message off the gateway's bulk JSON path.
+    schema_id: int | None = None
+
+
+def schema_id_of(headers: Mapping[str, str] | None) -> int | None:
+    """The ``schema_id`` header (a registered schema's id, for an unframed body), whatever its case; -1 when
+    it is not a number (the gateway then finds no such schema: ``unknown_schema``)."""
+    if not headers:
+        return None
+    v = headers.get("schema_id")
+    if v is None:
+        v = next((x for k, x in headers.items() if k.lower() == "schema_id"), None)
+        if v is None:
+            return None
+    return int(v) if v.isascii() and v.isdigit() and len(v) < 11 else -1
 
 
 class IngestSource(Protocol):

@@ -8,11 +8,16 @@ becomes its dead letter; the worker goes on with the next.
 Before decoding, an :class:`~fieldmesh.gateway.admission.Admission` may refuse messages by their
 device: not registered (``unknown_device``), suspended or retired (``unauthorized``), over its rate
 limit (``rate_limited``). Refused messages are dead-lettered like any other rejection.
+
+A payload framed the Confluent way (magic byte 0 and a schema id) or announcing a ``schema_id`` is
+decoded by its registered schema (:mod:`fieldmesh.gateway.schemas`): a body its schema refuses is a
+``schema_violation``, an id the registry does not hold ``unknown_schema``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import logging
 import random
 import time
@@ -30,6 +35,7 @@ from fieldmesh.core.codec import (
     DecodeResult,
     decode_single_readings,
     decode_telemetry,
+    decode_telemetry_body,
     encode_bus_batch,
     encode_bus_columns,
     encode_dead_letter,
@@ -41,6 +47,7 @@ from fieldmesh.core.settings import GatewaySettings
 from fieldmesh.core.topics import DLQ_TOPIC, READINGS_TOPIC, partition_for, route_of_topic
 from fieldmesh.gateway.admission import Admission
 from fieldmesh.gateway.base import NO_DEVICE_TOPIC_PREFIX, IngestMessage, IngestSource
+from fieldmesh.gateway.schemas import DecodeError, WireSchemas, telemetry_of
 
 __all__ = ["Gateway", "GatewayStats", "route"]
 
@@ -119,8 +126,79 @@ def _dead_letter(reason: str, detail: str, m: IngestMessage, device_id: str | No
                       payload=m.payload[:DLQ_PAYLOAD_LIMIT], device_id=device_id, truncated=truncated)
 
 
+#: Encodings whose payloads may start with a zero byte: never taken as Confluent framing.
+_BINARY_ENCODINGS = frozenset({"msgpack", "json+zstd"})
+
+
+#: topic -> the schema subject ``gateway.schema_subjects`` binds it to (None: none), for the mapping in _BOUND_FOR.
+_BOUND: dict[str, str | None] = {}
+_BOUND_FOR: list[dict[str, str]] = [{}]
+
+
+def _subject_of(topic: str, subjects: dict[str, str]) -> str | None:
+    """The subject of the first pattern of ``subjects`` that ``topic`` matches (cached per topic)."""
+    if _BOUND_FOR[0] is not subjects:
+        _BOUND.clear()
+        _BOUND_FOR[0] = subjects
+    try:
+        return _BOUND[topic]
+    except KeyError:
+        pass
+    found = next((s for pat, s in subjects.items() if fnmatch.fnmatchcase(topic, pat)), None)
+    if len(_BOUND) >= _ROUTES_MAX:
+        _BOUND.clear()
+    _BOUND[topic] = found
+    return found
+
+
+def _schema_dead(reason: str, detail: str, m: IngestMessage, device: str) -> DecodeResult:
+    return DecodeResult([], [_dead_letter(reason, detail[:300], m, device)])
+
+
+def _decode_with_schema(
+    m: IngestMessage, device: str, settings: GatewaySettings, now_ms: int, schemas: WireSchemas | None,
+    subject: str | None = None,
+) -> DecodeResult:
+    """Readings of a payload written against a registered schema: framed, announced by ``schema_id``,
+    or else (unframed) the latest schema of ``subject``, the topic's binding."""
+    p = m.payload
+    if len(p) > settings.max_payload_bytes:
+        return _schema_dead("too_large", f"{len(p)} bytes > {settings.max_payload_bytes}", m, device)
+    framed = m.schema_id is None and subject is None
+    sid: int | None = m.schema_id
+    if framed:
+        if len(p) < 5:
+            return _schema_dead("schema_violation", f"a framed payload (magic byte 0) of {len(p)} bytes: the "
+                                "header alone is 5 (magic byte, 4-byte schema id)", m, device)
+        sid = int.from_bytes(p[1:5], "big")
+    named = f"schema id {sid}" if sid is not None else f"subject {subject!r}"
+    if schemas is None:
+        return _schema_dead("unknown_schema", f"{named}: this gateway reads no schema registry", m, device)
+    dec = schemas.get(sid) if sid is not None else schemas.latest(subject or "")
+    if isinstance(dec, str):
+        return _schema_dead("unknown_schema", dec, m, device)
+    sid = dec.schema_id
+    try:
+        record = dec.decode(p, 5 if framed else 0, framed)
+    except DecodeError as exc:
+        return _schema_dead("schema_violation", f"schema id {sid} ({dec.schema_type}): at {exc.path}: {exc.detail}",
+                            m, device)
+    except RecursionError:
+        return _schema_dead("too_deep", f"schema id {sid} ({dec.schema_type}): the record is nested too deep", m,
+                            device)
+    except Exception as exc:  # a decoder failing in a way nobody foresaw: this payload's fault, as a violation
+        return _schema_dead("schema_violation", f"schema id {sid} ({dec.schema_type}): at $: does not decode: "
+                            f"{type(exc).__name__}: {exc}", m, device)
+    res = decode_telemetry_body(telemetry_of(record), p, device_id=device, topic=m.topic, received_ms=m.received_ms,
+                                now_ms=now_ms, max_skew_ms=settings.max_skew_ms)
+    if res.rejects:
+        res.rejects = [msgspec.structs.replace(d, detail=f"schema id {sid} ({dec.schema_type}): {d.detail}"[:300])
+                       for d in res.rejects]
+    return res
+
+
 def _route_one(
-    m: IngestMessage, settings: GatewaySettings, partitions: int, now_ms: int
+    m: IngestMessage, settings: GatewaySettings, partitions: int, now_ms: int, schemas: WireSchemas | None = None,
 ) -> tuple[int, DecodeResult] | None:
     """(partition, readings and dead letters) of one message; None for a side topic to ignore."""
     route_of = _ROUTES.get((m.topic, partitions))
@@ -137,6 +215,12 @@ def _route_one(
                              "devices/{id}/telemetry with id in [A-Za-z0-9_-]{1,128}", m, device)
         return part, DecodeResult([], [d])
     enc = encoding_for(m.content_type, suffix)
+    if m.schema_id is not None or (m.payload[:1] == b"\x00" and enc not in _BINARY_ENCODINGS):
+        return part, _decode_with_schema(m, device, settings, now_ms, schemas)
+    if settings.schema_subjects:
+        subject = _subject_of(m.topic, settings.schema_subjects)
+        if subject is not None:
+            return part, _decode_with_schema(m, device, settings, now_ms, schemas, subject)
     return part, decode_telemetry(
         m.payload, device_id=device, topic=m.topic, received_ms=m.received_ms, now_ms=now_ms,
         max_skew_ms=settings.max_skew_ms, max_bytes=settings.max_payload_bytes, encoding=enc,
@@ -213,13 +297,14 @@ def _route_bulk(
 
 def route(
     messages: Sequence[IngestMessage], *, settings: GatewaySettings, partitions: int, now_ms: int,
-    admission: Admission | None = None,
+    admission: Admission | None = None, schemas: WireSchemas | None = None,
 ) -> tuple[list[OutRecord], int, list[DeadLetter]]:
     """Turn raw messages into bus records: readings batched per partition, dead letters one each.
 
     Never raises for what a message holds: each message yields readings, dead letters (an unserved
     topic: ``unknown_topic``), or nothing (a known side topic, ignored). ``admission`` first refuses
-    the messages of devices that may not publish them (their dead letters come first).
+    the messages of devices that may not publish them (their dead letters come first). ``schemas``
+    decodes the payloads written against a registered schema (without it they are ``unknown_schema``).
 
     Returns the records, the number of valid readings, and the dead letters.
     """
@@ -235,12 +320,26 @@ def route(
         if dead:
             topics = None
     relabel = admission is not None and admission.authenticated_topics
+    bound: list[IngestMessage] = []
+    if settings.schema_subjects and todo:  # topics bound to a schema subject: message by message
+        subjects = settings.schema_subjects
+        flags = [_subject_of(t, subjects) is not None for t in (topics or map(_topic_of, todo))]
+        if any(flags):
+            bound = [m for m, f in zip(todo, flags, strict=True) if f]
+            todo = [m for m, f in zip(todo, flags, strict=True) if not f]
+            topics = None
     bulk = _route_bulk(todo, settings, partitions, now_ms, topics) if todo else None
+    if bulk is None and len(todo) > 1:  # payloads naming a schema among plain JSON: the rest in bulk still
+        framed = [m.payload[:1] == b"\x00" or m.schema_id is not None for m in todo]
+        if 0 < framed.count(True) < len(todo):
+            bound += [m for m, f in zip(todo, framed, strict=True) if f]
+            todo = [m for m, f in zip(todo, framed, strict=True) if not f]
+            bulk = _route_bulk(todo, settings, partitions, now_ms, None)
     if bulk is not None:
         by_part, n, aside = bulk
-    for m in todo if bulk is None else [todo[i] for i in aside]:
+    for m in [*bound, *(todo if bulk is None else [todo[i] for i in aside])]:
         try:
-            routed = _route_one(m, settings, partitions, now_ms)
+            routed = _route_one(m, settings, partitions, now_ms, schemas)
         except Exception as exc:  # a bug or a case nobody foresaw: it costs this message, not the worker
             log.exception("routing a message on %r failed; dead-lettered", m.topic[:200])
             reason = "too_deep" if isinstance(exc, RecursionError) else "malformed_json"
@@ -329,9 +428,10 @@ class Gateway:
 
     def __init__(
         self, *, source: IngestSource, producer: Producer, settings: GatewaySettings, partitions: int,
-        admission: Admission | None = None,
+        admission: Admission | None = None, schemas: WireSchemas | None = None,
     ) -> None:
         self.source = source
+        self.schemas = schemas
         self.producer = producer
         self.settings = settings
         self.partitions = partitions
@@ -345,7 +445,7 @@ class Gateway:
         if not msgs:
             return None
         records, n, dead = route(msgs, settings=self.settings, partitions=self.partitions,
-                                 now_ms=int(time.time() * 1000), admission=self.admission)
+                                 now_ms=int(time.time() * 1000), admission=self.admission, schemas=self.schemas)
         return msgs, records, n, dead
 
     async def _deliver(

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from itertools import repeat
 from operator import attrgetter
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -46,7 +46,7 @@ from fieldmesh.bus import load_bus
 from fieldmesh.bus.base import Bus, Consumer, IngestSpec
 from fieldmesh.core.errors import ConfigError
 from fieldmesh.core.topics import DEVICE_ID_RE, device_of_topic
-from fieldmesh.gateway.base import NO_DEVICE_TOPIC_PREFIX, IngestMessage, IngestSource
+from fieldmesh.gateway.base import NO_DEVICE_TOPIC_PREFIX, IngestMessage, IngestSource, schema_id_of
 
 __all__ = ["DeviceResolver", "KafkaIngestSource", "NatsSubjectSource", "load_ingest"]
 
@@ -127,6 +127,15 @@ def _content_type(headers: Mapping[str, str]) -> str | None:
     return ct or None
 
 
+def _content_and_schema(headers: list[Mapping[str, str] | None]) -> tuple[list[str | None], list[int | None]]:
+    """Content types and schema ids of messages with headers (a message naming a schema has a content type:
+    it keeps it off the gateway's bulk JSON path)."""
+    cts = [_content_type(h) if h else None for h in headers]
+    sids = [schema_id_of(h) for h in headers]
+    marked = [ct or ("application/octet-stream" if s is not None else None) for ct, s in zip(cts, sids, strict=True)]
+    return marked, sids
+
+
 def _split(url: str, own: set[str]) -> tuple[str, str, dict[str, str]]:
     """``(url without path and our own params, path, our params)``."""
     parts = urlsplit(url)
@@ -192,10 +201,13 @@ class KafkaIngestSource:
                     if key and len(by_key) < 1_000_000:
                         by_key[key] = t
         headers = list(map(_headers_of, msgs))
-        cts = [_content_type(h) if h else None for h in headers] if any(headers) else repeat(None, n)
+        cts: Iterable[str | None] = repeat(None, n)
+        sids: Iterable[int | None] = repeat(None, n)
+        if any(headers):
+            cts, sids = _content_and_schema(headers)
         source_ids = map(self._source_id, map(_partition_of, msgs), map(_offset_of, msgs))
         # map() calls the struct's constructor from C: no Python frame per message
-        return list(map(IngestMessage, topics, values, repeat(now, n), cts, source_ids, msgs))
+        return list(map(IngestMessage, topics, values, repeat(now, n), cts, source_ids, msgs, sids))
 
     async def ack(self, messages: Sequence[IngestMessage]) -> None:
         """Commit the offsets after ``messages`` (they are on the bus now)."""
@@ -255,14 +267,16 @@ class NatsSubjectSource:
         for r in recs:
             subject = r.subject
             ct = r.headers.get("Content-Type") if r.headers else None
+            sid = schema_id_of(r.headers) if r.headers else None
             out.append(
                 IngestMessage(
                     topic=_device_topic(self._resolver.resolve(r.key, r.value, subject), subject),
                     payload=r.value,
                     received_ms=now,
-                    content_type=ct,
+                    content_type=ct or ("application/octet-stream" if sid is not None else None),
                     source_id=f"n{self.stream}-{r.offset}",
                     handle=r,
+                    schema_id=sid,
                 )
             )
         return out

@@ -24,7 +24,7 @@ from fieldmesh.core.topics import (
     OLD_INGEST_SUBJECTS,
     mqtt_topic_of_subject,
 )
-from fieldmesh.gateway.base import IngestMessage
+from fieldmesh.gateway.base import IngestMessage, schema_id_of
 
 __all__ = ["MqttSource", "NatsIngestSource", "ingest_spec"]
 
@@ -74,11 +74,15 @@ class NatsIngestSource:
                 topic=mqtt_topic_of_subject(r.subject),
                 payload=r.value,
                 received_ms=r.timestamp_ms,
-                content_type=r.headers.get("Content-Type") if r.headers else None,
+                # a message naming a schema (header schema_id) has a content type: off the bulk JSON path
+                content_type=(r.headers.get("Content-Type") or ("application/octet-stream" if sid is not None
+                                                                else None)) if r.headers else None,
                 source_id=f"i{r.offset}",
                 handle=r,
+                schema_id=sid,
             )
             for r in recs
+            for sid in (schema_id_of(r.headers) if r.headers else None,)
         ]
 
     async def ack(self, messages: Sequence[IngestMessage]) -> None:
@@ -190,6 +194,15 @@ def _client_class() -> type[Any]:
             return rc
 
     return Client
+
+
+def _schema_id(user_properties: Any) -> int | None:
+    """The ``schema_id`` MQTT 5 user property (a registered schema's id), if any; -1 when not a number
+    (the gateway then finds no such schema: ``unknown_schema``)."""
+    for k, v in user_properties or ():
+        if k == "schema_id":
+            return int(v) if v.isascii() and v.isdigit() and len(v) < 11 else -1
+    return None
 
 
 class MqttSource:
@@ -408,13 +421,16 @@ class MqttSource:
         log.warning("MQTT connection lost (%s); paho reconnects", rc)
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
-        ct = getattr(msg.properties, "ContentType", None) if msg.properties else None
+        props = msg.properties
+        ct = getattr(props, "ContentType", None) if props else None
+        sid = _schema_id(getattr(props, "UserProperty", None)) if props else None
         self._inbox.append(IngestMessage(
             topic=msg.topic,
             payload=msg.payload,
             received_ms=int(time.time() * 1000),
-            content_type=ct,
+            content_type=ct or ("application/octet-stream" if sid is not None else None),
             handle=(msg.mid, msg.qos, self._generation),
+            schema_id=sid,
         ))
         self._wake()
 

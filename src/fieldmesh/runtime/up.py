@@ -366,7 +366,9 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
                       "mqtt_auth_file": str(auth.path) if door_child else None,
                       # stable across restarts of this data dir, so the broker keeps its persistent session
                       "client_id": f"fm-gw-{settings.gateway.share_group}-{zlib.crc32(str(data_dir).encode()):08x}",
-                      # the device registry lives in the hot store
+                      # the schema registry (payloads written against a registered schema) and the device
+                      # registry live in the hot store
+                      "schemas_url": store_url,
                       **({"registry_url": store_url} if settings.gateway.require_registration else {})}
             if door_child is not None:
                 await asyncio.to_thread(ensure_session, opts.mqtt_port, client_id=str(gw_cfg["client_id"]),

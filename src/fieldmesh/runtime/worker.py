@@ -42,16 +42,32 @@ def _stop_event() -> asyncio.Event:
     return stop
 
 
+def _wire_schemas(url: str, settings: Settings) -> Any:
+    """The gateway's schema decoders, reading the schema registry on ``url`` once one is needed."""
+    from fieldmesh.gateway.schemas import registry_schemas
+
+    def open_registry() -> Any:
+        from fieldmesh.schema.registry import SchemaRegistry
+        from fieldmesh.store.schemas import SchemaStore
+
+        return SchemaRegistry(SchemaStore(url))
+
+    return registry_schemas(open_registry, latest_ttl_s=settings.gateway.schema_subject_refresh_s)
+
+
 async def run_gateway(
     *, bus_url: str, mqtt_url: str | None, settings: Settings, stop: asyncio.Event | None = None,
     client_id: str | None = None, sole: bool = False, ingest_urls: list[str] | None = None,
-    ingest_bus_url: str | None = None, registry_url: str | None = None, mqtt_auth_file: str | None = None,
+    ingest_bus_url: str | None = None, registry_url: str | None = None, schemas_url: str | None = None,
+    mqtt_auth_file: str | None = None,
 ) -> None:
     """Run a gateway: from an MQTT broker and/or ingest topics (``ingest_urls``: Kafka topics, NATS
     subjects), else from the embedded ingest stream (on ``ingest_bus_url``, the embedded
     nats-server, when the bus is another one such as Kafka). Each source runs its own gateway loop.
 
     ``registry_url``: the hot store holding the device registry, read when registration is enforced.
+    ``schemas_url``: the hot store holding the schema registry, opened at the first payload written
+    against a registered schema (docs/schemas.md); without it such payloads are ``unknown_schema``.
     The sources share one admission (registry view and rate limits). ``mqtt_auth_file`` (JSON
     ``{"user", "password"}``) holds the broker credentials, kept off the command line (``fieldmesh up``
     passes its internal user this way to the Mosquitto door)."""
@@ -66,6 +82,7 @@ async def run_gateway(
         return DeviceRegistry(registry_url or "")
 
     admission = build_admission(settings.gateway, open_registry if registry_url else None)
+    schemas = _wire_schemas(schemas_url, settings) if schemas_url else None
     stop = stop or _stop_event()
     async with contextlib.AsyncExitStack() as stack:
         bus = await stack.enter_async_context(load_bus(bus_url))
@@ -92,7 +109,7 @@ async def run_gateway(
                     tg.create_task(admission.registered.run(stop), name="gateway-registry")
                 for source in sources:
                     gw = Gateway(source=source, producer=bus.producer(), settings=settings.gateway,
-                                 partitions=settings.bus.partitions, admission=admission)
+                                 partitions=settings.bus.partitions, admission=admission, schemas=schemas)
                     gateways.append(gw)
                     log.info("gateway running: %s -> %s", _redact(getattr(source, "url", source.name)),
                              _redact(bus_url))
@@ -104,6 +121,8 @@ async def run_gateway(
                 st = gw.stats
                 log.info("gateway %s stopped: %d messages, %d readings, rejected %s", gw.source.name,
                          st.messages, st.readings, st.rejected)
+            if schemas is not None and schemas.fetches:
+                log.info("schema registry: %d schema reads, %d failed", schemas.fetches, schemas.errors)
             if admission is not None and admission.registered is not None:
                 reg = admission.registered
                 log.info("device registry: version %s, %d active devices, %d failed reads", reg.version,

@@ -416,6 +416,29 @@ def _from_descriptor(text: str, fdp: Any) -> ProtobufSchema:
                           descriptor=fdp.SerializeToString())
 
 
+def file_descriptors(text: str, references: Mapping[str, str]) -> list[Any]:
+    """The ``FileDescriptorProto`` of a schema and of every file it imports, imports first: a
+    descriptor pool takes them in this order (references by their import path, well-known files from
+    protobuf's own)."""
+    out: dict[str, Any] = {}
+
+    def add(fdp: Any, seen: tuple[str, ...]) -> None:
+        for dep in fdp.dependency:
+            if dep in out:
+                continue
+            if dep in references:
+                add(_compile(references[dep], dep, references, seen), (*seen, dep))
+            else:
+                wk = _well_known(dep) if dep.startswith(_WELL_KNOWN) else None
+                if wk is None:
+                    raise InvalidSchema(f"Invalid schema: import {dep!r} is not among the schema's references")
+                add(wk, (*seen, dep))
+        out.setdefault(fdp.name, fdp)
+
+    add(_compile(text, "default", references), ())
+    return list(out.values())
+
+
 class ProtobufFormat:
     """Protobuf: ``.proto`` text or base64 descriptors; compatibility by wire-format groups."""
 

@@ -115,6 +115,16 @@ class SchemaRegistry:
             pinned.append(Reference(name=ref.name, subject=ref.subject, version=found.version))
         return tuple(pinned)
 
+    def reference_texts(self, references: Sequence[Reference]) -> dict[str, str]:
+        """The texts of ``references`` and of theirs (name -> schema text), dependencies first.
+
+        Raises:
+            InvalidSchema: a reference that cannot be resolved.
+        """
+        texts: dict[str, str] = {}
+        self._resolve(references, texts)
+        return texts
+
     def parse(self, schema_type: str, text: str, references: Sequence[Reference] = ()) -> tuple[
             ParsedSchema, tuple[Reference, ...]]:
         """The parsed schema and its references (``latest`` pinned to a version).
