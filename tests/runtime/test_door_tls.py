@@ -13,6 +13,7 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -147,6 +148,32 @@ def test_refused_at_the_handshake(door: Door, who: str) -> None:
         p = door.probe("dev-r" if who == "revoked" else "expired")
     assert not p.connect(), f"{who} was let in"
     p.close()
+
+
+def test_refusals_are_counted(door: Door) -> None:
+    """What the broker refuses never reaches fieldmesh: 'up' counts it from the door's log, by reason."""
+    before = door.up.get("/stats")["door_refused"]
+    for who in (None, "expired"):  # no certificate; an expired one
+        p = door.probe(who)
+        assert not p.connect()
+        p.close()
+    want = {"tls_handshake": 2, "unknown_device": 0}
+    if door.kind == "nats":  # Mosquitto lets a device the registry lacks in; the gateway dead-letters it
+        p = door.probe("dev-u")
+        assert not p.connect()
+        p.close()
+        want["unknown_device"] = 1
+
+    def done(st: dict[str, Any]) -> bool:
+        return all(st["door_refused"][r] >= before[r] + n for r, n in want.items())
+
+    st = door.up.wait_for(done, timeout_s=30)
+    assert {r: st["door_refused"][r] - before[r] for r in want} == want
+    with urllib.request.urlopen(f"http://127.0.0.1:{door.up.http_port}/metrics", timeout=10) as r:
+        metrics = r.read().decode()
+    values = {line.split('"')[1]: float(line.rsplit(" ", 1)[1])
+              for line in metrics.splitlines() if line.startswith("fieldmesh_door_refused_total{")}
+    assert values["tls_handshake"] >= before["tls_handshake"] + 2, metrics
 
 
 @pytest.mark.parametrize("who", ["dev-u", "dev-s"])  # a certificate of our CA, but no active device in the registry

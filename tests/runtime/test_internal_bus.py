@@ -58,6 +58,8 @@ def test_nats_without_credentials_is_refused(up: Up) -> None:
     u = urlparse(_runtime(up)["bus_url"])
     plain = f"nats://{u.hostname}:{u.port}"
 
+    before = up.get("/stats")["door_refused"]["bus_authentication"]
+
     async def main() -> None:
         for url in (plain, f"nats://fm-internal:wrong@{u.hostname}:{u.port}",
                     f"nats://fm-device@{u.hostname}:{u.port}"):
@@ -65,6 +67,10 @@ def test_nats_without_credentials_is_refused(up: Up) -> None:
                 await nats.connect(url, connect_timeout=5, allow_reconnect=False, max_reconnect_attempts=0)
 
     asyncio.run(main())
+    # each refusal counted (from nats-server's log), in /stats and /metrics
+    st = up.wait_for(lambda st: st["door_refused"]["bus_authentication"] >= before + 3, timeout_s=30)
+    assert st["door_refused"]["bus_authentication"] == before + 3
+    assert st["door_refused"]["total"] >= before + 3
 
 
 def test_internal_credentials_work_and_stay_off_command_lines(up: Up) -> None:

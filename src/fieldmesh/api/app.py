@@ -212,6 +212,18 @@ class _AuthCollector(Collector):
         yield c
 
 
+class _DoorCollector(Collector):
+    def __init__(self, counts: Callable[[], dict[str, int]]) -> None:
+        self.counts = counts
+
+    def collect(self) -> Iterator[Any]:
+        c = CounterMetricFamily("fieldmesh_door_refused", "What the MQTT door refused, from its log, by reason",
+                                labels=["reason"])
+        for reason, n in sorted(self.counts().items()):
+            c.add_metric([reason], n)
+        yield c
+
+
 def _auth_failures(access: Access) -> dict[str, int]:
     """``auth_failures`` of ``/stats``: the total and each reason."""
     counts = dict(access.failures)
@@ -229,6 +241,7 @@ def create_app(
     ca_dir: FsPath | None = None,
     provisioner: Provisioner | None = None,
     schema_registry: SchemaRegistry | None = None,
+    door_refused: Callable[[], dict[str, int]] | None = None,
 ) -> FastAPI:
     """Build the API app over the hot store at ``store_url``.
 
@@ -238,6 +251,8 @@ def create_app(
     ``ca_dir`` (or ``provisioner``) serves provisioning (:mod:`fieldmesh.api.provision`); the app's
     ``state.provision`` holds it, for the caller to close.
     ``schema_registry``: the schema registry (by default opened on first use over the same store).
+    ``door_refused`` gives what the MQTT door refused by reason (``fieldmesh up``:
+    :class:`fieldmesh.runtime.doorlog.DoorRefusals`), served in ``/stats`` and ``/metrics``.
     """
     acc = access if access is not None else Access(store_url)
     # FastAPIOffline: a FastAPI whose Swagger UI page loads its JS/CSS from the package, not a CDN
@@ -444,6 +459,9 @@ def create_app(
             "gaps": st.gaps,
             "auth_failures": _auth_failures(acc),
         }
+        if door_refused is not None:
+            refused = await run_in_threadpool(door_refused)
+            body["door_refused"] = {"total": sum(refused.values()), **refused}
         if lag is not None:
             lag_cache.update(await lag())
             body["lag"] = dict(lag_cache)
@@ -752,6 +770,8 @@ def create_app(
     app.include_router(registry_router(get_schema_registry, viewer=viewer, operator=operator, admin=admin))
 
     registry.register(_AuthCollector(acc))
+    if door_refused is not None:
+        registry.register(_DoorCollector(door_refused))
     collector: _StoreCollector | None = None
 
     @app.get("/metrics", response_class=PlainTextResponse, responses={

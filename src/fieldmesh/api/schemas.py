@@ -39,6 +39,10 @@ class Stats(_Open):
     auth_failures: dict[str, int] | None = Field(None, description=(
         'API requests refused since the API started: {"total": N, "<reason>": n, ...}, reasons missing_credentials, '
         "bad_key, bad_token (401) and wrong_role, wrong_group (403)"))
+    door_refused: dict[str, int] | None = Field(None, description=(
+        'what the MQTT door of `fieldmesh up` refused since it started, from the door\'s log: {"total": N, '
+        '"<reason>": n, ...}, reasons tls_handshake, unknown_device, publish_denied, subscribe_denied, '
+        "bus_authentication (docs/security.md)"))
     lag: dict[str, int] | None = Field(None, description="messages not yet consumed per stage")
     lag_partitions: dict[str, dict[str, int]] | None = Field(
         None, description="messages not yet consumed per stage and bus partition (the processor's counted "

@@ -16,6 +16,7 @@ import ipaddress
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,6 +36,8 @@ from fieldmesh.core.topics import DLQ_TOPIC, GATEWAY_GROUP, INGEST_TOPIC, READIN
 from fieldmesh.gateway.admission import describe_checks
 from fieldmesh.gateway.sources import MqttSource, ingest_spec
 from fieldmesh.runtime.doorauth import DoorPolicy, DoorTls, internal_auth, policy_from_registry
+from fieldmesh.runtime.doorlog import REASONS as DOOR_REFUSALS
+from fieldmesh.runtime.doorlog import DoorRefusals
 from fieldmesh.runtime.enrichment import join_topic, source_database
 from fieldmesh.runtime.mosquitto import (
     accepts,
@@ -309,6 +312,7 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
     sim: _Child | None = None
     server: Any = None
     door_registry: Any = None  # the device registry the door's certificates come from (mutual TLS)
+    refusals: list[DoorRefusals] = []  # what the door (and the closed bus) refused, counted from their logs
     t_start = time.monotonic()
     try:
         store_url = opts.store_url or default_store_url(data_dir)
@@ -329,6 +333,7 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
                                 fsync=settings.bus.fsync, disk_reserve=policy.disk_reserve_mb * 2**20,
                                 auth=auth, mqtt_host=opts.mqtt_host, mqtt_tls=tls if nats_door else None,
                                 mqtt_anonymous=not mtls, policy=door_policy)
+            refusals.append(DoorRefusals(nats.log_path, "nats"))  # from here on: not what earlier runs logged
             await _start_door(nats, settings)
         bus_url = opts.bus_url or (nats.url if nats else "")
         door_url = nats.url if nats is not None and nats_door else None  # where FM_INGEST lives
@@ -352,6 +357,7 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
                                          "tls": tls, "tls_host": opts.mqtt_host, "anonymous": not mtls,
                                          "crl": data_dir / "ca" / "crl.pem", "policy": door_policy}
             if door_kind == "mosquitto":
+                refusals.append(DoorRefusals(logs / "mosquitto.log", "mosquitto"))
                 door_child = await asyncio.to_thread(_start_mosquitto, mosq_conf, logs)
             # the gateway's password reaches it in a file (mqtt_auth_file), not on its command line
             gw_mqtt = f"mqtt://{auth.user}@127.0.0.1:{opts.mqtt_port}" if door_child else opts.mqtt_url
@@ -519,8 +525,15 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
                 plag[:] = [time.monotonic(), out]
                 return out
 
+            def door_refused() -> dict[str, int]:
+                total = dict.fromkeys(DOOR_REFUSALS, 0)
+                for r in refusals:
+                    for reason, n in r.counts().items():
+                        total[reason] += n
+                return total
+
             app = create_app(store_url, health=health, lag=lag, partition_lag=partition_lag, access=access,
-                             ca_dir=data_dir / "ca")
+                             ca_dir=data_dir / "ca", door_refused=door_refused if refusals else None)
             app.state.provision.start_crl_refresher()
             server = _api_server(uvicorn.Config(
                 app, host=opts.http_host, port=opts.http_port, log_level="warning", lifespan="off",
@@ -771,7 +784,12 @@ def _start_mosquitto(conf_kw: dict[str, Any], logs: Path, child: _Child | None =
     port = int(conf_kw["port"])
     conf = write_config(**conf_kw)
     if child is None:
-        child = _Child("mosquitto", [binary, "-c", str(conf)], logs / "mosquitto.log")
+        # Mosquitto logs to stdout (our file) through stdio, which a file makes block-buffered: line buffering
+        # (coreutils' stdbuf, where present) puts each line in the log as it happens, for operators and for
+        # the refusals counted from it (runtime/doorlog.py)
+        stdbuf = shutil.which("stdbuf")
+        cmd = [binary, "-c", str(conf)]
+        child = _Child("mosquitto", [stdbuf, "-oL", *cmd] if stdbuf else cmd, logs / "mosquitto.log")
     child.start()
     deadline = time.monotonic() + 20
     while not accepts(port):
