@@ -213,6 +213,39 @@ def test_concurrent_requests_with_one_token_get_one_certificate(servers: list[Ap
     assert _metric(api, "token_used") == len(bodies) - 1
 
 
+def test_concurrent_claims_of_one_new_device_get_one_certificate(servers: list[Api]) -> None:
+    """The claim check (no valid certificate yet) is repeated where the certificate is recorded: of claims
+    racing for one new device, one wins; the others' certificates, signed already, are recorded revoked."""
+    api = servers[0]
+    cert_pem, key_pem, _ = api.prov.create_claim("batch-race", days=30, devices="race-*", actor="test")
+    claim_key = serialization.load_pem_private_key(key_pem.encode(), password=None)
+    bodies = []
+    for _ in range(8):
+        csr = build_csr(new_key(), "race-1")
+        der = x509.load_pem_x509_csr(csr.encode()).public_bytes(serialization.Encoding.DER)
+        bodies.append({"csr": csr, "claim_certificate": cert_pem,
+                       "signature": base64.b64encode(sign(claim_key, der)).decode()})  # type: ignore[arg-type]
+    barrier = threading.Barrier(len(bodies))
+
+    def go(i: int) -> httpx.Response:
+        barrier.wait(30)
+        return servers[i % 2].post(bodies[i])  # two API replicas, one database
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        answers = list(pool.map(go, range(len(bodies))))
+    assert sorted(r.status_code for r in answers) == [200] + [403] * (len(bodies) - 1), [r.text for r in answers]
+    assert {r.json()["reason"] for r in answers if r.status_code == 403} == {"already_provisioned"}
+    now = int(time.time() * 1000)
+    valid = api.prov.registry.certificates("race-1", valid_at_ms=now)
+    assert len(valid) == 1
+    winner = next(r for r in answers if r.status_code == 200)
+    won = x509.load_pem_x509_certificate(winner.json()["certificate"].encode())
+    assert won.serial_number == int(valid[0].serial, 16)
+    # a loser's certificate reached the registry as revoked (if it was signed before its refusal)
+    others = [c for c in api.prov.registry.certificates("race-1") if c.serial != valid[0].serial]
+    assert all(c.revoked_ms is not None for c in others)
+
+
 def test_claim_flow(api: Api, tmp_path: Path) -> None:
     cert_pem, key_pem, rec = api.prov.create_claim("batch-7", days=30, groups=("plant1",), devices="pump-*",
                                                    actor="test")

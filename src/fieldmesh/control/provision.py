@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import dataclasses
 import threading
 import time
 from dataclasses import dataclass
@@ -182,10 +183,24 @@ class Provisioner:
             with contextlib.suppress(ConflictError):  # registered meanwhile by a concurrent request
                 self.registry.add(device_id, groups=grant.groups, actor=via)
         issued = self.ca.issue_device(grant.csr, device_id)
-        self.registry.add_certificate(Certificate(
+        cert = Certificate(
             serial=issued.serial, device_id=device_id, subject=issued.subject, fingerprint=issued.fingerprint,
-            not_before_ms=issued.not_before_ms, not_after_ms=issued.not_after_ms, revoked_ms=None,
-            pem=issued.pem), actor=via)
+            not_before_ms=issued.not_before_ms, not_after_ms=issued.not_after_ms, revoked_ms=None, pem=issued.pem)
+        try:
+            # a claim gets a certificate only for a device without a valid one: checked again where it is recorded,
+            # so of two claims of one new device racing, one gets it
+            self.registry.add_certificate(cert, actor=via, exclusive=grant.method == "claim")
+        except ConflictError as exc:
+            if exc.kind != "valid_certificate":
+                raise
+            # the loser's certificate is signed already: recorded as revoked, so it is on the next CRL too
+            self.registry.add_certificate(dataclasses.replace(cert, revoked_ms=int(time.time() * 1000)), actor=via)
+            refused = CertificateRefused("already_provisioned", f"device {device_id!r} holds a valid certificate: "
+                                                                "rotate with it, or revoke it first", status=403,
+                                         device_id=device_id)
+            self.enrollment.count(f"refused:{refused.reason}", actor=via, target=device_id,
+                                  detail={"reason": refused.reason, "detail": refused.detail, "peer": grant.peer})
+            raise refused from exc
         self.enrollment.count("issued", actor=via, target=device_id, detail={
             "method": grant.method, "serial": issued.serial, "not_after_ms": issued.not_after_ms, "peer": grant.peer})
         return ProvisionResult(certificate=issued, chain=self.ca.chain_pem(), method=grant.method)

@@ -566,12 +566,16 @@ class DeviceRegistry(HotTables):
         return counts
 
     # -- certificates ------------------------------------------------------------------------
-    def add_certificate(self, cert: Certificate, *, actor: str) -> None:
+    def add_certificate(self, cert: Certificate, *, actor: str, exclusive: bool = False) -> None:
         """Record a certificate issued to a registered device.
+
+        ``exclusive``: only if the device holds no other certificate valid now, checked in the same
+        transaction (two claims of one new device racing: one gets in).
 
         Raises:
             NotFoundError: its device is not registered.
-            ConflictError: a certificate with that serial or fingerprint is recorded already.
+            ConflictError: a certificate with that serial or fingerprint is recorded already; with
+                ``exclusive``, the device holds a valid certificate (``kind`` "valid_certificate").
             ConfigError: a malformed serial or fingerprint.
         """
         if not re.fullmatch(r"[0-9a-f]{1,64}", cert.serial):
@@ -586,6 +590,15 @@ class DeviceRegistry(HotTables):
                                 (cert.serial, cert.fingerprint)).fetchone()
             if clash is not None:
                 raise ConflictError(f"certificate {clash[0]} is recorded already", kind="certificate", key=clash[0])
+            if exclusive:
+                now = _now_ms()
+                valid = con.execute(self._sql(
+                    "SELECT serial FROM device_certificates WHERE device_id = ? AND not_before_ms <= ?"
+                    " AND not_after_ms >= ? AND (revoked_ms IS NULL OR revoked_ms > ?)"),  # as certificates(valid_at_ms)
+                    (cert.device_id, now, now, now)).fetchone()
+                if valid is not None:
+                    raise ConflictError(f"device {cert.device_id!r} holds the valid certificate {valid[0]}",
+                                        kind="valid_certificate", key=valid[0])
             con.execute(self._sql(f"INSERT INTO device_certificates ({_CERT_COLS}, added_ms, added_by)"
                                   " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
                         (cert.serial, cert.device_id, cert.subject, cert.fingerprint, cert.not_before_ms,
