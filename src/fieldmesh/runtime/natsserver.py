@@ -7,6 +7,7 @@ Apache-2.0 release).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -269,7 +270,13 @@ class EmbeddedNats:
 
     def file_store_used(self) -> int:
         """Bytes JetStream's files take on disk now."""
-        return sum(f.stat().st_size for f in (self.store_dir / "jetstream").rglob("*") if f.is_file())
+        total = 0
+        # os.walk passes over a directory JetStream removes meanwhile (rglob raised FileNotFoundError)
+        for root, _dirs, files in os.walk(self.store_dir / "jetstream"):
+            for name in files:
+                with contextlib.suppress(FileNotFoundError):
+                    total += os.stat(os.path.join(root, name)).st_size
+        return total
 
     def file_budget(self) -> int:
         """What JetStream may store on disk: what it holds now plus the free space above the reserve

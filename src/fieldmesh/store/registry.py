@@ -594,7 +594,7 @@ class DeviceRegistry(HotTables):
                 now = _now_ms()
                 valid = con.execute(self._sql(
                     "SELECT serial FROM device_certificates WHERE device_id = ? AND not_before_ms <= ?"
-                    " AND not_after_ms >= ? AND (revoked_ms IS NULL OR revoked_ms > ?)"),  # as certificates(valid_at_ms)
+                    " AND not_after_ms >= ? AND (revoked_ms IS NULL OR revoked_ms > ?)"),  # as certificates()
                     (cert.device_id, now, now, now)).fetchone()
                 if valid is not None:
                     raise ConflictError(f"device {cert.device_id!r} holds the valid certificate {valid[0]}",
