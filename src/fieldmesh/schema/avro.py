@@ -39,14 +39,6 @@ _PROMOTIONS: Final = {
 _NAMED: Final = frozenset({"record", "error", "enum", "fixed"})
 
 
-def _sorted_json(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _sorted_json(value[k]) for k in sorted(value)}
-    if isinstance(value, list):
-        return [_sorted_json(v) for v in value]
-    return value
-
-
 @dataclass(frozen=True)
 class AvroSchema:
     """A parsed Avro schema: its JSON, fastavro's parsed form and every named type it can use."""
@@ -58,8 +50,7 @@ class AvroSchema:
 
     def canonical(self, *, normalize: bool = False) -> str:
         """Compact JSON (``normalize``: also with the object keys sorted)."""
-        return json.dumps(_sorted_json(self.raw) if normalize else self.raw, separators=(",", ":"),
-                          ensure_ascii=False)
+        return json.dumps(self.raw, separators=(",", ":"), ensure_ascii=False, sort_keys=normalize)
 
 
 def _load(text: str) -> Any:

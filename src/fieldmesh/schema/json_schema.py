@@ -48,14 +48,6 @@ _UNCHECKED: Final = ("not", "if", "then", "else", "patternProperties", "dependen
 _TYPES: Final = ("null", "boolean", "object", "array", "number", "integer", "string")
 
 
-def _sorted_json(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _sorted_json(value[k]) for k in sorted(value)}
-    if isinstance(value, list):
-        return [_sorted_json(v) for v in value]
-    return value
-
-
 @dataclass(frozen=True)
 class JsonSchema:
     """A parsed JSON Schema and the referenced schemas it may ``$ref`` by name."""
@@ -66,8 +58,7 @@ class JsonSchema:
 
     def canonical(self, *, normalize: bool = False) -> str:
         """Compact JSON (``normalize``: also with the object keys sorted)."""
-        return json.dumps(_sorted_json(self.raw) if normalize else self.raw, separators=(",", ":"),
-                          ensure_ascii=False)
+        return json.dumps(self.raw, separators=(",", ":"), ensure_ascii=False, sort_keys=normalize)
 
 
 def _load(text: str) -> Any:
