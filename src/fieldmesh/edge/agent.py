@@ -26,6 +26,7 @@ import numpy as np
 from fieldmesh.core.errors import ConfigError
 from fieldmesh.edge.buffer import BufferFull, DiskBuffer
 from fieldmesh.edge.config import EdgeConfig, SourceConfig
+from fieldmesh.edge.contract import ReadingContract, register_schema
 from fieldmesh.edge.frame import DeviceIndex, Frame, WireReading, occurrence_groups
 from fieldmesh.edge.infer import make_scorer
 from fieldmesh.edge.preprocess import Aggregate, Preprocessor
@@ -69,6 +70,11 @@ def make_source(sc: SourceConfig, index: int, state_dir: Path) -> Source:
     return MqttSource(sc.mqtt, name=f"sources[{index}].mqtt")
 
 
+def _fields(r: WireReading) -> dict[str, Any]:
+    return {"ts": r.ts, "measurements": r.measurements, "seq": r.seq, "boot_id": r.boot_id, "meta": r.meta,
+            "event_id": r.event_id}
+
+
 class Pipeline:
     """The synchronous core of the agent: a source batch in, a buffer record out (no I/O).
 
@@ -87,6 +93,8 @@ class Pipeline:
         self.boot_id = boot_id
         self._next_seq = np.zeros(64, dtype=np.int64)
         self.anomalies = 0
+        #: The reading contract (``schema:`` in the config); set by the agent, which owns its files.
+        self.contract: ReadingContract | None = None
 
     def _assign_seq(self, dev: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
         need = int(dev.max()) + 1
@@ -146,6 +154,8 @@ class Pipeline:
         per: dict[int, list[WireReading]] = {}
         anomalies: list[tuple[str, WireReading]] = []
         n = len(frame)
+        refused = 0
+        contract = self.contract
         if n:
             names = list(frame.cols)
             cols = [frame.cols[k].tolist() for k in names]
@@ -170,6 +180,9 @@ class Pipeline:
                     meta=meta,
                 )
                 d = devs[i]
+                if contract is not None and not contract.check(ids[d], _fields(r)):
+                    refused += 1
+                    continue
                 lst = per.get(d)
                 if lst is None:
                     per[d] = [r]
@@ -178,9 +191,12 @@ class Pipeline:
                 if meta is not None and meta["decision"] == "anomaly":
                     anomalies.append((ids[d], r))
         for d, r in aggs:
+            if contract is not None and not contract.check(ids[d], _fields(r)):
+                refused += 1
+                continue
             per.setdefault(d, []).append(r)
         self.anomalies += len(anomalies)
-        return [(ids[d], lst) for d, lst in per.items()], n + len(aggs), anomalies
+        return [(ids[d], lst) for d, lst in per.items()], n + len(aggs) - refused, anomalies
 
 
 class EdgeAgent:
@@ -209,6 +225,9 @@ class EdgeAgent:
         self.state_dir = Path(b.path) / "state"
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.pipeline = Pipeline(cfg, boot_id=self.boot_id)
+        if cfg.schema_ is not None:
+            self.pipeline.contract = ReadingContract.from_file(
+                cfg.schema_.file, rejects_path=self.state_dir / "rejects.jsonl")
         self.sources: list[Source] = (
             sources
             if sources is not None
@@ -379,6 +398,7 @@ class EdgeAgent:
             "source_errors": self.source_errors,
             "full_waits": self.full_waits,
             "lost_aggregates": self.lost_aggregates,
+            "schema": self.pipeline.contract.as_dict() if self.pipeline.contract else None,
         }
 
     def write_stats(self) -> None:
@@ -412,6 +432,11 @@ class EdgeAgent:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self.uplink.run(uplink_stop), name="uplink")
             tg.create_task(self._housekeeping(stop), name="housekeeping")
+            sc = self.cfg.schema_
+            if sc is not None and sc.subject and sc.registry_url and self.pipeline.contract is not None:
+                tg.create_task(register_schema(
+                    self.pipeline.contract, registry_url=sc.registry_url, subject=sc.subject,
+                    auth=sc.auth.get_secret_value() if sc.auth else None, stop=stop), name="schema")
             src_tasks = [tg.create_task(self._run_source(s, stop), name=s.name) for s in self.sources]
             if on_started is not None:
                 on_started()

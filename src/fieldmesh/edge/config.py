@@ -138,6 +138,25 @@ class TwinConfig(_Model):
     enabled: bool = True
 
 
+class SchemaConfig(_Model):
+    """The device's reading contract (docs/schemas.md "At the edge")."""
+
+    #: JSON Schema of one reading in the telemetry shape; readings it refuses are kept, never sent.
+    file: Path
+    #: Register the schema under this registry subject at start (e.g. ``pumps-value``).
+    subject: str | None = None
+    #: The registry's base URL (``http://HOST:PORT/api/v1/registry``); needed with ``subject``.
+    registry_url: str | None = None
+    #: ``<key id>:<secret>`` of an API key allowed to register (HTTP Basic, as Confluent's clients).
+    auth: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _registry_with_subject(self) -> SchemaConfig:
+        if self.subject and not self.registry_url:
+            raise ValueError("schema.subject needs schema.registry_url")
+        return self
+
+
 class SimulatorSourceConfig(_Model):
     """The fleet simulator as a source (deterministic; resumes where it was acknowledged)."""
 
@@ -245,6 +264,7 @@ class EdgeConfig(_Model):
     buffer: BufferConfig = Field(default_factory=BufferConfig)
     uplink: UplinkConfig = Field(default_factory=UplinkConfig)
     twin: TwinConfig = Field(default_factory=TwinConfig)
+    schema_: SchemaConfig | None = Field(default=None, alias="schema")
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:
