@@ -142,6 +142,9 @@ def up(
         help="devices must present a certificate of --mqtt-ca that the device registry holds as valid, for an "
              "active device; each is confined to its own topics")] = False,
     require_registration: RequireRegistration = False,
+    slo: Annotated[Path | None, typer.Option(
+        "--slo", help="service level objectives (YAML: freshness, latency, dlq_rate): status in /metrics, "
+                      "breaches as alerts slo:<name> (docs/observability.md)")] = None,
 ) -> None:
     """Run the whole pipeline on embedded defaults (MQTT -> gateway -> bus -> processor -> store -> API)."""
     from fieldmesh.runtime.up import DEFAULT_HTTP_PORT, DEFAULT_MQTT_PORT, UpOptions, run_up
@@ -165,6 +168,7 @@ def up(
             store_url=store_url, simulate=simulate, sim_rate=sim_rate, sim_per_message=sim_per_message,
             duration_s=for_, settings=settings, summary_table=not as_json,
             http_host=http_host, tls_cert=tls_cert, tls_key=tls_key, mqtt_host=mqtt_host, mqtt_tls=door_tls,
+            slo_file=slo,
         )
         summary = asyncio.run(run_up(opts))
     except FieldmeshError as exc:
@@ -550,7 +554,7 @@ def keys_revoke(
 # Sub-command groups contributed by other stages, registered when their modules are present.
 for _name, _module in (("ca", "fieldmesh.cli.ca"), ("cdc", "fieldmesh.cli.cdc"), ("devices", "fieldmesh.cli.devices"),
                        ("edge", "fieldmesh.edge.cli"), ("lake", "fieldmesh.cli.lake"),
-                       ("schemas", "fieldmesh.cli.schemas")):
+                       ("schemas", "fieldmesh.cli.schemas"), ("grafana", "fieldmesh.cli.grafana")):
     try:
         _sub = importlib.import_module(_module)
     except ImportError:
