@@ -47,6 +47,11 @@ RulesOpt = Annotated[
 RequireRegistration = Annotated[bool, typer.Option(
     "--require-registration", help="refuse devices not registered as active in the device registry (DLQ "
     "unknown_device; suspended or retired: unauthorized) [env FIELDMESH__GATEWAY__REQUIRE_REGISTRATION]")]
+MetricsPort = Annotated[int | None, typer.Option(
+    "--metrics-port", min=0, max=65535,
+    help="serve this process's stage metrics (rates, batch sizes, latencies) on http://--metrics-host:PORT/metrics "
+         "for Prometheus (docs/observability.md)")]
+MetricsHost = Annotated[str, typer.Option("--metrics-host", help="address of --metrics-port")]
 EnrichOpt = Annotated[
     list[str] | None,
     typer.Option(help="as-of join of readings with a CDC table (repeatable), e.g. "
@@ -263,6 +268,8 @@ def gateway(
         help="the hot store holding the device registry (needed with --require-registration) and the schema "
              "registry (payloads written against a registered schema, docs/schemas.md)")] = None,
     require_registration: RequireRegistration = False,
+    metrics_port: MetricsPort = None,
+    metrics_host: MetricsHost = "127.0.0.1",
 ) -> None:
     """Run a gateway alone (run N of them: they share the devices through an MQTT 5 shared subscription
     or an ingest topic's consumer group)."""
@@ -271,6 +278,7 @@ def gateway(
     if not mqtt_url and not ingest_url:
         raise typer.BadParameter("give --mqtt-url and/or --ingest-url")
     _role_logging("gateway")
+    _serve_metrics(metrics_port, metrics_host)
     try:
         settings = _settings(bus={"partitions": partitions},
                              **({"gateway": {"require_registration": True}} if require_registration else {}))
@@ -296,6 +304,8 @@ def process(
     rules: RulesOpt = None,
     retry_for: Annotated[float, typer.Option(
         min=0, help="keep retrying an unreachable bus or store (with backoff) for this many seconds")] = 120.0,
+    metrics_port: MetricsPort = None,
+    metrics_host: MetricsHost = "127.0.0.1",
 ) -> None:
     """Run a processor alone."""
     from fieldmesh.runtime.worker import run_processor
@@ -304,9 +314,25 @@ def process(
     if group is None:  # a NATS durable has one subject filter: replicas on other partitions need their own
         group = "fm-processor" if partitions is None else f"fm-processor-p{partitions.replace(',', '_')}"
     _role_logging("process")
+    _serve_metrics(metrics_port, metrics_host)
     settings = _settings(bus={"partitions": total_partitions}, **_enrich_kw(enrich, enrich_db), **_rules_kw(rules))
     _with_retries(lambda: asyncio.run(run_processor(bus_url=bus_url, store_url=store_url, partitions=owned,
                                                     group=group, settings=settings)), retry_for)
+
+
+def _serve_metrics(port: int | None, host: str) -> None:
+    """Serve the stage metrics of this process (a stand-alone role) for Prometheus to scrape."""
+    if port is None:
+        return
+    from prometheus_client import start_http_server
+
+    import fieldmesh.obs.metrics  # noqa: F401 - registers the stage metrics
+
+    try:
+        start_http_server(port, addr=host)
+    except OSError as exc:
+        _fail(ConfigError(f"--metrics-port {port}: {exc}", key="metrics_port"))
+    err.print(f"metrics on http://{host}:{port}/metrics")
 
 
 def _with_retries(run: Any, retry_for: float) -> None:
