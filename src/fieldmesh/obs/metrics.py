@@ -81,7 +81,7 @@ PROCESSOR_READINGS: Final = Counter("fieldmesh_processor_readings", "What the pr
 PROCESSOR_STORE_RETRIES: Final = Counter("fieldmesh_processor_store_retries", "Batches the store refused and "
                                          "that were tried again")
 SINK_COMMIT_SECONDS: Final = Histogram("fieldmesh_sink_commit_seconds", "Commit time per sink: hot (the batch's "
-                                       "transaction), alerts (their part of it, and the alert ticks), lake",
+                                       "transaction), alerts (their part of it), lake",
                                        ["sink"], buckets=_COMMIT_BUCKETS)
 EVENT_TO_STORED: Final = Histogram("fieldmesh_event_to_stored_seconds", "From a reading's event time (device "
                                    "clock) to the commit that stored it", buckets=LATENCY_BUCKETS)
