@@ -48,6 +48,13 @@ from fieldmesh.core.topics import DLQ_TOPIC, READINGS_TOPIC, partition_for, rout
 from fieldmesh.gateway.admission import Admission
 from fieldmesh.gateway.base import NO_DEVICE_TOPIC_PREFIX, IngestMessage, IngestSource
 from fieldmesh.gateway.schemas import DecodeError, WireSchemas, telemetry_of
+from fieldmesh.obs.metrics import (
+    GATEWAY_BATCH,
+    GATEWAY_MESSAGES,
+    GATEWAY_READINGS,
+    GATEWAY_REJECTED,
+    GATEWAY_SEND_SECONDS,
+)
 
 __all__ = ["Gateway", "GatewayStats", "route"]
 
@@ -419,6 +426,19 @@ def _encodable(readings: list[Reading], encoding: int = 1) -> tuple[list[Reading
     return ok, bad
 
 
+def _count(source: str, msgs: list[IngestMessage], n: int, dead: list[DeadLetter], send_s: float) -> None:
+    """The stage metrics of one delivered batch (docs/observability.md)."""
+    GATEWAY_MESSAGES.labels(source).inc(len(msgs))
+    GATEWAY_READINGS.labels(source).inc(n)
+    GATEWAY_BATCH.observe(len(msgs))
+    GATEWAY_SEND_SECONDS.observe(send_s)
+    reasons: dict[str, int] = {}
+    for d in dead:
+        reasons[d.reason] = reasons.get(d.reason, 0) + 1
+    for reason, k in reasons.items():
+        GATEWAY_REJECTED.labels(reason).inc(k)
+
+
 class Gateway:
     """Moves device messages from a source to the bus, with validation and a DLQ.
 
@@ -462,6 +482,7 @@ class Gateway:
         to redeliver.
         """
         delay = 0.1
+        t0 = time.perf_counter()
         while True:
             try:
                 await self.producer.send(records)
@@ -477,6 +498,7 @@ class Gateway:
         self.stats.readings += n
         for d in dead:
             self.stats.rejected[d.reason] = self.stats.rejected.get(d.reason, 0) + 1
+        _count(self.source.name, msgs, n, dead, time.perf_counter() - t0)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set: decoding the next batch overlaps with sending the last one.
