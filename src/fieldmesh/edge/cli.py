@@ -39,12 +39,23 @@ def run(
     duration: Annotated[float | None, typer.Option("--for", help="stop after this many seconds")] = None,
     drain: Annotated[float, typer.Option("--drain", help="seconds to drain the buffer on stop")] = 5.0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    log_json: Annotated[
+        bool, typer.Option("--log-json", help="log lines as JSON with trace ids (env FIELDMESH_LOG_JSON=1)")
+    ] = False,
 ) -> None:
-    """Run the agent (Ctrl-C stops it cleanly; the buffer keeps what was not delivered)."""
-    logging.basicConfig(
+    """Run the agent (Ctrl-C stops it cleanly; the buffer keeps what was not delivered).
+
+    Traces go to the OTLP endpoint of ``OTEL_EXPORTER_OTLP_ENDPOINT`` when it is set (docs/observability.md).
+    """
+    from fieldmesh.obs import logs, tracing
+
+    logs.setup_logging(
+        "edge",
         level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        fmt="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        json_lines=True if log_json else None,
     )
+    tracing.setup("fieldmesh-edge")
     try:
         stats = asyncio.run(run_agent(config, duration, drain))
     except FieldmeshError as exc:

@@ -46,6 +46,7 @@ from fieldmesh.core.errors import BackendUnavailable, FieldmeshError
 from fieldmesh.core.model import Reading
 from fieldmesh.core.settings import ProcessorSettings
 from fieldmesh.core.topics import DLQ_TOPIC, READINGS_TOPIC
+from fieldmesh.obs import tracing
 from fieldmesh.store.base import INTERVALS, ApplyResult, HotStore, HotTxn, Position, Sink, SqlTxn, T
 from fieldmesh.stream.alerting import AlertEngine
 from fieldmesh.stream.base import DecodedBatch, EnrichFn, StreamEngine, StreamState
@@ -159,7 +160,23 @@ class Processor:
 
     def apply_records(self, records: Sequence[BusRecord]) -> ApplyResult:
         """Decode bus records, decide and commit them in one hot-store transaction, then write the
-        result to each extra sink (synchronous core; see the module docstring)."""
+        result to each extra sink (synchronous core; see the module docstring).
+
+        While tracing is on, all of it runs in a ``processor.apply`` span: a child of the first trace
+        context in the records' headers, linked to the others; the hot-store commit, the alert rules and
+        each sink's write are its children."""
+        if tracing.enabled():
+            parents = (tracing.context_of(r.headers.get("traceparent"), r.headers.get("tracestate"))
+                       for r in records if r.headers)
+            with tracing.batch_span("fieldmesh.stream", "processor.apply", parents,
+                                    {"fieldmesh.records": len(records)}) as s:
+                applied = self._apply_records(records)
+                s.set_attribute("fieldmesh.stored", applied.stored)
+                s.set_attribute("fieldmesh.duplicates", applied.duplicates)
+                return applied
+        return self._apply_records(records)
+
+    def _apply_records(self, records: Sequence[BusRecord]) -> ApplyResult:
         if self._device_wm is None:  # each device's latest event time stored: lateness resumes there
             self._device_wm = self.store.device_watermarks()
         state = StreamState(positions=self._positions, watermarks=self._watermarks,
@@ -174,10 +191,22 @@ class Processor:
             def build(txn: HotTxn) -> BatchResult:
                 decided = self._decide(batch, state, txn)
                 if self.alerts is not None:  # alert transitions commit with the batch (or not at all)
-                    alerted[:] = [self.alerts.in_txn(txn, decided, state.device_watermarks)]
+                    if traced:
+                        with tracing.span("fieldmesh.stream", "alerts.evaluate"):
+                            alerted[:] = [self.alerts.in_txn(txn, decided, state.device_watermarks)]
+                    else:
+                        alerted[:] = [self.alerts.in_txn(txn, decided, state.device_watermarks)]
                 return decided
 
-            result = self.store.commit(build, ts_ms=batch.cols.ts_ms)
+            traced = tracing.enabled()
+            if traced:
+                with tracing.span("fieldmesh.store", "store.hot.commit",
+                                  {"db.system": self.store.url.split(":", 1)[0],
+                                   "fieldmesh.readings": len(batch.cols.ts_ms)}) as s:
+                    result = self.store.commit(build, ts_ms=batch.cols.ts_ms)
+                    s.set_attribute("fieldmesh.stored", len(result.new))
+            else:
+                result = self.store.commit(build, ts_ms=batch.cols.ts_ms)
             if self.alerts is not None and alerted:
                 self.alerts.committed(alerted[0])
             self._positions.update(result.positions)
@@ -191,7 +220,11 @@ class Processor:
             st.dead_lettered += len(result.dead_letters)
             st.corrupt += result.corrupt
         for i, sink in enumerate(self.sinks):
-            self._fan_out(i, sink, records, before, result)
+            if tracing.enabled():
+                with tracing.span("fieldmesh.store", f"sink.{sink.name}.write"):
+                    self._fan_out(i, sink, records, before, result)
+            else:
+                self._fan_out(i, sink, records, before, result)
         if result is None:
             return ApplyResult(0, 0, 0, 0)
         return ApplyResult(stored=len(result.new), duplicates=result.counts.get("duplicates", 0),
