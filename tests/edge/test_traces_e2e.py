@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -60,7 +59,7 @@ def _full_trace(spans: list[Span]) -> list[Span] | None:
         by_trace.setdefault(s.trace_id, []).append(s)
     for t in by_trace.values():
         names = {s.name for s in t}
-        if set(PIPELINE) <= names and SERVICES <= {s.service for s in t} and connected(t):
+        if set(PIPELINE) <= names and {s.service for s in t} >= SERVICES and connected(t):
             return t
     return None
 

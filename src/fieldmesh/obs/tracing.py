@@ -35,6 +35,7 @@ __all__ = [
     "enabled",
     "headers_of",
     "headers_of_current",
+    "set_enabled",
     "setup",
     "shutdown",
     "span",
@@ -64,15 +65,16 @@ def _endpoint() -> str | None:
     return env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None
 
 
-def setup(service: str) -> bool:
+def setup(service: str, *, exporter: Any = None) -> bool:
     """Turn tracing on for this process when an OTLP endpoint is configured; returns :func:`enabled`.
 
     ``service`` is the ``service.name`` of this process's spans unless ``OTEL_SERVICE_NAME`` names
-    another. Idempotent: a second call keeps the first provider.
+    another. ``exporter`` (an OpenTelemetry ``SpanExporter``, e.g. in-memory in tests) turns tracing on
+    without an endpoint, exporting each span as it ends. Idempotent: a second call keeps the first provider.
     """
     if _state["provider"] is not None:
         return enabled()
-    endpoint = _endpoint()
+    endpoint = _endpoint() if exporter is None else "(given exporter)"
     if endpoint is None:
         return False
     try:
@@ -80,7 +82,7 @@ def setup(service: str) -> bool:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         from opentelemetry.sdk.resources import SERVICE_NAME, Resource
         from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
     except ImportError:
         log.warning("OTEL_EXPORTER_OTLP_*ENDPOINT is set but the OpenTelemetry SDK is not installed: "
                     "no traces (pip install 'fieldmesh[otel]')")
@@ -88,12 +90,18 @@ def setup(service: str) -> bool:
     attrs = {SERVICE_NAME: os.environ.get("OTEL_SERVICE_NAME") or service}
     # the sampler comes from OTEL_TRACES_SAMPLER(_ARG); the exporter from OTEL_EXPORTER_OTLP_*
     provider = TracerProvider(resource=Resource.create(attrs))
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()) if exporter is None
+                                else SimpleSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     _state.update(enabled=True, provider=provider, service=attrs[SERVICE_NAME])
     log.info("tracing: exporting to %s as %s (sampler %s)", endpoint, attrs[SERVICE_NAME],
              os.environ.get("OTEL_TRACES_SAMPLER", "parentbased_always_on"))
     return True
+
+
+def set_enabled(on: bool) -> None:
+    """Pause (False) or resume (True) tracing after :func:`setup` turned it on (tests, benchmarks)."""
+    _state["enabled"] = bool(on) and _state["provider"] is not None
 
 
 def shutdown() -> None:
