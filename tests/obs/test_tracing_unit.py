@@ -87,7 +87,8 @@ def test_sampler_ratio_from_the_environment_keeps_about_that_share() -> None:
             "print(n)")
     clean = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     env = {**clean, "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9",
-           "OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.01", "OTEL_BSP_EXPORT_TIMEOUT": "100", "OTEL_EXPORTER_OTLP_TIMEOUT": "1"}
+           "OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.01",
+           "OTEL_BSP_EXPORT_TIMEOUT": "100", "OTEL_EXPORTER_OTLP_TIMEOUT": "1"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert 120 <= int(out.stdout.strip()) <= 280, out.stderr[-2000:]  # 200 expected; 7 sigma either side
 
