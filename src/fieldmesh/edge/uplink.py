@@ -509,18 +509,17 @@ class Uplink:
     def _publish_group(self, client: Any, recs: list[Record], n: int) -> bool:
         per_dev: dict[str, list[WireReading]] = {}
         traced = tracing.enabled() and self.cfg.traceparent
-        ctxs: dict[str, list[Any]] = {}  # device -> the trace contexts of the records its readings come from
+        ctxs: dict[str, list[tuple[str, str | None]]] = {}  # device -> trace contexts of the records it is in
         for r in recs:
             groups, tp, ts = decode_record_traced(r.payload)
-            sc = tracing.context_of(tp, ts) if traced else None
             for dev, readings in groups:
                 lst = per_dev.get(dev)
                 if lst is None:
                     per_dev[dev] = readings
                 else:
                     lst.extend(readings)
-                if sc is not None:
-                    ctxs.setdefault(dev, []).append(sc)
+                if tp is not None and traced:
+                    ctxs.setdefault(dev, []).append((tp, ts))
         g = _Group(last_seq=recs[-1].seq, readings=n)
         self._groups.append(g)
         # untraced: one set of properties (and one traceparent) per group of messages
@@ -552,10 +551,10 @@ class Uplink:
         return True
 
     def _publish_traced(
-        self, client: Any, dev: str, readings: list[WireReading], ctxs: list[Any]
+        self, client: Any, dev: str, readings: list[WireReading], ctxs: list[tuple[str, str | None]]
     ) -> tuple[Any, str, bytes, str]:
         """Publish one device's message inside its ``edge.uplink`` span, carrying that span's context."""
-        with tracing.batch_span("fieldmesh.edge", "edge.uplink", ctxs,
+        with tracing.batch_span("fieldmesh.edge", "edge.uplink", (tracing.context_of(*c) for c in ctxs),
                                 {"fieldmesh.device_id": dev, "fieldmesh.readings": len(readings),
                                  "messaging.system": "mqtt"}):
             trace = tracing.headers_of_current()

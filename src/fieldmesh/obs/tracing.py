@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Final
@@ -47,6 +48,9 @@ log = logging.getLogger(__name__)
 
 #: Links one span keeps at most (OpenTelemetry's default span limit is 128).
 MAX_LINKS: Final = 64
+
+#: version, trace id, span id, flags; a future version may append fields after a dash
+_TRACEPARENT: Final = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
 
 _state: dict[str, Any] = {"enabled": False, "provider": None, "service": None}
 
@@ -119,17 +123,19 @@ def _tracer(name: str) -> Any:
 
 
 def context_of(traceparent: str | None, tracestate: str | None = None) -> Any:
-    """The remote span context a ``traceparent`` (and ``tracestate``) names; None when absent or invalid."""
+    """The remote span context a W3C ``traceparent`` (and ``tracestate``) names; None when absent or invalid."""
     if not traceparent:
         return None
-    from opentelemetry import trace
-    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+    m = _TRACEPARENT.fullmatch(traceparent)
+    if m is None or m[1] == "ff" or (m[1] == "00" and m[5]):
+        return None
+    trace_id, span_id = int(m[2], 16), int(m[3], 16)
+    if not trace_id or not span_id:
+        return None
+    from opentelemetry.trace import SpanContext, TraceFlags, TraceState
 
-    carrier = {"traceparent": traceparent}
-    if tracestate:
-        carrier["tracestate"] = tracestate
-    sc = trace.get_current_span(TraceContextTextMapPropagator().extract(carrier)).get_span_context()
-    return sc if sc.is_valid else None
+    state = TraceState.from_header([tracestate]) if tracestate else None
+    return SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(int(m[4], 16)), trace_state=state)
 
 
 def traceparent_of(sc: Any) -> str:
@@ -199,31 +205,30 @@ def start_batch_span(
 ) -> Any:
     """Start (not make current) a span for work that carries many traces' items: a child of the first
     span context of ``parents`` (None entries skipped), linked to the other distinct ones (at most
-    :data:`MAX_LINKS`); a root span, subject to the sampler, when there is none. The caller ends it."""
+    :data:`MAX_LINKS`); a root span, subject to the sampler, when there is none. The caller ends it.
+
+    ``parents`` is consumed lazily: past the first context, only when the span records (is sampled), so
+    a generator that parses ``traceparent`` strings costs one parse per unsampled span."""
     from opentelemetry import context as otel_context
     from opentelemetry import trace
 
-    first = None
-    links: list[Any] = []
-    seen: set[tuple[int, int]] = set()
-    for sc in parents:
-        if sc is None:
-            continue
-        k = (sc.trace_id, sc.span_id)
-        if k in seen:
-            continue
-        seen.add(k)
-        if first is None:
-            first = sc
-        elif len(links) < MAX_LINKS:
-            links.append(trace.Link(sc))
+    it = iter(parents)
+    first = next((sc for sc in it if sc is not None), None)
     # no first context: a root, whatever span is current
     ctx = trace.set_span_in_context(trace.NonRecordingSpan(first) if first is not None else trace.INVALID_SPAN,
                                     otel_context.Context())
-    attrs = dict(attributes or {})
-    if len(seen) > 1:
-        attrs["fieldmesh.linked_traces"] = len(seen) - 1
-    return _tracer(scope).start_span(name, context=ctx, links=links, attributes=attrs, start_time=start_time_ns)
+    s = _tracer(scope).start_span(name, context=ctx, attributes=attributes, start_time=start_time_ns)
+    if first is not None and s.is_recording():
+        seen = {(first.trace_id, first.span_id)}
+        for sc in it:
+            if sc is None or (k := (sc.trace_id, sc.span_id)) in seen:
+                continue
+            seen.add(k)
+            if len(seen) <= MAX_LINKS + 1:
+                s.add_link(sc)
+        if len(seen) > 1:
+            s.set_attribute("fieldmesh.linked_traces", len(seen) - 1)
+    return s
 
 
 @contextmanager
