@@ -499,7 +499,7 @@ class Gateway:
             s = tracing.start_batch_span(
                 "fieldmesh.gateway", "gateway.publish", (tracing.context_of(tp, ts) for tp, ts in ctxs),
                 {"messaging.system": "fieldmesh-bus", "messaging.destination.name": rec.topic,
-                 "messaging.destination.partition.id": str(rec.partition), "fieldmesh.messages": len(msgs)},
+                 "messaging.destination.partition.id": str(rec.partition), "fieldmesh.fetched_messages": len(msgs)},
                 start_time_ns=t0)
             records[i] = dataclasses.replace(rec, headers={**(rec.headers or {}), **tracing.headers_of(s)})
             spans.append(s)
@@ -522,20 +522,20 @@ class Gateway:
         """
         spans = self._spans.pop(id(records), None) if self._spans else None
         delay = 0.1
-        while True:
-            try:
-                await self.producer.send(records)
-                break
-            except FieldmeshError as exc:
-                if stop is not None and stop.is_set():
-                    for s in spans or ():
-                        s.end()
-                    raise
-                log.warning("bus send failed (%s); retrying in %.1fs", exc, delay)
-                await asyncio.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, 5.0)
-        for s in spans or ():
-            s.end()
+        try:
+            while True:
+                try:
+                    await self.producer.send(records)
+                    break
+                except FieldmeshError as exc:
+                    if stop is not None and stop.is_set():
+                        raise
+                    log.warning("bus send failed (%s); retrying in %.1fs", exc, delay)
+                    await asyncio.sleep(delay * (0.5 + random.random()))
+                    delay = min(delay * 2, 5.0)
+        finally:
+            for s in spans or ():  # the gateway.publish spans end once the bus has the records (or gave up)
+                s.end()
         await self.source.ack(msgs)
         self.stats.messages += len(msgs)
         self.stats.readings += n
