@@ -157,13 +157,15 @@ def run(readings: int, rounds: int) -> dict[str, Any]:
     return out
 
 
-MICRO_MESSAGES = 3_000  # 300,000 readings of case (a)
+MICRO_MESSAGES = 4_000  # 400,000 readings of case (a)
 MICRO_BATCH = 512  # messages per gateway fetch (gateway.batch_max_messages)
+MICRO_APPLY = 16  # bus records per processor batch
 
 
 def micro_worker() -> None:
-    """One process, one config (from its environment): case (a) messages through the gateway's routing and
-    the processor into SQLite, in process; prints the CPU seconds per 10,000 readings as JSON."""
+    """One process with tracing on (the sampler from its environment): case (a) messages through the
+    gateway's routing and the processor into SQLite, each unit of work done with tracing on and off in
+    turn (the order alternating), so both sides share the machine's state; prints CPU seconds as JSON."""
     import asyncio
     import tempfile
 
@@ -175,25 +177,12 @@ def micro_worker() -> None:
     from fieldmesh.store.sqlite import SqliteStore
     from fieldmesh.stream.processor import Processor
 
-    tracing.setup("fieldmesh-bench")
-    ratio = float(os.environ.get("OTEL_TRACES_SAMPLER_ARG", "1")) if tracing.enabled() else 0.01
+    assert tracing.setup("fieldmesh-bench"), "an OTLP endpoint is needed"
+    ratio = float(os.environ.get("OTEL_TRACES_SAMPLER_ARG", "1"))
     now = int(time.time() * 1000)
     raw = with_device_context(payloads(devices=500, readings=MICRO_MESSAGES * 100, per_message=100, prefix="m",
                                        ts_ms=now), ratio, seed=1)
     msgs = [IngestMessage(topic=t, payload=b, received_ms=now, source_id=f"i{i}") for i, (t, b) in enumerate(raw)]
-    total = sum(b.count(b'"seq"') for _, b in raw)
-
-    class Source:
-        name = "memory"
-
-        def __init__(self) -> None:
-            self.left = list(msgs)
-
-        async def fetch(self, max_messages: int, timeout_s: float) -> list[IngestMessage]:
-            out, self.left = self.left[:max_messages], self.left[max_messages:]
-            return out
-
-        async def ack(self, messages: Any) -> None: ...
 
     class Producer:
         def __init__(self) -> None:
@@ -202,75 +191,102 @@ def micro_worker() -> None:
         async def send(self, records: Any) -> None:
             self.sent.extend(records)
 
-    async def gateway(gw: Gateway) -> None:
-        while (got := await gw._fetch_routed()) is not None:
-            await gw._deliver(*got, None)
+    class Source:
+        name = "memory"
 
+        async def ack(self, messages: Any) -> None: ...
+
+    cpu = {"gateway_on": 0.0, "gateway_off": 0.0, "processor_on": 0.0, "processor_off": 0.0}
+    readings = {"on": 0, "off": 0}
+    traced_out = Producer()
+    untraced_out = Producer()
+
+    async def gateway() -> None:
+        for i in range(0, len(msgs), MICRO_BATCH):
+            batch = msgs[i : i + MICRO_BATCH]
+            for on in ((True, False) if (i // MICRO_BATCH) % 2 == 0 else (False, True)):
+                tracing.set_enabled(on)
+                out = traced_out if on else untraced_out
+                gw = Gateway(source=Source(), producer=out, settings=GatewaySettings(),  # type: ignore[arg-type]
+                             partitions=8)
+                c = time.process_time()
+                got = gw._route_traced(batch) if on else (batch, *_route(gw, batch))
+                await gw._deliver(*got, None)
+                cpu["gateway_on" if on else "gateway_off"] += time.process_time() - c
+
+    def _route(gw: Gateway, batch: list[IngestMessage]) -> tuple[Any, int, Any]:
+        from fieldmesh.gateway.gateway import route
+
+        return route(batch, settings=gw.settings, partitions=gw.partitions, now_ms=now)
+
+    asyncio.run(gateway())
     with tempfile.TemporaryDirectory() as d:
-        store = SqliteStore(f"sqlite:///{d}/hot.db")
-        src, prod = Source(), Producer()
-        gw = Gateway(source=src, producer=prod, settings=GatewaySettings(batch_max_messages=MICRO_BATCH),  # type: ignore[arg-type]
-                     partitions=8)
-        proc = Processor(bus=None, store=store, settings=ProcessorSettings())  # type: ignore[arg-type]
-        c0 = time.process_time()
-        asyncio.run(gateway(gw))
-        c1 = time.process_time()
-        offsets: dict[int, int] = {}
-        recs = []
-        for r in prod.sent:
-            o = offsets[r.partition] = offsets.get(r.partition, -1) + 1
-            recs.append(BusRecord(topic=r.topic, partition=r.partition, offset=o, value=r.value,
-                                  headers=dict(r.headers or {})))
-        for i in range(0, len(recs), 16):  # about what the processor applies per batch here
-            proc.apply_records(recs[i : i + 16])
-        store.close()
-    tracing.shutdown()  # what is still queued is exported (and paid for) before the clock stops
-    c3 = time.process_time()
-    assert proc.stats.stored == total, (proc.stats.stored, total)
-    print(json.dumps({"gateway": round((c1 - c0) * 10_000 / total, 4),
-                      # the processor, and the export of what was still queued at the end
-                      "processor": round((c3 - c1) * 10_000 / total, 4),
-                      "total": round((c3 - c0) * 10_000 / total, 4)}))
+        stores = {on: SqliteStore(f"sqlite:///{d}/hot-{on}.db") for on in (True, False)}
+        procs = {on: Processor(bus=None, store=stores[on], settings=ProcessorSettings())  # type: ignore[arg-type]
+                 for on in (True, False)}
+        recs: dict[bool, list[BusRecord]] = {}
+        for on, prod in ((True, traced_out), (False, untraced_out)):
+            offsets: dict[int, int] = {}
+            recs[on] = []
+            for r in prod.sent:
+                o = offsets[r.partition] = offsets.get(r.partition, -1) + 1
+                recs[on].append(BusRecord(topic=r.topic, partition=r.partition, offset=o, value=r.value,
+                                          headers=dict(r.headers or {})))
+        assert len(recs[True]) == len(recs[False])
+        for k, i in enumerate(range(0, len(recs[True]), MICRO_APPLY)):
+            for on in ((True, False) if k % 2 == 0 else (False, True)):
+                tracing.set_enabled(on)
+                c = time.process_time()
+                res = procs[on].apply_records(recs[on][i : i + MICRO_APPLY])
+                cpu["processor_on" if on else "processor_off"] += time.process_time() - c
+                readings["on" if on else "off"] += res.stored
+        for st in stores.values():
+            st.close()
+    assert readings["on"] == readings["off"] == MICRO_MESSAGES * 100, readings
+    c = time.process_time()
+    tracing.set_enabled(True)
+    tracing.shutdown()  # what is still queued is exported: the traced side pays for it
+    cpu["processor_on"] += time.process_time() - c
+    per10k = {k: round(v * 10_000 / readings["on"], 4) for k, v in cpu.items()}
+    per10k["on"] = round(per10k["gateway_on"] + per10k["processor_on"], 4)
+    per10k["off"] = round(per10k["gateway_off"] + per10k["processor_off"], 4)
+    print(json.dumps(per10k))
 
 
 def micro(rounds: int) -> dict[str, Any]:
-    """:func:`micro_worker` per config and round, interleaved; CPU ratios against ``off``."""
+    """:func:`micro_worker` at 1% and at 100%, ``rounds`` times each: CPU with tracing on against off."""
     import subprocess
-    import sys
 
     sink = SpanSink()
     clean = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-    names = list(CONFIGS)
-    got: dict[str, list[dict[str, float]]] = {k: [] for k in names}
-    print(f"in process: {MICRO_MESSAGES * 100:,} readings of case (a) through the gateway's routing and the "
-          f"processor into SQLite; {rounds} round(s)")
+    got: dict[str, list[dict[str, float]]] = {"1%": [], "100%": []}
+    print(f"\nin process: {MICRO_MESSAGES * 100:,} readings of case (a) through the gateway's routing and the "
+          f"processor into SQLite, each batch with tracing on and off in turn; {rounds} round(s)")
     try:
         for r in range(rounds):
-            for name in names[r % 3:] + names[: r % 3]:
-                env = {**clean, **({**CONFIGS[name], "OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint}
-                                   if CONFIGS[name] is not None else {})}
+            for name in got:
+                env = {**clean, **(CONFIGS[name] or {}), "OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint}
                 before = sink.spans
                 out = subprocess.run([sys.executable, __file__, "--micro-worker"], env=env, capture_output=True,
-                                     text=True, check=True, timeout=600)
+                                     text=True, check=True, timeout=900)
                 fig = json.loads(out.stdout.strip().splitlines()[-1])
                 fig["spans"] = sink.spans - before
                 got[name].append(fig)
-                print(f"  round {r + 1} {name:>4}: CPU s per 10k readings {fig}")
+                print(f"  round {r + 1} {name:>4}: CPU s per 10k readings, on {fig['on']:.4f} (gateway "
+                      f"{fig['gateway_on']:.4f}, processor {fig['processor_on']:.4f}), off {fig['off']:.4f} (gateway "
+                      f"{fig['gateway_off']:.4f}, processor {fig['processor_off']:.4f}): "
+                      f"{fig['on'] / fig['off']:.3f}x; {fig['spans']} spans")
     finally:
         sink.close()
     res: dict[str, Any] = {}
-    keys = ("gateway", "processor", "total")
-    for stat, fn in (("best", min), ("median", statistics.median)):
-        off = {k: fn(x[k] for x in got["off"]) for k in keys}
-        print(f"\nvs tracing off, CPU per reading ({stat} of the rounds"
-              f"{': the least disturbed by other load' if stat == 'best' else ''}):")
-        for name in names:
-            v = {k: fn(x[k] for x in got[name]) for k in keys}
-            ratio = v["total"] / off["total"]
-            res.setdefault(name, {"spans": [x["spans"] for x in got[name]]})[stat] = {**v, "ratio": round(ratio, 3)}
-            print(f"  {name:>4}: {ratio:.3f}x of off ({(ratio - 1) * 100:+.1f}%)  gateway "
-                  f"{v['gateway'] / off['gateway']:.3f}x, processor {v['processor'] / off['processor']:.3f}x;"
-                  f" spans {res[name]['spans']}")
+    print("\ntracing on vs off, CPU per reading (gateway routing + processor), median of the rounds:")
+    for name, rows in got.items():
+        ratio = statistics.median(x["on"] / x["off"] for x in rows)
+        g = statistics.median(x["gateway_on"] / x["gateway_off"] for x in rows)
+        p = statistics.median(x["processor_on"] / x["processor_off"] for x in rows)
+        res[name] = {"ratio": round(ratio, 3), "gateway_ratio": round(g, 3), "processor_ratio": round(p, 3),
+                     "rounds": rows}
+        print(f"  {name:>4}: {ratio:.3f}x of off ({(ratio - 1) * 100:+.1f}%): gateway {g:.3f}x, processor {p:.3f}x")
     return res
 
 

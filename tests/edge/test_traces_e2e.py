@@ -64,12 +64,11 @@ def _full_trace(spans: list[Span]) -> list[Span] | None:
     return None
 
 
-def _nothing_orphaned(spans: list[Span]) -> None:
-    """Each stage's span is picked up by the next stage: as its parent, or through a link."""
-    for up, down in [("edge.buffer", "edge.uplink"), ("edge.uplink", "gateway.publish"),
-                     ("gateway.publish", "processor.apply")]:
-        for s in [s for s in spans if s.name == up]:
-            assert reached((s.trace_id, s.span_id), spans, down), f"{up} {s.span_id} never reached {down}"
+def _orphans(spans: list[Span]) -> list[str]:
+    """Spans of a stage that no span of the next stage picked up (as its parent, or through a link)."""
+    return [f"{up} {s.span_id}" for up, down in [("edge.buffer", "edge.uplink"), ("edge.uplink", "gateway.publish"),
+                                                 ("gateway.publish", "processor.apply")]
+            for s in spans if s.name == up and not reached((s.trace_id, s.span_id), spans, down)]
 
 
 @pytest.mark.parametrize("door", ["nats", "mosquitto"])
@@ -88,9 +87,9 @@ def test_one_trace_from_edge_read_to_sink_commit(
         assert root.service == "fieldmesh-edge" and not root.parent_span_id
         store = next(s for s in full if s.name == "store.hot.commit")
         assert store.service == "fieldmesh-processor" and store.attributes["fieldmesh.stored"] >= 1
-        otlp.wait(lambda spans: all(reached((s.trace_id, s.span_id), spans, "processor.apply")
-                                    for s in spans if s.name == "gateway.publish"), 15, "every record applied")
-        _nothing_orphaned(otlp.snapshot())
+        # every stage's spans are picked up by the next one (spans arrive within the exporters' delay)
+        otlp.wait(lambda spans: not _orphans(spans), 15, "no orphaned span")
+        assert len(otlp.named("edge.buffer")) >= 1 and len(otlp.named("processor.apply")) >= 1
         assert agent.stop() == 0
 
         if door == "mosquitto":
