@@ -5,7 +5,7 @@ from __future__ import annotations
 import gzip
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -135,3 +135,23 @@ def reached(ctx: tuple[str, str], spans: list[Span], name: str) -> bool:
     tid, sid = ctx
     return any(s.name == name and ((s.trace_id == tid and s.parent_span_id == sid) or ctx in s.links)
                for s in spans)
+
+
+_MEMORY: list[Any] = []
+
+
+def memory_spans() -> Iterator[Any]:
+    """Body of a ``spans`` fixture: this process's spans in an in-memory exporter. The tracer provider is
+    global, so it is set up once; tracing is on during the test and paused after it."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from fieldmesh.obs import tracing
+
+    if not _MEMORY:
+        _MEMORY.append(InMemorySpanExporter())
+    exporter = _MEMORY[0]
+    tracing.setup("fieldmesh-test", exporter=exporter)
+    tracing.set_enabled(True)
+    exporter.clear()
+    yield exporter
+    tracing.set_enabled(False)  # the other tests of this process run untraced

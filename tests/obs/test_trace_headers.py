@@ -10,7 +10,7 @@ import dataclasses
 import json
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +26,14 @@ from fieldmesh.gateway.gateway import Gateway
 from fieldmesh.obs import tracing
 from fieldmesh.store.sqlite import SqliteStore
 from fieldmesh.stream.processor import Processor
+from fmtest.otlp import memory_spans
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio, pytest.mark.timeout(120)]
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    yield from memory_spans()
 
 PARTITIONS = 4
 

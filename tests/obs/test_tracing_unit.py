@@ -9,6 +9,7 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import msgspec
 import pytest
@@ -19,9 +20,15 @@ from fieldmesh.edge.buffer import DiskBuffer
 from fieldmesh.edge.frame import WireReading
 from fieldmesh.edge.uplink import decode_record, decode_record_traced, encode_record
 from fieldmesh.obs import logs, tracing
+from fmtest.otlp import memory_spans
 
 GROUPS = [("pump-1", [WireReading(ts=1_763_812_345_123, measurements={"t": 1.5}, seq=3, boot_id="b")])]
 TP = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    yield from memory_spans()
 
 
 def test_buffer_records_keep_their_trace_context_across_a_reopen(tmp_path) -> None:
