@@ -128,7 +128,7 @@ def test_json_log_lines_carry_trace_and_span_ids(spans: InMemorySpanExporter) ->
 def test_log_json_flag_and_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     from fieldmesh.cli.main import app
 
-    monkeypatch.delenv(logs.ENV_JSON, raising=False)
+    monkeypatch.setenv(logs.ENV_JSON, "0")  # restored after the test (the flag sets it for this process)
     assert not logs.json_logs_wanted()
     assert CliRunner().invoke(app, ["--log-json", "version"]).exit_code == 0
     assert logs.json_logs_wanted()  # the processes 'up' starts inherit it
