@@ -25,6 +25,7 @@ from fieldmesh.gateway.base import IngestMessage
 from fieldmesh.gateway.gateway import Gateway
 from fieldmesh.obs import tracing
 from fieldmesh.store.sqlite import SqliteStore
+from fieldmesh.stream.alerting import AlertEngine
 from fieldmesh.stream.processor import Processor
 from fmtest.otlp import memory_spans
 
@@ -132,7 +133,8 @@ async def test_context_crosses_the_bus_in_headers(
 
     store = SqliteStore(f"sqlite:///{tmp_path / 'hot.db'}")
     try:
-        p = Processor(bus=None, store=store, settings=ProcessorSettings())  # type: ignore[arg-type]
+        p = Processor(bus=None, store=store, settings=ProcessorSettings(),  # type: ignore[arg-type]
+                      alerts=AlertEngine(store))
         res = p.apply_records(records)
         assert res.stored == 4
     finally:
@@ -142,6 +144,7 @@ async def test_context_crosses_the_bus_in_headers(
     assert apply.context.trace_id == int(t1, 16) and apply.parent.span_id == g.context.span_id  # type: ignore[union-attr]
     assert commit.parent.span_id == apply.context.span_id  # type: ignore[union-attr]
     assert commit.attributes["fieldmesh.stored"] == 4
+    assert done["alerts.evaluate"].parent.span_id == commit.context.span_id  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("backend", ["embedded_nats_url", "tansu_url"])
