@@ -6,6 +6,7 @@ processor; spans collected in memory. Also the untraced path: no headers, no spa
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import secrets
@@ -168,3 +169,47 @@ async def test_untraced_messages_start_a_sampled_root_and_off_means_no_headers(
     records = await _through_bus(url, gw, gw.source)  # type: ignore[arg-type]
     assert records and all("traceparent" not in r.headers for r in records)
     assert not spans.get_finished_spans()
+
+
+@pytest.mark.parametrize("kind", ["kafka", "nats"])
+async def test_ingress_topics_read_the_producers_trace_headers(
+    kind: str, request: pytest.FixtureRequest, spans: InMemorySpanExporter
+) -> None:
+    """A Kafka topic or NATS subject of raw device payloads: its records' ``traceparent``/``tracestate``
+    headers become the messages' trace context (the gateway's spans continue them)."""
+    from fieldmesh.gateway.ingress import load_ingest
+
+    tp = f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+    dev = f"d{secrets.token_hex(3)}"
+    body = json.dumps({"device_id": dev, "ts": int(time.time() * 1000), "measurements": {"t": 1.0}}).encode()
+    if kind == "kafka":
+        from fmtest.scale import produce
+
+        url = request.getfixturevalue("tansu_url")
+        topic = f"raw-{secrets.token_hex(4)}"
+        records = [(dev.encode(), body, {"traceparent": tp, "tracestate": "fm=2"}), (None, body, {})]
+        await asyncio.to_thread(produce, url, topic, records)  # it runs its own event loop
+        base, query = url.split("?", 1) if "?" in url else (url, "")
+        src = load_ingest(f"{base}/{topic}?group=g{secrets.token_hex(3)}&{query}".rstrip("&"))
+    else:
+        import nats
+
+        url = request.getfixturevalue("embedded_nats_url")
+        subject = f"plant{secrets.token_hex(3)}"
+        nc = await nats.connect(url)
+        js = nc.jetstream()
+        await js.add_stream(name=subject.upper(), subjects=[f"{subject}.>"])
+        await js.publish(f"{subject}.{dev}", body, headers={"traceparent": tp, "tracestate": "fm=2"})
+        await js.publish(f"{subject}.{dev}", body)
+        await nc.close()
+        src = load_ingest(f"{url}/{subject}.*?stream={subject.upper()}&durable=gw")
+    await src.start()
+    try:
+        got: list[IngestMessage] = []
+        deadline = time.monotonic() + 30
+        while len(got) < 2 and time.monotonic() < deadline:
+            got += await src.fetch(10, 0.5)
+    finally:
+        await src.close()
+    assert len(got) == 2
+    assert {(m.traceparent, m.tracestate) for m in got} == {(tp, "fm=2"), (None, None)}
