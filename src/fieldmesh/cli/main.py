@@ -66,15 +66,28 @@ def _fail(exc: Exception) -> None:
 
 def _role_logging(role: str) -> None:
     """Log lines of a stand-alone role (assignments, retries, failures) on stderr."""
-    import logging
+    from fieldmesh.obs import logs, tracing
 
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {role} %(name)s %(levelname)s %(message)s")
+    logs.setup_logging(role, fmt=f"%(asctime)s {role} %(name)s %(levelname)s %(message)s")
+    tracing.setup(f"fieldmesh-{role}")
 
 
 def _settings(**kw: Any) -> Any:
     from fieldmesh.core.settings import load_settings
 
     return load_settings(**kw)
+
+
+@app.callback()
+def _root(
+    log_json: Annotated[bool, typer.Option(
+        "--log-json", envvar="FIELDMESH_LOG_JSON",
+        help="log lines as JSON objects with trace_id and span_id (also in the processes 'up' starts); "
+             "docs/observability.md")] = False,
+) -> None:
+    """fieldmesh: IoT telemetry from the sensor to the lakehouse, exact and durable."""
+    if log_json:
+        os.environ["FIELDMESH_LOG_JSON"] = "1"  # the processes this one starts log JSON too
 
 
 @app.command()

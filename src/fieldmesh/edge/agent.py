@@ -33,6 +33,7 @@ from fieldmesh.edge.preprocess import Aggregate, Preprocessor
 from fieldmesh.edge.sources.base import Source, SourceBatch
 from fieldmesh.edge.twin import Twin
 from fieldmesh.edge.uplink import Uplink, encode_record
+from fieldmesh.obs import tracing
 
 __all__ = ["EdgeAgent", "Pipeline", "make_source"]
 
@@ -313,11 +314,17 @@ class EdgeAgent:
 
     async def feed(self, source: Source, batch: SourceBatch, stop: asyncio.Event) -> None:
         """One batch: process, make durable, acknowledge the source, publish anomalies at once."""
-        groups, n, anomalies = self.pipeline.process(batch)
-        if n:
-            if not await self._append(encode_record(groups), n, stop):
+        if tracing.enabled():
+            traced = await self._feed_traced(source, batch, stop)
+            if traced is None:
                 return
-            self.uplink.wake()
+            anomalies = traced
+        else:
+            groups, n, anomalies = self.pipeline.process(batch)
+            if n:
+                if not await self._append(encode_record(groups), n, stop):
+                    return
+                self.uplink.wake()
         if self.pipeline.pre.has_windows():
             # open windows hold readings the source is about to forget: checkpoint them, with the
             # source's new position, before acknowledging
@@ -340,6 +347,24 @@ class EdgeAgent:
                 )
                 if self.uplink.publish_now(f"devices/{dev}/anomalies", body):
                     self.uplink.stats.anomalies += 1
+
+    async def _feed_traced(
+        self, source: Source, batch: SourceBatch, stop: asyncio.Event
+    ) -> list[tuple[str, WireReading]] | None:
+        """:meth:`feed`'s read and buffer steps in their spans: ``edge.read`` (the batch through the
+        chain) and its child ``edge.buffer`` (made durable), whose context the buffer record keeps.
+        Returns the anomalies, or None when stopping left the batch unbuffered."""
+        with tracing.span("fieldmesh.edge", "edge.read",
+                          {"fieldmesh.source": source.name, "fieldmesh.readings": len(batch)}):
+            groups, n, anomalies = self.pipeline.process(batch)
+            if n:
+                with tracing.span("fieldmesh.edge", "edge.buffer", {"fieldmesh.readings": n}):
+                    trace = tracing.headers_of_current()
+                    record = encode_record(groups, trace.get("traceparent"), trace.get("tracestate"))
+                    if not await self._append(record, n, stop):
+                        return None
+                self.uplink.wake()
+        return anomalies
 
     async def _run_source(self, source: Source, stop: asyncio.Event) -> None:
         backoff = 0.5

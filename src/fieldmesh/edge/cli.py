@@ -53,12 +53,23 @@ def run(
         "--metrics-port", min=0, max=65535, help="serve Prometheus metrics (buffer depth, egress bytes) on this port")
     ] = None,
     metrics_host: Annotated[str, typer.Option("--metrics-host", help="address of --metrics-port")] = "127.0.0.1",
+    log_json: Annotated[
+        bool, typer.Option("--log-json", help="log lines as JSON with trace ids (env FIELDMESH_LOG_JSON=1)")
+    ] = False,
 ) -> None:
-    """Run the agent (Ctrl-C stops it cleanly; the buffer keeps what was not delivered)."""
-    logging.basicConfig(
+    """Run the agent (Ctrl-C stops it cleanly; the buffer keeps what was not delivered).
+
+    Traces go to the OTLP endpoint of ``OTEL_EXPORTER_OTLP_ENDPOINT`` when it is set (docs/observability.md).
+    """
+    from fieldmesh.obs import logs, tracing
+
+    logs.setup_logging(
+        "edge",
         level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        fmt="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        json_lines=True if log_json else None,
     )
+    tracing.setup("fieldmesh-edge")
     try:
         stats = asyncio.run(run_agent(config, duration, drain, metrics_port=metrics_port, metrics_host=metrics_host))
     except FieldmeshError as exc:

@@ -47,6 +47,7 @@ from fieldmesh.core.errors import BackendUnavailable, FieldmeshError
 from fieldmesh.core.model import Reading
 from fieldmesh.core.settings import ProcessorSettings
 from fieldmesh.core.topics import DLQ_TOPIC, READINGS_TOPIC
+from fieldmesh.obs import tracing
 from fieldmesh.obs.metrics import (
     EVENT_TO_STORED,
     PROCESSOR_APPLY_SECONDS,
@@ -171,7 +172,23 @@ class Processor:
 
     def apply_records(self, records: Sequence[BusRecord]) -> ApplyResult:
         """Decode bus records, decide and commit them in one hot-store transaction, then write the
-        result to each extra sink (synchronous core; see the module docstring)."""
+        result to each extra sink (synchronous core; see the module docstring).
+
+        While tracing is on, all of it runs in a ``processor.apply`` span: a child of the first trace
+        context in the records' headers, linked to the others; the hot-store commit, the alert rules and
+        each sink's write are its children."""
+        if tracing.enabled():
+            parents = (tracing.context_of(r.headers.get("traceparent"), r.headers.get("tracestate"))
+                       for r in records if r.headers)
+            with tracing.batch_span("fieldmesh.stream", "processor.apply", parents,
+                                    {"fieldmesh.records": len(records)}) as s:
+                applied = self._apply_records(records)
+                s.set_attribute("fieldmesh.stored", applied.stored)
+                s.set_attribute("fieldmesh.duplicates", applied.duplicates)
+                return applied
+        return self._apply_records(records)
+
+    def _apply_records(self, records: Sequence[BusRecord]) -> ApplyResult:
         t_apply = time.perf_counter()
         if self._device_wm is None:  # each device's latest event time stored: lateness resumes there
             self._device_wm = self.store.device_watermarks()
@@ -183,19 +200,30 @@ class Processor:
         before = dict(self._positions)
         if batch.positions:
             alerted: list[Any] = []
-
             alert_s = [0.0]
 
             def build(txn: HotTxn) -> BatchResult:
                 decided = self._decide(batch, state, txn)
                 if self.alerts is not None:  # alert transitions commit with the batch (or not at all)
                     t = time.perf_counter()
-                    alerted[:] = [self.alerts.in_txn(txn, decided, state.device_watermarks)]
+                    if traced:
+                        with tracing.span("fieldmesh.stream", "alerts.evaluate"):
+                            alerted[:] = [self.alerts.in_txn(txn, decided, state.device_watermarks)]
+                    else:
+                        alerted[:] = [self.alerts.in_txn(txn, decided, state.device_watermarks)]
                     alert_s[0] = time.perf_counter() - t
                 return decided
 
+            traced = tracing.enabled()
             t_commit = time.perf_counter()
-            result = self.store.commit(build, ts_ms=batch.cols.ts_ms)
+            if traced:
+                with tracing.span("fieldmesh.store", "store.hot.commit",
+                                  {"db.system": self.store.url.split(":", 1)[0],
+                                   "fieldmesh.readings": len(batch.cols.ts_ms)}) as s:
+                    result = self.store.commit(build, ts_ms=batch.cols.ts_ms)
+                    s.set_attribute("fieldmesh.stored", len(result.new))
+            else:
+                result = self.store.commit(build, ts_ms=batch.cols.ts_ms)
             _count_commit(result, len(batch.cols), time.perf_counter() - t_commit,
                           alert_s[0] if self.alerts is not None else None)
             if self.alerts is not None and alerted:
@@ -211,7 +239,11 @@ class Processor:
             st.dead_lettered += len(result.dead_letters)
             st.corrupt += result.corrupt
         for i, sink in enumerate(self.sinks):
-            self._fan_out(i, sink, records, before, result)
+            if tracing.enabled():
+                with tracing.span("fieldmesh.store", f"sink.{sink.name}.write"):
+                    self._fan_out(i, sink, records, before, result)
+            else:
+                self._fan_out(i, sink, records, before, result)
         PROCESSOR_APPLY_SECONDS.observe(time.perf_counter() - t_apply)
         if result is None:
             return ApplyResult(0, 0, 0, 0)
