@@ -1,0 +1,199 @@
+"""Jobs on the device: take executions from ``devices/{id}/jobs/notify``, run them, report on
+``devices/{id}/jobs/{job_id}/update`` (docs/rollouts.md).
+
+Built-in operations:
+
+- ``install``: fetch the artifact at ``artifact.url``, verify its signature and hash
+  (:class:`~fieldmesh.edge.ota.SlotStore`), install it in the spare slot, start it and run the health
+  check; a failed check reverts to the previous slot at once and the execution is ``failed``. A refused
+  artifact (tampered, unknown key) is ``rejected`` and nothing is installed.
+- ``rollback``: go back to the previous slot if ``from_version`` is active (already back: succeeded).
+- ``report``: the active version of each kind.
+
+Other operations come from ``handlers`` (``op -> async (device_id, document) -> details``). An unknown
+operation is ``rejected``. An execution already answered is answered again (a redelivered notify),
+never run twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any
+
+from fieldmesh.edge.ota import ArtifactRefused, SlotInfo, SlotStore, fetch_artifact
+
+__all__ = ["Health", "JobClient"]
+
+log = logging.getLogger("fieldmesh.edge.jobs")
+
+#: ``(device_id, slot) -> None``: raises (any exception) when the new version does not work.
+Health = Callable[[str, SlotInfo], Awaitable[None]]
+Handler = Callable[[str, Mapping[str, Any]], Awaitable[dict[str, Any]]]
+
+
+class JobClient:
+    """Executes the jobs of a set of devices.
+
+    Args:
+        devices: device ids served (one per identity the agent holds).
+        slots: each device's A/B slot store.
+        publish: ``(topic, payload, retain) -> sent`` (QoS 1).
+        subscribe: ``(topic filters) -> subscribed``.
+        health: started after an install; raising means the new version failed.
+        fetch: ``url -> bytes`` (blocking; run in a thread).
+        on_active: told when a device's active slot changes (install or revert), e.g. to load a model.
+        handlers: more operations.
+    """
+
+    def __init__(self, devices: Iterable[str], *, slots: Callable[[str], SlotStore],
+                 publish: Callable[[str, bytes, bool], bool], subscribe: Callable[[list[str]], bool],
+                 health: Health | None = None, fetch: Callable[[str], bytes] = fetch_artifact,
+                 on_active: Callable[[str, str, SlotInfo | None], None] | None = None,
+                 handlers: Mapping[str, Handler] | None = None) -> None:
+        self.devices = list(devices)
+        self._known = set(self.devices)
+        self.slots = slots
+        self.publish = publish
+        self.subscribe = subscribe
+        self.health = health
+        self.fetch = fetch
+        self.on_active = on_active
+        self.handlers = dict(handlers or {})
+        self.answered: dict[tuple[str, str], tuple[int, dict[str, Any]]] = {}
+        self._running: set[tuple[str, str, int]] = set()
+        self._unsent: list[tuple[str, bytes]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.counts: dict[str, int] = {}
+
+    def topics(self) -> list[str]:
+        """The notify topics of the devices served."""
+        return [f"devices/{d}/jobs/notify" for d in self.devices]
+
+    def on_connect(self) -> None:
+        """Subscribe, and send answers that could not be sent while disconnected."""
+        self.subscribe(self.topics())
+        unsent, self._unsent = self._unsent, []
+        for topic, body in unsent:
+            self._send(topic, body)
+
+    def _send(self, topic: str, body: bytes) -> None:
+        if not self.publish(topic, body, False):
+            self._unsent.append((topic, body))
+
+    def _report(self, dev: str, job_id: str, n: int, status: str, details: dict[str, Any]) -> None:
+        self.counts[status] = self.counts.get(status, 0) + 1
+        body = json.dumps({"execution": n, "status": status, "details": details}).encode()
+        self._send(f"devices/{dev}/jobs/{job_id}/update", body)
+
+    def handle(self, topic: str, payload: bytes) -> bool:
+        """A message on a notify topic (in the event loop); False when it is not one of ours."""
+        parts = topic.split("/")
+        if len(parts) != 4 or parts[0] != "devices" or parts[2:] != ["jobs", "notify"]:
+            return False
+        dev = parts[1]
+        if dev not in self._known:
+            return False
+        try:
+            jobs = json.loads(payload).get("jobs", []) if payload else []
+        except (ValueError, AttributeError):
+            log.warning("jobs: unreadable notify for %s", dev)
+            return True
+        for j in jobs:
+            try:
+                job_id, n, doc = str(j["job_id"]), int(j["execution"]), j["document"]
+            except (KeyError, TypeError, ValueError):
+                log.warning("jobs: bad entry in the notify of %s: %r", dev, j)
+                continue
+            done = self.answered.get((dev, job_id))
+            if done is not None and done[0] == n:
+                self._report(dev, job_id, n, done[1]["status"], done[1]["details"])  # the answer was lost
+                continue
+            if (dev, job_id, n) in self._running:
+                continue
+            self._running.add((dev, job_id, n))
+            t = asyncio.get_running_loop().create_task(self._execute(dev, job_id, n, doc), name=f"job-{dev}-{job_id}")
+            self._tasks.add(t)
+            t.add_done_callback(self._tasks.discard)
+        return True
+
+    async def _execute(self, dev: str, job_id: str, n: int, doc: Mapping[str, Any]) -> None:
+        self._report(dev, job_id, n, "in_progress", {})
+        op = doc.get("op")
+        try:
+            if op == "install":
+                status, details = await self._install(dev, doc)
+            elif op == "rollback":
+                status, details = await self._rollback(dev, doc)
+            elif op == "report":
+                status, details = "succeeded", self._versions(dev)
+            elif isinstance(op, str) and op in self.handlers:
+                status, details = "succeeded", await self.handlers[op](dev, doc)
+            else:
+                status, details = "rejected", {"reason": "unknown_op", "op": str(op)[:64]}
+        except ArtifactRefused as exc:
+            status, details = "rejected", {"reason": exc.reason, "error": exc.detail[:500]}
+        except Exception as exc:  # a job must end with an answer, whatever failed
+            log.exception("jobs: %s on %s failed", op, dev)
+            status, details = "failed", {"reason": "error", "error": str(exc)[:500]}
+        self.answered[(dev, job_id)] = (n, {"status": status, "details": details})
+        self._running.discard((dev, job_id, n))
+        self._report(dev, job_id, n, status, details)
+
+    def _versions(self, dev: str) -> dict[str, Any]:
+        s = self.slots(dev)
+        out: dict[str, Any] = {}
+        for kind in ("firmware", "model"):
+            a = s.active(kind)
+            out[kind] = a.version if a is not None else None
+        return out
+
+    async def _install(self, dev: str, doc: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+        art = doc.get("artifact")
+        if not isinstance(art, Mapping) or not isinstance(art.get("url"), str):
+            raise ArtifactRefused("bad_manifest", "artifact with a url is required")
+        slots = self.slots(dev)
+        kind = str(art.get("kind"))
+        before = slots.active(kind) if kind in ("firmware", "model") else None
+        from_version = before.version if before is not None else None
+        data = await asyncio.to_thread(self.fetch, art["url"])
+        info = await asyncio.to_thread(slots.install, art, data)
+        if before is not None and info.slot == before.slot and not info.pending:
+            return "succeeded", {"version": info.version, "from_version": from_version, "already": True}
+        started = slots.boot(kind)
+        if started is None or started.version != info.version:
+            return "failed", {"reason": "crash_loop", "version": info.version, "from_version": from_version}
+        if self.on_active is not None:
+            self.on_active(dev, kind, started)
+        try:
+            if self.health is not None:
+                await self.health(dev, started)
+        except Exception as exc:
+            back = slots.revert(kind, reason=f"health check failed: {exc}")
+            if self.on_active is not None:
+                self.on_active(dev, kind, back)
+            return "failed", {"reason": "health_check", "error": str(exc)[:300], "version": info.version,
+                              "reverted_to": back.version if back is not None else None,
+                              "from_version": from_version}
+        slots.confirm(kind)
+        return "succeeded", {"version": info.version, "from_version": from_version}
+
+    async def _rollback(self, dev: str, doc: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+        kind = str(doc.get("kind"))
+        slots = self.slots(dev)
+        act = slots.active(kind)
+        if act is None or act.version != doc.get("from_version"):
+            return "succeeded", {"version": act.version if act is not None else None, "already": True}
+        back = slots.revert(kind, reason="rollback job")
+        if self.on_active is not None:
+            self.on_active(dev, kind, back)
+        return "succeeded", {"version": back.version if back is not None else None,
+                             "from_version": act.version}
+
+    async def drain(self) -> None:
+        """Wait for running executions (tests, shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
