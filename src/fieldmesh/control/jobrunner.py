@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import threading
 import time
@@ -243,6 +244,8 @@ class JobController:
             elif ex.state == "queued" and ex.sent_ms is None:
                 queued.append(ex)
         if queued:
+            # a per-job random order: a stage's devices are not sent in id order (ids cluster by site or batch)
+            queued.sort(key=lambda e: (e.queued_ms, hashlib.sha256(f"{spec.job_id}/{e.device_id}".encode()).digest()))
             room = len(queued)
             if spec.max_in_flight:
                 room = max(0, min(room, spec.max_in_flight - in_flight))
