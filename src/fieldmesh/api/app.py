@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fieldmesh import __version__
 from fieldmesh.api.auth import Access, AuthError, Principal, basic_token
+from fieldmesh.api.jobs import add_job_routes
 from fieldmesh.api.params import (
     BAD_PARAMETER,
     STORE_UNAVAILABLE,
@@ -89,6 +90,7 @@ from fieldmesh.store import HotStore, load_store
 from fieldmesh.store.access import GROUP_RE
 from fieldmesh.store.alerts import AlertTables
 from fieldmesh.store.registry import Device as RegisteredDevice
+from fieldmesh.store.jobs import JobStore
 from fieldmesh.store.registry import DeviceRegistry
 from fieldmesh.stream.alerts import SEVERITIES, RuleError, parse_rule
 
@@ -765,6 +767,14 @@ def create_app(
     registry = CollectorRegistry()
     app.state.provision = ProvisionService(store_url, ca_dir, provisioner)
     add_provision_routes(app, r, admin=admin, guards=guards, service=app.state.provision, metrics=registry)
+    jobs_holder: list[JobStore] = []
+
+    def job_store() -> JobStore:  # opened on first use, like the schema registry
+        if not jobs_holder:
+            jobs_holder.append(JobStore(store_url))
+        return jobs_holder[0]
+
+    add_job_routes(r, store=job_store, registry=devreg, viewer=all_devices, operator=operator_all)
 
     app.include_router(r)
     app.include_router(registry_router(get_schema_registry, viewer=viewer, operator=operator, admin=admin))
