@@ -266,7 +266,8 @@ def parse_update(payload: bytes) -> tuple[int, str, dict[str, Any]]:
     obj = json.loads(payload)
     if not isinstance(obj, dict):
         raise ValueError("not a JSON object")
-    n, status, details = obj.get("execution"), obj.get("status"), obj.get("details") or {}
+    n, status, details = obj.get("execution"), obj.get("status"), obj.get("details", {})
+    details = {} if details is None else details
     if type(n) is not int or n < 1:
         raise ValueError("execution: a positive integer is required")
     if status not in DEVICE_STATUSES:
