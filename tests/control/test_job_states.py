@@ -143,3 +143,18 @@ def test_gates() -> None:
     assert r["anomaly_rate_delta"].ok is None and r["fresh_ratio"].ok is None
     with pytest.raises(ConfigError):
         Gates.from_dict({"max_failure": 1})
+
+
+def test_job_topics_are_device_side_topics_a_device_may_use() -> None:
+    from fieldmesh.core.topics import route_of_topic
+    from fieldmesh.runtime.doorauth import device_publish_topics, device_subscribe_topics, nats_device_permissions
+
+    assert route_of_topic("devices/x/jobs/notify") == ("side", "x", None)
+    assert route_of_topic("devices/x/jobs/j-1/update") == ("side", "x", None)
+    for t in ("devices/x/jobs", "devices/x/jobs/j/other", "devices/x/jobs//update", "devices/x/jobs/a/b/update"):
+        assert route_of_topic(t).kind == "unknown", t
+    assert "devices/x/jobs/+/update" in device_publish_topics("x")
+    assert "devices/x/jobs/notify" in device_subscribe_topics("x")
+    perms = nats_device_permissions("x")
+    assert "devices.x.jobs.*.update" in perms["publish"]["allow"]
+    assert "devices.x.jobs.notify" in perms["subscribe"]["allow"]

@@ -28,9 +28,16 @@ def test_install_confirm_revert(tmp_path: Path) -> None:
     assert s.install(v2, b2).slot == "b"  # the same again: nothing rewritten
     back = s.revert("model", reason="test")
     assert back is not None and back.version == "1.0" and not back.pending
-    assert s.previous("model").version == "2.0"  # type: ignore[union-attr]
+    assert s.previous("model") is None  # before 1.0: the built-in version, never the reverted 2.0
     c = s.install(v2, b2)  # reinstalling goes to the spare slot again
     assert c.slot == "b" and c.pending
+    s.confirm("model")
+    v3, b3 = artifact(key, "3.0")
+    d = s.install(v3, b3)  # overwrites slot a (1.0)
+    assert d.slot == "a"
+    assert s.revert("model", reason="failed").version == "2.0"  # type: ignore[union-attr]
+    assert s.previous("model") is None  # 1.0 was overwritten by 3.0: the built-in version comes before 2.0
+    assert s.revert("model", reason="rollback") is None and s.active("model") is None
 
 
 def test_a_crash_loop_reverts_by_itself(tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ from fieldmesh.edge.buffer import BufferFull, DiskBuffer
 from fieldmesh.edge.config import EdgeConfig, SourceConfig
 from fieldmesh.edge.frame import DeviceIndex, Frame, WireReading, occurrence_groups
 from fieldmesh.edge.infer import make_scorer
+from fieldmesh.edge.jobs import JobClient, attach_jobs
 from fieldmesh.edge.preprocess import Aggregate, Preprocessor
 from fieldmesh.edge.sources.base import Source, SourceBatch
 from fieldmesh.edge.twin import Twin
@@ -242,6 +243,7 @@ class EdgeAgent:
             )
             self.uplink.on_message = self.twin.handle
             self.uplink.on_connect = self.twin.on_connect
+        self.jobs: JobClient | None = attach_jobs(self) if cfg.jobs.enabled else None
         self.source_errors = 0
         self.lost_aggregates = 0
         self.full_waits = 0
@@ -376,6 +378,7 @@ class EdgeAgent:
             "twin": {"applied": dict(self.twin.applied), "rejected": self.twin.rejected}
             if self.twin
             else None,
+            "jobs": dict(self.jobs.counts) if self.jobs else None,
             "source_errors": self.source_errors,
             "full_waits": self.full_waits,
             "lost_aggregates": self.lost_aggregates,

@@ -12,7 +12,7 @@ Built-in operations:
 
 Other operations come from ``handlers`` (``op -> async (device_id, document) -> details``). An unknown
 operation is ``rejected``. An execution already answered is answered again (a redelivered notify),
-never run twice.
+never run twice. A device runs its executions one at a time, in the order they arrived.
 """
 
 from __future__ import annotations
@@ -21,11 +21,21 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from fieldmesh.edge.ota import ArtifactRefused, SlotInfo, SlotStore, fetch_artifact
+import numpy as np
 
-__all__ = ["Health", "JobClient"]
+from fieldmesh.core.errors import ConfigError
+from fieldmesh.edge.config import InferConfig
+from fieldmesh.edge.frame import Frame
+from fieldmesh.edge.infer import FEATURE_METRICS, make_scorer
+from fieldmesh.edge.ota import ArtifactRefused, SlotInfo, SlotStore, fetch_artifact, load_trusted_keys
+
+if TYPE_CHECKING:
+    from fieldmesh.edge.agent import EdgeAgent
+
+__all__ = ["Health", "JobClient", "attach_jobs", "firmware_health", "model_health"]
 
 log = logging.getLogger("fieldmesh.edge.jobs")
 
@@ -66,6 +76,7 @@ class JobClient:
         self._running: set[tuple[str, str, int]] = set()
         self._unsent: list[tuple[str, bytes]] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        self._locks: dict[str, asyncio.Lock] = {}
         self.counts: dict[str, int] = {}
 
     def topics(self) -> list[str]:
@@ -120,6 +131,13 @@ class JobClient:
         return True
 
     async def _execute(self, dev: str, job_id: str, n: int, doc: Mapping[str, Any]) -> None:
+        # one execution at a time per device, in the order they came: a rollback sent while an install
+        # runs must see the install's outcome, not race it
+        lock = self._locks.setdefault(dev, asyncio.Lock())
+        async with lock:
+            await self._execute_locked(dev, job_id, n, doc)
+
+    async def _execute_locked(self, dev: str, job_id: str, n: int, doc: Mapping[str, Any]) -> None:
         self._report(dev, job_id, n, "in_progress", {})
         op = doc.get("op")
         try:
@@ -165,11 +183,11 @@ class JobClient:
         started = slots.boot(kind)
         if started is None or started.version != info.version:
             return "failed", {"reason": "crash_loop", "version": info.version, "from_version": from_version}
-        if self.on_active is not None:
-            self.on_active(dev, kind, started)
         try:
             if self.health is not None:
                 await self.health(dev, started)
+            if self.on_active is not None:
+                self.on_active(dev, kind, started)  # e.g. the agent scores with the new model from now on
         except Exception as exc:
             back = slots.revert(kind, reason=f"health check failed: {exc}")
             if self.on_active is not None:
@@ -197,3 +215,105 @@ class JobClient:
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
+
+
+def model_health(infer: InferConfig) -> Health:
+    """A model's health check: it loads as the agent's scorer and scores a probe batch to finite values."""
+
+    def check(path: Path) -> None:
+        scorer = make_scorer(infer.model_copy(update={"scorer": "onnx", "model_path": path}))
+        n = 64
+        rng = np.random.default_rng(0)
+        frame = Frame(dev=np.zeros(n, dtype=np.int32), ts_ms=np.arange(n, dtype=np.int64) * 1000,
+                      seq=np.arange(n, dtype=np.int64),
+                      cols={m: rng.normal(20.0, 1.0, n) for m in FEATURE_METRICS}, boot_id="probe")
+        score = np.asarray(scorer.score(frame), dtype=np.float64)
+        if score.shape != (n,) or not np.isfinite(score).all():
+            raise RuntimeError("the model's scores on a probe batch are not finite")
+
+    async def health(device_id: str, slot: SlotInfo) -> None:
+        if slot.kind == "model":
+            await asyncio.to_thread(check, slot.path)
+
+    return health
+
+
+def firmware_health(cmd: list[str], timeout_s: float) -> Health:
+    """A firmware health check: ``cmd`` with the image's path appended must exit 0 within ``timeout_s``."""
+
+    async def health(device_id: str, slot: SlotInfo) -> None:
+        if slot.kind != "firmware":
+            return
+        proc = await asyncio.create_subprocess_exec(*cmd, str(slot.path), stdout=asyncio.subprocess.PIPE,
+                                                    stderr=asyncio.subprocess.STDOUT)
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(), timeout=timeout_s)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise RuntimeError(f"the firmware check did not finish in {timeout_s:g}s") from None
+        if proc.returncode != 0:
+            raise RuntimeError(f"the firmware check exited {proc.returncode}: {out.decode(errors='replace')[-200:]}")
+
+    return health
+
+
+def attach_jobs(agent: EdgeAgent) -> JobClient:
+    """Give a running agent its jobs: A/B slots, the model from the active slot, MQTT wiring.
+
+    Starting the active model slot counts a trial start (:meth:`SlotStore.boot`): an agent that keeps
+    dying with a new model goes back to the previous one by itself. A model that does not load at start
+    is reverted at once.
+    """
+    cfg = agent.cfg
+    jc = cfg.jobs
+    dev = jc.device_id or cfg.uplink.client_id
+    if not dev:
+        raise ConfigError("jobs.device_id: the device id jobs are addressed to (or set uplink.client_id)",
+                          key="jobs.device_id")
+    slots = SlotStore(jc.slots_path or Path(cfg.buffer.path) / "ota", trusted_keys=load_trusted_keys(jc.trusted_keys),
+                      max_boot_attempts=jc.max_boot_attempts)
+    check_model = model_health(cfg.infer)
+    check_fw = firmware_health(jc.firmware_check, jc.firmware_check_timeout_s) if jc.firmware_check else None
+
+    def use_model(slot: SlotInfo | None) -> None:
+        infer = cfg.infer if slot is None else cfg.infer.model_copy(update={"scorer": "onnx", "model_path": slot.path})
+        scorer = make_scorer(infer)
+        agent.pipeline.scorer = scorer
+        agent.pipeline.default_threshold = infer.threshold if infer.threshold is not None else scorer.default_threshold
+        log.info("jobs: scoring with %s", "the configured model" if slot is None else f"model {slot.version}")
+
+    active = slots.boot("model")
+    while active is not None:
+        try:
+            use_model(active)
+            break
+        except Exception as exc:
+            active = slots.revert("model", reason=f"does not load: {exc}")
+
+    async def health(device_id: str, slot: SlotInfo) -> None:
+        await check_model(device_id, slot)
+        if check_fw is not None:
+            await check_fw(device_id, slot)
+
+    def on_active(device_id: str, kind: str, slot: SlotInfo | None) -> None:
+        if kind == "model":
+            use_model(slot)
+
+    client = JobClient([dev], slots=lambda _d: slots, publish=lambda t, p, r: agent.uplink.publish_now(t, p, retain=r),
+                       subscribe=agent.uplink.subscribe, health=health,
+                       fetch=lambda url: fetch_artifact(url, max_bytes=jc.max_artifact_bytes), on_active=on_active)
+    prev_message, prev_connect = agent.uplink.on_message, agent.uplink.on_connect
+
+    def on_message(topic: str, payload: bytes) -> None:
+        if not client.handle(topic, payload) and prev_message is not None:
+            prev_message(topic, payload)
+
+    def on_connect() -> None:
+        if prev_connect is not None:
+            prev_connect()
+        client.on_connect()
+
+    agent.uplink.on_message = on_message
+    agent.uplink.on_connect = on_connect
+    return client

@@ -4,8 +4,14 @@ back to the previous slot by itself when the new one does not start or crash-loo
 Layout under ``root``, per artifact kind (``model``, ``firmware``)::
 
     root/model/a.bin, root/model/b.bin   the two slots
-    root/model/state.json                {"active": "b", "previous": "a", "pending": true,
-                                          "boot_attempts": 1, "slots": {"a": {manifest}, "b": {manifest}}}
+    root/model/state.json                {"active": "b", "pending": true, "boot_attempts": 1,
+                                          "slots": {"a": {manifest}, "b": {manifest, "before": {"slot": "a",
+                                                    "version": ..., "sha256": ...}}}}
+
+Each slot remembers what was active before it was installed (``before``): a revert goes there, if that
+slot still holds that version, else to the built-in version (no slot). A version that failed its trial
+is therefore never a revert target: after 1.0 -> 2.0 -> 3.0 (failed, reverted), the version before 2.0
+is 1.0 again, not 3.0.
 
 An install writes the spare slot (fsynced), then flips ``active`` with ``pending`` set: the new version
 is on trial. Each start of a pending slot (:meth:`SlotStore.boot`) counts an attempt; past
@@ -121,7 +127,7 @@ class SlotStore:
     def _load(self, kind: str) -> dict[str, Any]:
         p = self._state_path(kind)
         if not p.exists():
-            return {"active": None, "previous": None, "pending": False, "boot_attempts": 0, "slots": {}}
+            return {"active": None, "pending": False, "boot_attempts": 0, "slots": {}}
         st: dict[str, Any] = json.loads(p.read_text())
         return st
 
@@ -147,10 +153,22 @@ class SlotStore:
         st = self._load(kind)
         return self._info(kind, st, st["active"])
 
+    @staticmethod
+    def _before(st: Mapping[str, Any], slot: str | None) -> str | None:
+        if slot is None or slot not in st["slots"]:
+            return None
+        b = st["slots"][slot].get("before")
+        if not b:
+            return None
+        held = st["slots"].get(b["slot"])
+        if held is None or held["version"] != b["version"] or held["sha256"] != b["sha256"]:
+            return None  # overwritten since: the built-in version is what came before
+        return str(b["slot"])
+
     def previous(self, kind: str) -> SlotInfo | None:
-        """The other slot, the one a revert goes back to."""
+        """What a revert goes back to (None: the built-in version)."""
         st = self._load(kind)
-        return self._info(kind, st, st["previous"])
+        return self._info(kind, st, self._before(st, st["active"]))
 
     # -- install -----------------------------------------------------------------------------
     def verify(self, manifest: Mapping[str, Any], data: bytes) -> dict[str, Any]:
@@ -196,8 +214,11 @@ class SlotStore:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        st["slots"][slot] = signed
-        st["previous"], st["active"] = st["active"], slot
+        old = st["active"]
+        before = ({"slot": old, "version": st["slots"][old]["version"], "sha256": st["slots"][old]["sha256"]}
+                  if old is not None else None)
+        st["slots"][slot] = {**signed, "before": before}
+        st["active"] = slot
         st["pending"], st["boot_attempts"] = True, 0
         self._save(kind, st)
         info = self._info(kind, st, slot)
@@ -217,7 +238,7 @@ class SlotStore:
         if st["active"] is None:
             return None
         old = st["active"]
-        st["active"], st["previous"] = st["previous"], old
+        st["active"] = self._before(st, old)
         st["pending"], st["boot_attempts"] = False, 0
         st["last_revert"] = {"from": st["slots"][old]["version"], "reason": reason}
         self._save(kind, st)
