@@ -27,7 +27,7 @@ def broker(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 def test_a_job_across_agents_with_a_timeout_and_a_retry(tmp_path: Path, broker: PrivateMosquitto) -> None:
     store = JobStore(f"sqlite:///{tmp_path}/store.db")
-    key, trusted = signing_key()
+    _, trusted = signing_key()
     devs = [f"agent-{i}" for i in range(6)]
 
     async def go() -> None:

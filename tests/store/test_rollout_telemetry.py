@@ -46,8 +46,8 @@ def test_a_rollout_halts_when_updated_devices_flag_anomalies(store: HotStore, st
     devs = [f"d{i}" for i in range(20)]
     spec = RolloutSpec.from_dict({
         "rollout_id": "r2", "artifact": m, "targets": {"devices": devs}, "canary": 6, "stages": [100],
-        "rate_per_s": 0, "gates": {"max_failure_rate": 0.5, "min_samples": 5, "max_anomaly_rate_delta": 0.1, "min_devices": 5,
-                                   "metric": "temperature", "max_metric_delta": 50}})
+        "rate_per_s": 0, "gates": {"max_failure_rate": 0.5, "min_samples": 5, "max_anomaly_rate_delta": 0.1,
+                                   "min_devices": 5, "metric": "temperature", "max_metric_delta": 50}})
     js = JobStore(store_url)
     js.create_rollout("r2", spec.as_dict(), actor="test")
     tel = telemetry_for(store_url)
@@ -66,7 +66,8 @@ def test_a_rollout_halts_when_updated_devices_flag_anomalies(store: HotStore, st
     gates = {g["name"]: g for g in ro.progress["gates"]}
     assert ro.status == "halted", gates
     assert gates["failure_rate"]["ok"] is True
-    assert abs(gates["anomaly_rate_delta"]["value"] - (0.4 - 0.02)) < 1e-9 and gates["anomaly_rate_delta"]["ok"] is False
+    assert abs(gates["anomaly_rate_delta"]["value"] - (0.4 - 0.02)) < 1e-9
+    assert gates["anomaly_rate_delta"]["ok"] is False
     assert gates["metric_delta:temperature"] == {"name": "metric_delta:temperature", "value": 0.0, "threshold": 50,
                                                  "ok": True}
     assert "anomaly_rate_delta" in ro.progress["halt_reason"]

@@ -89,8 +89,8 @@ from fieldmesh.schema.registry import SchemaRegistry
 from fieldmesh.store import HotStore, load_store
 from fieldmesh.store.access import GROUP_RE
 from fieldmesh.store.alerts import AlertTables
-from fieldmesh.store.registry import Device as RegisteredDevice
 from fieldmesh.store.jobs import JobStore
+from fieldmesh.store.registry import Device as RegisteredDevice
 from fieldmesh.store.registry import DeviceRegistry
 from fieldmesh.stream.alerts import SEVERITIES, RuleError, parse_rule
 

@@ -24,7 +24,8 @@ from fieldmesh.store.registry import DeviceRegistry
 
 __all__ = ["add_job_routes", "rollout_view"]
 
-_NOT_FOUND: Final[dict[int | str, dict[str, Any]]] = {404: {"model": ErrorBody, "description": "no such job or rollout"}}
+_NOT_FOUND: Final[dict[int | str, dict[str, Any]]] = {
+    404: {"model": ErrorBody, "description": "no such job or rollout"}}
 _CONFLICT: Final[dict[int | str, dict[str, Any]]] = {409: {"model": ErrorBody, "description": "the id is taken"}}
 _ID_PATTERN: Final = r"^[A-Za-z0-9_-]{1,64}$"
 

@@ -27,7 +27,6 @@ from typing import Any, Final
 from urllib.parse import unquote, urlsplit
 
 from fieldmesh.control.jobs import (
-    FINAL,
     Execution,
     JobSpec,
     Targets,
@@ -438,7 +437,9 @@ class MqttLink:
         if u.scheme not in ("mqtt", "tcp") or not u.hostname:
             raise ConfigError(f"bad MQTT URL {url!r}: use mqtt://host:port", key="mqtt_url")
         self._connected = threading.Event()
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311,
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311,
                         clean_session=False)
         user = username or (unquote(u.username) if u.username else None)
         pw = password or (unquote(u.password) if u.password else None)
@@ -461,7 +462,7 @@ class MqttLink:
         c.on_connect = on_connect
         c.on_disconnect = on_disconnect
         c.on_message = lambda client, userdata, msg: on_message(msg.topic, bytes(msg.payload))
-        c.reconnect_delay_set(0.5, 10)
+        c.reconnect_delay_set(1, 10)
         c.connect_async(u.hostname, u.port or 1883, keepalive=30)
         c.loop_start()
         self._client = c

@@ -180,7 +180,7 @@ def stage_bounds(total: int, canary: int, stages: Sequence[float]) -> list[int]:
     """Cumulative device counts at the end of each stage: ``[canary, ceil(p1%), ..., total]``."""
     out = [min(canary, total)]
     for p in stages:
-        n = min(total, -(-int(round(p * total * 100)) // 10_000))
+        n = min(total, -(-round(p * total * 100) // 10_000))
         out.append(max(n, out[-1]))
     return out
 

@@ -32,7 +32,9 @@ class _Conn:
         self.fleet = fleet
         self.connected = threading.Event()
         loop = fleet.loop
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=name, protocol=mqtt.MQTTv311,
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=name, protocol=mqtt.MQTTv311,
                         clean_session=True)
         c.max_inflight_messages_set(1000)
         self.client = c
