@@ -195,7 +195,8 @@ def cancel(job_id: Annotated[str, typer.Argument(metavar="ID")], data_dir: DataD
 def controller(
     mqtt_url: Annotated[str, typer.Option(help="the MQTT door devices use (mqtt://host:port)")] = "mqtt://127.0.0.1:1883",
     auth_file: Annotated[Path | None, typer.Option(
-        help="JSON {user, password} for the MQTT session (default: the data dir's internal user, if any)")] = None,
+        help="JSON {user, password} for the MQTT session, e.g. <data-dir>/secrets/internal.json for the door of "
+             "fieldmesh up")] = None,
     tick: Annotated[float, typer.Option(help="seconds between passes")] = 0.2,
     data_dir: DataDir = DEFAULT_DATA_DIR, store_url: StoreUrl = None,
 ) -> None:
@@ -210,14 +211,13 @@ def controller(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     url = store_url or default_store_url(data_dir)
-    cred = auth_file or (data_dir / "secrets" / "internal.json")
     user = password = None
-    if cred.exists():
+    if auth_file is not None:
         try:
-            c = json.loads(cred.read_text())
+            c = json.loads(auth_file.read_text())
             user, password = c["user"], c["password"]
         except (OSError, ValueError, KeyError) as exc:
-            _fail(ConfigError(f"--auth-file {cred}: {exc}", key="auth_file"))
+            _fail(ConfigError(f"--auth-file {auth_file}: {exc}", key="auth_file"))
     try:
         store, reg = JobStore(url), DeviceRegistry(url)
         telemetry = telemetry_for(url)
@@ -371,3 +371,7 @@ def rollout_cancel(rollout_id: Annotated[str, typer.Argument(metavar="ID")], dat
             err.print(f"rollout {rollout_id}: canceling")
         else:
             err.print(f"rollout {rollout_id} is {ro.status}: nothing to cancel")
+
+
+if __name__ == "__main__":  # fieldmesh up runs the controller as ``python -m fieldmesh.cli.jobs controller``
+    app()
