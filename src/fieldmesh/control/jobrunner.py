@@ -222,7 +222,7 @@ class JobController:
     def _advance_job(self, job: JobRow, now: int, touched: set[str]) -> None:
         spec = job.spec
         self._specs.setdefault(spec.job_id, spec)
-        exs = self.store.executions(job_id=spec.job_id)
+        exs = self.store.executions(job_id=spec.job_id, states=("queued", "in_progress"))  # the final ones rest
         changed: list[Execution] = []
         in_flight = 0
         queued: list[Execution] = []
@@ -260,9 +260,8 @@ class JobController:
                 touched.add(ex.device_id)
             changed = list(by_dev.values())
         self.store.save_executions(changed)
-        final = {e.device_id for e in changed if e.final} | {e.device_id for e in exs if e.final}
-        pending_left = any(e.device_id not in final for e in exs)
-        if not pending_left:
+        final = {e.device_id for e in changed if e.final}
+        if all(e.device_id in final for e in exs):
             self.store.set_job_status(spec.job_id, "completed", expect=("in_progress",))
             self._buckets.pop(spec.job_id, None)
 
