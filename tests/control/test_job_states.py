@@ -158,3 +158,22 @@ def test_job_topics_are_device_side_topics_a_device_may_use() -> None:
     perms = nats_device_permissions("x")
     assert "devices.x.jobs.*.update" in perms["publish"]["allow"]
     assert "devices.x.jobs.notify" in perms["subscribe"]["allow"]
+
+
+def test_a_rollout_spec_of_wrong_types_is_a_config_error_not_a_crash_later() -> None:
+    from fieldmesh.control.rollouts import RolloutSpec
+    from fmtest.fleet import artifact, signing_key
+
+    key, _ = signing_key()
+    m, _ = artifact(key, "2.0")
+    good = {"rollout_id": "r", "artifact": m, "targets": {"devices": ["a"]}}
+    assert RolloutSpec.from_dict(good).canary == 10
+    for bad in ({"canary": "x"}, {"canary": True}, {"rate_per_s": "fast"}, {"timeout_s": 0}, {"stages": "100"},
+                {"stages": [50, "x"]}, {"gates": []}, {"gates": {"max_failure_rate": "1"}},
+                {"gates": {"min_samples": 0}}, {"gates": {"metric": "a b"}}, {"targets": []},
+                {"targets": {"devices": [1]}}, {"targets": {"query": {"groups": "g"}}}, {"artifact": "x"},
+                {"rollout_id": 5}, {"bake_s": -1}, {"canary_group": ""}, {"extra": 1}):
+        with pytest.raises(ConfigError):
+            RolloutSpec.from_dict({**good, **bad})
+    with pytest.raises(ConfigError):
+        RolloutSpec.from_dict([])  # type: ignore[arg-type]

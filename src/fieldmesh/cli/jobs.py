@@ -226,7 +226,8 @@ def controller(
         return
     holder: list[JobController] = []
     link = MqttLink(mqtt_url, on_message=lambda t, p: holder[0].handle_message(t, p), username=user,
-                    password=password, client_id=f"fm-jobs-{secrets.token_hex(3)}")
+                    password=password, client_id="fm-jobs")  # one per store: a stable session, kept
+                    # by the broker while the controller restarts (device updates wait in it)
     ctl = JobController(store, publish=link.publish, devices=lambda: reg.list(limit=1_000_000), telemetry=telemetry)
     holder.append(ctl)
 

@@ -59,6 +59,7 @@ log = logging.getLogger("fieldmesh.jobs")
 #: What the controller subscribes to: every device's execution updates.
 UPDATE_FILTER: Final = "devices/+/jobs/+/update"
 _FAILED: Final = frozenset({"failed", "rejected", "timed_out"})
+_INBOX_MAX: Final = 200_000
 
 Publish = Callable[[str, bytes, bool], bool]
 
@@ -127,6 +128,10 @@ class JobController:
         parts = topic.split("/")
         if len(parts) != 5 or parts[0] != "devices" or parts[2] != "jobs" or parts[4] != "update":
             return
+        if len(self._inbox) >= _INBOX_MAX:
+            # the loop is far behind: the execution times out (and is retried) rather than memory growing
+            self._invalid("inbox_full")
+            return
         self._inbox.append((parts[1], parts[3], payload))
 
     def resolve(self, targets: Targets) -> list[str]:
@@ -154,10 +159,27 @@ class JobController:
                 self._cancel_job(job.spec.job_id, now, touched, reason="canceled")
                 self.store.set_job_status(job.spec.job_id, "canceled", expect=("canceling",))
             for job in self.store.list_jobs(status="in_progress", limit=10_000):
-                self._advance_job(job, now, touched)
+                try:
+                    self._advance_job(job, now, touched)
+                except FieldmeshError:
+                    raise  # the store: the whole pass fails and is retried
+                except Exception:  # one bad job must not stop the others
+                    self.stats.tick_errors += 1
+                    log.exception("jobs controller: job %s", job.spec.job_id)
             for ro in self.store.list_rollouts(limit=10_000):
                 if ro.status in ("pending", "running", "halted", "canceling"):
-                    self._advance_rollout(ro.rollout_id, ro.spec, ro.status, dict(ro.progress), now, touched)
+                    try:
+                        self._advance_rollout(ro.rollout_id, ro.spec, ro.status, dict(ro.progress), now, touched)
+                    except ConfigError as exc:  # a spec this version cannot run: it stops, and says why
+                        self.stats.tick_errors += 1
+                        log.error("jobs controller: rollout %s cannot run: %s", ro.rollout_id, exc)
+                        self.store.save_rollout(ro.rollout_id, status="canceled",
+                                                progress={**ro.progress, "halt_reason": f"invalid: {exc}"})
+                    except FieldmeshError:
+                        raise
+                    except Exception:
+                        self.stats.tick_errors += 1
+                        log.exception("jobs controller: rollout %s", ro.rollout_id)
             self._notify(touched)
 
     def _spec(self, job_id: str) -> JobSpec | None:

@@ -95,13 +95,25 @@ class Targets:
 
     def __post_init__(self) -> None:
         for d in self.devices:
-            if not DEVICE_ID_RE.fullmatch(d):
+            if not isinstance(d, str) or not DEVICE_ID_RE.fullmatch(d):
                 raise ConfigError(f"targets.devices: bad device id {d!r}", key="targets.devices")
-        if self.query is not None:
-            unknown = set(self.query) - {"status", "groups", "tags", "attributes"}
+        if not all(isinstance(g, str) for g in self.groups):
+            raise ConfigError("targets.groups: group names", key="targets.groups")
+        q = self.query
+        if q is not None:
+            if not isinstance(q, Mapping):
+                raise ConfigError("targets.query: a JSON object", key="targets.query")
+            unknown = set(q) - {"status", "groups", "tags", "attributes"}
             if unknown:
                 raise ConfigError(f"targets.query: unknown key(s) {sorted(unknown)} (status, groups, tags, "
                                   "attributes)", key="targets.query")
+            if "status" in q and not isinstance(q["status"], str):
+                raise ConfigError("targets.query.status: active, suspended or retired", key="targets.query")
+            for k in ("groups", "tags"):
+                if k in q and (not isinstance(q[k], list) or not all(isinstance(x, str) for x in q[k])):
+                    raise ConfigError(f"targets.query.{k}: a list of names", key="targets.query")
+            if "attributes" in q and not isinstance(q["attributes"], Mapping):
+                raise ConfigError("targets.query.attributes: an object of name: value", key="targets.query")
 
     def check(self) -> Targets:
         """``self``, or ConfigError when it names nothing (what a caller asks for must name devices)."""

@@ -51,6 +51,11 @@ __all__ = [
 #: like a halt).
 ROLLOUT_STATUSES: Final = ("pending", "running", "completed", "halted", "rolled_back", "canceling", "canceled")
 _ID: Final = re.compile(r"[A-Za-z0-9_-]{1,48}")
+_METRIC: Final = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def _number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and v == v and v not in (float("inf"), -float("inf"))
 
 
 def key_id(public_raw: bytes) -> str:
@@ -87,9 +92,27 @@ class Gates:
     #: Telemetry gates need this many updated devices with readings before they judge.
     min_devices: int = 5
 
+    def __post_init__(self) -> None:
+        for k in ("max_failure_rate", "max_anomaly_rate_delta", "min_fresh_ratio", "max_metric_delta"):
+            v = getattr(self, k)
+            if v is not None and (not _number(v) or v < 0):
+                raise ConfigError(f"gates.{k}: a number >= 0 or null", key=f"gates.{k}")
+        for k in ("min_samples", "min_devices"):
+            v = getattr(self, k)
+            if type(v) is not int or v < 1:
+                raise ConfigError(f"gates.{k}: an integer >= 1", key=f"gates.{k}")
+        if self.max_failures is not None and (type(self.max_failures) is not int or self.max_failures < 0):
+            raise ConfigError("gates.max_failures: an integer >= 0 or null", key="gates.max_failures")
+        if not _number(self.freshness_s) or self.freshness_s <= 0:
+            raise ConfigError("gates.freshness_s: a number > 0", key="gates.freshness_s")
+        if self.metric is not None and (not isinstance(self.metric, str) or not _METRIC.fullmatch(self.metric)):
+            raise ConfigError("gates.metric: a metric name ([A-Za-z0-9_.-]{1,64})", key="gates.metric")
+
     @classmethod
     def from_dict(cls, obj: Mapping[str, Any]) -> Gates:
         """From JSON; unknown keys are refused."""
+        if not isinstance(obj, Mapping):
+            raise ConfigError("gates: a JSON object", key="gates")
         unknown = set(obj) - set(cls.__dataclass_fields__)
         if unknown:
             raise ConfigError(f"gates: unknown key(s) {sorted(unknown)}", key="gates")
@@ -125,7 +148,7 @@ class RolloutSpec:
     gates: Gates = field(default_factory=Gates)
 
     def __post_init__(self) -> None:
-        if not _ID.fullmatch(self.rollout_id):
+        if not isinstance(self.rollout_id, str) or not _ID.fullmatch(self.rollout_id):
             raise ConfigError(f"rollout_id: {self.rollout_id!r} is not [A-Za-z0-9_-]{{1,48}}", key="rollout_id")
         try:
             check_manifest(self.artifact)
@@ -135,10 +158,18 @@ class RolloutSpec:
             if not isinstance(self.artifact.get(k), str) or not self.artifact[k]:
                 raise ConfigError(f"artifact.{k}: required", key=f"artifact.{k}")
         st = list(self.stages)
-        if not st or st != sorted(st) or st[-1] != 100 or st[0] <= 0:
+        if not st or not all(_number(s) for s in st) or st != sorted(st) or st[-1] != 100 or st[0] <= 0:
             raise ConfigError("stages: increasing percentages ending at 100", key="stages")
-        if self.canary < 0 or self.rate_per_s < 0 or self.max_in_flight < 0:
-            raise ConfigError("canary, rate_per_s, max_in_flight: not negative", key="canary")
+        for k in ("canary", "max_in_flight"):
+            if type(getattr(self, k)) is not int or getattr(self, k) < 0:
+                raise ConfigError(f"{k}: an integer >= 0", key=k)
+        for k, low in (("rate_per_s", 0.0), ("bake_s", 0.0)):
+            if not _number(getattr(self, k)) or getattr(self, k) < low:
+                raise ConfigError(f"{k}: a number >= 0", key=k)
+        if not _number(self.timeout_s) or not 0 < self.timeout_s <= 7 * 86400:
+            raise ConfigError("timeout_s: a number of seconds, up to 7 days", key="timeout_s")
+        if self.canary_group is not None and (not isinstance(self.canary_group, str) or not self.canary_group):
+            raise ConfigError("canary_group: a group name or null", key="canary_group")
 
     def as_dict(self) -> dict[str, Any]:
         """JSON shape (stored, API)."""
@@ -150,16 +181,28 @@ class RolloutSpec:
 
     @classmethod
     def from_dict(cls, obj: Mapping[str, Any]) -> RolloutSpec:
-        """From the JSON shape."""
+        """From the JSON shape; ConfigError names what is wrong."""
+        if not isinstance(obj, Mapping):
+            raise ConfigError("rollout: a JSON object", key="rollout")
         unknown = set(obj) - set(cls.__dataclass_fields__)
         if unknown:
             raise ConfigError(f"rollout: unknown key(s) {sorted(unknown)}", key="rollout")
         kw = dict(obj)
-        kw["targets"] = Targets.from_dict(obj.get("targets") or {})
-        if "stages" in kw:
-            kw["stages"] = tuple(float(s) for s in kw["stages"])
-        kw["gates"] = Gates.from_dict(obj.get("gates") or {})
         try:
+            t = obj.get("targets", {})
+            if not isinstance(t, Mapping) or not all(
+                    isinstance(t.get(k) or [], list) and all(isinstance(x, str) for x in t.get(k) or [])
+                    for k in ("devices", "groups")) or not isinstance(t.get("query") or {}, Mapping):
+                raise ConfigError("targets: {devices: [ids], groups: [names], query: {...}}", key="targets")
+            kw["targets"] = Targets.from_dict(t)
+            if "stages" in kw:
+                if not isinstance(kw["stages"], list) or not all(_number(s) for s in kw["stages"]):
+                    raise ConfigError("stages: a list of percentages", key="stages")
+                kw["stages"] = tuple(float(s) for s in kw["stages"])
+            if not isinstance(obj.get("artifact"), Mapping):
+                raise ConfigError("artifact: the signed manifest (an object)", key="artifact")
+            g = obj.get("gates", {})
+            kw["gates"] = Gates.from_dict({} if g is None else g)
             return cls(**kw)
         except TypeError as exc:
             raise ConfigError(f"rollout: {exc}", key="rollout") from None
