@@ -54,6 +54,27 @@ class JobBody(BaseModel):
     max_in_flight: int = Field(0, ge=0, le=1_000_000)
 
 
+class RolloutBody(BaseModel):
+    """``POST /rollouts`` (docs/rollouts.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+    rollout_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,48}$")
+    artifact: dict[str, Any] = Field(description="the signed manifest (fieldmesh jobs sign): kind, name, version, "
+                                                 "sha256, size, signature, key_id, url")
+    targets: TargetsBody
+    canary_group: str | None = Field(None, min_length=1, max_length=64)
+    canary: int = Field(10, ge=0, le=1_000_000)
+    stages: list[float] = Field(default_factory=lambda: [10.0, 50.0, 100.0], min_length=1, max_length=100,
+                                description="cumulative percentages of the targets after the canary, ending at 100")
+    rate_per_s: float = Field(20.0, ge=0, le=1e6)
+    max_in_flight: int = Field(20, ge=0, le=1_000_000)
+    timeout_s: float = Field(120.0, gt=0, le=7 * 86400)
+    bake_s: float = Field(5.0, ge=0, le=30 * 86400)
+    gates: dict[str, Any] = Field(default_factory=dict, description="max_failure_rate, max_failures, min_samples, "
+                                  "max_anomaly_rate_delta, min_fresh_ratio, freshness_s, metric, max_metric_delta, "
+                                  "min_devices")
+
+
 class JobView(BaseModel):
     """A job and its executions per state."""
 
@@ -161,8 +182,8 @@ def add_job_routes(r: APIRouter, *, store: Callable[[], JobStore], registry: Cal
 
     @r.post("/rollouts", status_code=201, response_model=RolloutView, responses={**BAD_PARAMETER, **_CONFLICT},
             description="Start a rollout of a signed artifact (docs/rollouts.md): canary, then stages, gated.")
-    async def post_rollout(body: Annotated[dict[str, Any], Body()], p: Principal = operator) -> dict[str, Any]:
-        spec = RolloutSpec.from_dict(body)
+    async def post_rollout(body: Annotated[RolloutBody, Body()], p: Principal = operator) -> dict[str, Any]:
+        spec = RolloutSpec.from_dict(body.model_dump(exclude_unset=True))
         spec.targets.check()
         ro = await run_in_threadpool(store().create_rollout, spec.rollout_id, spec.as_dict(), actor=p.subject)
         return rollout_view(ro)
