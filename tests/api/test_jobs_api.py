@@ -114,3 +114,33 @@ def test_rollout_view(client: TestClient, url: str) -> None:
     assert [x["rollout_id"] for x in client.get("/api/v1/rollouts").json()] == ["r1"]
     store.close()
     reg.close()
+
+
+def test_canceling_a_running_rollout_rolls_its_devices_back(client: TestClient, url: str) -> None:
+    key, _ = signing_key()
+    m, _ = artifact(key, "2.0")
+    spec = {"rollout_id": "r3", "artifact": m, "targets": {"devices": [f"pump-{i}" for i in range(8)]},
+            "canary": 3, "stages": [100], "rate_per_s": 0}
+    assert client.post("/api/v1/rollouts", json=spec).status_code == 201
+    store = JobStore(url)
+    ctl = JobController(store, publish=lambda t, p, r: True)
+    ctl.tick()
+    ctl.tick()
+    canary = [e.device_id for e in store.executions(job_id="r3-s0")]
+    ctl.handle_message(f"devices/{canary[0]}/jobs/r3-s0/update", b'{"execution": 1, "status": "succeeded"}')
+    ctl.tick()
+    assert client.post("/api/v1/rollouts/r3/cancel").json()["status"] == "canceling"
+    ctl.tick()
+    v = client.get("/api/v1/rollouts/r3").json()
+    assert v["status"] == "canceling" and v["halt_reason"] == "canceled by the operator"
+    rb = store.executions(job_id="r3-rollback")
+    assert sorted(e.device_id for e in rb) == sorted(canary)  # every device sent the artifact, done or not
+    assert {e.state for e in store.executions(job_id="r3-s0")} == {"succeeded", "canceled"}
+    for e in rb:
+        ctl.handle_message(f"devices/{e.device_id}/jobs/r3-rollback/update", b'{"execution": 1, "status": "succeeded"}')
+    ctl.tick()
+    ctl.tick()
+    v = client.get("/api/v1/rollouts/r3").json()
+    assert v["status"] == "canceled" and v["rollback"] == {"succeeded": 3}
+    assert client.post("/api/v1/rollouts/r3/cancel").json()["status"] == "canceled"
+    store.close()

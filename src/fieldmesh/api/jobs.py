@@ -205,7 +205,5 @@ def add_job_routes(r: APIRouter, *, store: Callable[[], JobStore], registry: Cal
     def cancel_rollout(rollout_id: Annotated[str, Path(pattern=_ID_PATTERN)],
                        p: Principal = operator) -> dict[str, Any]:
         js = store()
-        ro = js.get_rollout(rollout_id)
-        js.save_rollout(rollout_id, status="canceling", progress=ro.progress, actor=p.subject,
-                        expect=("pending", "running"))
+        js.cancel_rollout(rollout_id, actor=p.subject)
         return rollout_view(js.get_rollout(rollout_id))

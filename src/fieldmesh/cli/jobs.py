@@ -366,12 +366,10 @@ def rollout_cancel(rollout_id: Annotated[str, typer.Argument(metavar="ID")], dat
                    store_url: StoreUrl = None) -> None:
     """Stop a rollout and roll back the devices that got the artifact."""
     with _store(data_dir, store_url) as js:
-        ro = js.get_rollout(rollout_id)
-        if js.save_rollout(rollout_id, status="canceling", progress=ro.progress, actor=_actor(),
-                           expect=("pending", "running")):
+        if js.cancel_rollout(rollout_id, actor=_actor()):
             err.print(f"rollout {rollout_id}: canceling")
         else:
-            err.print(f"rollout {rollout_id} is {ro.status}: nothing to cancel")
+            err.print(f"rollout {rollout_id} is {js.get_rollout(rollout_id).status}: nothing to cancel")
 
 
 if __name__ == "__main__":  # fieldmesh up runs the controller as ``python -m fieldmesh.cli.jobs controller``

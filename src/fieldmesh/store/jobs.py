@@ -242,6 +242,21 @@ class JobStore(HotTables):
         return [RolloutRow(r[0], json.loads(r[1]), r[2], json.loads(r[3]), int(r[4]), r[5], int(r[6]))
                 for r in rows]
 
+    def cancel_rollout(self, rollout_id: str, *, actor: str) -> bool:
+        """Ask the controller to stop a pending or running rollout (status ``canceling``; its progress, which
+        only the controller writes, is left alone); False when it is past that."""
+        with self._tx() as con:
+            rows = con.execute(self._sql("SELECT status FROM fm_rollouts WHERE rollout_id = ?"),
+                               (rollout_id,)).fetchall()
+            if not rows:
+                raise NotFoundError(f"no rollout {rollout_id!r}", kind="rollout", key=rollout_id)
+            if rows[0][0] not in ("pending", "running"):
+                return False
+            con.execute(self._sql("UPDATE fm_rollouts SET status = 'canceling', updated_ms = ? WHERE rollout_id = ?"),
+                        (_now_ms(), rollout_id))
+            self._audit(con, actor, "rollout.cancel", rollout_id, {"from": rows[0][0]})
+        return True
+
     def save_rollout(self, rollout_id: str, *, status: str, progress: dict[str, Any],
                      actor: str | None = None, expect: Iterable[str] = ()) -> bool:
         """Write a rollout's status and progress (only from one of ``expect`` when given)."""
