@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from fastapi.testclient import TestClient
 from fieldmesh.api.app import create_app
 from fieldmesh.api.auth import Access
 from fieldmesh.control.jobrunner import JobController
+from fieldmesh.store import load_store
 from fieldmesh.store.jobs import JobStore
 from fieldmesh.store.registry import DeviceRegistry
 from fmtest.fleet import artifact, signing_key
@@ -27,6 +29,7 @@ def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 @pytest.fixture
 def client(url: str) -> Iterator[TestClient]:
+    load_store(url).close()  # the hot store itself (for /stats)
     reg = DeviceRegistry(url)
     for i in range(8):
         reg.add(f"pump-{i}", groups=["north"] if i < 5 else ["south"], tags=["v2"] if i % 2 else [],
@@ -67,6 +70,11 @@ def test_jobs_create_list_show_cancel(client: TestClient, url: str) -> None:
     ctl.handle_message("devices/pump-5/jobs/j1/update", b'not json')
     ctl.tick()
     assert (ctl.stats.updates, ctl.stats.stale_updates, ctl.stats.invalid_updates) == (1, 1, 1)
+    assert client.get("/api/v1/stats").json()["jobs_controller"] is None  # never saved
+    store.save_controller_stats(asdict(ctl.stats))
+    seen = client.get("/api/v1/stats").json()["jobs_controller"]
+    assert (seen["updates"], seen["stale_updates"], seen["invalid_updates"]) == (1, 1, 1)
+    assert seen["reasons"] == {"bad_update": 1}
 
     r = client.post("/api/v1/jobs/j1/cancel")
     assert r.status_code == 200 and r.json()["status"] == "canceling"

@@ -270,6 +270,13 @@ def create_app(
     )
     state: dict[str, Any] = {"store": store, "schema_registry": schema_registry}
     lag_cache: dict[str, int] = {}
+    jobs_holder: list[JobStore] = []
+
+    def job_store() -> JobStore:  # opened on first use, like the schema registry
+        if not jobs_holder:
+            jobs_holder.append(JobStore(store_url))
+        return jobs_holder[0]
+
     partition_cache: dict[str, dict[int, int]] = {}
 
     def get_store() -> HotStore:
@@ -471,6 +478,10 @@ def create_app(
             body["alerts"] = await run_in_threadpool(lambda: alert_tables().stats())
         except BackendError:
             body["alerts"] = None
+        try:
+            body["jobs_controller"] = await run_in_threadpool(lambda: job_store().controller_stats())
+        except FieldmeshError:
+            body["jobs_controller"] = None
         if partition_lag is not None:
             partition_cache.update(await partition_lag())
             body["lag_partitions"] = {stage: {str(p): n for p, n in sorted(parts.items())}
@@ -767,13 +778,6 @@ def create_app(
     registry = CollectorRegistry()
     app.state.provision = ProvisionService(store_url, ca_dir, provisioner)
     add_provision_routes(app, r, admin=admin, guards=guards, service=app.state.provision, metrics=registry)
-    jobs_holder: list[JobStore] = []
-
-    def job_store() -> JobStore:  # opened on first use, like the schema registry
-        if not jobs_holder:
-            jobs_holder.append(JobStore(store_url))
-        return jobs_holder[0]
-
     add_job_routes(r, store=job_store, registry=devreg, viewer=all_devices, operator=operator_all)
 
     app.include_router(r)

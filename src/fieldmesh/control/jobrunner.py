@@ -22,7 +22,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 from urllib.parse import unquote, urlsplit
 
@@ -506,10 +506,19 @@ class MqttLink:
 
 
 async def run_controller(controller: JobController, *, stop: asyncio.Event, tick_s: float = 0.2,
-                         stats_s: float = 30.0) -> None:
-    """Tick ``controller`` every ``tick_s`` until ``stop``; a failing tick is logged and retried."""
-    last = time.monotonic()
+                         stats_s: float = 30.0, save_stats_s: float = 5.0) -> None:
+    """Tick ``controller`` every ``tick_s`` until ``stop``; a failing tick is logged and retried.
+
+    Its counters are logged every ``stats_s`` and saved to the store every ``save_stats_s`` (``/stats``).
+    """
+    last = saved = time.monotonic()
     while not stop.is_set():
+        if time.monotonic() - saved >= save_stats_s:
+            saved = time.monotonic()
+            try:
+                await asyncio.to_thread(controller.store.save_controller_stats, asdict(controller.stats))
+            except FieldmeshError as exc:
+                log.warning("jobs controller: cannot save its counters: %s", exc)
         try:
             await asyncio.to_thread(controller.tick)
         except FieldmeshError as exc:

@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 __all__ = ["Health", "JobClient", "attach_jobs", "firmware_health", "model_health"]
 
 log = logging.getLogger("fieldmesh.edge.jobs")
+#: Answers remembered (to answer a redelivered notify again rather than run it twice).
+_ANSWERED_MAX = 10_000
 
 #: ``(device_id, slot) -> None``: raises (any exception) when the new version does not work.
 Health = Callable[[str, SlotInfo], Awaitable[None]]
@@ -157,6 +159,8 @@ class JobClient:
             log.exception("jobs: %s on %s failed", op, dev)
             status, details = "failed", {"reason": "error", "error": str(exc)[:500]}
         self.answered[(dev, job_id)] = (n, {"status": status, "details": details})
+        while len(self.answered) > _ANSWERED_MAX:  # the oldest first: their notify has long been rewritten
+            del self.answered[next(iter(self.answered))]
         self._running.discard((dev, job_id, n))
         self._report(dev, job_id, n, status, details)
 

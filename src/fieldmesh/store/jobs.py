@@ -31,6 +31,8 @@ _COMMON: Final = (
     " state TEXT NOT NULL, attempt INTEGER NOT NULL, execution INTEGER NOT NULL, queued_ms BIGINT NOT NULL,"
     " sent_ms BIGINT, updated_ms BIGINT NOT NULL, details TEXT NOT NULL, PRIMARY KEY (job_id, device_id))",
     "CREATE INDEX IF NOT EXISTS fm_job_executions_device ON fm_job_executions (device_id, state)",
+    "CREATE TABLE IF NOT EXISTS fm_job_controller (id INTEGER PRIMARY KEY, stats TEXT NOT NULL,"
+    " updated_ms BIGINT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS fm_rollouts (rollout_id TEXT PRIMARY KEY, spec TEXT NOT NULL,"
     " status TEXT NOT NULL, progress TEXT NOT NULL, created_ms BIGINT NOT NULL, created_by TEXT NOT NULL,"
     " updated_ms BIGINT NOT NULL)",
@@ -208,6 +210,23 @@ class JobStore(HotTables):
                                f" ({', '.join('?' for _ in chunk)})", (*st, *chunk))
             for r in rows:
                 out[r[1]].append(_row_ex(r))
+        return out
+
+    # -- the controller's counters -----------------------------------------------------------
+    def save_controller_stats(self, stats: dict[str, Any]) -> None:
+        """The controller's counters, for ``/stats`` (one row, replaced)."""
+        with self._tx() as con:
+            con.execute(self._sql("DELETE FROM fm_job_controller WHERE id = 1"))
+            con.execute(self._sql("INSERT INTO fm_job_controller (id, stats, updated_ms) VALUES (1, ?, ?)"),
+                        (json.dumps(stats, sort_keys=True), _now_ms()))
+
+    def controller_stats(self) -> dict[str, Any] | None:
+        """The counters the controller saved last, with ``updated_ms``; None if it never ran."""
+        rows = self._fetch("SELECT stats, updated_ms FROM fm_job_controller WHERE id = 1")
+        if not rows:
+            return None
+        out: dict[str, Any] = json.loads(rows[0][0])
+        out["updated_ms"] = int(rows[0][1])
         return out
 
     # -- rollouts ----------------------------------------------------------------------------
