@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import secrets
 from collections.abc import AsyncIterator, Callable, Iterable
-from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -73,4 +72,3 @@ def seed(slots_of: Callable[[str], Any], devices: Iterable[str], manifest: dict[
 
 
 __all__ = ["artifact", "controller", "seed", "signing_key", "wait_for"]
-_ = Path
