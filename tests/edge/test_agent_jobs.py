@@ -17,6 +17,7 @@ from fieldmesh.control.jobs import JobSpec, Targets
 from fieldmesh.edge.agent import EdgeAgent
 from fieldmesh.edge.config import parse_config
 from fieldmesh.edge.infer import DEFAULT_MODEL, EwmaScorer, OnnxScorer
+from fieldmesh.edge.ota import SlotStore
 from fieldmesh.store.jobs import JobStore
 from fmtest.fleet import artifact, controller, signing_key, wait_for
 from fmtest.mqtt import PrivateMosquitto
@@ -44,7 +45,7 @@ def test_agent_installs_reverts_and_refuses_models(tmp_path: Path) -> None:
         "buffer": {"path": str(tmp_path / "buf"), "fsync": "never"},
         "uplink": {"port": broker.port, "client_id": "edge-7", "protocol": "3.1.1"},
         "infer": {"scorer": "ewma"},
-        "jobs": {"enabled": True, "trusted_keys": [str(pub)]},
+        "jobs": {"enabled": True, "trusted_keys": [str(pub)], "confirm_after_s": 1.0},
     })
     store = JobStore(f"sqlite:///{tmp_path}/store.db")
     agent = EdgeAgent(cfg)
@@ -63,6 +64,9 @@ def test_agent_installs_reverts_and_refuses_models(tmp_path: Path) -> None:
             job("install-good", {"op": "install", "artifact": good})
             await wait_for(lambda: state("install-good") == "succeeded", 30, "the good model")
             assert isinstance(agent.pipeline.scorer, OnnxScorer)
+            slots = SlotStore(tmp_path / "buf" / "ota", trusted_keys={})
+            assert slots.active("model").pending  # type: ignore[union-attr]  # on trial for confirm_after_s
+            await wait_for(lambda: not slots.active("model").pending, 10, "the confirmation")  # type: ignore[union-attr]
             job("install-bad", {"op": "install", "artifact": bad})
             await wait_for(lambda: state("install-bad") == "failed", 30, "the broken model's failure")
             ex = store.executions(job_id="install-bad")[0]
@@ -94,8 +98,6 @@ def test_a_model_that_no_longer_loads_at_start_is_reverted(tmp_path: Path) -> No
     key, trusted = signing_key()
     pub = tmp_path / "signing.pub"
     pub.write_bytes(key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
-    from fieldmesh.edge.ota import SlotStore
-
     slots = SlotStore(tmp_path / "buf" / "ota", trusted_keys=trusted)
     good, gb = artifact(key, "2.0", data=DEFAULT_MODEL.read_bytes())
     slots.install(good, gb)
@@ -108,3 +110,25 @@ def test_a_model_that_no_longer_loads_at_start_is_reverted(tmp_path: Path) -> No
     agent = EdgeAgent(cfg)
     assert isinstance(agent.pipeline.scorer, OnnxScorer)
     assert slots.active("model").version == "2.0"  # type: ignore[union-attr]
+
+
+def test_an_agent_that_keeps_dying_with_a_new_model_goes_back_by_itself(tmp_path: Path) -> None:
+    key, trusted = signing_key()
+    pub = tmp_path / "signing.pub"
+    pub.write_bytes(key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
+    slots = SlotStore(tmp_path / "buf" / "ota", trusted_keys=trusted)
+    v1, b1 = artifact(key, "1.0", data=DEFAULT_MODEL.read_bytes())
+    slots.install(v1, b1)
+    slots.boot("model")
+    slots.confirm("model")
+    v2, b2 = artifact(key, "2.0", data=DEFAULT_MODEL.read_bytes())
+    slots.install(v2, b2)  # passed its check (it loads), then the agent died before confirm_after_s
+    cfg = parse_config({"sources": [{"simulator": {}}], "buffer": {"path": str(tmp_path / "buf")},
+                        "uplink": {"client_id": "edge-9"},
+                        "jobs": {"enabled": True, "trusted_keys": [str(pub)], "max_boot_attempts": 2}})
+    for _ in range(2):  # each start of the agent is a trial start of 2.0 ... which dies again
+        EdgeAgent(cfg)
+        assert slots.active("model").version == "2.0"  # type: ignore[union-attr]
+    EdgeAgent(cfg)  # the third start: back to 1.0, by itself
+    assert slots.active("model").version == "1.0"  # type: ignore[union-attr]
+    assert not slots.active("model").pending  # type: ignore[union-attr]

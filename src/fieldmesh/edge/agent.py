@@ -243,6 +243,7 @@ class EdgeAgent:
             )
             self.uplink.on_message = self.twin.handle
             self.uplink.on_connect = self.twin.on_connect
+        self.on_running: list[Callable[[], None]] = []  # called in the event loop once run() has started
         self.jobs: JobClient | None = attach_jobs(self) if cfg.jobs.enabled else None
         self.source_errors = 0
         self.lost_aggregates = 0
@@ -416,6 +417,8 @@ class EdgeAgent:
             tg.create_task(self.uplink.run(uplink_stop), name="uplink")
             tg.create_task(self._housekeeping(stop), name="housekeeping")
             src_tasks = [tg.create_task(self._run_source(s, stop), name=s.name) for s in self.sources]
+            for fn in self.on_running:
+                fn()
             if on_started is not None:
                 on_started()
             if duration_s is not None:

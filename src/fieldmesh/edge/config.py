@@ -239,6 +239,9 @@ class JobsConfig(_Model):
     slots_path: Path | None = None
     #: Starts of a new version without a passed health check before the agent goes back by itself.
     max_boot_attempts: int = Field(default=3, ge=1, le=100)
+    #: How long the agent runs with a new version before it is confirmed: until then each start counts a
+    #: trial start (a crash loop after a passed check still goes back).
+    confirm_after_s: float = Field(default=60.0, ge=0)
     max_artifact_bytes: int = Field(default=256 * 1024 * 1024, ge=1)
     #: A command that applies and checks a firmware image (its path is appended); exit 0: healthy.
     #: None: the image is kept in its slot for the device's own updater, and confirmed.

@@ -58,13 +58,14 @@ class JobClient:
         fetch: ``url -> bytes`` (blocking; run in a thread).
         on_active: told when a device's active slot changes (install or revert), e.g. to load a model.
         handlers: more operations.
+        confirm_after_s: how long a new version runs before it is confirmed (0: once its check passed).
     """
 
     def __init__(self, devices: Iterable[str], *, slots: Callable[[str], SlotStore],
                  publish: Callable[[str, bytes, bool], bool], subscribe: Callable[[list[str]], bool],
                  health: Health | None = None, fetch: Callable[[str], bytes] = fetch_artifact,
                  on_active: Callable[[str, str, SlotInfo | None], None] | None = None,
-                 handlers: Mapping[str, Handler] | None = None) -> None:
+                 handlers: Mapping[str, Handler] | None = None, confirm_after_s: float = 0.0) -> None:
         self.devices = list(devices)
         self._known = set(self.devices)
         self.slots = slots
@@ -74,6 +75,7 @@ class JobClient:
         self.fetch = fetch
         self.on_active = on_active
         self.handlers = dict(handlers or {})
+        self.confirm_after_s = confirm_after_s
         self.answered: dict[tuple[str, str], tuple[int, dict[str, Any]]] = {}
         self._running: set[tuple[str, str, int]] = set()
         self._unsent: list[tuple[str, bytes]] = []
@@ -199,8 +201,16 @@ class JobClient:
             return "failed", {"reason": "health_check", "error": str(exc)[:300], "version": info.version,
                               "reverted_to": back.version if back is not None else None,
                               "from_version": from_version}
-        slots.confirm(kind)
+        self._confirm_later(slots, kind, info.version)
         return "succeeded", {"version": info.version, "from_version": from_version}
+
+    def _confirm_later(self, slots: SlotStore, kind: str, version: str) -> None:
+        """Confirm the slot now, or after ``confirm_after_s`` of running with it: an agent that dies with the
+        new version before then counts a trial start at its next start, and goes back after a few."""
+        if self.confirm_after_s <= 0:
+            slots.confirm(kind, version=version)
+            return
+        asyncio.get_running_loop().call_later(self.confirm_after_s, lambda: slots.confirm(kind, version=version))
 
     async def _rollback(self, dev: str, doc: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
         kind = str(doc.get("kind"))
@@ -306,7 +316,11 @@ def attach_jobs(agent: EdgeAgent) -> JobClient:
 
     client = JobClient([dev], slots=lambda _d: slots, publish=lambda t, p, r: agent.uplink.publish_now(t, p, retain=r),
                        subscribe=agent.uplink.subscribe, health=health,
-                       fetch=lambda url: fetch_artifact(url, max_bytes=jc.max_artifact_bytes), on_active=on_active)
+                       fetch=lambda url: fetch_artifact(url, max_bytes=jc.max_artifact_bytes), on_active=on_active,
+                       confirm_after_s=jc.confirm_after_s)
+    if active is not None and active.pending:  # on trial since an earlier run: confirmed if this one lasts
+        trial = active.version
+        agent.on_running.append(lambda: client._confirm_later(slots, "model", trial))
     prev_message, prev_connect = agent.uplink.on_message, agent.uplink.on_connect
 
     def on_message(topic: str, payload: bytes) -> None:

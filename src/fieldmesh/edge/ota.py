@@ -225,9 +225,12 @@ class SlotStore:
         assert info is not None
         return info
 
-    def confirm(self, kind: str) -> None:
-        """The active slot passed its health check: it is no longer on trial."""
+    def confirm(self, kind: str, *, version: str | None = None) -> None:
+        """The active slot proved itself: it is no longer on trial (only if it holds ``version``, when given)."""
         st = self._load(kind)
+        act = st["active"]
+        if version is not None and (act is None or st["slots"][act]["version"] != version):
+            return  # another version is active by now
         if st["pending"]:
             st["pending"], st["boot_attempts"] = False, 0
             self._save(kind, st)
