@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fieldmesh import __version__
 from fieldmesh.api.auth import Access, AuthError, Principal, basic_token
+from fieldmesh.api.jobs import add_job_routes
 from fieldmesh.api.params import (
     BAD_PARAMETER,
     STORE_UNAVAILABLE,
@@ -93,6 +94,7 @@ from fieldmesh.schema.registry import SchemaRegistry
 from fieldmesh.store import HotStore, load_store
 from fieldmesh.store.access import GROUP_RE
 from fieldmesh.store.alerts import AlertTables
+from fieldmesh.store.jobs import JobStore
 from fieldmesh.store.registry import Device as RegisteredDevice
 from fieldmesh.store.registry import DeviceRegistry
 from fieldmesh.stream.alerts import RuleError, parse_rule
@@ -183,6 +185,13 @@ def create_app(
     )
     state: dict[str, Any] = {"store": store, "schema_registry": schema_registry}
     lag_cache: dict[str, int] = {}
+    jobs_holder: list[JobStore] = []
+
+    def job_store() -> JobStore:  # opened on first use, like the schema registry
+        if not jobs_holder:
+            jobs_holder.append(JobStore(store_url))
+        return jobs_holder[0]
+
     partition_cache: dict[str, dict[int, int]] = {}
 
     def get_store() -> HotStore:
@@ -384,6 +393,10 @@ def create_app(
             body["alerts"] = await run_in_threadpool(lambda: alert_tables().stats())
         except BackendError:
             body["alerts"] = None
+        try:
+            body["jobs_controller"] = await run_in_threadpool(lambda: job_store().controller_stats())
+        except FieldmeshError:
+            body["jobs_controller"] = None
         if partition_lag is not None:
             partition_cache.update(await partition_lag())
             body["lag_partitions"] = {stage: {str(p): n for p, n in sorted(parts.items())}
@@ -680,6 +693,7 @@ def create_app(
     registry = CollectorRegistry()
     app.state.provision = ProvisionService(store_url, ca_dir, provisioner)
     add_provision_routes(app, r, admin=admin, guards=guards, service=app.state.provision, metrics=registry)
+    add_job_routes(r, store=job_store, registry=devreg, viewer=all_devices, operator=operator_all)
 
     app.include_router(r)
     app.include_router(registry_router(get_schema_registry, viewer=viewer, operator=operator, admin=admin))

@@ -29,6 +29,7 @@ from fieldmesh.edge.config import EdgeConfig, SourceConfig
 from fieldmesh.edge.contract import ReadingContract, register_schema
 from fieldmesh.edge.frame import DeviceIndex, Frame, WireReading, occurrence_groups
 from fieldmesh.edge.infer import make_scorer
+from fieldmesh.edge.jobs import JobClient, attach_jobs
 from fieldmesh.edge.preprocess import Aggregate, Preprocessor
 from fieldmesh.edge.sources.base import Source, SourceBatch
 from fieldmesh.edge.twin import Twin
@@ -262,6 +263,8 @@ class EdgeAgent:
             )
             self.uplink.on_message = self.twin.handle
             self.uplink.on_connect = self.twin.on_connect
+        self.on_running: list[Callable[[], None]] = []  # called in the event loop once run() has started
+        self.jobs: JobClient | None = attach_jobs(self) if cfg.jobs.enabled else None
         self.source_errors = 0
         self.lost_aggregates = 0
         self.full_waits = 0
@@ -420,6 +423,7 @@ class EdgeAgent:
             "twin": {"applied": dict(self.twin.applied), "rejected": self.twin.rejected}
             if self.twin
             else None,
+            "jobs": dict(self.jobs.counts) if self.jobs else None,
             "source_errors": self.source_errors,
             "full_waits": self.full_waits,
             "lost_aggregates": self.lost_aggregates,
@@ -463,6 +467,8 @@ class EdgeAgent:
                     self.pipeline.contract, registry_url=sc.registry_url, subject=sc.subject,
                     auth=sc.auth.get_secret_value() if sc.auth else None, stop=stop), name="schema")
             src_tasks = [tg.create_task(self._run_source(s, stop), name=s.name) for s in self.sources]
+            for fn in self.on_running:
+                fn()
             if on_started is not None:
                 on_started()
             if duration_s is not None:

@@ -18,6 +18,7 @@ __all__ = [
     "DeviceRule",
     "EdgeConfig",
     "InferConfig",
+    "JobsConfig",
     "MetricRule",
     "ModbusRegister",
     "ModbusSourceConfig",
@@ -245,6 +246,28 @@ class SourceConfig(_Model):
         raise AssertionError("validated")
 
 
+class JobsConfig(_Model):
+    """Jobs and over-the-air updates of the edge model and firmware (docs/rollouts.md)."""
+
+    enabled: bool = False
+    #: The device id jobs are addressed to (``devices/{id}/jobs/notify``); default: ``uplink.client_id``.
+    device_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,128}$")
+    #: Ed25519 public keys (PEM) whose signatures the agent accepts; none: every install is rejected.
+    trusted_keys: list[Path] = Field(default_factory=list)
+    #: The A/B slots (default: ``<buffer.path>/ota``).
+    slots_path: Path | None = None
+    #: Starts of a new version without a passed health check before the agent goes back by itself.
+    max_boot_attempts: int = Field(default=3, ge=1, le=100)
+    #: How long the agent runs with a new version before it is confirmed: until then each start counts a
+    #: trial start (a crash loop after a passed check still goes back).
+    confirm_after_s: float = Field(default=60.0, ge=0)
+    max_artifact_bytes: int = Field(default=256 * 1024 * 1024, ge=1)
+    #: A command that applies and checks a firmware image (its path is appended); exit 0: healthy.
+    #: None: the image is kept in its slot for the device's own updater, and confirmed.
+    firmware_check: list[str] | None = None
+    firmware_check_timeout_s: float = Field(default=300.0, gt=0)
+
+
 class AgentConfig(_Model):
     """Agent-wide settings."""
 
@@ -265,6 +288,7 @@ class EdgeConfig(_Model):
     uplink: UplinkConfig = Field(default_factory=UplinkConfig)
     twin: TwinConfig = Field(default_factory=TwinConfig)
     schema_: SchemaConfig | None = Field(default=None, alias="schema")
+    jobs: JobsConfig = Field(default_factory=JobsConfig)
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:

@@ -36,7 +36,7 @@ from fieldmesh.core.topics import DLQ_TOPIC, GATEWAY_GROUP, INGEST_TOPIC, READIN
 from fieldmesh.gateway.admission import describe_checks
 from fieldmesh.gateway.sources import MqttSource, ingest_spec
 from fieldmesh.obs.metrics import MULTIPROC_ENV, mark_dead, prepare_multiproc_dir
-from fieldmesh.runtime.doorauth import DoorPolicy, DoorTls, internal_auth, policy_from_registry
+from fieldmesh.runtime.doorauth import DoorPolicy, DoorTls, InternalAuth, internal_auth, jobs_auth, policy_from_registry
 from fieldmesh.runtime.doorlog import REASONS as DOOR_REFUSALS
 from fieldmesh.runtime.doorlog import DoorRefusals
 from fieldmesh.runtime.enrichment import join_topic, source_database
@@ -336,7 +336,8 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
                                 mqtt_port=(tls.port if tls else opts.mqtt_port) if nats_door else None,
                                 fsync=settings.bus.fsync, disk_reserve=policy.disk_reserve_mb * 2**20,
                                 auth=auth, mqtt_host=opts.mqtt_host, mqtt_tls=tls if nats_door else None,
-                                mqtt_anonymous=not mtls, policy=door_policy)
+                                mqtt_anonymous=not mtls, policy=door_policy,
+                                jobs_auth=jobs_auth(data_dir) if nats_door and tls is None else None)
             refusals.append(DoorRefusals(nats.log_path, "nats"))  # from here on: not what earlier runs logged
             await _start_door(nats, settings)
         bus_url = opts.bus_url or (nats.url if nats else "")
@@ -406,6 +407,12 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
                 _Child("processor", [*py, "processor", json.dumps(pr_cfg)], logs / "processor.log", env=stage_env,
                        policy=policy),
             ]
+            jobs_child = _jobs_child(opts, store_url, door_kind, nats, auth, tls is not None, logs, policy)
+            if jobs_child is not None:
+                stages.append(jobs_child)
+            else:
+                console.print("jobs: the job controller is not started (the nats door takes TLS only here); run "
+                              "'fieldmesh jobs controller' against a door it can reach (docs/rollouts.md)")
             for c in stages:
                 c.start()
             children.extend(stages)
@@ -807,6 +814,24 @@ def _api_server(config: Any) -> Any:
             yield
 
     return _Server(config)
+
+
+def _jobs_child(opts: UpOptions, store_url: str, door_kind: str, nats: EmbeddedNats | None, auth: InternalAuth,
+                tls: bool, logs: Path, policy: Any) -> _Child | None:
+    """The job and rollout controller (docs/rollouts.md), a process of its own, on the MQTT door: at
+    nats-server's as its own user (it may write devices' jobs/notify and read their updates, nothing
+    else), at Mosquitto's as the internal user (on the loopback listener), at an external broker as
+    configured there. None when it cannot reach the door (nats-server's door with TLS only)."""
+    argv = [sys.executable, "-m", "fieldmesh.cli.jobs", "controller", "--store-url", store_url]
+    if door_kind == "external":
+        argv += ["--mqtt-url", opts.mqtt_url or ""]
+    elif door_kind == "mosquitto":
+        argv += ["--mqtt-url", f"mqtt://127.0.0.1:{opts.mqtt_port}", "--auth-file", str(auth.path)]
+    elif nats is not None and nats.jobs_auth is not None and not tls:
+        argv += ["--mqtt-url", f"mqtt://127.0.0.1:{opts.mqtt_port}", "--auth-file", str(nats.jobs_auth.path)]
+    else:
+        return None
+    return _Child("jobs", argv, logs / "jobs.log", policy=policy)
 
 
 def _door_line(door: str) -> str:
