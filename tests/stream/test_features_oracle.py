@@ -8,11 +8,7 @@ gives the oracle's rows exactly (values, window bounds, known_at), once each.
 
 from __future__ import annotations
 
-import math
 import random
-from collections import defaultdict
-from decimal import Decimal, localcontext
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +24,7 @@ from fieldmesh.store.sqlite import SqliteStore
 from fieldmesh.stream.featureviews import FeatureView
 from fieldmesh.stream.featuring import FeatureStage
 from fieldmesh.stream.processor import Processor
-from fmtest import oracle
+from fmtest.features import check_rows, features_oracle
 
 NOW = 1_763_812_345_000
 BASE = NOW - 40 * 60_000
@@ -37,7 +33,6 @@ VIEW = FeatureView(name="pump", entity="device", metrics=("t", "p"), windows_ms=
                    allowed_lateness_ms=20_000)
 SITE = FeatureView(name="site", entity="enrichment.site", metrics=("t",), windows_ms=(120_000,), hop_ms=60_000,
                    aggregations=("mean", "count"), ttl_ms=3_600_000)
-NAMES = {60_000: "1m", 120_000: "2m", 300_000: "5m"}
 
 
 def _stream(seed: int) -> list[tuple[str, dict[str, Any]]]:
@@ -74,81 +69,10 @@ def _records(rs: list[Reading], sizes: list[int]) -> list[BusRecord]:
     out, i, off = [], 0, 1
     while i < len(rs):
         n = sizes[off % len(sizes)]
-        out.append(BusRecord(topic=READINGS_TOPIC, partition=0, offset=off, value=encode_bus_batch(BusBatch(rs[i:i + n]))))
+        value = encode_bus_batch(BusBatch(rs[i:i + n]))
+        out.append(BusRecord(topic=READINGS_TOPIC, partition=0, offset=off, value=value))
         i, off = i + n, off + 1
     return out
-
-
-def _sqrt(x: Fraction) -> float:
-    with localcontext() as ctx:
-        ctx.prec = 80
-        return float((Decimal(x.numerator) / Decimal(x.denominator)).sqrt())
-
-
-def _oracle(stream: list[tuple[str, dict[str, Any]]], view: FeatureView) -> dict[tuple[str, int], dict[str, Any]]:
-    """{(entity, window_end): {"start", "known_at", "values"}} from first principles."""
-    seen: set[tuple[Any, ...]] = set()
-    newest: dict[str, int] = {}
-    emitted: dict[tuple[str, int], int] = {}  # (entity, end) -> known_at
-    members: dict[tuple[str, int, int, str], list[tuple[int, float]]] = defaultdict(list)  # (ent, size, end, m)
-    hop, late = view.hop_ms, view.allowed_lateness_ms
-    field = view.entity_field
-    for dev, r in stream:
-        key = oracle.identity(dev, r)
-        if key in seen:
-            continue
-        seen.add(key)
-        ent = dev if field is None else r[field]
-        ts = r["ts"]
-        old = newest.get(ent)
-        newest[ent] = ts if old is None else max(old, ts)
-        for size in view.windows_ms:  # the windows the reading falls in, still open when it arrives
-            first_end = (ts // hop + 1) * hop
-            for end in range(first_end, first_end + size, hop):
-                if (ent, end) in emitted or (old is not None and old - late >= end):
-                    continue
-                for m, v in r["measurements"].items():
-                    if m in view.metrics:
-                        members[(ent, size, end, m)].append((ts, float(v)))
-        wm = newest[ent] - late
-        for (e, size, end, m) in list(members):  # windows this reading made final
-            if e == ent and end <= wm and (ent, end) not in emitted:
-                emitted[(ent, end)] = r["received"]
-    out: dict[tuple[str, int], dict[str, Any]] = {}
-    for (ent, size, end, m), vals in members.items():
-        if (ent, end) not in emitted:
-            continue
-        row = out.setdefault((ent, end), {"start": end - size, "known_at": emitted[(ent, end)], "values": {}})
-        row["start"] = min(row["start"], end - size)
-        n = len(vals)
-        s = sum(Fraction(v) for _, v in vals)
-        q = sum(Fraction(v) ** 2 for _, v in vals)
-        first = min(vals, key=lambda x: (x[0], x[1]))
-        last = max(vals, key=lambda x: (x[0], x[1]))
-        agg = {"mean": float(s / n), "min": min(v for _, v in vals), "max": max(v for _, v in vals),
-               "stddev": _sqrt(q / n - (s / n) ** 2), "count": float(n), "last": last[1],
-               "rate": math.nan if last[0] == first[0] else float(
-                   (Fraction(last[1]) - Fraction(first[1])) * 1000 / (last[0] - first[0])),
-               "sum": float(s), "first": first[1]}
-        for a in view.aggregations:
-            row["values"][f"{m}__{a}__{NAMES[size]}"] = agg[a]
-    return out
-
-
-def _same(a: float, b: float) -> bool:
-    return (math.isnan(a) and math.isnan(b)) or a == b
-
-
-def _check(rows: list[Any], expected: dict[tuple[str, int], dict[str, Any]]) -> None:
-    got = {(r.entity, r.window_end_ms): r for r in rows}
-    assert len(got) == len(rows), "a feature row was written twice"
-    assert set(got) == set(expected)
-    for k, e in expected.items():
-        g = got[k]
-        assert (g.window_start_ms, g.known_at_ms, g.version) == (e["start"], e["known_at"], 0), k
-        assert set(g.values) == set(e["values"]), k
-        bad = {f: (g.values[f], v) for f, v in e["values"].items() if not _same(g.values[f], v)}
-        assert not bad, (k, bad)
 
 
 def _run(tmp_path: Path, name: str, recs: list[BusRecord], *, fail_at: int | None = None) -> tuple[list[Any], ...]:
@@ -183,15 +107,15 @@ def test_feature_rows_equal_the_oracle(tmp_path: Path, sizes: list[int]) -> None
     stream = _stream(11)
     recs = _records(_readings(stream), sizes)
     pump, site = _run(tmp_path, "run", recs)
-    exp = _oracle(stream, VIEW)
+    exp = features_oracle(stream, VIEW)
     assert len(exp) > 50
-    _check(pump, exp)
-    _check(site, _oracle(stream, SITE))
+    check_rows(pump, exp)
+    check_rows(site, features_oracle(stream, SITE))
 
 
 def test_a_failed_feature_commit_and_a_restart_lose_and_duplicate_nothing(tmp_path: Path) -> None:
     stream = _stream(5)
     recs = _records(_readings(stream), [13, 5, 29])
     pump, site = _run(tmp_path, "crash", recs, fail_at=len(recs) // 2)
-    _check(pump, _oracle(stream, VIEW))
-    _check(site, _oracle(stream, SITE))
+    check_rows(pump, features_oracle(stream, VIEW))
+    check_rows(site, features_oracle(stream, SITE))
