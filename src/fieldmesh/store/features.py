@@ -43,7 +43,6 @@ __all__ = [
     "row_to_json",
 ]
 
-_META: Final = ("_window_start", "_window_end", "_known_at", "_version")
 
 # put a row unless the stored one is as new: KEYS[1] the hash; ARGV: window_end, version, expire_at_ms, then
 # field, value pairs. Returns 1 when written.
@@ -154,15 +153,14 @@ class RedisOnlineStore:
         for v, h in zip(views, got, strict=True):
             out[v] = None
             if h:
-                d = {k.decode(): x.decode() for k, x in h.items()}
-                known = int(d["_known_at"])
+                known = int(h[b"_known_at"])
                 ttl = self.ttl_ms.get(v)
                 if ttl is not None and now - known > ttl:
                     continue
-                out[v] = FeatureRow(view=v, entity=entity, window_start_ms=int(d["_window_start"]),
-                                    window_end_ms=int(d["_window_end"]), known_at_ms=known,
-                                    version=int(d["_version"]),
-                                    values={k: float(x) for k, x in d.items() if k not in _META})
+                out[v] = FeatureRow(view=v, entity=entity, window_start_ms=int(h[b"_window_start"]),
+                                    window_end_ms=int(h[b"_window_end"]), known_at_ms=known,
+                                    version=int(h[b"_version"]),
+                                    values={k.decode(): float(x) for k, x in h.items() if k[0] != 95})  # 95: "_"
         return out
 
     def clear(self) -> int:
