@@ -1,14 +1,22 @@
 """The processor's feature stage: a :class:`~fieldmesh.store.base.Sink` that turns committed batches into
 feature rows (:class:`~fieldmesh.stream.features.FeatureEngine`) and makes them durable.
 
-Per batch result: the engine computes the rows the batch made final; one hot-store transaction appends
-them to ``feature_rows``, replaces the engine's snapshot and records the batch's bus positions
-(:class:`~fieldmesh.store.features.FeatureTables`). So after a kill -9 the stage restores the
-snapshot of exactly the positions its rows cover, and the processor re-decides and hands it the records
-after them (its catch-up of a sink that is behind): no row is lost or written twice. Only then are the
-rows put to the online store; that write is idempotent (only a newer (window_end, version) replaces a
-value), a failure is counted and logged and the rows are tried again with the next batch, and at a start
-the rows still within their TTL are put again (a crash between the commit and the online write).
+Per batch result: the engine computes the rows the batch made final and one hot-store transaction appends
+them to ``feature_rows`` (with the last window end per (view, entity) in ``feature_last``). Every
+``checkpoint_s`` (and at a clean stop) that transaction also replaces the engine's snapshot and records
+the bus positions it covers (:class:`~fieldmesh.store.features.FeatureTables`): a snapshot is the whole
+window state (megabytes for a thousand devices with hour windows), too much to write per batch.
+
+After a kill -9 the stage restores the last snapshot and reports its positions as :meth:`applied`, so the
+processor hands it the records since then again (its catch-up of a sink that is behind). The engine
+recomputes the same rows (they do not depend on batching); those already committed are exactly those at or
+before the last committed window end of their (view, entity) (a row's window end only grows), and are
+not written again. A commit that fails is tried again, with the rows it computed, when the batch comes
+again. So no row is lost or written twice.
+
+Then the rows go to the online store. That write is idempotent (only a newer (window_end, version)
+replaces a value); a failure is counted and logged and the rows are tried again with the next batch; at a
+start the rows still within their TTL are put again (a crash between the commit and the online write).
 """
 
 from __future__ import annotations
