@@ -40,8 +40,8 @@ from fieldmesh.store.base import HotStore, SqlTxn
 from fieldmesh.stream.featureviews import FeatureRow
 
 __all__ = [
-    "FeatureTables", "OnlineStore", "RedisOnlineStore", "SqliteOnlineStore", "load_online_store", "row_from_json",
-    "row_to_json",
+    "FeatureTables", "OnlineRow", "OnlineStore", "RedisOnlineStore", "SqliteOnlineStore", "load_online_store",
+    "row_from_json", "row_to_json",
 ]
 
 
@@ -59,6 +59,10 @@ redis.call('HSET', KEYS[1], unpack(ARGV, 4))
 if tonumber(ARGV[3]) > 0 then redis.call('PEXPIREAT', KEYS[1], ARGV[3]) end
 return 1
 """
+
+
+#: What an online store answers: the latest :class:`~fieldmesh.stream.featureviews.FeatureRow` of a key.
+OnlineRow = FeatureRow
 
 
 def _finite(v: float) -> float | None:
