@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fieldmesh import __version__
 from fieldmesh.api.auth import Access, AuthError, Principal, basic_token
+from fieldmesh.api.features import FeatureCollector, features_router
 from fieldmesh.api.jobs import add_job_routes
 from fieldmesh.api.params import (
     BAD_PARAMETER,
@@ -94,6 +95,7 @@ from fieldmesh.schema.registry import SchemaRegistry
 from fieldmesh.store import HotStore, load_store
 from fieldmesh.store.access import GROUP_RE
 from fieldmesh.store.alerts import AlertTables
+from fieldmesh.store.features import FeatureTables
 from fieldmesh.store.jobs import JobStore
 from fieldmesh.store.registry import Device as RegisteredDevice
 from fieldmesh.store.registry import DeviceRegistry
@@ -156,6 +158,7 @@ def create_app(
     door_refused: Callable[[], dict[str, int]] | None = None,
     metrics_dir: FsPath | None = None,
     collectors: Sequence[Collector] = (),
+    online_url: str | None = None,
 ) -> FastAPI:
     """Build the API app over the hot store at ``store_url``.
 
@@ -397,6 +400,7 @@ def create_app(
             body["jobs_controller"] = await run_in_threadpool(lambda: job_store().controller_stats())
         except FieldmeshError:
             body["jobs_controller"] = None
+        body["features"] = await run_in_threadpool(lambda: FeatureTables.stats(get_store()))
         if partition_lag is not None:
             partition_cache.update(await partition_lag())
             body["lag_partitions"] = {stage: {str(p): n for p, n in sorted(parts.items())}
@@ -697,8 +701,10 @@ def create_app(
 
     app.include_router(r)
     app.include_router(registry_router(get_schema_registry, viewer=viewer, operator=operator, admin=admin))
+    app.include_router(features_router(online_url, reader=all_devices, get_store=get_store))
 
     registry.register(AuthCollector(lambda: acc.failures))
+    registry.register(FeatureCollector(get_store))
     if door_refused is not None:
         registry.register(DoorCollector(door_refused))
     if metrics_dir is not None:

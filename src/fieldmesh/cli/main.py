@@ -44,6 +44,12 @@ RulesOpt = Annotated[
     Path | None,
     typer.Option("--rules", help="alert rules: a YAML list of rules, loaded into the store at start (docs/alerts.md)"),
 ]
+FeaturesOpt = Annotated[Path | None, typer.Option(
+    "--features", help="feature views: a YAML file; the processor computes them into the online store and the "
+    "feature_rows table (docs/features.md)")]
+OnlineUrlOpt = Annotated[str | None, typer.Option(
+    "--online-url", help="online feature store: redis://host:port/db?prefix=fm (default: SQLite features.db in "
+    "the data dir) [env FIELDMESH__FEATURES__ONLINE_URL]")]
 RequireRegistration = Annotated[bool, typer.Option(
     "--require-registration", help="refuse devices not registered as active in the device registry (DLQ "
     "unknown_device; suspended or retired: unauthorized) [env FIELDMESH__GATEWAY__REQUIRE_REGISTRATION]")]
@@ -122,6 +128,8 @@ def up(
     cdc_name: Annotated[str | None, typer.Option(help="CDC slot/publication/offsets name")] = None,
     enrich: EnrichOpt = None,
     rules: RulesOpt = None,
+    features: FeaturesOpt = None,
+    online_url: OnlineUrlOpt = None,
     door: Annotated[str | None, typer.Option(
         help="MQTT door: nats (MQTT 3.1.1, PUBACK after JetStream stored it; the default, auto) or mosquitto "
              "(MQTT 3.1.1 and 5, PUBACK from Mosquitto's memory) [env FIELDMESH__GATEWAY__DOOR]")] = None,
@@ -177,7 +185,8 @@ def up(
         settings = _settings(bus={"partitions": partitions, "fsync": fsync}, data_dir=data_dir,
                              **({"gateway": gw} if gw else {}),
                              **({"lake": lake_kw} if lake_kw else {}),
-                             **_enrich_kw(enrich, None), **({"cdc": cdc} if cdc else {}), **_rules_kw(rules))
+                             **_enrich_kw(enrich, None), **({"cdc": cdc} if cdc else {}), **_rules_kw(rules),
+                             **_features_kw(features, online_url))
         opts = UpOptions(
             data_dir=data_dir, mqtt_url=mqtt_url, bus_url=bus_url,
             # a port left to its default gives way to a free one when taken; a chosen one is an error then
@@ -315,6 +324,8 @@ def process(
     enrich_db: Annotated[str | None, typer.Option(
         help="PostgreSQL database of the --enrich tables (names their CDC topics)")] = None,
     rules: RulesOpt = None,
+    features: FeaturesOpt = None,
+    online_url: OnlineUrlOpt = None,
     retry_for: Annotated[float, typer.Option(
         min=0, help="keep retrying an unreachable bus or store (with backoff) for this many seconds")] = 120.0,
     metrics_port: MetricsPort = None,
@@ -328,7 +339,8 @@ def process(
         group = "fm-processor" if partitions is None else f"fm-processor-p{partitions.replace(',', '_')}"
     _role_logging("process")
     _serve_metrics(metrics_port, metrics_host)
-    settings = _settings(bus={"partitions": total_partitions}, **_enrich_kw(enrich, enrich_db), **_rules_kw(rules))
+    settings = _settings(bus={"partitions": total_partitions}, **_enrich_kw(enrich, enrich_db), **_rules_kw(rules),
+                         **_features_kw(features, online_url))
     _with_retries(lambda: asyncio.run(run_processor(bus_url=bus_url, store_url=store_url, partitions=owned,
                                                     group=group, settings=settings)), retry_for)
 
@@ -378,6 +390,30 @@ def _with_retries(run: Any, retry_for: float) -> None:
             time.sleep(delay)
         except FieldmeshError as exc:
             _fail(exc)
+
+
+def _features_kw(features: Path | None, online_url: str | None) -> dict[str, Any]:
+    """Settings keywords of ``--features``/``--online-url`` (the file is checked here: a bad view stops the start)."""
+    if features is None and online_url is None:
+        return {}
+    kw: dict[str, Any] = {}
+    if features is not None:
+        from fieldmesh.stream.featureviews import FeatureViewError, load_feature_views
+
+        try:
+            load_feature_views(features)
+        except FeatureViewError as exc:
+            _fail(ConfigError(f"--features {features}: {exc}", key="features.views_file"))
+        kw["views_file"] = features.resolve()
+    if online_url is not None:
+        from fieldmesh.store.features import load_online_store
+
+        try:
+            load_online_store(online_url).close()  # a bad URL or a missing extra stops the start
+        except FieldmeshError as exc:
+            _fail(exc)
+        kw["online_url"] = online_url
+    return {"features": kw}
 
 
 def _rules_kw(rules: Path | None) -> dict[str, Any]:
@@ -434,6 +470,7 @@ def api(
     ] = "127.0.0.1",
     tls_cert: TlsCert = None,
     tls_key: TlsKey = None,
+    online_url: OnlineUrlOpt = None,
 ) -> None:
     """Serve the REST API alone over a hot store."""
     import uvicorn
@@ -459,7 +496,10 @@ def api(
         _fail(exc)
         return
     err.print(f"API on {'https' if tls_cert else 'http'}://{host}:{http_port}/api/v1 ({access.describe()})")
-    api_app = create_app(url, access=access, ca_dir=data_dir / "ca")
+    _features_kw(None, online_url)  # a bad URL stops the start
+    if online_url is None and (data_dir / "features.db").exists():  # the embedded store `up --features` wrote
+        online_url = f"sqlite:///{(data_dir / 'features.db').resolve()}"
+    api_app = create_app(url, access=access, ca_dir=data_dir / "ca", online_url=online_url)
     api_app.state.provision.start_crl_refresher()
     try:
         uvicorn.run(api_app, host=host, port=http_port, log_level="warning", ssl_certfile=tls_cert,
