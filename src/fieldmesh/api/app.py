@@ -71,6 +71,7 @@ from fieldmesh.api.schemas import (
     Stats,
     WhoAmI,
 )
+from fieldmesh.api.twins import TwinStoreHolder, twins_router
 from fieldmesh.control.provision import Provisioner
 from fieldmesh.core.codec import REASONS
 from fieldmesh.core.errors import (
@@ -767,6 +768,8 @@ def create_app(
     add_provision_routes(app, r, admin=admin, guards=guards, service=app.state.provision, metrics=registry)
 
     app.include_router(r)
+    app.state.twins = TwinStoreHolder(store_url)
+    app.include_router(twins_router(app.state.twins, viewer=viewer, operator=operator, visible=visible))
     app.include_router(registry_router(get_schema_registry, viewer=viewer, operator=operator, admin=admin))
 
     registry.register(_AuthCollector(acc))

@@ -30,7 +30,7 @@ from fieldmesh.edge.frame import DeviceIndex, Frame, WireReading, occurrence_gro
 from fieldmesh.edge.infer import make_scorer
 from fieldmesh.edge.preprocess import Aggregate, Preprocessor
 from fieldmesh.edge.sources.base import Source, SourceBatch
-from fieldmesh.edge.twin import Twin
+from fieldmesh.edge.twin import ShadowTwin, Twin
 from fieldmesh.edge.uplink import Uplink, encode_record
 
 __all__ = ["EdgeAgent", "Pipeline", "make_source"]
@@ -232,7 +232,8 @@ class EdgeAgent:
                 log.warning("ignoring unreadable window state %s: %s", self._windows_path, exc)
         self.uplink = Uplink(cfg.uplink, self.buffer)
         self.twin: Twin | None = None
-        if cfg.twin.enabled:
+        self.shadow: ShadowTwin | None = None
+        if cfg.twin.enabled and cfg.twin.legacy_config:
             self.twin = Twin(
                 self.pipeline.pre,
                 self.pipeline.devices,
@@ -240,13 +241,35 @@ class EdgeAgent:
                 subscribe=self.uplink.subscribe,
                 on_aggregates=self._buffer_aggregates,
             )
-            self.uplink.on_message = self.twin.handle
-            self.uplink.on_connect = self.twin.on_connect
+        if cfg.twin.enabled and cfg.twin.shadow:
+            self.shadow = ShadowTwin(
+                self.pipeline.pre,
+                self.pipeline.devices,
+                publish=lambda t, p, r: self.uplink.publish_now(t, p, retain=r),
+                subscribe=self.uplink.subscribe,
+                on_aggregates=self._buffer_aggregates,
+                state_path=self.state_dir / "twin.json",
+            )
+        if self.twin is not None or self.shadow is not None:
+            self.uplink.on_message = self._on_message
+            self.uplink.on_connect = self._on_connect
         self.source_errors = 0
         self.lost_aggregates = 0
         self.full_waits = 0
         self.started = time.monotonic()
         self._stop = asyncio.Event()
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        if self.shadow is not None and self.shadow.handle(topic, payload):
+            return
+        if self.twin is not None:
+            self.twin.handle(topic, payload)
+
+    def _on_connect(self) -> None:
+        if self.twin is not None:
+            self.twin.on_connect()
+        if self.shadow is not None:
+            self.shadow.on_connect()
 
     # -- buffering ---------------------------------------------------------------------------
     def _buffer_aggregates(self, aggs: list[Aggregate]) -> None:
@@ -375,6 +398,10 @@ class EdgeAgent:
             "uplink": asdict(self.uplink.stats),
             "twin": {"applied": dict(self.twin.applied), "rejected": self.twin.rejected}
             if self.twin
+            else None,
+            "shadow": {"applied": dict(self.shadow.applied), **self.shadow.counters,
+                       "pending_reports": sum(len(v) for v in self.shadow.pending.values())}
+            if self.shadow
             else None,
             "source_errors": self.source_errors,
             "full_waits": self.full_waits,

@@ -397,6 +397,12 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
                 _Child("gateway", [*py, "gateway", json.dumps(gw_cfg)], logs / "gateway.log", policy=policy),
                 _Child("processor", [*py, "processor", json.dumps(pr_cfg)], logs / "processor.log", policy=policy),
             ]
+            if door_child is not None or (nats_door and tls is None):
+                # the twin service (docs/twins.md): a client of the door, like the devices it serves
+                tw_cfg = {"store_url": store_url, "mqtt_url": f"mqtt://127.0.0.1:{opts.mqtt_port}",
+                          "mqtt_auth_file": str(auth.path) if door_child else None,
+                          "client_id": f"fm-twins-{zlib.crc32(str(data_dir).encode()):08x}"}
+                stages.append(_Child("twins", [*py, "twins", json.dumps(tw_cfg)], logs / "twins.log", policy=policy))
             for c in stages:
                 c.start()
             children.extend(stages)
