@@ -118,8 +118,9 @@ class TwinService:
     # -- MQTT ---------------------------------------------------------------------------------
     def _connect(self, loop: asyncio.AbstractEventLoop) -> Any:
         import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
 
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=False,
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=False,
                         protocol=mqtt.MQTTv311)
         c.max_inflight_messages_set(1000)
         c.max_queued_messages_set(0)
@@ -128,7 +129,7 @@ class TwinService:
             c.username_pw_set(p["username"], p["password"])
         if p["tls"] is not None:
             c.tls_set_context(p["tls"])
-        c.reconnect_delay_set(0.2, 10)
+        c.reconnect_delay_set(1, 10)
         queue = self._queue
         assert queue is not None
 

@@ -103,14 +103,14 @@ def route_of_topic(topic: str) -> TopicRoute:
     if len(parts) < 3 or parts[0] != "devices" or not DEVICE_ID_RE.fullmatch(parts[1]):
         return TopicRoute("unknown")
     leaf = parts[2]
+    side = (len(parts) == 3 and leaf in DEVICE_SIDE_LEAVES) or (
+        len(parts) == 4 and leaf == "twin" and parts[3] in TWIN_SIDE_LEAVES)
     if leaf == "telemetry":
         if len(parts) == 3:
             return TopicRoute("telemetry", parts[1])
         if len(parts) == 4 and parts[3]:
             return TopicRoute("telemetry", parts[1], parts[3])
-    elif len(parts) == 3 and leaf in DEVICE_SIDE_LEAVES:
-        return TopicRoute("side", parts[1])
-    elif len(parts) == 4 and leaf == "twin" and parts[3] in TWIN_SIDE_LEAVES:
+    elif side:
         return TopicRoute("side", parts[1])
     return TopicRoute("unknown", parts[1])
 
