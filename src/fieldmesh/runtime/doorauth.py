@@ -5,8 +5,9 @@
   through the bus URL's ``auth_file`` query parameter (a path, never the password, on a command line).
   An anonymous NATS client is refused.
 - **Device clients** are confined to device topics (:mod:`fieldmesh.core.topics`): a device with a
-  certificate publishes only ``devices/<its id>/telemetry[/<suffix>]``, ``.../state`` and
-  ``.../anomalies``, and subscribes only to ``devices/<its id>/config``. In local-only mode (loopback,
+  certificate publishes only ``devices/<its id>/telemetry[/<suffix>]``, ``.../state``,
+  ``.../anomalies``, ``.../twin/reported`` and ``.../twin/get``, and subscribes only to
+  ``devices/<its id>/config``, ``.../twin/delta`` and ``.../twin/desired``. In local-only mode (loopback,
   no client certificates) an anonymous MQTT client may use any ``devices/...`` topic, nothing else.
 - **Device certificates** come from the device registry: the valid, unrevoked certificates of active
   devices. :class:`DoorPolicy` is what they allow; it is rebuilt when the registry's version changes.
