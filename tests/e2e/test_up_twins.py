@@ -88,6 +88,15 @@ def test_twins_through_up(tmp_path: Path, door: str) -> None:
         devices.append(late)
         late.send("get", {"client_token": "g"})
         assert late.wait(lambda d: d.get("client_token") == "g", "the get answer")["delta"] == {"threshold": 3.5}
+        # a bad report is answered and counted: /stats and /metrics
+        dev.c.publish(f"devices/{dev.id}/twin/reported", b"{not json", qos=1).wait_for_publish(10)
+        stats = up.wait_for(lambda s: (s.get("twins") or {}).get("rejected", {}).get("bad_json") == 1)
+        assert stats["twins"]["reported"] == 1 and stats["twins"]["gets"] == 1, stats["twins"]
+        assert stats["twins"]["desired_published"] >= 2 and stats["twins"]["state"] == "connected"
+        with urllib.request.urlopen(f"http://127.0.0.1:{up.http_port}/metrics", timeout=10) as r:
+            metrics = r.read().decode()
+        assert 'fieldmesh_twin_rejected_total{reason="bad_json"} 1.0' in metrics
+        assert 'fieldmesh_twin_messages_total{kind="reported"} 1.0' in metrics
         # the gateway took the twin topics as side topics: nothing dead-lettered
         stats = up.wait_for(lambda s: sum(s["lag"].values()) == 0)
         assert stats["dead_lettered"]["total"] == 0, stats

@@ -71,7 +71,7 @@ from fieldmesh.api.schemas import (
     Stats,
     WhoAmI,
 )
-from fieldmesh.api.twins import TwinStoreHolder, twins_router
+from fieldmesh.api.twins import TwinCollector, TwinStoreHolder, twins_router
 from fieldmesh.control.provision import Provisioner
 from fieldmesh.core.codec import REASONS
 from fieldmesh.core.errors import (
@@ -243,6 +243,7 @@ def create_app(
     provisioner: Provisioner | None = None,
     schema_registry: SchemaRegistry | None = None,
     door_refused: Callable[[], dict[str, int]] | None = None,
+    twin_stats: Callable[[], dict[str, Any] | None] | None = None,
 ) -> FastAPI:
     """Build the API app over the hot store at ``store_url``.
 
@@ -254,6 +255,7 @@ def create_app(
     ``schema_registry``: the schema registry (by default opened on first use over the same store).
     ``door_refused`` gives what the MQTT door refused by reason (``fieldmesh up``:
     :class:`fieldmesh.runtime.doorlog.DoorRefusals`), served in ``/stats`` and ``/metrics``.
+    ``twin_stats`` gives the twin service's counters (``twins`` in ``/stats``, ``fieldmesh_twin_*`` metrics).
     """
     acc = access if access is not None else Access(store_url)
     # FastAPIOffline: a FastAPI whose Swagger UI page loads its JS/CSS from the package, not a CDN
@@ -463,6 +465,8 @@ def create_app(
         if door_refused is not None:
             refused = await run_in_threadpool(door_refused)
             body["door_refused"] = {"total": sum(refused.values()), **refused}
+        if twin_stats is not None:
+            body["twins"] = await run_in_threadpool(twin_stats)
         if lag is not None:
             lag_cache.update(await lag())
             body["lag"] = dict(lag_cache)
@@ -775,6 +779,8 @@ def create_app(
     registry.register(_AuthCollector(acc))
     if door_refused is not None:
         registry.register(_DoorCollector(door_refused))
+    if twin_stats is not None:
+        registry.register(TwinCollector(twin_stats))
     collector: _StoreCollector | None = None
 
     @app.get("/metrics", response_class=PlainTextResponse, responses={

@@ -6,13 +6,17 @@ changes them; another group's device is a 404, as for ``GET /devices/{id}``.
 
 from __future__ import annotations
 
+import json
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path as FsPath
 from typing import Annotated, Any, Final
 
 from fastapi import APIRouter, Body, Header, HTTPException, Path
 from fastapi.responses import JSONResponse
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
@@ -22,7 +26,7 @@ from fieldmesh.core.topics import DEVICE_ID_RE
 from fieldmesh.core.twins import MAX_DOC_BYTES, TwinTooLarge
 from fieldmesh.store.twins import TwinStore
 
-__all__ = ["TwinStoreHolder", "twins_router"]
+__all__ = ["TwinCollector", "TwinStoreHolder", "twin_stats_reader", "twins_router"]
 
 DevicePath = Annotated[str, Path(pattern=f"^{DEVICE_ID_RE.pattern}$")]
 _ETAG: Final = re.compile(r'^\s*(?:W/)?"?(\d{1,18})"?\s*$')
@@ -84,6 +88,39 @@ class TwinStoreHolder:
             if self._store is not None:
                 self._store.close()
                 self._store = None
+
+
+def twin_stats_reader(path: FsPath) -> Callable[[], dict[str, Any] | None]:
+    """What the twin service last wrote to ``path`` (its counters), or None before it has."""
+
+    def read() -> dict[str, Any] | None:
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        return doc if isinstance(doc, dict) else None
+
+    return read
+
+
+class TwinCollector(Collector):
+    """``fieldmesh_twin_messages_total{kind}`` and ``fieldmesh_twin_rejected_total{reason}``."""
+
+    def __init__(self, stats: Callable[[], dict[str, Any] | None]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[Any]:
+        st = self.stats() or {}
+        m = CounterMetricFamily("fieldmesh_twin_messages", "Twin messages the twin service handled, by kind",
+                                labels=["kind"])
+        for kind in ("reported", "gets", "desired_published", "store_errors"):
+            m.add_metric([kind], float(st.get(kind, 0)))
+        yield m
+        r = CounterMetricFamily("fieldmesh_twin_rejected", "Device twin messages refused (answered rejected), "
+                                "by reason", labels=["reason"])
+        for reason, n in sorted(dict(st.get("rejected", {})).items()):
+            r.add_metric([reason], float(n))
+        yield r
 
 
 def _version_of(if_match: str | None, body_version: int | None) -> int | None:

@@ -95,10 +95,12 @@ class TwinService:
         auth_file: JSON ``{"user", "password"}`` for the broker (kept off command lines).
         client_id: a stable id, so the broker keeps the session (and reports queued for it).
         poll_s: how often the store's change sequence is read for desired changes.
+        stats_path: where its counters are written (JSON, atomically, when they change), for the API's
+            ``/stats`` and ``/metrics``.
     """
 
     def __init__(self, *, store: TwinStore, mqtt_url: str, auth_file: str | None = None,
-                 client_id: str | None = None, poll_s: float = 0.2) -> None:
+                 client_id: str | None = None, poll_s: float = 0.2, stats_path: Path | None = None) -> None:
         try:
             import paho.mqtt.client  # noqa: F401
         except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -107,7 +109,9 @@ class TwinService:
         self.params = mqtt_params(mqtt_url, auth_file)
         self.client_id = client_id or f"fm-twins-{secrets.token_hex(4)}"
         self.poll_s = poll_s
+        self.stats_path = stats_path
         self.stats = TwinServiceStats()
+        self._written_stats = ""
         self._client: Any = None
         self._queue: asyncio.Queue[tuple[str, bytes]] | None = None
         self._connected = asyncio.Event()
@@ -181,6 +185,8 @@ class TwinService:
         finally:
             self._client.disconnect()
             self._client.loop_stop()
+            self.stats.state = "stopped"
+            self.write_stats()
             log.info("twins: stopped: %s", json.dumps(asdict(self.stats)))
 
     async def _serve(self, stop: asyncio.Event) -> None:
@@ -201,6 +207,22 @@ class TwinService:
             except BackendError as exc:
                 self.stats.store_errors += 1
                 log.warning("twins: cannot read the store (%s); retrying", exc)
+            self.write_stats()
+
+    def write_stats(self) -> None:
+        """Write the counters to ``stats_path`` when they changed (atomic)."""
+        if self.stats_path is None:
+            return
+        text = json.dumps(asdict(self.stats), sort_keys=True)
+        if text == self._written_stats:
+            return
+        tmp = self.stats_path.with_suffix(".tmp")
+        try:
+            tmp.write_text(text)
+            tmp.replace(self.stats_path)
+            self._written_stats = text
+        except OSError as exc:
+            log.warning("twins: cannot write %s: %s", self.stats_path, exc)
 
     async def _republish_pending(self) -> None:
         """The delta of every twin that has one (changes made while the service was down)."""

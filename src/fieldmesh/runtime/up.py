@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import IO, Any, Final
 
 from fieldmesh.api.auth import Access
+from fieldmesh.api.twins import twin_stats_reader
 from fieldmesh.bus import Bus, TopicSpec, load_bus
 from fieldmesh.core.errors import ConfigError, FieldmeshError, MissingDependency
 from fieldmesh.core.settings import RuntimeSettings, Settings
@@ -401,7 +402,8 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
                 # the twin service (docs/twins.md): a client of the door, like the devices it serves
                 tw_cfg = {"store_url": store_url, "mqtt_url": f"mqtt://127.0.0.1:{opts.mqtt_port}",
                           "mqtt_auth_file": str(auth.path) if door_child else None,
-                          "client_id": f"fm-twins-{zlib.crc32(str(data_dir).encode()):08x}"}
+                          "client_id": f"fm-twins-{zlib.crc32(str(data_dir).encode()):08x}",
+                          "stats_path": str(logs / "twins-stats.json")}
                 stages.append(_Child("twins", [*py, "twins", json.dumps(tw_cfg)], logs / "twins.log", policy=policy))
             for c in stages:
                 c.start()
@@ -539,7 +541,8 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
                 return total
 
             app = create_app(store_url, health=health, lag=lag, partition_lag=partition_lag, access=access,
-                             ca_dir=data_dir / "ca", door_refused=door_refused if refusals else None)
+                             ca_dir=data_dir / "ca", door_refused=door_refused if refusals else None,
+                             twin_stats=twin_stats_reader(logs / "twins-stats.json"))
             app.state.provision.start_crl_refresher()
             server = _api_server(uvicorn.Config(
                 app, host=opts.http_host, port=opts.http_port, log_level="warning", lifespan="off",
