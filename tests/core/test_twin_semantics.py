@@ -154,3 +154,28 @@ def test_topics() -> None:
     for leaf in ("desired", "reported", "delta", "get"):
         assert route_of_topic(f"devices/p-1/twin/{leaf}").kind == "side"  # the gateway lets them be
     assert route_of_topic("devices/p-1/twin/x").kind == "unknown"
+
+
+def _depth_oracle(v: Any) -> int:
+    if isinstance(v, dict):
+        return 1 + max((_depth_oracle(x) for x in v.values()), default=0)
+    if isinstance(v, list):
+        return 1 + max((_depth_oracle(x) for x in v), default=0)
+    return 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(values)
+def test_depth_matches_the_recursive_definition(v: Any) -> None:
+    from fieldmesh.core.twins import depth
+
+    assert depth(v) == _depth_oracle(v)
+
+
+def test_depth_of_a_very_deep_document_is_measured() -> None:
+    from fieldmesh.core.twins import depth
+
+    deep: Any = 1
+    for _ in range(100_000):  # far past the recursion limit
+        deep = {"n": deep}
+    assert depth(deep) == 100_000

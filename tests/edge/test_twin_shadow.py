@@ -132,12 +132,13 @@ def test_service_answers_reports_and_pushes_desired(mosquitto_factory: Callable[
         assert dev.answer("r3")["delta"] == {"mode": "window"}
         # bad input: answered and counted, never dropped silently
         dev.send("reported", b"{not json")
+        dev.send("reported", b'{"state": ' + b'{"a": ' * 5000 + b"1" + b"}" * 5001)  # deeper than the decoder goes
         dev.send("reported", {"nostate": 1, "client_token": "r4"})
         assert dev.answer("r4")["code"] == 400
         dev.send("reported", {"state": {"blob": "x" * 9000}, "client_token": "r5"})
         assert dev.answer("r5")["code"] == 413
-        wait_for(lambda: svc.service.stats.rejected.get("bad_json") == 1, 5, "bad_json counted")
-        assert svc.service.stats.rejected == {"version_conflict": 1, "bad_json": 1, "bad_message": 1, "too_large": 1}
+        wait_for(lambda: svc.service.stats.rejected.get("too_large") == 1, 5, "every refusal counted")
+        assert svc.service.stats.rejected == {"version_conflict": 1, "bad_json": 2, "bad_message": 1, "too_large": 1}
         assert store.get(dev.id).reported == {"fw": "1.1", "temp": {"unit": "C"}}
     finally:
         dev.close()

@@ -196,7 +196,11 @@ class TwinService:
                 topic, payload = await asyncio.wait_for(self._queue.get(), 0.5)
             except TimeoutError:
                 continue
-            await asyncio.to_thread(self.handle, topic, payload)
+            try:
+                await asyncio.to_thread(self.handle, topic, payload)
+            except Exception:  # a message must not take the service down: counted, logged, the next one
+                self.stats.rejected["internal_error"] = self.stats.rejected.get("internal_error", 0) + 1
+                log.exception("twins: failed on a message on %s", topic)
 
     async def _poll(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -270,7 +274,7 @@ class TwinService:
         device_id, leaf = where
         try:
             msg = json.loads(payload) if payload.strip() else {}
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # the decoder recurses: a deep payload is not JSON to us
             self._reject(device_id, "bad_json", 400, f"not JSON: {exc}", None, None)
             return
         if not isinstance(msg, dict):

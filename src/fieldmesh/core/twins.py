@@ -185,12 +185,21 @@ def prune_meta(meta: Mapping[str, int], pointers: list[str]) -> dict[str, int]:
 
 def depth(value: Any) -> int:
     """How deeply objects nest in ``value`` (0 for a scalar, 1 for an object of scalars; lists count
-    as a level too, so that nesting cannot hide in them)."""
-    if isinstance(value, dict):
-        return 1 + max((depth(v) for v in value.values()), default=0)
-    if isinstance(value, list):
-        return 1 + max((depth(v) for v in value), default=0)
-    return 0
+    as a level too, so that nesting cannot hide in them). Iterative: any depth is measured."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict):
+            items: Any = v.values()
+        elif isinstance(v, list):
+            items = v
+        else:
+            deepest = max(deepest, d)
+            continue
+        deepest = max(deepest, d + 1)
+        stack.extend((x, d + 1) for x in items)
+    return deepest
 
 
 def doc_bytes(doc: Mapping[str, Any]) -> int:

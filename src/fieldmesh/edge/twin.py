@@ -246,7 +246,7 @@ class ShadowTwin:
         dev = where[0]
         try:
             msg = json.loads(payload)
-        except ValueError:
+        except (ValueError, RecursionError):
             log.warning("twin: ignoring a delta of %s that is not JSON", dev)
             return True
         if not isinstance(msg, dict):
