@@ -372,6 +372,8 @@ class EdgeAgent:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=min(0.5, self.cfg.agent.stats_interval_s))
             self.buffer.sync(force=False)
+            if self.shadow is not None:
+                self.shadow.tick()
             aggs = self.pipeline.pre.flush_windows(int(time.time() * 1000) - 2000, idle_ms=2000)
             if aggs:
                 self._buffer_aggregates(aggs)

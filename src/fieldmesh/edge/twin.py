@@ -151,8 +151,11 @@ class Twin:
 #: The desired members the agent acts on: a device rule's fields (docs/twins.md). Other members stay
 #: in the delta, for whatever else on the device handles them.
 RULE_KEYS: Final = ("mode", "heartbeat_ms", "window_ms", "threshold", "metrics")
-#: Reports kept for a device until the service answers them (older ones are merged into the newest).
+#: Reports kept for a device until the service answers them (beyond, the oldest are dropped).
 _MAX_PENDING: Final = 64
+#: Unanswered reports and gets are sent again after this long, then twice as long each time, up to the max.
+RETRY_FIRST_S: Final = 10.0
+RETRY_MAX_S: Final = 300.0
 
 
 class ShadowTwin:
@@ -189,8 +192,10 @@ class ShadowTwin:
         self.pending: dict[str, list[tuple[str, dict[str, Any]]]] = {}
         self._handled: dict[str, str] = {}  # the last delta acted on per device (JSON), so it is not redone
         self.counters = {"deltas_applied": 0, "deltas_rejected": 0, "reports": 0, "reports_answered": 0,
-                         "reports_rejected": 0, "gets": 0}
+                         "reports_rejected": 0, "reports_dropped": 0, "gets": 0, "retries": 0}
         self._connected = False
+        self._get_token: dict[str, str] = {}  # the get of each device not answered yet
+        self._retry: dict[str, tuple[float, float]] = {}  # device -> (when to send again, interval)
         if state_path is not None and state_path.exists():
             try:
                 saved = json.loads(state_path.read_text())
@@ -205,23 +210,54 @@ class ShadowTwin:
     def on_connect(self) -> None:
         """Subscribe, report, ask for the delta: for every known device."""
         self._connected = True
-        for dev in list(self.devices.ids):
-            self._hello(dev)
+        devs = list(self.devices.ids)
+        self.subscribe([twin_topic(d, "delta") for d in devs])  # one SUBSCRIBE per 100 devices
+        for dev in devs:
+            self._hello(dev, subscribed=True)
 
     def on_disconnect(self) -> None:
         """The session is gone: the next connection says hello again."""
         self._connected = False
 
-    def _hello(self, dev: str) -> None:
-        self.subscribe([twin_topic(dev, "delta")])
+    def _hello(self, dev: str, *, subscribed: bool = False) -> None:
+        if not subscribed:
+            self.subscribe([twin_topic(dev, "delta")])
         if not self.pending.get(dev):
             self.report(dev, {k: self.applied.get(dev, {}).get(k) for k in RULE_KEYS})
         else:
             for token, state in self.pending[dev]:
                 self._send(dev, token, state)
+        self._get(dev)
+        self._retry[dev] = (time.monotonic() + RETRY_FIRST_S, RETRY_FIRST_S)
+
+    def _get(self, dev: str) -> None:
+        token = f"get-{secrets.token_hex(4)}"
+        self._get_token[dev] = token
         self.counters["gets"] += 1
-        self.publish(twin_topic(dev, "get"), json.dumps({"client_token": f"get-{secrets.token_hex(4)}"}).encode(),
-                     False)
+        self.publish(twin_topic(dev, "get"), json.dumps({"client_token": token}).encode(), False)
+
+    def tick(self, now: float | None = None) -> int:
+        """Send again what got no answer (reports, a ``get``), with a doubling interval (10 s .. 5 min):
+        an answer lost on the way (a broker restart, a service down) does not leave a device behind.
+        Returns how many devices were retried."""
+        if not self._connected:
+            return 0
+        t = time.monotonic() if now is None else now
+        n = 0
+        for dev, (due, interval) in list(self._retry.items()):
+            if not self.pending.get(dev) and dev not in self._get_token:
+                del self._retry[dev]  # everything answered
+                continue
+            if t < due:
+                continue
+            for token, state in self.pending.get(dev, []):
+                self._send(dev, token, state)
+            self._get(dev)
+            nxt = min(interval * 2, RETRY_MAX_S)
+            self._retry[dev] = (t + nxt, nxt)
+            self.counters["retries"] += 1
+            n += 1
+        return n
 
     def report(self, dev: str, state: dict[str, Any]) -> None:
         """Report ``state`` (a merge patch of the reported document); kept until answered."""
@@ -229,8 +265,10 @@ class ShadowTwin:
         queue = self.pending.setdefault(dev, [])
         queue.append((token, state))
         if len(queue) > _MAX_PENDING:
-            del queue[0]  # the newest reports say at least as much about the rule members
+            del queue[0]  # never answered while 64 newer ones were made: counted, the newest kept
+            self.counters["reports_dropped"] += 1
         self.counters["reports"] += 1
+        self._retry.setdefault(dev, (time.monotonic() + RETRY_FIRST_S, RETRY_FIRST_S))
         self._send(dev, token, state)
 
     def _send(self, dev: str, token: str, state: dict[str, Any]) -> None:
@@ -252,6 +290,8 @@ class ShadowTwin:
         if not isinstance(msg, dict):
             return True
         token = msg.get("client_token")
+        if msg.get("status") == "get":  # the answer to a get (an earlier one's does as well)
+            self._get_token.pop(dev, None)
         if token is not None and dev in self.pending:
             before = len(self.pending[dev])
             self.pending[dev] = [(t, s) for t, s in self.pending[dev] if t != token]
