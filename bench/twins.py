@@ -1,6 +1,6 @@
 """Twin updates per second, through the REST API and through MQTT reported, against named baselines.
 
-    .venv/bin/python bench/twins.py [--updates 2000] [--devices 200] [--clients 4] [--store-url URL]
+    .venv/bin/python bench/twins.py [--updates 2000] [--devices 200] [--clients 4] [--rounds 1] [--store-url URL]
 
 Every figure is measured in this one run, on the same store backend and the same broker:
 
@@ -10,7 +10,8 @@ Every figure is measured in this one run, on the same store backend and the same
    change sequence, audit row; and ``update_reported``, not audited) -- what each twin update costs
    over the raw write;
 3. **REST**: ``fieldmesh api`` (one uvicorn process), ``--clients`` concurrent clients each PATCHing
-   ``/api/v1/devices/{id}/twin/desired`` over keep-alive connections; every answer must be 200;
+   ``/api/v1/devices/{id}/twin/desired`` over keep-alive connections; every answer must be 200; beside it
+   the API's own floor, the same clients doing ``GET /api/v1/whoami`` (authenticated, no store write);
 4. **baseline, plain Mosquitto retained publish**: the same number of QoS 1 retained publishes of
    the same size to a private Mosquitto, until the last PUBACK;
 5. **MQTT reported**: a device-side publisher process sends ``devices/{id}/twin/reported`` (QoS 1) to
@@ -18,7 +19,7 @@ Every figure is measured in this one run, on the same store backend and the same
    answers; timed until the service has applied the last one (every report changes the twin).
 
 The raw write runs first and again last (the load of a shared machine moves during a run): the ratios
-use the mean of both. Ratios: 2 and 3 against 1; 5 against 4 and against 1.
+use the mean of both. Ratios: 2 and 3 against 1, 3 against the API's floor; 5 against 4 and against 1.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def bench_store(store_url: str, n: int, devices: int, side: str) -> float:
 
 
 # -- 3. REST ----------------------------------------------------------------------------------
-def bench_rest(data: Path, store_url: str, n: int, devices: int, clients: int) -> tuple[float, list[float]]:
+def bench_rest(data: Path, store_url: str, n: int, devices: int, clients: int) -> tuple[float, list[float], float]:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     api = subprocess.Popen([sys.executable, "-m", "fieldmesh", "api", "--data-dir", str(data), "--store-url",
@@ -127,27 +128,35 @@ def bench_rest(data: Path, store_url: str, n: int, devices: int, clients: int) -
         lock = threading.Lock()
         chunks = [list(range(k, n, clients)) for k in range(clients)]
 
-        def client(chunk: list[int]) -> None:
+        def client(chunk: list[int], floor: bool) -> None:
             with httpx.Client(base_url=base, timeout=60) as c:
                 for i in chunk:
                     t = time.perf_counter()
-                    resp = c.patch(f"/api/v1/devices/rest-{i % devices}/twin/desired", json={"desired": doc(i)})
+                    if floor:
+                        resp = c.get("/api/v1/whoami")
+                    else:
+                        resp = c.patch(f"/api/v1/devices/rest-{i % devices}/twin/desired", json={"desired": doc(i)})
                     dt = time.perf_counter() - t
                     with lock:
-                        latencies.append(dt)
+                        if not floor:
+                            latencies.append(dt)
                         if resp.status_code != 200:
                             failures.append(resp.text)
 
-        threads = [threading.Thread(target=client, args=(ch,)) for ch in chunks]
-        t0 = time.perf_counter()
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
-        elapsed = time.perf_counter() - t0
+        def run(floor: bool) -> float:
+            threads = [threading.Thread(target=client, args=(ch, floor)) for ch in chunks]
+            t0 = time.perf_counter()
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+            return time.perf_counter() - t0
+
+        floor_s = run(True)  # the API's own floor: an authenticated GET that touches no twin
+        elapsed = run(False)
         if failures:
-            raise SystemExit(f"{len(failures)} PATCHes failed, e.g. {failures[0]}")
-        return n / elapsed, latencies
+            raise SystemExit(f"{len(failures)} requests failed, e.g. {failures[0]}")
+        return n / elapsed, latencies, n / floor_s
     finally:
         api.terminate()
         try:
@@ -267,38 +276,60 @@ def main() -> None:
     ap.add_argument("--devices", type=int, default=200)
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--store-url", default=None, help="default: a new SQLite file")
+    ap.add_argument("--rounds", type=int, default=1, help="repeat everything; print the medians")
+    ap.add_argument("--dir", default=None, help=(
+        "where the SQLite store goes (default: the system's temp dir); /dev/shm takes the disk's fsyncs out, "
+        "leaving the software's cost"))
     a = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="fm-bench-twins-"))
+    tmp = Path(tempfile.mkdtemp(prefix="fm-bench-twins-", dir=a.dir))
     store_url = a.store_url or f"sqlite:///{tmp / 'store.db'}"
     from fieldmesh.store import load_store
 
     load_store(store_url).close()
     broker, port = start_mosquitto(tmp)
+    runs: list[dict[str, float]] = []
+    lat: list[float] = []
     try:
         n, d = a.updates, a.devices
-        raw1 = bench_raw(store_url, n, d)
-        st = bench_store(store_url, n, d, "desired")
-        st_rep = bench_store(store_url, n, d, "reported")
-        rest, lat = bench_rest(tmp, store_url, n, d, a.clients)
-        ret = bench_retained(port, n, d)
-        mq = bench_mqtt_reported(store_url, port, n, d)
-        raw2 = bench_raw(store_url, n, d)  # again at the end: the machine's load moves during a run
-        raw = (raw1 + raw2) / 2
+        for r in range(a.rounds):
+            f: dict[str, float] = {}
+            f["raw1"] = bench_raw(store_url, n, d)
+            f["st"] = bench_store(store_url, n, d, "desired")
+            f["st_rep"] = bench_store(store_url, n, d, "reported")
+            f["rest"], rl, f["whoami"] = bench_rest(tmp, store_url, n, d, a.clients)
+            lat += rl
+            f["ret"] = bench_retained(port, n, d)
+            f["mq"] = bench_mqtt_reported(store_url, port, n, d)
+            f["raw2"] = bench_raw(store_url, n, d)  # again at the end: the machine's load moves during a run
+            f["raw"] = (f["raw1"] + f["raw2"]) / 2
+            runs.append(f)
+            print(f"round {r + 1}: " + ", ".join(f"{k} {v:.0f}/s" for k, v in f.items()), file=sys.stderr)
     finally:
         broker.terminate()
         broker.wait(10)
         shutil.rmtree(tmp, ignore_errors=True)
-    backend = store_url.split(":", 1)[0]
-    print(f"twin updates/s, {n} updates over {d} devices, store {backend}, 2-core machine")
-    print(f"  baseline raw store write (upsert, a transaction each) {raw:9.0f}/s  (first {raw1:.0f}/s, "
-          f"last {raw2:.0f}/s)")
-    print(f"  twin store in-process, update_desired (audited)      {st:9.0f}/s  {st / raw:5.2f}x the raw write")
-    print(f"  twin store in-process, update_reported               {st_rep:9.0f}/s  {st_rep / raw:5.2f}x the raw write")
-    print(f"  REST PATCH desired ({a.clients} clients)                     {rest:9.0f}/s  {rest / raw:5.2f}x the raw "
-          f"write  (p50 {percentile(lat, 50) * 1000:.1f} ms, p99 {percentile(lat, 99) * 1000:.1f} ms)")
-    print(f"  baseline Mosquitto retained publish (QoS 1)           {ret:9.0f}/s")
-    print(f"  MQTT reported via the twin service                    {mq:9.0f}/s  {mq / ret:5.2f}x the retained "
-          f"publish, {mq / raw:5.2f}x the raw write")
+
+    def med(key: str, over: str | None = None) -> float:
+        vals = sorted(f[key] / f[over] if over else f[key] for f in runs)
+        return vals[len(vals) // 2]
+
+    backend = store_url.split(":", 1)[0] + (f" in {a.dir}" if a.dir and not a.store_url else "")
+    print(f"twin updates/s, {n} updates over {d} devices, store {backend}, 2-core machine; median of {len(runs)} "
+          f"round(s) (ratios: the median of each round's ratio)")
+    print(f"  baseline raw store write (upsert, a transaction each) {med('raw'):9.0f}/s  (first {med('raw1'):.0f}/s, "
+          f"last {med('raw2'):.0f}/s)")
+    print(f"  twin store in-process, update_desired (audited)      {med('st'):9.0f}/s  {med('st', 'raw'):5.2f}x the "
+          "raw write")
+    print(f"  twin store in-process, update_reported               {med('st_rep'):9.0f}/s  "
+          f"{med('st_rep', 'raw'):5.2f}x the raw write")
+    print(f"  REST PATCH desired ({a.clients} clients)                     {med('rest'):9.0f}/s  "
+          f"{med('rest', 'raw'):5.2f}x the raw write  (p50 {percentile(lat, 50) * 1000:.1f} ms, "
+          f"p99 {percentile(lat, 99) * 1000:.1f} ms)")
+    print(f"  baseline REST floor: GET /whoami, same clients        {med('whoami'):9.0f}/s  (the PATCH: "
+          f"{med('rest', 'whoami'):.2f}x it)")
+    print(f"  baseline Mosquitto retained publish (QoS 1)           {med('ret'):9.0f}/s")
+    print(f"  MQTT reported via the twin service                    {med('mq'):9.0f}/s  {med('mq', 'ret'):5.2f}x the "
+          f"retained publish, {med('mq', 'raw'):5.2f}x the raw write")
 
 
 if __name__ == "__main__":

@@ -155,3 +155,27 @@ def test_blind_concurrent_merges_keep_every_member(store_url: str) -> None:
     finally:
         for s in stores:
             s.close()
+
+
+def test_reports_applied_together_refuse_each_on_its_own(store_url: str) -> None:
+    s = TwinStore(store_url, max_doc_bytes=200)
+    try:
+        s.update_reported("m-1", {"a": 1})
+        seq = s.seq()
+        out = s.update_reported_many([
+            ("m-1", {"b": 2}, None),
+            ("m-2", {"a": 1}, None),
+            ("m-1", {"c": 3}, 1),              # stale: m-1 is at 2 now
+            ("m-1", {"big": "x" * 300}, None),  # past the limit
+            ("m-1", {"a": 1}, 2),              # nothing changes
+            ("bad.id", {"a": 1}, None),
+            ("m-1", {"c": 3}, 2),
+        ])
+        assert [type(r).__name__ for r in out] == ["Twin", "Twin", "ConflictError", "TwinTooLarge", "Twin",
+                                                   "ConfigError", "Twin"]
+        t = s.get("m-1")
+        assert t.reported == {"a": 1, "b": 2, "c": 3} and t.version == 3
+        assert s.get("m-2").version == 1
+        assert s.seq() == seq + 3  # one per change written
+    finally:
+        s.close()

@@ -36,7 +36,7 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from fieldmesh.core.errors import BackendError, ConfigError, ConflictError, MissingDependency
-from fieldmesh.core.twins import Twin, TwinInvalid, TwinTooLarge, device_of_twin_topic, twin_topic
+from fieldmesh.core.twins import Twin, TwinTooLarge, device_of_twin_topic, twin_topic
 from fieldmesh.store.twins import TwinStore
 
 __all__ = ["TwinService", "TwinServiceStats", "mqtt_params"]
@@ -95,12 +95,15 @@ class TwinService:
         auth_file: JSON ``{"user", "password"}`` for the broker (kept off command lines).
         client_id: a stable id, so the broker keeps the session (and reports queued for it).
         poll_s: how often the store's change sequence is read for desired changes.
+        max_batch: the most reports applied in one transaction (those that arrived while the last ones were
+            applied).
         stats_path: where its counters are written (JSON, atomically, when they change), for the API's
             ``/stats`` and ``/metrics``.
     """
 
     def __init__(self, *, store: TwinStore, mqtt_url: str, auth_file: str | None = None,
-                 client_id: str | None = None, poll_s: float = 0.2, stats_path: Path | None = None) -> None:
+                 client_id: str | None = None, poll_s: float = 0.2, stats_path: Path | None = None,
+                 max_batch: int = 500) -> None:
         try:
             import paho.mqtt.client  # noqa: F401
         except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -109,6 +112,7 @@ class TwinService:
         self.params = mqtt_params(mqtt_url, auth_file)
         self.client_id = client_id or f"fm-twins-{secrets.token_hex(4)}"
         self.poll_s = poll_s
+        self.max_batch = max_batch
         self.stats_path = stats_path
         self.stats = TwinServiceStats()
         self._written_stats = ""
@@ -193,14 +197,16 @@ class TwinService:
         assert self._queue is not None
         while not stop.is_set():
             try:
-                topic, payload = await asyncio.wait_for(self._queue.get(), 0.5)
+                batch = [await asyncio.wait_for(self._queue.get(), 0.5)]
             except TimeoutError:
                 continue
+            while len(batch) < self.max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())  # what arrived meanwhile: applied in one transaction
             try:
-                await asyncio.to_thread(self.handle, topic, payload)
-            except Exception:  # a message must not take the service down: counted, logged, the next one
-                self.stats.rejected["internal_error"] = self.stats.rejected.get("internal_error", 0) + 1
-                log.exception("twins: failed on a message on %s", topic)
+                await asyncio.to_thread(self.handle_batch, batch)
+            except Exception:  # a message must not take the service down: counted, logged, the next ones
+                self.stats.rejected["internal_error"] = self.stats.rejected.get("internal_error", 0) + len(batch)
+                log.exception("twins: failed on a batch of %d message(s)", len(batch))
 
     async def _poll(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -268,55 +274,77 @@ class TwinService:
 
     def handle(self, topic: str, payload: bytes) -> None:
         """One message from a device (``reported`` or ``get``)."""
-        where = device_of_twin_topic(topic)
-        if where is None or where[1] not in ("reported", "get"):
-            return
-        device_id, leaf = where
-        try:
-            msg = json.loads(payload) if payload.strip() else {}
-        except (ValueError, RecursionError) as exc:  # the decoder recurses: a deep payload is not JSON to us
-            self._reject(device_id, "bad_json", 400, f"not JSON: {exc}", None, None)
-            return
-        if not isinstance(msg, dict):
-            self._reject(device_id, "bad_message", 400, "the message must be a JSON object", None, None)
-            return
-        token = msg.get("client_token")
-        try:
-            if leaf == "get":
+        self.handle_batch([(topic, payload)])
+
+    def handle_batch(self, messages: list[tuple[str, bytes]]) -> None:
+        """Messages from devices, in order: consecutive reports are applied in one transaction (a ``get``
+        is answered after the reports before it)."""
+        reports: list[tuple[str, dict[str, Any], int | None, Any]] = []
+        for topic, payload in messages:
+            where = device_of_twin_topic(topic)
+            if where is None or where[1] not in ("reported", "get"):
+                continue
+            device_id, leaf = where
+            try:
+                msg = json.loads(payload) if payload.strip() else {}
+            except (ValueError, RecursionError) as exc:  # the decoder recurses: a deep payload is not JSON to us
+                self._reject(device_id, "bad_json", 400, f"not JSON: {exc}", None, None)
+                self._handled(device_id, leaf)
+                continue
+            if not isinstance(msg, dict):
+                self._reject(device_id, "bad_message", 400, "the message must be a JSON object", None, None)
+                self._handled(device_id, leaf)
+                continue
+            token = msg.get("client_token")
+            if leaf == "reported":
+                state, version = msg.get("state"), msg.get("version")
+                if not isinstance(state, dict):
+                    self._reject(device_id, "bad_message", 400, 'a report is {"state": {...}}', token, None)
+                elif version is not None and type(version) is not int:
+                    self._reject(device_id, "bad_message", 400, "version must be an integer", token, None)
+                else:
+                    reports.append((device_id, state, version, token))
+                    continue
+                self._handled(device_id, leaf)
+                continue
+            self._apply_reports(reports)
+            reports = []
+            try:
                 twin = self.store.get(device_id)
-                self.stats.gets += 1
-                self._answer(twin, "get", token, desired=True)
-            else:
-                self._reported(device_id, msg, token)
-        except BackendError as exc:
-            # not answered: the device sends its report again (no answer to its token)
-            self.stats.store_errors += 1
-            log.warning("twins: store error on %s: %s", topic, exc)
+            except BackendError as exc:
+                self.stats.store_errors += 1
+                log.warning("twins: store error on %s: %s", topic, exc)
+                continue  # not answered: the device asks again
+            self.stats.gets += 1
+            self._answer(twin, "get", token, desired=True)
+            self._handled(device_id, leaf)
+        self._apply_reports(reports)
+
+    def _handled(self, device_id: str, leaf: str) -> None:
         if self.on_handled is not None:
             self.on_handled(device_id, leaf)
 
-    def _reported(self, device_id: str, msg: dict[str, Any], token: Any) -> None:
-        state = msg.get("state")
-        version = msg.get("version")
-        if not isinstance(state, dict):
-            self._reject(device_id, "bad_message", 400, 'a report is {"state": {...}}', token, None)
-            return
-        if version is not None and type(version) is not int:
-            self._reject(device_id, "bad_message", 400, "version must be an integer", token, None)
+    def _apply_reports(self, reports: list[tuple[str, dict[str, Any], int | None, Any]]) -> None:
+        if not reports:
             return
         try:
-            twin = self.store.update_reported(device_id, state, expect_version=version)
-        except ConflictError as exc:
-            self._reject(device_id, "version_conflict", 409, str(exc), token, self.store.get(device_id))
+            results = self.store.update_reported_many([(d, state, v) for d, state, v, _ in reports])
+        except BackendError as exc:
+            # not answered: each device sends its report again (no answer to its token)
+            self.stats.store_errors += len(reports)
+            log.warning("twins: store error on %d report(s): %s", len(reports), exc)
             return
-        except TwinTooLarge as exc:
-            self._reject(device_id, "too_large", 413, str(exc), token, None)
-            return
-        except TwinInvalid as exc:
-            self._reject(device_id, "invalid", 400, str(exc), token, None)
-            return
-        self.stats.reported += 1
-        self._answer(twin, "accepted", token)
+        for (device_id, _, _, token), res in zip(reports, results, strict=True):
+            if isinstance(res, Twin):
+                self.stats.reported += 1
+                self._answer(res, "accepted", token)
+            elif isinstance(res, ConflictError):
+                self._reject(device_id, "version_conflict", 409, str(res), token, self.store.get(device_id))
+            elif isinstance(res, TwinTooLarge):
+                self._reject(device_id, "too_large", 413, str(res), token, None)
+            else:
+                self._reject(device_id, "invalid", 400, str(res), token, None)
+            self._handled(device_id, "reported")
 
     def _answer(self, twin: Twin, status: str, token: Any, *, desired: bool = False) -> None:
         doc = {**twin.delta_doc(), "status": status, "ts": int(time.time() * 1000)}

@@ -22,6 +22,7 @@ changes (from devices, frequent) do not.
 
 from __future__ import annotations
 
+import builtins
 import json
 import time
 from collections.abc import Mapping, Sequence
@@ -132,45 +133,74 @@ class TwinStore(HotTables):
                 self._audit(con, actor, "twin.delete", device_id, {})
         return gone
 
+    def update_reported_many(self, reports: Sequence[tuple[str, Mapping[str, Any], int | None]], *,
+                             ts_ms: int | None = None) -> builtins.list[Twin | ConfigError | ConflictError]:
+        """Apply several reports ``(device_id, patch, expect_version)`` in order, in one transaction.
+
+        Each gets its twin after it, or the error that refused it (a stale version, a patch past the
+        limits, a bad id), which leaves the others be. One commit for all: the twin service applies
+        what devices sent together at the cost of one.
+        """
+        now = int(time.time() * 1000) if ts_ms is None else ts_ms
+        out: builtins.list[Twin | ConfigError | ConflictError] = []
+        with self._tx() as con:
+            self._serialize(con)
+            for device_id, patch, expect_version in reports:
+                try:
+                    _check_id(device_id)
+                    check_document(patch, key="reported", max_bytes=self.max_doc_bytes, max_depth=self.max_depth)
+                    out.append(self._apply(con, device_id, "reported", patch, actor=None,
+                                           expect_version=expect_version, now=now))
+                except (ConfigError, ConflictError) as exc:  # refused before anything of it was written
+                    out.append(exc)
+        return out
+
+    def _serialize(self, con: Any) -> None:
+        if self._pg:  # queue behind other twin changes: seq values then commit in order
+            con.execute("SELECT seq FROM device_twin_seq WHERE id = 1 FOR UPDATE")
+
     def _update(self, device_id: str, side: str, patch: Mapping[str, Any], *, actor: str | None,
                 expect_version: int | None, ts_ms: int | None) -> Twin:
         _check_id(device_id)
         check_document(patch, key=side, max_bytes=self.max_doc_bytes, max_depth=self.max_depth)
         now = int(time.time() * 1000) if ts_ms is None else ts_ms
         with self._tx() as con:
-            if self._pg:  # queue behind other twin changes: seq values then commit in order
-                con.execute("SELECT seq FROM device_twin_seq WHERE id = 1 FOR UPDATE")
-            row = con.execute(self._sql(f"SELECT {_COLS} FROM device_twins WHERE device_id = ?"),
-                              (device_id,)).fetchone()
-            old = _row_twin(row) if row is not None else Twin(device_id)
-            if expect_version is not None and expect_version != old.version:
-                raise ConflictError(f"twin of {device_id!r} is at version {old.version}, not {expect_version}: "
-                                    "read it again and retry", kind="twin_version", key=device_id)
-            doc, meta = (old.desired, old.desired_meta) if side == "desired" else (old.reported, old.reported_meta)
-            new_doc, new_meta = merge_patch(doc, patch, meta, now)
-            if new_doc == doc and new_meta == meta:
-                return old  # nothing changed: nothing written
-            check_document(new_doc, key=side, max_bytes=self.max_doc_bytes, max_depth=self.max_depth)
-            seq = int(con.execute("UPDATE device_twin_seq SET seq = seq + 1 WHERE id = 1 RETURNING seq").fetchone()[0])
-            version = old.version + 1
-            if row is None:
-                con.execute(self._sql(
-                    "INSERT INTO device_twins (device_id, version, desired, reported, desired_meta, reported_meta,"
-                    " seq, desired_seq, created_ms, updated_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
-                    (device_id, version, _dumps(new_doc if side == "desired" else {}),
-                     _dumps(new_doc if side == "reported" else {}), _dumps(new_meta if side == "desired" else {}),
-                     _dumps(new_meta if side == "reported" else {}), seq, seq if side == "desired" else 0, now, now))
-                created = now
-            else:
-                extra = ", desired_seq = ?" if side == "desired" else ""
-                params: list[Any] = [version, _dumps(new_doc), _dumps(new_meta), seq]
-                if side == "desired":
-                    params.append(seq)
-                con.execute(self._sql(f"UPDATE device_twins SET version = ?, {side} = ?, {side}_meta = ?, seq = ?"
-                                      f"{extra}, updated_ms = ? WHERE device_id = ?"), (*params, now, device_id))
-                created = old.created_ms or now
-            if actor is not None:
-                self._audit(con, actor, f"twin.{side}", device_id, {"patch": dict(patch), "version": version})
+            self._serialize(con)
+            return self._apply(con, device_id, side, patch, actor=actor, expect_version=expect_version, now=now)
+
+    def _apply(self, con: Any, device_id: str, side: str, patch: Mapping[str, Any], *, actor: str | None,
+               expect_version: int | None, now: int) -> Twin:
+        """One change in the transaction ``con``; every check comes before the first write."""
+        row = con.execute(self._sql(f"SELECT {_COLS} FROM device_twins WHERE device_id = ?"), (device_id,)).fetchone()
+        old = _row_twin(row) if row is not None else Twin(device_id)
+        if expect_version is not None and expect_version != old.version:
+            raise ConflictError(f"twin of {device_id!r} is at version {old.version}, not {expect_version}: "
+                                "read it again and retry", kind="twin_version", key=device_id)
+        doc, meta = (old.desired, old.desired_meta) if side == "desired" else (old.reported, old.reported_meta)
+        new_doc, new_meta = merge_patch(doc, patch, meta, now)
+        if new_doc == doc and new_meta == meta:
+            return old  # nothing changed: nothing written
+        check_document(new_doc, key=side, max_bytes=self.max_doc_bytes, max_depth=self.max_depth)
+        seq = int(con.execute("UPDATE device_twin_seq SET seq = seq + 1 WHERE id = 1 RETURNING seq").fetchone()[0])
+        version = old.version + 1
+        if row is None:
+            con.execute(self._sql(
+                "INSERT INTO device_twins (device_id, version, desired, reported, desired_meta, reported_meta,"
+                " seq, desired_seq, created_ms, updated_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
+                (device_id, version, _dumps(new_doc if side == "desired" else {}),
+                 _dumps(new_doc if side == "reported" else {}), _dumps(new_meta if side == "desired" else {}),
+                 _dumps(new_meta if side == "reported" else {}), seq, seq if side == "desired" else 0, now, now))
+            created = now
+        else:
+            extra = ", desired_seq = ?" if side == "desired" else ""
+            params: list[Any] = [version, _dumps(new_doc), _dumps(new_meta), seq]
+            if side == "desired":
+                params.append(seq)
+            con.execute(self._sql(f"UPDATE device_twins SET version = ?, {side} = ?, {side}_meta = ?, seq = ?"
+                                  f"{extra}, updated_ms = ? WHERE device_id = ?"), (*params, now, device_id))
+            created = old.created_ms or now
+        if actor is not None:
+            self._audit(con, actor, f"twin.{side}", device_id, {"patch": dict(patch), "version": version})
         if side == "desired":
             return Twin(device_id, version, new_doc, old.reported, new_meta, old.reported_meta, created, now)
         return Twin(device_id, version, old.desired, new_doc, old.desired_meta, new_meta, created, now)
