@@ -40,3 +40,62 @@ def test_twins_cli(tmp_path: Path) -> None:
     finally:
         audit.close()
     assert len(actors) == 1 and next(iter(actors)).startswith("cli:")
+
+
+def test_twins_serve_against_a_broker(tmp_path: Path) -> None:
+    """``fieldmesh twins serve`` (the service for an external broker) on the local Mosquitto: a report is
+    applied and answered; SIGTERM stops it cleanly. Its session is removed at the end."""
+    import os
+    import secrets
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    import paho.mqtt.client as mqtt
+    import pytest
+
+    url = f"sqlite:///{tmp_path}/s.db"
+    cid = f"fm-twins-test-{secrets.token_hex(3)}"
+    dev = f"tcli-{secrets.token_hex(3)}"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "fieldmesh", "twins", "serve", "--mqtt-url", "mqtt://127.0.0.1:1883",
+                             "--client-id", cid, "--store-url", url], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    got: list[dict[str, object]] = []
+    sub = threading.Event()
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"d-{dev}", protocol=mqtt.MQTTv311)
+    c.on_connect = lambda cl, u, f, rc, p=None: cl.subscribe(f"devices/{dev}/twin/delta", 1)
+    c.on_subscribe = lambda *a: sub.set()
+    c.on_message = lambda cl, u, m: got.append(json.loads(m.payload))
+    try:
+        c.connect("127.0.0.1", 1883)
+        c.loop_start()
+        assert sub.wait(10)
+        deadline = time.monotonic() + 30
+        while not got:  # the service may still be starting: ask until it answers
+            assert time.monotonic() < deadline and proc.poll() is None, "the service did not answer"
+            c.publish(f"devices/{dev}/twin/reported", json.dumps({"state": {"fw": "3"}, "client_token": "k"}), qos=1)
+            time.sleep(0.5)
+        assert got[0]["status"] == "accepted" and got[0]["client_token"] == "k"
+        s = TwinStore(url)
+        assert s.get(dev).reported == {"fw": "3"}
+        s.close()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+        assert proc.returncode == 0, out
+        assert '"reported": ' in out  # its counters, logged at the stop
+    finally:
+        c.loop_stop()
+        c.disconnect()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        drop = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cid, clean_session=True,
+                           protocol=mqtt.MQTTv311)
+        try:
+            drop.connect("127.0.0.1", 1883)
+            drop.disconnect()
+        except OSError:
+            pytest.fail("the local Mosquitto (1883) is not reachable")

@@ -22,7 +22,7 @@ from fieldmesh.core.errors import ConflictError, FieldmeshError
 __all__ = ["app"]
 
 app = typer.Typer(name="twins", no_args_is_help=True, help=(
-    "Device twins: show a twin or its delta, change its desired state (docs/twins.md)."))
+    "Device twins: show a twin or its delta, change its desired state, run the twin service (docs/twins.md)."))
 err = Console(stderr=True)
 out = Console()
 
@@ -98,3 +98,30 @@ def set_desired(
     with _store(data_dir, store_url) as s:
         twin = s.update_desired(device_id, doc, actor=_actor(), expect_version=version)
         _print(twin.as_dict())
+
+
+@app.command("serve")
+def serve(
+    mqtt_url: Annotated[str, typer.Option(help=(
+        "the MQTT broker devices use (mqtt://host:port, mqtts://host:port?ca=PATH)"))] = "mqtt://127.0.0.1:1883",
+    mqtt_auth_file: Annotated[str | None, typer.Option(help='JSON {"user", "password"} for the broker')] = None,
+    client_id: Annotated[str, typer.Option(help="stable, so the broker keeps the session")] = "fm-twins",
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    store_url: StoreUrl = None,
+) -> None:
+    """Run the twin service against an MQTT broker (what 'fieldmesh up' runs beside its own door)."""
+    import asyncio
+    import logging
+
+    from fieldmesh.runtime.twins import run_twins
+    from fieldmesh.store import default_store_url
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s twins %(levelname)s %(message)s")
+    try:
+        asyncio.run(run_twins(store_url=store_url or default_store_url(data_dir), mqtt_url=mqtt_url,
+                              mqtt_auth_file=mqtt_auth_file, client_id=client_id))
+    except FieldmeshError as exc:
+        err.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        pass
