@@ -44,6 +44,9 @@ ROLE_OF = {
     ("post", "/api/v1/devices"): "operator",
     ("patch", "/api/v1/devices/{device_id}"): "operator",
     ("delete", "/api/v1/devices/{device_id}"): "admin",
+    ("get", "/api/v1/devices/{device_id}/twin"): "viewer",
+    ("get", "/api/v1/devices/{device_id}/twin/delta"): "viewer",
+    ("patch", "/api/v1/devices/{device_id}/twin/desired"): "operator",
     ("post", "/api/v1/devices/import"): "operator",
     ("get", "/api/v1/telemetry/raw"): "viewer",
     ("get", "/api/v1/telemetry/rollups"): "viewer",
@@ -192,6 +195,7 @@ def _request(c: TestClient, method: str, path: str, token: str | None = None, *,
         ("post", "/api/v1/keys"): {"role": "viewer"},
         ("post", "/api/v1/devices"): {"device_id": f"new-{secrets.token_hex(4)}"},  # a new one each time: 201
         ("patch", "/api/v1/devices/{device_id}"): {"tags": ["t"]},  # p1-a is seen, not registered: 404
+        ("patch", "/api/v1/devices/{device_id}/twin/desired"): {"desired": {"mode": "raw"}},
         ("post", "/api/v1/rules"): {"name": f"r-{secrets.token_hex(4)}", "kind": "absence", "after_s": 60},
         ("put", "/api/v1/rules/{name}"): {"kind": "absence", "after_s": 60},
         ("post", "/api/v1/provision/tokens"): {"device_id": "p1-a"},
@@ -216,7 +220,7 @@ def app(tmp_path: Path) -> Iterator[Any]:
         access = access or Access(url)
         store = load_store(url, readonly=True)  # a reader connection per request thread: closed below
         api = create_app(url, access=access, store=store, ca_dir=ca_dir)
-        made.extend((access, store, api.state.provision))
+        made.extend((access, store, api.state.provision, api.state.twins))
         return TestClient(api)
 
     yield make

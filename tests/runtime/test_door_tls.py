@@ -347,3 +347,35 @@ def test_tls_without_client_certificates_on_loopback(kind: str, tmp_path: Path) 
         up.wait_for(lambda s: s["received"] >= 1)
     finally:
         assert up.stop() == 0, up.tail()
+
+
+def test_devices_reach_their_own_twin_topics_only(door: Door) -> None:
+    """The twin topics are in each device's ACL: its own delta and desired to read, its own reported and
+    get to write, nobody else's (docs/twins.md). Behind the Mosquitto door the twin service of 'up' runs
+    (the internal user, on loopback) and answers."""
+    a = door.probe("dev-a")
+    assert a.connect(), (a.connack, a.error)
+    assert a.subscribe("devices/dev-a/twin/delta", "devices/dev-a/twin/desired") == [1, 1]
+    refused = a.subscribe("devices/dev-b/twin/delta", "devices/dev-b/twin/desired")
+    if door.kind == "nats":
+        assert refused == [128, 128]
+    marker = uuid.uuid4().hex.encode()
+    door.internal_publish("devices/dev-b/twin/delta", marker + b"-b")
+    door.internal_publish("devices/dev-a/twin/delta", marker + b"-a")
+    deadline = time.monotonic() + 30
+    while ("devices/dev-a/twin/delta", marker + b"-a") not in a.messages:
+        assert time.monotonic() < deadline, a.messages
+        time.sleep(0.1)
+    a.publish("devices/dev-b/twin/reported", json.dumps({"state": {"forged": 1}, "client_token": "x"}).encode())
+    if door.kind == "mosquitto":
+        assert a.publish("devices/dev-a/twin/reported",
+                         json.dumps({"state": {"fw": "1.0"}, "client_token": "t-a"}).encode())
+        deadline = time.monotonic() + 30
+        while not any(t == "devices/dev-a/twin/delta" and b'"t-a"' in p for t, p in a.messages):
+            assert time.monotonic() < deadline, (a.messages, door.up.tail())
+            time.sleep(0.1)
+        assert door.up.get("/devices/dev-a/twin")["reported"] == {"fw": "1.0"}
+    time.sleep(1.0)
+    assert not any(b"-b" in p for _, p in a.messages)  # nothing of dev-b's
+    assert door.up.get("/devices/dev-b/twin")["version"] == 0  # its report forged by dev-a went nowhere
+    a.close()

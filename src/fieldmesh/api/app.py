@@ -71,6 +71,7 @@ from fieldmesh.api.schemas import (
     Stats,
     WhoAmI,
 )
+from fieldmesh.api.twins import TwinCollector, TwinStoreHolder, twins_router
 from fieldmesh.control.provision import Provisioner
 from fieldmesh.core.codec import REASONS
 from fieldmesh.core.errors import (
@@ -159,6 +160,7 @@ def create_app(
     metrics_dir: FsPath | None = None,
     collectors: Sequence[Collector] = (),
     online_url: str | None = None,
+    twin_stats: Callable[[], dict[str, Any] | None] | None = None,
 ) -> FastAPI:
     """Build the API app over the hot store at ``store_url``.
 
@@ -173,6 +175,7 @@ def create_app(
     ``metrics_dir``: the directory where the stage workers write their metrics (prometheus-client's
     multiprocess mode, :mod:`fieldmesh.obs.metrics`), merged into ``/metrics``; ``collectors`` are served
     there too (the SLO status of ``fieldmesh up``).
+    ``twin_stats`` gives the twin service's counters (``twins`` in ``/stats``, ``fieldmesh_twin_*`` metrics).
     """
     acc = access if access is not None else Access(store_url)
     # FastAPIOffline: a FastAPI whose Swagger UI page loads its JS/CSS from the package, not a CDN
@@ -389,6 +392,8 @@ def create_app(
         if door_refused is not None:
             refused = await run_in_threadpool(door_refused)
             body["door_refused"] = {"total": sum(refused.values()), **refused}
+        if twin_stats is not None:
+            body["twins"] = await run_in_threadpool(twin_stats)
         if lag is not None:
             lag_cache.update(await lag())
             body["lag"] = dict(lag_cache)
@@ -700,6 +705,8 @@ def create_app(
     add_job_routes(r, store=job_store, registry=devreg, viewer=all_devices, operator=operator_all)
 
     app.include_router(r)
+    app.state.twins = TwinStoreHolder(store_url)
+    app.include_router(twins_router(app.state.twins, viewer=viewer, operator=operator, visible=visible))
     app.include_router(registry_router(get_schema_registry, viewer=viewer, operator=operator, admin=admin))
     app.include_router(features_router(online_url, reader=all_devices, get_store=get_store))
 
@@ -711,6 +718,8 @@ def create_app(
         multiprocess_collector(registry, metrics_dir)
     for extra in collectors:
         registry.register(extra)
+    if twin_stats is not None:
+        registry.register(TwinCollector(twin_stats))
     collector: StoreCollector | None = None
 
     @app.get("/metrics", response_class=PlainTextResponse, responses={

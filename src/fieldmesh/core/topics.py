@@ -20,6 +20,7 @@ __all__ = [
     "METRIC_RE",
     "OLD_INGEST_SUBJECTS",
     "READINGS_TOPIC",
+    "TWIN_SIDE_LEAVES",
     "TopicRoute",
     "device_of_topic",
     "mqtt_topic_of_subject",
@@ -45,8 +46,11 @@ DEVICE_SUBJECTS: Final = "devices.>"
 DEVICE_SIDE_LEAVES: Final = frozenset({"state", "config", "anomalies"})
 #: What an authenticated device may publish (``devices/{id}/<leaf>``; telemetry also with its encoding
 #: suffix) and subscribe to (its desired config) at a door with per-device access control.
-DEVICE_PUBLISH_LEAVES: Final = ("telemetry", "state", "anomalies", "jobs/+/update")
-DEVICE_SUBSCRIBE_LEAVES: Final = ("config", "jobs/notify")
+DEVICE_PUBLISH_LEAVES: Final = ("telemetry", "state", "anomalies", "jobs/+/update", "twin/reported", "twin/get")
+DEVICE_SUBSCRIBE_LEAVES: Final = ("config", "jobs/notify", "twin/desired", "twin/delta")
+#: Twin topics ``devices/{id}/twin/<leaf>`` (docs/twins.md): side topics for the gateway, served by
+#: the twin service.
+TWIN_SIDE_LEAVES: Final = frozenset({"desired", "reported", "delta", "get"})
 
 #: Bus topics (NATS subjects are ``{topic}.{partition}``; Kafka topics carry partitions natively).
 READINGS_TOPIC: Final = "fm.readings"
@@ -99,12 +103,14 @@ def route_of_topic(topic: str) -> TopicRoute:
     if len(parts) < 3 or parts[0] != "devices" or not DEVICE_ID_RE.fullmatch(parts[1]):
         return TopicRoute("unknown")
     leaf = parts[2]
+    side = (len(parts) == 3 and leaf in DEVICE_SIDE_LEAVES) or (
+        len(parts) == 4 and leaf == "twin" and parts[3] in TWIN_SIDE_LEAVES)
     if leaf == "telemetry":
         if len(parts) == 3:
             return TopicRoute("telemetry", parts[1])
         if len(parts) == 4 and parts[3]:
             return TopicRoute("telemetry", parts[1], parts[3])
-    elif len(parts) == 3 and leaf in DEVICE_SIDE_LEAVES:
+    elif side:
         return TopicRoute("side", parts[1])
     elif leaf == "jobs" and (parts[3:] == ["notify"] or (len(parts) == 5 and parts[3] and parts[4] == "update")):
         return TopicRoute("side", parts[1])  # jobs (docs/rollouts.md): the job controller reads them

@@ -32,7 +32,7 @@ from fieldmesh.edge.infer import make_scorer
 from fieldmesh.edge.jobs import JobClient, attach_jobs
 from fieldmesh.edge.preprocess import Aggregate, Preprocessor
 from fieldmesh.edge.sources.base import Source, SourceBatch
-from fieldmesh.edge.twin import Twin
+from fieldmesh.edge.twin import ShadowTwin, Twin
 from fieldmesh.edge.uplink import Uplink, encode_record
 from fieldmesh.obs import tracing
 
@@ -253,7 +253,8 @@ class EdgeAgent:
                 log.warning("ignoring unreadable window state %s: %s", self._windows_path, exc)
         self.uplink = Uplink(cfg.uplink, self.buffer)
         self.twin: Twin | None = None
-        if cfg.twin.enabled:
+        self.shadow: ShadowTwin | None = None
+        if cfg.twin.enabled and cfg.twin.legacy_config:
             self.twin = Twin(
                 self.pipeline.pre,
                 self.pipeline.devices,
@@ -261,8 +262,19 @@ class EdgeAgent:
                 subscribe=self.uplink.subscribe,
                 on_aggregates=self._buffer_aggregates,
             )
-            self.uplink.on_message = self.twin.handle
-            self.uplink.on_connect = self.twin.on_connect
+        if cfg.twin.enabled and cfg.twin.shadow:
+            self.shadow = ShadowTwin(
+                self.pipeline.pre,
+                self.pipeline.devices,
+                publish=lambda t, p, r: self.uplink.publish_now(t, p, retain=r),
+                subscribe=self.uplink.subscribe,
+                on_aggregates=self._buffer_aggregates,
+                state_path=self.state_dir / "twin.json",
+            )
+        if self.twin is not None or self.shadow is not None:
+            self.uplink.on_message = self._on_message
+            self.uplink.on_connect = self._on_connect
+        # jobs chain their handlers in front of the twins' (attach_jobs keeps the ones set above)
         self.on_running: list[Callable[[], None]] = []  # called in the event loop once run() has started
         self.jobs: JobClient | None = attach_jobs(self) if cfg.jobs.enabled else None
         self.source_errors = 0
@@ -270,6 +282,18 @@ class EdgeAgent:
         self.full_waits = 0
         self.started = time.monotonic()
         self._stop = asyncio.Event()
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        if self.shadow is not None and self.shadow.handle(topic, payload):
+            return
+        if self.twin is not None:
+            self.twin.handle(topic, payload)
+
+    def _on_connect(self) -> None:
+        if self.twin is not None:
+            self.twin.on_connect()
+        if self.shadow is not None:
+            self.shadow.on_connect()
 
     # -- buffering ---------------------------------------------------------------------------
     def _buffer_aggregates(self, aggs: list[Aggregate]) -> None:
@@ -396,6 +420,8 @@ class EdgeAgent:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=min(0.5, self.cfg.agent.stats_interval_s))
             self.buffer.sync(force=False)
+            if self.shadow is not None:
+                self.shadow.tick()
             aggs = self.pipeline.pre.flush_windows(int(time.time() * 1000) - 2000, idle_ms=2000)
             if aggs:
                 self._buffer_aggregates(aggs)
@@ -424,6 +450,10 @@ class EdgeAgent:
             if self.twin
             else None,
             "jobs": dict(self.jobs.counts) if self.jobs else None,
+            "shadow": {"applied": dict(self.shadow.applied), **self.shadow.counters,
+                       "pending_reports": sum(len(v) for v in self.shadow.pending.values())}
+            if self.shadow
+            else None,
             "source_errors": self.source_errors,
             "full_waits": self.full_waits,
             "lost_aggregates": self.lost_aggregates,

@@ -134,9 +134,14 @@ class UplinkConfig(_Model):
 
 
 class TwinConfig(_Model):
-    """Twin-lite: desired config on ``devices/{id}/config``, reported on ``devices/{id}/state``."""
+    """The twins: shadow twins on ``devices/{id}/twin/...`` (docs/twins.md) and the deprecated
+    twin-lite (desired config on ``devices/{id}/config``, reported on ``devices/{id}/state``)."""
 
     enabled: bool = True
+    #: Shadow semantics: report, apply the delta, converge after being offline.
+    shadow: bool = True
+    #: Twin-lite's retained config topic, still applied (deprecated: use the shadow twin).
+    legacy_config: bool = True
 
 
 class SchemaConfig(_Model):

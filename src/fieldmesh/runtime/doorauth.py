@@ -6,8 +6,9 @@
   An anonymous NATS client is refused.
 - **Device clients** are confined to device topics (:mod:`fieldmesh.core.topics`): a device with a
   certificate publishes only ``devices/<its id>/telemetry[/<suffix>]``, ``.../state``,
-  ``.../anomalies`` and ``.../jobs/+/update``, and subscribes only to ``devices/<its id>/config`` and
-  ``.../jobs/notify`` (docs/rollouts.md). In local-only mode (loopback,
+  ``.../anomalies``, ``.../jobs/+/update``, ``.../twin/reported`` and ``.../twin/get``, and subscribes
+  only to ``devices/<its id>/config``, ``.../jobs/notify`` (docs/rollouts.md), ``.../twin/delta`` and
+  ``.../twin/desired`` (docs/twins.md). In local-only mode (loopback,
   no client certificates) an anonymous MQTT client may use any ``devices/...`` topic, nothing else.
 - **Device certificates** come from the device registry: the valid, unrevoked certificates of active
   devices. :class:`DoorPolicy` is what they allow; it is rebuilt when the registry's version changes.

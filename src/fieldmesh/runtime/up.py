@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import IO, Any, Final
 
 from fieldmesh.api.auth import Access
+from fieldmesh.api.twins import twin_stats_reader
 from fieldmesh.bus import Bus, TopicSpec, load_bus
 from fieldmesh.core.errors import ConfigError, FieldmeshError, MissingDependency
 from fieldmesh.core.settings import RuntimeSettings, Settings
@@ -417,6 +418,13 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
             else:
                 console.print("jobs: the job controller is not started (the nats door takes TLS only here); run "
                               "'fieldmesh jobs controller' against a door it can reach (docs/rollouts.md)")
+            if door_child is not None or (nats_door and tls is None):
+                # the twin service (docs/twins.md): a client of the door, like the devices it serves
+                tw_cfg = {"store_url": store_url, "mqtt_url": f"mqtt://127.0.0.1:{opts.mqtt_port}",
+                          "mqtt_auth_file": str(auth.path) if door_child else None,
+                          "client_id": f"fm-twins-{zlib.crc32(str(data_dir).encode()):08x}",
+                          "stats_path": str(logs / "twins-stats.json")}
+                stages.append(_Child("twins", [*py, "twins", json.dumps(tw_cfg)], logs / "twins.log", policy=policy))
             for c in stages:
                 c.start()
             children.extend(stages)
@@ -557,7 +565,8 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
                              ca_dir=data_dir / "ca", door_refused=door_refused if refusals else None,
                              metrics_dir=metrics_dir, collectors=slo_collectors,
                              online_url=settings.features.online(data_dir)
-                             if settings.features.views_file or settings.features.online_url else None)
+                             if settings.features.views_file or settings.features.online_url else None,
+                             twin_stats=twin_stats_reader(logs / "twins-stats.json"))
             app.state.provision.start_crl_refresher()
             server = _api_server(uvicorn.Config(
                 app, host=opts.http_host, port=opts.http_port, log_level="warning", lifespan="off",

@@ -271,6 +271,10 @@ def main(argv: list[str] | None = None) -> None:
             asyncio.run(run_gateway(settings=settings, **cfg))
         elif role == "processor":
             asyncio.run(run_processor(settings=settings, **cfg))
+        elif role == "twins":
+            from fieldmesh.runtime.twins import run_twins
+
+            asyncio.run(run_twins(**cfg))
         else:
             raise SystemExit(f"unknown role {role!r}")
 
