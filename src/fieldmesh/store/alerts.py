@@ -519,7 +519,9 @@ class AlertTables(HotTables):
                 "notifications": {k: outbox.get(k, 0) for k in ("pending", "delivered", "failed")},
                 "failed_tries": int(retries[0][0]),
                 "latency_ms": {"p50": q(0.5), "p99": q(0.99), "of_last": len(lat)},
-                "rules": int(self._q("SELECT COUNT(*) FROM alert_rules")[0][0]), "rules_version": self.version()}
+                "rules": int(self._q("SELECT COUNT(*) FROM alert_rules")[0][0]), "rules_version": self.version(),
+                "rules_file_refused": int(self._q("SELECT COUNT(*) FROM audit_log"
+                                                  " WHERE action = 'rule.file_refused'")[0][0])}
 
 
 _OUTBOX_COLS: Final = "id, alert_id, event, target, created_ms, status, attempts, next_ms, delivered_ms, last_error"
