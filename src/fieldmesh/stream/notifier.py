@@ -37,7 +37,7 @@ from typing import Any
 
 from fieldmesh.store.alerts import Notification, mark_delivered, mark_failed, next_notifications
 from fieldmesh.store.base import HotStore, SqlTxn
-from fieldmesh.stream.sender import read_frame, write_frame
+from fieldmesh.stream.sender import FrameReader, write_frame
 
 __all__ = ["Notifier", "NotifierStats", "alertmanager_payload", "json_payload"]
 
@@ -326,6 +326,11 @@ class _SenderProcess:
             while (reqs := self._out.get()) is not None:
                 for r in reqs:
                     write_frame(stdin, r)
+                while not self._out.empty():  # what queued meanwhile goes in the same write
+                    if (more := self._out.get()) is None:
+                        return
+                    for r in more:
+                        write_frame(stdin, r)
                 stdin.flush()
         except (BrokenPipeError, OSError, ValueError):  # it died: the reader reports what went unanswered
             pass
@@ -336,15 +341,16 @@ class _SenderProcess:
     def _read(self) -> None:
         stdout = self.proc.stdout
         assert stdout is not None
+        frames = FrameReader(stdout.fileno())
         try:
-            while (rep := read_frame(stdout)) is not None:
-                seq, err = rep
+            while (reps := frames.read()) is not None:
                 with self._lock:
-                    self._asked.discard(seq)
-                try:
-                    self._on_result(seq, err)
-                except Exception:
-                    log.exception("notifier: recording the outcome of fm-%s failed", seq)
+                    self._asked.difference_update(seq for seq, _ in reps)
+                for seq, err in reps:
+                    try:
+                        self._on_result(seq, err)
+                    except Exception:
+                        log.exception("notifier: recording the outcome of fm-%s failed", seq)
         finally:
             self.alive = False
             self.proc.wait()

@@ -16,8 +16,10 @@ Frames, both ways: a 4-byte big-endian length, then a msgpack array.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import random
 import struct
 import sys
@@ -29,7 +31,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-__all__ = ["Deliverer", "read_frame", "write_frame"]
+__all__ = ["Deliverer", "FrameReader", "serve", "write_frame"]
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +44,35 @@ def write_frame(out: IO[bytes], obj: Any) -> None:
     out.write(_LEN.pack(len(data)) + data)
 
 
-def read_frame(inp: IO[bytes]) -> Any:
-    """The next frame's object, or None at the end of the input."""
-    head = inp.read(_LEN.size)
-    if len(head) < _LEN.size:
-        return None
-    size = _LEN.unpack(head)[0]
-    data = inp.read(size)
-    if len(data) < size:
-        return None
-    return msgspec.msgpack.decode(data)
+class FrameReader:
+    """Frames from a pipe, read in chunks: one wake-up of the reading thread takes every frame that came,
+    (in the processor each wake-up waits for the interpreter lock, so a read per frame would queue them)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._buf = bytearray()
+        self._decoder = msgspec.msgpack.Decoder()
+
+    def read(self) -> list[Any] | None:
+        """The frames that came (at least one), or None at the end of the input."""
+        while True:
+            chunk = os.read(self._fd, 1 << 16)
+            if not chunk:
+                return None
+            buf = self._buf
+            buf += chunk
+            out = []
+            pos = 0
+            while len(buf) - pos >= _LEN.size:
+                size = _LEN.unpack_from(buf, pos)[0]
+                end = pos + _LEN.size + size
+                if end > len(buf):
+                    break
+                out.append(self._decoder.decode(memoryview(buf)[pos + _LEN.size:end]))
+                pos = end
+            del buf[:pos]
+            if out:
+                return out
 
 
 class Deliverer:
@@ -121,15 +142,16 @@ def serve(inp: IO[bytes], out: IO[bytes], deliverer: Deliverer, *, workers: int 
     def answer(seq: int) -> Callable[[Any], None]:
         def done(fut: Any) -> None:
             err = fut.result() if fut.exception() is None else f"{type(fut.exception()).__name__}: {fut.exception()}"
-            with lock:
+            with lock, contextlib.suppress(OSError, ValueError):  # the notifier is gone: nobody reads it
                 write_frame(out, [seq, err])
                 out.flush()
         return done
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fm-send") as pool:
-        while (req := read_frame(inp)) is not None:
-            seq, kind, dest, body, nid = req
-            pool.submit(deliverer.send, kind, dest, body, nid).add_done_callback(answer(seq))
+        frames = FrameReader(inp.fileno())
+        while (reqs := frames.read()) is not None:
+            for seq, kind, dest, body, nid in reqs:
+                pool.submit(deliverer.send, kind, dest, body, nid).add_done_callback(answer(seq))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -140,8 +162,6 @@ def main(argv: list[str] | None = None) -> None:
     deliverer = Deliverer(timeout_s=float(cfg.get("timeout_s", 5.0)), mqtt_url=cfg.get("mqtt_url"))
     try:
         serve(sys.stdin.buffer, sys.stdout.buffer, deliverer, workers=int(cfg.get("workers", 8)))
-    except BrokenPipeError:  # the notifier is gone: nobody reads the outcomes
-        pass
     finally:
         deliverer.close()
 
