@@ -194,7 +194,7 @@ def _alert_metrics(st: dict[str, Any]) -> Iterator[Any]:
     tries.add_metric([], st["failed_tries"])
     yield tries
     refused = CounterMetricFamily("fieldmesh_alert_rules_file_refused",
-                                  "Changed versions of the rules file refused (bad YAML or rule; the rules in force kept)")
+                                  "Changed versions of the rules file refused (the rules in force kept)")
     refused.add_metric([], st.get("rules_file_refused", 0))
     yield refused
     lat = GaugeMetricFamily("fieldmesh_alert_notification_latency_seconds",
