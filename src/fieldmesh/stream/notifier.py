@@ -8,7 +8,7 @@ the receiver acknowledged it (HTTP 2xx; MQTT PUBACK at QoS 1). What that guarant
 * **at least once**: a row is sent until a receiver acknowledges it; a crash after the
   acknowledgement and before the mark sends it once more: in the processor the acknowledged rows are
   marked in its next transaction (a batch's, or the alert tick's), so a crash resends at most what was
-  acknowledged since the last commit (alone, rounds of at most 32 are marked right after their sends);
+  acknowledged since the last commit (alone, each is marked right after its receiver acknowledged it);
 * **a stable id**: every try of a notification carries the same ``notification_id`` (``fm-<n>``, also
   the ``X-Fieldmesh-Notification-Id`` header), so a receiver that remembers ids it has seen gets each
   transition exactly once;
@@ -16,6 +16,10 @@ the receiver acknowledged it (HTTP 2xx; MQTT PUBACK at QoS 1). What that guarant
 * **nothing dropped silently**: a failed try is retried with capped, jittered exponential backoff; after
   :data:`~fieldmesh.store.alerts.MAX_ATTEMPTS` tries the row is kept as ``failed`` with its last error,
   listed by ``GET /api/v1/alerts/notifications?status=failed`` and counted in ``/api/v1/stats``.
+
+Sending is not done here: each try goes to a delivery process (:mod:`fieldmesh.stream.sender`), which
+answers its outcome; so the processor's interpreter lock, held by its batches, never stands between a
+notification and its receiver, and the HTTP client's work is not taken from the batches.
 """
 
 from __future__ import annotations
