@@ -159,8 +159,14 @@ class Notifier:
                 for n in fresh:
                     self._inflight.pop(n.id, None)
             return
-        child = self._sender()
-        child.send([[n.id, *self.request(n), n.notification_id] for n in fresh])
+        try:
+            requests = [[n.id, *self.request(n), n.notification_id] for n in fresh]
+            sent = self._sender().send(requests) or self._sender().send(requests)  # it died just now: another
+        except Exception as exc:  # the process cannot start: called after a commit, this must not raise
+            log.error("notifier: cannot start the delivery process: %s", exc)
+            sent = False
+        if not sent:  # these stay claimed, and are sent again after their lease
+            self._done([n.id for n in fresh])
 
     def _result(self, seq: int, err: str | None) -> None:
         """The delivery process's outcome of a try (on its reader thread): acknowledged ids go to
@@ -317,11 +323,15 @@ class _SenderProcess:
         """The process's exit code once it exited."""
         return self.proc.poll()
 
-    def send(self, requests: list[list[Any]]) -> None:
-        """Queue requests ``[seq, kind, dest, body, notification_id]`` for the process."""
+    def send(self, requests: list[list[Any]]) -> bool:
+        """Queue requests ``[seq, kind, dest, body, notification_id]`` for the process; False when it exited
+        (nothing queued)."""
         with self._lock:
+            if not self.alive:
+                return False
             self._asked.update(r[0] for r in requests)
         self._out.put(requests)
+        return True
 
     def _write(self) -> None:
         stdin = self.proc.stdin
@@ -356,10 +366,10 @@ class _SenderProcess:
                     except Exception:
                         log.exception("notifier: recording the outcome of fm-%s failed", seq)
         finally:
-            self.alive = False
-            self.proc.wait()
-            with self._lock:
+            with self._lock:  # from here on nothing is queued for it: every try asked of it is answered or listed
+                self.alive = False
                 unanswered, self._asked = list(self._asked), set()
+            self.proc.wait()
             self._on_exit(self, unanswered)
 
     def close(self, timeout_s: float) -> None:
