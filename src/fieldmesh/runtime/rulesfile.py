@@ -2,12 +2,12 @@
 
 At start a bad file stops the processor (:class:`~fieldmesh.core.errors.ConfigError`, exit code 2). While
 it runs, :class:`RulesFile` looks at the file's modification time and size every ``interval_s``; a changed
-file is read and checked, and its rules replace those it loaded before
-(:meth:`~fieldmesh.store.alerts.AlertTables.sync_file`: one transaction that bumps the rules' version, so
-every processor takes the change from its next batch). A changed file that is unreadable or holds a bad
-rule is refused: the rules in force stay, the error is logged once per version of the file (naming the
-file, the rule and the field) and recorded in the audit log as ``rule.file_refused``, which
-``/api/v1/stats`` (``alerts.rules_file_refused``) and ``/metrics``
+file is read and checked once it stayed the same for one look (an editor's write is not read half-way),
+and its rules replace those it loaded before (:meth:`~fieldmesh.store.alerts.AlertTables.sync_file`: one
+transaction that bumps the rules' version, so every processor takes the change from its next batch).
+A changed file that is unreadable or holds a bad rule is refused: the rules in force stay, the error is
+logged once per version of the file (naming the file, the rule and the field) and recorded in the audit
+log as ``rule.file_refused``, which ``/api/v1/stats`` (``alerts.rules_file_refused``) and ``/metrics``
 (``fieldmesh_alert_rules_file_refused_total``) count.
 """
 
@@ -39,6 +39,7 @@ class RulesFile:
         self.refused = 0  # versions of the file refused while running
         self.last_error: str | None = None
         self._seen: tuple[int, int] | None = None  # (mtime_ns, size) of the version last looked at
+        self._settling: tuple[int, int] | None = None  # of a changed version seen once, read at the next look
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -77,10 +78,17 @@ class RulesFile:
         return counts
 
     def check(self) -> str:
-        """Look at the file once: ``unchanged``, ``loaded`` (a new version synchronised) or ``refused``."""
+        """Look at the file once: ``unchanged``, ``settling`` (changed since the last look: it is read once it
+        stays the same for a look, so a file being written is not read half-way), ``loaded`` (a new version
+        synchronised) or ``refused``."""
         stamp = self._stamp()
         if stamp == self._seen:
+            self._settling = None
             return "unchanged"
+        if stamp != self._settling:
+            self._settling = stamp
+            return "settling"
+        self._settling = None
         try:
             if stamp is None:
                 raise OSError("the file is gone")
