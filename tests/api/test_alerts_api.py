@@ -173,6 +173,8 @@ def test_lifecycle_filters_and_group_isolation(env: dict[str, Any]) -> None:
     metrics = c.get("/metrics", headers=viewer).text
     assert 'fieldmesh_alerts_active{severity="major"} 1.0' in metrics
     assert 'fieldmesh_alert_notifications{status="pending"} 12.0' in metrics
+    assert "fieldmesh_alert_notification_failed_tries_total 0.0" in metrics
+    assert "fieldmesh_alert_rules_file_refused_total 0.0" in metrics and st["rules_file_refused"] == 0
     assert len(c.get("/api/v1/alerts/notifications", params={"status": "pending"}, headers=viewer).json()) == 12
 
 

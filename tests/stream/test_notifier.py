@@ -111,3 +111,41 @@ def test_webhooks_mqtt_and_failures(tmp_path: Path) -> None:
         hook.server.shutdown()
         store.close()
         tables.close()
+
+
+@pytest.mark.integration
+def test_a_dead_delivery_process_is_started_again(tmp_path: Path) -> None:
+    """The tries run in a delivery process of their own: when it dies, the next notification starts another
+    one, and each notification reaches its receiver with its stable id."""
+    hook = Hook()
+    url = f"sqlite:///{tmp_path / 'hot.db'}"
+    rule = parse_rule({"name": "hot", "kind": "threshold", "metric": "t", "op": ">", "value": 1,
+                       "notify": [{"webhook": f"{hook.base}/plain"}]})
+    tables = AlertTables(url)
+    tables.put_rule(rule, actor="test")
+    store = SqliteStore(url)
+    engine = AlertEngine(store)
+    notifier = Notifier(store, wake=engine.notify, poll_s=0.05)
+    notifier.start()
+    try:
+        def step(dev: str) -> None:
+            ev = Evaluation([Transition("hot", dev, "open", 1000, 5.0)], {("hot", dev): RuleState(firing=True)})
+            engine.committed(store.transact(lambda tx: apply_evaluation(tx, ev, {"hot": rule})))
+
+        step("a")
+        _wait(lambda: tables.stats()["notifications"]["delivered"] == 1)  # its outcome came back
+        first = notifier._child
+        assert first is not None
+        first.proc.kill()
+        _wait(lambda: not first.alive)
+        step("b")
+        _wait(lambda: len(hook.got) == 2)
+        assert notifier._child is not first and notifier._child is not None and notifier._child.alive
+        assert sorted(g[2]["alert"]["device_id"] for g in hook.got) == ["a", "b"]
+        assert all(g[1] == g[2]["notification_id"] for g in hook.got)
+        _wait(lambda: tables.stats()["notifications"] == {"pending": 0, "delivered": 2, "failed": 0})
+    finally:
+        notifier.stop()
+        hook.server.shutdown()
+        store.close()
+        tables.close()

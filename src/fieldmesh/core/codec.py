@@ -897,8 +897,25 @@ def decode_bus_columns_many(
     errors: dict[int, Exception] = {}
     parts: list[ReadingColumns] = []
     run: list[tuple[int, _BusV2, int, int]] = []
+    run_v1: list[tuple[int, list[Reading]]] = []
+
+    def flush_v1() -> None:
+        # one conversion to columns for the run: its numpy work is per batch, not per record
+        if not run_v1:
+            return
+        try:
+            parts.append(ReadingColumns.from_readings(list(chain.from_iterable(r for _, r in run_v1))))
+        except Exception:  # a record's readings do not convert: find the culprit(s) record by record
+            for i, readings in run_v1:
+                try:
+                    parts.append(ReadingColumns.from_readings(readings))
+                except Exception as exc:
+                    errors[i] = exc
+                    rows[i] = 0
+        run_v1.clear()
 
     def flush() -> None:
+        flush_v1()
         if not run:
             return
         try:
@@ -916,16 +933,18 @@ def decode_bus_columns_many(
         try:
             if _version(data) == 2:
                 b, n, m = _body_v2(data)
+                flush_v1()
                 run.append((i, b, n, m))
                 rows[i] = n
                 continue
-            cols = ReadingColumns.from_readings(_bus_decoder.decode(data).readings)
+            readings = _bus_decoder.decode(data).readings
         except Exception as exc:  # corrupt, an unknown version, nested past the decoder's limit (RecursionError)
             errors[i] = exc
             continue
-        flush()
-        parts.append(cols)
-        rows[i] = len(cols)
+        if run:
+            flush()
+        run_v1.append((i, readings))
+        rows[i] = len(readings)
     flush()
     return ReadingColumns.concat(parts), rows, errors
 

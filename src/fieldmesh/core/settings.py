@@ -103,6 +103,9 @@ class AlertSettings(BaseModel, frozen=True):
 
     enabled: bool = Field(True, description="evaluate the alert rules stored in the hot store")
     rules_file: Path | None = Field(None, description="a YAML list of rules, loaded into the store at start")
+    rules_file_poll_s: float = Field(2.0, gt=0, description=(
+        "how often the rules file is looked at: a changed file is loaded again (a bad one refused, the rules "
+        "in force kept)"))
     tick_s: float = Field(1.0, gt=0, description="how often absence rules and rule changes are checked")
     notify: bool = Field(True, description="deliver notifications from the processor (one notifier per store)")
     mqtt_url: str | None = Field(None, description="broker for mqtt notification targets (fieldmesh/alerts/...)")

@@ -218,6 +218,10 @@ def alert_metrics(st: Mapping[str, Any]) -> Iterator[Any]:
     tries = CounterMetricFamily("fieldmesh_alert_notification_failed_tries", "Failed tries of notifications")
     tries.add_metric([], st["failed_tries"])
     yield tries
+    refused = CounterMetricFamily("fieldmesh_alert_rules_file_refused",
+                                  "Changed versions of the rules file refused (the rules in force kept)")
+    refused.add_metric([], st.get("rules_file_refused", 0))
+    yield refused
     lat = GaugeMetricFamily("fieldmesh_alert_notification_latency_seconds",
                             "From an alert step's commit to its receiver's acknowledgement, last 1000 delivered",
                             labels=["quantile"])

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from fieldmesh.bus import Bus, TopicSpec, load_bus
-from fieldmesh.core.errors import ConfigError
 from fieldmesh.core.settings import Settings, load_settings
 from fieldmesh.core.topics import DLQ_TOPIC, READINGS_TOPIC
 
@@ -157,8 +156,15 @@ async def run_processor(
                  settings.lake.commit_interval_s)
     store = load_store(store_url)
     notifier = None
+    rules_file = None
     try:
-        alerts, notifier = _alerting(store, store_url, settings)
+        if settings.alerts.enabled and settings.alerts.rules_file is not None:  # loaded again when it changes
+            from fieldmesh.runtime.rulesfile import RulesFile
+
+            rules_file = RulesFile(settings.alerts.rules_file, store_url, interval_s=settings.alerts.rules_file_poll_s)
+        alerts, notifier = _alerting(store, store_url, settings, rules_file)
+        if rules_file is not None:
+            rules_file.start()
         sinks.extend(_features(store, settings, sinks, partitions))
         async with load_bus(bus_url) as bus:
             await ensure_topics(bus, settings)
@@ -175,6 +181,8 @@ async def run_processor(
             else:
                 await enrichment.run(bus, proc.run, stop, follower_group=follower_group(group, partitions))
     finally:
+        if rules_file is not None:
+            rules_file.stop()
         if notifier is not None:
             notifier.stop()
         for sink in sinks:
@@ -200,30 +208,18 @@ def _with_credentials(url: str, auth_file: str) -> str:
     return urlunsplit(u._replace(netloc=netloc + (f":{u.port}" if u.port else "")))
 
 
-def _alerting(store: Any, store_url: str, settings: Settings) -> tuple[Any, Any]:
-    """The processor's alert stage and notifier (docs/alerts.md); the rules file loaded into the store first."""
-    from fieldmesh.store.alerts import AlertTables
+def _alerting(store: Any, store_url: str, settings: Settings, rules_file: Any = None) -> tuple[Any, Any]:
+    """The processor's alert stage and notifier (docs/alerts.md); the rules file (``rules_file``, a
+    :class:`~fieldmesh.runtime.rulesfile.RulesFile`, or the settings') loaded into the store first."""
+    from fieldmesh.runtime.rulesfile import RulesFile
     from fieldmesh.stream.alerting import AlertEngine
-    from fieldmesh.stream.alerts import RuleError, rules_from_yaml
     from fieldmesh.stream.notifier import Notifier
 
     a = settings.alerts
     if not a.enabled:
         return None, None
     if a.rules_file is not None:
-        path = a.rules_file.resolve()
-        try:
-            rules = rules_from_yaml(path.read_text())
-        except OSError as exc:
-            raise ConfigError(f"cannot read the rules file {path}: {exc}", key="alerts.rules_file") from exc
-        except RuleError as exc:
-            raise ConfigError(f"{path}: {exc}", key="alerts.rules_file") from exc
-        tables = AlertTables(store_url)
-        try:
-            counts = tables.sync_file(rules, source=f"file:{path}", actor="file")
-        finally:
-            tables.close()
-        log.info("alert rules from %s: %d rules (%s)", path, len(rules), counts)
+        (rules_file or RulesFile(a.rules_file, store_url)).load()
     engine = AlertEngine(store)
     notifier = None
     if a.notify:

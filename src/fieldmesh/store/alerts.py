@@ -36,7 +36,8 @@ from fieldmesh.stream.alerts import AbsenceCandidate, Evaluation, Rule, RuleStat
 
 __all__ = [
     "ALERT_STATES", "AlertTables", "Notification", "absence_candidates", "apply_evaluation", "ensure_tables",
-    "load_rules", "load_states", "mark_delivered", "mark_failed", "next_notifications", "rules_version",
+    "load_rules", "load_states", "mark_delivered", "mark_delivered_at", "mark_failed", "next_notifications",
+    "rules_version",
 ]
 
 ALERT_STATES: Final = ("open", "acknowledged", "cleared")
@@ -295,8 +296,13 @@ def next_notifications(tx: SqlTxn, *, now_ms: int, limit: int = 100, lease_ms: i
 
 def mark_delivered(tx: SqlTxn, ids: Sequence[int], *, now_ms: int) -> None:
     """The receivers acknowledged these notifications: never sent again."""
+    mark_delivered_at(tx, [(i, now_ms) for i in ids])
+
+
+def mark_delivered_at(tx: SqlTxn, acked: Sequence[tuple[int, int]]) -> None:
+    """The receivers acknowledged these notifications, as (outbox id, when): never sent again."""
     tx.executemany("UPDATE alert_outbox SET status = 'delivered', delivered_ms = ?, attempts = attempts + 1"
-                   " WHERE id = ? AND status = 'pending'", [(now_ms, i) for i in ids])
+                   " WHERE id = ? AND status = 'pending'", [(at, i) for i, at in acked])
 
 
 def mark_failed(tx: SqlTxn, failures: Sequence[tuple[Notification, str, int]], *, now_ms: int) -> list[bool]:
@@ -525,7 +531,9 @@ class AlertTables(HotTables):
                 "notifications": {k: outbox.get(k, 0) for k in ("pending", "delivered", "failed")},
                 "failed_tries": int(retries[0][0]),
                 "latency_ms": {"p50": q(0.5), "p99": q(0.99), "of_last": len(lat)},
-                "rules": int(self._q("SELECT COUNT(*) FROM alert_rules")[0][0]), "rules_version": self.version()}
+                "rules": int(self._q("SELECT COUNT(*) FROM alert_rules")[0][0]), "rules_version": self.version(),
+                "rules_file_refused": int(self._q("SELECT COUNT(*) FROM audit_log"
+                                                  " WHERE action = 'rule.file_refused'")[0][0])}
 
 
 _OUTBOX_COLS: Final = "id, alert_id, event, target, created_ms, status, attempts, next_ms, delivered_ms, last_error"

@@ -26,7 +26,7 @@ from fieldmesh.store.alerts import (
     ensure_tables,
     load_rules,
     load_states,
-    mark_delivered,
+    mark_delivered_at,
     next_notifications,
     rules_version,
 )
@@ -79,8 +79,8 @@ class AlertEngine:
     def _flush_acked(self, tx: SqlTxn) -> int:
         with self._acked_lock:
             todo = list(self._acked)
-        for at in sorted({at for _, at in todo}):
-            mark_delivered(tx, [i for i, a in todo if a == at], now_ms=at)
+        if todo:
+            mark_delivered_at(tx, todo)
         self._taking = len(todo)
         return len(todo)
 

@@ -8,7 +8,7 @@ the receiver acknowledged it (HTTP 2xx; MQTT PUBACK at QoS 1). What that guarant
 * **at least once**: a row is sent until a receiver acknowledges it; a crash after the
   acknowledgement and before the mark sends it once more: in the processor the acknowledged rows are
   marked in its next transaction (a batch's, or the alert tick's), so a crash resends at most what was
-  acknowledged since the last commit (alone, rounds of at most 32 are marked right after their sends);
+  acknowledged since the last commit (alone, each is marked right after its receiver acknowledged it);
 * **a stable id**: every try of a notification carries the same ``notification_id`` (``fm-<n>``, also
   the ``X-Fieldmesh-Notification-Id`` header), so a receiver that remembers ids it has seen gets each
   transition exactly once;
@@ -16,23 +16,32 @@ the receiver acknowledged it (HTTP 2xx; MQTT PUBACK at QoS 1). What that guarant
 * **nothing dropped silently**: a failed try is retried with capped, jittered exponential backoff; after
   :data:`~fieldmesh.store.alerts.MAX_ATTEMPTS` tries the row is kept as ``failed`` with its last error,
   listed by ``GET /api/v1/alerts/notifications?status=failed`` and counted in ``/api/v1/stats``.
+
+Sending is not done here: each try goes to a delivery process (:mod:`fieldmesh.stream.sender`), which
+answers its outcome; so the processor's interpreter lock, held by its batches, never stands between a
+notification and its receiver, and the HTTP client's work is not taken from the batches.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import queue
 import random
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
-from urllib.parse import urlsplit
 
 from fieldmesh.store.alerts import Notification, mark_delivered, mark_failed, next_notifications
 from fieldmesh.store.base import HotStore, SqlTxn
+from fieldmesh.stream.sender import FrameReader, write_frame
 
 __all__ = ["Notifier", "NotifierStats", "alertmanager_payload", "json_payload"]
 
@@ -77,18 +86,19 @@ class NotifierStats:
 
 
 class Notifier:
-    """Sends due outbox rows from ``store`` (see the module docstring); one thread, ``start``/``stop``."""
+    """Sends due outbox rows from ``store`` (see the module docstring); one thread, ``start``/``stop``.
+
+    The tries themselves run in a delivery process of its own (:mod:`fieldmesh.stream.sender`), started
+    with the notifier and again if it dies; this process decides what to send and records the outcomes.
+    """
 
     def __init__(self, store: HotStore, *, wake: threading.Event | None = None, mqtt_url: str | None = None,
                  timeout_s: float = 5.0, retry_base_s: float = 0.5, retry_max_s: float = 300.0,
                  poll_s: float = 0.5) -> None:
-        import httpx
-
-        # httpx logs every request at INFO: one line per notification is noise in the processor's log
-        logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger("httpx").level))
         self.store = store
         self.wake = wake or threading.Event()
         self.mqtt_url = mqtt_url
+        self.timeout_s = timeout_s
         self.retry_base_s = retry_base_s
         self.retry_max_s = retry_max_s
         self.poll_s = poll_s
@@ -101,102 +111,118 @@ class Notifier:
         #: When set (the processor's alert stage), acknowledged ids go there, marked delivered in the next
         #: batch's (or tick's) transaction, which then claims the steps that waited for them.
         self.defer_acked: Callable[[Sequence[int], int], None] | None = None
-        self._handed: list[Notification] = []
-        self._handed_lock = threading.Lock()
-        self._http = httpx.Client(timeout=timeout_s, follow_redirects=False,
-                                  limits=httpx.Limits(max_connections=32, max_keepalive_connections=16))
-        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fm-notify")
-        self._mqtt_lock = threading.Lock()
-        self._mqtt: Any = None
+        #: Rows the thread claims at once, and keeps in flight at most (a batch hands over what it claimed).
+        self.claim_limit = 32
+        self._inflight: dict[int, Notification] = {}  # outbox id -> the row, while its try is out
+        self._inflight_lock = threading.Lock()
+        self._want_room = False  # the thread waits for in-flight rows to finish before its next claim
+        self._child: _SenderProcess | None = None
+        self._child_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     # -- delivery --------------------------------------------------------------------------------
-    def _send(self, n: Notification) -> None:
+    @staticmethod
+    def request(n: Notification) -> tuple[str, str, bytes]:
+        """What the delivery process is asked to do for ``n``: (kind, URL or topic, body)."""
         target = n.target
         if "webhook" in target:
             body = alertmanager_payload(n) if target.get("format") == "alertmanager" else json_payload(n)
-            resp = self._http.post(target["webhook"], content=json.dumps(body).encode(),
-                                   headers={"Content-Type": "application/json",
-                                            "X-Fieldmesh-Notification-Id": n.notification_id})
-            if resp.status_code // 100 != 2:
-                raise OSError(f"HTTP {resp.status_code} from {target['webhook']}")
-        elif target.get("mqtt"):
-            self._publish(n)
-        else:
-            raise ValueError(f"unknown notification target {target}")
+            return "webhook", str(target["webhook"]), json.dumps(body).encode()
+        if target.get("mqtt"):
+            topic = ALERT_TOPIC.format(device_id=n.payload["alert"]["device_id"])
+            return "mqtt", topic, json.dumps(json_payload(n)).encode()
+        return "unknown", json.dumps(target), b""
 
-    def _publish(self, n: Notification) -> None:
-        with self._mqtt_lock:  # one client, connected once
-            self._publish_locked(n)
+    def _sender(self) -> _SenderProcess:
+        with self._child_lock:
+            if self._child is None or not self._child.alive:
+                self._child = _SenderProcess({"timeout_s": self.timeout_s, "mqtt_url": self.mqtt_url},
+                                             on_result=self._result, on_exit=self._sender_exited)
+            return self._child
 
-    def _publish_locked(self, n: Notification) -> None:
-        if not self.mqtt_url:
-            raise OSError("no MQTT broker for alerts: set FIELDMESH__ALERTS__MQTT_URL")
-        if self._mqtt is None:
-            import paho.mqtt.client as mqtt
-            from paho.mqtt.enums import CallbackAPIVersion
+    def _dispatch(self, notifications: Sequence[Notification]) -> None:
+        """Send each of ``notifications`` now, without waiting for the others.
 
-            u = urlsplit(self.mqtt_url)
-            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"fm-alerts-{random.getrandbits(32):08x}")
-            if u.username:
-                client.username_pw_set(u.username, u.password)
-            client.connect(u.hostname or "127.0.0.1", u.port or 1883)
-            client.loop_start()
-            self._mqtt = client
-        topic = ALERT_TOPIC.format(device_id=n.payload["alert"]["device_id"])
-        info = self._mqtt.publish(topic, json.dumps(json_payload(n)), qos=1)
-        info.wait_for_publish(timeout=10)
-        if not info.is_published():
-            self._mqtt.loop_stop()
-            self._mqtt.disconnect()
-            self._mqtt = None
-            raise OSError(f"MQTT publish to {topic} not acknowledged")
-
-    def run_once(self, *, limit: int = 32) -> int:
-        """Send the due rows (up to ``limit``, concurrently), then mark them in one transaction; the number tried.
-
-        Rows claimed together are of distinct (alert, target) pairs (the store holds back a later step of
-        an alert until the earlier one is done), so sending them at once keeps each receiver's order.
+        Rows claimed and not yet marked are of distinct (alert, target) pairs (the store holds back a later
+        step of an alert while an earlier one is pending), so sending them at once keeps each receiver's
+        order. A row already in flight here (claimed again once its lease ran out while it waited for a
+        slow receiver) is not sent a second time: the try in flight marks it.
         """
-        with self._handed_lock:
-            due, self._handed = self._handed[:limit], self._handed[limit:]
-        if not due:
-            now = int(time.time() * 1000)
-            due = self.run_store(lambda tx: next_notifications(tx, now_ms=now, limit=limit))
-        if not due:
-            return 0
-        results = list(self._pool.map(self._try, due))
+        with self._inflight_lock:
+            fresh = [n for n in notifications if n.id not in self._inflight]
+            self._inflight.update((n.id, n) for n in fresh)
+        if not fresh:
+            return
+        if self._stop.is_set():  # stopped: these stay claimed, and are sent again after their lease
+            with self._inflight_lock:
+                for n in fresh:
+                    self._inflight.pop(n.id, None)
+            return
+        try:
+            requests = [[n.id, *self.request(n), n.notification_id] for n in fresh]
+            sent = self._sender().send(requests) or self._sender().send(requests)  # it died just now: another
+        except Exception as exc:  # the process cannot start: called after a commit, this must not raise
+            log.error("notifier: cannot start the delivery process: %s", exc)
+            sent = False
+        if not sent:  # these stay claimed, and are sent again after their lease
+            self._done([n.id for n in fresh])
+
+    def _result(self, seq: int, err: str | None) -> None:
+        """The delivery process's outcome of a try (on its reader thread): acknowledged ids go to
+        ``defer_acked`` (the processor's next transaction marks them) or are marked at once; a failure is
+        marked due again after its backoff, or failed for good."""
         done = int(time.time() * 1000)
-        ok = [n for n, err in zip(due, results, strict=True) if err is None]
-        failures = [(n, err, int(min(self.retry_max_s, self.retry_base_s * 2**n.attempts)
-                                 * random.uniform(0.8, 1.2) * 1000))
-                    for n, err in zip(due, results, strict=True) if err is not None]
+        with self._inflight_lock:
+            n = self._inflight.get(seq)
+        if n is None:
+            return
+        try:
+            if err is None:
+                st = self.stats
+                st.delivered += 1
+                st.latency_ms.append(done - n.created_ms)
+                if len(st.latency_ms) > 10_000:
+                    del st.latency_ms[:5_000]
+                defer = self.defer_acked
+                if defer is not None:
+                    defer([n.id], done)
+                else:
+                    self.run_store(lambda tx: mark_delivered(tx, [n.id], now_ms=done))
+                return
+            delay = int(min(self.retry_max_s, self.retry_base_s * 2**n.attempts) * random.uniform(0.8, 1.2) * 1000)
+            failures = [(n, err, delay)]
 
-        defer = self.defer_acked
-        if defer is not None and ok:
-            defer([n.id for n in ok], done)
+            def mark(tx: SqlTxn) -> list[bool]:
+                return mark_failed(tx, failures, now_ms=done)
 
-        def mark(tx: SqlTxn) -> list[bool]:
-            if ok and defer is None:
-                mark_delivered(tx, [n.id for n in ok], now_ms=done)
-            return mark_failed(tx, failures, now_ms=done) if failures else []
+            if self.submit_store is None:
+                self._marked(failures, self.run_store(mark))
+            else:  # queued behind the batch in hand
+                fut = self.submit_store(mark)
+                fut.add_done_callback(lambda f: self._marked(failures, f.result()) if f.exception() is None
+                                      else log.warning("notifier: marking failed: %s (sent again later, same id)",
+                                                       f.exception()))
+        except Exception as exc:  # the store refused the mark: the lease runs out, the row is sent again
+            log.warning("notifier: %s marking %s; sent again after its lease, same id", exc, n.notification_id)
+        finally:
+            self._done([seq])
 
-        st = self.stats
-        st.delivered += len(ok)
-        st.latency_ms.extend(done - n.created_ms for n in ok)
-        if len(st.latency_ms) > 10_000:
-            del st.latency_ms[:5_000]
-        if defer is not None and not failures:
-            pass
-        elif self.submit_store is None:
-            self._marked(failures, self.run_store(mark))
-        else:  # queued behind the batch in hand; the next round is sent meanwhile
-            fut = self.submit_store(mark)
-            fut.add_done_callback(lambda f: self._marked(failures, f.result()) if f.exception() is None
-                                  else log.warning("notifier: marking failed: %s (sent again later, same ids)",
-                                                   f.exception()))
-        return len(due)
+    def _done(self, ids: Sequence[int]) -> None:
+        with self._inflight_lock:
+            for i in ids:
+                self._inflight.pop(i, None)
+            room = self._want_room and len(self._inflight) < self.claim_limit
+            if room:
+                self._want_room = False
+        if room:
+            self.wake.set()  # the claim that waited for room goes on
+
+    def _sender_exited(self, child: _SenderProcess, unanswered: list[int]) -> None:
+        if unanswered and not self._stop.is_set():
+            log.warning("notifier: the delivery process exited (code %s) with %d tries unanswered; they are sent "
+                        "again after their lease, same ids", child.returncode, len(unanswered))
+        self._done(unanswered)
 
     def _marked(self, failures: list[tuple[Notification, str, int]], finals: list[bool]) -> None:
         st = self.stats
@@ -210,45 +236,146 @@ class Notifier:
                 log.warning("notification %s to %s failed (try %d): %s; again in %.1fs",
                             n.notification_id, n.target, n.attempts + 1, err, delay / 1000)
 
-    def _try(self, n: Notification) -> str | None:
-        """Send ``n`` once: None when the receiver acknowledged it, else what went wrong."""
-        try:
-            self._send(n)
-        except Exception as exc:
-            return f"{type(exc).__name__}: {exc}"
-        return None
-
     def hand(self, notifications: Sequence[Notification]) -> None:
-        """Notifications claimed elsewhere (in a batch's transaction): sent next, before any claim."""
-        with self._handed_lock:
-            self._handed.extend(notifications)
-        self.wake.set()
+        """Notifications claimed elsewhere (in a batch's transaction, just committed): sent at once."""
+        self._dispatch(notifications)
+
+    def run_once(self, *, limit: int = 32, timeout_s: float = 30.0) -> int:
+        """Claim the due rows (up to ``limit``), send them and wait for their outcomes; the number claimed."""
+        now = int(time.time() * 1000)
+        due = self.run_store(lambda tx: next_notifications(tx, now_ms=now, limit=limit))
+        self._dispatch(due)
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            with self._inflight_lock:
+                if not any(n.id in self._inflight for n in due):
+                    break
+            time.sleep(0.005)
+        return len(due)
 
     # -- the thread ------------------------------------------------------------------------------
     def _run(self) -> None:
+        """Claims what no batch handed over: retries come due, steps of the API (ack, clear by hand), rows
+        whose lease ran out. Every ``poll_s``, or at once when woken (a commit queued rows it did not claim);
+        a full claim is followed by the next once there is room."""
         while not self._stop.is_set():
             self.wake.clear()  # before looking: a commit after this wakes the next wait
-            try:
-                busy = self.run_once()
-            except Exception as exc:
-                log.warning("notifier: %s; trying again", exc)
-                busy = 0
-            if not busy:
-                self.wake.wait(self.poll_s)
+            with self._inflight_lock:
+                room = self.claim_limit - len(self._inflight)
+            full = room <= 0
+            if not full:
+                try:
+                    due = self.run_store(partial(_claim, limit=room))
+                    full = len(due) == room  # more may be due
+                    self._dispatch(due)
+                except Exception as exc:
+                    log.warning("notifier: %s; trying again", exc)
+            if full:
+                with self._inflight_lock:
+                    self._want_room = len(self._inflight) >= self.claim_limit
+                    if not self._want_room:
+                        continue
+            self.wake.wait(self.poll_s)
 
     def start(self) -> None:
-        """Start the delivery thread."""
+        """Start the delivery process and the claiming thread."""
+        self._sender()
         self._thread = threading.Thread(target=self._run, name="fm-notifier", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
-        """Stop the thread (after the notification in hand) and close connections."""
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop claiming; the delivery process finishes the tries in hand (their outcomes recorded), then exits."""
         self._stop.set()
         self.wake.set()
         if self._thread is not None:
-            self._thread.join(timeout=30)
-        self._pool.shutdown(wait=True)
-        self._http.close()
-        if self._mqtt is not None:
-            self._mqtt.loop_stop()
-            self._mqtt.disconnect()
+            self._thread.join(timeout=timeout_s)
+        with self._child_lock:
+            child, self._child = self._child, None
+        if child is not None:
+            child.close(timeout_s)
+
+
+def _claim(tx: SqlTxn, *, limit: int) -> list[Notification]:
+    return next_notifications(tx, now_ms=int(time.time() * 1000), limit=limit)
+
+
+class _SenderProcess:
+    """The delivery process (:mod:`fieldmesh.stream.sender`) and the two threads that talk to it: a writer
+    (so a batch handing over its notifications never waits on the pipe) and a reader of the outcomes."""
+
+    def __init__(self, cfg: dict[str, Any], *, on_result: Callable[[int, str | None], None],
+                 on_exit: Callable[[_SenderProcess, list[int]], None]) -> None:
+        self._on_result = on_result
+        self._on_exit = on_exit
+        self._out: queue.SimpleQueue[list[list[Any]] | None] = queue.SimpleQueue()
+        self._asked: set[int] = set()  # seqs written, not answered
+        self._lock = threading.Lock()
+        self.alive = True
+        self.proc = subprocess.Popen([sys.executable, "-m", "fieldmesh.stream.sender", json.dumps(cfg)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self._writer = threading.Thread(target=self._write, name="fm-notify-write", daemon=True)
+        self._reader = threading.Thread(target=self._read, name="fm-notify-read", daemon=True)
+        self._writer.start()
+        self._reader.start()
+
+    @property
+    def returncode(self) -> int | None:
+        """The process's exit code once it exited."""
+        return self.proc.poll()
+
+    def send(self, requests: list[list[Any]]) -> bool:
+        """Queue requests ``[seq, kind, dest, body, notification_id]`` for the process; False when it exited
+        (nothing queued)."""
+        with self._lock:
+            if not self.alive:
+                return False
+            self._asked.update(r[0] for r in requests)
+        self._out.put(requests)
+        return True
+
+    def _write(self) -> None:
+        stdin = self.proc.stdin
+        assert stdin is not None
+        try:
+            while (reqs := self._out.get()) is not None:
+                for r in reqs:
+                    write_frame(stdin, r)
+                while not self._out.empty():  # what queued meanwhile goes in the same write
+                    if (more := self._out.get()) is None:
+                        return
+                    for r in more:
+                        write_frame(stdin, r)
+                stdin.flush()
+        except (BrokenPipeError, OSError, ValueError):  # it died: the reader reports what went unanswered
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                stdin.close()
+
+    def _read(self) -> None:
+        stdout = self.proc.stdout
+        assert stdout is not None
+        frames = FrameReader(stdout.fileno())
+        try:
+            while (reps := frames.read()) is not None:
+                with self._lock:
+                    self._asked.difference_update(seq for seq, _ in reps)
+                for seq, err in reps:
+                    try:
+                        self._on_result(seq, err)
+                    except Exception:
+                        log.exception("notifier: recording the outcome of fm-%s failed", seq)
+        finally:
+            with self._lock:  # from here on nothing is queued for it: every try asked of it is answered or listed
+                self.alive = False
+                unanswered, self._asked = list(self._asked), set()
+            self.proc.wait()
+            self._on_exit(self, unanswered)
+
+    def close(self, timeout_s: float) -> None:
+        """Close the process's input and wait for the outcomes of the tries in hand."""
+        self._out.put(None)
+        self._reader.join(timeout=timeout_s)
+        if self._reader.is_alive():
+            self.proc.kill()
+            self._reader.join(timeout=5)
