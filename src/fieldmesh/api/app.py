@@ -11,10 +11,11 @@ every answer; the docs page (Swagger UI) is served from assets in the installed 
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path as FsPath
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, TypeVar
 
 from fastapi import APIRouter, Body, FastAPI, HTTPException, Path, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
@@ -88,6 +89,7 @@ from fieldmesh.schema.registry import SchemaRegistry
 from fieldmesh.store import HotStore, load_store
 from fieldmesh.store.access import GROUP_RE
 from fieldmesh.store.alerts import AlertTables
+from fieldmesh.store.products import ProductTables
 from fieldmesh.store.registry import Device as RegisteredDevice
 from fieldmesh.store.registry import DeviceRegistry
 from fieldmesh.stream.alerts import SEVERITIES, RuleError, parse_rule
@@ -768,6 +770,13 @@ def create_app(
 
     app.include_router(r)
     app.include_router(registry_router(get_schema_registry, viewer=viewer, operator=operator, admin=admin))
+    # data products and their quality (docs/products.md)
+    from fieldmesh.api.products import products_router
+    from fieldmesh.obs.quality import QualityCollector
+
+    get_products = _opened_once(lambda: ProductTables(store_url), state, "products")
+    app.include_router(products_router(get_products, viewer=all_devices, operator=operator_all))
+    registry.register(QualityCollector(get_products))
 
     registry.register(_AuthCollector(acc))
     if door_refused is not None:
@@ -818,6 +827,23 @@ def create_app(
     routes.extend(rt for rt in [*r.routes, *app.routes] if isinstance(rt, APIRoute))
     _check_guarded(routes, guards)
     return app
+
+
+T = TypeVar("T")
+
+
+def _opened_once(open_: Callable[[], T], state: dict[str, Any], key: str) -> Callable[[], T]:
+    """``open_()`` on the first call, kept in ``state[key]`` (closed with the app's other handles)."""
+    lock = threading.Lock()
+
+    def get() -> T:
+        with lock:
+            if state.get(key) is None:
+                state[key] = open_()
+            got: T = state[key]
+            return got
+
+    return get
 
 
 _AUTH_RESPONSES: Final = {

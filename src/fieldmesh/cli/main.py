@@ -44,6 +44,10 @@ RulesOpt = Annotated[
     Path | None,
     typer.Option("--rules", help="alert rules: a YAML list of rules, loaded into the store at start (docs/alerts.md)"),
 ]
+ProductsOpt = Annotated[
+    Path | None,
+    typer.Option("--products", help="data products: a YAML list, loaded into the store at start (docs/products.md)"),
+]
 RequireRegistration = Annotated[bool, typer.Option(
     "--require-registration", help="refuse devices not registered as active in the device registry (DLQ "
     "unknown_device; suspended or retired: unauthorized) [env FIELDMESH__GATEWAY__REQUIRE_REGISTRATION]")]
@@ -104,6 +108,7 @@ def up(
     cdc_name: Annotated[str | None, typer.Option(help="CDC slot/publication/offsets name")] = None,
     enrich: EnrichOpt = None,
     rules: RulesOpt = None,
+    products: ProductsOpt = None,
     door: Annotated[str | None, typer.Option(
         help="MQTT door: nats (MQTT 3.1.1, PUBACK after JetStream stored it; the default, auto) or mosquitto "
              "(MQTT 3.1.1 and 5, PUBACK from Mosquitto's memory) [env FIELDMESH__GATEWAY__DOOR]")] = None,
@@ -156,7 +161,8 @@ def up(
         settings = _settings(bus={"partitions": partitions, "fsync": fsync}, data_dir=data_dir,
                              **({"gateway": gw} if gw else {}),
                              **({"lake": lake_kw} if lake_kw else {}),
-                             **_enrich_kw(enrich, None), **({"cdc": cdc} if cdc else {}), **_rules_kw(rules))
+                             **_enrich_kw(enrich, None), **({"cdc": cdc} if cdc else {}), **_rules_kw(rules),
+                             **_products_kw(products))
         opts = UpOptions(
             data_dir=data_dir, mqtt_url=mqtt_url, bus_url=bus_url,
             # a port left to its default gives way to a free one when taken; a chosen one is an error then
@@ -290,6 +296,7 @@ def process(
     enrich_db: Annotated[str | None, typer.Option(
         help="PostgreSQL database of the --enrich tables (names their CDC topics)")] = None,
     rules: RulesOpt = None,
+    products: ProductsOpt = None,
     retry_for: Annotated[float, typer.Option(
         min=0, help="keep retrying an unreachable bus or store (with backoff) for this many seconds")] = 120.0,
 ) -> None:
@@ -300,7 +307,8 @@ def process(
     if group is None:  # a NATS durable has one subject filter: replicas on other partitions need their own
         group = "fm-processor" if partitions is None else f"fm-processor-p{partitions.replace(',', '_')}"
     _role_logging("process")
-    settings = _settings(bus={"partitions": total_partitions}, **_enrich_kw(enrich, enrich_db), **_rules_kw(rules))
+    settings = _settings(bus={"partitions": total_partitions}, **_enrich_kw(enrich, enrich_db), **_rules_kw(rules),
+                         **_products_kw(products))
     _with_retries(lambda: asyncio.run(run_processor(bus_url=bus_url, store_url=store_url, partitions=owned,
                                                     group=group, settings=settings)), retry_for)
 
@@ -349,6 +357,20 @@ def _rules_kw(rules: Path | None) -> dict[str, Any]:
     except (OSError, RuleError) as exc:
         _fail(ConfigError(f"--rules {rules}: {exc}", key="alerts.rules_file"))
     return {"alerts": {"rules_file": path}}
+
+
+def _products_kw(products: Path | None) -> dict[str, Any]:
+    """Settings keywords of ``--products`` (the file is read and checked here, so a bad product stops the start)."""
+    if products is None:
+        return {}
+    from fieldmesh.stream.quality import ProductError, products_from_yaml
+
+    path = products.resolve()
+    try:
+        products_from_yaml(path.read_text())
+    except (OSError, ProductError) as exc:
+        _fail(ConfigError(f"--products {products}: {exc}", key="products.products_file"))
+    return {"products": {"products_file": path}}
 
 
 def _enrich_kw(specs: list[str] | None, database: str | None) -> dict[str, Any]:
@@ -550,7 +572,7 @@ def keys_revoke(
 # Sub-command groups contributed by other stages, registered when their modules are present.
 for _name, _module in (("ca", "fieldmesh.cli.ca"), ("cdc", "fieldmesh.cli.cdc"), ("devices", "fieldmesh.cli.devices"),
                        ("edge", "fieldmesh.edge.cli"), ("lake", "fieldmesh.cli.lake"),
-                       ("schemas", "fieldmesh.cli.schemas")):
+                       ("schemas", "fieldmesh.cli.schemas"), ("products", "fieldmesh.cli.products")):
     try:
         _sub = importlib.import_module(_module)
     except ImportError:

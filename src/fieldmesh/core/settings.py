@@ -110,6 +110,13 @@ class AlertSettings(BaseModel, frozen=True):
     retry_max_s: float = Field(300.0, gt=0, description="cap of the backoff between tries of a notification")
 
 
+class ProductSettings(BaseModel, frozen=True):
+    """Data products whose quality the processor counts (docs/products.md)."""
+
+    enabled: bool = Field(True, description="count the quality of the data products stored in the hot store")
+    products_file: Path | None = Field(None, description="a YAML list of data products, loaded into the store at start")
+
+
 class RuntimeSettings(BaseModel, frozen=True):
     """How ``fieldmesh up`` supervises its processes and judges their health."""
 
@@ -308,6 +315,7 @@ class Settings(BaseSettings):
     access: AccessSettings = AccessSettings()
     lake: LakeSettings = LakeSettings()
     alerts: AlertSettings = AlertSettings()
+    products: ProductSettings = ProductSettings()
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -159,12 +159,13 @@ async def run_processor(
     notifier = None
     try:
         alerts, notifier = _alerting(store, store_url, settings)
+        products = _products(store, store_url, settings)
         async with load_bus(bus_url) as bus:
             await ensure_topics(bus, settings)
             proc = Processor(bus=bus, store=store, settings=settings.processor, group=group,
                              partitions=partitions, total_partitions=settings.bus.partitions,
                              enricher=enrichment.enricher if enrichment else None, sinks=sinks,
-                             alerts=alerts, alert_tick_s=settings.alerts.tick_s)
+                             alerts=alerts, alert_tick_s=settings.alerts.tick_s, products=products)
             if notifier is not None:  # the notifier's transactions take turns with the batches
                 notifier.run_store = proc.in_apply_thread
                 notifier.submit_store = proc.submit_in_apply_thread
@@ -232,6 +233,32 @@ def _alerting(store: Any, store_url: str, settings: Settings) -> tuple[Any, Any]
         notifier.defer_acked = engine.acked
         notifier.start()
     return engine, notifier
+
+
+def _products(store: Any, store_url: str, settings: Settings) -> Any:
+    """The processor's data-product stage (docs/products.md); the products file loaded into the store first."""
+    from fieldmesh.store.products import ProductTables
+    from fieldmesh.stream.products import ProductEngine
+    from fieldmesh.stream.quality import ProductError, products_from_yaml
+
+    ps = settings.products
+    if not ps.enabled:
+        return None
+    if ps.products_file is not None:
+        path = ps.products_file.resolve()
+        try:
+            products = products_from_yaml(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read the products file {path}: {exc}", key="products.products_file") from exc
+        except ProductError as exc:
+            raise ConfigError(f"{path}: {exc}", key="products.products_file") from exc
+        tables = ProductTables(store_url)
+        try:
+            counts = tables.apply(products, actor="file", source=f"file:{path}")
+        finally:
+            tables.close()
+        log.info("data products from %s: %d (%s)", path, len(products), counts)
+    return ProductEngine(store)
 
 
 def main(argv: list[str] | None = None) -> None:
