@@ -777,6 +777,11 @@ def create_app(
     get_products = _opened_once(lambda: ProductTables(store_url), state, "products")
     app.include_router(products_router(get_products, viewer=all_devices, operator=operator_all))
     registry.register(QualityCollector(get_products))
+    from fieldmesh.api.lineage import lineage_router
+    from fieldmesh.store.lineage import LineageTables
+
+    app.include_router(lineage_router(_opened_once(lambda: LineageTables(store_url), state, "lineage"), get_store,
+                                      viewer=all_devices))
 
     registry.register(_AuthCollector(acc))
     if door_refused is not None:

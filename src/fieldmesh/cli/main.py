@@ -48,6 +48,10 @@ ProductsOpt = Annotated[
     Path | None,
     typer.Option("--products", help="data products: a YAML list, loaded into the store at start (docs/products.md)"),
 ]
+LineageUrlOpt = Annotated[str | None, typer.Option(
+    "--lineage-url", envvar="OPENLINEAGE_URL",
+    help="send OpenLineage run events to this HTTP endpoint (as the standard client's OPENLINEAGE_URL; they are "
+         "kept in the hot store either way, docs/lineage.md)")]
 RequireRegistration = Annotated[bool, typer.Option(
     "--require-registration", help="refuse devices not registered as active in the device registry (DLQ "
     "unknown_device; suspended or retired: unauthorized) [env FIELDMESH__GATEWAY__REQUIRE_REGISTRATION]")]
@@ -109,6 +113,7 @@ def up(
     enrich: EnrichOpt = None,
     rules: RulesOpt = None,
     products: ProductsOpt = None,
+    lineage_url: LineageUrlOpt = None,
     door: Annotated[str | None, typer.Option(
         help="MQTT door: nats (MQTT 3.1.1, PUBACK after JetStream stored it; the default, auto) or mosquitto "
              "(MQTT 3.1.1 and 5, PUBACK from Mosquitto's memory) [env FIELDMESH__GATEWAY__DOOR]")] = None,
@@ -162,7 +167,7 @@ def up(
                              **({"gateway": gw} if gw else {}),
                              **({"lake": lake_kw} if lake_kw else {}),
                              **_enrich_kw(enrich, None), **({"cdc": cdc} if cdc else {}), **_rules_kw(rules),
-                             **_products_kw(products))
+                             **_products_kw(products), **({"lineage": {"url": lineage_url}} if lineage_url else {}))
         opts = UpOptions(
             data_dir=data_dir, mqtt_url=mqtt_url, bus_url=bus_url,
             # a port left to its default gives way to a free one when taken; a chosen one is an error then
@@ -278,7 +283,7 @@ def gateway(
                              **({"gateway": {"require_registration": True}} if require_registration else {}))
         asyncio.run(run_gateway(bus_url=bus_url, mqtt_url=mqtt_url, client_id=client_id, ingest_urls=ingest_url,
                                 settings=settings, registry_url=store_url,
-                                schemas_url=store_url))
+                                schemas_url=store_url, lineage_store=store_url))
     except FieldmeshError as exc:
         _fail(exc)
 
@@ -297,6 +302,7 @@ def process(
         help="PostgreSQL database of the --enrich tables (names their CDC topics)")] = None,
     rules: RulesOpt = None,
     products: ProductsOpt = None,
+    lineage_url: LineageUrlOpt = None,
     retry_for: Annotated[float, typer.Option(
         min=0, help="keep retrying an unreachable bus or store (with backoff) for this many seconds")] = 120.0,
 ) -> None:
@@ -308,7 +314,7 @@ def process(
         group = "fm-processor" if partitions is None else f"fm-processor-p{partitions.replace(',', '_')}"
     _role_logging("process")
     settings = _settings(bus={"partitions": total_partitions}, **_enrich_kw(enrich, enrich_db), **_rules_kw(rules),
-                         **_products_kw(products))
+                         **_products_kw(products), **({"lineage": {"url": lineage_url}} if lineage_url else {}))
     _with_retries(lambda: asyncio.run(run_processor(bus_url=bus_url, store_url=store_url, partitions=owned,
                                                     group=group, settings=settings)), retry_for)
 

@@ -117,6 +117,15 @@ class ProductSettings(BaseModel, frozen=True):
     products_file: Path | None = Field(None, description="a YAML list of data products, loaded into the store at start")
 
 
+class LineageSettings(BaseModel, frozen=True):
+    """OpenLineage run events of the gateway, processor, sinks and CDC (docs/lineage.md)."""
+
+    enabled: bool = Field(True, description="emit run events (kept in the hot store; sent when url is set)")
+    url: str | None = Field(None, description="an OpenLineage HTTP endpoint (default: the OPENLINEAGE_URL variable)")
+    namespace: str = Field("fieldmesh", min_length=1, description="the jobs' OpenLineage namespace")
+    interval_s: float = Field(60.0, gt=0, description="seconds between RUNNING events of a running job")
+
+
 class RuntimeSettings(BaseModel, frozen=True):
     """How ``fieldmesh up`` supervises its processes and judges their health."""
 
@@ -316,6 +325,7 @@ class Settings(BaseSettings):
     lake: LakeSettings = LakeSettings()
     alerts: AlertSettings = AlertSettings()
     products: ProductSettings = ProductSettings()
+    lineage: LineageSettings = LineageSettings()
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -374,7 +374,7 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
                       "client_id": f"fm-gw-{settings.gateway.share_group}-{zlib.crc32(str(data_dir).encode()):08x}",
                       # the schema registry (payloads written against a registered schema) and the device
                       # registry live in the hot store
-                      "schemas_url": store_url,
+                      "schemas_url": store_url, "lineage_store": store_url,  # its lineage events (docs/lineage.md)
                       **({"registry_url": store_url} if settings.gateway.require_registration else {})}
             if door_child is not None:
                 await asyncio.to_thread(ensure_session, opts.mqtt_port, client_id=str(gw_cfg["client_id"]),

@@ -21,6 +21,8 @@ from fieldmesh.bus import Bus, TopicSpec, load_bus
 from fieldmesh.core.errors import ConfigError
 from fieldmesh.core.settings import Settings, load_settings
 from fieldmesh.core.topics import DLQ_TOPIC, READINGS_TOPIC
+from fieldmesh.obs.lineage import Dataset, bus_namespace
+from fieldmesh.runtime.lineage import gateway_datasets, lake_datasets, open_lineage, processor_outputs
 
 __all__ = ["ensure_topics", "run_gateway", "run_processor"]
 
@@ -59,7 +61,7 @@ async def run_gateway(
     *, bus_url: str, mqtt_url: str | None, settings: Settings, stop: asyncio.Event | None = None,
     client_id: str | None = None, sole: bool = False, ingest_urls: list[str] | None = None,
     ingest_bus_url: str | None = None, registry_url: str | None = None, schemas_url: str | None = None,
-    mqtt_auth_file: str | None = None,
+    mqtt_auth_file: str | None = None, lineage_store: str | None = None,
 ) -> None:
     """Run a gateway: from an MQTT broker and/or ingest topics (``ingest_urls``: Kafka topics, NATS
     subjects), else from the embedded ingest stream (on ``ingest_bus_url``, the embedded
@@ -70,7 +72,8 @@ async def run_gateway(
     against a registered schema (docs/schemas.md); without it such payloads are ``unknown_schema``.
     The sources share one admission (registry view and rate limits). ``mqtt_auth_file`` (JSON
     ``{"user", "password"}``) holds the broker credentials, kept off the command line (``fieldmesh up``
-    passes its internal user this way to the Mosquitto door)."""
+    passes its internal user this way to the Mosquitto door). ``lineage_store``: the hot store keeping
+    the gateway's OpenLineage run events (docs/lineage.md); None: no events."""
     from fieldmesh.gateway.admission import build_admission
     from fieldmesh.gateway.gateway import Gateway
     from fieldmesh.gateway.ingress import load_ingest
@@ -104,6 +107,10 @@ async def run_gateway(
             for source in sources:
                 await source.start()
                 started.append(source)
+            if lineage_store is not None and (lineage := open_lineage(settings, lineage_store)) is not None:
+                stack.callback(lineage.close)
+                ins, outs = gateway_datasets(bus_url, mqtt_url, ingest_urls)
+                await stack.enter_async_context(lineage.run("fieldmesh.gateway", inputs=ins, outputs=outs))
             async with asyncio.TaskGroup() as tg:
                 if admission is not None and admission.registered is not None:
                     tg.create_task(admission.registered.run(stop), name="gateway-registry")
@@ -157,6 +164,7 @@ async def run_processor(
                  settings.lake.commit_interval_s)
     store = load_store(store_url)
     notifier = None
+    lineage = open_lineage(settings, store_url)
     try:
         alerts, notifier = _alerting(store, store_url, settings)
         products = _products(store, store_url, settings)
@@ -170,11 +178,22 @@ async def run_processor(
                 notifier.run_store = proc.in_apply_thread
                 notifier.submit_store = proc.submit_in_apply_thread
             log.info("processor running: %s -> %s (partitions %s)", bus_url, store_url, partitions or "all")
-            if enrichment is None:
-                await proc.run(stop)
-            else:
-                await enrichment.run(bus, proc.run, stop, follower_group=follower_group(group, partitions))
+            async with contextlib.AsyncExitStack() as runs:  # lineage: one OpenLineage run per job
+                if lineage is not None:
+                    await runs.enter_async_context(lineage.run(
+                        "fieldmesh.processor", inputs=[Dataset(bus_namespace(bus_url), READINGS_TOPIC),
+                                                       Dataset(bus_namespace(bus_url), DLQ_TOPIC)],
+                        outputs=processor_outputs(store_url)))
+                    if lake_dir is not None:
+                        ins, outs = lake_datasets(settings, bus_url, lake_dir)
+                        await runs.enter_async_context(lineage.run("fieldmesh.sink.lake", inputs=ins, outputs=outs))
+                if enrichment is None:
+                    await proc.run(stop)
+                else:
+                    await enrichment.run(bus, proc.run, stop, follower_group=follower_group(group, partitions))
     finally:
+        if lineage is not None:
+            lineage.close()
         if notifier is not None:
             notifier.stop()
         for sink in sinks:

@@ -421,6 +421,7 @@ def readout(
             h = c.get("hist", {}).get(spec.name)
             b = baseline.get(spec.name)
             metrics[spec.name] = {
+                "nulls": n_null, "values": n_val,
                 "null_rate": _ratio(n_null, new), "out_of_range_rate": _ratio(n_oor, n_val),
                 "drift_psi": psi(b, h) if b is not None and h is not None else None,
                 "drift_ks": ks_binned(b, h) if b is not None and h is not None else None,
