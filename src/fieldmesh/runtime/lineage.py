@@ -16,7 +16,7 @@ from fieldmesh.core.settings import Settings
 from fieldmesh.core.topics import DLQ_TOPIC, INGEST_TOPIC, READINGS_TOPIC
 from fieldmesh.obs.lineage import Dataset, Lineage, bus_namespace, mqtt_namespace, store_namespace
 
-__all__ = ["HOT_TABLES", "gateway_datasets", "lake_datasets", "open_lineage", "processor_outputs"]
+__all__ = ["HOT_TABLES", "cdc_lineage", "gateway_datasets", "lake_datasets", "open_lineage", "processor_outputs"]
 
 log = logging.getLogger(__name__)
 
@@ -74,3 +74,30 @@ def lake_datasets(settings: Settings, bus_url: str, lake_dir: str) -> tuple[list
     ns = store_namespace(ns) if "://" in ns else ns
     return ([Dataset(bus_namespace(bus_url), READINGS_TOPIC)],
             [Dataset(f"iceberg+{ns}", f"{settings.lake.namespace}.{t}") for t in TABLES])
+
+
+def cdc_lineage(source: str, tables: str, bus_url: str, store_url: str | None
+                ) -> tuple[Lineage, list[Dataset], list[Dataset]] | None:
+    """The CDC capture's emitter and (inputs, outputs): the source's tables -> their ``fm.cdc.*`` topics; None
+    without a store to keep events in nor an endpoint to send them to."""
+    import os
+
+    from fieldmesh.cdc.base import cdc_topic
+    from fieldmesh.runtime.enrichment import source_database
+
+    if store_url is None and not os.environ.get("OPENLINEAGE_URL"):
+        return None
+    db = source_database(source)
+    ns = store_namespace(source) if source.startswith("postgres") else mqtt_namespace(source).replace("mqtt", "mysql")
+    ins, outs = [], []
+    for raw in tables.split(","):
+        name = raw.strip()
+        if not name:
+            continue
+        schema, _, table = name.rpartition(".")
+        schema = schema or "public"
+        ins.append(Dataset(ns, f"{schema}.{table}"))
+        # named as the capture names its topics (runtime/up.py: _captured)
+        topic = cdc_topic(db, schema, table) if db else cdc_topic(schema, None, table)
+        outs.append(Dataset(bus_namespace(bus_url), topic))
+    return Lineage(store_url=store_url), ins, outs
