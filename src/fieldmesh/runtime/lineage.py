@@ -24,9 +24,11 @@ HOT_TABLES = ("readings", "rollup_1m", "rollup_1h", "dlq")
 
 
 def open_lineage(settings: Settings, store_url: str | None) -> Lineage | None:
-    """The lineage emitter of a job, or None when lineage is off."""
+    """The lineage emitter of a job, or None when lineage is off (or has neither a store nor an endpoint)."""
+    import os
+
     ls = settings.lineage
-    if not ls.enabled:
+    if not ls.enabled or (store_url is None and not (ls.url or os.environ.get("OPENLINEAGE_URL"))):
         return None
     return Lineage(store_url=store_url, url=ls.url, namespace=ls.namespace, interval_s=ls.interval_s)
 

@@ -107,7 +107,7 @@ async def run_gateway(
             for source in sources:
                 await source.start()
                 started.append(source)
-            if lineage_store is not None and (lineage := open_lineage(settings, lineage_store)) is not None:
+            if (lineage := open_lineage(settings, lineage_store)) is not None:
                 stack.callback(lineage.close)
                 ins, outs = gateway_datasets(bus_url, mqtt_url, ingest_urls)
                 await stack.enter_async_context(lineage.run("fieldmesh.gateway", inputs=ins, outputs=outs))
