@@ -172,3 +172,57 @@ def test_cli_apply_list_show_quality(env: dict[str, Any], tmp_path: Path) -> Non
     bad.write_text(yaml.safe_dump([{"name": "x", "window_s": 0}]))
     r = runner.invoke(cli, ["products", "apply", str(bad), "--store-url", url])
     assert r.exit_code == 2 and "window_s" in r.output
+
+
+def _fleet(url: str, *, canary_shift: float) -> None:
+    """20 devices, 30 s of one reading a second; devices in the canary share read ``canary_shift`` higher."""
+    import random
+
+    from fieldmesh.stream.quality import device_share
+
+    rnd = random.Random(3)
+    readings = []
+    for d in range(20):
+        dev = f"f-{d}"
+        shift = canary_shift if device_share(dev) < 0.3 else 0.0
+        for i in range(30):
+            readings.append(decode_telemetry(
+                encode_reading_json(dev, T0 + i * 1000, {"temp": round(rnd.gauss(20 + shift, 2), 2)}, i),
+                device_id=dev, topic=f"devices/{dev}/telemetry", received_ms=T0 + i * 1000, max_skew_ms=10**12
+            ).readings[0])
+    store = load_store(url)
+    try:
+        Processor(bus=None, store=store, settings=ProcessorSettings(),  # type: ignore[arg-type]
+                  products=ProductEngine(store)).apply_records(
+            [BusRecord(topic=READINGS_TOPIC, partition=0, offset=1, value=encode_bus_batch(BusBatch(readings)))])
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize(("shift", "verdict"), [(0.0, "promote"), (6.0, "hold")])
+def test_canary_share_against_its_control(env: dict[str, Any], shift: float, verdict: str) -> None:
+    from fieldmesh.stream.quality import device_share
+
+    c = env["c"]
+    base = {"devices": {"globs": ["f-*"]}, "expected_interval_s": 1, "window_s": 10,
+            "metrics": {"temp": {"min": 0, "max": 40, "bins": 8}}, "slo": {"completeness": 0.9, "drift_psi": 0.25}}
+    canary = {**base, "name": "fleet-canary", "devices": {"globs": ["f-*"], "share": [0, 0.3]}}
+    control = {**base, "name": "fleet", "devices": {"globs": ["f-*"], "share": [0.3, 1]}}
+    for p in (canary, control):
+        assert c.post("/api/v1/products", json=p, headers=_h(env, "operator")).status_code == 201
+    _fleet(env["url"], canary_shift=shift)
+    in_canary = sum(device_share(f"f-{d}") < 0.3 for d in range(20))
+    assert 0 < in_canary < 20
+    q = c.get("/api/v1/products/fleet-canary/quality", headers=_h(env, "viewer")).json()
+    assert sum(w["new"] for w in q["windows"]) == 30 * in_canary and q["devices"] == in_canary
+    r = c.get("/api/v1/products/fleet-canary/compare", params={"control": "fleet"}, headers=_h(env, "viewer"))
+    assert r.status_code == 200, r.text
+    cmp = r.json()
+    assert len(cmp["windows"]) == 3 and all(w["control"]["new"] == 10 * (20 - in_canary) for w in cmp["windows"])
+    assert cmp["verdict"] == verdict, cmp["reasons"]
+    if verdict == "hold":
+        assert any("drifts from the control" in m for m in cmp["reasons"])
+    assert c.get("/api/v1/products/fleet-canary/compare", params={"control": "nope"},
+                 headers=_h(env, "viewer")).status_code == 404
+    assert c.post("/api/v1/products", json={**canary, "name": "x", "devices": {"share": [0.5, 0.2]}},
+                  headers=_h(env, "operator")).status_code == 400

@@ -68,6 +68,19 @@ def products_router(tables: Callable[[], ProductTables], *, viewer: Any, operato
         out: dict[str, Any] = await run_in_threadpool(tables().quality, name, windows=windows)
         return out
 
+    @r.get("/products/{name}/compare", response_model=None, description=(
+        "Canary comparison: this product's quality against the `control` product's, window by window (rates, "
+        "their differences, PSI of this product's histograms against the control's) and a verdict, `promote` "
+        "or `hold` with the reasons (docs/products.md, canary)."),
+        responses={**BAD_PARAMETER, **_NO_PRODUCT})
+    async def get_compare(name: ProductName,
+                          control: Annotated[str, Query(pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+                                                        description="the control product")],
+                          windows: Annotated[int, Query(ge=1, le=1440)] = 60,
+                          _: Principal = viewer) -> dict[str, Any]:
+        out: dict[str, Any] = await run_in_threadpool(tables().compare, name, control, windows=windows)
+        return out
+
     @r.post("/products", status_code=201, response_model=None, description=(
         "Declare a data product (operator). Processors count its quality from their next batch."),
         responses={**BAD_PARAMETER, 409: {"model": ErrorBody, "description": "a product of that name exists"}})

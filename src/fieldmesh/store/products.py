@@ -35,7 +35,7 @@ from fieldmesh.store.base import SqlTxn
 from fieldmesh.store.registry import _PG_DDL as _REGISTRY_PG_DDL
 from fieldmesh.store.registry import _SQLITE_DDL as _REGISTRY_SQLITE_DDL
 from fieldmesh.store.seqgaps import seq_batch
-from fieldmesh.stream.quality import Product, batch_deltas, merge_counts, parse_product, readout
+from fieldmesh.stream.quality import Product, batch_deltas, compare, merge_counts, parse_product, readout
 
 __all__ = ["ProductTables", "apply_batch", "ensure_tables", "load_products", "products_version"]
 
@@ -277,6 +277,19 @@ class ProductTables(HotTables):
                                  if k not in ("source", "updated_ms", "updated_by")})
         with self._tx() as con:
             return quality_of(_Con(con, self._pg), product, now_ms=now_ms, windows=windows)
+
+    def compare(self, canary: str, control: str, *, windows: int = 60, now_ms: int | None = None) -> dict[str, Any]:
+        """A canary product's quality against its control's (:func:`fieldmesh.stream.quality.compare`)."""
+        prods = {n: parse_product({k: v for k, v in self.product(n).items()
+                                   if k not in ("source", "updated_ms", "updated_by")}) for n in (canary, control)}
+        now = _now() if now_ms is None else now_ms
+        with self._tx() as con:
+            tx = _Con(con, self._pg)
+            qs = {n: quality_of(tx, p, now_ms=now, windows=windows) for n, p in prods.items()}
+            raw = {n: {int(s): json.loads(b) for s, b in tx.execute(
+                "SELECT window_start_ms, body FROM product_windows WHERE product = ? AND window_start_ms >= ?",
+                (n, min((w["start_ms"] for w in qs[n]["windows"]), default=0)))} for n in prods}
+        return compare(prods[canary], raw[canary], qs[canary], raw[control], qs[control])
 
     def all_quality(self, *, windows: int = 2) -> list[dict[str, Any]]:
         """The quality of every product (for metrics: the newest windows only)."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import re
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -37,8 +38,8 @@ from fieldmesh.core.batch import ReadingColumns
 from fieldmesh.core.errors import FieldmeshError
 
 __all__ = [
-    "OBJECTIVES", "MetricSpec", "Product", "ProductError", "Selector", "WindowCounts", "batch_deltas", "ks_binned",
-    "merge_counts", "parse_product", "products_from_yaml", "psi", "readout",
+    "OBJECTIVES", "MetricSpec", "Product", "ProductError", "Selector", "WindowCounts", "batch_deltas", "compare",
+    "device_share", "ks_binned", "merge_counts", "parse_product", "products_from_yaml", "psi", "readout",
 ]
 
 NAME_RE: Final = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -67,13 +68,23 @@ class Selector:
     ids: tuple[str, ...] = ()
     globs: tuple[str, ...] = ()
     groups: tuple[str, ...] = ()
+    #: ``[from, to)`` of a device's stable hash share (:func:`device_share`): narrows the devices the
+    #: rest selects to a fixed share of them, e.g. ``(0, 0.05)`` for a 5 % canary, ``(0.05, 1)`` its control.
+    share: tuple[float, float] | None = None
 
     def matches(self, device_id: str, groups: Iterable[str] = ()) -> bool:
-        """Whether ``device_id`` (member of ``groups``) belongs; an empty selector takes every device."""
+        """Whether ``device_id`` (member of ``groups``) belongs; no ids, globs nor groups: every device."""
+        if self.share is not None and not self.share[0] <= device_share(device_id) < self.share[1]:
+            return False
         if not (self.ids or self.globs or self.groups):
             return True
         return (device_id in self.ids or any(fnmatchcase(device_id, g) for g in self.globs)
                 or bool(set(self.groups).intersection(groups)))
+
+
+def device_share(device_id: str) -> float:
+    """A device's stable place in ``[0, 1)``: CRC-32 of its id over 2**32 (the same in every process and run)."""
+    return zlib.crc32(device_id.encode()) / 2**32
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +134,8 @@ class Product:
             "name": self.name, "owner": self.owner, "description": self.description,
             "schema_subject": self.schema_subject,
             "devices": {"ids": list(self.devices.ids), "globs": list(self.devices.globs),
-                        "groups": list(self.devices.groups)},
+                        "groups": list(self.devices.groups),
+                        **({"share": list(self.devices.share)} if self.devices.share is not None else {})},
             "tables": {"hot": list(self.tables_hot), "lake": list(self.tables_lake)},
             "expected_interval_s": self.expected_interval_s, "window_s": self.window_s,
             "baseline_windows": self.baseline_windows,
@@ -170,8 +182,15 @@ def parse_product(doc: Any) -> Product:
         if doc.get(k) is not None and not isinstance(doc[k], str):
             raise ProductError(f"{k} must be a string", field=k)
     dev = doc.get("devices") or {}
-    if not isinstance(dev, dict) or set(dev) - {"ids", "globs", "groups"}:
-        raise ProductError("devices: a mapping of ids, globs and groups", field="devices")
+    if not isinstance(dev, dict) or set(dev) - {"ids", "globs", "groups", "share"}:
+        raise ProductError("devices: a mapping of ids, globs, groups and share", field="devices")
+    share = dev.get("share")
+    if share is not None:
+        if (not isinstance(share, list) or len(share) != 2
+                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in share)
+                or not 0 <= share[0] < share[1] <= 1):
+            raise ProductError("devices.share: [from, to) with 0 <= from < to <= 1", field="devices.share")
+        share = (float(share[0]), float(share[1]))
     tables = doc.get("tables") or {}
     if not isinstance(tables, dict) or set(tables) - {"hot", "lake"}:
         raise ProductError("tables: a mapping of hot and lake table lists", field="tables")
@@ -214,7 +233,7 @@ def parse_product(doc: Any) -> Product:
         name=name, owner=doc.get("owner") or "", description=doc.get("description") or "",
         schema_subject=doc.get("schema_subject"),
         devices=Selector(_strs(dev.get("ids"), "devices.ids"), _strs(dev.get("globs"), "devices.globs"),
-                         _strs(dev.get("groups"), "devices.groups")),
+                         _strs(dev.get("groups"), "devices.groups"), share),
         tables_hot=_strs(tables.get("hot"), "tables.hot") if "hot" in tables else DEFAULT_HOT_TABLES,
         tables_lake=_strs(tables.get("lake"), "tables.lake"),
         expected_interval_s=_num(doc.get("expected_interval_s"), "expected_interval_s", positive=True),
@@ -470,3 +489,46 @@ def readout(
 def _worst(values: Iterable[float | None]) -> float | None:
     vals = [v for v in values if v is not None]
     return max(vals) if vals else None
+
+
+def compare(canary: Product, canary_windows: Mapping[int, Mapping[str, Any]], canary_q: Mapping[str, Any],
+            control_windows: Mapping[int, Mapping[str, Any]], control_q: Mapping[str, Any]) -> dict[str, Any]:
+    """A canary product's quality against its control's, window by window (windows both have), for promotion.
+
+    Per window: each side's rates and the canary's minus the control's; per metric, the PSI of the canary's
+    histogram against the control's (the same bins: both declare the metric alike). ``verdict``: ``promote``
+    when the latest window both have closed meets every canary SLO and its drift against the control is
+    within ``slo.drift_psi`` (0.1 when not declared); ``hold`` otherwise; ``no_data`` without such a window.
+    """
+    rates = ("completeness", "null_rate", "out_of_range_rate", "duplicate_rate")
+    c_rows = {w["start_ms"]: w for w in canary_q["windows"]}
+    k_rows = {w["start_ms"]: w for w in control_q["windows"]}
+    out = []
+    for start in sorted(set(c_rows) & set(k_rows)):
+        c, k = c_rows[start], k_rows[start]
+        diff = {r: None if c[r] is None or k[r] is None else c[r] - k[r] for r in rates}
+        drift = {}
+        for spec in canary.metrics:
+            ch = canary_windows.get(start, {}).get("hist", {}).get(spec.name)
+            kh = control_windows.get(start, {}).get("hist", {}).get(spec.name)
+            drift[spec.name] = psi(kh, ch) if ch is not None and kh is not None else None
+        out.append({"start_ms": start, "closed": c["closed"] and k["closed"],
+                    "canary": {r: c[r] for r in (*rates, "new")}, "control": {r: k[r] for r in (*rates, "new")},
+                    "difference": diff, "drift_psi_vs_control": drift})
+    closed = [w for w in out if w["closed"]]
+    verdict, reasons = "no_data", ["no closed window both have"]
+    if closed:
+        last = closed[-1]
+        limit = canary.slo.get("drift_psi", 0.1)
+        reasons = []
+        for obj, threshold in canary.slo.items():
+            if obj in rates and (v := last["canary"][obj]) is not None:
+                ok = v >= threshold if OBJECTIVES[obj] == "min" else v <= threshold
+                if not ok:
+                    reasons.append(f"canary {obj} {v:.4g} breaks its objective ({OBJECTIVES[obj]} {threshold:g})")
+        for m, v in last["drift_psi_vs_control"].items():
+            if v is not None and v > limit:
+                reasons.append(f"{m} drifts from the control: PSI {v:.3f} > {limit:g}")
+        verdict = "hold" if reasons else "promote"
+    return {"canary": canary.name, "control": control_q["product"], "verdict": verdict, "reasons": reasons,
+            "windows": out}
