@@ -19,16 +19,17 @@ counts nothing. The API and the CLI read and change products through :class:`Pro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Final
 
 import numpy as np
 from numpy.typing import NDArray
 
 from fieldmesh.core.batch import ReadingColumns
-from fieldmesh.core.errors import ConflictError, NotFoundError
+from fieldmesh.core.errors import BackendError, ConflictError, NotFoundError
 from fieldmesh.store.access import HotTables
 from fieldmesh.store.alerts import _Con
 from fieldmesh.store.base import SqlTxn
@@ -271,20 +272,37 @@ class ProductTables(HotTables):
                 self._audit(con, actor, "product.update" if rows else "product.create", p.name, {"source": source})
         return counts
 
+    @contextlib.contextmanager
+    def _snapshot(self) -> Iterator[SqlTxn]:
+        """A read-only transaction: one consistent view, without taking SQLite's write lock (the processor's)."""
+        with self._lock:
+            self._reconnect_if_lost()
+            try:
+                if self._pg:
+                    with self._con.transaction():
+                        yield _Con(self._con, True)
+                    return
+                self._con.execute("BEGIN")  # deferred: a reader in WAL mode never waits for the writer
+                try:
+                    yield _Con(self._con, False)
+                finally:
+                    self._con.execute("ROLLBACK")
+            except self._db_errors as exc:
+                raise BackendError(f"{self.WHAT} unavailable: {exc}") from exc
+
     def quality(self, name: str, *, windows: int = 60, now_ms: int | None = None) -> dict[str, Any]:
         """The quality of one product (NotFoundError when there is none)."""
         product = parse_product({k: v for k, v in self.product(name).items()
                                  if k not in ("source", "updated_ms", "updated_by")})
-        with self._tx() as con:
-            return quality_of(_Con(con, self._pg), product, now_ms=now_ms, windows=windows)
+        with self._snapshot() as tx:
+            return quality_of(tx, product, now_ms=now_ms, windows=windows)
 
     def compare(self, canary: str, control: str, *, windows: int = 60, now_ms: int | None = None) -> dict[str, Any]:
         """A canary product's quality against its control's (:func:`fieldmesh.stream.quality.compare`)."""
         prods = {n: parse_product({k: v for k, v in self.product(n).items()
                                    if k not in ("source", "updated_ms", "updated_by")}) for n in (canary, control)}
         now = _now() if now_ms is None else now_ms
-        with self._tx() as con:
-            tx = _Con(con, self._pg)
+        with self._snapshot() as tx:
             qs = {n: quality_of(tx, p, now_ms=now, windows=windows) for n, p in prods.items()}
             raw = {n: {int(s): json.loads(b) for s, b in tx.execute(
                 "SELECT window_start_ms, body FROM product_windows WHERE product = ? AND window_start_ms >= ?",
@@ -293,8 +311,7 @@ class ProductTables(HotTables):
 
     def all_quality(self, *, windows: int = 2) -> list[dict[str, Any]]:
         """The quality of every product (for metrics: the newest windows only)."""
-        with self._tx() as con:
-            tx = _Con(con, self._pg)
+        with self._snapshot() as tx:
             _, products = load_products(tx)
             return [quality_of(tx, p, windows=windows) for p in products]
 
