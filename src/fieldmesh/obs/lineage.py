@@ -103,7 +103,11 @@ class Lineage:
         if store_url is not None:
             from fieldmesh.store.lineage import LineageTables
 
-            self._tables = LineageTables(store_url)
+            try:
+                self._tables = LineageTables(store_url)
+            except Exception as exc:  # lineage never stops a job: its events are then not kept
+                self.stats.store_failed += 1
+                log.warning("lineage: events will not be kept, the store cannot be opened: %s", exc)
         self._client: Any = None
         target = url or os.environ.get("OPENLINEAGE_URL")
         if target:
