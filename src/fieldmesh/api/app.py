@@ -11,9 +11,10 @@ every answer; the docs page (Swagger UI) is served from assets in the installed 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path as FsPath
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, TypeVar
 
 from fastapi import APIRouter, Body, FastAPI, HTTPException, Path, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
@@ -98,6 +99,7 @@ from fieldmesh.store.access import GROUP_RE
 from fieldmesh.store.alerts import AlertTables
 from fieldmesh.store.features import FeatureTables
 from fieldmesh.store.jobs import JobStore
+from fieldmesh.store.products import ProductTables
 from fieldmesh.store.registry import Device as RegisteredDevice
 from fieldmesh.store.registry import DeviceRegistry
 from fieldmesh.stream.alerts import RuleError, parse_rule
@@ -709,6 +711,18 @@ def create_app(
     app.include_router(twins_router(app.state.twins, viewer=viewer, operator=operator, visible=visible))
     app.include_router(registry_router(get_schema_registry, viewer=viewer, operator=operator, admin=admin))
     app.include_router(features_router(online_url, reader=all_devices, get_store=get_store))
+    # data products and their quality (docs/products.md)
+    from fieldmesh.api.products import products_router
+    from fieldmesh.obs.quality import QualityCollector
+
+    get_products = _opened_once(lambda: ProductTables(store_url), state, "products")
+    app.include_router(products_router(get_products, viewer=all_devices, operator=operator_all))
+    registry.register(QualityCollector(get_products))
+    from fieldmesh.api.lineage import lineage_router
+    from fieldmesh.store.lineage import LineageTables
+
+    app.include_router(lineage_router(_opened_once(lambda: LineageTables(store_url), state, "lineage"), get_store,
+                                      viewer=all_devices))
 
     registry.register(AuthCollector(lambda: acc.failures))
     registry.register(FeatureCollector(get_store))
@@ -767,6 +781,23 @@ def create_app(
     routes.extend(rt for rt in [*r.routes, *app.routes] if isinstance(rt, APIRoute))
     _check_guarded(routes, guards)
     return app
+
+
+T = TypeVar("T")
+
+
+def _opened_once(open_: Callable[[], T], state: dict[str, Any], key: str) -> Callable[[], T]:
+    """``open_()`` on the first call, kept in ``state[key]`` (closed with the app's other handles)."""
+    lock = threading.Lock()
+
+    def get() -> T:
+        with lock:
+            if state.get(key) is None:
+                state[key] = open_()
+            got: T = state[key]
+            return got
+
+    return get
 
 
 _AUTH_RESPONSES: Final = {

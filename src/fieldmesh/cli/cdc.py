@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -45,6 +46,10 @@ def cdc(
     ),
     batch_size: int = typer.Option(8000, "--batch-size", help="changes per bus send"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
+    lineage_store: str | None = typer.Option(
+        None, "--lineage-store", envvar="FIELDMESH_STORE_URL",
+        help="hot store keeping the capture's OpenLineage run events (sent to OPENLINEAGE_URL when set; "
+             "docs/lineage.md)"),
 ) -> None:
     """Snapshot the tables, then stream every committed change to ``fm.cdc.<db>.<schema>.<table>``."""
     from fieldmesh.cdc.runner import install_signal_handlers, run_cdc
@@ -57,6 +62,16 @@ def cdc(
     async def go() -> None:
         stop = asyncio.Event()
         install_signal_handlers(stop)
+        async with contextlib.AsyncExitStack() as runs:
+            from fieldmesh.runtime.lineage import cdc_lineage
+
+            lineage = cdc_lineage(source, tables, bus_url, lineage_store)
+            if lineage is not None:
+                runs.callback(lineage[0].close)
+                await runs.enter_async_context(lineage[0].run("fieldmesh.cdc", inputs=lineage[1], outputs=lineage[2]))
+            await capture(stop)
+
+    async def capture(stop: asyncio.Event) -> None:
         await run_cdc(
             source,
             tables,

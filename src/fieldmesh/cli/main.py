@@ -50,6 +50,14 @@ FeaturesOpt = Annotated[Path | None, typer.Option(
 OnlineUrlOpt = Annotated[str | None, typer.Option(
     "--online-url", help="online feature store: redis://host:port/db?prefix=fm (default: SQLite features.db in "
     "the data dir) [env FIELDMESH__FEATURES__ONLINE_URL]")]
+ProductsOpt = Annotated[
+    Path | None,
+    typer.Option("--products", help="data products: a YAML list, loaded into the store at start (docs/products.md)"),
+]
+LineageUrlOpt = Annotated[str | None, typer.Option(
+    "--lineage-url", envvar="OPENLINEAGE_URL",
+    help="send OpenLineage run events to this HTTP endpoint (as the standard client's OPENLINEAGE_URL; they are "
+         "kept in the hot store either way, docs/lineage.md)")]
 RequireRegistration = Annotated[bool, typer.Option(
     "--require-registration", help="refuse devices not registered as active in the device registry (DLQ "
     "unknown_device; suspended or retired: unauthorized) [env FIELDMESH__GATEWAY__REQUIRE_REGISTRATION]")]
@@ -130,6 +138,8 @@ def up(
     rules: RulesOpt = None,
     features: FeaturesOpt = None,
     online_url: OnlineUrlOpt = None,
+    products: ProductsOpt = None,
+    lineage_url: LineageUrlOpt = None,
     door: Annotated[str | None, typer.Option(
         help="MQTT door: nats (MQTT 3.1.1, PUBACK after JetStream stored it; the default, auto) or mosquitto "
              "(MQTT 3.1.1 and 5, PUBACK from Mosquitto's memory) [env FIELDMESH__GATEWAY__DOOR]")] = None,
@@ -186,7 +196,8 @@ def up(
                              **({"gateway": gw} if gw else {}),
                              **({"lake": lake_kw} if lake_kw else {}),
                              **_enrich_kw(enrich, None), **({"cdc": cdc} if cdc else {}), **_rules_kw(rules),
-                             **_features_kw(features, online_url))
+                             **_features_kw(features, online_url), **_products_kw(products),
+                             **({"lineage": {"url": lineage_url}} if lineage_url else {}))
         opts = UpOptions(
             data_dir=data_dir, mqtt_url=mqtt_url, bus_url=bus_url,
             # a port left to its default gives way to a free one when taken; a chosen one is an error then
@@ -306,7 +317,7 @@ def gateway(
                              **({"gateway": {"require_registration": True}} if require_registration else {}))
         asyncio.run(run_gateway(bus_url=bus_url, mqtt_url=mqtt_url, client_id=client_id, ingest_urls=ingest_url,
                                 settings=settings, registry_url=store_url,
-                                schemas_url=store_url))
+                                schemas_url=store_url, lineage_store=store_url))
     except FieldmeshError as exc:
         _fail(exc)
 
@@ -326,6 +337,8 @@ def process(
     rules: RulesOpt = None,
     features: FeaturesOpt = None,
     online_url: OnlineUrlOpt = None,
+    products: ProductsOpt = None,
+    lineage_url: LineageUrlOpt = None,
     retry_for: Annotated[float, typer.Option(
         min=0, help="keep retrying an unreachable bus or store (with backoff) for this many seconds")] = 120.0,
     metrics_port: MetricsPort = None,
@@ -340,7 +353,8 @@ def process(
     _role_logging("process")
     _serve_metrics(metrics_port, metrics_host)
     settings = _settings(bus={"partitions": total_partitions}, **_enrich_kw(enrich, enrich_db), **_rules_kw(rules),
-                         **_features_kw(features, online_url))
+                         **_features_kw(features, online_url), **_products_kw(products),
+                         **({"lineage": {"url": lineage_url}} if lineage_url else {}))
     _with_retries(lambda: asyncio.run(run_processor(bus_url=bus_url, store_url=store_url, partitions=owned,
                                                     group=group, settings=settings)), retry_for)
 
@@ -428,6 +442,20 @@ def _rules_kw(rules: Path | None) -> dict[str, Any]:
     except (OSError, RuleError) as exc:
         _fail(ConfigError(f"--rules {rules}: {exc}", key="alerts.rules_file"))
     return {"alerts": {"rules_file": path}}
+
+
+def _products_kw(products: Path | None) -> dict[str, Any]:
+    """Settings keywords of ``--products`` (the file is read and checked here, so a bad product stops the start)."""
+    if products is None:
+        return {}
+    from fieldmesh.stream.quality import ProductError, products_from_yaml
+
+    path = products.resolve()
+    try:
+        products_from_yaml(path.read_text())
+    except (OSError, ProductError) as exc:
+        _fail(ConfigError(f"--products {products}: {exc}", key="products.products_file"))
+    return {"products": {"products_file": path}}
 
 
 def _enrich_kw(specs: list[str] | None, database: str | None) -> dict[str, Any]:
@@ -634,7 +662,7 @@ def keys_revoke(
 for _name, _module in (("ca", "fieldmesh.cli.ca"), ("cdc", "fieldmesh.cli.cdc"), ("devices", "fieldmesh.cli.devices"),
                        ("edge", "fieldmesh.edge.cli"), ("jobs", "fieldmesh.cli.jobs"), ("lake", "fieldmesh.cli.lake"),
                        ("schemas", "fieldmesh.cli.schemas"), ("grafana", "fieldmesh.cli.grafana"),
-                       ("twins", "fieldmesh.cli.twins")):
+                       ("twins", "fieldmesh.cli.twins"), ("products", "fieldmesh.cli.products")):
     try:
         _sub = importlib.import_module(_module)
     except ImportError:

@@ -124,6 +124,20 @@ class FeatureSettings(BaseModel, frozen=True):
     def online(self, data_dir: Path) -> str:
         """The online store's URL (the SQLite default under ``data_dir``)."""
         return self.online_url or f"sqlite:///{Path(data_dir).resolve() / 'features.db'}"
+class ProductSettings(BaseModel, frozen=True):
+    """Data products whose quality the processor counts (docs/products.md)."""
+
+    enabled: bool = Field(True, description="count the quality of the data products stored in the hot store")
+    products_file: Path | None = Field(None, description="a YAML list of data products, loaded into the store at start")
+
+
+class LineageSettings(BaseModel, frozen=True):
+    """OpenLineage run events of the gateway, processor, sinks and CDC (docs/lineage.md)."""
+
+    enabled: bool = Field(True, description="emit run events (kept in the hot store; sent when url is set)")
+    url: str | None = Field(None, description="an OpenLineage HTTP endpoint (default: the OPENLINEAGE_URL variable)")
+    namespace: str = Field("fieldmesh", min_length=1, description="the jobs' OpenLineage namespace")
+    interval_s: float = Field(60.0, gt=0, description="seconds between RUNNING events of a running job")
 
 
 class RuntimeSettings(BaseModel, frozen=True):
@@ -325,6 +339,8 @@ class Settings(BaseSettings):
     lake: LakeSettings = LakeSettings()
     alerts: AlertSettings = AlertSettings()
     features: FeatureSettings = FeatureSettings()
+    products: ProductSettings = ProductSettings()
+    lineage: LineageSettings = LineageSettings()
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -354,7 +354,7 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
                          else await stack.enter_async_context(load_bus(door_url or "")))
             await ensure_topics(bus, settings)
             if settings.cdc.source is not None:
-                cdc = await _start_cdc(bus, bus_url, settings, data_dir, logs)
+                cdc = await _start_cdc(bus, bus_url, settings, data_dir, logs, store_url)
                 children.append(cdc)
                 console.print(f"CDC: tables {settings.cdc.tables} captured into the bus "
                               f"(snapshot done; log {cdc.log_path})")
@@ -380,7 +380,7 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
                       "client_id": f"fm-gw-{settings.gateway.share_group}-{zlib.crc32(str(data_dir).encode()):08x}",
                       # the schema registry (payloads written against a registered schema) and the device
                       # registry live in the hot store
-                      "schemas_url": store_url,
+                      "schemas_url": store_url, "lineage_store": store_url,  # its lineage events (docs/lineage.md)
                       **({"registry_url": store_url} if settings.gateway.require_registration else {})}
             if door_child is not None:
                 await asyncio.to_thread(ensure_session, opts.mqtt_port, client_id=str(gw_cfg["client_id"]),
@@ -989,7 +989,8 @@ def _captured(settings: Settings) -> dict[str, str]:
     return out
 
 
-async def _start_cdc(bus: Bus, bus_url: str, settings: Settings, data_dir: Path, logs: Path) -> _Child:
+async def _start_cdc(bus: Bus, bus_url: str, settings: Settings, data_dir: Path, logs: Path,
+                     store_url: str | None = None) -> _Child:
     """Start the CDC capture and wait for its initial snapshot to be on the bus.
 
     The processor starts after this, so it never enriches from a partial snapshot. The topics of the
@@ -1015,7 +1016,8 @@ async def _start_cdc(bus: Bus, bus_url: str, settings: Settings, data_dir: Path,
         [sys.executable, "-m", "fieldmesh.cdc", "--tables", ",".join(captured), "--bus-url", bus_url,
          "--name", cdc.name, "--state-dir", str(state_dir), "--partitions", str(cdc.partitions)],
         logs / "cdc.log",
-        env={**os.environ, "FIELDMESH_CDC_SOURCE": cdc.source.get_secret_value()},
+        env={**os.environ, "FIELDMESH_CDC_SOURCE": cdc.source.get_secret_value(),
+             **({"FIELDMESH_STORE_URL": store_url} if store_url else {})},  # its lineage events (docs/lineage.md)
     )
     child.start()
     deadline = time.monotonic() + cdc.snapshot_timeout_s

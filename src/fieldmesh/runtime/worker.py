@@ -18,8 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from fieldmesh.bus import Bus, TopicSpec, load_bus
+from fieldmesh.core.errors import ConfigError
 from fieldmesh.core.settings import Settings, load_settings
 from fieldmesh.core.topics import DLQ_TOPIC, READINGS_TOPIC
+from fieldmesh.obs.lineage import Dataset, bus_namespace
+from fieldmesh.runtime.lineage import gateway_datasets, lake_datasets, open_lineage, processor_outputs
 
 __all__ = ["ensure_topics", "run_gateway", "run_processor"]
 
@@ -58,7 +61,7 @@ async def run_gateway(
     *, bus_url: str, mqtt_url: str | None, settings: Settings, stop: asyncio.Event | None = None,
     client_id: str | None = None, sole: bool = False, ingest_urls: list[str] | None = None,
     ingest_bus_url: str | None = None, registry_url: str | None = None, schemas_url: str | None = None,
-    mqtt_auth_file: str | None = None,
+    mqtt_auth_file: str | None = None, lineage_store: str | None = None,
 ) -> None:
     """Run a gateway: from an MQTT broker and/or ingest topics (``ingest_urls``: Kafka topics, NATS
     subjects), else from the embedded ingest stream (on ``ingest_bus_url``, the embedded
@@ -69,7 +72,8 @@ async def run_gateway(
     against a registered schema (docs/schemas.md); without it such payloads are ``unknown_schema``.
     The sources share one admission (registry view and rate limits). ``mqtt_auth_file`` (JSON
     ``{"user", "password"}``) holds the broker credentials, kept off the command line (``fieldmesh up``
-    passes its internal user this way to the Mosquitto door)."""
+    passes its internal user this way to the Mosquitto door). ``lineage_store``: the hot store keeping
+    the gateway's OpenLineage run events (docs/lineage.md); None: no events."""
     from fieldmesh.gateway.admission import build_admission
     from fieldmesh.gateway.gateway import Gateway
     from fieldmesh.gateway.ingress import load_ingest
@@ -103,6 +107,10 @@ async def run_gateway(
             for source in sources:
                 await source.start()
                 started.append(source)
+            if (lineage := open_lineage(settings, lineage_store)) is not None:
+                stack.callback(lineage.close)
+                ins, outs = gateway_datasets(bus_url, mqtt_url, ingest_urls)
+                await stack.enter_async_context(lineage.run("fieldmesh.gateway", inputs=ins, outputs=outs))
             async with asyncio.TaskGroup() as tg:
                 if admission is not None and admission.registered is not None:
                     tg.create_task(admission.registered.run(stop), name="gateway-registry")
@@ -156,6 +164,7 @@ async def run_processor(
                  settings.lake.commit_interval_s)
     store = load_store(store_url)
     notifier = None
+    lineage = open_lineage(settings, store_url)
     rules_file = None
     try:
         if settings.alerts.enabled and settings.alerts.rules_file is not None:  # loaded again when it changes
@@ -165,24 +174,36 @@ async def run_processor(
         alerts, notifier = _alerting(store, store_url, settings, rules_file)
         if rules_file is not None:
             rules_file.start()
+        products = _products(store, store_url, settings)
         sinks.extend(_features(store, settings, sinks, partitions))
         async with load_bus(bus_url) as bus:
             await ensure_topics(bus, settings)
             proc = Processor(bus=bus, store=store, settings=settings.processor, group=group,
                              partitions=partitions, total_partitions=settings.bus.partitions,
                              enricher=enrichment.enricher if enrichment else None, sinks=sinks,
-                             alerts=alerts, alert_tick_s=settings.alerts.tick_s)
+                             alerts=alerts, alert_tick_s=settings.alerts.tick_s, products=products)
             if notifier is not None:  # the notifier's transactions take turns with the batches
                 notifier.run_store = proc.in_apply_thread
                 notifier.submit_store = proc.submit_in_apply_thread
             log.info("processor running: %s -> %s (partitions %s)", bus_url, store_url, partitions or "all")
-            if enrichment is None:
-                await proc.run(stop)
-            else:
-                await enrichment.run(bus, proc.run, stop, follower_group=follower_group(group, partitions))
+            async with contextlib.AsyncExitStack() as runs:  # lineage: one OpenLineage run per job
+                if lineage is not None:
+                    await runs.enter_async_context(lineage.run(
+                        "fieldmesh.processor", inputs=[Dataset(bus_namespace(bus_url), READINGS_TOPIC),
+                                                       Dataset(bus_namespace(bus_url), DLQ_TOPIC)],
+                        outputs=processor_outputs(store_url)))
+                    if lake_dir is not None:
+                        ins, outs = lake_datasets(settings, bus_url, lake_dir)
+                        await runs.enter_async_context(lineage.run("fieldmesh.sink.lake", inputs=ins, outputs=outs))
+                if enrichment is None:
+                    await proc.run(stop)
+                else:
+                    await enrichment.run(bus, proc.run, stop, follower_group=follower_group(group, partitions))
     finally:
         if rules_file is not None:
             rules_file.stop()
+        if lineage is not None:
+            lineage.close()
         if notifier is not None:
             notifier.stop()
         for sink in sinks:
@@ -251,6 +272,32 @@ def _features(store: Any, settings: Settings, sinks: list[Any], partitions: list
     online = load_online_store(url, ttl_ms={v.name: v.ttl_ms for v in views})
     log.info("features: %d views from %s, online store %s", len(views), f.views_file, _redact(url))
     return [FeatureStage(store=store, views=views, online=online, partitions=partitions)]
+
+
+def _products(store: Any, store_url: str, settings: Settings) -> Any:
+    """The processor's data-product stage (docs/products.md); the products file loaded into the store first."""
+    from fieldmesh.store.products import ProductTables
+    from fieldmesh.stream.products import ProductEngine
+    from fieldmesh.stream.quality import ProductError, products_from_yaml
+
+    ps = settings.products
+    if not ps.enabled:
+        return None
+    if ps.products_file is not None:
+        path = ps.products_file.resolve()
+        try:
+            products = products_from_yaml(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read the products file {path}: {exc}", key="products.products_file") from exc
+        except ProductError as exc:
+            raise ConfigError(f"{path}: {exc}", key="products.products_file") from exc
+        tables = ProductTables(store_url)
+        try:
+            counts = tables.apply(products, actor="file", source=f"file:{path}")
+        finally:
+            tables.close()
+        log.info("data products from %s: %d (%s)", path, len(products), counts)
+    return ProductEngine(store)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -63,6 +63,7 @@ from fieldmesh.store.base import INTERVALS, ApplyResult, HotStore, HotTxn, Posit
 from fieldmesh.stream.alerting import AlertEngine
 from fieldmesh.stream.base import DecodedBatch, EnrichFn, StreamEngine, StreamState
 from fieldmesh.stream.engines import ENGINES
+from fieldmesh.stream.products import ProductEngine
 
 __all__ = ["Enricher", "Processor", "ProcessorStats"]
 
@@ -110,6 +111,7 @@ class Processor:
         sinks: Sequence[Sink] = (),
         alerts: AlertEngine | None = None,
         alert_tick_s: float = 1.0,
+        products: ProductEngine | None = None,
     ) -> None:
         self.bus = bus
         self.store = store
@@ -125,6 +127,8 @@ class Processor:
         # alert rules evaluated in each batch's transaction (stream/alerting.py); absence every alert_tick_s
         self.alerts = alerts
         self.alert_tick_s = alert_tick_s
+        # data-product quality counters, added in each batch's transaction (stream/products.py)
+        self.products = products
         self.engine: StreamEngine = ENGINES[settings.engine]
         self._enrich: EnrichFn | None = _enrich_fn(enricher) if enricher is not None else None
         self._sink_applied: list[dict[Position, int] | None] = [None] * len(self.sinks)  # loaded on first use
@@ -201,6 +205,7 @@ class Processor:
         if batch.positions:
             alerted: list[Any] = []
             alert_s = [0.0]
+            touched: list[int] = []
 
             def build(txn: HotTxn) -> BatchResult:
                 decided = self._decide(batch, state, txn)
@@ -212,6 +217,8 @@ class Processor:
                     else:
                         alerted[:] = [self.alerts.in_txn(txn, decided, state.device_watermarks)]
                     alert_s[0] = time.perf_counter() - t
+                if self.products is not None:  # so do the products' quality counters
+                    touched[:] = [self.products.in_txn(txn, batch.cols, decided.new)]
                 return decided
 
             traced = tracing.enabled()
@@ -228,6 +235,8 @@ class Processor:
                           alert_s[0] if self.alerts is not None else None)
             if self.alerts is not None and alerted:
                 self.alerts.committed(alerted[0])
+            if self.products is not None and touched:
+                self.products.committed(touched[0])
             self._positions.update(result.positions)
             self._watermarks.update(result.watermarks)
             self._device_wm.update(result.device_watermarks)
