@@ -63,6 +63,26 @@ ROLE_OF = {
     ("put", "/api/v1/rules/{name}"): "operator",
     ("get", "/api/v1/whoami"): "viewer",
     ("get", "/api/v1/features/{entity}"): "viewer",  # of every device: an entity may span devices
+    # jobs and rollouts (docs/rollouts.md): they may reach any device, so every device's role
+    ("get", "/api/v1/jobs"): "viewer",
+    ("post", "/api/v1/jobs"): "operator",
+    ("get", "/api/v1/jobs/{job_id}"): "viewer",
+    ("get", "/api/v1/jobs/{job_id}/executions"): "viewer",
+    ("post", "/api/v1/jobs/{job_id}/cancel"): "operator",
+    ("get", "/api/v1/rollouts"): "viewer",
+    ("post", "/api/v1/rollouts"): "operator",
+    ("get", "/api/v1/rollouts/{rollout_id}"): "viewer",
+    ("post", "/api/v1/rollouts/{rollout_id}/cancel"): "operator",
+    # data products and lineage (docs/products.md, docs/lineage.md): sums over many devices
+    ("get", "/api/v1/products"): "viewer",
+    ("post", "/api/v1/products"): "operator",
+    ("get", "/api/v1/products/{name}"): "viewer",
+    ("put", "/api/v1/products/{name}"): "operator",
+    ("delete", "/api/v1/products/{name}"): "operator",
+    ("get", "/api/v1/products/{name}/quality"): "viewer",
+    ("get", "/api/v1/products/{name}/compare"): "viewer",
+    ("get", "/api/v1/lineage"): "viewer",
+    ("get", "/api/v1/lineage/events"): "viewer",
     ("get", "/api/v1/keys"): "admin",
     ("post", "/api/v1/keys"): "admin",
     ("delete", "/api/v1/keys/{key_id}"): "admin",
@@ -185,7 +205,10 @@ def _request(c: TestClient, method: str, path: str, token: str | None = None, *,
     subject = "s-absent" if method == "delete" else "s-auth"
     url = (path.replace("{device_id}", "p1-a").replace("{key_id}", "0123456789ab").replace("{subject}", subject)
            .replace("{version}", "1").replace("{schema_id}", "1").replace("{alert_id}", "4242")
-           .replace("{name}", "hot").replace("{entity}", "p1-a?views=pump_stats"))
+           .replace("{name}", "hot").replace("{entity}", "p1-a?views=pump_stats")
+           .replace("{job_id}", "j-absent").replace("{rollout_id}", "r-absent"))
+    if path.endswith("/compare"):
+        url += "?control=cold"
     headers = {}
     if token is not None:
         headers = {"Authorization": f"Bearer {token}"} if header == "bearer" else {"X-API-Key": token}
@@ -200,6 +223,12 @@ def _request(c: TestClient, method: str, path: str, token: str | None = None, *,
         ("put", "/api/v1/rules/{name}"): {"kind": "absence", "after_s": 60},
         ("post", "/api/v1/provision/tokens"): {"device_id": "p1-a"},
         ("post", "/api/v1/ca/revoke"): {"serial": "0123456789abcdef"},  # no such certificate: 404
+        ("post", "/api/v1/jobs"): {"document": {"op": "report"}, "targets": {"devices": ["p1-a"]}},
+        # a manifest whose signature no trusted key made: 400, after the role was checked
+        ("post", "/api/v1/rollouts"): {"rollout_id": "r1", "artifact": {"kind": "model"},
+                                       "targets": {"devices": ["p1-a"]}},
+        ("post", "/api/v1/products"): {"name": f"p-{secrets.token_hex(4)}", "owner": "ops"},  # a new one: 201
+        ("put", "/api/v1/products/{name}"): {"name": "hot", "owner": "ops"},  # no product 'hot': 404
     }.get((method, path))
     if path.startswith("/api/v1/registry/") and method in ("post", "put"):
         body = {"/config": {"compatibility": "BACKWARD"}, "/mode": {"mode": "READWRITE"}}.get(
@@ -272,7 +301,8 @@ def test_every_operation_needs_a_credential_and_its_role(app: Any, store_url: st
             r = _request(c, method, path, made[BELOW[role]], header="x-api-key")
             assert r.status_code == 403 and role in r.json()["detail"], (path, r.text)
         ok = _request(c, method, path, made[role], header="x-api-key")
-        assert ok.status_code in (200, 201, 404, 501), (method, path, ok.text)  # 404: key 0123456789ab
+        allowed = (200, 201, 404, 501) if (method, path) != ("post", "/api/v1/rollouts") else (400,)
+        assert ok.status_code in allowed, (method, path, ok.text)  # 404: key 0123456789ab
         jwt_ok = _request(c, method, path, issuer.token(kid, fieldmesh_role=[role, "unrelated"]))
         assert jwt_ok.status_code == ok.status_code, (method, path, jwt_ok.text)
 
