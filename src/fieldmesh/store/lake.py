@@ -56,7 +56,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PROP_FLUSH", "PROP_POSITIONS", "TABLES", "LakeError", "LakeSink", "catalog_properties", "compact",
-    "expire", "lake_info", "lake_lag", "open_catalog",
+    "committed_snapshots", "expire", "lake_info", "lake_lag", "open_catalog",
 ]
 
 log = logging.getLogger(__name__)
@@ -263,6 +263,33 @@ def _state_of(table: Table) -> tuple[int | None, dict[Position, int]]:
     for _, props in _tagged_ancestors(table):
         return int(props[PROP_FLUSH]), _decode_positions(props[PROP_POSITIONS])
     return None, {}
+
+
+def committed_snapshots(catalog: Catalog, namespace: str) -> tuple[int | None, dict[str, int | None]]:
+    """The flush committed to **every** table, and per table the snapshot id that holds it (None: no table or
+    no such snapshot).
+
+    A flush in some tables only is rolled back when the sink opens (module docstring), so what a reader may
+    rely on for good (retention deleting the hot copy) is the lowest flush over the tables, read at each
+    table's latest snapshot of that flush or an earlier one.
+    """
+    tables: dict[str, Table] = {}
+    latest: list[int] = []
+    for name in TABLES:
+        ident = f"{namespace}.{name}"
+        if not catalog.table_exists(ident):
+            return None, dict.fromkeys(TABLES)
+        t = catalog.load_table(ident)
+        flush, _ = _state_of(t)
+        if flush is None:
+            return None, dict.fromkeys(TABLES)
+        tables[name] = t
+        latest.append(flush)
+    common = min(latest)
+    out: dict[str, int | None] = {}
+    for name, t in tables.items():
+        out[name] = next((s.snapshot_id for s, p in _tagged_ancestors(t) if int(p[PROP_FLUSH]) <= common), None)
+    return common, out
 
 
 def _props(flush: int, positions: Mapping[Position, int]) -> dict[str, str]:
