@@ -7,16 +7,23 @@ holds and is old, and reads across the retention boundary must equal :mod:`fmtes
 
 from __future__ import annotations
 
+import json
 import random
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 from tests.store.test_sink_behaviour import readings_of, records
+from typer.testing import CliRunner
 
+from fieldmesh.api.app import create_app
+from fieldmesh.cli.main import app as cli
+from fieldmesh.core.codec import decode_telemetry, encode_reading_json
 from fieldmesh.core.errors import ConfigError
 from fieldmesh.core.settings import LakeSettings, ProcessorSettings, RetentionSettings
-from fieldmesh.store import HotStore
+from fieldmesh.store import HotStore, load_store
 from fieldmesh.store.lake import LakeSink, open_catalog
 from fieldmesh.store.tiers import LakeCopy, TieredReads, boundaries, prune
 from fieldmesh.stream.processor import Processor
@@ -33,10 +40,10 @@ def lake_settings() -> LakeSettings:
     return LakeSettings(commit_interval_s=3600.0)  # commits on flush() only
 
 
-def items_over(seed: int, n: int, days: float) -> list[tuple[str, dict[str, Any]]]:
+def items_over(seed: int, n: int, days: float, now: int = NOW) -> list[tuple[str, dict[str, Any]]]:
     """Distinct readings (distinct event times, so "newest first" has one answer) over the last ``days``."""
     rnd = random.Random(seed)
-    ts = rnd.sample(range(NOW - int(days * DAY), NOW), n)
+    ts = rnd.sample(range(now - int(days * DAY), now), n)
     out = []
     for i, t in enumerate(ts):
         r: dict[str, Any] = {"ts": t, "seq": seed * 100_000 + i,
@@ -46,6 +53,18 @@ def items_over(seed: int, n: int, days: float) -> list[tuple[str, dict[str, Any]
             r["event_id"] = f"e{seed}-{i}"
         out.append((rnd.choice(["d1", "d2", "d-3"]), r))
     return sorted(out, key=lambda x: x[1]["ts"])  # in time order, as devices send
+
+
+def readings_now(items: list[tuple[str, dict[str, Any]]], received_ms: int) -> list[Any]:
+    """As ``readings_of``, received at ``received_ms`` (the gateway refuses event times far ahead of it)."""
+    out = []
+    for dev, r in items:
+        extra = {k: r[k] for k in ("event_id", "boot_id") if k in r}
+        p = encode_reading_json(dev, r["ts"], r["measurements"], r.get("seq"), **extra)
+        res = decode_telemetry(p, device_id=dev, topic=f"devices/{dev}/telemetry", received_ms=received_ms)
+        assert not res.rejects, res.rejects
+        out.extend(res.readings)
+    return out
 
 
 def apply(proc: Processor, recs: list[Any], per_batch: int = 3) -> None:
@@ -187,3 +206,47 @@ def test_retention_refuses_without_the_lake_unless_told(store: HotStore) -> None
     reads = TieredReads(store, open_catalog=None)
     assert got_raw(reads, None, None, 10**6) == [x for x in expected_raw(items, None, None)
                                                  if (x[0], x[1]) in hot_raw_keys(store)]
+
+
+def test_prune_command_and_the_api_read_across_the_tiers(tmp_path: Path) -> None:
+    """``fieldmesh store prune`` on a data dir (dry run first), then the API's raw and rollup reads across the cut."""
+    now = int(time.time() * 1000)
+    items = items_over(4, 400, 10, now)
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    store = load_store(url)
+    sink = LakeSink(settings=lake_settings(), data_dir=tmp_path)
+    apply(Processor(bus=None, store=store, settings=ProcessorSettings(), sinks=[sink]), records(  # type: ignore[arg-type]
+        readings_now(items, now), [6]))
+    sink.close()
+    before = hot_raw_keys(store)
+    store.close()
+    run = CliRunner().invoke
+    args = ["store", "prune", "--data-dir", str(tmp_path), "--raw-days", "4", "--rollup-1m-days", "6", "--json"]
+    dry = {r["tier"]: r for r in json.loads(run(cli, [*args, "--dry-run"]).stdout)}
+    assert dry["raw"]["deleted"] > 0 and dry["raw"]["held"] == 0 and dry["raw"]["dry_run"]
+    store = load_store(url, readonly=True)
+    assert hot_raw_keys(store) == before and boundaries(store) == {}
+    out = run(cli, args)
+    assert out.exit_code == 0, out.output
+    done = {r["tier"]: r for r in json.loads(out.stdout)}
+    assert done["raw"]["deleted"] == dry["raw"]["deleted"] and done["rollup_1m"]["deleted"] > 0
+    assert len(hot_raw_keys(store)) < len(before)
+    cut = done["raw"]["cut_ms"]
+    client = TestClient(create_app(url, lake=(lake_settings(), tmp_path)))
+    raw = client.get("/api/v1/telemetry/raw", params={"start": str(cut - 2 * DAY), "end": str(cut + DAY),
+                                                      "limit": 100_000}).json()
+    assert [(r["device_id"], r["ts_ms"], r.get("seq")) for r in raw] == expected_raw(items, cut - 2 * DAY, cut + DAY)
+    top = client.get("/api/v1/telemetry/raw", params={"device_id": "d1", "metric": "t", "limit": 30}).json()
+    by_ts = {r["ts"]: r for d, r in items if d == "d1"}
+    want = [x for x in expected_raw(items, None, None, "d1") if "t" in by_ts[x[1]]["measurements"]][:30]
+    assert [(r["device_id"], r["ts_ms"], r.get("seq")) for r in top] == want
+    assert all(set(r["measurements"]) == {"t"} for r in top)
+    exp = oracle.rollups(items, "1m")
+    rows = client.get("/api/v1/telemetry/rollups", params={"interval": "1m", "limit": 100_000}).json()
+    assert {(r["device_id"], r["metric"], r["window_start_ms"]): (r["count"], r["sum"], r["avg"]) for r in rows} == {
+        k: (e["count"], e["sum"], e["avg"]) for k, e in exp.items()}
+    # the hot store alone no longer has the old part
+    hot_only = TestClient(create_app(url)).get("/api/v1/telemetry/raw", params={"limit": 100_000}).json()
+    assert len(hot_only) < len(oracle.unique_readings(items)) == len(raw) + len(expected_raw(items, None, cut - 2 * DAY)
+                                                                           ) + len(expected_raw(items, cut + DAY, None))
+    store.close()

@@ -82,6 +82,7 @@ from fieldmesh.core.errors import (
     PermissionDenied,
     RowsRejected,
 )
+from fieldmesh.core.settings import LakeSettings
 from fieldmesh.core.topics import DEVICE_ID_RE
 from fieldmesh.schema.base import RegistryError
 from fieldmesh.schema.registry import SchemaRegistry
@@ -90,6 +91,7 @@ from fieldmesh.store.access import GROUP_RE
 from fieldmesh.store.alerts import AlertTables
 from fieldmesh.store.registry import Device as RegisteredDevice
 from fieldmesh.store.registry import DeviceRegistry
+from fieldmesh.store.tiers import TieredReads
 from fieldmesh.stream.alerts import SEVERITIES, RuleError, parse_rule
 
 __all__ = ["DEVICE_ROUTES", "OPEN_ROUTES", "create_app", "parse_time"]
@@ -242,6 +244,7 @@ def create_app(
     provisioner: Provisioner | None = None,
     schema_registry: SchemaRegistry | None = None,
     door_refused: Callable[[], dict[str, int]] | None = None,
+    lake: tuple[LakeSettings, FsPath] | None = None,
 ) -> FastAPI:
     """Build the API app over the hot store at ``store_url``.
 
@@ -253,6 +256,8 @@ def create_app(
     ``schema_registry``: the schema registry (by default opened on first use over the same store).
     ``door_refused`` gives what the MQTT door refused by reason (``fieldmesh up``:
     :class:`fieldmesh.runtime.doorlog.DoorRefusals`), served in ``/stats`` and ``/metrics``.
+    ``lake``: the lake's settings and data dir; the raw and rollup reads then reach below the hot store's
+    retention cut into the lake (:class:`fieldmesh.store.tiers.TieredReads`).
     """
     acc = access if access is not None else Access(store_url)
     # FastAPIOffline: a FastAPI whose Swagger UI page loads its JS/CSS from the package, not a CDN
@@ -278,6 +283,23 @@ def create_app(
                 raise HTTPException(503, f"store not ready: {exc}") from None
         s: HotStore = state["store"]
         return s
+
+    def get_reads() -> HotStore | TieredReads:
+        """The raw and rollup reads: across the tiers when there is a lake."""
+        store = get_store()
+        if lake is None:
+            return store
+        reads: TieredReads | None = state.get("tiers")
+        if reads is None or reads.store is not store:
+            settings, lake_dir = lake
+
+            def catalog() -> Any:
+                from fieldmesh.store.lake import open_catalog
+
+                return open_catalog(settings, lake_dir)
+
+            reads = state["tiers"] = TieredReads(store, open_catalog=catalog, namespace=settings.namespace)
+        return reads
 
     def get_schema_registry() -> SchemaRegistry:
         if state["schema_registry"] is None:
@@ -605,7 +627,7 @@ def create_app(
         end: Annotated[str | None, time_query("readings before")] = None, limit: Limit = 1000,
         p: Principal = viewer,
     ) -> list[dict[str, Any]]:
-        return get_store().raw(device_id=visible(p, _device(device_id)), metric=check_metric(metric),
+        return get_reads().raw(device_id=visible(p, _device(device_id)), metric=check_metric(metric),
                                start_ms=parse_time(start, "start"), end_ms=parse_time(end, "end"), limit=limit)
 
     @r.get("/telemetry/rollups", response_model=None, responses={200: {"model": list[RollupRow]}, **BAD_PARAMETER})
@@ -617,7 +639,7 @@ def create_app(
         limit: Limit = 10_000,
         p: Principal = viewer,
     ) -> list[dict[str, Any]]:
-        return get_store().rollups(interval=interval, device_id=visible(p, _device(device_id)),
+        return get_reads().rollups(interval=interval, device_id=visible(p, _device(device_id)),
                                    metric=check_metric(metric), start_ms=parse_time(start, "start"),
                                    end_ms=parse_time(end, "end"), limit=limit)
 

@@ -123,6 +123,15 @@ def up(
     lake_commit_interval: Annotated[float | None, typer.Option(
         min=0.01, help="seconds between lake commits at most (default 60) [env FIELDMESH__LAKE__COMMIT_INTERVAL_S]")
     ] = None,
+    retention_raw_days: Annotated[float | None, typer.Option(
+        min=0, show_default=False, help="keep raw readings in the hot store this many days (default 7; 0: forever); "
+        "older ones leave it once the lake holds them [env FIELDMESH__RETENTION__RAW_DAYS]")] = None,
+    retention_1m_days: Annotated[float | None, typer.Option(
+        min=0, show_default=False, help="keep 1-minute rollups this many days (default 90; 0: forever) "
+        "[env FIELDMESH__RETENTION__ROLLUP_1M_DAYS]")] = None,
+    retention_1h_days: Annotated[float | None, typer.Option(
+        min=0, show_default=False, help="keep 1-hour rollups this many days (default 0: forever) "
+        "[env FIELDMESH__RETENTION__ROLLUP_1H_DAYS]")] = None,
     mqtt_host: Annotated[str, typer.Option(
         envvar="FIELDMESH_MQTT_HOST",
         help="address the MQTT door's TLS listener binds (the nats door: its only listener); beyond loopback it "
@@ -149,6 +158,8 @@ def up(
     cdc = {k: v for k, v in (("source", cdc_source), ("tables", cdc_tables), ("name", cdc_name)) if v is not None}
     lake_kw = {k: v for k, v in (("enabled", lake), ("url", lake_url), ("warehouse", lake_warehouse),
                                  ("commit_interval_s", lake_commit_interval)) if v is not None}
+    retention = {k: v for k, v in (("raw_days", retention_raw_days), ("rollup_1m_days", retention_1m_days),
+                                   ("rollup_1h_days", retention_1h_days)) if v is not None}
     gw = {**({"door": door} if door is not None else {}),
           **({"require_registration": True} if require_registration else {})}
     try:
@@ -156,6 +167,7 @@ def up(
         settings = _settings(bus={"partitions": partitions, "fsync": fsync}, data_dir=data_dir,
                              **({"gateway": gw} if gw else {}),
                              **({"lake": lake_kw} if lake_kw else {}),
+                             **({"retention": retention} if retention else {}),
                              **_enrich_kw(enrich, None), **({"cdc": cdc} if cdc else {}), **_rules_kw(rules))
         opts = UpOptions(
             data_dir=data_dir, mqtt_url=mqtt_url, bus_url=bus_url,
@@ -188,6 +200,12 @@ def _door_tls(port: int | None, cert: Path | None, key: Path | None, ca: Path | 
                           key=missing.strip("-").replace("-", "_"))
     return DoorTls(port=port or 8883, cert=cert.resolve(), key=key.resolve(), ca=ca.resolve() if ca else None,
                    require_client_cert=require)
+
+
+def _lake_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("pyiceberg") is not None and importlib.util.find_spec("duckdb") is not None
 
 
 def _store_url(data_dir: Path, store_url: str | None) -> str:
@@ -416,7 +434,9 @@ def api(
         _fail(exc)
         return
     err.print(f"API on {'https' if tls_cert else 'http'}://{host}:{http_port}/api/v1 ({access.describe()})")
-    api_app = create_app(url, access=access, ca_dir=data_dir / "ca")
+    lake = _settings(data_dir=data_dir).lake
+    api_app = create_app(url, access=access, ca_dir=data_dir / "ca",
+                         lake=(lake, data_dir) if lake.enabled and _lake_installed() else None)
     api_app.state.provision.start_crl_refresher()
     try:
         uvicorn.run(api_app, host=host, port=http_port, log_level="warning", ssl_certfile=tls_cert,
@@ -550,7 +570,7 @@ def keys_revoke(
 # Sub-command groups contributed by other stages, registered when their modules are present.
 for _name, _module in (("ca", "fieldmesh.cli.ca"), ("cdc", "fieldmesh.cli.cdc"), ("devices", "fieldmesh.cli.devices"),
                        ("edge", "fieldmesh.edge.cli"), ("lake", "fieldmesh.cli.lake"),
-                       ("schemas", "fieldmesh.cli.schemas")):
+                       ("schemas", "fieldmesh.cli.schemas"), ("store", "fieldmesh.cli.store")):
     try:
         _sub = importlib.import_module(_module)
     except ImportError:

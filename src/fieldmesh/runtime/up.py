@@ -533,7 +533,8 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
                 return total
 
             app = create_app(store_url, health=health, lag=lag, partition_lag=partition_lag, access=access,
-                             ca_dir=data_dir / "ca", door_refused=door_refused if refusals else None)
+                             ca_dir=data_dir / "ca", door_refused=door_refused if refusals else None,
+                             lake=(settings.lake, data_dir) if settings.lake.enabled else None)
             app.state.provision.start_crl_refresher()
             server = _api_server(uvicorn.Config(
                 app, host=opts.http_host, port=opts.http_port, log_level="warning", lifespan="off",
@@ -974,7 +975,7 @@ _RUN_KEYS: Final = ("received", "stored", "duplicates", "late", "unrouted", "gap
 def _lake_installed() -> bool:
     import importlib.util
 
-    return all(importlib.util.find_spec(m) is not None for m in ("pyiceberg", "pyarrow"))
+    return all(importlib.util.find_spec(m) is not None for m in ("pyiceberg", "pyarrow", "duckdb"))
 
 
 def _counts(st: StoreStats) -> dict[str, Any]:

@@ -157,6 +157,7 @@ async def run_processor(
                  settings.lake.commit_interval_s)
     store = load_store(store_url)
     notifier = None
+    retention = None
     try:
         alerts, notifier = _alerting(store, store_url, settings)
         async with load_bus(bus_url) as bus:
@@ -168,12 +169,15 @@ async def run_processor(
             if notifier is not None:  # the notifier's transactions take turns with the batches
                 notifier.run_store = proc.in_apply_thread
                 notifier.submit_store = proc.submit_in_apply_thread
+            retention = _retention(store, proc, settings, lake_dir)
             log.info("processor running: %s -> %s (partitions %s)", bus_url, store_url, partitions or "all")
             if enrichment is None:
                 await proc.run(stop)
             else:
                 await enrichment.run(bus, proc.run, stop, follower_group=follower_group(group, partitions))
     finally:
+        if retention is not None:
+            retention.stop()
         if notifier is not None:
             notifier.stop()
         for sink in sinks:
@@ -183,6 +187,22 @@ async def run_processor(
                 log.exception("sink %s did not close cleanly: what it had not committed comes again from the bus "
                               "at the next start", sink.name)
         store.close()
+
+
+def _retention(store: Any, proc: Any, settings: Settings, lake_dir: str | None) -> Any:
+    """Retention of the hot tiers on a schedule (docs/lake.md), its transactions in turn with the batches;
+    it verifies against the lake, so it runs where the lake is written (or, told so, without one)."""
+    from fieldmesh.store.tiers import LakeCopy, RetentionLoop
+
+    open_lake = None
+    if lake_dir is not None:
+        from fieldmesh.store.lake import open_catalog
+
+        def open_lake() -> LakeCopy:
+            return LakeCopy(open_catalog(settings.lake, Path(lake_dir)), settings.lake.namespace)
+
+    return RetentionLoop(store, settings=settings.retention, open_lake=open_lake,
+                         transact=proc.in_apply_thread).start()
 
 
 def _redact(url: str) -> str:

@@ -55,8 +55,8 @@ if TYPE_CHECKING:
     from pyiceberg.table import Table
 
 __all__ = [
-    "PROP_FLUSH", "PROP_POSITIONS", "TABLES", "LakeError", "LakeSink", "catalog_properties", "compact",
-    "committed_snapshots", "expire", "lake_info", "lake_lag", "open_catalog",
+    "PROP_FLUSH", "PROP_POSITIONS", "TABLES", "LakeError", "LakeSink", "catalog_properties",
+    "committed_snapshots", "compact", "expire", "lake_info", "lake_lag", "open_catalog",
 ]
 
 log = logging.getLogger(__name__)

@@ -40,7 +40,7 @@ import msgspec
 import numpy as np
 from numpy.typing import NDArray
 
-from fieldmesh.core.errors import ConfigError
+from fieldmesh.core.errors import BackendError, ConfigError, FieldmeshError
 from fieldmesh.core.settings import RetentionSettings
 from fieldmesh.store.base import INTERVALS, HotStore, SqlTxn
 from fieldmesh.store.lake import committed_snapshots
@@ -151,7 +151,7 @@ class LakeCopy:
 def _ts_range(col: str, lo_ms: int, hi_ms: int) -> Any:
     from pyiceberg.expressions import And, GreaterThanOrEqual, LessThan
 
-    return And(GreaterThanOrEqual(col, lo_ms * 1000), LessThan(col, hi_ms * 1000))
+    return And(GreaterThanOrEqual(col, lo_ms * 1000), LessThan(col, hi_ms * 1000))  # type: ignore[call-arg,misc]
 
 
 def _days(lo_ms: int, cut_ms: int) -> Iterator[tuple[int, int]]:
@@ -421,7 +421,12 @@ class TieredReads:
         if cut is None:
             return hot
         lo, hi = _MIN_MS if start_ms is None else start_ms, cut if end_ms is None else min(end_ms, cut)
-        older = self._lake_readings(device_id, metric, lo, hi, limit, self._hot_keys(device_id, lo, hi))
+        try:
+            older = self._lake_readings(device_id, metric, lo, hi, limit, self._hot_keys(device_id, lo, hi))
+        except FieldmeshError:
+            raise
+        except Exception as exc:
+            raise BackendError(f"the lake could not be read for the range before {iso(cut)}: {exc}") from exc
         if not older:
             return hot
         # hot rows first among equal times (a stable sort), each side newest first already
@@ -451,7 +456,7 @@ class TieredReads:
             return []
         where = _ts_range("ts", lo, hi)
         if device_id is not None:
-            where = And(where, EqualTo("device_id", device_id))
+            where = And(where, EqualTo("device_id", device_id))  # type: ignore[call-arg,misc]
         data = table.scan(row_filter=where, selected_fields=(
             "device_id", "ts", "received", "key", "seq", "boot_id", "event_id", "measurements", "measurements_json",
             "meta", "enrichment")).to_arrow()
@@ -504,7 +509,11 @@ class TieredReads:
         best: dict[tuple[str, str, int], dict[str, Any]] = {}
         held = self.store.rollups(interval=interval, device_id=device_id, metric=metric, start_ms=start_ms,
                                   end_ms=hi, limit=limit)
-        for r in [*held, *self._lake_rollups(name, device_id, metric, lo, hi, limit)]:
+        try:
+            older = self._lake_rollups(name, device_id, metric, lo, hi, limit)
+        except Exception as exc:
+            raise BackendError(f"the lake could not be read for the windows before {iso(cut)}: {exc}") from exc
+        for r in [*held, *older]:
             k = (r["device_id"], r["metric"], r["window_start_ms"])
             if k not in best or r["count"] > best[k]["count"]:
                 best[k] = r
@@ -521,9 +530,9 @@ class TieredReads:
             return []
         where = _ts_range("window_start", lo, hi)
         if device_id is not None:
-            where = And(where, EqualTo("device_id", device_id))
+            where = And(where, EqualTo("device_id", device_id))  # type: ignore[call-arg,misc]
         if metric is not None:
-            where = And(where, EqualTo("metric", metric))
+            where = And(where, EqualTo("metric", metric))  # type: ignore[call-arg,misc]
         data = table.scan(row_filter=where, selected_fields=(
             "device_id", "metric", "window_start", "count", "sum", "min", "max", "avg")).to_arrow()
         if not data.num_rows:
