@@ -245,6 +245,22 @@ def test_prune_command_and_the_api_read_across_the_tiers(tmp_path: Path) -> None
     rows = client.get("/api/v1/telemetry/rollups", params={"interval": "1m", "limit": 100_000}).json()
     assert {(r["device_id"], r["metric"], r["window_start_ms"]): (r["count"], r["sum"], r["avg"]) for r in rows} == {
         k: (e["count"], e["sum"], e["avg"]) for k, e in exp.items()}
+    # fieldmesh query --tiers: SQL over both tiers (DuckDB), equal to the oracle across the cut
+    q = run(cli, ["query", "--data-dir", str(tmp_path), "--tiers", "--json", "--start", str(cut - 2 * DAY),
+                  "--end", str(cut + DAY), "SELECT device_id, count(*) AS n, max(ts_ms) AS last FROM readings"
+                  " GROUP BY device_id ORDER BY device_id"])
+    assert q.exit_code == 0, q.output
+    want_n: dict[str, list[int]] = {}
+    for d, ts, _ in expected_raw(items, cut - 2 * DAY, cut + DAY):
+        want_n.setdefault(d, []).append(ts)
+    assert json.loads(q.stdout) == [{"device_id": d, "n": len(v), "last": max(v)} for d, v in sorted(want_n.items())]
+    q = run(cli, ["query", "--data-dir", str(tmp_path), "--tiers", "--json",
+                  "SELECT metric, sum(count) AS n FROM rollup_1h GROUP BY metric ORDER BY metric"])
+    hours = oracle.rollups(items, "1h")
+    assert json.loads(q.stdout) == [{"metric": m, "n": sum(e["count"] for k, e in hours.items() if k[1] == m)}
+                                    for m in sorted({k[1] for k in hours})]
+    q = run(cli, ["query", "--data-dir", str(tmp_path), "--tiers", "COPY (SELECT 1) TO '/tmp/fm-x.csv'"])
+    assert q.exit_code == 2 and "query failed" in q.output
     # the hot store alone no longer has the old part
     hot_only = TestClient(create_app(url)).get("/api/v1/telemetry/raw", params={"limit": 100_000}).json()
     assert len(hot_only) < len(oracle.unique_readings(items)) == len(raw) + len(expected_raw(items, None, cut - 2 * DAY)

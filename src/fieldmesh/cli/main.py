@@ -220,13 +220,26 @@ def query(
     data_dir: DataDir = DEFAULT_DATA_DIR,
     store_url: Annotated[str | None, typer.Option(help="query this store instead of the data dir's")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print rows as JSON objects")] = False,
+    tiers: Annotated[bool, typer.Option(
+        "--tiers", help="run SQL (DuckDB's dialect) over readings, rollup_1m and rollup_1h across the hot store "
+        "and the lake: older than the retention cut from the lake (docs/lake.md)")] = False,
+    start: Annotated[str | None, typer.Option(help="with --tiers: only rows at or after this time (RFC 3339 or "
+                                              "epoch ms)")] = None,
+    end: Annotated[str | None, typer.Option(help="with --tiers: only rows before this time")] = None,
+    device_id: Annotated[str | None, typer.Option(help="with --tiers: only this device's rows")] = None,
+    lake_url: Annotated[str | None, typer.Option(
+        help="with --tiers: the Iceberg catalog (default: the data dir's) [env FIELDMESH__LAKE__URL]")] = None,
 ) -> None:
-    """Query the hot store (read-only): tables readings, rollup_1m, rollup_1h, devices, dlq, counters."""
+    """Query the hot store (read-only): tables readings, rollup_1m, rollup_1h, devices, dlq, counters; with
+    --tiers, readings and rollups across the hot store and the lake."""
     from fieldmesh.store import load_store
 
     try:
         store = load_store(_store_url(data_dir, store_url), readonly=True)
-        res = store.query(sql)
+        if tiers:
+            res = _tiered_query(store, sql, data_dir, lake_url, start, end, device_id)
+        else:
+            res = store.query(sql)
     except FieldmeshError as exc:
         _fail(exc)
         return
@@ -240,6 +253,27 @@ def query(
         t.add_row(*("" if v is None else str(v) for v in row))
     Console().print(t)
     err.print(f"{len(res.rows)} row(s)")
+
+
+def _tiered_query(store: Any, sql: str, data_dir: Path, lake_url: str | None, start: str | None, end: str | None,
+                  device_id: str | None) -> Any:
+    from fieldmesh.api.params import parse_time
+    from fieldmesh.store.tiers import TieredReads, tiered_query
+
+    lake = _settings(**({"lake": {"url": lake_url}} if lake_url else {})).lake
+    catalog = None
+    if lake.enabled and _lake_installed():
+        from fieldmesh.store.lake import open_catalog
+
+        def catalog() -> Any:
+            return open_catalog(lake, data_dir)
+
+    try:
+        start_ms, end_ms = parse_time(start, "start"), parse_time(end, "end")
+    except Exception as exc:  # the API's 400 answer
+        raise ConfigError(str(getattr(exc, "detail", exc)), key="start") from None
+    reads = TieredReads(store, open_catalog=catalog, namespace=lake.namespace)
+    return tiered_query(reads, sql, start_ms=start_ms, end_ms=end_ms, device_id=device_id)
 
 
 @app.command()

@@ -42,7 +42,7 @@ from numpy.typing import NDArray
 
 from fieldmesh.core.errors import BackendError, ConfigError, FieldmeshError
 from fieldmesh.core.settings import RetentionSettings
-from fieldmesh.store.base import INTERVALS, HotStore, SqlTxn
+from fieldmesh.store.base import INTERVALS, HotStore, QueryResult, SqlTxn
 from fieldmesh.store.lake import committed_snapshots
 from fieldmesh.store.rows import iso, raw_row, rollup_row
 
@@ -50,7 +50,9 @@ if TYPE_CHECKING:
     import pyarrow as pa
     from pyiceberg.catalog import Catalog
 
-__all__ = ["TIERS", "LakeCopy", "RetentionLoop", "TierReport", "TieredReads", "boundaries", "cuts", "prune"]
+__all__ = [
+    "TIERS", "LakeCopy", "RetentionLoop", "TierReport", "TieredReads", "boundaries", "cuts", "prune", "tiered_query",
+]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -546,3 +548,61 @@ class TieredReads:
             con.close()
         return [rollup_row(d, m, int(ws), int(c), s, mn, mx, a) for d, m, ws, c, s, mn, mx, a in rows]
 
+
+
+_VIEW_LIMIT: Final = 2**62
+
+
+def tiered_query(reads: TieredReads, sql: str, *, start_ms: int | None = None, end_ms: int | None = None,
+                 device_id: str | None = None) -> QueryResult:
+    """Run ``sql`` (DuckDB's dialect, read-only) over ``readings``, ``rollup_1m`` and ``rollup_1h`` as they are
+    across both tiers (:class:`TieredReads`), limited to ``[start_ms, end_ms)`` and ``device_id``.
+
+    Only the tables ``sql`` names are read. Columns: ``readings``: device_id, ts_ms, seq, boot_id, event_id,
+    measurements (JSON), meta (JSON), received_ms, enrichment (JSON); the rollups: device_id, metric,
+    window_start_ms, count, sum, min, max, avg.
+    """
+    import re
+
+    import duckdb
+    import pyarrow as pa
+
+    con = duckdb.connect()
+    try:
+        names = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", sql.lower()))
+        if "readings" in names:
+            rows = reads.raw(device_id=device_id, metric=None, start_ms=start_ms, end_ms=end_ms, limit=_VIEW_LIMIT)
+            enc = msgspec.json.encode
+            con.register("readings", pa.table({
+                "device_id": pa.array([r["device_id"] for r in rows], pa.string()),
+                "ts_ms": pa.array([r["ts_ms"] for r in rows], pa.int64()),
+                "seq": pa.array([r.get("seq") for r in rows], pa.int64()),
+                "boot_id": pa.array([r.get("boot_id") for r in rows], pa.string()),
+                "event_id": pa.array([r.get("event_id") for r in rows], pa.string()),
+                "measurements": pa.array([enc(r["measurements"]).decode() for r in rows], pa.string()),
+                "meta": pa.array([enc(r["meta"]).decode() if "meta" in r else None for r in rows], pa.string()),
+                "received_ms": pa.array([r["received_ms"] for r in rows], pa.int64()),
+                "enrichment": pa.array([enc(r["enrichment"]).decode() if "enrichment" in r else None for r in rows],
+                                       pa.string()),
+            }))
+        for interval in INTERVALS:
+            name = f"rollup_{interval}"
+            if name not in names:
+                continue
+            rows = reads.rollups(interval=interval, device_id=device_id, metric=None, start_ms=start_ms,
+                                 end_ms=end_ms, limit=_VIEW_LIMIT)
+            cols = ("device_id", "metric", "window_start_ms", "count", "sum", "min", "max", "avg")
+            types = (pa.string(), pa.string(), pa.int64(), pa.int64(), *[pa.float64()] * 4)
+            con.register(name, pa.table({c: pa.array([r[c] for r in rows], t) for c, t in zip(cols, types,
+                                                                                              strict=True)}))
+        try:
+            # the query reads the views: no file, URL or extension, and it cannot turn that back on
+            con.execute("SET enable_external_access = false")
+            con.execute("SET lock_configuration = true")
+            cur = con.execute(sql)
+        except duckdb.Error as exc:
+            raise ConfigError(f"query failed: {exc}", key="sql") from None
+        columns = [d[0] for d in cur.description] if cur.description else []
+        return QueryResult(columns=columns, rows=[tuple(r) for r in cur.fetchall()])
+    finally:
+        con.close()
