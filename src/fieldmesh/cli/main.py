@@ -236,10 +236,7 @@ def query(
 
     try:
         store = load_store(_store_url(data_dir, store_url), readonly=True)
-        if tiers:
-            res = _tiered_query(store, sql, data_dir, lake_url, start, end, device_id)
-        else:
-            res = store.query(sql)
+        res = _tiered_query(store, sql, data_dir, lake_url, start, end, device_id) if tiers else store.query(sql)
     except FieldmeshError as exc:
         _fail(exc)
         return
