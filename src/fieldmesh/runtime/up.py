@@ -387,6 +387,12 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
                 console.print("lake: off (pyiceberg is not installed: pip install 'fieldmesh[lake]'; "
                               "--no-lake silences this)")
                 settings = settings.model_copy(update={"lake": settings.lake.model_copy(update={"enabled": False})})
+            if settings.lake.enabled and settings.cdc.source is not None:
+                from fieldmesh.runtime.cdclake import start_cdc_lake
+
+                stack.push_async_callback(await start_cdc_lake(bus, settings, data_dir, _captured(settings)))
+                console.print("lake: captured tables mirrored as Iceberg tables cdc_<schema>_<table>, with their "
+                              "change logs cdc_<schema>_<table>_changes")
             if settings.lake.enabled:
                 pr_cfg["lake_dir"] = str(data_dir)
                 console.print(f"lake: Iceberg tables {settings.lake.namespace}.* in "
