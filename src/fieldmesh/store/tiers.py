@@ -317,7 +317,8 @@ def _prune_rollups(store: HotStore, tier: str, cut: int, lake: LakeCopy | None, 
 
 class RetentionLoop:
     """Retention on a schedule inside ``fieldmesh up``'s processor: a thread that prunes every ``interval_s``
-    (the first run one minute after the start). Failures are logged and tried again at the next interval."""
+    (the first run a minute after the start, or one interval when that is shorter). Failures are logged and
+    tried again at the next interval."""
 
     def __init__(self, store: HotStore, *, settings: RetentionSettings, open_lake: Callable[[], LakeCopy] | None,
                  transact: Transact | None = None, first_after_s: float = 60.0) -> None:
@@ -328,7 +329,7 @@ class RetentionLoop:
         self.runs = 0
         self.last: list[TierReport] = []
         self._stop = threading.Event()
-        self._first = first_after_s
+        self._first = min(first_after_s, settings.interval_s)
         self._thread = threading.Thread(target=self._loop, name="fm-retention", daemon=True)
 
     def start(self) -> RetentionLoop:
