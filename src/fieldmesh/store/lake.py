@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import threading
 import time
@@ -911,17 +910,17 @@ def compact(catalog: Catalog, namespace: str, *, target_file_mb: int = 128, tabl
             ) -> dict[str, dict[str, int]]:
     """Rewrite each partition's small files into files of about ``target_file_mb``.
 
-    Per partition with at least ``min_files`` files below the target: read them and overwrite the
-    partition with the same rows in one commit, which carries the sink's flush properties forward. A
-    concurrent sink commit makes this commit fail; the partition is then read again and retried.
-    ``closed_before_ms``: only partitions whose time range ends by then (the schedule inside ``up``
-    leaves the day being written alone).
+    Per partition with at least ``min_files`` files below the target: read exactly those files and replace
+    them by the same rows in large files, in one commit that carries the sink's flush properties forward
+    (an Iceberg *replace*: the old files are removed by name, so no row filter is evaluated and no other
+    file is read). A concurrent sink commit makes this commit fail; the partition's files are then listed
+    again and the rewrite retried. ``closed_before_ms``: only partitions whose time range ends by then (the
+    schedule inside ``up`` leaves the day being written alone).
 
     Returns:
         Per table: partitions rewritten, files before and after.
     """
     from pyiceberg.exceptions import CommitFailedException
-    from pyiceberg.expressions import AlwaysTrue
 
     target = target_file_mb * 2**20
     out: dict[str, dict[str, int]] = {}
@@ -930,46 +929,71 @@ def compact(catalog: Catalog, namespace: str, *, target_file_mb: int = 128, tabl
         stats = {"partitions": 0, "files_before": 0, "files_after": 0}
         table = catalog.load_table(ident)
         table.manage_snapshots()  # loaded: fail early if the table is gone
-        groups = _small_files(table, target)
-        for part, paths in groups.items():
-            if len(paths) < min_files:
+        groups = _small_tasks(table, target)
+        for part, tasks in groups.items():
+            if len(tasks) < min_files:
                 continue
             if closed_before_ms is not None and _partition_end_ms(table, part) > closed_before_ms:
                 continue
             for attempt in range(retries):
-                table = catalog.load_table(ident)
-                current = _small_files(table, target).get(part, [])
-                if len(current) < min_files:
+                if attempt:
+                    table = catalog.load_table(ident)
+                    tasks = _small_tasks(table, target).get(part, [])
+                if len(tasks) < min_files:
                     break
-                where = _partition_filter(table, part)
-                data = table.scan(row_filter=where if where is not None else AlwaysTrue()).to_arrow()
                 try:
-                    table = table.refresh()
-                    with table.transaction() as tx:
-                        tx.set_properties({"write.target-file-size-bytes": str(target)})
-                        tx.overwrite(data, overwrite_filter=where if where is not None else AlwaysTrue(),
-                                     snapshot_properties=_carry(table))
+                    written = _rewrite(table, tasks, target, _carry(table))
                 except CommitFailedException:
                     time.sleep(min(5.0, 0.2 * 2**attempt))
                     continue
                 stats["partitions"] += 1
-                stats["files_before"] += len(current)
-                stats["files_after"] += len(_small_files(catalog.load_table(ident), math.inf).get(part, []))
+                stats["files_before"] += len(tasks)
+                stats["files_after"] += written
+                table = catalog.load_table(ident)
                 break
         out[ident] = stats
     return out
 
 
-def _small_files(table: Table, target: float) -> dict[tuple[Any, ...], list[str]]:
-    """Data files below ``target`` bytes, by partition."""
-    groups: dict[tuple[Any, ...], list[str]] = {}
+def _small_tasks(table: Table, target: float) -> dict[tuple[Any, ...], list[Any]]:
+    """Scan tasks of the data files below ``target`` bytes (and without delete files), by partition."""
+    groups: dict[tuple[Any, ...], list[Any]] = {}
     if table.current_snapshot() is None:
         return groups
     for task in table.scan().plan_files():
         f = task.file
-        if f.file_size_in_bytes < target:
-            groups.setdefault(tuple(f.partition), []).append(f.file_path)  # type: ignore[arg-type]
+        if f.file_size_in_bytes < target and not task.delete_files:
+            groups.setdefault(tuple(f.partition), []).append(task)  # type: ignore[arg-type]
     return groups
+
+
+def _rewrite(table: Table, tasks: list[Any], target: int, props: dict[str, str]) -> int:
+    """Replace the data files of ``tasks`` (one partition) by the same rows in files of about ``target`` bytes,
+    in one commit; returns the files written."""
+    import uuid
+
+    from pyiceberg.expressions import AlwaysTrue
+    from pyiceberg.io.pyarrow import ArrowScan, bin_pack_arrow_table, pyarrow_to_schema, write_file
+    from pyiceberg.partitioning import PartitionFieldValue, PartitionKey
+    from pyiceberg.table import WriteTask
+
+    meta, spec, schema = table.metadata, table.spec(), table.schema()
+    data = ArrowScan(meta, table.io, schema, AlwaysTrue()).to_table(tasks)
+    part = tasks[0].file.partition
+    key = None if spec.is_unpartitioned() else PartitionKey(
+        field_values=[PartitionFieldValue(field=f, value=part[i]) for i, f in enumerate(spec.fields)],
+        partition_spec=spec, schema=schema)
+    task_schema = pyarrow_to_schema(data.schema, name_mapping=schema.name_mapping, format_version=meta.format_version)
+    write_uuid = uuid.uuid4()
+    writes = [WriteTask(write_uuid=write_uuid, task_id=i, record_batches=batches, partition_key=key,
+                        schema=task_schema) for i, batches in enumerate(bin_pack_arrow_table(data, target))]
+    files = list(write_file(io=table.io, table_metadata=meta, tasks=iter(writes)))
+    with table.transaction() as tx, tx.update_snapshot(snapshot_properties=props).overwrite() as replace:
+        for t in tasks:
+            replace.delete_data_file(t.file)
+        for f in files:
+            replace.append_data_file(f)
+    return len(files)
 
 
 def _partition_end_ms(table: Table, part: tuple[Any, ...]) -> int:
@@ -986,45 +1010,6 @@ def _partition_end_ms(table: Table, part: tuple[Any, ...]) -> int:
             y, m = divmod(int(value) + 1, 12)
             end = min(end, int(dt.datetime(1970 + y, m + 1, 1, tzinfo=dt.UTC).timestamp() * 1000))
     return end
-
-
-def _partition_filter(table: Table, part: tuple[Any, ...]) -> Any:
-    """Rows of one partition (day/month/bucket transforms) as a row filter on source columns."""
-    import datetime as dt
-
-    from pyiceberg.expressions import And, EqualTo, GreaterThanOrEqual, In, LessThan
-    from pyiceberg.transforms import BucketTransform, DayTransform, MonthTransform
-
-    spec = table.spec()
-    schema = table.schema()
-    clauses: list[Any] = []
-    epoch = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-    for field, value in zip(spec.fields, part, strict=True):
-        col = schema.find_field(field.source_id).name
-        if isinstance(field.transform, DayTransform):
-            lo = epoch + dt.timedelta(days=int(value))
-            hi = lo + dt.timedelta(days=1)
-        elif isinstance(field.transform, MonthTransform):
-            y, m = divmod(int(value), 12)
-            lo = dt.datetime(1970 + y, m + 1, 1, tzinfo=dt.UTC)
-            hi = dt.datetime(1970 + y + (m + 1) // 12, (m + 1) % 12 + 1, 1, tzinfo=dt.UTC)
-        elif isinstance(field.transform, BucketTransform):
-            # no row filter on a bucket: pick the partition's devices by their bucket
-            devices = table.scan(selected_fields=(col,)).to_arrow().column(col).unique().to_pylist()
-            mine = [d for d in devices if field.transform.transform(schema.find_field(field.source_id).field_type)(d)
-                    == value]
-            clauses.append(In(term=col, literals=mine) if mine else EqualTo(term=col, literal="\x00"))  # type: ignore[call-arg]
-            continue
-        else:
-            raise LakeError(f"compaction does not know the partition transform {field.transform}")
-        us = (int((lo - epoch).total_seconds()) * 1_000_000, int((hi - epoch).total_seconds()) * 1_000_000)
-        clauses += [GreaterThanOrEqual(term=col, literal=us[0]), LessThan(term=col, literal=us[1])]  # type: ignore[call-arg]
-    if not clauses:
-        return None
-    expr = clauses[0]
-    for c in clauses[1:]:
-        expr = And(expr, c)
-    return expr
 
 
 def expire(catalog: Catalog, namespace: str, *, older_than_s: float, keep_last: int = 10,
