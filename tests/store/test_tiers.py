@@ -245,6 +245,11 @@ def test_prune_command_and_the_api_read_across_the_tiers(tmp_path: Path) -> None
     rows = client.get("/api/v1/telemetry/rollups", params={"interval": "1m", "limit": 100_000}).json()
     assert {(r["device_id"], r["metric"], r["window_start_ms"]): (r["count"], r["sum"], r["avg"]) for r in rows} == {
         k: (e["count"], e["sum"], e["avg"]) for k, e in exp.items()}
+    stats = client.get("/api/v1/stats").json()["retention"]
+    assert stats["raw"]["deleted"] == done["raw"]["deleted"] and stats["raw"]["held"] == 0
+    assert stats["rollup_1m"]["cut"] == done["rollup_1m"]["cut"]
+    assert f'fieldmesh_retention_deleted_rows_total{{tier="raw"}} {float(done["raw"]["deleted"])}' in client.get(
+        "/metrics").text
     # fieldmesh query --tiers: SQL over both tiers (DuckDB), equal to the oracle across the cut
     q = run(cli, ["query", "--data-dir", str(tmp_path), "--tiers", "--json", "--start", str(cut - 2 * DAY),
                   "--end", str(cut + DAY), "SELECT device_id, count(*) AS n, max(ts_ms) AS last FROM readings"

@@ -91,7 +91,7 @@ from fieldmesh.store.access import GROUP_RE
 from fieldmesh.store.alerts import AlertTables
 from fieldmesh.store.registry import Device as RegisteredDevice
 from fieldmesh.store.registry import DeviceRegistry
-from fieldmesh.store.tiers import TieredReads
+from fieldmesh.store.tiers import TieredReads, retention_state
 from fieldmesh.stream.alerts import SEVERITIES, RuleError, parse_rule
 
 __all__ = ["DEVICE_ROUTES", "OPEN_ROUTES", "create_app", "parse_time"]
@@ -171,6 +171,16 @@ class _StoreCollector(Collector):
         yield plag
         if self.alerts is not None:
             yield from _alert_metrics(self.alerts().stats())
+        if retention := retention_state(self.store):
+            deleted = CounterMetricFamily("fieldmesh_retention_deleted_rows", "Rows retention deleted from the hot "
+                                          "store (the lake holds them)", labels=["tier"])
+            held = GaugeMetricFamily("fieldmesh_retention_held_rows", "Rows past retention kept at the last prune: "
+                                     "the lake does not hold them yet", labels=["tier"])
+            for tier, row in retention.items():
+                deleted.add_metric([tier], row["deleted"])
+                held.add_metric([tier], row["held"])
+            yield deleted
+            yield held
         summary = self.store.device_summary()
         last = summary.last_seen_ms
         g = GaugeMetricFamily("fieldmesh_devices", "Devices seen")
@@ -491,6 +501,8 @@ def create_app(
             body["alerts"] = await run_in_threadpool(lambda: alert_tables().stats())
         except BackendError:
             body["alerts"] = None
+        if retention := await run_in_threadpool(retention_state, get_store()):
+            body["retention"] = retention
         if partition_lag is not None:
             partition_cache.update(await partition_lag())
             body["lag_partitions"] = {stage: {str(p): n for p, n in sorted(parts.items())}

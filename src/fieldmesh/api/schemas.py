@@ -49,6 +49,9 @@ class Stats(_Open):
         "from the positions its store has applied)")
     alerts: dict[str, Any] | None = Field(
         None, description="active alerts by severity, notifications by status, delivery latency (docs/alerts.md)")
+    retention: dict[str, dict[str, Any]] | None = Field(None, description=(
+        'per hot tier pruned (raw, rollup_1m, rollup_1h): {"cut", "pruned_at", "deleted" (rows in all), "held" '
+        "(rows past retention the lake lacked at the last prune)} (docs/lake.md)"))
 
 
 class DeviceRow(_Open):

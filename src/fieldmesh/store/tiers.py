@@ -51,7 +51,8 @@ if TYPE_CHECKING:
     from pyiceberg.catalog import Catalog
 
 __all__ = [
-    "TIERS", "LakeCopy", "RetentionLoop", "TierReport", "TieredReads", "boundaries", "cuts", "prune", "tiered_query",
+    "TIERS", "LakeCopy", "RetentionLoop", "TierReport", "TieredReads", "boundaries", "cuts", "prune",
+    "retention_state", "tiered_query",
 ]
 
 log = logging.getLogger(__name__)
@@ -63,11 +64,12 @@ _ALIGN: Final = {"raw": 60_000, "rollup_1m": 60_000, "rollup_1h": 3_600_000}
 _CHUNK: Final = 20_000  # rows or segments per statement / transaction
 _MIN_MS: Final = -(2**53)
 _MAX_MS: Final = 2**53
+#: per tier: the cut it was last pruned at, when, the rows deleted in all, and those held at the last run
 _CUTS_DDL: Final = {
     "sqlite": "CREATE TABLE IF NOT EXISTS tier_cuts (tier TEXT PRIMARY KEY, cut_ms INTEGER NOT NULL,"
-              " pruned_ms INTEGER NOT NULL)",
+              " pruned_ms INTEGER NOT NULL, deleted INTEGER NOT NULL DEFAULT 0, held INTEGER NOT NULL DEFAULT 0)",
     "postgresql": "CREATE TABLE IF NOT EXISTS tier_cuts (tier TEXT PRIMARY KEY, cut_ms BIGINT NOT NULL,"
-                  " pruned_ms BIGINT NOT NULL)",
+                  " pruned_ms BIGINT NOT NULL, deleted BIGINT NOT NULL DEFAULT 0, held BIGINT NOT NULL DEFAULT 0)",
 }
 _dec = msgspec.json.Decoder()
 
@@ -98,6 +100,16 @@ def boundaries(store: HotStore) -> dict[str, int]:
         return {str(t): int(c) for t, c in store.query("SELECT tier, cut_ms FROM tier_cuts").rows}
     except ConfigError:  # no table: never pruned
         return {}
+
+
+def retention_state(store: HotStore) -> dict[str, dict[str, Any]]:
+    """Per tier pruned: its cut, when it was last pruned, rows deleted in all and held at the last run (``/stats``)."""
+    try:
+        rows = store.query("SELECT tier, cut_ms, pruned_ms, deleted, held FROM tier_cuts ORDER BY tier").rows
+    except ConfigError:
+        return {}
+    return {str(t): {"cut": iso(int(c)), "pruned_at": iso(int(p)), "deleted": int(d), "held": int(h)}
+            for t, c, p, d, h in rows}
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,7 +205,7 @@ def prune(store: HotStore, *, settings: RetentionSettings, lake: LakeCopy | None
             tx.execute(_CUTS_DDL[tx.dialect])
             bigger = "max" if tx.dialect == "sqlite" else "GREATEST"
             tx.executemany(
-                "INSERT INTO tier_cuts VALUES (?, ?, ?) ON CONFLICT (tier) DO UPDATE SET"
+                "INSERT INTO tier_cuts (tier, cut_ms, pruned_ms) VALUES (?, ?, ?) ON CONFLICT (tier) DO UPDATE SET"
                 f" cut_ms = {bigger}(tier_cuts.cut_ms, excluded.cut_ms), pruned_ms = excluded.pruned_ms",
                 [(t, c, int(time.time() * 1000)) for t, c in sorted(todo.items())])
 
@@ -205,6 +217,12 @@ def prune(store: HotStore, *, settings: RetentionSettings, lake: LakeCopy | None
             out.append(fn(store, cut, lake, dry_run, run))
         else:
             out.append(_prune_rollups(store, tier, cut, lake, dry_run, run))
+    if not dry_run:
+        def tally(tx: SqlTxn) -> None:
+            tx.executemany("UPDATE tier_cuts SET deleted = deleted + ?, held = ? WHERE tier = ?",
+                           [(r.deleted, r.held, r.tier) for r in out])
+
+        run(tally)
     return out
 
 
