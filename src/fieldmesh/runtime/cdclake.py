@@ -8,7 +8,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from fieldmesh.bus.base import Bus
+from fieldmesh.bus.base import Bus, TopicSpec
 from fieldmesh.core.settings import Settings
 
 __all__ = ["start_cdc_lake"]
@@ -23,6 +23,8 @@ async def start_cdc_lake(bus: Bus, settings: Settings, data_dir: Path,
     from fieldmesh.store.lake import open_catalog
     from fieldmesh.store.lakecdc import run_cdc_lake
 
+    for topic in captured.values():  # the capture creates a topic at its table's first event only
+        await bus.ensure_topic(TopicSpec(topic, settings.cdc.partitions, retention_s=0, dedupe_window_s=600))
     catalog = await asyncio.to_thread(open_catalog, settings.lake, data_dir)
     stop = asyncio.Event()
 
