@@ -910,12 +910,13 @@ def compact(catalog: Catalog, namespace: str, *, target_file_mb: int = 128, tabl
             ) -> dict[str, dict[str, int]]:
     """Rewrite each partition's small files into files of about ``target_file_mb``.
 
-    Per partition with at least ``min_files`` files below the target: read exactly those files and replace
-    them by the same rows in large files, in one commit that carries the sink's flush properties forward
-    (an Iceberg *replace*: the old files are removed by name, so no row filter is evaluated and no other
-    file is read). A concurrent sink commit makes this commit fail; the partition's files are then listed
-    again and the rewrite retried. ``closed_before_ms``: only partitions whose time range ends by then (the
-    schedule inside ``up`` leaves the day being written alone).
+    Per table: every partition with at least ``min_files`` files below the target has exactly those files
+    read and written again as large files, one partition at a time; then one commit replaces them all (an
+    Iceberg *replace*: the old files are removed by name, so no row filter is evaluated and no other file is
+    read; one commit rewrites the table's manifests once, not once per partition) and carries the sink's
+    flush properties forward. A concurrent sink commit makes this commit fail; the files written are then
+    deleted, the small files listed again and the rewrite retried. ``closed_before_ms``: only partitions
+    whose time range ends by then (the schedule inside ``up`` leaves the day being written alone).
 
     Returns:
         Per table: partitions rewritten, files before and after.
@@ -929,28 +930,32 @@ def compact(catalog: Catalog, namespace: str, *, target_file_mb: int = 128, tabl
         stats = {"partitions": 0, "files_before": 0, "files_after": 0}
         table = catalog.load_table(ident)
         table.manage_snapshots()  # loaded: fail early if the table is gone
-        groups = _small_tasks(table, target)
-        for part, tasks in groups.items():
-            if len(tasks) < min_files:
-                continue
-            if closed_before_ms is not None and _partition_end_ms(table, part) > closed_before_ms:
-                continue
-            for attempt in range(retries):
-                if attempt:
-                    table = catalog.load_table(ident)
-                    tasks = _small_tasks(table, target).get(part, [])
-                if len(tasks) < min_files:
-                    break
-                try:
-                    written = _rewrite(table, tasks, target, _carry(table))
-                except CommitFailedException:
-                    time.sleep(min(5.0, 0.2 * 2**attempt))
-                    continue
-                stats["partitions"] += 1
-                stats["files_before"] += len(tasks)
-                stats["files_after"] += written
+        for attempt in range(retries):
+            if attempt:
                 table = catalog.load_table(ident)
+            groups = {part: tasks for part, tasks in _small_tasks(table, target).items() if len(tasks) >= min_files
+                      and (closed_before_ms is None or _partition_end_ms(table, part) <= closed_before_ms)}
+            if not groups:
                 break
+            old: list[Any] = []
+            new: list[Any] = []
+            for tasks in groups.values():
+                old += [t.file for t in tasks]
+                new += _rewrite_files(table, tasks, target)
+            try:
+                with table.transaction() as tx, tx.update_snapshot(snapshot_properties=_carry(table)).overwrite() as r:
+                    for f in old:
+                        r.delete_data_file(f)
+                    for f in new:
+                        r.append_data_file(f)
+            except CommitFailedException:
+                for f in new:  # never part of the table: remove them
+                    with contextlib.suppress(Exception):
+                        table.io.delete(f.file_path)
+                time.sleep(min(5.0, 0.2 * 2**attempt))
+                continue
+            stats = {"partitions": len(groups), "files_before": len(old), "files_after": len(new)}
+            break
         out[ident] = stats
     return out
 
@@ -967,9 +972,9 @@ def _small_tasks(table: Table, target: float) -> dict[tuple[Any, ...], list[Any]
     return groups
 
 
-def _rewrite(table: Table, tasks: list[Any], target: int, props: dict[str, str]) -> int:
-    """Replace the data files of ``tasks`` (one partition) by the same rows in files of about ``target`` bytes,
-    in one commit; returns the files written."""
+def _rewrite_files(table: Table, tasks: list[Any], target: int) -> list[Any]:
+    """The rows of ``tasks`` (data files of one partition) written again as files of about ``target`` bytes
+    (not committed); returns their data files."""
     import uuid
 
     from pyiceberg.expressions import AlwaysTrue
@@ -987,13 +992,7 @@ def _rewrite(table: Table, tasks: list[Any], target: int, props: dict[str, str])
     write_uuid = uuid.uuid4()
     writes = [WriteTask(write_uuid=write_uuid, task_id=i, record_batches=batches, partition_key=key,
                         schema=task_schema) for i, batches in enumerate(bin_pack_arrow_table(data, target))]
-    files = list(write_file(io=table.io, table_metadata=meta, tasks=iter(writes)))
-    with table.transaction() as tx, tx.update_snapshot(snapshot_properties=props).overwrite() as replace:
-        for t in tasks:
-            replace.delete_data_file(t.file)
-        for f in files:
-            replace.append_data_file(f)
-    return len(files)
+    return list(write_file(io=table.io, table_metadata=meta, tasks=iter(writes)))
 
 
 def _partition_end_ms(table: Table, part: tuple[Any, ...]) -> int:
