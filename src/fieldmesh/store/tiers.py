@@ -439,8 +439,8 @@ class TieredReads:
         """Readings newest first, as :meth:`HotStore.raw`, older than the raw cut from the lake too."""
         hot = self.store.raw(device_id=device_id, metric=metric, start_ms=start_ms, end_ms=end_ms, limit=limit)
         cut = self._below("raw", start_ms)
-        if cut is None:
-            return hot
+        if cut is None or (len(hot) >= limit and hot[-1]["ts_ms"] >= cut):
+            return hot  # the newest ``limit`` are all at or after the cut: nothing older can be among them
         lo, hi = _MIN_MS if start_ms is None else start_ms, cut if end_ms is None else min(end_ms, cut)
         try:
             older = self._lake_readings(device_id, metric, lo, hi, limit, self._hot_keys(device_id, lo, hi))
@@ -478,11 +478,10 @@ class TieredReads:
         where = _ts_range("ts", lo, hi)
         if device_id is not None:
             where = And(where, EqualTo("device_id", device_id))  # type: ignore[call-arg,misc]
+        # streamed into DuckDB batch by batch (its top-N keeps ``limit`` rows), not read whole into memory
         data = table.scan(row_filter=where, selected_fields=(
             "device_id", "ts", "received", "key", "seq", "boot_id", "event_id", "measurements", "measurements_json",
-            "meta", "enrichment")).to_arrow()
-        if not data.num_rows:
-            return []
+            "meta", "enrichment")).to_arrow_batch_reader()
         import pyarrow as pa
 
         con = duckdb.connect()
@@ -554,10 +553,8 @@ class TieredReads:
             where = And(where, EqualTo("device_id", device_id))  # type: ignore[call-arg,misc]
         if metric is not None:
             where = And(where, EqualTo("metric", metric))  # type: ignore[call-arg,misc]
-        data = table.scan(row_filter=where, selected_fields=(
-            "device_id", "metric", "window_start", "count", "sum", "min", "max", "avg")).to_arrow()
-        if not data.num_rows:
-            return []
+        data = table.scan(row_filter=where, selected_fields=(  # streamed, as for readings
+            "device_id", "metric", "window_start", "count", "sum", "min", "max", "avg")).to_arrow_batch_reader()
         con = duckdb.connect()
         try:
             con.register("lake", data)
