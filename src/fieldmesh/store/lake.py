@@ -921,7 +921,7 @@ def compact(catalog: Catalog, namespace: str, *, target_file_mb: int = 128, tabl
     Returns:
         Per table: partitions rewritten, files before and after.
     """
-    from pyiceberg.exceptions import CommitFailedException
+    from pyiceberg.exceptions import CommitFailedException, ValidationException
 
     target = target_file_mb * 2**20
     out: dict[str, dict[str, int]] = {}
@@ -948,7 +948,9 @@ def compact(catalog: Catalog, namespace: str, *, target_file_mb: int = 128, tabl
                         r.delete_data_file(f)
                     for f in new:
                         r.append_data_file(f)
-            except CommitFailedException:
+            except (CommitFailedException, ValidationException):
+                # a sink commit came first (pyiceberg retries a conflict itself, then refuses an overwrite
+                # whose partitions gained files meanwhile): list the small files again, new ones included
                 for f in new:  # never part of the table: remove them
                     with contextlib.suppress(Exception):
                         table.io.delete(f.file_path)
