@@ -17,8 +17,16 @@ records, built before any clock starts.
    store, without and with the lake sink (default policy; the timed span ends after the sink's final
    commit, so nothing is left uncounted), in one run; wall and CPU time, printed as a ratio.
 
+4. **Files per partition after one simulated day, and compaction**: ``--day-rows`` readings (default
+   10,000,000, as the issue asks) of ``--day-devices`` devices spread over one UTC day are appended to a
+   fresh ``readings`` table in ``--day-commits`` commits in time order (default 1,440: the default policy's
+   one commit a minute), the way the sink writes them; then ``fieldmesh lake compact`` (its function, target
+   128 MB) rewrites the day's partitions. Reported: data files per partition (day x device bucket) without
+   and with compaction, and the compaction's time beside the baseline of one append of the same rows.
+   Scaled down for a short run with ``--day-rows``/``--day-commits`` (the output says what ran).
+
 Run: ``PYTHONPATH=$PWD/src .venv/bin/python bench/lake.py [--devices 2000] [--per-device 500]
-[--latency-s 130] [--interval 60] [--quick]``.
+[--latency-s 130] [--interval 60] [--quick] [--parts 1,2,3,4] [--day-rows N] [--day-commits N]``.
 """
 
 from __future__ import annotations
@@ -30,6 +38,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
@@ -186,6 +196,82 @@ def report_cost(records: list[Any], tmp: Path, a: Any, n: int) -> None:
           f"CPU {c_on / c_off:.2f}x")
 
 
+def day_of_readings(rows: int, devices: int, day_start_ms: int, schema: Any) -> Any:
+    """``rows`` readings of ``devices`` devices spread evenly over one day, in time order, as rows of ``readings``
+    (three metrics each), built as columns."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    rng = np.random.default_rng(5)
+    ts = np.sort(rng.integers(day_start_ms, day_start_ms + 86_400_000, rows))
+    dev = rng.integers(0, devices, rows)
+    names = np.array([f"dev-{i:05d}" for i in range(devices)], dtype=object)
+    vals = np.round(rng.normal(20, 5, (rows, 3)), 3)
+    offsets = pa.array(np.arange(0, 3 * rows + 1, 3, dtype=np.int32))
+    keys = pa.array(np.tile(np.array(["t", "h", "v"], dtype=object), rows), pa.large_string())
+    measurements = pa.MapArray.from_arrays(offsets, keys, pa.array(vals.ravel(), pa.float64()))
+    as_text = [pc.cast(pa.array(vals[:, i]), pa.string()) for i in range(3)]
+    mjson = pc.binary_join_element_wise('{"t":', as_text[0], ',"h":', as_text[1], ',"v":', as_text[2], "}", "")
+    stamp = pa.array(ts * 1000, pa.timestamp("us", tz="UTC"))
+    nulls = pa.nulls(rows, pa.large_string())
+    cols = [pa.array(names[dev], pa.large_string()), stamp, stamp, pa.array(rng.integers(0, 2**62, rows)),
+            pa.array(np.arange(rows)), nulls, nulls, measurements, mjson, nulls, nulls,
+            pa.array(np.zeros(rows, dtype=bool))]
+    return pa.Table.from_arrays([c.cast(f.type) for c, f in zip(cols, schema, strict=True)], schema=schema)
+
+
+def _files_per_partition(table: Any) -> list[int]:
+    counts: dict[Any, int] = {}
+    for task in table.scan().plan_files():
+        key = tuple(task.file.partition)
+        counts[key] = counts.get(key, 0) + 1
+    return sorted(counts.values())
+
+
+def report_day(tmp: Path, a: Any) -> None:
+    """Part 4: one simulated day of commits into ``readings``, files per partition without and with compaction."""
+    from fieldmesh.store.lake import _append, compact
+
+    s = LakeSettings(commit_interval_s=3600)
+    sink = LakeSink(settings=s, data_dir=tmp)  # creates the tables as the sink does
+    sink.close()
+    catalog = open_catalog(s, tmp)
+    table = catalog.load_table(f"{s.namespace}.readings")
+    day_start = (int(time.time() * 1000) // 86_400_000 - 2) * 86_400_000
+    t0 = time.perf_counter()
+    data = day_of_readings(a.day_rows, a.day_devices, day_start, table.schema().as_arrow())
+    gen_s = time.perf_counter() - t0
+    minute = np.asarray(data.column("ts").cast("int64").to_numpy()) // 1000
+    bounds = np.searchsorted(minute, day_start + np.arange(a.day_commits + 1) * (86_400_000 // a.day_commits))
+    bounds[-1] = data.num_rows
+    t0 = time.perf_counter()
+    for i in range(a.day_commits):
+        _append(table, data.slice(int(bounds[i]), int(bounds[i + 1] - bounds[i])), _props(i + 1, {}))
+        table = catalog.load_table(f"{s.namespace}.readings")
+    day_s = time.perf_counter() - t0
+    before = _files_per_partition(table)
+    t0 = time.perf_counter()
+    out = compact(catalog, s.namespace, tables=["readings"], target_file_mb=s.target_file_mb)
+    compact_s = time.perf_counter() - t0
+    after = _files_per_partition(catalog.load_table(f"{s.namespace}.readings"))
+    base = catalog.create_table(f"{s.namespace}.baseline", schema=table.schema(), partition_spec=table.spec())
+    t0 = time.perf_counter()
+    _append(base, data, _props(1, {}))
+    one_s = time.perf_counter() - t0
+    scaled = "" if (a.day_rows, a.day_commits) == (10_000_000, 1440) else (
+        f" [scaled down: the issue's figure is 10,000,000 rows in 1,440 commits; this run {a.day_rows:,} rows in "
+        f"{a.day_commits:,} commits]")
+    print(f"4. one simulated day: {a.day_rows:,} readings of {a.day_devices} devices in {a.day_commits} commits "
+          f"({day_s:.1f}s; data built in {gen_s:.1f}s){scaled}")
+    print(f"   files per partition (day x device bucket, {len(before)} partitions): without compaction mean "
+          f"{sum(before) / len(before):.0f}, max {before[-1]}; with compaction mean {sum(after) / len(after):.1f}, "
+          f"max {after[-1]} (ratio {sum(before) / max(1, sum(after)):.0f}x fewer files)")
+    print(f"   compaction of {a.day_rows:,} rows: {compact_s:.1f}s ({out[f'{s.namespace}.readings']['partitions']} "
+          f"partitions rewritten); baseline, one append of the same rows to an empty table: {one_s:.1f}s "
+          f"(compaction/baseline {compact_s / one_s:.1f}x)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--devices", type=int, default=2000)
@@ -195,10 +281,18 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small stream, 5 s interval, 20 s latency run")
     ap.add_argument("--parts", default="1,2,3", help="which measurements to run, e.g. 1,3")
     ap.add_argument("--rounds", type=int, default=3, help="alternated runs of part 3 (the best of each)")
+    ap.add_argument("--day-rows", type=int, default=10_000_000, help="part 4: readings in the simulated day")
+    ap.add_argument("--day-commits", type=int, default=1440, help="part 4: commits over the day (default policy: "
+                    "one a minute)")
+    ap.add_argument("--day-devices", type=int, default=2000, help="part 4: devices")
     a = ap.parse_args()
     if a.quick:
         a.devices, a.per_device, a.latency_s, a.interval = 200, 300, 20.0, 5.0
     parts = set(a.parts.split(","))
+    if parts == {"4"}:
+        with tempfile.TemporaryDirectory() as d:
+            report_day(Path(d), a)
+        return
     msgs, _, now_ms = make_stream(devices=a.devices, per_device=a.per_device)
     records = make_records(msgs, now_ms, 2)
     n = a.devices * a.per_device
@@ -215,6 +309,8 @@ def main() -> None:
             report_latency(records, tmp, a)
         if "3" in parts:
             report_cost(records, tmp, a, n)
+        if "4" in parts:
+            report_day(tmp / "day", a)
 
 
 if __name__ == "__main__":

@@ -414,3 +414,44 @@ def test_commits_failing_meanwhile_are_retried_until_the_lake_takes_them(tmp_pat
         assert_lake_oracle(open_catalog(s, tmp_path), items)
     finally:
         hot.close()
+
+
+def test_a_compaction_that_loses_to_a_sink_commit_retries_and_leaves_no_stray_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fieldmesh.store.lake as lake_mod
+
+    items, rs = sent(6, n=120)
+    recs = records(rs, [3])
+    hot = SqliteStore(f"sqlite:///{tmp_path / 'hot.db'}")
+    s = settings()
+    try:
+        sink = LakeSink(settings=s, data_dir=tmp_path)
+        p = Processor(bus=None, store=hot, settings=ProcessorSettings(), sinks=[sink])  # type: ignore[arg-type]
+        half = len(recs) // 2
+        for i in range(0, half, 8):  # small files
+            p.apply_records(recs[i : i + 8])
+            sink.flush()
+        catalog = open_catalog(s, tmp_path)
+        real = lake_mod._rewrite_files
+        written: list[list[str]] = []
+
+        def rewrite_then_the_sink_commits(table: Any, tasks: list[Any], target: int) -> list[Any]:
+            files = real(table, tasks, target)
+            written.append([f.file_path for f in files])
+            if len(written) == 1:  # the sink commits while the first rewrite is under way
+                p.apply_records(recs[half:])
+                sink.flush()
+            return files
+
+        monkeypatch.setattr(lake_mod, "_rewrite_files", rewrite_then_the_sink_commits)
+        out = compact(catalog, "fieldmesh", tables=["readings"])
+        assert out["fieldmesh.readings"]["partitions"] > 0
+        assert len(written) > 1, "the compaction did not retry after losing to the sink"
+        first = written[0]
+        assert first and not any(Path(f.removeprefix("file://")).exists() for f in first), "stray files left"
+        live = {t.file.file_path for t in catalog.load_table("fieldmesh.readings").scan().plan_files()}
+        assert not live & set(first)
+        sink.close()
+        assert_lake_oracle(catalog, items)
+    finally:
+        hot.close()

@@ -84,6 +84,7 @@ from fieldmesh.core.errors import (
     PermissionDenied,
     RowsRejected,
 )
+from fieldmesh.core.settings import LakeSettings
 from fieldmesh.core.topics import DEVICE_ID_RE
 from fieldmesh.obs.metrics import (
     AuthCollector,
@@ -102,6 +103,7 @@ from fieldmesh.store.jobs import JobStore
 from fieldmesh.store.products import ProductTables
 from fieldmesh.store.registry import Device as RegisteredDevice
 from fieldmesh.store.registry import DeviceRegistry
+from fieldmesh.store.tiers import TieredReads, retention_state
 from fieldmesh.stream.alerts import RuleError, parse_rule
 
 __all__ = ["DEVICE_ROUTES", "OPEN_ROUTES", "create_app", "parse_time"]
@@ -163,6 +165,7 @@ def create_app(
     collectors: Sequence[Collector] = (),
     online_url: str | None = None,
     twin_stats: Callable[[], dict[str, Any] | None] | None = None,
+    lake: tuple[LakeSettings, FsPath] | None = None,
 ) -> FastAPI:
     """Build the API app over the hot store at ``store_url``.
 
@@ -178,6 +181,8 @@ def create_app(
     multiprocess mode, :mod:`fieldmesh.obs.metrics`), merged into ``/metrics``; ``collectors`` are served
     there too (the SLO status of ``fieldmesh up``).
     ``twin_stats`` gives the twin service's counters (``twins`` in ``/stats``, ``fieldmesh_twin_*`` metrics).
+    ``lake``: the lake's settings and data dir; the raw and rollup reads then reach below the hot store's
+    retention cut into the lake (:class:`fieldmesh.store.tiers.TieredReads`).
     """
     acc = access if access is not None else Access(store_url)
     # FastAPIOffline: a FastAPI whose Swagger UI page loads its JS/CSS from the package, not a CDN
@@ -210,6 +215,23 @@ def create_app(
                 raise HTTPException(503, f"store not ready: {exc}") from None
         s: HotStore = state["store"]
         return s
+
+    def get_reads() -> HotStore | TieredReads:
+        """The raw and rollup reads: across the tiers when there is a lake."""
+        store = get_store()
+        if lake is None:
+            return store
+        reads: TieredReads | None = state.get("tiers")
+        if reads is None or reads.store is not store:
+            settings, lake_dir = lake
+
+            def catalog() -> Any:
+                from fieldmesh.store.lake import open_catalog
+
+                return open_catalog(settings, lake_dir)
+
+            reads = state["tiers"] = TieredReads(store, open_catalog=catalog, namespace=settings.namespace)
+        return reads
 
     def get_schema_registry() -> SchemaRegistry:
         if state["schema_registry"] is None:
@@ -408,6 +430,8 @@ def create_app(
         except FieldmeshError:
             body["jobs_controller"] = None
         body["features"] = await run_in_threadpool(lambda: FeatureTables.stats(get_store()))
+        if retention := await run_in_threadpool(retention_state, get_store()):
+            body["retention"] = retention
         if partition_lag is not None:
             partition_cache.update(await partition_lag())
             body["lag_partitions"] = {stage: {str(p): n for p, n in sorted(parts.items())}
@@ -544,7 +568,7 @@ def create_app(
         end: Annotated[str | None, time_query("readings before")] = None, limit: Limit = 1000,
         p: Principal = viewer,
     ) -> list[dict[str, Any]]:
-        return get_store().raw(device_id=visible(p, _device(device_id)), metric=check_metric(metric),
+        return get_reads().raw(device_id=visible(p, _device(device_id)), metric=check_metric(metric),
                                start_ms=parse_time(start, "start"), end_ms=parse_time(end, "end"), limit=limit)
 
     @r.get("/telemetry/rollups", response_model=None, responses={200: {"model": list[RollupRow]}, **BAD_PARAMETER})
@@ -556,7 +580,7 @@ def create_app(
         limit: Limit = 10_000,
         p: Principal = viewer,
     ) -> list[dict[str, Any]]:
-        return get_store().rollups(interval=interval, device_id=visible(p, _device(device_id)),
+        return get_reads().rollups(interval=interval, device_id=visible(p, _device(device_id)),
                                    metric=check_metric(metric), start_ms=parse_time(start, "start"),
                                    end_ms=parse_time(end, "end"), limit=limit)
 
@@ -742,7 +766,8 @@ def create_app(
     async def metrics(_: Principal = all_devices) -> Response:
         nonlocal collector
         if collector is None:
-            collector = StoreCollector(get_store(), lag_cache, partition_cache, alert_tables, reasons=REASONS)
+            collector = StoreCollector(get_store(), lag_cache, partition_cache, alert_tables, reasons=REASONS,
+                                       retention=retention_state)
             registry.register(collector)
             registry.register(FreshnessCollector(get_store().last_seen))
         if lag is not None:

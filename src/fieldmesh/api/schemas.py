@@ -56,6 +56,9 @@ class Stats(_Open):
     features: dict[str, int] | None = Field(
         None, description="the feature stage: rows_written, late, unkeyed, online_write_failures (docs/features.md); "
         "null when no feature views ever ran")
+    retention: dict[str, dict[str, Any]] | None = Field(None, description=(
+        'per hot tier pruned (raw, rollup_1m, rollup_1h): {"cut", "pruned_at", "deleted" (rows in all), "held" '
+        "(rows past retention the lake lacked at the last prune)} (docs/lake.md)"))
 
 
 class DeviceRow(_Open):

@@ -159,6 +159,15 @@ def up(
     lake_commit_interval: Annotated[float | None, typer.Option(
         min=0.01, help="seconds between lake commits at most (default 60) [env FIELDMESH__LAKE__COMMIT_INTERVAL_S]")
     ] = None,
+    retention_raw_days: Annotated[float | None, typer.Option(
+        min=0, show_default=False, help="keep raw readings in the hot store this many days (default 7; 0: forever); "
+        "older ones leave it once the lake holds them [env FIELDMESH__RETENTION__RAW_DAYS]")] = None,
+    retention_1m_days: Annotated[float | None, typer.Option(
+        min=0, show_default=False, help="keep 1-minute rollups this many days (default 90; 0: forever) "
+        "[env FIELDMESH__RETENTION__ROLLUP_1M_DAYS]")] = None,
+    retention_1h_days: Annotated[float | None, typer.Option(
+        min=0, show_default=False, help="keep 1-hour rollups this many days (default 0: forever) "
+        "[env FIELDMESH__RETENTION__ROLLUP_1H_DAYS]")] = None,
     mqtt_host: Annotated[str, typer.Option(
         envvar="FIELDMESH_MQTT_HOST",
         help="address the MQTT door's TLS listener binds (the nats door: its only listener); beyond loopback it "
@@ -188,6 +197,8 @@ def up(
     cdc = {k: v for k, v in (("source", cdc_source), ("tables", cdc_tables), ("name", cdc_name)) if v is not None}
     lake_kw = {k: v for k, v in (("enabled", lake), ("url", lake_url), ("warehouse", lake_warehouse),
                                  ("commit_interval_s", lake_commit_interval)) if v is not None}
+    retention = {k: v for k, v in (("raw_days", retention_raw_days), ("rollup_1m_days", retention_1m_days),
+                                   ("rollup_1h_days", retention_1h_days)) if v is not None}
     gw = {**({"door": door} if door is not None else {}),
           **({"require_registration": True} if require_registration else {})}
     try:
@@ -195,6 +206,7 @@ def up(
         settings = _settings(bus={"partitions": partitions, "fsync": fsync}, data_dir=data_dir,
                              **({"gateway": gw} if gw else {}),
                              **({"lake": lake_kw} if lake_kw else {}),
+                             **({"retention": retention} if retention else {}),
                              **_enrich_kw(enrich, None), **({"cdc": cdc} if cdc else {}), **_rules_kw(rules),
                              **_features_kw(features, online_url), **_products_kw(products),
                              **({"lineage": {"url": lineage_url}} if lineage_url else {}))
@@ -232,6 +244,12 @@ def _door_tls(port: int | None, cert: Path | None, key: Path | None, ca: Path | 
                    require_client_cert=require)
 
 
+def _lake_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("pyiceberg") is not None and importlib.util.find_spec("duckdb") is not None
+
+
 def _store_url(data_dir: Path, store_url: str | None) -> str:
     from fieldmesh.store import default_store_url
 
@@ -244,13 +262,23 @@ def query(
     data_dir: DataDir = DEFAULT_DATA_DIR,
     store_url: Annotated[str | None, typer.Option(help="query this store instead of the data dir's")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print rows as JSON objects")] = False,
+    tiers: Annotated[bool, typer.Option(
+        "--tiers", help="run SQL (DuckDB's dialect) over readings, rollup_1m and rollup_1h across the hot store "
+        "and the lake: older than the retention cut from the lake (docs/lake.md)")] = False,
+    start: Annotated[str | None, typer.Option(help="with --tiers: only rows at or after this time (RFC 3339 or "
+                                              "epoch ms)")] = None,
+    end: Annotated[str | None, typer.Option(help="with --tiers: only rows before this time")] = None,
+    device_id: Annotated[str | None, typer.Option(help="with --tiers: only this device's rows")] = None,
+    lake_url: Annotated[str | None, typer.Option(
+        help="with --tiers: the Iceberg catalog (default: the data dir's) [env FIELDMESH__LAKE__URL]")] = None,
 ) -> None:
-    """Query the hot store (read-only): tables readings, rollup_1m, rollup_1h, devices, dlq, counters."""
+    """Query the hot store (read-only): tables readings, rollup_1m, rollup_1h, devices, dlq, counters; with
+    --tiers, readings and rollups across the hot store and the lake."""
     from fieldmesh.store import load_store
 
     try:
         store = load_store(_store_url(data_dir, store_url), readonly=True)
-        res = store.query(sql)
+        res = _tiered_query(store, sql, data_dir, lake_url, start, end, device_id) if tiers else store.query(sql)
     except FieldmeshError as exc:
         _fail(exc)
         return
@@ -264,6 +292,27 @@ def query(
         t.add_row(*("" if v is None else str(v) for v in row))
     Console().print(t)
     err.print(f"{len(res.rows)} row(s)")
+
+
+def _tiered_query(store: Any, sql: str, data_dir: Path, lake_url: str | None, start: str | None, end: str | None,
+                  device_id: str | None) -> Any:
+    from fieldmesh.api.params import parse_time
+    from fieldmesh.store.tiers import TieredReads, tiered_query
+
+    lake = _settings(**({"lake": {"url": lake_url}} if lake_url else {})).lake
+    catalog = None
+    if lake.enabled and _lake_installed():
+        from fieldmesh.store.lake import open_catalog
+
+        def catalog() -> Any:
+            return open_catalog(lake, data_dir)
+
+    try:
+        start_ms, end_ms = parse_time(start, "start"), parse_time(end, "end")
+    except Exception as exc:  # the API's 400 answer
+        raise ConfigError(str(getattr(exc, "detail", exc)), key="start") from None
+    reads = TieredReads(store, open_catalog=catalog, namespace=lake.namespace)
+    return tiered_query(reads, sql, start_ms=start_ms, end_ms=end_ms, device_id=device_id)
 
 
 @app.command()
@@ -527,7 +576,9 @@ def api(
     _features_kw(None, online_url)  # a bad URL stops the start
     if online_url is None and (data_dir / "features.db").exists():  # the embedded store `up --features` wrote
         online_url = f"sqlite:///{(data_dir / 'features.db').resolve()}"
-    api_app = create_app(url, access=access, ca_dir=data_dir / "ca", online_url=online_url)
+    lake = _settings(data_dir=data_dir).lake
+    api_app = create_app(url, access=access, ca_dir=data_dir / "ca", online_url=online_url,
+                         lake=(lake, data_dir) if lake.enabled and _lake_installed() else None)
     api_app.state.provision.start_crl_refresher()
     try:
         uvicorn.run(api_app, host=host, port=http_port, log_level="warning", ssl_certfile=tls_cert,
@@ -662,7 +713,8 @@ def keys_revoke(
 for _name, _module in (("ca", "fieldmesh.cli.ca"), ("cdc", "fieldmesh.cli.cdc"), ("devices", "fieldmesh.cli.devices"),
                        ("edge", "fieldmesh.edge.cli"), ("jobs", "fieldmesh.cli.jobs"), ("lake", "fieldmesh.cli.lake"),
                        ("schemas", "fieldmesh.cli.schemas"), ("grafana", "fieldmesh.cli.grafana"),
-                       ("twins", "fieldmesh.cli.twins"), ("products", "fieldmesh.cli.products")):
+                       ("twins", "fieldmesh.cli.twins"), ("products", "fieldmesh.cli.products"),
+                       ("store", "fieldmesh.cli.store")):
     try:
         _sub = importlib.import_module(_module)
     except ImportError:

@@ -23,6 +23,7 @@ __all__ = [
     "GatewaySettings",
     "LakeSettings",
     "ProcessorSettings",
+    "RetentionSettings",
     "RuntimeSettings",
     "Settings",
     "load_settings",
@@ -321,6 +322,17 @@ class LakeSettings(BaseModel, frozen=True):
         "inside 'up', the lake sink expires old snapshots and compacts closed partitions this often (0: never)"))
 
 
+class RetentionSettings(BaseModel, frozen=True):
+    """How long the hot store keeps each tier (docs/lake.md); what leaves it must be in the lake first."""
+
+    raw_days: float = Field(7.0, ge=0, description="raw readings are kept this many days (0: forever)")
+    rollup_1m_days: float = Field(90.0, ge=0, description="1-minute rollups are kept this many days (0: forever)")
+    rollup_1h_days: float = Field(0.0, ge=0, description="1-hour rollups are kept this many days (0: forever)")
+    interval_s: float = Field(3600.0, ge=0, description="inside 'up', retention runs this often (0: never)")
+    without_lake: bool = Field(False, description=(
+        "delete old rows even when the lake is off, i.e. the hot store holds their only copy (they are lost)"))
+
+
 class Settings(BaseSettings):
     """All of fieldmesh's settings."""
 
@@ -337,6 +349,7 @@ class Settings(BaseSettings):
     runtime: RuntimeSettings = RuntimeSettings()
     access: AccessSettings = AccessSettings()
     lake: LakeSettings = LakeSettings()
+    retention: RetentionSettings = RetentionSettings()
     alerts: AlertSettings = AlertSettings()
     features: FeatureSettings = FeatureSettings()
     products: ProductSettings = ProductSettings()

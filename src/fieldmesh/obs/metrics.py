@@ -152,8 +152,10 @@ class StoreCollector(Collector):
     """
 
     def __init__(self, store: Any, lag_cache: Mapping[str, int], partition_cache: Mapping[str, Mapping[int, int]],
-                 alerts: Callable[[], Any] | None = None, *, reasons: Sequence[str] = ()) -> None:
+                 alerts: Callable[[], Any] | None = None, *, reasons: Sequence[str] = (),
+                 retention: Callable[[Any], dict[str, dict[str, Any]] | None] | None = None) -> None:
         self.store = store
+        self.retention = retention
         self.alerts = alerts
         self.lag_cache = lag_cache
         self.partition_cache = partition_cache
@@ -191,6 +193,16 @@ class StoreCollector(Collector):
         yield plag
         if self.alerts is not None:
             yield from alert_metrics(self.alerts().stats())
+        if self.retention is not None and (retention := self.retention(self.store)):
+            deleted = CounterMetricFamily("fieldmesh_retention_deleted_rows", "Rows retention deleted from the hot "
+                                          "store (the lake holds them)", labels=["tier"])
+            held = GaugeMetricFamily("fieldmesh_retention_held_rows", "Rows past retention kept at the last prune: "
+                                     "the lake does not hold them yet", labels=["tier"])
+            for tier, row in retention.items():
+                deleted.add_metric([tier], row["deleted"])
+                held.add_metric([tier], row["held"])
+            yield deleted
+            yield held
         summary = self.store.device_summary()
         last = summary.last_seen_ms
         g = GaugeMetricFamily("fieldmesh_devices", "Devices seen")

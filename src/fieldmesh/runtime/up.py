@@ -397,6 +397,12 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
                 console.print("lake: off (pyiceberg is not installed: pip install 'fieldmesh[lake]'; "
                               "--no-lake silences this)")
                 settings = settings.model_copy(update={"lake": settings.lake.model_copy(update={"enabled": False})})
+            if settings.lake.enabled and settings.cdc.source is not None:
+                from fieldmesh.runtime.cdclake import start_cdc_lake
+
+                stack.push_async_callback(await start_cdc_lake(bus, settings, data_dir, _captured(settings)))
+                console.print("lake: captured tables mirrored as Iceberg tables cdc_<schema>_<table>, with their "
+                              "change logs cdc_<schema>_<table>_changes")
             if settings.lake.enabled:
                 pr_cfg["lake_dir"] = str(data_dir)
                 console.print(f"lake: Iceberg tables {settings.lake.namespace}.* in "
@@ -566,7 +572,8 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
                              metrics_dir=metrics_dir, collectors=slo_collectors,
                              online_url=settings.features.online(data_dir)
                              if settings.features.views_file or settings.features.online_url else None,
-                             twin_stats=twin_stats_reader(logs / "twins-stats.json"))
+                             twin_stats=twin_stats_reader(logs / "twins-stats.json"),
+                             lake=(settings.lake, data_dir) if settings.lake.enabled else None)
             app.state.provision.start_crl_refresher()
             server = _api_server(uvicorn.Config(
                 app, host=opts.http_host, port=opts.http_port, log_level="warning", lifespan="off",
@@ -1060,7 +1067,7 @@ _RUN_KEYS: Final = ("received", "stored", "duplicates", "late", "unrouted", "gap
 def _lake_installed() -> bool:
     import importlib.util
 
-    return all(importlib.util.find_spec(m) is not None for m in ("pyiceberg", "pyarrow"))
+    return all(importlib.util.find_spec(m) is not None for m in ("pyiceberg", "pyarrow", "duckdb"))
 
 
 def _counts(st: StoreStats) -> dict[str, Any]:

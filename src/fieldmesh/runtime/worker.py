@@ -166,6 +166,7 @@ async def run_processor(
     notifier = None
     lineage = open_lineage(settings, store_url)
     rules_file = None
+    retention = None
     try:
         if settings.alerts.enabled and settings.alerts.rules_file is not None:  # loaded again when it changes
             from fieldmesh.runtime.rulesfile import RulesFile
@@ -185,6 +186,7 @@ async def run_processor(
             if notifier is not None:  # the notifier's transactions take turns with the batches
                 notifier.run_store = proc.in_apply_thread
                 notifier.submit_store = proc.submit_in_apply_thread
+            retention = _retention(store, proc, settings, lake_dir)
             log.info("processor running: %s -> %s (partitions %s)", bus_url, store_url, partitions or "all")
             async with contextlib.AsyncExitStack() as runs:  # lineage: one OpenLineage run per job
                 if lineage is not None:
@@ -204,6 +206,8 @@ async def run_processor(
             rules_file.stop()
         if lineage is not None:
             lineage.close()
+        if retention is not None:
+            retention.stop()
         if notifier is not None:
             notifier.stop()
         for sink in sinks:
@@ -213,6 +217,22 @@ async def run_processor(
                 log.exception("sink %s did not close cleanly: what it had not committed comes again from the bus "
                               "at the next start", sink.name)
         store.close()
+
+
+def _retention(store: Any, proc: Any, settings: Settings, lake_dir: str | None) -> Any:
+    """Retention of the hot tiers on a schedule (docs/lake.md), its transactions in turn with the batches;
+    it verifies against the lake, so it runs where the lake is written (or, told so, without one)."""
+    from fieldmesh.store.tiers import LakeCopy, RetentionLoop
+
+    open_lake = None
+    if lake_dir is not None:
+        from fieldmesh.store.lake import open_catalog
+
+        def open_lake() -> LakeCopy:
+            return LakeCopy(open_catalog(settings.lake, Path(lake_dir)), settings.lake.namespace)
+
+    return RetentionLoop(store, settings=settings.retention, open_lake=open_lake,
+                         transact=proc.in_apply_thread).start()
 
 
 def _redact(url: str) -> str:

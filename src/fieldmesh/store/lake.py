@@ -57,8 +57,8 @@ if TYPE_CHECKING:
     from pyiceberg.table import Table
 
 __all__ = [
-    "PROP_FLUSH", "PROP_POSITIONS", "TABLES", "LakeError", "LakeSink", "catalog_properties", "compact",
-    "expire", "lake_info", "lake_lag", "open_catalog",
+    "PROP_FLUSH", "PROP_POSITIONS", "TABLES", "LakeError", "LakeSink", "catalog_properties",
+    "committed_snapshots", "compact", "expire", "lake_info", "lake_lag", "open_catalog",
 ]
 
 log = logging.getLogger(__name__)
@@ -279,6 +279,33 @@ def _state_of(table: Table) -> tuple[int | None, dict[Position, int]]:
     for _, props in _tagged_ancestors(table):
         return int(props[PROP_FLUSH]), _decode_positions(props[PROP_POSITIONS])
     return None, {}
+
+
+def committed_snapshots(catalog: Catalog, namespace: str) -> tuple[int | None, dict[str, int | None]]:
+    """The flush committed to **every** table, and per table the snapshot id that holds it (None: no table or
+    no such snapshot).
+
+    A flush in some tables only is rolled back when the sink opens (module docstring), so what a reader may
+    rely on for good (retention deleting the hot copy) is the lowest flush over the tables, read at each
+    table's latest snapshot of that flush or an earlier one.
+    """
+    tables: dict[str, Table] = {}
+    latest: list[int] = []
+    for name in TABLES:
+        ident = f"{namespace}.{name}"
+        if not catalog.table_exists(ident):
+            return None, dict.fromkeys(TABLES)
+        t = catalog.load_table(ident)
+        flush, _ = _state_of(t)
+        if flush is None:
+            return None, dict.fromkeys(TABLES)
+        tables[name] = t
+        latest.append(flush)
+    common = min(latest)
+    out: dict[str, int | None] = {}
+    for name, t in tables.items():
+        out[name] = next((s.snapshot_id for s, p in _tagged_ancestors(t) if int(p[PROP_FLUSH]) <= common), None)
+    return common, out
 
 
 def _props(flush: int, positions: Mapping[Position, int]) -> dict[str, str]:
@@ -956,17 +983,18 @@ def compact(catalog: Catalog, namespace: str, *, target_file_mb: int = 128, tabl
             ) -> dict[str, dict[str, int]]:
     """Rewrite each partition's small files into files of about ``target_file_mb``.
 
-    Per partition with at least ``min_files`` files below the target: read them and overwrite the
-    partition with the same rows in one commit, which carries the sink's flush properties forward. A
-    concurrent sink commit makes this commit fail; the partition is then read again and retried.
-    ``closed_before_ms``: only partitions whose time range ends by then (the schedule inside ``up``
-    leaves the day being written alone).
+    Per table: every partition with at least ``min_files`` files below the target has exactly those files
+    read and written again as large files, one partition at a time; then one commit replaces them all (an
+    Iceberg *replace*: the old files are removed by name, so no row filter is evaluated and no other file is
+    read; one commit rewrites the table's manifests once, not once per partition) and carries the sink's
+    flush properties forward. A concurrent sink commit makes this commit fail; the files written are then
+    deleted, the small files listed again and the rewrite retried. ``closed_before_ms``: only partitions
+    whose time range ends by then (the schedule inside ``up`` leaves the day being written alone).
 
     Returns:
         Per table: partitions rewritten, files before and after.
     """
-    from pyiceberg.exceptions import CommitFailedException
-    from pyiceberg.expressions import AlwaysTrue
+    from pyiceberg.exceptions import CommitFailedException, ValidationException
 
     target = target_file_mb * 2**20
     out: dict[str, dict[str, int]] = {}
@@ -975,46 +1003,71 @@ def compact(catalog: Catalog, namespace: str, *, target_file_mb: int = 128, tabl
         stats = {"partitions": 0, "files_before": 0, "files_after": 0}
         table = catalog.load_table(ident)
         table.manage_snapshots()  # loaded: fail early if the table is gone
-        groups = _small_files(table, target)
-        for part, paths in groups.items():
-            if len(paths) < min_files:
-                continue
-            if closed_before_ms is not None and _partition_end_ms(table, part) > closed_before_ms:
-                continue
-            for attempt in range(retries):
+        for attempt in range(retries):
+            if attempt:
                 table = catalog.load_table(ident)
-                current = _small_files(table, target).get(part, [])
-                if len(current) < min_files:
-                    break
-                where = _partition_filter(table, part)
-                data = table.scan(row_filter=where if where is not None else AlwaysTrue()).to_arrow()
-                try:
-                    table = table.refresh()
-                    with table.transaction() as tx:
-                        tx.set_properties({"write.target-file-size-bytes": str(target)})
-                        tx.overwrite(data, overwrite_filter=where if where is not None else AlwaysTrue(),
-                                     snapshot_properties=_carry(table))
-                except CommitFailedException:
-                    time.sleep(min(5.0, 0.2 * 2**attempt))
-                    continue
-                stats["partitions"] += 1
-                stats["files_before"] += len(current)
-                stats["files_after"] += len(_small_files(catalog.load_table(ident), math.inf).get(part, []))
+            groups = {part: tasks for part, tasks in _small_tasks(table, target).items() if len(tasks) >= min_files
+                      and (closed_before_ms is None or _partition_end_ms(table, part) <= closed_before_ms)}
+            if not groups:
                 break
+            old: list[Any] = []
+            new: list[Any] = []
+            for tasks in groups.values():
+                old += [t.file for t in tasks]
+                new += _rewrite_files(table, tasks, target)
+            try:
+                with table.transaction() as tx, tx.update_snapshot(snapshot_properties=_carry(table)).overwrite() as r:
+                    for f in old:
+                        r.delete_data_file(f)
+                    for f in new:
+                        r.append_data_file(f)
+            except (CommitFailedException, ValidationException):
+                # a sink commit came first (pyiceberg retries a conflict itself, then refuses an overwrite
+                # whose partitions gained files meanwhile): list the small files again, new ones included
+                for f in new:  # never part of the table: remove them
+                    with contextlib.suppress(Exception):
+                        table.io.delete(f.file_path)
+                time.sleep(min(5.0, 0.2 * 2**attempt))
+                continue
+            stats = {"partitions": len(groups), "files_before": len(old), "files_after": len(new)}
+            break
         out[ident] = stats
     return out
 
 
-def _small_files(table: Table, target: float) -> dict[tuple[Any, ...], list[str]]:
-    """Data files below ``target`` bytes, by partition."""
-    groups: dict[tuple[Any, ...], list[str]] = {}
+def _small_tasks(table: Table, target: float) -> dict[tuple[Any, ...], list[Any]]:
+    """Scan tasks of the data files below ``target`` bytes (and without delete files), by partition."""
+    groups: dict[tuple[Any, ...], list[Any]] = {}
     if table.current_snapshot() is None:
         return groups
     for task in table.scan().plan_files():
         f = task.file
-        if f.file_size_in_bytes < target:
-            groups.setdefault(tuple(f.partition), []).append(f.file_path)  # type: ignore[arg-type]
+        if f.file_size_in_bytes < target and not task.delete_files:
+            groups.setdefault(tuple(f.partition), []).append(task)  # type: ignore[arg-type]
     return groups
+
+
+def _rewrite_files(table: Table, tasks: list[Any], target: int) -> list[Any]:
+    """The rows of ``tasks`` (data files of one partition) written again as files of about ``target`` bytes
+    (not committed); returns their data files."""
+    import uuid
+
+    from pyiceberg.expressions import AlwaysTrue
+    from pyiceberg.io.pyarrow import ArrowScan, bin_pack_arrow_table, pyarrow_to_schema, write_file
+    from pyiceberg.partitioning import PartitionFieldValue, PartitionKey
+    from pyiceberg.table import WriteTask
+
+    meta, spec, schema = table.metadata, table.spec(), table.schema()
+    data = ArrowScan(meta, table.io, schema, AlwaysTrue()).to_table(tasks)
+    part = tasks[0].file.partition
+    key = None if spec.is_unpartitioned() else PartitionKey(
+        field_values=[PartitionFieldValue(field=f, value=part[i]) for i, f in enumerate(spec.fields)],
+        partition_spec=spec, schema=schema)
+    task_schema = pyarrow_to_schema(data.schema, name_mapping=schema.name_mapping, format_version=meta.format_version)
+    write_uuid = uuid.uuid4()
+    writes = [WriteTask(write_uuid=write_uuid, task_id=i, record_batches=batches, partition_key=key,
+                        schema=task_schema) for i, batches in enumerate(bin_pack_arrow_table(data, target))]
+    return list(write_file(io=table.io, table_metadata=meta, tasks=iter(writes)))
 
 
 def _partition_end_ms(table: Table, part: tuple[Any, ...]) -> int:
@@ -1031,45 +1084,6 @@ def _partition_end_ms(table: Table, part: tuple[Any, ...]) -> int:
             y, m = divmod(int(value) + 1, 12)
             end = min(end, int(dt.datetime(1970 + y, m + 1, 1, tzinfo=dt.UTC).timestamp() * 1000))
     return end
-
-
-def _partition_filter(table: Table, part: tuple[Any, ...]) -> Any:
-    """Rows of one partition (day/month/bucket transforms) as a row filter on source columns."""
-    import datetime as dt
-
-    from pyiceberg.expressions import And, EqualTo, GreaterThanOrEqual, In, LessThan
-    from pyiceberg.transforms import BucketTransform, DayTransform, MonthTransform
-
-    spec = table.spec()
-    schema = table.schema()
-    clauses: list[Any] = []
-    epoch = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-    for field, value in zip(spec.fields, part, strict=True):
-        col = schema.find_field(field.source_id).name
-        if isinstance(field.transform, DayTransform):
-            lo = epoch + dt.timedelta(days=int(value))
-            hi = lo + dt.timedelta(days=1)
-        elif isinstance(field.transform, MonthTransform):
-            y, m = divmod(int(value), 12)
-            lo = dt.datetime(1970 + y, m + 1, 1, tzinfo=dt.UTC)
-            hi = dt.datetime(1970 + y + (m + 1) // 12, (m + 1) % 12 + 1, 1, tzinfo=dt.UTC)
-        elif isinstance(field.transform, BucketTransform):
-            # no row filter on a bucket: pick the partition's devices by their bucket
-            devices = table.scan(selected_fields=(col,)).to_arrow().column(col).unique().to_pylist()
-            mine = [d for d in devices if field.transform.transform(schema.find_field(field.source_id).field_type)(d)
-                    == value]
-            clauses.append(In(term=col, literals=mine) if mine else EqualTo(term=col, literal="\x00"))  # type: ignore[call-arg]
-            continue
-        else:
-            raise LakeError(f"compaction does not know the partition transform {field.transform}")
-        us = (int((lo - epoch).total_seconds()) * 1_000_000, int((hi - epoch).total_seconds()) * 1_000_000)
-        clauses += [GreaterThanOrEqual(term=col, literal=us[0]), LessThan(term=col, literal=us[1])]  # type: ignore[call-arg]
-    if not clauses:
-        return None
-    expr = clauses[0]
-    for c in clauses[1:]:
-        expr = And(expr, c)
-    return expr
 
 
 def expire(catalog: Catalog, namespace: str, *, older_than_s: float, keep_last: int = 10,
