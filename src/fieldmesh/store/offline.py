@@ -1,0 +1,276 @@
+"""The offline feature store: feature rows from the lake, and training sets built from them (docs/features.md).
+
+Reads the Iceberg table ``<namespace>.features`` (view, entity, window_start, window_end, known_at, version,
+values map<string,double>) through pyiceberg scans into Arrow, turns each view's rows into
+:class:`~fieldmesh.stream.pointintime.FeatureRows`, and assembles a training set: one output row per entity
+row of the input, with each view's features as known at the row's ``ts``
+(:func:`~fieldmesh.stream.pointintime.as_of_features`) and, optionally, a label from a CDC table
+(:func:`~fieldmesh.stream.pointintime.label_join`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import numpy as np
+from numpy.typing import NDArray
+
+from fieldmesh.core.errors import ConfigError, FieldmeshError, MissingDependency
+from fieldmesh.stream.pointintime import (
+    AsOfIndex,
+    FeatureRows,
+    LabelAgg,
+    LabelEvents,
+    as_of_features,
+    label_join,
+)
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    from pyiceberg.catalog import Catalog
+
+__all__ = ["FEATURES_TABLE", "LabelSpec", "TrainingSummary", "build_training_set", "feature_rows_arrow",
+           "feature_rows_from_arrow", "read_entities", "read_feature_rows", "split_views"]
+
+FEATURES_TABLE: Final = "features"
+_COLUMNS: Final = ("view", "entity", "window_start", "window_end", "known_at", "version", "values")
+
+Progress = Callable[[str, int], None]  # (step name, rows done in it)
+
+
+def _pa() -> Any:
+    try:
+        import pyarrow as pa
+    except ImportError as exc:
+        raise MissingDependency("pyarrow", "lake") from exc
+    return pa
+
+
+def _ms(col: Any) -> NDArray[np.int64]:
+    """Timestamps (any unit, or integers of ms) as int64 ms since the epoch."""
+    pa = _pa()
+    import pyarrow.compute as pc
+
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    t = col.type
+    if pa.types.is_timestamp(t):
+        per_ms = {"s": None, "ms": 1, "us": 1000, "ns": 1_000_000}[t.unit]
+        raw = np.asarray(pc.cast(col, pa.int64()).to_numpy(zero_copy_only=False), dtype=np.int64)
+        return raw * 1000 if per_ms is None else np.floor_divide(raw, per_ms)
+    if pa.types.is_integer(t):
+        return np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.int64)
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        try:
+            ts = pc.cast(col, pa.timestamp("us", tz="UTC"))
+        except pa.ArrowInvalid as exc:
+            raise ConfigError(f"cannot read times: {exc}") from exc
+        return _ms(ts)
+    raise ConfigError(f"a time column of type {t}: use timestamps, ISO 8601 strings or integer ms")
+
+
+def feature_rows_from_arrow(view: str, table: pa.Table, *, names: Sequence[str] | None = None) -> FeatureRows:
+    """The rows of ``table`` (the features table's columns, one view) as :class:`FeatureRows`.
+
+    ``names``: the features in this order (others dropped); default every key found, sorted.
+    """
+    import pyarrow.compute as pc
+
+    pa = _pa()
+    n = table.num_rows
+    entity = np.asarray(table.column("entity").to_numpy(zero_copy_only=False), dtype=object)
+    values = table.column("values").combine_chunks() if n else None
+    if values is not None and isinstance(values, pa.ChunkedArray):  # no chunks at all
+        values = None
+    if values is None or not len(values):
+        key_names = list(names or ())
+        mat = np.full((n, len(key_names)), np.nan)
+        return FeatureRows(view, entity, _ms(table.column("window_end")), _ms(table.column("known_at")),
+                           np.asarray(table.column("version").to_numpy(zero_copy_only=False), np.int64),
+                           tuple(key_names), mat, np.zeros(mat.shape, bool))
+    offsets = values.offsets.to_numpy(zero_copy_only=False).astype(np.int64)
+    row_of = np.repeat(np.arange(n), np.diff(offsets))
+    lo, hi = int(offsets[0]), int(offsets[-1])  # a sliced map array's children are not sliced
+    enc = pc.dictionary_encode(values.keys.slice(lo, hi - lo))
+    if isinstance(enc, pa.ChunkedArray):
+        enc = enc.combine_chunks()
+    found = [str(x) for x in enc.dictionary.to_pylist()]
+    key_names = list(names) if names is not None else sorted(found)
+    col_of = np.array([key_names.index(k) if k in key_names else -1 for k in found], dtype=np.int64)
+    item_col = col_of[enc.indices.to_numpy(zero_copy_only=False)] if len(found) else np.empty(0, np.int64)
+    items = values.items.slice(lo, hi - lo).to_numpy(zero_copy_only=False).astype(np.float64)
+    keep = item_col >= 0
+    mat = np.full((n, len(key_names)), np.nan)
+    present = np.zeros((n, len(key_names)), dtype=bool)
+    mat[row_of[keep], item_col[keep]] = items[keep]
+    present[row_of[keep], item_col[keep]] = True
+    return FeatureRows(view, entity, _ms(table.column("window_end")), _ms(table.column("known_at")),
+                       np.asarray(table.column("version").to_numpy(zero_copy_only=False), np.int64),
+                       tuple(key_names), mat, present)
+
+
+def feature_rows_arrow(rows: FeatureRows, *, window_ms: NDArray[np.int64] | int | None = None) -> pa.Table:
+    """:class:`FeatureRows` as the features table's Arrow columns (``window_start`` = end - ``window_ms``,
+    default the end itself: the widest window of a view starts before it anyway)."""
+    pa = _pa()
+    n = len(rows)
+    lengths = rows.present.sum(axis=1)
+    offsets = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    r, c = np.nonzero(rows.present)
+    keys = pa.array(np.array(rows.names, dtype=object)[c].tolist() if len(c) else [], pa.string())
+    items = pa.array(rows.values[r, c], pa.float64())
+    values = pa.MapArray.from_arrays(pa.array(offsets), keys, items)
+    start = rows.window_end_ms - (window_ms if window_ms is not None else 0)
+    ts = pa.timestamp("us", tz="UTC")
+    return pa.table({
+        "view": pa.array([rows.view] * n, pa.string()),
+        "entity": pa.array(rows.entity.tolist(), pa.string()),
+        "window_start": pa.array(np.asarray(start, np.int64) * 1000, pa.int64()).cast(ts),
+        "window_end": pa.array(rows.window_end_ms * 1000, pa.int64()).cast(ts),
+        "known_at": pa.array(rows.known_at_ms * 1000, pa.int64()).cast(ts),
+        "version": pa.array(rows.version, pa.int64()),
+        "values": values,
+    })
+
+
+def read_feature_rows(catalog: Catalog, namespace: str, views: Sequence[str], *,
+                      names: Mapping[str, Sequence[str]] | None = None) -> dict[str, FeatureRows]:
+    """Each view's rows from ``<namespace>.features`` (one pyiceberg scan for all of them).
+
+    Raises:
+        FieldmeshError: no features table in the lake.
+    """
+    from pyiceberg.expressions import EqualTo, In
+
+    ident = f"{namespace}.{FEATURES_TABLE}"
+    if not catalog.table_exists(ident):
+        raise FieldmeshError(f"no table {ident} in the lake: run the pipeline with feature views (--features) "
+                             "and the lake on, and wait for a lake commit")
+    table = catalog.load_table(ident)
+    filt = (EqualTo(term="view", literal=views[0]) if len(views) == 1  # type: ignore[call-arg]
+            else In(term="view", literals=list(views)))
+    data = table.scan(row_filter=filt, selected_fields=_COLUMNS).to_arrow()
+    return split_views(data, views, names=names)
+
+
+def split_views(data: pa.Table, views: Sequence[str], *,
+                names: Mapping[str, Sequence[str]] | None = None) -> dict[str, FeatureRows]:
+    """The rows of each view in ``data`` (the features table's columns)."""
+    import pyarrow.compute as pc
+
+    out: dict[str, FeatureRows] = {}
+    view_col = data.column("view")
+    for v in views:
+        part = data.filter(pc.equal(view_col, v)) if len(views) > 1 else data
+        out[v] = feature_rows_from_arrow(v, part, names=(names or {}).get(v))
+    return out
+
+
+def read_entities(path: Path) -> pa.Table:
+    """The entity rows of a training set: CSV or Parquet with columns ``entity``, ``ts`` and maybe ``label``.
+
+    Raises:
+        ConfigError: a missing file or column, or times that do not parse.
+    """
+    pa = _pa()
+    if not path.exists():
+        raise ConfigError(f"no entities file {path}")
+    try:
+        if path.suffix.lower() in (".parquet", ".pq"):
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+        else:
+            from pyarrow import csv
+
+            table = csv.read_csv(path, convert_options=csv.ConvertOptions(column_types={"entity": pa.string()}))
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ConfigError(f"cannot read entities file {path}: {exc}") from exc
+    missing = [c for c in ("entity", "ts") if c not in table.column_names]
+    if missing:
+        raise ConfigError(f"entities file {path} lacks column(s) {', '.join(missing)} "
+                          f"(has {', '.join(table.column_names)}): it needs entity, ts[, label]")
+    return table
+
+
+@dataclass(frozen=True, slots=True)
+class LabelSpec:
+    """A label from CDC events: ``name`` is the output column."""
+
+    events: LabelEvents
+    horizon_ms: int
+    agg: LabelAgg = "first"
+    name: str = "label"
+
+
+@dataclass(slots=True)
+class TrainingSummary:
+    """What a training set holds, for the CLI's summary."""
+
+    rows: int = 0
+    views: dict[str, dict[str, int]] = None  # type: ignore[assignment]  # view -> {"found", "expired", "none"}
+    labelled: int = 0
+    label_events: int = 0
+
+    def __post_init__(self) -> None:
+        if self.views is None:
+            self.views = {}
+
+
+def build_training_set(entities: pa.Table, rows: Mapping[str, FeatureRows], *, ttl_ms: Mapping[str, int | None],
+                       label: LabelSpec | None = None, progress: Progress | None = None,
+                       ) -> tuple[pa.Table, TrainingSummary]:
+    """The training set: ``entities``' columns, then per view ``<view>__window_end``, ``<view>__known_at`` and
+    one column ``<view>__<feature>`` per feature (null where nothing was known at ``ts`` or it had expired),
+    then the label column if ``label``.
+
+    Raises:
+        ConfigError: the label column already exists in ``entities``.
+    """
+    pa = _pa()
+    ts_ms = _ms(entities.column("ts"))
+    ent_col = entities.column("entity")
+    entity = np.asarray(ent_col.to_numpy(zero_copy_only=False), dtype=object)
+    if ent_col.type != pa.string():
+        entity = np.array([str(x) for x in entity.tolist()], dtype=object)
+    summary = TrainingSummary(rows=len(ts_ms))
+    out = entities
+    ts_type = pa.timestamp("ms", tz="UTC")
+    for view, fr in rows.items():
+        index = AsOfIndex(fr)
+        if progress:
+            progress(f"index {view}", len(fr))
+        found = as_of_features(index, entity, ts_ms, ttl_ms=ttl_ms.get(view))
+        live = found.row >= 0
+        summary.views[view] = {"found": int(live.sum()), "expired": int(found.expired.sum()),
+                               "none": int((~live & ~found.expired).sum()), "feature_rows": len(fr)}
+        out = out.append_column(f"{view}__window_end",
+                                pa.array(found.window_end_ms, pa.int64(), mask=~live).cast(ts_type))
+        out = out.append_column(f"{view}__known_at", pa.array(found.known_at_ms, pa.int64(), mask=~live).cast(ts_type))
+        for j, name in enumerate(fr.names):
+            out = out.append_column(f"{view}__{name}",
+                                    pa.array(found.values[:, j], pa.float64(), mask=~found.present[:, j]))
+        if progress:
+            progress(f"join {view}", len(ts_ms))
+    if label is not None:
+        if label.name in out.column_names:
+            raise ConfigError(f"the entities file has a column {label.name!r} already: name the CDC label "
+                              "otherwise (--label-name)")
+        lj = label_join(label.events, entity, ts_ms, horizon_ms=label.horizon_ms, agg=label.agg)
+        try:
+            arr = pa.array(lj.value)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed types in the column: keep them as text
+            arr = pa.array([None if v is None else str(v) for v in lj.value], pa.string())
+        out = out.append_column(label.name, arr)
+        has = lj.commit_ms >= 0
+        out = out.append_column(f"{label.name}__committed_at",
+                                pa.array(lj.commit_ms, pa.int64(), mask=~has).cast(ts_type))
+        summary.labelled = int(has.sum())
+        summary.label_events = len(label.events)
+        if progress:
+            progress("labels", len(ts_ms))
+    return out, summary
