@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, Final, Literal
 
 import msgspec
@@ -111,6 +111,10 @@ class WindowResults:
     # on_late="update": True for a window whose end the watermark had passed before this call (emitted
     # before, or empty then), emitted again with late readings; False for a first emission
     update: NDArray[np.bool_] | None = None
+    # per window: the batch row (reading, in arrival order) whose arrival made it final, i.e. the first of
+    # its device with ts_ms >= end + allowed lateness (an update: the device's first row of the batch);
+    # -1 from flush(). So ``received_ms[trigger]`` is when the window became known, whatever the batching.
+    trigger: NDArray[np.int64] | None = None
 
     def __len__(self) -> int:
         return len(self.start_ms)
@@ -413,7 +417,41 @@ class WindowOperator:
             keep = np.flatnonzero(ok)
             new = self._entry_parts(edev[keep], emet[keep], ts[keep], ts[keep], ts[keep], v[keep])
         self.late_total += late
-        return self._advance(new, before, late)
+        out = self._advance(new, before, late)
+        return replace(out, trigger=self._triggers(out, dev, cols.ts_ms, before))
+
+    def _triggers(self, out: WindowResults, dev: NDArray[np.int64], ts: NDArray[np.int64],
+                  before: NDArray[np.int64]) -> NDArray[np.int64]:
+        """Per emitted window, the first batch row of its device whose running newest ts (from ``before``)
+        reaches ``end + allowed lateness``: the reading whose arrival made it final."""
+        n = len(out)
+        if not n or not len(dev):
+            return np.full(n, -1, dtype=np.int64)
+        order = np.argsort(dev, kind="stable")
+        sdev = dev[order]
+        starts = _segment_starts(sdev)
+        # inclusive running newest ts per device segment, seeded with the device's newest before the batch
+        seeds = before[sdev[starts]] if len(before) else np.full(len(starts), _NO_TS, dtype=np.int64)
+        g = _group_ids(starts, len(sdev))
+        reach = np.maximum(_running_max(ts[order], starts, seeds), ts[order])
+        win_dev = np.array([self._device_id[d] for d in out.device.tolist()], dtype=np.int64)
+        need = out.end_ms + self.allowed_lateness_ms
+        seg_dev = sdev[starts]
+        seg = np.searchsorted(seg_dev, win_dev)
+        seg = np.minimum(seg, len(starts) - 1)
+        has = seg_dev[seg] == win_dev
+        ends = np.append(starts[1:], len(sdev))
+        lo = int(min(reach.min(), need.min()))
+        span = int(max(reach.max(), need.max())) - lo + 1
+        if span * (len(starts) + 1) < 2**62:  # one search over all segments: segment number in the high part
+            j = np.searchsorted(g.astype(np.int64) * span + (reach - lo), seg.astype(np.int64) * span + (need - lo))
+        else:
+            j = np.array([lo_ + int(np.searchsorted(reach[lo_:hi_], x)) for lo_, hi_, x in zip(
+                starts[seg].tolist(), ends[seg].tolist(), need.tolist(), strict=True)], dtype=np.int64)
+        ok = has & (j < ends[seg])
+        res = np.full(n, -1, dtype=np.int64)
+        res[ok] = order[j[ok]]
+        return res
 
     def flush(self) -> WindowResults:
         """End of stream: emit every open window (later readings count as late)."""

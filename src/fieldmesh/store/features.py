@@ -1,0 +1,352 @@
+"""Feature storage: the online store (Redis or embedded SQLite) and the feature tables in the hot store.
+
+**Online store** (:class:`OnlineStore`, by URL through :func:`load_online_store`): the latest
+:class:`~fieldmesh.stream.featureviews.FeatureRow` per (view, entity), for inference.
+
+* ``redis://host:port/db?prefix=fm``: one hash per row, key ``{prefix}:feat:{view}:{entity}``, fields
+  the feature values plus ``_window_end``, ``_known_at``, ``_version`` (ms ints) and ``_window_start``;
+  it expires ``ttl`` after ``known_at`` (``PEXPIREAT``). A Lua script writes a row only when its
+  ``(window_end, version)`` is newer than the stored one, so a replay never moves a value back.
+* ``sqlite:///path/features.db`` (the default under ``--data-dir``): table ``online_features``, same rule.
+
+**Hot-store tables** (:class:`FeatureTables`, through :class:`~fieldmesh.store.base.SqlTxn`, so SQLite
+and PostgreSQL alike), written in one transaction per batch by the feature stage:
+
+* ``feature_rows(view, entity, window_start, window_end, known_at, version, "values")``: every feature row
+  emitted (times in ms since the epoch, ``values`` a JSON object ``{feature: number|null}``), the
+  embedded offline table for point-in-time reads without a lake; primary key (view, entity, window_end,
+  version);
+* ``feature_state``: the feature engine's snapshot and counters; ``feature_positions``: the bus
+  positions the rows and the snapshot cover (the stage's :meth:`~fieldmesh.store.base.Sink.applied`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Final, Protocol
+from urllib.parse import parse_qs, urlsplit
+
+from fieldmesh.core.batch import Position
+from fieldmesh.core.errors import BackendError, BackendUnavailable, ConfigError, MissingDependency
+from fieldmesh.store.base import SqlTxn
+from fieldmesh.stream.featureviews import FeatureRow
+
+__all__ = [
+    "FeatureTables", "OnlineStore", "RedisOnlineStore", "SqliteOnlineStore", "load_online_store", "row_from_json",
+    "row_to_json",
+]
+
+_META: Final = ("_window_start", "_window_end", "_known_at", "_version")
+
+# put a row unless the stored one is as new: KEYS[1] the hash; ARGV: window_end, version, expire_at_ms, then
+# field, value pairs. Returns 1 when written.
+_PUT_LUA: Final = """
+local cur = redis.call('HMGET', KEYS[1], '_window_end', '_version')
+if cur[1] then
+  local we, v = tonumber(cur[1]), tonumber(cur[2])
+  local nwe, nv = tonumber(ARGV[1]), tonumber(ARGV[2])
+  if we > nwe or (we == nwe and v >= nv) then return 0 end
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+if tonumber(ARGV[3]) > 0 then redis.call('PEXPIREAT', KEYS[1], ARGV[3]) end
+return 1
+"""
+
+
+def _finite(v: float) -> float | None:
+    return v if math.isfinite(v) else None
+
+
+def row_to_json(row: FeatureRow) -> str:
+    """The row's values as JSON (NaN and infinities as null)."""
+    return json.dumps({k: _finite(v) for k, v in row.values.items()}, sort_keys=True, allow_nan=False)
+
+
+def row_from_json(view: str, entity: str, start: int, end: int, known: int, version: int, text: str) -> FeatureRow:
+    """A row from its stored columns (null values come back as NaN)."""
+    vals = {k: math.nan if v is None else float(v) for k, v in json.loads(text).items()}
+    return FeatureRow(view=view, entity=entity, window_start_ms=int(start), window_end_ms=int(end),
+                      known_at_ms=int(known), version=int(version), values=vals)
+
+
+class OnlineStore(Protocol):
+    """The latest feature row per (view, entity); expired rows (``now - known_at > ttl``) read as absent."""
+
+    url: str
+
+    def put(self, rows: Sequence[FeatureRow]) -> int:
+        """Store ``rows`` where newer than what is stored (by (window_end, version)); how many were written."""
+        ...
+
+    def get(self, view: str, entity: str) -> FeatureRow | None: ...
+
+    def get_many(self, entity: str, views: Sequence[str]) -> dict[str, FeatureRow | None]:
+        """One read for several views of one entity."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class RedisOnlineStore:
+    """:class:`OnlineStore` in Redis (see the module docstring). ``ttl_ms``: per view (none: no expiry)."""
+
+    def __init__(self, url: str, *, ttl_ms: Mapping[str, int] | None = None) -> None:
+        try:
+            import redis
+        except ImportError as exc:
+            raise MissingDependency("redis", "features") from exc
+        u = urlsplit(url)
+        q = parse_qs(u.query)
+        self.prefix = q.get("prefix", ["fm"])[0]
+        if not self.prefix or ":" in self.prefix:
+            raise ConfigError(f"online store URL: prefix must be non-empty and without ':': {self.prefix!r}",
+                              key="online_url")
+        self.url = url
+        self.ttl_ms = dict(ttl_ms or {})
+        clean = u._replace(query="").geturl()
+        self._r = redis.Redis.from_url(clean, socket_timeout=5, socket_connect_timeout=5)
+        self._put = self._r.register_script(_PUT_LUA)
+        self._errors: tuple[type[BaseException], ...] = (redis.RedisError,)
+
+    def key(self, view: str, entity: str) -> str:
+        """The hash holding (view, entity)."""
+        return f"{self.prefix}:feat:{view}:{entity}"
+
+    def put(self, rows: Sequence[FeatureRow]) -> int:
+        if not rows:
+            return 0
+        try:
+            pipe = self._r.pipeline(transaction=False)
+            for row in rows:
+                ttl = self.ttl_ms.get(row.view)
+                fields: list[Any] = ["_window_start", row.window_start_ms, "_window_end", row.window_end_ms,
+                                     "_known_at", row.known_at_ms, "_version", row.version]
+                for k, v in row.values.items():
+                    fields += [k, repr(float(v))]
+                self._put(keys=[self.key(row.view, row.entity)],
+                          args=[row.window_end_ms, row.version, row.known_at_ms + ttl if ttl else 0, *fields],
+                          client=pipe)
+            return int(sum(int(x) for x in pipe.execute()))
+        except self._errors as exc:
+            raise BackendUnavailable(f"online store {self.url}: {exc}") from exc
+
+    def get(self, view: str, entity: str) -> FeatureRow | None:
+        return self.get_many(entity, [view])[view]
+
+    def get_many(self, entity: str, views: Sequence[str]) -> dict[str, FeatureRow | None]:
+        try:
+            pipe = self._r.pipeline(transaction=False)
+            for v in views:
+                pipe.hgetall(self.key(v, entity))
+            got = pipe.execute()
+        except self._errors as exc:
+            raise BackendUnavailable(f"online store {self.url}: {exc}") from exc
+        now = int(time.time() * 1000)
+        out: dict[str, FeatureRow | None] = {}
+        for v, h in zip(views, got, strict=True):
+            out[v] = None
+            if h:
+                d = {k.decode(): x.decode() for k, x in h.items()}
+                known = int(d["_known_at"])
+                ttl = self.ttl_ms.get(v)
+                if ttl is not None and now - known > ttl:
+                    continue
+                out[v] = FeatureRow(view=v, entity=entity, window_start_ms=int(d["_window_start"]),
+                                    window_end_ms=int(d["_window_end"]), known_at_ms=known,
+                                    version=int(d["_version"]),
+                                    values={k: float(x) for k, x in d.items() if k not in _META})
+        return out
+
+    def clear(self) -> int:
+        """Delete every key under the prefix (tests, rebuilds); how many."""
+        n = 0
+        for k in self._r.scan_iter(match=f"{self.prefix}:feat:*", count=1000):
+            n += int(self._r.delete(k))
+        return n
+
+    def close(self) -> None:
+        self._r.close()
+
+
+_SQLITE_ONLINE: Final = """
+CREATE TABLE IF NOT EXISTS online_features (
+  view TEXT NOT NULL, entity TEXT NOT NULL, window_start INTEGER NOT NULL, window_end INTEGER NOT NULL,
+  known_at INTEGER NOT NULL, version INTEGER NOT NULL, expires_at INTEGER, "values" TEXT NOT NULL,
+  PRIMARY KEY (view, entity))
+"""
+
+
+class SqliteOnlineStore:
+    """:class:`OnlineStore` in a SQLite file (WAL: the API reads while the processor writes)."""
+
+    def __init__(self, path: str | Path, *, ttl_ms: Mapping[str, int] | None = None) -> None:
+        self.path = Path(path)
+        self.url = f"sqlite:///{self.path}"
+        self.ttl_ms = dict(ttl_ms or {})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        with self._conn() as c:
+            c.execute("PRAGMA journal_mode=WAL")
+            c.execute(_SQLITE_ONLINE)
+
+    def _conn(self) -> sqlite3.Connection:
+        c: sqlite3.Connection | None = getattr(self._local, "c", None)
+        if c is None:
+            c = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=True)
+            c.execute("PRAGMA busy_timeout=10000")
+            c.execute("PRAGMA synchronous=NORMAL")
+            self._local.c = c
+        return c
+
+    def put(self, rows: Sequence[FeatureRow]) -> int:
+        if not rows:
+            return 0
+        c = self._conn()
+        try:
+            c.execute("BEGIN IMMEDIATE")
+            before = c.total_changes
+            c.executemany(
+                'INSERT INTO online_features (view, entity, window_start, window_end, known_at, version, expires_at, '
+                '"values") VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (view, entity) DO UPDATE SET '
+                'window_start = excluded.window_start, window_end = excluded.window_end, known_at = excluded.known_at, '
+                'version = excluded.version, expires_at = excluded.expires_at, "values" = excluded."values" '
+                "WHERE (excluded.window_end, excluded.version) > (online_features.window_end, online_features.version)",
+                [(r.view, r.entity, r.window_start_ms, r.window_end_ms, r.known_at_ms, r.version,
+                  r.known_at_ms + self.ttl_ms[r.view] if r.view in self.ttl_ms else None, row_to_json(r))
+                 for r in rows])
+            n = c.total_changes - before
+            c.execute("COMMIT")
+            return n
+        except sqlite3.Error as exc:
+            if c.in_transaction:
+                c.execute("ROLLBACK")
+            raise BackendError(f"online store {self.url}: {exc}") from exc
+
+    def get(self, view: str, entity: str) -> FeatureRow | None:
+        return self.get_many(entity, [view])[view]
+
+    def get_many(self, entity: str, views: Sequence[str]) -> dict[str, FeatureRow | None]:
+        out: dict[str, FeatureRow | None] = dict.fromkeys(views)
+        if not views:
+            return out
+        now = int(time.time() * 1000)
+        marks = ",".join("?" * len(views))
+        try:
+            rows = self._conn().execute(
+                f'SELECT view, window_start, window_end, known_at, version, "values" FROM online_features '
+                f"WHERE entity = ? AND view IN ({marks}) AND (expires_at IS NULL OR expires_at >= ?)",
+                [entity, *views, now]).fetchall()
+        except sqlite3.Error as exc:
+            raise BackendError(f"online store {self.url}: {exc}") from exc
+        for view, start, end, known, version, text in rows:
+            out[view] = row_from_json(view, entity, start, end, known, version, text)
+        return out
+
+    def clear(self) -> int:
+        """Delete every row (tests, rebuilds); how many."""
+        c = self._conn()
+        return c.execute("DELETE FROM online_features").rowcount
+
+    def close(self) -> None:
+        c = getattr(self._local, "c", None)
+        if c is not None:
+            c.close()
+            self._local.c = None
+
+
+def load_online_store(url: str, *, ttl_ms: Mapping[str, int] | None = None) -> OnlineStore:
+    """An :class:`OnlineStore` by URL: ``redis://...?prefix=fm`` (``rediss://`` too) or ``sqlite:///path``."""
+    scheme = urlsplit(url).scheme
+    if scheme in ("redis", "rediss", "unix"):
+        return RedisOnlineStore(url, ttl_ms=ttl_ms)
+    if scheme == "sqlite":
+        return SqliteOnlineStore(url.removeprefix("sqlite://").removeprefix("/") if url.startswith(
+            "sqlite:////") else url.removeprefix("sqlite:///"), ttl_ms=ttl_ms)
+    raise ConfigError(f"online store URL {url!r}: use redis://host:port/db?prefix=fm or sqlite:///path",
+                      key="online_url")
+
+
+# -- hot-store tables ------------------------------------------------------------------------------
+
+_DDL_SQLITE: Final = (
+    'CREATE TABLE IF NOT EXISTS feature_rows (view TEXT NOT NULL, entity TEXT NOT NULL, window_start INTEGER NOT '
+    'NULL, window_end INTEGER NOT NULL, known_at INTEGER NOT NULL, version INTEGER NOT NULL, "values" TEXT NOT NULL, '
+    "PRIMARY KEY (view, entity, window_end, version))",
+    "CREATE INDEX IF NOT EXISTS feature_rows_known ON feature_rows (view, entity, known_at)",
+    "CREATE TABLE IF NOT EXISTS feature_state (id INTEGER PRIMARY KEY, snapshot BLOB NOT NULL, rows INTEGER NOT NULL, "
+    "late INTEGER NOT NULL, unkeyed INTEGER NOT NULL, updated_ms INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS feature_positions (topic TEXT NOT NULL, part INTEGER NOT NULL, "
+    "last_offset INTEGER NOT NULL, PRIMARY KEY (topic, part))",
+)
+_DDL_PG: Final = tuple(s.replace("INTEGER", "BIGINT").replace("BLOB", "BYTEA") for s in _DDL_SQLITE)
+
+
+class FeatureTables:
+    """The feature stage's hot-store tables, in the caller's transaction (module docstring)."""
+
+    @staticmethod
+    def ensure(tx: SqlTxn) -> None:
+        """Create the tables where missing."""
+        if tx.dialect != "sqlite":
+            tx.execute("SELECT pg_advisory_xact_lock(hashtext('fieldmesh-features'))")
+        for stmt in _DDL_SQLITE if tx.dialect == "sqlite" else _DDL_PG:
+            tx.execute(stmt)
+
+    @staticmethod
+    def positions(tx: SqlTxn) -> dict[Position, int]:
+        return {(str(t), int(p)): int(o) for t, p, o in
+                tx.execute("SELECT topic, part, last_offset FROM feature_positions")}
+
+    @staticmethod
+    def state(tx: SqlTxn) -> tuple[bytes | None, dict[str, int]]:
+        """The stored snapshot (None before the first write) and counters."""
+        rows = tx.execute("SELECT snapshot, rows, late, unkeyed FROM feature_state WHERE id = 1")
+        if not rows:
+            return None, {"rows": 0, "late": 0, "unkeyed": 0}
+        snap, n, late, unkeyed = rows[0]
+        return bytes(snap), {"rows": int(n), "late": int(late), "unkeyed": int(unkeyed)}
+
+    @staticmethod
+    def commit(tx: SqlTxn, rows: Sequence[FeatureRow], snapshot: bytes, counts: Mapping[str, int],
+               positions: Mapping[Position, int]) -> None:
+        """Append ``rows``, replace the snapshot and counters, advance the positions."""
+        if rows:
+            tx.executemany(
+                'INSERT INTO feature_rows (view, entity, window_start, window_end, known_at, version, "values") '
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(r.view, r.entity, r.window_start_ms, r.window_end_ms, r.known_at_ms, r.version, row_to_json(r))
+                 for r in rows])
+        now = int(time.time() * 1000)
+        tx.execute("DELETE FROM feature_state WHERE id = 1")
+        tx.execute("INSERT INTO feature_state (id, snapshot, rows, late, unkeyed, updated_ms) "
+                   "VALUES (1, ?, ?, ?, ?, ?)", (snapshot, counts["rows"], counts["late"], counts["unkeyed"], now))
+        for (t, p), o in positions.items():
+            tx.execute("DELETE FROM feature_positions WHERE topic = ? AND part = ?", (t, p))
+            tx.execute("INSERT INTO feature_positions (topic, part, last_offset) VALUES (?, ?, ?)", (t, p, o))
+
+    @staticmethod
+    def recent(tx: SqlTxn, since_ms: int) -> list[FeatureRow]:
+        """Rows known at or after ``since_ms`` (to bring an online store up to date at a start)."""
+        return [row_from_json(*r) for r in tx.execute(
+            'SELECT view, entity, window_start, window_end, known_at, version, "values" FROM feature_rows '
+            "WHERE known_at >= ? ORDER BY window_end, version", (since_ms,))]
+
+    @staticmethod
+    def rows(tx: SqlTxn, *, view: str | None = None, entity: str | None = None) -> list[FeatureRow]:
+        """Feature rows (tests, small exports), by (view, entity, window_end, version)."""
+        where, args = [], []
+        for col, val in (("view", view), ("entity", entity)):
+            if val is not None:
+                where.append(f"{col} = ?")
+                args.append(val)
+        sql = ('SELECT view, entity, window_start, window_end, known_at, version, "values" FROM feature_rows'
+               + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY view, entity, window_end, version")
+        return [row_from_json(*r) for r in tx.execute(sql, args)]
+
