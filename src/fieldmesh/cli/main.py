@@ -549,7 +549,8 @@ def keys_revoke(
 
 # Sub-command groups contributed by other stages, registered when their modules are present.
 for _name, _module in (("ca", "fieldmesh.cli.ca"), ("cdc", "fieldmesh.cli.cdc"), ("devices", "fieldmesh.cli.devices"),
-                       ("edge", "fieldmesh.edge.cli"), ("lake", "fieldmesh.cli.lake"),
+                       ("edge", "fieldmesh.edge.cli"), ("features", "fieldmesh.cli.features"),
+                       ("lake", "fieldmesh.cli.lake"),
                        ("schemas", "fieldmesh.cli.schemas")):
     try:
         _sub = importlib.import_module(_module)

@@ -32,8 +32,12 @@ if TYPE_CHECKING:
     import pyarrow as pa
     from pyiceberg.catalog import Catalog
 
+    from fieldmesh.store.base import HotStore, SqlTxn
+    from fieldmesh.stream.featureviews import FeatureRow
+
 __all__ = ["FEATURES_TABLE", "LabelSpec", "TrainingSummary", "build_training_set", "feature_rows_arrow",
-           "feature_rows_from_arrow", "read_entities", "read_feature_rows", "split_views"]
+           "feature_rows_from_arrow", "feature_rows_from_rows", "read_entities", "read_feature_rows",
+           "read_store_feature_rows", "split_views"]
 
 FEATURES_TABLE: Final = "features"
 _COLUMNS: Final = ("view", "entity", "window_start", "window_end", "known_at", "version", "values")
@@ -168,6 +172,47 @@ def split_views(data: pa.Table, views: Sequence[str], *,
         part = data.filter(pc.equal(view_col, v)) if len(views) > 1 else data
         out[v] = feature_rows_from_arrow(v, part, names=(names or {}).get(v))
     return out
+
+
+def feature_rows_from_rows(view: str, rows: Sequence[FeatureRow], *,
+                           names: Sequence[str] | None = None) -> FeatureRows:
+    """:class:`FeatureRows` of ``rows`` (one view's :class:`~fieldmesh.stream.featureviews.FeatureRow` s).
+
+    ``names``: the features in this order (others dropped); default every name found, sorted.
+    """
+    cols = list(names) if names is not None else sorted({k for r in rows for k in r.values})
+    at = {k: j for j, k in enumerate(cols)}
+    n = len(rows)
+    values = np.full((n, len(cols)), np.nan)
+    present = np.zeros((n, len(cols)), dtype=bool)
+    for i, r in enumerate(rows):
+        for k, v in r.values.items():
+            j = at.get(k)
+            if j is not None:
+                values[i, j] = np.nan if v is None else v
+                present[i, j] = True
+    return FeatureRows(view, np.array([r.entity for r in rows], dtype=object),
+                       np.array([r.window_end_ms for r in rows], np.int64),
+                       np.array([r.known_at_ms for r in rows], np.int64),
+                       np.array([r.version for r in rows], np.int64), tuple(cols), values, present)
+
+
+def read_store_feature_rows(store: HotStore, views: Sequence[str], *,
+                            names: Mapping[str, Sequence[str]] | None = None) -> dict[str, FeatureRows]:
+    """Each view's rows from the hot store's ``feature_rows`` table (the embedded offline store, no lake)."""
+    from fieldmesh.store.features import FeatureTables
+
+    def read(tx: SqlTxn) -> dict[str, list[FeatureRow]]:
+        return {v: FeatureTables.rows(tx, view=v) for v in views}
+
+    try:
+        found = store.transact(read)
+    except Exception as exc:  # the driver's own error for a missing table (sqlite3, psycopg)
+        if "feature_rows" not in str(exc):
+            raise
+        raise FieldmeshError(f"the hot store has no feature rows ({exc}): run the pipeline with feature views "
+                             "(--features)") from exc
+    return {v: feature_rows_from_rows(v, rows, names=(names or {}).get(v)) for v, rows in found.items()}
 
 
 def read_entities(path: Path) -> pa.Table:

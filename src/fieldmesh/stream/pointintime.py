@@ -128,6 +128,24 @@ class AsOfIndex:
         self._group = g
         self._key = g * self._span + t_rank[order] + 1
 
+    def steps(self) -> NDArray[np.int64]:
+        """The rows that became the entity's answer at their own ``known_at``, in (entity, known_at) order.
+
+        Between two steps of an entity the answer does not change, so "the latest step with known_at <= ts"
+        (what Feast's point-in-time join and a plain as-of join do) gives exactly :meth:`lookup`'s row.
+        """
+        key = self._key
+        if not len(key):
+            return np.empty(0, dtype=np.int64)
+        last = np.ones(len(key), dtype=bool)  # the last position of each (entity, known_at) tie
+        last[:-1] = key[1:] != key[:-1]
+        pos = np.flatnonzero(last)
+        best = self._best[pos]
+        new = np.ones(len(pos), dtype=bool)
+        same_group = self._group[pos[1:]] == self._group[pos[:-1]]
+        new[1:] = ~same_group | (best[1:] != best[:-1])
+        return best[new].astype(np.int64)
+
     def lookup(self, entity: Sequence[str] | NDArray[Any], ts_ms: NDArray[np.int64]) -> NDArray[np.int64]:
         """Per query, the row known at ``ts_ms`` for ``entity`` (ignoring the TTL), -1 if none."""
         code = codes_of(entity, self.entity_code)
