@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fieldmesh import __version__
 from fieldmesh.api.auth import Access, AuthError, Principal, basic_token
+from fieldmesh.api.features import FeatureCollector, features_router
 from fieldmesh.api.params import (
     BAD_PARAMETER,
     STORE_UNAVAILABLE,
@@ -88,6 +89,7 @@ from fieldmesh.schema.registry import SchemaRegistry
 from fieldmesh.store import HotStore, load_store
 from fieldmesh.store.access import GROUP_RE
 from fieldmesh.store.alerts import AlertTables
+from fieldmesh.store.features import FeatureTables
 from fieldmesh.store.registry import Device as RegisteredDevice
 from fieldmesh.store.registry import DeviceRegistry
 from fieldmesh.stream.alerts import SEVERITIES, RuleError, parse_rule
@@ -242,6 +244,7 @@ def create_app(
     provisioner: Provisioner | None = None,
     schema_registry: SchemaRegistry | None = None,
     door_refused: Callable[[], dict[str, int]] | None = None,
+    online_url: str | None = None,
 ) -> FastAPI:
     """Build the API app over the hot store at ``store_url``.
 
@@ -469,6 +472,7 @@ def create_app(
             body["alerts"] = await run_in_threadpool(lambda: alert_tables().stats())
         except BackendError:
             body["alerts"] = None
+        body["features"] = await run_in_threadpool(lambda: FeatureTables.stats(get_store()))
         if partition_lag is not None:
             partition_cache.update(await partition_lag())
             body["lag_partitions"] = {stage: {str(p): n for p, n in sorted(parts.items())}
@@ -768,8 +772,10 @@ def create_app(
 
     app.include_router(r)
     app.include_router(registry_router(get_schema_registry, viewer=viewer, operator=operator, admin=admin))
+    app.include_router(features_router(online_url, reader=all_devices, get_store=get_store))
 
     registry.register(_AuthCollector(acc))
+    registry.register(FeatureCollector(get_store))
     if door_refused is not None:
         registry.register(_DoorCollector(door_refused))
     collector: _StoreCollector | None = None

@@ -49,6 +49,9 @@ class Stats(_Open):
         "from the positions its store has applied)")
     alerts: dict[str, Any] | None = Field(
         None, description="active alerts by severity, notifications by status, delivery latency (docs/alerts.md)")
+    features: dict[str, int] | None = Field(
+        None, description="the feature stage: rows_written, late, unkeyed, online_write_failures (docs/features.md); "
+        "null when no feature views ever ran")
 
 
 class DeviceRow(_Open):

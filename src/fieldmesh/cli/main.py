@@ -44,6 +44,12 @@ RulesOpt = Annotated[
     Path | None,
     typer.Option("--rules", help="alert rules: a YAML list of rules, loaded into the store at start (docs/alerts.md)"),
 ]
+FeaturesOpt = Annotated[Path | None, typer.Option(
+    "--features", help="feature views: a YAML file; the processor computes them into the online store and the "
+    "feature_rows table (docs/features.md)")]
+OnlineUrlOpt = Annotated[str | None, typer.Option(
+    "--online-url", help="online feature store: redis://host:port/db?prefix=fm (default: SQLite features.db in "
+    "the data dir) [env FIELDMESH__FEATURES__ONLINE_URL]")]
 RequireRegistration = Annotated[bool, typer.Option(
     "--require-registration", help="refuse devices not registered as active in the device registry (DLQ "
     "unknown_device; suspended or retired: unauthorized) [env FIELDMESH__GATEWAY__REQUIRE_REGISTRATION]")]
@@ -104,6 +110,8 @@ def up(
     cdc_name: Annotated[str | None, typer.Option(help="CDC slot/publication/offsets name")] = None,
     enrich: EnrichOpt = None,
     rules: RulesOpt = None,
+    features: FeaturesOpt = None,
+    online_url: OnlineUrlOpt = None,
     door: Annotated[str | None, typer.Option(
         help="MQTT door: nats (MQTT 3.1.1, PUBACK after JetStream stored it; the default, auto) or mosquitto "
              "(MQTT 3.1.1 and 5, PUBACK from Mosquitto's memory) [env FIELDMESH__GATEWAY__DOOR]")] = None,
@@ -156,7 +164,8 @@ def up(
         settings = _settings(bus={"partitions": partitions, "fsync": fsync}, data_dir=data_dir,
                              **({"gateway": gw} if gw else {}),
                              **({"lake": lake_kw} if lake_kw else {}),
-                             **_enrich_kw(enrich, None), **({"cdc": cdc} if cdc else {}), **_rules_kw(rules))
+                             **_enrich_kw(enrich, None), **({"cdc": cdc} if cdc else {}), **_rules_kw(rules),
+                             **_features_kw(features, online_url))
         opts = UpOptions(
             data_dir=data_dir, mqtt_url=mqtt_url, bus_url=bus_url,
             # a port left to its default gives way to a free one when taken; a chosen one is an error then
@@ -290,6 +299,8 @@ def process(
     enrich_db: Annotated[str | None, typer.Option(
         help="PostgreSQL database of the --enrich tables (names their CDC topics)")] = None,
     rules: RulesOpt = None,
+    features: FeaturesOpt = None,
+    online_url: OnlineUrlOpt = None,
     retry_for: Annotated[float, typer.Option(
         min=0, help="keep retrying an unreachable bus or store (with backoff) for this many seconds")] = 120.0,
 ) -> None:
@@ -300,7 +311,8 @@ def process(
     if group is None:  # a NATS durable has one subject filter: replicas on other partitions need their own
         group = "fm-processor" if partitions is None else f"fm-processor-p{partitions.replace(',', '_')}"
     _role_logging("process")
-    settings = _settings(bus={"partitions": total_partitions}, **_enrich_kw(enrich, enrich_db), **_rules_kw(rules))
+    settings = _settings(bus={"partitions": total_partitions}, **_enrich_kw(enrich, enrich_db), **_rules_kw(rules),
+                         **_features_kw(features, online_url))
     _with_retries(lambda: asyncio.run(run_processor(bus_url=bus_url, store_url=store_url, partitions=owned,
                                                     group=group, settings=settings)), retry_for)
 
@@ -335,6 +347,27 @@ def _with_retries(run: Any, retry_for: float) -> None:
             time.sleep(delay)
         except FieldmeshError as exc:
             _fail(exc)
+
+
+def _features_kw(features: Path | None, online_url: str | None) -> dict[str, Any]:
+    """Settings keywords of ``--features``/``--online-url`` (the file is checked here: a bad view stops the start)."""
+    if features is None and online_url is None:
+        return {}
+    kw: dict[str, Any] = {}
+    if features is not None:
+        from fieldmesh.stream.featureviews import FeatureViewError, load_feature_views
+
+        try:
+            load_feature_views(features)
+        except FeatureViewError as exc:
+            _fail(ConfigError(f"--features {features}: {exc}", key="features.views_file"))
+        kw["views_file"] = features.resolve()
+    if online_url is not None:
+        from fieldmesh.store.features import load_online_store
+
+        load_online_store(online_url).close()  # a bad URL or a missing extra stops the start
+        kw["online_url"] = online_url
+    return {"features": kw}
 
 
 def _rules_kw(rules: Path | None) -> dict[str, Any]:

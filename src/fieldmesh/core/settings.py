@@ -110,6 +110,19 @@ class AlertSettings(BaseModel, frozen=True):
     retry_max_s: float = Field(300.0, gt=0, description="cap of the backoff between tries of a notification")
 
 
+class FeatureSettings(BaseModel, frozen=True):
+    """The feature store (docs/features.md): feature views computed by the processor, an online store."""
+
+    views_file: Path | None = Field(None, description="a YAML file of feature views (--features); none: off")
+    online_url: str | None = Field(
+        None, description="online store: redis://host:port/db?prefix=fm, or sqlite:///path (default: "
+                          "features.db under the data dir)")
+
+    def online(self, data_dir: Path) -> str:
+        """The online store's URL (the SQLite default under ``data_dir``)."""
+        return self.online_url or f"sqlite:///{Path(data_dir).resolve() / 'features.db'}"
+
+
 class RuntimeSettings(BaseModel, frozen=True):
     """How ``fieldmesh up`` supervises its processes and judges their health."""
 
@@ -308,6 +321,7 @@ class Settings(BaseSettings):
     access: AccessSettings = AccessSettings()
     lake: LakeSettings = LakeSettings()
     alerts: AlertSettings = AlertSettings()
+    features: FeatureSettings = FeatureSettings()
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -381,6 +381,10 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
                                         filters=MqttSource.filters(None),
                                         expiry_s=settings.gateway.session_expiry_s, auth=auth)
             pr_cfg: dict[str, Any] = {"bus_url": bus_url, "store_url": store_url, "settings": cfg_settings}
+            if settings.features.views_file is not None:  # the worker has no data dir: the online URL in full
+                cfg_settings["features"]["online_url"] = settings.features.online(data_dir)
+                console.print(f"features: views from {settings.features.views_file}, online store "
+                              f"{settings.features.online(data_dir).split('?')[0]}")
             if settings.lake.enabled and not _lake_installed():
                 if settings.lake.url is not None:
                     raise MissingDependency("pyiceberg", "lake")
@@ -533,7 +537,8 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
                 return total
 
             app = create_app(store_url, health=health, lag=lag, partition_lag=partition_lag, access=access,
-                             ca_dir=data_dir / "ca", door_refused=door_refused if refusals else None)
+                             ca_dir=data_dir / "ca", door_refused=door_refused if refusals else None,
+                             online_url=settings.features.online(data_dir))
             app.state.provision.start_crl_refresher()
             server = _api_server(uvicorn.Config(
                 app, host=opts.http_host, port=opts.http_port, log_level="warning", lifespan="off",

@@ -159,6 +159,7 @@ async def run_processor(
     notifier = None
     try:
         alerts, notifier = _alerting(store, store_url, settings)
+        sinks.extend(_features(store, settings))
         async with load_bus(bus_url) as bus:
             await ensure_topics(bus, settings)
             proc = Processor(bus=bus, store=store, settings=settings.processor, group=group,
@@ -232,6 +233,22 @@ def _alerting(store: Any, store_url: str, settings: Settings) -> tuple[Any, Any]
         notifier.defer_acked = engine.acked
         notifier.start()
     return engine, notifier
+
+
+def _features(store: Any, settings: Settings) -> list[Any]:
+    """The processor's feature stage (docs/features.md) when ``settings.features.views_file`` is set."""
+    f = settings.features
+    if f.views_file is None:
+        return []
+    from fieldmesh.store.features import load_online_store
+    from fieldmesh.stream.featureviews import load_feature_views
+    from fieldmesh.stream.featuring import FeatureStage
+
+    views = load_feature_views(f.views_file)
+    url = f.online(settings.data_dir)
+    online = load_online_store(url, ttl_ms={v.name: v.ttl_ms for v in views})
+    log.info("features: %d views from %s, online store %s", len(views), f.views_file, _redact(url))
+    return [FeatureStage(store=store, views=views, online=online)]
 
 
 def main(argv: list[str] | None = None) -> None:

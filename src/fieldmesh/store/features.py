@@ -34,7 +34,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from fieldmesh.core.batch import Position
 from fieldmesh.core.errors import BackendError, BackendUnavailable, ConfigError, MissingDependency
-from fieldmesh.store.base import SqlTxn
+from fieldmesh.store.base import HotStore, SqlTxn
 from fieldmesh.stream.featureviews import FeatureRow
 
 __all__ = [
@@ -281,7 +281,7 @@ _DDL_SQLITE: Final = (
     "PRIMARY KEY (view, entity, window_end, version))",
     "CREATE INDEX IF NOT EXISTS feature_rows_known ON feature_rows (view, entity, known_at)",
     "CREATE TABLE IF NOT EXISTS feature_state (id INTEGER PRIMARY KEY, snapshot BLOB NOT NULL, rows INTEGER NOT NULL, "
-    "late INTEGER NOT NULL, unkeyed INTEGER NOT NULL, updated_ms INTEGER NOT NULL)",
+    "late INTEGER NOT NULL, unkeyed INTEGER NOT NULL, online_failures INTEGER NOT NULL, updated_ms INTEGER NOT NULL)",
     "CREATE TABLE IF NOT EXISTS feature_positions (topic TEXT NOT NULL, part INTEGER NOT NULL, "
     "last_offset INTEGER NOT NULL, PRIMARY KEY (topic, part))",
 )
@@ -307,11 +307,12 @@ class FeatureTables:
     @staticmethod
     def state(tx: SqlTxn) -> tuple[bytes | None, dict[str, int]]:
         """The stored snapshot (None before the first write) and counters."""
-        rows = tx.execute("SELECT snapshot, rows, late, unkeyed FROM feature_state WHERE id = 1")
+        rows = tx.execute("SELECT snapshot, rows, late, unkeyed, online_failures FROM feature_state WHERE id = 1")
         if not rows:
-            return None, {"rows": 0, "late": 0, "unkeyed": 0}
-        snap, n, late, unkeyed = rows[0]
-        return bytes(snap), {"rows": int(n), "late": int(late), "unkeyed": int(unkeyed)}
+            return None, {"rows": 0, "late": 0, "unkeyed": 0, "online_failures": 0}
+        snap, n, late, unkeyed, failures = rows[0]
+        return bytes(snap), {"rows": int(n), "late": int(late), "unkeyed": int(unkeyed),
+                             "online_failures": int(failures)}
 
     @staticmethod
     def commit(tx: SqlTxn, rows: Sequence[FeatureRow], snapshot: bytes, counts: Mapping[str, int],
@@ -325,11 +326,26 @@ class FeatureTables:
                  for r in rows])
         now = int(time.time() * 1000)
         tx.execute("DELETE FROM feature_state WHERE id = 1")
-        tx.execute("INSERT INTO feature_state (id, snapshot, rows, late, unkeyed, updated_ms) "
-                   "VALUES (1, ?, ?, ?, ?, ?)", (snapshot, counts["rows"], counts["late"], counts["unkeyed"], now))
+        tx.execute("INSERT INTO feature_state (id, snapshot, rows, late, unkeyed, online_failures, updated_ms) "
+                   "VALUES (1, ?, ?, ?, ?, ?, ?)", (snapshot, counts["rows"], counts["late"], counts["unkeyed"],
+                                                    counts.get("online_failures", 0), now))
         for (t, p), o in positions.items():
             tx.execute("DELETE FROM feature_positions WHERE topic = ? AND part = ?", (t, p))
             tx.execute("INSERT INTO feature_positions (topic, part, last_offset) VALUES (?, ?, ?)", (t, p, o))
+
+    @staticmethod
+    def stats(store: HotStore) -> dict[str, int] | None:
+        """Durable counters for ``/stats`` and metrics: rows written, late, unkeyed, online write failures
+        (None when no feature stage ever ran on ``store``)."""
+        try:
+            res = store.query("SELECT rows, late, unkeyed, online_failures, updated_ms FROM feature_state")
+        except Exception:  # no such table: features were never on
+            return None
+        if not res.rows:
+            return {"rows_written": 0, "late": 0, "unkeyed": 0, "online_write_failures": 0}
+        n, late, unkeyed, failures, updated = res.rows[0]
+        return {"rows_written": int(n), "late": int(late), "unkeyed": int(unkeyed),
+                "online_write_failures": int(failures), "updated_ms": int(updated)}
 
     @staticmethod
     def recent(tx: SqlTxn, since_ms: int) -> list[FeatureRow]:

@@ -59,7 +59,8 @@ class FeatureStage:
             snap, counts = FeatureTables.state(tx)
             return snap, counts, FeatureTables.positions(tx)
 
-        snap, _, self._applied = store.transact(load)
+        snap, counts, self._applied = store.transact(load)
+        self._failures_before = counts["online_failures"]
         if snap is not None:
             self.engine.restore(snap)
         self._committed = self.engine.snapshot()
@@ -86,7 +87,8 @@ class FeatureStage:
         try:
             rows = eng.process(result.new)
             snap = eng.snapshot()
-            counts = {"rows": eng.rows, "late": eng.late, "unkeyed": eng.unkeyed}
+            counts = {"rows": eng.rows, "late": eng.late, "unkeyed": eng.unkeyed,
+                      "online_failures": self._failures_before + self.stats.online_failures}
             positions = {p: o for p, o in result.positions.items() if o > self._applied.get(p, -1)}
             self.store.transact(lambda tx: FeatureTables.commit(tx, rows, snap, counts, positions))
         except BaseException:
