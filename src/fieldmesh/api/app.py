@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from fieldmesh import __version__
 from fieldmesh.api.auth import Access, AuthError, Principal, basic_token
 from fieldmesh.api.features import FeatureCollector, features_router
+from fieldmesh.api.features_similar import similar_router
 from fieldmesh.api.params import (
     BAD_PARAMETER,
     STORE_UNAVAILABLE,
@@ -772,6 +773,7 @@ def create_app(
 
     app.include_router(r)
     app.include_router(registry_router(get_schema_registry, viewer=viewer, operator=operator, admin=admin))
+    app.include_router(similar_router(reader=all_devices, get_store=get_store, enabled=online_url is not None))
     app.include_router(features_router(online_url, reader=all_devices, get_store=get_store))
 
     registry.register(_AuthCollector(acc))

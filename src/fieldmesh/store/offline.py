@@ -10,6 +10,7 @@ row of the input, with each view's features as known at the row's ``ts``
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,12 +33,12 @@ if TYPE_CHECKING:
     import pyarrow as pa
     from pyiceberg.catalog import Catalog
 
-    from fieldmesh.store.base import HotStore, SqlTxn
+    from fieldmesh.store.base import HotStore
     from fieldmesh.stream.featureviews import FeatureRow
 
 __all__ = ["FEATURES_TABLE", "LabelSpec", "TrainingSummary", "build_training_set", "feature_rows_arrow",
            "feature_rows_from_arrow", "feature_rows_from_rows", "read_entities", "read_feature_rows",
-           "read_store_feature_rows", "split_views"]
+           "read_store_feature_rows", "split_views", "store_rows_since"]
 
 FEATURES_TABLE: Final = "features"
 _COLUMNS: Final = ("view", "entity", "window_start", "window_end", "known_at", "version", "values")
@@ -197,22 +198,47 @@ def feature_rows_from_rows(view: str, rows: Sequence[FeatureRow], *,
                        np.array([r.version for r in rows], np.int64), tuple(cols), values, present)
 
 
-def read_store_feature_rows(store: HotStore, views: Sequence[str], *,
-                            names: Mapping[str, Sequence[str]] | None = None) -> dict[str, FeatureRows]:
-    """Each view's rows from the hot store's ``feature_rows`` table (the embedded offline store, no lake)."""
-    from fieldmesh.store.features import FeatureTables
+_ROWS_SQL: Final = 'SELECT view, entity, window_start, window_end, known_at, version, "values" FROM feature_rows'
+_VIEW_NAME: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
-    def read(tx: SqlTxn) -> dict[str, list[FeatureRow]]:
-        return {v: FeatureTables.rows(tx, view=v) for v in views}
+
+def _store_rows(store: HotStore, where: str) -> list[FeatureRow]:
+    """Rows of ``feature_rows`` through the store's read-only query (placeholders differ per backend: the
+    callers inline only an integer or a checked identifier)."""
+    from fieldmesh.store.features import row_from_json
 
     try:
-        found = store.transact(read)
+        res = store.query(f"{_ROWS_SQL} WHERE {where}")
     except Exception as exc:  # the driver's own error for a missing table (sqlite3, psycopg)
         if "feature_rows" not in str(exc):
             raise
         raise FieldmeshError(f"the hot store has no feature rows ({exc}): run the pipeline with feature views "
                              "(--features)") from exc
-    return {v: feature_rows_from_rows(v, rows, names=(names or {}).get(v)) for v, rows in found.items()}
+    return [row_from_json(*r) for r in res.rows]
+
+
+def store_rows_since(store: HotStore, since_ms: int) -> list[FeatureRow]:
+    """The hot store's feature rows known at or after ``since_ms``, every view (read-only).
+
+    Raises:
+        FieldmeshError: the store has no ``feature_rows`` table (features never ran on it).
+    """
+    return _store_rows(store, f"known_at >= {int(since_ms)}")
+
+
+def read_store_feature_rows(store: HotStore, views: Sequence[str], *,
+                            names: Mapping[str, Sequence[str]] | None = None) -> dict[str, FeatureRows]:
+    """Each view's rows from the hot store's ``feature_rows`` table (the embedded offline store, no lake).
+
+    Raises:
+        FieldmeshError: the store has no ``feature_rows`` table.
+    """
+    out: dict[str, FeatureRows] = {}
+    for v in views:
+        if not _VIEW_NAME.match(v):
+            raise ConfigError(f"not a view name: {v!r}", key="views")
+        out[v] = feature_rows_from_rows(v, _store_rows(store, f"view = '{v}'"), names=(names or {}).get(v))
+    return out
 
 
 def read_entities(path: Path) -> pa.Table:
