@@ -4,6 +4,7 @@ phases; after each, every entity's online row is read through the API at a time 
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import time
@@ -77,7 +78,7 @@ def test_online_equals_offline(tmp_path: Path) -> None:
     try:
         c = publisher(up.mqtt_port)
         cut = [0, len(stream) // 3, 2 * len(stream) // 3, len(stream)]
-        for a, b in zip(cut, cut[1:], strict=False):
+        for a, b in itertools.pairwise(cut):
             publish_all(c, [(f"devices/{d}/telemetry", encode_reading_json(d, r["ts"], r["measurements"], r["seq"]))
                             for d, r in stream[a:b]])
             n = len(features_oracle(stream[:b], view))
