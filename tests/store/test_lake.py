@@ -285,7 +285,7 @@ def test_info_compact_and_expire(tmp_path: Path) -> None:
         info = lake_info(s, tmp_path)
         assert info["catalog"]["type"] == "sql" and info["catalog"]["uri"].startswith("sqlite:///")
         assert set(info["tables"]) == {f"fieldmesh.{t}" for t in ("readings", "rollup_1m", "rollup_1h",
-                                                                   "dead_letters")}
+                                                                   "dead_letters", "features")}
     finally:
         hot.close()
 

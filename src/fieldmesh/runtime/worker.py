@@ -159,7 +159,7 @@ async def run_processor(
     notifier = None
     try:
         alerts, notifier = _alerting(store, store_url, settings)
-        sinks.extend(_features(store, settings))
+        sinks.extend(_features(store, settings, sinks))
         async with load_bus(bus_url) as bus:
             await ensure_topics(bus, settings)
             proc = Processor(bus=bus, store=store, settings=settings.processor, group=group,
@@ -235,12 +235,18 @@ def _alerting(store: Any, store_url: str, settings: Settings) -> tuple[Any, Any]
     return engine, notifier
 
 
-def _features(store: Any, settings: Settings) -> list[Any]:
-    """The processor's feature stage (docs/features.md) when ``settings.features.views_file`` is set."""
+def _features(store: Any, settings: Settings, sinks: list[Any]) -> list[Any]:
+    """The processor's feature stage (docs/features.md) when ``settings.features.views_file`` is set; the lake
+    sink among ``sinks`` then copies the feature rows to its ``features`` table."""
     f = settings.features
     if f.views_file is None:
         return []
-    from fieldmesh.store.features import load_online_store
+    from fieldmesh.store.features import FeatureTables, load_online_store
+    from fieldmesh.store.lake import LakeSink
+
+    for sink in sinks:
+        if isinstance(sink, LakeSink):
+            sink.features_source = lambda seq, limit: FeatureTables.after(store, seq, limit)
     from fieldmesh.stream.featureviews import load_feature_views
     from fieldmesh.stream.featuring import FeatureStage
 

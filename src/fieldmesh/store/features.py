@@ -12,10 +12,11 @@
 **Hot-store tables** (:class:`FeatureTables`, through :class:`~fieldmesh.store.base.SqlTxn`, so SQLite
 and PostgreSQL alike), written in one transaction per batch by the feature stage:
 
-* ``feature_rows(view, entity, window_start, window_end, known_at, version, "values")``: every feature row
-  emitted (times in ms since the epoch, ``values`` a JSON object ``{feature: number|null}``), the
+* ``feature_rows(view, entity, window_start, window_end, known_at, version, "values", seq)``: every feature
+  row emitted (times in ms since the epoch, ``values`` a JSON object ``{feature: number|null}``), the
   embedded offline table for point-in-time reads without a lake; primary key (view, entity, window_end,
-  version);
+  version); ``seq`` numbers the rows in commit order (the lake sink copies them to ``fieldmesh.features``
+  by it);
 * ``feature_state``: the feature engine's snapshot and counters; ``feature_positions``: the bus
   positions the rows and the snapshot cover (the stage's :meth:`~fieldmesh.store.base.Sink.applied`).
 """
@@ -42,7 +43,6 @@ __all__ = [
     "row_to_json",
 ]
 
-_META: Final = ("_window_start", "_window_end", "_known_at", "_version")
 
 # put a row unless the stored one is as new: KEYS[1] the hash; ARGV: window_end, version, expire_at_ms, then
 # field, value pairs. Returns 1 when written.
@@ -153,15 +153,14 @@ class RedisOnlineStore:
         for v, h in zip(views, got, strict=True):
             out[v] = None
             if h:
-                d = {k.decode(): x.decode() for k, x in h.items()}
-                known = int(d["_known_at"])
+                known = int(h[b"_known_at"])
                 ttl = self.ttl_ms.get(v)
                 if ttl is not None and now - known > ttl:
                     continue
-                out[v] = FeatureRow(view=v, entity=entity, window_start_ms=int(d["_window_start"]),
-                                    window_end_ms=int(d["_window_end"]), known_at_ms=known,
-                                    version=int(d["_version"]),
-                                    values={k: float(x) for k, x in d.items() if k not in _META})
+                out[v] = FeatureRow(view=v, entity=entity, window_start_ms=int(h[b"_window_start"]),
+                                    window_end_ms=int(h[b"_window_end"]), known_at_ms=known,
+                                    version=int(h[b"_version"]),
+                                    values={k.decode(): float(x) for k, x in h.items() if k[0] != 95})  # 95: "_"
         return out
 
     def clear(self) -> int:
@@ -278,7 +277,8 @@ def load_online_store(url: str, *, ttl_ms: Mapping[str, int] | None = None) -> O
 _DDL_SQLITE: Final = (
     'CREATE TABLE IF NOT EXISTS feature_rows (view TEXT NOT NULL, entity TEXT NOT NULL, window_start INTEGER NOT '
     'NULL, window_end INTEGER NOT NULL, known_at INTEGER NOT NULL, version INTEGER NOT NULL, "values" TEXT NOT NULL, '
-    "PRIMARY KEY (view, entity, window_end, version))",
+    "seq INTEGER NOT NULL, PRIMARY KEY (view, entity, window_end, version))",
+    "CREATE UNIQUE INDEX IF NOT EXISTS feature_rows_seq ON feature_rows (seq)",
     "CREATE INDEX IF NOT EXISTS feature_rows_known ON feature_rows (view, entity, known_at)",
     "CREATE TABLE IF NOT EXISTS feature_state (id INTEGER PRIMARY KEY, snapshot BLOB NOT NULL, rows INTEGER NOT NULL, "
     "late INTEGER NOT NULL, unkeyed INTEGER NOT NULL, online_failures INTEGER NOT NULL, updated_ms INTEGER NOT NULL)",
@@ -319,11 +319,12 @@ class FeatureTables:
                positions: Mapping[Position, int]) -> None:
         """Append ``rows``, replace the snapshot and counters, advance the positions."""
         if rows:
+            top = int(tx.execute("SELECT COALESCE(MAX(seq), 0) FROM feature_rows")[0][0])
             tx.executemany(
-                'INSERT INTO feature_rows (view, entity, window_start, window_end, known_at, version, "values") '
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(r.view, r.entity, r.window_start_ms, r.window_end_ms, r.known_at_ms, r.version, row_to_json(r))
-                 for r in rows])
+                'INSERT INTO feature_rows (view, entity, window_start, window_end, known_at, version, "values", seq) '
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(r.view, r.entity, r.window_start_ms, r.window_end_ms, r.known_at_ms, r.version, row_to_json(r),
+                  top + 1 + i) for i, r in enumerate(rows)])
         now = int(time.time() * 1000)
         tx.execute("DELETE FROM feature_state WHERE id = 1")
         tx.execute("INSERT INTO feature_state (id, snapshot, rows, late, unkeyed, online_failures, updated_ms) "
@@ -346,6 +347,19 @@ class FeatureTables:
         n, late, unkeyed, failures, updated = res.rows[0]
         return {"rows_written": int(n), "late": int(late), "unkeyed": int(unkeyed),
                 "online_write_failures": int(failures), "updated_ms": int(updated)}
+
+    @staticmethod
+    def after(store: HotStore, seq: int, limit: int) -> tuple[list[FeatureRow], int]:
+        """Up to ``limit`` rows committed after ``seq`` (in commit order) and the last one's seq (the lake's
+        outbox read: each lake flush takes the rows after the seq its previous flush recorded)."""
+        try:
+            res = store.query('SELECT view, entity, window_start, window_end, known_at, version, "values", seq '
+                              "FROM feature_rows WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit))
+        except Exception:  # no such table yet: no feature rows
+            return [], seq
+        if not res.rows:
+            return [], seq
+        return [row_from_json(*r[:7]) for r in res.rows], int(res.rows[-1][7])
 
     @staticmethod
     def recent(tx: SqlTxn, since_ms: int) -> list[FeatureRow]:

@@ -32,7 +32,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from dataclasses import field as dc_field
 from pathlib import Path
@@ -48,6 +48,7 @@ from fieldmesh.core.exact import parse_exact
 from fieldmesh.core.model import DeadLetter
 from fieldmesh.core.settings import LakeSettings
 from fieldmesh.store.rollup import exact_columns
+from fieldmesh.stream.featureviews import FeatureRow
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -61,8 +62,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-TABLES: Final = ("readings", "rollup_1m", "rollup_1h", "dead_letters")
+TABLES: Final = ("readings", "rollup_1m", "rollup_1h", "dead_letters", "features")
 PROP_FLUSH: Final = "fieldmesh.flush"
+PROP_FEATURES_SEQ: Final = "fieldmesh.features_seq"  # the last feature_rows seq in the features table
+_FEATURES_PER_FLUSH: Final = 200_000
 PROP_POSITIONS: Final = "fieldmesh.positions"
 _ROLLUP_WIDTH: Final = {"rollup_1m": 60_000, "rollup_1h": 3_600_000}
 _RETRY_MAX_S: Final = 30.0
@@ -220,7 +223,19 @@ def _schemas(buckets: int) -> dict[str, tuple[Any, Any]]:
         NestedField(6, "payload", BinaryType(), required=True),
         NestedField(7, "truncated", BooleanType(), required=True),
     )
+    features = Schema(
+        NestedField(1, "view", StringType(), required=True),
+        NestedField(2, "entity", StringType(), required=True),
+        NestedField(3, "window_start", TimestamptzType(), required=True, doc="start of the view's largest window"),
+        NestedField(4, "window_end", TimestamptzType(), required=True),
+        NestedField(5, "known_at", TimestamptzType(), required=True,
+                    doc="arrival time of the reading that made the row final"),
+        NestedField(6, "version", LongType(), required=True),
+        NestedField(7, "values", MapType(8, StringType(), 9, DoubleType(), value_required=False), required=True,
+                    doc="metric__agg__size -> value (null: no value, e.g. a rate over one reading)"),
+    )
     return {
+        "features": (features, PartitionSpec(PartitionField(4, 1000, DayTransform(), "window_end_day"))),
         "readings": (readings, PartitionSpec(PartitionField(2, 1000, DayTransform(), "ts_day"),
                                              PartitionField(1, 1001, BucketTransform(buckets), "device_bucket"))),
         "rollup_1m": rollup(DayTransform()),
@@ -342,6 +357,23 @@ def _readings_arrow(c: ReadingColumns, store_key: NDArray[np.int64], late: NDArr
     return pa.Table.from_arrays([col.cast(f.type) for col, f in zip(cols, schema, strict=True)], schema=schema)
 
 
+def features_table(rows: list[FeatureRow], schema: pa.Schema) -> pa.Table:
+    """Feature rows as rows of ``features`` (NaN values as null)."""
+    import pyarrow as pa
+
+    cols = [
+        pa.array([r.view for r in rows], pa.large_string()),
+        pa.array([r.entity for r in rows], pa.large_string()),
+        _ts([r.window_start_ms for r in rows]),
+        _ts([r.window_end_ms for r in rows]),
+        _ts([r.known_at_ms for r in rows]),
+        pa.array([r.version for r in rows], pa.int64()),
+        pa.array([[(k, v if math.isfinite(v) else None) for k, v in sorted(r.values.items())] for r in rows],
+                 schema.field("values").type),
+    ]
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
 def dead_letters_table(letters: Iterable[DeadLetter], schema: pa.Schema) -> pa.Table:
     """Dead letters as rows of ``dead_letters``."""
     import pyarrow as pa
@@ -455,6 +487,7 @@ class _Buffer:
     nbytes: int = 0
     since: float | None = None  # monotonic time of the oldest result in it
     arrow: dict[str, pa.Table] = dc_field(default_factory=dict)  # converted by the commit
+    features_seq: int | None = None  # the feature_rows seq the features table reaches with this flush
 
     @classmethod
     def empty(cls, positions: Mapping[Position, int]) -> _Buffer:
@@ -484,6 +517,10 @@ class LakeSink:
         self.catalog = catalog if catalog is not None else open_catalog(settings, data_dir)
         self._tables: dict[str, Table] = {}
         self._arrow: dict[str, pa.Schema] = {}
+        #: Where the features table reads feature rows from: ``(after seq, limit) -> (rows, last seq)``
+        #: (:meth:`fieldmesh.store.features.FeatureTables.after`); None: feature views are off.
+        self.features_source: Callable[[int, int], tuple[list[FeatureRow], int]] | None = None
+        self._features_seq = 0
         self._flush, committed = self._recover()
         self._committed: dict[Position, int] = committed
         self._buf = _Buffer.empty(committed)
@@ -538,6 +575,9 @@ class LakeSink:
         for name, (f, _) in states.items():
             if f is None:  # new (or created and never committed): it starts at the lake's flush
                 self._tables[name].append(self._arrow[name].empty_table(), snapshot_properties=_props(top, positions))
+        for _, props in _tagged_ancestors(self._tables["features"]):
+            self._features_seq = int(props.get(PROP_FEATURES_SEQ, 0))
+            break
         if not complete:
             log.warning("lake: flush %d was committed to some tables only (a crash); rolled back, it is "
                         "replayed from the bus", top + 1)
@@ -706,6 +746,8 @@ class LakeSink:
         with self._cond:
             self._flush = flush
             self._committed = dict(buf.positions)
+            if buf.features_seq is not None:
+                self._features_seq = buf.features_seq
             self._last_commit_s = time.monotonic() - t0
             self.commits += 1
             self.rows_committed += rows
@@ -748,6 +790,8 @@ class LakeSink:
         if state is not None and state >= flush:  # committed before a retry saw the answer
             return 0
         schema = self._arrow[name]
+        if name == "features":
+            return self._commit_features(table, buf, props)
         if name in _ROLLUP_WIDTH:
             return self._commit_rollups(name, [_Accs.of(wd) for wd in buf.rollups[name]], props)
         data = buf.arrow.get(name)
@@ -759,6 +803,19 @@ class LakeSink:
             buf.arrow[name] = data
         _append(table, data, props)
         self._tables[name] = table
+        return int(data.num_rows)
+
+    def _commit_features(self, table: Table, buf: _Buffer, props: dict[str, str]) -> int:
+        """Append the feature rows committed to the hot store since the last flush (an outbox read by seq):
+        the snapshot records the last seq, so a replayed flush takes the same rows, never twice."""
+        data = buf.arrow.get("features")
+        if data is None:  # kept for a retry, with its seq
+            rows, seq = ([], self._features_seq) if self.features_source is None else self.features_source(
+                self._features_seq, _FEATURES_PER_FLUSH)
+            data = features_table(rows, self._arrow["features"])
+            buf.arrow["features"], buf.features_seq = data, seq
+        _append(table, data, {**props, PROP_FEATURES_SEQ: str(buf.features_seq)})
+        self._tables["features"] = table
         return int(data.num_rows)
 
     def _commit_rollups(self, name: str, deltas: list[_Accs], props: dict[str, str]) -> int:
@@ -875,7 +932,7 @@ def _check_schema(ident: str, table: Table, expected: Any) -> None:
 def _carry(table: Table) -> dict[str, str]:
     """The fieldmesh properties of the table's latest tagged snapshot, for a maintenance commit."""
     for _, props in _tagged_ancestors(table):
-        return {PROP_FLUSH: props[PROP_FLUSH], PROP_POSITIONS: props[PROP_POSITIONS]}
+        return {k: v for k, v in props.items() if k.startswith("fieldmesh.")}
     return {}
 
 
