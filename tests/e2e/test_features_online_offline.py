@@ -1,6 +1,7 @@
 """Online and offline agree: ``fieldmesh up --features`` takes a stream (5% duplicates, late readings) in three
 phases; after each, every entity's online row is read through the API at a time T. Then
-``fieldmesh features training-set`` asks the offline store for the same (entity, T): 0 mismatches."""
+``fieldmesh features training-set`` asks the offline store for the same (entity, T), from the hot store's
+feature_rows and from the lake's fieldmesh.features: 0 mismatches in either."""
 
 from __future__ import annotations
 
@@ -59,9 +60,10 @@ def _stream(prefix: str) -> list[tuple[str, dict[str, Any]]]:
 
 
 def _same(a: float | None, b: float | None) -> bool:
-    if a is None or b is None:
-        return a is None and b is None
-    return a == b or (math.isnan(a) and math.isnan(b))
+    """Equal, None and NaN being one "no value" (both sides serve null for it)."""
+    if a is None or b is None or math.isnan(a) or math.isnan(b):
+        return (a is None or math.isnan(a)) and (b is None or math.isnan(b))
+    return a == b
 
 
 def test_online_equals_offline(tmp_path: Path) -> None:
@@ -73,7 +75,8 @@ def test_online_equals_offline(tmp_path: Path) -> None:
     stream = _stream(prefix)
     entities = [f"{prefix}-{d}" for d in range(5)]  # the last never reports
     data_dir = tmp_path / "data"
-    up = Up(data_dir, "--features", str(views_file), "--online-url", online_url, "--no-lake").start()
+    up = Up(data_dir, "--features", str(views_file), "--online-url", online_url,
+            env={"FIELDMESH__LAKE__COMMIT_INTERVAL_S": "1"}).start()
     snapshots: list[tuple[str, int, dict[str, Any] | None]] = []
     try:
         c = publisher(up.mqtt_port)
@@ -99,29 +102,37 @@ def test_online_equals_offline(tmp_path: Path) -> None:
     ents = pa.table({"entity": [s[0] for s in snapshots],
                      "ts": pa.array([s[1] for s in snapshots], pa.int64()).cast(pa.timestamp("ms", tz="UTC"))})
     pq.write_table(ents, tmp_path / "entities.parquet")
-    out = tmp_path / "offline.parquet"
-    res = CliRunner().invoke(app, ["features", "training-set", "--entities", str(tmp_path / "entities.parquet"),
-                                   "--out", str(out), "--features", str(views_file), "--data-dir", str(data_dir),
-                                   "--source", "store"])
-    assert res.exit_code == 0, res.output
+    for source in ("store", "lake"):  # the hot store's feature_rows, and the lake's fieldmesh.features
+        out = tmp_path / f"offline-{source}.parquet"
+        res = CliRunner().invoke(app, ["features", "training-set", "--entities", str(tmp_path / "entities.parquet"),
+                                       "--out", str(out), "--features", str(views_file), "--data-dir", str(data_dir),
+                                       "--source", source])
+        assert res.exit_code == 0, res.output
+        mismatches, compared = _compare(snapshots, pq.read_table(out).to_pylist(), view.feature_names())
+        assert compared >= 12 * len(view.feature_names()), source
+        assert mismatches == [], (source, mismatches[:10])
+
+
+def _iso(t: Any) -> str | None:
+    return None if t is None else t.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _compare(snapshots: list[tuple[str, int, dict[str, Any] | None]], offline_rows: list[dict[str, Any]],
+             names: list[str]) -> tuple[list[Any], int]:
     mismatches: list[Any] = []
     compared = 0
-    for (ent, _, online), offline in zip(snapshots, pq.read_table(out).to_pylist(), strict=True):
-        end = offline["pump_stats__window_end"]
+    for (ent, _, online), offline in zip(snapshots, offline_rows, strict=True):
+        end, known = _iso(offline["pump_stats__window_end"]), _iso(offline["pump_stats__known_at"])
         if online is None:
             if end is not None:
                 mismatches.append((ent, "online has nothing, offline has", end))
             continue
-        got_end = end.isoformat(timespec="milliseconds").replace("+00:00", "Z") if end else None
-        got_known = offline["pump_stats__known_at"]
-        got_known = got_known.isoformat(timespec="milliseconds").replace("+00:00", "Z") if got_known else None
-        if (got_end, got_known) != (online["window_end"], online["known_at"]):
-            mismatches.append((ent, online["window_end"], online["known_at"], got_end, got_known))
+        if (end, known) != (online["window_end"], online["known_at"]):
+            mismatches.append((ent, online["window_end"], online["known_at"], end, known))
             continue
-        for name in view.feature_names():
+        for name in names:
             compared += 1
             a, b = online["values"].get(name), offline[f"pump_stats__{name}"]
             if not _same(a, b):
                 mismatches.append((ent, name, a, b))
-    assert compared >= 12 * len(view.feature_names())
-    assert mismatches == [], mismatches[:10]
+    return mismatches, compared

@@ -119,7 +119,7 @@ def features_table(catalog: Any, namespace: str) -> Any:
         NestedField(4, "window_end", TimestamptzType(), required=True),
         NestedField(5, "known_at", TimestamptzType(), required=True),
         NestedField(6, "version", LongType(), required=True),
-        NestedField(7, "values", MapType(8, StringType(), 9, DoubleType(), value_required=True), required=True),
+        NestedField(7, "values", MapType(8, StringType(), 9, DoubleType(), value_required=False), required=True),
     )
     catalog.create_namespace_if_not_exists(namespace)
     return catalog.create_table_if_not_exists(

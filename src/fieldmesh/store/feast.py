@@ -54,7 +54,7 @@ def feast_rows(view: FeatureView, rows: FeatureRows) -> pa.Table:
         "window_end": pa.array(r.window_end_ms, pa.int64()).cast(ts),
     }
     for j, name in enumerate(r.names):
-        cols[name] = pa.array(r.values[:, j], pa.float64(), mask=~r.present[:, j])
+        cols[name] = pa.array(r.values[:, j], pa.float64(), mask=~r.present[:, j] | np.isnan(r.values[:, j]))
     return pa.table(cols)
 
 

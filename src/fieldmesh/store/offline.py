@@ -296,8 +296,8 @@ def build_training_set(entities: pa.Table, rows: Mapping[str, FeatureRows], *, t
                        label: LabelSpec | None = None, progress: Progress | None = None,
                        ) -> tuple[pa.Table, TrainingSummary]:
     """The training set: ``entities``' columns, then per view ``<view>__window_end``, ``<view>__known_at`` and
-    one column ``<view>__<feature>`` per feature (null where nothing was known at ``ts`` or it had expired),
-    then the label column if ``label``.
+    one column ``<view>__<feature>`` per feature (null where nothing was known at ``ts``, it had expired, or
+    the window had no value, e.g. a NaN rate), then the label column and ``<label>__committed_at`` if ``label``.
 
     Raises:
         ConfigError: the label column already exists in ``entities``.
@@ -322,9 +322,9 @@ def build_training_set(entities: pa.Table, rows: Mapping[str, FeatureRows], *, t
         out = out.append_column(f"{view}__window_end",
                                 pa.array(found.window_end_ms, pa.int64(), mask=~live).cast(ts_type))
         out = out.append_column(f"{view}__known_at", pa.array(found.known_at_ms, pa.int64(), mask=~live).cast(ts_type))
+        null = ~found.present | np.isnan(found.values)  # NaN (a rate over one reading) is null, as online
         for j, name in enumerate(fr.names):
-            out = out.append_column(f"{view}__{name}",
-                                    pa.array(found.values[:, j], pa.float64(), mask=~found.present[:, j]))
+            out = out.append_column(f"{view}__{name}", pa.array(found.values[:, j], pa.float64(), mask=null[:, j]))
         if progress:
             progress(f"join {view}", len(ts_ms))
     if label is not None:
