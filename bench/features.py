@@ -17,7 +17,11 @@ reading that made it final (the first one with event time >= the window's end) w
 the same readings' visibility in the hot store (polled the same way: the newest event time stored for the
 device), i.e. what the pipeline's stored path takes for them. Target: p99 <= 1 s.
 
-Run: ``PYTHONPATH=$PWD/src .venv/bin/python bench/features.py [--online] [--freshness] [--quick]``
+``--training``, ``--similar``: training sets of 1 M entity rows and similar windows over 1 M windows, see
+``bench/features_offline.py``.
+
+Run: ``PYTHONPATH=$PWD/src .venv/bin/python bench/features.py [--online] [--freshness] [--training]
+[--similar] [--quick]``
 (needs Redis on 127.0.0.1:6379, or ``--redis URL``).
 """
 
@@ -239,16 +243,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--online", action="store_true", help="online get latency")
     ap.add_argument("--freshness", action="store_true", help="event -> online freshness")
+    ap.add_argument("--training", action="store_true", help="training set of 1M entity rows (features_offline.py)")
+    ap.add_argument("--similar", action="store_true", help="similar windows over 1M windows (features_offline.py)")
     ap.add_argument("--quick", action="store_true", help="fewer iterations, a shorter stream")
     ap.add_argument("--redis", default="redis://127.0.0.1:6379/0")
     ap.add_argument("--rate", type=float, default=50.0, help="freshness: readings per second")
     ap.add_argument("--seconds", type=float, default=None, help="freshness: how long to publish")
     a = ap.parse_args()
-    every = not (a.online or a.freshness)
+    every = not (a.online or a.freshness or a.training or a.similar)
     if a.online or every:
         bench_online(a.redis, 2000 if a.quick else 10_000)
     if a.freshness or every:
         bench_freshness(a.redis, a.seconds or (8.0 if a.quick else 20.0), a.rate)
+    if a.training or a.similar or every:
+        import features_offline
+
+        a.training, a.similar = a.training or every, a.similar or every
+        features_offline.main(a)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import urlsplit
 
 import numpy as np
 from numpy.typing import NDArray
@@ -26,6 +27,7 @@ from fieldmesh.stream.pointintime import (
     LabelAgg,
     LabelEvents,
     as_of_features,
+    codes_of,
     label_join,
 )
 
@@ -77,41 +79,60 @@ def _ms(col: Any) -> NDArray[np.int64]:
     raise ConfigError(f"a time column of type {t}: use timestamps, ISO 8601 strings or integer ms")
 
 
-def feature_rows_from_arrow(view: str, table: pa.Table, *, names: Sequence[str] | None = None) -> FeatureRows:
-    """The rows of ``table`` (the features table's columns, one view) as :class:`FeatureRows`.
-
-    ``names``: the features in this order (others dropped); default every key found, sorted.
-    """
+def _map_chunks(column: Any) -> list[tuple[int, NDArray[np.int64], list[str], NDArray[np.int64], NDArray[np.float64]]]:
+    """Per chunk of a map<string, double> column: (first row, entries per row, the chunk's key names, each
+    entry's key index, each entry's value). Keys read as a dictionary (Parquet's own) are used as they are."""
     import pyarrow.compute as pc
 
     pa = _pa()
+    out = []
+    first = 0
+    for ch in column.chunks:
+        offsets = ch.offsets.to_numpy(zero_copy_only=False).astype(np.int64)
+        lo, hi = int(offsets[0]), int(offsets[-1])  # a sliced map array's children are not sliced
+        keys = ch.keys.slice(lo, hi - lo)
+        if not pa.types.is_dictionary(keys.type):
+            keys = pc.dictionary_encode(keys)
+        names = [str(x) for x in keys.dictionary.to_pylist()]
+        idx = keys.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        items = np.asarray(ch.items.slice(lo, hi - lo).to_numpy(zero_copy_only=False), dtype=np.float64)
+        out.append((first, np.diff(offsets), names, idx, items))
+        first += len(ch)
+    return out
+
+
+def feature_rows_from_arrow(view: str, table: pa.Table, *, names: Sequence[str] | None = None) -> FeatureRows:
+    """The rows of ``table`` (the features table's columns, one view) as :class:`FeatureRows`.
+
+    ``names``: the features in this order (others dropped); default every key found, sorted. A null value
+    (the stream's NaN) is NaN, present.
+    """
     n = table.num_rows
     entity = np.asarray(table.column("entity").to_numpy(zero_copy_only=False), dtype=object)
-    values = table.column("values").combine_chunks() if n else None
-    if values is not None and isinstance(values, pa.ChunkedArray):  # no chunks at all
-        values = None
-    if values is None or not len(values):
-        key_names = list(names or ())
-        mat = np.full((n, len(key_names)), np.nan)
-        return FeatureRows(view, entity, _ms(table.column("window_end")), _ms(table.column("known_at")),
-                           np.asarray(table.column("version").to_numpy(zero_copy_only=False), np.int64),
-                           tuple(key_names), mat, np.zeros(mat.shape, bool))
-    offsets = values.offsets.to_numpy(zero_copy_only=False).astype(np.int64)
-    row_of = np.repeat(np.arange(n), np.diff(offsets))
-    lo, hi = int(offsets[0]), int(offsets[-1])  # a sliced map array's children are not sliced
-    enc = pc.dictionary_encode(values.keys.slice(lo, hi - lo))
-    if isinstance(enc, pa.ChunkedArray):
-        enc = enc.combine_chunks()
-    found = [str(x) for x in enc.dictionary.to_pylist()]
-    key_names = list(names) if names is not None else sorted(found)
-    col_of = np.array([key_names.index(k) if k in key_names else -1 for k in found], dtype=np.int64)
-    item_col = col_of[enc.indices.to_numpy(zero_copy_only=False)] if len(found) else np.empty(0, np.int64)
-    items = values.items.slice(lo, hi - lo).to_numpy(zero_copy_only=False).astype(np.float64)
-    keep = item_col >= 0
-    mat = np.full((n, len(key_names)), np.nan)
+    chunks = _map_chunks(table.column("values"))
+    key_names = list(names) if names is not None else sorted({k for c in chunks for k in c[2]})
+    at = {k: j for j, k in enumerate(key_names)}
+    mat = np.empty((n, len(key_names)))
     present = np.zeros((n, len(key_names)), dtype=bool)
-    mat[row_of[keep], item_col[keep]] = items[keep]
-    present[row_of[keep], item_col[keep]] = True
+    for first, lengths, found, idx, items in chunks:
+        rows_in = len(lengths)
+        if not len(idx):
+            continue
+        cols = np.array([at.get(k, -1) for k in found], dtype=np.int64)
+        width = int(lengths[0])
+        if width and (lengths == width).all() and (cols[idx[:width]] >= 0).all():
+            grid = idx.reshape(rows_in, width)
+            if (grid == grid[0]).all():  # the usual case: every row has the same keys in the same order
+                c = cols[grid[0]]
+                mat[first:first + rows_in, c] = items.reshape(rows_in, width)
+                present[first:first + rows_in, c] = True
+                continue
+        row_of = first + np.repeat(np.arange(rows_in), lengths)
+        item_col = cols[idx]
+        keep = item_col >= 0
+        mat[row_of[keep], item_col[keep]] = items[keep]
+        present[row_of[keep], item_col[keep]] = True
+    mat[~present] = np.nan
     return FeatureRows(view, entity, _ms(table.column("window_end")), _ms(table.column("known_at")),
                        np.asarray(table.column("version").to_numpy(zero_copy_only=False), np.int64),
                        tuple(key_names), mat, present)
@@ -126,7 +147,8 @@ def feature_rows_arrow(rows: FeatureRows, *, window_ms: NDArray[np.int64] | int 
     offsets = np.zeros(n + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
     r, c = np.nonzero(rows.present)
-    keys = pa.array(np.array(rows.names, dtype=object)[c].tolist() if len(c) else [], pa.string())
+    keys = pa.DictionaryArray.from_arrays(pa.array(c.astype(np.int32)), pa.array(list(rows.names), pa.string())
+                                          ).cast(pa.string())
     items = pa.array(rows.values[r, c], pa.float64())
     values = pa.MapArray.from_arrays(pa.array(offsets), keys, items)
     start = rows.window_end_ms - (window_ms if window_ms is not None else 0)
@@ -158,7 +180,20 @@ def read_feature_rows(catalog: Catalog, namespace: str, views: Sequence[str], *,
     table = catalog.load_table(ident)
     filt = (EqualTo(term="view", literal=views[0]) if len(views) == 1  # type: ignore[call-arg]
             else In(term="view", literals=list(views)))
-    data = table.scan(row_filter=filt, selected_fields=_COLUMNS).to_arrow()
+    scan = table.scan(row_filter=filt, selected_fields=_COLUMNS)
+    tasks = list(scan.plan_files())
+    paths = [urlsplit(t.file.file_path).path for t in tasks
+             if t.file.file_path.startswith(("file:", "/")) and not t.delete_files]
+    if tasks and len(paths) == len(tasks):
+        # local data files without deletes (what the lake sink writes): read them with Arrow directly, the map's
+        # keys as Parquet's dictionary (no string per entry), the views' rows only
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        data = pq.read_table(paths, columns=list(_COLUMNS), partitioning=None,
+                             filters=pc.field("view").isin(list(views)), read_dictionary=["values.key_value.key"])
+    else:  # object stores, delete files: pyiceberg's own reader
+        data = scan.to_arrow()
     return split_views(data, views, names=names)
 
 
@@ -302,12 +337,20 @@ def build_training_set(entities: pa.Table, rows: Mapping[str, FeatureRows], *, t
     Raises:
         ConfigError: the label column already exists in ``entities``.
     """
+    import pyarrow.compute as pc
+
     pa = _pa()
     ts_ms = _ms(entities.column("ts"))
     ent_col = entities.column("entity")
-    entity = np.asarray(ent_col.to_numpy(zero_copy_only=False), dtype=object)
     if ent_col.type != pa.string():
-        entity = np.array([str(x) for x in entity.tolist()], dtype=object)
+        ent_col = pc.cast(ent_col, pa.string())
+    # the entities dictionary-encoded by Arrow: distinct names (few) looked up per view, codes by indexing
+    enc = pc.dictionary_encode(ent_col)
+    enc = enc.combine_chunks() if isinstance(enc, pa.ChunkedArray) else enc
+    if isinstance(enc, pa.ChunkedArray):  # no chunks at all
+        enc = pa.array([], pa.dictionary(pa.int32(), pa.string()))
+    names = [str(x) for x in enc.dictionary.to_pylist()]
+    ind = pc.fill_null(enc.indices, len(names)).to_numpy(zero_copy_only=False).astype(np.int64)
     summary = TrainingSummary(rows=len(ts_ms))
     out = entities
     ts_type = pa.timestamp("ms", tz="UTC")
@@ -315,7 +358,8 @@ def build_training_set(entities: pa.Table, rows: Mapping[str, FeatureRows], *, t
         index = AsOfIndex(fr)
         if progress:
             progress(f"index {view}", len(fr))
-        found = as_of_features(index, entity, ts_ms, ttl_ms=ttl_ms.get(view))
+        per_name = np.append(codes_of(names, index.entity_code), -1)  # the last: a null entity
+        found = as_of_features(index, None, ts_ms, ttl_ms=ttl_ms.get(view), codes=per_name[ind])
         live = found.row >= 0
         summary.views[view] = {"found": int(live.sum()), "expired": int(found.expired.sum()),
                                "none": int((~live & ~found.expired).sum()), "feature_rows": len(fr)}
@@ -331,6 +375,7 @@ def build_training_set(entities: pa.Table, rows: Mapping[str, FeatureRows], *, t
         if label.name in out.column_names:
             raise ConfigError(f"the entities file has a column {label.name!r} already: name the CDC label "
                               "otherwise (--label-name)")
+        entity = np.array([*names, ""], dtype=object)[ind]
         lj = label_join(label.events, entity, ts_ms, horizon_ms=label.horizon_ms, agg=label.agg)
         try:
             arr = pa.array(lj.value)

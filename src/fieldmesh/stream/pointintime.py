@@ -110,23 +110,46 @@ class AsOfIndex:
     def __init__(self, rows: FeatureRows) -> None:
         self.rows = rows
         n = len(rows)
-        uniq, inv = np.unique(rows.entity.astype(str), return_inverse=True) if n else (np.empty(0, str),
-                                                                                        np.empty(0, np.intp))
-        self.entity_code: dict[str, int] = {e: i for i, e in enumerate(uniq.tolist())}
-        self._times = np.unique(rows.known_at_ms)
-        t_rank = np.searchsorted(self._times, rows.known_at_ms).astype(np.int64)
-        self._span = len(self._times) + 1
-        order = np.lexsort((t_rank, inv))
-        g = inv[order].astype(np.int64)
+        codes: dict[str, int] = {}
+        add = codes.setdefault
+        g_row = np.fromiter((add(e, len(codes)) for e in rows.entity.tolist()), dtype=np.int64, count=n)
+        self.entity_code = codes
+        known = rows.known_at_ms
+        # (entity, time) as one int64: the time itself when the span allows, else its rank among the times
+        lo = int(known.min()) if n else 0
+        span = (int(known.max()) - lo + 2) if n else 2
+        if (len(codes) + 1) * span < 2**62:
+            self._times: NDArray[np.int64] | None = None
+            self._lo = lo
+            t_row = known - lo + 1
+        else:
+            self._times = np.unique(known)
+            span = len(self._times) + 1
+            t_row = np.searchsorted(self._times, known).astype(np.int64) + 1
+        self._span = span
+        key = g_row * span + t_row
+        order = np.argsort(key, kind="stable")
+        self._key = key[order]
+        g = g_row[order]
         # each row's rank in (window_end, version) order: unique, so the running max names one row
-        by_key = np.lexsort((rows.version, rows.window_end_ms))
+        vmax = int(rows.version.max()) + 1 if n else 1
+        end = rows.window_end_ms
+        if n and (int(end.max()) - int(end.min()) + 1) * vmax < 2**62:
+            by_key = np.argsort((end - int(end.min())) * vmax + rows.version, kind="stable")
+        else:
+            by_key = np.lexsort((rows.version, end))
         rank = np.empty(n, dtype=np.int64)
         rank[by_key] = np.arange(n, dtype=np.int64)
         # groups ascend in ``order``: g * n + rank stays above every earlier group's values
         acc = np.maximum.accumulate(g * max(n, 1) + rank[order]) if n else np.empty(0, np.int64)
         self._best = by_key[acc - g * max(n, 1)]
         self._group = g
-        self._key = g * self._span + t_rank[order] + 1
+
+    def _time_key(self, ts_ms: NDArray[np.int64]) -> NDArray[np.int64]:
+        """The time part of a query key: rows with known_at <= ts have a key part <= it."""
+        if self._times is None:
+            return np.clip(ts_ms - self._lo + 1, 0, self._span - 1)
+        return np.searchsorted(self._times, ts_ms, side="right").astype(np.int64)
 
     def steps(self) -> NDArray[np.int64]:
         """The rows that became the entity's answer at their own ``known_at``, in (entity, known_at) order.
@@ -154,10 +177,13 @@ class AsOfIndex:
     def lookup_codes(self, code: NDArray[np.int64], ts_ms: NDArray[np.int64]) -> NDArray[np.int64]:
         """:meth:`lookup` with entities given as codes of :attr:`entity_code` (-1: unknown)."""
         ts_ms = np.asarray(ts_ms, dtype=np.int64)
+        code = np.asarray(code, dtype=np.int64)
         if not len(self._key):
             return np.full(len(code), -1, dtype=np.int64)
-        t = np.searchsorted(self._times, ts_ms, side="right")  # distinct known_at values <= ts
-        pos = np.searchsorted(self._key, code * self._span + t, side="right") - 1
+        q = code * self._span + self._time_key(ts_ms)
+        order = np.argsort(q)  # sorted keys: each binary search starts where the previous one ended
+        pos = np.empty(len(q), dtype=np.int64)
+        pos[order] = np.searchsorted(self._key, q[order], side="right") - 1
         ok = (code >= 0) & (pos >= 0)
         pos = np.where(ok, pos, 0)
         ok &= self._group[pos] == code
@@ -176,12 +202,17 @@ class AsOfFeatures:
     known_at_ms: NDArray[np.int64]
 
 
-def as_of_features(index: AsOfIndex, entity: Sequence[str] | NDArray[Any], ts_ms: NDArray[np.int64], *,
-                   ttl_ms: int | None) -> AsOfFeatures:
-    """The feature values of ``index``'s view known at each ``(entity, ts_ms)``, nulls where none or expired."""
+def as_of_features(index: AsOfIndex, entity: Sequence[str] | NDArray[Any] | None, ts_ms: NDArray[np.int64], *,
+                   ttl_ms: int | None, codes: NDArray[np.int64] | None = None) -> AsOfFeatures:
+    """The feature values of ``index``'s view known at each ``(entity, ts_ms)``, nulls where none or expired.
+
+    ``codes``: the entities as codes of ``index.entity_code`` instead of ``entity`` (-1: unknown).
+    """
     rows = index.rows
     ts_ms = np.asarray(ts_ms, dtype=np.int64)
-    hit = index.lookup(entity, ts_ms)
+    if codes is None:
+        codes = codes_of(entity if entity is not None else [], index.entity_code)
+    hit = index.lookup_codes(codes, ts_ms)
     found = hit >= 0
     safe = np.where(found, hit, 0)
     if not len(rows):
