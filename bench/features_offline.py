@@ -164,11 +164,13 @@ def bench_similar(windows: int = 1_000_000, queries: int = 200) -> None:
     qs = [(f"dev-{int(rng.integers(0, devices)):04d}", int(T0 + rng.integers(60, MINUTES) * 60_000 + 120_000))
           for _ in range(queries)]
     lat: list[float] = []
+    cq = time.process_time()
     for e, ts in qs:
         tq = time.perf_counter()
         res = idx.similar(e, ts, 10)
         lat.append(time.perf_counter() - tq)
         assert res is not None and len(res.matches) == 10
+    cpu_q = (time.process_time() - cq) / len(qs)
     # baseline 1: no index, numpy float64: normalize and compute distances per query
     raw = np.where(rows.present, rows.values, np.nan)
     known, ent = rows.known_at_ms, rows.entity
@@ -194,11 +196,13 @@ def bench_similar(windows: int = 1_000_000, queries: int = 200) -> None:
     best.sort()
     loop = (time.perf_counter() - tp) * len(rows) / 20_000
     p50, p99 = _pct(lat, 50), _pct(lat, 99)
-    print(f"\n## similar windows: {len(rows):,} windows x {len(NAMES)} features (float32 {idx._z.nbytes / 2**20:.0f} MB "
-          f"vectors), k=10, {queries} queries")
+    mb = idx._z.nbytes / 2**20
+    print(f"\n## similar windows: {len(rows):,} windows x {len(NAMES)} features (float32 vectors, {mb:.0f} MB "
+          f"allocated), k=10, {queries} queries")
     print(f"  index filled in 100k chunks: {build:.2f} s total (chunk p50 {_pct(adds, 50) * 1000:.0f} ms, "
           f"max {max(adds) * 1000:.0f} ms: a refit of every vector)")
-    print(f"  fieldmesh SimilarityIndex.similar        p50 {p50 * 1000:7.1f} ms  p99 {p99 * 1000:7.1f} ms")
+    print(f"  fieldmesh SimilarityIndex.similar        p50 {p50 * 1000:7.1f} ms  p99 {p99 * 1000:7.1f} ms  "
+          f"(CPU {cpu_q * 1000:.1f} ms per query; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
     print(f"  baseline: numpy float64, no index kept   p50 {_pct(base_np, 50) * 1000:7.1f} ms  "
           f"(x{_pct(base_np, 50) / p50:.0f} of ours)")
     print(f"  baseline: Python loop (20k, scaled)      ~{loop * 1000:7.0f} ms  (x{loop / p50:.0f} of ours)")
