@@ -59,6 +59,7 @@ ROLE_OF = {
     ("delete", "/api/v1/rules/{name}"): "operator",  # before the PUT that makes the rule: 404 then
     ("put", "/api/v1/rules/{name}"): "operator",
     ("get", "/api/v1/whoami"): "viewer",
+    ("get", "/api/v1/features/{entity}"): "viewer",  # of every device: an entity may span devices
     ("get", "/api/v1/keys"): "admin",
     ("post", "/api/v1/keys"): "admin",
     ("delete", "/api/v1/keys/{key_id}"): "admin",
@@ -181,7 +182,7 @@ def _request(c: TestClient, method: str, path: str, token: str | None = None, *,
     subject = "s-absent" if method == "delete" else "s-auth"
     url = (path.replace("{device_id}", "p1-a").replace("{key_id}", "0123456789ab").replace("{subject}", subject)
            .replace("{version}", "1").replace("{schema_id}", "1").replace("{alert_id}", "4242")
-           .replace("{name}", "hot"))
+           .replace("{name}", "hot").replace("{entity}", "p1-a?views=pump_stats"))
     headers = {}
     if token is not None:
         headers = {"Authorization": f"Bearer {token}"} if header == "bearer" else {"X-API-Key": token}
@@ -285,7 +286,8 @@ def test_a_key_limited_to_groups_sees_only_their_devices(app: Any, store_url: st
         assert r.status_code == 404 and "no device" in r.json()["detail"], (path, r.text)
     assert len(c.get("/api/v1/telemetry/raw", params={"device_id": "p1-a"}, headers=h).json()) == 10
     # answers over every device: refused rather than filtered
-    for path in ("/api/v1/telemetry/raw", "/api/v1/stats", "/api/v1/dlq", "/metrics"):
+    for path in ("/api/v1/telemetry/raw", "/api/v1/stats", "/api/v1/dlq", "/metrics",
+                 "/api/v1/features/p1-a?views=pump_stats"):
         r = c.get(path, headers=h)
         assert r.status_code == 403 and "plant1" in r.json()["detail"], (path, r.text)
     # a JWT's groups claim limits it the same way; two groups, two devices

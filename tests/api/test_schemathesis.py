@@ -87,7 +87,7 @@ def api_base(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[s
     port = free_port()
     access = Access(url)
     CertificateAuthority.init(tmp_path / "ca")  # provisioning answers (not 503) with a CA
-    api = create_app(url, access=access, ca_dir=tmp_path / "ca")
+    api = create_app(url, access=access, ca_dir=tmp_path / "ca", online_url=f"sqlite:///{tmp_path / 'features.db'}")
     server = uvicorn.Server(uvicorn.Config(api, host="127.0.0.1", port=port, log_level="warning"))
     t = threading.Thread(target=server.run, name="api", daemon=True)
     t.start()

@@ -13,7 +13,7 @@ import pytest
 
 from fieldmesh.client import FeatureClient
 from fieldmesh.core.codec import encode_reading_json
-from fieldmesh.store.features import RedisOnlineStore
+from fieldmesh.store.features import RedisOnlineStore, row_from_json
 from fieldmesh.stream.featureviews import load_feature_views
 from fmtest.features import features_oracle, same
 from fmtest.procs import Up, publish_all, publisher
@@ -96,3 +96,54 @@ def test_up_with_features_serves_the_oracles_values(tmp_path: Path) -> None:
         r = RedisOnlineStore(online_url)
         assert r.clear() >= 3
         r.close()
+
+
+def test_kill9_mid_stream_neither_loses_nor_repeats_a_feature_row(tmp_path: Path) -> None:
+    from fieldmesh.store.sqlite import SqliteStore
+
+    prefix = f"fk{uuid.uuid4().hex[:6]}"
+    views_file = tmp_path / "views.yaml"
+    views_file.write_text(VIEWS)
+    (view,) = load_feature_views(views_file)
+    stream = _stream(prefix)
+    msgs = [(f"devices/{d}/telemetry", encode_reading_json(d, r["ts"], r["measurements"], r["seq"]))
+            for d, r in stream]
+    half = len(msgs) // 2
+    data = tmp_path / "data"
+    up = Up(data, "--features", str(views_file), "--no-lake").start()  # the embedded online store
+    c = publisher(up.mqtt_port)
+    publish_all(c, msgs[:half])
+    time.sleep(0.3)
+    up.kill9()  # mid-stream
+    c.loop_stop()
+    up2 = Up(data, "--features", str(views_file), "--no-lake")
+    up2.mqtt_port, up2.http_port = up.mqtt_port, up.http_port
+    up2.start()
+    try:
+        c2 = publisher(up2.mqtt_port)
+        publish_all(c2, msgs)  # the device re-sends what it is unsure of (all of the first half), then the rest
+        c2.disconnect()
+        expected = features_oracle(stream, view)
+        stats = up2.wait_for(lambda s: (s.get("features") or {}).get("rows_written", 0) >= len(expected)
+                             and sum(s["lag"].values()) == 0)
+        assert stats["features"]["rows_written"] == len(expected), stats
+        ent = f"{prefix}-1"
+        last_end = max(end for e, end in expected if e == ent)
+        got = up2.get(f"/features/{ent}?views=pump_stats")["views"]["pump_stats"]
+        assert got["values"]["temperature__count__5m"] == expected[(ent, last_end)]["values"]["temperature__count__5m"]
+    finally:
+        assert up2.stop() == 0, up2.tail()
+    hot = SqliteStore(f"sqlite:///{(data / 'store.db').resolve()}", readonly=True)
+    try:
+        rows = [row_from_json(*r) for r in hot.query(
+            'SELECT view, entity, window_start, window_end, known_at, version, "values" FROM feature_rows').rows]
+    finally:
+        hot.close()
+    got_rows = {(r.entity, r.window_end_ms): r for r in rows}
+    assert len(got_rows) == len(rows), "a feature row written twice"
+    assert set(got_rows) == set(expected)
+    for k, e in expected.items():
+        g = got_rows[k]
+        assert g.window_start_ms == e["start"] and set(g.values) == set(e["values"]), k
+        bad = {f: (g.values[f], v) for f, v in e["values"].items() if not same(g.values[f], v)}
+        assert not bad, (k, bad)

@@ -119,3 +119,38 @@ def test_a_failed_feature_commit_and_a_restart_lose_and_duplicate_nothing(tmp_pa
     pump, site = _run(tmp_path, "crash", recs, fail_at=len(recs) // 2)
     check_rows(pump, features_oracle(stream, VIEW))
     check_rows(site, features_oracle(stream, SITE))
+
+
+def test_two_replicas_with_partitions_of_their_own_keep_their_own_window_state(tmp_path: Path) -> None:
+    stream = _stream(17)
+    rs = _readings(stream)
+    part = {"d1": 0, "d2": 0, "d3": 1}
+    recs: list[BusRecord] = []
+    for p in (0, 1):
+        mine = [r for r in rs if part[r.device_id] == p]
+        recs += [BusRecord(topic=READINGS_TOPIC, partition=p, offset=i + 1,
+                           value=encode_bus_batch(BusBatch(mine[k:k + 9])))
+                 for i, k in enumerate(range(0, len(mine), 9))]
+    hot = SqliteStore(f"sqlite:///{tmp_path / 'hot.db'}")
+
+    def replica(p: int) -> Processor:
+        stage = FeatureStage(store=hot, views=[VIEW], online=None, partitions=[p])
+        proc = Processor(bus=None, store=hot, settings=ProcessorSettings(), sinks=[stage])  # type: ignore[arg-type]
+        proc._positions = hot.positions()
+        return proc
+
+    try:
+        procs = {0: replica(0), 1: replica(1)}
+        by_part = {p: [r for r in recs if r.partition == p] for p in (0, 1)}
+        half = {p: len(v) // 2 for p, v in by_part.items()}
+        for i in range(max(half.values())):  # interleaved, as two processes would
+            for p in (0, 1):
+                if i < half[p]:
+                    procs[p].apply_records([by_part[p][i]])
+        procs = {0: replica(0), 1: replica(1)}  # both restart: each restores its own window state
+        for p in (0, 1):
+            for rec in by_part[p][half[p]:]:
+                procs[p].apply_records([rec])
+        check_rows(hot.transact(lambda tx: FeatureTables.rows(tx, view=VIEW.name)), features_oracle(stream, VIEW))
+    finally:
+        hot.close()

@@ -365,7 +365,10 @@ def _features_kw(features: Path | None, online_url: str | None) -> dict[str, Any
     if online_url is not None:
         from fieldmesh.store.features import load_online_store
 
-        load_online_store(online_url).close()  # a bad URL or a missing extra stops the start
+        try:
+            load_online_store(online_url).close()  # a bad URL or a missing extra stops the start
+        except FieldmeshError as exc:
+            _fail(exc)
         kw["online_url"] = online_url
     return {"features": kw}
 

@@ -159,7 +159,7 @@ async def run_processor(
     notifier = None
     try:
         alerts, notifier = _alerting(store, store_url, settings)
-        sinks.extend(_features(store, settings, sinks))
+        sinks.extend(_features(store, settings, sinks, partitions))
         async with load_bus(bus_url) as bus:
             await ensure_topics(bus, settings)
             proc = Processor(bus=bus, store=store, settings=settings.processor, group=group,
@@ -235,7 +235,7 @@ def _alerting(store: Any, store_url: str, settings: Settings) -> tuple[Any, Any]
     return engine, notifier
 
 
-def _features(store: Any, settings: Settings, sinks: list[Any]) -> list[Any]:
+def _features(store: Any, settings: Settings, sinks: list[Any], partitions: list[int] | None) -> list[Any]:
     """The processor's feature stage (docs/features.md) when ``settings.features.views_file`` is set; the lake
     sink among ``sinks`` then copies the feature rows to its ``features`` table."""
     f = settings.features
@@ -254,7 +254,7 @@ def _features(store: Any, settings: Settings, sinks: list[Any]) -> list[Any]:
     url = f.online(settings.data_dir)
     online = load_online_store(url, ttl_ms={v.name: v.ttl_ms for v in views})
     log.info("features: %d views from %s, online store %s", len(views), f.views_file, _redact(url))
-    return [FeatureStage(store=store, views=views, online=online)]
+    return [FeatureStage(store=store, views=views, online=online, partitions=partitions)]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,8 +17,9 @@ and PostgreSQL alike), written in one transaction per batch by the feature stage
   embedded offline table for point-in-time reads without a lake; primary key (view, entity, window_end,
   version); ``seq`` numbers the rows in commit order (the lake sink copies them to ``fieldmesh.features``
   by it);
-* ``feature_state``: the feature engine's snapshot and counters; ``feature_positions``: the bus
-  positions the rows and the snapshot cover (the stage's :meth:`~fieldmesh.store.base.Sink.applied`).
+* ``feature_state``: per shard (a processor's partitions: replicas with partitions of their own keep their
+  own window state), the feature engine's snapshot and counters; ``feature_positions``: the bus positions
+  the rows and the snapshots cover (the stage's :meth:`~fieldmesh.store.base.Sink.applied`).
 """
 
 from __future__ import annotations
@@ -280,7 +281,7 @@ _DDL_SQLITE: Final = (
     "seq INTEGER NOT NULL, PRIMARY KEY (view, entity, window_end, version))",
     "CREATE UNIQUE INDEX IF NOT EXISTS feature_rows_seq ON feature_rows (seq)",
     "CREATE INDEX IF NOT EXISTS feature_rows_known ON feature_rows (view, entity, known_at)",
-    "CREATE TABLE IF NOT EXISTS feature_state (id INTEGER PRIMARY KEY, snapshot BLOB NOT NULL, rows INTEGER NOT NULL, "
+    "CREATE TABLE IF NOT EXISTS feature_state (shard TEXT PRIMARY KEY, snapshot BLOB NOT NULL, rows INTEGER NOT NULL, "
     "late INTEGER NOT NULL, unkeyed INTEGER NOT NULL, online_failures INTEGER NOT NULL, updated_ms INTEGER NOT NULL)",
     "CREATE TABLE IF NOT EXISTS feature_positions (topic TEXT NOT NULL, part INTEGER NOT NULL, "
     "last_offset INTEGER NOT NULL, PRIMARY KEY (topic, part))",
@@ -305,9 +306,10 @@ class FeatureTables:
                 tx.execute("SELECT topic, part, last_offset FROM feature_positions")}
 
     @staticmethod
-    def state(tx: SqlTxn) -> tuple[bytes | None, dict[str, int]]:
-        """The stored snapshot (None before the first write) and counters."""
-        rows = tx.execute("SELECT snapshot, rows, late, unkeyed, online_failures FROM feature_state WHERE id = 1")
+    def state(tx: SqlTxn, shard: str) -> tuple[bytes | None, dict[str, int]]:
+        """The stored snapshot of ``shard`` (None before its first write) and its counters."""
+        rows = tx.execute("SELECT snapshot, rows, late, unkeyed, online_failures FROM feature_state WHERE shard = ?",
+                          (shard,))
         if not rows:
             return None, {"rows": 0, "late": 0, "unkeyed": 0, "online_failures": 0}
         snap, n, late, unkeyed, failures = rows[0]
@@ -316,8 +318,8 @@ class FeatureTables:
 
     @staticmethod
     def commit(tx: SqlTxn, rows: Sequence[FeatureRow], snapshot: bytes, counts: Mapping[str, int],
-               positions: Mapping[Position, int]) -> None:
-        """Append ``rows``, replace the snapshot and counters, advance the positions."""
+               positions: Mapping[Position, int], shard: str = "all") -> None:
+        """Append ``rows``, replace ``shard``'s snapshot and counters, advance the positions."""
         if rows:
             top = int(tx.execute("SELECT COALESCE(MAX(seq), 0) FROM feature_rows")[0][0])
             tx.executemany(
@@ -326,9 +328,9 @@ class FeatureTables:
                 [(r.view, r.entity, r.window_start_ms, r.window_end_ms, r.known_at_ms, r.version, row_to_json(r),
                   top + 1 + i) for i, r in enumerate(rows)])
         now = int(time.time() * 1000)
-        tx.execute("DELETE FROM feature_state WHERE id = 1")
-        tx.execute("INSERT INTO feature_state (id, snapshot, rows, late, unkeyed, online_failures, updated_ms) "
-                   "VALUES (1, ?, ?, ?, ?, ?, ?)", (snapshot, counts["rows"], counts["late"], counts["unkeyed"],
+        tx.execute("DELETE FROM feature_state WHERE shard = ?", (shard,))
+        tx.execute("INSERT INTO feature_state (shard, snapshot, rows, late, unkeyed, online_failures, updated_ms) "
+                   "VALUES (?, ?, ?, ?, ?, ?, ?)", (shard, snapshot, counts["rows"], counts["late"], counts["unkeyed"],
                                                     counts.get("online_failures", 0), now))
         for (t, p), o in positions.items():
             tx.execute("DELETE FROM feature_positions WHERE topic = ? AND part = ?", (t, p))
@@ -339,11 +341,10 @@ class FeatureTables:
         """Durable counters for ``/stats`` and metrics: rows written, late, unkeyed, online write failures
         (None when no feature stage ever ran on ``store``)."""
         try:
-            res = store.query("SELECT rows, late, unkeyed, online_failures, updated_ms FROM feature_state")
+            res = store.query("SELECT COALESCE(SUM(rows), 0), COALESCE(SUM(late), 0), COALESCE(SUM(unkeyed), 0), "
+                              "COALESCE(SUM(online_failures), 0), COALESCE(MAX(updated_ms), 0) FROM feature_state")
         except Exception:  # no such table: features were never on
             return None
-        if not res.rows:
-            return {"rows_written": 0, "late": 0, "unkeyed": 0, "online_write_failures": 0}
         n, late, unkeyed, failures, updated = res.rows[0]
         return {"rows_written": int(n), "late": int(late), "unkeyed": int(unkeyed),
                 "online_write_failures": int(failures), "updated_ms": int(updated)}

@@ -46,8 +46,11 @@ class FeatureStage:
 
     name = "features"
 
-    def __init__(self, *, store: HotStore, views: Sequence[FeatureView], online: OnlineStore | None) -> None:
+    def __init__(self, *, store: HotStore, views: Sequence[FeatureView], online: OnlineStore | None,
+                 partitions: Sequence[int] | None = None) -> None:
         self.store = store
+        # replicas owning partitions of their own keep their own window state (a device is on one partition)
+        self.shard = "all" if partitions is None else ",".join(map(str, sorted(partitions)))
         self.views = list(views)
         self.online = online
         self.engine = FeatureEngine(self.views)
@@ -56,7 +59,7 @@ class FeatureStage:
 
         def load(tx: SqlTxn) -> tuple[bytes | None, dict[str, int], dict[Position, int]]:
             FeatureTables.ensure(tx)
-            snap, counts = FeatureTables.state(tx)
+            snap, counts = FeatureTables.state(tx, self.shard)
             return snap, counts, FeatureTables.positions(tx)
 
         snap, counts, self._applied = store.transact(load)
@@ -90,7 +93,7 @@ class FeatureStage:
             counts = {"rows": eng.rows, "late": eng.late, "unkeyed": eng.unkeyed,
                       "online_failures": self._failures_before + self.stats.online_failures}
             positions = {p: o for p, o in result.positions.items() if o > self._applied.get(p, -1)}
-            self.store.transact(lambda tx: FeatureTables.commit(tx, rows, snap, counts, positions))
+            self.store.transact(lambda tx: FeatureTables.commit(tx, rows, snap, counts, positions, self.shard))
         except BaseException:
             # not committed: back to the state the stored positions cover (the batch comes again)
             self.engine = FeatureEngine(self.views)
