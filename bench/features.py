@@ -17,10 +17,15 @@ reading that made it final (the first one with event time >= the window's end) w
 the same readings' visibility in the hot store (polled the same way: the newest event time stored for the
 device), i.e. what the pipeline's stored path takes for them. Target: p99 <= 1 s.
 
+``--cost``: **what the feature stage costs the processor**: bench/processor.py's realistic stream (5% re-sent,
+3% an hour late, disorder; 100 readings a message, 3 metrics) applied with ``Processor.apply_records`` on a
+SQLite hot store, without and with a feature view (2 metrics x 1 m, 5 m, 1 h windows over 1 m hops x 7
+aggregations, checkpoints every 10 s). Baseline: the same processor without features.
+
 ``--training``, ``--similar``: training sets of 1 M entity rows and similar windows over 1 M windows, see
 ``bench/features_offline.py``.
 
-Run: ``PYTHONPATH=$PWD/src .venv/bin/python bench/features.py [--online] [--freshness] [--training]
+Run: ``PYTHONPATH=$PWD/src .venv/bin/python bench/features.py [--online] [--freshness] [--cost] [--training]
 [--similar] [--quick]``
 (needs Redis on 127.0.0.1:6379, or ``--redis URL``).
 """
@@ -239,22 +244,59 @@ def bench_freshness(redis_url: str, seconds: float, rate: float) -> None:
           "made the window final)")
 
 
+def bench_cost(devices: int, per_device: int) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from processor import make_records, make_stream
+
+    from fieldmesh.core.settings import ProcessorSettings
+    from fieldmesh.store.sqlite import SqliteStore
+    from fieldmesh.stream.featureviews import FeatureView
+    from fieldmesh.stream.featuring import FeatureStage
+    from fieldmesh.stream.processor import Processor
+
+    msgs, sent, now = make_stream(devices=devices, per_device=per_device)
+    records = make_records(msgs, now, 2)
+    view = FeatureView(name="pump", entity="device", metrics=("temperature", "humidity"),
+                       windows_ms=(60_000, 300_000, 3_600_000), hop_ms=60_000, aggregations=AGGS, ttl_ms=7_200_000)
+    tmp = Path(tempfile.mkdtemp(prefix="fm-bench-cost-"))
+    out: dict[str, tuple[float, float, int]] = {}
+    for name in ("without", "with"):
+        hot = SqliteStore(f"sqlite:///{tmp / (name + '.db')}")
+        stage = FeatureStage(store=hot, views=[view], online=None) if name == "with" else None
+        p = Processor(bus=None, store=hot, settings=ProcessorSettings(),  # type: ignore[arg-type]
+                      sinks=[stage] if stage else [])
+        w, c = time.perf_counter(), time.process_time()
+        for i in range(0, len(records), 20):  # 2,000 readings an apply, as a fetch of 20 records
+            p.apply_records(records[i:i + 20])
+        out[name] = (time.perf_counter() - w, time.process_time() - c, stage.engine.rows if stage else 0)
+        hot.close()
+    (w0, c0, _), (w1, c1, rows) = out["without"], out["with"]
+    n = len(sent)
+    print(f"\n## processor cost: {n:,} readings sent ({devices} devices), {rows:,} feature rows")
+    print(f"  baseline without features: {n / w0:9,.0f} readings/s wall ({w0:.1f}s, CPU {c0:.1f}s)")
+    print(f"  with the feature view:     {n / w1:9,.0f} readings/s wall ({w1:.1f}s, CPU {c1:.1f}s)  "
+          f"throughput x{w0 / w1:.2f} of baseline")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--online", action="store_true", help="online get latency")
     ap.add_argument("--freshness", action="store_true", help="event -> online freshness")
     ap.add_argument("--training", action="store_true", help="training set of 1M entity rows (features_offline.py)")
     ap.add_argument("--similar", action="store_true", help="similar windows over 1M windows (features_offline.py)")
+    ap.add_argument("--cost", action="store_true", help="what the feature stage costs the processor")
     ap.add_argument("--quick", action="store_true", help="fewer iterations, a shorter stream")
     ap.add_argument("--redis", default="redis://127.0.0.1:6379/0")
     ap.add_argument("--rate", type=float, default=50.0, help="freshness: readings per second")
     ap.add_argument("--seconds", type=float, default=None, help="freshness: how long to publish")
     a = ap.parse_args()
-    every = not (a.online or a.freshness or a.training or a.similar)
+    every = not (a.online or a.freshness or a.cost or a.training or a.similar)
     if a.online or every:
         bench_online(a.redis, 2000 if a.quick else 10_000)
     if a.freshness or every:
         bench_freshness(a.redis, a.seconds or (8.0 if a.quick else 20.0), a.rate)
+    if a.cost or every:
+        bench_cost(200 if a.quick else 1000, 200 if a.quick else 400)
     if a.training or a.similar or every:
         import features_offline
 

@@ -93,6 +93,8 @@ def test_up_with_features_serves_the_oracles_values(tmp_path: Path) -> None:
         assert f"fieldmesh_feature_rows_written_total {float(len(expected))}" in metrics
     finally:
         assert up.stop() == 0, up.tail()
+        log = (tmp_path / "data" / "logs" / "processor.log").read_text()
+        assert "did not close cleanly" not in log and "features: 1 views" in log, log[-2000:]
         r = RedisOnlineStore(online_url)
         assert r.clear() >= 3
         r.close()

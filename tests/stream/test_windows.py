@@ -405,3 +405,36 @@ def test_stddev_square_root_is_correctly_rounded(a: int, b: int, root: int, k: i
     assert _sqrt_ratio(a, b) == _sqrt(Fraction(a, b))
     num, den = (root * root << 2 * k, 1) if k >= 0 else (root * root, 1 << -2 * k)
     assert _sqrt_ratio(num, den) == _sqrt(Fraction(num, den))
+
+
+def test_trigger_names_the_reading_that_made_each_window_final_whatever_the_batching() -> None:
+    """``trigger``: per window, the first reading of its device with ts >= end + lateness, in arrival order."""
+    rnd = random.Random(4)
+    rs = []
+    clock = {"a": 0, "b": 0}
+    for i in range(400):
+        d = rnd.choice("ab")
+        clock[d] += rnd.randrange(0, 4000)
+        ts = clock[d] - (rnd.randrange(0, 30_000) if rnd.random() < 0.1 else 0)
+        rs.append(Reading(d, 1_000_000 + ts, {"t": float(i)}, key=i, chk=0, received_ms=10_000 + i))
+
+    def run(sizes: list[int]) -> dict[tuple[str, int], int]:
+        op = WindowOperator(Hopping(20_000, 10_000), ["count"], allowed_lateness_ms=5_000)
+        out: dict[tuple[str, int], int] = {}
+        i = 0
+        while i < len(rs):
+            n = sizes[i % len(sizes)]
+            cols = ReadingColumns.from_readings(rs[i:i + n])
+            res = op.process(cols)
+            assert res.trigger is not None
+            for d, end, t in zip(res.device.tolist(), res.end_ms.tolist(), res.trigger.tolist(), strict=True):
+                out.setdefault((d, end), int(cols.received_ms[t]))
+            i += n
+        return out
+
+    one = run([1])
+    assert len(one) > 50
+    for d, end in one:  # an oracle: the first reading of the device at or past end + lateness
+        first = next(r for r in rs if r.device_id == d and r.ts_ms >= end + 5_000)
+        assert one[(d, end)] == first.received_ms
+    assert run([7, 1, 40]) == one and run([400]) == one

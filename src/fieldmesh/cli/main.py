@@ -427,6 +427,7 @@ def api(
     ] = "127.0.0.1",
     tls_cert: TlsCert = None,
     tls_key: TlsKey = None,
+    online_url: OnlineUrlOpt = None,
 ) -> None:
     """Serve the REST API alone over a hot store."""
     import uvicorn
@@ -452,7 +453,10 @@ def api(
         _fail(exc)
         return
     err.print(f"API on {'https' if tls_cert else 'http'}://{host}:{http_port}/api/v1 ({access.describe()})")
-    api_app = create_app(url, access=access, ca_dir=data_dir / "ca")
+    _features_kw(None, online_url)  # a bad URL stops the start
+    if online_url is None and (data_dir / "features.db").exists():  # the embedded store `up --features` wrote
+        online_url = f"sqlite:///{(data_dir / 'features.db').resolve()}"
+    api_app = create_app(url, access=access, ca_dir=data_dir / "ca", online_url=online_url)
     api_app.state.provision.start_crl_refresher()
     try:
         uvicorn.run(api_app, host=host, port=http_port, log_level="warning", ssl_certfile=tls_cert,

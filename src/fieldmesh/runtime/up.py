@@ -538,7 +538,8 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
 
             app = create_app(store_url, health=health, lag=lag, partition_lag=partition_lag, access=access,
                              ca_dir=data_dir / "ca", door_refused=door_refused if refusals else None,
-                             online_url=settings.features.online(data_dir))
+                             online_url=settings.features.online(data_dir)
+                             if settings.features.views_file or settings.features.online_url else None)
             app.state.provision.start_crl_refresher()
             server = _api_server(uvicorn.Config(
                 app, host=opts.http_host, port=opts.http_port, log_level="warning", lifespan="off",

@@ -40,8 +40,8 @@ from fieldmesh.store.base import HotStore, SqlTxn
 from fieldmesh.stream.featureviews import FeatureRow
 
 __all__ = [
-    "FeatureTables", "OnlineStore", "RedisOnlineStore", "SqliteOnlineStore", "load_online_store", "row_from_json",
-    "row_to_json",
+    "FeatureTables", "OnlineRow", "OnlineStore", "RedisOnlineStore", "SqliteOnlineStore", "load_online_store",
+    "row_from_json", "row_to_json",
 ]
 
 
@@ -59,6 +59,10 @@ redis.call('HSET', KEYS[1], unpack(ARGV, 4))
 if tonumber(ARGV[3]) > 0 then redis.call('PEXPIREAT', KEYS[1], ARGV[3]) end
 return 1
 """
+
+
+#: What an online store answers: the latest :class:`~fieldmesh.stream.featureviews.FeatureRow` of a key.
+OnlineRow = FeatureRow
 
 
 def _finite(v: float) -> float | None:
@@ -283,6 +287,8 @@ _DDL_SQLITE: Final = (
     "CREATE INDEX IF NOT EXISTS feature_rows_known ON feature_rows (view, entity, known_at)",
     "CREATE TABLE IF NOT EXISTS feature_state (shard TEXT PRIMARY KEY, snapshot BLOB NOT NULL, rows INTEGER NOT NULL, "
     "late INTEGER NOT NULL, unkeyed INTEGER NOT NULL, online_failures INTEGER NOT NULL, updated_ms INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS feature_last (view TEXT NOT NULL, entity TEXT NOT NULL, window_end INTEGER NOT NULL, "
+    "PRIMARY KEY (view, entity))",
     "CREATE TABLE IF NOT EXISTS feature_positions (topic TEXT NOT NULL, part INTEGER NOT NULL, "
     "last_offset INTEGER NOT NULL, PRIMARY KEY (topic, part))",
 )
@@ -306,6 +312,11 @@ class FeatureTables:
                 tx.execute("SELECT topic, part, last_offset FROM feature_positions")}
 
     @staticmethod
+    def last_ends(tx: SqlTxn) -> dict[tuple[str, str], int]:
+        """The last window end committed per (view, entity)."""
+        return {(str(v), str(e)): int(w) for v, e, w in tx.execute("SELECT view, entity, window_end FROM feature_last")}
+
+    @staticmethod
     def state(tx: SqlTxn, shard: str) -> tuple[bytes | None, dict[str, int]]:
         """The stored snapshot of ``shard`` (None before its first write) and its counters."""
         rows = tx.execute("SELECT snapshot, rows, late, unkeyed, online_failures FROM feature_state WHERE shard = ?",
@@ -317,9 +328,10 @@ class FeatureTables:
                              "online_failures": int(failures)}
 
     @staticmethod
-    def commit(tx: SqlTxn, rows: Sequence[FeatureRow], snapshot: bytes, counts: Mapping[str, int],
-               positions: Mapping[Position, int], shard: str = "all") -> None:
-        """Append ``rows``, replace ``shard``'s snapshot and counters, advance the positions."""
+    def commit(tx: SqlTxn, rows: Sequence[FeatureRow], snapshot: bytes | None, counts: Mapping[str, int],
+               positions: Mapping[Position, int] | None, shard: str = "all") -> None:
+        """Append ``rows`` (and their window ends to ``feature_last``), update ``shard``'s counters; with a
+        ``snapshot`` (a checkpoint) also replace it and record the ``positions`` it covers."""
         if rows:
             top = int(tx.execute("SELECT COALESCE(MAX(seq), 0) FROM feature_rows")[0][0])
             tx.executemany(
@@ -327,12 +339,22 @@ class FeatureTables:
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [(r.view, r.entity, r.window_start_ms, r.window_end_ms, r.known_at_ms, r.version, row_to_json(r),
                   top + 1 + i) for i, r in enumerate(rows)])
+            last: dict[tuple[str, str], int] = {}
+            for r in rows:
+                last[(r.view, r.entity)] = max(r.window_end_ms, last.get((r.view, r.entity), -1))
+            tx.executemany("INSERT INTO feature_last (view, entity, window_end) VALUES (?, ?, ?) ON CONFLICT "
+                           "(view, entity) DO UPDATE SET window_end = excluded.window_end",
+                           [(v, e, w) for (v, e), w in last.items()])
         now = int(time.time() * 1000)
+        vals = (counts["rows"], counts["late"], counts["unkeyed"], counts.get("online_failures", 0), now)
+        if snapshot is None:
+            tx.execute("UPDATE feature_state SET rows = ?, late = ?, unkeyed = ?, online_failures = ?, updated_ms = ? "
+                       "WHERE shard = ?", (*vals, shard))
+            return
         tx.execute("DELETE FROM feature_state WHERE shard = ?", (shard,))
         tx.execute("INSERT INTO feature_state (shard, snapshot, rows, late, unkeyed, online_failures, updated_ms) "
-                   "VALUES (?, ?, ?, ?, ?, ?, ?)", (shard, snapshot, counts["rows"], counts["late"], counts["unkeyed"],
-                                                    counts.get("online_failures", 0), now))
-        for (t, p), o in positions.items():
+                   "VALUES (?, ?, ?, ?, ?, ?, ?)", (shard, snapshot, *vals))
+        for (t, p), o in (positions or {}).items():
             tx.execute("DELETE FROM feature_positions WHERE topic = ? AND part = ?", (t, p))
             tx.execute("INSERT INTO feature_positions (topic, part, last_offset) VALUES (?, ?, ?)", (t, p, o))
 

@@ -114,17 +114,18 @@ class FeatureEngine:
     def _collect(rows: dict[tuple[int, str], tuple[int, int, dict[str, float]]], view: FeatureView, size: int,
                  ents: list[str], metrics: list[str], starts: list[int], ends: list[int], known: list[int],
                  values: dict[str, list[float]], wanted: set[str]) -> None:
+        names = {m: [feature_name(m, a, size) for a in view.aggregations] for m in wanted}
+        cols = [values[AGGREGATIONS[a]] for a in view.aggregations]
         for i, (ent, met, start, end, k) in enumerate(zip(ents, metrics, starts, ends, known, strict=True)):
-            if met not in wanted:
+            fnames = names.get(met)
+            if fnames is None:
                 continue
             cur = rows.get((end, ent))
             if cur is None:
                 cur = rows[(end, ent)] = (start, k, {})
             elif start < cur[0]:  # the row spans the view's largest window
                 cur = rows[(end, ent)] = (start, cur[1], cur[2])
-            vals = cur[2]
-            for agg in view.aggregations:
-                vals[feature_name(met, agg, size)] = float(values[AGGREGATIONS[agg]][i])
+            cur[2].update(zip(fnames, [float(c[i]) for c in cols], strict=True))
 
     def snapshot(self) -> bytes:
         """The whole state (every operator and the counters) as bytes."""

@@ -1,14 +1,22 @@
 """The processor's feature stage: a :class:`~fieldmesh.store.base.Sink` that turns committed batches into
 feature rows (:class:`~fieldmesh.stream.features.FeatureEngine`) and makes them durable.
 
-Per batch result: the engine computes the rows the batch made final; one hot-store transaction appends
-them to ``feature_rows``, replaces the engine's snapshot and records the batch's bus positions
-(:class:`~fieldmesh.store.features.FeatureTables`). So after a kill -9 the stage restores the
-snapshot of exactly the positions its rows cover, and the processor re-decides and hands it the records
-after them (its catch-up of a sink that is behind): no row is lost or written twice. Only then are the
-rows put to the online store; that write is idempotent (only a newer (window_end, version) replaces a
-value), a failure is counted and logged and the rows are tried again with the next batch, and at a start
-the rows still within their TTL are put again (a crash between the commit and the online write).
+Per batch result: the engine computes the rows the batch made final and one hot-store transaction appends
+them to ``feature_rows`` (with the last window end per (view, entity) in ``feature_last``). Every
+``checkpoint_s`` (and at a clean stop) that transaction also replaces the engine's snapshot and records
+the bus positions it covers (:class:`~fieldmesh.store.features.FeatureTables`): a snapshot is the whole
+window state (megabytes for a thousand devices with hour windows), too much to write per batch.
+
+After a kill -9 the stage restores the last snapshot and reports its positions as :meth:`applied`, so the
+processor hands it the records since then again (its catch-up of a sink that is behind). The engine
+recomputes the same rows (they do not depend on batching); those already committed are exactly those at or
+before the last committed window end of their (view, entity) (a row's window end only grows), and are
+not written again. A commit that fails is tried again, with the rows it computed, when the batch comes
+again. So no row is lost or written twice.
+
+Then the rows go to the online store. That write is idempotent (only a newer (window_end, version)
+replaces a value); a failure is counted and logged and the rows are tried again with the next batch; at a
+start the rows still within their TTL are put again (a crash between the commit and the online write).
 """
 
 from __future__ import annotations
@@ -47,26 +55,30 @@ class FeatureStage:
     name = "features"
 
     def __init__(self, *, store: HotStore, views: Sequence[FeatureView], online: OnlineStore | None,
-                 partitions: Sequence[int] | None = None) -> None:
+                 partitions: Sequence[int] | None = None, checkpoint_s: float = 10.0) -> None:
         self.store = store
         # replicas owning partitions of their own keep their own window state (a device is on one partition)
         self.shard = "all" if partitions is None else ",".join(map(str, sorted(partitions)))
         self.views = list(views)
         self.online = online
+        self.checkpoint_s = checkpoint_s
         self.engine = FeatureEngine(self.views)
         self.stats = FeatureStats()
         self._pending: dict[tuple[str, str], FeatureRow] = {}
 
-        def load(tx: SqlTxn) -> tuple[bytes | None, dict[str, int], dict[Position, int]]:
+        def load(tx: SqlTxn) -> tuple[bytes | None, dict[str, int], dict[Position, int], dict[tuple[str, str], int]]:
             FeatureTables.ensure(tx)
             snap, counts = FeatureTables.state(tx, self.shard)
-            return snap, counts, FeatureTables.positions(tx)
+            return snap, counts, FeatureTables.positions(tx), FeatureTables.last_ends(tx)
 
-        snap, counts, self._applied = store.transact(load)
+        snap, counts, self._applied, self._last_end = store.transact(load)
+        self._processed = dict(self._applied)  # what the engine took in: ahead of _applied between checkpoints
+        self._mine: set[Position] = set()  # the partitions this stage took batches of (its checkpoint's)
+        self._unsaved: list[FeatureRow] | None = None  # rows computed whose commit failed (tried again first)
+        self._checkpointed: float | None = None
         self._failures_before = counts["online_failures"]
         if snap is not None:
             self.engine.restore(snap)
-        self._committed = self.engine.snapshot()
         if online is not None:
             self._resync()
 
@@ -80,30 +92,44 @@ class FeatureStage:
                      self.online.url if self.online else "-")
 
     def applied(self) -> dict[Position, int]:
+        """The positions of the last checkpoint: a restart resumes the window state there."""
         return dict(self._applied)
 
     def write(self, result: BatchResult) -> bool:
-        """Compute and commit the rows of ``result``; False when its positions were applied already."""
-        if all(o <= self._applied.get(p, -1) for p, o in result.positions.items()):
+        """Compute and commit the rows of ``result``; False when its positions were taken in already."""
+        if self._unsaved is not None:  # the batch whose commit failed, come again: commit what it computed
+            self._commit(self._unsaved)
+        if all(o <= self._processed.get(p, -1) for p, o in result.positions.items()):
             return False
+        rows = self.engine.process(result.new)
+        for p, o in result.positions.items():
+            self._processed[p] = max(o, self._processed.get(p, -1))
+            self._mine.add(p)
+        # after a restart the engine recomputes the rows since its checkpoint: those committed already are
+        # the ones at or before the last window end committed per (view, entity) (ends only grow)
+        fresh = [r for r in rows if r.window_end_ms > self._last_end.get((r.view, r.entity), -1)]
+        self._unsaved = fresh
+        self._commit(fresh)
+        return True
+
+    def _commit(self, rows: list[FeatureRow]) -> None:
         eng = self.engine
-        try:
-            rows = eng.process(result.new)
-            snap = eng.snapshot()
-            counts = {"rows": eng.rows, "late": eng.late, "unkeyed": eng.unkeyed,
-                      "online_failures": self._failures_before + self.stats.online_failures}
-            positions = {p: o for p, o in result.positions.items() if o > self._applied.get(p, -1)}
-            self.store.transact(lambda tx: FeatureTables.commit(tx, rows, snap, counts, positions, self.shard))
-        except BaseException:
-            # not committed: back to the state the stored positions cover (the batch comes again)
-            self.engine = FeatureEngine(self.views)
-            self.engine.restore(self._committed)
-            raise
-        self._committed = snap
-        self._applied.update(positions)
+        now = time.monotonic()
+        checkpoint = self._checkpointed is None or now - self._checkpointed >= self.checkpoint_s
+        snap = eng.snapshot() if checkpoint else None
+        counts = {"rows": eng.rows, "late": eng.late, "unkeyed": eng.unkeyed,
+                  "online_failures": self._failures_before + self.stats.online_failures}
+        positions = {p: self._processed[p] for p in self._mine} if checkpoint else None
+        self.store.transact(lambda tx: FeatureTables.commit(tx, rows, snap, counts, positions, self.shard))
+        self._unsaved = None
+        if positions is not None:
+            self._applied.update(positions)
+            self._checkpointed = now
+        for r in rows:
+            key = (r.view, r.entity)
+            self._last_end[key] = max(r.window_end_ms, self._last_end.get(key, -1))
         self.stats.rows_written += len(rows)
         self._to_online(rows)
-        return True
 
     def _to_online(self, rows: Sequence[FeatureRow]) -> None:
         if self.online is None:
@@ -128,5 +154,11 @@ class FeatureStage:
         self.stats.online_pending = len(self._pending)
 
     def close(self) -> None:
-        if self.online is not None:
-            self.online.close()
+        """A last checkpoint (a clean stop replays nothing), then the online store is closed."""
+        try:
+            if self._unsaved is None and self._processed != self._applied:
+                self._checkpointed = None
+                self._commit([])
+        finally:
+            if self.online is not None:
+                self.online.close()
