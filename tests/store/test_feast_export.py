@@ -139,3 +139,33 @@ def test_real_feast_apply_and_historical_features(repo: tuple[Path, list, object
     assert len(theirs) > len(mine) // 2
     bad = [(i, a, theirs[i]) for i, a in enumerate(mine) if i in theirs and a != theirs[i]]
     assert not bad, bad[:5]
+
+
+def test_feast_export_command(tmp_path: Path) -> None:
+    """``fieldmesh features feast-export`` over the lake's features table of a data dir."""
+    from typer.testing import CliRunner
+
+    from fieldmesh.cli.main import app
+    from fieldmesh.core.settings import LakeSettings
+    from fieldmesh.store.lake import open_catalog
+    from fmtest.featurerows import append_rows, features_table
+
+    rows = stream_rows(VIEW, make_stream(5, devices=2, minutes=20))
+    data_dir = tmp_path / "data"
+    append_rows(features_table(open_catalog(LakeSettings(), data_dir), "fieldmesh"), rows, 300_000)
+    views = tmp_path / "views.yaml"
+    views.write_text(yaml.safe_dump({"feature_views": [RAW]}))
+    out = tmp_path / "repo"
+    res = CliRunner().invoke(app, ["features", "feast-export", "--out", str(out), "--features", str(views),
+                                   "--data-dir", str(data_dir), "--project", "plant"])
+    assert res.exit_code == 0, res.output
+    assert "feast apply" in res.output
+    data = pq.read_table(out / "data" / "pump_stats.parquet")
+    assert 0 < data.num_rows <= len(rows)  # the steps of the answer: at most one per row
+    assert yaml.safe_load((out / "feature_store.yaml").read_text())["project"] == "plant"
+    res = CliRunner().invoke(app, ["features", "feast-export", "--out", str(out), "--features", str(views),
+                                   "--data-dir", str(data_dir), "--project", "bad-name"])
+    assert res.exit_code == 2 and "project" in res.output
+    res = CliRunner().invoke(app, ["features", "feast-export", "--out", str(out), "--features", str(views),
+                                   "--views", "nope", "--data-dir", str(data_dir)])
+    assert res.exit_code == 2 and "no feature view 'nope'" in res.output
