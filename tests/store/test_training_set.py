@@ -172,3 +172,26 @@ def test_entities_files_and_their_errors(tmp_path: Path) -> None:
     ev = LabelEvents(entity_column="device_id", label_column="failed")
     with pytest.raises(ConfigError, match="label"):
         build_training_set(t, {}, ttl_ms={}, label=LabelSpec(ev, 1000))
+
+
+def test_rows_from_feature_rows_and_store_rows_agree() -> None:
+    import json
+
+    from fieldmesh.store.offline import feature_rows_from_rows, feature_rows_from_store
+    from fieldmesh.stream.featureviews import FeatureRow
+
+    rows = [FeatureRow("v", "a", 0, 60_000, 61_000, 0, {"x": 1.0, "y": math.nan}),
+            FeatureRow("v", "b", 0, 60_000, 62_000, 1, {"y": 2.0}),
+            FeatureRow("v", "a", 60_000, 120_000, 121_000, 0, {"x": 3.0, "y": 4.0, "z": 5.0})]
+    stored = [(r.view, r.entity, r.window_start_ms, r.window_end_ms, r.known_at_ms, r.version,
+               json.dumps({k: (None if math.isnan(v) else v) for k, v in r.values.items()})) for r in rows]
+    for names in (None, ("y", "x")):
+        a = feature_rows_from_rows("v", rows, names=names)
+        b = feature_rows_from_store("v", stored, names=names)
+        assert a.names == b.names == (("x", "y", "z") if names is None else names)
+        assert a.present.tolist() == b.present.tolist()
+        assert np.array_equal(a.values, b.values, equal_nan=True)
+        assert a.entity.tolist() == b.entity.tolist() == ["a", "b", "a"]
+        assert b.version.tolist() == [0, 1, 0] and b.known_at_ms.tolist() == [61_000, 62_000, 121_000]
+    assert feature_rows_from_store("v", stored).present.tolist() == [[True, True, False], [False, True, False],
+                                                                      [True, True, True]]

@@ -24,8 +24,7 @@ from pydantic import BaseModel, Field
 from fieldmesh.api.params import parse_time
 from fieldmesh.core.errors import FieldmeshError
 from fieldmesh.store.base import HotStore
-from fieldmesh.store.offline import feature_rows_from_rows, store_rows_since
-from fieldmesh.stream.featureviews import FeatureRow
+from fieldmesh.store.offline import StoreRow, feature_rows_from_store, store_rows_since
 from fieldmesh.stream.similar import Match, SimilarityIndex, SimilarResult
 
 __all__ = ["SimilarWindows", "similar_router"]
@@ -93,17 +92,18 @@ class SimilarWindows:
             except FieldmeshError:  # no feature_rows table: features never ran on this store
                 rows = []
             self._refreshed = time.monotonic()
-            fresh: dict[str, list[FeatureRow]] = {}
-            for r in rows:
-                key = (r.view, r.entity, r.window_end_ms, r.version)
-                if key in self._recent:
+            fresh: dict[str, list[StoreRow]] = {}
+            recent = self._recent
+            for r in rows:  # (view, entity, window_start, window_end, known_at, version, values JSON)
+                key = (r[0], r[1], r[3], r[5])
+                if key in recent:
                     continue
-                self._recent[key] = r.known_at_ms
-                fresh.setdefault(r.view, []).append(r)
-                self._newest = max(self._newest, r.known_at_ms)
+                recent[key] = r[4]
+                fresh.setdefault(r[0], []).append(r)
+                self._newest = max(self._newest, r[4])
             for view, got in fresh.items():
                 index = self.indexes.setdefault(view, SimilarityIndex(view))
-                index.add(feature_rows_from_rows(view, got))
+                index.add(feature_rows_from_store(view, got))
             added = sum(len(g) for g in fresh.values())
             self.rows_indexed += added
             cut = self._newest - self.slack_ms  # rows known before it are never read again

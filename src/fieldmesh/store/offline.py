@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
+import msgspec
 import numpy as np
 from numpy.typing import NDArray
 
@@ -38,9 +39,9 @@ if TYPE_CHECKING:
     from fieldmesh.store.base import HotStore
     from fieldmesh.stream.featureviews import FeatureRow
 
-__all__ = ["FEATURES_TABLE", "LabelSpec", "TrainingSummary", "build_training_set", "feature_rows_arrow",
-           "feature_rows_from_arrow", "feature_rows_from_rows", "read_entities", "read_feature_rows",
-           "read_store_feature_rows", "split_views", "store_rows_since"]
+__all__ = ["FEATURES_TABLE", "LabelSpec", "StoreRow", "TrainingSummary", "build_training_set", "feature_rows_arrow",
+           "feature_rows_from_arrow", "feature_rows_from_rows", "feature_rows_from_store", "read_entities",
+           "read_feature_rows", "read_store_feature_rows", "split_views", "store_rows_since"]
 
 FEATURES_TABLE: Final = "features"
 _COLUMNS: Final = ("view", "entity", "window_start", "window_end", "known_at", "version", "values")
@@ -237,11 +238,12 @@ _ROWS_SQL: Final = 'SELECT view, entity, window_start, window_end, known_at, ver
 _VIEW_NAME: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-def _store_rows(store: HotStore, where: str) -> list[FeatureRow]:
+StoreRow = tuple[Any, ...]  # (view, entity, window_start, window_end, known_at, version, values JSON)
+
+
+def _store_rows(store: HotStore, where: str) -> list[StoreRow]:
     """Rows of ``feature_rows`` through the store's read-only query (placeholders differ per backend: the
     callers inline only an integer or a checked identifier)."""
-    from fieldmesh.store.features import row_from_json
-
     try:
         res = store.query(f"{_ROWS_SQL} WHERE {where}")
     except Exception as exc:  # the driver's own error for a missing table (sqlite3, psycopg)
@@ -249,11 +251,42 @@ def _store_rows(store: HotStore, where: str) -> list[FeatureRow]:
             raise
         raise FieldmeshError(f"the hot store has no feature rows ({exc}): run the pipeline with feature views "
                              "(--features)") from exc
-    return [row_from_json(*r) for r in res.rows]
+    return res.rows
 
 
-def store_rows_since(store: HotStore, since_ms: int) -> list[FeatureRow]:
-    """The hot store's feature rows known at or after ``since_ms``, every view (read-only).
+_values_json = msgspec.json.Decoder(dict[str, float | None])
+
+
+def feature_rows_from_store(view: str, rows: Sequence[StoreRow], *,
+                            names: Sequence[str] | None = None) -> FeatureRows:
+    """:class:`FeatureRows` of one view's ``feature_rows`` rows (values JSON decoded by msgspec; rows that
+    share one key order, the usual case, are converted as one block). A null value (NaN) is NaN, present."""
+    n = len(rows)
+    parsed = [_values_json.decode(r[6]) for r in rows]
+    cols = list(names) if names is not None else sorted({k for d in parsed for k in d})
+    at = {k: j for j, k in enumerate(cols)}
+    values = np.full((n, len(cols)), np.nan)
+    present = np.zeros((n, len(cols)), dtype=bool)
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for i, d in enumerate(parsed):
+        groups.setdefault(tuple(d), []).append(i)
+    for keys, idx in groups.items():
+        kept = [c for c, k in enumerate(keys) if k in at]
+        if not kept:
+            continue
+        block = np.array([list(parsed[i].values()) for i in idx], dtype=np.float64)  # None -> NaN
+        target = np.array([at[keys[c]] for c in kept], dtype=np.intp)
+        rows_at = np.array(idx, dtype=np.intp)
+        values[np.ix_(rows_at, target)] = block[:, kept]
+        present[np.ix_(rows_at, target)] = True
+    return FeatureRows(view, np.array([r[1] for r in rows], dtype=object),
+                       np.array([r[3] for r in rows], np.int64), np.array([r[4] for r in rows], np.int64),
+                       np.array([r[5] for r in rows], np.int64), tuple(cols), values, present)
+
+
+def store_rows_since(store: HotStore, since_ms: int) -> list[StoreRow]:
+    """The hot store's feature rows known at or after ``since_ms``, every view (read-only), as
+    ``(view, entity, window_start, window_end, known_at, version, values JSON)``.
 
     Raises:
         FieldmeshError: the store has no ``feature_rows`` table (features never ran on it).
@@ -272,7 +305,7 @@ def read_store_feature_rows(store: HotStore, views: Sequence[str], *,
     for v in views:
         if not _VIEW_NAME.match(v):
             raise ConfigError(f"not a view name: {v!r}", key="views")
-        out[v] = feature_rows_from_rows(v, _store_rows(store, f"view = '{v}'"), names=(names or {}).get(v))
+        out[v] = feature_rows_from_store(v, _store_rows(store, f"view = '{v}'"), names=(names or {}).get(v))
     return out
 
 
