@@ -228,6 +228,26 @@ def test_valid_device_publishes_its_own_topics_only(door: Door) -> None:
     b.close()
 
 
+def test_a_device_gets_its_own_jobs_only(door: Door) -> None:
+    """Jobs (docs/rollouts.md): a device subscribes to its own notify topic, never another's."""
+    a = door.probe("dev-a")
+    assert a.connect(), (a.connack, a.error)
+    refused = a.subscribe("devices/dev-b/jobs/notify", "devices/+/jobs/notify", "devices/+/jobs/+/update")
+    assert a.subscribe("devices/dev-a/jobs/notify") == [1]
+    marker = uuid.uuid4().hex.encode()
+    door.internal_publish("devices/dev-b/jobs/notify", marker + b"-b")
+    door.internal_publish("devices/dev-a/jobs/notify", marker)
+    deadline = time.monotonic() + 30
+    while not a.messages:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    time.sleep(1.0)
+    assert a.messages == [("devices/dev-a/jobs/notify", marker)]  # nothing of dev-b's
+    if door.kind == "nats":
+        assert refused == [128, 128, 128]
+    a.close()
+
+
 def test_client_id_takeover(door: Door) -> None:
     victim_id = f"victim-{uuid.uuid4().hex[:6]}"
     a = door.probe("dev-a", client_id=victim_id, clean=False)

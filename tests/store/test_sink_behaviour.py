@@ -303,6 +303,7 @@ def same_result(a: BatchResult, b: BatchResult) -> bool:
 
 def test_device_watermarks_and_summary(store: HotStore) -> None:
     assert store.device_summary() == DeviceSummary(devices=0, last_seen_ms=None)
+    assert store.last_seen() == {}
     assert store.device_watermarks() == {}
     rs = [
         msgspec.structs.replace(r, received_ms=NOW + i)
@@ -313,6 +314,8 @@ def test_device_watermarks_and_summary(store: HotStore) -> None:
     commit_readings(store, rs)
     assert store.device_watermarks() == {"a": BASE + 9, "b": BASE + 1}
     assert store.device_summary() == DeviceSummary(devices=2, last_seen_ms=NOW + 2)
+    # per device, when its last reading was received: what the freshness metrics and SLOs read
+    assert store.last_seen() == {"a": NOW + 1, "b": NOW + 2}
 
 
 def test_a_version_2_store_migrates_to_version_3(store_url: str) -> None:

@@ -11,8 +11,7 @@ every answer; the docs page (Swagger UI) is served from assets in the installed 
 
 from __future__ import annotations
 
-import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path as FsPath
 from typing import Annotated, Any, Final, Literal
 
@@ -24,7 +23,6 @@ from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBasic, HTTPBasicCredentials, HTTPBearer
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -33,6 +31,7 @@ from fieldmesh import __version__
 from fieldmesh.api.auth import Access, AuthError, Principal, basic_token
 from fieldmesh.api.features import FeatureCollector, features_router
 from fieldmesh.api.features_similar import similar_router
+from fieldmesh.api.jobs import add_job_routes
 from fieldmesh.api.params import (
     BAD_PARAMETER,
     STORE_UNAVAILABLE,
@@ -85,15 +84,23 @@ from fieldmesh.core.errors import (
     RowsRejected,
 )
 from fieldmesh.core.topics import DEVICE_ID_RE
+from fieldmesh.obs.metrics import (
+    AuthCollector,
+    DoorCollector,
+    FreshnessCollector,
+    StoreCollector,
+    multiprocess_collector,
+)
 from fieldmesh.schema.base import RegistryError
 from fieldmesh.schema.registry import SchemaRegistry
 from fieldmesh.store import HotStore, load_store
 from fieldmesh.store.access import GROUP_RE
 from fieldmesh.store.alerts import AlertTables
 from fieldmesh.store.features import FeatureTables
+from fieldmesh.store.jobs import JobStore
 from fieldmesh.store.registry import Device as RegisteredDevice
 from fieldmesh.store.registry import DeviceRegistry
-from fieldmesh.stream.alerts import SEVERITIES, RuleError, parse_rule
+from fieldmesh.stream.alerts import RuleError, parse_rule
 
 __all__ = ["DEVICE_ROUTES", "OPEN_ROUTES", "create_app", "parse_time"]
 
@@ -132,101 +139,6 @@ LagFn = Callable[[], Awaitable[dict[str, int]]]
 PartitionLagFn = Callable[[], Awaitable[dict[str, dict[int, int]]]]
 
 
-class _StoreCollector(Collector):
-    def __init__(self, store: HotStore, lag_cache: dict[str, int],
-                 partition_cache: dict[str, dict[int, int]], alerts: Callable[[], AlertTables] | None = None) -> None:
-        self.store = store
-        self.alerts = alerts
-        self.lag_cache = lag_cache
-        self.partition_cache = partition_cache
-
-    def collect(self) -> Iterator[Any]:
-        st = self.store.stats()
-        for name, value, help_ in (
-            ("fieldmesh_readings_received", st.received, "Readings and payloads that reached the pipeline"),
-            ("fieldmesh_readings_stored", st.stored, "Readings stored (first arrival of each identity)"),
-            ("fieldmesh_readings_duplicates", st.duplicates, "Readings dropped as duplicates of a stored one"),
-            ("fieldmesh_readings_late", st.late, "Stored readings whose window had already been emitted"),
-            ("fieldmesh_messages_unrouted", st.unrouted, "Messages on topics nothing serves (DLQ unknown_topic)"),
-        ):
-            c = CounterMetricFamily(name, help_)
-            c.add_metric([], value)
-            yield c
-        dl = CounterMetricFamily("fieldmesh_dead_letters", "Rejected items by reason", labels=["reason"])
-        for reason in sorted(set(REASONS) | set(st.dead_lettered)):
-            dl.add_metric([reason], st.dead_lettered.get(reason, 0))
-        yield dl
-        # a gauge: it falls when late readings fill a gap
-        gaps = GaugeMetricFamily("fieldmesh_seq_gaps", "Seqs missing between readings stored, per device and boot")
-        gaps.add_metric([], st.gaps)
-        yield gaps
-        lag = GaugeMetricFamily("fieldmesh_bus_lag_messages", "Messages not yet consumed", labels=["stage"])
-        for stage, n in self.lag_cache.items():
-            lag.add_metric([stage], n)
-        yield lag
-        plag = GaugeMetricFamily("fieldmesh_bus_partition_lag_messages", "Messages not yet consumed per partition",
-                                 labels=["stage", "partition"])
-        for stage, parts in self.partition_cache.items():
-            for p, n in sorted(parts.items()):
-                plag.add_metric([stage, str(p)], n)
-        yield plag
-        if self.alerts is not None:
-            yield from _alert_metrics(self.alerts().stats())
-        summary = self.store.device_summary()
-        last = summary.last_seen_ms
-        g = GaugeMetricFamily("fieldmesh_devices", "Devices seen")
-        g.add_metric([], summary.devices)
-        yield g
-        if last:
-            f = GaugeMetricFamily("fieldmesh_freshness_seconds", "Seconds since the newest stored reading arrived")
-            f.add_metric([], max(0.0, time.time() - last / 1000))
-            yield f
-
-
-def _alert_metrics(st: dict[str, Any]) -> Iterator[Any]:
-    active = GaugeMetricFamily("fieldmesh_alerts_active", "Alerts open or acknowledged", labels=["severity"])
-    for sev in SEVERITIES:
-        active.add_metric([sev], st["active_by_severity"].get(sev, 0))
-    yield active
-    notes = GaugeMetricFamily("fieldmesh_alert_notifications", "Notifications in the outbox by status",
-                              labels=["status"])
-    for status, n in st["notifications"].items():
-        notes.add_metric([status], n)
-    yield notes
-    tries = CounterMetricFamily("fieldmesh_alert_notification_failed_tries", "Failed tries of notifications")
-    tries.add_metric([], st["failed_tries"])
-    yield tries
-    lat = GaugeMetricFamily("fieldmesh_alert_notification_latency_seconds",
-                            "From an alert step's commit to its receiver's acknowledgement, last 1000 delivered",
-                            labels=["quantile"])
-    for name, q in (("p50", "0.5"), ("p99", "0.99")):
-        if st["latency_ms"][name] is not None:
-            lat.add_metric([q], st["latency_ms"][name] / 1000)
-    yield lat
-class _AuthCollector(Collector):
-    def __init__(self, access: Access) -> None:
-        self.access = access
-
-    def collect(self) -> Iterator[Any]:
-        c = CounterMetricFamily("fieldmesh_auth_failures", "API requests refused (401, 403) by reason",
-                                labels=["reason"])
-        for reason, n in sorted(self.access.failures.items()):
-            c.add_metric([reason], n)
-        yield c
-
-
-class _DoorCollector(Collector):
-    def __init__(self, counts: Callable[[], dict[str, int]]) -> None:
-        self.counts = counts
-
-    def collect(self) -> Iterator[Any]:
-        c = CounterMetricFamily("fieldmesh_door_refused", "What the MQTT door refused, from its log, by reason",
-                                labels=["reason"])
-        for reason, n in sorted(self.counts().items()):
-            c.add_metric([reason], n)
-        yield c
-
-
 def _auth_failures(access: Access) -> dict[str, int]:
     """``auth_failures`` of ``/stats``: the total and each reason."""
     counts = dict(access.failures)
@@ -245,6 +157,8 @@ def create_app(
     provisioner: Provisioner | None = None,
     schema_registry: SchemaRegistry | None = None,
     door_refused: Callable[[], dict[str, int]] | None = None,
+    metrics_dir: FsPath | None = None,
+    collectors: Sequence[Collector] = (),
     online_url: str | None = None,
 ) -> FastAPI:
     """Build the API app over the hot store at ``store_url``.
@@ -257,6 +171,9 @@ def create_app(
     ``schema_registry``: the schema registry (by default opened on first use over the same store).
     ``door_refused`` gives what the MQTT door refused by reason (``fieldmesh up``:
     :class:`fieldmesh.runtime.doorlog.DoorRefusals`), served in ``/stats`` and ``/metrics``.
+    ``metrics_dir``: the directory where the stage workers write their metrics (prometheus-client's
+    multiprocess mode, :mod:`fieldmesh.obs.metrics`), merged into ``/metrics``; ``collectors`` are served
+    there too (the SLO status of ``fieldmesh up``).
     """
     acc = access if access is not None else Access(store_url)
     # FastAPIOffline: a FastAPI whose Swagger UI page loads its JS/CSS from the package, not a CDN
@@ -272,6 +189,13 @@ def create_app(
     )
     state: dict[str, Any] = {"store": store, "schema_registry": schema_registry}
     lag_cache: dict[str, int] = {}
+    jobs_holder: list[JobStore] = []
+
+    def job_store() -> JobStore:  # opened on first use, like the schema registry
+        if not jobs_holder:
+            jobs_holder.append(JobStore(store_url))
+        return jobs_holder[0]
+
     partition_cache: dict[str, dict[int, int]] = {}
 
     def get_store() -> HotStore:
@@ -473,6 +397,10 @@ def create_app(
             body["alerts"] = await run_in_threadpool(lambda: alert_tables().stats())
         except BackendError:
             body["alerts"] = None
+        try:
+            body["jobs_controller"] = await run_in_threadpool(lambda: job_store().controller_stats())
+        except FieldmeshError:
+            body["jobs_controller"] = None
         body["features"] = await run_in_threadpool(lambda: FeatureTables.stats(get_store()))
         if partition_lag is not None:
             partition_cache.update(await partition_lag())
@@ -770,17 +698,22 @@ def create_app(
     registry = CollectorRegistry()
     app.state.provision = ProvisionService(store_url, ca_dir, provisioner)
     add_provision_routes(app, r, admin=admin, guards=guards, service=app.state.provision, metrics=registry)
+    add_job_routes(r, store=job_store, registry=devreg, viewer=all_devices, operator=operator_all)
 
     app.include_router(r)
     app.include_router(registry_router(get_schema_registry, viewer=viewer, operator=operator, admin=admin))
     app.include_router(similar_router(reader=all_devices, get_store=get_store, enabled=online_url is not None))
     app.include_router(features_router(online_url, reader=all_devices, get_store=get_store))
 
-    registry.register(_AuthCollector(acc))
+    registry.register(AuthCollector(lambda: acc.failures))
     registry.register(FeatureCollector(get_store))
     if door_refused is not None:
-        registry.register(_DoorCollector(door_refused))
-    collector: _StoreCollector | None = None
+        registry.register(DoorCollector(door_refused))
+    if metrics_dir is not None:
+        multiprocess_collector(registry, metrics_dir)
+    for extra in collectors:
+        registry.register(extra)
+    collector: StoreCollector | None = None
 
     @app.get("/metrics", response_class=PlainTextResponse, responses={
         200: {"description": "Prometheus text exposition format",
@@ -788,8 +721,9 @@ def create_app(
     async def metrics(_: Principal = all_devices) -> Response:
         nonlocal collector
         if collector is None:
-            collector = _StoreCollector(get_store(), lag_cache, partition_cache, alert_tables)
+            collector = StoreCollector(get_store(), lag_cache, partition_cache, alert_tables, reasons=REASONS)
             registry.register(collector)
+            registry.register(FreshnessCollector(get_store().last_seen))
         if lag is not None:
             lag_cache.update(await lag())
         if partition_lag is not None:

@@ -49,6 +49,10 @@ class Stats(_Open):
         "from the positions its store has applied)")
     alerts: dict[str, Any] | None = Field(
         None, description="active alerts by severity, notifications by status, delivery latency (docs/alerts.md)")
+    jobs_controller: dict[str, Any] | None = Field(
+        None, description="the job controller's counters as it saved them last (updates, stale_updates, "
+        "invalid_updates, notifies, notify_failures, timeouts, retries, halts, tick_errors, reasons, updated_ms); "
+        "null if it never ran (docs/rollouts.md)")
     features: dict[str, int] | None = Field(
         None, description="the feature stage: rows_written, late, unkeyed, online_write_failures (docs/features.md); "
         "null when no feature views ever ran")

@@ -53,6 +53,11 @@ OnlineUrlOpt = Annotated[str | None, typer.Option(
 RequireRegistration = Annotated[bool, typer.Option(
     "--require-registration", help="refuse devices not registered as active in the device registry (DLQ "
     "unknown_device; suspended or retired: unauthorized) [env FIELDMESH__GATEWAY__REQUIRE_REGISTRATION]")]
+MetricsPort = Annotated[int | None, typer.Option(
+    "--metrics-port", min=0, max=65535,
+    help="serve this process's stage metrics (rates, batch sizes, latencies) on http://--metrics-host:PORT/metrics "
+         "for Prometheus (docs/observability.md)")]
+MetricsHost = Annotated[str, typer.Option("--metrics-host", help="address of --metrics-port")]
 EnrichOpt = Annotated[
     list[str] | None,
     typer.Option(help="as-of join of readings with a CDC table (repeatable), e.g. "
@@ -67,15 +72,28 @@ def _fail(exc: Exception) -> None:
 
 def _role_logging(role: str) -> None:
     """Log lines of a stand-alone role (assignments, retries, failures) on stderr."""
-    import logging
+    from fieldmesh.obs import logs, tracing
 
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {role} %(name)s %(levelname)s %(message)s")
+    logs.setup_logging(role, fmt=f"%(asctime)s {role} %(name)s %(levelname)s %(message)s")
+    tracing.setup(f"fieldmesh-{role}")
 
 
 def _settings(**kw: Any) -> Any:
     from fieldmesh.core.settings import load_settings
 
     return load_settings(**kw)
+
+
+@app.callback()
+def _root(
+    log_json: Annotated[bool, typer.Option(
+        "--log-json", envvar="FIELDMESH_LOG_JSON",
+        help="log lines as JSON objects with trace_id and span_id (also in the processes 'up' starts); "
+             "docs/observability.md")] = False,
+) -> None:
+    """fieldmesh: IoT telemetry from the sensor to the lakehouse, exact and durable."""
+    if log_json:
+        os.environ["FIELDMESH_LOG_JSON"] = "1"  # the processes this one starts log JSON too
 
 
 @app.command()
@@ -150,6 +168,9 @@ def up(
         help="devices must present a certificate of --mqtt-ca that the device registry holds as valid, for an "
              "active device; each is confined to its own topics")] = False,
     require_registration: RequireRegistration = False,
+    slo: Annotated[Path | None, typer.Option(
+        "--slo", help="service level objectives (YAML: freshness, latency, dlq_rate): status in /metrics, "
+                      "breaches as alerts slo:<name> (docs/observability.md)")] = None,
 ) -> None:
     """Run the whole pipeline on embedded defaults (MQTT -> gateway -> bus -> processor -> store -> API)."""
     from fieldmesh.runtime.up import DEFAULT_HTTP_PORT, DEFAULT_MQTT_PORT, UpOptions, run_up
@@ -174,6 +195,7 @@ def up(
             store_url=store_url, simulate=simulate, sim_rate=sim_rate, sim_per_message=sim_per_message,
             duration_s=for_, settings=settings, summary_table=not as_json,
             http_host=http_host, tls_cert=tls_cert, tls_key=tls_key, mqtt_host=mqtt_host, mqtt_tls=door_tls,
+            slo_file=slo,
         )
         summary = asyncio.run(run_up(opts))
     except FieldmeshError as exc:
@@ -268,6 +290,8 @@ def gateway(
         help="the hot store holding the device registry (needed with --require-registration) and the schema "
              "registry (payloads written against a registered schema, docs/schemas.md)")] = None,
     require_registration: RequireRegistration = False,
+    metrics_port: MetricsPort = None,
+    metrics_host: MetricsHost = "127.0.0.1",
 ) -> None:
     """Run a gateway alone (run N of them: they share the devices through an MQTT 5 shared subscription
     or an ingest topic's consumer group)."""
@@ -276,6 +300,7 @@ def gateway(
     if not mqtt_url and not ingest_url:
         raise typer.BadParameter("give --mqtt-url and/or --ingest-url")
     _role_logging("gateway")
+    _serve_metrics(metrics_port, metrics_host)
     try:
         settings = _settings(bus={"partitions": partitions},
                              **({"gateway": {"require_registration": True}} if require_registration else {}))
@@ -303,6 +328,8 @@ def process(
     online_url: OnlineUrlOpt = None,
     retry_for: Annotated[float, typer.Option(
         min=0, help="keep retrying an unreachable bus or store (with backoff) for this many seconds")] = 120.0,
+    metrics_port: MetricsPort = None,
+    metrics_host: MetricsHost = "127.0.0.1",
 ) -> None:
     """Run a processor alone."""
     from fieldmesh.runtime.worker import run_processor
@@ -311,10 +338,26 @@ def process(
     if group is None:  # a NATS durable has one subject filter: replicas on other partitions need their own
         group = "fm-processor" if partitions is None else f"fm-processor-p{partitions.replace(',', '_')}"
     _role_logging("process")
+    _serve_metrics(metrics_port, metrics_host)
     settings = _settings(bus={"partitions": total_partitions}, **_enrich_kw(enrich, enrich_db), **_rules_kw(rules),
                          **_features_kw(features, online_url))
     _with_retries(lambda: asyncio.run(run_processor(bus_url=bus_url, store_url=store_url, partitions=owned,
                                                     group=group, settings=settings)), retry_for)
+
+
+def _serve_metrics(port: int | None, host: str) -> None:
+    """Serve the stage metrics of this process (a stand-alone role) for Prometheus to scrape."""
+    if port is None:
+        return
+    from prometheus_client import start_http_server
+
+    import fieldmesh.obs.metrics  # noqa: F401 - registers the stage metrics
+
+    try:
+        start_http_server(port, addr=host)
+    except OSError as exc:
+        _fail(ConfigError(f"--metrics-port {port}: {exc}", key="metrics_port"))
+    err.print(f"metrics on http://{host}:{port}/metrics")
 
 
 def _with_retries(run: Any, retry_for: float) -> None:
@@ -590,8 +633,8 @@ def keys_revoke(
 # Sub-command groups contributed by other stages, registered when their modules are present.
 for _name, _module in (("ca", "fieldmesh.cli.ca"), ("cdc", "fieldmesh.cli.cdc"), ("devices", "fieldmesh.cli.devices"),
                        ("edge", "fieldmesh.edge.cli"), ("features", "fieldmesh.cli.features"),
-                       ("lake", "fieldmesh.cli.lake"),
-                       ("schemas", "fieldmesh.cli.schemas")):
+                       ("jobs", "fieldmesh.cli.jobs"), ("lake", "fieldmesh.cli.lake"),
+                       ("schemas", "fieldmesh.cli.schemas"), ("grafana", "fieldmesh.cli.grafana")):
     try:
         _sub = importlib.import_module(_module)
     except ImportError:

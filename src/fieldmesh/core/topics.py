@@ -45,8 +45,8 @@ DEVICE_SUBJECTS: Final = "devices.>"
 DEVICE_SIDE_LEAVES: Final = frozenset({"state", "config", "anomalies"})
 #: What an authenticated device may publish (``devices/{id}/<leaf>``; telemetry also with its encoding
 #: suffix) and subscribe to (its desired config) at a door with per-device access control.
-DEVICE_PUBLISH_LEAVES: Final = ("telemetry", "state", "anomalies")
-DEVICE_SUBSCRIBE_LEAVES: Final = ("config",)
+DEVICE_PUBLISH_LEAVES: Final = ("telemetry", "state", "anomalies", "jobs/+/update")
+DEVICE_SUBSCRIBE_LEAVES: Final = ("config", "jobs/notify")
 
 #: Bus topics (NATS subjects are ``{topic}.{partition}``; Kafka topics carry partitions natively).
 READINGS_TOPIC: Final = "fm.readings"
@@ -106,6 +106,8 @@ def route_of_topic(topic: str) -> TopicRoute:
             return TopicRoute("telemetry", parts[1], parts[3])
     elif len(parts) == 3 and leaf in DEVICE_SIDE_LEAVES:
         return TopicRoute("side", parts[1])
+    elif leaf == "jobs" and (parts[3:] == ["notify"] or (len(parts) == 5 and parts[3] and parts[4] == "update")):
+        return TopicRoute("side", parts[1])  # jobs (docs/rollouts.md): the job controller reads them
     return TopicRoute("unknown", parts[1])
 
 

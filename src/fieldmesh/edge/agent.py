@@ -26,12 +26,15 @@ import numpy as np
 from fieldmesh.core.errors import ConfigError
 from fieldmesh.edge.buffer import BufferFull, DiskBuffer
 from fieldmesh.edge.config import EdgeConfig, SourceConfig
+from fieldmesh.edge.contract import ReadingContract, register_schema
 from fieldmesh.edge.frame import DeviceIndex, Frame, WireReading, occurrence_groups
 from fieldmesh.edge.infer import make_scorer
+from fieldmesh.edge.jobs import JobClient, attach_jobs
 from fieldmesh.edge.preprocess import Aggregate, Preprocessor
 from fieldmesh.edge.sources.base import Source, SourceBatch
 from fieldmesh.edge.twin import Twin
 from fieldmesh.edge.uplink import Uplink, encode_record
+from fieldmesh.obs import tracing
 
 __all__ = ["EdgeAgent", "Pipeline", "make_source"]
 
@@ -69,6 +72,11 @@ def make_source(sc: SourceConfig, index: int, state_dir: Path) -> Source:
     return MqttSource(sc.mqtt, name=f"sources[{index}].mqtt")
 
 
+def _fields(r: WireReading) -> dict[str, Any]:
+    return {"ts": r.ts, "measurements": r.measurements, "seq": r.seq, "boot_id": r.boot_id, "meta": r.meta,
+            "event_id": r.event_id}
+
+
 class Pipeline:
     """The synchronous core of the agent: a source batch in, a buffer record out (no I/O).
 
@@ -87,6 +95,8 @@ class Pipeline:
         self.boot_id = boot_id
         self._next_seq = np.zeros(64, dtype=np.int64)
         self.anomalies = 0
+        #: The reading contract (``schema:`` in the config); set by the agent, which owns its files.
+        self.contract: ReadingContract | None = None
 
     def _assign_seq(self, dev: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
         need = int(dev.max()) + 1
@@ -146,6 +156,8 @@ class Pipeline:
         per: dict[int, list[WireReading]] = {}
         anomalies: list[tuple[str, WireReading]] = []
         n = len(frame)
+        refused = 0
+        contract = self.contract
         if n:
             names = list(frame.cols)
             cols = [frame.cols[k].tolist() for k in names]
@@ -170,6 +182,9 @@ class Pipeline:
                     meta=meta,
                 )
                 d = devs[i]
+                if contract is not None and not contract.check(ids[d], _fields(r)):
+                    refused += 1
+                    continue
                 lst = per.get(d)
                 if lst is None:
                     per[d] = [r]
@@ -178,9 +193,12 @@ class Pipeline:
                 if meta is not None and meta["decision"] == "anomaly":
                     anomalies.append((ids[d], r))
         for d, r in aggs:
+            if contract is not None and not contract.check(ids[d], _fields(r)):
+                refused += 1
+                continue
             per.setdefault(d, []).append(r)
         self.anomalies += len(anomalies)
-        return [(ids[d], lst) for d, lst in per.items()], n + len(aggs), anomalies
+        return [(ids[d], lst) for d, lst in per.items()], n + len(aggs) - refused, anomalies
 
 
 class EdgeAgent:
@@ -209,6 +227,9 @@ class EdgeAgent:
         self.state_dir = Path(b.path) / "state"
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.pipeline = Pipeline(cfg, boot_id=self.boot_id)
+        if cfg.schema_ is not None:
+            self.pipeline.contract = ReadingContract.from_file(
+                cfg.schema_.file, rejects_path=self.state_dir / "rejects.jsonl")
         self.sources: list[Source] = (
             sources
             if sources is not None
@@ -242,6 +263,8 @@ class EdgeAgent:
             )
             self.uplink.on_message = self.twin.handle
             self.uplink.on_connect = self.twin.on_connect
+        self.on_running: list[Callable[[], None]] = []  # called in the event loop once run() has started
+        self.jobs: JobClient | None = attach_jobs(self) if cfg.jobs.enabled else None
         self.source_errors = 0
         self.lost_aggregates = 0
         self.full_waits = 0
@@ -294,11 +317,17 @@ class EdgeAgent:
 
     async def feed(self, source: Source, batch: SourceBatch, stop: asyncio.Event) -> None:
         """One batch: process, make durable, acknowledge the source, publish anomalies at once."""
-        groups, n, anomalies = self.pipeline.process(batch)
-        if n:
-            if not await self._append(encode_record(groups), n, stop):
+        if tracing.enabled():
+            traced = await self._feed_traced(source, batch, stop)
+            if traced is None:
                 return
-            self.uplink.wake()
+            anomalies = traced
+        else:
+            groups, n, anomalies = self.pipeline.process(batch)
+            if n:
+                if not await self._append(encode_record(groups), n, stop):
+                    return
+                self.uplink.wake()
         if self.pipeline.pre.has_windows():
             # open windows hold readings the source is about to forget: checkpoint them, with the
             # source's new position, before acknowledging
@@ -321,6 +350,24 @@ class EdgeAgent:
                 )
                 if self.uplink.publish_now(f"devices/{dev}/anomalies", body):
                     self.uplink.stats.anomalies += 1
+
+    async def _feed_traced(
+        self, source: Source, batch: SourceBatch, stop: asyncio.Event
+    ) -> list[tuple[str, WireReading]] | None:
+        """:meth:`feed`'s read and buffer steps in their spans: ``edge.read`` (the batch through the
+        chain) and its child ``edge.buffer`` (made durable), whose context the buffer record keeps.
+        Returns the anomalies, or None when stopping left the batch unbuffered."""
+        with tracing.span("fieldmesh.edge", "edge.read",
+                          {"fieldmesh.source": source.name, "fieldmesh.readings": len(batch)}):
+            groups, n, anomalies = self.pipeline.process(batch)
+            if n:
+                with tracing.span("fieldmesh.edge", "edge.buffer", {"fieldmesh.readings": n}):
+                    trace = tracing.headers_of_current()
+                    record = encode_record(groups, trace.get("traceparent"), trace.get("tracestate"))
+                    if not await self._append(record, n, stop):
+                        return None
+                self.uplink.wake()
+        return anomalies
 
     async def _run_source(self, source: Source, stop: asyncio.Event) -> None:
         backoff = 0.5
@@ -376,9 +423,11 @@ class EdgeAgent:
             "twin": {"applied": dict(self.twin.applied), "rejected": self.twin.rejected}
             if self.twin
             else None,
+            "jobs": dict(self.jobs.counts) if self.jobs else None,
             "source_errors": self.source_errors,
             "full_waits": self.full_waits,
             "lost_aggregates": self.lost_aggregates,
+            "schema": self.pipeline.contract.as_dict() if self.pipeline.contract else None,
         }
 
     def write_stats(self) -> None:
@@ -412,7 +461,14 @@ class EdgeAgent:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self.uplink.run(uplink_stop), name="uplink")
             tg.create_task(self._housekeeping(stop), name="housekeeping")
+            sc = self.cfg.schema_
+            if sc is not None and sc.subject and sc.registry_url and self.pipeline.contract is not None:
+                tg.create_task(register_schema(
+                    self.pipeline.contract, registry_url=sc.registry_url, subject=sc.subject,
+                    auth=sc.auth.get_secret_value() if sc.auth else None, stop=stop), name="schema")
             src_tasks = [tg.create_task(self._run_source(s, stop), name=s.name) for s in self.sources]
+            for fn in self.on_running:
+                fn()
             if on_started is not None:
                 on_started()
             if duration_s is not None:

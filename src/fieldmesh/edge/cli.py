@@ -20,13 +20,23 @@ app = typer.Typer(
 )
 
 
-async def run_agent(config: Path, duration_s: float | None, drain_s: float) -> dict[str, object]:
-    """Load the config, run the agent until SIGINT/SIGTERM or ``duration_s``, return its stats."""
+async def run_agent(config: Path, duration_s: float | None, drain_s: float, *, metrics_port: int | None = None,
+                    metrics_host: str = "127.0.0.1") -> dict[str, object]:
+    """Load the config, run the agent until SIGINT/SIGTERM or ``duration_s``, return its stats.
+
+    ``metrics_port``: serve the agent's metrics (buffer depth, egress bytes; :class:`fieldmesh.obs.metrics.
+    EdgeCollector`) on ``http://metrics_host:metrics_port/metrics`` while it runs."""
     from fieldmesh.edge.agent import EdgeAgent
     from fieldmesh.edge.config import load_config
 
     cfg = load_config(config)
     agent = EdgeAgent(cfg)
+    if metrics_port is not None:
+        from fieldmesh.obs.metrics import serve_edge_metrics
+
+        server = serve_edge_metrics(agent.stats, port=metrics_port, host=metrics_host)
+        logging.getLogger("fieldmesh.edge").info("metrics on http://%s:%d/metrics", metrics_host,
+                                                 server.server_port)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, agent.stop)
@@ -39,14 +49,29 @@ def run(
     duration: Annotated[float | None, typer.Option("--for", help="stop after this many seconds")] = None,
     drain: Annotated[float, typer.Option("--drain", help="seconds to drain the buffer on stop")] = 5.0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    metrics_port: Annotated[int | None, typer.Option(
+        "--metrics-port", min=0, max=65535, help="serve Prometheus metrics (buffer depth, egress bytes) on this port")
+    ] = None,
+    metrics_host: Annotated[str, typer.Option("--metrics-host", help="address of --metrics-port")] = "127.0.0.1",
+    log_json: Annotated[
+        bool, typer.Option("--log-json", help="log lines as JSON with trace ids (env FIELDMESH_LOG_JSON=1)")
+    ] = False,
 ) -> None:
-    """Run the agent (Ctrl-C stops it cleanly; the buffer keeps what was not delivered)."""
-    logging.basicConfig(
+    """Run the agent (Ctrl-C stops it cleanly; the buffer keeps what was not delivered).
+
+    Traces go to the OTLP endpoint of ``OTEL_EXPORTER_OTLP_ENDPOINT`` when it is set (docs/observability.md).
+    """
+    from fieldmesh.obs import logs, tracing
+
+    logs.setup_logging(
+        "edge",
         level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        fmt="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        json_lines=True if log_json else None,
     )
+    tracing.setup("fieldmesh-edge")
     try:
-        stats = asyncio.run(run_agent(config, duration, drain))
+        stats = asyncio.run(run_agent(config, duration, drain, metrics_port=metrics_port, metrics_host=metrics_host))
     except FieldmeshError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

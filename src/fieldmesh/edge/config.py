@@ -18,6 +18,7 @@ __all__ = [
     "DeviceRule",
     "EdgeConfig",
     "InferConfig",
+    "JobsConfig",
     "MetricRule",
     "ModbusRegister",
     "ModbusSourceConfig",
@@ -138,6 +139,25 @@ class TwinConfig(_Model):
     enabled: bool = True
 
 
+class SchemaConfig(_Model):
+    """The device's reading contract (docs/schemas.md "At the edge")."""
+
+    #: JSON Schema of one reading in the telemetry shape; readings it refuses are kept, never sent.
+    file: Path
+    #: Register the schema under this registry subject at start (e.g. ``pumps-value``).
+    subject: str | None = None
+    #: The registry's base URL (``http://HOST:PORT/api/v1/registry``); needed with ``subject``.
+    registry_url: str | None = None
+    #: ``<key id>:<secret>`` of an API key allowed to register (HTTP Basic, as Confluent's clients).
+    auth: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _registry_with_subject(self) -> SchemaConfig:
+        if self.subject and not self.registry_url:
+            raise ValueError("schema.subject needs schema.registry_url")
+        return self
+
+
 class SimulatorSourceConfig(_Model):
     """The fleet simulator as a source (deterministic; resumes where it was acknowledged)."""
 
@@ -226,6 +246,28 @@ class SourceConfig(_Model):
         raise AssertionError("validated")
 
 
+class JobsConfig(_Model):
+    """Jobs and over-the-air updates of the edge model and firmware (docs/rollouts.md)."""
+
+    enabled: bool = False
+    #: The device id jobs are addressed to (``devices/{id}/jobs/notify``); default: ``uplink.client_id``.
+    device_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,128}$")
+    #: Ed25519 public keys (PEM) whose signatures the agent accepts; none: every install is rejected.
+    trusted_keys: list[Path] = Field(default_factory=list)
+    #: The A/B slots (default: ``<buffer.path>/ota``).
+    slots_path: Path | None = None
+    #: Starts of a new version without a passed health check before the agent goes back by itself.
+    max_boot_attempts: int = Field(default=3, ge=1, le=100)
+    #: How long the agent runs with a new version before it is confirmed: until then each start counts a
+    #: trial start (a crash loop after a passed check still goes back).
+    confirm_after_s: float = Field(default=60.0, ge=0)
+    max_artifact_bytes: int = Field(default=256 * 1024 * 1024, ge=1)
+    #: A command that applies and checks a firmware image (its path is appended); exit 0: healthy.
+    #: None: the image is kept in its slot for the device's own updater, and confirmed.
+    firmware_check: list[str] | None = None
+    firmware_check_timeout_s: float = Field(default=300.0, gt=0)
+
+
 class AgentConfig(_Model):
     """Agent-wide settings."""
 
@@ -245,6 +287,8 @@ class EdgeConfig(_Model):
     buffer: BufferConfig = Field(default_factory=BufferConfig)
     uplink: UplinkConfig = Field(default_factory=UplinkConfig)
     twin: TwinConfig = Field(default_factory=TwinConfig)
+    schema_: SchemaConfig | None = Field(default=None, alias="schema")
+    jobs: JobsConfig = Field(default_factory=JobsConfig)
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:

@@ -14,6 +14,13 @@ Connections: MQTT 5 first (``protocol: auto``), MQTT 3.1.1 when the broker refus
 mutual TLS; capped exponential backoff with full jitter between tries; a broker refusing the
 credentials is logged as such (state ``auth_failed``) and retried at the capped interval while the
 agent keeps buffering. Each message carries a W3C ``traceparent`` user property (MQTT 5).
+
+Traces (:mod:`fieldmesh.obs.tracing`, when an OTLP endpoint is configured): a buffer record keeps the
+``traceparent`` of the batch it holds (written by the agent's ``edge.buffer`` span), so a record sent
+after an outage, or by the next process after a restart, continues its original trace. Each message
+gets an ``edge.uplink`` span, a child of its first record's context and linked to its other records';
+its ``traceparent`` goes in the MQTT 5 user properties, or in ``meta.traceparent`` of the message's
+first reading on MQTT 3.1.1. Without tracing, the user property is a fresh ``traceparent`` per group.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from fieldmesh.core.errors import MissingDependency
 from fieldmesh.edge.buffer import DiskBuffer, Record
 from fieldmesh.edge.config import UplinkConfig
 from fieldmesh.edge.frame import WireBatch, WireReading
+from fieldmesh.obs import tracing
 
 __all__ = [
     "CONTENT_TYPE_ZSTD",
@@ -44,6 +52,7 @@ __all__ = [
     "UplinkStats",
     "backoff_delays",
     "decode_record",
+    "decode_record_traced",
     "encode_record",
     "encode_uplink_message",
     "publish_wire_bytes",
@@ -55,7 +64,17 @@ CONTENT_TYPE_ZSTD: Final = "application/json+zstd"
 CONTENT_TYPE_JSON: Final = "application/json"
 
 _rec_encoder = msgspec.msgpack.Encoder()
-_rec_decoder = msgspec.msgpack.Decoder(list[tuple[str, list[WireReading]]])
+
+
+class _TracedRecord(msgspec.Struct, gc=False):
+    """A buffer record with its trace context (a msgpack map; a record without is the bare groups array)."""
+
+    groups: list[tuple[str, list[WireReading]]]
+    traceparent: str | None = None
+    tracestate: str | None = None
+
+
+_rec_decoder = msgspec.msgpack.Decoder(list[tuple[str, list[WireReading]]] | _TracedRecord)
 _json = msgspec.json.Encoder()
 
 # CONNACK reason codes (MQTT 5 and the 3.1.1 return codes as paho maps them)
@@ -63,14 +82,28 @@ _UNSUPPORTED_PROTOCOL: Final = {0x84, 1}
 _BAD_CREDENTIALS: Final = {0x86, 0x87, 0x8C, 4, 5}
 
 
-def encode_record(groups: list[tuple[str, list[WireReading]]]) -> bytes:
-    """A buffer record: readings grouped by device (msgpack)."""
-    return _rec_encoder.encode(groups)
+def encode_record(
+    groups: list[tuple[str, list[WireReading]]], traceparent: str | None = None, tracestate: str | None = None
+) -> bytes:
+    """A buffer record: readings grouped by device (msgpack), with the trace context of their batch if any."""
+    if traceparent is None:
+        return _rec_encoder.encode(groups)
+    return _rec_encoder.encode(_TracedRecord(groups, traceparent, tracestate))
 
 
 def decode_record(payload: bytes) -> list[tuple[str, list[WireReading]]]:
-    """Inverse of :func:`encode_record`."""
-    return _rec_decoder.decode(payload)
+    """Inverse of :func:`encode_record` (the groups; records written before trace context was kept too)."""
+    return decode_record_traced(payload)[0]
+
+
+def decode_record_traced(
+    payload: bytes,
+) -> tuple[list[tuple[str, list[WireReading]]], str | None, str | None]:
+    """``(groups, traceparent, tracestate)`` of a buffer record (None, None: it has no trace context)."""
+    rec = _rec_decoder.decode(payload)
+    if isinstance(rec, _TracedRecord):
+        return rec.groups, rec.traceparent, rec.tracestate
+    return rec, None, None
 
 
 def encode_uplink_message(
@@ -273,7 +306,7 @@ class Uplink:
                 await self._teardown(client)
 
     # -- connection ------------------------------------------------------------------------
-    def _props(self, content_type: str) -> Any:
+    def _props(self, content_type: str, trace: dict[str, str] | None = None) -> Any:
         if not self._v5:
             return None
         from paho.mqtt.packettypes import PacketTypes
@@ -281,7 +314,9 @@ class Uplink:
 
         p = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         p.ContentType = content_type
-        if self.cfg.traceparent:
+        if trace:
+            p.UserProperty = list(trace.items())
+        elif self.cfg.traceparent:
             p.UserProperty = [("traceparent", f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01")]
         return p
 
@@ -473,23 +508,31 @@ class Uplink:
 
     def _publish_group(self, client: Any, recs: list[Record], n: int) -> bool:
         per_dev: dict[str, list[WireReading]] = {}
+        traced = tracing.enabled() and self.cfg.traceparent
+        ctxs: dict[str, list[tuple[str, str | None]]] = {}  # device -> trace contexts of the records it is in
         for r in recs:
-            for dev, readings in decode_record(r.payload):
+            groups, tp, ts = decode_record_traced(r.payload)
+            for dev, readings in groups:
                 lst = per_dev.get(dev)
                 if lst is None:
                     per_dev[dev] = readings
                 else:
                     lst.extend(readings)
+                if tp is not None and traced:
+                    ctxs.setdefault(dev, []).append((tp, ts))
         g = _Group(last_seq=recs[-1].seq, readings=n)
         self._groups.append(g)
-        # one set of properties (and one traceparent: one trace span) per group of messages
+        # untraced: one set of properties (and one traceparent) per group of messages
         props_by_ct: dict[str, Any] = {}
         for dev, readings in per_dev.items():
-            topic, body, ct = encode_uplink_message(dev, readings, self._zc, v5=self._v5)
-            props = props_by_ct.get(ct)
-            if props is None:
-                props = props_by_ct[ct] = self._props(ct)
-            info = client.publish(topic, body, qos=1, properties=props)
+            if traced:
+                info, topic, body, ct = self._publish_traced(client, dev, readings, ctxs.get(dev, []))
+            else:
+                topic, body, ct = encode_uplink_message(dev, readings, self._zc, v5=self._v5)
+                props = props_by_ct.get(ct)
+                if props is None:
+                    props = props_by_ct[ct] = self._props(ct)
+                info = client.publish(topic, body, qos=1, properties=props)
             if info.rc != 0:
                 self.stats.last_error = f"publish failed rc={info.rc}"
                 self._session_lost.set()
@@ -506,6 +549,21 @@ class Uplink:
         g.sealed = True
         self._advance()
         return True
+
+    def _publish_traced(
+        self, client: Any, dev: str, readings: list[WireReading], ctxs: list[tuple[str, str | None]]
+    ) -> tuple[Any, str, bytes, str]:
+        """Publish one device's message inside its ``edge.uplink`` span, carrying that span's context."""
+        with tracing.batch_span("fieldmesh.edge", "edge.uplink", (tracing.context_of(*c) for c in ctxs),
+                                {"fieldmesh.device_id": dev, "fieldmesh.readings": len(readings),
+                                 "messaging.system": "mqtt"}):
+            trace = tracing.headers_of_current()
+            if not self._v5 and readings:  # MQTT 3.1.1 has no properties: the first reading's meta carries it
+                first = readings[0]
+                first.meta = {**(first.meta or {}), **trace}
+            topic, body, ct = encode_uplink_message(dev, readings, self._zc, v5=self._v5)
+            info = client.publish(topic, body, qos=1, properties=self._props(ct, trace))
+            return info, topic, body, ct
 
     def _puback(self, client: Any, mid: int, code: int) -> None:
         if client is not self._client:

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import msgspec
 
-__all__ = ["NO_DEVICE_TOPIC_PREFIX", "IngestMessage", "IngestSource", "schema_id_of"]
+__all__ = ["NO_DEVICE_TOPIC_PREFIX", "IngestMessage", "IngestSource", "schema_id_of", "trace_of"]
 
 #: The topic prefix a Kafka/NATS ingress gives a message whose device id none of its rules finds: the
 #: gateway dead-letters it as ``schema_violation`` (not ``unknown_topic``: the topic is not the fault).
@@ -34,6 +34,10 @@ class IngestMessage(msgspec.Struct, frozen=True, gc=False):
     #: user property or a Kafka/NATS header ``schema_id``); a source that sets it must also set a content
     #: type, which keeps the message off the gateway's bulk JSON path.
     schema_id: int | None = None
+    #: W3C trace context the sender attached (MQTT 5 user properties, Kafka/NATS headers ``traceparent``,
+    #: ``tracestate``); read only while tracing is on (:mod:`fieldmesh.obs.tracing`).
+    traceparent: str | None = None
+    tracestate: str | None = None
 
 
 def schema_id_of(headers: Mapping[str, str] | None) -> int | None:
@@ -47,6 +51,21 @@ def schema_id_of(headers: Mapping[str, str] | None) -> int | None:
         if v is None:
             return None
     return int(v) if v.isascii() and v.isdigit() and len(v) < 11 else -1
+
+
+def trace_of(headers: Mapping[str, str] | Sequence[tuple[str, str]] | None) -> tuple[str | None, str | None]:
+    """``(traceparent, tracestate)`` of headers or MQTT 5 user properties (pairs), whatever their case."""
+    if not headers:
+        return None, None
+    pairs = headers.items() if isinstance(headers, Mapping) else headers
+    tp = ts = None
+    for k, v in pairs:
+        lk = k.lower()
+        if lk == "traceparent":
+            tp = v
+        elif lk == "tracestate":
+            ts = v
+    return tp, ts
 
 
 class IngestSource(Protocol):

@@ -17,6 +17,7 @@ decoded by its registered schema (:mod:`fieldmesh.gateway.schemas`): a body its 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import fnmatch
 import logging
 import random
@@ -24,6 +25,7 @@ import time
 from collections.abc import Sequence
 from itertools import repeat
 from operator import attrgetter, itemgetter
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -48,6 +50,14 @@ from fieldmesh.core.topics import DLQ_TOPIC, READINGS_TOPIC, partition_for, rout
 from fieldmesh.gateway.admission import Admission
 from fieldmesh.gateway.base import NO_DEVICE_TOPIC_PREFIX, IngestMessage, IngestSource
 from fieldmesh.gateway.schemas import DecodeError, WireSchemas, telemetry_of
+from fieldmesh.obs import tracing
+from fieldmesh.obs.metrics import (
+    GATEWAY_BATCH,
+    GATEWAY_MESSAGES,
+    GATEWAY_READINGS,
+    GATEWAY_REJECTED,
+    GATEWAY_SEND_SECONDS,
+)
 
 __all__ = ["Gateway", "GatewayStats", "route"]
 
@@ -295,9 +305,33 @@ def _route_bulk(
     return by_part, len(readings), aside
 
 
+def _message_traces(messages: Sequence[IngestMessage], partitions: int) -> dict[int, list[tuple[str, str | None]]]:
+    """Per partition, the trace contexts (``traceparent``, ``tracestate``) messages routed there carry."""
+    out: dict[int, list[tuple[str, str | None]]] = {}
+    for m in messages:
+        if m.traceparent:
+            r = _ROUTES.get((m.topic, partitions)) or _route_of(m.topic, partitions)
+            out.setdefault(r[3], []).append((m.traceparent, m.tracestate))
+    return out
+
+
+def _reading_traces(readings: list[Reading]) -> list[tuple[str, str | None]]:
+    """``meta.traceparent`` (and ``meta.tracestate``) of readings that carry one (MQTT 3.1.1 senders)."""
+    out = []
+    for r in readings:
+        meta = r.meta
+        if meta:
+            tp = meta.get("traceparent")
+            if isinstance(tp, str):
+                ts = meta.get("tracestate")
+                out.append((tp, ts if isinstance(ts, str) else None))
+    return out
+
+
 def route(
     messages: Sequence[IngestMessage], *, settings: GatewaySettings, partitions: int, now_ms: int,
     admission: Admission | None = None, schemas: WireSchemas | None = None,
+    traces: list[tuple[int, list[tuple[str, str | None]]]] | None = None,
 ) -> tuple[list[OutRecord], int, list[DeadLetter]]:
     """Turn raw messages into bus records: readings batched per partition, dead letters one each.
 
@@ -306,7 +340,9 @@ def route(
     the messages of devices that may not publish them (their dead letters come first). ``schemas``
     decodes the payloads written against a registered schema (without it they are ``unknown_schema``).
 
-    Returns the records, the number of valid readings, and the dead letters.
+    Returns the records, the number of valid readings, and the dead letters. With ``traces`` (a list, while
+    tracing is on) it also appends, per readings record, ``(index in the records, trace contexts)``: those
+    of the messages routed to its partition and the ``meta.traceparent`` of its readings.
     """
     by_part: dict[int, list[Reading]] = {}
     dead: list[DeadLetter] = []
@@ -359,6 +395,7 @@ def route(
     span = f"{ids[0]}:{ids[-1]}" if ids and all(ids) else None
     produced = now_ms
     records: list[OutRecord] = []
+    by_msg = _message_traces(messages, partitions) if traces is not None else {}
     for p, rs in by_part.items():
         for k, s in enumerate(range(0, len(rs), MAX_READINGS_PER_RECORD)):
             chunk = rs[s : s + MAX_READINGS_PER_RECORD]
@@ -374,6 +411,8 @@ def route(
                 if not chunk:
                     continue
                 value = _encode_readings(chunk, produced, settings.bus_encoding)
+            if traces is not None:
+                traces.append((len(records), [*(by_msg.pop(p, ()) if k == 0 else ()), *_reading_traces(chunk)]))
             records.append(OutRecord(topic=READINGS_TOPIC, partition=p, value=value,
                                      msg_id=f"r{span}-{p}-{k}" if span else None))
     for d, did in zip(dead, dead_ids, strict=True):
@@ -419,6 +458,19 @@ def _encodable(readings: list[Reading], encoding: int = 1) -> tuple[list[Reading
     return ok, bad
 
 
+def _count(source: str, msgs: list[IngestMessage], n: int, dead: list[DeadLetter], send_s: float) -> None:
+    """The stage metrics of one delivered batch (docs/observability.md)."""
+    GATEWAY_MESSAGES.labels(source).inc(len(msgs))
+    GATEWAY_READINGS.labels(source).inc(n)
+    GATEWAY_BATCH.observe(len(msgs))
+    GATEWAY_SEND_SECONDS.observe(send_s)
+    reasons: dict[str, int] = {}
+    for d in dead:
+        reasons[d.reason] = reasons.get(d.reason, 0) + 1
+    for reason, k in reasons.items():
+        GATEWAY_REJECTED.labels(reason).inc(k)
+
+
 class Gateway:
     """Moves device messages from a source to the bus, with validation and a DLQ.
 
@@ -437,6 +489,7 @@ class Gateway:
         self.partitions = partitions
         self.admission = admission
         self.stats = GatewayStats()
+        self._spans: dict[int, list[Any]] = {}  # id(records) -> their gateway.publish spans, until sent
 
     async def _fetch_routed(
         self,
@@ -444,8 +497,34 @@ class Gateway:
         msgs = await self.source.fetch(self.settings.batch_max_messages, self.settings.linger_ms / 1000 or 0.001)
         if not msgs:
             return None
+        if tracing.enabled():
+            return self._route_traced(msgs)
         records, n, dead = route(msgs, settings=self.settings, partitions=self.partitions,
                                  now_ms=int(time.time() * 1000), admission=self.admission, schemas=self.schemas)
+        return msgs, records, n, dead
+
+    def _route_traced(self, msgs: list[IngestMessage]) -> tuple[list[IngestMessage], list[OutRecord], int,
+                                                                  list[DeadLetter]]:
+        """:func:`route` with a ``gateway.publish`` span per readings record (from routing until the bus has
+        it): a child of the first trace context its readings carry, linked to the others; its context goes
+        in the record's headers. The spans end in :meth:`_deliver`."""
+        t0 = time.time_ns()
+        traces: list[tuple[int, list[tuple[str, str | None]]]] = []
+        records, n, dead = route(msgs, settings=self.settings, partitions=self.partitions,
+                                 now_ms=t0 // 1_000_000, admission=self.admission, schemas=self.schemas,
+                                 traces=traces)
+        spans = []
+        for i, ctxs in traces:
+            rec = records[i]
+            s = tracing.start_batch_span(
+                "fieldmesh.gateway", "gateway.publish", (tracing.context_of(tp, ts) for tp, ts in ctxs),
+                {"messaging.system": "fieldmesh-bus", "messaging.destination.name": rec.topic,
+                 "messaging.destination.partition.id": str(rec.partition), "fieldmesh.fetched_messages": len(msgs)},
+                start_time_ns=t0)
+            records[i] = dataclasses.replace(rec, headers={**(rec.headers or {}), **tracing.headers_of(s)})
+            spans.append(s)
+        if spans:
+            self._spans[id(records)] = spans
         return msgs, records, n, dead
 
     async def _deliver(
@@ -461,22 +540,29 @@ class Gateway:
         If ``stop`` is set while sends still fail, the messages stay unacknowledged for the source
         to redeliver.
         """
+        spans = self._spans.pop(id(records), None) if self._spans else None
         delay = 0.1
-        while True:
-            try:
-                await self.producer.send(records)
-                break
-            except FieldmeshError as exc:
-                if stop is not None and stop.is_set():
-                    raise
-                log.warning("bus send failed (%s); retrying in %.1fs", exc, delay)
-                await asyncio.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, 5.0)
+        t0 = time.perf_counter()
+        try:
+            while True:
+                try:
+                    await self.producer.send(records)
+                    break
+                except FieldmeshError as exc:
+                    if stop is not None and stop.is_set():
+                        raise
+                    log.warning("bus send failed (%s); retrying in %.1fs", exc, delay)
+                    await asyncio.sleep(delay * (0.5 + random.random()))
+                    delay = min(delay * 2, 5.0)
+        finally:
+            for s in spans or ():  # the gateway.publish spans end once the bus has the records (or gave up)
+                s.end()
         await self.source.ack(msgs)
         self.stats.messages += len(msgs)
         self.stats.readings += n
         for d in dead:
             self.stats.rejected[d.reason] = self.stats.rejected.get(d.reason, 0) + 1
+        _count(self.source.name, msgs, n, dead, time.perf_counter() - t0)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set: decoding the next batch overlaps with sending the last one.

@@ -46,7 +46,8 @@ from fieldmesh.bus import load_bus
 from fieldmesh.bus.base import Bus, Consumer, IngestSpec
 from fieldmesh.core.errors import ConfigError
 from fieldmesh.core.topics import DEVICE_ID_RE, device_of_topic
-from fieldmesh.gateway.base import NO_DEVICE_TOPIC_PREFIX, IngestMessage, IngestSource, schema_id_of
+from fieldmesh.gateway.base import NO_DEVICE_TOPIC_PREFIX, IngestMessage, IngestSource, schema_id_of, trace_of
+from fieldmesh.obs import tracing
 
 __all__ = ["DeviceResolver", "KafkaIngestSource", "NatsSubjectSource", "load_ingest"]
 
@@ -207,6 +208,9 @@ class KafkaIngestSource:
             cts, sids = _content_and_schema(headers)
         source_ids = map(self._source_id, map(_partition_of, msgs), map(_offset_of, msgs))
         # map() calls the struct's constructor from C: no Python frame per message
+        if tracing.enabled() and any(headers):
+            tps, tss = zip(*map(trace_of, headers), strict=True)
+            return list(map(IngestMessage, topics, values, repeat(now, n), cts, source_ids, msgs, sids, tps, tss))
         return list(map(IngestMessage, topics, values, repeat(now, n), cts, source_ids, msgs, sids))
 
     async def ack(self, messages: Sequence[IngestMessage]) -> None:
@@ -268,6 +272,7 @@ class NatsSubjectSource:
             subject = r.subject
             ct = r.headers.get("Content-Type") if r.headers else None
             sid = schema_id_of(r.headers) if r.headers else None
+            tp, ts = trace_of(r.headers) if r.headers and tracing.enabled() else (None, None)
             out.append(
                 IngestMessage(
                     topic=_device_topic(self._resolver.resolve(r.key, r.value, subject), subject),
@@ -277,6 +282,8 @@ class NatsSubjectSource:
                     source_id=f"n{self.stream}-{r.offset}",
                     handle=r,
                     schema_id=sid,
+                    traceparent=tp,
+                    tracestate=ts,
                 )
             )
         return out

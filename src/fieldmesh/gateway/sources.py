@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlparse
 
+import msgspec
+
 from fieldmesh.bus.base import Bus, Consumer, IngestSpec
 from fieldmesh.core.errors import BackendUnavailable, ConfigError
 from fieldmesh.core.topics import (
@@ -24,7 +26,8 @@ from fieldmesh.core.topics import (
     OLD_INGEST_SUBJECTS,
     mqtt_topic_of_subject,
 )
-from fieldmesh.gateway.base import IngestMessage, schema_id_of
+from fieldmesh.gateway.base import IngestMessage, schema_id_of, trace_of
+from fieldmesh.obs import tracing
 
 __all__ = ["MqttSource", "NatsIngestSource", "ingest_spec"]
 
@@ -69,6 +72,16 @@ class NatsIngestSource:
         """Fetch raw device messages, with their topics as published."""
         assert self._consumer is not None, "start() first"
         recs = await self._consumer.fetch(max_messages, timeout_s)
+        msgs = self._messages(recs)
+        if tracing.enabled():  # trace context in the headers of a NATS publisher (MQTT 3.1.1 has none)
+            for i, r in enumerate(recs):
+                tp, ts = trace_of(r.headers)
+                if tp:
+                    msgs[i] = msgspec.structs.replace(msgs[i], traceparent=tp, tracestate=ts)
+        return msgs
+
+    @staticmethod
+    def _messages(recs: list[Any]) -> list[IngestMessage]:
         return [
             IngestMessage(
                 topic=mqtt_topic_of_subject(r.subject),
@@ -424,6 +437,7 @@ class MqttSource:
         props = msg.properties
         ct = getattr(props, "ContentType", None) if props else None
         sid = _schema_id(getattr(props, "UserProperty", None)) if props else None
+        tp, ts = trace_of(getattr(props, "UserProperty", None)) if props and tracing.enabled() else (None, None)
         self._inbox.append(IngestMessage(
             topic=msg.topic,
             payload=msg.payload,
@@ -431,6 +445,8 @@ class MqttSource:
             content_type=ct or ("application/octet-stream" if sid is not None else None),
             handle=(msg.mid, msg.qos, self._generation),
             schema_id=sid,
+            traceparent=tp,
+            tracestate=ts,
         ))
         self._wake()
 

@@ -5,8 +5,9 @@
   through the bus URL's ``auth_file`` query parameter (a path, never the password, on a command line).
   An anonymous NATS client is refused.
 - **Device clients** are confined to device topics (:mod:`fieldmesh.core.topics`): a device with a
-  certificate publishes only ``devices/<its id>/telemetry[/<suffix>]``, ``.../state`` and
-  ``.../anomalies``, and subscribes only to ``devices/<its id>/config``. In local-only mode (loopback,
+  certificate publishes only ``devices/<its id>/telemetry[/<suffix>]``, ``.../state``,
+  ``.../anomalies`` and ``.../jobs/+/update``, and subscribes only to ``devices/<its id>/config`` and
+  ``.../jobs/notify`` (docs/rollouts.md). In local-only mode (loopback,
   no client certificates) an anonymous MQTT client may use any ``devices/...`` topic, nothing else.
 - **Device certificates** come from the device registry: the valid, unrevoked certificates of active
   devices. :class:`DoorPolicy` is what they allow; it is rebuilt when the registry's version changes.
@@ -34,6 +35,7 @@ from fieldmesh.core.topics import DEVICE_ID_RE, DEVICE_PUBLISH_LEAVES, DEVICE_SU
 __all__ = [
     "ANONYMOUS_DEVICE_USER",
     "INTERNAL_USER",
+    "JOBS_USER",
     "DeviceIdentity",
     "DoorPolicy",
     "DoorTls",
@@ -42,8 +44,10 @@ __all__ = [
     "device_publish_topics",
     "device_subscribe_topics",
     "internal_auth",
+    "jobs_auth",
     "mosquitto_password_line",
     "nats_device_permissions",
+    "nats_jobs_permissions",
     "policy_from_registry",
     "spki_sha256",
     "with_auth_file",
@@ -55,6 +59,9 @@ log = logging.getLogger("fieldmesh.doorauth")
 INTERNAL_USER: Final = "fm-internal"
 #: The nats-server user of anonymous MQTT clients in local-only mode.
 ANONYMOUS_DEVICE_USER: Final = "fm-device"
+#: The job controller's MQTT user at nats-server's door; the ``:`` keeps it out of reach of any device
+#: certificate (device ids, and so certificate names, are ``[A-Za-z0-9_-]``).
+JOBS_USER: Final = "fm:jobs"
 
 
 @dataclass(frozen=True)
@@ -66,26 +73,38 @@ class InternalAuth:
     path: Path
 
 
-def internal_auth(data_dir: Path) -> InternalAuth:
+def internal_auth(data_dir: Path, *, user: str = INTERNAL_USER, name: str = "internal.json") -> InternalAuth:
     """The internal credentials of a data dir, created on first use (a 0600 file in a 0700 dir).
 
     The file is JSON ``{"user": ..., "password": ...}``: the bus URL's ``auth_file`` reads it.
+    (:func:`jobs_auth` keeps the job controller's in the same way.)
     """
     d = data_dir / "secrets"
     d.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(d, 0o700)
-    path = d / "internal.json"
+    path = d / name
     with contextlib.suppress(FileNotFoundError, ValueError, KeyError, TypeError):
         doc = json.loads(path.read_text())
-        if isinstance(doc["user"], str) and isinstance(doc["password"], str) and len(doc["password"]) >= 32:
+        if doc["user"] == user and isinstance(doc["password"], str) and len(doc["password"]) >= 32:
             os.chmod(path, 0o600)
             return InternalAuth(doc["user"], doc["password"], path)
     password = secrets.token_urlsafe(32)
     fd = os.open(path.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump({"user": INTERNAL_USER, "password": password}, f)
+        json.dump({"user": user, "password": password}, f)
     os.replace(path.with_suffix(".tmp"), path)
-    return InternalAuth(INTERNAL_USER, password, path)
+    return InternalAuth(user, password, path)
+
+
+def jobs_auth(data_dir: Path) -> InternalAuth:
+    """The job controller's MQTT credentials at nats-server's door (``<data-dir>/secrets/jobs.json``)."""
+    return internal_auth(data_dir, user=JOBS_USER, name="jobs.json")
+
+
+def nats_jobs_permissions() -> dict[str, Any]:
+    """What the job controller may do at nats-server's MQTT listener: write every device's notify, read every
+    device's execution updates (docs/rollouts.md), nothing else."""
+    return {"publish": {"allow": ["devices.*.jobs.notify"]}, "subscribe": {"allow": ["devices.*.jobs.*.update"]}}
 
 
 def with_auth_file(url: str, path: Path) -> str:

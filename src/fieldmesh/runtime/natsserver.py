@@ -25,6 +25,7 @@ from fieldmesh.runtime.doorauth import (
     DoorTls,
     InternalAuth,
     nats_device_permissions,
+    nats_jobs_permissions,
     nats_list,
     nats_string,
     with_auth_file,
@@ -108,8 +109,10 @@ class EmbeddedNats:
         mqtt_tls: DoorTls | None = None,
         mqtt_anonymous: bool = True,
         policy: DoorPolicy | None = None,
+        jobs_auth: InternalAuth | None = None,
     ) -> None:
         self.store_dir = store_dir
+        self.jobs_auth = jobs_auth
         self.port = port or free_port()
         self.mqtt_port = mqtt_port
         self.mqtt_port_closed: int | None = None  # the MQTT port while the door is closed (disk low)
@@ -177,6 +180,13 @@ class EmbeddedNats:
                  'allowed_connection_types: ["STANDARD"]}']
         if self.mqtt_anonymous:
             users.append(_device_user(ANONYMOUS_DEVICE_USER, None))
+        if self.jobs_auth is not None and not self._verify_and_map():
+            # the job controller (docs/rollouts.md); with client certificates required it has no way in
+            j = nats_jobs_permissions()
+            users.append(f"    {{user: {nats_string(self.jobs_auth.user)}, password: "
+                         f"{nats_string(self.jobs_auth.password)}, allowed_connection_types: [\"MQTT\"], "
+                         f"permissions: {{publish: {{allow: {nats_list(j['publish']['allow'])}}}, "
+                         f"subscribe: {{allow: {nats_list(j['subscribe']['allow'])}}}}}}}")
         if self._verify_and_map():
             users += [_device_user(subject, dev) for subject, dev in sorted(self.policy.users().items())]
         return ["authorization {", "  users = [", *users, "  ]", "}"]

@@ -35,7 +35,8 @@ from fieldmesh.core.settings import RuntimeSettings, Settings
 from fieldmesh.core.topics import DLQ_TOPIC, GATEWAY_GROUP, INGEST_TOPIC, READINGS_TOPIC
 from fieldmesh.gateway.admission import describe_checks
 from fieldmesh.gateway.sources import MqttSource, ingest_spec
-from fieldmesh.runtime.doorauth import DoorPolicy, DoorTls, internal_auth, policy_from_registry
+from fieldmesh.obs.metrics import MULTIPROC_ENV, mark_dead, prepare_multiproc_dir
+from fieldmesh.runtime.doorauth import DoorPolicy, DoorTls, InternalAuth, internal_auth, jobs_auth, policy_from_registry
 from fieldmesh.runtime.doorlog import REASONS as DOOR_REFUSALS
 from fieldmesh.runtime.doorlog import DoorRefusals
 from fieldmesh.runtime.enrichment import join_topic, source_database
@@ -87,6 +88,8 @@ class UpOptions:
     settings: Settings = field(default_factory=Settings)
     quiet: bool = False
     summary_table: bool = True  # False with --json: the summary goes to stdout as JSON only
+    slo_file: Path | None = None  # SLOs (YAML, docs/observability.md): status in /metrics, breaches as alerts
+    slo_interval_s: float = 2.0
 
 
 class _Child:
@@ -288,6 +291,7 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
         settings = _with_cdc_database(opts.settings)
         door_kind = resolve_door(settings.gateway.door, external_mqtt=opts.mqtt_url is not None)
         check_door(opts, door_kind)
+        slos = _load_slos(opts.slo_file)
     except BaseException:
         access.close()
         lock.close()
@@ -332,7 +336,8 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
                                 mqtt_port=(tls.port if tls else opts.mqtt_port) if nats_door else None,
                                 fsync=settings.bus.fsync, disk_reserve=policy.disk_reserve_mb * 2**20,
                                 auth=auth, mqtt_host=opts.mqtt_host, mqtt_tls=tls if nats_door else None,
-                                mqtt_anonymous=not mtls, policy=door_policy)
+                                mqtt_anonymous=not mtls, policy=door_policy,
+                                jobs_auth=jobs_auth(data_dir) if nats_door and tls is None else None)
             refusals.append(DoorRefusals(nats.log_path, "nats"))  # from here on: not what earlier runs logged
             await _start_door(nats, settings)
         bus_url = opts.bus_url or (nats.url if nats else "")
@@ -397,10 +402,21 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
                               f"{settings.lake.url or data_dir / 'lake'}, committed every "
                               f"{settings.lake.commit_interval_s:g}s at most ('fieldmesh lake info')")
             py = [sys.executable, "-m", "fieldmesh.runtime.worker"]
+            # the workers write their metrics to files the API merges: one /metrics (obs/metrics.py)
+            metrics_dir = prepare_multiproc_dir(data_dir / "metrics")
+            stage_env = {**os.environ, MULTIPROC_ENV: str(metrics_dir)}
             stages = [
-                _Child("gateway", [*py, "gateway", json.dumps(gw_cfg)], logs / "gateway.log", policy=policy),
-                _Child("processor", [*py, "processor", json.dumps(pr_cfg)], logs / "processor.log", policy=policy),
+                _Child("gateway", [*py, "gateway", json.dumps(gw_cfg)], logs / "gateway.log", env=stage_env,
+                       policy=policy),
+                _Child("processor", [*py, "processor", json.dumps(pr_cfg)], logs / "processor.log", env=stage_env,
+                       policy=policy),
             ]
+            jobs_child = _jobs_child(opts, store_url, door_kind, nats, auth, tls is not None, logs, policy)
+            if jobs_child is not None:
+                stages.append(jobs_child)
+            else:
+                console.print("jobs: the job controller is not started (the nats door takes TLS only here); run "
+                              "'fieldmesh jobs controller' against a door it can reach (docs/rollouts.md)")
             for c in stages:
                 c.start()
             children.extend(stages)
@@ -536,8 +552,10 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
                         total[reason] += n
                 return total
 
+            slo_collectors = _start_slos(slos, stack, store_url, metrics_dir, opts.slo_interval_s)
             app = create_app(store_url, health=health, lag=lag, partition_lag=partition_lag, access=access,
                              ca_dir=data_dir / "ca", door_refused=door_refused if refusals else None,
+                             metrics_dir=metrics_dir, collectors=slo_collectors,
                              online_url=settings.features.online(data_dir)
                              if settings.features.views_file or settings.features.online_url else None)
             app.state.provision.start_crl_refresher()
@@ -592,6 +610,8 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
                     if c.alive() or c.failed is not None:
                         continue
                     if c.restarts.next_start_at is None:  # it has just exited
+                        if c.env is stage_env and c.proc is not None:
+                            mark_dead(metrics_dir, c.proc.pid)
                         if _cdc_gave_up(c):
                             c.failed = _last_line(c.log_path)
                             console.print(f"[bold red]the CDC capture stopped on an error a restart cannot fix:[/] "
@@ -644,6 +664,37 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
     if opts.summary_table:
         _print_summary(console, summary)
     return summary
+
+
+def _load_slos(path: Path | None) -> list[Any]:
+    """The SLOs of ``--slo FILE`` (a ConfigError, exit 2, before anything starts)."""
+    if path is None:
+        return []
+    from fieldmesh.obs.slo import load_slos
+
+    return load_slos(path.resolve())
+
+
+def _start_slos(slos: list[Any], stack: contextlib.AsyncExitStack, store_url: str, metrics_dir: Path,
+                interval_s: float) -> list[Any]:
+    """Evaluate the SLOs in the background (status as metrics, breaches as alerts ``slo:<name>``); the
+    collectors ``/metrics`` serves."""
+    if not slos:
+        return []
+    from fieldmesh.obs.metrics import merged_histogram
+    from fieldmesh.obs.slo import SloAlerts, SloCollector, SloEvaluator, SloRunner
+    from fieldmesh.store.alerts import AlertTables
+
+    store = load_store(store_url, readonly=True)
+    stack.callback(store.close)
+    tables = AlertTables(store_url)
+    stack.callback(tables.close)
+    evaluator = SloEvaluator(slos, last_seen=store.last_seen, counters=store.stats,
+                             latency=partial(merged_histogram, metrics_dir, "fieldmesh_event_to_stored_seconds"))
+    task = asyncio.create_task(SloRunner(evaluator, SloAlerts(tables), interval_s=interval_s).run(), name="slo")
+    stack.callback(task.cancel)
+    log.info("SLOs: %s", ", ".join(f"{s.name} ({s.kind})" for s in slos))
+    return [SloCollector(evaluator)]
 
 
 async def _start_door(nats: EmbeddedNats, settings: Settings) -> None:
@@ -769,6 +820,24 @@ def _api_server(config: Any) -> Any:
             yield
 
     return _Server(config)
+
+
+def _jobs_child(opts: UpOptions, store_url: str, door_kind: str, nats: EmbeddedNats | None, auth: InternalAuth,
+                tls: bool, logs: Path, policy: Any) -> _Child | None:
+    """The job and rollout controller (docs/rollouts.md), a process of its own, on the MQTT door: at
+    nats-server's as its own user (it may write devices' jobs/notify and read their updates, nothing
+    else), at Mosquitto's as the internal user (on the loopback listener), at an external broker as
+    configured there. None when it cannot reach the door (nats-server's door with TLS only)."""
+    argv = [sys.executable, "-m", "fieldmesh.cli.jobs", "controller", "--store-url", store_url]
+    if door_kind == "external":
+        argv += ["--mqtt-url", opts.mqtt_url or ""]
+    elif door_kind == "mosquitto":
+        argv += ["--mqtt-url", f"mqtt://127.0.0.1:{opts.mqtt_port}", "--auth-file", str(auth.path)]
+    elif nats is not None and nats.jobs_auth is not None and not tls:
+        argv += ["--mqtt-url", f"mqtt://127.0.0.1:{opts.mqtt_port}", "--auth-file", str(nats.jobs_auth.path)]
+    else:
+        return None
+    return _Child("jobs", argv, logs / "jobs.log", policy=policy)
 
 
 def _door_line(door: str) -> str:

@@ -261,7 +261,10 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: ``python -m fieldmesh.runtime.worker ROLE JSON``."""
     args = argv if argv is not None else sys.argv[1:]
     role, cfg = args[0], json.loads(args[1])
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {role} %(levelname)s %(message)s")
+    from fieldmesh.obs import logs, tracing
+
+    logs.setup_logging(role, fmt=f"%(asctime)s {role} %(levelname)s %(message)s")
+    tracing.setup(f"fieldmesh-{role}")
     settings = load_settings(**cfg.pop("settings", {}))
     with contextlib.suppress(KeyboardInterrupt):
         if role == "gateway":

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
 from fieldmesh.core.errors import ConflictError, NotFoundError
 from fieldmesh.store.access import HotTables
-from fieldmesh.store.base import SqlTxn
+from fieldmesh.store.base import SqlTxn, T
 from fieldmesh.store.registry import _PG_DDL as _REGISTRY_PG_DDL
 from fieldmesh.store.registry import _SQLITE_DDL as _REGISTRY_SQLITE_DDL
 from fieldmesh.stream.alerts import AbsenceCandidate, Evaluation, Rule, RuleState, Transition, parse_rule
@@ -341,6 +341,12 @@ class AlertTables(HotTables):
 
     def _q(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         return self._fetch(sql, params)
+
+    def transact(self, fn: Callable[[SqlTxn], T]) -> T:
+        """Run ``fn`` in one write transaction of these tables (the SLO alerts of :mod:`fieldmesh.obs.slo`
+        go through :func:`apply_evaluation` like the processor's)."""
+        with self._tx() as con:
+            return fn(_Con(con, self._pg))
 
     # -- rules ---------------------------------------------------------------------------------
     def rules(self) -> list[dict[str, Any]]:

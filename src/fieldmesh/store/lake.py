@@ -47,6 +47,7 @@ from fieldmesh.core.errors import ConfigError, FieldmeshError, MissingDependency
 from fieldmesh.core.exact import parse_exact
 from fieldmesh.core.model import DeadLetter
 from fieldmesh.core.settings import LakeSettings
+from fieldmesh.obs import tracing
 from fieldmesh.store.rollup import exact_columns
 from fieldmesh.stream.featureviews import FeatureRow
 
@@ -487,6 +488,7 @@ class _Buffer:
     nbytes: int = 0
     since: float | None = None  # monotonic time of the oldest result in it
     arrow: dict[str, pa.Table] = dc_field(default_factory=dict)  # converted by the commit
+    traces: list[Any] = dc_field(default_factory=list)  # span contexts of the writes in it (tracing on)
     features_seq: int | None = None  # the feature_rows seq the features table reaches with this flush
 
     @classmethod
@@ -630,6 +632,8 @@ class LakeSink:
             for p, o in result.positions.items():
                 if o > b.positions.get(p, -1):
                     b.positions[p] = o
+            if tracing.enabled() and len(b.traces) < tracing.MAX_LINKS:
+                b.traces.append(tracing.current_context())
             if b.since is None:  # the commit thread now has a deadline
                 b.since = time.monotonic()
                 self._cond.notify_all()
@@ -713,7 +717,18 @@ class LakeSink:
                 return
 
     def _commit(self, buf: _Buffer) -> None:
-        """Commit ``buf`` as the next flush to every table, retrying each with backoff until it is in."""
+        """Commit ``buf`` as the next flush to every table, retrying each with backoff until it is in.
+
+        While tracing is on, in a ``lake.commit`` span: a child of the first write's span, linked to the
+        others (one commit carries many batches)."""
+        if tracing.enabled():
+            with tracing.batch_span("fieldmesh.store", "lake.commit", buf.traces,
+                                    {"fieldmesh.batches": len(buf.readings), "fieldmesh.flush": self._flush + 1}):
+                self._commit_untraced(buf)
+        else:
+            self._commit_untraced(buf)
+
+    def _commit_untraced(self, buf: _Buffer) -> None:
         t0 = time.monotonic()
         flush = self._flush + 1
         props = _props(flush, buf.positions)

@@ -839,6 +839,11 @@ class PostgresStore:
         n, last = self._read(lambda c: c.execute("SELECT count(*), max(last_seen_ms) FROM devices").fetchone())
         return DeviceSummary(devices=n, last_seen_ms=last)
 
+    def last_seen(self) -> dict[str, int]:
+        """Per device, when its last reading was received (wall-clock ms)."""
+        rows = self._read(lambda c: c.execute("SELECT device_id, last_seen_ms FROM devices").fetchall())
+        return {d: int(ms) for d, ms in rows}
+
     def stats(self) -> StoreStats:
         """Durable counters."""
         c = dict(self._read(lambda con: con.execute("SELECT name, value FROM counters").fetchall()))

@@ -691,6 +691,10 @@ class SqliteStore:
         n, last = self._reader().execute("SELECT count(*), max(last_seen_ms) FROM devices").fetchone()
         return DeviceSummary(devices=n, last_seen_ms=last)
 
+    def last_seen(self) -> dict[str, int]:
+        """Per device, when its last reading was received (wall-clock ms)."""
+        return dict(self._reader().execute("SELECT device_id, last_seen_ms FROM devices").fetchall())
+
     def watermarks(self) -> dict[Position, int]:
         """Event-time watermarks: (topic, partition) -> max event time seen."""
         rows = self._reader().execute("SELECT topic, partition, ts_ms FROM watermarks").fetchall()

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -46,6 +47,18 @@ from fieldmesh.core.errors import BackendUnavailable, FieldmeshError
 from fieldmesh.core.model import Reading
 from fieldmesh.core.settings import ProcessorSettings
 from fieldmesh.core.topics import DLQ_TOPIC, READINGS_TOPIC
+from fieldmesh.obs import tracing
+from fieldmesh.obs.metrics import (
+    EVENT_TO_STORED,
+    PROCESSOR_APPLY_SECONDS,
+    PROCESSOR_BATCH_READINGS,
+    PROCESSOR_BATCHES,
+    PROCESSOR_READINGS,
+    PROCESSOR_STORE_RETRIES,
+    RECEIVED_TO_STORED,
+    SINK_COMMIT_SECONDS,
+    observe_many,
+)
 from fieldmesh.store.base import INTERVALS, ApplyResult, HotStore, HotTxn, Position, Sink, SqlTxn, T
 from fieldmesh.stream.alerting import AlertEngine
 from fieldmesh.stream.base import DecodedBatch, EnrichFn, StreamEngine, StreamState
@@ -159,7 +172,24 @@ class Processor:
 
     def apply_records(self, records: Sequence[BusRecord]) -> ApplyResult:
         """Decode bus records, decide and commit them in one hot-store transaction, then write the
-        result to each extra sink (synchronous core; see the module docstring)."""
+        result to each extra sink (synchronous core; see the module docstring).
+
+        While tracing is on, all of it runs in a ``processor.apply`` span: a child of the first trace
+        context in the records' headers, linked to the others; the hot-store commit, the alert rules and
+        each sink's write are its children."""
+        if tracing.enabled():
+            parents = (tracing.context_of(r.headers.get("traceparent"), r.headers.get("tracestate"))
+                       for r in records if r.headers)
+            with tracing.batch_span("fieldmesh.stream", "processor.apply", parents,
+                                    {"fieldmesh.records": len(records)}) as s:
+                applied = self._apply_records(records)
+                s.set_attribute("fieldmesh.stored", applied.stored)
+                s.set_attribute("fieldmesh.duplicates", applied.duplicates)
+                return applied
+        return self._apply_records(records)
+
+    def _apply_records(self, records: Sequence[BusRecord]) -> ApplyResult:
+        t_apply = time.perf_counter()
         if self._device_wm is None:  # each device's latest event time stored: lateness resumes there
             self._device_wm = self.store.device_watermarks()
         state = StreamState(positions=self._positions, watermarks=self._watermarks,
@@ -170,14 +200,32 @@ class Processor:
         before = dict(self._positions)
         if batch.positions:
             alerted: list[Any] = []
+            alert_s = [0.0]
 
             def build(txn: HotTxn) -> BatchResult:
                 decided = self._decide(batch, state, txn)
                 if self.alerts is not None:  # alert transitions commit with the batch (or not at all)
-                    alerted[:] = [self.alerts.in_txn(txn, decided, state.device_watermarks)]
+                    t = time.perf_counter()
+                    if traced:
+                        with tracing.span("fieldmesh.stream", "alerts.evaluate"):
+                            alerted[:] = [self.alerts.in_txn(txn, decided, state.device_watermarks)]
+                    else:
+                        alerted[:] = [self.alerts.in_txn(txn, decided, state.device_watermarks)]
+                    alert_s[0] = time.perf_counter() - t
                 return decided
 
-            result = self.store.commit(build, ts_ms=batch.cols.ts_ms)
+            traced = tracing.enabled()
+            t_commit = time.perf_counter()
+            if traced:
+                with tracing.span("fieldmesh.store", "store.hot.commit",
+                                  {"db.system": self.store.url.split(":", 1)[0],
+                                   "fieldmesh.readings": len(batch.cols.ts_ms)}) as s:
+                    result = self.store.commit(build, ts_ms=batch.cols.ts_ms)
+                    s.set_attribute("fieldmesh.stored", len(result.new))
+            else:
+                result = self.store.commit(build, ts_ms=batch.cols.ts_ms)
+            _count_commit(result, len(batch.cols), time.perf_counter() - t_commit,
+                          alert_s[0] if self.alerts is not None else None)
             if self.alerts is not None and alerted:
                 self.alerts.committed(alerted[0])
             self._positions.update(result.positions)
@@ -191,7 +239,12 @@ class Processor:
             st.dead_lettered += len(result.dead_letters)
             st.corrupt += result.corrupt
         for i, sink in enumerate(self.sinks):
-            self._fan_out(i, sink, records, before, result)
+            if tracing.enabled():
+                with tracing.span("fieldmesh.store", f"sink.{sink.name}.write"):
+                    self._fan_out(i, sink, records, before, result)
+            else:
+                self._fan_out(i, sink, records, before, result)
+        PROCESSOR_APPLY_SECONDS.observe(time.perf_counter() - t_apply)
         if result is None:
             return ApplyResult(0, 0, 0, 0)
         return ApplyResult(stored=len(result.new), duplicates=result.counts.get("duplicates", 0),
@@ -213,7 +266,8 @@ class Processor:
         if lacking:
             redone = self._redecide(lacking, applied)
             if redone is not None:
-                sink.write(redone)
+                with SINK_COMMIT_SECONDS.labels(sink.name).time():
+                    sink.write(redone)
                 applied.update(redone.positions)
                 log.info("sink %s caught up %d records (to %s)", sink.name, len(lacking), dict(redone.positions))
         if result is None:
@@ -225,7 +279,8 @@ class Processor:
                 f"sink {sink.name} lacks records the hot store has and the bus did not deliver again "
                 f"(position: (sink, hot) {behind}); rebuild the sink or replay the bus from its positions")
         if any(o > applied.get(p, -1) for p, o in result.positions.items()):
-            sink.write(result)
+            with SINK_COMMIT_SECONDS.labels(sink.name).time():
+                sink.write(result)
             applied.update(result.positions)
 
     def _redecide(self, records: Sequence[BusRecord], applied: dict[Position, int]) -> BatchResult | None:
@@ -284,6 +339,7 @@ class Processor:
                             raise
                         attempt += 1
                         self.stats.store_retries += 1
+                        PROCESSOR_STORE_RETRIES.inc()
                         delay = min(_RETRY_MAX_S, 0.25 * 2**attempt)
                         log.warning("store write failed: %s; nothing acknowledged, retrying the batch in %.1fs "
                                     "(try %d)", exc, delay, attempt)
@@ -394,6 +450,25 @@ class _Decided(Exception):
     def __init__(self, result: BatchResult) -> None:
         super().__init__("decided")
         self.result = result
+
+
+def _count_commit(result: BatchResult, decoded: int, commit_s: float, alert_s: float | None) -> None:
+    """The stage metrics of one committed batch (docs/observability.md): sizes, outcomes, commit times and
+    each new reading's latency from its event time and from the gateway's receipt to this commit."""
+    PROCESSOR_BATCHES.inc()
+    PROCESSOR_BATCH_READINGS.observe(decoded)
+    SINK_COMMIT_SECONDS.labels("hot").observe(commit_s)
+    if alert_s is not None:
+        SINK_COMMIT_SECONDS.labels("alerts").observe(alert_s)
+    counts = result.counts
+    for outcome, n in (("stored", len(result.new)), ("duplicate", counts.get("duplicates", 0)),
+                       ("late", counts.get("late", 0)), ("dead_lettered", len(result.dead_letters))):
+        if n:
+            PROCESSOR_READINGS.labels(outcome).inc(n)
+    if len(result.new):
+        now_ms = time.time() * 1000
+        observe_many(EVENT_TO_STORED, (now_ms - result.new.ts_ms) / 1000)
+        observe_many(RECEIVED_TO_STORED, (now_ms - result.new.received_ms) / 1000)
 
 
 def _enrich_fn(enricher: Enricher) -> EnrichFn:
