@@ -22,7 +22,11 @@ device), i.e. what the pipeline's stored path takes for them. Target: p99 <= 1 s
 SQLite hot store, without and with a feature view (2 metrics x 1 m, 5 m, 1 h windows over 1 m hops x 7
 aggregations, checkpoints every 10 s). Baseline: the same processor without features.
 
-Run: ``PYTHONPATH=$PWD/src .venv/bin/python bench/features.py [--online] [--freshness] [--cost] [--quick]``
+``--training``, ``--similar``: training sets of 1 M entity rows and similar windows over 1 M windows, see
+``bench/features_offline.py``.
+
+Run: ``PYTHONPATH=$PWD/src .venv/bin/python bench/features.py [--online] [--freshness] [--cost] [--training]
+[--similar] [--quick]``
 (needs Redis on 127.0.0.1:6379, or ``--redis URL``).
 """
 
@@ -278,19 +282,26 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--online", action="store_true", help="online get latency")
     ap.add_argument("--freshness", action="store_true", help="event -> online freshness")
+    ap.add_argument("--training", action="store_true", help="training set of 1M entity rows (features_offline.py)")
+    ap.add_argument("--similar", action="store_true", help="similar windows over 1M windows (features_offline.py)")
     ap.add_argument("--cost", action="store_true", help="what the feature stage costs the processor")
     ap.add_argument("--quick", action="store_true", help="fewer iterations, a shorter stream")
     ap.add_argument("--redis", default="redis://127.0.0.1:6379/0")
     ap.add_argument("--rate", type=float, default=50.0, help="freshness: readings per second")
     ap.add_argument("--seconds", type=float, default=None, help="freshness: how long to publish")
     a = ap.parse_args()
-    every = not (a.online or a.freshness or a.cost)
+    every = not (a.online or a.freshness or a.cost or a.training or a.similar)
     if a.online or every:
         bench_online(a.redis, 2000 if a.quick else 10_000)
     if a.freshness or every:
         bench_freshness(a.redis, a.seconds or (8.0 if a.quick else 20.0), a.rate)
     if a.cost or every:
         bench_cost(200 if a.quick else 1000, 200 if a.quick else 400)
+    if a.training or a.similar or every:
+        import features_offline
+
+        a.training, a.similar = a.training or every, a.similar or every
+        features_offline.main(a)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from fieldmesh import __version__
 from fieldmesh.api.auth import Access, AuthError, Principal, basic_token
 from fieldmesh.api.features import FeatureCollector, features_router
+from fieldmesh.api.features_similar import similar_router
 from fieldmesh.api.jobs import add_job_routes
 from fieldmesh.api.params import (
     BAD_PARAMETER,
@@ -734,6 +735,7 @@ def create_app(
     app.state.twins = TwinStoreHolder(store_url)
     app.include_router(twins_router(app.state.twins, viewer=viewer, operator=operator, visible=visible))
     app.include_router(registry_router(get_schema_registry, viewer=viewer, operator=operator, admin=admin))
+    app.include_router(similar_router(reader=all_devices, get_store=get_store, enabled=online_url is not None))
     app.include_router(features_router(online_url, reader=all_devices, get_store=get_store))
     # data products and their quality (docs/products.md)
     from fieldmesh.api.products import products_router

@@ -711,7 +711,8 @@ def keys_revoke(
 
 # Sub-command groups contributed by other stages, registered when their modules are present.
 for _name, _module in (("ca", "fieldmesh.cli.ca"), ("cdc", "fieldmesh.cli.cdc"), ("devices", "fieldmesh.cli.devices"),
-                       ("edge", "fieldmesh.edge.cli"), ("jobs", "fieldmesh.cli.jobs"), ("lake", "fieldmesh.cli.lake"),
+                       ("edge", "fieldmesh.edge.cli"), ("features", "fieldmesh.cli.features"),
+                       ("jobs", "fieldmesh.cli.jobs"), ("lake", "fieldmesh.cli.lake"),
                        ("schemas", "fieldmesh.cli.schemas"), ("grafana", "fieldmesh.cli.grafana"),
                        ("twins", "fieldmesh.cli.twins"), ("products", "fieldmesh.cli.products"),
                        ("store", "fieldmesh.cli.store")):
