@@ -28,7 +28,7 @@ from fieldmesh.core.batch import ReadingColumns
 from fieldmesh.stream.featureviews import AGGREGATIONS, FeatureRow, FeatureView, feature_name
 from fieldmesh.stream.windows import Hopping, WindowOperator
 
-__all__ = ["FeatureEngine", "entity_columns"]
+__all__ = ["FeatureEngine", "entity_columns", "view_metrics"]
 
 
 def entity_columns(cols: ReadingColumns, view: FeatureView) -> tuple[ReadingColumns, int]:
@@ -55,6 +55,16 @@ def entity_columns(cols: ReadingColumns, view: FeatureView) -> tuple[ReadingColu
                    key=cols.key[rows], chk=cols.chk[rows], seq=cols.seq[rows], boot=cols.boot[rows], event_id=None,
                    meta=None, enrichment=None, measurements_json=cols.measurements_json[rows],
                    m_row=remap[cols.m_row[mk]], m_metric=cols.m_metric[mk], m_value=cols.m_value[mk]), dropped
+
+
+def view_metrics(cols: ReadingColumns, view: FeatureView) -> ReadingColumns:
+    """``cols`` with only the measurements of the view's metrics: the windows of other metrics would be
+    computed and thrown away. Rows (readings) all stay, so watermarks and triggers are unchanged."""
+    wanted = np.array([m in view.metrics for m in cols.metrics], dtype=bool)
+    if not len(cols.m_metric) or wanted.all():
+        return cols
+    keep = wanted[cols.m_metric]
+    return replace(cols, m_row=cols.m_row[keep], m_metric=cols.m_metric[keep], m_value=cols.m_value[keep])
 
 
 @dataclass(slots=True)
@@ -93,6 +103,7 @@ class FeatureEngine:
             wanted = set(view.metrics)
             keyed, dropped = entity_columns(cols, view)
             self.unkeyed += dropped
+            keyed = view_metrics(keyed, view)
             rows: dict[tuple[int, str], tuple[int, int, dict[str, float]]] = {}
             for size, op in zip(view.windows_ms, st.ops, strict=True):
                 res = op.process(keyed)
