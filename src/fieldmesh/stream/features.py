@@ -113,7 +113,8 @@ class FeatureEngine:
                 assert res.trigger is not None
                 known = np.where(res.trigger >= 0, keyed.received_ms[np.maximum(res.trigger, 0)], -1)
                 self._collect(rows, view, size, res.device.tolist(), res.metric.tolist(), res.start_ms.tolist(),
-                              res.end_ms.tolist(), known.tolist(), {k: v.tolist() for k, v in res.values.items()},
+                              res.end_ms.tolist(), known.tolist(),
+                              {k: v.astype(np.float64).tolist() for k, v in res.values.items()},
                               wanted)
             out.extend(FeatureRow(view=view.name, entity=ent, window_start_ms=start, window_end_ms=end,
                                   known_at_ms=known, version=0, values=vals)
@@ -127,7 +128,8 @@ class FeatureEngine:
                  values: dict[str, list[float]], wanted: set[str]) -> None:
         names = {m: [feature_name(m, a, size) for a in view.aggregations] for m in wanted}
         cols = [values[AGGREGATIONS[a]] for a in view.aggregations]
-        for i, (ent, met, start, end, k) in enumerate(zip(ents, metrics, starts, ends, known, strict=True)):
+        per_window = zip(*cols, strict=True)
+        for ent, met, start, end, k, vals in zip(ents, metrics, starts, ends, known, per_window, strict=True):
             fnames = names.get(met)
             if fnames is None:
                 continue
@@ -136,7 +138,7 @@ class FeatureEngine:
                 cur = rows[(end, ent)] = (start, k, {})
             elif start < cur[0]:  # the row spans the view's largest window
                 cur = rows[(end, ent)] = (start, cur[1], cur[2])
-            cur[2].update(zip(fnames, [float(c[i]) for c in cols], strict=True))
+            cur[2].update(zip(fnames, vals, strict=True))
 
     def snapshot(self) -> bytes:
         """The whole state (every operator and the counters) as bytes."""
