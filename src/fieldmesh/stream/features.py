@@ -87,7 +87,7 @@ class FeatureEngine:
         self.views = list(views)
         self._state = [_ViewState(v, [self._op(v, size) for size in v.windows_ms]) for v in self.views]
         self.rows = 0  # feature rows emitted
-        self.late = 0  # readings x metrics x sizes that missed an emitted window
+        self.late = 0  # readings x the view's metrics x sizes that missed an emitted window
         self.unkeyed = 0  # readings without the enriched field a view is keyed by
 
     @staticmethod

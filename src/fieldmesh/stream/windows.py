@@ -677,8 +677,8 @@ def _rate(fv: float, fts: int, lv: float, lts: int) -> float:
     n2, d2 = fv.as_integer_ratio()
     try:
         return (n1 * d2 - n2 * d1) * 1000 / (d1 * d2 * (lts - fts))
-    except OverflowError:
-        return math.copysign(math.inf, n1 * d2 - n2 * d1)
+    except OverflowError:  # copysign would convert the difference to a float: OverflowError
+        return math.inf if n1 * d2 - n2 * d1 > 0 else -math.inf
 
 
 # -- the aggregates of many windows at once -----------------------------------------------------------
