@@ -473,10 +473,11 @@ class WindowOperator:
                       sm, se, qm, qe, np.minimum.reduceat(v, starts), np.maximum.reduceat(v, starts),
                       fts, fv, lts, lv)
 
-    def _reduce(self, p: _Parts, order: NDArray[np.intp], starts: NDArray[np.intp]) -> _Parts:
-        """Merge the rows of ``p`` taken in ``order`` into one per group beginning at ``starts``;
-        (a, b) become the group's (min a, max b)."""
-        p = p.take(order)
+    def _reduce(self, p: _Parts, order: NDArray[np.intp] | None, starts: NDArray[np.intp]) -> _Parts:
+        """Merge the rows of ``p`` taken in ``order`` (None: as they are) into one per group beginning at
+        ``starts``; (a, b) become the group's (min a, max b)."""
+        if order is not None:
+            p = p.take(order)
         n = len(p)
         if not n:
             return p
@@ -512,13 +513,14 @@ class WindowOperator:
                 hit = _rows_in((p.dev[src], p.met[src], q), (new.dev[t_src], new.met[t_src], t_q))
                 keep = np.flatnonzero(~again | hit)
                 src, q, again = src[keep], q[keep], again[keep]
-            win = p.take(src)
-            order = np.lexsort((q, win.met, win.dev))
-            starts = _segment_starts(win.dev[order], win.met[order], q[order])
-            out = self._reduce(win, order, starts)
-            end = q[order][starts] * hop
+            order = np.lexsort((q, p.met[src], p.dev[src]))
+            src, q, again = src[order], q[order], again[order]
+            win = p.take(src)  # the parts of each window, in window order: taken once
+            starts = _segment_starts(win.dev, win.met, q)
+            out = self._reduce(win, None, starts)
+            end = q[starts] * hop
             start = end - self.spec.size_ms
-            update = again[order][starts] if h else None
+            update = again[starts] if h else None
             self._parts = p.take(np.flatnonzero(p.a + k > (self._newest[p.dev] - lateness - h) // hop))
         else:
             gap = self.spec.gap_ms
