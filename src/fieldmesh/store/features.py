@@ -71,6 +71,10 @@ def _finite(v: float) -> float | None:
 
 def row_to_json(row: FeatureRow) -> str:
     """The row's values as JSON (NaN and infinities as null)."""
+    try:  # the common case, all finite: no copy of the values
+        return json.dumps(row.values, sort_keys=True, allow_nan=False)
+    except ValueError:
+        pass
     return json.dumps({k: _finite(v) for k, v in row.values.items()}, sort_keys=True, allow_nan=False)
 
 

@@ -28,7 +28,7 @@ from fieldmesh.core.batch import ReadingColumns
 from fieldmesh.stream.featureviews import AGGREGATIONS, FeatureRow, FeatureView, feature_name
 from fieldmesh.stream.windows import Hopping, WindowOperator
 
-__all__ = ["FeatureEngine", "entity_columns"]
+__all__ = ["FeatureEngine", "entity_columns", "view_metrics"]
 
 
 def entity_columns(cols: ReadingColumns, view: FeatureView) -> tuple[ReadingColumns, int]:
@@ -57,6 +57,16 @@ def entity_columns(cols: ReadingColumns, view: FeatureView) -> tuple[ReadingColu
                    m_row=remap[cols.m_row[mk]], m_metric=cols.m_metric[mk], m_value=cols.m_value[mk]), dropped
 
 
+def view_metrics(cols: ReadingColumns, view: FeatureView) -> ReadingColumns:
+    """``cols`` with only the measurements of the view's metrics: the windows of other metrics would be
+    computed and thrown away. Rows (readings) all stay, so watermarks and triggers are unchanged."""
+    wanted = np.array([m in view.metrics for m in cols.metrics], dtype=bool)
+    if not len(cols.m_metric) or wanted.all():
+        return cols
+    keep = wanted[cols.m_metric]
+    return replace(cols, m_row=cols.m_row[keep], m_metric=cols.m_metric[keep], m_value=cols.m_value[keep])
+
+
 @dataclass(slots=True)
 class _ViewState:
     view: FeatureView
@@ -77,7 +87,7 @@ class FeatureEngine:
         self.views = list(views)
         self._state = [_ViewState(v, [self._op(v, size) for size in v.windows_ms]) for v in self.views]
         self.rows = 0  # feature rows emitted
-        self.late = 0  # readings x metrics x sizes that missed an emitted window
+        self.late = 0  # readings x the view's metrics x sizes that missed an emitted window
         self.unkeyed = 0  # readings without the enriched field a view is keyed by
 
     @staticmethod
@@ -93,6 +103,7 @@ class FeatureEngine:
             wanted = set(view.metrics)
             keyed, dropped = entity_columns(cols, view)
             self.unkeyed += dropped
+            keyed = view_metrics(keyed, view)
             rows: dict[tuple[int, str], tuple[int, int, dict[str, float]]] = {}
             for size, op in zip(view.windows_ms, st.ops, strict=True):
                 res = op.process(keyed)
@@ -102,7 +113,8 @@ class FeatureEngine:
                 assert res.trigger is not None
                 known = np.where(res.trigger >= 0, keyed.received_ms[np.maximum(res.trigger, 0)], -1)
                 self._collect(rows, view, size, res.device.tolist(), res.metric.tolist(), res.start_ms.tolist(),
-                              res.end_ms.tolist(), known.tolist(), {k: v.tolist() for k, v in res.values.items()},
+                              res.end_ms.tolist(), known.tolist(),
+                              {k: v.astype(np.float64).tolist() for k, v in res.values.items()},
                               wanted)
             out.extend(FeatureRow(view=view.name, entity=ent, window_start_ms=start, window_end_ms=end,
                                   known_at_ms=known, version=0, values=vals)
@@ -116,7 +128,8 @@ class FeatureEngine:
                  values: dict[str, list[float]], wanted: set[str]) -> None:
         names = {m: [feature_name(m, a, size) for a in view.aggregations] for m in wanted}
         cols = [values[AGGREGATIONS[a]] for a in view.aggregations]
-        for i, (ent, met, start, end, k) in enumerate(zip(ents, metrics, starts, ends, known, strict=True)):
+        per_window = zip(*cols, strict=True)
+        for ent, met, start, end, k, vals in zip(ents, metrics, starts, ends, known, per_window, strict=True):
             fnames = names.get(met)
             if fnames is None:
                 continue
@@ -125,7 +138,7 @@ class FeatureEngine:
                 cur = rows[(end, ent)] = (start, k, {})
             elif start < cur[0]:  # the row spans the view's largest window
                 cur = rows[(end, ent)] = (start, cur[1], cur[2])
-            cur[2].update(zip(fnames, [float(c[i]) for c in cols], strict=True))
+            cur[2].update(zip(fnames, vals, strict=True))
 
     def snapshot(self) -> bytes:
         """The whole state (every operator and the counters) as bytes."""

@@ -36,7 +36,9 @@ largest ``(ts_ms, value)``: ties in event time go to the smaller value for ``fir
 How: readings are grouped with one ``np.lexsort`` and reduced with ``ufunc.reduceat``; exact sums use
 int64 limbs when a group's exponents are close (the common case) and :func:`~fieldmesh.core.exact.exact_sum`
 otherwise. Hopping windows keep one partial aggregate per pane (``hop_ms`` slice) and merge ``size/hop``
-panes at emission.
+panes at emission. The mean, sum, stddev and rate of all the windows one call emits are computed at once
+(Python-int operators applied by numpy to object arrays; a float square root kept where an exact check
+shows it correctly rounded), equal bit for bit to the scalar functions they fall back to.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fieldmesh.core.batch import ReadingColumns
-from fieldmesh.core.exact import exact_avg, exact_sum, exact_value
+from fieldmesh.core.exact import exact_avg, exact_sum
 
 __all__ = ["AGGREGATES", "Hopping", "Session", "WindowOperator", "WindowResults", "tumbling"]
 
@@ -473,10 +475,11 @@ class WindowOperator:
                       sm, se, qm, qe, np.minimum.reduceat(v, starts), np.maximum.reduceat(v, starts),
                       fts, fv, lts, lv)
 
-    def _reduce(self, p: _Parts, order: NDArray[np.intp], starts: NDArray[np.intp]) -> _Parts:
-        """Merge the rows of ``p`` taken in ``order`` into one per group beginning at ``starts``;
-        (a, b) become the group's (min a, max b)."""
-        p = p.take(order)
+    def _reduce(self, p: _Parts, order: NDArray[np.intp] | None, starts: NDArray[np.intp]) -> _Parts:
+        """Merge the rows of ``p`` taken in ``order`` (None: as they are) into one per group beginning at
+        ``starts``; (a, b) become the group's (min a, max b)."""
+        if order is not None:
+            p = p.take(order)
         n = len(p)
         if not n:
             return p
@@ -512,13 +515,14 @@ class WindowOperator:
                 hit = _rows_in((p.dev[src], p.met[src], q), (new.dev[t_src], new.met[t_src], t_q))
                 keep = np.flatnonzero(~again | hit)
                 src, q, again = src[keep], q[keep], again[keep]
-            win = p.take(src)
-            order = np.lexsort((q, win.met, win.dev))
-            starts = _segment_starts(win.dev[order], win.met[order], q[order])
-            out = self._reduce(win, order, starts)
-            end = q[order][starts] * hop
+            order = np.lexsort((q, p.met[src], p.dev[src]))
+            src, q, again = src[order], q[order], again[order]
+            win = p.take(src)  # the parts of each window, in window order: taken once
+            starts = _segment_starts(win.dev, win.met, q)
+            out = self._reduce(win, None, starts)
+            end = q[starts] * hop
             start = end - self.spec.size_ms
-            update = again[order][starts] if h else None
+            update = again[starts] if h else None
             self._parts = p.take(np.flatnonzero(p.a + k > (self._newest[p.dev] - lateness - h) // hop))
         else:
             gap = self.spec.gap_ms
@@ -548,24 +552,18 @@ class WindowOperator:
         p, start, end = p.take(order), start[order], end[order]
         update = None if update is None else update[order]
         values: dict[str, NDArray[Any]] = {}
-        n = p.count.tolist()
-        spread: list[tuple[int, int]] | None = None
+        spread: tuple[NDArray[np.object_], NDArray[np.int64]] | None = None
         for name in self.aggregates:
             if name == "count":
                 values[name] = p.count.copy()
             elif name == "sum":
-                values[name] = np.array([exact_value(m, e) for m, e in zip(p.sm.tolist(), p.se.tolist(), strict=True)],
-                                        dtype=np.float64)
+                values[name] = _avgs(p.sm, p.se, np.ones(len(p), dtype=np.int64))
             elif name == "avg":
-                values[name] = np.array([exact_avg(m, e, c) for m, e, c in
-                                         zip(p.sm.tolist(), p.se.tolist(), n, strict=True)], dtype=np.float64)
+                values[name] = _avgs(p.sm, p.se, p.count)
             elif name in ("stddev", "stddev_samp"):
                 if spread is None:  # n*Q - S**2, shared by both
-                    spread = [_spread(c, sm, se, qm, qe) for c, sm, se, qm, qe in zip(
-                        n, p.sm.tolist(), p.se.tolist(), p.qm.tolist(), p.qe.tolist(), strict=True)]
-                sample = int(name == "stddev_samp")
-                values[name] = np.array([math.nan if c <= sample else _sqrt_scaled(num, e0, c * (c - sample))
-                                         for c, (num, e0) in zip(n, spread, strict=True)], dtype=np.float64)
+                    spread = _spreads(p.count, p.sm, p.se, p.qm, p.qe)
+                values[name] = _stddevs(p.count, *spread, sample=name == "stddev_samp")
             elif name == "min":
                 values[name] = p.mn
             elif name == "max":
@@ -575,9 +573,7 @@ class WindowOperator:
             elif name == "last":
                 values[name] = p.lv
             else:  # rate
-                values[name] = np.array([_rate(fv, fts, lv, lts) for fv, fts, lv, lts in zip(
-                    p.fv.tolist(), p.fts.tolist(), p.lv.tolist(), p.lts.tolist(), strict=True)],
-                    dtype=np.float64)
+                values[name] = _rates(p.fv, p.fts, p.lv, p.lts)
         return WindowResults(dev_names[p.dev], met_names[p.met], start.astype(np.int64), end.astype(np.int64),
                              values, late, update)
 
@@ -685,5 +681,111 @@ def _rate(fv: float, fts: int, lv: float, lts: int) -> float:
     n2, d2 = fv.as_integer_ratio()
     try:
         return (n1 * d2 - n2 * d1) * 1000 / (d1 * d2 * (lts - fts))
+    except OverflowError:  # copysign would convert the difference to a float: OverflowError
+        return math.inf if n1 * d2 - n2 * d1 > 0 else -math.inf
+
+
+# -- the aggregates of many windows at once -----------------------------------------------------------
+# Python-int arithmetic on object arrays (numpy calls the int operators element by element, without a
+# Python call per window); each is exactly the scalar function above, element by element, which it
+# falls back to where a fast path does not apply (an overflow, a square root not provably rounded).
+
+
+def _avgs(sm: NDArray[np.object_], se: NDArray[np.int64], count: NDArray[np.int64]) -> NDArray[np.float64]:
+    """Per window :func:`~fieldmesh.core.exact.exact_avg` ``(sm, se, count)`` (the sum with count 1)."""
+    if not len(sm):
+        return np.empty(0, dtype=np.float64)
+    if (count > 0).all():
+        try:
+            num = np.left_shift(sm, np.maximum(se, 0).astype(object))
+            den = np.left_shift(count.astype(object), np.maximum(-se, 0).astype(object))
+            return np.asarray(num / den, dtype=np.float64)  # int / int: correctly rounded
+        except OverflowError:
+            pass
+    return np.array([exact_avg(m, e, c) for m, e, c in zip(sm.tolist(), se.tolist(), count.tolist(), strict=True)],
+                    dtype=np.float64)
+
+
+def _spreads(n: NDArray[np.int64], sm: NDArray[np.object_], se: NDArray[np.int64], qm: NDArray[np.object_],
+             qe: NDArray[np.int64]) -> tuple[NDArray[np.object_], NDArray[np.int64]]:
+    """Per window :func:`_spread`: ``n*Q - S**2`` as ``(num, e)``, e even."""
+    e0 = np.minimum(qe, 2 * se)
+    num = (np.left_shift(n.astype(object) * qm, (qe - e0).astype(object))
+           - np.left_shift(sm * sm, (2 * se - e0).astype(object)))
+    odd = (e0 % 2).astype(bool)
+    num = np.where(odd, np.left_shift(num, odd.astype(np.int64).astype(object)), num)
+    return num, e0 - odd
+
+
+def _stddevs(n: NDArray[np.int64], num: NDArray[np.object_], e: NDArray[np.int64], *,
+             sample: bool) -> NDArray[np.float64]:
+    """Per window the stddev :meth:`WindowOperator._results` computes with :func:`_sqrt_scaled`."""
+    k = int(sample)
+    out = np.full(len(n), math.nan)
+    ok = np.flatnonzero(n > k)
+    if not len(ok):
+        return out
+    c = n[ok].astype(object)
+    eo = e[ok]
+    top = np.left_shift(num[ok], np.maximum(eo, 0).astype(object))
+    bottom = np.left_shift(c * (c - k), np.maximum(-eo, 0).astype(object))
+    out[ok] = _sqrt_ratios(top, bottom)
+    return out
+
+
+def _sqrt_ratios(num: NDArray[np.object_], den: NDArray[np.object_]) -> NDArray[np.float64]:
+    """Per element :func:`_sqrt_ratio`: its first (float) path checked on all at once, the rest one by one."""
+    out = np.zeros(len(num))
+    try:
+        f = np.sqrt(np.asarray(num / den, dtype=np.float64))
     except OverflowError:
-        return math.copysign(math.inf, n1 * d2 - n2 * d1)
+        f = np.full(len(num), math.inf)
+    m, ex = np.frexp(np.where(np.isfinite(f), f, 0.0))
+    mant = (m * 2.0**53).astype(np.int64)
+    cand = np.flatnonzero((f > 2.0**-900) & (f < 2.0**900) & (mant != 1 << 52))
+    good = np.zeros(len(num), dtype=bool)
+    if len(cand):
+        shift = 2 * (ex[cand].astype(np.int64) - 54)
+        mo, d = mant[cand].astype(object), den[cand]
+        up = np.maximum(shift, 0).astype(object)
+        lo = np.left_shift((2 * mo - 1) ** 2 * d, up)
+        hi = np.left_shift((2 * mo + 1) ** 2 * d, up)
+        scaled = np.left_shift(num[cand], np.maximum(-shift, 0).astype(object))
+        good[cand] = ((lo < scaled) & (scaled < hi)).astype(bool)
+    out[good] = f[good]
+    zero = (num == 0).astype(bool)
+    for i in np.flatnonzero(~good & ~zero).tolist():
+        out[i] = _sqrt_ratio(int(num[i]), int(den[i]))
+    return out
+
+
+def _rates(fv: NDArray[np.float64], fts: NDArray[np.int64], lv: NDArray[np.float64],
+           lts: NDArray[np.int64]) -> NDArray[np.float64]:
+    """Per window :func:`_rate`: the exact ``(lv - fv) * 1000 / (lts - fts)``, rounded once."""
+    out = np.full(len(fv), math.nan)
+    ok = np.flatnonzero(lts != fts)
+    if not len(ok):
+        return out
+    a, b, dt = lv[ok], fv[ok], lts[ok] - fts[ok]
+    if np.isfinite(a).all() and np.isfinite(b).all():
+        ma, ea = np.frexp(a)
+        mb, eb = np.frexp(b)
+        ia, ib = (ma * 2.0**53).astype(np.int64), (mb * 2.0**53).astype(np.int64)
+        ea, eb = ea.astype(np.int64), eb.astype(np.int64)
+        ea = np.where(ia == 0, eb, ea)  # a zero takes the other's exponent (any exponent is exact for it)
+        eb = np.where(ib == 0, ea, eb)
+        emin = np.minimum(ea, eb)
+        diff = (np.left_shift(ia.astype(object), (ea - emin).astype(object))
+                - np.left_shift(ib.astype(object), (eb - emin).astype(object))) * 1000
+        e = emin - 53
+        try:
+            out[ok] = np.asarray(np.left_shift(diff, np.maximum(e, 0).astype(object))
+                                 / np.left_shift(dt.astype(object), np.maximum(-e, 0).astype(object)),
+                                 dtype=np.float64)
+            return out
+        except OverflowError:
+            pass
+    for i, f_v, f_ts, l_v, l_ts in zip(ok.tolist(), fv[ok].tolist(), fts[ok].tolist(), lv[ok].tolist(),
+                                       lts[ok].tolist(), strict=True):
+        out[i] = _rate(f_v, f_ts, l_v, l_ts)
+    return out
