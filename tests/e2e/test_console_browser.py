@@ -34,9 +34,12 @@ def _post(up: Up, path: str, body: Any) -> Any:
         return json.loads(r.read())
 
 
-def _readings(dev: str, start_ms: int, n: int, *, hot_from: int | None = None, seq0: int = 0) -> list[tuple[str, bytes]]:
+def _readings(dev: str, start_ms: int, n: int, *, hot_from: int | None = None,
+              seq0: int = 0) -> list[tuple[str, bytes]]:
+    """n readings 5 s apart; temperature 50 from reading ``hot_from`` on (the rule's threshold is 30)."""
+    hot = n if hot_from is None else hot_from
     rs = [{"ts": start_ms + i * 5_000, "seq": seq0 + i, "boot_id": "b1",
-           "measurements": {"temperature": 50.0 if hot_from is not None and i >= hot_from else 20.0 + (i % 10) / 10, "vibration": i / 100}}
+           "measurements": {"temperature": 50.0 if i >= hot else 20.0 + (i % 10) / 10, "vibration": i / 100}}
           for i in range(n)]
     return [(f"devices/{dev}/telemetry", json.dumps({"device_id": dev, "readings": rs}).encode())]
 
@@ -62,7 +65,8 @@ def test_console_pages_live_chart_and_ack(tmp_path: Path) -> None:
         _post(up, "/devices", {"device_id": f"{prefix}-reg", "groups": ["plant-1"], "attributes": {"site": "north"}})
         now = int(time.time() * 1000)
         c = publisher(up.mqtt_port)
-        msgs = [m for i, d in enumerate(devs) for m in _readings(d, now - 600_000, 100, hot_from=50 if i == 0 else None)]
+        msgs = [m for i, d in enumerate(devs)
+                for m in _readings(d, now - 600_000, 100, hot_from=50 if i == 0 else None)]
         msgs.append((f"devices/{devs[1]}/telemetry", b"{this is not json"))
         publish_all(c, msgs)
         up.wait_for(lambda s: s["stored"] >= 300 and s["dead_lettered"]["total"] >= 1 and sum(s["lag"].values()) == 0)

@@ -33,7 +33,7 @@ from starlette.concurrency import run_in_threadpool
 from fieldmesh.api.params import BAD_PARAMETER, check_device, check_metric, device_query, metric_query, parse_time
 from fieldmesh.store import HotStore
 
-__all__ = ["UI_DIR", "add_console_routes", "downsample", "fleet_summary", "series", "sort_devices"]
+__all__ = ["UI_DIR", "add_console_routes", "downsample", "fleet_summary", "page_ids", "series", "sort_devices"]
 
 UI_DIR: Final = Path(__file__).with_name("ui")
 #: The most raw readings one series request reads before bucketing (older ones are left out, and said so).
@@ -108,7 +108,8 @@ def fleet_summary(store: HotStore, registered: list[str], active_alerts: list[di
     for a in active_alerts:
         sev[a["severity"]] = sev.get(a["severity"], 0) + 1
     return {"devices": len(last) + never, "online": online, "offline": len(last) - online, "never_seen": never,
-            "online_s": online_s, "freshest_ms": max(last.values(), default=None), "alerts": {"active": len(active_alerts), **sev}}
+            "online_s": online_s, "freshest_ms": max(last.values(), default=None),
+            "alerts": {"active": len(active_alerts), **sev}}
 
 
 def sort_devices(rows: list[dict[str, Any]], sort: str) -> list[dict[str, Any]]:
@@ -117,6 +118,25 @@ def sort_devices(rows: list[dict[str, Any]], sort: str) -> list[dict[str, Any]]:
     have = [r for r in rows if r.get(key) is not None]
     have.sort(key=lambda r: (r[key], r["device_id"]), reverse=sort.startswith("-"))
     return have + [r for r in rows if r.get(key) is None]
+
+
+def page_ids(groups_of: dict[str, tuple[str, ...]], last_seen: dict[str, int], *, q: str | None, sort: str,
+             offset: int, limit: int, keep: Callable[[str, bool, tuple[str, ...]], bool]) -> tuple[int, list[str]]:
+    """The ids of one page of ``GET /devices`` and the total, without building every row (10,000 devices).
+
+    ``groups_of``: registered ids and their groups; ``last_seen``: every device the store has seen;
+    ``keep(device_id, registered, groups)`` says whether a device passes the other filters. ``sort`` is
+    device_id or last_seen (``-`` first: descending; never seen last).
+    """
+    ids = [i for i in set(groups_of) | set(last_seen) if (q is None or q in i) and keep(i, i in groups_of,
+                                                                                        groups_of.get(i, ()))]
+    desc = sort.startswith("-")
+    if sort.lstrip("-") == "last_seen":
+        seen = sorted((i for i in ids if i in last_seen), key=lambda i: (last_seen[i], i), reverse=desc)
+        ids = seen + sorted(i for i in ids if i not in last_seen)
+    else:
+        ids.sort(reverse=desc)
+    return len(ids), ids[offset:offset + limit]
 
 
 StatsFn = Callable[[Any], Awaitable[dict[str, Any]]]
