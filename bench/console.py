@@ -94,6 +94,9 @@ def run(up: UpProc, args: argparse.Namespace, sync_playwright: Any) -> None:
     t0 = time.monotonic()
     _publish(up, fleet_msgs + series_msgs)
     up.wait_stored(args.devices + n_series, timeout_s=900)
+    deadline = time.monotonic() + 300
+    while sum(up.get("/stats")["lag"].values()) and time.monotonic() < deadline:  # a quiet pipeline
+        time.sleep(0.5)
     print(f"seeded {args.devices:,} devices and {n_series:,} readings of {dev} in {time.monotonic() - t0:.1f} s")
 
     api_all_ms, rows = _timed_get(up, "/devices")
@@ -145,7 +148,6 @@ def run(up: UpProc, args: argparse.Namespace, sync_playwright: Any) -> None:
             return float(next(m["value"] for m in cdp.send("Performance.getMetrics")["metrics"]
                               if m["name"] == "TaskDuration"))
 
-        before_n = page.evaluate("window.__fmChart.data[0].length")
         t_cpu, t_wall = task_s(), time.monotonic()
         for i in range(args.live_s):
             ts = int(time.time() * 1000)
@@ -153,7 +155,7 @@ def run(up: UpProc, args: argparse.Namespace, sync_playwright: Any) -> None:
                 {"device_id": dev, "ts": ts, "seq": n_series + i, "measurements": {"temperature": 25}}), qos=1)
             time.sleep(1)
         cpu = (task_s() - t_cpu) / (time.monotonic() - t_wall)
-        grown = page.evaluate("window.__fmChart.data[0].length") - before_n
+        grown = page.evaluate("window.__fmLive || 0")
         c.loop_stop()
         c.disconnect()
         browser.close()

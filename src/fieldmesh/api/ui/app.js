@@ -331,4 +331,5 @@ async function whoami() {
 }
 
 window.addEventListener("hashchange", route);
-whoami().then(route, (e) => { main.innerHTML = `<p class="error">${esc(e.message)}</p>`; });
+whoami().catch(() => {});   // the header's note; does not hold up the page
+route();
