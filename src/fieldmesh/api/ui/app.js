@@ -184,12 +184,12 @@ async function device(id, params) {
       const v = r.measurements[metric];
       if (typeof v !== "number" || r.ts_ms / 1000 <= (data[0].at(-1) ?? 0)) continue;   // drawn already
       data[0].push(r.ts_ms / 1000); data[1].push(v); data[2].push(v); data[3].push(v);
+      window.__fmLive = (window.__fmLive || 0) + 1;
     }
     const cut = Date.now() / 1000 - span;
     let k = 0; while (k < data[0].length && data[0][k] < cut) k++;
     if (k) data = data.map((c) => c.slice(k));
     plot.setData(data);
-    window.__fmLive = (window.__fmLive || 0) + ev.rows.length;
   }});
 }
 
