@@ -135,6 +135,7 @@ def run(up: UpProc, args: argparse.Namespace, sync_playwright: Any) -> None:
             page.wait_for_selector("body[data-ready=device]", timeout=30_000)
             draws.append(page.evaluate("window.__fmSeries"))
         # live updates at 1 Hz on the device page (15m range: raw points)
+        page.goto("about:blank")
         page.goto(base + f"/#/device/{dev}?metric=temperature&range=15m")
         page.wait_for_selector("body[data-ready=device]", timeout=30_000)
         page.wait_for_selector("#live.on", timeout=10_000)
@@ -175,7 +176,7 @@ def run(up: UpProc, args: argparse.Namespace, sync_playwright: Any) -> None:
     print(f"  baseline GET /telemetry/raw of the range (capped at {len(raw):,} rows, from Python): {raw_ms:8.1f} ms"
           f"   drawn / baseline = {draw['drawnMs'] / raw_ms:.3f}x")
     print(f"\nlive updates at 1 Hz for {args.live_s} s: renderer task time {cpu:.1%} of one core"
-          f" ({grown} points appended)")
+          f" ({grown} points appended, {args.live_s} published)")
     print(f"requests to other hosts: {len(blocked)}")
 
 

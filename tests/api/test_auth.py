@@ -47,6 +47,9 @@ ROLE_OF = {
     ("post", "/api/v1/devices/import"): "operator",
     ("get", "/api/v1/telemetry/raw"): "viewer",
     ("get", "/api/v1/telemetry/rollups"): "viewer",
+    ("get", "/api/v1/telemetry/series"): "viewer",
+    ("get", "/api/v1/fleet/summary"): "viewer",
+    ("get", "/api/v1/events/stream"): "viewer",
     ("get", "/api/v1/dlq"): "viewer",
     ("get", "/api/v1/alerts"): "viewer",
     ("get", "/api/v1/alerts/notifications"): "viewer",
@@ -183,6 +186,8 @@ def _request(c: TestClient, method: str, path: str, token: str | None = None, *,
     url = (path.replace("{device_id}", "p1-a").replace("{key_id}", "0123456789ab").replace("{subject}", subject)
            .replace("{version}", "1").replace("{schema_id}", "1").replace("{alert_id}", "4242")
            .replace("{name}", "hot").replace("{entity}", "p1-a?views=pump_stats"))
+    url += {"/api/v1/telemetry/series": "?device_id=p1-a&metric=temperature",
+            "/api/v1/events/stream": "?topics=stats,alerts,device:p1-a&ticks=1"}.get(path, "")
     headers = {}
     if token is not None:
         headers = {"Authorization": f"Bearer {token}"} if header == "bearer" else {"X-API-Key": token}

@@ -206,6 +206,8 @@ def add_console_routes(
         request: Request,
         topics: Annotated[str, Query(pattern=r"^[A-Za-z0-9_:.,-]{1,400}$",
                                      description="comma-separated: stats, alerts, device:<id>")] = "stats",
+        ticks: Annotated[int | None, Query(ge=1, le=86_400, description=(
+            "end after this many rounds of events (scripts, probes); default: while the client reads"))] = None,
         p: Any = viewer,
     ) -> StreamingResponse:
         wanted = [t for t in topics.split(",") if t]
@@ -221,16 +223,19 @@ def add_console_routes(
                                              "to device groups")
             else:
                 raise HTTPException(400, f"unknown topic {t!r}: stats, alerts or device:<id>")
-        return StreamingResponse(_events(request, p, wanted, devices), media_type="text/event-stream",
+        return StreamingResponse(_events(request, p, wanted, devices, ticks), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     def _new_readings(device_id: str, since_ms: int) -> list[dict[str, Any]]:
         return get_store().raw(device_id=device_id, metric=None, start_ms=since_ms, end_ms=None, limit=5000)
 
-    async def _events(request: Request, p: Any, wanted: list[str], devices: list[str]) -> AsyncIterator[bytes]:
+    async def _events(request: Request, p: Any, wanted: list[str], devices: list[str],
+                      ticks: int | None) -> AsyncIterator[bytes]:
         cursors = {d: int(time.time() * 1000) - 60_000 for d in devices}
         yield b"retry: 2000\n\n"
-        while not await request.is_disconnected():
+        n = 0
+        while not await request.is_disconnected() and (ticks is None or n < ticks):
+            n += 1
             tick = time.monotonic()
             if "stats" in wanted:
                 yield _event("stats", await stats(p))
