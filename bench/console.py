@@ -121,7 +121,7 @@ def run(up: UpProc, args: argparse.Namespace, sync_playwright: Any) -> None:
 
         ctx.route("**/*", guard)
         paints = []
-        for _ in range(3):  # a fresh page each time: cold page, warm server
+        for _ in range(5):  # a fresh page each time: cold page, warm server
             page = ctx.new_page()
             page.goto(base + "/#/fleet")
             page.wait_for_selector("body[data-ready=fleet]", timeout=30_000)
@@ -129,7 +129,7 @@ def run(up: UpProc, args: argparse.Namespace, sync_playwright: Any) -> None:
             page.close()
         page = ctx.new_page()
         draws = []
-        for _ in range(3):
+        for _ in range(5):
             page.goto("about:blank")
             page.goto(base + f"/#/device/{dev}?metric=temperature&range=7d")
             page.wait_for_selector("body[data-ready=device]", timeout=30_000)
@@ -161,15 +161,15 @@ def run(up: UpProc, args: argparse.Namespace, sync_playwright: Any) -> None:
         c.disconnect()
         browser.close()
 
-    paint = sorted(paints)[1]
-    draw = sorted(draws, key=lambda d: d["drawnMs"])[1]
-    print(f"\nfleet page, {args.devices:,} devices (median of 3 cold page loads)")
+    paint = sorted(paints)[2]
+    draw = sorted(draws, key=lambda d: d["drawnMs"])[2]
+    print(f"\nfleet page, {args.devices:,} devices (median of 5 cold page loads)")
     print(f"  first useful paint (navigation -> table and counts painted): {paint:8.1f} ms   target <= 1000 ms"
           f"   {'MET' if paint <= 1000 else 'NOT MET'}")
     print(f"  baseline GET /devices, every device ({len(rows):,} rows, from Python): {api_all_ms:8.1f} ms"
           f"   paint / baseline = {paint / api_all_ms:.2f}x")
     print(f"  GET /devices?limit=50 (the page's call, from Python):       {api_page_ms:8.1f} ms")
-    print(f"\ndevice page, {args.days:g} days at 1 s ({n_series:,} readings), median of 3")
+    print(f"\ndevice page, {args.days:g} days at 1 s ({n_series:,} readings), median of 5")
     print(f"  request -> uPlot drawn ({draw['points']} points from {draw['source']}): {draw['drawnMs']:8.1f} ms"
           f"   target <= 100 ms   {'MET' if draw['drawnMs'] <= 100 else 'NOT MET'}   (fetch {draw['fetchMs']:.1f} ms)")
     print(f"  GET /telemetry/series from Python ({s['points']} points, {s['source']}): {series_api_ms:8.1f} ms")
