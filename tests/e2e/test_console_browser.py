@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import time
+import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
@@ -155,5 +156,43 @@ def test_console_pages_live_chart_and_ack(tmp_path: Path) -> None:
         c.disconnect()
         assert blocked == [], f"requests to other hosts: {blocked}"
         assert errors == [], errors
+    finally:
+        assert up.stop() == 0, up.tail()
+
+
+def test_console_asks_for_a_key_once_and_sends_it_as_a_bearer_header(tmp_path: Path) -> None:
+    """Once an API key exists the API needs one: the console asks, keeps it for the tab, and sends it in the
+    Authorization header (the event stream too), never in a URL."""
+    from playwright.sync_api import sync_playwright
+
+    up = Up(tmp_path / "data").start()
+    try:
+        key = _post(up, "/keys", {"role": "operator", "name": "console-test"})["key"]
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            up.get("/stats")
+        assert refused.value.code == 401
+        seen: list[tuple[str, str | None]] = []
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+            page = browser.new_page()
+            page.on("request", lambda r: seen.append((r.url, r.headers.get("authorization"))))
+            page.goto(f"http://127.0.0.1:{up.http_port}/#/pipeline")
+            page.wait_for_selector("#login[open]", timeout=20_000)
+            page.fill("#login-key", "fmk_0123456789ab_" + "x" * 43)  # a wrong one first: asked again
+            page.click("#login button")
+            page.wait_for_function("document.querySelector('#login-error').innerText.includes('refused')")
+            page.fill("#login-key", key)
+            page.click("#login button")
+            page.wait_for_selector("body[data-ready=pipeline]", timeout=20_000)
+            page.wait_for_selector("#live.on", timeout=10_000)
+            assert page.evaluate("sessionStorage.getItem('fieldmesh.key')") == key
+            page.reload()  # kept for the tab: not asked again
+            page.wait_for_selector("body[data-ready=pipeline]", timeout=20_000)
+            assert not page.locator("#login[open]").count()
+            assert "operator" in page.locator("#who").inner_text()
+            browser.close()
+        stream = [h for u, h in seen if "/events/stream" in u]
+        assert stream and all(h == f"Bearer {key}" for h in stream), stream
+        assert not [u for u, _ in seen if key in u or "fmk_" in u]
     finally:
         assert up.stop() == 0, up.tail()

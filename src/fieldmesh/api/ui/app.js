@@ -28,8 +28,10 @@ export async function api(path, opts = {}) {
     const res = await fetch(API + path, {...opts, headers: {...headers(), ...(opts.headers || {})},
       signal: opts.signal ?? pageAbort?.signal});
     if (res.status === 401) {
-      document.getElementById("login-error").textContent = sessionStorage.getItem("fieldmesh.key") ? "That key was refused." : "";
-      sessionStorage.removeItem("fieldmesh.key");
+      if (sessionStorage.getItem("fieldmesh.key")) {   // (several calls may be refused at once: say it once)
+        document.getElementById("login-error").textContent = "That key was refused.";
+        sessionStorage.removeItem("fieldmesh.key");
+      }
       await login();
       continue;
     }
