@@ -189,7 +189,7 @@ def add_console_routes(
         # encoded by msgspec: FastAPI's encoder walks each of the ~10,000 numbers in Python
         return Response(_enc.encode(body), media_type="application/json")
 
-    @r.get("/fleet/summary", response_model=None, description=(
+    @r.get("/fleet/summary", response_model=None, responses=BAD_PARAMETER, description=(
         "Devices online (last seen within `online_s`), offline and never seen; active alerts by severity."))
     def get_fleet_summary(
         online_s: Annotated[int, Query(ge=1, le=86_400 * 30)] = 300, p: Any = all_devices,
@@ -201,7 +201,10 @@ def add_console_routes(
         "Server-sent events, one stream per page, about once a second: `stats` (the body of /stats), "
         "`alerts` (active alerts by severity) and `device:<id>` (that device's readings stored since the last "
         "event, as `readings`). Read it with fetch() and an Authorization header."),
-        responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}, **BAD_PARAMETER})
+        responses={200: {"description": "one event a topic a round (data: JSON)", "content": {"text/event-stream": {
+            "schema": {"type": "object", "required": ["event", "data"], "properties": {
+                "event": {"type": "string", "enum": ["stats", "alerts", "readings"]},
+                "data": {"type": "string", "contentMediaType": "application/json"}}}}}}, **BAD_PARAMETER})
     async def get_stream(
         request: Request,
         topics: Annotated[str, Query(pattern=r"^[A-Za-z0-9_:.,-]{1,400}$",
@@ -251,7 +254,8 @@ def add_console_routes(
                     cursors[dev] = max(row["ts_ms"] for row in rows)
                     rows.reverse()
                 yield _event("readings", {"device_id": dev, "rows": rows})
-            await asyncio.sleep(max(0.05, TICK_S - (time.monotonic() - tick)))
+            if ticks is None or n < ticks:
+                await asyncio.sleep(max(0.05, TICK_S - (time.monotonic() - tick)))
 
 
 def _event(name: str, data: Any) -> bytes:
@@ -264,5 +268,6 @@ def _when(value: str, name: str, now_ms: int) -> int:
     if value.startswith("-") and value[-1:] in units and value[1:-1].isdigit():
         return now_ms - int(value[1:-1]) * units[value[-1]]
     ms = parse_time(value, name)
-    assert ms is not None
+    if ms is None:
+        raise HTTPException(400, f"{name}: give a time (RFC 3339, epoch ms, or -7d, -15m, -30s, -2h)")
     return ms
