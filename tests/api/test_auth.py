@@ -50,6 +50,9 @@ ROLE_OF = {
     ("post", "/api/v1/devices/import"): "operator",
     ("get", "/api/v1/telemetry/raw"): "viewer",
     ("get", "/api/v1/telemetry/rollups"): "viewer",
+    ("get", "/api/v1/telemetry/series"): "viewer",
+    ("get", "/api/v1/fleet/summary"): "viewer",
+    ("get", "/api/v1/events/stream"): "viewer",
     ("get", "/api/v1/dlq"): "viewer",
     ("get", "/api/v1/alerts"): "viewer",
     ("get", "/api/v1/alerts/notifications"): "viewer",
@@ -209,6 +212,8 @@ def _request(c: TestClient, method: str, path: str, token: str | None = None, *,
            .replace("{job_id}", "j-absent").replace("{rollout_id}", "r-absent"))
     if path.endswith("/compare"):
         url += "?control=cold"
+    url += {"/api/v1/telemetry/series": "?device_id=p1-a&metric=temperature",
+            "/api/v1/events/stream": "?topics=stats,alerts,device:p1-a&ticks=1"}.get(path, "")
     headers = {}
     if token is not None:
         headers = {"Authorization": f"Bearer {token}"} if header == "bearer" else {"X-API-Key": token}

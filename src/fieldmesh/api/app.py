@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fieldmesh import __version__
 from fieldmesh.api.auth import Access, AuthError, Principal, basic_token
+from fieldmesh.api.console import add_console_routes, page_ids, sort_devices
 from fieldmesh.api.features import FeatureCollector, features_router
 from fieldmesh.api.features_similar import similar_router
 from fieldmesh.api.jobs import add_job_routes
@@ -139,6 +140,8 @@ RuleBody = Annotated[dict[str, Any], Body(openapi_examples={"threshold": {"value
     "for_s": 0, "severity": "major", "devices": "pump-*", "notify": [{"webhook": "http://127.0.0.1:9000/hook"}]}}})]
 # the values of stream.alerts.SEVERITIES
 Severity = Annotated[Literal["info", "warning", "minor", "major", "critical"] | None, Query()]
+DeviceSort = Literal["device_id", "-device_id", "last_seen", "-last_seen", "readings", "-readings", "status",
+                     "-status", "gaps", "-gaps"]
 HealthFn = Callable[[], Awaitable[dict[str, Any]]]
 LagFn = Callable[[], Awaitable[dict[str, int]]]
 PartitionLagFn = Callable[[], Awaitable[dict[str, dict[int, int]]]]
@@ -442,6 +445,13 @@ def create_app(
     def devreg() -> DeviceRegistry:
         return acc.registry
 
+    def _all_registered() -> list[RegisteredDevice]:
+        reg, out, after = devreg(), [], None
+        while page := reg.list(after=after, limit=10_000):
+            out.extend(page)
+            after = page[-1].id
+        return out
+
     def device_row(device_id: str, seen: dict[str, Any] | None, dev: RegisteredDevice | None) -> dict[str, Any]:
         """A device's row: what the store has seen of it, merged with its registry entry (``dev``; None:
         not registered, so in the groups the patterns give it)."""
@@ -462,22 +472,37 @@ def create_app(
                "Every device seen or registered, by id: the store's counts merged with the registry's status, "
                "groups, tags and attributes. A caller limited to device groups sees its groups' devices only."))
     def get_devices(
+        response: Response,
         status: Annotated[Literal["active", "suspended", "retired"] | None, Query(
             description="registered devices of this status only")] = None,
         group: Annotated[str | None, Query(pattern=f"^{GROUP_RE.pattern}$", description=(
             "devices of this group only (the registry's groups; the patterns' for devices not registered)"))] = None,
         registered: Annotated[bool | None, Query(description="registered (true) or unregistered (false) only")] = None,
+        q: Annotated[str | None, Query(max_length=128, description="device ids containing this text only")] = None,
+        sort: Annotated[DeviceSort, Query(description="order by this field; a leading - for descending")] = "device_id",
+        limit: Annotated[int | None, Query(ge=1, le=100_000, description=(
+            "at most this many rows (the total is in the X-Total-Count header)"))] = None,
+        offset: Annotated[int, Query(ge=0, description="skip this many rows first")] = 0,
         p: Principal = viewer,
     ) -> list[dict[str, Any]]:
+        if limit is not None and status is None and sort.lstrip("-") in ("device_id", "last_seen"):
+            # one page: choose its ids from two cheap maps, then build only its rows
+            def keep(device_id: str, is_registered: bool, groups: tuple[str, ...]) -> bool:
+                if registered is not None and is_registered != registered:
+                    return False
+                gs = groups if is_registered else acc.groups.pattern_groups(device_id)
+                return (p.groups is None or not set(p.groups).isdisjoint(gs)) and (group is None or group in gs)
+
+            total, ids = page_ids(devreg().group_map(), get_store().last_seen(), q=q, sort=sort, offset=offset,
+                                  limit=limit, keep=keep)
+            response.headers["X-Total-Count"] = str(total)
+            return [device_row(i, next(iter(get_store().devices(i)), None), devreg().get(i)) for i in ids]
         seen = {d["device_id"]: d for d in get_store().devices()}
-        reg = devreg()
-        devs: dict[str, RegisteredDevice] = {}
-        after = None
-        while page := reg.list(after=after, limit=10_000):
-            devs.update((d.id, d) for d in page)
-            after = page[-1].id
+        devs = {d.id: d for d in _all_registered()}
         rows = []
         for device_id in sorted(set(devs) | set(seen)):
+            if q is not None and q not in device_id:
+                continue
             dev = devs.get(device_id)
             if registered is not None and (dev is not None) != registered:
                 continue
@@ -489,7 +514,10 @@ def create_app(
             if group is not None and group not in row["groups"]:
                 continue
             rows.append(row)
-        return rows
+        if sort != "device_id":
+            rows = sort_devices(rows, sort)
+        response.headers["X-Total-Count"] = str(len(rows))
+        return rows[offset:offset + limit if limit is not None else None]
 
     not_found_device: dict[int | str, dict[str, Any]] = {404: {"model": ErrorBody, "description": "no such device"}}
 
@@ -731,6 +759,10 @@ def create_app(
     add_provision_routes(app, r, admin=admin, guards=guards, service=app.state.provision, metrics=registry)
     add_job_routes(r, store=job_store, registry=devreg, viewer=all_devices, operator=operator_all)
 
+    add_console_routes(
+        app, r, get_store=get_store, stats=get_stats, visible=visible, viewer=viewer, all_devices=all_devices,
+        active_alerts=lambda p, dev: get_alerts(device_id=dev, state_="active", limit=100_000, p=p),
+        registered_ids=lambda: list(devreg().group_map()))
     app.include_router(r)
     app.state.twins = TwinStoreHolder(store_url)
     app.include_router(twins_router(app.state.twins, viewer=viewer, operator=operator, visible=visible))
