@@ -66,6 +66,7 @@ ROLE_OF = {
     ("put", "/api/v1/rules/{name}"): "operator",
     ("get", "/api/v1/whoami"): "viewer",
     ("get", "/api/v1/features/{entity}"): "viewer",  # of every device: an entity may span devices
+    ("get", "/api/v1/features/similar"): "viewer",  # windows across the fleet
     # jobs and rollouts (docs/rollouts.md): they may reach any device, so every device's role
     ("get", "/api/v1/jobs"): "viewer",
     ("post", "/api/v1/jobs"): "operator",
@@ -212,6 +213,8 @@ def _request(c: TestClient, method: str, path: str, token: str | None = None, *,
            .replace("{job_id}", "j-absent").replace("{rollout_id}", "r-absent"))
     if path.endswith("/compare"):
         url += "?control=cold"
+    if path == "/api/v1/features/similar":
+        url += "?view=pump_stats&entity=p1-a"
     url += {"/api/v1/telemetry/series": "?device_id=p1-a&metric=temperature",
             "/api/v1/events/stream": "?topics=stats,alerts,device:p1-a&ticks=1"}.get(path, "")
     headers = {}
