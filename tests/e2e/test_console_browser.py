@@ -127,6 +127,8 @@ def test_console_pages_live_chart_and_ack(tmp_path: Path) -> None:
             page.wait_for_function(f"window.__fmChart.data[0].length >= {before + 3}", timeout=15_000)
             assert f"{prefix}-hot" in page.locator("#dev-alerts").inner_text()
             assert "malformed_json" not in page.locator("#dev-dlq").inner_text()  # the bad one was devs[1]'s
+            assert page.locator("#twin-version").inner_text().startswith("version ")  # GET .../twin answered
+            assert {"desired", "reported", "delta"} <= set(page.locator("#twin dt").all_inner_texts())
             _shot(page, tmp_path, "device")
 
             page.goto(base + f"#/alerts?device_id={devs[0]}")

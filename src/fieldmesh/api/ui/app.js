@@ -143,7 +143,8 @@ async function device(id, params) {
       range ${Object.keys(RANGES).map((r) => `<button data-range="${r}" ${r === range ? "disabled" : ""}>${r}</button>`).join("")}
       <span id="series-info" class="mut"></span></div>
     <div class="chart" id="chart"></div>
-    <div class="cols"><div><h3>Registry</h3><dl class="kv" id="attrs"></dl><h3>Enrichment (latest reading)</h3><dl class="kv" id="enrichment"></dl></div>
+    <div class="cols"><div><h3>Registry</h3><dl class="kv" id="attrs"></dl><h3>Enrichment (latest reading)</h3><dl class="kv" id="enrichment"></dl>
+      <h3>Twin <span id="twin-version" class="mut"></span></h3><dl class="kv" id="twin"></dl></div>
       <div><h3>Recent alerts</h3><table id="dev-alerts"><tbody></tbody></table><h3>Dead letters</h3><table id="dev-dlq"><tbody></tbody></table></div></div>`;
   const kv = (o) => Object.entries(o || {}).map(([k, v]) => `<dt>${esc(k)}</dt><dd>${esc(typeof v === "object" ? JSON.stringify(v) : v)}</dd>`).join("") || "<dt>none</dt><dd></dd>";
   document.getElementById("attrs").innerHTML = kv({groups: d.groups.join(", "), tags: d.tags.join(", "), ...d.attributes, first_seen: d.first_seen, last_ts: d.last_ts});
@@ -170,6 +171,11 @@ async function device(id, params) {
   }
   const latest = (await get(`/telemetry/raw?device_id=${encodeURIComponent(id)}&limit=1`))[0];
   document.getElementById("enrichment").innerHTML = kv(latest?.enrichment);
+  try {  // desired, reported and what is still to apply (docs/twins.md)
+    const t = await get(`/devices/${encodeURIComponent(id)}/twin`);
+    document.getElementById("twin-version").textContent = `version ${t.version}`;
+    document.getElementById("twin").innerHTML = kv({desired: t.desired, reported: t.reported, delta: t.delta});
+  } catch (e) { document.getElementById("twin").innerHTML = `<dt>twin</dt><dd class="mut">${esc(e.message)}</dd>`; }
   const alerts = await get(`/alerts?device_id=${encodeURIComponent(id)}&limit=20`);
   document.querySelector("#dev-alerts tbody").innerHTML = alerts.map((a) => `<tr><td class="sev-${a.severity}">${esc(a.severity)}</td>
     <td>${esc(a.rule)}</td><td>${esc(a.state)}</td><td>${ago(a.opened_ms)}</td></tr>`).join("") || "<tr><td class=mut>none</td></tr>";
