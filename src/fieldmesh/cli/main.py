@@ -431,6 +431,7 @@ def _with_retries(run: Any, retry_for: float) -> None:
     import time
 
     from fieldmesh.core.errors import BackendUnavailable
+    from fieldmesh.runtime.worker import STOP_SIGNALLED
 
     log = logging.getLogger("fieldmesh.cli")
     outage_since: float | None = None
@@ -441,6 +442,8 @@ def _with_retries(run: Any, retry_for: float) -> None:
             run()
             return
         except BackendUnavailable as exc:
+            if STOP_SIGNALLED.is_set():  # stopped while it waited for the bus or store: not started again
+                return
             now = time.monotonic()
             if outage_since is None or now - started > 30:  # the first failure, or it ran for a while
                 outage_since, attempt = now, 0

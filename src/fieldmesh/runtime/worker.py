@@ -14,6 +14,7 @@ import logging
 import re
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +37,21 @@ async def ensure_topics(bus: Bus, settings: Settings) -> None:
     await bus.ensure_topic(TopicSpec(DLQ_TOPIC, 1, b.retention_s, b.dedupe_window_s))
 
 
+#: Set once SIGTERM or SIGINT reached this process: a role's restart loop (``fieldmesh.cli``) must not start
+#: it again after an outage it was waiting out (a signal during a connection attempt would be lost otherwise).
+STOP_SIGNALLED = threading.Event()
+
+
 def _stop_event() -> asyncio.Event:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        STOP_SIGNALLED.set()
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     return stop
 
 
