@@ -6,13 +6,9 @@ Every change is written to the audit log as ``cli:<user>``. Commands that print 
 from __future__ import annotations
 
 import csv
-import getpass
 import io
 import json
-import os
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -20,6 +16,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from fieldmesh.cli.common import actor, fail, opened
 from fieldmesh.core.errors import FieldmeshError, RowsRejected
 
 __all__ = ["app"]
@@ -45,34 +42,17 @@ DEFAULT_DATA_DIR = Path(".fieldmesh")
 
 
 def _fail(exc: Exception | str) -> None:
-    err.print(f"[bold red]error:[/] {exc}")
-    raise typer.Exit(2)
+    fail(exc)
 
 
-def _actor() -> str:
-    try:
-        return f"cli:{getpass.getuser()}"
-    except Exception:
-        return f"cli:uid{os.getuid()}"
+_actor = actor
 
 
-@contextmanager
-def _registry(data_dir: Path, store_url: str | None) -> Iterator[Any]:
-    """The registry of the store, closed after; a FieldmeshError inside is a clear message and exit 2."""
-    from fieldmesh.store import default_store_url
+def _registry(data_dir: Path, store_url: str | None) -> Any:
+    """The DeviceRegistry of the store, closed after; a FieldmeshError inside is a clear message and exit 2."""
     from fieldmesh.store.registry import DeviceRegistry
 
-    try:
-        reg = DeviceRegistry(store_url or default_store_url(data_dir))
-    except FieldmeshError as exc:
-        _fail(exc)
-        return
-    try:
-        yield reg
-    except FieldmeshError as exc:
-        _fail(exc)
-    finally:
-        reg.close()
+    return opened(DeviceRegistry, data_dir, store_url)
 
 
 def _names(value: str | None) -> list[str] | None:

@@ -7,19 +7,17 @@ Commands read and write the store directly (like ``fieldmesh devices``); the con
 from __future__ import annotations
 
 import asyncio
-import getpass
 import json
 import os
 import secrets
 import signal
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
+from fieldmesh.cli.common import actor, fail, opened
 from fieldmesh.core.errors import ConfigError, FieldmeshError
 
 __all__ = ["app"]
@@ -40,33 +38,17 @@ DEFAULT_DATA_DIR = Path(".fieldmesh")
 
 
 def _fail(exc: Exception | str) -> None:
-    err.print(f"[bold red]error:[/] {exc}")
-    raise typer.Exit(2)
+    fail(exc)
 
 
-def _actor() -> str:
-    try:
-        return f"cli:{getpass.getuser()}"
-    except Exception:
-        return f"cli:uid{os.getuid()}"
+_actor = actor
 
 
-@contextmanager
-def _store(data_dir: Path, store_url: str | None) -> Iterator[Any]:
-    from fieldmesh.store import default_store_url
+def _store(data_dir: Path, store_url: str | None) -> Any:
+    """The JobStore of the store, closed after; a FieldmeshError inside is a clear message and exit 2."""
     from fieldmesh.store.jobs import JobStore
 
-    try:
-        js = JobStore(store_url or default_store_url(data_dir))
-    except FieldmeshError as exc:
-        _fail(exc)
-        return
-    try:
-        yield js
-    except FieldmeshError as exc:
-        _fail(exc)
-    finally:
-        js.close()
+    return opened(JobStore, data_dir, store_url)
 
 
 def _names(value: str | None) -> tuple[str, ...]:
