@@ -64,6 +64,8 @@ _LIMB: Final = 21
 _LIMB_MASK: Final = (1 << _LIMB) - 1
 _FAST_SHIFT: Final = 10  # |mantissa| << shift stays below 2**63
 _FAST_COUNT: Final = 1 << 19  # sums of 3 * 2**44-sized limb products stay below 2**63
+_SLIDE_MIN: Final = 3  # hopping windows of at least this many panes keep running exact sums (_slide)
+_NO_E: Final = 2**40  # an exponent above every real one (rows without a sum)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,8 +158,13 @@ class _Parts:
     def __len__(self) -> int:
         return len(self.count)
 
-    def take(self, idx: NDArray[np.intp]) -> _Parts:
-        return _Parts(*(getattr(self, f.name)[idx] for f in fields(_Parts)))
+    def take(self, idx: NDArray[np.intp], *, sums: bool = True) -> _Parts:
+        """Rows ``idx``; without ``sums`` the exact sums are left out (empty columns: cheaper)."""
+        if sums:
+            return _Parts(*(getattr(self, f.name)[idx] for f in fields(_Parts)))
+        o, i = np.empty(0, dtype=object), np.empty(0, dtype=np.int64)
+        return _Parts(self.dev[idx], self.met[idx], self.a[idx], self.b[idx], self.count[idx], o, i, o, i,
+                      self.mn[idx], self.mx[idx], self.fts[idx], self.fv[idx], self.lts[idx], self.lv[idx])
 
     @staticmethod
     def concat(parts: Sequence[_Parts]) -> _Parts:
@@ -329,6 +336,86 @@ def _merge_sums(m: NDArray[np.object_], e: NDArray[np.int64], starts: NDArray[np
     return out_m, out_e
 
 
+@dataclass(slots=True)
+class _Carry:
+    """Per (device, metric), sorted: the exact sum (``sm * 2**se``) and sum of squares of its parts that
+    count in its last final window and in later ones too (those with ``a + b <= q_was``: still held, so
+    ``a + k > q_was``). A series absent has zero sums."""
+
+    dev: NDArray[np.int64]
+    met: NDArray[np.int64]
+    sm: NDArray[np.object_]
+    se: NDArray[np.int64]
+    qm: NDArray[np.object_]
+    qe: NDArray[np.int64]
+
+    @staticmethod
+    def of(p: _Parts, q_was: NDArray[np.int64]) -> _Carry:
+        """The carry of the parts ``p`` (sorted by device and metric) whose device's last final window
+        (per row) is ``q_was``."""
+        rows = np.flatnonzero(p.a + p.b <= q_was)
+        dev, met = p.dev[rows], p.met[rows]
+        if not len(rows):
+            i, o = np.empty(0, dtype=np.int64), np.empty(0, dtype=object)
+            return _Carry(i, i, o, i, o, i)
+        starts = _segment_starts(dev, met)
+        g = _group_ids(starts, len(rows))
+        sm, se = _merge_sums(p.sm[rows], p.se[rows], starts, g)
+        qm, qe = _merge_sums(p.qm[rows], p.qe[rows], starts, g)
+        return _Carry(dev[starts], met[starts], sm, se, qm, qe)
+
+
+def _slide(p: _Parts, carry: _Carry, q_was: NDArray[np.int64], q_done: NDArray[np.int64], k: int,
+           w_dev: NDArray[np.int64], w_met: NDArray[np.int64], w_q: NDArray[np.int64],
+           ) -> tuple[tuple[NDArray[np.object_], NDArray[np.int64], NDArray[np.object_], NDArray[np.int64]], _Carry]:
+    """Exact sums and sums of squares of the hopping windows ``(w_dev, w_met, w_q)`` (sorted, each in
+    ``(q_was, q_done]`` of its device) from running sums, and the carry for the next call.
+
+    A part ``(a, b)`` counts in the windows ``a + b .. a + k``. So a series' sum in window ``q`` is its
+    ``carry`` (parts counted before this call, all still counting) plus the parts with
+    ``q_was < a + b <= q`` minus those with ``a + k < q``: each part is added once and subtracted once
+    (when its last window is final, just before it is dropped), whatever ``k``. Python ints are exact,
+    so a subtraction leaves exactly the sum of the rest: the same number as merging the window's parts,
+    hence the same correctly rounded aggregates. Per series the terms are put on its smallest exponent
+    and summed with one running (object) sum over all series.
+    """
+    add = np.flatnonzero((p.a + p.b > q_was) & (p.a + p.b <= q_done))
+    drop = np.flatnonzero(p.a + k <= q_done)
+    n_c, n_a, n_d, n_w = len(carry.dev), len(add), len(drop), len(w_q)
+    if not n_c + n_a + n_d + n_w:
+        o, i = np.empty(0, dtype=object), np.empty(0, dtype=np.int64)
+        return (o, i, o, i), carry
+    dev = np.concatenate([carry.dev, p.dev[add], p.dev[drop], w_dev])
+    met = np.concatenate([carry.met, p.met[add], p.met[drop], w_met])
+    at = np.concatenate([np.full(n_c, _NO_TS, dtype=np.int64), (p.a + p.b)[add], p.a[drop] + k + 1, w_q])
+    kind = np.concatenate([np.zeros(n_c + n_a + n_d, dtype=np.int8), np.ones(n_w, dtype=np.int8)])
+    sign = np.concatenate([np.ones(n_c + n_a, dtype=np.int64), -np.ones(n_d, dtype=np.int64),
+                           np.zeros(n_w, dtype=np.int64)])
+    order = np.lexsort((kind, at, met, dev))  # a window after the terms at its own q
+    dev, met, sign = dev[order], met[order], sign[order]
+    starts = _segment_starts(dev, met)
+    g = _group_ids(starts, len(dev))
+    ends = np.append(starts[1:], len(dev)) - 1
+    is_w = np.flatnonzero(kind[order] == 1)
+    zero_o, none_e = _objects([0] * n_w), np.full(n_w, _NO_E, dtype=np.int64)
+    out: list[Any] = []
+    new: list[Any] = []
+    for cm, ce, pm, pe in ((carry.sm, carry.se, p.sm, p.se), (carry.qm, carry.qe, p.qm, p.qe)):
+        m = np.concatenate([cm, pm[add], pm[drop], zero_o])[order]
+        e = np.concatenate([ce, pe[add], pe[drop], none_e])[order]
+        emin = np.minimum.reduceat(e, starts) if len(e) else np.empty(0, dtype=np.int64)
+        emin = np.where(emin == _NO_E, 0, emin)
+        terms = np.left_shift(m, np.where(e == _NO_E, 0, e - emin[g]).astype(object)) * sign.astype(object)
+        run = np.add.accumulate(terms) if len(terms) else terms
+        before_seg = run[starts] - terms[starts]  # the running sum of the series before this one
+        total = run - before_seg[g]
+        out += [total[is_w], emin[g[is_w]]]
+        new += [total[ends], emin]
+    keep = np.flatnonzero(((new[0] != 0) | (new[2] != 0)).astype(bool))  # a zero carry is no carry
+    nxt = _Carry(dev[starts][keep], met[starts][keep], new[0][keep], new[1][keep], new[2][keep], new[3][keep])
+    return (out[0], out[1], out[2], out[3]), nxt
+
+
 class WindowOperator:
     """Windows of one :data:`WindowSpec` with the chosen aggregates, per device and metric.
 
@@ -366,6 +453,9 @@ class WindowOperator:
         self._metric_id: dict[str, int] = {}
         self._newest = np.empty(0, dtype=np.int64)  # per device id: newest ts seen
         self._parts = _Parts.empty()
+        # per (device, metric), the exact sums of the parts already counted in its last final window that
+        # still count in later ones (see _slide); None: to be derived from the parts (after a restore)
+        self._carry: _Carry | None = None
         self.late_total = 0
 
     # -- identifiers ---------------------------------------------------------------------------------
@@ -477,15 +567,19 @@ class WindowOperator:
 
     def _reduce(self, p: _Parts, order: NDArray[np.intp] | None, starts: NDArray[np.intp]) -> _Parts:
         """Merge the rows of ``p`` taken in ``order`` (None: as they are) into one per group beginning at
-        ``starts``; (a, b) become the group's (min a, max b)."""
+        ``starts``; (a, b) become the group's (min a, max b). Rows taken without their sums give groups
+        without them."""
         if order is not None:
             p = p.take(order)
         n = len(p)
         if not n:
             return p
         g = _group_ids(starts, n)
-        sm, se = _merge_sums(p.sm, p.se, starts, g)
-        qm, qe = _merge_sums(p.qm, p.qe, starts, g) if self._squares else (p.qm[starts], p.qe[starts])
+        if len(p.sm) != n:
+            sm, se, qm, qe = p.sm, p.se, p.qm, p.qe
+        else:
+            sm, se = _merge_sums(p.sm, p.se, starts, g)
+            qm, qe = _merge_sums(p.qm, p.qe, starts, g) if self._squares else (p.qm[starts], p.qe[starts])
         return _Parts(p.dev[starts], p.met[starts], np.minimum.reduceat(p.a, starts), np.maximum.reduceat(p.b, starts),
                       np.add.reduceat(p.count, starts), sm, se, qm, qe,
                       np.minimum.reduceat(p.mn, starts), np.maximum.reduceat(p.mx, starts),
@@ -517,9 +611,15 @@ class WindowOperator:
                 src, q, again = src[keep], q[keep], again[keep]
             order = np.lexsort((q, p.met[src], p.dev[src]))
             src, q, again = src[order], q[order], again[order]
-            win = p.take(src)  # the parts of each window, in window order: taken once
+            slide = not h and k >= _SLIDE_MIN
+            win = p.take(src, sums=not slide)  # the parts of each window, in window order: taken once
             starts = _segment_starts(win.dev, win.met, q)
             out = self._reduce(win, None, starts)
+            if slide:  # the exact sums from running sums: O(1) per part and window instead of O(k)
+                carry = self._carry if self._carry is not None else _Carry.of(p, (before[p.dev] - lateness) // hop)
+                sums, self._carry = _slide(p, carry, (before[p.dev] - lateness) // hop, q_done, k,
+                                           out.dev, out.met, q[starts])
+                out = replace(out, sm=sums[0], se=sums[1], qm=sums[2], qe=sums[3])
             end = q[starts] * hop
             start = end - self.spec.size_ms
             update = again[starts] if h else None
@@ -608,6 +708,7 @@ class WindowOperator:
         cols.update((n, np.array(x, dtype=np.float64)) for n, x in s.floats.items())
         cols.update((n, _objects([int(h, 16) for h in x])) for n, x in s.big.items())
         op._parts = _Parts(**cols)
+        op._carry = None  # derived from the parts at the next call
         return op
 
 
