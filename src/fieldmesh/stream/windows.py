@@ -350,9 +350,9 @@ class _Carry:
     qe: NDArray[np.int64]
 
     @staticmethod
-    def of(p: _Parts, q_was: NDArray[np.int64]) -> _Carry:
-        """The carry of the parts ``p`` (sorted by device and metric) whose device's last final window
-        (per row) is ``q_was``."""
+    def of(p: _Parts, sums: _Sums, q_was: NDArray[np.int64]) -> _Carry:
+        """The carry of the parts ``p`` (sorted by device and metric; exact sums in ``sums``) whose
+        device's last final window (per row) is ``q_was``."""
         rows = np.flatnonzero(p.a + p.b <= q_was)
         dev, met = p.dev[rows], p.met[rows]
         if not len(rows):
@@ -360,12 +360,59 @@ class _Carry:
             return _Carry(i, i, o, i, o, i)
         starts = _segment_starts(dev, met)
         g = _group_ids(starts, len(rows))
-        sm, se = _merge_sums(p.sm[rows], p.se[rows], starts, g)
-        qm, qe = _merge_sums(p.qm[rows], p.qe[rows], starts, g)
+        rsm, rse, rqm, rqe = sums.at(rows)
+        sm, se = _merge_sums(rsm, rse, starts, g)
+        qm, qe = _merge_sums(rqm, rqe, starts, g)
         return _Carry(dev[starts], met[starts], sm, se, qm, qe)
 
 
-def _slide(p: _Parts, carry: _Carry, q_was: NDArray[np.int64], q_done: NDArray[np.int64], k: int,
+@dataclass(slots=True)
+class _Sums:
+    """The exact sums of merged parts without moving them: row ``i`` has those of row ``first[i]`` of the
+    unmerged columns, or the merged ones where ``multi[i] >= 0``. Python ints scattered in memory are
+    slow to gather, so the state's are gathered once per call (:meth:`at`), not at every step."""
+
+    sm: NDArray[np.object_]
+    se: NDArray[np.int64]
+    qm: NDArray[np.object_]
+    qe: NDArray[np.int64]
+    first: NDArray[np.intp]
+    multi: NDArray[np.intp]
+    msm: NDArray[np.object_]
+    mse: NDArray[np.int64]
+    mqm: NDArray[np.object_]
+    mqe: NDArray[np.int64]
+
+    @staticmethod
+    def merged(p: _Parts, order: NDArray[np.intp], starts: NDArray[np.intp]) -> _Sums:
+        """The sums of the groups of ``p`` taken in ``order`` beginning at ``starts``."""
+        n = len(order)
+        sizes = np.diff(np.append(starts, n))
+        multi = np.full(len(starts), -1, dtype=np.intp)
+        groups = np.flatnonzero(sizes > 1)
+        multi[groups] = np.arange(len(groups))
+        rows = np.flatnonzero((sizes > 1)[_group_ids(starts, n)])  # whole groups, still contiguous
+        sub = np.searchsorted(rows, starts[groups])
+        g = _group_ids(sub, len(rows))
+        idx = order[rows]
+        msm, mse = _merge_sums(p.sm[idx], p.se[idx], sub, g)
+        mqm, mqe = _merge_sums(p.qm[idx], p.qe[idx], sub, g)
+        return _Sums(p.sm, p.se, p.qm, p.qe, order[starts], multi, msm, mse, mqm, mqe)
+
+    def at(self, rows: NDArray[np.intp]) -> tuple[NDArray[np.object_], NDArray[np.int64], NDArray[np.object_],
+                                                  NDArray[np.int64]]:
+        """``(sm, se, qm, qe)`` of the merged rows ``rows``."""
+        src = self.first[rows]
+        out = [self.sm[src], self.se[src], self.qm[src], self.qe[src]]
+        m = self.multi[rows]
+        sel = np.flatnonzero(m >= 0)
+        if len(sel):
+            for col, merged in zip(out, (self.msm, self.mse, self.mqm, self.mqe), strict=True):
+                col[sel] = merged[m[sel]]
+        return out[0], out[1], out[2], out[3]
+
+
+def _slide(p: _Parts, sums: _Sums, carry: _Carry, q_was: NDArray[np.int64], q_done: NDArray[np.int64], k: int,
            w_dev: NDArray[np.int64], w_met: NDArray[np.int64], w_q: NDArray[np.int64],
            ) -> tuple[tuple[NDArray[np.object_], NDArray[np.int64], NDArray[np.object_], NDArray[np.int64]], _Carry]:
     """Exact sums and sums of squares of the hopping windows ``(w_dev, w_met, w_q)`` (sorted, each in
@@ -400,9 +447,12 @@ def _slide(p: _Parts, carry: _Carry, q_was: NDArray[np.int64], q_done: NDArray[n
     zero_o, none_e = _objects([0] * n_w), np.full(n_w, _NO_E, dtype=np.int64)
     out: list[Any] = []
     new: list[Any] = []
-    for cm, ce, pm, pe in ((carry.sm, carry.se, p.sm, p.se), (carry.qm, carry.qe, p.qm, p.qe)):
-        m = np.concatenate([cm, pm[add], pm[drop], zero_o])[order]
-        e = np.concatenate([ce, pe[add], pe[drop], none_e])[order]
+    a_sm, a_se, a_qm, a_qe = sums.at(add)
+    d_sm, d_se, d_qm, d_qe = sums.at(drop)
+    for cm, ce, am, ae, dm, de in ((carry.sm, carry.se, a_sm, a_se, d_sm, d_se),
+                                   (carry.qm, carry.qe, a_qm, a_qe, d_qm, d_qe)):
+        m = np.concatenate([cm, am, dm, zero_o])[order]
+        e = np.concatenate([ce, ae, de, none_e])[order]
         emin = np.minimum.reduceat(e, starts) if len(e) else np.empty(0, dtype=np.int64)
         emin = np.where(emin == _NO_E, 0, emin)
         terms = np.left_shift(m, np.where(e == _NO_E, 0, e - emin[g]).astype(object)) * sign.astype(object)
@@ -594,13 +644,22 @@ class WindowOperator:
             return self._results(p, none, none, late, np.empty(0, bool) if self.update_ms else None)
         if isinstance(self.spec, Hopping):
             hop, k = self.spec.hop_ms, self.spec.size_ms // self.spec.hop_ms
+            h = self.update_ms
+            slide = not h and k >= _SLIDE_MIN
+            sums: _Sums | None = None
             if len(new):
                 order = np.lexsort((p.b, p.a, p.met, p.dev))
-                p = self._reduce(p, order, _segment_starts(p.dev[order], p.met[order], p.a[order], p.b[order]))
+                starts = _segment_starts(p.dev[order], p.met[order], p.a[order], p.b[order])
+                if slide:  # the exact sums stay where they are, taken once at the end (_Sums)
+                    sums = _Sums.merged(p, order, starts)
+                    p = self._reduce(p.take(order, sums=False), None, starts)
+                else:
+                    p = self._reduce(p, order, starts)
+            elif slide:
+                sums = _Sums.merged(p, np.arange(len(p)), np.arange(len(p)))
             # windows ending at q*hop <= watermark are final; those before this call were emitted already
             q_done = (self._newest[p.dev] - lateness) // hop
             q_was = (before[p.dev] - lateness) // hop
-            h = self.update_ms
             # each part's windows not emitted yet, and (on_late="update") those still open to updates
             src, q = _expand(p.a + p.b, np.minimum(p.a + k, q_done), (before[p.dev] - lateness - h) // hop + 1)
             again = q <= q_was[src]
@@ -611,19 +670,22 @@ class WindowOperator:
                 src, q, again = src[keep], q[keep], again[keep]
             order = np.lexsort((q, p.met[src], p.dev[src]))
             src, q, again = src[order], q[order], again[order]
-            slide = not h and k >= _SLIDE_MIN
             win = p.take(src, sums=not slide)  # the parts of each window, in window order: taken once
             starts = _segment_starts(win.dev, win.met, q)
             out = self._reduce(win, None, starts)
-            if slide:  # the exact sums from running sums: O(1) per part and window instead of O(k)
-                carry = self._carry if self._carry is not None else _Carry.of(p, (before[p.dev] - lateness) // hop)
-                sums, self._carry = _slide(p, carry, (before[p.dev] - lateness) // hop, q_done, k,
-                                           out.dev, out.met, q[starts])
-                out = replace(out, sm=sums[0], se=sums[1], qm=sums[2], qe=sums[3])
+            if sums is not None:  # the exact sums from running sums: O(1) per part and window instead of O(k)
+                carry = self._carry if self._carry is not None else _Carry.of(p, sums, q_was)
+                w_sums, self._carry = _slide(p, sums, carry, q_was, q_done, k, out.dev, out.met, q[starts])
+                out = replace(out, sm=w_sums[0], se=w_sums[1], qm=w_sums[2], qe=w_sums[3])
             end = q[starts] * hop
             start = end - self.spec.size_ms
             update = again[starts] if h else None
-            self._parts = p.take(np.flatnonzero(p.a + k > (self._newest[p.dev] - lateness - h) // hop))
+            kept = np.flatnonzero(p.a + k > (self._newest[p.dev] - lateness - h) // hop)
+            if sums is None:
+                self._parts = p.take(kept)
+            else:
+                self._parts = replace(p.take(kept, sums=False), **dict(zip(("sm", "se", "qm", "qe"), sums.at(kept),
+                                                                           strict=True)))
         else:
             gap = self.spec.gap_ms
             order = np.lexsort((p.a, p.met, p.dev))
