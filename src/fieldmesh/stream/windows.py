@@ -336,6 +336,9 @@ def _merge_sums(m: NDArray[np.object_], e: NDArray[np.int64], starts: NDArray[np
     return out_m, out_e
 
 
+_SumCols = tuple[NDArray[np.object_], NDArray[np.int64], NDArray[np.object_], NDArray[np.int64]]  # sm, se, qm, qe
+
+
 @dataclass(slots=True)
 class _Carry:
     """Per (device, metric), sorted: the exact sum (``sm * 2**se``) and sum of squares of its parts that
@@ -350,8 +353,8 @@ class _Carry:
     qe: NDArray[np.int64]
 
     @staticmethod
-    def of(p: _Parts, sums: _Sums, q_was: NDArray[np.int64]) -> _Carry:
-        """The carry of the parts ``p`` (sorted by device and metric; exact sums in ``sums``) whose
+    def of(p: _Parts, sums: _Heap, sid: NDArray[np.int64], q_was: NDArray[np.int64]) -> _Carry:
+        """The carry of the parts ``p`` (sorted by device and metric; exact sums ``sums`` at ``sid``) whose
         device's last final window (per row) is ``q_was``."""
         rows = np.flatnonzero(p.a + p.b <= q_was)
         dev, met = p.dev[rows], p.met[rows]
@@ -360,61 +363,70 @@ class _Carry:
             return _Carry(i, i, o, i, o, i)
         starts = _segment_starts(dev, met)
         g = _group_ids(starts, len(rows))
-        rsm, rse, rqm, rqe = sums.at(rows)
+        rsm, rse, rqm, rqe = sums.at(sid[rows])
         sm, se = _merge_sums(rsm, rse, starts, g)
         qm, qe = _merge_sums(rqm, rqe, starts, g)
         return _Carry(dev[starts], met[starts], sm, se, qm, qe)
 
 
-@dataclass(slots=True)
-class _Sums:
-    """The exact sums of merged parts without moving them: row ``i`` has those of row ``first[i]`` of the
-    unmerged columns, or the merged ones where ``multi[i] >= 0``. Python ints scattered in memory are
-    slow to gather, so the state's are gathered once per call (:meth:`at`), not at every step."""
+class _Heap:
+    """The exact sums of the parts of a running-sum operator, in Python lists that parts point into
+    (``sid``). Python ints are scattered in memory: moving every one of them at each call (sorting,
+    evicting) cost more than the windows; here a call touches only the sums it adds, merges or reads.
+    Sums no part points to any more are dropped when they outnumber the live ones (:meth:`compact`)."""
 
-    sm: NDArray[np.object_]
-    se: NDArray[np.int64]
-    qm: NDArray[np.object_]
-    qe: NDArray[np.int64]
-    first: NDArray[np.intp]
-    multi: NDArray[np.intp]
-    msm: NDArray[np.object_]
-    mse: NDArray[np.int64]
-    mqm: NDArray[np.object_]
-    mqe: NDArray[np.int64]
+    __slots__ = ("qe", "qm", "se", "sm")
 
-    @staticmethod
-    def merged(p: _Parts, order: NDArray[np.intp], starts: NDArray[np.intp]) -> _Sums:
-        """The sums of the groups of ``p`` taken in ``order`` beginning at ``starts``."""
-        n = len(order)
-        sizes = np.diff(np.append(starts, n))
-        multi = np.full(len(starts), -1, dtype=np.intp)
-        groups = np.flatnonzero(sizes > 1)
-        multi[groups] = np.arange(len(groups))
-        rows = np.flatnonzero((sizes > 1)[_group_ids(starts, n)])  # whole groups, still contiguous
-        sub = np.searchsorted(rows, starts[groups])
-        g = _group_ids(sub, len(rows))
-        idx = order[rows]
-        msm, mse = _merge_sums(p.sm[idx], p.se[idx], sub, g)
-        mqm, mqe = _merge_sums(p.qm[idx], p.qe[idx], sub, g)
-        return _Sums(p.sm, p.se, p.qm, p.qe, order[starts], multi, msm, mse, mqm, mqe)
+    def __init__(self, sm: list[int], se: list[int], qm: list[int], qe: list[int]) -> None:
+        self.sm, self.se, self.qm, self.qe = sm, se, qm, qe
 
-    def at(self, rows: NDArray[np.intp]) -> tuple[NDArray[np.object_], NDArray[np.int64], NDArray[np.object_],
-                                                  NDArray[np.int64]]:
-        """``(sm, se, qm, qe)`` of the merged rows ``rows``."""
-        src = self.first[rows]
-        out = [self.sm[src], self.se[src], self.qm[src], self.qe[src]]
-        m = self.multi[rows]
-        sel = np.flatnonzero(m >= 0)
-        if len(sel):
-            for col, merged in zip(out, (self.msm, self.mse, self.mqm, self.mqe), strict=True):
-                col[sel] = merged[m[sel]]
-        return out[0], out[1], out[2], out[3]
+    def __len__(self) -> int:
+        return len(self.sm)
+
+    def add(self, sm: NDArray[np.object_], se: NDArray[np.int64], qm: NDArray[np.object_],
+            qe: NDArray[np.int64]) -> NDArray[np.int64]:
+        """Append sums; their ids."""
+        start = len(self.sm)
+        self.sm.extend(sm.tolist())
+        self.se.extend(se.tolist())
+        self.qm.extend(qm.tolist())
+        self.qe.extend(qe.tolist())
+        return np.arange(start, len(self.sm), dtype=np.int64)
+
+    def at(self, sid: NDArray[np.int64]) -> _SumCols:
+        """``(sm, se, qm, qe)`` of the ids ``sid``."""
+        ids = sid.tolist()
+        sm, se, qm, qe = self.sm, self.se, self.qm, self.qe
+        return (_objects([sm[i] for i in ids]), np.array([se[i] for i in ids], dtype=np.int64),
+                _objects([qm[i] for i in ids]), np.array([qe[i] for i in ids], dtype=np.int64))
+
+    def compact(self, sid: NDArray[np.int64]) -> NDArray[np.int64]:
+        """Keep only the sums of ``sid`` (when the dead ones are the most); the ids to use instead."""
+        if len(self.sm) <= 2 * len(sid) + 4096:
+            return sid
+        ids = sid.tolist()
+        self.sm, self.se = [self.sm[i] for i in ids], [self.se[i] for i in ids]
+        self.qm, self.qe = [self.qm[i] for i in ids], [self.qe[i] for i in ids]
+        return np.arange(len(ids), dtype=np.int64)
 
 
-def _slide(p: _Parts, sums: _Sums, carry: _Carry, q_was: NDArray[np.int64], q_done: NDArray[np.int64], k: int,
-           w_dev: NDArray[np.int64], w_met: NDArray[np.int64], w_q: NDArray[np.int64],
-           ) -> tuple[tuple[NDArray[np.object_], NDArray[np.int64], NDArray[np.object_], NDArray[np.int64]], _Carry]:
+def _packed(cols: Sequence[NDArray[np.int64]]) -> NDArray[np.int64] | None:
+    """One int64 ordered as the rows of ``cols`` are lexicographically, or None when it would not fit."""
+    if not len(cols[0]):
+        return np.empty(0, dtype=np.int64)
+    lows = [int(c.min()) for c in cols]
+    spans = [int(c.max()) - lo + 1 for c, lo in zip(cols, lows, strict=True)]
+    if math.prod(spans) >= 2**62:
+        return None
+    key = np.zeros(len(cols[0]), dtype=np.int64)
+    for c, lo, span in zip(cols, lows, spans, strict=True):
+        key = key * span + (c - lo)
+    return key
+
+
+def _slide(p: _Parts, sums: _Heap, sid: NDArray[np.int64], carry: _Carry, q_was: NDArray[np.int64],
+           q_done: NDArray[np.int64], k: int, w_dev: NDArray[np.int64], w_met: NDArray[np.int64],
+           w_q: NDArray[np.int64]) -> tuple[_SumCols, _Carry]:
     """Exact sums and sums of squares of the hopping windows ``(w_dev, w_met, w_q)`` (sorted, each in
     ``(q_was, q_done]`` of its device) from running sums, and the carry for the next call.
 
@@ -447,8 +459,8 @@ def _slide(p: _Parts, sums: _Sums, carry: _Carry, q_was: NDArray[np.int64], q_do
     zero_o, none_e = _objects([0] * n_w), np.full(n_w, _NO_E, dtype=np.int64)
     out: list[Any] = []
     new: list[Any] = []
-    a_sm, a_se, a_qm, a_qe = sums.at(add)
-    d_sm, d_se, d_qm, d_qe = sums.at(drop)
+    a_sm, a_se, a_qm, a_qe = sums.at(sid[add])
+    d_sm, d_se, d_qm, d_qe = sums.at(sid[drop])
     for cm, ce, am, ae, dm, de in ((carry.sm, carry.se, a_sm, a_se, d_sm, d_se),
                                    (carry.qm, carry.qe, a_qm, a_qe, d_qm, d_qe)):
         m = np.concatenate([cm, am, dm, zero_o])[order]
@@ -503,6 +515,12 @@ class WindowOperator:
         self._metric_id: dict[str, int] = {}
         self._newest = np.empty(0, dtype=np.int64)  # per device id: newest ts seen
         self._parts = _Parts.empty()
+        # hopping windows of k >= _SLIDE_MIN panes dropping late readings keep running sums: the parts'
+        # exact sums are in a heap (their columns in _parts are empty), _sid[i] is part i's
+        self._heap: _Heap | None = None
+        self._sid = np.empty(0, dtype=np.int64)
+        if isinstance(spec, Hopping) and not update_ms and spec.size_ms // spec.hop_ms >= _SLIDE_MIN:
+            self._heap = _Heap([], [], [], [])
         # per (device, metric), the exact sums of the parts already counted in its last final window that
         # still count in later ones (see _slide); None: to be derived from the parts (after a restore)
         self._carry: _Carry | None = None
@@ -637,6 +655,8 @@ class WindowOperator:
 
     def _advance(self, new: _Parts, before: NDArray[np.int64], late: int) -> WindowResults:
         """Fold ``new`` into the state; emit and evict what the watermarks (moved from ``before``) closed."""
+        if self._heap is not None:
+            return self._advance_sliding(new, before, late)
         p = _Parts.concat([self._parts, new]) if len(new) else self._parts
         lateness = self.allowed_lateness_ms
         if not len(p):
@@ -644,22 +664,13 @@ class WindowOperator:
             return self._results(p, none, none, late, np.empty(0, bool) if self.update_ms else None)
         if isinstance(self.spec, Hopping):
             hop, k = self.spec.hop_ms, self.spec.size_ms // self.spec.hop_ms
-            h = self.update_ms
-            slide = not h and k >= _SLIDE_MIN
-            sums: _Sums | None = None
             if len(new):
                 order = np.lexsort((p.b, p.a, p.met, p.dev))
-                starts = _segment_starts(p.dev[order], p.met[order], p.a[order], p.b[order])
-                if slide:  # the exact sums stay where they are, taken once at the end (_Sums)
-                    sums = _Sums.merged(p, order, starts)
-                    p = self._reduce(p.take(order, sums=False), None, starts)
-                else:
-                    p = self._reduce(p, order, starts)
-            elif slide:
-                sums = _Sums.merged(p, np.arange(len(p)), np.arange(len(p)))
+                p = self._reduce(p, order, _segment_starts(p.dev[order], p.met[order], p.a[order], p.b[order]))
             # windows ending at q*hop <= watermark are final; those before this call were emitted already
             q_done = (self._newest[p.dev] - lateness) // hop
             q_was = (before[p.dev] - lateness) // hop
+            h = self.update_ms
             # each part's windows not emitted yet, and (on_late="update") those still open to updates
             src, q = _expand(p.a + p.b, np.minimum(p.a + k, q_done), (before[p.dev] - lateness - h) // hop + 1)
             again = q <= q_was[src]
@@ -670,22 +681,13 @@ class WindowOperator:
                 src, q, again = src[keep], q[keep], again[keep]
             order = np.lexsort((q, p.met[src], p.dev[src]))
             src, q, again = src[order], q[order], again[order]
-            win = p.take(src, sums=not slide)  # the parts of each window, in window order: taken once
+            win = p.take(src)  # the parts of each window, in window order: taken once
             starts = _segment_starts(win.dev, win.met, q)
             out = self._reduce(win, None, starts)
-            if sums is not None:  # the exact sums from running sums: O(1) per part and window instead of O(k)
-                carry = self._carry if self._carry is not None else _Carry.of(p, sums, q_was)
-                w_sums, self._carry = _slide(p, sums, carry, q_was, q_done, k, out.dev, out.met, q[starts])
-                out = replace(out, sm=w_sums[0], se=w_sums[1], qm=w_sums[2], qe=w_sums[3])
             end = q[starts] * hop
             start = end - self.spec.size_ms
             update = again[starts] if h else None
-            kept = np.flatnonzero(p.a + k > (self._newest[p.dev] - lateness - h) // hop)
-            if sums is None:
-                self._parts = p.take(kept)
-            else:
-                self._parts = replace(p.take(kept, sums=False), **dict(zip(("sm", "se", "qm", "qe"), sums.at(kept),
-                                                                           strict=True)))
+            self._parts = p.take(np.flatnonzero(p.a + k > (self._newest[p.dev] - lateness - h) // hop))
         else:
             gap = self.spec.gap_ms
             order = np.lexsort((p.a, p.met, p.dev))
@@ -702,6 +704,61 @@ class WindowOperator:
             self._parts = p.take(np.flatnonzero(~closed))
             update = None
         return self._results(out, start, end, late, update)
+
+    def _fold(self, new: _Parts) -> None:
+        """Merge ``new`` (grouped, sorted) into the running-sum state (sorted, one row per key): the two
+        sorted runs are merged (one stable sort of a packed key, else a lexsort), rows with the same key
+        combined; the exact sums go to the heap, the rows keep their ids."""
+        assert self._heap is not None
+        p = _Parts.concat([self._parts, new.take(np.arange(len(new)), sums=False)])
+        sid = np.concatenate([self._sid, self._heap.add(new.sm, new.se, new.qm, new.qe)])
+        key = _packed((p.dev, p.met, p.a, p.b))
+        order = np.argsort(key, kind="stable") if key is not None else np.lexsort((p.b, p.a, p.met, p.dev))
+        p, sid = p.take(order, sums=False), sid[order]
+        same = np.flatnonzero((p.dev[1:] == p.dev[:-1]) & (p.met[1:] == p.met[:-1]) & (p.a[1:] == p.a[:-1])
+                              & (p.b[1:] == p.b[:-1]))  # row i and i + 1: the state's and the new one
+        if len(same):
+            pairs = np.stack([same, same + 1], axis=1).ravel()
+            two = np.arange(0, len(pairs), 2)
+            merged = self._reduce(p.take(pairs, sums=False), None, two)
+            for f in ("count", "mn", "mx", "fts", "fv", "lts", "lv"):
+                getattr(p, f)[same] = getattr(merged, f)
+            sm, se, qm, qe = self._heap.at(sid[pairs])
+            g = np.repeat(np.arange(len(same)), 2)
+            msm, mse = _merge_sums(sm, se, two, g)
+            mqm, mqe = _merge_sums(qm, qe, two, g)
+            sid[same] = self._heap.add(msm, mse, mqm, mqe)
+            keep = np.ones(len(p), dtype=bool)
+            keep[same + 1] = False
+            rows = np.flatnonzero(keep)
+            p, sid = p.take(rows, sums=False), sid[rows]
+        self._parts, self._sid = p, sid
+
+    def _advance_sliding(self, new: _Parts, before: NDArray[np.int64], late: int) -> WindowResults:
+        """:meth:`_advance` of hopping windows of ``k >= _SLIDE_MIN`` panes dropping late readings: the
+        exact sums come from running sums (:func:`_slide`), the others from the parts of each window."""
+        assert isinstance(self.spec, Hopping) and self._heap is not None
+        if len(new):
+            self._fold(new)
+        p, sid = self._parts, self._sid
+        lateness = self.allowed_lateness_ms
+        hop, k = self.spec.hop_ms, self.spec.size_ms // self.spec.hop_ms
+        q_done = (self._newest[p.dev] - lateness) // hop
+        q_was = (before[p.dev] - lateness) // hop
+        src, q = _expand(p.a + p.b, np.minimum(p.a + k, q_done), q_was + 1)
+        order = np.lexsort((q, p.met[src], p.dev[src]))
+        src, q = src[order], q[order]
+        win = p.take(src, sums=False)  # the parts of each window, in window order, without their sums
+        starts = _segment_starts(win.dev, win.met, q)
+        out = self._reduce(win, None, starts)
+        carry = self._carry if self._carry is not None else _Carry.of(p, self._heap, sid, q_was)
+        w_sums, self._carry = _slide(p, self._heap, sid, carry, q_was, q_done, k, out.dev, out.met, q[starts])
+        out = replace(out, sm=w_sums[0], se=w_sums[1], qm=w_sums[2], qe=w_sums[3])
+        end = q[starts] * hop
+        kept = np.flatnonzero(p.a + k > q_done)
+        self._parts = p.take(kept, sums=False)
+        self._sid = self._heap.compact(sid[kept])
+        return self._results(out, end - self.spec.size_ms, end, late, None)
 
     # -- results -------------------------------------------------------------------------------------
     def _results(self, p: _Parts, start: NDArray[np.int64], end: NDArray[np.int64], late: int,
@@ -743,6 +800,9 @@ class WindowOperator:
     def snapshot(self) -> bytes:
         """The state as bytes (msgpack), to store with the consumer's positions; see :meth:`restore`."""
         p = self._parts
+        if self._heap is not None:
+            sm, se, qm, qe = self._heap.at(self._sid)
+            p = replace(p, sm=sm, se=se, qm=qm, qe=qe)
         spec = (["hopping", self.spec.size_ms, self.spec.hop_ms] if isinstance(self.spec, Hopping)
                 else ["session", self.spec.gap_ms])
         return _enc.encode(_Snapshot(
@@ -770,6 +830,10 @@ class WindowOperator:
         cols.update((n, np.array(x, dtype=np.float64)) for n, x in s.floats.items())
         cols.update((n, _objects([int(h, 16) for h in x])) for n, x in s.big.items())
         op._parts = _Parts(**cols)
+        if op._heap is not None:
+            p = op._parts
+            op._sid = op._heap.add(p.sm, p.se, p.qm, p.qe)
+            op._parts = p.take(np.arange(len(p)), sums=False)
         op._carry = None  # derived from the parts at the next call
         return op
 
