@@ -726,7 +726,7 @@ class WindowOperator:
             sm, se, qm, qe = self._heap.at(sid[pairs])
             g = np.repeat(np.arange(len(same)), 2)
             msm, mse = _merge_sums(sm, se, two, g)
-            mqm, mqe = _merge_sums(qm, qe, two, g)
+            mqm, mqe = _merge_sums(qm, qe, two, g) if self._squares else (qm[two], qe[two])  # as _reduce
             sid[same] = self._heap.add(msm, mse, mqm, mqe)
             keep = np.ones(len(p), dtype=bool)
             keep[same + 1] = False
