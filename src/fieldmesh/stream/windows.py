@@ -36,9 +36,12 @@ largest ``(ts_ms, value)``: ties in event time go to the smaller value for ``fir
 How: readings are grouped with one ``np.lexsort`` and reduced with ``ufunc.reduceat``; exact sums use
 int64 limbs when a group's exponents are close (the common case) and :func:`~fieldmesh.core.exact.exact_sum`
 otherwise. Hopping windows keep one partial aggregate per pane (``hop_ms`` slice) and merge ``size/hop``
-panes at emission. The mean, sum, stddev and rate of all the windows one call emits are computed at once
-(Python-int operators applied by numpy to object arrays; a float square root kept where an exact check
-shows it correctly rounded), equal bit for bit to the scalar functions they fall back to.
+panes at emission; with three panes or more and late readings dropped, the exact sums are running sums
+instead (each pane added once and subtracted once, exact as Python ints: :func:`_slide`), with the
+panes' sums in lists the state points into (:class:`_Heap`). The mean, sum, stddev and rate of all the
+windows one call emits are computed at once (Python-int operators applied by numpy to object arrays; a
+float square root kept where an exact check shows it correctly rounded), equal bit for bit to the scalar
+functions they fall back to.
 """
 
 from __future__ import annotations
