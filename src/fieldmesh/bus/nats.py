@@ -185,8 +185,9 @@ class PipelinedNatsProducer:
             self._sub = None
 
 
-#: A fetch first asks for what is there and waits this long at most for it (one round trip on a host).
-_PROBE_S = 0.002
+#: A fetch first asks for what is there and waits this long at most for it: a round trip, with room for the
+#: interpreter lock a busy process holds in 5 ms slices (an idle consumer waits this long more at most).
+_PROBE_S = 0.005
 
 
 def _ack_tokens(reply: str) -> tuple[int, int]:
