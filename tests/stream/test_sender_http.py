@@ -88,3 +88,34 @@ def test_receiver_closing_each_connection() -> None:
     finally:
         d.close()
         rec.close()
+
+
+def test_pipe_backlog_keeps_every_request_in_order() -> None:
+    """More than the pipe takes at once (about 20 MB of bodies in two calls): the rest goes from the writer
+    thread, after what was written, so every request reaches the delivery process whole and is answered."""
+    from fieldmesh.stream.notifier import _SenderProcess
+
+    rec = _Receiver()
+    answers: dict[int, str | None] = {}
+    done = threading.Event()
+    n = 200
+
+    def on_result(seq: int, err: str | None) -> None:
+        answers[seq] = err
+        if len(answers) == n:
+            done.set()
+
+    child = _SenderProcess({"timeout_s": 10}, on_result=on_result, on_exit=lambda c, unanswered: None)
+    try:
+        body = b'{"pad": "' + b"x" * 100_000 + b'"}'
+        reqs = [[i, "webhook", f"{rec.base}/h{i}", body, f"fm-{i}"] for i in range(n)]
+        assert child.send(reqs[: n // 2])
+        assert child._pending, "10 MB: the pipe took part, the writer thread has the rest"
+        assert child.send(reqs[n // 2:])  # goes after what is pending
+        assert done.wait(60), f"{len(answers)} of {n} answered"
+        assert all(err is None for err in answers.values())
+        assert sorted(p[0] for p in rec.posts) == sorted(f"/h{i}" for i in range(n))
+        assert all(p[3] == body for p in rec.posts)
+    finally:
+        child.close(30)
+        rec.close()

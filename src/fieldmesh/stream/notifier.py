@@ -390,6 +390,8 @@ class _SenderProcess:
             return len(data)
 
     def _write(self) -> None:
+        room = select.poll()
+        room.register(self._fd, select.POLLOUT)
         try:
             while True:
                 with self._wcond:
@@ -404,7 +406,7 @@ class _SenderProcess:
                     else:
                         self._pending[0] = head[n:]
                 if n < len(head):
-                    select.select([], [self._fd], [], 1.0)  # room in the pipe
+                    room.poll(1000)  # until the pipe has room (poll: select() fails on a descriptor >= 1024)
         finally:
             with self._wcond, contextlib.suppress(OSError):
                 self._pending.clear()
