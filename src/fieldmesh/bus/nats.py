@@ -185,6 +185,11 @@ class PipelinedNatsProducer:
             self._sub = None
 
 
+#: A fetch first asks for what is there and waits this long at most for it: a round trip, with room for the
+#: interpreter lock a busy process holds in 5 ms slices (an idle consumer waits this long more at most).
+_PROBE_S = 0.005
+
+
 def _ack_tokens(reply: str) -> tuple[int, int]:
     """(stream sequence, timestamp ms) from a JetStream ack subject, without building metadata objects.
 
@@ -228,11 +233,11 @@ class NatsConsumer:
         if max_bytes is not None and self._avg_bytes > 0:
             n = max(1, min(max_records, int(max_bytes / self._avg_bytes)))
         try:
-            msgs = await self._sub.fetch(n, timeout=timeout_s)
-        except (TimeoutError, nats.errors.TimeoutError):
-            return []
+            msgs = await self._pull(n, timeout_s)
         except nats.errors.ConnectionClosedError as exc:
             raise BackendUnavailable("NATS connection closed") from exc
+        if not msgs:
+            return []
         recs = [self._record(m) for m in msgs]
         if max_bytes is None:
             return recs
@@ -241,6 +246,24 @@ class NatsConsumer:
             self._avg_bytes = size if not self._avg_bytes else 0.8 * self._avg_bytes + 0.2 * size
         out, self._held = split_by_bytes(recs, max_records, max_bytes)
         return out
+
+    async def _pull(self, n: int, timeout_s: float) -> list[Msg]:
+        """Up to ``n`` messages as soon as there are any, without waiting for ``n``.
+
+        nats-py's ``fetch(n)`` takes what the stream holds at once, but when it holds nothing it waits for
+        all ``n`` (or its timeout): an idle consumer would hold the first record back for up to
+        ``timeout_s``. So that case waits for one message only; the next fetch takes what came meanwhile.
+        """
+        try:
+            return await self._sub.fetch(n, timeout=min(timeout_s, _PROBE_S))
+        except (TimeoutError, nats.errors.TimeoutError):
+            pass
+        if timeout_s <= _PROBE_S:
+            return []
+        try:
+            return await self._sub.fetch(1, timeout=timeout_s - _PROBE_S)
+        except (TimeoutError, nats.errors.TimeoutError):
+            return []
 
     def _record(self, m: Msg) -> BusRecord:
         seq, ts_ms = _ack_tokens(m.reply)

@@ -27,12 +27,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import queue
+import os
 import random
+import select
 import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from datetime import UTC, datetime
@@ -41,7 +43,7 @@ from typing import Any
 
 from fieldmesh.store.alerts import Notification, mark_delivered, mark_failed, next_notifications
 from fieldmesh.store.base import HotStore, SqlTxn
-from fieldmesh.stream.sender import FrameReader, write_frame
+from fieldmesh.stream.sender import FrameReader, encode_frame
 
 __all__ = ["Notifier", "NotifierStats", "alertmanager_payload", "json_payload"]
 
@@ -83,6 +85,18 @@ class NotifierStats:
         self.failed_tries = 0
         self.failed = 0  # kept as failed after the last try
         self.latency_ms: list[int] = []  # created (the step's commit) -> acknowledged, last 10,000
+        #: handed to the delivery process (for a batch's notifications: right after its commit) -> acknowledged
+        self.send_ms: list[float] = []
+
+    def summary(self) -> str:
+        """One line for the log: counts and the send latency's p50/p99."""
+        lat = sorted(self.send_ms)
+
+        def q(p: float) -> float:
+            return lat[min(len(lat) - 1, int(p * len(lat)))] if lat else float("nan")
+
+        return (f"{self.delivered} delivered, {self.failed_tries} failed tries, {self.failed} failed; handed over -> "
+                f"acknowledged p50 {q(0.5):.1f} ms, p99 {q(0.99):.1f} ms (of the last {len(lat)})")
 
 
 class Notifier:
@@ -114,6 +128,7 @@ class Notifier:
         #: Rows the thread claims at once, and keeps in flight at most (a batch hands over what it claimed).
         self.claim_limit = 32
         self._inflight: dict[int, Notification] = {}  # outbox id -> the row, while its try is out
+        self._handed_ms: dict[int, float] = {}  # outbox id -> when its try was handed over
         self._inflight_lock = threading.Lock()
         self._want_room = False  # the thread waits for in-flight rows to finish before its next claim
         self._child: _SenderProcess | None = None
@@ -149,15 +164,18 @@ class Notifier:
         order. A row already in flight here (claimed again once its lease ran out while it waited for a
         slow receiver) is not sent a second time: the try in flight marks it.
         """
+        now = time.time() * 1000
         with self._inflight_lock:
             fresh = [n for n in notifications if n.id not in self._inflight]
             self._inflight.update((n.id, n) for n in fresh)
+            self._handed_ms.update((n.id, now) for n in fresh)
         if not fresh:
             return
         if self._stop.is_set():  # stopped: these stay claimed, and are sent again after their lease
             with self._inflight_lock:
                 for n in fresh:
                     self._inflight.pop(n.id, None)
+                    self._handed_ms.pop(n.id, None)
             return
         try:
             requests = [[n.id, *self.request(n), n.notification_id] for n in fresh]
@@ -172,9 +190,11 @@ class Notifier:
         """The delivery process's outcome of a try (on its reader thread): acknowledged ids go to
         ``defer_acked`` (the processor's next transaction marks them) or are marked at once; a failure is
         marked due again after its backoff, or failed for good."""
-        done = int(time.time() * 1000)
+        done_ms = time.time() * 1000
+        done = int(done_ms)
         with self._inflight_lock:
             n = self._inflight.get(seq)
+            handed = self._handed_ms.get(seq)
         if n is None:
             return
         try:
@@ -184,6 +204,10 @@ class Notifier:
                 st.latency_ms.append(done - n.created_ms)
                 if len(st.latency_ms) > 10_000:
                     del st.latency_ms[:5_000]
+                if handed is not None:
+                    st.send_ms.append(done_ms - handed)
+                    if len(st.send_ms) > 10_000:
+                        del st.send_ms[:5_000]
                 defer = self.defer_acked
                 if defer is not None:
                     defer([n.id], done)
@@ -212,6 +236,7 @@ class Notifier:
         with self._inflight_lock:
             for i in ids:
                 self._inflight.pop(i, None)
+                self._handed_ms.pop(i, None)
             room = self._want_room and len(self._inflight) < self.claim_limit
             if room:
                 self._want_room = False
@@ -293,6 +318,7 @@ class Notifier:
             child, self._child = self._child, None
         if child is not None:
             child.close(timeout_s)
+        log.info("notifier stopped: %s", self.stats.summary())
 
 
 def _claim(tx: SqlTxn, *, limit: int) -> list[Notification]:
@@ -300,19 +326,29 @@ def _claim(tx: SqlTxn, *, limit: int) -> list[Notification]:
 
 
 class _SenderProcess:
-    """The delivery process (:mod:`fieldmesh.stream.sender`) and the two threads that talk to it: a writer
-    (so a batch handing over its notifications never waits on the pipe) and a reader of the outcomes."""
+    """The delivery process (:mod:`fieldmesh.stream.sender`) and the threads that talk to it.
+
+    Requests are written to its pipe by the caller itself (a batch's apply thread, right after its commit):
+    a handful of bytes, written without blocking, so they do not wait for a writer thread to get this
+    interpreter's lock from the next batch. What the pipe cannot take at once (the process is behind) is
+    left to a writer thread, and what follows goes after it, in order. A reader thread takes the outcomes.
+    """
 
     def __init__(self, cfg: dict[str, Any], *, on_result: Callable[[int, str | None], None],
                  on_exit: Callable[[_SenderProcess, list[int]], None]) -> None:
         self._on_result = on_result
         self._on_exit = on_exit
-        self._out: queue.SimpleQueue[list[list[Any]] | None] = queue.SimpleQueue()
         self._asked: set[int] = set()  # seqs written, not answered
         self._lock = threading.Lock()
         self.alive = True
         self.proc = subprocess.Popen([sys.executable, "-m", "fieldmesh.stream.sender", json.dumps(cfg)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert self.proc.stdin is not None
+        self._fd = self.proc.stdin.fileno()
+        os.set_blocking(self._fd, False)
+        self._pending: deque[memoryview] = deque()  # bytes the pipe did not take yet, in order
+        self._wcond = threading.Condition()  # guards the pipe, _pending and _closing
+        self._closing = False
         self._writer = threading.Thread(target=self._write, name="fm-notify-write", daemon=True)
         self._reader = threading.Thread(target=self._read, name="fm-notify-read", daemon=True)
         self._writer.start()
@@ -324,33 +360,59 @@ class _SenderProcess:
         return self.proc.poll()
 
     def send(self, requests: list[list[Any]]) -> bool:
-        """Queue requests ``[seq, kind, dest, body, notification_id]`` for the process; False when it exited
-        (nothing queued)."""
+        """Write requests ``[seq, kind, dest, body, notification_id]`` to the process (what its pipe cannot
+        take now goes after, from the writer thread); False when it exited (nothing sent)."""
         with self._lock:
             if not self.alive:
                 return False
             self._asked.update(r[0] for r in requests)
-        self._out.put(requests)
+        data = memoryview(b"".join(encode_frame(r) for r in requests))
+        with self._wcond:
+            if self._closing:
+                return True  # it is being closed: the reader lists these as unanswered
+            if not self._pending:
+                data = data[self._put(data):]
+            if data:
+                self._pending.append(data)
+                self._wcond.notify()
         return True
 
-    def _write(self) -> None:
-        stdin = self.proc.stdin
-        assert stdin is not None
+    def _put(self, data: memoryview) -> int:
+        """Bytes of ``data`` the pipe took now (under ``_wcond``); a closed pipe takes all (they are lost, and
+        the reader lists their requests as unanswered)."""
+        if self._fd < 0:
+            return len(data)
         try:
-            while (reqs := self._out.get()) is not None:
-                for r in reqs:
-                    write_frame(stdin, r)
-                while not self._out.empty():  # what queued meanwhile goes in the same write
-                    if (more := self._out.get()) is None:
+            return os.write(self._fd, data)
+        except BlockingIOError:
+            return 0
+        except OSError:  # it died
+            return len(data)
+
+    def _write(self) -> None:
+        room = select.poll()
+        room.register(self._fd, select.POLLOUT)
+        try:
+            while True:
+                with self._wcond:
+                    while not self._pending and not self._closing:
+                        self._wcond.wait()
+                    if not self._pending:
                         return
-                    for r in more:
-                        write_frame(stdin, r)
-                stdin.flush()
-        except (BrokenPipeError, OSError, ValueError):  # it died: the reader reports what went unanswered
-            pass
+                    head = self._pending[0]
+                    n = self._put(head)
+                    if n == len(head):
+                        self._pending.popleft()
+                    else:
+                        self._pending[0] = head[n:]
+                if n < len(head):
+                    room.poll(1000)  # until the pipe has room (poll: select() fails on a descriptor >= 1024)
         finally:
-            with contextlib.suppress(OSError):
-                stdin.close()
+            with self._wcond, contextlib.suppress(OSError):
+                self._pending.clear()
+                self._fd = -1  # closed: its number may name another file from now on
+                assert self.proc.stdin is not None
+                self.proc.stdin.close()
 
     def _read(self) -> None:
         stdout = self.proc.stdout
@@ -374,7 +436,9 @@ class _SenderProcess:
 
     def close(self, timeout_s: float) -> None:
         """Close the process's input and wait for the outcomes of the tries in hand."""
-        self._out.put(None)
+        with self._wcond:
+            self._closing = True
+            self._wcond.notify()
         self._reader.join(timeout=timeout_s)
         if self._reader.is_alive():
             self.proc.kill()

@@ -314,7 +314,8 @@ class Processor:
         Fetches are sized in bytes (``fetch_max_bytes``); the fetcher waits while the queue holds more
         than ``_QUEUED_FETCHES`` such fetches, so memory stays bounded under overload and the backlog
         stays in the bus. Batches waiting when the applier is free are applied together, up to
-        ``fetch_max_bytes`` (one bigger transaction). Records are applied and acknowledged in fetch order.
+        ``fetch_max_bytes`` (one bigger transaction). Records are applied and acknowledged in fetch order;
+        a batch's acknowledgement (a round trip to the bus) goes out while the next batch is applied.
         """
         s = self.settings
         queue = _ByteQueue(_QUEUED_FETCHES * s.fetch_max_bytes)
@@ -331,7 +332,23 @@ class Processor:
             finally:
                 await queue.close()
 
+        # Acknowledgements go out in order on a task of their own: the next batch is applied meanwhile (an
+        # ack waits for the bus's answer; the records are committed already, a crash redelivers and skips them).
+        acks: asyncio.Queue[tuple[list[BusRecord], list[BusRecord]] | None] = asyncio.Queue()
+
+        async def acker() -> None:
+            while (item := await acks.get()) is not None:
+                applied, recs = item
+                await consumer.ack(applied)
+                await queue.release(recs)
+
         async def applier() -> None:
+            try:
+                await apply_all()
+            finally:
+                acks.put_nowait(None)  # the acker acknowledges what was applied, then ends
+
+        async def apply_all() -> None:
             while (recs := await queue.get(s.fetch_max_bytes)) is not None:
                 attempt = 0
                 applied: list[BusRecord] = []
@@ -355,12 +372,12 @@ class Processor:
                         await asyncio.sleep(delay)
                 if attempt:
                     log.warning("store write succeeded again after %d tries", attempt + 1)
-                await consumer.ack(applied)
-                await queue.release(recs)
+                acks.put_nowait((applied, recs))
 
         async with asyncio.TaskGroup() as tg:
             tg.create_task(fetcher(), name="processor-fetch")
             tg.create_task(applier(), name="processor-apply")
+            tg.create_task(acker(), name="processor-ack")
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set; finishes the batch in hand before returning."""
