@@ -322,7 +322,7 @@ def create_app(
         to device groups is refused (403) rather than shown other groups' data.
         """
 
-        def guard(
+        async def guard(
             bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)],
             api_key: Annotated[str | None, Security(_API_KEY)],
             basic: Annotated[HTTPBasicCredentials | None, Security(_BASIC)],
@@ -330,7 +330,7 @@ def create_app(
             token = api_key or (bearer.credentials if bearer is not None else None)
             if token is None and basic is not None:
                 token = basic_token(basic.username, basic.password)
-            p = _authenticate(token)
+            p = await _authenticate(token)
             if not p.may(role):
                 acc.count_failure("wrong_role")
                 raise HTTPException(403, f"this needs the {role} role; {p.subject} has "
@@ -344,9 +344,11 @@ def create_app(
         guards.add(guard)
         return Security(guard)
 
-    def _authenticate(token: str | None) -> Principal:
+    async def _authenticate(token: str | None) -> Principal:
         try:
-            return acc.authenticate(token)
+            if acc.checks_locally(token):  # a primary-key read of a local SQLite file: no thread hop
+                return acc.authenticate(token)
+            return await run_in_threadpool(acc.authenticate, token)
         except AuthError as exc:
             if exc.status != 401:
                 raise HTTPException(exc.status, exc.detail) from None
