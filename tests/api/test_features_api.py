@@ -251,3 +251,13 @@ def test_client_errors(tmp_path: Path) -> None:
         FeatureClient("ftp://x")
     with pytest.raises(ValueError, match="views"), FeatureClient(api.url) as fc:
         fc.get("pump-7", [])
+
+
+def test_openapi_lists_the_feature_routes_where_they_were(tmp_path: Path) -> None:
+    """They are served first (the serving path of models), but the document keeps its order: after the schema
+    registry's paths, before the data products'."""
+    paths = list(create_app(f"sqlite:///{tmp_path / 'store.db'}", online_url=None).openapi()["paths"])
+    at = paths.index("/api/v1/features/similar")
+    assert paths[at + 1] == "/api/v1/features/{entity}"
+    assert paths[at - 1].startswith("/api/v1/registry/") and not paths[at + 2].startswith("/api/v1/registry")
+    assert paths.index("/api/v1/stats") < at
