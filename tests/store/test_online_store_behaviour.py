@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 import uuid
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fieldmesh.core.errors import ConfigError
+from fieldmesh.core.errors import BackendUnavailable, ConfigError
 from fieldmesh.store.features import OnlineStore, RedisOnlineStore, SqliteOnlineStore, load_online_store
 from fieldmesh.stream.featureviews import FeatureRow
 
@@ -79,6 +80,41 @@ def test_a_row_older_than_its_ttl_reads_as_absent(online: OnlineStore) -> None:
     online.put([_row("short", known=now - 5_000), _row("pump", known=now - 5_000)])
     assert online.get("short", "d1") is None  # ttl 1 s, known 5 s ago
     assert online.get("pump", "d1") is not None
+
+
+def test_the_async_read_answers_what_get_many_does(online: OnlineStore) -> None:
+    """``aget_many`` (the API's read, on its event loop) equals ``get_many``: rows, absent views, expired ones;
+    from one loop and then another (a Redis pool belongs to the loop that made it), and closes after."""
+    now = int(time.time() * 1000)
+    online.put([_row("pump", "d1", t__mean__1m=0.1 + 0.2, t__rate__1m=math.nan), _row("pump", "d2"),
+                _row("short", "d1", known=now - 5_000)])
+    views = ["pump", "short", "absent"]
+    want = online.get_many("d1", views)
+    assert want["pump"] is not None and want["short"] is None and want["absent"] is None
+
+    async def read() -> dict[str, FeatureRow | None]:
+        return await online.aget_many("d1", views)
+
+    for _ in range(2):  # two loops, one after the other
+        got = asyncio.run(read())
+        assert list(got) == views and got["short"] is None and got["absent"] is None
+        assert got["pump"] is not None and want["pump"] is not None
+        assert got["pump"].values["t__mean__1m"] == 0.1 + 0.2 and math.isnan(got["pump"].values["t__rate__1m"])
+        assert (got["pump"].window_end_ms, got["pump"].known_at_ms, got["pump"].version) == (
+            want["pump"].window_end_ms, want["pump"].known_at_ms, want["pump"].version)
+
+    async def read_and_close() -> None:  # closed from inside the loop that opened the async pool
+        await online.aget_many("d1", views)
+        online.close()
+
+    asyncio.run(read_and_close())
+
+
+def test_an_unreachable_redis_is_backend_unavailable_for_the_async_read() -> None:
+    store = RedisOnlineStore("redis://127.0.0.1:1/0?prefix=t")  # nothing listens on port 1
+    with pytest.raises(BackendUnavailable, match="online store"):
+        asyncio.run(store.aget_many("d1", ["pump"]))
+    store.close()
 
 
 def test_bad_urls_are_config_errors() -> None:

@@ -27,6 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.registry import Collector
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute
 
 from fieldmesh import __version__
 from fieldmesh.api.auth import Access, AuthError, Principal, basic_token
@@ -322,7 +323,7 @@ def create_app(
         to device groups is refused (403) rather than shown other groups' data.
         """
 
-        def guard(
+        async def guard(
             bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)],
             api_key: Annotated[str | None, Security(_API_KEY)],
             basic: Annotated[HTTPBasicCredentials | None, Security(_BASIC)],
@@ -330,7 +331,7 @@ def create_app(
             token = api_key or (bearer.credentials if bearer is not None else None)
             if token is None and basic is not None:
                 token = basic_token(basic.username, basic.password)
-            p = _authenticate(token)
+            p = await _authenticate(token)
             if not p.may(role):
                 acc.count_failure("wrong_role")
                 raise HTTPException(403, f"this needs the {role} role; {p.subject} has "
@@ -344,9 +345,11 @@ def create_app(
         guards.add(guard)
         return Security(guard)
 
-    def _authenticate(token: str | None) -> Principal:
+    async def _authenticate(token: str | None) -> Principal:
         try:
-            return acc.authenticate(token)
+            if acc.checks_locally(token):  # a primary-key read of a local SQLite file: no thread hop
+                return acc.authenticate(token)
+            return await run_in_threadpool(acc.authenticate, token)
         except AuthError as exc:
             if exc.status != 401:
                 raise HTTPException(exc.status, exc.detail) from None
@@ -763,12 +766,14 @@ def create_app(
         app, r, get_store=get_store, stats=get_stats, visible=visible, viewer=viewer, all_devices=all_devices,
         active_alerts=lambda p, dev: get_alerts(device_id=dev, state_="active", limit=100_000, p=p),
         registered_ids=lambda: list(devreg().group_map()))
+    # the online features first: models' serving path, matched before the other ~90 routes (the OpenAPI
+    # document still lists them after the registry's, _documented)
+    app.include_router(similar_router(reader=all_devices, get_store=get_store, enabled=online_url is not None))
+    app.include_router(features_router(online_url, reader=all_devices, get_store=get_store))
     app.include_router(r)
     app.state.twins = TwinStoreHolder(store_url)
     app.include_router(twins_router(app.state.twins, viewer=viewer, operator=operator, visible=visible))
     app.include_router(registry_router(get_schema_registry, viewer=viewer, operator=operator, admin=admin))
-    app.include_router(similar_router(reader=all_devices, get_store=get_store, enabled=online_url is not None))
-    app.include_router(features_router(online_url, reader=all_devices, get_store=get_store))
     # data products and their quality (docs/products.md)
     from fieldmesh.api.products import products_router
     from fieldmesh.obs.quality import QualityCollector
@@ -814,7 +819,7 @@ def create_app(
         """The OpenAPI document without FastAPI's 422 answers: a bad parameter is a 400 here (422 is only
         a CSV import whose rows are refused)."""
         if app.openapi_schema is None:
-            doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            doc = get_openapi(title=app.title, version=app.version, routes=_documented(app.routes))
             for path, ops in doc.get("paths", {}).items():
                 for op in ops.values():
                     answers = op.get("responses", {})
@@ -843,6 +848,20 @@ def create_app(
 
 
 T = TypeVar("T")
+
+
+def _documented(routes: Sequence[BaseRoute]) -> list[BaseRoute]:
+    """The routes in the OpenAPI document's order: the feature routes, served first (:func:`create_app`), are
+    listed after the schema registry's, where they always were."""
+    def path(rt: BaseRoute) -> str:  # a route's path, or an included router's prefix (FastAPI >= 0.16x)
+        return str(getattr(rt, "path", None) or getattr(getattr(rt, "original_router", None), "prefix", ""))
+
+    def features(rt: BaseRoute) -> bool:
+        return path(rt).startswith("/api/v1/features")
+
+    rest = [rt for rt in routes if not features(rt)]
+    at = max((i + 1 for i, rt in enumerate(rest) if path(rt).startswith(REGISTRY_PREFIX)), default=len(rest))
+    return [*rest[:at], *(rt for rt in routes if features(rt)), *rest[at:]]
 
 
 def _opened_once(open_: Callable[[], T], state: dict[str, Any], key: str) -> Callable[[], T]:

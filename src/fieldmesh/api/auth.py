@@ -308,6 +308,13 @@ class Access:
         """Whether requests need no credential now (local-only mode)."""
         return self.local_only and self.oidc is None and not self.store.has_keys()
 
+    def checks_locally(self, token: str | None) -> bool:
+        """Whether :meth:`authenticate` of ``token`` would only read the opened key table in a local SQLite
+        file (no credential, or an API key; not a JWT, whose issuer's keys may be fetched): quick enough for
+        the API to call on its event loop. It is still a read per request: a revocation counts from the next."""
+        return (self._keys is not None and (token is None or token.startswith(KEY_PREFIX))
+                and self._keys.reads_quickly())
+
     def authenticate(self, token: str | None) -> Principal:
         """The caller of a request carrying ``token`` (None: no credential).
 

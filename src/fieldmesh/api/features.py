@@ -7,6 +7,11 @@ viewer credential for every device (an entity may be an asset or a site spanning
 
 Routes with a fixed segment under ``/api/v1/features/`` (such as ``/similar``) must be included before this
 router, else ``{entity}`` takes them.
+
+The route is on the serving path of models (docs/features.md, "Latency"): it reads Redis on the event loop
+(:meth:`~fieldmesh.store.features.RedisOnlineStore.aget_many`, no worker thread) and answers bytes encoded
+once by msgspec (:func:`~fieldmesh.store.features.encode_answer`): the JSON that :class:`EntityFeatures`
+describes in the OpenAPI document, without building and validating the pydantic models for each request.
 """
 
 from __future__ import annotations
@@ -18,13 +23,13 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Query
-from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response
 from prometheus_client.core import CounterMetricFamily
 from pydantic import BaseModel, Field
 
 from fieldmesh.core.errors import BackendError, FieldmeshError
 from fieldmesh.store.base import HotStore
-from fieldmesh.store.features import FeatureTables, OnlineStore, load_online_store
+from fieldmesh.store.features import FeatureTables, OnlineStore, encode_answer, load_online_store
 from fieldmesh.stream.featureviews import FeatureRow
 
 __all__ = ["FeatureCollector", "features_router", "row_json"]
@@ -54,7 +59,8 @@ def _iso(ms: int) -> str:
 
 
 def row_json(row: FeatureRow) -> dict[str, Any]:
-    """A feature row as the API returns it."""
+    """A feature row as the API returns it (as a dict; the route encodes it with
+    :func:`~fieldmesh.store.features.encode_answer`)."""
     return {"window_start": _iso(row.window_start_ms), "window_end": _iso(row.window_end_ms),
             "known_at": _iso(row.known_at_ms), "version": row.version,
             "values": {k: (v if math.isfinite(v) else None) for k, v in sorted(row.values.items())}}
@@ -85,14 +91,15 @@ def features_router(online_url: str | None, *, reader: Any, get_store: Callable[
         views: Annotated[str, Query(min_length=1, max_length=4096, pattern=_VIEWS,
                                     description="comma-separated view names, e.g. pump_stats,site_temp")],
         _: Any = reader,
-    ) -> dict[str, Any]:
+    ) -> Response:
         names = list(dict.fromkeys(views.split(",")))
         store = online()
         try:
-            got = await run_in_threadpool(store.get_many, entity, names)
+            got = await store.aget_many(entity, names)
         except BackendError as exc:
             raise HTTPException(503, f"online store: {exc}") from None
-        return {"entity": entity, "views": {v: (None if row is None else row_json(row)) for v, row in got.items()}}
+        # a Response is sent as it is: response_model above documents it (and the tests hold the two equal)
+        return Response(encode_answer(entity, got), media_type="application/json")
 
     return r
 

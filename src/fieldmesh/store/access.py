@@ -199,6 +199,12 @@ class HotTables:
     def _sql(self, sql: str) -> str:
         return sql.replace("?", "%s") if self._pg else sql
 
+    def reads_quickly(self) -> bool:
+        """Whether a read now would take microseconds: the tables are in a local SQLite file (WAL: a reader
+        never waits for a writer) and no call of this connection is under way (a write waiting for the
+        file's lock would hold it). For callers on an event loop; elsewhere, just read."""
+        return not self._pg and not self._lock.locked()
+
     def _reconnect_if_lost(self) -> None:
         """Reopen a PostgreSQL connection the server closed (a restart, a failover, an idle timeout)."""
         if self._pg and (self._con.closed or self._con.broken):

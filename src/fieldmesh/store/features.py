@@ -7,6 +7,7 @@
   the feature values plus ``_window_end``, ``_known_at``, ``_version`` (ms ints) and ``_window_start``;
   it expires ``ttl`` after ``known_at`` (``PEXPIREAT``). A Lua script writes a row only when its
   ``(window_end, version)`` is newer than the stored one, so a replay never moves a value back.
+  ``aget_many`` (the API) reads with ``redis.asyncio`` on the running loop, one pipeline of ``HGETALL`` s.
 * ``sqlite:///path/features.db`` (the default under ``--data-dir``): table ``online_features``, same rule.
 
 **Hot-store tables** (:class:`FeatureTables`, through :class:`~fieldmesh.store.base.SqlTxn`, so SQLite
@@ -24,12 +25,14 @@ and PostgreSQL alike), written in one transaction per batch by the feature stage
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import sqlite3
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Protocol
 from urllib.parse import parse_qs, urlsplit
@@ -42,8 +45,8 @@ from fieldmesh.store.base import HotStore, SqlTxn
 from fieldmesh.stream.featureviews import FeatureRow
 
 __all__ = [
-    "FeatureTables", "OnlineRow", "OnlineStore", "RedisOnlineStore", "SqliteOnlineStore", "load_online_store",
-    "row_from_json", "row_to_json",
+    "FeatureTables", "OnlineRow", "OnlineStore", "RedisOnlineStore", "SqliteOnlineStore", "encode_answer",
+    "load_online_store", "row_from_json", "row_to_json",
 ]
 
 
@@ -86,6 +89,39 @@ def row_from_json(view: str, entity: str, start: int, end: int, known: int, vers
                       known_at_ms=int(known), version=int(version), values=vals)
 
 
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class _AnswerRow(msgspec.Struct):
+    """A view's row in an answer: the fields of the API's ``FeatureValues``, in its order."""
+
+    window_start: str
+    window_end: str
+    known_at: str
+    version: int
+    values: dict[str, float]  # msgspec writes a NaN or an infinity as null
+
+
+class _Answer(msgspec.Struct):
+    entity: str
+    views: dict[str, _AnswerRow | None]
+
+
+_ANSWER_ENCODER: Final = msgspec.json.Encoder()
+
+
+def encode_answer(entity: str, rows: Mapping[str, FeatureRow | None]) -> bytes:
+    """The JSON answer of an online read (the body of ``GET /api/v1/features/{entity}``, and what
+    ``FeatureClient(online_url=...)`` decodes): ``{"entity", "views": {view: row | null}}`` with the views in
+    the order of ``rows``, times in ISO 8601 UTC to the millisecond, values sorted by name, a value that is
+    not finite as null."""
+    return _ANSWER_ENCODER.encode(_Answer(entity=entity, views={
+        v: None if row is None else _AnswerRow(_iso(row.window_start_ms), _iso(row.window_end_ms),
+                                               _iso(row.known_at_ms), row.version, dict(sorted(row.values.items())))
+        for v, row in rows.items()}))
+
+
 class OnlineStore(Protocol):
     """The latest feature row per (view, entity); expired rows (``now - known_at > ttl``) read as absent."""
 
@@ -99,6 +135,10 @@ class OnlineStore(Protocol):
 
     def get_many(self, entity: str, views: Sequence[str]) -> dict[str, FeatureRow | None]:
         """One read for several views of one entity."""
+        ...
+
+    async def aget_many(self, entity: str, views: Sequence[str]) -> dict[str, FeatureRow | None]:
+        """:meth:`get_many` from an event loop, without blocking it."""
         ...
 
     def close(self) -> None: ...
@@ -120,8 +160,9 @@ class RedisOnlineStore:
                               key="online_url")
         self.url = url
         self.ttl_ms = dict(ttl_ms or {})
-        clean = u._replace(query="").geturl()
-        self._r = redis.Redis.from_url(clean, socket_timeout=5, socket_connect_timeout=5)
+        self._clean_url = u._replace(query="").geturl()
+        self._r = redis.Redis.from_url(self._clean_url, socket_timeout=5, socket_connect_timeout=5)
+        self._async: tuple[asyncio.AbstractEventLoop, Any] | None = None
         self._put = self._r.register_script(_PUT_LUA)
         self._errors: tuple[type[BaseException], ...] = (redis.RedisError,)
 
@@ -158,6 +199,32 @@ class RedisOnlineStore:
             got = pipe.execute()
         except self._errors as exc:
             raise BackendUnavailable(f"online store {self.url}: {exc}") from exc
+        return self._decode(entity, views, got)
+
+    async def aget_many(self, entity: str, views: Sequence[str]) -> dict[str, FeatureRow | None]:
+        """:meth:`get_many` for an event loop (the API): the same read with ``redis.asyncio``, on a
+        connection pool of the running loop, so the loop does not hand the read to a thread."""
+        try:
+            async with self._async_client().pipeline(transaction=False) as pipe:
+                for v in views:
+                    pipe.hgetall(self.key(v, entity))
+                got = await pipe.execute()
+        except self._errors as exc:
+            raise BackendUnavailable(f"online store {self.url}: {exc}") from exc
+        return self._decode(entity, views, got)
+
+    def _async_client(self) -> Any:
+        """The ``redis.asyncio`` client of the running loop (a pool is bound to the loop that made it)."""
+        loop = asyncio.get_running_loop()
+        if self._async is None or self._async[0] is not loop:
+            import redis.asyncio
+
+            self._async = (loop, redis.asyncio.Redis.from_url(self._clean_url, socket_timeout=5,
+                                                              socket_connect_timeout=5))
+        return self._async[1]
+
+    def _decode(self, entity: str, views: Sequence[str], got: Sequence[dict[bytes, bytes]]
+                ) -> dict[str, FeatureRow | None]:
         now = int(time.time() * 1000)
         out: dict[str, FeatureRow | None] = {}
         for v, h in zip(views, got, strict=True):
@@ -182,6 +249,22 @@ class RedisOnlineStore:
 
     def close(self) -> None:
         self._r.close()
+        if self._async is not None:
+            loop, client = self._async
+            self._async = None
+            try:
+                running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            try:
+                if running is loop:
+                    loop.create_task(client.aclose())
+                elif loop.is_running():  # the API's loop, closed from another thread
+                    asyncio.run_coroutine_threadsafe(client.aclose(), loop).result(timeout=5)
+                elif not loop.is_closed():
+                    loop.run_until_complete(client.aclose())
+            except Exception:  # closing: nothing left to do with a connection that will not close
+                pass
 
 
 _SQLITE_ONLINE: Final = """
@@ -257,6 +340,10 @@ class SqliteOnlineStore:
         for view, start, end, known, version, text in rows:
             out[view] = row_from_json(view, entity, start, end, known, version, text)
         return out
+
+    async def aget_many(self, entity: str, views: Sequence[str]) -> dict[str, FeatureRow | None]:
+        """:meth:`get_many` in a worker thread (each thread has its own connection)."""
+        return await asyncio.to_thread(self.get_many, entity, views)
 
     def clear(self) -> int:
         """Delete every row (tests, rebuilds); how many."""
