@@ -718,7 +718,7 @@ for _name, _module in (("ca", "fieldmesh.cli.ca"), ("cdc", "fieldmesh.cli.cdc"),
                        ("jobs", "fieldmesh.cli.jobs"), ("lake", "fieldmesh.cli.lake"),
                        ("schemas", "fieldmesh.cli.schemas"), ("grafana", "fieldmesh.cli.grafana"),
                        ("twins", "fieldmesh.cli.twins"), ("products", "fieldmesh.cli.products"),
-                       ("store", "fieldmesh.cli.store")):
+                       ("canaries", "fieldmesh.cli.canaries"), ("store", "fieldmesh.cli.store")):
     try:
         _sub = importlib.import_module(_module)
     except ImportError:

@@ -305,6 +305,29 @@ def _features(store: Any, settings: Settings, sinks: list[Any], partitions: list
     return [FeatureStage(store=store, views=views, online=online, partitions=partitions)]
 
 
+def _canaries_of(path: Path, store_url: str) -> None:
+    """The canaries declared in a products file (``canaries:``, docs/canary.md), created when new."""
+    import yaml
+
+    from fieldmesh.store.canary import CanaryTables
+    from fieldmesh.stream.canary import CanaryError, canaries_from_yaml
+
+    text = path.read_text()
+    doc = yaml.safe_load(text)
+    if not isinstance(doc, dict) or not doc.get("canaries"):
+        return
+    try:
+        canaries = canaries_from_yaml(text)
+    except CanaryError as exc:
+        raise ConfigError(f"{path}: {exc}", key="products.products_file") from exc
+    tables = CanaryTables(store_url)
+    try:
+        counts = tables.apply(canaries, actor="file")
+    finally:
+        tables.close()
+    log.info("canaries from %s: %d (%s)", path, len(canaries), counts)
+
+
 def _products(store: Any, store_url: str, settings: Settings) -> Any:
     """The processor's data-product stage (docs/products.md); the products file loaded into the store first."""
     from fieldmesh.store.products import ProductTables
@@ -328,6 +351,7 @@ def _products(store: Any, store_url: str, settings: Settings) -> Any:
         finally:
             tables.close()
         log.info("data products from %s: %d (%s)", path, len(products), counts)
+        _canaries_of(path, store_url)
     return ProductEngine(store)
 
 

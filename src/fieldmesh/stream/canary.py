@@ -163,7 +163,7 @@ def canaries_from_yaml(text: str) -> list[Canary]:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise CanaryError(f"not YAML: {exc}") from exc
-    items = doc.get("canaries", []) if isinstance(doc, dict) else doc
+    items = doc.get("canaries") or [] if isinstance(doc, dict) else doc or []
     if not isinstance(items, list):
         raise CanaryError("canaries: a list")
     out: list[Canary] = []
