@@ -264,3 +264,29 @@ def pg_fresh_url(pg_url: str) -> Any:
     yield f"{pg_url}?schema={schema}"
     with psycopg.connect(pg_url, autocommit=True) as con:
         con.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+@pytest.mark.integration
+def test_alert_rules_see_the_canarys_readings(tmp_path: Any) -> None:
+    from fieldmesh.store.alerts import AlertTables
+    from fieldmesh.stream.alerting import AlertEngine
+    from fieldmesh.stream.alerts import parse_rule
+
+    url = f"sqlite:///{tmp_path / 'hot.db'}"
+    _declare(url)
+    at = AlertTables(url)
+    at.put_rule(parse_rule({"name": "hot", "kind": "threshold", "metric": "temp", "op": ">", "value": 30,
+                            "clear_value": 28, "severity": "major"}), actor="test")
+    dev = next(d for d in DEVICES if d.startswith("pump-") and int(d[5:]) % 2 == 0 and in_share(d))
+    store = load_store(url)
+    proc = Processor(bus=None, store=store, settings=ProcessorSettings(),  # type: ignore[arg-type]
+                     products=ProductEngine(store), alerts=AlertEngine(store))
+    proc._positions = store.positions()
+    proc.apply_records(records([(dev, T0 + 70 * 2000, 70, 35.0, "2.0")]))
+    store.close()
+    ct = CanaryTables(url)
+    assert ct.canary("fw2")["readings"] == 1  # held by the canary
+    ct.close()
+    [a] = at.alerts()
+    assert a["device_id"] == dev and a["state"] == "open"
+    at.close()

@@ -208,6 +208,14 @@ class Routed:
     #: per canary name: the dead letters of its baseline devices (devices outside its share)
     baseline_dead: Mapping[str, int] = field(default_factory=dict)
 
+    def every_new(self) -> BatchResult:
+        """The main result with the canaries' new readings too (for alert rules: a canary device is not
+        silent, and its readings may breach a threshold like any other)."""
+        if not self.parts:
+            return self.result
+        news = [self.result.new, *(p.result.new for p in self.parts)]
+        return dataclasses.replace(self.result, new=ReadingColumns.concat([n for n in news if len(n)] or news[:1]))
+
 
 Decide = Callable[[DecodedBatch, StreamState, Any], BatchResult]
 Groups = Callable[[Sequence[str]], Mapping[str, Sequence[str]]]

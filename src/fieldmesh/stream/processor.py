@@ -215,9 +215,9 @@ class Processor:
                     t = time.perf_counter()
                     if traced:
                         with tracing.span("fieldmesh.stream", "alerts.evaluate"):
-                            alerted[:] = [self.alerts.in_txn(txn, decided, state.device_watermarks)]
+                            alerted[:] = [self.alerts.in_txn(txn, routed.every_new(), state.device_watermarks)]
                     else:
-                        alerted[:] = [self.alerts.in_txn(txn, decided, state.device_watermarks)]
+                        alerted[:] = [self.alerts.in_txn(txn, routed.every_new(), state.device_watermarks)]
                     alert_s[0] = time.perf_counter() - t
                 if self.products is not None:  # so do the products' quality counters
                     touched[:] = [self.products.in_txn(txn, routed)]
