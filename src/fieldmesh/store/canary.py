@@ -38,7 +38,16 @@ from fieldmesh.store.products import SQLITE_DDL as _PRODUCTS_SQLITE_DDL
 from fieldmesh.store.products import _now, load_products, quality_of
 from fieldmesh.store.registry import _PG_DDL as _REGISTRY_PG_DDL
 from fieldmesh.store.registry import _SQLITE_DDL as _REGISTRY_SQLITE_DDL
-from fieldmesh.stream.canary import Canary, Routed, canary_products, now_ms, parse_canary, reading_rows, readings_of
+from fieldmesh.stream.canary import (
+    Canary,
+    CanaryRouter,
+    Routed,
+    canary_products,
+    now_ms,
+    parse_canary,
+    reading_rows,
+    readings_of,
+)
 from fieldmesh.stream.quality import Product, compare
 
 __all__ = ["CanaryTables", "ensure_tables", "load_canaries", "promote", "write_parts"]
@@ -103,8 +112,8 @@ def _latency(new: ReadingColumns, now: int) -> int:
     return int(np.maximum(now - new.received_ms, 0).sum()) if len(new) else 0
 
 
-def write_parts(tx: SqlTxn, routed: Routed, canaries: Sequence[tuple[Canary, Product]],
-                groups: Mapping[str, Sequence[str]]) -> dict[str, int]:
+def write_parts(tx: SqlTxn, routed: Routed, router: CanaryRouter, groups: Mapping[str, Sequence[str]]
+                ) -> dict[str, int]:
     """In the batch's transaction: each canary part's new readings into ``canary_readings``, and both sides'
     counts into ``canary_stats``; the readings stored per canary."""
     now = now_ms()
@@ -119,14 +128,8 @@ def write_parts(tx: SqlTxn, routed: Routed, canaries: Sequence[tuple[Canary, Pro
         stats.append((part.canary.name, "canary", len(part.received), len(rows),
                       int(part.result.counts.get("duplicates", 0)), part.dead_letters, _latency(part.result.new, now)))
     main_rx, main_new = routed.received, routed.result.new
-    for c, p in canaries:  # the baseline: the canary's devices' readings on the main path
-        sel = c.selector(p)
-
-        def member(cols: ReadingColumns, sel: Any = sel) -> Any:
-            ok = np.fromiter((sel.matches(d, groups.get(d, ())) for d in cols.devices), bool, len(cols.devices))
-            return ok[cols.device] if len(cols) else np.zeros(0, bool)
-
-        rx, new = member(main_rx), member(main_new)
+    for i, (c, _) in enumerate(router.canaries):  # the baseline: the canary's devices' readings on the main path
+        rx, new = router.selected(i, main_rx, groups), router.selected(i, main_new, groups)
         n_new = int(new.sum())
         lat = int(np.maximum(now - main_new.received_ms[new], 0).sum()) if n_new else 0
         # duplicates of the main path are not told apart per device by the result: received - stored (the

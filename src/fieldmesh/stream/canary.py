@@ -227,6 +227,26 @@ class CanaryRouter:
 
     def __init__(self, canaries: Sequence[tuple[Canary, Product]] = ()) -> None:
         self.canaries = [(c, p) for c, p in canaries]
+        self._selectors = [c.selector(p) for c, p in self.canaries]
+        # per canary, device -> (selected, in share): fixed for a router unless selected by registry group
+        self._cache: list[dict[str, tuple[bool, bool]]] = [{} for _ in self.canaries]
+
+    def _device(self, i: int, device_id: str, groups: Mapping[str, Sequence[str]]) -> tuple[bool, bool]:
+        sel = self._selectors[i]
+        if sel.groups:
+            return sel.matches(device_id, groups.get(device_id, ())), self.canaries[i][0].in_share(device_id)
+        cache = self._cache[i]
+        got = cache.get(device_id)
+        if got is None:
+            if len(cache) >= 1_000_000:
+                cache.clear()
+            got = cache[device_id] = (sel.matches(device_id), self.canaries[i][0].in_share(device_id))
+        return got
+
+    def selected(self, i: int, cols: ReadingColumns, groups: Mapping[str, Sequence[str]]) -> NDArray[np.bool_]:
+        """Per row of ``cols``: whether canary ``i`` selects its device (share aside)."""
+        ok = np.fromiter((self._device(i, d, groups)[0] for d in cols.devices), bool, len(cols.devices))
+        return ok[cols.device] if len(cols) else np.zeros(0, bool)
 
     def assign(self, cols: ReadingColumns, groups: Mapping[str, Sequence[str]]) -> NDArray[np.int32]:
         """Per row: the index (in :attr:`canaries`) of the canary it goes to, or -1 (the main path). A row
@@ -234,10 +254,8 @@ class CanaryRouter:
         out = np.full(len(cols), -1, dtype=np.int32)
         if not self.canaries or not len(cols):
             return out
-        for i, (c, p) in enumerate(self.canaries):
-            sel = c.selector(p)
-            dev_ok = np.fromiter((c.in_share(d) and sel.matches(d, groups.get(d, ())) for d in cols.devices),
-                                 bool, len(cols.devices))
+        for i, (c, _) in enumerate(self.canaries):
+            dev_ok = np.fromiter((all(self._device(i, d, groups)) for d in cols.devices), bool, len(cols.devices))
             rows = dev_ok[cols.device] & (out < 0)
             if c.meta and rows.any():
                 idx = np.flatnonzero(rows)
@@ -250,7 +268,7 @@ class CanaryRouter:
 
     def needs_groups(self) -> bool:
         """Whether some active canary selects by registry group."""
-        return any(c.selector(p).groups for c, p in self.canaries)
+        return any(sel.groups for sel in self._selectors)
 
     def route(self, batch: DecodedBatch, state: StreamState, txn: Any, decide: Decide,
               groups: Mapping[str, Sequence[str]]) -> Routed:
@@ -302,9 +320,10 @@ class CanaryRouter:
             dev = d.device_id
             if dev is None:
                 continue
-            for c, p in self.canaries:
-                if c.selector(p).matches(dev, groups.get(dev, ())):
-                    side = canary if c.in_share(dev) else base
+            for i, (c, _) in enumerate(self.canaries):
+                selected, share = self._device(i, dev, groups)
+                if selected:
+                    side = canary if share else base
                     side[c.name] = side.get(c.name, 0) + 1
                     break
         return canary, base

@@ -94,7 +94,7 @@ class ProductEngine:
             return Routed(decide(batch, state, txn), batch.cols)
         groups = self._groups(txn, batch.cols)
         routed = self._router.route(batch, state, txn, decide, groups)
-        self._pending = write_parts(txn, routed, self._router.canaries, groups)
+        self._pending = write_parts(txn, routed, self._router, groups)
         return routed
 
     def in_txn(self, tx: SqlTxn, received: ReadingColumns | Routed, new: ReadingColumns | None = None) -> int:
