@@ -290,3 +290,16 @@ def test_alert_rules_see_the_canarys_readings(tmp_path: Any) -> None:
     [a] = at.alerts()
     assert a["device_id"] == dev and a["state"] == "open"
     at.close()
+
+
+def test_a_products_file_with_a_bad_canary_stops_the_start(tmp_path: Any) -> None:
+    import yaml
+    from typer.testing import CliRunner
+
+    from fieldmesh.cli.main import app as cli
+
+    f = tmp_path / "products.yaml"
+    f.write_text(yaml.safe_dump({"products": [PRODUCT], "canaries": [{**CANARY, "share_percent": 150}]}))
+    r = CliRunner().invoke(cli, ["up", "--data-dir", str(tmp_path / "d"), "--products", str(f)])
+    assert r.exit_code == 2 and "share_percent" in r.output
+    assert canaries_from_yaml(yaml.safe_dump([PRODUCT]), beside_products=True) == []

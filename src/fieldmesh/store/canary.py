@@ -152,7 +152,7 @@ def _stats(tx: SqlTxn, name: str) -> dict[str, dict[str, Any]]:
     return out
 
 
-def promote(store: HotStore, name: str, *, actor: str, merge: bool = True, batch: int = 50_000) -> dict[str, Any]:
+def promote(store: HotStore, name: str, *, actor: str, merge: bool = True) -> dict[str, Any]:
     """Promote canary ``name``: from the next batch on its traffic takes the main path; with ``merge``, its
     readings join the main tables (readings, rollups, devices: as if just stored, not late) and leave
     ``canary_readings``, in one hot-store transaction with the state change and the audit entry.

@@ -155,14 +155,17 @@ def parse_canary(doc: Any) -> Canary:
                   {k: float(v) for k, v in thresholds.items()})
 
 
-def canaries_from_yaml(text: str) -> list[Canary]:
-    """The canaries of a YAML file: a list, or ``{canaries: [...]}`` (a products file may hold both)."""
+def canaries_from_yaml(text: str, *, beside_products: bool = False) -> list[Canary]:
+    """The canaries of a YAML file: a list, or ``{canaries: [...]}`` (a products file may hold both: with
+    ``beside_products`` a list is the file's products, and no canary)."""
     import yaml
 
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise CanaryError(f"not YAML: {exc}") from exc
+    if beside_products and not isinstance(doc, dict):
+        return []
     items = doc.get("canaries") or [] if isinstance(doc, dict) else doc or []
     if not isinstance(items, list):
         raise CanaryError("canaries: a list")
