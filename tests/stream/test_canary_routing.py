@@ -303,3 +303,55 @@ def test_a_products_file_with_a_bad_canary_stops_the_start(tmp_path: Any) -> Non
     r = CliRunner().invoke(cli, ["up", "--data-dir", str(tmp_path / "d"), "--products", str(f)])
     assert r.exit_code == 2 and "share_percent" in r.output
     assert canaries_from_yaml(yaml.safe_dump([PRODUCT]), beside_products=True) == []
+
+
+@pytest.mark.integration
+def test_a_promotion_waits_for_a_batch_routed_before_it(pg_fresh_url: str) -> None:
+    """PostgreSQL: a batch routed to the canary whose transaction is still open when the promotion starts is
+    merged by it, not left behind (the batch holds the canaries' version row FOR SHARE, the promotion updates it)."""
+    import threading
+
+    url = pg_fresh_url
+    _declare(url)
+    items = make_stream(21, shift=0.0, n=80)
+    recs = records(items)
+    started, release = threading.Event(), threading.Event()
+
+    class Held(ProductEngine):
+        hold = False
+
+        def route(self, *a: Any, **kw: Any) -> Any:
+            routed = super().route(*a, **kw)
+            if self.hold:
+                started.set()
+                assert release.wait(30)
+            return routed
+
+    store = load_store(url)
+    engine = Held(store)
+    proc = Processor(bus=None, store=store, settings=ProcessorSettings(),  # type: ignore[arg-type]
+                     products=engine)
+    proc._positions = store.positions()
+    proc.apply_records(recs[: len(recs) // 2])
+    promoting = load_store(url)  # opened before the batch: its set-up takes no lock the batch holds
+    engine.hold = True
+    batch = threading.Thread(target=proc.apply_records, args=(recs[len(recs) // 2:],))
+    batch.start()
+    assert started.wait(30)
+    merged: dict[str, Any] = {}
+    promoter = threading.Thread(target=lambda: merged.update(promote(promoting, "fw2", actor="op")))
+    promoter.start()
+    promoter.join(1.0)
+    assert promoter.is_alive()  # waits for the open batch
+    release.set()
+    batch.join(30)
+    promoter.join(30)
+    store.close()
+    promoting.close()
+    unique = {(it[0], it[2]): it for it in items}
+    want_canary = [k for k, it in unique.items() if canary_side(it)]
+    assert merged["merged"] == len(want_canary)
+    ct = CanaryTables(url)
+    assert ct.canary("fw2")["readings"] == 0
+    ct.close()
+    assert sorted(_main_rows(url)) == sorted(unique)

@@ -129,6 +129,7 @@ def promote_(name: str, store_url: StoreUrl = None, data_dir: DataDir = Path(".f
     from fieldmesh.store.canary import promote
 
     url = _url(store_url, data_dir)
+    _tables(url).close()  # the canary tables exist (an unknown name is then a clear "no canary")
     store = load_store(url)
     try:
         done = promote(store, name, actor=_actor(), merge=merge)

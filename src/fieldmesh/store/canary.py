@@ -157,10 +157,11 @@ def promote(store: HotStore, name: str, *, actor: str, merge: bool = True) -> di
     readings join the main tables (readings, rollups, devices: as if just stored, not late) and leave
     ``canary_readings``, in one hot-store transaction with the state change and the audit entry.
 
-    ConflictError unless the canary is active; NotFoundError when there is none."""
+    ConflictError unless the canary is active; NotFoundError when there is none. The canary tables exist
+    (:class:`CanaryTables` creates them): no DDL here, whose locks would order this transaction with the
+    batches by accident rather than by the version row."""
     from fieldmesh.stream.columnar import settle
 
-    store.transact(ensure_tables)
     out: dict[str, Any] = {}
 
     def build(txn: HotTxn) -> BatchResult:
