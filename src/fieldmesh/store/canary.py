@@ -77,10 +77,11 @@ def ensure_tables(tx: SqlTxn) -> None:
         tx.execute(stmt)
 
 
-def canaries_version(tx: SqlTxn) -> int:
-    """The canaries' version (read ``FOR SHARE`` on PostgreSQL: a promotion waits for this transaction)."""
-    lock = "" if tx.dialect == "sqlite" else " FOR SHARE"
-    rows = tx.execute(f"SELECT version FROM canaries_version WHERE id = 1{lock}")
+def canaries_version(tx: SqlTxn, *, lock: bool = True) -> int:
+    """The canaries' version; with ``lock``, read ``FOR SHARE`` on PostgreSQL: a promotion or abort (which
+    updates the row) then waits for this transaction."""
+    lock_sql = " FOR SHARE" if lock and tx.dialect != "sqlite" else ""
+    rows = tx.execute(f"SELECT version FROM canaries_version WHERE id = 1{lock_sql}")
     return int(rows[0][0]) if rows else 0
 
 

@@ -75,12 +75,19 @@ class ProductEngine:
             self.stats.products, self.stats.version = len(products), version
             log.info("data products: %d (version %d)", len(products), version)
             changed = True
-        cv = canaries_version(tx)  # every batch: on PostgreSQL this read orders the batch with promotions
+        cv = canaries_version(tx, lock=False)
         if cv != self._canary_version or changed:
-            self._router = CanaryRouter(load_canaries(tx, self._products))
-            self._canary_version = cv
-            self.stats.canaries = len(self._router.canaries)
-            log.info("canaries routing: %s (version %d)", [c.name for c, _ in self._router.canaries] or "none", cv)
+            self._load_canaries(tx, cv)
+        if self._router.canaries:  # routing: this batch is ordered with promotions and aborts (PostgreSQL)
+            locked = canaries_version(tx)
+            if locked != cv:
+                self._load_canaries(tx, locked)
+
+    def _load_canaries(self, tx: SqlTxn, version: int) -> None:
+        self._router = CanaryRouter(load_canaries(tx, self._products))
+        self._canary_version = version
+        self.stats.canaries = len(self._router.canaries)
+        log.info("canaries routing: %s (version %d)", [c.name for c, _ in self._router.canaries] or "none", version)
 
     def _groups(self, tx: SqlTxn, *cols: ReadingColumns) -> dict[str, list[str]]:
         return device_groups(tx, sorted({d for c in cols for d in c.devices})) if self._router.needs_groups() else {}
