@@ -85,6 +85,15 @@ ROLE_OF = {
     ("delete", "/api/v1/products/{name}"): "operator",
     ("get", "/api/v1/products/{name}/quality"): "viewer",
     ("get", "/api/v1/products/{name}/compare"): "viewer",
+    # canary routing (docs/canary.md): a canary spans many devices
+    ("get", "/api/v1/canaries"): "viewer",
+    ("post", "/api/v1/canaries"): "operator",
+    ("get", "/api/v1/canaries/{name}"): "viewer",
+    ("get", "/api/v1/canaries/{name}/readings"): "viewer",
+    ("get", "/api/v1/canaries/{name}/compare"): "viewer",
+    ("post", "/api/v1/canaries/{name}/promote"): "operator",
+    ("post", "/api/v1/canaries/{name}/abort"): "operator",
+    ("delete", "/api/v1/canaries/{name}"): "operator",
     ("get", "/api/v1/lineage"): "viewer",
     ("get", "/api/v1/lineage/events"): "viewer",
     ("get", "/api/v1/keys"): "admin",
@@ -237,6 +246,7 @@ def _request(c: TestClient, method: str, path: str, token: str | None = None, *,
                                        "targets": {"devices": ["p1-a"]}},
         ("post", "/api/v1/products"): {"name": f"p-{secrets.token_hex(4)}", "owner": "ops"},  # a new one: 201
         ("put", "/api/v1/products/{name}"): {"name": "hot", "owner": "ops"},  # no product 'hot': 404
+        ("post", "/api/v1/canaries"): {"name": f"c-{secrets.token_hex(4)}", "product": "hot"},  # no product: 404
     }.get((method, path))
     if path.startswith("/api/v1/registry/") and method in ("post", "put"):
         body = {"/config": {"compatibility": "BACKWARD"}, "/mode": {"mode": "READWRITE"}}.get(

@@ -88,6 +88,15 @@ def test_up_with_features_serves_the_oracles_values(tmp_path: Path) -> None:
                 assert not bad, bad
                 known = got.known_at("pump_stats")
                 assert known is not None and t0 - 1000 <= known.timestamp() * 1000 <= time.time() * 1000
+        # lineage: device -> ingest topic -> gateway -> readings topic -> processor -> readings -> the feature
+        # stage -> its view, in the hot store and the online store
+        g = up.get(f"/lineage?dataset=device:{prefix}-0")
+        names = {n["id"]: n.get("name") for n in g["nodes"]}
+        edges = {(names[e["from"]], names[e["to"]]) for e in g["edges"]}
+        assert {("fm.readings", "fieldmesh.processor"), ("fieldmesh.processor", "readings"),
+                ("readings", "fieldmesh.features"), ("fieldmesh.features", "features.pump_stats")} <= edges, edges
+        assert sum(1 for n in names.values() if n == "features.pump_stats") == 2  # offline and online
+        assert f"device:{prefix}-0" in names
         metrics = __import__("urllib.request").request.urlopen(
             f"http://127.0.0.1:{up.http_port}/metrics").read().decode()
         assert f"fieldmesh_feature_rows_written_total {float(len(expected))}" in metrics

@@ -781,6 +781,11 @@ def create_app(
     get_products = _opened_once(lambda: ProductTables(store_url), state, "products")
     app.include_router(products_router(get_products, viewer=all_devices, operator=operator_all))
     registry.register(QualityCollector(get_products))
+    from fieldmesh.api.canaries import canaries_router  # canary routing (docs/canary.md)
+    from fieldmesh.store.canary import CanaryTables
+
+    app.include_router(canaries_router(_opened_once(lambda: CanaryTables(store_url), state, "canaries"), store_url,
+                                       viewer=all_devices, operator=operator_all))
     from fieldmesh.api.lineage import lineage_router
     from fieldmesh.store.lineage import LineageTables
 

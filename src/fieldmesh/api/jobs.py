@@ -72,7 +72,7 @@ class RolloutBody(BaseModel):
     bake_s: float = Field(5.0, ge=0, le=30 * 86400)
     gates: dict[str, Any] = Field(default_factory=dict, description="max_failure_rate, max_failures, min_samples, "
                                   "max_anomaly_rate_delta, min_fresh_ratio, freshness_s, metric, max_metric_delta, "
-                                  "min_devices")
+                                  "min_devices, canary (docs/canary.md)")
 
 
 class JobView(BaseModel):

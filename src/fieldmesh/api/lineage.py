@@ -2,9 +2,9 @@
 
 The graph joins the newest START/RUNNING event of each job (gateway, processor, sinks, CDC) into
 ``dataset -> job -> dataset`` edges, and adds each known device as the source of the MQTT telemetry
-dataset the gateway reads: device -> topic -> tables (and data products, and features once a job
-declares them). ``dataset`` narrows it to what is up or down stream of one dataset (``namespace/name``,
-a bare name, or ``device:<id>``).
+dataset the gateway reads (or of the bus's ingest topic when the gateway reads no MQTT itself): device ->
+topic -> tables -> data products, canaries and features. ``dataset`` narrows it to what is up or down
+stream of one dataset (``namespace/name``, a bare name, or ``device:<id>``).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from fieldmesh.api.auth import Principal
 from fieldmesh.api.params import BAD_PARAMETER
+from fieldmesh.core.topics import INGEST_TOPIC
 from fieldmesh.store.base import HotStore
 from fieldmesh.store.lineage import LineageTables
 
@@ -32,7 +33,10 @@ def lineage_router(tables: Callable[[], LineageTables], store: Callable[[], HotS
     def graph(dataset: str | None) -> dict[str, Any]:
         lt = tables()
         base = lt.graph()
+        # devices feed the MQTT telemetry dataset, or the bus's ingest topic where no gateway reads MQTT
+        # itself (``fieldmesh up``: the broker's door publishes to it)
         mqtt = [n["id"] for n in base["nodes"] if n["kind"] == "dataset" and n["name"] == TELEMETRY]
+        mqtt = mqtt or [n["id"] for n in base["nodes"] if n["kind"] == "dataset" and n["name"] == INGEST_TOPIC]
         devices = [d["device_id"] for d in store().devices()] if mqtt else []
         return lt.graph(dataset, extra_edges=[(f"device:{d}", m) for d in devices for m in mqtt])
 

@@ -500,12 +500,15 @@ def _products_kw(products: Path | None) -> dict[str, Any]:
     """Settings keywords of ``--products`` (the file is read and checked here, so a bad product stops the start)."""
     if products is None:
         return {}
+    from fieldmesh.stream.canary import CanaryError, canaries_from_yaml
     from fieldmesh.stream.quality import ProductError, products_from_yaml
 
     path = products.resolve()
     try:
-        products_from_yaml(path.read_text())
-    except (OSError, ProductError) as exc:
+        text = path.read_text()
+        products_from_yaml(text)
+        canaries_from_yaml(text, beside_products=True)  # declared beside the products (docs/canary.md)
+    except (OSError, ProductError, CanaryError) as exc:
         _fail(ConfigError(f"--products {products}: {exc}", key="products.products_file"))
     return {"products": {"products_file": path}}
 
@@ -718,7 +721,7 @@ for _name, _module in (("ca", "fieldmesh.cli.ca"), ("cdc", "fieldmesh.cli.cdc"),
                        ("jobs", "fieldmesh.cli.jobs"), ("lake", "fieldmesh.cli.lake"),
                        ("schemas", "fieldmesh.cli.schemas"), ("grafana", "fieldmesh.cli.grafana"),
                        ("twins", "fieldmesh.cli.twins"), ("products", "fieldmesh.cli.products"),
-                       ("store", "fieldmesh.cli.store")):
+                       ("canaries", "fieldmesh.cli.canaries"), ("store", "fieldmesh.cli.store")):
     try:
         _sub = importlib.import_module(_module)
     except ImportError:

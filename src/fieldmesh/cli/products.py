@@ -73,6 +73,32 @@ def apply_(file: Path, store_url: StoreUrl = None, data_dir: DataDir = Path(".fi
         tables.close()
     err.print(f"{len(products)} products: {counts['created']} created, {counts['updated']} updated, "
               f"{counts['unchanged']} unchanged")
+    _apply_canaries(file, tables.url)
+
+
+def _apply_canaries(file: Path, url: str) -> None:
+    """The file's ``canaries:`` beside its products (docs/canary.md), created when new."""
+    import yaml
+
+    from fieldmesh.store.canary import CanaryTables
+    from fieldmesh.stream.canary import canaries_from_yaml
+
+    text = file.read_text()
+    doc = yaml.safe_load(text)
+    if not isinstance(doc, dict) or not doc.get("canaries"):
+        return
+    try:
+        canaries = canaries_from_yaml(text)
+        tables = CanaryTables(url)
+    except FieldmeshError as exc:
+        _usage(f"{file}: {exc}")
+    try:
+        counts = tables.apply(canaries, actor=_actor())
+    except FieldmeshError as exc:
+        _usage(str(exc))
+    finally:
+        tables.close()
+    err.print(f"{len(canaries)} canaries: {counts['created']} created, {counts['unchanged']} unchanged")
 
 
 @app.command("list")

@@ -375,8 +375,11 @@ class JobController:
             rest = [d for d in p["order"] if d not in sent]
             base_stats = self.telemetry.cohort(rest, since_ms=p["started_ms"], fresh_since_ms=fresh_since,
                                                metric=g.metric) if rest else CohortStats()
+        verdict = None
+        if self.telemetry is not None and spec.gates.canary is not None:
+            verdict = self.telemetry.canary_verdict(spec.gates.canary)
         gates = evaluate_gates(spec.gates, final=len(final), failures=failures, updated=upd_stats,
-                               baseline=base_stats)
+                               baseline=base_stats, canary_verdict=verdict)
         p["gates"] = [g.as_dict() for g in gates]
         p["exposed"] = len(sent)
         p["counts"] = _counts(exs)
@@ -432,6 +435,8 @@ class JobController:
 
 
 def _why(g: GateResult) -> str:
+    if g.name.startswith("canary:"):
+        return f"{g.name} verdict hold (GET /api/v1/canaries/{g.name[7:]}/compare)"
     return f"{g.name} {g.value:.4g} beyond {g.threshold:g}" if g.value is not None else f"{g.name} failed"
 
 

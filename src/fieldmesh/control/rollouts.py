@@ -13,6 +13,8 @@ stages, so a bad version is caught while few devices have it:
 - ``min_fresh_ratio``: the share of updated devices that sent a reading in the last ``freshness_s``;
 - ``metric`` / ``max_metric_delta``: the mean of a chosen metric over updated devices minus its mean over
   devices not yet updated (absolute).
+- ``canary``: the verdict of a routed canary (docs/canary.md) over the rollout's devices: ``hold`` fails
+  the gate, ``promote`` passes it, ``no_data`` does not judge yet.
 
 When a gate fails the rollout halts: pending installs are canceled and a rollback job
 (``op: rollback`` to the version each device reported before) goes to every device that was sent the
@@ -91,6 +93,8 @@ class Gates:
     max_metric_delta: float | None = None
     #: Telemetry gates need this many updated devices with readings before they judge.
     min_devices: int = 5
+    #: A canary (docs/canary.md) whose verdict gates the rollout: ``hold`` halts it.
+    canary: str | None = None
 
     def __post_init__(self) -> None:
         for k in ("max_failure_rate", "max_anomaly_rate_delta", "min_fresh_ratio", "max_metric_delta"):
@@ -107,6 +111,8 @@ class Gates:
             raise ConfigError("gates.freshness_s: a number > 0", key="gates.freshness_s")
         if self.metric is not None and (not isinstance(self.metric, str) or not _METRIC.fullmatch(self.metric)):
             raise ConfigError("gates.metric: a metric name ([A-Za-z0-9_.-]{1,64})", key="gates.metric")
+        if self.canary is not None and (not isinstance(self.canary, str) or not _METRIC.fullmatch(self.canary)):
+            raise ConfigError("gates.canary: a canary name ([A-Za-z0-9_.-]{1,64})", key="gates.canary")
 
     @classmethod
     def from_dict(cls, obj: Mapping[str, Any]) -> Gates:
@@ -253,6 +259,10 @@ class Telemetry(Protocol):
         """Readings of ``device_ids`` at or after ``since_ms``."""
         ...
 
+    def canary_verdict(self, name: str) -> str | None:
+        """The verdict of canary ``name`` (``promote``, ``hold``, ``no_data``); None when there is no such canary."""
+        ...
+
 
 @dataclass(frozen=True)
 class GateResult:
@@ -269,8 +279,9 @@ class GateResult:
 
 
 def evaluate_gates(g: Gates, *, final: int, failures: int, updated: CohortStats | None = None,
-                   baseline: CohortStats | None = None) -> list[GateResult]:
-    """Every configured gate's value and verdict."""
+                   baseline: CohortStats | None = None, canary_verdict: str | None = None) -> list[GateResult]:
+    """Every configured gate's value and verdict (``canary_verdict``: the ``canary`` gate's canary's,
+    ``promote``, ``hold``, ``no_data``, or None when unknown)."""
     out: list[GateResult] = []
     rate = failures / final if final else None
     if g.max_failure_rate is not None:
@@ -299,4 +310,7 @@ def evaluate_gates(g: Gates, *, final: int, failures: int, updated: CohortStats 
             val = abs(updated.metric_mean - baseline.metric_mean)
         out.append(GateResult(f"metric_delta:{g.metric}", val, g.max_metric_delta,
                               None if val is None else val <= g.max_metric_delta))
+    if g.canary is not None:  # value 1 promote, 0 hold; threshold 1
+        val = {"promote": 1.0, "hold": 0.0}.get(canary_verdict or "")
+        out.append(GateResult(f"canary:{g.canary}", val, 1.0, None if val is None else val >= 1.0))
     return out

@@ -40,7 +40,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeHistogramMetricFami
 from prometheus_client.registry import Collector
 
 __all__ = [
-    "EVENT_TO_STORED", "GATEWAY_BATCH", "GATEWAY_MESSAGES", "GATEWAY_READINGS", "GATEWAY_REJECTED",
+    "CANARY_READINGS", "EVENT_TO_STORED", "GATEWAY_BATCH", "GATEWAY_MESSAGES", "GATEWAY_READINGS", "GATEWAY_REJECTED",
     "GATEWAY_SEND_SECONDS", "LATENCY_BUCKETS", "MULTIPROC_ENV", "PROCESSOR_APPLY_SECONDS", "PROCESSOR_BATCHES",
     "PROCESSOR_BATCH_READINGS", "PROCESSOR_READINGS", "PROCESSOR_STORE_RETRIES", "RECEIVED_TO_STORED",
     "SILENCE_BUCKETS", "SINK_COMMIT_SECONDS", "AuthCollector", "DoorCollector", "EdgeCollector",
@@ -78,6 +78,8 @@ PROCESSOR_APPLY_SECONDS: Final = Histogram("fieldmesh_processor_apply_seconds", 
                                            "batch, every sink included", buckets=_COMMIT_BUCKETS)
 PROCESSOR_READINGS: Final = Counter("fieldmesh_processor_readings", "What the processor decided per reading "
                                     "(stored, duplicate, late, dead_lettered)", ["outcome"])
+CANARY_READINGS: Final = Counter("fieldmesh_canary_readings", "Readings routed to a canary and stored in its "
+                                 "table, not the main tables (docs/canary.md)", ["canary"])
 PROCESSOR_STORE_RETRIES: Final = Counter("fieldmesh_processor_store_retries", "Batches the store refused and "
                                          "that were tried again")
 SINK_COMMIT_SECONDS: Final = Histogram("fieldmesh_sink_commit_seconds", "Commit time per sink: hot (the batch's "

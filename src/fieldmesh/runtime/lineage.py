@@ -2,8 +2,10 @@
 
 Gateway: MQTT telemetry topics (or ingest topics) -> the bus's ingest and readings topics. Processor:
 readings and dead-letter topics -> hot-store tables and the data products (with their latest quality
-window as ``dataQualityMetrics``). Each extra sink (the lake) is its own job: readings topic -> its
-tables. CDC: the source's tables -> the CDC topics.
+window as ``dataQualityMetrics``), and the canaries' (``canary_readings``, ``canary.<name>``). Each extra
+sink (the lake) is its own job: readings topic -> its tables. The feature stage: the hot store's readings
+(what the processor stored) -> one ``features.<view>`` dataset per view, in the hot store (offline rows)
+and the online store. CDC: the source's tables -> the CDC topics.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from fieldmesh.core.settings import Settings
 from fieldmesh.core.topics import DLQ_TOPIC, INGEST_TOPIC, READINGS_TOPIC
 from fieldmesh.obs.lineage import Dataset, Lineage, bus_namespace, mqtt_namespace, store_namespace
 
-__all__ = ["HOT_TABLES", "cdc_lineage", "gateway_datasets", "lake_datasets", "open_lineage", "processor_outputs"]
+__all__ = ["HOT_TABLES", "cdc_lineage", "feature_datasets", "gateway_datasets", "lake_datasets", "open_lineage",
+           "processor_outputs"]
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +66,37 @@ def processor_outputs(store_url: str) -> Callable[[], list[Dataset]]:
                 out.append(Dataset(ns, f"product.{q['product']}", quality))
         finally:
             tables.close()
+        out += _canary_outputs(store_url, ns)
         return out
 
     return outputs
+
+
+def _canary_outputs(store_url: str, ns: str) -> list[Dataset]:
+    """``canary_readings`` and one ``canary.<name>`` per canary holding readings or routing (docs/canary.md)."""
+    from fieldmesh.store.canary import CanaryTables
+
+    tables = CanaryTables(store_url)
+    try:
+        names = [c["name"] for c in tables.canaries() if c["state"] == "active" or c["readings"]]
+    finally:
+        tables.close()
+    return [Dataset(ns, "canary_readings"), *(Dataset(ns, f"canary.{n}") for n in names)] if names else []
+
+
+def feature_datasets(store_url: str, online_url: str | None, views: Sequence[str]
+                     ) -> tuple[list[Dataset], list[Dataset]]:
+    """(inputs, outputs) of the feature stage: the hot store's ``readings`` -> ``features.<view>`` in the hot
+    store (offline rows) and in the online store."""
+    ns = store_namespace(store_url)
+    outs = [Dataset(ns, f"features.{v}") for v in views]
+    if online_url:
+        scheme = online_url.split("://", 1)[0].lower()
+        online_ns = store_namespace(online_url) if scheme in ("sqlite", "postgres", "postgresql") \
+            else bus_namespace(online_url)
+        outs += [Dataset(online_ns, f"features.{v}") for v in views]
+    return [Dataset(ns, "readings")], outs
+
 
 
 def lake_datasets(settings: Settings, bus_url: str, lake_dir: str) -> tuple[list[Dataset], list[Dataset]]:

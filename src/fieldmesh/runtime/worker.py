@@ -23,7 +23,13 @@ from fieldmesh.core.errors import ConfigError
 from fieldmesh.core.settings import Settings, load_settings
 from fieldmesh.core.topics import DLQ_TOPIC, READINGS_TOPIC
 from fieldmesh.obs.lineage import Dataset, bus_namespace
-from fieldmesh.runtime.lineage import gateway_datasets, lake_datasets, open_lineage, processor_outputs
+from fieldmesh.runtime.lineage import (
+    feature_datasets,
+    gateway_datasets,
+    lake_datasets,
+    open_lineage,
+    processor_outputs,
+)
 
 __all__ = ["ensure_topics", "run_gateway", "run_processor"]
 
@@ -187,7 +193,8 @@ async def run_processor(
         if rules_file is not None:
             rules_file.start()
         products = _products(store, store_url, settings)
-        sinks.extend(_features(store, settings, sinks, partitions))
+        features = _features(store, settings, sinks, partitions)
+        sinks.extend(features)
         async with load_bus(bus_url) as bus:
             await ensure_topics(bus, settings)
             proc = Processor(bus=bus, store=store, settings=settings.processor, group=group,
@@ -208,6 +215,10 @@ async def run_processor(
                     if lake_dir is not None:
                         ins, outs = lake_datasets(settings, bus_url, lake_dir)
                         await runs.enter_async_context(lineage.run("fieldmesh.sink.lake", inputs=ins, outputs=outs))
+                    if features:  # the feature stage: stored readings -> its views (docs/lineage.md)
+                        ins, outs = feature_datasets(store_url, settings.features.online(settings.data_dir),
+                                                     [v.name for v in features[0].views])
+                        await runs.enter_async_context(lineage.run("fieldmesh.features", inputs=ins, outputs=outs))
                 if enrichment is None:
                     await proc.run(stop)
                 else:
@@ -305,6 +316,29 @@ def _features(store: Any, settings: Settings, sinks: list[Any], partitions: list
     return [FeatureStage(store=store, views=views, online=online, partitions=partitions)]
 
 
+def _canaries_of(path: Path, store_url: str) -> None:
+    """The canaries declared in a products file (``canaries:``, docs/canary.md), created when new."""
+    import yaml
+
+    from fieldmesh.store.canary import CanaryTables
+    from fieldmesh.stream.canary import CanaryError, canaries_from_yaml
+
+    text = path.read_text()
+    doc = yaml.safe_load(text)
+    if not isinstance(doc, dict) or not doc.get("canaries"):
+        return
+    try:
+        canaries = canaries_from_yaml(text)
+    except CanaryError as exc:
+        raise ConfigError(f"{path}: {exc}", key="products.products_file") from exc
+    tables = CanaryTables(store_url)
+    try:
+        counts = tables.apply(canaries, actor="file")
+    finally:
+        tables.close()
+    log.info("canaries from %s: %d (%s)", path, len(canaries), counts)
+
+
 def _products(store: Any, store_url: str, settings: Settings) -> Any:
     """The processor's data-product stage (docs/products.md); the products file loaded into the store first."""
     from fieldmesh.store.products import ProductTables
@@ -328,6 +362,7 @@ def _products(store: Any, store_url: str, settings: Settings) -> Any:
         finally:
             tables.close()
         log.info("data products from %s: %d (%s)", path, len(products), counts)
+        _canaries_of(path, store_url)
     return ProductEngine(store)
 
 

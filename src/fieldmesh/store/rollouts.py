@@ -34,7 +34,7 @@ class HotTelemetry:
         ids = ", ".join(ph for _ in range(n))
         if self.pg:
             dec = "meta->>'decision'"
-            val = f"(measurements->>{ph})::float8" if metric else "NULL"
+            val = f"(measurements->>{ph})::float8" if metric else "NULL::float8"  # sum(NULL) is ambiguous
         else:
             dec = "json_extract(meta, '$.decision')"
             val = f"json_extract(measurements, {ph})" if metric else "NULL"
@@ -68,6 +68,21 @@ class HotTelemetry:
                     counted += int(c)
         return CohortStats(devices=len(ids), reporting=reporting, readings=readings, anomalies=anomalies,
                            fresh=fresh, metric_mean=total / counted if counted else None)
+
+
+    def canary_verdict(self, name: str) -> str | None:
+        """The verdict of canary ``name`` (:meth:`fieldmesh.store.canary.CanaryTables.compare`); None when
+        there is none."""
+        from fieldmesh.core.errors import NotFoundError
+        from fieldmesh.store.canary import CanaryTables
+
+        tables = CanaryTables(self.store.url)
+        try:
+            return str(tables.compare(name, windows=5)["verdict"])
+        except NotFoundError:
+            return None
+        finally:
+            tables.close()
 
 
 def telemetry_for(url: str) -> HotTelemetry:

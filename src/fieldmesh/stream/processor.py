@@ -62,6 +62,7 @@ from fieldmesh.obs.metrics import (
 from fieldmesh.store.base import INTERVALS, ApplyResult, HotStore, HotTxn, Position, Sink, SqlTxn, T
 from fieldmesh.stream.alerting import AlertEngine
 from fieldmesh.stream.base import DecodedBatch, EnrichFn, StreamEngine, StreamState
+from fieldmesh.stream.canary import Routed
 from fieldmesh.stream.engines import ENGINES
 from fieldmesh.stream.products import ProductEngine
 
@@ -208,17 +209,18 @@ class Processor:
             touched: list[int] = []
 
             def build(txn: HotTxn) -> BatchResult:
-                decided = self._decide(batch, state, txn)
+                routed = self._route(batch, state, txn)  # active canaries' readings apart (stream/canary.py)
+                decided = routed.result
                 if self.alerts is not None:  # alert transitions commit with the batch (or not at all)
                     t = time.perf_counter()
                     if traced:
                         with tracing.span("fieldmesh.stream", "alerts.evaluate"):
-                            alerted[:] = [self.alerts.in_txn(txn, decided, state.device_watermarks)]
+                            alerted[:] = [self.alerts.in_txn(txn, routed.every_new(), state.device_watermarks)]
                     else:
-                        alerted[:] = [self.alerts.in_txn(txn, decided, state.device_watermarks)]
+                        alerted[:] = [self.alerts.in_txn(txn, routed.every_new(), state.device_watermarks)]
                     alert_s[0] = time.perf_counter() - t
                 if self.products is not None:  # so do the products' quality counters
-                    touched[:] = [self.products.in_txn(txn, batch.cols, decided.new)]
+                    touched[:] = [self.products.in_txn(txn, routed)]
                 return decided
 
             traced = tracing.enabled()
@@ -263,6 +265,11 @@ class Processor:
         return self.engine.decide(batch, state, txn.claim_keys, grace_ms=self.settings.grace_ms,
                                   intervals=INTERVALS, enrich=self._enrich)
 
+    def _route(self, batch: DecodedBatch, state: StreamState, txn: HotTxn) -> Routed:
+        if self.products is None:
+            return Routed(self._decide(batch, state, txn), batch.cols)
+        return self.products.route(batch, state, txn, self._decide)
+
     def _fan_out(self, i: int, sink: Sink, records: Sequence[BusRecord], before: dict[Position, int],
                  result: BatchResult | None) -> None:
         """Bring sink ``i`` up to the hot store: the records it lacks up to ``before`` (the hot store's
@@ -300,7 +307,7 @@ class Processor:
             return None
 
         def build(txn: HotTxn) -> BatchResult:
-            raise _Decided(self._decide(batch, state, txn))
+            raise _Decided(self._route(batch, state, txn).result)
 
         try:
             self.store.commit(build, ts_ms=batch.cols.ts_ms)

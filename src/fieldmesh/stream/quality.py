@@ -242,15 +242,16 @@ def parse_product(doc: Any) -> Product:
 
 
 def products_from_yaml(text: str) -> list[Product]:
-    """Products from a YAML file's text: a list, or ``{"products": [...]}``; names must be distinct."""
+    """Products from a YAML file's text: a list, or ``{"products": [...]}`` (beside which ``canaries`` may be
+    declared, :func:`fieldmesh.stream.canary.canaries_from_yaml`); names must be distinct."""
     import yaml
 
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ProductError(f"not YAML: {exc}") from exc
-    if isinstance(data, dict) and set(data) == {"products"}:
-        data = data["products"]
+    if isinstance(data, dict) and set(data) <= {"products", "canaries"}:  # canaries: stream/canary.py
+        data = data.get("products")
     if data is None:
         return []
     if not isinstance(data, list):
