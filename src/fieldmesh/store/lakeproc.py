@@ -1,7 +1,7 @@
 """The lake sink in a process of its own: the processor pays a pickle per committed batch, not the commit.
 
 :class:`LakeProcess` is the :class:`~fieldmesh.store.base.Sink` the processor holds. It starts a child
-process (``multiprocessing``, spawned) that runs a :class:`~fieldmesh.store.lake.LakeSink` and hands it
+process (``multiprocessing``, forked) that runs a :class:`~fieldmesh.store.lake.LakeSink` and hands it
 each result through a pipe; the child buffers, converts to Arrow, merges rollups, writes Parquet and
 commits on the commit policy, on its own interpreter (its own GIL) and so on the other core. In the
 processor's thread of a ``LakeSink`` those steps took the GIL from the processor (16-46% of its
@@ -9,8 +9,8 @@ throughput on two cores, docs/benchmarks.md).
 
 Exactly once is the ``LakeSink``'s, unchanged: :meth:`LakeProcess.applied` asks the child for what its
 tables committed, never what is buffered or in the pipe, so a crash of either process costs a replay from
-the bus. The child dies with the processor (``PR_SET_PDEATHSIG``; it also exits when the pipe closes), so a
-restarted processor never shares the tables with the child of its predecessor. Back-pressure: the child
+the bus. The child (forked) dies with the processor (``PR_SET_PDEATHSIG``; it also exits when the pipe closes), so
+a restarted processor never shares the tables with the child of its predecessor. Back-pressure: the child
 stops reading the pipe while its buffer is full, and the processor's next ``write`` waits.
 """
 
@@ -44,10 +44,12 @@ class LakeProcess:
     name = "lake"
 
     def __init__(self, *, settings: LakeSettings, data_dir: Path, writer: str | None = None) -> None:
-        ctx = multiprocessing.get_context("spawn")
+        # forked, not spawned: the child starts at once with the modules the processor imported (a spawned
+        # one imports them again, seconds on a loaded machine, while a restarted processor waits)
+        ctx = multiprocessing.get_context("fork")
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(target=_child, name="fm-lake",
-                                 args=(settings.model_dump(), str(data_dir), writer, child, os.getpid()))
+                                 args=(settings.model_dump(), str(data_dir), writer, child, os.getpid(), self._conn))
         self._proc.start()
         child.close()
         # at exit without close() (an error before the processor's finally): the pipe closes first, so the
@@ -57,14 +59,21 @@ class LakeProcess:
         self._error: str | None = None
         self._closed = False
         self._last: BatchResult | None = None  # the result the child holds last (the next view's write reuses it)
-        ready = self._call("ready")
-        self._groups: list[tuple[str, ...]] = [tuple(g) for g in ready["groups"]]
-        committed: dict[str, dict[Position, int]] = ready["committed"]
-        self._sent = {t: dict(p) for t, p in committed.items()}
+        self._sent: dict[str, dict[Position, int]] | None = None  # per table; None: the child is not ready
+        with self._lock:  # the tables open (as a LakeSink in the processor opened them: a processor reported
+            self._ready()  # running is ready to apply)
+
+    def _ready(self) -> dict[str, dict[Position, int]]:
+        """Wait for the child to have opened the tables (the processor starts meanwhile); the lock is held."""
+        if self._sent is None:
+            committed: dict[str, dict[Position, int]] = self._roundtrip("ready")
+            self._sent = {t: dict(p) for t, p in committed.items()}
+        return self._sent
 
     def views(self) -> list[LakeView]:
-        """The processor's sinks (:meth:`fieldmesh.store.lake.LakeSink.views`)."""
-        return [LakeView(self, g) for g in self._groups]
+        """The processor's sinks: one per table (each resumes at its own positions, see
+        :meth:`fieldmesh.store.lake.LakeSink.views`), known before the child has opened the tables."""
+        return [LakeView(self, (t,)) for t in POSITIONED]
 
     # -- the Sink contract -------------------------------------------------------------------------
 
@@ -78,9 +87,10 @@ class LakeProcess:
     def write(self, result: BatchResult, *, tables: Iterable[str] = POSITIONED) -> bool:
         """Hand ``result`` to the child for ``tables``; False when every position was handed over already."""
         with self._lock:
+            sent_all = self._ready()
             self._check()
             todo = tuple(t for t in tables
-                         if any(o > self._sent[t].get(p, -1) for p, o in result.positions.items()))
+                         if any(o > sent_all[t].get(p, -1) for p, o in result.positions.items()))
             if not todo:
                 return False
             trace = tracing.current_traceparent() if tracing.enabled() else None
@@ -94,7 +104,7 @@ class LakeProcess:
                 raise LakeError(f"the lake writer process is gone ({exc}); what it had not committed comes "
                                 "again from the bus at the next start") from exc
             for t in todo:
-                sent = self._sent[t]
+                sent = sent_all[t]
                 for p, o in result.positions.items():
                     if o > sent.get(p, -1):
                         sent[p] = o
@@ -153,19 +163,24 @@ class LakeProcess:
 
     def _call(self, op: str, *args: Any) -> Any:
         with self._lock:
+            self._ready()
             self._check()
-            try:
-                if op != "ready":
-                    self._conn.send((op, *args))
-                while True:
-                    kind, value = self._conn.recv()
-                    if kind == "ok":
-                        return value
-                    self._error = str(value)
-                    raise LakeError(f"lake sink stopped: {value}")
-            except (BrokenPipeError, EOFError, OSError) as exc:
-                self._error = self._error or f"the lake writer process is gone ({exc})"
-                raise LakeError(f"lake sink stopped: {self._error}") from exc
+            return self._roundtrip(op, *args)
+
+    def _roundtrip(self, op: str, *args: Any) -> Any:
+        """Send ``op`` (``ready``: nothing, the child says it first) and wait for its answer; the lock is held."""
+        try:
+            if op != "ready":
+                self._conn.send((op, *args))
+            while True:
+                kind, value = self._conn.recv()
+                if kind == "ok":
+                    return value
+                self._error = str(value)
+                raise LakeError(f"lake sink stopped: {value}")
+        except (BrokenPipeError, EOFError, OSError) as exc:
+            self._error = self._error or f"the lake writer process is gone ({exc})"
+            raise LakeError(f"lake sink stopped: {self._error}") from exc
 
 
 def _die_with_parent(parent: int) -> None:
@@ -178,11 +193,13 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _child(settings: dict[str, Any], data_dir: str, writer: str | None, conn: Any, parent: int) -> None:
+def _child(settings: dict[str, Any], data_dir: str, writer: str | None, conn: Any, parent: int,
+           parents_end: Any) -> None:
     """The child's loop: one message at a time from the processor."""
     from fieldmesh.obs import logs
 
     _die_with_parent(parent)
+    parents_end.close()  # so that the processor's end closing (its exit) reads as the end of the pipe here
     for sig in (signal.SIGINT, signal.SIGTERM):  # the processor stops it, after its last batch
         signal.signal(sig, signal.SIG_IGN)
     logs.setup_logging("lake", fmt="%(asctime)s lake %(levelname)s %(message)s")
@@ -194,7 +211,7 @@ def _child(settings: dict[str, Any], data_dir: str, writer: str | None, conn: An
     except BaseException as exc:
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return
-    conn.send(("ok", {"groups": sink.groups(), "committed": {t: sink.applied_of((t,)) for t in POSITIONED}}))
+    conn.send(("ok", {t: sink.applied_of((t,)) for t in POSITIONED}))
     store: Any = None
     last: BatchResult | None = None
     while True:
