@@ -176,7 +176,7 @@ async def run_processor(
             update={"maintenance_interval_s": 0.0})
         lake = LakeProcess(settings=lake_settings, data_dir=Path(lake_dir), writer=_writer(partitions))
         sinks.extend(lake.views())
-        log.info("lake: committing to %s every %.0fs at most (writer %s)", settings.lake.url or f"{lake_dir}/lake",
+        log.info("lake: committing to %s every %gs at most (writer %s)", settings.lake.url or f"{lake_dir}/lake",
                  settings.lake.commit_interval_s, _writer(partitions) or "alone")
     store = load_store(store_url)
     notifier = None
@@ -204,7 +204,8 @@ async def run_processor(
             if notifier is not None:  # the notifier's transactions take turns with the batches
                 notifier.run_store = proc.in_apply_thread
                 notifier.submit_store = proc.submit_in_apply_thread
-            retention = _retention(store, proc, settings, lake_dir)
+            if lake_dir is None or _lake_owner(partitions):  # of several lake writers, one prunes
+                retention = _retention(store, proc, settings, lake_dir)
             log.info("processor running: %s -> %s (partitions %s)", bus_url, store_url, partitions or "all")
             async with contextlib.AsyncExitStack() as runs:  # lineage: one OpenLineage run per job
                 if lineage is not None:
