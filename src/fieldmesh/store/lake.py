@@ -9,13 +9,17 @@ flush number (``fieldmesh.flush``) and the bus positions it covers (``fieldmesh.
 
 Exactly once, with the least machinery:
 
-* :meth:`LakeSink.applied` answers the positions of the last flush committed in every table, never
-  what is only buffered. The processor resumes the bus at the lowest of the hot store's and each
-  sink's positions and re-decides, against the hot store's claims, what a sink lacks
-  (:mod:`fieldmesh.stream.processor`); so after a crash the lost buffer comes back from the bus.
-* Iceberg has no multi-table commit: a crash can leave flush *F* in some tables only. On open, the
-  tables holding *F* are rolled back to their latest snapshot of an earlier flush, so every table
-  stands at the same flush again, and the replay rewrites *F* whole.
+* :meth:`LakeSink.applied` answers the positions committed to the tables, never what is only buffered.
+  The processor resumes the bus at the lowest of the hot store's and each sink's positions and re-decides,
+  against the hot store's claims, what a sink lacks (:mod:`fieldmesh.stream.processor`); so after a crash
+  the lost buffer comes back from the bus.
+* Iceberg has no multi-table commit: a crash can leave a flush in some tables only. Nothing is rolled back:
+  each table holds the positions of its own snapshots, and :meth:`LakeSink.views` gives the processor one
+  sink per group of tables at the same positions, so the replay brings each group exactly what it lacks.
+* A table's positions are, per bus partition, the highest over its snapshots' ``fieldmesh.positions``; each
+  commit carries the others forward. So several writers (processors over disjoint partitions, ``writer``)
+  can commit to the same tables: a conflict is retried (pyiceberg rebases an append; a rollup overwrite,
+  limited to the writer's devices, is redone), and no writer's positions go back.
 * Rollups are rows per (device, metric, window) with an exact sum (``sum_exact``, as in the hot store).
   A flush merges its window deltas (late readings included) into the rows of the windows they touch:
   it reads those windows' rows, merges exactly, and overwrites them (one delete + append commit). A
