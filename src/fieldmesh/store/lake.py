@@ -598,6 +598,7 @@ class LakeSink:
         #: writer copies them.
         self.features_source: Callable[[int, int], tuple[list[FeatureRow], int]] | None = None
         self._features_seq = 0
+        self._closing = False
         self._flush, committed = self._recover()
         self._committed: dict[str, dict[Position, int]] = committed
         self._buf = _Buffer.empty(committed)
@@ -605,7 +606,6 @@ class LakeSink:
         self._cond = threading.Condition(self._lock)
         self._flushing = False
         self._inflight_since: float | None = None  # the oldest result of the commit under way
-        self._closing = False
         self._closed = False
         self._error: BaseException | None = None
         self._last_commit_s = 0.0
