@@ -22,6 +22,7 @@ import functools
 import logging
 import multiprocessing
 import os
+import queue
 import signal
 import threading
 from collections.abc import Iterable
@@ -36,6 +37,8 @@ from fieldmesh.store.lake import POSITIONED, LakeError, LakeView
 __all__ = ["LakeProcess"]
 
 log = logging.getLogger(__name__)
+
+_QUEUED = 64  # results on their way to the child at most
 
 
 class LakeProcess:
@@ -55,13 +58,20 @@ class LakeProcess:
         # at exit without close() (an error before the processor's finally): the pipe closes first, so the
         # child exits (without committing) before multiprocessing waits for it
         atexit.register(self._abandon)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the pipe
+        self._state = threading.Lock()  # what was handed over (write)
         self._error: str | None = None
         self._closed = False
         self._last: BatchResult | None = None  # the result the child holds last (the next view's write reuses it)
         self._sent: dict[str, dict[Position, int]] | None = None  # per table; None: the child is not ready
         with self._lock:  # the tables open (as a LakeSink in the processor opened them: a processor reported
             self._ready()  # running is ready to apply)
+        # results go to the pipe from a thread of their own: a send blocks while the child reads it (a pipe
+        # holds 64 KiB), and the child reads between its commit's steps; the processor only waits when
+        # _QUEUED results are on their way (back-pressure)
+        self._queue: queue.Queue[tuple[Any, ...] | None] = queue.Queue(maxsize=_QUEUED)
+        self._sender = threading.Thread(target=self._send_loop, name="fm-lake-send", daemon=True)
+        self._sender.start()
 
     def _ready(self) -> dict[str, dict[Position, int]]:
         """Wait for the child to have opened the tables (the processor starts meanwhile); the lock is held."""
@@ -86,23 +96,21 @@ class LakeProcess:
 
     def write(self, result: BatchResult, *, tables: Iterable[str] = POSITIONED) -> bool:
         """Hand ``result`` to the child for ``tables``; False when every position was handed over already."""
-        with self._lock:
-            sent_all = self._ready()
-            self._check()
+        with self._state:
+            if self._error is not None:
+                raise LakeError(f"lake sink stopped: {self._error}")
+            sent_all = self._sent
+            assert sent_all is not None
             todo = tuple(t for t in tables
                          if any(o > sent_all[t].get(p, -1) for p, o in result.positions.items()))
             if not todo:
                 return False
             trace = tracing.current_traceparent() if tracing.enabled() else None
-            try:
-                if result is self._last:
-                    self._conn.send(("again", todo, trace))
-                else:
-                    self._conn.send(("write", result, todo, trace))
-                    self._last = result
-            except (BrokenPipeError, EOFError, OSError) as exc:
-                raise LakeError(f"the lake writer process is gone ({exc}); what it had not committed comes "
-                                "again from the bus at the next start") from exc
+            if result is self._last:
+                self._queue.put(("again", todo, trace))
+            else:
+                self._queue.put(("write", result, todo, trace))
+                self._last = result
             for t in todo:
                 sent = sent_all[t]
                 for p, o in result.positions.items():
@@ -132,6 +140,8 @@ class LakeProcess:
         self._closed = True
         atexit.unregister(self._abandon)
         try:
+            self._queue.put(None)
+            self._sender.join()
             if self._proc.is_alive() and self._error is None:
                 self._call("close")
         finally:
@@ -161,7 +171,25 @@ class LakeProcess:
         if self._error is not None:
             raise LakeError(f"lake sink stopped: {self._error}")
 
+    def _send_loop(self) -> None:
+        while (msg := self._queue.get()) is not None:
+            try:
+                if self._error is None:
+                    with self._lock:
+                        self._conn.send(msg)
+                        self._check()
+            except LakeError:
+                pass  # the next write raises it
+            except (BrokenPipeError, EOFError, OSError) as exc:
+                self._error = self._error or (f"the lake writer process is gone ({exc}); what it had not committed "
+                                              "comes again from the bus at the next start")
+            finally:
+                self._queue.task_done()
+        self._queue.task_done()
+
     def _call(self, op: str, *args: Any) -> Any:
+        if getattr(self, "_sender", None) is not None and self._sender.is_alive():
+            self._queue.join()  # the writes before it are in the pipe
         with self._lock:
             self._ready()
             self._check()
