@@ -13,9 +13,12 @@ records, built before any clock starts.
    written; a reader polls the catalog every 200 ms the way any Iceberg client does (reload the table,
    read the new snapshot's ``fieldmesh.positions``) and marks each result visible when a snapshot
    covers it. Reported: p50/p99/max of write -> visible.
-3. **Cost to the processor**: ``Processor.apply_records`` over the same records on a fresh SQLite hot
-   store, without and with the lake sink (default policy; the timed span ends after the sink's final
-   commit, so nothing is left uncounted), in one run; wall and CPU time, printed as a ratio.
+3. **Cost to the processor** (``--sink-cost``, or ``--parts 3``): ``Processor.apply_records`` over the same
+   records on a fresh SQLite hot store, without the lake, with the lake sink in the processor's thread
+   (``LakeSink``) and in a child process (``LakeProcess``, what ``up`` and ``process`` run), alternated
+   ``--rounds`` times; the lake commits every ``--cost-interval`` s (2) so that it works while the
+   processor does; wall until all is applied and until the last commit is in, and the processor's CPU,
+   printed as ratios.
 
 4. **Files per partition after one simulated day, and compaction**: ``--day-rows`` readings (default
    10,000,000, as the issue asks) of ``--day-devices`` devices spread over one UTC day are appended to a
@@ -26,7 +29,7 @@ records, built before any clock starts.
    Scaled down for a short run with ``--day-rows``/``--day-commits`` (the output says what ran).
 
 Run: ``PYTHONPATH=$PWD/src .venv/bin/python bench/lake.py [--devices 2000] [--per-device 500]
-[--latency-s 130] [--interval 60] [--quick] [--parts 1,2,3,4] [--day-rows N] [--day-commits N]``.
+[--latency-s 130] [--interval 60] [--quick] [--parts 1,2,3,4] [--sink-cost] [--day-rows N] [--day-commits N]``.
 """
 
 from __future__ import annotations
