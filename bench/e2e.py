@@ -113,10 +113,10 @@ publish_proc = paho_publish_proc
 
 def run_pipeline(
     msgs_parts: list[list[tuple[str, bytes]]], total: int, *, rate: float = 0, stamp: bool = False,
-    door: str = "auto",
+    door: str = "auto", extra: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as d:
-        up = UpProc(Path(d) / "data", "--door", door)
+        up = UpProc(Path(d) / "data", "--door", door, *extra)
         try:
             cpu0 = cpu_by_role(up)
             t0 = time.monotonic()
@@ -449,6 +449,32 @@ def case(name: str, *, readings: int, per_message: int, devices: int, publishers
     return out
 
 
+def sink_cost(*, readings: int, rounds: int, interval: float) -> None:
+    """``fieldmesh up`` with and without the lake (``--no-lake``), the same input, alternated ``rounds`` times:
+    readings/s from the first publish until the hot store has the last one, the best run of each. The lake
+    commits every ``interval`` s, so it works while the pipeline does (the default 60 s would leave its
+    work after a short run)."""
+    msgs = payloads(devices=500, readings=readings, per_message=100, prefix=f"c{uuid.uuid4().hex[:6]}",
+                    ts_ms=int(time.time() * 1000))
+    total = sum(b.count(b'"seq"') for _, b in msgs)
+    runs: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
+    for _ in range(rounds):
+        for lake in (False, True):
+            extra = ("--lake-commit-interval", str(interval)) if lake else ("--no-lake",)
+            runs[lake].append(run_pipeline([msgs], total, extra=extra))
+    off = max(runs[False], key=lambda r: r["readings_per_s"])
+    on = max(runs[True], key=lambda r: r["readings_per_s"])
+    ratio = on["readings_per_s"] / off["readings_per_s"]
+    print(f"sink cost, 'fieldmesh up' end to end, {total:,} readings (100 per message), best of {rounds} alternated "
+          f"rounds, load {' '.join(f'{x:.2f}' for x in os.getloadavg())}:")
+    print(f"  without the lake: {off['readings_per_s']:,.0f} readings/s; with it (commit every {interval:g}s): "
+          f"{on['readings_per_s']:,.0f} readings/s: {ratio:.2f} of without (cost {100 * (1 - ratio):.0f}%)")
+    for name, r in (("without", off), ("with", on)):
+        print(f"  CPU s per 10k readings {name}: " + ", ".join(f"{k} {v}" for k, v in r["cpu_s_per_10k"].items()))
+    print("  all runs (readings/s): without " + ", ".join(f"{r['readings_per_s']:,.0f}" for r in runs[False])
+          + "; with " + ", ".join(f"{r['readings_per_s']:,.0f}" for r in runs[True]))
+
+
 def gateway_only(door: str, parts: list[list[tuple[str, bytes]]], total_msgs: int) -> dict[str, Any]:
     """The door and the gateway alone (no processor, no store): how fast the door takes QoS 1 publishes
     from the publishers (gateway not running), then how fast one gateway drains that backlog into JetStream.
@@ -631,6 +657,10 @@ def main() -> None:
     ap.add_argument("--max-only", action="store_true", help="measure the maximum throughput only")
     ap.add_argument("--bus-encoding", type=int, choices=(1, 2), default=1,
                     help="bus encoding fieldmesh's gateway writes (docs/pipeline.md)")
+    ap.add_argument("--sink-cost", action="store_true",
+                    help="'fieldmesh up' with and without the lake sink, alternated (cost of the sink)")
+    ap.add_argument("--rounds", type=int, default=3, help="--sink-cost: alternated rounds (the best of each)")
+    ap.add_argument("--lake-commit-interval", type=float, default=5.0, help="--sink-cost: the lake's commit interval")
     ap.add_argument("--overload", type=float, metavar="SECONDS", help="the overload run instead of the cases")
     ap.add_argument("--gateway-only", action="store_true",
                     help="case (b) through the door and the gateway alone, per door (no processor, no store)")
@@ -657,6 +687,9 @@ def main() -> None:
             rows.append(r)
         if a.json:
             a.json.write_text(json.dumps(rows, indent=2))
+        return
+    if a.sink_cost:
+        sink_cost(readings=(1_000_000 // (4 if a.quick else 1)), rounds=a.rounds, interval=a.lake_commit_interval)
         return
     if a.overload:
         res = overload(a.overload)

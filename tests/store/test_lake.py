@@ -28,7 +28,6 @@ from fieldmesh.store.lake import (
     PROP_POSITIONS,
     LakeError,
     LakeSink,
-    _props,
     catalog_properties,
     compact,
     expire,
@@ -139,7 +138,7 @@ def test_a_stream_with_restarts_that_lose_the_buffer_equals_the_oracle(tmp_path:
         hot.close()
 
 
-def test_a_flush_committed_to_some_tables_only_is_rolled_back_and_replayed(tmp_path: Path) -> None:
+def test_a_flush_committed_to_some_tables_only_is_completed_table_by_table(tmp_path: Path) -> None:
     items, rs = sent(9, n=120)
     recs = records(rs, [5])
     hot = SqliteStore(f"sqlite:///{tmp_path / 'hot.db'}")
@@ -154,21 +153,24 @@ def test_a_flush_committed_to_some_tables_only_is_rolled_back_and_replayed(tmp_p
         p.apply_records(recs[half:])
         with sink._cond:  # the crash comes after readings and rollup_1m took flush 2, before rollup_1h
             buf = sink._take()
-        props = _props(sink._flush + 1, buf.positions)
-        sink._commit_table("readings", buf, props)
-        sink._commit_table("rollup_1m", buf, props)
+        sink._commit_table("readings", buf, sink._flush + 1)
+        sink._commit_table("rollup_1m", buf, sink._flush + 1)
         sink._closing = True
         assert len(lake_rows(catalog, "readings")) > 0
 
-        sink = LakeSink(settings=settings(), data_dir=tmp_path)  # rolls readings and rollup_1m back
+        sink = LakeSink(settings=settings(), data_dir=tmp_path)  # nothing rolled back: each table resumes
         assert sink.applied() == committed
-        for name in ("readings", "rollup_1m", "rollup_1h", "dead_letters"):
+        assert sink.applied_of(("readings",)) == hot.applied()
+        views = sink.views()
+        assert sorted(v.tables for v in views) == [("readings", "rollup_1m"), ("rollup_1h", "dead_letters")]
+        for name in ("readings", "rollup_1m"):
             snap = catalog.load_table(f"fieldmesh.{name}").current_snapshot()
-            assert snap.summary[PROP_FLUSH] == "1", name
-        p = Processor(bus=None, store=hot, settings=ProcessorSettings(), sinks=[sink])  # type: ignore[arg-type]
+            assert snap.summary[PROP_FLUSH] == "2", name
+        p = Processor(bus=None, store=hot, settings=ProcessorSettings(), sinks=views)  # type: ignore[arg-type]
         p._positions = hot.positions()
         p.apply_records(redeliver(recs, hot, sink))
         sink.close()
+        assert sink.applied() == hot.applied()
         assert_lake_oracle(catalog, items)
     finally:
         hot.close()

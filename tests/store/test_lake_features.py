@@ -12,7 +12,7 @@ import pytest
 
 from fieldmesh.core.settings import LakeSettings, ProcessorSettings
 from fieldmesh.store.features import FeatureTables
-from fieldmesh.store.lake import PROP_FEATURES_SEQ, LakeSink, _props, open_catalog
+from fieldmesh.store.lake import PROP_FEATURES_SEQ, LakeSink, open_catalog
 from fieldmesh.store.sqlite import SqliteStore
 from fieldmesh.stream.featureviews import FeatureRow
 from fieldmesh.stream.featuring import FeatureStage
@@ -78,12 +78,11 @@ def test_feature_rows_reach_the_lake_once_across_crashes(tmp_path: Path) -> None
         # the crash comes after readings took the flush, before features did
         with lake._cond:
             buf = lake._take()
-        props = _props(lake._flush + 1, buf.positions)
-        lake._commit_table("readings", buf, props)
+        lake._commit_table("readings", buf, lake._flush + 1)
         lake._closing = True
 
-        lake = _lake(tmp_path, hot)  # rolls readings back; the rows after the features table's seq come again
-        p = _processor(hot, [lake, stage])
+        lake = _lake(tmp_path, hot)  # each table resumes where it stands; the rows after the features seq come
+        p = _processor(hot, [*lake.views(), stage])
         p.apply_records(_redeliver(recs, hot, [lake, stage]))
         p.apply_records(recs[-3:])  # a redelivery all have: nothing new
         lake.close()

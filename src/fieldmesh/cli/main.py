@@ -392,6 +392,19 @@ def process(
         min=0, help="keep retrying an unreachable bus or store (with backoff) for this many seconds")] = 120.0,
     metrics_port: MetricsPort = None,
     metrics_host: MetricsHost = "127.0.0.1",
+    lake: Annotated[bool, typer.Option(
+        "--lake/--no-lake", help="write the lake too (docs/lake.md); several processors, one per --partitions set, "
+        "may write one lake")] = False,
+    lake_url: Annotated[str | None, typer.Option(
+        help="Iceberg catalog (implies --lake): http(s)://... (REST) or sqlite:///... / postgresql://... (SQL); "
+             "default: an SQLite catalog under --data-dir [env FIELDMESH__LAKE__URL]")] = None,
+    lake_warehouse: Annotated[str | None, typer.Option(
+        help="where the lake's data files go (file://, s3://, ...) [env FIELDMESH__LAKE__WAREHOUSE]")] = None,
+    lake_commit_interval: Annotated[float | None, typer.Option(
+        min=0.01, help="seconds between lake commits at most (default 60) [env FIELDMESH__LAKE__COMMIT_INTERVAL_S]")
+    ] = None,
+    data_dir: Annotated[Path, typer.Option(help="holds the embedded lake (<data dir>/lake) without --lake-url")] = Path(
+        ".fieldmesh"),
 ) -> None:
     """Run a processor alone."""
     from fieldmesh.runtime.worker import run_processor
@@ -403,9 +416,16 @@ def process(
     _serve_metrics(metrics_port, metrics_host)
     settings = _settings(bus={"partitions": total_partitions}, **_enrich_kw(enrich, enrich_db), **_rules_kw(rules),
                          **_features_kw(features, online_url), **_products_kw(products),
-                         **({"lineage": {"url": lineage_url}} if lineage_url else {}))
+                         **({"lineage": {"url": lineage_url}} if lineage_url else {}),
+                         **_process_lake_kw(lake_url, lake_warehouse, lake_commit_interval))
+    lake_dir = str(data_dir.resolve()) if lake or lake_url else None
     _with_retries(lambda: asyncio.run(run_processor(bus_url=bus_url, store_url=store_url, partitions=owned,
-                                                    group=group, settings=settings)), retry_for)
+                                                    group=group, settings=settings, lake_dir=lake_dir)), retry_for)
+
+
+def _process_lake_kw(url: str | None, warehouse: str | None, interval: float | None) -> dict[str, Any]:
+    kw = {k: v for k, v in (("url", url), ("warehouse", warehouse), ("commit_interval_s", interval)) if v is not None}
+    return {"lake": kw} if kw else {}
 
 
 def _serve_metrics(port: int | None, host: str) -> None:

@@ -160,9 +160,10 @@ async def run_processor(
     """Run a processor over ``partitions`` (all when None), enriching readings when
     ``settings.enrich`` has joins (the CDC topics are caught up with before the first reading).
 
-    With ``lake_dir`` (the data dir; ``fieldmesh up`` passes it when ``settings.lake.enabled``), committed
-    batches also go to the lake (:class:`fieldmesh.store.lake.LakeSink`), which commits what it buffered
-    when the processor stops.
+    With ``lake_dir`` (the data dir: ``fieldmesh up`` passes it when ``settings.lake.enabled``, ``fieldmesh
+    process`` with ``--lake``), committed batches also go to the lake, written by a child process
+    (:class:`fieldmesh.store.lakeproc.LakeProcess`) that commits what it buffered when the processor stops.
+    Several processors (``partitions``) may write one lake: each records its partitions' positions.
     """
     from fieldmesh.runtime.enrichment import build_enrichment, follower_group
     from fieldmesh.store import load_store
@@ -171,14 +172,18 @@ async def run_processor(
     stop = stop or _stop_event()
     enrichment = build_enrichment(settings)
     sinks: list[Any] = []
+    lake = None
     if lake_dir is not None:
-        from pathlib import Path
+        from fieldmesh.store.lakeproc import LakeProcess
 
-        from fieldmesh.store.lake import LakeSink
-
-        sinks.append(LakeSink(settings=settings.lake, data_dir=Path(lake_dir)))
-        log.info("lake: committing to %s every %.0fs at most", settings.lake.url or f"{lake_dir}/lake",
-                 settings.lake.commit_interval_s)
+        # of several processors writing one lake, the one owning partition 0 copies the feature rows and
+        # runs the maintenance (docs/lake.md)
+        lake_settings = settings.lake if _lake_owner(partitions) else settings.lake.model_copy(
+            update={"maintenance_interval_s": 0.0})
+        lake = LakeProcess(settings=lake_settings, data_dir=Path(lake_dir), writer=_writer(partitions))
+        sinks.extend(lake.views())
+        log.info("lake: committing to %s every %gs at most (writer %s)", settings.lake.url or f"{lake_dir}/lake",
+                 settings.lake.commit_interval_s, _writer(partitions) or "alone")
     store = load_store(store_url)
     notifier = None
     lineage = open_lineage(settings, store_url)
@@ -193,8 +198,10 @@ async def run_processor(
         if rules_file is not None:
             rules_file.start()
         products = _products(store, store_url, settings)
-        features = _features(store, settings, sinks, partitions)
+        features = _features(store, settings, partitions)
         sinks.extend(features)
+        if lake is not None and settings.features.views_file is not None and _lake_owner(partitions):
+            lake.read_features(store_url)  # the lake's features table copies the hot store's feature rows
         async with load_bus(bus_url) as bus:
             await ensure_topics(bus, settings)
             proc = Processor(bus=bus, store=store, settings=settings.processor, group=group,
@@ -204,7 +211,8 @@ async def run_processor(
             if notifier is not None:  # the notifier's transactions take turns with the batches
                 notifier.run_store = proc.in_apply_thread
                 notifier.submit_store = proc.submit_in_apply_thread
-            retention = _retention(store, proc, settings, lake_dir)
+            if lake_dir is None or _lake_owner(partitions):  # of several lake writers, one prunes
+                retention = _retention(store, proc, settings, lake_dir)
             log.info("processor running: %s -> %s (partitions %s)", bus_url, store_url, partitions or "all")
             async with contextlib.AsyncExitStack() as runs:  # lineage: one OpenLineage run per job
                 if lineage is not None:
@@ -294,18 +302,22 @@ def _alerting(store: Any, store_url: str, settings: Settings, rules_file: Any = 
     return engine, notifier
 
 
-def _features(store: Any, settings: Settings, sinks: list[Any], partitions: list[int] | None) -> list[Any]:
-    """The processor's feature stage (docs/features.md) when ``settings.features.views_file`` is set; the lake
-    sink among ``sinks`` then copies the feature rows to its ``features`` table."""
+def _lake_owner(partitions: list[int] | None) -> bool:
+    """Whether this processor copies feature rows to the lake and maintains it (of several, partition 0's)."""
+    return partitions is None or 0 in partitions
+
+
+def _writer(partitions: list[int] | None) -> str | None:
+    """The lake writer name of a processor over ``partitions`` (None: all partitions, the only writer)."""
+    return None if partitions is None else "partitions " + ",".join(map(str, sorted(partitions)))
+
+
+def _features(store: Any, settings: Settings, partitions: list[int] | None) -> list[Any]:
+    """The processor's feature stage (docs/features.md) when ``settings.features.views_file`` is set."""
     f = settings.features
     if f.views_file is None:
         return []
-    from fieldmesh.store.features import FeatureTables, load_online_store
-    from fieldmesh.store.lake import LakeSink
-
-    for sink in sinks:
-        if isinstance(sink, LakeSink):
-            sink.features_source = lambda seq, limit: FeatureTables.after(store, seq, limit)
+    from fieldmesh.store.features import load_online_store
     from fieldmesh.stream.featureviews import load_feature_views
     from fieldmesh.stream.featuring import FeatureStage
 

@@ -9,13 +9,17 @@ flush number (``fieldmesh.flush``) and the bus positions it covers (``fieldmesh.
 
 Exactly once, with the least machinery:
 
-* :meth:`LakeSink.applied` answers the positions of the last flush committed in every table, never
-  what is only buffered. The processor resumes the bus at the lowest of the hot store's and each
-  sink's positions and re-decides, against the hot store's claims, what a sink lacks
-  (:mod:`fieldmesh.stream.processor`); so after a crash the lost buffer comes back from the bus.
-* Iceberg has no multi-table commit: a crash can leave flush *F* in some tables only. On open, the
-  tables holding *F* are rolled back to their latest snapshot of an earlier flush, so every table
-  stands at the same flush again, and the replay rewrites *F* whole.
+* :meth:`LakeSink.applied` answers the positions committed to the tables, never what is only buffered.
+  The processor resumes the bus at the lowest of the hot store's and each sink's positions and re-decides,
+  against the hot store's claims, what a sink lacks (:mod:`fieldmesh.stream.processor`); so after a crash
+  the lost buffer comes back from the bus.
+* Iceberg has no multi-table commit: a crash can leave a flush in some tables only. Nothing is rolled back:
+  each table holds the positions of its own snapshots, and :meth:`LakeSink.views` gives the processor one
+  sink per group of tables at the same positions, so the replay brings each group exactly what it lacks.
+* A table's positions are, per bus partition, the highest over its snapshots' ``fieldmesh.positions``; each
+  commit carries the others forward. So several writers (processors over disjoint partitions, ``writer``)
+  can commit to the same tables: a conflict is retried (pyiceberg rebases an append; a rollup overwrite,
+  limited to the writer's devices, is redone), and no writer's positions go back.
 * Rollups are rows per (device, metric, window) with an exact sum (``sum_exact``, as in the hot store).
   A flush merges its window deltas (late readings included) into the rows of the windows they touch:
   it reads those windows' rows, merges exactly, and overwrites them (one delete + append commit). A
@@ -57,7 +61,8 @@ if TYPE_CHECKING:
     from pyiceberg.table import Table
 
 __all__ = [
-    "PROP_FLUSH", "PROP_POSITIONS", "TABLES", "LakeError", "LakeSink", "catalog_properties",
+    "POSITIONED", "PROP_FLUSH", "PROP_POSITIONS", "PROP_WRITER", "TABLES", "LakeError", "LakeSink", "LakeView",
+    "catalog_properties",
     "committed_snapshots", "compact", "expire", "lake_info", "lake_lag", "open_catalog",
 ]
 
@@ -68,6 +73,8 @@ PROP_FLUSH: Final = "fieldmesh.flush"
 PROP_FEATURES_SEQ: Final = "fieldmesh.features_seq"  # the last feature_rows seq in the features table
 _FEATURES_PER_FLUSH: Final = 200_000
 PROP_POSITIONS: Final = "fieldmesh.positions"
+PROP_WRITER: Final = "fieldmesh.writer"  # the partitions of the processor that made the commit
+POSITIONED: Final = ("readings", "rollup_1m", "rollup_1h", "dead_letters")  # tables at bus positions
 _ROLLUP_WIDTH: Final = {"rollup_1m": 60_000, "rollup_1h": 3_600_000}
 _RETRY_MAX_S: Final = 30.0
 _ROW_BYTES: Final = 160  # a reading's arrow bytes besides its measurements (the buffer's estimate)
@@ -275,41 +282,48 @@ def _tagged_ancestors(table: Table) -> Iterable[tuple[Any, dict[str, str]]]:
 
 
 def _state_of(table: Table) -> tuple[int | None, dict[Position, int]]:
-    """The flush number and positions of the table's latest tagged snapshot (None: never committed)."""
+    """The flush number of the table's latest tagged snapshot (None: never committed) and the positions the
+    table holds: per partition the highest over its tagged snapshots (docs/lake.md: several writers)."""
+    flush: int | None = None
+    positions: dict[Position, int] = {}
     for _, props in _tagged_ancestors(table):
-        return int(props[PROP_FLUSH]), _decode_positions(props[PROP_POSITIONS])
-    return None, {}
+        if flush is None:
+            flush = int(props[PROP_FLUSH])
+        for p, o in _decode_positions(props[PROP_POSITIONS]).items():
+            if o > positions.get(p, -1):
+                positions[p] = o
+    return flush, positions
 
 
 def committed_snapshots(catalog: Catalog, namespace: str) -> tuple[int | None, dict[str, int | None]]:
-    """The flush committed to **every** table, and per table the snapshot id that holds it (None: no table or
-    no such snapshot).
+    """The lowest flush number over the tables, and per table the snapshot id of what it holds (None: no table
+    or no commit yet).
 
-    A flush in some tables only is rolled back when the sink opens (module docstring), so what a reader may
-    rely on for good (retention deleting the hot copy) is the lowest flush over the tables, read at each
-    table's latest snapshot of that flush or an earlier one.
+    What a table holds it holds for good: the sink never rolls a table back (a flush that reached some tables
+    only is completed by the replay, table by table), so a reader that deletes the hot copy (retention) may
+    rely on each table's current snapshot.
     """
-    tables: dict[str, Table] = {}
     latest: list[int] = []
+    out: dict[str, int | None] = {}
     for name in TABLES:
         ident = f"{namespace}.{name}"
         if not catalog.table_exists(ident):
             return None, dict.fromkeys(TABLES)
         t = catalog.load_table(ident)
         flush, _ = _state_of(t)
-        if flush is None:
+        snap = t.current_snapshot()
+        if flush is None or snap is None:
             return None, dict.fromkeys(TABLES)
-        tables[name] = t
         latest.append(flush)
-    common = min(latest)
-    out: dict[str, int | None] = {}
-    for name, t in tables.items():
-        out[name] = next((s.snapshot_id for s, p in _tagged_ancestors(t) if int(p[PROP_FLUSH]) <= common), None)
-    return common, out
+        out[name] = snap.snapshot_id
+    return min(latest), out
 
 
-def _props(flush: int, positions: Mapping[Position, int]) -> dict[str, str]:
-    return {PROP_FLUSH: str(flush), PROP_POSITIONS: _encode_positions(positions)}
+def _props(flush: int, positions: Mapping[Position, int], writer: str | None = None) -> dict[str, str]:
+    props = {PROP_FLUSH: str(flush), PROP_POSITIONS: _encode_positions(positions)}
+    if writer is not None:
+        props[PROP_WRITER] = writer
+    return props
 
 
 # ---- results as arrow -------------------------------------------------------------------------------
@@ -510,17 +524,47 @@ class _Buffer:
     readings: list[BatchResult]  # converted to arrow by the commit, off the processor's thread
     dead_letters: list[DeadLetter]
     rollups: dict[str, list[WindowDeltas]]  # merged by the commit, off the processor's thread
-    positions: dict[Position, int]
+    positions: dict[str, dict[Position, int]]  # per table (POSITIONED): what it holds once this commits
     rows: int = 0
     nbytes: int = 0
     since: float | None = None  # monotonic time of the oldest result in it
     arrow: dict[str, pa.Table] = dc_field(default_factory=dict)  # converted by the commit
     traces: list[Any] = dc_field(default_factory=list)  # span contexts of the writes in it (tracing on)
     features_seq: int | None = None  # the feature_rows seq the features table reaches with this flush
+    done: set[str] = dc_field(default_factory=set)  # tables committed (a retry of the flush skips them)
 
     @classmethod
-    def empty(cls, positions: Mapping[Position, int]) -> _Buffer:
-        return cls([], [], {"rollup_1m": [], "rollup_1h": []}, dict(positions))
+    def empty(cls, positions: Mapping[str, Mapping[Position, int]]) -> _Buffer:
+        return cls([], [], {"rollup_1m": [], "rollup_1h": []}, {t: dict(p) for t, p in positions.items()})
+
+
+def _min_positions(maps: Iterable[Mapping[Position, int]]) -> dict[Position, int]:
+    """Per partition the lowest of ``maps`` (a partition missing from one map: not there at all)."""
+    ms = list(maps)
+    if not ms:
+        return {}
+    keys = set(ms[0]).intersection(*ms[1:])
+    return {p: min(m[p] for m in ms) for p in keys}
+
+
+class LakeView:
+    """The processor's :class:`~fieldmesh.store.base.Sink` for some of a :class:`LakeSink`'s tables (those that
+    stood at the same positions when it opened; :meth:`LakeSink.views`)."""
+
+    name = "lake"
+
+    def __init__(self, sink: Any, tables: tuple[str, ...]) -> None:
+        self.sink = sink  # a LakeSink, or a LakeProcess (fieldmesh.store.lakeproc)
+        self.tables = tables
+
+    def applied(self) -> dict[Position, int]:
+        return dict(self.sink.applied_of(self.tables))
+
+    def write(self, result: BatchResult) -> bool:
+        return bool(self.sink.write(result, tables=self.tables))
+
+    def close(self) -> None:
+        self.sink.close()
 
 
 class LakeSink:
@@ -528,12 +572,14 @@ class LakeSink:
 
     ``write`` only buffers (a background thread commits); it waits when the buffer holds twice
     ``commit_rows``/``commit_bytes`` and a commit is still under way (back-pressure: the backlog stays
-    in the bus).
+    in the bus). ``writer``: the processor's partitions when several processors write the same tables (each
+    its own partitions; recorded in each commit's summary); None: the only writer.
     """
 
     name = "lake"
 
-    def __init__(self, *, settings: LakeSettings, data_dir: Path, catalog: Catalog | None = None) -> None:
+    def __init__(self, *, settings: LakeSettings, data_dir: Path, catalog: Catalog | None = None,
+                 writer: str | None = None) -> None:
         try:
             import pyarrow  # noqa: F401
         except ImportError as exc:
@@ -543,21 +589,24 @@ class LakeSink:
         # with the default pool, 0.30 s with one thread). One writer thread unless PYICEBERG_MAX_WORKERS says.
         os.environ.setdefault("PYICEBERG_MAX_WORKERS", "1")
         self.settings = settings
+        self.writer = writer
         self.catalog = catalog if catalog is not None else open_catalog(settings, data_dir)
         self._tables: dict[str, Table] = {}
         self._arrow: dict[str, pa.Schema] = {}
         #: Where the features table reads feature rows from: ``(after seq, limit) -> (rows, last seq)``
-        #: (:meth:`fieldmesh.store.features.FeatureTables.after`); None: feature views are off.
+        #: (:meth:`fieldmesh.store.features.FeatureTables.after`); None: feature views are off, or another
+        #: writer copies them.
         self.features_source: Callable[[int, int], tuple[list[FeatureRow], int]] | None = None
         self._features_seq = 0
+        self._closing = False
         self._flush, committed = self._recover()
-        self._committed: dict[Position, int] = committed
+        self._committed: dict[str, dict[Position, int]] = committed
         self._buf = _Buffer.empty(committed)
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._flushing = False
         self._inflight_since: float | None = None  # the oldest result of the commit under way
-        self._closing = False
+        self._closed = False
         self._error: BaseException | None = None
         self._last_commit_s = 0.0
         self._maintained = time.monotonic()  # the first maintenance runs one interval after the start
@@ -569,8 +618,8 @@ class LakeSink:
 
     # -- opening ---------------------------------------------------------------------------------
 
-    def _recover(self) -> tuple[int, dict[Position, int]]:
-        """Load or create the tables and bring them to one flush; return it and its positions."""
+    def _recover(self) -> tuple[int, dict[str, dict[Position, int]]]:
+        """Load or create the tables; return the highest flush number and what each table holds."""
         from pyiceberg.exceptions import NamespaceAlreadyExistsError
 
         ns = self.settings.namespace
@@ -588,79 +637,79 @@ class LakeSink:
             self._tables[name] = table
             self._arrow[name] = schema.as_arrow()
             states[name] = _state_of(table)
-        flushes = [f for f, _ in states.values() if f is not None]
-        top = max(flushes, default=0)
-        complete = all(f == top for f in flushes)
-        if not complete:
-            for name, (f, _) in states.items():
-                if f == top:
-                    self._rollback_below(name, top)
-            top -= 1
-        positions: dict[Position, int] = {}
-        for f, pos in states.values():
-            if f == top:
-                positions = pos
-                break
+        top = max((f for f, _ in states.values() if f is not None), default=0)
         for name, (f, _) in states.items():
-            if f is None:  # new (or created and never committed): it starts at the lake's flush
-                self._tables[name].append(self._arrow[name].empty_table(), snapshot_properties=_props(top, positions))
+            if f is None:  # new (or created and never committed): tagged, at no position
+                self._commit_with_retry(name, lambda n=name: _append(  # type: ignore[misc]
+                    self._tables[n], self._arrow[n].empty_table(), _props(0, {}, self.writer)))
         for _, props in _tagged_ancestors(self._tables["features"]):
             self._features_seq = int(props.get(PROP_FEATURES_SEQ, 0))
             break
-        if not complete:
-            log.warning("lake: flush %d was committed to some tables only (a crash); rolled back, it is "
-                        "replayed from the bus", top + 1)
-        return top, positions
+        committed = {name: states[name][1] for name in POSITIONED}
+        if len({_encode_positions(p) for p in committed.values()}) > 1:
+            log.warning("lake: the tables stand at different positions (a flush that reached some tables only); "
+                        "the bus replays to each table what it lacks")
+        return top, committed
 
-    def _rollback_below(self, name: str, flush: int) -> None:
-        table = self._tables[name]
-        for snap, props in _tagged_ancestors(table):
-            if int(props[PROP_FLUSH]) < flush:
-                table.manage_snapshots().rollback_to_snapshot(snap.snapshot_id).commit()
-                self._tables[name] = self.catalog.load_table(f"{self.settings.namespace}.{name}")
-                return
-        raise LakeError(f"lake table {self.settings.namespace}.{name}: no snapshot before flush {flush} to roll "
-                        "back to (were its snapshots expired by another tool?)")
+    def views(self) -> list[LakeView]:
+        """The processor's sinks for this lake: one per group of tables at the same positions (one view in
+        the usual case; after a flush that reached some tables only, the processor replays to each group
+        what it lacks, exactly, because each group resumes at its own positions)."""
+        groups: dict[str, list[str]] = {}
+        for name in POSITIONED:
+            groups.setdefault(_encode_positions(self._committed[name]), []).append(name)
+        return [LakeView(self, tuple(names)) for names in groups.values()]
+
+    def groups(self) -> list[tuple[str, ...]]:
+        """The tables of each of :meth:`views`."""
+        return [v.tables for v in self.views()]
 
     # -- the Sink contract -------------------------------------------------------------------------
 
     def applied(self) -> dict[Position, int]:
-        """Positions of the last flush committed to every table (never what is only buffered)."""
-        with self._lock:
-            return dict(self._committed)
+        """Positions committed to every table (never what is only buffered)."""
+        return self.applied_of(POSITIONED)
 
-    def write(self, result: BatchResult) -> bool:
-        """Buffer ``result`` for the next commit; False when every position is already buffered or committed."""
+    def applied_of(self, tables: Iterable[str]) -> dict[Position, int]:
+        """Positions committed to each of ``tables``."""
+        with self._lock:
+            return _min_positions(self._committed[t] for t in tables)
+
+    def write(self, result: BatchResult, *, tables: Iterable[str] = POSITIONED, trace: Any = None) -> bool:
+        """Buffer ``result`` for the next commit of ``tables``; False when every position is already buffered
+        or committed there. ``trace``: the span context of the write (default: the current span's)."""
+        s = self.settings
         with self._cond:
             self._raise_error()
             seen = self._buf.positions
-            if all(o <= seen.get(p, -1) for p, o in result.positions.items()):
+            todo = [t for t in tables if any(o > seen[t].get(p, -1) for p, o in result.positions.items())]
+            if not todo:
                 return False
-        s = self.settings
-        with self._cond:
             # bounded: twice the commit thresholds while a commit is under way
             self._cond.wait_for(lambda: self._error is not None or not (
                 self._buf.rows >= 2 * s.commit_rows or self._buf.nbytes >= 2 * s.commit_bytes))
             self._raise_error()
             b = self._buf
-            if n := len(result.new):
+            if "readings" in todo and (n := len(result.new)):
                 b.readings.append(result)
                 b.rows += n
                 b.nbytes += n * _ROW_BYTES + len(result.new.m_value) * 24  # about its arrow size
-            if result.dead_letters:
+            if "dead_letters" in todo and result.dead_letters:
                 b.dead_letters.extend(result.dead_letters)
                 b.rows += len(result.dead_letters)
                 b.nbytes += sum(len(d.payload) + len(d.detail) + 64 for d in result.dead_letters)
             for interval, wd in result.windows.items():
                 name = f"rollup_{interval}"
-                if name in b.rollups and len(wd):
+                if name in todo and len(wd):
                     b.rollups[name].append(wd)
                     b.nbytes += 120 * len(wd)
-            for p, o in result.positions.items():
-                if o > b.positions.get(p, -1):
-                    b.positions[p] = o
+            for t in todo:
+                pos = b.positions[t]
+                for p, o in result.positions.items():
+                    if o > pos.get(p, -1):
+                        pos[p] = o
             if tracing.enabled() and len(b.traces) < tracing.MAX_LINKS:
-                b.traces.append(tracing.current_context())
+                b.traces.append(trace if trace is not None else tracing.current_context())
             if b.since is None:  # the commit thread now has a deadline
                 b.since = time.monotonic()
                 self._cond.notify_all()
@@ -679,8 +728,11 @@ class LakeSink:
         self._commit(buf)
 
     def close(self) -> None:
-        """Commit what is buffered and stop the commit thread."""
+        """Commit what is buffered and stop the commit thread (a second call does nothing)."""
         with self._cond:
+            if self._closed:
+                return
+            self._closed = True
             self._closing = True
             self._cond.notify_all()
         self._thread.join()
@@ -744,7 +796,7 @@ class LakeSink:
                 return
 
     def _commit(self, buf: _Buffer) -> None:
-        """Commit ``buf`` as the next flush to every table, retrying each with backoff until it is in.
+        """Commit ``buf`` to every table, retrying each with backoff until it is in.
 
         While tracing is on, in a ``lake.commit`` span: a child of the first write's span, linked to the
         others (one commit carries many batches)."""
@@ -755,39 +807,49 @@ class LakeSink:
         else:
             self._commit_untraced(buf)
 
+    def _commit_with_retry(self, name: str, commit: Callable[[], int | None]) -> int:
+        """Run ``commit`` (one table's) until it is in: a catalog unreachable or a conflict with another
+        writer or a compaction is retried with capped backoff after the table is loaded again."""
+        attempt = 0
+        while True:
+            try:
+                return int(commit() or 0)
+            except LakeError:
+                raise
+            except Exception as exc:
+                attempt += 1
+                if self._closing and attempt > 3:  # stopping: the bus replays this flush at the next start
+                    raise LakeError(f"lake commit of {name} still failing at shutdown: {exc}") from exc
+                delay = min(_RETRY_MAX_S, 0.2 * 2**attempt)
+                log.warning("lake commit of %s failed (%s: %s); retrying in %.1fs (try %d)", name,
+                            type(exc).__name__, exc, delay, attempt)
+                time.sleep(delay)
+                self._reload(name)
+
     def _commit_untraced(self, buf: _Buffer) -> None:
         t0 = time.monotonic()
         flush = self._flush + 1
-        props = _props(flush, buf.positions)
         rows = 0
         try:
             for name in TABLES:
-                attempt = 0
-                while True:
-                    try:
-                        rows += self._commit_table(name, buf, props)
-                        break
-                    except LakeError:
-                        raise
-                    except Exception as exc:
-                        # catalog unreachable, a conflict with a concurrent compaction: reload and retry
-                        attempt += 1
-                        if self._closing and attempt > 3:  # stopping: the bus replays this flush at the next start
-                            raise LakeError(f"lake commit of {name} still failing at shutdown: {exc}") from exc
-                        delay = min(_RETRY_MAX_S, 0.2 * 2**attempt)
-                        log.warning("lake commit of %s failed (%s: %s); retrying in %.1fs (try %d)", name,
-                                    type(exc).__name__, exc, delay, attempt)
-                        time.sleep(delay)
-                        self._reload(name)
+                if name in buf.done:
+                    continue
+                if name in POSITIONED and buf.positions[name] == self._committed[name]:
+                    continue  # nothing new for this table (its view had nothing to write)
+                if name == "features" and self.features_source is None:
+                    continue
+                rows += self._commit_with_retry(name, lambda n=name: self._commit_table(n, buf, flush))  # type: ignore[misc]
+                buf.done.add(name)
+                if name in POSITIONED:
+                    with self._cond:
+                        self._committed[name] = dict(buf.positions[name])
         finally:
             with self._cond:
                 self._flushing = False
                 self._cond.notify_all()
         with self._cond:
             self._inflight_since = None
-        with self._cond:
             self._flush = flush
-            self._committed = dict(buf.positions)
             if buf.features_seq is not None:
                 self._features_seq = buf.features_seq
             self._last_commit_s = time.monotonic() - t0
@@ -799,7 +861,8 @@ class LakeSink:
     def _maintain(self) -> None:
         """Every ``maintenance_interval_s``, between commits: expire old snapshots and compact the small
         files of closed partitions (days before today; the month before this one for ``rollup_1h``).
-        Failures are logged and retried at the next interval: they never stop the sink."""
+        Failures are logged and retried at the next interval: they never stop the sink. Of several writers,
+        the one that copies the feature rows (or with no feature views, each) maintains."""
         s = self.settings
         now = time.monotonic()
         if s.maintenance_interval_s <= 0 or now - self._maintained < s.maintenance_interval_s:
@@ -824,13 +887,19 @@ class LakeSink:
         except Exception as exc:  # still unreachable: the next try reloads again
             log.debug("reload of %s failed: %s", name, exc)
 
-    def _commit_table(self, name: str, buf: _Buffer, props: dict[str, str]) -> int:
-
+    def _commit_table(self, name: str, buf: _Buffer, flush: int) -> int:
+        """One table's commit of ``buf``: its snapshot records the flush number, this writer and the positions
+        the table then holds (its own and, carried forward, the other writers')."""
         table = self._tables[name]
-        flush = int(props[PROP_FLUSH])
-        state, _ = _state_of(table)
-        if state is not None and state >= flush:  # committed before a retry saw the answer
-            return 0
+        head_flush, held = _state_of(table)
+        props = _props(max(flush, (head_flush or 0) + 1), {}, self.writer)
+        if name in POSITIONED:
+            mine = buf.positions[name]
+            if all(o <= held.get(p, -1) for p, o in mine.items()):  # committed before a retry saw the answer
+                return 0
+            props[PROP_POSITIONS] = _encode_positions({**held, **mine})
+        else:
+            props[PROP_POSITIONS] = _encode_positions(held)
         schema = self._arrow[name]
         if name == "features":
             return self._commit_features(table, buf, props)
@@ -850,19 +919,21 @@ class LakeSink:
     def _commit_features(self, table: Table, buf: _Buffer, props: dict[str, str]) -> int:
         """Append the feature rows committed to the hot store since the last flush (an outbox read by seq):
         the snapshot records the last seq, so a replayed flush takes the same rows, never twice."""
-        data = buf.arrow.get("features")
-        if data is None:  # kept for a retry, with its seq
-            rows, seq = ([], self._features_seq) if self.features_source is None else self.features_source(
-                self._features_seq, _FEATURES_PER_FLUSH)
-            data = features_table(rows, self._arrow["features"])
-            buf.arrow["features"], buf.features_seq = data, seq
-        _append(table, data, {**props, PROP_FEATURES_SEQ: str(buf.features_seq)})
+        assert self.features_source is not None
+        for _, tagged in _tagged_ancestors(table):  # where the table stands (a retry, or another writer)
+            self._features_seq = max(self._features_seq, int(tagged.get(PROP_FEATURES_SEQ, 0)))
+            break
+        rows, seq = self.features_source(self._features_seq, _FEATURES_PER_FLUSH)
+        data = features_table(rows, self._arrow["features"])
+        buf.features_seq = seq
+        _append(table, data, {**props, PROP_FEATURES_SEQ: str(seq)})
         self._tables["features"] = table
         return int(data.num_rows)
 
     def _commit_rollups(self, name: str, deltas: list[_Accs], props: dict[str, str]) -> int:
-        """Merge ``deltas`` into the rows of the windows they touch: read, merge exactly, overwrite."""
-        from pyiceberg.expressions import In
+        """Merge ``deltas`` into the rows of the windows they touch: read, merge exactly, overwrite. With
+        several writers, only the rows of this writer's devices are read and replaced."""
+        from pyiceberg.expressions import And, In
 
         table = self._tables[name]
         schema = self._arrow[name]
@@ -870,7 +941,9 @@ class LakeSink:
         if merged is None:
             table.append(schema.empty_table(), snapshot_properties=props)
             return 0
-        where = In(term="window_start", literals=(np.unique(merged.window_start_ms) * 1000).tolist())
+        where: Any = In(term="window_start", literals=(np.unique(merged.window_start_ms) * 1000).tolist())
+        if self.writer is not None:
+            where = And(where, In(term="device_id", literals=np.unique(merged.device).tolist()))
         old = table.scan(row_filter=where).to_arrow()
         if old.num_rows:
             m_e = [parse_exact(x) for x in old.column("sum_exact").to_pylist()]
@@ -1088,8 +1161,9 @@ def _partition_end_ms(table: Table, part: tuple[Any, ...]) -> int:
 
 def expire(catalog: Catalog, namespace: str, *, older_than_s: float, keep_last: int = 10,
            tables: Iterable[str] = TABLES) -> dict[str, int]:
-    """Drop snapshots older than ``older_than_s`` (keeping the last ``keep_last`` and every snapshot the
-    sink may roll back to: the latest of each of the last two flushes). Returns snapshots expired per table."""
+    """Drop snapshots older than ``older_than_s`` (keeping the last ``keep_last``, and for each bus partition
+    the latest snapshot that records its highest position: what the table holds is read from them, also
+    for a writer that has not committed for longer). Returns snapshots expired per table."""
     out: dict[str, int] = {}
     cutoff_ms = int((time.time() - older_than_s) * 1000)
     for name in tables:
@@ -1102,12 +1176,12 @@ def expire(catalog: Catalog, namespace: str, *, older_than_s: float, keep_last: 
         from pyiceberg.table.snapshots import ancestors_of
 
         keep = {s.snapshot_id for s in list(ancestors_of(current, table.metadata))[:keep_last]}
-        flushes: dict[int, int] = {}
+        best: dict[Position, tuple[int, int]] = {}  # partition -> (highest position, latest snapshot with it)
         for snap, props in _tagged_ancestors(table):
-            flushes.setdefault(int(props[PROP_FLUSH]), snap.snapshot_id)
-            if len(flushes) >= 2:
-                break
-        keep.update(flushes.values())
+            for p, o in _decode_positions(props[PROP_POSITIONS]).items():
+                if o > best.get(p, (-1, 0))[0]:
+                    best[p] = (o, snap.snapshot_id)
+        keep.update(s for _, s in best.values())
         ids = [s.snapshot_id for s in table.metadata.snapshots
                if s.timestamp_ms < cutoff_ms and s.snapshot_id not in keep]
         if ids:

@@ -6,9 +6,8 @@ store, but only rows the lake holds: never the only copy.
 
 Which rows the lake holds is read from the lake itself, not inferred: the hot store's rows carry no bus
 position, so a lake commit's positions cannot say which rows it covers (a reading stored late into an
-old day, a window corrected by a late reading). So retention reads the lake at the flush committed to
-**every** table (:func:`fieldmesh.store.lake.committed_snapshots`: a flush in some tables only may still be
-rolled back) and deletes
+old day, a window corrected by a late reading). So retention reads each lake table at its current
+snapshot (:func:`fieldmesh.store.lake.committed_snapshots`: the sink never rolls a table back) and deletes
 
 * a raw reading only when its identity key is in the lake's ``readings`` (SQLite deletes whole segments,
   so a segment goes when every reading in it is there);
@@ -129,7 +128,7 @@ class TierReport:
 
 
 class LakeCopy:
-    """What the lake holds for good: each table read at the flush committed to every table."""
+    """What the lake holds for good: each table read at its current snapshot."""
 
     def __init__(self, catalog: Catalog, namespace: str) -> None:
         self.catalog = catalog
