@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from itertools import repeat
 from operator import and_, lshift, mul, neg, rshift, truediv
+from typing import Final
 
 import numpy as np
 
@@ -46,14 +47,58 @@ def evict_oldest(cache: dict[RollupKey, Acc], keep: int) -> None:
         del cache[k]
 
 
+_MANT_EXACT: Final = 1 << 53  # integers below this in magnitude are exact as floats
+_TINY: Final = 2.0**-1022  # the smallest normal float
+
+
 def exact_columns(count: list[int], m: list[int], e: list[int]) -> tuple[list[float], list[float], list[str]]:
     """Per accumulator: :func:`~fieldmesh.core.exact.exact_value`, :func:`~fieldmesh.core.exact.exact_avg`
     and :func:`~fieldmesh.core.exact.format_exact` of ``m * 2**e`` (and ``count``), the same values.
 
-    Why: these run per rollup row written. Here they are the same integer operations (a correctly rounded
-    int / int division; trailing zeros from the lowest set bit), mapped over whole columns in C instead of
-    three Python calls per row. Sums beyond the float range take the per-row functions.
+    Why: these run per rollup row written. Most rows have ``|m| < 2**53`` (sums of a few readings): then
+    ``m`` is exact as a float, ``ldexp(m, e)`` is exact unless the result is subnormal or beyond the
+    float range, and ``ldexp(m, e) / count`` is one IEEE division of exact operands, so correctly rounded,
+    as the integer division of :func:`~fieldmesh.core.exact.exact_avg` is: numpy does those rows at once.
+    The other rows take :func:`_exact_rows` (the same integer operations mapped in C, or the per-row
+    functions beyond the float range).
     """
+    if not m:
+        return [], [], []
+    n = len(m)
+    try:
+        mi = np.array(m, dtype=np.int64)
+    except OverflowError:  # mantissas beyond int64: those rows count as 0 here and go the integer way
+        mo = np.array(m, dtype=object)
+        small = (mo > -_MANT_EXACT) & (mo < _MANT_EXACT)
+        mi = np.zeros(n, dtype=np.int64)
+        mi[small] = mo[small].astype(np.int64)
+        mi[~small] = _MANT_EXACT  # not a fast row
+    ea = np.asarray(e, dtype=np.int64)
+    ca = np.asarray(count, dtype=np.int64)
+    with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
+        x = np.ldexp(mi.astype(np.float64), np.clip(ea, -2000, 2000).astype(np.int32))
+        avg = x / ca
+        ax, aa = np.abs(x), np.abs(avg)
+        fast = ((mi > -_MANT_EXACT) & (mi < _MANT_EXACT) & (ca > 0)
+                & ((mi == 0) | ((ax >= _TINY) & (ax < np.inf) & (aa >= _TINY))))
+    low = mi & -mi  # the lowest set bit (mi > -2**53 on fast rows: no overflow there)
+    tz = np.frexp(np.where(low == 0, 1, low).astype(np.float64))[1].astype(np.int64) - 1
+    odd = np.where(fast, mi >> np.where(fast, tz, 0), 0)
+    ex = np.where(mi == 0, 0, ea + tz)
+    values: list[float] = x.tolist()
+    avgs: list[float] = avg.tolist()
+    texts: list[str] = list(map("{:x}:{}".format, odd.tolist(), ex.tolist()))
+    if not fast.all():
+        slow = np.flatnonzero(~fast).tolist()
+        sv, sa, st = _exact_rows([count[i] for i in slow], [m[i] for i in slow], [e[i] for i in slow])
+        for j, i in enumerate(slow):
+            values[i], avgs[i], texts[i] = sv[j], sa[j], st[j]
+    assert len(values) == n
+    return values, avgs, texts
+
+
+def _exact_rows(count: list[int], m: list[int], e: list[int]) -> tuple[list[float], list[float], list[str]]:
+    """:func:`exact_columns` with Python integers: the same integer operations mapped over the columns."""
     if not m:
         return [], [], []
     m = list(map(int, m))  # numpy integers in an object column would not take int's methods

@@ -15,8 +15,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from itertools import compress, repeat
-from operator import is_
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -31,7 +29,7 @@ from fieldmesh.store import segments
 from fieldmesh.store.base import INTERVALS, DeviceSummary, HotTxn, Position, QueryResult, SqlTxn, StoreStats
 from fieldmesh.store.batchrows import answers, device_aggs, write_via_commit
 from fieldmesh.store.keyfilter import KeyFilter
-from fieldmesh.store.rollup import Acc, RollupKey, evict_oldest, exact_columns, merge_acc
+from fieldmesh.store.rollup import exact_columns, merge_acc
 from fieldmesh.store.rows import device_row, dlq_row, raw_row, rollup_query, rollup_row
 from fieldmesh.store.seqgaps import SeqBatch, SeqKey, SeqRange, listing, merge_ranges, range_gaps, seq_batch, seq_spans
 
@@ -42,9 +40,13 @@ T = TypeVar("T")
 #: 2 added ``seqs`` and ``seq_ranges`` (sequence gaps); 3 added ``idents.origin`` (the bus record that
 #: claimed the key, so a replay decides as before). Older stores are migrated on open.
 SCHEMA_VERSION: Final = 3
-#: Rollup accumulators kept in memory (per interval) so that hot windows need no read-back: about
-#: 64 MiB per interval at ~500 bytes an entry; past it the oldest windows are dropped (down to 3/4).
+#: Seq ranges kept in memory (they spare a read-back per device and boot); past it the cache starts over.
 _CACHE_MAX: Final = 131_072
+#: (device, metric) pairs whose latest rollup window is kept in memory, per interval (~200 bytes each);
+#: past it the map starts over (each pair is then read again, one index seek, when next touched).
+_LATEST_MAX: Final = 1_000_000
+#: "No window stored" for a pair.
+_NO_WINDOW: Final = -(2**63)
 _enc = msgspec.json.Encoder()
 _dec = msgspec.json.Decoder()
 
@@ -310,8 +312,9 @@ class SqliteStore:
         self._local = threading.local()
         self._write_lock = threading.RLock()  # commit() and transact() share the writer's connection
         # Write-side caches, valid while no other connection writes (checked with PRAGMA data_version).
-        self._cache: dict[str, dict[RollupKey, Acc]] = {i: {} for i in INTERVALS}
-        self._staged: dict[str, dict[RollupKey, Acc]] = {i: {} for i in INTERVALS}
+        # per interval, (device, metric) -> the latest window start stored (no later window is in the table)
+        self._latest: dict[str, dict[tuple[str, str], int]] = {i: {} for i in INTERVALS}
+        self._staged_latest: dict[str, dict[tuple[str, str], int]] = {i: {} for i in INTERVALS}
         self._known_metrics: set[tuple[str, str]] = set()
         self._pending_metrics: set[tuple[str, str]] = set()
         # seq ranges committed (with their listed flag), cached like the rollups
@@ -472,14 +475,14 @@ class SqliteStore:
         w.execute("BEGIN IMMEDIATE")
         dv = w.execute("PRAGMA data_version").fetchone()[0]
         if dv != self._data_version:  # another connection committed: our caches may be stale
-            for c in self._cache.values():
+            for c in self._latest.values():
                 c.clear()
             self._known_metrics.clear()
             self._ranges.clear()
             self._keys = None
         if self._keys is None or self._keys.full:
             self._keys = self._load_keys(w)
-        for st in self._staged.values():
+        for st in self._staged_latest.values():
             st.clear()
         self._pending_metrics = set()
         self._staged_ranges = {}
@@ -490,8 +493,11 @@ class SqliteStore:
         self._data_version = w.execute("PRAGMA data_version").fetchone()[0]
         if claimed is not None and self._keys is not None:
             self._keys.add(claimed)
-        for interval, staged in self._staged.items():
-            self._cache[interval].update(staged)
+        for interval, staged in self._staged_latest.items():
+            latest = self._latest[interval]
+            if len(latest) + len(staged) > _LATEST_MAX:
+                latest.clear()  # read again per pair when next touched
+            latest.update(staged)
         self._known_metrics |= self._pending_metrics
         if len(self._ranges) + len(self._staged_ranges) > _CACHE_MAX:
             self._ranges.clear()
@@ -550,40 +556,53 @@ class SqliteStore:
         return f
 
     def _merge_rollups(self, w: sqlite3.Connection, interval: str, wd: WindowDeltas) -> None:
-        """Merge one interval's deltas into its rollup rows; the new accumulators are staged for the cache.
+        """Merge one interval's deltas into its rollup rows.
 
-        Column-wise: only windows held already (cache or table) are merged one by one (their exact sums
-        need Python ints); sums, averages and ``sum_exact`` of every row come from :func:`exact_columns`.
+        A window later than the latest one stored for its (device, metric) cannot be in the table: its
+        delta is the row (most windows of a stream). Only the others are looked up, merged one by one
+        (their exact sums need Python ints) and replaced. The latest window per (device, metric) is kept
+        in memory (read once per pair from the primary key), staged until the commit. Sums, averages and
+        ``sum_exact`` of every row come from :func:`exact_columns`.
         """
         table = f"rollup_{interval}"
-        cache = self._cache[interval]
+        latest = self._latest[interval]
         dev, met, ws = wd.device.tolist(), wd.metric.tolist(), wd.window_start_ms.tolist()
-        keys = list(zip(dev, met, ws, strict=True))
+        pairs = list(zip(dev, met, strict=True))
+        bound = list(map(latest.get, pairs))
+        if None in bound:  # pairs not seen since the store opened: their latest window, one index seek each
+            unknown = sorted({p for p, b in zip(pairs, bound, strict=True) if b is None})
+            for s in range(0, len(unknown), 5000):
+                for d, mt, top in w.execute(
+                    f"SELECT j.value->>0, j.value->>1, (SELECT max(r.window_start_ms) FROM {table} r"
+                    " WHERE r.device_id = j.value->>0 AND r.metric = j.value->>1) FROM json_each(?) j",
+                    (_enc.encode(unknown[s : s + 5000]).decode(),),
+                ):
+                    latest[(d, mt)] = _NO_WINDOW if top is None else top  # the truth now: no staging needed
+            bound = list(map(latest.__getitem__, pairs))
+        hw = np.array(bound, dtype=np.int64)
+        wsa = wd.window_start_ms
         count, m, e = wd.count.tolist(), wd.sum_m.tolist(), wd.sum_e.tolist()
         mn, mx = wd.min.tolist(), wd.max.tolist()
-        cached = list(map(cache.get, keys))
-        old: dict[RollupKey, Acc] = {}
-        misses = list(compress(keys, map(is_, cached, repeat(None))))
-        for s in range(0, len(misses), 5000):
-            chunk = misses[s : s + 5000]
-            for d, mt, st, n, lo, hi, sx in w.execute(
-                f"SELECT r.device_id, r.metric, r.window_start_ms, r.count, r.min, r.max, r.sum_exact "
-                f"FROM json_each(?) j JOIN {table} r ON r.device_id = j.value->>0 AND r.metric = j.value->>1"
-                f" AND r.window_start_ms = j.value->>2",
-                (_enc.encode(chunk).decode(),),
-            ):
-                om, oe = parse_exact(sx)
-                old[(d, mt, st)] = [n, om, oe, lo, hi]
-        if len(misses) < len(keys):
-            old.update((k, a) for k, a in zip(keys, cached, strict=True) if a is not None)
-        if len(cache) + len(keys) > _CACHE_MAX:
-            evict_oldest(cache, _CACHE_MAX * 3 // 4 - len(keys))
-        if old:
-            at = dict(zip(keys, range(len(keys)), strict=True))
-            for k, o in old.items():
-                i = at[k]
-                count[i], m[i], e[i], mn[i], mx[i] = merge_acc(o, [count[i], m[i], e[i], mn[i], mx[i]])
-        self._staged[interval].update(zip(keys, map(list, zip(count, m, e, mn, mx, strict=True)), strict=True))
+        maybe = np.flatnonzero(wsa <= hw).tolist()  # may be stored already
+        if maybe:
+            at = {(dev[i], met[i], ws[i]): i for i in maybe}
+            keys = list(at)
+            for s in range(0, len(keys), 5000):
+                for d, mt, st, n, lo, hi, sx in w.execute(
+                    f"SELECT r.device_id, r.metric, r.window_start_ms, r.count, r.min, r.max, r.sum_exact "
+                    f"FROM json_each(?) j JOIN {table} r ON r.device_id = j.value->>0 AND r.metric = j.value->>1"
+                    f" AND r.window_start_ms = j.value->>2",
+                    (_enc.encode(keys[s : s + 5000]).decode(),),
+                ):
+                    i = at[(d, mt, st)]
+                    om, oe = parse_exact(sx)
+                    count[i], m[i], e[i], mn[i], mx[i] = merge_acc(
+                        [n, om, oe, lo, hi], [count[i], m[i], e[i], mn[i], mx[i]]
+                    )
+        # staged: the latest window per pair after this batch (the last of each pair in ascending order wins)
+        top = np.maximum(wsa, hw)
+        order = np.argsort(top, kind="stable").tolist()
+        self._staged_latest[interval] = dict(zip(map(pairs.__getitem__, order), top[order].tolist(), strict=True))
         values, avgs, texts = exact_columns(count, m, e)
         w.executemany(
             f"INSERT OR REPLACE INTO {table} VALUES (?,?,?,?,?,?,?,?,?)",
