@@ -47,7 +47,6 @@ def evict_oldest(cache: dict[RollupKey, Acc], keep: int) -> None:
         del cache[k]
 
 
-_MANT_EXACT: Final = 1 << 53  # integers below this in magnitude are exact as floats
 _TINY: Final = 2.0**-1022  # the smallest normal float
 
 
@@ -55,45 +54,40 @@ def exact_columns(count: list[int], m: list[int], e: list[int]) -> tuple[list[fl
     """Per accumulator: :func:`~fieldmesh.core.exact.exact_value`, :func:`~fieldmesh.core.exact.exact_avg`
     and :func:`~fieldmesh.core.exact.format_exact` of ``m * 2**e`` (and ``count``), the same values.
 
-    Why: these run per rollup row written. Most rows have ``|m| < 2**53`` (sums of a few readings): then
-    ``m`` is exact as a float, ``ldexp(m, e)`` is exact unless the result is subnormal or beyond the
-    float range, and ``ldexp(m, e) / count`` is one IEEE division of exact operands, so correctly rounded,
-    as the integer division of :func:`~fieldmesh.core.exact.exact_avg` is: numpy does those rows at once.
-    The other rows take :func:`_exact_rows` (the same integer operations mapped in C, or the per-row
-    functions beyond the float range).
+    Why: these run per rollup row written. ``float(m)`` and ``m / count`` of Python ints are correctly
+    rounded (C, whatever the size of ``m``), and scaling by ``2**e`` (``ldexp``) is exact while the result
+    is a normal float: so the sum and the average of most rows are those two operations and one numpy
+    ``ldexp`` over the column, without the wide shifted integers of the general form. Rows whose result
+    is subnormal or beyond the float range take :func:`_exact_rows` (the integer operations).
     """
     if not m:
         return [], [], []
-    n = len(m)
+    m = list(map(int, m))  # numpy integers in an object column would not take int's methods
     try:
-        mi = np.array(m, dtype=np.int64)
-    except OverflowError:  # mantissas beyond int64: those rows count as 0 here and go the integer way
-        mo = np.array(m, dtype=object)
-        small = (mo > -_MANT_EXACT) & (mo < _MANT_EXACT)
-        mi = np.zeros(n, dtype=np.int64)
-        mi[small] = mo[small].astype(np.int64)
-        mi[~small] = _MANT_EXACT  # not a fast row
+        if min(count) <= 0:
+            raise ZeroDivisionError
+        mf = np.array(list(map(float, m)), dtype=np.float64)
+        q = np.array(list(map(truediv, m, count)), dtype=np.float64)
+    except (OverflowError, ZeroDivisionError):  # a mantissa beyond the float range, or a count of 0
+        return _exact_rows(count, m, e)
     ea = np.asarray(e, dtype=np.int64)
-    ca = np.asarray(count, dtype=np.int64)
-    with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
-        x = np.ldexp(mi.astype(np.float64), np.clip(ea, -2000, 2000).astype(np.int32))
-        avg = x / ca
-        ax, aa = np.abs(x), np.abs(avg)
-        fast = ((mi > -_MANT_EXACT) & (mi < _MANT_EXACT) & (ca > 0)
-                & ((mi == 0) | ((ax >= _TINY) & (ax < np.inf) & (aa >= _TINY))))
-    low = mi & -mi  # the lowest set bit (mi > -2**53 on fast rows: no overflow there)
-    tz = np.frexp(np.where(low == 0, 1, low).astype(np.float64))[1].astype(np.int64) - 1
-    odd = np.where(fast, mi >> np.where(fast, tz, 0), 0)
-    ex = np.where(mi == 0, 0, ea + tz)
+    ei = np.clip(ea, -4000, 4000).astype(np.int32)
+    with np.errstate(over="ignore", under="ignore"):
+        x = np.ldexp(mf, ei)
+        avg = np.ldexp(q, ei)
+    ax, aa = np.abs(x), np.abs(avg)
+    zero = mf == 0.0
+    fast = zero | ((ax >= _TINY) & (ax < np.inf) & (aa >= _TINY) & (aa < np.inf))
+    tz = np.maximum(np.array(list(map(int.bit_length, map(and_, m, map(neg, m)))), dtype=np.int64) - 1, 0)
+    ex = np.where(zero, 0, ea + tz)
     values: list[float] = x.tolist()
     avgs: list[float] = avg.tolist()
-    texts: list[str] = list(map("{:x}:{}".format, odd.tolist(), ex.tolist()))
+    texts: list[str] = list(map("{:x}:{}".format, map(rshift, m, tz.tolist()), ex.tolist()))
     if not fast.all():
         slow = np.flatnonzero(~fast).tolist()
-        sv, sa, st = _exact_rows([count[i] for i in slow], [m[i] for i in slow], [e[i] for i in slow])
+        sv, sa, _ = _exact_rows([count[i] for i in slow], [m[i] for i in slow], [e[i] for i in slow])
         for j, i in enumerate(slow):
-            values[i], avgs[i], texts[i] = sv[j], sa[j], st[j]
-    assert len(values) == n
+            values[i], avgs[i] = sv[j], sa[j]
     return values, avgs, texts
 
 

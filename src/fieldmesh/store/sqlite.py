@@ -38,8 +38,11 @@ __all__ = ["SCHEMA_VERSION", "SqliteStore"]
 T = TypeVar("T")
 
 #: 2 added ``seqs`` and ``seq_ranges`` (sequence gaps); 3 added ``idents.origin`` (the bus record that
-#: claimed the key, so a replay decides as before). Older stores are migrated on open.
-SCHEMA_VERSION: Final = 3
+#: claimed the key, so a replay decides as before); 4 added ``idents_recent`` (new keys land there first,
+#: see :meth:`SqliteStore._fold_keys`). Older stores are migrated on open.
+SCHEMA_VERSION: Final = 4
+#: ``idents_recent`` is folded into ``idents`` once it holds this many keys, or an eighth of ``idents``.
+_FOLD_MIN: Final = 131_072
 #: Seq ranges kept in memory (they spare a read-back per device and boot); past it the cache starts over.
 _CACHE_MAX: Final = 131_072
 #: (device, metric) pairs whose latest rollup window is kept in memory, per interval (~200 bytes each);
@@ -59,6 +62,10 @@ CREATE TABLE IF NOT EXISTS idents (
     chk INTEGER NOT NULL,            -- identity check value (tells duplicates from key collisions)
     origin INTEGER                   -- (offset << 12) | partition of the record that claimed it; NULL: unknown
 );
+-- New identities land here first and are moved into `idents` in key order, many commits at a time: random
+-- keys inserted straight into a large `idents` dirty nearly every leaf page at every commit. A key is in
+-- one of the two tables, never both.
+CREATE TABLE IF NOT EXISTS idents_recent (id INTEGER PRIMARY KEY, chk INTEGER NOT NULL, origin INTEGER);
 -- Raw readings: segments (fieldmesh.store.segments), read through the `readings` view.
 CREATE TABLE IF NOT EXISTS rollup_1m (
     device_id TEXT NOT NULL, metric TEXT NOT NULL, window_start_ms INTEGER NOT NULL,
@@ -120,6 +127,10 @@ UPDATE meta SET value = '2' WHERE key = 'schema_version';
 _MIGRATE_2_3 = """
 ALTER TABLE idents ADD COLUMN origin INTEGER;
 UPDATE meta SET value = '3' WHERE key = 'schema_version';
+"""
+#: Version 3 -> 4: ``idents_recent`` (created empty by the schema script); nothing moves.
+_MIGRATE_3_4 = """
+UPDATE meta SET value = '4' WHERE key = 'schema_version';
 """
 
 
@@ -272,7 +283,8 @@ class _Txn(_Sql):
                 found.update(
                     (k, (c, o))
                     for k, c, o in self._w.execute(
-                        "SELECT id, chk, origin FROM idents WHERE id IN (SELECT value FROM json_each(?))",
+                        "SELECT id, chk, origin FROM idents WHERE id IN (SELECT value FROM json_each(?1)) UNION ALL"
+                        " SELECT id, chk, origin FROM idents_recent WHERE id IN (SELECT value FROM json_each(?1))",
                         (_enc.encode(look[s : s + 20000]).decode(),),
                     )
                 )
@@ -292,7 +304,7 @@ class _Txn(_Sql):
                 org = org.astype(object)
                 org[origins[new] < 0] = None
             self._w.executemany(
-                "INSERT INTO idents (id, chk, origin) VALUES (?, ?, ?)",
+                "INSERT INTO idents_recent (id, chk, origin) VALUES (?, ?, ?)",
                 zip(keys[new].tolist(), chks[new].tolist(), org.tolist(), strict=True),
             )
             self.claimed.append(keys[new])
@@ -322,6 +334,8 @@ class SqliteStore:
         self._staged_ranges: dict[SeqKey, tuple[SeqRange, bool]] = {}
         self._data_version = -1
         self._keys: KeyFilter | None = None  # identity keys stored, for de-dup without a read per key
+        self._keys_main = self._keys_recent = 0  # rows of idents and idents_recent (with the filter)
+        self._folded = 0  # keys the open transaction moved into idents
         if not readonly:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._w = self._connect(write=True)
@@ -373,8 +387,9 @@ class SqliteStore:
             segments.migrate_rows_table(w)  # the readings view (over a pre-segment table, if there is one)
             if row is None:
                 w.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            elif row[0] in ("1", "2"):
-                script = (_MIGRATE_1_2 if row[0] == "1" else "") + _MIGRATE_2_3
+            elif row[0] in ("1", "2", "3"):
+                script = (_MIGRATE_1_2 if row[0] == "1" else "") + (_MIGRATE_2_3 if row[0] != "3" else "")
+                script += _MIGRATE_3_4
                 if any(c[1] == "origin" for c in w.execute("PRAGMA table_info(idents)")):
                     script = script.replace("ALTER TABLE idents ADD COLUMN origin INTEGER;", "")
                 for stmt in script.split(";"):
@@ -431,13 +446,14 @@ class SqliteStore:
             txn = _Txn(w, keys)
             try:
                 result = build(txn)
-                self._write_result(w, result, now)
+                claimed = np.concatenate(txn.claimed) if txn.claimed else None
+                self._write_result(w, result, now, 0 if claimed is None else len(claimed))
                 w.execute("COMMIT")
             except BaseException:
                 if w.in_transaction:  # SQLite may have rolled back already (SQLITE_FULL)
                     w.execute("ROLLBACK")
                 raise
-            self._finish(w, np.concatenate(txn.claimed) if txn.claimed else None)
+            self._finish(w, claimed)
             return result
 
     def transact(self, fn: Callable[[SqlTxn], T]) -> T:
@@ -484,6 +500,7 @@ class SqliteStore:
             self._keys = self._load_keys(w)
         for st in self._staged_latest.values():
             st.clear()
+        self._folded = 0
         self._pending_metrics = set()
         self._staged_ranges = {}
         return self._keys
@@ -493,6 +510,11 @@ class SqliteStore:
         self._data_version = w.execute("PRAGMA data_version").fetchone()[0]
         if claimed is not None and self._keys is not None:
             self._keys.add(claimed)
+        if self._folded:
+            self._keys_main += self._folded
+            self._keys_recent = 0
+        elif claimed is not None:
+            self._keys_recent += len(claimed)
         for interval, staged in self._staged_latest.items():
             latest = self._latest[interval]
             if len(latest) + len(staged) > _LATEST_MAX:
@@ -503,7 +525,7 @@ class SqliteStore:
             self._ranges.clear()
         self._ranges.update(self._staged_ranges)
 
-    def _write_result(self, w: sqlite3.Connection, r: BatchResult, now: int) -> None:
+    def _write_result(self, w: sqlite3.Connection, r: BatchResult, now: int, claimed: int) -> None:
         """Everything of a decided batch but the claims (made by ``build``), in the open transaction."""
         for interval in r.windows:
             if interval not in INTERVALS:
@@ -545,15 +567,32 @@ class SqliteStore:
             " ts_ms = max(ts_ms, excluded.ts_ms)",
             [(t, p, ts) for (t, p), ts in r.watermarks.items()],
         )
+        self._folded = self._fold_keys(w, claimed)
 
-    @staticmethod
-    def _load_keys(w: sqlite3.Connection) -> KeyFilter:
-        n = w.execute("SELECT count(*) FROM idents").fetchone()[0]
-        f = KeyFilter(2 * n)
-        cur = w.execute("SELECT id FROM idents")
-        while rows := cur.fetchmany(100_000):
-            f.add(r[0] for r in rows)
+    def _load_keys(self, w: sqlite3.Connection) -> KeyFilter:
+        self._keys_main = w.execute("SELECT count(*) FROM idents").fetchone()[0]
+        self._keys_recent = w.execute("SELECT count(*) FROM idents_recent").fetchone()[0]
+        f = KeyFilter(2 * (self._keys_main + self._keys_recent))
+        for table in ("idents", "idents_recent"):
+            cur = w.execute(f"SELECT id FROM {table}")
+            while rows := cur.fetchmany(100_000):
+                f.add(r[0] for r in rows)
         return f
+
+    def _fold_keys(self, w: sqlite3.Connection, claimed: int) -> int:
+        """Move ``idents_recent`` into ``idents`` (in key order, in the open transaction) once it is big enough;
+        return the keys moved (0: not yet).
+
+        Why: the keys of a batch are random, and inserted straight into a large ``idents`` they dirty nearly
+        every leaf page, which each commit then writes (and the checkpoint writes again). In the small
+        table they dirty its few pages; the fold, every many commits, writes each ``idents`` page once.
+        """
+        recent = self._keys_recent + claimed
+        if recent < max(_FOLD_MIN, self._keys_main // 8):
+            return 0
+        w.execute("INSERT INTO idents SELECT id, chk, origin FROM idents_recent ORDER BY id")
+        w.execute("DELETE FROM idents_recent")
+        return recent
 
     def _merge_rollups(self, w: sqlite3.Connection, interval: str, wd: WindowDeltas) -> None:
         """Merge one interval's deltas into its rollup rows.
