@@ -41,7 +41,7 @@ T = TypeVar("T")
 #: claimed the key, so a replay decides as before); 4 added ``idents_recent`` (new keys land there first,
 #: see :meth:`SqliteStore._fold_keys`). Older stores are migrated on open.
 SCHEMA_VERSION: Final = 4
-#: ``idents_recent`` is folded into ``idents`` once it holds this many keys, or an eighth of ``idents``.
+#: ``idents_recent`` is folded into ``idents`` once it holds this many keys and an eighth as many as ``idents``.
 _FOLD_MIN: Final = 131_072
 #: Seq ranges kept in memory (they spare a read-back per device and boot); past it the cache starts over.
 _CACHE_MAX: Final = 131_072
