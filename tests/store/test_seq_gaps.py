@@ -219,6 +219,8 @@ def _downgrade_to_v1(url: str) -> None:
         f"ALTER TABLE {keys} DROP COLUMN origin", "UPDATE meta SET value = '1' WHERE key = 'schema_version'",
     ]  # fmt: skip
     if url.startswith("sqlite:///"):
+        # one identity table (keys land in idents_recent since version 4)
+        stmts = ["INSERT INTO idents SELECT * FROM idents_recent", "DROP TABLE idents_recent", *stmts]
         con = sqlite3.connect(url[len("sqlite:///") :])
         for s in stmts:
             con.execute(s)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from itertools import repeat
 from operator import and_, lshift, mul, neg, rshift, truediv
+from typing import Final
 
 import numpy as np
 
@@ -46,14 +47,52 @@ def evict_oldest(cache: dict[RollupKey, Acc], keep: int) -> None:
         del cache[k]
 
 
+_TINY: Final = 2.0**-1022  # the smallest normal float
+
+
 def exact_columns(count: list[int], m: list[int], e: list[int]) -> tuple[list[float], list[float], list[str]]:
     """Per accumulator: :func:`~fieldmesh.core.exact.exact_value`, :func:`~fieldmesh.core.exact.exact_avg`
     and :func:`~fieldmesh.core.exact.format_exact` of ``m * 2**e`` (and ``count``), the same values.
 
-    Why: these run per rollup row written. Here they are the same integer operations (a correctly rounded
-    int / int division; trailing zeros from the lowest set bit), mapped over whole columns in C instead of
-    three Python calls per row. Sums beyond the float range take the per-row functions.
+    Why: these run per rollup row written. ``float(m)`` and ``m / count`` of Python ints are correctly
+    rounded (C, whatever the size of ``m``), and scaling by ``2**e`` (``ldexp``) is exact while the result
+    is a normal float: so the sum and the average of most rows are those two operations and one numpy
+    ``ldexp`` over the column, without the wide shifted integers of the general form. Rows whose result
+    is subnormal or beyond the float range take :func:`_exact_rows` (the integer operations).
     """
+    if not m:
+        return [], [], []
+    m = list(map(int, m))  # numpy integers in an object column would not take int's methods
+    try:
+        if min(count) <= 0:
+            raise ZeroDivisionError
+        mf = np.array(list(map(float, m)), dtype=np.float64)
+        q = np.array(list(map(truediv, m, count)), dtype=np.float64)
+    except (OverflowError, ZeroDivisionError):  # a mantissa beyond the float range, or a count of 0
+        return _exact_rows(count, m, e)
+    ea = np.asarray(e, dtype=np.int64)
+    ei = np.clip(ea, -4000, 4000).astype(np.int32)
+    with np.errstate(over="ignore", under="ignore"):
+        x = np.ldexp(mf, ei)
+        avg = np.ldexp(q, ei)
+    ax, aa = np.abs(x), np.abs(avg)
+    zero = mf == 0.0
+    fast = zero | ((ax >= _TINY) & (ax < np.inf) & (aa >= _TINY) & (aa < np.inf))
+    tz = np.maximum(np.array(list(map(int.bit_length, map(and_, m, map(neg, m)))), dtype=np.int64) - 1, 0)
+    ex = np.where(zero, 0, ea + tz)
+    values: list[float] = x.tolist()
+    avgs: list[float] = avg.tolist()
+    texts: list[str] = list(map("{:x}:{}".format, map(rshift, m, tz.tolist()), ex.tolist()))
+    if not fast.all():
+        slow = np.flatnonzero(~fast).tolist()
+        sv, sa, _ = _exact_rows([count[i] for i in slow], [m[i] for i in slow], [e[i] for i in slow])
+        for j, i in enumerate(slow):
+            values[i], avgs[i] = sv[j], sa[j]
+    return values, avgs, texts
+
+
+def _exact_rows(count: list[int], m: list[int], e: list[int]) -> tuple[list[float], list[float], list[str]]:
+    """:func:`exact_columns` with Python integers: the same integer operations mapped over the columns."""
     if not m:
         return [], [], []
     m = list(map(int, m))  # numpy integers in an object column would not take int's methods

@@ -15,8 +15,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from itertools import compress, repeat
-from operator import is_
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -31,7 +29,7 @@ from fieldmesh.store import segments
 from fieldmesh.store.base import INTERVALS, DeviceSummary, HotTxn, Position, QueryResult, SqlTxn, StoreStats
 from fieldmesh.store.batchrows import answers, device_aggs, write_via_commit
 from fieldmesh.store.keyfilter import KeyFilter
-from fieldmesh.store.rollup import Acc, RollupKey, evict_oldest, exact_columns, merge_acc
+from fieldmesh.store.rollup import exact_columns, merge_acc
 from fieldmesh.store.rows import device_row, dlq_row, raw_row, rollup_query, rollup_row
 from fieldmesh.store.seqgaps import SeqBatch, SeqKey, SeqRange, listing, merge_ranges, range_gaps, seq_batch, seq_spans
 
@@ -40,11 +38,18 @@ __all__ = ["SCHEMA_VERSION", "SqliteStore"]
 T = TypeVar("T")
 
 #: 2 added ``seqs`` and ``seq_ranges`` (sequence gaps); 3 added ``idents.origin`` (the bus record that
-#: claimed the key, so a replay decides as before). Older stores are migrated on open.
-SCHEMA_VERSION: Final = 3
-#: Rollup accumulators kept in memory (per interval) so that hot windows need no read-back: about
-#: 64 MiB per interval at ~500 bytes an entry; past it the oldest windows are dropped (down to 3/4).
+#: claimed the key, so a replay decides as before); 4 added ``idents_recent`` (new keys land there first,
+#: see :meth:`SqliteStore._fold_keys`). Older stores are migrated on open.
+SCHEMA_VERSION: Final = 4
+#: ``idents_recent`` is folded into ``idents`` once it holds this many keys and an eighth as many as ``idents``.
+_FOLD_MIN: Final = 131_072
+#: Seq ranges kept in memory (they spare a read-back per device and boot); past it the cache starts over.
 _CACHE_MAX: Final = 131_072
+#: (device, metric) pairs whose latest rollup window is kept in memory, per interval (~200 bytes each);
+#: past it the map starts over (each pair is then read again, one index seek, when next touched).
+_LATEST_MAX: Final = 1_000_000
+#: "No window stored" for a pair.
+_NO_WINDOW: Final = -(2**63)
 _enc = msgspec.json.Encoder()
 _dec = msgspec.json.Decoder()
 
@@ -57,6 +62,10 @@ CREATE TABLE IF NOT EXISTS idents (
     chk INTEGER NOT NULL,            -- identity check value (tells duplicates from key collisions)
     origin INTEGER                   -- (offset << 12) | partition of the record that claimed it; NULL: unknown
 );
+-- New identities land here first and are moved into `idents` in key order, many commits at a time: random
+-- keys inserted straight into a large `idents` dirty nearly every leaf page at every commit. A key is in
+-- one of the two tables, never both.
+CREATE TABLE IF NOT EXISTS idents_recent (id INTEGER PRIMARY KEY, chk INTEGER NOT NULL, origin INTEGER);
 -- Raw readings: segments (fieldmesh.store.segments), read through the `readings` view.
 CREATE TABLE IF NOT EXISTS rollup_1m (
     device_id TEXT NOT NULL, metric TEXT NOT NULL, window_start_ms INTEGER NOT NULL,
@@ -118,6 +127,10 @@ UPDATE meta SET value = '2' WHERE key = 'schema_version';
 _MIGRATE_2_3 = """
 ALTER TABLE idents ADD COLUMN origin INTEGER;
 UPDATE meta SET value = '3' WHERE key = 'schema_version';
+"""
+#: Version 3 -> 4: ``idents_recent`` (created empty by the schema script); nothing moves.
+_MIGRATE_3_4 = """
+UPDATE meta SET value = '4' WHERE key = 'schema_version';
 """
 
 
@@ -270,7 +283,8 @@ class _Txn(_Sql):
                 found.update(
                     (k, (c, o))
                     for k, c, o in self._w.execute(
-                        "SELECT id, chk, origin FROM idents WHERE id IN (SELECT value FROM json_each(?))",
+                        "SELECT id, chk, origin FROM idents WHERE id IN (SELECT value FROM json_each(?1)) UNION ALL"
+                        " SELECT id, chk, origin FROM idents_recent WHERE id IN (SELECT value FROM json_each(?1))",
                         (_enc.encode(look[s : s + 20000]).decode(),),
                     )
                 )
@@ -290,7 +304,7 @@ class _Txn(_Sql):
                 org = org.astype(object)
                 org[origins[new] < 0] = None
             self._w.executemany(
-                "INSERT INTO idents (id, chk, origin) VALUES (?, ?, ?)",
+                "INSERT INTO idents_recent (id, chk, origin) VALUES (?, ?, ?)",
                 zip(keys[new].tolist(), chks[new].tolist(), org.tolist(), strict=True),
             )
             self.claimed.append(keys[new])
@@ -310,8 +324,9 @@ class SqliteStore:
         self._local = threading.local()
         self._write_lock = threading.RLock()  # commit() and transact() share the writer's connection
         # Write-side caches, valid while no other connection writes (checked with PRAGMA data_version).
-        self._cache: dict[str, dict[RollupKey, Acc]] = {i: {} for i in INTERVALS}
-        self._staged: dict[str, dict[RollupKey, Acc]] = {i: {} for i in INTERVALS}
+        # per interval, (device, metric) -> the latest window start stored (no later window is in the table)
+        self._latest: dict[str, dict[tuple[str, str], int]] = {i: {} for i in INTERVALS}
+        self._staged_latest: dict[str, dict[tuple[str, str], int]] = {i: {} for i in INTERVALS}
         self._known_metrics: set[tuple[str, str]] = set()
         self._pending_metrics: set[tuple[str, str]] = set()
         # seq ranges committed (with their listed flag), cached like the rollups
@@ -319,6 +334,8 @@ class SqliteStore:
         self._staged_ranges: dict[SeqKey, tuple[SeqRange, bool]] = {}
         self._data_version = -1
         self._keys: KeyFilter | None = None  # identity keys stored, for de-dup without a read per key
+        self._keys_main = self._keys_recent = 0  # rows of idents and idents_recent (with the filter)
+        self._folded = 0  # keys the open transaction moved into idents
         if not readonly:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._w = self._connect(write=True)
@@ -370,8 +387,9 @@ class SqliteStore:
             segments.migrate_rows_table(w)  # the readings view (over a pre-segment table, if there is one)
             if row is None:
                 w.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            elif row[0] in ("1", "2"):
-                script = (_MIGRATE_1_2 if row[0] == "1" else "") + _MIGRATE_2_3
+            elif row[0] in ("1", "2", "3"):
+                script = (_MIGRATE_1_2 if row[0] == "1" else "") + (_MIGRATE_2_3 if row[0] != "3" else "")
+                script += _MIGRATE_3_4
                 if any(c[1] == "origin" for c in w.execute("PRAGMA table_info(idents)")):
                     script = script.replace("ALTER TABLE idents ADD COLUMN origin INTEGER;", "")
                 for stmt in script.split(";"):
@@ -428,13 +446,14 @@ class SqliteStore:
             txn = _Txn(w, keys)
             try:
                 result = build(txn)
-                self._write_result(w, result, now)
+                claimed = np.concatenate(txn.claimed) if txn.claimed else None
+                self._write_result(w, result, now, 0 if claimed is None else len(claimed))
                 w.execute("COMMIT")
             except BaseException:
                 if w.in_transaction:  # SQLite may have rolled back already (SQLITE_FULL)
                     w.execute("ROLLBACK")
                 raise
-            self._finish(w, np.concatenate(txn.claimed) if txn.claimed else None)
+            self._finish(w, claimed)
             return result
 
     def transact(self, fn: Callable[[SqlTxn], T]) -> T:
@@ -472,15 +491,16 @@ class SqliteStore:
         w.execute("BEGIN IMMEDIATE")
         dv = w.execute("PRAGMA data_version").fetchone()[0]
         if dv != self._data_version:  # another connection committed: our caches may be stale
-            for c in self._cache.values():
+            for c in self._latest.values():
                 c.clear()
             self._known_metrics.clear()
             self._ranges.clear()
             self._keys = None
         if self._keys is None or self._keys.full:
             self._keys = self._load_keys(w)
-        for st in self._staged.values():
+        for st in self._staged_latest.values():
             st.clear()
+        self._folded = 0
         self._pending_metrics = set()
         self._staged_ranges = {}
         return self._keys
@@ -490,14 +510,22 @@ class SqliteStore:
         self._data_version = w.execute("PRAGMA data_version").fetchone()[0]
         if claimed is not None and self._keys is not None:
             self._keys.add(claimed)
-        for interval, staged in self._staged.items():
-            self._cache[interval].update(staged)
+        if self._folded:
+            self._keys_main += self._folded
+            self._keys_recent = 0
+        elif claimed is not None:
+            self._keys_recent += len(claimed)
+        for interval, staged in self._staged_latest.items():
+            latest = self._latest[interval]
+            if len(latest) + len(staged) > _LATEST_MAX:
+                latest.clear()  # read again per pair when next touched
+            latest.update(staged)
         self._known_metrics |= self._pending_metrics
         if len(self._ranges) + len(self._staged_ranges) > _CACHE_MAX:
             self._ranges.clear()
         self._ranges.update(self._staged_ranges)
 
-    def _write_result(self, w: sqlite3.Connection, r: BatchResult, now: int) -> None:
+    def _write_result(self, w: sqlite3.Connection, r: BatchResult, now: int, claimed: int) -> None:
         """Everything of a decided batch but the claims (made by ``build``), in the open transaction."""
         for interval in r.windows:
             if interval not in INTERVALS:
@@ -539,51 +567,81 @@ class SqliteStore:
             " ts_ms = max(ts_ms, excluded.ts_ms)",
             [(t, p, ts) for (t, p), ts in r.watermarks.items()],
         )
+        self._folded = self._fold_keys(w, claimed)
 
-    @staticmethod
-    def _load_keys(w: sqlite3.Connection) -> KeyFilter:
-        n = w.execute("SELECT count(*) FROM idents").fetchone()[0]
-        f = KeyFilter(2 * n)
-        cur = w.execute("SELECT id FROM idents")
-        while rows := cur.fetchmany(100_000):
-            f.add(r[0] for r in rows)
+    def _load_keys(self, w: sqlite3.Connection) -> KeyFilter:
+        self._keys_main = w.execute("SELECT count(*) FROM idents").fetchone()[0]
+        self._keys_recent = w.execute("SELECT count(*) FROM idents_recent").fetchone()[0]
+        f = KeyFilter(2 * (self._keys_main + self._keys_recent))
+        for table in ("idents", "idents_recent"):
+            cur = w.execute(f"SELECT id FROM {table}")
+            while rows := cur.fetchmany(100_000):
+                f.add(r[0] for r in rows)
         return f
 
-    def _merge_rollups(self, w: sqlite3.Connection, interval: str, wd: WindowDeltas) -> None:
-        """Merge one interval's deltas into its rollup rows; the new accumulators are staged for the cache.
+    def _fold_keys(self, w: sqlite3.Connection, claimed: int) -> int:
+        """Move ``idents_recent`` into ``idents`` (in key order, in the open transaction) once it is big enough;
+        return the keys moved (0: not yet).
 
-        Column-wise: only windows held already (cache or table) are merged one by one (their exact sums
-        need Python ints); sums, averages and ``sum_exact`` of every row come from :func:`exact_columns`.
+        Why: the keys of a batch are random, and inserted straight into a large ``idents`` they dirty nearly
+        every leaf page, which each commit then writes (and the checkpoint writes again). In the small
+        table they dirty its few pages; the fold, every many commits, writes each ``idents`` page once.
+        """
+        recent = self._keys_recent + claimed
+        if recent < max(_FOLD_MIN, self._keys_main // 8):
+            return 0
+        w.execute("INSERT INTO idents SELECT id, chk, origin FROM idents_recent ORDER BY id")
+        w.execute("DELETE FROM idents_recent")
+        return recent
+
+    def _merge_rollups(self, w: sqlite3.Connection, interval: str, wd: WindowDeltas) -> None:
+        """Merge one interval's deltas into its rollup rows.
+
+        A window later than the latest one stored for its (device, metric) cannot be in the table: its
+        delta is the row (most windows of a stream). Only the others are looked up, merged one by one
+        (their exact sums need Python ints) and replaced. The latest window per (device, metric) is kept
+        in memory (read once per pair from the primary key), staged until the commit. Sums, averages and
+        ``sum_exact`` of every row come from :func:`exact_columns`.
         """
         table = f"rollup_{interval}"
-        cache = self._cache[interval]
+        latest = self._latest[interval]
         dev, met, ws = wd.device.tolist(), wd.metric.tolist(), wd.window_start_ms.tolist()
-        keys = list(zip(dev, met, ws, strict=True))
+        pairs = list(zip(dev, met, strict=True))
+        bound = list(map(latest.get, pairs))
+        if None in bound:  # pairs not seen since the store opened: their latest window, one index seek each
+            unknown = sorted({p for p, b in zip(pairs, bound, strict=True) if b is None})
+            for s in range(0, len(unknown), 5000):
+                for d, mt, top in w.execute(
+                    f"SELECT j.value->>0, j.value->>1, (SELECT max(r.window_start_ms) FROM {table} r"
+                    " WHERE r.device_id = j.value->>0 AND r.metric = j.value->>1) FROM json_each(?) j",
+                    (_enc.encode(unknown[s : s + 5000]).decode(),),
+                ):
+                    latest[(d, mt)] = _NO_WINDOW if top is None else top  # the truth now: no staging needed
+            bound = list(map(latest.__getitem__, pairs))
+        hw = np.array(bound, dtype=np.int64)
+        wsa = wd.window_start_ms
         count, m, e = wd.count.tolist(), wd.sum_m.tolist(), wd.sum_e.tolist()
         mn, mx = wd.min.tolist(), wd.max.tolist()
-        cached = list(map(cache.get, keys))
-        old: dict[RollupKey, Acc] = {}
-        misses = list(compress(keys, map(is_, cached, repeat(None))))
-        for s in range(0, len(misses), 5000):
-            chunk = misses[s : s + 5000]
-            for d, mt, st, n, lo, hi, sx in w.execute(
-                f"SELECT r.device_id, r.metric, r.window_start_ms, r.count, r.min, r.max, r.sum_exact "
-                f"FROM json_each(?) j JOIN {table} r ON r.device_id = j.value->>0 AND r.metric = j.value->>1"
-                f" AND r.window_start_ms = j.value->>2",
-                (_enc.encode(chunk).decode(),),
-            ):
-                om, oe = parse_exact(sx)
-                old[(d, mt, st)] = [n, om, oe, lo, hi]
-        if len(misses) < len(keys):
-            old.update((k, a) for k, a in zip(keys, cached, strict=True) if a is not None)
-        if len(cache) + len(keys) > _CACHE_MAX:
-            evict_oldest(cache, _CACHE_MAX * 3 // 4 - len(keys))
-        if old:
-            at = dict(zip(keys, range(len(keys)), strict=True))
-            for k, o in old.items():
-                i = at[k]
-                count[i], m[i], e[i], mn[i], mx[i] = merge_acc(o, [count[i], m[i], e[i], mn[i], mx[i]])
-        self._staged[interval].update(zip(keys, map(list, zip(count, m, e, mn, mx, strict=True)), strict=True))
+        maybe = np.flatnonzero(wsa <= hw).tolist()  # may be stored already
+        if maybe:
+            at = {(dev[i], met[i], ws[i]): i for i in maybe}
+            keys = list(at)
+            for s in range(0, len(keys), 5000):
+                for d, mt, st, n, lo, hi, sx in w.execute(
+                    f"SELECT r.device_id, r.metric, r.window_start_ms, r.count, r.min, r.max, r.sum_exact "
+                    f"FROM json_each(?) j JOIN {table} r ON r.device_id = j.value->>0 AND r.metric = j.value->>1"
+                    f" AND r.window_start_ms = j.value->>2",
+                    (_enc.encode(keys[s : s + 5000]).decode(),),
+                ):
+                    i = at[(d, mt, st)]
+                    om, oe = parse_exact(sx)
+                    count[i], m[i], e[i], mn[i], mx[i] = merge_acc(
+                        [n, om, oe, lo, hi], [count[i], m[i], e[i], mn[i], mx[i]]
+                    )
+        # staged: the latest window per pair after this batch (the last of each pair in ascending order wins)
+        top = np.maximum(wsa, hw)
+        order = np.argsort(top, kind="stable").tolist()
+        self._staged_latest[interval] = dict(zip(map(pairs.__getitem__, order), top[order].tolist(), strict=True))
         values, avgs, texts = exact_columns(count, m, e)
         w.executemany(
             f"INSERT OR REPLACE INTO {table} VALUES (?,?,?,?,?,?,?,?,?)",
