@@ -177,11 +177,16 @@ def test_framed_avro_json_and_protobuf_become_readings(reg: Registry) -> None:
                             reg.wire())
     assert dead == []
     got = sorted((r.device_id, r.seq, r.ts_ms, r.measurements, r.boot_id, r.meta) for r in readings)
+    ids = {"p": avro[1:5], "v": js[1:5], "r": pb[1:5]}
+    sid = {k: int.from_bytes(v, "big") for k, v in ids.items()}
+    assert len(set(sid.values())) == 3
+    # the schema each reading was decoded with travels in its meta (canaries select schema versions by it)
     assert got == [
-        ("p-1", 7, NOW - 1000, {"temp": 21.5, "running": True}, None, {"site": "north"}),
-        ("p-1", 8, NOW - 900, {"temp": 0.0, "running": False, "humidity": 40.0}, None, {"site": "north"}),
-        ("r-1", 0, NOW - 700, {"rpm": 1200.0, "zero": 0.0}, "b1", None),
-        ("v-1", 3, NOW - 800, {"open": 0.25}, None, None),
+        ("p-1", 7, NOW - 1000, {"temp": 21.5, "running": True}, None, {"site": "north", "schema_id": sid["p"]}),
+        ("p-1", 8, NOW - 900, {"temp": 0.0, "running": False, "humidity": 40.0}, None,
+         {"site": "north", "schema_id": sid["p"]}),
+        ("r-1", 0, NOW - 700, {"rpm": 1200.0, "zero": 0.0}, "b1", {"schema_id": sid["r"]}),
+        ("v-1", 3, NOW - 800, {"open": 0.25}, None, {"schema_id": sid["v"]}),
     ]
 
 
@@ -214,7 +219,7 @@ def test_protobuf_importing_another_registered_file_and_a_well_known_type(reg: R
     assert [r.name for r in latest.schema.references] == [common.name]  # the serializer registered the import
     readings, dead = routed([msg("fl-1", data)], reg.wire())
     assert dead == [] and [(r.ts_ms, r.measurements, r.meta) for r in readings] == [
-        (NOW - 10, {"flow": 2.5}, {"site": {"plant": "p7"}})]
+        (NOW - 10, {"flow": 2.5}, {"site": {"plant": "p7"}, "schema_id": latest.schema_id})]
 
 
 def test_a_batch_mixing_framed_and_plain_json_gives_what_routing_one_by_one_gives(reg: Registry) -> None:
@@ -478,8 +483,8 @@ def test_mqtt5_devices_send_framed_and_announced_avro_through_fieldmesh_up(tmp_p
                                                              "total": 2}, st
         rows = up.get(f"/telemetry/raw?device_id={dev}&limit=10")
         assert sorted((r["seq"], r["measurements"]["temp"], r["measurements"]["running"], r["meta"]) for r in rows) == [
-            (0, 20.0, True, {"site": "s"}), (1, 21.0, True, {"site": "s"}), (2, 22.0, True, {"site": "s"}),
-            (3, 30.0, False, {"site": "s"})], rows
+            (0, 20.0, True, {"site": "s", "schema_id": sid}), (1, 21.0, True, {"site": "s", "schema_id": sid}),
+            (2, 22.0, True, {"site": "s", "schema_id": sid}), (3, 30.0, False, {"site": "s", "schema_id": sid})], rows
         [unknown] = up.get("/dlq?reason=unknown_schema")
         assert unknown["detail"] == "schema id 424242 is not in the registry" and unknown["device_id"] == dev
         [violation] = up.get("/dlq?reason=schema_violation")

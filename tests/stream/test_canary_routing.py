@@ -355,3 +355,15 @@ def test_a_promotion_waits_for_a_batch_routed_before_it(pg_fresh_url: str) -> No
     assert ct.canary("fw2")["readings"] == 0
     ct.close()
     assert sorted(_main_rows(url)) == sorted(unique)
+
+
+def test_a_canary_selects_a_schema_version_by_the_gateway_s_meta_schema_id() -> None:
+    """The gateway puts the registered schema's id on a schema-decoded reading (``meta.schema_id``, an
+    integer); a canary's ``meta`` glob picks one version by it."""
+    c = parse_canary({**CANARY, "meta": {"schema_id": 12}})
+    assert c.meta == {"schema_id": "12"}
+    assert c.meta_matches({"schema_id": 12, "site": "north"})
+    assert not c.meta_matches({"schema_id": 120})
+    assert not c.meta_matches({"schema_id": 1})
+    assert not c.meta_matches(None)
+    assert parse_canary({**CANARY, "meta": {"schema_id": "1*"}}).meta_matches({"schema_id": 120})

@@ -204,6 +204,9 @@ def _decode_with_schema(
     if res.rejects:
         res.rejects = [msgspec.structs.replace(d, detail=f"schema id {sid} ({dec.schema_type}): {d.detail}"[:300])
                        for d in res.rejects]
+    # the registered schema a reading was decoded with travels in its meta: canaries select a schema version
+    # by it (docs/canary.md), and it stays with the stored reading
+    res.readings = [msgspec.structs.replace(r, meta={**(r.meta or {}), "schema_id": sid}) for r in res.readings]
     return res
 
 
