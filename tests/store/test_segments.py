@@ -29,8 +29,10 @@ reading_st = st.builds(
     chk=st.integers(-(2**63), 2**63 - 1),
     seq=st.one_of(st.none(), st.integers(0, 2**40)),
     boot_id=st.one_of(st.none(), st.sampled_from(["b1", "b2"])),
-    # the view's text columns end at a NUL (SQLite's ->>); raw_query keeps it (test below)
-    event_id=st.one_of(st.none(), st.text(st.characters(blacklist_characters="\x00"), max_size=5)),
+    # the view's text columns end at a NUL (SQLite's ->>); raw_query keeps it (test below). No lone surrogates:
+    # no decoder the gateway uses gives one (msgspec's JSON refuses them, Avro and Protobuf strings are UTF-8)
+    event_id=st.one_of(st.none(), st.text(st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)),
+                                          max_size=5)),
     meta=st.one_of(st.none(), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2)),
     received_ms=st.integers(946_684_800_000, 4_102_444_800_000),
     enrichment=st.one_of(st.none(), st.dictionaries(st.text(max_size=3), st.text(max_size=3), max_size=2)),
