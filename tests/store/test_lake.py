@@ -32,6 +32,7 @@ from fieldmesh.store.lake import (
     compact,
     expire,
     lake_info,
+    lake_lag,
     open_catalog,
 )
 from fieldmesh.store.sqlite import SqliteStore
@@ -157,6 +158,8 @@ def test_a_flush_committed_to_some_tables_only_is_completed_table_by_table(tmp_p
         sink._commit_table("rollup_1m", buf, sink._flush + 1)
         sink._closing = True
         assert len(lake_rows(catalog, "readings")) > 0
+        # readings hold all the hot store has, rollup_1h does not: the lake is behind (health, 'up', tests)
+        assert lake_lag(catalog, "fieldmesh", hot.applied())[0] > 0
 
         sink = LakeSink(settings=settings(), data_dir=tmp_path)  # nothing rolled back: each table resumes
         assert sink.applied() == committed
@@ -171,6 +174,7 @@ def test_a_flush_committed_to_some_tables_only_is_completed_table_by_table(tmp_p
         p.apply_records(redeliver(recs, hot, sink))
         sink.close()
         assert sink.applied() == hot.applied()
+        assert lake_lag(catalog, "fieldmesh", hot.applied())[0] == 0
         assert_lake_oracle(catalog, items)
     finally:
         hot.close()

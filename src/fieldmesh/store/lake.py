@@ -162,16 +162,33 @@ def lake_info(settings: LakeSettings, data_dir: Path, *, show_secrets: bool = Fa
 
 
 def lake_lag(catalog: Catalog, namespace: str, hot: Mapping[Position, int]) -> tuple[int, float | None]:
-    """Partitions where the lake's committed positions are behind ``hot`` (the hot store's), and the age in
-    seconds of the readings table's last commit (None: no table or no commit yet)."""
-    ident = f"{namespace}.readings"
-    if not catalog.table_exists(ident):
-        return 0, None
-    table = catalog.load_table(ident)
-    _, lake = _state_of(table)
-    snap = table.current_snapshot()
-    behind = sum(1 for p, o in hot.items() if o > lake.get(p, -1))
-    return behind, None if snap is None else time.time() - snap.timestamp_ms / 1000
+    """Partitions where any table of the lake at bus positions is behind ``hot`` (the hot store's positions),
+    and the age in seconds of the last commit of the stalest table behind (of ``readings`` when none is;
+    None: no table or no commit yet).
+
+    Every table counts, not ``readings`` alone: each resumes at its own positions, so a crash between the
+    commits of one flush leaves the later tables (``rollup_1h`` after ``readings``) behind until the
+    restarted processor has replayed to them what they lack."""
+    now = time.time()
+    behind: set[Position] = set()
+    ages: list[float] = []
+    age: float | None = None
+    for name in POSITIONED:
+        ident = f"{namespace}.{name}"
+        if not catalog.table_exists(ident):
+            return 0, None
+        table = catalog.load_table(ident)
+        _, lake = _state_of(table)
+        snap = table.current_snapshot()
+        table_age = None if snap is None else now - snap.timestamp_ms / 1000
+        if name == "readings":
+            age = table_age
+        lacking = {p for p, o in hot.items() if o > lake.get(p, -1)}
+        if lacking:
+            behind |= lacking
+            if table_age is not None:
+                ages.append(table_age)
+    return len(behind), max(ages) if ages else age
 
 
 # ---- table schemas -------------------------------------------------------------------------------
