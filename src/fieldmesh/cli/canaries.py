@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from fieldmesh.cli.products import AsJson, DataDir, StoreUrl, _actor, _usage, err, out
+from fieldmesh.cli.products import AsJson, DataDir, StoreUrl, _actor, _usage, apply_canaries, err, out
 from fieldmesh.core.errors import FieldmeshError
 
 __all__ = ["app"]
@@ -51,14 +51,7 @@ def apply_(file: Path, store_url: StoreUrl = None, data_dir: DataDir = Path(".fi
         canaries = canaries_from_yaml(file.read_text())
     except (OSError, CanaryError) as exc:
         _usage(f"{file}: {exc}")
-    tables = _tables(_url(store_url, data_dir))
-    try:
-        counts = tables.apply(canaries, actor=_actor())
-    except FieldmeshError as exc:
-        _usage(str(exc))
-    finally:
-        tables.close()
-    err.print(f"{len(canaries)} canaries: {counts['created']} created, {counts['unchanged']} unchanged")
+    apply_canaries(canaries, _url(store_url, data_dir))
 
 
 @app.command("list")

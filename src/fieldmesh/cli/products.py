@@ -80,7 +80,6 @@ def _apply_canaries(file: Path, url: str) -> None:
     """The file's ``canaries:`` beside its products (docs/canary.md), created when new."""
     import yaml
 
-    from fieldmesh.store.canary import CanaryTables
     from fieldmesh.stream.canary import canaries_from_yaml
 
     text = file.read_text()
@@ -89,9 +88,20 @@ def _apply_canaries(file: Path, url: str) -> None:
         return
     try:
         canaries = canaries_from_yaml(text)
-        tables = CanaryTables(url)
     except FieldmeshError as exc:
         _usage(f"{file}: {exc}")
+    apply_canaries(canaries, url)
+
+
+def apply_canaries(canaries: list[Any], url: str) -> None:
+    """Create the canaries that are new in the store at ``url`` (``fieldmesh canaries apply`` and ``products
+    apply``), and say how many."""
+    from fieldmesh.store.canary import CanaryTables
+
+    try:
+        tables = CanaryTables(url)
+    except FieldmeshError as exc:
+        _usage(str(exc))
     try:
         counts = tables.apply(canaries, actor=_actor())
     except FieldmeshError as exc:

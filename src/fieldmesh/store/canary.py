@@ -20,22 +20,20 @@ transaction: the canary's readings join the readings, rollups and device tables 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 import numpy as np
 
 from fieldmesh.core.batch import BatchResult, ReadingColumns
-from fieldmesh.core.errors import BackendError, ConflictError, NotFoundError
-from fieldmesh.store.access import HotTables
+from fieldmesh.core.errors import ConflictError, NotFoundError
 from fieldmesh.store.alerts import _Con
 from fieldmesh.store.base import INTERVALS, HotStore, HotTxn, SqlTxn
 from fieldmesh.store.products import PG_DDL as _PRODUCTS_PG_DDL
 from fieldmesh.store.products import SQLITE_DDL as _PRODUCTS_SQLITE_DDL
-from fieldmesh.store.products import _now, load_products, quality_of
+from fieldmesh.store.products import SnapshotReads, _now, load_products, quality_of
 from fieldmesh.store.registry import _PG_DDL as _REGISTRY_PG_DDL
 from fieldmesh.store.registry import _SQLITE_DDL as _REGISTRY_SQLITE_DDL
 from fieldmesh.stream.canary import (
@@ -195,31 +193,13 @@ def promote(store: HotStore, name: str, *, actor: str, merge: bool = True) -> di
     return out
 
 
-class CanaryTables(HotTables):
+class CanaryTables(SnapshotReads):
     """The canaries, their readings and comparison, for the API and the CLI (changes audited)."""
 
     SQLITE_DDL = SQLITE_DDL + _PRODUCTS_SQLITE_DDL + _REGISTRY_SQLITE_DDL
     PG_DDL = PG_DDL + _PRODUCTS_PG_DDL + _REGISTRY_PG_DDL
     APP_NAME = "fieldmesh-canaries"
     WHAT = "canaries"
-
-    @contextlib.contextmanager
-    def _snapshot(self) -> Iterator[SqlTxn]:
-        """A read-only transaction (as :class:`~fieldmesh.store.products.ProductTables`' : no write lock)."""
-        with self._lock:
-            self._reconnect_if_lost()
-            try:
-                if self._pg:
-                    with self._con.transaction():
-                        yield _Con(self._con, True)
-                    return
-                self._con.execute("BEGIN")
-                try:
-                    yield _Con(self._con, False)
-                finally:
-                    self._con.execute("ROLLBACK")
-            except self._db_errors as exc:
-                raise BackendError(f"{self.WHAT} unavailable: {exc}") from exc
 
     def canaries(self) -> list[dict[str, Any]]:
         """Every canary, by name, with its state and readings held."""

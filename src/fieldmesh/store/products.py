@@ -199,7 +199,29 @@ def quality_of(tx: SqlTxn, product: Product, *, now_ms: int | None = None, windo
     return out
 
 
-class ProductTables(HotTables):
+class SnapshotReads(HotTables):
+    """Tables read in one consistent view while the processor writes (products, canaries)."""
+
+    @contextlib.contextmanager
+    def _snapshot(self) -> Iterator[SqlTxn]:
+        """A read-only transaction: one consistent view, without taking SQLite's write lock (the processor's)."""
+        with self._lock:
+            self._reconnect_if_lost()
+            try:
+                if self._pg:
+                    with self._con.transaction():
+                        yield _Con(self._con, True)
+                    return
+                self._con.execute("BEGIN")  # deferred: a reader in WAL mode never waits for the writer
+                try:
+                    yield _Con(self._con, False)
+                finally:
+                    self._con.execute("ROLLBACK")
+            except self._db_errors as exc:
+                raise BackendError(f"{self.WHAT} unavailable: {exc}") from exc
+
+
+class ProductTables(SnapshotReads):
     """The product catalog and its quality, for the API, the CLI and ``up --products`` (changes audited)."""
 
     SQLITE_DDL = SQLITE_DDL + _REGISTRY_SQLITE_DDL
@@ -271,24 +293,6 @@ class ProductTables(HotTables):
                 counts["updated" if rows else "created"] += 1
                 self._audit(con, actor, "product.update" if rows else "product.create", p.name, {"source": source})
         return counts
-
-    @contextlib.contextmanager
-    def _snapshot(self) -> Iterator[SqlTxn]:
-        """A read-only transaction: one consistent view, without taking SQLite's write lock (the processor's)."""
-        with self._lock:
-            self._reconnect_if_lost()
-            try:
-                if self._pg:
-                    with self._con.transaction():
-                        yield _Con(self._con, True)
-                    return
-                self._con.execute("BEGIN")  # deferred: a reader in WAL mode never waits for the writer
-                try:
-                    yield _Con(self._con, False)
-                finally:
-                    self._con.execute("ROLLBACK")
-            except self._db_errors as exc:
-                raise BackendError(f"{self.WHAT} unavailable: {exc}") from exc
 
     def quality(self, name: str, *, windows: int = 60, now_ms: int | None = None) -> dict[str, Any]:
         """The quality of one product (NotFoundError when there is none)."""
