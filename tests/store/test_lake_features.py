@@ -98,3 +98,34 @@ def test_feature_rows_reach_the_lake_once_across_crashes(tmp_path: Path) -> None
         assert snap is not None and int(snap.summary[PROP_FEATURES_SEQ]) == len(hot_rows)
     finally:
         hot.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_the_lake_s_read_of_feature_rows_works_on_both_hot_stores(backend: str, tmp_path: Path,
+                                                                   request: pytest.FixtureRequest) -> None:
+    """``FeatureTables.after`` (the lake's outbox read) on SQLite and PostgreSQL: nothing before the table
+    exists, then the rows after a seq in commit order (it once used ``?`` placeholders, which PostgreSQL's
+    read-only query refuses, and the error was taken for a missing table: the lake got no feature rows)."""
+    from fieldmesh.store import load_store
+
+    url = f"sqlite:///{tmp_path}/hot.db" if backend == "sqlite" else request.getfixturevalue("pg_url")
+    hot = load_store(url)
+    try:
+        assert FeatureTables.after(hot, 0, 10) == ([], 0)
+        rows = [FeatureRow(view="v", entity=f"d{i}", window_start_ms=i * 60_000, window_end_ms=(i + 1) * 60_000,
+                           known_at_ms=(i + 1) * 60_000 + 5, version=1, values={"x_mean": float(i)})
+                for i in range(5)]
+
+        def write(tx: Any) -> None:
+            FeatureTables.ensure(tx)
+            FeatureTables.commit(tx, rows, None, {"rows": 5, "late": 0, "unkeyed": 0, "online_failures": 0}, None)
+
+        hot.transact(write)
+        got, last = FeatureTables.after(hot, 0, 3)
+        assert [r.entity for r in got] == ["d0", "d1", "d2"] and last == 3
+        got, last = FeatureTables.after(hot, last, 10)
+        assert [(r.entity, r.values) for r in got] == [("d3", {"x_mean": 3.0}), ("d4", {"x_mean": 4.0})]
+        assert last == 5
+        assert FeatureTables.after(hot, 5, 10) == ([], 5)
+    finally:
+        hot.close()

@@ -467,10 +467,14 @@ class FeatureTables:
     def after(store: HotStore, seq: int, limit: int) -> tuple[list[FeatureRow], int]:
         """Up to ``limit`` rows committed after ``seq`` (in commit order) and the last one's seq (the lake's
         outbox read: each lake flush takes the rows after the seq its previous flush recorded)."""
+        # a read-only query (no write lock); the two integers inline, as the backends' placeholders differ
+        sql = ('SELECT view, entity, window_start, window_end, known_at, version, "values", seq '
+               f"FROM feature_rows WHERE seq > {int(seq)} ORDER BY seq LIMIT {int(limit)}")
         try:
-            res = store.query('SELECT view, entity, window_start, window_end, known_at, version, "values", seq '
-                              "FROM feature_rows WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit))
-        except Exception:  # no such table yet: no feature rows
+            res = store.query(sql)
+        except Exception as exc:  # no such table yet: no feature rows; any other failure is the caller's
+            if "feature_rows" not in str(exc):
+                raise
             return [], seq
         if not res.rows:
             return [], seq
