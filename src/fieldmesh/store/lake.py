@@ -25,6 +25,9 @@ Exactly once, with the least machinery:
   it reads those windows' rows, merges exactly, and overwrites them (one delete + append commit). A
   reader sees finished values, never deltas to sum, and a replayed delta cannot count twice because
   it is only merged by a flush that the positions say is not in the table.
+* Canary promotions (docs/canary.md) come from an outbox in the hot store (:attr:`LakeSink.promotions_source`),
+  not the bus: a flush adds a pending promotion's readings and window deltas to the tables lacking it, and
+  each of those tables records the promotions it holds (``fieldmesh.promotions``), so none is written twice.
 """
 
 from __future__ import annotations
