@@ -164,13 +164,14 @@ class PromotionOutbox:
         store.transact(ensure_tables)
 
     def pending(self) -> list[int]:
-        """The promotions the lake has not been told are done, oldest first."""
+        """The promotions the lake has not been told are done, oldest first (a read-only query: no write
+        lock taken on each poll)."""
         return [int(i) for (i,) in self.store.query("SELECT id FROM canary_promotions ORDER BY id").rows]
 
     def result(self, promotion: int) -> BatchResult:
         """The readings promotion ``promotion`` merged, as :func:`promote` merged them."""
-        rows = self.store.query("SELECT id, body FROM canary_promoted WHERE promotion = ? ORDER BY id",
-                                (promotion,)).rows
+        rows = self.store.transact(lambda tx: tx.execute(
+            "SELECT id, body FROM canary_promoted WHERE promotion = ? ORDER BY id", (promotion,)))
         return merged_result([(int(k), b) for k, b in rows])
 
     def done(self, promotions: Sequence[int]) -> None:
