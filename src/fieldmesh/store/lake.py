@@ -721,8 +721,12 @@ class LakeSink:
                 new = self._new_promotions(pending)
                 if len(new) < len(pending):  # held by every table: committed before a crash let it know
                     src.done([p for p in pending if p not in new])
-                if not new:
-                    continue
+            except Exception as exc:  # the hot store unreachable: the next interval asks again
+                log.warning("lake: cannot read canary promotions (%s: %s)", type(exc).__name__, exc)
+                continue
+            if not new:
+                continue
+            try:
                 with self._cond:
                     self._cond.wait_for(lambda: not self._flushing)
                     if self._closing or self._error is not None:
@@ -743,13 +747,17 @@ class LakeSink:
         src = self.promotions_source
         if src is None or buf.promotions:
             return
-        pending = src.pending()
-        new = self._new_promotions(pending)
-        finished = [p for p in pending if p not in new]
-        if finished:
-            src.done(finished)
-        for p in new:
-            result = src.result(p)
+        try:
+            pending = src.pending()
+            new = self._new_promotions(pending)
+            finished = [p for p in pending if p not in new]
+            if finished:
+                src.done(finished)
+            results = [(p, src.result(p)) for p in new]
+        except Exception as exc:  # the hot store unreachable: this flush goes without, a later one takes them
+            log.warning("lake: cannot read canary promotions (%s: %s)", type(exc).__name__, exc)
+            return
+        for p, result in results:
             with self._lock:
                 lacking = [t for t in PROMOTED if p not in self._promoted[t]]
             for t in lacking:
