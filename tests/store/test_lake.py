@@ -461,3 +461,63 @@ def test_a_compaction_that_loses_to_a_sink_commit_retries_and_leaves_no_stray_fi
         assert_lake_oracle(catalog, items)
     finally:
         hot.close()
+
+
+def test_a_promotion_reaches_each_table_once_also_after_a_crash_between_its_commits(tmp_path: Path) -> None:
+    """Canary promotions from the hot store's outbox (docs/canary.md): appended to readings and merged into the
+    rollups once. A rollback of rollup_1h stands for a crash between one flush's commits (readings and rollup_1m
+    hold the promotion, rollup_1h does not) with the outbox not yet cleared: the next sink adds it to rollup_1h
+    only."""
+    import time
+
+    import msgspec
+
+    from fieldmesh.core.model import Reading
+    from fieldmesh.store.base import SqlTxn
+    from fieldmesh.store.canary import PromotionOutbox
+
+    rnd = random.Random(5)
+    items = [(f"p{d}", {"ts": NOW - 3_600_000 + i * 7_000, "seq": i,
+                        "measurements": {"t": round(rnd.uniform(0, 9), 3)}}) for d in range(3) for i in range(40)]
+    rows = [(k + 1, msgspec.json.encode(Reading(d, r["ts"], r["measurements"], k + 1, 0, seq=r["seq"],
+                                                received_ms=NOW)).decode()) for k, (d, r) in enumerate(items)]
+    hot = SqliteStore(f"sqlite:///{tmp_path / 'hot.db'}")
+    s = settings(commit_interval_s=0.1)
+
+    def put(tx: SqlTxn) -> None:
+        tx.execute("INSERT INTO canary_promotions (id, canary, at_ms, merged) VALUES (7, 'fw2', 0, ?)", (len(rows),))
+        tx.executemany("INSERT INTO canary_promoted (promotion, id, body) VALUES (7, ?, ?)", rows)
+
+    def run_until_done() -> None:
+        sink = LakeSink(settings=s, data_dir=tmp_path)
+        outbox = PromotionOutbox(hot)
+        sink.read_promotions(outbox)
+        deadline = time.monotonic() + 60
+        while outbox.pending() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert outbox.pending() == []
+        sink.close()
+
+    def assert_lake() -> None:
+        assert_lake_oracle(catalog, items)
+        for interval in ("1m", "1h"):
+            want = oracle.rollups(items, interval)
+            have = {(r["device_id"], r["metric"], int(r["window_start"].timestamp() * 1000)): (r["count"], r["sum"])
+                    for r in lake_rows(catalog, f"rollup_{interval}")}
+            assert have == {k: (v["count"], v["sum"]) for k, v in want.items()}, interval
+
+    try:
+        PromotionOutbox(hot)  # the tables
+        hot.transact(put)
+        catalog = open_catalog(s, tmp_path)
+        run_until_done()
+        assert_lake()
+        assert not hot.query("SELECT 1 FROM canary_promoted").rows
+        h = catalog.load_table("fieldmesh.rollup_1h")
+        h.manage_snapshots().rollback_to_snapshot(h.metadata.snapshots[0].snapshot_id).commit()  # the empty one
+        assert lake_rows(catalog, "rollup_1h") == []
+        hot.transact(put)  # the outbox as a crash before its cleanup leaves it
+        run_until_done()
+        assert_lake()  # readings and rollup_1m unchanged, rollup_1h completed
+    finally:
+        hot.close()
