@@ -25,7 +25,7 @@ from fieldmesh.core.model import BusBatch, Reading
 from fieldmesh.core.settings import ProcessorSettings
 from fieldmesh.core.topics import READINGS_TOPIC
 from fieldmesh.store import load_store
-from fieldmesh.store.canary import CanaryTables, PromotionOutbox, promote
+from fieldmesh.store.canary import CanaryTables, promote
 from fieldmesh.store.products import ProductTables
 from fieldmesh.stream.canary import CanaryError, canaries_from_yaml, parse_canary
 from fieldmesh.stream.processor import Processor
@@ -200,16 +200,6 @@ def test_canary_readings_are_routed_stored_once_compared_and_promoted(
                                                      end_ms=None, limit=10**6))
     assert counted == len(unique)  # the rollups have every reading once
     assert sum(d["readings"] for d in store.devices()) == len(unique)
-    # the lake's outbox: the promotion with the readings it merged, as it merged them, until the lake is done
-    outbox = PromotionOutbox(store)
-    (pid,) = outbox.pending()
-    merged = outbox.result(pid)
-    assert sorted(merged.store_key.tolist()) == sorted(
-        int(k) for (k,) in store.query("SELECT id FROM canary_promoted").rows)
-    assert len(merged.new) == len(want_canary) and not merged.late.any()
-    assert int(merged.windows["1m"].count.sum()) == len(want_canary)  # one metric a reading
-    outbox.done([pid])
-    assert outbox.pending() == [] and not store.query("SELECT 1 FROM canary_promoted").rows
     store.close()
     later = make_stream(12, shift=0.0, start=150, n=10)
     _run(url, records(later, first_offset=10_000), 12)

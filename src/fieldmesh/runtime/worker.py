@@ -202,8 +202,6 @@ async def run_processor(
         sinks.extend(features)
         if lake is not None and settings.features.views_file is not None and _lake_owner(partitions):
             lake.read_features(store_url)  # the lake's features table copies the hot store's feature rows
-        if lake is not None and _lake_owner(partitions):
-            lake.read_promotions(store_url)  # canary promotions' readings to the lake (docs/canary.md)
         async with load_bus(bus_url) as bus:
             await ensure_topics(bus, settings)
             proc = Processor(bus=bus, store=store, settings=settings.processor, group=group,

@@ -48,7 +48,7 @@ from fieldmesh.stream.canary import (
 )
 from fieldmesh.stream.quality import Product, compare
 
-__all__ = ["CanaryTables", "PromotionOutbox", "ensure_tables", "load_canaries", "promote", "write_parts"]
+__all__ = ["CanaryTables", "ensure_tables", "load_canaries", "promote", "write_parts"]
 
 _COMMON_DDL: Final = (
     "CREATE TABLE IF NOT EXISTS canaries (name TEXT PRIMARY KEY, body TEXT NOT NULL, state TEXT NOT NULL,"
@@ -61,11 +61,6 @@ _COMMON_DDL: Final = (
     "CREATE TABLE IF NOT EXISTS canary_stats (canary TEXT NOT NULL, side TEXT NOT NULL, received {int} NOT NULL,"
     " stored {int} NOT NULL, duplicates {int} NOT NULL, dead_letters {int} NOT NULL, latency_ms {int} NOT NULL,"
     " PRIMARY KEY (canary, side))",
-    # the lake's outbox of promotions: the readings merged, until the lake has committed them (docs/canary.md)
-    "CREATE TABLE IF NOT EXISTS canary_promotions (id {int} PRIMARY KEY, canary TEXT NOT NULL, at_ms {int} NOT NULL,"
-    " merged {int} NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS canary_promoted (promotion {int} NOT NULL, id {int} NOT NULL, body TEXT NOT NULL,"
-    " PRIMARY KEY (promotion, id))",
 )
 SQLITE_DDL: Final = tuple(s.format(int="INTEGER") for s in _COMMON_DDL)
 PG_DDL: Final = tuple(s.format(int="BIGINT") for s in _COMMON_DDL)
@@ -144,46 +139,6 @@ def write_parts(tx: SqlTxn, routed: Routed, router: CanaryRouter, groups: Mappin
     return stored
 
 
-def merged_result(rows: Sequence[tuple[Any, Any]]) -> BatchResult:
-    """The readings ``(key, body)`` of a canary as a promotion merges them: every one new (its key was claimed
-    when routed), not late, with its window deltas."""
-    from fieldmesh.stream.columnar import settle
-
-    cols = ReadingColumns.from_readings(readings_of(rows))
-    n = len(cols)
-    return settle(cols, np.zeros(n, np.bool_), np.full(n, -1, np.int64),
-                  lambda k, c, o: np.zeros(len(k), np.int8), intervals=INTERVALS, positions={})
-
-
-class PromotionOutbox:
-    """The lake's read of promotions (its child process opens the hot store): the readings each promotion
-    merged, kept in ``canary_promoted`` until the lake has committed them (:meth:`done`)."""
-
-    def __init__(self, store: HotStore) -> None:
-        self.store = store
-        store.transact(ensure_tables)
-
-    def pending(self) -> list[int]:
-        """The promotions the lake has not been told are done, oldest first (a read-only query: no write
-        lock taken on each poll)."""
-        return [int(i) for (i,) in self.store.query("SELECT id FROM canary_promotions ORDER BY id").rows]
-
-    def result(self, promotion: int) -> BatchResult:
-        """The readings promotion ``promotion`` merged, as :func:`promote` merged them."""
-        rows = self.store.transact(lambda tx: tx.execute(
-            "SELECT id, body FROM canary_promoted WHERE promotion = ? ORDER BY id", (promotion,)))
-        return merged_result([(int(k), b) for k, b in rows])
-
-    def done(self, promotions: Sequence[int]) -> None:
-        """The lake has committed ``promotions`` to every table: drop them from the outbox."""
-        def drop(tx: SqlTxn) -> None:
-            for p in promotions:
-                tx.execute("DELETE FROM canary_promoted WHERE promotion = ?", (p,))
-                tx.execute("DELETE FROM canary_promotions WHERE id = ?", (p,))
-        if promotions:
-            self.store.transact(drop)
-
-
 def _stats(tx: SqlTxn, name: str) -> dict[str, dict[str, Any]]:
     got = {side: (int(r), int(s), int(d), int(dl), int(lat)) for side, r, s, d, dl, lat in tx.execute(
         "SELECT side, received, stored, duplicates, dead_letters, latency_ms FROM canary_stats WHERE canary = ?",
@@ -204,6 +159,8 @@ def promote(store: HotStore, name: str, *, actor: str, merge: bool = True) -> di
     ConflictError unless the canary is active; NotFoundError when there is none. The canary tables exist
     (:class:`CanaryTables` creates them): no DDL here, whose locks would order this transaction with the
     batches by accident rather than by the version row."""
+    from fieldmesh.stream.columnar import settle
+
     out: dict[str, Any] = {}
 
     def build(txn: HotTxn) -> BatchResult:
@@ -215,19 +172,16 @@ def promote(store: HotStore, name: str, *, actor: str, merge: bool = True) -> di
             raise ConflictError(f"canary {name!r} is {row[0][0]}, not active", kind="canary", key=name)
         rows = txn.execute("SELECT id, body FROM canary_readings WHERE canary = ? ORDER BY id", (name,)) \
             if merge else []
-        result = merged_result(rows)  # the keys are claimed already (when routed): every one is new
-        n = len(result.new)
+        cols = ReadingColumns.from_readings(readings_of(rows))
+        n = len(cols)
+        # the keys are claimed already (when routed): every one is new to the main tables
+        result = settle(cols, np.zeros(n, np.bool_), np.full(n, -1, np.int64),
+                        lambda k, c, o: np.zeros(len(k), np.int8), intervals=INTERVALS, positions={})
         # counted as stored when routed: moved, not stored again
         result = dataclasses.replace(result, counts={"canary.stored": -n, "canary.merged": n})
-        now = _now()
         if merge:
-            if n:  # the lake's outbox: the lake sink appends these readings and merges their windows, once
-                pid = int(txn.execute("SELECT version FROM canaries_version WHERE id = 1")[0][0])
-                txn.execute("INSERT INTO canary_promotions (id, canary, at_ms, merged) VALUES (?, ?, ?, ?)",
-                            (pid, name, now, n))
-                txn.execute("INSERT INTO canary_promoted (promotion, id, body) SELECT ?, id, body FROM canary_readings"
-                            " WHERE canary = ?", (pid, name))
             txn.execute("DELETE FROM canary_readings WHERE canary = ?", (name,))
+        now = _now()
         txn.execute("UPDATE canaries SET state = 'promoted', updated_ms = ?, updated_by = ?, merged = ?"
                     " WHERE name = ?", (now, actor, n, name))
         txn.execute("INSERT INTO audit_log (at_ms, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)",

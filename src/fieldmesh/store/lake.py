@@ -25,9 +25,6 @@ Exactly once, with the least machinery:
   it reads those windows' rows, merges exactly, and overwrites them (one delete + append commit). A
   reader sees finished values, never deltas to sum, and a replayed delta cannot count twice because
   it is only merged by a flush that the positions say is not in the table.
-* Canary promotions (docs/canary.md) come from an outbox in the hot store (:attr:`LakeSink.promotions_source`),
-  not the bus: a flush adds a pending promotion's readings and window deltas to the tables lacking it, and
-  each of those tables records the promotions it holds (``fieldmesh.promotions``), so none is written twice.
 """
 
 from __future__ import annotations
@@ -39,11 +36,11 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from dataclasses import field as dc_field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 import numpy as np
@@ -77,8 +74,6 @@ PROP_FEATURES_SEQ: Final = "fieldmesh.features_seq"  # the last feature_rows seq
 _FEATURES_PER_FLUSH: Final = 200_000
 PROP_POSITIONS: Final = "fieldmesh.positions"
 PROP_WRITER: Final = "fieldmesh.writer"  # the partitions of the processor that made the commit
-PROP_PROMOTIONS: Final = "fieldmesh.promotions"  # the canary promotions a table holds (JSON list of ids)
-PROMOTED: Final = ("readings", "rollup_1m", "rollup_1h")  # tables a canary promotion writes to
 POSITIONED: Final = ("readings", "rollup_1m", "rollup_1h", "dead_letters")  # tables at bus positions
 _ROLLUP_WIDTH: Final = {"rollup_1m": 60_000, "rollup_1h": 3_600_000}
 _RETRY_MAX_S: Final = 30.0
@@ -315,25 +310,6 @@ def _state_of(table: Table) -> tuple[int | None, dict[Position, int]]:
             if o > positions.get(p, -1):
                 positions[p] = o
     return flush, positions
-
-
-def _promotions_of(table: Table) -> set[int]:
-    """The canary promotions the table holds: over its tagged snapshots, those each records (each commit
-    carries the list forward; the union also covers a commit of another writer rebased onto an older list)."""
-    out: set[int] = set()
-    for _, props in _tagged_ancestors(table):
-        out.update(int(i) for i in json.loads(props.get(PROP_PROMOTIONS, "[]")))
-    return out
-
-
-class PromotionSource(Protocol):
-    """Where the sink reads canary promotions from (:class:`fieldmesh.store.canary.PromotionOutbox`)."""
-
-    def pending(self) -> list[int]: ...
-
-    def result(self, promotion: int) -> BatchResult: ...
-
-    def done(self, promotions: Sequence[int]) -> None: ...
 
 
 def committed_snapshots(catalog: Catalog, namespace: str) -> tuple[int | None, dict[str, int | None]]:
@@ -573,7 +549,6 @@ class _Buffer:
     traces: list[Any] = dc_field(default_factory=list)  # span contexts of the writes in it (tracing on)
     features_seq: int | None = None  # the feature_rows seq the features table reaches with this flush
     done: set[str] = dc_field(default_factory=set)  # tables committed (a retry of the flush skips them)
-    promotions: dict[str, set[int]] = dc_field(default_factory=dict)  # per table: canary promotions added
 
     @classmethod
     def empty(cls, positions: Mapping[str, Mapping[Position, int]]) -> _Buffer:
@@ -640,9 +615,6 @@ class LakeSink:
         #: writer copies them.
         self.features_source: Callable[[int, int], tuple[list[FeatureRow], int]] | None = None
         self._features_seq = 0
-        #: Canary promotions to append and merge (docs/canary.md); None: not this writer's (or no hot store).
-        self.promotions_source: PromotionSource | None = None
-        self._promoted: dict[str, set[int]] = {}  # per table (PROMOTED): the promotions it holds
         self._closing = False
         self._flush, committed = self._recover()
         self._committed: dict[str, dict[Position, int]] = committed
@@ -690,86 +662,11 @@ class LakeSink:
         for _, props in _tagged_ancestors(self._tables["features"]):
             self._features_seq = int(props.get(PROP_FEATURES_SEQ, 0))
             break
-        self._promoted = {name: _promotions_of(self._tables[name]) for name in PROMOTED}
         committed = {name: states[name][1] for name in POSITIONED}
         if len({_encode_positions(p) for p in committed.values()}) > 1:
             log.warning("lake: the tables stand at different positions (a flush that reached some tables only); "
                         "the bus replays to each table what it lacks")
         return top, committed
-
-    def read_promotions(self, source: PromotionSource) -> None:
-        """Append and merge the readings of canary promotions from ``source`` (docs/canary.md): each flush
-        takes the pending ones, and a thread flushes every ``commit_interval_s`` when one is pending and no
-        readings are (a promotion of a quiet fleet)."""
-        self.promotions_source = source
-        threading.Thread(target=self._watch_promotions, name="fm-lake-promotions", daemon=True).start()
-
-    def _new_promotions(self, pending: Iterable[int]) -> list[int]:
-        with self._lock:
-            return [p for p in pending if any(p not in self._promoted[t] for t in PROMOTED)]
-
-    def _watch_promotions(self) -> None:
-        src = self.promotions_source
-        assert src is not None
-        while True:
-            with self._cond:
-                if self._cond.wait_for(lambda: self._closing or self._error is not None,
-                                       timeout=self.settings.commit_interval_s):
-                    return
-            try:
-                pending = src.pending()
-                new = self._new_promotions(pending)
-                if len(new) < len(pending):  # held by every table: committed before a crash let it know
-                    src.done([p for p in pending if p not in new])
-            except Exception as exc:  # the hot store unreachable: the next interval asks again
-                log.warning("lake: cannot read canary promotions (%s: %s)", type(exc).__name__, exc)
-                continue
-            if not new:
-                continue
-            try:
-                with self._cond:
-                    self._cond.wait_for(lambda: not self._flushing)
-                    if self._closing or self._error is not None:
-                        return
-                    buf = self._take()
-                self._commit(buf)
-            except Exception as exc:
-                log.exception("lake commit of a canary promotion failed")
-                with self._cond:
-                    self._error = exc
-                    self._flushing = False
-                    self._cond.notify_all()
-                return
-
-    def _add_promotions(self, buf: _Buffer) -> None:
-        """Add the pending canary promotions each table lacks to ``buf``; tell the source those every table
-        holds already (committed before a crash let it know)."""
-        src = self.promotions_source
-        if src is None or buf.promotions:
-            return
-        try:
-            pending = src.pending()
-            new = self._new_promotions(pending)
-            finished = [p for p in pending if p not in new]
-            if finished:
-                src.done(finished)
-            results = [(p, src.result(p)) for p in new]
-        except Exception as exc:  # the hot store unreachable: this flush goes without, a later one takes them
-            log.warning("lake: cannot read canary promotions (%s: %s)", type(exc).__name__, exc)
-            return
-        for p, result in results:
-            with self._lock:
-                lacking = [t for t in PROMOTED if p not in self._promoted[t]]
-            for t in lacking:
-                buf.promotions.setdefault(t, set()).add(p)
-                if t == "readings":
-                    if len(result.new):
-                        buf.readings.append(result)
-                        buf.rows += len(result.new)
-                else:
-                    wd = result.windows.get(t.split("_", 1)[1])
-                    if wd is not None and len(wd):
-                        buf.rollups[t].append(wd)
 
     def views(self) -> list[LakeView]:
         """The processor's sinks for this lake: one per group of tables at the same positions (one view in
@@ -951,12 +848,10 @@ class LakeSink:
         flush = self._flush + 1
         rows = 0
         try:
-            self._add_promotions(buf)
             for name in TABLES:
                 if name in buf.done:
                     continue
-                if name in POSITIONED and buf.positions[name] == self._committed[name] \
-                        and not buf.promotions.get(name):
+                if name in POSITIONED and buf.positions[name] == self._committed[name]:
                     continue  # nothing new for this table (its view had nothing to write)
                 if name == "features" and self.features_source is None:
                     continue
@@ -965,15 +860,6 @@ class LakeSink:
                 if name in POSITIONED:
                     with self._cond:
                         self._committed[name] = dict(buf.positions[name])
-                        self._promoted.get(name, set()).update(buf.promotions.get(name, ()))
-            if buf.promotions and self.promotions_source is not None:
-                with self._cond:
-                    finished = [p for p in set().union(*buf.promotions.values())
-                                if all(p in self._promoted[t] for t in PROMOTED)]
-                try:
-                    self.promotions_source.done(sorted(finished))
-                except Exception as exc:  # told again at the next flush (pending, and held by every table)
-                    log.warning("lake: could not mark canary promotions %s done: %s", finished, exc)
         finally:
             with self._cond:
                 self._flushing = False
@@ -1024,16 +910,9 @@ class LakeSink:
         table = self._tables[name]
         head_flush, held = _state_of(table)
         props = _props(max(flush, (head_flush or 0) + 1), {}, self.writer)
-        have: set[int] = set()
-        promoted = buf.promotions.get(name, set())
-        if name in PROMOTED:
-            have = _promotions_of(table)
-            if have or promoted:
-                props[PROP_PROMOTIONS] = json.dumps(sorted(have | promoted), separators=(",", ":"))
         if name in POSITIONED:
             mine = buf.positions[name]
-            if all(o <= held.get(p, -1) for p, o in mine.items()) \
-                    and promoted <= have:  # committed before a retry saw the answer
+            if all(o <= held.get(p, -1) for p, o in mine.items()):  # committed before a retry saw the answer
                 return 0
             props[PROP_POSITIONS] = _encode_positions({**held, **mine})
         else:
@@ -1320,12 +1199,6 @@ def expire(catalog: Catalog, namespace: str, *, older_than_s: float, keep_last: 
                 if o > best.get(p, (-1, 0))[0]:
                     best[p] = (o, snap.snapshot_id)
         keep.update(s for _, s in best.values())
-        seen: set[int] = set()  # and for each canary promotion the latest snapshot that records it
-        for snap, props in _tagged_ancestors(table):
-            recorded = {int(i) for i in json.loads(props.get(PROP_PROMOTIONS, "[]"))}
-            if recorded - seen:
-                keep.add(snap.snapshot_id)
-                seen |= recorded
         ids = [s.snapshot_id for s in table.metadata.snapshots
                if s.timestamp_ms < cutoff_ms and s.snapshot_id not in keep]
         if ids:

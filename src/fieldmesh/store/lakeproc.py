@@ -126,11 +126,6 @@ class LakeProcess:
         """Copy the hot store's feature rows to the ``features`` table (the child opens ``store_url``)."""
         self._call("features", store_url)
 
-    def read_promotions(self, store_url: str) -> None:
-        """Append the readings of canary promotions and merge their windows (the child reads the hot store's
-        outbox, :class:`fieldmesh.store.canary.PromotionOutbox`; docs/canary.md)."""
-        self._call("promotions", store_url)
-
     def stats(self) -> dict[str, Any]:
         """``lag_ms``, ``commits``, ``rows_committed``, ``last_commit_ms`` of the child's sink."""
         return dict(self._call("stats"))
@@ -272,15 +267,8 @@ def _child(settings: dict[str, Any], data_dir: str, writer: str | None, conn: An
                 from fieldmesh.store import load_store
                 from fieldmesh.store.features import FeatureTables
 
-                store = store or load_store(msg[1])
+                store = load_store(msg[1])
                 sink.features_source = functools.partial(FeatureTables.after, store)
-                reply = None
-            elif op == "promotions":
-                from fieldmesh.store import load_store
-                from fieldmesh.store.canary import PromotionOutbox
-
-                store = store or load_store(msg[1])
-                sink.read_promotions(PromotionOutbox(store))
                 reply = None
             elif op == "close":
                 sink.close()
