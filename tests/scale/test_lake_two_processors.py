@@ -24,29 +24,11 @@ from fieldmesh.store import load_store
 from fieldmesh.store.lake import PROP_WRITER, open_catalog
 from fmtest import oracle
 from fmtest.scale import Role, check_store_exact, expected_received, wait_store
+from scale.test_nats_sharing import publish
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 PARTS = 8
-
-
-def publish(url: str, msgs: list[tuple[str, bytes]], *, pause_s: float = 0.0, slices: int = 1) -> None:
-    """Publish device payloads on the user's subjects ``site.<device>.tm`` (JetStream-acknowledged)."""
-    import asyncio
-
-    async def run() -> None:
-        import nats
-
-        nc = await nats.connect(url)
-        js = nc.jetstream()
-        step = len(msgs) // slices + 1
-        for i in range(0, len(msgs), step):
-            acks = [await js.publish_async(f"site.{t.split('/')[1]}.tm", p) for t, p in msgs[i : i + step]]
-            await asyncio.gather(*acks)
-            await asyncio.sleep(pause_s)
-        await nc.close()
-
-    asyncio.run(run())
 
 
 def _rows(catalog: Any, table: str) -> list[dict[str, Any]]:
