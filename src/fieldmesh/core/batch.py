@@ -110,7 +110,7 @@ class ReadingColumns:
 
         Each field is read over all readings by a C iterator (``map`` of an attribute getter): no Python
         frame and no tuple per reading. A tuple per reading (``astuple``) is a container the garbage
-        collector tracks; tens of thousands of them per batch made collections a third of the cost.
+        collector tracks; tens of thousands of them per batch made collections about a quarter of the cost.
         """
         if not readings:
             return _EMPTY

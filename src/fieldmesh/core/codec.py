@@ -420,7 +420,7 @@ def decode_single_readings(
 ) -> list[Reading] | None:
     """Many JSON payloads of one valid reading each, as readings (:func:`decode_single_fields` has them)."""
     fields = decode_single_fields(payloads, device_ids, received_ms, now_ms=now_ms, max_skew_ms=max_skew_ms,
-                            max_bytes=max_bytes, aside=aside)
+                                  max_bytes=max_bytes, aside=aside)
     return None if fields is None else list(map(Reading, *fields))
 
 
