@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 from unittest.mock import patch
 
+import msgspec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fieldmesh.core.batch import ReadingColumns
-from fieldmesh.core.codec import decode_single_readings, decode_telemetry, encode_bus_columns
+from fieldmesh.core.codec import decode_single_readings, decode_telemetry, decode_telemetry_body, encode_bus_columns
 from fieldmesh.core.settings import GatewaySettings
 from fieldmesh.gateway import gateway
 from fieldmesh.gateway.base import IngestMessage
@@ -144,3 +145,17 @@ def test_a_partition_of_bulk_columns_and_readings_routed_alone_is_one_batch(
         ReadingColumns.from_readings(c)) for c in chunks]
     assert got == [encode_bus_columns(ReadingColumns.from_readings(want[s : s + size]))
                    for s in range(0, len(want), size)]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(good, good, good, odd), min_size=1, max_size=30), st.booleans())
+def test_a_payload_of_many_readings_decodes_as_the_general_path_does(items: list[object], batch: bool):
+    """A payload of many plain readings is checked over columns: the readings (and dead letters) are exactly
+    those of the general path, reading by reading."""
+    payload = json.dumps({"device_id": "d1", "readings": items} if batch else items).encode()
+    fast = decode_telemetry(payload, device_id="d1", topic="devices/d1/telemetry", received_ms=NOW, now_ms=NOW)
+    general = decode_telemetry_body(json.loads(payload), payload, device_id="d1", topic="devices/d1/telemetry",
+                                    received_ms=NOW, now_ms=NOW)
+    assert fast.readings == general.readings
+    assert [msgspec.json.encode(r) for r in fast.readings] == [msgspec.json.encode(r) for r in general.readings]
+    assert [(d.reason, d.detail) for d in fast.rejects] == [(d.reason, d.detail) for d in general.rejects]

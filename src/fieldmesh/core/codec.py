@@ -365,6 +365,9 @@ def _fast_path(payload: bytes, device_id: str, now: int, max_skew_ms: int, recei
         return None  # the general path says what is wrong (``too_deep`` for the recursion)
     if not ws:
         return None
+    if len(ws) > 1 and list(map(_meta_of, ws)).count(None) == len(ws):  # plain readings: checked over columns
+        fields = _checked_fields(ws, [device_id] * len(ws), [received_ms] * len(ws), now, max_skew_ms)
+        return None if fields is None else list(map(Reading, *fields))
     out = []
     for w in ws:
         ts = w.ts
@@ -458,6 +461,16 @@ def decode_single_fields(
         ws = list(map(_fast_decoder.decode, payloads))
     except (msgspec.DecodeError, RecursionError):
         return None
+    return _checked_fields(ws, device_ids, received_ms, now_ms, max_skew_ms, aside)
+
+
+def _checked_fields(
+    ws: list[_WireReading], device_ids: Sequence[str], received_ms: Sequence[int], now_ms: int, max_skew_ms: int,
+    aside: list[int] | None = None,
+) -> tuple[list[Any], ...] | None:
+    """The fields of the readings ``ws`` (reading ``i`` from device ``device_ids[i]``) if every one is valid and
+    plain (no ``meta``), checked over whole columns; else None (see :func:`decode_single_fields`)."""
+    n = len(ws)
     dev_in = list(map(_dev_of, ws))
     if dev_in.count(None) != n:
         bad = [i for i, (d, dev) in enumerate(zip(dev_in, device_ids, strict=True)) if d is not None and d != dev]
