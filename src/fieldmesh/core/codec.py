@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from functools import partial
 from hashlib import blake2b
-from itertools import chain, repeat
+from itertools import chain
 from operator import attrgetter
 from typing import Any, Final
 
@@ -43,6 +43,7 @@ __all__ = [
     "decode_bus_columns_many",
     "decode_bus_readings",
     "decode_dead_letter",
+    "decode_single_fields",
     "decode_single_readings",
     "decode_telemetry",
     "decode_telemetry_body",
@@ -364,6 +365,9 @@ def _fast_path(payload: bytes, device_id: str, now: int, max_skew_ms: int, recei
         return None  # the general path says what is wrong (``too_deep`` for the recursion)
     if not ws:
         return None
+    if len(ws) > 1 and list(map(_meta_of, ws)).count(None) == len(ws):  # plain readings: checked over columns
+        fields = _checked_fields(ws, [device_id] * len(ws), [received_ms] * len(ws), now, max_skew_ms)
+        return None if fields is None else list(map(Reading, *fields))
     out = []
     for w in ws:
         ts = w.ts
@@ -417,15 +421,33 @@ def decode_single_readings(
     max_bytes: int = 256 * 1024,
     aside: list[int] | None = None,
 ) -> list[Reading] | None:
+    """Many JSON payloads of one valid reading each, as readings (:func:`decode_single_fields` has them)."""
+    fields = decode_single_fields(payloads, device_ids, received_ms, now_ms=now_ms, max_skew_ms=max_skew_ms,
+                                  max_bytes=max_bytes, aside=aside)
+    return None if fields is None else list(map(Reading, *fields))
+
+
+def decode_single_fields(
+    payloads: Sequence[bytes],
+    device_ids: Sequence[str],
+    received_ms: Sequence[int],
+    *,
+    now_ms: int,
+    max_skew_ms: int = 300_000,
+    max_bytes: int = 256 * 1024,
+    aside: list[int] | None = None,
+) -> tuple[list[Any], ...] | None:
     """Many JSON payloads of one valid reading each (the commonest device message), checked all at once.
 
     Payload ``i`` is from device ``device_ids[i]``. Each payload is decoded by msgspec into a typed struct
     (types checked in C); the checks of :func:`decode_telemetry` then run over whole columns (numpy, sets,
     C iterators), and the identity digests are read as two numpy columns: no Python frame per message.
 
-    Returns the readings, exactly those :func:`decode_telemetry` gives payload by payload, or None when
-    any payload is not one valid plain reading (another shape, a problem to report, an RFC 3339 ``ts``,
-    a ``meta``): the caller then takes the payloads one by one, which says what is wrong with which.
+    Returns the readings field by field (a list per field of :class:`Reading`, in its order: the arguments
+    of ``Reading`` or of :meth:`ReadingColumns.from_fields`, so the columnar bus encoding needs no object per
+    reading), exactly those :func:`decode_telemetry` gives payload by payload; or None when any payload is
+    not one valid plain reading (another shape, a problem to report, an RFC 3339 ``ts``, a ``meta``): the
+    caller then takes the payloads one by one, which says what is wrong with which.
 
     ``aside``: when given, a payload whose ``device_id`` is not its device's does not make the whole call
     step aside: its index is appended to ``aside`` (for the caller to take it one by one, and reject it),
@@ -439,6 +461,16 @@ def decode_single_readings(
         ws = list(map(_fast_decoder.decode, payloads))
     except (msgspec.DecodeError, RecursionError):
         return None
+    return _checked_fields(ws, device_ids, received_ms, now_ms, max_skew_ms, aside)
+
+
+def _checked_fields(
+    ws: list[_WireReading], device_ids: Sequence[str], received_ms: Sequence[int], now_ms: int, max_skew_ms: int,
+    aside: list[int] | None = None,
+) -> tuple[list[Any], ...] | None:
+    """The fields of the readings ``ws`` (reading ``i`` from device ``device_ids[i]``) if every one is valid and
+    plain (no ``meta``), checked over whole columns; else None (see :func:`decode_single_fields`)."""
+    n = len(ws)
     dev_in = list(map(_dev_of, ws))
     if dev_in.count(None) != n:
         bad = [i for i, (d, dev) in enumerate(zip(dev_in, device_ids, strict=True)) if d is not None and d != dev]
@@ -491,8 +523,8 @@ def decode_single_readings(
     ).reshape(n, 2)
     keys = (digests[:, 0] >> 1).tolist()
     chks = digests[:, 1].view(">i8").tolist()
-    nones = repeat(None)
-    return list(map(Reading, device_ids, ts, ms, keys, chks, seqs, boots, events, nones, received_ms))
+    nones = [None] * n
+    return list(device_ids), ts, ms, keys, chks, seqs, boots, events, nones, list(received_ms), nones
 
 
 def _item_bytes(obj: Any) -> bytes:

@@ -35,7 +35,7 @@ from fieldmesh.core.batch import ReadingColumns
 from fieldmesh.core.codec import (
     DLQ_PAYLOAD_LIMIT,
     DecodeResult,
-    decode_single_readings,
+    decode_single_fields,
     decode_telemetry,
     decode_telemetry_body,
     encode_bus_batch,
@@ -264,16 +264,22 @@ def _plain_routes(topics: Sequence[str], partitions: int) -> list[tuple[str, int
     return list(map(_PLAIN.__getitem__, keys))
 
 
+#: The readings of one partition: readings, or columns (the bulk path when the bus encoding is columnar).
+_Batch = list[Reading] | ReadingColumns
+
+
 def _route_bulk(
     messages: Sequence[IngestMessage], settings: GatewaySettings, partitions: int, now_ms: int,
-    topics: list[str] | None = None,
-) -> tuple[dict[int, list[Reading]], int, list[int]] | None:
+    topics: list[str] | None = None, *, columns: bool = False,
+) -> tuple[dict[int, _Batch], int, list[int]] | None:
     """Readings by partition of a batch of plain one-reading JSON messages (the commonest), decoded at once.
 
     None when any message is something else (another shape, encoding or topic, anything to reject): the
     caller then routes the batch message by message. Both ways give the same readings in the same order.
     The exception, a payload naming another device (rejected, no reading): its index is in the list
     returned last, for the caller to route it alone, and the rest of the batch stays on this path.
+    ``columns``: each partition's readings as :class:`ReadingColumns` (equal to ``from_readings`` of the
+    readings), made from the decoded fields without a :class:`Reading` per message.
     """
     if not messages or list(map(_ctype_of, messages)).count(None) != len(messages):
         return None
@@ -282,18 +288,19 @@ def _route_bulk(
         if routes is None:
             return None
         aside: list[int] = []
-        readings = decode_single_readings(
+        fields = decode_single_fields(
             list(map(_payload_of, messages)), list(map(_device_of, routes)), list(map(_received_of, messages)),
             now_ms=now_ms, max_skew_ms=settings.max_skew_ms, max_bytes=settings.max_payload_bytes, aside=aside,
         )
     except Exception:  # nothing foreseen raises here; if something does, the message-by-message path says what
         log.debug("bulk decoding failed; routing message by message", exc_info=True)
         return None
-    if readings is None:
+    if fields is None:
         return None
     if aside:
         skip = set(aside)
         routes = [r for i, r in enumerate(routes) if i not in skip]
+    readings = None if columns else list(map(Reading, *fields))
     parts = np.fromiter(map(_part_of, routes), np.int64, len(routes))
     order = np.argsort(parts, kind="stable")  # by partition, arrival order within each
     sorted_parts = parts[order]
@@ -301,11 +308,17 @@ def _route_bulk(
     ends = np.r_[starts[1:], len(order)]
     # partitions in the order of their first message, as the message-by-message path has them
     firsts = order[starts]
-    by_part: dict[int, list[Reading]] = {}
+    by_part: dict[int, _Batch] = {}
     for g in np.argsort(firsts, kind="stable").tolist():
         rows = order[starts[g] : ends[g]].tolist()
-        by_part[int(sorted_parts[starts[g]])] = list(map(readings.__getitem__, rows))
-    return by_part, len(readings), aside
+        p = int(sorted_parts[starts[g]])
+        if readings is not None:
+            by_part[p] = list(map(readings.__getitem__, rows))
+        elif len(rows) == len(routes):  # one partition: every row, in order
+            by_part[p] = ReadingColumns.from_fields(*fields)
+        else:
+            by_part[p] = ReadingColumns.from_fields(*(list(map(f.__getitem__, rows)) for f in fields))
+    return by_part, len(routes), aside
 
 
 def _message_traces(messages: Sequence[IngestMessage], partitions: int) -> dict[int, list[tuple[str, str | None]]]:
@@ -318,11 +331,14 @@ def _message_traces(messages: Sequence[IngestMessage], partitions: int) -> dict[
     return out
 
 
-def _reading_traces(readings: list[Reading]) -> list[tuple[str, str | None]]:
+def _reading_traces(readings: _Batch) -> list[tuple[str, str | None]]:
     """``meta.traceparent`` (and ``meta.tracestate``) of readings that carry one (MQTT 3.1.1 senders)."""
+    if isinstance(readings, ReadingColumns):
+        metas = [] if readings.meta is None else readings.meta.tolist()
+    else:
+        metas = [r.meta for r in readings]
     out = []
-    for r in readings:
-        meta = r.meta
+    for meta in metas:
         if meta:
             tp = meta.get("traceparent")
             if isinstance(tp, str):
@@ -347,7 +363,8 @@ def route(
     tracing is on) it also appends, per readings record, ``(index in the records, trace contexts)``: those
     of the messages routed to its partition and the ``meta.traceparent`` of its readings.
     """
-    by_part: dict[int, list[Reading]] = {}
+    by_part: dict[int, _Batch] = {}
+    extra: dict[int, list[Reading]] = {}  # readings of messages routed one by one, after the bulk ones
     dead: list[DeadLetter] = []
     dead_ids: list[str | None] = []
     n = 0
@@ -367,13 +384,14 @@ def route(
             bound = [m for m, f in zip(todo, flags, strict=True) if f]
             todo = [m for m, f in zip(todo, flags, strict=True) if not f]
             topics = None
-    bulk = _route_bulk(todo, settings, partitions, now_ms, topics) if todo else None
+    columns = settings.bus_encoding == 2
+    bulk = _route_bulk(todo, settings, partitions, now_ms, topics, columns=columns) if todo else None
     if bulk is None and len(todo) > 1:  # payloads naming a schema among plain JSON: the rest in bulk still
         framed = [m.payload[:1] == b"\x00" or m.schema_id is not None for m in todo]
         if 0 < framed.count(True) < len(todo):
             bound += [m for m, f in zip(todo, framed, strict=True) if f]
             todo = [m for m, f in zip(todo, framed, strict=True) if not f]
-            bulk = _route_bulk(todo, settings, partitions, now_ms, None)
+            bulk = _route_bulk(todo, settings, partitions, now_ms, None, columns=columns)
     if bulk is not None:
         by_part, n, aside = bulk
     for m in [*bound, *(todo if bulk is None else [todo[i] for i in aside])]:
@@ -389,7 +407,7 @@ def route(
         if relabel and res.rejects:
             res.rejects = list(map(_as_unauthorized, res.rejects))
         if res.readings:
-            by_part.setdefault(part, []).extend(res.readings)
+            extra.setdefault(part, []).extend(res.readings)
             n += len(res.readings)
         for i, d in enumerate(res.rejects):
             dead.append(d)
@@ -399,9 +417,8 @@ def route(
     produced = now_ms
     records: list[OutRecord] = []
     by_msg = _message_traces(messages, partitions) if traces is not None else {}
-    for p, rs in by_part.items():
-        for k, s in enumerate(range(0, len(rs), MAX_READINGS_PER_RECORD)):
-            chunk = rs[s : s + MAX_READINGS_PER_RECORD]
+    for p in dict.fromkeys([*by_part, *extra]):
+        for k, chunk in enumerate(_chunks(by_part.get(p), extra.get(p))):
             try:
                 value = _encode_readings(chunk, produced, settings.bus_encoding)
             except Exception:  # validation should make this impossible; if not, find the culprit(s)
@@ -424,8 +441,27 @@ def route(
     return records, n, dead
 
 
-def _encode_readings(readings: list[Reading], produced_ms: int, encoding: int) -> bytes:
+def _chunks(bulk: _Batch | None, extra: list[Reading] | None) -> list[_Batch]:
+    """A partition's readings (the bulk path's, then those routed one by one) in bus records' sizes."""
+    if bulk is None:
+        batch: _Batch = extra or []
+    elif not extra:
+        batch = bulk
+    elif isinstance(bulk, ReadingColumns):
+        batch = ReadingColumns.concat([bulk, ReadingColumns.from_readings(extra)])
+    else:
+        batch = bulk + extra
+    if len(batch) <= MAX_READINGS_PER_RECORD:
+        return [batch] if len(batch) else []
+    # rare (a gateway batch is 512 messages by default): each record then carries only its own dictionaries
+    rs = batch.to_readings() if isinstance(batch, ReadingColumns) else batch
+    return [rs[s : s + MAX_READINGS_PER_RECORD] for s in range(0, len(rs), MAX_READINGS_PER_RECORD)]
+
+
+def _encode_readings(readings: _Batch, produced_ms: int, encoding: int) -> bytes:
     """A bus record of readings in the configured encoding (docs/pipeline.md: 2 only once every processor reads it)."""
+    if isinstance(readings, ReadingColumns):
+        return encode_bus_columns(readings, produced_ms=produced_ms)
     if encoding == 2:
         return encode_bus_columns(ReadingColumns.from_readings(readings), produced_ms=produced_ms)
     return encode_bus_batch(BusBatch(readings=readings, produced_ms=produced_ms))
@@ -443,10 +479,12 @@ def _encode_dead(d: DeadLetter) -> bytes:
             device_id=None if d.device_id is None else clean(d.device_id)))
 
 
-def _encodable(readings: list[Reading], encoding: int = 1) -> tuple[list[Reading], list[DeadLetter]]:
+def _encodable(readings: _Batch, encoding: int = 1) -> tuple[list[Reading], list[DeadLetter]]:
     """The readings the bus encoder takes, and dead letters of those it refuses."""
     ok: list[Reading] = []
     bad: list[DeadLetter] = []
+    if isinstance(readings, ReadingColumns):
+        readings = readings.to_readings()
     for r in readings:
         try:
             _encode_readings([r], 0, encoding)
