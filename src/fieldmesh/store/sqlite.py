@@ -466,9 +466,19 @@ class SqliteStore:
                     w.execute("ROLLBACK")
                 raise
             self._finish(w, claimed)
-            if self._checkpointer is not None:
-                self._checkpointer.committed()
+            self._committed(w)
             return result
+
+    def _committed(self, w: sqlite3.Connection) -> None:
+        """After a commit: the checkpoint thread's turn; the writer's own once the WAL outgrew its bound
+        (a writer that never idles: see store/walcheckpoint.py)."""
+        ck = self._checkpointer
+        if ck is None:
+            return
+        if ck.writer_should_checkpoint():
+            w.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            ck.writer_checkpointed()
+        ck.committed()
 
     def _checkpoint_aside(self, w: sqlite3.Connection) -> None:
         """Leave WAL checkpoints to a thread from the first batch on (store/walcheckpoint.py: a checkpoint in
@@ -498,8 +508,7 @@ class SqliteStore:
                 if w.in_transaction:
                     w.execute("ROLLBACK")
                 raise
-            if self._checkpointer is not None:
-                self._checkpointer.committed()
+            self._committed(w)
             return out
 
     def write(self, result: BatchResult) -> bool:
