@@ -327,11 +327,13 @@ class Processor:
         ``fetch_max_bytes`` (one bigger transaction). Records are applied and acknowledged in fetch order;
         a batch's acknowledgement (a round trip to the bus) goes out while the next batch is applied.
 
-        The fetch adapts to the backlog. Behind (a fetch came back full), the fetcher fetches again at once:
-        the next batch is ready when the applier is. Caught up (a fetch came back short), it fetches again
-        when the applier is free (:meth:`_ByteQueue.park`), so each batch is what arrived during the one
-        before, taken in one fetch, instead of many small fetches that cost the applier CPU (the event loop
-        shares the process): at part load the batches stay small and their cycle short.
+        The fetch adapts to the backlog. Behind (:meth:`~fieldmesh.bus.base.Consumer.behind`: more records
+        were waiting), the fetcher fetches again at once: the next batch is ready when the applier is. Caught
+        up (nothing was waiting, or nothing came), it fetches again when the applier is free
+        (:meth:`_ByteQueue.park`), so each batch is what arrived during the one before, taken in one fetch,
+        instead of many small fetches that cost the applier CPU (the event loop shares the process): at part
+        load the batches stay small and their cycle short. A bus that cannot tell (``behind()`` None) is
+        fetched as records come.
         """
         s = self.settings
         queue = _ByteQueue(_QUEUED_FETCHES * s.fetch_max_bytes)
@@ -343,9 +345,8 @@ class Processor:
             try:
                 while not stop.is_set():
                     recs = await consumer.fetch(s.fetch_max, s.fetch_timeout_s, max_bytes=s.fetch_max_bytes)
-                    size = sum(len(r.value) for r in recs)
-                    await queue.put(recs, size)
-                    if len(recs) < s.fetch_max and size < s.fetch_max_bytes // 2:  # caught up with the bus
+                    await queue.put(recs)
+                    if not recs or consumer.behind() is False:  # caught up with the bus
                         await queue.park()
             finally:
                 await queue.close()
@@ -461,11 +462,9 @@ class _ByteQueue:
         self._closed = False
         self._cond = asyncio.Condition()
 
-    async def put(self, recs: list[BusRecord], size: int | None = None) -> None:
-        """Queue a fetch (``size``: its bytes of record values, counted when not given); an empty one
-        only tells a waiting applier its top-up landed."""
-        if size is None:
-            size = sum(len(r.value) for r in recs)
+    async def put(self, recs: list[BusRecord]) -> None:
+        """Queue a fetch; an empty one only tells a waiting applier its top-up landed."""
+        size = sum(len(r.value) for r in recs)
         async with self._cond:
             if recs:
                 await self._cond.wait_for(lambda: self._held == 0 or self._held + size <= self._limit)
