@@ -565,3 +565,22 @@ async def test_drop_consumer_forgets_the_group(bus: Bus) -> None:
     again = await bus.consumer(topic, group=group)  # a fresh group: from the start
     assert [r.value for r in await _fetch_n(again, 3)] == [b"r0", b"r1", b"r2"]
     await again.close()
+
+
+async def test_behind_says_whether_records_were_waiting_at_the_last_fetch(bus: Bus, backend: Backend) -> None:
+    """NATS tells (the ack subject's pending count, records held back by ``max_bytes``); Kafka cannot (None)."""
+    topic = await _topic(bus, partitions=1)
+    await bus.producer().send([OutRecord(topic, 0, b"x" * 100) for _ in range(10)])
+    c = await bus.consumer(topic, group=_name("g"))
+    got = await c.fetch(3, 5.0)
+    if backend.kind == "kafka":
+        assert c.behind() is None
+        await c.close()
+        return
+    assert len(got) == 3 and c.behind() is True  # 7 more were waiting
+    got = await c.fetch(100, 5.0, max_bytes=250)  # two records' bytes: the rest is held back
+    assert len(got) == 2 and c.behind() is True
+    rest = await c.fetch(100, 5.0)
+    assert len(rest) == 5 and c.behind() is False  # caught up
+    assert await c.fetch(100, 0.2) == [] and c.behind() is False
+    await c.close()

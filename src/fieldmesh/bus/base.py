@@ -124,6 +124,13 @@ class Consumer(Protocol):
         """
         ...
 
+    def behind(self) -> bool | None:
+        """Whether more records were waiting when the last fetch returned (None: this bus cannot tell).
+
+        The processor fetches again at once when behind, and when caught up only once its applier is free.
+        """
+        ...
+
     async def close(self) -> None: ...
 
 

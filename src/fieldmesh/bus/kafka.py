@@ -393,6 +393,10 @@ class KafkaConsumer:
         except ck.KafkaException as exc:
             raise BackendError(f"Kafka commit on {self._topic!r} failed: {exc}") from exc
 
+    def behind(self) -> None:
+        """Unknown here (the processor then fetches as records come, as before)."""
+        return None
+
     async def close(self) -> None:
         """Leave the group (partitions move to the other members at once)."""
         if self._closed:

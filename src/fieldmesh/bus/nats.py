@@ -190,6 +190,12 @@ class PipelinedNatsProducer:
 _PROBE_S = 0.005
 
 
+def _pending_of(reply: str) -> int:
+    """Messages the consumer had yet to deliver when this one was delivered (the ack subject's ``<pending>``)."""
+    t = reply.split(".")
+    return int(t[8 if len(t) == 9 else 10])
+
+
 def _ack_tokens(reply: str) -> tuple[int, int]:
     """(stream sequence, timestamp ms) from a JetStream ack subject, without building metadata objects.
 
@@ -222,6 +228,7 @@ class NatsConsumer:
         self._trimmed_at = 0.0
         self._held: list[BusRecord] = []  # fetched beyond a fetch's max_bytes: served first next time
         self._avg_bytes = 0.0  # moving average of record sizes, to size fetches by bytes
+        self._pending = 0  # the server's count of undelivered messages at the last fetch
 
     async def fetch(self, max_records: int, timeout_s: float, *, max_bytes: int | None = None) -> list[BusRecord]:
         """Fetch up to ``max_records`` (about ``max_bytes`` at most); an empty list when none arrived
@@ -237,7 +244,9 @@ class NatsConsumer:
         except nats.errors.ConnectionClosedError as exc:
             raise BackendUnavailable("NATS connection closed") from exc
         if not msgs:
+            self._pending = 0
             return []
+        self._pending = _pending_of(msgs[-1].reply)
         recs = [self._record(m) for m in msgs]
         if max_bytes is None:
             return recs
@@ -304,6 +313,10 @@ class NatsConsumer:
                 self._trimmed_at = now
                 js, stream = self._trim
                 await js.purge_stream(stream, seq=self._acked + 1)
+
+    def behind(self) -> bool:
+        """Whether the server had more messages for this consumer, or records are held back, at the last fetch."""
+        return self._pending > 0 or bool(self._held)
 
     def apply_fenced(
         self, records: Sequence[BusRecord], fn: Callable[[Sequence[BusRecord]], T]

@@ -74,6 +74,9 @@ _RETRY_MAX_S = 5.0  # cap of the backoff between tries of a batch the store refu
 #: Fetched-but-unapplied bus records are held up to this many ``fetch_max_bytes`` per consumer; beyond
 #: it the fetcher waits, so that under overload the backlog stays in the bus, not in this process.
 _QUEUED_FETCHES = 2
+#: How long a free applier waits for the fetch it asked for (a caught-up fetcher's top-up) before it applies
+#: what is queued without it: about a round trip to a local bus.
+_TOP_UP_S = 0.002
 
 
 class Enricher(Protocol):
@@ -323,6 +326,14 @@ class Processor:
         stays in the bus. Batches waiting when the applier is free are applied together, up to
         ``fetch_max_bytes`` (one bigger transaction). Records are applied and acknowledged in fetch order;
         a batch's acknowledgement (a round trip to the bus) goes out while the next batch is applied.
+
+        The fetch adapts to the backlog. Behind (:meth:`~fieldmesh.bus.base.Consumer.behind`: more records
+        were waiting), the fetcher fetches again at once: the next batch is ready when the applier is. Caught
+        up (nothing was waiting, or nothing came), it fetches again when the applier is free
+        (:meth:`_ByteQueue.park`), so each batch is what arrived during the one before, taken in one fetch,
+        instead of many small fetches that cost the applier CPU (the event loop shares the process): at part
+        load the batches stay small and their cycle short. A bus that cannot tell (``behind()`` None) is
+        fetched as records come.
         """
         s = self.settings
         queue = _ByteQueue(_QUEUED_FETCHES * s.fetch_max_bytes)
@@ -334,8 +345,9 @@ class Processor:
             try:
                 while not stop.is_set():
                     recs = await consumer.fetch(s.fetch_max, s.fetch_timeout_s, max_bytes=s.fetch_max_bytes)
-                    if recs:
-                        await queue.put(recs)
+                    await queue.put(recs)
+                    if not recs or consumer.behind() is False:  # caught up with the bus
+                        await queue.park()
             finally:
                 await queue.close()
 
@@ -432,10 +444,18 @@ class _ByteQueue:
     ``put`` waits while the batches queued *or being applied* hold ``limit`` bytes or more (one batch
     is always let in, however big, so a record larger than the limit still passes); the applier takes
     batches merged up to a byte budget and releases them once acknowledged.
+
+    A fetcher that caught up with the bus waits (``park``) until the applier is free (``get``): the applier then
+    waits up to ``top_up_s`` for that fetch, so its batch holds what arrived while it applied the last one.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, top_up_s: float = _TOP_UP_S) -> None:
         self._limit = limit
+        self._top_up_s = top_up_s
+        self._parked = False  # the fetcher waits for the applier to ask
+        self._getting = False  # the applier waits in get() for a batch
+        self._asked = 0  # fetches the applier asked for (unparked the fetcher)
+        self._landed = 0  # fetches put (empty ones too)
         self._items: deque[tuple[list[BusRecord], int]] = deque()
         self._held = 0  # bytes queued or being applied
         self._sizes: dict[int, int] = {}  # id(merged batch) -> its bytes, until released
@@ -443,23 +463,46 @@ class _ByteQueue:
         self._cond = asyncio.Condition()
 
     async def put(self, recs: list[BusRecord]) -> None:
+        """Queue a fetch; an empty one only tells a waiting applier its top-up landed."""
         size = sum(len(r.value) for r in recs)
         async with self._cond:
-            await self._cond.wait_for(lambda: self._held == 0 or self._held + size <= self._limit)
-            self._items.append((recs, size))
-            self._held += size
+            if recs:
+                await self._cond.wait_for(lambda: self._held == 0 or self._held + size <= self._limit)
+                self._items.append((recs, size))
+                self._held += size
+            self._landed += 1
             self._cond.notify_all()
+
+    async def park(self) -> None:
+        """The fetcher caught up: wait until the applier is free (at once if it waits already) or closed."""
+        async with self._cond:
+            if self._getting or self._closed:
+                return
+            self._parked = True
+            await self._cond.wait_for(lambda: not self._parked or self._closed)
 
     async def close(self) -> None:
         """No more batches: ``get`` returns None once the queue is empty."""
         async with self._cond:
             self._closed = True
+            self._parked = False
             self._cond.notify_all()
 
     async def get(self, max_bytes: int) -> list[BusRecord] | None:
         """The next batch, with the batches queued behind it merged up to ``max_bytes``; None when closed."""
         async with self._cond:
-            await self._cond.wait_for(lambda: bool(self._items) or self._closed)
+            if self._parked:  # fetch what arrived meanwhile, and wait a round trip for it
+                self._parked = False
+                self._asked = self._landed + 1
+                self._cond.notify_all()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._cond.wait_for(lambda: self._landed >= self._asked or self._closed),
+                                           self._top_up_s)
+            self._getting = True
+            try:
+                await self._cond.wait_for(lambda: bool(self._items) or self._closed)
+            finally:
+                self._getting = False
             if not self._items:
                 return None
             recs, size = self._items.popleft()
