@@ -32,7 +32,6 @@ from fieldmesh.store.keyfilter import KeyFilter
 from fieldmesh.store.rollup import exact_columns, merge_acc
 from fieldmesh.store.rows import device_row, dlq_row, raw_row, rollup_query, rollup_row
 from fieldmesh.store.seqgaps import SeqBatch, SeqKey, SeqRange, listing, merge_ranges, range_gaps, seq_batch, seq_spans
-from fieldmesh.store.walcheckpoint import WalCheckpointer
 
 __all__ = ["SCHEMA_VERSION", "SqliteStore"]
 
@@ -214,10 +213,6 @@ class _ReaderConnection(sqlite3.Connection):
     guard: _ReadOnlyGuard
 
 
-#: SQLite's default ``wal_autocheckpoint``, restored when the checkpoint thread failed
-_AUTO_CHECKPOINT_PAGES: Final = 1000
-
-
 def _path_of(url: str) -> Path:
     if not url.startswith("sqlite:///"):
         raise ConfigError(f"bad SQLite URL {url!r}: use sqlite:///path/to/store.db", key="store_url")
@@ -341,9 +336,6 @@ class SqliteStore:
         self._keys: KeyFilter | None = None  # identity keys stored, for de-dup without a read per key
         self._keys_main = self._keys_recent = 0  # rows of idents and idents_recent (with the filter)
         self._folded = 0  # keys the open transaction moved into idents
-        # WAL checkpoints on a thread once batches commit here (store/walcheckpoint.py); True once it failed
-        self._checkpointer: WalCheckpointer | None = None
-        self._checkpoint_failed = False
         if not readonly:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._w = self._connect(write=True)
@@ -427,9 +419,6 @@ class SqliteStore:
 
     def close(self) -> None:
         """Close connections."""
-        if self._checkpointer is not None:
-            self._checkpointer.stop()
-            self._checkpointer = None
         if not self.readonly:
             self._w.close()
         con = getattr(self._local, "con", None)
@@ -453,7 +442,6 @@ class SqliteStore:
         with self._write_lock:
             w = self._w
             now = int(time.time() * 1000)
-            self._checkpoint_aside(w)
             keys = self._begin(w)
             txn = _Txn(w, keys)
             try:
@@ -466,31 +454,7 @@ class SqliteStore:
                     w.execute("ROLLBACK")
                 raise
             self._finish(w, claimed)
-            self._committed(w)
             return result
-
-    def _committed(self, w: sqlite3.Connection) -> None:
-        """After a commit: the checkpoint thread's turn; the writer's own once the WAL outgrew its bound
-        (a writer that never idles: see store/walcheckpoint.py)."""
-        ck = self._checkpointer
-        if ck is None:
-            return
-        if ck.writer_should_checkpoint():
-            w.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            ck.writer_checkpointed()
-        ck.committed()
-
-    def _checkpoint_aside(self, w: sqlite3.Connection) -> None:
-        """Leave WAL checkpoints to a thread from the first batch on (store/walcheckpoint.py: a checkpoint in
-        a commit stalls its batch); give them back to SQLite's automatic checkpoint should the thread fail."""
-        ck = self._checkpointer
-        if ck is None and not self._checkpoint_failed:
-            w.execute("PRAGMA wal_autocheckpoint=0")
-            self._checkpointer = WalCheckpointer(self.path)
-        elif ck is not None and ck.failed is not None:
-            w.execute(f"PRAGMA wal_autocheckpoint={_AUTO_CHECKPOINT_PAGES}")
-            self._checkpointer = None
-            self._checkpoint_failed = True
 
     def transact(self, fn: Callable[[SqlTxn], T]) -> T:
         """``fn`` in a write transaction of its own on the writer's connection (see
@@ -508,7 +472,6 @@ class SqliteStore:
                 if w.in_transaction:
                     w.execute("ROLLBACK")
                 raise
-            self._committed(w)
             return out
 
     def write(self, result: BatchResult) -> bool:
