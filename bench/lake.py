@@ -20,16 +20,22 @@ records, built before any clock starts.
    processor does; wall until all is applied and until the last commit is in, and the processor's CPU,
    printed as ratios.
 
-4. **Files per partition after one simulated day, and compaction**: ``--day-rows`` readings (default
-   10,000,000, as the issue asks) of ``--day-devices`` devices spread over one UTC day are appended to a
-   fresh ``readings`` table in ``--day-commits`` commits in time order (default 1,440: the default policy's
-   one commit a minute), the way the sink writes them; then ``fieldmesh lake compact`` (its function, target
-   128 MB) rewrites the day's partitions. Reported: data files per partition (day x device bucket) without
-   and with compaction, and the compaction's time beside the baseline of one append of the same rows.
-   Scaled down for a short run with ``--day-rows``/``--day-commits`` (the output says what ran).
+4. **One simulated day through the sink, files per partition, and compaction**: ``--day-rows`` readings
+   (default 10,000,000, as the issue asks) of ``--day-devices`` devices spread over one UTC day, and their
+   exact 1m and 1h window deltas, go through the sink's own commit path in ``--day-commits`` flushes in time
+   order (default 1,440: the default policy's one a minute; each flush commits ``readings``, merges the
+   rollups into ``rollup_1m`` and ``rollup_1h`` and commits ``dead_letters``, empty), and once a simulated hour
+   the sink's maintenance runs (:meth:`LakeSink.maintain`: expire snapshots older than
+   ``snapshot_max_age_s`` of simulated time, mapped to the wall clock of the commits; compact partitions
+   closed before the simulated day, i.e. none), as inside ``up``. The first maintenance after the simulated
+   midnight compacts the day. Reported: the day's wall time, flush time in the first and the last hour,
+   snapshots and manifests at the end, data files per partition without and with compaction, that
+   maintenance's time beside the baseline of one append of the same rows, and peak RSS (``--day-hourly``: a
+   line per simulated hour). Scaled down with ``--day-rows``/``--day-commits`` (the output says what ran).
 
 Run: ``PYTHONPATH=$PWD/src .venv/bin/python bench/lake.py [--devices 2000] [--per-device 500]
-[--latency-s 130] [--interval 60] [--quick] [--parts 1,2,3,4] [--sink-cost] [--day-rows N] [--day-commits N]``.
+[--latency-s 130] [--interval 60] [--quick] [--parts 1,2,3,4] [--sink-cost] [--day-rows N] [--day-commits N]
+[--day-max-age-s S] [--day-hourly]``.
 """
 
 from __future__ import annotations

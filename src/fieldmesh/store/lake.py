@@ -342,9 +342,9 @@ def _state_since(table: Table, known: _State | None) -> _State:
     ancestor of the current one (the sink's own last commit, mostly one or two steps back); from every
     snapshot otherwise (``known`` None, expired, or not in the history any more).
 
-    Exact either way: positions only grow along the history, and expiry keeps, per partition, a snapshot
-    holding the highest position (:func:`expire`), so the highest over all snapshots is the highest over
-    ``known``'s and those after it."""
+    Exact either way: the highest positions up to ``known``'s snapshot are ``known``'s, so the highest over
+    the history is the highest of those and of the snapshots after it (an expiry that drops snapshots before
+    it changes neither: each commit records the positions its table then holds, carried forward)."""
     current = table.current_snapshot()
     flush: int | None = None
     positions: dict[Position, int] = {}
