@@ -20,16 +20,22 @@ records, built before any clock starts.
    processor does; wall until all is applied and until the last commit is in, and the processor's CPU,
    printed as ratios.
 
-4. **Files per partition after one simulated day, and compaction**: ``--day-rows`` readings (default
-   10,000,000, as the issue asks) of ``--day-devices`` devices spread over one UTC day are appended to a
-   fresh ``readings`` table in ``--day-commits`` commits in time order (default 1,440: the default policy's
-   one commit a minute), the way the sink writes them; then ``fieldmesh lake compact`` (its function, target
-   128 MB) rewrites the day's partitions. Reported: data files per partition (day x device bucket) without
-   and with compaction, and the compaction's time beside the baseline of one append of the same rows.
-   Scaled down for a short run with ``--day-rows``/``--day-commits`` (the output says what ran).
+4. **One simulated day through the sink, files per partition, and compaction**: ``--day-rows`` readings
+   (default 10,000,000, as the issue asks) of ``--day-devices`` devices spread over one UTC day, and their
+   exact 1m and 1h window deltas, go through the sink's own commit path in ``--day-commits`` flushes in time
+   order (default 1,440: the default policy's one a minute; each flush commits ``readings``, merges the
+   rollups into ``rollup_1m`` and ``rollup_1h`` and commits ``dead_letters``, empty), and once a simulated hour
+   the sink's maintenance runs (:meth:`LakeSink.maintain`: expire snapshots older than
+   ``snapshot_max_age_s`` of simulated time, mapped to the wall clock of the commits; compact partitions
+   closed before the simulated day, i.e. none), as inside ``up``. The first maintenance after the simulated
+   midnight compacts the day. Reported: the day's wall time, flush time in the first and the last hour,
+   snapshots and manifests at the end, data files per partition without and with compaction, that
+   maintenance's time beside the baseline of one append of the same rows, and peak RSS (``--day-hourly``: a
+   line per simulated hour). Scaled down with ``--day-rows``/``--day-commits`` (the output says what ran).
 
 Run: ``PYTHONPATH=$PWD/src .venv/bin/python bench/lake.py [--devices 2000] [--per-device 500]
-[--latency-s 130] [--interval 60] [--quick] [--parts 1,2,3,4] [--sink-cost] [--day-rows N] [--day-commits N]``.
+[--latency-s 130] [--interval 60] [--quick] [--parts 1,2,3,4] [--sink-cost] [--day-rows N] [--day-commits N]
+[--day-max-age-s S] [--day-hourly]``.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ from fieldmesh.store.lake import (  # noqa: E402
     PROP_POSITIONS,
     TABLES,
     LakeSink,
+    _append,
     _decode_positions,
     _props,
     open_catalog,
@@ -228,7 +235,8 @@ def _load() -> str:
 
 def day_of_readings(rows: int, devices: int, day_start_ms: int, schema: Any) -> Any:
     """``rows`` readings of ``devices`` devices spread evenly over one day, in time order, as rows of ``readings``
-    (three metrics each), built as columns."""
+    (three metrics each, values multiples of 1/4 so that their rollups' exact sums are integers x 2^-2), built
+    as columns."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -237,9 +245,9 @@ def day_of_readings(rows: int, devices: int, day_start_ms: int, schema: Any) -> 
     ts = np.sort(rng.integers(day_start_ms, day_start_ms + 86_400_000, rows))
     dev = rng.integers(0, devices, rows)
     names = np.array([f"dev-{i:05d}" for i in range(devices)], dtype=object)
-    vals = np.round(rng.normal(20, 5, (rows, 3)), 3)
+    vals = np.round(rng.normal(20, 5, (rows, 3)) * 4) / 4
     offsets = pa.array(np.arange(0, 3 * rows + 1, 3, dtype=np.int32))
-    keys = pa.array(np.tile(np.array(["t", "h", "v"], dtype=object), rows), pa.large_string())
+    keys = pa.array(np.tile(np.array(list(_METRICS), dtype=object), rows), pa.large_string())
     measurements = pa.MapArray.from_arrays(offsets, keys, pa.array(vals.ravel(), pa.float64()))
     as_text = [pc.cast(pa.array(vals[:, i]), pa.string()) for i in range(3)]
     mjson = pc.binary_join_element_wise('{"t":', as_text[0], ',"h":', as_text[1], ',"v":', as_text[2], "}", "")
@@ -251,6 +259,53 @@ def day_of_readings(rows: int, devices: int, day_start_ms: int, schema: Any) -> 
     return pa.Table.from_arrays([c.cast(f.type) for c, f in zip(cols, schema, strict=True)], schema=schema)
 
 
+_METRICS = ("t", "h", "v")
+
+
+def window_deltas(part: Any, interval: str, width_ms: int) -> Any:
+    """The exact window deltas of readings rows ``part`` (of :func:`day_of_readings`) for one interval, as the
+    processor hands them to a sink: one entry per (device, metric, window), sorted so."""
+    import pyarrow as pa
+
+    from fieldmesh.core.batch import WindowDeltas
+
+    dev = np.asarray(part.column("device_id").to_numpy(zero_copy_only=False), dtype=object)
+    ws = np.asarray(part.column("ts").cast("int64").to_numpy()) // 1000
+    ws -= ws % width_ms
+    m = part.column("measurements").combine_chunks()
+    vals = np.asarray(pa.ListArray.from_arrays(m.offsets, m.items).flatten()).reshape(-1, 3)
+    names, dev_i = np.unique(dev, return_inverse=True)
+    wins, win_i = np.unique(ws, return_inverse=True)
+    out = []
+    for k in range(len(_METRICS)):
+        key = (dev_i.astype(np.int64) * len(wins) + win_i) * 3 + k
+        groups, g = np.unique(key, return_inverse=True)
+        v = vals[:, k]
+        quarters = np.rint(v * 4).astype(np.int64)
+        lo = np.full(len(groups), np.inf)
+        np.minimum.at(lo, g, v)
+        hi = np.full(len(groups), -np.inf)
+        np.maximum.at(hi, g, v)
+        out.append((groups, np.bincount(g), np.bincount(g, weights=quarters).astype(np.int64), lo, hi))
+    groups = np.concatenate([o[0] for o in out])
+    order = np.argsort(groups, kind="stable")  # by device, window, metric
+    gk = groups[order]
+    w_i, m_i = (gk // 3) % len(wins), gk % 3
+    d_i = gk // 3 // len(wins)
+    order2 = np.lexsort((wins[w_i], m_i, d_i))  # by device, metric, window
+    pick = order[order2]
+
+    def cat(j: int) -> Any:
+        return np.concatenate([o[j] for o in out])[pick]
+
+    sums = np.empty(len(pick), dtype=object)
+    sums[:] = cat(2).tolist()
+    return WindowDeltas(interval=interval, width_ms=width_ms, device=names[d_i[order2]].astype(object),
+                        metric=np.array(_METRICS, dtype=object)[m_i[order2]], window_start_ms=wins[w_i[order2]],
+                        count=cat(1).astype(np.int64), sum_m=sums, sum_e=np.full(len(pick), -2, np.int64),
+                        min=cat(3), max=cat(4))
+
+
 def _files_per_partition(table: Any) -> list[int]:
     counts: dict[Any, int] = {}
     for task in table.scan().plan_files():
@@ -259,47 +314,97 @@ def _files_per_partition(table: Any) -> list[int]:
     return sorted(counts.values())
 
 
-def report_day(tmp: Path, a: Any) -> None:
-    """Part 4: one simulated day of commits into ``readings``, files per partition without and with compaction."""
-    from fieldmesh.store.lake import _append, compact
+def _stats(xs: list[float]) -> str:
+    v = sorted(xs)
+    return f"mean {sum(v) / len(v):.2f}s, p50 {v[len(v) // 2]:.2f}s, max {v[-1]:.2f}s"
 
-    s = LakeSettings(commit_interval_s=3600)
-    sink = LakeSink(settings=s, data_dir=tmp)  # creates the tables as the sink does
-    sink.close()
-    catalog = open_catalog(s, tmp)
-    table = catalog.load_table(f"{s.namespace}.readings")
+
+def report_day(tmp: Path, a: Any) -> None:
+    """Part 4: one simulated day through the sink's commits, with its maintenance on the simulated clock; files
+    per partition without and with compaction."""
+    import resource
+
+    s = LakeSettings(maintenance_interval_s=0)  # the bench runs the maintenance itself, on the simulated clock
+    if a.day_max_age_s is not None:
+        s = s.model_copy(update={"snapshot_max_age_s": a.day_max_age_s})
+    sink = LakeSink(settings=s, data_dir=tmp)
+    catalog = sink.catalog
     day_start = (int(time.time() * 1000) // 86_400_000 - 2) * 86_400_000
     t0 = time.perf_counter()
-    data = day_of_readings(a.day_rows, a.day_devices, day_start, table.schema().as_arrow())
+    data = day_of_readings(a.day_rows, a.day_devices, day_start, sink._arrow["readings"])
     gen_s = time.perf_counter() - t0
+    sim_ms = 86_400_000 // a.day_commits  # simulated time between commits
     minute = np.asarray(data.column("ts").cast("int64").to_numpy()) // 1000
-    bounds = np.searchsorted(minute, day_start + np.arange(a.day_commits + 1) * (86_400_000 // a.day_commits))
+    bounds = np.searchsorted(minute, day_start + np.arange(a.day_commits + 1) * sim_ms)
     bounds[-1] = data.num_rows
+    hourly = max(1, 3_600_000 // sim_ms)  # commits per simulated maintenance interval (an hour)
+    back = int(s.snapshot_max_age_s * 1000 // sim_ms)  # commits within the snapshots' max age
+    walls: list[float] = []  # wall clock of each commit, to map the simulated snapshot age to wall time
+    commit_s: list[float] = []
+    maint_s: list[float] = []
+    expired = 0
     t0 = time.perf_counter()
     for i in range(a.day_commits):
-        _append(table, data.slice(int(bounds[i]), int(bounds[i + 1] - bounds[i])), _props(i + 1, {}))
-        table = catalog.load_table(f"{s.namespace}.readings")
+        part = data.slice(int(bounds[i]), int(bounds[i + 1] - bounds[i]))
+        with sink._cond:  # what the commit thread does when the interval is up: take the buffer and commit it
+            buf = sink._take()
+        buf.arrow["readings"] = part
+        for interval, width in (("1m", 60_000), ("1h", 3_600_000)):
+            buf.rollups[f"rollup_{interval}"].append(window_deltas(part, interval, width))
+        for t in POSITIONED:
+            buf.positions[t][("day.readings", 0)] = i
+        t1 = time.perf_counter()
+        sink._commit(buf)
+        commit_s.append(time.perf_counter() - t1)
+        walls.append(time.time())
+        if (i + 1) % hourly == 0 and i + 1 < a.day_commits:  # the sink's maintenance, once a simulated hour
+            older_than = time.time() - walls[i - back] if i >= back else 1e12
+            t1 = time.perf_counter()
+            ex, _ = sink.maintain(older_than_s=older_than, closed_before_ms=day_start)
+            maint_s.append(time.perf_counter() - t1)
+            expired += sum(ex.values())
+            if a.day_hourly:
+                n = len(sink._tables["readings"].metadata.snapshots)
+                print(f"   hour {(i + 1) // hourly:2d}: flushes {_stats(commit_s[-hourly:])}; maintenance "
+                      f"{maint_s[-1]:.1f}s; readings snapshots after it {n}; load {_load()}", flush=True)
     day_s = time.perf_counter() - t0
-    before = _files_per_partition(table)
+    readings = catalog.load_table(f"{s.namespace}.readings")
+    snaps = {t: len(catalog.load_table(f"{s.namespace}.{t}").metadata.snapshots) for t in POSITIONED}
+    manifests = len(readings.current_snapshot().manifests(readings.io))
+    before = _files_per_partition(readings)
+    rollup_before = _files_per_partition(catalog.load_table(f"{s.namespace}.rollup_1m"))
     t0 = time.perf_counter()
-    out = compact(catalog, s.namespace, tables=["readings"], target_file_mb=s.target_file_mb)
+    _, out = sink.maintain(older_than_s=time.time() - walls[-1 - min(len(walls) - 1, back)],
+                           closed_before_ms=day_start + 86_400_000)  # the first maintenance after midnight
     compact_s = time.perf_counter() - t0
     after = _files_per_partition(catalog.load_table(f"{s.namespace}.readings"))
+    sink.close()
+    table = catalog.load_table(f"{s.namespace}.readings")
     base = catalog.create_table(f"{s.namespace}.baseline", schema=table.schema(), partition_spec=table.spec())
     t0 = time.perf_counter()
     _append(base, data, _props(1, {}))
     one_s = time.perf_counter() - t0
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     scaled = "" if (a.day_rows, a.day_commits) == (10_000_000, 1440) else (
         f" [scaled down: the issue's figure is 10,000,000 rows in 1,440 commits; this run {a.day_rows:,} rows in "
         f"{a.day_commits:,} commits]")
-    print(f"4. one simulated day: {a.day_rows:,} readings of {a.day_devices} devices in {a.day_commits} commits "
-          f"({day_s:.1f}s; data built in {gen_s:.1f}s){scaled}")
-    print(f"   files per partition (day x device bucket, {len(before)} partitions): without compaction mean "
-          f"{sum(before) / len(before):.0f}, max {before[-1]}; with compaction mean {sum(after) / len(after):.1f}, "
-          f"max {after[-1]} (ratio {sum(before) / max(1, sum(after)):.0f}x fewer files)")
-    print(f"   compaction of {a.day_rows:,} rows: {compact_s:.1f}s ({out[f'{s.namespace}.readings']['partitions']} "
-          f"partitions rewritten); baseline, one append of the same rows to an empty table: {one_s:.1f}s "
-          f"(compaction/baseline {compact_s / one_s:.1f}x)")
+    print(f"4. one simulated day through the sink (load {_load()}): {a.day_rows:,} readings of {a.day_devices} "
+          f"devices and their 1m/1h rollup deltas in {a.day_commits} flushes (each commits readings, rollup_1m, "
+          f"rollup_1h, dead_letters){scaled}; the sink's maintenance once a simulated hour (expire snapshots "
+          f"older than {s.snapshot_max_age_s:g} simulated s, compact partitions closed before the day: none)")
+    print(f"   day {day_s:.1f}s wall (data built in {gen_s:.1f}s before); flush first hour "
+          f"{_stats(commit_s[:hourly])}, last hour {_stats(commit_s[-hourly:])}; maintenance {len(maint_s)} rounds, "
+          f"{_stats(maint_s or [0.0])}, {expired} snapshots expired; at the end snapshots {snaps}, readings "
+          f"manifests {manifests}")
+    print(f"   files per partition, readings (day x device bucket, {len(before)} partitions): without compaction "
+          f"mean {sum(before) / len(before):.0f}, max {before[-1]}; after the first maintenance past midnight "
+          f"mean {sum(after) / len(after):.1f}, max {after[-1]} ({sum(before) / max(1, sum(after)):.0f}x fewer "
+          f"files); rollup_1m {rollup_before} file(s) per partition before")
+    rewritten = {k.split(".")[-1]: v["partitions"] for k, v in out.items() if v["partitions"]}
+    print(f"   that maintenance (expire + compaction of {a.day_rows:,} readings and the day's rollups): "
+          f"{compact_s:.1f}s ({rewritten} partitions rewritten); baseline, one append of the same readings to an "
+          f"empty table: {one_s:.1f}s (ratio {compact_s / one_s:.1f}x); "
+          f"peak RSS {peak_mb:,.0f} MB")
 
 
 def main() -> None:
@@ -319,6 +424,9 @@ def main() -> None:
     ap.add_argument("--day-commits", type=int, default=1440, help="part 4: commits over the day (default policy: "
                     "one a minute)")
     ap.add_argument("--day-devices", type=int, default=2000, help="part 4: devices")
+    ap.add_argument("--day-hourly", action="store_true", help="part 4: a line per simulated hour")
+    ap.add_argument("--day-max-age-s", type=float, default=None, help="part 4: snapshot_max_age_s of the sink's "
+                    "maintenance, in simulated seconds (default: the setting's default)")
     a = ap.parse_args()
     if a.quick:
         a.devices, a.per_device, a.latency_s, a.interval = 200, 300, 20.0, 5.0

@@ -74,7 +74,7 @@ def compact(data_dir: DataDir = Path(".fieldmesh"), lake_url: LakeUrl = None, as
 @app.command("expire")
 def expire(data_dir: DataDir = Path(".fieldmesh"), lake_url: LakeUrl = None, as_json: AsJson = False,
            older_than_s: Annotated[float | None, typer.Option(
-               min=0, help="expire snapshots older than this (default FIELDMESH__LAKE__SNAPSHOT_MAX_AGE_S, 7 days)")
+               min=0, help="expire snapshots older than this (default FIELDMESH__LAKE__SNAPSHOT_MAX_AGE_S, an hour)")
            ] = None,
            keep_last: Annotated[int, typer.Option(min=1, help="always keep this many latest snapshots")] = 10,
            ) -> None:

@@ -316,8 +316,9 @@ class LakeSettings(BaseModel, frozen=True):
     readings_buckets: int = Field(8, ge=1, le=1024, description="buckets of device_id in the readings partitioning")
     target_file_mb: int = Field(128, ge=1, description=(
         "compaction rewrites a partition's small files into files of about this size"))
-    snapshot_max_age_s: float = Field(7 * 86400.0, gt=0, description=(
-        "'fieldmesh lake expire' and the maintenance inside 'up' drop snapshots older than this"))
+    snapshot_max_age_s: float = Field(3600.0, gt=0, description=(
+        "'fieldmesh lake expire' and the maintenance inside 'up' drop snapshots older than this (each commit "
+        "costs in proportion to the snapshots kept: a table committing once a minute keeps 60-120 with an hour)"))
     maintenance_interval_s: float = Field(3600.0, ge=0, description=(
         "inside 'up', the lake sink expires old snapshots and compacts closed partitions this often (0: never)"))
 

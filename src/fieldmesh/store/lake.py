@@ -61,7 +61,8 @@ if TYPE_CHECKING:
     from pyiceberg.table import Table
 
 __all__ = [
-    "POSITIONED", "PROP_FLUSH", "PROP_POSITIONS", "PROP_WRITER", "TABLES", "LakeError", "LakeSink", "LakeView",
+    "POSITIONED", "PROP_FLUSH", "PROP_POSITIONS", "PROP_WRITER", "TABLES", "TABLE_PROPERTIES", "LakeError",
+    "LakeSink", "LakeView",
     "catalog_properties",
     "committed_snapshots", "compact", "expire", "lake_info", "lake_lag", "open_catalog",
 ]
@@ -76,6 +77,17 @@ PROP_POSITIONS: Final = "fieldmesh.positions"
 PROP_WRITER: Final = "fieldmesh.writer"  # the partitions of the processor that made the commit
 POSITIONED: Final = ("readings", "rollup_1m", "rollup_1h", "dead_letters")  # tables at bus positions
 _ROLLUP_WIDTH: Final = {"rollup_1m": 60_000, "rollup_1h": 3_600_000}
+#: Properties of the tables the sink creates (and adds to its tables of earlier versions when missing; a value
+#: set by hand is kept). With one commit a minute per table: manifests merged once 100 accumulate (else each
+#: commit adds one, 1,440 a day, all read by every commit, scan and rollup merge), and only the last 20
+#: metadata files kept (else one file a commit, each listing the snapshots, stays on disk for good).
+TABLE_PROPERTIES: Final = {
+    "write.parquet.compression-codec": "zstd",  # at level 1: about the default level's size, a quarter faster
+    "write.parquet.compression-level": "1",
+    "commit.manifest-merge.enabled": "true",
+    "write.metadata.delete-after-commit.enabled": "true",
+    "write.metadata.previous-versions-max": "20",
+}
 _RETRY_MAX_S: Final = 30.0
 _ROW_BYTES: Final = 160  # a reading's arrow bytes besides its measurements (the buffer's estimate)
 _SECRET_WORDS: Final = ("secret", "token", "credential", "password", "key")
@@ -288,28 +300,71 @@ def _props_of(snapshot: Any) -> dict[str, str] | None:
     return props if PROP_FLUSH in props else None
 
 
+def _ancestors(table: Table) -> Iterable[Any]:
+    """The table's snapshots from the current one back to the oldest kept.
+
+    Why not pyiceberg's ``ancestors_of``: it finds each parent by a linear search of the table's snapshots,
+    so a walk over n snapshots costs n^2 (10,000 snapshots, a week of one commit a minute: 10^8 steps)."""
+    by_id = {s.snapshot_id: s for s in table.metadata.snapshots}
+    snap = table.current_snapshot()
+    while snap is not None:
+        yield snap
+        snap = None if snap.parent_snapshot_id is None else by_id.get(snap.parent_snapshot_id)
+
+
 def _tagged_ancestors(table: Table) -> Iterable[tuple[Any, dict[str, str]]]:
     """(snapshot, fieldmesh properties) from the current snapshot back, skipping snapshots without them."""
-    from pyiceberg.table.snapshots import ancestors_of
-
-    for snap in ancestors_of(table.current_snapshot(), table.metadata):
+    for snap in _ancestors(table):
         props = _props_of(snap)
         if props is not None:
             yield snap, props
 
 
+@dataclass(frozen=True, slots=True)
+class _State:
+    """What a table holds as of ``snapshot_id`` (None: no snapshot): the flush number of its latest tagged
+    snapshot (None: never committed) and per bus partition the highest position over its tagged snapshots."""
+
+    snapshot_id: int | None
+    flush: int | None
+    positions: dict[Position, int]
+
+
 def _state_of(table: Table) -> tuple[int | None, dict[Position, int]]:
     """The flush number of the table's latest tagged snapshot (None: never committed) and the positions the
     table holds: per partition the highest over its tagged snapshots (docs/lake.md: several writers)."""
+    state = _state_since(table, None)
+    return state.flush, state.positions
+
+
+def _state_since(table: Table, known: _State | None) -> _State:
+    """The table's :class:`_State`, read from the snapshots after ``known`` only when ``known``'s snapshot is an
+    ancestor of the current one (the sink's own last commit, mostly one or two steps back); from every
+    snapshot otherwise (``known`` None, expired, or not in the history any more).
+
+    Exact either way: the highest positions up to ``known``'s snapshot are ``known``'s, so the highest over
+    the history is the highest of those and of the snapshots after it (an expiry that drops snapshots before
+    it changes neither: each commit records the positions its table then holds, carried forward)."""
+    current = table.current_snapshot()
     flush: int | None = None
     positions: dict[Position, int] = {}
-    for _, props in _tagged_ancestors(table):
+    reached = False
+    for snap in _ancestors(table):
+        if known is not None and snap.snapshot_id == known.snapshot_id:
+            reached = True
+            break
+        props = _props_of(snap)
+        if props is None:
+            continue
         if flush is None:
             flush = int(props[PROP_FLUSH])
         for p, o in _decode_positions(props[PROP_POSITIONS]).items():
             if o > positions.get(p, -1):
                 positions[p] = o
-    return flush, positions
+    if reached and known is not None:
+        flush = known.flush if flush is None else flush
+        positions = {**known.positions, **{p: o for p, o in positions.items() if o > known.positions.get(p, -1)}}
+    return _State(None if current is None else current.snapshot_id, flush, positions)
 
 
 def committed_snapshots(catalog: Catalog, namespace: str) -> tuple[int | None, dict[str, int | None]]:
@@ -610,6 +665,9 @@ class LakeSink:
         self.catalog = catalog if catalog is not None else open_catalog(settings, data_dir)
         self._tables: dict[str, Table] = {}
         self._arrow: dict[str, pa.Schema] = {}
+        # what each table holds as of a snapshot, read from its history once (at the start) and then from the
+        # snapshots after that one only: re-reading every snapshot at every commit grew with the history
+        self._states: dict[str, _State] = {}
         #: Where the features table reads feature rows from: ``(after seq, limit) -> (rows, last seq)``
         #: (:meth:`fieldmesh.store.features.FeatureTables.after`); None: feature views are off, or another
         #: writer copies them.
@@ -628,6 +686,7 @@ class LakeSink:
         self._last_commit_s = 0.0
         self._maintained = time.monotonic()  # the first maintenance runs one interval after the start
         self.commits = 0  # flushes committed by this instance
+        self.maintenances = 0  # rounds of maintain() completed by this instance
         self.rows_committed = 0
         self.last_commit_ms: int | None = None
         self._thread = threading.Thread(target=self._run, name="fm-lake-commit", daemon=True)
@@ -646,14 +705,16 @@ class LakeSink:
         states: dict[str, tuple[int | None, dict[Position, int]]] = {}
         for name, (schema, spec) in schemas.items():
             ident = f"{ns}.{name}"
-            table = self.catalog.create_table_if_not_exists(
-                ident, schema=schema, partition_spec=spec,
-                # zstd at level 1: about the size of the default level, a quarter faster to write
-                properties={"write.parquet.compression-codec": "zstd", "write.parquet.compression-level": "1"})
+            table = self.catalog.create_table_if_not_exists(ident, schema=schema, partition_spec=spec,
+                                                            properties=TABLE_PROPERTIES)
             _check_schema(ident, table, schema)
+            if missing := {k: v for k, v in TABLE_PROPERTIES.items() if k not in table.properties}:
+                with table.transaction() as tx:  # a table of an earlier version: metadata only, no snapshot
+                    tx.set_properties(missing)
             self._tables[name] = table
             self._arrow[name] = schema.as_arrow()
-            states[name] = _state_of(table)
+            self._states[name] = _state_since(table, None)
+            states[name] = self._states[name].flush, self._states[name].positions
         top = max((f for f, _ in states.values() if f is not None), default=0)
         for name, (f, _) in states.items():
             if f is None:  # new (or created and never committed): tagged, at no position
@@ -876,27 +937,43 @@ class LakeSink:
         log.debug("lake flush %d: %d rows in %.2fs", flush, rows, self._last_commit_s)
 
     def _maintain(self) -> None:
-        """Every ``maintenance_interval_s``, between commits: expire old snapshots and compact the small
-        files of closed partitions (days before today; the month before this one for ``rollup_1h``).
-        Failures are logged and retried at the next interval: they never stop the sink. Of several writers,
-        the one that copies the feature rows (or with no feature views, each) maintains."""
+        """Every ``maintenance_interval_s``, between commits: :meth:`maintain`. Failures are logged and
+        retried at the next interval: they never stop the sink. Of several writers, the one that copies the
+        feature rows (or with no feature views, each) maintains."""
         s = self.settings
         now = time.monotonic()
         if s.maintenance_interval_s <= 0 or now - self._maintained < s.maintenance_interval_s:
             return
         self._maintained = now
         try:
-            expired = expire(self.catalog, s.namespace, older_than_s=s.snapshot_max_age_s)
-            today_ms = int(time.time() // 86_400) * 86_400_000
-            compacted = compact(self.catalog, s.namespace, target_file_mb=s.target_file_mb,
-                                closed_before_ms=today_ms)
-            for name in TABLES:
-                self._reload(name)
-            log.info("lake maintenance: expired %s snapshots, compacted %s", sum(expired.values()),
-                     {k: v["partitions"] for k, v in compacted.items() if v["partitions"]})
+            self.maintain()
         except Exception as exc:
             log.warning("lake maintenance failed (%s: %s); trying again in %.0fs", type(exc).__name__, exc,
                         s.maintenance_interval_s)
+
+    def maintain(self, *, older_than_s: float | None = None, closed_before_ms: int | None = None,
+                 ) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+        """One round of the maintenance the sink runs between its commits: expire snapshots older than
+        ``older_than_s`` (default ``snapshot_max_age_s``), compact the small files of partitions closed
+        before ``closed_before_ms`` (default: the start of today UTC, so days before today; the month before
+        this one for ``rollup_1h``), then load the tables again. Not while the sink commits (its commit
+        thread calls it; a caller of its own, such as bench/lake.py, between commits).
+
+        Returns:
+            :func:`expire`'s and :func:`compact`'s answers.
+        """
+        s = self.settings
+        expired = expire(self.catalog, s.namespace,
+                         older_than_s=s.snapshot_max_age_s if older_than_s is None else older_than_s)
+        today_ms = int(time.time() // 86_400) * 86_400_000
+        compacted = compact(self.catalog, s.namespace, target_file_mb=s.target_file_mb,
+                            closed_before_ms=today_ms if closed_before_ms is None else closed_before_ms)
+        for name in TABLES:
+            self._reload(name)
+        self.maintenances += 1
+        log.info("lake maintenance: expired %s snapshots, compacted %s", sum(expired.values()),
+                 {k: v["partitions"] for k, v in compacted.items() if v["partitions"]})
+        return expired, compacted
 
     def _reload(self, name: str) -> None:
         try:
@@ -908,7 +985,8 @@ class LakeSink:
         """One table's commit of ``buf``: its snapshot records the flush number, this writer and the positions
         the table then holds (its own and, carried forward, the other writers')."""
         table = self._tables[name]
-        head_flush, held = _state_of(table)
+        state = self._states[name] = _state_since(table, self._states.get(name))
+        head_flush, held = state.flush, state.positions
         props = _props(max(flush, (head_flush or 0) + 1), {}, self.writer)
         if name in POSITIONED:
             mine = buf.positions[name]
@@ -989,7 +1067,8 @@ def _append(table: Table, data: pa.Table, props: dict[str, str]) -> None:
     Why not ``Table.append``: for a partitioned table pyiceberg 0.12 filters the whole batch once per
     partition (``_determine_partitions``), i.e. partitions x rows; here the rows are sorted by their
     partition values once and each partition is a slice. The files are written and committed with
-    pyiceberg's own ``write_file`` and fast append.
+    pyiceberg's own ``write_file`` and append (a merge append: it merges manifests when the table's
+    ``commit.manifest-merge.enabled`` says so, :data:`TABLE_PROPERTIES`).
     """
     import uuid
 
@@ -1033,7 +1112,7 @@ def _append(table: Table, data: pa.Table, props: dict[str, str]) -> None:
             tasks.append(WriteTask(write_uuid=write_uuid, task_id=len(tasks), record_batches=batches,
                                    partition_key=key, schema=task_schema))
     files = list(write_file(io=table.io, table_metadata=meta, tasks=iter(tasks)))
-    with table.transaction() as tx, tx.update_snapshot(snapshot_properties=props).fast_append() as append:
+    with table.transaction() as tx, tx.update_snapshot(snapshot_properties=props).merge_append() as append:
         for data_file in files:
             append.append_data_file(data_file)
 
@@ -1190,9 +1269,7 @@ def expire(catalog: Catalog, namespace: str, *, older_than_s: float, keep_last: 
         if current is None:
             out[ident] = 0
             continue
-        from pyiceberg.table.snapshots import ancestors_of
-
-        keep = {s.snapshot_id for s in list(ancestors_of(current, table.metadata))[:keep_last]}
+        keep = {s.snapshot_id for s, _ in zip(_ancestors(table), range(keep_last), strict=False)}
         best: dict[Position, tuple[int, int]] = {}  # partition -> (highest position, latest snapshot with it)
         for snap, props in _tagged_ancestors(table):
             for p, o in _decode_positions(props[PROP_POSITIONS]).items():
