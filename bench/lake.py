@@ -7,7 +7,10 @@ records, built before any clock starts.
 1. **Append rate**: the committed results of a processor run (captured once) are written to a fresh
    :class:`~fieldmesh.store.lake.LakeSink` and committed (``write`` for every result, then ``flush``):
    readings rows per wall second from the first ``write`` until the commit is in the catalog. Target:
-   500,000 rows/s.
+   500,000 rows/s. Run ``--append-rounds`` times (3), each into a fresh sink and warehouse in the same
+   process: the first round pays the process's first-use costs (imports, the writer's thread pool, fresh
+   memory pages) that a running sink paid long before; the target is checked on the warm rounds (best, and
+   their median beside it).
 2. **Event -> visible**: with the default policy (``commit_interval_s`` 60, or ``--interval``), a
    writer hands the sink one small result every 100 ms for ``--latency-s`` seconds, each stamped when
    written; a reader polls the catalog every 200 ms the way any Iceberg client does (reload the table,
@@ -34,8 +37,8 @@ records, built before any clock starts.
    line per simulated hour). Scaled down with ``--day-rows``/``--day-commits`` (the output says what ran).
 
 Run: ``PYTHONPATH=$PWD/src .venv/bin/python bench/lake.py [--devices 2000] [--per-device 500]
-[--latency-s 130] [--interval 60] [--quick] [--parts 1,2,3,4] [--sink-cost] [--day-rows N] [--day-commits N]
-[--day-max-age-s S] [--day-hourly]``.
+[--latency-s 130] [--interval 60] [--quick] [--append-rounds 3] [--parts 1,2,3,4] [--sink-cost]
+[--day-rows N] [--day-commits N] [--day-max-age-s S] [--day-hourly]``.
 """
 
 from __future__ import annotations
@@ -173,12 +176,17 @@ def latency(results: list[BatchResult], tmp: Path, *, seconds: float, interval_s
             "max_s": v[-1]}
 
 
-def report_append(ar: dict[str, Any]) -> None:
-    ok = "meets" if ar["readings_rows_s"] >= TARGET_ROWS_S else "BELOW"
-    per = ", ".join(f"{k} {v:.2f}s" for k, v in ar["tables"].items())
-    print(f"1. append: {ar['rows']:,} readings in {ar['write_s'] + ar['commit_s']:.2f}s wall, CPU {ar['cpu_s']:.2f}s "
-          f"(buffer {ar['write_s']:.2f}s + commit {per}): {ar['rows_s']:,.0f} rows/s with the rollup merges; "
-          f"readings alone (buffer + their commit) {ar['readings_rows_s']:,.0f} rows/s ({ok} the target of "
+def report_append(rounds: list[dict[str, Any]]) -> None:
+    for i, ar in enumerate(rounds):
+        per = ", ".join(f"{k} {v:.2f}s" for k, v in ar["tables"].items())
+        print(f"1. append, round {i + 1}{' (cold)' if i == 0 else ''}: {ar['rows']:,} readings in "
+              f"{ar['write_s'] + ar['commit_s']:.2f}s wall, CPU {ar['cpu_s']:.2f}s (buffer {ar['write_s']:.2f}s + "
+              f"commit {per}): {ar['rows_s']:,.0f} rows/s with the rollup merges; readings alone (buffer + their "
+              f"commit) {ar['readings_rows_s']:,.0f} rows/s")
+    warm = sorted(ar["readings_rows_s"] for ar in rounds[1:]) or [rounds[0]["readings_rows_s"]]
+    best, median = warm[-1], warm[len(warm) // 2]
+    ok = "meets" if best >= TARGET_ROWS_S else "BELOW"
+    print(f"   readings appended, warm rounds: best {best:,.0f} rows/s, median {median:,.0f} ({ok} the target of "
           f"{TARGET_ROWS_S:,})")
 
 
@@ -415,6 +423,8 @@ def main() -> None:
     ap.add_argument("--interval", type=float, default=60.0, help="commit interval of parts 2 and 3")
     ap.add_argument("--quick", action="store_true", help="small stream, 5 s interval, 20 s latency run")
     ap.add_argument("--parts", default="1,2,3", help="which measurements to run, e.g. 1,3")
+    ap.add_argument("--append-rounds", type=int, default=3, help="part 1: rounds, each into a fresh sink (the "
+                    "first is cold)")
     ap.add_argument("--rounds", type=int, default=3, help="alternated runs of part 3 (the best of each)")
     ap.add_argument("--sink-cost", action="store_true", help="part 3 only: the processor without the lake, with the "
                     "lake sink in its thread and in a child process, alternated")
@@ -448,7 +458,7 @@ def main() -> None:
             hot = SqliteStore(f"sqlite:///{tmp / 'cap.db'}")
             _apply(records, hot, [cap])
             hot.close()
-            report_append(append_rate(cap.results, tmp / "append"))
+            report_append([append_rate(cap.results, tmp / f"append{i}") for i in range(a.append_rounds)])
         if "2" in parts:
             report_latency(records, tmp, a)
         if "3" in parts:
