@@ -48,8 +48,10 @@ async def apply_until(bus_url: str, topic: str, table: str, cat: Any, total: int
     async with load_bus(bus_url) as bus:
         for phase in ((crash_after, total) if crash_after else (total,)):
             stop = asyncio.Event()
+            # expiring every snapshot it may, every half second, while it commits: exactness must hold
             task = asyncio.create_task(run_cdc_lake(bus, {table: topic}, catalog=cat, namespace="fieldmesh",
-                                                    stop=stop, fetch_max=7))
+                                                    stop=stop, fetch_max=7, snapshot_max_age_s=0.0,
+                                                    maintenance_interval_s=0.5))
             log_id = mirror_names("fieldmesh", table)[1]
             for _ in range(600):
                 if task.done() or (cat.table_exists(log_id)
@@ -109,6 +111,13 @@ def test_postgres_changes_mirror_the_source(pg_db: str, nats_server: EmbeddedNat
     # a new sink over the same tables holds the positions: the whole topic again changes nothing
     sink = CdcLakeSink(catalog=cat, namespace="fieldmesh", table_id="public.items")
     assert min(sink.applied().values()) >= 0
+    check(cat, "public.items", rows, n)
+    # expiry keeps what the sink resumes from: the same positions, the same rows, from two snapshots a table
+    applied = sink.applied()
+    expired = sink.expire(older_than_s=0.0, keep_last=2)
+    assert all(v > 0 for v in expired.values()) and len(expired) == 2, expired
+    assert all(len(cat.load_table(t).metadata.snapshots) == 2 for t in mirror_names("fieldmesh", "public.items"))
+    assert CdcLakeSink(catalog=cat, namespace="fieldmesh", table_id="public.items").applied() == applied
     check(cat, "public.items", rows, n)
 
 

@@ -32,7 +32,9 @@ async def start_cdc_lake(bus: Bus, settings: Settings, data_dir: Path,
         delay = 1.0
         while not stop.is_set():
             try:
-                await run_cdc_lake(bus, captured, catalog=catalog, namespace=settings.lake.namespace, stop=stop)
+                await run_cdc_lake(bus, captured, catalog=catalog, namespace=settings.lake.namespace, stop=stop,
+                                   snapshot_max_age_s=settings.lake.snapshot_max_age_s,
+                                   maintenance_interval_s=settings.lake.maintenance_interval_s)
             except Exception as exc:  # a schema clash, the bus restarting: logged, tried again
                 log.warning("CDC into the lake stopped (%s: %s); again in %.0fs", type(exc).__name__, exc, delay)
                 with contextlib.suppress(TimeoutError):

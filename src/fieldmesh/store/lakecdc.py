@@ -32,7 +32,8 @@ import contextlib
 import json
 import logging
 import re
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
@@ -115,6 +116,25 @@ class CdcLakeSink:
         self._mirror: Table | None = catalog.load_table(self.mirror_id) if catalog.table_exists(self.mirror_id) \
             else None
         self.applied_changes = 0
+        self._namespace = namespace
+
+    def reload(self) -> None:
+        """Load both tables again (after a failed commit, or another process's maintenance changed them)."""
+        self._log = self.catalog.load_table(self.log_id)
+        if self._mirror is not None or self.catalog.table_exists(self.mirror_id):
+            self._mirror = self.catalog.load_table(self.mirror_id)
+
+    def expire(self, *, older_than_s: float, keep_last: int = 10) -> dict[str, int]:
+        """Drop the two tables' snapshots older than ``older_than_s`` but the last ``keep_last`` (the latest
+        carries every position this sink resumes from), then load them again. A writer commits once per fetch,
+        so without this the metadata every commit rewrites grows with each fetch. Returns expired per table."""
+        from fieldmesh.store.lake import expire
+
+        ns = self._namespace
+        names = [t[len(ns) + 1:] for t in (self.log_id, self.mirror_id) if self.catalog.table_exists(t)]
+        out = expire(self.catalog, ns, older_than_s=older_than_s, keep_last=keep_last, tables=names)
+        self.reload()
+        return out
 
     @staticmethod
     def _log_schema() -> Any:
@@ -313,20 +333,28 @@ class CdcLakeSink:
 
 async def run_cdc_lake(bus: Bus, topics: Mapping[str, str], *, catalog: Catalog, namespace: str,
                        stop: asyncio.Event, group: str = "fm-cdc-lake", fetch_max: int = 5000,
-                       idle_s: float = 1.0) -> None:
+                       idle_s: float = 1.0, snapshot_max_age_s: float = 3600.0,
+                       maintenance_interval_s: float = 3600.0) -> None:
     """Apply the change events of ``topics`` (table id -> bus topic) to their lake tables until ``stop``.
 
     One consumer per topic resumes after :meth:`CdcLakeSink.applied` (the lake's own positions) and
-    acknowledges only what is committed. A failing commit is retried with capped backoff.
+    acknowledges only what is committed. A failing commit is retried with capped backoff, on tables loaded
+    again. Every ``maintenance_interval_s`` (0: never), between commits, snapshots older than
+    ``snapshot_max_age_s`` are expired (:meth:`CdcLakeSink.expire`); a failure there is logged and tried at
+    the next interval.
     """
     sinks = {t: CdcLakeSink(catalog=catalog, namespace=namespace, table_id=t) for t in topics}
     consumers = {}
     for table, topic in topics.items():
         sink = sinks[table]
         consumers[table] = await bus.consumer(topic, group=group, positions=sink.applied)
+    maintained = time.monotonic()
     try:
         delay = 0.2
         while not stop.is_set():
+            if maintenance_interval_s > 0 and time.monotonic() - maintained >= maintenance_interval_s:
+                maintained = time.monotonic()
+                await _expire_all(sinks.values(), snapshot_max_age_s)
             busy = False
             for table, cons in consumers.items():
                 recs = await cons.fetch(fetch_max, idle_s / max(1, len(consumers)))
@@ -342,6 +370,8 @@ async def run_cdc_lake(bus: Bus, topics: Mapping[str, str], *, catalog: Catalog,
                                 type(exc).__name__, exc, delay)
                     await asyncio.sleep(delay)
                     delay = min(30.0, delay * 2)
+                    with contextlib.suppress(Exception):  # still unreachable: the next failure tries again
+                        await asyncio.to_thread(sinks[table].reload)
                     await cons.close()
                     consumers[table] = await bus.consumer(topics[table], group=group,
                                                           positions=sinks[table].applied)
@@ -354,3 +384,15 @@ async def run_cdc_lake(bus: Bus, topics: Mapping[str, str], *, catalog: Catalog,
         for cons in consumers.values():
             with contextlib.suppress(Exception):
                 await cons.close()
+
+
+async def _expire_all(sinks: Iterable[CdcLakeSink], older_than_s: float) -> None:
+    for sink in sinks:
+        try:
+            expired = await asyncio.to_thread(sink.expire, older_than_s=older_than_s)
+        except Exception as exc:
+            log.warning("CDC lake maintenance of %s failed (%s: %s); trying again at the next interval",
+                        sink.table_id, type(exc).__name__, exc)
+            continue
+        if any(expired.values()):
+            log.info("CDC lake maintenance of %s: expired %s snapshots", sink.table_id, expired)
