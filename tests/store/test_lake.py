@@ -63,6 +63,11 @@ def sent(seed: int, n: int = 200) -> tuple[list[tuple[str, dict[str, Any]]], lis
     return items + old, rs
 
 
+def processor(hot: SqliteStore, sink: LakeSink) -> Processor:
+    """A processor without a bus (records handed to ``apply_records``) over ``hot``, fanning out to ``sink``."""
+    return Processor(bus=None, store=hot, settings=ProcessorSettings(), sinks=[sink])  # type: ignore[arg-type]
+
+
 def redeliver(recs: list[BusRecord], hot: SqliteStore, sink: LakeSink) -> list[BusRecord]:
     """What the bus delivers to a restarted processor: records after min(hot, sink) per partition."""
     hot_pos, mine = hot.applied(), sink.applied()
@@ -100,7 +105,7 @@ def test_a_stream_with_restarts_that_lose_the_buffer_equals_the_oracle(tmp_path:
     catalog = open_catalog(settings(), tmp_path)
     try:
         sink = LakeSink(settings=settings(), data_dir=tmp_path)
-        p = Processor(bus=None, store=hot, settings=ProcessorSettings(), sinks=[sink])  # type: ignore[arg-type]
+        p = processor(hot, sink)
         third = len(recs) // 3
         p.apply_records(recs[:third])
         sink.flush()
@@ -114,7 +119,7 @@ def test_a_stream_with_restarts_that_lose_the_buffer_equals_the_oracle(tmp_path:
         for _ in range(2):  # restart, and die again after a commit and some more buffered
             sink = LakeSink(settings=settings(), data_dir=tmp_path)
             assert sink.applied() == committed
-            p = Processor(bus=None, store=hot, settings=ProcessorSettings(), sinks=[sink])  # type: ignore[arg-type]
+            p = processor(hot, sink)
             p._positions = hot.positions()
             again = redeliver(recs[:upto], hot, sink)
             assert again, "the bus redelivers what the sink lacks"
@@ -127,7 +132,7 @@ def test_a_stream_with_restarts_that_lose_the_buffer_equals_the_oracle(tmp_path:
             sink._closing = True
 
         sink = LakeSink(settings=settings(), data_dir=tmp_path)
-        p = Processor(bus=None, store=hot, settings=ProcessorSettings(), sinks=[sink])  # type: ignore[arg-type]
+        p = processor(hot, sink)
         p._positions = hot.positions()
         p.apply_records(redeliver(recs, hot, sink))
         p.apply_records(recs[-5:])  # a redelivery both have: skipped
@@ -147,7 +152,7 @@ def test_a_flush_committed_to_some_tables_only_is_completed_table_by_table(tmp_p
     catalog = open_catalog(settings(), tmp_path)
     try:
         sink = LakeSink(settings=settings(), data_dir=tmp_path)
-        p = Processor(bus=None, store=hot, settings=ProcessorSettings(), sinks=[sink])  # type: ignore[arg-type]
+        p = processor(hot, sink)
         half = len(recs) // 2
         p.apply_records(recs[:half])
         sink.flush()
@@ -187,7 +192,7 @@ def test_write_skips_results_already_applied(tmp_path: Path) -> None:
     hot = SqliteStore(f"sqlite:///{tmp_path / 'hot.db'}")
     try:
         sink = LakeSink(settings=settings(), data_dir=tmp_path)
-        p = Processor(bus=None, store=hot, settings=ProcessorSettings(), sinks=[sink])  # type: ignore[arg-type]
+        p = processor(hot, sink)
         p.apply_records(recs)
         results: list[Any] = []
         hot2 = SqliteStore(f"sqlite:///{tmp_path / 'hot2.db'}")
@@ -224,7 +229,7 @@ def test_dead_letters_reach_the_lake(tmp_path: Path) -> None:
     hot = SqliteStore(f"sqlite:///{tmp_path / 'hot.db'}")
     try:
         sink = LakeSink(settings=settings(), data_dir=tmp_path)
-        p = Processor(bus=None, store=hot, settings=ProcessorSettings(), sinks=[sink])  # type: ignore[arg-type]
+        p = processor(hot, sink)
         from fieldmesh.core.codec import encode_dead_letter
 
         dl = DeadLetter(reason="bad_json", detail="not JSON", topic="devices/d9/telemetry", received_ms=NOW,
@@ -246,7 +251,7 @@ def test_commits_by_time_without_a_flush_call(tmp_path: Path) -> None:
     try:
         s = settings(commit_interval_s=0.5)
         sink = LakeSink(settings=s, data_dir=tmp_path)
-        Processor(bus=None, store=hot, settings=ProcessorSettings(), sinks=[sink]).apply_records(recs)  # type: ignore[arg-type]
+        processor(hot, sink).apply_records(recs)
         catalog = open_catalog(s, tmp_path)
         import time
 
@@ -268,7 +273,7 @@ def test_info_compact_and_expire(tmp_path: Path) -> None:
     s = settings()
     try:
         sink = LakeSink(settings=s, data_dir=tmp_path)
-        p = Processor(bus=None, store=hot, settings=ProcessorSettings(), sinks=[sink])  # type: ignore[arg-type]
+        p = processor(hot, sink)
         for i in range(0, len(recs), 10):  # one flush per 10 records: small files
             p.apply_records(recs[i : i + 10])
             sink.flush()
@@ -308,7 +313,7 @@ def test_a_commit_reads_only_the_snapshots_it_has_not_seen(tmp_path: Path, monke
     hot = SqliteStore(f"sqlite:///{tmp_path / 'hot.db'}")
     try:
         sink = LakeSink(settings=settings(), data_dir=tmp_path)
-        p = Processor(bus=None, store=hot, settings=ProcessorSettings(), sinks=[sink])  # type: ignore[arg-type]
+        p = processor(hot, sink)
         step = len(recs) // 30 + 1
         chunks = [recs[i : i + step] for i in range(0, len(recs), step)]
         for chunk in chunks[:20]:  # a history of 20 flushes
@@ -350,7 +355,7 @@ def test_exactly_once_holds_after_expiry_and_a_restart_that_loses_the_buffer(tmp
     catalog = open_catalog(settings(), tmp_path)
     try:
         sink = LakeSink(settings=settings(), data_dir=tmp_path)
-        p = Processor(bus=None, store=hot, settings=ProcessorSettings(), sinks=[sink])  # type: ignore[arg-type]
+        p = processor(hot, sink)
         half = len(recs) // 2
         for i in range(0, half, 5):
             p.apply_records(recs[i : min(i + 5, half)])
@@ -364,7 +369,7 @@ def test_exactly_once_holds_after_expiry_and_a_restart_that_loses_the_buffer(tmp
         sink._closing = True
         sink = LakeSink(settings=settings(), data_dir=tmp_path)
         assert sink.applied() == committed
-        p = Processor(bus=None, store=hot, settings=ProcessorSettings(), sinks=[sink])  # type: ignore[arg-type]
+        p = processor(hot, sink)
         p._positions = hot.positions()
         p.apply_records(redeliver(recs, hot, sink))
         sink.flush()
@@ -402,7 +407,7 @@ def test_tables_merge_their_manifests_and_keep_few_metadata_files(tmp_path: Path
         t = catalog.load_table("fieldmesh.readings")
         assert t.properties["commit.manifest-merge.enabled"] == "true"
         assert t.properties["write.metadata.previous-versions-max"] == "3"
-        p = Processor(bus=None, store=hot, settings=ProcessorSettings(), sinks=[sink])  # type: ignore[arg-type]
+        p = processor(hot, sink)
         for i in range(0, len(recs), max(1, len(recs) // 12)):
             p.apply_records(recs[i : i + max(1, len(recs) // 12)])
             sink.flush()
@@ -451,7 +456,7 @@ def test_maintenance_inside_the_sink_compacts_closed_partitions_while_it_commits
     s = settings(commit_interval_s=0.1, maintenance_interval_s=1.0)
     try:
         sink = LakeSink(settings=s, data_dir=tmp_path)
-        p = Processor(bus=None, store=hot, settings=ProcessorSettings(), sinks=[sink])  # type: ignore[arg-type]
+        p = processor(hot, sink)
         catalog = open_catalog(s, tmp_path)
 
         def files() -> list[Any]:
@@ -497,7 +502,7 @@ def test_lake_info_json_is_what_a_pyiceberg_client_needs(tmp_path: Path) -> None
     hot = SqliteStore(f"sqlite:///{tmp_path / 'hot.db'}")
     try:
         sink = LakeSink(settings=settings(), data_dir=tmp_path)
-        Processor(bus=None, store=hot, settings=ProcessorSettings(), sinks=[sink]).apply_records(  # type: ignore[arg-type]
+        processor(hot, sink).apply_records(
             records(rs, [5]))
         sink.close()
         positions = {f"{t}:{p}": o for (t, p), o in hot.applied().items()}
@@ -529,7 +534,7 @@ def test_commits_failing_meanwhile_are_retried_until_the_lake_takes_them(tmp_pat
     s = settings(commit_interval_s=0.1)
     try:
         sink = LakeSink(settings=s, data_dir=tmp_path)
-        p = Processor(bus=None, store=hot, settings=ProcessorSettings(), sinks=[sink])  # type: ignore[arg-type]
+        p = processor(hot, sink)
         warehouse = tmp_path / "lake" / "warehouse"
         shutil.move(warehouse, tmp_path / "aside")
         warehouse.write_text("not a directory")  # every data file write fails now
@@ -558,7 +563,7 @@ def test_a_compaction_that_loses_to_a_sink_commit_retries_and_leaves_no_stray_fi
     s = settings()
     try:
         sink = LakeSink(settings=s, data_dir=tmp_path)
-        p = Processor(bus=None, store=hot, settings=ProcessorSettings(), sinks=[sink])  # type: ignore[arg-type]
+        p = processor(hot, sink)
         half = len(recs) // 2
         for i in range(0, half, 8):  # small files
             p.apply_records(recs[i : i + 8])

@@ -40,7 +40,7 @@ import msgspec
 
 from fieldmesh.bus.base import Bus, BusRecord
 from fieldmesh.cdc.base import UNAVAILABLE, ChangeEvent, decode_change_event, event_order
-from fieldmesh.store.lake import LakeError
+from fieldmesh.store.lake import LakeError, expire
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -128,8 +128,6 @@ class CdcLakeSink:
         """Drop the two tables' snapshots older than ``older_than_s`` but the last ``keep_last`` (the latest
         carries every position this sink resumes from), then load them again. A writer commits once per fetch,
         so without this the metadata every commit rewrites grows with each fetch. Returns expired per table."""
-        from fieldmesh.store.lake import expire
-
         ns = self._namespace
         names = [t[len(ns) + 1:] for t in (self.log_id, self.mirror_id) if self.catalog.table_exists(t)]
         out = expire(self.catalog, ns, older_than_s=older_than_s, keep_last=keep_last, tables=names)
