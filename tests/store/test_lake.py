@@ -592,3 +592,32 @@ def test_a_compaction_that_loses_to_a_sink_commit_retries_and_leaves_no_stray_fi
         assert_lake_oracle(catalog, items)
     finally:
         hot.close()
+
+
+def test_processes_opening_a_new_catalog_at_once_all_open_it(tmp_path: Path) -> None:
+    """pyiceberg's SQL catalog checks for its tables and then creates them, so two processors starting on a
+    new lake at once raced: one failed with "table iceberg_tables already exists", and creating the namespace
+    raced the same way. Each must open the lake."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    for k in range(3):
+        data_dir = tmp_path / f"d{k}"
+        barrier = ctx.Barrier(6)
+        procs = [ctx.Process(target=_open_together, args=(data_dir, barrier)) for _ in range(6)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(120)
+        assert [p.exitcode for p in procs] == [0] * 6
+        catalog = open_catalog(settings(), data_dir)
+        assert catalog.list_namespaces() == [("fieldmesh",)]
+        assert sorted(t for _, t in catalog.list_tables("fieldmesh")) == ["dead_letters", "features", "readings",
+                                                                          "rollup_1h", "rollup_1m"]
+
+
+def _open_together(data_dir: Path, barrier: Any) -> None:
+    import pyiceberg.catalog.sql  # noqa: F401  (imported before the barrier: the opens start together)
+
+    barrier.wait(60)
+    LakeSink(settings=settings(), data_dir=data_dir).close()  # opens the catalog, creates the namespace, tables

@@ -141,7 +141,17 @@ def open_catalog(settings: LakeSettings, data_dir: Path) -> Catalog:
     props = catalog_properties(settings, data_dir)
     if settings.url is None:
         (data_dir / "lake" / "warehouse").mkdir(parents=True, exist_ok=True)
-    return load_catalog("fieldmesh", **props)
+    for attempt in range(5):
+        try:
+            return load_catalog("fieldmesh", **props)
+        except Exception as exc:
+            # pyiceberg's SQL catalog checks for its tables, then creates them: two processes opening a new
+            # catalog at once (two processors starting) can both find them absent, and the second CREATE
+            # fails. Opening again finds the tables the other one made.
+            if "already exists" not in str(exc) or attempt == 4:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def _masked(props: Mapping[str, str]) -> dict[str, str]:
@@ -699,8 +709,15 @@ class LakeSink:
         from pyiceberg.exceptions import NamespaceAlreadyExistsError
 
         ns = self.settings.namespace
-        with contextlib.suppress(NamespaceAlreadyExistsError):
+        try:
             self.catalog.create_namespace(ns)
+        except NamespaceAlreadyExistsError:
+            pass
+        except Exception:
+            # Another writer created it between the catalog's check and its insert (a SQL catalog raises
+            # its database's integrity error then): fine if it is there now.
+            if not self.catalog.namespace_exists(ns):
+                raise
         schemas = _schemas(self.settings.readings_buckets)
         states: dict[str, tuple[int | None, dict[Position, int]]] = {}
         for name, (schema, spec) in schemas.items():
