@@ -64,7 +64,7 @@ __all__ = [
     "POSITIONED", "PROP_FLUSH", "PROP_POSITIONS", "PROP_WRITER", "TABLES", "TABLE_PROPERTIES", "LakeError",
     "LakeSink", "LakeView",
     "catalog_properties",
-    "committed_snapshots", "compact", "expire", "lake_info", "lake_lag", "open_catalog",
+    "committed_snapshots", "compact", "ensure_namespace", "expire", "lake_info", "lake_lag", "open_catalog",
 ]
 
 log = logging.getLogger(__name__)
@@ -152,6 +152,21 @@ def open_catalog(settings: LakeSettings, data_dir: Path) -> Catalog:
                 raise
             time.sleep(0.05 * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+def ensure_namespace(catalog: Catalog, namespace: str) -> None:
+    """Create ``namespace`` unless it exists, also when another process creates it at the same moment."""
+    from pyiceberg.exceptions import NamespaceAlreadyExistsError
+
+    try:
+        catalog.create_namespace(namespace)
+    except NamespaceAlreadyExistsError:
+        pass
+    except Exception:
+        # Another writer created it between the catalog's check and its insert (a SQL catalog raises its
+        # database's integrity error then): fine if it is there now.
+        if not catalog.namespace_exists(namespace):
+            raise
 
 
 def _masked(props: Mapping[str, str]) -> dict[str, str]:
@@ -706,18 +721,9 @@ class LakeSink:
 
     def _recover(self) -> tuple[int, dict[str, dict[Position, int]]]:
         """Load or create the tables; return the highest flush number and what each table holds."""
-        from pyiceberg.exceptions import NamespaceAlreadyExistsError
 
         ns = self.settings.namespace
-        try:
-            self.catalog.create_namespace(ns)
-        except NamespaceAlreadyExistsError:
-            pass
-        except Exception:
-            # Another writer created it between the catalog's check and its insert (a SQL catalog raises
-            # its database's integrity error then): fine if it is there now.
-            if not self.catalog.namespace_exists(ns):
-                raise
+        ensure_namespace(self.catalog, ns)
         schemas = _schemas(self.settings.readings_buckets)
         states: dict[str, tuple[int | None, dict[Position, int]]] = {}
         for name, (schema, spec) in schemas.items():

@@ -40,7 +40,7 @@ import msgspec
 
 from fieldmesh.bus.base import Bus, BusRecord
 from fieldmesh.cdc.base import UNAVAILABLE, ChangeEvent, decode_change_event, event_order
-from fieldmesh.store.lake import LakeError, expire
+from fieldmesh.store.lake import LakeError, ensure_namespace, expire
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -104,13 +104,10 @@ class CdcLakeSink:
     """Applies the change events of one captured table's topic to its mirror and change log (module docstring)."""
 
     def __init__(self, *, catalog: Catalog, namespace: str, table_id: str) -> None:
-        from pyiceberg.exceptions import NamespaceAlreadyExistsError
-
         self.catalog = catalog
         self.table_id = table_id
         self.mirror_id, self.log_id = mirror_names(namespace, table_id)
-        with contextlib.suppress(NamespaceAlreadyExistsError):
-            catalog.create_namespace(namespace)
+        ensure_namespace(catalog, namespace)
         self._log = catalog.create_table_if_not_exists(self.log_id, schema=self._log_schema(),
                                                        partition_spec=self._log_spec())
         self._mirror: Table | None = catalog.load_table(self.mirror_id) if catalog.table_exists(self.mirror_id) \
