@@ -107,9 +107,6 @@ def raw_publish_proc(args: dict[str, Any]) -> None:
     sock.close()
 
 
-#: Seconds between `up` being ready and the first publish of a latency run.
-_WARM_S = 3.0
-
 #: The publisher of the runs (``--publisher``).
 publish_proc = paho_publish_proc
 
@@ -121,11 +118,6 @@ def run_pipeline(
     with tempfile.TemporaryDirectory() as d:
         up = UpProc(Path(d) / "data", "--door", door, *extra)
         try:
-            if stamp:
-                # The latency runs measure a running pipeline: a processor's first second after `up` is ready
-                # still holds one-time start-up work in its apply thread (the first records waited ~0.5 s
-                # behind it, which alone made p99 400-650 ms in a --quick run instead of 105-120 ms).
-                time.sleep(_WARM_S)
             cpu0 = cpu_by_role(up)
             t0 = time.monotonic()
             procs = [
@@ -347,8 +339,6 @@ def run_quix(
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"Quix app did not start: {(Path(d) / 'quix.log').read_text()[-2000:]}")
                 time.sleep(0.1)
-            if stamp:
-                time.sleep(_WARM_S)  # as for fieldmesh: a running app
             t0 = time.monotonic()
             pubs = [mp.Process(target=publish_proc, args=({"port": port, "msgs": part, "rate": rate / len(msgs_parts),
                                                             "stamp": stamp},)) for part in msgs_parts]

@@ -95,7 +95,7 @@ class UpOptions:
 
 class _Child:
     def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None,
-                 policy: RuntimeSettings | None = None) -> None:
+                 policy: RuntimeSettings | None = None, ready_line: str | None = None) -> None:
         self.name = name
         self.argv = argv
         self.log_path = log_path
@@ -104,11 +104,26 @@ class _Child:
         self.restarts = Restarts(policy or RuntimeSettings())
         self.failed: str | None = None  # why it is left stopped (an error a restart cannot fix)
         self._log: IO[bytes] | None = None
+        # A stage that logs ``ready_line`` once it works (the processor once it fetches) is "starting" until then.
+        self._ready_line = ready_line.encode() if ready_line is not None else None
+        self._ready = ready_line is None
+        self._log_from = 0  # where this start's lines begin in the log
+
+    def ready(self) -> bool:
+        """Whether this start of the stage said it works (always, for a stage without a ready line)."""
+        if not self._ready and self._ready_line is not None:
+            with contextlib.suppress(OSError), open(self.log_path, "rb") as f:
+                f.seek(self._log_from)
+                self._ready = self._ready_line in f.read()
+        return self._ready
 
     def start(self) -> None:
         if self._log is not None:
             self._log.close()
         self.restarts.started()
+        self._ready = self._ready_line is None
+        with contextlib.suppress(OSError):
+            self._log_from = self.log_path.stat().st_size
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - kept open for the child
         # Own session: Ctrl-C reaches the supervisor only, which stops the children in order (drain first).
         self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
@@ -414,9 +429,9 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
             stage_env = {**os.environ, MULTIPROC_ENV: str(metrics_dir)}
             stages = [
                 _Child("gateway", [*py, "gateway", json.dumps(gw_cfg)], logs / "gateway.log", env=stage_env,
-                       policy=policy),
+                       policy=policy, ready_line="gateway running"),
                 _Child("processor", [*py, "processor", json.dumps(pr_cfg)], logs / "processor.log", env=stage_env,
-                       policy=policy),
+                       policy=policy, ready_line="processor running"),
             ]
             jobs_child = _jobs_child(opts, store_url, door_kind, nats, auth, tls is not None, logs, policy)
             if jobs_child is not None:
@@ -480,6 +495,8 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
                     return f"failed: {c.failed}"
                 if not c.alive():
                     return "restarting" if c.restarts.next_start_at is not None else "down"
+                if not c.ready():
+                    return "starting"
                 stalled = watch.stalled(c.name)
                 if stalled is None:
                     return "ok"

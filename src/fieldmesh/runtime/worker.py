@@ -214,8 +214,13 @@ async def run_processor(
                 notifier.submit_store = proc.submit_in_apply_thread
             if lake_dir is None or _lake_owner(partitions):  # of several lake writers, one prunes
                 retention = _retention(store, proc, settings, lake_dir)
-            log.info("processor running: %s -> %s (partitions %s)", bus_url, store_url, partitions or "all")
-            _freeze_startup_objects()
+
+            def running() -> None:
+                # logged once records are fetched: `up`'s /health says "starting" for the processor until then
+                log.info("processor running: %s -> %s (partitions %s)", bus_url, store_url, partitions or "all")
+                _freeze_startup_objects()
+
+            proc.on_running = running
             async with contextlib.AsyncExitStack() as runs:  # lineage: one OpenLineage run per job
                 if lineage is not None:
                     await runs.enter_async_context(lineage.run(

@@ -137,6 +137,8 @@ class Processor:
         self._enrich: EnrichFn | None = _enrich_fn(enricher) if enricher is not None else None
         self._sink_applied: list[dict[Position, int] | None] = [None] * len(self.sinks)  # loaded on first use
         self.stats = ProcessorStats()
+        #: Called once :meth:`run` starts fetching (its consumers made): the worker says "processor running" then.
+        self.on_running: Callable[[], None] | None = None
         self._positions: dict[Position, int] = {}
         self._watermarks: dict[Position, int] = {}
         self._device_wm: dict[str, int] | None = None  # per-device event-time watermarks (lateness)
@@ -410,6 +412,8 @@ class Processor:
         elif 0 in self.partitions:
             consumers.append(await self._consumer(DLQ_TOPIC, [0], f"{self.group}-dlq"))
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fm-apply")
+        if self.on_running is not None:  # consumers made, sinks' positions read: records are fetched from now
+            self.on_running()
         try:
             async with asyncio.TaskGroup() as tg:
                 for c in consumers:
