@@ -1,11 +1,14 @@
-"""The supervisor's rules on their own: backoff, giving up on start failures, stall detection."""
+"""The supervisor's rules on their own: backoff, giving up on start failures, stall detection, readiness."""
 
 from __future__ import annotations
 
+import sys
 import time
+from pathlib import Path
 
 from fieldmesh.core.settings import RuntimeSettings
 from fieldmesh.runtime.supervise import Restarts, StallWatch
+from fieldmesh.runtime.up import _Child
 
 
 def test_repeated_start_failures_give_up_and_backoff_is_capped() -> None:
@@ -43,3 +46,27 @@ def test_stall_needs_lag_and_no_progress_for_the_threshold() -> None:
     assert w.stalled("processor", now=t0 + 12) is None
     w.observe("gateway", lag=0, marker=7, now=t0)
     assert w.stalled("gateway", now=t0 + 100) is None  # nothing waiting is never a stall
+
+
+def test_a_stage_is_starting_until_this_start_logs_its_ready_line(tmp_path: Path) -> None:
+    """`up`'s /health says a stage is "starting" until it logs that it works: its line from an earlier start,
+    still in the same log, does not count."""
+    script = "import time; time.sleep(0.6); print('processor INFO processor running: x', flush=True); time.sleep(60)"
+    log = tmp_path / "processor.log"
+    child = _Child("processor", [sys.executable, "-c", script], log, ready_line="processor running")
+    plain = _Child("twins", [sys.executable, "-c", "import time; time.sleep(60)"], tmp_path / "twins.log")
+    try:
+        for _ in range(2):  # a first start, then a restart: the first start's line is in the log already
+            child.start()
+            assert child.alive() and not child.ready()
+            deadline = time.monotonic() + 20
+            while not child.ready() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert child.ready()
+            child.stop()
+        assert log.read_text().count("processor running") == 2
+        plain.start()
+        assert plain.ready()  # a stage without a ready line is ready once it runs
+    finally:
+        child.stop()
+        plain.stop()

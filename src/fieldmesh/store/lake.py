@@ -721,7 +721,6 @@ class LakeSink:
 
     def _recover(self) -> tuple[int, dict[str, dict[Position, int]]]:
         """Load or create the tables; return the highest flush number and what each table holds."""
-
         ns = self.settings.namespace
         ensure_namespace(self.catalog, ns)
         schemas = _schemas(self.settings.readings_buckets)

@@ -134,16 +134,16 @@ UPDATE meta SET value = '4' WHERE key = 'schema_version';
 """
 
 
-# -- the read-only guard -------------------------------------------------------------------------
 #: The writer checkpoints the WAL into the database once it holds this many pages (SQLite's default is 1,000).
 #: A commit of a small batch over many devices dirties a page per device in each table it touches (often more
 #: than 1,000), so with the default nearly every commit also checkpointed: copied its pages into the database
-#: and synced both files (half of a small batch's time). A checkpoint now comes every ~10 small batches and copies
-#: each page once however often it changed meanwhile (docs/alerts.md#latency: a small batch's median apply
-#: 12 -> 6-9 ms; bulk throughput unchanged). The cost: a WAL file of up to ~40 MB beside the store (SQLite
-#: reuses it; it goes when the last connection closes).
+#: and synced both files (a quarter of a small batch's wall time in a profile). A checkpoint now comes every ~10
+#: small batches and copies each page once however often it changed meanwhile (docs/alerts.md#latency: a small
+#: batch's median apply 12 -> 6-9 ms; bulk throughput unchanged). The cost: a WAL file of up to ~40 MB beside
+#: the store (SQLite reuses it; it goes when the last connection closes).
 _WAL_AUTOCHECKPOINT_PAGES: Final = 10_000
 
+# -- the read-only guard -------------------------------------------------------------------------
 # A reader opens the file with mode=ro and PRAGMA query_only, which stops writes to the store; they do
 # not stop statements that open or create OTHER files (ATTACH and VACUUM [INTO] attach a file, some
 # PRAGMAs move, checkpoint or switch journal files, load_extension loads a shared library). The
