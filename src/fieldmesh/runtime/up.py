@@ -115,6 +115,8 @@ class _Child:
             with contextlib.suppress(OSError), open(self.log_path, "rb") as f:
                 f.seek(self._log_from)
                 self._ready = self._ready_line in f.read()
+                # the next look reads only what came since (keeping enough for a line written in two parts)
+                self._log_from = max(self._log_from, f.tell() - len(self._ready_line) + 1)
         return self._ready
 
     def start(self) -> None:
