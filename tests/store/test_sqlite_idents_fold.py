@@ -1,7 +1,8 @@
-"""SQLite identity keys in two tables: new keys land in ``idents_recent`` and are folded into ``idents`` in
-key order many commits at a time (schema 4). Whatever table holds a key, claims answer alike: across
-folds, re-opens and the migration of a version-3 store; what is stored equals the oracle and a store
-that never folded."""
+"""SQLite identity keys in two tables: new keys land in ``idents_recent`` (in arrival order) and are folded
+into ``idents`` in key order, a generation at a time, a slice per commit (schema 4). Whatever table holds a
+key, claims answer alike: across folds, re-opens, rolled-back commits, the migration of a version-3 store and
+of the keyed ``idents_recent`` first made in version 4; what is stored equals the oracle and a store that
+never folded."""
 
 from __future__ import annotations
 
@@ -23,10 +24,16 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 
 def _counts(path: Path) -> tuple[int, int]:
+    """Keys in ``idents``, and keys of ``idents_recent`` not folded into it yet. A folded key still in
+    ``idents_recent`` (its generation not done) must say there what it says in ``idents``."""
     con = sqlite3.connect(path)
     try:
-        return (con.execute("SELECT count(*) FROM idents").fetchone()[0],
-                con.execute("SELECT count(*) FROM idents_recent").fetchone()[0])
+        both = con.execute("SELECT count(*), count(*) FILTER (WHERE r.chk IS NOT i.chk OR r.origin IS NOT i.origin)"
+                           " FROM idents_recent r JOIN idents i ON i.id = r.id").fetchone()
+        assert both[1] == 0, "a key folded into idents differs from its row in idents_recent"
+        recent = con.execute("SELECT count(*), count(DISTINCT id) FROM idents_recent").fetchone()
+        assert recent[0] == recent[1], "a key twice in idents_recent"
+        return con.execute("SELECT count(*) FROM idents").fetchone()[0], recent[0] - both[0]
     finally:
         con.close()
 
@@ -77,10 +84,10 @@ def test_claims_answer_alike_before_and_after_a_fold(tmp_path: Path, monkeypatch
         store.commit(build)
 
     try:
-        claim(keys, chks, [7, -1, 9])  # three keys: folded into idents by this commit
-        assert _counts(path) == (3, 0)
-        claim(np.array([14], dtype=np.int64), np.array([4], dtype=np.int64), [5])  # one key: stays recent
-        assert _counts(path) == (3, 1)
+        claim(keys, chks, [7, -1, 9])  # three keys: a generation, frozen by this commit
+        assert _counts(path) == (0, 3)
+        claim(np.array([14], dtype=np.int64), np.array([4], dtype=np.int64), [5])  # folds two of the three
+        assert _counts(path) == (2, 2)
         for s in (store, None):  # the open store, then a re-opened one (filter loaded from both tables)
             if s is None:
                 store.close()
@@ -115,6 +122,84 @@ def test_a_version_3_store_migrates_to_version_4(tmp_path: Path) -> None:
         commit_in_chunks(s, recs, 2)  # the first half again (skipped by position) and the rest
         assert_oracle(s, items)
         commit_in_chunks(s, records(rs, [5], start=10_000), 3)  # everything again: duplicates
+        assert s.stats().duplicates == len(rs) - len(items) + len(rs)
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_generations_fold_across_reopens_and_rolled_back_commits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int
+) -> None:
+    """Many generations with a small threshold; the store re-opened and a claiming commit rolled back at
+    random points, mid-generation too: the same store as one that never folded, every key once."""
+    items, rs = sent(seed, 300)
+    rnd = random.Random(seed)
+    recs = records(rs, [rnd.randint(1, 5) for _ in range(5)])
+    plain = load_store(f"sqlite:///{tmp_path / 'plain.db'}")
+    commit_in_chunks(plain, recs, 2)
+    monkeypatch.setattr(sqlite_store, "_FOLD_MIN", 16)
+    path = tmp_path / "folded.db"
+    folded = load_store(f"sqlite:///{path}")
+    mids = 0
+    try:
+        for s in range(0, len(recs), 2):
+            commit_in_chunks(folded, recs[s : s + 2], 2)
+            main, recent = _counts(path)
+            assert main + recent == folded.stats().stored
+            mids += main > 0 and recent > 0
+            if rnd.random() < 0.3:
+                def build(txn: HotTxn) -> BatchResult:  # claims new keys, then fails: nothing of it stays
+                    txn.claim_keys(np.array([rnd.randrange(1, 2**62) for _ in range(20)], dtype=np.int64),
+                                   np.arange(20, dtype=np.int64), np.full(20, -1, dtype=np.int64))
+                    raise RuntimeError("rolled back")
+
+                with pytest.raises(RuntimeError):
+                    folded.commit(build)
+            if rnd.random() < 0.3:
+                folded.close()
+                folded = load_store(f"sqlite:///{path}")
+        assert mids > 5  # generations were folded in slices
+        assert_oracle(folded, items)
+        a, b = snapshot(folded), snapshot(plain)
+        for k in ("raw", "1m", "1h", "stats", "devices"):
+            assert a[k] == b[k], k
+        before = folded.stats()
+        commit_in_chunks(folded, records(rs, [3], start=10_000), 2)  # everything again: duplicates
+        after = folded.stats()
+        assert (after.stored, after.duplicates) == (before.stored, before.duplicates + len(rs))
+    finally:
+        folded.close()
+        plain.close()
+
+
+def test_a_keyed_recent_table_is_rebuilt_in_arrival_order(tmp_path: Path) -> None:
+    """``idents_recent`` as version 4 first made it (keyed by ``id``) is rebuilt on open, its keys kept."""
+    items, rs = sent(6)
+    recs = records(rs, [3])
+    path = tmp_path / "store.db"
+    url = f"sqlite:///{path}"
+    s = load_store(url)
+    commit_in_chunks(s, recs[: len(recs) // 2], 2)
+    s.close()
+    con = sqlite3.connect(path)
+    con.execute("ALTER TABLE idents_recent RENAME TO r_old")
+    con.execute("CREATE TABLE idents_recent (id INTEGER PRIMARY KEY, chk INTEGER NOT NULL, origin INTEGER)")
+    con.execute("INSERT INTO idents_recent SELECT id, chk, origin FROM r_old")
+    con.execute("DROP TABLE r_old")
+    con.commit()
+    keyed = con.execute("SELECT id, chk, origin FROM idents_recent ORDER BY id").fetchall()
+    con.close()
+    assert keyed
+    s = load_store(url)
+    try:
+        con = sqlite3.connect(path)
+        assert not any(c[5] for c in con.execute("PRAGMA table_info(idents_recent)"))  # no key column now
+        assert con.execute("SELECT id, chk, origin FROM idents_recent ORDER BY id").fetchall() == keyed
+        con.close()
+        commit_in_chunks(s, recs, 2)
+        assert_oracle(s, items)
+        commit_in_chunks(s, records(rs, [4], start=10_000), 3)
         assert s.stats().duplicates == len(rs) - len(items) + len(rs)
     finally:
         s.close()

@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final, NamedTuple, TypeVar
 
 import msgspec
 import numpy as np
@@ -29,6 +29,7 @@ from fieldmesh.store import segments
 from fieldmesh.store.base import INTERVALS, DeviceSummary, HotTxn, Position, QueryResult, SqlTxn, StoreStats
 from fieldmesh.store.batchrows import answers, device_aggs, write_via_commit
 from fieldmesh.store.keyfilter import KeyFilter
+from fieldmesh.store.recentkeys import RecentKeys
 from fieldmesh.store.rollup import exact_columns, merge_acc
 from fieldmesh.store.rows import device_row, dlq_row, raw_row, rollup_query, rollup_row
 from fieldmesh.store.seqgaps import SeqBatch, SeqKey, SeqRange, listing, merge_ranges, range_gaps, seq_batch, seq_spans
@@ -41,8 +42,10 @@ T = TypeVar("T")
 #: claimed the key, so a replay decides as before); 4 added ``idents_recent`` (new keys land there first,
 #: see :meth:`SqliteStore._fold_keys`). Older stores are migrated on open.
 SCHEMA_VERSION: Final = 4
-#: ``idents_recent`` is folded into ``idents`` once it holds this many keys and an eighth as many as ``idents``.
+#: ``idents_recent`` is folded into ``idents`` once it holds this many keys and an eighth as many as ``idents``
+#: (or ``_FOLD_MAX``: the writer holds its keys in memory, 24 bytes each).
 _FOLD_MIN: Final = 131_072
+_FOLD_MAX: Final = 2_097_152
 #: Seq ranges kept in memory (they spare a read-back per device and boot); past it the cache starts over.
 _CACHE_MAX: Final = 131_072
 #: (device, metric) pairs whose latest rollup window is kept in memory, per interval (~200 bytes each);
@@ -64,8 +67,9 @@ CREATE TABLE IF NOT EXISTS idents (
 );
 -- New identities land here first and are moved into `idents` in key order, many commits at a time: random
 -- keys inserted straight into a large `idents` dirty nearly every leaf page at every commit. A key is in
--- one of the two tables, never both.
-CREATE TABLE IF NOT EXISTS idents_recent (id INTEGER PRIMARY KEY, chk INTEGER NOT NULL, origin INTEGER);
+-- one of the two tables, never both. In arrival order (no index on `id`): a commit's keys fill a few pages
+-- at its end; the writer answers lookups of these keys from memory (fieldmesh.store.recentkeys).
+CREATE TABLE IF NOT EXISTS idents_recent (id INTEGER NOT NULL, chk INTEGER NOT NULL, origin INTEGER);
 -- Raw readings: segments (fieldmesh.store.segments), read through the `readings` view.
 CREATE TABLE IF NOT EXISTS rollup_1m (
     device_id TEXT NOT NULL, metric TEXT NOT NULL, window_start_ms INTEGER NOT NULL,
@@ -131,6 +135,14 @@ UPDATE meta SET value = '3' WHERE key = 'schema_version';
 #: Version 3 -> 4: ``idents_recent`` (created empty by the schema script); nothing moves.
 _MIGRATE_3_4 = """
 UPDATE meta SET value = '4' WHERE key = 'schema_version';
+"""
+#: ``idents_recent`` as first made in version 4 was keyed by ``id``; it is now in arrival order. Either shape
+#: reads and writes the same (so the version stays 4); a writer rebuilds the keyed one on open.
+_UNKEY_RECENT = """
+ALTER TABLE idents_recent RENAME TO idents_recent_keyed;
+CREATE TABLE idents_recent (id INTEGER NOT NULL, chk INTEGER NOT NULL, origin INTEGER);
+INSERT INTO idents_recent SELECT id, chk, origin FROM idents_recent_keyed;
+DROP TABLE idents_recent_keyed;
 """
 
 
@@ -245,6 +257,27 @@ def _wal(con: sqlite3.Connection, wait_s: float = 30.0) -> None:
             delay = min(delay * 2, 0.2)
 
 
+#: Below every identity key (the fold cursor of a generation not started).
+_KEY_MIN: Final = -(2**63)
+
+
+class _FoldStep(NamedTuple):
+    """What a commit's fold step did (applied to the writer's memory once it commits)."""
+
+    folded: int  # keys of the frozen generation moved into idents
+    frozen_upto: int  # the frozen generation's last rowid now
+    swapped: bool  # the generation of new keys was frozen
+
+
+def _meta(con: sqlite3.Connection, key: str, default: int) -> int:
+    row = con.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    return default if row is None else int(row[0])
+
+
+def _set_meta(con: sqlite3.Connection, key: str, value: int) -> None:
+    con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, str(value)))
+
+
 class _Sql:
     """:class:`~fieldmesh.store.base.SqlTxn` over the writer's open transaction."""
 
@@ -263,10 +296,12 @@ class _Sql:
 class _Txn(_Sql):
     """:class:`~fieldmesh.store.base.HotTxn` of :meth:`SqliteStore.commit`: claims in its open transaction."""
 
-    def __init__(self, w: sqlite3.Connection, keys: KeyFilter) -> None:
+    def __init__(self, w: sqlite3.Connection, keys: KeyFilter, held: Sequence[RecentKeys]) -> None:
         super().__init__(w)
         self._filter = keys
-        self.claimed: list[NDArray[np.int64]] = []  # inserted in this transaction (not in the filter yet)
+        self._held = held  # the keys of idents_recent not in idents (committed)
+        self.mine = RecentKeys()  # keys inserted in this transaction (not in the filter nor ``held`` yet)
+        self.claimed: list[tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]]] = []
 
     def claim_keys(
         self, keys: NDArray[np.int64], chks: NDArray[np.int64], origins: NDArray[np.int64]
@@ -274,40 +309,53 @@ class _Txn(_Sql):
         """Insert absent keys; answer per key (see :class:`~fieldmesh.store.base.HotTxn`).
 
         Only keys the Bloom filter (or this transaction) may hold are looked up: on a stream of new
-        readings that is the filter's ~0.2% false positives plus the duplicates.
+        readings that is the filter's ~0.2% false positives plus the duplicates. Keys of ``idents_recent``
+        are looked up in memory, the others in ``idents``.
         """
         keys = np.asarray(keys, dtype=np.int64)
         out = np.zeros(len(keys), dtype=np.int8)  # CLAIMED
         if not len(keys):
             return out
         maybe = self._filter.may_contain(keys)
-        if self.claimed:
-            maybe |= np.isin(keys, np.concatenate(self.claimed))
+        mine = self.mine.find(keys)
+        maybe |= mine[0]
         ask = np.flatnonzero(maybe)
         absent = np.ones(len(keys), dtype=bool)
         if len(ask):
-            found: dict[int, tuple[int, int | None]] = {}
-            look = keys[ask].tolist()
-            for s in range(0, len(look), 20000):
-                found.update(
-                    (k, (c, o))
-                    for k, c, o in self._w.execute(
-                        "SELECT id, chk, origin FROM idents WHERE id IN (SELECT value FROM json_each(?1)) UNION ALL"
-                        " SELECT id, chk, origin FROM idents_recent WHERE id IN (SELECT value FROM json_each(?1))",
-                        (_enc.encode(look[s : s + 20000]).decode(),),
+            look = keys[ask]
+            hit = mine[0][ask]
+            stored_chk, stored_origin = mine[1][ask], mine[2][ask]
+            for held in self._held:
+                h, c, o = held.find(look)
+                stored_chk[h] = c[h]
+                stored_origin[h] = o[h]
+                hit |= h
+            rest = np.flatnonzero(~hit)
+            if len(rest):
+                found: dict[int, tuple[int, int | None]] = {}
+                q = look[rest].tolist()
+                for s in range(0, len(q), 20000):
+                    found.update(
+                        (k, (c, o))
+                        for k, c, o in self._w.execute(
+                            "SELECT id, chk, origin FROM idents WHERE id IN (SELECT value FROM json_each(?))",
+                            (_enc.encode(q[s : s + 20000]).decode(),),
+                        )
                     )
-                )
-            if found:
-                hits = np.fromiter((k in found for k in look), dtype=bool, count=len(look))
-                rows = ask[hits]
-                stored = [found[k] for k in keys[rows].tolist()]
-                stored_chk = np.array([c for c, _ in stored], dtype=np.int64)
-                stored_origin = np.array([-1 if o is None else o for _, o in stored], dtype=np.int64)
-                out[rows] = answers(chks[rows], origins[rows], stored_chk, stored_origin)
-                absent[rows] = False
+                if found:
+                    rows = rest[np.fromiter((k in found for k in q), dtype=bool, count=len(q))]
+                    stored = [found[k] for k in look[rows].tolist()]
+                    stored_chk[rows] = [c for c, _ in stored]
+                    stored_origin[rows] = [-1 if o is None else o for _, o in stored]
+                    hit[rows] = True
+            at = ask[hit]
+            out[at] = answers(chks[at], origins[at], stored_chk[hit], stored_origin[hit])
+            absent[at] = False
         new = np.flatnonzero(absent)
         if len(new):
-            new = new[np.argsort(keys[new], kind="stable")]  # in key order: B-tree inserts touch pages in turn
+            new = new[np.argsort(keys[new], kind="stable")]
+            if len(new) > 1 and not np.all(np.diff(keys[new])):  # the engines claim each key once a call
+                raise FieldmeshError("claim_keys was given the same new key twice")
             org: NDArray[Any] = origins[new]
             if org.min() < 0:  # -1: no origin, stored as NULL
                 org = org.astype(object)
@@ -316,7 +364,9 @@ class _Txn(_Sql):
                 "INSERT INTO idents_recent (id, chk, origin) VALUES (?, ?, ?)",
                 zip(keys[new].tolist(), chks[new].tolist(), org.tolist(), strict=True),
             )
-            self.claimed.append(keys[new])
+            claim = (keys[new], np.asarray(chks, dtype=np.int64)[new], np.asarray(origins, dtype=np.int64)[new])
+            self.claimed.append(claim)
+            self.mine.add(*claim)
         return out
 
 
@@ -344,7 +394,12 @@ class SqliteStore:
         self._data_version = -1
         self._keys: KeyFilter | None = None  # identity keys stored, for de-dup without a read per key
         self._keys_main = self._keys_recent = 0  # rows of idents and idents_recent (with the filter)
-        self._folded = 0  # keys the open transaction moved into idents
+        # The keys of idents_recent (loaded with the filter): the generation new keys join, and the frozen one
+        # being folded into idents in key order, a slice per commit (only its keys not folded yet).
+        self._recent = RecentKeys()
+        self._frozen = RecentKeys()
+        self._frozen_upto = 0  # rows of idents_recent with rowid <= this are the frozen generation
+        self._fold: _FoldStep | None = None  # what the open transaction's fold step did
         if not readonly:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._w = self._connect(write=True)
@@ -405,6 +460,10 @@ class SqliteStore:
                 for stmt in script.split(";"):
                     if stmt.strip():
                         w.execute(stmt)
+            if any(c[1] == "id" and c[5] for c in w.execute("PRAGMA table_info(idents_recent)")):
+                for stmt in _UNKEY_RECENT.split(";"):
+                    if stmt.strip():
+                        w.execute(stmt)
             w.execute("COMMIT")
         except BaseException:
             w.execute("ROLLBACK")
@@ -453,17 +512,17 @@ class SqliteStore:
             w = self._w
             now = int(time.time() * 1000)
             keys = self._begin(w)
-            txn = _Txn(w, keys)
+            txn = _Txn(w, keys, (self._recent, self._frozen))
             try:
                 result = build(txn)
-                claimed = np.concatenate(txn.claimed) if txn.claimed else None
+                claimed = np.concatenate([c[0] for c in txn.claimed]) if txn.claimed else None
                 self._write_result(w, result, now, 0 if claimed is None else len(claimed))
                 w.execute("COMMIT")
             except BaseException:
                 if w.in_transaction:  # SQLite may have rolled back already (SQLITE_FULL)
                     w.execute("ROLLBACK")
                 raise
-            self._finish(w, claimed)
+            self._finish(w, claimed, txn)
             return result
 
     def transact(self, fn: Callable[[SqlTxn], T]) -> T:
@@ -510,21 +569,28 @@ class SqliteStore:
             self._keys = self._load_keys(w)
         for st in self._staged_latest.values():
             st.clear()
-        self._folded = 0
+        self._fold = None
         self._pending_metrics = set()
         self._staged_ranges = {}
         return self._keys
 
-    def _finish(self, w: sqlite3.Connection, claimed: NDArray[np.int64] | None) -> None:
+    def _finish(self, w: sqlite3.Connection, claimed: NDArray[np.int64] | None, txn: _Txn) -> None:
         """After a commit: what was staged joins the caches."""
         self._data_version = w.execute("PRAGMA data_version").fetchone()[0]
         if claimed is not None and self._keys is not None:
             self._keys.add(claimed)
-        if self._folded:
-            self._keys_main += self._folded
-            self._keys_recent = 0
-        elif claimed is not None:
+        if claimed is not None:
             self._keys_recent += len(claimed)
+            for ids, chks, origins in txn.claimed:
+                self._recent.add(ids, chks, origins)
+        if (step := self._fold) is not None:
+            self._keys_main += step.folded
+            self._frozen.drop_front(step.folded)
+            self._frozen_upto = step.frozen_upto
+            if step.swapped:  # the generation of new keys is frozen now, a new one starts
+                self._frozen, self._recent = self._recent, RecentKeys()
+                self._frozen.compact()
+                self._keys_recent = 0
         for interval, staged in self._staged_latest.items():
             latest = self._latest[interval]
             if len(latest) + len(staged) > _LATEST_MAX:
@@ -577,32 +643,72 @@ class SqliteStore:
             " ts_ms = max(ts_ms, excluded.ts_ms)",
             [(t, p, ts) for (t, p), ts in r.watermarks.items()],
         )
-        self._folded = self._fold_keys(w, claimed)
+        self._fold = self._fold_keys(w, claimed)
 
     def _load_keys(self, w: sqlite3.Connection) -> KeyFilter:
+        self._frozen_upto = int(_meta(w, "idents_frozen_upto", 0))
+        cursor = int(_meta(w, "idents_fold_cursor", _KEY_MIN))
         self._keys_main = w.execute("SELECT count(*) FROM idents").fetchone()[0]
-        self._keys_recent = w.execute("SELECT count(*) FROM idents_recent").fetchone()[0]
-        f = KeyFilter(2 * (self._keys_main + self._keys_recent))
-        for table in ("idents", "idents_recent"):
-            cur = w.execute(f"SELECT id FROM {table}")
+        total = w.execute("SELECT count(*) FROM idents_recent").fetchone()[0]
+        f = KeyFilter(2 * (self._keys_main + total))
+        cur = w.execute("SELECT id FROM idents")
+        while rows := cur.fetchmany(100_000):
+            f.add(r[0] for r in rows)
+        self._recent, self._frozen = RecentKeys(), RecentKeys()
+        for into, sql, args in (
+            (self._recent, "rowid > ?", (self._frozen_upto,)),
+            (self._frozen, "rowid <= ? AND id >= ?", (self._frozen_upto, cursor)),  # below the cursor: in idents
+        ):
+            cur = w.execute(f"SELECT id, chk, coalesce(origin, -1) FROM idents_recent WHERE {sql}", args)
             while rows := cur.fetchmany(100_000):
-                f.add(r[0] for r in rows)
+                ids, chks, origins = np.array(rows, dtype=np.int64).reshape(-1, 3).T
+                f.add(ids)
+                into.add(ids, chks, origins)
+        self._frozen.compact()
+        self._keys_recent = len(self._recent)
         return f
 
-    def _fold_keys(self, w: sqlite3.Connection, claimed: int) -> int:
-        """Move ``idents_recent`` into ``idents`` (in key order, in the open transaction) once it is big enough;
-        return the keys moved (0: not yet).
+    def _fold_keys(self, w: sqlite3.Connection, claimed: int) -> _FoldStep:
+        """Move keys of ``idents_recent`` into ``idents`` in key order, a slice per commit (in its transaction).
 
         Why: the keys of a batch are random, and inserted straight into a large ``idents`` they dirty nearly
-        every leaf page, which each commit then writes (and the checkpoint writes again). In the small
-        table they dirty its few pages; the fold, every many commits, writes each ``idents`` page once.
+        every leaf page, which each commit then writes (and the checkpoint writes again). ``idents_recent``
+        is in arrival order: they fill a few pages at its end. Its keys come in generations: once the new
+        generation holds an eighth as many keys as ``idents`` (at least ``_FOLD_MIN``, at most
+        ``_FOLD_MAX``) it is frozen, and the commits that follow fold it into ``idents`` in key order, each
+        a slice in proportion to the keys it claims, so that the whole generation is folded by the time the
+        next one is half full. Each ``idents`` page is then written about once per generation, and no commit
+        carries a whole fold (it took 0.3 s for 131,072 keys, more as ``idents`` grows). Folded keys of the
+        frozen generation stay in ``idents_recent`` (below the cursor kept in ``meta``) until the generation
+        is done; then its rows go at once (a rowid range).
         """
-        recent = self._keys_recent + claimed
-        if recent < max(_FOLD_MIN, self._keys_main // 8):
-            return 0
-        w.execute("INSERT INTO idents SELECT id, chk, origin FROM idents_recent ORDER BY id")
-        w.execute("DELETE FROM idents_recent")
-        return recent
+        target = max(_FOLD_MIN, min(self._keys_main // 8, _FOLD_MAX))
+        remaining = len(self._frozen)
+        upto = self._frozen_upto
+        n = 0
+        if remaining and claimed:
+            n = remaining if self._keys_recent + claimed >= target else min(
+                remaining, -(-remaining * claimed * 2 // target))
+            ids, chks, origins = self._frozen.compact()
+            org: NDArray[Any] = origins[:n]
+            if n and org.min() < 0:
+                org = org.astype(object)
+                org[origins[:n] < 0] = None
+            w.executemany("INSERT INTO idents (id, chk, origin) VALUES (?, ?, ?)",
+                          zip(ids[:n].tolist(), chks[:n].tolist(), org.tolist(), strict=True))
+            if n < remaining:
+                _set_meta(w, "idents_fold_cursor", int(ids[n]))
+            else:  # the generation is in idents: its rows go
+                w.execute("DELETE FROM idents_recent WHERE rowid <= ?", (upto,))
+                # (this commit's claims stay, rowids above it: the next ones keep counting up)
+                _set_meta(w, "idents_frozen_upto", upto)
+        swapped = False
+        if remaining == n and self._keys_recent + claimed >= target:  # freeze the new generation
+            upto = w.execute("SELECT coalesce(max(rowid), 0) FROM idents_recent").fetchone()[0]
+            _set_meta(w, "idents_frozen_upto", upto)
+            _set_meta(w, "idents_fold_cursor", _KEY_MIN)
+            swapped = True
+        return _FoldStep(n, upto, swapped)
 
     def _merge_rollups(self, w: sqlite3.Connection, interval: str, wd: WindowDeltas) -> None:
         """Merge one interval's deltas into its rollup rows.

@@ -1,0 +1,120 @@
+"""The processor's cost per batch at the small batches of a stream at part load, both sides in one run.
+
+The shape of bench/alerts.py's latency part: 1,000 devices, 10 readings a bus record, one alert rule, each
+record from a random device; ``Processor.apply_records`` on a SQLite store in this process, batch after batch
+of ``--records`` records, event time one millisecond a record. Printed per side: CPU per batch (mean, p99,
+max: the slowest batches are what an alert waits behind) and per reading. ``--base SRC`` runs the same on
+another checkout's ``src`` (a subprocess each, alternated), so the two sides share the sitting.
+
+Run: ``PYTHONPATH=$PWD/src .venv/bin/python bench/batch_cost.py [--records 60] [--batches 1500] [--base DIR/src]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def measure(records: int, batches: int) -> dict[str, Any]:
+    from fieldmesh.bus.base import BusRecord
+    from fieldmesh.core.codec import decode_telemetry, encode_bus_batch, encode_reading_json
+    from fieldmesh.core.model import BusBatch
+    from fieldmesh.core.settings import ProcessorSettings
+    from fieldmesh.core.topics import READINGS_TOPIC, partition_for
+    from fieldmesh.store.alerts import AlertTables
+    from fieldmesh.store.sqlite import SqliteStore
+    from fieldmesh.stream.alerting import AlertEngine
+    from fieldmesh.stream.alerts import parse_rule
+    from fieldmesh.stream.processor import Processor
+
+    rnd = random.Random(1)
+    with tempfile.TemporaryDirectory() as d:
+        url = f"sqlite:///{d}/hot.db"
+        t = AlertTables(url)
+        t.put_rule(parse_rule({"name": "hot", "kind": "threshold", "metric": "temperature", "op": ">",
+                               "value": 30, "clear_value": 28}), actor="bench")
+        t.close()
+        store = SqliteStore(url)
+        proc = Processor(bus=None, store=store, settings=ProcessorSettings(),  # type: ignore[arg-type]
+                         alerts=AlertEngine(store))
+        offsets: dict[int, int] = {}
+        hot = [False] * 1000
+        now = int(time.time() * 1000) - 3_600_000
+        seq = 0
+
+        def record() -> BusRecord:
+            nonlocal now, seq
+            i = rnd.randrange(1000)
+            dev = f"dev-{i:05d}"
+            if rnd.random() < 0.05:
+                hot[i] = not hot[i]
+            now += 1
+            rs = []
+            for k in range(10):
+                seq += 1
+                v = rnd.uniform(31, 35) if hot[i] else rnd.uniform(20, 27)
+                p = encode_reading_json(dev, now - 10 + k + 1, {"temperature": v}, seq)
+                rs.extend(decode_telemetry(p, device_id=dev, topic=f"devices/{dev}/telemetry",
+                                           received_ms=now).readings)
+            part = partition_for(dev, 8)
+            offsets[part] = offsets.get(part, 0) + 1
+            return BusRecord(topic=READINGS_TOPIC, partition=part, offset=offsets[part],
+                             value=encode_bus_batch(BusBatch(rs)))
+
+        work = [[record() for _ in range(records)] for _ in range(batches)]
+        cpu: list[float] = []
+        for b in work:
+            c0 = time.thread_time()
+            proc.apply_records(b)
+            cpu.append((time.thread_time() - c0) * 1000)
+        store.close()
+    s = sorted(cpu)
+    return {"mean": statistics.mean(cpu), "p99": s[int(len(s) * 0.99)], "max": s[-1],
+            "per_reading_us": statistics.mean(cpu) * 1000 / (records * 10)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--records", type=int, default=60, help="bus records (of 10 readings) per batch")
+    ap.add_argument("--batches", type=int, default=1500)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--base", help="another checkout's src directory: the baseline side")
+    ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a side, in a subprocess
+    a = ap.parse_args()
+    if a.one:
+        print(json.dumps(measure(a.records, a.batches)))
+        return
+    sides = {"this": str(ROOT / "src")} | ({"base": a.base} if a.base else {})
+    print(f"batches of {a.records} records ({a.records * 10} readings) from 1,000 devices, {a.batches} batches, "
+          "one alert rule, SQLite; CPU of the apply thread per batch")
+    got: dict[str, list[dict[str, Any]]] = {k: [] for k in sides}
+    for r in range(a.rounds):
+        for name, src in (list(sides.items()) if r % 2 == 0 else list(reversed(sides.items()))):
+            out = subprocess.run([sys.executable, __file__, "--one", "--records", str(a.records),
+                                  "--batches", str(a.batches)], capture_output=True, text=True, check=True,
+                                 env={**os.environ, "PYTHONPATH": src})
+            m = json.loads(out.stdout.strip().splitlines()[-1])
+            got[name].append(m)
+            print(f"  {name:4s} round {r + 1}: mean {m['mean']:.2f} ms, p99 {m['p99']:.2f} ms, "
+                  f"max {m['max']:.1f} ms; {m['per_reading_us']:.1f} CPU-us per reading", flush=True)
+    if a.base:
+        for k in ("mean", "max"):
+            this = statistics.median(m[k] for m in got["this"])
+            base = statistics.median(m[k] for m in got["base"])
+            print(f"{k} CPU per batch (median of rounds): this {this:.2f} ms, base {base:.2f} ms: "
+                  f"x{base / this:.2f}")
+
+
+if __name__ == "__main__":
+    main()
