@@ -68,8 +68,11 @@ CREATE TABLE IF NOT EXISTS idents (
 -- New identities land here first and are moved into `idents` in key order, many commits at a time: random
 -- keys inserted straight into a large `idents` dirty nearly every leaf page at every commit. A key is in
 -- one of the two tables, never both. In arrival order (no index on `id`): a commit's keys fill a few pages
--- at its end; the writer answers lookups of these keys from memory (fieldmesh.store.recentkeys).
-CREATE TABLE IF NOT EXISTS idents_recent (id INTEGER NOT NULL, chk INTEGER NOT NULL, origin INTEGER);
+-- at its end; the writer answers lookups of these keys from memory (fieldmesh.store.recentkeys). `n` counts
+-- up (a VACUUM keeps it); meta's idents_* keys say which rows are which generation.
+CREATE TABLE IF NOT EXISTS idents_recent (
+    n INTEGER PRIMARY KEY, id INTEGER NOT NULL, chk INTEGER NOT NULL, origin INTEGER
+);
 -- Raw readings: segments (fieldmesh.store.segments), read through the `readings` view.
 CREATE TABLE IF NOT EXISTS rollup_1m (
     device_id TEXT NOT NULL, metric TEXT NOT NULL, window_start_ms INTEGER NOT NULL,
@@ -140,8 +143,8 @@ UPDATE meta SET value = '4' WHERE key = 'schema_version';
 #: reads and writes the same (so the version stays 4); a writer rebuilds the keyed one on open.
 _UNKEY_RECENT = """
 ALTER TABLE idents_recent RENAME TO idents_recent_keyed;
-CREATE TABLE idents_recent (id INTEGER NOT NULL, chk INTEGER NOT NULL, origin INTEGER);
-INSERT INTO idents_recent SELECT id, chk, origin FROM idents_recent_keyed;
+CREATE TABLE idents_recent (n INTEGER PRIMARY KEY, id INTEGER NOT NULL, chk INTEGER NOT NULL, origin INTEGER);
+INSERT INTO idents_recent (id, chk, origin) SELECT id, chk, origin FROM idents_recent_keyed;
 DROP TABLE idents_recent_keyed;
 """
 
@@ -265,7 +268,9 @@ class _FoldStep(NamedTuple):
     """What a commit's fold step did (applied to the writer's memory once it commits)."""
 
     folded: int  # keys of the frozen generation moved into idents
-    frozen_upto: int  # the frozen generation's last rowid now
+    frozen_upto: int  # the frozen generation's last n now
+    dropped_upto: int  # rows of idents_recent up to this n are folded generations' (deleted a slice at a time)
+    purged_to: int  # the rows of those below this n are deleted
     swapped: bool  # the generation of new keys was frozen
 
 
@@ -398,7 +403,9 @@ class SqliteStore:
         # being folded into idents in key order, a slice per commit (only its keys not folded yet).
         self._recent = RecentKeys()
         self._frozen = RecentKeys()
-        self._frozen_upto = 0  # rows of idents_recent with rowid <= this are the frozen generation
+        # n of idents_recent: (dropped_upto, frozen_upto] the frozen generation, above it the new one, up to
+        # dropped_upto generations folded whole, whose rows are deleted a slice per commit (from purged_to on)
+        self._frozen_upto = self._dropped_upto = self._purged_to = 0
         self._fold: _FoldStep | None = None  # what the open transaction's fold step did
         if not readonly:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -587,6 +594,8 @@ class SqliteStore:
             self._keys_main += step.folded
             self._frozen.drop_front(step.folded)
             self._frozen_upto = step.frozen_upto
+            self._dropped_upto = step.dropped_upto
+            self._purged_to = step.purged_to
             if step.swapped:  # the generation of new keys is frozen now, a new one starts
                 self._frozen, self._recent = self._recent, RecentKeys()
                 self._frozen.compact()
@@ -647,6 +656,8 @@ class SqliteStore:
 
     def _load_keys(self, w: sqlite3.Connection) -> KeyFilter:
         self._frozen_upto = int(_meta(w, "idents_frozen_upto", 0))
+        self._dropped_upto = int(_meta(w, "idents_dropped_upto", 0))
+        self._purged_to = w.execute("SELECT coalesce(min(n), 0) FROM idents_recent").fetchone()[0]
         cursor = int(_meta(w, "idents_fold_cursor", _KEY_MIN))
         self._keys_main = w.execute("SELECT count(*) FROM idents").fetchone()[0]
         total = w.execute("SELECT count(*) FROM idents_recent").fetchone()[0]
@@ -656,8 +667,9 @@ class SqliteStore:
             f.add(r[0] for r in rows)
         self._recent, self._frozen = RecentKeys(), RecentKeys()
         for into, sql, args in (
-            (self._recent, "rowid > ?", (self._frozen_upto,)),
-            (self._frozen, "rowid <= ? AND id >= ?", (self._frozen_upto, cursor)),  # below the cursor: in idents
+            (self._recent, "n > ?", (self._frozen_upto,)),
+            # the frozen generation's keys from the cursor on (those below it are in idents)
+            (self._frozen, "n > ? AND n <= ? AND id >= ?", (self._dropped_upto, self._frozen_upto, cursor)),
         ):
             cur = w.execute(f"SELECT id, chk, coalesce(origin, -1) FROM idents_recent WHERE {sql}", args)
             while rows := cur.fetchmany(100_000):
@@ -680,15 +692,19 @@ class SqliteStore:
         next one is half full. Each ``idents`` page is then written about once per generation, and no commit
         carries a whole fold (it took 0.3 s for 131,072 keys, more as ``idents`` grows). Folded keys of the
         frozen generation stay in ``idents_recent`` (below the cursor kept in ``meta``) until the generation
-        is done; then its rows go at once (a rowid range).
+        is done; then its rows are deleted a range of n per commit (all at once took 60-90 ms).
         """
         target = max(_FOLD_MIN, min(self._keys_main // 8, _FOLD_MAX))
         remaining = len(self._frozen)
-        upto = self._frozen_upto
+        upto, dropped, purged = self._frozen_upto, self._dropped_upto, self._purged_to
+        if purged <= dropped:  # rows of folded generations left: a slice of them
+            purged = min(dropped + 1, purged + max(4096, 4 * claimed))
+            # (never the last row: n would start again at 1 in an empty table)
+            w.execute("DELETE FROM idents_recent WHERE n < ? AND n < (SELECT max(n) FROM idents_recent)", (purged,))
         n = 0
         if remaining and claimed:
-            n = remaining if self._keys_recent + claimed >= target else min(
-                remaining, -(-remaining * claimed * 2 // target))
+            budget = target // 2 - self._keys_recent  # new keys to come before the generation should be done
+            n = remaining if budget <= claimed else -(-remaining * claimed // budget)
             ids, chks, origins = self._frozen.compact()
             org: NDArray[Any] = origins[:n]
             if n and org.min() < 0:
@@ -698,17 +714,16 @@ class SqliteStore:
                           zip(ids[:n].tolist(), chks[:n].tolist(), org.tolist(), strict=True))
             if n < remaining:
                 _set_meta(w, "idents_fold_cursor", int(ids[n]))
-            else:  # the generation is in idents: its rows go
-                w.execute("DELETE FROM idents_recent WHERE rowid <= ?", (upto,))
-                # (this commit's claims stay, rowids above it: the next ones keep counting up)
-                _set_meta(w, "idents_frozen_upto", upto)
+            else:  # the generation is in idents: its rows go, a slice per commit from the next on
+                dropped = upto
+                _set_meta(w, "idents_dropped_upto", dropped)
         swapped = False
         if remaining == n and self._keys_recent + claimed >= target:  # freeze the new generation
-            upto = w.execute("SELECT coalesce(max(rowid), 0) FROM idents_recent").fetchone()[0]
+            upto = w.execute("SELECT coalesce(max(n), 0) FROM idents_recent").fetchone()[0]
             _set_meta(w, "idents_frozen_upto", upto)
             _set_meta(w, "idents_fold_cursor", _KEY_MIN)
             swapped = True
-        return _FoldStep(n, upto, swapped)
+        return _FoldStep(n, upto, dropped, purged, swapped)
 
     def _merge_rollups(self, w: sqlite3.Connection, interval: str, wd: WindowDeltas) -> None:
         """Merge one interval's deltas into its rollup rows.
