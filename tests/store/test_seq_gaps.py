@@ -220,7 +220,7 @@ def _downgrade_to_v1(url: str) -> None:
     ]  # fmt: skip
     if url.startswith("sqlite:///"):
         # one identity table (keys land in idents_recent since version 4)
-        stmts = ["INSERT INTO idents SELECT * FROM idents_recent", "DROP TABLE idents_recent", *stmts]
+        stmts = ["INSERT INTO idents SELECT id, chk, origin FROM idents_recent", "DROP TABLE idents_recent", *stmts]
         con = sqlite3.connect(url[len("sqlite:///") :])
         for s in stmts:
             con.execute(s)

@@ -327,7 +327,7 @@ def test_a_version_2_store_migrates_to_version_3(store_url: str) -> None:
     s.close()
     keys = "idents" if store_url.startswith("sqlite:///") else "reading_keys"
     # what version 2 was: one identity table (SQLite keys land in idents_recent since version 4), no origins
-    one_table = (["INSERT INTO idents SELECT * FROM idents_recent", "DROP TABLE idents_recent"]
+    one_table = (["INSERT INTO idents SELECT id, chk, origin FROM idents_recent", "DROP TABLE idents_recent"]
                  if store_url.startswith("sqlite:///") else [])
     _sql(store_url, [*one_table, f"ALTER TABLE {keys} DROP COLUMN origin",
                      "UPDATE meta SET value = '2' WHERE key = 'schema_version'"])

@@ -228,3 +228,37 @@ def test_a_generation_is_folded_in_even_slices(tmp_path: Path, monkeypatch: pyte
         store.close()
     assert sum(folded) >= 5000  # generations were folded
     assert max(folded) <= 60, sorted(folded)[-5:]  # ~40 a commit (2,000 over 50), never the rest at once
+
+
+def test_a_recent_table_made_again_starts_new_generations(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The generations' marks in ``meta`` outlive an ``idents_recent`` made again (its keys moved to ``idents``
+    by hand, as the downgrade tests do): its new rows are new keys, not a generation already folded."""
+    monkeypatch.setattr(sqlite_store, "_FOLD_MIN", 16)
+    items, rs = sent(8, 200)
+    recs = records(rs, [2])
+    path = tmp_path / "store.db"
+    url = f"sqlite:///{path}"
+    s = load_store(url)
+    commit_in_chunks(s, recs[: len(recs) // 2], 2)
+    s.close()
+    con = sqlite3.connect(path)
+    assert con.execute("SELECT value FROM meta WHERE key = 'idents_frozen_upto'").fetchone()[0] != "0"
+    con.execute("INSERT OR IGNORE INTO idents SELECT id, chk, origin FROM idents_recent")
+    con.execute("DROP TABLE idents_recent")
+    con.execute("CREATE TABLE idents_recent (n INTEGER PRIMARY KEY, id INTEGER NOT NULL, chk INTEGER NOT NULL,"
+                " origin INTEGER)")
+    con.commit()
+    con.close()
+    s = load_store(url)
+    try:
+        for i in range(0, len(recs), 2):  # re-opened after each commit: each time from the table
+            commit_in_chunks(s, recs[i : i + 2], 2)
+            s.close()
+            s = load_store(url)
+        assert_oracle(s, items)
+        commit_in_chunks(s, records(rs, [3], start=10_000), 2)
+        assert s.stats().duplicates == len(rs) - len(items) + len(rs)
+        main, recent = _counts(path)
+        assert main + recent == s.stats().stored
+    finally:
+        s.close()

@@ -28,6 +28,7 @@ from fieldmesh.core.exact import parse_exact
 from fieldmesh.store import segments
 from fieldmesh.store.base import INTERVALS, DeviceSummary, HotTxn, Position, QueryResult, SqlTxn, StoreStats
 from fieldmesh.store.batchrows import answers, device_aggs, write_via_commit
+from fieldmesh.store.checkpointer import Checkpointer
 from fieldmesh.store.keyfilter import KeyFilter
 from fieldmesh.store.recentkeys import RecentKeys
 from fieldmesh.store.rollup import exact_columns, merge_acc
@@ -137,6 +138,7 @@ UPDATE meta SET value = '3' WHERE key = 'schema_version';
 """
 #: Version 3 -> 4: ``idents_recent`` (created empty by the schema script); nothing moves.
 _MIGRATE_3_4 = """
+DELETE FROM meta WHERE key IN ('idents_frozen_upto', 'idents_dropped_upto', 'idents_fold_cursor');
 UPDATE meta SET value = '4' WHERE key = 'schema_version';
 """
 #: ``idents_recent`` as first made in version 4 was keyed by ``id``; it is now in arrival order. Either shape
@@ -146,6 +148,7 @@ ALTER TABLE idents_recent RENAME TO idents_recent_keyed;
 CREATE TABLE idents_recent (n INTEGER PRIMARY KEY, id INTEGER NOT NULL, chk INTEGER NOT NULL, origin INTEGER);
 INSERT INTO idents_recent (id, chk, origin) SELECT id, chk, origin FROM idents_recent_keyed;
 DROP TABLE idents_recent_keyed;
+DELETE FROM meta WHERE key IN ('idents_frozen_upto', 'idents_dropped_upto', 'idents_fold_cursor');
 """
 
 
@@ -155,7 +158,8 @@ DROP TABLE idents_recent_keyed;
 #: and synced both files (a quarter of a small batch's wall time in a profile). A checkpoint now comes every ~10
 #: small batches and copies each page once however often it changed meanwhile (docs/alerts.md#latency: a small
 #: batch's median apply 12 -> 6-9 ms; bulk throughput unchanged). The cost: a WAL file of up to ~40 MB beside
-#: the store (SQLite reuses it; it goes when the last connection closes).
+#: the store (SQLite reuses it; it goes when the last connection closes). The checkpoint runs on a thread of its
+#: own (:mod:`fieldmesh.store.checkpointer`) at this mark; the writer's own, in its commit, only at 4x it.
 _WAL_AUTOCHECKPOINT_PAGES: Final = 10_000
 
 # -- the read-only guard -------------------------------------------------------------------------
@@ -407,10 +411,12 @@ class SqliteStore:
         # dropped_upto generations folded whole, whose rows are deleted a slice per commit (from purged_to on)
         self._frozen_upto = self._dropped_upto = self._purged_to = 0
         self._fold: _FoldStep | None = None  # what the open transaction's fold step did
+        self._checkpointer: Checkpointer | None = None
         if not readonly:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._w = self._connect(write=True)
             self._init_schema()
+            self._checkpointer = Checkpointer(self.path, _WAL_AUTOCHECKPOINT_PAGES)
         elif not self.path.exists():
             raise ConfigError(
                 f"no fieldmesh store at {self.path}: run 'fieldmesh up' first or pass --data-dir/--store-url",
@@ -425,7 +431,7 @@ class SqliteStore:
             con = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
             _wal(con)
             con.execute("PRAGMA synchronous=NORMAL")
-            con.execute(f"PRAGMA wal_autocheckpoint={_WAL_AUTOCHECKPOINT_PAGES}")
+            con.execute(f"PRAGMA wal_autocheckpoint={4 * _WAL_AUTOCHECKPOINT_PAGES}")
             con.execute("PRAGMA cache_size=-65536")  # 64 MiB: the page cache is most of a processor's memory
             # no mmap: pages read are then the kernel's page cache, not resident in this process; its own
             # memory stays bounded by cache_size
@@ -496,6 +502,9 @@ class SqliteStore:
     def close(self) -> None:
         """Close connections."""
         if not self.readonly:
+            if self._checkpointer is not None:
+                self._checkpointer.close()
+                self._checkpointer = None
             self._w.close()
         con = getattr(self._local, "con", None)
         if con is not None:
@@ -657,7 +666,12 @@ class SqliteStore:
     def _load_keys(self, w: sqlite3.Connection) -> KeyFilter:
         self._frozen_upto = int(_meta(w, "idents_frozen_upto", 0))
         self._dropped_upto = int(_meta(w, "idents_dropped_upto", 0))
-        self._purged_to = w.execute("SELECT coalesce(min(n), 0) FROM idents_recent").fetchone()[0]
+        first, last = w.execute("SELECT coalesce(min(n), 0), coalesce(max(n), 0) FROM idents_recent").fetchone()
+        if last < self._frozen_upto:  # the table was made again (n counts up, its last row stays): all new keys
+            for key in ("idents_frozen_upto", "idents_dropped_upto", "idents_fold_cursor"):
+                w.execute("DELETE FROM meta WHERE key = ?", (key,))
+            self._frozen_upto = self._dropped_upto = 0
+        self._purged_to = first
         cursor = int(_meta(w, "idents_fold_cursor", _KEY_MIN))
         self._keys_main = w.execute("SELECT count(*) FROM idents").fetchone()[0]
         total = w.execute("SELECT count(*) FROM idents_recent").fetchone()[0]
