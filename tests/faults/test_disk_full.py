@@ -49,19 +49,18 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 def fill(disk: Path, leave_bytes: int) -> Path:
-    """Write a filler file until only about ``leave_bytes`` are free (0: until ENOSPC)."""
+    """Write a filler file until only about ``leave_bytes`` are free (0: none, to the last block)."""
     path = disk / "filler"
-    chunk = b"\0" * (256 * 1024)
-    with open(path, "ab") as f:
-        try:
-            while True:
-                st = os.statvfs(disk)
-                if st.f_bavail * st.f_frsize <= leave_bytes + len(chunk):
-                    break
-                f.write(chunk)
-                f.flush()
-        except OSError:
-            pass  # the disk is full
+    with open(path, "ab", buffering=0) as f:
+        for size in (256 * 1024, 4096):  # big steps, then blocks: a 256 KiB step alone leaves up to 256 KiB
+            try:
+                while True:
+                    st = os.statvfs(disk)
+                    if st.f_bavail * st.f_frsize < leave_bytes + size:
+                        break
+                    f.write(b"\0" * size)
+            except OSError:
+                pass  # the disk is full
     return path
 
 
@@ -84,19 +83,23 @@ def wait(pred: object, timeout_s: float, what: str) -> None:
 
 def test_disk_full_loses_nothing_acknowledged(small_disk: Path) -> None:
     prefix = f"df{uuid.uuid4().hex[:6]}"
-    stream = make_stream(prefix, devices=20, per_device=150, seed=21)
+    # A small head first, then a backlog many times larger: after a checkpoint SQLite writes the WAL
+    # again from its start, so a backlog that fitted in the WAL file's size so far (what the head and
+    # the schema wrote) would be stored on a full disk, and the store would never fail.
+    stream = make_stream(prefix, devices=60, per_device=150, seed=21)
     msgs = stream["messages"]
+    head = 40
     up = Up(small_disk / "data", env={"FIELDMESH__RUNTIME__DISK_RESERVE_MB": "16",
                                       "FIELDMESH__RUNTIME__STALL_AFTER_S": "3"}).start()
     try:
         dev = RetryingPublisher(up.mqtt_port, settle_s=2.0).connect()
         third = len(msgs) // 3
-        assert dev.send(msgs[:third]) == third
+        assert dev.send(msgs[:head]) == head
         up.wait_for(lambda s: sum(s["lag"].values()) == 0 and s["received"] > 0)
         proc = child_of(up, "processor")
         assert proc is not None
         os.kill(proc.pid, signal.SIGSTOP)  # readings pile up in the bus, to meet the full disk in SQLite
-        assert dev.send(msgs[third : 2 * third]) == third
+        assert dev.send(msgs[head : 2 * third]) == 2 * third - head
         up.wait_for(lambda s: s["lag"].get("gateway", 1) == 0, timeout_s=30)
         filler = fill(small_disk, 8 << 20)  # below the reserve: the door closes
         wait(lambda: health(up).get("disk", "ok").startswith("low"), 10, "/health disk: low")
