@@ -23,6 +23,7 @@ from fieldmesh.core.model import Reading
 from fieldmesh.store import HotStore, load_store
 from fieldmesh.store.seqgaps import merge_ranges, seq_batch, seq_spans
 from fmtest.drive import commit_readings
+from fmtest.sqlitekeys import fold_recent_by_hand
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -219,9 +220,8 @@ def _downgrade_to_v1(url: str) -> None:
         f"ALTER TABLE {keys} DROP COLUMN origin", "UPDATE meta SET value = '1' WHERE key = 'schema_version'",
     ]  # fmt: skip
     if url.startswith("sqlite:///"):
-        # one identity table (keys land in idents_recent since version 4)
-        stmts = ["INSERT INTO idents SELECT id, chk, origin FROM idents_recent", "DROP TABLE idents_recent", *stmts]
         con = sqlite3.connect(url[len("sqlite:///") :])
+        fold_recent_by_hand(con)  # one identity table (keys land in idents_recent since version 4)
         for s in stmts:
             con.execute(s)
         con.commit()

@@ -38,6 +38,7 @@ from fieldmesh.stream.base import StreamState
 from fmtest import oracle
 from fmtest.claims import ClaimStore
 from fmtest.drive import commit_readings, commit_records, state_of
+from fmtest.sqlitekeys import fold_recent_by_hand
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -326,10 +327,13 @@ def test_a_version_2_store_migrates_to_version_3(store_url: str) -> None:
     before = snapshot(s)
     s.close()
     keys = "idents" if store_url.startswith("sqlite:///") else "reading_keys"
-    # what version 2 was: one identity table (SQLite keys land in idents_recent since version 4), no origins
-    one_table = (["INSERT INTO idents SELECT id, chk, origin FROM idents_recent", "DROP TABLE idents_recent"]
-                 if store_url.startswith("sqlite:///") else [])
-    _sql(store_url, [*one_table, f"ALTER TABLE {keys} DROP COLUMN origin",
+    if store_url.startswith("sqlite:///"):  # one identity table (SQLite keys land in idents_recent since 4)
+        con = sqlite3.connect(store_url[len("sqlite:///") :])
+        fold_recent_by_hand(con)
+        con.commit()
+        con.close()
+    # what version 2 was: no origins
+    _sql(store_url, [f"ALTER TABLE {keys} DROP COLUMN origin",
                      "UPDATE meta SET value = '2' WHERE key = 'schema_version'"])
     with pytest.raises(StoreSchemaError, match="migrates"):  # a reader cannot migrate: it says who can
         load_store(store_url, readonly=True)

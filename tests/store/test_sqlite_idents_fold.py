@@ -1,8 +1,8 @@
-"""SQLite identity keys in two tables: new keys land in ``idents_recent`` (in arrival order) and are folded
-into ``idents`` in key order, a generation at a time, a slice per commit (schema 4). Whatever table holds a
-key, claims answer alike: across folds, re-opens, rolled-back commits, the migration of a version-3 store and
-of the keyed ``idents_recent`` first made in version 4; what is stored equals the oracle and a store that
-never folded."""
+"""SQLite identity keys in two tables: new keys land in ``idents_recent`` (in arrival order, a row of packed
+keys per commit) and are folded into ``idents`` in key order, a generation at a time, a slice per commit
+(schema 5). Whatever table holds a key, claims answer alike: across folds, re-opens, rolled-back commits, the
+migration of a version-3 store and of version 4's ``idents_recent`` (a row per key, keyed by ``id`` or in
+arrival order mid-fold); what is stored equals the oracle and a store that never folded."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from fieldmesh.core.errors import StoreSchemaError
 from fieldmesh.store import load_store
 from fieldmesh.store import sqlite as sqlite_store
 from fieldmesh.store.base import HotTxn
+from fmtest.sqlitekeys import fold_recent_by_hand, recent_keys, unpack_recent
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -28,12 +29,12 @@ def _counts(path: Path) -> tuple[int, int]:
     ``idents_recent`` (its generation not done) must say there what it says in ``idents``."""
     con = sqlite3.connect(path)
     try:
-        both = con.execute("SELECT count(*), count(*) FILTER (WHERE r.chk IS NOT i.chk OR r.origin IS NOT i.origin)"
-                           " FROM idents_recent r JOIN idents i ON i.id = r.id").fetchone()
-        assert both[1] == 0, "a key folded into idents differs from its row in idents_recent"
-        recent = con.execute("SELECT count(*), count(DISTINCT id) FROM idents_recent").fetchone()
-        assert recent[0] == recent[1], "a key twice in idents_recent"
-        return con.execute("SELECT count(*) FROM idents").fetchone()[0], recent[0] - both[0]
+        recent = recent_keys(con)
+        assert len({k[1] for k in recent}) == len(recent), "a key twice in idents_recent"
+        main = {i: (c, o) for i, c, o in con.execute("SELECT id, chk, origin FROM idents")}
+        both = [k for k in recent if k[1] in main]
+        assert all(main[k[1]] == (k[2], k[3]) for k in both), "a key folded into idents differs from idents_recent"
+        return len(main), len(recent) - len(both)
     finally:
         con.close()
 
@@ -99,7 +100,7 @@ def test_claims_answer_alike_before_and_after_a_fold(tmp_path: Path, monkeypatch
         store.close()
 
 
-def test_a_version_3_store_migrates_to_version_4(tmp_path: Path) -> None:
+def test_a_version_3_store_migrates(tmp_path: Path) -> None:
     items, rs = sent(5)
     recs = records(rs, [4])
     path = tmp_path / "store.db"
@@ -109,8 +110,7 @@ def test_a_version_3_store_migrates_to_version_4(tmp_path: Path) -> None:
     before = snapshot(s)
     s.close()
     con = sqlite3.connect(path)  # what version 3 was: one identity table
-    con.execute("INSERT INTO idents SELECT id, chk, origin FROM idents_recent")
-    con.execute("DROP TABLE idents_recent")
+    fold_recent_by_hand(con)
     con.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
     con.commit()
     con.close()
@@ -173,34 +173,56 @@ def test_generations_fold_across_reopens_and_rolled_back_commits(
         plain.close()
 
 
-def test_a_keyed_recent_table_is_rebuilt_in_arrival_order(tmp_path: Path) -> None:
-    """``idents_recent`` as version 4 first made it (keyed by ``id``) is rebuilt on open, its keys kept."""
-    items, rs = sent(6)
+@pytest.mark.parametrize("keyed", [False, True])
+def test_a_version_4_store_migrates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keyed: bool) -> None:
+    """Version 4's ``idents_recent`` had a row per key: in arrival order, its marks in ``meta`` counting those
+    rows (here mid-fold: a generation frozen, part of it folded), or keyed by ``id`` as version 4 was first made.
+    A writer packs the keys not in ``idents`` yet into a row; every key stays claimed once, alike."""
+    monkeypatch.setattr(sqlite_store, "_FOLD_MIN", 16)
+    items, rs = sent(6, 200)
     recs = records(rs, [3])
     path = tmp_path / "store.db"
     url = f"sqlite:///{path}"
     s = load_store(url)
-    commit_in_chunks(s, recs[: len(recs) // 2], 2)
+    for i in range(0, len(recs), 2):
+        commit_in_chunks(s, recs[i : i + 2], 2)
+        main, pending = _counts(path)
+        con = sqlite3.connect(path)
+        held = len(recent_keys(con))
+        con.close()
+        if main and held > pending:
+            break  # a generation folded (or being folded): some keys in both tables
+    else:
+        pytest.fail("no commit left keys in both tables")
+    before = snapshot(s)
     s.close()
     con = sqlite3.connect(path)
-    con.execute("ALTER TABLE idents_recent RENAME TO r_old")
-    con.execute("CREATE TABLE idents_recent (id INTEGER PRIMARY KEY, chk INTEGER NOT NULL, origin INTEGER)")
-    con.execute("INSERT INTO idents_recent SELECT id, chk, origin FROM r_old")
-    con.execute("DROP TABLE r_old")
+    last = unpack_recent(con, keyed=keyed)
+    marks = ("idents_frozen_upto", "idents_dropped_upto")
+    for key, value in con.execute("SELECT key, value FROM meta WHERE key IN (?, ?)", marks).fetchall():
+        moved = max((v for n, v in last.items() if n <= int(value)), default=0)
+        con.execute("UPDATE meta SET value = ? WHERE key = ?", (str(moved), key))
+    if keyed:  # that table never had generations: its keys are all in one of the two tables
+        con.execute("DELETE FROM idents_recent WHERE id IN (SELECT id FROM idents)")
+        con.execute("DELETE FROM meta WHERE key LIKE 'idents_%'")
+    con.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
     con.commit()
-    keyed = con.execute("SELECT id, chk, origin FROM idents_recent ORDER BY id").fetchall()
     con.close()
-    assert keyed
+    with pytest.raises(StoreSchemaError, match="migrates"):
+        load_store(url, readonly=True)
     s = load_store(url)
     try:
         con = sqlite3.connect(path)
-        assert [c[1] for c in con.execute("PRAGMA table_info(idents_recent)") if c[5]] == ["n"]  # keyed by arrival
-        assert con.execute("SELECT id, chk, origin FROM idents_recent ORDER BY id").fetchall() == keyed
+        assert "keys" in [c[1] for c in con.execute("PRAGMA table_info(idents_recent)")]
+        assert len(recent_keys(con)) == pending  # only the keys not in idents yet
         con.close()
+        assert _counts(path) == (main, pending)
+        assert snapshot(s) == before
         commit_in_chunks(s, recs, 2)
         assert_oracle(s, items)
         commit_in_chunks(s, records(rs, [4], start=10_000), 3)
         assert s.stats().duplicates == len(rs) - len(items) + len(rs)
+        assert sum(_counts(path)) == s.stats().stored
     finally:
         s.close()
 
@@ -243,10 +265,8 @@ def test_a_recent_table_made_again_starts_new_generations(tmp_path: Path, monkey
     s.close()
     con = sqlite3.connect(path)
     assert con.execute("SELECT value FROM meta WHERE key = 'idents_frozen_upto'").fetchone()[0] != "0"
-    con.execute("INSERT OR IGNORE INTO idents SELECT id, chk, origin FROM idents_recent")
-    con.execute("DROP TABLE idents_recent")
-    con.execute("CREATE TABLE idents_recent (n INTEGER PRIMARY KEY, id INTEGER NOT NULL, chk INTEGER NOT NULL,"
-                " origin INTEGER)")
+    fold_recent_by_hand(con)
+    con.execute("CREATE TABLE idents_recent (n INTEGER PRIMARY KEY, keys BLOB NOT NULL)")
     con.commit()
     con.close()
     s = load_store(url)

@@ -41,12 +41,15 @@ T = TypeVar("T")
 
 #: 2 added ``seqs`` and ``seq_ranges`` (sequence gaps); 3 added ``idents.origin`` (the bus record that
 #: claimed the key, so a replay decides as before); 4 added ``idents_recent`` (new keys land there first,
-#: see :meth:`SqliteStore._fold_keys`). Older stores are migrated on open.
-SCHEMA_VERSION: Final = 4
+#: see :meth:`SqliteStore._fold_keys`); 5 packs a commit's new keys in one ``idents_recent`` row. Older
+#: stores are migrated on open.
+SCHEMA_VERSION: Final = 5
 #: ``idents_recent`` is folded into ``idents`` once it holds this many keys and an eighth as many as ``idents``
 #: (or ``_FOLD_MAX``: the writer holds its keys in memory, 24 bytes each).
 _FOLD_MIN: Final = 131_072
 _FOLD_MAX: Final = 2_097_152
+#: Rows of ``idents_recent`` (each the keys one commit claimed) of folded generations deleted per commit.
+_PURGE_ROWS: Final = 4
 #: Seq ranges kept in memory (they spare a read-back per device and boot); past it the cache starts over.
 _CACHE_MAX: Final = 131_072
 #: (device, metric) pairs whose latest rollup window is kept in memory, per interval (~200 bytes each);
@@ -68,11 +71,14 @@ CREATE TABLE IF NOT EXISTS idents (
 );
 -- New identities land here first and are moved into `idents` in key order, many commits at a time: random
 -- keys inserted straight into a large `idents` dirty nearly every leaf page at every commit. A key is in
--- one of the two tables, never both. In arrival order (no index on `id`): a commit's keys fill a few pages
--- at its end; the writer answers lookups of these keys from memory (fieldmesh.store.recentkeys). `n` counts
--- up (a VACUUM keeps it); meta's idents_* keys say which rows are which generation.
+-- one of the two tables (or, folded, in both alike until its generation's rows go). In arrival order, a
+-- row per commit that claimed keys: `keys` packs them (fieldmesh.store.sqlite._pack_keys), so a commit
+-- writes a few pages at the table's end and no row per key; the writer answers lookups of these keys from
+-- memory (fieldmesh.store.recentkeys). `n` counts up (a VACUUM keeps it); meta's idents_* keys say which
+-- rows are which generation.
 CREATE TABLE IF NOT EXISTS idents_recent (
-    n INTEGER PRIMARY KEY, id INTEGER NOT NULL, chk INTEGER NOT NULL, origin INTEGER
+    n INTEGER PRIMARY KEY,
+    keys BLOB NOT NULL               -- int64 little-endian: the ids, then their chks, then origins (-1: none)
 );
 -- Raw readings: segments (fieldmesh.store.segments), read through the `readings` view.
 CREATE TABLE IF NOT EXISTS rollup_1m (
@@ -136,20 +142,49 @@ _MIGRATE_2_3 = """
 ALTER TABLE idents ADD COLUMN origin INTEGER;
 UPDATE meta SET value = '3' WHERE key = 'schema_version';
 """
-#: Version 3 -> 4: ``idents_recent`` (created empty by the schema script); nothing moves.
+#: Version 3 -> 4: ``idents_recent`` (created empty by the schema script, in the shape of version 5).
 _MIGRATE_3_4 = """
 DELETE FROM meta WHERE key IN ('idents_frozen_upto', 'idents_dropped_upto', 'idents_fold_cursor');
 UPDATE meta SET value = '4' WHERE key = 'schema_version';
 """
-#: ``idents_recent`` as first made in version 4 was keyed by ``id``; it is now in arrival order. Either shape
-#: reads and writes the same (so the version stays 4); a writer rebuilds the keyed one on open.
-_UNKEY_RECENT = """
-ALTER TABLE idents_recent RENAME TO idents_recent_keyed;
-CREATE TABLE idents_recent (n INTEGER PRIMARY KEY, id INTEGER NOT NULL, chk INTEGER NOT NULL, origin INTEGER);
-INSERT INTO idents_recent (id, chk, origin) SELECT id, chk, origin FROM idents_recent_keyed;
-DROP TABLE idents_recent_keyed;
-DELETE FROM meta WHERE key IN ('idents_frozen_upto', 'idents_dropped_upto', 'idents_fold_cursor');
-"""
+#: ``_KEY_COLUMNS`` int64 columns a key in ``idents_recent.keys``: id, chk, origin.
+_KEY_COLUMNS: Final = 3
+
+
+def _pack_keys(ids: NDArray[np.int64], chks: NDArray[np.int64], origins: NDArray[np.int64]) -> bytes:
+    """One ``idents_recent`` row's ``keys``: the ids, then the chks, then the origins (-1: none), int64 LE."""
+    return np.concatenate((ids, chks, origins)).astype("<i8", copy=False).tobytes()
+
+
+def _unpack_keys(blob: bytes) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]]:
+    """(ids, chks, origins) of an ``idents_recent`` row (see :func:`_pack_keys`)."""
+    if len(blob) % (8 * _KEY_COLUMNS):
+        raise FieldmeshError(f"an idents_recent row of {len(blob)} bytes: not whole keys (the store is damaged)")
+    a = np.frombuffer(blob, dtype="<i8").astype(np.int64).reshape(_KEY_COLUMNS, -1)
+    return a[0], a[1], a[2]
+
+
+def _migrate_4_5(w: sqlite3.Connection) -> None:
+    """Version 4 -> 5: the keys of ``idents_recent`` not in ``idents`` yet packed into one row (a row per key
+    before: in arrival order, or keyed by ``id`` as version 4 was first made); they are then one generation,
+    the marks start over. Keys already folded (their rows still there) are in ``idents``: left out."""
+    cols = [c[1] for c in w.execute("PRAGMA table_info(idents_recent)")]
+    if "keys" not in cols:
+        where = "1"
+        args: tuple[int, ...] = ()
+        if "n" in cols:  # arrival order: the frozen generation's keys below its cursor, and older, are folded
+            upto = _meta(w, "idents_frozen_upto", 0)
+            where = "n > ? OR (n > ? AND id >= ?)"
+            args = (upto, _meta(w, "idents_dropped_upto", 0), _meta(w, "idents_fold_cursor", _KEY_MIN))
+        rows = w.execute(f"SELECT id, chk, coalesce(origin, -1) FROM idents_recent WHERE {where} ORDER BY id",
+                         args).fetchall()
+        w.execute("DROP TABLE idents_recent")
+        w.execute("CREATE TABLE idents_recent (n INTEGER PRIMARY KEY, keys BLOB NOT NULL)")
+        if rows:
+            ids, chks, origins = np.array(rows, dtype=np.int64).reshape(-1, _KEY_COLUMNS).T
+            w.execute("INSERT INTO idents_recent (keys) VALUES (?)", (_pack_keys(ids, chks, origins),))
+    w.execute("DELETE FROM meta WHERE key IN ('idents_frozen_upto', 'idents_dropped_upto', 'idents_fold_cursor')")
+    w.execute("UPDATE meta SET value = '5' WHERE key = 'schema_version'")
 
 
 #: The writer checkpoints the WAL into the database once it holds this many pages (SQLite's default is 1,000).
@@ -365,15 +400,8 @@ class _Txn(_Sql):
             new = new[np.argsort(keys[new], kind="stable")]
             if len(new) > 1 and not np.all(np.diff(keys[new])):  # the engines claim each key once a call
                 raise FieldmeshError("claim_keys was given the same new key twice")
-            org: NDArray[Any] = origins[new]
-            if org.min() < 0:  # -1: no origin, stored as NULL
-                org = org.astype(object)
-                org[origins[new] < 0] = None
-            self._w.executemany(
-                "INSERT INTO idents_recent (id, chk, origin) VALUES (?, ?, ?)",
-                zip(keys[new].tolist(), chks[new].tolist(), org.tolist(), strict=True),
-            )
             claim = (keys[new], np.asarray(chks, dtype=np.int64)[new], np.asarray(origins, dtype=np.int64)[new])
+            self._w.execute("INSERT INTO idents_recent (keys) VALUES (?)", (_pack_keys(*claim),))
             self.claimed.append(claim)
             self.mine.add(*claim)
         return out
@@ -465,18 +493,15 @@ class SqliteStore:
             segments.migrate_rows_table(w)  # the readings view (over a pre-segment table, if there is one)
             if row is None:
                 w.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            elif row[0] in ("1", "2", "3"):
-                script = (_MIGRATE_1_2 if row[0] == "1" else "") + (_MIGRATE_2_3 if row[0] != "3" else "")
-                script += _MIGRATE_3_4
+            elif row[0] in ("1", "2", "3", "4"):
+                script = (_MIGRATE_1_2 if row[0] == "1" else "") + (_MIGRATE_2_3 if row[0] in "12" else "")
+                script += _MIGRATE_3_4 if row[0] != "4" else ""
                 if any(c[1] == "origin" for c in w.execute("PRAGMA table_info(idents)")):
                     script = script.replace("ALTER TABLE idents ADD COLUMN origin INTEGER;", "")
                 for stmt in script.split(";"):
                     if stmt.strip():
                         w.execute(stmt)
-            if any(c[1] == "id" and c[5] for c in w.execute("PRAGMA table_info(idents_recent)")):
-                for stmt in _UNKEY_RECENT.split(";"):
-                    if stmt.strip():
-                        w.execute(stmt)
+                _migrate_4_5(w)
             w.execute("COMMIT")
         except BaseException:
             w.execute("ROLLBACK")
@@ -674,7 +699,8 @@ class SqliteStore:
         self._purged_to = first
         cursor = int(_meta(w, "idents_fold_cursor", _KEY_MIN))
         self._keys_main = w.execute("SELECT count(*) FROM idents").fetchone()[0]
-        total = w.execute("SELECT count(*) FROM idents_recent").fetchone()[0]
+        size = w.execute("SELECT coalesce(sum(length(keys)), 0) FROM idents_recent").fetchone()[0]
+        total = size // (8 * _KEY_COLUMNS)
         f = KeyFilter(2 * (self._keys_main + total))
         cur = w.execute("SELECT id FROM idents")
         while rows := cur.fetchmany(100_000):
@@ -682,12 +708,14 @@ class SqliteStore:
         self._recent, self._frozen = RecentKeys(), RecentKeys()
         for into, sql, args in (
             (self._recent, "n > ?", (self._frozen_upto,)),
-            # the frozen generation's keys from the cursor on (those below it are in idents)
-            (self._frozen, "n > ? AND n <= ? AND id >= ?", (self._dropped_upto, self._frozen_upto, cursor)),
+            (self._frozen, "n > ? AND n <= ?", (self._dropped_upto, self._frozen_upto)),
         ):
-            cur = w.execute(f"SELECT id, chk, coalesce(origin, -1) FROM idents_recent WHERE {sql}", args)
-            while rows := cur.fetchmany(100_000):
-                ids, chks, origins = np.array(rows, dtype=np.int64).reshape(-1, 3).T
+            cur = w.execute(f"SELECT keys FROM idents_recent WHERE {sql}", args)
+            while rows := cur.fetchmany(256):
+                ids, chks, origins = (np.concatenate(c) for c in zip(*(_unpack_keys(r[0]) for r in rows), strict=True))
+                if into is self._frozen:  # its keys from the cursor on (those below it are in idents)
+                    at = ids >= cursor
+                    ids, chks, origins = ids[at], chks[at], origins[at]
                 f.add(ids)
                 into.add(ids, chks, origins)
         self._frozen.compact()
@@ -697,22 +725,22 @@ class SqliteStore:
     def _fold_keys(self, w: sqlite3.Connection, claimed: int) -> _FoldStep:
         """Move keys of ``idents_recent`` into ``idents`` in key order, a slice per commit (in its transaction).
 
-        Why: the keys of a batch are random, and inserted straight into a large ``idents`` they dirty nearly
-        every leaf page, which each commit then writes (and the checkpoint writes again). ``idents_recent``
-        is in arrival order: they fill a few pages at its end. Its keys come in generations: once the new
-        generation holds an eighth as many keys as ``idents`` (at least ``_FOLD_MIN``, at most
-        ``_FOLD_MAX``) it is frozen, and the commits that follow fold it into ``idents`` in key order, each
-        a slice in proportion to the keys it claims, so that the whole generation is folded by the time the
-        next one is half full. Each ``idents`` page is then written about once per generation, and no commit
-        carries a whole fold (it took 0.3 s for 131,072 keys, more as ``idents`` grows). Folded keys of the
-        frozen generation stay in ``idents_recent`` (below the cursor kept in ``meta``) until the generation
-        is done; then its rows are deleted a range of n per commit (all at once took 60-90 ms).
+        Why: the keys of a batch are random, and inserted straight into a large ``idents`` they dirty nearly every
+        leaf page, which each commit then writes (and the checkpoint writes again). ``idents_recent`` is in arrival
+        order, a row of packed keys per commit: they fill a few pages at its end. Its keys come in generations: once
+        the new generation holds an eighth as many keys as ``idents`` (at least ``_FOLD_MIN``, at most
+        ``_FOLD_MAX``) it is frozen, and the commits that follow fold it into ``idents`` in key order, each a slice
+        in proportion to the keys it claims, so that the whole generation is folded by the time the next one is half
+        full. Each ``idents`` page is then written about once per generation, and no commit carries a whole fold (it
+        took 0.3 s for 131,072 keys, more as ``idents`` grows). Folded keys of the frozen generation stay in
+        ``idents_recent`` (below the cursor kept in ``meta``) until the generation is done; then its rows are
+        deleted ``_PURGE_ROWS`` per commit (with a row per key, all at once took 60-90 ms).
         """
         target = max(_FOLD_MIN, min(self._keys_main // 8, _FOLD_MAX))
         remaining = len(self._frozen)
         upto, dropped, purged = self._frozen_upto, self._dropped_upto, self._purged_to
-        if purged <= dropped:  # rows of folded generations left: a slice of them
-            purged = min(dropped + 1, purged + max(4096, 4 * claimed))
+        if purged <= dropped:  # rows of folded generations left: a few (each a commit's keys) a commit
+            purged = min(dropped + 1, purged + _PURGE_ROWS)
             # (never the last row: n would start again at 1 in an empty table)
             w.execute("DELETE FROM idents_recent WHERE n < ? AND n < (SELECT max(n) FROM idents_recent)", (purged,))
         n = 0
