@@ -17,8 +17,13 @@ MALFORMED_REASONS = {
 }
 
 
-def make_stream(prefix: str, *, devices: int = 12, per_device: int = 120, seed: int = 7) -> dict[str, Any]:
-    """Return the valid readings sent (with duplicates) and the MQTT messages to publish."""
+def make_stream(
+    prefix: str, *, devices: int = 12, per_device: int = 120, seed: int = 7, first_seq: int = 0
+) -> dict[str, Any]:
+    """Return the valid readings sent (with duplicates) and the MQTT messages to publish.
+
+    Each device's seqs run from ``first_seq`` (a test may send a reading before them).
+    """
     rnd = random.Random(seed)
     now = int(time.time() * 1000)
     start = now - 2 * 3_600_000  # spans hour boundaries
@@ -26,13 +31,14 @@ def make_stream(prefix: str, *, devices: int = 12, per_device: int = 120, seed: 
     for d in range(devices):
         dev = f"{prefix}-{d:03d}"
         for i in range(per_device):
-            r: dict[str, Any] = {"ts": start + i * 30_000 + rnd.randint(0, 999), "seq": i, "boot_id": "b1",
+            r: dict[str, Any] = {"ts": start + i * 30_000 + rnd.randint(0, 999), "seq": first_seq + i, "boot_id": "b1",
                                  "measurements": {"temperature": round(rnd.gauss(20, 5), 3),
                                                   "vibration": rnd.random() / 10}}
             if i % 17 == 0:
                 r["measurements"]["door_open"] = rnd.random() < 0.5
             readings.append((dev, r))
-    very_late = [(dev, r) for dev, r in readings if r["seq"] < 5]  # sent last: their windows are long closed
+    # sent last: their windows are long closed
+    very_late = [(dev, r) for dev, r in readings if r["seq"] < first_seq + 5]
     rest = [x for x in readings if x not in very_late]
     rnd.shuffle(rest)  # out of order
     dups = rnd.sample(rest, len(rest) // 10)
