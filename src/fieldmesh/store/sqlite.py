@@ -857,10 +857,8 @@ class SqliteStore:
         }
         values, avgs, texts = exact_columns(count, m, e)
         w.executemany(
-            # an upsert, not INSERT OR REPLACE: over a row that exists it costs a third (measured, WITHOUT ROWID)
-            f"INSERT INTO {table} VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT DO UPDATE SET count = excluded.count,"
-            " sum = excluded.sum, min = excluded.min, max = excluded.max, avg = excluded.avg,"
-            " sum_exact = excluded.sum_exact",
+            # (an upsert measured no cheaper over rows that exist: bench/rollup_write.py)
+            f"INSERT OR REPLACE INTO {table} VALUES (?,?,?,?,?,?,?,?,?)",
             zip(dev, met, ws, count, values, mn, mx, avgs, texts, strict=True),
         )
 
@@ -941,8 +939,7 @@ class SqliteStore:
         staged = {k: (v, listed.get(k, False) or k in start) for k, v in ranges.items()}
         self._staged_ranges = staged
         w.executemany(
-            "INSERT INTO seq_ranges VALUES (?,?,?,?,?,?) ON CONFLICT DO UPDATE SET min_seq = excluded.min_seq,"
-            " max_seq = excluded.max_seq, n = excluded.n, listed = excluded.listed",
+            "INSERT OR REPLACE INTO seq_ranges VALUES (?,?,?,?,?,?)",
             [(*k, *v, int(ls)) for k, (v, ls) in staged.items()],
         )
         return delta
