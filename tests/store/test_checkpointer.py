@@ -36,3 +36,28 @@ def test_the_store_checkpoints_on_its_own_thread(tmp_path: Path, monkeypatch: py
     finally:
         store.close()
     assert store._checkpointer is None  # type: ignore[attr-defined]  # stopped with the store
+
+
+def test_a_long_wal_starts_over_before_the_writers_own_checkpoint(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The thread's checkpoints end while the writer is inside a transaction, and only a writer that starts one
+    with every frame copied starts the WAL over: without the writer's own checkpoint of what is left, the WAL grew
+    to the writer's automatic checkpoint, which runs inside a commit (20-75 ms at the default size)."""
+    monkeypatch.setattr(sqlite_store, "_WAL_AUTOCHECKPOINT_PAGES", 40)  # long at 40 frames; the writer's mark: 160
+    path = tmp_path / "hot.db"
+    store = load_store(f"sqlite:///{path}")
+    try:
+        cp = store._checkpointer  # type: ignore[attr-defined]
+        items, rs = sent(12, 400)
+        recs = records(rs, [2])
+        deadline = time.monotonic() + 60
+        start = 1
+        while cp.restarts < 3 and time.monotonic() < deadline:  # small commits, with room for the thread
+            for r in records(rs, [2], start=start):
+                commit_in_chunks(store, [r], 1)
+                time.sleep(0.01)
+            start += len(recs)
+        assert cp.restarts >= 3 and cp.failures == 0  # the writer copied what was left and the WAL started over
+        assert_oracle(store, items)
+    finally:
+        store.close()

@@ -607,6 +607,15 @@ class SqliteStore:
         """Start the write transaction; drop caches another connection's commits may have made stale.
 
         Returns the key filter, loaded if it had to be."""
+        ck = self._checkpointer
+        if ck is not None and ck.long():  # what the checkpointer has not copied yet; the WAL then starts over
+            try:
+                busy, frames, done = w.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            except sqlite3.Error:  # a full disk: the transaction says so, or the automatic checkpoint does it
+                pass
+            else:
+                if not busy and frames == done:
+                    ck.started_over()
         w.execute("BEGIN IMMEDIATE")
         dv = w.execute("PRAGMA data_version").fetchone()[0]
         if dv != self._data_version:  # another connection committed: our caches may be stale
