@@ -1,5 +1,5 @@
-"""Rollup row writes in SQLite, side by side: ``INSERT OR REPLACE`` (before) against an upsert (``INSERT ...
-ON CONFLICT DO UPDATE``, what the store writes now), over rows that exist and over new rows.
+"""Rollup row writes in SQLite, side by side: ``INSERT OR REPLACE`` (what the store writes) against an upsert
+(``INSERT ... ON CONFLICT DO UPDATE``, measured no cheaper, so not taken), over rows that exist and new rows.
 
 The hot store's own ``rollup_1m`` table (a store made in a temporary directory, its pragmas), filled with
 ``--devices`` devices x 3 metrics x 60 minutes; then, ``--rounds`` times, a transaction per statement kind

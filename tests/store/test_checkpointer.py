@@ -49,11 +49,11 @@ def test_a_long_wal_starts_over_before_the_writers_own_checkpoint(tmp_path: Path
     try:
         cp = store._checkpointer  # type: ignore[attr-defined]
         items, rs = sent(12, 400)
-        recs = records(rs, [2])
         deadline = time.monotonic() + 60
         start = 1
         while cp.restarts < 3 and time.monotonic() < deadline:  # small commits, with room for the thread
-            for r in records(rs, [2], start=start):
+            recs = records(rs, [2], start=start)
+            for r in recs:
                 commit_in_chunks(store, [r], 1)
                 time.sleep(0.01)
             start += len(recs)

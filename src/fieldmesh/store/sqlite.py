@@ -425,9 +425,9 @@ class SqliteStore:
         # per interval, (device, metric) -> the latest window start stored (no later window is in the table)
         self._latest: dict[str, dict[tuple[str, str], int]] = {i: {} for i in INTERVALS}
         self._staged_latest: dict[str, dict[tuple[str, str], int]] = {i: {} for i in INTERVALS}
-        # per interval, (device, metric) -> (window start, count, m, e, min, max) of that latest window as this
-        # writer last wrote it (merged from memory when touched again); dropped by any transact() (its SQL
-        # may change rollup rows without another connection's commit)
+        # per interval, (device, metric) -> (window start, count, m, e, min, max) of the window this writer last
+        # wrote for the pair, mostly its latest (merged from memory when touched again); dropped by any
+        # transact() (its SQL may change rollup rows without another connection's commit)
         self._latest_acc: dict[str, dict[tuple[str, str], _Acc]] = {i: {} for i in INTERVALS}
         self._staged_acc: dict[str, dict[tuple[str, str], _Acc]] = {i: {} for i in INTERVALS}
         self._known_metrics: set[tuple[str, str]] = set()
