@@ -61,3 +61,24 @@ def test_a_long_wal_starts_over_before_the_writers_own_checkpoint(tmp_path: Path
         assert_oracle(store, items)
     finally:
         store.close()
+
+
+def test_a_burst_after_a_quiet_spell_is_checkpointed_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The thread paces itself by the writer's count of transactions, not by a wait that grew while nothing was
+    written (up to 2 s: a burst then filled the WAL to the writer's automatic checkpoint, inside a commit)."""
+    monkeypatch.setattr(sqlite_store, "_WAL_AUTOCHECKPOINT_PAGES", 40)
+    store = load_store(f"sqlite:///{tmp_path / 'hot.db'}")
+    try:
+        cp = store._checkpointer  # type: ignore[attr-defined]
+        items, rs = sent(13, 300)
+        recs = records(rs, [40])
+        commit_in_chunks(store, recs[:2], 1)  # what a transaction adds is learnt
+        time.sleep(2.5)  # quiet
+        before, t0 = cp.checkpoints, time.monotonic()
+        commit_in_chunks(store, recs[2:], 1)  # well over 40 frames
+        while cp.checkpoints == before and time.monotonic() - t0 < 5:
+            time.sleep(0.01)
+        assert cp.checkpoints > before and time.monotonic() - t0 < 0.5
+        assert_oracle(store, items)
+    finally:
+        store.close()

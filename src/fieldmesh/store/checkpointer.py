@@ -4,10 +4,12 @@ SQLite checkpoints a WAL database from inside the commit that pushes the WAL pas
 pages: that commit copies every page of the WAL into the database and syncs both files, and the batch it
 belongs to waits (30-40 ms at 10,000 pages, the slowest commits of a stream of small batches). Here a thread
 with a connection of its own runs ``PRAGMA wal_checkpoint(PASSIVE)`` while the writer goes on (a passive
-checkpoint takes no lock a writer needs), about every ``pages`` frames: it times the next checkpoint from
-the frames the WAL gained since the last (SQLite reports them), so each copies about as much as the
-writer's own did, and a page rewritten meanwhile is copied once. Only a writer starts the WAL over, so once
-this thread finds it long the writer copies the rest before its next transaction (:meth:`Checkpointer.long`).
+checkpoint takes no lock a writer needs), about every ``pages`` frames: the writer counts its transactions,
+and the thread checkpoints once they add up to about ``pages`` frames at what a transaction added before
+(SQLite reports the WAL's length). So each checkpoint copies about as much as the writer's own did, a page
+rewritten meanwhile is copied once, and a burst after a quiet spell is met within ``_POLL_S``. Only a writer
+starts the WAL over, so each time this thread has copied every frame, the writer copies what came since (a
+batch or two) before its next transaction, and the WAL starts over (:meth:`Checkpointer.due`).
 The writer's automatic checkpoint stays, at a higher mark, in case this thread falls behind or stops.
 
 (Not read from the wal-index ``-shm`` file instead: opening and closing any file of the database in this
@@ -20,13 +22,16 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 __all__ = ["Checkpointer"]
 
 log = logging.getLogger(__name__)
 
-_MIN_S, _MAX_S = 0.05, 2.0  # bounds of the wait between checkpoints
+_POLL_S = 0.05  # how often the thread looks at the writer's count of commits
+_MAX_S = 2.0  # the longest time between checkpoints
+_CATCH_UP = 3  # checkpoints at most, one after another, of what the writer committed during the one before
 
 
 class Checkpointer:
@@ -39,53 +44,80 @@ class Checkpointer:
         self.copied = 0  # frames they copied
         self.failures = 0  # checkpoints that raised (a full disk, a lock): the next one tries again
         self.frames = 0  # the WAL's length at the last checkpoint (frames)
-        self.restarts = 0  # times the writer checkpointed a long WAL whole before a transaction (it started over)
+        self.restarts = 0  # times the writer copied the rest before a transaction, so the WAL started over
+        self._due = False  # this thread copied every frame: the writer's turn to copy the rest
+        self.commits = 0  # transactions the writer began (it counts them): the thread paces itself by them
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fm-sqlite-checkpoint", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         con: sqlite3.Connection | None = None
-        wait = 0.5
-        last_log = 0
+        last_log = seen = 0
+        per_commit = 0.0  # frames a commit adds to the WAL, learnt from the checkpoints (0: not yet)
+        commits_at, last_t = self.commits, time.monotonic()
+        small = max(1, self.pages // 50)  # frames: what the writer copies in about a millisecond
         try:
-            while not self._stop.wait(wait):
+            while not self._stop.wait(_POLL_S):
+                commits, now = self.commits, time.monotonic()
+                n = commits - commits_at
+                # about `pages` new frames since the last checkpoint (the first commits: at once, to learn
+                # their size), or _MAX_S went by (another connection may have written)
+                if now - last_t < _MAX_S and (n == 0 or (per_commit and n * per_commit < self.pages)):
+                    continue
+                commits_at, last_t = commits, now
                 try:
                     if con is None:
                         con = sqlite3.connect(self.db, isolation_level=None, check_same_thread=False, timeout=1)
                     _busy, frames, done = con.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    # again while the writer committed much during the one before: what is left for it when
+                    # it starts the WAL over (:meth:`due`) stays small
+                    for _ in range(_CATCH_UP):
+                        before, copied = frames, done
+                        if done < frames:  # a reader holds the rest: nothing more to copy now
+                            break
+                        _busy, frames, done = con.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                        if frames - before <= small or frames < before or done <= copied:
+                            break
                 except sqlite3.Error as exc:
                     self.failures += 1
                     log.debug("WAL checkpoint of %s failed: %s; trying again", self.db, exc)
-                    wait = _MAX_S
                     continue
                 if frames < 0:  # not in WAL mode (yet)
-                    wait = _MAX_S
                     continue
-                grown = frames - last_log if frames >= last_log else frames  # the WAL started over meanwhile
+                # the WAL started over meanwhile (the writer says so; a shorter WAL shows it too)
+                restarted, seen = self.restarts != seen, self.restarts
+                grown = frames if restarted or frames < last_log else frames - last_log
                 last_log = self.frames = frames
+                if n > 0 and grown > 0:
+                    per_commit = grown / n if not per_commit else 0.7 * per_commit + 0.3 * grown / n
+                if done == frames and frames > 0:  # set last: the writer reads it without a lock
+                    self._due = True
                 if done > 0 and grown > 0:
                     self.checkpoints += 1
                     self.copied += grown
-                # next time about `pages` new frames, moving the wait by at most 2x a step
-                wait = min(_MAX_S, max(_MIN_S, wait * min(2.0, max(0.5, self.pages / max(grown, 1)))))
         finally:
             if con is not None:
                 con.close()
 
-    def long(self) -> bool:
-        """Whether the WAL is long: the writer should checkpoint (PASSIVE) before its next transaction.
+    def due(self) -> bool:
+        """Whether the writer should checkpoint (PASSIVE) before its next transaction, so the WAL starts over.
 
-        Only a writer starts the WAL over, when it begins a transaction and every frame has been copied;
-        this thread's checkpoints end while the writer is inside a transaction, so without that the WAL
-        grows to the writer's automatic checkpoint, which runs inside a commit (20-75 ms of CPU every
-        ~40,000 frames of a stream of small batches, measured with ``bench/batch_cost.py``)."""
-        return self.frames >= self.pages
+        Only a writer starts the WAL over, when it begins a transaction with every frame copied; this
+        thread's checkpoints end while the writer is inside a transaction. So each time this thread has
+        copied every frame, the writer copies what was committed since (a batch or two: under a
+        millisecond) before its next one. Without it the WAL grew to the writer's automatic checkpoint,
+        which runs inside a commit (20-75 ms of CPU every ~40,000 frames of a stream of small batches);
+        waiting until the WAL was long left the writer up to a checkpoint interval of frames (up to 43 ms),
+        both measured with ``bench/batch_cost.py``."""
+        return self._due
 
-    def started_over(self) -> None:
-        """The writer checkpointed the WAL whole: it starts over."""
-        self.frames = 0
-        self.restarts += 1
+    def tried(self, started_over: bool) -> None:
+        """The writer checkpointed (:meth:`due`); ``started_over``: every frame was copied, the WAL starts over."""
+        self._due = False
+        if started_over:
+            self.frames = 0
+            self.restarts += 1
 
     def close(self) -> None:
         """Stop the thread (after the checkpoint in hand, if any)."""

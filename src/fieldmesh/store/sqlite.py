@@ -608,14 +608,15 @@ class SqliteStore:
 
         Returns the key filter, loaded if it had to be."""
         ck = self._checkpointer
-        if ck is not None and ck.long():  # what the checkpointer has not copied yet; the WAL then starts over
-            try:
-                busy, frames, done = w.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            except sqlite3.Error:  # a full disk: the transaction says so, or the automatic checkpoint does it
-                pass
-            else:
-                if not busy and frames == done:
-                    ck.started_over()
+        if ck is not None:
+            ck.commits += 1  # the checkpoint thread paces itself by them
+            if ck.due():  # what came since the thread's last full copy; the WAL then starts over
+                try:
+                    busy, frames, done = w.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                except sqlite3.Error:  # a full disk: the transaction says so, or the automatic checkpoint does it
+                    ck.tried(False)
+                else:
+                    ck.tried(not busy and frames == done)
         w.execute("BEGIN IMMEDIATE")
         dv = w.execute("PRAGMA data_version").fetchone()[0]
         if dv != self._data_version:  # another connection committed: our caches may be stale
