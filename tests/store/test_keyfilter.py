@@ -32,11 +32,12 @@ def test_false_positives_are_rare_and_growth_keeps_every_key():
     f.add(keys)
     assert f.may_contain(keys).all()
     assert f.may_contain([rnd.getrandbits(63) for _ in range(50_000)]).mean() < 0.01
-    many = keys + [rnd.getrandbits(63) for _ in range(2_000_000)]
-    f.add(many[50_000:])
-    assert f.full
-    f.rebuild(many, expected=2 * len(many))
-    assert not f.full and f.may_contain(many).all()
+    many = keys + [rnd.getrandbits(63) for _ in range(3_000_000)]
+    for i in range(50_000, len(many), 100_000):  # batch after batch: past the first layer's capacity
+        f.add(many[i:i + 100_000])
+    assert f.layers == 2 and f.count == len(many)  # grew by a layer, without the keys it had
+    assert f.may_contain(many).all()
+    assert f.may_contain([rnd.getrandbits(63) for _ in range(200_000)]).mean() < 0.02
 
 
 def _readings(dev: str, seqs: range):
@@ -73,8 +74,15 @@ def test_the_filter_stops_growing_at_its_cap_and_still_misses_no_key():
     from fieldmesh.store import keyfilter
 
     f = KeyFilter(10**9)  # asks for far more room than the cap
-    assert f.bits.nbytes == keyfilter._MAX_BITS // 8 and not f.full
+    assert f.nbytes == keyfilter._MAX_BITS // 8
     keys = np.random.default_rng(3).integers(0, 2**63, 100_000, dtype=np.int64)
     f.add(keys)
-    f.count = 10**12  # however many keys it has seen: no rebuild, no growth
-    assert not f.full and f.may_contain(keys).all()
+    f._layers[-1].count = 10**12  # however many keys it has seen: no more layers past the cap
+    f.add(keys[:10])
+    assert f.layers == 1 and f.may_contain(keys).all()
+    g = KeyFilter(10)
+    for layer in range(1, 8):  # layers of 2, 4, 8, 16 and 32 MiB, then the 2 MiB left of the 64 MiB
+        assert g.layers == min(layer, 6)
+        g._layers[-1].count = g._layers[-1].capacity
+        g.add(keys[10 * layer:10 * layer + 10])
+    assert g.layers == 6 and g.nbytes == 64 << 20 and g.may_contain(keys[10:80]).all()

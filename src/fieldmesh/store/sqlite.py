@@ -627,7 +627,7 @@ class SqliteStore:
             self._known_metrics.clear()
             self._ranges.clear()
             self._keys = None
-        if self._keys is None or self._keys.full:
+        if self._keys is None:
             self._keys = self._load_keys(w)
         for st in self._staged_latest.values():
             st.clear()
