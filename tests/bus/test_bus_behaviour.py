@@ -584,3 +584,48 @@ async def test_behind_says_whether_records_were_waiting_at_the_last_fetch(bus: B
     assert len(rest) == 5 and c.behind() is False  # caught up
     assert await c.fetch(100, 0.2) == [] and c.behind() is False
     await c.close()
+
+
+async def test_nats_fetch_answers_at_once_and_a_late_message_is_kept(embedded_nats_url: str) -> None:
+    """The NATS consumer's own pull requests: on an empty consumer a fetch waits its timeout for a first record
+    and returns as soon as one comes, and a record the server delivers after a fetch gave up is served by the
+    next fetch (never dropped)."""
+    async with load_bus(embedded_nats_url) as bus:
+        topic = await _topic(bus, partitions=1)
+        c = await bus.consumer(topic, group=_name("g"))
+        t0 = time.monotonic()
+        assert await c.fetch(10, 3.0) == [] and time.monotonic() - t0 >= 2.9  # waited: nothing came
+
+        async def later() -> None:
+            await asyncio.sleep(0.3)
+            await bus.producer().send([OutRecord(topic, 0, b"one")])
+
+        t0 = time.monotonic()
+        task = asyncio.create_task(later())
+        got = await c.fetch(10, 5.0)
+        await task
+        assert [r.value for r in got] == [b"one"] and time.monotonic() - t0 < 2.0
+        await c.ack(got)
+        puller = c._sub  # type: ignore[attr-defined]
+        # a long poll the server holds while this side stops waiting (its timeout shorter than the poll)
+        await puller.fetch(1, 0.05, expires_s=2.0)
+        await bus.producer().send([OutRecord(topic, 0, b"two")])
+        await asyncio.sleep(0.3)  # delivered to the poll nobody waits for any more
+        got = await c.fetch(10, 0.5)
+        assert [r.value for r in got] == [b"two"]
+        await c.ack(got)
+        await c.close()
+
+
+async def test_nats_fetch_of_a_deleted_consumer_is_an_error_not_silence(embedded_nats_url: str) -> None:
+    import nats.js.errors
+
+    async with load_bus(embedded_nats_url) as bus:
+        topic = await _topic(bus, partitions=1)
+        group = _name("g")
+        c = await bus.consumer(topic, group=group)
+        await bus.drop_consumer(topic, group=group)
+        with pytest.raises(nats.js.errors.APIError):  # 503: no consumer answers the pull request
+            for _ in range(3):
+                await c.fetch(10, 1.0)
+        await c.close()
