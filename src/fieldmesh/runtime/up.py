@@ -350,7 +350,9 @@ async def run_up(opts: UpOptions, *, ready: asyncio.Event | None = None) -> dict
             # The embedded nats-server is the bus, or (with --bus-url) only the MQTT door and the
             # FM_INGEST stream that captures what devices publish, before the gateway forwards it.
             # Either way it is closed: the internal user for fieldmesh, device topics for MQTT clients.
-            nats = EmbeddedNats(store_dir=data_dir / "nats",
+            # its client port: not one chosen for a listener that is not bound yet (the API's, the door's)
+            taken = {opts.http_port, opts.mqtt_port, tls.port if tls else 0}
+            nats = EmbeddedNats(store_dir=data_dir / "nats", port=free_port(avoid=taken),
                                 mqtt_port=(tls.port if tls else opts.mqtt_port) if nats_door else None,
                                 fsync=settings.bus.fsync, disk_reserve=policy.disk_reserve_mb * 2**20,
                                 auth=auth, mqtt_host=opts.mqtt_host, mqtt_tls=tls if nats_door else None,
