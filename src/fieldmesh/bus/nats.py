@@ -214,7 +214,7 @@ class _Puller:
     nats-py's ``PullSubscription.fetch`` waits for each message of a batch with a task of its own
     (``Subscription.next_msg``: a task, a timer and a uuid per message). At part load that was a large share of
     the processor's event loop, which shares the interpreter with the apply thread: with this puller the
-    alert benchmark's event -> webhook latency at 75,000 readings/s went from p50 49-59 ms to 25-26 ms. Here
+    alert benchmark's event -> webhook latency at 75,000 readings/s went from p50 44-48 ms to 24 ms. Here
     one inbox subscription with a callback (nats-py's single reader task per subscription) collects the
     messages, and a fetch waits once: until it has what it asked for, or the server ends the request (status
     404 or 408, sent after the request's messages), or its own timeout. A message that comes after a fetch gave
