@@ -586,7 +586,7 @@ async def test_behind_says_whether_records_were_waiting_at_the_last_fetch(bus: B
     await c.close()
 
 
-async def test_nats_fetch_answers_at_once_and_a_late_message_is_kept(embedded_nats_url: str) -> None:
+async def test_nats_fetch_returns_when_a_record_comes_and_a_late_message_is_kept(embedded_nats_url: str) -> None:
     """The NATS consumer's own pull requests: on an empty consumer a fetch waits its timeout for a first record
     and returns as soon as one comes, and a record the server delivers after a fetch gave up is served by the
     next fetch (never dropped)."""
