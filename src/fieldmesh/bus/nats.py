@@ -186,8 +186,10 @@ class PipelinedNatsProducer:
             self._sub = None
 
 
-#: A fetch first asks for what is there and waits this long at most for it: a round trip, with room for the
-#: interpreter lock a busy process holds in 5 ms slices (an idle consumer waits this long more at most).
+#: A fetch first asks for what the consumer has now (``no_wait``: the server answers at once, with a status
+#: after the messages when it has fewer than asked); this bounds the wait should that answer never come.
+_NO_WAIT_S = 1.0
+#: A fetch with a timeout this short or shorter does not go on to wait for a first record.
 _PROBE_S = 0.005
 
 
@@ -346,7 +348,7 @@ class NatsConsumer:
         What the consumer has now is asked for without waiting (``no_wait``); when it has nothing, one
         message is waited for, up to ``timeout_s`` (the next fetch takes what came meanwhile).
         """
-        msgs = await self._sub.fetch(n, min(timeout_s, _PROBE_S + 1.0))
+        msgs = await self._sub.fetch(n, min(timeout_s, _NO_WAIT_S))
         if msgs or timeout_s <= _PROBE_S:
             return msgs
         # the server ends the request when it expires (status 408): wait a little longer than that

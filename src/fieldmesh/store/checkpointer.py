@@ -43,7 +43,6 @@ class Checkpointer:
         self.checkpoints = 0  # passive checkpoints that copied frames
         self.copied = 0  # frames they copied
         self.failures = 0  # checkpoints that raised (a full disk, a lock): the next one tries again
-        self.frames = 0  # the WAL's length at the last checkpoint (frames)
         self.restarts = 0  # times the writer copied the rest before a transaction, so the WAL started over
         self._due = False  # this thread copied every frame: the writer's turn to copy the rest
         self.commits = 0  # transactions the writer began (it counts them): the thread paces itself by them
@@ -88,7 +87,7 @@ class Checkpointer:
                 # the WAL started over meanwhile (the writer says so; a shorter WAL shows it too)
                 restarted, seen = self.restarts != seen, self.restarts
                 grown = frames if restarted or frames < last_log else frames - last_log
-                last_log = self.frames = frames
+                last_log = frames
                 if n > 0 and grown > 0:
                     per_commit = grown / n if not per_commit else 0.7 * per_commit + 0.3 * grown / n
                 if done == frames and frames > 0:  # set last: the writer reads it without a lock
@@ -116,7 +115,6 @@ class Checkpointer:
         """The writer checkpointed (:meth:`due`); ``started_over``: every frame was copied, the WAL starts over."""
         self._due = False
         if started_over:
-            self.frames = 0
             self.restarts += 1
 
     def close(self) -> None:
