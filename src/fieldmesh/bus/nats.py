@@ -224,16 +224,16 @@ class _Puller:
     one inbox subscription with a callback (nats-py's single reader task per subscription) collects the
     messages, made records as they arrive (:meth:`NatsConsumer._record`).
 
-    ``keep_open`` (a group's consumer: the processor's) keeps one pull request open, for the last fetch's size and
-    expiring after ``_OPEN_S``: a fetch opens the next one as it returns, so what arrives while the caller works on
-    its records is delivered meanwhile and waits here as records; the next fetch takes it without a round trip to
-    the server (the processor's idle gap between two batches at 80,000 readings/s: p50 1.3 -> 0.6 ms). A fetch then
-    returns once it has what it asked for or what the server had (the last message says nothing more was pending).
-    Without it (the gateway's ingest consumer, which fetches again at once: there messages delivered one by one as
-    they arrive cost a wake-up each at one reading a message, about a tenth of end-to-end throughput in
-    ``bench/e2e.py`` case (b)), a fetch asks for what the consumer has now (``no_wait``) and, when nothing was
-    there, waits for one message with a long poll. Either way a fetch also returns when the server ends its request
-    (status 404/408/409 after its messages), or at its own timeout; a message that arrives after a fetch gave up
+    ``keep_open`` (a group's consumer: the processor's) keeps one pull request open, for the last fetch's size
+    and expiring after ``_OPEN_S``: a fetch opens the next one as it returns, so what arrives while the caller
+    works on its records is delivered meanwhile and waits here as records; the next fetch takes it without a
+    round trip to the server (the processor's idle gap between two batches at 80,000 readings/s: p50 1.3 ->
+    0.6 ms). A fetch then returns once it has what it asked for or what the server had (the last message says
+    nothing more was pending). Without it (the gateway's ingest consumer, which fetches again at once: there
+    messages delivered one by one as they arrive cost a wake-up each at one reading a message, about a tenth
+    of end-to-end throughput in ``bench/e2e.py`` case (b)), a fetch asks for what the consumer has now
+    (``no_wait``) and, when nothing was there, waits for one message with a long poll. Either way a fetch also returns when the server ends its request (status
+    404/408/409 after its messages), or at its own timeout; a message that arrives after a fetch gave up
     waiting is kept for the next fetch, never dropped.
     """
 
