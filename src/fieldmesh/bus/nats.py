@@ -232,7 +232,8 @@ class _Puller:
     nothing more was pending). Without it (the gateway's ingest consumer, which fetches again at once: there
     messages delivered one by one as they arrive cost a wake-up each at one reading a message, about a tenth
     of end-to-end throughput in ``bench/e2e.py`` case (b)), a fetch asks for what the consumer has now
-    (``no_wait``) and, when nothing was there, waits for one message with a long poll. Either way a fetch also returns when the server ends its request (status
+    (``no_wait``) and, when nothing was there, waits for
+    one message with a long poll. Either way a fetch also returns when the server ends its request (status
     404/408/409 after its messages), or at its own timeout; a message that arrives after a fetch gave up
     waiting is kept for the next fetch, never dropped.
     """
@@ -313,8 +314,6 @@ class _Puller:
 
         Raises:
             nats.js.errors.APIError: the server ended the request with an error (the consumer was deleted).
-            BackendError: a message was not a JetStream record; so is every fetch after it (a record is
-                missing here: the consumer must be made again, and resumes after what was acknowledged).
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
