@@ -617,18 +617,6 @@ async def test_nats_fetch_returns_when_a_record_comes_and_a_late_message_is_kept
         assert [r.value for r in got] == [b"two"]
         await c.ack(got)
         await c.close()
-        # an ingest-style consumer (no request kept open): what the consumer has now, else a wait for one record
-        from fieldmesh.bus.nats import NatsBus, stream_name
-
-        assert isinstance(bus, NatsBus)
-        raw = await bus.raw_consumer(stream_name(topic), _name("raw"), [f"{topic}.*"], topic=topic, ack_all=True)
-        assert [r.value for r in await raw.fetch(10, 1.0)] == [b"one", b"two"]
-        t0 = time.monotonic()
-        assert await raw.fetch(10, 0.3) == [] and time.monotonic() - t0 >= 0.29  # waited: nothing came
-        await bus.producer().send([OutRecord(topic, 0, b"three")])
-        await asyncio.sleep(0.1)
-        assert [r.value for r in await raw.fetch(10, 0.5)] == [b"three"]
-        await raw.close()
 
 
 async def test_nats_group_made_with_explicit_acks_resumes_after_its_floor(embedded_nats_url: str) -> None:

@@ -222,25 +222,19 @@ class _Puller:
     the processor's event loop, which shares the interpreter with the apply thread: with this puller the
     alert benchmark's event -> webhook latency at 75,000 readings/s went from p50 44-48 ms to 24 ms. Here
     one inbox subscription with a callback (nats-py's single reader task per subscription) collects the
-    messages, made records as they arrive (:meth:`NatsConsumer._record`).
+    messages.
 
-    ``keep_open`` (a group's consumer: the processor's) keeps one pull request open, for the last fetch's size
-    and expiring after ``_OPEN_S``: a fetch opens the next one as it returns, so what arrives while the caller
-    works on its records is delivered meanwhile and waits here as records; the next fetch takes it without a
-    round trip to the server (the processor's idle gap between two batches at 80,000 readings/s: p50 1.3 ->
-    0.6 ms). A fetch then returns once it has what it asked for or what the server had (the last message says
-    nothing more was pending). Without it (the gateway's ingest consumer, which fetches again at once: there
-    messages delivered one by one as they arrive cost a wake-up each at one reading a message, about a tenth
-    of end-to-end throughput in ``bench/e2e.py`` case (b)), a fetch asks for what the consumer has now
-    (``no_wait``) and, when nothing was there, waits for
-    one message with a long poll. Either way a fetch also returns when the server ends its request (status
-    404/408/409 after its messages), or at its own timeout; a message that arrives after a fetch gave up
-    waiting is kept for the next fetch, never dropped.
+    One pull request is kept open (for the last fetch's size, expiring after ``_OPEN_S``): a fetch opens it,
+    and opens the next one as it returns, so what arrives while the caller works on its records is delivered
+    meanwhile and waits here; the next fetch takes it without a round trip to the server. A fetch returns once
+    it has what it asked for, or what the server had (the last message says nothing more was pending), or the
+    request ended (the server's status 404/408/409 after its messages, or its expiry), or at its own timeout.
+    A message that arrives after a fetch gave up waiting is kept for the next fetch; it is never dropped. At
+    most one request's messages wait here: the one opened as the last fetch returned.
     """
 
-    def __init__(self, nc: Client, stream: str, durable: str, *, keep_open: bool = False) -> None:
+    def __init__(self, nc: Client, stream: str, durable: str) -> None:
         self.nc = nc
-        self.keep_open = keep_open
         self._subject = f"{api.DEFAULT_PREFIX}.CONSUMER.MSG.NEXT.{stream}.{durable}"
         self._inbox = nc.new_inbox()
         self._buf: collections.deque[BusRecord] = collections.deque()
@@ -286,23 +280,16 @@ class _Puller:
         self._wake.set()
 
     def _ready(self, n: int) -> bool:
-        """Whether a fetch of ``n`` can return: it has them, or its request ended with some, or (an open request)
-        it has what the server had."""
+        """Whether a fetch of ``n`` can return: it has them, or what the server had, or its request ended."""
         buf = self._buf
-        return len(buf) >= n or (bool(buf) and (self._ended or (self.keep_open and self._last_pending == 0)))
+        return len(buf) >= n or (bool(buf) and (self._ended or self._last_pending == 0))
 
     def _is_open(self, now: float) -> bool:
         return self._open > 0 and now < self._open_until
 
-    async def _request(self, n: int, now: float, expires_s: float | None = _OPEN_S) -> None:
-        """A pull request for ``n``; ``expires_s`` None: what the consumer has now (``no_wait``)."""
-        self._open, self._ended = n, False
-        self._open_until = now + (expires_s or 0.0) + _GONE_S
-        body: dict[str, Any] = {"batch": n}
-        if expires_s is None:
-            body["no_wait"] = True
-        else:
-            body["expires"] = int(expires_s * 1e9)
+    async def _request(self, n: int, now: float) -> None:
+        self._open, self._open_until, self._ended = n, now + _OPEN_S + _GONE_S, False
+        body = {"batch": n, "expires": int(_OPEN_S * 1e9)}
         await self.nc.publish(self._subject, json.dumps(body).encode(), reply=self._inbox)
 
     def _take(self, n: int) -> list[BusRecord]:
@@ -318,17 +305,10 @@ class _Puller:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         self._want = n
-        probe = not self.keep_open  # without an open request: what the consumer has now, then a long poll
         while self._error is None and self._failed is None and not self._ready(n):
             now = loop.time()
             if not self._is_open(now):
-                if self.keep_open:
-                    await self._request(n - len(self._buf), now)
-                elif probe:
-                    await self._request(n, now, None)
-                    probe = False
-                else:  # nothing was there: wait for one (what comes after it waits for the next fetch)
-                    await self._request(1, now, max(min(deadline - now, _OPEN_S), 0.001))
+                await self._request(n - len(self._buf), now)
             left = min(deadline, self._open_until) - now
             if left <= 0:
                 break
@@ -344,7 +324,7 @@ class _Puller:
             raise BackendError(f"a message of {self._subject} is not a JetStream record: {self._failed!r}")
         out = self._take(n)
         self.pending = (_pending_of(out[-1].handle.reply) if out else 0) + len(self._buf)
-        if self.keep_open and not self._is_open(now := loop.time()):  # what comes while the caller works waits here
+        if not self._is_open(now := loop.time()):  # what arrives while the caller works waits here
             await self._request(n, now)
         return out
 
@@ -638,7 +618,7 @@ class NatsBus:
             rewind = await self._rewind_to(stream_name(topic), group, topic,
                                            {p: pos.get(p, 0) for p in partitions})
         return await self.raw_consumer(stream_name(topic), group, subjects, topic=topic, start_seq=start,
-                                       reset_pending=reset_pending, rewind_to=rewind, ack_all=True, keep_open=True)
+                                       reset_pending=reset_pending, rewind_to=rewind, ack_all=True)
 
     async def _rewind_to(self, stream: str, group: str, topic: str, pos: Mapping[int, int]) -> int | None:
         """Where an existing consumer must restart so that no record after ``pos`` is skipped: the lowest
@@ -674,15 +654,13 @@ class NatsBus:
         partitioned: bool = True,
         trim: bool = False,
         rewind_to: int | None = None,
-        keep_open: bool = False,
     ) -> NatsConsumer:
         """A durable pull consumer on any stream and subject filters.
 
         ``reset_pending`` (for a single owner, such as a processor replica) redelivers at once what a
         crashed predecessor had fetched but not acknowledged, instead of after ``ack_wait``.
         ``rewind_to``: an existing consumer whose acknowledged floor is at or beyond this sequence
-        restarts there (records the caller acknowledged but needs again). ``keep_open``: keep a pull request
-        open between fetches (see :class:`_Puller`).
+        restarts there (records the caller acknowledged but needs again).
         """
         durable = _SAFE.sub("_", durable)
         cfg = api.ConsumerConfig(
@@ -716,7 +694,7 @@ class NatsBus:
                     raise nats.js.errors.NotFoundError
             except nats.js.errors.NotFoundError:
                 await self.js.add_consumer(stream, cfg)
-            sub = _Puller(self.nc, stream, durable, keep_open=keep_open)
+            sub = _Puller(self.nc, stream, durable)
             await sub.start()
         except nats.js.errors.Error as exc:
             raise BackendError(f"cannot create consumer {durable} on {stream}: {exc}") from exc
