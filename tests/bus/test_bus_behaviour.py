@@ -619,30 +619,6 @@ async def test_nats_fetch_returns_when_a_record_comes_and_a_late_message_is_kept
         await c.close()
 
 
-async def test_nats_group_made_with_explicit_acks_resumes_after_its_floor(embedded_nats_url: str) -> None:
-    """A group's durable made before consumers acknowledged all up to a record (explicit acknowledgements) is
-    made again with the new policy: it resumes right after what it acknowledged, nothing skipped or replayed."""
-    from fieldmesh.bus.nats import NatsBus, stream_name
-
-    async with load_bus(embedded_nats_url) as bus:
-        assert isinstance(bus, NatsBus)
-        topic = await _topic(bus, partitions=1)
-        group = _name("g")
-        await bus.producer().send([OutRecord(topic, 0, f"r{i}".encode()) for i in range(5)])
-        old = await bus.raw_consumer(stream_name(topic), group, [f"{topic}.*"], topic=topic)  # explicit acks
-        first = await old.fetch(3, 5.0)
-        await old.ack(first)
-        await old.close()
-        new = await bus.consumer(topic, group=group)
-        rest = await new.fetch(10, 5.0)
-        assert [r.value for r in first] == [b"r0", b"r1", b"r2"] and [r.value for r in rest] == [b"r3", b"r4"]
-        await new.ack(rest[:1])  # all up to r3: r4 comes again to the next consumer of the group
-        await new.close()
-        again = await bus.consumer(topic, group=group)
-        assert [r.value for r in await again.fetch(10, 5.0)] == [b"r4"]
-        await again.close()
-
-
 async def test_nats_fetch_of_a_deleted_consumer_is_an_error_not_silence(embedded_nats_url: str) -> None:
     import nats.js.errors
 
