@@ -110,12 +110,7 @@ class Consumer(Protocol):
         ...
 
     async def ack(self, records: Sequence[BusRecord]) -> None:
-        """Acknowledge records whose effects are durable (a sole ingest consumer also trims them).
-
-        Acknowledge in the order fetched, everything fetched: a bus may take a record's acknowledgement as
-        covering every record fetched before it (NATS consumers acknowledge all up to a record, Kafka
-        commits an offset). One consumer per group fetches (two replicas never share a group on NATS).
-        """
+        """Acknowledge records whose effects are durable (a sole ingest consumer also trims them)."""
         ...
 
     def apply_fenced(

@@ -186,15 +186,11 @@ class PipelinedNatsProducer:
             self._sub = None
 
 
-#: How long the pull request a consumer keeps open between fetches waits for messages; the server then ends it
-#: (status 408) and the next fetch opens another.
-_OPEN_S = 5.0
-#: Past the open request's expiry by this much without the server's status, it is taken as gone (a reconnect).
-_GONE_S = 2.0
-
-
-def _unconverted(m: Msg) -> BusRecord:
-    raise AssertionError("a puller's messages are converted by its consumer")
+#: A fetch first asks for what the consumer has now (``no_wait``: the server answers at once, with a status
+#: after the messages when it has fewer than asked); this bounds the wait should that answer never come.
+_NO_WAIT_S = 1.0
+#: A fetch with a timeout this short or shorter does not go on to wait for a first record.
+_PROBE_S = 0.005
 
 
 def _pending_of(reply: str) -> int:
@@ -222,34 +218,21 @@ class _Puller:
     the processor's event loop, which shares the interpreter with the apply thread: with this puller the
     alert benchmark's event -> webhook latency at 75,000 readings/s went from p50 44-48 ms to 24 ms. Here
     one inbox subscription with a callback (nats-py's single reader task per subscription) collects the
-    messages.
-
-    One pull request is kept open (for the last fetch's size, expiring after ``_OPEN_S``): a fetch opens it,
-    and opens the next one as it returns, so what arrives while the caller works on its records is delivered
-    meanwhile and waits here; the next fetch takes it without a round trip to the server. A fetch returns once
-    it has what it asked for, or what the server had (the last message says nothing more was pending), or the
-    request ended (the server's status 404/408/409 after its messages, or its expiry), or at its own timeout.
-    A message that arrives after a fetch gave up waiting is kept for the next fetch; it is never dropped. At
-    most one request's messages wait here: the one opened as the last fetch returned.
+    messages, and a fetch waits once: until it has what it asked for, or the server ends the request (status
+    404 or 408, sent after the request's messages), or its own timeout. A message that comes after a fetch gave
+    up waiting is kept and served by the next fetch; it is never dropped.
     """
 
     def __init__(self, nc: Client, stream: str, durable: str) -> None:
         self.nc = nc
         self._subject = f"{api.DEFAULT_PREFIX}.CONSUMER.MSG.NEXT.{stream}.{durable}"
         self._inbox = nc.new_inbox()
-        self._buf: collections.deque[BusRecord] = collections.deque()
-        #: makes each message a record as it arrives (while the caller works on the last fetch's records)
-        self.convert: Callable[[Msg], BusRecord] = _unconverted
-        self._last_pending = 0  # the server's count of undelivered messages when the last one here came
-        self._open = 0  # messages the open pull request may still deliver (0: none open)
-        self._open_until = 0.0  # the loop time after which an open request is taken as gone
-        self._ended = False  # the server ended the last request (a status), rather than it delivering all
+        self._buf: collections.deque[Msg] = collections.deque()
+        self._ended = 0  # pull requests the server ended (a status message)
         self._error: Msg | None = None  # a status that is an error (409 consumer deleted, 503 ...)
-        self._failed: Exception | None = None  # a message that did not convert
         self._want = 0
         self._wake = asyncio.Event()
         self._sub: Any = None
-        self.pending = 0  # messages the server or this buffer still had when the last fetch returned
 
     async def start(self) -> None:
         self._sub = await self.nc.subscribe(self._inbox, cb=self._on_msg)
@@ -258,16 +241,8 @@ class _Puller:
         hdrs = msg.headers or {}
         status = hdrs.get(api.Header.STATUS.value) if not msg.data else None
         if status is None:
-            try:
-                self._buf.append(self.convert(msg))
-            except Exception as exc:  # (a subject or reply not of JetStream's form): the next fetch raises it
-                self._failed = exc
-                self._wake.set()
-                return
-            self._last_pending = pending = _pending_of(msg.reply)
-            if self._open > 0:
-                self._open -= 1
-            if len(self._buf) >= self._want or self._open == 0 or pending == 0:
+            self._buf.append(msg)
+            if len(self._buf) >= self._want:
                 self._wake.set()
             return
         if status == "100":  # an idle heartbeat (not asked for): nothing ended
@@ -275,58 +250,42 @@ class _Puller:
         # 404 no messages, 408 expired, 409 too many waiting requests: the request ended, nothing wrong
         if status not in ("404", "408") and not (status == "409" and "MaxWaiting" in hdrs.get("Description", "")):
             self._error = msg
-        self._open = 0
-        self._ended = True
+        self._ended += 1
         self._wake.set()
 
-    def _ready(self, n: int) -> bool:
-        """Whether a fetch of ``n`` can return: it has them, or what the server had, or its request ended."""
-        buf = self._buf
-        return len(buf) >= n or (bool(buf) and (self._ended or self._last_pending == 0))
-
-    def _is_open(self, now: float) -> bool:
-        return self._open > 0 and now < self._open_until
-
-    async def _request(self, n: int, now: float) -> None:
-        self._open, self._open_until, self._ended = n, now + _OPEN_S + _GONE_S, False
-        body = {"batch": n, "expires": int(_OPEN_S * 1e9)}
-        await self.nc.publish(self._subject, json.dumps(body).encode(), reply=self._inbox)
-
-    def _take(self, n: int) -> list[BusRecord]:
+    def _take(self, n: int) -> list[Msg]:
         buf = self._buf
         return [buf.popleft() for _ in range(min(n, len(buf)))]
 
-    async def fetch(self, n: int, timeout_s: float) -> list[BusRecord]:
-        """Up to ``n`` messages, as soon as there are any; waits at most ``timeout_s`` for a first one.
+    async def fetch(self, n: int, timeout_s: float, *, expires_s: float | None = None) -> list[Msg]:
+        """Up to ``n`` messages: those kept from before, else one pull request's.
+
+        ``expires_s`` None: what the consumer has now (``no_wait``); else the server waits that long for a first
+        message. Waits at most ``timeout_s`` here.
 
         Raises:
             nats.js.errors.APIError: the server ended the request with an error (the consumer was deleted).
         """
+        if self._buf:
+            return self._take(n)
+        self._want, ended = n, self._ended
+        self._wake.clear()
+        body: dict[str, Any] = {"batch": n}
+        if expires_s is None:
+            body["no_wait"] = True
+        else:
+            body["expires"] = int(expires_s * 1e9)
+        await self.nc.publish(self._subject, json.dumps(body).encode(), reply=self._inbox)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        self._want = n
-        while self._error is None and self._failed is None and not self._ready(n):
-            now = loop.time()
-            if not self._is_open(now):
-                await self._request(n - len(self._buf), now)
-            left = min(deadline, self._open_until) - now
-            if left <= 0:
-                break
-            self._wake.clear()
-            if self._ready(n) or not self._open:  # (or a request to open: the loop does)
-                continue
+        while len(self._buf) < n and self._ended == ended and (left := deadline - loop.time()) > 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), left)
+            self._wake.clear()
         if self._error is not None:
             err, self._error = self._error, None
             nats.js.errors.APIError.from_msg(err)
-        if self._failed is not None:
-            raise BackendError(f"a message of {self._subject} is not a JetStream record: {self._failed!r}")
-        out = self._take(n)
-        self.pending = (_pending_of(out[-1].handle.reply) if out else 0) + len(self._buf)
-        if not self._is_open(now := loop.time()):  # what arrives while the caller works waits here
-            await self._request(n, now)
-        return out
+        return self._take(n)
 
     async def unsubscribe(self) -> None:
         if self._sub is not None:
@@ -347,7 +306,6 @@ class NatsConsumer:
         trim: tuple[JetStreamContext, str] | None = None,
     ) -> None:
         self._sub = sub
-        sub.convert = self._record
         self._topic = topic
         self._ack_all = ack_all
         self._partitioned = partitioned
@@ -368,12 +326,14 @@ class NatsConsumer:
         if max_bytes is not None and self._avg_bytes > 0:
             n = max(1, min(max_records, int(max_bytes / self._avg_bytes)))
         try:
-            recs = await self._sub.fetch(n, timeout_s)
+            msgs = await self._pull(n, timeout_s)
         except nats.errors.ConnectionClosedError as exc:
             raise BackendUnavailable("NATS connection closed") from exc
-        self._pending = self._sub.pending
-        if not recs:
+        if not msgs:
+            self._pending = 0
             return []
+        self._pending = _pending_of(msgs[-1].reply)
+        recs = [self._record(m) for m in msgs]
         if max_bytes is None:
             return recs
         if recs:
@@ -381,6 +341,18 @@ class NatsConsumer:
             self._avg_bytes = size if not self._avg_bytes else 0.8 * self._avg_bytes + 0.2 * size
         out, self._held = split_by_bytes(recs, max_records, max_bytes)
         return out
+
+    async def _pull(self, n: int, timeout_s: float) -> list[Msg]:
+        """Up to ``n`` messages as soon as there are any, without waiting for ``n``.
+
+        What the consumer has now is asked for without waiting (``no_wait``); when it has nothing, one
+        message is waited for, up to ``timeout_s`` (the next fetch takes what came meanwhile).
+        """
+        msgs = await self._sub.fetch(n, min(timeout_s, _NO_WAIT_S))
+        if msgs or timeout_s <= _PROBE_S:
+            return msgs
+        # the server ends the request when it expires (status 408): wait a little longer than that
+        return await self._sub.fetch(1, timeout_s + 0.5, expires_s=timeout_s)
 
     def _record(self, m: Msg) -> BusRecord:
         seq, ts_ms = _ack_tokens(m.reply)
@@ -603,10 +575,6 @@ class NatsBus:
         Stream sequences are global, so a new consumer (or one whose partitions changed) starts at
         the lowest stored position + 1 of its partitions, or at the stream's start when one of them
         was never applied. Records at or below a stored position are the caller's to skip.
-
-        A group has one fetcher, which acknowledges in the order it fetched (the contract of
-        :class:`~fieldmesh.bus.base.Consumer`): the consumer acknowledges all up to a record at once
-        (``AckPolicy.ALL``), one acknowledgement per batch instead of one per record.
         """
         subjects = [f"{topic}.*"] if partitions is None else [f"{topic}.{p}" for p in sorted(partitions)]
         start: int | None = None
@@ -618,7 +586,7 @@ class NatsBus:
             rewind = await self._rewind_to(stream_name(topic), group, topic,
                                            {p: pos.get(p, 0) for p in partitions})
         return await self.raw_consumer(stream_name(topic), group, subjects, topic=topic, start_seq=start,
-                                       reset_pending=reset_pending, rewind_to=rewind, ack_all=True)
+                                       reset_pending=reset_pending, rewind_to=rewind)
 
     async def _rewind_to(self, stream: str, group: str, topic: str, pos: Mapping[int, int]) -> int | None:
         """Where an existing consumer must restart so that no record after ``pos`` is skipped: the lowest
@@ -677,11 +645,11 @@ class NatsBus:
         try:
             try:
                 info = await self.js.consumer_info(stream, durable)
-                same = sorted(info.config.filter_subjects or [info.config.filter_subject or ""]) == sorted(subjects)
-                policy = info.config.ack_policy == cfg.ack_policy  # (acknowledged one by one before 2026-12)
+                same = sorted(info.config.filter_subjects or [info.config.filter_subject or ""]) == sorted(
+                    subjects) and info.config.ack_policy == cfg.ack_policy
                 floor = info.ack_floor.stream_seq if info.ack_floor else 0
                 rewind = rewind_to is not None and rewind_to <= floor
-                if not same or not policy or (reset_pending and info.num_ack_pending) or rewind:
+                if not same or (reset_pending and info.num_ack_pending) or rewind:
                     # Delivered-but-unacknowledged messages would only come back after ack_wait: start a
                     # fresh consumer right after the acknowledged floor instead (or where the caller says
                     # when the filter changed, or when it needs acknowledged records again).
