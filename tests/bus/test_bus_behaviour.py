@@ -6,6 +6,7 @@ Each test makes its own topic and group names, so the servers are shared per ses
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import subprocess
 import time
@@ -615,6 +616,81 @@ async def test_nats_fetch_returns_when_a_record_comes_and_a_late_message_is_kept
         assert [r.value for r in got] == [b"two"]
         await c.ack(got)
         await c.close()
+
+
+class _CuttableProxy:
+    """A TCP proxy to a nats-server that can swallow what the server sends (it reads and drops it, so the server
+    counts it delivered) and then cut every connection (the client reconnects through it, forwarded again)."""
+
+    def __init__(self, upstream: str) -> None:
+        host, port = upstream.rsplit("//", 1)[1].rsplit(":", 1)
+        self.up = (host, int(port))
+        self.swallow = False
+        self.writers: list[asyncio.StreamWriter] = []
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"nats://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        sr, sw = await asyncio.open_connection(*self.up)
+        self.writers += [cw, sw]
+
+        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter, downstream: bool) -> None:
+            try:
+                while data := await r.read(65536):
+                    if not (downstream and self.swallow):
+                        w.write(data)
+                        await w.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                w.close()
+
+        await asyncio.gather(pipe(cr, sw, False), pipe(sr, cw, True))
+
+    def cut(self) -> None:
+        self.swallow = False
+        for w in self.writers:
+            w.transport.abort()
+        self.writers.clear()
+
+    async def close(self) -> None:
+        self.cut()
+        if self.server is not None:
+            self.server.close()
+
+
+async def test_nats_records_lost_with_a_connection_come_again_before_later_ones(embedded_nats_url: str) -> None:
+    """A fetch's answer lost with its connection (JetStream counts those records delivered, waiting for an
+    acknowledgement until ack_wait): after the reconnect the consumer resumes at what it acknowledged, so they
+    come again before the records after them. Else a caller that skips what its positions passed (the
+    processor) would apply the later records first and then skip these: lost."""
+    proxy = _CuttableProxy(embedded_nats_url)
+    url = await proxy.start()
+    try:
+        async with load_bus(embedded_nats_url) as direct, load_bus(url) as bus:
+            topic = await _topic(direct, partitions=1)
+            await direct.producer().send([OutRecord(topic, 0, f"r{i}".encode()) for i in range(6)])
+            c = await bus.consumer(topic, group=_name("g"))
+            first = await c.fetch(1, 5.0)
+            assert [r.value for r in first] == [b"r0"]
+            await c.ack(first)
+            proxy.swallow = True  # the next answer goes nowhere
+            assert await c.fetch(2, 0.5) == []
+            proxy.cut()
+            got: list[bytes] = []
+            deadline = time.monotonic() + 20
+            while len(got) < 5 and time.monotonic() < deadline:
+                with contextlib.suppress(BackendUnavailable):
+                    recs = await c.fetch(10, 1.0)
+                    got += [r.value for r in recs]
+                    await c.ack(recs)
+            assert got == [b"r1", b"r2", b"r3", b"r4", b"r5"]  # not r3..r5 first (r1, r2 only after ack_wait)
+            await c.close()
+    finally:
+        await proxy.close()
 
 
 async def test_nats_fetch_of_a_deleted_consumer_is_an_error_not_silence(embedded_nats_url: str) -> None:

@@ -28,7 +28,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 from urllib.parse import parse_qs, urlparse
@@ -304,8 +304,11 @@ class NatsConsumer:
         ack_all: bool = False,
         partitioned: bool = True,
         trim: tuple[JetStreamContext, str] | None = None,
+        remake: Callable[[], Awaitable[_Puller]] | None = None,
     ) -> None:
         self._sub = sub
+        self._remake = remake  # a sole fetcher's durable, made again after its acknowledged floor
+        self._reconnects = sub.nc.stats["reconnects"]
         self._topic = topic
         self._ack_all = ack_all
         self._partitioned = partitioned
@@ -319,6 +322,8 @@ class NatsConsumer:
     async def fetch(self, max_records: int, timeout_s: float, *, max_bytes: int | None = None) -> list[BusRecord]:
         """Fetch up to ``max_records`` (about ``max_bytes`` at most); an empty list when none arrived
         within ``timeout_s``."""
+        if self._remake is not None and self._sub.nc.stats["reconnects"] != self._reconnects:
+            await self._resume()
         if self._held:
             out, self._held = split_by_bytes(self._held, max_records, max_bytes)
             return out
@@ -329,6 +334,10 @@ class NatsConsumer:
             msgs = await self._pull(n, timeout_s)
         except nats.errors.ConnectionClosedError as exc:
             raise BackendUnavailable("NATS connection closed") from exc
+        if self._remake is not None and self._sub.nc.stats["reconnects"] != self._reconnects:
+            await self._resume()  # what came may follow messages the cut lost: all of it comes again, in order
+            self._pending = 0
+            return []
         if not msgs:
             self._pending = 0
             return []
@@ -341,6 +350,23 @@ class NatsConsumer:
             self._avg_bytes = size if not self._avg_bytes else 0.8 * self._avg_bytes + 0.2 * size
         out, self._held = split_by_bytes(recs, max_records, max_bytes)
         return out
+
+    async def _resume(self) -> None:
+        """After a reconnect: the messages of an answer cut with the connection are delivered for JetStream, which
+        sends them again only after ``ack_wait``, while later ones come at once; a caller that skips what its
+        positions passed (the processor) would lose them. So a sole fetcher's durable is made again right after
+        what it acknowledged, and they come first. Records fetched meanwhile come again too (a caller skips
+        what it applied); their acknowledgements to the old durable are ignored."""
+        assert self._remake is not None
+        reconnects = self._sub.nc.stats["reconnects"]
+        try:
+            sub = await self._remake()
+        except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
+            raise BackendUnavailable(f"cannot resume the consumer after a reconnect: {exc!r}") from exc
+        old, self._sub, self._held, self._reconnects = self._sub, sub, [], reconnects
+        log.info("NATS consumer of %s resumed after what it acknowledged (a reconnect)", self._topic)
+        with contextlib.suppress(nats.errors.Error):
+            await old.unsubscribe()
 
     async def _pull(self, n: int, timeout_s: float) -> list[Msg]:
         """Up to ``n`` messages as soon as there are any, without waiting for ``n``.
@@ -666,8 +692,20 @@ class NatsBus:
             await sub.start()
         except nats.js.errors.Error as exc:
             raise BackendError(f"cannot create consumer {durable} on {stream}: {exc}") from exc
+
+        async def remake() -> _Puller:
+            info = await self.js.consumer_info(stream, durable)
+            if info.num_ack_pending:
+                cfg.deliver_policy = api.DeliverPolicy.BY_START_SEQUENCE
+                cfg.opt_start_seq = (info.ack_floor.stream_seq if info.ack_floor else 0) + 1
+                await self.js.delete_consumer(stream, durable)
+                await self.js.add_consumer(stream, cfg)
+            fresh = _Puller(self.nc, stream, durable)  # a new inbox: answers to the old one's requests go nowhere
+            await fresh.start()
+            return fresh
+
         return NatsConsumer(sub, topic or stream, ack_all=ack_all, partitioned=partitioned,
-                            trim=(self.js, stream) if trim else None)
+                            trim=(self.js, stream) if trim else None, remake=remake if reset_pending else None)
 
     async def pending(self, topic: str, *, group: str) -> int:
         """Messages not yet acknowledged by consumer ``group`` (its lag)."""
