@@ -352,11 +352,11 @@ class NatsConsumer:
         return out
 
     async def _resume(self) -> None:
-        """After a reconnect: the messages of an answer cut with the connection are delivered for JetStream, which
+        """After a reconnect: JetStream counts the messages of an answer cut with the connection as delivered and
         sends them again only after ``ack_wait``, while later ones come at once; a caller that skips what its
         positions passed (the processor) would lose them. So a sole fetcher's durable is made again right after
-        what it acknowledged, and they come first. Records fetched meanwhile come again too (a caller skips
-        what it applied); their acknowledgements to the old durable are ignored."""
+        what it acknowledged, and they come first. Records fetched before and not yet acknowledged come again
+        too (a caller skips what it applied); their acknowledgements to the old durable are ignored."""
         assert self._remake is not None
         reconnects = self._sub.nc.stats["reconnects"]
         try:
