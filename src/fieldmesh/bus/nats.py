@@ -322,7 +322,7 @@ class NatsConsumer:
     async def fetch(self, max_records: int, timeout_s: float, *, max_bytes: int | None = None) -> list[BusRecord]:
         """Fetch up to ``max_records`` (about ``max_bytes`` at most); an empty list when none arrived
         within ``timeout_s``."""
-        if self._remake is not None and self._sub.nc.stats["reconnects"] != self._reconnects:
+        if self._reconnected():
             await self._resume()
         if self._held:
             out, self._held = split_by_bytes(self._held, max_records, max_bytes)
@@ -334,7 +334,7 @@ class NatsConsumer:
             msgs = await self._pull(n, timeout_s)
         except nats.errors.ConnectionClosedError as exc:
             raise BackendUnavailable("NATS connection closed") from exc
-        if self._remake is not None and self._sub.nc.stats["reconnects"] != self._reconnects:
+        if self._reconnected():
             await self._resume()  # what came may follow messages the cut lost: all of it comes again, in order
             self._pending = 0
             return []
@@ -350,6 +350,10 @@ class NatsConsumer:
             self._avg_bytes = size if not self._avg_bytes else 0.8 * self._avg_bytes + 0.2 * size
         out, self._held = split_by_bytes(recs, max_records, max_bytes)
         return out
+
+    def _reconnected(self) -> bool:
+        """Whether a sole fetcher's connection reconnected since its durable was last made."""
+        return self._remake is not None and self._sub.nc.stats["reconnects"] != self._reconnects
 
     async def _resume(self) -> None:
         """After a reconnect: JetStream counts the messages of an answer cut with the connection as delivered and
@@ -682,10 +686,7 @@ class NatsBus:
                     start = (start_seq or 1) if not same else floor + 1
                     if rewind and rewind_to is not None:
                         start = min(start, rewind_to)
-                    cfg.deliver_policy = api.DeliverPolicy.BY_START_SEQUENCE
-                    cfg.opt_start_seq = max(start, 1)
-                    await self.js.delete_consumer(stream, durable)
-                    raise nats.js.errors.NotFoundError
+                    await self._start_at(stream, cfg, max(start, 1))
             except nats.js.errors.NotFoundError:
                 await self.js.add_consumer(stream, cfg)
             sub = _Puller(self.nc, stream, durable)
@@ -696,16 +697,21 @@ class NatsBus:
         async def remake() -> _Puller:
             info = await self.js.consumer_info(stream, durable)
             if info.num_ack_pending:
-                cfg.deliver_policy = api.DeliverPolicy.BY_START_SEQUENCE
-                cfg.opt_start_seq = (info.ack_floor.stream_seq if info.ack_floor else 0) + 1
-                await self.js.delete_consumer(stream, durable)
-                await self.js.add_consumer(stream, cfg)
+                await self._start_at(stream, cfg, (info.ack_floor.stream_seq if info.ack_floor else 0) + 1)
             fresh = _Puller(self.nc, stream, durable)  # a new inbox: answers to the old one's requests go nowhere
             await fresh.start()
             return fresh
 
         return NatsConsumer(sub, topic or stream, ack_all=ack_all, partitioned=partitioned,
                             trim=(self.js, stream) if trim else None, remake=remake if reset_pending else None)
+
+    async def _start_at(self, stream: str, cfg: api.ConsumerConfig, seq: int) -> None:
+        """Make durable ``cfg`` again, delivering from stream sequence ``seq`` (what it had delivered is forgotten)."""
+        assert cfg.durable_name is not None
+        cfg.deliver_policy = api.DeliverPolicy.BY_START_SEQUENCE
+        cfg.opt_start_seq = seq
+        await self.js.delete_consumer(stream, cfg.durable_name)
+        await self.js.add_consumer(stream, cfg)
 
     async def pending(self, topic: str, *, group: str) -> int:
         """Messages not yet acknowledged by consumer ``group`` (its lag)."""
