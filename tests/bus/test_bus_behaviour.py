@@ -412,6 +412,40 @@ async def test_ingest_adopt_uses_a_stream_that_exists(bus: Bus, backend: Backend
     await adopted.close()
 
 
+async def test_nats_sole_consumer_acknowledges_a_batch_with_its_last_record(embedded_nats_url: str) -> None:
+    """NATS only: a sole owner's consumer acknowledges all up to a record (AckPolicy.ALL), so a batch costs one
+    acknowledgement message, not one per record. A durable an earlier version made with per-record
+    acknowledgements is made again at its acknowledged floor: what it acknowledged does not come again."""
+    from nats.js.api import AckPolicy
+
+    from fieldmesh.bus.nats import NatsBus, stream_name
+
+    async with load_bus(embedded_nats_url) as bus:
+        assert isinstance(bus, NatsBus)
+        topic = await _topic(bus, partitions=2)
+        durable = f"g-{secrets.token_hex(4)}"
+        await bus.producer().send([OutRecord(topic, i % 2, f"r{i}".encode()) for i in range(10)])
+        old = await bus.raw_consumer(stream_name(topic), durable, [f"{topic}.*"], topic=topic)  # per record
+        first = await _fetch_n(old, 10)
+        await old.ack(first[:4])
+        await old.close()
+        c = await bus.consumer(topic, group=durable)
+        info = await bus.js.consumer_info(stream_name(topic), durable)
+        assert info.config.ack_policy == AckPolicy.ALL
+        got = await _fetch_n(c, 6)
+        assert [r.value for r in got] == [f"r{i}".encode() for i in range(4, 10)]
+        sent = bus.nc.stats["out_msgs"]
+        await c.ack(got)
+        assert bus.nc.stats["out_msgs"] - sent == 1  # the last record's acknowledgement covers the batch
+        assert await bus.pending(topic, group=durable) == 0
+        info = await bus.js.consumer_info(stream_name(topic), durable)
+        assert info.num_ack_pending == 0 and info.ack_floor.stream_seq == got[-1].offset
+        await c.close()
+        again = await bus.consumer(topic, group=durable)
+        assert await again.fetch(10, 0.5) == []
+        await again.close()
+
+
 async def test_nats_sole_ingest_consumer_trims_what_it_acknowledged(embedded_nats_url: str) -> None:
     """NATS only: a sole gateway's stream keeps only what is not acknowledged yet (Kafka: retention)."""
     async with load_bus(embedded_nats_url) as bus:

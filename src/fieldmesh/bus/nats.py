@@ -615,8 +615,9 @@ class NatsBus:
             # a partition never applied (absent) needs everything: as if applied through 0
             rewind = await self._rewind_to(stream_name(topic), group, topic,
                                            {p: pos.get(p, 0) for p in partitions})
+        # A sole owner applies and acknowledges in fetch order: acknowledging a batch's last record covers it
         return await self.raw_consumer(stream_name(topic), group, subjects, topic=topic, start_seq=start,
-                                       reset_pending=reset_pending, rewind_to=rewind)
+                                       reset_pending=reset_pending, ack_all=reset_pending, rewind_to=rewind)
 
     async def _rewind_to(self, stream: str, group: str, topic: str, pos: Mapping[int, int]) -> int | None:
         """Where an existing consumer must restart so that no record after ``pos`` is skipped: the lowest
@@ -675,11 +676,11 @@ class NatsBus:
         try:
             try:
                 info = await self.js.consumer_info(stream, durable)
-                same = sorted(info.config.filter_subjects or [info.config.filter_subject or ""]) == sorted(
-                    subjects) and info.config.ack_policy == cfg.ack_policy
+                same = sorted(info.config.filter_subjects or [info.config.filter_subject or ""]) == sorted(subjects)
                 floor = info.ack_floor.stream_seq if info.ack_floor else 0
                 rewind = rewind_to is not None and rewind_to <= floor
-                if not same or (reset_pending and info.num_ack_pending) or rewind:
+                policy = info.config.ack_policy == cfg.ack_policy  # a consumer's policy cannot be changed in place
+                if not same or not policy or (reset_pending and info.num_ack_pending) or rewind:
                     # Delivered-but-unacknowledged messages would only come back after ack_wait: start a
                     # fresh consumer right after the acknowledged floor instead (or where the caller says
                     # when the filter changed, or when it needs acknowledged records again).
