@@ -12,6 +12,7 @@ Run: ``PYTHONPATH=$PWD/src .venv/bin/python bench/batch_cost.py [--records 60] [
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -20,13 +21,19 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def measure(records: int, batches: int) -> dict[str, Any]:
+@contextlib.contextmanager
+def part_load(step_ms: int = 1) -> Iterator[tuple[Any, Any, Callable[[int], list[Any]]]]:
+    """The alerts benchmark's latency shape in this process: ``(processor, store, batch)``, a processor with one
+    alert rule on a SQLite store in a temporary directory, and ``batch(n)`` making the next ``n`` bus records
+    (each 10 readings of a random one of 1,000 devices, event time ``step_ms`` later than the record before).
+    Imports here: a side in a subprocess imports the checkout its ``PYTHONPATH`` names (``--base``)."""
     from fieldmesh.bus.base import BusRecord
     from fieldmesh.core.codec import decode_telemetry, encode_bus_batch, encode_reading_json
     from fieldmesh.core.model import BusBatch
@@ -50,8 +57,8 @@ def measure(records: int, batches: int) -> dict[str, Any]:
                          alerts=AlertEngine(store))
         offsets: dict[int, int] = {}
         hot = [False] * 1000
-        now = int(time.time() * 1000) - 3_600_000
         seq = 0
+        now = int(time.time() * 1000) - 3_600_000 * step_ms  # room for 3.6 million records before the clock
 
         def record() -> BusRecord:
             nonlocal now, seq
@@ -59,7 +66,7 @@ def measure(records: int, batches: int) -> dict[str, Any]:
             dev = f"dev-{i:05d}"
             if rnd.random() < 0.05:
                 hot[i] = not hot[i]
-            now += 1
+            now += step_ms
             rs = []
             for k in range(10):
                 seq += 1
@@ -72,13 +79,20 @@ def measure(records: int, batches: int) -> dict[str, Any]:
             return BusRecord(topic=READINGS_TOPIC, partition=part, offset=offsets[part],
                              value=encode_bus_batch(BusBatch(rs)))
 
-        work = [[record() for _ in range(records)] for _ in range(batches)]
+        try:
+            yield proc, store, lambda n: [record() for _ in range(n)]
+        finally:
+            store.close()
+
+
+def measure(records: int, batches: int) -> dict[str, Any]:
+    with part_load() as (proc, _, batch):
+        work = [batch(records) for _ in range(batches)]
         cpu: list[float] = []
         for b in work:
             c0 = time.thread_time()
             proc.apply_records(b)
             cpu.append((time.thread_time() - c0) * 1000)
-        store.close()
     s = sorted(cpu)
     return {"mean": statistics.mean(cpu), "p99": s[int(len(s) * 0.99)], "max": s[-1],
             "per_reading_us": statistics.mean(cpu) * 1000 / (records * 10)}
