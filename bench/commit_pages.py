@@ -35,7 +35,7 @@ from batch_cost import part_load  # noqa: E402
 
 
 def count(records: int, warm: int, commits: int, step_ms: int) -> dict[str, float]:
-    """Pages written per commit by name (``(new)``: pages the commits added beyond the file), and ``total``."""
+    """Pages written per commit by name (``(free)``: pages no table or index holds at the end), and ``total``."""
     with part_load(step_ms) as (proc, store, batch):
         for _ in range(warm):
             proc.apply_records(batch(records))
@@ -60,7 +60,7 @@ def count(records: int, warm: int, commits: int, step_ms: int) -> dict[str, floa
         assert done == commits, f"{done} commits in the WAL, {commits} applied"
         with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as con:
             owner = dict(con.execute("SELECT pageno, name FROM dbstat"))
-    by = Counter(owner.get(p, "(new)") for p in pages)
+    by = Counter(owner.get(p, "(free)") for p in pages)
     return {"total": len(pages) / commits} | {k: v / commits for k, v in by.most_common()}
 
 
