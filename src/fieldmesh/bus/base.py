@@ -110,7 +110,12 @@ class Consumer(Protocol):
         ...
 
     async def ack(self, records: Sequence[BusRecord]) -> None:
-        """Acknowledge records whose effects are durable (a sole ingest consumer also trims them)."""
+        """Acknowledge records whose effects are durable (a sole ingest consumer also trims them).
+
+        A consumer's one owner acknowledges in the order it fetched and skips none: a bus may take a record's
+        acknowledgement as covering every record fetched before it (Kafka commits an offset; a sole NATS
+        consumer acknowledges all up to a record).
+        """
         ...
 
     def apply_fenced(

@@ -605,6 +605,10 @@ class NatsBus:
         Stream sequences are global, so a new consumer (or one whose partitions changed) starts at
         the lowest stored position + 1 of its partitions, or at the stream's start when one of them
         was never applied. Records at or below a stored position are the caller's to skip.
+
+        A sole owner (``reset_pending``) acknowledges in fetch order (:meth:`Consumer.ack
+        <fieldmesh.bus.base.Consumer.ack>`), so its durable acknowledges all up to a record (``AckPolicy.ALL``):
+        one acknowledgement per batch instead of one per record.
         """
         subjects = [f"{topic}.*"] if partitions is None else [f"{topic}.{p}" for p in sorted(partitions)]
         start: int | None = None
@@ -615,7 +619,6 @@ class NatsBus:
             # a partition never applied (absent) needs everything: as if applied through 0
             rewind = await self._rewind_to(stream_name(topic), group, topic,
                                            {p: pos.get(p, 0) for p in partitions})
-        # A sole owner applies and acknowledges in fetch order: acknowledging a batch's last record covers it
         return await self.raw_consumer(stream_name(topic), group, subjects, topic=topic, start_seq=start,
                                        reset_pending=reset_pending, ack_all=reset_pending, rewind_to=rewind)
 
