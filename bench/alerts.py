@@ -41,13 +41,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import msgspec  # noqa: E402
 from _common import percentile  # noqa: E402
 from processor import make_records, make_stream  # noqa: E402
 
 from fieldmesh.bus import OutRecord, load_bus  # noqa: E402
 from fieldmesh.bus.base import BusRecord  # noqa: E402
-from fieldmesh.core.codec import decode_telemetry, encode_bus_batch  # noqa: E402
+from fieldmesh.core.codec import decode_telemetry, encode_bus_batch, encode_reading_json  # noqa: E402
 from fieldmesh.core.model import BusBatch  # noqa: E402
 from fieldmesh.core.settings import ProcessorSettings, Settings  # noqa: E402
 from fieldmesh.core.topics import READINGS_TOPIC, partition_for  # noqa: E402
@@ -183,21 +182,18 @@ def latency(seconds: float, devices: int, burst: int, fixed_rate: float | None =
             at publication (the earlier ones would count the device's own batching as latency)."""
             nonlocal seq
             dev = f"lat-{dev_i:05d}"
-            readings = []
+            rs = []
             for k in range(per_record):
                 side = hot_now if k == per_record - 1 or not crossing else not hot_now
+                v = rnd.uniform(31, 35) if side else rnd.uniform(20, 27)
                 seq += 1
-                readings.append({"ts": now - per_record + k + 1, "seq": seq,
-                                 "measurements": {"temperature": rnd.uniform(31, 35) if side else rnd.uniform(20, 27)}})
-            # one payload, decoded as the gateway decodes a device's batch (a third cheaper than one per reading:
-            # the publisher shares the machine with what it measures)
-            rs = decode_telemetry(json_encode({"device_id": dev, "readings": readings}), device_id=dev,
-                                  topic=f"devices/{dev}/telemetry", received_ms=now).readings
+                p = encode_reading_json(dev, now - per_record + k + 1, {"temperature": v}, seq)
+                rs.extend(decode_telemetry(p, device_id=dev, topic=f"devices/{dev}/telemetry",
+                                           received_ms=now).readings)
             return OutRecord(READINGS_TOPIC, partition_for(dev, PARTITIONS), encode_bus_batch(BusBatch(rs)),
                              msg_id=f"l-{seq}"), len(rs)
 
         seq = 0
-        json_encode = msgspec.json.Encoder().encode
         bursts: list[int] = []  # messages per send: a publisher that fell behind catches up at once
         loop_gaps: list[float] = []
 
