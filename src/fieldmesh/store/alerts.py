@@ -22,10 +22,13 @@ outbox and an ``audit_log`` row in one transaction (:class:`AlertTables`).
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
+
+import msgspec
 
 from fieldmesh.core.errors import ConflictError, NotFoundError
 from fieldmesh.store.access import HotTables
@@ -120,6 +123,25 @@ def _bump(tx: SqlTxn) -> None:
 
 
 # -- state ---------------------------------------------------------------------------------------
+_json_encode: Final = msgspec.json.Encoder().encode
+_aux_decode: Final = msgspec.json.Decoder(tuple[float, ...]).decode
+
+
+def _aux_json(aux: tuple[float, ...]) -> str:
+    """A rule state's ``aux`` as stored: a JSON array (a rate rule writes one per device and batch, so msgspec,
+    a tenth of ``json.dumps``'s cost; a NaN or an infinity, which JSON lacks, as ``json.dumps`` writes it)."""
+    if all(map(math.isfinite, aux)):
+        return _json_encode(aux).decode()
+    return json.dumps(list(aux))
+
+
+def _aux_of(text: str) -> tuple[float, ...]:
+    try:
+        return _aux_decode(text)
+    except msgspec.DecodeError:  # NaN or Infinity (json.dumps's extension of JSON)
+        return tuple(json.loads(text))
+
+
 def load_states(tx: SqlTxn, devices: Sequence[str]) -> dict[tuple[str, str], RuleState]:
     """The stored states of every rule for ``devices``."""
     out: dict[tuple[str, str], RuleState] = {}
@@ -127,13 +149,14 @@ def load_states(tx: SqlTxn, devices: Sequence[str]) -> dict[tuple[str, str], Rul
         return out
     if tx.dialect == "sqlite":
         rows = tx.execute("SELECT rule, device_id, firing, since_ms, alert_id, aux FROM alert_state"
-                          " WHERE device_id IN (SELECT value FROM json_each(?))", (json.dumps(list(devices)),))
+                          " WHERE device_id IN (SELECT value FROM json_each(?))",
+                          (_json_encode(list(devices)).decode(),))
     else:
         rows = tx.execute("SELECT rule, device_id, firing, since_ms, alert_id, aux FROM alert_state"
                           " WHERE device_id = ANY(?)", (list(devices),))
     for rule, dev, firing, since, alert_id, aux in rows:
         out[(rule, dev)] = RuleState(bool(firing), None if since is None else int(since),
-                                     None if alert_id is None else int(alert_id), tuple(json.loads(aux)))
+                                     None if alert_id is None else int(alert_id), _aux_of(aux))
     return out
 
 
@@ -220,7 +243,7 @@ def apply_evaluation(tx: SqlTxn, ev: Evaluation, rules: Mapping[str, Rule], *, n
         if st.idle:
             delete.append((rule_name, dev))
         else:
-            upsert.append((rule_name, dev, int(st.firing), st.since_ms, aid, json.dumps(list(st.aux))))
+            upsert.append((rule_name, dev, int(st.firing), st.since_ms, aid, _aux_json(st.aux)))
     if delete:
         tx.executemany("DELETE FROM alert_state WHERE rule = ? AND device_id = ?", delete)
     if upsert:

@@ -462,30 +462,32 @@ def _walk(rule: Rule, cols: ReadingColumns, rows: NDArray[np.intp], x: NDArray[n
     names = cols.devices
     # Only devices where something may change are walked: a reading that fires while idle or waiting, or
     # one that clears while firing or waiting.
-    firing = np.array([states.get((rule.name, d), IDLE).firing for d in names], dtype=bool)
-    waiting = np.array([states.get((rule.name, d), IDLE).since_ms is not None for d in names], dtype=bool)
+    now = [states.get((rule.name, d), IDLE) for d in names]  # one lookup a device (this is per batch and rule)
+    firing = np.fromiter((st.firing for st in now), bool, len(now))
+    waiting = np.fromiter((st.since_ms is not None for st in now), bool, len(now))
     f_d, w_d = firing[devs], waiting[devs]
     relevant = (~f_d & (fire | w_d)) | (f_d & ~holds_clear)
     if not relevant.any():
         return
-    walk = np.isin(devs, np.unique(devs[relevant]))
-    ts = cols.ts_ms[rows]
-    for i in np.flatnonzero(walk).tolist():
-        key = (rule.name, names[int(devs[i])])
+    walk = np.flatnonzero(np.isin(devs, np.unique(devs[relevant])))
+    # the walked rows' fields as Python lists: indexing numpy arrays one element at a time costs more than the walk
+    for d, t, v, fires, holds, kn in zip(devs[walk].tolist(), cols.ts_ms[rows][walk].tolist(), vals[walk].tolist(),
+                                        fire[walk].tolist(), holds_clear[walk].tolist(), known[walk].tolist(),
+                                        strict=True):
+        key = (rule.name, names[d])
         st = changed.get(key) or states.get(key, IDLE)
-        t, v = int(ts[i]), float(vals[i])
         if st.firing:
-            if not holds_clear[i]:
+            if not holds:
                 out.append(Transition(rule.name, key[1], "clear", t, v, st.alert_id))
                 st = replace(st, firing=False, since_ms=None)
-        elif fire[i]:
+        elif fires:
             since = st.since_ms if st.since_ms is not None else t
             if t - since >= for_ms:
                 out.append(Transition(rule.name, key[1], "open", t, v))
                 st = replace(st, firing=True, since_ms=None, alert_id=None)  # the store assigns the new id
             else:
                 st = replace(st, since_ms=since)
-        elif st.since_ms is not None and known[i]:
+        elif st.since_ms is not None and kn:
             st = replace(st, since_ms=None)
         changed[key] = st
 
