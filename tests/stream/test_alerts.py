@@ -307,3 +307,35 @@ def test_a_rule_change_applies_from_the_next_batch(tmp_path: Path) -> None:
     assert json.loads(json.dumps(tables.stats()))["active_by_severity"] == {"major": 1}
     store.close()
     tables.close()
+
+
+def test_rule_states_read_back_as_written_nan_and_infinities_and_rows_of_earlier_versions(tmp_path: Path) -> None:
+    """A rule state's ``aux`` round-trips through the store: finite values (msgspec's compact JSON), NaN and
+    infinities (json.dumps's extension, which msgspec would write as null), and rows an earlier version wrote."""
+    from fieldmesh.store.alerts import apply_evaluation, load_states
+    from fieldmesh.stream.alerts import Evaluation, RuleState
+
+    url = f"sqlite:///{tmp_path / 'hot.db'}"
+    tables = AlertTables(url)
+    written = {
+        ("r", "d-fin"): RuleState(aux=(1_700_000_000_000.0, 25.3)),
+        ("r", "d-big"): RuleState(firing=True, alert_id=None, aux=(1e300, -0.0, 3.0)),
+        ("r", "d-nan"): RuleState(since_ms=5, aux=(float("nan"), 1.0)),
+        ("r", "d-inf"): RuleState(aux=(float("inf"), float("-inf"), 2.0)),
+    }
+    tables.transact(lambda tx: apply_evaluation(tx, Evaluation([], dict(written)), {}))
+    with sqlite3.connect(tmp_path / "hot.db") as con:  # rows as an earlier version wrote them (json.dumps)
+        con.executemany("INSERT INTO alert_state (rule, device_id, firing, since_ms, alert_id, aux)"
+                        " VALUES ('r', ?, 0, NULL, NULL, ?)",
+                        [("d-old", json.dumps([1_700_000_000_000.0, 25.3])), ("d-int", "[3, 2]")])
+    got = tables.transact(lambda tx: load_states(tx, ["d-fin", "d-big", "d-nan", "d-inf", "d-old", "d-int"]))
+    tables.close()
+
+    def same(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+        return len(a) == len(b) and all(x == y or (x != x and y != y) for x, y in zip(a, b, strict=True))
+
+    for key, state in written.items():
+        assert (got[key].firing, got[key].since_ms) == (state.firing, state.since_ms)
+        assert same(got[key].aux, state.aux), (key, got[key].aux, state.aux)
+    assert got[("r", "d-old")].aux == (1_700_000_000_000.0, 25.3)
+    assert got[("r", "d-int")].aux == (3.0, 2.0)

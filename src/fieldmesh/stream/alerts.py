@@ -462,9 +462,9 @@ def _walk(rule: Rule, cols: ReadingColumns, rows: NDArray[np.intp], x: NDArray[n
     names = cols.devices
     # Only devices where something may change are walked: a reading that fires while idle or waiting, or
     # one that clears while firing or waiting.
-    now = [states.get((rule.name, d), IDLE) for d in names]  # one lookup a device (this is per batch and rule)
-    firing = np.fromiter((st.firing for st in now), bool, len(now))
-    waiting = np.fromiter((st.since_ms is not None for st in now), bool, len(now))
+    current = [states.get((rule.name, d), IDLE) for d in names]  # one lookup a device (per batch and rule)
+    firing = np.fromiter((st.firing for st in current), bool, len(current))
+    waiting = np.fromiter((st.since_ms is not None for st in current), bool, len(current))
     f_d, w_d = firing[devs], waiting[devs]
     relevant = (~f_d & (fire | w_d)) | (f_d & ~holds_clear)
     if not relevant.any():
