@@ -168,6 +168,8 @@ def _notify_targets(rule: Rule | None) -> list[dict[str, Any]]:
 def _enqueue(tx: SqlTxn, alert: Mapping[str, Any], event: str, targets: Iterable[Mapping[str, Any]], now: int,
              actor: str, note: str | None) -> int:
     """Outbox rows of one step of ``alert`` (one per target); their number."""
+    if not targets:  # a rule without notification targets: nothing to build
+        return 0
     payload = json.dumps({"event": _EVENT_OF[event], "at_ms": now, "actor": actor, "note": note, "alert": alert},
                          sort_keys=True)
     rows = [(alert["id"], _EVENT_OF[event], json.dumps(dict(t), sort_keys=True), payload, now, "pending", 0, now)
@@ -211,33 +213,29 @@ def apply_evaluation(tx: SqlTxn, ev: Evaluation, rules: Mapping[str, Rule], *, n
         key = (t.rule, t.device_id)
         rule = rules.get(t.rule)
         if t.kind == "open":
-            aid = _open(tx, t, rule, now)
-            if aid is None:
+            alert = _open(tx, t, rule, now)
+            if alert is None:
                 refused += 1
                 rows = tx.execute("SELECT id FROM alerts WHERE rule = ? AND device_id = ? AND state <> 'cleared'",
                                   (t.rule, t.device_id))
                 current[key] = int(rows[0][0]) if rows else None
                 continue
-            current[key] = aid
+            aid = current[key] = alert["id"]
             opened += 1
             _history(tx, aid, "open", now, actor, None, t.value)
-            alert = _get(tx, aid)
-            assert alert is not None
             queued += _enqueue(tx, alert, "open", _notify_targets(rule), now, actor, None)
         else:
             aid = current.get(key, t.alert_id)
             if aid is None:
                 continue
             rows = tx.execute("UPDATE alerts SET state = 'cleared', cleared_ts_ms = ?, cleared_ms = ?, cleared_by = ?,"
-                              " clear_value = ? WHERE id = ? AND state <> 'cleared' RETURNING id",
+                              f" clear_value = ? WHERE id = ? AND state <> 'cleared' RETURNING {_ALERT_COLS}",
                               (t.ts_ms, now, actor, t.value, aid))
             if not rows:  # cleared by hand already: nothing to announce
                 continue
             cleared += 1
             _history(tx, aid, "clear", now, actor, None, t.value)
-            alert = _get(tx, aid)
-            assert alert is not None
-            queued += _enqueue(tx, alert, "clear", _notify_targets(rule), now, actor, None)
+            queued += _enqueue(tx, _alert_dict(rows[0]), "clear", _notify_targets(rule), now, actor, None)
     upsert, delete = [], []
     for (rule_name, dev), st in ev.states.items():
         aid = current.get((rule_name, dev), st.alert_id)
@@ -255,15 +253,16 @@ def apply_evaluation(tx: SqlTxn, ev: Evaluation, rules: Mapping[str, Rule], *, n
     return Applied(opened, cleared, queued, refused)
 
 
-def _open(tx: SqlTxn, t: Transition, rule: Rule | None, now: int) -> int | None:
+def _open(tx: SqlTxn, t: Transition, rule: Rule | None, now: int) -> dict[str, Any] | None:
+    """The alert opened (its row as inserted), or None: one was active already."""
     severity = rule.severity if rule is not None else "warning"
     labels = json.dumps(dict(rule.labels) if rule is not None else {}, sort_keys=True)
     rows = tx.execute(
         "INSERT INTO alerts (rule, device_id, severity, labels, state, value, opened_ts_ms, opened_ms)"
         " VALUES (?, ?, ?, ?, 'open', ?, ?, ?)"
-        " ON CONFLICT (rule, device_id) WHERE state <> 'cleared' DO NOTHING RETURNING id",
+        f" ON CONFLICT (rule, device_id) WHERE state <> 'cleared' DO NOTHING RETURNING {_ALERT_COLS}",
         (t.rule, t.device_id, severity, labels, t.value, t.ts_ms, now))
-    return int(rows[0][0]) if rows else None
+    return _alert_dict(rows[0]) if rows else None
 
 
 def absence_candidates(tx: SqlTxn) -> list[AbsenceCandidate]:
