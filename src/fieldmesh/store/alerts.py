@@ -165,7 +165,7 @@ def _notify_targets(rule: Rule | None) -> list[dict[str, Any]]:
     return [dict(n) for n in rule.notify] if rule is not None else []
 
 
-def _enqueue(tx: SqlTxn, alert: Mapping[str, Any], event: str, targets: Iterable[Mapping[str, Any]], now: int,
+def _enqueue(tx: SqlTxn, alert: Mapping[str, Any], event: str, targets: Sequence[Mapping[str, Any]], now: int,
              actor: str, note: str | None) -> int:
     """Outbox rows of one step of ``alert`` (one per target); their number."""
     if not targets:  # a rule without notification targets: nothing to build
