@@ -27,11 +27,12 @@ from fieldmesh.core.codec import encode_bus_batch
 from fieldmesh.core.model import BusBatch, Reading
 from fieldmesh.core.settings import ProcessorSettings
 from fieldmesh.core.topics import READINGS_TOPIC
-from fieldmesh.store.alerts import AlertTables
+from fieldmesh.store.alerts import AlertTables, apply_evaluation, load_states
 from fieldmesh.store.sqlite import SqliteStore
 from fieldmesh.stream.alerting import AlertEngine
 from fieldmesh.stream.alerts import (
     AbsenceCandidate,
+    Evaluation,
     Rule,
     RuleError,
     RuleState,
@@ -312,9 +313,6 @@ def test_a_rule_change_applies_from_the_next_batch(tmp_path: Path) -> None:
 def test_rule_states_read_back_as_written_nan_and_infinities_and_rows_of_earlier_versions(tmp_path: Path) -> None:
     """A rule state's ``aux`` round-trips through the store: finite values (msgspec's compact JSON), NaN and
     infinities (json.dumps's extension, which msgspec would write as null), and rows an earlier version wrote."""
-    from fieldmesh.store.alerts import apply_evaluation, load_states
-    from fieldmesh.stream.alerts import Evaluation, RuleState
-
     url = f"sqlite:///{tmp_path / 'hot.db'}"
     tables = AlertTables(url)
     written = {
