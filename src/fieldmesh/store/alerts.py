@@ -174,9 +174,8 @@ def _enqueue(tx: SqlTxn, alert: Mapping[str, Any], event: str, targets: Sequence
                          sort_keys=True)
     rows = [(alert["id"], _EVENT_OF[event], json.dumps(dict(t), sort_keys=True), payload, now, "pending", 0, now)
             for t in targets]
-    if rows:
-        tx.executemany("INSERT INTO alert_outbox (alert_id, event, target, payload, created_ms, status, attempts,"
-                       " next_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    tx.executemany("INSERT INTO alert_outbox (alert_id, event, target, payload, created_ms, status, attempts,"
+                   " next_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
     return len(rows)
 
 

@@ -471,7 +471,7 @@ def _walk(rule: Rule, cols: ReadingColumns, rows: NDArray[np.intp], x: NDArray[n
         return
     walk = np.flatnonzero(np.isin(devs, np.unique(devs[relevant])))
     # the walked rows' fields as Python lists: indexing numpy arrays one element at a time costs more than the walk
-    for d, t, v, fires, holds, kn in zip(devs[walk].tolist(), cols.ts_ms[rows][walk].tolist(), vals[walk].tolist(),
+    for d, t, v, fires, holds, kn in zip(devs[walk].tolist(), cols.ts_ms[rows[walk]].tolist(), vals[walk].tolist(),
                                         fire[walk].tolist(), holds_clear[walk].tolist(), known[walk].tolist(),
                                         strict=True):
         key = (rule.name, names[d])
