@@ -26,7 +26,7 @@ Run: ``.venv/bin/python bench/e2e.py`` (``--quick`` for a smaller run; ``--door 
 ``fieldmesh up --door mosquitto``, ``--door nats,mosquitto`` for both in one run; ``--max-only`` for the
 throughput alone; ``--no-quix`` without the Quix baseline; ``--publisher raw`` for publishers on plain
 sockets, which leave the cores to what is measured; ``--gateway-only`` for the door and the gateway alone;
-``--bus-encoding 2`` for the columnar bus records; ``--overload 60`` for the overload run).
+``--bus-encoding 1`` for the row bus records (2, columnar, is the default); ``--overload 60`` for the overload run).
 """
 
 from __future__ import annotations
@@ -655,8 +655,8 @@ def main() -> None:
     ap.add_argument("--publisher", choices=["paho", "raw"], default="paho",
                     help="the publisher processes: paho clients (default), or raw sockets that cost less CPU")
     ap.add_argument("--max-only", action="store_true", help="measure the maximum throughput only")
-    ap.add_argument("--bus-encoding", type=int, choices=(1, 2), default=1,
-                    help="bus encoding fieldmesh's gateway writes (docs/pipeline.md)")
+    ap.add_argument("--bus-encoding", type=int, choices=(1, 2), default=2,
+                    help="bus encoding fieldmesh's gateway writes (docs/pipeline.md; 2 is its default)")
     ap.add_argument("--sink-cost", action="store_true",
                     help="'fieldmesh up' with and without the lake sink, alternated (cost of the sink)")
     ap.add_argument("--rounds", type=int, default=3, help="--sink-cost: alternated rounds (the best of each)")

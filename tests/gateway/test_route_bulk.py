@@ -21,7 +21,7 @@ from fieldmesh.gateway.base import IngestMessage
 from fieldmesh.gateway.gateway import _route_bulk, _route_one, route
 
 NOW = 1_763_812_345_123
-V1 = GatewaySettings()
+V1 = GatewaySettings(bus_encoding=1)
 V2 = GatewaySettings(bus_encoding=2)
 
 good = st.fixed_dictionaries(

@@ -14,14 +14,15 @@ import msgspec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fieldmesh.core.codec import REASONS, decode_bus_batch, decode_dead_letter
+from fieldmesh.core.codec import REASONS, decode_bus_readings, decode_dead_letter
 from fieldmesh.core.settings import GatewaySettings
 from fieldmesh.core.topics import DLQ_TOPIC, READINGS_TOPIC, route_of_topic
 from fieldmesh.gateway.base import IngestMessage
 from fieldmesh.gateway.gateway import route
 
 NOW = 1_763_812_345_123
-GW = GatewaySettings(max_payload_bytes=64 * 1024)
+GW = GatewaySettings(max_payload_bytes=64 * 1024)  # bus encoding 2, the default
+GW_V1 = GatewaySettings(max_payload_bytes=64 * 1024, bus_encoding=1)
 
 
 def nested(depth: int, kind: str) -> bytes:
@@ -108,16 +109,18 @@ messages = st.lists(
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(messages, st.integers(1, 8))
-def test_route_never_raises_and_accounts_for_every_message(msgs: list[IngestMessage], partitions: int):
-    records, n, dead = route(msgs, settings=GW, partitions=partitions, now_ms=NOW)
+@given(messages, st.integers(1, 8), st.sampled_from([GW, GW_V1]))
+def test_route_never_raises_and_accounts_for_every_message(
+    msgs: list[IngestMessage], partitions: int, gw: GatewaySettings
+):
+    records, n, dead = route(msgs, settings=gw, partitions=partitions, now_ms=NOW)
     # every record decodes as the processor will decode it
     readings = []
     letters = []
     for r in records:
         if r.topic == READINGS_TOPIC:
             assert 0 <= r.partition < partitions
-            readings.extend(decode_bus_batch(r.value).readings)
+            readings.extend(decode_bus_readings(r.value))
         else:
             assert r.topic == DLQ_TOPIC
             letters.append(decode_dead_letter(r.value))

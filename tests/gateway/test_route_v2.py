@@ -19,7 +19,7 @@ from fieldmesh.gateway.base import IngestMessage
 from fieldmesh.gateway.gateway import MAX_READINGS_PER_RECORD, _encodable, route
 
 NOW = 1_763_812_345_123
-V1 = GatewaySettings()
+V1 = GatewaySettings(bus_encoding=1)
 V2 = GatewaySettings(bus_encoding=2)
 
 value = st.one_of(st.floats(), st.booleans(), st.integers(-(2**70), 2**70), st.text(max_size=3), st.none())
@@ -88,9 +88,9 @@ def test_bus_encoding_setting_is_checked(monkeypatch):
     from fieldmesh.core.errors import ConfigError
     from fieldmesh.core.settings import load_settings
 
-    assert load_settings().gateway.bus_encoding == 1  # default until every processor reads v2
-    monkeypatch.setenv("FIELDMESH__GATEWAY__BUS_ENCODING", "2")
-    assert load_settings().gateway.bus_encoding == 2
+    assert load_settings().gateway.bus_encoding == 2  # the default since processors read both
+    monkeypatch.setenv("FIELDMESH__GATEWAY__BUS_ENCODING", "1")
+    assert load_settings().gateway.bus_encoding == 1
     monkeypatch.setenv("FIELDMESH__GATEWAY__BUS_ENCODING", "3")
     with pytest.raises(ConfigError, match="FIELDMESH__GATEWAY__BUS_ENCODING"):
         load_settings()

@@ -49,8 +49,8 @@ class GatewaySettings(BaseModel, frozen=True):
         "MQTT session expiry at an external broker: how long it keeps queueing for a gateway that is "
         "down (0: a clean session, nothing kept)"))
     bus_encoding: int = Field(
-        1, ge=1, le=2, description="bus batch encoding the gateway writes: 2 (columnar) only once every processor"
-        " reads it (docs/pipeline.md)"
+        2, ge=1, le=2, description="bus batch encoding the gateway writes: 2 (columnar) or 1 (rows; for "
+        "processors built before 2026-12-03, which read only 1: upgrade processors first, docs/pipeline.md)"
     )
     require_registration: bool = Field(False, description=(
         "refuse devices that are not registered as active in the device registry (DLQ unknown_device; "
