@@ -15,10 +15,10 @@
    a few milliseconds later at most), a version-1 bus record per message. ``--gateway-rounds``: the messages
    sent at once go out as a gateway writes a round instead, one record per partition in the gateway's default
    (columnar) encoding; the maximum rate is then about twice as high, because the gateway's own work is not
-   in this pipeline. In 5% of the messages the last reading
-   crosses the threshold (the readings before it stay on the other side), so the reading that opens or
-   clears an alert is the one taken when its message is published. Latency = the receiver's clock at the POST minus
-   the event time of that reading (both on this host). Target: p99 <= 100 ms. The processor
+   in this pipeline. In 5% of the messages the last reading crosses the threshold (the readings before it
+   stay on the other side), so the reading that opens or clears an alert is the one taken when its message
+   is published. Latency = the receiver's clock at the POST minus the event time of that reading (both on
+   this host). Target: p99 <= 100 ms. The processor
    runs with its default settings (``--fetch-max``/``--fetch-max-bytes`` change them). Printed with it: the
    rate, p50/p99/max against the target, and where the time went: event -> evaluated in its batch's
    transaction (the body's ``at_ms``), commit -> the receiver's 2xx (the notifier's own count, logged when
