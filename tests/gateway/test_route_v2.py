@@ -94,3 +94,51 @@ def test_bus_encoding_setting_is_checked(monkeypatch):
     monkeypatch.setenv("FIELDMESH__GATEWAY__BUS_ENCODING", "3")
     with pytest.raises(ConfigError, match="FIELDMESH__GATEWAY__BUS_ENCODING"):
         load_settings()
+
+
+plain = st.fixed_dictionaries(
+    {"ts": st.integers(NOW - 10**9, NOW),
+     "measurements": st.dictionaries(st.sampled_from(["t", "h"]),
+                                     st.one_of(st.floats(-1e300, 1e300), st.booleans(), st.integers(-(2**53), 2**53)),
+                                     min_size=1, max_size=2)},
+    optional={"seq": st.integers(0, 2**62), "boot_id": st.sampled_from(["b", "b2"]), "event_id": st.just("e1")},
+)
+several = st.one_of(
+    st.lists(plain, min_size=2, max_size=6).map(json.dumps),  # the path that builds columns from fields
+    st.lists(plain, min_size=2, max_size=6).map(lambda rs: json.dumps({"readings": rs})),
+    plain.map(json.dumps),
+    st.lists(plain, min_size=2, max_size=3).map(lambda rs: json.dumps([*rs, {**rs[0], "meta": {"k": 1}}])),
+    st.just('[{"ts": 1, "measurements": {"t": 1}}, {"ts": 2}]'),  # not valid: dead-lettered as in v1
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(msgs=st.lists(st.builds(lambda i, dev, p: IngestMessage(topic=f"devices/{dev}/telemetry", payload=p.encode(),
+                                                                   received_ms=NOW, source_id=f"i{i}"),
+                                   st.integers(0, 10**6), st.sampled_from(["d1", "d-2", "pump_3"]), several),
+                         min_size=1, max_size=8),
+       partitions=st.integers(1, 4))
+def test_v2_columns_of_several_readings_a_message_equal_v1(msgs, partitions):
+    """Messages of several plain readings go to columns field by field (no Reading each); the records hold the
+    same readings, in the same order, as v1's, with the messages taken as readings among them."""
+    r1, n1, d1 = route(msgs, settings=V1, partitions=partitions, now_ms=NOW)
+    r2, n2, d2 = route(msgs, settings=V2, partitions=partitions, now_ms=NOW)
+    assert (n1, d1) == (n2, d2)
+    assert [(r.topic, r.partition, r.msg_id) for r in r1] == [(r.topic, r.partition, r.msg_id) for r in r2]
+    assert _split(r1) == _split(r2)
+    assert sum(len(rs) for _, rs in _split(r2)[0]) == n2
+
+
+def test_a_message_of_several_plain_readings_takes_the_field_path():
+    from fieldmesh.gateway.gateway import _READING_FIELDS, _route_fields, _route_one
+
+    rs = [{"ts": NOW - 3000 + i, "seq": i, "measurements": {"t": i / 3, "h": i % 2 == 0}} for i in range(3)]
+    m = IngestMessage(topic="devices/d1/telemetry", payload=json.dumps(rs).encode(), received_ms=NOW, source_id="i1")
+    got = _route_fields(m, V2, 4, NOW)
+    assert got is not None
+    part, res = _route_one(m, V2, 4, NOW)  # type: ignore[misc]
+    assert got == (part, tuple([get(r) for r in res.readings] for get in _READING_FIELDS))
+    # anything else is left to the general path: one reading, a meta, a reading that is not valid
+    for other in (rs[:1], [*rs, {**rs[0], "meta": {"k": 1}}], [*rs, {"ts": "x", "measurements": {"t": 1}}]):
+        assert _route_fields(IngestMessage(topic="devices/d1/telemetry", payload=json.dumps(other).encode(),
+                                           received_ms=NOW), V2, 4, NOW) is None

@@ -43,6 +43,7 @@ __all__ = [
     "decode_bus_columns_many",
     "decode_bus_readings",
     "decode_dead_letter",
+    "decode_plain_fields",
     "decode_single_fields",
     "decode_single_readings",
     "decode_telemetry",
@@ -344,25 +345,49 @@ _fast_list_decoder = msgspec.json.Decoder(list[_WireReading])
 _fast_batch_decoder = msgspec.json.Decoder(_WireBatch)
 
 
+def _wire_readings(payload: bytes, device_id: str) -> list[_WireReading] | None:
+    """The readings of a JSON payload (one, a list, or a ``readings`` batch) as typed structs (types checked in
+    C); None when it is not that shape, or names another device (the general path says what is wrong)."""
+    try:
+        if payload[:1] == b"[":
+            return _fast_list_decoder.decode(payload)  # type: ignore[no-any-return]
+        if b'"readings"' in payload:
+            batch = _fast_batch_decoder.decode(payload)
+            if batch.device_id is not None and batch.device_id != device_id:
+                return None
+            return batch.readings  # type: ignore[no-any-return]
+        return [_fast_decoder.decode(payload)]
+    except (msgspec.DecodeError, RecursionError):
+        return None  # the general path says what is wrong (``too_deep`` for the recursion)
+
+
+def decode_plain_fields(
+    payload: bytes, *, device_id: str, received_ms: int, now_ms: int, max_skew_ms: int = 300_000,
+    max_bytes: int = 256 * 1024,
+) -> tuple[list[Any], ...] | None:
+    """The readings of a JSON payload of several valid plain readings (no ``meta``), field by field.
+
+    Exactly the readings :func:`decode_telemetry` gives for it, as :func:`decode_single_fields` gives them (a
+    list per field of :class:`Reading`, the arguments of :meth:`ReadingColumns.from_fields`), so a columnar
+    bus record is made without an object per reading. None for anything else (one reading, a ``meta``, a
+    problem to report): :func:`decode_telemetry` then takes the payload.
+    """
+    if len(payload) > max_bytes:
+        return None
+    ws = _wire_readings(payload, device_id)
+    if ws is None or len(ws) < 2 or list(map(_meta_of, ws)).count(None) != len(ws):
+        return None
+    n = len(ws)
+    return _checked_fields(ws, [device_id] * n, [received_ms] * n, now_ms, max_skew_ms)
+
+
 def _fast_path(payload: bytes, device_id: str, now: int, max_skew_ms: int, received_ms: int) -> list[Reading] | None:
     """The common case, valid JSON readings, decoded by msgspec into typed structs (types checked in C).
 
     Returns None for anything unusual (a problem to report, an RFC 3339 ``ts``): the general path
     then decodes the payload again and says precisely what is wrong with which reading.
     """
-    first = payload[:1]
-    try:
-        if first == b"[":
-            ws = _fast_list_decoder.decode(payload)
-        elif b'"readings"' in payload:
-            batch = _fast_batch_decoder.decode(payload)
-            if batch.device_id is not None and batch.device_id != device_id:
-                return None
-            ws = batch.readings
-        else:
-            ws = [_fast_decoder.decode(payload)]
-    except (msgspec.DecodeError, RecursionError):
-        return None  # the general path says what is wrong (``too_deep`` for the recursion)
+    ws = _wire_readings(payload, device_id)
     if not ws:
         return None
     if len(ws) > 1 and list(map(_meta_of, ws)).count(None) == len(ws):  # plain readings: checked over columns

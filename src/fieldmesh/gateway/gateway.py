@@ -25,7 +25,7 @@ import time
 from collections.abc import Sequence
 from itertools import repeat
 from operator import attrgetter, itemgetter
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 import numpy as np
@@ -35,6 +35,7 @@ from fieldmesh.core.batch import ReadingColumns
 from fieldmesh.core.codec import (
     DLQ_PAYLOAD_LIMIT,
     DecodeResult,
+    decode_plain_fields,
     decode_single_fields,
     decode_telemetry,
     decode_telemetry_body,
@@ -240,6 +241,39 @@ def _route_one(
     )
 
 
+def _route_fields(
+    m: IngestMessage, settings: GatewaySettings, partitions: int, now_ms: int,
+) -> tuple[int, tuple[list[Any], ...]] | None:
+    """(partition, readings field by field) of a plain JSON message of several valid readings (no schema, no
+    ``meta``), as :func:`_route_one` would route them; None for any other message (it takes those)."""
+    try:
+        kind, device, suffix, part = _ROUTES.get((m.topic, partitions)) or _route_of(m.topic, partitions)
+        if kind != "telemetry" or device is None or m.schema_id is not None or m.payload[:1] == b"\x00":
+            return None
+        if encoding_for(m.content_type, suffix) != "json" or (
+                settings.schema_subjects and _subject_of(m.topic, settings.schema_subjects) is not None):
+            return None
+        fields = decode_plain_fields(m.payload, device_id=device, received_ms=m.received_ms, now_ms=now_ms,
+                                     max_skew_ms=settings.max_skew_ms, max_bytes=settings.max_payload_bytes)
+    except Exception:  # nothing foreseen raises here; if something does, the general path says what
+        log.debug("decoding a message's readings as fields failed; routing it as readings", exc_info=True)
+        return None
+    return None if fields is None else (part, fields)
+
+
+def _add_fields(into: dict[int, list[list[Any]]], part: int, fields: Sequence[list[Any]]) -> None:
+    """Append a message's readings, field by field, to its partition's."""
+    have = into.get(part)
+    if have is None:
+        into[part] = [list(f) for f in fields]
+    else:
+        for acc, f in zip(have, fields, strict=True):
+            acc.extend(f)
+
+
+#: A getter of each field of :class:`Reading`, in order (the arguments of :meth:`ReadingColumns.from_fields`).
+_READING_FIELDS: Final = tuple(map(attrgetter, Reading.__struct_fields__))
+
 #: (topic, partitions) -> (device, partition) of plain JSON telemetry topics (no encoding suffix).
 _PLAIN: dict[tuple[str, int], tuple[str, int]] = {}
 _device_of, _part_of = itemgetter(0), itemgetter(1)
@@ -365,6 +399,8 @@ def route(
     """
     by_part: dict[int, _Batch] = {}
     extra: dict[int, list[Reading]] = {}  # readings of messages routed one by one, after the bulk ones
+    # the same, field by field, when the records are columns (no Reading per reading of a plain message)
+    extra_fields: dict[int, list[list[Any]]] = {}
     dead: list[DeadLetter] = []
     dead_ids: list[str | None] = []
     n = 0
@@ -395,6 +431,10 @@ def route(
     if bulk is not None:
         by_part, n, aside = bulk
     for m in [*bound, *(todo if bulk is None else [todo[i] for i in aside])]:
+        if columns and (plain := _route_fields(m, settings, partitions, now_ms)) is not None:
+            _add_fields(extra_fields, *plain)
+            n += len(plain[1][1])
+            continue
         try:
             routed = _route_one(m, settings, partitions, now_ms, schemas)
         except Exception as exc:  # a bug or a case nobody foresaw: it costs this message, not the worker
@@ -407,7 +447,10 @@ def route(
         if relabel and res.rejects:
             res.rejects = list(map(_as_unauthorized, res.rejects))
         if res.readings:
-            extra.setdefault(part, []).extend(res.readings)
+            if columns:  # in message order with the plain messages' fields
+                _add_fields(extra_fields, part, [list(map(get, res.readings)) for get in _READING_FIELDS])
+            else:
+                extra.setdefault(part, []).extend(res.readings)
             n += len(res.readings)
         for i, d in enumerate(res.rejects):
             dead.append(d)
@@ -417,8 +460,8 @@ def route(
     produced = now_ms
     records: list[OutRecord] = []
     by_msg = _message_traces(messages, partitions) if traces is not None else {}
-    for p in dict.fromkeys([*by_part, *extra]):
-        for k, chunk in enumerate(_chunks(by_part.get(p), extra.get(p))):
+    for p in dict.fromkeys([*by_part, *extra, *extra_fields]):
+        for k, chunk in enumerate(_chunks(by_part.get(p), extra.get(p), extra_fields.get(p))):
             try:
                 value = _encode_readings(chunk, produced, settings.bus_encoding)
             except Exception:  # validation should make this impossible; if not, find the culprit(s)
@@ -441,8 +484,21 @@ def route(
     return records, n, dead
 
 
-def _chunks(bulk: _Batch | None, extra: list[Reading] | None) -> list[_Batch]:
-    """A partition's readings (the bulk path's, then those routed one by one) in bus records' sizes."""
+def _chunks(bulk: _Batch | None, extra: list[Reading] | None, fields: list[list[Any]] | None = None) -> list[_Batch]:
+    """A partition's readings (the bulk path's, then those routed one by one: ``extra``, or ``fields`` when the
+    records are columns) in bus records' sizes."""
+    if fields is not None:
+        total = len(fields[1])
+        if bulk is None and total > MAX_READINGS_PER_RECORD:  # many readings a message: columns a record each
+            return [ReadingColumns.from_fields(*(f[s : s + MAX_READINGS_PER_RECORD] for f in fields))
+                    for s in range(0, total, MAX_READINGS_PER_RECORD)]
+        cols = ReadingColumns.from_fields(*fields)
+        if isinstance(bulk, ReadingColumns):
+            bulk = ReadingColumns.concat([bulk, cols])
+        elif bulk is None:
+            bulk = cols
+        else:  # readings from the bulk path come with readings from the others (fields only with columns)
+            extra = [*(extra or []), *cols.to_readings()]
     if bulk is None:
         batch: _Batch = extra or []
     elif not extra:
@@ -459,7 +515,7 @@ def _chunks(bulk: _Batch | None, extra: list[Reading] | None) -> list[_Batch]:
 
 
 def _encode_readings(readings: _Batch, produced_ms: int, encoding: int) -> bytes:
-    """A bus record of readings in the configured encoding (docs/pipeline.md: 2 only once every processor reads it)."""
+    """A bus record of readings in the configured encoding (docs/pipeline.md: processors read both)."""
     if isinstance(readings, ReadingColumns):
         return encode_bus_columns(readings, produced_ms=produced_ms)
     if encoding == 2:
