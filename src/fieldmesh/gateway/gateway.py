@@ -497,7 +497,7 @@ def _chunks(bulk: _Batch | None, extra: list[Reading] | None, fields: list[list[
             bulk = ReadingColumns.concat([bulk, cols])
         elif bulk is None:
             bulk = cols
-        else:  # readings from the bulk path come with readings from the others (fields only with columns)
+        else:  # not reached (fields come only with columns, and the bulk path's readings are then columns)
             extra = [*(extra or []), *cols.to_readings()]
     if bulk is None:
         batch: _Batch = extra or []
