@@ -130,14 +130,15 @@ def test_v2_columns_of_several_readings_a_message_equal_v1(msgs, partitions):
 
 
 def test_a_message_of_several_plain_readings_takes_the_field_path():
-    from fieldmesh.gateway.gateway import _READING_FIELDS, _route_fields, _route_one
+    from fieldmesh.core.batch import reading_fields
+    from fieldmesh.gateway.gateway import _route_fields, _route_one
 
     rs = [{"ts": NOW - 3000 + i, "seq": i, "measurements": {"t": i / 3, "h": i % 2 == 0}} for i in range(3)]
     m = IngestMessage(topic="devices/d1/telemetry", payload=json.dumps(rs).encode(), received_ms=NOW, source_id="i1")
     got = _route_fields(m, V2, 4, NOW)
     assert got is not None
     part, res = _route_one(m, V2, 4, NOW)  # type: ignore[misc]
-    assert got == (part, tuple([get(r) for r in res.readings] for get in _READING_FIELDS))
+    assert got == (part, tuple(reading_fields(res.readings)))
     # anything else is left to the general path: one reading, a meta, a reading that is not valid
     for other in (rs[:1], [*rs, {**rs[0], "meta": {"k": 1}}], [*rs, {"ts": "x", "measurements": {"t": 1}}]):
         assert _route_fields(IngestMessage(topic="devices/d1/telemetry", payload=json.dumps(other).encode(),

@@ -24,7 +24,7 @@ from fieldmesh.core.model import DeadLetter, Reading
 
 __all__ = [
     "CLAIMED", "COLLISION", "DUPLICATE", "BatchResult", "DeviceDeltas", "Position", "ReadingColumns", "WindowDeltas",
-    "origin_of",
+    "origin_of", "reading_fields",
 ]
 
 Position = tuple[str, int]
@@ -63,6 +63,13 @@ def _optional(values: Sequence[Any]) -> NDArray[np.object_] | None:
 
 #: A getter of each field of :class:`Reading`, in order (the arguments of :meth:`ReadingColumns.from_fields`).
 _FIELDS: Final = tuple(map(attrgetter, Reading.__struct_fields__))
+
+
+def reading_fields(readings: Sequence[Reading]) -> list[list[Any]]:
+    """``readings`` field by field (a list per field of :class:`Reading`, in order: the arguments of
+    :meth:`ReadingColumns.from_fields`). Each field is read over all readings by a C iterator (``map`` of an
+    attribute getter): no Python frame and no tuple per reading."""
+    return [list(map(get, readings)) for get in _FIELDS]
 
 
 def _codes(values: Sequence[str | None], dictionary: tuple[str, ...]) -> NDArray[np.int32]:
@@ -114,7 +121,7 @@ class ReadingColumns:
         """
         if not readings:
             return _EMPTY
-        return cls.from_fields(*(list(map(get, readings)) for get in _FIELDS))
+        return cls.from_fields(*reading_fields(readings))
 
     @classmethod
     def from_fields(

@@ -25,13 +25,13 @@ import time
 from collections.abc import Sequence
 from itertools import repeat
 from operator import attrgetter, itemgetter
-from typing import Any, Final
+from typing import Any
 
 import msgspec
 import numpy as np
 
 from fieldmesh.bus.base import OutRecord, Producer
-from fieldmesh.core.batch import ReadingColumns
+from fieldmesh.core.batch import ReadingColumns, reading_fields
 from fieldmesh.core.codec import (
     DLQ_PAYLOAD_LIMIT,
     DecodeResult,
@@ -271,9 +271,6 @@ def _add_fields(into: dict[int, list[list[Any]]], part: int, fields: Sequence[li
             acc.extend(f)
 
 
-#: A getter of each field of :class:`Reading`, in order (the arguments of :meth:`ReadingColumns.from_fields`).
-_READING_FIELDS: Final = tuple(map(attrgetter, Reading.__struct_fields__))
-
 #: (topic, partitions) -> (device, partition) of plain JSON telemetry topics (no encoding suffix).
 _PLAIN: dict[tuple[str, int], tuple[str, int]] = {}
 _device_of, _part_of = itemgetter(0), itemgetter(1)
@@ -448,7 +445,7 @@ def route(
             res.rejects = list(map(_as_unauthorized, res.rejects))
         if res.readings:
             if columns:  # in message order with the plain messages' fields
-                _add_fields(extra_fields, part, [list(map(get, res.readings)) for get in _READING_FIELDS])
+                _add_fields(extra_fields, part, reading_fields(res.readings))
             else:
                 extra.setdefault(part, []).extend(res.readings)
             n += len(res.readings)
