@@ -25,6 +25,8 @@ the agent itself (:func:`serve_edge_metrics`).
 
 from __future__ import annotations
 
+import errno
+import logging
 import math
 import os
 import shutil
@@ -41,15 +43,18 @@ from prometheus_client.registry import Collector
 
 __all__ = [
     "CANARY_READINGS", "EVENT_TO_STORED", "GATEWAY_BATCH", "GATEWAY_MESSAGES", "GATEWAY_READINGS", "GATEWAY_REJECTED",
-    "GATEWAY_SEND_SECONDS", "LATENCY_BUCKETS", "MULTIPROC_ENV", "PROCESSOR_APPLY_SECONDS", "PROCESSOR_BATCHES",
-    "PROCESSOR_BATCH_READINGS", "PROCESSOR_READINGS", "PROCESSOR_STORE_RETRIES", "RECEIVED_TO_STORED",
-    "SILENCE_BUCKETS", "SINK_COMMIT_SECONDS", "AuthCollector", "DoorCollector", "EdgeCollector",
-    "FreshnessCollector", "StoreCollector", "alert_metrics", "freshness", "histogram_buckets", "mark_dead",
-    "merged_histogram", "multiprocess_collector", "observe_many", "prepare_multiproc_dir", "serve_edge_metrics",
+    "GATEWAY_SEND_SECONDS", "LATENCY_BUCKETS", "MULTIPROC_ENV", "MULTIPROC_FILE_BYTES", "PROCESSOR_APPLY_SECONDS",
+    "PROCESSOR_BATCHES", "PROCESSOR_BATCH_READINGS", "PROCESSOR_READINGS", "PROCESSOR_STORE_RETRIES",
+    "RECEIVED_TO_STORED", "SILENCE_BUCKETS", "SINK_COMMIT_SECONDS", "AuthCollector", "DoorCollector", "EdgeCollector",
+    "FreshnessCollector", "StoreCollector", "alert_metrics", "back_multiproc_files", "freshness", "histogram_buckets",
+    "mark_dead", "merged_histogram", "multiprocess_collector", "observe_many", "prepare_multiproc_dir",
+    "serve_edge_metrics",
 ]
 
 #: The variable that puts prometheus-client in multiprocess mode (read when it is first imported).
 MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
+
+log = logging.getLogger("fieldmesh.metrics")
 
 #: Seconds: from sub-millisecond commits to readings an edge buffer held for hours.
 LATENCY_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
@@ -60,6 +65,48 @@ _SIZE_BUCKETS: Final = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10
 #: Seconds since a device's last reading, the buckets of ``fieldmesh_device_silence_seconds``.
 SILENCE_BUCKETS: Final = (5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 6 * 3600.0, 86400.0,
                           7 * 86400.0, math.inf)
+
+#: Bytes allocated on disk for each of a worker's metric files before prometheus-client maps it (its own
+#: initial size is 64 KiB; a worker's histograms take about 50 KiB).
+MULTIPROC_FILE_BYTES: Final = 256 * 1024
+
+
+def back_multiproc_files(directory: str | None, pid: int, *, wait_s: float = 1.0) -> list[Path]:
+    """Allocate the disk blocks of this process's metric files before prometheus-client maps them.
+
+    prometheus-client sizes a new file with ``truncate`` (a sparse file) and writes to it through ``mmap``; on a
+    full disk (a tmpfs, or any file system out of blocks) the first write to a page without a block kills the
+    process with SIGBUS, not an error it could handle. With the blocks allocated here no later write of the
+    metrics needs the disk. While the disk has no room for them, the worker waits, saying why, before it starts.
+    The files are those of the metric kinds the stages use (counters and histograms).
+    """
+    if not directory:
+        return []
+    out: list[Path] = []
+    for kind in ("counter", "histogram"):
+        path = Path(directory) / f"{kind}_{pid}.db"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            size, warn_at = max(os.fstat(fd).st_size, MULTIPROC_FILE_BYTES), 0.0
+            while True:
+                try:
+                    os.posix_fallocate(fd, 0, size)
+                    break
+                except OSError as exc:
+                    if exc.errno != errno.ENOSPC:
+                        raise
+                    if time.monotonic() >= warn_at:  # at once, then every 30 s
+                        log.warning("no disk space for the metric file %s (%d KiB): waiting for space before "
+                                    "starting", path, size // 1024)
+                        warn_at = time.monotonic() + 30
+                    time.sleep(wait_s)
+        finally:
+            os.close(fd)
+        out.append(path)
+    return out
+
+
+back_multiproc_files(os.environ.get(MULTIPROC_ENV), os.getpid())
 
 # -- stage metrics (process-local; merged across the processes of ``up``) ------------------------------
 GATEWAY_MESSAGES: Final = Counter("fieldmesh_gateway_messages", "MQTT/ingest messages the gateway took and "
