@@ -12,6 +12,7 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -743,3 +744,86 @@ async def test_nats_fetch_of_a_deleted_consumer_is_an_error_not_silence(embedded
             for _ in range(3):
                 await c.fetch(10, 1.0)
         await c.close()
+
+
+@pytest.mark.parametrize("sole", [True, False], ids=["sole", "shared"])
+async def test_nats_fetch_outlives_a_server_restart(tmp_path: Path, sole: bool) -> None:
+    """A pull request the server ends because it shuts down (status 409 "Server Shutdown") is not an error: the
+    stage keeps running while the client reconnects, and what was sent before and after comes, none lost. (``up``
+    restarts its nats-server to close and open the MQTT door on a full disk; the gateway and the processor used to
+    crash on that answer and come back through the supervisor's restart.)"""
+    from fieldmesh.runtime.natsserver import EmbeddedNats
+
+    srv = EmbeddedNats(store_dir=tmp_path / "nats")
+    srv.start()
+    try:
+        async with load_bus(srv.url) as bus:
+            topic = await _topic(bus, partitions=1)
+            await bus.producer().send([OutRecord(topic, 0, b"before")])
+            c = await bus.consumer(topic, group=_name("g"), reset_pending=sole)
+            got = await _fetch_n(c, 1)
+            assert [r.value for r in got] == [b"before"]
+            await c.ack(got)
+            waiting = asyncio.create_task(c.fetch(10, 8.0))  # a pull request the server holds
+            await asyncio.sleep(0.5)
+            await asyncio.to_thread(srv.stop)
+            assert await asyncio.wait_for(waiting, 15) == []  # ended by the shutdown: nothing, and no error
+
+            async def fetch_through() -> list[BusRecord]:
+                """Fetch all along, while the client reconnects and JetStream loads its streams again (a pull
+                request it cannot answer yet is a 503): no error, until the record sent after comes."""
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:
+                    if recs := await c.fetch(10, 0.2):
+                        return recs
+                return []
+
+            fetching = asyncio.create_task(fetch_through())
+            await asyncio.to_thread(srv.start)
+            await asyncio.wait_for(bus.producer().send([OutRecord(topic, 0, b"after")]), 20)
+            got = await asyncio.wait_for(fetching, 40)
+            assert [r.value for r in got] == [b"after"]
+            await c.ack(got)
+            await c.close()
+    finally:
+        srv.stop()
+
+
+async def test_nats_acks_of_records_fetched_before_a_resume_leave_the_new_durable_alone(embedded_nats_url: str) -> None:
+    """After a reconnect the durable is made again under the same name: an acknowledgement of a record fetched
+    before (a batch the processor was still committing) would reach it, counted in the old delivery sequence, and
+    leave an acknowledged floor past what it delivered, with lag that never goes (seen after a full disk). Those
+    records come again instead, and their acknowledgement is the new durable's."""
+    proxy = _CuttableProxy(embedded_nats_url)
+    url = await proxy.start()
+    try:
+        async with load_bus(embedded_nats_url) as direct, load_bus(url) as bus:
+            topic = await _topic(direct, partitions=1)
+            group = _name("g")
+            await direct.producer().send([OutRecord(topic, 0, f"r{i}".encode()) for i in range(8)])
+            c = await bus.consumer(topic, group=group)
+            first = await _fetch_n(c, 4)
+            await c.ack(first)
+            before = await _fetch_n(c, 2)  # delivered as 5 and 6 of the durable's count
+            assert [r.value for r in first + before] == [f"r{i}".encode() for i in range(6)]
+            proxy.cut()
+            again: list[BusRecord] = []
+            deadline = time.monotonic() + 20
+            while len(again) < 2 and time.monotonic() < deadline:
+                with contextlib.suppress(BackendUnavailable):
+                    again += await c.fetch(2 - len(again), 1.0)
+            assert [r.value for r in again] == [b"r4", b"r5"]  # resumed after what was acknowledged: as 1 and 2
+            await c.ack(before)  # committed meanwhile: their acknowledgement comes after the resume
+            await c.ack(again)
+            rest = await _fetch_n(c, 2)
+            assert [r.value for r in rest] == [b"r6", b"r7"]
+            await c.ack(rest)
+            assert await _eventually(lambda: _pending_is(direct, topic, group, 0)), \
+                f"lag {await direct.pending(topic, group=group)} after every record was acknowledged"
+            await c.close()
+    finally:
+        await proxy.close()
+
+
+async def _pending_is(bus: Bus, topic: str, group: str, n: int) -> bool:
+    return await bus.pending(topic, group=group) == n

@@ -191,6 +191,10 @@ class PipelinedNatsProducer:
 _NO_WAIT_S = 1.0
 #: A fetch with a timeout this short or shorter does not go on to wait for a first record.
 _PROBE_S = 0.005
+#: How long a sole fetcher resuming after a reconnect waits for its acknowledgements to be applied.
+_ACKS_SETTLE_S = 2.0
+#: The descriptions of a 409 status that end a pull request without anything being wrong with the consumer.
+_TRANSIENT_409 = re.compile(r"MaxWaiting|Server Shutdown|Leadership Change", re.IGNORECASE)
 
 
 def _pending_of(reply: str) -> int:
@@ -247,8 +251,11 @@ class _Puller:
             return
         if status == "100":  # an idle heartbeat (not asked for): nothing ended
             return
-        # 404 no messages, 408 expired, 409 too many waiting requests: the request ended, nothing wrong
-        if status not in ("404", "408") and not (status == "409" and "MaxWaiting" in hdrs.get("Description", "")):
+        # 404 no messages, 408 expired, 409 too many waiting requests: the request ended, nothing wrong; 409 server
+        # shutdown or leadership change: the server goes away or the consumer moves, the client reconnects and the
+        # next fetch asks again (a sole fetcher resumes after what it acknowledged), so the stage keeps running
+        transient = status == "409" and _TRANSIENT_409.search(hdrs.get("Description", "")) is not None
+        if status not in ("404", "408") and not transient:
             self._error = msg
         self._ended += 1
         self._wake.set()
@@ -304,9 +311,11 @@ class NatsConsumer:
         ack_all: bool = False,
         partitioned: bool = True,
         trim: tuple[JetStreamContext, str] | None = None,
-        remake: Callable[[], Awaitable[_Puller]] | None = None,
+        remake: Callable[[int], Awaitable[_Puller]] | None = None,
+        exists: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         self._sub = sub
+        self._exists = exists  # whether the durable is still on the server (True while it cannot tell)
         self._remake = remake  # a sole fetcher's durable, made again after its acknowledged floor
         self._reconnects = sub.nc.stats["reconnects"]
         self._topic = topic
@@ -318,6 +327,8 @@ class NatsConsumer:
         self._held: list[BusRecord] = []  # fetched beyond a fetch's max_bytes: served first next time
         self._avg_bytes = 0.0  # moving average of record sizes, to size fetches by bytes
         self._pending = 0  # the server's count of undelivered messages at the last fetch
+        self._generation = 0  # the durable's remakes so far: a record's handle is (message, generation)
+        self._ack_sent = 0  # the highest stream sequence acknowledged to this generation's durable
 
     async def fetch(self, max_records: int, timeout_s: float, *, max_bytes: int | None = None) -> list[BusRecord]:
         """Fetch up to ``max_records`` (about ``max_bytes`` at most); an empty list when none arrived
@@ -334,6 +345,15 @@ class NatsConsumer:
             msgs = await self._pull(n, timeout_s)
         except nats.errors.ConnectionClosedError as exc:
             raise BackendUnavailable("NATS connection closed") from exc
+        except nats.js.errors.ServiceUnavailableError:
+            # No responders: the consumer is gone (an error, not silence), or a restarted nats-server has not
+            # loaded it yet (the stage waits a moment and fetches again, instead of exiting)
+            if self._exists is None or not await self._exists():
+                raise
+            log.warning("NATS consumer of %s: the server did not answer a pull request (503; restarting?), "
+                        "fetching again", self._topic)
+            await asyncio.sleep(min(timeout_s, 0.5))
+            return []
         if self._reconnected():
             await self._resume()  # what came may follow messages the cut lost: all of it comes again, in order
             self._pending = 0
@@ -360,14 +380,17 @@ class NatsConsumer:
         sends them again only after ``ack_wait``, while later ones come at once; a caller that skips what its
         positions passed (the processor) would lose them. So a sole fetcher's durable is made again right after
         what it acknowledged, and they come first. Records fetched before and not yet acknowledged come again
-        too (a caller skips what it applied); their acknowledgements to the old durable are ignored."""
+        too (a caller skips what it applied), and :meth:`ack` leaves them out: the durable made again has the
+        same name, so the server would apply their acknowledgements to it, counted in the old durable's delivery
+        sequence (an acknowledged floor past what it delivered: lag that never goes, seen after a full disk)."""
         assert self._remake is not None
         reconnects = self._sub.nc.stats["reconnects"]
         try:
-            sub = await self._remake()
+            sub = await self._remake(self._ack_sent)
         except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
             raise BackendUnavailable(f"cannot resume the consumer after a reconnect: {exc!r}") from exc
         old, self._sub, self._held, self._reconnects = self._sub, sub, [], reconnects
+        self._generation += 1
         log.info("NATS consumer of %s resumed after what it acknowledged (a reconnect)", self._topic)
         with contextlib.suppress(nats.errors.Error):
             await old.unsubscribe()
@@ -396,7 +419,7 @@ class NatsConsumer:
             key=key.encode() if key is not None else None,
             headers=hdrs,
             timestamp_ms=ts_ms,
-            handle=m,
+            handle=(m, self._generation),
             subject=m.subject,
         )
 
@@ -404,19 +427,24 @@ class NatsConsumer:
         """Acknowledge records (after their effects are committed).
 
         With an ack-all consumer (one fetcher, in order) acknowledging the last record covers the rest.
-        A sole ingest consumer also purges what it acknowledged from the stream, about once a second.
+        A sole ingest consumer also purges what it acknowledged from the stream, about once a second. Records
+        fetched before a reconnect made the durable again are left out (they come again).
         """
         if not records:
             return
-        if self._ack_all:
-            await max(records, key=lambda r: r.offset).handle.ack()
+        # records fetched before the durable was made again (:meth:`_resume`) come again: not acknowledged here
+        live = [r for r in records if r.handle[1] == self._generation]
+        if live:  # before the acknowledgements go out: a resume meanwhile waits for the server to apply them
+            self._ack_sent = max(self._ack_sent, *(r.offset for r in live))
+        if live and self._ack_all:
+            await max(live, key=lambda r: r.offset).handle[0].ack()
         else:
-            for r in records:
-                m: Msg = r.handle
+            for r in live:
+                m: Msg = r.handle[0]
                 await m.ack()
         with contextlib.suppress(nats.errors.Error):
             await self._sub.nc.flush(timeout=5)
-        if self._trim is not None:
+        if self._trim is not None:  # what was acknowledged before, through the durable made again, is done too
             self._acked = max(self._acked, *(r.offset for r in records))
             now = time.monotonic()
             if now - self._trimmed_at > _TRIM_EVERY_S:
@@ -698,16 +726,34 @@ class NatsBus:
         except nats.js.errors.Error as exc:
             raise BackendError(f"cannot create consumer {durable} on {stream}: {exc}") from exc
 
-        async def remake() -> _Puller:
+        async def remake(acked: int) -> _Puller:
+            # JetStream applies acknowledgements in the background: one sent before the reconnect, or buffered
+            # through it, could reach the durable made again (same name) counted in the old delivery sequence,
+            # leaving an acknowledged floor past what it delivered and lag that never goes. So wait (briefly)
+            # until the floor has what was sent; one lost with the connection only means its records come again.
             info = await self.js.consumer_info(stream, durable)
+            deadline = time.monotonic() + _ACKS_SETTLE_S
+            while (info.ack_floor.stream_seq if info.ack_floor else 0) < acked and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+                info = await self.js.consumer_info(stream, durable)
             if info.num_ack_pending:
                 await self._start_at(stream, cfg, (info.ack_floor.stream_seq if info.ack_floor else 0) + 1)
             fresh = _Puller(self.nc, stream, durable)  # a new inbox: answers to the old one's requests go nowhere
             await fresh.start()
             return fresh
 
+        async def exists() -> bool:
+            try:
+                await self.js.consumer_info(stream, durable, timeout=2.0)
+            except nats.js.errors.NotFoundError:
+                return False
+            except (nats.errors.Error, nats.js.errors.Error):
+                return True  # JetStream does not answer yet (a restart): the durable is on disk
+            return True
+
         return NatsConsumer(sub, topic or stream, ack_all=ack_all, partitioned=partitioned,
-                            trim=(self.js, stream) if trim else None, remake=remake if reset_pending else None)
+                            trim=(self.js, stream) if trim else None, remake=remake if reset_pending else None,
+                            exists=exists)
 
     async def _start_at(self, stream: str, cfg: api.ConsumerConfig, seq: int) -> None:
         """Make durable ``cfg`` again, delivering from stream sequence ``seq`` (what it had delivered is forgotten)."""
