@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -134,6 +136,8 @@ def test_disk_full_loses_nothing_acknowledged(small_disk: Path) -> None:
         assert up.stop() == 0, up.tail()
     log = " ".join((small_disk / "data-up.log").read_text(errors="replace").split())  # the console wraps lines
     assert "the MQTT door is closed" in log and "the MQTT door is open again" in log
+    # no stage crashed meanwhile: nats-server restarts (the door), a disk without room for a worker's files
+    assert re.findall(r"\w+ exited \(-?\d+\)", log) == [], log
 
 
 def _one_per_device(devs: list[str], seq: int, ts: int) -> tuple[list[tuple[str, dict[str, Any]]],
@@ -242,3 +246,41 @@ def test_edge_buffer_on_a_full_disk(small_disk: Path, policy: str) -> None:
     FaultReport(f"edge buffer on a full disk ({policy})", sent=10 * (appended + refused + 1),
                 acknowledged=10 * (appended + 1), stored=kept + 10, duplicates=0,
                 counted_losses={"dropped_readings": buf.stats.dropped_readings, "refused": 10 * refused}).show()
+
+
+_COUNT_ONE = ("import sys; from fieldmesh.obs.metrics import PROCESSOR_BATCHES, PROCESSOR_APPLY_SECONDS; "
+              "PROCESSOR_BATCHES.inc(); PROCESSOR_APPLY_SECONDS.observe(0.01); print('counted', flush=True)")
+_RAW_PROMETHEUS = ("from prometheus_client import Counter, Histogram; Counter('c', 'c').inc(); "
+                   "Histogram('h', 'h').observe(1.0); print('counted', flush=True)")
+
+
+def test_a_worker_started_on_a_full_disk_waits_for_space_instead_of_dying(small_disk: Path) -> None:
+    """prometheus-client maps a sparse file for each process's metrics: on a full disk its first write dies of
+    SIGBUS (the gateway did, in a restart loop, while `up` had its MQTT door closed). fieldmesh allocates the
+    files' blocks first: a worker started on a full disk waits, says why, and counts once space is back."""
+    metrics = small_disk / "metrics"
+    metrics.mkdir()
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics)}
+    filler = fill(small_disk, 0)
+    raw = subprocess.run([sys.executable, "-c", _RAW_PROMETHEUS], env=env, capture_output=True, text=True, timeout=60)
+    assert raw.returncode == -signal.SIGBUS, (raw.returncode, raw.stderr)  # what the files do without their blocks
+    for f in metrics.iterdir():
+        f.unlink()
+    fill(small_disk, 0)
+    worker = subprocess.Popen([sys.executable, "-c", _COUNT_ONE], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(3)
+        assert worker.poll() is None, worker.communicate()  # waiting, alive
+        filler.unlink()
+        out, err = worker.communicate(timeout=30)
+    finally:
+        worker.kill()
+    assert worker.returncode == 0, err
+    assert out.strip() == "counted"
+    assert "no disk space for the metric file" in err and "waiting for space" in err
+    files = sorted(metrics.iterdir())
+    assert [f.name.split("_")[0] for f in files] == ["counter", "histogram"]
+    for f in files:  # blocks allocated, not a sparse file
+        st = f.stat()
+        assert st.st_size >= 256 * 1024 and st.st_blocks * 512 >= st.st_size, (f, st)
