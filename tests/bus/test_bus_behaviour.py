@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from fieldmesh.bus import Bus, BusRecord, Consumer, IngestSpec, OutRecord, TopicSpec, load_bus
+from fieldmesh.bus.nats import NatsBus
 from fieldmesh.core.errors import BackendUnavailable, ConfigError
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio, pytest.mark.timeout(120)]
@@ -827,3 +828,39 @@ async def test_nats_acks_of_records_fetched_before_a_resume_leave_the_new_durabl
 
 async def _pending_is(bus: Bus, topic: str, group: str, n: int) -> bool:
     return await bus.pending(topic, group=group) == n
+
+
+async def test_nats_a_resume_the_server_does_not_answer_yet_is_tried_again(embedded_nats_url: str) -> None:
+    """After a reconnect the consumer's resume asks the server for its durable; a server that does not answer yet
+    (a restarted one loading its streams) makes that fetch come back empty, not fail the stage: the next fetch
+    tries again, and every record comes, in order."""
+    proxy = _CuttableProxy(embedded_nats_url)
+    url = await proxy.start()
+    try:
+        async with load_bus(embedded_nats_url) as direct, load_bus(url) as bus:
+            assert isinstance(bus, NatsBus)
+            topic = await _topic(direct, partitions=1)
+            await direct.producer().send([OutRecord(topic, 0, f"r{i}".encode()) for i in range(3)])
+            c = await bus.consumer(topic, group=_name("g"))
+            first = await _fetch_n(c, 1)
+            await c.ack(first)
+            before = bus.nc.stats["reconnects"]
+            proxy.cut()
+            deadline = time.monotonic() + 20
+            while bus.nc.stats["reconnects"] == before and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert bus.nc.stats["reconnects"] > before
+            proxy.swallow = True  # the server's answers go nowhere: the resume's request times out
+            assert await c.fetch(10, 1.0) == []
+            proxy.swallow = False
+            proxy.cut()  # what was swallowed may have cut a message in two: a clean connection
+            got: list[bytes] = []
+            deadline = time.monotonic() + 30
+            while len(got) < 2 and time.monotonic() < deadline:
+                recs = await c.fetch(10, 1.0)
+                got += [r.value for r in recs]
+                await c.ack(recs)
+            assert [r.value for r in first] + got == [b"r0", b"r1", b"r2"]
+            await c.close()
+    finally:
+        await proxy.close()

@@ -193,6 +193,8 @@ _NO_WAIT_S = 1.0
 _PROBE_S = 0.005
 #: How long a sole fetcher resuming after a reconnect waits for its acknowledgements to be applied.
 _ACKS_SETTLE_S = 2.0
+#: How long a sole fetcher tries to resume after a reconnect before it is BackendUnavailable.
+_RESUME_GIVE_UP_S = 60.0
 #: The descriptions of a 409 status that end a pull request without anything being wrong with the consumer.
 _TRANSIENT_409 = re.compile(r"MaxWaiting|Server Shutdown|Leadership Change", re.IGNORECASE)
 
@@ -329,12 +331,14 @@ class NatsConsumer:
         self._pending = 0  # the server's count of undelivered messages at the last fetch
         self._generation = 0  # the durable's remakes so far: a record's handle is (message, generation)
         self._ack_sent = 0  # the highest stream sequence acknowledged to this generation's durable
+        self._resume_failing_since: float | None = None  # when resuming after a reconnect first failed
 
     async def fetch(self, max_records: int, timeout_s: float, *, max_bytes: int | None = None) -> list[BusRecord]:
         """Fetch up to ``max_records`` (about ``max_bytes`` at most); an empty list when none arrived
         within ``timeout_s``."""
-        if self._reconnected():
-            await self._resume()
+        if self._reconnected() and not await self._resume():
+            await asyncio.sleep(min(timeout_s, 0.5))
+            return []
         if self._held:
             out, self._held = split_by_bytes(self._held, max_records, max_bytes)
             return out
@@ -375,25 +379,37 @@ class NatsConsumer:
         """Whether a sole fetcher's connection reconnected since its durable was last made."""
         return self._remake is not None and self._sub.nc.stats["reconnects"] != self._reconnects
 
-    async def _resume(self) -> None:
+    async def _resume(self) -> bool:
         """After a reconnect: JetStream counts the messages of an answer cut with the connection as delivered and
         sends them again only after ``ack_wait``, while later ones come at once; a caller that skips what its
         positions passed (the processor) would lose them. So a sole fetcher's durable is made again right after
         what it acknowledged, and they come first. Records fetched before and not yet acknowledged come again
         too (a caller skips what it applied), and :meth:`ack` leaves them out: the durable made again has the
         same name, so the server would apply their acknowledgements to it, counted in the old durable's delivery
-        sequence (an acknowledged floor past what it delivered: lag that never goes, seen after a full disk)."""
+        sequence (an acknowledged floor past what it delivered: lag that never goes, seen after a full disk).
+
+        False: the server did not answer yet (a restarted one loading its streams); the next fetch tries again,
+        and after ``_RESUME_GIVE_UP_S`` of that the consumer is :class:`BackendUnavailable`."""
         assert self._remake is not None
         reconnects = self._sub.nc.stats["reconnects"]
         try:
             sub = await self._remake(self._ack_sent)
         except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
-            raise BackendUnavailable(f"cannot resume the consumer after a reconnect: {exc!r}") from exc
+            now = time.monotonic()
+            if self._resume_failing_since is None:
+                self._resume_failing_since = now
+            if now - self._resume_failing_since > _RESUME_GIVE_UP_S:
+                raise BackendUnavailable(f"cannot resume the consumer after a reconnect: {exc!r}") from exc
+            log.warning("NATS consumer of %s: cannot resume after a reconnect yet (%r); trying again", self._topic,
+                        exc)
+            return False
+        self._resume_failing_since = None
         old, self._sub, self._held, self._reconnects = self._sub, sub, [], reconnects
         self._generation += 1
         log.info("NATS consumer of %s resumed after what it acknowledged (a reconnect)", self._topic)
         with contextlib.suppress(nats.errors.Error):
             await old.unsubscribe()
+        return True
 
     async def _pull(self, n: int, timeout_s: float) -> list[Msg]:
         """Up to ``n`` messages as soon as there are any, without waiting for ``n``.
