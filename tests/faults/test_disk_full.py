@@ -267,18 +267,22 @@ def test_a_worker_started_on_a_full_disk_waits_for_space_instead_of_dying(small_
     for f in metrics.iterdir():
         f.unlink()
     fill(small_disk, 0)
-    worker = subprocess.Popen([sys.executable, "-c", _COUNT_ONE], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+    errfile = small_disk.parent / "worker.err"
+    with open(errfile, "w") as errs:
+        worker = subprocess.Popen([sys.executable, "-c", _COUNT_ONE], env=env, stdout=subprocess.PIPE,
+                                  stderr=errs, text=True)
     try:
-        time.sleep(3)
+        wait(lambda: "waiting for space" in errfile.read_text(), 30, "the worker to say it waits for space")
+        time.sleep(1)
         assert worker.poll() is None, worker.communicate()  # waiting, alive
         filler.unlink()
-        out, err = worker.communicate(timeout=30)
+        out, _ = worker.communicate(timeout=30)
     finally:
         worker.kill()
+    err = errfile.read_text()
     assert worker.returncode == 0, err
     assert out.strip() == "counted"
-    assert "no disk space for the metric file" in err and "waiting for space" in err
+    assert "no disk space for the metric file" in err
     files = sorted(metrics.iterdir())
     assert [f.name.split("_")[0] for f in files] == ["counter", "histogram"]
     for f in files:  # blocks allocated, not a sparse file

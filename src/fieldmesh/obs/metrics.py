@@ -67,7 +67,7 @@ SILENCE_BUCKETS: Final = (5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 36
                           7 * 86400.0, math.inf)
 
 #: Bytes allocated on disk for each of a worker's metric files before prometheus-client maps it (its own
-#: initial size is 64 KiB; a worker's histograms take about 50 KiB).
+#: initial size is 64 KiB; the processor's histograms used 29,624 bytes in `tests/faults/test_kill9.py`).
 MULTIPROC_FILE_BYTES: Final = 256 * 1024
 
 
@@ -78,14 +78,19 @@ def back_multiproc_files(directory: str | None, pid: int, *, wait_s: float = 1.0
     full disk (a tmpfs, or any file system out of blocks) the first write to a page without a block kills the
     process with SIGBUS, not an error it could handle. With the blocks allocated here no later write of the
     metrics needs the disk. While the disk has no room for them, the worker waits, saying why, before it starts.
-    The files are those of the metric kinds the stages use (counters and histograms).
+    The files are those of the metric kinds the stages use (counters and histograms). A file system that cannot
+    allocate (an error other than ENOSPC) is left to prometheus-client as before, with a warning.
     """
     if not directory:
         return []
     out: list[Path] = []
     for kind in ("counter", "histogram"):
         path = Path(directory) / f"{kind}_{pid}.db"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:  # a directory that is not there: prometheus-client says so when it counts
+            log.warning("cannot open the metric file %s: %s", path, exc)
+            return out
         try:
             size, warn_at = max(os.fstat(fd).st_size, MULTIPROC_FILE_BYTES), 0.0
             while True:
@@ -94,7 +99,9 @@ def back_multiproc_files(directory: str | None, pid: int, *, wait_s: float = 1.0
                     break
                 except OSError as exc:
                     if exc.errno != errno.ENOSPC:
-                        raise
+                        log.warning("cannot allocate the metric file %s (%s): a full disk may kill this process "
+                                    "with SIGBUS", path, exc)
+                        break
                     if time.monotonic() >= warn_at:  # at once, then every 30 s
                         log.warning("no disk space for the metric file %s (%d KiB): waiting for space before "
                                     "starting", path, size // 1024)
