@@ -490,12 +490,10 @@ def _chunks(bulk: _Batch | None, extra: list[Reading] | None, fields: list[list[
             return [ReadingColumns.from_fields(*(f[s : s + MAX_READINGS_PER_RECORD] for f in fields))
                     for s in range(0, total, MAX_READINGS_PER_RECORD)]
         cols = ReadingColumns.from_fields(*fields)
-        if isinstance(bulk, ReadingColumns):
-            bulk = ReadingColumns.concat([bulk, cols])
-        elif bulk is None:
-            bulk = cols
-        else:  # not reached (fields come only with columns, and the bulk path's readings are then columns)
-            extra = [*(extra or []), *cols.to_readings()]
+        if bulk is not None:  # the bulk path's readings are columns too when records are (rows: converted)
+            cols = ReadingColumns.concat(
+                [bulk if isinstance(bulk, ReadingColumns) else ReadingColumns.from_readings(bulk), cols])
+        bulk = cols
     if bulk is None:
         batch: _Batch = extra or []
     elif not extra:
