@@ -1,8 +1,9 @@
 """SQLite identity keys in two tables: new keys land in ``idents_recent`` (in arrival order, a row of packed
-keys per commit) and are folded into ``idents`` in key order, a generation at a time, a slice per commit
-(schema 5). Whatever table holds a key, claims answer alike: across folds, re-opens, rolled-back commits, the
-migration of a version-3 store and of version 4's ``idents_recent`` (a row per key, keyed by ``id`` or in
-arrival order mid-fold); what is stored equals the oracle and a store that never folded."""
+keys per commit) and are folded into ``idents_blocks`` (sorted blocks of packed keys, schema 6; ``idents``, a
+row per key, before) in key order, a generation at a time, a slice per commit. Whatever table holds a key,
+claims answer alike: across folds, re-opens, rolled-back commits, the migration of a version-3 store, of version
+4's ``idents_recent`` (a row per key, keyed by ``id`` or in arrival order mid-fold) and of version 5's ``idents``
+mid-fold; what is stored equals the oracle and a store that never folded."""
 
 from __future__ import annotations
 
@@ -15,11 +16,11 @@ import pytest
 from test_sink_behaviour import _empty, assert_oracle, commit_in_chunks, records, sent, snapshot
 
 from fieldmesh.core.batch import CLAIMED, COLLISION, DUPLICATE, BatchResult
-from fieldmesh.core.errors import StoreSchemaError
-from fieldmesh.store import load_store
+from fieldmesh.core.errors import FieldmeshError, StoreSchemaError
+from fieldmesh.store import keyblocks, load_store
 from fieldmesh.store import sqlite as sqlite_store
 from fieldmesh.store.base import HotTxn
-from fmtest.sqlitekeys import fold_recent_by_hand, recent_keys, unpack_recent
+from fmtest.sqlitekeys import blocks_to_rows, fold_recent_by_hand, main_keys, recent_keys, unpack_recent
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -31,7 +32,7 @@ def _counts(path: Path) -> tuple[int, int]:
     try:
         recent = recent_keys(con)
         assert len({k[1] for k in recent}) == len(recent), "a key twice in idents_recent"
-        main = {i: (c, o) for i, c, o in con.execute("SELECT id, chk, origin FROM idents")}
+        main = main_keys(con)
         both = [k for k in recent if k[1] in main]
         assert all(main[k[1]] == (k[2], k[3]) for k in both), "a key folded into idents differs from idents_recent"
         return len(main), len(recent) - len(both)
@@ -267,6 +268,7 @@ def test_a_recent_table_made_again_starts_new_generations(tmp_path: Path, monkey
     assert con.execute("SELECT value FROM meta WHERE key = 'idents_frozen_upto'").fetchone()[0] != "0"
     fold_recent_by_hand(con)
     con.execute("CREATE TABLE idents_recent (n INTEGER PRIMARY KEY, keys BLOB NOT NULL)")
+    con.execute("UPDATE meta SET value = '5' WHERE key = 'schema_version'")  # idents a row per key, as in 5
     con.commit()
     con.close()
     s = load_store(url)
@@ -282,3 +284,93 @@ def test_a_recent_table_made_again_starts_new_generations(tmp_path: Path, monkey
         assert main + recent == s.stats().stored
     finally:
         s.close()
+
+
+def test_a_version_5_store_migrates_mid_fold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Version 5 folded keys into ``idents``, a row per key. A writer packs them into blocks of at most
+    ``BLOCK_KEYS`` (4 here, so there are many), and a generation half folded goes on from its cursor."""
+    monkeypatch.setattr(sqlite_store, "_FOLD_MIN", 16)
+    monkeypatch.setattr(sqlite_store, "BLOCK_KEYS", 4)
+    monkeypatch.setattr(keyblocks, "BLOCK_KEYS", 4)
+    items, rs = sent(7, 200)
+    recs = records(rs, [3])
+    path = tmp_path / "store.db"
+    url = f"sqlite:///{path}"
+    s = load_store(url)
+    for i in range(0, len(recs), 2):
+        commit_in_chunks(s, recs[i : i + 2], 2)
+        main, pending = _counts(path)
+        con = sqlite3.connect(path)
+        held = len(recent_keys(con))
+        con.close()
+        if main and held > pending:
+            break  # a generation being folded: some keys in both tables
+    else:
+        pytest.fail("no commit left keys in both tables")
+    before = snapshot(s)
+    s.close()
+    con = sqlite3.connect(path)
+    blocks_to_rows(con)
+    con.execute("UPDATE meta SET value = '5' WHERE key = 'schema_version'")
+    con.commit()
+    con.close()
+    with pytest.raises(StoreSchemaError, match="migrates"):
+        load_store(url, readonly=True)
+    s = load_store(url)
+    try:
+        con = sqlite3.connect(path)
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert "idents" not in tables
+        assert con.execute("SELECT count(*) FROM idents_blocks").fetchone()[0] == -(-main // 4)
+        con.close()
+        assert _counts(path) == (main, pending)
+        assert snapshot(s) == before
+        commit_in_chunks(s, recs, 2)
+        assert_oracle(s, items)
+        commit_in_chunks(s, records(rs, [4], start=10_000), 3)
+        assert s.stats().duplicates == len(rs) - len(items) + len(rs)
+        assert sum(_counts(path)) == s.stats().stored
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_key_blocks_hold_what_was_merged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
+    """Merges of sorted slices (of any size, anywhere in the key space, rolled back or not) into blocks of at most
+    ``BLOCK_KEYS`` keys: every block within the bound and starting at its ``lo``, ranges disjoint, the ``lo``
+    column returned that of the table, and each key found with its chk and origin, absent keys not."""
+    monkeypatch.setattr(keyblocks, "BLOCK_KEYS", 1 + seed * 3)
+    rnd = np.random.default_rng(seed)
+    con = sqlite3.connect(tmp_path / "k.db", isolation_level=None)
+    con.execute("CREATE TABLE idents_blocks (lo INTEGER PRIMARY KEY, keys BLOB NOT NULL)")
+    blocks = keyblocks.KeyBlocks()
+    held: dict[int, tuple[int, int]] = {}
+    for _ in range(40):
+        lo, hi = sorted(rnd.integers(-(2**62), 2**62, 2).tolist())
+        ids = np.unique(rnd.integers(lo, hi + 1, int(rnd.integers(1, 60))))
+        ids = ids[[i not in held for i in ids.tolist()]]
+        chks = rnd.integers(0, 2**62, len(ids))
+        origins = np.where(rnd.random(len(ids)) < 0.2, -1, rnd.integers(0, 2**40, len(ids)))
+        con.execute("BEGIN")
+        los = blocks.merge(con, ids, chks, origins)
+        if rnd.random() < 0.2:  # rolled back: the table and the lo column stay as they were
+            con.execute("ROLLBACK")
+            continue
+        con.execute("COMMIT")
+        blocks.los = los
+        held.update(zip(ids.tolist(), zip(chks.tolist(), origins.tolist(), strict=True), strict=True))
+        assert los.tolist() == [r[0] for r in con.execute("SELECT lo FROM idents_blocks ORDER BY lo")]
+        sizes = [n // 24 for (n,) in con.execute("SELECT length(keys) FROM idents_blocks")]
+        assert max(sizes) <= keyblocks.BLOCK_KEYS
+        stored = main_keys(con)  # (checks each block's lo and order)
+        assert {k: (c, -1 if o is None else o) for k, (c, o) in stored.items()} == held
+        probe = np.array(list(held)[:50] + rnd.integers(-(2**63), 2**63 - 1, 50).tolist(), dtype=np.int64)
+        hit, chk, origin = blocks.find(con, probe)
+        for k, h, c, o in zip(probe.tolist(), hit.tolist(), chk.tolist(), origin.tolist(), strict=True):
+            assert h == (k in held) and (not h or (c, o) == held[k]), k
+    loaded, n = keyblocks.KeyBlocks.load(con)
+    assert loaded.los.tolist() == blocks.los.tolist() and n == len(held)
+    with pytest.raises(FieldmeshError, match="held already"):
+        first = next(iter(held))
+        blocks.merge(con, np.array([first]), np.array([1]), np.array([1]))
+    con.close()

@@ -29,6 +29,7 @@ from fieldmesh.store import segments
 from fieldmesh.store.base import INTERVALS, DeviceSummary, HotTxn, Position, QueryResult, SqlTxn, StoreStats
 from fieldmesh.store.batchrows import answers, device_aggs, write_via_commit
 from fieldmesh.store.checkpointer import Checkpointer
+from fieldmesh.store.keyblocks import BLOCK_KEYS, KeyBlocks, pack_block, pack_keys, unpack_keys
 from fieldmesh.store.keyfilter import KeyFilter
 from fieldmesh.store.recentkeys import RecentKeys
 from fieldmesh.store.rollup import exact_columns, merge_acc
@@ -42,8 +43,9 @@ T = TypeVar("T")
 #: 2 added ``seqs`` and ``seq_ranges`` (sequence gaps); 3 added ``idents.origin`` (the bus record that
 #: claimed the key, so a replay decides as before); 4 added ``idents_recent`` (new keys land there first,
 #: see :meth:`SqliteStore._fold_keys`); 5 packs a commit's new keys in one ``idents_recent`` row. Older
-#: stores are migrated on open.
-SCHEMA_VERSION: Final = 5
+#: stores are migrated on open. 6 packs ``idents`` into sorted blocks of keys (``idents_blocks``,
+#: :mod:`fieldmesh.store.keyblocks`).
+SCHEMA_VERSION: Final = 6
 #: ``idents_recent`` is folded into ``idents`` once it holds this many keys and an eighth as many as ``idents``
 #: (or ``_FOLD_MAX``: the writer holds its keys in memory, 24 bytes each).
 _FOLD_MIN: Final = 131_072
@@ -64,17 +66,19 @@ _dec = msgspec.json.Decoder()
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
--- Identities of stored readings: de-duplication looks them up here. A table of its own (rather than
--- the readings' primary key) keeps random-key inserts on small rows; readings append in rowid order.
-CREATE TABLE IF NOT EXISTS idents (
-    id INTEGER PRIMARY KEY,          -- 63-bit identity key
-    chk INTEGER NOT NULL,            -- identity check value (tells duplicates from key collisions)
-    origin INTEGER                   -- (offset << 12) | partition of the record that claimed it; NULL: unknown
+-- Identities of stored readings: de-duplication looks them up here. A key is a 63-bit identity key, its
+-- check value (tells duplicates from key collisions) and origin ((offset << 12) | partition of the record
+-- that claimed it; -1: unknown). Folded keys: sorted blocks (fieldmesh.store.keyblocks), a block the ids
+-- from its `lo` to the next block's; `keys` packs them as int64 little-endian (id, chk, origin) triples, ids
+-- ascending. (Before version 6: `idents`, a row per key.)
+CREATE TABLE IF NOT EXISTS idents_blocks (
+    lo INTEGER PRIMARY KEY,
+    keys BLOB NOT NULL
 );
--- New identities land here first and are moved into `idents` in key order, many commits at a time: random
--- keys inserted straight into a large `idents` dirty nearly every leaf page at every commit. A key is in
+-- New identities land here first and are folded into `idents_blocks` in key order, many commits at a time:
+-- random keys added straight to a large keyed table dirty nearly every leaf page at every commit. A key is in
 -- one of the two tables (or, folded, in both alike until its generation's rows go). In arrival order, a
--- row per commit that claimed keys: `keys` packs them (fieldmesh.store.sqlite._pack_keys), so a commit
+-- row per commit that claimed keys: `keys` packs them (fieldmesh.store.keyblocks.pack_keys), so a commit
 -- writes a few pages at the table's end and no row per key; the writer answers lookups of these keys from
 -- memory (fieldmesh.store.recentkeys). `n` counts up (a VACUUM keeps it); meta's idents_* keys say which
 -- rows are which generation.
@@ -153,19 +157,6 @@ UPDATE meta SET value = '4' WHERE key = 'schema_version';
 _KEY_COLUMNS: Final = 3
 
 
-def _pack_keys(ids: NDArray[np.int64], chks: NDArray[np.int64], origins: NDArray[np.int64]) -> bytes:
-    """One ``idents_recent`` row's ``keys``: the ids, then the chks, then the origins (-1: none), int64 LE."""
-    return np.concatenate((ids, chks, origins)).astype("<i8", copy=False).tobytes()
-
-
-def _unpack_keys(blob: bytes) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]]:
-    """(ids, chks, origins) of an ``idents_recent`` row (see :func:`_pack_keys`)."""
-    if len(blob) % (8 * _KEY_COLUMNS):
-        raise FieldmeshError(f"an idents_recent row of {len(blob)} bytes: not whole keys (the store is damaged)")
-    a = np.frombuffer(blob, dtype="<i8").astype(np.int64).reshape(_KEY_COLUMNS, -1)
-    return a[0], a[1], a[2]
-
-
 def _migrate_4_5(w: sqlite3.Connection) -> None:
     """Version 4 -> 5: the keys of ``idents_recent`` not in ``idents`` yet packed into one row (a row per key
     before: in arrival order, or keyed by ``id`` as version 4 was first made); they are then one generation,
@@ -184,9 +175,22 @@ def _migrate_4_5(w: sqlite3.Connection) -> None:
         w.execute("CREATE TABLE idents_recent (n INTEGER PRIMARY KEY, keys BLOB NOT NULL)")
         if rows:
             ids, chks, origins = np.array(rows, dtype=np.int64).reshape(-1, _KEY_COLUMNS).T
-            w.execute("INSERT INTO idents_recent (keys) VALUES (?)", (_pack_keys(ids, chks, origins),))
+            w.execute("INSERT INTO idents_recent (keys) VALUES (?)", (pack_keys(ids, chks, origins),))
     w.execute("DELETE FROM meta WHERE key IN ('idents_frozen_upto', 'idents_dropped_upto', 'idents_fold_cursor')")
     w.execute("UPDATE meta SET value = '5' WHERE key = 'schema_version'")
+
+
+def _migrate_5_6(w: sqlite3.Connection) -> None:
+    """Version 5 -> 6: the rows of ``idents`` (a row per key) packed into ``idents_blocks`` in key order, the
+    table dropped. ``idents_recent`` and its marks in ``meta`` stay as they are (a generation being folded goes
+    on from its cursor)."""
+    w.execute("DELETE FROM idents_blocks")  # (made empty by the schema script)
+    cur = w.execute("SELECT id, chk, coalesce(origin, -1) FROM idents ORDER BY id")
+    while rows := cur.fetchmany(BLOCK_KEYS):
+        ids, chks, origins = np.array(rows, dtype=np.int64).reshape(-1, _KEY_COLUMNS).T
+        w.execute("INSERT INTO idents_blocks (lo, keys) VALUES (?, ?)", (int(ids[0]), pack_block(ids, chks, origins)))
+    w.execute("DROP TABLE idents")
+    w.execute("UPDATE meta SET value = '6' WHERE key = 'schema_version'")
 
 
 #: The writer checkpoints the WAL into the database once it holds this many pages (SQLite's default is 1,000).
@@ -308,11 +312,12 @@ _KEY_MIN: Final = -(2**63)
 class _FoldStep(NamedTuple):
     """What a commit's fold step did (applied to the writer's memory once it commits)."""
 
-    folded: int  # keys of the frozen generation moved into idents
+    folded: int  # keys of the frozen generation moved into idents_blocks
     frozen_upto: int  # the frozen generation's last n now
     dropped_upto: int  # rows of idents_recent up to this n are folded generations' (deleted a slice at a time)
     purged_to: int  # the rows of those below this n are deleted
     swapped: bool  # the generation of new keys was frozen
+    los: NDArray[np.int64]  # idents_blocks' lo column after the fold
 
 
 def _meta(con: sqlite3.Connection, key: str, default: int) -> int:
@@ -342,10 +347,11 @@ class _Sql:
 class _Txn(_Sql):
     """:class:`~fieldmesh.store.base.HotTxn` of :meth:`SqliteStore.commit`: claims in its open transaction."""
 
-    def __init__(self, w: sqlite3.Connection, keys: KeyFilter, held: Sequence[RecentKeys]) -> None:
+    def __init__(self, w: sqlite3.Connection, keys: KeyFilter, held: Sequence[RecentKeys], blocks: KeyBlocks) -> None:
         super().__init__(w)
         self._filter = keys
-        self._held = held  # the keys of idents_recent not in idents (committed)
+        self._held = held  # the keys of idents_recent not in idents_blocks (committed)
+        self._blocks = blocks
         self.mine = RecentKeys()  # keys inserted in this transaction (not in the filter nor ``held`` yet)
         self.claimed: list[tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]]] = []
 
@@ -356,7 +362,7 @@ class _Txn(_Sql):
 
         Only keys the Bloom filter (or this transaction) may hold are looked up: on a stream of new
         readings that is the filter's ~0.2% false positives plus the duplicates. Keys of ``idents_recent``
-        are looked up in memory, the others in ``idents``.
+        are looked up in memory, the others in ``idents_blocks`` (a block read per block they fall in).
         """
         keys = np.asarray(keys, dtype=np.int64)
         out = np.zeros(len(keys), dtype=np.int8)  # CLAIMED
@@ -378,22 +384,11 @@ class _Txn(_Sql):
                 hit |= h
             rest = np.flatnonzero(~hit)
             if len(rest):
-                found: dict[int, tuple[int, int | None]] = {}
-                q = look[rest].tolist()
-                for s in range(0, len(q), 20000):
-                    found.update(
-                        (k, (c, o))
-                        for k, c, o in self._w.execute(
-                            "SELECT id, chk, origin FROM idents WHERE id IN (SELECT value FROM json_each(?))",
-                            (_enc.encode(q[s : s + 20000]).decode(),),
-                        )
-                    )
-                if found:
-                    rows = rest[np.fromiter((k in found for k in q), dtype=bool, count=len(q))]
-                    stored = [found[k] for k in look[rows].tolist()]
-                    stored_chk[rows] = [c for c, _ in stored]
-                    stored_origin[rows] = [-1 if o is None else o for _, o in stored]
-                    hit[rows] = True
+                h, c, o = self._blocks.find(self._w, look[rest])
+                rows = rest[h]
+                stored_chk[rows] = c[h]
+                stored_origin[rows] = o[h]
+                hit[rows] = True
             at = ask[hit]
             out[at] = answers(chks[at], origins[at], stored_chk[hit], stored_origin[hit])
             absent[at] = False
@@ -403,7 +398,7 @@ class _Txn(_Sql):
             if len(new) > 1 and not np.all(np.diff(keys[new])):  # the engines claim each key once a call
                 raise FieldmeshError("claim_keys was given the same new key twice")
             claim = (keys[new], np.asarray(chks, dtype=np.int64)[new], np.asarray(origins, dtype=np.int64)[new])
-            self._w.execute("INSERT INTO idents_recent (keys) VALUES (?)", (_pack_keys(*claim),))
+            self._w.execute("INSERT INTO idents_recent (keys) VALUES (?)", (pack_keys(*claim),))
             self.claimed.append(claim)
             self.mine.add(*claim)
         return out
@@ -437,9 +432,10 @@ class SqliteStore:
         self._staged_ranges: dict[SeqKey, tuple[SeqRange, bool]] = {}
         self._data_version = -1
         self._keys: KeyFilter | None = None  # identity keys stored, for de-dup without a read per key
-        self._keys_main = self._keys_recent = 0  # rows of idents and idents_recent (with the filter)
+        self._keys_main = self._keys_recent = 0  # keys of idents_blocks and idents_recent (with the filter)
+        self._blocks = KeyBlocks()  # idents_blocks' lo column (loaded with the filter)
         # The keys of idents_recent (loaded with the filter): the generation new keys join, and the frozen one
-        # being folded into idents in key order, a slice per commit (only its keys not folded yet).
+        # being folded into idents_blocks in key order, a slice per commit (only its keys not folded yet).
         self._recent = RecentKeys()
         self._frozen = RecentKeys()
         # n of idents_recent: (dropped_upto, frozen_upto] the frozen generation, above it the new one, up to
@@ -500,15 +496,17 @@ class SqliteStore:
             segments.migrate_rows_table(w)  # the readings view (over a pre-segment table, if there is one)
             if row is None:
                 w.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            elif row[0] in ("1", "2", "3", "4"):
-                script = (_MIGRATE_1_2 if row[0] == "1" else "") + (_MIGRATE_2_3 if row[0] in "12" else "")
-                script += _MIGRATE_3_4 if row[0] != "4" else ""
-                if any(c[1] == "origin" for c in w.execute("PRAGMA table_info(idents)")):
-                    script = script.replace("ALTER TABLE idents ADD COLUMN origin INTEGER;", "")
-                for stmt in script.split(";"):
-                    if stmt.strip():
-                        w.execute(stmt)
-                _migrate_4_5(w)
+            elif row[0] in ("1", "2", "3", "4", "5"):
+                if row[0] != "5":
+                    script = (_MIGRATE_1_2 if row[0] == "1" else "") + (_MIGRATE_2_3 if row[0] in "12" else "")
+                    script += _MIGRATE_3_4 if row[0] != "4" else ""
+                    if any(c[1] == "origin" for c in w.execute("PRAGMA table_info(idents)")):
+                        script = script.replace("ALTER TABLE idents ADD COLUMN origin INTEGER;", "")
+                    for stmt in script.split(";"):
+                        if stmt.strip():
+                            w.execute(stmt)
+                    _migrate_4_5(w)
+                _migrate_5_6(w)
             w.execute("COMMIT")
         except BaseException:
             w.execute("ROLLBACK")
@@ -560,7 +558,7 @@ class SqliteStore:
             w = self._w
             now = int(time.time() * 1000)
             keys = self._begin(w)
-            txn = _Txn(w, keys, (self._recent, self._frozen))
+            txn = _Txn(w, keys, (self._recent, self._frozen), self._blocks)
             try:
                 result = build(txn)
                 claimed = np.concatenate([c[0] for c in txn.claimed]) if txn.claimed else None
@@ -649,6 +647,8 @@ class SqliteStore:
                 self._recent.add(ids, chks, origins)
         if (step := self._fold) is not None:
             self._keys_main += step.folded
+            if step.folded:
+                self._blocks.los = step.los
             self._frozen.drop_front(step.folded)
             self._frozen_upto = step.frozen_upto
             self._dropped_upto = step.dropped_upto
@@ -724,13 +724,14 @@ class SqliteStore:
             self._frozen_upto = self._dropped_upto = 0
         self._purged_to = first
         cursor = int(_meta(w, "idents_fold_cursor", _KEY_MIN))
-        self._keys_main = w.execute("SELECT count(*) FROM idents").fetchone()[0]
+        main: list[NDArray[np.int64]] = []
+        self._blocks, self._keys_main = KeyBlocks.load(w, main)
         size = w.execute("SELECT coalesce(sum(length(keys)), 0) FROM idents_recent").fetchone()[0]
         total = size // (8 * _KEY_COLUMNS)
         f = KeyFilter(2 * (self._keys_main + total))
-        cur = w.execute("SELECT id FROM idents")
-        while rows := cur.fetchmany(100_000):
-            f.add(r[0] for r in rows)
+        for ids in main:
+            f.add(ids)
+        del main
         self._recent, self._frozen = RecentKeys(), RecentKeys()
         for into, sql, args in (
             (self._recent, "n > ?", (self._frozen_upto,)),
@@ -738,8 +739,8 @@ class SqliteStore:
         ):
             cur = w.execute(f"SELECT keys FROM idents_recent WHERE {sql}", args)
             while rows := cur.fetchmany(256):
-                ids, chks, origins = (np.concatenate(c) for c in zip(*(_unpack_keys(r[0]) for r in rows), strict=True))
-                if into is self._frozen:  # its keys from the cursor on (those below it are in idents)
+                ids, chks, origins = (np.concatenate(c) for c in zip(*(unpack_keys(r[0]) for r in rows), strict=True))
+                if into is self._frozen:  # its keys from the cursor on (those below it are in idents_blocks)
                     at = ids >= cursor
                     ids, chks, origins = ids[at], chks[at], origins[at]
                 f.add(ids)
@@ -749,16 +750,17 @@ class SqliteStore:
         return f
 
     def _fold_keys(self, w: sqlite3.Connection, claimed: int) -> _FoldStep:
-        """Move keys of ``idents_recent`` into ``idents`` in key order, a slice per commit (in its transaction).
+        """Move keys of ``idents_recent`` into ``idents_blocks`` in key order, a slice per commit (in its transaction).
 
-        Why: the keys of a batch are random, and inserted straight into a large ``idents`` they dirty nearly every
+        Why: the keys of a batch are random, and added straight to a large keyed table they dirty nearly every
         leaf page, which each commit then writes (and the checkpoint writes again). ``idents_recent`` is in arrival
         order, a row of packed keys per commit: they fill a few pages at its end. Its keys come in generations: once
-        the new generation holds an eighth as many keys as ``idents`` (at least ``_FOLD_MIN``, at most
-        ``_FOLD_MAX``) it is frozen, and the commits that follow fold it into ``idents`` in key order, each a slice
-        in proportion to the keys it claims, so that the whole generation is folded by the time the next one is half
-        full. Each ``idents`` page is then written about once per generation, and no commit carries a whole fold (it
-        took 0.3 s for 131,072 keys, more as ``idents`` grows). Folded keys of the frozen generation stay in
+        the new generation holds an eighth as many keys as ``idents_blocks`` (at least ``_FOLD_MIN``, at most
+        ``_FOLD_MAX``) it is frozen, and the commits that follow fold it into ``idents_blocks`` in key order, each a
+        slice in proportion to the keys it claims (merged into the blocks it falls in, :mod:`~fieldmesh.store.
+        keyblocks`), so that the whole generation is folded by the time the next one is half full. Each block is
+        then written about once per generation, and no commit carries a whole fold (it took 0.3 s for 131,072
+        keys inserted as rows, more as the table grows). Folded keys of the frozen generation stay in
         ``idents_recent`` (below the cursor kept in ``meta``) until the generation is done; then its rows are
         deleted ``_PURGE_ROWS`` per commit (with a row per key, all at once took 60-90 ms).
         """
@@ -770,19 +772,15 @@ class SqliteStore:
             # (never the last row: n would start again at 1 in an empty table)
             w.execute("DELETE FROM idents_recent WHERE n < ? AND n < (SELECT max(n) FROM idents_recent)", (purged,))
         n = 0
+        los = self._blocks.los
         if remaining and claimed:
             budget = target // 2 - self._keys_recent  # new keys to come before the generation should be done
             n = remaining if budget <= claimed else -(-remaining * claimed // budget)
             ids, chks, origins = self._frozen.compact()
-            org: NDArray[Any] = origins[:n]
-            if n and org.min() < 0:
-                org = org.astype(object)
-                org[origins[:n] < 0] = None
-            w.executemany("INSERT INTO idents (id, chk, origin) VALUES (?, ?, ?)",
-                          zip(ids[:n].tolist(), chks[:n].tolist(), org.tolist(), strict=True))
+            los = self._blocks.merge(w, ids[:n], chks[:n], origins[:n])
             if n < remaining:
                 _set_meta(w, "idents_fold_cursor", int(ids[n]))
-            else:  # the generation is in idents: its rows go, a slice per commit from the next on
+            else:  # the generation is in idents_blocks: its rows go, a slice per commit from the next on
                 dropped = upto
                 _set_meta(w, "idents_dropped_upto", dropped)
         swapped = False
@@ -791,7 +789,7 @@ class SqliteStore:
             _set_meta(w, "idents_frozen_upto", upto)
             _set_meta(w, "idents_fold_cursor", _KEY_MIN)
             swapped = True
-        return _FoldStep(n, upto, dropped, purged, swapped)
+        return _FoldStep(n, upto, dropped, purged, swapped, los)
 
     def _merge_rollups(self, w: sqlite3.Connection, interval: str, wd: WindowDeltas) -> None:
         """Merge one interval's deltas into its rollup rows.

@@ -1,0 +1,162 @@
+"""The folded identity keys of SQLite's hot store: sorted blocks of packed keys in ``idents_blocks``.
+
+Why blocks and not a row per key: a fold moves a generation of keys (from ``idents_recent``) into the table in
+key order. As rows of a keyed B-tree, each key was an insert through SQLite (about 1.3-2.5 µs a key: 12-19% of
+the processor's CPU, ``docs/pipeline.md``). As blocks, a fold slice reads the blocks its keys fall in, merges
+them with numpy and writes them back: a few rows a commit, each a blob of up to ``BLOCK_KEYS`` keys. The pages
+written are about the same (a generation adds keys all over the key space, so each leaf of the B-tree was
+dirtied once per generation too); the per-key work is gone.
+
+A block's row: ``lo`` (its smallest id, the primary key) and ``keys``, its keys in id order as int64
+little-endian triples ``(id, chk, origin)`` (origin -1: none; key by key, so that the blocks a lookup reads, in
+``lo`` order, join into one sorted array). Block ``i`` holds every folded id in ``[lo_i, lo_{i+1})``. The writer
+keeps the ``lo`` column in memory (8 bytes a block), so a lookup reads only the blocks its keys can be in, by
+primary key, and answers them all with one binary search.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sqlite3
+from typing import Final
+
+import msgspec
+import numpy as np
+from numpy.typing import NDArray
+
+from fieldmesh.core.errors import FieldmeshError
+
+__all__ = ["BLOCK_KEYS", "KeyBlocks", "pack_block", "pack_keys", "unpack_block", "unpack_keys"]
+
+_I64 = NDArray[np.int64]
+
+#: Keys a block holds at most (24 bytes each). A lookup reads a whole block; a fold slice rewrites the blocks its
+#: keys fall in, and the block on each edge of the slice once more (the next slice starts in it). 128 keys (3 KB)
+#: fit a 4 KB page: a larger block is a chain of overflow pages. The lookups of ``bench/processor.py`` (about 850
+#: keys, duplicates, in 700-900 blocks) took 10-17 ms with blocks of 512 keys, 3.5-6 ms with 128.
+BLOCK_KEYS: Final = 128
+#: Blocks read by one statement at most (their ``lo``s go in as a JSON array).
+_READ_MAX: Final = 2000
+_COLUMNS: Final = 3  # id, chk, origin
+_enc = msgspec.json.Encoder()
+
+
+def pack_keys(ids: _I64, chks: _I64, origins: _I64) -> bytes:
+    """Keys packed as a row of ``idents_recent`` or ``idents_blocks``: the ids, the chks, the origins (-1: none)."""
+    return np.concatenate((ids, chks, origins)).astype("<i8", copy=False).tobytes()
+
+
+def unpack_keys(blob: bytes) -> tuple[_I64, _I64, _I64]:
+    """(ids, chks, origins) of a packed row (see :func:`pack_keys`)."""
+    if len(blob) % (8 * _COLUMNS):
+        raise FieldmeshError(f"a row of {len(blob)} bytes of identity keys: not whole keys (the store is damaged)")
+    a = np.frombuffer(blob, dtype="<i8").astype(np.int64).reshape(_COLUMNS, -1)
+    return a[0], a[1], a[2]
+
+
+def pack_block(ids: _I64, chks: _I64, origins: _I64) -> bytes:
+    """A row of ``idents_blocks``: the keys (ids ascending) as int64 little-endian ``(id, chk, origin)`` triples."""
+    return np.stack((ids, chks, origins), axis=1).astype("<i8", copy=False).tobytes()
+
+
+def unpack_block(blob: bytes) -> NDArray[np.int64]:
+    """The keys of one or more blocks' ``keys`` joined: an array of rows ``(id, chk, origin)``."""
+    if len(blob) % (8 * _COLUMNS):
+        raise FieldmeshError(f"identity blocks of {len(blob)} bytes: not whole keys (the store is damaged)")
+    return np.frombuffer(blob, dtype="<i8").astype(np.int64).reshape(-1, _COLUMNS)
+
+
+class KeyBlocks:
+    """The blocks' ``lo`` column in memory and the reads and writes of ``idents_blocks`` (in the caller's
+    transaction). :meth:`merge` returns the ``lo`` column after it; the caller adopts it once its transaction
+    commits (:attr:`los`), so a rolled-back fold leaves the memory as the table."""
+
+    def __init__(self, los: _I64 | None = None) -> None:
+        self.los: _I64 = np.zeros(0, dtype=np.int64) if los is None else los
+
+    @classmethod
+    def load(cls, w: sqlite3.Connection, each_ids: list[_I64] | None = None) -> tuple[KeyBlocks, int]:
+        """The blocks of the table and how many keys they hold; ``each_ids`` (if given) gets every block's ids."""
+        los: list[int] = []
+        n = 0
+        cur = w.execute("SELECT lo, keys FROM idents_blocks ORDER BY lo")
+        while rows := cur.fetchmany(256):
+            for lo, blob in rows:
+                ids = unpack_block(blob)[:, 0]
+                if not len(ids) or int(ids[0]) != lo:
+                    raise FieldmeshError(f"identity block {lo} does not start at its lo (the store is damaged)")
+                los.append(lo)
+                n += len(ids)
+                if each_ids is not None:
+                    each_ids.append(ids)
+        return cls(np.array(los, dtype=np.int64)), n
+
+    def find(self, w: sqlite3.Connection, keys: _I64) -> tuple[NDArray[np.bool_], _I64, _I64]:
+        """Per key: whether a block holds it, and its chk and origin there (-1 where not held)."""
+        hit = np.zeros(len(keys), dtype=bool)
+        chk = np.full(len(keys), -1, dtype=np.int64)
+        origin = np.full(len(keys), -1, dtype=np.int64)
+        if not len(keys) or not len(self.los):
+            return hit, chk, origin
+        at = np.searchsorted(self.los, keys, side="right") - 1  # the one block each key can be in (-1: none)
+        want = self.los[np.unique(at[at >= 0])].tolist()
+        blobs: list[bytes] = []
+        for s in range(0, len(want), _READ_MAX):
+            blobs += [r[0] for r in w.execute(
+                "SELECT keys FROM idents_blocks WHERE lo IN (SELECT value FROM json_each(?)) ORDER BY lo",
+                (_enc.encode(want[s : s + _READ_MAX]).decode(),),
+            )]
+        held = unpack_block(b"".join(blobs))  # the blocks in lo order: one sorted array
+        if not len(held):
+            return hit, chk, origin
+        pos = np.minimum(np.searchsorted(held[:, 0], keys), len(held) - 1)
+        hit = held[pos, 0] == keys
+        chk[hit] = held[pos[hit], 1]
+        origin[hit] = held[pos[hit], 2]
+        return hit, chk, origin
+
+    def merge(self, w: sqlite3.Connection, ids: _I64, chks: _I64, origins: _I64) -> _I64:
+        """Add keys (sorted by id, none held yet) to the blocks their ids fall in; return the ``lo`` column after.
+
+        The blocks from the one the smallest id falls in to the one of the largest are read, merged with the
+        keys and written again as blocks of at most :data:`BLOCK_KEYS` keys of about equal size.
+        """
+        if not len(ids):
+            return self.los
+        los = self.los
+        if len(los):
+            first = max(int(np.searchsorted(los, ids[0], side="right")) - 1, 0)
+            last = max(int(np.searchsorted(los, ids[-1], side="right")) - 1, first)
+            old = los[first : last + 1].tolist()
+        else:
+            first, last, old = 0, -1, []
+        parts = [(ids, chks, origins)]
+        blobs: list[bytes] = []
+        for s in range(0, len(old), _READ_MAX):
+            blobs += [r[0] for r in w.execute(
+                "SELECT keys FROM idents_blocks WHERE lo IN (SELECT value FROM json_each(?)) ORDER BY lo",
+                (_enc.encode(old[s : s + _READ_MAX]).decode(),),
+            )]
+        if len(blobs) != len(old):
+            raise FieldmeshError(f"{len(old) - len(blobs)} identity blocks missing (the store is damaged)")
+        if blobs:
+            held = unpack_block(b"".join(blobs))
+            parts.append((held[:, 0], held[:, 1], held[:, 2]))
+        all_ids, all_chks, all_origins = (np.concatenate(c) for c in zip(*parts, strict=True))
+        order = np.argsort(all_ids, kind="stable")
+        all_ids, all_chks, all_origins = all_ids[order], all_chks[order], all_origins[order]
+        if len(all_ids) > 1 and not np.all(np.diff(all_ids)):
+            raise FieldmeshError("a key folded into the identity blocks is held already")
+        pieces = -(-len(all_ids) // BLOCK_KEYS)
+        cuts = np.linspace(0, len(all_ids), pieces + 1).astype(np.int64).tolist()
+        rows = [
+            (int(all_ids[a]), pack_block(all_ids[a:b], all_chks[a:b], all_origins[a:b]))
+            for a, b in itertools.pairwise(cuts)
+        ]
+        if old:
+            w.executemany("DELETE FROM idents_blocks WHERE lo = ?", [(lo,) for lo in old])
+        w.executemany("INSERT INTO idents_blocks (lo, keys) VALUES (?, ?)", rows)
+        return np.concatenate((los[:first], np.array([r[0] for r in rows], dtype=np.int64), los[last + 1 :]))
+
+    def __len__(self) -> int:
+        return len(self.los)
