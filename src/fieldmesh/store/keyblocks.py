@@ -130,33 +130,26 @@ class KeyBlocks:
             old = los[first : last + 1].tolist()
         else:
             first, last, old = 0, -1, []
-        parts = [(ids, chks, origins)]
-        blobs: list[bytes] = []
-        for s in range(0, len(old), _READ_MAX):
-            blobs += [r[0] for r in w.execute(
-                "SELECT keys FROM idents_blocks WHERE lo IN (SELECT value FROM json_each(?)) ORDER BY lo",
-                (_enc.encode(old[s : s + _READ_MAX]).decode(),),
-            )]
-        if len(blobs) != len(old):
-            raise FieldmeshError(f"{len(old) - len(blobs)} identity blocks missing (the store is damaged)")
-        if blobs:
-            held = unpack_block(b"".join(blobs))
-            parts.append((held[:, 0], held[:, 1], held[:, 2]))
-        all_ids, all_chks, all_origins = (np.concatenate(c) for c in zip(*parts, strict=True))
-        order = np.argsort(all_ids, kind="stable")
-        all_ids, all_chks, all_origins = all_ids[order], all_chks[order], all_origins[order]
-        if len(all_ids) > 1 and not np.all(np.diff(all_ids)):
+        keys = np.stack((ids, chks, origins), axis=1).astype(np.int64, copy=False)
+        if old:  # the blocks first..last: a range of lo
+            blobs = [r[0] for r in w.execute(
+                "SELECT keys FROM idents_blocks WHERE lo BETWEEN ? AND ? ORDER BY lo", (old[0], old[-1]))]
+            if len(blobs) != len(old):
+                raise FieldmeshError(f"identity blocks {old[0]}..{old[-1]}: {len(blobs)} of {len(old)} found"
+                                     " (the store is damaged)")
+            keys = np.concatenate((keys, unpack_block(b"".join(blobs))))
+        keys = keys[np.argsort(keys[:, 0], kind="stable")]  # C-contiguous rows (id, chk, origin)
+        if len(keys) > 1 and not np.all(np.diff(keys[:, 0])):
             raise FieldmeshError("a key folded into the identity blocks is held already")
-        pieces = -(-len(all_ids) // BLOCK_KEYS)
-        cuts = np.linspace(0, len(all_ids), pieces + 1).astype(np.int64).tolist()
-        rows = [
-            (int(all_ids[a]), pack_block(all_ids[a:b], all_chks[a:b], all_origins[a:b]))
-            for a, b in itertools.pairwise(cuts)
-        ]
+        packed = keys.astype("<i8", copy=False)
+        cuts = np.linspace(0, len(keys), -(-len(keys) // BLOCK_KEYS) + 1).astype(np.int64).tolist()
+        new_los = keys[cuts[:-1], 0]
+        rows = [(lo, packed[a:b].tobytes()) for lo, (a, b) in zip(new_los.tolist(), itertools.pairwise(cuts),
+                                                                  strict=True)]
         if old:
-            w.executemany("DELETE FROM idents_blocks WHERE lo = ?", [(lo,) for lo in old])
+            w.execute("DELETE FROM idents_blocks WHERE lo BETWEEN ? AND ?", (old[0], old[-1]))
         w.executemany("INSERT INTO idents_blocks (lo, keys) VALUES (?, ?)", rows)
-        return np.concatenate((los[:first], np.array([r[0] for r in rows], dtype=np.int64), los[last + 1 :]))
+        return np.concatenate((los[:first], new_los, los[last + 1 :]))
 
     def __len__(self) -> int:
         return len(self.los)
