@@ -30,8 +30,8 @@ BUS_PARAMS = frozenset({"bus", "door", "_bus"})
 BUS_EXEMPT = ("bus/", "edge/")
 
 STORE_TABLES = ("counters", "device_certificates", "device_metrics", "device_registry", "device_registry_groups",
-                "device_registry_version", "devices", "dlq", "idents", "idents_recent", "meta", "positions",
-                "reading_keys", "readings", "rollup_1h", "rollup_1m", "watermarks")
+                "device_registry_version", "devices", "dlq", "idents", "idents_blocks", "idents_recent", "meta",
+                "positions", "reading_keys", "readings", "rollup_1h", "rollup_1m", "watermarks")
 SQL_ON_TABLE = re.compile(
     r"\b(FROM|INTO|UPDATE|JOIN|TABLE)\s+\"?(" + "|".join(STORE_TABLES) + r")\b\"?", re.IGNORECASE)
 #: SQL on store tables outside ``store/`` that is allowed, by file and table.
