@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import sqlite3
+from collections.abc import Callable
 from typing import Final
 
 import msgspec
@@ -75,20 +76,23 @@ class KeyBlocks:
         self.los: _I64 = np.zeros(0, dtype=np.int64) if los is None else los
 
     @classmethod
-    def load(cls, w: sqlite3.Connection, each_ids: list[_I64] | None = None) -> tuple[KeyBlocks, int]:
-        """The blocks of the table and how many keys they hold; ``each_ids`` (if given) gets every block's ids."""
+    def load(cls, w: sqlite3.Connection, each: Callable[[_I64], object] | None = None) -> tuple[KeyBlocks, int]:
+        """The blocks of the table and how many keys they hold; ``each`` (if given) is called with the ids of the
+        blocks, a few hundred blocks at a time (streamed: the keys are not all held in memory at once)."""
         los: list[int] = []
         n = 0
         cur = w.execute("SELECT lo, keys FROM idents_blocks ORDER BY lo")
         while rows := cur.fetchmany(256):
-            for lo, blob in rows:
-                ids = unpack_block(blob)[:, 0]
-                if not len(ids) or int(ids[0]) != lo:
-                    raise FieldmeshError(f"identity block {lo} does not start at its lo (the store is damaged)")
-                los.append(lo)
-                n += len(ids)
-                if each_ids is not None:
-                    each_ids.append(ids)
+            keys = unpack_block(b"".join(r[1] for r in rows))
+            sizes = [len(r[1]) // (8 * _COLUMNS) for r in rows]
+            starts = np.cumsum([0, *sizes[:-1]])
+            got = [r[0] for r in rows]
+            if min(sizes) == 0 or keys[starts, 0].tolist() != got:
+                raise FieldmeshError("an identity block does not start at its lo (the store is damaged)")
+            los += got
+            n += len(keys)
+            if each is not None:
+                each(np.ascontiguousarray(keys[:, 0]))
         return cls(np.array(los, dtype=np.int64)), n
 
     def find(self, w: sqlite3.Connection, keys: _I64) -> tuple[NDArray[np.bool_], _I64, _I64]:

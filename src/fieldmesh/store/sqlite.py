@@ -724,14 +724,11 @@ class SqliteStore:
             self._frozen_upto = self._dropped_upto = 0
         self._purged_to = first
         cursor = int(_meta(w, "idents_fold_cursor", _KEY_MIN))
-        main: list[NDArray[np.int64]] = []
-        self._blocks, self._keys_main = KeyBlocks.load(w, main)
-        size = w.execute("SELECT coalesce(sum(length(keys)), 0) FROM idents_recent").fetchone()[0]
-        total = size // (8 * _KEY_COLUMNS)
-        f = KeyFilter(2 * (self._keys_main + total))
-        for ids in main:
-            f.add(ids)
-        del main
+        size = w.execute("SELECT (SELECT coalesce(sum(length(keys)), 0) FROM idents_blocks),"
+                         " (SELECT coalesce(sum(length(keys)), 0) FROM idents_recent)").fetchone()
+        main, total = (b // (8 * _KEY_COLUMNS) for b in size)
+        f = KeyFilter(2 * (main + total))
+        self._blocks, self._keys_main = KeyBlocks.load(w, f.add)
         self._recent, self._frozen = RecentKeys(), RecentKeys()
         for into, sql, args in (
             (self._recent, "n > ?", (self._frozen_upto,)),
