@@ -1,11 +1,11 @@
 """The folded identity keys of SQLite's hot store: sorted blocks of packed keys in ``idents_blocks``.
 
 Why blocks and not a row per key: a fold moves a generation of keys (from ``idents_recent``) into the table in
-key order. As rows of a keyed B-tree, each key was an insert through SQLite (about 1.3-2.5 µs a key: 12-19% of
-the processor's CPU, ``docs/pipeline.md``). As blocks, a fold slice reads the blocks its keys fall in, merges
-them with numpy and writes them back: a few rows a commit, each a blob of up to ``BLOCK_KEYS`` keys. The pages
-written are about the same (a generation adds keys all over the key space, so each leaf of the B-tree was
-dirtied once per generation too); the per-key work is gone.
+key order. As rows of a keyed B-tree (``idents``, until schema 6), each key was an insert through SQLite (about
+1.3 µs a key: 1.33 of 10.3 CPU-s of ``bench/processor.py``, docs/benchmarks.md). As blocks, a fold slice reads
+the blocks its keys fall in, merges them with numpy and writes them back: a few rows a commit, each a blob of up
+to ``BLOCK_KEYS`` keys. The pages written are about the same (a generation adds keys all over the key space, so
+each leaf of the B-tree was dirtied once per generation too); the per-key work is gone.
 
 A block's row: ``lo`` (its smallest id, the primary key) and ``keys``, its keys in id order as int64
 little-endian triples ``(id, chk, origin)`` (origin -1: none; key by key, so that the blocks a lookup reads, in
@@ -43,7 +43,7 @@ _enc = msgspec.json.Encoder()
 
 
 def pack_keys(ids: _I64, chks: _I64, origins: _I64) -> bytes:
-    """Keys packed as a row of ``idents_recent`` or ``idents_blocks``: the ids, the chks, the origins (-1: none)."""
+    """Keys packed as a row of ``idents_recent``: the ids, then the chks, then the origins (-1: none)."""
     return np.concatenate((ids, chks, origins)).astype("<i8", copy=False).tobytes()
 
 

@@ -46,7 +46,7 @@ T = TypeVar("T")
 #: stores are migrated on open. 6 packs ``idents`` into sorted blocks of keys (``idents_blocks``,
 #: :mod:`fieldmesh.store.keyblocks`).
 SCHEMA_VERSION: Final = 6
-#: ``idents_recent`` is folded into ``idents`` once it holds this many keys and an eighth as many as ``idents``
+#: ``idents_recent`` is folded into ``idents_blocks`` once it holds this many keys and an eighth as many as it
 #: (or ``_FOLD_MAX``: the writer holds its keys in memory, 24 bytes each).
 _FOLD_MIN: Final = 131_072
 _FOLD_MAX: Final = 2_097_152
