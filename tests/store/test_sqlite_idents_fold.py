@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import random
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -38,6 +40,48 @@ def _counts(path: Path) -> tuple[int, int]:
         return len(main), len(recent) - len(both)
     finally:
         con.close()
+
+
+def _stop_mid_fold(path: Path, recs: list[Any]) -> tuple[int, int, dict[str, Any]]:
+    """Commit ``recs`` two at a time into a new store at ``path`` until a generation is being folded (some keys in
+    both tables); closed then. Returns ``_counts`` of that moment and the store's snapshot."""
+    s = load_store(f"sqlite:///{path}")
+    try:
+        for i in range(0, len(recs), 2):
+            commit_in_chunks(s, recs[i : i + 2], 2)
+            main, pending = _counts(path)
+            con = sqlite3.connect(path)
+            held = len(recent_keys(con))
+            con.close()
+            if main and held > pending:
+                return main, pending, snapshot(s)
+        pytest.fail("no commit left keys in both tables")
+    finally:
+        s.close()
+
+
+def _assert_migrated(path: Path, shape: Callable[[sqlite3.Connection], None], counts: tuple[int, int],
+                     before: dict[str, Any], items: Any, rs: list[Any], recs: list[Any]) -> None:
+    """A store made older by hand: a reader refuses it and says who migrates it; the writer migrates it to the
+    ``shape`` of the tables it checks, every key where it was (``counts``), the same data (``before``); the
+    readings again, then again in new records, are stored exactly once (the oracle)."""
+    url = f"sqlite:///{path}"
+    with pytest.raises(StoreSchemaError, match="migrates"):
+        load_store(url, readonly=True)
+    s = load_store(url)
+    try:
+        con = sqlite3.connect(path)
+        shape(con)
+        con.close()
+        assert _counts(path) == counts
+        assert snapshot(s) == before
+        commit_in_chunks(s, recs, 2)
+        assert_oracle(s, items)
+        commit_in_chunks(s, records(rs, [4], start=10_000), 3)
+        assert s.stats().duplicates == len(rs) - len(items) + len(rs)
+        assert sum(_counts(path)) == s.stats().stored
+    finally:
+        s.close()
 
 
 @pytest.mark.parametrize("seed", [1, 2])
@@ -183,20 +227,7 @@ def test_a_version_4_store_migrates(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     items, rs = sent(6, 200)
     recs = records(rs, [3])
     path = tmp_path / "store.db"
-    url = f"sqlite:///{path}"
-    s = load_store(url)
-    for i in range(0, len(recs), 2):
-        commit_in_chunks(s, recs[i : i + 2], 2)
-        main, pending = _counts(path)
-        con = sqlite3.connect(path)
-        held = len(recent_keys(con))
-        con.close()
-        if main and held > pending:
-            break  # a generation folded (or being folded): some keys in both tables
-    else:
-        pytest.fail("no commit left keys in both tables")
-    before = snapshot(s)
-    s.close()
+    main, pending, before = _stop_mid_fold(path, recs)
     con = sqlite3.connect(path)
     last = unpack_recent(con, keyed=keyed)
     marks = ("idents_frozen_upto", "idents_dropped_upto")
@@ -209,23 +240,12 @@ def test_a_version_4_store_migrates(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     con.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
     con.commit()
     con.close()
-    with pytest.raises(StoreSchemaError, match="migrates"):
-        load_store(url, readonly=True)
-    s = load_store(url)
-    try:
-        con = sqlite3.connect(path)
+
+    def shape(con: sqlite3.Connection) -> None:
         assert "keys" in [c[1] for c in con.execute("PRAGMA table_info(idents_recent)")]
         assert len(recent_keys(con)) == pending  # only the keys not in idents yet
-        con.close()
-        assert _counts(path) == (main, pending)
-        assert snapshot(s) == before
-        commit_in_chunks(s, recs, 2)
-        assert_oracle(s, items)
-        commit_in_chunks(s, records(rs, [4], start=10_000), 3)
-        assert s.stats().duplicates == len(rs) - len(items) + len(rs)
-        assert sum(_counts(path)) == s.stats().stored
-    finally:
-        s.close()
+
+    _assert_migrated(path, shape, (main, pending), before, items, rs, recs)
 
 
 def test_a_generation_is_folded_in_even_slices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -295,43 +315,19 @@ def test_a_version_5_store_migrates_mid_fold(tmp_path: Path, monkeypatch: pytest
     items, rs = sent(7, 200)
     recs = records(rs, [3])
     path = tmp_path / "store.db"
-    url = f"sqlite:///{path}"
-    s = load_store(url)
-    for i in range(0, len(recs), 2):
-        commit_in_chunks(s, recs[i : i + 2], 2)
-        main, pending = _counts(path)
-        con = sqlite3.connect(path)
-        held = len(recent_keys(con))
-        con.close()
-        if main and held > pending:
-            break  # a generation being folded: some keys in both tables
-    else:
-        pytest.fail("no commit left keys in both tables")
-    before = snapshot(s)
-    s.close()
+    main, pending, before = _stop_mid_fold(path, recs)
     con = sqlite3.connect(path)
     blocks_to_rows(con)
     con.execute("UPDATE meta SET value = '5' WHERE key = 'schema_version'")
     con.commit()
     con.close()
-    with pytest.raises(StoreSchemaError, match="migrates"):
-        load_store(url, readonly=True)
-    s = load_store(url)
-    try:
-        con = sqlite3.connect(path)
+
+    def shape(con: sqlite3.Connection) -> None:
         tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         assert "idents" not in tables
         assert con.execute("SELECT count(*) FROM idents_blocks").fetchone()[0] == -(-main // 4)
-        con.close()
-        assert _counts(path) == (main, pending)
-        assert snapshot(s) == before
-        commit_in_chunks(s, recs, 2)
-        assert_oracle(s, items)
-        commit_in_chunks(s, records(rs, [4], start=10_000), 3)
-        assert s.stats().duplicates == len(rs) - len(items) + len(rs)
-        assert sum(_counts(path)) == s.stats().stored
-    finally:
-        s.close()
+
+    _assert_migrated(path, shape, (main, pending), before, items, rs, recs)
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -154,6 +154,3 @@ class KeyBlocks:
             w.execute("DELETE FROM idents_blocks WHERE lo BETWEEN ? AND ?", (old[0], old[-1]))
         w.executemany("INSERT INTO idents_blocks (lo, keys) VALUES (?, ?)", rows)
         return np.concatenate((los[:first], new_los, los[last + 1 :]))
-
-    def __len__(self) -> int:
-        return len(self.los)
