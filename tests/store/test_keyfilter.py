@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import random
+import sqlite3
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from fieldmesh.core.codec import decode_telemetry
+from fieldmesh.store import sqlite as sqlite_store
+from fieldmesh.store.alerts import AlertTables
 from fieldmesh.store.keyfilter import KeyFilter
 from fieldmesh.store.sqlite import SqliteStore
+from fieldmesh.stream.alerts import parse_rule
 from fmtest.drive import commit_readings
 
 NOW = 1_763_812_345_123
@@ -58,6 +63,57 @@ def test_two_writers_on_one_file_still_deduplicate(tmp_path: Path):
     r = _apply(a, _readings("d1", range(100, 200)))  # a must see b's keys 100..149
     assert (r.stored, r.duplicates) == (50, 50)
     assert a.stats().stored == 200
+
+
+def test_a_commit_that_leaves_the_keys_alone_keeps_the_filter(tmp_path: Path):
+    """Another connection's commit drops the writer's caches, but the identity keys are loaded again (every stored
+    key read) only when that commit changed them: here the API's rule tables commit in between."""
+    url = f"sqlite:///{tmp_path}/s.db"
+    a = SqliteStore(url)
+    try:
+        assert _apply(a, _readings("d1", range(0, 100))).stored == 100
+        assert a.key_loads == 1
+        rules = AlertTables(url)
+        rules.put_rule(parse_rule({"name": "hot", "kind": "threshold", "metric": "t", "op": ">", "value": 30}),
+                       actor="test")
+        rules.close()
+        r = _apply(a, _readings("d1", range(50, 150)))  # the other commit is seen (data_version), keys kept
+        assert (r.stored, r.duplicates) == (50, 50)
+        assert a.key_loads == 1
+        b = SqliteStore(url)  # another writer claims keys: now they are loaded again
+        assert _apply(b, _readings("d1", range(140, 200))).stored == 50
+        b.close()
+        r = _apply(a, _readings("d1", range(190, 210)))
+        assert (r.stored, r.duplicates) == (10, 10)
+        assert a.key_loads == 2 and a.stats().stored == 210
+    finally:
+        a.close()
+
+
+def test_another_writers_fold_is_seen(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Writers taking turns on one file while generations fold (a writer's fold moves keys between the tables):
+    each sees every key the other stored, whichever table holds it."""
+    monkeypatch.setattr(sqlite_store, "_FOLD_MIN", 16)
+    url = f"sqlite:///{tmp_path}/s.db"
+    a, b = SqliteStore(url), SqliteStore(url)
+    try:
+        stored = 0
+        for i in range(12):  # 30 new keys a turn: generations freeze and fold under both writers
+            w, other = (a, b) if i % 2 == 0 else (b, a)
+            lo = 100 + i * 30
+            r = _apply(w, _readings("d1", range(lo, lo + 30)))  # the first 5 the other stored last turn
+            assert (r.stored, r.duplicates) == ((25, 5) if i else (30, 0)), i
+            again = _apply(other, _readings("d1", range(lo - 5, lo + 35)))  # 35 of these 40 are stored
+            assert (again.stored, again.duplicates) == ((5, 35) if i else (10, 30)), i
+            stored += r.stored + again.stored
+        assert a.stats().stored == stored == 370
+        assert a.key_loads > 1 and b.key_loads > 1
+        con = sqlite3.connect(tmp_path / "s.db")
+        assert con.execute("SELECT count(*) FROM idents_blocks").fetchone()[0] > 0  # keys were folded
+        con.close()
+    finally:
+        a.close()
+        b.close()
 
 
 def test_a_restarted_store_loads_its_keys(tmp_path: Path):

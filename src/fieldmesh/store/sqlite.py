@@ -325,6 +325,21 @@ def _meta(con: sqlite3.Connection, key: str, default: int) -> int:
     return default if row is None else int(row[0])
 
 
+#: What changes whenever a writer changes the identity keys: each commit that claims keys adds a row to
+#: ``idents_recent`` (``n`` counts up; the last row is never deleted), a purge deletes its first rows, and each
+#: fold slice moves the cursor or ends its generation (``meta``), and a freeze sets ``idents_frozen_upto``.
+_IDENTS_MARK: Final = (
+    "SELECT (SELECT coalesce(min(n), 0) FROM idents_recent), (SELECT coalesce(max(n), 0) FROM idents_recent),"
+    " (SELECT group_concat(key || '=' || value, ',') FROM (SELECT key, value FROM meta WHERE key IN"
+    " ('idents_frozen_upto', 'idents_dropped_upto', 'idents_fold_cursor') ORDER BY key))"
+)
+
+
+def _idents_mark(con: sqlite3.Connection) -> tuple[Any, ...]:
+    """The state of the identity-key tables in a few index reads (:data:`_IDENTS_MARK`): equal marks, equal keys."""
+    return tuple(con.execute(_IDENTS_MARK).fetchone())
+
+
 def _set_meta(con: sqlite3.Connection, key: str, value: int) -> None:
     con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, str(value)))
 
@@ -432,6 +447,8 @@ class SqliteStore:
         self._staged_ranges: dict[SeqKey, tuple[SeqRange, bool]] = {}
         self._data_version = -1
         self._keys: KeyFilter | None = None  # identity keys stored, for de-dup without a read per key
+        self._keys_mark: tuple[Any, ...] = ()  # _idents_mark() as the writer last saw it (with the filter)
+        self.key_loads = 0  # times the writer loaded the identity keys (on open, and after another writer's)
         self._keys_main = self._keys_recent = 0  # keys of idents_blocks and idents_recent (with the filter)
         self._blocks = KeyBlocks()  # idents_blocks' lo column (loaded with the filter)
         # The keys of idents_recent (loaded with the filter): the generation new keys join, and the frozen one
@@ -563,11 +580,13 @@ class SqliteStore:
                 result = build(txn)
                 claimed = np.concatenate([c[0] for c in txn.claimed]) if txn.claimed else None
                 self._write_result(w, result, now, 0 if claimed is None else len(claimed))
+                mark = _idents_mark(w)  # in the transaction: no other writer can come between
                 w.execute("COMMIT")
             except BaseException:
                 if w.in_transaction:  # SQLite may have rolled back already (SQLITE_FULL)
                     w.execute("ROLLBACK")
                 raise
+            self._keys_mark = mark
             self._finish(w, claimed, txn)
             return result
 
@@ -624,7 +643,10 @@ class SqliteStore:
                 a.clear()
             self._known_metrics.clear()
             self._ranges.clear()
-            self._keys = None
+            # The identity keys only if another writer changed them: loading them reads every stored key
+            # (seconds at tens of millions), and the API, the twins or the jobs commit here all the time.
+            if self._keys is not None and _idents_mark(w) != self._keys_mark:
+                self._keys = None
         if self._keys is None:
             self._keys = self._load_keys(w)
         for st in self._staged_latest.values():
@@ -715,6 +737,8 @@ class SqliteStore:
         self._fold = self._fold_keys(w, claimed)
 
     def _load_keys(self, w: sqlite3.Connection) -> KeyFilter:
+        self.key_loads += 1
+        self._keys_mark = _idents_mark(w)
         self._frozen_upto = int(_meta(w, "idents_frozen_upto", 0))
         self._dropped_upto = int(_meta(w, "idents_dropped_upto", 0))
         first, last = w.execute("SELECT coalesce(min(n), 0), coalesce(max(n), 0) FROM idents_recent").fetchone()
