@@ -597,7 +597,11 @@ def overload(seconds: float) -> dict[str, Any]:
     def role(p: psutil.Process) -> str:
         cmd = p.cmdline()
         if "fieldmesh.runtime.worker" in cmd:
-            return cmd[cmd.index("fieldmesh.runtime.worker") + 1]
+            name = cmd[cmd.index("fieldmesh.runtime.worker") + 1]
+            parent = p.parent()
+            if parent is not None and "fieldmesh.runtime.worker" in parent.cmdline():
+                return f"{name}'s child"  # forked by the stage, same command line: the processor's lake sink
+            return name
         return p.name()
 
     def sample(up: UpProc) -> None:
