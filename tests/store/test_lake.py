@@ -621,3 +621,34 @@ def _open_together(data_dir: Path, barrier: Any) -> None:
 
     barrier.wait(60)
     LakeSink(settings=settings(), data_dir=data_dir).close()  # opens the catalog, creates the namespace, tables
+
+
+def test_the_lake_process_holds_results_for_its_child_within_a_byte_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The processor hands results to the lake's child process through a queue bounded in bytes as well as in
+    count: with a bound below one result, a write waits until the one before it is in the pipe, so the
+    processor holds one result at most while the child commits (its buffer full: it stops reading the pipe).
+    What the child commits equals the oracle all the same."""
+    from fieldmesh.store import lakeproc
+
+    monkeypatch.setattr(lakeproc, "_QUEUED_BYTES", 1)
+    items, rs = sent(9)
+    recs = records(rs, [2, 1, 3])
+    hot = SqliteStore(f"sqlite:///{tmp_path / 'hot.db'}")
+    lake = lakeproc.LakeProcess(settings=settings(commit_rows=8), data_dir=tmp_path)
+    sizes: list[int] = []
+    size_of = lakeproc._size
+    monkeypatch.setattr(lakeproc, "_size", lambda r: sizes.append(size_of(r)) or sizes[-1])
+    try:
+        p = Processor(bus=None, store=hot, settings=ProcessorSettings(), sinks=[lake])  # type: ignore[arg-type]
+        for i in range(0, len(recs), 4):
+            p.apply_records(recs[i : i + 4])
+            assert lake._queued_bytes <= sizes[-1], "more than the last result waits for the pipe"
+        assert len(sizes) > 20
+        lake.close()
+        assert lake._queued_bytes == 0
+        assert_lake_oracle(open_catalog(settings(), tmp_path), items)
+    finally:
+        lake.close()
+        hot.close()

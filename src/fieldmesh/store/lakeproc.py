@@ -39,6 +39,16 @@ __all__ = ["LakeProcess"]
 log = logging.getLogger(__name__)
 
 _QUEUED = 64  # results on their way to the child at most
+#: ... and about this many bytes of them (:func:`_size`), but always one. A backlog's batch of 25,000 readings
+#: holds about 11 MB as a result (tracemalloc), so 64 of them waiting while the child commits could hold 700 MB.
+_QUEUED_BYTES = 48 << 20
+
+
+def _size(result: BatchResult) -> int:
+    """About the memory ``result`` holds while it waits for the pipe: its readings as columns (a string of
+    measurements and a few numbers each, about 400 bytes), its windows and its dead letters."""
+    return (400 * len(result.new) + 120 * sum(len(wd) for wd in result.windows.values())
+            + sum(len(d.payload) + 200 for d in result.dead_letters))
 
 
 class LakeProcess:
@@ -69,7 +79,9 @@ class LakeProcess:
         # results go to the pipe from a thread of their own: a send blocks while the child reads it (a pipe
         # holds 64 KiB), and the child reads between its commit's steps; the processor only waits when
         # _QUEUED results are on their way (back-pressure)
-        self._queue: queue.Queue[tuple[Any, ...] | None] = queue.Queue(maxsize=_QUEUED)
+        self._queue: queue.Queue[tuple[tuple[Any, ...], int] | None] = queue.Queue(maxsize=_QUEUED)
+        self._room = threading.Condition()  # for _queued_bytes
+        self._queued_bytes = 0  # _size() of the results in the queue and in the pipe
         self._sender = threading.Thread(target=self._send_loop, name="fm-lake-send", daemon=True)
         self._sender.start()
 
@@ -107,9 +119,14 @@ class LakeProcess:
                 return False
             trace = tracing.current_traceparent() if tracing.enabled() else None
             if result is self._last:
-                self._queue.put(("again", todo, trace))
+                self._queue.put((("again", todo, trace), 0))
             else:
-                self._queue.put(("write", result, todo, trace))
+                size = _size(result)
+                with self._room:  # back-pressure by bytes too (the sender frees them as it sends)
+                    self._room.wait_for(lambda: self._queued_bytes == 0 or self._error is not None
+                                        or self._queued_bytes + size <= _QUEUED_BYTES)
+                    self._queued_bytes += size
+                self._queue.put((("write", result, todo, trace), size))
                 self._last = result
             for t in todo:
                 sent = sent_all[t]
@@ -172,7 +189,8 @@ class LakeProcess:
             raise LakeError(f"lake sink stopped: {self._error}")
 
     def _send_loop(self) -> None:
-        while (msg := self._queue.get()) is not None:
+        while (item := self._queue.get()) is not None:
+            msg, size = item
             try:
                 if self._error is None:
                     with self._lock:
@@ -184,6 +202,10 @@ class LakeProcess:
                 self._error = self._error or (f"the lake writer process is gone ({exc}); what it had not committed "
                                               "comes again from the bus at the next start")
             finally:
+                if size:
+                    with self._room:
+                        self._queued_bytes -= size
+                        self._room.notify_all()
                 self._queue.task_done()
         self._queue.task_done()
 
