@@ -78,7 +78,7 @@ class LakeProcess:
             self._ready()  # running is ready to apply)
         # results go to the pipe from a thread of their own: a send blocks while the child reads it (a pipe
         # holds 64 KiB), and the child reads between its commit's steps; the processor only waits when
-        # _QUEUED results are on their way (back-pressure)
+        # _QUEUED results, or _QUEUED_BYTES of them, are on their way (back-pressure)
         self._queue: queue.Queue[tuple[tuple[Any, ...], int] | None] = queue.Queue(maxsize=_QUEUED)
         self._room = threading.Condition()  # for _queued_bytes
         self._queued_bytes = 0  # _size() of the results in the queue and in the pipe
