@@ -739,9 +739,9 @@ class SqliteStore:
     def _load_keys(self, w: sqlite3.Connection) -> KeyFilter:
         self.key_loads += 1
         self._keys_mark = _idents_mark(w)
+        first, last = self._keys_mark[:2]  # idents_recent's first and last n
         self._frozen_upto = int(_meta(w, "idents_frozen_upto", 0))
         self._dropped_upto = int(_meta(w, "idents_dropped_upto", 0))
-        first, last = w.execute("SELECT coalesce(min(n), 0), coalesce(max(n), 0) FROM idents_recent").fetchone()
         if last < self._frozen_upto:  # the table was made again (n counts up, its last row stays): all new keys
             for key in ("idents_frozen_upto", "idents_dropped_upto", "idents_fold_cursor"):
                 w.execute("DELETE FROM meta WHERE key = ?", (key,))
