@@ -42,6 +42,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fieldmesh.bus.base import Bus, BusRecord, Consumer
+from fieldmesh.core import heap
 from fieldmesh.core.batch import BatchResult, ReadingColumns
 from fieldmesh.core.errors import BackendUnavailable, FieldmeshError
 from fieldmesh.core.model import Reading
@@ -145,6 +146,10 @@ class Processor:
         # One thread applies every batch, of every consumer, in turn: the store has one writer, and a
         # single thread keeps the batches' garbage in one malloc arena (pool threads each grow their own).
         self._executor: ThreadPoolExecutor | None = None
+        # Freed heap goes back to the system (core/heap.py): large blocks at once, the rest after a batch at
+        # most once a second; without it RSS grows with the largest batches and merges ever seen.
+        heap.configure()
+        self._trimmer = heap.Trimmer(1.0)
 
     def in_apply_thread(self, fn: Callable[[SqlTxn], T]) -> T:
         """``store.transact(fn)`` queued on the apply thread while the processor runs (in turn with the
@@ -261,6 +266,7 @@ class Processor:
             else:
                 self._fan_out(i, sink, records, before, result)
         PROCESSOR_APPLY_SECONDS.observe(time.perf_counter() - t_apply)
+        self._trimmer.maybe_trim()
         if result is None:
             return ApplyResult(0, 0, 0, 0)
         return ApplyResult(stored=len(result.new), duplicates=result.counts.get("duplicates", 0),
