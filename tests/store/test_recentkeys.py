@@ -64,3 +64,29 @@ def test_merging_runs_holds_little_more_than_the_runs() -> None:
     merged, _, _ = held.compact()
     assert bool((np.diff(merged) > 0).all())
     assert peak - before <= 1.2 * runs, (peak - before) / runs
+
+
+def test_keys_dropped_from_the_front_give_their_memory_back() -> None:
+    """The frozen generation is folded away a slice at a time: once half of what its arrays hold is dropped, the
+    rest is copied and the arrays go, and lookups still answer for the keys left."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        ids = np.random.default_rng(3).choice(2**62, size=400_000, replace=False).astype(np.int64)
+        held = RecentKeys()
+        held.add(ids, ids % 97, ids % 5)
+        del ids
+        full, _ = tracemalloc.get_traced_memory()
+        kept = np.sort(held.compact()[0])
+        for step in range(9):  # 10% each time
+            held.drop_front(40_000)
+            left = kept[(step + 1) * 40_000:]
+            found, chk, org = held.find(np.concatenate((left[:50], kept[:50])))
+            assert found[:50].all() and not found[50:].any()
+            assert (chk[:50] == left[:50] % 97).all() and (org[:50] == left[:50] % 5).all()
+        assert len(held) == 40_000
+        now, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert now - kept.nbytes < 0.4 * full, (now, full)  # without the copies: all of it, until the last key goes

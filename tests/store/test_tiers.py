@@ -25,7 +25,7 @@ from fieldmesh.core.errors import ConfigError
 from fieldmesh.core.settings import LakeSettings, ProcessorSettings, RetentionSettings
 from fieldmesh.store import HotStore, load_store
 from fieldmesh.store.lake import LakeSink, open_catalog
-from fieldmesh.store.tiers import LakeCopy, TieredReads, boundaries, prune
+from fieldmesh.store.tiers import LakeCopy, RetentionLoop, TieredReads, boundaries, prune
 from fieldmesh.stream.processor import Processor
 from fmtest import oracle
 
@@ -271,3 +271,29 @@ def test_prune_command_and_the_api_read_across_the_tiers(tmp_path: Path) -> None
     assert len(hot_only) < len(oracle.unique_readings(items)) == len(raw) + len(expected_raw(items, None, cut - 2 * DAY)
                                                                            ) + len(expected_raw(items, cut + DAY, None))
     store.close()
+
+
+def test_the_retention_loop_opens_the_lake_only_for_old_rows(store: HotStore, tmp_path: Path) -> None:
+    """A prune with nothing older than its cuts reads nothing from the lake and does not open it (the processor
+    then never loads pyiceberg and pyarrow for it); once old rows are there, it opens the lake and keeps what
+    the lake lacks."""
+    cat = open_catalog(lake_settings(), tmp_path)
+    opened: list[int] = []
+
+    def open_lake() -> LakeCopy:
+        opened.append(1)
+        return LakeCopy(cat, "fieldmesh")
+
+    loop = RetentionLoop(store, settings=RET, open_lake=open_lake)
+    proc = Processor(bus=None, store=store, settings=ProcessorSettings())  # type: ignore[arg-type]
+    now = int(time.time() * 1000)
+    apply(proc, records(readings_now(items_over(4, 80, 1, now=now), now), [5]))
+    reports = {r.tier: r for r in loop.run_once()}
+    assert set(reports) == {"raw", "rollup_1m"}
+    assert all(r.candidates == 0 and r.deleted == 0 for r in reports.values())
+    assert opened == []
+    old = items_over(5, 80, 12, now=now - 10 * DAY)  # older than every cut; the lake has none of them
+    apply(proc, records(readings_now(old, now - 10 * DAY), [6], start=100))
+    reports = {r.tier: r for r in loop.run_once()}
+    assert opened == [1]
+    assert reports["raw"].candidates > 0 and reports["raw"].deleted == 0 and reports["raw"].held > 0

@@ -25,6 +25,7 @@ class RecentKeys:
     def __init__(self) -> None:
         self._runs: list[tuple[_I64, _I64, _I64]] = []
         self._n = 0
+        self._dropped_view = 0  # keys dropped from the front whose memory the one run's arrays (views) still hold
 
     def __len__(self) -> int:
         return self._n
@@ -32,6 +33,7 @@ class RecentKeys:
     def clear(self) -> None:
         self._runs = []
         self._n = 0
+        self._dropped_view = 0
 
     def add(self, ids: _I64, chks: _I64, origins: _I64) -> None:
         """Add keys not held yet (the caller looked them up first)."""
@@ -50,6 +52,8 @@ class RecentKeys:
         times as much (a concatenation, its sort order and the three permuted columns at once)."""
         b = list(self._runs.pop())
         a = list(self._runs.pop())
+        if not self._runs:  # the first run is new arrays: no dropped keys in them
+            self._dropped_view = 0
         at = np.searchsorted(a[0], b[0])  # b's keys are not in a: each lands after the a-keys below it
         at += np.arange(len(at))
         n = len(a[0]) + len(at)
@@ -77,7 +81,15 @@ class RecentKeys:
         if n <= 0:
             return
         ids, chks, origins = self.compact()
-        self._runs = [(ids[n:], chks[n:], origins[n:])] if n < len(ids) else []
+        if n >= len(ids):
+            self._runs = []
+            self._dropped_view = 0
+        elif self._dropped_view + n >= len(ids) - n:  # half of what the arrays hold is gone: copy, free the rest
+            self._runs = [(ids[n:].copy(), chks[n:].copy(), origins[n:].copy())]
+            self._dropped_view = 0
+        else:  # views: the dropped keys' memory stays until the copy above (or the last key goes)
+            self._runs = [(ids[n:], chks[n:], origins[n:])]
+            self._dropped_view += n
         self._n = max(0, self._n - n)
 
     def find(self, keys: _I64) -> tuple[NDArray[np.bool_], _I64, _I64]:
