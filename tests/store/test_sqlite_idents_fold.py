@@ -333,9 +333,11 @@ def test_a_version_5_store_migrates_mid_fold(tmp_path: Path, monkeypatch: pytest
 @pytest.mark.parametrize("seed", range(6))
 def test_key_blocks_hold_what_was_merged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
     """Merges of sorted slices (of any size, anywhere in the key space, rolled back or not) into blocks of at most
-    ``BLOCK_KEYS`` keys: every block within the bound and starting at its ``lo``, ranges disjoint, the ``lo``
-    column returned that of the table, and each key found with its chk and origin, absent keys not."""
+    ``BLOCK_KEYS`` keys, a few blocks at a time: every block within the bound and starting at its ``lo``, ranges
+    disjoint, the ``lo`` column returned that of the table, and each key found with its chk and origin, absent
+    keys not."""
     monkeypatch.setattr(keyblocks, "BLOCK_KEYS", 1 + seed * 3)
+    monkeypatch.setattr(keyblocks, "_MERGE_BLOCKS", (1, 2, 5, 512)[seed % 4])
     rnd = np.random.default_rng(seed)
     con = sqlite3.connect(tmp_path / "k.db", isolation_level=None)
     con.execute("CREATE TABLE idents_blocks (lo INTEGER PRIMARY KEY, keys BLOB NOT NULL)")

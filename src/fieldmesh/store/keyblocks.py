@@ -36,6 +36,8 @@ _I64 = NDArray[np.int64]
 #: fit a 4 KB page: a larger block is a chain of overflow pages. The lookups of ``bench/processor.py`` (about 850
 #: keys, duplicates, in 700-900 blocks) took 10-17 ms with blocks of 512 keys, 3.5-6 ms with 128.
 BLOCK_KEYS: Final = 128
+#: A fold slice is merged into at most this many blocks at a time (about 64k keys).
+_MERGE_BLOCKS: Final = 512
 #: Blocks read by one statement at most (their ``lo``s go in as a JSON array).
 _READ_MAX: Final = 2000
 _COLUMNS: Final = 3  # id, chk, origin
@@ -123,17 +125,31 @@ class KeyBlocks:
         """Add keys (sorted by id, none held yet) to the blocks their ids fall in; return the ``lo`` column after.
 
         The blocks from the one the smallest id falls in to the one of the largest are read, merged with the
-        keys and written again as blocks of at most :data:`BLOCK_KEYS` keys of about equal size.
+        keys and written again as blocks of at most :data:`BLOCK_KEYS` keys of about equal size, at most
+        :data:`_MERGE_BLOCKS` blocks at a time: a fold slice of a large store spans hundreds of thousands of
+        keys, and merged at once their copies (read, joined, unpacked, sorted, packed) held about 100 MB for a
+        moment at 30 million keys.
         """
         if not len(ids):
             return self.los
         los = self.los
-        if len(los):
-            first = max(int(np.searchsorted(los, ids[0], side="right")) - 1, 0)
-            last = max(int(np.searchsorted(los, ids[-1], side="right")) - 1, first)
-            old = los[first : last + 1].tolist()
-        else:
-            first, last, old = 0, -1, []
+        if not len(los):
+            return self._merge_range(w, 0, -1, ids, chks, origins)
+        at = np.maximum(np.searchsorted(los, ids, side="right") - 1, 0)  # the block each key falls in
+        first, last = int(at[0]), int(at[-1])
+        parts = [los[:first]]
+        for b in range(first, last + 1, _MERGE_BLOCKS):
+            e = min(b + _MERGE_BLOCKS, last + 1)  # blocks b..e-1
+            i, j = int(np.searchsorted(at, b)), int(np.searchsorted(at, e))
+            parts.append(self._merge_range(w, b, e - 1, ids[i:j], chks[i:j], origins[i:j]) if i < j
+                         else los[b:e])
+        parts.append(los[last + 1 :])
+        return np.concatenate(parts)
+
+    def _merge_range(self, w: sqlite3.Connection, first: int, last: int, ids: _I64, chks: _I64,
+                     origins: _I64) -> _I64:
+        """Merge keys into blocks ``first..last`` (none: ``last < first``); return the new blocks' ``lo``."""
+        old = self.los[first : last + 1].tolist()
         keys = np.stack((ids, chks, origins), axis=1).astype(np.int64, copy=False)
         if old:  # the blocks first..last: a range of lo
             blobs = [r[0] for r in w.execute(
@@ -142,15 +158,16 @@ class KeyBlocks:
                 raise FieldmeshError(f"identity blocks {old[0]}..{old[-1]}: {len(blobs)} of {len(old)} found"
                                      " (the store is damaged)")
             keys = np.concatenate((keys, unpack_block(b"".join(blobs))))
+            del blobs
         keys = keys[np.argsort(keys[:, 0], kind="stable")]  # C-contiguous rows (id, chk, origin)
         if len(keys) > 1 and not np.all(np.diff(keys[:, 0])):
             raise FieldmeshError("a key folded into the identity blocks is held already")
         packed = keys.astype("<i8", copy=False)
         cuts = np.linspace(0, len(keys), -(-len(keys) // BLOCK_KEYS) + 1).astype(np.int64).tolist()
-        new_los = keys[cuts[:-1], 0]
+        new_los: _I64 = np.ascontiguousarray(keys[cuts[:-1], 0])
         rows = [(lo, packed[a:b].tobytes()) for lo, (a, b) in zip(new_los.tolist(), itertools.pairwise(cuts),
                                                                   strict=True)]
         if old:
             w.execute("DELETE FROM idents_blocks WHERE lo BETWEEN ? AND ?", (old[0], old[-1]))
         w.executemany("INSERT INTO idents_blocks (lo, keys) VALUES (?, ?)", rows)
-        return np.concatenate((los[:first], new_los, los[last + 1 :]))
+        return new_los

@@ -480,7 +480,7 @@ class SqliteStore:
             _wal(con)
             con.execute("PRAGMA synchronous=NORMAL")
             con.execute(f"PRAGMA wal_autocheckpoint={4 * _WAL_AUTOCHECKPOINT_PAGES}")
-            con.execute("PRAGMA cache_size=-65536")  # 64 MiB: the page cache is most of a processor's memory
+            con.execute("PRAGMA cache_size=-32768")  # 32 MiB: the page cache is a large part of a processor's memory
             # no mmap: pages read are then the kernel's page cache, not resident in this process; its own
             # memory stays bounded by cache_size
         else:
