@@ -42,7 +42,7 @@ _QUEUED = 64  # results on their way to the child at most
 #: ... and about this many bytes of them (:func:`_size`), but always one. A backlog's batch of 25,000 readings
 #: holds about 11 MB as a result (tracemalloc), so 64 of them waiting while the child commits could hold 700 MB.
 #: The child buffers up to twice ``lake.commit_bytes`` itself; this queue only has to keep the pipe busy.
-_QUEUED_BYTES = 16 << 20
+_QUEUED_BYTES = 8 << 20
 
 
 def _size(result: BatchResult) -> int:

@@ -85,7 +85,12 @@ class RecentKeys:
             self._runs = []
             self._dropped_view = 0
         elif self._dropped_view + n >= len(ids) - n:  # half of what the arrays hold is gone: copy, free the rest
-            self._runs = [(ids[n:].copy(), chks[n:].copy(), origins[n:].copy())]
+            cols = [ids, chks, origins]
+            del ids, chks, origins
+            self._runs = []
+            for j in range(3):  # a column at a time, each old one let go once copied
+                cols[j] = cols[j][n:].copy()
+            self._runs = [(cols[0], cols[1], cols[2])]
             self._dropped_view = 0
         else:  # views: the dropped keys' memory stays until the copy above (or the last key goes)
             self._runs = [(ids[n:], chks[n:], origins[n:])]
