@@ -95,7 +95,7 @@ class ProcessorSettings(BaseModel, frozen=True):
         "columnar", description="the stream core: numpy over columns, or the plain per-reading reference"
     )
     fetch_max_bytes: int = Field(
-        4 * 2**20, gt=0, description="bytes of bus records per fetch (the backlog stays in the bus)"
+        2 * 2**20, gt=0, description="bytes of bus records per fetch (the backlog stays in the bus)"
     )
 
 
