@@ -48,24 +48,22 @@ class RecentKeys:
 
     def _merge_last_two(self) -> None:
         """Merge the newest two runs into one, a column at a time, letting each old column go once merged: the
-        merge of two generations of millions of keys then holds about a third more than they do, not three
-        times as much (a concatenation, its sort order and the three permuted columns at once)."""
+        merge of two generations of millions of keys then holds about 1.2 times what they do for a moment, not
+        2.5 times (the concatenations, the sort order and the three permuted columns at once)."""
         b = list(self._runs.pop())
         a = list(self._runs.pop())
         if not self._runs:  # the first run is new arrays: no dropped keys in them
             self._dropped_view = 0
-        at = np.searchsorted(a[0], b[0])  # b's keys are not in a: each lands after the a-keys below it
-        at += np.arange(len(at))
-        n = len(a[0]) + len(at)
-        from_a = np.ones(n, dtype=bool)
-        from_a[at] = False
-        merged: list[_I64] = []
-        for j in range(3):
-            out = np.empty(n, dtype=np.int64)
-            out[at] = b[j]
-            out[from_a] = a[j]
-            a[j] = b[j] = _EMPTY  # the run's column is no longer referenced (unless a caller holds it)
-            merged.append(out)
+        ids = np.concatenate((a[0], b[0]))
+        a[0] = b[0] = _EMPTY  # (the runs' columns are no longer referenced, unless a caller holds them)
+        order = np.argsort(ids, kind="stable")  # two sorted runs: a linear merge
+        merged = [ids[order]]
+        del ids
+        for j in (1, 2):
+            col = np.concatenate((a[j], b[j]))
+            a[j] = b[j] = _EMPTY
+            merged.append(col[order])
+            del col
         self._runs.append((merged[0], merged[1], merged[2]))
 
     def compact(self) -> tuple[_I64, _I64, _I64]:
