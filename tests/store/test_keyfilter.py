@@ -137,8 +137,26 @@ def test_the_filter_stops_growing_at_its_cap_and_still_misses_no_key():
     f.add(keys[:10])
     assert f.layers == 1 and f.may_contain(keys).all()
     g = KeyFilter(10)
-    for layer in range(1, 8):  # layers of 2, 4, 8, 16 and 32 MiB, then the 2 MiB left of the 64 MiB
-        assert g.layers == min(layer, 6)
+    for layer in range(1, 8):  # layers of 2, 4, 8, 16 and 32 MiB; the 2 MiB left of the 64 MiB stay unused
+        assert g.layers == min(layer, 5)
         g._layers[-1].count = g._layers[-1].capacity
         g.add(keys[10 * layer:10 * layer + 10])
-    assert g.layers == 6 and g.nbytes == 64 << 20 and g.may_contain(keys[10:80]).all()
+    assert g.layers == 5 and g.nbytes == 62 << 20 and g.may_contain(keys[10:80]).all()
+
+
+def test_past_its_cap_the_filter_still_rules_out_most_keys(monkeypatch: pytest.MonkeyPatch):
+    """At 1/1024 the size (layers of 2 to 32 KiB under a 64 KiB cap, room for ~31,000 keys), twice as many keys
+    as the room: the largest layer takes the keys past the cap and most keys never added still answer "no".
+    With a smaller layer in the 2 KiB left under the cap, 96% answered "maybe" (each then a read of the store)."""
+    from fieldmesh.store import keyfilter
+
+    monkeypatch.setattr(keyfilter, "_MIN_BITS", 1 << 14)
+    monkeypatch.setattr(keyfilter, "_MAX_BITS", 1 << 19)
+    rng = np.random.default_rng(1)
+    f = KeyFilter(10)
+    added = rng.integers(0, 2**63, 64_000, dtype=np.int64)
+    for s in range(0, len(added), 2000):
+        f.add(added[s : s + 2000])
+    assert f.layers == 5 and f.nbytes == 62 << 10
+    assert f.may_contain(added).all()
+    assert f.may_contain(rng.integers(0, 2**63, 200_000, dtype=np.int64)).mean() < 0.2
