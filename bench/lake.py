@@ -36,9 +36,16 @@ records, built before any clock starts.
    maintenance's time beside the baseline of one append of the same rows, and peak RSS (``--day-hourly``: a
    line per simulated hour). Scaled down with ``--day-rows``/``--day-commits`` (the output says what ran).
 
+5. **The child under a backlog** (``--parts 5``): the committed results of part 1's run, written again and
+   again (their positions moved on each round) into a :class:`~fieldmesh.store.lakeproc.LakeProcess` as fast
+   as it takes them, as a processor draining a backlog does, until ``--backlog-readings`` (5,000,000) readings;
+   then the sink closes (its last commit). Reported: readings per second until the last commit, commits, and
+   the child's peak RSS (psutil, every 50 ms), with the lake's settings from ``FIELDMESH__LAKE__*`` (so that a
+   bound such as ``FIELDMESH__LAKE__COMMIT_BYTES`` can be compared).
+
 Run: ``PYTHONPATH=$PWD/src .venv/bin/python bench/lake.py [--devices 2000] [--per-device 500]
 [--latency-s 130] [--interval 60] [--quick] [--append-rounds 3] [--parts 1,2,3,4] [--sink-cost]
-[--day-rows N] [--day-commits N] [--day-max-age-s S] [--day-hourly]``.
+[--day-rows N] [--day-commits N] [--day-max-age-s S] [--day-hourly] [--backlog-readings N]``.
 """
 
 from __future__ import annotations
@@ -233,6 +240,78 @@ def report_cost(records: list[Any], tmp: Path, a: Any, n: int) -> None:
               f"{n / w:,.0f} readings/s to the last commit ({w:.2f}s; all applied at {applied:.2f}s), processor "
               f"CPU {c:.2f}s: throughput {w_off / w:.2f} of without (cost {100 * (1 - w_off / w):.0f}%), "
               f"to all applied {w_off / applied:.2f} (cost {100 * (1 - w_off / applied):.0f}%)")
+
+
+def backlog_memory(sink: Any, results: list[BatchResult], *, readings: int) -> dict[str, Any]:
+    """Part 5: ``results`` written into the lake child ``sink`` (a :class:`LakeProcess` started before the
+    stream was built, as a processor starts its child before its first batch) as fast as it takes them, round
+    after round with their positions moved on, until ``readings`` readings; the child's peak memory, sampled
+    every 50 ms."""
+    import dataclasses
+
+    rollup = Path(f"/proc/{sink._proc.pid}/smaps_rollup")
+
+    def private() -> int:
+        """The child's own pages (a forked child's RSS also counts the pages it still shares with its parent)."""
+        fields = dict(line.split(":", 1) for line in rollup.read_text().splitlines()[1:])
+        return sum(int(fields[k].split()[0]) * 1024 for k in ("Private_Clean", "Private_Dirty"))
+
+    peak = [private()]
+    start_rss = peak[0]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.05):
+            try:
+                peak.append(max(peak[-1], private()))
+            except OSError:
+                return
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    views = sink.views()
+    per_round = sum(len(r.new) for r in results)
+    step = 1 + max(o for r in results for o in r.positions.values())
+    written = 0
+    t0 = time.perf_counter()
+    k = 0
+    while written < readings:
+        for r in results:
+            moved = dataclasses.replace(r, positions={p: o + k * step for p, o in r.positions.items()})
+            for v in views:
+                v.write(moved)
+        written += per_round
+        k += 1
+    applied = time.perf_counter() - t0
+    stats = sink.stats()
+    sink.close()
+    wall = time.perf_counter() - t0
+    stop.set()
+    sampler.join()
+    return {"readings": written, "rounds": k, "applied_s": applied, "wall_s": wall, "peak_mb": peak[-1] / 1e6,
+            "start_mb": start_rss / 1e6, "commits": stats.get("commits"), "commit_rows": sink.lake_settings.commit_rows,
+            "commit_bytes": sink.lake_settings.commit_bytes}
+
+
+def start_backlog_child(tmp: Path) -> Any:
+    """Part 5's lake child, forked while this process is still small (before the stream is built), with the
+    lake settings of ``FIELDMESH__LAKE__*``."""
+    from fieldmesh.core.settings import load_settings
+    from fieldmesh.store.lakeproc import LakeProcess
+
+    settings = load_settings().lake
+    sink = LakeProcess(settings=settings, data_dir=tmp)
+    sink.lake_settings = settings  # type: ignore[attr-defined]  (for the report)
+    return sink
+
+
+def report_backlog(sink: Any, results: list[BatchResult], a: Any) -> None:
+    b = backlog_memory(sink, results, readings=a.backlog_readings)
+    print(f"5. lake child under a backlog (commit_rows {b['commit_rows']:,}, commit_bytes {b['commit_bytes']:,}): "
+          f"{b['readings']:,} readings in {len(results)} results x {b['rounds']} rounds, handed over in "
+          f"{b['applied_s']:.1f}s, last commit in at {b['wall_s']:.1f}s ({b['readings'] / b['wall_s']:,.0f} "
+          f"readings/s; {b['commits']} commits before the close); the child's own memory (private pages) "
+          f"{b['start_mb']:.0f} MB at the start, peak {b['peak_mb']:.0f} MB")
 
 
 def _load() -> str:
@@ -437,6 +516,7 @@ def main() -> None:
     ap.add_argument("--day-hourly", action="store_true", help="part 4: a line per simulated hour")
     ap.add_argument("--day-max-age-s", type=float, default=None, help="part 4: snapshot_max_age_s of the sink's "
                     "maintenance, in simulated seconds (default: the setting's default)")
+    ap.add_argument("--backlog-readings", type=int, default=5_000_000, help="part 5: readings written")
     a = ap.parse_args()
     if a.quick:
         a.devices, a.per_device, a.latency_s, a.interval = 200, 300, 20.0, 5.0
@@ -447,17 +527,19 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as d:
             report_day(Path(d), a)
         return
-    msgs, _, now_ms = make_stream(devices=a.devices, per_device=a.per_device)
-    records = make_records(msgs, now_ms, 2)
-    n = a.devices * a.per_device
-    print(f"stream: {a.devices} devices x {a.per_device} readings, {len(records)} bus records")
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        if "1" in parts:
+        backlog = start_backlog_child(tmp / "backlog") if "5" in parts else None
+        msgs, _, now_ms = make_stream(devices=a.devices, per_device=a.per_device)
+        records = make_records(msgs, now_ms, 2)
+        n = a.devices * a.per_device
+        print(f"stream: {a.devices} devices x {a.per_device} readings, {len(records)} bus records")
+        if parts & {"1", "5"}:
             cap = _Capture()
             hot = SqliteStore(f"sqlite:///{tmp / 'cap.db'}")
             _apply(records, hot, [cap])
             hot.close()
+        if "1" in parts:
             report_append([append_rate(cap.results, tmp / f"append{i}") for i in range(a.append_rounds)])
         if "2" in parts:
             report_latency(records, tmp, a)
@@ -465,6 +547,8 @@ def main() -> None:
             report_cost(records, tmp, a, n)
         if "4" in parts:
             report_day(tmp / "day", a)
+        if "5" in parts:
+            report_backlog(backlog, cap.results, a)
 
 
 if __name__ == "__main__":
