@@ -652,3 +652,26 @@ def test_the_lake_process_holds_results_for_its_child_within_a_byte_bound(
     finally:
         lake.close()
         hot.close()
+
+
+def test_the_buffer_commits_at_its_byte_bound(tmp_path: Path) -> None:
+    """Buffered readings are counted by their arrow bytes: with a bound of a few results' worth (and no bound
+    of rows or time that could bind), the sink commits as the bytes come, several times in one run, and what
+    it commits equals the oracle."""
+    items, rs = sent(11)
+    recs = records(rs, [2, 1, 3])
+    hot = SqliteStore(f"sqlite:///{tmp_path / 'hot.db'}")
+    sink = LakeSink(settings=settings(commit_rows=10**9, commit_bytes=16_384), data_dir=tmp_path)
+    try:
+        p = Processor(bus=None, store=hot, settings=ProcessorSettings(), sinks=[sink])  # type: ignore[arg-type]
+        for i in range(0, len(recs), 4):
+            p.apply_records(recs[i : i + 4])
+            assert sink._buf.nbytes < 2 * 16_384 + 16_384, "the buffer ran past twice its bound and a result"
+        with sink._cond:
+            sink._cond.wait_for(lambda: not sink._flushing, timeout=60)
+        assert sink.commits >= 3, f"{sink.commits} commits: the byte bound did not make the sink commit"
+        sink.close()
+        assert_lake_oracle(open_catalog(settings(), tmp_path), items)
+    finally:
+        sink.close()
+        hot.close()

@@ -36,7 +36,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from dataclasses import field as dc_field
 from pathlib import Path
@@ -46,6 +46,7 @@ import msgspec
 import numpy as np
 from numpy.typing import NDArray
 
+from fieldmesh.core import heap
 from fieldmesh.core.batch import BatchResult, Position, ReadingColumns, WindowDeltas
 from fieldmesh.core.errors import ConfigError, FieldmeshError, MissingDependency
 from fieldmesh.core.exact import parse_exact
@@ -89,7 +90,7 @@ TABLE_PROPERTIES: Final = {
     "write.metadata.previous-versions-max": "20",
 }
 _RETRY_MAX_S: Final = 30.0
-_ROW_BYTES: Final = 160  # a reading's arrow bytes besides its measurements (the buffer's estimate)
+_MERGE_ROWS: Final = 50_000  # rollup entries merged at a time (:func:`_merged_chunks`)
 _SECRET_WORDS: Final = ("secret", "token", "credential", "password", "key")
 _json = msgspec.json.Encoder()
 
@@ -441,28 +442,39 @@ def readings_table(result: BatchResult, schema: pa.Schema) -> pa.Table:
     return _readings_arrow(result.new, result.store_key, np.asarray(result.late, dtype=bool), schema)
 
 
-def readings_sorted(results: list[BatchResult], schema: pa.Schema, buckets: int) -> pa.Table:
-    """The new readings of ``results`` as rows of ``readings``, ordered by partition (day, device bucket).
-
-    Ordered as columns (numpy moves pointers to the strings), before arrow copies them once, so the append
-    finds each partition as one slice without re-ordering the table.
-    """
+def readings_part(result: BatchResult, schema: pa.Schema, buckets: int) -> tuple[pa.Table, NDArray[np.int64]]:
+    """The new readings of ``result`` as rows of ``readings``, and each row's partition as a sort key (its day
+    times ``buckets`` plus its device's bucket): what the sink buffers until a commit orders them all
+    (:func:`readings_ordered`)."""
     import pyarrow as pa
     from pyiceberg.transforms import BucketTransform
     from pyiceberg.types import StringType
 
-    parts = [r for r in results if len(r.new)]
+    c = result.new
+    table = _readings_arrow(c, result.store_key, np.asarray(result.late, dtype=bool), schema)
+    bucket_of = BucketTransform(buckets).pyarrow_transform(StringType())(pa.array(c.devices, pa.large_string()))
+    bucket = np.asarray(bucket_of.to_numpy(zero_copy_only=False), dtype=np.int64)
+    return table, c.ts_ms // 86_400_000 * buckets + bucket[c.device]
+
+
+def readings_ordered(parts: list[tuple[pa.Table, NDArray[np.int64]]], schema: pa.Schema) -> pa.Table:
+    """The buffered parts (:func:`readings_part`) as one table ordered by partition (day, device bucket), in
+    arrival order within each, so that the append finds each partition as one slice without re-ordering."""
+    import pyarrow as pa
+
     if not parts:
         return schema.empty_table()
-    c = ReadingColumns.concat([r.new for r in parts])
-    key = np.concatenate([r.store_key for r in parts])
-    late = np.concatenate([np.asarray(r.late, dtype=bool) for r in parts])
-    bucket_of = BucketTransform(buckets).pyarrow_transform(StringType())(pa.array(c.devices, pa.large_string()))
-    bucket = np.asarray(bucket_of.to_numpy(zero_copy_only=False), dtype=np.int64)[c.device]
-    order = np.lexsort((bucket, c.ts_ms // 86_400_000))
+    data = pa.concat_tables([t for t, _ in parts])
+    key = np.concatenate([k for _, k in parts])
+    order = np.argsort(key, kind="stable")
     if len(order) > 1 and not bool((order[1:] > order[:-1]).all()):
-        c, key, late = c.take(order), key[order], late[order]
-    return _readings_arrow(c, key, late, schema)
+        data = data.take(pa.array(order))
+    return data
+
+
+def readings_sorted(results: list[BatchResult], schema: pa.Schema, buckets: int) -> pa.Table:
+    """The new readings of ``results`` as rows of ``readings``, ordered by partition (day, device bucket)."""
+    return readings_ordered([readings_part(r, schema, buckets) for r in results if len(r.new)], schema)
 
 
 def _readings_arrow(c: ReadingColumns, store_key: NDArray[np.int64], late: NDArray[np.bool_],
@@ -550,6 +562,23 @@ class _Accs:
     def of(cls, wd: WindowDeltas) -> _Accs:
         return cls(wd.device, wd.metric, wd.window_start_ms, wd.count, wd.sum_m, wd.sum_e, wd.min, wd.max)
 
+    @classmethod
+    def of_rows(cls, rows: pa.Table) -> _Accs:
+        """Rows of a rollup table as accumulators."""
+        m_e = [parse_exact(x) for x in rows.column("sum_exact").to_pylist()]
+        m = np.empty(len(m_e), dtype=object)
+        m[:] = [x[0] for x in m_e]
+        return cls(
+            np.asarray(rows.column("device_id").to_pylist(), dtype=object),
+            np.asarray(rows.column("metric").to_pylist(), dtype=object),
+            np.asarray(rows.column("window_start").cast("int64").to_numpy()) // 1000,
+            rows.column("count").to_numpy(), m, np.array([x[1] for x in m_e], dtype=np.int64),
+            rows.column("min").to_numpy(), rows.column("max").to_numpy(),
+        )
+
+    def take(self, rows: NDArray[np.intp]) -> _Accs:
+        return _Accs(*(getattr(self, f)[rows] for f in self.__slots__))
+
 
 def _codes(values: NDArray[np.object_]) -> tuple[NDArray[np.object_], NDArray[np.int32]]:
     """Distinct strings and each value's index among them (arrow's hash-based dictionary encoding: no sort)."""
@@ -594,6 +623,40 @@ def _merge(parts: list[_Accs]) -> _Accs | None:
     )
 
 
+def _merged_chunks(parts: list[_Accs], old: pa.Table | None = None, rows: int = _MERGE_ROWS) -> Iterator[_Accs]:
+    """``parts`` and the rollup rows ``old`` merged into one accumulator per key (:func:`_merge`), a range of
+    windows at a time: each chunk holds the entries of whole windows, about ``rows`` of them (more when one
+    window has more). The merge's Python integers and strings are then those of one chunk, not of a whole
+    commit: a backlog's commit merges hundreds of thousands of windows, and once merged all at once they held
+    about 1 KB each and left the heap fragmented (docs/lake.md, "Memory")."""
+    parts = [p for p in parts if len(p)]
+    old_ws = None
+    if old is not None and old.num_rows:
+        old_ws = np.asarray(old.column("window_start").cast("int64").to_numpy()) // 1000
+    every = [p.window_start_ms for p in parts] + ([] if old_ws is None else [old_ws])
+    if not every:
+        return
+    windows, counts = np.unique(np.concatenate(every), return_counts=True)
+    group = (np.cumsum(counts) - counts) // rows  # a window goes to the chunk its first entry falls in
+    firsts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
+    lasts = np.r_[firsts[1:] - 1, len(windows) - 1]
+    for lo, hi in zip(windows[firsts].tolist(), windows[lasts].tolist(), strict=True):
+        chunk = []
+        for p in parts:
+            sel = np.flatnonzero((p.window_start_ms >= lo) & (p.window_start_ms <= hi))
+            if len(sel) == len(p):
+                chunk.append(p)
+            elif len(sel):
+                chunk.append(p.take(sel))
+        if old is not None and old_ws is not None:
+            sel = np.flatnonzero((old_ws >= lo) & (old_ws <= hi))
+            if len(sel):
+                chunk.append(_Accs.of_rows(old.take(sel)))
+        merged = _merge(chunk)
+        if merged is not None:
+            yield merged
+
+
 def _rollup_table(accs: _Accs, schema: pa.Schema) -> pa.Table:
     import pyarrow as pa
 
@@ -618,7 +681,9 @@ def _rollup_table(accs: _Accs, schema: pa.Schema) -> pa.Table:
 
 @dataclass
 class _Buffer:
-    readings: list[BatchResult]  # converted to arrow by the commit, off the processor's thread
+    #: new readings as arrow (its bytes are what the buffer counts) and each row's partition key
+    #: (:func:`readings_part`), ordered by the commit
+    readings: list[tuple[pa.Table, NDArray[np.int64]]]
     dead_letters: list[DeadLetter]
     rollups: dict[str, list[WindowDeltas]]  # merged by the commit, off the processor's thread
     positions: dict[str, dict[Position, int]]  # per table (POSITIONED): what it holds once this commits
@@ -779,6 +844,11 @@ class LakeSink:
         """Buffer ``result`` for the next commit of ``tables``; False when every position is already buffered
         or committed there. ``trace``: the span context of the write (default: the current span's)."""
         s = self.settings
+        tables = tuple(tables)
+        # as arrow at once, outside the lock (the commit thread takes it): a reading holds about a third of its
+        # columns' memory as arrow, and its size is then measured, not estimated
+        part = (readings_part(result, self._arrow["readings"], s.readings_buckets)
+                if "readings" in tables and len(result.new) else None)
         with self._cond:
             self._raise_error()
             seen = self._buf.positions
@@ -790,10 +860,10 @@ class LakeSink:
                 self._buf.rows >= 2 * s.commit_rows or self._buf.nbytes >= 2 * s.commit_bytes))
             self._raise_error()
             b = self._buf
-            if "readings" in todo and (n := len(result.new)):
-                b.readings.append(result)
-                b.rows += n
-                b.nbytes += n * _ROW_BYTES + len(result.new.m_value) * 24  # about its arrow size
+            if "readings" in todo and part is not None:
+                b.readings.append(part)
+                b.rows += len(result.new)
+                b.nbytes += part[0].nbytes + part[1].nbytes
             if "dead_letters" in todo and result.dead_letters:
                 b.dead_letters.extend(result.dead_letters)
                 b.rows += len(result.dead_letters)
@@ -956,6 +1026,7 @@ class LakeSink:
             self.commits += 1
             self.rows_committed += rows
             self.last_commit_ms = int(time.time() * 1000)
+        heap.trim()  # what the commit held (its arrow tables, the merged rollups) goes back to the system
         log.debug("lake flush %d: %d rows in %.2fs", flush, rows, self._last_commit_s)
 
     def _maintain(self) -> None:
@@ -1025,7 +1096,7 @@ class LakeSink:
         data = buf.arrow.get(name)
         if data is None:  # kept for a retry
             if name == "readings":
-                data = readings_sorted(buf.readings, schema, self.settings.readings_buckets)
+                data = readings_ordered(buf.readings, schema)
             else:
                 data = dead_letters_table(buf.dead_letters, schema)
             buf.arrow[name] = data
@@ -1050,31 +1121,23 @@ class LakeSink:
     def _commit_rollups(self, name: str, deltas: list[_Accs], props: dict[str, str]) -> int:
         """Merge ``deltas`` into the rows of the windows they touch: read, merge exactly, overwrite. With
         several writers, only the rows of this writer's devices are read and replaced."""
+        import pyarrow as pa
         from pyiceberg.expressions import And, In
 
         table = self._tables[name]
         schema = self._arrow[name]
-        merged = _merge(deltas)
-        if merged is None:
+        deltas = [d for d in deltas if len(d)]
+        if not deltas:
             table.append(schema.empty_table(), snapshot_properties=props)
             return 0
-        where: Any = In(term="window_start", literals=(np.unique(merged.window_start_ms) * 1000).tolist())
+        windows = np.unique(np.concatenate([d.window_start_ms for d in deltas]))
+        where: Any = In(term="window_start", literals=(windows * 1000).tolist())
         if self.writer is not None:
-            where = And(where, In(term="device_id", literals=np.unique(merged.device).tolist()))
+            where = And(where, In(term="device_id", literals=np.unique(np.concatenate([d.device for d in deltas]))
+                                  .tolist()))
         old = table.scan(row_filter=where).to_arrow()
-        if old.num_rows:
-            m_e = [parse_exact(x) for x in old.column("sum_exact").to_pylist()]
-            m = np.empty(len(m_e), dtype=object)
-            m[:] = [x[0] for x in m_e]
-            merged = _merge([_Accs(
-                np.asarray(old.column("device_id").to_pylist(), dtype=object),
-                np.asarray(old.column("metric").to_pylist(), dtype=object),
-                np.asarray(old.column("window_start").cast("int64").to_numpy()) // 1000,
-                old.column("count").to_numpy(), m, np.array([x[1] for x in m_e], dtype=np.int64),
-                old.column("min").to_numpy(), old.column("max").to_numpy(),
-            ), merged])
-            assert merged is not None
-        data = _rollup_table(merged, schema)
+        data = pa.concat_tables([_rollup_table(a, schema) for a in _merged_chunks(deltas, old)]
+                               or [schema.empty_table()])
         if not old.num_rows:  # windows new to the table: nothing to replace
             _append(table, data, props)
             return sum(len(d) for d in deltas)

@@ -255,7 +255,19 @@ def _child(settings: dict[str, Any], data_dir: str, writer: str | None, conn: An
         signal.signal(sig, signal.SIG_IGN)
     logs.setup_logging("lake", fmt="%(asctime)s lake %(levelname)s %(message)s")
     tracing.setup("fieldmesh-processor")
+    # arrow's C++ default pool is chosen at its first use from this variable (pyarrow's set_memory_pool below
+    # covers only what pyarrow allocates itself, and the case where the processor used arrow before the fork)
+    os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
+    import pyarrow as pa
+
+    from fieldmesh.core import heap
     from fieldmesh.store.lake import LakeSink
+
+    # arrow's memory from malloc, whose mmap threshold the processor fixed (fieldmesh.core.heap) and which the
+    # sink trims after each commit: arrow's default pool (mimalloc) kept what each commit freed, and the
+    # child grew commit after commit (docs/lake.md, "Memory")
+    pa.set_memory_pool(pa.system_memory_pool())
+    heap.configure()
 
     try:
         sink = LakeSink(settings=LakeSettings.model_validate(settings), data_dir=Path(data_dir), writer=writer)
