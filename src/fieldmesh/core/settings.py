@@ -311,8 +311,9 @@ class LakeSettings(BaseModel, frozen=True):
     commit_interval_s: float = Field(60.0, gt=0, description=(
         "a table commits at most about once per this many seconds; data is visible in the lake within it"))
     commit_rows: int = Field(1_000_000, gt=0, description="commit sooner once this many rows are buffered")
-    commit_bytes: int = Field(256 * 2**20, gt=0, description=(
-        "commit sooner once this many bytes are buffered (the buffer holds at most twice this)"))
+    commit_bytes: int = Field(64 * 2**20, gt=0, description=(
+        "commit sooner once this many bytes of readings (as Arrow), windows and dead letters are buffered (the "
+        "buffer holds at most twice this; the lake's process peaks at several times it, docs/lake.md)"))
     readings_buckets: int = Field(8, ge=1, le=1024, description="buckets of device_id in the readings partitioning")
     target_file_mb: int = Field(128, ge=1, description=(
         "compaction rewrites a partition's small files into files of about this size"))
