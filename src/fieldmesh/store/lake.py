@@ -472,11 +472,6 @@ def readings_ordered(parts: list[tuple[pa.Table, NDArray[np.int64]]], schema: pa
     return data
 
 
-def readings_sorted(results: list[BatchResult], schema: pa.Schema, buckets: int) -> pa.Table:
-    """The new readings of ``results`` as rows of ``readings``, ordered by partition (day, device bucket)."""
-    return readings_ordered([readings_part(r, schema, buckets) for r in results if len(r.new)], schema)
-
-
 def _readings_arrow(c: ReadingColumns, store_key: NDArray[np.int64], late: NDArray[np.bool_],
                     schema: pa.Schema) -> pa.Table:
     """Readings columns as rows of ``readings`` (columns at once, no Python step per row except for meta and
