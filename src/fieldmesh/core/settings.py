@@ -311,7 +311,7 @@ class LakeSettings(BaseModel, frozen=True):
     commit_interval_s: float = Field(60.0, gt=0, description=(
         "a table commits at most about once per this many seconds; data is visible in the lake within it"))
     commit_rows: int = Field(1_000_000, gt=0, description="commit sooner once this many rows are buffered")
-    commit_bytes: int = Field(64 * 2**20, gt=0, description=(
+    commit_bytes: int = Field(128 * 2**20, gt=0, description=(
         "commit sooner once this many bytes of readings (as Arrow), windows and dead letters are buffered (the "
         "buffer holds at most twice this; the lake's process peaks at several times it, docs/lake.md)"))
     readings_buckets: int = Field(8, ge=1, le=1024, description="buckets of device_id in the readings partitioning")
