@@ -442,36 +442,6 @@ def readings_table(result: BatchResult, schema: pa.Schema) -> pa.Table:
     return _readings_arrow(result.new, result.store_key, np.asarray(result.late, dtype=bool), schema)
 
 
-def readings_part(result: BatchResult, schema: pa.Schema, buckets: int) -> tuple[pa.Table, NDArray[np.int64]]:
-    """The new readings of ``result`` as rows of ``readings``, and each row's partition as a sort key (its day
-    times ``buckets`` plus its device's bucket): what the sink buffers until a commit orders them all
-    (:func:`readings_ordered`)."""
-    import pyarrow as pa
-    from pyiceberg.transforms import BucketTransform
-    from pyiceberg.types import StringType
-
-    c = result.new
-    table = _readings_arrow(c, result.store_key, np.asarray(result.late, dtype=bool), schema)
-    bucket_of = BucketTransform(buckets).pyarrow_transform(StringType())(pa.array(c.devices, pa.large_string()))
-    bucket = np.asarray(bucket_of.to_numpy(zero_copy_only=False), dtype=np.int64)
-    return table, c.ts_ms // 86_400_000 * buckets + bucket[c.device]
-
-
-def readings_ordered(parts: list[tuple[pa.Table, NDArray[np.int64]]], schema: pa.Schema) -> pa.Table:
-    """The buffered parts (:func:`readings_part`) as one table ordered by partition (day, device bucket), in
-    arrival order within each, so that the append finds each partition as one slice without re-ordering."""
-    import pyarrow as pa
-
-    if not parts:
-        return schema.empty_table()
-    data = pa.concat_tables([t for t, _ in parts])
-    key = np.concatenate([k for _, k in parts])
-    order = np.argsort(key, kind="stable")
-    if len(order) > 1 and not bool((order[1:] > order[:-1]).all()):
-        data = data.take(pa.array(order))
-    return data
-
-
 def _readings_arrow(c: ReadingColumns, store_key: NDArray[np.int64], late: NDArray[np.bool_],
                     schema: pa.Schema) -> pa.Table:
     """Readings columns as rows of ``readings`` (columns at once, no Python step per row except for meta and
@@ -676,9 +646,9 @@ def _rollup_table(accs: _Accs, schema: pa.Schema) -> pa.Table:
 
 @dataclass
 class _Buffer:
-    #: new readings as arrow (its bytes are what the buffer counts) and each row's partition key
-    #: (:func:`readings_part`), ordered by the commit
-    readings: list[tuple[pa.Table, NDArray[np.int64]]]
+    #: new readings as arrow (:func:`readings_table`; their bytes are what the buffer counts), one table per
+    #: batch; the commit writes them partition by partition (:func:`_append`)
+    readings: list[pa.Table]
     dead_letters: list[DeadLetter]
     rollups: dict[str, list[WindowDeltas]]  # merged by the commit, off the processor's thread
     positions: dict[str, dict[Position, int]]  # per table (POSITIONED): what it holds once this commits
@@ -842,8 +812,7 @@ class LakeSink:
         tables = tuple(tables)
         # as arrow at once, outside the lock (the commit thread takes it): a reading holds about a third of its
         # columns' memory as arrow, and its size is then measured, not estimated
-        part = (readings_part(result, self._arrow["readings"], s.readings_buckets)
-                if "readings" in tables and len(result.new) else None)
+        part = readings_table(result, self._arrow["readings"]) if "readings" in tables and len(result.new) else None
         with self._cond:
             self._raise_error()
             seen = self._buf.positions
@@ -858,7 +827,7 @@ class LakeSink:
             if "readings" in todo and part is not None:
                 b.readings.append(part)
                 b.rows += len(result.new)
-                b.nbytes += part[0].nbytes + part[1].nbytes
+                b.nbytes += part.nbytes
             if "dead_letters" in todo and result.dead_letters:
                 b.dead_letters.extend(result.dead_letters)
                 b.rows += len(result.dead_letters)
@@ -1091,7 +1060,9 @@ class LakeSink:
         data = buf.arrow.get(name)
         if data is None:  # kept for a retry
             if name == "readings":
-                data = readings_ordered(buf.readings, schema)
+                import pyarrow as pa
+
+                data = pa.concat_tables(buf.readings) if buf.readings else schema.empty_table()
             else:
                 data = dead_letters_table(buf.dead_letters, schema)
             buf.arrow[name] = data
@@ -1146,12 +1117,14 @@ def _append(table: Table, data: pa.Table, props: dict[str, str]) -> None:
 
     Why not ``Table.append``: for a partitioned table pyiceberg 0.12 filters the whole batch once per
     partition (``_determine_partitions``), i.e. partitions x rows; here the rows are sorted by their
-    partition values once and each partition is a slice. The files are written and committed with
+    partition values once, and each partition is a slice when they came in that order, else a copy of its own
+    rows, written before the next partition is taken. The files are written and committed with
     pyiceberg's own ``write_file`` and append (a merge append: it merges manifests when the table's
     ``commit.manifest-merge.enabled`` says so, :data:`TABLE_PROPERTIES`).
     """
     import uuid
 
+    import pyarrow as pa
     import pyarrow.compute as pc
     from pyiceberg.io.pyarrow import bin_pack_arrow_table, pyarrow_to_schema, write_file
     from pyiceberg.partitioning import PartitionFieldValue, PartitionKey
@@ -1169,11 +1142,9 @@ def _append(table: Table, data: pa.Table, props: dict[str, str]) -> None:
         source = schema.find_field(f.source_id)
         keys[f"p{i}"] = f.transform.pyarrow_transform(source.field_type)(data.column(source.name))
     part = pa_table(keys)
-    order = pc.sort_indices(part, sort_keys=[(k, "ascending") for k in keys])
-    ordered = np.asarray(order.to_numpy())
-    if len(ordered) > 1 and not bool((ordered[1:] > ordered[:-1]).all()):  # readings come ordered already
-        data, part = data.take(order), part.take(order)
-    cols = [np.asarray(part.column(k).to_numpy(zero_copy_only=False)) for k in keys]
+    order = np.asarray(pc.sort_indices(part, sort_keys=[(k, "ascending") for k in keys]).to_numpy())
+    in_order = len(order) < 2 or bool((order[1:] > order[:-1]).all())
+    cols = [np.asarray(part.column(k).to_numpy(zero_copy_only=False))[order] for k in keys]
     n = data.num_rows
     change = np.zeros(n, dtype=bool)
     change[0] = True
@@ -1183,15 +1154,22 @@ def _append(table: Table, data: pa.Table, props: dict[str, str]) -> None:
     task_schema = pyarrow_to_schema(data.schema, name_mapping=schema.name_mapping,
                                     format_version=meta.format_version)
     write_uuid = uuid.uuid4()
-    tasks: list[WriteTask] = []
+    files = []
+    task_id = 0
     for s, e in zip(starts, [*starts[1:], n], strict=True):
         key = PartitionKey(field_values=[PartitionFieldValue(field=f, value=c[s].item())
                                          for f, c in zip(spec.fields, cols, strict=True)],
                            partition_spec=spec, schema=schema)
-        for batches in bin_pack_arrow_table(data.slice(s, e - s), target):
-            tasks.append(WriteTask(write_uuid=write_uuid, task_id=len(tasks), record_batches=batches,
+        # a partition's rows at a time (a slice, or a copy of that partition's rows only), written before the
+        # next: the commit never holds a re-ordered copy of the whole batch beside it
+        rows = data.slice(s, e - s) if in_order else data.take(pa.array(order[s:e]))
+        tasks = []
+        for batches in bin_pack_arrow_table(rows, target):
+            tasks.append(WriteTask(write_uuid=write_uuid, task_id=task_id, record_batches=batches,
                                    partition_key=key, schema=task_schema))
-    files = list(write_file(io=table.io, table_metadata=meta, tasks=iter(tasks)))
+            task_id += 1
+        files += list(write_file(io=table.io, table_metadata=meta, tasks=iter(tasks)))
+        del rows, tasks
     with table.transaction() as tx, tx.update_snapshot(snapshot_properties=props).merge_append() as append:
         for data_file in files:
             append.append_data_file(data_file)
