@@ -442,6 +442,40 @@ def readings_table(result: BatchResult, schema: pa.Schema) -> pa.Table:
     return _readings_arrow(result.new, result.store_key, np.asarray(result.late, dtype=bool), schema)
 
 
+def readings_part(result: BatchResult, schema: pa.Schema, buckets: int) -> tuple[pa.Table, NDArray[np.int64]]:
+    """The new readings of ``result`` as rows of ``readings``, ordered by partition (day, device bucket; in
+    arrival order within each), and each row's partition as a key (day times ``buckets`` plus the bucket):
+    what the sink buffers until a commit puts the parts together (:func:`readings_ordered`)."""
+    import pyarrow as pa
+    from pyiceberg.transforms import BucketTransform
+    from pyiceberg.types import StringType
+
+    c = result.new
+    table = _readings_arrow(c, result.store_key, np.asarray(result.late, dtype=bool), schema)
+    bucket_of = BucketTransform(buckets).pyarrow_transform(StringType())(pa.array(c.devices, pa.large_string()))
+    key = c.ts_ms // 86_400_000 * buckets + np.asarray(bucket_of.to_numpy(zero_copy_only=False), np.int64)[c.device]
+    order = np.argsort(key, kind="stable")
+    if len(order) > 1 and not bool((order[1:] > order[:-1]).all()):
+        table, key = table.take(pa.array(order)), key[order]
+    return table, key
+
+
+def readings_ordered(parts: list[tuple[pa.Table, NDArray[np.int64]]], schema: pa.Schema) -> pa.Table:
+    """The buffered parts (:func:`readings_part`) as one table ordered by partition, without a copy: each
+    partition's slices of every part, one partition after the other (the append then writes each partition
+    from its slices, :func:`_append`)."""
+    import pyarrow as pa
+
+    if not parts:
+        return schema.empty_table()
+    keys = np.unique(np.concatenate([k for _, k in parts]))
+    bounds = [(np.searchsorted(k, keys, "left").tolist(), np.searchsorted(k, keys, "right").tolist())
+              for _, k in parts]
+    slices = [t.slice(lo[i], hi[i] - lo[i]) for i in range(len(keys))
+              for (t, _), (lo, hi) in zip(parts, bounds, strict=True) if hi[i] > lo[i]]
+    return pa.concat_tables(slices)
+
+
 def _readings_arrow(c: ReadingColumns, store_key: NDArray[np.int64], late: NDArray[np.bool_],
                     schema: pa.Schema) -> pa.Table:
     """Readings columns as rows of ``readings`` (columns at once, no Python step per row except for meta and
@@ -646,9 +680,9 @@ def _rollup_table(accs: _Accs, schema: pa.Schema) -> pa.Table:
 
 @dataclass
 class _Buffer:
-    #: new readings as arrow (:func:`readings_table`; their bytes are what the buffer counts), one table per
-    #: batch; the commit writes them partition by partition (:func:`_append`)
-    readings: list[pa.Table]
+    #: new readings as arrow, ordered by partition, with each row's partition key (:func:`readings_part`; their
+    #: bytes are what the buffer counts), one per batch; the commit writes them partition by partition
+    readings: list[tuple[pa.Table, NDArray[np.int64]]]
     dead_letters: list[DeadLetter]
     rollups: dict[str, list[WindowDeltas]]  # merged by the commit, off the processor's thread
     positions: dict[str, dict[Position, int]]  # per table (POSITIONED): what it holds once this commits
@@ -812,7 +846,8 @@ class LakeSink:
         tables = tuple(tables)
         # as arrow at once, outside the lock (the commit thread takes it): a reading holds about a third of its
         # columns' memory as arrow, and its size is then measured, not estimated
-        part = readings_table(result, self._arrow["readings"]) if "readings" in tables and len(result.new) else None
+        part = (readings_part(result, self._arrow["readings"], s.readings_buckets)
+                if "readings" in tables and len(result.new) else None)
         with self._cond:
             self._raise_error()
             seen = self._buf.positions
@@ -827,7 +862,7 @@ class LakeSink:
             if "readings" in todo and part is not None:
                 b.readings.append(part)
                 b.rows += len(result.new)
-                b.nbytes += part.nbytes
+                b.nbytes += part[0].nbytes + part[1].nbytes
             if "dead_letters" in todo and result.dead_letters:
                 b.dead_letters.extend(result.dead_letters)
                 b.rows += len(result.dead_letters)
@@ -1060,9 +1095,7 @@ class LakeSink:
         data = buf.arrow.get(name)
         if data is None:  # kept for a retry
             if name == "readings":
-                import pyarrow as pa
-
-                data = pa.concat_tables(buf.readings) if buf.readings else schema.empty_table()
+                data = readings_ordered(buf.readings, schema)
             else:
                 data = dead_letters_table(buf.dead_letters, schema)
             buf.arrow[name] = data
