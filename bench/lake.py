@@ -40,8 +40,9 @@ records, built before any clock starts.
    again (their positions moved on each round) into a :class:`~fieldmesh.store.lakeproc.LakeProcess` as fast
    as it takes them, as a processor draining a backlog does, until ``--backlog-readings`` (5,000,000) readings;
    then the sink closes (its last commit). Reported: readings per second until the last commit, commits, and
-   the child's peak RSS (psutil, every 50 ms), with the lake's settings from ``FIELDMESH__LAKE__*`` (so that a
-   bound such as ``FIELDMESH__LAKE__COMMIT_BYTES`` can be compared).
+   the child's peak memory (its private pages, from ``/proc/<pid>/smaps_rollup`` every 50 ms), with the lake's
+   settings from ``FIELDMESH__LAKE__*`` (so that a bound such as ``FIELDMESH__LAKE__COMMIT_BYTES`` can be
+   compared). The child is forked before the stream is built, as a processor forks it before its first batch.
 
 Run: ``PYTHONPATH=$PWD/src .venv/bin/python bench/lake.py [--devices 2000] [--per-device 500]
 [--latency-s 130] [--interval 60] [--quick] [--append-rounds 3] [--parts 1,2,3,4] [--sink-cost]
@@ -243,7 +244,8 @@ def report_cost(records: list[Any], tmp: Path, a: Any, n: int) -> None:
               f"to all applied {w_off / applied:.2f} (cost {100 * (1 - w_off / applied):.0f}%)")
 
 
-def backlog_memory(sink: Any, results: list[BatchResult], *, readings: int) -> dict[str, Any]:
+def backlog_memory(sink: Any, settings: LakeSettings, results: list[BatchResult], *, readings: int,
+                   ) -> dict[str, Any]:
     """Part 5: ``results`` written into the lake child ``sink`` (a :class:`LakeProcess` started before the
     stream was built, as a processor starts its child before its first batch) as fast as it takes them, round
     after round with their positions moved on, until ``readings`` readings; the child's peak memory, sampled
@@ -257,14 +259,14 @@ def backlog_memory(sink: Any, results: list[BatchResult], *, readings: int) -> d
         fields = dict(line.split(":", 1) for line in rollup.read_text().splitlines()[1:])
         return sum(int(fields[k].split()[0]) * 1024 for k in ("Private_Clean", "Private_Dirty"))
 
-    peak = [private()]
-    start_rss = peak[0]
+    start = private()
+    peak = [start]  # the highest sample so far
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.wait(0.05):
             try:
-                peak.append(max(peak[-1], private()))
+                peak[0] = max(peak[0], private())
             except OSError:
                 return
 
@@ -289,25 +291,23 @@ def backlog_memory(sink: Any, results: list[BatchResult], *, readings: int) -> d
     wall = time.perf_counter() - t0
     stop.set()
     sampler.join()
-    return {"readings": written, "rounds": k, "applied_s": applied, "wall_s": wall, "peak_mb": peak[-1] / 1e6,
-            "start_mb": start_rss / 1e6, "commits": stats.get("commits"), "commit_rows": sink.lake_settings.commit_rows,
-            "commit_bytes": sink.lake_settings.commit_bytes}
+    return {"readings": written, "rounds": k, "applied_s": applied, "wall_s": wall, "peak_mb": peak[0] / 1e6,
+            "start_mb": start / 1e6, "commits": stats.get("commits"), "commit_rows": settings.commit_rows,
+            "commit_bytes": settings.commit_bytes}
 
 
-def start_backlog_child(tmp: Path) -> Any:
+def start_backlog_child(tmp: Path) -> tuple[Any, LakeSettings]:
     """Part 5's lake child, forked while this process is still small (before the stream is built), with the
-    lake settings of ``FIELDMESH__LAKE__*``."""
+    lake settings of ``FIELDMESH__LAKE__*``; and those settings."""
     from fieldmesh.core.settings import load_settings
     from fieldmesh.store.lakeproc import LakeProcess
 
     settings = load_settings().lake
-    sink = LakeProcess(settings=settings, data_dir=tmp)
-    sink.lake_settings = settings  # type: ignore[attr-defined]  (for the report)
-    return sink
+    return LakeProcess(settings=settings, data_dir=tmp), settings
 
 
-def report_backlog(sink: Any, results: list[BatchResult], a: Any) -> None:
-    b = backlog_memory(sink, results, readings=a.backlog_readings)
+def report_backlog(backlog: tuple[Any, LakeSettings], results: list[BatchResult], a: Any) -> None:
+    b = backlog_memory(*backlog, results, readings=a.backlog_readings)
     print(f"5. lake child under a backlog (commit_rows {b['commit_rows']:,}, commit_bytes {b['commit_bytes']:,}): "
           f"{b['readings']:,} readings in {len(results)} results x {b['rounds']} rounds, handed over in "
           f"{b['applied_s']:.1f}s, last commit in at {b['wall_s']:.1f}s ({b['readings'] / b['wall_s']:,.0f} "
@@ -548,7 +548,7 @@ def main() -> None:
             report_cost(records, tmp, a, n)
         if "4" in parts:
             report_day(tmp / "day", a)
-        if "5" in parts:
+        if backlog is not None:
             report_backlog(backlog, cap.results, a)
 
 
