@@ -154,3 +154,69 @@ def _readings_of(rec: tuple[bytes | None, bytes, dict[str, str]], prefix: str) -
 def _dead_in(recs: list[tuple[bytes | None, bytes, dict[str, str]]]) -> dict[str, int]:
     assert not any(k is not None and k.decode().endswith("-bad") for k, _, _ in recs), "keep the resent part clean"
     return {}
+
+
+@pytest.mark.integration
+def test_kafka_ingest_takes_records_field_by_field_and_acknowledges_each_partitions_last(tansu_url: str):
+    """The Kafka ingest reads its records field by field (``fetch_raw``, no BusRecord per message): the same
+    messages as the bus consumer's ``fetch``; its ack commits each partition's last offset, so a gateway of
+    the same group that starts next takes exactly the messages not acknowledged."""
+    from fieldmesh.bus import load_bus
+
+    prefix = f"kr{uuid.uuid4().hex[:6]}"
+    topic = f"raw-{prefix}"
+    base, query = tansu_url.split("?", 1)
+    records = [(f"{prefix}-d{i % 7}".encode() if i % 5 else None,
+                json.dumps({"device_id": f"{prefix}-d{i % 7}", "ts": 1_700_000_000_000 + i,
+                            "measurements": {"t": i}}).encode(),
+                {"content-type": "application/json"} if i % 3 == 0 else {})
+               for i in range(400)]
+    produce(tansu_url, topic, records)
+    url = f"{base}/{topic}?group=gw-{prefix}&{query}"
+
+    async def take(source: object, n: int) -> list:
+        got: list = []
+        for _ in range(200):
+            if len(got) >= n:
+                break
+            got += await source.fetch(64, 0.2)  # type: ignore[attr-defined]
+        return got
+
+    async def main() -> None:
+        first = load_ingest(url)
+        await first.start()
+        got = await take(first, 400)
+        # what the bus consumer's fetch gives for the same topic, as BusRecords
+        async with load_bus(tansu_url) as bus:
+            c = await bus.consumer(topic, group=f"check-{prefix}")
+            recs: list = []
+            for _ in range(200):
+                if len(recs) >= 400:
+                    break
+                recs += await c.fetch(500, 0.2)
+            await c.close()
+        assert len(got) == len(recs) == 400
+        by_pos = {(r.partition, r.offset): r for r in recs}
+        for m in got:
+            p, o = m.handle
+            r = by_pos[(p, o)]
+            assert m.payload == r.value
+            assert m.source_id == f"k{topic}-{p}-{o}"
+            assert m.content_type == ("application/json" if r.headers.get("content-type") else None)
+            assert m.topic == f"devices/{json.loads(r.value)['device_id']}/telemetry"
+        # fetch order per partition is offset order
+        for p in {m.handle[0] for m in got}:
+            offs = [m.handle[1] for m in got if m.handle[0] == p]
+            assert offs == sorted(offs)
+        await first.ack(got[:250])  # the first 250 as fetched: each partition up to its last among them
+        await asyncio.sleep(1.0)  # the commit is asynchronous
+        await first.close()
+        second = load_ingest(url)
+        await second.start()
+        rest = await take(second, 150)
+        await asyncio.sleep(0.5)
+        rest += await second.fetch(64, 0.5)
+        await second.close()
+        assert sorted(m.handle for m in rest) == sorted(m.handle for m in got[250:])
+
+    asyncio.run(main())

@@ -59,6 +59,31 @@ class BusRecord(msgspec.Struct, frozen=True, gc=False):
     subject: str = ""
 
 
+class RawRecords(msgspec.Struct, frozen=True, gc=False):
+    """Records of one topic fetched field by field: row ``i`` of every list is record ``i``, in fetch order.
+
+    For a stage that reads every record of a batch the same way (the gateway's Kafka ingest): a list per
+    field costs one C iteration per field, where a :class:`BusRecord` per record costs an object (a million
+    a second at the gateway's rate). The Kafka consumer's ``fetch_raw`` returns it.
+    """
+
+    topic: str
+    partitions: list[int]
+    offsets: list[int]
+    values: list[bytes]
+    keys: list[bytes | None]
+    headers: list[Mapping[str, str]]
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    @classmethod
+    def of(cls, topic: str, records: Sequence[BusRecord]) -> RawRecords:
+        """The records field by field (for a consumer that fetches :class:`BusRecord` s anyway)."""
+        return cls(topic, [r.partition for r in records], [r.offset for r in records], [r.value for r in records],
+                   [r.key for r in records], [r.headers for r in records])
+
+
 @dataclass(frozen=True, slots=True)
 class TopicSpec:
     """How a topic is created: partitions, retention and de-duplication window."""

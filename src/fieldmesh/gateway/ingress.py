@@ -43,7 +43,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import msgspec
 
 from fieldmesh.bus import load_bus
-from fieldmesh.bus.base import Bus, Consumer, IngestSpec
+from fieldmesh.bus.base import Bus, BusRecord, Consumer, IngestSpec
+from fieldmesh.bus.kafka import KafkaConsumer
 from fieldmesh.core.errors import ConfigError
 from fieldmesh.core.topics import DEVICE_ID_RE, device_of_topic
 from fieldmesh.gateway.base import NO_DEVICE_TOPIC_PREFIX, IngestMessage, IngestSource, schema_id_of, trace_of
@@ -52,8 +53,7 @@ from fieldmesh.obs import tracing
 __all__ = ["DeviceResolver", "KafkaIngestSource", "NatsSubjectSource", "load_ingest"]
 
 
-_key_of, _value_of, _headers_of, _partition_of, _offset_of = map(
-    attrgetter, ("key", "value", "headers", "partition", "offset"))
+_handle_of = attrgetter("handle")
 
 
 class _Peek(msgspec.Struct):
@@ -128,7 +128,7 @@ def _content_type(headers: Mapping[str, str]) -> str | None:
     return ct or None
 
 
-def _content_and_schema(headers: list[Mapping[str, str] | None]) -> tuple[list[str | None], list[int | None]]:
+def _content_and_schema(headers: Sequence[Mapping[str, str] | None]) -> tuple[list[str | None], list[int | None]]:
     """Content types and schema ids of messages with headers (a message naming a schema has a content type:
     it keeps it off the gateway's bulk JSON path)."""
     cts = [_content_type(h) if h else None for h in headers]
@@ -169,7 +169,7 @@ class KafkaIngestSource:
         self._bus: Bus = load_bus(base)
         self._resolver = DeviceResolver(mine.get("device_template", device_template))
         self._topic_of_key: dict[bytes | None, str] = {}
-        self._consumer: Consumer | None = None
+        self._consumer: KafkaConsumer | None = None
         #: ``k{topic}-{partition}-{offset}``: the message's stable id, for idempotent re-sends
         self._source_id = ("k" + topic.replace("{", "{{").replace("}", "}}") + "-{}-{}").format
 
@@ -177,19 +177,24 @@ class KafkaIngestSource:
         """Connect and join the consumer group (the topic must exist)."""
         await self._bus.__aenter__()
         try:
-            self._consumer = await self._bus.ingest(IngestSpec(self.topic, mode="existing"), group=self.group)
+            consumer = await self._bus.ingest(IngestSpec(self.topic, mode="existing"), group=self.group)
+            if not isinstance(consumer, KafkaConsumer):  # a kafka:// URL gives a Kafka bus
+                raise ConfigError(f"Kafka ingest URL {self.url!r} did not give a Kafka consumer", key="ingest_url")
+            self._consumer = consumer
         except BaseException:
             await self._bus.__aexit__(None, None, None)
             raise
 
     async def fetch(self, max_messages: int, timeout_s: float) -> list[IngestMessage]:
-        """Fetch raw messages and give each the telemetry topic of its device."""
+        """Fetch raw messages and give each the telemetry topic of its device.
+
+        The records come field by field (:meth:`KafkaConsumer.fetch_raw`): each message's only object is its
+        :class:`IngestMessage`, whose ``handle`` is its ``(partition, offset)``."""
         assert self._consumer is not None, "start() first"
-        msgs = await self._consumer.fetch(max_messages, timeout_s)
+        raw = await self._consumer.fetch_raw(max_messages, timeout_s)
         now = int(time.time() * 1000)
-        n = len(msgs)
-        keys = list(map(_key_of, msgs))
-        values = list(map(_value_of, msgs))
+        n = len(raw)
+        keys, values, headers = raw.keys, raw.values, raw.headers
         # hot path: a keyed message's telemetry topic is cached per key (never an empty key: it says nothing)
         by_key = self._topic_of_key
         topics = list(map(by_key.get, keys))
@@ -201,23 +206,25 @@ class KafkaIngestSource:
                     topics[i] = t = _device_topic(resolve(key, values[i], self.topic), self.topic)
                     if key and len(by_key) < 1_000_000:
                         by_key[key] = t
-        headers = list(map(_headers_of, msgs))
         cts: Iterable[str | None] = repeat(None, n)
         sids: Iterable[int | None] = repeat(None, n)
         if any(headers):
             cts, sids = _content_and_schema(headers)
-        source_ids = map(self._source_id, map(_partition_of, msgs), map(_offset_of, msgs))
+        source_ids = map(self._source_id, raw.partitions, raw.offsets)
+        handles = zip(raw.partitions, raw.offsets, strict=True)
         # map() calls the struct's constructor from C: no Python frame per message
         if tracing.enabled() and any(headers):
             tps, tss = zip(*map(trace_of, headers), strict=True)
-            return list(map(IngestMessage, topics, values, repeat(now, n), cts, source_ids, msgs, sids, tps, tss))
-        return list(map(IngestMessage, topics, values, repeat(now, n), cts, source_ids, msgs, sids))
+            return list(map(IngestMessage, topics, values, repeat(now, n), cts, source_ids, handles, sids, tps, tss))
+        return list(map(IngestMessage, topics, values, repeat(now, n), cts, source_ids, handles, sids))
 
     async def ack(self, messages: Sequence[IngestMessage]) -> None:
         """Commit the offsets after ``messages`` (they are on the bus now)."""
         if messages:
             assert self._consumer is not None, "start() first"
-            await self._consumer.ack([m.handle for m in messages])
+            # fetch order: a partition's last message is its highest offset (the dict keeps the last one)
+            last = dict(map(_handle_of, messages))
+            await self._consumer.ack([BusRecord(self.topic, p, o, b"") for p, o in last.items()])
 
     async def close(self) -> None:
         """Leave the group (its partitions move to the other gateways)."""
