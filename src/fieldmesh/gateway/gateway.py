@@ -23,7 +23,6 @@ import logging
 import random
 import time
 from collections.abc import Sequence
-from itertools import repeat
 from operator import attrgetter, itemgetter
 from typing import Any
 
@@ -271,28 +270,31 @@ def _add_fields(into: dict[int, list[list[Any]]], part: int, fields: Sequence[li
             acc.extend(f)
 
 
-#: (topic, partitions) -> (device, partition) of plain JSON telemetry topics (no encoding suffix).
-_PLAIN: dict[tuple[str, int], tuple[str, int]] = {}
+#: partitions -> topic -> (device, partition) of plain JSON telemetry topics (no encoding suffix).
+_PLAIN: dict[int, dict[str, tuple[str, int]]] = {}
 _device_of, _part_of = itemgetter(0), itemgetter(1)
-_topic_of, _payload_of, _ctype_of, _received_of = map(
-    attrgetter, ("topic", "payload", "content_type", "received_ms"))
+_topic_of, _payload_of, _ctype_of, _received_of, _source_of = map(
+    attrgetter, ("topic", "payload", "content_type", "received_ms", "source_id"))
 
 
 def _plain_routes(topics: Sequence[str], partitions: int) -> list[tuple[str, int]] | None:
     """(device, partition) of each topic, or None unless every one is plain JSON telemetry."""
-    keys = list(zip(topics, repeat(partitions)))
-    routes = list(map(_PLAIN.get, keys))
+    known = _PLAIN.get(partitions)
+    if known is None:
+        known = _PLAIN[partitions] = {}
+    routes = list(map(known.get, topics))
     if None not in routes:
         return routes  # type: ignore[return-value]
-    for key, r in zip(keys, routes, strict=True):
+    for i, r in enumerate(routes):
         if r is None:
-            kind, device, suffix, part = _ROUTES.get(key) or _route_of(*key)
+            topic = topics[i]
+            kind, device, suffix, part = _ROUTES.get((topic, partitions)) or _route_of(topic, partitions)
             if kind != "telemetry" or device is None or suffix is not None:
                 return None
-            if len(_PLAIN) >= _ROUTES_MAX:
-                _PLAIN.clear()
-            _PLAIN[key] = (device, part)
-    return list(map(_PLAIN.__getitem__, keys))
+            if len(known) >= _ROUTES_MAX:
+                known.clear()
+            routes[i] = known[topic] = (device, part)
+    return routes  # type: ignore[return-value]
 
 
 #: The readings of one partition: readings, or columns (the bulk path when the bus encoding is columnar).
@@ -452,7 +454,7 @@ def route(
         for i, d in enumerate(res.rejects):
             dead.append(d)
             dead_ids.append(f"{m.source_id}-{i}" if m.source_id else None)
-    ids = [m.source_id for m in messages]
+    ids = list(map(_source_of, messages))
     span = f"{ids[0]}:{ids[-1]}" if ids and all(ids) else None
     produced = now_ms
     records: list[OutRecord] = []
