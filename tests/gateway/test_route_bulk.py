@@ -159,3 +159,30 @@ def test_a_payload_of_many_readings_decodes_as_the_general_path_does(items: list
     assert fast.readings == general.readings
     assert [msgspec.json.encode(r) for r in fast.readings] == [msgspec.json.encode(r) for r in general.readings]
     assert [(d.reason, d.detail) for d in fast.rejects] == [(d.reason, d.detail) for d in general.rejects]
+
+
+def test_a_partitions_columns_keep_only_the_names_they_use_in_order_of_first_use():
+    """Splitting a batch's columns into partitions (``ReadingColumns.part``) cuts each dictionary to the names
+    its rows use, in the order they first appear, and drops a column no row of the part has: the same bytes
+    as columns made from that partition's readings alone."""
+    objs: list[object] = []
+    devs = []
+    for i in range(60):
+        o: dict[str, object] = {"ts": NOW - i, "measurements": {("h" if i % 3 else "t"): i / 4}}
+        if i % 4 == 0:
+            o["boot_id"] = f"b{i % 8}"
+        if i % 8 == 0:
+            o["event_id"] = f"e{i}"
+        objs.append(o)
+        devs.append(f"dev{(i * 7) % 11}")
+    msgs = _messages(objs, devs)
+    for partitions in (1, 2, 3, 8):
+        readings = _route_bulk(msgs, V2, partitions, NOW)
+        columns = _route_bulk(msgs, V2, partitions, NOW, columns=True)
+        assert readings is not None and columns is not None and list(columns[0]) == list(readings[0])
+        for p, cols in columns[0].items():
+            assert isinstance(cols, ReadingColumns)
+            alone = ReadingColumns.from_readings(readings[0][p])
+            assert cols.devices == alone.devices and cols.boots == alone.boots and cols.metrics == alone.metrics
+            assert (cols.event_id is None) == (alone.event_id is None)
+            assert encode_bus_columns(cols) == encode_bus_columns(alone)

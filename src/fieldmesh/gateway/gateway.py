@@ -342,15 +342,16 @@ def _route_bulk(
     # partitions in the order of their first message, as the message-by-message path has them
     firsts = order[starts]
     by_part: dict[int, _Batch] = {}
+    every = None if readings is not None else ReadingColumns.from_fields(*fields)  # split by rows below
     for g in np.argsort(firsts, kind="stable").tolist():
-        rows = order[starts[g] : ends[g]].tolist()
+        rows = order[starts[g] : ends[g]]
         p = int(sorted_parts[starts[g]])
         if readings is not None:
-            by_part[p] = list(map(readings.__getitem__, rows))
+            by_part[p] = list(map(readings.__getitem__, rows.tolist()))
         elif len(rows) == len(routes):  # one partition: every row, in order
-            by_part[p] = ReadingColumns.from_fields(*fields)
+            by_part[p] = every  # type: ignore[assignment]
         else:
-            by_part[p] = ReadingColumns.from_fields(*(list(map(f.__getitem__, rows)) for f in fields))
+            by_part[p] = every.part(rows)  # type: ignore[union-attr]
     return by_part, len(routes), aside
 
 
