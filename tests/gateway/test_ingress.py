@@ -220,3 +220,40 @@ def test_kafka_ingest_takes_records_field_by_field_and_acknowledges_each_partiti
         assert sorted(m.handle for m in rest) == sorted(m.handle for m in got[250:])
 
     asyncio.run(main())
+
+
+@pytest.mark.integration
+def test_a_running_gateway_collects_its_youngest_objects_less_often(tansu_url: str):
+    """Once its sources are started, a gateway freezes what it holds and raises the collector's first threshold
+    (runtime.worker.GC_THRESHOLD0): at CPython's 700 the collector ran thousands of times a million messages."""
+    import gc
+
+    from fieldmesh.runtime.worker import GC_THRESHOLD0
+
+    prefix = f"gc{uuid.uuid4().hex[:6]}"
+    topic = f"raw-{prefix}"
+    base, query = tansu_url.split("?", 1)
+    produce(tansu_url, topic, [(b"d1", json.dumps({"ts": 1_700_000_000_000, "measurements": {"t": 1}}).encode(), {})])
+    before = gc.get_threshold()
+    gc.set_threshold(700, *before[1:])
+
+    async def main() -> tuple[int, int, int]:
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_gateway(
+            bus_url=tansu_url, mqtt_url=None, ingest_urls=[f"{base}/{topic}?group=gw-{prefix}&{query}"],
+            settings=load_settings(bus={"partitions": 2}), stop=stop))
+        try:
+            for _ in range(300):
+                if gc.get_threshold()[0] != 700 or task.done():
+                    break
+                await asyncio.sleep(0.1)
+            return gc.get_threshold()
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
+
+    try:
+        assert asyncio.run(main()) == (GC_THRESHOLD0, *before[1:])
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.set_threshold(*before)
