@@ -317,9 +317,10 @@ class KafkaConsumer:
     async def fetch_raw(self, max_records: int, timeout_s: float) -> RawRecords:
         """Like :meth:`fetch`, the records field by field: no object per record (see :class:`RawRecords`)."""
         if self._held:  # held back by a fetch's max_bytes: served first, as fetch() would
-            held, self._held = self._held, []
-            return RawRecords.of(self._topic, [r for r in held if r.partition in self._assigned
-                                               or self._manual is not None][:max_records])
+            held = [r for r in self._held if r.partition in self._assigned or self._manual is not None]
+            self._held = held[max_records:]
+            if held:
+                return RawRecords.of(self._topic, held[:max_records])
         msgs = await self._consume(max_records, timeout_s)
         m_type = _kafka().Message
         return RawRecords(self._topic, list(map(m_type.partition, msgs)), list(map(m_type.offset, msgs)),
