@@ -209,7 +209,17 @@ def test_kafka_ingest_takes_records_field_by_field_and_acknowledges_each_partiti
             offs = [m.handle[1] for m in got if m.handle[0] == p]
             assert offs == sorted(offs)
         await first.ack(got[:250])  # the first 250 as fetched: each partition up to its last among them
-        await asyncio.sleep(1.0)  # the commit is asynchronous
+        want: dict[int, int] = {}
+        for m in got[:250]:
+            want[m.handle[0]] = max(want.get(m.handle[0], -1), m.handle[1])
+        async with load_bus(tansu_url) as bus:  # the commit is asynchronous: wait for the broker to have it
+            committed: dict[int, int] = {}
+            for _ in range(100):
+                committed = await bus.committed(topic, group=f"gw-{prefix}")
+                if committed == want:
+                    break
+                await asyncio.sleep(0.1)
+            assert committed == want
         await first.close()
         second = load_ingest(url)
         await second.start()
