@@ -864,3 +864,37 @@ async def test_nats_a_resume_the_server_does_not_answer_yet_is_tried_again(embed
             await c.close()
     finally:
         await proxy.close()
+
+
+async def test_fetch_fields_gives_the_records_in_order_held_ones_first_and_none_twice(
+        bus: Bus, backend: Backend) -> None:
+    """``fetch_fields``: what ``fetch`` gives, field by field; records a ``fetch(max_bytes=...)`` held back come
+    first and none is dropped; NATS records carry their ack handles, Kafka's none (it acknowledges by position)."""
+    topic = await _topic(bus, partitions=2)
+    sent = [OutRecord(topic, i % 2, f"v{i:03d}".encode() * 10, key=f"k{i}".encode(),
+                      headers={"h": str(i)} if i % 3 == 0 else None) for i in range(60)]
+    await bus.producer().send(sent)
+    c = await bus.consumer(topic, group=_name("g"))
+    first: list[BusRecord] = []
+    deadline = time.monotonic() + 30
+    while not first and time.monotonic() < deadline:
+        first = await c.fetch(60, 0.5, max_bytes=100)  # a few records; the rest of what came is held
+    assert 0 < len(first) < 60
+    got = [(r.partition, r.offset, r.value, r.key, dict(r.headers), r.handle) for r in first]
+    while len(got) < 60 and time.monotonic() < deadline:
+        f = await c.fetch_fields(7, 0.5)
+        assert len(f) <= 7 and f.topic == topic
+        handles = f.handles if f.handles is not None else [None] * len(f)
+        got += list(zip(f.partitions, f.offsets, f.values, f.keys, map(dict, f.headers), handles, strict=True))
+    assert len(got) == 60
+    assert len({(p, o) for p, o, *_ in got}) == 60  # none twice
+    for p in (0, 1):  # offset order per partition
+        offsets = [o for q, o, *_ in got if q == p]
+        assert offsets == sorted(offsets)
+    want = {s.value: (s.partition, s.key, {k: v for k, v in (s.headers or {}).items()}) for s in sent}
+    for p, _o, value, key, headers, _h in got:
+        assert want[value] == (p, key, {k: v for k, v in headers.items() if k in ("h",)})
+    assert all(h is not None for *_, h in got) == (backend.kind == "nats")
+    assert len(await c.fetch_fields(10, 0.5)) == 0  # nothing more
+    await c.ack([BusRecord(topic, p, o, b"", handle=h) for p, o, _v, _k, _hd, h in got])
+    await c.close()

@@ -158,7 +158,7 @@ def _dead_in(recs: list[tuple[bytes | None, bytes, dict[str, str]]]) -> dict[str
 
 @pytest.mark.integration
 def test_kafka_ingest_takes_records_field_by_field_and_acknowledges_each_partitions_last(tansu_url: str):
-    """The Kafka ingest reads its records field by field (``fetch_raw``, no BusRecord per message): the same
+    """The Kafka ingest reads its records field by field (``fetch_fields``, no BusRecord per message): the same
     messages as the bus consumer's ``fetch``; its ack commits each partition's last offset, so a gateway of
     the same group that starts next takes exactly the messages not acknowledged."""
     from fieldmesh.bus import load_bus
@@ -233,13 +233,14 @@ def test_kafka_ingest_takes_records_field_by_field_and_acknowledges_each_partiti
 
 
 @pytest.mark.integration
-def test_a_running_gateway_collects_its_youngest_objects_less_often(tansu_url: str):
+def test_a_running_gateway_collects_its_youngest_objects_less_often(tansu_factory):
     """Once its sources are started, a gateway freezes what it holds and raises the collector's first threshold
     (runtime.worker.GC_THRESHOLD0): at CPython's 700 the collector ran thousands of times a million messages."""
     import gc
 
     from fieldmesh.runtime.worker import GC_THRESHOLD0
 
+    tansu_url, _ = tansu_factory()  # a broker of its own: its fm.readings has this test's partition count
     prefix = f"gc{uuid.uuid4().hex[:6]}"
     topic = f"raw-{prefix}"
     base, query = tansu_url.split("?", 1)

@@ -59,12 +59,12 @@ class BusRecord(msgspec.Struct, frozen=True, gc=False):
     subject: str = ""
 
 
-class RawRecords(msgspec.Struct, frozen=True, gc=False):
+class RecordFields(msgspec.Struct, frozen=True, gc=False):
     """Records of one topic fetched field by field: row ``i`` of every list is record ``i``, in fetch order.
 
     For a stage that reads every record of a batch the same way (the gateway's Kafka ingest): a list per
     field costs one C iteration per field, where a :class:`BusRecord` per record costs an object (a million
-    a second at the gateway's rate). The Kafka consumer's ``fetch_raw`` returns it.
+    a second at the gateway's rate). :meth:`Consumer.fetch_fields` returns it.
     """
 
     topic: str
@@ -73,15 +73,18 @@ class RawRecords(msgspec.Struct, frozen=True, gc=False):
     values: list[bytes]
     keys: list[bytes | None]
     headers: list[Mapping[str, str]]
+    #: each record's ack handle (:attr:`BusRecord.handle`); None when the bus acknowledges by position alone
+    #: (Kafka: a :class:`BusRecord` with the topic, partition and offset is all :meth:`Consumer.ack` needs)
+    handles: list[Any] | None = None
 
     def __len__(self) -> int:
         return len(self.offsets)
 
     @classmethod
-    def of(cls, topic: str, records: Sequence[BusRecord]) -> RawRecords:
+    def of(cls, topic: str, records: Sequence[BusRecord]) -> RecordFields:
         """The records field by field (for a consumer that fetches :class:`BusRecord` s anyway)."""
         return cls(topic, [r.partition for r in records], [r.offset for r in records], [r.value for r in records],
-                   [r.key for r in records], [r.headers for r in records])
+                   [r.key for r in records], [r.headers for r in records], [r.handle for r in records])
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +135,10 @@ class Consumer(Protocol):
         With ``max_bytes`` the values of a batch add up to about that many bytes at most (always at
         least one record); what was fetched beyond it comes first next time.
         """
+        ...
+
+    async def fetch_fields(self, max_records: int, timeout_s: float) -> RecordFields:
+        """What :meth:`fetch` (without ``max_bytes``) gives, field by field (:class:`RecordFields`)."""
         ...
 
     async def ack(self, records: Sequence[BusRecord]) -> None:

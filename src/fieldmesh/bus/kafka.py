@@ -35,7 +35,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, Self, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from fieldmesh.bus.base import BusRecord, IngestSpec, OutRecord, RawRecords, TopicSpec, split_by_bytes
+from fieldmesh.bus.base import BusRecord, IngestSpec, OutRecord, RecordFields, TopicSpec, split_by_bytes
 from fieldmesh.core.errors import BackendError, BackendUnavailable, ConfigError, MissingDependency
 
 __all__ = ["PRODUCER_DEFAULTS", "KafkaBus", "KafkaConsumer", "KafkaProducer", "parse_kafka_url"]
@@ -314,16 +314,17 @@ class KafkaConsumer:
         out, self._held = split_by_bytes(out, max_records, max_bytes)
         return out
 
-    async def fetch_raw(self, max_records: int, timeout_s: float) -> RawRecords:
-        """Like :meth:`fetch`, the records field by field: no object per record (see :class:`RawRecords`)."""
+    async def fetch_fields(self, max_records: int, timeout_s: float) -> RecordFields:
+        """Like :meth:`fetch`, the records field by field: no object per record (see :class:`RecordFields`); no
+        handles (Kafka acknowledges by position)."""
         if self._held:  # held back by a fetch's max_bytes: served first, as fetch() would
             held = [r for r in self._held if r.partition in self._assigned or self._manual is not None]
             self._held = held[max_records:]
             if held:
-                return RawRecords.of(self._topic, held[:max_records])
+                return RecordFields.of(self._topic, held[:max_records])
         msgs = await self._consume(max_records, timeout_s)
         m_type = _kafka().Message
-        return RawRecords(self._topic, list(map(m_type.partition, msgs)), list(map(m_type.offset, msgs)),
+        return RecordFields(self._topic, list(map(m_type.partition, msgs)), list(map(m_type.offset, msgs)),
                           self._values(msgs), list(map(m_type.key, msgs)), self._headers(msgs))
 
     async def _consume(self, max_records: int, timeout_s: float) -> list[Any]:

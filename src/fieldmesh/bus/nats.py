@@ -40,7 +40,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
-from fieldmesh.bus.base import BusRecord, IngestSpec, OutRecord, PositionsFn, TopicSpec, split_by_bytes
+from fieldmesh.bus.base import BusRecord, IngestSpec, OutRecord, PositionsFn, RecordFields, TopicSpec, split_by_bytes
 from fieldmesh.core.errors import BackendError, BackendUnavailable, ConfigError
 
 __all__ = ["NatsBus", "NatsConsumer", "NatsProducer", "PipelinedNatsProducer", "stream_name"]
@@ -374,6 +374,10 @@ class NatsConsumer:
             self._avg_bytes = size if not self._avg_bytes else 0.8 * self._avg_bytes + 0.2 * size
         out, self._held = split_by_bytes(recs, max_records, max_bytes)
         return out
+
+    async def fetch_fields(self, max_records: int, timeout_s: float) -> RecordFields:
+        """:meth:`fetch`'s records field by field, each with its handle (a NATS message is acknowledged by it)."""
+        return RecordFields.of(self._topic, await self.fetch(max_records, timeout_s))
 
     def _reconnected(self) -> bool:
         """Whether a sole fetcher's connection reconnected since its durable was last made."""

@@ -44,7 +44,6 @@ import msgspec
 
 from fieldmesh.bus import load_bus
 from fieldmesh.bus.base import Bus, BusRecord, Consumer, IngestSpec
-from fieldmesh.bus.kafka import KafkaConsumer
 from fieldmesh.core.errors import ConfigError
 from fieldmesh.core.topics import DEVICE_ID_RE, device_of_topic
 from fieldmesh.gateway.base import NO_DEVICE_TOPIC_PREFIX, IngestMessage, IngestSource, schema_id_of, trace_of
@@ -169,7 +168,7 @@ class KafkaIngestSource:
         self._bus: Bus = load_bus(base)
         self._resolver = DeviceResolver(mine.get("device_template", device_template))
         self._topic_of_key: dict[bytes | None, str] = {}
-        self._consumer: KafkaConsumer | None = None
+        self._consumer: Consumer | None = None
         #: ``k{topic}-{partition}-{offset}``: the message's stable id, for idempotent re-sends
         self._source_id = ("k" + topic.replace("{", "{{").replace("}", "}}") + "-{}-{}").format
 
@@ -177,10 +176,7 @@ class KafkaIngestSource:
         """Connect and join the consumer group (the topic must exist)."""
         await self._bus.__aenter__()
         try:
-            consumer = await self._bus.ingest(IngestSpec(self.topic, mode="existing"), group=self.group)
-            if not isinstance(consumer, KafkaConsumer):  # a kafka:// URL gives a Kafka bus
-                raise ConfigError(f"Kafka ingest URL {self.url!r} did not give a Kafka consumer", key="ingest_url")
-            self._consumer = consumer
+            self._consumer = await self._bus.ingest(IngestSpec(self.topic, mode="existing"), group=self.group)
         except BaseException:
             await self._bus.__aexit__(None, None, None)
             raise
@@ -188,10 +184,11 @@ class KafkaIngestSource:
     async def fetch(self, max_messages: int, timeout_s: float) -> list[IngestMessage]:
         """Fetch raw messages and give each the telemetry topic of its device.
 
-        The records come field by field (:meth:`KafkaConsumer.fetch_raw`): each message's only object is its
-        :class:`IngestMessage`, whose ``handle`` is its ``(partition, offset)``."""
+        The records come field by field (:meth:`~fieldmesh.bus.base.Consumer.fetch_fields`): each message's only
+        object is its :class:`IngestMessage`, whose ``handle`` is its ``(partition, offset)`` (a Kafka consumer
+        acknowledges by position)."""
         assert self._consumer is not None, "start() first"
-        raw = await self._consumer.fetch_raw(max_messages, timeout_s)
+        raw = await self._consumer.fetch_fields(max_messages, timeout_s)
         now = int(time.time() * 1000)
         n = len(raw)
         keys, values, headers = raw.keys, raw.values, raw.headers
