@@ -73,8 +73,9 @@ class RecordFields(msgspec.Struct, frozen=True, gc=False):
     values: list[bytes]
     keys: list[bytes | None]
     headers: list[Mapping[str, str]]
-    #: each record's ack handle (:attr:`BusRecord.handle`); None when the bus acknowledges by position alone
-    #: (Kafka: a :class:`BusRecord` with the topic, partition and offset is all :meth:`Consumer.ack` needs)
+    #: each record's ack handle (:attr:`BusRecord.handle`); no list, or None entries, when the bus acknowledges
+    #: by position alone (Kafka: a :class:`BusRecord` with the topic, partition and offset is all
+    #: :meth:`Consumer.ack` needs)
     handles: list[Any] | None = None
 
     def __len__(self) -> int:
