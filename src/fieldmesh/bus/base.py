@@ -14,11 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, Self, TypeVar
+from operator import attrgetter
+from typing import Any, Final, Literal, Protocol, Self, TypeVar
 
 import msgspec
 
-__all__ = ["Bus", "BusRecord", "Consumer", "IngestSpec", "OutRecord", "PositionsFn", "Producer", "TopicSpec"]
+__all__ = [
+    "Bus", "BusRecord", "Consumer", "IngestSpec", "OutRecord", "PositionsFn", "Producer", "RecordFields", "TopicSpec",
+]
 
 T = TypeVar("T")
 
@@ -59,6 +62,10 @@ class BusRecord(msgspec.Struct, frozen=True, gc=False):
     subject: str = ""
 
 
+#: Getters of the :class:`BusRecord` fields :class:`RecordFields` holds, in its order (read by C iterators).
+_RECORD_FIELDS: Final = tuple(map(attrgetter, ("partition", "offset", "value", "key", "headers", "handle")))
+
+
 class RecordFields(msgspec.Struct, frozen=True, gc=False):
     """Records of one topic fetched field by field: row ``i`` of every list is record ``i``, in fetch order.
 
@@ -84,8 +91,7 @@ class RecordFields(msgspec.Struct, frozen=True, gc=False):
     @classmethod
     def of(cls, topic: str, records: Sequence[BusRecord]) -> RecordFields:
         """The records field by field (for a consumer that fetches :class:`BusRecord` s anyway)."""
-        return cls(topic, [r.partition for r in records], [r.offset for r in records], [r.value for r in records],
-                   [r.key for r in records], [r.headers for r in records], [r.handle for r in records])
+        return cls(topic, *(list(map(get, records)) for get in _RECORD_FIELDS))
 
 
 @dataclass(frozen=True, slots=True)
