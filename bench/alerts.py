@@ -12,7 +12,9 @@
    server in a process of its own). The pipeline's maximum rate is measured first (a backlog published at
    once, timed until stored), then device messages are published at half of it, each of 10 readings 1 ms
    apart, the last one's event time the moment the message is built (it is sent with the others due then,
-   a few milliseconds later at most), a version-1 bus record per message. ``--gateway-rounds``: the messages
+   a few milliseconds later at most), a version-1 bus record per message. The publisher builds each reading
+   as the gateway would (``device_reading``: identity included; checked against the gateway's decoding at the
+   start), because it shares the machine with the pipeline it measures. ``--gateway-rounds``: the messages
    sent at once go out as a gateway writes a round instead, one record per partition in the gateway's default
    (columnar) encoding; the maximum rate is then about twice as high, because the gateway's own work is not
    in this pipeline. In 5% of the messages the last reading crosses the threshold (the readings before it
@@ -22,7 +24,8 @@
    runs with its default settings (``--fetch-max``/``--fetch-max-bytes`` change them). Printed with it: the
    rate, p50/p99/max against the target, and where the time went: event -> evaluated in its batch's
    transaction (the body's ``at_ms``), commit -> the receiver's 2xx (the notifier's own count, logged when
-   the processor stops) and the store's view (outbox row written -> acknowledged).
+   the processor stops), the store's view (outbox row written -> acknowledged) and the CPU of the publisher,
+   of the processor and of the whole machine while sending.
 
 Run: ``PYTHONPATH=$PWD/src .venv/bin/python bench/alerts.py [--quick]``.
 """
