@@ -72,7 +72,6 @@ class Rows:
 
     def __init__(self, con: sqlite3.Connection) -> None:
         self.con = con
-        self.build_s = 0.0
 
     def write(self, rows: list[Row]) -> None:
         self.con.execute("BEGIN")
