@@ -90,6 +90,8 @@ class Packs:
 
     def __init__(self, con: sqlite3.Connection) -> None:
         self.con = con
+        # every pack written, never read back: the shapes here make under 20,000 (a store would bound it
+        # and read an evicted pack again, which would cost the packs more, not less)
         self.cache: dict[tuple[str, str, int], list[Row]] = {}
         self.build_s = 0.0
 
@@ -109,8 +111,6 @@ class Packs:
                 merged.update((t[0], t) for t in tails)
                 pack[:] = sorted(merged.values())
             out.append((*key, _enc.encode(pack).decode()))
-        if len(cache) > 200_000:  # bounded, as the store's caches are (a pack is then read again)
-            cache.clear()
         self.build_s += time.process_time() - t
         self.con.execute("BEGIN")
         self.con.executemany("INSERT OR REPLACE INTO rollup_1m_packs VALUES (?,?,?,?)", out)
