@@ -317,11 +317,8 @@ class KafkaConsumer:
     async def fetch_fields(self, max_records: int, timeout_s: float) -> RecordFields:
         """Like :meth:`fetch`, the records field by field: no object per record (see :class:`RecordFields`); no
         handles (Kafka acknowledges by position)."""
-        if self._held:  # held back by a fetch's max_bytes: served first, as fetch() would
-            held = [r for r in self._held if r.partition in self._assigned or self._manual is not None]
-            self._held = held[max_records:]
-            if held:
-                return RecordFields.of(self._topic, held[:max_records])
+        if self._held:  # records a fetch's max_bytes held back: fetch() serves them first (a rare case)
+            return RecordFields.of(self._topic, await self.fetch(max_records, timeout_s))
         msgs = await self._consume(max_records, timeout_s)
         m_type = _kafka().Message
         return RecordFields(self._topic, list(map(m_type.partition, msgs)), list(map(m_type.offset, msgs)),
