@@ -343,6 +343,7 @@ def main() -> None:
                     help="part 1: each rule with a webhook target (an outbox row per transition, none delivered)")
     ap.add_argument("--fetch-max", type=int, help="part 2: the processor's fetch_max (records per fetch)")
     ap.add_argument("--fetch-max-bytes", type=int, help="part 2: the processor's fetch_max_bytes")
+    ap.add_argument("--min-batch-interval-ms", type=float, help="part 2: the processor's min_batch_interval_ms")
     ap.add_argument("--gateway-rounds", action="store_true",
                     help="part 2: the messages sent at once as a gateway writes them (a columnar record per "
                          "partition), not a version-1 record per message")
@@ -352,7 +353,8 @@ def main() -> None:
         receiver_main(args.receiver)
         return
     seconds = 5.0 if args.quick else 15.0
-    proc = {k: v for k, v in (("fetch_max", args.fetch_max), ("fetch_max_bytes", args.fetch_max_bytes)) if v}
+    proc = {k: v for k, v in (("fetch_max", args.fetch_max), ("fetch_max_bytes", args.fetch_max_bytes),
+                              ("min_batch_interval_ms", args.min_batch_interval_ms)) if v}
     if args.latency_only:
         report_latency(latency(seconds, 1000, 50_000 if args.quick else 200_000, args.rate, proc, args.gateway_rounds))
         return

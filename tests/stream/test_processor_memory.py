@@ -4,6 +4,8 @@ store's rollup cache keeps the latest windows instead of growing (or forgetting 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import time
 
 from fieldmesh.bus.base import BusRecord
 from fieldmesh.core.topics import READINGS_TOPIC
@@ -55,6 +57,58 @@ def test_byte_queue_lets_one_oversized_batch_through() -> None:
         return len(recs)
 
     assert asyncio.run(run()) == 1
+
+
+def _caught_up_stream(min_interval_s: float, *, n: int = 60, every_s: float = 0.003) -> tuple[list[int], list[float]]:
+    """A record arrives every ``every_s``; a fetcher as the processor's (fetch what arrived, park when caught up)
+    and an applier; the offsets applied, and the monotonic time each batch was taken."""
+    async def run() -> tuple[list[int], list[float]]:
+        q = _ByteQueue(limit=10**6, min_interval_s=min_interval_s)
+        arrived: list[BusRecord] = []
+        done = asyncio.Event()
+
+        async def producer() -> None:
+            for i in range(n):
+                arrived.append(_recs(i, 1, 10)[0])
+                await asyncio.sleep(every_s)
+            done.set()
+
+        async def fetcher() -> None:
+            taken = 0
+            while True:
+                if taken == n:
+                    await q.close()
+                    return
+                if taken == len(arrived):  # nothing yet: wait a little for the next (a fetch's wait)
+                    await asyncio.sleep(every_s / 3)
+                    await q.put([])
+                else:
+                    recs, taken = arrived[taken:], len(arrived)
+                    await q.put(recs)
+                await q.park()  # caught up
+
+        tasks = [asyncio.create_task(producer()), asyncio.create_task(fetcher())]
+        offsets: list[int] = []
+        starts: list[float] = []
+        while (recs := await q.get(max_bytes=10**6)) is not None:
+            starts.append(time.monotonic())
+            offsets += [r.offset for r in recs]
+            await q.release(recs)
+        await asyncio.gather(*tasks)
+        return offsets, starts
+
+    return asyncio.run(run())
+
+
+def test_byte_queue_spaces_caught_up_batches_by_the_minimum_interval() -> None:
+    offsets, starts = _caught_up_stream(0.03)
+    assert offsets == list(range(60))  # every record once, in order
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert min(gaps) >= 0.029  # caught up, no batch starts sooner than the interval after the one before
+    assert len(starts) <= (starts[-1] - starts[0]) / 0.03 + 2
+    plain_offsets, plain_starts = _caught_up_stream(0.0)
+    assert plain_offsets == list(range(60))
+    assert len(plain_starts) > len(starts)  # without it, a batch as soon as anything came
 
 
 def test_rollup_cache_eviction_keeps_the_latest_windows() -> None:

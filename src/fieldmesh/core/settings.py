@@ -97,6 +97,10 @@ class ProcessorSettings(BaseModel, frozen=True):
     fetch_max_bytes: int = Field(
         2 * 2**20, gt=0, description="bytes of bus records per fetch (the backlog stays in the bus)"
     )
+    min_batch_interval_ms: float = Field(
+        5, ge=0, le=1000, description=(
+            "caught up with the bus, a batch starts at least this long after the one before, so it holds what "
+            "arrived meanwhile: fewer, larger transactions (less CPU at part load) for up to this much latency"))
 
 
 class AlertSettings(BaseModel, frozen=True):

@@ -344,7 +344,7 @@ class Processor:
         fetched as records come.
         """
         s = self.settings
-        queue = _ByteQueue(_QUEUED_FETCHES * s.fetch_max_bytes)
+        queue = _ByteQueue(_QUEUED_FETCHES * s.fetch_max_bytes, min_interval_s=s.min_batch_interval_ms / 1000)
         loop = asyncio.get_running_loop()
         assert self._executor is not None, "run() owns the apply thread"
         executor = self._executor
@@ -457,11 +457,16 @@ class _ByteQueue:
 
     A fetcher that caught up with the bus waits (``park``) until the applier is free (``get``): the applier then
     waits up to ``top_up_s`` for that fetch, so its batch holds what arrived while it applied the last one.
+    Caught up, a batch starts no sooner than ``min_interval_s`` after the one before (the processor's
+    ``min_batch_interval_ms``): a batch's fixed cost (its transaction, the bus round trips) is then paid at most
+    that often, not once for every few records that came, and the batch holds what arrived meanwhile.
     """
 
-    def __init__(self, limit: int, top_up_s: float = _TOP_UP_S) -> None:
+    def __init__(self, limit: int, top_up_s: float = _TOP_UP_S, min_interval_s: float = 0.0) -> None:
         self._limit = limit
         self._top_up_s = top_up_s
+        self._min_interval_s = min_interval_s
+        self._last_get = -1e18  # monotonic time the applier last took a batch
         self._parked = False  # the fetcher waits for the applier to ask
         self._getting = False  # the applier waits in get() for a batch
         self._asked = 0  # fetches the applier asked for (unparked the fetcher)
@@ -501,6 +506,13 @@ class _ByteQueue:
     async def get(self, max_bytes: int) -> list[BusRecord] | None:
         """The next batch, with the batches queued behind it merged up to ``max_bytes``; None when closed."""
         async with self._cond:
+            wait = self._last_get + self._min_interval_s - time.monotonic()
+            if wait > 0 and (self._parked or not self._items) and not self._closed:
+                # Caught up (the fetcher parked, or waits on the bus with nothing queued), and the last batch
+                # began less than min_interval_s ago: let more arrive first. Behind, the fetcher fetches again
+                # at once and its fetches queue up: no wait then.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._cond.wait_for(lambda: self._closed), wait)
             if self._parked:  # fetch what arrived meanwhile, and wait a round trip for it
                 self._parked = False
                 self._asked = self._landed + 1
@@ -515,6 +527,7 @@ class _ByteQueue:
                 self._getting = False
             if not self._items:
                 return None
+            self._last_get = time.monotonic()
             recs, size = self._items.popleft()
             while self._items and size + self._items[0][1] <= max_bytes:
                 more, n = self._items.popleft()
