@@ -20,9 +20,9 @@
    in this pipeline. In 5% of the messages the last reading crosses the threshold (the readings before it
    stay on the other side), so the reading that opens or clears an alert is the one taken when its message
    is published. Latency = the receiver's clock at the POST minus the event time of that reading (both on
-   this host). Target: p99 <= 100 ms. The processor
-   runs with its default settings (``--fetch-max``/``--fetch-max-bytes`` change them). Printed with it: the
-   rate, p50/p99/max against the target, and where the time went: event -> evaluated in its batch's
+   this host). Target: p99 <= 100 ms. The processor runs with its default settings (``--fetch-max``,
+   ``--fetch-max-bytes`` and ``--min-batch-interval-ms`` change them). Printed with it: the rate, p50/p99/max
+   against the target, and where the time went: event -> evaluated in its batch's
    transaction (the body's ``at_ms``), commit -> the receiver's 2xx (the notifier's own count, logged when
    the processor stops), the store's view (outbox row written -> acknowledged) and the CPU of the publisher,
    of the processor and of the whole machine while sending.

@@ -430,6 +430,12 @@ async def test_nats_sole_consumer_acknowledges_a_batch_with_its_last_record(embe
         old = await bus.raw_consumer(stream_name(topic), durable, [f"{topic}.*"], topic=topic)  # per record
         first = await _fetch_n(old, 10)
         await old.ack(first[:4])
+
+        async def floor_moved() -> bool:  # the server applies acknowledgements after they arrive
+            info = await bus.js.consumer_info(stream_name(topic), durable)
+            return bool(info.ack_floor.stream_seq >= first[3].offset)
+
+        assert await _eventually(floor_moved, timeout_s=5.0)  # what it acknowledged, as the server has it
         await old.close()
         c = await bus.consumer(topic, group=durable)
         info = await bus.js.consumer_info(stream_name(topic), durable)

@@ -65,13 +65,11 @@ def _caught_up_stream(min_interval_s: float, *, n: int = 60, every_s: float = 0.
     async def run() -> tuple[list[int], list[float]]:
         q = _ByteQueue(limit=10**6, min_interval_s=min_interval_s)
         arrived: list[BusRecord] = []
-        done = asyncio.Event()
 
         async def producer() -> None:
             for i in range(n):
                 arrived.append(_recs(i, 1, 10)[0])
                 await asyncio.sleep(every_s)
-            done.set()
 
         async def fetcher() -> None:
             taken = 0
