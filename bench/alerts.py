@@ -354,7 +354,11 @@ def main() -> None:
         return
     seconds = 5.0 if args.quick else 15.0
     proc = {k: v for k, v in (("fetch_max", args.fetch_max), ("fetch_max_bytes", args.fetch_max_bytes),
-                              ("min_batch_interval_ms", args.min_batch_interval_ms)) if v}
+                              ("min_batch_interval_ms", args.min_batch_interval_ms)) if v is not None}
+    try:  # here, not in the processor's process (which would exit while this one waits for it)
+        ProcessorSettings(**proc)
+    except ValueError as exc:
+        ap.error(str(exc))
     if args.latency_only:
         report_latency(latency(seconds, 1000, 50_000 if args.quick else 200_000, args.rate, proc, args.gateway_rounds))
         return
