@@ -10,11 +10,12 @@
 2. **Event -> notification latency**: a real nats-server, the processor as its own process
    (``fieldmesh.runtime.worker processor``, its notifier thread inside) and a webhook receiver (an HTTP
    server in a process of its own). The pipeline's maximum rate is measured first (a backlog published at
-   once, timed until stored), then device messages are published at half of it, each of 10 readings 1 ms
-   apart, the last one's event time the moment the message is built (it is sent with the others due then,
-   a few milliseconds later at most), a version-1 bus record per message. The publisher builds each reading
-   as the gateway would (``device_reading``: identity included; checked against the gateway's decoding at the
-   start), because it shares the machine with the pipeline it measures. ``--gateway-rounds``: the messages
+   once, timed until stored: 200,000 readings, ``--burst`` changes it), then device messages are published
+   at half of it, each of 10 readings 1 ms apart, the last one's event time the moment the message is built
+   (it is sent with the others due then, a few milliseconds later at most), a version-1 bus record per
+   message. The publisher builds each reading as the gateway would (``device_reading``: identity included;
+   checked against the gateway's decoding at the start), because it shares the machine with the pipeline it
+   measures. ``--gateway-rounds``: the messages
    sent at once go out as a gateway writes a round instead, one record per partition in the gateway's default
    (columnar) encoding; the maximum rate is then about twice as high, because the gateway's own work is not
    in this pipeline. In 5% of the messages the last reading crosses the threshold (the readings before it
@@ -347,6 +348,8 @@ def main() -> None:
     ap.add_argument("--gateway-rounds", action="store_true",
                     help="part 2: the messages sent at once as a gateway writes them (a columnar record per "
                          "partition), not a version-1 record per message")
+    ap.add_argument("--burst", type=int, help="part 2: readings of the backlog that measures the maximum rate "
+                                              "(200,000; 50,000 with --quick)")
     ap.add_argument("--receiver", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.receiver:
@@ -359,8 +362,9 @@ def main() -> None:
         ProcessorSettings(**proc)
     except ValueError as exc:
         ap.error(str(exc))
+    burst = args.burst or (50_000 if args.quick else 200_000)
     if args.latency_only:
-        report_latency(latency(seconds, 1000, 50_000 if args.quick else 200_000, args.rate, proc, args.gateway_rounds))
+        report_latency(latency(seconds, 1000, burst, args.rate, proc, args.gateway_rounds))
         return
     per_device = 20 if args.quick else 60
     msgs, sent, now = make_stream(devices=args.devices, per_device=per_device)
@@ -389,7 +393,7 @@ def main() -> None:
     del msgs, sent, records  # part 1's millions of objects: the publisher's collector would walk them in part 2
     print("part 2: event -> webhook at half the maximum rate, 1,000 devices, processor process + nats-server + "
           "receiver", flush=True)
-    report_latency(latency(seconds, 1000, 50_000 if args.quick else 200_000, args.rate, proc, args.gateway_rounds))
+    report_latency(latency(seconds, 1000, burst, args.rate, proc, args.gateway_rounds))
 
 
 def report_latency(lat: dict[str, Any]) -> None:
