@@ -362,7 +362,9 @@ def main() -> None:
         ProcessorSettings(**proc)
     except ValueError as exc:
         ap.error(str(exc))
-    burst = args.burst or (50_000 if args.quick else 200_000)
+    burst = args.burst if args.burst is not None else 50_000 if args.quick else 200_000
+    if burst <= 0:
+        ap.error("--burst: readings of the backlog, more than 0")
     if args.latency_only:
         report_latency(latency(seconds, 1000, burst, args.rate, proc, args.gateway_rounds))
         return

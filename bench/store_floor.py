@@ -246,7 +246,8 @@ def main() -> None:
                     best_pairs = got if best_pairs is None or got[0] < best_pairs[0] else best_pairs
                 elif best is None or got[0] < best[0]:
                     best = got
-                db.unlink()
+                for f in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+                    f.unlink(missing_ok=True)  # a full store each: not kept for the rounds after
     assert best is not None
     total, by = best
     us = 1e6 / n
