@@ -50,7 +50,7 @@ from fieldmesh.core.codec import decode_bus_columns_many, decode_bus_readings  #
 from fieldmesh.core.settings import GatewaySettings, ProcessorSettings  # noqa: E402
 from fieldmesh.gateway.base import IngestMessage  # noqa: E402
 from fieldmesh.gateway.gateway import route  # noqa: E402
-from fieldmesh.runtime.worker import GC_THRESHOLD0  # noqa: E402
+from fieldmesh.runtime.worker import freeze_startup_objects  # noqa: E402
 from fieldmesh.store import HotStore, load_store  # noqa: E402
 from fieldmesh.stream.processor import Processor  # noqa: E402
 from fmtest import oracle  # noqa: E402
@@ -161,10 +161,11 @@ def run(store: HotStore, records: list[BusRecord], *, profile: bool, engine: str
         worker_gc: bool = True) -> dict[str, Any]:
     """Apply the records in fetch-sized chunks; CPU and wall seconds of the applies only.
 
-    ``worker_gc``: the garbage collector as a processor process has it (``fieldmesh.runtime.worker``: what
-    the process holds before its first batch frozen, the youngest generation collected every
-    ``GC_THRESHOLD0`` allocations). Here what is frozen includes this benchmark's input (the records, the
-    readings kept for the oracle), which a processor does not hold. Without it, CPython's defaults.
+    ``worker_gc``: the garbage collector as a processor process has it (the worker's own
+    :func:`~fieldmesh.runtime.worker.freeze_startup_objects`: what the process holds before its first batch
+    frozen, the youngest generation collected less often). Here what is frozen includes this benchmark's input
+    (the records, the readings kept for the oracle), which a processor does not hold. Without it, CPython's
+    defaults.
     """
     ps = ProcessorSettings(engine=engine)  # type: ignore[arg-type]
     p = Processor(bus=None, store=store, settings=ps)  # type: ignore[arg-type]
@@ -172,9 +173,7 @@ def run(store: HotStore, records: list[BusRecord], *, profile: bool, engine: str
     prof = cProfile.Profile() if profile else None
     thresholds = gc.get_threshold()
     if worker_gc:
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(GC_THRESHOLD0, *thresholds[1:])
+        freeze_startup_objects()
     try:
         c0, w0 = time.process_time(), time.perf_counter()
         if prof is not None:

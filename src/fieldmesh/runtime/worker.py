@@ -32,7 +32,7 @@ from fieldmesh.runtime.lineage import (
     processor_outputs,
 )
 
-__all__ = ["ensure_topics", "run_gateway", "run_processor"]
+__all__ = ["ensure_topics", "freeze_startup_objects", "run_gateway", "run_processor"]
 
 log = logging.getLogger("fieldmesh.worker")
 
@@ -139,7 +139,7 @@ async def run_gateway(
                     log.info("gateway running: %s -> %s", _redact(getattr(source, "url", source.name)),
                              _redact(bus_url))
                     tg.create_task(gw.run(stop), name=f"gateway-{source.name}")
-                _freeze_startup_objects()  # its sources are started: what it holds now stays
+                freeze_startup_objects()  # its sources are started: what it holds now stays
         finally:
             for source in started:
                 await source.close()
@@ -219,7 +219,7 @@ async def run_processor(
             def running() -> None:
                 # logged once records are fetched: `up`'s /health says "starting" for the processor until then
                 log.info("processor running: %s -> %s (partitions %s)", bus_url, store_url, partitions or "all")
-                _freeze_startup_objects()
+                freeze_startup_objects()
 
             proc.on_running = running
             async with contextlib.AsyncExitStack() as runs:  # lineage: one OpenLineage run per job
@@ -318,7 +318,7 @@ def _alerting(store: Any, store_url: str, settings: Settings, rules_file: Any = 
 GC_THRESHOLD0 = 100_000
 
 
-def _freeze_startup_objects() -> None:
+def freeze_startup_objects() -> None:
     """Leave what the process holds at start (modules, classes, functions: some 10^5 objects) out of the
     garbage collector's full passes, and collect the youngest generation less often (:data:`GC_THRESHOLD0`).
     Each full pass walked the startup objects, 40-100 ms during which the batch in hand stood still (a tail
