@@ -42,10 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from processor import TARGET_PER_CPU_S, make_records, make_stream, run
 
-from fieldmesh.core.settings import ProcessorSettings
 from fieldmesh.store import load_store
 from fieldmesh.store.sqlite import _WAL_AUTOCHECKPOINT_PAGES, SqliteStore
-from fieldmesh.stream.processor import Processor
 
 #: One recorded statement: (many?, SQL, parameters: a tuple, or a list of tuples for executemany).
 Stmt = tuple[bool, str, Any]
@@ -97,10 +95,7 @@ def record(path: Path, records: list[Any]) -> list[Stmt]:
     log: list[Stmt] = []
     try:
         store._w = _Recorder(store._w, log)  # type: ignore[assignment]  # the writer's connection, recorded
-        ps = ProcessorSettings()
-        p = Processor(bus=None, store=store, settings=ps)  # type: ignore[arg-type]
-        for i in range(0, len(records), ps.fetch_max):
-            p.apply_records(records[i : i + ps.fetch_max])
+        run(store, records, profile=False)
     finally:
         if isinstance(store._w, _Recorder):
             store._w = store._w._con  # type: ignore[assignment]
