@@ -5,8 +5,12 @@ record from a random device; ``Processor.apply_records`` on a SQLite store in th
 of ``--records`` records, event time one millisecond a record. Printed per side: CPU per batch (mean, p99,
 max: the slowest batches are what an alert waits behind) and per reading. ``--base SRC`` runs the same on
 another checkout's ``src`` (a subprocess each, alternated), so the two sides share the sitting.
+``--without PARTS`` (a comma list of ``rollups``, ``devices``, ``gaps``, ``segments``) adds a side whose store
+skips those writes of each batch (the rollup merges, the device rows, the seq ranges, the raw segments): what
+they cost a small batch, the most that writing them less often could save. Not a working store.
 
-Run: ``PYTHONPATH=$PWD/src .venv/bin/python bench/batch_cost.py [--records 60] [--batches 1500] [--base DIR/src]``.
+Run: ``PYTHONPATH=$PWD/src .venv/bin/python bench/batch_cost.py [--records 60] [--batches 1500] [--base DIR/src]
+[--without rollups,devices,gaps]``.
 """
 
 from __future__ import annotations
@@ -85,6 +89,24 @@ def part_load(step_ms: int = 1) -> Iterator[tuple[Any, Any, Callable[[int], list
             store.close()
 
 
+#: The store's writes ``--without`` can skip, each by the method of the store that makes it.
+PARTS = ("rollups", "devices", "gaps", "segments")
+
+
+def skip_writes(parts: set[str]) -> None:
+    """Make this process's SQLite store skip ``parts`` (see ``--without``): a what-if, not a working store."""
+    from fieldmesh.store import sqlite
+
+    if "rollups" in parts:
+        sqlite.SqliteStore._merge_rollups = lambda self, w, interval, wd: None  # type: ignore[method-assign]
+    if "devices" in parts:
+        sqlite.SqliteStore._update_devices = lambda self, w, agg, pairs: None  # type: ignore[method-assign]
+    if "gaps" in parts:
+        sqlite.SqliteStore._update_gaps = lambda self, w, new: 0  # type: ignore[method-assign]
+    if "segments" in parts:
+        sqlite.segments.append = lambda con, cols, store_key, stored_ms: None  # type: ignore[assignment]
+
+
 def measure(records: int, batches: int) -> dict[str, Any]:
     with part_load() as (proc, _, batch):
         work = [batch(records) for _ in range(batches)]
@@ -104,30 +126,42 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=1500)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--base", help="another checkout's src directory: the baseline side")
+    ap.add_argument("--without",
+                    help=f"a side that skips these writes of each batch (comma list of {', '.join(PARTS)})")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a side, in a subprocess
     a = ap.parse_args()
+    without = set(filter(None, (a.without or "").split(",")))
+    if without - set(PARTS):
+        ap.error(f"--without: {', '.join(sorted(without - set(PARTS)))} not among {', '.join(PARTS)}")
     if a.one:
+        skip_writes(without)
         print(json.dumps(measure(a.records, a.batches)))
         return
-    sides = {"this": str(ROOT / "src")} | ({"base": a.base} if a.base else {})
+    sides: dict[str, tuple[str, str]] = {"this": (str(ROOT / "src"), "")}
+    if a.base:
+        sides["base"] = (a.base, "")
+    if without:
+        sides["without"] = (str(ROOT / "src"), ",".join(sorted(without)))
     print(f"batches of {a.records} records ({a.records * 10} readings) from 1,000 devices, {a.batches} batches, "
           "one alert rule, SQLite; CPU of the apply thread per batch")
     got: dict[str, list[dict[str, Any]]] = {k: [] for k in sides}
     for r in range(a.rounds):
-        for name, src in (list(sides.items()) if r % 2 == 0 else list(reversed(sides.items()))):
+        for name, (src, skip) in (list(sides.items()) if r % 2 == 0 else list(reversed(sides.items()))):
             out = subprocess.run([sys.executable, __file__, "--one", "--records", str(a.records),
-                                  "--batches", str(a.batches)], capture_output=True, text=True, check=True,
-                                 env={**os.environ, "PYTHONPATH": src})
+                                  "--batches", str(a.batches), *(["--without", skip] if skip else [])],
+                                 capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": src})
             m = json.loads(out.stdout.strip().splitlines()[-1])
             got[name].append(m)
-            print(f"  {name:4s} round {r + 1}: mean {m['mean']:.2f} ms, p99 {m['p99']:.2f} ms, "
+            print(f"  {name:7s} round {r + 1}: mean {m['mean']:.2f} ms, p99 {m['p99']:.2f} ms, "
                   f"max {m['max']:.1f} ms; {m['per_reading_us']:.1f} CPU-us per reading", flush=True)
-    if a.base:
+    for other in ("base", "without"):
+        if other not in got:
+            continue
         for k in ("mean", "max"):
             this = statistics.median(m[k] for m in got["this"])
-            base = statistics.median(m[k] for m in got["base"])
-            print(f"{k} CPU per batch (median of rounds): this {this:.2f} ms, base {base:.2f} ms: "
-                  f"x{base / this:.2f}")
+            them = statistics.median(m[k] for m in got[other])
+            print(f"{k} CPU per batch (median of rounds): this {this:.2f} ms, {other} {them:.2f} ms: "
+                  f"x{them / this:.2f}")
 
 
 if __name__ == "__main__":
