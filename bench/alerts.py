@@ -27,6 +27,9 @@
    transaction (the body's ``at_ms``), commit -> the receiver's 2xx (the notifier's own count, logged when
    the processor stops), the store's view (outbox row written -> acknowledged) and the CPU of the publisher,
    of the processor and of the whole machine while sending.
+   ``--repeat N`` runs part 2 N times, each with a pipeline of its own and its maximum measured anew, and
+   reports the medians with their spread: on this shared 2-core machine one run's p99 at the same settings
+   varied from 256 to 832 ms in an hour, and the maximum from 110,000 to 146,000 readings/s.
 
 Run: ``PYTHONPATH=$PWD/src .venv/bin/python bench/alerts.py [--quick]``.
 """
@@ -350,6 +353,9 @@ def main() -> None:
                          "partition), not a version-1 record per message")
     ap.add_argument("--burst", type=int, help="part 2: readings of the backlog that measures the maximum rate "
                                               "(200,000; 50,000 with --quick)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="part 2: this many runs, each with its pipeline and maximum measured anew; the medians and "
+                         "the spread are reported (one run's p99 varies about 2x on this shared machine)")
     ap.add_argument("--receiver", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.receiver:
@@ -365,8 +371,21 @@ def main() -> None:
     burst = args.burst if args.burst is not None else 50_000 if args.quick else 200_000
     if burst <= 0:
         ap.error("--burst: readings of the backlog, more than 0")
+    if args.repeat < 1:
+        ap.error("--repeat: runs of part 2, 1 or more")
+
+    def part2() -> None:
+        runs = []
+        for i in range(args.repeat):
+            if args.repeat > 1:
+                print(f"  run {i + 1} of {args.repeat}:", flush=True)
+            runs.append(latency(seconds, 1000, burst, args.rate, proc, args.gateway_rounds))
+            report_latency(runs[-1])
+        if len(runs) > 1:
+            report_runs(runs)
+
     if args.latency_only:
-        report_latency(latency(seconds, 1000, burst, args.rate, proc, args.gateway_rounds))
+        part2()
         return
     per_device = 20 if args.quick else 60
     msgs, sent, now = make_stream(devices=args.devices, per_device=per_device)
@@ -395,7 +414,7 @@ def main() -> None:
     del msgs, sent, records  # part 1's millions of objects: the publisher's collector would walk them in part 2
     print("part 2: event -> webhook at half the maximum rate, 1,000 devices, processor process + nats-server + "
           "receiver", flush=True)
-    report_latency(latency(seconds, 1000, burst, args.rate, proc, args.gateway_rounds))
+    part2()
 
 
 def report_latency(lat: dict[str, Any]) -> None:
@@ -415,6 +434,20 @@ def report_latency(lat: dict[str, Any]) -> None:
     lm = lat["stats"]["latency_ms"]
     print(f"    store's view (outbox row written in the transaction -> acknowledged): p50 {lm['p50']} ms, "
           f"p99 {lm['p99']} ms, of the last {lm['of_last']}")
+
+
+def report_runs(runs: list[dict[str, Any]]) -> None:
+    """The medians of several runs of part 2, and the spread of each figure."""
+
+    def fig(k: str, fmt: str) -> str:
+        v = sorted(r[k] for r in runs)
+        return f"median {format(statistics.median(v), fmt)} ({format(v[0], fmt)}-{format(v[-1], fmt)})"
+
+    p99 = statistics.median(r["p99"] for r in runs)
+    met = sum(r["p99"] <= 100 for r in runs)
+    print(f"  {len(runs)} runs: maximum {fig('max_rate', ',.0f')} readings/s; p50 {fig('p50', '.1f')} ms; "
+          f"p99 {fig('p99', '.1f')} ms (median p99 / target 100 ms: {p99 / 100:.2f}; "
+          f"{'met' if p99 <= 100 else 'NOT met'}; met in {met} of {len(runs)} runs)")
 
 
 if __name__ == "__main__":
