@@ -28,8 +28,9 @@
    the processor stops), the store's view (outbox row written -> acknowledged) and the CPU of the publisher,
    of the processor and of the whole machine while sending.
    ``--repeat N`` runs part 2 N times, each with a pipeline of its own and its maximum measured anew, and
-   reports the medians with their spread: on this shared 2-core machine one run's p99 at the same settings
-   varied from 256 to 832 ms in an hour, and the maximum from 110,000 to 146,000 readings/s.
+   reports the medians with their spread: on this shared 2-core machine one run's p99 at half the maximum
+   varied from 146 to 832 ms within two hours (20 runs of the same code), and the maximum from 113,780 to
+   166,867 readings/s.
 
 Run: ``PYTHONPATH=$PWD/src .venv/bin/python bench/alerts.py [--quick]``.
 """
@@ -355,7 +356,7 @@ def main() -> None:
                                               "(200,000; 50,000 with --quick)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="part 2: this many runs, each with its pipeline and maximum measured anew; the medians and "
-                         "the spread are reported (one run's p99 varies about 2x on this shared machine)")
+                         "the spread are reported (one run's p99 varies widely on this shared machine)")
     ap.add_argument("--receiver", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.receiver:
