@@ -26,7 +26,10 @@
    against the target, and where the time went: event -> evaluated in its batch's
    transaction (the body's ``at_ms``), commit -> the receiver's 2xx (the notifier's own count, logged when
    the processor stops), the store's view (outbox row written -> acknowledged) and the CPU of the publisher,
-   of the processor and of the whole machine while sending.
+   of the processor and of the whole machine while sending; then the CPU a reading of the processor's applying
+   thread by part (``fieldmesh_processor_cpu_seconds``, read from its multiprocess metric files) for the backlog
+   and for the stream, and their ratio: a reading of the stream's small batches costs more than one of the
+   backlog's large batches, so half the maximum is not half the load.
    ``--repeat N`` runs part 2 N times, each with a pipeline of its own and its maximum measured anew, and
    reports the medians with their spread: on this shared 2-core machine one run's p99 at half the maximum
    varied from 146 to 832 ms within two hours (20 runs of the same code), and the maximum from 113,780 to
@@ -53,6 +56,8 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from prometheus_client import CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -207,7 +212,9 @@ def latency(seconds: float, devices: int, burst: int, fixed_rate: float | None =
         nats.start()
         cfg = {"bus_url": nats.url, "store_url": url,
                "settings": {"bus": {"partitions": PARTITIONS}, "processor": processor or {}}}
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+        metrics_dir = Path(d) / "metrics"  # the processor's counters (prometheus-client's multiprocess files)
+        metrics_dir.mkdir()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
         log = open(Path(d) / "processor.log", "ab")  # noqa: SIM115 - closed below
         proc = subprocess.Popen([sys.executable, "-m", "fieldmesh.runtime.worker", "processor", json.dumps(cfg)],
                                 stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -218,6 +225,7 @@ def latency(seconds: float, devices: int, burst: int, fixed_rate: float | None =
 
         reader: list[SqliteStore] = []
         measured: dict[str, float] = {}
+        phases: dict[str, dict[str, float]] = {}
 
         def stored() -> int:
             if not reader:
@@ -266,12 +274,14 @@ def latency(seconds: float, devices: int, burst: int, fixed_rate: float | None =
                 backlog = records([message(rnd.randrange(devices), int(time.time() * 1000), False)
                                    for _ in range(burst // per_record)])
                 base = stored()
+                parts0 = cpu_parts(metrics_dir)
                 t0 = time.perf_counter()
                 for s in range(0, len(backlog), 500):
                     await prod.send(backlog[s:s + 500])
                 while stored() - base < burst:
                     await asyncio.sleep(0.05)
                 measured["max_rate"] = burst / (time.perf_counter() - t0)
+                phases["backlog"] = phase(parts0, cpu_parts(metrics_dir), stored() - base)
                 rate_per_s = measured["max_rate"] / 2 if fixed_rate is None else fixed_rate
                 print(f"  maximum rate through the bus: {measured['max_rate']:,.0f} readings/s; now at "
                       f"{rate_per_s:,.0f}/s for {seconds:.0f} s", flush=True)
@@ -280,6 +290,7 @@ def latency(seconds: float, devices: int, burst: int, fixed_rate: float | None =
                 gc.collect()
                 gc.freeze()  # what this process holds stays out of the collector's full passes (publisher stalls)
                 cpu0 = cpu_now()
+                parts0, base = cpu_parts(metrics_dir), stored()
                 t0, last = time.perf_counter(), 0.0
                 while (el := time.perf_counter() - t0) < seconds:
                     loop_gaps.append(el - last)
@@ -299,6 +310,7 @@ def latency(seconds: float, devices: int, burst: int, fixed_rate: float | None =
                         await prod.send(records(msgs))
                     await asyncio.sleep(0.002)
                 measured.update({k: (v - cpu0[k]) / (time.perf_counter() - t0) for k, v in cpu_now().items()})
+                phases["live"] = phase(parts0, cpu_parts(metrics_dir), stored() - base)
 
         def cpu_now() -> dict[str, float]:
             """CPU seconds so far: this process (the publisher), the processor's, and the machine's busy ones."""
@@ -334,6 +346,7 @@ def latency(seconds: float, devices: int, burst: int, fixed_rate: float | None =
             "publisher": (percentile([g * 1000 for g in loop_gaps], 99), max(loop_gaps, default=0) * 1000,
                           max(bursts, default=0), percentile(bursts, 50) if bursts else 0),
             "cpu": {k[4:]: measured.get(k, float("nan")) for k in ("cpu_publisher", "cpu_processor", "cpu_machine")},
+            "phases": phases,
             "notifier": sent_line[-1].split("notifier stopped: ", 1)[1] if sent_line else "(no summary logged)"}
 
 
@@ -418,6 +431,50 @@ def main() -> None:
     part2()
 
 
+def cpu_parts(metrics_dir: Path) -> dict[str, float]:
+    """The processor's counters so far, from its multiprocess files: CPU seconds of its apply thread by part
+    (``fieldmesh_processor_cpu_seconds``), and its batches (``fieldmesh_processor_batches``)."""
+    reg = CollectorRegistry()
+    MultiProcessCollector(reg, path=str(metrics_dir))
+    out: dict[str, float] = {}
+    for m in reg.collect():
+        for smp in m.samples:
+            if smp.name == "fieldmesh_processor_cpu_seconds_total":
+                out[smp.labels["part"]] = out.get(smp.labels["part"], 0.0) + smp.value
+            elif smp.name == "fieldmesh_processor_batches_total":
+                out["batches"] = out.get("batches", 0.0) + smp.value
+    return out
+
+
+def phase(before: dict[str, float], after: dict[str, float], readings: int) -> dict[str, float]:
+    """A phase's CPU-µs a reading by part (and ``total``), its ``readings`` and ``batches``."""
+    out = {k: (v - before.get(k, 0.0)) * 1e6 / max(readings, 1) for k, v in after.items() if k != "batches"}
+    out["total"] = sum(out.values())
+    out["batches"] = after.get("batches", 0.0) - before.get("batches", 0.0)
+    out["readings"] = readings
+    return out
+
+
+#: The parts printed, in the order of a batch.
+PARTS = ("decode", "decide", "alerts", "store", "other")
+
+
+def report_phases(phases: dict[str, dict[str, float]]) -> None:
+    """The processor's apply thread, CPU-µs a reading by part: the backlog that measured the maximum against the
+    stream at the rate measured. What a live batch costs more than a backlog's is why half the maximum is not
+    half the load."""
+    if "backlog" not in phases or "live" not in phases:
+        return
+    b, lv = phases["backlog"], phases["live"]
+    print("    the processor's apply thread, CPU-us a reading (fieldmesh_processor_cpu_seconds):")
+    for name, ph in (("backlog", b), ("live", lv)):
+        per = ph["readings"] / ph["batches"] if ph["batches"] else float("nan")
+        print(f"      {name:8s} {per:7,.0f} readings a batch: "
+              + ", ".join(f"{k} {ph.get(k, 0.0):.2f}" for k in PARTS) + f"; total {ph['total']:.2f}")
+    print("      live / backlog: " + ", ".join(f"{k} x{lv.get(k, 0.0) / b[k]:.2f}" for k in PARTS if b.get(k))
+          + f"; total x{lv['total'] / b['total']:.2f}")
+
+
 def report_latency(lat: dict[str, Any]) -> None:
     print(f"  sent {lat['sent']} readings, {lat['transitions']} threshold crossings, {lat['received']} notifications")
     print(f"  latency p50 {lat['p50']:.1f} ms, p99 {lat['p99']:.1f} ms, max {lat['max']:.1f} ms "
@@ -435,6 +492,7 @@ def report_latency(lat: dict[str, Any]) -> None:
     lm = lat["stats"]["latency_ms"]
     print(f"    store's view (outbox row written in the transaction -> acknowledged): p50 {lm['p50']} ms, "
           f"p99 {lm['p99']} ms, of the last {lm['of_last']}")
+    report_phases(lat["phases"])
 
 
 def report_runs(runs: list[dict[str, Any]]) -> None:

@@ -161,6 +161,9 @@ slos:
         assert total(m, "fieldmesh_sink_commit_seconds_count", sink="hot") == batches
         assert total(m, "fieldmesh_sink_commit_seconds_count", sink="alerts") == batches
         assert total(m, "fieldmesh_processor_batch_readings_count") == batches
+        # the processor's CPU by part, from its own process: what its batches ran (a rule is set: alerts too)
+        for part in ("decode", "decide", "alerts", "store"):
+            assert total(m, "fieldmesh_processor_cpu_seconds_total", part=part) > 0, part
         assert total(m, "fieldmesh_gateway_batch_messages_sum") == len(msgs) + 10 + len(bad)
         # every new reading's latency, once; all under a minute here (event time = publish time)
         assert total(m, "fieldmesh_event_to_stored_seconds_count") == stats["stored"]

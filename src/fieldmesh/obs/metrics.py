@@ -44,11 +44,11 @@ from prometheus_client.registry import Collector
 __all__ = [
     "CANARY_READINGS", "EVENT_TO_STORED", "GATEWAY_BATCH", "GATEWAY_MESSAGES", "GATEWAY_READINGS", "GATEWAY_REJECTED",
     "GATEWAY_SEND_SECONDS", "LATENCY_BUCKETS", "MULTIPROC_ENV", "MULTIPROC_FILE_BYTES", "PROCESSOR_APPLY_SECONDS",
-    "PROCESSOR_BATCHES", "PROCESSOR_BATCH_READINGS", "PROCESSOR_READINGS", "PROCESSOR_STORE_RETRIES",
-    "RECEIVED_TO_STORED", "SILENCE_BUCKETS", "SINK_COMMIT_SECONDS", "AuthCollector", "DoorCollector", "EdgeCollector",
-    "FreshnessCollector", "StoreCollector", "alert_metrics", "back_multiproc_files", "freshness", "histogram_buckets",
-    "mark_dead", "merged_histogram", "multiprocess_collector", "observe_many", "prepare_multiproc_dir",
-    "serve_edge_metrics",
+    "PROCESSOR_BATCHES", "PROCESSOR_BATCH_READINGS", "PROCESSOR_CPU_SECONDS", "PROCESSOR_READINGS",
+    "PROCESSOR_STORE_RETRIES", "RECEIVED_TO_STORED", "SILENCE_BUCKETS", "SINK_COMMIT_SECONDS", "AuthCollector",
+    "DoorCollector", "EdgeCollector", "FreshnessCollector", "StoreCollector", "alert_metrics", "back_multiproc_files",
+    "freshness", "histogram_buckets", "mark_dead", "merged_histogram", "multiprocess_collector", "observe_many",
+    "prepare_multiproc_dir", "serve_edge_metrics",
 ]
 
 #: The variable that puts prometheus-client in multiprocess mode (read when it is first imported).
@@ -130,6 +130,9 @@ PROCESSOR_BATCH_READINGS: Final = Histogram("fieldmesh_processor_batch_readings"
                                             "processor batch", buckets=_SIZE_BUCKETS)
 PROCESSOR_APPLY_SECONDS: Final = Histogram("fieldmesh_processor_apply_seconds", "Decode, decide and commit of a "
                                            "batch, every sink included", buckets=_COMMIT_BUCKETS)
+PROCESSOR_CPU_SECONDS: Final = Counter("fieldmesh_processor_cpu_seconds", "CPU seconds of the processor's apply "
+                                      "thread, by part of a batch: decode, decide, alerts, products, store (the "
+                                      "hot store's writes and commit), sinks (the other sinks), other", ["part"])
 PROCESSOR_READINGS: Final = Counter("fieldmesh_processor_readings", "What the processor decided per reading "
                                     "(stored, duplicate, late, dead_lettered)", ["outcome"])
 CANARY_READINGS: Final = Counter("fieldmesh_canary_readings", "Readings routed to a canary and stored in its "

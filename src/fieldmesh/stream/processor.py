@@ -36,7 +36,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -54,6 +54,7 @@ from fieldmesh.obs.metrics import (
     PROCESSOR_APPLY_SECONDS,
     PROCESSOR_BATCH_READINGS,
     PROCESSOR_BATCHES,
+    PROCESSOR_CPU_SECONDS,
     PROCESSOR_READINGS,
     PROCESSOR_STORE_RETRIES,
     RECEIVED_TO_STORED,
@@ -205,11 +206,15 @@ class Processor:
 
     def _apply_records(self, records: Sequence[BusRecord]) -> ApplyResult:
         t_apply = time.perf_counter()
+        cpu0 = time.thread_time()
+        cpu = dict.fromkeys(_CPU_PARTS, 0.0)  # CPU seconds of this thread by part (PROCESSOR_CPU_SECONDS)
         if self._device_wm is None:  # each device's latest event time stored: lateness resumes there
             self._device_wm = self.store.device_watermarks()
         state = StreamState(positions=self._positions, watermarks=self._watermarks,
                             device_watermarks=self._device_wm)
+        c = time.thread_time()
         batch = self.engine.decode(records, state)
+        cpu["decode"] = time.thread_time() - c
         self.stats.skipped += batch.skipped
         result: BatchResult | None = None
         before = dict(self._positions)
@@ -219,8 +224,10 @@ class Processor:
             touched: list[int] = []
 
             def build(txn: HotTxn) -> BatchResult:
+                c = time.thread_time()
                 routed = self._route(batch, state, txn)  # active canaries' readings apart (stream/canary.py)
                 decided = routed.result
+                cpu["decide"] += (c1 := time.thread_time()) - c
                 if self.alerts is not None:  # alert transitions commit with the batch (or not at all)
                     t = time.perf_counter()
                     if traced:
@@ -229,12 +236,16 @@ class Processor:
                     else:
                         alerted[:] = [self.alerts.in_txn(txn, routed.every_new(), state.device_watermarks)]
                     alert_s[0] = time.perf_counter() - t
+                    cpu["alerts"] += (c2 := time.thread_time()) - c1
+                    c1 = c2
                 if self.products is not None:  # so do the products' quality counters
                     touched[:] = [self.products.in_txn(txn, routed)]
+                    cpu["products"] += time.thread_time() - c1
                 return decided
 
             traced = tracing.enabled()
             t_commit = time.perf_counter()
+            c_commit = time.thread_time()
             if traced:
                 with tracing.span("fieldmesh.store", "store.hot.commit",
                                   {"db.system": self.store.url.split(":", 1)[0],
@@ -243,6 +254,8 @@ class Processor:
                     s.set_attribute("fieldmesh.stored", len(result.new))
             else:
                 result = self.store.commit(build, ts_ms=batch.cols.ts_ms)
+            # the store's own work: the commit's CPU less what build did in it
+            cpu["store"] = max(0.0, time.thread_time() - c_commit - cpu["decide"] - cpu["alerts"] - cpu["products"])
             _count_commit(result, len(batch.cols), time.perf_counter() - t_commit,
                           alert_s[0] if self.alerts is not None else None)
             if self.alerts is not None and alerted:
@@ -259,14 +272,18 @@ class Processor:
             st.late += result.counts.get("late", 0)
             st.dead_lettered += len(result.dead_letters)
             st.corrupt += result.corrupt
+        c_sinks = time.thread_time()
         for i, sink in enumerate(self.sinks):
             if tracing.enabled():
                 with tracing.span("fieldmesh.store", f"sink.{sink.name}.write"):
                     self._fan_out(i, sink, records, before, result)
             else:
                 self._fan_out(i, sink, records, before, result)
+        cpu["sinks"] = time.thread_time() - c_sinks
         PROCESSOR_APPLY_SECONDS.observe(time.perf_counter() - t_apply)
         self._trimmer.maybe_trim()
+        cpu["other"] = max(0.0, time.thread_time() - cpu0 - sum(cpu.values()))
+        _count_cpu(cpu)
         if result is None:
             return ApplyResult(0, 0, 0, 0)
         return ApplyResult(stored=len(result.new), duplicates=result.counts.get("duplicates", 0),
@@ -549,6 +566,18 @@ class _Decided(Exception):
     def __init__(self, result: BatchResult) -> None:
         super().__init__("decided")
         self.result = result
+
+
+#: The parts of a batch whose CPU the apply thread counts (``fieldmesh_processor_cpu_seconds{part}``).
+_CPU_PARTS: Final = ("decode", "decide", "alerts", "products", "store", "sinks", "other")
+_CPU_COUNTERS: Final = {part: PROCESSOR_CPU_SECONDS.labels(part) for part in _CPU_PARTS}
+
+
+def _count_cpu(cpu: dict[str, float]) -> None:
+    """Add a batch's CPU seconds by part to ``fieldmesh_processor_cpu_seconds`` (parts that took none are skipped)."""
+    for part, seconds in cpu.items():
+        if seconds > 0:
+            _CPU_COUNTERS[part].inc(seconds)
 
 
 def _count_commit(result: BatchResult, decoded: int, commit_s: float, alert_s: float | None) -> None:
