@@ -10,7 +10,10 @@
 2. **Event -> notification latency**: a real nats-server, the processor as its own process
    (``fieldmesh.runtime.worker processor``, its notifier thread inside) and a webhook receiver (an HTTP
    server in a process of its own). The pipeline's maximum rate is measured first (a backlog published at
-   once, timed until stored: 200,000 readings, ``--burst`` changes it), then device messages are published
+   once, timed until stored: 200,000 readings, ``--burst`` changes it; its messages cross the threshold as the
+   stream's do, so the maximum is that of the same work, alerts and notifications included; they are delivered
+   before the stream starts and not measured; ``--quiet-backlog``: none crosses, as before 2026-12-06, when the
+   maximum left out the alerts' transitions), then device messages are published
    at half of it, each of 10 readings 1 ms apart, the last one's event time the moment the message is built
    (it is sent with the others due then, a few milliseconds later at most), a version-1 bus record per
    message. The publisher builds each reading as the gateway would (``device_reading``: identity included;
@@ -194,9 +197,12 @@ def check_device_reading() -> None:
 
 
 def latency(seconds: float, devices: int, burst: int, fixed_rate: float | None = None,
-            processor: dict[str, Any] | None = None, gateway_rounds: bool = False) -> dict[str, Any]:
-    """The pipeline's maximum rate first (a backlog of ``burst`` readings, none crossing, published at once
-    and timed until stored), then half that rate for ``seconds``; latencies of the notifications received.
+            processor: dict[str, Any] | None = None, gateway_rounds: bool = False,
+            quiet_backlog: bool = False) -> dict[str, Any]:
+    """The pipeline's maximum rate first (a backlog of ``burst`` readings, published at once and timed until
+    stored), then half that rate for ``seconds``; latencies of the notifications received. The backlog's
+    messages cross the threshold as the stream's do (its alerts open and clear, and are notified, before the
+    stream starts; not measured); ``quiet_backlog``: none crosses (before 2026-12-06).
 
     A version-1 bus record per device message; with ``gateway_rounds`` the messages of one send go out as a
     gateway writes a round: a record per partition in the gateway's default encoding (columnar), 512 messages
@@ -225,6 +231,8 @@ def latency(seconds: float, devices: int, burst: int, fixed_rate: float | None =
 
         reader: list[SqliteStore] = []
         measured: dict[str, float] = {}
+        hot = [False] * devices  # each device's side of the threshold
+        skip: list[int] = []  # the notifications of the backlog, received before the stream
         phases: dict[str, dict[str, float]] = {}
 
         def stored() -> int:
@@ -271,8 +279,16 @@ def latency(seconds: float, devices: int, burst: int, fixed_rate: float | None =
                 await ensure_topics(bus, Settings(bus={"partitions": PARTITIONS}))  # type: ignore[arg-type]
                 prod = bus.producer()
                 await asyncio.sleep(3)  # the processor starts
-                backlog = records([message(rnd.randrange(devices), int(time.time() * 1000), False)
-                                   for _ in range(burst // per_record)])
+                backlog_msgs = []
+                for _ in range(burst // per_record):
+                    dev_i = rnd.randrange(devices)
+                    crossing = not quiet_backlog and rnd.random() < 0.05  # as in the stream below
+                    if crossing:
+                        hot[dev_i] = not hot[dev_i]
+                        measured["backlog_transitions"] = measured.get("backlog_transitions", 0) + 1
+                    backlog_msgs.append(message(dev_i, int(time.time() * 1000), hot[dev_i], crossing))
+                backlog = records(backlog_msgs)
+                del backlog_msgs
                 base = stored()
                 parts0 = cpu_parts(metrics_dir)
                 t0 = time.perf_counter()
@@ -282,10 +298,14 @@ def latency(seconds: float, devices: int, burst: int, fixed_rate: float | None =
                     await asyncio.sleep(0.05)
                 measured["max_rate"] = burst / (time.perf_counter() - t0)
                 phases["backlog"] = phase(parts0, cpu_parts(metrics_dir), stored() - base)
+                # the backlog's notifications delivered before the stream starts; only the stream's are measured
+                end = time.monotonic() + 60
+                while len(receiver.latencies()) < measured.get("backlog_transitions", 0) and time.monotonic() < end:
+                    await asyncio.sleep(0.05)
+                skip.append(len(receiver.latencies()))
                 rate_per_s = measured["max_rate"] / 2 if fixed_rate is None else fixed_rate
                 print(f"  maximum rate through the bus: {measured['max_rate']:,.0f} readings/s; now at "
                       f"{rate_per_s:,.0f}/s for {seconds:.0f} s", flush=True)
-                hot = [False] * devices
                 del backlog
                 gc.collect()
                 gc.freeze()  # what this process holds stays out of the collector's full passes (publisher stalls)
@@ -322,7 +342,7 @@ def latency(seconds: float, devices: int, burst: int, fixed_rate: float | None =
         try:
             asyncio.run(publish())
             end = time.monotonic() + 60
-            while len(receiver.latencies()) < transitions * 0.99 and time.monotonic() < end:
+            while len(receiver.latencies()) < sum(skip) + transitions * 0.99 and time.monotonic() < end:
                 time.sleep(0.2)
             time.sleep(1)
             st = t.stats()
@@ -334,8 +354,8 @@ def latency(seconds: float, devices: int, burst: int, fixed_rate: float | None =
             log.close()
             nats.stop()
             t.close()
-            lat = receiver.latencies()
-            evaluated = receiver.latencies(2)
+            lat = receiver.latencies()[sum(skip):]
+            evaluated = receiver.latencies(2)[sum(skip):]
             sent_line = [line for line in (Path(d) / "processor.log").read_text().splitlines()
                          if "notifier stopped:" in line]
             receiver.close()
@@ -362,6 +382,9 @@ def main() -> None:
     ap.add_argument("--fetch-max", type=int, help="part 2: the processor's fetch_max (records per fetch)")
     ap.add_argument("--fetch-max-bytes", type=int, help="part 2: the processor's fetch_max_bytes")
     ap.add_argument("--min-batch-interval-ms", type=float, help="part 2: the processor's min_batch_interval_ms")
+    ap.add_argument("--quiet-backlog", action="store_true",
+                    help="part 2: no message of the backlog that measures the maximum crosses the threshold (as "
+                         "before 2026-12-06); by default they cross as the stream's do")
     ap.add_argument("--gateway-rounds", action="store_true",
                     help="part 2: the messages sent at once as a gateway writes them (a columnar record per "
                          "partition), not a version-1 record per message")
@@ -393,7 +416,7 @@ def main() -> None:
         for i in range(args.repeat):
             if args.repeat > 1:
                 print(f"  run {i + 1} of {args.repeat}:", flush=True)
-            runs.append(latency(seconds, 1000, burst, args.rate, proc, args.gateway_rounds))
+            runs.append(latency(seconds, 1000, burst, args.rate, proc, args.gateway_rounds, args.quiet_backlog))
             report_latency(runs[-1])
         if len(runs) > 1:
             report_runs(runs)
