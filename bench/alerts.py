@@ -456,7 +456,8 @@ def main() -> None:
 
 def cpu_parts(metrics_dir: Path) -> dict[str, float]:
     """The processor's counters so far, from its multiprocess files: CPU seconds of its apply thread by part
-    (``fieldmesh_processor_cpu_seconds``), and its batches (``fieldmesh_processor_batches``)."""
+    (``fieldmesh_processor_cpu_seconds``; its store part split as ``sqlite.<part>``,
+    ``fieldmesh_sqlite_commit_cpu_seconds``), and its batches (``fieldmesh_processor_batches``)."""
     reg = CollectorRegistry()
     MultiProcessCollector(reg, path=str(metrics_dir))
     out: dict[str, float] = {}
@@ -464,6 +465,9 @@ def cpu_parts(metrics_dir: Path) -> dict[str, float]:
         for smp in m.samples:
             if smp.name == "fieldmesh_processor_cpu_seconds_total":
                 out[smp.labels["part"]] = out.get(smp.labels["part"], 0.0) + smp.value
+            elif smp.name == "fieldmesh_sqlite_commit_cpu_seconds_total":  # the store part, split
+                key = "sqlite." + smp.labels["part"]
+                out[key] = out.get(key, 0.0) + smp.value
             elif smp.name == "fieldmesh_processor_batches_total":
                 out["batches"] = out.get("batches", 0.0) + smp.value
     return out
@@ -472,14 +476,15 @@ def cpu_parts(metrics_dir: Path) -> dict[str, float]:
 def phase(before: dict[str, float], after: dict[str, float], readings: int) -> dict[str, float]:
     """A phase's CPU-µs a reading by part (and ``total``), its ``readings`` and ``batches``."""
     out = {k: (v - before.get(k, 0.0)) * 1e6 / max(readings, 1) for k, v in after.items() if k != "batches"}
-    out["total"] = sum(out.values())
+    out["total"] = sum(v for k, v in out.items() if not k.startswith("sqlite."))
     out["batches"] = after.get("batches", 0.0) - before.get("batches", 0.0)
     out["readings"] = readings
     return out
 
 
-#: The parts printed, in the order of a batch.
+#: The parts printed, in the order of a batch; then the SQLite store's part, split.
 PARTS = ("decode", "decide", "alerts", "store", "other")
+STORE_PARTS = ("begin", "segments", "gaps", "rollups", "devices", "rows", "keys", "commit", "finish")
 
 
 def report_phases(phases: dict[str, dict[str, float]]) -> None:
@@ -494,8 +499,11 @@ def report_phases(phases: dict[str, dict[str, float]]) -> None:
         per = ph["readings"] / ph["batches"] if ph["batches"] else float("nan")
         print(f"      {name:8s} {per:7,.0f} readings a batch: "
               + ", ".join(f"{k} {ph.get(k, 0.0):.2f}" for k in PARTS) + f"; total {ph['total']:.2f}")
+        print("        its store part: " + ", ".join(f"{k} {ph.get('sqlite.' + k, 0.0):.2f}" for k in STORE_PARTS))
     print("      live / backlog: " + ", ".join(f"{k} x{lv.get(k, 0.0) / b[k]:.2f}" for k in PARTS if b.get(k))
           + f"; total x{lv['total'] / b['total']:.2f}")
+    print("        its store part: " + ", ".join(f"{k} x{lv.get('sqlite.' + k, 0.0) / b['sqlite.' + k]:.2f}"
+                                           for k in STORE_PARTS if b.get("sqlite." + k, 0.0) >= 0.01))
 
 
 def report_latency(lat: dict[str, Any]) -> None:

@@ -22,12 +22,16 @@ from fmtest.alerts import records, stream
 
 NOW = 1_763_812_345_123
 PARTS = ("decode", "decide", "alerts", "products", "store", "sinks", "other")
+SQLITE_PARTS = ("begin", "segments", "gaps", "rollups", "devices", "rows", "keys", "commit", "finish")
 HOT = {"name": "hot", "kind": "threshold", "metric": "temperature", "op": ">", "value": 30, "clear_value": 28}
 
 
 def _parts() -> dict[str, float]:
-    return {p: REGISTRY.get_sample_value("fieldmesh_processor_cpu_seconds_total", {"part": p}) or 0.0
-            for p in PARTS}
+    out = {p: REGISTRY.get_sample_value("fieldmesh_processor_cpu_seconds_total", {"part": p}) or 0.0
+           for p in PARTS}
+    out.update({f"sqlite.{p}": REGISTRY.get_sample_value("fieldmesh_sqlite_commit_cpu_seconds_total", {"part": p})
+                or 0.0 for p in SQLITE_PARTS})
+    return out
 
 
 def test_each_part_is_counted_and_the_parts_add_up_to_the_thread(tmp_path: Path) -> None:
@@ -50,10 +54,15 @@ def test_each_part_is_counted_and_the_parts_add_up_to_the_thread(tmp_path: Path)
     finally:
         store.close()
         tables.close()
-    delta = {p: after[p] - before[p] for p in PARTS}
+    delta = {p: after[p] - before[p] for p in after}
     for p in ("decode", "decide", "alerts", "store"):
         assert delta[p] > 0, (p, delta)
     assert delta["products"] == 0 and delta["sinks"] >= 0  # no products configured; no extra sink
-    counted = sum(delta.values())
+    counted = sum(delta[p] for p in PARTS)
     # only the counting itself and the calls around each batch lie outside the parts
     assert 0.9 * spent <= counted <= spent, (counted, spent, delta)
+    # the SQLite store's split of its part: each step ran, and together they are (nearly all of) that part
+    for p in ("begin", "segments", "gaps", "rollups", "devices", "rows", "keys", "commit", "finish"):
+        assert delta[f"sqlite.{p}"] > 0, (p, delta)
+    split = sum(delta[f"sqlite.{p}"] for p in SQLITE_PARTS)
+    assert 0.8 * delta["store"] <= split <= delta["store"], (split, delta["store"], delta)

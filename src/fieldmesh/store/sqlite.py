@@ -25,6 +25,7 @@ from numpy.typing import NDArray
 from fieldmesh.core.batch import BatchResult, WindowDeltas
 from fieldmesh.core.errors import ConfigError, FieldmeshError, StoreSchemaError
 from fieldmesh.core.exact import parse_exact
+from fieldmesh.obs.metrics import SQLITE_COMMIT_CPU_SECONDS
 from fieldmesh.store import segments
 from fieldmesh.store.base import INTERVALS, DeviceSummary, HotTxn, Position, QueryResult, SqlTxn, StoreStats
 from fieldmesh.store.batchrows import answers, device_aggs, write_via_commit
@@ -344,6 +345,11 @@ def _set_meta(con: sqlite3.Connection, key: str, value: int) -> None:
     con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, str(value)))
 
 
+#: The parts of a batch's commit whose CPU is counted (``fieldmesh_sqlite_commit_cpu_seconds{part}``).
+_CPU_PARTS: Final = ("begin", "segments", "gaps", "rollups", "devices", "rows", "keys", "commit", "finish")
+_CPU_COUNTERS: Final = {part: SQLITE_COMMIT_CPU_SECONDS.labels(part) for part in _CPU_PARTS}
+
+
 class _Sql:
     """:class:`~fieldmesh.store.base.SqlTxn` over the writer's open transaction."""
 
@@ -459,6 +465,7 @@ class SqliteStore:
         # dropped_upto generations folded whole, whose rows are deleted a slice per commit (from purged_to on)
         self._frozen_upto = self._dropped_upto = self._purged_to = 0
         self._fold: _FoldStep | None = None  # what the open transaction's fold step did
+        self._cpu: dict[str, float] = dict.fromkeys(_CPU_PARTS, 0.0)  # the open commit's CPU by part
         self._checkpointer: Checkpointer | None = None
         if not readonly:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -574,20 +581,30 @@ class SqliteStore:
         with self._write_lock:
             w = self._w
             now = int(time.time() * 1000)
+            cpu = self._cpu = dict.fromkeys(_CPU_PARTS, 0.0)  # this thread's CPU by part (not build's)
+            c = time.thread_time()
             keys = self._begin(w)
             txn = _Txn(w, keys, (self._recent, self._frozen), self._blocks)
+            cpu["begin"] = time.thread_time() - c
             try:
                 result = build(txn)
                 claimed = np.concatenate([c[0] for c in txn.claimed]) if txn.claimed else None
                 self._write_result(w, result, now, 0 if claimed is None else len(claimed))
+                c = time.thread_time()
                 mark = _idents_mark(w)  # in the transaction: no other writer can come between
                 w.execute("COMMIT")
+                cpu["commit"] = time.thread_time() - c
             except BaseException:
                 if w.in_transaction:  # SQLite may have rolled back already (SQLITE_FULL)
                     w.execute("ROLLBACK")
                 raise
+            c = time.thread_time()
             self._keys_mark = mark
             self._finish(w, claimed, txn)
+            cpu["finish"] = time.thread_time() - c
+            for part, seconds in cpu.items():
+                if seconds > 0:
+                    _CPU_COUNTERS[part].inc(seconds)
             return result
 
     def transact(self, fn: Callable[[SqlTxn], T]) -> T:
@@ -701,14 +718,23 @@ class SqliteStore:
                 )
         new = r.new
         gaps = 0
+        cpu, clock = self._cpu, time.thread_time
+        c0 = clock()
         if len(new):
             segments.append(w, new, r.store_key, now)
+            cpu["segments"] += (c1 := clock()) - c0
             gaps = self._update_gaps(w, seq_batch(new))
+            cpu["gaps"] += (c0 := clock()) - c1
         for interval, wd in r.windows.items():
             if len(wd):
                 self._merge_rollups(w, interval, wd)
         if len(r.devices):
+            cpu["rollups"] += (c1 := clock()) - c0
             self._update_devices(w, device_aggs(r.devices), r.devices.metric_pairs)
+            cpu["devices"] += (c0 := clock()) - c1
+        else:
+            cpu["rollups"] += (c1 := clock()) - c0
+            c0 = c1
         if r.dead_letters:
             w.executemany(
                 "INSERT INTO dlq (reason, detail, topic, device_id, received_ms, payload, truncated)"
@@ -734,7 +760,9 @@ class SqliteStore:
             " ts_ms = max(ts_ms, excluded.ts_ms)",
             [(t, p, ts) for (t, p), ts in r.watermarks.items()],
         )
+        cpu["rows"] += (c1 := clock()) - c0
         self._fold = self._fold_keys(w, claimed)
+        cpu["keys"] += clock() - c1
 
     def _load_keys(self, w: sqlite3.Connection) -> KeyFilter:
         self.key_loads += 1
