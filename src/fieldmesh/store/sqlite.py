@@ -582,26 +582,26 @@ class SqliteStore:
             w = self._w
             now = int(time.time() * 1000)
             cpu = self._cpu = dict.fromkeys(_CPU_PARTS, 0.0)  # this thread's CPU by part (not build's)
-            c = time.thread_time()
+            tc = time.thread_time()
             keys = self._begin(w)
             txn = _Txn(w, keys, (self._recent, self._frozen), self._blocks)
-            cpu["begin"] = time.thread_time() - c
+            cpu["begin"] = time.thread_time() - tc
             try:
                 result = build(txn)
                 claimed = np.concatenate([c[0] for c in txn.claimed]) if txn.claimed else None
                 self._write_result(w, result, now, 0 if claimed is None else len(claimed))
-                c = time.thread_time()
+                tc = time.thread_time()
                 mark = _idents_mark(w)  # in the transaction: no other writer can come between
                 w.execute("COMMIT")
-                cpu["commit"] = time.thread_time() - c
+                cpu["commit"] = time.thread_time() - tc
             except BaseException:
                 if w.in_transaction:  # SQLite may have rolled back already (SQLITE_FULL)
                     w.execute("ROLLBACK")
                 raise
-            c = time.thread_time()
+            tc = time.thread_time()
             self._keys_mark = mark
             self._finish(w, claimed, txn)
-            cpu["finish"] = time.thread_time() - c
+            cpu["finish"] = time.thread_time() - tc
             for part, seconds in cpu.items():
                 if seconds > 0:
                     _CPU_COUNTERS[part].inc(seconds)
