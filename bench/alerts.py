@@ -506,7 +506,7 @@ def main() -> None:
 def cpu_parts(metrics_dir: Path) -> dict[str, float]:
     """The processor's counters so far, from its multiprocess files: CPU seconds of its apply thread by part
     (``fieldmesh_processor_cpu_seconds``; its store part split as ``sqlite.<part>``,
-    ``fieldmesh_sqlite_commit_cpu_seconds``), and its batches (``fieldmesh_processor_batches``)."""
+    ``fieldmesh_processor_sqlite_cpu_seconds``), and its batches (``fieldmesh_processor_batches``)."""
     reg = CollectorRegistry()
     MultiProcessCollector(reg, path=str(metrics_dir))
     out: dict[str, float] = {}
@@ -514,7 +514,7 @@ def cpu_parts(metrics_dir: Path) -> dict[str, float]:
         for smp in m.samples:
             if smp.name == "fieldmesh_processor_cpu_seconds_total":
                 out[smp.labels["part"]] = out.get(smp.labels["part"], 0.0) + smp.value
-            elif smp.name == "fieldmesh_sqlite_commit_cpu_seconds_total":  # the store part, split
+            elif smp.name == "fieldmesh_processor_sqlite_cpu_seconds_total":  # the store part, split
                 key = "sqlite." + smp.labels["part"]
                 out[key] = out.get(key, 0.0) + smp.value
             elif smp.name == "fieldmesh_processor_batches_total":

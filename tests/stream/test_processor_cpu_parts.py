@@ -29,7 +29,7 @@ HOT = {"name": "hot", "kind": "threshold", "metric": "temperature", "op": ">", "
 def _parts() -> dict[str, float]:
     out = {p: REGISTRY.get_sample_value("fieldmesh_processor_cpu_seconds_total", {"part": p}) or 0.0
            for p in PARTS}
-    out.update({f"sqlite.{p}": REGISTRY.get_sample_value("fieldmesh_sqlite_commit_cpu_seconds_total", {"part": p})
+    out.update({f"sqlite.{p}": REGISTRY.get_sample_value("fieldmesh_processor_sqlite_cpu_seconds_total", {"part": p})
                 or 0.0 for p in SQLITE_PARTS})
     return out
 

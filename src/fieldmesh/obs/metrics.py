@@ -45,10 +45,10 @@ __all__ = [
     "CANARY_READINGS", "EVENT_TO_STORED", "GATEWAY_BATCH", "GATEWAY_MESSAGES", "GATEWAY_READINGS", "GATEWAY_REJECTED",
     "GATEWAY_SEND_SECONDS", "LATENCY_BUCKETS", "MULTIPROC_ENV", "MULTIPROC_FILE_BYTES", "PROCESSOR_APPLY_SECONDS",
     "PROCESSOR_BATCHES", "PROCESSOR_BATCH_READINGS", "PROCESSOR_CPU_SECONDS", "PROCESSOR_READINGS",
-    "PROCESSOR_STORE_RETRIES", "RECEIVED_TO_STORED", "SILENCE_BUCKETS", "SINK_COMMIT_SECONDS",
-    "SQLITE_COMMIT_CPU_SECONDS", "AuthCollector", "DoorCollector", "EdgeCollector", "FreshnessCollector",
-    "StoreCollector", "alert_metrics", "back_multiproc_files", "freshness", "histogram_buckets", "mark_dead",
-    "merged_histogram", "multiprocess_collector", "observe_many", "prepare_multiproc_dir", "serve_edge_metrics",
+    "PROCESSOR_SQLITE_CPU_SECONDS", "PROCESSOR_STORE_RETRIES", "RECEIVED_TO_STORED", "SILENCE_BUCKETS",
+    "SINK_COMMIT_SECONDS", "AuthCollector", "DoorCollector", "EdgeCollector", "FreshnessCollector", "StoreCollector",
+    "alert_metrics", "back_multiproc_files", "freshness", "histogram_buckets", "mark_dead", "merged_histogram",
+    "multiprocess_collector", "observe_many", "prepare_multiproc_dir", "serve_edge_metrics",
 ]
 
 #: The variable that puts prometheus-client in multiprocess mode (read when it is first imported).
@@ -133,9 +133,10 @@ PROCESSOR_APPLY_SECONDS: Final = Histogram("fieldmesh_processor_apply_seconds", 
 PROCESSOR_CPU_SECONDS: Final = Counter("fieldmesh_processor_cpu_seconds", "CPU seconds of the processor's apply "
                                       "thread, by part of a batch: decode, decide, alerts, products, store (the "
                                       "hot store's writes and commit), sinks (the other sinks), other", ["part"])
-SQLITE_COMMIT_CPU_SECONDS: Final = Counter("fieldmesh_sqlite_commit_cpu_seconds", "CPU seconds of the SQLite hot "
-                                          "store's batch commits by part (the processor's store part, split): begin, "
-                                          "segments, gaps, rollups, devices, rows, keys, commit, finish", ["part"])
+PROCESSOR_SQLITE_CPU_SECONDS: Final = Counter("fieldmesh_processor_sqlite_cpu_seconds", "The processor's store "
+                                             "part on the SQLite hot store, split by step of the batch's commit: "
+                                             "begin, segments, gaps, rollups, devices, rows, keys, commit, finish",
+                                             ["part"])
 PROCESSOR_READINGS: Final = Counter("fieldmesh_processor_readings", "What the processor decided per reading "
                                     "(stored, duplicate, late, dead_lettered)", ["outcome"])
 CANARY_READINGS: Final = Counter("fieldmesh_canary_readings", "Readings routed to a canary and stored in its "

@@ -25,7 +25,7 @@ from numpy.typing import NDArray
 from fieldmesh.core.batch import BatchResult, WindowDeltas
 from fieldmesh.core.errors import ConfigError, FieldmeshError, StoreSchemaError
 from fieldmesh.core.exact import parse_exact
-from fieldmesh.obs.metrics import SQLITE_COMMIT_CPU_SECONDS
+from fieldmesh.obs.metrics import PROCESSOR_SQLITE_CPU_SECONDS
 from fieldmesh.store import segments
 from fieldmesh.store.base import INTERVALS, DeviceSummary, HotTxn, Position, QueryResult, SqlTxn, StoreStats
 from fieldmesh.store.batchrows import answers, device_aggs, write_via_commit
@@ -345,9 +345,9 @@ def _set_meta(con: sqlite3.Connection, key: str, value: int) -> None:
     con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, str(value)))
 
 
-#: The parts of a batch's commit whose CPU is counted (``fieldmesh_sqlite_commit_cpu_seconds{part}``).
+#: The parts of a batch's commit whose CPU is counted (``fieldmesh_processor_sqlite_cpu_seconds{part}``).
 _CPU_PARTS: Final = ("begin", "segments", "gaps", "rollups", "devices", "rows", "keys", "commit", "finish")
-_CPU_COUNTERS: Final = {part: SQLITE_COMMIT_CPU_SECONDS.labels(part) for part in _CPU_PARTS}
+_CPU_COUNTERS: Final = {part: PROCESSOR_SQLITE_CPU_SECONDS.labels(part) for part in _CPU_PARTS}
 
 
 class _Sql:
