@@ -47,8 +47,8 @@ __all__ = [
     "PROCESSOR_BATCHES", "PROCESSOR_BATCH_READINGS", "PROCESSOR_CPU_SECONDS", "PROCESSOR_READINGS",
     "PROCESSOR_SQLITE_CPU_SECONDS", "PROCESSOR_STORE_RETRIES", "RECEIVED_TO_STORED", "SILENCE_BUCKETS",
     "SINK_COMMIT_SECONDS", "AuthCollector", "DoorCollector", "EdgeCollector", "FreshnessCollector", "StoreCollector",
-    "alert_metrics", "back_multiproc_files", "freshness", "histogram_buckets", "mark_dead", "merged_histogram",
-    "multiprocess_collector", "observe_many", "prepare_multiproc_dir", "serve_edge_metrics",
+    "alert_metrics", "back_multiproc_files", "count_parts", "freshness", "histogram_buckets", "mark_dead",
+    "merged_histogram", "multiprocess_collector", "observe_many", "prepare_multiproc_dir", "serve_edge_metrics",
 ]
 
 #: The variable that puts prometheus-client in multiprocess mode (read when it is first imported).
@@ -150,6 +150,13 @@ EVENT_TO_STORED: Final = Histogram("fieldmesh_event_to_stored_seconds", "From a 
                                    "clock) to the commit that stored it", buckets=LATENCY_BUCKETS)
 RECEIVED_TO_STORED: Final = Histogram("fieldmesh_received_to_stored_seconds", "From the gateway's receipt of "
                                       "a reading to the commit that stored it", buckets=LATENCY_BUCKETS)
+
+
+def count_parts(counters: Mapping[str, Any], seconds: Mapping[str, float]) -> None:
+    """Add ``seconds`` by part to ``counters`` (a labelled counter's children by part); parts of 0 are skipped."""
+    for part, s in seconds.items():
+        if s > 0:
+            counters[part].inc(s)
 
 
 def observe_many(hist: Histogram, values: ArrayLike) -> None:

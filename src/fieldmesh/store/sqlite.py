@@ -25,7 +25,7 @@ from numpy.typing import NDArray
 from fieldmesh.core.batch import BatchResult, WindowDeltas
 from fieldmesh.core.errors import ConfigError, FieldmeshError, StoreSchemaError
 from fieldmesh.core.exact import parse_exact
-from fieldmesh.obs.metrics import PROCESSOR_SQLITE_CPU_SECONDS
+from fieldmesh.obs.metrics import PROCESSOR_SQLITE_CPU_SECONDS, count_parts
 from fieldmesh.store import segments
 from fieldmesh.store.base import INTERVALS, DeviceSummary, HotTxn, Position, QueryResult, SqlTxn, StoreStats
 from fieldmesh.store.batchrows import answers, device_aggs, write_via_commit
@@ -602,9 +602,7 @@ class SqliteStore:
             self._keys_mark = mark
             self._finish(w, claimed, txn)
             cpu["finish"] = time.thread_time() - tc
-            for part, seconds in cpu.items():
-                if seconds > 0:
-                    _CPU_COUNTERS[part].inc(seconds)
+            count_parts(_CPU_COUNTERS, cpu)
             return result
 
     def transact(self, fn: Callable[[SqlTxn], T]) -> T:
@@ -728,13 +726,10 @@ class SqliteStore:
         for interval, wd in r.windows.items():
             if len(wd):
                 self._merge_rollups(w, interval, wd)
+        cpu["rollups"] += (c1 := clock()) - c0
         if len(r.devices):
-            cpu["rollups"] += (c1 := clock()) - c0
             self._update_devices(w, device_aggs(r.devices), r.devices.metric_pairs)
-            cpu["devices"] += (c0 := clock()) - c1
-        else:
-            cpu["rollups"] += (c1 := clock()) - c0
-            c0 = c1
+        cpu["devices"] += (c0 := clock()) - c1
         if r.dead_letters:
             w.executemany(
                 "INSERT INTO dlq (reason, detail, topic, device_id, received_ms, payload, truncated)"

@@ -59,6 +59,7 @@ from fieldmesh.obs.metrics import (
     PROCESSOR_STORE_RETRIES,
     RECEIVED_TO_STORED,
     SINK_COMMIT_SECONDS,
+    count_parts,
     observe_many,
 )
 from fieldmesh.store.base import INTERVALS, ApplyResult, HotStore, HotTxn, Position, Sink, SqlTxn, T
@@ -272,18 +273,19 @@ class Processor:
             st.late += result.counts.get("late", 0)
             st.dead_lettered += len(result.dead_letters)
             st.corrupt += result.corrupt
-        c_sinks = time.thread_time()
-        for i, sink in enumerate(self.sinks):
-            if tracing.enabled():
-                with tracing.span("fieldmesh.store", f"sink.{sink.name}.write"):
+        if self.sinks:
+            c = time.thread_time()
+            for i, sink in enumerate(self.sinks):
+                if tracing.enabled():
+                    with tracing.span("fieldmesh.store", f"sink.{sink.name}.write"):
+                        self._fan_out(i, sink, records, before, result)
+                else:
                     self._fan_out(i, sink, records, before, result)
-            else:
-                self._fan_out(i, sink, records, before, result)
-        cpu["sinks"] = time.thread_time() - c_sinks
+            cpu["sinks"] = time.thread_time() - c
         PROCESSOR_APPLY_SECONDS.observe(time.perf_counter() - t_apply)
         self._trimmer.maybe_trim()
         cpu["other"] = max(0.0, time.thread_time() - cpu0 - sum(cpu.values()))
-        _count_cpu(cpu)
+        count_parts(_CPU_COUNTERS, cpu)
         if result is None:
             return ApplyResult(0, 0, 0, 0)
         return ApplyResult(stored=len(result.new), duplicates=result.counts.get("duplicates", 0),
@@ -571,14 +573,6 @@ class _Decided(Exception):
 #: The parts of a batch whose CPU the apply thread counts (``fieldmesh_processor_cpu_seconds{part}``).
 _CPU_PARTS: Final = ("decode", "decide", "alerts", "products", "store", "sinks", "other")
 _CPU_COUNTERS: Final = {part: PROCESSOR_CPU_SECONDS.labels(part) for part in _CPU_PARTS}
-
-
-def _count_cpu(cpu: dict[str, float]) -> None:
-    """Add a batch's CPU seconds by part to ``fieldmesh_processor_cpu_seconds`` (parts that took none are skipped)."""
-    for part, seconds in cpu.items():
-        if seconds > 0:
-            _CPU_COUNTERS[part].inc(seconds)
-
 
 def _count_commit(result: BatchResult, decoded: int, commit_s: float, alert_s: float | None) -> None:
     """The stage metrics of one committed batch (docs/observability.md): sizes, outcomes, commit times and
