@@ -42,6 +42,10 @@
    is sustained when, as its step ends, what was sent and not stored yet is at most half a second of it. The
    backlog's rate is that of large batches; a stream at a given rate comes in smaller ones, which cost more a
    reading, so the sustained maximum is the lower, and half of it is half the load.
+   ``--curve 0.2,0.3,0.4,0.5`` measures the latency against the rate instead of at one rate: a step of the
+   stream's length at each of those fractions of the maximum (of the sustained maximum with ``--sustained``), in
+   order, in the same pipeline, each with its own p50/p99, batch size, CPU a reading and processor CPU, drawn as
+   a bar a step; then the highest rate that met p99 <= 100 ms. The figures at the top are the step's at half.
 
 Run: ``PYTHONPATH=$PWD/src .venv/bin/python bench/alerts.py [--quick]``.
 """
@@ -203,7 +207,8 @@ def check_device_reading() -> None:
 
 def latency(seconds: float, devices: int, burst: int, fixed_rate: float | None = None,
             processor: dict[str, Any] | None = None, gateway_rounds: bool = False,
-            quiet_backlog: bool = False, sustained: bool = False) -> dict[str, Any]:
+            quiet_backlog: bool = False, sustained: bool = False,
+            curve: list[float] | None = None) -> dict[str, Any]:
     """The pipeline's maximum rate first (a backlog of ``burst`` readings, published at once and timed until
     stored), then half that rate for ``seconds``; latencies of the notifications received. The backlog's
     messages cross the threshold as the stream's do (its alerts open and clear, and are notified, before the
@@ -211,6 +216,9 @@ def latency(seconds: float, devices: int, burst: int, fixed_rate: float | None =
     runs at half the maximum sustained rate instead, found by bisection (:data:`SUSTAINED_STEPS` steps of
     :data:`SUSTAINED_STEP_S` seconds between a quarter of the backlog's rate and all of it: a rate is sustained
     when, as its step ends, what was sent and not stored yet is at most :data:`SUSTAINED_BEHIND_S` seconds of it).
+    ``curve``: instead of one stream, one step of ``seconds`` at each of these fractions of the maximum (of the
+    sustained maximum with ``sustained``), in order, each with its own latencies, CPU and batches (``"curve"`` in
+    the result); the figures at the top are those of the step at half, else of the last.
 
     A version-1 bus record per device message; with ``gateway_rounds`` the messages of one send go out as a
     gateway writes a round: a record per partition in the gateway's default encoding (columnar), 512 messages
@@ -243,6 +251,7 @@ def latency(seconds: float, devices: int, burst: int, fixed_rate: float | None =
         skip = [0]  # the notifications received before the stream (the backlog's, the bisection's): not measured
         steps: list[tuple[float, float]] = []  # the bisection of the sustained rate: (rate, seconds behind)
         phases: dict[str, dict[str, float]] = {}
+        steps_out: list[dict[str, Any]] = []  # ``curve``: a step's rate, latencies, CPU and batches
 
         def stored() -> int:
             if not reader:
@@ -333,8 +342,29 @@ def latency(seconds: float, devices: int, burst: int, fixed_rate: float | None =
                     rate_per_s = lo / 2 if fixed_rate is None else fixed_rate
                     print("  sustained: " + ", ".join(f"{r:,.0f}/s {b * 1000:,.0f} ms behind" for r, b in steps)
                           + f"; the maximum sustained {lo:,.0f} readings/s", flush=True)
-                print(f"  maximum rate through the bus: {measured['max_rate']:,.0f} readings/s; now at "
-                      f"{rate_per_s:,.0f}/s for {seconds:.0f} s", flush=True)
+                print(f"  maximum rate through the bus: {measured['max_rate']:,.0f} readings/s; now "
+                      + (f"{seconds:.0f} s at each of {', '.join(f'{f:.2f}' for f in curve)} of the "
+                         + ("sustained maximum" if sustained else "maximum") if curve
+                         else f"at {rate_per_s:,.0f}/s for {seconds:.0f} s"), flush=True)
+                if curve:
+                    top = measured.get("sustained") or measured["max_rate"]
+                    for f in curve:
+                        r = f * top if fixed_rate is None else fixed_rate * f / 0.5
+                        await settle(stored(), skip[0])  # the step before stored and notified: not this one's
+                        first, cpu0, parts0, base = skip[0], cpu_now(), cpu_parts(metrics_dir), stored()
+                        t0 = time.perf_counter()
+                        n, crossings = await stream_at(prod, r, seconds, measure=True)
+                        cpu = {k[4:]: (v - cpu0[k]) / (time.perf_counter() - t0) for k, v in cpu_now().items()}
+                        ph = phase(parts0, cpu_parts(metrics_dir), stored() - base)
+                        await settle(base + n, first + crossings)
+                        lat = receiver.latencies()[first:skip[0]]
+                        steps_out.append({"fraction": f, "rate": r, "sent": n, "transitions": crossings,
+                                          "span": (first, skip[0]), "p50": percentile(lat, 50),
+                                          "p99": percentile(lat, 99), "cpu": cpu, "phase": ph})
+                        print(f"    {f:.2f} of it, {r:,.0f}/s: p50 {percentile(lat, 50):.1f} ms, p99 "
+                              f"{percentile(lat, 99):.1f} ms, {ph['readings'] / max(ph['batches'], 1):,.0f} "
+                              f"readings a batch, {ph['total']:.2f} CPU-us a reading", flush=True)
+                    return
                 cpu0 = cpu_now()
                 parts0, base = cpu_parts(metrics_dir), stored()
                 t0 = time.perf_counter()
@@ -398,11 +428,18 @@ def latency(seconds: float, devices: int, burst: int, fixed_rate: float | None =
             log.close()
             nats.stop()
             t.close()
-            lat = receiver.latencies()[skip[0]:]
-            evaluated = receiver.latencies(2)[skip[0]:]
+            # the stream's notifications (those before it are not measured); with ``curve``, the main step's
+            main = next((st for st in steps_out if st["fraction"] == 0.5), steps_out[-1]) if steps_out else None
+            a, b = main["span"] if main else (skip[0], None)
+            lat = receiver.latencies()[a:b]
+            evaluated = receiver.latencies(2)[a:b]
             sent_line = [line for line in (Path(d) / "processor.log").read_text().splitlines()
                          if "notifier stopped:" in line]
             receiver.close()
+    if main is not None:  # the figures at the top: the step at half the maximum, else the last
+        phases["live"] = main["phase"]
+        measured.update({f"cpu_{k}": v for k, v in main["cpu"].items()})
+        sent, transitions = main["sent"], main["transitions"]
     return {"max_rate": measured.get("max_rate", 0.0), "sustained": measured.get("sustained"), "sent": sent,
             "transitions": transitions,
             "received": len(lat), "p50": percentile(lat, 50),
@@ -411,7 +448,7 @@ def latency(seconds: float, devices: int, burst: int, fixed_rate: float | None =
             "publisher": (percentile([g * 1000 for g in loop_gaps], 99), max(loop_gaps, default=0) * 1000,
                           max(bursts, default=0), percentile(bursts, 50) if bursts else 0),
             "cpu": {k[4:]: measured.get(k, float("nan")) for k in ("cpu_publisher", "cpu_processor", "cpu_machine")},
-            "phases": phases,
+            "phases": phases, "curve": steps_out,
             "notifier": sent_line[-1].split("notifier stopped: ", 1)[1] if sent_line else "(no summary logged)"}
 
 
@@ -441,6 +478,10 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1,
                     help="part 2: this many runs, each with its pipeline and maximum measured anew; the medians and "
                          "the spread are reported (one run's p99 varies widely on this shared machine)")
+    ap.add_argument("--curve", metavar="FRACTIONS",
+                    help="part 2: the latency against the rate instead of one stream: a step at each of these "
+                         "fractions of the maximum (of the sustained maximum with --sustained), comma-separated, "
+                         "e.g. 0.2,0.3,0.4,0.5; printed with the highest rate that met p99 <= 100 ms")
     ap.add_argument("--receiver", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.receiver:
@@ -458,6 +499,12 @@ def main() -> None:
         ap.error("--burst: readings of the backlog, more than 0")
     if args.repeat < 1:
         ap.error("--repeat: runs of part 2, 1 or more")
+    try:
+        curve = [float(f) for f in args.curve.split(",")] if args.curve else None
+    except ValueError:
+        ap.error("--curve: fractions of the maximum, comma-separated, e.g. 0.2,0.3,0.4,0.5")
+    if curve is not None and not all(0 < f <= 1 for f in curve):
+        ap.error("--curve: each fraction above 0 and at most 1")
 
     def part2() -> None:
         runs = []
@@ -465,8 +512,9 @@ def main() -> None:
             if args.repeat > 1:
                 print(f"  run {i + 1} of {args.repeat}:", flush=True)
             runs.append(latency(seconds, 1000, burst, args.rate, proc, args.gateway_rounds, args.quiet_backlog,
-                                args.sustained))
+                                args.sustained, curve))
             report_latency(runs[-1])
+            report_curve(runs[-1])
         if len(runs) > 1:
             report_runs(runs)
 
@@ -578,6 +626,26 @@ def report_latency(lat: dict[str, Any]) -> None:
     print(f"    store's view (outbox row written in the transaction -> acknowledged): p50 {lm['p50']} ms, "
           f"p99 {lm['p99']} ms, of the last {lm['of_last']}")
     report_phases(lat["phases"])
+
+
+def report_curve(lat: dict[str, Any]) -> None:
+    """``--curve``: the latency against the rate, a line a step (the bar: p99, 5 ms a mark, the target at |),
+    and the highest rate that met the target."""
+    steps = lat["curve"]
+    if not steps:
+        return
+    print("  event -> webhook against the rate (p99: 5 ms a mark, | the target of 100 ms):")
+    for st in steps:
+        ph = st["phase"]
+        bar = "#" * min(80, round(st["p99"] / 5)) if st["p99"] == st["p99"] else "?"
+        bar = bar[:20] + "|" + bar[20:] if len(bar) > 20 else bar.ljust(20) + "|"
+        print(f"    {st['fraction']:4.2f} {st['rate']:9,.0f}/s  p50 {st['p50']:6.1f}  p99 {st['p99']:6.1f} ms "
+              f"{ph['readings'] / max(ph['batches'], 1):6,.0f} a batch {ph['total']:6.2f} CPU-us a reading, "
+              f"processor {st['cpu']['processor']:.2f} core  {bar}")
+    met = [st for st in steps if st["p99"] <= 100]
+    best = max(met, key=lambda st: st["rate"]) if met else None
+    print("  p99 <= 100 ms up to " + (f"{best['rate']:,.0f} readings/s ({best['fraction']:.2f} of the maximum)"
+                                      if best else "none of these rates"))
 
 
 def report_runs(runs: list[dict[str, Any]]) -> None:
