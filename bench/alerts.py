@@ -644,7 +644,8 @@ def report_curve(lat: dict[str, Any]) -> None:
               f"processor {st['cpu']['processor']:.2f} core  {bar}")
     met = [st for st in steps if st["p99"] <= 100]
     best = max(met, key=lambda st: st["rate"]) if met else None
-    print("  p99 <= 100 ms up to " + (f"{best['rate']:,.0f} readings/s ({best['fraction']:.2f} of the maximum)"
+    of = "the sustained maximum" if lat["sustained"] else "the maximum"
+    print("  p99 <= 100 ms up to " + (f"{best['rate']:,.0f} readings/s ({best['fraction']:.2f} of {of})"
                                       if best else "none of these rates"))
 
 
