@@ -349,7 +349,7 @@ def latency(seconds: float, devices: int, burst: int, fixed_rate: float | None =
                 if curve:
                     top = measured.get("sustained") or measured["max_rate"]
                     for f in curve:
-                        r = f * top if fixed_rate is None else fixed_rate * f / 0.5
+                        r = f * top
                         await settle(stored(), skip[0])  # the step before stored and notified: not this one's
                         first, cpu0, parts0, base = skip[0], cpu_now(), cpu_parts(metrics_dir), stored()
                         t0 = time.perf_counter()
@@ -429,17 +429,17 @@ def latency(seconds: float, devices: int, burst: int, fixed_rate: float | None =
             nats.stop()
             t.close()
             # the stream's notifications (those before it are not measured); with ``curve``, the main step's
-            main = next((st for st in steps_out if st["fraction"] == 0.5), steps_out[-1]) if steps_out else None
-            a, b = main["span"] if main else (skip[0], None)
+            head = next((st for st in steps_out if st["fraction"] == 0.5), steps_out[-1]) if steps_out else None
+            a, b = head["span"] if head else (skip[0], None)
             lat = receiver.latencies()[a:b]
             evaluated = receiver.latencies(2)[a:b]
             sent_line = [line for line in (Path(d) / "processor.log").read_text().splitlines()
                          if "notifier stopped:" in line]
             receiver.close()
-    if main is not None:  # the figures at the top: the step at half the maximum, else the last
-        phases["live"] = main["phase"]
-        measured.update({f"cpu_{k}": v for k, v in main["cpu"].items()})
-        sent, transitions = main["sent"], main["transitions"]
+    if head is not None:  # the figures at the top: the step at half the maximum, else the last
+        phases["live"] = head["phase"]
+        measured.update({f"cpu_{k}": v for k, v in head["cpu"].items()})
+        sent, transitions = head["sent"], head["transitions"]
     return {"max_rate": measured.get("max_rate", 0.0), "sustained": measured.get("sustained"), "sent": sent,
             "transitions": transitions,
             "received": len(lat), "p50": percentile(lat, 50),
@@ -505,6 +505,8 @@ def main() -> None:
         ap.error("--curve: fractions of the maximum, comma-separated, e.g. 0.2,0.3,0.4,0.5")
     if curve is not None and not all(0 < f <= 1 for f in curve):
         ap.error("--curve: each fraction above 0 and at most 1")
+    if curve is not None and args.rate is not None:
+        ap.error("--curve sets the rates (fractions of the maximum); leave out --rate")
 
     def part2() -> None:
         runs = []
