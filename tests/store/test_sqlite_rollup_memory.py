@@ -83,3 +83,63 @@ def test_a_transaction_that_changes_rollups_is_not_merged_over(tmp_path: Path) -
     finally:
         kept.close()
         reopened.close()
+
+
+def _other_tables(tx: SqlTxn) -> None:
+    """What the alert rules, the notifier or the features do between batches: tables the write caches do not hold."""
+    tx.execute("INSERT INTO counters VALUES ('test_other', 1) ON CONFLICT(name) DO UPDATE SET value = value + 1")
+    tx.execute("SELECT count(*) FROM rollup_1m")
+
+
+def test_a_transaction_of_other_tables_keeps_the_windows_in_memory(tmp_path: Path) -> None:
+    rs = _dense(11, 300)
+    recs = records(rs, [2])
+    store = load_store(f"sqlite:///{tmp_path / 's.db'}")
+    try:
+        commit_in_chunks(store, recs[:50], 1)
+        held = {i: dict(store._latest_acc[i]) for i in INTERVALS}  # type: ignore[attr-defined]
+        assert all(held.values())
+        for _ in range(3):
+            store.transact(_other_tables)
+        assert {i: dict(store._latest_acc[i]) for i in INTERVALS} == held  # type: ignore[attr-defined]
+        store.transact(_prune)
+        assert not any(store._latest_acc[i] for i in INTERVALS)  # type: ignore[attr-defined]
+    finally:
+        store.close()
+
+
+def test_a_repeated_transaction_is_seen_each_time(tmp_path: Path) -> None:
+    """The same statements again (prepared already, from the connection's cache) are seen changing rollups too;
+    and a row written ahead of the writer (a later window of a pair) is merged into, not written over."""
+    rs = _dense(13, 900)
+    recs = records(rs, [3])
+    third = len(recs) // 3
+    kept = load_store(f"sqlite:///{tmp_path / 'kept.db'}")
+    reopened = load_store(f"sqlite:///{tmp_path / 'reopened.db'}")
+    window = (BASE + 7_200_000) // 60_000 * 60_000
+
+    def ahead(tx: SqlTxn) -> None:  # a row of a window the writer has not written yet
+        tx.execute("INSERT OR REPLACE INTO rollup_1m VALUES ('d1', 'zz', ?, 1, 2.0, 2.0, 2.0, 2.0, '1:1')",
+                   (window,))
+
+    try:
+        early = readings_of([("d1", {"ts": window - 300_000, "seq": 9_999, "measurements": {"zz": 1.0}})])
+        for s in (kept, reopened):  # the writer knows the pair's latest window: an earlier one
+            commit_in_chunks(s, records(early, [1], start=9_999), 1)
+        for i in range(3):
+            for s in (kept, reopened):
+                commit_in_chunks(s, recs[i * third : (i + 1) * third], 1)
+                s.transact(_prune)
+                s.transact(ahead)
+            reopened.close()
+            reopened = load_store(f"sqlite:///{tmp_path / 'reopened.db'}")  # reads every window back
+        late = readings_of([("d1", {"ts": window + 5, "seq": 10_000, "measurements": {"zz": 3.0}})])
+        for s in (kept, reopened):
+            commit_in_chunks(s, records(late, [1], start=10_000), 1)
+        a, b = _rollups(kept), _rollups(reopened)
+        assert a == b
+        zz = [r for r in a["1m"] if r["metric"] == "zz"]
+        assert [(r["count"], r["sum"]) for r in zz] == [(1, 1.0), (2, 5.0)]
+    finally:
+        kept.close()
+        reopened.close()
