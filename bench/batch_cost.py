@@ -9,8 +9,11 @@ another checkout's ``src`` (a subprocess each, alternated), so the two sides sha
 skips those writes of each batch (the rollup merges, the device rows, the seq ranges, the raw segments): what
 they cost a small batch, the most that writing them less often could save. Not a working store.
 
+``--transact-every K`` runs the alert rules' tick (a transaction of its own) after every K batches, as
+``fieldmesh up`` runs its alert ticks and the notifier's claims between batches.
+
 Run: ``PYTHONPATH=$PWD/src .venv/bin/python bench/batch_cost.py [--records 60] [--batches 1500] [--base DIR/src]
-[--without rollups,devices,gaps]``.
+[--without rollups,devices,gaps] [--transact-every K]``.
 """
 
 from __future__ import annotations
@@ -107,14 +110,16 @@ def skip_writes(parts: set[str]) -> None:
         sqlite.segments.append = lambda con, cols, store_key, stored_ms: None  # type: ignore[assignment]
 
 
-def measure(records: int, batches: int) -> dict[str, Any]:
+def measure(records: int, batches: int, transact_every: int = 0) -> dict[str, Any]:
     with part_load() as (proc, _, batch):
         work = [batch(records) for _ in range(batches)]
         cpu: list[float] = []
-        for b in work:
+        for k, b in enumerate(work):
             c0 = time.thread_time()
             proc.apply_records(b)
             cpu.append((time.thread_time() - c0) * 1000)
+            if transact_every and k % transact_every == transact_every - 1:
+                proc.alerts.tick()  # (not timed) the alert rules' tick: a transaction of its own, as in `up`
     s = sorted(cpu)
     return {"mean": statistics.mean(cpu), "p99": s[int(len(s) * 0.99)], "max": s[-1],
             "per_reading_us": statistics.mean(cpu) * 1000 / (records * 10)}
@@ -128,6 +133,9 @@ def main() -> None:
     ap.add_argument("--base", help="another checkout's src directory: the baseline side")
     ap.add_argument("--without",
                     help=f"a side that skips these writes of each batch (comma list of {', '.join(PARTS)})")
+    ap.add_argument("--transact-every", type=int, default=0, metavar="K",
+                    help="after every K batches, the alert rules' tick (a transaction of its own, between batches,"
+                         " as the alert ticks and the notifier's claims run in `fieldmesh up`)")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a side, in a subprocess
     a = ap.parse_args()
     without = set(filter(None, (a.without or "").split(",")))
@@ -135,7 +143,7 @@ def main() -> None:
         ap.error(f"--without: {', '.join(sorted(without - set(PARTS)))} not among {', '.join(PARTS)}")
     if a.one:
         skip_writes(without)
-        print(json.dumps(measure(a.records, a.batches)))
+        print(json.dumps(measure(a.records, a.batches, a.transact_every)))
         return
     sides: dict[str, tuple[str, str]] = {"this": (str(ROOT / "src"), "")}
     if a.base:
@@ -148,7 +156,8 @@ def main() -> None:
     for r in range(a.rounds):
         for name, (src, skip) in (list(sides.items()) if r % 2 == 0 else list(reversed(sides.items()))):
             out = subprocess.run([sys.executable, __file__, "--one", "--records", str(a.records),
-                                  "--batches", str(a.batches), *(["--without", skip] if skip else [])],
+                                  "--batches", str(a.batches), "--transact-every", str(a.transact_every),
+                                  *(["--without", skip] if skip else [])],
                                  capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": src})
             m = json.loads(out.stdout.strip().splitlines()[-1])
             got[name].append(m)

@@ -164,17 +164,26 @@ def run_pipeline(
                     time.sleep(0.2)
                 evaluated = receiver.latencies(2)  # event -> evaluated in its batch's transaction
             lat: list[float] = []
+            door_lat: list[float] = []
+            after_lat: list[float] = []
             if stamp:
                 import sqlite3 as sq
 
                 con = sq.connect(f"file:{Path(d) / 'data' / 'store.db'}?mode=ro", uri=True)
-                lat = [float(x) for (x,) in con.execute("SELECT stored_ms - ts_ms FROM readings")]
+                rows = con.execute("SELECT stored_ms - ts_ms, received_ms - ts_ms FROM readings").fetchall()
                 con.close()
+                lat = [float(a) for a, _ in rows]
+                door_lat = [float(b) for _, b in rows]  # event -> the gateway's receipt
+                after_lat = [float(a - b) for a, b in rows]  # the gateway's receipt -> stored
             return {
                 "elapsed_s": elapsed,
                 "readings_per_s": total / elapsed,
                 "p50_ms": percentile(lat, 50),
                 "p99_ms": percentile(lat, 99),
+                "received_p50_ms": percentile(door_lat, 50) if stamp else float("nan"),
+                "received_p99_ms": percentile(door_lat, 99) if stamp else float("nan"),
+                "after_p50_ms": percentile(after_lat, 50) if stamp else float("nan"),
+                "after_p99_ms": percentile(after_lat, 99) if stamp else float("nan"),
                 "notified": len(notified),
                 "notify_p50_ms": percentile(notified, 50) if notified else float("nan"),
                 "notify_p99_ms": percentile(notified, 99) if notified else float("nan"),
@@ -422,6 +431,7 @@ QUIX = True
 #: ``--alerts``: a rule on devices 0-49 of each run's 500. Their temperature climbs from 20.0 to 29.6 in steps of 0.1
 #: a reading and starts again, so each opens and clears an alert about once per 97 readings (a message of 100).
 ALERTS = False
+RATE = 0.0  # --rate: readings/s of the latency run alone
 ALERT_RULE = {"name": "hot", "kind": "threshold", "metric": "temperature", "op": ">", "value": 29.5,
               "clear_value": 20.05, "devices": "*-000[0-4]?"}
 
@@ -447,8 +457,17 @@ def case(name: str, *, readings: int, per_message: int, devices: int, publishers
     total_l = sum(1 if b'"readings"' not in b else b.count(b'"seq"') for _, b in msgs_l)
     parts_l = [msgs_l[i::publishers] for i in range(publishers)]
     for door in DOORS:
-        fm = run_pipeline(parts, total, door=door, alerts=ALERTS)
         key = "fieldmesh" if len(DOORS) == 1 else f"fieldmesh_{door}"
+        if RATE:  # the latency at this rate alone, no maximum
+            lat = run_pipeline(parts_l, total_l, rate=RATE * len(msgs) / total, stamp=True, door=door)
+            print(f"  latency at {RATE:,.0f} readings/s: p50 {lat['p50_ms']:.0f} ms, p99 {lat['p99_ms']:.0f} ms"
+                  f"  [door {door}]; of which event -> the gateway's receipt p50 {lat['received_p50_ms']:.0f} /"
+                  f" p99 {lat['received_p99_ms']:.0f} ms, receipt -> stored p50 {lat['after_p50_ms']:.0f} /"
+                  f" p99 {lat['after_p99_ms']:.0f} ms; CPU s per 10k readings: "
+                  + ", ".join(f"{k} {v}" for k, v in lat["cpu_s_per_10k"].items()))
+            out[f"{key}_p50_ms_at_{RATE:.0f}"], out[f"{key}_p99_ms_at_{RATE:.0f}"] = lat["p50_ms"], lat["p99_ms"]
+            continue
+        fm = run_pipeline(parts, total, door=door, alerts=ALERTS)
         print(f"fieldmesh max:   {fm['readings_per_s']:>10,.0f} readings/s  ({len(msgs) / fm['elapsed_s']:,.0f} msg/s)"
               f"  [door {door}]")
         print("  CPU s per 10k readings: " + ", ".join(f"{k} {v}" for k, v in fm["cpu_s_per_10k"].items()))
@@ -461,7 +480,9 @@ def case(name: str, *, readings: int, per_message: int, devices: int, publishers
         half_msg_rate = 0.5 * len(msgs) / fm["elapsed_s"]
         lat = run_pipeline(parts_l, total_l, rate=half_msg_rate, stamp=True, door=door, alerts=ALERTS)
         print(f"  latency at half rate ({half_msg_rate * (total / len(msgs)):,.0f} readings/s): "
-              f"p50 {lat['p50_ms']:.0f} ms, p99 {lat['p99_ms']:.0f} ms  [door {door}]")
+              f"p50 {lat['p50_ms']:.0f} ms, p99 {lat['p99_ms']:.0f} ms  [door {door}]; of which event -> the"
+              f" gateway's receipt p50 {lat['received_p50_ms']:.0f} / p99 {lat['received_p99_ms']:.0f} ms, receipt ->"
+              f" stored p50 {lat['after_p50_ms']:.0f} / p99 {lat['after_p99_ms']:.0f} ms")
         if ALERTS:
             n = lat["notified"]
             print(f"  event -> webhook, the same run: {n:,} notifications, p50 {lat['notify_p50_ms']:.1f} ms,"
@@ -473,7 +494,7 @@ def case(name: str, *, readings: int, per_message: int, devices: int, publishers
             out[f"{key}_notify_p99_ms_at_half_rate"] = lat["notify_p99_ms"]
         out[f"{key}_p50_ms_at_half_rate"] = lat["p50_ms"]
         out[f"{key}_p99_ms_at_half_rate"] = lat["p99_ms"]
-    if MAX_ONLY:
+    if MAX_ONLY or RATE:
         return out
     best = max(v for k, v in out.items() if k.startswith("fieldmesh") and k.endswith("_readings_per_s"))
     naive = run_naive(msgs, total)
@@ -708,6 +729,8 @@ def main() -> None:
     ap.add_argument("--publisher", choices=["paho", "raw"], default="paho",
                     help="the publisher processes: paho clients (default), or raw sockets that cost less CPU")
     ap.add_argument("--max-only", action="store_true", help="measure the maximum throughput only")
+    ap.add_argument("--rate", type=float, default=0.0,
+                    help="readings/s: the latency at this rate only (no maximum, no baselines)")
     ap.add_argument("--bus-encoding", type=int, choices=(1, 2), default=2,
                     help="bus encoding fieldmesh's gateway writes (docs/pipeline.md; 2 is its default)")
     ap.add_argument("--sink-cost", action="store_true",
@@ -721,10 +744,10 @@ def main() -> None:
     ap.add_argument("--gateway-only", action="store_true",
                     help="case (b) through the door and the gateway alone, per door (no processor, no store)")
     a = ap.parse_args()
-    global DOORS, MAX_ONLY, QUIX, ALERTS, publish_proc
+    global DOORS, MAX_ONLY, QUIX, ALERTS, RATE, publish_proc
     if a.publisher == "raw":
         publish_proc = raw_publish_proc
-    DOORS, MAX_ONLY, QUIX, ALERTS = a.door.split(","), a.max_only, not a.no_quix, a.alerts
+    DOORS, MAX_ONLY, QUIX, ALERTS, RATE = a.door.split(","), a.max_only, not a.no_quix, a.alerts, a.rate
     for d in DOORS:
         if d not in ("auto", "nats", "mosquitto"):
             ap.error(f"--door {d!r}: use auto, nats or mosquitto")
