@@ -213,6 +213,10 @@ def cpu_by_role(up: UpProc) -> dict[str, float]:
             continue
         name = ("supervisor" if p.pid == root.pid else
                 cmd[cmd.index("fieldmesh.runtime.worker") + 1] if "fieldmesh.runtime.worker" in cmd else p.name())
+        with contextlib.suppress(psutil.Error):
+            parent = p.parent()
+            if p.pid != root.pid and parent is not None and parent.pid != root.pid and parent.cmdline() == cmd:
+                name += "'s child"  # forked by the stage, same command line: the processor's lake sink
         out[name] = out.get(name, 0.0) + t.user + t.system
     return out
 
