@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -134,11 +135,27 @@ class UpProc:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/api/v1{path}", timeout=10) as r:
             return json.loads(r.read())
 
+    def stored(self) -> int:
+        """Readings stored plus duplicates found so far: the store's durable counters, read from its file.
+
+        Why not ``GET /stats``: it costs the supervisor about 4 CPU-ms a request (lag from the bus, alerts,
+        jobs, features...), and polled every 50 ms that is a tenth of a core taken from what is measured.
+        A read-only connection to the SQLite file costs a few tens of µs."""
+        db = self.data_dir / "store.db"
+        if not db.exists():  # another store (or not made yet): the API
+            s = self.get("/stats")
+            return int(s["stored"] + s["duplicates"])
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+        try:
+            rows = dict(con.execute("SELECT name, value FROM counters WHERE name IN ('stored', 'duplicates')"))
+        finally:
+            con.close()
+        return int(rows.get("stored", 0) + rows.get("duplicates", 0))
+
     def wait_stored(self, n: int, timeout_s: float = 600) -> float:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            s = self.get("/stats")
-            if s["stored"] + s["duplicates"] >= n:
+            if self.stored() >= n:
                 return time.monotonic()
             time.sleep(0.05)
         raise TimeoutError(f"only {self.get('/stats')} of {n}")
