@@ -641,14 +641,13 @@ class SqliteStore:
             w.set_authorizer(watch)  # (expires the prepared statements: fn's are prepared again, and seen)
             try:
                 out = fn(_Sql(w))
-                w.set_authorizer(None)
                 w.execute("COMMIT")
             except BaseException:
-                w.set_authorizer(None)
                 if w.in_transaction:
                     w.execute("ROLLBACK")
                 raise
             finally:
+                w.set_authorizer(None)
                 self._forget(watch.written)  # (rolled back: the caches are still right, and forgetting is safe)
             return out
 
