@@ -97,6 +97,7 @@ def test_a_transaction_of_other_tables_keeps_the_windows_in_memory(tmp_path: Pat
     store = load_store(f"sqlite:///{tmp_path / 's.db'}")
     try:
         commit_in_chunks(store, recs[:50], 1)
+        assert store.flush()  # the windows held are those written
         held = {i: dict(store._latest_acc[i]) for i in INTERVALS}  # type: ignore[attr-defined]
         assert all(held.values())
         for _ in range(3):

@@ -158,6 +158,11 @@ class HotStore(Sink, Protocol):
         committed when it returns, rolled back when it raises."""
         ...
 
+    def flush(self) -> bool:
+        """Write what the store defers past a batch's commit (SQLite: rollup rows, kept up to a second in memory
+        and read from the segments meanwhile); True if it wrote anything. The processor calls it when idle."""
+        ...
+
     def device_watermarks(self) -> dict[str, int]:
         """Per device, the latest event time stored: where lateness resumes after a restart."""
         ...

@@ -502,6 +502,10 @@ class PostgresStore:
         with self._write_lock:
             return self._commit(build, ts_ms)
 
+    def flush(self) -> bool:
+        """Nothing to write: every batch writes its rollup rows in its own transaction."""
+        return False
+
     def transact(self, fn: Callable[[SqlTxn], T]) -> T:
         """``fn`` in a write transaction of its own on the writer's connection (see
         :meth:`~fieldmesh.store.base.HotStore.transact`); rerun after a deadlock or serialization failure."""

@@ -10,6 +10,7 @@ everything past the positions stored here).
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 import time
@@ -22,7 +23,7 @@ import msgspec
 import numpy as np
 from numpy.typing import NDArray
 
-from fieldmesh.core.batch import BatchResult, WindowDeltas
+from fieldmesh.core.batch import BatchResult, ReadingColumns, WindowDeltas
 from fieldmesh.core.errors import ConfigError, FieldmeshError, StoreSchemaError
 from fieldmesh.core.exact import parse_exact
 from fieldmesh.obs.metrics import PROCESSOR_SQLITE_CPU_SECONDS, count_parts
@@ -36,17 +37,26 @@ from fieldmesh.store.recentkeys import RecentKeys
 from fieldmesh.store.rollup import exact_columns, merge_acc
 from fieldmesh.store.rows import device_row, dlq_row, raw_row, rollup_query, rollup_row
 from fieldmesh.store.seqgaps import SeqBatch, SeqKey, SeqRange, listing, merge_ranges, range_gaps, seq_batch, seq_spans
+from fieldmesh.stream.columnar import combine_windows, window_deltas
 
 __all__ = ["SCHEMA_VERSION", "SqliteStore"]
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
+#: 7: rollup rows may lag the segments (``meta.rollups_sid``, :meth:`SqliteStore.flush`); a store of version 6
+#: has every rollup written, so its mark starts at its last segment.
 #: 2 added ``seqs`` and ``seq_ranges`` (sequence gaps); 3 added ``idents.origin`` (the bus record that
 #: claimed the key, so a replay decides as before); 4 added ``idents_recent`` (new keys land there first,
 #: see :meth:`SqliteStore._fold_keys`); 5 packs a commit's new keys in one ``idents_recent`` row. Older
 #: stores are migrated on open. 6 packs ``idents`` into sorted blocks of keys (``idents_blocks``,
 #: :mod:`fieldmesh.store.keyblocks`).
-SCHEMA_VERSION: Final = 6
+SCHEMA_VERSION: Final = 7
+#: How long the writer keeps a batch's rollup deltas in memory before it writes them, merged with the batches'
+#: after it (ms; :meth:`SqliteStore.flush`). 0: each batch writes its own.
+ROLLUP_FLUSH_MS: Final = 1000
+#: Window deltas held in memory before a flush whatever the time (bounds the writer's memory in a backlog).
+_PENDING_MAX: Final = 250_000
 #: ``idents_recent`` is folded into ``idents_blocks`` once it holds this many keys and an eighth as many as it
 #: (or ``_FOLD_MAX``: the writer holds its keys in memory, 24 bytes each).
 _FOLD_MIN: Final = 131_072
@@ -194,6 +204,86 @@ def _migrate_5_6(w: sqlite3.Connection) -> None:
     w.execute("UPDATE meta SET value = '6' WHERE key = 'schema_version'")
 
 
+#: ``meta`` key: the last segment whose readings the rollup rows hold. Segments above it (``sid`` counts up:
+#: SQLite gives a new row the largest ``sid`` + 1, and the tiers never delete the last segment nor one above the
+#: mark) hold exactly the readings whose window deltas are not written yet.
+_MARK: Final = "rollups_sid"
+
+
+def _migrate_6_7(w: sqlite3.Connection) -> None:
+    """Version 6 -> 7: every segment's rollups are written (version 6 wrote them with the segment)."""
+    _set_meta(w, _MARK, w.execute("SELECT coalesce(max(sid), 0) FROM segments").fetchone()[0])
+    w.execute("UPDATE meta SET value = '7' WHERE key = 'schema_version'")
+
+
+def segment_windows(con: sqlite3.Connection, where: str, params: Sequence[Any]) -> dict[str, WindowDeltas]:
+    """Window deltas of every interval from the readings of the segments ``where`` selects (alias ``s``)."""
+    segs = con.execute(f"SELECT s.device_id, s.rows FROM segments s WHERE {where}", tuple(params))
+    return window_deltas(_segment_readings(segs), INTERVALS)
+
+
+def _segment_readings(segs: Iterable[tuple[str, str]]) -> ReadingColumns:
+    """The readings of segments (device, rows as JSON) as columns: device, event time, measurements (what windows
+    need; the rest left empty)."""
+    devices: list[str] = []
+    ts: list[int] = []
+    measurements: list[dict[str, float | bool]] = []
+    for dev, rows in segs:
+        for r in _seg_rows(rows):
+            devices.append(dev)
+            ts.append(r[1])
+            measurements.append(r[5])
+    n = len(ts)
+    zeros: list[int] = [0] * n
+    nones: list[Any] = [None] * n
+    return ReadingColumns.from_fields(devices, ts, measurements, zeros, zeros, nones, nones, nones, nones, zeros,
+                                      nones)  # fmt: skip
+
+
+def _merge_tail(
+    rows: list[tuple[Any, ...]], segs: list[tuple[str, str]], interval: str, metric: str | None,
+    start_ms: int | None, end_ms: int | None, limit: int,
+) -> list[tuple[Any, ...]]:
+    """Rollup rows (``device, metric, window, count, sum, min, max, avg, sum_exact``, sorted, at most ``limit``)
+    with the deltas of the readings of ``segs`` (device, its rows as JSON) merged in, in the rows' selection.
+
+    The rows were read up to ``limit``: a window beyond them that the deltas touch is beyond the limit anyway."""
+    wd = window_deltas(_segment_readings(segs), {interval: INTERVALS[interval]})[interval]
+    keep = np.ones(len(wd), dtype=np.bool_)
+    if metric is not None:
+        keep &= wd.metric == metric
+    if start_ms is not None:
+        keep &= wd.window_start_ms >= start_ms
+    if end_ms is not None:
+        keep &= wd.window_start_ms < end_ms
+    at = {(r[0], r[1], r[2]): i for i, r in enumerate(rows)}
+    merged = list(rows)
+    keys, accs = [], []
+    for i in np.flatnonzero(keep).tolist():
+        k = (wd.device[i], wd.metric[i], int(wd.window_start_ms[i]))
+        a = [int(wd.count[i]), int(wd.sum_m[i]), int(wd.sum_e[i]), float(wd.min[i]), float(wd.max[i])]
+        j = at.get(k)
+        if j is not None:
+            m, e = parse_exact(rows[j][8])
+            a = merge_acc([rows[j][3], m, e, rows[j][5], rows[j][6]], a)
+        keys.append((k, j))
+        accs.append(a)
+    if not keys:
+        return rows
+    values, avgs, texts = exact_columns([int(a[0]) for a in accs], [int(a[1]) for a in accs],
+                                        [int(a[2]) for a in accs])
+    for ((d, mt, w), j), a, v, av, t in zip(keys, accs, values, avgs, texts, strict=True):
+        row = (d, mt, w, a[0], v, a[3], a[4], av, t)
+        if j is None:
+            merged.append(row)
+        else:
+            merged[j] = row
+    merged.sort(key=lambda r: (r[0], r[1], r[2]))
+    return merged[:limit]
+
+
+_seg_rows = msgspec.json.Decoder(list[tuple[Any, int, Any, Any, Any, dict[str, float | bool], Any, Any, Any]]).decode
+
 #: The writer checkpoints the WAL into the database once it holds this many pages (SQLite's default is 1,000).
 #: A commit of a small batch over many devices dirties a page per device in each table it touches (often more
 #: than 1,000), so with the default nearly every commit also checkpointed: copied its pages into the database
@@ -241,6 +331,7 @@ _ACTION_NAMES: Final = {
 
 #: The tables whose rows the writer keeps in memory between batches (:meth:`SqliteStore._forget`).
 _CACHED_TABLES: Final = frozenset({*(f"rollup_{i}" for i in INTERVALS), "device_metrics", "seq_ranges", "seqs"})
+_ROLLUP_TABLES: Final = frozenset(f"rollup_{i}" for i in INTERVALS)
 _WRITE_ACTIONS: Final = frozenset({sqlite3.SQLITE_INSERT, sqlite3.SQLITE_UPDATE, sqlite3.SQLITE_DELETE})
 
 
@@ -255,10 +346,13 @@ class _CacheWatch:
 
     def __init__(self) -> None:
         self.written: set[str] = set()
+        self.rollups = False  # a statement read or wrote a rollup table
 
     def __call__(self, action: int, arg1: str | None, arg2: str | None, db: str | None, trigger: str | None) -> int:
         if action in _WRITE_ACTIONS and arg1 in _CACHED_TABLES:
             self.written.add(arg1)
+        if arg1 in _ROLLUP_TABLES and (action in _WRITE_ACTIONS or action == sqlite3.SQLITE_READ):
+            self.rollups = True
         return sqlite3.SQLITE_OK
 
 
@@ -454,8 +548,10 @@ class SqliteStore:
     #: the sink's name (logs, stats): the hot store
     name: str = "hot"
 
-    def __init__(self, url: str, *, readonly: bool = False) -> None:
+    def __init__(self, url: str, *, readonly: bool = False, rollup_flush_ms: int = ROLLUP_FLUSH_MS) -> None:
         self.url = url
+        #: how long a batch's rollup deltas may wait in memory, merged with later batches', before they are written
+        self.rollup_flush_ms = rollup_flush_ms
         self.path = _path_of(url)
         self.readonly = readonly
         self._local = threading.local()
@@ -490,11 +586,24 @@ class SqliteStore:
         self._fold: _FoldStep | None = None  # what the open transaction's fold step did
         self._cpu: dict[str, float] = dict.fromkeys(_CPU_PARTS, 0.0)  # the open commit's CPU by part
         self._checkpointer: Checkpointer | None = None
+        # Rollup deltas of committed batches not written yet (their readings are in the segments above the mark),
+        # per interval; the mark as this writer last set it, and how many segments it added above it since.
+        self._pending: dict[str, list[WindowDeltas]] = {i: [] for i in INTERVALS}
+        self._pending_n = 0
+        self._pending_segments = 0
+        self._mark = -1
+        self._flushed_at = time.monotonic()
+        self._staged_windows: dict[str, WindowDeltas] = {}  # the open transaction's batch
+        self._staged_segments = 0
+        self._staged_mark: int | None = None  # the mark a flush in the open transaction set
+        self.rollup_flushes = 0  # flushes that wrote rollup rows
+        self.rollup_readbacks = 0  # of them, those that read the deltas back from the segments
         if not readonly:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._w = self._connect(write=True)
             self._init_schema()
             self._checkpointer = Checkpointer(self.path, _WAL_AUTOCHECKPOINT_PAGES)
+            self.flush(catch_up=True)  # a writer that stopped before it wrote its rollups: written now
         elif not self.path.exists():
             raise ConfigError(
                 f"no fieldmesh store at {self.path}: run 'fieldmesh up' first or pass --data-dir/--store-url",
@@ -543,8 +652,9 @@ class SqliteStore:
             segments.migrate_rows_table(w)  # the readings view (over a pre-segment table, if there is one)
             if row is None:
                 w.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            elif row[0] in ("1", "2", "3", "4", "5"):
-                if row[0] != "5":
+                _set_meta(w, _MARK, 0)
+            elif row[0] in ("1", "2", "3", "4", "5", "6"):
+                if row[0] in ("1", "2", "3", "4"):
                     script = (_MIGRATE_1_2 if row[0] == "1" else "") + (_MIGRATE_2_3 if row[0] in "12" else "")
                     script += _MIGRATE_3_4 if row[0] != "4" else ""
                     if any(c[1] == "origin" for c in w.execute("PRAGMA table_info(idents)")):
@@ -553,7 +663,9 @@ class SqliteStore:
                         if stmt.strip():
                             w.execute(stmt)
                     _migrate_4_5(w)
-                _migrate_5_6(w)
+                if row[0] != "6":
+                    _migrate_5_6(w)
+                _migrate_6_7(w)
             w.execute("COMMIT")
         except BaseException:
             w.execute("ROLLBACK")
@@ -577,8 +689,13 @@ class SqliteStore:
             )
 
     def close(self) -> None:
-        """Close connections."""
+        """Close connections (a writer first writes the rollup deltas it holds)."""
         if not self.readonly:
+            try:
+                self.flush()
+            except sqlite3.Error as exc:  # the segments keep them: the next writer to open the store writes them
+                log.warning("rollups not written at close (%s): the next writer to open %s writes them", exc,
+                            self.path)
             if self._checkpointer is not None:
                 self._checkpointer.close()
                 self._checkpointer = None
@@ -635,21 +752,32 @@ class SqliteStore:
         if self.readonly:
             raise FieldmeshError("this store was opened read-only")
         with self._write_lock:
-            w = self._w
-            w.execute("BEGIN IMMEDIATE")
-            watch = _CacheWatch()
-            w.set_authorizer(watch)  # (expires the prepared statements: fn's are prepared again, and seen)
-            try:
-                out = fn(_Sql(w))
-                w.execute("COMMIT")
-            except BaseException:
-                if w.in_transaction:
-                    w.execute("ROLLBACK")
-                raise
-            finally:
-                w.set_authorizer(None)
-                self._forget(watch.written)  # (rolled back: the caches are still right, and forgetting is safe)
-            return out
+            # fn met the rollup tables while this writer held deltas: they are written first, then fn runs again
+            while not (out := self._transact_once(fn)):
+                self.flush()
+            return out[0]
+
+    def _transact_once(self, fn: Callable[[SqlTxn], T]) -> list[T]:
+        """``fn`` in a transaction and its result; nothing, rolled back, if it read or wrote a rollup table while this
+        writer holds deltas not written yet (:meth:`flush`): ``fn`` must see the rollups as they are."""
+        w = self._w
+        w.execute("BEGIN IMMEDIATE")
+        watch = _CacheWatch()
+        w.set_authorizer(watch)  # (expires the prepared statements: fn's are prepared again, and seen)
+        try:
+            out = fn(_Sql(w))
+            if watch.rollups and self._pending_segments:
+                w.execute("ROLLBACK")
+                return []
+            w.execute("COMMIT")
+        except BaseException:
+            if w.in_transaction:
+                w.execute("ROLLBACK")
+            raise
+        finally:
+            w.set_authorizer(None)
+            self._forget(watch.written)  # (rolled back: the caches are still right, and forgetting is safe)
+        return [out]
 
     def _forget(self, tables: set[str]) -> None:
         """Drop the write caches of ``tables`` (changed by a :meth:`transact` function, not by a batch's merge)."""
@@ -686,29 +814,38 @@ class SqliteStore:
                     ck.tried(False)
                 else:
                     ck.tried(not busy and frames == done)
+        # After another connection's commit, the identity keys only if another writer changed them: loading them
+        # reads every stored key (seconds at tens of millions), and the API, the twins or the jobs commit here
+        # all the time.
+        if self._begin_caches(w) and self._keys is not None and _idents_mark(w) != self._keys_mark:
+            self._keys = None
+        if self._keys is None:
+            self._keys = self._load_keys(w)
+        self._fold = None
+        self._pending_metrics = set()
+        self._staged_ranges = {}
+        return self._keys
+
+    def _begin_caches(self, w: sqlite3.Connection) -> bool:
+        """``BEGIN IMMEDIATE``; drop the row caches if another connection committed (then True); nothing staged."""
         w.execute("BEGIN IMMEDIATE")
         dv = w.execute("PRAGMA data_version").fetchone()[0]
-        if dv != self._data_version:  # another connection committed: our caches may be stale
+        stale: bool = dv != self._data_version
+        if stale:  # another connection committed: our caches may be stale
             for c in self._latest.values():
                 c.clear()
             for a in self._latest_acc.values():
                 a.clear()
             self._known_metrics.clear()
             self._ranges.clear()
-            # The identity keys only if another writer changed them: loading them reads every stored key
-            # (seconds at tens of millions), and the API, the twins or the jobs commit here all the time.
-            if self._keys is not None and _idents_mark(w) != self._keys_mark:
-                self._keys = None
-        if self._keys is None:
-            self._keys = self._load_keys(w)
         for st in self._staged_latest.values():
             st.clear()
         for sa in self._staged_acc.values():
             sa.clear()
-        self._fold = None
-        self._pending_metrics = set()
-        self._staged_ranges = {}
-        return self._keys
+        self._staged_windows = {}
+        self._staged_segments = 0
+        self._staged_mark = None
+        return stale
 
     def _finish(self, w: sqlite3.Connection, claimed: NDArray[np.int64] | None, txn: _Txn) -> None:
         """After a commit: what was staged joins the caches."""
@@ -731,6 +868,15 @@ class SqliteStore:
                 self._frozen, self._recent = self._recent, RecentKeys()
                 self._frozen.compact()
                 self._keys_recent = 0
+        self._finish_rollups()
+        self._known_metrics |= self._pending_metrics
+        if len(self._ranges) + len(self._staged_ranges) > _CACHE_MAX:
+            self._ranges.clear()
+        self._ranges.update(self._staged_ranges)
+
+    def _finish_rollups(self) -> None:
+        """After a commit: the rollup rows written join the caches; the batch's deltas join those held, or a flush
+        ends them."""
         for interval, staged in self._staged_latest.items():
             latest = self._latest[interval]
             acc = self._latest_acc[interval]
@@ -739,10 +885,77 @@ class SqliteStore:
                 acc.clear()
             latest.update(staged)
             acc.update(self._staged_acc[interval])
-        self._known_metrics |= self._pending_metrics
-        if len(self._ranges) + len(self._staged_ranges) > _CACHE_MAX:
-            self._ranges.clear()
-        self._ranges.update(self._staged_ranges)
+        if self._staged_mark is not None:
+            for parts in self._pending.values():
+                parts.clear()
+            self._pending_n = self._pending_segments = 0
+            self._mark = self._staged_mark
+            self._flushed_at = time.monotonic()
+        else:
+            for interval, wd in self._staged_windows.items():
+                self._pending[interval].append(wd)
+                self._pending_n += len(wd)
+            self._pending_segments += self._staged_segments
+        self._staged_windows = {}
+        self._staged_segments = 0
+        self._staged_mark = None
+
+    def flush(self, *, catch_up: bool = False) -> bool:
+        """Write the rollup deltas this writer holds, in a transaction of its own; True if it wrote any.
+
+        A batch's window deltas wait in memory up to :attr:`rollup_flush_ms`, merged with the later batches', so
+        a window that many batches touch is written once (a batch then writes its segments, and no rollup row);
+        the batch that finds them due writes them in its own transaction. The processor also calls this when it
+        has nothing to do, and :meth:`close` does. Their readings are in the segments above the mark
+        (``meta.rollups_sid``), committed with their batch: a writer that stops without writing them (kill -9)
+        leaves them there, and the next one writes them (``catch_up``: whatever is above the mark, as a writer
+        does when it opens). :meth:`rollups` reads them from there meanwhile.
+        """
+        if self.readonly:
+            return False
+        with self._write_lock:
+            if not catch_up and not self._pending_segments:
+                return False
+            w = self._w
+            self._begin_caches(w)
+            try:
+                wrote = self._flush_in(w)
+                w.execute("COMMIT")
+            except BaseException:
+                if w.in_transaction:
+                    w.execute("ROLLBACK")
+                raise
+            self._finish_rollups()
+            return wrote
+
+    def _flush_in(self, w: sqlite3.Connection) -> bool:
+        """Merge the deltas of every segment above the mark into the rollup rows, and move the mark to the last
+        segment, in the open transaction; True if there were any.
+
+        From memory when the segments above the mark are exactly those this writer added since it set the mark
+        (held, and the open transaction's batch); else, as after another writer's segments or a crash, read back
+        from the segments.
+        """
+        mark = _meta(w, _MARK, 0)
+        top = w.execute("SELECT coalesce(max(sid), 0) FROM segments").fetchone()[0]
+        self._staged_mark = top
+        if top <= mark:  # nothing above the mark (what this writer held, another one wrote)
+            if top < mark:  # (cannot happen while sids count up; a mark above them would hide new segments)
+                _set_meta(w, _MARK, top)
+            return False
+        if mark == self._mark and top - mark == self._pending_segments + self._staged_segments:
+            parts = {i: [*self._pending[i], *([wd] if (wd := self._staged_windows.get(i)) is not None else [])]
+                     for i in INTERVALS}
+            windows = {i: combine_windows(p) for i, p in parts.items()}
+        else:
+            windows = segment_windows(w, "s.sid > ?", (mark,))
+            self.rollup_readbacks += 1
+        for interval, wd in windows.items():
+            if len(wd):
+                self._merge_rollups(w, interval, wd)
+        _set_meta(w, _MARK, top)
+        self.rollup_flushes += 1
+        return True
 
     def _write_result(self, w: sqlite3.Connection, r: BatchResult, now: int, claimed: int) -> None:
         """Everything of a decided batch but the claims (made by ``build``), in the open transaction."""
@@ -756,13 +969,16 @@ class SqliteStore:
         cpu, clock = self._cpu, time.thread_time
         c0 = clock()
         if len(new):
-            segments.append(w, new, r.store_key, now)
+            self._staged_segments = segments.append(w, new, r.store_key, now)
             cpu["segments"] += (c1 := clock()) - c0
             gaps = self._update_gaps(w, seq_batch(new))
             cpu["gaps"] += (c0 := clock()) - c1
-        for interval, wd in r.windows.items():
-            if len(wd):
-                self._merge_rollups(w, interval, wd)
+        self._staged_windows = {i: wd for i, wd in r.windows.items() if len(wd)}
+        if self._staged_segments and (
+            time.monotonic() - self._flushed_at >= self.rollup_flush_ms / 1000
+            or self._pending_n + sum(map(len, self._staged_windows.values())) > _PENDING_MAX
+        ):
+            self._flush_in(w)
         cpu["rollups"] += (c1 := clock()) - c0
         if len(r.devices):
             self._update_devices(w, device_aggs(r.devices), r.devices.metric_pairs)
@@ -1115,9 +1331,33 @@ class SqliteStore:
         end_ms: int | None,
         limit: int,
     ) -> list[dict[str, Any]]:
-        """Rollup rows ordered by device, metric, window."""
+        """Rollup rows ordered by device, metric, window; with the deltas not written yet (:meth:`flush`) merged in.
+
+        One statement reads the rows and the segments above the mark (one snapshot): the rows it returns, and the
+        readings whose deltas they lack.
+        """
         sql, params = rollup_query(interval, device_id, metric, start_ms, end_ms, limit, ph="?")
-        return [rollup_row(*r) for r in self._reader().execute(sql, params)]
+        sql = sql.replace("count, sum, min, max, avg FROM", "count, sum, min, max, avg, sum_exact, NULL FROM", 1)
+        tail = ("SELECT s.device_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, s.rows FROM segments s"
+                f" WHERE s.sid > (SELECT CAST(value AS INTEGER) FROM meta WHERE key = '{_MARK}')")
+        targs: list[Any] = []
+        if device_id is not None:
+            tail += " AND s.device_id = ?"
+            targs.append(device_id)
+        if start_ms is not None:  # a window from start_ms on holds readings from start_ms on
+            tail += " AND s.max_ts_ms >= ?"
+            targs.append(start_ms)
+        rows: list[tuple[Any, ...]] = []
+        segs: list[tuple[str, str]] = []
+        for r in self._reader().execute(f"SELECT * FROM ({sql}) UNION ALL {tail}", (*params, *targs)):
+            if r[9] is None:
+                rows.append(r)
+            else:
+                segs.append((r[0], r[9]))
+        rows.sort(key=lambda r: (r[0], r[1], r[2]))  # (as the subquery ordered them, whatever UNION ALL does)
+        if segs:
+            rows = _merge_tail(rows, segs, interval, metric, start_ms, end_ms, limit)
+        return [rollup_row(*r[:8]) for r in rows]
 
     def dlq(self, *, reason: str | None, limit: int) -> list[dict[str, Any]]:
         """Dead letters, newest first; payloads as text where they are UTF-8."""
@@ -1130,7 +1370,10 @@ class SqliteStore:
         return [dlq_row(*r) for r in self._reader().execute(sql, (*params, limit))]
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> QueryResult:
-        """Run one read-only SQL statement; one that could touch a file is refused before it runs."""
+        """Run one read-only SQL statement; one that could touch a file is refused before it runs. A writer first
+        writes the rollup deltas it holds (:meth:`flush`)."""
+        if not self.readonly:
+            self.flush()
         con = self._reader() if self.readonly else self._connect(write=False)
         guard: _ReadOnlyGuard | None = getattr(con, "guard", None)
         if guard is not None:

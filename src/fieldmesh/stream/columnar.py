@@ -44,7 +44,7 @@ from fieldmesh.core.topics import DLQ_TOPIC
 from fieldmesh.stream.base import Claim, DecodedBatch, EnrichFn, StreamState
 from fieldmesh.stream.reference import KEY_SPACE, WINDOW_MS, corrupt_dead_letter, with_enrichment
 
-__all__ = ["decide", "decode", "settle"]
+__all__ = ["combine_windows", "decide", "decode", "settle", "window_deltas"]
 
 _I64 = NDArray[np.int64]
 #: Limb split of the exact sums: the low limb holds 31 bits per value, so a group of fewer than 2**32
@@ -268,6 +268,54 @@ def settle(
         dead_letters=tuple(dead_letters),
         counts=counts,
         corrupt=corrupt,
+    )
+
+
+def window_deltas(readings: ReadingColumns, intervals: Mapping[str, int]) -> dict[str, WindowDeltas]:
+    """Exact window deltas of every interval from ``readings`` (what :func:`settle` gives for its new readings).
+
+    For a store that rebuilds the deltas of readings it holds (its rollup rows written later than the readings).
+    """
+    return _windows(readings, intervals, (_name_rank(readings.devices), _name_rank(readings.metrics)))
+
+
+def combine_windows(parts: Sequence[WindowDeltas]) -> WindowDeltas:
+    """The deltas of ``parts`` (one interval, several batches) merged: one entry per (device, metric, window).
+
+    Counts add, minima and maxima reduce, exact sums add exactly (each group's mantissas shifted to its lowest
+    exponent, as Python ints); entries come out sorted by (device, metric, window_start_ms), as a batch's do.
+    """
+    parts = [p for p in parts if len(p)]
+    if len(parts) <= 1:
+        if parts:
+            return parts[0]
+        e = np.empty(0, np.int64)
+        return WindowDeltas("", 0, _objects([]), _objects([]), e, e, _objects([]), e,
+                            np.empty(0, np.float64), np.empty(0, np.float64))
+    first = parts[0]
+
+    def cat(name: str) -> NDArray[Any]:
+        return np.concatenate([getattr(p, name) for p in parts])
+
+    device, metric, ws = cat("device"), cat("metric"), cat("window_start_ms")
+    dev_names, dcode = np.unique(device, return_inverse=True)
+    met_names, mcode = np.unique(metric, return_inverse=True)
+    order = np.lexsort((ws, mcode.reshape(-1), dcode.reshape(-1)))
+    d, mt, w = dcode.reshape(-1)[order], mcode.reshape(-1)[order], ws[order]
+    starts = np.flatnonzero(np.r_[True, (d[1:] != d[:-1]) | (mt[1:] != mt[:-1]) | (w[1:] != w[:-1])])
+    count = np.add.reduceat(cat("count")[order], starts)
+    lo = np.minimum.reduceat(cat("min")[order], starts)
+    hi = np.maximum.reduceat(cat("max")[order], starts)
+    sum_m, sum_e = cat("sum_m")[order], cat("sum_e")[order]
+    emin = np.minimum.reduceat(sum_e, starts)
+    group = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, len(order)]))
+    shift = sum_e - emin[group]  # >= 0: every mantissa shifted to its group's lowest exponent, exactly
+    wide = np.asarray(sum_m, dtype=object) << shift.astype(object)
+    sums = np.add.reduceat(wide, starts) if len(wide) else wide
+    return WindowDeltas(
+        interval=first.interval, width_ms=first.width_ms, device=dev_names[d[starts]], metric=met_names[mt[starts]],
+        window_start_ms=w[starts], count=count.astype(np.int64), sum_m=np.asarray(sums, dtype=object),
+        sum_e=emin.astype(np.int64), min=lo, max=hi,
     )
 
 

@@ -372,6 +372,8 @@ class Processor:
             try:
                 while not stop.is_set():
                     recs = await consumer.fetch(s.fetch_max, s.fetch_timeout_s, max_bytes=s.fetch_max_bytes)
+                    if not recs:  # nothing came: what the store deferred is written now (the apply thread's turn)
+                        await loop.run_in_executor(executor, self._idle)
                     await queue.put(recs)
                     if not recs or consumer.behind() is False:  # caught up with the bus
                         await queue.park()
@@ -424,6 +426,16 @@ class Processor:
             tg.create_task(fetcher(), name="processor-fetch")
             tg.create_task(applier(), name="processor-apply")
             tg.create_task(acker(), name="processor-ack")
+
+    def _idle(self) -> None:
+        """The bus had nothing: the hot store writes what it deferred (:meth:`~fieldmesh.store.base.HotStore.flush`);
+        a store outage is left to the next batch, which meets it and retries."""
+        try:
+            self.store.flush()
+        except Exception as exc:
+            if not _retryable(exc):
+                raise
+            log.warning("idle flush of the hot store failed: %s; the next batch or idle moment tries again", exc)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set; finishes the batch in hand before returning."""
