@@ -468,3 +468,26 @@ def test_event_times_far_apart(rows: list[tuple[str, int, str, Any, int]], seed:
     ref = reference.decide(reference.decode(records, state), state, ref_claims, grace_ms=0, intervals=intervals)
     col = columnar.decide(columnar.decode(records, state), state, col_claims, grace_ms=0, intervals=intervals)
     assert_same(col, ref)
+
+
+def _window_rows(w: WindowDeltas) -> list[tuple[Any, ...]]:
+    return [(w.device[i], w.metric[i], int(w.window_start_ms[i]), int(w.count[i]),
+             format_exact(int(w.sum_m[i]), int(w.sum_e[i])), float(w.min[i]), float(w.max[i])) for i in range(len(w))]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_items(values), st.lists(st.integers(1, 8), min_size=1, max_size=6))
+def test_windows_combined_over_batches_equal_the_windows_of_all(
+    items: list[tuple[str, dict[str, Any]]], sizes: list[int]
+) -> None:
+    """What a store holds over several batches (their deltas combined) equals the deltas of all their readings at
+    once: the same entries, sorted alike, exact sums included."""
+    rs = _readings(items)
+    parts, i, k = [], 0, 0
+    while i < len(rs):
+        parts.append(ReadingColumns.from_readings(rs[i : i + sizes[k % len(sizes)]]))
+        i, k = i + sizes[k % len(sizes)], k + 1
+    whole = columnar.window_deltas(ReadingColumns.from_readings(rs), INTERVALS)
+    for name in INTERVALS:
+        combined = columnar.combine_windows([columnar.window_deltas(p, INTERVALS)[name] for p in parts])
+        assert _window_rows(combined) == _window_rows(whole[name])

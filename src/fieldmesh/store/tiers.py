@@ -246,9 +246,20 @@ def prune(store: HotStore, *, settings: RetentionSettings, lake: LakeCopy | None
     return out
 
 
+#: The last segment a prune may delete: rolled up (``meta.rollups_sid``), and not the last one.
+_SEGMENTS_ROLLED_UP: Final = (
+    "SELECT min(coalesce((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'rollups_sid'), 0),"
+    " coalesce((SELECT max(sid) FROM segments), 0) - 1)"
+)
+
+
 def _prune_segments(store: HotStore, cut: int, lake: LakeCopy | None, dry: bool, run: Transact) -> TierReport:
     """SQLite: raw readings live in segments (:mod:`fieldmesh.store.segments`); whole segments older than the
-    cut go, when every reading in them is in the lake."""
+    cut go, when every reading in them is in the lake.
+
+    Never a segment whose readings are not in the rollup rows yet (above ``meta.rollups_sid``: the writer holds
+    their deltas, or reads them back from there), nor the last segment (``sid`` must keep counting up); those
+    are held, and go at a later prune."""
     # devices drive the join so that the (device_id, max_ts_ms) index picks each device's old segments
     segs = _read(store, "SELECT s.sid, s.min_ts_ms, s.max_ts_ms, s.n FROM devices d JOIN segments s"
                         " ON s.device_id = d.device_id AND s.max_ts_ms < ? ORDER BY s.max_ts_ms", [cut])
@@ -256,6 +267,8 @@ def _prune_segments(store: HotStore, cut: int, lake: LakeCopy | None, dry: bool,
     if not segs:
         return TierReport("raw", cut, 0, 0, 0, dry)
     arr = np.array(segs, dtype=np.int64)
+    ((upto,),) = _read(store, _SEGMENTS_ROLLED_UP, [])
+    arr = arr[arr[:, 0] <= int(upto)]
     deleted = 0
     day = arr[:, 2] // _DAY_MS
     for d in np.unique(day).tolist():
@@ -282,7 +295,8 @@ def _prune_segments(store: HotStore, cut: int, lake: LakeCopy | None, dry: bool,
                 part = msgspec.json.encode(ok[s : s + _CHUNK].tolist()).decode()
 
                 def delete(tx: SqlTxn, part: str = part) -> None:
-                    tx.execute("DELETE FROM segments WHERE sid IN (SELECT value FROM json_each(?))", [part])
+                    tx.execute(f"DELETE FROM segments WHERE sid IN (SELECT value FROM json_each(?))"
+                               f" AND sid <= ({_SEGMENTS_ROLLED_UP})", [part])
 
                 run(delete)
         deleted += n_ok
