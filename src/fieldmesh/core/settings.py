@@ -101,6 +101,11 @@ class ProcessorSettings(BaseModel, frozen=True):
         5, ge=0, le=1000, description=(
             "caught up with the bus, a batch starts at least this long after the one before, so it holds what "
             "arrived meanwhile: fewer, larger transactions (less CPU at part load) for up to this much latency"))
+    rollup_flush_ms: int = Field(
+        1000, ge=0, le=60_000, description=(
+            "SQLite: how long the writer holds the batches' rollup deltas before it writes them, merged (also when "
+            "the bus is empty); SQL over the rollup tables lags by up to this, the API's rollups do not. 0: each "
+            "batch writes its own"))
 
 
 class AlertSettings(BaseModel, frozen=True):

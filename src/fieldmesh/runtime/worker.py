@@ -186,7 +186,7 @@ async def run_processor(
         sinks.extend(lake.views())
         log.info("lake: committing to %s every %gs at most (writer %s)", settings.lake.url or f"{lake_dir}/lake",
                  settings.lake.commit_interval_s, _writer(partitions) or "alone")
-    store = load_store(store_url)
+    store = load_store(store_url, rollup_flush_ms=settings.processor.rollup_flush_ms)
     notifier = None
     lineage = open_lineage(settings, store_url)
     rules_file = None

@@ -15,16 +15,20 @@ def default_store_url(data_dir: Path) -> str:
     return f"sqlite:///{(data_dir / 'store.db').resolve()}"
 
 
-def load_store(url: str, *, readonly: bool = False) -> HotStore:
+def load_store(url: str, *, readonly: bool = False, rollup_flush_ms: int | None = None) -> HotStore:
     """Open the hot store at ``url``: ``sqlite:///path`` or ``postgresql://...``.
 
-    ``readonly`` opens a reader that never takes the write lock (API, ``fieldmesh query``).
+    ``readonly`` opens a reader that never takes the write lock (API, ``fieldmesh query``). ``rollup_flush_ms``:
+    how long SQLite's writer may hold rollup deltas before it writes them (its default when None; PostgreSQL
+    writes each batch's).
     """
     scheme = url.split("://", 1)[0].lower()
     if scheme == "sqlite":
         from fieldmesh.store.sqlite import SqliteStore
 
-        return SqliteStore(url, readonly=readonly)
+        if rollup_flush_ms is None:
+            return SqliteStore(url, readonly=readonly)
+        return SqliteStore(url, readonly=readonly, rollup_flush_ms=rollup_flush_ms)
     if scheme in ("postgresql", "postgres"):
         try:
             from fieldmesh.store.postgres import PostgresStore  # type: ignore[import-not-found,unused-ignore]
