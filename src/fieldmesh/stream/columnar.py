@@ -298,25 +298,62 @@ def combine_windows(parts: Sequence[WindowDeltas]) -> WindowDeltas:
         return np.concatenate([getattr(p, name) for p in parts])
 
     device, metric, ws = cat("device"), cat("metric"), cat("window_start_ms")
-    dev_names, dcode = np.unique(device, return_inverse=True)
-    met_names, mcode = np.unique(metric, return_inverse=True)
-    order = np.lexsort((ws, mcode.reshape(-1), dcode.reshape(-1)))
-    d, mt, w = dcode.reshape(-1)[order], mcode.reshape(-1)[order], ws[order]
+    dev_names, dcode = _codes_by_name(device)
+    met_names, mcode = _codes_by_name(metric)
+    order = np.lexsort((ws, mcode, dcode))
+    d, mt, w = dcode[order], mcode[order], ws[order]
     starts = np.flatnonzero(np.r_[True, (d[1:] != d[:-1]) | (mt[1:] != mt[:-1]) | (w[1:] != w[:-1])])
     count = np.add.reduceat(cat("count")[order], starts)
     lo = np.minimum.reduceat(cat("min")[order], starts)
     hi = np.maximum.reduceat(cat("max")[order], starts)
     sum_m, sum_e = cat("sum_m")[order], cat("sum_e")[order]
     emin = np.minimum.reduceat(sum_e, starts)
-    group = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, len(order)]))
-    shift = sum_e - emin[group]  # >= 0: every mantissa shifted to its group's lowest exponent, exactly
-    wide = np.asarray(sum_m, dtype=object) << shift.astype(object)
-    sums = np.add.reduceat(wide, starts) if len(wide) else wide
     return WindowDeltas(
         interval=first.interval, width_ms=first.width_ms, device=dev_names[d[starts]], metric=met_names[mt[starts]],
-        window_start_ms=w[starts], count=count.astype(np.int64), sum_m=np.asarray(sums, dtype=object),
+        window_start_ms=w[starts], count=count.astype(np.int64), sum_m=_shifted_sums(sum_m, sum_e, emin, starts),
         sum_e=emin.astype(np.int64), min=lo, max=hi,
     )
+
+
+def _codes_by_name(names: NDArray[np.object_]) -> tuple[NDArray[np.object_], NDArray[np.int64]]:
+    """The distinct strings of ``names`` sorted, and each entry's index among them (a dict look-up an entry, in C:
+    sorting the object array itself compares Python strings, several times slower)."""
+    distinct = sorted(dict.fromkeys(names.tolist()))
+    rank = {n: i for i, n in enumerate(distinct)}
+    return _objects(distinct), np.fromiter(map(rank.__getitem__, names.tolist()), np.int64, len(names))
+
+
+def _shifted_sums(sum_m: NDArray[np.object_], sum_e: _I64, emin: _I64, starts: NDArray[np.intp]) -> NDArray[np.object_]:
+    """Per group (entries from each of ``starts``): the exact sum of ``sum_m[i] * 2**sum_e[i]`` as a mantissa of
+    ``2**emin``. In int64 where no partial sum can overflow (each mantissa shifted below 2**(62 - bitlen(n)) for
+    ``n`` entries in the group), else as Python ints."""
+    n = len(sum_m)
+    group = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, n]))
+    shift = sum_e - emin[group]  # >= 0: each mantissa shifted to its group's lowest exponent, exactly
+    out = np.empty(len(starts), dtype=object)
+    try:
+        m64 = np.array(sum_m.tolist(), dtype=np.int64)
+    except OverflowError:  # a mantissa of 64 bits or more: all as Python ints
+        m64 = None
+    if m64 is not None:
+        size = np.diff(np.r_[starts, n])
+        room = 62 - np.frexp(size.astype(np.float64))[1]  # bits a shifted mantissa may have in its group
+        bits = np.frexp(np.abs(m64).astype(np.float64))[1] + shift  # (rounding up: never under the true length)
+        fits = np.ones(len(starts), dtype=np.bool_)
+        np.logical_and.at(fits, group, bits <= room[group])
+        small = fits[group]
+        sums = np.add.reduceat(np.where(small, m64 << np.where(small, shift, 0), 0), starts)
+        out[fits] = sums[fits].tolist()
+        if fits.all():
+            return out
+        rest = ~fits
+    else:
+        rest = np.ones(len(starts), dtype=np.bool_)
+    sel = rest[group]
+    wide = np.zeros(n, dtype=object)
+    wide[sel] = np.asarray(sum_m, dtype=object)[sel] << shift[sel].astype(object)
+    out[rest] = np.add.reduceat(wide, starts)[rest]
+    return out
 
 
 def _objects(values: Sequence[Any]) -> NDArray[np.object_]:
