@@ -345,7 +345,7 @@ class Processor:
             return d.result
         raise AssertionError("unreachable: build always raises")
 
-    async def _loop(self, consumer: Consumer, stop: asyncio.Event) -> None:
+    async def _loop(self, consumer: Consumer, stop: asyncio.Event, *, readings: bool = True) -> None:
         """Fetch and apply in a two-stage pipeline: the next batch is fetched while one is applied.
 
         Fetches are sized in bytes (``fetch_max_bytes``); the fetcher waits while the queue holds more
@@ -372,7 +372,7 @@ class Processor:
             try:
                 while not stop.is_set():
                     recs = await consumer.fetch(s.fetch_max, s.fetch_timeout_s, max_bytes=s.fetch_max_bytes)
-                    if not recs:  # nothing came: what the store deferred is written now (the apply thread's turn)
+                    if not recs and readings:  # nothing came: the store writes what it deferred (in the apply thread)
                         await loop.run_in_executor(executor, self._idle)
                     await queue.put(recs)
                     if not recs or consumer.behind() is False:  # caught up with the bus
@@ -430,12 +430,15 @@ class Processor:
     def _idle(self) -> None:
         """The bus had nothing: the hot store writes what it deferred (:meth:`~fieldmesh.store.base.HotStore.flush`);
         a store outage is left to the next batch, which meets it and retries."""
+        c0 = time.thread_time()
         try:
             self.store.flush()
         except Exception as exc:
             if not _retryable(exc):
                 raise
             log.warning("idle flush of the hot store failed: %s; the next batch or idle moment tries again", exc)
+        finally:
+            _CPU_COUNTERS["store"].inc(time.thread_time() - c0)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set; finishes the batch in hand before returning."""
@@ -453,8 +456,8 @@ class Processor:
             self.on_running()
         try:
             async with asyncio.TaskGroup() as tg:
-                for c in consumers:
-                    tg.create_task(self._loop(c, stop), name=f"processor-{c!r}")
+                for i, c in enumerate(consumers):  # (the first: the readings; then the dead letters')
+                    tg.create_task(self._loop(c, stop, readings=i == 0), name=f"processor-{c!r}")
                 if self.alerts is not None:
                     tg.create_task(self._alert_ticks(stop), name="processor-alert-ticks")
         finally:
