@@ -124,6 +124,9 @@ def throughput(records: list[BusRecord], n_readings: int, rules: bool, fetch_max
         c0, w0 = time.process_time(), time.perf_counter()
         for s in range(0, len(records), fetch_max):
             proc.apply_records(records[s:s + fetch_max])
+        flush = getattr(store, "flush", None)  # what the store still holds is written, timed (older code: none)
+        if flush is not None:
+            flush()
         cpu, wall = time.process_time() - c0, time.perf_counter() - w0
         opened = engine.stats.opened if engine else 0
         cleared = engine.stats.cleared if engine else 0
@@ -458,6 +461,7 @@ def main() -> None:
     ap.add_argument("--devices", type=int, default=10_000)
     ap.add_argument("--rate", type=float, help="part 2 at this many readings/s instead of half the maximum")
     ap.add_argument("--latency-only", action="store_true", help="part 2 only")
+    ap.add_argument("--throughput-only", action="store_true", help="part 1 only")
     ap.add_argument("--rounds", type=int, default=3, help="part 1: pairs without and with rules, alternated")
     ap.add_argument("--targets", action="store_true",
                     help="part 1: each rule with a webhook target (an outbox row per transition, none delivered)")
@@ -547,6 +551,8 @@ def main() -> None:
     ratio = statistics.median(ratios)
     print(f"  throughput with/without, median of {len(ratios)} pairs: {ratio:.2f} (cost {1 - ratio:.0%}; "
           f"target cost <= 20%: {'met' if 1 - ratio <= 0.20 else 'NOT met'})")
+    if args.throughput_only:
+        return
     del msgs, sent, records  # part 1's millions of objects: the publisher's collector would walk them in part 2
     print("part 2: event -> webhook at half the maximum rate, 1,000 devices, processor process + nats-server + "
           "receiver", flush=True)

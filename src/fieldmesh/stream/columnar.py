@@ -303,6 +303,12 @@ def combine_windows(parts: Sequence[WindowDeltas]) -> WindowDeltas:
     order = np.lexsort((ws, mcode, dcode))
     d, mt, w = dcode[order], mcode[order], ws[order]
     starts = np.flatnonzero(np.r_[True, (d[1:] != d[:-1]) | (mt[1:] != mt[:-1]) | (w[1:] != w[:-1])])
+    if len(starts) == len(order):  # no window in two parts (a backlog's batches, each device in one): reordered
+        return WindowDeltas(
+            interval=first.interval, width_ms=first.width_ms, device=dev_names[d], metric=met_names[mt],
+            window_start_ms=w, count=cat("count")[order], sum_m=cat("sum_m")[order], sum_e=cat("sum_e")[order],
+            min=cat("min")[order], max=cat("max")[order],
+        )
     count = np.add.reduceat(cat("count")[order], starts)
     lo = np.minimum.reduceat(cat("min")[order], starts)
     hi = np.maximum.reduceat(cat("max")[order], starts)
