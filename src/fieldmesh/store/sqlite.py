@@ -55,8 +55,10 @@ SCHEMA_VERSION: Final = 7
 #: How long the writer keeps a batch's rollup deltas in memory before it writes them, merged with the batches'
 #: after it (ms; :meth:`SqliteStore.flush`). 0: each batch writes its own.
 ROLLUP_FLUSH_MS: Final = 1000
-#: Window deltas held in memory before a flush whatever the time (bounds the writer's memory in a backlog).
-_PENDING_MAX: Final = 250_000
+#: Window deltas held in memory before a flush whatever the time: bounds the writer's memory in a backlog (about
+#: 100 bytes an entry, three times that while they are merged; at 250,000 the processor's peak RSS under
+#: `bench/e2e.py --overload 60` was 304 MB against 291 without deferral).
+_PENDING_MAX: Final = 50_000
 #: ``idents_recent`` is folded into ``idents_blocks`` once it holds this many keys and an eighth as many as it
 #: (or ``_FOLD_MAX``: the writer holds its keys in memory, 24 bytes each).
 _FOLD_MIN: Final = 131_072
