@@ -154,6 +154,24 @@ def test_windows_take_the_difference_since_window_s_ago() -> None:
     assert {s.labels["slo"]: s.value for s in fams["fieldmesh_slo_threshold_seconds"].samples} == {"lat": 1.0}
 
 
+def test_a_latency_window_younger_than_the_run_counts_what_came_before_the_first_round() -> None:
+    """The histogram starts with the run: readings stored before the evaluator's first round are in the window."""
+    slos = parse_slos([{"name": "lat", "kind": "latency", "max_s": 1, "objective": 0.9, "window_s": 60}])
+    clock = Clock()
+    bounds = [0.5, 1.0, 2.0, math.inf]
+    lat: list[Any] = [(bounds, [240.0, 241.0, 241.0, 241.0])]
+    ev = SloEvaluator(slos, last_seen=dict, latency=lambda: lat[0], counters=StoreStats, clock=clock)
+    (a,) = ev.evaluate()
+    assert a.events == 241 and a.good_ratio == 1.0 and a.ok
+    clock.t += 30
+    (a,) = ev.evaluate()
+    assert a.events == 241
+    clock.t += 61  # older than the window now: only what came since the round a minute ago
+    lat[0] = (bounds, [250.0, 251.0, 251.0, 251.0])
+    (a,) = ev.evaluate()
+    assert a.events == 10
+
+
 def test_freshness_counts_selected_devices_now() -> None:
     slos = parse_slos([_fresh(objective=0.75, devices=["pump-*"])])
     clock = Clock()

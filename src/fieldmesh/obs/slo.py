@@ -283,6 +283,10 @@ class SloEvaluator:
                 out.append(self._freshness(slo, seen, now))
             elif slo.kind == "latency":
                 then, _ = self._at(now, slo.window_s)
+                if self._history[0][0] > now - slo.window_s:
+                    # younger than the window: every event of the run is in it (the histogram starts with the run;
+                    # the first round may come after readings were stored, which its snapshot would hide)
+                    then = None
                 out.append(self._latency(slo, lat, then))
             else:
                 _, then_cnt = self._at(now, slo.window_s)
