@@ -31,30 +31,27 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 _HOLD = 3_600_000  # a flush interval no test reaches: only what the test does writes the rollups
 
 
-def _table(path: Path, interval: str) -> dict[tuple[str, str, int], tuple[Any, ...]]:
-    """The rollup rows as the table holds them (another connection, as `fieldmesh query` reads them)."""
+def _rows(path: Path, sql: str) -> list[tuple[Any, ...]]:
+    """Rows of ``sql`` on the file itself (another connection, as `fieldmesh query` reads it)."""
     con = sqlite3.connect(path)
     try:
-        return {(r[0], r[1], r[2]): r[3:] for r in con.execute(
-            f"SELECT device_id, metric, window_start_ms, count, sum, min, max, avg, sum_exact FROM rollup_{interval}")}
+        return con.execute(sql).fetchall()
     finally:
         con.close()
+
+
+def _table(path: Path, interval: str) -> dict[tuple[str, str, int], tuple[Any, ...]]:
+    """The rollup rows as the table holds them."""
+    cols = "device_id, metric, window_start_ms, count, sum, min, max, avg, sum_exact"
+    return {(r[0], r[1], r[2]): r[3:] for r in _rows(path, f"SELECT {cols} FROM rollup_{interval}")}
 
 
 def _mark(path: Path) -> int:
-    con = sqlite3.connect(path)
-    try:
-        return int(con.execute("SELECT value FROM meta WHERE key = 'rollups_sid'").fetchone()[0])
-    finally:
-        con.close()
+    return int(_rows(path, "SELECT value FROM meta WHERE key = 'rollups_sid'")[0][0])
 
 
 def _top(path: Path) -> int:
-    con = sqlite3.connect(path)
-    try:
-        return int(con.execute("SELECT coalesce(max(sid), 0) FROM segments").fetchone()[0])
-    finally:
-        con.close()
+    return int(_rows(path, "SELECT coalesce(max(sid), 0) FROM segments")[0][0])
 
 
 def _all(store: HotStore, interval: str, **kw: Any) -> list[dict[str, Any]]:
@@ -280,12 +277,7 @@ def test_a_prune_keeps_the_segments_not_rolled_up_and_the_last(tmp_path: Path) -
         # the writer holding the deltas wrote them first (its reads do): all but the last segment went
         assert _mark(path) == top
         assert raw.deleted > 0 and raw.held > 0
-        con = sqlite3.connect(path)
-        try:
-            assert con.execute("SELECT count(*), max(sid) FROM segments").fetchone() == (1, top)
-        finally:
-            con.close()
-        commit_in_chunks(store, records(rs[:5], [5], start=10_000), 1)  # (already stored: duplicates, no segment)
+        assert _rows(path, "SELECT count(*), max(sid) FROM segments") == [(1, top)]
         _, more = sent(11, n=20)
         commit_in_chunks(store, records(more, [20], start=20_000), 1)
         assert _top(path) > top  # numbered after the last, above the mark

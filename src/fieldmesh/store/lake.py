@@ -54,6 +54,7 @@ from fieldmesh.core.model import DeadLetter
 from fieldmesh.core.settings import LakeSettings
 from fieldmesh.obs import tracing
 from fieldmesh.store.rollup import exact_columns
+from fieldmesh.stream.columnar import combine_windows
 from fieldmesh.stream.featureviews import FeatureRow
 
 if TYPE_CHECKING:
@@ -579,47 +580,17 @@ class _Accs:
         return _Accs(*(getattr(self, f)[rows] for f in self.__slots__))
 
 
-def _codes(values: NDArray[np.object_]) -> tuple[NDArray[np.object_], NDArray[np.int32]]:
-    """Distinct strings and each value's index among them (arrow's hash-based dictionary encoding: no sort)."""
-    import pyarrow as pa
-
-    enc = pa.array(values, pa.large_string()).dictionary_encode()
-    distinct = np.empty(len(enc.dictionary), dtype=object)
-    distinct[:] = enc.dictionary.to_pylist()
-    return distinct, np.asarray(enc.indices.to_numpy(), dtype=np.int32)
-
-
 def _merge(parts: list[_Accs]) -> _Accs | None:
-    """One accumulator per key of ``parts``, merged exactly (columns at once: the exact sums are shifted to
-    their group's lowest exponent and added by numpy's object loops, not a Python step per entry)."""
+    """One accumulator per key of ``parts``, merged exactly (:func:`~fieldmesh.stream.columnar.combine_windows`:
+    columns at once, the exact sums shifted to their group's lowest exponent)."""
     parts = [p for p in parts if len(p)]
     if not parts:
         return None
-
-    def cat(name: str) -> Any:
-        return np.concatenate([getattr(p, name) for p in parts])
-
-    device, metric, ws = cat("device"), cat("metric"), cat("window_start_ms")
-    dev_u, dev_i = _codes(device)
-    met_u, met_i = _codes(metric)
-    order = np.lexsort((ws, met_i, dev_i))
-    d, mt, w = dev_i[order], met_i[order], ws[order]
-    first = np.ones(len(order), dtype=bool)
-    first[1:] = (d[1:] != d[:-1]) | (mt[1:] != mt[:-1]) | (w[1:] != w[:-1])
-    idx = np.flatnonzero(first)
-    group = np.cumsum(first) - 1
-    e = cat("e")[order].astype(np.int64)
-    e_min = np.minimum.reduceat(e, idx)
-    m = cat("m")[order]
-    shift = e - e_min[group]
-    if shift.any():
-        m = np.left_shift(m, shift.astype(object))
-    return _Accs(
-        dev_u[d[idx]].astype(object), met_u[mt[idx]].astype(object), w[idx],
-        np.add.reduceat(cat("count")[order].astype(np.int64), idx), np.add.reduceat(m, idx), e_min,
-        np.minimum.reduceat(cat("min")[order].astype(np.float64), idx),
-        np.maximum.reduceat(cat("max")[order].astype(np.float64), idx),
-    )
+    return _Accs.of(combine_windows([
+        WindowDeltas("", 0, p.device, p.metric, p.window_start_ms, p.count.astype(np.int64), p.m,
+                     p.e.astype(np.int64), p.min.astype(np.float64), p.max.astype(np.float64))
+        for p in parts
+    ]))
 
 
 def _merged_chunks(parts: list[_Accs], old: pa.Table | None = None, rows: int = _MERGE_ROWS) -> Iterator[_Accs]:

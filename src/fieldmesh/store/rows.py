@@ -41,9 +41,10 @@ def where_clause(
 
 def rollup_query(
     interval: str, device_id: str | None, metric: str | None, start_ms: int | None, end_ms: int | None,
-    limit: int, *, ph: str,
+    limit: int, *, ph: str, extra: str = "",
 ) -> tuple[str, list[Any]]:
-    """SQL and parameters of a rollup read (tables ``rollup_1m``/``rollup_1h``); ``ph`` is the placeholder."""
+    """SQL and parameters of a rollup read (tables ``rollup_1m``/``rollup_1h``); ``ph`` is the placeholder,
+    ``extra`` more columns after the row's (``, col, ...``)."""
     if interval not in INTERVALS:
         raise ConfigError(f"interval must be one of {sorted(INTERVALS)}", key="interval")
     where, params = where_clause(device_id, start_ms, end_ms, col="window_start_ms", ph=ph)
@@ -51,7 +52,7 @@ def rollup_query(
         where.append(f"metric = {ph}")
         params.append(metric)
     sql = (
-        f"SELECT device_id, metric, window_start_ms, count, sum, min, max, avg FROM rollup_{interval}"
+        f"SELECT device_id, metric, window_start_ms, count, sum, min, max, avg{extra} FROM rollup_{interval}"
         + (" WHERE " + " AND ".join(where) if where else "")
         + f" ORDER BY device_id, metric, window_start_ms LIMIT {ph}"
     )

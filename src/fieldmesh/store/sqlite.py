@@ -15,7 +15,9 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Final, NamedTuple, TypeVar
 
@@ -230,11 +232,11 @@ def _segment_readings(segs: Iterable[tuple[str, str]]) -> ReadingColumns:
     devices: list[str] = []
     ts: list[int] = []
     measurements: list[dict[str, float | bool]] = []
-    for dev, rows in segs:
-        for r in _seg_rows(rows):
-            devices.append(dev)
-            ts.append(r[1])
-            measurements.append(r[5])
+    for dev, rows in segs:  # a segment at a time, its readings' fields taken by C iterators
+        readings = _seg_rows(rows)
+        devices += [dev] * len(readings)
+        ts += map(_TS, readings)
+        measurements += map(_MEASUREMENTS, readings)
     n = len(ts)
     zeros: list[int] = [0] * n
     nones: list[Any] = [None] * n
@@ -284,6 +286,7 @@ def _merge_tail(
     return merged[:limit]
 
 
+_TS, _MEASUREMENTS = itemgetter(1), itemgetter(5)
 _seg_rows = msgspec.json.Decoder(list[tuple[Any, int, Any, Any, Any, dict[str, float | bool], Any, Any, Any]]).decode
 
 #: The writer checkpoints the WAL into the database once it holds this many pages (SQLite's default is 1,000).
@@ -458,6 +461,18 @@ _IDENTS_MARK: Final = (
 def _idents_mark(con: sqlite3.Connection) -> tuple[Any, ...]:
     """The state of the identity-key tables in a few index reads (:data:`_IDENTS_MARK`): equal marks, equal keys."""
     return tuple(con.execute(_IDENTS_MARK).fetchone())
+
+
+@contextmanager
+def _rolled_back_on_error(w: sqlite3.Connection) -> Iterator[None]:
+    """The open transaction is rolled back if the block raises (SQLite may have rolled it back already:
+    SQLITE_FULL), and the error goes on."""
+    try:
+        yield
+    except BaseException:
+        if w.in_transaction:
+            w.execute("ROLLBACK")
+        raise
 
 
 def _set_meta(con: sqlite3.Connection, key: str, value: int) -> None:
@@ -728,7 +743,7 @@ class SqliteStore:
             keys = self._begin(w)
             txn = _Txn(w, keys, (self._recent, self._frozen), self._blocks)
             cpu["begin"] = time.thread_time() - tc
-            try:
+            with _rolled_back_on_error(w):
                 result = build(txn)
                 claimed = np.concatenate([c[0] for c in txn.claimed]) if txn.claimed else None
                 self._write_result(w, result, now, 0 if claimed is None else len(claimed))
@@ -736,10 +751,6 @@ class SqliteStore:
                 mark = _idents_mark(w)  # in the transaction: no other writer can come between
                 w.execute("COMMIT")
                 cpu["commit"] = time.thread_time() - tc
-            except BaseException:
-                if w.in_transaction:  # SQLite may have rolled back already (SQLITE_FULL)
-                    w.execute("ROLLBACK")
-                raise
             tc = time.thread_time()
             self._keys_mark = mark
             self._finish(w, claimed, txn)
@@ -767,15 +778,12 @@ class SqliteStore:
         watch = _CacheWatch()
         w.set_authorizer(watch)  # (expires the prepared statements: fn's are prepared again, and seen)
         try:
-            out = fn(_Sql(w))
-            if watch.rollups and self._pending_segments:
-                w.execute("ROLLBACK")
-                return []
-            w.execute("COMMIT")
-        except BaseException:
-            if w.in_transaction:
-                w.execute("ROLLBACK")
-            raise
+            with _rolled_back_on_error(w):
+                out = fn(_Sql(w))
+                if watch.rollups and self._pending_segments:
+                    w.execute("ROLLBACK")
+                    return []
+                w.execute("COMMIT")
         finally:
             w.set_authorizer(None)
             self._forget(watch.written)  # (rolled back: the caches are still right, and forgetting is safe)
@@ -922,12 +930,9 @@ class SqliteStore:
             c0 = time.thread_time()
             self._begin_caches(w)  # (the identity keys' staleness is left for the next batch to see)
             try:
-                wrote = self._flush_in(w)
-                w.execute("COMMIT")
-            except BaseException:
-                if w.in_transaction:
-                    w.execute("ROLLBACK")
-                raise
+                with _rolled_back_on_error(w):
+                    wrote = self._flush_in(w)
+                    w.execute("COMMIT")
             finally:
                 _CPU_COUNTERS["rollups"].inc(time.thread_time() - c0)
             self._finish_rollups()
@@ -1341,8 +1346,8 @@ class SqliteStore:
         One statement reads the rows and the segments above the mark (one snapshot): the rows it returns, and the
         readings whose deltas they lack.
         """
-        sql, params = rollup_query(interval, device_id, metric, start_ms, end_ms, limit, ph="?")
-        sql = sql.replace("count, sum, min, max, avg FROM", "count, sum, min, max, avg, sum_exact, NULL FROM", 1)
+        sql, params = rollup_query(interval, device_id, metric, start_ms, end_ms, limit, ph="?",
+                                   extra=", sum_exact, NULL")
         tail = ("SELECT s.device_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, s.rows FROM segments s"
                 f" WHERE s.sid > (SELECT CAST(value AS INTEGER) FROM meta WHERE key = '{_MARK}')")
         targs: list[Any] = []
