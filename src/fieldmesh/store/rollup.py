@@ -62,6 +62,9 @@ def exact_columns(count: list[int], m: list[int], e: list[int]) -> tuple[list[fl
     """
     if not m:
         return [], [], []
+    small = _small_columns(count, m, e)
+    if small is not None:
+        return small
     m = list(map(int, m))  # numpy integers in an object column would not take int's methods
     try:
         if min(count) <= 0:
@@ -86,6 +89,48 @@ def exact_columns(count: list[int], m: list[int], e: list[int]) -> tuple[list[fl
     if not fast.all():
         slow = np.flatnonzero(~fast).tolist()
         sv, sa, _ = _exact_rows([count[i] for i in slow], [m[i] for i in slow], [e[i] for i in slow])
+        for j, i in enumerate(slow):
+            values[i], avgs[i] = sv[j], sa[j]
+    return values, avgs, texts
+
+
+_F53: Final = 2**53
+
+
+def _small_columns(
+    count: list[int], m: list[int], e: list[int]
+) -> tuple[list[float], list[float], list[str]] | None:
+    """:func:`exact_columns` when every mantissa and count is below 2**53, in int64 and float64 columns: both
+    convert to floats exactly, so ``m / count`` is one correctly rounded division, as Python's integer division
+    gives it; the trailing zeros come from the lowest set bit as a float's exponent. Windows of integer or
+    coarse fixed-point readings (counters, quantized sensors: 0.25 steps) have such sums; those of arbitrary
+    floats usually not (their mantissas, shifted to the window's lowest exponent, pass 53 bits), and one such
+    row sends the whole call to the general path (the conversion fails at it). None otherwise (a wider mantissa
+    or count, or a count of 0)."""
+    try:
+        ma = np.array(m, dtype=np.int64)
+        ca = np.array(count, dtype=np.int64)
+    except (OverflowError, TypeError):  # beyond int64
+        return None
+    if not ((ca > 0) & (ca < _F53) & (ma > -_F53) & (ma < _F53)).all():
+        return None
+    ea = np.asarray(e, dtype=np.int64)
+    mf = ma.astype(np.float64)
+    ei = np.clip(ea, -4000, 4000).astype(np.int32)
+    with np.errstate(over="ignore", under="ignore"):
+        x = np.ldexp(mf, ei)
+        avg = np.ldexp(mf / ca, ei)
+    ax, aa = np.abs(x), np.abs(avg)
+    zero = ma == 0
+    fast = zero | ((ax >= _TINY) & (ax < np.inf) & (aa >= _TINY) & (aa < np.inf))
+    tz = np.maximum(np.frexp((ma & -ma).astype(np.float64))[1] - 1, 0)  # 2**k is exact: frexp gives k + 1
+    ex = np.where(zero, 0, ea + tz)
+    values: list[float] = x.tolist()
+    avgs: list[float] = avg.tolist()
+    texts: list[str] = list(map("{:x}:{}".format, (ma >> tz).tolist(), ex.tolist()))
+    if not fast.all():  # a subnormal or out-of-range result: the integer operations
+        slow = np.flatnonzero(~fast).tolist()
+        sv, sa, _ = _exact_rows(ca[slow].tolist(), ma[slow].tolist(), ea[slow].tolist())
         for j, i in enumerate(slow):
             values[i], avgs[i] = sv[j], sa[j]
     return values, avgs, texts
