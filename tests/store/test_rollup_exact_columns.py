@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fieldmesh.core.exact import exact_avg, exact_value, format_exact
-from fieldmesh.store.rollup import _small_columns, exact_columns
+from fieldmesh.store.rollup import _int64_columns, exact_columns
 
 _mantissa = st.one_of(
     st.integers(-1000, 1000), st.integers(-(2**53), 2**53), st.integers(-(2**63), 2**63),
@@ -50,8 +50,8 @@ def test_exact_columns_of_a_streams_windows(rows: list[tuple[int, int, int]]) ->
     """Every mantissa and count below 2**53: the int64 columns' path takes them (subnormal and out-of-range
     results included) and gives what the per-row functions give."""
     count, m, e = (list(c) for c in zip(*rows, strict=True))
-    got = _small_columns(count, m, e)
-    assert got is not None
+    assert _int64_columns(count, m) is not None
+    got = exact_columns(count, m, e)
     for i, (c, mi, ei) in enumerate(rows):
         assert _same(got[0][i], exact_value(mi, ei)), (mi, ei)
         assert _same(got[1][i], exact_avg(mi, ei, c)), (mi, ei, c)
@@ -59,9 +59,9 @@ def test_exact_columns_of_a_streams_windows(rows: list[tuple[int, int, int]]) ->
 
 
 def test_wider_mantissas_or_counts_take_the_general_path() -> None:
-    assert _small_columns([1], [2**53], [0]) is None
-    assert _small_columns([1], [-(2**53)], [0]) is None
-    assert _small_columns([2**53], [1], [0]) is None
-    assert _small_columns([0], [1], [0]) is None
-    assert _small_columns([1], [2**70], [0]) is None
-    assert _small_columns([3], [2**53 - 1], [-1074]) is not None
+    assert _int64_columns([1], [2**53]) is None
+    assert _int64_columns([1], [-(2**53)]) is None
+    assert _int64_columns([2**53], [1]) is None
+    assert _int64_columns([0], [1]) is None
+    assert _int64_columns([1], [2**70]) is None
+    assert _int64_columns([3], [2**53 - 1]) is not None

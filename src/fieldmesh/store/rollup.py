@@ -7,11 +7,13 @@ Bools count as 0 and 1.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from itertools import repeat
 from operator import and_, lshift, mul, neg, rshift, truediv
 from typing import Final
 
 import numpy as np
+from numpy.typing import NDArray
 
 from fieldmesh.core.exact import exact_avg, exact_value
 
@@ -57,22 +59,30 @@ def exact_columns(count: list[int], m: list[int], e: list[int]) -> tuple[list[fl
     Why: these run per rollup row written. ``float(m)`` and ``m / count`` of Python ints are correctly
     rounded (C, whatever the size of ``m``), and scaling by ``2**e`` (``ldexp``) is exact while the result
     is a normal float: so the sum and the average of most rows are those two operations and one numpy
-    ``ldexp`` over the column, without the wide shifted integers of the general form. Rows whose result
-    is subnormal or beyond the float range take :func:`_exact_rows` (the integer operations).
+    ``ldexp`` over the column, without the wide shifted integers of the general form. When every mantissa and
+    count is below 2**53 (:func:`_int64_columns`) the two operations and the trailing zeros are numpy's too.
+    Rows whose result is subnormal or beyond the float range take :func:`_exact_rows` (the integer operations).
     """
     if not m:
         return [], [], []
-    small = _small_columns(count, m, e)
+    small = _int64_columns(count, m)
     if small is not None:
-        return small
-    m = list(map(int, m))  # numpy integers in an object column would not take int's methods
-    try:
-        if min(count) <= 0:
-            raise ZeroDivisionError
-        mf = np.array(list(map(float, m)), dtype=np.float64)
-        q = np.array(list(map(truediv, m, count)), dtype=np.float64)
-    except (OverflowError, ZeroDivisionError):  # a mantissa beyond the float range, or a count of 0
-        return _exact_rows(count, m, e)
+        ma, ca = small
+        mf = ma.astype(np.float64)
+        q = mf / ca
+        tz = np.maximum(np.frexp((ma & -ma).astype(np.float64))[1] - 1, 0)  # 2**k is exact: frexp gives k + 1
+        odd: Iterable[int] = (ma >> tz).tolist()
+    else:
+        m = list(map(int, m))  # numpy integers in an object column would not take int's methods
+        try:
+            if min(count) <= 0:
+                raise ZeroDivisionError
+            mf = np.array(list(map(float, m)), dtype=np.float64)
+            q = np.array(list(map(truediv, m, count)), dtype=np.float64)
+        except (OverflowError, ZeroDivisionError):  # a mantissa beyond the float range, or a count of 0
+            return _exact_rows(count, m, e)
+        tz = np.maximum(np.array(list(map(int.bit_length, map(and_, m, map(neg, m)))), dtype=np.int64) - 1, 0)
+        odd = map(rshift, m, tz.tolist())
     ea = np.asarray(e, dtype=np.int64)
     ei = np.clip(ea, -4000, 4000).astype(np.int32)
     with np.errstate(over="ignore", under="ignore"):
@@ -81,11 +91,10 @@ def exact_columns(count: list[int], m: list[int], e: list[int]) -> tuple[list[fl
     ax, aa = np.abs(x), np.abs(avg)
     zero = mf == 0.0
     fast = zero | ((ax >= _TINY) & (ax < np.inf) & (aa >= _TINY) & (aa < np.inf))
-    tz = np.maximum(np.array(list(map(int.bit_length, map(and_, m, map(neg, m)))), dtype=np.int64) - 1, 0)
     ex = np.where(zero, 0, ea + tz)
     values: list[float] = x.tolist()
     avgs: list[float] = avg.tolist()
-    texts: list[str] = list(map("{:x}:{}".format, map(rshift, m, tz.tolist()), ex.tolist()))
+    texts: list[str] = list(map("{:x}:{}".format, odd, ex.tolist()))
     if not fast.all():
         slow = np.flatnonzero(~fast).tolist()
         sv, sa, _ = _exact_rows([count[i] for i in slow], [m[i] for i in slow], [e[i] for i in slow])
@@ -97,16 +106,12 @@ def exact_columns(count: list[int], m: list[int], e: list[int]) -> tuple[list[fl
 _F53: Final = 2**53
 
 
-def _small_columns(
-    count: list[int], m: list[int], e: list[int]
-) -> tuple[list[float], list[float], list[str]] | None:
-    """:func:`exact_columns` when every mantissa and count is below 2**53, in int64 and float64 columns: both
+def _int64_columns(count: list[int], m: list[int]) -> tuple[NDArray[np.int64], NDArray[np.int64]] | None:
+    """``m`` and ``count`` as int64 columns when every mantissa and count is below 2**53 (and counts above 0): both
     convert to floats exactly, so ``m / count`` is one correctly rounded division, as Python's integer division
-    gives it; the trailing zeros come from the lowest set bit as a float's exponent. Windows of integer or
-    coarse fixed-point readings (counters, quantized sensors: 0.25 steps) have such sums; those of arbitrary
-    floats usually not (their mantissas, shifted to the window's lowest exponent, pass 53 bits), and one such
-    row sends the whole call to the general path (the conversion fails at it). None otherwise (a wider mantissa
-    or count, or a count of 0)."""
+    gives it. Windows of integer or coarse fixed-point readings (counters, quantized sensors: 0.25 steps) have
+    such sums; those of arbitrary floats usually not (their mantissas, shifted to the window's lowest exponent,
+    pass 53 bits), and one such row sends the whole call to the general path (the conversion fails at it)."""
     try:
         ma = np.array(m, dtype=np.int64)
         ca = np.array(count, dtype=np.int64)
@@ -114,26 +119,7 @@ def _small_columns(
         return None
     if not ((ca > 0) & (ca < _F53) & (ma > -_F53) & (ma < _F53)).all():
         return None
-    ea = np.asarray(e, dtype=np.int64)
-    mf = ma.astype(np.float64)
-    ei = np.clip(ea, -4000, 4000).astype(np.int32)
-    with np.errstate(over="ignore", under="ignore"):
-        x = np.ldexp(mf, ei)
-        avg = np.ldexp(mf / ca, ei)
-    ax, aa = np.abs(x), np.abs(avg)
-    zero = ma == 0
-    fast = zero | ((ax >= _TINY) & (ax < np.inf) & (aa >= _TINY) & (aa < np.inf))
-    tz = np.maximum(np.frexp((ma & -ma).astype(np.float64))[1] - 1, 0)  # 2**k is exact: frexp gives k + 1
-    ex = np.where(zero, 0, ea + tz)
-    values: list[float] = x.tolist()
-    avgs: list[float] = avg.tolist()
-    texts: list[str] = list(map("{:x}:{}".format, (ma >> tz).tolist(), ex.tolist()))
-    if not fast.all():  # a subnormal or out-of-range result: the integer operations
-        slow = np.flatnonzero(~fast).tolist()
-        sv, sa, _ = _exact_rows(ca[slow].tolist(), ma[slow].tolist(), ea[slow].tolist())
-        for j, i in enumerate(slow):
-            values[i], avgs[i] = sv[j], sa[j]
-    return values, avgs, texts
+    return ma, ca
 
 
 def _exact_rows(count: list[int], m: list[int], e: list[int]) -> tuple[list[float], list[float], list[str]]:
