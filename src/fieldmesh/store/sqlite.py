@@ -61,7 +61,7 @@ ROLLUP_FLUSH_MS: Final = 1000
 #: 100 bytes an entry, three times that while they are merged). The processor's peak RSS under
 #: `bench/e2e.py --overload 60` (bound 300 MB): 291 MB without deferral, 290 at 50,000, 295 at 150,000, 291 at
 #: 200,000, 304 at 250,000 (one run each: a few MB is noise). Fewer, larger flushes write each rollup page fewer
-#: times: `bench/processor.py` was 3-4% faster at 200,000 than at 50,000 (2026-12-06).
+#: times: `bench/processor.py` was about 5% faster at 200,000 than at 50,000 (two runs each, 2026-12-06).
 _PENDING_MAX: Final = 150_000
 #: ``idents_recent`` is folded into ``idents_blocks`` once it holds this many keys and an eighth as many as it
 #: (or ``_FOLD_MAX``: the writer holds its keys in memory, 24 bytes each).
