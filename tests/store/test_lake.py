@@ -751,3 +751,33 @@ def test_readings_files_are_what_pyicebergs_writer_writes_with_dictionaries_wher
         assert not dictionary & {"measurements_json", "ts", "key", "measurements.key_value.value"}
     mine.close()
     theirs.close()
+
+
+@pytest.mark.parametrize("texts", [[], ["{}"], ['{"t":1.5,"on":true}', '{"h":-0.0}'],
+                                   ['{"température":2.0}', '{"x":1.0}']])
+def test_the_pipe_carries_measurements_json_as_one_buffer_that_reads_back_as_the_column(texts: list[str]) -> None:
+    """The lake process's wire form of a result (``lakeproc._packed``): its readings' measurements as one UTF-8
+    buffer and offsets (byte offsets, also for text beyond ASCII), read by the child as the arrow column the sink
+    would have made of the strings; the rest of the result is unchanged."""
+    import dataclasses
+    import pickle
+
+    import numpy as np
+    import pyarrow as pa
+
+    from fieldmesh.core.batch import BatchResult, ReadingColumns
+    from fieldmesh.store import lakeproc
+
+    n = len(texts)
+    new = dataclasses.replace(ReadingColumns.from_fields(
+        ["d1"] * n, list(range(NOW, NOW + n)), [{"t": 1.0}] * n, list(range(n)), [0] * n, [None] * n, [None] * n,
+        [None] * n, [None] * n, [NOW] * n, [None] * n), measurements_json=np.array([*texts, ""], dtype=object)[:n])
+    result = BatchResult(positions={("r", 0): 5}, watermarks={}, device_watermarks={}, new=new,
+                         store_key=new.key, late=np.zeros(n, dtype=bool), windows={}, devices=None,  # type: ignore[arg-type]
+                         dead_letters=(), counts={"stored": n})
+    wire, data, offsets = pickle.loads(pickle.dumps(lakeproc._packed(result)))
+    got = lakeproc._unpacked(data, offsets)
+    assert got.type == pa.large_string() and got.to_pylist() == texts
+    assert got.equals(pa.array(texts, pa.large_string()))
+    assert len(wire.new.measurements_json) == 0 and wire.new.ts_ms.tolist() == new.ts_ms.tolist()
+    assert wire.positions == result.positions and wire.counts == result.counts

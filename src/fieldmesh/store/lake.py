@@ -443,16 +443,19 @@ def readings_table(result: BatchResult, schema: pa.Schema) -> pa.Table:
     return _readings_arrow(result.new, result.store_key, np.asarray(result.late, dtype=bool), schema)
 
 
-def readings_part(result: BatchResult, schema: pa.Schema, buckets: int) -> tuple[pa.Table, NDArray[np.int64]]:
+def readings_part(result: BatchResult, schema: pa.Schema, buckets: int, measurements_json: pa.Array | None = None,
+                  ) -> tuple[pa.Table, NDArray[np.int64]]:
     """The new readings of ``result`` as rows of ``readings``, ordered by partition (day, device bucket; in
     arrival order within each), and each row's partition as a key (day times ``buckets`` plus the bucket):
-    what the sink buffers until a commit puts the parts together (:func:`readings_ordered`)."""
+    what the sink buffers until a commit puts the parts together (:func:`readings_ordered`).
+    ``measurements_json``: that column of the readings as arrow already (the lake child's pipe carries it so),
+    else made from ``result.new.measurements_json``."""
     import pyarrow as pa
     from pyiceberg.transforms import BucketTransform
     from pyiceberg.types import StringType
 
     c = result.new
-    table = _readings_arrow(c, result.store_key, np.asarray(result.late, dtype=bool), schema)
+    table = _readings_arrow(c, result.store_key, np.asarray(result.late, dtype=bool), schema, measurements_json)
     bucket_of = BucketTransform(buckets).pyarrow_transform(StringType())(pa.array(c.devices, pa.large_string()))
     key = c.ts_ms // 86_400_000 * buckets + np.asarray(bucket_of.to_numpy(zero_copy_only=False), np.int64)[c.device]
     order = np.argsort(key, kind="stable")
@@ -478,7 +481,7 @@ def readings_ordered(parts: list[tuple[pa.Table, NDArray[np.int64]]], schema: pa
 
 
 def _readings_arrow(c: ReadingColumns, store_key: NDArray[np.int64], late: NDArray[np.bool_],
-                    schema: pa.Schema) -> pa.Table:
+                    schema: pa.Schema, measurements_json: pa.Array | None = None) -> pa.Table:
     """Readings columns as rows of ``readings`` (columns at once, no Python step per row except for meta and
     enrichment, when present)."""
     import pyarrow as pa
@@ -500,7 +503,7 @@ def _readings_arrow(c: ReadingColumns, store_key: NDArray[np.int64], late: NDArr
         boots,
         nulls if c.event_id is None else pa.array(c.event_id.tolist(), pa.large_string()),
         measurements,
-        pa.array(c.measurements_json, pa.large_string()),
+        pa.array(c.measurements_json, pa.large_string()) if measurements_json is None else measurements_json,
         nulls if c.meta is None else pa.array(_json_or_none(c.meta.tolist()), pa.large_string()),
         nulls if c.enrichment is None else pa.array(_json_or_none(c.enrichment.tolist()), pa.large_string()),
         pa.array(late, pa.bool_()),
@@ -810,14 +813,16 @@ class LakeSink:
         with self._lock:
             return _min_positions(self._committed[t] for t in tables)
 
-    def write(self, result: BatchResult, *, tables: Iterable[str] = POSITIONED, trace: Any = None) -> bool:
+    def write(self, result: BatchResult, *, tables: Iterable[str] = POSITIONED, trace: Any = None,
+              measurements_json: pa.Array | None = None) -> bool:
         """Buffer ``result`` for the next commit of ``tables``; False when every position is already buffered
-        or committed there. ``trace``: the span context of the write (default: the current span's)."""
+        or committed there. ``trace``: the span context of the write (default: the current span's).
+        ``measurements_json``: the readings' column as arrow, when the caller has it so (:func:`readings_part`)."""
         s = self.settings
         tables = tuple(tables)
         # as arrow at once, outside the lock (the commit thread takes it): a reading holds about a third of its
         # columns' memory as arrow, and its size is then measured, not estimated
-        part = (readings_part(result, self._arrow["readings"], s.readings_buckets)
+        part = (readings_part(result, self._arrow["readings"], s.readings_buckets, measurements_json)
                 if "readings" in tables and len(result.new) else None)
         with self._cond:
             self._raise_error()
