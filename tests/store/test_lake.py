@@ -781,3 +781,53 @@ def test_the_pipe_carries_measurements_json_as_one_buffer_that_reads_back_as_the
     assert got.equals(pa.array(texts, pa.large_string()))
     assert len(wire.new.measurements_json) == 0 and wire.new.ts_ms.tolist() == new.ts_ms.tolist()
     assert wire.positions == result.positions and wire.counts == result.counts
+
+
+def test_a_transaction_builds_its_metadata_once_per_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``lake.transaction``: pyiceberg's ``Transaction`` rebuilds its metadata (a deep copy of the table's) at
+    every read, about a hundred times a commit; the sink's transactions build it once per state: reads of one
+    state give the same object, staging an update or a new table metadata gives a new one, equal to what
+    pyiceberg builds. A flush of the sink's four tables then builds it a few times a table."""
+    from pyiceberg.table import update as table_update
+
+    from fieldmesh.store import lake
+
+    builds: list[int] = []
+    real = table_update.update_table_metadata
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        builds.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(table_update, "update_table_metadata", counted)
+    lake._transaction_class.cache_clear()  # the class built now reads the counted function
+    try:
+        sink = LakeSink(settings=settings(), data_dir=tmp_path)
+        table = sink._tables["dead_letters"]
+        tx = lake.transaction(table)
+        first = tx.table_metadata
+        assert tx.table_metadata is first and first == real(table.metadata, ())
+        tx.set_properties(owner="fieldmesh-test")
+        staged = tx.table_metadata
+        assert staged is not first and staged.properties["owner"] == "fieldmesh-test"
+        assert staged == real(table.metadata, tx._updates) and tx.table_metadata is staged
+        tx.commit_transaction()
+        assert sink.catalog.load_table("fieldmesh.dead_letters").properties["owner"] == "fieldmesh-test"
+
+        items, rs = sent(5, 120)
+        hot = SqliteStore(f"sqlite:///{tmp_path / 'hot.db'}")
+        try:
+            p = processor(hot, sink)
+            recs = records(rs, [9, 30])
+            p.apply_records(recs[: len(recs) // 2])
+            sink.flush()
+            builds.clear()
+            p.apply_records(recs[len(recs) // 2 :])
+            sink.flush()  # readings appended, both rollups merged and replaced, dead letters (none) appended
+            assert 4 <= len(builds) <= 40, len(builds)
+            sink.close()
+            assert_lake_oracle(open_catalog(settings(), tmp_path), items)
+        finally:
+            hot.close()
+    finally:
+        lake._transaction_class.cache_clear()

@@ -40,7 +40,7 @@ import msgspec
 
 from fieldmesh.bus.base import Bus, BusRecord
 from fieldmesh.cdc.base import UNAVAILABLE, ChangeEvent, decode_change_event, event_order
-from fieldmesh.store.lake import LakeError, ensure_namespace, expire
+from fieldmesh.store.lake import LakeError, ensure_namespace, expire, transaction
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -253,7 +253,7 @@ class CdcLakeSink:
         if any(v == UNAVAILABLE for a in after for v in a.values()):
             after = self._fill_unavailable(table, key_cols, after)
         data = self._mirror_rows(table, after)
-        with table.transaction() as tx:
+        with transaction(table) as tx:
             if where is not None:
                 tx.delete(where, snapshot_properties=props)
             tx.append(data, snapshot_properties=props)
