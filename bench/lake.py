@@ -44,9 +44,17 @@ records, built before any clock starts.
    settings from ``FIELDMESH__LAKE__*`` (so that a bound such as ``FIELDMESH__LAKE__COMMIT_BYTES`` can be
    compared). The child is forked before the stream is built, as a processor forks it before its first batch.
 
+6. **A flush as the tables' history grows** (``--parts 6``): one sink, flushed after every two of part 1's
+   results (their positions moved on each time) ``--history-flushes`` times (120); the CPU of each flush (all
+   four tables: readings appended, both rollups merged and replaced, dead letters) averaged per block of 20
+   flushes, beside the snapshots the rollup tables then hold (two a flush: pyiceberg's overwrite is a delete and
+   an append). Baseline: the first block. Each snapshot is kept ``snapshot_max_age_s`` (an hour): in a backlog
+   (a flush every few seconds) a table holds hundreds, and a flush must not cost more for it.
+
 Run: ``PYTHONPATH=$PWD/src .venv/bin/python bench/lake.py [--devices 2000] [--per-device 500]
 [--latency-s 130] [--interval 60] [--quick] [--append-rounds 3] [--parts 1,2,3,4] [--sink-cost]
-[--day-rows N] [--day-commits N] [--day-max-age-s S] [--day-hourly] [--backlog-readings N]``.
+[--day-rows N] [--day-commits N] [--day-max-age-s S] [--day-hourly] [--backlog-readings N]
+[--history-flushes N]``.
 """
 
 from __future__ import annotations
@@ -315,6 +323,41 @@ def report_backlog(backlog: tuple[Any, LakeSettings], results: list[BatchResult]
           f"{b['start_mb']:.0f} MB at the start, peak {b['peak_mb']:.0f} MB")
 
 
+def history_cost(results: list[BatchResult], tmp: Path, *, flushes: int, block: int = 20) -> list[dict[str, Any]]:
+    """Part 6: ``flushes`` flushes of one sink, two results each (positions moved on); per block of ``block``
+    flushes, the mean CPU of a flush and the snapshots of ``rollup_1m`` and ``readings`` after it."""
+    import dataclasses
+
+    sink = LakeSink(settings=LakeSettings(commit_interval_s=3600, commit_rows=10**9, commit_bytes=2**40),
+                    data_dir=tmp)
+    step = 1 + max(o for r in results for o in r.positions.values())
+    blocks: list[dict[str, Any]] = []
+    cpu: list[float] = []
+    k = 0
+    for f in range(flushes):
+        for r in (results[(2 * f) % len(results)], results[(2 * f + 1) % len(results)]):
+            k += 1
+            sink.write(dataclasses.replace(r, positions={p: o + k * step for p, o in r.positions.items()}))
+        c0 = time.process_time()
+        sink.flush()
+        cpu.append(time.process_time() - c0)
+        if len(cpu) == block:
+            held = {t: len(sink._tables[t].metadata.snapshots) for t in ("rollup_1m", "readings")}
+            blocks.append({"first": f + 1 - block, "last": f, "cpu_s": sum(cpu) / block, "snapshots": held})
+            cpu.clear()
+    sink.close()
+    return blocks
+
+
+def report_history(results: list[BatchResult], tmp: Path, a: Any) -> None:
+    blocks = history_cost(results, tmp, flushes=a.history_flushes)
+    base = blocks[0]["cpu_s"]
+    for b in blocks:
+        print(f"6. flushes {b['first']}-{b['last']}: {b['cpu_s']:.3f} CPU-s a flush ({b['cpu_s'] / base:.2f}x the "
+              f"first block), then {b['snapshots']['rollup_1m']} snapshots in each rollup table, "
+              f"{b['snapshots']['readings']} in readings")
+
+
 def _load() -> str:
     import os
 
@@ -518,6 +561,7 @@ def main() -> None:
     ap.add_argument("--day-max-age-s", type=float, default=None, help="part 4: snapshot_max_age_s of the sink's "
                     "maintenance, in simulated seconds (default: the setting's default)")
     ap.add_argument("--backlog-readings", type=int, default=5_000_000, help="part 5: readings written")
+    ap.add_argument("--history-flushes", type=int, default=120, help="part 6: flushes (20 a block)")
     a = ap.parse_args()
     if a.quick:
         a.devices, a.per_device, a.latency_s, a.interval = 200, 300, 20.0, 5.0
@@ -535,7 +579,7 @@ def main() -> None:
         records = make_records(msgs, now_ms, 2)
         n = a.devices * a.per_device
         print(f"stream: {a.devices} devices x {a.per_device} readings, {len(records)} bus records")
-        if parts & {"1", "5"}:
+        if parts & {"1", "5", "6"}:
             cap = _Capture()
             hot = SqliteStore(f"sqlite:///{tmp / 'cap.db'}")
             _apply(records, hot, [cap])
@@ -550,6 +594,8 @@ def main() -> None:
             report_day(tmp / "day", a)
         if backlog is not None:
             report_backlog(backlog, cap.results, a)
+        if "6" in parts:
+            report_history(cap.results, tmp / "history", a)
 
 
 if __name__ == "__main__":
