@@ -1129,11 +1129,12 @@ def transaction(table: Table) -> Transaction:
 
     pyiceberg 0.12's ``Transaction.table_metadata`` replays the staged updates onto a deep copy of the table's
     metadata at every read, and a commit reads it about a hundred times (apache/iceberg-python#2673; the fix
-    proposed there, #3302 and #3784, is this one). The copy grows with the table's snapshots: a flush of the
-    sink's four tables took 0.14 CPU-s with 2 snapshots in each and 0.57 with 60 (docs/lake.md, "What the lake
-    costs the pipeline"), most of it in ``copy.deepcopy``. Here the metadata is kept with the identity of what it
-    was built from, the table's metadata and the tuple of staged updates (each update stages a new tuple), and
-    built again only when either changed. The metadata is a frozen pydantic model: readers cannot change it.
+    proposed there, #3302 and #3784, is this one). The copy grows with the table's snapshots: small flushes of the
+    sink's four tables took 0.14 CPU-s at first and 0.57 after 60 flushes (122 snapshots in each rollup table),
+    most of it in ``copy.deepcopy`` (docs/benchmarks.md, ``bench/lake.py --parts 6``). Here the metadata is kept
+    with the identity of what it was built from, the table's metadata and the tuple of staged updates (each
+    update stages a new tuple), and built again only when either changed. The metadata is a frozen pydantic
+    model: readers cannot change it.
     """
     return _transaction_class()(table)
 
@@ -1165,7 +1166,7 @@ def _append(table: Table, data: pa.Table, props: dict[str, str], dictionary: Seq
     partition values once, and each partition is a slice when they came in that order, else a copy of its own
     rows, written before the next partition is taken. The files are committed with pyiceberg's append (a merge
     append: it merges manifests when the table's ``commit.manifest-merge.enabled`` says so,
-    :data:`TABLE_PROPERTIES`) and written by :func:`_write_files`.
+    :data:`TABLE_PROPERTIES`) and written by :class:`_FileWriter`.
 
     ``dictionary``: the columns Parquet dictionary-encodes (True: all), see :data:`_DICTIONARY`.
     """
@@ -1218,7 +1219,7 @@ def _append(table: Table, data: pa.Table, props: dict[str, str], dictionary: Seq
 #: Columns of ``readings`` whose values repeat (device ids, boot ids, metric names...), the only ones Parquet
 #: dictionary-encodes: a dictionary of ``measurements_json``, the times, the keys or the values (nearly all
 #: distinct) is built and then dropped at its size limit, which took about a sixth of the writer's time
-#: (0.55 against 0.47 µs a row, docs/lake.md, "What the lake costs the pipeline").
+#: (0.55 against 0.47 µs a row over a million readings, docs/benchmarks.md).
 _DICTIONARY: Final = {"readings": ("device_id", "boot_id", "event_id", "meta", "enrichment",
                                    "measurements.key_value.key")}
 
