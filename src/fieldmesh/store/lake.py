@@ -1134,7 +1134,8 @@ def transaction(table: Table) -> Transaction:
     most of it in ``copy.deepcopy`` (docs/benchmarks.md, ``bench/lake.py --parts 6``). Here the metadata is kept
     with the identity of what it was built from, the table's metadata and the tuple of staged updates (each
     update stages a new tuple), and built again only when either changed. The metadata is a frozen pydantic
-    model: readers cannot change it.
+    model: readers cannot change it. One difference: a changed state's ``last_updated_ms`` is the time of its build
+    at every read (pyiceberg stamps each read); the commit stamps its own, as before.
     """
     return _transaction_class()(table)
 
