@@ -713,44 +713,46 @@ def test_readings_files_are_what_pyicebergs_writer_writes_with_dictionaries_wher
         hot.close()
     mine = LakeSink(settings=settings(namespace="mine"), data_dir=tmp_path)
     theirs = LakeSink(settings=settings(namespace="theirs"), data_dir=tmp_path)
-    schema = mine._arrow["readings"]
-    data = lake.readings_ordered([lake.readings_part(r, schema, mine.settings.readings_buckets)
-                                  for r in cap.results if len(r.new)], schema)
-    assert data.num_rows == len(oracle.unique_readings(items)) and data.num_rows > 200
-    lake._append(mine._tables["readings"], data, lake._props(1, {}), lake._DICTIONARY["readings"])
-    init = lake._FileWriter.__init__
-    used: list[bool] = []
+    try:
+        schema = mine._arrow["readings"]
+        data = lake.readings_ordered([lake.readings_part(r, schema, mine.settings.readings_buckets)
+                                      for r in cap.results if len(r.new)], schema)
+        assert data.num_rows == len(oracle.unique_readings(items)) and data.num_rows > 200
+        lake._append(mine._tables["readings"], data, lake._props(1, {}), lake._DICTIONARY["readings"])
+        init = lake._FileWriter.__init__
+        used: list[bool] = []
 
-    def through_pyiceberg(self: Any, *args: Any) -> None:
-        init(self, *args)
-        used.append(self.direct)
-        self.direct = False
+        def through_pyiceberg(self: Any, *args: Any) -> None:
+            init(self, *args)
+            used.append(self.direct)
+            self.direct = False
 
-    monkeypatch.setattr(lake._FileWriter, "__init__", through_pyiceberg)
-    lake._append(theirs._tables["readings"], data, lake._props(1, {}), lake._DICTIONARY["readings"])
-    assert used == [True]  # the sink's own tables take the direct path
+        monkeypatch.setattr(lake._FileWriter, "__init__", through_pyiceberg)
+        lake._append(theirs._tables["readings"], data, lake._props(1, {}), lake._DICTIONARY["readings"])
+        assert used == [True]  # the sink's own tables take the direct path
 
-    def files(sink: LakeSink) -> dict[Any, Any]:
-        table = sink.catalog.load_table(f"{sink.settings.namespace}.readings")
-        return {tuple(t.file.partition): t.file for t in table.scan().plan_files()}
+        def files(sink: LakeSink) -> dict[Any, Any]:
+            table = sink.catalog.load_table(f"{sink.settings.namespace}.readings")
+            return {tuple(t.file.partition): t.file for t in table.scan().plan_files()}
 
-    a, b = files(mine), files(theirs)
-    assert set(a) == set(b) and len(a) > 1  # one file per (day, device bucket), the same partitions
-    for part, fa in a.items():
-        fb = b[part]
-        for field in ("record_count", "value_counts", "null_value_counts", "nan_value_counts", "lower_bounds",
-                      "upper_bounds", "spec_id", "file_format"):
-            assert getattr(fa, field) == getattr(fb, field), (part, field)
-        pa_, pb = pq.ParquetFile(fa.file_path.removeprefix("file://")), pq.ParquetFile(fb.file_path.removeprefix("file://"))
-        assert pa_.schema_arrow.equals(pb.schema_arrow, check_metadata=True)
-        assert pa_.read().equals(pb.read())
-        chunks = {pa_.metadata.row_group(0).column(i).path_in_schema: pa_.metadata.row_group(0).column(i).encodings
-                  for i in range(pa_.metadata.num_columns)}
-        dictionary = {p for p, enc in chunks.items() if any("DICTIONARY" in e for e in enc)}
-        assert {"device_id", "measurements.key_value.key"} <= dictionary
-        assert not dictionary & {"measurements_json", "ts", "key", "measurements.key_value.value"}
-    mine.close()
-    theirs.close()
+        a, b = files(mine), files(theirs)
+        assert set(a) == set(b) and len(a) > 1  # one file per (day, device bucket), the same partitions
+        for part, fa in a.items():
+            fb = b[part]
+            for field in ("record_count", "value_counts", "null_value_counts", "nan_value_counts", "lower_bounds",
+                          "upper_bounds", "spec_id", "file_format"):
+                assert getattr(fa, field) == getattr(fb, field), (part, field)
+            pa_, pb = pq.ParquetFile(fa.file_path.removeprefix("file://")), pq.ParquetFile(fb.file_path.removeprefix("file://"))
+            assert pa_.schema_arrow.equals(pb.schema_arrow, check_metadata=True)
+            assert pa_.read().equals(pb.read())
+            chunks = {pa_.metadata.row_group(0).column(i).path_in_schema: pa_.metadata.row_group(0).column(i).encodings
+                      for i in range(pa_.metadata.num_columns)}
+            dictionary = {p for p, enc in chunks.items() if any("DICTIONARY" in e for e in enc)}
+            assert {"device_id", "measurements.key_value.key"} <= dictionary
+            assert not dictionary & {"measurements_json", "ts", "key", "measurements.key_value.value"}
+    finally:
+        mine.close()
+        theirs.close()
 
 
 @pytest.mark.parametrize("texts", [[], ["{}"], ['{"t":1.5,"on":true}', '{"h":-0.0}'],
