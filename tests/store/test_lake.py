@@ -98,6 +98,25 @@ def assert_lake_oracle(catalog: Any, items: list[tuple[str, dict[str, Any]]]) ->
                 e["count"], e["sum"], e["min"], e["max"], e["avg"]), k
 
 
+class _Capture:
+    """A sink that keeps every result (to hand them to a lake sink, or write them again)."""
+
+    name = "capture"
+
+    def __init__(self) -> None:
+        self.results: list[Any] = []
+
+    def applied(self) -> dict[Position, int]:
+        return {}
+
+    def write(self, result: Any) -> bool:
+        self.results.append(result)
+        return True
+
+    def close(self) -> None:
+        pass
+
+
 def test_a_stream_with_restarts_that_lose_the_buffer_equals_the_oracle(tmp_path: Path) -> None:
     items, rs = sent(5)
     recs = records(rs, [7, 3, 11, 1])
@@ -194,25 +213,12 @@ def test_write_skips_results_already_applied(tmp_path: Path) -> None:
         sink = LakeSink(settings=settings(), data_dir=tmp_path)
         p = processor(hot, sink)
         p.apply_records(recs)
-        results: list[Any] = []
+        cap = _Capture()
         hot2 = SqliteStore(f"sqlite:///{tmp_path / 'hot2.db'}")
-
-        class Capture:
-            name = "capture"
-
-            def applied(self) -> dict[Position, int]:
-                return {}
-
-            def write(self, result: Any) -> bool:
-                results.append(result)
-                return True
-
-            def close(self) -> None:
-                pass
-
-        Processor(bus=None, store=hot2, settings=ProcessorSettings(), sinks=[Capture()]).apply_records(  # type: ignore[arg-type]
+        Processor(bus=None, store=hot2, settings=ProcessorSettings(), sinks=[cap]).apply_records(  # type: ignore[arg-type]
             recs)
         hot2.close()
+        results = cap.results
         assert results and all(sink.write(r) is False for r in results)  # buffered: skipped
         sink.flush()
         assert all(sink.write(r) is False for r in results)  # committed: skipped
@@ -675,23 +681,6 @@ def test_the_buffer_commits_at_its_byte_bound(tmp_path: Path) -> None:
     finally:
         sink.close()
         hot.close()
-
-
-class _Capture:
-    name = "capture"
-
-    def __init__(self) -> None:
-        self.results: list[Any] = []
-
-    def applied(self) -> dict[Position, int]:
-        return {}
-
-    def write(self, result: Any) -> bool:
-        self.results.append(result)
-        return True
-
-    def close(self) -> None:
-        pass
 
 
 def test_readings_files_are_what_pyicebergs_writer_writes_with_dictionaries_where_values_repeat(
