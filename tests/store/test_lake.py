@@ -13,6 +13,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from tests.store.test_sink_behaviour import collide, make_items, readings_of, records
 
@@ -685,8 +686,9 @@ def test_the_buffer_commits_at_its_byte_bound(tmp_path: Path) -> None:
 
 def test_readings_files_are_what_pyicebergs_writer_writes_with_dictionaries_where_values_repeat(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The sink writes the readings' Parquet files itself (``_FileWriter``); pyiceberg's ``write_file`` writes
-    them for a table whose schema is not the sink's. Both give the same Parquet schema (field ids included), the
+    """The sink writes the readings' Parquet files itself (``_FileWriter``), in the partitions its buffer knows;
+    pyiceberg's ``write_file`` writes them for a table whose schema is not the sink's, in the partitions
+    ``_append`` computes. Both give the same partitions, the same Parquet schema (field ids included), the
     same statistics in the manifests and the same rows; only the repeating columns are dictionary-encoded."""
     import pyarrow.parquet as pq
 
@@ -704,10 +706,12 @@ def test_readings_files_are_what_pyicebergs_writer_writes_with_dictionaries_wher
     theirs = LakeSink(settings=settings(namespace="theirs"), data_dir=tmp_path)
     try:
         schema = mine._arrow["readings"]
-        data = lake.readings_ordered([lake.readings_part(r, schema, mine.settings.readings_buckets)
-                                      for r in cap.results if len(r.new)], schema)
+        data, keys, starts = lake.readings_ordered_runs(
+            [lake.readings_part(r, schema, mine.settings.readings_buckets) for r in cap.results if len(r.new)], schema)
         assert data.num_rows == len(oracle.unique_readings(items)) and data.num_rows > 200
-        lake._append(mine._tables["readings"], data, lake._props(1, {}), lake._DICTIONARY["readings"])
+        partitions = mine._readings_partitions(mine._tables["readings"], keys, starts)
+        assert partitions is not None and len(partitions) > 1  # the sink's own table: the buffer's partitions
+        lake._append(mine._tables["readings"], data, lake._props(1, {}), lake._DICTIONARY["readings"], partitions)
         init = lake._FileWriter.__init__
         used: list[bool] = []
 
@@ -742,6 +746,38 @@ def test_readings_files_are_what_pyicebergs_writer_writes_with_dictionaries_wher
     finally:
         mine.close()
         theirs.close()
+
+
+def test_readings_land_in_the_tables_partitions_when_the_bucket_setting_changed(tmp_path: Path) -> None:
+    """A sink opened with another ``readings_buckets`` than the table was created with: its buffer's partition keys
+    are not the table's, so the commit computes the partitions from the rows (the table's spec), and the lake
+    still equals the oracle, every file in the partition its rows belong to."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from pyiceberg.transforms import BucketTransform
+    from pyiceberg.types import StringType
+
+    items, rs = sent(11, 150)
+    hot = SqliteStore(f"sqlite:///{tmp_path / 'hot.db'}")
+    first = LakeSink(settings=settings(), data_dir=tmp_path)  # creates the table: 8 buckets
+    first.close()
+    sink = LakeSink(settings=settings(readings_buckets=3), data_dir=tmp_path)
+    try:
+        assert sink._readings_partitions(sink._tables["readings"], np.array([0]), [0]) is None
+        processor(hot, sink).apply_records(records(rs, [5, 50, 9]))
+        sink.flush()
+        assert_lake_oracle(open_catalog(settings(), tmp_path), items)
+        table = sink.catalog.load_table("fieldmesh.readings")
+        bucket = BucketTransform(8).pyarrow_transform(StringType())
+        tasks = list(table.scan().plan_files())
+        devices = pa.array(sorted({d for d, _ in items}))
+        assert bucket(devices) != BucketTransform(3).pyarrow_transform(StringType())(devices)  # the test can fail
+        for t in tasks:
+            rows = pa.parquet.read_table(t.file.file_path.removeprefix("file://"))
+            assert pc.unique(bucket(rows.column("device_id"))).to_pylist() == [t.file.partition[1]]
+    finally:
+        sink.close()
+        hot.close()
 
 
 @pytest.mark.parametrize("texts", [[], ["{}"], ['{"t":1.5,"on":true}', '{"h":-0.0}'],
