@@ -810,6 +810,47 @@ def test_the_pipe_carries_measurements_json_as_one_buffer_that_reads_back_as_the
     assert wire.positions == result.positions and wire.counts == result.counts
 
 
+def test_the_child_reads_the_pipes_frames_into_one_buffer_and_unpickles_them() -> None:
+    """``lakeproc._Frames`` reads what ``Connection.send`` and ``send_bytes`` write (small frames, frames larger than
+    its buffer, a small one after a large one, protocol-5 pickles of numpy arrays) into a buffer it keeps, and gives
+    the objects sent, intact after the buffer was used again; the pipe's end is an ``EOFError``."""
+    import multiprocessing
+    import pickle
+    import threading
+
+    import numpy as np
+
+    from fieldmesh.store import lakeproc
+
+    a, b = multiprocessing.get_context("fork").Pipe()
+    big = np.arange(600_000, dtype=np.int64)  # 4.8 MB: more than the buffer's first 1 MiB
+    sent = [("ok", None), ("write", big, "x" * 100), ("stats",), ("write", big[::-1].copy(), "é" * 3), ("", b"")]
+    frames = lakeproc._Frames(b)
+
+    def send() -> None:
+        for i, m in enumerate(sent):
+            if i % 2:
+                a.send_bytes(pickle.dumps(m, protocol=5))
+            else:
+                a.send(m)
+        a.close()
+
+    t = threading.Thread(target=send)
+    t.start()
+    try:
+        got = [frames.recv() for _ in sent]
+        with pytest.raises(EOFError):
+            frames.recv()
+    finally:
+        t.join()
+        b.close()
+    assert len(frames.buf) >= big.nbytes  # grown once, kept
+    for g, m in zip(got, sent, strict=True):
+        assert len(g) == len(m)
+        for x, y in zip(g, m, strict=True):
+            assert np.array_equal(x, y) if isinstance(y, np.ndarray) else x == y
+
+
 def test_a_transaction_builds_its_metadata_once_per_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``lake.transaction``: pyiceberg's ``Transaction`` rebuilds its metadata (a deep copy of the table's) at
     every read, about a hundred times a commit; the sink's transactions build it once per state: reads of one
