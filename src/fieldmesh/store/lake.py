@@ -773,6 +773,7 @@ class LakeSink:
         ns = self.settings.namespace
         ensure_namespace(self.catalog, ns)
         schemas = _schemas(self.settings.readings_buckets)
+        self._readings_spec = schemas["readings"][1]  # what readings_part's keys are made for
         states: dict[str, tuple[int | None, dict[Position, int]]] = {}
         for name, (schema, spec) in schemas.items():
             ident = f"{ns}.{name}"
@@ -1097,7 +1098,7 @@ class LakeSink:
         table's spec is not the one the buffer's keys were made for (``readings_buckets`` changed since the
         table was created, or the spec evolved outside fieldmesh): :func:`_append` then computes them."""
         buckets = self.settings.readings_buckets
-        if table.spec().fields != _schemas(buckets)["readings"][1].fields:
+        if table.spec().fields != self._readings_spec.fields:
             return None
         days, bucket = np.divmod(keys, buckets)
         return list(zip(starts, map(list, zip(days.tolist(), bucket.tolist(), strict=True)), strict=True))
