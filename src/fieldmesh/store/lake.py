@@ -449,7 +449,7 @@ def readings_part(result: BatchResult, schema: pa.Schema, buckets: int, measurem
                   ) -> tuple[pa.Table, NDArray[np.int64]]:
     """The new readings of ``result`` as rows of ``readings``, ordered by partition (day, device bucket; in
     arrival order within each), and each row's partition as a key (day times ``buckets`` plus the bucket):
-    what the sink buffers until a commit puts the parts together (:func:`readings_ordered`).
+    what the sink buffers until a commit puts the parts together (:func:`readings_ordered_runs`).
     ``measurements_json``: that column of the readings as arrow already (the lake child's pipe carries it so),
     else made from ``result.new.measurements_json``."""
     import pyarrow as pa
@@ -466,17 +466,12 @@ def readings_part(result: BatchResult, schema: pa.Schema, buckets: int, measurem
     return table, key
 
 
-def readings_ordered(parts: list[tuple[pa.Table, NDArray[np.int64]]], schema: pa.Schema) -> pa.Table:
-    """The buffered parts (:func:`readings_part`) as one table ordered by partition, without a copy: each
-    partition's slices of every part, one partition after the other (the append then writes each partition
-    from its slices, :func:`_append`)."""
-    return readings_ordered_runs(parts, schema)[0]
-
-
 def readings_ordered_runs(parts: list[tuple[pa.Table, NDArray[np.int64]]], schema: pa.Schema,
                           ) -> tuple[pa.Table, NDArray[np.int64], list[int]]:
-    """:func:`readings_ordered`, with the partition key (day times buckets plus the bucket, as
-    :func:`readings_part` has it) of each partition in the table, in order, and the first row of each."""
+    """The buffered parts (:func:`readings_part`) as one table ordered by partition, without a copy: each
+    partition's slices of every part, one partition after the other (the append then writes each partition
+    from its slices, :func:`_append`); with the key of each partition in the table (day times buckets plus the
+    bucket, as :func:`readings_part` has it), in order, and the first row of each."""
     import pyarrow as pa
 
     if not parts:
