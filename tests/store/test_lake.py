@@ -754,6 +754,7 @@ def test_readings_land_in_the_tables_partitions_when_the_bucket_setting_changed(
     still equals the oracle, every file in the partition its rows belong to."""
     import pyarrow as pa
     import pyarrow.compute as pc
+    import pyarrow.parquet as pq
     from pyiceberg.transforms import BucketTransform
     from pyiceberg.types import StringType
 
@@ -773,7 +774,7 @@ def test_readings_land_in_the_tables_partitions_when_the_bucket_setting_changed(
         devices = pa.array(sorted({d for d, _ in items}))
         assert bucket(devices) != BucketTransform(3).pyarrow_transform(StringType())(devices)  # the test can fail
         for t in tasks:
-            rows = pa.parquet.read_table(t.file.file_path.removeprefix("file://"))
+            rows = pq.read_table(t.file.file_path.removeprefix("file://"))
             assert pc.unique(bucket(rows.column("device_id"))).to_pylist() == [t.file.partition[1]]
     finally:
         sink.close()
@@ -817,8 +818,6 @@ def test_the_child_reads_the_pipes_frames_into_one_buffer_and_unpickles_them() -
     import multiprocessing
     import pickle
     import threading
-
-    import numpy as np
 
     from fieldmesh.store import lakeproc
 
