@@ -143,3 +143,44 @@ def test_a_message_of_several_plain_readings_takes_the_field_path():
     for other in (rs[:1], [*rs, {**rs[0], "meta": {"k": 1}}], [*rs, {"ts": "x", "measurements": {"t": 1}}]):
         assert _route_fields(IngestMessage(topic="devices/d1/telemetry", payload=json.dumps(other).encode(),
                                            received_ms=NOW), V2, 4, NOW) is None
+
+
+def test_the_field_path_hashes_and_checks_each_message_as_the_general_path():
+    """A message's readings share its device and, commonly, a boot: the field path then formats each identity
+    from one prefix. Identities, sums that overflow and values that are not finite as the general path has them."""
+    from fieldmesh.core.batch import reading_fields
+    from fieldmesh.core.identity import identity_digest, identity_string
+    from fieldmesh.gateway.gateway import _route_fields, _route_one
+
+    def both(rs: list[dict[str, object]]) -> tuple[object, object]:
+        m = IngestMessage(topic="devices/d1/telemetry", payload=json.dumps(rs).encode(), received_ms=NOW)
+        routed = _route_one(m, V2, 4, NOW)
+        assert routed is not None
+        part, res = routed
+        return _route_fields(m, V2, 4, NOW), (part, tuple(reading_fields(res.readings)), res.rejects)
+
+    for boot in ("b%d%s", "bö 1", ""):  # a % in the prefix, a character beyond ASCII, an empty boot
+        rs = [{"ts": NOW - 10 + i, "seq": s, "boot_id": boot, "measurements": {"t": 1.5}}
+              for i, s in enumerate([0, 7, 2**63 - 1])]
+        fast, (part, fields, rejects) = both(rs)
+        assert not rejects and fast == (part, fields)
+        assert [(k, c) for k, c in zip(fields[3], fields[4], strict=True)] == [
+            identity_digest(identity_string("d1", r["ts"], r["measurements"], r["seq"], boot)) for r in rs]
+    # two boots in one message, and readings without a seq: each identity formatted on its own
+    rs = [{"ts": NOW - 10, "seq": 1, "boot_id": "a", "measurements": {"t": 1.0}},
+          {"ts": NOW - 9, "seq": 1, "boot_id": "b", "measurements": {"t": 1.0}},
+          {"ts": NOW - 8, "measurements": {"t": 2.0}}]
+    for chosen in (rs[:2], rs):
+        fast, (part, fields, rejects) = both(chosen)
+        assert not rejects and fast == (part, fields)
+    # values whose sum overflows are finite still: the field path takes them
+    big = [{"ts": NOW - 10 + i, "measurements": {"t": 1.7e308, "h": 1.7e308}} for i in range(3)]
+    fast, (part, fields, rejects) = both(big)
+    assert not rejects and fast == (part, fields)
+    # a value that is not finite (1e999 decodes to an infinity): the general path rejects that reading
+    m = IngestMessage(topic="devices/d1/telemetry", received_ms=NOW,
+                      payload=b'[{"ts": %d, "measurements": {"t": 1.0}}, {"ts": %d, "measurements": {"t": 1e999}}]'
+                      % (NOW - 2, NOW - 1))
+    assert _route_fields(m, V2, 4, NOW) is None
+    routed = _route_one(m, V2, 4, NOW)
+    assert routed is not None and len(routed[1].readings) == 1 and len(routed[1].rejects) == 1
