@@ -162,9 +162,9 @@ def test_a_payload_of_many_readings_decodes_as_the_general_path_does(items: list
 
 
 def test_a_partitions_columns_keep_only_the_names_they_use_in_order_of_first_use():
-    """Splitting a batch's columns into partitions (``ReadingColumns.part``) cuts each dictionary to the names
-    its rows use, in the order they first appear, and drops a column no row of the part has: the same bytes
-    as columns made from that partition's readings alone."""
+    """A batch split into partitions keeps in each partition's columns only the names its rows use, in the
+    order they first appear, and drops a column no row of the part has: the same bytes as columns made from
+    that partition's readings alone."""
     objs: list[object] = []
     devs = []
     for i in range(60):

@@ -10,7 +10,6 @@ version-1 wire and for code that still works per reading.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain
@@ -71,11 +70,6 @@ def reading_fields(readings: Sequence[Reading]) -> list[list[Any]]:
     :meth:`ReadingColumns.from_fields`). Each field is read over all readings by a C iterator (``map`` of an
     attribute getter): no Python frame and no tuple per reading."""
     return [list(map(get, readings)) for get in _FIELDS]
-
-
-def _all_none(a: NDArray[np.object_] | None) -> NDArray[np.object_] | None:
-    """None when every entry of ``a`` is None (as :meth:`ReadingColumns.from_fields` has it), else ``a``."""
-    return None if a is None or a.tolist().count(None) == len(a) else a
 
 
 def _codes(values: Sequence[str | None], dictionary: tuple[str, ...]) -> NDArray[np.int32]:
@@ -206,30 +200,6 @@ class ReadingColumns:
             pick(self.enrichment), self.measurements_json[rows], self.metrics,
             m_new[order].astype(np.int32), self.m_metric[order], self.m_value[order],
         )
-
-    def part(self, rows: NDArray[np.intp]) -> ReadingColumns:
-        """The readings at ``rows`` (ascending row numbers), with each dictionary cut to what they use, in the
-        order of first use: equal to :meth:`from_fields` of those readings' fields (the same bus record bytes).
-        The gateway splits a batch's columns into partitions with it."""
-        cols = self.take(rows)
-
-        def cut(names: tuple[str, ...], codes: NDArray[np.int32]) -> tuple[tuple[str, ...], NDArray[np.int32]]:
-            used, first = np.unique(codes, return_index=True)
-            if used.size and used[0] == _NONE:  # none is no entry
-                used, first = used[1:], first[1:]
-            used = used[np.argsort(first, kind="stable")]  # in the order of first use
-            if len(used) == len(names) and (used == np.arange(len(names))).all():
-                return names, codes
-            table = np.full(len(names) + 1, _NONE, dtype=np.int32)  # the last entry: -1 stays -1
-            table[used] = np.arange(len(used), dtype=np.int32)
-            return tuple(names[i] for i in used.tolist()), table[codes]
-
-        devices, device = cut(cols.devices, cols.device)
-        boots, boot = cut(cols.boots, cols.boot)
-        metrics, m_metric = cut(cols.metrics, cols.m_metric)
-        return dataclasses.replace(cols, devices=devices, device=device, boots=boots, boot=boot, metrics=metrics,
-                                   m_metric=m_metric, event_id=_all_none(cols.event_id),
-                                   meta=_all_none(cols.meta), enrichment=_all_none(cols.enrichment))
 
     @classmethod
     def concat(cls, parts: Sequence[ReadingColumns]) -> ReadingColumns:

@@ -509,7 +509,7 @@ def _checked_fields(
     plain (no ``meta``), checked over whole columns; else None (see :func:`decode_single_fields`)."""
     n = len(ws)
     dev_in = list(map(_dev_of, ws))
-    if dev_in.count(None) != n:
+    if dev_in.count(None) != n and dev_in != list(device_ids):  # (all naming their own: one C comparison)
         bad = [i for i, (d, dev) in enumerate(zip(dev_in, device_ids, strict=True)) if d is not None and d != dev]
         if bad:
             if aside is None or len(bad) == n:

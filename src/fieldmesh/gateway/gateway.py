@@ -342,16 +342,16 @@ def _route_bulk(
     # partitions in the order of their first message, as the message-by-message path has them
     firsts = order[starts]
     by_part: dict[int, _Batch] = {}
-    every = None if readings is not None else ReadingColumns.from_fields(*fields)  # split by rows below
     for g in np.argsort(firsts, kind="stable").tolist():
         rows = order[starts[g] : ends[g]]
         p = int(sorted_parts[starts[g]])
         if readings is not None:
             by_part[p] = list(map(readings.__getitem__, rows.tolist()))
         elif len(rows) == len(routes):  # one partition: every row, in order
-            by_part[p] = every  # type: ignore[assignment]
-        else:
-            by_part[p] = every.part(rows)  # type: ignore[union-attr]
+            by_part[p] = ReadingColumns.from_fields(*fields)
+        else:  # each partition's fields picked by a C getter, then its columns (cheaper than cutting one batch's)
+            pick = itemgetter(*rows.tolist()) if len(rows) > 1 else lambda f, i=int(rows[0]): (f[i],)
+            by_part[p] = ReadingColumns.from_fields(*map(list, map(pick, fields)))
     return by_part, len(routes), aside
 
 
