@@ -3,14 +3,23 @@
 The input is what devices send most: one JSON reading per message (``ts``, ``seq``, ``boot_id``, one
 measurement), on ``devices/{id}/telemetry`` of 2,000 devices, routed in batches of 5,000 messages as the
 gateway fetches them; and, for comparison, 100 readings per message. ``--checks`` adds the device checks
-made before decoding (every device registered, a rate limit none reaches) to measure what they cost. Run:
-``PYTHONPATH=src .venv/bin/python bench/gateway_route.py [--encoding 2] [--rounds 5] [--checks]``.
+made before decoding (every device registered, a rate limit none reaches) to measure what they cost.
+``--batch`` sets the messages a ``route`` call takes (the gateway's own fetch is ``batch_max_messages``, 512 by
+default). ``--base SRC`` runs the same on another checkout's ``src`` as well (a subprocess a side, ``--sides``
+times each, alternated, so both share the sitting) and prints the ratio of the medians. Run:
+``PYTHONPATH=src .venv/bin/python bench/gateway_route.py [--encoding 2] [--rounds 5] [--checks] [--batch 5000]
+[--base DIR/src [--sides 3]]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import random
+import statistics
+import subprocess
+import sys
 import time
 
 import msgspec
@@ -20,7 +29,7 @@ from fieldmesh.gateway.admission import Admission, RateLimiter, RegisteredDevice
 from fieldmesh.gateway.base import IngestMessage
 from fieldmesh.gateway.gateway import route
 
-BATCH = 5_000
+BATCH = 5_000  # messages a route call takes, unless --batch says otherwise
 
 
 def messages(n: int, per_message: int, now: int, seed: int = 1) -> list[IngestMessage]:
@@ -61,7 +70,8 @@ def checks() -> Admission:
 
 
 def measure(
-    msgs: list[IngestMessage], settings: GatewaySettings, now: int, rounds: int, admission: Admission | None = None
+    msgs: list[IngestMessage], settings: GatewaySettings, now: int, rounds: int, admission: Admission | None = None,
+    batch: int = BATCH,
 ) -> tuple[float, int]:
     """Best messages per CPU-second over ``rounds`` passes, and the readings routed per pass."""
     best = 0.0
@@ -69,8 +79,8 @@ def measure(
     for _ in range(rounds):
         t = time.process_time()
         n = 0
-        for s in range(0, len(msgs), BATCH):
-            _, k, dead = route(msgs[s : s + BATCH], settings=settings, partitions=4, now_ms=now, admission=admission)
+        for s in range(0, len(msgs), batch):
+            _, k, dead = route(msgs[s : s + batch], settings=settings, partitions=4, now_ms=now, admission=admission)
             assert not dead
             n += k
         best = max(best, len(msgs) / (time.process_time() - t))
@@ -83,14 +93,48 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--messages", type=int, default=100_000)
     ap.add_argument("--checks", action="store_true", help="with registration and rate limits")
+    ap.add_argument("--batch", type=int, default=BATCH, help="messages a route call takes")
+    ap.add_argument("--base", help="another checkout's src directory: a baseline side, alternated with this one")
+    ap.add_argument("--sides", type=int, default=3, help="with --base: runs of each side")
+    ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # a side, in a subprocess
     args = ap.parse_args()
+    if args.base:
+        compare(args)
+        return
     settings = GatewaySettings(bus_encoding=args.encoding)
     now = int(time.time() * 1000)
+    rates = {}
     for per in (1, 100):
         count = args.messages if per == 1 else args.messages // 100
-        rate, n = measure(messages(count, per, now), settings, now, args.rounds, checks() if args.checks else None)
-        print(f"{per:>3} reading(s)/message: {rate:>10,.0f} messages/CPU-s  {rate * per:>12,.0f} readings/CPU-s"
-              f"  ({n:,} readings per pass, bus encoding {args.encoding}{', with checks' if args.checks else ''})")
+        rate, n = measure(messages(count, per, now), settings, now, args.rounds, checks() if args.checks else None,
+                          args.batch)
+        rates[per] = rate * per
+        if not args.json:
+            print(f"{per:>3} reading(s)/message: {rate:>10,.0f} messages/CPU-s  {rate * per:>12,.0f} readings/CPU-s"
+                  f"  ({n:,} readings per pass, {args.batch:,} messages a call, bus encoding {args.encoding}"
+                  f"{', with checks' if args.checks else ''})")
+    if args.json:
+        print(json.dumps(rates))
+
+
+def compare(args: argparse.Namespace) -> None:
+    """This checkout and ``args.base`` in subprocesses, alternated; readings per CPU-second, the medians' ratio."""
+    sides = {"this": os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"),
+             "base": args.base}
+    cmd = [sys.executable, __file__, "--json", "--encoding", str(args.encoding), "--rounds", str(args.rounds),
+           "--messages", str(args.messages), "--batch", str(args.batch), *(["--checks"] if args.checks else [])]
+    got: dict[str, list[dict[str, float]]] = {k: [] for k in sides}
+    for r in range(args.sides):
+        for name, src in (list(sides.items()) if r % 2 == 0 else list(reversed(sides.items()))):
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": src})
+            got[name].append({int(k): v for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()})
+            rates = ", ".join(f"{per} a message {got[name][-1][per]:,.0f}" for per in (1, 100))
+            print(f"  {name} run {r + 1}: {rates} readings/CPU-s", flush=True)
+    for per in (1, 100):
+        this = statistics.median(m[per] for m in got["this"])
+        base = statistics.median(m[per] for m in got["base"])
+        print(f"{per:>3} reading(s)/message, {args.batch:,} messages a call: this {this:,.0f}, base {base:,.0f} "
+              f"readings/CPU-s (medians of {args.sides}): x{this / base:.2f}")
 
 
 if __name__ == "__main__":
