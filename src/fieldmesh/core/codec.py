@@ -431,6 +431,9 @@ def _fast_path(payload: bytes, device_id: str, now: int, max_skew_ms: int, recei
 
 _S_IDENTITY: Final = "s\x1f{}\x1f{}\x1f{}".format  # identity_string of a reading with a seq, no event_id
 _BLAKE2B_16: Final = blake2b(digest_size=16)  # never updated: each identity's hash starts as a copy of it
+_U8_PAIRS: Final = np.dtype(">u8")
+_ts_of, _ms_of, _dev_of, _seq_of, _boot_of, _event_of, _meta_of = map(
+    attrgetter, ("ts", "measurements", "device_id", "seq", "boot_id", "event_id", "meta"))
 
 
 def _digests16(data: list[bytes]) -> bytes:
@@ -443,9 +446,6 @@ def _digests16(data: list[bytes]) -> bytes:
     hashes = list(map(blake2b.copy, repeat(_BLAKE2B_16, len(data))))
     deque(map(blake2b.update, hashes, data), 0)
     return b"".join(map(blake2b.digest, hashes))
-_U8_PAIRS: Final = np.dtype(">u8")
-_ts_of, _ms_of, _dev_of, _seq_of, _boot_of, _event_of, _meta_of = map(
-    attrgetter, ("ts", "measurements", "device_id", "seq", "boot_id", "event_id", "meta"))
 
 
 def decode_single_readings(
