@@ -1,8 +1,8 @@
 """CPU cost of the gateway's ``route()``: messages per CPU-second for 1 and 100 readings per message.
 
 The input is what devices send most: one JSON reading per message (``ts``, ``seq``, ``boot_id``, one
-measurement), on ``devices/{id}/telemetry`` of 2,000 devices, routed in batches of 5,000 messages as the
-gateway fetches them; and, for comparison, 100 readings per message. ``--checks`` adds the device checks
+measurement), on ``devices/{id}/telemetry`` of 2,000 devices, routed in batches of 5,000 messages (``--batch``);
+and, for comparison, 100 readings per message. ``--checks`` adds the device checks
 made before decoding (every device registered, a rate limit none reaches) to measure what they cost.
 ``--batch`` sets the messages a ``route`` call takes (the gateway's own fetch is ``batch_max_messages``, 512 by
 default). ``--base SRC`` runs the same on another checkout's ``src`` as well (a subprocess a side, ``--sides``
