@@ -362,7 +362,7 @@ def test_columnar_decides_as_the_reference(
     origin = np.array([rnd.randrange(-1, 50) for _ in readings], dtype=np.int64)
     ref_claims = _prior_claims(readings, rnd)
     col_claims = ref_claims.copy()
-    others = {"1m": 60_000, "5m": 300_000, "1d": 86_400_000}
+    others = {"1m": 60_000, "5m": 300_000, "1d": 86_400_000, "90s": 90_000}
     ref = reference.settle(cols, late, origin, ref_claims, intervals=others)
     col = columnar.settle(cols, late, origin, col_claims, intervals=others)
     assert_same(col, ref)

@@ -403,7 +403,9 @@ def _windows(
     """Exact window deltas of every interval from the new readings' measurement entries.
 
     No sort: entries get dense group ids in output order (device name, metric name, window start) and
-    are reduced with unbuffered ``ufunc.at`` (``np.add.at``, ``np.minimum.at``: a few ns per entry).
+    are reduced with unbuffered ``ufunc.at`` (``np.add.at``, ``np.minimum.at``: a few ns per entry). An
+    interval whose width is a multiple of another's (1h of 1m) is made from that one's deltas (:func:`_coarser`):
+    a backlog's 1m windows hold a few readings each, so the second interval costs a fraction of the first.
     """
     out: dict[str, WindowDeltas] = {}
     if not len(new.m_row):
@@ -429,7 +431,14 @@ def _windows(
     top = np.where(zero, -_NO_EXP, top)
     dev_names = _objects(new.devices)[np.argsort(drank)]  # by rank
     met_names = _objects(new.metrics)[np.argsort(mrank)]
-    for name, width in intervals.items():
+    done: dict[int, tuple[WindowDeltas, _I64]] = {}  # by width: the deltas and each entry's pair
+    for name, width in sorted(intervals.items(), key=lambda kv: kv[1]):
+        finer = [w for w in done if width % w == 0]
+        if finer:  # a multiple of a finer interval's width: its windows merged, fewer entries than the values
+            fine, fine_pair = done[max(finer)]
+            out[name], p = _coarser(fine, fine_pair, name, width)
+            done[width] = (out[name], p)
+            continue
         ws = ts - ts % width
         ids, groups = _group_ids(pair, len(new.devices) * nmet, ws, width)
         rep = np.empty(groups, dtype=np.intp)
@@ -445,7 +454,32 @@ def _windows(
             window_start_ms=ws[rep], count=np.bincount(ids, minlength=groups).astype(np.int64),
             sum_m=sum_m, sum_e=sum_e, min=lo, max=hi,
         )
-    return out
+        done[width] = (out[name], p)
+    return {name: out[name] for name in intervals}
+
+
+def _coarser(fine: WindowDeltas, pair: _I64, name: str, width: int) -> tuple[WindowDeltas, _I64]:
+    """The deltas of an interval whose width is a multiple of ``fine``'s, from ``fine``'s entries (and each entry's
+    pair code, in entry order); the same as from the values, exactly.
+
+    ``fine``'s entries are in (pair, window) order, and a coarse window holds whole fine ones: each coarse window
+    is a run of consecutive entries, reduced with ``ufunc.reduceat``; exact sums shifted to the run's lowest
+    exponent (:func:`_shifted_sums`). An entry whose sum is 0 takes part at the exponent of its run's others.
+    """
+    ws = fine.window_start_ms - fine.window_start_ms % width
+    starts = np.flatnonzero(np.r_[True, (pair[1:] != pair[:-1]) | (ws[1:] != ws[:-1])])
+    group = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, len(ws)]))
+    zero = fine.sum_m == 0
+    e = np.where(zero, _NO_EXP, fine.sum_e)
+    emin = np.minimum.reduceat(e, starts)
+    emin[emin == _NO_EXP] = 0  # a run of zero sums
+    e = np.where(zero, emin[group], e)  # (0 shifted by 0)
+    return WindowDeltas(
+        interval=name, width_ms=width, device=fine.device[starts], metric=fine.metric[starts],
+        window_start_ms=ws[starts], count=np.add.reduceat(fine.count, starts).astype(np.int64),
+        sum_m=_shifted_sums(fine.sum_m, e, emin, starts), sum_e=emin.astype(np.int64),
+        min=np.minimum.reduceat(fine.min, starts), max=np.maximum.reduceat(fine.max, starts),
+    ), pair[starts]
 
 
 def _exact_sums(
