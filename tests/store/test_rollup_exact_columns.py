@@ -65,3 +65,19 @@ def test_wider_mantissas_or_counts_take_the_general_path() -> None:
     assert _int64_columns([0], [1]) is None
     assert _int64_columns([1], [2**70]) is None
     assert _int64_columns([3], [2**53 - 1]) is not None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 2**54),
+                          st.one_of(st.integers(-(2**63), 2**63 - 1), st.integers(2**53 - 3, 2**53 + 3),
+                                    st.integers(-(2**80), 2**80)),
+                          st.integers(-1100, 1000)), min_size=1, max_size=40))
+def test_windows_of_floats_past_53_bits(rows: list[tuple[int, int, int]]) -> None:
+    """Mantissas of 54 to 64 bits (the sums of a window of floats of similar magnitude), beside wider ones and
+    those near 2**53: the same values as the per-row functions."""
+    count, m, e = (list(c) for c in zip(*rows, strict=True))
+    values, avgs, texts = exact_columns(count, m, e)
+    for i, (c, mi, ei) in enumerate(rows):
+        assert _same(values[i], exact_value(mi, ei)), (mi, ei)
+        assert _same(avgs[i], exact_avg(mi, ei, c)), (mi, ei, c)
+        assert texts[i] == format_exact(mi, ei)

@@ -94,7 +94,7 @@ def exact_columns(count: list[int], m: list[int], e: list[int]) -> tuple[list[fl
     ex = np.where(zero, 0, ea + tz)
     values: list[float] = x.tolist()
     avgs: list[float] = avg.tolist()
-    texts: list[str] = list(map("{:x}:{}".format, odd, ex.tolist()))
+    texts: list[str] = list(map("%x:%d".__mod__, zip(odd, ex.tolist(), strict=True)))
     if not fast.all():
         slow = np.flatnonzero(~fast).tolist()
         sv, sa, _ = _exact_rows([count[i] for i in slow], [m[i] for i in slow], [e[i] for i in slow])
