@@ -17,12 +17,12 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 
 def test_the_store_checkpoints_on_its_own_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sqlite_store, "_WAL_AUTOCHECKPOINT_PAGES", 40)  # 4 KiB pages; the writer's own mark: 4x
+    monkeypatch.setattr(sqlite_store, "_WAL_AUTOCHECKPOINT_PAGES", 40)  # the writer's own mark: 160
     path = tmp_path / "hot.db"
     store = load_store(f"sqlite:///{path}")
     try:
         cp = store._checkpointer  # type: ignore[attr-defined]
-        assert cp is not None and cp.pages == 40 * 4096 // sqlite_store.PAGE_SIZE  # the same bytes in its pages
+        assert cp is not None and cp.pages == 40
         items, rs = sent(11, 400)
         deadline = time.monotonic() + 30
         while cp.checkpoints < 2 and time.monotonic() < deadline:
@@ -47,7 +47,7 @@ def test_a_long_wal_starts_over_before_the_writers_own_checkpoint(tmp_path: Path
     """The thread's checkpoints end while the writer is inside a transaction, and only a writer that starts one
     with every frame copied starts the WAL over: without the writer's own checkpoint of what is left, the WAL grew
     to the writer's automatic checkpoint, which runs inside a commit (20-75 ms at the default size)."""
-    monkeypatch.setattr(sqlite_store, "_WAL_AUTOCHECKPOINT_PAGES", 40)  # long at 160 KiB of frames; the writer's: 4x
+    monkeypatch.setattr(sqlite_store, "_WAL_AUTOCHECKPOINT_PAGES", 40)  # long at 40 frames; the writer's mark: 160
     path = tmp_path / "hot.db"
     store = load_store(f"sqlite:///{path}")
     try:
@@ -86,29 +86,3 @@ def test_a_burst_after_a_quiet_spell_is_checkpointed_at_once(tmp_path: Path, mon
         assert_oracle(store, items)
     finally:
         store.close()
-
-
-def test_a_new_store_has_large_pages_and_an_old_one_keeps_its_own(tmp_path: Path) -> None:
-    """A new file is made with ``PAGE_SIZE`` pages; a file made with SQLite's default keeps its 4 KiB pages (no
-    rewrite on open), and its checkpoints come at the same number of bytes, so at four times as many pages."""
-    new = load_store(f"sqlite:///{tmp_path / 'new.db'}")
-    try:
-        assert new._w.execute("PRAGMA page_size").fetchone()[0] == sqlite_store.PAGE_SIZE > 4096  # type: ignore[attr-defined]
-        new_pages = new._checkpointer.pages  # type: ignore[attr-defined]
-    finally:
-        new.close()
-    old_path = tmp_path / "old.db"
-    con = sqlite3.connect(old_path)
-    con.execute("PRAGMA page_size=4096")
-    con.execute("PRAGMA journal_mode=WAL")
-    con.close()
-    old = load_store(f"sqlite:///{old_path}")
-    try:
-        assert old._w.execute("PRAGMA page_size").fetchone()[0] == 4096  # type: ignore[attr-defined]
-        assert old._checkpointer.pages == sqlite_store._WAL_AUTOCHECKPOINT_PAGES  # type: ignore[attr-defined]
-        assert new_pages * sqlite_store.PAGE_SIZE == old._checkpointer.pages * 4096  # type: ignore[attr-defined]
-        items, rs = sent(14, 50)
-        commit_in_chunks(old, records(rs, [5]), 2)
-        assert_oracle(old, items)
-    finally:
-        old.close()

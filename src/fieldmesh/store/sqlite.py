@@ -299,20 +299,7 @@ _seg_rows = msgspec.json.Decoder(list[tuple[Any, int, Any, Any, Any, dict[str, f
 #: batch's median apply 12 -> 6-9 ms; bulk throughput unchanged). The cost: a WAL file of up to ~40 MB beside
 #: the store (SQLite reuses it; it goes when the last connection closes). The checkpoint runs on a thread of its
 #: own (:mod:`fieldmesh.store.checkpointer`) at this mark; the writer's own, in its commit, only at 4x it.
-#: In pages of 4 KiB: a store of larger pages checkpoints at the same number of bytes (:func:`_wal_pages`).
 _WAL_AUTOCHECKPOINT_PAGES: Final = 10_000
-#: The page size of a new store file (SQLite's default is 4,096; a file keeps the size it was made with). A
-#: commit writes each page it changed to the WAL as a frame, and the checkpoint copies it: in a backlog the
-#: frames were a quarter of the processor's CPU, most of it a system call or two per 4 KiB, and a segment of
-#: 100 readings (about 14 KiB of JSON) took four pages. At 16 KiB the bulk run of ``bench/processor.py`` costs
-#: 5-12% less CPU; a small batch writes larger pages for the few rollup rows it touches (docs/pipeline.md).
-PAGE_SIZE: Final = 16_384
-
-
-def _wal_pages(con: sqlite3.Connection) -> int:
-    """The checkpoint mark in pages of this store's size: ``_WAL_AUTOCHECKPOINT_PAGES`` pages of 4 KiB."""
-    size = int(con.execute("PRAGMA page_size").fetchone()[0])
-    return max(1, _WAL_AUTOCHECKPOINT_PAGES * 4096 // size)
 
 # -- the read-only guard -------------------------------------------------------------------------
 # A reader opens the file with mode=ro and PRAGMA query_only, which stops writes to the store; they do
@@ -634,7 +621,7 @@ class SqliteStore:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._w = self._connect(write=True)
             self._init_schema()
-            self._checkpointer = Checkpointer(self.path, _wal_pages(self._w))
+            self._checkpointer = Checkpointer(self.path, _WAL_AUTOCHECKPOINT_PAGES)
             self.flush(catch_up=True)  # a writer that stopped before it wrote its rollups: written now
         elif not self.path.exists():
             raise ConfigError(
@@ -648,10 +635,9 @@ class SqliteStore:
     def _connect(self, *, write: bool) -> sqlite3.Connection:
         if write:
             con = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
-            con.execute(f"PRAGMA page_size={PAGE_SIZE}")  # (a new file's; an existing one keeps its own)
             _wal(con)
             con.execute("PRAGMA synchronous=NORMAL")
-            con.execute(f"PRAGMA wal_autocheckpoint={4 * _wal_pages(con)}")
+            con.execute(f"PRAGMA wal_autocheckpoint={4 * _WAL_AUTOCHECKPOINT_PAGES}")
             con.execute("PRAGMA cache_size=-32768")  # 32 MiB: the page cache is a large part of a processor's memory
             # no mmap: pages read are then the kernel's page cache, not resident in this process; its own
             # memory stays bounded by cache_size
