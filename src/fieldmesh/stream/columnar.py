@@ -332,33 +332,29 @@ def _codes_by_name(names: NDArray[np.object_]) -> tuple[NDArray[np.object_], NDA
 def _shifted_sums(sum_m: NDArray[np.object_], sum_e: _I64, emin: _I64, starts: NDArray[np.intp]) -> NDArray[np.object_]:
     """Per group (entries from each of ``starts``): the exact sum of ``sum_m[i] * 2**sum_e[i]`` as a mantissa of
     ``2**emin``. In int64 where no partial sum can overflow (each mantissa shifted below 2**(62 - bitlen(n)) for
-    ``n`` entries in the group), else as Python ints: only the groups that need them (a mantissa of 64 bits or
-    more, or shifted past the room) take Python ints."""
+    ``n`` entries in the group), else as Python ints."""
     n = len(sum_m)
-    size = np.diff(np.r_[starts, n])
-    group = np.repeat(np.arange(len(starts)), size)
+    group = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, n]))
     shift = sum_e - emin[group]  # >= 0: each mantissa shifted to its group's lowest exponent, exactly
     out = np.empty(len(starts), dtype=object)
-    ms = sum_m.tolist()
     try:
-        m64 = np.array(ms, dtype=np.int64)
-        wide64 = None
-    except OverflowError:  # some mantissa of 64 bits or more: 0 in its place here, its group the Python way
-        wide64 = np.fromiter(map(int.bit_length, map(int, ms)), np.int64, n) > 62
-        m64 = np.where(wide64, 0, sum_m).astype(np.int64)
-    room = 62 - np.frexp(size.astype(np.float64))[1]  # bits a shifted mantissa may have in its group
-    bits = np.frexp(np.abs(m64).astype(np.float64))[1] + shift  # (rounding up: never under the true length)
-    ok = bits <= room[group]
-    if wide64 is not None:
-        ok &= ~wide64
-    fits = np.ones(len(starts), dtype=np.bool_)
-    np.logical_and.at(fits, group, ok)
-    small = fits[group]
-    sums = np.add.reduceat(np.where(small, m64 << np.where(small, shift, 0), 0), starts)
-    out[fits] = sums[fits].tolist()
-    if fits.all():
-        return out
-    rest = ~fits
+        m64 = np.array(sum_m.tolist(), dtype=np.int64)
+    except OverflowError:  # a mantissa of 64 bits or more: all as Python ints
+        m64 = None
+    if m64 is not None:
+        size = np.diff(np.r_[starts, n])
+        room = 62 - np.frexp(size.astype(np.float64))[1]  # bits a shifted mantissa may have in its group
+        bits = np.frexp(np.abs(m64).astype(np.float64))[1] + shift  # (rounding up: never under the true length)
+        fits = np.ones(len(starts), dtype=np.bool_)
+        np.logical_and.at(fits, group, bits <= room[group])
+        small = fits[group]
+        sums = np.add.reduceat(np.where(small, m64 << np.where(small, shift, 0), 0), starts)
+        out[fits] = sums[fits].tolist()
+        if fits.all():
+            return out
+        rest = ~fits
+    else:
+        rest = np.ones(len(starts), dtype=np.bool_)
     sel = rest[group]
     wide = np.zeros(n, dtype=object)
     wide[sel] = np.asarray(sum_m, dtype=object)[sel] << shift[sel].astype(object)
