@@ -491,3 +491,20 @@ def test_windows_combined_over_batches_equal_the_windows_of_all(
     for name in INTERVALS:
         combined = columnar.combine_windows([columnar.window_deltas(p, INTERVALS)[name] for p in parts])
         assert _window_rows(combined) == _window_rows(whole[name])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(st.tuples(st.one_of(st.integers(-(2**40), 2**40), st.integers(-(2**63), 2**63 - 1),
+                                              st.integers(-(2**90), 2**90), st.just(0)),
+                                    st.integers(-60, 60)), min_size=1, max_size=6), min_size=1, max_size=12))
+def test_shifted_sums_of_narrow_and_wide_mantissas(groups: list[list[tuple[int, int]]]) -> None:
+    """Each group's exact sum at its lowest exponent, whichever groups hold mantissas of 64 bits or more (those
+    take Python ints, the others int64): the sums of Python ints."""
+    flat = [x for g in groups for x in g]
+    m = np.empty(len(flat), dtype=object)
+    m[:] = [x[0] for x in flat]
+    e = np.array([x[1] for x in flat], dtype=np.int64)
+    starts = np.cumsum([0, *map(len, groups[:-1])])
+    emin = np.array([min(x[1] for x in g) for g in groups], dtype=np.int64)
+    got = columnar._shifted_sums(m, e, emin, starts).tolist()
+    assert got == [sum(mi << (ei - lo) for mi, ei in g) for g, lo in zip(groups, emin.tolist(), strict=True)]
