@@ -498,8 +498,8 @@ def test_windows_combined_over_batches_equal_the_windows_of_all(
                                               st.integers(-(2**90), 2**90), st.just(0)),
                                     st.integers(-60, 60)), min_size=1, max_size=6), min_size=1, max_size=12))
 def test_shifted_sums_of_narrow_and_wide_mantissas(groups: list[list[tuple[int, int]]]) -> None:
-    """Each group's exact sum at its lowest exponent, whichever groups hold mantissas of 64 bits or more (those
-    take Python ints, the others int64): the sums of Python ints."""
+    """Each group's exact sum at its lowest exponent, with mantissas of any width in any group (the int64 path and
+    the Python ints' path): the sums of Python ints."""
     flat = [x for g in groups for x in g]
     m = np.empty(len(flat), dtype=object)
     m[:] = [x[0] for x in flat]
