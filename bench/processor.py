@@ -20,9 +20,14 @@ The garbage collector is set as a processor process sets it (``--gc worker``: ``
 freezes what it holds at start and collects the youngest generation less often); ``--gc default`` runs with
 CPython's defaults, ``--gc both`` alternates the two.
 
+``--base SRC`` compares this checkout with another one's ``src`` on the same input (built once, by this
+checkout's gateway): each side's applies run in a subprocess of their own, the sides alternated ``--sides`` times
+each, and the medians are compared. On a shared machine whose speed drifts by a fifth within the hour, a pair of
+single runs cannot show a change of a few percent.
+
 Run: ``PYTHONPATH=$PWD/src .venv/bin/python bench/processor.py [--quick] [--encoding 1|2]
 [--engines columnar,reference] [--pg postgresql://postgres@127.0.0.1:5432/postgres] [--profile]
-[--gc worker|default|both]``.
+[--gc worker|default|both] [--base DIR/src [--sides 3]]``.
 """
 
 from __future__ import annotations
@@ -31,10 +36,15 @@ import argparse
 import cProfile
 import gc
 import io
+import json
+import os
+import pickle
 import pstats
 import random
 import resource
 import secrets
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -234,6 +244,47 @@ def report(name: str, n: int, res: dict[str, Any], errors: list[str]) -> None:
         print(res["profile"])
 
 
+def compare(records: list[BusRecord], sent: list[tuple[str, dict[str, Any]]], late: int, base: str,
+            sides: int) -> None:
+    """This checkout's applies and ``base``'s on the same records, each in a subprocess, alternated ``sides`` times
+    each; every run checked exact; the medians of readings per CPU-second and their ratio."""
+    checkouts = {"this": str(ROOT / "src"), "base": base}
+    got: dict[str, list[float]] = {k: [] for k in checkouts}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "input.pickle"  # plain tuples and dicts: either checkout reads them
+        with path.open("wb") as f:
+            pickle.dump({"records": [(r.topic, r.partition, r.offset, r.value, r.timestamp_ms) for r in records],
+                         "sent": sent, "late": late}, f)
+        for k in range(sides):
+            for name, src in (list(checkouts.items()) if k % 2 == 0 else list(reversed(checkouts.items()))):
+                out = subprocess.run([sys.executable, __file__, "--side-input", str(path)], capture_output=True,
+                                     text=True, check=True, env={**os.environ, "PYTHONPATH": src})
+                res = json.loads(out.stdout.strip().splitlines()[-1])
+                got[name].append(res["per_cpu"])
+                print(f"  {name} run {k + 1}: {res['per_cpu']:,.0f} readings/CPU-s ({res['cpu_s']:.2f} CPU-s)"
+                      f"  {'exact' if not res['errors'] else 'NOT EXACT: ' + '; '.join(res['errors'])}", flush=True)
+    this, other = statistics.median(got["this"]), statistics.median(got["base"])
+    print(f"sqlite, medians of {sides}: this {this:,.0f}, base {other:,.0f} readings/CPU-s: x{this / other:.2f}"
+          f" ({this / TARGET_PER_CPU_S:.2f}x the 300,000 target)")
+
+
+def side(path: Path) -> None:
+    """One side of :func:`compare`: the applies on a new SQLite store, checked; one JSON line."""
+    with path.open("rb") as f:
+        data = pickle.load(f)
+    records = [BusRecord(topic=t, partition=p, offset=o, value=v, timestamp_ms=ts)
+               for t, p, o, v, ts in data["records"]]
+    with tempfile.TemporaryDirectory() as tmp:
+        s = load_store(f"sqlite:///{Path(tmp) / 'store.db'}")
+        try:
+            res = run(s, records, profile=False)
+            errors = check(s, data["sent"], data["late"])
+        finally:
+            s.close()
+    n = len(data["sent"])
+    print(json.dumps({"per_cpu": n / res["cpu_s"], "cpu_s": res["cpu_s"], "errors": errors}))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="200 devices x 500 readings instead of 2,000 x 500")
@@ -248,7 +299,13 @@ def main() -> None:
                          " alternated in this run")
     ap.add_argument("--engines", default="columnar",
                     help="stream engines to run on SQLite, comma-separated (columnar,reference: both, one sitting)")
+    ap.add_argument("--base", help="another checkout's src directory: a baseline side, alternated with this one")
+    ap.add_argument("--sides", type=int, default=3, help="with --base: runs of each side")
+    ap.add_argument("--side-input", help=argparse.SUPPRESS)  # a side, in a subprocess: its input, pickled
     args = ap.parse_args()
+    if args.side_input:
+        side(Path(args.side_input))
+        return
     devices = args.devices or (200 if args.quick else 2000)
 
     t0 = time.perf_counter()
@@ -262,6 +319,9 @@ def main() -> None:
           f" {n:,} readings in {len(records):,} bus records (encoding v{args.encoding},"
           f" {sum(len(r.value) for r in records) / n:.0f} bytes/reading); built in {time.perf_counter() - t0:.1f} s")
 
+    if args.base:
+        compare(records, sent, late, args.base, args.sides)
+        return
     print(stage_rates(msgs, records, now, args.encoding, n))
     rates: dict[str, float] = {}
     gcs = {"worker": [True], "default": [False], "both": [True, False, True, False]}[args.gc]
