@@ -258,8 +258,12 @@ def compare(records: list[BusRecord], sent: list[tuple[str, dict[str, Any]]], la
         for k in range(sides):
             for name, src in (list(checkouts.items()) if k % 2 == 0 else list(reversed(checkouts.items()))):
                 out = subprocess.run([sys.executable, __file__, "--side-input", str(path)], capture_output=True,
-                                     text=True, check=True, env={**os.environ, "PYTHONPATH": src})
+                                     text=True, check=False, env={**os.environ, "PYTHONPATH": src})
+                if out.returncode:
+                    raise SystemExit(f"the {name} side ({src}) failed:\n{out.stderr[-3000:]}")
                 res = json.loads(out.stdout.strip().splitlines()[-1])
+                if not Path(res["fieldmesh"]).resolve().is_relative_to(Path(src).resolve()):  # (an installed one)
+                    raise SystemExit(f"the {name} side imported {res['fieldmesh']}, not the fieldmesh of {src}")
                 got[name].append(res["per_cpu"])
                 print(f"  {name} run {k + 1}: {res['per_cpu']:,.0f} readings/CPU-s ({res['cpu_s']:.2f} CPU-s)"
                       f"  {'exact' if not res['errors'] else 'NOT EXACT: ' + '; '.join(res['errors'])}", flush=True)
@@ -282,7 +286,10 @@ def side(path: Path) -> None:
         finally:
             s.close()
     n = len(data["sent"])
-    print(json.dumps({"per_cpu": n / res["cpu_s"], "cpu_s": res["cpu_s"], "errors": errors}))
+    import fieldmesh
+
+    print(json.dumps({"per_cpu": n / res["cpu_s"], "cpu_s": res["cpu_s"], "errors": errors,
+                      "fieldmesh": str(Path(fieldmesh.__file__).parent)}))
 
 
 def main() -> None:
@@ -306,6 +313,11 @@ def main() -> None:
     if args.side_input:
         side(Path(args.side_input))
         return
+    if args.base and not (Path(args.base) / "fieldmesh" / "__init__.py").is_file():
+        ap.error(f"--base {args.base}: no fieldmesh package there (give a checkout's src directory)")
+    if args.base and (args.pg or args.profile or args.engines != "columnar" or args.gc != "worker"):
+        ap.error("--base compares the columnar engine on SQLite with the worker's collector: no --pg, --profile,"
+                 " --engines or --gc beside it")
     devices = args.devices or (200 if args.quick else 2000)
 
     t0 = time.perf_counter()
