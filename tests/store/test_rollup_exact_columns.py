@@ -75,9 +75,4 @@ def test_wider_mantissas_or_counts_take_the_general_path() -> None:
 def test_windows_of_floats_past_53_bits(rows: list[tuple[int, int, int]]) -> None:
     """Mantissas of 54 to 64 bits (the sums of a window of floats of similar magnitude), beside wider ones and
     those near 2**53: the same values as the per-row functions."""
-    count, m, e = (list(c) for c in zip(*rows, strict=True))
-    values, avgs, texts = exact_columns(count, m, e)
-    for i, (c, mi, ei) in enumerate(rows):
-        assert _same(values[i], exact_value(mi, ei)), (mi, ei)
-        assert _same(avgs[i], exact_avg(mi, ei, c)), (mi, ei, c)
-        assert texts[i] == format_exact(mi, ei)
+    test_exact_columns_equal_the_per_row_functions.hypothesis.inner_test(rows)  # type: ignore[attr-defined]
