@@ -872,6 +872,35 @@ async def test_nats_a_resume_the_server_does_not_answer_yet_is_tried_again(embed
         await proxy.close()
 
 
+async def test_fetch_fields_sized_in_bytes_gives_every_record_once_in_order(bus: Bus, backend: Backend) -> None:
+    """``fetch_fields(max_bytes=...)`` (the gateway's rounds): the values of each answer add up to ``max_bytes``
+    at most, unless it is one record; what a fetch held back comes next, none twice, none lost, offset order."""
+    topic = await _topic(bus, partitions=2)
+    sent = [OutRecord(topic, i % 2, f"w{i:03d}".encode() * 10, key=f"k{i}".encode()) for i in range(60)]  # 40 B
+    big = OutRecord(topic, 0, b"x" * 300, key=b"big")  # larger than max_bytes alone: comes as an answer of its own
+    await bus.producer().send([*sent[:30], big, *sent[30:]])
+    c = await bus.consumer(topic, group=_name("g"))
+    got: list[tuple[int, int, bytes]] = []
+    sizes: list[int] = []
+    deadline = time.monotonic() + 30
+    while len(got) < 61 and time.monotonic() < deadline:
+        f = await c.fetch_fields(60, 0.5, max_bytes=100)
+        if len(f):
+            sizes.append(sum(map(len, f.values)))
+            assert len(f) == 1 or sizes[-1] <= 100, (len(f), sizes[-1])
+        got += list(zip(f.partitions, f.offsets, f.values, strict=True))
+    assert len(got) == 61
+    assert len({(p, o) for p, o, _ in got}) == 61  # none twice
+    assert sorted(v for *_, v in got) == sorted([s.value for s in sent] + [big.value])
+    assert 300 in sizes  # the big record alone
+    assert max(s for s in sizes if s != 300) <= 100 and len(sizes) >= 30  # 40-byte records, two an answer at most
+    for p in (0, 1):  # offset order per partition
+        offsets = [o for q, o, _ in got if q == p]
+        assert offsets == sorted(offsets)
+    assert len(await c.fetch_fields(10, 0.5, max_bytes=100)) == 0  # nothing more
+    await c.close()
+
+
 async def test_fetch_fields_gives_the_records_in_order_held_ones_first_and_none_twice(
         bus: Bus, backend: Backend) -> None:
     """``fetch_fields``: what ``fetch`` gives, field by field; records a ``fetch(max_bytes=...)`` held back come

@@ -56,7 +56,7 @@ class _Source:
 
     async def start(self) -> None: ...
 
-    async def fetch(self, max_messages: int, timeout_s: float) -> list[IngestMessage]:
+    async def fetch(self, max_messages: int, timeout_s: float, *, max_bytes: int | None = None) -> list[IngestMessage]:
         out, self.msgs = self.msgs, []
         return out
 

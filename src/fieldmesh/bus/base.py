@@ -144,8 +144,8 @@ class Consumer(Protocol):
         """
         ...
 
-    async def fetch_fields(self, max_records: int, timeout_s: float) -> RecordFields:
-        """What :meth:`fetch` (without ``max_bytes``) gives, field by field (:class:`RecordFields`)."""
+    async def fetch_fields(self, max_records: int, timeout_s: float, *, max_bytes: int | None = None) -> RecordFields:
+        """What :meth:`fetch` gives, field by field (:class:`RecordFields`)."""
         ...
 
     async def ack(self, records: Sequence[BusRecord]) -> None:

@@ -26,9 +26,10 @@ import random
 import re
 import threading
 import time
+from bisect import bisect_right
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from itertools import repeat
+from itertools import accumulate, repeat
 from operator import itemgetter
 from pathlib import Path
 from types import MappingProxyType
@@ -314,15 +315,22 @@ class KafkaConsumer:
         out, self._held = split_by_bytes(out, max_records, max_bytes)
         return out
 
-    async def fetch_fields(self, max_records: int, timeout_s: float) -> RecordFields:
+    async def fetch_fields(self, max_records: int, timeout_s: float, *, max_bytes: int | None = None) -> RecordFields:
         """Like :meth:`fetch`, the records field by field: no object per record (see :class:`RecordFields`); no
         handles (Kafka acknowledges by position)."""
-        if self._held:  # records a fetch's max_bytes held back: fetch() serves them first (a rare case)
-            return RecordFields.of(self._topic, await self.fetch(max_records, timeout_s))
+        if self._held:  # records a fetch's max_bytes held back: fetch() serves them first
+            return RecordFields.of(self._topic, await self.fetch(max_records, timeout_s, max_bytes=max_bytes))
         msgs = await self._consume(max_records, timeout_s)
+        values = self._values(msgs)
+        if max_bytes is not None and len(msgs) > 1:
+            # the first message always; then while the values add up to max_bytes at most (as split_by_bytes)
+            n = max(1, bisect_right(list(accumulate(map(len, values))), max_bytes))
+            if n < len(msgs):
+                self._held = self._records(msgs[n:])
+                msgs, values = msgs[:n], values[:n]
         m_type = _kafka().Message
         return RecordFields(self._topic, list(map(m_type.partition, msgs)), list(map(m_type.offset, msgs)),
-                          self._values(msgs), list(map(m_type.key, msgs)), self._headers(msgs))
+                          values, list(map(m_type.key, msgs)), self._headers(msgs))
 
     async def _consume(self, max_records: int, timeout_s: float) -> list[Any]:
         """Messages consumed, without the errors to skip (those to raise raise)."""

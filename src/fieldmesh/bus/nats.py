@@ -375,9 +375,9 @@ class NatsConsumer:
         out, self._held = split_by_bytes(recs, max_records, max_bytes)
         return out
 
-    async def fetch_fields(self, max_records: int, timeout_s: float) -> RecordFields:
+    async def fetch_fields(self, max_records: int, timeout_s: float, *, max_bytes: int | None = None) -> RecordFields:
         """:meth:`fetch`'s records field by field, each with its handle (a NATS message is acknowledged by it)."""
-        return RecordFields.of(self._topic, await self.fetch(max_records, timeout_s))
+        return RecordFields.of(self._topic, await self.fetch(max_records, timeout_s, max_bytes=max_bytes))
 
     def _reconnected(self) -> bool:
         """Whether a sole fetcher's connection reconnected since its durable was last made."""

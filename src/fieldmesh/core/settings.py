@@ -37,6 +37,10 @@ class GatewaySettings(BaseModel, frozen=True):
     max_skew_ms: int = Field(300_000, ge=0, description="reject event times further ahead than this")
     max_payload_bytes: int = Field(256 * 1024, gt=0, description="reject payloads larger than this")
     batch_max_messages: int = Field(512, gt=0, description="ingest messages per bus publish round")
+    batch_max_bytes: int = Field(1 << 20, gt=0, description=(
+        "payload bytes per bus publish round (the first message always; the rest of a fetch waits for the next "
+        "round): with large payloads a round holds fewer than batch_max_messages, so the gateway's memory and "
+        "the time before the processor sees a round stay bounded"))
     linger_ms: int = Field(20, ge=0, description="wait this long to fill a batch")
     share_group: str = Field("fieldmesh", description="MQTT 5 shared-subscription group")
     receive_maximum: int = Field(65535, ge=1, le=65535, description=(

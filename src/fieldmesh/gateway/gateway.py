@@ -589,7 +589,8 @@ class Gateway:
     async def _fetch_routed(
         self,
     ) -> tuple[list[IngestMessage], list[OutRecord], int, list[DeadLetter]] | None:
-        msgs = await self.source.fetch(self.settings.batch_max_messages, self.settings.linger_ms / 1000 or 0.001)
+        msgs = await self.source.fetch(self.settings.batch_max_messages, self.settings.linger_ms / 1000 or 0.001,
+                                       max_bytes=self.settings.batch_max_bytes)
         if not msgs:
             return None
         if tracing.enabled():

@@ -181,14 +181,14 @@ class KafkaIngestSource:
             await self._bus.__aexit__(None, None, None)
             raise
 
-    async def fetch(self, max_messages: int, timeout_s: float) -> list[IngestMessage]:
+    async def fetch(self, max_messages: int, timeout_s: float, *, max_bytes: int | None = None) -> list[IngestMessage]:
         """Fetch raw messages and give each the telemetry topic of its device.
 
         The records come field by field (:meth:`~fieldmesh.bus.base.Consumer.fetch_fields`): each message's only
         object is its :class:`IngestMessage`, whose ``handle`` is its ``(partition, offset)`` (a Kafka consumer
         acknowledges by position)."""
         assert self._consumer is not None, "start() first"
-        raw = await self._consumer.fetch_fields(max_messages, timeout_s)
+        raw = await self._consumer.fetch_fields(max_messages, timeout_s, max_bytes=max_bytes)
         now = int(time.time() * 1000)
         n = len(raw)
         keys, values, headers = raw.keys, raw.values, raw.headers
@@ -266,10 +266,10 @@ class NatsSubjectSource:
         spec = IngestSpec(self.stream, (self.subject,), mode="adopt", retention_s=self._retention_s)
         self._consumer = await self._bus.ingest(spec, group=self.durable)
 
-    async def fetch(self, max_messages: int, timeout_s: float) -> list[IngestMessage]:
+    async def fetch(self, max_messages: int, timeout_s: float, *, max_bytes: int | None = None) -> list[IngestMessage]:
         """Fetch raw messages and give each the telemetry topic of its device."""
         assert self._consumer is not None, "start() first"
-        recs = await self._consumer.fetch(max_messages, timeout_s)
+        recs = await self._consumer.fetch(max_messages, timeout_s, max_bytes=max_bytes)
         now = int(time.time() * 1000)
         out = []
         for r in recs:

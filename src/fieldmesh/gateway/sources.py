@@ -68,10 +68,10 @@ class NatsIngestSource:
         ``devices.>`` resumes after what it acknowledged)."""
         self._consumer = await self._bus.ingest(ingest_spec(self._retention_s), group=self._durable, sole=self._sole)
 
-    async def fetch(self, max_messages: int, timeout_s: float) -> list[IngestMessage]:
+    async def fetch(self, max_messages: int, timeout_s: float, *, max_bytes: int | None = None) -> list[IngestMessage]:
         """Fetch raw device messages, with their topics as published."""
         assert self._consumer is not None, "start() first"
-        recs = await self._consumer.fetch(max_messages, timeout_s)
+        recs = await self._consumer.fetch(max_messages, timeout_s, max_bytes=max_bytes)
         msgs = self._messages(recs)
         if tracing.enabled():  # trace context in the headers of a NATS publisher (MQTT 3.1.1 has none)
             for i, r in enumerate(recs):
@@ -462,8 +462,9 @@ class MqttSource:
             assert self._loop is not None
             self._loop.call_soon_threadsafe(self._ready.set)
 
-    async def fetch(self, max_messages: int, timeout_s: float) -> list[IngestMessage]:
-        """Wait up to ``timeout_s`` for a first message, then take what is queued."""
+    async def fetch(self, max_messages: int, timeout_s: float, *, max_bytes: int | None = None) -> list[IngestMessage]:
+        """Wait up to ``timeout_s`` for a first message, then take what is queued (up to ``max_bytes`` of
+        payloads, the first message always)."""
         inbox = self._inbox
         if not inbox:
             self._ready.clear()
@@ -473,7 +474,13 @@ class MqttSource:
                     await asyncio.wait_for(self._ready.wait(), timeout_s)
             self._waiting = False
         n = min(max_messages, len(inbox))
-        return [inbox.popleft() for _ in range(n)]
+        if max_bytes is None:
+            return [inbox.popleft() for _ in range(n)]
+        out = [inbox.popleft()]
+        size = len(out[0].payload)
+        while len(out) < n and (size := size + len(inbox[0].payload)) <= max_bytes:
+            out.append(inbox.popleft())
+        return out
 
     async def ack(self, messages: Sequence[IngestMessage]) -> None:
         """Send the PUBACKs of a batch the bus has acknowledged, in the order received, as one write.
