@@ -34,7 +34,8 @@ Run: ``.venv/bin/python bench/e2e.py`` (``--quick`` for a smaller run; ``--door 
 throughput alone; ``--no-quix`` without the Quix baseline; ``--publisher raw`` for publishers on plain
 sockets, which leave the cores to what is measured; ``--gateway-only`` for the door and the gateway alone;
 ``--bus-encoding 1`` for the row bus records (2, columnar, is the default); ``--overload 60`` for the overload run;
-``--alerts`` for event -> webhook).
+``--alerts`` for event -> webhook;
+``--timeline`` for the cores each process used every 0.25 s of the maximum's runs).
 """
 
 from __future__ import annotations
@@ -149,7 +150,7 @@ def run_pipeline(
             ]
             for p in procs:
                 p.start()
-            t_end = up.wait_stored(total)
+            t_end = _timeline(up, total, t0, cpu0) if TIMELINE and not stamp else up.wait_stored(total)
             cpu = {k: v - cpu0.get(k, 0.0) for k, v in cpu_by_role(up).items()}
             for p in procs:
                 p.join()
@@ -197,6 +198,30 @@ def run_pipeline(
             up.stop()
             if receiver is not None:
                 receiver.close()
+
+
+def _timeline(up: UpProc, total: int, t0: float, cpu0: dict[str, float]) -> float:
+    """``--timeline``: until ``total`` readings are stored, every 0.25 s the readings stored and the cores each
+    process of ``fieldmesh up`` used; then how busy the two cores were over the run. Returns when the last one was
+    stored. (Sampling costs this process, not the pipeline's.)"""
+    prev, t_prev, s_prev = cpu0, t0, 0
+    print(f"  {'s':>5} {'stored':>9} {'readings/s':>10}  cores used, by process")
+    while True:
+        time.sleep(0.25)
+        stored, now, cpu = up.stored(), time.monotonic(), cpu_by_role(up)
+        dt = now - t_prev
+        used = {k: (v - prev.get(k, 0.0)) / dt for k, v in cpu.items()}
+        print(f"  {now - t0:5.2f} {stored:>9,} {(stored - s_prev) / dt:>10,.0f}  "
+              + " ".join(f"{k} {v:.2f}" for k, v in sorted(used.items()) if v >= 0.02)
+              + f"  (all {sum(used.values()):.2f})")
+        prev, t_prev, s_prev = cpu, now, stored
+        if stored >= total:
+            break
+    spent = {k: v - cpu0.get(k, 0.0) for k, v in prev.items()}
+    busy = sum(spent.values()) / (2 * (now - t0))
+    print(f"  the two cores were {busy:.1%} busy over the run ({sum(spent.values()):.2f} CPU-s in {now - t0:.2f} s); "
+          f"the processor {spent.get('processor', 0.0) / (now - t0):.0%} of one")
+    return now
 
 
 def cpu_by_role(up: UpProc) -> dict[str, float]:
@@ -436,6 +461,7 @@ QUIX = True
 #: a reading and starts again, so each opens and clears an alert about once per 97 readings (a message of 100).
 ALERTS = False
 RATE = 0.0  # --rate: readings/s of the latency run alone
+TIMELINE = False  # --timeline: the maximum's runs print the cores used every 0.25 s
 ALERT_RULE = {"name": "hot", "kind": "threshold", "metric": "temperature", "op": ">", "value": 29.5,
               "clear_value": 20.05, "devices": "*-000[0-4]?"}
 
@@ -733,6 +759,9 @@ def main() -> None:
     ap.add_argument("--publisher", choices=["paho", "raw"], default="paho",
                     help="the publisher processes: paho clients (default), or raw sockets that cost less CPU")
     ap.add_argument("--max-only", action="store_true", help="measure the maximum throughput only")
+    ap.add_argument("--timeline", action="store_true",
+                    help="the maximum's runs: readings stored and cores used by each process every 0.25 s, and how "
+                         "busy the two cores were over the run")
     ap.add_argument("--rate", type=float, default=0.0,
                     help="readings/s: the latency at this rate only (no maximum, no baselines)")
     ap.add_argument("--bus-encoding", type=int, choices=(1, 2), default=2,
@@ -748,10 +777,11 @@ def main() -> None:
     ap.add_argument("--gateway-only", action="store_true",
                     help="case (b) through the door and the gateway alone, per door (no processor, no store)")
     a = ap.parse_args()
-    global DOORS, MAX_ONLY, QUIX, ALERTS, RATE, publish_proc
+    global DOORS, MAX_ONLY, QUIX, ALERTS, RATE, TIMELINE, publish_proc
     if a.publisher == "raw":
         publish_proc = raw_publish_proc
     DOORS, MAX_ONLY, QUIX, ALERTS, RATE = a.door.split(","), a.max_only, not a.no_quix, a.alerts, a.rate
+    TIMELINE = a.timeline
     for d in DOORS:
         if d not in ("auto", "nats", "mosquitto"):
             ap.error(f"--door {d!r}: use auto, nats or mosquitto")
