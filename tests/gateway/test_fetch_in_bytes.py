@@ -53,6 +53,7 @@ async def _rounds(src: IngestSource) -> list[list[IngestMessage]]:
             await src.ack(msgs)
         if got >= len(PAYLOADS):
             break
+    assert await src.fetch(512, 0.2, max_bytes=MAX_BYTES) == []  # nothing left: an empty round, no error
     return rounds
 
 

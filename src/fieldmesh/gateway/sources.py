@@ -474,7 +474,7 @@ class MqttSource:
                     await asyncio.wait_for(self._ready.wait(), timeout_s)
             self._waiting = False
         n = min(max_messages, len(inbox))
-        if max_bytes is None:
+        if max_bytes is None or not n:
             return [inbox.popleft() for _ in range(n)]
         out = [inbox.popleft()]
         size = len(out[0].payload)
