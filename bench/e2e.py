@@ -202,9 +202,11 @@ def run_pipeline(
 
 def _timeline(up: UpProc, total: int, t0: float, cpu0: dict[str, float]) -> float:
     """``--timeline``: until ``total`` readings are stored, every 0.25 s the readings stored and the cores each
-    process of ``fieldmesh up`` used; then how busy the two cores were over the run. Returns when the last one was
-    stored. (Sampling costs this process, not the pipeline's.)"""
+    process of ``fieldmesh up`` used; then how busy the two cores were over the run, and how long the gateway's and
+    the processor's busiest threads ran and waited for a core (ready to run: CPU contention, not a wait for work).
+    Returns when the last one was stored. (Sampling costs this process, not the pipeline's.)"""
     prev, t_prev, s_prev = cpu0, t0, 0
+    sched0 = _thread_sched(up)
     print(f"  {'s':>5} {'stored':>9} {'readings/s':>10}  cores used, by process")
     while True:
         time.sleep(0.25)
@@ -221,7 +223,36 @@ def _timeline(up: UpProc, total: int, t0: float, cpu0: dict[str, float]) -> floa
     busy = sum(spent.values()) / (2 * (now - t0))
     print(f"  the two cores were {busy:.1%} busy over the run ({sum(spent.values()):.2f} CPU-s in {now - t0:.2f} s); "
           f"the processor {spent.get('processor', 0.0) / (now - t0):.0%} of one")
+    sched = _thread_sched(up)
+    for role in ("gateway", "processor"):
+        ran = {tid: (r - sched0.get((role, tid), (0, 0))[0], w - sched0.get((role, tid), (0, 0))[1])
+               for (rl, tid), (r, w) in sched.items() if rl == role}
+        if ran:
+            r, w = max(ran.values())
+            print(f"  the {role}'s busiest thread: on a core {r / 1e9:.2f} s, ready but waiting for one "
+                  f"{w / 1e9:.2f} s")
     return now
+
+
+def _thread_sched(up: UpProc) -> dict[tuple[str, int], tuple[int, int]]:
+    """Per thread of the gateway and processor processes: nanoseconds on a core and waiting for one
+    (``/proc/PID/task/TID/schedstat``, Linux); empty where the kernel does not keep them."""
+    import psutil
+
+    out: dict[tuple[str, int], tuple[int, int]] = {}
+    for p in psutil.Process(up.proc.pid).children(recursive=True):
+        try:
+            cmd = p.cmdline()
+            if "fieldmesh.runtime.worker" not in cmd or p.parent().pid != up.proc.pid:
+                continue
+            role = cmd[cmd.index("fieldmesh.runtime.worker") + 1]
+            for tid in os.listdir(f"/proc/{p.pid}/task"):
+                with open(f"/proc/{p.pid}/task/{tid}/schedstat") as f:
+                    run, wait, _ = map(int, f.read().split())
+                out[(role, int(tid))] = (run, wait)
+        except (psutil.Error, OSError, ValueError):
+            continue
+    return out
 
 
 def cpu_by_role(up: UpProc) -> dict[str, float]:
