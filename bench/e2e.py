@@ -35,7 +35,8 @@ throughput alone; ``--no-quix`` without the Quix baseline; ``--publisher raw`` f
 sockets, which leave the cores to what is measured; ``--gateway-only`` for the door and the gateway alone;
 ``--bus-encoding 1`` for the row bus records (2, columnar, is the default); ``--overload 60`` for the overload run;
 ``--alerts`` for event -> webhook;
-``--timeline`` for the cores each process used every 0.25 s of the maximum's runs).
+``--timeline`` for the cores each process used every 0.25 s of the maximum's runs, and the gateway's and the
+processor's busiest threads' wait for a core).
 """
 
 from __future__ import annotations
@@ -791,8 +792,9 @@ def main() -> None:
                     help="the publisher processes: paho clients (default), or raw sockets that cost less CPU")
     ap.add_argument("--max-only", action="store_true", help="measure the maximum throughput only")
     ap.add_argument("--timeline", action="store_true",
-                    help="the maximum's runs: readings stored and cores used by each process every 0.25 s, and how "
-                         "busy the two cores were over the run")
+                    help="the maximum's runs: readings stored and cores used by each process every 0.25 s, how busy "
+                         "the two cores were over the run, and how long the gateway's and the processor's busiest "
+                         "threads waited for a core")
     ap.add_argument("--rate", type=float, default=0.0,
                     help="readings/s: the latency at this rate only (no maximum, no baselines)")
     ap.add_argument("--bus-encoding", type=int, choices=(1, 2), default=2,
