@@ -12,8 +12,10 @@ method here, implemented by every adapter (``tests/test_layering.py`` checks it)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from bisect import bisect_right
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import accumulate, islice
 from operator import attrgetter
 from typing import Any, Final, Literal, Protocol, Self, TypeVar
 
@@ -248,17 +250,22 @@ class Bus(Protocol):
         ...
 
 
+_value_of = attrgetter("value")
+
+
+def fitting(sizes: Iterable[int], max_records: int, max_bytes: int | None) -> int:
+    """How many of the first ``sizes`` make a batch: at most ``max_records``, adding up to ``max_bytes`` at most,
+    and at least one when there is any (a record larger than the bound comes alone). Sums by C iterators."""
+    head = list(islice(sizes, max(1, max_records)))
+    if max_bytes is None or not head:
+        return len(head)
+    return max(1, bisect_right(list(accumulate(head)), max_bytes))
+
+
 def split_by_bytes(
     records: Sequence[BusRecord], max_records: int, max_bytes: int | None
 ) -> tuple[list[BusRecord], list[BusRecord]]:
-    """``(head, rest)``: at most ``max_records`` records whose values add up to ``max_bytes`` at most
-    (at least one record), in order; adapters keep ``rest`` for the next fetch."""
-    n = min(len(records), max(1, max_records))
-    if max_bytes is not None:
-        total = 0
-        for i in range(n):
-            total += len(records[i].value)
-            if total > max_bytes and i > 0:
-                n = i
-                break
+    """``(head, rest)``: the first :func:`fitting` records and the others, in order; adapters keep ``rest`` for the
+    next fetch."""
+    n = fitting(map(len, map(_value_of, records)), max_records, max_bytes)
     return list(records[:n]), list(records[n:])

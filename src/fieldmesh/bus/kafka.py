@@ -26,17 +26,16 @@ import random
 import re
 import threading
 import time
-from bisect import bisect_right
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from itertools import accumulate, repeat
+from itertools import repeat
 from operator import itemgetter
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, Self, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from fieldmesh.bus.base import BusRecord, IngestSpec, OutRecord, RecordFields, TopicSpec, split_by_bytes
+from fieldmesh.bus.base import BusRecord, IngestSpec, OutRecord, RecordFields, TopicSpec, fitting, split_by_bytes
 from fieldmesh.core.errors import BackendError, BackendUnavailable, ConfigError, MissingDependency
 
 __all__ = ["PRODUCER_DEFAULTS", "KafkaBus", "KafkaConsumer", "KafkaProducer", "parse_kafka_url"]
@@ -322,12 +321,10 @@ class KafkaConsumer:
             return RecordFields.of(self._topic, await self.fetch(max_records, timeout_s, max_bytes=max_bytes))
         msgs = await self._consume(max_records, timeout_s)
         values = self._values(msgs)
-        if max_bytes is not None and len(msgs) > 1:
-            # the first message always; then while the values add up to max_bytes at most (as split_by_bytes)
-            n = max(1, bisect_right(list(accumulate(map(len, values))), max_bytes))
-            if n < len(msgs):
-                self._held = self._records(msgs[n:])
-                msgs, values = msgs[:n], values[:n]
+        n = fitting(map(len, values), len(msgs), max_bytes)
+        if n < len(msgs):
+            self._held = self._records(msgs[n:])
+            msgs, values = msgs[:n], values[:n]
         m_type = _kafka().Message
         return RecordFields(self._topic, list(map(m_type.partition, msgs)), list(map(m_type.offset, msgs)),
                           values, list(map(m_type.key, msgs)), self._headers(msgs))

@@ -41,7 +41,16 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
-from fieldmesh.bus.base import BusRecord, IngestSpec, OutRecord, PositionsFn, RecordFields, TopicSpec, split_by_bytes
+from fieldmesh.bus.base import (
+    BusRecord,
+    IngestSpec,
+    OutRecord,
+    PositionsFn,
+    RecordFields,
+    TopicSpec,
+    fitting,
+    split_by_bytes,
+)
 from fieldmesh.core.errors import BackendError, BackendUnavailable, ConfigError
 
 __all__ = ["NatsBus", "NatsConsumer", "NatsProducer", "PipelinedNatsProducer", "stream_name"]
@@ -371,13 +380,12 @@ class NatsConsumer:
         recs = [self._record(m) for m in msgs]
         if max_bytes is None:
             return recs
-        total = sum(map(len, map(_value_of, recs)))  # (C iterators: the gateway fetches 512 small messages a time)
-        size = total / len(recs)
+        sizes = list(map(len, map(_value_of, recs)))
+        size = sum(sizes) / len(recs)
         self._avg_bytes = size if not self._avg_bytes else 0.8 * self._avg_bytes + 0.2 * size
-        if total <= max_bytes and len(recs) <= max_records:
-            return recs
-        out, self._held = split_by_bytes(recs, max_records, max_bytes)
-        return out
+        n = fitting(sizes, max_records, max_bytes)
+        self._held = recs[n:]
+        return recs[:n]
 
     async def fetch_fields(self, max_records: int, timeout_s: float, *, max_bytes: int | None = None) -> RecordFields:
         """:meth:`fetch`'s records field by field, each with its handle (a NATS message is acknowledged by it)."""
