@@ -17,6 +17,7 @@ decoded by its registered schema (:mod:`fieldmesh.gateway.schemas`): a body its 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import fnmatch
 import logging
@@ -599,6 +600,15 @@ class Gateway:
                                  now_ms=int(time.time() * 1000), admission=self.admission, schemas=self.schemas)
         return msgs, records, n, dead
 
+    def _full(self, msgs: list[IngestMessage]) -> bool:
+        """Whether a fetched round may have been cut by its bounds, more waiting: ``batch_max_messages`` of them,
+        or payloads within its largest message of ``batch_max_bytes``."""
+        s = self.settings
+        if len(msgs) >= s.batch_max_messages:
+            return True
+        sizes = list(map(len, map(_payload_of, msgs)))
+        return sum(sizes) + max(sizes) > s.batch_max_bytes
+
     def _route_traced(self, msgs: list[IngestMessage]) -> tuple[list[IngestMessage], list[OutRecord], int,
                                                                   list[DeadLetter]]:
         """:func:`route` with a ``gateway.publish`` span per readings record (from routing until the bus has
@@ -674,15 +684,33 @@ class Gateway:
         queue: asyncio.Queue[tuple[list[IngestMessage], list[OutRecord], int, list[DeadLetter]] | None]
         queue = asyncio.Queue(maxsize=2)
 
+        loop = asyncio.get_running_loop()
+        linger = self.settings.linger_ms / 1000
+
         async def reader() -> None:
+            started = -linger  # loop time the last round began
+            caught_up = False  # the last round took all the source had: less than a full round
             try:
                 while not stop.is_set():
+                    if caught_up and (wait := started + linger - loop.time()) > 0:
+                        # Caught up: a round begins at least linger_ms after the one before, so it holds what
+                        # arrived meanwhile. A source hands over what it has as soon as it has anything: without
+                        # this, messages coming steadily below the maximum rate made rounds of a few messages
+                        # each, whose fixed costs (bus publishes and acknowledgements, the source's ack) took
+                        # the CPU the rate saved. Behind (a full round), the next round begins at once.
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(stop.wait(), wait)
+                        if stop.is_set():
+                            break
+                    started = loop.time()
                     try:
                         got = await self._fetch_routed()
                     except FieldmeshError as exc:
                         log.warning("gateway fetch failed: %s", exc)
+                        caught_up = False
                         await asyncio.sleep(0.5)
                         continue
+                    caught_up = got is not None and not self._full(got[0])
                     if got is not None:
                         await queue.put(got)
             finally:
