@@ -182,6 +182,7 @@ def run(store: HotStore, records: list[BusRecord], *, profile: bool, engine: str
     p = Processor(bus=None, store=store, settings=ps)  # type: ignore[arg-type]
     chunks = [records[i : i + ps.fetch_max] for i in range(0, len(records), ps.fetch_max)]
     prof = cProfile.Profile() if profile else None
+    parts0 = cpu_parts()
     thresholds = gc.get_threshold()
     if worker_gc:
         freeze_startup_objects()
@@ -201,11 +202,26 @@ def run(store: HotStore, records: list[BusRecord], *, profile: bool, engine: str
         if worker_gc:  # as it was, for the next run
             gc.unfreeze()
             gc.set_threshold(*thresholds)
-    out: dict[str, Any] = {"cpu_s": cpu, "wall_s": wall, "stats": p.stats, "profile": None}
+    out: dict[str, Any] = {"cpu_s": cpu, "wall_s": wall, "stats": p.stats, "profile": None,
+                           "parts": {k: v - parts0.get(k, 0.0) for k, v in cpu_parts().items()}}
     if prof is not None:
         buf = io.StringIO()
         pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(15)
         out["profile"] = buf.getvalue()
+    return out
+
+
+def cpu_parts() -> dict[str, float]:
+    """The processor's CPU seconds so far by part, from its metrics (``store`` split into the SQLite store's steps)."""
+    from prometheus_client import REGISTRY
+
+    out = {}
+    for family in REGISTRY.collect():
+        if family.name in ("fieldmesh_processor_cpu_seconds", "fieldmesh_processor_sqlite_cpu_seconds"):
+            prefix = "" if family.name == "fieldmesh_processor_cpu_seconds" else "store/"
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    out[prefix + sample.labels["part"]] = sample.value
     return out
 
 
@@ -240,6 +256,9 @@ def report(name: str, n: int, res: dict[str, Any], errors: list[str]) -> None:
           f"  {'exact' if not errors else 'NOT EXACT'}")
     for e in errors:
         print(f"          {e}")
+    parts = {k: v for k, v in res["parts"].items() if v >= 0.005}
+    if parts:
+        print("          CPU-s by part: " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()))
     if res["profile"]:
         print(res["profile"])
 
