@@ -36,7 +36,8 @@ sockets, which leave the cores to what is measured; ``--gateway-only`` for the d
 ``--bus-encoding 1`` for the row bus records (2, columnar, is the default); ``--overload 60`` for the overload run;
 ``--alerts`` for event -> webhook;
 ``--timeline`` for the cores each process used every 0.25 s of the maximum's runs, and the gateway's and the
-processor's busiest threads' wait for a core).
+processor's busiest threads' wait for a core; ``--latency-series`` for receipt -> stored every 0.5 s of the
+latency runs and the time between the store's commits; ``--rate R`` for the latency at R readings/s alone).
 """
 
 from __future__ import annotations
@@ -173,6 +174,8 @@ def run_pipeline(
 
                 con = sq.connect(f"file:{Path(d) / 'data' / 'store.db'}?mode=ro", uri=True)
                 rows = con.execute("SELECT stored_ms - ts_ms, received_ms - ts_ms FROM readings").fetchall()
+                if LATENCY_SERIES:
+                    _latency_series(con.execute("SELECT received_ms, stored_ms FROM readings").fetchall())
                 con.close()
                 lat = [float(a) for a, _ in rows]
                 door_lat = [float(b) for _, b in rows]  # event -> the gateway's receipt
@@ -494,6 +497,30 @@ QUIX = True
 ALERTS = False
 RATE = 0.0  # --rate: readings/s of the latency run alone
 TIMELINE = False  # --timeline: the maximum's runs print the cores used every 0.25 s
+LATENCY_SERIES = False  # --latency-series: the latency runs print receipt -> stored over time
+
+
+def _latency_series(rows: list[tuple[int, int]]) -> None:
+    """Receipt -> stored every 0.5 s of receipt time (p50, p99, max), and the time between the store's commits (each
+    commit stamps its readings' ``stored_ms``): where a latency run's p99 comes from, spread or in bursts."""
+    import numpy as np
+
+    rc, st = np.array(rows, dtype=np.int64).T
+    lat = st - rc
+    t0 = int(rc.min())
+    print("  receipt -> stored, by 0.5 s of receipt time:  from   readings   p50   p99   max (ms)")
+    slot = (rc - t0) // 500
+    for k in np.unique(slot).tolist():
+        x = lat[slot == k]
+        print(f"  {'':44s}{k * 0.5:5.1f}s {len(x):9,d} {np.percentile(x, 50):5.0f} {np.percentile(x, 99):5.0f}"
+              f" {x.max():5d}")
+    commits = np.unique(st)
+    gaps = np.diff(commits)
+    if len(gaps):
+        top = np.argsort(gaps)[-5:][::-1]
+        print(f"  commits: {len(commits):,}, {len(st) / len(commits):.0f} readings each; between commits p50"
+              f" {np.percentile(gaps, 50):.0f} ms, p99 {np.percentile(gaps, 99):.0f} ms; the longest: "
+              + ", ".join(f"{gaps[i]} ms at {(commits[i] - t0) / 1000:.2f}s" for i in top.tolist()))
 ALERT_RULE = {"name": "hot", "kind": "threshold", "metric": "temperature", "op": ">", "value": 29.5,
               "clear_value": 20.05, "devices": "*-000[0-4]?"}
 
@@ -795,6 +822,8 @@ def main() -> None:
                     help="the maximum's runs: readings stored and cores used by each process every 0.25 s, how busy "
                          "the two cores were over the run, and how long the gateway's and the processor's busiest "
                          "threads waited for a core")
+    ap.add_argument("--latency-series", action="store_true",
+                    help="the latency runs: receipt -> stored every 0.5 s (p50, p99, max) and the time between commits")
     ap.add_argument("--rate", type=float, default=0.0,
                     help="readings/s: the latency at this rate only (no maximum, no baselines)")
     ap.add_argument("--bus-encoding", type=int, choices=(1, 2), default=2,
@@ -810,11 +839,11 @@ def main() -> None:
     ap.add_argument("--gateway-only", action="store_true",
                     help="case (b) through the door and the gateway alone, per door (no processor, no store)")
     a = ap.parse_args()
-    global DOORS, MAX_ONLY, QUIX, ALERTS, RATE, TIMELINE, publish_proc
+    global DOORS, MAX_ONLY, QUIX, ALERTS, RATE, TIMELINE, LATENCY_SERIES, publish_proc
     if a.publisher == "raw":
         publish_proc = raw_publish_proc
     DOORS, MAX_ONLY, QUIX, ALERTS, RATE = a.door.split(","), a.max_only, not a.no_quix, a.alerts, a.rate
-    TIMELINE = a.timeline
+    TIMELINE, LATENCY_SERIES = a.timeline, a.latency_series
     for d in DOORS:
         if d not in ("auto", "nats", "mosquitto"):
             ap.error(f"--door {d!r}: use auto, nats or mosquitto")
