@@ -105,7 +105,7 @@ class ProcessorSettings(BaseModel, frozen=True):
         2 * 2**20, gt=0, description="bytes of bus records per fetch (the backlog stays in the bus)"
     )
     min_batch_interval_ms: float = Field(
-        5, ge=0, le=1000, description=(
+        20, ge=0, le=1000, description=(
             "caught up with the bus, a batch starts at least this long after the one before, so it holds what "
             "arrived meanwhile: fewer, larger transactions (less CPU at part load) for up to this much latency"))
     rollup_flush_ms: int = Field(
