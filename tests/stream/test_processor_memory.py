@@ -59,16 +59,18 @@ def test_byte_queue_lets_one_oversized_batch_through() -> None:
     assert asyncio.run(run()) == 1
 
 
-def _caught_up_stream(min_interval_s: float, *, n: int = 60, every_s: float = 0.003) -> tuple[list[int], list[float]]:
-    """A record arrives every ``every_s``; a fetcher as the processor's (fetch what arrived, park when caught up)
-    and an applier; the offsets applied, and the monotonic time each batch was taken."""
+def _caught_up_stream(min_interval_s: float, *, n: int = 60, every_s: float = 0.003, size: int = 10,
+                     max_bytes: int = 10**6) -> tuple[list[int], list[float]]:
+    """A record of ``size`` bytes arrives every ``every_s``; a fetcher as the processor's (fetch what arrived, park
+    when caught up) and an applier taking batches of up to ``max_bytes``; the offsets applied, and the monotonic
+    time each batch was taken."""
     async def run() -> tuple[list[int], list[float]]:
-        q = _ByteQueue(limit=10**6, min_interval_s=min_interval_s)
+        q = _ByteQueue(limit=10**7, min_interval_s=min_interval_s, max_records=256)
         arrived: list[BusRecord] = []
 
         async def producer() -> None:
             for i in range(n):
-                arrived.append(_recs(i, 1, 10)[0])
+                arrived.append(_recs(i, 1, size)[0])
                 await asyncio.sleep(every_s)
 
         async def fetcher() -> None:
@@ -88,7 +90,7 @@ def _caught_up_stream(min_interval_s: float, *, n: int = 60, every_s: float = 0.
         tasks = [asyncio.create_task(producer()), asyncio.create_task(fetcher())]
         offsets: list[int] = []
         starts: list[float] = []
-        while (recs := await q.get(max_bytes=10**6)) is not None:
+        while (recs := await q.get(max_bytes=max_bytes)) is not None:
             starts.append(time.monotonic())
             offsets += [r.offset for r in recs]
             await q.release(recs)
@@ -119,3 +121,14 @@ def test_rollup_cache_eviction_keeps_the_latest_windows() -> None:
     assert len(cache) == 7 * 30
     evict_oldest(cache, 0)
     assert cache == {}
+
+
+def test_byte_queue_does_not_wait_after_a_large_batch() -> None:
+    """Each record is over half of the bytes a batch may take: every batch is large, its fixed cost spread, and the
+    next one starts as soon as a record came, caught up or not (a backlog growing as fast as it is applied would
+    otherwise leave the applier idle between batches)."""
+    offsets, starts = _caught_up_stream(0.03, size=600, max_bytes=1000)
+    assert offsets == list(range(60))
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert len(starts) > (starts[-1] - starts[0]) / 0.03 + 2, len(starts)  # more than the interval would let
+    assert min(gaps) < 0.02, min(gaps)

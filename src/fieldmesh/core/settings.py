@@ -42,9 +42,9 @@ class GatewaySettings(BaseModel, frozen=True):
         "round): with large payloads a round holds fewer than batch_max_messages, so the gateway's memory and "
         "the time before the processor sees a round stay bounded"))
     linger_ms: int = Field(20, ge=0, description=(
-        "caught up with its source (the last round was not full), a round begins at least this long after the one "
-        "before and holds what arrived meanwhile; behind, rounds follow at once. Also how long a fetch waits for a "
-        "first message"))
+        "caught up with its source (the last round under half of either batch bound), a round begins at least this "
+        "long after the one before and holds what arrived meanwhile; behind, rounds follow at once. Also how long a "
+        "fetch waits for a first message"))
     share_group: str = Field("fieldmesh", description="MQTT 5 shared-subscription group")
     receive_maximum: int = Field(65535, ge=1, le=65535, description=(
         "MQTT 5 Receive Maximum the gateway asks an external broker for: its window of unacknowledged "

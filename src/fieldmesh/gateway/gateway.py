@@ -600,14 +600,12 @@ class Gateway:
                                  now_ms=int(time.time() * 1000), admission=self.admission, schemas=self.schemas)
         return msgs, records, n, dead
 
-    def _full(self, msgs: list[IngestMessage]) -> bool:
-        """Whether a fetched round may have been cut by its bounds, more waiting: ``batch_max_messages`` of them,
-        or payloads within its largest message of ``batch_max_bytes``."""
+    def _behind(self, msgs: list[IngestMessage]) -> bool:
+        """Whether a fetched round says the source may hold more: at least half of ``batch_max_messages``, or of
+        ``batch_max_bytes`` in payloads. (Not "a full round": a source may size a fetch below the bounds, as the
+        NATS consumer does from the average record size, and a backlog would then be paced.)"""
         s = self.settings
-        if len(msgs) >= s.batch_max_messages:
-            return True
-        sizes = list(map(len, map(_payload_of, msgs)))
-        return sum(sizes) + max(sizes) > s.batch_max_bytes
+        return 2 * len(msgs) >= s.batch_max_messages or 2 * sum(map(len, map(_payload_of, msgs))) >= s.batch_max_bytes
 
     def _route_traced(self, msgs: list[IngestMessage]) -> tuple[list[IngestMessage], list[OutRecord], int,
                                                                   list[DeadLetter]]:
@@ -689,7 +687,7 @@ class Gateway:
 
         async def reader() -> None:
             started = -linger  # loop time the last round began
-            caught_up = False  # the last round took all the source had: less than a full round
+            caught_up = False  # the last round was small: less than half of either bound
             try:
                 while not stop.is_set():
                     if caught_up and (wait := started + linger - loop.time()) > 0:
@@ -697,7 +695,7 @@ class Gateway:
                         # arrived meanwhile. A source hands over what it has as soon as it has anything: without
                         # this, messages coming steadily below the maximum rate made rounds of a few messages
                         # each, whose fixed costs (bus publishes and acknowledgements, the source's ack) took
-                        # the CPU the rate saved. Behind (a full round), the next round begins at once.
+                        # the CPU the rate saved. Behind (a round half full or more), the next begins at once.
                         with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(stop.wait(), wait)
                         if stop.is_set():
@@ -710,7 +708,7 @@ class Gateway:
                         caught_up = False
                         await asyncio.sleep(0.5)
                         continue
-                    caught_up = got is not None and not self._full(got[0])
+                    caught_up = got is not None and not self._behind(got[0])
                     if got is not None:
                         await queue.put(got)
             finally:

@@ -363,7 +363,8 @@ class Processor:
         fetched as records come.
         """
         s = self.settings
-        queue = _ByteQueue(_QUEUED_FETCHES * s.fetch_max_bytes, min_interval_s=s.min_batch_interval_ms / 1000)
+        queue = _ByteQueue(_QUEUED_FETCHES * s.fetch_max_bytes, min_interval_s=s.min_batch_interval_ms / 1000,
+                           max_records=s.fetch_max)
         loop = asyncio.get_running_loop()
         assert self._executor is not None, "run() owns the apply thread"
         executor = self._executor
@@ -491,13 +492,19 @@ class _ByteQueue:
 
     A fetcher that caught up with the bus waits (``park``) until the applier is free (``get``): the applier then
     waits up to ``top_up_s`` for that fetch, so its batch holds what arrived while it applied the last one.
-    Caught up, a batch starts no sooner than ``min_interval_s`` after the one before (the processor's
-    ``min_batch_interval_ms``): a batch's fixed cost (its transaction, the bus round trips) is then paid at most
-    that often, not once for every few records that came, and the batch holds what arrived meanwhile.
+    Caught up after a small batch (under half of ``max_records`` and of the ``max_bytes`` it was taken with), the
+    next starts no sooner than ``min_interval_s`` after it began (the processor's ``min_batch_interval_ms``): a
+    batch's fixed cost (its transaction, the bus round trips) is then paid at most that often, not once for every
+    few records that came, and the batch holds what arrived meanwhile. After a large batch there is no wait: its
+    fixed cost is spread already, and a processor that is behind overall but catches up with each fetch (a
+    backlog growing as fast as it is applied) would otherwise idle between batches and fall further behind.
     """
 
-    def __init__(self, limit: int, top_up_s: float = _TOP_UP_S, min_interval_s: float = 0.0) -> None:
+    def __init__(self, limit: int, top_up_s: float = _TOP_UP_S, min_interval_s: float = 0.0,
+                 max_records: int | None = None) -> None:
         self._limit = limit
+        self._max_records = max_records
+        self._last_small = False  # the last batch taken was under half of both bounds
         self._top_up_s = top_up_s
         self._min_interval_s = min_interval_s
         self._last_get = -1e18  # monotonic time the applier last took a batch
@@ -541,7 +548,7 @@ class _ByteQueue:
         """The next batch, with the batches queued behind it merged up to ``max_bytes``; None when closed."""
         async with self._cond:
             wait = self._last_get + self._min_interval_s - time.monotonic()
-            if wait > 0 and (self._parked or not self._items) and not self._closed:
+            if wait > 0 and self._last_small and (self._parked or not self._items) and not self._closed:
                 # Caught up (the fetcher parked, or waits on the bus with nothing queued), and the last batch
                 # began less than min_interval_s ago: let more arrive first. Behind, the fetcher fetches again
                 # at once and its fetches queue up: no wait then.
@@ -568,6 +575,7 @@ class _ByteQueue:
                 recs = recs + more
                 size += n
             self._sizes[id(recs)] = size
+            self._last_small = 2 * size < max_bytes and (self._max_records is None or 2 * len(recs) < self._max_records)
             return recs
 
     async def release(self, recs: list[BusRecord]) -> None:
