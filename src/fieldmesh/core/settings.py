@@ -106,8 +106,9 @@ class ProcessorSettings(BaseModel, frozen=True):
     )
     min_batch_interval_ms: float = Field(
         20, ge=0, le=1000, description=(
-            "caught up with the bus, a batch starts at least this long after the one before, so it holds what "
-            "arrived meanwhile: fewer, larger transactions (less CPU at part load) for up to this much latency"))
+            "caught up with the bus after a small batch (under half of fetch_max and of fetch_max_bytes), the next "
+            "starts at least this long after it began, so it holds what arrived meanwhile: fewer, larger "
+            "transactions (less CPU at part load) for up to this much latency; no wait after a large batch"))
     rollup_flush_ms: int = Field(
         1000, ge=0, le=60_000, description=(
             "SQLite: how long the writer holds the batches' rollup deltas before it writes them, merged (also when "
