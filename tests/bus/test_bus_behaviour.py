@@ -633,6 +633,31 @@ async def test_behind_says_whether_records_were_waiting_at_the_last_fetch(bus: B
     await c.close()
 
 
+async def test_a_long_fetch_returns_at_its_first_record(bus: Bus, backend: Backend) -> None:
+    """A fetch waits its timeout only while nothing comes: stages wait a second for a first record (an idle stage
+    asks its bus seldom), so a fetch that held on for ``max_records`` (Kafka's ``consume`` does) would hold the
+    records of a stream at part load for that second."""
+    topic = await _topic(bus, partitions=1)
+    c = await bus.consumer(topic, group=_name("g"))
+    producer = bus.producer()
+    await producer.send([OutRecord(topic, 0, b"first")])
+    assert [r.value for r in await _fetch_n(c, 1)] == [b"first"]  # (Kafka: the group joined, the partition is ours)
+    for values in ([b"a"], [b"b", b"c", b"d"]):
+        async def later(values: list[bytes] = values) -> None:
+            await asyncio.sleep(0.3)
+            await producer.send([OutRecord(topic, 0, v) for v in values])
+
+        task = asyncio.create_task(later())
+        t0 = time.monotonic()
+        got = await c.fetch(100, 10.0)
+        took = time.monotonic() - t0
+        await task
+        assert got and took < 3.0, (got, took)  # not the 10 s of the timeout, nor waiting for 100 records
+        got += await _fetch_n(c, len(values) - len(got), 5.0) if len(got) < len(values) else []
+        assert [r.value for r in got] == values
+    await c.close()
+
+
 async def test_nats_fetch_returns_when_a_record_comes_and_a_late_message_is_kept(embedded_nats_url: str) -> None:
     """The NATS consumer's own pull requests: on an empty consumer a fetch waits its timeout for a first record
     and returns as soon as one comes, and a record the server delivers after a fetch gave up is served by the

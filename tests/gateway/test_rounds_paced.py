@@ -1,4 +1,5 @@
 """The gateway's rounds: caught up with its source, a round begins ``linger_ms`` after the one before; behind, at once.
+Idle, the stages ask the bus about once a second.
 
 A source hands over what it has as soon as it has anything. Messages coming steadily below the maximum rate
 made a round of a message or two each, whose fixed costs (bus publishes, acknowledgements) took the CPU the
@@ -120,3 +121,73 @@ def test_behind_full_rounds_follow_at_once(tmp_path: Path):
     rounds, took, n = _run(tmp_path, gateway={"linger_ms": 2000, "batch_max_messages": 25}, every_s=0, backlog=True)
     assert rounds >= n / 25, (rounds, n)
     assert took < 10, (rounds, took, n)  # paced, each of the 16 or more rounds would wait 2 s
+
+
+def test_idle_stages_ask_the_bus_seldom_and_a_message_is_stored_at_once(tmp_path: Path):
+    """Idle, the gateway and the processor ask the bus about once a second: a fetch waits up to the gateway's
+    ``fetch_wait_ms`` and the processor's ``fetch_timeout_s`` (both a second) for a first record. At 20 and 50 ms
+    they asked 20-50 times a second each, and an idle pipeline took about a tenth of a core (nats-server, gateway
+    and processor). A message that comes is stored at once all the same: the bus hands over its first record as it
+    comes. Every pull request of every stage is counted by a subscriber of the JetStream API's pull subject."""
+    import nats
+
+    from fieldmesh.runtime.natsserver import EmbeddedNats
+
+    srv = EmbeddedNats(store_dir=tmp_path / "nats")
+    srv.start()
+    stream = make_stream(f"idle{uuid.uuid4().hex[:6]}", devices=1, per_device=1)
+    store_url = f"sqlite:///{tmp_path / 'store.db'}"
+    store = SqliteStore(store_url)
+    settings = load_settings(bus={"partitions": 4})
+    ingest = f"{srv.url}/plant.*.*.tm?stream=PLANT&durable=gw&device_template=plant.*.{{device}}.tm"
+    try:
+        async def main() -> tuple[dict[str, int], float]:
+            nc = await nats.connect(srv.url)
+            await nc.jetstream().add_stream(name="PLANT", subjects=["plant.>"])
+            pulls: dict[str, int] = {}
+
+            async def count(msg: nats.aio.msg.Msg) -> None:  # $JS.API.CONSUMER.MSG.NEXT.<stream>.<durable>
+                durable = msg.subject.rsplit(".", 1)[1]
+                pulls[durable] = pulls.get(durable, 0) + 1
+
+            await nc.subscribe("$JS.API.CONSUMER.MSG.NEXT.>", cb=count)
+            stop = asyncio.Event()
+            tasks = [
+                asyncio.create_task(run_gateway(bus_url=srv.url, mqtt_url=None, ingest_urls=[ingest],
+                                                settings=settings, stop=stop)),
+                asyncio.create_task(run_processor(bus_url=srv.url, store_url=store_url, settings=settings,
+                                                  stop=stop)),
+            ]
+            try:
+                for _ in range(100):  # every stage's consumer asking
+                    await asyncio.sleep(0.1)
+                    if len(pulls) >= 3 and all(t.done() is False for t in tasks):
+                        break
+                await asyncio.sleep(1.5)
+                before = dict(pulls)
+                await asyncio.sleep(4.0)
+                idle = {d: n - before.get(d, 0) for d, n in pulls.items()}
+                t0 = time.monotonic()
+                await _publish(srv.url, stream["messages"], 0)
+                while store.stats().received < 1:
+                    for t in tasks:
+                        if t.done():
+                            t.result()
+                    assert time.monotonic() - t0 < 10, "the message was not stored in 10 s"
+                    await asyncio.sleep(0.01)
+                return idle, time.monotonic() - t0
+            finally:
+                stop.set()
+                await asyncio.wait_for(asyncio.gather(*tasks), 30)
+                await nc.close()
+
+        idle, took = asyncio.run(main())
+        print(f"pull requests in 4 s idle, per durable: {idle}; one message stored in {took * 1000:.0f} ms")
+        assert len(idle) >= 3, idle  # the gateway's source, the processor's readings and its dead letters
+        # a fetch on an empty consumer is two pull requests (what it has now, then a wait for a first record)
+        assert all(n <= 12 for n in idle.values()), idle
+        assert took < 0.9, took  # not a stage's wait for a first record (a second each)
+        check_store_exact(store, stream["sent"], {})
+    finally:
+        store.close()
+        srv.stop()

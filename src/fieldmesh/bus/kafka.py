@@ -330,14 +330,31 @@ class KafkaConsumer:
                           values, list(map(m_type.key, msgs)), self._headers(msgs))
 
     async def _consume(self, max_records: int, timeout_s: float) -> list[Any]:
-        """Messages consumed, without the errors to skip (those to raise raise)."""
-        msgs = await self._call(self._c.consume, max_records, timeout_s)
+        """Messages consumed as soon as there are any, without the errors to skip (those to raise raise)."""
+        msgs = await self._call(self._first, max_records, timeout_s)
         if self._fatal is not None:
             exc, self._fatal = self._fatal, None
             raise BackendError(f"partition assignment on {self._topic!r} failed: {exc}") from exc
         errors = list(map(_kafka().Message.error, msgs))
         if errors.count(None) != len(msgs):
             msgs = [m for m, err in zip(msgs, errors, strict=True) if err is None or not self._skip(err)]
+        return msgs  # type: ignore[no-any-return]
+
+    def _first(self, max_records: int, timeout_s: float) -> list[Any]:
+        """Up to ``max_records`` messages, without waiting for that many (as a NATS pull answers).
+
+        ``consume(n, timeout)`` waits until it has ``n`` messages or the timeout passed: a fetch that waits long
+        for a first record (an idle stage asks seldom) would hold the records that came at part load. So: what
+        the client has now; when it has nothing, one message waited for up to ``timeout_s``, and what came with
+        it.
+        """
+        consume = self._c.consume
+        msgs = consume(max_records, 0)
+        if msgs or timeout_s <= 0:
+            return msgs  # type: ignore[no-any-return]
+        msgs = consume(1, timeout_s)
+        if msgs and max_records > 1:
+            msgs += consume(max_records - 1, 0)
         return msgs  # type: ignore[no-any-return]
 
     @staticmethod

@@ -43,8 +43,10 @@ class GatewaySettings(BaseModel, frozen=True):
         "the time before the processor sees a round stay bounded"))
     linger_ms: int = Field(20, ge=0, description=(
         "caught up with its source (the last round under half of either batch bound), a round begins at least this "
-        "long after the one before and holds what arrived meanwhile; behind, rounds follow at once. Also how long a "
-        "fetch waits for a first message"))
+        "long after the one before and holds what arrived meanwhile; behind, rounds follow at once"))
+    fetch_wait_ms: int = Field(1000, gt=0, le=60_000, description=(
+        "how long a fetch waits for a first message when the source has none: a source hands over its first "
+        "message as it comes, so this adds no latency; it sets how often an idle gateway asks its source"))
     share_group: str = Field("fieldmesh", description="MQTT 5 shared-subscription group")
     receive_maximum: int = Field(65535, ge=1, le=65535, description=(
         "MQTT 5 Receive Maximum the gateway asks an external broker for: its window of unacknowledged "
@@ -96,7 +98,10 @@ class ProcessorSettings(BaseModel, frozen=True):
     """Stream processing in the processor."""
 
     fetch_max: int = Field(256, gt=0, description="bus messages per transaction")
-    fetch_timeout_s: float = Field(0.05, gt=0)
+    fetch_timeout_s: float = Field(1.0, gt=0, le=60, description=(
+        "how long a fetch waits for a first record when the bus has none: the bus hands over its first record as "
+        "it comes, so this adds no latency; it sets how often an idle processor asks the bus, and how soon after "
+        "the records stop the store writes what it deferred"))
     grace_ms: int = Field(5_000, ge=0, description="lateness allowed before a window counts as emitted")
     engine: Literal["columnar", "reference"] = Field(
         "columnar", description="the stream core: numpy over columns, or the plain per-reading reference"

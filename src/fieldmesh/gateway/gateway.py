@@ -590,7 +590,7 @@ class Gateway:
     async def _fetch_routed(
         self,
     ) -> tuple[list[IngestMessage], list[OutRecord], int, list[DeadLetter]] | None:
-        msgs = await self.source.fetch(self.settings.batch_max_messages, self.settings.linger_ms / 1000 or 0.001,
+        msgs = await self.source.fetch(self.settings.batch_max_messages, self.settings.fetch_wait_ms / 1000,
                                        max_bytes=self.settings.batch_max_bytes)
         if not msgs:
             return None

@@ -1,0 +1,143 @@
+"""What ``fieldmesh up`` costs when little or nothing comes: CPU of each of its processes, idle and at a low rate.
+
+An edge box runs the pipeline most of the time far below its maximum rate, so the CPU a stage spends asking
+for work that is not there is CPU taken from everything else on the box. Each side starts ``fieldmesh up`` on
+the embedded default (a fresh data directory), lets it settle (``--settle`` seconds), then measures the CPU of
+each of its processes (psutil, user + system) over ``--seconds``: first idle, then while a publisher sends
+``--rate`` one-reading messages a second (QoS 1 through the MQTT door, ``--devices`` devices round-robin). The
+publisher's own CPU is not counted. Printed: percent of one core per process kind and in all, and with
+``--base DIR/src`` the same for another checkout (its ``src`` on ``PYTHONPATH``), the sides alternated
+``--sides`` times each, with the ratio of the medians of the totals (this / base).
+
+Run: ``PYTHONPATH=$PWD/src .venv/bin/python bench/idle.py [--seconds 20] [--rate 20] [--base DIR/src [--sides 2]]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import UpProc, payloads, publish_proc
+
+#: process kinds, by what their command line holds (the first that matches)
+KINDS = (("nats-server", "nats-server"), ("mosquitto", "mosquitto"), ("runtime.worker gateway", "gateway"),
+         ("runtime.worker processor", "processor"), ("stream.sender", "notifier"), ("jobs controller", "jobs"),
+         ("runtime.worker twins", "twins"), ("fieldmesh up", "up (API, supervisor)"))
+
+
+def _kind(p: psutil.Process, seen: dict[str, int]) -> str:
+    cmd = " ".join(p.cmdline())
+    for needle, name in KINDS:
+        if needle in cmd:
+            if name == "processor" and seen.get(name):  # the processor's lake child, forked from it
+                return "processor's lake child"
+            seen[name] = seen.get(name, 0) + 1
+            return name
+    return "other"
+
+
+def _cpu(procs: list[psutil.Process]) -> dict[int, float]:
+    out = {}
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            out[p.pid] = t.user + t.system
+        except psutil.Error:
+            pass
+    return out
+
+
+def _window(up: UpProc, seconds: float) -> dict[str, float]:
+    """Percent of a core per process kind over ``seconds``."""
+    root = psutil.Process(up.proc.pid)
+    procs = [root, *root.children(recursive=True)]
+    seen: dict[str, int] = {}
+    kinds = {p.pid: _kind(p, seen) for p in sorted(procs, key=lambda p: p.pid)}
+    a = _cpu(procs)
+    time.sleep(seconds)
+    b = _cpu(procs)
+    out: dict[str, float] = {}
+    for pid, t in b.items():
+        out[kinds[pid]] = out.get(kinds[pid], 0.0) + (t - a.get(pid, t)) / seconds * 100
+    return out
+
+
+def side(src: str, args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """One ``fieldmesh up`` of the checkout at ``src``: its CPU idle and at ``args.rate``."""
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = src
+    work = Path(tempfile.mkdtemp(prefix="fm-idle-"))
+    try:
+        up = UpProc(work / "data")
+    finally:
+        if old is None:
+            os.environ.pop("PYTHONPATH")
+        else:
+            os.environ["PYTHONPATH"] = old
+    try:
+        time.sleep(args.settle)
+        out = {"idle": _window(up, args.seconds)}
+        if args.rate:
+            n = int(args.rate * (args.seconds + args.settle + 5))
+            msgs = payloads(devices=args.devices, readings=n, per_message=1, prefix=f"idle{os.getpid()}")
+            pub = mp.get_context("spawn").Process(
+                target=publish_proc, args=({"port": up.mqtt_port, "msgs": msgs, "rate": args.rate, "stamp": True},))
+            pub.start()
+            try:
+                time.sleep(args.settle / 2)
+                out[f"{args.rate:g} msg/s"] = _window(up, args.seconds)
+            finally:
+                pub.terminate()
+                pub.join(10)
+        return out
+    finally:
+        up.stop()
+
+
+def show(name: str, got: dict[str, dict[str, float]]) -> None:
+    for phase, kinds in got.items():
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]) if v >= 0.005)
+        print(f"  {name:<5} {phase:<11} {sum(kinds.values()):6.2f}% of a core in all: {parts}", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seconds", type=float, default=20.0, help="length of each measured window")
+    ap.add_argument("--settle", type=float, default=10.0, help="seconds after the start before measuring")
+    ap.add_argument("--rate", type=float, default=20.0, help="one-reading messages a second of the second window "
+                    "(0: idle only)")
+    ap.add_argument("--devices", type=int, default=20)
+    ap.add_argument("--base", help="another checkout's src directory: a baseline side, alternated with this one")
+    ap.add_argument("--sides", type=int, default=2, help="with --base: runs of each side")
+    args = ap.parse_args()
+    this = str(Path(__file__).resolve().parent.parent / "src")
+    sides = {"this": this, **({"base": args.base} if args.base else {})}
+    runs: dict[str, list[dict[str, dict[str, float]]]] = {k: [] for k in sides}
+    print(f"fieldmesh up, embedded default; CPU per process in % of one core over {args.seconds:g} s windows "
+          f"(idle, then {args.rate:g} one-reading messages/s from {args.devices} devices)", flush=True)
+    for r in range(args.sides if args.base else 1):
+        order = list(sides.items()) if r % 2 == 0 else list(reversed(sides.items()))
+        for name, src in order:
+            got = side(src, args)
+            runs[name].append(got)
+            show(name, got)
+    if args.base:
+        for phase in runs["this"][0]:
+            t = statistics.median(sum(g[phase].values()) for g in runs["this"])
+            b = statistics.median(sum(g[phase].values()) for g in runs["base"])
+            print(f"{phase:<11}: this {t:.2f}%, base {b:.2f}% of a core (medians of {args.sides}): "
+                  f"x{t / b:.2f} the base's CPU")
+
+
+if __name__ == "__main__":
+    main()
