@@ -199,6 +199,10 @@ class KafkaProducer:
         self._p.flush(timeout_s)
 
 
+#: A fetch waits for a first message at most this long in one call of the client (its calls share a thread).
+_WAIT_SLICE_S: Final = 0.05
+
+
 class KafkaConsumer:
     """A consumer-group member (or a manual assignment) over one topic.
 
@@ -330,8 +334,17 @@ class KafkaConsumer:
                           values, list(map(m_type.key, msgs)), self._headers(msgs))
 
     async def _consume(self, max_records: int, timeout_s: float) -> list[Any]:
-        """Messages consumed as soon as there are any, without the errors to skip (those to raise raise)."""
-        msgs = await self._call(self._first, max_records, timeout_s)
+        """Messages consumed as soon as there are any, without the errors to skip (those to raise raise).
+
+        The wait for a first message goes in slices of ``_WAIT_SLICE_S``: the client's calls share one thread,
+        and an acknowledgement (an offset commit) queued behind a wait of a second held the processor's next
+        fetch (its queue's bytes are released at the acknowledgement) between two of the gateway's rounds.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        msgs = await self._call(self._first, max_records, min(timeout_s, _WAIT_SLICE_S))
+        while not msgs and (left := deadline - loop.time()) > 0:
+            msgs = await self._call(self._first, max_records, min(left, _WAIT_SLICE_S))
         if self._fatal is not None:
             exc, self._fatal = self._fatal, None
             raise BackendError(f"partition assignment on {self._topic!r} failed: {exc}") from exc
@@ -344,9 +357,8 @@ class KafkaConsumer:
         """Up to ``max_records`` messages, without waiting for that many (as a NATS pull answers).
 
         ``consume(n, timeout)`` waits until it has ``n`` messages or the timeout passed: a fetch that waits long
-        for a first record (an idle stage asks seldom) would hold the records that came at part load. So: what
-        the client has now; when it has nothing, one message waited for up to ``timeout_s``, and what came with
-        it.
+        for a first record would hold the records that came at part load. So: what the client has now; when it
+        has nothing, one message waited for up to ``timeout_s``, and what came with it.
         """
         consume = self._c.consume
         msgs = consume(max_records, 0)
