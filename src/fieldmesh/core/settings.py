@@ -98,7 +98,7 @@ class ProcessorSettings(BaseModel, frozen=True):
     """Stream processing in the processor."""
 
     fetch_max: int = Field(256, gt=0, description="bus messages per transaction")
-    fetch_timeout_s: float = Field(1.0, gt=0, le=60, description=(
+    fetch_timeout_s: float = Field(1.0, gt=0, description=(
         "how long a fetch waits for a first record when the bus has none: the bus hands over its first record as "
         "it comes, so this adds no latency; it sets how often an idle processor asks the bus, and how soon after "
         "the records stop the store writes what it deferred"))
