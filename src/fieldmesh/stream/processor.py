@@ -80,6 +80,9 @@ _QUEUED_FETCHES = 2
 #: How long a free applier waits for the fetch it asked for (a caught-up fetcher's top-up) before it applies
 #: what is queued without it: about a round trip to a local bus.
 _TOP_UP_S = 0.002
+#: After records came, how long the bus has nothing before the hot store writes what it deferred (the rollup rows
+#: of the last batches): SQL over the rollup tables then lags the readings by about this once a stream stops.
+_QUIET_S = 0.05
 
 
 class Enricher(Protocol):
@@ -370,11 +373,17 @@ class Processor:
         executor = self._executor
 
         async def fetcher() -> None:
+            deferred = False  # records came since the store last wrote what it deferred
             try:
                 while not stop.is_set():
-                    recs = await consumer.fetch(s.fetch_max, s.fetch_timeout_s, max_bytes=s.fetch_max_bytes)
-                    if not recs and readings:  # nothing came: the store writes what it deferred (in the apply thread)
-                        await loop.run_in_executor(executor, self._idle)
+                    # Records came: a short wait first, so that the store writes what it deferred soon after they
+                    # stop. Then the long one (fetch_timeout_s): an idle processor asks the bus seldom.
+                    wait = min(s.fetch_timeout_s, _QUIET_S) if deferred else s.fetch_timeout_s
+                    recs = await consumer.fetch(s.fetch_max, wait, max_bytes=s.fetch_max_bytes)
+                    if recs:
+                        deferred = readings
+                    elif deferred:  # nothing came: the store writes what it deferred (in the apply thread)
+                        deferred = not await loop.run_in_executor(executor, self._idle)
                     await queue.put(recs)
                     if not recs or consumer.behind() is False:  # caught up with the bus
                         await queue.park()
@@ -428,16 +437,19 @@ class Processor:
             tg.create_task(applier(), name="processor-apply")
             tg.create_task(acker(), name="processor-ack")
 
-    def _idle(self) -> None:
+    def _idle(self) -> bool:
         """The bus had nothing: the hot store writes what it deferred (:meth:`~fieldmesh.store.base.HotStore.flush`);
-        a store outage is left to the next batch, which meets it and retries."""
+        True when it did. A store outage is left to the next batch, which meets it and retries, or the next quiet
+        moment."""
         c0 = time.thread_time()
         try:
             self.store.flush()
+            return True
         except Exception as exc:
             if not _retryable(exc):
                 raise
             log.warning("idle flush of the hot store failed: %s; the next batch or idle moment tries again", exc)
+            return False
         finally:
             _CPU_COUNTERS["store"].inc(time.thread_time() - c0)
 
