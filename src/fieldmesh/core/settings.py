@@ -100,8 +100,8 @@ class ProcessorSettings(BaseModel, frozen=True):
     fetch_max: int = Field(256, gt=0, description="bus messages per transaction")
     fetch_timeout_s: float = Field(1.0, gt=0, description=(
         "how long a fetch waits for a first record when the bus has none: the bus hands over its first record as "
-        "it comes, so this adds no latency; it sets how often an idle processor asks the bus, and how soon after "
-        "the records stop the store writes what it deferred"))
+        "it comes, so this adds no latency; it sets how often an idle processor asks the bus (after records came, "
+        "the first wait is 50 ms at most, and the store then writes what it deferred)"))
     grace_ms: int = Field(5_000, ge=0, description="lateness allowed before a window counts as emitted")
     engine: Literal["columnar", "reference"] = Field(
         "columnar", description="the stream core: numpy over columns, or the plain per-reading reference"
