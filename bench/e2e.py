@@ -58,7 +58,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from _common import UpProc, free_port, payloads, percentile
+from _common import UpProc, cpu_by_role, free_port, payloads, percentile
 from _common import publish_proc as paho_publish_proc
 
 
@@ -256,28 +256,6 @@ def _thread_sched(up: UpProc) -> dict[tuple[str, int], tuple[int, int]]:
                 out[(role, int(tid))] = (run, wait)
         except (psutil.Error, OSError, ValueError):
             continue
-    return out
-
-
-def cpu_by_role(up: UpProc) -> dict[str, float]:
-    """CPU seconds (user + system) used so far by each process of ``fieldmesh up``, by role."""
-    import psutil
-
-    out: dict[str, float] = {}
-    root = psutil.Process(up.proc.pid)
-    for p in [root, *root.children(recursive=True)]:
-        try:
-            cmd = p.cmdline()
-            t = p.cpu_times()
-        except psutil.Error:
-            continue
-        name = ("supervisor" if p.pid == root.pid else
-                cmd[cmd.index("fieldmesh.runtime.worker") + 1] if "fieldmesh.runtime.worker" in cmd else p.name())
-        with contextlib.suppress(psutil.Error):
-            parent = p.parent()
-            if p.pid != root.pid and parent is not None and parent.pid != root.pid and parent.cmdline() == cmd:
-                name += "'s child"  # forked by the stage, same command line: the processor's lake sink
-        out[name] = out.get(name, 0.0) + t.user + t.system
     return out
 
 

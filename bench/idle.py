@@ -23,53 +23,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import UpProc, payloads, publish_proc
-
-#: process kinds, by what their command line holds (the first that matches)
-KINDS = (("nats-server", "nats-server"), ("mosquitto", "mosquitto"), ("runtime.worker gateway", "gateway"),
-         ("runtime.worker processor", "processor"), ("stream.sender", "notifier"), ("jobs controller", "jobs"),
-         ("runtime.worker twins", "twins"), ("fieldmesh up", "up (API, supervisor)"))
-
-
-def _kind(p: psutil.Process, seen: dict[str, int]) -> str:
-    cmd = " ".join(p.cmdline())
-    for needle, name in KINDS:
-        if needle in cmd:
-            if name == "processor" and seen.get(name):  # the processor's lake child, forked from it
-                return "processor's lake child"
-            seen[name] = seen.get(name, 0) + 1
-            return name
-    return "other"
-
-
-def _cpu(procs: list[psutil.Process]) -> dict[int, float]:
-    out = {}
-    for p in procs:
-        try:
-            t = p.cpu_times()
-            out[p.pid] = t.user + t.system
-        except psutil.Error:
-            pass
-    return out
+from _common import UpProc, cpu_by_role, payloads, publish_proc
 
 
 def _window(up: UpProc, seconds: float) -> dict[str, float]:
-    """Percent of a core per process kind over ``seconds``."""
-    root = psutil.Process(up.proc.pid)
-    procs = [root, *root.children(recursive=True)]
-    seen: dict[str, int] = {}
-    kinds = {p.pid: _kind(p, seen) for p in sorted(procs, key=lambda p: p.pid)}
-    a = _cpu(procs)
+    """Percent of a core per process of ``fieldmesh up`` (by role) over ``seconds``."""
+    a = cpu_by_role(up)
     time.sleep(seconds)
-    b = _cpu(procs)
-    out: dict[str, float] = {}
-    for pid, t in b.items():
-        out[kinds[pid]] = out.get(kinds[pid], 0.0) + (t - a.get(pid, t)) / seconds * 100
-    return out
+    return {role: (t - a.get(role, t)) / seconds * 100 for role, t in cpu_by_role(up).items()}
 
 
 def side(src: str, args: argparse.Namespace) -> dict[str, dict[str, float]]:

@@ -161,7 +161,7 @@ def test_idle_stages_ask_the_bus_seldom_and_a_message_is_stored_at_once(tmp_path
             try:
                 for _ in range(100):  # every stage's consumer asking
                     await asyncio.sleep(0.1)
-                    if len(pulls) >= 3 and all(t.done() is False for t in tasks):
+                    if len(pulls) >= 3 and not any(t.done() for t in tasks):
                         break
                 await asyncio.sleep(1.5)
                 before = dict(pulls)
