@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -852,6 +853,52 @@ async def test_nats_acks_of_records_fetched_before_a_resume_leave_the_new_durabl
             await c.ack(rest)
             assert await _eventually(lambda: _pending_is(direct, topic, group, 0)), \
                 f"lag {await direct.pending(topic, group=group)} after every record was acknowledged"
+            await c.close()
+    finally:
+        await proxy.close()
+
+
+async def test_nats_a_pull_request_from_before_a_resume_takes_no_record_away(embedded_nats_url: str) -> None:
+    """A pull request sent on the old connection's inbox can outlive a reconnect: buffered through it, or sent by a
+    fetch whose first step spanned it, the server holds it while it waits. A record that came for it after the
+    resume would go to an inbox nothing reads, and come again only after ``ack_wait`` (a minute), behind later
+    records. The resume makes the durable again, which ends such requests: the record comes at once. (CI saw this
+    as the record sent after a server restart not coming within 30 s.)"""
+    proxy = _CuttableProxy(embedded_nats_url)
+    url = await proxy.start()
+    try:
+        async with load_bus(embedded_nats_url) as direct, load_bus(url) as bus:
+            assert isinstance(bus, NatsBus)
+            topic = await _topic(direct, partitions=1)
+            await direct.producer().send([OutRecord(topic, 0, b"r0")])
+            c = await bus.consumer(topic, group=_name("g"))
+            first = await _fetch_n(c, 1)
+            await c.ack(first)
+            before = bus.nc.stats["reconnects"]
+            proxy.cut()
+            deadline = time.monotonic() + 20
+            while bus.nc.stats["reconnects"] == before and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert bus.nc.stats["reconnects"] > before
+            old = c._sub  # the puller of the durable as it was before the reconnect
+            assert await old.fetch(10, 0.05, expires_s=30.0) == []  # it gave up waiting; the server holds it on
+            # The resume unsubscribes the old inbox, and the server drops a request nobody listens for; but a record
+            # can come in the moment between the resume's look at the durable and that unsubscribe (as in CI). A
+            # listener of the old inbox stands for that moment, and sees whether the held request still takes one.
+            stray: list[bytes] = []
+
+            async def _on_stray(m: Any) -> None:
+                stray.append(m.data)
+
+            listener = await bus.nc.subscribe(old._inbox, cb=_on_stray)
+            assert await c.fetch(10, 0.2) == []  # the resume
+            assert c._sub is not old
+            await direct.producer().send([OutRecord(topic, 0, b"r1")])
+            got = await c.fetch(10, 10.0)
+            assert [r.value for r in got] == [b"r1"]
+            assert b"r1" not in stray
+            await c.ack(got)
+            await listener.unsubscribe()
             await c.close()
     finally:
         await proxy.close()

@@ -768,8 +768,11 @@ class NatsBus:
             while (info.ack_floor.stream_seq if info.ack_floor else 0) < acked and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
                 info = await self.js.consumer_info(stream, durable)
-            if info.num_ack_pending:
-                await self._start_at(stream, cfg, (info.ack_floor.stream_seq if info.ack_floor else 0) + 1)
+            # Made again even with nothing pending now: a pull request sent before the reconnect (buffered through
+            # it, or still held by the server) can be answered by the old durable after this check, to the old
+            # inbox, which nothing reads; deleting the durable ends those requests, and the new one starts after
+            # its acknowledged floor.
+            await self._start_at(stream, cfg, (info.ack_floor.stream_seq if info.ack_floor else 0) + 1)
             fresh = _Puller(self.nc, stream, durable)  # a new inbox: answers to the old one's requests go nowhere
             await fresh.start()
             return fresh
