@@ -191,3 +191,57 @@ def test_idle_stages_ask_the_bus_seldom_and_a_message_is_stored_at_once(tmp_path
     finally:
         store.close()
         srv.stop()
+
+
+def test_a_stop_ends_the_stages_wait_for_a_first_record_at_once(tmp_path: Path):
+    """A stage told to stop does not first finish its wait for a first record: with the gateway's ``fetch_wait_ms``
+    and the processor's ``fetch_timeout_s`` at 30 s, idle stages end within a few seconds of the stop (a stage used
+    to finish the fetch it waited in, so ``fieldmesh up`` stopped a second slower once those waits became a
+    second). What was stored before the stop is all there."""
+    from fieldmesh.runtime.natsserver import EmbeddedNats
+
+    srv = EmbeddedNats(store_dir=tmp_path / "nats")
+    srv.start()
+    stream = make_stream(f"stop{uuid.uuid4().hex[:6]}", devices=2, per_device=3)
+    store_url = f"sqlite:///{tmp_path / 'store.db'}"
+    store = SqliteStore(store_url)
+    settings = load_settings(bus={"partitions": 2}, gateway={"fetch_wait_ms": 30_000},
+                             processor={"fetch_timeout_s": 30.0})
+    ingest = f"{srv.url}/plant.*.*.tm?stream=PLANT&durable=gw&device_template=plant.*.{{device}}.tm"
+    try:
+        async def main() -> float:
+            import nats
+
+            nc = await nats.connect(srv.url)
+            await nc.jetstream().add_stream(name="PLANT", subjects=["plant.>"])
+            await nc.close()
+            stop = asyncio.Event()
+            tasks = [
+                asyncio.create_task(run_gateway(bus_url=srv.url, mqtt_url=None, ingest_urls=[ingest],
+                                                settings=settings, stop=stop)),
+                asyncio.create_task(run_processor(bus_url=srv.url, store_url=store_url, settings=settings,
+                                                  stop=stop)),
+            ]
+            try:
+                await _publish(srv.url, stream["messages"], 0)
+                t0 = time.monotonic()
+                while store.stats().received < expected_received(stream["sent"], {}):
+                    for t in tasks:
+                        if t.done():
+                            t.result()
+                    assert time.monotonic() - t0 < 20, "the messages were not stored in 20 s"
+                    await asyncio.sleep(0.02)
+                await asyncio.sleep(1.0)  # both stages in their long wait
+            finally:
+                t_stop = time.monotonic()
+                stop.set()
+                await asyncio.wait_for(asyncio.gather(*tasks), 60)
+            return time.monotonic() - t_stop
+
+        took = asyncio.run(main())
+        print(f"stopped in {took:.2f} s")
+        assert took < 5.0, took
+        check_store_exact(store, stream["sent"], {})
+    finally:
+        store.close()
+        srv.stop()

@@ -31,6 +31,7 @@ import msgspec
 import numpy as np
 
 from fieldmesh.bus.base import OutRecord, Producer
+from fieldmesh.core.aio import unless_stopped
 from fieldmesh.core.batch import ReadingColumns, reading_fields
 from fieldmesh.core.codec import (
     DLQ_PAYLOAD_LIMIT,
@@ -702,7 +703,11 @@ class Gateway:
                             break
                     started = loop.time()
                     try:
-                        got = await self._fetch_routed()
+                        # a stop ends the wait for a first message (up to fetch_wait_ms) at once; what the source
+                        # gave meanwhile is not acknowledged, so it comes again
+                        fetched, got = await unless_stopped(self._fetch_routed(), stop)
+                        if not fetched:
+                            break
                     except FieldmeshError as exc:
                         log.warning("gateway fetch failed: %s", exc)
                         caught_up = False

@@ -43,6 +43,7 @@ from numpy.typing import NDArray
 
 from fieldmesh.bus.base import Bus, BusRecord, Consumer
 from fieldmesh.core import heap
+from fieldmesh.core.aio import unless_stopped
 from fieldmesh.core.batch import BatchResult, ReadingColumns
 from fieldmesh.core.errors import BackendUnavailable, FieldmeshError
 from fieldmesh.core.model import Reading
@@ -379,7 +380,12 @@ class Processor:
                     # Records came: a short wait first, so that the store writes what it deferred soon after they
                     # stop. Then the long one (fetch_timeout_s): an idle processor asks the bus seldom.
                     wait = min(s.fetch_timeout_s, _QUIET_S) if deferred else s.fetch_timeout_s
-                    recs = await consumer.fetch(s.fetch_max, wait, max_bytes=s.fetch_max_bytes)
+                    # a stop ends the wait at once: records fetched meanwhile are not acknowledged, so they come again
+                    fetched, got = await unless_stopped(consumer.fetch(s.fetch_max, wait, max_bytes=s.fetch_max_bytes),
+                                                        stop)
+                    if not fetched:
+                        break
+                    recs = got or []
                     if recs:
                         deferred = readings
                     elif deferred:  # nothing came: the store writes what it deferred (in the apply thread)
