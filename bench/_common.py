@@ -161,9 +161,12 @@ class UpProc:
             time.sleep(0.05)
         raise TimeoutError(f"only {self.get('/stats')} of {n}")
 
-    def stop(self) -> None:
+    def stop(self) -> float:
+        """SIGTERM, then wait for the exit: the seconds that took."""
+        t0 = time.monotonic()
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(120)
+        return time.monotonic() - t0
 
 
 def cpu_by_role(up: UpProc) -> dict[str, float]:

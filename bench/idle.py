@@ -5,7 +5,8 @@ for work that is not there is CPU taken from everything else on the box. Each si
 the embedded default (a fresh data directory), lets it settle (``--settle`` seconds), then measures the CPU of
 each of its processes (psutil, user + system) over ``--seconds``: first idle, then while a publisher sends
 ``--rate`` one-reading messages a second (QoS 1 through the MQTT door, ``--devices`` devices round-robin). The
-publisher's own CPU is not counted. Printed: percent of one core per process kind and in all, and with
+publisher's own CPU is not counted. Then it stops ``fieldmesh up`` (SIGTERM) and times its exit. Printed: percent of
+one core per process kind and in all, the stop's seconds, and with
 ``--base DIR/src`` the same for another checkout (its ``src`` on ``PYTHONPATH``), the sides alternated
 ``--sides`` times each, with the ratio of the medians of the totals (this / base).
 
@@ -35,8 +36,9 @@ def _window(up: UpProc, seconds: float) -> dict[str, float]:
     return {role: (t - a.get(role, t)) / seconds * 100 for role, t in cpu_by_role(up).items()}
 
 
-def side(src: str, args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    """One ``fieldmesh up`` of the checkout at ``src``: its CPU idle and at ``args.rate``."""
+def side(src: str, args: argparse.Namespace) -> tuple[dict[str, dict[str, float]], float]:
+    """One ``fieldmesh up`` of the checkout at ``src``: its CPU idle and at ``args.rate``; the seconds its stop
+    took (SIGTERM to exit)."""
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = src
     work = Path(tempfile.mkdtemp(prefix="fm-idle-"))
@@ -47,6 +49,7 @@ def side(src: str, args: argparse.Namespace) -> dict[str, dict[str, float]]:
             os.environ.pop("PYTHONPATH")
         else:
             os.environ["PYTHONPATH"] = old
+    stopped = False
     try:
         time.sleep(args.settle)
         out = {"idle": _window(up, args.seconds)}
@@ -62,15 +65,19 @@ def side(src: str, args: argparse.Namespace) -> dict[str, dict[str, float]]:
             finally:
                 pub.terminate()
                 pub.join(10)
-        return out
+        took = up.stop()
+        stopped = True
+        return out, took
     finally:
-        up.stop()
+        if not stopped:
+            up.stop()
 
 
-def show(name: str, got: dict[str, dict[str, float]]) -> None:
+def show(name: str, got: dict[str, dict[str, float]], stop_s: float) -> None:
     for phase, kinds in got.items():
         parts = ", ".join(f"{k} {v:.2f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]) if v >= 0.005)
         print(f"  {name:<5} {phase:<11} {sum(kinds.values()):6.2f}% of a core in all: {parts}", flush=True)
+    print(f"  {name:<5} {'stop':<11} {stop_s:6.2f} s from SIGTERM to exit", flush=True)
 
 
 def main() -> None:
@@ -86,20 +93,24 @@ def main() -> None:
     this = str(Path(__file__).resolve().parent.parent / "src")
     sides = {"this": this, **({"base": args.base} if args.base else {})}
     runs: dict[str, list[dict[str, dict[str, float]]]] = {k: [] for k in sides}
+    stops: dict[str, list[float]] = {k: [] for k in sides}
     print(f"fieldmesh up, embedded default; CPU per process in % of one core over {args.seconds:g} s windows "
           f"(idle, then {args.rate:g} one-reading messages/s from {args.devices} devices)", flush=True)
     for r in range(args.sides if args.base else 1):
         order = list(sides.items()) if r % 2 == 0 else list(reversed(sides.items()))
         for name, src in order:
-            got = side(src, args)
+            got, took = side(src, args)
             runs[name].append(got)
-            show(name, got)
+            stops[name].append(took)
+            show(name, got, took)
     if args.base:
         for phase in runs["this"][0]:
             t = statistics.median(sum(g[phase].values()) for g in runs["this"])
             b = statistics.median(sum(g[phase].values()) for g in runs["base"])
             print(f"{phase:<11}: this {t:.2f}%, base {b:.2f}% of a core (medians of {args.sides}): "
                   f"x{t / b:.2f} the base's CPU")
+        t, b = statistics.median(stops["this"]), statistics.median(stops["base"])
+        print(f"{'stop':<11}: this {t:.2f} s, base {b:.2f} s from SIGTERM to exit (medians): x{t / b:.2f}")
 
 
 if __name__ == "__main__":
