@@ -22,14 +22,18 @@ async def unless_stopped(coro: Coroutine[Any, Any, T], stop: asyncio.Event) -> t
         return False, None
     task = asyncio.ensure_future(coro)
     stopping = asyncio.ensure_future(stop.wait())
+    cancelled = False
     try:
         await asyncio.wait((task, stopping), return_when=asyncio.FIRST_COMPLETED)
     finally:
         stopping.cancel()
         if not task.done():
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            cancelled = True
+            # however the cancelled wait ends (a client may turn the cancellation into an error of its own), the
+            # stage is stopping and what it took is unacknowledged: dropped, not raised
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-    if task.cancelled():
+    if cancelled or task.cancelled():
         return False, None
     return True, task.result()
