@@ -734,6 +734,16 @@ class _CuttableProxy:
             self.server.close()
 
 
+async def _cut_and_reconnect(proxy: _CuttableProxy, bus: NatsBus) -> None:
+    """Cut the connection through ``proxy`` and wait until ``bus``'s client has reconnected."""
+    before = bus.nc.stats["reconnects"]
+    proxy.cut()
+    deadline = time.monotonic() + 20
+    while bus.nc.stats["reconnects"] == before and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert bus.nc.stats["reconnects"] > before
+
+
 async def test_nats_records_lost_with_a_connection_come_again_before_later_ones(embedded_nats_url: str) -> None:
     """A fetch's answer lost with its connection (JetStream counts those records delivered, waiting for an
     acknowledgement until ack_wait): after the reconnect the consumer resumes at what it acknowledged, so they
@@ -874,12 +884,7 @@ async def test_nats_a_pull_request_from_before_a_resume_takes_no_record_away(emb
             c = await bus.consumer(topic, group=_name("g"))
             first = await _fetch_n(c, 1)
             await c.ack(first)
-            before = bus.nc.stats["reconnects"]
-            proxy.cut()
-            deadline = time.monotonic() + 20
-            while bus.nc.stats["reconnects"] == before and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            assert bus.nc.stats["reconnects"] > before
+            await _cut_and_reconnect(proxy, bus)
             old = c._sub  # the puller of the durable as it was before the reconnect
             assert await old.fetch(10, 0.05, expires_s=30.0) == []  # it gave up waiting; the server holds it on
             # The resume unsubscribes the old inbox, and the server drops a request nobody listens for; but a record
@@ -922,12 +927,7 @@ async def test_nats_a_resume_the_server_does_not_answer_yet_is_tried_again(embed
             c = await bus.consumer(topic, group=_name("g"))
             first = await _fetch_n(c, 1)
             await c.ack(first)
-            before = bus.nc.stats["reconnects"]
-            proxy.cut()
-            deadline = time.monotonic() + 20
-            while bus.nc.stats["reconnects"] == before and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            assert bus.nc.stats["reconnects"] > before
+            await _cut_and_reconnect(proxy, bus)
             proxy.swallow = True  # the server's answers go nowhere: the resume's request times out
             assert await c.fetch(10, 1.0) == []
             proxy.swallow = False

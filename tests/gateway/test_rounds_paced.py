@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from e2e.dataset import make_stream
-from fieldmesh.core.settings import load_settings
+from fieldmesh.core.settings import Settings, load_settings
 from fieldmesh.obs.metrics import GATEWAY_BATCH
 from fieldmesh.runtime.worker import run_gateway, run_processor
 from fieldmesh.store.sqlite import SqliteStore
@@ -74,17 +74,11 @@ def _run(tmp_path: Path, *, gateway: dict[str, int], every_s: float, backlog: bo
         if backlog:  # all of it waiting before the gateway starts
             asyncio.run(_publish(srv.url, stream["messages"], 0))
         settings = load_settings(bus={"partitions": 4}, gateway=gateway)
-        ingest = f"{srv.url}/plant.*.*.tm?stream=PLANT&durable=gw&device_template=plant.*.{{device}}.tm"
-
+    
         async def main() -> tuple[float, float, int]:
             stop = asyncio.Event()
             rounds0, t0 = _rounds(), time.monotonic()
-            tasks = [
-                asyncio.create_task(run_gateway(bus_url=srv.url, mqtt_url=None, ingest_urls=[ingest],
-                                                settings=settings, stop=stop)),
-                asyncio.create_task(run_processor(bus_url=srv.url, store_url=store_url, settings=settings,
-                                                  stop=stop)),
-            ]
+            tasks = _stages(srv.url, store_url, settings, stop)
             if not backlog:
                 tasks.append(asyncio.create_task(_publish(srv.url, stream["messages"], every_s)))
             try:
@@ -123,6 +117,16 @@ def test_behind_full_rounds_follow_at_once(tmp_path: Path):
     assert took < 10, (rounds, took, n)  # paced, each of the 16 or more rounds would wait 2 s
 
 
+def _stages(url: str, store_url: str, settings: Settings, stop: asyncio.Event) -> list[asyncio.Task[None]]:
+    """A gateway taking the PLANT ingest stream of nats-server ``url`` and a processor into ``store_url``."""
+    ingest = f"{url}/plant.*.*.tm?stream=PLANT&durable=gw&device_template=plant.*.{{device}}.tm"
+    return [
+        asyncio.create_task(run_gateway(bus_url=url, mqtt_url=None, ingest_urls=[ingest], settings=settings,
+                                        stop=stop)),
+        asyncio.create_task(run_processor(bus_url=url, store_url=store_url, settings=settings, stop=stop)),
+    ]
+
+
 def test_idle_stages_ask_the_bus_seldom_and_a_message_is_stored_at_once(tmp_path: Path):
     """Idle, the gateway and the processor ask the bus about once a second: a fetch waits up to the gateway's
     ``fetch_wait_ms`` and the processor's ``fetch_timeout_s`` (both a second) for a first record. At 20 and 50 ms
@@ -139,7 +143,6 @@ def test_idle_stages_ask_the_bus_seldom_and_a_message_is_stored_at_once(tmp_path
     store_url = f"sqlite:///{tmp_path / 'store.db'}"
     store = SqliteStore(store_url)
     settings = load_settings(bus={"partitions": 4})
-    ingest = f"{srv.url}/plant.*.*.tm?stream=PLANT&durable=gw&device_template=plant.*.{{device}}.tm"
     try:
         async def main() -> tuple[dict[str, int], float]:
             nc = await nats.connect(srv.url)
@@ -152,12 +155,7 @@ def test_idle_stages_ask_the_bus_seldom_and_a_message_is_stored_at_once(tmp_path
 
             await nc.subscribe("$JS.API.CONSUMER.MSG.NEXT.>", cb=count)
             stop = asyncio.Event()
-            tasks = [
-                asyncio.create_task(run_gateway(bus_url=srv.url, mqtt_url=None, ingest_urls=[ingest],
-                                                settings=settings, stop=stop)),
-                asyncio.create_task(run_processor(bus_url=srv.url, store_url=store_url, settings=settings,
-                                                  stop=stop)),
-            ]
+            tasks = _stages(srv.url, store_url, settings, stop)
             try:
                 for _ in range(100):  # every stage's consumer asking
                     await asyncio.sleep(0.1)
@@ -207,7 +205,6 @@ def test_a_stop_ends_the_stages_wait_for_a_first_record_at_once(tmp_path: Path):
     store = SqliteStore(store_url)
     settings = load_settings(bus={"partitions": 2}, gateway={"fetch_wait_ms": 30_000},
                              processor={"fetch_timeout_s": 30.0})
-    ingest = f"{srv.url}/plant.*.*.tm?stream=PLANT&durable=gw&device_template=plant.*.{{device}}.tm"
     try:
         async def main() -> float:
             import nats
@@ -216,12 +213,7 @@ def test_a_stop_ends_the_stages_wait_for_a_first_record_at_once(tmp_path: Path):
             await nc.jetstream().add_stream(name="PLANT", subjects=["plant.>"])
             await nc.close()
             stop = asyncio.Event()
-            tasks = [
-                asyncio.create_task(run_gateway(bus_url=srv.url, mqtt_url=None, ingest_urls=[ingest],
-                                                settings=settings, stop=stop)),
-                asyncio.create_task(run_processor(bus_url=srv.url, store_url=store_url, settings=settings,
-                                                  stop=stop)),
-            ]
+            tasks = _stages(srv.url, store_url, settings, stop)
             try:
                 await _publish(srv.url, stream["messages"], 0)
                 t0 = time.monotonic()
