@@ -104,6 +104,7 @@ class LakeProcess:
         self._error: str | None = None
         self._closed = False
         self._last: BatchResult | None = None  # the result the child holds last (the next view's write reuses it)
+        self.handed = 0  # results handed to the child ("write" and "again" messages; one a batch as a rule)
         self._sent: dict[str, dict[Position, int]] | None = None  # per table; None: the child is not ready
         with self._lock:  # the tables open (as a LakeSink in the processor opened them: a processor reported
             self._ready()  # running is ready to apply)
@@ -148,7 +149,14 @@ class LakeProcess:
                          if any(o > sent_all[t].get(p, -1) for p, o in result.positions.items()))
             if not todo:
                 return False
+            # The other tables that stand where this view's first does at the result's partitions take the
+            # result in the same message: their own views then find it handed over. One pipe message a batch
+            # instead of one per table (the views, one per table, are made before the child opens them).
+            ref = sent_all[todo[0]]
+            todo += tuple(t for t in POSITIONED if t not in todo
+                          and all(sent_all[t].get(p, -1) == ref.get(p, -1) for p in result.positions))
             trace = tracing.current_traceparent() if tracing.enabled() else None
+            self.handed += 1
             if result is self._last:
                 self._queue.put((("again", todo, trace), 0))
             else:
