@@ -25,6 +25,7 @@ import random
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -204,6 +205,40 @@ def _num(v: Any) -> float | bool:
     return v if isinstance(v, bool) else float(v)
 
 
+def _arr(values: Sequence[Any]) -> str:
+    """``values`` (ints, floats, bools or strs; None as NULL) as a PostgreSQL array literal, for a parameter the SQL
+    casts to an array (``%s::bigint[]``).
+
+    Why: psycopg dumps a list parameter element by element in Python, and tests each element's text against a
+    regular expression (quoting): 0.6-1.6 CPU-µs an element for names and numbers, over 8 for a JSON text
+    (docs/benchmarks.md). Here the elements are joined by C calls. Numbers are written as Python writes them
+    (``repr`` of a float round-trips, and PostgreSQL reads it back to the same double); strings are quoted, a
+    backslash or a double quote in one escaped with a backslash (the array literal's only escapes).
+    """
+    if not values:
+        return "{}"
+    n = len(values)
+    if None in values:
+        if all(v is None for v in values):
+            return "{" + ",".join(["NULL"] * n) + "}"
+        first = next(v for v in values if v is not None)
+    else:
+        first = values[0]
+    if isinstance(first, str):
+        if None in values:
+            return "{" + ",".join("NULL" if v is None else _quoted(v) for v in values) + "}"
+        body = '","'.join(values)
+        if "\\" in body or body.count('"') != 2 * (n - 1):
+            return "{" + ",".join(map(_quoted, values)) + "}"
+        return '{"' + body + '"}'
+    if None in values:
+        return "{" + ",".join("NULL" if v is None else str(v) for v in values) + "}"
+    return "{" + ",".join(map(str, values)) + "}"
+
+
+def _quoted(v: str) -> str:
+    return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
 class _NeedDays(Exception):
     """Rolls a commit back whose result needs day partitions that do not exist yet."""
 
@@ -252,7 +287,7 @@ class _Txn(_Sql):
                 for r in cur.execute(
                     "INSERT INTO reading_keys (id, chk, origin) SELECT * FROM unnest(%s::bigint[], %s::bigint[],"
                     " %s::bigint[]) ORDER BY 1 ON CONFLICT (id) DO NOTHING RETURNING id",
-                    (keys.tolist(), chks.tolist(), org.tolist()),
+                    (_arr(keys.tolist()), _arr(chks.tolist()), _arr(org.tolist())),
                 )
             ]
             held = np.flatnonzero(~np.isin(keys, np.array(claimed, dtype=np.int64)))
@@ -260,7 +295,8 @@ class _Txn(_Sql):
                 found = {
                     k: (c, -1 if o is None else o)
                     for k, c, o in cur.execute(
-                        "SELECT id, chk, origin FROM reading_keys WHERE id = ANY(%s)", (keys[held].tolist(),)
+                        "SELECT id, chk, origin FROM reading_keys WHERE id = ANY(%s::bigint[])",
+                        (_arr(keys[held].tolist()),),
                     )
                 }
                 stored = [found[k] for k in keys[held].tolist()]
@@ -582,14 +618,14 @@ class PostgresStore:
             if len(new):
                 cols = raw_columns(new, r.store_key, now)
                 cols.insert(1, new.chk.tolist())
-                cur.execute(
-                    "INSERT INTO readings (id, chk, device_id, ts_ms, seq, boot_id, event_id, measurements, meta,"
-                    " received_ms, stored_ms, enrichment) SELECT i, c, d, t, s, b, e, m::jsonb, mt::jsonb, rx, st,"
-                    " en::jsonb FROM unnest(%s::bigint[], %s::bigint[], %s::text[], %s::bigint[], %s::bigint[],"
-                    " %s::text[], %s::text[], %s::text[], %s::text[], %s::bigint[], %s::bigint[], %s::text[])"
-                    " AS j(i, c, d, t, s, b, e, m, mt, rx, st, en)",
-                    cols,
-                )
+                # COPY, not arrays bound as parameters: psycopg dumps a list element by element in Python (and
+                # escapes each JSON text with a regular expression), about 8 CPU-µs for a reading's measurements
+                # alone; COPY's rows are formatted in C (docs/benchmarks.md)
+                with cur.copy(
+                    "COPY readings (id, chk, device_id, ts_ms, seq, boot_id, event_id, measurements, meta,"
+                    " received_ms, stored_ms, enrichment) FROM STDIN"
+                ) as cp:
+                    deque(map(cp.write_row, zip(*cols, strict=True)), 0)
             for interval in INTERVALS:  # fixed order: writers lock 1m rows before 1h rows
                 wd = r.windows.get(interval)
                 if wd is not None and len(wd):
@@ -699,7 +735,7 @@ class PostgresStore:
             f" FROM {table} r JOIN unnest(%s::text[], %s::text[], %s::bigint[]) AS j(d, m, w)"
             " ON r.device_id = j.d AND r.metric = j.m AND r.window_start_ms = j.w"
             " ORDER BY 1, 2, 3 FOR UPDATE OF r",
-            ([k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys]),
+            (_arr([k[0] for k in keys]), _arr([k[1] for k in keys]), _arr([k[2] for k in keys])),
         ):
             m, e = parse_exact(sx)
             old[(dev, metric, ws)] = [count, m, e, mn, mx]
@@ -708,17 +744,18 @@ class PostgresStore:
     @staticmethod
     def _rollup_columns(
         keys: list[RollupKey], deltas: dict[RollupKey, Acc], old: dict[RollupKey, Acc]
-    ) -> list[list[Any]]:
-        """Column arrays (device, metric, window, count, sum, min, max, avg, sum_exact) after merging."""
+    ) -> list[str]:
+        """Column arrays (device, metric, window, count, sum, min, max, avg, sum_exact) after merging, as array
+        literals (:func:`_arr`)."""
         accs = list(map(deltas.__getitem__, keys))
         if old:
             accs = [a if (o := old.get(k)) is None else merge_acc(o, a) for k, a in zip(keys, accs, strict=True)]
         if not accs:
-            return [[], [], [], [], [], [], [], [], []]
+            return ["{}"] * 9
         count, m, e, mn, mx = (list(c) for c in zip(*accs, strict=True))
         values, avgs, texts = exact_columns(count, m, e)
         dev, met, ws = (list(c) for c in zip(*keys, strict=True))
-        return [dev, met, ws, count, values, mn, mx, avgs, texts]
+        return [_arr(c) for c in (dev, met, ws, count, values, mn, mx, avgs, texts)]
 
     def _upsert_devices(self, cur: Any, agg: Mapping[str, list[int]], metrics: Iterable[tuple[str, str]]) -> None:
         items = sorted(agg.items())
@@ -730,14 +767,14 @@ class PostgresStore:
             " first_ts_ms = LEAST(d.first_ts_ms, excluded.first_ts_ms),"
             " last_ts_ms = GREATEST(d.last_ts_ms, excluded.last_ts_ms),"
             " readings = d.readings + excluded.readings",
-            ([d for d, _ in items], *([a[i] for _, a in items] for i in range(5))),
+            (_arr([d for d, _ in items]), *(_arr([a[i] for _, a in items]) for i in range(5))),
         )
         pairs = sorted(set(metrics) - self._known_metrics)
         if pairs:
             cur.execute(
                 "INSERT INTO device_metrics SELECT * FROM unnest(%s::text[], %s::text[])"
                 " ON CONFLICT DO NOTHING",
-                ([d for d, _ in pairs], [m for _, m in pairs]),
+                (_arr([d for d, _ in pairs]), _arr([m for _, m in pairs])),
             )
             self._pending_metrics = pairs
 
@@ -759,7 +796,7 @@ class PostgresStore:
             cur.execute(
                 "INSERT INTO seq_ranges SELECT d, b, 0, -1, 0, false FROM unnest(%s::text[], %s::text[]) AS j(d, b)"
                 " ON CONFLICT DO NOTHING RETURNING device_id, boot_id",
-                (kd, kb),
+                (_arr(kd), _arr(kb)),
             ).fetchall()
         )
         stored = {
@@ -768,7 +805,7 @@ class PostgresStore:
                 "SELECT r.device_id, r.boot_id, r.min_seq, r.max_seq, r.n, r.listed FROM seq_ranges r"
                 " JOIN unnest(%s::text[], %s::text[]) AS j(d, b) ON r.device_id = j.d AND r.boot_id = j.b"
                 " ORDER BY 1, 2 FOR UPDATE OF r",
-                (kd, kb),
+                (_arr(kd), _arr(kb)),
             )
             if (d, b) not in created
         }
@@ -794,7 +831,7 @@ class PostgresStore:
                     "WITH ins AS (INSERT INTO seqs SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[])"
                     " ON CONFLICT DO NOTHING RETURNING device_id, boot_id)"
                     " SELECT device_id, boot_id, count(*) FROM ins GROUP BY 1, 2",
-                    ([t[0] for t in rest], [t[1] for t in rest], [t[2] for t in rest]),
+                    (_arr([t[0] for t in rest]), _arr([t[1] for t in rest]), _arr([t[2] for t in rest])),
                 )
             )
         ranges, delta = merge_ranges(spans, added, old)
@@ -808,8 +845,9 @@ class PostgresStore:
                 "%s::text[], %s::text[], %s::bigint[], %s::bigint[], %s::bigint[], %s::boolean[])"
                 " AS j(d, b, lo, hi, n, ls) WHERE r.device_id = j.d AND r.boot_id = j.b",
                 (
-                    [k[0] for k, _ in rows], [k[1] for k, _ in rows], *([v[i] for _, v in rows] for i in range(3)),
-                    [listed.get(k, False) or k in start for k, _ in rows],
+                    _arr([k[0] for k, _ in rows]), _arr([k[1] for k, _ in rows]),
+                    *(_arr([v[i] for _, v in rows]) for i in range(3)),
+                    _arr([listed.get(k, False) or k in start for k, _ in rows]),
                 ),
             )  # fmt: skip
         return delta
