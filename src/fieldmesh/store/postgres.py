@@ -284,11 +284,11 @@ class _Txn(_Sql):
         with self._w.cursor() as cur:
             claimed = [
                 r[0]
-                for r in cur.execute(
+                for r in cur.execute(  # (fetchall: the rows made in one call, not one Python step each)
                     "INSERT INTO reading_keys (id, chk, origin) SELECT * FROM unnest(%s::bigint[], %s::bigint[],"
                     " %s::bigint[]) ORDER BY 1 ON CONFLICT (id) DO NOTHING RETURNING id",
                     (_arr(keys.tolist()), _arr(chks.tolist()), _arr(org.tolist())),
-                )
+                ).fetchall()
             ]
             held = np.flatnonzero(~np.isin(keys, np.array(claimed, dtype=np.int64)))
             if len(held):
@@ -703,15 +703,14 @@ class PostgresStore:
         missing = [k for k in keys if k not in old]
         if missing:
             cols = self._rollup_columns(missing, deltas, {})
-            inserted = {
-                (d, m, w)
-                for d, m, w in cur.execute(
+            inserted = set(
+                cur.execute(
                     f"INSERT INTO {table} SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[],"
                     " %s::bigint[], %s::float8[], %s::float8[], %s::float8[], %s::float8[], %s::text[])"
                     " ON CONFLICT DO NOTHING RETURNING device_id, metric, window_start_ms",
                     cols,
-                )
-            }
+                ).fetchall()
+            )
             lost = [k for k in missing if k not in inserted]
             if lost:
                 old.update(self._lock_rollups(cur, table, lost))
@@ -736,7 +735,7 @@ class PostgresStore:
             " ON r.device_id = j.d AND r.metric = j.m AND r.window_start_ms = j.w"
             " ORDER BY 1, 2, 3 FOR UPDATE OF r",
             (_arr([k[0] for k in keys]), _arr([k[1] for k in keys]), _arr([k[2] for k in keys])),
-        ):
+        ).fetchall():
             m, e = parse_exact(sx)
             old[(dev, metric, ws)] = [count, m, e, mn, mx]
         return old
