@@ -239,6 +239,7 @@ def _arr(values: Sequence[Any]) -> str:
 def _quoted(v: str) -> str:
     return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
+
 class _NeedDays(Exception):
     """Rolls a commit back whose result needs day partitions that do not exist yet."""
 
