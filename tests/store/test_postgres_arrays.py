@@ -1,6 +1,8 @@
-"""The PostgreSQL store's array parameters (``fieldmesh.store.postgres._arr``): any list of the element types the
-store binds reads back from the server as the same list, element for element. The literal is joined in C
-instead of psycopg's element-by-element dumping; what it must never do is change a value."""
+"""The PostgreSQL store's array parameters: any list of the element types the store binds reads back from the
+server as the same list, element for element. Texts, booleans and lists with NULLs go as array literals joined in C
+(``fieldmesh.store.postgres._arr``), int64 and float64 columns in PostgreSQL's binary array format made by numpy
+(``_Ints``, ``_Doubles``), instead of psycopg's element-by-element dumping; what they must never do is change a
+value."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fieldmesh.store.postgres import _arr
+from fieldmesh.store.postgres import _arr, _Doubles, _dumpers, _Ints
 
 # no NUL (a PostgreSQL text cannot hold one) and no lone surrogate (not UTF-8)
 _TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=12)
@@ -27,6 +29,8 @@ _FLOAT = st.floats(allow_nan=False, allow_infinity=True)
 @pytest.fixture(scope="module")
 def con(pg_url: str) -> Iterator[psycopg.Connection[Any]]:
     with psycopg.connect(pg_url, autocommit=True) as c:
+        for cls, dumper in _dumpers():  # as the store's connections have them
+            c.adapters.register_dumper(cls, dumper)
         yield c
 
 
@@ -86,3 +90,34 @@ def test_keys_found_through_any_of_an_array_literal(con: psycopg.Connection[Any]
     rows = con.execute("SELECT x FROM generate_series(1, 10) AS x WHERE x = ANY(%s::bigint[]) ORDER BY x",
                        (_arr([3, 7, 11]),)).fetchall()
     assert [r[0] for r in rows] == [3, 7]
+
+
+@_SETTINGS
+@given(values=st.lists(_INT64, max_size=30))
+def test_int64_columns_in_binary_read_back_as_they_were(con: psycopg.Connection[Any], values: list[int]) -> None:
+    row = con.execute("SELECT %s::bigint[]", (_Ints(values),)).fetchone()
+    assert row is not None and list(row[0]) == values
+
+
+@_SETTINGS
+@given(values=st.lists(st.floats(), max_size=30))
+def test_float64_columns_in_binary_read_back_to_the_same_bits(
+    con: psycopg.Connection[Any], values: list[float]
+) -> None:
+    row = con.execute("SELECT %s::float8[]", (_Doubles(values),)).fetchone()
+    assert row is not None
+    got = list(row[0])
+    assert len(got) == len(values)
+    for g, v in zip(got, values, strict=True):
+        assert (math.isnan(g) and math.isnan(v)) or (g == v and math.copysign(1.0, g) == math.copysign(1.0, v)), (g, v)
+
+
+def test_binary_columns_join_and_match_in_sql(con: psycopg.Connection[Any]) -> None:
+    """The binary columns unnest side by side with literal ones, and ``= ANY`` finds rows by them."""
+    rows = con.execute("SELECT * FROM unnest(%s::text[], %s::bigint[], %s::float8[]) AS j(d, w, v)",
+                       (_arr(["a", "b"]), _Ints([1, -2]), _Doubles([0.1, 1e300]))).fetchall()
+    assert rows == [("a", 1, 0.1), ("b", -2, 1e300)]
+    found = con.execute("SELECT x FROM generate_series(1, 10) AS x WHERE x = ANY(%s::bigint[]) ORDER BY x",
+                        (_Ints([3, 7, 11]),)).fetchall()
+    assert [r[0] for r in found] == [3, 7]
+    assert con.execute("SELECT cardinality(%s::bigint[])", (_Ints([]),)).fetchone() == (0,)
