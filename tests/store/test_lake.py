@@ -171,18 +171,8 @@ def test_a_flush_committed_to_some_tables_only_is_completed_table_by_table(tmp_p
     hot = SqliteStore(f"sqlite:///{tmp_path / 'hot.db'}")
     catalog = open_catalog(settings(), tmp_path)
     try:
-        sink = LakeSink(settings=settings(), data_dir=tmp_path)
-        p = processor(hot, sink)
-        half = len(recs) // 2
-        p.apply_records(recs[:half])
-        sink.flush()
-        committed = sink.applied()
-        p.apply_records(recs[half:])
-        with sink._cond:  # the crash comes after readings and rollup_1m took flush 2, before rollup_1h
-            buf = sink._take()
-        sink._commit_table("readings", buf, sink._flush + 1)
-        sink._commit_table("rollup_1m", buf, sink._flush + 1)
-        sink._closing = True
+        dead = _flushed_in_part(tmp_path, hot, recs, len(recs) // 2, len(recs))
+        committed = dead.applied()  # what every table took: the first flush
         assert len(lake_rows(catalog, "readings")) > 0
         # readings hold all the hot store has, rollup_1h does not: the lake is behind (health, 'up', tests)
         assert lake_lag(catalog, "fieldmesh", hot.applied())[0] > 0
@@ -204,6 +194,22 @@ def test_a_flush_committed_to_some_tables_only_is_completed_table_by_table(tmp_p
         assert_lake_oracle(catalog, items)
     finally:
         hot.close()
+
+
+def _flushed_in_part(tmp_path: Path, hot: SqliteStore, recs: list[BusRecord], half: int, upto: int) -> LakeSink:
+    """A lake sink (dead) that committed ``recs[:half]`` to every table, then crashed in its flush of
+    ``recs[half:upto]`` after readings and rollup_1m took it, before rollup_1h (``hot`` committed them all)."""
+    sink = LakeSink(settings=settings(), data_dir=tmp_path)
+    p = processor(hot, sink)
+    p.apply_records(recs[:half])
+    sink.flush()
+    p.apply_records(recs[half:upto])
+    with sink._cond:
+        buf = sink._take()
+    sink._commit_table("readings", buf, sink._flush + 1)
+    sink._commit_table("rollup_1m", buf, sink._flush + 1)
+    sink._closing = True
+    return sink
 
 
 def test_write_skips_results_already_applied(tmp_path: Path) -> None:
@@ -699,23 +705,13 @@ def test_the_lake_process_hands_tables_at_other_positions_their_own_results(tmp_
     catalog = open_catalog(settings(), tmp_path)
     lake = None
     try:
-        sink = LakeSink(settings=settings(), data_dir=tmp_path)
-        p = processor(hot, sink)
         half = len(recs) // 2
-        p.apply_records(recs[:half])
-        sink.flush()
-        p.apply_records(recs[half : half + 20])
-        with sink._cond:  # the crash comes after readings and rollup_1m took flush 2, before rollup_1h
-            buf = sink._take()
-        sink._commit_table("readings", buf, sink._flush + 1)
-        sink._commit_table("rollup_1m", buf, sink._flush + 1)
-        sink._closing = True
-
+        dead = _flushed_in_part(tmp_path, hot, recs, half, half + 20)
         lake = lakeproc.LakeProcess(settings=settings(), data_dir=tmp_path)
         assert lake.applied_of(("readings",)) == hot.applied() != lake.applied_of(("rollup_1h",))
         p = Processor(bus=None, store=hot, settings=ProcessorSettings(), sinks=lake.views())  # type: ignore[arg-type]
         p._positions = hot.positions()
-        again = redeliver(recs[: half + 20], hot, sink)
+        again = redeliver(recs[: half + 20], hot, dead)
         assert again
         p.apply_records(again)  # only rollup_1h and dead_letters lack these: one message for the two
         assert lake.handed == 1
