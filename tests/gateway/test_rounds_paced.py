@@ -74,7 +74,7 @@ def _run(tmp_path: Path, *, gateway: dict[str, int], every_s: float, backlog: bo
         if backlog:  # all of it waiting before the gateway starts
             asyncio.run(_publish(srv.url, stream["messages"], 0))
         settings = load_settings(bus={"partitions": 4}, gateway=gateway)
-    
+
         async def main() -> tuple[float, float, int]:
             stop = asyncio.Event()
             rounds0, t0 = _rounds(), time.monotonic()

@@ -29,7 +29,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Final, TypeVar
+from typing import Any, ClassVar, Final, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import msgspec
@@ -217,24 +217,16 @@ def _arr(values: Sequence[Any]) -> str:
     (``repr`` of a float round-trips, and PostgreSQL reads it back to the same double); strings are quoted, a
     backslash or a double quote in one escaped with a backslash (the array literal's only escapes).
     """
+    if None in values:
+        return "{" + ",".join("NULL" if v is None else _quoted(v) if isinstance(v, str) else str(v)
+                              for v in values) + "}"
     if not values:
         return "{}"
-    n = len(values)
-    if None in values:
-        if all(v is None for v in values):
-            return "{" + ",".join(["NULL"] * n) + "}"
-        first = next(v for v in values if v is not None)
-    else:
-        first = values[0]
-    if isinstance(first, str):
-        if None in values:
-            return "{" + ",".join("NULL" if v is None else _quoted(v) for v in values) + "}"
+    if isinstance(values[0], str):
         body = '","'.join(values)
-        if "\\" in body or body.count('"') != 2 * (n - 1):
+        if "\\" in body or body.count('"') != 2 * (len(values) - 1):  # a value holds a quote or a backslash
             return "{" + ",".join(map(_quoted, values)) + "}"
         return '{"' + body + '"}'
-    if None in values:
-        return "{" + ",".join("NULL" if v is None else str(v) for v in values) + "}"
     return "{" + ",".join(map(str, values)) + "}"
 
 
@@ -246,30 +238,34 @@ class _Ints:
     """A ``bigint[]`` parameter in PostgreSQL's binary array format (:func:`_dumpers`): int64 values, no NULL."""
 
     __slots__ = ("array",)
+    dtype: ClassVar[str] = ">i8"  # big-endian, as PostgreSQL sends
+    elem_oid: ClassVar[int] = 20  # int8
+    array_oid: ClassVar[int] = 1016  # int8[]
 
     def __init__(self, values: Any) -> None:
-        self.array = np.asarray(values, dtype=np.int64)
+        self.array = np.asarray(values, dtype=self.dtype[1:])
 
 
-class _Doubles:
+class _Doubles(_Ints):
     """A ``float8[]`` parameter in PostgreSQL's binary array format: float64 values, no NULL."""
 
-    __slots__ = ("array",)
+    __slots__ = ()
+    dtype = ">f8"
+    elem_oid = 701  # float8
+    array_oid = 1022  # float8[]
 
-    def __init__(self, values: Any) -> None:
-        self.array = np.asarray(values, dtype=np.float64)
 
-
-def _binary_array(a: NDArray[Any], elem_oid: int) -> bytes:
+def _binary_array(p: _Ints) -> bytes:
     """One dimension, no NULL (PostgreSQL's ``array_send``): the header, then each element's length (8) and its
     big-endian bytes, made by numpy, not an element at a time (text costs 0.14-0.5 CPU-µs a number, mostly a
     float's shortest repr)."""
+    a = p.array
     if not len(a):
-        return struct.pack(">iiI", 0, 0, elem_oid)
-    out = np.empty(len(a), dtype=[("len", ">i4"), ("v", ">i8" if a.dtype.kind == "i" else ">f8")])
+        return struct.pack(">iiI", 0, 0, p.elem_oid)
+    out = np.empty(len(a), dtype=[("len", ">i4"), ("v", p.dtype)])
     out["len"] = 8
     out["v"] = a
-    return struct.pack(">iiIii", 1, 0, elem_oid, len(a), 1) + out.tobytes()
+    return struct.pack(">iiIii", 1, 0, p.elem_oid, len(a), 1) + out.tobytes()
 
 
 @functools.cache
@@ -279,21 +275,17 @@ def _dumpers() -> tuple[tuple[type, type], ...]:
     from psycopg.adapt import Dumper
     from psycopg.pq import Format
 
-    class IntsDumper(Dumper):
-        format = Format.BINARY
-        oid = 1016  # int8[]
+    def dumper(kind: type[_Ints]) -> type:
+        class BinaryArrayDumper(Dumper):
+            format = Format.BINARY
+            oid = kind.array_oid
 
-        def dump(self, obj: Any) -> bytes:
-            return _binary_array(obj.array, 20)
+            def dump(self, obj: Any) -> bytes:
+                return _binary_array(obj)
 
-    class DoublesDumper(Dumper):
-        format = Format.BINARY
-        oid = 1022  # float8[]
+        return BinaryArrayDumper
 
-        def dump(self, obj: Any) -> bytes:
-            return _binary_array(obj.array, 701)
-
-    return ((_Ints, IntsDumper), (_Doubles, DoublesDumper))
+    return tuple((kind, dumper(kind)) for kind in (_Ints, _Doubles))
 
 
 class _NeedDays(Exception):
@@ -334,17 +326,17 @@ class _Txn(_Sql):
         out = np.zeros(len(keys), dtype=np.int8)  # CLAIMED
         if not len(keys):
             return out
-        org: NDArray[Any] = origins
         if origins.min() < 0:  # -1: no origin, stored as NULL
-            org = origins.astype(object)
-            org[origins < 0] = None
+            org: Any = _arr([None if o < 0 else o for o in origins.tolist()])
+        else:
+            org = _Ints(origins)
         with self._w.cursor() as cur:
             claimed = [
                 r[0]
                 for r in cur.execute(  # (fetchall: the rows made in one call, not one Python step each)
                     "INSERT INTO reading_keys (id, chk, origin) SELECT * FROM unnest(%s::bigint[], %s::bigint[],"
                     " %s::bigint[]) ORDER BY 1 ON CONFLICT (id) DO NOTHING RETURNING id",
-                    (_Ints(keys), _Ints(chks), _arr(org.tolist()) if origins.min() < 0 else _Ints(origins)),
+                    (_Ints(keys), _Ints(chks), org),
                 ).fetchall()
             ]
             held = np.flatnonzero(~np.isin(keys, np.array(claimed, dtype=np.int64)))
