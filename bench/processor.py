@@ -25,7 +25,11 @@ checkout's gateway): each side's applies run in a subprocess of their own, the s
 each, and the medians are compared. On a shared machine whose speed drifts by a fifth within the hour, a pair of
 single runs cannot show a change of a few percent.
 
-Run: ``PYTHONPATH=$PWD/src .venv/bin/python bench/processor.py [--quick] [--encoding 1|2]
+``--stream e2e`` applies instead the stream of ``bench/e2e.py`` case (a) (:func:`make_e2e_stream`): the same
+processing, but a (device, metric) gets a 1-minute window per 85 messages of its device rather than per 6 readings,
+so the rollup rows, most of the realistic stream's cost, are few.
+
+Run: ``PYTHONPATH=$PWD/src .venv/bin/python bench/processor.py [--quick] [--stream realistic|e2e] [--encoding 1|2]
 [--engines columnar,reference] [--pg postgresql://postgres@127.0.0.1:5432/postgres] [--profile]
 [--gc worker|default|both] [--base DIR/src [--sides 3]]``.
 """
@@ -55,6 +59,8 @@ import msgspec
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the oracle of the test suite
+
+from _common import payloads  # noqa: E402  (bench/, the script's directory)
 
 from fieldmesh.bus.base import BusRecord  # noqa: E402
 from fieldmesh.core.codec import decode_bus_columns_many, decode_bus_readings  # noqa: E402
@@ -113,6 +119,20 @@ def make_stream(
             dev = f"dev-{d:05d}"
             msgs.append((f"devices/{dev}/telemetry", _enc.encode({"device_id": dev, "readings": chunk})))
             sent.extend((dev, r) for r in chunk)
+    return msgs, sent, now
+
+
+def make_e2e_stream(*, readings: int) -> tuple[list[tuple[str, bytes]], list[tuple[str, dict[str, Any]]], int]:
+    """The stream of ``bench/e2e.py`` case (a), as its publishers send it: 500 devices, 100 readings a message (3
+    metrics), every reading of a message stamped with the message's send time, 1,429 messages a second (the
+    end-to-end target's 200,000 readings a second at 70%); no duplicates, none late. A (device, metric) gets a
+    1-minute window per 85 messages of its device, where ``make_stream``'s gets one per 6 readings."""
+    now = int(time.time() * 1000)
+    start = now - 3 * HOUR_MS
+    msgs = []
+    for i, (topic, body) in enumerate(payloads(devices=500, readings=readings, per_message=PER_MESSAGE, prefix="e2e")):
+        msgs.append((topic, body.replace(b'"ts":0', b'"ts":%d' % (start + i * 7 // 10))))
+    sent = [(b["device_id"], r) for _, raw in msgs for b in (msgspec.json.decode(raw),) for r in b["readings"]]
     return msgs, sent, now
 
 
@@ -316,6 +336,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="200 devices x 500 readings instead of 2,000 x 500")
     ap.add_argument("--devices", type=int, default=None)
     ap.add_argument("--per-device", type=int, default=500)
+    ap.add_argument("--stream", choices=("realistic", "e2e"), default="realistic",
+                    help="the issue's realistic stream (the target's), or bench/e2e.py case (a)'s (1,000,000 readings)")
     ap.add_argument("--encoding", type=int, choices=(1, 2), default=2,
                     help="bus encoding the gateway writes (2, its default)")
     ap.add_argument("--pg", default=None, help="also run PostgreSQL (an admin URL; a fresh database is made)")
@@ -340,13 +362,18 @@ def main() -> None:
     devices = args.devices or (200 if args.quick else 2000)
 
     t0 = time.perf_counter()
-    msgs, sent, now = make_stream(devices=devices, per_device=args.per_device)
+    if args.stream == "e2e":
+        devices, args.per_device = 500, (100_000 if args.quick else 1_000_000) // 500
+        msgs, sent, now = make_e2e_stream(readings=devices * args.per_device)
+    else:
+        msgs, sent, now = make_stream(devices=devices, per_device=args.per_device)
     records = make_records(msgs, now, args.encoding)
     late = expected_late(sent, ProcessorSettings().grace_ms)
     uniq = len(oracle.unique_readings(sent))
     n = len(sent)
+    shape = "bench/e2e.py case (a)'s stream: a message's readings at one time" if args.stream == "e2e" else "disorder"
     print(f"input: {devices:,} devices x {args.per_device} readings (3 metrics), {PER_MESSAGE} per message,"
-          f" {n - uniq:,} duplicates ({(n - uniq) / n:.1%}), {late:,} late ({late / n:.1%}), disorder ="
+          f" {n - uniq:,} duplicates ({(n - uniq) / n:.1%}), {late:,} late ({late / n:.1%}), {shape} ="
           f" {n:,} readings in {len(records):,} bus records (encoding v{args.encoding},"
           f" {sum(len(r.value) for r in records) / n:.0f} bytes/reading); built in {time.perf_counter() - t0:.1f} s")
 
