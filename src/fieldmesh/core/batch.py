@@ -68,7 +68,7 @@ def _json_texts(objects: list[dict[str, Any]]) -> list[str]:
     ``},{``. Those are replaced by ``}`` RS ``{`` (RS, U+001E, is a control character: JSON escapes it inside
     strings, so the encoder's output holds none) and the text is split at RS. ``},{`` inside a string or a nested
     value makes more pieces than objects; then each object is encoded on its own. One encode and three string
-    calls cost about 120 ns an object against 170 (100 single-metric objects).
+    calls cost about 120 ns an object of one metric against 170, and 254 an object of three against 334.
     """
     n = len(objects)
     texts = _json.encode(objects).decode()[1:-1].replace("},{", "}\x1e{").split("\x1e")
