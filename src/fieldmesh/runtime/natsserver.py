@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 from fieldmesh.core.errors import BackendUnavailable, ConfigError
@@ -33,7 +33,7 @@ from fieldmesh.runtime.doorauth import (
 )
 from fieldmesh.runtime.procs import child_preexec
 
-__all__ = ["MAX_PAYLOAD_BYTES", "EmbeddedNats", "find_nats_server", "free_port", "port_in_use"]
+__all__ = ["MAX_PAYLOAD_BYTES", "EmbeddedNats", "find_nats_server", "free_port", "nats_env", "port_in_use"]
 
 MIN_VERSION = (2, 10, 0)
 #: The largest message the embedded nats-server takes. nats-server's ceiling is 64 MiB, but JetStream's
@@ -266,6 +266,7 @@ class EmbeddedNats:
         with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
             self.proc = subprocess.Popen(
                 [binary, "-c", str(conf)],
+                env=nats_env(os.environ, len(os.sched_getaffinity(0))),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 preexec_fn=child_preexec,
@@ -340,3 +341,19 @@ def _accepts(host: str, port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+def nats_env(base: Mapping[str, str], cpus: int) -> dict[str, str]:
+    """The embedded nats-server's environment: ``base``, with ``GOMAXPROCS=1`` on a machine of two cores or fewer
+    (``cpus``: those this process may run on) unless ``base`` sets it.
+
+    There the server shares the cores with the gateway and the processor. Go's scheduler keeps idle threads
+    spinning for work before they park, and at part load that is CPU taken from the stages. With one Go
+    processor the server took 15-20% less CPU per reading in ``bench/e2e.py`` case (b) at 3,000 and 11,841
+    readings/s and at its maximum, and 13% less in case (a), for the same maximum within the noise
+    (docs/benchmarks.md, 2026-12-07 21:00-22:00 UTC). Its system calls still run on threads of their own.
+    """
+    env = dict(base)
+    if cpus <= 2 and "GOMAXPROCS" not in env:
+        env["GOMAXPROCS"] = "1"
+    return env
