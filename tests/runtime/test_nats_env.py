@@ -1,5 +1,5 @@
 """The embedded nats-server's environment: one Go processor on a machine of two cores or fewer, unless the
-operator's environment says otherwise (docs/operations.md, "The embedded NATS server")."""
+operator's environment says otherwise (docs/operations.md, "nats-server's share of a small machine")."""
 
 from __future__ import annotations
 

@@ -351,7 +351,8 @@ def nats_env(base: Mapping[str, str], cpus: int) -> dict[str, str]:
     spinning for work before they park, and at part load that is CPU taken from the stages. With one Go
     processor the server took 15-20% less CPU per reading in ``bench/e2e.py`` case (b) at 3,000 and 11,841
     readings/s and at its maximum, and 13% less in case (a), for the same maximum within the noise
-    (docs/benchmarks.md, 2026-12-07 21:00-22:00 UTC). Its system calls still run on threads of their own.
+    (docs/benchmarks.md, "The embedded nats-server's Go processors", 2026-12-07). Its system calls still run on
+    threads of their own.
     """
     env = dict(base)
     if cpus <= 2 and "GOMAXPROCS" not in env:
