@@ -266,7 +266,7 @@ class EmbeddedNats:
         with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
             self.proc = subprocess.Popen(
                 [binary, "-c", str(conf)],
-                env=nats_env(os.environ, len(os.sched_getaffinity(0))),
+                env=nats_env(os.environ, usable_cpus()),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 preexec_fn=child_preexec,
@@ -341,6 +341,13 @@ def _accepts(host: str, port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+def usable_cpus() -> int:
+    """The cores this process may run on (its affinity on Linux; elsewhere, the machine's)."""
+    if hasattr(os, "sched_getaffinity"):  # Linux
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def nats_env(base: Mapping[str, str], cpus: int) -> dict[str, str]:
