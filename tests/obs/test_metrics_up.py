@@ -136,9 +136,14 @@ slos:
         publish_all(c, msgs + msgs[:10] + bad)  # 10 messages again: duplicates
         stats = up.wait_for(lambda s: s["stored"] >= n and sum(s["lag"].values()) == 0
                             and s["dead_lettered"]["total"] >= sum(MALFORMED_REASONS.values()))
-        time.sleep(1.5)  # the SLO round and the stage counters after the last commit
+        time.sleep(1.5)  # the stage counters after the last commit
         stats = up.get("/stats")
-        text, m = scrape(up)
+
+        def settled() -> tuple[str, Samples] | None:  # an SLO round (every 2 s) after the last commit
+            got = scrape(up)
+            return got if total(got[1], "fieldmesh_slo_events", slo="e2e") == stats["stored"] else None
+
+        text, m = wait(settled, 15, "an SLO round that saw every stored reading")
 
         # the store's counters: the very numbers of /stats
         assert total(m, "fieldmesh_readings_received_total") == stats["received"]
