@@ -1112,7 +1112,11 @@ class SqliteStore:
         table = f"rollup_{interval}"
         latest = self._latest[interval]
         dev, met, ws = wd.device.tolist(), wd.metric.tolist(), wd.window_start_ms.tolist()
-        pairs = list(zip(dev, met, strict=True))
+        # Entries come sorted by (device, metric, window): each pair is a run of entries, looked up once (a pair in
+        # several runs is looked up in each: the result holds for any order).
+        starts = np.flatnonzero(np.r_[True, (wd.device[1:] != wd.device[:-1]) | (wd.metric[1:] != wd.metric[:-1])])
+        lengths = np.diff(np.r_[starts, len(ws)])
+        pairs = list(zip(wd.device[starts].tolist(), wd.metric[starts].tolist(), strict=True))  # a run's pair
         bound = list(map(latest.get, pairs))
         if None in bound:  # pairs not seen since the store opened: their latest window, one index seek each
             unknown = sorted({p for p, b in zip(pairs, bound, strict=True) if b is None})
@@ -1124,21 +1128,24 @@ class SqliteStore:
                 ):
                     latest[(d, mt)] = _NO_WINDOW if top is None else top  # the truth now: no staging needed
             bound = list(map(latest.__getitem__, pairs))
-        hw = np.array(bound, dtype=np.int64)
+        run_hw = np.array(bound, dtype=np.int64)
+        hw = np.repeat(run_hw, lengths)
         wsa = wd.window_start_ms
         count, m, e = wd.count.tolist(), wd.sum_m.tolist(), wd.sum_e.tolist()
         mn, mx = wd.min.tolist(), wd.max.tolist()
-        maybe = np.flatnonzero(wsa <= hw).tolist()  # may be stored already
-        remembered: list[int] = []
+        maybe_at = np.flatnonzero(wsa <= hw)  # may be stored already
+        maybe = maybe_at.tolist()
+        remembered: list[tuple[tuple[str, str], int]] = []
         if maybe:
             acc = self._latest_acc[interval]
             rest = []
-            for i in maybe:  # the window this writer last wrote for the pair: merged without a read
-                a = acc.get(pairs[i])
+            runs = (np.searchsorted(starts, maybe_at, side="right") - 1).tolist()
+            for i, p in zip(maybe, map(pairs.__getitem__, runs), strict=True):
+                a = acc.get(p)  # the window this writer last wrote for the pair: merged without a read
                 if a is not None and a[0] == ws[i]:
                     count[i], m[i], e[i], mn[i], mx[i] = merge_acc(
                         [a[1], a[2], a[3], a[4], a[5]], [count[i], m[i], e[i], mn[i], mx[i]])
-                    remembered.append(i)
+                    remembered.append((p, i))
                 else:
                     rest.append(i)
             maybe = rest
@@ -1157,20 +1164,20 @@ class SqliteStore:
                     count[i], m[i], e[i], mn[i], mx[i] = merge_acc(
                         [n, om, oe, lo, hi], [count[i], m[i], e[i], mn[i], mx[i]]
                     )
-        # staged: the latest window per pair after this batch. Entries come sorted by (device, metric, window),
-        # so each pair is a run and its last entry its latest window; the maximum is taken per run all the same.
-        starts = np.flatnonzero(np.r_[True, (wd.device[1:] != wd.device[:-1]) | (wd.metric[1:] != wd.metric[:-1])])
+        # staged: the latest window per pair after this batch: a run's last entry is its latest window (sorted),
+        # the maximum is taken per run all the same.
         ends = np.r_[starts[1:], len(wsa)] - 1
-        top = np.maximum(np.maximum.reduceat(wsa, starts), hw[starts]).tolist()
+        top = np.maximum(np.maximum.reduceat(wsa, starts), run_hw).tolist()
         staged = self._staged_latest[interval] = {}
-        for i, t in zip(starts.tolist(), top, strict=True):
-            if t > staged.get(pairs[i], _NO_WINDOW):
-                staged[pairs[i]] = t
+        for p, t in zip(pairs, top, strict=True):
+            if t > staged.get(p, _NO_WINDOW):
+                staged[p] = t
         # A window's row as written, per pair: those merged from memory, then each pair's latest window if this
         # batch wrote it (the one the next batch most likely touches). Any row written is right to remember.
-        latest_rows = ends[wsa[ends] >= hw[ends]].tolist()
+        latest_runs = np.flatnonzero(wsa[ends] >= run_hw)
+        latest_rows = zip(map(pairs.__getitem__, latest_runs.tolist()), ends[latest_runs].tolist(), strict=True)
         self._staged_acc[interval] = {
-            pairs[i]: (ws[i], count[i], m[i], e[i], mn[i], mx[i]) for i in (*remembered, *latest_rows)
+            p: (ws[i], count[i], m[i], e[i], mn[i], mx[i]) for p, i in (*remembered, *latest_rows)
         }
         values, avgs, texts = exact_columns(count, m, e)
         w.executemany(
