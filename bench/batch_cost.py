@@ -7,7 +7,8 @@ max: the slowest batches are what an alert waits behind) and per reading. ``--ba
 another checkout's ``src`` (a subprocess each, alternated), so the two sides share the sitting.
 ``--without PARTS`` (a comma list of ``rollups``, ``devices``, ``gaps``, ``segments``) adds a side whose store
 skips those writes of each batch (the rollup merges, the device rows, the seq ranges, the raw segments): what
-they cost a small batch, the most that writing them less often could save. Not a working store.
+they cost a small batch, the most that writing them less often could save. Not a working store (without the
+segments no rollup row is flushed either: the rows are written up to the last segment).
 
 ``--transact-every K`` runs the alert rules' tick (a transaction of its own) after every K batches, as
 ``fieldmesh up`` runs its alert ticks and the notifier's claims between batches.
